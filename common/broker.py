@@ -1,0 +1,111 @@
+"""Confirmed publishing to RabbitMQ, shared by every tier that publishes.
+
+`publish` returns only after the broker has confirmed the message (it is on disk in a quorum
+queue). Anything else raises PublishFailed: broker unreachable, a nack, a basic.return
+(unroutable: aiormq raises on the ack that follows a return), a closed channel, or no
+confirm within the timeout. The connection is re-opened on the next publish after a failure,
+so a worker recovers on its own when the broker comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiormq
+from aiormq.abc import AbstractChannel, AbstractConnection
+
+from common.envelope import Envelope
+from common.topology import DELIVER_ROUTING_KEY, Topology, message_properties
+
+log = logging.getLogger(__name__)
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm the message; the sender must be told to retry (451)."""
+
+
+async def open_channel(
+    url: str, topology: Topology, connect_timeout: float, confirms: bool
+) -> tuple[AbstractConnection, AbstractChannel]:
+    connection = await asyncio.wait_for(aiormq.connect(url), connect_timeout)
+    try:
+        channel = await connection.channel(publisher_confirms=confirms, on_return_raises=True)
+        await topology.declare(channel)
+    except BaseException:
+        await connection.close()
+        raise
+    return connection, channel
+
+
+class Publisher:
+    def __init__(
+        self,
+        url: str,
+        topology: Topology,
+        confirm_timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._topology = topology
+        self._confirm_timeout = confirm_timeout
+        self._connect_timeout = connect_timeout
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._connect_lock = asyncio.Lock()
+
+    async def publish(self, envelope: Envelope, body: bytes) -> None:
+        channel = await self._ready_channel()
+        try:
+            await channel.basic_publish(
+                body,
+                exchange=self._topology.inbound_exchange,
+                routing_key=DELIVER_ROUTING_KEY,
+                properties=message_properties(envelope),
+                mandatory=True,
+                timeout=self._confirm_timeout,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._discard(channel)
+            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    async def ensure_connected(self) -> None:
+        await self._ready_channel()
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None and not self._channel.is_closed
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            connection, self._connection, self._channel = self._connection, None, None
+            await connection.close()
+
+    async def _ready_channel(self) -> AbstractChannel:
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._connect_lock:
+            if self._channel is not None and not self._channel.is_closed:
+                return self._channel
+            await self.close()
+            try:
+                self._connection, self._channel = await open_channel(
+                    self._url, self._topology, self._connect_timeout, confirms=True
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise PublishFailed(f"broker unreachable: {type(exc).__name__}: {exc}") from exc
+            log.info("connected to broker", extra={"event": "amqp-connected"})
+            return self._channel
+
+    async def _discard(self, channel: AbstractChannel) -> None:
+        # A failed publish may leave the channel in an unknown state; start afresh next time.
+        if self._channel is channel:
+            try:
+                await self.close()
+            except Exception:
+                log.debug("error closing broken broker connection", exc_info=True)

@@ -1,0 +1,197 @@
+"""The shared directory in Redis: which domains are local, which mailboxes and aliases exist.
+
+The store's account database is the authority; it publishes a copy here (never password
+hashes) on start and on every change, and the filter tier reads it to validate recipients,
+so inbound mail keeps flowing while the store is down.
+
+Keys (all under the configured prefix):
+    dir:domains   SET   local domains, lower case
+    dir:users     SET   mailbox addresses, lower case
+    dir:aliases   HASH  source address (or "@domain" catch-all) -> comma-separated targets
+    dir:version   STRING  bumped on every change; the published-at time of the last full publish
+
+A full publish writes fresh keys under a temporary name and swaps them in with RENAME inside
+one MULTI, so a reader never sees a half-written directory.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+MAX_ALIAS_DEPTH = 8
+_BATCH = 5000
+
+
+class DirectoryUnavailable(RedisError):
+    """The directory has not been published to this Redis (e.g. Redis restarted empty).
+
+    It derives from RedisError on purpose: callers treat it exactly like Redis being down and
+    answer 451, because an empty directory would otherwise turn every recipient into a
+    permanent 550/554. The store republishes the directory when it notices it is missing.
+    """
+
+
+class Resolution(enum.Enum):
+    LOCAL = "local"  # every target is a local mailbox
+    UNKNOWN_USER = "unknown-user"  # a local domain, but no such mailbox or alias
+    NOT_LOCAL = "not-local"  # not one of our domains: relaying
+
+
+@dataclass(frozen=True)
+class Lookup:
+    resolution: Resolution
+    mailboxes: tuple[str, ...] = ()
+
+
+@dataclass
+class DirectorySnapshot:
+    domains: set[str] = field(default_factory=set)
+    users: set[str] = field(default_factory=set)
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def normalize_address(address: str) -> str:
+    return address.strip().strip("<>").lower()
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
+class Directory:
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self._redis = redis
+        self._prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}dir:{name}"
+
+    # Reading (filter tier)
+
+    async def resolve(self, address: str) -> Lookup:
+        """Resolve a RCPT TO address to local mailboxes, following aliases.
+
+        Raises redis.RedisError when Redis is unreachable; the caller answers 451.
+        """
+        address = normalize_address(address)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.key("version"))
+            pipe.sismember(self.key("domains"), domain_of(address))
+            published, local_domain = await pipe.execute()
+        if not published:
+            raise DirectoryUnavailable("the directory is not published in Redis")
+        if not local_domain:
+            return Lookup(Resolution.NOT_LOCAL)
+        mailboxes: dict[str, None] = {}
+        if not await self._expand(address, mailboxes, depth=0, seen=set()):
+            return Lookup(Resolution.UNKNOWN_USER)
+        return Lookup(Resolution.LOCAL, tuple(mailboxes))
+
+    async def _expand(
+        self, address: str, out: dict[str, None], depth: int, seen: set[str]
+    ) -> bool:
+        if depth > MAX_ALIAS_DEPTH or address in seen:
+            return False
+        seen.add(address)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.sismember(self.key("users"), address)
+            pipe.hget(self.key("aliases"), address)
+            pipe.hget(self.key("aliases"), "@" + domain_of(address))
+            is_user, targets, catch_all = await pipe.execute()
+        if targets is None and not is_user:
+            targets = catch_all
+        if targets is None:
+            if is_user:
+                out.setdefault(address, None)
+            return bool(is_user)
+        found = False
+        for target in _split_targets(targets):
+            found = await self._expand(target, out, depth + 1, seen) or found
+        return found
+
+    async def is_published(self) -> bool:
+        return bool(await self._redis.exists(self.key("version")))
+
+    async def counts(self) -> dict[str, int]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.scard(self.key("domains"))
+            pipe.scard(self.key("users"))
+            pipe.hlen(self.key("aliases"))
+            domains, users, aliases = await pipe.execute()
+        return {"domains": domains, "users": users, "aliases": aliases}
+
+    # Writing (store tier and the tiermail CLI)
+
+    async def publish(self, snapshot: DirectorySnapshot) -> None:
+        """Replace the whole directory atomically."""
+        tag = secrets.token_hex(6)
+        temp = {name: self.key(f"tmp:{tag}:{name}") for name in ("domains", "users", "aliases")}
+        await self._fill_set(temp["domains"], snapshot.domains)
+        await self._fill_set(temp["users"], snapshot.users)
+        await self._fill_hash(
+            temp["aliases"], {k: ",".join(v) for k, v in snapshot.aliases.items()}
+        )
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for name, temp_key in temp.items():
+                pipe.delete(self.key(name))
+                # RENAME of a key that was never created (empty set) would fail.
+                if self._has_content(name, snapshot):
+                    pipe.rename(temp_key, self.key(name))
+            pipe.set(self.key("version"), repr(time.time()))
+            await pipe.execute()
+
+    async def add_domain(self, domain: str) -> None:
+        await self._change(lambda p: p.sadd(self.key("domains"), domain.lower()))
+
+    async def remove_domain(self, domain: str) -> None:
+        await self._change(lambda p: p.srem(self.key("domains"), domain.lower()))
+
+    async def add_user(self, address: str) -> None:
+        await self._change(lambda p: p.sadd(self.key("users"), normalize_address(address)))
+
+    async def remove_user(self, address: str) -> None:
+        await self._change(lambda p: p.srem(self.key("users"), normalize_address(address)))
+
+    async def set_alias(self, source: str, targets: Iterable[str]) -> None:
+        joined = ",".join(targets)
+        await self._change(lambda p: p.hset(self.key("aliases"), source.lower(), joined))
+
+    async def remove_alias(self, source: str) -> None:
+        await self._change(lambda p: p.hdel(self.key("aliases"), source.lower()))
+
+    async def _change(self, command) -> None:  # type: ignore[no-untyped-def]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            command(pipe)
+            pipe.set(self.key("version"), repr(time.time()))
+            await pipe.execute()
+
+    async def _fill_set(self, key: str, members: Iterable[str]) -> None:
+        batch: list[str] = []
+        for member in members:
+            batch.append(member)
+            if len(batch) >= _BATCH:
+                await self._redis.sadd(key, *batch)
+                batch = []
+        if batch:
+            await self._redis.sadd(key, *batch)
+
+    async def _fill_hash(self, key: str, mapping: Mapping[str, str]) -> None:
+        items = list(mapping.items())
+        for start in range(0, len(items), _BATCH):
+            await self._redis.hset(key, mapping=dict(items[start:start + _BATCH]))
+
+    @staticmethod
+    def _has_content(name: str, snapshot: DirectorySnapshot) -> bool:
+        return bool(getattr(snapshot, name))
+
+
+def _split_targets(raw: bytes | str) -> list[str]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    return [normalize_address(t) for t in text.split(",") if t.strip()]

@@ -1,0 +1,109 @@
+"""The message envelope that travels with every message from the filter tier to the store.
+
+Immutable, versioned and encoded explicitly as JSON (never pickle). aiosmtpd's mutable
+Envelope is converted to this at the edge of the filter tier.
+
+On the queue the raw message bytes are the AMQP body and the encoded envelope rides in a
+header (see common.topology), so a 20 MB message is never base64-inflated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+class EnvelopeError(ValueError):
+    """An envelope could not be decoded; the message must be dead-lettered, not retried."""
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """One accepted RCPT TO and the local mailboxes it resolved to (aliases expanded)."""
+
+    address: str
+    mailboxes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Envelope:
+    queue_id: str
+    mail_from: str
+    recipients: tuple[Recipient, ...]
+    client_ip: str
+    client_helo: str
+    received_at: float
+    size: int
+    tls: str | None = None
+    authenticated_user: str | None = None
+    smtputf8: bool = False
+    body_8bit: bool = False
+    schema: int = field(default=SCHEMA_VERSION)
+
+    @property
+    def mailboxes(self) -> tuple[str, ...]:
+        """Every distinct local mailbox this message goes to, in first-seen order.
+
+        An alias and its target named in one transaction get one copy, as in Postfix.
+        """
+        seen: dict[str, None] = {}
+        for rcpt in self.recipients:
+            for mailbox in rcpt.mailboxes:
+                seen.setdefault(mailbox, None)
+        return tuple(seen)
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def decode(cls, data: bytes | str) -> Envelope:
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EnvelopeError(f"envelope is not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise EnvelopeError("envelope is not a JSON object")
+        if raw.get("schema") != SCHEMA_VERSION:
+            raise EnvelopeError(f"unsupported envelope schema {raw.get('schema')!r}")
+        try:
+            return cls(
+                queue_id=_text(raw, "queue_id"),
+                mail_from=_text(raw, "mail_from", allow_empty=True),
+                recipients=tuple(_recipient(r) for r in raw["recipients"]),
+                client_ip=_text(raw, "client_ip", allow_empty=True),
+                client_helo=_text(raw, "client_helo", allow_empty=True),
+                received_at=float(raw["received_at"]),
+                size=int(raw["size"]),
+                tls=_optional_text(raw, "tls"),
+                authenticated_user=_optional_text(raw, "authenticated_user"),
+                smtputf8=bool(raw.get("smtputf8", False)),
+                body_8bit=bool(raw.get("body_8bit", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EnvelopeError(f"malformed envelope: {exc!r}") from None
+
+
+def _text(raw: dict[str, Any], key: str, allow_empty: bool = False) -> str:
+    value = raw[key]
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise EnvelopeError(f"envelope field {key} must be a non-empty string")
+    return value
+
+
+def _optional_text(raw: dict[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, str):
+        raise EnvelopeError(f"envelope field {key} must be a string or null")
+    return value
+
+
+def _recipient(raw: Any) -> Recipient:
+    if not isinstance(raw, dict):
+        raise EnvelopeError("recipient must be an object")
+    mailboxes = raw.get("mailboxes")
+    if not isinstance(mailboxes, list) or not all(isinstance(m, str) and m for m in mailboxes):
+        raise EnvelopeError("recipient mailboxes must be a list of strings")
+    return Recipient(address=_text(raw, "address"), mailboxes=tuple(mailboxes))

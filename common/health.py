@@ -1,0 +1,71 @@
+"""Tier heartbeats in Redis, read by `tiermail status`.
+
+Each tier process writes `<prefix>health:<tier>:<host>:<pid>` every few seconds with a short
+TTL; a process that died simply disappears after the TTL. The payload is a small JSON object
+of the process's own counters (`stats()`), so status can show rates without scraping logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 5.0
+TTL = 15
+
+
+def heartbeat_key(prefix: str, tier: str) -> str:
+    return f"{prefix}health:{tier}:{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat:
+    def __init__(self, redis: Redis, prefix: str, tier: str,
+                 stats: Callable[[], dict[str, Any]]) -> None:
+        self._redis = redis
+        self._key = heartbeat_key(prefix, tier)
+        self._tier = tier
+        self._stats = stats
+        self._started = time.time()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Heartbeat:
+        self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self._tier}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._redis.delete(self._key)
+
+    async def _run(self) -> None:
+        while True:
+            payload = {"tier": self._tier, "pid": os.getpid(), "host": socket.gethostname(),
+                       "started": self._started, "at": time.time(), **self._stats()}
+            try:
+                await self._redis.set(self._key, json.dumps(payload), ex=TTL)
+            except Exception as exc:  # Redis down must not take a tier down.
+                log.warning("heartbeat not written: %s", exc, extra={"event": "heartbeat"})
+            await asyncio.sleep(INTERVAL)
+
+
+async def read_heartbeats(redis: Redis, prefix: str) -> list[dict[str, Any]]:
+    beats = []
+    async for key in redis.scan_iter(match=f"{prefix}health:*", count=500):
+        raw = await redis.get(key)
+        if raw:
+            beats.append(json.loads(raw))
+    return sorted(beats, key=lambda b: (b.get("tier", ""), b.get("host", ""), b.get("pid", 0)))

@@ -1,0 +1,76 @@
+"""Structured logging for every tier.
+
+Log calls pass context through `extra`, e.g.
+    log.info("accepted", extra={"queue_id": qid, "session": sid, "peer": peer})
+and the formatter prints those fields as key=value (text) or as JSON objects (json), so one
+queue id can be followed through filter and store logs with grep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+CONTEXT_FIELDS = ("tier", "session", "peer", "queue_id", "user", "mailbox", "event")
+_STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+def _context(record: logging.LogRecord) -> dict[str, object]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and v is not None}
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [f"{stamp}.{int(record.msecs):03d}Z", record.levelname, record.name]
+        parts.append(record.getMessage())
+        parts.extend(f"{k}={_quote(v)}" for k, v in _context(record).items())
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, object] = {
+            "ts": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        data.update(_context(record))
+        if record.exc_info:
+            data["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text", tier: str | None = None) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if tier:
+        handler.addFilter(_TierFilter(tier))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Library chatter at INFO (every connection) drowns our own lines.
+    for noisy in ("mail.log", "aiormq", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _TierFilter(logging.Filter):
+    def __init__(self, tier: str) -> None:
+        super().__init__()
+        self._tier = tier
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "tier"):
+            record.tier = self._tier
+        return True
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    return json.dumps(text) if (" " in text or '"' in text or not text) else text

@@ -1,0 +1,196 @@
+"""One typed settings object per process, read once from TIERMAIL_* variables.
+
+Nothing else in tiermail reads os.environ. Every default lives here, once. An optional
+config file (TIERMAIL_CONFIG, lines of KEY=VALUE) supplies values that the environment
+does not; the environment always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from common.topology import Topology
+
+PREFIX = "TIERMAIL_"
+MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A TIERMAIL_* value could not be understood."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Network endpoints
+    bind: str = "127.0.0.1"
+    hostname: str = field(default_factory=socket.getfqdn)
+    smtp_port: int = 2525
+    submission_port: int = 2587
+    imap_port: int = 2143
+    imaps_port: int = 2993
+    pop3_port: int = 2110
+    pop3s_port: int = 2995
+    webmail_port: int = 8080
+
+    # Shared infrastructure. The AMQP vhost and the Redis database number (plus the key
+    # prefix) are what keep two stacks on one machine apart.
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "tiermail:"
+    queue_prefix: str = "tiermail"
+
+    # Storage
+    data_dir: Path = Path("./var")
+
+    # TLS: a certificate and key in PEM. Empty means data_dir/tls/{cert,key}.pem.
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    # Scanning (issue 3)
+    spam: str = "rspamd"
+    rspamd_url: str = "http://127.0.0.1:11333"
+    virus: str = "clamd"
+    clamd_address: str = "/run/clamav/clamd.ctl"
+    scan_failure: str = "tempfail"
+
+    # SMTP limits. RFC 5321 4.5.3.1 gives the minimums; these are our maximums.
+    max_message_size: int = 25 * MIB
+    max_recipients: int = 100  # RFC 5321 4.5.3.1.8 requires at least 100
+    max_line_length: int = 4096  # RFC 5321 4.5.3.1.6 says 1000; real mail is sloppier
+    smtp_command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
+    smtp_data_timeout: float = 180.0  # RFC 5321 4.5.3.2.5: 3 minutes between data blocks
+    smtp_max_connections: int = 200  # per filter worker
+    publish_timeout: float = 30.0  # wait for the broker's confirm before answering 451
+
+    # Store
+    store_prefetch: int = 64
+    delivery_attempts: int = 10  # broker delivery-limit before a message is dead-lettered
+    pop3_timeout: float = 600.0  # RFC 1939 section 3: at least 10 minutes
+    # None: allowed only when bound to loopback (development)
+    allow_plaintext_auth: bool | None = None
+
+    # Logging
+    log_level: str = "INFO"
+    log_format: str = "text"  # or "json"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        values = _read_config_file(env.get(PREFIX + "CONFIG", ""))
+        values.update({k: v for k, v in env.items() if k.startswith(PREFIX)})
+        return cls(**_coerce_all(values))
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as TIERMAIL_* variables, for starting child processes."""
+        env: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                text = ""
+            elif isinstance(value, bool):
+                text = "yes" if value else "no"
+            else:
+                text = str(value)
+            env[PREFIX + f.name.upper()] = text
+        return env
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(prefix=self.queue_prefix, delivery_limit=self.delivery_attempts)
+
+    # Derived values: computed, never stored twice.
+
+    @property
+    def tls_cert_path(self) -> Path:
+        return Path(self.tls_cert) if self.tls_cert else self.data_dir / "tls" / "cert.pem"
+
+    @property
+    def tls_key_path(self) -> Path:
+        return Path(self.tls_key) if self.tls_key else self.data_dir / "tls" / "key.pem"
+
+    @property
+    def plaintext_auth_allowed(self) -> bool:
+        if self.allow_plaintext_auth is not None:
+            return self.allow_plaintext_auth
+        return is_loopback(self.bind)
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_config_file(path: str) -> dict[str, str]:
+    if not path:
+        return {}
+    values: dict[str, str] = {}
+    for number, raw in enumerate(Path(path).read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise SettingsError(f"{path}:{number}: expected KEY=VALUE")
+        key = key.strip()
+        if not key.startswith(PREFIX):
+            key = PREFIX + key
+        values[key] = value.strip().strip('"').strip("'")
+    return values
+
+
+def _coerce_all(values: Mapping[str, str]) -> dict[str, Any]:
+    hints = get_type_hints(Settings)
+    known = {f.name for f in fields(Settings)}
+    out: dict[str, Any] = {}
+    for key, raw in values.items():
+        name = key[len(PREFIX):].lower()
+        if name == "config":
+            continue
+        if name not in known:
+            raise SettingsError(f"unknown setting {key}")
+        out[name] = _coerce(name, hints[name], raw)
+    return out
+
+
+def _coerce(name: str, hint: Any, raw: str) -> Any:
+    try:
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if hint is Path:
+            return Path(raw)
+        if hint == bool | None:
+            return None if raw.strip() == "" else _parse_bool(raw)
+        if hint is bool:
+            return _parse_bool(raw)
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}{name.upper()}={raw!r}: {exc}") from None
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected a boolean (yes/no)")

@@ -1,0 +1,103 @@
+"""The one place where the RabbitMQ topology is declared and messages are framed.
+
+Every tier calls `Topology.declare` on connect (declarations are idempotent), so the filter can
+accept mail before the store has ever run, and the store can start before any filter.
+
+    filter --publish(persistent, mandatory, confirmed)--> <prefix>.inbound (direct exchange)
+        --"deliver"--> <prefix>.deliver  (quorum queue, delivery-limit, at-least-once DLX)
+                           \\--dead-lettered--> <prefix>.dead (fanout) --> <prefix>.deliver.dead
+
+Quorum queues persist every message to disk before the publisher confirm and survive broker
+restarts. Past `delivery_limit` redeliveries (a poison message, or a store that crashes on it
+every time) the broker moves the message to the dead-letter queue with at-least-once
+semantics, which needs overflow=reject-publish. A message the store cannot decode is rejected
+without requeue and lands in the same dead-letter queue at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiormq.abc import AbstractChannel
+from pamqp.commands import Basic
+
+from common.envelope import Envelope, EnvelopeError
+
+ENVELOPE_HEADER = "x-tiermail-envelope"
+DELIVER_ROUTING_KEY = "deliver"
+PERSISTENT = 2
+
+
+@dataclass(frozen=True)
+class Topology:
+    prefix: str = "tiermail"
+    delivery_limit: int = 10
+
+    @property
+    def inbound_exchange(self) -> str:
+        return f"{self.prefix}.inbound"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def deliver_queue(self) -> str:
+        return f"{self.prefix}.deliver"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.prefix}.deliver.dead"
+
+    def deliver_queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": self.dead_exchange,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    async def declare(self, channel: AbstractChannel) -> None:
+        await channel.exchange_declare(self.inbound_exchange, exchange_type="direct", durable=True)
+        await channel.exchange_declare(self.dead_exchange, exchange_type="fanout", durable=True)
+        await channel.queue_declare(
+            self.deliver_queue, durable=True, arguments=self.deliver_queue_arguments()
+        )
+        await channel.queue_bind(self.deliver_queue, self.inbound_exchange, DELIVER_ROUTING_KEY)
+        await channel.queue_declare(
+            self.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await channel.queue_bind(self.dead_queue, self.dead_exchange, "")
+
+
+def message_properties(envelope: Envelope) -> Basic.Properties:
+    return Basic.Properties(
+        delivery_mode=PERSISTENT,
+        message_id=envelope.queue_id,
+        content_type="message/rfc822",
+        timestamp=_utc_timestamp(envelope.received_at),
+        headers={ENVELOPE_HEADER: envelope.encode().decode()},
+    )
+
+
+def envelope_from_properties(properties: Basic.Properties) -> Envelope:
+    """Decode the envelope of a delivered message; EnvelopeError means dead-letter it."""
+    headers = properties.headers or {}
+    raw = headers.get(ENVELOPE_HEADER)
+    if raw is None:
+        raise EnvelopeError(f"message has no {ENVELOPE_HEADER} header")
+    if isinstance(raw, bytes | bytearray):
+        raw = bytes(raw).decode("utf-8", errors="strict")
+    envelope = Envelope.decode(raw)
+    if properties.message_id and properties.message_id != envelope.queue_id:
+        raise EnvelopeError("message_id does not match the envelope's queue id")
+    return envelope
+
+
+def _utc_timestamp(epoch: float) -> Any:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch or time.time(), tz=datetime.UTC)

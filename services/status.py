@@ -1,0 +1,114 @@
+"""`tiermail status`: what an operator checks first. Broker queues, dead letters, tier health."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiormq
+from redis.asyncio import from_url
+
+from common.directory import Directory
+from common.health import read_heartbeats
+from common.settings import Settings
+
+TIMEOUT = 5.0
+
+
+async def collect_status(settings: Settings) -> dict[str, Any]:
+    broker, redis = await asyncio.gather(_broker_status(settings), _redis_status(settings))
+    tiers = {beat["tier"] for beat in redis.get("processes", [])}
+    problems = []
+    if not broker["reachable"]:
+        problems.append("RabbitMQ unreachable: filters answer 451, mail waits at the senders")
+    if not redis["reachable"]:
+        problems.append("Redis unreachable: filters answer 451 at RCPT")
+    elif not redis["directory"]["published"]:
+        problems.append("directory not published in Redis: start the store")
+    if broker.get("dead_letters"):
+        problems.append(f"{broker['dead_letters']} message(s) in the dead-letter queue "
+                        f"{settings.topology.dead_queue}")
+    for tier in ("filter", "store"):
+        if redis["reachable"] and tier not in tiers:
+            problems.append(f"no {tier} process is reporting")
+    return {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
+
+
+async def _broker_status(settings: Settings) -> dict[str, Any]:
+    topology = settings.topology
+    status: dict[str, Any] = {"reachable": False}
+    try:
+        connection = await asyncio.wait_for(aiormq.connect(settings.amqp_url), TIMEOUT)
+    except Exception as exc:
+        status["error"] = f"{type(exc).__name__}: {exc}"
+        return status
+    status["reachable"] = True
+    try:
+        for key, queue in (("deliver", topology.deliver_queue), ("dead", topology.dead_queue)):
+            channel = await connection.channel()
+            try:
+                ok = await channel.queue_declare(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                status[key] = {"queue": queue, "declared": False}
+                continue
+            status[key] = {"queue": queue, "declared": True, "messages": ok.message_count,
+                           "consumers": ok.consumer_count}
+            await channel.close()
+        status["dead_letters"] = status.get("dead", {}).get("messages", 0)
+    finally:
+        await connection.close()
+    return status
+
+
+async def _redis_status(settings: Settings) -> dict[str, Any]:
+    redis = from_url(settings.redis_url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
+    try:
+        await redis.ping()
+        directory = Directory(redis, settings.redis_prefix)
+        counts = await directory.counts()
+        published = await directory.is_published()
+        processes = await read_heartbeats(redis, settings.redis_prefix)
+    except Exception as exc:
+        return {"reachable": False, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        await redis.aclose()
+    return {"reachable": True, "directory": {"published": published, **counts},
+            "processes": processes}
+
+
+def format_status(report: dict[str, Any]) -> str:
+    lines = [f"tiermail: {'healthy' if report['healthy'] else 'ATTENTION'}"]
+    lines += [f"  ! {problem}" for problem in report["problems"]]
+    broker = report["broker"]
+    lines.append(f"broker: {'up' if broker['reachable'] else 'DOWN ' + broker.get('error', '')}")
+    for key in ("deliver", "dead"):
+        queue = broker.get(key)
+        if queue is None:
+            continue
+        if not queue["declared"]:
+            lines.append(f"  {queue['queue']}: not declared yet (no tier has started)")
+        else:
+            lines.append(f"  {queue['queue']}: {queue['messages']} messages, "
+                         f"{queue['consumers']} consumers")
+    redis = report["redis"]
+    if not redis["reachable"]:
+        lines.append(f"redis: DOWN {redis.get('error', '')}")
+        return "\n".join(lines)
+    d = redis["directory"]
+    lines.append(f"redis: up; directory {'published' if d['published'] else 'NOT published'}: "
+                 f"{d['domains']} domains, {d['users']} users, {d['aliases']} aliases")
+    lines.append("processes:")
+    now = time.time()
+    for beat in redis["processes"]:
+        uptime = max(now - beat.get("started", now), 1e-9)
+        counters = {k: v for k, v in beat.items()
+                    if isinstance(v, int | float) and k not in {"pid", "started", "at"}}
+        rates = ", ".join(f"{k}={v}" + (f" ({v / uptime * 60:.1f}/min)" if
+                                        isinstance(v, int) and not isinstance(v, bool) else "")
+                          for k, v in counters.items())
+        lines.append(f"  {beat['tier']:<7} {beat.get('host')}:{beat.get('pid')} "
+                     f"up {uptime:.0f}s {rates}")
+    if not redis["processes"]:
+        lines.append("  (none reporting)")
+    return "\n".join(lines)

@@ -1,0 +1,218 @@
+"""The store's account database: the authority for domains, users, aliases and password hashes.
+
+One SQLite file (WAL, synchronous=FULL) under the store's data directory. The `tiermail` CLI and
+the store process may use it at the same time; SQLite's locking serialises writers. Redis only
+ever holds a copy without hashes (common.directory), rebuilt from here.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from common.directory import DirectorySnapshot, normalize_address
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS domain (
+    name TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user (
+    address TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created REAL NOT NULL,
+    quota INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alias (
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    PRIMARY KEY (source, target)
+) WITHOUT ROWID;
+"""
+
+# A conservative address grammar: what we create mailboxes for. RFC 5321 allows more (quoted
+# local parts), which we accept as alias sources only through the directory, never as users.
+_LOCAL = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_DOMAIN = r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}"
+_ADDRESS_RE = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
+_DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
+
+
+class AccountError(ValueError):
+    """A request the account database refuses, with a message fit for an operator."""
+
+
+def valid_address(address: str) -> bool:
+    return len(address) <= 254 and _ADDRESS_RE.match(address) is not None
+
+
+def valid_domain(domain: str) -> bool:
+    return len(domain) <= 253 and _DOMAIN_RE.match(domain) is not None
+
+
+class AccountDB:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=30,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    @classmethod
+    def for_store(cls, store_dir: Path) -> AccountDB:
+        return cls(store_dir / "accounts.sqlite")
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # Domains
+
+    def add_domain(self, domain: str) -> str:
+        domain = domain.strip().lower()
+        if not valid_domain(domain):
+            raise AccountError(f"not a valid domain name: {domain!r}")
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO domain(name) VALUES (?)", (domain,))
+        return domain
+
+    def remove_domain(self, domain: str) -> None:
+        domain = domain.strip().lower()
+        with self._write() as db:
+            in_use = db.execute(
+                "SELECT 1 FROM user WHERE address LIKE ? LIMIT 1", ("%@" + domain,)
+            ).fetchone()
+            if in_use:
+                raise AccountError(f"domain {domain} still has users")
+            db.execute("DELETE FROM domain WHERE name = ?", (domain,))
+
+    def domains(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT name FROM domain ORDER BY name")]
+
+    def has_domain(self, domain: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM domain WHERE name = ?", (domain.lower(),))
+        return row.fetchone() is not None
+
+    # Users
+
+    def add_user(self, address: str, password_hash: str) -> str:
+        address = self._checked_new_address(address)
+        with self._write() as db:
+            exists = db.execute("SELECT 1 FROM user WHERE address = ?", (address,)).fetchone()
+            if exists:
+                raise AccountError(f"user {address} already exists")
+            db.execute(
+                "INSERT INTO user(address, password_hash, created) VALUES (?, ?, ?)",
+                (address, password_hash, time.time()),
+            )
+        return address
+
+    def add_users_bulk(self, rows: Iterable[tuple[str, str]]) -> int:
+        """Insert many (address, password_hash) rows in one transaction; for imports."""
+        now = time.time()
+        with self._write() as db:
+            cursor = db.executemany(
+                "INSERT OR IGNORE INTO user(address, password_hash, created) VALUES (?, ?, ?)",
+                ((normalize_address(a), h, now) for a, h in rows),
+            )
+        return cursor.rowcount
+
+    def set_password(self, address: str, password_hash: str) -> None:
+        address = normalize_address(address)
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE user SET password_hash = ? WHERE address = ?", (password_hash, address)
+            )
+            if cursor.rowcount == 0:
+                raise AccountError(f"no such user: {address}")
+
+    def delete_user(self, address: str) -> None:
+        address = normalize_address(address)
+        with self._write() as db:
+            cursor = db.execute("DELETE FROM user WHERE address = ?", (address,))
+            if cursor.rowcount == 0:
+                raise AccountError(f"no such user: {address}")
+
+    def users(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT address FROM user ORDER BY address")]
+
+    def user_exists(self, address: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM user WHERE address = ?", (normalize_address(address),)
+        )
+        return row.fetchone() is not None
+
+    def password_hash(self, address: str) -> str | None:
+        row = self._db.execute(
+            "SELECT password_hash FROM user WHERE address = ?", (normalize_address(address),)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    # Aliases
+
+    def add_alias(self, source: str, target: str) -> tuple[str, str]:
+        source, target = source.strip().lower(), normalize_address(target)
+        local, _, domain = source.rpartition("@")
+        if not self.has_domain(domain):
+            raise AccountError(f"alias source {source} is not in a local domain")
+        if local and not valid_address(source):
+            raise AccountError(f"not a valid alias address: {source!r}")
+        if not valid_address(target):
+            raise AccountError(f"not a valid target address: {target!r}")
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO alias(source, target) VALUES (?, ?)",
+                       (source, target))
+        return source, target
+
+    def remove_alias(self, source: str, target: str | None = None) -> None:
+        source = source.strip().lower()
+        with self._write() as db:
+            if target is None:
+                db.execute("DELETE FROM alias WHERE source = ?", (source,))
+            else:
+                db.execute("DELETE FROM alias WHERE source = ? AND target = ?",
+                           (source, normalize_address(target)))
+
+    def alias_targets(self, source: str) -> tuple[str, ...]:
+        rows = self._db.execute(
+            "SELECT target FROM alias WHERE source = ? ORDER BY target", (source.lower(),)
+        )
+        return tuple(r[0] for r in rows)
+
+    def aliases(self) -> dict[str, tuple[str, ...]]:
+        result: dict[str, list[str]] = {}
+        for source, target in self._db.execute(
+            "SELECT source, target FROM alias ORDER BY source, target"
+        ):
+            result.setdefault(source, []).append(target)
+        return {k: tuple(v) for k, v in result.items()}
+
+    # Directory
+
+    def snapshot(self) -> DirectorySnapshot:
+        return DirectorySnapshot(
+            domains=set(self.domains()), users=set(self.users()), aliases=self.aliases()
+        )
+
+    def _checked_new_address(self, address: str) -> str:
+        address = normalize_address(address)
+        if not valid_address(address):
+            raise AccountError(f"not a valid mailbox address: {address!r}")
+        domain = address.rpartition("@")[2]
+        if not self.has_domain(domain):
+            raise AccountError(f"{domain} is not a local domain; add it with `tiermail domain add`")
+        return address

@@ -1,0 +1,116 @@
+"""Helpers for tests that run real tiermail processes against the real RabbitMQ and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiormq
+
+from common.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05,
+               what: str = "condition") -> None:
+    """Poll an event (never a fixed sleep) until it holds; fail with a clear message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+def rabbitmqctl(*args: str) -> str:
+    result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                            check=True, timeout=120)
+    return result.stdout
+
+
+async def _queue_counts(settings: Settings, queue: str) -> tuple[int, int]:
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        ok = await channel.queue_declare(queue, passive=True)
+        return int(ok.message_count or 0), int(ok.consumer_count or 0)
+    finally:
+        await connection.close()
+
+
+def queue_depth(settings: Settings, queue: str | None = None) -> int:
+    """Exact message count of a queue (passive declare; rabbitmqctl's figures lag)."""
+    return asyncio.run(_queue_counts(settings, queue or settings.topology.deliver_queue))[0]
+
+
+def dead_letter_depth(settings: Settings) -> int:
+    return queue_depth(settings, settings.topology.dead_queue)
+
+
+class TierProcess:
+    """One `tiermail <args>` process with its output kept in a log file for failures."""
+
+    def __init__(self, settings: Settings, args: list[str], log_path: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMAIL_")}
+        env.update(settings.as_env())
+        env.update(extra_env or {})
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env,
+                                     cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.alive:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_port(self, port: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise AssertionError(f"tiermail {' '.join(self.args)} exited:\n{self.output()}")
+            if port_open("127.0.0.1", port):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"port {port} never opened:\n{self.output()}")
