@@ -19,10 +19,11 @@ from __future__ import annotations
 import enum
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 MAX_ALIAS_DEPTH = 8
@@ -166,7 +167,7 @@ class Directory:
     async def remove_alias(self, source: str) -> None:
         await self._change(lambda p: p.hdel(self.key("aliases"), source.lower()))
 
-    async def _change(self, command) -> None:  # type: ignore[no-untyped-def]
+    async def _change(self, command: Callable[[Pipeline], object]) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             command(pipe)
             pipe.set(self.key("version"), repr(time.time()))

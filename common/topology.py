@@ -16,6 +16,7 @@ without requeue and lands in the same dead-letter queue at once.
 
 from __future__ import annotations
 
+import datetime
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -90,14 +91,14 @@ def envelope_from_properties(properties: Basic.Properties) -> Envelope:
     if raw is None:
         raise EnvelopeError(f"message has no {ENVELOPE_HEADER} header")
     if isinstance(raw, bytes | bytearray):
-        raw = bytes(raw).decode("utf-8", errors="strict")
+        raw = bytes(raw).decode("utf-8", errors="replace")
+    if not isinstance(raw, str):
+        raise EnvelopeError(f"{ENVELOPE_HEADER} header is not a string")
     envelope = Envelope.decode(raw)
     if properties.message_id and properties.message_id != envelope.queue_id:
         raise EnvelopeError("message_id does not match the envelope's queue id")
     return envelope
 
 
-def _utc_timestamp(epoch: float) -> Any:
-    import datetime
-
+def _utc_timestamp(epoch: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(epoch or time.time(), tz=datetime.UTC)

@@ -12,6 +12,7 @@ from typing import Any
 
 from common.logs import setup_logging
 from common.settings import Settings, SettingsError
+from services.store.backends.accounts import AccountDB
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -127,9 +128,7 @@ def show_status(settings: Settings, args: argparse.Namespace) -> int:
 # Accounts: the store's database is the authority; Redis gets the change right after.
 
 
-def _accounts(settings: Settings):  # type: ignore[no-untyped-def]
-    from services.store.backends.accounts import AccountDB
-
+def _accounts(settings: Settings) -> AccountDB:
     return AccountDB.for_store(settings.store_dir)
 
 
