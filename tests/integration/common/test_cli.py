@@ -1,0 +1,82 @@
+"""The `tiermail` account commands, run as an operator runs them, against the real Redis."""
+
+import os
+import subprocess
+import sys
+
+import redis
+
+from common.passwords import verify_password
+from common.settings import Settings
+from services.store.backends.accounts import AccountDB
+from tests.support import REPO
+
+
+def tiermail(settings: Settings, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMAIL_")}
+    env.update(settings.as_env())
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], input=stdin, env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_accounts_are_stored_hashed_and_mirrored(settings: Settings,
+                                                 redis_client: redis.Redis) -> None:
+    assert tiermail(settings, "domain", "add", "Example.org").returncode == 0
+    added = tiermail(settings, "user", "add", "Alice@example.org", "--password-stdin",
+                     stdin="s3cret\n")
+    assert added.returncode == 0, added.stderr
+    assert tiermail(settings, "alias", "add", "postmaster@example.org",
+                    "alice@example.org").returncode == 0
+
+    accounts = AccountDB.for_store(settings.store_dir)
+    stored = accounts.password_hash("alice@example.org")
+    accounts.close()
+    assert stored is not None and stored.startswith("$argon2id$")
+    assert verify_password(stored, "s3cret") and not verify_password(stored, "wrong")
+
+    prefix = settings.redis_prefix
+    assert redis_client.smembers(prefix + "dir:users") == {b"alice@example.org"}
+    assert redis_client.hgetall(prefix + "dir:aliases") == {
+        b"postmaster@example.org": b"alice@example.org"}
+    every_value = b"".join(redis_client.dump(k) or b"" for k in redis_client.keys(prefix + "*"))
+    assert b"argon2" not in every_value
+
+    listing = tiermail(settings, "user", "list")
+    assert listing.stdout.split() == ["alice@example.org"]
+
+
+def test_refusals_are_clear_and_change_nothing(settings: Settings) -> None:
+    no_domain = tiermail(settings, "user", "add", "bob@nowhere.example", "--password-stdin",
+                         stdin="pw\n")
+    assert no_domain.returncode == 1 and "not a local domain" in no_domain.stderr
+    tiermail(settings, "domain", "add", "example.org")
+    bad = tiermail(settings, "user", "add", "../etc@example.org", "--password-stdin",
+                   stdin="pw\n")
+    assert bad.returncode == 1 and "not a valid" in bad.stderr
+    empty = tiermail(settings, "user", "add", "bob@example.org", "--password-stdin", stdin="\n")
+    assert empty.returncode == 1 and "empty password" in empty.stderr
+    tiermail(settings, "user", "add", "bob@example.org", "--password-stdin", stdin="pw\n")
+    again = tiermail(settings, "user", "add", "bob@example.org", "--password-stdin",
+                     stdin="pw\n")
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert tiermail(settings, "user", "list").stdout.split() == ["bob@example.org"]
+
+
+def test_passwd_and_del(settings: Settings, redis_client: redis.Redis) -> None:
+    tiermail(settings, "domain", "add", "example.org")
+    tiermail(settings, "user", "add", "carol@example.org", "--password-stdin", stdin="one\n")
+    assert tiermail(settings, "user", "passwd", "carol@example.org", "--password-stdin",
+                    stdin="two\n").returncode == 0
+    accounts = AccountDB.for_store(settings.store_dir)
+    assert verify_password(accounts.password_hash("carol@example.org") or "", "two")
+    accounts.close()
+    assert tiermail(settings, "user", "del", "carol@example.org").returncode == 0
+    assert redis_client.smembers(settings.redis_prefix + "dir:users") == set()
+    assert tiermail(settings, "user", "del", "carol@example.org").returncode == 1
+
+
+def test_status_reports_an_unreachable_broker(settings: Settings) -> None:
+    broken = settings.replace(amqp_url="amqp://guest:guest@127.0.0.1:1/")
+    result = tiermail(broken, "status")
+    assert result.returncode == 1
+    assert "RabbitMQ unreachable" in result.stdout

@@ -1,0 +1,81 @@
+"""The Redis directory against the real Redis: resolution, aliases, atomic publish."""
+
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis, from_url
+from redis.exceptions import RedisError
+
+from common.directory import (
+    Directory,
+    DirectorySnapshot,
+    DirectoryUnavailable,
+    Resolution,
+)
+from common.settings import Settings
+from tests.support import free_port
+
+
+@pytest.fixture
+async def directory(settings: Settings) -> AsyncIterator[Directory]:
+    redis: Redis = from_url(settings.redis_url)
+    d = Directory(redis, settings.redis_prefix)
+    await d.publish(DirectorySnapshot(
+        domains={"example.org", "example.com"},
+        users={"alice@example.org", "bob@example.org", "carol@example.com"},
+        aliases={"postmaster@example.org": ("alice@example.org",),
+                 "team@example.org": ("alice@example.org", "bob@example.org",
+                                      "postmaster@example.org"),
+                 "@example.com": ("carol@example.com",),
+                 "loop1@example.org": ("loop2@example.org",),
+                 "loop2@example.org": ("loop1@example.org",)}))
+    yield d
+    await redis.aclose()
+
+
+async def test_users_aliases_and_catch_all(directory: Directory) -> None:
+    assert (await directory.resolve("<Alice@Example.ORG>")).mailboxes == ("alice@example.org",)
+    team = await directory.resolve("team@example.org")
+    assert team.resolution is Resolution.LOCAL
+    assert team.mailboxes == ("alice@example.org", "bob@example.org")
+    assert (await directory.resolve("anything@example.com")).mailboxes == ("carol@example.com",)
+
+
+async def test_unknown_and_foreign(directory: Directory) -> None:
+    assert (await directory.resolve("nobody@example.org")).resolution is Resolution.UNKNOWN_USER
+    assert (await directory.resolve("x@elsewhere.net")).resolution is Resolution.NOT_LOCAL
+    assert (await directory.resolve("loop1@example.org")).resolution is Resolution.UNKNOWN_USER
+
+
+async def test_republish_replaces_everything(directory: Directory) -> None:
+    await directory.publish(DirectorySnapshot(domains={"example.org"}, users={"bob@example.org"}))
+    assert (await directory.resolve("alice@example.org")).resolution is Resolution.UNKNOWN_USER
+    assert (await directory.resolve("x@example.com")).resolution is Resolution.NOT_LOCAL
+    assert await directory.counts() == {"domains": 1, "users": 1, "aliases": 0}
+
+
+async def test_incremental_changes(directory: Directory) -> None:
+    await directory.add_user("dave@example.org")
+    await directory.set_alias("sales@example.org", ["dave@example.org"])
+    assert (await directory.resolve("sales@example.org")).mailboxes == ("dave@example.org",)
+    await directory.remove_user("dave@example.org")
+    assert (await directory.resolve("sales@example.org")).resolution is Resolution.UNKNOWN_USER
+
+
+async def test_missing_directory_is_a_temporary_failure(settings: Settings) -> None:
+    """A Redis that restarted empty must not turn every recipient into a 5xx."""
+    redis: Redis = from_url(settings.redis_url)
+    try:
+        with pytest.raises(DirectoryUnavailable):
+            await Directory(redis, settings.redis_prefix).resolve("alice@example.org")
+    finally:
+        await redis.aclose()
+
+
+async def test_unreachable_redis_raises_redis_error() -> None:
+    redis: Redis = from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    try:
+        with pytest.raises(RedisError):
+            await Directory(redis, "x:").resolve("alice@example.org")
+    finally:
+        await redis.aclose()

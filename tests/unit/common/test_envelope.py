@@ -1,0 +1,71 @@
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from common.envelope import Envelope, EnvelopeError, Recipient
+from common.ids import new_queue_id
+from common.topology import Topology, envelope_from_properties, message_properties
+
+
+def make(**changes: object) -> Envelope:
+    base = dict(queue_id=new_queue_id(), mail_from="a@example.net",
+                recipients=(Recipient("alias@example.org", ("u1@example.org", "u2@example.org")),
+                            Recipient("u1@example.org", ("u1@example.org",))),
+                client_ip="192.0.2.7", client_helo="mx.example.net", received_at=1.5, size=10)
+    base.update(changes)
+    return Envelope(**base)  # type: ignore[arg-type]
+
+
+def test_round_trip() -> None:
+    env = make(tls="TLSv1.3", smtputf8=True, mail_from="")
+    assert Envelope.decode(env.encode()) == env
+
+
+def test_mailboxes_are_distinct_in_first_seen_order() -> None:
+    assert make().mailboxes == ("u1@example.org", "u2@example.org")
+
+
+@pytest.mark.parametrize("raw", [b"", b"[]", b"{}", b'{"schema": 2}', b"\xff",
+                                 json.dumps({**json.loads(make().encode()), "recipients": [1]})
+                                 .encode()])
+def test_malformed_envelopes_raise_envelope_error(raw: bytes) -> None:
+    with pytest.raises(EnvelopeError):
+        Envelope.decode(raw)
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_never_raise_anything_else(raw: bytes) -> None:
+    try:
+        Envelope.decode(raw)
+    except EnvelopeError:
+        pass
+
+
+def test_amqp_properties_carry_the_envelope() -> None:
+    env = make()
+    props = message_properties(env)
+    assert props.delivery_mode == 2 and props.message_id == env.queue_id
+    assert envelope_from_properties(props) == env
+
+
+def test_mismatched_message_id_is_refused() -> None:
+    props = message_properties(make())
+    props.message_id = "OTHER"
+    with pytest.raises(EnvelopeError):
+        envelope_from_properties(props)
+
+
+def test_queue_ids_are_unique_and_time_ordered() -> None:
+    ids = [new_queue_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 26 for i in ids)
+
+
+def test_topology_dead_letters_at_least_once() -> None:
+    args = Topology(prefix="p", delivery_limit=7).deliver_queue_arguments()
+    assert args["x-queue-type"] == "quorum" and args["x-delivery-limit"] == 7
+    assert args["x-dead-letter-exchange"] == "p.dead"
+    assert args["x-dead-letter-strategy"] == "at-least-once"
+    assert args["x-overflow"] == "reject-publish"
