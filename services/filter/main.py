@@ -1,0 +1,150 @@
+"""Entry point of one filter worker: `tiermail filter` calls `serve(settings)`.
+
+Resources are opened in one AsyncExitStack (`open_worker`) and closed in reverse order; more
+(the health heartbeat, scanner clients) are added there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio
+
+from common.broker import Publisher
+from common.directory import Directory
+from common.settings import Settings
+from common.tls import server_context
+from services.filter.rules import Rule, default_rules
+from services.filter.server import FilterServer, ServerLimits
+from services.filter.session import MessagePublisher, RecipientDirectory, SessionPolicy
+from services.filter.stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+AMQP_CONNECT_TIMEOUT = 5.0
+REDIS_TIMEOUT = 5.0
+
+
+@dataclass
+class FilterWorker:
+    """A running filter worker: what a health reporter or a test may look at."""
+
+    settings: Settings
+    server: FilterServer
+    stats: WorkerStats
+    publisher: MessagePublisher
+    directory: RecipientDirectory
+    stack: contextlib.AsyncExitStack
+
+    @property
+    def ports(self) -> list[int]:
+        return self.server.ports
+
+
+def publish_deadline(settings: Settings) -> float:
+    """Upper bound on one publish: connect (when reconnecting) plus the confirm wait."""
+    return AMQP_CONNECT_TIMEOUT + settings.publish_timeout
+
+
+def shutdown_grace(settings: Settings) -> float:
+    return publish_deadline(settings) + 5.0
+
+
+@contextlib.asynccontextmanager
+async def open_worker(
+    settings: Settings,
+    *,
+    rules: Sequence[Rule] | None = None,
+    directory: RecipientDirectory | None = None,
+    publisher: MessagePublisher | None = None,
+    port: int | None = None,
+) -> AsyncIterator[FilterWorker]:
+    """Open everything one worker needs and listen; close it all on exit.
+
+    `directory`, `publisher` and `rules` default to the real ones built from settings;
+    tests pass their own to inject failures.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        if directory is None:
+            client = redis.asyncio.Redis.from_url(
+                settings.redis_url,
+                socket_connect_timeout=REDIS_TIMEOUT,
+                socket_timeout=REDIS_TIMEOUT,
+            )
+            stack.push_async_callback(client.aclose)
+            directory = Directory(client, settings.redis_prefix)
+        if publisher is None:
+            real = Publisher(
+                settings.amqp_url,
+                settings.topology,
+                confirm_timeout=settings.publish_timeout,
+                connect_timeout=AMQP_CONNECT_TIMEOUT,
+            )
+            stack.push_async_callback(real.close)
+            await _connect_early(real)
+            publisher = real
+        stats = WorkerStats()
+        server = FilterServer(
+            limits=ServerLimits.from_settings(settings, publish_deadline(settings)),
+            policy=SessionPolicy(
+                hostname=settings.hostname,
+                max_recipients=settings.max_recipients,
+                publish_deadline=publish_deadline(settings),
+            ),
+            directory=directory,
+            publisher=publisher,
+            rules=default_rules() if rules is None else rules,
+            stats=stats,
+            tls_context=server_context(settings),
+        )
+        # Place for the health heartbeat (common/health.py): stack.enter_async_context(...)
+        await server.listen(settings.bind, settings.smtp_port if port is None else port)
+        stack.push_async_callback(server.close, shutdown_grace(settings))
+        yield FilterWorker(settings, server, stats, publisher, directory, stack)
+
+
+async def _connect_early(publisher: Publisher) -> None:
+    """Connect at start so the first message is not slower; a broker outage is not fatal."""
+    try:
+        await publisher.ensure_connected()
+    except Exception as exc:
+        log.warning("broker not reachable at start (will retry per message): %s", exc)
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run one worker until `stop` is set or SIGTERM/SIGINT arrives."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with open_worker(settings) as worker:
+            log.info("filter worker ready", extra={"event": "ready"})
+            await stop.wait()
+            log.info("shutting down", extra={"event": "stopping", **_stats_extra(worker)})
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def _stats_extra(worker: FilterWorker) -> dict[str, int]:
+    return {f"stats_{key}": value for key, value in worker.stats.snapshot().items()}
+
+
+def serve(settings: Settings) -> None:
+    """Blocking: run one filter worker (uvloop when installed) until SIGTERM/SIGINT."""
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(run(settings))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop

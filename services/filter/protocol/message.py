@@ -1,0 +1,83 @@
+"""Pure checks and formatting on message content: bare newlines and the Received header."""
+
+from __future__ import annotations
+
+import datetime
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import format_datetime
+
+SOFTWARE = "tiermail"
+
+
+def has_bare_newline(content: bytes) -> bool:
+    """True when content holds a CR or LF that is not part of a CRLF pair (RFC 5321 2.3.8).
+
+    Three C-level counts instead of a Python loop: fast on a 25 MB body.
+    """
+    pairs = content.count(b"\r\n")
+    return content.count(b"\n") != pairs or content.count(b"\r") != pairs
+
+
+@dataclass(frozen=True)
+class ReceivedInfo:
+    """What RFC 5321 4.4 puts in the trace header of one hop."""
+
+    helo: str
+    client_ip: str
+    hostname: str
+    queue_id: str
+    recipients: Sequence[str]
+    received_at: float
+    esmtp: bool = True
+    tls: str | None = None
+    smtputf8: bool = False
+
+
+def protocol_name(esmtp: bool, tls: bool, smtputf8: bool) -> str:
+    """The "with" keyword: RFC 3848 (ESMTP, ESMTPS) and RFC 6531 (UTF8SMTP, UTF8SMTPS)."""
+    if smtputf8:
+        return "UTF8SMTPS" if tls else "UTF8SMTP"
+    if not esmtp:
+        return "SMTP"
+    return "ESMTPS" if tls else "ESMTP"
+
+
+def received_header(info: ReceivedInfo) -> bytes:
+    """A folded `Received:` header ending in CRLF, for the top of the message.
+
+    The client's HELO name is untrusted text: anything that could break the header (controls,
+    and non-ASCII unless the message is SMTPUTF8) is replaced by "?".
+    """
+    helo = _clean(info.helo, info.smtputf8) or "unknown"
+    with_tls = info.tls is not None
+    lines = [f"Received: from {helo} ([{_ip_literal(info.client_ip)}])"]
+    by = f"by {info.hostname} ({SOFTWARE}) with "
+    by += protocol_name(info.esmtp, with_tls, info.smtputf8)
+    if info.tls is not None:
+        by += " (" + " ".join(_clean(word, False) for word in info.tls.split()) + ")"
+    lines.append(f"{by} id {info.queue_id}")
+    when = format_datetime(datetime.datetime.fromtimestamp(info.received_at, datetime.UTC))
+    if len(info.recipients) == 1:
+        rcpt = _clean(info.recipients[0], info.smtputf8)
+        lines.append(f"for <{rcpt}>; {when}")
+    else:
+        lines[-1] += ";"
+        lines.append(when)
+    text = "\r\n\t".join(lines) + "\r\n"
+    return text.encode("utf-8" if info.smtputf8 else "ascii")
+
+
+def _ip_literal(ip: str) -> str:
+    return f"IPv6:{ip}" if ":" in ip else ip
+
+
+def _clean(text: str, allow_utf8: bool) -> str:
+    out = []
+    for char in text:
+        code = ord(char)
+        printable_ascii = 0x20 < code < 0x7F and char not in "()[]<>;\\\""
+        utf8_ok = allow_utf8 and code > 0x7F and unicodedata.category(char)[0] not in "CZ"
+        out.append(char if printable_ascii or utf8_ok else "?")
+    return "".join(out)

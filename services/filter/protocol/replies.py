@@ -1,0 +1,125 @@
+"""SMTP replies of the filter tier, each with its enhanced status code (RFC 2034, RFC 3463).
+
+Tests import these constants instead of repeating the text. `enhance` adds enhanced codes to
+the replies that aiosmtpd writes itself ("250 OK", "503 Error: need MAIL command", ...), so
+that every 2xx/4xx/5xx reply on the wire carries one. RFC 2034 section 4 exempts the initial
+greeting and the replies to HELO/EHLO; the server does not pass those through `enhance`.
+
+Pure functions and constants only: no I/O here.
+"""
+
+from __future__ import annotations
+
+import re
+
+# 2xx
+OK = "250 2.0.0 OK"
+QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
+RECIPIENT_OK = "250 2.1.5 OK"
+SENDER_OK = "250 2.1.0 OK"
+BYE = "221 2.0.0 Bye"
+READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
+
+# 4xx: the sender keeps the message and retries later.
+INTERNAL_ERROR = "451 4.3.0 Internal error, please try again later"
+DIRECTORY_UNAVAILABLE = "451 4.3.0 Recipient cannot be verified now, please try again later"
+QUEUE_UNAVAILABLE = "451 4.3.0 Message not queued, please try again later"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+TOO_MANY_CONNECTIONS = "421 4.7.0 too many connections"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, closing connection"
+TLS_UNAVAILABLE = "454 4.7.0 TLS not available"
+
+# 5xx: permanent.
+UNKNOWN_USER = "550 5.1.1 Recipient address rejected: no such user"
+RELAY_DENIED = "554 5.7.1 Relay access denied"
+# RFC 5321 2.3.8: CR and LF only as CRLF. Refusing bare ones closes the SMTP smuggling hole
+# (<LF>.<LF> or <CR>.<CR> read as end-of-data by some other server).
+BARE_NEWLINE = "554 5.6.0 Message refused: bare CR or LF in message (RFC 5321 2.3.8)"
+MESSAGE_TOO_BIG = "552 5.3.4 Message too big for system"
+SIZE_EXCEEDED = "552 5.3.4 Message size exceeds fixed maximum message size"
+LINE_TOO_LONG = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
+COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
+AUTH_UNAVAILABLE = "502 5.5.1 AUTH not available"
+NEED_MAIL = "503 5.5.1 Error: need MAIL command"
+NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+NESTED_MAIL = "503 5.5.1 Error: nested MAIL command"
+
+# aiosmtpd's own texts with a fixed replacement. Anything not listed gets a code from
+# _BY_REPLY_CODE, then from the reply class.
+_REWRITES: dict[str, str] = {
+    "250 OK": OK,
+    "221 Bye": BYE,
+    "220 Ready to start TLS": READY_FOR_TLS,
+    "454 TLS not available": TLS_UNAVAILABLE,
+    "503 Error: need MAIL command": NEED_MAIL,
+    "503 Error: need RCPT command": NEED_RCPT,
+    "503 Error: nested MAIL command": NESTED_MAIL,
+    "500 Command line too long": COMMAND_TOO_LONG,
+    "500 Line too long (see RFC5321 4.5.3.1.6)": LINE_TOO_LONG,
+    "552 Error: Too much mail data": MESSAGE_TOO_BIG,
+    "552 Error: message size exceeds fixed maximum message size": SIZE_EXCEEDED,
+    # aiosmtpd's fallback when handle_exception itself fails: never a permanent error.
+    "500 Error: Cannot describe error": INTERNAL_ERROR,
+}
+
+# RFC 3463 detail codes for the reply codes aiosmtpd uses.
+_BY_REPLY_CODE: dict[str, str] = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "421": "4.3.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",  # syntax error, command unrecognised
+    "501": "5.5.4",  # invalid command arguments
+    "502": "5.5.1",  # command not implemented
+    "503": "5.5.1",  # bad sequence of commands
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "538": "5.7.11",
+    "550": "5.0.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.7.0",
+    "555": "5.5.4",
+}
+
+_BY_CLASS = {"2": "2.0.0", "4": "4.0.0", "5": "5.0.0"}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_REPLY = re.compile(r"^(\d{3})([ -])(.*)$", re.DOTALL)
+# aiosmtpd's default handle_exception text: "500 Error: (ExcName) message".
+_LEAKED_EXCEPTION = re.compile(r"^\d{3} Error: \(")
+
+
+def queued(queue_id: str) -> str:
+    return QUEUED.format(queue_id=queue_id)
+
+
+def enhance(reply: str) -> str:
+    """Give one reply (possibly several CRLF-joined lines) enhanced status codes."""
+    if "\r\n" in reply:
+        return "\r\n".join(_enhance_line(line) for line in reply.split("\r\n"))
+    return _enhance_line(reply)
+
+
+def _enhance_line(line: str) -> str:
+    rewritten = _REWRITES.get(line)
+    if rewritten is not None:
+        return rewritten
+    if _LEAKED_EXCEPTION.match(line):
+        return INTERNAL_ERROR
+    if _HAS_ENHANCED.match(line):
+        return line
+    match = _REPLY.match(line)
+    if match is None:
+        return line
+    code, separator, text = match.groups()
+    if code == "220" or code[0] not in _BY_CLASS:
+        return line  # greeting, 354 and other intermediate replies carry none
+    enhanced = _BY_REPLY_CODE.get(code, _BY_CLASS[code[0]])
+    return f"{code}{separator}{enhanced} {text}".rstrip()
+
+
+def reply_code(reply: str) -> int:
+    return int(reply[:3])

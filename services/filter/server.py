@@ -1,0 +1,353 @@
+"""The SMTP listener: a hardened aiosmtpd SMTP subclass and the sockets of one worker.
+
+Hardening over aiosmtpd 1.4.6 (see docs: design notes section 1):
+- every 2xx/4xx/5xx reply carries an enhanced status code (`replies.enhance` in `push`);
+- the idle timer is re-armed with the data timeout while DATA lines arrive, so a slow but
+  alive upload is not cut off and a stalled one is (RFC 5321 4.5.3.2.5);
+- at most `smtp_max_connections` sessions per worker; the next one gets 421 and is closed;
+- per-connection command size limits (aiosmtpd keeps them in a class-level dict that every
+  EHLO grows and every new connection clears);
+- AUTH is neither advertised nor accepted (submission comes with a later issue);
+- a failed DATA transaction is always reset, so the client can start over.
+
+Sockets are opened with `loop.create_server(..., reuse_port=True)`, so several worker
+processes can share one port; nothing here is local state another worker would need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, AnyStr, cast
+
+from aiosmtpd.smtp import SMTP, syntax
+
+from common.settings import Settings
+from services.filter.protocol import replies
+from services.filter.rules import Rule
+from services.filter.session import (
+    FilterSession,
+    MessagePublisher,
+    RecipientDirectory,
+    SessionPolicy,
+)
+from services.filter.stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+GREETING_IDENT = "ESMTP tiermail"
+TIMEOUT_REPLY = "421 4.4.2 Timeout exceeded, closing connection"
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    hostname: str
+    max_message_size: int
+    max_line_length: int  # RFC 5321 4.5.3.1.6: octets per line including CRLF
+    max_connections: int
+    command_timeout: float  # RFC 5321 4.5.3.2.7
+    data_timeout: float  # RFC 5321 4.5.3.2.5
+    processing_timeout: float  # end of DATA until our reply (scan + publish)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, publish_deadline: float) -> ServerLimits:
+        return cls(
+            hostname=settings.hostname,
+            max_message_size=settings.max_message_size,
+            max_line_length=settings.max_line_length,
+            max_connections=settings.smtp_max_connections,
+            command_timeout=settings.smtp_command_timeout,
+            data_timeout=settings.smtp_data_timeout,
+            processing_timeout=publish_deadline + 30.0,
+        )
+
+
+def format_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer or "")
+
+
+def _send_line(transport: asyncio.BaseTransport, line: str) -> None:
+    """Write one reply straight to a transport (outside aiosmtpd's own writer).
+
+    uvloop's transports do not subclass asyncio.WriteTransport, hence the cast.
+    """
+    cast(asyncio.WriteTransport, transport).write(line.encode() + b"\r\n")
+
+
+class ConnectionRegistry:
+    """The open sessions of one worker, bounded by `limit`."""
+
+    def __init__(self, limit: int, stats: WorkerStats) -> None:
+        self._limit = limit
+        self._stats = stats
+        self._open: set[FilterSMTP] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def admit(self, connection: FilterSMTP) -> bool:
+        if len(self._open) >= self._limit:
+            self._stats.refused_connections += 1
+            return False
+        self._open.add(connection)
+        self._empty.clear()
+        self._stats.connections += 1
+        self._stats.active = len(self._open)
+        return True
+
+    def release(self, connection: FilterSMTP) -> None:
+        self._open.discard(connection)
+        self._stats.active = len(self._open)
+        if not self._open:
+            self._empty.set()
+
+    def __iter__(self) -> Any:
+        return iter(list(self._open))
+
+    async def wait_empty(self, grace: float) -> bool:
+        try:
+            await asyncio.wait_for(self._empty.wait(), grace)
+        except TimeoutError:
+            return False
+        return True
+
+
+class FilterSMTP(SMTP):
+    """One SMTP connection. aiosmtpd does the protocol; this class enforces our limits."""
+
+    def __init__(
+        self,
+        handler: FilterSession,
+        *,
+        limits: ServerLimits,
+        registry: ConnectionRegistry,
+        stats: WorkerStats,
+        tls_context: ssl.SSLContext | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        # Both are read by SMTP.__init__, so they are set first, on the instance.
+        # +1: the transparency dot is not counted in the line limit (RFC 5321 4.5.3.1.6).
+        self.line_length_limit = limits.max_line_length + 1
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(
+            handler,
+            data_size_limit=limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=limits.hostname,
+            ident=GREETING_IDENT,
+            tls_context=tls_context,
+            timeout=limits.command_timeout,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"],
+            loop=loop,
+        )
+        self.handler = handler
+        self._limits = limits
+        self._registry = registry
+        self._stats = stats
+        self._admitted = False
+        self._refused = False
+        self._receiving_data = False
+        self._busy = False
+        self._closing = False
+        self._helo_reply = False
+
+    # Connection lifetime
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first_call = self._original_transport is None  # not the post-STARTTLS call
+        if first_call:
+            if not self._registry.admit(self):
+                self._refuse(transport)
+                return
+            self._admitted = True
+            self.handler.peer = format_peer(transport.get_extra_info("peername"))
+            log.info("connection opened", extra=self.handler.log_extra())
+        super().connection_made(transport)
+
+    def _refuse(self, transport: asyncio.BaseTransport) -> None:
+        self._refused = True
+        peer = format_peer(transport.get_extra_info("peername"))
+        log.warning("too many connections, refusing", extra={"peer": peer})
+        _send_line(transport, replies.TOO_MANY_CONNECTIONS)
+        transport.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            asyncio.StreamReaderProtocol.connection_lost(self, error)
+            return
+        try:
+            super().connection_lost(error)
+        finally:
+            if self._admitted:
+                self._admitted = False
+                self._registry.release(self)
+                log.info("connection closed", extra=self.handler.log_extra())
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._receiving_data:
+            # aiosmtpd resets its idle timer per command only; keep a live upload alive.
+            self._reset_timeout(self._limits.data_timeout)
+        super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if not self._refused:
+            super().eof_received()  # cancels the session task
+        # aiosmtpd keeps a half-closed connection open; when the task was cancelled before
+        # it started (EOF right after connect) nothing ever closed it and it held a
+        # connection slot until the idle timeout. False: the transport closes itself.
+        return False
+
+    def _timeout_cb(self) -> None:
+        log.info("timeout, closing", extra=self.handler.log_extra(self.handler.current_queue_id))
+        if self.transport is not None and not self.transport.is_closing():
+            _send_line(self.transport, TIMEOUT_REPLY)
+        super()._timeout_cb()
+
+    def request_close(self) -> None:
+        """Shutdown: close now when idle, else right after the reply in progress."""
+        if self._busy:
+            self._closing = True
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            _send_line(self.transport, replies.SHUTTING_DOWN)
+            self.transport.close()
+
+    # Replies
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            # RFC 2034 section 4: no enhanced codes in the replies to HELO/EHLO.
+            if not (self._helo_reply and status.startswith("250")):
+                status = replies.enhance(status)
+            self._stats.count_reply(status)
+            log.debug("<< %s", status, extra=self.handler.log_extra(self.handler.current_queue_id))
+        await super().push(status)
+
+    # Commands
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._helo_reply = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._helo_reply = False
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self.command_size_limits.clear()  # else every EHLO raises the MAIL limit again
+        self._helo_reply = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._helo_reply = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push(replies.AUTH_UNAVAILABLE)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        self._receiving_data = True
+        try:
+            await super().smtp_DATA(arg)
+        except Exception:
+            self._set_post_data_state()  # the transaction is over, whatever failed
+            raise
+        finally:
+            self._receiving_data = False
+            self._busy = False
+            self._reset_timeout()
+        if self._closing and self.transport is not None:
+            await self.push(replies.SHUTTING_DOWN)
+            self.transport.close()
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command == "DATA":
+            # The whole message is in; bound our own processing instead of the upload.
+            self._receiving_data = False
+            self._busy = True
+            self._reset_timeout(self._limits.processing_timeout)
+        return await super()._call_handler_hook(command, *args)
+
+
+class FilterServer:
+    """The listening sockets of one worker and the factory of its sessions."""
+
+    def __init__(
+        self,
+        *,
+        limits: ServerLimits,
+        policy: SessionPolicy,
+        directory: RecipientDirectory,
+        publisher: MessagePublisher,
+        rules: Sequence[Rule],
+        stats: WorkerStats,
+        tls_context: ssl.SSLContext | None,
+        session_ids: Callable[[], str] = lambda: secrets.token_hex(5),
+    ) -> None:
+        self.limits = limits
+        self.stats = stats
+        self._policy = policy
+        self._directory = directory
+        self._publisher = publisher
+        self._rules = list(rules)
+        self._tls_context = tls_context
+        self._session_ids = session_ids
+        self._registry = ConnectionRegistry(limits.max_connections, stats)
+        self._servers: list[asyncio.Server] = []
+
+    def new_connection(self) -> FilterSMTP:
+        handler = FilterSession(
+            session_id=self._session_ids(),
+            directory=self._directory,
+            publisher=self._publisher,
+            rules=self._rules,
+            stats=self.stats,
+            policy=self._policy,
+        )
+        return FilterSMTP(
+            handler,
+            limits=self.limits,
+            registry=self._registry,
+            stats=self.stats,
+            tls_context=self._tls_context,
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def listen(self, host: str, port: int) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self.new_connection, host, port, reuse_port=True)
+        self._servers.append(server)
+        log.info("listening on %s:%d", host, port, extra={"event": "smtp-listen"})
+        return server
+
+    @property
+    def ports(self) -> list[int]:
+        return [
+            int(sock.getsockname()[1]) for server in self._servers for sock in server.sockets
+        ]
+
+    async def close(self, grace: float) -> None:
+        """Stop listening, let replies in progress finish (up to `grace`), close the rest."""
+        for server in self._servers:
+            server.close()
+        for connection in self._registry:
+            connection.request_close()
+        if not await self._registry.wait_empty(grace):
+            for connection in self._registry:
+                if connection.transport is not None:
+                    connection.transport.close()
+            await self._registry.wait_empty(5.0)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()

@@ -1,0 +1,260 @@
+"""One SMTP session's decisions: aiosmtpd handler hooks for EHLO, MAIL, RCPT and DATA.
+
+A FilterSession is created per connection (by the server's protocol factory) with its
+dependencies passed in: the recipient directory, the publisher, the rules and the worker's
+counters. It holds the current transaction (queue id, accepted recipients with their
+mailboxes). aiosmtpd replaces its Envelope object on RSET, HELO/EHLO and after DATA, so a
+transaction belongs to exactly one aiosmtpd Envelope and is recognised by identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
+from aiosmtpd.smtp import Session as SMTPSession
+from redis.exceptions import RedisError
+
+from common.broker import PublishFailed
+from common.directory import Lookup, Resolution
+from common.envelope import Envelope, Recipient
+from common.ids import new_queue_id
+from services.filter.convert import peer_ip, tls_description, to_envelope
+from services.filter.protocol import replies
+from services.filter.protocol.message import ReceivedInfo, received_header
+from services.filter.rules import Rule, first_refusal
+from services.filter.stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+# EHLO keywords we add; aiosmtpd advertises SIZE, 8BITMIME, SMTPUTF8 and STARTTLS itself.
+EXTRA_EHLO_KEYWORDS = ("PIPELINING", "ENHANCEDSTATUSCODES")
+# aiosmtpd lines we drop: there is no AUTH until the submission issue; HELP is not an
+# extension keyword.
+_DROPPED_EHLO_KEYWORDS = ("AUTH", "HELP")
+
+
+class RecipientDirectory(Protocol):
+    async def resolve(self, address: str) -> Lookup: ...
+
+
+class MessagePublisher(Protocol):
+    async def publish(self, envelope: Envelope, body: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    hostname: str
+    max_recipients: int
+    publish_deadline: float  # bound on the whole publish, connect included
+    lookup_timeout: float = 10.0
+
+
+@dataclass
+class Transaction:
+    smtp_envelope: SMTPEnvelope
+    queue_id: str = field(default_factory=new_queue_id)
+    recipients: list[Recipient] = field(default_factory=list)
+
+
+def ehlo_lines(hostname_line: str, keywords: Sequence[str]) -> list[str]:
+    """Format an EHLO reply: "250-" on every line but the last."""
+    lines = [hostname_line, *keywords]
+    return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+
+
+def ehlo_keywords(aiosmtpd_lines: Sequence[str]) -> tuple[str, list[str]]:
+    """Split aiosmtpd's EHLO lines into the greeting and our keyword list."""
+    texts = [line[4:] for line in aiosmtpd_lines]
+    keywords = [
+        t for t in texts[1:] if t.split(" ", 1)[0].upper() not in _DROPPED_EHLO_KEYWORDS
+    ]
+    keywords.extend(k for k in EXTRA_EHLO_KEYWORDS if k not in keywords)
+    return texts[0], keywords
+
+
+class FilterSession:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        directory: RecipientDirectory,
+        publisher: MessagePublisher,
+        rules: Sequence[Rule],
+        stats: WorkerStats,
+        policy: SessionPolicy,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.session_id = session_id
+        self.peer = ""
+        self._directory = directory
+        self._publisher = publisher
+        self._rules = rules
+        self._stats = stats
+        self._policy = policy
+        self._clock = clock
+        self._txn: Transaction | None = None
+
+    # Logging context
+
+    def log_extra(self, queue_id: str | None = None) -> dict[str, Any]:
+        return {"session": self.session_id, "peer": self.peer, "queue_id": queue_id}
+
+    @property
+    def current_queue_id(self) -> str | None:
+        return self._txn.queue_id if self._txn is not None else None
+
+    def _transaction(self, envelope: SMTPEnvelope) -> Transaction:
+        if self._txn is None or self._txn.smtp_envelope is not envelope:
+            self._txn = Transaction(envelope)
+        return self._txn
+
+    # aiosmtpd hooks
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: SMTPSession,
+        envelope: SMTPEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        self._txn = None
+        greeting, keywords = ehlo_keywords(responses)
+        return ehlo_lines(greeting, keywords)
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: SMTPSession,
+        envelope: SMTPEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        txn = self._transaction(envelope)
+        log.info("sender %s", address, extra=self.log_extra(txn.queue_id))
+        return replies.SENDER_OK
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: SMTPSession,
+        envelope: SMTPEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        txn = self._transaction(envelope)
+        extra = self.log_extra(txn.queue_id)
+        if len(envelope.rcpt_tos) >= self._policy.max_recipients:
+            # RFC 5321 4.5.3.1.10: 452 for too many recipients, the client sends the rest later.
+            log.info("recipient %s refused: too many recipients", address, extra=extra)
+            return replies.TOO_MANY_RECIPIENTS
+        try:
+            lookup = await asyncio.wait_for(
+                self._directory.resolve(address), self._policy.lookup_timeout
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("directory unavailable: %s: %s", type(exc).__name__, exc, extra=extra)
+            return replies.DIRECTORY_UNAVAILABLE
+        reply = _recipient_reply(lookup.resolution)
+        if lookup.resolution is Resolution.LOCAL:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+            txn.recipients.append(Recipient(address, lookup.mailboxes))
+            log.info("recipient %s -> %s", address, ",".join(lookup.mailboxes), extra=extra)
+        else:
+            log.info("recipient %s refused: %s", address, lookup.resolution.value, extra=extra)
+        return reply
+
+    async def handle_DATA(
+        self, server: SMTP, session: SMTPSession, envelope: SMTPEnvelope
+    ) -> str:
+        txn = self._transaction(envelope)
+        extra = self.log_extra(txn.queue_id)
+        content = envelope.original_content
+        assert isinstance(content, bytes)  # decode_data=False
+        received_at = self._clock()
+        tls = tls_description(session.ssl)
+        client_ip = peer_ip(session.peer)
+        helo = session.host_name or ""
+        smtp_envelope = envelope
+        header = received_header(
+            ReceivedInfo(
+                helo=helo,
+                client_ip=client_ip,
+                hostname=self._policy.hostname,
+                queue_id=txn.queue_id,
+                recipients=[r.address for r in txn.recipients],
+                received_at=received_at,
+                esmtp=bool(session.extended_smtp),
+                tls=tls,
+                smtputf8=bool(smtp_envelope.smtp_utf8),
+            )
+        )
+        message_envelope = to_envelope(
+            smtp_envelope,
+            queue_id=txn.queue_id,
+            recipients=txn.recipients,
+            client_ip=client_ip,
+            helo=helo,
+            tls=tls,
+            received_at=received_at,
+            size=len(header) + len(content),
+        )
+        refusal = await first_refusal(self._rules, message_envelope, content)
+        if refusal is not None:
+            rule, verdict = refusal
+            log.info("message refused by rule %s", rule, extra=extra)
+            assert verdict.reply is not None
+            return verdict.reply
+        return await self._publish(message_envelope, header + content, envelope)
+
+    async def _publish(
+        self, message_envelope: Envelope, body: bytes, smtp_envelope: SMTPEnvelope
+    ) -> str:
+        extra = self.log_extra(message_envelope.queue_id)
+        # Drop aiosmtpd's reference to the received content: `body` is the copy we send.
+        smtp_envelope.content = smtp_envelope.original_content = None
+        try:
+            await asyncio.wait_for(
+                self._publisher.publish(message_envelope, body), self._policy.publish_deadline
+            )
+        except (PublishFailed, TimeoutError) as exc:
+            log.warning("not queued: %s", exc or type(exc).__name__, extra=extra)
+            return replies.QUEUE_UNAVAILABLE
+        self._stats.accepted += 1
+        log.info(
+            "queued from=<%s> recipients=%d size=%d",
+            message_envelope.mail_from,
+            len(message_envelope.recipients),
+            message_envelope.size,
+            extra=extra,
+        )
+        return replies.queued(message_envelope.queue_id)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Any unexpected error is a temporary failure; the details go to the log only."""
+        log.error(
+            "internal error in SMTP session",
+            exc_info=(type(error), error, error.__traceback__),
+            extra=self.log_extra(self.current_queue_id),
+        )
+        return replies.INTERNAL_ERROR
+
+
+def _recipient_reply(resolution: Resolution) -> str:
+    if resolution is Resolution.LOCAL:
+        return replies.RECIPIENT_OK
+    if resolution is Resolution.UNKNOWN_USER:
+        return replies.UNKNOWN_USER
+    # Not one of our domains. Without authentication (a later issue) nobody may relay.
+    return replies.RELAY_DENIED

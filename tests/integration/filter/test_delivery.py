@@ -1,0 +1,152 @@
+"""Accepted mail reaches the deliver queue byte for byte, with a correct envelope."""
+
+from __future__ import annotations
+
+import time
+
+from common.envelope import Recipient
+from services.filter.main import FilterWorker
+from services.filter.protocol import replies
+from tests.integration.filter.conftest import (
+    ALICE,
+    BOB,
+    SENDER,
+    TEAM,
+    connect,
+    drain_queue,
+    in_thread,
+    message,
+    send,
+    split_received,
+    unverified_context,
+)
+
+
+async def test_plain_message_is_queued_with_exact_bytes(worker: FilterWorker) -> None:
+    before = time.time()
+    raw = message("plain")
+    refused = await in_thread(send, worker.ports[0], raw, [ALICE])
+    assert refused == {}
+    [queued] = await drain_queue(worker.settings)
+    received, rest = split_received(queued.body)
+    assert rest == raw
+    env = queued.envelope
+    assert env.mail_from == SENDER
+    assert env.recipients == (Recipient(ALICE, (ALICE,)),)
+    assert env.client_ip == "127.0.0.1"
+    assert env.client_helo == "client.remote.test"
+    assert env.tls is None
+    assert env.smtputf8 is False and env.body_8bit is False
+    assert env.size == len(queued.body)
+    assert before <= env.received_at <= time.time()
+    assert f"id {env.queue_id}".encode() in received
+    assert f"for <{ALICE}>".encode() in received
+    assert b"by mx.test.invalid (tiermail) with ESMTP " in received
+    assert worker.stats.accepted == 1
+
+
+async def test_reply_is_queued_with_the_queue_id(worker: FilterWorker) -> None:
+    def transaction() -> tuple[int, bytes]:
+        with connect(worker.ports[0]) as client:
+            client.mail(SENDER)
+            client.rcpt(ALICE)
+            return client.data(message("reply"))
+
+    code, text = await in_thread(transaction)
+    [queued] = await drain_queue(worker.settings)
+    assert f"{code} {text.decode()}" == replies.queued(queued.envelope.queue_id)
+
+
+async def test_alias_expands_to_mailboxes_and_two_recipients(worker: FilterWorker) -> None:
+    raw = message("alias")
+    assert await in_thread(send, worker.ports[0], raw, [TEAM, ALICE]) == {}
+    [queued] = await drain_queue(worker.settings)
+    env = queued.envelope
+    assert env.recipients == (Recipient(TEAM, (ALICE, BOB)), Recipient(ALICE, (ALICE,)))
+    assert env.mailboxes == (ALICE, BOB)
+    received, rest = split_received(queued.body)
+    assert rest == raw
+    assert b"for <" not in received  # only named for a single recipient
+
+
+async def test_8bit_body_passes_unchanged(worker: FilterWorker) -> None:
+    raw = message("8bit", "Grüße aus Köln — ça va?\r\n".encode() + bytes(range(128, 256)) + b"\r\n")
+    refused = await in_thread(
+        send, worker.ports[0], raw, [ALICE], mail_options=("BODY=8BITMIME",)
+    )
+    assert refused == {}
+    [queued] = await drain_queue(worker.settings)
+    assert split_received(queued.body)[1] == raw
+    assert queued.envelope.body_8bit is True
+    assert queued.envelope.smtputf8 is False
+
+
+async def test_smtputf8_sender_and_headers(worker: FilterWorker) -> None:
+    sender = "jürgen@bücher.test"
+    raw = (
+        f"From: Jürgen <{sender}>\r\nTo: {ALICE}\r\nSubject: Grüße\r\n\r\nHallo\r\n"
+    ).encode()
+    refused = await in_thread(
+        send, worker.ports[0], raw, [ALICE], sender=sender,
+        mail_options=("SMTPUTF8", "BODY=8BITMIME"),
+    )
+    assert refused == {}
+    [queued] = await drain_queue(worker.settings)
+    received, rest = split_received(queued.body)
+    assert rest == raw
+    assert b" with UTF8SMTP " in received
+    assert queued.envelope.mail_from == sender
+    assert queued.envelope.smtputf8 is True
+
+
+async def test_null_sender_is_accepted(worker: FilterWorker) -> None:
+    assert await in_thread(send, worker.ports[0], message("bounce"), [ALICE], sender="<>") == {}
+    [queued] = await drain_queue(worker.settings)
+    assert queued.envelope.mail_from == ""
+
+
+async def test_20_megabyte_message_end_to_end(worker: FilterWorker) -> None:
+    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-=+.,:;!?/()[]\r\n"
+    body = line * (20 * 1024 * 1024 // len(line) + 1)
+    body = body.replace(b"\r\n0123", b"\r\n.123", 1000)  # some lines that need dot-stuffing
+    raw = message("big", body)
+    assert len(raw) > 20 * 1024 * 1024
+    assert await in_thread(send, worker.ports[0], raw, [ALICE]) == {}
+    [queued] = await drain_queue(worker.settings)
+    received, rest = split_received(queued.body)
+    assert len(rest) == len(raw) and rest == raw
+    assert queued.envelope.size == len(queued.body)
+
+
+async def test_starttls_sets_envelope_tls(worker: FilterWorker) -> None:
+    def transaction() -> tuple[set[str], set[str]]:
+        with connect(worker.ports[0]) as client:
+            before = set(client.esmtp_features)
+            code, _ = client.starttls(context=unverified_context())
+            assert code == 220
+            client.ehlo()
+            after = set(client.esmtp_features)
+            client.sendmail(SENDER, [ALICE], message("tls"))
+            return before, after
+
+    before, after = await in_thread(transaction)
+    assert "starttls" in before
+    assert "starttls" not in after and "auth" not in after
+    [queued] = await drain_queue(worker.settings)
+    assert queued.envelope.tls is not None and queued.envelope.tls.startswith("TLSv1.")
+    assert b" with ESMTPS (TLSv1." in split_received(queued.body)[0]
+
+
+async def test_ehlo_advertises_extensions(worker: FilterWorker) -> None:
+    def ehlo() -> tuple[int, bytes]:
+        with connect(worker.ports[0]) as client:
+            return client.ehlo()
+
+    code, text = await in_thread(ehlo)
+    assert code == 250
+    lines = text.decode().split("\n")
+    assert lines[0] == "mx.test.invalid"
+    assert lines[1:] == [
+        f"SIZE {worker.settings.max_message_size}", "8BITMIME", "SMTPUTF8", "STARTTLS",
+        "PIPELINING", "ENHANCEDSTATUSCODES",
+    ]

@@ -1,0 +1,266 @@
+"""Failures of Redis, RabbitMQ and our own code become 4xx, never 250 and never 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import pytest
+
+from common.directory import Lookup
+from common.envelope import Envelope
+from common.settings import Settings
+from services.filter.protocol import replies
+from services.filter.rules import BareNewlineRule, Verdict
+from tests.integration.filter.conftest import (
+    ALICE,
+    SENDER,
+    RawClient,
+    connect,
+    drain_queue,
+    in_thread,
+    message,
+    queue_depth,
+    running_filter,
+)
+from tests.support import free_port
+
+
+def reply_of(code: int, text: bytes) -> str:
+    return f"{code} {text.decode()}"
+
+
+def one_transaction(port: int, subject: str) -> tuple[str, str]:
+    """(RCPT reply, end-of-DATA reply) of one transaction to ALICE."""
+    with connect(port) as client:
+        client.mail(SENDER)
+        rcpt = reply_of(*client.rcpt(ALICE))
+        if not rcpt.startswith("250"):
+            return rcpt, ""
+        return rcpt, reply_of(*client.data(message(subject)))
+
+
+async def test_redis_unreachable_451_at_rcpt(settings: Settings) -> None:
+    broken = settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    async with running_filter(broken) as worker:
+        rcpt, _ = await in_thread(one_transaction, worker.ports[0], "no-redis")
+    assert rcpt == replies.DIRECTORY_UNAVAILABLE
+    assert await queue_depth(settings) == 0
+
+
+async def test_broker_unreachable_451_at_end_of_data(directory: Settings) -> None:
+    vhost = directory.amqp_url.rsplit("/", 1)[1]
+    broken = directory.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/{vhost}")
+    async with running_filter(broken) as worker:
+        rcpt, data = await in_thread(one_transaction, worker.ports[0], "no-broker")
+        assert worker.stats.accepted == 0
+    assert rcpt == replies.RECIPIENT_OK
+    assert data == replies.QUEUE_UNAVAILABLE
+    assert await queue_depth(directory) == 0
+
+
+class TcpProxy:
+    """A TCP forwarder to RabbitMQ that the test can take down and bring back."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self._target = target_port
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            self._writers.difference_update((writer, up_writer))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.transport.abort()
+
+
+async def test_publisher_recovers_when_broker_returns(directory: Settings) -> None:
+    proxy = TcpProxy(5672)
+    await proxy.start()
+    vhost = directory.amqp_url.rsplit("/", 1)[1]
+    via_proxy = directory.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
+    async with running_filter(via_proxy) as worker:
+        port = worker.ports[0]
+        assert (await in_thread(one_transaction, port, "first"))[1].startswith("250 2.0.0")
+        await proxy.stop()
+        assert (await in_thread(one_transaction, port, "second"))[1] == replies.QUEUE_UNAVAILABLE
+        await proxy.start()
+        assert (await in_thread(one_transaction, port, "third"))[1].startswith("250 2.0.0")
+        await proxy.stop()
+    subjects = [q.body.split(b"Subject: ")[1].split(b"\r\n")[0] for q in
+                await drain_queue(directory)]
+    assert subjects == [b"first", b"third"]
+
+
+class ExplodingRule:
+    name = "exploding"
+
+    async def check(self, envelope: Envelope, content: bytes) -> Verdict:
+        raise RuntimeError("secret-internal-detail")
+
+
+async def test_internal_error_is_451_without_details(
+    directory: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="services.filter")
+
+    def conversation() -> list[str]:
+        with connect(worker.ports[0]) as client:
+            client.mail(SENDER)
+            client.rcpt(ALICE)
+            first = reply_of(*client.data(message("boom")))
+            # The failed transaction was reset: a new MAIL is not "nested".
+            second = reply_of(*client.mail(SENDER))
+            return [first, second]
+
+    async with running_filter(directory, rules=[BareNewlineRule(), ExplodingRule()]) as worker:
+        first, second = await in_thread(conversation)
+        assert worker.stats.accepted == 0
+    assert first == replies.INTERNAL_ERROR
+    assert "secret" not in first and "RuntimeError" not in first
+    assert second == replies.SENDER_OK
+    assert await queue_depth(directory) == 0
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert getattr(record, "queue_id", None)
+    assert "secret-internal-detail" in caplog.text  # the traceback is logged
+
+
+class ExplodingDirectory:
+    async def resolve(self, address: str) -> Lookup:
+        raise ValueError("directory bug with secret-internal-detail")
+
+
+async def test_internal_error_at_rcpt_is_451(settings: Settings) -> None:
+    async with running_filter(settings, directory=ExplodingDirectory()) as worker:
+        rcpt, _ = await in_thread(one_transaction, worker.ports[0], "boom")
+    assert rcpt == replies.INTERNAL_ERROR
+
+
+async def _wait_for(predicate: Callable[[], bool], limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
+async def test_max_connections_421(directory: Settings) -> None:
+    async with running_filter(directory.replace(smtp_max_connections=2)) as worker:
+        port = worker.ports[0]
+        first, second = await in_thread(RawClient, port), await in_thread(RawClient, port)
+        try:
+            assert (await in_thread(first.reply)).startswith("220 ")
+            assert (await in_thread(second.reply)).startswith("220 ")
+            third = await in_thread(RawClient, port)
+            assert await in_thread(third.reply) == replies.TOO_MANY_CONNECTIONS
+            assert await in_thread(third.closed)
+            third.close()
+            assert worker.stats.refused_connections == 1
+            first.close()
+            await _wait_for(lambda: worker.stats.active == 1)
+            fourth = await in_thread(RawClient, port)
+            assert (await in_thread(fourth.reply)).startswith("220 ")
+            fourth.close()
+        finally:
+            first.close()
+            second.close()
+
+
+async def test_stalled_upload_is_cut_by_data_timeout(directory: Settings) -> None:
+    limits = directory.replace(smtp_command_timeout=30.0, smtp_data_timeout=0.5)
+    async with running_filter(limits) as worker:
+        def conversation() -> tuple[str, float]:
+            client = RawClient(worker.ports[0])
+            try:
+                client.reply()
+                client.command(b"EHLO client.remote.test\r\n")
+                client.command(b"MAIL FROM:<" + SENDER.encode() + b">\r\n")
+                client.command(b"RCPT TO:<" + ALICE.encode() + b">\r\n")
+                client.command(b"DATA\r\n")
+                started = time.monotonic()
+                reply = client.command(b"Subject: stalled\r\n\r\npartial")
+                assert client.closed()
+                return reply, time.monotonic() - started
+            finally:
+                client.close()
+
+        reply, elapsed = await in_thread(conversation)
+    assert reply.startswith("421 4.4.2")
+    assert elapsed < 10.0  # the data timeout applied, not the 30 s command timeout
+    assert await queue_depth(directory) == 0
+
+
+async def test_slow_but_alive_upload_is_not_cut(directory: Settings) -> None:
+    # Every gap is shorter than the data timeout; the whole upload outlasts the command one.
+    limits = directory.replace(smtp_command_timeout=0.6, smtp_data_timeout=3.0)
+    async with running_filter(limits) as worker:
+        def conversation() -> str:
+            client = RawClient(worker.ports[0])
+            try:
+                client.reply()
+                client.command(b"EHLO client.remote.test\r\n")
+                client.command(b"MAIL FROM:<" + SENDER.encode() + b">\r\n")
+                client.command(b"RCPT TO:<" + ALICE.encode() + b">\r\n")
+                client.command(b"DATA\r\n")
+                client.sock.sendall(b"Subject: slow\r\n\r\n")
+                for number in range(8):
+                    time.sleep(0.25)  # pacing a slow client, not waiting for a result
+                    client.sock.sendall(b"line %d\r\n" % number)
+                return client.command(b".\r\n")
+            finally:
+                client.close()
+
+        reply = await in_thread(conversation)
+    assert reply.startswith("250 2.0.0 Ok: queued as ")
+    assert await queue_depth(directory) == 1
+
+
+async def test_shutdown_closes_idle_sessions_with_421(directory: Settings) -> None:
+    async with running_filter(directory) as worker:
+        client = await in_thread(RawClient, worker.ports[0])
+        assert (await in_thread(client.reply)).startswith("220 ")
+        await _wait_for(lambda: worker.stats.active == 1)
+    with contextlib.closing(client):
+        assert await in_thread(client.reply) == replies.SHUTTING_DOWN
+
+
+async def test_connection_closed_at_once_frees_its_slot(directory: Settings) -> None:
+    async with running_filter(directory.replace(smtp_max_connections=1)) as worker:
+        probe = await in_thread(RawClient, worker.ports[0])
+        probe.sock.shutdown(2)  # like a port probe: connect, then EOF at once
+        probe.close()
+        await _wait_for(lambda: worker.stats.connections == 1 and worker.stats.active == 0)
+        client = await in_thread(RawClient, worker.ports[0])
+        with contextlib.closing(client):
+            assert (await in_thread(client.reply)).startswith("220 ")

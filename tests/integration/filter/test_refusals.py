@@ -1,0 +1,205 @@
+"""Refusals: unknown users, relaying, limits, smuggling. Each keeps the session usable."""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+
+from common.settings import Settings
+from services.filter.main import FilterWorker
+from services.filter.protocol import replies
+from tests.integration.filter.conftest import (
+    ALICE,
+    BOB,
+    SENDER,
+    RawClient,
+    connect,
+    drain_queue,
+    in_thread,
+    message,
+    queue_depth,
+    running_filter,
+)
+
+
+def reply_of(code: int, text: bytes) -> str:
+    return f"{code} {text.decode()}"
+
+
+def still_usable(client: smtplib.SMTP, subject: str) -> None:
+    """A complete second transaction on the same connection succeeds."""
+    client.rset()
+    assert client.sendmail(SENDER, [ALICE], message(subject)) == {}
+
+
+async def test_unknown_user_550(worker: FilterWorker) -> None:
+    def transaction() -> str:
+        with connect(worker.ports[0]) as client:
+            client.mail(SENDER)
+            reply = reply_of(*client.rcpt(f"nobody@{'example.test'}"))
+            still_usable(client, "after-unknown")
+            return reply
+
+    assert await in_thread(transaction) == replies.UNKNOWN_USER
+    [queued] = await drain_queue(worker.settings)
+    assert queued.envelope.recipients[0].address == ALICE
+
+
+async def test_relay_denied_554(worker: FilterWorker) -> None:
+    def transaction() -> tuple[str, str]:
+        with connect(worker.ports[0]) as client:
+            client.mail(SENDER)
+            first = reply_of(*client.rcpt("someone@elsewhere.test"))
+            second = reply_of(*client.rcpt("someone@example.test.evil"))
+            return first, second
+
+    assert await in_thread(transaction) == (replies.RELAY_DENIED, replies.RELAY_DENIED)
+    assert await queue_depth(worker.settings) == 0
+
+
+async def test_too_many_recipients_452(directory: Settings) -> None:
+    async with running_filter(directory.replace(max_recipients=2)) as worker:
+        def transaction() -> tuple[str, tuple[int, bytes]]:
+            with connect(worker.ports[0]) as client:
+                client.mail(SENDER)
+                assert client.rcpt(ALICE)[0] == 250
+                assert client.rcpt(BOB)[0] == 250
+                third = reply_of(*client.rcpt("team@example.test"))
+                return third, client.data(message("two"))
+
+        third, data_reply = await in_thread(transaction)
+        assert third == replies.TOO_MANY_RECIPIENTS
+        assert data_reply[0] == 250
+        [queued] = await drain_queue(worker.settings)
+        assert [r.address for r in queued.envelope.recipients] == [ALICE, BOB]
+
+
+async def test_size_over_limit_at_mail_552(directory: Settings) -> None:
+    async with running_filter(directory.replace(max_message_size=100_000)) as worker:
+        def transaction() -> str:
+            with connect(worker.ports[0]) as client:
+                assert client.esmtp_features["size"] == "100000"
+                reply = reply_of(*client.mail(SENDER, ["SIZE=100001"]))
+                still_usable(client, "after-size")
+                return reply
+
+        assert await in_thread(transaction) == replies.SIZE_EXCEEDED
+        assert len(await drain_queue(worker.settings)) == 1
+
+
+async def test_data_over_limit_552(directory: Settings) -> None:
+    async with running_filter(directory.replace(max_message_size=100_000)) as worker:
+        def transaction() -> str:
+            with connect(worker.ports[0]) as client:
+                client.mail(SENDER)  # no SIZE= announced
+                client.rcpt(ALICE)
+                reply = reply_of(*client.data(message("big", b"x" * 70 + b"\r\n") * 2000))
+                still_usable(client, "after-big")
+                return reply
+
+        assert await in_thread(transaction) == replies.MESSAGE_TOO_BIG
+        [queued] = await drain_queue(worker.settings)
+        assert b"Subject: after-big" in queued.body
+
+
+async def test_line_too_long_500(directory: Settings) -> None:
+    async with running_filter(directory.replace(max_line_length=1000)) as worker:
+        def transaction() -> tuple[str, tuple[int, bytes]]:
+            with connect(worker.ports[0]) as client:
+                client.mail(SENDER)
+                client.rcpt(ALICE)
+                too_long = reply_of(*client.data(message("long", b"y" * 1200 + b"\r\n")))
+                client.mail(SENDER)
+                client.rcpt(ALICE)
+                # 998 octets + CRLF is the longest legal line (RFC 5321 4.5.3.1.6).
+                return too_long, client.data(message("fits", b"z" * 998 + b"\r\n"))
+
+        too_long, fits = await in_thread(transaction)
+        assert too_long == replies.LINE_TOO_LONG
+        assert fits[0] == 250
+        [queued] = await drain_queue(worker.settings)
+        assert b"z" * 998 + b"\r\n" in queued.body
+
+
+SMUGGLING_PAYLOADS = [
+    pytest.param(b"\n.\n", id="LF.LF"),
+    pytest.param(b"\r\n.\n", id="CRLF.LF"),
+    pytest.param(b"\n.\r\n", id="LF.CRLF"),
+    pytest.param(b"\r.\r", id="CR.CR"),
+    pytest.param(b"\r\n.\r", id="CRLF.CR"),
+    pytest.param(b"\r.\r\n", id="CR.CRLF"),
+]
+
+
+@pytest.mark.parametrize("separator", SMUGGLING_PAYLOADS)
+async def test_smuggling_is_refused_and_nothing_injected(
+    worker: FilterWorker, separator: bytes
+) -> None:
+    smuggled = (
+        b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<" + BOB.encode() + b">\r\nDATA\r\n"
+        b"From: evil@remote.test\r\nSubject: smuggled\r\n\r\nsmuggled\r\n"
+    )
+    payload = (
+        b"From: " + SENDER.encode() + b"\r\nSubject: carrier\r\n\r\ncarrier" + separator
+        + smuggled + b".\r\n"
+    )
+
+    def conversation() -> list[str]:
+        client = RawClient(worker.ports[0])
+        try:
+            out = [client.reply(), client.command(b"EHLO client.remote.test\r\n")]
+            out.append(client.command(b"MAIL FROM:<" + SENDER.encode() + b">\r\n"))
+            out.append(client.command(b"RCPT TO:<" + ALICE.encode() + b">\r\n"))
+            out.append(client.command(b"DATA\r\n"))
+            out.append(client.command(payload))
+            out.append(client.command(b"NOOP\r\n"))  # the session is still usable
+            out.append(client.command(b"QUIT\r\n"))
+            return out
+        finally:
+            client.close()
+
+    replies_seen = await in_thread(conversation)
+    assert replies_seen[4].startswith("354 ")
+    assert replies_seen[5] == replies.BARE_NEWLINE
+    assert replies_seen[6] == replies.OK
+    assert replies_seen[7] == replies.BYE
+    assert await queue_depth(worker.settings) == 0
+
+
+async def test_pipelined_commands_get_enhanced_replies(worker: FilterWorker) -> None:
+    def conversation() -> list[str]:
+        client = RawClient(worker.ports[0])
+        try:
+            greeting = client.reply()
+            client.command(b"EHLO client.remote.test\r\n")
+            client.sock.sendall(
+                b"RCPT TO:<" + ALICE.encode() + b">\r\n"
+                b"MAIL FROM:<" + SENDER.encode() + b">\r\n"
+                b"MAIL FROM:<" + SENDER.encode() + b">\r\n"
+                b"RCPT TO:<" + ALICE.encode() + b">\r\n"
+                b"DATA\r\n"
+            )
+            got = [greeting] + [client.reply() for _ in range(5)]
+            got.append(client.command(b"Subject: piped\r\n\r\npiped\r\n.\r\n"))
+            got.append(client.command(b"BOGUS\r\n"))
+            got.append(client.command(b"VRFY\r\n"))
+            got.append(client.command(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"))
+            got.append(client.command(b"QUIT\r\n"))
+            return got
+        finally:
+            client.close()
+
+    got = await in_thread(conversation)
+    assert got[0] == "220 mx.test.invalid ESMTP tiermail"
+    assert got[1] == replies.NEED_MAIL
+    assert got[2] == replies.SENDER_OK
+    assert got[3] == replies.NESTED_MAIL
+    assert got[4] == replies.RECIPIENT_OK
+    assert got[5].startswith("354 ")
+    assert got[6].startswith("250 2.0.0 Ok: queued as ")
+    assert got[7].startswith("500 5.5.2 ")
+    assert got[8].startswith("501 5.5.4 ")
+    assert got[9] == replies.AUTH_UNAVAILABLE
+    assert got[10] == replies.BYE
+    assert await queue_depth(worker.settings) == 1

@@ -1,0 +1,86 @@
+"""Several workers, and the real `tiermail filter` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+from common.settings import Settings
+from services.filter.protocol import replies
+from tests.integration.filter.conftest import (
+    ALICE,
+    drain_queue,
+    in_thread,
+    message,
+    running_filter,
+    send,
+)
+from tests.support import REPO, TierProcess, port_open, wait_until
+
+
+async def test_two_workers_share_one_port(directory: Settings) -> None:
+    async with running_filter(directory) as first, running_filter(directory) as second:
+        assert first.ports == second.ports == [directory.smtp_port]
+        sent = 0
+        # The kernel spreads connections over SO_REUSEPORT sockets by a hash of the client
+        # port: within 40 connections both workers have taken some (odds of not: 2**-39).
+        while sent < 40 and not (first.stats.accepted and second.stats.accepted):
+            assert await in_thread(send, directory.smtp_port, message(f"m{sent}"), [ALICE]) == {}
+            sent += 1
+        assert first.stats.accepted and second.stats.accepted
+        assert first.stats.accepted + second.stats.accepted == sent
+    queued = await drain_queue(directory)
+    assert len(queued) == sent
+    assert len({q.envelope.queue_id for q in queued}) == sent
+
+
+async def test_workers_on_different_ports(directory: Settings) -> None:
+    other = directory.replace(smtp_port=directory.submission_port)
+    async with running_filter(directory) as first, running_filter(other) as second:
+        assert await in_thread(send, first.ports[0], message("one"), [ALICE]) == {}
+        assert await in_thread(send, second.ports[0], message("two"), [ALICE]) == {}
+        assert first.stats.accepted == second.stats.accepted == 1
+    assert len(await drain_queue(directory)) == 2
+
+
+async def test_tiermail_filter_process(
+    directory: Settings, run_tier: Callable[..., TierProcess]
+) -> None:
+    process = run_tier(directory, "filter")
+    await in_thread(process.wait_for_port, directory.smtp_port)
+    assert await in_thread(send, directory.smtp_port, message("process"), [ALICE]) == {}
+    [queued] = await drain_queue(directory)
+    await in_thread(process.kill, signal.SIGTERM)  # waits for the exit
+    assert process.proc.returncode == 0, process.output()
+    assert queued.envelope.queue_id in process.output()
+
+
+async def test_serve_runs_until_sigterm(directory: Settings) -> None:
+    """serve(settings) directly (uvloop), as the CLI calls it; SIGTERM stops it cleanly."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMAIL_")}
+    env.update(directory.as_env())
+    code = (
+        "from common.logs import setup_logging; from common.settings import Settings; "
+        "from services.filter.main import serve; s = Settings.from_env(); "
+        "setup_logging(s.log_level, s.log_format, tier='filter'); serve(s)"
+    )
+    proc = await in_thread(subprocess.Popen, [sys.executable, "-c", code], env=env, cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        await in_thread(wait_until, lambda: port_open("127.0.0.1", directory.smtp_port)
+                        or proc.poll() is not None, 30.0, 0.05, "the filter port")
+        assert proc.poll() is None
+        assert await in_thread(
+            send, directory.smtp_port, message("serve"), [ALICE], starttls=True
+        ) == {}
+        [queued] = await drain_queue(directory)
+        assert queued.envelope.tls is not None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await in_thread(proc.communicate, timeout=30)
+    assert proc.returncode == 0, output.decode()
+    assert queued.envelope.queue_id.encode() in output
+    assert replies.SHUTTING_DOWN not in output.decode()

@@ -1,0 +1,144 @@
+"""Bare newline detection and the Received header."""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.filter.protocol.message import (
+    ReceivedInfo,
+    has_bare_newline,
+    protocol_name,
+    received_header,
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "bare"),
+    [
+        (b"", False),
+        (b"Subject: x\r\n\r\nbody\r\n", False),
+        (b"no newline at all", False),
+        (b"a\nb\r\n", True),
+        (b"a\rb\r\n", True),
+        (b"a\r\r\n", True),
+        (b"a\r\n\n", True),
+        (b"a\n\r", True),
+        (b"ends with CR\r", True),
+        (b"starts\n", True),
+        (b"carrier\n.\nMAIL FROM:<x@y>\r\n", True),
+        (b"carrier\r.\rMAIL FROM:<x@y>\r\n", True),
+        (b"carrier\r\n.\nMAIL FROM:<x@y>\r\n", True),
+    ],
+)
+def test_bare_newline(content: bytes, bare: bool) -> None:
+    assert has_bare_newline(content) is bare
+
+
+def _reference(content: bytes) -> bool:
+    """Byte-by-byte definition, to check the counting shortcut against."""
+    for index, byte in enumerate(content):
+        if byte == 0x0D and content[index + 1:index + 2] != b"\n":
+            return True
+        if byte == 0x0A and (index == 0 or content[index - 1] != 0x0D):
+            return True
+    return False
+
+
+@given(st.binary(max_size=200))
+def test_bare_newline_matches_reference(content: bytes) -> None:
+    assert has_bare_newline(content) is _reference(content)
+
+
+@given(st.lists(st.sampled_from([b"a", b"\r\n", b"\r", b"\n", b"."]), max_size=30))
+def test_bare_newline_matches_reference_on_newline_soup(parts: list[bytes]) -> None:
+    content = b"".join(parts)
+    assert has_bare_newline(content) is _reference(content)
+
+
+WHEN = datetime.datetime(2026, 11, 22, 9, 30, 5, tzinfo=datetime.UTC).timestamp()
+
+
+def info(**changes: object) -> ReceivedInfo:
+    values: dict[str, object] = {
+        "helo": "client.remote.test",
+        "client_ip": "192.0.2.7",
+        "hostname": "mx.example.test",
+        "queue_id": "QID123",
+        "recipients": ["alice@example.test"],
+        "received_at": WHEN,
+    }
+    values.update(changes)
+    return ReceivedInfo(**values)  # type: ignore[arg-type]
+
+
+def test_received_single_recipient() -> None:
+    assert received_header(info()) == (
+        b"Received: from client.remote.test ([192.0.2.7])\r\n"
+        b"\tby mx.example.test (tiermail) with ESMTP id QID123\r\n"
+        b"\tfor <alice@example.test>; Sun, 22 Nov 2026 09:30:05 +0000\r\n"
+    )
+
+
+def test_received_several_recipients_tls_ipv6() -> None:
+    header = received_header(info(
+        recipients=["a@example.test", "b@example.test"], client_ip="2001:db8::1",
+        tls="TLSv1.3 TLS_AES_256_GCM_SHA384",
+    ))
+    assert header == (
+        b"Received: from client.remote.test ([IPv6:2001:db8::1])\r\n"
+        b"\tby mx.example.test (tiermail) with ESMTPS (TLSv1.3 TLS_AES_256_GCM_SHA384)"
+        b" id QID123;\r\n"
+        b"\tSun, 22 Nov 2026 09:30:05 +0000\r\n"
+    )
+
+
+def test_received_date_parses() -> None:
+    header = received_header(info()).decode()
+    date = header.rsplit(";", 1)[1].strip()
+    assert email.utils.parsedate_to_datetime(date).timestamp() == WHEN
+
+
+def test_received_sanitises_hostile_helo() -> None:
+    header = received_header(info(helo="evil)\tname\x00(x ü"))
+    assert header.startswith(b"Received: from evil??name??x?? ([192.0.2.7])\r\n")
+    assert header.count(b"\r\n") == 3
+
+
+def test_received_utf8() -> None:
+    header = received_header(info(helo="bücher.test", recipients=["jürgen@bücher.test"],
+                                  smtputf8=True))
+    assert "from bücher.test ".encode() in header
+    assert "for <jürgen@bücher.test>".encode() in header
+    assert b" with UTF8SMTP id " in header
+
+
+def test_received_empty_helo() -> None:
+    assert received_header(info(helo="")).startswith(b"Received: from unknown ")
+
+
+@pytest.mark.parametrize(
+    ("esmtp", "tls", "utf8", "name"),
+    [
+        (False, False, False, "SMTP"),
+        (True, False, False, "ESMTP"),
+        (True, True, False, "ESMTPS"),
+        (True, False, True, "UTF8SMTP"),
+        (True, True, True, "UTF8SMTPS"),
+    ],
+)
+def test_protocol_name(esmtp: bool, tls: bool, utf8: bool, name: str) -> None:
+    assert protocol_name(esmtp, tls, utf8) == name
+
+
+@given(st.text(max_size=100), st.booleans())
+def test_received_never_breaks_the_header(helo: str, utf8: bool) -> None:
+    header = received_header(info(helo=helo, smtputf8=utf8))
+    lines = header.split(b"\r\n")
+    assert lines[-1] == b""
+    assert all(line.startswith(b"\t") for line in lines[1:-1])
+    assert b"\n" not in header.replace(b"\r\n", b"") and b"\r" not in header.replace(b"\r\n", b"")
