@@ -1,0 +1,319 @@
+"""POP3 grammar: parsing command lines and formatting replies. Pure: no asyncio, no I/O.
+
+RFC 1939 (POP3), RFC 2449 (CAPA, extended response codes, line limits), RFC 2595 (STLS),
+RFC 5034 with RFC 4616 (SASL PLAIN), RFC 3206 (SYS and AUTH response codes).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+CRLF = b"\r\n"
+TERMINATOR = b".\r\n"
+
+# RFC 2449 section 4: a command line is at most 255 octets including the CRLF; keywords are
+# three or four characters; each argument is at most 40 characters.
+MAX_COMMAND_LINE = 255
+MAX_ARGUMENT = 40
+# RFC 5034 section 4: SASL client responses are not bound by the 255-octet limit. Our own
+# ceiling for any line we buffer (a PLAIN response with an address and password fits easily).
+MAX_SASL_LINE = 4096
+# RFC 2449's 40 characters is what a server must at least accept. USER names are mail
+# addresses (up to 254 octets, RFC 5321 section 4.5.3.1.3), PASS carries one argument that may
+# contain spaces (RFC 1939 section 7) and long passwords are common, and AUTH's initial
+# response is base64 (RFC 5034 section 4): these are bound only by the line limit.
+_UNLIMITED_ARGUMENT_COMMANDS = frozenset({"USER", "PASS", "AUTH"})
+
+_KEYWORD_RE = re.compile(r"[A-Za-z]{3,4}")
+
+# RFC 2449 section 8 / RFC 3206 extended response codes.
+CODE_AUTH = "AUTH"
+CODE_SYS_TEMP = "SYS/TEMP"
+CODE_SYS_PERM = "SYS/PERM"
+CODE_IN_USE = "IN-USE"
+
+
+@dataclass(frozen=True)
+class Command:
+    keyword: str  # upper case
+    args: tuple[str, ...]
+    rest: str  # everything after the keyword and one space, verbatim (PASS uses it)
+
+
+@dataclass(frozen=True)
+class BadCommand:
+    reason: str
+
+
+def parse_command(line: bytes) -> Command | BadCommand:
+    """Parse one command line (with or without its CRLF). Never raises."""
+    if len(line) > MAX_COMMAND_LINE:
+        return BadCommand("command line too long")
+    if line.endswith(b"\r\n"):
+        line = line[:-2]
+    elif line.endswith(b"\n"):
+        line = line[:-1]
+    if b"\r" in line or b"\n" in line or b"\x00" in line:
+        return BadCommand("invalid characters in command line")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return BadCommand("command line is not valid UTF-8")
+    keyword, _, rest = text.partition(" ")
+    if not _KEYWORD_RE.fullmatch(keyword):
+        return BadCommand("unknown command" if keyword else "empty command")
+    keyword = keyword.upper()
+    args = tuple(rest.split()) if rest else ()
+    if keyword not in _UNLIMITED_ARGUMENT_COMMANDS and any(
+        len(arg) > MAX_ARGUMENT for arg in args
+    ):
+        return BadCommand("argument too long")
+    return Command(keyword, args, rest)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The first line of a response: +OK / -ERR with an optional RFC 2449 response code."""
+
+    ok: bool
+    text: str
+    code: str | None = None
+
+    def format(self, **values: object) -> Reply:
+        return Reply(self.ok, self.text.format(**values), self.code)
+
+    def encode(self) -> bytes:
+        status = "+OK" if self.ok else "-ERR"
+        code = f" [{self.code}]" if self.code else ""
+        text = f" {self.text}" if self.text else ""
+        return f"{status}{code}{text}".encode() + CRLF
+
+
+def ok(text: str) -> Reply:
+    return Reply(True, text)
+
+
+def err(text: str, code: str | None = None) -> Reply:
+    return Reply(False, text, code)
+
+
+# Named replies; tests import these.
+OK_GREETING = ok("tiermail POP3 server ready")
+OK_CAPA = ok("capability list follows")
+OK_USER = ok("send PASS")
+OK_LOGGED_IN = ok("{user} has {count} messages ({octets} octets)")
+OK_STAT = ok("{count} {octets}")
+OK_LIST_ALL = ok("{count} messages ({octets} octets)")
+OK_LIST_ONE = ok("{number} {size}")
+OK_UIDL_ALL = ok("unique-id listing follows")
+OK_UIDL_ONE = ok("{number} {uid}")
+OK_RETR = ok("{size} octets")
+OK_TOP = ok("top of message follows")
+OK_DELE = ok("message {number} deleted")
+OK_RSET = ok("maildrop has {count} messages ({octets} octets)")
+OK_NOOP = ok("")
+OK_STLS = ok("begin TLS negotiation")
+OK_BYE = ok("tiermail POP3 server signing off")
+OK_BYE_UPDATED = ok("tiermail POP3 server signing off ({count} messages left)")
+
+ERR_UNKNOWN_COMMAND = err("unknown command")
+ERR_BAD_SYNTAX = err("{reason}")
+ERR_WRONG_STATE = err("command not valid in this state")
+ERR_TOO_MANY_ERRORS = err("too many errors, closing connection")
+ERR_LINE_TOO_LONG = err("line too long")
+ERR_NEED_USER = err("send USER first")
+ERR_AUTH_FAILED = err("invalid credentials", CODE_AUTH)
+ERR_STLS_FIRST = err("plaintext login not allowed, use STLS first", CODE_AUTH)
+ERR_AUTH_CANCELLED = err("authentication cancelled")
+ERR_AUTH_MECHANISM = err("unsupported SASL mechanism")
+ERR_AUTH_MALFORMED = err("malformed SASL response")
+ERR_IN_USE = err("mailbox locked by another session", CODE_IN_USE)
+ERR_TLS_ACTIVE = err("TLS already active")
+ERR_TLS_UNAVAILABLE = err("TLS not available")
+ERR_STLS_PIPELINED = err("nothing may follow STLS before the TLS handshake")
+ERR_NO_SUCH_MESSAGE = err("no such message")
+ERR_DELETED = err("message {number} already deleted")
+ERR_BAD_NUMBER = err("invalid message number")
+ERR_INTERNAL = err("internal error", CODE_SYS_TEMP)
+ERR_STORAGE_TEMP = err("mailbox temporarily unavailable", CODE_SYS_TEMP)
+ERR_STORAGE_PERM = err("mailbox unavailable", CODE_SYS_PERM)
+ERR_MESSAGE_GONE = err("message no longer available", CODE_SYS_PERM)
+ERR_UPDATE_FAILED = err("deletions not committed, messages kept", CODE_SYS_TEMP)
+ERR_IDLE_TIMEOUT = err("disconnected for inactivity")
+
+SASL_CONTINUE = b"+ " + CRLF  # RFC 5034 section 4: an empty challenge
+
+
+def format_multiline(first: Reply, lines: Iterable[str | bytes]) -> bytes:
+    """A complete multi-line response: first line, dot-stuffed lines, terminator."""
+    parts = [first.encode()]
+    for line in lines:
+        raw = line.encode() if isinstance(line, str) else line
+        if raw.startswith(b"."):
+            raw = b"." + raw
+        parts.append(raw + CRLF)
+    parts.append(TERMINATOR)
+    return b"".join(parts)
+
+
+def parse_message_number(text: str) -> int | None:
+    """A positive decimal message number (RFC 1939 section 5), or None."""
+    if not text.isascii() or not text.isdigit() or len(text) > 10:
+        return None
+    number = int(text)
+    return number if number > 0 else None
+
+
+def parse_line_count(text: str) -> int | None:
+    """TOP's non-negative line count (RFC 1939 section 7), or None."""
+    if not text.isascii() or not text.isdigit() or len(text) > 10:
+        return None
+    return int(text)
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+class DotStuffer:
+    """Incremental multi-line body encoder (RFC 1939 section 3).
+
+    Feed raw message bytes in chunks of any size; the output has every line that begins with
+    "." prefixed with another ".", bare LF line ends turned into CRLF (messages arrive over
+    SMTP with CRLF, but be robust), and `finish()` closes the last line and adds ".\\r\\n".
+    """
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self._after_cr = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        if self._after_cr and chunk.startswith(b"\n"):
+            out = b"\n" + _BARE_LF.sub(b"\r\n", chunk[1:])
+        else:
+            out = _BARE_LF.sub(b"\r\n", chunk)
+        out = out.replace(b"\n.", b"\n..")
+        if self._at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self._at_line_start = out.endswith(b"\n")
+        self._after_cr = out.endswith(b"\r")
+        return out
+
+    def finish(self) -> bytes:
+        if self._after_cr:
+            # A final lone CR: complete it into a line end.
+            return b"\n" + TERMINATOR
+        return TERMINATOR if self._at_line_start else CRLF + TERMINATOR
+
+
+def stuff(data: bytes) -> bytes:
+    """Whole-message form of DotStuffer: the encoded body including the terminator."""
+    stuffer = DotStuffer()
+    return stuffer.feed(data) + stuffer.finish()
+
+
+def unstuff(data: bytes) -> bytes:
+    """The inverse of `stuff` (what a client does): lines without the terminator, CRLF ends."""
+    if not data.endswith(TERMINATOR):
+        raise ValueError("missing terminator")
+    body = data[: -len(TERMINATOR)]
+    if not body:
+        return b""
+    lines = body.split(CRLF)
+    if lines[-1] != b"":
+        raise ValueError("body does not end with CRLF")
+    out = [line[1:] if line.startswith(b".") else line for line in lines[:-1]]
+    return CRLF.join(out) + CRLF
+
+
+class TopExtractor:
+    """Incremental TOP filter (RFC 1939 section 7): the header, the blank line after it and
+    then at most `lines` lines of the body. Feed raw chunks; `done` turns True once nothing
+    more is needed, so the caller may stop reading the message."""
+
+    def __init__(self, lines: int) -> None:
+        self._remaining = lines
+        self._in_header = True
+        self._line_len = 0  # octets of the current line so far, excluding LF
+        self._line_blank = True  # current line so far is "" or "\r"
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = []
+        pos = 0
+        while pos < len(chunk) and not self.done:
+            newline = chunk.find(b"\n", pos)
+            end = len(chunk) if newline == -1 else newline
+            piece = chunk[pos:end]
+            if piece:
+                self._line_len += len(piece)
+                self._line_blank = self._line_blank and self._line_len == 1 and piece == b"\r"
+            if newline == -1:
+                out.append(chunk[pos:])
+                break
+            out.append(chunk[pos : newline + 1])
+            self._end_line()
+            pos = newline + 1
+        return b"".join(out)
+
+    def _end_line(self) -> None:
+        if self._in_header:
+            if self._line_blank:
+                self._in_header = False
+                self.done = self._remaining == 0
+        else:
+            self._remaining -= 1
+            self.done = self._remaining <= 0
+        self._line_len = 0
+        self._line_blank = True
+
+
+def top(message: bytes, lines: int) -> bytes:
+    """Whole-message form of TopExtractor."""
+    return TopExtractor(lines).feed(message)
+
+
+@dataclass(frozen=True)
+class PlainCredentials:
+    authzid: str
+    authcid: str
+    password: str
+
+
+def decode_sasl_plain(response: str) -> PlainCredentials | None:
+    """Decode a base64 SASL PLAIN response (RFC 4616 section 2); None when malformed.
+
+    RFC 4616: message = [authzid] NUL authcid NUL passwd, UTF-8, authcid and passwd non-empty.
+    """
+    try:
+        raw = base64.b64decode(response.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    parts = raw.split(b"\x00")
+    if len(parts) != 3:
+        return None
+    try:
+        authzid, authcid, password = (part.decode("utf-8") for part in parts)
+    except UnicodeDecodeError:
+        return None
+    if not authcid or not password:
+        return None
+    return PlainCredentials(authzid, authcid, password)
+
+
+def redact(line: bytes) -> str:
+    """A command line fit for a DEBUG log: PASS and AUTH arguments replaced by ****."""
+    text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+    keyword, _, rest = text.partition(" ")
+    upper = keyword.upper()
+    if upper == "PASS" and rest:
+        return f"{keyword} ****"
+    if upper == "AUTH" and rest:
+        mechanism, _, initial = rest.partition(" ")
+        return f"{keyword} {mechanism} ****" if initial else f"{keyword} {mechanism}"
+    return text

@@ -1,0 +1,269 @@
+"""POP3 listeners: the plain port (with STLS, RFC 2595) and the implicit-TLS port (POP3S).
+
+The server owns the sockets: it reads lines with a hard length limit, applies the idle timeout
+(RFC 1939 section 3), performs the TLS handshake, and writes what the session returns,
+streaming message bodies in chunks with back-pressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+
+from common.settings import Settings
+from common.tls import server_context
+from services.store.backends.accounts import AccountDB
+from services.store.mailbox import MailStore
+from services.store.pop3 import protocol as p
+from services.store.pop3.locks import MailboxLocks
+from services.store.pop3.session import AUTH_FAILURE_DELAY, After, Response, Session
+
+log = logging.getLogger(__name__)
+
+# The longest line we buffer (RFC 5034 section 4 SASL responses may exceed RFC 2449's 255);
+# longer lines are discarded as they arrive and answered with -ERR.
+LINE_LIMIT = p.MAX_SASL_LINE
+TLS_HANDSHAKE_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 5.0
+
+
+async def start_pop3_servers(
+    settings: Settings,
+    mailstore: MailStore,
+    accounts: AccountDB,
+    *,
+    auth_failure_delay: float = AUTH_FAILURE_DELAY,
+    locks: MailboxLocks | None = None,
+) -> list[asyncio.AbstractServer]:
+    """Start the POP3 listener on settings.pop3_port and, when a certificate is configured,
+    POP3S on settings.pop3s_port. Both share one maildrop lock registry (`locks`, a new one
+    unless given). The caller closes the returned servers."""
+    context = server_context(settings)
+    if locks is None:
+        locks = MailboxLocks()
+    plain = Pop3Listener(settings, mailstore, accounts, locks, context, auth_failure_delay,
+                         implicit_tls=False)
+    servers: list[asyncio.AbstractServer] = [
+        Pop3Server(await asyncio.start_server(plain.serve, settings.bind, settings.pop3_port,
+                                              limit=LINE_LIMIT), plain)
+    ]
+    log.info("POP3 listening", extra={"event": f"{settings.bind}:{settings.pop3_port}"})
+    if context is not None:
+        implicit = Pop3Listener(settings, mailstore, accounts, locks, context,
+                                auth_failure_delay, implicit_tls=True)
+        try:
+            server = await asyncio.start_server(
+                implicit.serve, settings.bind, settings.pop3s_port, limit=LINE_LIMIT,
+                ssl=context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            )
+        except BaseException:
+            servers[0].close()
+            raise
+        servers.append(Pop3Server(server, implicit))
+        log.info("POP3S listening", extra={"event": f"{settings.bind}:{settings.pop3s_port}"})
+    else:
+        log.warning("no TLS certificate: POP3S disabled and STLS not offered")
+    return servers
+
+
+class Pop3Server(asyncio.AbstractServer):
+    """An asyncio server that also ends its open sessions when closed.
+
+    Python 3.11's Server.close() leaves accepted connections running; on shutdown we
+    disconnect them (without UPDATE, RFC 1939 section 6) so maildrops are unlocked and nothing
+    touches the store after it is closed.
+    """
+
+    def __init__(self, server: asyncio.Server, listener: Pop3Listener) -> None:
+        self._server = server
+        self._listener = listener
+
+    @property
+    def sockets(self) -> tuple[object, ...]:
+        return tuple(self._server.sockets)
+
+    def close(self) -> None:
+        self._server.close()
+        self._listener.cancel_sessions()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._server.get_loop()
+
+    def is_serving(self) -> bool:
+        return self._server.is_serving()
+
+    async def start_serving(self) -> None:
+        await self._server.start_serving()
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+        await self._listener.wait_sessions()
+
+
+async def read_line(reader: asyncio.StreamReader) -> bytes | None:
+    """One line including its LF, or None when it was longer than the reader's limit (the
+    line is then consumed and dropped without ever being buffered whole). Raises
+    IncompleteReadError at end of stream."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.LimitOverrunError as exc:
+        discard = exc.consumed
+    while True:
+        await reader.readexactly(discard)
+        try:
+            await reader.readuntil(b"\n")
+            return None
+        except asyncio.LimitOverrunError as exc:
+            discard = exc.consumed
+
+
+def _buffered(reader: asyncio.StreamReader) -> int:
+    # StreamReader has no public way to ask this; needed to refuse data pipelined behind STLS.
+    return len(getattr(reader, "_buffer", b""))
+
+
+class Pop3Listener:
+    def __init__(self, settings: Settings, mailstore: MailStore, accounts: AccountDB,
+                 locks: MailboxLocks, context: ssl.SSLContext | None,
+                 auth_failure_delay: float, *, implicit_tls: bool) -> None:
+        self._implicit_tls = implicit_tls
+        self._sessions: set[asyncio.Task[None]] = set()
+        self._settings = settings
+        self._mailstore = mailstore
+        self._accounts = accounts
+        self._locks = locks
+        self._context = context
+        self._timeout = settings.pop3_timeout
+        self._auth_failure_delay = auth_failure_delay
+
+    def cancel_sessions(self) -> None:
+        for task in self._sessions:
+            task.cancel()
+
+    async def wait_sessions(self) -> None:
+        if self._sessions:
+            await asyncio.gather(*self._sessions, return_exceptions=True)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        try:
+            await self._serve(reader, writer, self._implicit_tls)
+        finally:
+            self._sessions.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     implicit_tls: bool) -> None:
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        session = Session(
+            mailstore=self._mailstore,
+            accounts=self._accounts,
+            locks=self._locks,
+            session_id=secrets.token_hex(6),
+            peer=peer,
+            tls_available=self._context is not None,
+            tls_active=implicit_tls,
+            plaintext_auth_allowed=self._settings.plaintext_auth_allowed,
+            auth_failure_delay=self._auth_failure_delay,
+        )
+        log.info("connected", extra={**session.log_context,
+                                     "event": "pop3s" if implicit_tls else "pop3"})
+        aborted = False
+        try:
+            await self._converse(session, reader, writer)
+        except asyncio.IncompleteReadError:
+            log.info("connection closed by client", extra=session.log_context)
+        except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
+            aborted = True
+            log.info("connection lost: %s", type(exc).__name__, extra=session.log_context)
+        except asyncio.CancelledError:
+            aborted = True
+            log.info("session ended by shutdown", extra=session.log_context)
+            raise
+        except Exception:
+            aborted = True
+            log.exception("connection failed", extra=session.log_context)
+        finally:
+            await session.close()
+            await self._close(writer, aborted)
+            log.info("disconnected", extra=session.log_context)
+
+    async def _converse(self, session: Session, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        await self._send(session, writer, session.greeting())
+        while True:
+            try:
+                line = await asyncio.wait_for(read_line(reader), self._timeout)
+            except TimeoutError:
+                # RFC 1939 section 3: an idle client is logged out without UPDATE.
+                log.info("idle timeout", extra=session.log_context)
+                await self._send(session, writer, Response(p.ERR_IDLE_TIMEOUT.encode()))
+                return
+            if line is None:
+                log.debug("C: <overlong line discarded>", extra=session.log_context)
+                response = session.line_too_long()
+            else:
+                log.debug("C: %s", session.loggable(line), extra=session.log_context)
+                response = await session.handle_line(line)
+            if response.after is After.START_TLS:
+                if not await self._start_tls(session, reader, writer, response):
+                    return
+                continue
+            await self._send(session, writer, response)
+            if response.after is After.CLOSE:
+                return
+
+    async def _start_tls(self, session: Session, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter, response: Response) -> bool:
+        assert self._context is not None
+        if _buffered(reader):
+            # RFC 2595 section 4 / CVE-2011-0411: nothing may follow STLS unencrypted.
+            log.warning("data pipelined after STLS, closing", extra=session.log_context)
+            await self._send(session, writer, Response(p.ERR_STLS_PIPELINED.encode()))
+            return False
+        # No await between the +OK and start_tls: the loop must not read the client's
+        # ClientHello into the plaintext StreamReader buffer (start_tls pauses reading first).
+        writer.write(response.data)
+        log.debug("S: %s", response.data.rstrip(b"\r\n").decode(), extra=session.log_context)
+        await writer.start_tls(self._context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        session.tls_started()
+        log.info("TLS started", extra=session.log_context)
+        return True
+
+    async def _send(self, session: Session, writer: asyncio.StreamWriter,
+                    response: Response) -> None:
+        writer.write(response.data)
+        if log.isEnabledFor(logging.DEBUG):
+            first = response.data.split(b"\r\n", 1)[0].decode("utf-8", "replace")
+            log.debug("S: %s", first, extra=session.log_context)
+        if response.body is not None:
+            try:
+                async for chunk in response.body.chunks():
+                    writer.write(chunk)
+                    await self._drain(writer)
+            finally:
+                response.body.close()
+        await self._drain(writer)
+
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        # A client that stops reading is as idle as one that stops writing.
+        await asyncio.wait_for(writer.drain(), self._timeout)
+
+    async def _close(self, writer: asyncio.StreamWriter, abort: bool) -> None:
+        if abort:
+            writer.transport.abort()
+        else:
+            writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            writer.transport.abort()
+        except (ConnectionError, ssl.SSLError):
+            pass

@@ -1,0 +1,431 @@
+"""The POP3 session state machine (RFC 1939 section 3): AUTHORIZATION -> TRANSACTION -> UPDATE.
+
+The session owns no socket. The server hands it one line at a time and writes back what it
+returns: a reply, optionally followed by a message body to stream, and what to do next
+(continue, start TLS, close). Storage is reached only through the MailStore protocol, and
+every failure is turned into a reply by `reply_for_failure`, the one place that does so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from common.directory import normalize_address
+from services.store.auth import authenticate
+from services.store.backends.accounts import AccountDB
+from services.store.mailbox import (
+    INBOX,
+    MailStore,
+    MessageInfo,
+    NoSuchMailbox,
+    NoSuchMessage,
+    NoSuchUser,
+    StorageError,
+)
+from services.store.pop3 import protocol as p
+from services.store.pop3.locks import MailboxLocks
+
+log = logging.getLogger(__name__)
+
+# Protocol errors (unknown commands, bad syntax, wrong state) per connection before we hang up.
+MAX_BAD_COMMANDS = 10
+# Failed logins per connection before we hang up; each one already costs a delay.
+MAX_AUTH_FAILURES = 3
+AUTH_FAILURE_DELAY = 1.0  # seconds, after every failed login
+READ_CHUNK = 256 * 1024  # message bytes read from storage per step while streaming
+
+
+class State(enum.Enum):
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+
+
+class After(enum.Enum):
+    CONTINUE = "continue"
+    START_TLS = "start-tls"
+    CLOSE = "close"
+
+
+class MessageStream:
+    """A stored message (or its TOP) as dot-stuffed chunks ending with the terminator.
+
+    Owns the open file: the server must call `close()` whether or not it streamed it all.
+    """
+
+    def __init__(self, file: BinaryIO, top_lines: int | None = None) -> None:
+        self._file = file
+        self._top_lines = top_lines
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        stuffer = p.DotStuffer()
+        extractor = p.TopExtractor(self._top_lines) if self._top_lines is not None else None
+        while True:
+            data = await asyncio.to_thread(self._file.read, READ_CHUNK)
+            if not data:
+                break
+            if extractor is not None:
+                data = extractor.feed(data)
+            out = stuffer.feed(data)
+            if out:
+                yield out
+            if extractor is not None and extractor.done:
+                break
+        yield stuffer.finish()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class Response:
+    data: bytes  # the first line, or a complete multi-line response
+    body: MessageStream | None = None  # streamed after `data` when present
+    after: After = After.CONTINUE
+
+
+def reply_for_failure(exc: BaseException) -> p.Reply:
+    """The one mapping from storage (and unexpected) failures to POP3 replies (RFC 3206)."""
+    if isinstance(exc, NoSuchMessage):
+        return p.ERR_MESSAGE_GONE
+    if isinstance(exc, NoSuchUser | NoSuchMailbox):
+        return p.ERR_STORAGE_PERM
+    if isinstance(exc, StorageError):
+        return p.ERR_STORAGE_TEMP
+    return p.ERR_INTERNAL
+
+
+Handler = Callable[["Session", p.Command], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    handler: Handler
+    states: frozenset[State]
+    min_args: int = 0
+    max_args: int = 0
+
+
+class Session:
+    def __init__(
+        self,
+        *,
+        mailstore: MailStore,
+        accounts: AccountDB,
+        locks: MailboxLocks,
+        session_id: str,
+        peer: str,
+        tls_available: bool,
+        tls_active: bool,
+        plaintext_auth_allowed: bool,
+        auth_failure_delay: float = AUTH_FAILURE_DELAY,
+    ) -> None:
+        self._mailstore = mailstore
+        self._accounts = accounts
+        self._locks = locks
+        self.session_id = session_id
+        self.peer = peer
+        self._tls_available = tls_available
+        self.tls_active = tls_active
+        self._plaintext_auth_allowed = plaintext_auth_allowed
+        self._auth_failure_delay = auth_failure_delay
+
+        self.state = State.AUTHORIZATION
+        self.user: str | None = None  # set once logged in (and the maildrop locked)
+        self._holds_lock = False
+        self._pending_user: str | None = None  # from USER, waiting for PASS
+        self._sasl_pending = False  # AUTH PLAIN sent "+ ", waiting for the response line
+        self._bad_commands = 0
+        self._auth_failures = 0
+        self._messages: list[MessageInfo] = []  # the snapshot taken at login
+        self._deleted: set[int] = set()  # 0-based indexes into _messages
+
+    # The server's entry points
+
+    def greeting(self) -> Response:
+        return Response(p.OK_GREETING.encode())
+
+    async def handle_line(self, line: bytes) -> Response:
+        if self._sasl_pending:
+            self._sasl_pending = False
+            return await self._sasl_plain_response(line)
+        parsed = p.parse_command(line)
+        if isinstance(parsed, p.BadCommand):
+            return self._protocol_error(p.ERR_BAD_SYNTAX.format(reason=parsed.reason))
+        spec = COMMANDS.get(parsed.keyword)
+        if spec is None:
+            return self._protocol_error(p.ERR_UNKNOWN_COMMAND)
+        if self.state not in spec.states:
+            return self._protocol_error(p.ERR_WRONG_STATE)
+        if not spec.min_args <= len(parsed.args) <= spec.max_args:
+            return self._protocol_error(p.ERR_BAD_SYNTAX.format(reason="wrong number of arguments"))
+        try:
+            return await spec.handler(self, parsed)
+        except Exception as exc:  # noqa: BLE001 - mapped to a reply, logged with traceback
+            return Response(self._failure(exc, parsed.keyword).encode())
+
+    def line_too_long(self) -> Response:
+        """The server discarded a line longer than it is willing to buffer."""
+        self._sasl_pending = False
+        return self._protocol_error(p.ERR_LINE_TOO_LONG)
+
+    def tls_started(self) -> None:
+        # RFC 2595 section 4: forget anything learnt before the handshake.
+        self.tls_active = True
+        self._pending_user = None
+
+    async def close(self) -> None:
+        """Connection gone (QUIT, disconnect, timeout): release the maildrop, no UPDATE."""
+        if self._holds_lock and self.user is not None:
+            self._holds_lock = False
+            self._locks.release(self.user)
+
+    def loggable(self, line: bytes) -> str:
+        """The client line as it may appear in a DEBUG log: credentials redacted."""
+        return "****" if self._sasl_pending else p.redact(line)
+
+    @property
+    def log_context(self) -> dict[str, object]:
+        return {"session": self.session_id, "peer": self.peer, "user": self.user}
+
+    # Helpers
+
+    def _protocol_error(self, reply: p.Reply) -> Response:
+        self._bad_commands += 1
+        if self._bad_commands >= MAX_BAD_COMMANDS:
+            log.info("too many bad commands, disconnecting", extra=self.log_context)
+            return Response(p.ERR_TOO_MANY_ERRORS.encode(), after=After.CLOSE)
+        return Response(reply.encode())
+
+    def _failure(self, exc: BaseException, command: str) -> p.Reply:
+        reply = reply_for_failure(exc)
+        if reply is p.ERR_INTERNAL:
+            log.exception("internal error in %s", command, extra=self.log_context)
+        else:
+            log.warning("storage error in %s: %r", command, exc, extra=self.log_context)
+        return reply
+
+    @property
+    def _plaintext_ok(self) -> bool:
+        return self.tls_active or self._plaintext_auth_allowed
+
+    def _visible(self) -> list[tuple[int, MessageInfo]]:
+        return [
+            (index + 1, info)
+            for index, info in enumerate(self._messages)
+            if index not in self._deleted
+        ]
+
+    def _totals(self) -> tuple[int, int]:
+        visible = self._visible()
+        return len(visible), sum(info.size for _, info in visible)
+
+    def _lookup(self, arg: str) -> tuple[int, MessageInfo] | p.Reply:
+        number = p.parse_message_number(arg)
+        if number is None:
+            return p.ERR_BAD_NUMBER
+        if number > len(self._messages):
+            return p.ERR_NO_SUCH_MESSAGE
+        if number - 1 in self._deleted:
+            return p.ERR_DELETED.format(number=number)
+        return number - 1, self._messages[number - 1]
+
+    async def _login(self, address: str, password: str) -> Response:
+        if not await authenticate(self._accounts, address, password):
+            return await self._auth_failed(address)
+        user = normalize_address(address)
+        if not self._locks.acquire(user):
+            log.info("maildrop locked by another session", extra={**self.log_context,
+                                                                   "user": user})
+            return Response(p.ERR_IN_USE.encode())
+        try:
+            messages = await self._mailstore.list_messages(user, INBOX)
+        except (NoSuchUser, NoSuchMailbox):
+            messages = []  # an account that has never received mail: an empty maildrop
+        except BaseException:
+            self._locks.release(user)
+            raise
+        self.user = user
+        self._holds_lock = True
+        self._messages = messages
+        self._deleted = set()
+        self.state = State.TRANSACTION
+        count, octets = self._totals()
+        log.info("logged in", extra=self.log_context)
+        return Response(p.OK_LOGGED_IN.format(user=user, count=count, octets=octets).encode())
+
+    async def _auth_failed(self, address: str) -> Response:
+        self._auth_failures += 1
+        log.info("login failed", extra={**self.log_context, "user": address[:100]})
+        await asyncio.sleep(self._auth_failure_delay)
+        after = After.CLOSE if self._auth_failures >= MAX_AUTH_FAILURES else After.CONTINUE
+        return Response(p.ERR_AUTH_FAILED.encode(), after=after)
+
+    async def _sasl_plain_response(self, line: bytes) -> Response:
+        text = line.rstrip(b"\r\n").decode("ascii", "replace")
+        if text == "*":  # RFC 5034 section 4: the client cancels the exchange
+            return Response(p.ERR_AUTH_CANCELLED.encode())
+        return await self._auth_plain(text)
+
+    async def _auth_plain(self, response: str) -> Response:
+        credentials = p.decode_sasl_plain(response)
+        if credentials is None:
+            return self._protocol_error(p.ERR_AUTH_MALFORMED)
+        # RFC 4616 section 2: we do not let one user act as another.
+        if credentials.authzid not in ("", credentials.authcid):
+            return await self._auth_failed(credentials.authcid)
+        try:
+            return await self._login(credentials.authcid, credentials.password)
+        except Exception as exc:  # noqa: BLE001 - mapped to a reply, logged with traceback
+            return Response(self._failure(exc, "AUTH").encode())
+
+    # Command handlers: the state and argument count are checked before they run.
+
+    async def cmd_capa(self, command: p.Command) -> Response:
+        lines = ["TOP", "UIDL", "RESP-CODES", "PIPELINING", "AUTH-RESP-CODE"]
+        if self.state is State.AUTHORIZATION:
+            if self._plaintext_ok:
+                lines += ["USER", "SASL PLAIN"]
+            if self._tls_available and not self.tls_active:
+                lines.append("STLS")
+        lines.append("IMPLEMENTATION tiermail")
+        return Response(p.format_multiline(p.OK_CAPA, lines))
+
+    async def cmd_user(self, command: p.Command) -> Response:
+        if not self._plaintext_ok:
+            return Response(p.ERR_STLS_FIRST.encode())
+        self._pending_user = command.args[0]
+        return Response(p.OK_USER.encode())
+
+    async def cmd_pass(self, command: p.Command) -> Response:
+        if not self._plaintext_ok:
+            return Response(p.ERR_STLS_FIRST.encode())
+        address, self._pending_user = self._pending_user, None
+        if address is None:
+            return self._protocol_error(p.ERR_NEED_USER)
+        # RFC 1939 section 7: the one argument may contain spaces.
+        return await self._login(address, command.rest)
+
+    async def cmd_auth(self, command: p.Command) -> Response:
+        if command.args[0].upper() != "PLAIN":
+            return Response(p.ERR_AUTH_MECHANISM.encode())
+        if not self._plaintext_ok:
+            return Response(p.ERR_STLS_FIRST.encode())
+        if len(command.args) == 2:
+            return await self._auth_plain(command.args[1])
+        self._sasl_pending = True
+        return Response(p.SASL_CONTINUE)
+
+    async def cmd_stls(self, command: p.Command) -> Response:
+        if self.tls_active:
+            return Response(p.ERR_TLS_ACTIVE.encode())
+        if not self._tls_available:
+            return Response(p.ERR_TLS_UNAVAILABLE.encode())
+        return Response(p.OK_STLS.encode(), after=After.START_TLS)
+
+    async def cmd_stat(self, command: p.Command) -> Response:
+        count, octets = self._totals()
+        return Response(p.OK_STAT.format(count=count, octets=octets).encode())
+
+    async def cmd_list(self, command: p.Command) -> Response:
+        if command.args:
+            found = self._lookup(command.args[0])
+            if isinstance(found, p.Reply):
+                return Response(found.encode())
+            index, info = found
+            return Response(p.OK_LIST_ONE.format(number=index + 1, size=info.size).encode())
+        count, octets = self._totals()
+        lines = [f"{number} {info.size}" for number, info in self._visible()]
+        return Response(p.format_multiline(p.OK_LIST_ALL.format(count=count, octets=octets),
+                                           lines))
+
+    async def cmd_uidl(self, command: p.Command) -> Response:
+        if command.args:
+            found = self._lookup(command.args[0])
+            if isinstance(found, p.Reply):
+                return Response(found.encode())
+            index, info = found
+            return Response(p.OK_UIDL_ONE.format(number=index + 1, uid=info.guid).encode())
+        lines = [f"{number} {info.guid}" for number, info in self._visible()]
+        return Response(p.format_multiline(p.OK_UIDL_ALL, lines))
+
+    async def cmd_retr(self, command: p.Command) -> Response:
+        return await self._send_message(command.args[0], None)
+
+    async def cmd_top(self, command: p.Command) -> Response:
+        lines = p.parse_line_count(command.args[1])
+        if lines is None:
+            return Response(p.ERR_BAD_SYNTAX.format(reason="invalid line count").encode())
+        return await self._send_message(command.args[0], lines)
+
+    async def _send_message(self, arg: str, top_lines: int | None) -> Response:
+        found = self._lookup(arg)
+        if isinstance(found, p.Reply):
+            return Response(found.encode())
+        _, info = found
+        assert self.user is not None
+        file = await asyncio.to_thread(self._mailstore.open_message, self.user, info.guid)
+        first = p.OK_RETR.format(size=info.size) if top_lines is None else p.OK_TOP
+        return Response(first.encode(), body=MessageStream(file, top_lines))
+
+    async def cmd_dele(self, command: p.Command) -> Response:
+        found = self._lookup(command.args[0])
+        if isinstance(found, p.Reply):
+            return Response(found.encode())
+        index, _ = found
+        self._deleted.add(index)
+        return Response(p.OK_DELE.format(number=index + 1).encode())
+
+    async def cmd_rset(self, command: p.Command) -> Response:
+        self._deleted.clear()
+        count, octets = self._totals()
+        return Response(p.OK_RSET.format(count=count, octets=octets).encode())
+
+    async def cmd_noop(self, command: p.Command) -> Response:
+        return Response(p.OK_NOOP.encode())
+
+    async def cmd_quit(self, command: p.Command) -> Response:
+        if self.state is State.AUTHORIZATION:
+            return Response(p.OK_BYE.encode(), after=After.CLOSE)
+        # RFC 1939 section 6: the UPDATE state commits the deletions.
+        self.state = State.UPDATE
+        assert self.user is not None
+        uids = [self._messages[index].uid for index in sorted(self._deleted)]
+        try:
+            if uids:
+                await self._mailstore.expunge(self.user, INBOX, uids)
+        except Exception as exc:  # noqa: BLE001 - mapped to a reply, logged with traceback
+            return Response(self._failure(exc, "QUIT").encode(), after=After.CLOSE)
+        finally:
+            await self.close()
+        log.info("maildrop updated", extra={**self.log_context, "event": f"expunged={len(uids)}"})
+        remaining = len(self._messages) - len(uids)
+        return Response(p.OK_BYE_UPDATED.format(count=remaining).encode(), after=After.CLOSE)
+
+
+_AUTH = frozenset({State.AUTHORIZATION})
+_TRANS = frozenset({State.TRANSACTION})
+_BOTH = _AUTH | _TRANS
+
+# The one command table (RFC 1939 sections 4-7, RFC 2449, RFC 2595, RFC 5034).
+COMMANDS: dict[str, CommandSpec] = {
+    "CAPA": CommandSpec(Session.cmd_capa, _BOTH),
+    "USER": CommandSpec(Session.cmd_user, _AUTH, 1, 1),
+    "PASS": CommandSpec(Session.cmd_pass, _AUTH, 1, p.MAX_COMMAND_LINE),
+    "AUTH": CommandSpec(Session.cmd_auth, _AUTH, 1, 2),
+    "STLS": CommandSpec(Session.cmd_stls, _AUTH),
+    "STAT": CommandSpec(Session.cmd_stat, _TRANS),
+    "LIST": CommandSpec(Session.cmd_list, _TRANS, 0, 1),
+    "UIDL": CommandSpec(Session.cmd_uidl, _TRANS, 0, 1),
+    "RETR": CommandSpec(Session.cmd_retr, _TRANS, 1, 1),
+    "TOP": CommandSpec(Session.cmd_top, _TRANS, 2, 2),
+    "DELE": CommandSpec(Session.cmd_dele, _TRANS, 1, 1),
+    "RSET": CommandSpec(Session.cmd_rset, _TRANS),
+    "NOOP": CommandSpec(Session.cmd_noop, _TRANS),
+    "QUIT": CommandSpec(Session.cmd_quit, _BOTH),
+}

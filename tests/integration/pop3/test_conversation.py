@@ -1,0 +1,556 @@
+"""POP3 conversations with poplib (and raw sockets for byte-exact edge cases) against the real
+server, with the fake store and with the real MailDB; side effects checked in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import poplib
+import ssl
+from typing import BinaryIO
+
+import pytest
+
+from common.settings import Settings
+from services.store.mailbox import INBOX, MailStore, MessageInfo, StorageError
+from services.store.pop3 import protocol as p
+from services.store.pop3.session import MAX_BAD_COMMANDS
+from tests.integration.pop3.conftest import ALICE, BOB, USERS, Pop3Stack, StartPop3
+from tests.unit.pop3.fakes import FakeMailStore
+
+MSG1 = (b"From: carol@example.org\r\nTo: alice@example.test\r\nSubject: one\r\n\r\n"
+        b"Hello Alice.\r\n.leading dot\r\n..two dots\r\n.\r\nlast line\r\n")
+MSG2 = b"From: dave@example.org\r\nSubject: two\r\n\r\nbody 1\r\nbody 2\r\nbody 3\r\n"
+
+
+def wire(reply: p.Reply) -> bytes:
+    """A reply's first line as poplib returns it (no CRLF)."""
+    return reply.encode().rstrip(b"\r\n")
+
+
+def unverified() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def connect(port: int) -> poplib.POP3:
+    return poplib.POP3("127.0.0.1", port, timeout=30)
+
+
+def login(port: int, user: str = ALICE) -> poplib.POP3:
+    client = connect(port)
+    client.user(user)
+    client.pass_(USERS[user])
+    return client
+
+
+def joined(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+class Raw:
+    """A byte-level client for what poplib cannot express (AUTH, pipelining, overlong lines)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Raw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        raw = cls(reader, writer)
+        assert (await raw.line()).startswith(b"+OK")
+        return raw
+
+    async def line(self) -> bytes:
+        return await asyncio.wait_for(self.reader.readline(), 10)
+
+    async def send(self, data: bytes) -> bytes:
+        self.writer.write(data)
+        await self.writer.drain()
+        return await self.line()
+
+    async def multiline(self) -> bytes:
+        out = b""
+        while not out.endswith(b"\r\n.\r\n"):
+            chunk = await self.line()
+            assert chunk, "connection closed inside a multi-line response"
+            out += chunk
+        return out
+
+    async def closed(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(), 10) == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def plain(authzid: str, authcid: str, password: str) -> bytes:
+    return base64.b64encode(f"{authzid}\0{authcid}\0{password}".encode())
+
+
+async def test_user_pass_stat_list_retr_exact_bytes(pop3: Pop3Stack) -> None:
+    await pop3.deliver(ALICE, MSG1)
+    await pop3.deliver(ALICE, MSG2)
+
+    def dialog() -> None:
+        client = connect(pop3.port)
+        assert client.getwelcome() == wire(p.OK_GREETING)
+        assert client.user(ALICE) == wire(p.OK_USER)
+        assert client.pass_(USERS[ALICE]).startswith(b"+OK")
+        assert client.stat() == (2, len(MSG1) + len(MSG2))
+        resp, listing, _ = client.list()
+        assert listing == [f"1 {len(MSG1)}".encode(), f"2 {len(MSG2)}".encode()]
+        assert client.list(2) == f"+OK 2 {len(MSG2)}".encode()
+        resp, lines, octets = client.retr(1)
+        assert resp == wire(p.OK_RETR.format(size=len(MSG1)))
+        assert joined(lines) == MSG1
+        resp, lines, _ = client.retr(2)
+        assert joined(lines) == MSG2
+        assert client.noop() == b"+OK"
+        assert client.quit().startswith(b"+OK")
+
+    await asyncio.to_thread(dialog)
+
+
+async def test_byte_stuffing_on_the_wire(pop3: Pop3Stack) -> None:
+    await pop3.deliver(ALICE, MSG1)
+    raw = await Raw.open(pop3.port)
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    assert (await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())).startswith(b"+OK")
+    assert await raw.send(b"RETR 1\r\n") == p.OK_RETR.format(size=len(MSG1)).encode()
+    assert await raw.multiline() == p.stuff(MSG1)
+    assert b"\r\n...two dots\r\n..\r\n" in p.stuff(MSG1)
+    await raw.send(b"QUIT\r\n")
+    await raw.close()
+
+
+async def test_auth_plain_initial_response_and_continuation(pop3: Pop3Stack) -> None:
+    raw = await Raw.open(pop3.port)
+    reply = await raw.send(b"AUTH PLAIN " + plain("", ALICE, USERS[ALICE]) + b"\r\n")
+    assert reply.startswith(b"+OK")
+    assert await raw.send(b"QUIT\r\n") == p.OK_BYE_UPDATED.format(count=0).encode()
+    await raw.close()
+    await pop3.wait_unlocked(ALICE)
+
+    raw = await Raw.open(pop3.port)
+    assert await raw.send(b"AUTH PLAIN\r\n") == p.SASL_CONTINUE
+    # RFC 4616: an authzid equal to the authcid is allowed.
+    assert (await raw.send(plain(ALICE, ALICE, USERS[ALICE]) + b"\r\n")).startswith(b"+OK")
+    assert (await raw.send(b"STAT\r\n")) == b"+OK 0 0\r\n"
+    await raw.send(b"QUIT\r\n")
+    await raw.close()
+
+
+async def test_auth_plain_refusals(pop3: Pop3Stack) -> None:
+    raw = await Raw.open(pop3.port)
+    assert await raw.send(b"AUTH PLAIN\r\n") == p.SASL_CONTINUE
+    assert await raw.send(b"*\r\n") == p.ERR_AUTH_CANCELLED.encode()
+    # Acting as another user is refused even with the right password.
+    reply = await raw.send(b"AUTH PLAIN " + plain(BOB, ALICE, USERS[ALICE]) + b"\r\n")
+    assert reply == p.ERR_AUTH_FAILED.encode()
+    reply = await raw.send(b"AUTH PLAIN " + plain("", ALICE, "wrong") + b"\r\n")
+    assert reply == p.ERR_AUTH_FAILED.encode()
+    assert await raw.send(b"AUTH PLAIN !!!\r\n") == p.ERR_AUTH_MALFORMED.encode()
+    assert await raw.send(b"AUTH CRAM-MD5\r\n") == p.ERR_AUTH_MECHANISM.encode()
+    assert await raw.send(b"STAT\r\n") == p.ERR_WRONG_STATE.encode()
+    await raw.close()
+
+
+async def test_wrong_password(pop3: Pop3Stack) -> None:
+    def dialog() -> None:
+        client = connect(pop3.port)
+        client.user(ALICE)
+        with pytest.raises(poplib.error_proto) as failure:
+            client.pass_("not the password")
+        assert failure.value.args[0] == wire(p.ERR_AUTH_FAILED)
+        client.user("nobody@example.test")
+        with pytest.raises(poplib.error_proto) as failure:
+            client.pass_("whatever")
+        assert failure.value.args[0] == wire(p.ERR_AUTH_FAILED)  # no hint which part was wrong
+        # The session survives and a correct login still works.
+        client.user(ALICE)
+        assert client.pass_(USERS[ALICE]).startswith(b"+OK")
+        client.quit()
+
+    await asyncio.to_thread(dialog)
+
+
+async def test_too_many_failed_logins_disconnect(pop3: Pop3Stack) -> None:
+    raw = await Raw.open(pop3.port)
+    for attempt in range(3):
+        await raw.send(f"USER {ALICE}\r\n".encode())
+        assert await raw.send(b"PASS wrong\r\n") == p.ERR_AUTH_FAILED.encode(), attempt
+    assert await raw.closed()
+    await raw.close()
+
+
+async def test_top(pop3: Pop3Stack) -> None:
+    await pop3.deliver(ALICE, MSG2)
+
+    def dialog() -> None:
+        client = login(pop3.port)
+        resp, lines, _ = client.top(1, 2)
+        header = b"From: dave@example.org\r\nSubject: two\r\n\r\n"
+        assert joined(lines) == header + b"body 1\r\nbody 2\r\n"
+        resp, lines, _ = client.top(1, 0)
+        assert joined(lines) == header
+        resp, lines, _ = client.top(1, 99)
+        assert joined(lines) == MSG2
+        with pytest.raises(poplib.error_proto):
+            client.top(2, 1)
+        client.quit()
+
+    await asyncio.to_thread(dialog)
+
+
+async def test_uidl_is_stable_across_sessions(pop3: Pop3Stack) -> None:
+    await pop3.deliver(ALICE, MSG1)
+    await pop3.deliver(ALICE, MSG2)
+    guids = [info.guid for info in await pop3.store.list_messages(ALICE, INBOX)]
+
+    def uidls() -> list[bytes]:
+        client = login(pop3.port)
+        _, listing, _ = client.uidl()
+        assert client.uidl(2) == f"+OK 2 {guids[1]}".encode()
+        client.quit()
+        return listing
+
+    first = await asyncio.to_thread(uidls)
+    await pop3.wait_unlocked(ALICE)
+    second = await asyncio.to_thread(uidls)
+    assert first == second == [f"1 {guids[0]}".encode(), f"2 {guids[1]}".encode()]
+
+
+async def test_dele_quit_commits(pop3: Pop3Stack) -> None:
+    await pop3.deliver(ALICE, MSG1)
+    await pop3.deliver(ALICE, MSG2)
+    before = await pop3.store.list_messages(ALICE, INBOX)
+
+    def dialog() -> None:
+        client = login(pop3.port)
+        assert client.dele(1) == wire(p.OK_DELE.format(number=1))
+        # Deleted messages are invisible until QUIT.
+        assert client.stat() == (1, len(MSG2))
+        _, listing, _ = client.list()
+        assert listing == [f"2 {len(MSG2)}".encode()]
+        for action in (lambda: client.retr(1), lambda: client.list(1), lambda: client.dele(1)):
+            with pytest.raises(poplib.error_proto) as failure:
+                action()
+            assert failure.value.args[0] == wire(p.ERR_DELETED.format(number=1))
+        assert client.quit() == wire(p.OK_BYE_UPDATED.format(count=1))
+
+    await asyncio.to_thread(dialog)
+    after = await pop3.store.list_messages(ALICE, INBOX)
+    assert [m.uid for m in after] == [before[1].uid]
+
+    def next_session() -> None:
+        client = login(pop3.port)
+        assert client.stat() == (1, len(MSG2))
+        _, lines, _ = client.retr(1)
+        assert joined(lines) == MSG2
+        client.quit()
+
+    await pop3.wait_unlocked(ALICE)
+    await asyncio.to_thread(next_session)
+
+
+async def test_dele_rset_keeps_messages(pop3: Pop3Stack) -> None:
+    await pop3.deliver(ALICE, MSG1)
+
+    def dialog() -> None:
+        client = login(pop3.port)
+        client.dele(1)
+        assert client.stat() == (0, 0)
+        assert client.rset() == wire(p.OK_RSET.format(count=1, octets=len(MSG1)))
+        assert client.stat() == (1, len(MSG1))
+        client.quit()
+
+    await asyncio.to_thread(dialog)
+    assert len(await pop3.store.list_messages(ALICE, INBOX)) == 1
+
+
+async def test_dele_then_disconnect_without_quit_keeps_messages(pop3: Pop3Stack) -> None:
+    await pop3.deliver(ALICE, MSG1)
+
+    def dialog() -> None:
+        client = login(pop3.port)
+        client.dele(1)
+        client.close()  # no QUIT: no UPDATE state
+
+    await asyncio.to_thread(dialog)
+    await pop3.wait_unlocked(ALICE)
+    assert len(await pop3.store.list_messages(ALICE, INBOX)) == 1
+
+
+async def test_second_session_refused_while_locked(pop3: Pop3Stack) -> None:
+    first = await asyncio.to_thread(login, pop3.port)
+
+    def refused() -> None:
+        client = connect(pop3.port)
+        client.user(ALICE)
+        with pytest.raises(poplib.error_proto) as failure:
+            client.pass_(USERS[ALICE])
+        assert failure.value.args[0] == wire(p.ERR_IN_USE)
+        # Another user's maildrop is not affected.
+        client.user(BOB)
+        assert client.pass_(USERS[BOB]).startswith(b"+OK")
+        client.quit()
+
+    await asyncio.to_thread(refused)
+    await asyncio.to_thread(first.quit)
+    await pop3.wait_unlocked(ALICE)
+    second = await asyncio.to_thread(login, pop3.port)
+    await asyncio.to_thread(second.quit)
+
+
+async def test_snapshot_hides_mail_delivered_during_session(pop3: Pop3Stack) -> None:
+    await pop3.deliver(ALICE, MSG1)
+    client = await asyncio.to_thread(login, pop3.port)
+    await pop3.deliver(ALICE, MSG2)
+    assert await asyncio.to_thread(client.stat) == (1, len(MSG1))
+    await asyncio.to_thread(client.quit)
+    await pop3.wait_unlocked(ALICE)
+    client = await asyncio.to_thread(login, pop3.port)
+    assert await asyncio.to_thread(client.stat) == (2, len(MSG1) + len(MSG2))
+    await asyncio.to_thread(client.quit)
+
+
+async def test_capa_and_stls_then_login(pop3: Pop3Stack) -> None:
+    def dialog() -> None:
+        client = connect(pop3.port)
+        before = client.capa()
+        for name in ("TOP", "UIDL", "RESP-CODES", "PIPELINING", "AUTH-RESP-CODE", "USER",
+                     "STLS"):
+            assert name in before, name
+        assert before["SASL"] == ["PLAIN"]
+        client.stls(unverified())
+        after = client.capa()
+        assert "STLS" not in after and "USER" in after
+        client.user(ALICE)
+        client.pass_(USERS[ALICE])
+        assert client.stat() == (0, 0)
+        client.quit()
+
+    await asyncio.to_thread(dialog)
+
+
+async def test_plaintext_refused_before_stls(start_pop3: StartPop3, mailstore: MailStore,
+                                             settings: Settings) -> None:
+    pop3 = await start_pop3(mailstore, settings.replace(allow_plaintext_auth=False))
+
+    def dialog() -> None:
+        client = connect(pop3.port)
+        capa = client.capa()
+        assert "STLS" in capa
+        assert "USER" not in capa and "SASL" not in capa
+        with pytest.raises(poplib.error_proto) as failure:
+            client.user(ALICE)
+        assert failure.value.args[0] == wire(p.ERR_STLS_FIRST)
+        client.stls(unverified())
+        capa = client.capa()
+        assert "USER" in capa and capa["SASL"] == ["PLAIN"]
+        client.user(ALICE)
+        assert client.pass_(USERS[ALICE]).startswith(b"+OK")
+        client.quit()
+
+    await asyncio.to_thread(dialog)
+    raw = await Raw.open(pop3.port)
+    reply = await raw.send(b"AUTH PLAIN " + plain("", ALICE, USERS[ALICE]) + b"\r\n")
+    assert reply == p.ERR_STLS_FIRST.encode()
+    await raw.close()
+
+
+async def test_pop3s_implicit_tls(pop3: Pop3Stack) -> None:
+    await pop3.deliver(ALICE, MSG2)
+
+    def dialog() -> None:
+        client = poplib.POP3_SSL("127.0.0.1", pop3.tls_port, context=unverified(), timeout=30)
+        capa = client.capa()
+        assert "STLS" not in capa and "USER" in capa
+        client.user(ALICE)
+        client.pass_(USERS[ALICE])
+        _, lines, _ = client.retr(1)
+        assert joined(lines) == MSG2
+        client.quit()
+
+    await asyncio.to_thread(dialog)
+
+
+async def test_stls_refuses_pipelined_plaintext(pop3: Pop3Stack) -> None:
+    raw = await Raw.open(pop3.port)
+    # RFC 2595 / CVE-2011-0411: commands sent behind STLS must not run after the handshake.
+    assert await raw.send(b"STLS\r\nUSER injected\r\n") == p.ERR_STLS_PIPELINED.encode()
+    assert await raw.closed()
+    await raw.close()
+
+
+async def test_retr_20_mb(pop3: Pop3Stack) -> None:
+    line = b"x" * 998 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * (20 * 1024 * 1024 // len(line))
+    await pop3.deliver(ALICE, body)
+
+    def dialog() -> tuple[str, int]:
+        client = login(pop3.port)
+        resp, lines, octets = client.retr(1)
+        client.quit()
+        return hashlib.sha256(joined(lines)).hexdigest(), len(lines)
+
+    digest, count = await asyncio.to_thread(dialog)
+    assert digest == hashlib.sha256(body).hexdigest()
+    assert count == body.count(b"\r\n")
+
+
+async def test_pipelined_commands_answered_in_order(pop3: Pop3Stack) -> None:
+    await pop3.deliver(ALICE, MSG2)
+    raw = await Raw.open(pop3.port)
+    raw.writer.write(f"USER {ALICE}\r\nPASS {USERS[ALICE]}\r\nSTAT\r\nLIST\r\nNOOP\r\n"
+                     "QUIT\r\n".encode())
+    assert await raw.line() == p.OK_USER.encode()
+    assert (await raw.line()).startswith(b"+OK")
+    assert await raw.line() == f"+OK 1 {len(MSG2)}\r\n".encode()
+    assert await raw.multiline() == p.format_multiline(
+        p.OK_LIST_ALL.format(count=1, octets=len(MSG2)), [f"1 {len(MSG2)}"])
+    assert await raw.line() == b"+OK\r\n"
+    assert (await raw.line()).startswith(b"+OK")
+    assert await raw.closed()
+    await raw.close()
+
+
+async def test_overlong_lines_get_err_and_session_survives(pop3: Pop3Stack) -> None:
+    raw = await Raw.open(pop3.port)
+    # Over RFC 2449's 255 octets but within what we buffer.
+    reply = await raw.send(b"USER " + b"a" * 300 + b"\r\n")
+    assert reply == p.ERR_BAD_SYNTAX.format(reason="command line too long").encode()
+    # Far beyond anything we buffer: discarded as it arrives.
+    reply = await raw.send(b"USER " + b"a" * 1_000_000 + b"\r\n")
+    assert reply == p.ERR_LINE_TOO_LONG.encode()
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    assert (await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())).startswith(b"+OK")
+    assert await raw.send(b"NOOP\r\n") == b"+OK\r\n"
+    await raw.send(b"QUIT\r\n")
+    await raw.close()
+
+
+async def test_too_many_bad_commands_disconnect(pop3: Pop3Stack) -> None:
+    raw = await Raw.open(pop3.port)
+    for _ in range(MAX_BAD_COMMANDS - 1):
+        assert await raw.send(b"XYZZY\r\n") == p.ERR_UNKNOWN_COMMAND.encode()
+    assert await raw.send(b"RETR 1\r\n") == p.ERR_TOO_MANY_ERRORS.encode()
+    assert await raw.closed()
+    await raw.close()
+
+
+async def test_idle_timeout_closes_without_update(start_pop3: StartPop3, mailstore: MailStore,
+                                                  settings: Settings) -> None:
+    pop3 = await start_pop3(mailstore, settings.replace(pop3_timeout=0.5))
+    await pop3.deliver(ALICE, MSG1)
+    raw = await Raw.open(pop3.port)
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())
+    assert await raw.send(b"DELE 1\r\n") == p.OK_DELE.format(number=1).encode()
+    assert await raw.line() == p.ERR_IDLE_TIMEOUT.encode()
+    assert await raw.closed()
+    await raw.close()
+    await pop3.wait_unlocked(ALICE)
+    assert len(await pop3.store.list_messages(ALICE, INBOX)) == 1
+
+
+class ExplodingStore(FakeMailStore):
+    def open_message(self, user: str, guid: str) -> BinaryIO:
+        raise RuntimeError("secret internals /var/lib/tiermail")
+
+
+class UnavailableStore(FakeMailStore):
+    async def list_messages(self, user: str, mailbox: str = INBOX) -> list[MessageInfo]:
+        raise StorageError("index locked")
+
+
+class FailingExpungeStore(FakeMailStore):
+    async def expunge(self, user: str, mailbox: str, uids: list[int]) -> None:
+        raise StorageError("disk full")
+
+
+async def test_internal_error_hides_details(start_pop3: StartPop3,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    pop3 = await start_pop3(ExplodingStore())
+    await pop3.deliver(ALICE, MSG1)
+    caplog.set_level(logging.ERROR, logger="services.store.pop3")
+    raw = await Raw.open(pop3.port)
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())
+    reply = await raw.send(b"RETR 1\r\n")
+    assert reply == p.ERR_INTERNAL.encode() == b"-ERR [SYS/TEMP] internal error\r\n"
+    assert await raw.send(b"NOOP\r\n") == b"+OK\r\n"  # the session goes on
+    await raw.send(b"QUIT\r\n")
+    await raw.close()
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert "secret internals" in caplog.text
+    assert getattr(record, "user", None) == ALICE and getattr(record, "session", None)
+
+
+async def test_storage_error_at_login(start_pop3: StartPop3) -> None:
+    pop3 = await start_pop3(UnavailableStore())
+    raw = await Raw.open(pop3.port)
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    assert await raw.send(f"PASS {USERS[ALICE]}\r\n".encode()) == p.ERR_STORAGE_TEMP.encode()
+    assert not pop3.locks.held(ALICE)
+    await raw.close()
+
+
+async def test_failed_update_keeps_messages(start_pop3: StartPop3) -> None:
+    pop3 = await start_pop3(FailingExpungeStore())
+    await pop3.deliver(ALICE, MSG1)
+
+    def dialog() -> None:
+        client = login(pop3.port)
+        client.dele(1)
+        with pytest.raises(poplib.error_proto) as failure:
+            client.quit()
+        assert failure.value.args[0] == wire(p.ERR_STORAGE_TEMP)
+        client.close()
+
+    await asyncio.to_thread(dialog)
+    await pop3.wait_unlocked(ALICE)
+    assert len(await pop3.store.list_messages(ALICE, INBOX)) == 1
+
+
+async def test_wire_log_redacts_credentials(pop3: Pop3Stack,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="services.store.pop3")
+    raw = await Raw.open(pop3.port)
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())
+    await raw.send(b"QUIT\r\n")
+    await raw.close()
+    await pop3.wait_unlocked(ALICE)
+    raw = await Raw.open(pop3.port)
+    await raw.send(b"AUTH PLAIN\r\n")
+    secret = plain("", ALICE, USERS[ALICE])
+    await raw.send(secret + b"\r\n")
+    await raw.send(b"QUIT\r\n")
+    await raw.close()
+    assert "C: PASS ****" in caplog.text
+    assert USERS[ALICE] not in caplog.text
+    assert secret.decode() not in caplog.text
+
+
+async def test_closing_the_server_ends_sessions_without_update(pop3: Pop3Stack) -> None:
+    await pop3.deliver(ALICE, MSG1)
+    raw = await Raw.open(pop3.port)
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())
+    assert await raw.send(b"DELE 1\r\n") == p.OK_DELE.format(number=1).encode()
+    for server in pop3.servers:
+        server.close()
+    async with asyncio.timeout(10):
+        for server in pop3.servers:
+            await server.wait_closed()
+    assert await raw.closed()
+    await raw.close()
+    assert not pop3.locks.held(ALICE)
+    assert len(await pop3.store.list_messages(ALICE, INBOX)) == 1

@@ -1,0 +1,239 @@
+"""Pure tests of the POP3 grammar: parsing, reply formatting, dot-stuffing, TOP, SASL PLAIN."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.store.pop3 import protocol as p
+
+
+@pytest.mark.parametrize(
+    ("line", "keyword", "args"),
+    [
+        (b"STAT\r\n", "STAT", ()),
+        (b"stat\r\n", "STAT", ()),
+        (b"LIST 2\r\n", "LIST", ("2",)),
+        (b"TOP 1 10\r\n", "TOP", ("1", "10")),
+        (b"QUIT\n", "QUIT", ()),  # bare LF tolerated
+        (b"NOOP", "NOOP", ()),
+        (b"USER alice@example.test\r\n", "USER", ("alice@example.test",)),
+        (b"PASS " + b"x" * 100 + b"\r\n", "PASS", ("x" * 100,)),  # passwords may be long
+        (b"AUTH PLAIN " + b"A" * 200 + b"\r\n", "AUTH", ("PLAIN", "A" * 200)),
+        ("PASS pässwörd\r\n".encode(), "PASS", ("pässwörd",)),
+    ],
+)
+def test_parse_valid(line: bytes, keyword: str, args: tuple[str, ...]) -> None:
+    parsed = p.parse_command(line)
+    assert isinstance(parsed, p.Command)
+    assert parsed.keyword == keyword
+    assert parsed.args == args
+
+
+def test_pass_keeps_spaces_in_rest() -> None:
+    parsed = p.parse_command(b"PASS correct horse battery\r\n")
+    assert isinstance(parsed, p.Command)
+    assert parsed.rest == "correct horse battery"
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"\r\n", "empty command"),
+        (b"", "empty command"),
+        (b"ST\r\n", "unknown command"),  # RFC 2449: keywords are 3 or 4 characters
+        (b"STATS\r\n", "unknown command"),
+        (b"ST4T\r\n", "unknown command"),
+        (b" STAT\r\n", "empty command"),
+        (b"LIST " + b"9" * 41 + b"\r\n", "argument too long"),  # RFC 2449: 40 characters
+        (b"RETR " + b"1" * 300 + b"\r\n", "command line too long"),  # RFC 2449: 255 octets
+        (b"STAT\rX\r\n", "invalid characters in command line"),
+        (b"STAT\x00\r\n", "invalid characters in command line"),
+        (b"USER \xff\xfe\r\n", "command line is not valid UTF-8"),
+    ],
+)
+def test_parse_invalid(line: bytes, reason: str) -> None:
+    assert p.parse_command(line) == p.BadCommand(reason)
+
+
+def test_line_limit_is_inclusive_of_crlf() -> None:
+    exact = b"PASS " + b"a" * (p.MAX_COMMAND_LINE - 7) + b"\r\n"
+    assert len(exact) == p.MAX_COMMAND_LINE
+    assert isinstance(p.parse_command(exact), p.Command)
+    assert p.parse_command(exact[:-2] + b"a\r\n") == p.BadCommand("command line too long")
+
+
+def test_user_names_may_be_long_addresses() -> None:
+    address = "firstname.lastname@a-rather-long-department.example.test"
+    assert len(address) > p.MAX_ARGUMENT
+    assert p.parse_command(f"USER {address}\r\n".encode()) == p.Command(
+        "USER", (address,), address)
+
+
+@given(st.binary(max_size=400))
+def test_parser_never_raises(data: bytes) -> None:
+    result = p.parse_command(data)
+    assert isinstance(result, p.Command | p.BadCommand)
+
+
+@pytest.mark.parametrize(
+    ("reply", "wire"),
+    [
+        (p.OK_NOOP, b"+OK\r\n"),
+        (p.ERR_AUTH_FAILED, b"-ERR [AUTH] invalid credentials\r\n"),
+        (p.ERR_IN_USE, b"-ERR [IN-USE] mailbox locked by another session\r\n"),
+        (p.ERR_INTERNAL, b"-ERR [SYS/TEMP] internal error\r\n"),
+        (p.ERR_STORAGE_PERM, b"-ERR [SYS/PERM] mailbox unavailable\r\n"),
+        (p.OK_STAT.format(count=2, octets=320), b"+OK 2 320\r\n"),
+        (p.ERR_DELETED.format(number=3), b"-ERR message 3 already deleted\r\n"),
+    ],
+)
+def test_reply_encoding(reply: p.Reply, wire: bytes) -> None:
+    assert reply.encode() == wire
+
+
+def test_format_multiline_stuffs_and_terminates() -> None:
+    assert p.format_multiline(p.OK_CAPA, ["TOP", ".hidden", b"UIDL"]) == (
+        b"+OK capability list follows\r\nTOP\r\n..hidden\r\nUIDL\r\n.\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "wire"),
+    [
+        (b"", b".\r\n"),
+        (b"a\r\n", b"a\r\n.\r\n"),
+        (b"a", b"a\r\n.\r\n"),  # last line completed
+        (b".\r\n", b"..\r\n.\r\n"),
+        (b"a\r\n.b\r\n..c\r\n", b"a\r\n..b\r\n...c\r\n.\r\n"),
+        (b"a\n.b\n", b"a\r\n..b\r\n.\r\n"),  # bare LF made CRLF, then stuffed
+        (b"a\r", b"a\r\n.\r\n"),
+        (b"x\r\n\r\n.", b"x\r\n\r\n..\r\n.\r\n"),
+    ],
+)
+def test_stuff_table(body: bytes, wire: bytes) -> None:
+    assert p.stuff(body) == wire
+
+
+def _crlf_text() -> st.SearchStrategy[bytes]:
+    line = st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+    return st.lists(line, max_size=20).map(lambda ls: b"".join(x + b"\r\n" for x in ls))
+
+
+@given(_crlf_text())
+def test_stuff_unstuff_round_trip(body: bytes) -> None:
+    wire = p.stuff(body)
+    assert p.unstuff(wire) == body
+    # Nothing in the body can look like the terminator.
+    assert b"\r\n.\r\n" not in (b"\r\n" + wire)[: -len(p.TERMINATOR)]
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=1, max_value=40), max_size=10))
+def test_stuffing_in_chunks_equals_whole(body: bytes, cuts: list[int]) -> None:
+    stuffer = p.DotStuffer()
+    out, pos = [], 0
+    for size in cuts:
+        out.append(stuffer.feed(body[pos : pos + size]))
+        pos += size
+    out.append(stuffer.feed(body[pos:]))
+    out.append(stuffer.finish())
+    assert b"".join(out) == p.stuff(body)
+
+
+@given(st.binary(max_size=300))
+def test_stuffed_output_is_well_formed(body: bytes) -> None:
+    wire = p.stuff(body)
+    assert wire.endswith(b".\r\n")
+    lines = wire[:-3].split(b"\r\n")
+    assert lines[-1] == b""
+    assert all(not line.startswith(b".") or line.startswith(b"..") for line in lines)
+
+
+MESSAGE = b"From: a@x\r\nSubject: hi\r\n\r\nline 1\r\nline 2\r\nline 3\r\n"
+
+
+@pytest.mark.parametrize(
+    ("message", "n", "expected"),
+    [
+        (MESSAGE, 0, b"From: a@x\r\nSubject: hi\r\n\r\n"),
+        (MESSAGE, 2, b"From: a@x\r\nSubject: hi\r\n\r\nline 1\r\nline 2\r\n"),
+        (MESSAGE, 10, MESSAGE),
+        (b"Subject: x\n\nbody\nmore\n", 1, b"Subject: x\n\nbody\n"),  # bare LF
+        (b"Subject: no body", 3, b"Subject: no body"),
+        (b"\r\nbody only\r\nline\r\n", 1, b"\r\nbody only\r\n"),  # empty header
+    ],
+)
+def test_top_table(message: bytes, n: int, expected: bytes) -> None:
+    assert p.top(message, n) == expected
+
+
+@given(st.binary(max_size=200), st.integers(min_value=0, max_value=5),
+       st.integers(min_value=1, max_value=17))
+def test_top_in_chunks_equals_whole(message: bytes, n: int, size: int) -> None:
+    extractor = p.TopExtractor(n)
+    out = []
+    for pos in range(0, len(message), size):
+        if extractor.done:
+            break
+        out.append(extractor.feed(message[pos : pos + size]))
+    assert b"".join(out) == p.top(message, n)
+    assert message.startswith(p.top(message, n))
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (_b64(b"\x00alice@example.test\x00secret"),
+         p.PlainCredentials("", "alice@example.test", "secret")),
+        (_b64(b"alice@example.test\x00alice@example.test\x00s p"),
+         p.PlainCredentials("alice@example.test", "alice@example.test", "s p")),
+        (_b64("\x00ü@example.test\x00pässword".encode()),
+         p.PlainCredentials("", "ü@example.test", "pässword")),
+        (_b64(b"\x00alice\x00"), None),  # empty password
+        (_b64(b"\x00\x00secret"), None),  # empty authcid
+        (_b64(b"alice\x00secret"), None),  # one NUL
+        (_b64(b"\x00a\x00b\x00c"), None),  # three NULs
+        (_b64(b"\x00a\x00\xff"), None),  # not UTF-8
+        ("not base64!", None),
+        ("=", None),
+        ("", None),
+    ],
+)
+def test_decode_sasl_plain(response: str, expected: p.PlainCredentials | None) -> None:
+    assert p.decode_sasl_plain(response) == expected
+
+
+@given(st.text(max_size=100))
+def test_decode_sasl_plain_never_raises(response: str) -> None:
+    p.decode_sasl_plain(response)
+
+
+@pytest.mark.parametrize(
+    ("line", "logged"),
+    [
+        (b"PASS hunter2\r\n", "PASS ****"),
+        (b"pass two words\r\n", "pass ****"),
+        (b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", "AUTH PLAIN ****"),
+        (b"AUTH PLAIN\r\n", "AUTH PLAIN"),
+        (b"USER alice\r\n", "USER alice"),
+        (b"RETR 1\r\n", "RETR 1"),
+    ],
+)
+def test_redact(line: bytes, logged: str) -> None:
+    assert p.redact(line) == logged
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [("1", 1), ("42", 42), ("0", None), ("-1", None), ("1a", None), ("", None),
+     ("١", None), ("99999999999", None)],
+)
+def test_parse_message_number(text: str, number: int | None) -> None:
+    assert p.parse_message_number(text) == number
