@@ -18,7 +18,7 @@ from common.settings import Settings
 from common.tls import ensure_dev_certificate
 from tests.support import TierProcess, free_port, port_open, rabbitmqctl
 
-TEST_REDIS_DB = int(os.environ.get("TIERMAIL_TEST_REDIS_DB", "9"))
+TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "9"))
 
 
 def _require(service: str, available: bool) -> None:

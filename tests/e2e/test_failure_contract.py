@@ -63,6 +63,7 @@ def sender(port: int, ledger: Ledger, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+                smtp.ehlo("load.example.net")
                 while not stop.is_set():
                     _one_transaction(smtp, ledger)
         except (OSError, smtplib.SMTPException):

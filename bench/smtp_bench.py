@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""SMTP intake benchmark: tiermail (1 and 2 filter workers) beside a loopback Postfix.
+
+A benchmark, not a test: it measures and prints, and fails only when something breaks.
+
+For each system it measures
+  * SMTP accept rate: N messages from Postfix's smtp-source over S parallel sessions, divided
+    by smtp-source's wall time (every message answered 250);
+  * end-to-end rate: N divided by the time from smtp-source's start until the last message is
+    in the mailbox;
+  * latency "250 received -> visible in the mailbox", p50/p99, from a separate sender that
+    sends one message at a time over one connection (light load) while a poller thread
+    watches the mailbox every 2 ms: for tiermail the queue ids committed to the user's index
+    (what POP3 reads), matched to the id in "250 2.0.0 Ok: queued as ID"; for Postfix the
+    files in Maildir/new, matched by an X-Bench-Seq header.
+
+Each system runs isolated: tiermail gets its own AMQP vhost, Redis db and key prefix, data dir
+and ports; Postfix its own config, queue and Maildir under a temp directory, loopback only, no
+DNS. Everything is stopped and removed at the end, also on errors and Ctrl-C.
+
+    .venv/bin/python bench/smtp_bench.py --quick                  # smoke run, both systems
+    .venv/bin/python bench/smtp_bench.py --messages 5000 --sessions 10 --size 4096
+    .venv/bin/python bench/smtp_bench.py --quick --postfix-only
+
+Needs root for Postfix (it runs its own master). docs/benchmarks.md has the method and results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import benchlib
+from benchlib import (
+    BenchError,
+    LatencyResult,
+    LoadResult,
+    PostfixStack,
+    SentMessage,
+    TiermailStack,
+    VisibilityPoller,
+    free_port,
+    log,
+    measure_latency,
+    measure_load,
+    temp_root,
+    terminate_on_sigterm,
+)
+
+
+@dataclass
+class Row:
+    system: str
+    load: LoadResult
+    latency: LatencyResult | None
+    note: str = ""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=5000, help="messages per load run")
+    parser.add_argument("--sessions", type=int, default=10, help="parallel SMTP sessions")
+    parser.add_argument("--size", type=int, default=4096, help="message body bytes")
+    parser.add_argument("--latency-messages", type=int, default=500,
+                        help="messages sent one at a time for the latency percentiles")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 300 messages, 4 sessions, 50 latency messages")
+    parser.add_argument("--reuse-connections", action="store_true",
+                        help="smtp-source -d: several messages per connection")
+    parser.add_argument("--postfix-only", action="store_true")
+    parser.add_argument("--tiermail-only", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds any one phase may take before the run fails")
+    parser.add_argument("--redis-db", type=int, default=13,
+                        help="Redis database for the tiermail stack (keys get a unique prefix)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.messages, args.sessions, args.latency_messages = 300, 4, 50
+    if args.postfix_only and args.tiermail_only:
+        parser.error("--postfix-only and --tiermail-only exclude each other")
+    return args
+
+
+def warm_up(port: int, count_delivered: Callable[[], int], args: argparse.Namespace) -> None:
+    """A few messages first, so that process start-up and first-use costs are not measured."""
+    measure_load(port, count_delivered, min(50, args.messages), min(2, args.sessions),
+                 args.size, args.timeout, poll_interval=0.05)
+
+
+def run_postfix(root: Path, args: argparse.Namespace) -> list[Row]:
+    stack = PostfixStack(root, free_port())
+    try:
+        log(f"postfix: starting on 127.0.0.1:{stack.port} (config {stack.etc})")
+        stack.start()
+        warm_up(stack.port, stack.delivered, args)
+        log(f"postfix: latency, {args.latency_messages} messages one at a time")
+        poller = VisibilityPoller(stack.listing)
+        latency = measure_latency(stack.port, args.latency_messages, args.size, poller,
+                                  stack.match, args.timeout)
+        log(f"postfix: load, {args.messages} messages over {args.sessions} sessions")
+        load = measure_load(stack.port, stack.delivered, args.messages, args.sessions,
+                            args.size, args.timeout, poll_interval=0.02,
+                            reuse_connections=args.reuse_connections)
+        log(f"postfix: {load.smtp_rate:.0f} msg/s accepted, {load.e2e_rate:.0f} msg/s end to "
+            f"end, latency p50 {latency.p50:.1f} ms p99 {latency.p99:.1f} ms")
+        return [Row("Postfix 3.7 (defaults, virtual(8) to Maildir)", load, latency)]
+    except BenchError:
+        log("postfix maillog tail:\n" + stack.maillog_tail())
+        raise
+    finally:
+        stack.stop()
+
+
+class IndexWatcher:
+    """Queue ids committed to the user's mailbox index since the watcher was made."""
+
+    def __init__(self, stack: TiermailStack) -> None:
+        path = stack.index_path()
+        if path is None:
+            raise BenchError("the store has no index for the benchmark user yet")
+        self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10,
+                                     check_same_thread=False)
+        self._since = time.time() - 1
+
+    def visible(self) -> list[str]:
+        rows = self._conn.execute("SELECT queue_id FROM delivered WHERE delivered_at >= ?",
+                                  (self._since,))
+        return [str(r[0]) for r in rows]
+
+    @staticmethod
+    def match(run_tag: str, sent: list[SentMessage], seen: dict[str, float]) -> dict[int, str]:
+        return {m.seq: m.queue_id for m in sent if m.queue_id}
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def run_tiermail(root: Path, args: argparse.Namespace) -> list[Row]:
+    stack = TiermailStack(root, args.redis_db)
+    rows: list[Row] = []
+    try:
+        log(f"tiermail: vhost {stack.vhost}, redis db {stack.redis_db} prefix "
+            f"{stack.redis_prefix}, data {stack.data_dir}")
+        stack.setup()
+        stack.start_store()
+        stack.start_filter()
+        log(f"tiermail: store (POP3 {stack.pop3_port}) and 1 filter (SMTP {stack.smtp_port}) up")
+        warm_up(stack.smtp_port, stack.indexed, args)
+
+        log(f"tiermail: latency, {args.latency_messages} messages one at a time")
+        watcher = IndexWatcher(stack)
+        try:
+            latency = measure_latency(stack.smtp_port, args.latency_messages, args.size,
+                                      VisibilityPoller(watcher.visible), watcher.match,
+                                      args.timeout)
+        finally:
+            watcher.close()
+
+        for workers in (1, 2):
+            while stack.workers("filter") < workers:
+                stack.start_filter()
+            log(f"tiermail: load with {workers} filter worker(s), {args.messages} messages "
+                f"over {args.sessions} sessions")
+            # The cheap index count finds the end; POP3 STAT (below) is the truth.
+            load = measure_load(stack.smtp_port, stack.indexed, args.messages, args.sessions,
+                                args.size, args.timeout, poll_interval=0.02,
+                                reuse_connections=args.reuse_connections)
+            stack.check_alive()
+            rows.append(Row(f"tiermail, {workers} filter worker{'s' if workers > 1 else ''}",
+                            load, latency if workers == 1 else None))
+            log(f"tiermail ({workers}): {load.smtp_rate:.0f} msg/s accepted, "
+                f"{load.e2e_rate:.0f} msg/s end to end")
+        expected = min(50, args.messages) + args.latency_messages + 2 * args.messages
+        by_pop3 = stack.delivered()
+        if by_pop3 != expected:
+            raise BenchError(f"POP3 STAT shows {by_pop3} messages, expected {expected}")
+        log(f"tiermail: POP3 STAT confirms {by_pop3} messages; latency p50 "
+            f"{latency.p50:.1f} ms p99 {latency.p99:.1f} ms; store RSS "
+            f"{stack.rss_kib('store') // 1024} MiB, filters {stack.rss_kib('filter') // 1024} MiB")
+        return rows
+    except BenchError:
+        for name in sorted(stack.logs.glob("*.log")):
+            log(f"{name.name} tail:\n{benchlib.tail(name)}")
+        raise
+    finally:
+        stack.close()
+
+
+def markdown(rows: list[Row], args: argparse.Namespace) -> str:
+    lines = [
+        f"Run {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node() or 'this machine'}: "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}; {args.messages} messages "
+        f"of {args.size} bytes over {args.sessions} smtp-source sessions"
+        f"{' (connections reused)' if args.reuse_connections else ''}; latency from "
+        f"{args.latency_messages} messages sent one at a time.",
+        "",
+        "| system | SMTP accepted msg/s | end-to-end msg/s | latency p50 ms | latency p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        p50 = f"{row.latency.p50:.1f}" if row.latency else "-"
+        p99 = f"{row.latency.p99:.1f}" if row.latency else "-"
+        lines.append(f"| {row.system} | {row.load.smtp_rate:.0f} | {row.load.e2e_rate:.0f} "
+                     f"| {p50} | {p99} |")
+    postfix = next((r for r in rows if r.system.startswith("Postfix")), None)
+    if postfix is not None:
+        for row in rows:
+            if row is postfix:
+                continue
+            ratio = (f"{row.system} / Postfix: SMTP accept "
+                     f"{row.load.smtp_rate / postfix.load.smtp_rate:.2f}x, end to end "
+                     f"{row.load.e2e_rate / postfix.load.e2e_rate:.2f}x")
+            if row.latency and postfix.latency:
+                ratio += f", latency p50 {row.latency.p50 / postfix.latency.p50:.2f}x"
+            lines.append("")
+            lines.append(ratio)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not Path(benchlib.SMTP_SOURCE).exists():
+        print(f"{benchlib.SMTP_SOURCE} missing: `make install` (as root) installs postfix",
+              file=sys.stderr)
+        return 2
+    if not args.tiermail_only and os.geteuid() != 0:
+        print("the Postfix reference needs root (its own master process); "
+              "use --tiermail-only otherwise", file=sys.stderr)
+        return 2
+    rows: list[Row] = []
+    try:
+        with terminate_on_sigterm(), temp_root("tiermail-bench-", args.keep) as root:
+            if not args.tiermail_only:
+                rows += run_postfix(root / "postfix", args)
+            if not args.postfix_only:
+                rows += run_tiermail(root / "tiermail", args)
+    except (BenchError, subprocess.TimeoutExpired) as exc:
+        if rows:
+            print(markdown(rows, args))
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    print(markdown(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

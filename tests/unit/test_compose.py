@@ -1,0 +1,193 @@
+"""Static checks of compose/: no Docker engine runs here, so check what an engine would reject
+or what would fail at run time: references to undeclared volumes and networks, variables
+missing from .env.example, services nobody health-checks, settings tiermail does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from common.settings import PREFIX, Settings
+
+COMPOSE = Path(__file__).resolve().parents[2] / "compose"
+FILES = sorted(COMPOSE.glob("*.yaml"))
+# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}; $$ escapes a dollar.
+VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:[:]?[-?+][^}]*)?\}")
+SETTING_NAMES = {PREFIX + f.name.upper() for f in fields(Settings)}
+
+
+def load(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict), f"{path.name}: not a mapping"
+    return data
+
+
+def all_services() -> dict[str, dict[str, Any]]:
+    services: dict[str, dict[str, Any]] = {}
+    for path in FILES:
+        for name, service in load(path).get("services", {}).items():
+            assert name not in services, f"service {name} defined twice"
+            services[name] = service
+    return services
+
+
+def env_example() -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in (COMPOSE / ".env.example").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f".env.example: not KEY=VALUE: {line!r}"
+        values[key.strip()] = value.strip()
+    return values
+
+
+def named_volumes(service: dict[str, Any]) -> list[str]:
+    names = []
+    for entry in service.get("volumes", []):
+        if isinstance(entry, dict):
+            if entry.get("type", "volume") == "volume" and entry.get("source"):
+                names.append(entry["source"])
+            continue
+        source = str(entry).split(":", 1)[0]
+        # Bind mounts are paths (or a variable holding one); anything else is a named volume.
+        if ":" in str(entry) and not source.startswith((".", "/", "~", "$")):
+            names.append(source)
+    return names
+
+
+def service_networks(service: dict[str, Any]) -> list[str]:
+    networks = service.get("networks", [])
+    return list(networks) if isinstance(networks, (list, dict)) else []
+
+
+def depends_on(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    value = service.get("depends_on", {})
+    if isinstance(value, list):
+        return {name: {"condition": "service_started"} for name in value}
+    return dict(value)
+
+
+def has_healthcheck(service: dict[str, Any]) -> bool:
+    check = service.get("healthcheck")
+    if not check or check.get("disable"):
+        return False
+    test = check.get("test")
+    return bool(test) and test != ["NONE"]
+
+
+def test_expected_files_exist() -> None:
+    names = {p.name for p in FILES}
+    assert {"base.yaml", "filter.yaml", "store.yaml", "webmail.yaml"} <= names
+    assert (COMPOSE / "Dockerfile").is_file()
+    assert (COMPOSE / ".env.example").is_file()
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_file_parses_and_has_services(path: Path) -> None:
+    data = load(path)
+    assert data.get("services"), f"{path.name} defines no services"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_volumes_and_networks_are_declared_in_the_same_file(path: Path) -> None:
+    # Each file declares what it uses, so a tier file also works alone on its own host.
+    data = load(path)
+    declared_volumes = set(data.get("volumes") or {})
+    declared_networks = set(data.get("networks") or {})
+    for name, service in data["services"].items():
+        for volume in named_volumes(service):
+            assert volume in declared_volumes, f"{path.name}: {name} uses undeclared {volume}"
+        for network in service_networks(service):
+            assert network in declared_networks, f"{path.name}: {name} uses undeclared {network}"
+        for entry in service.get("volumes", []):
+            source = str(entry).split(":", 1)[0] if isinstance(entry, str) else ""
+            if source.startswith("./"):
+                assert (COMPOSE / source).exists(), f"{path.name}: {name} mounts missing {source}"
+
+
+def test_every_variable_is_in_env_example() -> None:
+    documented = env_example()
+    used: set[str] = set()
+    for path in FILES:
+        used |= set(VARIABLE.findall(path.read_text()))
+    missing = sorted(used - set(documented))
+    assert not missing, f"variables used in compose/ but missing from .env.example: {missing}"
+    unused = sorted(set(documented) - used)
+    assert not unused, f".env.example lists variables no compose file uses: {unused}"
+
+
+def test_env_example_names_are_not_tiermail_settings() -> None:
+    # tiermail refuses unknown TIERMAIL_* variables; compose-only names must not look like them.
+    assert not [k for k in env_example() if k.startswith(PREFIX)]
+
+
+def test_tier_environment_uses_only_known_settings() -> None:
+    for name, service in all_services().items():
+        environment = service.get("environment", {})
+        keys = (environment if isinstance(environment, dict)
+                else [e.split("=", 1)[0] for e in environment])
+        unknown = [k for k in keys if k.startswith(PREFIX) and k not in SETTING_NAMES]
+        assert not unknown, f"{name}: unknown tiermail settings {unknown}"
+
+
+def test_every_service_is_health_checked() -> None:
+    services = all_services()
+    for name, service in services.items():
+        if has_healthcheck(service):
+            continue
+        healthy_deps = [dep for dep, spec in depends_on(service).items()
+                        if spec.get("condition") == "service_healthy"]
+        assert healthy_deps, f"{name} has no healthcheck and depends on no healthy service"
+
+
+def test_dependencies_exist_and_wait_for_health() -> None:
+    services = all_services()
+    for name, service in services.items():
+        for dep, spec in depends_on(service).items():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            assert spec.get("condition") == "service_healthy", f"{name} -> {dep}: not healthy"
+            assert has_healthcheck(services[dep]), f"{name} waits for {dep}, which has no check"
+
+
+def test_tiers_run_the_tiermail_command() -> None:
+    services = all_services()
+    for tier in ("filter", "store", "webmail"):
+        assert services[tier]["command"] == [tier]
+        assert services[tier]["build"]["dockerfile"] == "compose/Dockerfile"
+    assert "replicas" in services["filter"]["deploy"]
+    assert "replicas" not in services["store"].get("deploy", {}), "the store must not scale"
+
+
+def test_store_keeps_its_data_in_a_named_volume() -> None:
+    store = all_services()["store"]
+    data_dir = store["environment"]["TIERMAIL_DATA_DIR"]
+    assert any(str(v).split(":")[1] == data_dir for v in store["volumes"]
+               if not str(v).startswith((".", "/", "$")))
+
+
+def test_dockerfile_entrypoint_is_tiermail() -> None:
+    instructions: dict[str, str] = {}
+    for line in (COMPOSE / "Dockerfile").read_text().splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word.isupper():
+            instructions[word] = rest.strip()  # the last one wins, as in Docker
+    assert instructions["FROM"].startswith("python:3.11")
+    assert json.loads(instructions["ENTRYPOINT"]) == ["tiermail"]
+    assert instructions["USER"] not in ("root", "0")
+
+
+def test_rabbitmq_accepts_our_largest_message() -> None:
+    conf = (COMPOSE / "rabbitmq" / "rabbitmq.conf").read_text()
+    match = re.search(r"^max_message_size\s*=\s*(\d+)\s*$", conf, re.MULTILINE)
+    assert match, "rabbitmq.conf must set max_message_size (4.x defaults to 16 MiB)"
+    largest = Settings(hostname="test").max_message_size
+    assert int(match.group(1)) >= largest + 1024 * 1024, "no room for the envelope"
