@@ -1,0 +1,339 @@
+"""The delivery consumer: RabbitMQ deliver queue -> mailboxes, acked only once durable.
+
+For each micro-batch (what the broker has handed us, up to the prefetch, collected for a few
+milliseconds) the consumer
+  1. decodes every envelope; an undecodable message is rejected without requeue, so the
+     broker dead-letters it at once (at-least-once dead-lettering, see common.topology);
+  2. checks every mailbox owner against the account database; a message for an owner that no
+     longer exists is copied, with `x-tiermail-reason`, to the dead-letter exchange through a
+     confirmed publish, never silently dropped;
+  3. stores all deliveries of the batch with one `deliver` call (one transaction per user);
+  4. acks (one `multiple` ack when the whole batch succeeded).
+A storage failure falls back to delivering message by message, so one poison message cannot
+hold the rest back: permanent failures (an unusable owner or mailbox) are dead-lettered like
+unknown owners, anything else is nacked with requeue, and the quorum queue's delivery-limit
+(settings.delivery_attempts, counted in x-delivery-count) dead-letters a message that keeps
+failing. A redelivery of something already stored is a no-op thanks to the `delivered` table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+from pamqp.commands import Basic
+
+from common.broker import open_channel
+from common.directory import normalize_address
+from common.envelope import Envelope, EnvelopeError
+from common.settings import Settings
+from common.topology import PERSISTENT, envelope_from_properties
+from services.store.backends.accounts import AccountDB
+from services.store.backends.maildb import MailDB
+from services.store.mailbox import Delivery, NoSuchMailbox, NoSuchUser
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "x-tiermail-reason"
+MAILBOXES_HEADER = "x-tiermail-mailboxes"
+BATCH_WAIT = 0.005  # seconds to wait for more messages before storing a batch
+CONNECT_TIMEOUT = 10.0
+CONFIRM_TIMEOUT = 30.0
+BACKOFF_MIN, BACKOFF_MAX = 0.25, 10.0
+PERMANENT = (NoSuchUser, NoSuchMailbox)
+
+
+@dataclass
+class ConsumerStats:
+    delivered: int = 0  # mailbox copies newly stored
+    duplicates: int = 0  # redeliveries found already stored
+    dead_lettered: int = 0  # messages rejected or copied to the dead-letter exchange
+    requeued: int = 0  # messages nacked back to the queue after a storage failure
+    batches: int = 0
+    connections: int = 0  # broker sessions started (reconnects show up here)
+    consumer_connected: bool = False
+    last_delivery_at: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Item:
+    message: DeliveredMessage
+    envelope: Envelope | None = None
+    deliveries: list[Delivery] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # owners to dead-letter a copy for
+    reason: str = ""
+    ok: bool = True
+
+    @property
+    def tag(self) -> int:
+        return int(self.message.delivery_tag or 0)
+
+    @property
+    def queue_id(self) -> str:
+        return self.envelope.queue_id if self.envelope else str(
+            self.message.header.properties.message_id)
+
+
+class Consumer:
+    def __init__(self, settings: Settings, maildb: MailDB, accounts: AccountDB,
+                 stats: ConsumerStats | None = None) -> None:
+        self._settings = settings
+        self._topology = settings.topology
+        self._maildb = maildb
+        self._accounts = accounts
+        self.stats = stats or ConsumerStats()
+        self._stopping = asyncio.Event()
+        self.consuming = asyncio.Event()  # set while a consumer is registered (for tests)
+
+    async def run(self) -> None:
+        """Consume until stop(); reconnect with backoff whenever the broker goes away."""
+        backoff = BACKOFF_MIN
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("broker session ended: %s: %s", type(exc).__name__, exc,
+                            extra={"event": "amqp-disconnected"})
+            finally:
+                self.stats.consumer_connected = False
+                self.consuming.clear()
+            if self._stopping.is_set():
+                break
+            if time.monotonic() - started > 30:
+                backoff = BACKOFF_MIN
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def stop(self) -> None:
+        """Stop taking new messages; the batch being stored is finished and acked first."""
+        self._stopping.set()
+
+    async def _session(self) -> None:
+        connection, channel = await open_channel(
+            self._settings.amqp_url, self._topology, CONNECT_TIMEOUT, confirms=False)
+        try:
+            publisher = await connection.channel(publisher_confirms=True,
+                                                 on_return_raises=True)
+            await channel.basic_qos(prefetch_count=self._settings.store_prefetch)
+            inbox: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+
+            async def on_message(message: DeliveredMessage) -> None:
+                inbox.put_nowait(message)
+
+            ok = await channel.basic_consume(self._topology.deliver_queue, on_message,
+                                             no_ack=False)
+            self.stats.consumer_connected = True
+            self.stats.connections += 1
+            self.consuming.set()
+            log.info("consuming %s", self._topology.deliver_queue,
+                     extra={"event": "amqp-connected"})
+            await self._loop(connection, channel, publisher, inbox)
+            if not channel.is_closed and ok.consumer_tag:
+                with contextlib.suppress(Exception):
+                    await channel.basic_cancel(ok.consumer_tag, timeout=5)
+        finally:
+            # Anything still unacked (prefetched, not yet stored) goes back to the queue.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
+
+    async def _loop(self, connection: AbstractConnection, channel: AbstractChannel,
+                    publisher: AbstractChannel, inbox: asyncio.Queue[DeliveredMessage]) -> None:
+        loop = asyncio.get_running_loop()
+        closing = connection.closing
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                getter = asyncio.ensure_future(inbox.get())
+                await asyncio.wait({getter, closing, stopping},
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    if closing.done():
+                        closing.result()  # raises the reason, if any
+                        raise ConnectionError("broker connection closed")
+                    return
+                batch = [getter.result()]
+                deadline = loop.time() + BATCH_WAIT
+                while len(batch) < self._settings.store_prefetch:
+                    try:
+                        batch.append(inbox.get_nowait())
+                        continue
+                    except asyncio.QueueEmpty:
+                        pass
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(inbox.get(), remaining))
+                    except TimeoutError:
+                        break
+                # Shielded: a stop or cancel mid-batch still lets this batch be stored and
+                # acked (otherwise it is simply redelivered and deduplicated).
+                await asyncio.shield(self._process(batch, channel, publisher))
+                if self._stopping.is_set():
+                    return
+        finally:
+            stopping.cancel()
+            if not closing.done():
+                closing.cancel()
+
+    async def _process(self, batch: list[DeliveredMessage], channel: AbstractChannel,
+                       publisher: AbstractChannel) -> None:
+        self.stats.batches += 1
+        items: list[_Item] = []
+        owners: set[str] = set()
+        for message in batch:
+            item = _Item(message)
+            try:
+                item.envelope = envelope_from_properties(message.header.properties)
+            except (EnvelopeError, UnicodeDecodeError) as exc:
+                log.error("undecodable message dead-lettered: %s", exc,
+                          extra={"queue_id": item.queue_id, "event": "dead-letter"})
+                await channel.basic_reject(item.tag, requeue=False)
+                self.stats.dead_lettered += 1
+                continue
+            owners.update(_owners(item.envelope))
+            items.append(item)
+        if not items:
+            return
+
+        existing = await asyncio.to_thread(self._existing, owners)
+        deliveries: list[Delivery] = []
+        for item in items:
+            assert item.envelope is not None
+            for owner in _owners(item.envelope):
+                if owner in existing:
+                    item.deliveries.append(_delivery(item.envelope, owner, item.message.body))
+                else:
+                    item.missing.append(owner)
+                    item.reason = "no such mailbox owner"
+            deliveries.extend(item.deliveries)
+
+        try:
+            uids = await self._maildb.deliver_uids(deliveries)
+        except Exception:
+            log.exception("batch of %d deliveries failed; retrying one by one",
+                          len(deliveries), extra={"event": "store-error"})
+            for item in items:
+                await self._deliver_alone(item)
+        else:
+            position = 0
+            for item in items:
+                count = len(item.deliveries)
+                self._log_stored(item, uids[position:position + count])
+                position += count
+
+        for item in items:
+            if item.ok and item.missing:
+                item.ok = await self._dead_letter_copy(publisher, item)
+
+        await self._settle(channel, items)
+
+    def _existing(self, owners: set[str]) -> set[str]:
+        return {owner for owner in owners if self._accounts.user_exists(owner)}
+
+    async def _deliver_alone(self, item: _Item) -> None:
+        stored: list[Delivery] = []
+        uids: list[int | None] = []
+        for delivery in item.deliveries:
+            try:
+                [uid] = await self._maildb.deliver_uids([delivery])
+            except PERMANENT as exc:
+                log.error("cannot deliver to %s: %s", delivery.user, type(exc).__name__,
+                          extra={"queue_id": delivery.queue_id, "user": delivery.user})
+                item.missing.append(delivery.user)
+                item.reason = f"mailbox unusable: {type(exc).__name__}"
+                continue
+            except Exception:
+                log.exception("delivery failed; message goes back to the queue",
+                              extra={"queue_id": delivery.queue_id, "user": delivery.user})
+                item.ok = False
+                continue
+            stored.append(delivery)
+            uids.append(uid)
+        item.deliveries = stored
+        self._log_stored(item, uids)
+
+    def _log_stored(self, item: _Item, uids: list[int | None]) -> None:
+        for delivery, uid in zip(item.deliveries, uids, strict=True):
+            if uid is None:
+                self.stats.duplicates += 1
+                log.info("already delivered", extra={
+                    "queue_id": delivery.queue_id, "user": delivery.user,
+                    "event": "duplicate"})
+            else:
+                self.stats.delivered += 1
+                self.stats.last_delivery_at = time.time()
+                log.info("delivered uid=%d", uid, extra={
+                    "queue_id": delivery.queue_id, "user": delivery.user,
+                    "mailbox": delivery.mailbox, "event": "delivered"})
+
+    async def _dead_letter_copy(self, publisher: AbstractChannel, item: _Item) -> bool:
+        """Publish a copy for the owners we could not deliver to; True once confirmed."""
+        props = item.message.header.properties
+        headers = dict(props.headers or {})
+        headers[REASON_HEADER] = item.reason
+        headers[MAILBOXES_HEADER] = ",".join(item.missing)
+        properties = Basic.Properties(
+            delivery_mode=PERSISTENT, message_id=props.message_id,
+            content_type=props.content_type, timestamp=props.timestamp, headers=headers)
+        try:
+            await publisher.basic_publish(
+                item.message.body, exchange=self._topology.dead_exchange,
+                routing_key=self._topology.deliver_queue, properties=properties,
+                mandatory=True, timeout=CONFIRM_TIMEOUT)
+        except Exception as exc:
+            log.error("dead-letter copy not confirmed (%s); message goes back to the queue",
+                      exc, extra={"queue_id": item.queue_id, "event": "dead-letter"})
+            return False
+        self.stats.dead_lettered += 1
+        log.warning("dead-lettered a copy for %s: %s", ",".join(item.missing), item.reason,
+                    extra={"queue_id": item.queue_id, "event": "dead-letter"})
+        return True
+
+    async def _settle(self, channel: AbstractChannel, items: list[_Item]) -> None:
+        if all(item.ok for item in items):
+            # The batch holds the lowest unsettled tags on this channel (FIFO), and the
+            # rejected ones were settled above, so one multiple ack covers exactly the batch.
+            await channel.basic_ack(max(item.tag for item in items), multiple=True)
+            return
+        for item in items:
+            if item.ok:
+                await channel.basic_ack(item.tag)
+            else:
+                headers = item.message.header.properties.headers or {}
+                self.stats.requeued += 1
+                log.warning("requeued after a storage failure (delivery count %s)",
+                            headers.get("x-delivery-count", 0),
+                            extra={"queue_id": item.queue_id, "event": "requeue"})
+                await channel.basic_nack(item.tag, requeue=True)
+
+
+def _owners(envelope: Envelope) -> list[str]:
+    """The envelope's mailbox owners in the form accounts and mailboxes are keyed by."""
+    return list(dict.fromkeys(normalize_address(m) for m in envelope.mailboxes))
+
+
+def _delivery(envelope: Envelope, owner: str, body: bytes) -> Delivery:
+    # RFC 5321 4.4: the final delivery adds Return-Path with the reverse-path; Delivered-To
+    # (as Postfix and Dovecot add it) records which mailbox this copy was for.
+    trace = f"Return-Path: <{_header_safe(envelope.mail_from)}>\r\n" \
+            f"Delivered-To: {_header_safe(owner)}\r\n"
+    return Delivery(queue_id=envelope.queue_id, user=owner, body=trace.encode() + body,
+                    received_at=envelope.received_at)
+
+
+def _header_safe(value: str) -> str:
+    return "".join(ch for ch in value if ch not in "\r\n\x00")

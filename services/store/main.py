@@ -1,0 +1,143 @@
+"""The store tier's entry point: `tiermail store` calls `serve(settings)`.
+
+One process owns every mailbox. Resources are opened in an AsyncExitStack and closed in reverse:
+account database, mail store (after its crash sweep), Redis (directory publisher, heartbeat),
+the POP3 listeners, and the delivery consumer. SIGTERM/SIGINT stop consuming, let the batch in
+flight be stored and acked, close the listeners and exit.
+
+Redis being down never stops the store: the directory is (re)published in the background until
+it succeeds, and POP3 and delivery keep working without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import signal
+from contextlib import AsyncExitStack
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common.directory import Directory
+from common.health import Heartbeat
+from common.settings import Settings
+from services.store.backends.accounts import AccountDB
+from services.store.backends.maildb import MailDB
+from services.store.consumer import Consumer, ConsumerStats
+
+log = logging.getLogger(__name__)
+
+DIRECTORY_CHECK_INTERVAL = 30.0  # republish if Redis lost the directory (restart, flush)
+DIRECTORY_RETRY_MAX = 10.0
+
+
+def serve(settings: Settings) -> None:
+    """Run the store tier until SIGTERM or SIGINT."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at runtime
+        asyncio.run(run(settings))
+    else:
+        uvloop.run(run(settings))
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+
+    async with AsyncExitStack() as stack:
+        accounts = AccountDB.for_store(settings.store_dir)
+        stack.callback(accounts.close)
+
+        maildb = MailDB.for_store(settings.store_dir)
+        stack.push_async_callback(maildb.close)
+        swept = await maildb.sweep()
+        log.info("mail store ready at %s (sweep checked %d users, removed %d files)",
+                 maildb.root, swept.users, swept.files_removed, extra={"event": "sweep"})
+
+        redis = aioredis.from_url(settings.redis_url)
+        stack.push_async_callback(redis.aclose)
+        directory = Directory(redis, settings.redis_prefix)
+        publisher = asyncio.create_task(_keep_directory_published(directory, accounts),
+                                        name="directory-publisher")
+        stack.push_async_callback(_cancel, publisher)
+
+        stats = ConsumerStats()
+        await stack.enter_async_context(
+            Heartbeat(redis, settings.redis_prefix, "store", stats.as_dict))
+
+        servers = await _start_pop3(settings, maildb, accounts)
+        stack.push_async_callback(_close_servers, servers)
+
+        consumer = Consumer(settings, maildb, accounts, stats)
+        consuming = asyncio.create_task(consumer.run(), name="consumer")
+        log.info("store running", extra={"event": "started"})
+
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopped, consuming}, return_when=asyncio.FIRST_COMPLETED)
+        log.info("store stopping", extra={"event": "stopping"})
+        consumer.stop()
+        try:
+            await asyncio.wait_for(consuming, 60)
+        except TimeoutError:
+            log.error("consumer did not stop in time", extra={"event": "stopping"})
+        stopped.cancel()
+        if consuming.done() and not consuming.cancelled() and consuming.exception():
+            log.error("consumer crashed", exc_info=consuming.exception())
+    log.info("store stopped", extra={"event": "stopped"})
+
+
+async def _keep_directory_published(directory: Directory, accounts: AccountDB) -> None:
+    """Publish the directory now, retrying while Redis is down; republish if it vanishes."""
+    delay = 0.5
+    published = False
+    while True:
+        try:
+            if not published or not await directory.is_published():
+                snapshot = await asyncio.to_thread(accounts.snapshot)
+                await directory.publish(snapshot)
+                log.info("directory published: %d domains, %d users, %d aliases",
+                         len(snapshot.domains), len(snapshot.users), len(snapshot.aliases),
+                         extra={"event": "directory"})
+                published = True
+            delay = 0.5
+            await asyncio.sleep(DIRECTORY_CHECK_INTERVAL)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("directory not published (%s: %s); retrying in %.1fs",
+                        type(exc).__name__, exc, delay, extra={"event": "directory"})
+            published = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, DIRECTORY_RETRY_MAX)
+
+
+async def _start_pop3(settings: Settings, maildb: MailDB,
+                      accounts: AccountDB) -> list[asyncio.AbstractServer]:
+    if importlib.util.find_spec("services.store.pop3.server") is None:
+        log.warning("POP3 is not available in this build", extra={"event": "pop3"})
+        return []
+    from services.store.pop3.server import start_pop3_servers  # type: ignore[import-not-found,unused-ignore]
+
+    servers: list[asyncio.AbstractServer] = await start_pop3_servers(settings, maildb, accounts)
+    return servers
+
+
+async def _close_servers(servers: list[Any]) -> None:
+    for server in servers:
+        server.close()
+    for server in servers:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,142 @@
+"""Shared pieces of the store integration tests: accounts, publishing, mailbox inspection."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import aiormq
+
+from common.broker import Publisher
+from common.envelope import Envelope, Recipient
+from common.ids import new_queue_id
+from common.settings import Settings
+from services.store.backends.accounts import AccountDB
+from services.store.backends.maildb import user_path
+
+DOMAIN = "example.test"
+QUEUE_ID_HEADER = re.compile(rb"^X-Test-Queue-Id: (\S+)\r$", re.MULTILINE)
+
+
+def add_users(settings: Settings, users: Iterable[str]) -> None:
+    accounts = AccountDB.for_store(settings.store_dir)
+    try:
+        accounts.add_domain(DOMAIN)
+        for user in users:
+            accounts.add_user(user, "not-a-real-hash")  # no logins in these tests
+    finally:
+        accounts.close()
+
+
+def make_message(*owners: str) -> tuple[Envelope, bytes]:
+    queue_id = new_queue_id()
+    body = (f"From: sender@remote.test\r\nTo: {', '.join(owners)}\r\n"
+            f"Subject: test {queue_id}\r\nX-Test-Queue-Id: {queue_id}\r\n\r\nhello\r\n").encode()
+    envelope = Envelope(
+        queue_id=queue_id, mail_from="sender@remote.test",
+        recipients=tuple(Recipient(o, (o,)) for o in owners),
+        client_ip="127.0.0.1", client_helo="remote.test", received_at=time.time(),
+        size=len(body))
+    return envelope, body
+
+
+async def publish_all(settings: Settings, messages: list[tuple[Envelope, bytes]],
+                      concurrency: int = 200) -> None:
+    publisher = Publisher(settings.amqp_url, settings.topology)
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(envelope: Envelope, body: bytes) -> None:
+        async with limit:
+            await publisher.publish(envelope, body)
+
+    try:
+        await publisher.ensure_connected()
+        await asyncio.gather(*(one(e, b) for e, b in messages))
+    finally:
+        await publisher.close()
+
+
+async def queue_counts(settings: Settings, queue: str) -> int:
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        ok = await channel.queue_declare(queue, passive=True)
+        return int(ok.message_count or 0)
+    finally:
+        await connection.close()
+
+
+async def wait_for(predicate: Callable[[], object], within: float = 30.0,
+                   what: str = "condition") -> None:
+    """Async twin of tests.support.wait_until; the predicate may be a coroutine function."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
+
+
+def stored_count(store_dir: Path, users: Iterable[str]) -> int:
+    """Messages in the users' INBOXes, read straight from the index files (any process)."""
+    maildb_root = store_dir / "mail"
+    total = 0
+    for user in users:
+        index = user_path(maildb_root, user) / "index.sqlite"
+        if not index.exists():
+            continue
+        conn = sqlite3.connect(f"{index.as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            total += conn.execute("SELECT count(*) FROM message").fetchone()[0]
+        except sqlite3.OperationalError:
+            pass
+        finally:
+            conn.close()
+    return total
+
+
+def check_mailboxes(store_dir: Path, users: Iterable[str]) -> Counter[str]:
+    """Verify every index against its files; return how often each test queue id was stored."""
+    seen: Counter[str] = Counter()
+    root = store_dir / "mail"
+    for user in users:
+        base = user_path(root, user)
+        index = base / "index.sqlite"
+        if not index.exists():
+            continue
+        conn = sqlite3.connect(index)
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            rows = conn.execute("SELECT uid, guid, size, modseq FROM message"
+                                " ORDER BY uid").fetchall()
+            uidnext, highest = conn.execute(
+                "SELECT uidnext, highestmodseq FROM mailbox WHERE name = 'INBOX'").fetchone()
+            delivered = {r[0] for r in conn.execute("SELECT queue_id FROM delivered")}
+        finally:
+            conn.close()
+        uids = [r[0] for r in rows]
+        assert len(uids) == len(set(uids)), f"duplicate uids for {user}"
+        assert all(0 < uid < uidnext for uid in uids)
+        assert all(r[3] <= highest for r in rows)
+        indexed = set()
+        for uid, guid, size, _ in rows:
+            path = base / "m" / guid[:2] / guid
+            data = path.read_bytes()  # every index row has its file
+            assert len(data) == size, f"{user} uid {uid}: size mismatch"
+            match = QUEUE_ID_HEADER.search(data)
+            assert match, f"{user} uid {uid}: no test queue id in the stored message"
+            seen[match.group(1).decode()] += 1
+            assert match.group(1).decode() in delivered
+            indexed.add(guid)
+        files = {p.name for p in (base / "m").rglob("*") if p.is_file()}
+        assert files == indexed, f"{user}: orphan files {sorted(files - indexed)[:5]}"
+        assert not any((base / "tmp").iterdir()), f"{user}: tmp files left"
+    return seen

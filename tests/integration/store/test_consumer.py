@@ -1,0 +1,210 @@
+"""The delivery consumer, in-process, against the real RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator
+
+import aiormq
+import pytest
+from pamqp.commands import Basic
+
+from common.settings import Settings
+from common.topology import DELIVER_ROUTING_KEY, ENVELOPE_HEADER, PERSISTENT
+from services.store.backends.accounts import AccountDB
+from services.store.backends.maildb import MailDB
+from services.store.consumer import MAILBOXES_HEADER, REASON_HEADER, Consumer
+from services.store.deadletters import dead_letter_count
+from services.store.mailbox import Delivery
+from tests.integration.store.helpers import (
+    add_users,
+    check_mailboxes,
+    make_message,
+    publish_all,
+    queue_counts,
+    wait_for,
+)
+
+ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
+
+
+class Running:
+    def __init__(self, settings: Settings, maildb: MailDB) -> None:
+        self.settings = settings
+        self.maildb = maildb
+        self.accounts = AccountDB.for_store(settings.store_dir)
+        self.consumer = Consumer(settings, maildb, self.accounts)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.consumer.run())
+        await asyncio.wait_for(self.consumer.consuming.wait(), 15)
+
+    async def stop(self) -> None:
+        self.consumer.stop()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 30)
+        self.accounts.close()
+
+    async def depth(self) -> int:
+        return await queue_counts(self.settings, self.settings.topology.deliver_queue)
+
+    async def dead(self) -> int:
+        return await dead_letter_count(self.settings)
+
+
+async def _running(settings: Settings, maildb: MailDB | None = None) -> Running:
+    running = Running(settings, maildb or MailDB.for_store(settings.store_dir))
+    await running.start()
+    return running
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Running]:
+    add_users(settings, [ALICE, BOB, CAROL])
+    running = await _running(settings)
+    yield running
+    await running.stop()
+    await running.maildb.close()
+
+
+async def test_delivers_each_message_exactly_once(store: Running) -> None:
+    owners = [ALICE, BOB, CAROL]
+    messages = [make_message(owners[i % 3]) for i in range(297)]
+    messages += [make_message(ALICE, BOB) for _ in range(3)]  # two copies each
+    started = time.perf_counter()
+    await publish_all(store.settings, messages)
+    await wait_for(lambda: store.consumer.stats.delivered >= 303, what="all deliveries")
+    elapsed = time.perf_counter() - started
+    await wait_for(lambda: _zero(store.depth()), what="queue drained (acked)")
+    print(f"\nconsumer: 300 messages (303 copies) published and stored in {elapsed:.2f}s "
+          f"({303 / elapsed:.0f} copies/s, {store.consumer.stats.batches} batches)")
+    seen = check_mailboxes(store.settings.store_dir, owners)
+    assert sum(seen.values()) == 303
+    assert {e.queue_id for e, _ in messages} == set(seen)
+    assert seen[messages[-1][0].queue_id] == 2
+    assert store.consumer.stats.duplicates == 0
+    assert await store.dead() == 0
+    # The stored copy starts with the trace headers the store adds.
+    [first] = (await store.maildb.list_messages(BOB))[:1]
+    with store.maildb.open_message(BOB, first.guid) as f:
+        assert f.read().startswith(b"Return-Path: <sender@remote.test>\r\n"
+                                   b"Delivered-To: bob@example.test\r\n")
+
+
+async def _zero(depth: object) -> bool:
+    return await depth == 0  # type: ignore[misc]
+
+
+async def test_undecodable_message_is_dead_lettered_once(store: Running) -> None:
+    connection = await aiormq.connect(store.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.confirm_delivery()
+        topology = store.settings.topology
+        await channel.basic_publish(
+            b"garbage", exchange=topology.inbound_exchange, routing_key=DELIVER_ROUTING_KEY,
+            properties=Basic.Properties(delivery_mode=PERSISTENT, message_id="bad1",
+                                        headers={ENVELOPE_HEADER: "{not json"}))
+        await channel.basic_publish(
+            b"no envelope", exchange=topology.inbound_exchange,
+            routing_key=DELIVER_ROUTING_KEY, properties=Basic.Properties(delivery_mode=2))
+    finally:
+        await connection.close()
+    good = [make_message(ALICE)]
+    await publish_all(store.settings, good)
+    await wait_for(lambda: store.consumer.stats.delivered >= 1, what="good message")
+    await wait_for(store.dead, what="dead letter")
+    await wait_for(lambda: _eq(store.dead(), 2), what="both bad messages dead-lettered")
+    await wait_for(lambda: _zero(store.depth()), what="queue drained")
+    assert store.consumer.stats.dead_lettered == 2
+    assert store.consumer.stats.requeued == 0
+    assert len(await store.maildb.list_messages(ALICE)) == 1
+
+
+async def _eq(value: object, expected: int) -> bool:
+    return await value == expected  # type: ignore[misc]
+
+
+async def test_unknown_owner_gets_a_dead_letter_copy(store: Running) -> None:
+    ghost = "ghost@example.test"
+    mixed = make_message(ALICE, ghost)
+    only_ghost = make_message(ghost)
+    await publish_all(store.settings, [mixed, only_ghost])
+    await wait_for(lambda: _eq(store.dead(), 2), what="two dead-letter copies")
+    await wait_for(lambda: _zero(store.depth()), what="queue drained")
+    seen = check_mailboxes(store.settings.store_dir, [ALICE])
+    assert seen == {mixed[0].queue_id: 1}
+
+    connection = await aiormq.connect(store.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        got = await channel.basic_get(store.settings.topology.dead_queue, no_ack=True)
+        headers = got.header.properties.headers or {}
+        assert headers[REASON_HEADER] == "no such mailbox owner"
+        assert headers[MAILBOXES_HEADER] == ghost
+        assert ENVELOPE_HEADER in headers  # the original envelope rides along for a replay
+        assert got.body == mixed[1]
+    finally:
+        await connection.close()
+
+
+class FlakyMailDB(MailDB):
+    """A real MailDB whose disk 'fails' for one particular message."""
+
+    async def deliver_uids(self, deliveries: list[Delivery]) -> list[int | None]:
+        if any(b"POISON" in d.body for d in deliveries):
+            raise OSError(5, "Input/output error")
+        return await super().deliver_uids(deliveries)
+
+
+async def test_storage_failure_requeues_then_dead_letters(settings: Settings) -> None:
+    settings = settings.replace(delivery_attempts=3)
+    add_users(settings, [ALICE])
+    maildb = FlakyMailDB.for_store(settings.store_dir)
+    store = await _running(settings, maildb)
+    try:
+        envelope, body = make_message(ALICE)
+        poison = (envelope, body.replace(b"hello", b"POISON"))
+        good = [make_message(ALICE) for _ in range(20)]
+        await publish_all(settings, [poison, *good])
+        await wait_for(lambda: _eq(store.dead(), 1), within=30,
+                       what="poison message dead-lettered after the delivery limit")
+        await wait_for(lambda: _zero(store.depth()), what="queue drained")
+        assert store.consumer.stats.requeued >= 3
+        seen = check_mailboxes(settings.store_dir, [ALICE])
+        assert set(seen) == {e.queue_id for e, _ in good}
+        assert all(count == 1 for count in seen.values())
+    finally:
+        await store.stop()
+        await maildb.close()
+
+
+async def test_redelivery_after_lost_ack_is_not_duplicated(store: Running) -> None:
+    # Store a message as if a previous store process had crashed after COMMIT, before the ack.
+    envelope, body = make_message(ALICE)
+    from services.store.consumer import _delivery
+
+    assert await store.maildb.deliver([_delivery(envelope, ALICE, body)]) == [True]
+    await publish_all(store.settings, [(envelope, body)])
+    await wait_for(lambda: store.consumer.stats.duplicates >= 1, what="duplicate seen")
+    await wait_for(lambda: _zero(store.depth()), what="queue drained")
+    assert len(await store.maildb.list_messages(ALICE)) == 1
+    assert store.consumer.stats.delivered == 0
+
+
+async def test_reconnects_after_broker_connection_loss(store: Running) -> None:
+    await publish_all(store.settings, [make_message(ALICE)])
+    await wait_for(lambda: store.consumer.stats.delivered >= 1, what="first delivery")
+    assert store.consumer.stats.connections == 1
+    # Close the consumer's connection from the broker side.
+    vhost = store.settings.amqp_url.rsplit("/", 1)[1]
+    await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "test"],
+        capture_output=True, text=True, check=True, timeout=60)
+    await wait_for(lambda: store.consumer.stats.connections >= 2 and
+                   store.consumer.consuming.is_set(), what="reconnected")
+    await publish_all(store.settings, [make_message(ALICE)])
+    await wait_for(lambda: store.consumer.stats.delivered >= 2, what="delivery after reconnect")

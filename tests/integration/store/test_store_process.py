@@ -1,0 +1,124 @@
+"""The real `tiermail store` process: backlog after an outage, SIGKILL mid-delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import poplib
+import random
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from common.passwords import hash_password
+from common.settings import Settings
+from services.store.backends.accounts import AccountDB
+from tests.integration.store.helpers import (
+    add_users,
+    check_mailboxes,
+    make_message,
+    publish_all,
+    stored_count,
+)
+from tests.support import TierProcess, dead_letter_depth, queue_depth, wait_until
+
+USERS = [f"user{i}@example.test" for i in range(4)]
+
+
+def _publish(settings: Settings, count: int) -> set[str]:
+    messages = [make_message(USERS[i % len(USERS)]) for i in range(count)]
+    asyncio.run(publish_all(settings, messages))
+    return {envelope.queue_id for envelope, _ in messages}
+
+
+@pytest.mark.slow
+def test_backlog_is_delivered_once_the_store_returns(
+        settings: Settings, run_tier: Callable[..., TierProcess],
+        redis_client: redis.Redis) -> None:
+    add_users(settings, USERS)
+    accounts = AccountDB.for_store(settings.store_dir)
+    accounts.set_password(USERS[0], hash_password("secret pw"))
+    accounts.close()
+    queue_ids = _publish(settings, 1000)  # the store is not running: mail waits in the queue
+    assert queue_depth(settings) == 1000
+
+    started = time.monotonic()
+    store = run_tier(settings, "store")
+    wait_until(lambda: stored_count(settings.store_dir, USERS) == 1000, timeout=60,
+               what="1000 messages stored")
+    elapsed = time.monotonic() - started
+    wait_until(lambda: queue_depth(settings) == 0, what="queue drained")
+    print(f"\nstore process: 1000 queued messages delivered in {elapsed:.2f}s "
+          "(including process start)")
+    # The directory and a heartbeat are in Redis.
+    assert redis_client.exists(f"{settings.redis_prefix}dir:version")
+    wait_until(lambda: any(redis_client.scan_iter(
+        match=f"{settings.redis_prefix}health:store:*")), what="heartbeat")
+
+    # POP3 is served by the same process, from the same mailboxes.
+    pop = poplib.POP3("127.0.0.1", settings.pop3_port, timeout=10)
+    try:
+        pop.user(USERS[0])
+        pop.pass_("secret pw")
+        assert pop.stat()[0] == 250
+    finally:
+        pop.quit()
+
+    store.kill(signal.SIGTERM)
+    assert store.proc.returncode == 0, store.output()
+    assert "store stopped" in store.output()
+    seen = check_mailboxes(settings.store_dir, USERS)
+    assert set(seen) == queue_ids
+    assert all(count == 1 for count in seen.values())
+    assert dead_letter_depth(settings) == 0
+
+
+@pytest.mark.slow
+def test_sigkill_during_delivery_loses_and_duplicates_nothing(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    # Every kill returns the prefetched messages to the queue and counts as a delivery
+    # attempt; keep the limit far above the number of kills so nothing is dead-lettered.
+    settings = settings.replace(delivery_attempts=1000)
+    add_users(settings, USERS)
+    queue_ids = _publish(settings, 2000)
+    rng = random.Random(20261122)
+    kills_mid_delivery = 0
+    for _ in range(6):
+        before = stored_count(settings.store_dir, USERS)
+        if before == 2000:
+            break
+        store = run_tier(settings, "store")
+
+        def progressed(store: TierProcess = store, before: int = before) -> bool:
+            return stored_count(settings.store_dir, USERS) > before or not store.alive
+
+        wait_until(progressed, timeout=30, interval=0.01, what="store making progress")
+        time.sleep(rng.uniform(0.05, 0.4))
+        at_kill = stored_count(settings.store_dir, USERS)
+        store.kill(signal.SIGKILL)
+        if at_kill < 2000:
+            kills_mid_delivery += 1
+    assert kills_mid_delivery >= 3, "the store finished too fast to be killed mid-delivery"
+
+    store = run_tier(settings, "store")
+    wait_until(lambda: stored_count(settings.store_dir, USERS) >= 2000, timeout=60,
+               what="all 2000 messages stored")
+    wait_until(lambda: queue_depth(settings) == 0, what="queue drained")
+    store.kill(signal.SIGTERM)
+    assert store.proc.returncode == 0, store.output()
+    # A clean restart's sweep finds nothing left to remove.
+    store = run_tier(settings, "store")
+    wait_until(lambda: "store running" in store.output(), what="restart")
+    store.kill(signal.SIGTERM)
+    assert "removed 0 files" in store.output()
+
+    seen = check_mailboxes(settings.store_dir, USERS)  # integrity, files, no orphans
+    assert sum(seen.values()) == 2000
+    assert set(seen) == queue_ids
+    duplicates = {qid: n for qid, n in seen.items() if n > 1}
+    assert not duplicates
+    assert dead_letter_depth(settings) == 0
+    print(f"\nstore process: 2000 messages, {kills_mid_delivery} SIGKILLs mid-delivery, "
+          "each stored exactly once")

@@ -1,0 +1,232 @@
+"""MailDB: the per-user SQLite index plus immutable message files."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.store.backends.maildb import MailDB, user_dir_name
+from services.store.mailbox import INBOX, Delivery, NoSuchMailbox, NoSuchMessage, NoSuchUser
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+
+
+def delivery(queue_id: str, user: str = ALICE, body: bytes | None = None) -> Delivery:
+    if body is None:
+        body = f"Subject: {queue_id}\r\n\r\nhi\r\n".encode()
+    return Delivery(queue_id=queue_id, user=user, body=body, received_at=1_700_000_000.0)
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[MailDB]:
+    store = MailDB(tmp_path / "mail", max_open=4)
+    yield store
+    await store.close()
+
+
+async def test_deliver_list_read(db: MailDB) -> None:
+    assert await db.deliver([delivery("q1"), delivery("q2"), delivery("q3", BOB)]) == [
+        True, True, True]
+    messages = await db.list_messages(ALICE)
+    assert [m.uid for m in messages] == [1, 2]
+    assert all(m.flags == frozenset() for m in messages)
+    with db.open_message(ALICE, messages[0].guid) as f:
+        assert f.read() == delivery("q1").body
+    assert messages[0].size == len(delivery("q1").body)
+    assert messages[0].internaldate == 1_700_000_000.0
+    status = await db.status(ALICE)
+    assert (status.name, status.messages, status.uidnext) == (INBOX, 2, 3)
+    assert status.uidvalidity > 0
+    assert [m.uid for m in await db.list_messages(BOB)] == [1]
+    # Message files belong to their owner: Bob cannot open Alice's by guid.
+    with pytest.raises(NoSuchMessage):
+        db.open_message(BOB, messages[0].guid)
+
+
+async def test_redelivery_is_idempotent(db: MailDB) -> None:
+    assert await db.deliver([delivery("q1")]) == [True]
+    assert await db.deliver([delivery("q1")]) == [False]
+    # Within one batch too, and mixed with new ones.
+    assert await db.deliver([delivery("q2"), delivery("q2"), delivery("q1")]) == [
+        True, False, False]
+    messages = await db.list_messages(ALICE)
+    assert len(messages) == 2
+    files = list((db.user_path(ALICE) / "m").rglob("*"))
+    assert len([f for f in files if f.is_file()]) == 2
+    # The same queue id for another user is a different delivery.
+    assert await db.deliver([delivery("q1", BOB)]) == [True]
+
+
+async def test_uids_never_reused_after_expunge_and_reopen(tmp_path: Path) -> None:
+    db = MailDB(tmp_path / "mail")
+    await db.deliver([delivery(f"q{i}") for i in range(5)])
+    before = await db.status(ALICE)
+    messages = await db.list_messages(ALICE)
+    await db.expunge(ALICE, INBOX, [messages[-1].uid, messages[-2].uid])
+    assert not (db.user_path(ALICE) / "m" / messages[-1].guid[:2] / messages[-1].guid).exists()
+    await db.close()
+
+    db = MailDB(tmp_path / "mail")
+    try:
+        await db.deliver([delivery("q-new")])
+        after = await db.list_messages(ALICE)
+        assert [m.uid for m in after] == [1, 2, 3, 6]
+        status = await db.status(ALICE)
+        assert status.uidvalidity == before.uidvalidity
+        assert status.uidnext == 7
+        assert status.messages == 4
+    finally:
+        await db.close()
+
+
+async def test_modseq_increases(db: MailDB) -> None:
+    await db.deliver([delivery("q1")])
+    first = await db.status(ALICE)
+    await db.deliver([delivery("q2"), delivery("q3")])
+    second = await db.status(ALICE)
+    assert second.highestmodseq > first.highestmodseq
+    messages = await db.list_messages(ALICE)
+    modseqs = [m.modseq for m in messages]
+    assert modseqs == sorted(set(modseqs))
+    assert max(modseqs) == second.highestmodseq
+    await db.expunge(ALICE, INBOX, [messages[0].uid])
+    third = await db.status(ALICE)
+    assert third.highestmodseq > second.highestmodseq
+
+
+async def test_uidvalidity_unique_per_mailbox(db: MailDB) -> None:
+    await db.deliver([delivery("q1", ALICE), delivery("q1", BOB)])
+    a, b = await db.status(ALICE), await db.status(BOB)
+    assert a.uidvalidity != b.uidvalidity
+    assert abs(a.uidvalidity - time.time()) < 3600
+
+
+async def test_status_of_user_without_mail(db: MailDB) -> None:
+    assert await db.list_messages("carol@example.test") == []
+    status = await db.status("carol@example.test")
+    assert status.messages == 0 and status.uidnext == 1 and status.uidvalidity > 0
+    with pytest.raises(NoSuchMailbox):
+        await db.status("carol@example.test", "Archive")
+    with pytest.raises(NoSuchMailbox):
+        await db.deliver([Delivery("q", ALICE, b"x", 0.0, mailbox="Nope")])
+
+
+async def test_orphan_sweep(tmp_path: Path) -> None:
+    db = MailDB(tmp_path / "mail")
+    await db.deliver([delivery("q1")])
+    base = db.user_path(ALICE)
+    # What a crash between rename and COMMIT, or mid-write, leaves behind.
+    orphan = base / "m" / "ab" / ("ab" + "0" * 30)
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"orphan")
+    (base / "tmp" / ("cd" + "1" * 30)).write_bytes(b"half")
+    await db.close()  # a clean close empties the inflight journal...
+    (db.root / "inflight").write_text(ALICE + "\n")  # ...a crash leaves the batch's users
+
+    db = MailDB(tmp_path / "mail")
+    try:
+        result = await db.sweep()  # the journal names alice: she had a batch in flight
+        assert result.files_removed == 2
+        assert not orphan.exists()
+        [message] = await db.list_messages(ALICE)
+        with db.open_message(ALICE, message.guid) as f:
+            assert f.read() == delivery("q1").body
+        assert (await db.sweep()).users == 0  # journal cleared
+        orphan.write_bytes(b"again")
+        assert (await db.sweep(full=True)).files_removed == 1
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("bad", [
+    "../etc@x.test", "a/b@x.test", "a\x00@x.test", "..", ".hidden@x.test", "", "noat",
+    "UPPER@x.test", "a\\b@x.test", "x" * 300 + "@x.test", "a\n@x.test",
+])
+async def test_path_safety(db: MailDB, bad: str) -> None:
+    with pytest.raises(NoSuchUser):
+        user_dir_name(bad)
+    with pytest.raises(NoSuchUser):
+        await db.deliver([delivery("q1", bad)])
+    with pytest.raises(NoSuchUser):
+        await db.list_messages(bad)
+    with pytest.raises(NoSuchUser):
+        db.open_message(bad, "0" * 32)
+    assert not any(p.name.startswith("..") for p in db.root.rglob("*"))
+
+
+async def test_guid_is_checked(db: MailDB) -> None:
+    await db.deliver([delivery("q1")])
+    for guid in ("../index.sqlite", "../../x", "0" * 31, "G" * 32):
+        with pytest.raises(NoSuchMessage):
+            db.open_message(ALICE, guid)
+
+
+async def test_failed_batch_leaves_no_files(db: MailDB) -> None:
+    await db.deliver([delivery("q1")])
+    with pytest.raises(NoSuchMailbox):
+        await db.deliver([delivery("q2"), Delivery("q3", ALICE, b"x", 0.0, mailbox="Nope")])
+    assert len(await db.list_messages(ALICE)) == 1
+    files = [f for f in (db.user_path(ALICE) / "m").rglob("*") if f.is_file()]
+    assert len(files) == 1
+    assert await db.deliver([delivery("q2")]) == [True]
+
+
+async def test_connection_lru_bound(db: MailDB) -> None:
+    users = [f"user{i}@example.test" for i in range(20)]
+    await db.deliver([delivery("q", u) for u in users])
+    assert len(db._open) <= 4  # max_open of the fixture
+    for u in users:
+        assert len(await db.list_messages(u)) == 1
+
+
+async def test_index_is_durable_mode(db: MailDB) -> None:
+    await db.deliver([delivery("q1")])
+    conn = sqlite3.connect(db.user_path(ALICE) / "index.sqlite")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+async def test_100k_messages_listing(db: MailDB) -> None:
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    n = 100_000
+    # Bulk-load the index directly (100k fsyncs would measure the disk, not the index);
+    # the delivery path itself is measured on a smaller batch below.
+    started = time.perf_counter()
+    batch = [delivery(f"d{i}", body=body) for i in range(500)]
+    await db.deliver(batch)
+    per_second = len(batch) / (time.perf_counter() - started)
+    conn = sqlite3.connect(db.user_path(ALICE) / "index.sqlite", isolation_level=None)
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags, modseq)"
+        " VALUES (1, ?, ?, 20, 0, ?, ?)",
+        ((uid, f"{uid:032x}", "\\Seen" if uid % 3 else "", uid) for uid in range(1000, 1000 + n)),
+    )
+    conn.execute("UPDATE mailbox SET uidnext = ?, highestmodseq = ?", (1000 + n, 1000 + n))
+    conn.execute("COMMIT")
+    conn.close()
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        messages = await db.list_messages(ALICE)
+        timings.append(time.perf_counter() - started)
+    assert len(messages) == n + 500
+    started = time.perf_counter()
+    status = await db.status(ALICE)
+    status_time = time.perf_counter() - started
+    assert status.messages == n + 500
+    started = time.perf_counter()
+    assert await db.deliver([delivery("after", body=body)]) == [True]
+    one_more = time.perf_counter() - started
+    print(f"\nmaildb: batch of 500 delivered at {per_second:.0f}/s; "
+          f"list_messages of {n + 500}: best {min(timings) * 1000:.0f} ms; "
+          f"status {status_time * 1000:.1f} ms; one delivery into it {one_more * 1000:.1f} ms")
