@@ -38,28 +38,35 @@ class Heartbeat:
         self._stats = stats
         self._started = time.time()
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     async def __aenter__(self) -> Heartbeat:
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self._tier}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # An event, not Task.cancel(): redis-py can swallow a cancellation that lands while it
+        # opens a connection, and the loop would then never end.
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                await asyncio.wait_for(self._task, TTL)
+            except Exception as error:
+                log.warning("heartbeat did not stop cleanly: %r", error)
         with contextlib.suppress(Exception):
-            await self._redis.delete(self._key)
+            await asyncio.wait_for(self._redis.delete(self._key), 2.0)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stop.is_set():
             payload = {"tier": self._tier, "pid": os.getpid(), "host": socket.gethostname(),
                        "started": self._started, "at": time.time(), **self._stats()}
             try:
-                await self._redis.set(self._key, json.dumps(payload), ex=TTL)
+                await asyncio.wait_for(
+                    self._redis.set(self._key, json.dumps(payload), ex=TTL), TTL)
             except Exception as exc:  # Redis down must not take a tier down.
                 log.warning("heartbeat not written: %s", exc, extra={"event": "heartbeat"})
-            await asyncio.sleep(INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), INTERVAL)
 
 
 async def read_heartbeats(redis: Redis, prefix: str) -> list[dict[str, Any]]:

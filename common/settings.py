@@ -67,6 +67,7 @@ class Settings:
     smtp_command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
     smtp_data_timeout: float = 180.0  # RFC 5321 4.5.3.2.5: 3 minutes between data blocks
     smtp_max_connections: int = 200  # per filter worker
+    smtp_max_errors: int = 20  # client errors in one session before 421 and hang-up
     publish_timeout: float = 30.0  # wait for the broker's confirm before answering 451
 
     # Store

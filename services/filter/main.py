@@ -17,6 +17,7 @@ import redis.asyncio
 
 from common.broker import Publisher
 from common.directory import Directory
+from common.health import Heartbeat
 from common.settings import Settings
 from common.tls import server_context
 from services.filter.rules import Rule, default_rules
@@ -70,6 +71,7 @@ async def open_worker(
     tests pass their own to inject failures.
     """
     async with contextlib.AsyncExitStack() as stack:
+        client: redis.asyncio.Redis | None = None
         if directory is None:
             client = redis.asyncio.Redis.from_url(
                 settings.redis_url,
@@ -102,10 +104,17 @@ async def open_worker(
             stats=stats,
             tls_context=server_context(settings),
         )
-        # Place for the health heartbeat (common/health.py): stack.enter_async_context(...)
+        if client is not None:
+            await stack.enter_async_context(
+                Heartbeat(client, settings.redis_prefix, "filter", lambda: _health(server, stats))
+            )
         await server.listen(settings.bind, settings.smtp_port if port is None else port)
         stack.push_async_callback(server.close, shutdown_grace(settings))
         yield FilterWorker(settings, server, stats, publisher, directory, stack)
+
+
+def _health(server: FilterServer, stats: WorkerStats) -> dict[str, object]:
+    return {"ports": server.ports, **stats.snapshot()}
 
 
 async def _connect_early(publisher: Publisher) -> None:

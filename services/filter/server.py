@@ -53,6 +53,7 @@ class ServerLimits:
     command_timeout: float  # RFC 5321 4.5.3.2.7
     data_timeout: float  # RFC 5321 4.5.3.2.5
     processing_timeout: float  # end of DATA until our reply (scan + publish)
+    max_errors: int = 20  # client errors before we hang up, like Postfix's hard error limit
 
     @classmethod
     def from_settings(cls, settings: Settings, publish_deadline: float) -> ServerLimits:
@@ -64,6 +65,7 @@ class ServerLimits:
             command_timeout=settings.smtp_command_timeout,
             data_timeout=settings.smtp_data_timeout,
             processing_timeout=publish_deadline + 30.0,
+            max_errors=settings.smtp_max_errors,
         )
 
 
@@ -158,6 +160,7 @@ class FilterSMTP(SMTP):
         self._busy = False
         self._closing = False
         self._helo_reply = False
+        self._client_errors = 0
 
     # Connection lifetime
 
@@ -232,6 +235,17 @@ class FilterSMTP(SMTP):
             self._stats.count_reply(status)
             log.debug("<< %s", status, extra=self.handler.log_extra(self.handler.current_queue_id))
         await super().push(status)
+        if isinstance(status, str) and replies.is_client_error(status):
+            await self._count_client_error()
+
+    async def _count_client_error(self) -> None:
+        self._client_errors += 1
+        if self._client_errors < self._limits.max_errors or self.transport is None:
+            return
+        log.info("too many errors, hanging up",
+                 extra=self.handler.log_extra(self.handler.current_queue_id))
+        await super().push(replies.TOO_MANY_ERRORS)
+        self.transport.close()
 
     # Commands
 

@@ -26,6 +26,15 @@ DIRECTORY_UNAVAILABLE = "451 4.3.0 Recipient cannot be verified now, please try 
 QUEUE_UNAVAILABLE = "451 4.3.0 Message not queued, please try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TOO_MANY_CONNECTIONS = "421 4.7.0 too many connections"
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+
+# Our own temporary trouble (broker, directory, internal): never the client's fault.
+_SERVER_TROUBLE = ("451 4.3.0", "421")
+
+
+def is_client_error(reply: str) -> bool:
+    """A 4xx/5xx that the client caused (bad command, refused recipient, refused message)."""
+    return reply[:1] in ("4", "5") and not reply.startswith(_SERVER_TROUBLE)
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, closing connection"
 TLS_UNAVAILABLE = "454 4.7.0 TLS not available"
 

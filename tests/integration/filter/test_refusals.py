@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 
 import pytest
@@ -203,3 +204,20 @@ async def test_pipelined_commands_get_enhanced_replies(worker: FilterWorker) -> 
     assert got[9] == replies.AUTH_UNAVAILABLE
     assert got[10] == replies.BYE
     assert await queue_depth(worker.settings) == 1
+
+
+async def test_a_client_that_keeps_erring_is_disconnected(directory: Settings) -> None:
+    """Like Postfix's smtpd_hard_error_limit: errors cost the client its connection, so a
+    broken or hostile client cannot spin on one session forever."""
+    limited = directory.replace(smtp_max_errors=5)
+    async with running_filter(limited) as worker:
+        reader, writer = await asyncio.open_connection("127.0.0.1", worker.ports[0])
+        await reader.readline()
+        for _ in range(5):
+            writer.write(b"RCPT TO:<alice@example.test>\r\n")  # out of sequence: no MAIL
+        await writer.drain()
+        lines = [await reader.readline() for _ in range(6)]
+        assert all(line.startswith(b"503 5.5.1") for line in lines[:5]), lines
+        assert lines[5].startswith(replies.TOO_MANY_ERRORS[:9].encode()), lines
+        assert await reader.read() == b""
+        writer.close()
