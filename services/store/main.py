@@ -30,7 +30,7 @@ from services.store.consumer import Consumer, ConsumerStats
 
 log = logging.getLogger(__name__)
 
-DIRECTORY_CHECK_INTERVAL = 30.0  # republish if Redis lost the directory (restart, flush)
+DIRECTORY_CHECK_INTERVAL = 5.0  # republish if Redis lost the directory (restart, flush)
 DIRECTORY_RETRY_MAX = 10.0
 
 

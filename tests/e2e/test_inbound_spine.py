@@ -318,3 +318,26 @@ def test_two_stacks_side_by_side_do_not_see_each_other(
             client.delete(*keys)
         client.close()
         rabbitmqctl("delete_vhost", vhost)
+
+
+def test_directory_lost_from_redis_means_451_until_the_store_republishes(
+        stack: Stack, redis_client: redis.Redis) -> None:
+    """Redis restarted empty: recipients must be deferred, never refused, and the store must
+    put the directory back on its own."""
+    stack.start_store()
+    stack.start_filter()
+    keys = list(redis_client.scan_iter(match=stack.settings.redis_prefix + "dir:*"))
+    assert keys
+    redis_client.delete(*keys)
+
+    def rcpt_reply() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", stack.settings.smtp_port, timeout=30) as smtp:
+            smtp.ehlo("client.example.net")
+            smtp.mail("sender@example.net")
+            return smtp.rcpt("alice@example.org")
+
+    code, reply = rcpt_reply()
+    if code != 250:  # the store may already have noticed; if not, the filter must defer
+        assert (code, reply[:5]) == (451, b"4.3.0"), reply
+    wait_until(lambda: rcpt_reply()[0] == 250, timeout=30, interval=0.5,
+               what="the store to republish the directory")
