@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import signal
 from contextlib import AsyncExitStack
@@ -27,6 +26,7 @@ from common.settings import Settings
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.consumer import Consumer, ConsumerStats
+from services.store.pop3.server import start_pop3_servers
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await stack.enter_async_context(
             Heartbeat(redis, settings.redis_prefix, "store", stats.as_dict))
 
-        servers = await _start_pop3(settings, maildb, accounts)
+        servers = await start_pop3_servers(settings, maildb, accounts)
         stack.push_async_callback(_close_servers, servers)
 
         consumer = Consumer(settings, maildb, accounts, stats)
@@ -118,17 +118,6 @@ async def _keep_directory_published(directory: Directory, accounts: AccountDB) -
             delay = min(delay * 2, DIRECTORY_RETRY_MAX)
 
 
-async def _start_pop3(settings: Settings, maildb: MailDB,
-                      accounts: AccountDB) -> list[asyncio.AbstractServer]:
-    if importlib.util.find_spec("services.store.pop3.server") is None:
-        log.warning("POP3 is not available in this build", extra={"event": "pop3"})
-        return []
-    from services.store.pop3.server import start_pop3_servers  # type: ignore[import-not-found,unused-ignore]
-
-    servers: list[asyncio.AbstractServer] = await start_pop3_servers(settings, maildb, accounts)
-    return servers
-
-
 async def _close_servers(servers: list[Any]) -> None:
     for server in servers:
         server.close()
@@ -138,6 +127,10 @@ async def _close_servers(servers: list[Any]) -> None:
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    # Asked more than once: redis-py can swallow a cancellation that lands mid-connect.
+    for _ in range(3):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        if done:
+            return
+    log.error("task %s did not stop", task.get_name())
