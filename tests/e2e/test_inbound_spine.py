@@ -341,3 +341,36 @@ def test_directory_lost_from_redis_means_451_until_the_store_republishes(
         assert (code, reply[:5]) == (451, b"4.3.0"), reply
     wait_until(lambda: rcpt_reply()[0] == 250, timeout=30, interval=0.5,
                what="the store to republish the directory")
+
+
+def message_of_exact_size(size: int) -> bytes:
+    """A valid message of exactly `size` octets as sent (base64 lines, never dot-stuffed)."""
+    head = message("exact size", body=b"", headers=b"Content-Transfer-Encoding: base64\r\n")
+    line = base64.b64encode(os.urandom(57)) + b"\r\n"  # 78 octets
+    data = head + line * ((size - len(head)) // len(line) - 1)
+    padding = size - len(data)  # 78 to 155 octets: one last line of filler
+    data += b"A" * (padding - 2) + b"\r\n"
+    assert len(data) == size
+    return data
+
+
+def test_a_message_at_exactly_the_maximum_size_travels_and_one_octet_more_is_refused(
+        stack: Stack) -> None:
+    stack.start_store()
+    stack.start_filter()
+    limit = stack.settings.max_message_size
+    assert limit == 25 * 1024 * 1024  # the default, as an operator gets it
+    at_limit = message_of_exact_size(limit)
+    queue_id = send(stack.settings, "sender@example.net", ["bob@example.org"], at_limit)
+    with smtplib.SMTP("127.0.0.1", stack.settings.smtp_port, timeout=120) as smtp:
+        smtp.ehlo("client.example.net")
+        smtp.mail("sender@example.net")
+        smtp.rcpt("bob@example.org")
+        code, reply = smtp.data(message_of_exact_size(limit + 1))
+        assert (code, reply[:5]) == (552, b"5.3.4"), reply
+        smtp.rset()
+        assert smtp.noop()[0] == 250  # the session survived the refusal
+    wait_until(lambda: pop3_count(stack.settings, "bob@example.org") == 1, timeout=120,
+               what="the 25 MiB message in bob's mailbox")
+    (stored,) = pop3_retrieve_all(stack.settings, "bob@example.org")
+    assert_delivered_exactly(stored, at_limit, queue_id)
