@@ -10,6 +10,7 @@ transaction belongs to exactly one aiosmtpd Envelope and is recognised by identi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +80,11 @@ def ehlo_keywords(aiosmtpd_lines: Sequence[str]) -> tuple[str, list[str]]:
     return texts[0], keywords
 
 
+@functools.cache
+def _handler_hook_names(cls: type) -> list[str]:
+    return [name for name in dir(cls) if name.startswith(("handle_", "auth_"))]
+
+
 class FilterSession:
     def __init__(
         self,
@@ -100,6 +106,10 @@ class FilterSession:
         self._policy = policy
         self._clock = clock
         self._txn: Transaction | None = None
+
+    def __dir__(self) -> list[str]:
+        # Read by aiosmtpd on every connection (dir + inspect.getmembers); see FilterSMTP.
+        return _handler_hook_names(type(self))
 
     # Logging context
 
@@ -141,7 +151,7 @@ class FilterSession:
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         txn = self._transaction(envelope)
-        log.info("sender %s", address, extra=self.log_extra(txn.queue_id))
+        log.debug("sender %s", address, extra=self.log_extra(txn.queue_id))
         return replies.SENDER_OK
 
     async def handle_RCPT(
@@ -170,7 +180,7 @@ class FilterSession:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
             txn.recipients.append(Recipient(address, lookup.mailboxes))
-            log.info("recipient %s -> %s", address, ",".join(lookup.mailboxes), extra=extra)
+            log.debug("recipient %s -> %s", address, ",".join(lookup.mailboxes), extra=extra)
         else:
             log.info("recipient %s refused: %s", address, lookup.resolution.value, extra=extra)
         return reply
@@ -233,9 +243,9 @@ class FilterSession:
             return replies.QUEUE_UNAVAILABLE
         self._stats.accepted += 1
         log.info(
-            "queued from=<%s> recipients=%d size=%d",
+            "queued from=<%s> to=<%s> size=%d",
             message_envelope.mail_from,
-            len(message_envelope.recipients),
+            ">,<".join(r.address for r in message_envelope.recipients),
             message_envelope.size,
             extra=extra,
         )

@@ -1,0 +1,55 @@
+"""The fast path parser must agree with aiosmtpd's full parser wherever it answers."""
+
+import asyncio
+
+import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.filter.protocol.address import parse_simple_path
+
+
+def aiosmtpd_parse(arg: str) -> tuple[str | None, str | None]:
+    loop = asyncio.new_event_loop()
+    try:
+        return SMTP(object(), loop=loop)._getaddr(arg)
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("arg", [
+    "<alice@example.org>", "<Alice.B+tag@Mail.Example.ORG> SIZE=1234 BODY=8BITMIME",
+    " <x@y.z>", "<o'brien@example.ie>", "<a@b>  SMTPUTF8",
+])
+def test_simple_paths_parse_like_aiosmtpd(arg: str) -> None:
+    assert parse_simple_path(arg) == aiosmtpd_parse(arg)
+
+
+@pytest.mark.parametrize("arg", [
+    "<>", '<"quoted local"@example.org>', "<@route,@relay:a@example.org>", "alice@example.org",
+    "<jörg@exämple.net>", "<a..b@example.org>", "<.a@example.org>", "<a@-bad.example>",
+    "<a@example.org", "<a@[192.0.2.1]>", "", "<a(comment)@example.org>",
+])
+def test_anything_unusual_is_left_to_aiosmtpd(arg: str) -> None:
+    assert parse_simple_path(arg) is None
+
+
+atext = st.text(alphabet="abcXYZ019!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=8)
+local = st.lists(atext, min_size=1, max_size=3).map(".".join)
+label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,5}[a-z0-9])?", fullmatch=True)
+domain = st.lists(label, min_size=1, max_size=3).map(".".join)
+params = st.sampled_from(["", " SIZE=10", " BODY=8BITMIME SMTPUTF8", "  NOTIFY=NEVER"])
+
+
+@given(local, domain, params)
+def test_agrees_on_generated_simple_paths(lp: str, dom: str, rest: str) -> None:
+    arg = f"<{lp}@{dom}>{rest}"
+    assert parse_simple_path(arg) == aiosmtpd_parse(arg)
+
+
+@given(st.text(max_size=60))
+def test_never_disagrees_when_it_answers(arg: str) -> None:
+    fast = parse_simple_path(arg)
+    if fast is not None:
+        assert fast == aiosmtpd_parse(arg)
