@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import secrets
 import ssl
@@ -37,6 +36,7 @@ from services.filter.session import (
     MessagePublisher,
     RecipientDirectory,
     SessionPolicy,
+    hook_names,
 )
 from services.filter.stats import WorkerStats
 
@@ -123,23 +123,11 @@ class ConnectionRegistry:
         return True
 
 
-@functools.cache
-def _hook_names(cls: type) -> list[str]:
-    return [name for name in dir(cls) if name.startswith(_HOOK_PREFIXES)]
-
-
-_HOOK_PREFIXES = ("smtp_", "auth_", "handle_")
-
-
 class FilterSMTP(SMTP):
     """One SMTP connection. aiosmtpd does the protocol; this class enforces our limits."""
 
     def __dir__(self) -> list[str]:
-        # aiosmtpd's __init__ looks for smtp_*/auth_* methods with dir(self) and
-        # inspect.getmembers(self) on every connection; getmembers evaluates every attribute,
-        # which was 14% of a worker's time under load. Listing only the hook names keeps its
-        # tables the same and makes that lookup cheap.
-        return _hook_names(type(self))
+        return hook_names(type(self))  # see hook_names: aiosmtpd's per-connection lookup
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         simple = parse_simple_path(arg)

@@ -10,7 +10,6 @@ transaction belongs to exactly one aiosmtpd Envelope and is recognised by identi
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -80,9 +79,22 @@ def ehlo_keywords(aiosmtpd_lines: Sequence[str]) -> tuple[str, list[str]]:
     return texts[0], keywords
 
 
-@functools.cache
-def _handler_hook_names(cls: type) -> list[str]:
-    return [name for name in dir(cls) if name.startswith(("handle_", "auth_"))]
+_HOOK_PREFIXES = ("smtp_", "auth_", "handle_")
+_hook_names_by_class: dict[type, list[str]] = {}
+
+
+def hook_names(cls: type) -> list[str]:
+    """The aiosmtpd hook method names a class defines (smtp_*, auth_*, handle_*), memoised.
+
+    aiosmtpd's SMTP.__init__ finds hooks with dir() and inspect.getmembers() on every
+    connection; getmembers evaluates every attribute, which was 14% of a worker's time under
+    load. Our classes answer dir() with this list, which keeps aiosmtpd's tables the same.
+    """
+    names = _hook_names_by_class.get(cls)
+    if names is None:
+        names = _hook_names_by_class[cls] = sorted(
+            {n for klass in cls.__mro__ for n in vars(klass) if n.startswith(_HOOK_PREFIXES)})
+    return names
 
 
 class FilterSession:
@@ -108,8 +120,7 @@ class FilterSession:
         self._txn: Transaction | None = None
 
     def __dir__(self) -> list[str]:
-        # Read by aiosmtpd on every connection (dir + inspect.getmembers); see FilterSMTP.
-        return _handler_hook_names(type(self))
+        return hook_names(type(self))
 
     # Logging context
 
