@@ -8,7 +8,10 @@ Keys (all under the configured prefix):
     dir:domains   SET   local domains, lower case
     dir:users     SET   mailbox addresses, lower case
     dir:aliases   HASH  source address (or "@domain" catch-all) -> comma-separated targets
-    dir:version   STRING  bumped on every change; the published-at time of the last full publish
+    dir:version   STRING  set on every change: the directory exists (its absence means Redis
+                  lost it, and lookups answer "temporarily unavailable")
+    dir:generation STRING the account database's change counter the directory reflects; the
+                  store republishes whenever it differs from the database's
 
 A full publish writes fresh keys under a temporary name and swaps them in with RENAME inside
 one MULTI, so a reader never sees a half-written directory.
@@ -56,6 +59,7 @@ class DirectorySnapshot:
     domains: set[str] = field(default_factory=set)
     users: set[str] = field(default_factory=set)
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    generation: int = 0  # the account database's change counter this snapshot was read at
 
 
 def normalize_address(address: str) -> str:
@@ -155,7 +159,19 @@ class Directory:
                 if self._has_content(name, snapshot):
                     pipe.rename(temp_key, self.key(name))
             pipe.set(self.key("version"), repr(time.time()))
+            pipe.set(self.key("generation"), snapshot.generation)
             await pipe.execute()
+
+    async def published_generation(self) -> int | None:
+        """The account generation the directory reflects, or None when nothing is published."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.key("version"))
+            pipe.get(self.key("generation"))
+            published, generation = await pipe.execute()
+        return int(generation) if published and generation is not None else None
+
+    async def mark_generation(self, generation: int) -> None:
+        await self._redis.set(self.key("generation"), generation)
 
     async def add_domain(self, domain: str) -> None:
         await self._change(lambda p: p.sadd(self.key("domains"), domain.lower()))

@@ -160,14 +160,15 @@ async def _mirror(settings: Settings, redis_change: Callable[[Any], Any]) -> Non
     redis = from_url(settings.redis_url, socket_connect_timeout=3)
     try:
         directory = Directory(redis, settings.redis_prefix)
-        if await directory.is_published():
-            await redis_change(directory)
-        else:
-            accounts = _accounts(settings)
-            try:
+        accounts = _accounts(settings)
+        try:
+            if await directory.is_published():
+                await redis_change(directory)
+                await directory.mark_generation(accounts.generation())
+            else:
                 await directory.publish(accounts.snapshot())
-            finally:
-                accounts.close()
+        finally:
+            accounts.close()
     finally:
         await redis.aclose()
 

@@ -1,7 +1,6 @@
 """The delivery consumer: RabbitMQ deliver queue -> mailboxes, acked only once durable.
 
-For each micro-batch (what the broker has handed us, up to the prefetch, collected for a few
-milliseconds) the consumer
+For each micro-batch (what the broker has handed us so far, up to the prefetch) the consumer
   1. decodes every envelope; an undecodable message is rejected without requeue, so the
      broker dead-letters it at once (at-least-once dead-lettering, see common.topology);
   2. checks every mailbox owner against the account database; a message for an owner that no
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 
 REASON_HEADER = "x-tiermail-reason"
 MAILBOXES_HEADER = "x-tiermail-mailboxes"
-BATCH_WAIT = 0.005  # seconds to wait for more messages before storing a batch
 CONNECT_TIMEOUT = 10.0
 CONFIRM_TIMEOUT = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 10.0
@@ -150,7 +148,6 @@ class Consumer:
 
     async def _loop(self, connection: AbstractConnection, channel: AbstractChannel,
                     publisher: AbstractChannel, inbox: asyncio.Queue[DeliveredMessage]) -> None:
-        loop = asyncio.get_running_loop()
         closing = connection.closing
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -164,21 +161,7 @@ class Consumer:
                         closing.result()  # raises the reason, if any
                         raise ConnectionError("broker connection closed")
                     return
-                batch = [getter.result()]
-                deadline = loop.time() + BATCH_WAIT
-                while len(batch) < self._settings.store_prefetch:
-                    try:
-                        batch.append(inbox.get_nowait())
-                        continue
-                    except asyncio.QueueEmpty:
-                        pass
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(inbox.get(), remaining))
-                    except TimeoutError:
-                        break
+                batch = await self._take_batch(getter.result(), inbox)
                 # Shielded: a stop or cancel mid-batch still lets this batch be stored and
                 # acked (otherwise it is simply redelivered and deduplicated).
                 await asyncio.shield(self._process(batch, channel, publisher))
@@ -188,6 +171,20 @@ class Consumer:
             stopping.cancel()
             if not closing.done():
                 closing.cancel()
+
+    async def _take_batch(self, first: DeliveredMessage,
+                          inbox: asyncio.Queue[DeliveredMessage]) -> list[DeliveredMessage]:
+        """`first` and whatever else has already arrived, up to the prefetch. No waiting: what
+        arrives while this batch is being written makes the next one, so batches grow with the
+        load while a lone message is stored at once."""
+        await asyncio.sleep(0)  # let frames already read reach the inbox
+        batch = [first]
+        while len(batch) < self._settings.store_prefetch:
+            try:
+                batch.append(inbox.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return batch
 
     async def _process(self, batch: list[DeliveredMessage], channel: AbstractChannel,
                        publisher: AbstractChannel) -> None:

@@ -30,7 +30,7 @@ from services.store.pop3.server import start_pop3_servers
 
 log = logging.getLogger(__name__)
 
-DIRECTORY_CHECK_INTERVAL = 5.0  # republish if Redis lost the directory (restart, flush)
+DIRECTORY_CHECK_INTERVAL = 5.0  # republish if Redis lost or missed directory changes
 DIRECTORY_RETRY_MAX = 10.0
 
 
@@ -94,12 +94,15 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
 
 async def _keep_directory_published(directory: Directory, accounts: AccountDB) -> None:
-    """Publish the directory now, retrying while Redis is down; republish if it vanishes."""
+    """Publish the directory now and whenever Redis does not reflect the account database:
+    Redis lost it (restart, flush), or a change was not mirrored (the CLI mirrors each change
+    itself; this catches the ones whose mirroring failed). Retries while Redis is down."""
     delay = 0.5
     published = False
     while True:
         try:
-            if not published or not await directory.is_published():
+            current = await asyncio.to_thread(accounts.generation)
+            if not published or await directory.published_generation() != current:
                 snapshot = await asyncio.to_thread(accounts.snapshot)
                 await directory.publish(snapshot)
                 log.info("directory published: %d domains, %d users, %d aliases",

@@ -374,3 +374,20 @@ def test_a_message_at_exactly_the_maximum_size_travels_and_one_octet_more_is_ref
                what="the 25 MiB message in bob's mailbox")
     (stored,) = pop3_retrieve_all(stack.settings, "bob@example.org")
     assert_delivered_exactly(stored, at_limit, queue_id)
+
+
+def test_the_store_republishes_a_change_that_was_not_mirrored(
+        stack: Stack, redis_client: redis.Redis) -> None:
+    """The account database is the authority: a change that never reached Redis (the CLI's
+    mirroring failed) reaches it anyway, from the store."""
+    from common.passwords import hash_password
+    from services.store.backends.accounts import AccountDB
+
+    stack.start_store()
+    users_key = stack.settings.redis_prefix + "dir:users"
+    wait_until(lambda: redis_client.sismember(users_key, "alice@example.org"), what="publish")
+    accounts = AccountDB.for_store(stack.settings.store_dir)
+    accounts.add_user("carol@example.org", hash_password(PASSWORD))  # behind Redis's back
+    accounts.close()
+    wait_until(lambda: redis_client.sismember(users_key, "carol@example.org"), timeout=30,
+               what="the store to notice the change and republish")

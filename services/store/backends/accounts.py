@@ -26,6 +26,11 @@ CREATE TABLE IF NOT EXISTS user (
     created REAL NOT NULL,
     quota INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', 0);
 CREATE TABLE IF NOT EXISTS alias (
     source TEXT NOT NULL,
     target TEXT NOT NULL,
@@ -72,13 +77,20 @@ class AccountDB:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction; every one bumps the generation the directory is compared by."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def generation(self) -> int:
+        """Counts committed changes; the Redis directory is current when it shows the same."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0])
 
     # Domains
 
@@ -204,9 +216,13 @@ class AccountDB:
     # Directory
 
     def snapshot(self) -> DirectorySnapshot:
-        return DirectorySnapshot(
-            domains=set(self.domains()), users=set(self.users()), aliases=self.aliases()
-        )
+        """Everything the directory holds, read in one transaction with its generation."""
+        self._db.execute("BEGIN")
+        try:
+            return DirectorySnapshot(domains=set(self.domains()), users=set(self.users()),
+                                     aliases=self.aliases(), generation=self.generation())
+        finally:
+            self._db.execute("COMMIT")
 
     def _checked_new_address(self, address: str) -> str:
         address = normalize_address(address)

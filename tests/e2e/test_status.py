@@ -1,0 +1,63 @@
+"""`tiermail status` against a running stack, as an operator reads it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import aiormq
+from pamqp.commands import Basic
+
+from common.settings import Settings
+from tests.e2e.test_inbound_spine import provision, send
+from tests.support import REPO, TierProcess, dead_letter_depth, wait_until
+
+
+def status(settings: Settings) -> tuple[int, dict]:  # type: ignore[type-arg]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMAIL_")}
+    env.update(settings.as_env())
+    result = subprocess.run([sys.executable, "-m", "services.cli", "status", "--json"],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    return result.returncode, json.loads(result.stdout)
+
+
+async def publish_undecodable(settings: Settings) -> None:
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.basic_publish(
+            b"not a message", exchange=settings.topology.inbound_exchange,
+            routing_key="deliver", properties=Basic.Properties(delivery_mode=2))
+    finally:
+        await connection.close()
+
+
+def test_status_shows_tiers_queues_and_dead_letters(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    provision(settings)
+    run_tier(settings, "store").wait_for_port(settings.pop3_port)
+    run_tier(settings, "filter").wait_for_port(settings.smtp_port)
+    send(settings, "sender@example.net", ["alice@example.org"],
+         b"Subject: counted\r\n\r\nhello\r\n")
+
+    def healthy_with_counters() -> bool:
+        code, report = status(settings)
+        beats = {p["tier"]: p for p in report["redis"].get("processes", [])}
+        return (code == 0 and beats.get("filter", {}).get("accepted") == 1
+                and beats.get("store", {}).get("delivered") == 1)
+
+    wait_until(healthy_with_counters, timeout=30, interval=0.5,
+               what="status to show both tiers and their counters")
+    code, report = status(settings)
+    assert report["broker"]["deliver"]["consumers"] == 1
+    assert report["redis"]["directory"]["users"] == 2
+
+    asyncio.run(publish_undecodable(settings))
+    wait_until(lambda: dead_letter_depth(settings) == 1, what="the poison message dead-lettered")
+    code, report = status(settings)
+    assert code == 1 and report["broker"]["dead_letters"] == 1
+    assert any("dead-letter" in problem for problem in report["problems"])
