@@ -195,15 +195,12 @@ async def test_index_is_durable_mode(db: MailDB) -> None:
 
 
 @pytest.mark.slow
-async def test_100k_messages_listing(db: MailDB) -> None:
+async def test_a_mailbox_of_100k_messages_lists_and_grows_correctly(db: MailDB) -> None:
+    """Correctness at scale (the speed is measured by bench/mailbox_bench.py)."""
     body = b"Subject: x\r\n\r\nbody\r\n"
     n = 100_000
-    # Bulk-load the index directly (100k fsyncs would measure the disk, not the index);
-    # the delivery path itself is measured on a smaller batch below.
-    started = time.perf_counter()
-    batch = [delivery(f"d{i}", body=body) for i in range(500)]
-    await db.deliver(batch)
-    per_second = len(batch) / (time.perf_counter() - started)
+    await db.deliver([delivery(f"d{i}", body=body) for i in range(500)])
+    # Bulk-load the index directly: 100k fsyncs would only exercise the disk.
     conn = sqlite3.connect(db.user_path(ALICE) / "index.sqlite", isolation_level=None)
     conn.execute("BEGIN")
     conn.executemany(
@@ -214,19 +211,11 @@ async def test_100k_messages_listing(db: MailDB) -> None:
     conn.execute("UPDATE mailbox SET uidnext = ?, highestmodseq = ?", (1000 + n, 1000 + n))
     conn.execute("COMMIT")
     conn.close()
-    timings = []
-    for _ in range(3):
-        started = time.perf_counter()
-        messages = await db.list_messages(ALICE)
-        timings.append(time.perf_counter() - started)
+    messages = await db.list_messages(ALICE)
     assert len(messages) == n + 500
-    started = time.perf_counter()
-    status = await db.status(ALICE)
-    status_time = time.perf_counter() - started
-    assert status.messages == n + 500
-    started = time.perf_counter()
+    uids = [m.uid for m in messages]
+    assert uids == sorted(uids) and len(set(uids)) == len(uids)
+    assert (await db.status(ALICE)).messages == n + 500
     assert await db.deliver([delivery("after", body=body)]) == [True]
-    one_more = time.perf_counter() - started
-    print(f"\nmaildb: batch of 500 delivered at {per_second:.0f}/s; "
-          f"list_messages of {n + 500}: best {min(timings) * 1000:.0f} ms; "
-          f"status {status_time * 1000:.1f} ms; one delivery into it {one_more * 1000:.1f} ms")
+    newest = (await db.list_messages(ALICE))[-1]
+    assert newest.uid == 1000 + n  # allocated after the highest, never reused
