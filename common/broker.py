@@ -54,13 +54,14 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._connect_lock = asyncio.Lock()
 
-    async def publish(self, envelope: Envelope, body: bytes) -> None:
+    async def publish(self, envelope: Envelope, body: bytes,
+                      routing_key: str = DELIVER_ROUTING_KEY) -> None:
         channel = await self._ready_channel()
         try:
             await channel.basic_publish(
                 body,
                 exchange=self._topology.inbound_exchange,
-                routing_key=DELIVER_ROUTING_KEY,
+                routing_key=routing_key,
                 properties=message_properties(envelope),
                 mandatory=True,
                 timeout=self._confirm_timeout,

@@ -41,6 +41,7 @@ class Envelope:
     authenticated_user: str | None = None
     smtputf8: bool = False
     body_8bit: bool = False
+    junk: bool = False  # a spam verdict: the store files the message into the Junk folder
     schema: int = field(default=SCHEMA_VERSION)
 
     @property
@@ -81,6 +82,7 @@ class Envelope:
                 authenticated_user=_optional_text(raw, "authenticated_user"),
                 smtputf8=bool(raw.get("smtputf8", False)),
                 body_8bit=bool(raw.get("body_8bit", False)),
+                junk=bool(raw.get("junk", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EnvelopeError(f"malformed envelope: {exc!r}") from None

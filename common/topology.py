@@ -6,6 +6,8 @@ accept mail before the store has ever run, and the store can start before any fi
     filter --publish(persistent, mandatory, confirmed)--> <prefix>.inbound (direct exchange)
         --"deliver"--> <prefix>.deliver  (quorum queue, delivery-limit, at-least-once DLX)
                            \\--dead-lettered--> <prefix>.dead (fanout) --> <prefix>.deliver.dead
+        --"scan"--> <prefix>.scan  (accepted while a scanner was down; scanned, then routed on)
+        --"quarantine"--> <prefix>.quarantine  (infected, found by a deferred scan)
 
 Quorum queues persist every message to disk before the publisher confirm and survive broker
 restarts. Past `delivery_limit` redeliveries (a poison message, or a store that crashes on it
@@ -28,7 +30,13 @@ from common.envelope import Envelope, EnvelopeError
 
 ENVELOPE_HEADER = "x-tiermail-envelope"
 DELIVER_ROUTING_KEY = "deliver"
+SCAN_ROUTING_KEY = "scan"  # accepted while a scanner was down (policy `defer`), not yet scanned
+QUARANTINE_ROUTING_KEY = "quarantine"  # found infected after acceptance (deferred scans)
 PERSISTENT = 2
+# Scan-pending messages may wait out a long scanner outage; their consumers stop consuming
+# while a scanner is down, so returns are rare, but a generous limit keeps an unlucky
+# message from being dead-lettered by an outage.
+SCAN_DELIVERY_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -52,10 +60,24 @@ class Topology:
     def dead_queue(self) -> str:
         return f"{self.prefix}.deliver.dead"
 
+    @property
+    def scan_queue(self) -> str:
+        return f"{self.prefix}.scan"
+
+    @property
+    def quarantine_queue(self) -> str:
+        return f"{self.prefix}.quarantine"
+
     def deliver_queue_arguments(self) -> dict[str, Any]:
+        return self._work_queue_arguments(self.delivery_limit)
+
+    def scan_queue_arguments(self) -> dict[str, Any]:
+        return self._work_queue_arguments(SCAN_DELIVERY_LIMIT)
+
+    def _work_queue_arguments(self, delivery_limit: int) -> dict[str, Any]:
         return {
             "x-queue-type": "quorum",
-            "x-delivery-limit": self.delivery_limit,
+            "x-delivery-limit": delivery_limit,
             "x-dead-letter-exchange": self.dead_exchange,
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
@@ -68,6 +90,16 @@ class Topology:
             self.deliver_queue, durable=True, arguments=self.deliver_queue_arguments()
         )
         await channel.queue_bind(self.deliver_queue, self.inbound_exchange, DELIVER_ROUTING_KEY)
+        await channel.queue_declare(
+            self.scan_queue, durable=True, arguments=self.scan_queue_arguments()
+        )
+        await channel.queue_bind(self.scan_queue, self.inbound_exchange, SCAN_ROUTING_KEY)
+        await channel.queue_declare(
+            self.quarantine_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await channel.queue_bind(
+            self.quarantine_queue, self.inbound_exchange, QUARANTINE_ROUTING_KEY
+        )
         await channel.queue_declare(
             self.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
         )

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP
@@ -25,10 +25,11 @@ from common.broker import PublishFailed
 from common.directory import Lookup, Resolution
 from common.envelope import Envelope, Recipient
 from common.ids import new_queue_id
+from common.topology import DELIVER_ROUTING_KEY, SCAN_ROUTING_KEY
 from services.filter.convert import peer_ip, tls_description, to_envelope
 from services.filter.protocol import replies
 from services.filter.protocol.message import ReceivedInfo, received_header
-from services.filter.rules import Rule, first_refusal
+from services.filter.rules import Rule, evaluate, format_headers
 from services.filter.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class RecipientDirectory(Protocol):
 
 
 class MessagePublisher(Protocol):
-    async def publish(self, envelope: Envelope, body: bytes) -> None: ...
+    async def publish(self, envelope: Envelope, body: bytes,
+                      routing_key: str = DELIVER_ROUTING_KEY) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -231,33 +233,39 @@ class FilterSession:
             received_at=received_at,
             size=len(header) + len(content),
         )
-        refusal = await first_refusal(self._rules, message_envelope, content)
-        if refusal is not None:
-            rule, verdict = refusal
-            log.info("message refused by rule %s", rule, extra=extra)
-            assert verdict.reply is not None
-            return verdict.reply
-        return await self._publish(message_envelope, header + content, envelope)
+        decision = await evaluate(self._rules, message_envelope, content)
+        if decision.reply is not None:
+            log.info("message refused by rule %s", decision.refused_by, extra=extra)
+            return decision.reply
+        # Our headers go on top, newest first: the scan results above our Received line.
+        head = format_headers(decision.headers) + header
+        message_envelope = replace(message_envelope, junk=decision.junk,
+                                   size=len(head) + len(content))
+        routing_key = SCAN_ROUTING_KEY if decision.defer else DELIVER_ROUTING_KEY
+        return await self._publish(message_envelope, head + content, envelope, routing_key)
 
     async def _publish(
-        self, message_envelope: Envelope, body: bytes, smtp_envelope: SMTPEnvelope
+        self, message_envelope: Envelope, body: bytes, smtp_envelope: SMTPEnvelope,
+        routing_key: str = DELIVER_ROUTING_KEY,
     ) -> str:
         extra = self.log_extra(message_envelope.queue_id)
         # Drop aiosmtpd's reference to the received content: `body` is the copy we send.
         smtp_envelope.content = smtp_envelope.original_content = None
         try:
             await asyncio.wait_for(
-                self._publisher.publish(message_envelope, body), self._policy.publish_deadline
+                self._publisher.publish(message_envelope, body, routing_key),
+                self._policy.publish_deadline,
             )
         except (PublishFailed, TimeoutError) as exc:
             log.warning("not queued: %s", exc or type(exc).__name__, extra=extra)
             return replies.QUEUE_UNAVAILABLE
         self._stats.accepted += 1
         log.info(
-            "queued from=<%s> to=<%s> size=%d",
+            "queued from=<%s> to=<%s> size=%d%s",
             message_envelope.mail_from,
             ">,<".join(r.address for r in message_envelope.recipients),
             message_envelope.size,
+            "" if routing_key == DELIVER_ROUTING_KEY else f" via={routing_key}",
             extra=extra,
         )
         return replies.queued(message_envelope.queue_id)

@@ -1,10 +1,18 @@
 """Checks run on each message at the end of DATA, in order, before it is queued.
 
 One rule per module, each a small class with a `name` and `async check(...) -> Verdict`.
-Spam and virus scanning (issue 3) will be rules here, calling clients in backends/.
+Spam and virus scanning are rules here too, calling the scanner clients in backends/.
 """
 
 from services.filter.rules.bare_newline import BareNewlineRule
-from services.filter.rules.base import Rule, Verdict, default_rules, first_refusal
+from services.filter.rules.base import (
+    Decision,
+    Rule,
+    Verdict,
+    default_rules,
+    evaluate,
+    format_headers,
+)
 
-__all__ = ["BareNewlineRule", "Rule", "Verdict", "default_rules", "first_refusal"]
+__all__ = ["BareNewlineRule", "Decision", "Rule", "Verdict", "default_rules", "evaluate",
+           "format_headers"]

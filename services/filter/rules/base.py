@@ -1,4 +1,11 @@
-"""The rule interface and the loop that runs rules in order."""
+"""The rule interface and the loop that runs rules in order.
+
+A rule judges one message at the end of DATA. It may refuse it (an SMTP reply), or accept it
+with headers to add (X-Spam-*, Authentication-Results, a not-scanned notice), a Junk verdict
+(the store files the message into the recipient's Junk folder), or `defer`: a scanner it
+needs is unavailable and the policy is to accept into the scan-pending queue, where it is
+scanned before the store ever sees it.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,15 @@ from typing import Protocol
 
 from common.envelope import Envelope
 
+Header = tuple[str, str]
+
 
 @dataclass(frozen=True)
 class Verdict:
-    """A rule's decision: accept (reply None) or refuse with an SMTP reply."""
-
-    reply: str | None = None
+    reply: str | None = None  # refuse with this SMTP reply
+    headers: tuple[Header, ...] = ()  # add to the message when it is accepted
+    junk: bool = False
+    defer: bool = False
 
     @property
     def accepted(self) -> bool:
@@ -21,6 +31,17 @@ class Verdict:
 
 
 ACCEPT = Verdict()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """All rules' verdicts combined: the first refusal wins; otherwise headers add up."""
+
+    reply: str | None = None
+    refused_by: str | None = None
+    headers: tuple[Header, ...] = ()
+    junk: bool = False
+    defer: bool = False
 
 
 class Rule(Protocol):
@@ -31,15 +52,22 @@ class Rule(Protocol):
         ...
 
 
-async def first_refusal(
-    rules: Sequence[Rule], envelope: Envelope, content: bytes
-) -> tuple[str, Verdict] | None:
-    """Run rules in order; the first refusal wins and stops the rest."""
+async def evaluate(rules: Sequence[Rule], envelope: Envelope, content: bytes) -> Decision:
+    headers: list[Header] = []
+    junk = defer = False
     for rule in rules:
         verdict = await rule.check(envelope, content)
         if not verdict.accepted:
-            return rule.name, verdict
-    return None
+            return Decision(reply=verdict.reply, refused_by=rule.name)
+        headers.extend(verdict.headers)
+        junk = junk or verdict.junk
+        defer = defer or verdict.defer
+    return Decision(headers=tuple(headers), junk=junk, defer=defer)
+
+
+def format_headers(headers: Sequence[Header]) -> bytes:
+    """Header fields as wire bytes (values are ours, never folded over 998 octets)."""
+    return b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
 
 
 def default_rules() -> list[Rule]:
