@@ -53,12 +53,23 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
 
-    # Scanning (issue 3)
+    # Scanning. spam: rspamd | spamassassin | off; virus: clamd | off;
+    # scan_failure (a scanner unreachable or too slow): tempfail | accept | defer.
     spam: str = "rspamd"
     rspamd_url: str = "http://127.0.0.1:11333"
+    spamd_address: str = "127.0.0.1:783"  # host:port or a unix socket path
+    spamassassin_reject_score: float = 15.0  # at or above: 550; SpamAssassin's own threshold: Junk
     virus: str = "clamd"
-    clamd_address: str = "/run/clamav/clamd.ctl"
+    clamd_address: str = "/run/clamav/clamd.ctl"  # unix socket path or host:port
+    clamd_stream_max: int = 100 * MIB  # must match clamd's StreamMaxLength
+    virus_oversize: str = "tempfail"  # a message clamd cannot take whole: reject | tempfail
     scan_failure: str = "tempfail"
+    scan_timeout: float = 30.0  # per scanner call
+
+    # Rate limits, counted in Redis so they hold across every filter worker. 0 turns one off.
+    rate_connections_per_ip: int = 120  # connections per minute from one client IP
+    rate_messages_per_ip: int = 240  # messages per minute from one client IP
+    rate_messages_per_user: int = 1000  # messages per hour from one authenticated user
 
     # SMTP limits. RFC 5321 4.5.3.1 gives the minimums; these are our maximums.
     max_message_size: int = 25 * MIB
