@@ -29,6 +29,9 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     if broker.get("dead_letters"):
         problems.append(f"{broker['dead_letters']} message(s) in the dead-letter queue "
                         f"{settings.topology.dead_queue}")
+    if broker.get("quarantined"):
+        problems.append(f"{broker['quarantined']} infected message(s) in quarantine "
+                        f"{settings.topology.quarantine_queue}")
     for tier in ("filter", "store"):
         if redis["reachable"] and tier not in tiers:
             problems.append(f"no {tier} process is reporting")
@@ -45,7 +48,9 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
         return status
     status["reachable"] = True
     try:
-        for key, queue in (("deliver", topology.deliver_queue), ("dead", topology.dead_queue)):
+        queues = (("deliver", topology.deliver_queue), ("scan", topology.scan_queue),
+                  ("quarantine", topology.quarantine_queue), ("dead", topology.dead_queue))
+        for key, queue in queues:
             channel = await connection.channel()
             try:
                 ok = await channel.queue_declare(queue, passive=True)
@@ -56,6 +61,7 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
                            "consumers": ok.consumer_count}
             await channel.close()
         status["dead_letters"] = status.get("dead", {}).get("messages", 0)
+        status["quarantined"] = status.get("quarantine", {}).get("messages", 0)
     finally:
         await connection.close()
     return status
@@ -82,7 +88,7 @@ def format_status(report: dict[str, Any]) -> str:
     lines += [f"  ! {problem}" for problem in report["problems"]]
     broker = report["broker"]
     lines.append(f"broker: {'up' if broker['reachable'] else 'DOWN ' + broker.get('error', '')}")
-    for key in ("deliver", "dead"):
+    for key in ("deliver", "scan", "quarantine", "dead"):
         queue = broker.get(key)
         if queue is None:
             continue
