@@ -21,6 +21,7 @@ DNS. Everything is stopped and removed at the end, also on errors and Ctrl-C.
     .venv/bin/python bench/smtp_bench.py --quick                  # smoke run, both systems
     .venv/bin/python bench/smtp_bench.py --messages 5000 --sessions 10 --size 4096
     .venv/bin/python bench/smtp_bench.py --quick --postfix-only
+    .venv/bin/python bench/smtp_bench.py --scanning --sessions 10   # rspamd + clamd on
 
 Needs root for Postfix (it runs its own master). docs/benchmarks.md has the method and results.
 """
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-db", type=int, default=13,
                         help="Redis database for the tiermail stack (keys get a unique prefix)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    parser.add_argument("--scanning", action="store_true",
+                        help="tiermail only, with real rspamd and clamd: accepted msg/s and "
+                             "the latency scanning adds (bench/scanbench.py)")
     args = parser.parse_args(argv)
     if args.quick:
         args.messages, args.sessions, args.latency_messages = 300, 4, 50
@@ -228,6 +232,8 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.scanning:
+        return run_scanning_bench(args)
     if not Path(benchlib.SMTP_SOURCE).exists():
         print(f"{benchlib.SMTP_SOURCE} missing: `make install` (as root) installs postfix",
               file=sys.stderr)
@@ -249,6 +255,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
     print(markdown(rows, args))
+    return 0
+
+
+def run_scanning_bench(args: argparse.Namespace) -> int:
+    import scanbench
+
+    try:
+        with terminate_on_sigterm(), temp_root("tiermail-scanbench-", args.keep) as root:
+            results = scanbench.run_scanning(root, args.messages, args.sessions, args.size,
+                                             args.latency_messages, args.timeout,
+                                             args.redis_db)
+    except (BenchError, subprocess.TimeoutExpired) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    print(scanbench.markdown(results, args.messages, args.sessions, args.size,
+                             args.latency_messages))
     return 0
 
 

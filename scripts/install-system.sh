@@ -9,11 +9,22 @@
 #   postfix          smtp-source (bench load generator) and the reference MTA in bench/
 #   rabbitmq-server  the broker between the tiers (127.0.0.1:5672)
 #   redis-server     directory cache and counters (127.0.0.1:6379)
+#   rspamd           spam scanner (filter tier)
+#   clamav-daemon    clamd, the virus scanner (filter tier); clamdscan: its CLI client
+#   spamassassin     the alternative spam scanner: rules (spamassassin), daemon (spamd) and
+#   spamd spamc      client (spamc) are three packages in Debian 12
+#
+# The scanners are only installed here, never started as system services (there is no
+# systemd, and policy-rc.d keeps apt from starting them): `tiermail up` and the test fixtures
+# run instances of their own with the configuration in deploy/scanners/
+# (services/devscanners/runner.py). ClamAV's freshclam is not used: deploy/scanners/clamav/
+# ships an EICAR-only signature database.
 #
 # Not root and something missing: prints the exact command to run and fails.
 set -euo pipefail
 
-PACKAGES=(openssl swaks postfix rabbitmq-server redis-server)
+PACKAGES=(openssl swaks postfix rabbitmq-server redis-server
+          rspamd clamav-daemon clamdscan spamassassin spamd spamc)
 RABBITMQ_PORT=5672
 REDIS_PORT=6379
 STARTUP_TIMEOUT=60

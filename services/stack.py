@@ -1,12 +1,17 @@
 """`tiermail up`: one filter and the store as child processes, in the foreground.
 
-A child that dies is restarted after a short pause (the broker keeps the mail meanwhile);
-Ctrl-C or SIGTERM stops both. This is the development stack that `make run` starts; real
-deployments run each tier on its own (compose/, docs/operations.md).
+Before the tiers it starts the scanners the settings ask for (rspamd and clamd by default,
+spamd for spam=spamassassin) from the project's own configuration in deploy/scanners/, with
+their state under data_dir/scanners; a scanner already answering on the configured address is
+used as it is. A child that dies is restarted after a short pause (the broker keeps the mail
+meanwhile); Ctrl-C or SIGTERM stops the tiers, then the scanners. This is the development
+stack that `make run` starts; real deployments run each tier on its own (compose/,
+docs/operations.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -14,9 +19,11 @@ import subprocess
 import sys
 import time
 from types import FrameType
+from urllib.parse import urlsplit
 
-from common.settings import Settings
+from common.settings import Settings, is_loopback
 from common.tls import ensure_dev_certificate
+from services.devscanners import runner
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,11 @@ def endpoints(settings: Settings) -> list[str]:
         f"POP3 (store)     {host}:{settings.pop3_port}  STLS; POP3S {host}:{settings.pop3s_port}",
         f"RabbitMQ         {settings.amqp_url.rsplit('@', 1)[-1]}",
         f"Redis            {settings.redis_url.rsplit('@', 1)[-1]}",
+        f"spam scanning    {settings.spam}"
+        + {"rspamd": f" {settings.rspamd_url}",
+           "spamassassin": f" spamd {settings.spamd_address}"}.get(settings.spam, ""),
+        f"virus scanning   {settings.virus}"
+        + (f" {settings.clamd_address}" if settings.virus == "clamd" else ""),
         f"data             {settings.data_dir.resolve()}",
     ]
 
@@ -38,6 +50,59 @@ def endpoints(settings: Settings) -> list[str]:
 def run_stack(settings: Settings) -> int:
     if ensure_dev_certificate(settings.tls_cert_path, settings.tls_key_path, settings.hostname):
         log.info("generated a self-signed development certificate at %s", settings.tls_cert_path)
+    with contextlib.ExitStack() as scanners:
+        try:
+            start_scanners(settings, scanners)
+        except runner.ScannerError as exc:
+            log.error("cannot start the scanners: %s", exc)
+            return 1
+        return _run_tiers(settings)
+
+
+def start_scanners(settings: Settings, stack: contextlib.ExitStack) -> None:
+    """Start what settings.spam and settings.virus name, each stopped when `stack` closes.
+
+    rspamd listens on rspamd_url's port with its controller on the next port; clamd on
+    clamd_address (a unix socket path or host:port); spamd on spamd_address (host:port).
+    """
+    base = settings.data_dir.resolve() / "scanners"
+    if settings.spam == "rspamd":
+        parts = urlsplit(settings.rspamd_url)
+        port = parts.port or 11333
+        if _needs_start("rspamd", settings.rspamd_url, parts.hostname or "",
+                        runner.rspamd_ping(settings.rspamd_url)):
+            dns = runner.start_dns_stub()
+            stack.callback(dns.stop)
+            stack.enter_context(runner.start_rspamd(
+                base / "rspamd", port=port, controller_port=port + 1, dns_address=dns.address))
+    elif settings.spam == "spamassassin":
+        host, _, port_text = settings.spamd_address.rpartition(":")
+        if "/" in settings.spamd_address or not port_text.isdigit():
+            raise runner.ScannerError("tiermail up runs spamd on host:port only, not "
+                                      f"{settings.spamd_address!r}")
+        if _needs_start("spamd", settings.spamd_address, host,
+                        runner.spamd_ping(settings.spamd_address)):
+            stack.enter_context(runner.start_spamd(base / "spamd", port=int(port_text)))
+    if settings.virus == "clamd":
+        address = settings.clamd_address
+        host = "127.0.0.1" if "/" in address else address.rpartition(":")[0]
+        if _needs_start("clamd", address, host, runner.clamd_ping(address)):
+            stack.enter_context(runner.start_clamd(
+                base / "clamd", address=address, stream_max=settings.clamd_stream_max))
+
+
+def _needs_start(name: str, address: str, host: str, answering: bool) -> bool:
+    if answering:
+        log.info("%s already answers on %s; using it", name, address)
+        return False
+    if not is_loopback(host.strip("[]")):
+        log.warning("%s at %s is not answering and is not on this machine; not starting it",
+                    name, address)
+        return False
+    return True
+
+
+def _run_tiers(settings: Settings) -> int:
     env = {**os.environ, **settings.as_env()}
     children = {tier: _spawn(tier, env) for tier in TIERS}
     print("tiermail is up:", *endpoints(settings), sep="\n  ", flush=True)

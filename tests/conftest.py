@@ -16,7 +16,16 @@ import redis
 
 from common.settings import Settings
 from common.tls import ensure_dev_certificate
-from tests.support import TierProcess, free_port, port_open, rabbitmqctl
+from services.devscanners.devdns import DnsStub
+from services.devscanners.runner import (
+    Scanner,
+    ScannerError,
+    start_clamd,
+    start_dns_stub,
+    start_rspamd,
+    start_spamd,
+)
+from tests.support import TierProcess, delete_queues, free_port, port_open, rabbitmqctl
 
 TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "9"))
 
@@ -30,11 +39,33 @@ def _require(service: str, available: bool) -> None:
     pytest.skip(message)
 
 
+VHOST_PREFIX = "tiermail-test-"
+
+
+def _remove_vhosts_of_dead_runs() -> None:
+    """Vhosts of test runs that were killed (their pid is in the name) would pile up queues."""
+    for name in rabbitmqctl("list_vhosts").split():
+        pid = name[len(VHOST_PREFIX):].partition("-")[0]
+        if name.startswith(VHOST_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            rabbitmqctl("delete_vhost", name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @pytest.fixture(scope="session")
 def amqp_vhost() -> Iterator[str]:
     """A vhost of this test run's own, removed at the end (it holds every test's queues)."""
     _require("RabbitMQ", port_open("127.0.0.1", 5672))
-    name = f"tiermail-test-{uuid.uuid4().hex[:8]}"
+    _remove_vhosts_of_dead_runs()
+    name = f"{VHOST_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_vhost", name)
     rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     yield name
@@ -87,6 +118,7 @@ def settings(amqp_vhost: str, redis_client: redis.Redis, tmp_path: Path,
     keys = list(redis_client.scan_iter(match=f"t{tag}:*", count=1000))
     if keys:
         redis_client.delete(*keys)
+    delete_queues(value)
 
 
 @pytest.fixture
@@ -104,3 +136,54 @@ def run_tier(tmp_path: Path) -> Iterator[Callable[..., TierProcess]]:
     yield start
     for process in reversed(started):
         process.stop()
+
+
+# Real scanners, started once per test run on free ports by services/devscanners/runner.py with
+# the project's configuration (deploy/scanners/); stopped at the end of the run. Under CI=true a
+# scanner that cannot start fails the run; elsewhere the tests that need it are skipped.
+
+def _start_scanner(start: Callable[[], Scanner]) -> Scanner:
+    try:
+        return start()
+    except ScannerError as exc:
+        message = f"{exc}\n`make test` installs the scanners (scripts/install-system.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def scanner_dns() -> Iterator[DnsStub]:
+    """The loopback DNS stub rspamd resolves through (NXDOMAIN for every name, at once)."""
+    stub = start_dns_stub()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture(scope="session")
+def rspamd(tmp_path_factory: pytest.TempPathFactory, scanner_dns: DnsStub) -> Iterator[str]:
+    """The URL of a real rspamd normal worker ("http://127.0.0.1:PORT"), test rules loaded
+    (deploy/scanners/rspamd/test.d: `X-Tiermail-Test: add-header` / `soft-reject`)."""
+    runtime = tmp_path_factory.mktemp("rspamd")
+    scanner = _start_scanner(lambda: start_rspamd(
+        runtime, port=free_port(), controller_port=free_port(), dns_address=scanner_dns.address))
+    yield scanner.address
+    scanner.stop()
+
+
+@pytest.fixture(scope="session")
+def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The address ("127.0.0.1:PORT") of a real clamd with the repository's EICAR signatures."""
+    runtime = tmp_path_factory.mktemp("clamd")
+    scanner = _start_scanner(lambda: start_clamd(runtime, address=f"127.0.0.1:{free_port()}"))
+    yield scanner.address
+    scanner.stop()
+
+
+@pytest.fixture(scope="session")
+def spamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The address ("127.0.0.1:PORT") of a real SpamAssassin spamd, local tests only."""
+    runtime = tmp_path_factory.mktemp("spamd")
+    scanner = _start_scanner(lambda: start_spamd(runtime, port=free_port()))
+    yield scanner.address
+    scanner.stop()

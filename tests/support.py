@@ -64,6 +64,25 @@ def queue_depth(settings: Settings, queue: str | None = None) -> int:
     return asyncio.run(_queue_counts(settings, queue or settings.topology.deliver_queue))[0]
 
 
+async def _delete_queues(settings: Settings) -> None:
+    topology = settings.topology
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        for queue in (topology.deliver_queue, topology.scan_queue, topology.quarantine_queue,
+                      topology.dead_queue):
+            await channel.queue_delete(queue)
+    finally:
+        await connection.close()
+
+
+def delete_queues(settings: Settings) -> None:
+    """Remove one test's quorum queues: each is a Raft server in the broker, and hundreds of
+    idle ones left until the end of the run only slow it down."""
+    with contextlib.suppress(Exception):
+        asyncio.run(asyncio.wait_for(_delete_queues(settings), 30))
+
+
 def dead_letter_depth(settings: Settings) -> int:
     return queue_depth(settings, settings.topology.dead_queue)
 
@@ -181,3 +200,19 @@ class TcpProxy:
         finally:
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
+
+
+# Test content for the scanners (tests/integration/scanners/, the filter's scanning tests).
+
+# SpamAssassin's and rspamd's built-in spam test string: rspamd answers "reject" (score 15),
+# SpamAssassin scores it 1000.
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+def eicar_bytes() -> bytes:
+    """The 68-byte EICAR anti-virus test file, assembled here at run time: no file in the
+    repository holds it whole, so antivirus software on a developer's machine does not
+    quarantine the checkout. deploy/scanners/clamav/signatures/ detects it."""
+    head = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}"
+    middle = b"-".join([b"$EICAR", b"STANDARD", b"ANTIVIRUS", b"TEST", b"FILE!"])
+    return head + middle + b"$H+H*"

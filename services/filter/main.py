@@ -1,7 +1,7 @@
 """Entry point of one filter worker: `tiermail filter` calls `serve(settings)`.
 
-Resources are opened in one AsyncExitStack (`open_worker`) and closed in reverse order; more
-(the health heartbeat, scanner clients) are added there.
+Resources are opened in one AsyncExitStack (`open_worker`) and closed in reverse order: the
+broker publisher, the scanner clients, the heartbeat, the deferred scanner task, the server.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ from common.directory import Directory
 from common.health import Heartbeat
 from common.settings import Settings
 from common.tls import server_context
+from services.filter.backends.scanners import Scanners
+from services.filter.deferred import DeferredScanner
+from services.filter.ratelimit import RateLimiter, RateLimits, RedisCounter
 from services.filter.rules import Rule, default_rules
+from services.filter.rules.defaults import spam_judge
 from services.filter.server import FilterServer, ServerLimits
 from services.filter.session import MessagePublisher, RecipientDirectory, SessionPolicy
 from services.filter.stats import WorkerStats
@@ -41,6 +45,7 @@ class FilterWorker:
     publisher: MessagePublisher
     directory: RecipientDirectory
     stack: contextlib.AsyncExitStack
+    drainer: DeferredScanner | None = None
 
     @property
     def ports(self) -> list[int]:
@@ -64,11 +69,16 @@ async def open_worker(
     directory: RecipientDirectory | None = None,
     publisher: MessagePublisher | None = None,
     port: int | None = None,
+    scanners: Scanners | None = None,
+    drain_scan_queue: bool | None = None,
+    rate_limits: RateLimits | None = None,
 ) -> AsyncIterator[FilterWorker]:
     """Open everything one worker needs and listen; close it all on exit.
 
-    `directory`, `publisher` and `rules` default to the real ones built from settings;
-    tests pass their own to inject failures.
+    `directory`, `publisher`, `rules` and `scanners` default to the real ones built from
+    settings; tests pass their own to inject failures. With any scanner configured the worker
+    also drains the scan-pending queue (services/filter/deferred.py) unless
+    `drain_scan_queue` is False. Rate limits are counted in Redis unless `rate_limits` is given.
     """
     async with contextlib.AsyncExitStack() as stack:
         client: redis.asyncio.Redis | None = None
@@ -91,6 +101,15 @@ async def open_worker(
             await _connect_early(real)
             publisher = real
         stats = WorkerStats()
+        # Rate limits: counted in Redis so they hold across all workers (ratelimit.py).
+        if rate_limits is None:
+            redis_client = client or _redis_client(settings, stack)
+            rate_limits = RateLimiter.from_settings(settings, RedisCounter(redis_client), stats)
+        if scanners is None:
+            scanners = Scanners.from_settings(settings)
+            stack.push_async_callback(scanners.aclose)
+        if rules is None:
+            rules = default_rules(settings, scanners, stats)
         server = FilterServer(
             limits=ServerLimits.from_settings(settings, publish_deadline(settings)),
             policy=SessionPolicy(
@@ -100,17 +119,36 @@ async def open_worker(
             ),
             directory=directory,
             publisher=publisher,
-            rules=default_rules() if rules is None else rules,
+            rules=rules,
             stats=stats,
             tls_context=server_context(settings),
+            rate_limits=rate_limits,
         )
         if client is not None:
             await stack.enter_async_context(
                 Heartbeat(client, settings.redis_prefix, "filter", lambda: _health(server, stats))
             )
+        drainer: DeferredScanner | None = None
+        if scanners.enabled and drain_scan_queue is not False:
+            judge = spam_judge(settings, scanners) if scanners.spam is not None else None
+            drainer = DeferredScanner(settings, scanners, judge, publisher, stats)
+            stack.push_async_callback(_cancel, asyncio.create_task(drainer.run()))
         await server.listen(settings.bind, settings.smtp_port if port is None else port)
         stack.push_async_callback(server.close, shutdown_grace(settings))
-        yield FilterWorker(settings, server, stats, publisher, directory, stack)
+        yield FilterWorker(settings, server, stats, publisher, directory, stack, drainer)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _redis_client(settings: Settings, stack: contextlib.AsyncExitStack) -> redis.asyncio.Redis:
+    client = redis.asyncio.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT)
+    stack.push_async_callback(client.aclose)
+    return client
 
 
 def _health(server: FilterServer, stats: WorkerStats) -> dict[str, object]:

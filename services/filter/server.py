@@ -5,6 +5,8 @@ Hardening over aiosmtpd 1.4.6 (see docs: design notes section 1):
 - the idle timer is re-armed with the data timeout while DATA lines arrive, so a slow but
   alive upload is not cut off and a stalled one is (RFC 5321 4.5.3.2.5);
 - at most `smtp_max_connections` sessions per worker; the next one gets 421 and is closed;
+- a client over its connection rate (counted in Redis across all workers, ratelimit.py)
+  gets 421 instead of the greeting and is closed;
 - per-connection command size limits (aiosmtpd keeps them in a class-level dict that every
   EHLO grows and every new connection clears);
 - AUTH is neither advertised nor accepted (submission comes with a later issue);
@@ -28,8 +30,10 @@ from typing import Any, AnyStr, cast
 from aiosmtpd.smtp import SMTP, syntax
 
 from common.settings import Settings
+from services.filter.convert import peer_ip
 from services.filter.protocol import replies
 from services.filter.protocol.address import parse_simple_path
+from services.filter.ratelimit import UNLIMITED, RateLimits
 from services.filter.rules import Rule
 from services.filter.session import (
     FilterSession,
@@ -147,6 +151,7 @@ class FilterSMTP(SMTP):
         stats: WorkerStats,
         tls_context: ssl.SSLContext | None,
         loop: asyncio.AbstractEventLoop,
+        rate_limits: RateLimits = UNLIMITED,
     ) -> None:
         # Both are read by SMTP.__init__, so they are set first, on the instance.
         # +1: the transparency dot is not counted in the line limit (RFC 5321 4.5.3.1.6).
@@ -168,6 +173,7 @@ class FilterSMTP(SMTP):
         self._limits = limits
         self._registry = registry
         self._stats = stats
+        self._rate_limits = rate_limits
         self._admitted = False
         self._refused = False
         self._receiving_data = False
@@ -195,6 +201,24 @@ class FilterSMTP(SMTP):
         log.warning("too many connections, refusing", extra={"peer": peer})
         _send_line(transport, replies.TOO_MANY_CONNECTIONS)
         transport.close()
+
+    async def _handle_client(self) -> None:
+        # The connection rate needs Redis, so it is checked here, before the greeting, rather
+        # than in the synchronous connection_made. Refused: 421 instead of 220, then close.
+        try:
+            exceeded = await self._rate_limits.connection(
+                peer_ip(self.session.peer if self.session else None), self.handler.log_extra())
+        except Exception:  # a bug, not Redis (the limiter fails open on those): greet anyway
+            log.exception("connection rate check failed", extra=self.handler.log_extra())
+            exceeded = None
+        if exceeded is not None:
+            log.info("connection refused: rate limit %s", exceeded.value,
+                     extra=self.handler.log_extra())
+            await self.push(replies.RATE_CONNECTIONS)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
@@ -324,6 +348,7 @@ class FilterServer:
         stats: WorkerStats,
         tls_context: ssl.SSLContext | None,
         session_ids: Callable[[], str] = lambda: secrets.token_hex(5),
+        rate_limits: RateLimits = UNLIMITED,
     ) -> None:
         self.limits = limits
         self.stats = stats
@@ -333,6 +358,7 @@ class FilterServer:
         self._rules = list(rules)
         self._tls_context = tls_context
         self._session_ids = session_ids
+        self._rate_limits = rate_limits
         self._registry = ConnectionRegistry(limits.max_connections, stats)
         self._servers: list[asyncio.Server] = []
 
@@ -344,6 +370,7 @@ class FilterServer:
             rules=self._rules,
             stats=self.stats,
             policy=self._policy,
+            rate_limits=self._rate_limits,
         )
         return FilterSMTP(
             handler,
@@ -352,6 +379,7 @@ class FilterServer:
             stats=self.stats,
             tls_context=self._tls_context,
             loop=asyncio.get_running_loop(),
+            rate_limits=self._rate_limits,
         )
 
     async def listen(self, host: str, port: int) -> asyncio.Server:

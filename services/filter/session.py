@@ -29,6 +29,7 @@ from common.topology import DELIVER_ROUTING_KEY, SCAN_ROUTING_KEY
 from services.filter.convert import peer_ip, tls_description, to_envelope
 from services.filter.protocol import replies
 from services.filter.protocol.message import ReceivedInfo, received_header
+from services.filter.ratelimit import UNLIMITED, Limit, RateLimits
 from services.filter.rules import Rule, evaluate, format_headers
 from services.filter.stats import WorkerStats
 
@@ -110,6 +111,7 @@ class FilterSession:
         stats: WorkerStats,
         policy: SessionPolicy,
         clock: Callable[[], float] = time.time,
+        rate_limits: RateLimits = UNLIMITED,
     ) -> None:
         self.session_id = session_id
         self.peer = ""
@@ -119,6 +121,7 @@ class FilterSession:
         self._stats = stats
         self._policy = policy
         self._clock = clock
+        self._rate_limits = rate_limits
         self._txn: Transaction | None = None
 
     def __dir__(self) -> list[str]:
@@ -161,9 +164,17 @@ class FilterSession:
         address: str,
         mail_options: list[str],
     ) -> str:
+        txn = self._transaction(envelope)
+        # Every MAIL FROM counts against the message rates (as in Postfix's anvil), across
+        # all workers; a refused one counts nothing and leaves no sender set.
+        exceeded = await self._rate_limits.message(
+            peer_ip(session.peer), authenticated_user(session), self.log_extra(txn.queue_id))
+        if exceeded is not None:
+            log.info("sender %s refused: rate limit %s", address, exceeded.value,
+                     extra=self.log_extra(txn.queue_id))
+            return _RATE_REPLIES[exceeded]
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        txn = self._transaction(envelope)
         log.debug("sender %s", address, extra=self.log_extra(txn.queue_id))
         return replies.SENDER_OK
 
@@ -278,6 +289,27 @@ class FilterSession:
             extra=self.log_extra(self.current_queue_id),
         )
         return replies.INTERNAL_ERROR
+
+
+_RATE_REPLIES = {
+    Limit.MESSAGES_PER_IP: replies.RATE_MESSAGES_IP,
+    Limit.MESSAGES_PER_USER: replies.RATE_MESSAGES_USER,
+}
+
+
+def authenticated_user(session: SMTPSession) -> str | None:
+    """The login of an authenticated session, for the per-user limit.
+
+    Inert today: the filter refuses AUTH until submission exists (a later issue), so this is
+    always None on the wire. aiosmtpd keeps what the authenticator returned in auth_data
+    (its LoginPassword has `login` as bytes).
+    """
+    if not session.authenticated:
+        return None
+    login = getattr(session.auth_data, "login", session.auth_data)
+    if isinstance(login, bytes):
+        login = login.decode("utf-8", "replace")
+    return login if isinstance(login, str) and login else None
 
 
 def _recipient_reply(resolution: Resolution) -> str:

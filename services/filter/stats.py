@@ -13,6 +13,14 @@ class WorkerStats:
     refused_connections: turned away with 421 because `smtp_max_connections` were open;
     accepted: messages queued (250 after the broker confirm);
     rejected / tempfailed: 5xx / 4xx replies sent (any command).
+
+    Scanning, at DATA (see services/filter/rules/spam.py, virus.py):
+    spam_ham / spam_junk / spam_rejected / spam_tempfailed: spam verdicts;
+    virus_clean / virus_found: virus verdicts; scan_oversize: too big for clamd;
+    scanner_unavailable: scanner calls that failed, then per policy scan_failure
+    scan_tempfailed / scan_not_scanned (accepted unscanned) / scan_deferred.
+    Deferred scans (services/filter/deferred.py): deferred_ham / deferred_junk /
+    deferred_quarantined published onwards; deferred_requeued: returned for a scanner outage.
     """
 
     connections: int = 0
@@ -21,6 +29,26 @@ class WorkerStats:
     accepted: int = 0
     rejected: int = 0
     tempfailed: int = 0
+    # Rate limits (services/filter/ratelimit.py): refused with 421 / 451 4.7.1, and checks
+    # that failed open because Redis did not answer.
+    rate_limited_connections: int = 0
+    rate_limited_messages: int = 0
+    rate_limit_errors: int = 0
+    spam_ham: int = 0
+    spam_junk: int = 0
+    spam_rejected: int = 0
+    spam_tempfailed: int = 0
+    virus_clean: int = 0
+    virus_found: int = 0
+    scan_oversize: int = 0
+    scanner_unavailable: int = 0
+    scan_tempfailed: int = 0
+    scan_not_scanned: int = 0
+    scan_deferred: int = 0
+    deferred_ham: int = 0
+    deferred_junk: int = 0
+    deferred_quarantined: int = 0
+    deferred_requeued: int = 0
 
     def count_reply(self, reply: str) -> None:
         if reply.startswith("5"):

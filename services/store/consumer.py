@@ -6,7 +6,8 @@ For each micro-batch (what the broker has handed us so far, up to the prefetch) 
   2. checks every mailbox owner against the account database; a message for an owner that no
      longer exists is copied, with `x-tiermail-reason`, to the dead-letter exchange through a
      confirmed publish, never silently dropped;
-  3. stores all deliveries of the batch with one `deliver` call (one transaction per user);
+  3. stores all deliveries of the batch with one `deliver` call (one transaction per user),
+     into INBOX, or into Junk when the envelope carries a spam verdict (`junk`);
   4. acks (one `multiple` ack when the whole batch succeeded).
 A storage failure falls back to delivering message by message, so one poison message cannot
 hold the rest back: permanent failures (an unusable owner or mailbox) are dead-lettered like
@@ -34,7 +35,7 @@ from common.settings import Settings
 from common.topology import PERSISTENT, envelope_from_properties
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
-from services.store.mailbox import Delivery, NoSuchMailbox, NoSuchUser
+from services.store.mailbox import INBOX, JUNK, Delivery, NoSuchMailbox, NoSuchUser
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +329,9 @@ def _delivery(envelope: Envelope, owner: str, body: bytes) -> Delivery:
     # (as Postfix and Dovecot add it) records which mailbox this copy was for.
     trace = f"Return-Path: <{_header_safe(envelope.mail_from)}>\r\n" \
             f"Delivered-To: {_header_safe(owner)}\r\n"
+    # A spam verdict (the filter's, or a deferred scan's) files the copy into Junk.
     return Delivery(queue_id=envelope.queue_id, user=owner, body=trace.encode() + body,
-                    received_at=envelope.received_at)
+                    received_at=envelope.received_at, mailbox=JUNK if envelope.junk else INBOX)
 
 
 def _header_safe(value: str) -> str:

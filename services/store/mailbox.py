@@ -11,6 +11,19 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 INBOX = "INBOX"
+DRAFTS, SENT, JUNK, TRASH, ARCHIVE = "Drafts", "Sent", "Junk", "Trash", "Archive"
+
+# The folders every account has, with their RFC 6154 special-use attributes (INBOX has none:
+# it is special by name, RFC 3501 5.1). Created together with the account's index; delivery
+# into one of them also creates it if it is missing (an index from before they existed).
+SPECIAL_USE: dict[str, str] = {
+    DRAFTS: "\\Drafts",
+    SENT: "\\Sent",
+    JUNK: "\\Junk",
+    TRASH: "\\Trash",
+    ARCHIVE: "\\Archive",
+}
+STANDARD_MAILBOXES: tuple[str, ...] = (INBOX, *SPECIAL_USE)
 
 
 class StorageError(Exception):
@@ -36,6 +49,12 @@ class MailboxStatus:
     uidnext: int
     highestmodseq: int
     messages: int
+
+
+@dataclass(frozen=True)
+class MailboxInfo:
+    name: str
+    special_use: str | None  # RFC 6154 attribute such as "\\Junk", or None
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,11 @@ class MailStore(Protocol):
         ...
 
     async def status(self, user: str, mailbox: str = INBOX) -> MailboxStatus: ...
+
+    async def list_mailboxes(self, user: str) -> list[MailboxInfo]:
+        """Every mailbox of the user, INBOX first, then by name (the standard folders exist
+        for every account, even one that never received mail)."""
+        ...
 
     async def list_messages(self, user: str, mailbox: str = INBOX) -> list[MessageInfo]:
         """All messages of a mailbox in ascending UID order."""

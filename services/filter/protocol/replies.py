@@ -27,9 +27,20 @@ QUEUE_UNAVAILABLE = "451 4.3.0 Message not queued, please try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 TOO_MANY_CONNECTIONS = "421 4.7.0 too many connections"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+# Rate limits (services/filter/ratelimit.py), counted across all workers. 4.7.0 before the
+# greeting, as Postfix's anvil does; 4.7.1 "not authorized" at MAIL FROM. RFC 3463 3.8.
+RATE_CONNECTIONS = ("421 4.7.0 Too many connections from your address, "
+                    "please try again later")
+RATE_MESSAGES_IP = "451 4.7.1 Too many messages from your address, please try again later"
+RATE_MESSAGES_USER = "451 4.7.1 Too many messages from your account, please try again later"
+# Scanning (services/filter/rules/spam.py, virus.py). 4.7.0: a security check could not be
+# completed; 4.7.1: rspamd asked to try later (soft reject, greylisting). RFC 3463 3.8.
+SCANNER_UNAVAILABLE = "451 4.7.0 Message could not be scanned now, please try again later"
+SCAN_TOO_BIG_TEMPFAIL = "451 4.7.0 Message too big to be scanned now, please try again later"
+SPAM_TEMPFAIL = "451 4.7.1 Message deferred, please try again later"
 
 # Our own temporary trouble (broker, directory, internal): never the client's fault.
-_SERVER_TROUBLE = ("451 4.3.0", "421")
+_SERVER_TROUBLE = ("451 4.3.0", "421", SCANNER_UNAVAILABLE, SCAN_TOO_BIG_TEMPFAIL)
 
 
 def is_client_error(reply: str) -> bool:
@@ -45,6 +56,10 @@ RELAY_DENIED = "554 5.7.1 Relay access denied"
 # (<LF>.<LF> or <CR>.<CR> read as end-of-data by some other server).
 BARE_NEWLINE = "554 5.6.0 Message refused: bare CR or LF in message (RFC 5321 2.3.8)"
 MESSAGE_TOO_BIG = "552 5.3.4 Message too big for system"
+SPAM_REJECTED = "550 5.7.1 Message refused as spam"
+SPAM_REJECTED_TEXT = "550 5.7.1 {text}"  # rspamd's smtp_message, made one safe line
+VIRUS_FOUND = "554 5.7.1 Message refused: virus {signature} found"
+SCAN_TOO_BIG_REJECT = "552 5.3.4 Message too big to be scanned for viruses"
 SIZE_EXCEEDED = "552 5.3.4 Message size exceeds fixed maximum message size"
 LINE_TOO_LONG = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
 COMMAND_TOO_LONG = "500 5.5.2 Command line too long"

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from common.envelope import Envelope
+
+if TYPE_CHECKING:
+    from common.settings import Settings
+    from services.filter.backends.scanners import Scanners
+    from services.filter.stats import WorkerStats
 
 Header = tuple[str, str]
 
@@ -70,7 +75,10 @@ def format_headers(headers: Sequence[Header]) -> bytes:
     return b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
 
 
-def default_rules() -> list[Rule]:
-    from services.filter.rules.bare_newline import BareNewlineRule
+def default_rules(settings: Settings | None = None, scanners: Scanners | None = None,
+                  stats: WorkerStats | None = None) -> list[Rule]:
+    """The rules from settings (services/filter/rules/defaults.py); with no scanners, only
+    the local checks."""
+    from services.filter.rules.defaults import build_rules
 
-    return [BareNewlineRule()]
+    return build_rules(settings, scanners, stats)

@@ -5,7 +5,8 @@ Layout under `root` (normally `<store_dir>/mail`), documented in docs/architectu
     uidvalidity.sqlite              store-wide monotonic UIDVALIDITY counter
     inflight                        journal of users whose files may be ahead of their index
     <sha256(user)[:2]>/<user>/
-        index.sqlite                mailbox, message, expunged, delivered (WAL, synchronous=FULL)
+        index.sqlite                mailbox, message, expunged, delivered (WAL, synchronous=FULL);
+                                    created with INBOX, Drafts, Sent, Junk, Trash and Archive
         m/<guid[:2]>/<guid>         message bytes, written once, never modified
         tmp/<guid>                  a message file being written (removed by the sweep)
 
@@ -46,7 +47,10 @@ from typing import BinaryIO, TypeVar
 
 from services.store.mailbox import (
     INBOX,
+    SPECIAL_USE,
+    STANDARD_MAILBOXES,
     Delivery,
+    MailboxInfo,
     MailboxStatus,
     MessageInfo,
     NoSuchMailbox,
@@ -59,14 +63,17 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+# 1: mailbox, message, expunged, delivered. 2: mailbox.special_use (RFC 6154) and the
+# standard folders (Drafts, Sent, Junk, Trash, Archive) in every index.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mailbox (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     uidvalidity INTEGER NOT NULL,
     uidnext INTEGER NOT NULL,
-    highestmodseq INTEGER NOT NULL
+    highestmodseq INTEGER NOT NULL,
+    special_use TEXT
 );
 CREATE TABLE IF NOT EXISTS message (
     mailbox_id INTEGER NOT NULL REFERENCES mailbox(id),
@@ -178,22 +185,24 @@ class _UidValidity:
         self._db.execute("CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK "
                          "(id = 1), value INTEGER NOT NULL)")
 
-    def next(self) -> int:
+    def take(self, count: int) -> list[int]:
+        """`count` new values in one transaction (a new account's mailboxes: one fsync)."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             row = db.execute("SELECT value FROM counter WHERE id = 1").fetchone()
             last = int(row[0]) if row else 0
             # RFC 3501 2.3.1.1: a 32-bit non-zero value that never goes backwards.
-            value = max(last + 1, int(time.time()))
-            if value > 0xFFFFFFFF:
+            first = max(last + 1, int(time.time()))
+            final = first + count - 1
+            if final > 0xFFFFFFFF:
                 raise StorageError("UIDVALIDITY space exhausted")
-            db.execute("INSERT OR REPLACE INTO counter (id, value) VALUES (1, ?)", (value,))
+            db.execute("INSERT OR REPLACE INTO counter (id, value) VALUES (1, ?)", (final,))
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        return value
+        return list(range(first, final + 1))
 
     def close(self) -> None:
         self._db.close()
@@ -234,21 +243,13 @@ class MailDB:
         return [uid is not None for uid in await self.deliver_uids(deliveries)]
 
     async def status(self, user: str, mailbox: str = INBOX) -> MailboxStatus:
-        self.user_path(user)
-        status = await self._in_reader(self._status_sync, user, mailbox)
-        if status is None:
-            if mailbox != INBOX:
-                raise NoSuchMailbox(mailbox)
-            # An account that never received mail: create its INBOX so it has a UIDVALIDITY.
-            await self._in_writer(self._ensure_inbox_sync, user)
-            status = await self._in_reader(self._status_sync, user, mailbox)
-            if status is None:  # pragma: no cover - created just above
-                raise NoSuchMailbox(mailbox)
-        return status
+        return await self._read(self._status_sync, user, mailbox)
+
+    async def list_mailboxes(self, user: str) -> list[MailboxInfo]:
+        return await self._read(self._mailboxes_sync, user, INBOX)
 
     async def list_messages(self, user: str, mailbox: str = INBOX) -> list[MessageInfo]:
-        self.user_path(user)
-        return await self._in_reader(self._list_sync, user, mailbox)
+        return await self._read(self._list_sync, user, mailbox)
 
     def open_message(self, user: str, guid: str) -> BinaryIO:
         path = self.message_path(user, guid)
@@ -293,6 +294,21 @@ class MailDB:
 
     # Executors
 
+    async def _read(self, func: Callable[[str, str], T | None], user: str, mailbox: str) -> T:
+        """Run a read; None from it means "no index, an outdated one, or no such mailbox".
+
+        Then the writer creates or migrates the index (an account that never received mail
+        gets its standard folders, so they have a UIDVALIDITY) and the read is tried again.
+        """
+        self.user_path(user)
+        result = await self._in_reader(func, user, mailbox)
+        if result is None:
+            await self._in_writer(self._writer_conn, user, True)
+            result = await self._in_reader(func, user, mailbox)
+            if result is None:
+                raise NoSuchMailbox(mailbox)
+        return result
+
     async def _in_writer(self, func: Callable[..., T], *args: object) -> T:
         if self._closed:
             raise StorageError("mail store is closed")
@@ -324,10 +340,8 @@ class MailDB:
             conn.execute("PRAGMA journal_mode=WAL")
             # WAL with NORMAL may lose the last commits on power loss; we ack after COMMIT.
             conn.execute("PRAGMA synchronous=FULL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version != SCHEMA_VERSION:
-                conn.executescript(SCHEMA)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self._upgrade_index(conn, user)
                 _fsync_dir(path)
         except BaseException:
             conn.close()
@@ -338,32 +352,81 @@ class MailDB:
             old.close()
         return conn
 
-    def _uidvalidity_next(self) -> int:
+    def _upgrade_index(self, conn: sqlite3.Connection, user: str) -> None:
+        """Create a new index, or bring an older one to SCHEMA_VERSION, in one transaction.
+
+        Each step checks what is there rather than trusting user_version alone, so an index
+        left half-initialised by a crash of older code is repaired too.
+        """
+        with _transaction(conn):
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StorageError(f"index of {user} has schema {version}, newer than this "
+                                   f"code ({SCHEMA_VERSION})")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(mailbox)")}
+            if "special_use" not in columns:  # 1 -> 2
+                conn.execute("ALTER TABLE mailbox ADD COLUMN special_use TEXT")
+            self._create_standard_mailboxes(conn)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version:
+            log.info("index migrated from schema %d to %d", version, SCHEMA_VERSION,
+                     extra={"user": user, "event": "index-migrated"})
+
+    def _create_standard_mailboxes(self, conn: sqlite3.Connection) -> None:
+        """INBOX and the special-use folders, those missing; inside a write transaction.
+
+        A special-use attribute already held by another mailbox (a renamed Junk) counts as
+        present: the folder is not created twice under its default name.
+        """
+        existing = dict(conn.execute("SELECT name, special_use FROM mailbox").fetchall())
+        for name, use in SPECIAL_USE.items():
+            if name in existing and existing[name] is None:
+                conn.execute("UPDATE mailbox SET special_use = ? WHERE name = ?", (use, name))
+                existing[name] = use
+        held = set(existing.values())
+        missing = [name for name in STANDARD_MAILBOXES
+                   if name not in existing and SPECIAL_USE.get(name, "") not in held]
+        self._create_mailboxes(conn, missing)
+
+    def _create_mailboxes(self, conn: sqlite3.Connection, names: list[str]) -> None:
+        """New, empty mailboxes, each with its own UIDVALIDITY (inside a write transaction)."""
+        if not names:
+            return
         if self._uidvalidity is None:
             self._uidvalidity = _UidValidity(self.root / "uidvalidity.sqlite")
-        return self._uidvalidity.next()
+        values = self._uidvalidity.take(len(names))
+        conn.executemany(
+            "INSERT INTO mailbox (name, uidvalidity, uidnext, highestmodseq, special_use)"
+            " VALUES (?, ?, 1, 1, ?)",
+            [(name, value, SPECIAL_USE.get(name)) for name, value in zip(names, values,
+                                                                           strict=True)],
+        )
 
-    def _mailbox_row(self, conn: sqlite3.Connection, name: str,
-                     create: bool) -> tuple[int, int, int] | None:
+    def _mailbox_row(self, conn: sqlite3.Connection, name: str) -> tuple[int, int, int] | None:
         """(id, uidnext, highestmodseq); must be called inside a write transaction."""
         row = conn.execute(
             "SELECT id, uidnext, highestmodseq FROM mailbox WHERE name = ?", (name,)
         ).fetchone()
-        if row is not None:
-            return int(row[0]), int(row[1]), int(row[2])
-        if not create:
-            return None
-        cursor = conn.execute(
-            "INSERT INTO mailbox (name, uidvalidity, uidnext, highestmodseq) VALUES (?, ?, 1, 1)",
-            (name, self._uidvalidity_next()),
-        )
-        return int(cursor.lastrowid or 0), 1, 1
+        return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
-    def _ensure_inbox_sync(self, user: str) -> None:
-        conn = self._writer_conn(user, create=True)
-        assert conn is not None
-        with _transaction(conn):
-            self._mailbox_row(conn, INBOX, create=True)
+    def _delivery_mailbox(self, conn: sqlite3.Connection, name: str) -> tuple[int, int, int]:
+        """The mailbox a delivery names. A standard folder is found by its special-use
+        attribute if it was renamed, and created if it is missing altogether."""
+        row = self._mailbox_row(conn, name)
+        if row is None and name in SPECIAL_USE:
+            found = conn.execute("SELECT name FROM mailbox WHERE special_use = ? ORDER BY id",
+                                 (SPECIAL_USE[name],)).fetchone()
+            if found is not None:
+                row = self._mailbox_row(conn, str(found[0]))
+        if row is None and name in STANDARD_MAILBOXES:
+            self._create_mailboxes(conn, [name])
+            row = self._mailbox_row(conn, name)
+        if row is None:
+            raise NoSuchMailbox(name)
+        return row
 
     def _journal(self, users: Iterable[str]) -> None:
         if self._journal_fd is None:
@@ -428,20 +491,21 @@ class MailDB:
 
             committed: set[str] = set()
             with _transaction(conn):
-                mailboxes: dict[str, list[int]] = {}  # name -> [id, uidnext, modseq]
+                # Keyed by id: two names may lead to one mailbox (Junk found by its attribute).
+                box_ids: dict[str, int] = {}
+                mailboxes: dict[int, list[int]] = {}  # id -> [id, uidnext, modseq]
                 known = _known_queue_ids(conn, [d.queue_id for _, d, _ in todo])
                 now = time.time()
                 for i, delivery, guid in todo:
                     if delivery.queue_id in known:
                         continue
-                    box = mailboxes.get(delivery.mailbox)
-                    if box is None:
-                        row = self._mailbox_row(conn, delivery.mailbox,
-                                                create=delivery.mailbox == INBOX)
-                        if row is None:
-                            raise NoSuchMailbox(delivery.mailbox)
-                        box = mailboxes[delivery.mailbox] = list(row)
-                    box_id, uid, modseq = box[0], box[1], box[2] + 1
+                    box_id = box_ids.get(delivery.mailbox)
+                    if box_id is None:
+                        row = self._delivery_mailbox(conn, delivery.mailbox)
+                        box_id = box_ids[delivery.mailbox] = row[0]
+                        mailboxes.setdefault(box_id, list(row))
+                    box = mailboxes[box_id]
+                    uid, modseq = box[1], box[2] + 1
                     box[1], box[2] = uid + 1, modseq
                     conn.execute(
                         "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags,"
@@ -478,7 +542,7 @@ class MailDB:
             raise NoSuchMailbox(mailbox)
         self._journal([user])
         with _transaction(conn):
-            row = self._mailbox_row(conn, mailbox, create=False)
+            row = self._mailbox_row(conn, mailbox)
             if row is None:
                 raise NoSuchMailbox(mailbox)
             box_id, _, modseq = row
@@ -570,6 +634,8 @@ class MailDB:
     # Reader threads
 
     def _read_conn(self, user: str) -> sqlite3.Connection | None:
+        """A read-only connection, or None when the index is missing or not yet at
+        SCHEMA_VERSION (being created, or written by older code): the writer fixes that."""
         index = self.user_path(user) / "index.sqlite"
         try:
             conn = sqlite3.connect(f"{index.as_uri()}?mode=rw", uri=True,
@@ -578,7 +644,15 @@ class MailDB:
             if not index.exists():
                 return None
             raise
-        conn.execute("PRAGMA query_only=1")
+        try:
+            conn.execute("PRAGMA query_only=1")
+            current = conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        except BaseException:
+            conn.close()
+            raise
+        if not current:
+            conn.close()
+            return None
         return conn
 
     def _status_sync(self, user: str, mailbox: str) -> MailboxStatus | None:
@@ -586,15 +660,10 @@ class MailDB:
         if conn is None:
             return None
         with contextlib.closing(conn), _read_snapshot(conn):
-            try:
-                row = conn.execute(
-                    "SELECT id, uidvalidity, uidnext, highestmodseq FROM mailbox WHERE name = ?",
-                    (mailbox,),
-                ).fetchone()
-            except sqlite3.OperationalError as exc:
-                if "no such table" in str(exc):  # created this very moment
-                    return None
-                raise
+            row = conn.execute(
+                "SELECT id, uidvalidity, uidnext, highestmodseq FROM mailbox WHERE name = ?",
+                (mailbox,),
+            ).fetchone()
             if row is None:
                 return None
             count = conn.execute("SELECT count(*) FROM message WHERE mailbox_id = ?",
@@ -602,24 +671,23 @@ class MailDB:
         return MailboxStatus(name=mailbox, uidvalidity=int(row[1]), uidnext=int(row[2]),
                              highestmodseq=int(row[3]), messages=int(count))
 
-    def _list_sync(self, user: str, mailbox: str) -> list[MessageInfo]:
+    def _mailboxes_sync(self, user: str, _mailbox: str) -> list[MailboxInfo] | None:
         conn = self._read_conn(user)
         if conn is None:
-            if mailbox == INBOX:
-                return []
-            raise NoSuchMailbox(mailbox)
+            return None
         with contextlib.closing(conn):
-            try:
-                row = conn.execute("SELECT id FROM mailbox WHERE name = ?",
-                                   (mailbox,)).fetchone()
-            except sqlite3.OperationalError as exc:
-                if "no such table" in str(exc):
-                    return []
-                raise
+            rows = conn.execute("SELECT name, special_use FROM mailbox"
+                                " ORDER BY name != 'INBOX', name").fetchall()
+        return [MailboxInfo(str(name), use) for name, use in rows]
+
+    def _list_sync(self, user: str, mailbox: str) -> list[MessageInfo] | None:
+        conn = self._read_conn(user)
+        if conn is None:
+            return None
+        with contextlib.closing(conn):
+            row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
-                if mailbox == INBOX:
-                    return []
-                raise NoSuchMailbox(mailbox)
+                return None
             rows = conn.execute(
                 "SELECT uid, guid, size, internaldate, flags, modseq FROM message"
                 " WHERE mailbox_id = ? ORDER BY uid", (row[0],),

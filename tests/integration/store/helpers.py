@@ -33,7 +33,7 @@ def add_users(settings: Settings, users: Iterable[str]) -> None:
         accounts.close()
 
 
-def make_message(*owners: str) -> tuple[Envelope, bytes]:
+def make_message(*owners: str, junk: bool = False) -> tuple[Envelope, bytes]:
     queue_id = new_queue_id()
     body = (f"From: sender@remote.test\r\nTo: {', '.join(owners)}\r\n"
             f"Subject: test {queue_id}\r\nX-Test-Queue-Id: {queue_id}\r\n\r\nhello\r\n").encode()
@@ -41,7 +41,7 @@ def make_message(*owners: str) -> tuple[Envelope, bytes]:
         queue_id=queue_id, mail_from="sender@remote.test",
         recipients=tuple(Recipient(o, (o,)) for o in owners),
         client_ip="127.0.0.1", client_helo="remote.test", received_at=time.time(),
-        size=len(body))
+        size=len(body), junk=junk)
     return envelope, body
 
 
@@ -86,7 +86,7 @@ async def wait_for(predicate: Callable[[], object], within: float = 30.0,
 
 
 def stored_count(store_dir: Path, users: Iterable[str]) -> int:
-    """Messages in the users' INBOXes, read straight from the index files (any process)."""
+    """Messages in all the users' mailboxes, read straight from the index files (any process)."""
     maildb_root = store_dir / "mail"
     total = 0
     for user in users:
@@ -103,8 +103,12 @@ def stored_count(store_dir: Path, users: Iterable[str]) -> int:
     return total
 
 
-def check_mailboxes(store_dir: Path, users: Iterable[str]) -> Counter[str]:
-    """Verify every index against its files; return how often each test queue id was stored."""
+def check_mailboxes(store_dir: Path, users: Iterable[str],
+                    by_mailbox: dict[str, set[str]] | None = None) -> Counter[str]:
+    """Verify every index against its files; return how often each test queue id was stored.
+
+    `by_mailbox`, when given, is filled with mailbox name -> queue ids found in it.
+    """
     seen: Counter[str] = Counter()
     root = store_dir / "mail"
     for user in users:
@@ -115,25 +119,25 @@ def check_mailboxes(store_dir: Path, users: Iterable[str]) -> Counter[str]:
         conn = sqlite3.connect(index)
         try:
             assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            rows = conn.execute("SELECT uid, guid, size, modseq FROM message"
-                                " ORDER BY uid").fetchall()
-            uidnext, highest = conn.execute(
-                "SELECT uidnext, highestmodseq FROM mailbox WHERE name = 'INBOX'").fetchone()
+            rows = conn.execute(
+                "SELECT uid, guid, size, modseq, name, uidnext, highestmodseq FROM message"
+                " JOIN mailbox ON mailbox.id = message.mailbox_id ORDER BY name, uid").fetchall()
             delivered = {r[0] for r in conn.execute("SELECT queue_id FROM delivered")}
         finally:
             conn.close()
-        uids = [r[0] for r in rows]
+        uids = [(mailbox, uid) for uid, _, _, _, mailbox, _, _ in rows]
         assert len(uids) == len(set(uids)), f"duplicate uids for {user}"
-        assert all(0 < uid < uidnext for uid in uids)
-        assert all(r[3] <= highest for r in rows)
         indexed = set()
-        for uid, guid, size, _ in rows:
+        for uid, guid, size, modseq, mailbox, uidnext, highest in rows:
+            assert 0 < uid < uidnext and modseq <= highest, f"{user} {mailbox} uid {uid}"
             path = base / "m" / guid[:2] / guid
             data = path.read_bytes()  # every index row has its file
             assert len(data) == size, f"{user} uid {uid}: size mismatch"
             match = QUEUE_ID_HEADER.search(data)
             assert match, f"{user} uid {uid}: no test queue id in the stored message"
             seen[match.group(1).decode()] += 1
+            if by_mailbox is not None:
+                by_mailbox.setdefault(mailbox, set()).add(match.group(1).decode())
             assert match.group(1).decode() in delivered
             indexed.add(guid)
         files = {p.name for p in (base / "m").rglob("*") if p.is_file()}

@@ -208,3 +208,27 @@ async def test_reconnects_after_broker_connection_loss(store: Running) -> None:
                    store.consumer.consuming.is_set(), what="reconnected")
     await publish_all(store.settings, [make_message(ALICE)])
     await wait_for(lambda: store.consumer.stats.delivered >= 2, what="delivery after reconnect")
+
+
+async def test_junk_envelope_is_filed_into_junk(store: Running) -> None:
+    spam = make_message(ALICE, BOB, junk=True)
+    ham = make_message(ALICE)
+    await publish_all(store.settings, [spam, ham])
+    await wait_for(lambda: store.consumer.stats.delivered >= 3, what="three copies stored")
+    await wait_for(lambda: _zero(store.depth()), what="queue drained")
+    by_mailbox: dict[str, set[str]] = {}
+    seen = check_mailboxes(store.settings.store_dir, [ALICE, BOB], by_mailbox)
+    assert seen == {spam[0].queue_id: 2, ham[0].queue_id: 1}
+    assert by_mailbox == {"Junk": {spam[0].queue_id}, "INBOX": {ham[0].queue_id}}
+    assert len(await store.maildb.list_messages(BOB)) == 0  # not in INBOX
+    [junk] = await store.maildb.list_messages(BOB, "Junk")
+    with store.maildb.open_message(BOB, junk.guid) as f:
+        assert f.read().startswith(b"Return-Path: <sender@remote.test>\r\n")
+
+    # A redelivery (lost ack, or a replay) is still one copy per user.
+    await publish_all(store.settings, [spam])
+    await wait_for(lambda: store.consumer.stats.duplicates >= 2, what="duplicates seen")
+    await wait_for(lambda: _zero(store.depth()), what="queue drained again")
+    assert check_mailboxes(store.settings.store_dir, [ALICE, BOB]) == seen
+    assert store.consumer.stats.delivered == 3
+    assert await store.dead() == 0

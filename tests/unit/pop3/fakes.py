@@ -9,6 +9,7 @@ from typing import BinaryIO
 from services.store.mailbox import (
     INBOX,
     Delivery,
+    MailboxInfo,
     MailboxStatus,
     MessageInfo,
     NoSuchMailbox,
@@ -51,6 +52,9 @@ class FakeMailStore:
         messages = self._messages.get(user, [])
         uidnext = self._uidnext.get(user, 1)
         return MailboxStatus(mailbox, 1, uidnext, uidnext - 1, len(messages))
+
+    async def list_mailboxes(self, user: str) -> list[MailboxInfo]:
+        return [MailboxInfo(INBOX, None)]  # enough for POP3, which sees INBOX only
 
     async def list_messages(self, user: str, mailbox: str = INBOX) -> list[MessageInfo]:
         if mailbox != INBOX:

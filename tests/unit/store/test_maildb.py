@@ -111,7 +111,7 @@ async def test_status_of_user_without_mail(db: MailDB) -> None:
     status = await db.status("carol@example.test")
     assert status.messages == 0 and status.uidnext == 1 and status.uidvalidity > 0
     with pytest.raises(NoSuchMailbox):
-        await db.status("carol@example.test", "Archive")
+        await db.status("carol@example.test", "Nope")
     with pytest.raises(NoSuchMailbox):
         await db.deliver([Delivery("q", ALICE, b"x", 0.0, mailbox="Nope")])
 

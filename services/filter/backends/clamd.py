@@ -1,0 +1,96 @@
+"""clamd client: INSTREAM over a unix socket or TCP, one connection per scan.
+
+The size check comes first: a message larger than `stream_max` (which must match clamd's
+StreamMaxLength) raises StreamTooLarge before a byte is sent, and so does clamd's own
+"INSTREAM size limit exceeded" if the two disagree. Never a silent pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
+from services.filter.backends.streams import close_stream, open_stream
+from services.filter.protocol.clamd import (
+    INSTREAM,
+    MAX_REPLY,
+    PING,
+    PONG,
+    ClamdProtocolError,
+    ClamdResult,
+    ClamdSizeLimit,
+    chunks,
+    parse_reply,
+)
+
+NAME = "clamd"
+
+
+class ClamdClient:
+    name = NAME
+
+    def __init__(self, address: str, timeout: float, stream_max: int) -> None:
+        self._address = address
+        self._timeout = timeout
+        self._stream_max = stream_max
+
+    async def scan(self, content: bytes) -> ClamdResult:
+        if len(content) > self._stream_max:
+            raise StreamTooLarge(len(content), self._stream_max)
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await self._instream(content)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError
+                ) as exc:
+            raise ScannerUnavailable(NAME, f"{type(exc).__name__}: {exc}") from exc
+        try:
+            return parse_reply(reply)
+        except ClamdSizeLimit as exc:
+            raise StreamTooLarge(len(content), self._stream_max) from exc
+        except ClamdProtocolError as exc:
+            raise ScannerUnavailable(NAME, str(exc)) from exc
+
+    async def _instream(self, content: bytes) -> bytes:
+        reader, writer = await open_stream(self._address)
+        try:
+            writer.write(INSTREAM)
+            try:
+                for frame in chunks(content):
+                    writer.write(frame)
+                    await writer.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                # clamd stops reading and answers when the stream exceeds its limit; its
+                # reply, if any, is still in our receive buffer.
+                pass
+            return await _read_reply(reader)
+        finally:
+            await close_stream(writer)
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(min(self._timeout, 5.0)):
+                reader, writer = await open_stream(self._address)
+                try:
+                    writer.write(PING)
+                    await writer.drain()
+                    return (await _read_reply(reader)).rstrip(b"\0\n") == PONG
+                finally:
+                    await close_stream(writer)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            return False
+
+    async def aclose(self) -> None:
+        """Nothing pooled: one connection per scan (clamd forks no process per connection,
+        and a unix socket connect costs microseconds)."""
+
+
+async def _read_reply(reader: asyncio.StreamReader) -> bytes:
+    data = b""
+    while b"\0" not in data and len(data) < MAX_REPLY:
+        piece = await reader.read(MAX_REPLY)
+        if not piece:
+            break
+        data += piece
+    if not data:
+        raise ClamdProtocolError("clamd closed the connection without a reply")
+    return data.split(b"\0", 1)[0]

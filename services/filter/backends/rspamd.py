@@ -1,0 +1,71 @@
+"""rspamd client: POST /checkv2 on the normal worker, over a pooled keep-alive connection.
+
+httpx rather than an HTTP/1.1 client of our own: it keeps a connection pool (rspamd's normal
+worker keeps connections alive, which saves a TCP handshake per message), handles
+Content-Length and chunked replies, and is widely used and maintained; the protocol itself
+(headers, JSON) lives in services/filter/protocol/rspamd.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from common.envelope import Envelope
+from services.filter.backends.errors import ScannerUnavailable
+from services.filter.protocol.rspamd import (
+    CHECK_PATH,
+    PING_PATH,
+    RspamdProtocolError,
+    RspamdResult,
+    parse_checkv2,
+    request_headers,
+)
+
+NAME = "rspamd"
+
+
+class RspamdClient:
+    name = NAME
+
+    def __init__(self, url: str, timeout: float, hostname: str = "",
+                 max_connections: int = 64) -> None:
+        self._timeout = timeout
+        self._hostname = hostname
+        self._http = httpx.AsyncClient(
+            base_url=url.rstrip("/"),
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+            trust_env=False,  # never an HTTP proxy from the environment
+        )
+
+    async def check(self, envelope: Envelope, content: bytes) -> RspamdResult:
+        headers = request_headers(envelope, self._hostname)
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._http.post(CHECK_PATH, content=content, headers=headers)
+        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            raise ScannerUnavailable(NAME, _describe(exc)) from exc
+        if response.status_code != 200:
+            raise ScannerUnavailable(NAME, f"HTTP {response.status_code}")
+        try:
+            return parse_checkv2(response.content)
+        except RspamdProtocolError as exc:
+            raise ScannerUnavailable(NAME, str(exc)) from exc
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(min(self._timeout, 5.0)):
+                response = await self._http.get(PING_PATH)
+        except (httpx.HTTPError, OSError, TimeoutError):
+            return False
+        return response.status_code == 200 and response.content.strip() == b"pong"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,242 @@
+"""The deferred scanner: drains `<prefix>.scan`, the messages accepted while a scanner was down
+(policy `defer`), and scans them before the store ever sees them.
+
+    ham   -> `deliver`, scan headers prepended (same queue id: the store deduplicates)
+    spam  -> `deliver` with junk=True (any spam verdict, even reject: it can no longer be
+             refused, so it goes to the recipient's Junk folder)
+    virus -> `quarantine`, with X-Tiermail-Virus naming the signature
+
+Each message is published with a publisher confirm first and acked on the scan queue only
+then: a crash in between gives a duplicate (deduplicated by the store), never a loss.
+
+While a scanner is down the drainer does not consume at all: it probes every configured
+scanner (rspamd GET /ping, clamd PING, spamd PING) with exponential backoff and starts
+consuming when all answer. A scanner failure in the middle of a message returns that message
+to the queue (nack, requeue) and stops consuming again, so an outage never churns through
+redeliveries (the scan queue's delivery limit, 100, is only reached by a message that breaks
+the scanner itself). Every filter worker with scanners configured runs one drainer: they are
+competing consumers, each with a small prefetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, replace
+
+from aiormq.abc import AbstractChannel, DeliveredMessage
+
+from common.broker import PublishFailed, open_channel
+from common.envelope import Envelope, EnvelopeError
+from common.settings import Settings
+from common.topology import (
+    DELIVER_ROUTING_KEY,
+    QUARANTINE_ROUTING_KEY,
+    envelope_from_properties,
+)
+from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
+from services.filter.backends.scanners import Scanners
+from services.filter.protocol.scan_headers import Header, header_safe, virus_header
+from services.filter.rules.base import format_headers
+from services.filter.rules.spam import SpamJudge, SpamJudgement
+from services.filter.session import MessagePublisher
+from services.filter.stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+SCAN_PREFETCH = 4
+CONNECT_TIMEOUT = 5.0
+PROBE_MIN = 0.2
+PROBE_MAX = 30.0
+_TOO_BIG = "\0too-big"  # not a signature clamd can name
+TOO_BIG_HEADER: Header = ("X-Tiermail-Scan", "not scanned (too big for the virus scanner)")
+
+
+@dataclass(frozen=True)
+class Routed:
+    routing_key: str
+    headers: tuple[Header, ...]
+    junk: bool
+    outcome: str  # for the log and the counters: ham, junk, quarantined
+
+
+class DeferredScanner:
+    def __init__(self, settings: Settings, scanners: Scanners, judge: SpamJudge | None,
+                 publisher: MessagePublisher, stats: WorkerStats,
+                 prefetch: int = SCAN_PREFETCH) -> None:
+        self._settings = settings
+        self._topology = settings.topology
+        self._scanners = scanners
+        self._judge = judge
+        self._publisher = publisher
+        self._stats = stats
+        self._prefetch = prefetch
+        self.consuming = asyncio.Event()  # set while registered as a consumer (for tests)
+
+    async def run(self) -> None:
+        """Probe, consume until a scanner or the broker fails, repeat; until cancelled."""
+        delay = PROBE_MIN
+        reported: list[str] = []
+        while True:
+            down = await self._scanners.unavailable()
+            if down:
+                if down != reported:
+                    log.warning("deferred scanning paused: %s not answering", ", ".join(down),
+                                extra={"event": "scan-paused"})
+                    reported = down
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PROBE_MAX)
+                continue
+            if reported:
+                log.info("scanners answer again: deferred scanning resumes",
+                         extra={"event": "scan-resumed"})
+                reported = []
+            delay = PROBE_MIN
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("scan queue session ended: %s: %s", type(exc).__name__, exc,
+                            extra={"event": "amqp-disconnected"})
+                await asyncio.sleep(1.0)
+
+    async def _session(self) -> None:
+        """Consume the scan queue until a scanner fails (return) or the broker goes (raise)."""
+        connection, channel = await open_channel(
+            self._settings.amqp_url, self._topology, CONNECT_TIMEOUT, confirms=False)
+        inbox: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
+        failed = asyncio.Event()
+        workers: list[asyncio.Task[None]] = []
+        try:
+            await channel.basic_qos(prefetch_count=self._prefetch)
+
+            async def on_message(message: DeliveredMessage) -> None:
+                inbox.put_nowait(message)
+
+            ok = await channel.basic_consume(self._topology.scan_queue, on_message, no_ack=False)
+            self.consuming.set()
+            workers = [asyncio.create_task(self._work(channel, inbox, failed))
+                       for _ in range(self._prefetch)]
+            failing = asyncio.ensure_future(failed.wait())
+            closing = connection.closing
+            try:
+                await asyncio.wait({failing, closing}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                failing.cancel()
+            if closing.done():
+                raise ConnectionError("broker connection closed")
+            # A scanner failed: stop taking messages, give back what we hold, let the
+            # messages being scanned finish (each is acked or nacked by its worker).
+            with contextlib.suppress(Exception):
+                await channel.basic_cancel(ok.consumer_tag or "", timeout=5)
+            self.consuming.clear()
+            while not inbox.empty():
+                message = inbox.get_nowait()
+                if message is not None:
+                    await _nack(channel, message)
+            for _ in workers:
+                inbox.put_nowait(None)
+            await asyncio.gather(*workers, return_exceptions=True)
+        finally:
+            self.consuming.clear()
+            for worker in workers:
+                worker.cancel()
+            # Anything still unacked goes back to the queue.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
+
+    async def _work(self, channel: AbstractChannel,
+                    inbox: asyncio.Queue[DeliveredMessage | None], failed: asyncio.Event) -> None:
+        while (message := await inbox.get()) is not None:
+            if failed.is_set():
+                await _nack(channel, message)
+                continue
+            try:
+                await self._handle(channel, message, failed)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("deferred scan failed unexpectedly; message returned to the queue")
+                await _nack(channel, message)
+
+    async def _handle(self, channel: AbstractChannel, message: DeliveredMessage,
+                      failed: asyncio.Event) -> None:
+        try:
+            envelope = envelope_from_properties(message.header.properties)
+        except EnvelopeError as exc:
+            log.error("undecodable message on the scan queue, dead-lettered: %s", exc)
+            await channel.basic_reject(message.delivery_tag or 0, requeue=False)
+            return
+        extra = {"queue_id": envelope.queue_id}
+        body = bytes(message.body)
+        try:
+            routed = await self._scan(envelope, body)
+        except ScannerUnavailable as exc:
+            self._stats.deferred_requeued += 1
+            log.warning("%s unavailable during a deferred scan (%s): returned to the queue",
+                        exc.scanner, exc.reason, extra=extra)
+            failed.set()
+            await _nack(channel, message)
+            return
+        head = format_headers(routed.headers)
+        out = replace(envelope, junk=envelope.junk or routed.junk, size=len(head) + len(body))
+        try:
+            await asyncio.wait_for(self._publisher.publish(out, head + body, routed.routing_key),
+                                   CONNECT_TIMEOUT + self._settings.publish_timeout)
+        except (PublishFailed, TimeoutError) as exc:
+            log.warning("deferred scan result not published (%s): returned to the queue", exc,
+                        extra=extra)
+            await _nack(channel, message)
+            return
+        await channel.basic_ack(message.delivery_tag or 0)
+        self._count(routed)
+        log.info("deferred scan: %s, published to %s", routed.outcome, routed.routing_key,
+                 extra=extra)
+
+    async def _scan(self, envelope: Envelope, body: bytes) -> Routed:
+        judge = self._judge
+        try:
+            async with asyncio.TaskGroup() as group:
+                virus_task = group.create_task(self._virus(body))
+                spam_task = group.create_task(judge.judge(envelope, body)) \
+                    if judge is not None else None
+        except* ScannerUnavailable as errors:
+            raise errors.exceptions[0] from None
+        signature = virus_task.result()
+        if signature is _TOO_BIG:
+            # Only when clamd's StreamMaxLength is below our setting (at DATA the size is
+            # checked first). Unscannable and no longer refusable: quarantine, never deliver.
+            return Routed(QUARANTINE_ROUTING_KEY, (TOO_BIG_HEADER,), False, "quarantined")
+        if signature is not None:
+            return Routed(QUARANTINE_ROUTING_KEY, (virus_header(signature),), False,
+                          f"quarantined (virus {header_safe(signature, 200)})")
+        judgement: SpamJudgement | None = spam_task.result() if spam_task is not None else None
+        if judgement is None:
+            return Routed(DELIVER_ROUTING_KEY, (), False, "ham")
+        if judgement.is_spam:
+            return Routed(DELIVER_ROUTING_KEY, judgement.headers, True, "junk")
+        return Routed(DELIVER_ROUTING_KEY, judgement.headers, False, "ham")
+
+    async def _virus(self, body: bytes) -> str | None:
+        """The signature found, None when clean (or no virus scanner), _TOO_BIG."""
+        if self._scanners.virus is None:
+            return None
+        try:
+            return (await self._scanners.virus.scan(body)).signature
+        except StreamTooLarge:
+            return _TOO_BIG
+
+    def _count(self, routed: Routed) -> None:
+        if routed.routing_key == QUARANTINE_ROUTING_KEY:
+            self._stats.deferred_quarantined += 1
+        elif routed.junk:
+            self._stats.deferred_junk += 1
+        else:
+            self._stats.deferred_ham += 1
+
+
+async def _nack(channel: AbstractChannel, message: DeliveredMessage) -> None:
+    with contextlib.suppress(Exception):
+        await channel.basic_nack(message.delivery_tag or 0, requeue=True)

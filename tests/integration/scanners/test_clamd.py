@@ -1,0 +1,77 @@
+"""The `clamd` fixture: a real clamd with the repository's EICAR-only signatures, spoken to
+over INSTREAM (clamd(8)) with a raw socket exchange."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from pathlib import Path
+
+from services.devscanners.runner import connect, start_clamd
+from tests.support import eicar_bytes, free_port
+
+CHUNK = 64 * 1024
+
+
+def instream(address: str, data: bytes) -> str:
+    """zINSTREAM, then <4-byte big-endian length><bytes> chunks, then a zero-length chunk."""
+    with connect(address, timeout=10) as sock:
+        sock.sendall(b"zINSTREAM\0")
+        for start in range(0, len(data), CHUNK):
+            chunk = data[start:start + CHUNK]
+            sock.sendall(struct.pack("!I", len(chunk)) + chunk)
+        try:
+            sock.sendall(struct.pack("!I", 0))
+        except OSError:
+            pass  # clamd may answer and close early (size limit)
+        reply = b""
+        while not reply.endswith(b"\0") and (part := sock.recv(4096)):
+            reply += part
+    return reply.rstrip(b"\0").decode()
+
+
+def mail_with_attachment(payload: bytes) -> bytes:
+    encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
+    return (b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: the file\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+            b"--b1\r\nContent-Type: text/plain\r\n\r\nHere it is.\r\n"
+            b"--b1\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Transfer-Encoding: base64\r\n"
+            b"Content-Disposition: attachment; filename=\"test.com\"\r\n\r\n"
+            + encoded + b"--b1--\r\n")
+
+
+def test_eicar_is_found_with_our_signature(clamd: str) -> None:
+    reply = instream(clamd, eicar_bytes())
+    assert reply.startswith("stream: Tiermail.Test.EICAR") and reply.endswith(".UNOFFICIAL FOUND")
+
+
+def test_eicar_as_base64_attachment_is_found(clamd: str) -> None:
+    started = time.perf_counter()
+    reply = instream(clamd, mail_with_attachment(eicar_bytes()))
+    print(f"clamd INSTREAM of a mail with EICAR: {(time.perf_counter() - started) * 1000:.1f} ms")
+    assert reply.endswith(".UNOFFICIAL FOUND"), reply
+
+
+def test_ham_is_ok(clamd: str) -> None:
+    instream(clamd, b"warm-up")
+    started = time.perf_counter()
+    reply = instream(clamd, mail_with_attachment(b"just a harmless text file\n" * 150))
+    print(f"clamd INSTREAM of a 4 KB ham mail: {(time.perf_counter() - started) * 1000:.1f} ms")
+    assert reply == "stream: OK"
+
+
+def test_stream_above_stream_max_is_refused(clamd: str, tmp_path: Path) -> None:
+    with start_clamd(tmp_path / "clamd", address=f"127.0.0.1:{free_port()}",
+                     stream_max=4096) as small:
+        reply = instream(small.address, b"x" * 10_000)
+    assert "size limit exceeded" in reply
+
+
+def test_unix_socket(clamd: str, tmp_path: Path) -> None:
+    path = tmp_path / "clamd.sock"
+    with start_clamd(tmp_path / "clamd", address=str(path)) as local:
+        assert local.address == str(path)
+        assert instream(local.address, eicar_bytes()).endswith(".UNOFFICIAL FOUND")
+
