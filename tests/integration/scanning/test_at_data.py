@@ -1,0 +1,139 @@
+"""Verdicts at the end of DATA with the real rspamd, clamd and spamd."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from common.settings import Settings
+from services.devscanners.runner import start_clamd
+from services.filter.main import open_worker
+from services.filter.protocol import replies
+from services.filter.protocol.scan_headers import NOT_SCANNED_HEADER
+from tests.integration.scanning.conftest import (
+    add_header_band,
+    closed_address,
+    depth,
+    eicar_attachment,
+    gtube,
+    ham,
+    send_one,
+    take_all,
+)
+
+
+async def send(port: int, data: bytes) -> tuple[int, str]:
+    return await asyncio.to_thread(send_one, port, data)
+
+
+def reply_of(code: int, text: str) -> str:
+    return f"{code} {text}"
+
+
+async def test_gtube_is_refused_at_data_and_never_queued(scan_settings: Settings) -> None:
+    async with open_worker(scan_settings) as worker:
+        code, text = await send(worker.ports[0], gtube())
+        assert code == 550 and text.startswith("5.7.1"), text
+        assert worker.stats.spam_rejected == 1
+    assert await depth(scan_settings, scan_settings.topology.deliver_queue) == 0
+
+
+async def test_add_header_band_is_queued_as_junk_with_headers(scan_settings: Settings) -> None:
+    async with open_worker(scan_settings) as worker:
+        assert await send(worker.ports[0], add_header_band()) == (250, "")
+        assert worker.stats.spam_junk == 1
+    [queued] = await take_all(scan_settings, scan_settings.topology.deliver_queue)
+    assert queued.envelope.junk is True
+    assert queued.header("X-Spam") == "Yes"
+    score, _, required = (queued.header("X-Spam-Score") or "").partition(" / ")
+    assert 6 <= float(score) < float(required) == 15.0
+    assert "TIERMAIL_TEST_ADD_HEADER(8.00)" in (queued.header("X-Spam-Symbols") or "")
+    assert queued.body.index(b"X-Spam:") < queued.body.index(b"Received:")
+    assert queued.envelope.size == len(queued.body)
+
+
+async def test_ham_is_queued_with_x_spam_status_no(scan_settings: Settings) -> None:
+    async with open_worker(scan_settings) as worker:
+        assert await send(worker.ports[0], ham()) == (250, "")
+        assert (worker.stats.spam_ham, worker.stats.virus_clean) == (1, 1)
+    [queued] = await take_all(scan_settings, scan_settings.topology.deliver_queue)
+    assert queued.envelope.junk is False
+    assert (queued.header("X-Spam-Status") or "").startswith("No, score=")
+    assert queued.header("X-Spam") is None
+
+
+async def test_eicar_attachment_is_refused_naming_the_signature(scan_settings: Settings) -> None:
+    async with open_worker(scan_settings) as worker:
+        code, text = await send(worker.ports[0], eicar_attachment())
+        assert worker.stats.virus_found == 1
+    assert code == 554
+    assert text.startswith("5.7.1 Message refused: virus ") and text.endswith(" found"), text
+    signature = text.split()[4]
+    assert signature.endswith(".UNOFFICIAL"), text
+    assert await depth(scan_settings, scan_settings.topology.deliver_queue) == 0
+
+
+async def test_rspamd_down_tempfail_then_accept(scan_settings: Settings) -> None:
+    down = scan_settings.replace(rspamd_url=f"http://{closed_address()}")
+    async with open_worker(down) as worker:
+        assert reply_of(*await send(worker.ports[0], ham())) == replies.SCANNER_UNAVAILABLE
+        assert worker.stats.scan_tempfailed == 1
+    assert await depth(scan_settings, scan_settings.topology.deliver_queue) == 0
+    async with open_worker(down.replace(scan_failure="accept")) as worker:
+        assert await send(worker.ports[0], ham()) == (250, "")
+        assert worker.stats.scan_not_scanned == 1
+    [queued] = await take_all(scan_settings, scan_settings.topology.deliver_queue)
+    assert queued.header(NOT_SCANNED_HEADER) == "not scanned (rspamd unavailable)"
+    assert queued.header("X-Spam-Status") is None and not queued.envelope.junk
+
+
+async def test_clamd_down_tempfail_then_accept(scan_settings: Settings) -> None:
+    down = scan_settings.replace(clamd_address=closed_address())
+    async with open_worker(down) as worker:
+        assert reply_of(*await send(worker.ports[0], ham())) == replies.SCANNER_UNAVAILABLE
+    async with open_worker(down.replace(scan_failure="accept")) as worker:
+        assert await send(worker.ports[0], ham()) == (250, "")
+        # GTUBE is still refused: rspamd is up and a permanent refusal wins.
+        code, _ = await send(worker.ports[0], gtube())
+        assert code == 550
+    [queued] = await take_all(scan_settings, scan_settings.topology.deliver_queue)
+    assert queued.header(NOT_SCANNED_HEADER) == "not scanned (clamd unavailable)"
+    assert (queued.header("X-Spam-Status") or "").startswith("No, ")
+
+
+async def test_oversize_for_clamd_is_never_passed_silently(scan_settings: Settings) -> None:
+    big = ham("big") + b"x" * 2000 + b"\r\n"
+    small_limit = scan_settings.replace(clamd_stream_max=1024)
+    async with open_worker(small_limit.replace(virus_oversize="reject")) as worker:
+        assert reply_of(*await send(worker.ports[0], big)) == replies.SCAN_TOO_BIG_REJECT
+    async with open_worker(small_limit.replace(virus_oversize="tempfail")) as worker:
+        assert reply_of(*await send(worker.ports[0], big)) == replies.SCAN_TOO_BIG_TEMPFAIL
+        assert worker.stats.scan_oversize == 1
+        assert await send(worker.ports[0], ham("small")) == (250, "")
+    assert len(await take_all(scan_settings, scan_settings.topology.deliver_queue)) == 1
+
+
+async def test_spamassassin_backend(scan_settings: Settings, spamd: str) -> None:
+    sa = scan_settings.replace(spam="spamassassin", spamd_address=spamd, virus="off")
+    async with open_worker(sa) as worker:
+        code, _ = await send(worker.ports[0], gtube())
+        assert code == 550  # GTUBE scores 1000 in SpamAssassin: over the reject score
+        assert await send(worker.ports[0], ham()) == (250, "")
+    [queued] = await take_all(scan_settings, scan_settings.topology.deliver_queue)
+    assert (queued.header("X-Spam-Status") or "").startswith("No, score=")
+
+
+async def test_clamd_own_stream_limit_is_the_oversize_policy(
+        scan_settings: Settings, tmp_path: Path) -> None:
+    """clamd's StreamMaxLength below our setting: its "size limit exceeded" is not a pass."""
+    scanner = await asyncio.to_thread(start_clamd, tmp_path / "clamd-small",
+                                      address=closed_address(), stream_max=4096)
+    try:
+        small = scan_settings.replace(clamd_address=scanner.address, virus_oversize="reject")
+        async with open_worker(small) as worker:
+            big = ham("big") + (b"y" * 76 + b"\r\n") * 200
+            assert reply_of(*await send(worker.ports[0], big)) == replies.SCAN_TOO_BIG_REJECT
+            assert worker.stats.scan_oversize == 1
+            assert await send(worker.ports[0], ham("small")) == (250, "")
+    finally:
+        await asyncio.to_thread(scanner.stop)

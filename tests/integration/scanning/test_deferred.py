@@ -1,0 +1,149 @@
+"""Policy `defer`: intake survives a scanner outage, and nothing unscanned reaches a mailbox.
+
+100 messages (ham, GTUBE, EICAR) are accepted while rspamd and clamd are "stopped" (settings
+point at closed ports): all wait in the scan queue, none in deliver. Then a worker whose
+settings reach the live scanners drains the scan queue: every ham goes to deliver without
+junk, every GTUBE to deliver with junk=True, every EICAR to quarantine, each exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from collections import Counter
+
+from common.settings import Settings
+from services.filter.main import open_worker
+from services.filter.protocol.scan_headers import VIRUS_HEADER
+from tests.integration.scanning.conftest import (
+    ALICE,
+    SENDER,
+    closed_address,
+    depth,
+    eicar_attachment,
+    eventually,
+    gtube,
+    ham,
+    take_all,
+)
+from tests.support import TcpProxy, free_port
+
+MESSAGES = 100
+KINDS = ("ham", "gtube", "eicar")
+MAKERS = {"ham": ham, "gtube": gtube, "eicar": eicar_attachment}
+
+
+def send_mix(port: int, count: int) -> dict[str, str]:
+    """Send `count` messages over one connection; queue id -> kind."""
+    sent: dict[str, str] = {}
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.remote.test",
+                      timeout=60) as client:
+        client.ehlo()
+        for i in range(count):
+            kind = KINDS[i % len(KINDS)]
+            assert client.mail(SENDER)[0] == 250
+            assert client.rcpt(ALICE)[0] == 250
+            code, text = client.data(MAKERS[kind](f"{kind} {i}"))
+            assert code == 250, (kind, code, text)
+            sent[text.decode().rsplit(" ", 1)[1]] = kind
+    return sent
+
+
+async def test_defer_then_drain_exactly_once(scan_settings: Settings) -> None:
+    topology = scan_settings.topology
+    stopped = scan_settings.replace(rspamd_url=f"http://{closed_address()}",
+                                    clamd_address=closed_address(), scan_failure="defer")
+    async with open_worker(stopped) as intake:
+        sent = await asyncio.to_thread(send_mix, intake.ports[0], MESSAGES)
+        assert intake.stats.scan_deferred >= MESSAGES  # one per unavailable scanner call
+        assert intake.drainer is not None and not intake.drainer.consuming.is_set()
+    assert len(sent) == MESSAGES
+    assert await depth(scan_settings, topology.scan_queue) == MESSAGES
+    assert await depth(scan_settings, topology.deliver_queue) == 0
+
+    # The scanners "return": a worker that reaches them drains the scan queue.
+    async with open_worker(scan_settings.replace(scan_failure="defer"),
+                           port=free_port()) as scanner:
+        async def done() -> bool:
+            stats = scanner.stats
+            finished = stats.deferred_ham + stats.deferred_junk + stats.deferred_quarantined
+            return finished >= MESSAGES and await depth(scan_settings, topology.scan_queue) == 0
+
+        await eventually(done, within=120, what="the scan queue to be drained")
+        assert scanner.stats.deferred_requeued == 0
+
+    delivered = await take_all(scan_settings, topology.deliver_queue)
+    quarantined = await take_all(scan_settings, topology.quarantine_queue)
+    expected = Counter(sent.values())
+    seen = Counter(m.envelope.queue_id for m in delivered + quarantined)
+    assert set(seen) == set(sent) and set(seen.values()) == {1}, "each exactly once"
+    for message in delivered:
+        kind = sent[message.envelope.queue_id]
+        if kind == "ham":
+            assert not message.envelope.junk
+            assert (message.header("X-Spam-Status") or "").startswith("No, ")
+        else:
+            assert kind == "gtube"
+            assert message.envelope.junk and message.header("X-Spam") == "Yes"
+        assert message.envelope.size == len(message.body)
+    for message in quarantined:
+        assert sent[message.envelope.queue_id] == "eicar"
+        assert (message.header(VIRUS_HEADER) or "").endswith(".UNOFFICIAL")
+    assert Counter(sent[m.envelope.queue_id] for m in quarantined) == {"eicar": expected["eicar"]}
+    assert len(delivered) == expected["ham"] + expected["gtube"]
+    assert await depth(scan_settings, topology.scan_queue) == 0
+
+
+async def test_scanner_failure_mid_drain_pauses_without_churn(scan_settings: Settings) -> None:
+    """clamd goes away in the middle of draining: the message being scanned goes back to the
+    queue, the drainer stops consuming (no redelivery churn) and resumes when clamd answers;
+    every message still comes out exactly once."""
+    topology = scan_settings.topology
+    count = 150
+    stopped = scan_settings.replace(rspamd_url=f"http://{closed_address()}",
+                                    clamd_address=closed_address(), scan_failure="defer")
+    async with open_worker(stopped, drain_scan_queue=False) as intake:
+        sent = await asyncio.to_thread(send_hams, intake.ports[0], count)
+    clamd_port = int(scan_settings.clamd_address.rpartition(":")[2])
+    proxy = TcpProxy(clamd_port)
+    try:
+        via_proxy = scan_settings.replace(clamd_address=f"127.0.0.1:{proxy.port}")
+        async with open_worker(via_proxy, port=free_port()) as worker:
+            stats, drainer = worker.stats, worker.drainer
+            assert drainer is not None
+            await eventually(lambda: stats.deferred_ham >= 1, what="draining to start")
+            proxy.cut()
+            await eventually(lambda: not drainer.consuming.is_set(), what="consuming to stop")
+            paused_at = stats.deferred_ham
+            assert 0 < paused_at < count
+            left = await depth(scan_settings, topology.scan_queue)
+            assert left == count - paused_at
+            # Paused: nothing is taken from the queue while clamd does not answer.
+            probes = stats.deferred_requeued
+            assert probes <= 4  # at most the prefetched messages went back, once
+            proxy.start()
+            await eventually(lambda: stats.deferred_ham >= count, within=120,
+                             what="the rest to be drained")
+            assert stats.deferred_requeued == probes
+    finally:
+        proxy.cut()
+    delivered = await take_all(scan_settings, topology.deliver_queue)
+    seen = Counter(m.envelope.queue_id for m in delivered)
+    assert set(seen) == set(sent) and set(seen.values()) == {1}
+    assert await depth(scan_settings, topology.scan_queue) == 0
+
+
+def send_hams(port: int, count: int) -> list[str]:
+    queue_ids: list[str] = []
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.remote.test",
+                      timeout=60) as client:
+        client.ehlo()
+        for i in range(count):
+            code, text = client.data(ham(f"ham {i}")) if _envelope(client) else (0, b"")
+            assert code == 250, text
+            queue_ids.append(text.decode().rsplit(" ", 1)[1])
+    return queue_ids
+
+
+def _envelope(client: smtplib.SMTP) -> bool:
+    return client.mail(SENDER)[0] == 250 and client.rcpt(ALICE)[0] == 250
