@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from common.settings import Settings
@@ -137,3 +138,40 @@ async def test_clamd_own_stream_limit_is_the_oversize_policy(
             assert await send(worker.ports[0], ham("small")) == (250, "")
     finally:
         await asyncio.to_thread(scanner.stop)
+
+
+class BlackHole:
+    """A loopback server that accepts connections and reads, but never answers: a hung
+    scanner, which must cost at most `scan_timeout`, never a hung SMTP session."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> str:
+        async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while await reader.read(65536):
+                pass
+            writer.close()
+
+        self.server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_scanners_that_time_out_follow_the_failure_policy(scan_settings: Settings) -> None:
+    async with BlackHole() as hung:
+        for slow in (scan_settings.replace(rspamd_url=f"http://{hung}", scan_timeout=1.0),
+                     scan_settings.replace(clamd_address=hung, scan_timeout=1.0)):
+            async with open_worker(slow) as worker:
+                started = time.monotonic()
+                assert reply_of(*await send(worker.ports[0], ham())) == \
+                    replies.SCANNER_UNAVAILABLE
+                assert time.monotonic() - started < 10  # bounded by the timeout, not hung
+            async with open_worker(slow.replace(scan_failure="defer"),
+                                   drain_scan_queue=False) as worker:
+                assert await send(worker.ports[0], ham()) == (250, "")
+    assert await depth(scan_settings, scan_settings.topology.deliver_queue) == 0
+    assert await depth(scan_settings, scan_settings.topology.scan_queue) == 2
