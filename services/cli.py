@@ -137,13 +137,11 @@ def _change(settings: Settings, db_change: Callable[[Any], Any],
     """Apply a change to the account database, then mirror it into the Redis directory."""
     from services.store.backends.accounts import AccountError
 
-    accounts = _accounts(settings)
-    try:
-        result = db_change(accounts)
-    except AccountError as exc:
-        raise CommandError(str(exc)) from None
-    finally:
-        accounts.close()
+    with _accounts(settings) as accounts:
+        try:
+            result = db_change(accounts)
+        except AccountError as exc:
+            raise CommandError(str(exc)) from None
     try:
         asyncio.run(_mirror(settings, redis_change))
     except Exception as exc:
@@ -160,15 +158,12 @@ async def _mirror(settings: Settings, redis_change: Callable[[Any], Any]) -> Non
     redis = from_url(settings.redis_url, socket_connect_timeout=3)
     try:
         directory = Directory(redis, settings.redis_prefix)
-        accounts = _accounts(settings)
-        try:
+        with _accounts(settings) as accounts:
             if await directory.is_published():
                 await redis_change(directory)
                 await directory.mark_generation(accounts.generation())
             else:
                 await directory.publish(accounts.snapshot())
-        finally:
-            accounts.close()
     finally:
         await redis.aclose()
 
@@ -188,12 +183,9 @@ def domain_del(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def domain_list(settings: Settings, args: argparse.Namespace) -> int:
-    accounts = _accounts(settings)
-    try:
+    with _accounts(settings) as accounts:
         for name in accounts.domains():
             print(name)
-    finally:
-        accounts.close()
     return 0
 
 
@@ -225,13 +217,11 @@ def user_passwd(settings: Settings, args: argparse.Namespace) -> int:
     from common.passwords import hash_password
 
     password_hash = hash_password(_read_password(args))
-    accounts = _accounts(settings)
-    try:
-        accounts.set_password(args.address, password_hash)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
-    finally:
-        accounts.close()
+    with _accounts(settings) as accounts:
+        try:
+            accounts.set_password(args.address, password_hash)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
     print(f"password of {args.address.lower()} changed")
     return 0
 
@@ -244,12 +234,9 @@ def user_del(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def user_list(settings: Settings, args: argparse.Namespace) -> int:
-    accounts = _accounts(settings)
-    try:
+    with _accounts(settings) as accounts:
         for address in accounts.users():
             print(address)
-    finally:
-        accounts.close()
     return 0
 
 
@@ -271,11 +258,8 @@ def alias_del(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _set_alias(directory: Any, settings: Settings, source: str) -> None:
-    accounts = _accounts(settings)
-    try:
+    with _accounts(settings) as accounts:
         targets = accounts.alias_targets(source)
-    finally:
-        accounts.close()
     if targets:
         await directory.set_alias(source, targets)
     else:
@@ -283,12 +267,9 @@ async def _set_alias(directory: Any, settings: Settings, source: str) -> None:
 
 
 def alias_list(settings: Settings, args: argparse.Namespace) -> int:
-    accounts = _accounts(settings)
-    try:
+    with _accounts(settings) as accounts:
         for source, targets in accounts.aliases().items():
             print(f"{source} -> {', '.join(targets)}")
-    finally:
-        accounts.close()
     return 0
 
 

@@ -75,6 +75,12 @@ class AccountDB:
     def close(self) -> None:
         self._db.close()
 
+    def __enter__(self) -> AccountDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction; every one bumps the generation the directory is compared by."""
