@@ -20,7 +20,7 @@ from tests.integration.scanning.conftest import (
     ham,
     take_all,
 )
-from tests.support import TierProcess, free_port, queue_depth, wait_until
+from tests.support import TcpProxy, TierProcess, queue_depth, wait_until
 
 USER = "alice@example.org"
 MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>]+>)", re.MULTILINE | re.IGNORECASE)
@@ -102,36 +102,44 @@ def test_verdicts_land_in_the_right_folder_or_are_refused(
 def test_deferred_mail_stays_out_of_mailboxes_until_scanned_then_lands_once(
         settings: Settings, run_tier: Callable[..., TierProcess], rspamd: str,
         clamd: str) -> None:
-    down = scanning(settings, f"http://127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
-                    policy="defer")
-    provision(down)
-    run_tier(down, "store").wait_for_port(down.pop3_port)
-    first = run_tier(down, "filter")
-    first.wait_for_port(down.smtp_port)
+    """Both scanners go away (their ports close) while mail arrives under `defer`; when they
+    come back, the same running filter notices by itself and drains the scan-pending queue."""
+    rspamd_proxy = TcpProxy(int(rspamd.rsplit(":", 1)[1]))
+    clamd_proxy = TcpProxy(int(clamd.rsplit(":", 1)[1]))
+    try:
+        s = scanning(settings, f"http://127.0.0.1:{rspamd_proxy.port}",
+                     f"127.0.0.1:{clamd_proxy.port}", policy="defer")
+        provision(s)
+        run_tier(s, "store").wait_for_port(s.pop3_port)
+        rspamd_proxy.cut()
+        clamd_proxy.cut()
+        run_tier(s, "filter").wait_for_port(s.smtp_port)
 
-    kinds = {"ham": (ham, 40), "gtube": (gtube, 30), "eicar": (eicar_attachment, 30)}
-    sent: dict[str, set[bytes]] = {}
-    for kind, (make, count) in kinds.items():
-        sent[kind] = set()
-        for n in range(count):
-            data = make(f"deferred {kind} {n}")
-            send(down, "sender@example.net", [USER], data)
-            sent[kind] |= set(message_ids([data]))
-    assert queue_depth(down, down.topology.scan_queue) == 100
-    assert queue_depth(down) == 0
-    assert folder(down, "INBOX") == [] and folder(down, "Junk") == []
+        kinds = {"ham": (ham, 40), "gtube": (gtube, 30), "eicar": (eicar_attachment, 30)}
+        sent: dict[str, set[bytes]] = {}
+        for kind, (make, count) in kinds.items():
+            sent[kind] = set()
+            for n in range(count):
+                data = make(f"deferred {kind} {n}")
+                send(s, "sender@example.net", [USER], data)
+                sent[kind] |= set(message_ids([data]))
+        assert queue_depth(s, s.topology.scan_queue) == 100
+        assert queue_depth(s) == 0
+        assert folder(s, "INBOX") == [] and folder(s, "Junk") == []
 
-    first.stop()  # the scanners "return": a worker that can reach them drains the queue
-    back = scanning(settings, rspamd, clamd, policy="defer")
-    run_tier(back, "filter").wait_for_port(back.smtp_port)
-    wait_until(lambda: queue_depth(back, back.topology.scan_queue) == 0
-               and queue_depth(back) == 0 and len(folder(back, "INBOX")) == 40
-               and len(folder(back, "Junk")) == 30, timeout=120,
-               what="every deferred message scanned and delivered")
+        rspamd_proxy.start()
+        clamd_proxy.start()
+        wait_until(lambda: queue_depth(s, s.topology.scan_queue) == 0
+                   and queue_depth(s) == 0 and len(folder(s, "INBOX")) == 40
+                   and len(folder(s, "Junk")) == 30, timeout=120,
+                   what="every deferred message scanned and delivered")
+    finally:
+        rspamd_proxy.cut()
+        clamd_proxy.cut()
 
-    inbox_ids = message_ids(folder(back, "INBOX"))
-    junk_ids = message_ids(folder(back, "Junk"))
-    quarantined = asyncio.run(take_all(back, back.topology.quarantine_queue))
+    inbox_ids = message_ids(folder(s, "INBOX"))
+    junk_ids = message_ids(folder(s, "Junk"))
+    quarantined = asyncio.run(take_all(s, s.topology.quarantine_queue))
     quarantine_ids = message_ids([q.body for q in quarantined])
     assert sorted(inbox_ids) == sorted(sent["ham"]) and len(set(inbox_ids)) == 40
     assert sorted(junk_ids) == sorted(sent["gtube"]) and len(set(junk_ids)) == 30
