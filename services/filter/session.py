@@ -244,7 +244,9 @@ class FilterSession:
             received_at=received_at,
             size=len(header) + len(content),
         )
+        checks_started = time.perf_counter()
         decision = await evaluate(self._rules, message_envelope, content)
+        checks_ms = (time.perf_counter() - checks_started) * 1000
         if decision.reply is not None:
             log.info("message refused by rule %s", decision.refused_by, extra=extra)
             return decision.reply
@@ -253,11 +255,12 @@ class FilterSession:
         message_envelope = replace(message_envelope, junk=decision.junk,
                                    size=len(head) + len(content))
         routing_key = SCAN_ROUTING_KEY if decision.defer else DELIVER_ROUTING_KEY
-        return await self._publish(message_envelope, head + content, envelope, routing_key)
+        return await self._publish(message_envelope, head + content, envelope, routing_key,
+                                   checks_ms)
 
     async def _publish(
         self, message_envelope: Envelope, body: bytes, smtp_envelope: SMTPEnvelope,
-        routing_key: str = DELIVER_ROUTING_KEY,
+        routing_key: str = DELIVER_ROUTING_KEY, checks_ms: float = 0.0,
     ) -> str:
         extra = self.log_extra(message_envelope.queue_id)
         # Drop aiosmtpd's reference to the received content: `body` is the copy we send.
@@ -272,10 +275,11 @@ class FilterSession:
             return replies.QUEUE_UNAVAILABLE
         self._stats.accepted += 1
         log.info(
-            "queued from=<%s> to=<%s> size=%d%s",
+            "queued from=<%s> to=<%s> size=%d checks_ms=%.2f%s",
             message_envelope.mail_from,
             ">,<".join(r.address for r in message_envelope.recipients),
             message_envelope.size,
+            checks_ms,  # the rules' time (scanners included), for the scanning benchmark
             "" if routing_key == DELIVER_ROUTING_KEY else f" via={routing_key}",
             extra=extra,
         )
