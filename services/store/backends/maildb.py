@@ -212,7 +212,9 @@ class MailDB:
     """The `MailStore` implementation. Construct with the mail root (or `for_store`)."""
 
     def __init__(self, root: Path, *, max_open: int = 256, readers: int = 4) -> None:
-        self.root = root
+        # Absolute: readers open the index by file: URI, and TIERMAIL_DATA_DIR is relative
+        # by default (./var).
+        self.root = root.absolute()
         self._max_open = max_open
         _makedirs_durable(root)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maildb-writer")

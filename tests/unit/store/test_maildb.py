@@ -219,3 +219,15 @@ async def test_a_mailbox_of_100k_messages_lists_and_grows_correctly(db: MailDB) 
     assert await db.deliver([delivery("after", body=body)]) == [True]
     newest = (await db.list_messages(ALICE))[-1]
     assert newest.uid == 1000 + n  # allocated after the highest, never reused
+
+
+async def test_a_relative_root_works_like_the_default_data_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TIERMAIL_DATA_DIR defaults to ./var: a relative store root must read and write."""
+    monkeypatch.chdir(tmp_path)
+    relative = MailDB(Path("var") / "store" / "mail")
+    try:
+        assert await relative.deliver([delivery("rel-1")]) == [True]
+        assert [m.uid for m in await relative.list_messages(ALICE)] == [1]
+    finally:
+        await relative.close()
