@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.devscanners.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 POSTFIX = "/usr/sbin/postfix"
@@ -45,12 +47,6 @@ class BenchError(RuntimeError):
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -16,33 +16,11 @@ from pathlib import Path
 import aiormq
 
 from common.settings import Settings
+from services.devscanners.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-# Listening ports for test servers come from below the kernel's ephemeral range (32768+ on
-# Linux), where no outgoing connection's source port can take one, and each is handed out
-# once per test run. Letting the kernel pick (bind to port 0) draws from the ephemeral range:
-# the suite's own client connections use those ports too, and a port can come back twice.
-# A run starts at a pid-dependent offset so that two runs at once rarely meet.
-_PORT_RANGE = (20000, 32000)
-_next_port = _PORT_RANGE[0] + (os.getpid() * 7919) % (_PORT_RANGE[1] - _PORT_RANGE[0])
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on, unique within this test run."""
-    global _next_port
-    low, high = _PORT_RANGE
-    for _ in range(high - low):
-        port = _next_port
-        _next_port = low + (_next_port + 1 - low) % (high - low)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05,
