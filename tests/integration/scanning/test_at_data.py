@@ -18,6 +18,7 @@ from tests.integration.scanning.conftest import (
     eicar_attachment,
     gtube,
     ham,
+    message,
     send_one,
     take_all,
 )
@@ -175,3 +176,13 @@ async def test_scanners_that_time_out_follow_the_failure_policy(scan_settings: S
                 assert await send(worker.ports[0], ham()) == (250, "")
     assert await depth(scan_settings, scan_settings.topology.deliver_queue) == 0
     assert await depth(scan_settings, scan_settings.topology.scan_queue) == 2
+
+
+async def test_rspamd_soft_reject_is_a_temporary_refusal(scan_settings: Settings) -> None:
+    """rspamd's `soft reject` (a test-only rule forces it) must make the sender retry: 451
+    4.7.1 at DATA, nothing queued."""
+    async with open_worker(scan_settings) as worker:
+        reply = reply_of(*await send(worker.ports[0], message(
+            "retry later", extra_headers=b"X-Tiermail-Test: soft-reject\r\n")))
+        assert reply == replies.SPAM_TEMPFAIL, reply
+    assert await depth(scan_settings, scan_settings.topology.deliver_queue) == 0
