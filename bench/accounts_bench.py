@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import benchlib
 from benchlib import BenchError, TiermailStack, log, temp_root, terminate_on_sigterm, wait_for
 
 from common.directory import Directory, DirectorySnapshot
@@ -124,8 +123,7 @@ def run(root: Path, args: argparse.Namespace) -> Result:
         return Result(args.accounts, insert_s, snapshot_s, publish_s, redis_bytes,
                       store_ready_s, store_directory_s, rss, delivered)
     except BenchError:
-        for name in sorted(stack.logs.glob("*.log")):
-            log(f"{name.name} tail:\n{benchlib.tail(name)}")
+        stack.log_tails()
         raise
     finally:
         stack.close()

@@ -558,6 +558,11 @@ class TiermailStack:
         return sum(1 for name, proc, _ in self.processes
                    if name == tier and proc.poll() is None)
 
+    def log_tails(self) -> None:
+        """Print the end of every process log: what to read when a run fails."""
+        for path in sorted(self.logs.glob("*.log")):
+            log(f"{path.name} tail:\n{tail(path)}")
+
     def check_alive(self) -> None:
         for name, proc, log_path in self.processes:
             if proc.poll() is not None:

@@ -210,8 +210,7 @@ def run_scanning(root: Path, messages: int, sessions: int, size: int, latency_me
         return ScanResults(load_on, load_off, data_on, data_off, scan_both, scan_rspamd,
                            scan_clamd, overhead)
     except BenchError:
-        for path in sorted(stack.logs.glob("*.log")):
-            log(f"{path.name}:\n{path.read_text(errors='replace')[-3000:]}")
+        stack.log_tails()
         raise
     finally:
         stack.close()

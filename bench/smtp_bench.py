@@ -192,8 +192,7 @@ def run_tiermail(root: Path, args: argparse.Namespace) -> list[Row]:
             f"{stack.rss_kib('store') // 1024} MiB, filters {stack.rss_kib('filter') // 1024} MiB")
         return rows
     except BenchError:
-        for name in sorted(stack.logs.glob("*.log")):
-            log(f"{name.name} tail:\n{benchlib.tail(name)}")
+        stack.log_tails()
         raise
     finally:
         stack.close()

@@ -34,6 +34,34 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: f
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+async def eventually(predicate: Callable[[], object], within: float = 60.0,
+                     what: str = "condition") -> None:
+    """Async twin of wait_until; the predicate may also return an awaitable."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
+
+
+def tier_env(settings: Settings) -> dict[str, str]:
+    """This process's environment with its TIERMAIL_* replaced by `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMAIL_")}
+    env.update(settings.as_env())
+    return env
+
+
+def run_cli(settings: Settings, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """Run `tiermail ARGS` as an operator does, with `settings` as its environment."""
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], input=stdin,
+                          env=tier_env(settings), cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+
+
 def port_open(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
         return True
@@ -91,9 +119,7 @@ class TierProcess:
                  extra_env: dict[str, str] | None = None) -> None:
         self.args = args
         self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMAIL_")}
-        env.update(settings.as_env())
-        env.update(extra_env or {})
+        env = {**tier_env(settings), **(extra_env or {})}
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env,
                                      cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)

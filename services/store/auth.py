@@ -8,17 +8,22 @@ which accounts exist.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from common.passwords import hash_password, verify_password
 from services.store.backends.accounts import AccountDB
 
-_DUMMY_HASH = hash_password("tiermail: no such user")
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Made on first use, not at import: argon2 costs ~0.1 s on every store start otherwise."""
+    return hash_password("tiermail: no such user")
 
 
 def check_password(accounts: AccountDB, address: str, password: str) -> bool:
     stored = accounts.password_hash(address)
     if stored is None:
-        verify_password(_DUMMY_HASH, password)
+        verify_password(_dummy_hash(), password)
         return False
     return verify_password(stored, password)
 

@@ -13,8 +13,6 @@ import os
 import poplib
 import re
 import smtplib
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -24,17 +22,21 @@ import pytest
 import redis
 
 from common.settings import Settings
-from tests.support import REPO, TierProcess, free_port, queue_depth, rabbitmqctl, wait_until
+from tests.support import (
+    TierProcess,
+    free_port,
+    queue_depth,
+    rabbitmqctl,
+    run_cli,
+    wait_until,
+)
 
 PASSWORD = "correct horse"
 QUEUED = re.compile(rb"queued as ([A-Z0-9]+)")
 
 
 def tiermail(settings: Settings, *args: str, stdin: str = "") -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMAIL_")}
-    env.update(settings.as_env())
-    result = subprocess.run([sys.executable, "-m", "services.cli", *args], input=stdin,
-                            env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = run_cli(settings, *args, stdin=stdin)
     assert result.returncode == 0, result.stderr
 
 

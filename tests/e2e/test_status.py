@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 
 import aiormq
@@ -14,14 +11,11 @@ from pamqp.commands import Basic
 
 from common.settings import Settings
 from tests.e2e.test_inbound_spine import provision, send
-from tests.support import REPO, TierProcess, dead_letter_depth, wait_until
+from tests.support import TierProcess, dead_letter_depth, run_cli, wait_until
 
 
 def status(settings: Settings) -> tuple[int, dict]:  # type: ignore[type-arg]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMAIL_")}
-    env.update(settings.as_env())
-    result = subprocess.run([sys.executable, "-m", "services.cli", "status", "--json"],
-                            env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = run_cli(settings, "status", "--json")
     return result.returncode, json.loads(result.stdout)
 
 

@@ -1,22 +1,14 @@
 """The `tiermail` account commands, run as an operator runs them, against the real Redis."""
 
-import os
-import subprocess
-import sys
 
 import redis
 
 from common.passwords import verify_password
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
-from tests.support import REPO
+from tests.support import run_cli
 
-
-def tiermail(settings: Settings, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMAIL_")}
-    env.update(settings.as_env())
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], input=stdin, env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+tiermail = run_cli
 
 
 def test_accounts_are_stored_hashed_and_mirrored(settings: Settings,

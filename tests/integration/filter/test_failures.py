@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -26,7 +25,7 @@ from tests.integration.filter.conftest import (
     queue_depth,
     running_filter,
 )
-from tests.support import free_port
+from tests.support import eventually, free_port
 
 
 def reply_of(code: int, text: bytes) -> str:
@@ -168,13 +167,6 @@ async def test_internal_error_at_rcpt_is_451(settings: Settings) -> None:
     assert rcpt == replies.INTERNAL_ERROR
 
 
-async def _wait_for(predicate: Callable[[], bool], limit: float = 10.0) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.02)
-
-
 async def test_max_connections_421(directory: Settings) -> None:
     async with running_filter(directory.replace(smtp_max_connections=2)) as worker:
         port = worker.ports[0]
@@ -188,7 +180,7 @@ async def test_max_connections_421(directory: Settings) -> None:
             third.close()
             assert worker.stats.refused_connections == 1
             first.close()
-            await _wait_for(lambda: worker.stats.active == 1)
+            await eventually(lambda: worker.stats.active == 1)
             fourth = await in_thread(RawClient, port)
             assert (await in_thread(fourth.reply)).startswith("220 ")
             fourth.close()
@@ -250,7 +242,7 @@ async def test_shutdown_closes_idle_sessions_with_421(directory: Settings) -> No
     async with running_filter(directory) as worker:
         client = await in_thread(RawClient, worker.ports[0])
         assert (await in_thread(client.reply)).startswith("220 ")
-        await _wait_for(lambda: worker.stats.active == 1)
+        await eventually(lambda: worker.stats.active == 1)
     with contextlib.closing(client):
         assert await in_thread(client.reply) == replies.SHUTTING_DOWN
 
@@ -260,7 +252,7 @@ async def test_connection_closed_at_once_frees_its_slot(directory: Settings) -> 
         probe = await in_thread(RawClient, worker.ports[0])
         probe.sock.shutdown(2)  # like a port probe: connect, then EOF at once
         probe.close()
-        await _wait_for(lambda: worker.stats.connections == 1 and worker.stats.active == 0)
+        await eventually(lambda: worker.stats.connections == 1 and worker.stats.active == 0)
         client = await in_thread(RawClient, worker.ports[0])
         with contextlib.closing(client):
             assert (await in_thread(client.reply)).startswith("220 ")

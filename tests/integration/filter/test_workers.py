@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from tests.integration.filter.conftest import (
     running_filter,
     send,
 )
-from tests.support import REPO, TierProcess, port_open, wait_until
+from tests.support import REPO, TierProcess, port_open, tier_env, wait_until
 
 
 async def test_two_workers_share_one_port(directory: Settings) -> None:
@@ -60,8 +59,7 @@ async def test_tiermail_filter_process(
 
 async def test_serve_runs_until_sigterm(directory: Settings) -> None:
     """serve(settings) directly (uvloop), as the CLI calls it; SIGTERM stops it cleanly."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMAIL_")}
-    env.update(directory.as_env())
+    env = tier_env(directory)
     code = (
         "from common.logs import setup_logging; from common.settings import Settings; "
         "from services.filter.main import serve; s = Settings.from_env(); "

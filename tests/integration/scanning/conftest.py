@@ -4,11 +4,8 @@ Redis from `settings`."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import smtplib
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -18,10 +15,10 @@ from common.envelope import Envelope
 from common.settings import Settings
 from common.topology import envelope_from_properties
 from tests.integration.filter.conftest import ALICE, SENDER, amqp_channel, publish_directory
-from tests.support import GTUBE, eicar_bytes, free_port
+from tests.support import GTUBE, eicar_bytes, eventually, free_port
 
 # Re-exported for the test modules.
-__all__ = ["ALICE", "SENDER"]
+__all__ = ["ALICE", "SENDER", "eventually"]
 
 
 @pytest.fixture
@@ -106,18 +103,6 @@ async def depth(settings: Settings, queue: str) -> int:
         return int(ok.message_count or 0)
 
 
-async def eventually(predicate: Callable[[], object], within: float = 60.0,
-                     what: str = "condition") -> None:
-    """Wait for an async condition (polling an event source, never a fixed sleep)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 def send_one(port: int, data: bytes) -> tuple[int, str]:

@@ -7,7 +7,7 @@ import re
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import aiormq
@@ -18,6 +18,7 @@ from common.ids import new_queue_id
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import user_path
+from tests.support import eventually
 
 DOMAIN = "example.test"
 QUEUE_ID_HEADER = re.compile(rb"^X-Test-Queue-Id: (\S+)\r$", re.MULTILINE)
@@ -71,18 +72,7 @@ async def queue_counts(settings: Settings, queue: str) -> int:
         await connection.close()
 
 
-async def wait_for(predicate: Callable[[], object], within: float = 30.0,
-                   what: str = "condition") -> None:
-    """Async twin of tests.support.wait_until; the predicate may be a coroutine function."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
+wait_for = eventually
 
 
 def stored_count(store_dir: Path, users: Iterable[str]) -> int:
