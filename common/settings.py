@@ -91,6 +91,25 @@ class Settings:
     # None: allowed only when bound to loopback (development)
     allow_plaintext_auth: bool | None = None
 
+    # IMAP (RFC 3501 5.4: the autologout timer is at least 30 minutes; IDLE clients re-issue
+    # within 29 minutes, RFC 2177)
+    imap_timeout: float = 1800.0
+    imap_max_literal: int = 50 * MIB  # APPEND and other literals larger than this: refused
+    imap_max_line: int = 64 * 1024  # a command line (without literals)
+    imap_max_connections: int = 1000  # per store process
+    imap_max_errors: int = 20  # BAD replies in one session before BYE and hang-up
+    # Failed logins counted in Redis (per client IP and per account, across protocols); 0
+    # turns a limit off.
+    auth_failures_per_ip: int = 20  # per 10 minutes
+    auth_failures_per_user: int = 10  # per 10 minutes
+    default_quota: int = 0  # octets for accounts without their own quota; 0 = unlimited
+
+    # Spam learning: moving mail into or out of Junk trains rspamd (controller API) in the
+    # background. learn: rspamd | off.
+    learn: str = "rspamd"
+    rspamd_controller_url: str = "http://127.0.0.1:11334"
+    rspamd_controller_password: str = ""
+
     # Logging
     log_level: str = "INFO"
     log_format: str = "text"  # or "json"

@@ -24,7 +24,8 @@
 set -euo pipefail
 
 PACKAGES=(openssl swaks postfix rabbitmq-server redis-server
-          rspamd clamav-daemon clamdscan spamassassin spamd spamc)
+          rspamd clamav-daemon clamdscan spamassassin spamd spamc
+          isync dovecot-imapd)
 RABBITMQ_PORT=5672
 REDIS_PORT=6379
 STARTUP_TIMEOUT=60

@@ -42,6 +42,24 @@ class NoSuchMessage(StorageError):
     pass
 
 
+class MailboxExists(StorageError):
+    pass
+
+
+class InvalidMailboxName(StorageError):
+    """Empty, too long, a NUL or control character, a leading/trailing or doubled delimiter,
+    or a "." / ".." component: never reaches the file system anyway (names live in the index),
+    but refused so every client sees the same rules."""
+
+
+class CannotDelete(StorageError):
+    """INBOX, or a mailbox with children that has the \\Noselect semantics we do not keep."""
+
+
+class OverQuota(StorageError):
+    """An APPEND/COPY/MOVE would take the account over its storage quota (RFC 9208)."""
+
+
 @dataclass(frozen=True)
 class MailboxStatus:
     name: str
@@ -55,6 +73,10 @@ class MailboxStatus:
 class MailboxInfo:
     name: str
     special_use: str | None  # RFC 6154 attribute such as "\\Junk", or None
+    subscribed: bool = False
+
+
+HIERARCHY_DELIMITER = "/"
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,57 @@ class Delivery:
     body: bytes
     received_at: float
     mailbox: str = INBOX
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    uidvalidity: int
+    uid: int
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    """UIDPLUS COPYUID/MOVE data: source UIDs and the new UIDs, pairwise in source order."""
+
+    uidvalidity: int  # of the destination
+    source_uids: list[int]
+    dest_uids: list[int]
+
+
+@dataclass(frozen=True)
+class FlagsResult:
+    """After a flag change: the messages whose flags changed (with new flags and MODSEQ), and
+    the UIDs refused because their MODSEQ exceeded UNCHANGEDSINCE (RFC 7162 3.1.3)."""
+
+    changed: list[MessageInfo]
+    modified: list[int]
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What happened in a mailbox after a MODSEQ: messages added or whose flags changed
+    (their current state), and UIDs expunged. `status` is the mailbox's state at the same
+    instant, so a session can move its high-water mark to status.highestmodseq."""
+
+    status: MailboxStatus
+    changed: list[MessageInfo]
+    expunged: list[int]
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """Emitted after every committed change, in the event loop, to `MailDB` listeners.
+
+    kind: "deliver", "append", "flags", "expunge", "copy", "move", "mailbox" (create, delete,
+    rename, subscribe). For copy/move, `source` is the source mailbox and `guids` the stored
+    message ids of the new copies (so spam learning can read them); `mailbox` is the one that
+    changed (the destination for copy/move)."""
+
+    user: str
+    kind: str
+    mailbox: str
+    source: str | None = None
+    guids: tuple[str, ...] = ()
 
 
 class MailStore(Protocol):
@@ -100,8 +173,72 @@ class MailStore(Protocol):
         """The stored bytes of a message (a plain file object; reading it is blocking I/O)."""
         ...
 
-    async def expunge(self, user: str, mailbox: str, uids: list[int]) -> None:
-        """Remove messages for good (index first, durably; files afterwards)."""
+    async def expunge(self, user: str, mailbox: str, uids: list[int]) -> list[int]:
+        """Remove messages for good (index first, durably; files afterwards); returns the
+        UIDs that existed and are now gone, ascending."""
+        ...
+
+    # IMAP (issue 4). Mailbox names use HIERARCHY_DELIMITER; "INBOX" is case-insensitive and
+    # always spelled "INBOX" here.
+
+    async def create_mailbox(self, user: str, name: str,
+                             special_use: str | None = None) -> None:
+        """Create `name` and any missing parents (RFC 3501 6.3.3). MailboxExists if present."""
+        ...
+
+    async def delete_mailbox(self, user: str, name: str) -> None:
+        """Delete a mailbox and its messages; its children keep existing (their parent then
+        only exists as a name and LIST shows it \\Noselect).
+        CannotDelete for INBOX; NoSuchMailbox if absent."""
+        ...
+
+    async def rename_mailbox(self, user: str, old: str, new: str) -> None:
+        """Rename with its children (RFC 3501 6.3.5). Renaming INBOX moves its messages to a
+        new mailbox `new` and leaves INBOX empty. UIDVALIDITY of renamed mailboxes is kept."""
+        ...
+
+    async def set_subscribed(self, user: str, name: str, subscribed: bool) -> None:
+        """Subscriptions are names: a subscription may outlive its mailbox (RFC 3501 6.3.6)."""
+        ...
+
+    async def subscriptions(self, user: str) -> list[str]: ...
+
+    async def append(self, user: str, mailbox: str, body: bytes, flags: frozenset[str],
+                     internaldate: float | None = None,
+                     quota: int | None = None) -> AppendResult:
+        """Store one message durably (as `deliver` does). OverQuota if usage plus the message
+        would exceed `quota` octets (None: no limit)."""
+        ...
+
+    async def store_flags(self, user: str, mailbox: str, uids: list[int], mode: str,
+                          flags: frozenset[str],
+                          unchangedsince: int | None = None) -> FlagsResult:
+        """mode "+" adds, "-" removes, "" replaces. Each message whose flags actually change
+        gets a new MODSEQ (one per call). Unknown UIDs are ignored."""
+        ...
+
+    async def copy(self, user: str, source: str, uids: list[int], dest: str,
+                   quota: int | None = None) -> CopyResult:
+        """Copy messages (same bytes, new GUIDs, flags kept, new UIDs in dest); OverQuota."""
+        ...
+
+    async def move(self, user: str, source: str, uids: list[int], dest: str) -> CopyResult:
+        """Copy then expunge in one transaction (RFC 6851): never both or neither visible."""
+        ...
+
+    async def changes_since(self, user: str, mailbox: str, modseq: int) -> Changes: ...
+
+    async def fetch_infos(self, user: str, mailbox: str, uids: list[int]) -> list[MessageInfo]:
+        """Current info of the given UIDs that still exist, ascending."""
+        ...
+
+    async def claim_recent(self, user: str, mailbox: str) -> int:
+        """For a read-write SELECT: the lowest UID that is \\Recent for this session (RFC 3501
+        2.3.2); later sessions no longer see those messages as recent."""
+        ...
+
+    async def usage(self, user: str) -> int:
+        """Octets stored for the user in all mailboxes (for QUOTA)."""
         ...
 
     async def close(self) -> None: ...
