@@ -13,6 +13,8 @@
 #   clamav-daemon    clamd, the virus scanner (filter tier); clamdscan: its CLI client
 #   spamassassin     the alternative spam scanner: rules (spamassassin), daemon (spamd) and
 #   spamd spamc      client (spamc) are three packages in Debian 12
+#   isync            mbsync, the real IMAP sync client of the IMAP integration tests
+#   dovecot-imapd    the reference IMAP server of bench/imap_bench.py (never a system service)
 #
 # The scanners are only installed here, never started as system services (there is no
 # systemd, and policy-rc.d keeps apt from starting them): `tiermail up` and the test fixtures
