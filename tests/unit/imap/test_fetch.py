@@ -1,0 +1,285 @@
+"""FETCH response rendering (protocol/fetch.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.store.imap.protocol import fetch, mime
+from services.store.imap.protocol.command import FetchAtt, Section
+from services.store.mailbox import MessageInfo
+from tests.unit.imap.test_mime import FORWARD, FORWARD_HEADER, INNER_MESSAGE, messages, read_all
+
+RAW = (
+    b"From: Terry Gray <gray@cac.washington.edu>\r\n"
+    b"To: imap@cac.washington.edu\r\n"
+    b"Subject: hello\r\n"
+    b"  folded\r\n"
+    b"\r\n"
+    b"0123456789\r\n"
+)
+HEADER = RAW[: RAW.index(b"\r\n\r\n") + 4]
+TEXT = b"0123456789\r\n"
+
+
+def info_for(raw: bytes, flags: frozenset[str] = frozenset({"\\Seen"})) -> MessageInfo:
+    return MessageInfo(
+        uid=42, guid="g", size=len(raw), internaldate=837596665.0, flags=flags, modseq=7
+    )
+
+
+INFO = info_for(RAW)
+
+
+def body(
+    section: Section | None = None,
+    *,
+    peek: bool = False,
+    partial: tuple[int, int] | None = None,
+) -> FetchAtt:
+    return FetchAtt("BODY[]", section=section or Section(), peek=peek, partial=partial)
+
+
+def render(*atts: FetchAtt, raw: bytes | None = RAW, **kwargs: object) -> bytes:
+    return fetch.render_fetch(3, INFO, atts, raw, **kwargs)  # type: ignore[arg-type]
+
+
+# --- whole lines --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("atts", "expected"),
+    [
+        ([FetchAtt("FLAGS")], b"FLAGS (\\Seen)"),
+        ([FetchAtt("UID")], b"UID 42"),
+        ([FetchAtt("MODSEQ")], b"MODSEQ (7)"),
+        ([FetchAtt("RFC822.SIZE")], b"RFC822.SIZE %d" % len(RAW)),
+        ([FetchAtt("INTERNALDATE")], b'INTERNALDATE "17-Jul-1996 09:44:25 +0000"'),
+        ([FetchAtt("FLAGS"), FetchAtt("UID"), FetchAtt("FLAGS")], b"FLAGS (\\Seen) UID 42"),
+        ([FetchAtt("RFC822")], b"RFC822 {%d}\r\n" % len(RAW) + RAW),
+        ([FetchAtt("RFC822.HEADER")], b"RFC822.HEADER {%d}\r\n" % len(HEADER) + HEADER),
+        ([FetchAtt("RFC822.TEXT")], b"RFC822.TEXT {12}\r\n" + TEXT),
+        ([body()], b"BODY[] {%d}\r\n" % len(RAW) + RAW),
+        ([body(peek=True)], b"BODY[] {%d}\r\n" % len(RAW) + RAW),
+        ([body(Section(text="TEXT"))], b"BODY[TEXT] {12}\r\n" + TEXT),
+        (
+            [body(Section(text="HEADER"), peek=True)],
+            b"BODY[HEADER] {%d}\r\n" % len(HEADER) + HEADER,
+        ),
+        ([body(Section((1,)))], b"BODY[1] {12}\r\n" + TEXT),
+        (
+            [body(Section(text="HEADER.FIELDS", fields=("SUBJECT", "TO")), peek=True)],
+            b"BODY[HEADER.FIELDS (SUBJECT TO)] {57}\r\n"
+            b"To: imap@cac.washington.edu\r\nSubject: hello\r\n  folded\r\n\r\n",
+        ),
+        (
+            [body(Section(text="HEADER.FIELDS.NOT", fields=("SUBJECT", "TO")))],
+            b"BODY[HEADER.FIELDS.NOT (SUBJECT TO)] {46}\r\n"
+            b"From: Terry Gray <gray@cac.washington.edu>\r\n\r\n",
+        ),
+        # A part that does not exist reads as an empty string.
+        ([body(Section((2,)))], b"BODY[2] {0}\r\n"),
+        ([body(Section((1, 1), "MIME"))], b"BODY[1.1.MIME] {0}\r\n"),
+        (
+            [FetchAtt("BODY")],
+            b'BODY ("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" 12 1)',
+        ),
+        (
+            [FetchAtt("BODYSTRUCTURE")],
+            b'BODYSTRUCTURE ("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" 12 1 '
+            b"NIL NIL NIL NIL)",
+        ),
+        (
+            [FetchAtt("ENVELOPE")],
+            b'ENVELOPE (NIL "hello  folded" (("Terry Gray" NIL "gray" "cac.washington.edu")) '
+            b'(("Terry Gray" NIL "gray" "cac.washington.edu")) '
+            b'(("Terry Gray" NIL "gray" "cac.washington.edu")) '
+            b'((NIL NIL "imap" "cac.washington.edu")) NIL NIL NIL NIL)',
+        ),
+    ],
+)
+def test_items(atts: list[FetchAtt], expected: bytes) -> None:
+    assert render(*atts) == b"* 3 FETCH (" + expected + b")\r\n"
+
+
+@pytest.mark.parametrize(
+    ("partial", "echo", "data"),
+    [
+        ((0, 10), b"<0>", RAW[:10]),
+        ((5, 3), b"<5>", RAW[5:8]),
+        ((len(RAW) - 4, 100), b"<%d>" % (len(RAW) - 4), RAW[-4:]),
+        ((len(RAW), 10), b"<%d>" % len(RAW), b""),
+        ((len(RAW) + 50, 10), b"<%d>" % (len(RAW) + 50), b""),
+        ((0, 0), b"<0>", b""),
+    ],
+)
+def test_partial_fetch_echoes_origin_and_slices(
+    partial: tuple[int, int], echo: bytes, data: bytes
+) -> None:
+    line = render(body(partial=partial))
+    assert line == b"* 3 FETCH (BODY[]" + echo + b" {%d}\r\n" % len(data) + data + b")\r\n"
+
+
+def test_partial_of_a_section() -> None:
+    line = render(body(Section(text="TEXT"), peek=True, partial=(2, 5)))
+    assert line == b"* 3 FETCH (BODY[TEXT]<2> {5}\r\n23456)\r\n"
+
+
+def test_sections_of_a_forwarded_message() -> None:
+    info = info_for(FORWARD)
+    atts = [
+        body(Section((2,), "HEADER.FIELDS", ("SUBJECT",))),
+        body(Section((2, 2))),
+        body(Section((2,), "TEXT"), partial=(0, 7)),
+        FetchAtt("RFC822.HEADER"),
+    ]
+    line = fetch.render_fetch(9, info, atts, FORWARD)
+    assert line == (
+        b"* 9 FETCH (BODY[2.HEADER.FIELDS (SUBJECT)] {18}\r\nSubject: inner\r\n\r\n"
+        b" BODY[2.2] {11}\r\n<p>html</p>"
+        b" BODY[2.TEXT]<0> {7}\r\n--inner"
+        b" RFC822.HEADER {%d}\r\n" % len(FORWARD_HEADER) + FORWARD_HEADER + b")\r\n"
+    )
+    assert INNER_MESSAGE.startswith(b"From: b@example.org")
+
+
+def test_extra_flags_are_added_to_flags() -> None:
+    line = render(FetchAtt("FLAGS"), extra_flags=frozenset({"\\Recent"}))
+    assert line == b"* 3 FETCH (FLAGS (\\Recent \\Seen))\r\n"
+
+
+def test_uid_and_modseq_are_added_first_when_the_session_asks() -> None:
+    line = render(FetchAtt("FLAGS"), raw=None, include_uid=True, include_modseq=True)
+    assert line == b"* 3 FETCH (UID 42 MODSEQ (7) FLAGS (\\Seen))\r\n"
+
+
+def test_uid_and_modseq_asked_for_are_not_repeated() -> None:
+    line = render(
+        FetchAtt("FLAGS"),
+        FetchAtt("MODSEQ"),
+        FetchAtt("UID"),
+        include_uid=True,
+        include_modseq=True,
+    )
+    assert line == b"* 3 FETCH (FLAGS (\\Seen) MODSEQ (7) UID 42)\r\n"
+
+
+def test_literal_bodies_keep_bare_lf_bytes() -> None:
+    raw = b"Subject: x\n\nline one\nline two\n"
+    line = fetch.render_fetch(1, info_for(raw), [body(Section(text="TEXT"))], raw)
+    assert line == b"* 1 FETCH (BODY[TEXT] {18}\r\nline one\nline two\n)\r\n"
+
+
+# --- needs_body / sets_seen -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("atts", "needs", "seen"),
+    [
+        ([FetchAtt("FLAGS"), FetchAtt("UID"), FetchAtt("INTERNALDATE")], False, False),
+        ([FetchAtt("RFC822.SIZE"), FetchAtt("MODSEQ")], False, False),
+        ([FetchAtt("ENVELOPE")], True, False),
+        ([FetchAtt("BODY")], True, False),
+        ([FetchAtt("BODYSTRUCTURE")], True, False),
+        ([FetchAtt("RFC822.HEADER")], True, False),
+        ([FetchAtt("RFC822.TEXT")], True, True),
+        ([FetchAtt("RFC822")], True, True),
+        ([body(Section(text="HEADER"), peek=True)], True, False),
+        ([body(Section(text="HEADER"))], True, True),
+        ([FetchAtt("FLAGS"), body(Section((1,)))], True, True),
+    ],
+)
+def test_needs_body_and_sets_seen(atts: list[FetchAtt], needs: bool, seen: bool) -> None:
+    assert fetch.needs_body(atts) is needs
+    assert fetch.sets_seen(atts) is seen
+
+
+# --- parsing at most once ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def parse_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    calls: list[bytes] = []
+    real = mime.parse_message
+
+    def counting(raw: bytes) -> mime.Part:
+        calls.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(mime, "parse_message", counting)
+    return calls
+
+
+def test_structure_is_parsed_once_per_render(parse_calls: list[bytes]) -> None:
+    render(
+        FetchAtt("ENVELOPE"),
+        FetchAtt("BODYSTRUCTURE"),
+        FetchAtt("BODY"),
+        body(Section((1,))),
+        body(Section(text="HEADER")),
+    )
+    assert len(parse_calls) == 1
+
+
+def test_header_sections_do_not_parse_the_structure(parse_calls: list[bytes]) -> None:
+    line = render(
+        FetchAtt("RFC822.HEADER"),
+        FetchAtt("RFC822.TEXT"),
+        body(Section(text="HEADER.FIELDS", fields=("FROM",)), peek=True),
+        body(),
+    )
+    assert parse_calls == []
+    assert b"From: Terry Gray" in line
+
+
+# --- properties -----------------------------------------------------------------------------
+
+ALL_ATTS = (
+    FetchAtt("FLAGS"),
+    FetchAtt("MODSEQ"),
+    FetchAtt("INTERNALDATE"),
+    FetchAtt("RFC822.SIZE"),
+    FetchAtt("RFC822"),
+    FetchAtt("RFC822.HEADER"),
+    FetchAtt("RFC822.TEXT"),
+    FetchAtt("ENVELOPE"),
+    FetchAtt("BODY"),
+    FetchAtt("BODYSTRUCTURE"),
+    body(),
+    body(Section(text="HEADER")),
+    body(Section(text="TEXT"), partial=(3, 9)),
+    body(Section(text="HEADER.FIELDS", fields=("SUBJECT", "X-A")), peek=True),
+    body(Section(text="HEADER.FIELDS.NOT", fields=("FROM",))),
+    body(Section((1,))),
+    body(Section((1,), "MIME")),
+    body(Section((2, 1))),
+    body(Section((2,), "HEADER")),
+    body(Section((2,), "TEXT")),
+    body(Section((1, 2, 3), "MIME"), partial=(1, 1)),
+)
+
+
+@settings(max_examples=200)
+@given(messages)
+def test_any_message_renders_a_well_formed_fetch_line(raw: bytes) -> None:
+    line = fetch.render_fetch(5, info_for(raw), ALL_ATTS, raw, include_uid=True)
+    prefix = b"* 5 FETCH "
+    assert line.startswith(prefix) and line.endswith(b"\r\n")
+    items = read_all(line[len(prefix) : -2])
+    assert isinstance(items, list)
+    names = items[0::2]
+    assert names[0] == b"UID"
+    assert len(names) == len(ALL_ATTS) + 1
+    values = dict(zip(names, items[1::2], strict=True))
+    assert values[b"RFC822"] == raw
+    assert values[b"BODY[]"] == raw
+
+
+@given(st.binary(max_size=200), st.integers(0, 300), st.integers(0, 300))
+def test_partial_is_a_slice_of_the_section(raw: bytes, origin: int, count: int) -> None:
+    whole = fetch.render_fetch(1, info_for(raw), [body()], raw)
+    part = fetch.render_fetch(1, info_for(raw), [body(partial=(origin, count))], raw)
+    assert whole == b"* 1 FETCH (BODY[] {%d}\r\n" % len(raw) + raw + b")\r\n"
+    expected = raw[origin : origin + count]
+    assert part == b"* 1 FETCH (BODY[]<%d> {%d}\r\n" % (origin, len(expected)) + expected + b")\r\n"
