@@ -12,6 +12,15 @@ Keys (all under the configured prefix):
                   lost it, and lookups answer "temporarily unavailable")
     dir:generation STRING the account database's change counter the directory reflects; the
                   store republishes whenever it differs from the database's
+    dir:overquota SET   mailboxes whose usage has reached their quota: the filter answers
+                  452 4.2.2 at RCPT for them (RFC 3463 3.3: mailbox full, temporary)
+    dir:usage     HASH  mailbox -> octets stored, as the store last computed them (for the
+                  CLI, which sets quotas without opening mailboxes)
+    dir:quota-generation STRING the account generation the quota state was last fully
+                  reconciled at (services/store/quota.py); its absence means Redis lost it
+
+The quota keys are maintained by the store's QuotaPublisher, not by `publish`: a directory
+republish leaves them alone.
 
 A full publish writes fresh keys under a temporary name and swaps them in with RENAME inside
 one MULTI, so a reader never sees a half-written directory.
@@ -52,6 +61,15 @@ class Resolution(enum.Enum):
 class Lookup:
     resolution: Resolution
     mailboxes: tuple[str, ...] = ()
+    over_quota: tuple[str, ...] = ()  # those of `mailboxes` that are full
+
+
+@dataclass(frozen=True)
+class QuotaState:
+    """One mailbox's usage and whether it has reached its quota."""
+
+    usage: int
+    over: bool
 
 
 @dataclass
@@ -83,8 +101,9 @@ class Directory:
     async def resolve(self, address: str) -> Lookup:
         """Resolve a RCPT TO address to local mailboxes, following aliases.
 
-        One Redis round trip for a plain user; one more per level of alias. Raises
-        redis.RedisError when Redis is unreachable; the caller answers 451.
+        One Redis round trip for a plain user; one more per level of alias. Whether each
+        mailbox is over quota comes in the same round trips. Raises redis.RedisError when
+        Redis is unreachable; the caller answers 451.
         """
         address = normalize_address(address)
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -96,33 +115,37 @@ class Directory:
             raise DirectoryUnavailable("the directory is not published in Redis")
         if not local_domain:
             return Lookup(Resolution.NOT_LOCAL)
-        mailboxes: dict[str, None] = {}
+        mailboxes: dict[str, bool] = {}
         if not await self._expand(address, entry, mailboxes, depth=0, seen=set()):
             return Lookup(Resolution.UNKNOWN_USER)
-        return Lookup(Resolution.LOCAL, tuple(mailboxes))
+        return Lookup(Resolution.LOCAL, tuple(mailboxes),
+                      tuple(mailbox for mailbox, full in mailboxes.items() if full))
 
     def _queue_entry(self, pipe: Pipeline, address: str) -> None:
-        """Queue the three reads that say what an address is: user, alias, catch-all."""
+        """Queue the four reads that say what an address is: user, alias, catch-all, and
+        whether it is a full mailbox."""
         pipe.sismember(self.key("users"), address)
         pipe.hget(self.key("aliases"), address)
         pipe.hget(self.key("aliases"), "@" + domain_of(address))
+        pipe.sismember(self.key("overquota"), address)
 
     async def _entry(self, address: str) -> list[object]:
         async with self._redis.pipeline(transaction=False) as pipe:
             self._queue_entry(pipe, address)
             return list(await pipe.execute())
 
-    async def _expand(self, address: str, entry: list[object], out: dict[str, None],
+    async def _expand(self, address: str, entry: list[object], out: dict[str, bool],
                       depth: int, seen: set[str]) -> bool:
+        """Add the mailboxes `address` delivers to into `out` (mailbox -> over quota)."""
         if depth > MAX_ALIAS_DEPTH or address in seen:
             return False
         seen.add(address)
-        is_user, targets, catch_all = entry
+        is_user, targets, catch_all, over_quota = entry
         if targets is None and not is_user:
             targets = catch_all
         if targets is None:
             if is_user:
-                out.setdefault(address, None)
+                out.setdefault(address, bool(over_quota))
             return bool(is_user)
         found = False
         for target in _split_targets(targets):  # type: ignore[arg-type]
@@ -183,7 +206,14 @@ class Directory:
         await self._change(lambda p: p.sadd(self.key("users"), normalize_address(address)))
 
     async def remove_user(self, address: str) -> None:
-        await self._change(lambda p: p.srem(self.key("users"), normalize_address(address)))
+        address = normalize_address(address)
+
+        def remove(pipe: Pipeline) -> None:
+            pipe.srem(self.key("users"), address)
+            pipe.srem(self.key("overquota"), address)
+            pipe.hdel(self.key("usage"), address)
+
+        await self._change(remove)
 
     async def set_alias(self, source: str, targets: Iterable[str]) -> None:
         joined = ",".join(targets)
@@ -191,6 +221,59 @@ class Directory:
 
     async def remove_alias(self, source: str) -> None:
         await self._change(lambda p: p.hdel(self.key("aliases"), source.lower()))
+
+    # Quota state (services/store/quota.py writes it, the filter reads it in `resolve`)
+
+    async def set_quota_states(self, states: Mapping[str, QuotaState]) -> None:
+        """Record usage and the over-quota flag of some mailboxes."""
+        if not states:
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self._queue_quota_states(pipe, states)
+            await pipe.execute()
+
+    async def replace_quota_states(self, states: Mapping[str, QuotaState],
+                                   generation: int) -> None:
+        """The full quota state at an account generation: the over-quota set becomes exactly
+        the mailboxes flagged in `states`; usage entries are updated (others are kept: they
+        are only a hint for the CLI)."""
+        over = [mailbox for mailbox, state in states.items() if state.over]
+        temp = self.key(f"tmp:{secrets.token_hex(6)}:overquota")
+        await self._fill_set(temp, over)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.key("overquota"))
+            if over:
+                pipe.rename(temp, self.key("overquota"))
+            for start in range(0, len(states), _BATCH):
+                chunk = dict(list(states.items())[start:start + _BATCH])
+                pipe.hset(self.key("usage"),
+                          mapping={mailbox: state.usage for mailbox, state in chunk.items()})
+            pipe.set(self.key("quota-generation"), generation)
+            await pipe.execute()
+
+    def _queue_quota_states(self, pipe: Pipeline, states: Mapping[str, QuotaState]) -> None:
+        over = [mailbox for mailbox, state in states.items() if state.over]
+        under = [mailbox for mailbox, state in states.items() if not state.over]
+        if over:
+            pipe.sadd(self.key("overquota"), *over)
+        if under:
+            pipe.srem(self.key("overquota"), *under)
+        pipe.hset(self.key("usage"),
+                  mapping={mailbox: state.usage for mailbox, state in states.items()})
+
+    async def quota_generation(self) -> int | None:
+        """The account generation of the last full quota reconcile; None if Redis lost it."""
+        value = await self._redis.get(self.key("quota-generation"))
+        return None if value is None else int(value)
+
+    async def usage(self, address: str) -> int | None:
+        """The mailbox's octets as the store last computed them; None if not known."""
+        value = await self._redis.hget(self.key("usage"), normalize_address(address))
+        return None if value is None else int(value)
+
+    async def over_quota(self) -> set[str]:
+        return {m.decode() if isinstance(m, bytes) else str(m)
+                for m in await self._redis.smembers(self.key("overquota"))}
 
     async def _change(self, command: Callable[[Pipeline], object]) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("filter", run_filter, "run one filter-tier process (SMTP intake)")
     command("store", run_store, "run the store-tier process (delivery, POP3)")
+    command("learner", run_learner,
+            "run the spam-learning worker (moves into/out of Junk train rspamd)")
     command("webmail", run_webmail, "run one webmail worker (not built yet)")
     command("up", run_up, "run a whole single-machine stack in the foreground")
     status = command("status", show_status, "tier health, queue depths, dead letters")
@@ -73,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--password-stdin", action="store_true",
                          help="read the password from standard input (one line)")
     command("del", user_del, "delete a user (mail stays on disk)", user).add_argument("address")
-    command("list", user_list, "list users", user)
+    command("list", user_list, "list users (with their quota, where they have one)", user)
+    quota = command("quota", user_quota,
+                    "set a user's storage quota: SIZE in octets or with K, M, G, T "
+                    "(1024-based), 0 for unlimited, 'default' for TIERMAIL_DEFAULT_QUOTA",
+                    user)
+    quota.add_argument("address")
+    quota.add_argument("size", metavar="SIZE")
 
     alias = commands.add_parser("alias", help="manage aliases").add_subparsers(
         metavar="ACTION", required=True)
@@ -104,6 +112,16 @@ def run_store(settings: Settings, args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format, tier="store")
     serve(settings)
     return 0
+
+
+def run_learner(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.learn != "rspamd":
+        raise CommandError(f"spam learning is {settings.learn!r} (TIERMAIL_LEARN); "
+                           "nothing to run")
+    from services.store.learning import run_worker
+
+    setup_logging(settings.log_level, settings.log_format, tier="learner")
+    return run_worker(settings)
 
 
 def run_webmail(settings: Settings, args: argparse.Namespace) -> int:
@@ -235,9 +253,82 @@ def user_del(settings: Settings, args: argparse.Namespace) -> int:
 
 def user_list(settings: Settings, args: argparse.Namespace) -> int:
     with _accounts(settings) as accounts:
-        for address in accounts.users():
-            print(address)
+        quotas = accounts.stored_quotas()
+    for address, stored in quotas.items():
+        shown = _quota_text(stored, settings.default_quota)
+        print(address if shown is None else f"{address}  quota {shown}")
     return 0
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def parse_size(text: str) -> int | None:
+    """A quota on the command line: "500M", "2G", "1048576", "0" (unlimited) or "default"
+    (None). K/M/G/T are powers of 1024, as RFC 9208 counts STORAGE in units of 1024 octets;
+    a trailing "B" or "iB" is allowed."""
+    cleaned = text.strip().upper()
+    if cleaned == "DEFAULT":
+        return None
+    for suffix in ("IB", "B"):
+        if cleaned.endswith(suffix) and cleaned[:-len(suffix)][-1:] in "KMGT":
+            cleaned = cleaned[:-len(suffix)]
+    unit = cleaned[-1:] if cleaned[-1:] in "KMGT" else ""
+    number = cleaned[:-1] if unit else cleaned
+    try:
+        value = float(number)
+    except ValueError:
+        raise CommandError(f"not a size: {text!r} (examples: 500M, 2G, 0 for unlimited)") \
+            from None
+    if not value >= 0 or value == float("inf"):
+        raise CommandError(f"not a size: {text!r}")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def format_size(octets: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if octets >= _SIZE_UNITS[unit] and octets % _SIZE_UNITS[unit] == 0:
+            return f"{octets // _SIZE_UNITS[unit]}{unit}"
+    return str(octets)
+
+
+def _quota_text(stored: int | None, default: int) -> str | None:
+    """How `user list` shows a quota; None when there is nothing to say (unlimited by
+    default)."""
+    if stored is None:
+        return f"{format_size(default)} (default)" if default > 0 else None
+    return "unlimited" if stored == 0 else format_size(stored)
+
+
+def user_quota(settings: Settings, args: argparse.Namespace) -> int:
+    from services.store.backends.accounts import effective_quota
+
+    stored = parse_size(args.size)
+    limit = effective_quota(stored, settings.default_quota)
+    known: dict[str, int] = {}
+    _change(settings, lambda a: a.set_quota(args.address, stored),
+            lambda d: _publish_quota(d, args.address, limit, known))
+    shown = _quota_text(stored, settings.default_quota) or "unlimited (default)"
+    print(f"quota of {args.address.lower()}: {shown}")
+    if "usage" in known:
+        usage = known["usage"]
+        print(f"in use: {format_size(usage)} ({usage} octets)"
+              + (", over quota: new mail is refused (452 4.2.2)"
+                 if limit is not None and usage >= limit else ""))
+    return 0
+
+
+async def _publish_quota(directory: Any, address: str, limit: int | None,
+                         known: dict[str, int]) -> None:
+    """Flag the mailbox full or not at once when the store has published its usage; the
+    store reconciles every quota within seconds anyway (services/store/quota.py)."""
+    from common.directory import QuotaState
+
+    usage = await directory.usage(address)
+    if usage is not None:
+        known["usage"] = usage
+        over = limit is not None and usage >= limit
+        await directory.set_quota_states({address.strip().lower(): QuotaState(usage, over)})
 
 
 def alias_add(settings: Settings, args: argparse.Namespace) -> int:

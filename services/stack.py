@@ -1,12 +1,15 @@
-"""`tiermail up`: one filter and the store as child processes, in the foreground.
+"""`tiermail up`: one filter, the store and the spam learner as child processes, in the
+foreground.
 
 Before the tiers it starts the scanners the settings ask for (rspamd and clamd by default,
 spamd for spam=spamassassin) from the project's own configuration in deploy/scanners/, with
 their state under data_dir/scanners; a scanner already answering on the configured address is
-used as it is. A child that dies is restarted after a short pause (the broker keeps the mail
-meanwhile); Ctrl-C or SIGTERM stops the tiers, then the scanners. This is the development
-stack that `make run` starts; real deployments run each tier on its own (compose/,
-docs/operations.md).
+used as it is. rspamd's controller (spam learning) listens on rspamd_controller_url's port
+with TIERMAIL_RSPAMD_CONTROLLER_PASSWORD, or with a password made up for this run and handed
+to the tiers; its Bayes statistics go to TIERMAIL_REDIS_URL's database. A child that dies is
+restarted after a short pause (the broker keeps the mail meanwhile); Ctrl-C or SIGTERM stops
+the tiers, then the scanners. This is the development stack that `make run` starts; real
+deployments run each tier on its own (compose/, docs/operations.md).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,6 +32,7 @@ from services.devscanners import runner
 log = logging.getLogger(__name__)
 
 TIERS = ("store", "filter")
+LEARNER = "learner"  # when settings.learn is "rspamd"
 RESTART_DELAY = 2.0
 
 
@@ -41,6 +46,8 @@ def endpoints(settings: Settings) -> list[str]:
         f"spam scanning    {settings.spam}"
         + {"rspamd": f" {settings.rspamd_url}",
            "spamassassin": f" spamd {settings.spamd_address}"}.get(settings.spam, ""),
+        f"spam learning    {settings.learn}"
+        + (f" {settings.rspamd_controller_url}" if settings.learn == "rspamd" else ""),
         f"virus scanning   {settings.virus}"
         + (f" {settings.clamd_address}" if settings.virus == "clamd" else ""),
         f"data             {settings.data_dir.resolve()}",
@@ -48,6 +55,10 @@ def endpoints(settings: Settings) -> list[str]:
 
 
 def run_stack(settings: Settings) -> int:
+    if settings.spam == "rspamd" and not settings.rspamd_controller_password:
+        # Made up per run, never written to the repository or a config file; the children
+        # get it through their environment.
+        settings = settings.replace(rspamd_controller_password=secrets.token_urlsafe(24))
     if ensure_dev_certificate(settings.tls_cert_path, settings.tls_key_path, settings.hostname):
         log.info("generated a self-signed development certificate at %s", settings.tls_cert_path)
     with contextlib.ExitStack() as scanners:
@@ -62,7 +73,7 @@ def run_stack(settings: Settings) -> int:
 def start_scanners(settings: Settings, stack: contextlib.ExitStack) -> None:
     """Start what settings.spam and settings.virus name, each stopped when `stack` closes.
 
-    rspamd listens on rspamd_url's port with its controller on the next port; clamd on
+    rspamd listens on rspamd_url's port with its controller on rspamd_controller_url's; clamd on
     clamd_address (a unix socket path or host:port); spamd on spamd_address (host:port).
     """
     base = settings.data_dir.resolve() / "scanners"
@@ -73,8 +84,12 @@ def start_scanners(settings: Settings, stack: contextlib.ExitStack) -> None:
                         runner.rspamd_ping(settings.rspamd_url)):
             dns = runner.start_dns_stub()
             stack.callback(dns.stop)
+            controller_port = urlsplit(settings.rspamd_controller_url).port or port + 1
             stack.enter_context(runner.start_rspamd(
-                base / "rspamd", port=port, controller_port=port + 1, dns_address=dns.address))
+                base / "rspamd", port=port, controller_port=controller_port,
+                dns_address=dns.address,
+                controller_password=settings.rspamd_controller_password or None,
+                bayes_redis_url=settings.redis_url))
     elif settings.spam == "spamassassin":
         host, _, port_text = settings.spamd_address.rpartition(":")
         if "/" in settings.spamd_address or not port_text.isdigit():
@@ -104,7 +119,8 @@ def _needs_start(name: str, address: str, host: str, answering: bool) -> bool:
 
 def _run_tiers(settings: Settings) -> int:
     env = {**os.environ, **settings.as_env()}
-    children = {tier: _spawn(tier, env) for tier in TIERS}
+    tiers = (*TIERS, LEARNER) if settings.learn == "rspamd" else TIERS
+    children = {tier: _spawn(tier, env) for tier in tiers}
     print("tiermail is up:", *endpoints(settings), sep="\n  ", flush=True)
     print("Add mail accounts in another terminal, e.g.\n"
           "  .venv/bin/tiermail domain add example.org\n"

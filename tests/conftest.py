@@ -28,6 +28,8 @@ from services.devscanners.runner import (
 from tests.support import TierProcess, delete_queues, free_port, port_open, rabbitmqctl
 
 TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "9"))
+# rspamd's Bayes statistics (its keys are not prefixed): a database of their own.
+TEST_RSPAMD_REDIS_DB = int(os.environ.get("TEST_RSPAMD_REDIS_DB", "10"))
 
 
 def _require(service: str, available: bool) -> None:
@@ -161,14 +163,23 @@ def scanner_dns() -> Iterator[DnsStub]:
 
 
 @pytest.fixture(scope="session")
-def rspamd(tmp_path_factory: pytest.TempPathFactory, scanner_dns: DnsStub) -> Iterator[str]:
-    """The URL of a real rspamd normal worker ("http://127.0.0.1:PORT"), test rules loaded
-    (deploy/scanners/rspamd/test.d: `X-Tiermail-Test: add-header` / `soft-reject`)."""
+def rspamd_scanner(tmp_path_factory: pytest.TempPathFactory,
+                   scanner_dns: DnsStub) -> Iterator[Scanner]:
+    """A real rspamd, test rules loaded, its controller (controller_url, controller_password:
+    generated) learning into Bayes statistics in Redis database TEST_RSPAMD_REDIS_DB."""
     runtime = tmp_path_factory.mktemp("rspamd")
     scanner = _start_scanner(lambda: start_rspamd(
-        runtime, port=free_port(), controller_port=free_port(), dns_address=scanner_dns.address))
-    yield scanner.address
+        runtime, port=free_port(), controller_port=free_port(), dns_address=scanner_dns.address,
+        bayes_redis_url=f"redis://127.0.0.1:6379/{TEST_RSPAMD_REDIS_DB}"))
+    yield scanner
     scanner.stop()
+
+
+@pytest.fixture(scope="session")
+def rspamd(rspamd_scanner: Scanner) -> str:
+    """The URL of a real rspamd normal worker ("http://127.0.0.1:PORT"), test rules loaded
+    (deploy/scanners/rspamd/test.d: `X-Tiermail-Test: add-header` / `soft-reject`)."""
+    return rspamd_scanner.address
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from services.devscanners.devdns import DnsStub
 
@@ -60,6 +62,8 @@ class Scanner:
     process: subprocess.Popen[bytes]
     logs: list[Path]
     cleanup: list[Path] = field(default_factory=list)  # directories removed on stop
+    controller_url: str = ""  # rspamd only: the controller worker (learning, /stat)
+    controller_password: str = ""  # rspamd only: generated at start unless given
 
     @property
     def alive(self) -> bool:
@@ -155,18 +159,25 @@ def start_dns_stub(port: int = 0) -> DnsStub:
 
 def start_rspamd(runtime_dir: Path, *, port: int, controller_port: int, dns_address: str,
                  cache_dir: Path | None = None, test_rules: bool = True,
+                 controller_password: str | None = None, bayes_redis_url: str | None = None,
                  timeout: float = STARTUP_TIMEOUT) -> Scanner:
     """rspamd with deploy/scanners/rspamd/rspamd.conf: normal worker on 127.0.0.1:port
     (/checkv2), controller on 127.0.0.1:controller_port, every DNS query to dns_address.
 
     cache_dir keeps the compiled Hyperscan databases between runs (default
-    ~/.cache/tiermail/rspamd); test_rules loads deploy/scanners/rspamd/test.d/.
+    ~/.cache/tiermail/rspamd); test_rules loads deploy/scanners/rspamd/test.d/. The controller
+    asks for `controller_password` (a random one when None; on the returned Scanner either
+    way). bayes_redis_url ("redis://host:port/db") is where the Bayes statistics live; without
+    it rspamd scans but cannot learn.
     """
     binary = _require_binary("rspamd", "rspamd")
     runtime_dir = _ensure_dir(runtime_dir)
     db_dir = _ensure_dir(runtime_dir / "db")
     cache = cache_dir or Path.home() / ".cache" / "tiermail" / "rspamd"
     cache.mkdir(parents=True, exist_ok=True)
+    password = controller_password or secrets.token_urlsafe(24)
+    runtime_conf = write_rspamd_runtime_config(runtime_dir / "conf.d", password,
+                                               bayes_redis_url)
     variables = {
         "LOCAL_CONFDIR": RSPAMD_CONF_DIR,
         "RUNDIR": runtime_dir,
@@ -176,6 +187,7 @@ def start_rspamd(runtime_dir: Path, *, port: int, controller_port: int, dns_addr
         "NORMAL_BIND": f"127.0.0.1:{port}",
         "CONTROLLER_BIND": f"127.0.0.1:{controller_port}",
         "DNS_SERVER": dns_address,
+        "RUNTIME_CONFDIR": runtime_conf,
     }
     if test_rules:
         variables["TEST_RULES_DIR"] = RSPAMD_TEST_RULES
@@ -186,8 +198,47 @@ def start_rspamd(runtime_dir: Path, *, port: int, controller_port: int, dns_addr
         argv += ["-u", "root", "-g", "root", "-i"]
     argv += [f"--var={name}={value}" for name, value in variables.items()]
     url = f"http://127.0.0.1:{port}"
-    return _launch("rspamd", argv, runtime_dir, url, lambda: rspamd_ping(url),
-                   [runtime_dir / "rspamd.log"], timeout)
+    scanner = _launch("rspamd", argv, runtime_dir, url, lambda: rspamd_ping(url),
+                      [runtime_dir / "rspamd.log"], timeout)
+    scanner.controller_url = f"http://127.0.0.1:{controller_port}"
+    scanner.controller_password = password
+    return scanner
+
+
+def write_rspamd_runtime_config(folder: Path, controller_password: str,
+                                bayes_redis_url: str | None) -> Path:
+    """The files deploy/scanners/rspamd/local.d includes from $RUNTIME_CONFDIR: the
+    controller's password and the Bayes classifier's Redis. Secrets, so mode 0600 in a 0700
+    folder; rewritten on every start."""
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    quoted = json.dumps(controller_password)  # a UCL string is a JSON string
+    _write_private(folder / "controller-password.inc",
+                   f"password = {quoted};\nenable_password = {quoted};\n")
+    _write_private(folder / "bayes-redis.conf",
+                   rspamd_redis_options(bayes_redis_url) if bayes_redis_url else "")
+    return folder
+
+
+def rspamd_redis_options(redis_url: str) -> str:
+    """rspamd's Redis options (servers, db, password) for a redis:// URL."""
+    parts = urlsplit(redis_url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ScannerError(f"rspamd needs a redis://host:port/db URL, not {redis_url!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    lines = [f"servers = {json.dumps(f'{host}:{parts.port or 6379}')};"]
+    db = parts.path.strip("/") or "0"
+    lines.append(f"db = {json.dumps(db)};")
+    if parts.password:
+        lines.append(f"password = {json.dumps(unquote(parts.password))};")
+    return "\n".join(lines) + "\n"
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    path.chmod(0o600)
 
 
 def start_clamd(runtime_dir: Path, *, address: str, stream_max: int = 100 * MIB,

@@ -18,11 +18,11 @@ import redis.asyncio
 from common.broker import Publisher
 from common.directory import Directory
 from common.health import Heartbeat
+from common.ratelimit import RateLimiter, RateLimits, RedisCounter
 from common.settings import Settings
 from common.tls import server_context
 from services.filter.backends.scanners import Scanners
 from services.filter.deferred import DeferredScanner
-from services.filter.ratelimit import RateLimiter, RateLimits, RedisCounter
 from services.filter.rules import Rule, default_rules
 from services.filter.rules.defaults import spam_judge
 from services.filter.server import FilterServer, ServerLimits
@@ -101,7 +101,7 @@ async def open_worker(
             await _connect_early(real)
             publisher = real
         stats = WorkerStats()
-        # Rate limits: counted in Redis so they hold across all workers (ratelimit.py).
+        # Rate limits: counted in Redis so they hold across all workers (common/ratelimit.py).
         if rate_limits is None:
             redis_client = client or _redis_client(settings, stack)
             rate_limits = RateLimiter.from_settings(settings, RedisCounter(redis_client), stats)

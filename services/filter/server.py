@@ -5,7 +5,7 @@ Hardening over aiosmtpd 1.4.6 (see docs: design notes section 1):
 - the idle timer is re-armed with the data timeout while DATA lines arrive, so a slow but
   alive upload is not cut off and a stalled one is (RFC 5321 4.5.3.2.5);
 - at most `smtp_max_connections` sessions per worker; the next one gets 421 and is closed;
-- a client over its connection rate (counted in Redis across all workers, ratelimit.py)
+- a client over its connection rate (counted in Redis across all workers, common/ratelimit.py)
   gets 421 instead of the greeting and is closed;
 - per-connection command size limits (aiosmtpd keeps them in a class-level dict that every
   EHLO grows and every new connection clears);
@@ -29,11 +29,11 @@ from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, syntax
 
+from common.ratelimit import UNLIMITED, RateLimits
 from common.settings import Settings
 from services.filter.convert import peer_ip
 from services.filter.protocol import replies
 from services.filter.protocol.address import parse_simple_path
-from services.filter.ratelimit import UNLIMITED, RateLimits
 from services.filter.rules import Rule
 from services.filter.session import (
     FilterSession,

@@ -25,11 +25,11 @@ from common.broker import PublishFailed
 from common.directory import Lookup, Resolution
 from common.envelope import Envelope, Recipient
 from common.ids import new_queue_id
+from common.ratelimit import UNLIMITED, Limit, RateLimits
 from common.topology import DELIVER_ROUTING_KEY, SCAN_ROUTING_KEY
 from services.filter.convert import peer_ip, tls_description, to_envelope
 from services.filter.protocol import replies
 from services.filter.protocol.message import ReceivedInfo, received_header
-from services.filter.ratelimit import UNLIMITED, Limit, RateLimits
 from services.filter.rules import Rule, evaluate, format_headers
 from services.filter.stats import WorkerStats
 
@@ -199,6 +199,12 @@ class FilterSession:
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("directory unavailable: %s: %s", type(exc).__name__, exc, extra=extra)
             return replies.DIRECTORY_UNAVAILABLE
+        if lookup.over_quota:
+            # Refused whole, even when an alias has other mailboxes with room: the sender
+            # retries later and nobody's copy is silently dropped or pushed further over.
+            log.info("recipient %s refused: mailbox full (%s)", address,
+                     ",".join(lookup.over_quota), extra=extra)
+            return replies.MAILBOX_FULL
         reply = _recipient_reply(lookup.resolution)
         if lookup.resolution is Resolution.LOCAL:
             envelope.rcpt_tos.append(address)

@@ -29,7 +29,7 @@ class WorkerStats:
     accepted: int = 0
     rejected: int = 0
     tempfailed: int = 0
-    # Rate limits (services/filter/ratelimit.py): refused with 421 / 451 4.7.1, and checks
+    # Rate limits (common/ratelimit.py): refused with 421 / 451 4.7.1, and checks
     # that failed open because Redis did not answer.
     rate_limited_connections: int = 0
     rate_limited_messages: int = 0

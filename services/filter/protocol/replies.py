@@ -25,9 +25,12 @@ INTERNAL_ERROR = "451 4.3.0 Internal error, please try again later"
 DIRECTORY_UNAVAILABLE = "451 4.3.0 Recipient cannot be verified now, please try again later"
 QUEUE_UNAVAILABLE = "451 4.3.0 Message not queued, please try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+# The mailbox has reached its quota (the store publishes which ones, common/directory.py): RFC
+# 3463 3.3 X.2.2 "mailbox full", temporary so that the mail waits at the sender.
+MAILBOX_FULL = "452 4.2.2 Mailbox full, try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 too many connections"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
-# Rate limits (services/filter/ratelimit.py), counted across all workers. 4.7.0 before the
+# Rate limits (common/ratelimit.py), counted across all workers. 4.7.0 before the
 # greeting, as Postfix's anvil does; 4.7.1 "not authorized" at MAIL FROM. RFC 3463 3.8.
 RATE_CONNECTIONS = ("421 4.7.0 Too many connections from your address, "
                     "please try again later")
@@ -39,8 +42,10 @@ SCANNER_UNAVAILABLE = "451 4.7.0 Message could not be scanned now, please try ag
 SCAN_TOO_BIG_TEMPFAIL = "451 4.7.0 Message too big to be scanned now, please try again later"
 SPAM_TEMPFAIL = "451 4.7.1 Message deferred, please try again later"
 
-# Our own temporary trouble (broker, directory, internal): never the client's fault.
-_SERVER_TROUBLE = ("451 4.3.0", "421", SCANNER_UNAVAILABLE, SCAN_TOO_BIG_TEMPFAIL)
+# Our own temporary trouble (broker, directory, internal, a full mailbox): never the client's
+# fault, so not counted towards smtp_max_errors.
+_SERVER_TROUBLE = ("451 4.3.0", "421", SCANNER_UNAVAILABLE, SCAN_TOO_BIG_TEMPFAIL,
+                   MAILBOX_FULL)
 
 
 def is_client_error(reply: str) -> bool:

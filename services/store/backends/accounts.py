@@ -3,6 +3,11 @@
 One SQLite file (WAL, synchronous=FULL) under the store's data directory. The `tiermail` CLI and
 the store process may use it at the same time; SQLite's locking serialises writers. Redis only
 ever holds a copy without hashes (common.directory), rebuilt from here.
+
+Quotas (RFC 9208 STORAGE, in octets) are per user: NULL means "not set, settings.default_quota
+applies", 0 means unlimited whatever the default, N > 0 is the limit. The default is applied
+when a quota is read (`quota(address, default)`), never stored, so changing
+TIERMAIL_DEFAULT_QUOTA changes every account that has no quota of its own.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ CREATE TABLE IF NOT EXISTS user (
     address TEXT PRIMARY KEY,
     password_hash TEXT NOT NULL,
     created REAL NOT NULL,
-    quota INTEGER NOT NULL DEFAULT 0
+    quota INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -45,6 +50,22 @@ _DOMAIN = r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}"
 _ADDRESS_RE = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
 _DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
 
+# PRAGMA user_version. 1: user.quota nullable (before: NOT NULL DEFAULT 0, never set by anyone,
+# so every 0 there meant "not set").
+SCHEMA_VERSION = 1
+_USER_TABLE_V1 = """
+CREATE TABLE user_v1 (
+    address TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    created REAL NOT NULL,
+    quota INTEGER
+) WITHOUT ROWID;
+INSERT INTO user_v1(address, password_hash, created, quota)
+    SELECT address, password_hash, created, NULLIF(quota, 0) FROM user;
+DROP TABLE user;
+ALTER TABLE user_v1 RENAME TO user;
+"""
+
 
 class AccountError(ValueError):
     """A request the account database refuses, with a message fit for an operator."""
@@ -58,6 +79,12 @@ def valid_domain(domain: str) -> bool:
     return len(domain) <= 253 and _DOMAIN_RE.match(domain) is not None
 
 
+def effective_quota(stored: int | None, default: int) -> int | None:
+    """The limit in octets for a stored quota (NULL: the default applies); None = unlimited."""
+    value = default if stored is None else stored
+    return value if value > 0 else None
+
+
 class AccountDB:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +94,7 @@ class AccountDB:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._migrate()
 
     @classmethod
     def for_store(cls, store_dir: Path) -> AccountDB:
@@ -92,6 +120,29 @@ class AccountDB:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        if self._schema_version() >= SCHEMA_VERSION:
+            return
+        self._db.execute("BEGIN IMMEDIATE")  # the CLI and the store may both be starting
+        try:
+            if self._schema_version() < 1 and self._quota_not_null():
+                # SQLite cannot drop a NOT NULL constraint: the table is rebuilt.
+                for statement in _USER_TABLE_V1.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _quota_not_null(self) -> bool:
+        columns = {row[1]: row for row in self._db.execute("PRAGMA table_info(user)")}
+        return bool(columns["quota"][3])
 
     def generation(self) -> int:
         """Counts committed changes; the Redis directory is current when it shows the same."""
@@ -164,6 +215,29 @@ class AccountDB:
             cursor = db.execute("DELETE FROM user WHERE address = ?", (address,))
             if cursor.rowcount == 0:
                 raise AccountError(f"no such user: {address}")
+
+    def set_quota(self, address: str, octets: int | None) -> None:
+        """The user's own quota: N octets, 0 for unlimited, None to follow the default."""
+        address = normalize_address(address)
+        if octets is not None and octets < 0:
+            raise AccountError(f"a quota cannot be negative: {octets}")
+        with self._write() as db:
+            cursor = db.execute("UPDATE user SET quota = ? WHERE address = ?", (octets, address))
+            if cursor.rowcount == 0:
+                raise AccountError(f"no such user: {address}")
+
+    def quota(self, address: str, default: int = 0) -> int | None:
+        """The user's limit in octets with `default` (settings.default_quota) applied where
+        no quota of its own is set; None = unlimited (also for an unknown user)."""
+        row = self._db.execute(
+            "SELECT quota FROM user WHERE address = ?", (normalize_address(address),)
+        ).fetchone()
+        return None if row is None else effective_quota(row[0], default)
+
+    def stored_quotas(self) -> dict[str, int | None]:
+        """Every user's own quota as stored (None: not set), by address."""
+        return {address: quota for address, quota in self._db.execute(
+            "SELECT address, quota FROM user ORDER BY address")}
 
     def users(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT address FROM user ORDER BY address")]

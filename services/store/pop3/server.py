@@ -12,6 +12,7 @@ import logging
 import secrets
 import ssl
 
+from common.auththrottle import AuthThrottle
 from common.settings import Settings
 from common.tls import server_context
 from services.store.backends.accounts import AccountDB
@@ -36,15 +37,17 @@ async def start_pop3_servers(
     *,
     auth_failure_delay: float = AUTH_FAILURE_DELAY,
     locks: MailboxLocks | None = None,
+    throttle: AuthThrottle | None = None,
 ) -> list[asyncio.AbstractServer]:
     """Start the POP3 listener on settings.pop3_port and, when a certificate is configured,
     POP3S on settings.pop3s_port. Both share one maildrop lock registry (`locks`, a new one
-    unless given). The caller closes the returned servers."""
+    unless given) and the failed-login throttle, if given. The caller closes the returned
+    servers."""
     context = server_context(settings)
     if locks is None:
         locks = MailboxLocks()
     plain = Pop3Listener(settings, mailstore, accounts, locks, context, auth_failure_delay,
-                         implicit_tls=False)
+                         implicit_tls=False, throttle=throttle)
     servers: list[asyncio.AbstractServer] = [
         Pop3Server(await asyncio.start_server(plain.serve, settings.bind, settings.pop3_port,
                                               limit=LINE_LIMIT), plain)
@@ -52,7 +55,7 @@ async def start_pop3_servers(
     log.info("POP3 listening", extra={"event": f"{settings.bind}:{settings.pop3_port}"})
     if context is not None:
         implicit = Pop3Listener(settings, mailstore, accounts, locks, context,
-                                auth_failure_delay, implicit_tls=True)
+                                auth_failure_delay, implicit_tls=True, throttle=throttle)
         try:
             server = await asyncio.start_server(
                 implicit.serve, settings.bind, settings.pop3s_port, limit=LINE_LIMIT,
@@ -130,8 +133,10 @@ def _buffered(reader: asyncio.StreamReader) -> int:
 class Pop3Listener:
     def __init__(self, settings: Settings, mailstore: MailStore, accounts: AccountDB,
                  locks: MailboxLocks, context: ssl.SSLContext | None,
-                 auth_failure_delay: float, *, implicit_tls: bool) -> None:
+                 auth_failure_delay: float, *, implicit_tls: bool,
+                 throttle: AuthThrottle | None = None) -> None:
         self._implicit_tls = implicit_tls
+        self._throttle = throttle
         self._sessions: set[asyncio.Task[None]] = set()
         self._settings = settings
         self._mailstore = mailstore
@@ -172,6 +177,7 @@ class Pop3Listener:
             tls_active=implicit_tls,
             plaintext_auth_allowed=self._settings.plaintext_auth_allowed,
             auth_failure_delay=self._auth_failure_delay,
+            throttle=self._throttle,
         )
         log.info("connected", extra={**session.log_context,
                                      "event": "pop3s" if implicit_tls else "pop3"})

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from common.auththrottle import AuthThrottle
 from common.directory import normalize_address
 from services.store.auth import authenticate
 from services.store.backends.accounts import AccountDB
@@ -38,6 +39,10 @@ MAX_BAD_COMMANDS = 10
 MAX_AUTH_FAILURES = 3
 AUTH_FAILURE_DELAY = 1.0  # seconds, after every failed login
 READ_CHUNK = 256 * 1024  # message bytes read from storage per step while streaming
+# Refused without checking the password: the client IP or the account has had too many failed
+# logins lately (common/auththrottle.py). RFC 3206 SYS/TEMP: try again later, nothing wrong
+# with the credentials as far as the client can tell.
+ERR_AUTH_THROTTLED = p.err("too many failed logins, try again later", p.CODE_SYS_TEMP)
 
 
 class State(enum.Enum):
@@ -124,6 +129,7 @@ class Session:
         tls_active: bool,
         plaintext_auth_allowed: bool,
         auth_failure_delay: float = AUTH_FAILURE_DELAY,
+        throttle: AuthThrottle | None = None,
     ) -> None:
         self._mailstore = mailstore
         self._accounts = accounts
@@ -134,6 +140,7 @@ class Session:
         self.tls_active = tls_active
         self._plaintext_auth_allowed = plaintext_auth_allowed
         self._auth_failure_delay = auth_failure_delay
+        self._throttle = throttle
 
         self.state = State.AUTHORIZATION
         self.user: str | None = None  # set once logged in (and the maildrop locked)
@@ -235,9 +242,18 @@ class Session:
             return p.ERR_DELETED.format(number=number)
         return number - 1, self._messages[number - 1]
 
+    @property
+    def client_ip(self) -> str:
+        return self.peer.rpartition(":")[0].strip("[]")
+
     async def _login(self, address: str, password: str) -> Response:
+        if self._throttle is not None and not await self._throttle.allowed(self.client_ip,
+                                                                           address):
+            return await self._auth_failed(address, ERR_AUTH_THROTTLED, count=False)
         if not await authenticate(self._accounts, address, password):
             return await self._auth_failed(address)
+        if self._throttle is not None:
+            await self._throttle.succeeded(self.client_ip, address)
         user = normalize_address(address)
         if not self._locks.acquire(user):
             log.info("maildrop locked by another session", extra={**self.log_context,
@@ -259,12 +275,19 @@ class Session:
         log.info("logged in", extra=self.log_context)
         return Response(p.OK_LOGGED_IN.format(user=user, count=count, octets=octets).encode())
 
-    async def _auth_failed(self, address: str) -> Response:
+    async def _auth_failed(self, address: str, reply: p.Reply = p.ERR_AUTH_FAILED,
+                           count: bool = True) -> Response:
+        """A refused login: counted in the throttle (unless it was the throttle that refused:
+        a locked-out client's attempts do not extend its lock), delayed, and after
+        MAX_AUTH_FAILURES on one connection the connection is closed."""
         self._auth_failures += 1
-        log.info("login failed", extra={**self.log_context, "user": address[:100]})
+        if count and self._throttle is not None:
+            await self._throttle.failed(self.client_ip, address)
+        log.info("login failed" if count else "login refused: too many failures",
+                 extra={**self.log_context, "user": address[:100]})
         await asyncio.sleep(self._auth_failure_delay)
         after = After.CLOSE if self._auth_failures >= MAX_AUTH_FAILURES else After.CONTINUE
-        return Response(p.ERR_AUTH_FAILED.encode(), after=after)
+        return Response(reply.encode(), after=after)
 
     async def _sasl_plain_response(self, line: bytes) -> Response:
         text = line.rstrip(b"\r\n").decode("ascii", "replace")

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio
 
+from common.ratelimit import Limit, MemoryCounter, Rate, RateLimiter, RedisCounter
 from common.settings import Settings
 from services.filter.protocol import replies
-from services.filter.ratelimit import Limit, MemoryCounter, Rate, RateLimiter, RedisCounter
 from tests.integration.filter.conftest import (
     ALICE,
     SENDER,

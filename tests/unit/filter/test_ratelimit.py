@@ -17,9 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from common.settings import Settings, SettingsError
-from services.filter.protocol import replies
-from services.filter.ratelimit import (
+from common.ratelimit import (
     Limit,
     MemoryCounter,
     Rate,
@@ -28,6 +26,8 @@ from services.filter.ratelimit import (
     ip_subject,
     parse_networks,
 )
+from common.settings import Settings, SettingsError
+from services.filter.protocol import replies
 from services.filter.session import FilterSession, SessionPolicy, authenticated_user
 from services.filter.stats import WorkerStats
 

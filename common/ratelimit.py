@@ -1,5 +1,8 @@
 """Per client IP and per authenticated user rate limits, counted in Redis across every worker.
 
+Shared by the tiers (common/): the filter's SMTP limits (RateLimiter below) and the helpers
+the store's login throttle reuses (common/auththrottle.py: parse_networks, ip_subject).
+
 Algorithm: GCRA (the generic cell rate algorithm, as in redis-cell and Stripe's limiter). A
 limit of `count` events per `period` becomes an emission interval T = period / count; each key
 stores one number, the theoretical arrival time (TAT). An event at `now` is allowed when
@@ -34,7 +37,6 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from common.settings import Settings, SettingsError
-from services.filter.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,21 @@ class MemoryCounter:
         return 0
 
 
+class RateStats(Protocol):
+    """The counters a RateLimiter bumps (the filter's WorkerStats has them)."""
+
+    rate_limited_connections: int
+    rate_limited_messages: int
+    rate_limit_errors: int
+
+
+@dataclass
+class _Tally:
+    rate_limited_connections: int = 0
+    rate_limited_messages: int = 0
+    rate_limit_errors: int = 0
+
+
 class RateLimits(Protocol):
     """What the SMTP session and server ask; `extra` is the caller's logging context."""
 
@@ -211,7 +228,7 @@ class RateLimiter:
         messages_per_ip: int,
         messages_per_user: int,
         exempt: Sequence[Network] = (),
-        stats: WorkerStats | None = None,
+        stats: RateStats | None = None,
         timeout: float = CHECK_TIMEOUT,
     ) -> None:
         self._counter = counter
@@ -224,12 +241,12 @@ class RateLimiter:
             else None,
         }
         self._exempt = tuple(exempt)
-        self._stats = stats or WorkerStats()
+        self._stats: RateStats = stats or _Tally()
         self._timeout = timeout
 
     @classmethod
     def from_settings(cls, settings: Settings, counter: Counter,
-                      stats: WorkerStats | None = None) -> RateLimiter:
+                      stats: RateStats | None = None) -> RateLimiter:
         return cls(
             counter,
             prefix=settings.redis_prefix,

@@ -1,0 +1,127 @@
+"""Failed logins counted in Redis per client IP and per account, shared by every store process
+and every protocol (POP3 and IMAP count into the same keys).
+
+A fixed window per subject: the first failure creates `<prefix>authfail:ip:<ip>` (or
+`...:user:<address>`) with a lifetime of `window` seconds, each further failure increments it
+(INCR, then EXPIRE NX in the same round trip), and a login is refused without checking the
+password while a counter has reached its limit. The window starts at the first failure and is
+not extended by refused attempts, so a locked-out client may try again `window` seconds after
+its first failure. A GCRA (common/ratelimit.py) would smooth the edge, but it only counts
+events as it admits them; here the check (before the password) and the count (after a wrong
+one) are separate steps, which plain counters express directly.
+
+Policy:
+- Per account: always counted, wherever the client connects from; a successful login resets
+  the account's counter (its owner is using it), never the IP's (a client that owns one
+  account must not reset its count of guesses at others).
+- Per IP: IPv6 clients are counted per /64, like the filter's rate limits; addresses in
+  `exempt` are not counted per IP. The store passes `rate_limit_exempt` (loopback by default):
+  a webmail worker or a local tool logs in on behalf of many people from one address, and
+  one user's typos there must not lock out everyone else. Tests that want the per-IP limit
+  from loopback set rate_limit_exempt to "".
+- A limit of 0 turns it off.
+- Redis down or slow: logins are allowed (ARCHITECTURE.md failure contract: IMAP and POP3 keep
+  working without Redis), logged once per outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
+
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from common.directory import normalize_address
+from common.ratelimit import Network, ip_subject, parse_networks
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WINDOW = 600.0  # seconds: the settings speak of "failures per 10 minutes"
+CHECK_TIMEOUT = 1.0  # seconds per Redis round trip; past it the login is allowed
+MAX_KEY_USER = 254  # RFC 5321 4.5.3.1.3 path length; longer names are hashed into the key
+
+T = TypeVar("T")
+
+
+class AuthThrottle:
+    def __init__(self, redis: redis.asyncio.Redis, prefix: str, per_ip: int, per_user: int,
+                 window: float = WINDOW, *, exempt: Sequence[Network] = (),
+                 timeout: float = CHECK_TIMEOUT) -> None:
+        self._redis = redis
+        self._prefix = prefix + "authfail:"
+        self._per_ip = per_ip
+        self._per_user = per_user
+        self._window_ms = max(1, round(window * 1000))
+        self._exempt = tuple(exempt)
+        self._timeout = timeout
+        self._redis_down = False
+
+    @classmethod
+    def from_settings(cls, redis: redis.asyncio.Redis, settings: Settings) -> AuthThrottle:
+        return cls(redis, settings.redis_prefix, settings.auth_failures_per_ip,
+                   settings.auth_failures_per_user,
+                   exempt=parse_networks(settings.rate_limit_exempt))
+
+    def ip_key(self, ip: str) -> str | None:
+        subject = ip_subject(ip, self._exempt) if self._per_ip else None
+        return None if subject is None else f"{self._prefix}ip:{subject}"
+
+    def user_key(self, user: str | None) -> str | None:
+        if not self._per_user or not user:
+            return None
+        name = normalize_address(user)
+        if len(name) > MAX_KEY_USER:
+            name = "sha256:" + hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()
+        return f"{self._prefix}user:{name}"
+
+    async def allowed(self, ip: str, user: str | None) -> bool:
+        """False while the IP or the account has used up its failures (check the password
+        only when True). `user` may be None before the client named one."""
+        limited = [(key, limit) for key, limit in ((self.ip_key(ip), self._per_ip),
+                                                   (self.user_key(user), self._per_user))
+                   if key is not None]
+        if not limited:
+            return True
+        counts = await self._call(self._redis.mget([key for key, _ in limited]))
+        if counts is None:
+            return True
+        return all(count is None or int(count) < limit
+                   for count, (_, limit) in zip(counts, limited, strict=True))
+
+    async def failed(self, ip: str, user: str | None) -> None:
+        """Count one failed login against the IP and the account."""
+        keys = [key for key in (self.ip_key(ip), self.user_key(user)) if key is not None]
+        if not keys:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.incr(key)
+            pipe.pexpire(key, self._window_ms, nx=True)
+        await self._call(pipe.execute())
+
+    async def succeeded(self, ip: str, user: str | None) -> None:
+        """A login succeeded: the account's failures are forgotten (the IP's are kept)."""
+        key = self.user_key(user)
+        if key is not None:
+            await self._call(self._redis.delete(key))
+
+    async def _call(self, operation: Awaitable[T]) -> T | None:
+        try:
+            result = await asyncio.wait_for(operation, self._timeout)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not self._redis_down:
+                self._redis_down = True
+                log.warning("login failures not counted (Redis unavailable, logins allowed): "
+                            "%s: %s", type(exc).__name__, exc,
+                            extra={"event": "auththrottle-unavailable"})
+            return None
+        if self._redis_down:
+            self._redis_down = False
+            log.info("login failures counted again (Redis back)",
+                     extra={"event": "auththrottle-available"})
+        return result

@@ -1,0 +1,311 @@
+"""Spam learning: moving mail into Junk teaches rspamd spam, out of Junk teaches ham.
+
+Two halves joined by a RabbitMQ queue (`<queue_prefix>.learn`, dramatiq):
+
+- LearningHook, in the store: a MailDB listener. For a copy or move into Junk (the mailbox
+  with the \\Junk special-use attribute, or a child of it) it enqueues "spam" for every new
+  copy; out of Junk into anything but Trash (\\Trash or a child) "ham"; Junk -> Trash and
+  moves within Junk nothing. It sees every change whoever made it (IMAP, webmail, a filter
+  rule). The listener only schedules work: reading the message and the blocking pika publish
+  run in a thread of the hook's own, so an IMAP MOVE never waits for the broker. Failures are
+  logged and the move stands; learning is best-effort.
+- The learn actor, in `tiermail learner` (a dramatiq Worker in-process, possibly on another
+  machine): POSTs the message to rspamd's controller /learnspam or /learnham with the
+  controller password. "Already learned" (HTTP 208) and "nothing to learn" (204: too few
+  tokens) are done; rspamd unreachable, 5xx or a refused password are retried with
+  exponential backoff (MAX_RETRIES, then dramatiq's dead-letter queue `<queue>.XQ`); other 4xx
+  answers are logged and dropped.
+
+The job carries the message bytes (base64, at most MAX_LEARN_SIZE; larger ones are skipped
+with a log line, as rspamd's Bayes gains nothing from them): the worker needs no access to the
+store's disk, and the job still means the same message if the user deletes it meanwhile.
+
+dramatiq normally binds actors to a global broker at import time (`dramatiq.set_broker`,
+`@dramatiq.actor`). STYLE.md 11 asks for dependencies passed in, so `Learning` builds the
+broker from settings and declares the actor on that broker explicitly (`broker=`): two stacks
+in one process (the tests) each get their own, and importing this module connects nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import contextlib
+import enum
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dramatiq
+import httpx
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+from common.settings import Settings
+from services.store.mailbox import (
+    HIERARCHY_DELIMITER,
+    JUNK,
+    TRASH,
+    ChangeEvent,
+    MailboxInfo,
+    MailStore,
+    StorageError,
+)
+
+log = logging.getLogger(__name__)
+
+SPAM, HAM = "spam", "ham"
+ACTOR_NAME = "tiermail_learn"
+MAX_LEARN_SIZE = 10 * 1024 * 1024  # octets; larger messages are not learned
+MAX_RETRIES = 10  # with backoff from 1 s doubling up to 10 min: about an hour in all
+MIN_BACKOFF_MS = 1_000
+MAX_BACKOFF_MS = 600_000
+TIME_LIMIT_MS = 120_000  # one learn request, retries apart
+CONTROLLER_TIMEOUT = 60.0  # seconds; rspamd tokenises the whole message before answering
+MAX_PENDING = 1000  # jobs waiting for the broker in the store; more are dropped (logged)
+WORKER_THREADS = 2
+
+
+def learn_queue(settings: Settings) -> str:
+    return f"{settings.queue_prefix}.learn"
+
+
+# Which moves teach what (pure; tests/unit/store/test_learning.py).
+
+def within(name: str, roots: Sequence[str]) -> bool:
+    """`name` is one of `roots` or a mailbox below one of them."""
+    return any(name == root or name.startswith(root + HIERARCHY_DELIMITER) for root in roots)
+
+
+def special_roots(mailboxes: Sequence[MailboxInfo], attribute: str, fallback: str) -> list[str]:
+    """The mailboxes carrying a special-use attribute; the standard name if none does."""
+    return [m.name for m in mailboxes if m.special_use == attribute] or [fallback]
+
+
+def learn_kind(source: str, dest: str, junk: Sequence[str], trash: Sequence[str]) -> str | None:
+    """"spam", "ham" or None for a copy or move from `source` to `dest`."""
+    from_junk, into_junk = within(source, junk), within(dest, junk)
+    if into_junk and not from_junk:
+        return SPAM
+    if from_junk and not into_junk and not within(dest, trash):
+        return HAM
+    return None
+
+
+# The worker side: rspamd's controller.
+
+class LearnOutcome(enum.Enum):
+    LEARNED = "learned"
+    ALREADY = "already learned"
+    NOTHING = "nothing to learn"  # rspamd found too few tokens (HTTP 204)
+    REFUSED = "refused"  # a 4xx that retrying will not change
+
+
+class LearnError(Exception):
+    """A temporary failure: the job is retried."""
+
+
+class RspamdController:
+    """POST /learnspam and /learnham (rspamd's controller worker), synchronously: dramatiq
+    runs actors in worker threads."""
+
+    def __init__(self, url: str, password: str, timeout: float = CONTROLLER_TIMEOUT) -> None:
+        self._url = url.rstrip("/")
+        self._password = password
+        self._timeout = timeout
+
+    def learn(self, kind: str, message: bytes) -> tuple[LearnOutcome, str]:
+        headers = {"Password": self._password} if self._password else {}
+        try:
+            response = httpx.post(f"{self._url}/learn{kind}", content=message, headers=headers,
+                                  timeout=self._timeout)
+        except httpx.HTTPError as exc:
+            raise LearnError(f"rspamd controller unreachable: {type(exc).__name__}: {exc}") \
+                from exc
+        return outcome(response.status_code, response.text)
+
+
+def outcome(status: int, text: str) -> tuple[LearnOutcome, str]:
+    """rspamd's answer to a learn request: its outcome, or LearnError to retry."""
+    detail = text.strip()[:200]
+    if status == 200:
+        return LearnOutcome.LEARNED, detail
+    if status == 208:  # the learn cache: this message was learned as this class before
+        return LearnOutcome.ALREADY, detail
+    if status == 204:
+        return LearnOutcome.NOTHING, detail
+    if status in (401, 403):
+        # A wrong controller password is an operator's mistake that gets fixed: retry.
+        raise LearnError(f"rspamd controller refused the password (HTTP {status})")
+    if 400 <= status < 500:
+        return LearnOutcome.REFUSED, f"HTTP {status}: {detail}"
+    raise LearnError(f"rspamd controller answered HTTP {status}: {detail}")
+
+
+class Learning:
+    """The learn job: a RabbitMQ broker built from settings and the actor declared on it.
+
+    The store uses `send`; `tiermail learner` runs `worker()`. The controller is only used by
+    a worker (the store builds one it never calls)."""
+
+    def __init__(self, settings: Settings, controller: RspamdController | None = None) -> None:
+        self.queue_name = learn_queue(settings)
+        self.broker = RabbitmqBroker(url=settings.amqp_url, confirm_delivery=True)
+        self._controller = controller or RspamdController(
+            settings.rspamd_controller_url, settings.rspamd_controller_password)
+        declare = dramatiq.actor(
+            broker=self.broker, actor_name=ACTOR_NAME, queue_name=self.queue_name,
+            max_retries=MAX_RETRIES, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS,
+            time_limit=TIME_LIMIT_MS)
+        self.actor = declare(self._learn)
+
+    def send(self, kind: str, user: str, guid: str, message: bytes) -> None:
+        """Enqueue one learn job (blocking: a publish with a broker confirm)."""
+        self.actor.send(kind, user, guid, base64.b64encode(message).decode("ascii"))
+
+    def worker(self, threads: int = WORKER_THREADS) -> dramatiq.Worker:
+        return dramatiq.Worker(self.broker, worker_threads=threads)
+
+    def close(self) -> None:
+        self.broker.close()
+
+    def _learn(self, kind: str, user: str, guid: str, message_b64: str) -> None:
+        """The actor. Raising LearnError makes dramatiq retry the job later."""
+        context = {"user": user, "event": f"learn-{kind}", "queue_id": guid}
+        if kind not in (SPAM, HAM):
+            log.error("learn job with unknown kind %r dropped", kind, extra=context)
+            return
+        try:
+            message = base64.b64decode(message_b64, validate=True)
+        except (binascii.Error, ValueError):
+            log.error("learn job with undecodable message dropped", extra=context)
+            return
+        result, detail = self._controller.learn(kind, message)
+        level = logging.WARNING if result is LearnOutcome.REFUSED else logging.INFO
+        log.log(level, "rspamd %s %s as %s (%d octets) %s", result.value, guid, kind,
+                len(message), detail, extra=context)
+
+
+class LearningHook:
+    """A MailDB listener that turns moves into and out of Junk into learn jobs.
+
+    `send` is Learning.send (or a stand-in in tests) and `close` what ends it; both run in
+    the hook's one thread, so the pika connection `send` opens stays in that thread."""
+
+    def __init__(self, mailstore: MailStore, send: Callable[[str, str, str, bytes], None],
+                 close: Callable[[], None] | None = None) -> None:
+        self._mailstore = mailstore
+        self._send = send
+        self._close = close
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="learn-enqueue")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, mailstore: MailStore) -> LearningHook:
+        learning = Learning(settings)
+        return cls(mailstore, learning.send, learning.close)
+
+    def on_change(self, event: ChangeEvent) -> None:
+        """MailDB listener (in the event loop): returns at once, the work runs in a task."""
+        if (self._closed or event.kind not in ("copy", "move") or event.source is None
+                or not event.guids):
+            return
+        task = asyncio.get_running_loop().create_task(self._classify_and_enqueue(event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Let scheduled jobs reach the broker for up to `grace` seconds, then stop."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in self._tasks:
+            task.cancel()
+        if self._close is not None:
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(Exception):
+                # In the hook's thread: it owns the pika connection.
+                await asyncio.wait_for(loop.run_in_executor(self._executor, self._close),
+                                       grace)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _classify_and_enqueue(self, event: ChangeEvent) -> None:
+        assert event.source is not None
+        extra = {"user": event.user, "event": "learn"}
+        try:
+            mailboxes = await self._mailstore.list_mailboxes(event.user)
+        except StorageError as exc:
+            log.warning("not learned: mailboxes unreadable: %r", exc, extra=extra)
+            return
+        kind = learn_kind(event.source, event.mailbox,
+                          special_roots(mailboxes, "\\Junk", JUNK),
+                          special_roots(mailboxes, "\\Trash", TRASH))
+        if kind is None:
+            return
+        loop = asyncio.get_running_loop()
+        futures = []
+        for guid in event.guids:
+            with self._lock:
+                if self._pending >= MAX_PENDING:
+                    log.warning("not learned: %d learn jobs already waiting for the broker",
+                                self._pending, extra={**extra, "queue_id": guid})
+                    continue
+                self._pending += 1
+            futures.append(loop.run_in_executor(self._executor, self._enqueue, kind,
+                                                event.user, guid))
+        await asyncio.gather(*futures, return_exceptions=True)
+
+    def _enqueue(self, kind: str, user: str, guid: str) -> None:
+        """In the hook's thread: read the message and publish the job."""
+        extra = {"user": user, "event": f"learn-{kind}", "queue_id": guid}
+        try:
+            message = self._read(user, guid)
+            if message is None:
+                log.info("not learned: larger than %d octets", MAX_LEARN_SIZE, extra=extra)
+                return
+            self._send(kind, user, guid, message)
+            log.info("learn job queued (%d octets)", len(message), extra=extra)
+        except Exception as exc:  # noqa: BLE001 - learning is best-effort; the move stands
+            log.warning("not learned: %s: %s", type(exc).__name__, exc, extra=extra)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def _read(self, user: str, guid: str) -> bytes | None:
+        with self._mailstore.open_message(user, guid) as file:
+            data = file.read(MAX_LEARN_SIZE + 1)
+        return None if len(data) > MAX_LEARN_SIZE else data
+
+
+def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
+    """`tiermail learner`: consume learn jobs until SIGTERM/SIGINT (or `stop` is set)."""
+    stop = stop or threading.Event()
+    learning = Learning(settings)
+    worker = learning.worker()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+    worker.start()
+    log.info("learner running: queue %s, rspamd controller %s", learning.queue_name,
+             settings.rspamd_controller_url, extra={"event": "started"})
+    try:
+        stop.wait()
+    finally:
+        log.info("learner stopping", extra={"event": "stopping"})
+        worker.stop(timeout=30_000)
+        learning.close()
+    log.info("learner stopped", extra={"event": "stopped"})
+    return 0

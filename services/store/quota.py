@@ -1,0 +1,132 @@
+"""Publishing which mailboxes are over quota, so the filter tier can answer 452 4.2.2 at RCPT.
+
+The store is the only one that knows usage (MailDB.usage) and the authority on quotas
+(AccountDB); the filter reads the result from Redis in the same round trip as the recipient's
+directory entry (common/directory.py: dir:overquota, dir:usage).
+
+- After every committed change that can move usage (MailDB listener, in the event loop) the
+  user is marked dirty; a background task recomputes the dirty users' usage a moment later
+  (DEBOUNCE: one burst of deliveries or an IMAP session's flurry is one recomputation), off
+  the command's path.
+- A full reconcile (every user that has a limit) runs at start, whenever the account
+  database's generation differs from the one the quota state was reconciled at (a quota set
+  with `tiermail user quota` bumps it; the CLI also updates the user's flag at once when it
+  knows the usage), and when Redis lost the state.
+- Redis down: retried with backoff; the store keeps working (the filter answers 451 without
+  Redis anyway).
+
+"Over quota" means usage >= limit: a full mailbox takes no more mail at RCPT. Delivery itself
+does not enforce quotas (a message accepted just before the mailbox filled is delivered);
+APPEND, COPY and MOVE do (IMAP, OverQuota).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+import redis.asyncio
+
+from common.directory import Directory, QuotaState
+from services.store.backends.accounts import AccountDB, effective_quota
+from services.store.mailbox import ChangeEvent, MailStore, StorageError
+
+log = logging.getLogger(__name__)
+
+DEBOUNCE = 0.5  # seconds between the first change and the recomputation
+CHECK_INTERVAL = 5.0  # seconds between checks of the account generation and Redis's state
+RETRY_MAX = 30.0
+USAGE_KINDS = frozenset({"deliver", "append", "expunge", "copy", "move", "mailbox"})
+
+
+class QuotaPublisher:
+    def __init__(self, maildb: MailStore, accounts: AccountDB, redis: redis.asyncio.Redis,
+                 prefix: str, default_quota: int, *, debounce: float = DEBOUNCE,
+                 check_interval: float = CHECK_INTERVAL) -> None:
+        self._maildb = maildb
+        self._accounts = accounts
+        self._directory = Directory(redis, prefix)
+        self._default = default_quota
+        self._debounce = debounce
+        self._check_interval = check_interval
+        self._dirty: set[str] = set()
+        self._changed = asyncio.Event()
+
+    def on_change(self, event: ChangeEvent) -> None:
+        """MailDB listener: cheap, never blocks (the work happens in `run`)."""
+        if event.kind in USAGE_KINDS:
+            self._dirty.add(event.user)
+            self._changed.set()
+
+    async def run(self) -> None:
+        """Keep Redis's quota state current until cancelled."""
+        delay = 0.5
+        while True:
+            try:
+                await self._reconcile_if_stale()
+                await self._wait_for_changes()
+                await self.flush()
+                delay = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("quota state not published (%s: %s); retrying in %.1fs",
+                            type(exc).__name__, exc, delay, extra={"event": "quota"})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+
+    async def reconcile(self) -> None:
+        """Recompute every user that has a limit and replace the over-quota set."""
+        generation = await asyncio.to_thread(self._accounts.generation)
+        stored = await asyncio.to_thread(self._accounts.stored_quotas)
+        limits = {user: effective_quota(quota, self._default) for user, quota in stored.items()}
+        states = await self._states({u: limit for u, limit in limits.items() if limit})
+        await self._directory.replace_quota_states(states, generation)
+        log.info("quota state reconciled: %d limited mailboxes, %d over quota",
+                 len(states), sum(state.over for state in states.values()),
+                 extra={"event": "quota"})
+
+    async def flush(self) -> None:
+        """Publish the state of the users changed since the last flush."""
+        self._changed.clear()
+        users, self._dirty = self._dirty, set()
+        if not users:
+            return
+        try:
+            limits = await asyncio.to_thread(self._limits, users)
+            states = await self._states({u: limit for u, limit in limits.items() if limit})
+            # A user without a limit is never over it (reconcile removes one whose limit was
+            # just lifted, as that changes the account generation).
+            await self._directory.set_quota_states(states)
+        except BaseException:
+            self._dirty |= users
+            raise
+
+    async def _reconcile_if_stale(self) -> None:
+        current = await asyncio.to_thread(self._accounts.generation)
+        if await self._directory.quota_generation() != current:
+            await self.reconcile()
+
+    async def _wait_for_changes(self) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), self._check_interval)
+        except TimeoutError:
+            return
+        await asyncio.sleep(self._debounce)
+
+    def _limits(self, users: Iterable[str]) -> dict[str, int | None]:
+        return {user: self._accounts.quota(user, self._default) for user in users}
+
+    async def _states(self, limits: dict[str, int]) -> dict[str, QuotaState]:
+        states = {}
+        for user, limit in limits.items():
+            usage = await self._usage(user)
+            states[user] = QuotaState(usage, usage >= limit)
+        return states
+
+    async def _usage(self, user: str) -> int:
+        try:
+            return await self._maildb.usage(user)
+        except StorageError:
+            return 0  # no index yet: nothing stored

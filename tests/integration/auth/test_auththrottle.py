@@ -1,0 +1,171 @@
+"""Failed-login counting in the real Redis (common/auththrottle.py), and POP3 refusing logins
+once a client IP or an account has used up its failures."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import cast
+
+import pytest
+import redis.asyncio
+
+from common.auththrottle import AuthThrottle
+from common.passwords import hash_password
+from common.ratelimit import parse_networks
+from common.settings import Settings
+from services.store.backends.accounts import AccountDB
+from services.store.mailbox import MailStore
+from services.store.pop3 import protocol as p
+from services.store.pop3.server import start_pop3_servers
+from services.store.pop3.session import ERR_AUTH_THROTTLED
+from tests.support import eventually
+from tests.unit.pop3.fakes import FakeMailStore
+
+ALICE, BOB = "alice@example.test", "bob@example.test"
+PASSWORD = "correct horse"
+REMOTE = "192.0.2.7"
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[redis.asyncio.Redis]:
+    connection = redis.asyncio.Redis.from_url(settings.redis_url)
+    yield connection
+    await connection.aclose()
+
+
+def throttle(client: redis.asyncio.Redis, settings: Settings, per_ip: int = 3,
+             per_user: int = 2, window: float = 600, exempt: str = "") -> AuthThrottle:
+    return AuthThrottle(client, settings.redis_prefix, per_ip, per_user, window,
+                        exempt=parse_networks(exempt))
+
+
+async def test_an_account_is_locked_after_its_failures_from_any_address(
+        client: redis.asyncio.Redis, settings: Settings) -> None:
+    limiter = throttle(client, settings, per_ip=100, per_user=2)
+    await limiter.failed("192.0.2.1", "Alice@Example.test")
+    assert await limiter.allowed("192.0.2.2", ALICE)
+    await limiter.failed("192.0.2.3", ALICE)
+    assert not await limiter.allowed("192.0.2.4", ALICE)
+    assert not await limiter.allowed("192.0.2.4", "ALICE@example.test")
+    assert await limiter.allowed("192.0.2.4", BOB)
+
+
+async def test_an_address_is_locked_after_its_failures_whatever_the_account(
+        client: redis.asyncio.Redis, settings: Settings) -> None:
+    limiter = throttle(client, settings, per_ip=3, per_user=100)
+    for user in ("a@example.test", "b@example.test", None):
+        assert await limiter.allowed(REMOTE, user)
+        await limiter.failed(REMOTE, user)
+    assert not await limiter.allowed(REMOTE, "c@example.test")
+    assert not await limiter.allowed(REMOTE, None)
+    assert await limiter.allowed("192.0.2.8", "c@example.test")
+    # IPv6 is counted per /64.
+    for suffix in ("1", "2", "3"):
+        await limiter.failed(f"2001:db8:1:2::{suffix}", None)
+    assert not await limiter.allowed("2001:db8:1:2:ffff::9", None)
+    assert await limiter.allowed("2001:db8:1:3::1", None)
+
+
+async def test_exempt_networks_count_per_account_only(client: redis.asyncio.Redis,
+                                                      settings: Settings) -> None:
+    limiter = throttle(client, settings, per_ip=1, per_user=2, exempt="127.0.0.0/8")
+    await limiter.failed("127.0.0.1", ALICE)
+    assert await limiter.allowed("127.0.0.1", BOB)  # the IP limit (1) does not apply
+    await limiter.failed("127.0.0.1", ALICE)
+    assert not await limiter.allowed("127.0.0.1", ALICE)
+
+
+async def test_success_forgets_the_accounts_failures_not_the_addresss(
+        client: redis.asyncio.Redis, settings: Settings) -> None:
+    limiter = throttle(client, settings, per_ip=3, per_user=2)
+    await limiter.failed(REMOTE, ALICE)
+    await limiter.failed(REMOTE, BOB)
+    await limiter.succeeded(REMOTE, ALICE)
+    await limiter.failed("192.0.2.9", ALICE)
+    assert await limiter.allowed("192.0.2.9", ALICE)  # one failure since the success
+    await limiter.failed(REMOTE, None)
+    assert not await limiter.allowed(REMOTE, ALICE)  # the address still has 3
+
+
+async def test_the_window_expires(client: redis.asyncio.Redis, settings: Settings) -> None:
+    limiter = throttle(client, settings, per_ip=100, per_user=1, window=0.3)
+    await limiter.failed(REMOTE, ALICE)
+    assert not await limiter.allowed(REMOTE, ALICE)
+    await eventually(lambda: limiter.allowed(REMOTE, ALICE), within=5,
+                     what="the failure window to expire")
+
+
+async def test_zero_turns_a_limit_off(client: redis.asyncio.Redis, settings: Settings) -> None:
+    limiter = throttle(client, settings, per_ip=0, per_user=0)
+    for _ in range(5):
+        await limiter.failed(REMOTE, ALICE)
+    assert await limiter.allowed(REMOTE, ALICE)
+    assert await client.keys(settings.redis_prefix + "*") == []
+
+
+async def test_logins_are_allowed_while_redis_is_down(settings: Settings) -> None:
+    unreachable = redis.asyncio.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    limiter = throttle(unreachable, settings, per_ip=1, per_user=1)
+    await limiter.failed(REMOTE, ALICE)
+    assert await limiter.allowed(REMOTE, ALICE)
+    await limiter.succeeded(REMOTE, ALICE)
+    await unreachable.aclose()
+
+
+# POP3 (USER/PASS and AUTH PLAIN) through the real server.
+
+async def pop3_exchange(port: int, *lines: str) -> str:
+    """Send lines after the greeting; the reply to the last one."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await reader.readline()
+        reply = b""
+        for line in lines:
+            writer.write(line.encode() + b"\r\n")
+            await writer.drain()
+            reply = await reader.readline()
+        return reply.decode().strip()
+    finally:
+        writer.close()
+
+
+async def pop3_login(port: int, user: str, password: str) -> str:
+    return await pop3_exchange(port, f"USER {user}", f"PASS {password}")
+
+
+async def pop3_auth_plain(port: int, user: str, password: str) -> str:
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    return await pop3_exchange(port, f"AUTH PLAIN {token}")
+
+
+async def test_pop3_refuses_a_locked_account_even_with_the_right_password(
+        client: redis.asyncio.Redis, settings: Settings, tmp_path: Path) -> None:
+    accounts = AccountDB(tmp_path / "accounts.sqlite")
+    accounts.add_domain("example.test")
+    accounts.add_user(ALICE, hash_password(PASSWORD))
+    accounts.add_user(BOB, hash_password(PASSWORD))
+    limiter = throttle(client, settings, per_ip=100, per_user=2)
+    store = cast(MailStore, FakeMailStore())  # POP3 logins need no mail
+    servers = await start_pop3_servers(settings, store, accounts,
+                                       auth_failure_delay=0.01, throttle=limiter)
+    port = settings.pop3_port
+    try:
+        wrong = p.ERR_AUTH_FAILED.encode().decode().strip()
+        throttled = ERR_AUTH_THROTTLED.encode().decode().strip()
+        assert await pop3_login(port, ALICE, "guess 1") == wrong
+        assert await pop3_auth_plain(port, ALICE, "guess 2") == wrong
+        assert throttled.startswith("-ERR [SYS/TEMP]")
+        assert await pop3_login(port, ALICE, PASSWORD) == throttled
+        assert await pop3_auth_plain(port, ALICE, PASSWORD) == throttled
+        # Another account is not affected, and its success resets only its own counter.
+        assert (await pop3_login(port, BOB, PASSWORD)).startswith("+OK")
+        await client.delete(limiter.user_key(ALICE) or "")
+        assert (await pop3_login(port, ALICE, PASSWORD)).startswith("+OK")
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+        accounts.close()

@@ -1,0 +1,101 @@
+"""Spam learning end to end: a move in MailDB -> LearningHook -> RabbitMQ (dramatiq) ->
+`tiermail learner` -> the real rspamd controller, with Bayes statistics in the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from common.ids import new_queue_id
+from common.settings import Settings
+from services.devscanners.runner import Scanner
+from services.store.backends.maildb import MailDB
+from services.store.learning import Learning, LearningHook, learn_queue
+from services.store.mailbox import INBOX, JUNK, TRASH, Delivery
+from tests.support import TierProcess, eventually, queue_depth
+
+ALICE = "alice@example.test"
+
+
+@pytest.fixture
+def learn_settings(settings: Settings, rspamd_scanner: Scanner) -> Settings:
+    return settings.replace(rspamd_controller_url=rspamd_scanner.controller_url,
+                            rspamd_controller_password=rspamd_scanner.controller_password)
+
+
+@dataclass
+class Store:
+    maildb: MailDB
+    hook: LearningHook
+
+    async def deliver(self, mailbox: str = INBOX) -> tuple[int, bytes]:
+        """A message no rspamd has seen: enough random words for Bayes (11 tokens)."""
+        words = " ".join(secrets.token_hex(5) for _ in range(40))
+        body = (f"From: someone@remote.test\r\nTo: {ALICE}\r\n"
+                f"Message-ID: <{secrets.token_hex(10)}@remote.test>\r\n"
+                f"Subject: offer {secrets.token_hex(4)}\r\n\r\n{words}\r\n").encode()
+        await self.maildb.deliver([Delivery(new_queue_id(), ALICE, body, time.time(), mailbox)])
+        return (await self.maildb.uids(ALICE, mailbox))[-1], body
+
+
+@pytest.fixture
+async def store(learn_settings: Settings) -> AsyncIterator[Store]:
+    maildb = MailDB.for_store(learn_settings.store_dir)
+    learning = Learning(learn_settings)
+    hook = LearningHook(maildb, learning.send, learning.close)
+    maildb.add_listener(hook.on_change)
+    yield Store(maildb, hook)
+    await hook.close()
+    await maildb.close()
+
+
+def controller_learn(scanner: Scanner, kind: str, body: bytes,
+                     password: str | None = None) -> httpx.Response:
+    password = scanner.controller_password if password is None else password
+    return httpx.post(f"{scanner.controller_url}/learn{kind}", content=body,
+                      headers={"Password": password} if password else {}, timeout=30)
+
+
+def logged(process: TierProcess, text: str) -> Callable[[], bool]:
+    return lambda: text in process.output()
+
+
+async def test_junk_moves_teach_spam_and_ham(learn_settings: Settings, store: Store,
+                                             rspamd_scanner: Scanner,
+                                             run_tier: Callable[..., TierProcess]) -> None:
+    learner = run_tier(learn_settings, "learner")
+    uid, spam = await store.deliver()
+    await store.maildb.move(ALICE, INBOX, [uid], JUNK)
+    await eventually(logged(learner, "as spam"), within=60, what="the learner to learn spam")
+    assert "rspamd learned" in learner.output(), learner.output()
+    # rspamd has it: learning it again is "already learned as spam".
+    again = await asyncio.to_thread(controller_learn, rspamd_scanner, "spam", spam)
+    assert again.status_code == 208 and "already learned as spam" in again.text
+
+    uid, ham = await store.deliver(JUNK)
+    await store.maildb.move(ALICE, JUNK, [uid], INBOX)
+    await eventually(logged(learner, "as ham"), within=60, what="the learner to learn ham")
+    again = await asyncio.to_thread(controller_learn, rspamd_scanner, "ham", ham)
+    assert again.status_code == 208 and "already learned as ham" in again.text
+
+
+async def test_junk_to_trash_teaches_nothing(learn_settings: Settings, store: Store) -> None:
+    junk_uid, _ = await store.deliver(JUNK)
+    await store.maildb.move(ALICE, JUNK, [junk_uid], TRASH)
+    inbox_uid, _ = await store.deliver()
+    await store.maildb.copy(ALICE, INBOX, [inbox_uid], JUNK)  # the control: one job
+    await store.hook.close()  # every scheduled job has been published (or dropped)
+    depth = await asyncio.to_thread(queue_depth, learn_settings, learn_queue(learn_settings))
+    assert depth == 1
+
+
+def test_the_controller_wants_the_password(rspamd_scanner: Scanner) -> None:
+    body = b"Subject: x\r\n\r\n" + " ".join(secrets.token_hex(5) for _ in range(40)).encode()
+    assert controller_learn(rspamd_scanner, "spam", body, password="").status_code == 401
+    assert controller_learn(rspamd_scanner, "spam", body, password="q1").status_code == 401

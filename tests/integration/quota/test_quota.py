@@ -1,0 +1,168 @@
+"""Quota end to end with the real Redis, MailDB and filter: the store publishes which
+mailboxes are full, the filter answers 452 4.2.2 at RCPT for them (and only them), and raising
+the quota with `tiermail user quota` lets mail in again."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import redis.asyncio
+
+from common.directory import Directory, QuotaState, Resolution
+from common.ids import new_queue_id
+from common.settings import Settings
+from services.filter.protocol import replies
+from services.store.backends.accounts import AccountDB
+from services.store.backends.maildb import MailDB
+from services.store.mailbox import INBOX, Delivery
+from services.store.quota import QuotaPublisher
+from tests.integration.filter.conftest import in_thread, message, running_filter, send
+from tests.support import eventually, run_cli
+
+DOMAIN = "example.test"
+ALICE, BOB, CAROL = f"alice@{DOMAIN}", f"bob@{DOMAIN}", f"carol@{DOMAIN}"
+TEAM, SOLO = f"team@{DOMAIN}", f"solo@{DOMAIN}"
+BODY = b"Subject: filler\r\n\r\n" + b"x" * 2000 + b"\r\n"
+FULL_CODE, FULL_TEXT = replies.MAILBOX_FULL.split(" ", 1)
+
+
+@dataclass
+class Store:
+    accounts: AccountDB
+    maildb: MailDB
+    directory: Directory
+    publisher: QuotaPublisher
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    """What the store process runs for quotas: accounts, MailDB, the directory published and
+    the QuotaPublisher listening to MailDB's changes."""
+    accounts = AccountDB.for_store(settings.store_dir)
+    accounts.add_domain(DOMAIN)
+    for user in (ALICE, BOB, CAROL):
+        accounts.add_user(user, "not-a-real-hash")
+    accounts.add_alias(TEAM, ALICE)
+    accounts.add_alias(TEAM, BOB)
+    accounts.add_alias(SOLO, ALICE)
+    maildb = MailDB.for_store(settings.store_dir)
+    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    directory = Directory(client, settings.redis_prefix)
+    await directory.publish(accounts.snapshot())
+    publisher = QuotaPublisher(maildb, accounts, client, settings.redis_prefix,
+                               settings.default_quota, debounce=0.01, check_interval=0.1)
+    maildb.add_listener(publisher.on_change)
+    task = asyncio.create_task(publisher.run())
+    yield Store(accounts, maildb, directory, publisher)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await maildb.close()
+    await client.aclose()
+    accounts.close()
+
+
+async def deliver(maildb: MailDB, user: str, count: int = 1) -> None:
+    await maildb.deliver([Delivery(new_queue_id(), user, BODY, time.time())
+                          for _ in range(count)])
+
+
+async def test_a_full_mailbox_gets_452_while_others_get_250(settings: Settings,
+                                                            store: Store) -> None:
+    await deliver(store.maildb, ALICE, 2)
+    await deliver(store.maildb, BOB, 2)
+    store.accounts.set_quota(ALICE, 3000)  # about 4000 used
+    store.accounts.set_quota(BOB, 1_000_000)
+    await eventually(lambda: _over(store, {ALICE}), within=10, what="alice flagged full")
+
+    async with running_filter(settings) as worker:
+        refused = await in_thread(send, worker.ports[0], message(), [ALICE, BOB, CAROL])
+        assert refused == {ALICE: (int(FULL_CODE), FULL_TEXT.encode())}
+        # Through an alias: refused when one of its mailboxes is full; one that is not, passes.
+        refused = await in_thread(send, worker.ports[0], message(), [TEAM, SOLO, CAROL])
+        assert set(refused) == {TEAM, SOLO}
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            await in_thread(send, worker.ports[0], message(), [ALICE])
+
+        raised = await in_thread(run_cli, settings, "user", "quota", ALICE, "1M")
+        assert raised.returncode == 0, raised.stderr
+        assert "quota of alice@example.test: 1M" in raised.stdout
+        assert "in use:" in raised.stdout  # the CLI knew the usage: flag cleared at once
+        assert await store.directory.over_quota() == set()
+        assert await in_thread(send, worker.ports[0], message(), [ALICE, TEAM]) == {}
+
+
+async def test_usage_changes_move_a_mailbox_in_and_out_of_the_set(store: Store) -> None:
+    store.accounts.set_quota(BOB, 5000)
+    await eventually(lambda: store.directory.quota_generation(), within=10,
+                     what="the first reconcile")
+    await deliver(store.maildb, BOB, 2)
+    assert await store.directory.over_quota() == set()
+    await deliver(store.maildb, BOB, 1)  # 3 x ~2 KB >= 5000
+    await eventually(lambda: _over(store, {BOB}), within=10, what="bob flagged full")
+    assert await store.directory.usage(BOB) == await store.maildb.usage(BOB)
+    uids = await store.maildb.uids(BOB, INBOX)
+    await store.maildb.expunge(BOB, INBOX, uids[:2])
+    await eventually(lambda: _over(store, set()), within=10, what="bob no longer full")
+
+
+async def test_the_default_quota_and_unlimited(settings: Settings) -> None:
+    limited = settings.replace(default_quota=1000)
+    accounts = AccountDB.for_store(limited.store_dir)
+    accounts.add_domain(DOMAIN)
+    accounts.add_user(ALICE, "h")
+    accounts.add_user(BOB, "h")
+    accounts.set_quota(BOB, 0)  # unlimited whatever the default
+    maildb = MailDB.for_store(limited.store_dir)
+    client = redis.asyncio.Redis.from_url(limited.redis_url)
+    try:
+        await deliver(maildb, ALICE)
+        await deliver(maildb, BOB)
+        publisher = QuotaPublisher(maildb, accounts, client, limited.redis_prefix,
+                                   limited.default_quota)
+        await publisher.reconcile()
+        directory = Directory(client, limited.redis_prefix)
+        assert await directory.over_quota() == {ALICE}
+        assert await directory.quota_generation() == accounts.generation()
+        listing = await in_thread(run_cli, limited, "user", "list")
+        assert listing.stdout.splitlines() == [f"{ALICE}  quota 1000 (default)",
+                                               f"{BOB}  quota unlimited"]
+    finally:
+        await maildb.close()
+        await client.aclose()
+        accounts.close()
+
+
+async def test_resolve_reports_full_mailboxes_in_the_same_lookup(settings: Settings) -> None:
+    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    directory = Directory(client, settings.redis_prefix)
+    try:
+        accounts = AccountDB.for_store(settings.store_dir)
+        accounts.add_domain(DOMAIN)
+        for user in (ALICE, BOB):
+            accounts.add_user(user, "h")
+        accounts.add_alias(TEAM, ALICE)
+        accounts.add_alias(TEAM, BOB)
+        await directory.publish(accounts.snapshot())
+        accounts.close()
+        await directory.set_quota_states({BOB: QuotaState(10, True), ALICE: QuotaState(1, False)})
+        plain = await directory.resolve(BOB)
+        assert (plain.resolution, plain.over_quota) == (Resolution.LOCAL, (BOB,))
+        team = await directory.resolve(TEAM)
+        assert team.mailboxes == (ALICE, BOB) and team.over_quota == (BOB,)
+        assert (await directory.resolve(ALICE)).over_quota == ()
+        # A directory republish (e.g. after `tiermail user add`) keeps the quota state.
+        await directory.publish(AccountDB.for_store(settings.store_dir).snapshot())
+        assert (await directory.resolve(BOB)).over_quota == (BOB,)
+        await directory.remove_user(BOB)
+        assert await directory.over_quota() == set()
+    finally:
+        await client.aclose()
+
+
+async def _over(store: Store, expected: set[str]) -> bool:
+    return await store.directory.over_quota() == expected

@@ -1,0 +1,30 @@
+"""Quota sizes on the command line (`tiermail user quota ADDR SIZE`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.cli import CommandError, format_size, parse_size
+
+
+@pytest.mark.parametrize(("text", "octets"), [
+    ("0", 0), ("1048576", 1048576), ("500M", 500 * 1024 ** 2), ("2G", 2 * 1024 ** 3),
+    ("2g", 2 * 1024 ** 3), ("1.5K", 1536), ("10MB", 10 * 1024 ** 2), ("1GiB", 1024 ** 3),
+    ("1T", 1024 ** 4), ("default", None), ("DEFAULT", None),
+])
+def test_parse_size(text: str, octets: int | None) -> None:
+    assert parse_size(text) == octets
+
+
+@pytest.mark.parametrize("text", ["", "-1", "1X", "M", "KB", "nan", "inf", "1e999", "ten"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(CommandError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(("octets", "text"), [
+    (0, "0"), (1000, "1000"), (1024, "1K"), (500 * 1024 ** 2, "500M"), (2 * 1024 ** 3, "2G"),
+    (1536, "1536"),
+])
+def test_format_size(octets: int, text: str) -> None:
+    assert format_size(octets) == text

@@ -1,0 +1,122 @@
+"""Which moves teach rspamd what, how its answers are read, and that the hook enqueues off the
+event loop (services/store/learning.py). rspamd and RabbitMQ themselves:
+tests/integration/learning/."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from typing import BinaryIO
+
+import pytest
+
+from services.store import learning
+from services.store.learning import (
+    HAM,
+    SPAM,
+    LearnError,
+    LearningHook,
+    LearnOutcome,
+    learn_kind,
+    outcome,
+    special_roots,
+)
+from services.store.mailbox import ChangeEvent, MailboxInfo
+
+JUNK, TRASH = ["Junk"], ["Trash"]
+
+
+@pytest.mark.parametrize(("source", "dest", "kind"), [
+    ("INBOX", "Junk", SPAM),
+    ("INBOX", "Junk/Phishing", SPAM),
+    ("Archive/2024", "Junk", SPAM),
+    ("Trash", "Junk", SPAM),
+    ("Junk", "INBOX", HAM),
+    ("Junk/Phishing", "Work", HAM),
+    ("Junk", "Archive", HAM),
+    ("Junk", "Trash", None),
+    ("Junk", "Trash/Old", None),
+    ("Junk", "Junk/Sorted", None),
+    ("Junk/Sorted", "Junk", None),
+    ("INBOX", "Trash", None),
+    ("INBOX", "Archive", None),
+    ("INBOX", "Junkyard", None),  # a sibling that only starts with the same letters
+    ("Junkyard", "INBOX", None),
+])
+def test_learn_kind(source: str, dest: str, kind: str | None) -> None:
+    assert learn_kind(source, dest, JUNK, TRASH) == kind
+
+
+def test_special_use_decides_which_mailbox_is_junk() -> None:
+    renamed = [MailboxInfo("INBOX", None), MailboxInfo("Spam", "\\Junk"),
+               MailboxInfo("Junk", None), MailboxInfo("Bin", "\\Trash")]
+    junk = special_roots(renamed, "\\Junk", "Junk")
+    trash = special_roots(renamed, "\\Trash", "Trash")
+    assert (junk, trash) == (["Spam"], ["Bin"])
+    assert learn_kind("INBOX", "Spam", junk, trash) == SPAM
+    assert learn_kind("INBOX", "Junk", junk, trash) is None
+    assert learn_kind("Spam", "Bin", junk, trash) is None
+    assert special_roots([MailboxInfo("INBOX", None)], "\\Junk", "Junk") == ["Junk"]
+
+
+@pytest.mark.parametrize(("status", "result"), [
+    (200, LearnOutcome.LEARNED), (208, LearnOutcome.ALREADY), (204, LearnOutcome.NOTHING),
+    (400, LearnOutcome.REFUSED), (404, LearnOutcome.REFUSED),
+])
+def test_outcome(status: int, result: LearnOutcome) -> None:
+    assert outcome(status, '{"error": "x"}')[0] is result
+
+
+@pytest.mark.parametrize("status", [401, 403, 500, 502, 503])
+def test_outcomes_that_are_retried(status: int) -> None:
+    with pytest.raises(LearnError):
+        outcome(status, "")
+
+
+class Store:
+    """list_mailboxes and open_message, which is all the hook uses."""
+
+    def __init__(self, bodies: dict[str, bytes]) -> None:
+        self.bodies = bodies
+
+    async def list_mailboxes(self, user: str) -> list[MailboxInfo]:
+        return [MailboxInfo("INBOX", None), MailboxInfo("Junk", "\\Junk"),
+                MailboxInfo("Trash", "\\Trash")]
+
+    def open_message(self, user: str, guid: str) -> BinaryIO:
+        return io.BytesIO(self.bodies[guid])
+
+
+async def test_the_hook_enqueues_in_its_own_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(learning, "MAX_LEARN_SIZE", 10)
+    sent: list[tuple[str, str, str, bytes]] = []
+    threads: set[str] = set()
+    published = threading.Event()
+
+    def send(kind: str, user: str, guid: str, message: bytes) -> None:
+        threads.add(threading.current_thread().name)
+        published.wait(5)  # a slow broker: the event loop must not wait for it
+        sent.append((kind, user, guid, message))
+
+    store = Store({"g1": b"small", "g2": b"far too large"})
+    hook = LearningHook(store, send)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g1", "g2")))
+    hook.on_change(ChangeEvent("a@x.test", "flags", "Junk"))
+    hook.on_change(ChangeEvent("a@x.test", "move", "Trash", "Junk", ("g1",)))
+    await asyncio.sleep(0.05)  # the loop runs on while send blocks in the hook's thread
+    assert sent == []
+    published.set()
+    await hook.close()
+    assert sent == [("spam", "a@x.test", "g1", b"small")]  # g2 skipped: over the size cap
+    assert len(threads) == 1 and threading.current_thread().name not in threads
+
+
+async def test_a_failing_broker_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    def send(kind: str, user: str, guid: str, message: bytes) -> None:
+        raise ConnectionError("broker down")
+
+    hook = LearningHook(Store({"g1": b"body"}), send)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "copy", "INBOX", "Junk", ("g1",)))
+    await hook.close()
+    assert "not learned: ConnectionError: broker down" in caplog.text
