@@ -18,8 +18,8 @@ Bound = int | None
 class SequenceSet:
     """RFC 3501 sequence-set: ranges as written (a:b may have a > b); `$` is not supported.
 
-    `ranges` holds (low, high) pairs with None for "*". See `sequence.py` for resolving against
-    a mailbox (`sequence.resolve`) and formatting (`sequence.format_set`)."""
+    `ranges` holds (low, high) pairs with None for "*". `sequence.py` resolves one against a
+    mailbox (`select_seqs`, `select_uids`) and formats it (`format_sequence_set`)."""
 
     ranges: tuple[tuple[Bound, Bound], ...]
 
