@@ -142,7 +142,9 @@ class ChangeEvent:
     kind: "deliver", "append", "flags", "expunge", "copy", "move", "mailbox" (create, delete,
     rename, subscribe). For copy/move, `source` is the source mailbox and `guids` the stored
     message ids of the new copies (so spam learning can read them); `mailbox` is the one that
-    changed (the destination for copy/move)."""
+    changed (the destination for copy/move). A move also emits an "expunge" event for its
+    source; deliver and append carry the new messages' guids too; a rename carries the old
+    name as `source`. One write call is one version bump, however many events it emits."""
 
     user: str
     kind: str
@@ -207,19 +209,22 @@ class MailStore(Protocol):
                      internaldate: float | None = None,
                      quota: int | None = None) -> AppendResult:
         """Store one message durably (as `deliver` does). OverQuota if usage plus the message
-        would exceed `quota` octets (None: no limit)."""
+        would exceed `quota` octets (None: no limit). System flags are stored in their
+        canonical case, keywords as given; \\Recent is never stored (it is per session)."""
         ...
 
     async def store_flags(self, user: str, mailbox: str, uids: list[int], mode: str,
                           flags: frozenset[str],
                           unchangedsince: int | None = None) -> FlagsResult:
         """mode "+" adds, "-" removes, "" replaces. Each message whose flags actually change
-        gets a new MODSEQ (one per call). Unknown UIDs are ignored."""
+        gets a new MODSEQ (one per call). Unknown UIDs are ignored. System flags match in any
+        case; keywords are case-preserving and matched exactly."""
         ...
 
     async def copy(self, user: str, source: str, uids: list[int], dest: str,
                    quota: int | None = None) -> CopyResult:
-        """Copy messages (same bytes, new GUIDs, flags kept, new UIDs in dest); OverQuota."""
+        """Copy messages (same bytes, new GUIDs, flags kept, new UIDs in dest); OverQuota.
+        MailDB makes each copy a hard link of the source file: no bytes are written."""
         ...
 
     async def move(self, user: str, source: str, uids: list[int], dest: str) -> CopyResult:

@@ -5,57 +5,97 @@ Layout under `root` (normally `<store_dir>/mail`), documented in docs/architectu
     uidvalidity.sqlite              store-wide monotonic UIDVALIDITY counter
     inflight                        journal of users whose files may be ahead of their index
     <sha256(user)[:2]>/<user>/
-        index.sqlite                mailbox, message, expunged, delivered (WAL, synchronous=FULL);
-                                    created with INBOX, Drafts, Sent, Junk, Trash and Archive
+        index.sqlite                the user's index (WAL, synchronous=FULL); created with
+                                    INBOX, Drafts, Sent, Junk, Trash and Archive
         m/<guid[:2]>/<guid>         message bytes, written once, never modified
         tmp/<guid>                  a message file being written (removed by the sweep)
 
-Delivery order (the ack is only sent after `deliver` returns):
-    1. write each body to tmp/, fsync it, rename it into m/xx/, fsync every directory touched
-       (including parents that were just created);
-    2. BEGIN IMMEDIATE; skip queue ids already in `delivered`; allocate uid = uidnext++ and
-       modseq = highestmodseq + 1; insert message and delivered rows; COMMIT (synchronous=FULL).
+Index tables (schema 3; older indexes are migrated in place when first opened):
 
-A crash between 1 and 2 leaves files no index row points at. Before step 1 the user is
-appended (fsynced) to the `inflight` journal; `sweep()` at startup cleans exactly the users
-named there, so a restart never has to walk 100,000 accounts. `sweep(full=True)` walks all.
+    mailbox       id, name (unique, "/"-separated, INBOX spelled so), uidvalidity, uidnext,
+                  highestmodseq (the mailbox's MODSEQ: CONDSTORE is per mailbox, RFC 7162 2),
+                  special_use (RFC 6154), recent_uid (first UID no session has claimed as
+                  \\Recent yet)
+    message       mailbox_id, uid, guid (the file's name, unique), size, internaldate, flags
+                  (sorted, space-separated; system flags in canonical case), modseq
+    expunged      mailbox_id, uid, modseq: every UID removed (expunge, move, delete of its
+                  mailbox drops them), for QRESYNC's VANISHED; never pruned
+    delivered     queue_id -> mailbox_id, uid: makes queue redelivery a no-op
+    subscription  name: subscribed names; a name may outlive its mailbox (RFC 3501 6.3.6)
+    account       one row: usage, the octets of every message row (kept in the same
+                  transaction as each change that adds or removes rows)
+
+Adding messages (deliver, append, copy); the caller hears of success only after step 2:
+    1. append the user to the `inflight` journal (fsynced); write each body to tmp/, fsync
+       it, rename it into m/xx/, fsync every directory touched (including parents that were
+       just created). COPY writes no bytes: each copy is a new name (a new GUID) hard-linked
+       to the source's file (os.link), and the directories are fsynced the same way;
+    2. BEGIN IMMEDIATE; allocate uid = uidnext++ and a new modseq; insert the rows; update
+       the usage; COMMIT (synchronous=FULL).
+A crash between 1 and 2 leaves names no index row points at.
+
+Removing messages (expunge, delete of a mailbox): the user goes to the journal, the index
+transaction commits, and only then are the files unlinked; a crash in between leaves names the
+index no longer knows. MOVE and RENAME touch no file: the rows change mailbox (MOVE keeps the
+GUID, records the source UIDs in `expunged`), all in one transaction.
+
+`sweep()` at startup removes, for exactly the users named in the journal, tmp files and the
+message files no index row names, so a restart never has to walk 100,000 accounts;
+`sweep(full=True)` walks all. Removing an orphan name never touches a hard-linked sibling.
 
 Threads: every index write and every cached writer connection belongs to one dedicated thread
 (SQLite serialises writers per database anyway, and one thread keeps the LRU of open
 connections simple). Reads open a short-lived connection in a small reader pool, so a POP3
 listing never waits behind a delivery batch; WAL lets them run beside the writer.
+
+Change notification: after each committed change the writer schedules, in the caller's event
+loop, a bump of the user's `version` (IDLE waits on it with `wait_change`) and a call of every
+listener with a `ChangeEvent`. It is scheduled from the writer thread, so a caller cancelled
+while the write ran still produces its event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from services.store.mailbox import (
+    HIERARCHY_DELIMITER,
     INBOX,
     SPECIAL_USE,
     STANDARD_MAILBOXES,
+    AppendResult,
+    CannotDelete,
+    ChangeEvent,
+    Changes,
+    CopyResult,
     Delivery,
+    FlagsResult,
+    InvalidMailboxName,
+    MailboxExists,
     MailboxInfo,
     MailboxStatus,
     MessageInfo,
     NoSuchMailbox,
     NoSuchMessage,
     NoSuchUser,
+    OverQuota,
     StorageError,
 )
 
@@ -64,8 +104,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # 1: mailbox, message, expunged, delivered. 2: mailbox.special_use (RFC 6154) and the
-# standard folders (Drafts, Sent, Junk, Trash, Archive) in every index.
-SCHEMA_VERSION = 2
+# standard folders (Drafts, Sent, Junk, Trash, Archive) in every index. 3: mailbox.recent_uid,
+# subscription, account (usage).
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mailbox (
     id INTEGER PRIMARY KEY,
@@ -73,7 +114,8 @@ CREATE TABLE IF NOT EXISTS mailbox (
     uidvalidity INTEGER NOT NULL,
     uidnext INTEGER NOT NULL,
     highestmodseq INTEGER NOT NULL,
-    special_use TEXT
+    special_use TEXT,
+    recent_uid INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS message (
     mailbox_id INTEGER NOT NULL REFERENCES mailbox(id),
@@ -99,17 +141,55 @@ CREATE TABLE IF NOT EXISTS delivered (
     uid INTEGER NOT NULL,
     delivered_at REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subscription (
+    name TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS account (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    usage INTEGER NOT NULL
+);
 """
 
 _GUID_RE = re.compile(r"^[0-9a-f]{32}$")
 _EMPTY_FLAGS: frozenset[str] = frozenset()
 MAX_ADDRESS = 254  # RFC 5321 4.5.3.1.3 path limit minus the angle brackets
 
+# Mailbox names live only in the index, never in a path; the limits keep LIST replies and the
+# index sane. Dovecot allows 255 per component too.
+MAX_MAILBOX_NAME = 1000  # octets of UTF-8, the whole hierarchical name
+MAX_NAME_COMPONENT = 255  # characters between delimiters
+MAX_NAME_DEPTH = 32
+# "*" and "%" are LIST wildcards (RFC 3501 5.1): a name holding them could not be listed
+# by itself.
+_FORBIDDEN_NAME_CHARS = frozenset("*%")
+
+_SYSTEM_FLAGS = {flag.lower(): flag for flag in (
+    "\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")}
+_RECENT = "\\recent"  # a session flag (RFC 3501 2.3.2), never stored
+_SPECIAL_USE_VALUES = frozenset(SPECIAL_USE.values())
+
+# Above this many UIDs a lookup reads the UID range and filters, instead of IN (...) chunks.
+_RANGE_SCAN_THRESHOLD = 256
+_IN_CHUNK = 500
+
+Listener = Callable[[ChangeEvent], None]
+
 
 @dataclass(frozen=True)
 class SweepResult:
     users: int
     files_removed: int
+
+
+@dataclass(frozen=True)
+class _Box:
+    """A mailbox row as read inside a write transaction."""
+
+    id: int
+    name: str
+    uidvalidity: int
+    uidnext: int
+    modseq: int
 
 
 def user_dir_name(user: str) -> str:
@@ -144,6 +224,70 @@ def user_path(root: Path, user: str) -> Path:
     return path
 
 
+def canonical_mailbox(name: str) -> str:
+    """The stored spelling of a name to look up: INBOX, as first component, in any case
+    means INBOX (RFC 3501 5.1); anything else is compared exactly."""
+    first, sep, rest = name.partition(HIERARCHY_DELIMITER)
+    if first.upper() == INBOX and first != INBOX:
+        return INBOX + sep + rest
+    return name
+
+
+def valid_mailbox_name(name: str) -> str:
+    """The canonical form of a name a client wants to create, rename to or subscribe;
+    InvalidMailboxName if it is empty, too long or too deep, holds a control character, a
+    LIST wildcard, an empty (leading, trailing, doubled delimiter), "." or ".." component."""
+    if not name:
+        raise InvalidMailboxName("empty mailbox name")
+    try:
+        octets = len(name.encode())
+    except UnicodeEncodeError:  # a lone surrogate from a broken modified UTF-7 name
+        raise InvalidMailboxName("mailbox name is not valid Unicode") from None
+    if octets > MAX_MAILBOX_NAME:
+        raise InvalidMailboxName(f"mailbox name longer than {MAX_MAILBOX_NAME} octets")
+    parts = name.split(HIERARCHY_DELIMITER)
+    if len(parts) > MAX_NAME_DEPTH:
+        raise InvalidMailboxName(f"mailbox name deeper than {MAX_NAME_DEPTH} levels")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise InvalidMailboxName(f"bad mailbox name component {part!r}")
+        if len(part) > MAX_NAME_COMPONENT:
+            raise InvalidMailboxName(f"mailbox name component longer than "
+                                     f"{MAX_NAME_COMPONENT} characters")
+    for char in name:
+        if char in _FORBIDDEN_NAME_CHARS or _is_control(char):
+            raise InvalidMailboxName(f"mailbox name holds the character {char!r}")
+    return canonical_mailbox(name)
+
+
+def _is_control(char: str) -> bool:
+    code = ord(char)
+    # C0, DEL, C1; line and paragraph separators; surrogates.
+    return (code < 0x20 or 0x7F <= code <= 0x9F or code in (0x2028, 0x2029)
+            or 0xD800 <= code <= 0xDFFF)
+
+
+def _parents(name: str) -> list[str]:
+    """"a/b/c" -> ["a", "a/b"]."""
+    parts = name.split(HIERARCHY_DELIMITER)
+    return [HIERARCHY_DELIMITER.join(parts[:i]) for i in range(1, len(parts))]
+
+
+def normalise_flags(flags: Iterable[str]) -> frozenset[str]:
+    """Flags as stored: system flags in their canonical case, keywords as given (case
+    preserved), \\Recent dropped (it is per session). StorageError for a flag the stored
+    space-separated form cannot hold."""
+    result: set[str] = set()
+    for flag in flags:
+        lowered = flag.lower()
+        if lowered == _RECENT:
+            continue
+        if not flag or any(c.isspace() for c in flag):
+            raise StorageError(f"flag cannot be stored: {flag!r}")
+        result.add(_SYSTEM_FLAGS.get(lowered, flag))
+    return frozenset(result)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -169,6 +313,19 @@ def _makedirs_durable(path: Path) -> None:
 
 def _flags_text(flags: Iterable[str]) -> str:
     return " ".join(sorted(set(flags)))
+
+
+class _FlagSets:
+    """Parses stored flag texts, sharing one frozenset per distinct text (a mailbox has few)."""
+
+    def __init__(self) -> None:
+        self._sets: dict[str, frozenset[str]] = {"": _EMPTY_FLAGS}
+
+    def __call__(self, text: str) -> frozenset[str]:
+        flags = self._sets.get(text)
+        if flags is None:
+            flags = self._sets[text] = frozenset(text.split())
+        return flags
 
 
 class _UidValidity:
@@ -224,6 +381,11 @@ class MailDB:
         self._uidvalidity: _UidValidity | None = None
         self._journal_fd: int | None = None
         self._closed = False
+        # Touched only in the event loop.
+        self._listeners: list[Listener] = []
+        self._versions: dict[str, int] = {}
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, int] = {}
 
     @classmethod
     def for_store(cls, store_dir: Path, **kwargs: int) -> MailDB:
@@ -239,19 +401,16 @@ class MailDB:
             raise NoSuchMessage(f"not a message id: {guid!r}")
         return self.user_path(user) / "m" / guid[:2] / guid
 
-    # MailStore
-
-    async def deliver(self, deliveries: list[Delivery]) -> list[bool]:
-        return [uid is not None for uid in await self.deliver_uids(deliveries)]
+    # MailStore: reads
 
     async def status(self, user: str, mailbox: str = INBOX) -> MailboxStatus:
-        return await self._read(self._status_sync, user, mailbox)
+        return await self._read(self._status_sync, user, canonical_mailbox(mailbox))
 
     async def list_mailboxes(self, user: str) -> list[MailboxInfo]:
         return await self._read(self._mailboxes_sync, user, INBOX)
 
     async def list_messages(self, user: str, mailbox: str = INBOX) -> list[MessageInfo]:
-        return await self._read(self._list_sync, user, mailbox)
+        return await self._read(self._list_sync, user, canonical_mailbox(mailbox))
 
     def open_message(self, user: str, guid: str) -> BinaryIO:
         path = self.message_path(user, guid)
@@ -260,10 +419,103 @@ class MailDB:
         except FileNotFoundError:
             raise NoSuchMessage(guid) from None
 
-    async def expunge(self, user: str, mailbox: str, uids: list[int]) -> None:
+    async def subscriptions(self, user: str) -> list[str]:
+        return await self._read(self._subscriptions_sync, user, INBOX)
+
+    async def changes_since(self, user: str, mailbox: str, modseq: int) -> Changes:
+        """Messages whose MODSEQ is above `modseq` (their current state, ascending UID), UIDs
+        expunged after it, and the status, all read in one snapshot."""
+        return await self._read(functools.partial(self._changes_sync, modseq=modseq), user,
+                                canonical_mailbox(mailbox))
+
+    async def fetch_infos(self, user: str, mailbox: str, uids: list[int]) -> list[MessageInfo]:
+        return await self._read(functools.partial(self._fetch_infos_sync, uids=list(uids)),
+                                user, canonical_mailbox(mailbox))
+
+    async def usage(self, user: str) -> int:
+        return await self._read(self._usage_sync, user, INBOX)
+
+    # MailStore: writes
+
+    async def deliver(self, deliveries: list[Delivery]) -> list[bool]:
+        return [uid is not None for uid in await self.deliver_uids(deliveries)]
+
+    async def expunge(self, user: str, mailbox: str, uids: list[int]) -> list[int]:
         self.user_path(user)
-        if uids:
-            await self._in_writer(self._expunge_sync, user, mailbox, list(uids))
+        if not uids:
+            return []
+        return await self._change(self._expunge_sync, user, canonical_mailbox(mailbox),
+                                  list(uids))
+
+    async def create_mailbox(self, user: str, name: str,
+                             special_use: str | None = None) -> None:
+        """Create `name` and its missing parents (the parents without special use).
+        InvalidMailboxName also for a special-use attribute other than RFC 6154's
+        \\Drafts, \\Sent, \\Junk, \\Trash and \\Archive."""
+        self.user_path(user)
+        name = valid_mailbox_name(name)
+        if special_use is not None and special_use not in _SPECIAL_USE_VALUES:
+            raise InvalidMailboxName(f"unsupported special-use attribute {special_use!r}")
+        await self._change(self._create_sync, user, name, special_use)
+
+    async def delete_mailbox(self, user: str, name: str) -> None:
+        self.user_path(user)
+        await self._change(self._delete_sync, user, canonical_mailbox(name))
+
+    async def rename_mailbox(self, user: str, old: str, new: str) -> None:
+        """Rename `old` and its children; missing parents of `new` are created. Subscriptions
+        of the renamed names follow them. MailboxExists if `new` or a renamed child's new name
+        exists; InvalidMailboxName for a name under `old` itself."""
+        self.user_path(user)
+        await self._change(self._rename_sync, user, canonical_mailbox(old),
+                           valid_mailbox_name(new))
+
+    async def set_subscribed(self, user: str, name: str, subscribed: bool) -> None:
+        """Subscribe (any valid name, existing or not) or unsubscribe (any name; absent is
+        no error)."""
+        self.user_path(user)
+        name = valid_mailbox_name(name) if subscribed else canonical_mailbox(name)
+        await self._change(self._subscribe_sync, user, name, subscribed)
+
+    async def append(self, user: str, mailbox: str, body: bytes, flags: frozenset[str],
+                     internaldate: float | None = None,
+                     quota: int | None = None) -> AppendResult:
+        self.user_path(user)
+        return await self._change(
+            self._append_sync, user, canonical_mailbox(mailbox), body,
+            normalise_flags(flags), time.time() if internaldate is None else internaldate,
+            quota)
+
+    async def store_flags(self, user: str, mailbox: str, uids: list[int], mode: str,
+                          flags: frozenset[str],
+                          unchangedsince: int | None = None) -> FlagsResult:
+        if mode not in ("+", "-", ""):
+            raise ValueError(f"flag mode {mode!r}")
+        self.user_path(user)
+        return await self._change(self._store_flags_sync, user, canonical_mailbox(mailbox),
+                                  list(uids), mode, normalise_flags(flags), unchangedsince)
+
+    async def copy(self, user: str, source: str, uids: list[int], dest: str,
+                   quota: int | None = None) -> CopyResult:
+        """New GUIDs hard-linked to the source files (no bytes copied); flags and
+        internaldate kept; new UIDs in ascending source order; one new MODSEQ in `dest`."""
+        self.user_path(user)
+        return await self._change(self._copy_sync, user, canonical_mailbox(source),
+                                  list(uids), canonical_mailbox(dest), quota)
+
+    async def move(self, user: str, source: str, uids: list[int], dest: str) -> CopyResult:
+        """One transaction: the rows go to `dest` with new UIDs (GUIDs and files kept), the
+        source UIDs are recorded as expunged with a new source MODSEQ. No quota: nothing
+        grows."""
+        self.user_path(user)
+        return await self._change(self._move_sync, user, canonical_mailbox(source),
+                                  list(uids), canonical_mailbox(dest))
+
+    async def claim_recent(self, user: str, mailbox: str) -> int:
+        """Return recent_uid and set it to uidnext, atomically: messages with a UID from the
+        returned value up to (excluding) the status's uidnext are \\Recent for the caller."""
+        self.user_path(user)
+        return await self._in_writer(self._claim_recent_sync, user, canonical_mailbox(mailbox))
 
     async def close(self) -> None:
         if self._closed:
@@ -273,13 +525,65 @@ class MailDB:
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
 
-    # Additions beyond MailStore (used by the consumer, main and tests)
+    # Additions beyond MailStore (used by IMAP, the consumer, main and tests)
 
     async def deliver_uids(self, deliveries: list[Delivery]) -> list[int | None]:
         """`deliver`, returning per delivery the new UID, or None for a redelivery."""
         if not deliveries:
             return []
-        return await self._in_writer(self._deliver_sync, list(deliveries))
+        return await self._change(self._deliver_sync, list(deliveries))
+
+    async def uids(self, user: str, mailbox: str = INBOX) -> list[int]:
+        """The UIDs of a mailbox, ascending (a SELECT's sequence map without the rest)."""
+        return await self._read(self._uids_sync, user, canonical_mailbox(mailbox))
+
+    async def unseen(self, user: str, mailbox: str = INBOX) -> int:
+        """How many messages lack \\Seen (STATUS UNSEEN)."""
+        return await self._read(self._unseen_sync, user, canonical_mailbox(mailbox))
+
+    async def first_unseen(self, user: str, mailbox: str = INBOX) -> int | None:
+        """The sequence number of the first message without \\Seen (SELECT's [UNSEEN n]), or
+        None when every message is seen."""
+        found = await self._read(self._first_unseen_sync, user, canonical_mailbox(mailbox))
+        return found or None
+
+    def add_listener(self, callback: Listener) -> None:
+        """Call `callback(event)` in the event loop after each committed change. Exceptions
+        are logged and do not affect the change or the other listeners."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def version(self, user: str) -> int:
+        """A counter bumped (in the event loop) after each committed change of `user`'s
+        mailboxes in this process; 0 before the first."""
+        return self._versions.get(user, 0)
+
+    async def wait_change(self, user: str, version: int,
+                          timeout: float) -> int:  # noqa: ASYNC109 - the shared contract
+        """Wait until version(user) differs from `version` or `timeout` seconds pass; return
+        the current version."""
+        current = self.version(user)
+        if current != version:
+            return current
+        wakeup = self._wakeups.get(user)
+        if wakeup is None:
+            wakeup = self._wakeups[user] = asyncio.Event()
+        self._waiting[user] = self._waiting.get(user, 0) + 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout)
+        finally:
+            left = self._waiting[user] - 1
+            if left:
+                self._waiting[user] = left
+            else:
+                del self._waiting[user]
+                if self._wakeups.get(user) is wakeup:
+                    del self._wakeups[user]
+        return self.version(user)
 
     async def sweep(self, full: bool = False) -> SweepResult:
         """Remove message files no index row refers to, and leftover tmp files.
@@ -294,7 +598,7 @@ class MailDB:
         self.user_path(user)
         return await self._in_reader(self._queue_ids_sync, user)
 
-    # Executors
+    # Executors and notification
 
     async def _read(self, func: Callable[[str, str], T | None], user: str, mailbox: str) -> T:
         """Run a read; None from it means "no index, an outdated one, or no such mailbox".
@@ -323,7 +627,41 @@ class MailDB:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader, functools.partial(func, *args))
 
-    # Writer thread
+    async def _change(self, func: Callable[..., T], *args: object) -> T:
+        """Run a write in the writer thread; `func(events, *args)` appends a ChangeEvent for
+        each change once it is committed. They are published from the writer thread itself
+        (scheduled into this loop, ahead of the result), so a partly committed batch and a
+        cancelled caller still notify."""
+        if self._closed:
+            raise StorageError("mail store is closed")
+        loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            events: list[ChangeEvent] = []
+            try:
+                return func(events, *args)
+            finally:
+                if events:
+                    with contextlib.suppress(RuntimeError):  # the loop is gone
+                        loop.call_soon_threadsafe(self._publish, events)
+
+        return await loop.run_in_executor(self._writer, run)
+
+    def _publish(self, events: list[ChangeEvent]) -> None:
+        for user in dict.fromkeys(event.user for event in events):
+            self._versions[user] = self._versions.get(user, 0) + 1
+            wakeup = self._wakeups.pop(user, None)
+            if wakeup is not None:
+                wakeup.set()
+        for event in events:
+            for listener in list(self._listeners):
+                try:
+                    listener(event)
+                except Exception:
+                    log.exception("mail store listener failed",
+                                  extra={"user": event.user, "event": f"listener-{event.kind}"})
+
+    # Writer thread: connections, schema, mailboxes
 
     def _writer_conn(self, user: str, create: bool) -> sqlite3.Connection | None:
         conn = self._open.get(user)
@@ -354,6 +692,12 @@ class MailDB:
             old.close()
         return conn
 
+    def _conn(self, user: str) -> sqlite3.Connection:
+        """The writer connection of a user, creating the index (an IMAP user exists)."""
+        conn = self._writer_conn(user, create=True)
+        assert conn is not None
+        return conn
+
     def _upgrade_index(self, conn: sqlite3.Connection, user: str) -> None:
         """Create a new index, or bring an older one to SCHEMA_VERSION, in one transaction.
 
@@ -371,6 +715,12 @@ class MailDB:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(mailbox)")}
             if "special_use" not in columns:  # 1 -> 2
                 conn.execute("ALTER TABLE mailbox ADD COLUMN special_use TEXT")
+            if "recent_uid" not in columns:  # 2 -> 3: what is there is no longer recent
+                conn.execute("ALTER TABLE mailbox ADD COLUMN recent_uid INTEGER NOT NULL"
+                             " DEFAULT 1")
+                conn.execute("UPDATE mailbox SET recent_uid = uidnext")
+            conn.execute("INSERT OR IGNORE INTO account (id, usage)"
+                         " SELECT 1, coalesce(sum(size), 0) FROM message")
             self._create_standard_mailboxes(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         if version:
@@ -391,10 +741,12 @@ class MailDB:
         held = set(existing.values())
         missing = [name for name in STANDARD_MAILBOXES
                    if name not in existing and SPECIAL_USE.get(name, "") not in held]
-        self._create_mailboxes(conn, missing)
+        self._create_mailboxes(conn, [(name, SPECIAL_USE.get(name)) for name in missing])
 
-    def _create_mailboxes(self, conn: sqlite3.Connection, names: list[str]) -> None:
-        """New, empty mailboxes, each with its own UIDVALIDITY (inside a write transaction)."""
+    def _create_mailboxes(self, conn: sqlite3.Connection,
+                          names: Sequence[tuple[str, str | None]]) -> None:
+        """New, empty mailboxes (name, special use), each with its own UIDVALIDITY; inside a
+        write transaction."""
         if not names:
             return
         if self._uidvalidity is None:
@@ -403,8 +755,7 @@ class MailDB:
         conn.executemany(
             "INSERT INTO mailbox (name, uidvalidity, uidnext, highestmodseq, special_use)"
             " VALUES (?, ?, 1, 1, ?)",
-            [(name, value, SPECIAL_USE.get(name)) for name, value in zip(names, values,
-                                                                           strict=True)],
+            [(name, value, use) for (name, use), value in zip(names, values, strict=True)],
         )
 
     def _mailbox_row(self, conn: sqlite3.Connection, name: str) -> tuple[int, int, int] | None:
@@ -413,6 +764,18 @@ class MailDB:
             "SELECT id, uidnext, highestmodseq FROM mailbox WHERE name = ?", (name,)
         ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
+
+    def _box(self, conn: sqlite3.Connection, name: str) -> _Box:
+        """The mailbox `name` (inside a write transaction); NoSuchMailbox if absent."""
+        row = conn.execute(
+            "SELECT id, uidvalidity, uidnext, highestmodseq FROM mailbox WHERE name = ?",
+            (name,)).fetchone()
+        if row is None:
+            raise NoSuchMailbox(name)
+        return _Box(int(row[0]), name, int(row[1]), int(row[2]), int(row[3]))
+
+    def _exists(self, conn: sqlite3.Connection, name: str) -> bool:
+        return conn.execute("SELECT 1 FROM mailbox WHERE name = ?", (name,)).fetchone() is not None
 
     def _delivery_mailbox(self, conn: sqlite3.Connection, name: str) -> tuple[int, int, int]:
         """The mailbox a delivery names. A standard folder is found by its special-use
@@ -424,7 +787,7 @@ class MailDB:
             if found is not None:
                 row = self._mailbox_row(conn, str(found[0]))
         if row is None and name in STANDARD_MAILBOXES:
-            self._create_mailboxes(conn, [name])
+            self._create_mailboxes(conn, [(name, SPECIAL_USE.get(name))])
             row = self._mailbox_row(conn, name)
         if row is None:
             raise NoSuchMailbox(name)
@@ -443,7 +806,117 @@ class MailDB:
         os.write(fd, "".join(u + "\n" for u in users).encode())
         os.fsync(fd)
 
-    def _deliver_sync(self, deliveries: list[Delivery]) -> list[int | None]:
+    def _create_sync(self, events: list[ChangeEvent], user: str, name: str,
+                     special_use: str | None) -> None:
+        conn = self._conn(user)
+        with _transaction(conn):
+            if self._exists(conn, name):
+                raise MailboxExists(name)
+            missing = [(parent, None) for parent in _parents(name)
+                       if not self._exists(conn, parent)]
+            self._create_mailboxes(conn, [*missing, (name, special_use)])
+        events.append(ChangeEvent(user, "mailbox", name))
+
+    def _delete_sync(self, events: list[ChangeEvent], user: str, name: str) -> None:
+        if name == INBOX:
+            raise CannotDelete("INBOX cannot be deleted")
+        conn = self._conn(user)
+        self._journal([user])
+        with _transaction(conn):
+            box = self._box(conn, name)
+            rows = conn.execute("SELECT guid, size FROM message WHERE mailbox_id = ?",
+                                (box.id,)).fetchall()
+            conn.execute("DELETE FROM message WHERE mailbox_id = ?", (box.id,))
+            conn.execute("DELETE FROM expunged WHERE mailbox_id = ?", (box.id,))
+            conn.execute("DELETE FROM mailbox WHERE id = ?", (box.id,))
+            _add_usage(conn, -sum(int(size) for _, size in rows))
+        events.append(ChangeEvent(user, "mailbox", name))
+        self._unlink_messages(user, [str(guid) for guid, _ in rows])
+
+    def _rename_sync(self, events: list[ChangeEvent], user: str, old: str, new: str) -> None:
+        conn = self._conn(user)
+        if old == INBOX:
+            self._rename_inbox(events, conn, user, new)
+            return
+        prefix = old + HIERARCHY_DELIMITER
+        if new in (old, INBOX):
+            raise MailboxExists(new)
+        if new.startswith(prefix):
+            raise InvalidMailboxName(f"cannot rename {old!r} into itself")
+        with _transaction(conn):
+            box = self._box(conn, old)
+            renames = [(box.id, old, new)]
+            for box_id, name in conn.execute(
+                    "SELECT id, name FROM mailbox WHERE substr(name, 1, ?) = ?",
+                    (len(prefix), prefix)):
+                renames.append((int(box_id), str(name), new + str(name)[len(old):]))
+            for _, _, target in renames:
+                if self._exists(conn, target):
+                    raise MailboxExists(target)
+            missing = [(parent, None) for parent in _parents(new)
+                       if not self._exists(conn, parent)]
+            self._create_mailboxes(conn, missing)
+            conn.executemany("UPDATE mailbox SET name = ? WHERE id = ?",
+                             [(target, box_id) for box_id, _, target in renames])
+            subscribed = {row[0] for row in conn.execute(
+                "SELECT name FROM subscription WHERE name = ? OR substr(name, 1, ?) = ?",
+                (old, len(prefix), prefix))}
+            moved = [(source, target) for _, source, target in renames if source in subscribed]
+            conn.executemany("DELETE FROM subscription WHERE name = ?",
+                             [(source,) for source, _ in moved])
+            conn.executemany("INSERT OR IGNORE INTO subscription (name) VALUES (?)",
+                             [(target,) for _, target in moved])
+        events.append(ChangeEvent(user, "mailbox", new, source=old))
+
+    def _rename_inbox(self, events: list[ChangeEvent], conn: sqlite3.Connection, user: str,
+                      new: str) -> None:
+        """RFC 3501 6.3.5: INBOX's messages move to a new mailbox `new` (new UIDVALIDITY, new
+        UIDs); INBOX stays, empty, and its children are not renamed."""
+        with _transaction(conn):
+            if self._exists(conn, new):
+                raise MailboxExists(new)
+            missing = [(parent, None) for parent in _parents(new)
+                       if not self._exists(conn, parent)]
+            self._create_mailboxes(conn, [*missing, (new, None)])
+            inbox, dest = self._box(conn, INBOX), self._box(conn, new)
+            rows = conn.execute("SELECT uid, guid FROM message WHERE mailbox_id = ?"
+                                " ORDER BY uid", (inbox.id,)).fetchall()
+            self._move_rows(conn, inbox, dest, [(int(uid), str(guid)) for uid, guid in rows])
+        events.append(ChangeEvent(user, "mailbox", new, source=INBOX,
+                                  guids=tuple(str(guid) for _, guid in rows)))
+        if rows:
+            events.append(ChangeEvent(user, "expunge", INBOX))
+
+    def _subscribe_sync(self, events: list[ChangeEvent], user: str, name: str,
+                        subscribed: bool) -> None:
+        conn = self._conn(user)
+        with _transaction(conn):
+            if subscribed:
+                cursor = conn.execute("INSERT OR IGNORE INTO subscription (name) VALUES (?)",
+                                      (name,))
+            else:
+                cursor = conn.execute("DELETE FROM subscription WHERE name = ?", (name,))
+        if cursor.rowcount:
+            events.append(ChangeEvent(user, "mailbox", name))
+
+    def _claim_recent_sync(self, user: str, mailbox: str) -> int:
+        conn = self._conn(user)
+        row = conn.execute("SELECT id, recent_uid, uidnext FROM mailbox WHERE name = ?",
+                           (mailbox,)).fetchone()
+        if row is None:
+            raise NoSuchMailbox(mailbox)
+        if int(row[1]) >= int(row[2]):  # nothing new: no write, no fsync
+            return int(row[1])
+        with _transaction(conn):
+            [(first,)] = conn.execute("SELECT recent_uid FROM mailbox WHERE id = ?",
+                                      (row[0],)).fetchall()
+            conn.execute("UPDATE mailbox SET recent_uid = uidnext WHERE id = ?", (row[0],))
+        return int(first)
+
+    # Writer thread: messages
+
+    def _deliver_sync(self, events: list[ChangeEvent],
+                      deliveries: list[Delivery]) -> list[int | None]:
         results: list[int | None] = [None] * len(deliveries)
         by_user: dict[str, list[int]] = defaultdict(list)
         for position, delivery in enumerate(deliveries):
@@ -451,14 +924,14 @@ class MailDB:
             by_user[delivery.user].append(position)
         self._journal(by_user)
         for user, positions in by_user.items():
-            stored = self._deliver_user(user, [deliveries[p] for p in positions])
+            stored = self._deliver_user(events, user, [deliveries[p] for p in positions])
             for position, new in zip(positions, stored, strict=True):
                 results[position] = new
         return results
 
-    def _deliver_user(self, user: str, deliveries: list[Delivery]) -> list[int | None]:
-        conn = self._writer_conn(user, create=True)
-        assert conn is not None
+    def _deliver_user(self, events: list[ChangeEvent], user: str,
+                      deliveries: list[Delivery]) -> list[int | None]:
+        conn = self._conn(user)
         base = self.user_path(user)
         results: list[int | None] = [None] * len(deliveries)
 
@@ -476,28 +949,17 @@ class MailDB:
             return results
 
         written: list[Path] = []
+        committed: dict[str, list[str]] = defaultdict(list)  # mailbox name -> guids
         try:
-            dirs: set[Path] = set()
-            for _, delivery, guid in todo:
-                final_dir = base / "m" / guid[:2]
-                if not final_dir.is_dir():
-                    _makedirs_durable(final_dir)
-                tmp = base / "tmp" / guid
-                _write_file(tmp, delivery.body)
-                final = final_dir / guid
-                os.rename(tmp, final)
-                written.append(final)
-                dirs.add(final_dir)
-            for directory in dirs:
-                _fsync_dir(directory)
-
-            committed: set[str] = set()
+            written = self._write_messages(base, [(guid, d.body) for _, d, guid in todo])
             with _transaction(conn):
                 # Keyed by id: two names may lead to one mailbox (Junk found by its attribute).
                 box_ids: dict[str, int] = {}
                 mailboxes: dict[int, list[int]] = {}  # id -> [id, uidnext, modseq]
+                names: dict[int, str] = {}
                 known = _known_queue_ids(conn, [d.queue_id for _, d, _ in todo])
                 now = time.time()
+                added = 0
                 for i, delivery, guid in todo:
                     if delivery.queue_id in known:
                         continue
@@ -506,6 +968,7 @@ class MailDB:
                         row = self._delivery_mailbox(conn, delivery.mailbox)
                         box_id = box_ids[delivery.mailbox] = row[0]
                         mailboxes.setdefault(box_id, list(row))
+                        names[box_id] = _mailbox_name(conn, box_id)
                     box = mailboxes[box_id]
                     uid, modseq = box[1], box[2] + 1
                     box[1], box[2] = uid + 1, modseq
@@ -519,61 +982,225 @@ class MailDB:
                         "INSERT INTO delivered (queue_id, mailbox_id, uid, delivered_at)"
                         " VALUES (?, ?, ?, ?)", (delivery.queue_id, box_id, uid, now),
                     )
-                    committed.add(guid)
+                    added += len(delivery.body)
+                    committed[names[box_id]].append(guid)
                     results[i] = uid
                 for box_id, uidnext, modseq in mailboxes.values():
                     conn.execute(
                         "UPDATE mailbox SET uidnext = ?, highestmodseq = ? WHERE id = ?",
                         (uidnext, modseq, box_id),
                     )
+                _add_usage(conn, added)
         except BaseException:
-            for path in written:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            _unlink_all(written)
             raise
+        kept = {guid for guids in committed.values() for guid in guids}
         # Files of deliveries that turned out to be duplicates inside the transaction.
-        for path in written:
-            if path.name not in committed:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        _unlink_all(path for path in written if path.name not in kept)
+        events.extend(ChangeEvent(user, "deliver", name, guids=tuple(guids))
+                      for name, guids in committed.items())
         return results
 
-    def _expunge_sync(self, user: str, mailbox: str, uids: list[int]) -> None:
+    def _write_messages(self, base: Path, bodies: list[tuple[str, bytes]]) -> list[Path]:
+        """Write each (guid, body) to tmp/, fsync, rename into m/xx/, fsync the directories.
+        On failure nothing written stays."""
+        written: list[Path] = []
+        try:
+            dirs: set[Path] = set()
+            for guid, body in bodies:
+                final_dir = base / "m" / guid[:2]
+                if not final_dir.is_dir():
+                    _makedirs_durable(final_dir)
+                tmp = base / "tmp" / guid
+                _write_file(tmp, body)
+                final = final_dir / guid
+                os.rename(tmp, final)
+                written.append(final)
+                dirs.add(final_dir)
+            for directory in dirs:
+                _fsync_dir(directory)
+        except BaseException:
+            _unlink_all(written)
+            raise
+        return written
+
+    def _append_sync(self, events: list[ChangeEvent], user: str, mailbox: str, body: bytes,
+                     flags: frozenset[str], internaldate: float,
+                     quota: int | None) -> AppendResult:
+        conn = self._conn(user)
+        # Checked before any byte is written, and again inside the transaction.
+        if self._mailbox_row(conn, mailbox) is None:
+            raise NoSuchMailbox(mailbox)
+        _check_quota(conn, len(body), quota)
+        self._journal([user])
+        guid = uuid.uuid4().hex
+        written = self._write_messages(self.user_path(user), [(guid, body)])
+        try:
+            with _transaction(conn):
+                box = self._box(conn, mailbox)
+                _check_quota(conn, len(body), quota)
+                modseq = box.modseq + 1
+                conn.execute(
+                    "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags,"
+                    " modseq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (box.id, box.uidnext, guid, len(body), internaldate, _flags_text(flags),
+                     modseq))
+                conn.execute("UPDATE mailbox SET uidnext = ?, highestmodseq = ? WHERE id = ?",
+                             (box.uidnext + 1, modseq, box.id))
+                _add_usage(conn, len(body))
+        except BaseException:
+            _unlink_all(written)
+            raise
+        events.append(ChangeEvent(user, "append", mailbox, guids=(guid,)))
+        return AppendResult(box.uidvalidity, box.uidnext)
+
+    def _expunge_sync(self, events: list[ChangeEvent], user: str, mailbox: str,
+                      uids: list[int]) -> list[int]:
         conn = self._writer_conn(user, create=False)
         if conn is None:
             raise NoSuchMailbox(mailbox)
         self._journal([user])
         with _transaction(conn):
-            row = self._mailbox_row(conn, mailbox)
-            if row is None:
-                raise NoSuchMailbox(mailbox)
-            box_id, _, modseq = row
-            guids: list[str] = []
-            found: list[int] = []
-            for start in range(0, len(uids), 500):
-                chunk = uids[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                for uid, guid in conn.execute(
-                    f"SELECT uid, guid FROM message WHERE mailbox_id = ? AND uid IN ({marks})",
-                    (box_id, *chunk),
-                ):
-                    found.append(int(uid))
-                    guids.append(str(guid))
-            if not found:
-                return
-            modseq += 1
+            box = self._box(conn, mailbox)
+            rows = _rows_for_uids(conn, box.id, uids, "guid, size")
+            if not rows:
+                return []
+            modseq = box.modseq + 1
+            found = [int(row[0]) for row in rows]
             conn.executemany("DELETE FROM message WHERE mailbox_id = ? AND uid = ?",
-                             [(box_id, uid) for uid in found])
+                             [(box.id, uid) for uid in found])
             conn.executemany(
                 "INSERT OR REPLACE INTO expunged (mailbox_id, uid, modseq) VALUES (?, ?, ?)",
-                [(box_id, uid, modseq) for uid in found],
+                [(box.id, uid, modseq) for uid in found],
             )
-            conn.execute("UPDATE mailbox SET highestmodseq = ? WHERE id = ?", (modseq, box_id))
+            conn.execute("UPDATE mailbox SET highestmodseq = ? WHERE id = ?", (modseq, box.id))
+            _add_usage(conn, -sum(int(row[2]) for row in rows))
+        events.append(ChangeEvent(user, "expunge", mailbox))
         # The index no longer names them; if we crash here the sweep removes them.
+        self._unlink_messages(user, [str(row[1]) for row in rows])
+        return found
+
+    def _store_flags_sync(self, events: list[ChangeEvent], user: str, mailbox: str,
+                          uids: list[int], mode: str, flags: frozenset[str],
+                          unchangedsince: int | None) -> FlagsResult:
+        conn = self._conn(user)
+        with _transaction(conn):
+            box = self._box(conn, mailbox)
+            modseq = box.modseq + 1
+            span = _covered_span(conn, box.id, uids)
+            if span is None:
+                result = _store_flags_rows(conn, box.id, uids, modseq,
+                                           _flag_change(mode, flags), unchangedsince)
+            else:
+                result = _store_flags_span(conn, box.id, span, modseq,
+                                           _flag_change(mode, flags), unchangedsince)
+            if result.changed:
+                conn.execute("UPDATE mailbox SET highestmodseq = ? WHERE id = ?",
+                             (modseq, box.id))
+        if result.changed:
+            events.append(ChangeEvent(user, "flags", mailbox))
+        return result
+
+    def _copy_sync(self, events: list[ChangeEvent], user: str, source: str, uids: list[int],
+                   dest: str, quota: int | None) -> CopyResult:
+        conn = self._conn(user)
         base = self.user_path(user)
-        for guid in guids:
-            with contextlib.suppress(FileNotFoundError):
-                (base / "m" / guid[:2] / guid).unlink()
+        self._journal([user])
+        linked: list[Path] = []
+        try:
+            with _transaction(conn):
+                src, dst = self._box(conn, source), self._box(conn, dest)
+                rows = _rows_for_uids(conn, src.id, uids, "guid, size, internaldate, flags")
+                if not rows:
+                    return CopyResult(dst.uidvalidity, [], [])
+                _check_quota(conn, sum(int(row[2]) for row in rows), quota)
+                guids = [uuid.uuid4().hex for _ in rows]
+                linked = self._link_messages(base, [
+                    (str(row[1]), guid) for row, guid in zip(rows, guids, strict=True)])
+                modseq = dst.modseq + 1
+                dest_uids = list(range(dst.uidnext, dst.uidnext + len(rows)))
+                conn.executemany(
+                    "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags,"
+                    " modseq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(dst.id, uid, guid, size, internaldate, flags, modseq)
+                     for uid, guid, (_, _, size, internaldate, flags)
+                     in zip(dest_uids, guids, rows, strict=True)])
+                conn.execute("UPDATE mailbox SET uidnext = ?, highestmodseq = ? WHERE id = ?",
+                             (dest_uids[-1] + 1, modseq, dst.id))
+                _add_usage(conn, sum(int(row[2]) for row in rows))
+        except BaseException:
+            _unlink_all(linked)
+            raise
+        events.append(ChangeEvent(user, "copy", dest, source=source, guids=tuple(guids)))
+        return CopyResult(dst.uidvalidity, [int(row[0]) for row in rows], dest_uids)
+
+    def _link_messages(self, base: Path, pairs: list[tuple[str, str]]) -> list[Path]:
+        """For each (source guid, new guid), a new name for the source's file; fsync the
+        directories. A file system refusing the link gets a durable byte copy instead."""
+        created: list[Path] = []
+        try:
+            dirs: set[Path] = set()
+            for source, guid in pairs:
+                final_dir = base / "m" / guid[:2]
+                if not final_dir.is_dir():
+                    _makedirs_durable(final_dir)
+                final = final_dir / guid
+                _link_or_copy(base / "m" / source[:2] / source, final, base / "tmp" / guid)
+                created.append(final)
+                dirs.add(final_dir)
+            for directory in dirs:
+                _fsync_dir(directory)
+        except BaseException:
+            _unlink_all(created)
+            raise
+        return created
+
+    def _move_sync(self, events: list[ChangeEvent], user: str, source: str, uids: list[int],
+                   dest: str) -> CopyResult:
+        conn = self._conn(user)
+        with _transaction(conn):
+            src, dst = self._box(conn, source), self._box(conn, dest)
+            rows = [(int(uid), str(guid)) for uid, guid in
+                    _rows_for_uids(conn, src.id, uids, "guid")]
+            dest_uids = self._move_rows(conn, src, dst, rows)
+        if rows:
+            guids = tuple(guid for _, guid in rows)
+            events.append(ChangeEvent(user, "move", dest, source=source, guids=guids))
+            if source != dest:
+                events.append(ChangeEvent(user, "expunge", source))
+        return CopyResult(dst.uidvalidity, [uid for uid, _ in rows], dest_uids)
+
+    def _move_rows(self, conn: sqlite3.Connection, src: _Box, dst: _Box,
+                   rows: list[tuple[int, str]]) -> list[int]:
+        """Give the (uid, guid) rows of `src` new UIDs in `dst` and record their old UIDs as
+        expunged; inside a write transaction. The files stay where they are."""
+        if not rows:
+            return []
+        src_modseq = src.modseq + 1
+        same = src.id == dst.id
+        dst_modseq = src_modseq if same else dst.modseq + 1
+        dest_uids = list(range(dst.uidnext, dst.uidnext + len(rows)))
+        conn.executemany(
+            "UPDATE message SET mailbox_id = ?, uid = ?, modseq = ?"
+            " WHERE mailbox_id = ? AND uid = ?",
+            [(dst.id, new, dst_modseq, src.id, old)
+             for (old, _), new in zip(rows, dest_uids, strict=True)])
+        conn.executemany(
+            "INSERT OR REPLACE INTO expunged (mailbox_id, uid, modseq) VALUES (?, ?, ?)",
+            [(src.id, old, src_modseq) for old, _ in rows])
+        conn.execute("UPDATE mailbox SET uidnext = ?, highestmodseq = ? WHERE id = ?",
+                     (dest_uids[-1] + 1, dst_modseq, dst.id))
+        if not same:
+            conn.execute("UPDATE mailbox SET highestmodseq = ? WHERE id = ?",
+                         (src_modseq, src.id))
+        return dest_uids
+
+    def _unlink_messages(self, user: str, guids: Iterable[str]) -> None:
+        """Remove files the index no longer names (after the commit that forgot them)."""
+        base = self.user_path(user)
+        _unlink_all(base / "m" / guid[:2] / guid for guid in guids)
+
+    # Writer thread: sweep and close
 
     def _sweep_sync(self, full: bool) -> SweepResult:
         journal = self.root / "inflight"
@@ -633,7 +1260,7 @@ class MailDB:
             os.close(self._journal_fd)
             self._journal_fd = None
 
-    # Reader threads
+    # Reader threads. Each returns None for "no index, an outdated one or no such mailbox".
 
     def _read_conn(self, user: str) -> sqlite3.Connection | None:
         """A read-only connection, or None when the index is missing or not yet at
@@ -662,25 +1289,26 @@ class MailDB:
         if conn is None:
             return None
         with contextlib.closing(conn), _read_snapshot(conn):
-            row = conn.execute(
-                "SELECT id, uidvalidity, uidnext, highestmodseq FROM mailbox WHERE name = ?",
-                (mailbox,),
-            ).fetchone()
-            if row is None:
-                return None
-            count = conn.execute("SELECT count(*) FROM message WHERE mailbox_id = ?",
-                                 (row[0],)).fetchone()[0]
-        return MailboxStatus(name=mailbox, uidvalidity=int(row[1]), uidnext=int(row[2]),
-                             highestmodseq=int(row[3]), messages=int(count))
+            return _status(conn, mailbox)
 
     def _mailboxes_sync(self, user: str, _mailbox: str) -> list[MailboxInfo] | None:
         conn = self._read_conn(user)
         if conn is None:
             return None
         with contextlib.closing(conn):
-            rows = conn.execute("SELECT name, special_use FROM mailbox"
-                                " ORDER BY name != 'INBOX', name").fetchall()
-        return [MailboxInfo(str(name), use) for name, use in rows]
+            rows = conn.execute(
+                "SELECT mailbox.name, special_use, subscription.name IS NOT NULL"
+                " FROM mailbox LEFT JOIN subscription ON subscription.name = mailbox.name"
+                " ORDER BY mailbox.name != 'INBOX', mailbox.name").fetchall()
+        return [MailboxInfo(str(name), use, bool(subscribed)) for name, use, subscribed in rows]
+
+    def _subscriptions_sync(self, user: str, _mailbox: str) -> list[str] | None:
+        conn = self._read_conn(user)
+        if conn is None:
+            return None
+        with contextlib.closing(conn):
+            return [str(row[0]) for row in conn.execute(
+                "SELECT name FROM subscription ORDER BY name != 'INBOX', name")]
 
     def _list_sync(self, user: str, mailbox: str) -> list[MessageInfo] | None:
         conn = self._read_conn(user)
@@ -694,14 +1322,90 @@ class MailDB:
                 "SELECT uid, guid, size, internaldate, flags, modseq FROM message"
                 " WHERE mailbox_id = ? ORDER BY uid", (row[0],),
             ).fetchall()
-        flag_sets: dict[str, frozenset[str]] = {"": _EMPTY_FLAGS}
-        result = []
-        for uid, guid, size, internaldate, flags, modseq in rows:
-            fs = flag_sets.get(flags)
-            if fs is None:
-                fs = flag_sets[flags] = frozenset(flags.split())
-            result.append(MessageInfo(uid, guid, size, internaldate, fs, modseq))
-        return result
+        return _infos(rows)
+
+    def _uids_sync(self, user: str, mailbox: str) -> list[int] | None:
+        conn = self._read_conn(user)
+        if conn is None:
+            return None
+        with contextlib.closing(conn):
+            row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
+            if row is None:
+                return None
+            return [uid for (uid,) in conn.execute(
+                "SELECT uid FROM message WHERE mailbox_id = ? ORDER BY uid", (row[0],))]
+
+    def _changes_sync(self, user: str, mailbox: str, modseq: int) -> Changes | None:
+        conn = self._read_conn(user)
+        if conn is None:
+            return None
+        with contextlib.closing(conn), _read_snapshot(conn):
+            status = _status(conn, mailbox)
+            if status is None:
+                return None
+            box_id = conn.execute("SELECT id FROM mailbox WHERE name = ?",
+                                  (mailbox,)).fetchone()[0]
+            # INDEXED BY: for ORDER BY uid the planner would rather walk the whole mailbox
+            # in key order; a few recent changes are cheaper found by MODSEQ and sorted.
+            rows = conn.execute(
+                "SELECT uid, guid, size, internaldate, flags, modseq FROM message"
+                " INDEXED BY message_modseq WHERE mailbox_id = ? AND modseq > ? ORDER BY uid",
+                (box_id, modseq),
+            ).fetchall()
+            expunged = [uid for (uid,) in conn.execute(
+                "SELECT uid FROM expunged INDEXED BY expunged_modseq"
+                " WHERE mailbox_id = ? AND modseq > ? ORDER BY uid", (box_id, modseq))]
+        return Changes(status=status, changed=_infos(rows), expunged=expunged)
+
+    def _fetch_infos_sync(self, user: str, mailbox: str,
+                          uids: list[int]) -> list[MessageInfo] | None:
+        conn = self._read_conn(user)
+        if conn is None:
+            return None
+        with contextlib.closing(conn), _read_snapshot(conn):
+            row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
+            if row is None:
+                return None
+            rows = _rows_for_uids(conn, int(row[0]), uids,
+                                  "guid, size, internaldate, flags, modseq")
+        return _infos(rows)
+
+    def _unseen_sync(self, user: str, mailbox: str) -> int | None:
+        conn = self._read_conn(user)
+        if conn is None:
+            return None
+        with contextlib.closing(conn):
+            row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
+            if row is None:
+                return None
+            return int(conn.execute(
+                f"SELECT count(*) FROM message WHERE mailbox_id = ? AND {_UNSEEN}",
+                (row[0],)).fetchone()[0])
+
+    def _first_unseen_sync(self, user: str, mailbox: str) -> int | None:
+        """Sequence number of the first unseen message, 0 if none (None means absent)."""
+        conn = self._read_conn(user)
+        if conn is None:
+            return None
+        with contextlib.closing(conn), _read_snapshot(conn):
+            row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
+            if row is None:
+                return None
+            first = conn.execute(
+                f"SELECT min(uid) FROM message WHERE mailbox_id = ? AND {_UNSEEN}",
+                (row[0],)).fetchone()[0]
+            if first is None:
+                return 0
+            return int(conn.execute(
+                "SELECT count(*) FROM message WHERE mailbox_id = ? AND uid <= ?",
+                (row[0], first)).fetchone()[0])
+
+    def _usage_sync(self, user: str, _mailbox: str) -> int | None:
+        conn = self._read_conn(user)
+        if conn is None:
+            return None
+        with contextlib.closing(conn):
+            return _usage(conn)
 
     def _queue_ids_sync(self, user: str) -> set[str]:
         conn = self._read_conn(user)
@@ -709,6 +1413,155 @@ class MailDB:
             return set()
         with contextlib.closing(conn):
             return {row[0] for row in conn.execute("SELECT queue_id FROM delivered")}
+
+
+# Flags are stored sorted and space-separated, system flags in canonical case: \Seen is a
+# whole word. (LIKE is case-insensitive for ASCII, which is harmless here.)
+_UNSEEN = "' ' || flags || ' ' NOT LIKE '% \\Seen %'"
+
+
+def _status(conn: sqlite3.Connection, mailbox: str) -> MailboxStatus | None:
+    row = conn.execute(
+        "SELECT id, uidvalidity, uidnext, highestmodseq FROM mailbox WHERE name = ?",
+        (mailbox,),
+    ).fetchone()
+    if row is None:
+        return None
+    count = conn.execute("SELECT count(*) FROM message WHERE mailbox_id = ?",
+                         (row[0],)).fetchone()[0]
+    return MailboxStatus(name=mailbox, uidvalidity=int(row[1]), uidnext=int(row[2]),
+                         highestmodseq=int(row[3]), messages=int(count))
+
+
+def _infos(rows: Iterable[Sequence[Any]]) -> list[MessageInfo]:
+    """MessageInfo per (uid, guid, size, internaldate, flags, modseq) row. Inlined parsing:
+    this loop is most of a 100,000-message SELECT."""
+    flag_sets: dict[str, frozenset[str]] = {"": _EMPTY_FLAGS}
+    result = []
+    for uid, guid, size, internaldate, flags, modseq in rows:
+        parsed = flag_sets.get(flags)
+        if parsed is None:
+            parsed = flag_sets[flags] = frozenset(flags.split())
+        result.append(MessageInfo(uid, guid, size, internaldate, parsed, modseq))
+    return result
+
+
+def _rows_for_uids(conn: sqlite3.Connection, box_id: int, uids: Iterable[int],
+                   columns: str) -> list[tuple[Any, ...]]:
+    """(uid, *columns) of the given UIDs that exist in the mailbox, ascending by UID."""
+    wanted = sorted({uid for uid in uids if 0 < uid < 1 << 63})
+    if not wanted:
+        return []
+    query = f"SELECT uid, {columns} FROM message WHERE mailbox_id = ?"
+    if len(wanted) > _RANGE_SCAN_THRESHOLD:
+        # Many UIDs (1:* on a big mailbox): one range scan beats thousands of lookups.
+        keep = set(wanted)
+        return [row for row in conn.execute(
+            f"{query} AND uid BETWEEN ? AND ? ORDER BY uid", (box_id, wanted[0], wanted[-1]))
+            if row[0] in keep]
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[start:start + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        rows.extend(conn.execute(f"{query} AND uid IN ({marks}) ORDER BY uid",
+                                 (box_id, *chunk)))
+    return rows
+
+
+def _flag_change(mode: str, flags: frozenset[str]) -> Callable[[frozenset[str]],
+                                                              frozenset[str]]:
+    if mode == "+":
+        return lambda current: current | flags
+    if mode == "-":
+        return lambda current: current - flags
+    return lambda current: flags
+
+
+def _store_flags_rows(conn: sqlite3.Connection, box_id: int, uids: list[int], modseq: int,
+                      change: Callable[[frozenset[str]], frozenset[str]],
+                      unchangedsince: int | None) -> FlagsResult:
+    """STORE message by message (a scattered UID set)."""
+    parse = _FlagSets()
+    changed: list[MessageInfo] = []
+    modified: list[int] = []
+    updates: list[tuple[str, int, int, int]] = []
+    for uid, guid, size, internaldate, text, old_modseq in _rows_for_uids(
+            conn, box_id, uids, "guid, size, internaldate, flags, modseq"):
+        if unchangedsince is not None and old_modseq > unchangedsince:
+            modified.append(uid)  # RFC 7162 3.1.3: changed since the client looked
+            continue
+        current = parse(text)
+        new = change(current)
+        if new != current:
+            updates.append((_flags_text(new), modseq, box_id, uid))
+            changed.append(MessageInfo(uid, guid, size, internaldate, new, modseq))
+    conn.executemany("UPDATE message SET flags = ?, modseq = ? WHERE mailbox_id = ? AND uid = ?",
+                     updates)
+    return FlagsResult(changed, modified)
+
+
+def _store_flags_span(conn: sqlite3.Connection, box_id: int, span: tuple[int, int],
+                      modseq: int, change: Callable[[frozenset[str]], frozenset[str]],
+                      unchangedsince: int | None) -> FlagsResult:
+    """STORE on every message of a UID span (1:* and the like): one UPDATE per distinct
+    flag set instead of one per message. Only this call's rows get `modseq`, so they are
+    read back by it."""
+    where = "mailbox_id = ? AND uid BETWEEN ? AND ?"
+    params: tuple[int, ...] = (box_id, *span)
+    modified: list[int] = []
+    if unchangedsince is not None:
+        modified = [uid for (uid,) in conn.execute(
+            f"SELECT uid FROM message WHERE {where} AND modseq > ? ORDER BY uid",
+            (*params, unchangedsince))]
+        where += " AND modseq <= ?"
+        params += (unchangedsince,)
+    texts = [text for (text,) in conn.execute(
+        f"SELECT DISTINCT flags FROM message WHERE {where}", params)]
+    for text in texts:
+        current = frozenset(text.split())
+        new = change(current)
+        if new != current:
+            conn.execute(f"UPDATE message SET flags = ?, modseq = ? WHERE {where} AND flags = ?",
+                         (_flags_text(new), modseq, *params, text))
+    rows = conn.execute(
+        "SELECT uid, guid, size, internaldate, flags, modseq FROM message INDEXED BY"
+        " message_modseq WHERE mailbox_id = ? AND modseq = ? ORDER BY uid", (box_id, modseq))
+    return FlagsResult(_infos(rows), modified)
+
+
+def _covered_span(conn: sqlite3.Connection, box_id: int,
+                  uids: list[int]) -> tuple[int, int] | None:
+    """(lowest, highest) of a large UID set that names every message between them, else
+    None (then the messages are handled one by one)."""
+    if len(uids) <= _RANGE_SCAN_THRESHOLD:
+        return None
+    wanted = set(uids)
+    low, high = min(wanted), max(wanted)
+    existing = conn.execute("SELECT uid FROM message WHERE mailbox_id = ? AND uid BETWEEN ?"
+                            " AND ?", (box_id, low, high))
+    if all(uid in wanted for (uid,) in existing):
+        return low, high
+    return None
+
+
+def _mailbox_name(conn: sqlite3.Connection, box_id: int) -> str:
+    return str(conn.execute("SELECT name FROM mailbox WHERE id = ?", (box_id,)).fetchone()[0])
+
+
+def _usage(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT usage FROM account WHERE id = 1").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _add_usage(conn: sqlite3.Connection, octets: int) -> None:
+    """Inside the write transaction that adds or removes the message rows."""
+    if octets:
+        conn.execute("UPDATE account SET usage = usage + ? WHERE id = 1", (octets,))
+
+
+def _check_quota(conn: sqlite3.Connection, adding: int, quota: int | None) -> None:
+    if quota is not None and _usage(conn) + adding > quota:
+        raise OverQuota(f"{adding} more octets would exceed the quota of {quota}")
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -727,10 +1580,36 @@ def _write_file(path: Path, data: bytes) -> None:
     os.close(fd)
 
 
+# Link failures that mean "this file system or this file cannot take another link".
+_NO_LINK = frozenset({errno.EMLINK, errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def _link_or_copy(source: Path, target: Path, tmp: Path) -> None:
+    """`target` becomes another name of `source`'s file; where the file system refuses
+    (link count limit, no hard links), a copy written and fsynced through `tmp`."""
+    try:
+        os.link(source, target)
+        return
+    except OSError as error:
+        if error.errno not in _NO_LINK:
+            raise
+    with open(source, "rb") as src, open(tmp, "xb") as dst:
+        shutil.copyfileobj(src, dst)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.rename(tmp, target)
+
+
+def _unlink_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def _known_queue_ids(conn: sqlite3.Connection, queue_ids: list[str]) -> set[str]:
     known: set[str] = set()
-    for start in range(0, len(queue_ids), 500):
-        chunk = queue_ids[start:start + 500]
+    for start in range(0, len(queue_ids), _IN_CHUNK):
+        chunk = queue_ids[start:start + _IN_CHUNK]
         marks = ",".join("?" * len(chunk))
         known.update(row[0] for row in conn.execute(
             f"SELECT queue_id FROM delivered WHERE queue_id IN ({marks})", chunk))

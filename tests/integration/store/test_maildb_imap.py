@@ -1,0 +1,711 @@
+"""MailDB's IMAP operations on a real index and real files: mailboxes, subscriptions, APPEND,
+STORE, COPY, MOVE, CONDSTORE/QRESYNC changes, \\Recent, quota usage and change notification."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.store.backends.maildb import MailDB
+from services.store.mailbox import (
+    ARCHIVE,
+    INBOX,
+    JUNK,
+    TRASH,
+    CannotDelete,
+    ChangeEvent,
+    Delivery,
+    InvalidMailboxName,
+    MailboxExists,
+    MailboxInfo,
+    NoSuchMailbox,
+    OverQuota,
+)
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+SEEN, FLAGGED, DELETED, ANSWERED = "\\Seen", "\\Flagged", "\\Deleted", "\\Answered"
+
+
+def body(n: int) -> bytes:
+    return f"Subject: message {n}\r\n\r\nbody {n}\r\n".encode()
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[MailDB]:
+    store = MailDB(tmp_path / "mail", max_open=4)
+    yield store
+    await store.close()
+
+
+async def append_n(db: MailDB, n: int, mailbox: str = INBOX, user: str = ALICE) -> list[int]:
+    return [(await db.append(user, mailbox, body(i), frozenset())).uid for i in range(n)]
+
+
+def message_files(db: MailDB, user: str = ALICE) -> set[str]:
+    return {p.name for p in (db.user_path(user) / "m").rglob("*") if p.is_file()}
+
+
+async def indexed_guids(db: MailDB, user: str = ALICE) -> set[str]:
+    guids: set[str] = set()
+    for info in await db.list_mailboxes(user):
+        guids.update(m.guid for m in await db.list_messages(user, info.name))
+    return guids
+
+
+async def total_size(db: MailDB, user: str = ALICE) -> int:
+    total = 0
+    for info in await db.list_mailboxes(user):
+        total += sum(m.size for m in await db.list_messages(user, info.name))
+    return total
+
+
+def read(db: MailDB, guid: str, user: str = ALICE) -> bytes:
+    with db.open_message(user, guid) as f:
+        return f.read()
+
+
+# Mailboxes
+
+
+async def test_create_makes_missing_parents(db: MailDB) -> None:
+    await db.create_mailbox(ALICE, "Work/Projects/2024")
+    names = [m.name for m in await db.list_mailboxes(ALICE)]
+    assert {"Work", "Work/Projects", "Work/Projects/2024"} <= set(names)
+    statuses = [await db.status(ALICE, n) for n in ("Work", "Work/Projects", "Work/Projects/2024")]
+    assert all((s.messages, s.uidnext) == (0, 1) for s in statuses)
+    assert len({s.uidvalidity for s in statuses}) == 3
+    with pytest.raises(MailboxExists):
+        await db.create_mailbox(ALICE, "Work/Projects")
+    await db.create_mailbox(ALICE, "Work/Other")  # an existing parent is fine
+    with pytest.raises(MailboxExists):
+        await db.create_mailbox(ALICE, "inbox")  # INBOX in any case is INBOX
+    await db.create_mailbox(ALICE, "inbox/Sub")
+    assert "INBOX/Sub" in [m.name for m in await db.list_mailboxes(ALICE)]
+    assert (await db.status(ALICE, "Inbox/Sub")).messages == 0
+
+
+async def test_create_with_special_use(db: MailDB) -> None:
+    await db.create_mailbox(ALICE, "Old Junk", "\\Junk")
+    assert MailboxInfo("Old Junk", "\\Junk") in await db.list_mailboxes(ALICE)
+    with pytest.raises(InvalidMailboxName):
+        await db.create_mailbox(ALICE, "All Mail", "\\All")  # a virtual folder we lack
+    assert "All Mail" not in [m.name for m in await db.list_mailboxes(ALICE)]
+
+
+@pytest.mark.parametrize("name", [
+    "", "/a", "a/", "a//b", ".", "..", "a/../b", "a/./b", "a\x00b", "a\tb", "a\x7fb",
+    "a\x85b", "x" * 256, "/".join(["d"] * 33), "é" * 200 + "/" + "é" * 200 + "/" + "é" * 200,
+    "a*b", "a%", "bad\ud800surrogate",
+])
+async def test_invalid_names_are_refused(db: MailDB, name: str) -> None:
+    before = await db.list_mailboxes(ALICE)
+    with pytest.raises(InvalidMailboxName):
+        await db.create_mailbox(ALICE, name)
+    with pytest.raises(InvalidMailboxName):
+        await db.rename_mailbox(ALICE, ARCHIVE, name)
+    with pytest.raises(InvalidMailboxName):
+        await db.set_subscribed(ALICE, name, True)
+    assert await db.list_mailboxes(ALICE) == before
+
+
+async def test_unusual_but_valid_names(db: MailDB) -> None:
+    for name in ("Entwürfe", "日本語", "a b", "x" * 255, "emoji 👩‍💻", "[Gmail]/Sent Mail"):
+        await db.create_mailbox(ALICE, name)
+        assert (await db.status(ALICE, name)).name == name
+
+
+async def test_delete_removes_messages_and_files_but_not_children(db: MailDB) -> None:
+    await db.create_mailbox(ALICE, "Box/Child")
+    await append_n(db, 2, "Box/Child")
+    await append_n(db, 3, "Box")
+    old = await db.status(ALICE, "Box")
+    doomed = {m.guid for m in await db.list_messages(ALICE, "Box")}
+    assert doomed <= message_files(db)
+    await db.set_subscribed(ALICE, "Box", True)
+
+    await db.delete_mailbox(ALICE, "Box")
+    names = [m.name for m in await db.list_mailboxes(ALICE)]
+    assert "Box" not in names and "Box/Child" in names
+    assert len(await db.list_messages(ALICE, "Box/Child")) == 2
+    assert not doomed & message_files(db)
+    assert message_files(db) == await indexed_guids(db)
+    assert await db.usage(ALICE) == await total_size(db)
+    assert await db.subscriptions(ALICE) == ["Box"]  # the subscription outlives the mailbox
+    with pytest.raises(NoSuchMailbox):
+        await db.status(ALICE, "Box")
+    with pytest.raises(NoSuchMailbox):
+        await db.delete_mailbox(ALICE, "Box")
+
+    # Recreated: a new mailbox, a new UIDVALIDITY, nothing of the old one (not even expunges).
+    await db.create_mailbox(ALICE, "Box")
+    new = await db.status(ALICE, "Box")
+    assert new.uidvalidity > old.uidvalidity and (new.messages, new.uidnext) == (0, 1)
+    assert (await db.changes_since(ALICE, "Box", 0)).expunged == []
+
+
+async def test_inbox_cannot_be_deleted(db: MailDB) -> None:
+    await append_n(db, 1)
+    for name in (INBOX, "inbox"):
+        with pytest.raises(CannotDelete):
+            await db.delete_mailbox(ALICE, name)
+    assert (await db.status(ALICE)).messages == 1
+
+
+async def test_rename_takes_children_and_keeps_uidvalidity(db: MailDB) -> None:
+    await db.create_mailbox(ALICE, "Work/Done")
+    await db.create_mailbox(ALICE, "Workshop")  # shares a prefix but is not a child
+    await append_n(db, 2, "Work")
+    await append_n(db, 1, "Work/Done")
+    before = {n: await db.status(ALICE, n) for n in ("Work", "Work/Done")}
+    await db.set_subscribed(ALICE, "Work/Done", True)
+    await db.set_subscribed(ALICE, "Workshop", True)
+
+    await db.rename_mailbox(ALICE, "Work", "Archive/2024/Work")
+    names = {m.name for m in await db.list_mailboxes(ALICE)}
+    assert {"Archive/2024", "Archive/2024/Work", "Archive/2024/Work/Done", "Workshop"} <= names
+    assert not {"Work", "Work/Done"} & names
+    for old, new in (("Work", "Archive/2024/Work"), ("Work/Done", "Archive/2024/Work/Done")):
+        status = await db.status(ALICE, new)
+        assert (status.uidvalidity, status.uidnext, status.messages) == (
+            before[old].uidvalidity, before[old].uidnext, before[old].messages)
+    assert await db.subscriptions(ALICE) == ["Archive/2024/Work/Done", "Workshop"]
+
+
+async def test_rename_keeps_special_use(db: MailDB) -> None:
+    await db.rename_mailbox(ALICE, JUNK, "Spam")
+    infos = {m.name: m.special_use for m in await db.list_mailboxes(ALICE)}
+    assert infos["Spam"] == "\\Junk" and JUNK not in infos
+    # Spam still lands there (found by its attribute).
+    await db.deliver([Delivery("q1", ALICE, body(1), 0.0, JUNK)])
+    assert len(await db.list_messages(ALICE, "Spam")) == 1
+
+
+async def test_rename_refusals(db: MailDB) -> None:
+    await db.create_mailbox(ALICE, "A/X")
+    await db.create_mailbox(ALICE, "B/X")
+    await db.create_mailbox(ALICE, "C")
+    with pytest.raises(MailboxExists):
+        await db.rename_mailbox(ALICE, "A", "C")
+    with pytest.raises(MailboxExists):
+        await db.rename_mailbox(ALICE, "A", "A")
+    with pytest.raises(MailboxExists):
+        await db.rename_mailbox(ALICE, "C", "inbox")
+    with pytest.raises(MailboxExists):  # A/X would become B/X, which exists
+        await db.rename_mailbox(ALICE, "A", "B")
+    with pytest.raises(InvalidMailboxName):
+        await db.rename_mailbox(ALICE, "A", "A/Inside")
+    with pytest.raises(NoSuchMailbox):
+        await db.rename_mailbox(ALICE, "Nope", "Other")
+    names = {m.name for m in await db.list_mailboxes(ALICE)}
+    assert {"A", "A/X", "B", "B/X", "C"} <= names and "Other" not in names
+
+
+async def test_rename_inbox_moves_its_messages(db: MailDB) -> None:
+    await db.create_mailbox(ALICE, "INBOX/Child")
+    await append_n(db, 3)
+    await db.store_flags(ALICE, INBOX, [2], "+", frozenset({SEEN}))
+    inbox = await db.status(ALICE)
+    messages = await db.list_messages(ALICE)
+
+    await db.rename_mailbox(ALICE, "inbox", "Old Mail")
+    after = await db.status(ALICE)
+    assert (after.uidvalidity, after.messages, after.uidnext) == (inbox.uidvalidity, 0, 4)
+    old_mail = await db.status(ALICE, "Old Mail")
+    assert old_mail.uidvalidity != inbox.uidvalidity
+    moved = await db.list_messages(ALICE, "Old Mail")
+    assert [m.uid for m in moved] == [1, 2, 3]
+    assert [(m.guid, m.flags) for m in moved] == [(m.guid, m.flags) for m in messages]
+    assert [read(db, m.guid) for m in moved] == [body(i) for i in range(3)]
+    assert "INBOX/Child" in {m.name for m in await db.list_mailboxes(ALICE)}  # unaffected
+    changes = await db.changes_since(ALICE, INBOX, inbox.highestmodseq)
+    assert changes.expunged == [1, 2, 3] and changes.changed == []
+    assert await db.usage(ALICE) == await total_size(db)
+    # INBOX keeps working: new mail gets UIDs after the old ones.
+    assert await append_n(db, 1) == [4]
+    with pytest.raises(MailboxExists):
+        await db.rename_mailbox(ALICE, INBOX, "Old Mail")
+
+
+# Subscriptions
+
+
+async def test_subscriptions_are_names(db: MailDB) -> None:
+    assert await db.subscriptions(ALICE) == []
+    await db.set_subscribed(ALICE, "Not/Yet", True)  # a name that does not exist
+    await db.set_subscribed(ALICE, "inbox", True)
+    await db.set_subscribed(ALICE, ARCHIVE, True)
+    await db.set_subscribed(ALICE, ARCHIVE, True)  # twice is once
+    assert await db.subscriptions(ALICE) == [INBOX, ARCHIVE, "Not/Yet"]
+    infos = {m.name: m.subscribed for m in await db.list_mailboxes(ALICE)}
+    assert infos[INBOX] and infos[ARCHIVE] and not infos[TRASH]
+    assert "Not/Yet" not in infos
+    await db.set_subscribed(ALICE, ARCHIVE, False)
+    await db.set_subscribed(ALICE, "never subscribed", False)  # no error
+    assert await db.subscriptions(ALICE) == [INBOX, "Not/Yet"]
+    await db.delete_mailbox(ALICE, TRASH)
+    await db.set_subscribed(ALICE, TRASH, True)
+    assert TRASH in await db.subscriptions(ALICE)
+    assert await db.subscriptions(BOB) == []
+
+
+# APPEND
+
+
+async def test_append_stores_durably_with_flags_and_date(db: MailDB) -> None:
+    status = await db.status(ALICE, ARCHIVE)
+    result = await db.append(ALICE, ARCHIVE, body(1),
+                             frozenset({"\\SEEN", "\\Recent", "$Label1", "custom"}),
+                             internaldate=1_600_000_000.5)
+    assert (result.uidvalidity, result.uid) == (status.uidvalidity, 1)
+    [info] = await db.list_messages(ALICE, ARCHIVE)
+    assert info.flags == frozenset({SEEN, "$Label1", "custom"})  # \Recent is per session
+    assert info.internaldate == 1_600_000_000.5 and info.size == len(body(1))
+    assert read(db, info.guid) == body(1)
+    assert info.modseq > status.highestmodseq
+    assert (await db.status(ALICE, ARCHIVE)).highestmodseq == info.modseq
+    second = await db.append(ALICE, ARCHIVE, body(2), frozenset())
+    assert second.uid == 2
+    assert await db.usage(ALICE) == len(body(1)) + len(body(2))
+    with pytest.raises(NoSuchMailbox):
+        await db.append(ALICE, "Nope", body(3), frozenset())
+    assert message_files(db) == await indexed_guids(db)
+    assert not any((db.user_path(ALICE) / "tmp").iterdir())
+
+
+async def test_append_over_quota_is_refused_and_writes_nothing(db: MailDB) -> None:
+    size = len(body(1))
+    await db.append(ALICE, INBOX, body(1), frozenset(), quota=size)  # exactly at the limit
+    files = message_files(db)
+    with pytest.raises(OverQuota):
+        await db.append(ALICE, INBOX, body(2), frozenset(), quota=2 * size - 1)
+    assert message_files(db) == files
+    assert (await db.status(ALICE)).messages == 1 and await db.usage(ALICE) == size
+    await db.append(ALICE, INBOX, body(2), frozenset(), quota=None)  # no limit
+    assert await db.usage(ALICE) == 2 * size
+
+
+# STORE
+
+
+async def test_store_flags_modes_and_one_modseq_per_call(db: MailDB) -> None:
+    await append_n(db, 4)
+    start = (await db.status(ALICE)).highestmodseq
+    result = await db.store_flags(ALICE, INBOX, [1, 2, 3, 99], "+", frozenset({"\\seen"}))
+    assert [m.uid for m in result.changed] == [1, 2, 3] and result.modified == []
+    assert {m.modseq for m in result.changed} == {start + 1}
+    assert all(m.flags == {SEEN} for m in result.changed)
+    assert (await db.status(ALICE)).highestmodseq == start + 1
+
+    # Only messages whose flags really change get the new MODSEQ.
+    again = await db.store_flags(ALICE, INBOX, [1, 2, 3, 4], "+", frozenset({SEEN}))
+    assert [m.uid for m in again.changed] == [4]
+    assert again.changed[0].modseq == start + 2
+    assert [m.modseq for m in await db.list_messages(ALICE)] == [start + 1] * 3 + [start + 2]
+    nothing = await db.store_flags(ALICE, INBOX, [1], "+", frozenset({SEEN}))
+    assert nothing.changed == [] and (await db.status(ALICE)).highestmodseq == start + 2
+
+    removed = await db.store_flags(ALICE, INBOX, [1, 2], "-", frozenset({SEEN, FLAGGED}))
+    assert [(m.uid, m.flags) for m in removed.changed] == [(1, set()), (2, set())]
+    replaced = await db.store_flags(ALICE, INBOX, [3], "", frozenset({"Work", DELETED}))
+    assert replaced.changed[0].flags == {"Work", DELETED}
+    flags = {m.uid: m.flags for m in await db.list_messages(ALICE)}
+    assert flags == {1: set(), 2: set(), 3: {"Work", DELETED}, 4: {SEEN}}
+    assert "work" not in flags[3]  # keywords keep their case
+    with pytest.raises(ValueError, match="mode"):
+        await db.store_flags(ALICE, INBOX, [1], "x", frozenset({SEEN}))
+    with pytest.raises(NoSuchMailbox):
+        await db.store_flags(ALICE, "Nope", [1], "+", frozenset({SEEN}))
+
+
+async def test_store_unchangedsince(db: MailDB) -> None:
+    await append_n(db, 3)
+    await db.store_flags(ALICE, INBOX, [2], "+", frozenset({FLAGGED}))
+    messages = {m.uid: m.modseq for m in await db.list_messages(ALICE)}
+    watermark = messages[3]  # the client saw 1 and 3 as they are; 2 changed since
+    assert messages[1] <= watermark < messages[2]
+    result = await db.store_flags(ALICE, INBOX, [1, 2, 3], "+", frozenset({SEEN}),
+                                  unchangedsince=watermark)
+    assert result.modified == [2]
+    assert [m.uid for m in result.changed] == [1, 3]
+    assert {m.uid: m.flags for m in await db.list_messages(ALICE)} == {
+        1: {SEEN}, 2: {FLAGGED}, 3: {SEEN}}
+    zero = await db.store_flags(ALICE, INBOX, [1, 2, 3], "-", frozenset({SEEN}),
+                                unchangedsince=0)
+    assert zero.modified == [1, 2, 3] and zero.changed == []
+
+
+
+async def test_store_on_many_messages(db: MailDB) -> None:
+    """A large UID set naming every message of a span is stored by flag set, a scattered
+    one message by message: both give the same answers."""
+    await append_n(db, 300)
+    await db.expunge(ALICE, INBOX, [100])
+    await db.store_flags(ALICE, INBOX, [7, 250], "+", frozenset({FLAGGED}))
+    watermark = (await db.status(ALICE)).highestmodseq - 1  # before 7 and 300 changed
+    span = await db.store_flags(ALICE, INBOX, list(range(1, 301)), "+", frozenset({SEEN}),
+                                unchangedsince=watermark)
+    assert span.modified == [7, 250]
+    assert [m.uid for m in span.changed] == [u for u in range(1, 301) if u not in (7, 100, 250)]
+    assert {m.modseq for m in span.changed} == {watermark + 2}
+    assert all(m.flags == {SEEN} for m in span.changed)
+    odd = list(range(1, 301, 2))
+    scattered = await db.store_flags(ALICE, INBOX, odd, "-", frozenset({SEEN, FLAGGED}))
+    assert [m.uid for m in scattered.changed] == odd
+    flags = {m.uid: m.flags for m in await db.list_messages(ALICE)}
+    assert flags[7] == set() and flags[250] == {FLAGGED} and flags[2] == {SEEN}
+    assert flags[1] == set() and 100 not in flags
+    replaced = await db.store_flags(ALICE, INBOX, await db.uids(ALICE), "", frozenset({"$X"}))
+    assert len(replaced.changed) == 299
+    assert {m.flags for m in await db.list_messages(ALICE)} == {frozenset({"$X"})}
+
+
+# COPY and MOVE
+
+
+async def test_copy_links_the_same_bytes_and_survives_the_source(db: MailDB) -> None:
+    await append_n(db, 3)
+    await db.store_flags(ALICE, INBOX, [2], "+", frozenset({ANSWERED, "$Work"}))
+    archive = await db.status(ALICE, ARCHIVE)
+    sources = {m.uid: m for m in await db.list_messages(ALICE)}
+
+    result = await db.copy(ALICE, INBOX, [3, 2, 42], ARCHIVE)
+    assert (result.uidvalidity, result.source_uids, result.dest_uids) == (
+        archive.uidvalidity, [2, 3], [1, 2])
+    copies = await db.list_messages(ALICE, ARCHIVE)
+    for copy, uid in zip(copies, [2, 3], strict=True):
+        source = sources[uid]
+        assert copy.guid != source.guid
+        assert (copy.flags, copy.size, copy.internaldate) == (
+            source.flags, source.size, source.internaldate)
+        assert read(db, copy.guid) == read(db, source.guid)
+        copy_stat = db.message_path(ALICE, copy.guid).stat()
+        assert copy_stat.st_ino == db.message_path(ALICE, source.guid).stat().st_ino
+        assert copy_stat.st_nlink == 2  # a hard link: no bytes were copied
+    assert await db.usage(ALICE) == await total_size(db)
+
+    await db.expunge(ALICE, INBOX, [1, 2, 3])
+    assert [read(db, m.guid) for m in copies] == [body(1), body(2)]
+    assert db.message_path(ALICE, copies[0].guid).stat().st_nlink == 1
+    assert message_files(db) == await indexed_guids(db)
+    assert await db.usage(ALICE) == await total_size(db)
+
+
+async def test_copy_within_one_mailbox_and_nothing_to_copy(db: MailDB) -> None:
+    await append_n(db, 2)
+    result = await db.copy(ALICE, INBOX, [1, 2], INBOX)
+    assert result.dest_uids == [3, 4]
+    assert [read(db, m.guid) for m in await db.list_messages(ALICE)] == [
+        body(0), body(1), body(0), body(1)]
+    empty = await db.copy(ALICE, INBOX, [77], ARCHIVE)
+    assert (empty.source_uids, empty.dest_uids) == ([], [])
+    with pytest.raises(NoSuchMailbox):
+        await db.copy(ALICE, INBOX, [1], "Nope")
+
+
+async def test_copy_over_quota_is_refused_whole(db: MailDB) -> None:
+    await append_n(db, 3)
+    usage = await db.usage(ALICE)
+    files = message_files(db)
+    with pytest.raises(OverQuota):
+        await db.copy(ALICE, INBOX, [1, 2, 3], ARCHIVE, quota=usage + 2 * len(body(0)))
+    assert (await db.status(ALICE, ARCHIVE)).messages == 0
+    assert message_files(db) == files and await db.usage(ALICE) == usage
+    await db.copy(ALICE, INBOX, [1, 2, 3], ARCHIVE, quota=2 * usage)
+    assert await db.usage(ALICE) == 2 * usage
+
+
+async def test_move_is_one_step(db: MailDB) -> None:
+    await append_n(db, 4)
+    await db.store_flags(ALICE, INBOX, [2], "+", frozenset({SEEN}))
+    inbox = await db.status(ALICE)
+    trash = await db.status(ALICE, TRASH)
+    before = {m.uid: m for m in await db.list_messages(ALICE)}
+    usage = await db.usage(ALICE)
+
+    result = await db.move(ALICE, INBOX, [4, 2, 9], TRASH)
+    assert (result.uidvalidity, result.source_uids, result.dest_uids) == (
+        trash.uidvalidity, [2, 4], [1, 2])
+    assert [m.uid for m in await db.list_messages(ALICE)] == [1, 3]
+    moved = await db.list_messages(ALICE, TRASH)
+    # The file does not move, so the message keeps its GUID; flags travel.
+    assert [(m.guid, m.flags) for m in moved] == [
+        (before[2].guid, before[2].flags), (before[4].guid, before[4].flags)]
+    assert [read(db, m.guid) for m in moved] == [body(1), body(3)]
+    assert await db.usage(ALICE) == usage
+    source_changes = await db.changes_since(ALICE, INBOX, inbox.highestmodseq)
+    assert source_changes.expunged == [2, 4]
+    assert source_changes.status.highestmodseq > inbox.highestmodseq
+    dest_changes = await db.changes_since(ALICE, TRASH, trash.highestmodseq)
+    assert [m.uid for m in dest_changes.changed] == [1, 2]
+    assert message_files(db) == await indexed_guids(db)
+
+    # A failing move changes nothing at all.
+    with pytest.raises(NoSuchMailbox):
+        await db.move(ALICE, INBOX, [1, 3], "Nope")
+    assert [m.uid for m in await db.list_messages(ALICE)] == [1, 3]
+    assert (await db.status(ALICE)).highestmodseq == source_changes.status.highestmodseq
+
+
+async def test_move_within_one_mailbox_renumbers(db: MailDB) -> None:
+    await append_n(db, 2)
+    result = await db.move(ALICE, INBOX, [1], INBOX)
+    assert result.dest_uids == [3]
+    assert [m.uid for m in await db.list_messages(ALICE)] == [2, 3]
+    assert (await db.changes_since(ALICE, INBOX, 0)).expunged == [1]
+
+
+# CONDSTORE / QRESYNC, infos, recent, unseen
+
+
+async def test_changes_since(db: MailDB) -> None:
+    await append_n(db, 5)
+    mark = (await db.status(ALICE)).highestmodseq
+    assert (await db.changes_since(ALICE, INBOX, mark)).changed == []
+
+    await db.store_flags(ALICE, INBOX, [2], "+", frozenset({SEEN}))
+    removed = await db.expunge(ALICE, INBOX, [3, 4, 77])
+    assert removed == [3, 4]
+    await db.move(ALICE, INBOX, [5], ARCHIVE)
+    await append_n(db, 1)
+    changes = await db.changes_since(ALICE, INBOX, mark)
+    assert [(m.uid, m.flags) for m in changes.changed] == [(2, {SEEN}), (6, set())]
+    assert changes.expunged == [3, 4, 5]
+    status = await db.status(ALICE)
+    assert changes.status == status and status.messages == 3
+    assert all(m.modseq <= status.highestmodseq for m in changes.changed)
+    everything = await db.changes_since(ALICE, INBOX, 0)
+    assert [m.uid for m in everything.changed] == [1, 2, 6]
+    nothing = await db.changes_since(ALICE, INBOX, status.highestmodseq)
+    assert (nothing.changed, nothing.expunged) == ([], [])
+    with pytest.raises(NoSuchMailbox):
+        await db.changes_since(ALICE, "Nope", 0)
+
+
+async def test_fetch_infos_uids_and_unseen(db: MailDB) -> None:
+    await append_n(db, 600)
+    await db.expunge(ALICE, INBOX, [5])
+    await db.store_flags(ALICE, INBOX, list(range(1, 11)), "+", frozenset({SEEN}))
+    infos = await db.fetch_infos(ALICE, INBOX, [3, 1, 5, 1000, 3])
+    assert [m.uid for m in infos] == [1, 3]
+    many = await db.fetch_infos(ALICE, INBOX, list(range(600, 0, -1)))  # the range path
+    assert [m.uid for m in many] == [u for u in range(1, 601) if u != 5]
+    assert many == await db.list_messages(ALICE)
+    assert await db.uids(ALICE) == [m.uid for m in many]
+    assert await db.unseen(ALICE) == 590
+    assert await db.first_unseen(ALICE) == 10  # UID 11, sequence 10 (UID 5 is gone)
+    await db.store_flags(ALICE, INBOX, [11], "+", frozenset({"\\SeenNot"}))
+    assert await db.unseen(ALICE) == 590  # a lookalike keyword is not \Seen
+    await db.store_flags(ALICE, INBOX, await db.uids(ALICE), "+", frozenset({SEEN}))
+    assert await db.unseen(ALICE) == 0 and await db.first_unseen(ALICE) is None
+    assert await db.unseen(ALICE, ARCHIVE) == 0
+    with pytest.raises(NoSuchMailbox):
+        await db.unseen(ALICE, "Nope")
+
+
+async def test_claim_recent(db: MailDB) -> None:
+    assert await db.claim_recent(ALICE, INBOX) == 1  # nothing yet: uidnext
+    await append_n(db, 3)
+    assert await db.claim_recent(ALICE, "inbox") == 1  # UIDs 1..3 are recent for this one
+    assert await db.claim_recent(ALICE, INBOX) == 4  # the next session sees none
+    await db.deliver([Delivery("q1", ALICE, body(9), 0.0)])
+    await db.move(ALICE, INBOX, [1], ARCHIVE)
+    assert await db.claim_recent(ALICE, INBOX) == 4
+    assert await db.claim_recent(ALICE, INBOX) == 5
+    assert await db.claim_recent(ALICE, ARCHIVE) == 1  # the moved message is new there
+    with pytest.raises(NoSuchMailbox):
+        await db.claim_recent(ALICE, "Nope")
+
+
+async def test_expunge_returns_removed_uids_and_updates_usage(db: MailDB) -> None:
+    await append_n(db, 3)
+    assert await db.expunge(ALICE, INBOX, [3, 1, 1, 8]) == [1, 3]
+    assert await db.expunge(ALICE, INBOX, [1]) == []
+    assert await db.expunge(ALICE, INBOX, []) == []
+    assert await db.usage(ALICE) == len(body(1))
+    assert message_files(db) == await indexed_guids(db)
+
+
+async def test_deliver_counts_in_usage(db: MailDB) -> None:
+    assert await db.usage(ALICE) == 0
+    await db.deliver([Delivery("q1", ALICE, body(1), 0.0),
+                      Delivery("q2", ALICE, body(22), 0.0, JUNK),
+                      Delivery("q1", ALICE, body(1), 0.0)])  # a redelivery adds nothing
+    assert await db.usage(ALICE) == len(body(1)) + len(body(22)) == await total_size(db)
+    assert await db.usage(BOB) == 0
+
+
+# Change notification
+
+
+async def test_listeners_and_versions(db: MailDB) -> None:
+    events: list[ChangeEvent] = []
+    db.add_listener(events.append)
+
+    def broken(event: ChangeEvent) -> None:
+        raise RuntimeError("a listener bug")
+
+    db.add_listener(broken)  # logged, never breaks a write or the other listeners
+    assert db.version(ALICE) == 0
+    [uid] = await append_n(db, 1)
+    assert db.version(ALICE) == 1  # bumped before the caller resumes
+    await db.deliver([Delivery("q1", ALICE, body(5), 0.0, JUNK)])
+    await db.store_flags(ALICE, INBOX, [uid], "+", frozenset({SEEN}))
+    await db.store_flags(ALICE, INBOX, [uid], "+", frozenset({SEEN}))  # no change, no event
+    copied = await db.copy(ALICE, INBOX, [uid], ARCHIVE)
+    # Spam learning reads the messages through the GUIDs of the event.
+    assert read(db, events[-1].guids[0]) == body(0)
+    moved = await db.move(ALICE, JUNK, [1], INBOX)
+    await db.expunge(ALICE, ARCHIVE, copied.dest_uids)
+    await db.create_mailbox(ALICE, "New")
+    await db.rename_mailbox(ALICE, "New", "Newer")
+    await db.set_subscribed(ALICE, "Newer", True)
+    await db.delete_mailbox(ALICE, "Newer")
+    await db.claim_recent(ALICE, INBOX)  # not a change anyone must hear about
+    assert [(e.kind, e.mailbox, e.source) for e in events] == [
+        ("append", INBOX, None), ("deliver", JUNK, None), ("flags", INBOX, None),
+        ("copy", ARCHIVE, INBOX), ("move", INBOX, JUNK), ("expunge", JUNK, None),
+        ("expunge", ARCHIVE, None), ("mailbox", "New", None), ("mailbox", "Newer", "New"),
+        ("mailbox", "Newer", None), ("mailbox", "Newer", None)]
+    assert all(e.user == ALICE for e in events)
+    assert db.version(ALICE) == 10 and db.version(BOB) == 0  # a move is one change
+    move_event = events[4]
+    assert len(events[3].guids) == 1
+    assert move_event.guids == tuple(m.guid for m in await db.fetch_infos(
+        ALICE, INBOX, moved.dest_uids))
+    assert read(db, move_event.guids[0]) == body(5)
+    db.remove_listener(events.append)
+    db.remove_listener(broken)
+    await append_n(db, 1)
+    assert len(events) == 11
+
+
+async def test_copy_event_names_the_new_copies(db: MailDB) -> None:
+    events: list[ChangeEvent] = []
+    db.add_listener(events.append)
+    await append_n(db, 2)
+    result = await db.copy(ALICE, INBOX, [1, 2], JUNK)
+    junk = await db.fetch_infos(ALICE, JUNK, result.dest_uids)
+    assert events[-1].guids == tuple(m.guid for m in junk)
+    assert [read(db, g) for g in events[-1].guids] == [body(0), body(1)]
+
+
+async def test_wait_change(db: MailDB) -> None:
+    version = db.version(ALICE)
+    assert await db.wait_change(ALICE, version, 0.01) == version  # times out quietly
+    assert await db.wait_change(ALICE, version + 5, 10) == version  # already different
+
+    waiters = [asyncio.create_task(db.wait_change(ALICE, version, 30)) for _ in range(2)]
+    bob = asyncio.create_task(db.wait_change(BOB, db.version(BOB), 0.3))
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    await append_n(db, 1)
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 5) == [version + 1] * 2
+    assert await bob == 0  # Alice's change does not wake Bob
+    assert db._wakeups == {} and db._waiting == {}  # nothing left behind
+
+
+async def test_a_failed_write_notifies_nobody(db: MailDB) -> None:
+    events: list[ChangeEvent] = []
+    db.add_listener(events.append)
+    with pytest.raises(OverQuota):
+        await db.append(ALICE, INBOX, body(1), frozenset(), quota=1)
+    with pytest.raises(NoSuchMailbox):
+        await db.move(ALICE, INBOX, [1], "Nope")
+    assert events == [] and db.version(ALICE) == 0
+
+
+# Schema migration
+
+
+# The index exactly as schema 2 created it.
+SCHEMA_2 = """
+CREATE TABLE mailbox (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+    uidvalidity INTEGER NOT NULL, uidnext INTEGER NOT NULL, highestmodseq INTEGER NOT NULL,
+    special_use TEXT);
+CREATE TABLE message (mailbox_id INTEGER NOT NULL REFERENCES mailbox(id), uid INTEGER NOT NULL,
+    guid TEXT NOT NULL UNIQUE, size INTEGER NOT NULL, internaldate REAL NOT NULL,
+    flags TEXT NOT NULL DEFAULT '', modseq INTEGER NOT NULL,
+    PRIMARY KEY (mailbox_id, uid)) WITHOUT ROWID;
+CREATE INDEX message_modseq ON message(mailbox_id, modseq);
+CREATE TABLE expunged (mailbox_id INTEGER NOT NULL, uid INTEGER NOT NULL,
+    modseq INTEGER NOT NULL, PRIMARY KEY (mailbox_id, uid)) WITHOUT ROWID;
+CREATE INDEX expunged_modseq ON expunged(mailbox_id, modseq);
+CREATE TABLE delivered (queue_id TEXT PRIMARY KEY, mailbox_id INTEGER NOT NULL,
+    uid INTEGER NOT NULL, delivered_at REAL NOT NULL) WITHOUT ROWID;
+"""
+
+
+def make_schema_2_index(db: MailDB) -> list[bytes]:
+    base = db.user_path(ALICE)
+    (base / "tmp").mkdir(parents=True)
+    conn = sqlite3.connect(base / "index.sqlite")
+    conn.executescript(SCHEMA_2)
+    bodies = [body(1), body(22), body(333)]
+    with conn:
+        for box_id, name, use in ((1, INBOX, None), (2, JUNK, "\\Junk"), (3, TRASH, "\\Trash"),
+                                  (4, "Drafts", "\\Drafts"), (5, "Sent", "\\Sent"),
+                                  (6, ARCHIVE, "\\Archive")):
+            conn.execute("INSERT INTO mailbox VALUES (?, ?, ?, 1, 1, ?)",
+                         (box_id, name, 1_600_000_000 + box_id, use))
+        for uid, (box_id, data) in enumerate(zip((1, 1, 2), bodies, strict=True), start=1):
+            guid = f"{uid:02x}" + "0" * 30
+            (base / "m" / guid[:2]).mkdir(parents=True)
+            (base / "m" / guid[:2] / guid).write_bytes(data)
+            conn.execute("INSERT INTO message VALUES (?, ?, ?, ?, 0, '\\Seen', ?)",
+                         (box_id, uid, guid, len(data), uid + 1))
+        conn.execute("UPDATE mailbox SET uidnext = 3, highestmodseq = 3 WHERE id = 1")
+        conn.execute("UPDATE mailbox SET uidnext = 4, highestmodseq = 4 WHERE id = 2")
+        conn.execute("INSERT INTO expunged VALUES (1, 7, 3)")
+    conn.execute("PRAGMA user_version=2")
+    conn.close()
+    return bodies
+
+
+async def test_schema_2_index_is_migrated(tmp_path: Path) -> None:
+    db = MailDB(tmp_path / "mail")
+    try:
+        bodies = make_schema_2_index(db)
+        assert await db.usage(ALICE) == sum(len(b) for b in bodies)  # computed once
+        conn = sqlite3.connect(db.user_path(ALICE) / "index.sqlite")
+        try:
+            assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            assert conn.execute("SELECT name, recent_uid FROM mailbox WHERE id < 3"
+                                " ORDER BY id").fetchall() == [(INBOX, 3), (JUNK, 4)]
+        finally:
+            conn.close()
+        # What was there before the upgrade is not \Recent; what comes after is.
+        assert await db.claim_recent(ALICE, INBOX) == 3
+        assert await db.subscriptions(ALICE) == []
+        inbox = await db.status(ALICE)
+        assert (inbox.uidvalidity, inbox.uidnext, inbox.messages) == (1_600_000_001, 3, 2)
+        assert (await db.changes_since(ALICE, INBOX, 0)).expunged == [7]
+        assert await append_n(db, 1) == [3]
+        assert await db.claim_recent(ALICE, INBOX) == 3
+        await db.move(ALICE, JUNK, [3], INBOX)
+        assert await db.usage(ALICE) == await total_size(db)
+        assert [read(db, m.guid) for m in await db.list_messages(ALICE)] == [
+            bodies[0], bodies[1], body(0), bodies[2]]
+    finally:
+        await db.close()
+
+
+async def test_usage_survives_reopening(tmp_path: Path) -> None:
+    db = MailDB(tmp_path / "mail")
+    await append_n(db, 3)
+    await db.copy(ALICE, INBOX, [1], ARCHIVE)
+    await db.expunge(ALICE, INBOX, [2])
+    expected = await total_size(db)
+    await db.close()
+    again = MailDB(tmp_path / "mail")
+    try:
+        assert await again.usage(ALICE) == expected
+        assert (await again.sweep(full=True)).files_removed == 0  # the links are all named
+    finally:
+        await again.close()
+
