@@ -1,12 +1,14 @@
 """The store tier's entry point: `tiermail store` calls `serve(settings)`.
 
 One process owns every mailbox. Resources are opened in an AsyncExitStack and closed in reverse:
-account database, mail store (after its crash sweep), Redis (directory publisher, heartbeat),
-the POP3 listeners, and the delivery consumer. SIGTERM/SIGINT stop consuming, let the batch in
-flight be stored and acked, close the listeners and exit.
+account database, mail store (after its crash sweep), the full-text indexer, Redis (directory
+and quota publishers, heartbeat, login throttle), the spam-learning hook, the POP3 and IMAP
+listeners, and the delivery consumer. SIGTERM/SIGINT stop consuming, let the batch in flight be
+stored and acked, close the listeners (IMAP sessions get `* BYE`) and exit.
 
-Redis being down never stops the store: the directory is (re)published in the background until
-it succeeds, and POP3 and delivery keep working without it.
+Redis being down never stops the store: the directory and quota state are (re)published in the
+background until it succeeds, failed logins go uncounted, and POP3, IMAP and delivery keep
+working without it.
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from common.auththrottle import AuthThrottle
 from common.directory import Directory
 from common.health import Heartbeat
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
+from services.store.backends.textindex import TextIndex, TextIndexer
 from services.store.consumer import Consumer, ConsumerStats
+from services.store.imap.server import ImapDeps, start_imap_servers
+from services.store.learning import LearningHook
 from services.store.pop3.server import start_pop3_servers
+from services.store.quota import QuotaPublisher
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,14 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         log.info("mail store ready at %s (sweep checked %d users, removed %d files)",
                  maildb.root, swept.users, swept.files_removed, extra={"event": "sweep"})
 
+        # IMAP SEARCH TEXT/BODY: indexed off the delivery path, caught up after downtime.
+        text_index = TextIndex(maildb.root)
+        indexer = TextIndexer(maildb, text_index)
+        maildb.add_listener(indexer.notify)
+        indexer.request_all()
+        indexing = asyncio.create_task(indexer.run(), name="text-indexer")
+        stack.push_async_callback(_cancel, indexing)
+
         redis = aioredis.from_url(settings.redis_url)
         stack.push_async_callback(redis.aclose)
         directory = Directory(redis, settings.redis_prefix)
@@ -68,12 +83,28 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                                         name="directory-publisher")
         stack.push_async_callback(_cancel, publisher)
 
+        quota = QuotaPublisher(maildb, accounts, redis, settings.redis_prefix,
+                               settings.default_quota)
+        maildb.add_listener(quota.on_change)
+        quota_task = asyncio.create_task(quota.run(), name="quota-publisher")
+        stack.push_async_callback(_cancel, quota_task)
+
+        if settings.learn == "rspamd":
+            learning = LearningHook.from_settings(settings, maildb)
+            maildb.add_listener(learning.on_change)
+            stack.push_async_callback(learning.close)
+
         stats = ConsumerStats()
         await stack.enter_async_context(
             Heartbeat(redis, settings.redis_prefix, "store", stats.as_dict))
 
-        servers = await start_pop3_servers(settings, maildb, accounts)
+        throttle = AuthThrottle.from_settings(redis, settings)
+        servers: list[Any] = await start_pop3_servers(settings, maildb, accounts,
+                                                      throttle=throttle)
         stack.push_async_callback(_close_servers, servers)
+        imap = ImapDeps(store=maildb, accounts=accounts, throttle=throttle,
+                        text_index=text_index, indexer=indexer)
+        servers += await start_imap_servers(settings, imap)
 
         consumer = Consumer(settings, maildb, accounts, stats)
         consuming = asyncio.create_task(consumer.run(), name="consumer")

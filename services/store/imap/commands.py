@@ -1,0 +1,949 @@
+"""IMAP command handlers and the one command table (name -> handler, states, flags).
+
+The session checks the state against the table before a handler runs, so handlers never do.
+A handler writes its untagged data through the session and returns the tagged completion
+(`None` when it already wrote it: STARTTLS). Storage errors propagate to the session, which
+maps them in one place (responses.reply_for_failure); handlers catch them only where the reply
+depends on the command (APPEND/COPY/MOVE targets get [TRYCREATE]).
+
+RFC 3501 (IMAP4rev1) section 6, with RFC 2177 (IDLE), 2971 (ID), 4315 (UIDPLUS), 4731
+(ESEARCH), 4959 (SASL-IR), 5161 (ENABLE), 5256 (SORT, THREAD), 5258 (LIST-EXTENDED), 5819
+(LIST-STATUS), 6154 (SPECIAL-USE), 6851 (MOVE), 7162 (CONDSTORE, QRESYNC), 7888 (LITERAL+),
+7889 (APPENDLIMIT), 9208 (QUOTA), 3691 (UNSELECT), 3348 (CHILDREN), 2342 (NAMESPACE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+from services.store.imap import responses as r
+from services.store.imap.protocol import fetch as f
+from services.store.imap.protocol import wire
+from services.store.imap.protocol.command import (
+    Append,
+    Authenticate,
+    Command,
+    CopyMove,
+    Enable,
+    Fetch,
+    FetchAtt,
+    Id,
+    ListArgs,
+    Login,
+    MailboxArg,
+    QuotaRoot,
+    Rename,
+    Search,
+    SearchKey,
+    Select,
+    Sort,
+    Status,
+    Store,
+    Thread,
+    UidExpunge,
+)
+from services.store.imap.protocol.grammar import known_charset
+from services.store.imap.protocol.sequence import contains
+from services.store.imap.search import MessageView, StoreMessageSource, search
+from services.store.imap.selected import SelectedMailbox, format_uids
+from services.store.imap.sort import BadSortCriteria, sort
+from services.store.imap.thread import BadThreadAlgorithm, format_thread, thread
+from services.store.mailbox import (
+    HIERARCHY_DELIMITER,
+    INBOX,
+    SPECIAL_USE,
+    MailboxInfo,
+    MessageInfo,
+    NoSuchMessage,
+)
+
+if TYPE_CHECKING:
+    from services.store.imap.session import Session
+
+log = logging.getLogger(__name__)
+
+# Message bytes read from storage per worker-thread round trip while answering FETCH, and the
+# response bytes gathered before a write: big enough to amortise, small enough that a FETCH of
+# 100,000 messages neither holds them all in memory nor keeps other sessions waiting.
+READ_BATCH_OCTETS = 4 * 1024 * 1024
+READ_BATCH_MESSAGES = 64
+WRITE_BATCH_OCTETS = 256 * 1024
+SEEN = "\\Seen"
+DELETED = "\\Deleted"
+
+
+class State(enum.Enum):
+    NOT_AUTHENTICATED = "not authenticated"
+    AUTHENTICATED = "authenticated"
+    SELECTED = "selected"
+    LOGOUT = "logout"
+
+
+Handler = Callable[["Session", Command], Awaitable["r.Reply | None"]]
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """One row of the command table."""
+
+    handler: Handler
+    states: frozenset[State]
+    # Reads the selected mailbox's messages: bring the map up to date first.
+    uses_messages: bool = False
+    # RFC 3501 7.4.1: no EXPUNGE responses during FETCH, STORE or SEARCH (their UID forms may
+    # send them: UIDs do not shift).
+    expunge_ok: bool = True
+
+
+# --- any state ---------------------------------------------------------------------------
+
+async def capability(s: Session, c: Command) -> r.Reply:
+    await s.send(wire.untagged(s.capability_code()))
+    return r.OK_DONE
+
+
+async def noop(s: Session, c: Command) -> r.Reply:
+    return r.OK_DONE  # the session sends pending updates after every command
+
+
+async def logout(s: Session, c: Command) -> r.Reply:
+    s.state = State.LOGOUT
+    return r.OK_LOGOUT
+
+
+async def id_(s: Session, c: Command) -> r.Reply:
+    params = cast(Id, c.args).params
+    if params:
+        log.info("client id %s", {k: v for k, v in list(params.items())[:10]},
+                 extra=s.log_context)
+    await s.send(wire.untagged(b'ID ("name" "tiermail" "vendor" "tiermail")'))
+    return r.OK_DONE
+
+
+# --- not authenticated -------------------------------------------------------------------
+
+async def starttls(s: Session, c: Command) -> r.Reply | None:
+    if s.tls_active:
+        return r.Reply("BAD", "TLS already active")
+    if not s.config.tls_available:
+        return r.NO_TLS_UNAVAILABLE
+    if not await s.channel.start_tls(r.OK_BEGIN_TLS.tagged(c.tag)):
+        s.state = State.LOGOUT
+    else:
+        s.tls_started()
+    return None
+
+
+async def login(s: Session, c: Command) -> r.Reply:
+    args = cast(Login, c.args)
+    return await s.login(args.user, args.password)
+
+
+async def authenticate(s: Session, c: Command) -> r.Reply:
+    args = cast(Authenticate, c.args)
+    if args.mechanism != "PLAIN":
+        return r.NO_AUTH_MECHANISM
+    return await s.authenticate_plain(args.initial)
+
+
+# --- authenticated -----------------------------------------------------------------------
+
+async def enable(s: Session, c: Command) -> r.Reply:
+    enabled = []
+    for name in cast(Enable, c.args).capabilities:
+        if name == "CONDSTORE":
+            s.enabled.condstore = True
+        elif name == "QRESYNC":
+            s.enabled.qresync = s.enabled.condstore = True
+        else:
+            continue  # RFC 5161 3.1: unknown capabilities are ignored
+        enabled.append(name)
+    await s.send(wire.untagged(" ".join(["ENABLED", *enabled])))
+    return r.OK_DONE
+
+
+async def select(s: Session, c: Command) -> r.Reply:
+    args = cast(Select, c.args)
+    readonly = c.name == "EXAMINE"
+    if s.selected is not None:
+        s.deselect()
+        await s.send(r.OK_CLOSED.untagged())  # RFC 7162 3.2.11
+    if args.qresync is not None and not s.enabled.qresync:
+        return r.BAD_QRESYNC_NOT_ENABLED
+    if args.condstore:
+        s.enabled.condstore = True
+    user = s.logged_in_user
+    version = s.store.version(user)  # first: anything committed later is synced later
+    status = await s.store.status(user, args.mailbox)
+    messages = await s.store.list_messages(user, args.mailbox)
+    recent_from = status.uidnext if readonly else await s.store.claim_recent(user,
+                                                                             args.mailbox)
+    selected = SelectedMailbox(status.name, readonly=readonly, status=status,
+                               messages=messages, recent_from=recent_from, version=version)
+    lines = [
+        wire.untagged(b"FLAGS " + selected.flag_list()),
+        wire.untagged(b"OK [PERMANENTFLAGS "
+                      + (b"()" if readonly else selected.permanent_flags())
+                      + b"] Flags permitted"),
+        wire.untagged(b"%d EXISTS" % selected.count),
+        wire.untagged(b"%d RECENT" % selected.recent_count),
+    ]
+    unseen = selected.first_unseen()
+    if unseen is not None:
+        lines.append(wire.untagged(b"OK [UNSEEN %d] First unseen" % unseen))
+    lines += [
+        wire.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % selected.uidvalidity),
+        wire.untagged(b"OK [UIDNEXT %d] Predicted next UID" % selected.uidnext),
+        wire.untagged(b"OK [HIGHESTMODSEQ %d] Highest" % selected.highestmodseq),
+    ]
+    await s.send(b"".join(lines))
+    s.selected = selected
+    s.state = State.SELECTED
+    if args.qresync is not None and args.qresync.uidvalidity == selected.uidvalidity:
+        await _qresync(s, selected, args)
+    code = "READ-ONLY" if readonly else "READ-WRITE"
+    return r.Reply("OK", f"{c.name} completed", code)
+
+
+async def _qresync(s: Session, selected: SelectedMailbox, args: Select) -> None:
+    """RFC 7162 3.2.5: what changed since the client's MODSEQ, as VANISHED (EARLIER) and
+    FETCH responses, so it need not fetch the flags of the whole mailbox."""
+    params = args.qresync
+    assert params is not None
+    changes = await s.store.changes_since(s.logged_in_user, selected.name, params.modseq)
+    known = params.known_uids
+    largest = max(selected.uidnext - 1, 1)
+    vanished = [uid for uid in changes.expunged
+                if known is None or contains(known, uid, largest)]
+    if vanished:
+        await s.send(wire.untagged(b"VANISHED (EARLIER) " + format_uids(sorted(vanished))))
+    lines = []
+    for info in changes.changed:
+        position = selected.position_of(info.uid)
+        if position is not None and info.modseq > params.modseq:
+            lines.append(selected.flags_fetch(position, uid=True, modseq=True))
+    await _send_batched(s, lines)
+
+
+async def create(s: Session, c: Command) -> r.Reply:
+    args = cast(MailboxArg, c.args)
+    # RFC 3501 6.3.3: a trailing delimiter only says the client intends to create children.
+    name = args.mailbox.rstrip(HIERARCHY_DELIMITER) or args.mailbox
+    if len(args.special_use) > 1 or any(use not in SPECIAL_USE.values()
+                                        for use in args.special_use):
+        return r.NO_USEATTR
+    special = args.special_use[0] if args.special_use else None
+    await s.store.create_mailbox(s.logged_in_user, name, special)
+    return r.OK_DONE
+
+
+async def delete(s: Session, c: Command) -> r.Reply:
+    name = cast(MailboxArg, c.args).mailbox
+    await s.store.delete_mailbox(s.logged_in_user, name)
+    if s.selected is not None and s.selected.name == name:
+        s.deselect()
+        await s.send(r.OK_CLOSED.untagged())
+    return r.OK_DONE
+
+
+async def rename(s: Session, c: Command) -> r.Reply:
+    args = cast(Rename, c.args)
+    await s.store.rename_mailbox(s.logged_in_user, args.old, args.new)
+    selected = s.selected
+    if selected is not None and args.old != INBOX and (
+            selected.name == args.old
+            or selected.name.startswith(args.old + HIERARCHY_DELIMITER)):
+        selected.name = args.new + selected.name[len(args.old):]
+    return r.OK_DONE
+
+
+async def subscribe(s: Session, c: Command) -> r.Reply:
+    name = cast(MailboxArg, c.args).mailbox
+    await s.store.set_subscribed(s.logged_in_user, name, c.name == "SUBSCRIBE")
+    return r.OK_DONE
+
+
+async def namespace(s: Session, c: Command) -> r.Reply:
+    # RFC 2342: one personal namespace, no shared or other users' namespaces.
+    await s.send(wire.untagged(b'NAMESPACE (("" "/")) NIL NIL'))
+    return r.OK_DONE
+
+
+async def list_(s: Session, c: Command) -> r.Reply:
+    args = cast(ListArgs, c.args)
+    if c.name == "LSUB":
+        return await _lsub(s, args)
+    if not args.select_options and args.patterns == ("",):
+        # RFC 3501 6.3.8: an empty pattern asks for the delimiter and root.
+        await s.send(wire.untagged(b'LIST (\\Noselect) "/" ""'))
+        return r.OK_DONE
+    user = s.logged_in_user
+    mailboxes = {info.name: info for info in await s.store.list_mailboxes(user)}
+    extended = bool(args.select_options or args.return_options or args.return_status)
+    want_subscribed = ("SUBSCRIBED" in args.select_options
+                       or "SUBSCRIBED" in args.return_options)
+    subscribed = set(await s.store.subscriptions(user)) if want_subscribed else set()
+    tree = _Tree(mailboxes, subscribed)
+    matcher = _Matcher(args.reference, args.patterns)
+    if "SUBSCRIBED" in args.select_options:
+        candidates = tree.subscribed_names(args.select_options)
+    else:
+        candidates = tree.all_names()
+    lines: list[bytes] = []
+    statuses: list[str] = []
+    for name in candidates:
+        if not matcher.matches(name):
+            continue
+        attributes = tree.attributes(name, extended=extended)
+        info = mailboxes.get(name)
+        if "SPECIAL-USE" in args.select_options and (info is None or not info.special_use):
+            continue
+        if want_subscribed and name in subscribed:
+            attributes.append("\\Subscribed")
+        extra = b""
+        if "RECURSIVEMATCH" in args.select_options and tree.has_subscribed_child(name) \
+                and name not in subscribed:
+            extra = b' ("CHILDINFO" ("SUBSCRIBED"))'
+        lines.append(wire.untagged(b"LIST (" + " ".join(attributes).encode()
+                                   + b') "/" ' + wire.mailbox(name) + extra))
+        if args.return_status and info is not None:
+            statuses.append(name)
+        if len(lines) >= 256:
+            await _send_batched(s, lines)
+            lines = []
+    await _send_batched(s, lines)
+    for name in statuses:
+        # RFC 5819: a mailbox that cannot be opened is simply left without STATUS.
+        try:
+            await s.send(await _status_line(s, name, args.return_status))
+        except Exception as exc:  # noqa: BLE001 - one mailbox must not fail the LIST
+            s.failure(exc, "LIST-STATUS")
+    return r.OK_DONE
+
+
+async def _lsub(s: Session, args: ListArgs) -> r.Reply:
+    user = s.logged_in_user
+    existing = {info.name for info in await s.store.list_mailboxes(user)}
+    subscribed = set(await s.store.subscriptions(user))
+    matcher = _Matcher(args.reference, args.patterns)
+    found: dict[str, bool] = {}  # name -> \Noselect
+    for name in subscribed:
+        if matcher.matches(name):
+            found[name] = name not in existing
+        # RFC 3501 6.3.9: "%" matching an unsubscribed parent lists it \Noselect.
+        if matcher.has_percent:
+            for parent in _ancestors(name):
+                if parent not in subscribed and matcher.matches(parent):
+                    found.setdefault(parent, True)
+    lines = [wire.untagged(b"LSUB (" + (b"\\Noselect" if noselect else b"")
+                           + b') "/" ' + wire.mailbox(name))
+             for name, noselect in sorted(found.items(), key=lambda item: _order(item[0]))]
+    await _send_batched(s, lines)
+    return r.OK_DONE
+
+
+async def status(s: Session, c: Command) -> r.Reply:
+    args = cast(Status, c.args)
+    await s.send(await _status_line(s, args.mailbox, args.items))
+    return r.OK_DONE
+
+
+async def _status_line(s: Session, name: str, items: Sequence[str]) -> bytes:
+    user = s.logged_in_user
+    current = await s.store.status(user, name)
+    selected = s.selected if s.selected is not None and s.selected.name == current.name \
+        else None
+    values: list[bytes] = []
+    messages: list[MessageInfo] | None = None
+    for item in items:
+        if item == "MESSAGES":
+            value = current.messages
+        elif item == "UIDNEXT":
+            value = current.uidnext
+        elif item == "UIDVALIDITY":
+            value = current.uidvalidity
+        elif item == "HIGHESTMODSEQ":
+            s.enabled.condstore = True
+            value = current.highestmodseq
+        elif item == "UNSEEN":
+            value = await s.store.unseen(user, name)
+        elif item == "RECENT":
+            # Only a selecting session may claim \Recent; STATUS does not (RFC 3501 6.3.10).
+            value = selected.recent_count if selected is not None else 0
+        elif item == "SIZE":
+            if messages is None:
+                messages = await s.store.list_messages(user, name)
+            value = sum(info.size for info in messages)
+        else:
+            continue
+        values.append(b"%s %d" % (item.encode("ascii"), value))
+    return wire.untagged(b"STATUS " + wire.mailbox(current.name) + b" ("
+                         + b" ".join(values) + b")")
+
+
+async def append(s: Session, c: Command) -> r.Reply:
+    args = cast(Append, c.args)
+    flags = frozenset(flag for flag in args.flags if flag != "\\Recent")
+    date = args.date.timestamp() if args.date is not None else None
+    try:
+        quota = await s.quota_limit()
+        result = await s.store.append(s.logged_in_user, args.mailbox, args.message, flags,
+                                      date, quota)
+    except Exception as exc:  # noqa: BLE001 - mapped in the one place, with TRYCREATE
+        return s.failure(exc, "APPEND", trycreate=True)
+    return r.Reply("OK", "APPEND completed", f"APPENDUID {result.uidvalidity} {result.uid}")
+
+
+async def idle(s: Session, c: Command) -> r.Reply:
+    """RFC 2177: report changes as they happen until the client sends DONE."""
+    await s.send(wire.continuation("idling"))
+    user = s.logged_in_user
+    reader = asyncio.ensure_future(s.channel.read_line())
+    waiter: asyncio.Future[int] | None = None
+    try:
+        while True:
+            await s.sync(allow_expunge=True)
+            version = s.selected.version if s.selected is not None else s.store.version(user)
+            waiter = asyncio.ensure_future(
+                s.store.wait_change(user, version, s.config.idle_poll))
+            await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():
+                break
+    finally:
+        for task in (reader, waiter):
+            if task is not None and not task.done():
+                task.cancel()
+    line = reader.result()
+    if not isinstance(line, bytes) or line.strip().upper() != b"DONE":
+        return r.BAD_IDLE_DONE
+    return r.OK_IDLE_DONE
+
+
+async def getquotaroot(s: Session, c: Command) -> r.Reply:
+    name = cast(MailboxArg, c.args).mailbox
+    current = await s.store.status(s.logged_in_user, name)  # NONEXISTENT when absent
+    limit = await s.quota_limit()
+    if limit is None:
+        await s.send(wire.untagged(b"QUOTAROOT " + wire.mailbox(current.name)))
+        return r.OK_DONE
+    await s.send(wire.untagged(b'QUOTAROOT ' + wire.mailbox(current.name) + b' ""')
+                 + await _quota_line(s, limit))
+    return r.OK_DONE
+
+
+async def getquota(s: Session, c: Command) -> r.Reply:
+    root = cast(QuotaRoot, c.args).root
+    limit = await s.quota_limit()
+    if root != "" or limit is None:
+        return r.NO_NO_QUOTA_ROOT
+    await s.send(await _quota_line(s, limit))
+    return r.OK_DONE
+
+
+async def _quota_line(s: Session, limit: int) -> bytes:
+    # RFC 9208 5.1: STORAGE is counted in units of 1024 octets.
+    used = await s.store.usage(s.logged_in_user)
+    return wire.untagged(b'QUOTA "" (STORAGE %d %d)' % ((used + 1023) // 1024, limit // 1024))
+
+
+# --- selected ----------------------------------------------------------------------------
+
+async def check(s: Session, c: Command) -> r.Reply:
+    return r.OK_DONE  # every change is durable when committed; updates follow as for NOOP
+
+
+async def close(s: Session, c: Command) -> r.Reply:
+    selected = s.mailbox
+    if not selected.readonly:
+        # RFC 3501 6.4.2: expunge silently, then leave the mailbox.
+        uids = [info.uid for info in selected.infos if DELETED in info.flags]
+        if uids:
+            await s.store.expunge(s.logged_in_user, selected.name, uids)
+    s.deselect()
+    return r.OK_DONE
+
+
+async def unselect(s: Session, c: Command) -> r.Reply:
+    s.deselect()
+    return r.OK_DONE
+
+
+async def expunge(s: Session, c: Command) -> r.Reply:
+    selected = s.mailbox
+    if selected.readonly:
+        return r.NO_READ_ONLY
+    if c.uid:
+        positions = selected.positions(cast(UidExpunge, c.args).sequence, uid=True)
+        candidates: Iterable[MessageInfo] = (selected.info(p) for p in positions)
+    else:
+        candidates = selected.infos
+    uids = [info.uid for info in candidates if DELETED in info.flags]
+    if uids:
+        await s.store.expunge(s.logged_in_user, selected.name, uids)
+    return r.OK_DONE  # the EXPUNGE (or VANISHED) responses come from the sync that follows
+
+
+async def fetch(s: Session, c: Command) -> r.Reply:
+    args = cast(Fetch, c.args)
+    selected = s.mailbox
+    positions = selected.positions(args.sequence, uid=c.uid)
+    modseq_asked = args.changedsince is not None or any(a.name == "MODSEQ" for a in args.atts)
+    if modseq_asked:
+        s.enabled.condstore = True  # RFC 7162 3.1: the first CONDSTORE use enables it
+    if args.vanished:
+        if not (c.uid and args.changedsince is not None and s.enabled.qresync):
+            return r.BAD_VANISHED
+        await _vanished_earlier(s, selected, args)
+    if args.changedsince is not None:
+        since = args.changedsince
+        positions = [p for p in positions if selected.info(p).modseq > since]
+    seen_set = await _mark_seen(s, selected, positions, args.atts)
+    skipped = await _render_fetch(s, selected, positions, args.atts, seen_set,
+                                  uid=c.uid, modseq=modseq_asked)
+    return r.NO_EXPUNGED.with_code("EXPUNGEISSUED") if skipped else r.OK_DONE
+
+
+async def _vanished_earlier(s: Session, selected: SelectedMailbox, args: Fetch) -> None:
+    assert args.changedsince is not None
+    changes = await s.store.changes_since(s.logged_in_user, selected.name, args.changedsince)
+    largest = max(selected.uidnext - 1, 1)
+    vanished = [uid for uid in changes.expunged if contains(args.sequence, uid, largest)]
+    if vanished:
+        await s.send(wire.untagged(b"VANISHED (EARLIER) " + format_uids(sorted(vanished))))
+
+
+async def _mark_seen(s: Session, selected: SelectedMailbox, positions: list[int],
+                     atts: Sequence[FetchAtt]) -> set[int]:
+    """RFC 3501 6.4.5: a non-PEEK body fetch sets \\Seen; returns the UIDs it was set on."""
+    if selected.readonly or not f.sets_seen(atts):
+        return set()
+    unseen = [selected.info(p).uid for p in positions
+              if SEEN not in selected.info(p).flags and not selected.is_gone(p)]
+    if not unseen:
+        return set()
+    result = await s.store.store_flags(s.logged_in_user, selected.name, unseen, "+",
+                                       frozenset({SEEN}))
+    selected.update(result.changed)
+    return {info.uid for info in result.changed}
+
+
+async def _render_fetch(s: Session, selected: SelectedMailbox, positions: list[int],
+                        atts: Sequence[FetchAtt], seen_set: set[int], *, uid: bool,
+                        modseq: bool) -> bool:
+    """Write the FETCH responses; True when some message was gone and left out."""
+    atts = tuple(atts)
+    with_flags = atts if any(a.name == "FLAGS" for a in atts) else (*atts, FetchAtt("FLAGS"))
+    body = f.needs_body(atts)
+    skipped = False
+    out: list[bytes] = []
+    size = 0
+    for batch in _batches(selected, positions, body):
+        raws = await _read_bodies(s, selected, batch) if body else {}
+        for position in batch:
+            info = selected.info(position)
+            raw = raws.get(position)
+            if body and raw is None:
+                skipped = True
+                continue
+            # RFC 3501 6.4.5: when \Seen was just set, the response carries the new FLAGS.
+            wanted = with_flags if info.uid in seen_set else atts
+            recent = frozenset({"\\Recent"}) if selected.is_recent(position) else frozenset()
+            line = f.render_fetch(position + 1, info, wanted, raw, extra_flags=recent,
+                                  include_uid=uid,
+                                  include_modseq=modseq or (s.enabled.condstore
+                                                            and info.uid in seen_set))
+            out.append(line)
+            size += len(line)
+            if size >= WRITE_BATCH_OCTETS:
+                await s.send(b"".join(out))
+                out, size = [], 0
+                await asyncio.sleep(0)  # let other sessions run between chunks
+    if out:
+        await s.send(b"".join(out))
+    return skipped
+
+
+def _batches(selected: SelectedMailbox, positions: list[int], body: bool
+             ) -> Iterable[list[int]]:
+    if not body:
+        step = 4096
+        for start in range(0, len(positions), step):
+            yield positions[start:start + step]
+        return
+    batch: list[int] = []
+    octets = 0
+    for position in positions:
+        batch.append(position)
+        octets += selected.info(position).size
+        if len(batch) >= READ_BATCH_MESSAGES or octets >= READ_BATCH_OCTETS:
+            yield batch
+            batch, octets = [], 0
+    if batch:
+        yield batch
+
+
+async def _read_bodies(s: Session, selected: SelectedMailbox, batch: list[int]
+                       ) -> dict[int, bytes]:
+    """The stored bytes of a batch of messages, read in one worker-thread round trip; a
+    message expunged meanwhile is left out."""
+    user = s.logged_in_user
+    wanted = [(p, selected.info(p).guid) for p in batch if not selected.is_gone(p)]
+
+    def read() -> dict[int, bytes]:
+        found: dict[int, bytes] = {}
+        for position, guid in wanted:
+            try:
+                with s.store.open_message(user, guid) as file:
+                    found[position] = file.read()
+            except (NoSuchMessage, FileNotFoundError):
+                continue
+        return found
+
+    return await asyncio.to_thread(read)
+
+
+async def store(s: Session, c: Command) -> r.Reply:
+    args = cast(Store, c.args)
+    selected = s.mailbox
+    if selected.readonly:
+        return r.NO_READ_ONLY
+    if args.unchangedsince is not None:
+        s.enabled.condstore = True
+    positions = [p for p in selected.positions(args.sequence, uid=c.uid)
+                 if not selected.is_gone(p)]
+    flags = frozenset(flag for flag in args.flags if flag != "\\Recent")
+    uids = [selected.info(p).uid for p in positions]
+    result = await s.store.store_flags(s.logged_in_user, selected.name, uids, args.mode, flags,
+                                       args.unchangedsince)
+    selected.update(result.changed)
+    modified = set(result.modified)
+    changed = {info.uid for info in result.changed}
+    condstore = s.enabled.condstore
+    lines = []
+    for position in positions:
+        uid = selected.info(position).uid
+        if uid in modified:
+            continue
+        if not args.silent:
+            lines.append(selected.flags_fetch(position, uid=c.uid or s.enabled.qresync,
+                                              modseq=condstore))
+        elif uid in changed and (condstore or args.unchangedsince is not None):
+            # RFC 7162 3.1.3: even .SILENT reports the new MODSEQ of changed messages.
+            lines.append(_modseq_fetch(selected, position, uid=c.uid))
+    await _send_batched(s, lines)
+    if modified:
+        numbers = modified if c.uid else {
+            p + 1 for p in (selected.position_of(u) for u in modified) if p is not None}
+        return r.Reply("OK", "Conditional STORE failed for some messages",
+                       "MODIFIED " + format_uids(sorted(numbers)).decode())
+    return r.OK_DONE
+
+
+def _modseq_fetch(selected: SelectedMailbox, position: int, *, uid: bool) -> bytes:
+    info = selected.info(position)
+    uid_item = b"UID %d " % info.uid if uid else b""
+    return wire.untagged(b"%d FETCH (%sMODSEQ (%d))" % (position + 1, uid_item, info.modseq))
+
+
+async def copy(s: Session, c: Command) -> r.Reply:
+    args = cast(CopyMove, c.args)
+    selected = s.mailbox
+    move = c.name == "MOVE"
+    if move and selected.readonly:
+        return r.NO_READ_ONLY
+    uids = [selected.info(p).uid for p in selected.positions(args.sequence, uid=c.uid)
+            if not selected.is_gone(p)]
+    if not uids:
+        return r.OK_DONE
+    user = s.logged_in_user
+    try:
+        if move:
+            result = await s.store.move(user, selected.name, uids, args.mailbox)
+        else:
+            quota = await s.quota_limit()
+            result = await s.store.copy(user, selected.name, uids, args.mailbox, quota)
+    except Exception as exc:  # noqa: BLE001 - mapped in the one place, with TRYCREATE
+        return s.failure(exc, c.name, trycreate=True)
+    code = (f"COPYUID {result.uidvalidity} {format_uids(result.source_uids).decode()} "
+            f"{format_uids(result.dest_uids).decode()}")
+    if result.source_uids and not _ascending_pairs(result.source_uids, result.dest_uids):
+        code = _copyuid_unsorted(result.uidvalidity, result.source_uids, result.dest_uids)
+    if not result.source_uids:
+        return r.OK_DONE
+    if move:
+        # RFC 6851 4.3: COPYUID goes in an untagged OK before the EXPUNGE responses.
+        await s.send(r.Reply("OK", "Moved", code).untagged())
+        return r.OK_DONE
+    return r.Reply("OK", "COPY completed", code)
+
+
+def _ascending_pairs(source: list[int], dest: list[int]) -> bool:
+    return source == sorted(source) and dest == sorted(dest)
+
+
+def _copyuid_unsorted(uidvalidity: int, source: list[int], dest: list[int]) -> str:
+    # RFC 4315 4: the two sets pair up in order, so when compressing would reorder them
+    # they are listed one by one.
+    return (f"COPYUID {uidvalidity} {','.join(map(str, source))} "
+            f"{','.join(map(str, dest))}")
+
+
+async def search_(s: Session, c: Command) -> r.Reply:
+    args = cast(Search, c.args)
+    if args.charset is not None and not known_charset(args.charset):
+        return r.NO_BADCHARSET
+    selected = s.mailbox
+    positions = await _search_positions(s, selected, args.key)
+    uses_modseq = _uses_modseq(args.key)
+    if uses_modseq:
+        s.enabled.condstore = True
+    numbers = [selected.info(p).uid if c.uid else p + 1 for p in positions]
+    highest = max((selected.info(p).modseq for p in positions), default=0)
+    if args.return_options is None:
+        line = b"SEARCH"
+        if numbers:
+            line += b" " + wire.number_list(numbers)
+            if uses_modseq:
+                line += b" (MODSEQ %d)" % highest
+        await s.send(wire.untagged(line))
+        return r.OK_DONE
+    await s.send(_esearch(c, args.return_options, numbers,
+                          highest if uses_modseq and numbers else None))
+    return r.OK_DONE
+
+
+async def _search_positions(s: Session, selected: SelectedMailbox, key: SearchKey,
+                            view: MessageView | None = None) -> list[int]:
+    view = view or MessageView(selected.infos, _source(s))
+    return await search(key, selected.infos, view.source,
+                        recent_from_uid=selected.recent_from_uid, view=view)
+
+
+def _source(s: Session) -> StoreMessageSource:
+    return StoreMessageSource(s.store, s.deps.text_index, s.logged_in_user,
+                              indexer=s.deps.indexer)
+
+
+def _uses_modseq(key: SearchKey) -> bool:
+    return key.kind == "MODSEQ" or any(_uses_modseq(child) for child in key.children)
+
+
+def _esearch(c: Command, options: Sequence[str], numbers: list[int],
+             modseq: int | None) -> bytes:
+    """RFC 4731 3: `* ESEARCH (TAG "t") [UID] MIN n MAX n COUNT n ALL set`."""
+    wanted = set(options) or {"ALL"}
+    parts = [b"ESEARCH (TAG " + wire.quoted(c.tag) + b")"]
+    if c.uid:
+        parts.append(b"UID")
+    if numbers:
+        if "MIN" in wanted:
+            parts.append(b"MIN %d" % min(numbers))
+        if "MAX" in wanted:
+            parts.append(b"MAX %d" % max(numbers))
+    if "COUNT" in wanted:
+        parts.append(b"COUNT %d" % len(numbers))
+    if "ALL" in wanted and numbers:
+        parts.append(b"ALL " + format_uids(sorted(numbers)))
+    if modseq is not None:
+        parts.append(b"MODSEQ %d" % modseq)
+    return wire.untagged(b" ".join(parts))
+
+
+async def sort_(s: Session, c: Command) -> r.Reply:
+    args = cast(Sort, c.args)
+    if args.return_options is not None:
+        return r.Reply("BAD", "ESORT is not supported")
+    if not known_charset(args.charset):
+        return r.NO_BADCHARSET
+    selected = s.mailbox
+    view = MessageView(selected.infos, _source(s))  # SORT reuses the headers SEARCH read
+    positions = await _search_positions(s, selected, args.key, view)
+    try:
+        ordered = await sort(args.criteria, positions, selected.infos, view.source, view=view)
+    except BadSortCriteria:
+        return r.Reply("BAD", "Unknown sort criteria")
+    numbers = [selected.info(p).uid if c.uid else p + 1 for p in ordered]
+    line = b"SORT" + (b" " + wire.number_list(numbers) if numbers else b"")
+    await s.send(wire.untagged(line))
+    return r.OK_DONE
+
+
+async def thread_(s: Session, c: Command) -> r.Reply:
+    args = cast(Thread, c.args)
+    if not known_charset(args.charset):
+        return r.NO_BADCHARSET
+    selected = s.mailbox
+    view = MessageView(selected.infos, _source(s))
+    positions = await _search_positions(s, selected, args.key, view)
+    try:
+        threads = await thread(args.algorithm, positions, selected.infos, view.source,
+                               view=view)
+    except BadThreadAlgorithm:
+        return r.Reply("BAD", "Unknown threading algorithm")
+
+    def number(position: int) -> int:
+        return selected.info(position).uid if c.uid else position + 1
+
+    await s.send(format_thread(threads, number) + wire.CRLF)
+    return r.OK_DONE
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+async def _send_batched(s: Session, lines: list[bytes]) -> None:
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        chunk.append(line)
+        size += len(line)
+        if size >= WRITE_BATCH_OCTETS:
+            await s.send(b"".join(chunk))
+            chunk, size = [], 0
+            await asyncio.sleep(0)
+    if chunk:
+        await s.send(b"".join(chunk))
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(HIERARCHY_DELIMITER)
+    return [HIERARCHY_DELIMITER.join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _order(name: str) -> tuple[bool, str]:
+    return (name != INBOX, name)
+
+
+class _Matcher:
+    """LIST patterns (RFC 3501 6.3.8): "*" matches anything, "%" anything but the delimiter;
+    the reference is prefixed to each pattern. INBOX matches case-insensitively."""
+
+    def __init__(self, reference: str, patterns: Sequence[str]) -> None:
+        self._regexes = [self._compile(self._join(reference, pattern)) for pattern in patterns]
+        self.has_percent = any("%" in pattern for pattern in patterns)
+
+    @staticmethod
+    def _join(reference: str, pattern: str) -> str:
+        if not reference or pattern.startswith(HIERARCHY_DELIMITER):
+            return pattern
+        return reference + pattern
+
+    @staticmethod
+    def _compile(pattern: str) -> re.Pattern[str]:
+        parts = []
+        for char in pattern:
+            if char == "*":
+                parts.append(".*")
+            elif char == "%":
+                parts.append(f"[^{re.escape(HIERARCHY_DELIMITER)}]*")
+            else:
+                parts.append(re.escape(char))
+        text = "".join(parts)
+        if pattern[:5].upper() == INBOX and (len(pattern) == 5 or pattern[5] in "/*%"):
+            text = "(?i:" + text[:5] + ")" + text[5:]  # the INBOX prefix, in any case
+        return re.compile(text, re.DOTALL)
+
+    def matches(self, name: str) -> bool:
+        return any(regex.fullmatch(name) for regex in self._regexes)
+
+
+class _Tree:
+    """The account's mailbox names with their implied parents, for LIST attributes."""
+
+    def __init__(self, mailboxes: dict[str, MailboxInfo], subscribed: set[str]) -> None:
+        self._mailboxes = mailboxes
+        self._subscribed = subscribed
+        self._parents: set[str] = set()
+        for name in mailboxes:
+            self._parents.update(_ancestors(name))
+        self._subscribed_parents: set[str] = set()
+        for name in subscribed:
+            self._subscribed_parents.update(_ancestors(name))
+
+    def all_names(self) -> list[str]:
+        return sorted(set(self._mailboxes) | self._parents, key=_order)
+
+    def subscribed_names(self, select_options: frozenset[str]) -> list[str]:
+        names = set(self._subscribed)
+        if "RECURSIVEMATCH" in select_options:
+            names |= self._subscribed_parents
+        return sorted(names, key=_order)
+
+    def has_subscribed_child(self, name: str) -> bool:
+        return name in self._subscribed_parents
+
+    def attributes(self, name: str, *, extended: bool) -> list[str]:
+        info = self._mailboxes.get(name)
+        attributes = []
+        if info is None:
+            # A parent that exists only as a name (RFC 3501 6.3.4), or a subscription whose
+            # mailbox is gone (RFC 5258 3.4: \NonExistent).
+            attributes.append("\\NonExistent" if extended and name not in self._parents
+                              else "\\Noselect")
+        attributes.append("\\HasChildren" if name in self._parents else "\\HasNoChildren")
+        if info is not None and info.special_use:
+            attributes.append(info.special_use)
+        return attributes
+
+
+_ANY = frozenset(State)
+_NOT_AUTH = frozenset({State.NOT_AUTHENTICATED})
+_AUTH = frozenset({State.AUTHENTICATED, State.SELECTED})
+_ENABLE = frozenset({State.AUTHENTICATED})  # RFC 5161 3.1: before any mailbox is selected
+_SELECTED = frozenset({State.SELECTED})
+
+
+def _in_mailbox(handler: Handler, *, expunge_ok: bool = True) -> CommandSpec:
+    return CommandSpec(handler, _SELECTED, uses_messages=True, expunge_ok=expunge_ok)
+
+
+# The one command table. UID forms are separate rows: RFC 3501 7.4.1 lets them send EXPUNGE.
+COMMANDS: dict[str, CommandSpec] = {
+    "CAPABILITY": CommandSpec(capability, _ANY),
+    "NOOP": CommandSpec(noop, _ANY),
+    "LOGOUT": CommandSpec(logout, _ANY),
+    "ID": CommandSpec(id_, _ANY),
+    "STARTTLS": CommandSpec(starttls, _NOT_AUTH),
+    "LOGIN": CommandSpec(login, _NOT_AUTH),
+    "AUTHENTICATE": CommandSpec(authenticate, _NOT_AUTH),
+    "ENABLE": CommandSpec(enable, _ENABLE),
+    "SELECT": CommandSpec(select, _AUTH),
+    "EXAMINE": CommandSpec(select, _AUTH),
+    "CREATE": CommandSpec(create, _AUTH),
+    "DELETE": CommandSpec(delete, _AUTH),
+    "RENAME": CommandSpec(rename, _AUTH),
+    "SUBSCRIBE": CommandSpec(subscribe, _AUTH),
+    "UNSUBSCRIBE": CommandSpec(subscribe, _AUTH),
+    "LIST": CommandSpec(list_, _AUTH),
+    "LSUB": CommandSpec(list_, _AUTH),
+    "NAMESPACE": CommandSpec(namespace, _AUTH),
+    "STATUS": CommandSpec(status, _AUTH),
+    "APPEND": CommandSpec(append, _AUTH),
+    "IDLE": CommandSpec(idle, _AUTH),
+    "GETQUOTAROOT": CommandSpec(getquotaroot, _AUTH),
+    "GETQUOTA": CommandSpec(getquota, _AUTH),
+    "CHECK": CommandSpec(check, _SELECTED),
+    "CLOSE": CommandSpec(close, _SELECTED),
+    "UNSELECT": CommandSpec(unselect, _SELECTED),
+    "EXPUNGE": _in_mailbox(expunge),
+    "UID EXPUNGE": _in_mailbox(expunge),
+    "FETCH": _in_mailbox(fetch, expunge_ok=False),
+    "UID FETCH": _in_mailbox(fetch),
+    "STORE": _in_mailbox(store, expunge_ok=False),
+    "UID STORE": _in_mailbox(store),
+    "SEARCH": _in_mailbox(search_, expunge_ok=False),
+    "UID SEARCH": _in_mailbox(search_),
+    "COPY": _in_mailbox(copy),
+    "UID COPY": _in_mailbox(copy),
+    "MOVE": _in_mailbox(copy),
+    "UID MOVE": _in_mailbox(copy),
+    "SORT": _in_mailbox(sort_, expunge_ok=False),
+    "UID SORT": _in_mailbox(sort_),
+    "THREAD": _in_mailbox(thread_, expunge_ok=False),
+    "UID THREAD": _in_mailbox(thread_),
+}

@@ -1,0 +1,255 @@
+"""The selected mailbox as one session sees it: the sequence-number map and pending updates.
+
+Sequence number n is position n-1 of the ascending UID list (RFC 3501 2.3.1.2). The session
+loads the list once at SELECT and afterwards only applies `changes_since` results, so a command
+on a 100,000-message mailbox never rebuilds it: UID -> position is a bisection, new messages
+are appended, and expunges are deferred until the session may announce them (RFC 3501 7.4.1:
+no EXPUNGE during FETCH, STORE or SEARCH, since sequence numbers must not shift under the
+client's feet). Until then an expunged message keeps its sequence number and is skipped where
+its contents are needed.
+
+Pure: no I/O. The session feeds `apply(changes)` and writes what `updates()` returns.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+
+from services.store.imap.protocol import wire
+from services.store.imap.protocol.command import SequenceSet
+from services.store.imap.protocol.sequence import format_set, select_seqs, select_uid_positions
+from services.store.mailbox import Changes, MailboxStatus, MessageInfo
+
+RECENT = "\\Recent"
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+# Deleting this many positions one by one costs more than one rebuild of the lists.
+REBUILD_THRESHOLD = 64
+
+
+class InvalidSequence(ValueError):
+    """A message sequence number above the number of messages (RFC 3501 6.4.8 / 9)."""
+
+
+class SelectedMailbox:
+    def __init__(self, name: str, *, readonly: bool, status: MailboxStatus,
+                 messages: list[MessageInfo], recent_from: int, version: int) -> None:
+        self.name = name
+        self.readonly = readonly
+        self.uidvalidity = status.uidvalidity
+        self.highestmodseq = status.highestmodseq
+        self._infos = messages
+        self._uids = [info.uid for info in messages]
+        self.uidnext = max(status.uidnext, self._uids[-1] + 1 if self._uids else 1)
+        # The MailDB.version(user) the state reflects: equal means nothing to query.
+        self.version = version
+        self._gone: set[int] = set()  # expunged in storage, not yet announced
+        self._flag_updates: set[int] = set()  # flags changed by someone else, not announced
+        self._recent: set[int] = set(self._uids[bisect.bisect_left(self._uids, recent_from):])
+        self._announced_count = len(self._uids)
+        self.keywords: set[str] = {f for info in messages for f in info.flags
+                                   if not f.startswith("\\")}
+        self._keywords_changed = False
+
+    # Reading the map
+
+    @property
+    def count(self) -> int:
+        """EXISTS as the client knows it (announced expunges removed, pending ones kept)."""
+        return len(self._uids)
+
+    @property
+    def recent_count(self) -> int:
+        return len(self._recent)
+
+    @property
+    def uids(self) -> Sequence[int]:
+        return self._uids
+
+    @property
+    def infos(self) -> Sequence[MessageInfo]:
+        """Every message in sequence order (index = sequence number - 1)."""
+        return self._infos
+
+    def info(self, position: int) -> MessageInfo:
+        return self._infos[position]
+
+    def is_gone(self, position: int) -> bool:
+        return self._uids[position] in self._gone
+
+    def is_recent(self, position: int) -> bool:
+        return self._uids[position] in self._recent
+
+    @property
+    def recent_from_uid(self) -> int:
+        """The lowest UID that is \\Recent in this session (uidnext when none is)."""
+        return min(self._recent) if self._recent else self.uidnext
+
+    def position_of(self, uid: int) -> int | None:
+        position = bisect.bisect_left(self._uids, uid)
+        if position < len(self._uids) and self._uids[position] == uid:
+            return position
+        return None
+
+    def first_unseen(self) -> int | None:
+        """The sequence number of the first message without \\Seen (SELECT's [UNSEEN])."""
+        for position, info in enumerate(self._infos):
+            if "\\Seen" not in info.flags:
+                return position + 1
+        return None
+
+    def flags_of(self, position: int) -> frozenset[str]:
+        flags = self._infos[position].flags
+        return flags | {RECENT} if self._uids[position] in self._recent else flags
+
+    # Resolving sequence sets to positions, in ascending order without duplicates
+
+    def positions(self, sequence: SequenceSet, *, uid: bool) -> list[int]:
+        if uid:
+            return select_uid_positions(sequence, self._uids)
+        count = len(self._uids)
+        for low, high in sequence.ranges:
+            # RFC 3501 9 (seq-number): a number above the message count is invalid. A range
+            # with "*" ("5:*", "1:*" in an empty mailbox) selects what exists, like UID ranges.
+            if low is not None and high is not None and max(low, high) > count:
+                raise InvalidSequence(f"sequence number above {count}")
+        return [n - 1 for n in select_seqs(sequence, count)]
+
+    # Changes
+
+    def apply(self, changes: Changes) -> list[int]:
+        """Take in what changed in storage; returns the UIDs of messages new to this session
+        (the caller may claim them as \\Recent). Nothing is announced until `updates()`."""
+        for uid in changes.expunged:
+            if self.position_of(uid) is not None:
+                self._gone.add(uid)
+                self._flag_updates.discard(uid)
+        new: list[int] = []
+        last = self._uids[-1] if self._uids else 0
+        for info in sorted(changes.changed, key=lambda i: i.uid):
+            if info.uid > last:
+                self._uids.append(info.uid)
+                self._infos.append(info)
+                self._note_keywords(info.flags)
+                new.append(info.uid)
+                last = info.uid
+            elif self._replace(info):
+                self._flag_updates.add(info.uid)
+        self.highestmodseq = max(self.highestmodseq, changes.status.highestmodseq)
+        self.uidnext = max(self.uidnext, changes.status.uidnext, last + 1)
+        return new
+
+    def mark_recent(self, uids: Iterable[int], recent_from: int) -> None:
+        """Messages this session claimed as \\Recent (UID >= recent_from)."""
+        self._recent.update(uid for uid in uids if uid >= recent_from)
+
+    def update(self, infos: Iterable[MessageInfo]) -> None:
+        """Flags this session changed itself (and has already reported, or was asked not to)."""
+        for info in infos:
+            self._replace(info)
+            self._flag_updates.discard(info.uid)
+
+    def _replace(self, info: MessageInfo) -> bool:
+        """Store a newer state of a known message; True when its flags differ."""
+        position = self.position_of(info.uid)
+        if position is None or info.uid in self._gone:
+            return False
+        known = self._infos[position]
+        if info.modseq < known.modseq:
+            return False
+        self._infos[position] = info
+        self._note_keywords(info.flags)
+        return info.flags != known.flags
+
+    def _note_keywords(self, flags: frozenset[str]) -> None:
+        for flag in flags:
+            if not flag.startswith("\\") and flag not in self.keywords:
+                self.keywords.add(flag)
+                self._keywords_changed = True
+
+    # Announcing
+
+    def updates(self, *, allow_expunge: bool, qresync: bool, condstore: bool) -> list[bytes]:
+        """The untagged responses owed to the client, in a safe order: FLAGS when keywords
+        appeared, expunges (only when allowed), EXISTS/RECENT, then flag changes."""
+        lines: list[bytes] = []
+        if self._keywords_changed:
+            self._keywords_changed = False
+            lines.append(wire.untagged(b"FLAGS " + self.flag_list()))
+            lines.append(wire.untagged(b"OK [PERMANENTFLAGS " + self.permanent_flags()
+                                       + b"] Flags permitted"))
+        if allow_expunge and self._gone:
+            lines.extend(self._announce_expunges(qresync))
+        if len(self._uids) != self._announced_count:
+            self._announced_count = len(self._uids)
+            lines.append(wire.untagged(b"%d EXISTS" % len(self._uids)))
+            lines.append(wire.untagged(b"%d RECENT" % len(self._recent)))
+        if self._flag_updates:
+            lines.extend(self._announce_flags(qresync, condstore))
+        return lines
+
+    def forget_expunged(self) -> None:
+        """Drop pending expunges without announcing them (CLOSE, RFC 3501 6.4.2)."""
+        self._remove(self._gone)
+
+    def _announce_expunges(self, qresync: bool) -> list[bytes]:
+        gone = sorted(self._gone)
+        if qresync:
+            # RFC 7162 3.2.10: VANISHED replaces EXPUNGE once QRESYNC is enabled.
+            lines = [wire.untagged(b"VANISHED " + format_uids(gone))]
+        else:
+            positions = [p for p in (self.position_of(uid) for uid in gone) if p is not None]
+            # Descending, so no announced number shifts the ones still to come.
+            lines = [wire.untagged(b"%d EXPUNGE" % (p + 1)) for p in reversed(positions)]
+        self._remove(set(gone))
+        self._announced_count -= len(gone)
+        return lines
+
+    def _remove(self, uids: set[int]) -> None:
+        if not uids:
+            return
+        if len(uids) > REBUILD_THRESHOLD:
+            keep = [i for i, uid in enumerate(self._uids) if uid not in uids]
+            self._infos = [self._infos[i] for i in keep]
+            self._uids = [self._uids[i] for i in keep]
+        else:
+            for uid in sorted(uids, reverse=True):
+                position = self.position_of(uid)
+                if position is not None:
+                    del self._uids[position]
+                    del self._infos[position]
+        self._recent -= uids
+        self._flag_updates -= uids
+        self._gone -= uids
+
+    def _announce_flags(self, qresync: bool, condstore: bool) -> list[bytes]:
+        lines = []
+        for uid in sorted(self._flag_updates):
+            position = self.position_of(uid)
+            if position is None:
+                continue
+            lines.append(self.flags_fetch(position, uid=qresync, modseq=condstore))
+        self._flag_updates.clear()
+        return lines
+
+    def flags_fetch(self, position: int, *, uid: bool, modseq: bool) -> bytes:
+        """`* n FETCH (FLAGS (...) [UID u] [MODSEQ (m)])` for one message."""
+        info = self._infos[position]
+        items = [b"FLAGS " + wire.flag_list(self.flags_of(position))]
+        if uid:
+            items.append(b"UID %d" % info.uid)
+        if modseq:
+            items.append(b"MODSEQ (%d)" % info.modseq)
+        return wire.untagged(b"%d FETCH (%s)" % (position + 1, b" ".join(items)))
+
+    def flag_list(self) -> bytes:
+        return wire.flag_list([*SYSTEM_FLAGS, *self.keywords])
+
+    def permanent_flags(self) -> bytes:
+        # "\*": clients may create new keywords (RFC 3501 7.1).
+        return wire.flag_list([*SYSTEM_FLAGS, *self.keywords, "\\*"])
+
+
+def format_uids(numbers: Iterable[int]) -> bytes:
+    """Numbers as a compact sequence set: 1:3,7,9:10."""
+    return format_set(numbers).encode("ascii")

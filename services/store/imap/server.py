@@ -1,0 +1,302 @@
+"""IMAP listeners: the plain port (with STARTTLS, RFC 3501 6.2.1) and the implicit-TLS port
+(IMAPS, RFC 8314).
+
+The server owns the sockets. It reads only when the command parser needs more bytes, so a
+connection never buffers more than one command line plus its literals (both bounded by
+settings, and oversized literals are refused before the client sends them); it answers
+synchronizing literals with a continuation, applies the autologout timer (RFC 3501 5.4),
+waits for the client to take what we write (back-pressure), yields to other connections
+between commands so a client that pipelines thousands of commands cannot starve the rest, and
+caps the number of connections. The session (session.py) decides what to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+
+from common.settings import Settings
+from common.tls import server_context
+from services.store.imap import responses as r
+from services.store.imap.protocol import wire
+from services.store.imap.protocol.parser import (
+    CommandParser,
+    Complete,
+    LiteralWanted,
+    NeedMore,
+    Refused,
+)
+from services.store.imap.session import (
+    After,
+    Disconnect,
+    ImapDeps,
+    Session,
+    SessionConfig,
+)
+
+__all__ = ["ImapDeps", "ImapServer", "start_imap_servers"]
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 64 * 1024  # octets asked of the socket per read
+TLS_HANDSHAKE_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 5.0
+LITERAL_CONTINUATION = wire.continuation("Ready for literal data")
+_REDACTED_COMMANDS = (b"LOGIN", b"AUTHENTICATE")
+
+
+async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[ImapServer]:
+    """Start IMAP on settings.imap_port and, when a certificate is configured, IMAPS on
+    settings.imaps_port. Both count towards one settings.imap_max_connections. The caller
+    closes the returned servers."""
+    context = server_context(settings)
+    sessions: set[asyncio.Task[None]] = set()
+    plain = ImapListener(settings, deps, context, sessions, implicit_tls=False)
+    servers = [ImapServer(await asyncio.start_server(plain.serve, settings.bind,
+                                                     settings.imap_port), plain)]
+    log.info("IMAP listening", extra={"event": f"{settings.bind}:{settings.imap_port}"})
+    if context is None:
+        log.warning("no TLS certificate: IMAPS disabled and STARTTLS not offered")
+        return servers
+    implicit = ImapListener(settings, deps, context, sessions, implicit_tls=True)
+    try:
+        server = await asyncio.start_server(implicit.serve, settings.bind, settings.imaps_port,
+                                            ssl=context,
+                                            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+    except BaseException:
+        servers[0].close()
+        raise
+    servers.append(ImapServer(server, implicit))
+    log.info("IMAPS listening", extra={"event": f"{settings.bind}:{settings.imaps_port}"})
+    return servers
+
+
+class ImapServer(asyncio.AbstractServer):
+    """An asyncio server that also ends its open sessions when closed (Python 3.11's
+    Server.close() leaves accepted connections running): each gets `* BYE` and is closed,
+    so nothing touches the store after it is closed."""
+
+    def __init__(self, server: asyncio.Server, listener: ImapListener) -> None:
+        self._server = server
+        self._listener = listener
+
+    @property
+    def sockets(self) -> tuple[object, ...]:
+        return tuple(self._server.sockets)
+
+    def close(self) -> None:
+        self._server.close()
+        self._listener.cancel_sessions()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._server.get_loop()
+
+    def is_serving(self) -> bool:
+        return self._server.is_serving()
+
+    async def start_serving(self) -> None:
+        await self._server.start_serving()
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+        await self._listener.wait_sessions()
+
+
+class Connection:
+    """One client connection as the session's Channel: framed reads through the command
+    parser, writes with back-pressure, STARTTLS. Every way the connection can end surfaces as
+    `Disconnect`, which the session lets through."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 settings: Settings, context: ssl.SSLContext | None) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.parser = CommandParser(settings.imap_max_line, settings.imap_max_literal)
+        self._timeout = settings.imap_timeout
+        self._context = context
+        peername = writer.get_extra_info("peername")
+        self.peer_ip = peername[0] if isinstance(peername, tuple) else str(peername)
+        self.peer = (f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple)
+                     else str(peername))
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+            # A client that stops reading is as idle as one that stops writing. (Not
+            # asyncio.wait_for: in 3.11 it loses a cancellation that coincides with the drain
+            # finishing, and shutdown would then wait for the client.)
+            async with asyncio.timeout(self._timeout):
+                await self.writer.drain()
+        except TimeoutError:
+            raise Disconnect("timeout") from None
+        except (ConnectionError, ssl.SSLError) as exc:
+            raise Disconnect("lost") from exc
+
+    async def read_more(self) -> None:
+        """Feed the parser the next bytes from the client."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                data = await self.reader.read(READ_CHUNK)
+        except TimeoutError:
+            raise Disconnect("timeout") from None
+        except (ConnectionError, ssl.SSLError) as exc:
+            raise Disconnect("lost") from exc
+        if not data:
+            raise Disconnect("eof")
+        self.parser.feed(data)
+
+    async def read_line(self) -> bytes | Refused:
+        while True:
+            line = self.parser.read_line()
+            if line is not None:
+                return line
+            await self.read_more()
+
+    async def start_tls(self, reply: bytes) -> bool:
+        assert self._context is not None
+        if self.parser.buffered or _buffered(self.reader):
+            # RFC 3501 6.2.1 / CVE-2011-0411: nothing may follow STARTTLS unencrypted.
+            await self.write(r.BYE_STARTTLS_PIPELINED.untagged())
+            return False
+        # No await between the OK and start_tls: the loop must not read the ClientHello into
+        # the plaintext buffer (start_tls pauses reading first).
+        self.writer.write(reply)
+        try:
+            await self.writer.start_tls(self._context,
+                                        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
+            raise Disconnect("tls") from exc
+        return True
+
+
+def _buffered(reader: asyncio.StreamReader) -> int:
+    # StreamReader has no public way to ask this; needed to refuse data pipelined behind
+    # STARTTLS (as the POP3 server does for STLS).
+    return len(getattr(reader, "_buffer", b""))
+
+
+class ImapListener:
+    def __init__(self, settings: Settings, deps: ImapDeps, context: ssl.SSLContext | None,
+                 sessions: set[asyncio.Task[None]], *, implicit_tls: bool) -> None:
+        self._settings = settings
+        self._deps = deps
+        self._context = context
+        self._sessions = sessions  # shared by both listeners: one connection limit
+        self._own: set[asyncio.Task[None]] = set()
+        self._implicit_tls = implicit_tls
+        self._config = SessionConfig(
+            tls_available=context is not None,
+            plaintext_auth_allowed=settings.plaintext_auth_allowed,
+            max_errors=settings.imap_max_errors,
+            append_limit=settings.imap_max_literal,
+            default_quota=settings.default_quota,
+        )
+
+    def cancel_sessions(self) -> None:
+        for task in self._own:
+            task.cancel()
+
+    async def wait_sessions(self) -> None:
+        if self._own:
+            await asyncio.gather(*self._own, return_exceptions=True)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        connection = Connection(reader, writer, self._settings, self._context)
+        if len(self._sessions) >= self._settings.imap_max_connections:
+            log.warning("too many connections, refusing %s", connection.peer,
+                        extra={"peer": connection.peer, "event": "imap-refused"})
+            writer.write(r.BYE_TOO_MANY_CONNECTIONS.untagged())
+            await self._close(writer, abort=False)
+            return
+        self._sessions.add(task)
+        self._own.add(task)
+        try:
+            await self._serve(connection)
+        except asyncio.CancelledError:
+            # Shutdown: the session is closed. Ending the connection task normally keeps
+            # asyncio's stream callback from logging the cancellation as an error.
+            pass
+        finally:
+            self._sessions.discard(task)
+            self._own.discard(task)
+
+    async def _serve(self, connection: Connection) -> None:
+        session = Session(self._deps, self._config, connection,
+                          session_id=secrets.token_hex(6), peer=connection.peer,
+                          tls_active=self._implicit_tls)
+        log.info("connected", extra={**session.log_context,
+                                     "event": "imaps" if self._implicit_tls else "imap"})
+        abort = False
+        try:
+            await self._converse(session, connection)
+        except Disconnect as exc:
+            abort = exc.reason != "eof"
+            if exc.reason == "timeout":
+                log.info("autologout", extra=session.log_context)
+                connection.writer.write(r.BYE_TIMEOUT.untagged())  # best effort, no wait
+            else:
+                log.info("connection ended: %s", exc.reason, extra=session.log_context)
+        except asyncio.CancelledError:
+            log.info("session ended by shutdown", extra=session.log_context)
+            connection.writer.write(r.BYE_SHUTDOWN.untagged())  # best effort, no wait
+            raise
+        except Exception:
+            abort = True
+            log.exception("connection failed", extra=session.log_context)
+        finally:
+            await self._close(connection.writer, abort)
+            log.info("disconnected", extra=session.log_context)
+
+    async def _converse(self, session: Session, connection: Connection) -> None:
+        await session.greeting()
+        parser = connection.parser
+        while True:
+            event = parser.next_event()
+            if isinstance(event, NeedMore):
+                await connection.read_more()
+                continue
+            if isinstance(event, LiteralWanted):
+                await connection.write(LITERAL_CONTINUATION)
+                continue
+            if isinstance(event, Refused):
+                log.debug("C: <refused: %s>", event.reason, extra=session.log_context)
+                after = await session.refused(event)
+            else:
+                assert isinstance(event, Complete)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("C: %s", _loggable(event.raw.line), extra=session.log_context)
+                after = await session.handle(event.raw)
+            if after is After.CLOSE:
+                return
+            # Fairness: a client with many commands pipelined in the buffer would otherwise
+            # keep this loop busy without ever awaiting I/O.
+            await asyncio.sleep(0)
+
+    async def _close(self, writer: asyncio.StreamWriter, abort: bool) -> None:
+        if abort:
+            writer.transport.abort()
+        else:
+            writer.close()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await writer.wait_closed()
+        except TimeoutError:
+            writer.transport.abort()
+        except (ConnectionError, ssl.SSLError):
+            pass
+
+
+def _loggable(line: bytes) -> str:
+    """A command line for a DEBUG log: credentials redacted, long lines cut."""
+    line = line.split(b"\r\n", 1)[0]  # up to the first literal
+    words = line.split(b" ", 2)
+    if len(words) >= 2 and words[1].upper() in _REDACTED_COMMANDS:
+        return (words[0] + b" " + words[1] + b" ****").decode("ascii", "replace")
+    return line[:200].decode("utf-8", "replace")

@@ -1,0 +1,319 @@
+"""The IMAP session state machine (RFC 3501 section 3): NOT_AUTHENTICATED -> AUTHENTICATED ->
+SELECTED -> LOGOUT.
+
+The session owns no socket. The server hands it one framed command at a time (`handle`) and
+gives it a `Channel` to write responses and, for AUTHENTICATE and IDLE, to read a line. The
+command table (commands.py) says which handler runs in which state; the state is checked once,
+here, before dispatch. Storage is reached only through the MailStore interface, and every
+failure becomes a reply in `responses.reply_for_failure`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import enum
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from common.auththrottle import AuthThrottle
+from common.directory import normalize_address
+from services.store.auth import authenticate
+from services.store.backends.accounts import AccountDB
+from services.store.backends.maildb import MailDB
+from services.store.backends.textindex import TextIndex, TextIndexer
+from services.store.imap import responses as r
+from services.store.imap.commands import COMMANDS, CommandSpec, State
+from services.store.imap.protocol import wire
+from services.store.imap.protocol.command import Command, ParseError
+from services.store.imap.protocol.grammar import parse_command
+from services.store.imap.protocol.parser import REASON_LITERAL_TOO_BIG, RawCommand, Refused
+from services.store.imap.selected import InvalidSequence, SelectedMailbox
+
+log = logging.getLogger(__name__)
+
+AUTH_FAILURE_DELAY = 1.0  # seconds after every failed login, as POP3
+MAX_AUTH_FAILURES = 3  # failed logins per connection before BYE
+
+
+class After(enum.Enum):
+    CONTINUE = "continue"
+    CLOSE = "close"
+
+
+class Disconnect(Exception):
+    """Raised by the Channel when the connection ends (reason: "eof", "timeout", "lost",
+    "tls"); the session lets it through to the server."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImapDeps:
+    """What every IMAP session uses, opened by the caller (main.py or a test) and passed in."""
+
+    store: MailDB
+    accounts: AccountDB
+    throttle: AuthThrottle
+    text_index: TextIndex | None = None  # None: SEARCH TEXT/BODY read the messages
+    indexer: TextIndexer | None = None  # fed the messages a search found unindexed
+    auth_failure_delay: float = AUTH_FAILURE_DELAY
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    tls_available: bool
+    plaintext_auth_allowed: bool
+    max_errors: int  # settings.imap_max_errors
+    append_limit: int  # settings.imap_max_literal (RFC 7889 APPENDLIMIT)
+    default_quota: int  # octets; 0 = unlimited
+    idle_poll: float = 60.0  # IDLE re-checks this often even without a change wakeup
+
+
+class Channel(Protocol):
+    """The connection as the session sees it (implemented by the server)."""
+
+    peer_ip: str
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def read_line(self) -> bytes | Refused:
+        """One client line without CRLF (AUTHENTICATE responses, IDLE's DONE)."""
+        ...
+
+    async def start_tls(self, reply: bytes) -> bool:
+        """Write `reply` and start TLS at once; False when the connection must close."""
+        ...
+
+
+@dataclass
+class Enabled:
+    """RFC 5161 ENABLE state (and CONDSTORE implied by its first use, RFC 7162 3.1)."""
+
+    condstore: bool = False
+    qresync: bool = False
+
+
+class Session:
+    def __init__(self, deps: ImapDeps, config: SessionConfig, channel: Channel, *,
+                 session_id: str, peer: str, tls_active: bool) -> None:
+        self.deps = deps
+        self.store = deps.store
+        self.config = config
+        self.channel = channel
+        self.session_id = session_id
+        self.peer = peer
+        self.tls_active = tls_active
+        self.state = State.NOT_AUTHENTICATED
+        self.user: str | None = None
+        self.selected: SelectedMailbox | None = None
+        self.enabled = Enabled()
+        self._errors = 0
+        self._auth_failures = 0
+
+    # The server's entry points
+
+    async def greeting(self) -> None:
+        await self.send(r.OK_GREETING.with_code(self.capability_code()).untagged())
+
+    async def handle(self, raw: RawCommand) -> After:
+        parsed = parse_command(raw)
+        if isinstance(parsed, ParseError):
+            return await self.bad(parsed.tag, r.Reply("BAD", parsed.text))
+        key = f"UID {parsed.name}" if parsed.uid else parsed.name
+        spec = COMMANDS.get(key)
+        if spec is None:
+            return await self.bad(parsed.tag, r.BAD_UNKNOWN)
+        if self.state not in spec.states:
+            return await self.bad(parsed.tag, r.BAD_WRONG_STATE)
+        reply = await self._run(spec, parsed)
+        if reply is None:  # the handler wrote its own completion (STARTTLS)
+            return After.CLOSE if self.state is State.LOGOUT else After.CONTINUE
+        if reply.status == "BAD":
+            return await self.bad(parsed.tag, reply)
+        if self.state is State.LOGOUT:
+            await self.send(r.BYE_LOGOUT.untagged() + reply.tagged(parsed.tag))
+            return After.CLOSE
+        await self.send(reply.tagged(parsed.tag))
+        if self._auth_failures >= MAX_AUTH_FAILURES:
+            await self.send(r.BYE_TOO_MANY_ERRORS.untagged())
+            return After.CLOSE
+        return After.CONTINUE
+
+    async def refused(self, refusal: Refused) -> After:
+        """The parser dropped a command: over the line limit or the literal limit."""
+        if refusal.reason == REASON_LITERAL_TOO_BIG:
+            # RFC 7889: APPEND larger than APPENDLIMIT gets [TOOBIG]; not a protocol error.
+            reply = r.Reply("NO", "Literal larger than the server accepts", "TOOBIG")
+            await self.send(reply.tagged(refusal.tag))
+            after = After.CONTINUE
+        else:
+            after = await self.bad(refusal.tag, r.BAD_LINE_TOO_LONG)
+        if refusal.close and after is After.CONTINUE:
+            await self.send(r.BYE_TOO_MANY_ERRORS.untagged())
+            return After.CLOSE
+        return after
+
+    def tls_started(self) -> None:
+        self.tls_active = True
+
+    @property
+    def log_context(self) -> dict[str, object]:
+        return {"session": self.session_id, "peer": self.peer, "user": self.user}
+
+    # Helpers for handlers
+
+    async def send(self, data: bytes) -> None:
+        await self.channel.write(data)
+
+    async def bad(self, tag: str, reply: r.Reply) -> After:
+        self._errors += 1
+        await self.send(reply.tagged(tag))
+        if self._errors >= self.config.max_errors:
+            log.info("too many bad commands, disconnecting", extra=self.log_context)
+            await self.send(r.BYE_TOO_MANY_ERRORS.untagged())
+            return After.CLOSE
+        return After.CONTINUE
+
+    async def _run(self, spec: CommandSpec, command: Command) -> r.Reply | None:
+        try:
+            if spec.uses_messages:
+                await self.sync(allow_expunge=spec.expunge_ok)
+            reply = await spec.handler(self, command)
+            if self.selected is not None:
+                await self.sync(allow_expunge=spec.expunge_ok)
+            return reply
+        except InvalidSequence:
+            return r.BAD_INVALID_SET
+        except Disconnect:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a reply, logged with traceback
+            return self.failure(exc, command.name)
+
+    def failure(self, exc: BaseException, command: str, *, trycreate: bool = False
+                ) -> r.Reply:
+        reply = r.reply_for_failure(exc, trycreate=trycreate)
+        if reply is r.NO_SERVERBUG:
+            log.exception("internal error in %s", command, extra=self.log_context,
+                          exc_info=exc)
+        else:
+            log.info("%s refused: %r", command, exc, extra=self.log_context)
+        return reply
+
+    @property
+    def plaintext_ok(self) -> bool:
+        return self.tls_active or self.config.plaintext_auth_allowed
+
+    def capabilities(self) -> list[str]:
+        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"]
+        if self.state is State.NOT_AUTHENTICATED:
+            if self.config.tls_available and not self.tls_active:
+                caps.append("STARTTLS")
+            caps.append("AUTH=PLAIN" if self.plaintext_ok else "LOGINDISABLED")
+        caps += ["UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS",
+                 "SPECIAL-USE", "CREATE-SPECIAL-USE", "CONDSTORE", "QRESYNC", "ESEARCH",
+                 "SORT", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "QUOTA",
+                 "QUOTA=RES-STORAGE", f"APPENDLIMIT={self.config.append_limit}"]
+        return caps
+
+    def capability_code(self) -> str:
+        return "CAPABILITY " + " ".join(self.capabilities())
+
+    @property
+    def logged_in_user(self) -> str:
+        assert self.user is not None, "the command table admits this only after login"
+        return self.user
+
+    @property
+    def mailbox(self) -> SelectedMailbox:
+        assert self.selected is not None, "the command table admits this only when selected"
+        return self.selected
+
+    async def quota_limit(self) -> int | None:
+        """The account's storage quota in octets (settings.default_quota applied), None when
+        unlimited."""
+        return await asyncio.to_thread(self.deps.accounts.quota, self.logged_in_user,
+                                       self.config.default_quota)
+
+    # Keeping the selected mailbox current
+
+    async def sync(self, *, allow_expunge: bool) -> None:
+        """Take in other sessions' (and our own) changes and announce what may be announced.
+        Costs no query when MailDB's change counter has not moved."""
+        selected = self.selected
+        if selected is None:
+            return
+        user = self.logged_in_user
+        version = self.store.version(user)
+        if version != selected.version:
+            selected.version = version  # before the query: a change during it bumps again
+            changes = await self.store.changes_since(user, selected.name,
+                                                     selected.highestmodseq)
+            new = selected.apply(changes)
+            if new and not selected.readonly:
+                recent_from = await self.store.claim_recent(user, selected.name)
+                selected.mark_recent(new, recent_from)
+        lines = selected.updates(allow_expunge=allow_expunge, qresync=self.enabled.qresync,
+                                 condstore=self.enabled.condstore)
+        if lines:
+            await self.send(b"".join(lines))
+
+    def deselect(self) -> None:
+        self.selected = None
+        self.state = State.AUTHENTICATED
+
+    # Authentication (LOGIN and AUTHENTICATE PLAIN)
+
+    async def login(self, address: str, password: str) -> r.Reply:
+        if not self.plaintext_ok:
+            return r.NO_PRIVACY_REQUIRED
+        user = normalize_address(address)[:320]
+        ip = self.channel.peer_ip
+        throttle = self.deps.throttle
+        if not await throttle.allowed(ip, user):
+            log.info("login throttled", extra={**self.log_context, "user": user})
+            return r.NO_AUTH_THROTTLED
+        if not await authenticate(self.deps.accounts, user, password):
+            self._auth_failures += 1
+            await throttle.failed(ip, user)
+            log.info("login failed", extra={**self.log_context, "user": user})
+            await asyncio.sleep(self.deps.auth_failure_delay)
+            return r.NO_AUTH_FAILED
+        await throttle.succeeded(ip, user)
+        self.user = user
+        self.state = State.AUTHENTICATED
+        log.info("logged in", extra=self.log_context)
+        return r.OK_LOGGED_IN.with_code(self.capability_code())
+
+    async def authenticate_plain(self, initial: bytes | None) -> r.Reply:
+        """RFC 4616 PLAIN, with the RFC 4959 initial response or after a `+` continuation."""
+        if not self.plaintext_ok:
+            return r.NO_PRIVACY_REQUIRED
+        if initial is None:
+            await self.send(wire.continuation())
+            line = await self.channel.read_line()
+            if isinstance(line, Refused):
+                return r.BAD_AUTH_MALFORMED
+            if line.strip() == b"*":  # RFC 3501 6.2.2: the client cancels
+                return r.BAD_AUTH_CANCELLED
+            try:
+                initial = base64.b64decode(line.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                return r.BAD_AUTH_MALFORMED
+        parts = initial.split(b"\0")
+        if len(parts) != 3:
+            return r.BAD_AUTH_MALFORMED
+        try:
+            authzid, authcid, password = (part.decode("utf-8") for part in parts)
+        except UnicodeDecodeError:
+            return r.BAD_AUTH_MALFORMED
+        # RFC 4616 2: we do not let one user act as another.
+        if authzid and normalize_address(authzid) != normalize_address(authcid):
+            self._auth_failures += 1
+            await asyncio.sleep(self.deps.auth_failure_delay)
+            return r.NO_AUTH_FAILED
+        return await self.login(authcid, password)

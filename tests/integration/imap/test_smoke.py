@@ -1,0 +1,195 @@
+"""Smoke tests of the IMAP server with imaplib/imapclient against the in-process server: one
+pass through the everyday commands, IDLE, STARTTLS/IMAPS and LOGINDISABLED, plus the two
+byte-level rules the session's sequence map exists for. The broad conversation tests are in
+the other test_*.py files here."""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import socket
+
+from imapclient import IMAPClient
+
+from common.settings import Settings
+from services.store.imap import responses as r
+from services.store.mailbox import INBOX
+from tests.integration.imap.conftest import (
+    ALICE,
+    USERS,
+    Deliver,
+    ImapStack,
+    StartImap,
+    client_tls_context,
+)
+
+MSG = (b"From: Carol <carol@example.org>\r\nTo: alice@example.test\r\n"
+       b"Subject: smoke\r\nMessage-ID: <s1@example.org>\r\n\r\nHello smoke test.\r\n")
+
+
+def login(port: int) -> imaplib.IMAP4:
+    client = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+    client.login(ALICE, USERS[ALICE])
+    return client
+
+
+async def test_login_select_fetch_store_search_append(imap_server: ImapStack,
+                                                      deliver: Deliver) -> None:
+    await deliver(ALICE, MSG)
+
+    def dialog() -> bytes:
+        client = login(imap_server.port)
+        assert client.select(INBOX) == ("OK", [b"1"])
+        typ, data = client.fetch("1", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert typ == "OK"
+        assert data[0][1] == b"Subject: smoke\r\n\r\n"
+        assert b"\\Seen" not in data[0][0]
+        typ, data = client.fetch("1", "(BODY[TEXT])")  # not PEEK: sets \Seen
+        assert data[0][1] == b"Hello smoke test.\r\n"
+        assert b"\\Seen" in data[1]
+        typ, data = client.store("1", "+FLAGS", "(\\Flagged)")
+        assert typ == "OK" and b"\\Flagged" in data[0] and b"\\Seen" in data[0]
+        assert client.search(None, "FLAGGED", "SUBJECT", "smoke") == ("OK", [b"1"])
+        assert client.search(None, "UNSEEN") == ("OK", [b""])
+        typ, data = client.append(INBOX, "(\\Draft)", None, b"Subject: two\r\n\r\nsecond\r\n")
+        assert typ == "OK" and b"APPENDUID" in data[0]
+        typ, data = client.uid("SEARCH", "DRAFT")
+        client.logout()
+        return bytes(data[0])
+
+    appended_uid = await asyncio.to_thread(dialog)
+    messages = await imap_server.maildb.list_messages(ALICE, INBOX)
+    assert [m.uid for m in messages] == [1, int(appended_uid)]
+    assert messages[0].flags == {"\\Seen", "\\Flagged"}
+    assert messages[1].flags == {"\\Draft"}
+
+
+async def test_idle_sees_a_delivery(imap_server: ImapStack, deliver: Deliver) -> None:
+    client = await asyncio.to_thread(IMAPClient, "127.0.0.1", imap_server.port, ssl=False,
+                                     timeout=10)
+    await asyncio.to_thread(client.login, ALICE, USERS[ALICE])
+    await asyncio.to_thread(client.select_folder, INBOX)
+    await asyncio.to_thread(client.idle)
+    await deliver(ALICE, MSG)
+    responses = await asyncio.to_thread(client.idle_check, 10)
+    await asyncio.to_thread(client.idle_done)
+    await asyncio.to_thread(client.logout)
+    assert (1, b"EXISTS") in responses
+
+
+async def test_starttls_and_imaps(imap_server: ImapStack) -> None:
+    def dialog() -> None:
+        client = imaplib.IMAP4("127.0.0.1", imap_server.port, timeout=10)
+        assert "STARTTLS" in client.capabilities
+        client.starttls(client_tls_context())
+        assert "STARTTLS" not in client.capabilities
+        assert client.login(ALICE, USERS[ALICE])[0] == "OK"
+        client.logout()
+        secure = imaplib.IMAP4_SSL("127.0.0.1", imap_server.tls_port,
+                                   ssl_context=client_tls_context(), timeout=10)
+        assert secure.login(ALICE, USERS[ALICE])[0] == "OK"
+        secure.logout()
+
+    await asyncio.to_thread(dialog)
+
+
+async def test_logindisabled_until_tls(start_imap: StartImap, settings: Settings) -> None:
+    stack = await start_imap(settings.replace(allow_plaintext_auth=False))
+
+    def dialog() -> None:
+        client = imaplib.IMAP4("127.0.0.1", stack.port, timeout=10)
+        assert "LOGINDISABLED" in client.capabilities
+        assert "AUTH=PLAIN" not in client.capabilities
+        try:
+            client.login(ALICE, USERS[ALICE])
+        except imaplib.IMAP4.error as exc:
+            assert r.NO_PRIVACY_REQUIRED.code is not None
+            assert r.NO_PRIVACY_REQUIRED.code in str(exc)
+        else:
+            raise AssertionError("LOGIN accepted without TLS")
+        client.starttls(client_tls_context())
+        assert "LOGINDISABLED" not in client.capabilities
+        assert "AUTH=PLAIN" in client.capabilities
+        assert client.login(ALICE, USERS[ALICE])[0] == "OK"
+        client.logout()
+
+    await asyncio.to_thread(dialog)
+
+
+class Raw:
+    """Byte-level dialog for what imaplib hides (pending EXPUNGEs, refused literals)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.file = self.sock.makefile("rb")
+        assert self.file.readline().startswith(b"* OK")
+
+    def command(self, line: bytes) -> list[bytes]:
+        """Send a tagged line; every response line up to the tagged one."""
+        tag = line.split(b" ", 1)[0]
+        self.sock.sendall(line + b"\r\n")
+        lines = []
+        while True:
+            response = self.file.readline()
+            assert response, "connection closed"
+            lines.append(response)
+            if response.startswith(tag + b" "):
+                return lines
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+async def test_expunge_waits_for_a_command_that_may_announce_it(
+        imap_server: ImapStack, deliver: Deliver) -> None:
+    """RFC 3501 7.4.1: another session's expunge is not announced during FETCH (sequence
+    numbers stay put), but is after NOOP."""
+    for _ in range(3):
+        await deliver(ALICE, MSG)
+
+    def dialog() -> None:
+        watcher = Raw(imap_server.port)
+        watcher.command(b"a LOGIN " + ALICE.encode() + b' "alice secret"')
+        watcher.command(b"b SELECT INBOX")
+        other = login(imap_server.port)
+        other.select(INBOX)
+        other.store("2", "+FLAGS", "\\Deleted")
+        other.expunge()
+        other.logout()
+        during_fetch = watcher.command(b"c FETCH 1:3 (UID)")
+        assert not any(b"EXPUNGE" in line for line in during_fetch)
+        assert b"* 3 FETCH (UID 3)\r\n" in during_fetch  # numbering unchanged
+        after_noop = watcher.command(b"d NOOP")
+        assert after_noop[0] == b"* 2 EXPUNGE\r\n"
+        assert watcher.command(b"e FETCH 2 (UID)")[0] == b"* 2 FETCH (UID 3)\r\n"
+        watcher.close()
+
+    await asyncio.to_thread(dialog)
+
+
+async def test_oversized_literal_refused_before_it_is_sent(start_imap: StartImap,
+                                                           settings: Settings) -> None:
+    stack = await start_imap(settings.replace(imap_max_literal=1000))
+
+    def dialog() -> None:
+        raw = Raw(stack.port)
+        raw.command(b"a LOGIN " + ALICE.encode() + b' "alice secret"')
+        refused = raw.command(b"b APPEND INBOX {1001}")
+        assert refused == [b"b NO [TOOBIG] Literal larger than the server accepts\r\n"]
+        assert raw.command(b"c NOOP") == [b"c OK Completed\r\n"]  # still in step
+        raw.close()
+
+    await asyncio.to_thread(dialog)
+
+
+async def test_shutdown_says_bye_to_open_sessions(imap_server: ImapStack) -> None:
+    raw = await asyncio.to_thread(Raw, imap_server.port)
+    await asyncio.to_thread(raw.command, b"a LOGIN " + ALICE.encode() + b' "alice secret"')
+    for server in imap_server.servers:
+        server.close()
+    for server in imap_server.servers:
+        await asyncio.wait_for(server.wait_closed(), 10)
+    assert await asyncio.to_thread(raw.file.readline) == r.BYE_SHUTDOWN.untagged()
+    assert await asyncio.to_thread(raw.file.readline) == b""  # and the connection is closed
+    raw.close()
