@@ -541,6 +541,11 @@ class MailDB:
         """How many messages lack \\Seen (STATUS UNSEEN)."""
         return await self._read(self._unseen_sync, user, canonical_mailbox(mailbox))
 
+    async def recent(self, user: str, mailbox: str = INBOX) -> int:
+        """How many messages no read-write SELECT has claimed yet (STATUS RECENT, EXAMINE's
+        RECENT): read-only, unlike `claim_recent`."""
+        return await self._read(self._recent_sync, user, canonical_mailbox(mailbox))
+
     async def first_unseen(self, user: str, mailbox: str = INBOX) -> int | None:
         """The sequence number of the first message without \\Seen (SELECT's [UNSEEN n]), or
         None when every message is seen."""
@@ -1381,6 +1386,19 @@ class MailDB:
             return int(conn.execute(
                 f"SELECT count(*) FROM message WHERE mailbox_id = ? AND {_UNSEEN}",
                 (row[0],)).fetchone()[0])
+
+    def _recent_sync(self, user: str, mailbox: str) -> int | None:
+        conn = self._read_conn(user)
+        if conn is None:
+            return None
+        with contextlib.closing(conn), _read_snapshot(conn):
+            row = conn.execute("SELECT id, recent_uid FROM mailbox WHERE name = ?",
+                               (mailbox,)).fetchone()
+            if row is None:
+                return None
+            return int(conn.execute(
+                "SELECT count(*) FROM message WHERE mailbox_id = ? AND uid >= ?",
+                (row[0], row[1])).fetchone()[0])
 
     def _first_unseen_sync(self, user: str, mailbox: str) -> int | None:
         """Sequence number of the first unseen message, 0 if none (None means absent)."""

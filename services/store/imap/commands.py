@@ -374,8 +374,10 @@ async def _status_line(s: Session, name: str, items: Sequence[str]) -> bytes:
         elif item == "UNSEEN":
             value = await s.store.unseen(user, name)
         elif item == "RECENT":
-            # Only a selecting session may claim \Recent; STATUS does not (RFC 3501 6.3.10).
-            value = selected.recent_count if selected is not None else 0
+            # Only a selecting session claims \Recent; STATUS counts what nobody has claimed
+            # yet (RFC 3501 6.3.10), or this session's own recent messages.
+            value = (selected.recent_count if selected is not None
+                     else await s.store.recent(user, name))
         elif item == "SIZE":
             if messages is None:
                 messages = await s.store.list_messages(user, name)

@@ -259,8 +259,11 @@ class Pop3Listener:
         await self._drain(writer)
 
     async def _drain(self, writer: asyncio.StreamWriter) -> None:
-        # A client that stops reading is as idle as one that stops writing.
-        await asyncio.wait_for(writer.drain(), self._timeout)
+        # A client that stops reading is as idle as one that stops writing. asyncio.timeout,
+        # not wait_for: on 3.11 wait_for can lose a cancellation that lands as the drain ends,
+        # and shutdown then waits for the client.
+        async with asyncio.timeout(self._timeout):
+            await writer.drain()
 
     async def _close(self, writer: asyncio.StreamWriter, abort: bool) -> None:
         if abort:
@@ -268,7 +271,8 @@ class Pop3Listener:
         else:
             writer.close()
         try:
-            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await writer.wait_closed()
         except TimeoutError:
             writer.transport.abort()
         except (ConnectionError, ssl.SSLError):

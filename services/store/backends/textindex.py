@@ -1,0 +1,463 @@
+"""Full-text index for IMAP SEARCH TEXT/BODY: one SQLite FTS5 trigram table per user.
+
+Layout: `text.sqlite` beside the user's `index.sqlite` (see maildb.py):
+
+    doc(id INTEGER PRIMARY KEY, guid TEXT UNIQUE)    which messages are indexed
+    text(head, body)                                  FTS5, contentless, trigram, rowid = doc.id
+    meta(key, value)                                  "garbage": rows of forgotten messages
+
+Why trigrams: IMAP SEARCH is a case-insensitive *substring* match (RFC 3501 6.4.4), not a word
+match. A phrase query over the trigram tokenizer is exactly that for needles of three or more
+characters; shorter needles are answered by scanning. The table is contentless so the text is
+not stored twice; SQLite 3.40 cannot delete from such a table, so a forgotten (expunged)
+message only loses its `doc` row: its FTS postings stay as garbage, never reach a result, and
+once garbage outweighs live rows the file is deleted and rebuilt by the indexer's catch-up.
+
+The index is derived data (synchronous=OFF): a lost or corrupt file is deleted and rebuilt,
+and searches stay correct meanwhile because messages not in `doc` are scanned.
+
+Indexing runs off the delivery path: `TextIndexer` listens to MailDB change events and indexes
+in its own thread, in batches.
+
+Text extraction (`message_text`) is shared by indexing and scanning so both agree: RFC 2047
+decoded header lines "Name: value", and the decoded text/* parts as mime.decoded_text gives
+them (transfer and charset decoded, HTML tags removed) as the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from services.store.backends.maildb import MailDB, user_path
+from services.store.imap.protocol.mime import (
+    Part,
+    decode_words,
+    decoded_text,
+    parse_header_only,
+    parse_message,
+)
+from services.store.mailbox import ChangeEvent, NoSuchMessage, NoSuchUser, StorageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FILE_NAME = "text.sqlite"
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS doc (id INTEGER PRIMARY KEY, guid TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE VIRTUAL TABLE IF NOT EXISTS text USING fts5(
+    head, body, content='', columnsize=0, detail=full, tokenize='trigram case_sensitive 0');
+"""
+MIN_NEEDLE = 3  # the trigram tokenizer cannot answer shorter substrings
+FIELDS = {"TEXT": "{head body}", "BODY": "body", "HEADER": "head"}
+GARBAGE_FLOOR = 1000  # rebuild only once at least this many forgotten rows pile up
+CACHED_USERS = 4  # indexed-GUID sets kept in memory (a 100k set is ~10 MB)
+
+
+
+# Text extraction (shared by indexing and scanning)
+
+
+@dataclass(frozen=True)
+class MessageText:
+    header: str  # "Name: decoded value" lines
+    body: str
+
+
+def header_text(part: Part) -> str:
+    return "\n".join(f"{f.name}: {decode_words(f.unfolded)}" for f in part.fields)
+
+
+def message_text(raw: bytes, *, with_body: bool = True) -> MessageText:
+    """What TEXT/BODY search: decoded header lines, and the body's decoded text/* parts
+    (mime.decoded_text). `with_body=False` parses only the header section."""
+    if not with_body:
+        return MessageText(header_text(parse_header_only(raw)), "")
+    root = parse_message(raw)
+    return MessageText(header_text(root), decoded_text(raw, root))
+
+
+def fold(text: str) -> str:
+    """Case folding for scans; `lower` rather than `casefold` because it is what the FTS5
+    trigram tokenizer does (one character to one character), so scans and the index agree."""
+    return text.lower()
+
+
+def text_contains(text: MessageText, needle: str, field: str) -> bool:
+    """IMAP substring semantics on extracted text; `needle` must already be folded."""
+    if field in ("TEXT", "HEADER") and needle in fold(text.header):
+        return True
+    return field in ("TEXT", "BODY") and needle in fold(text.body)
+
+
+# The index
+
+
+class TextIndex:
+    """Per-user FTS5 files under the mail root. Every method is blocking: call it from a
+    thread. Writes must come from one thread at a time (the indexer's); reads from any."""
+
+    def __init__(self, root: Path, *, max_open: int = 16) -> None:
+        self.root = root.absolute()
+        self._max_open = max_open
+        self._writers: OrderedDict[str, sqlite3.Connection] = OrderedDict()
+        # user -> (generation, indexed GUIDs): a search of a 100,000-message mailbox would
+        # otherwise read every GUID each time (~45 ms) just to find the unindexed ones.
+        self._indexed_cache: OrderedDict[str, tuple[int, frozenset[str]]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    def path(self, user: str) -> Path:
+        return user_path(self.root, user) / FILE_NAME
+
+    def add(self, user: str, docs: Sequence[tuple[str, MessageText]]) -> int:
+        """Index messages (guid, text); ones already indexed are skipped. Returns how many
+        were added."""
+        conn = self._writer(user)
+        if conn is None or not docs:
+            return 0
+        added = 0
+        with _transaction(conn):
+            for guid, text in docs:
+                cursor = conn.execute("INSERT OR IGNORE INTO doc (guid) VALUES (?)", (guid,))
+                if cursor.rowcount:
+                    conn.execute("INSERT INTO text (rowid, head, body) VALUES (?, ?, ?)",
+                                 (cursor.lastrowid, text.header, text.body))
+                    added += 1
+            _bump_generation(conn)
+        return added
+
+    def forget(self, user: str, guids: Iterable[str]) -> bool:
+        """Drop messages from results (expunged). When the file is mostly garbage it is
+        deleted instead, and True returned: everything must be indexed again."""
+        conn = self._writer(user)
+        wanted = list(guids)
+        if conn is None or not wanted:
+            return False
+        with _transaction(conn):
+            removed = 0
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                removed += conn.execute(f"DELETE FROM doc WHERE guid IN ({marks})",
+                                        chunk).rowcount
+            conn.execute("INSERT INTO meta (key, value) VALUES ('garbage', ?) ON CONFLICT(key)"
+                         " DO UPDATE SET value = value + excluded.value", (removed,))
+            _bump_generation(conn)
+            garbage = conn.execute("SELECT value FROM meta WHERE key = 'garbage'").fetchone()[0]
+            live = conn.execute("SELECT count(*) FROM doc").fetchone()[0]
+        if garbage >= GARBAGE_FLOOR and garbage > live:
+            log.info("text index mostly garbage (%d of %d rows); rebuilding", garbage,
+                     garbage + live, extra={"user": user, "event": "textindex-rebuild"})
+            self.drop(user)
+            return True
+        return False
+
+    def drop(self, user: str) -> None:
+        """Delete the user's index; the indexer's catch-up builds it again."""
+        conn = self._writers.pop(user, None)
+        if conn is not None:
+            conn.close()
+        with self._cache_lock:
+            self._indexed_cache.pop(user, None)
+        path = self.path(user)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                path.with_name(path.name + suffix).unlink()
+
+    def indexed(self, user: str) -> frozenset[str]:
+        """GUIDs of the messages in the user's index."""
+        return self.lookup(user, "", "TEXT")[1]
+
+    def lookup(self, user: str, needle: str, field: str,
+               ) -> tuple[set[str] | None, frozenset[str]]:
+        """(hits, indexed) from one snapshot, so that a message indexed in between cannot
+        be taken as indexed without being looked for. hits: GUIDs of indexed messages whose
+        `field` ("TEXT", "BODY" or "HEADER") contains `needle` case-insensitively, None when
+        the needle is too short for the index (or empty: no query)."""
+        conn = self._reader(user)
+        if conn is None:
+            return (set() if len(needle) >= MIN_NEEDLE else None), frozenset()
+        with contextlib.closing(conn), _read_snapshot(conn):
+            hits = _match(conn, needle, field) if len(needle) >= MIN_NEEDLE else None
+            return hits, self._indexed(conn, user)
+
+    def _indexed(self, conn: sqlite3.Connection, user: str) -> frozenset[str]:
+        generation = _generation(conn)
+        with self._cache_lock:
+            cached = self._indexed_cache.get(user)
+            if cached is not None and cached[0] == generation:
+                self._indexed_cache.move_to_end(user)
+                return cached[1]
+        guids = frozenset(row[0] for row in conn.execute("SELECT guid FROM doc"))
+        with self._cache_lock:
+            self._indexed_cache[user] = (generation, guids)
+            while len(self._indexed_cache) > CACHED_USERS:
+                self._indexed_cache.popitem(last=False)
+        return guids
+
+    def close(self) -> None:
+        for conn in self._writers.values():
+            conn.close()
+        self._writers.clear()
+
+    def _writer(self, user: str) -> sqlite3.Connection | None:
+        conn = self._writers.get(user)
+        if conn is not None:
+            self._writers.move_to_end(user)
+            return conn
+        path = self.path(user)
+        if not path.parent.is_dir():
+            return None  # no such mailbox owner (any more)
+        try:
+            conn = _open_writer(path)
+        except sqlite3.DatabaseError:
+            log.warning("text index unreadable; rebuilding", exc_info=True,
+                        extra={"user": user, "event": "textindex-rebuild"})
+            self.drop(user)
+            conn = _open_writer(path)
+        self._writers[user] = conn
+        while len(self._writers) > self._max_open:
+            _, old = self._writers.popitem(last=False)
+            old.close()
+        return conn
+
+    def _reader(self, user: str) -> sqlite3.Connection | None:
+        path = self.path(user)
+        try:
+            conn = sqlite3.connect(f"{path.as_uri()}?mode=rw", uri=True, isolation_level=None,
+                                   check_same_thread=False, timeout=30)
+        except sqlite3.OperationalError:
+            return None
+        try:
+            conn.execute("PRAGMA query_only=1")
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                conn.close()
+                return None
+        except sqlite3.DatabaseError:
+            conn.close()
+            return None
+        return conn
+
+
+def _open_writer(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=OFF")  # derived data, rebuilt if lost
+        if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            with _transaction(conn):
+                for statement in ("DROP TABLE IF EXISTS text", "DROP TABLE IF EXISTS doc",
+                                  "DROP TABLE IF EXISTS meta"):
+                    conn.execute(statement)
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _match(conn: sqlite3.Connection, needle: str, field: str) -> set[str]:
+    # A phrase of the needle's trigrams in a row: exactly "contains the needle".
+    phrase = '"' + needle.replace('"', '""') + '"'
+    rows = conn.execute("SELECT doc.guid FROM text JOIN doc ON doc.id = text.rowid"
+                        " WHERE text MATCH ?", (f"{FIELDS[field]} : {phrase}",))
+    return {row[0] for row in rows}
+
+
+def _generation(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _bump_generation(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO meta (key, value) VALUES ('generation', 1) ON CONFLICT(key)"
+                 " DO UPDATE SET value = value + 1")
+
+
+@contextlib.contextmanager
+def _read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+# The background indexer
+
+
+INDEXED_KINDS = frozenset({"deliver", "append", "copy", "move"})
+
+
+class TextIndexer:
+    """Keeps every user's TextIndex up to date, off the delivery path.
+
+    Fed by `notify` (a MailDB change listener) and `request` (a search that met unindexed
+    messages); `run` indexes in one worker thread, `batch` messages per transaction. An event
+    without GUIDs, an expunge, or a request without GUIDs schedules a catch-up of the user:
+    compare every mailbox's messages with the index, add what is missing, forget what is gone.
+    """
+
+    def __init__(self, maildb: MailDB, index: TextIndex, *, batch: int = 200) -> None:
+        self._maildb = maildb
+        self._index = index
+        self._batch = batch
+        self._guids: dict[str, set[str]] = {}  # user -> GUIDs to index
+        self._catch_up: set[str] = set()  # users to reconcile
+        self._walk = False  # look for users behind (request_all)
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="textindex")
+        self.indexed = 0  # messages added since start (for stats and tests)
+
+    def notify(self, event: ChangeEvent) -> None:
+        if event.kind in INDEXED_KINDS and event.guids:
+            self.request(event.user, event.guids)
+        elif event.kind in INDEXED_KINDS or event.kind == "expunge":
+            self.request(event.user)
+
+    def request(self, user: str, guids: Iterable[str] = ()) -> None:
+        wanted = set(guids)
+        if wanted:
+            self._guids.setdefault(user, set()).update(wanted)
+        else:
+            self._catch_up.add(user)
+        self._idle.clear()
+        self._wake.set()
+
+    def request_all(self) -> None:
+        """Schedule a catch-up of every user whose text index may be behind: no text.sqlite,
+        or one older than the mail index (startup after downtime or a crash). The directory
+        walk itself runs in the indexer's thread once `run` is going."""
+        self._walk = True
+        self._idle.clear()
+        self._wake.set()
+
+    async def wait_idle(self) -> None:
+        """Until nothing is pending (tests; a graceful stop)."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._walk or self._guids or self._catch_up:
+                    try:
+                        await self._step()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        log.exception("text indexing failed", extra={"event": "textindex"})
+                self._idle.set()
+        finally:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._thread, self._index.close)
+            self._thread.shutdown(wait=False)
+
+    async def _step(self) -> None:
+        if self._walk:
+            self._walk = False
+            behind = await self._in_thread(_users_behind, self._index.root)
+            log.info("text index: %d users to catch up", len(behind),
+                     extra={"event": "textindex-catch-up"})
+            self._catch_up.update(behind)
+            return
+        if self._catch_up:
+            user = self._catch_up.pop()
+            await self._reconcile(user)
+            return
+        user, guids = next(iter(self._guids.items()))
+        chunk = [guids.pop() for _ in range(min(self._batch, len(guids)))]
+        if not guids:
+            del self._guids[user]
+        await self._in_thread(self._index_sync, user, chunk)
+
+    async def _reconcile(self, user: str) -> None:
+        try:
+            live: set[str] = set()
+            for mailbox in await self._maildb.list_mailboxes(user):
+                live.update(info.guid for info in
+                            await self._maildb.list_messages(user, mailbox.name))
+        except (NoSuchUser, StorageError):
+            return
+        indexed = await self._in_thread(self._index.indexed, user)
+        gone = indexed - live
+        dropped: bool = bool(gone) and await self._in_thread(self._index.forget, user, gone)
+        if dropped:
+            indexed = frozenset()
+        missing = live - indexed
+        if missing:
+            self._guids.setdefault(user, set()).update(missing)
+
+    def _index_sync(self, user: str, guids: list[str]) -> None:
+        docs: list[tuple[str, MessageText]] = []
+        for guid in guids:
+            try:
+                with self._maildb.open_message(user, guid) as file:
+                    raw = file.read()
+            except (NoSuchMessage, NoSuchUser):
+                continue  # expunged before we got to it
+            docs.append((guid, message_text(raw)))
+        self.indexed += self._index.add(user, docs)
+
+    async def _in_thread(self, func: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, functools.partial(func, *args))
+
+
+def _users_behind(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return [folder.name
+            for shard in root.iterdir() if shard.is_dir() and len(shard.name) == 2
+            for folder in shard.iterdir() if _may_be_behind(folder)]
+
+
+def _may_be_behind(folder: Path) -> bool:
+    index = folder / "index.sqlite"
+    if not index.exists():
+        return False
+    text = folder / FILE_NAME
+    if not text.exists():
+        return True
+    newest_mail = max(_mtime(index), _mtime(folder / "index.sqlite-wal"))
+    newest_text = max(_mtime(text), _mtime(folder / (FILE_NAME + "-wal")))
+    return newest_mail > newest_text
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

@@ -1,0 +1,396 @@
+"""IMAP SEARCH evaluation (RFC 3501 6.4.4, RFC 7162 3.1.5 MODSEQ) over a selected mailbox.
+
+`search` narrows a list of candidate positions key by key: cheap keys (flags, UIDs, sequence
+numbers, sizes, INTERNALDATE, MODSEQ) are decided from `MessageInfo`; header keys read only
+the header section of the files that are still candidates (cached for the call); TEXT/BODY
+ask the full-text index through `MessageSource.text_matches` and scan only what it cannot
+answer. AND runs its cheap children first, OR evaluates its right side only on what the left
+side left over, NOT only on the candidates it was given.
+
+Strings match as case-insensitive substrings of RFC 2047-decoded text (RFC 3501 6.4.4);
+dates ignore time and timezone: SENT* use the date written in the Date header, BEFORE/ON/SINCE
+the INTERNALDATE's date in UTC (the zone FETCH INTERNALDATE is shown in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import email.utils
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from services.store.backends.maildb import MailDB
+from services.store.backends.textindex import (
+    TextIndex,
+    TextIndexer,
+    fold,
+    message_text,
+    text_contains,
+)
+from services.store.imap.protocol.command import SearchKey, SequenceSet
+from services.store.imap.protocol.mime import decode_words, parse_header_only
+from services.store.imap.protocol.sequence import select_seqs, select_uid_positions
+from services.store.mailbox import MessageInfo, NoSuchMessage
+
+SEARCH_CHARSETS = frozenset({"UTF-8", "US-ASCII"})  # RFC 3501 6.4.4: US-ASCII is required
+READ_BATCH = 256  # files read per worker-thread call
+HEADER_BREAKS = (b"\r\n\r\n", b"\n\n")
+MAX_HEADER = 1 << 20  # a header section longer than this is cut (it is not a real one)
+
+SYSTEM_FLAG_KEYS = {
+    "ANSWERED": ("\\Answered", True), "UNANSWERED": ("\\Answered", False),
+    "DELETED": ("\\Deleted", True), "UNDELETED": ("\\Deleted", False),
+    "DRAFT": ("\\Draft", True), "UNDRAFT": ("\\Draft", False),
+    "FLAGGED": ("\\Flagged", True), "UNFLAGGED": ("\\Flagged", False),
+    "SEEN": ("\\Seen", True), "UNSEEN": ("\\Seen", False),
+}
+ADDRESS_AND_SUBJECT = {"FROM": "from", "TO": "to", "CC": "cc", "BCC": "bcc",
+                       "SUBJECT": "subject"}
+HEADER_KEYS = frozenset({*ADDRESS_AND_SUBJECT, "HEADER", "SENTBEFORE", "SENTON", "SENTSINCE"})
+TEXT_KEYS = frozenset({"TEXT", "BODY"})
+
+
+class UnsupportedSearchKey(ValueError):
+    """A key kind this module does not know (the grammar should never produce one)."""
+
+
+def charset_supported(charset: str | None) -> bool:
+    """For SEARCH/SORT/THREAD CHARSET: otherwise answer NO [BADCHARSET (UTF-8 US-ASCII)]."""
+    return charset is None or charset.upper() in SEARCH_CHARSETS
+
+
+class MessageSource(Protocol):
+    """Where message contents come from (the store, or an in-memory fake in unit tests)."""
+
+    async def raw(self, info: MessageInfo) -> bytes: ...
+
+    async def headers(self, infos: Sequence[MessageInfo]) -> list[bytes]:
+        """The header section of each message (up to the first empty line), in order."""
+        ...
+
+    async def text_matches(self, needle: str, field: str,
+                           guids: Sequence[str]) -> set[str] | None:
+        """Which of `guids` contain `needle` (case-insensitively) in `field`: "TEXT" or
+        "BODY" exactly; for "HEADER" a superset (some header field contains it) the caller
+        narrows down. None: no index answer (no index, or a needle too short for it)."""
+        ...
+
+
+class Headers:
+    """Header fields of one message, looked up case-insensitively: `raw_all` as stored
+    (latin-1 text, unfolded), `get_all` RFC 2047 decoded."""
+
+    def __init__(self, block: bytes) -> None:
+        self._part = parse_header_only(block)
+
+    def raw_all(self, name: str) -> list[str]:
+        return self._part.headers(name)
+
+    def get_all(self, name: str) -> list[str]:
+        return [decode_words(value) for value in self._part.headers(name)]
+
+    def first_raw(self, name: str) -> str | None:
+        return self._part.header(name)
+
+
+class MessageView:
+    """What SEARCH, SORT and THREAD know about the messages of one command: the infos, and
+    their parsed headers loaded on demand in batches and kept for the command's duration."""
+
+    def __init__(self, messages: Sequence[MessageInfo], source: MessageSource) -> None:
+        self.messages = messages
+        self.source = source
+        self._headers: dict[int, Headers] = {}
+
+    async def headers(self, positions: Iterable[int]) -> dict[int, Headers]:
+        wanted = list(positions)
+        missing = [p for p in wanted if p not in self._headers]
+        for start in range(0, len(missing), READ_BATCH):
+            chunk = missing[start:start + READ_BATCH]
+            blocks = await self.source.headers([self.messages[p] for p in chunk])
+            for position, block in zip(chunk, blocks, strict=True):
+                self._headers[position] = Headers(block)
+        return {p: self._headers[p] for p in wanted}
+
+
+# The entry point
+
+
+async def search(key: SearchKey, messages: Sequence[MessageInfo], source: MessageSource, *,
+                 recent_from_uid: int, today: datetime.date | None = None,
+                 view: MessageView | None = None) -> list[int]:
+    """0-based positions in `messages` (ascending UIDs) of the messages matching `key`.
+
+    `recent_from_uid`: the lowest UID that is \\Recent in this session. `view` lets SORT and
+    THREAD share the header cache with the search they start with. `today` is unused by the
+    RFC 3501 keys and kept for the RFC 5032 WITHIN keys (OLDER/YOUNGER) should they come.
+    """
+    evaluator = _Evaluator(view or MessageView(messages, source), recent_from_uid)
+    return await evaluator.run(key, list(range(len(messages))))
+
+
+class _Evaluator:
+    def __init__(self, view: MessageView, recent_from_uid: int) -> None:
+        self.view = view
+        self.messages = view.messages
+        self.recent_from_uid = recent_from_uid
+        self._lower_flags: dict[frozenset[str], frozenset[str]] = {}
+
+    async def run(self, key: SearchKey, candidates: list[int]) -> list[int]:
+        if not candidates:
+            return []
+        kind = key.kind
+        if kind == "AND":
+            for child in sorted(key.children, key=_cost):
+                candidates = await self.run(child, candidates)
+                if not candidates:
+                    break
+            return candidates
+        if kind == "OR":
+            left, right = key.children
+            first = await self.run(left, candidates)
+            taken = set(first)
+            second = await self.run(right, [p for p in candidates if p not in taken])
+            return sorted(first + second)
+        if kind == "NOT":
+            excluded = set(await self.run(key.children[0], candidates))
+            return [p for p in candidates if p not in excluded]
+        if kind in HEADER_KEYS:
+            return await self._header_key(key, candidates)
+        if kind in TEXT_KEYS:
+            return await self._text_key(str(key.value), kind, candidates)
+        test = self._cheap(key)
+        messages = self.messages
+        return [p for p in candidates if test(p, messages[p])]
+
+    # Keys decided from MessageInfo
+
+    def _cheap(self, key: SearchKey) -> Callable[[int, MessageInfo], bool]:
+        kind = key.kind
+        if kind in SYSTEM_FLAG_KEYS:
+            flag, wanted = SYSTEM_FLAG_KEYS[kind]
+            return lambda _, info: (flag in info.flags) is wanted
+        if kind == "ALL":
+            return lambda _, info: True
+        if kind in ("KEYWORD", "UNKEYWORD"):
+            keyword, wanted = str(key.value).lower(), kind == "KEYWORD"
+            return lambda _, info: (keyword in self._folded_flags(info.flags)) is wanted
+        recent = self.recent_from_uid
+        if kind == "RECENT":
+            return lambda _, info: info.uid >= recent
+        if kind == "OLD":
+            return lambda _, info: info.uid < recent
+        if kind == "NEW":
+            return lambda _, info: info.uid >= recent and "\\Seen" not in info.flags
+        if kind in ("LARGER", "SMALLER", "MODSEQ"):
+            return _number_test(kind, _int(key.value))
+        if kind in ("BEFORE", "ON", "SINCE"):
+            return _date_test(kind, _date(key.value), lambda _, info: internal_date(info))
+        if kind == "SEQ":
+            chosen = {n - 1 for n in select_seqs(_seqset(key.value), len(self.messages))}
+            return lambda position, _: position in chosen
+        if kind == "UID":
+            uids = [info.uid for info in self.messages]
+            chosen = set(select_uid_positions(_seqset(key.value), uids))
+            return lambda position, _: position in chosen
+        raise UnsupportedSearchKey(kind)
+
+    def _folded_flags(self, flags: frozenset[str]) -> frozenset[str]:
+        folded = self._lower_flags.get(flags)
+        if folded is None:
+            folded = self._lower_flags[flags] = frozenset(f.lower() for f in flags)
+        return folded
+
+    # Keys on header fields
+
+    async def _header_key(self, key: SearchKey, candidates: list[int]) -> list[int]:
+        kind = key.kind
+        if kind.startswith("SENT"):
+            return await self._sent_date(kind, _date(key.value), candidates)
+        name = key.name if kind == "HEADER" else ADDRESS_AND_SUBJECT[kind]
+        assert name is not None, "HEADER without a field name"
+        needle = fold(str(key.value))
+        if needle:
+            candidates = await self._text_prefilter(needle, candidates)
+        headers = await self.view.headers(candidates)
+        return [p for p in candidates
+                if any(needle in fold(v) for v in headers[p].get_all(name))]
+
+    async def _text_prefilter(self, needle: str, candidates: list[int]) -> list[int]:
+        """Messages whose header text contains the needle at all: every match is one."""
+        guids = _guids(self.messages, candidates)
+        hits = await self.view.source.text_matches(needle, "HEADER", guids)
+        if hits is None:
+            return candidates
+        return [p for p, guid in zip(candidates, guids, strict=True) if guid in hits]
+
+    async def _sent_date(self, kind: str, when: datetime.date,
+                         candidates: list[int]) -> list[int]:
+        headers = await self.view.headers(candidates)
+        test = _date_test(kind[len("SENT"):], when,
+                          lambda p, info: sent_date(headers[p].first_raw("date"), info))
+        messages = self.messages
+        return [p for p in candidates if test(p, messages[p])]
+
+    # TEXT and BODY
+
+    async def _text_key(self, value: str, field: str, candidates: list[int]) -> list[int]:
+        needle = fold(value)
+        if not needle:
+            return candidates
+        messages = self.messages
+        source = self.view.source
+        guids = _guids(messages, candidates)
+        hits = await source.text_matches(value, field, guids)
+        if hits is not None:
+            return [p for p, guid in zip(candidates, guids, strict=True) if guid in hits]
+        found: list[int] = []
+        for start in range(0, len(candidates), READ_BATCH):
+            chunk = candidates[start:start + READ_BATCH]
+            raws = await asyncio.gather(*(source.raw(messages[p]) for p in chunk))
+            found.extend(p for p, raw in zip(chunk, raws, strict=True)
+                         if text_contains(message_text(raw), needle, field))
+        return found
+
+
+# Values and small helpers
+
+
+def _cost(key: SearchKey) -> int:
+    """0: decided from MessageInfo; 1: needs header sections; 2: needs text (index or scan)."""
+    if key.kind in TEXT_KEYS:
+        return 2
+    if key.kind in HEADER_KEYS:
+        return 1
+    return max((_cost(child) for child in key.children), default=0)
+
+
+def _guids(messages: Sequence[MessageInfo], positions: list[int]) -> list[str]:
+    if len(positions) == len(messages):  # every message: skip the indexing (100k: 7 ms)
+        return [info.guid for info in messages]
+    return [messages[p].guid for p in positions]
+
+
+def _int(value: object) -> int:
+    assert isinstance(value, int), f"expected a number, got {value!r}"
+    return value
+
+
+def _date(value: object) -> datetime.date:
+    assert isinstance(value, datetime.date), f"expected a date, got {value!r}"
+    return value
+
+
+def _seqset(value: object) -> SequenceSet:
+    assert isinstance(value, SequenceSet), f"expected a sequence set, got {value!r}"
+    return value
+
+
+def _number_test(kind: str, number: int) -> Callable[[int, MessageInfo], bool]:
+    if kind == "LARGER":
+        return lambda _, info: info.size > number
+    if kind == "SMALLER":
+        return lambda _, info: info.size < number
+    return lambda _, info: info.modseq >= number  # MODSEQ (RFC 7162 3.1.5)
+
+
+def _date_test(relation: str, when: datetime.date,
+               date_of: Callable[[int, MessageInfo], datetime.date],
+               ) -> Callable[[int, MessageInfo], bool]:
+    if relation == "BEFORE":
+        return lambda p, info: date_of(p, info) < when
+    if relation == "ON":
+        return lambda p, info: date_of(p, info) == when
+    return lambda p, info: date_of(p, info) >= when  # SINCE
+
+
+def internal_date(info: MessageInfo) -> datetime.date:
+    return datetime.datetime.fromtimestamp(info.internaldate, datetime.UTC).date()
+
+
+def sent_date(value: str | None, info: MessageInfo) -> datetime.date:
+    """The date written in a Date header (its own zone); INTERNALDATE's if absent or bad."""
+    parsed = email.utils.parsedate_tz(value) if value else None
+    if parsed is not None:
+        try:
+            return datetime.date(parsed[0], parsed[1], parsed[2])
+        except ValueError:
+            pass
+    return internal_date(info)
+
+
+# The store-backed source
+
+
+class StoreMessageSource:
+    """Message contents from a MailDB, TEXT/BODY answered by the user's TextIndex.
+
+    Messages the index has not reached yet (delivered moments ago, or the indexer is behind)
+    are scanned, and handed to the indexer when there is one, so results never depend on it.
+    """
+
+    def __init__(self, maildb: MailDB, text_index: TextIndex | None, user: str, *,
+                 indexer: TextIndexer | None = None) -> None:
+        self._maildb = maildb
+        self._index = text_index
+        self._user = user
+        self._indexer = indexer
+
+    async def raw(self, info: MessageInfo) -> bytes:
+        return await asyncio.to_thread(self._read, info.guid, None)
+
+    async def headers(self, infos: Sequence[MessageInfo]) -> list[bytes]:
+        return await asyncio.to_thread(
+            lambda: [self._read(info.guid, MAX_HEADER) for info in infos])
+
+    async def text_matches(self, needle: str, field: str,
+                           guids: Sequence[str]) -> set[str] | None:
+        index = self._index
+        if index is None:
+            return None
+        hits, indexed = await asyncio.to_thread(index.lookup, self._user, needle, field)
+        if hits is None:
+            return None
+        # issuperset first: the usual case (nothing missing) in one C loop.
+        missing = [] if indexed.issuperset(guids) else [g for g in guids if g not in indexed]
+        found = hits.intersection(guids)
+        if missing:
+            if self._indexer is not None:
+                self._indexer.request(self._user, missing)
+            found |= await asyncio.to_thread(self._scan, fold(needle), field, missing)
+        return found
+
+    def _scan(self, needle: str, field: str, guids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for guid in guids:
+            header_only = field == "HEADER"
+            raw = self._read(guid, MAX_HEADER if header_only else None)
+            if text_contains(message_text(raw, with_body=not header_only), needle, field):
+                found.add(guid)
+        return found
+
+    def _read(self, guid: str, limit: int | None) -> bytes:
+        """The file's bytes, or only its header section when `limit` is given. An expunged
+        message (gone since the session's view was taken) reads as empty."""
+        try:
+            with self._maildb.open_message(self._user, guid) as file:
+                if limit is None:
+                    return file.read()
+                return _read_header(file.read, limit)
+        except NoSuchMessage:
+            return b""
+
+
+def _read_header(read: Callable[[int], bytes], limit: int) -> bytes:
+    data = b""
+    while len(data) < limit:
+        chunk = read(8192)
+        if not chunk:
+            break
+        data += chunk
+        # Look only near the new chunk (a separator may straddle the boundary).
+        tail = data[-(len(chunk) + 3):]
+        if any(sep in tail for sep in HEADER_BREAKS):
+            break
+    return data

@@ -1,0 +1,290 @@
+"""IMAP THREAD (RFC 5256 sections 4 and 5): ORDEREDSUBJECT and REFERENCES.
+
+`thread` returns a forest of `ThreadNode`s over positions; `format_thread` writes the
+`* THREAD` response with sequence numbers or UIDs. A node without a position is a dummy
+(a message that is referenced but not in the result) kept by REFERENCES when it holds
+several threads together at the top level.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from services.store.imap.search import Headers, MessageSource, MessageView
+from services.store.imap.sort import ascii_casemap, base_subject, sent_datetime
+from services.store.mailbox import MessageInfo
+
+ALGORITHMS = ("ORDEREDSUBJECT", "REFERENCES")
+_MSG_ID = re.compile(r"<[^<>\s]+>")
+
+
+class BadThreadAlgorithm(ValueError):
+    pass
+
+
+@dataclass
+class ThreadNode:
+    position: int | None  # None: a dummy
+    children: list[ThreadNode] = field(default_factory=list)
+
+
+async def thread(algorithm: str, positions: list[int], messages: Sequence[MessageInfo],
+                 source: MessageSource, *, view: MessageView | None = None,
+                 ) -> list[ThreadNode]:
+    name = algorithm.upper()
+    if name not in ALGORITHMS:
+        raise BadThreadAlgorithm(algorithm)
+    view = view or MessageView(messages, source)
+    headers = await view.headers(positions)
+    facts = {p: _Facts.of(p, headers[p], messages[p]) for p in positions}
+    if name == "ORDEREDSUBJECT":
+        return ordered_subject(sorted(positions), facts)
+    return references(sorted(positions), facts)
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What threading needs to know of one message."""
+
+    date: float
+    subject: bytes  # base subject, i;ascii-casemap key
+    reply: bool
+    message_id: str | None
+    parents: tuple[str, ...]  # References, or the first In-Reply-To id
+
+    @classmethod
+    def of(cls, position: int, headers: Headers, info: MessageInfo) -> _Facts:
+        subjects = headers.get_all("subject")
+        base, reply = base_subject(subjects[0] if subjects else "")
+        ids = _MSG_ID.findall(headers.first_raw("message-id") or "")
+        references = tuple(_MSG_ID.findall(" ".join(headers.raw_all("references"))))
+        if not references:
+            in_reply_to = _MSG_ID.findall(headers.first_raw("in-reply-to") or "")
+            references = tuple(in_reply_to[:1])
+        return cls(sent_datetime(headers, info), ascii_casemap(base), reply,
+                   ids[0] if ids else None, references)
+
+
+# ORDEREDSUBJECT (RFC 5256 4)
+
+
+def ordered_subject(positions: list[int], facts: dict[int, _Facts]) -> list[ThreadNode]:
+    """Group by base subject; in each group the earliest message is the parent of all the
+    others (siblings, by date); threads ordered by their first message's date."""
+    ordered = sorted(positions, key=lambda p: (facts[p].subject, facts[p].date, p))
+    threads: list[ThreadNode] = []
+    for _, group in itertools.groupby(ordered, key=lambda p: facts[p].subject):
+        first, *rest = group
+        threads.append(ThreadNode(first, [ThreadNode(p) for p in rest]))
+    threads.sort(key=lambda node: _date_key(node, facts))
+    return threads
+
+
+# REFERENCES (RFC 5256 5)
+
+
+class _Container:
+    __slots__ = ("position", "parent", "children")
+
+    def __init__(self, position: int | None = None) -> None:
+        self.position = position
+        self.parent: _Container | None = None
+        self.children: list[_Container] = []
+
+    def reaches(self, other: _Container) -> bool:
+        """Is `other` this container or one of its ancestors?"""
+        node: _Container | None = self
+        while node is not None:
+            if node is other:
+                return True
+            node = node.parent
+        return False
+
+    def set_parent(self, parent: _Container | None) -> None:
+        if self.parent is not None:
+            self.parent.children.remove(self)
+        self.parent = parent
+        if parent is not None:
+            parent.children.append(self)
+
+
+def references(positions: list[int], facts: dict[int, _Facts]) -> list[ThreadNode]:
+    roots = _link(positions, facts)
+    roots = _prune(roots, top=True)
+    roots = _group_by_subject(roots, facts)
+    nodes = [_to_node(container, facts) for container in roots]
+    nodes.sort(key=lambda node: _date_key(node, facts))
+    return nodes
+
+
+def _link(positions: list[int], facts: dict[int, _Facts]) -> list[_Container]:
+    """Steps 1 and 2: one container per message id, linked by References; the roots."""
+    table: dict[str, _Container] = {}
+    everything: list[_Container] = []
+
+    def container(message_id: str) -> _Container:
+        found = table.get(message_id)
+        if found is None:
+            found = table[message_id] = _Container()
+            everything.append(found)
+        return found
+
+    for position in positions:
+        own = facts[position].message_id
+        if own is not None and own in table and table[own].position is None:
+            this = table[own]
+            this.position = position
+        else:
+            # No id, or a duplicate id: a container of its own that nothing references.
+            this = _Container(position)
+            everything.append(this)
+            if own is not None and own not in table:
+                table[own] = this
+        chain = [container(i) for i in facts[position].parents]
+        for parent, child in itertools.pairwise(chain):
+            if child.parent is None and not parent.reaches(child) and parent is not child:
+                child.set_parent(parent)
+        last = chain[-1] if chain else None
+        if last is not None and last.reaches(this):
+            last = None  # would make a loop
+        if this.parent is not last:
+            this.set_parent(last)
+    return [c for c in everything if c.parent is None]
+
+
+def _prune(containers: list[_Container], top: bool) -> list[_Container]:
+    """Step 4: drop empty dummies; a dummy's children take its place, except a dummy at the
+    top with several children (it keeps them together)."""
+    kept: list[_Container] = []
+    for container in containers:
+        container.children = _prune(container.children, top=False)
+        for child in container.children:
+            child.parent = container
+        if container.position is not None or (top and len(container.children) > 1):
+            kept.append(container)
+        else:
+            for child in container.children:
+                child.parent = container.parent
+            kept.extend(container.children)
+    return kept
+
+
+def _subject_of(container: _Container, facts: dict[int, _Facts]) -> _Facts | None:
+    if container.position is not None:
+        return facts[container.position]
+    # A dummy: its earliest child's subject (RFC 5256 5 step 5.A).
+    dated = [facts[c.position] for c in container.children if c.position is not None]
+    return min(dated, key=lambda f: f.date) if dated else None
+
+
+def _group_by_subject(roots: list[_Container], facts: dict[int, _Facts]) -> list[_Container]:
+    """Step 5: gather top-level threads whose base subjects are equal."""
+    table: dict[bytes, _Container] = {}
+    for root in roots:
+        found = _subject_of(root, facts)
+        if found is None or not found.subject:
+            continue
+        held = table.get(found.subject)
+        if held is None or _prefer(root, held, facts):
+            table[found.subject] = root
+    merged: list[_Container] = []
+    for root in roots:
+        if root.parent is not None:
+            continue  # already put under another top-level container
+        found = _subject_of(root, facts)
+        subject = found.subject if found is not None else b""
+        held = table.get(subject) if subject else None
+        if held is None or held is root:
+            if root not in merged:
+                merged.append(root)
+            continue
+        target = _merge(held, root, facts)
+        table[subject] = target
+        if held in merged and target is not held:
+            merged[merged.index(held)] = target
+        elif target not in merged:
+            merged.append(target)
+    return [root for root in merged if root.parent is None]
+
+
+def _prefer(candidate: _Container, held: _Container, facts: dict[int, _Facts]) -> bool:
+    """5.B: a dummy wins over a message; a non-reply wins over a reply."""
+    if candidate.position is None and held.position is not None:
+        return True
+    if candidate.position is None or held.position is None:
+        return False
+    return facts[held.position].reply and not facts[candidate.position].reply
+
+
+def _merge(held: _Container, root: _Container, facts: dict[int, _Facts]) -> _Container:
+    """5.C: put `root` together with `held` (the subject table's container); returns the
+    container now at the top for that subject (held, or a new dummy above both)."""
+    if held.position is None and root.position is None:
+        for child in list(root.children):
+            child.set_parent(held)
+        root.parent = held  # marks it absorbed; it has no children left
+        return held
+    if held.position is None:
+        root.set_parent(held)
+        return held
+    if root.position is None:
+        # held becomes a child of the dummy; the dummy is a root, so keep it on top.
+        held.set_parent(root)
+        return root
+    held_reply = facts[held.position].reply
+    root_reply = facts[root.position].reply
+    if not held_reply and root_reply:
+        root.set_parent(held)
+        return held
+    dummy = _Container()
+    held.set_parent(dummy)
+    root.set_parent(dummy)
+    return dummy
+
+
+def _to_node(container: _Container, facts: dict[int, _Facts]) -> ThreadNode:
+    """Step 6: siblings ordered by sent date (a dummy by its earliest child)."""
+    children = [_to_node(c, facts) for c in container.children]
+    children.sort(key=lambda node: _date_key(node, facts))
+    return ThreadNode(container.position, children)
+
+
+def _date_key(node: ThreadNode, facts: dict[int, _Facts]) -> tuple[float, int]:
+    if node.position is not None:
+        return facts[node.position].date, node.position
+    if not node.children:
+        return float("inf"), -1
+    return _date_key(node.children[0], facts)
+
+
+# The response
+
+
+def format_thread(threads: Sequence[ThreadNode], number_of: Callable[[int], int]) -> bytes:
+    """The whole untagged response without CRLF: b"* THREAD (2)(3 6 (4 23)(44 7 96))".
+    `number_of` maps a position to a sequence number (position + 1) or a UID."""
+    parts = [b"* THREAD"]
+    if threads:
+        parts.append(b"".join(b"(" + _members(node, number_of) + b")" for node in threads))
+    return b" ".join(parts)
+
+
+def _members(node: ThreadNode, number_of: Callable[[int], int]) -> bytes:
+    """RFC 5256 thread-members: numbers along a single-child chain, then one parenthesised
+    list per child where the thread branches."""
+    out: list[bytes] = []
+    current: ThreadNode | None = node
+    while current is not None:
+        if current.position is not None:
+            out.append(str(number_of(current.position)).encode())
+        if len(current.children) == 1 and current.position is not None:
+            current = current.children[0]
+            continue
+        if current.children:
+            out.append(b"".join(b"(" + _members(child, number_of) + b")"
+                                for child in current.children))
+        current = None
+    return b" ".join(out)

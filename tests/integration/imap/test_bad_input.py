@@ -1,0 +1,329 @@
+"""Hostile and broken clients, byte by byte: unknown and malformed commands, oversized
+literals and lines, mailbox names that try to escape, error floods, a client flooding commands
+next to a well-behaved one, plaintext logins before TLS, and login throttling through Redis.
+"""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import socket
+import threading
+import time
+
+import pytest
+import redis
+from imapclient import IMAPClient
+
+from common.settings import Settings
+from services.store.backends.maildb import MailDB
+from tests.integration.imap.clients import (
+    Server,
+    cheap_password_hashes,
+    in_thread,
+    message,
+    unverified,
+)
+from tests.integration.imap.conftest import ALICE, BOB, USERS, Deliver, ImapStack, StartImap
+
+SMALL_LITERAL = 4096
+
+
+@pytest.fixture(scope="module")
+def password_hashes() -> dict[str, str]:
+    return cheap_password_hashes()
+
+
+@pytest.fixture
+def server(imap_server: ImapStack) -> Server:
+    return Server.of(imap_server)
+
+
+async def start_with(start_imap: StartImap, settings: Settings, **changes: object) -> Server:
+    return Server.of(await start_imap(settings.replace(**changes)))
+
+
+async def test_unknown_and_malformed_commands_get_bad_with_their_tag(server: Server) -> None:
+    malformed = [
+        "XYZZY", "FETCH", "SELECT", "LOGIN onlyuser", 'LOGIN "unterminated',
+        "CAPABILITY extra", "NOOP NOOP", "UID BOGUS 1", "SEARCH (ALL", "STATUS INBOX MESSAGES",
+    ]
+    selected_malformed = [
+        "FETCH 1 (FLAGS", "FETCH 1:* BODY[9.X]", "FETCH x FLAGS", "STORE 1 +FLAGS",
+        "SEARCH BEFORE 32-Foo-2026", "FETCH 1 BODY[]<5.>", "COPY 1", "UID FETCH 1:* BOGUS",
+        "FETCH 4294967296 FLAGS",
+    ]
+
+    def dialog() -> None:
+        raw = server.raw()
+        for number, command in enumerate(malformed):
+            reply = raw.command(command, tag=f"m{number}")
+            assert reply.status == "BAD", (command, reply)
+        raw.close()
+        raw = server.raw(ALICE)  # a fresh session: the BADs so far count towards BYE
+        raw.ok("SELECT INBOX")
+        for number, command in enumerate(selected_malformed):
+            assert raw.command(command, tag=f"s{number}").status == "BAD", command
+        for line in (b"a+b NOOP\r\n", b"(x NOOP\r\n", b"NOOP\r\n"):  # no usable tag
+            raw.send(line)
+            answer = raw.response()
+            assert answer.startswith(b"* BAD") or b" BAD" in answer, (line, answer)
+        assert raw.ok("NOOP").status == "OK"  # and the session carries on
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_literals_in_any_argument(server: Server) -> None:
+    def dialog() -> None:
+        raw = server.raw()
+        tag = "lit1"
+        raw.send(f"{tag} LOGIN {{{len(ALICE)}}}\r\n".encode())
+        assert raw.response().startswith(b"+")
+        raw.send(ALICE.encode() + f" {{{len(USERS[ALICE])}}}\r\n".encode())
+        assert raw.response().startswith(b"+")
+        raw.send(USERS[ALICE].encode() + b"\r\n")
+        assert raw.reply(tag).status == "OK"
+        # LITERAL+: the whole command in one write, no continuation expected
+        raw.send(b"lit2 CREATE {7+}\r\nLiteral\r\nlit3 SELECT {7+}\r\nLiteral\r\n")
+        assert raw.reply("lit2").status == "OK"
+        assert raw.reply("lit3").status == "OK"
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_oversized_literal_refused_before_it_is_read(
+        start_imap: StartImap, settings: Settings, maildb: MailDB) -> None:
+    server = await start_with(start_imap, settings, imap_max_literal=SMALL_LITERAL)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        big = message("big", "x" * 78 + "\r\n" + ("y" * 78 + "\r\n") * 100)
+        assert len(big) > SMALL_LITERAL
+        started = time.monotonic()
+        raw.send(b"big1 APPEND INBOX {%d}\r\n" % len(big))
+        answer = raw.response()  # no "+": the refusal comes before any literal byte
+        assert answer.startswith(b"big1 NO") or answer.startswith(b"big1 BAD"), answer
+        assert time.monotonic() - started < 5
+        assert raw.ok("NOOP").status == "OK"  # the connection is still usable
+        small = message("small")
+        assert raw.literal_command(b"APPEND INBOX", small).status == "OK"
+        assert raw.command(b"LOGIN {%d}" % (SMALL_LITERAL * 10)).status in ("BAD", "NO")
+        raw.close()
+
+        # A non-synchronizing literal cannot be refused before it is sent: the server answers
+        # BAD or NO (having skipped it) or hangs up, but never stores it.
+        plus = server.raw(ALICE)
+        plus.send(b"big2 APPEND INBOX {%d+}\r\n" % len(big) + big + b"\r\n")
+        answer = plus.response()
+        assert not answer.startswith(b"big2 OK"), answer
+        plus.close()
+        other = server.raw(ALICE)  # the server itself is fine
+        assert other.ok("NOOP").status == "OK"
+        other.close()
+
+    await in_thread(dialog)
+    assert len(await maildb.list_messages(ALICE)) == 1
+
+
+async def test_overlong_command_line(start_imap: StartImap, settings: Settings) -> None:
+    server = await start_with(start_imap, settings, imap_max_line=1024)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.send(b"long SEARCH " + b"SUBJECT x " * 500 + b"\r\n")
+        answer = raw.response()
+        assert answer == b"" or b"BAD" in answer or answer.startswith(b"* BYE"), answer
+        other = server.raw(ALICE)
+        assert other.ok("NOOP").status == "OK"
+        other.close()
+        raw.close()
+
+    await in_thread(dialog)
+
+
+ESCAPES = [
+    "../evil", "..", ".", "a/../b", "a/./b", "/abs", "a//b", "Trash/..",
+    "x/\x01y", "tab\there",
+]
+
+
+async def test_mailbox_names_cannot_escape(server: Server, maildb: MailDB, imap_server: ImapStack
+                                           ) -> None:
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        for name in ESCAPES:
+            quoted = '"' + name + '"'
+            assert raw.command(f"CREATE {quoted}").status in ("NO", "BAD"), name
+            assert raw.command(f"SELECT {quoted}").status in ("NO", "BAD"), name
+            assert raw.command(f"RENAME Archive {quoted}").status in ("NO", "BAD"), name
+        nul = raw.literal_command(b"CREATE", b"a\x00b")
+        assert nul.status in ("NO", "BAD"), nul
+        assert raw.command('CREATE "&Jjo"').status in ("NO", "BAD")  # broken modified UTF-7
+        raw.close()
+
+    await in_thread(dialog)
+    names = {box.name for box in await maildb.list_mailboxes(ALICE)}
+    assert not any(".." in name or "\x00" in name or name.startswith("/") for name in names)
+    data_root = imap_server.settings.data_dir
+    assert not any(path.name == "evil" for path in data_root.parent.rglob("*"))
+
+
+async def test_many_bad_commands_end_in_bye(start_imap: StartImap, settings: Settings) -> None:
+    server = await start_with(start_imap, settings, imap_max_errors=5)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        bads = 0
+        for _ in range(20):
+            try:
+                raw.send(b"x GARBAGE\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            answer = raw.response()
+            if not answer.startswith(b"x BAD"):
+                break
+            bads += 1
+        assert bads <= 6, "the server kept answering BAD"
+        tail = answer + b"".join(iter(raw.response, b""))
+        assert tail.startswith(b"* BYE") or tail == b"", tail
+        assert raw.closed()
+        other = server.raw(ALICE)
+        assert other.ok("NOOP").status == "OK"
+        other.close()
+
+    await in_thread(dialog)
+
+
+async def test_a_flooding_client_does_not_starve_another(server: Server, deliver: Deliver
+                                                         ) -> None:
+    for n in range(100):
+        await deliver(ALICE, message(f"m{n}"))
+    stop = threading.Event()
+    flood_replies = 0
+
+    def flood() -> None:
+        nonlocal flood_replies
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(f'f0 LOGIN "{ALICE}" "{USERS[ALICE]}"\r\nf1 SELECT INBOX\r\n'.encode())
+        drain = threading.Thread(target=count_replies, args=(sock,), daemon=True)
+        drain.start()
+        batch = b"".join(b"f%d FETCH 1:* (FLAGS UID RFC822.SIZE)\r\n" % n for n in range(200))
+        deadline = time.monotonic() + 60
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                sock.sendall(batch)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def count_replies(sock: socket.socket) -> None:
+        nonlocal flood_replies
+        try:
+            while data := sock.recv(65536):
+                flood_replies += data.count(b" OK ")  # tagged replies, roughly
+        except OSError:
+            pass
+
+    def polite() -> list[float]:
+        wait_for_flood = time.monotonic() + 10
+        while flood_replies < 50 and time.monotonic() < wait_for_flood:
+            time.sleep(0.01)  # bounded: until the flood is really running
+        assert flood_replies >= 50, "the flood never got going"
+        latencies = []
+        client = server.client(BOB)
+        client.select_folder("INBOX")
+        for _ in range(20):
+            started = time.monotonic()
+            client.noop()
+            client.folder_status("INBOX", ["MESSAGES"])
+            latencies.append(time.monotonic() - started)
+        client.logout()
+        return latencies
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        latencies = await in_thread(polite)
+        assert flooder.is_alive(), "the flood ended before the polite client was done"
+    finally:
+        stop.set()
+        await in_thread(lambda: flooder.join(30))
+    assert max(latencies) < 2.0, latencies
+    assert sum(latencies) < 10.0, latencies
+
+
+async def test_logindisabled_before_tls(start_imap: StartImap, settings: Settings) -> None:
+    server = await start_with(start_imap, settings, allow_plaintext_auth=False)
+
+    def dialog() -> None:
+        raw = server.raw()
+        caps = raw.ok("CAPABILITY").lines(b"CAPABILITY")[0].upper().split()
+        assert b"LOGINDISABLED" in caps and b"STARTTLS" in caps
+        assert b"AUTH=PLAIN" not in caps  # no plaintext mechanism before TLS (RFC 3501 6.2.3)
+        assert raw.command(f'LOGIN "{ALICE}" "{USERS[ALICE]}"').status in ("NO", "BAD")
+        assert raw.command("AUTHENTICATE PLAIN AGFsaWNlAHg=").status in ("NO", "BAD")
+        raw.starttls()
+        caps = raw.ok("CAPABILITY").lines(b"CAPABILITY")[0].upper().split()
+        assert b"LOGINDISABLED" not in caps and b"AUTH=PLAIN" in caps
+        raw.ok(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')
+        raw.close()
+
+        client = imaplib.IMAP4("127.0.0.1", server.port, timeout=10)
+        client.starttls(unverified())
+        client.login(BOB, USERS[BOB])
+        client.logout()
+        tls = IMAPClient("127.0.0.1", server.tls_port, ssl=True, ssl_context=unverified(),
+                         timeout=10)
+        assert b"LOGINDISABLED" not in tls.capabilities()
+        tls.login(ALICE, USERS[ALICE])
+        tls.logout()
+
+    await in_thread(dialog)
+
+
+async def test_failed_logins_are_throttled_per_account(
+        start_imap: StartImap, settings: Settings, redis_client: redis.Redis) -> None:
+    server = await start_with(start_imap, settings, auth_failures_per_user=3,
+                              auth_failures_per_ip=1000)
+
+    def dialog() -> None:
+        raw = server.raw()
+        for _ in range(3):
+            assert raw.command(f'LOGIN "{ALICE}" "wrong"').status == "NO"
+        raw.close()
+        again = server.raw()  # a new connection does not start afresh
+        refused = again.command(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')
+        assert refused.status == "NO", "the right password got in during the lockout"
+        refused = again.command(b"AUTHENTICATE PLAIN " + base64.b64encode(
+            f"\0{ALICE}\0{USERS[ALICE]}".encode()))
+        assert refused.status == "NO"
+        assert again.command(f'LOGIN "{BOB}" "{USERS[BOB]}"').status == "OK"  # others: fine
+        again.close()
+
+    await in_thread(dialog)
+    keys = [k.decode() for k in redis_client.scan_iter(match=f"{settings.redis_prefix}*")]
+    user_keys = [k for k in keys if ALICE in k or "user" in k]
+    assert user_keys, keys
+    assert all(0 < redis_client.ttl(k) <= 600 for k in user_keys)
+
+
+async def test_failed_logins_are_throttled_per_ip(
+        start_imap: StartImap, settings: Settings, redis_client: redis.Redis) -> None:
+    server = await start_with(start_imap, settings, auth_failures_per_user=1000,
+                              auth_failures_per_ip=3, rate_limit_exempt="")
+
+    def dialog() -> None:
+        raw = server.raw()
+        for user in (ALICE, BOB, "nobody@example.test"):
+            assert raw.command(f'LOGIN "{user}" "wrong"').status == "NO"
+        raw.close()
+        again = server.raw()
+        assert again.command(f'LOGIN "{BOB}" "{USERS[BOB]}"').status == "NO"
+        again.close()
+
+    await in_thread(dialog)
+    assert any(b"127.0.0.1" in k or b"ip" in k
+               for k in redis_client.scan_iter(match=f"{settings.redis_prefix}*"))

@@ -1,0 +1,993 @@
+"""Every RFC 3501 command over the wire, with imaplib (raw strings) and imapclient (parsed
+responses), against the real server on a real MailDB; side effects are checked through a
+second session or the MailDB itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import imaplib
+from typing import Any
+
+import pytest
+from imapclient.exceptions import IMAPClientError
+
+from services.store.backends.maildb import MailDB
+from tests.integration.imap.clients import (
+    Server,
+    cheap_password_hashes,
+    in_thread,
+    message,
+    unverified,
+)
+from tests.integration.imap.conftest import ALICE, BOB, USERS, Deliver, ImapStack
+
+UTC = datetime.UTC
+STANDARD_FLAGS = {b"\\Answered", b"\\Flagged", b"\\Deleted", b"\\Seen", b"\\Draft"}
+AFTER_LOGIN = {"IMAP4REV1", "IDLE", "UIDPLUS", "MOVE", "NAMESPACE", "ID", "ENABLE", "CONDSTORE",
+               "QRESYNC", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "ESEARCH",
+               "SPECIAL-USE", "QUOTA", "SORT"}
+
+NESTED = (
+    b'From: "Ann Example" <ann@example.org>\r\n'
+    b'To: alice@example.test, "Bob" <bob@example.test>\r\n'
+    b"Cc: carol@example.org\r\n"
+    b"Subject: =?UTF-8?Q?Gr=C3=BC=C3=9Fe?= nested\r\n"
+    b"Date: Mon, 02 Mar 2026 10:00:00 +0000\r\n"
+    b"Message-ID: <nested@example.org>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="outer"\r\n'
+    b"\r\n"
+    b"preamble\r\n"
+    b"--outer\r\n"
+    b'Content-Type: multipart/alternative; boundary="inner"\r\n'
+    b"\r\n"
+    b"--inner\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n"
+    b"plain body\r\n"
+    b"--inner\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n"
+    b"\r\n"
+    b"<p>html body</p>\r\n"
+    b"--inner--\r\n"
+    b"--outer\r\n"
+    b"Content-Type: message/rfc822\r\n"
+    b"\r\n"
+    b"From: dave@example.org\r\n"
+    b"Subject: forwarded\r\n"
+    b"Message-ID: <inner@example.org>\r\n"
+    b"\r\n"
+    b"forwarded body\r\n"
+    b"--outer\r\n"
+    b'Content-Type: application/octet-stream; name="data.bin"\r\n'
+    b'Content-Disposition: attachment; filename="data.bin"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n"
+    b"AAECAw==\r\n"
+    b"--outer--\r\n"
+)
+NESTED_HEADER = NESTED[:NESTED.index(b"\r\n\r\n") + 4]
+
+
+@pytest.fixture(scope="module")
+def password_hashes() -> dict[str, str]:
+    return cheap_password_hashes()
+
+
+@pytest.fixture
+def server(imap_server: ImapStack) -> Server:
+    return Server.of(imap_server)
+
+
+def low(value: Any) -> Any:
+    """Body structures compared without regard to the case servers may choose."""
+    if isinstance(value, bytes):
+        return value.lower()
+    if isinstance(value, tuple | list):
+        return tuple(low(v) for v in value)
+    return value
+
+
+def item(response: dict[bytes, Any], prefix: bytes) -> Any:
+    """The one FETCH item whose name starts with `prefix` (names echo the server's spelling)."""
+    found = [v for k, v in response.items() if k.upper().startswith(prefix.upper())]
+    assert len(found) == 1, (prefix, list(response))
+    return found[0]
+
+
+# Non-authenticated state
+
+
+async def test_capability_noop_logout(server: Server) -> None:
+    def dialog() -> None:
+        raw = server.raw()
+        assert raw.greeting.startswith(b"* OK")
+        before = raw.ok("CAPABILITY").lines(b"CAPABILITY")
+        assert len(before) == 1
+        caps = set(before[0].upper().split()[2:])
+        assert {b"IMAP4REV1", b"STARTTLS", b"AUTH=PLAIN", b"SASL-IR"} <= caps
+        assert b"LOGINDISABLED" not in caps  # the fixture allows plaintext logins
+        assert caps & {b"LITERAL+", b"LITERAL-"}
+        assert raw.ok("NOOP").status == "OK"
+        bye = raw.command("LOGOUT")
+        assert bye.status == "OK"
+        assert any(line.startswith(b"* BYE") for line in bye.untagged)
+        assert raw.closed()
+
+        parsed = server.client(ALICE)
+        after = {c.decode().upper() for c in parsed.capabilities()}
+        assert after >= AFTER_LOGIN, AFTER_LOGIN - after
+        assert any(c.startswith("THREAD=") for c in after)
+        parsed.logout()
+        client = server.imaplib(ALICE)
+        assert client.noop()[0] == "OK"
+        assert client.logout()[0] == "BYE"
+
+    await in_thread(dialog)
+
+
+async def test_commands_need_authentication(server: Server) -> None:
+    def dialog() -> None:
+        raw = server.raw()
+        for command in ("SELECT INBOX", "LIST \"\" *", "FETCH 1 FLAGS", "CREATE X"):
+            assert raw.command(command).status in ("BAD", "NO"), command
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_starttls_then_login(server: Server) -> None:
+    def dialog() -> None:
+        client = server.imaplib(None)
+        assert "STARTTLS" in client.capabilities
+        assert client.starttls(unverified())[0] == "OK"
+        assert "STARTTLS" not in client.capabilities  # imaplib asked again after the handshake
+        assert client.login(ALICE, USERS[ALICE])[0] == "OK"
+        assert client.select("INBOX")[0] == "OK"
+        client.logout()
+
+        raw = server.raw()
+        raw.starttls()
+        assert raw.command("STARTTLS").status in ("BAD", "NO")  # no second handshake
+        raw.ok(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_implicit_tls_port(server: Server) -> None:
+    def dialog() -> None:
+        client = imaplib.IMAP4_SSL("127.0.0.1", server.tls_port, ssl_context=unverified(),
+                                   timeout=10)
+        assert "STARTTLS" not in client.capabilities
+        client.login(BOB, USERS[BOB])
+        assert client.select("INBOX")[0] == "OK"
+        client.logout()
+
+    await in_thread(dialog)
+
+
+def plain(authzid: str, user: str, password: str) -> bytes:
+    return base64.b64encode(f"{authzid}\0{user}\0{password}".encode())
+
+
+async def test_authenticate_plain(server: Server) -> None:
+    def dialog() -> None:
+        client = server.imaplib(None)
+        typ, _ = client.authenticate("PLAIN", lambda _: f"\0{ALICE}\0{USERS[ALICE]}".encode())
+        assert typ == "OK" and client.state == "AUTH"
+        client.logout()
+
+        raw = server.raw()  # SASL-IR (RFC 4959): the response on the command line
+        reply = raw.command(b"AUTHENTICATE PLAIN " + plain("", BOB, USERS[BOB]))
+        assert reply.status == "OK", reply
+        assert raw.ok("SELECT INBOX").status == "OK"
+        raw.close()
+
+        raw = server.raw()
+        assert raw.command(b"AUTHENTICATE PLAIN " + plain("", BOB, "wrong")).status == "NO"
+        # authorization as another user is refused even with the right password
+        assert raw.command(b"AUTHENTICATE PLAIN " + plain(ALICE, BOB, USERS[BOB])).status == "NO"
+        raw.send(b"a1 AUTHENTICATE PLAIN\r\n")
+        assert raw.response().startswith(b"+")
+        raw.send(b"*\r\n")  # the client cancels (RFC 3501 6.2.2)
+        assert raw.reply("a1").status == "BAD"
+        assert raw.command(b"AUTHENTICATE PLAIN !!notbase64").status in ("BAD", "NO")
+        assert raw.command(b"AUTHENTICATE CRAM-MD5").status in ("BAD", "NO")
+        assert raw.command("SELECT INBOX").status in ("BAD", "NO")  # not authenticated
+        raw.ok(b"AUTHENTICATE PLAIN " + plain(BOB, BOB, USERS[BOB]))
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_login_failures_then_success(server: Server) -> None:
+    def dialog() -> None:
+        client = server.imaplib(None)
+        for user, password in ((ALICE, "wrong"), ("nobody@example.test", "x")):
+            with pytest.raises(imaplib.IMAP4.error) as failure:
+                client.login(user, password)
+            assert "AUTHENTICATIONFAILED" in str(failure.value)  # RFC 5530, no hint which part
+        assert client.login(ALICE, USERS[ALICE])[0] == "OK"
+        raw = server.raw(ALICE)
+        assert raw.command(f'LOGIN "{ALICE}" "{USERS[ALICE]}"').status == "BAD"  # already in
+        raw.close()
+        client.logout()
+
+    await in_thread(dialog)
+
+
+# SELECT / EXAMINE
+
+
+async def test_select_and_examine_responses(server: Server, deliver: Deliver,
+                                            maildb: MailDB) -> None:
+    for n in range(3):
+        await deliver(ALICE, message(f"m{n}"))
+    status = await maildb.status(ALICE)
+
+    def dialog() -> None:
+        first = server.client(ALICE)
+        examined = first.select_folder("INBOX", readonly=True)
+        assert examined[b"EXISTS"] == 3
+        assert b"READ-ONLY" in examined
+        with pytest.raises(IMAPClientError):
+            first.add_flags([1], [b"\\Seen"])  # STORE in an EXAMINEd mailbox: NO
+
+        selected = first.select_folder("INBOX")
+        assert selected[b"EXISTS"] == 3
+        assert selected[b"RECENT"] == 3  # EXAMINE took no \Recent away
+        assert selected[b"READ-WRITE"] is True
+        assert set(selected[b"FLAGS"]) >= STANDARD_FLAGS
+        assert STANDARD_FLAGS | {b"\\*"} <= set(selected[b"PERMANENTFLAGS"])
+        assert selected[b"UIDVALIDITY"] == status.uidvalidity
+        assert selected[b"UIDNEXT"] == status.uidnext
+        assert selected[b"HIGHESTMODSEQ"] == status.highestmodseq
+        flags = first.get_flags(first.search("ALL"))
+        assert all(b"\\Recent" in f for f in flags.values())
+
+        second = server.client(ALICE)
+        assert second.select_folder("INBOX")[b"RECENT"] == 0  # \Recent is one session's
+        assert not any(b"\\Recent" in f for f in second.get_flags(second.search()).values())
+
+        raw = server.raw(ALICE)
+        reply = raw.ok("SELECT INBOX")
+        assert b"[READ-WRITE]" in reply.text
+        assert any(b"[UNSEEN 1]" in line for line in reply.untagged)  # first unseen
+        assert raw.ok("EXAMINE INBOX").text.startswith(b"[READ-ONLY]")
+        assert raw.command("SELECT Nonexistent").status == "NO"
+        # a failed SELECT leaves no mailbox selected (RFC 3501 6.3.1)
+        assert raw.command("FETCH 1 FLAGS").status in ("BAD", "NO")
+        raw.close()
+        first.logout()
+        second.logout()
+
+    await in_thread(dialog)
+
+
+# Mailbox management
+
+
+async def test_create_nested_and_refusals(server: Server, maildb: MailDB) -> None:
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.create_folder("Projects/2026/Q1")
+        names = {name for _, _, name in client.list_folders()}
+        assert {"Projects", "Projects/2026", "Projects/2026/Q1"} <= names
+        client.create_folder("Plans/")  # trailing delimiter: intends to hold children
+        assert client.folder_exists("Plans")
+        for existing in ("Projects/2026/Q1", "INBOX", "inbox"):
+            with pytest.raises(IMAPClientError):
+                client.create_folder(existing)
+        raw = server.raw(ALICE)
+        assert b"ALREADYEXISTS" in raw.command('CREATE "Projects"').text
+        raw.close()
+        client.logout()
+
+    await in_thread(dialog)
+    names = {box.name for box in await maildb.list_mailboxes(ALICE)}
+    assert {"Projects", "Projects/2026", "Projects/2026/Q1", "Plans"} <= names
+
+
+async def test_delete(server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    for name in ("Old", "Parent/Child"):
+        await maildb.create_mailbox(ALICE, name)
+    await deliver(ALICE, message("in old"), "Old")
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.delete_folder("Old")
+        assert not client.folder_exists("Old")
+        raw = server.raw(ALICE)
+        assert b"NONEXISTENT" in raw.command("DELETE Old").text
+        assert raw.command("DELETE INBOX").status == "NO"
+        # A parent with children: its messages go, the name stays as \Noselect.
+        raw.ok("DELETE Parent")
+        listed = raw.ok('LIST "" "Parent"').lines(b"LIST")
+        assert len(listed) == 1 and b"\\Noselect" in listed[0]
+        assert raw.command("DELETE Parent").status == "NO"  # \Noselect with children
+        assert raw.command("SELECT Parent").status == "NO"
+        assert client.folder_exists("Parent/Child")
+        raw.close()
+        client.logout()
+
+    await in_thread(dialog)
+    names = {box.name for box in await maildb.list_mailboxes(ALICE)}
+    assert "Old" not in names and "Parent/Child" in names
+
+
+async def test_rename_with_children_keeps_uidvalidity(server: Server, deliver: Deliver,
+                                                      maildb: MailDB) -> None:
+    await maildb.create_mailbox(ALICE, "Work/Sub")
+    await deliver(ALICE, message("in sub"), "Work/Sub")
+    before = await maildb.status(ALICE, "Work/Sub")
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.rename_folder("Work", "Job")
+        names = {name for _, _, name in client.list_folders()}
+        assert {"Job", "Job/Sub"} <= names and not {"Work", "Work/Sub"} & names
+        status = client.folder_status("Job/Sub", ["MESSAGES", "UIDVALIDITY"])
+        assert status == {b"MESSAGES": 1, b"UIDVALIDITY": before.uidvalidity}
+        for old, new in (("Nothing", "Else"), ("Job", "Drafts"), ("Job", "INBOX")):
+            with pytest.raises(IMAPClientError):
+                client.rename_folder(old, new)
+        client.logout()
+
+    await in_thread(dialog)
+    assert len(await maildb.list_messages(ALICE, "Job/Sub")) == 1
+
+
+async def test_rename_inbox_moves_its_messages(server: Server, deliver: Deliver,
+                                               maildb: MailDB) -> None:
+    await deliver(ALICE, message("one"))
+    await deliver(ALICE, message("two"))
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.rename_folder("INBOX", "Old Inbox")
+        assert client.folder_status("INBOX", ["MESSAGES"])[b"MESSAGES"] == 0
+        assert client.folder_status("Old Inbox", ["MESSAGES"])[b"MESSAGES"] == 2
+        client.logout()
+
+    await in_thread(dialog)
+    assert len(await maildb.list_messages(ALICE, "Old Inbox")) == 2
+    assert await maildb.list_messages(ALICE, "INBOX") == []
+
+
+async def test_subscribe_unsubscribe_lsub(server: Server, maildb: MailDB) -> None:
+    await maildb.create_mailbox(ALICE, "Lists/python")
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.subscribe_folder("Lists/python")
+        client.subscribe_folder("INBOX")
+        subscribed = {name for _, _, name in client.list_sub_folders()}
+        assert {"Lists/python", "INBOX"} <= subscribed
+        assert "Lists" not in subscribed
+        raw = server.raw(ALICE)
+        percent = raw.ok('LSUB "" "Lists/%"').parsed(b"LSUB")
+        assert [entry[-1] for entry in percent] == [b"Lists/python"]
+        raw.close()
+        client.unsubscribe_folder("Lists/python")
+        assert "Lists/python" not in {n for _, _, n in client.list_sub_folders()}
+        client.logout()
+
+    await in_thread(dialog)
+    assert await maildb.subscriptions(ALICE) == ["INBOX"]
+
+
+async def test_list_patterns_special_use_and_children(server: Server, maildb: MailDB) -> None:
+    for name in ("A/B/C", "AB"):
+        await maildb.create_mailbox(ALICE, name)
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        listing = {name: set(flags) for flags, delimiter, name in client.list_folders()}
+        assert {"INBOX", "Drafts", "Sent", "Junk", "Trash", "Archive", "A", "A/B", "A/B/C",
+                "AB"} == set(listing)
+        for name, attribute in (("Drafts", b"\\Drafts"), ("Sent", b"\\Sent"),
+                                ("Junk", b"\\Junk"), ("Trash", b"\\Trash"),
+                                ("Archive", b"\\Archive")):
+            assert attribute in listing[name], (name, listing[name])
+        assert b"\\HasChildren" in listing["A"] and b"\\HasChildren" in listing["A/B"]
+        assert b"\\HasNoChildren" in listing["A/B/C"] and b"\\HasNoChildren" in listing["AB"]
+        assert all(delimiter == b"/" for _, delimiter, _ in client.list_folders())
+
+        def names(reference: str, pattern: str) -> set[str]:
+            return {n for _, _, n in client.list_folders(reference, pattern)}
+
+        assert names("", "%") == {"INBOX", "Drafts", "Sent", "Junk", "Trash", "Archive", "A",
+                                  "AB"}
+        assert names("", "A/%") == {"A/B"}
+        assert names("", "A*") == {"A", "A/B", "A/B/C", "AB", "Archive"}
+        assert names("A/", "%") == {"A/B"}  # the reference is prefixed to the pattern
+        assert names("", "inbox") == {"INBOX"}  # INBOX in any case
+        assert names("", "Nothing*") == set()
+        raw = server.raw(ALICE)
+        root = raw.ok('LIST "" ""').lines(b"LIST")  # the hierarchy delimiter and root
+        assert root == [b'* LIST (\\Noselect) "/" ""']
+        raw.close()
+        client.logout()
+
+    await in_thread(dialog)
+
+
+async def test_list_extended_and_list_status(server: Server, deliver: Deliver,
+                                             maildb: MailDB) -> None:
+    await maildb.create_mailbox(ALICE, "Club/News")
+    await maildb.set_subscribed(ALICE, "Club/News", True)
+    await maildb.set_subscribed(ALICE, "Gone", True)  # a subscription without a mailbox
+    await deliver(ALICE, message("a"))
+    await deliver(ALICE, message("b"), "Club/News")
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        subscribed = raw.ok('LIST (SUBSCRIBED) "" "*"').parsed(b"LIST")
+        by_name = {entry[-1]: {f.lower() for f in entry[1]} for entry in subscribed}
+        assert set(by_name) == {b"Club/News", b"Gone"}
+        assert b"\\subscribed" in by_name[b"Club/News"]
+        assert {b"\\subscribed", b"\\nonexistent"} <= by_name[b"Gone"]
+
+        special = raw.ok('LIST (SPECIAL-USE) "" "*"').parsed(b"LIST")
+        assert {entry[-1] for entry in special} == {b"Drafts", b"Sent", b"Junk", b"Trash",
+                                                    b"Archive"}
+        returned = raw.ok('LIST "" "%" RETURN (CHILDREN SUBSCRIBED)').parsed(b"LIST")
+        flags = {entry[-1]: {f.lower() for f in entry[1]} for entry in returned}
+        assert b"\\haschildren" in flags[b"Club"]
+        multiple = raw.ok('LIST "" ("Drafts" "Club/*")').parsed(b"LIST")
+        assert {entry[-1] for entry in multiple} == {b"Drafts", b"Club/News"}
+
+        reply = raw.ok('LIST "" "*" RETURN (STATUS (MESSAGES UIDNEXT UNSEEN))')
+        statuses = {entry[1]: dict(zip(entry[2][::2], entry[2][1::2], strict=True))
+                    for entry in reply.parsed(b"STATUS")}
+        assert statuses[b"INBOX"][b"MESSAGES"] == 1
+        assert statuses[b"Club/News"][b"UNSEEN"] == 1
+        assert statuses[b"Trash"][b"MESSAGES"] == 0
+        assert b"Club" in statuses  # Club is selectable: it was created as a parent
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_status_every_item(server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    for n in range(3):
+        await deliver(ALICE, message(f"m{n}"), "Archive")
+    uids = [m.uid for m in await maildb.list_messages(ALICE, "Archive")]
+    await maildb.store_flags(ALICE, "Archive", uids[:1], "+", frozenset({"\\Seen"}))
+    status = await maildb.status(ALICE, "Archive")
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        items = ["MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ"]
+        assert client.folder_status("Archive", items) == {
+            b"MESSAGES": 3, b"UIDNEXT": status.uidnext,
+            b"UIDVALIDITY": status.uidvalidity, b"UNSEEN": 2,
+            b"HIGHESTMODSEQ": status.highestmodseq}
+        raw = server.raw(ALICE)
+        assert raw.command("STATUS Nowhere (MESSAGES)").status == "NO"
+        assert raw.command("STATUS Archive (BOGUS)").status == "BAD"
+        raw.close()
+        client.logout()
+
+    await in_thread(dialog)
+
+
+async def test_status_recent_counts_messages_no_session_has_claimed(
+        server: Server, deliver: Deliver) -> None:
+    for n in range(3):
+        await deliver(ALICE, message(f"m{n}"), "Archive")
+
+    def dialog() -> None:
+        # RFC 3501 6.3.10: RECENT is the number of messages with \Recent; until a session
+        # SELECTs the mailbox, every new message is \Recent (and SELECT says so: 3 RECENT).
+        observer = server.client(ALICE)
+        assert observer.folder_status("Archive", ["RECENT"]) == {b"RECENT": 3}
+        selector = server.client(ALICE)
+        assert selector.select_folder("Archive")[b"RECENT"] == 3
+        assert selector.folder_status("Archive", ["RECENT"]) == {b"RECENT": 3}
+        assert observer.folder_status("Archive", ["RECENT"]) == {b"RECENT": 0}  # claimed
+        observer.logout()
+        selector.logout()
+
+    await in_thread(dialog)
+
+
+# APPEND
+
+
+async def test_append_flags_date_and_exact_bytes(server: Server, maildb: MailDB) -> None:
+    body = ("From: Jörg <joerg@example.org>\r\nSubject: Grüße\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n\r\n"
+            "Käse, 日本語, emoji 🎉\r\n").encode()
+    when = datetime.datetime(2025, 1, 2, 3, 4, 5, tzinfo=datetime.timezone(
+        datetime.timedelta(hours=2)))
+
+    def dialog() -> tuple[bytes, bytes]:
+        client = server.client(ALICE)
+        reply = client.append("Drafts", body, flags=(b"\\Seen", b"$Label1"), msg_time=when)
+        legacy = server.imaplib(ALICE)
+        typ, data = legacy.append("Drafts", r"(\Flagged)",
+                                  imaplib.Time2Internaldate(when.timestamp()), body)
+        assert typ == "OK"
+        client.select_folder("Drafts")
+        fetched = client.fetch(client.search(), ["FLAGS", "INTERNALDATE", "RFC822", "RFC822.SIZE"])
+        first, second = (fetched[uid] for uid in sorted(fetched))
+        assert first[b"RFC822"] == body and second[b"RFC822"] == body
+        assert first[b"RFC822.SIZE"] == len(body)
+        assert {b"\\Seen", b"$Label1"} <= set(first[b"FLAGS"])
+        assert b"\\Flagged" in second[b"FLAGS"]
+        internal = first[b"INTERNALDATE"]
+        if internal.tzinfo is None:  # imapclient normalises to local time by default
+            internal = internal.astimezone()
+        assert internal == when
+        with pytest.raises(IMAPClientError) as failure:
+            client.append("No such folder", body)
+        assert "TRYCREATE" in str(failure.value)
+        client.logout()
+        legacy.logout()
+        return reply, data[0]
+
+    reply, legacy_reply = await in_thread(dialog)
+    stored = await maildb.list_messages(ALICE, "Drafts")
+    assert len(stored) == 2
+    assert b"APPENDUID" in reply
+    uidvalidity, uid = reply.split(b"APPENDUID ")[1].split(b"]")[0].split()
+    assert (int(uidvalidity), int(uid)) == ((await maildb.status(ALICE, "Drafts")).uidvalidity,
+                                            stored[0].uid)
+    assert stored[0].internaldate == when.timestamp()
+    with maildb.open_message(ALICE, stored[1].guid) as f:
+        assert f.read() == body
+
+
+async def test_append_synchronizing_and_nonsynchronizing_literals(
+        server: Server, maildb: MailDB) -> None:
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        first = message("sync literal")
+        assert raw.literal_command(b'APPEND INBOX (\\Seen)', first).status == "OK"
+        second = message("literal plus")
+        # LITERAL+ (RFC 7888): no continuation request, the literal follows at once
+        reply = raw.literal_command(b'APPEND INBOX "02-Mar-2026 10:00:00 +0000"', second,
+                                    plus=True)
+        assert reply.status == "OK", reply
+        assert b"APPENDUID" in reply.text
+        raw.close()
+
+    await in_thread(dialog)
+    infos = await maildb.list_messages(ALICE)
+    assert len(infos) == 2 and "\\Seen" in infos[0].flags
+
+
+# CHECK, CLOSE, EXPUNGE
+
+
+async def test_check_close_expunges_silently(server: Server, deliver: Deliver,
+                                             maildb: MailDB) -> None:
+    for n in range(3):
+        await deliver(ALICE, message(f"m{n}"))
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        assert raw.ok("CHECK").status == "OK"
+        raw.ok("STORE 2 +FLAGS.SILENT (\\Deleted)")
+        closed = raw.ok("CLOSE")
+        assert not closed.lines(b"EXPUNGE")  # CLOSE expunges without telling (6.4.2)
+        assert raw.command("FETCH 1 FLAGS").status in ("BAD", "NO")  # authenticated state
+        raw.ok("EXAMINE INBOX")
+        raw.ok("CLOSE")
+        raw.close()
+
+    await in_thread(dialog)
+    assert len(await maildb.list_messages(ALICE)) == 2
+
+
+async def test_close_after_examine_keeps_deleted(server: Server, deliver: Deliver,
+                                                 maildb: MailDB) -> None:
+    await deliver(ALICE, message("keep me"))
+    uid = (await maildb.list_messages(ALICE))[0].uid
+    await maildb.store_flags(ALICE, "INBOX", [uid], "+", frozenset({"\\Deleted"}))
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("EXAMINE INBOX")
+        raw.ok("CLOSE")
+        raw.close()
+
+    await in_thread(dialog)
+    assert len(await maildb.list_messages(ALICE)) == 1
+
+
+async def test_expunge_reports_consistent_sequence_numbers(server: Server, deliver: Deliver,
+                                                           maildb: MailDB) -> None:
+    for n in range(6):
+        await deliver(ALICE, message(f"m{n}"))
+    uids = [m.uid for m in await maildb.list_messages(ALICE)]
+
+    def dialog() -> None:
+        client = server.client(ALICE, use_uid=False)
+        client.select_folder("INBOX")
+        client.add_flags([2, 4, 5], [b"\\Deleted"])
+        _, responses = client.expunge()
+        remaining = list(uids)
+        for number in (r[0] for r in responses if r[1] == b"EXPUNGE"):
+            del remaining[number - 1]  # each EXPUNGE renumbers at once (RFC 3501 7.4.1)
+        assert remaining == [uids[0], uids[2], uids[5]]
+        assert client.select_folder("INBOX")[b"EXISTS"] == 3
+        assert client.expunge()[1] == []  # nothing left to expunge
+        client.logout()
+
+    await in_thread(dialog)
+    assert [m.uid for m in await maildb.list_messages(ALICE)] == [uids[0], uids[2], uids[5]]
+
+
+# SEARCH
+
+
+SEARCH_SET = [
+    # (message, flags, internal date)
+    (message("Report Q1", "quarterly numbers attached\r\n", sender="Ann <ann@example.org>",
+             date="Mon, 05 Jan 2026 09:00:00 +0000"),
+     (b"\\Seen",), datetime.datetime(2026, 1, 5, 12, tzinfo=UTC)),
+    (message("Lunch", "pizza or sushi?\r\n", sender="bob@example.test",
+             date="Tue, 10 Feb 2026 09:00:00 +0000", extra="Cc: carol@example.org\r\n"),
+     (b"\\Flagged", b"\\Answered"), datetime.datetime(2026, 2, 10, 12, tzinfo=UTC)),
+    (message("=?UTF-8?Q?Gr=C3=BC=C3=9Fe_aus_K=C3=B6ln?=", "Käse und Brötchen\r\n",
+             sender="ann@example.org", date="Sun, 15 Mar 2026 09:00:00 +0000",
+             extra="X-Priority: 1\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                   "Content-Transfer-Encoding: 8bit\r\n"),
+     (), datetime.datetime(2026, 3, 15, 12, tzinfo=UTC)),
+    (message("Report Q2", "x" * 70 + "\r\n" * 1 + ("y" * 78 + "\r\n") * 60,
+             sender="dave@example.net", to="bob@example.test",
+             date="Sun, 15 Mar 2026 18:00:00 +0000", extra="Bcc: alice@example.test\r\n"),
+     (b"\\Deleted", b"$Work"), datetime.datetime(2026, 3, 20, 12, tzinfo=UTC)),
+    (message("Misc", "nothing here\r\n", sender="erin@example.com",
+             date="Wed, 01 Apr 2026 09:00:00 +0000"),
+     (b"\\Draft",), datetime.datetime(2026, 4, 1, 12, tzinfo=UTC)),
+]
+
+# criteria -> 1-based positions in SEARCH_SET
+SEARCHES: list[tuple[list[Any], set[int]]] = [
+    (["ALL"], {1, 2, 3, 4, 5}),
+    (["SEEN"], {1}), (["UNSEEN"], {2, 3, 4, 5}),
+    (["FLAGGED"], {2}), (["UNFLAGGED"], {1, 3, 4, 5}),
+    (["ANSWERED"], {2}), (["UNANSWERED"], {1, 3, 4, 5}),
+    (["DELETED"], {4}), (["UNDELETED"], {1, 2, 3, 5}),
+    (["DRAFT"], {5}), (["UNDRAFT"], {1, 2, 3, 4}),
+    (["KEYWORD", "$Work"], {4}), (["UNKEYWORD", "$Work"], {1, 2, 3, 5}),
+    (["FROM", "ANN@example"], {1, 3}), (["FROM", "Ann"], {1, 3}),
+    (["TO", "bob@"], {4}), (["CC", "carol"], {2}), (["BCC", "alice"], {4}),
+    (["SUBJECT", "report"], {1, 4}),
+    (["BODY", "sushi"], {2}), (["BODY", "Report"], set()),
+    (["TEXT", "quarterly"], {1}), (["TEXT", "dave@example.net"], {4}),
+    (["HEADER", "X-Priority", "1"], {3}), (["HEADER", "x-priority", ""], {3}),
+    (["LARGER", 3000], {4}), (["SMALLER", 1000], {1, 2, 3, 5}),
+    (["BEFORE", datetime.date(2026, 2, 10)], {1}),
+    (["ON", datetime.date(2026, 3, 15)], {3}),
+    (["SINCE", datetime.date(2026, 3, 15)], {3, 4, 5}),
+    (["SENTBEFORE", datetime.date(2026, 2, 10)], {1}),
+    (["SENTON", datetime.date(2026, 3, 15)], {3, 4}),
+    (["SENTSINCE", datetime.date(2026, 4, 1)], {5}),
+    (["OR", "SEEN", "FLAGGED"], {1, 2}),
+    (["NOT", "SEEN"], {2, 3, 4, 5}),
+    (["FROM", "ann", "SUBJECT", "report"], {1}),
+    ([["OR", "DRAFT", "DELETED"], "UNSEEN"], {4, 5}),
+    (["OR", ["FROM", "ann", "SEEN"], "LARGER", 3000], {1, 4}),
+    (["NOT", ["OR", "SEEN", "DELETED"]], {2, 3, 5}),
+    (["NEW"], {2, 3, 4, 5}), (["RECENT"], {1, 2, 3, 4, 5}), (["OLD"], set()),
+]
+
+
+async def appended_search_set(server: Server) -> None:
+    def fill() -> None:
+        client = server.client(ALICE)
+        client.create_folder("Search")
+        for data, flags, when in SEARCH_SET:
+            client.append("Search", data, flags=flags, msg_time=when)
+        client.logout()
+
+    await in_thread(fill)
+
+
+async def test_search_keys(server: Server) -> None:
+    await appended_search_set(server)
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.select_folder("Search")
+        uids = client.search("ALL")
+        assert len(uids) == 5 and uids == sorted(uids)
+        failures = []
+        for criteria, expected in SEARCHES:
+            found = set(client.search(criteria))
+            if found != {uids[n - 1] for n in expected}:
+                failures.append((criteria, sorted(found), sorted(expected)))
+        assert not failures, failures
+
+        utf8 = client.search(["SUBJECT", "Grüße"], charset="UTF-8")  # encoded word decoded
+        assert utf8 == [uids[2]]
+        assert client.search(["BODY", "Brötchen"], charset="UTF-8") == [uids[2]]
+        assert client.search(["TEXT", "Köln"], charset="UTF-8") == [uids[2]]
+
+        legacy = server.imaplib(ALICE)
+        legacy.select("Search")
+        for criteria, expected in ((("2:4",), "2 3 4"), (("*",), "5"), (("4:*",), "4 5"),
+                                   (("1,3:2",), "1 2 3"), (("UID", f"{uids[1]}:{uids[2]}"),
+                                                           "2 3"),
+                                   (("UID", "*"), "5"), (("SEEN", "5:*"), "")):
+            typ, data = legacy.search(None, *criteria)
+            assert typ == "OK" and data[0].decode().split() == expected.split(), criteria
+        typ, data = legacy.uid("SEARCH", "FLAGGED")
+        assert data[0].split() == [str(uids[1]).encode()]
+        typ, data = legacy.search("KOI9-X", "SUBJECT", "x")
+        assert typ == "NO" and b"[BADCHARSET" in data[0]
+        with pytest.raises(imaplib.IMAP4.error):
+            legacy.search(None, "NOSUCHKEY")
+        legacy.logout()
+
+        later = server.client(ALICE)  # \Recent belonged to the first session
+        later.select_folder("Search")
+        assert later.search("RECENT") == [] and later.search("NEW") == []
+        assert set(later.search("OLD")) == set(uids)
+        later.logout()
+        client.logout()
+
+    await in_thread(dialog)
+
+
+# FETCH
+
+
+async def nested_in_inbox(deliver: Deliver) -> None:
+    await deliver(ALICE, NESTED)
+
+
+async def test_fetch_body_structure_of_nested_multipart(server: Server, deliver: Deliver
+                                                        ) -> None:
+    await nested_in_inbox(deliver)
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.select_folder("INBOX", readonly=True)
+        uid = client.search()[0]
+        got = client.fetch([uid], ["BODYSTRUCTURE", "BODY", "ENVELOPE", "RFC822.SIZE"])[uid]
+        structure = got[b"BODYSTRUCTURE"]
+        assert structure.is_multipart and low(structure[1]) == b"mixed"
+        alternative, forwarded, attachment = structure[0]
+        assert alternative.is_multipart and low(alternative[1]) == b"alternative"
+        text, html = alternative[0]
+        assert low(text[:3]) == (b"text", b"plain", (b"charset", b"utf-8"))
+        assert low(text[5]) == b"8bit" and text[6] == len(b"plain body")
+        assert low(html[:2]) == (b"text", b"html")
+        assert low(forwarded[:2]) == (b"message", b"rfc822")
+        inner_envelope, inner_body = forwarded[7], forwarded[8]
+        assert inner_envelope[1] == b"forwarded"
+        assert inner_envelope[9] == b"<inner@example.org>"
+        assert low(inner_body[:2]) == (b"text", b"plain")
+        assert low(attachment[:3]) == (b"application", b"octet-stream", (b"name", b"data.bin"))
+        assert low(attachment[5]) == b"base64" and attachment[6] == len(b"AAECAw==")
+        assert got[b"BODY"].is_multipart and len(got[b"BODY"][0]) == 3
+        assert got[b"RFC822.SIZE"] == len(NESTED)
+
+        envelope = got[b"ENVELOPE"]
+        assert envelope.subject == b"=?UTF-8?Q?Gr=C3=BC=C3=9Fe?= nested"  # not decoded
+        date = envelope.date if envelope.date.tzinfo else envelope.date.astimezone()
+        assert date == datetime.datetime(2026, 3, 2, 10, tzinfo=UTC)
+        (ann,) = envelope.from_
+        assert (ann.name, ann.mailbox, ann.host) == (b"Ann Example", b"ann", b"example.org")
+        assert envelope.sender == envelope.from_ and envelope.reply_to == envelope.from_
+        assert [(a.name, a.mailbox, a.host) for a in envelope.to] == [
+            (None, b"alice", b"example.test"), (b"Bob", b"bob", b"example.test")]
+        assert [a.mailbox for a in envelope.cc] == [b"carol"]
+        assert envelope.bcc is None and envelope.in_reply_to is None
+        assert envelope.message_id == b"<nested@example.org>"
+        client.logout()
+
+    await in_thread(dialog)
+
+
+async def test_fetch_sections_and_partials(server: Server, deliver: Deliver) -> None:
+    await nested_in_inbox(deliver)
+    text = NESTED[len(NESTED_HEADER):]
+    sections = [
+        ("BODY.PEEK[]", b"BODY[]", NESTED),
+        ("BODY.PEEK[HEADER]", b"BODY[HEADER]", NESTED_HEADER),
+        ("BODY.PEEK[TEXT]", b"BODY[TEXT]", text),
+        ("BODY.PEEK[1.1]", b"BODY[1.1]", b"plain body"),
+        ("BODY.PEEK[1.2]", b"BODY[1.2]", b"<p>html body</p>"),
+        ("BODY.PEEK[1.1.MIME]", b"BODY[1.1.MIME]",
+         b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"),
+        ("BODY.PEEK[2]", b"BODY[2]", b"From: dave@example.org\r\nSubject: forwarded\r\n"
+                                     b"Message-ID: <inner@example.org>\r\n\r\nforwarded body"),
+        ("BODY.PEEK[2.HEADER]", b"BODY[2.HEADER]",
+         b"From: dave@example.org\r\nSubject: forwarded\r\nMessage-ID: <inner@example.org>\r\n"
+         b"\r\n"),
+        ("BODY.PEEK[2.TEXT]", b"BODY[2.TEXT]", b"forwarded body"),
+        ("BODY.PEEK[3]", b"BODY[3]", b"AAECAw=="),
+        ("BODY.PEEK[]<0.10>", b"BODY[]<0>", NESTED[:10]),
+        ("BODY.PEEK[1.1]<6.100>", b"BODY[1.1]<6>", b"body"),
+        ("BODY.PEEK[]<100000.5>", b"BODY[]<100000>", b""),
+        ("RFC822.HEADER", b"RFC822.HEADER", NESTED_HEADER),
+    ]
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.select_folder("INBOX")
+        uid = client.search()[0]
+        for request, key, expected in sections:
+            got = client.fetch([uid], [request])[uid]
+            assert item(got, key) == expected, request
+
+        fields = item(client.fetch([uid], ["BODY.PEEK[HEADER.FIELDS (SUBJECT MESSAGE-ID)]"])[uid],
+                      b"BODY[HEADER.FIELDS")
+        assert fields.endswith(b"\r\n\r\n")
+        assert sorted(fields.split(b"\r\n")[:-2]) == [
+            b"Message-ID: <nested@example.org>", b"Subject: =?UTF-8?Q?Gr=C3=BC=C3=9Fe?= nested"]
+        rest = item(client.fetch([uid], ["BODY.PEEK[HEADER.FIELDS.NOT (SUBJECT MESSAGE-ID)]"])
+                    [uid], b"BODY[HEADER.FIELDS.NOT")
+        assert b"Subject:" not in rest and b"Message-ID" not in rest
+        assert b"From: \"Ann Example\" <ann@example.org>\r\n" in rest
+        assert rest.endswith(b"\r\n\r\n")
+        # no section fetched so far was allowed to set \Seen
+        assert b"\\Seen" not in client.get_flags([uid])[uid]
+        client.logout()
+
+    await in_thread(dialog)
+
+
+async def test_seen_flag_side_effects(server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    for n in range(4):
+        await deliver(ALICE, message(f"m{n}"))
+    uids = [m.uid for m in await maildb.list_messages(ALICE)]
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.select_folder("INBOX", readonly=True)
+        client.fetch([uids[0]], ["BODY[]"])  # EXAMINE: nothing may change
+        client.select_folder("INBOX")
+        client.fetch([uids[1]], ["BODY.PEEK[]", "RFC822.HEADER", "RFC822.SIZE"])
+        got = client.fetch([uids[2]], ["BODY[]"])[uids[2]]
+        assert b"\\Seen" in got.get(b"FLAGS", ()), "implicit \\Seen reported with the data"
+        client.fetch([uids[3]], ["RFC822.TEXT"])
+        client.logout()
+
+    await in_thread(dialog)
+    seen = ["\\Seen" in m.flags for m in await maildb.list_messages(ALICE)]
+    assert seen == [False, False, True, True]
+
+
+async def test_fetch_malformed_mime_is_best_effort(server: Server, deliver: Deliver) -> None:
+    broken = [
+        b"Content-Type: multipart/mixed\r\nSubject: no boundary\r\n\r\n--x\r\nbody\r\n",
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n"
+        b"\r\nnever closed",
+        b"Subject: =?bogus?X?@@@?=\r\nFrom: <<<>>>\r\nTo: ,,,@\r\nDate: yesterday\r\n\r\nx",
+        b"no header at all, no blank line",
+        b"Content-Type: message/rfc822\r\n\r\nnot really a message",
+    ]
+    for data in broken:
+        await deliver(ALICE, data)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        for items in ("BODYSTRUCTURE", "ENVELOPE", "BODY", "BODY.PEEK[1]", "BODY.PEEK[1.MIME]",
+                      "BODY.PEEK[2.TEXT]", "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"):
+            reply = raw.command(f"FETCH 1:* ({items})")
+            assert reply.status == "OK", (items, reply)
+            assert len(reply.lines(b"FETCH")) == len(broken), (items, reply)
+        raw.close()
+
+    await in_thread(dialog)
+
+
+# STORE, COPY, UID variants
+
+
+async def test_store_flags(server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    for n in range(3):
+        await deliver(ALICE, message(f"m{n}"))
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        added = raw.ok("STORE 1:2 +FLAGS (\\Flagged $Important)").parsed(b"FETCH")
+        assert {entry[0] for entry in added} == {1, 2}
+        assert all({b"\\Flagged", b"$Important"} <= set(dict(zip(
+            e[2][::2], e[2][1::2], strict=True))[b"FLAGS"]) for e in added)
+        assert not raw.ok("STORE 1 -FLAGS.SILENT (\\Flagged)").lines(b"FETCH")
+        replaced = raw.ok("STORE 3 FLAGS (\\Answered)").parsed(b"FETCH")
+        assert b"\\Answered" in replaced[0][2][1]
+        uid_reply = raw.ok("UID STORE 1:* +FLAGS (\\Seen)").parsed(b"FETCH")
+        assert all(b"UID" in entry[2] for entry in uid_reply)  # UID STORE reports UIDs
+        assert raw.command("STORE 1 XFLAGS (\\Seen)").status == "BAD"
+        raw.close()
+
+    await in_thread(dialog)
+    flags = [m.flags for m in await maildb.list_messages(ALICE)]
+    assert flags[0] == {"$Important", "\\Seen"}
+    assert flags[1] == {"\\Flagged", "$Important", "\\Seen"}
+    assert flags[2] == {"\\Answered", "\\Seen"}
+
+
+async def test_copy_and_uid_copy(server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    for n in range(3):
+        await deliver(ALICE, message(f"m{n}"))
+    src = [m.uid for m in await maildb.list_messages(ALICE)]
+    await maildb.store_flags(ALICE, "INBOX", src[:1], "+", frozenset({"\\Flagged"}))
+
+    def dialog() -> bytes:
+        legacy = server.imaplib(ALICE)
+        legacy.select("INBOX")
+        assert legacy.copy("1:2", "Archive")[0] == "OK"
+        typ, data = legacy.copy("1", '"No such box"')
+        assert typ == "NO" and b"TRYCREATE" in data[0]
+        legacy.logout()
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        reply = raw.ok(f"UID COPY {src[2]} Trash").text  # imapclient drops UID COPY's text
+        raw.close()
+        return reply
+
+    reply = await in_thread(dialog)
+    archived = await maildb.list_messages(ALICE, "Archive")
+    assert len(archived) == 2 and "\\Flagged" in archived[0].flags
+    assert len(await maildb.list_messages(ALICE)) == 3  # the source keeps them
+    trash = await maildb.list_messages(ALICE, "Trash")
+    trash_validity = (await maildb.status(ALICE, "Trash")).uidvalidity
+    assert b"[COPYUID %d %d %d]" % (trash_validity, src[2], trash[0].uid) in reply
+
+
+async def test_uid_fetch_ranges(server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    for n in range(4):
+        await deliver(ALICE, message(f"m{n}"))
+    uids = [m.uid for m in await maildb.list_messages(ALICE)]
+    await maildb.expunge(ALICE, "INBOX", [uids[1]])
+    uids.remove(uids[1])
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+
+        def fetched(command: str) -> list[tuple[int, int]]:
+            out = []
+            for entry in raw.ok(command).parsed(b"FETCH"):
+                attrs = dict(zip(entry[2][::2], entry[2][1::2], strict=True))
+                out.append((entry[0], attrs[b"UID"]))
+            return out
+
+        assert fetched("UID FETCH 1:* FLAGS") == [(1, uids[0]), (2, uids[1]), (3, uids[2])]
+        assert fetched(f"UID FETCH {uids[2] + 100}:* FLAGS") == [(3, uids[2])]  # n:* (6.4.8)
+        assert fetched(f"UID FETCH {uids[2] + 100} FLAGS") == []
+        assert fetched(f"UID FETCH {uids[0]},{uids[2]} (UID)") == [(1, uids[0]),
+                                                                   (3, uids[2])]
+        assert fetched("FETCH 2:* (UID)") == [(2, uids[1]), (3, uids[2])]
+        assert raw.command("FETCH 4 FLAGS").status in ("BAD", "NO")  # beyond EXISTS
+        assert raw.command("FETCH 0 FLAGS").status == "BAD"
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_modified_utf7_names_round_trip(server: Server, maildb: MailDB) -> None:
+    name = "Entwürfe/日本語 & Co"
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.create_folder(name)
+        assert name in {n for _, _, n in client.list_folders()}
+        client.append(name, message("unicode folder"))
+        assert client.select_folder(name)[b"EXISTS"] == 1
+        client.logout()
+        raw = server.raw(ALICE)
+        listed = raw.ok('LIST "" "Entw&APw-rfe/*"').lines(b"LIST")
+        assert listed and listed[0].endswith(b'"Entw&APw-rfe/&ZeVnLIqe- &- Co"'), listed
+        assert raw.command('SELECT "Entw\xfcrfe"'.encode("latin-1")).status in ("BAD", "NO")
+        raw.close()
+
+    await in_thread(dialog)
+    assert name in {box.name for box in await maildb.list_mailboxes(ALICE)}

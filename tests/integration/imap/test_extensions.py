@@ -1,0 +1,460 @@
+"""The IMAP extensions real clients use: IDLE, UIDPLUS, MOVE, NAMESPACE, ID, ENABLE, CONDSTORE,
+QRESYNC, UNSELECT, ESEARCH, SORT, THREAD and QUOTA, each checked on the wire and in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from typing import Any
+
+import pytest
+from imapclient.exceptions import IMAPClientError
+
+from services.store.backends.accounts import AccountDB
+from services.store.backends.maildb import MailDB
+from tests.integration.imap.clients import (
+    Server,
+    cheap_password_hashes,
+    collect_idle,
+    in_thread,
+    message,
+    numbers,
+)
+from tests.integration.imap.conftest import ALICE, Deliver, ImapStack
+
+
+@pytest.fixture(scope="module")
+def password_hashes() -> dict[str, str]:
+    return cheap_password_hashes()
+
+
+@pytest.fixture
+def server(imap_server: ImapStack) -> Server:
+    return Server.of(imap_server)
+
+
+async def fill(deliver: Deliver, count: int, mailbox: str = "INBOX") -> None:
+    for n in range(count):
+        await deliver(ALICE, message(f"message {n}"), mailbox)
+
+
+async def uids_of(maildb: MailDB, mailbox: str = "INBOX") -> list[int]:
+    return [m.uid for m in await maildb.list_messages(ALICE, mailbox)]
+
+
+def attrs(entry: tuple[Any, ...]) -> dict[bytes, Any]:
+    """The attribute list of a parsed `n FETCH (...)` as a dict."""
+    data = entry[2]
+    return dict(zip(data[::2], data[1::2], strict=True))
+
+
+def expand(sequence_set: bytes) -> list[int]:
+    """b"3:5,9" -> [3, 4, 5, 9] (no `*`: servers answer with numbers)."""
+    out: list[int] = []
+    for part in sequence_set.decode().split(","):
+        low, _, high = part.partition(":")
+        a, b = int(low), int(high or low)
+        out.extend(range(min(a, b), max(a, b) + 1))
+    return out
+
+
+# IDLE (RFC 2177)
+
+
+async def test_idle_reports_delivery_append_flags_and_expunge(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    await fill(deliver, 2)
+    idler = await in_thread(lambda: server.client(ALICE, use_uid=False))
+
+    def start() -> None:
+        idler.select_folder("INBOX")
+        idler.idle()
+
+    await in_thread(start)
+    await deliver(ALICE, message("delivered while idling"))  # the consumer's path
+    seen = await in_thread(lambda: collect_idle(idler, lambda s: 3 in numbers(s, b"EXISTS")))
+    assert 3 in numbers(seen, b"EXISTS")
+
+    def other_session() -> None:
+        other = server.client(ALICE, use_uid=False)
+        other.append("INBOX", message("appended while idling"))
+        assert 4 in numbers(collect_idle(idler, lambda s: 4 in numbers(s, b"EXISTS")),
+                            b"EXISTS")
+        other.select_folder("INBOX")
+        other.add_flags([2], [b"\\Flagged"])
+        flagged = collect_idle(idler, lambda s: 2 in numbers(s, b"FETCH"))
+        assert any(r[0] == 2 and b"\\Flagged" in dict(zip(r[2][::2], r[2][1::2], strict=True))
+                   [b"FLAGS"] for r in flagged if r[1] == b"FETCH")
+        other.add_flags([1], [b"\\Deleted"])
+        other.expunge()
+        gone = collect_idle(idler, lambda s: 1 in numbers(s, b"EXPUNGE"))
+        assert 1 in numbers(gone, b"EXPUNGE")
+        other.logout()
+        text, _ = idler.idle_done()
+        assert idler.select_folder("INBOX")[b"EXISTS"] == 3
+        idler.logout()
+
+    await in_thread(other_session)
+
+
+async def test_idle_in_other_mailbox_is_quiet_and_done_ends_it(
+        server: Server, deliver: Deliver) -> None:
+    await fill(deliver, 3)
+    idler = await in_thread(lambda: server.client(ALICE))
+
+    def start() -> None:
+        idler.select_folder("Archive")
+        idler.idle()
+
+    await in_thread(start)
+    await deliver(ALICE, message("to INBOX"))
+    await deliver(ALICE, message("to Archive"), "Archive")
+    seen = await in_thread(lambda: collect_idle(idler, lambda s: bool(numbers(s, b"EXISTS"))))
+    assert numbers(seen, b"EXISTS") == [1]  # Archive's message; INBOX (4) is not selected
+
+    def finish() -> None:
+        idler.idle_done()
+        assert idler.noop()[0]  # the session is usable after DONE
+        idler.logout()
+
+    await in_thread(finish)
+
+
+# UIDPLUS (RFC 4315) and MOVE (RFC 6851)
+
+
+async def test_uid_expunge_removes_only_the_given_uids(server: Server, deliver: Deliver,
+                                                       maildb: MailDB) -> None:
+    await fill(deliver, 3)
+    uids = await uids_of(maildb)
+    await maildb.store_flags(ALICE, "INBOX", uids, "+", frozenset({"\\Deleted"}))
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        reply = raw.ok(f"UID EXPUNGE {uids[1]}")
+        assert [line.split()[1] for line in reply.lines(b"EXPUNGE")] == [b"2"]
+        raw.close()
+
+    await in_thread(dialog)
+    assert await uids_of(maildb) == [uids[0], uids[2]]
+
+
+async def test_move_reports_copyuid_and_expunge(server: Server, deliver: Deliver,
+                                                maildb: MailDB) -> None:
+    await fill(deliver, 3)
+    uids = await uids_of(maildb)
+    await maildb.store_flags(ALICE, "INBOX", [uids[1]], "+", frozenset({"$Keep"}))
+    moved_to: list[int] = []
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        reply = raw.ok(f"UID MOVE {uids[1]}:{uids[2]} Archive")
+        # RFC 6851 4.3: COPYUID in an untagged OK before the expunges (or the tagged OK)
+        copyuid = [line for line in reply.untagged if b"[COPYUID" in line] + [reply.text]
+        found = re.search(rb"\[COPYUID (\d+) (\S+) (\S+)\]", copyuid[0])
+        assert found, reply
+        assert expand(found.group(2)) == uids[1:]
+        moved_to.extend(expand(found.group(3)))
+        assert [line.split()[1] for line in reply.lines(b"EXPUNGE")] in ([b"2", b"2"],
+                                                                        [b"3", b"2"])
+        failed = raw.command(f"UID MOVE {uids[0]} Nowhere")
+        assert failed.status == "NO" and b"TRYCREATE" in failed.text
+        raw.close()
+
+    await in_thread(dialog)
+    assert await uids_of(maildb) == [uids[0]]
+    moved = await maildb.list_messages(ALICE, "Archive")
+    assert [m.uid for m in moved] == moved_to
+    assert "$Keep" in moved[0].flags
+
+
+async def test_move_with_imapclient(server: Server, deliver: Deliver,
+                                                         maildb: MailDB) -> None:
+    await fill(deliver, 2)
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.select_folder("INBOX")
+        client.move(client.search()[:1], "Trash")  # imapclient moves by UID only
+        assert client.select_folder("INBOX")[b"EXISTS"] == 1
+        client.logout()
+
+    await in_thread(dialog)
+    assert len(await maildb.list_messages(ALICE, "Trash")) == 1
+    assert len(await maildb.list_messages(ALICE)) == 1
+
+
+# NAMESPACE (RFC 2342), ID (RFC 2971), ENABLE (RFC 5161), UNSELECT (RFC 3691)
+
+
+async def test_namespace_id_enable_unselect(server: Server, deliver: Deliver,
+                                            maildb: MailDB) -> None:
+    await fill(deliver, 1)
+    uid = (await uids_of(maildb))[0]
+    await maildb.store_flags(ALICE, "INBOX", [uid], "+", frozenset({"\\Deleted"}))
+
+    def dialog() -> None:
+        raw = server.raw()
+        ident = raw.ok('ID ("name" "tiermail-tests" "version" "1")')  # allowed before login
+        assert len(ident.lines(b"ID")) == 1
+        assert raw.command("ENABLE CONDSTORE").status in ("BAD", "NO")  # authenticated only
+        raw.close()
+
+        client = server.client(ALICE)
+        namespace = client.namespace()
+        assert [tuple(n) for n in namespace.personal] == [("", "/")]
+        assert namespace.other is None and namespace.shared is None
+        info = client.id_({"name": "imapclient"})
+        assert info is None or b"name" in info[0][::2]  # the server's parameter list or NIL
+        client.select_folder("INBOX")
+        client.unselect_folder()
+        with pytest.raises(IMAPClientError):
+            client.fetch([1], ["FLAGS"])  # no mailbox selected any more
+        client.logout()
+
+        raw = server.raw(ALICE)
+        assert raw.ok("ENABLE CONDSTORE X-UNKNOWN").lines(b"ENABLED") == [
+            b"* ENABLED CONDSTORE"]
+        raw.ok("SELECT INBOX")
+        flagged = raw.ok("STORE 1 +FLAGS (\\Flagged)").parsed(b"FETCH")
+        assert b"MODSEQ" in attrs(flagged[0])  # CONDSTORE enabled: MODSEQ with every FLAGS
+        raw.close()
+
+    await in_thread(dialog)
+    assert await uids_of(maildb) == [uid]  # UNSELECT expunged nothing
+
+
+# CONDSTORE (RFC 7162 section 3.1)
+
+
+async def test_condstore_modseq_changedsince_unchangedsince(server: Server, deliver: Deliver,
+                                                            maildb: MailDB) -> None:
+    await fill(deliver, 4)
+    uids = await uids_of(maildb)
+    before = (await maildb.status(ALICE)).highestmodseq
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        selected = raw.ok("SELECT INBOX (CONDSTORE)")
+        assert any(f"[HIGHESTMODSEQ {before}]".encode() in line
+                   for line in selected.untagged)
+        fetched = raw.ok("FETCH 1:* (MODSEQ)").parsed(b"FETCH")
+        modseqs = {e[0]: attrs(e)[b"MODSEQ"][0] for e in fetched}
+        assert len(modseqs) == 4 and all(m <= before for m in modseqs.values())
+
+        raw.ok("STORE 2 +FLAGS.SILENT (\\Seen)")
+        changed = raw.ok(f"FETCH 1:* (FLAGS) (CHANGEDSINCE {before})").parsed(b"FETCH")
+        assert [e[0] for e in changed] == [2]
+        after = attrs(changed[0])[b"MODSEQ"][0]
+        assert after > before
+
+        # UNCHANGEDSINCE: message 2 changed after `before`, so it is left alone and reported
+        conditional = raw.command(f"STORE 1:3 (UNCHANGEDSINCE {before}) +FLAGS (\\Flagged)")
+        assert conditional.status == "OK"
+        assert b"[MODIFIED 2]" in conditional.text
+        searched = raw.ok(f"SEARCH MODSEQ {before + 1}")
+        assert searched.lines(b"SEARCH")[0].startswith(b"* SEARCH 1 2 3 (MODSEQ ")
+        uid_search = raw.ok(f"UID SEARCH MODSEQ {after + 1}").lines(b"SEARCH")[0]
+        assert uid_search.split()[2:4] == [str(uids[0]).encode(), str(uids[2]).encode()]
+        raw.close()
+
+    await in_thread(dialog)
+    flags = [m.flags for m in await maildb.list_messages(ALICE)]
+    assert flags == [{"\\Flagged"}, {"\\Seen"}, {"\\Flagged"}, frozenset()]
+    status = await maildb.status(ALICE)
+    modseqs = [m.modseq for m in await maildb.list_messages(ALICE)]
+    assert max(modseqs) == status.highestmodseq
+
+
+# QRESYNC (RFC 7162 section 3.2)
+
+
+async def test_qresync_select_reports_vanished_earlier(server: Server, deliver: Deliver,
+                                                       maildb: MailDB) -> None:
+    await fill(deliver, 5)
+    uids = await uids_of(maildb)
+    status = await maildb.status(ALICE)
+    # while the client was offline: one expunged, one flagged
+    await maildb.expunge(ALICE, "INBOX", [uids[1]])
+    await maildb.store_flags(ALICE, "INBOX", [uids[3]], "+", frozenset({"\\Answered"}))
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        assert raw.command("SELECT INBOX (QRESYNC (1 1))").status == "BAD"  # not ENABLEd
+        enabled = raw.ok("ENABLE QRESYNC").lines(b"ENABLED")[0]
+        assert b"QRESYNC" in enabled
+        reply = raw.ok(f"SELECT INBOX (QRESYNC ({status.uidvalidity} {status.highestmodseq}))")
+        assert reply.lines(b"VANISHED") == [f"* VANISHED (EARLIER) {uids[1]}".encode()]
+        changed = reply.parsed(b"FETCH")
+        assert [attrs(e)[b"UID"] for e in changed] == [uids[3]]
+        assert b"\\Answered" in attrs(changed[0])[b"FLAGS"]
+
+        # with QRESYNC, expunges are announced as VANISHED UIDs, not sequence numbers
+        raw.ok(f"UID STORE {uids[0]} +FLAGS.SILENT (\\Deleted)")
+        expunged = raw.ok("EXPUNGE")
+        assert expunged.lines(b"VANISHED") == [f"* VANISHED {uids[0]}".encode()]
+        assert not expunged.lines(b"EXPUNGE")
+        fetch = raw.ok(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {status.highestmodseq} VANISHED)")
+        vanished = fetch.lines(b"VANISHED")
+        assert len(vanished) == 1 and vanished[0].startswith(b"* VANISHED (EARLIER) ")
+        assert {uids[0], uids[1]} <= set(expand(vanished[0].split()[-1]))
+        raw.close()
+
+    await in_thread(dialog)
+
+
+# ESEARCH (RFC 4731), SORT and THREAD (RFC 5256)
+
+
+async def test_esearch(server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    await fill(deliver, 5)
+    uids = await uids_of(maildb)
+    await maildb.store_flags(ALICE, "INBOX", uids[:1], "+", frozenset({"\\Seen"}))
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        reply = raw.command("SEARCH RETURN (MIN MAX COUNT ALL) UNSEEN", tag="e1")
+        assert reply.lines(b"ESEARCH") == [b'* ESEARCH (TAG "e1") MIN 2 MAX 5 COUNT 4 ALL 2:5']
+        uid_reply = raw.command("UID SEARCH RETURN (COUNT) ALL", tag="e2")
+        assert uid_reply.lines(b"ESEARCH") == [b'* ESEARCH (TAG "e2") UID COUNT 5']
+        plain = raw.command("SEARCH RETURN () SEEN", tag="e3")  # () means ALL
+        assert plain.lines(b"ESEARCH") == [b'* ESEARCH (TAG "e3") ALL 1']
+        empty = raw.command("SEARCH RETURN (MIN MAX ALL) DELETED", tag="e4")
+        assert empty.lines(b"ESEARCH") == [b'* ESEARCH (TAG "e4")']
+        assert not empty.lines(b"SEARCH")  # ESEARCH replaces the SEARCH response
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_sort(server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    for subject, sender, date, size in (
+            ("b", "zed@example.org", "Mon, 02 Mar 2026 10:00:00 +0000", 10),
+            ("Re: a", "amy@example.org", "Sun, 01 Mar 2026 10:00:00 +0000", 300),
+            ("c", "Bea <bea@example.org>", "Wed, 04 Mar 2026 10:00:00 +0000", 20),
+            ("Fwd: A", "carl@example.org", "Tue, 03 Mar 2026 10:00:00 +0000", 100)):
+        await deliver(ALICE, message(subject, "z" * size + "\r\n", sender=sender, date=date))
+    uids = await uids_of(maildb)
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.select_folder("INBOX")
+
+        def order(*positions: int) -> list[int]:
+            return [uids[p - 1] for p in positions]
+
+        assert client.sort(["SUBJECT"]) == order(2, 4, 1, 3)  # base subjects, then by number
+        assert client.sort(["DATE"]) == order(2, 1, 4, 3)
+        assert client.sort(["REVERSE", "DATE"]) == order(3, 4, 1, 2)
+        assert client.sort(["FROM"]) == order(2, 3, 4, 1)  # by mailbox, not display name
+        assert client.sort(["SIZE"]) == order(1, 3, 4, 2)
+        assert client.sort(["ARRIVAL"]) == order(1, 2, 3, 4)
+        assert client.sort(["SIZE"], ["FROM", "example", "NOT", "SUBJECT", "c"]) == \
+            order(1, 4, 2)
+        with pytest.raises(IMAPClientError):
+            client.sort(["NONSENSE"])
+        client.logout()
+
+    await in_thread(dialog)
+
+
+async def test_thread(server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    mails = [
+        message("Plan", message_id="<1@t>", date="Sun, 01 Mar 2026 10:00:00 +0000"),
+        message("Re: Plan", message_id="<2@t>", date="Mon, 02 Mar 2026 10:00:00 +0000",
+                extra="In-Reply-To: <1@t>\r\nReferences: <1@t>\r\n"),
+        message("Other", message_id="<3@t>", date="Tue, 03 Mar 2026 10:00:00 +0000"),
+        message("Re: Plan", message_id="<4@t>", date="Wed, 04 Mar 2026 10:00:00 +0000",
+                extra="References: <1@t> <2@t>\r\n"),
+        message("Re: Plan", message_id="<5@t>", date="Thu, 05 Mar 2026 10:00:00 +0000",
+                extra="References: <1@t>\r\n"),
+    ]
+    for data in mails:
+        await deliver(ALICE, data)
+
+    def dialog() -> None:
+        client = server.client(ALICE, use_uid=False)
+        algorithms = {c.decode().upper() for c in client.capabilities()
+                      if c.upper().startswith(b"THREAD=")}
+        assert "THREAD=REFERENCES" in algorithms or "THREAD=ORDEREDSUBJECT" in algorithms
+        client.select_folder("INBOX")
+        if "THREAD=REFERENCES" in algorithms:
+            # 1 has children 2 (with child 4) and 5: (1 (2 4)(5)), then 3
+            assert client.thread("REFERENCES") == ((1, (2, 4), (5,)), (3,))
+        if "THREAD=ORDEREDSUBJECT" in algorithms:
+            assert client.thread("ORDEREDSUBJECT") == ((1, (2,), (4,), (5,)), (3,))
+        client.logout()
+
+    await in_thread(dialog)
+
+
+# QUOTA (RFC 9208)
+
+
+async def test_quota_root_and_overquota(server: Server, deliver: Deliver, maildb: MailDB,
+                                        imap_users: AccountDB) -> None:
+    await fill(deliver, 2)
+    imap_users.set_quota(ALICE, 40 * 1024)
+    used = await maildb.usage(ALICE)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        reply = raw.ok("GETQUOTAROOT INBOX")
+        roots = reply.parsed(b"QUOTAROOT")
+        assert len(roots) == 1 and roots[0][1] == b"INBOX"
+        root = roots[0][2] if len(roots[0]) > 2 else b""
+        quotas = reply.parsed(b"QUOTA")
+        assert len(quotas) == 1 and quotas[0][1] == root
+        resource, usage, limit = quotas[0][2]
+        assert resource.upper() == b"STORAGE" and limit == 40
+        assert usage in (used // 1024, math.ceil(used / 1024))  # units of 1024 octets
+        assert raw.ok(f'GETQUOTA "{root.decode()}"').parsed(b"QUOTA") == quotas
+
+        big = message("too big", "x" * 76 + "\r\n" * 1 + ("y" * 78 + "\r\n") * 600)
+        refused = raw.literal_command(b"APPEND INBOX", big)
+        assert refused.status == "NO" and b"[OVERQUOTA]" in refused.text
+        raw.ok("SELECT INBOX")
+        assert raw.ok("COPY 1:* Archive").status == "OK"  # still fits
+        raw.close()
+
+    await in_thread(dialog)
+    assert len(await maildb.list_messages(ALICE)) == 2
+    assert len(await maildb.list_messages(ALICE, "Archive")) == 2
+
+    imap_users.set_quota(ALICE, used * 2 - 1)  # copying both again would exceed it
+
+    def copy_over() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        refused = raw.command("COPY 1:* Trash")
+        assert refused.status == "NO" and b"[OVERQUOTA]" in refused.text
+        raw.close()
+
+    await in_thread(copy_over)
+    assert await maildb.list_messages(ALICE, "Trash") == []
+
+
+async def test_concurrent_idlers_each_get_their_own_updates(server: Server, deliver: Deliver
+                                                            ) -> None:
+    idlers = await asyncio.gather(*(in_thread(lambda: server.client(ALICE, use_uid=False))
+                                    for _ in range(5)))
+
+    def start(client: Any) -> None:
+        client.select_folder("INBOX")
+        client.idle()
+
+    await asyncio.gather(*(in_thread(lambda c=c: start(c)) for c in idlers))
+    await deliver(ALICE, message("one for everybody"))
+
+    def collect(client: Any) -> None:
+        assert 1 in numbers(collect_idle(client, lambda s: 1 in numbers(s, b"EXISTS")),
+                            b"EXISTS")
+        client.idle_done()
+        client.logout()
+
+    await asyncio.gather(*(in_thread(lambda c=c: collect(c)) for c in idlers))

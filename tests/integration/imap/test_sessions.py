@@ -1,0 +1,149 @@
+"""Two sessions on one mailbox: what one changes, the other learns between commands (RFC 3501
+5.2, 7.4.1), never in the middle of a FETCH, STORE or SEARCH; other users see nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.store.backends.maildb import MailDB
+from tests.integration.imap.clients import Raw, Server, cheap_password_hashes, in_thread, message
+from tests.integration.imap.conftest import ALICE, BOB, Deliver, ImapStack
+
+
+@pytest.fixture(scope="module")
+def password_hashes() -> dict[str, str]:
+    return cheap_password_hashes()
+
+
+@pytest.fixture
+def server(imap_server: ImapStack) -> Server:
+    return Server.of(imap_server)
+
+
+def fetched_numbers(raw: Raw, command: str) -> tuple[str, list[int], list[bytes]]:
+    reply = raw.command(command)
+    return reply.status, [entry[0] for entry in reply.parsed(b"FETCH")], reply.lines(b"EXPUNGE")
+
+
+async def test_expunge_in_one_session_reaches_the_other_between_commands(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    for n in range(5):
+        await deliver(ALICE, message(f"m{n}"))
+    uids = [m.uid for m in await maildb.list_messages(ALICE)]
+
+    def dialog() -> None:
+        watcher, actor = server.raw(ALICE), server.raw(ALICE)
+        watcher.ok("SELECT INBOX")
+        actor.ok("SELECT INBOX")
+        actor.ok("STORE 2 +FLAGS.SILENT (\\Deleted)")
+        assert len(actor.ok("EXPUNGE").lines(b"EXPUNGE")) == 1
+
+        # FETCH, STORE and SEARCH must not announce the expunge (7.4.1): the numbers the
+        # watcher uses stay valid until it runs a command that may renumber.
+        status, numbers, expunges = fetched_numbers(watcher, "FETCH 1:* (FLAGS)")
+        assert not expunges
+        assert status in ("OK", "NO")  # NO (EXPUNGEISSUED) is allowed for the gone message
+        assert {1, 3, 4, 5} <= set(numbers)
+        searched = watcher.ok("SEARCH ALL")
+        assert not searched.lines(b"EXPUNGE")
+        assert searched.lines(b"SEARCH")[0].split()[2:] in (
+            [b"1", b"2", b"3", b"4", b"5"], [b"1", b"3", b"4", b"5"])
+        assert not watcher.command("STORE 1 +FLAGS (\\Seen)").lines(b"EXPUNGE")
+
+        noop = watcher.ok("NOOP")
+        assert noop.lines(b"EXPUNGE") == [b"* 2 EXPUNGE"]
+        status, numbers, _ = fetched_numbers(watcher, "FETCH 1:* (UID)")
+        assert status == "OK" and numbers == [1, 2, 3, 4]
+        uid_map = [entry[2][1] for entry in watcher.ok("FETCH 1:* (UID)").parsed(b"FETCH")]
+        assert uid_map == [uids[0], *uids[2:]]
+        watcher.close()
+        actor.close()
+
+    await in_thread(dialog)
+
+
+async def test_flags_and_new_messages_from_one_session_appear_in_the_other(
+        server: Server, deliver: Deliver) -> None:
+    for n in range(3):
+        await deliver(ALICE, message(f"m{n}"))
+
+    def dialog() -> None:
+        watcher, actor = server.raw(ALICE), server.raw(ALICE)
+        watcher.ok("EXAMINE INBOX")  # read-only sessions are told as well
+        actor.ok("SELECT INBOX")
+        actor.ok("STORE 3 +FLAGS.SILENT (\\Flagged $Todo)")
+        assert actor.literal_command(b"APPEND INBOX", message("new"), plus=True).status == "OK"
+
+        noop = watcher.ok("NOOP")
+        changes = noop.parsed(b"FETCH")
+        assert 3 in [entry[0] for entry in changes]
+        assert not {1, 2} & {entry[0] for entry in changes}
+        third = next(entry for entry in changes if entry[0] == 3)
+        flags = dict(zip(third[2][::2], third[2][1::2], strict=True))[b"FLAGS"]
+        assert {b"\\Flagged", b"$Todo"} <= set(flags)
+        assert noop.lines(b"EXISTS") == [b"* 4 EXISTS"]
+        assert not watcher.ok("NOOP").untagged  # told once only
+        watcher.close()
+        actor.close()
+
+    await in_thread(dialog)
+
+
+async def test_move_by_another_session_is_an_expunge_here(server: Server, deliver: Deliver,
+                                                         maildb: MailDB) -> None:
+    for n in range(3):
+        await deliver(ALICE, message(f"m{n}"))
+
+    def dialog() -> None:
+        watcher = server.client(ALICE, use_uid=False)
+        watcher.select_folder("INBOX")
+        actor = server.client(ALICE)
+        actor.select_folder("INBOX")
+        actor.move(actor.search()[:1], "Archive")
+        _, responses = watcher.noop()
+        assert (1, b"EXPUNGE") in responses
+        assert watcher.folder_status("Archive", ["MESSAGES"])[b"MESSAGES"] == 1
+        watcher.logout()
+        actor.logout()
+
+    await in_thread(dialog)
+    assert len(await maildb.list_messages(ALICE)) == 2
+
+
+async def test_other_users_mailboxes_are_invisible(server: Server) -> None:
+    def dialog() -> None:
+        bob = server.raw(BOB)
+        bob.ok("SELECT INBOX")
+        alice = server.client(ALICE)
+        alice.create_folder("Private")
+        alice.append("INBOX", message("for alice only"))
+        assert not bob.ok("NOOP").untagged
+        names = [entry[-1] for entry in bob.ok('LIST "" "*"').parsed(b"LIST")]
+        assert b"Private" not in names
+        assert bob.command("SELECT Private").status == "NO"
+        assert bob.command(f'SELECT "../{ALICE}/INBOX"').status in ("NO", "BAD")
+        assert bob.ok("STATUS INBOX (MESSAGES)").parsed(b"STATUS")[0][2] == (b"MESSAGES", 0)
+        bob.close()
+        alice.logout()
+
+    await in_thread(dialog)
+
+
+async def test_own_append_and_copy_into_the_selected_mailbox_report_exists(
+        server: Server, deliver: Deliver) -> None:
+    await deliver(ALICE, message("first"))
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        # RFC 3501 6.3.11: the server SHOULD notify the client immediately via EXISTS
+        appended = raw.literal_command(b"APPEND INBOX", message("second"))
+        assert appended.status == "OK"
+        assert appended.lines(b"EXISTS") == [b"* 2 EXISTS"]
+        copied = raw.ok("COPY 1:2 INBOX")
+        assert copied.lines(b"EXISTS") == [b"* 4 EXISTS"]
+        logout = raw.command("LOGOUT")
+        assert logout.status == "OK" and logout.lines(b"BYE")
+        raw.close()
+
+    await in_thread(dialog)

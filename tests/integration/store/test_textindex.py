@@ -1,0 +1,239 @@
+"""The full-text index on a real MailDB: the background indexer, and SEARCH TEXT/BODY through
+it agreeing with a brute-force scan of the files (encoded words, base64 and quoted-printable
+bodies, HTML, non-ASCII, case), also while the index lags behind delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import quopri
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.store.backends.maildb import MailDB
+from services.store.backends.textindex import (
+    FILE_NAME,
+    GARBAGE_FLOOR,
+    MessageText,
+    TextIndex,
+    TextIndexer,
+)
+from services.store.imap.protocol.command import SearchKey
+from services.store.imap.search import StoreMessageSource, search
+from services.store.mailbox import INBOX, Delivery, MessageInfo
+
+USER = "alice@example.test"
+WORDS = ["report", "budget", "meeting", "Ärger", "straße", "привет", "Καλημέρα", "日本語テキスト",
+         "invoice", "holiday", "naïve café", "lunch", "deadline", "zebra"]
+
+
+def make_message(i: int, rng: random.Random) -> bytes:
+    """Message i carries the unique token `tok{i}q` in its subject (odd i) or body (even i),
+    in one of several encodings."""
+    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+    token = f"tok{i}q"
+    subject = f"note {rng.choice(WORDS)}" + (f" {token}" if i % 2 else "")
+    text = f"Hello,\n{words}\n" + ("" if i % 2 else f"see {token} here\n")
+    style = i % 4
+    if style == 0:  # encoded-word subject, base64 UTF-8 body
+        subject_field = "=?UTF-8?B?" + base64.b64encode(subject.encode()).decode() + "?="
+        headers = ("Content-Type: text/plain; charset=utf-8\r\n"
+                   "Content-Transfer-Encoding: base64\r\n")
+        body = base64.encodebytes(text.encode()).decode()
+    elif style == 1:  # Q-encoded subject, quoted-printable Latin-1 body (non-Latin-1 dropped)
+        subject_field = "=?UTF-8?Q?" + "".join(
+            f"={b:02X}" for b in subject.encode()) + "?="
+        latin = text.encode("latin-1", errors="ignore")
+        headers = ("Content-Type: text/plain; charset=iso-8859-1\r\n"
+                   "Content-Transfer-Encoding: quoted-printable\r\n")
+        body = quopri.encodestring(latin).decode()
+    elif style == 2:  # raw UTF-8 (RFC 6532) subject, HTML body
+        subject_field = subject
+        headers = "Content-Type: text/html; charset=utf-8\r\n"
+        body = "<html><body><p>" + text.replace("\n", "<br>") + "</p></body></html>"
+    else:  # multipart with a text part and a binary attachment
+        subject_field = subject
+        headers = 'Content-Type: multipart/mixed; boundary="XX"\r\n'
+        body = ("--XX\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + text +
+                "\r\n--XX\r\nContent-Type: application/octet-stream\r\n"
+                "Content-Transfer-Encoding: base64\r\n\r\n" +
+                base64.encodebytes(b"zebra binary " * 5).decode() + "--XX--\r\n")
+    raw = (f"From: sender{i}@example.org\r\nTo: {USER}\r\nSubject: {subject_field}\r\n"
+           f"Date: Mon, 1 Jan 2024 10:00:00 +0000\r\nMIME-Version: 1.0\r\n{headers}\r\n{body}")
+    return raw.replace("\r\n", "\n").replace("\n", "\r\n").encode()
+
+
+@pytest.fixture
+async def maildb(tmp_path: Path) -> AsyncIterator[MailDB]:
+    db = MailDB(tmp_path / "mail")
+    yield db
+    await db.close()
+
+
+@pytest.fixture
+async def indexer(maildb: MailDB) -> AsyncIterator[TextIndexer]:
+    worker = TextIndexer(maildb, TextIndex(maildb.root), batch=50)
+    maildb.add_listener(worker.notify)
+    task = asyncio.create_task(worker.run())
+    yield worker
+    maildb.remove_listener(worker.notify)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def deliver(maildb: MailDB, raws: list[bytes], start: int = 0) -> None:
+    await maildb.deliver([Delivery(f"q{start + n}", USER, raw, time.time())
+                          for n, raw in enumerate(raws)])
+
+
+class CountingSource(StoreMessageSource):
+    """Counts message files read, to tell index answers from scans."""
+
+    reads = 0
+
+    def _read(self, guid: str, limit: int | None) -> bytes:
+        self.reads += 1
+        return super()._read(guid, limit)
+
+
+async def run(maildb: MailDB, index: TextIndex | None, kind: str, needle: str,
+              messages: list[MessageInfo]) -> tuple[set[str], int]:
+    source = CountingSource(maildb, index, USER)
+    positions = await search(SearchKey(kind, needle), messages, source,
+                             recent_from_uid=10**9)
+    return {messages[p].guid for p in positions}, source.reads
+
+
+NEEDLES = ["report", "REPORT", "ärger", "ÄRGER", "STRASSE", "straße", "ПРИВЕТ", "καλημέρα",
+           "日本語", "naïve café", "Café", "hello,", "note zebra", "sender1", "zebra binary",
+           "tok17q", "tok18q", "tok1", "<p>", "ok", "é", "subject: note", "nowhere-to-be-found"]
+
+
+async def test_index_agrees_with_scan(maildb: MailDB, indexer: TextIndexer) -> None:
+    rng = random.Random(4)
+    await deliver(maildb, [make_message(i, rng) for i in range(200)])
+    await indexer.wait_idle()
+    messages = await maildb.list_messages(USER, INBOX)
+    index = TextIndex(maildb.root)
+    assert index.indexed(USER) == {m.guid for m in messages}
+
+    for kind in ("TEXT", "BODY"):
+        for needle in NEEDLES:
+            indexed, reads = await run(maildb, index, kind, needle, messages)
+            scanned, _ = await run(maildb, None, kind, needle, messages)
+            assert indexed == scanned, (kind, needle)
+            if len(needle) >= 3:
+                assert reads == 0, (kind, needle)  # answered by the index alone
+
+    by_position = {m.guid: n for n, m in enumerate(messages)}
+    body_hits, _ = await run(maildb, index, "BODY", "tok18q", messages)
+    subject_hits, _ = await run(maildb, index, "BODY", "tok17q", messages)
+    text_hits, _ = await run(maildb, index, "TEXT", "tok17q", messages)
+    assert [by_position[g] for g in body_hits] == [18]
+    assert subject_hits == set()  # in the (encoded) Subject only: not BODY
+    assert [by_position[g] for g in text_hits] == [17]
+    binary, _ = await run(maildb, index, "BODY", "zebra binary", messages)
+    assert binary == set()  # attachments are not text
+    ascii_, _ = await run(maildb, index, "TEXT", "STRASSE", messages)
+    assert ascii_ == set()  # "ß" is not folded to "ss", in the index or the scan
+
+
+async def test_message_delivered_after_indexing_is_found_before_the_indexer_runs(
+        maildb: MailDB, indexer: TextIndexer) -> None:
+    rng = random.Random(5)
+    await deliver(maildb, [make_message(i, rng) for i in range(20)])
+    await indexer.wait_idle()
+    maildb.remove_listener(indexer.notify)  # the indexer hears nothing more
+
+    late = (b"From: late@example.org\r\nSubject: Late arrival\r\n\r\n"
+            b"a very particular phrase\r\n")
+    await deliver(maildb, [late], start=100)
+    messages = await maildb.list_messages(USER, INBOX)
+    index = TextIndex(maildb.root)
+    assert messages[-1].guid not in index.indexed(USER)
+
+    source = StoreMessageSource(maildb, index, USER, indexer=indexer)
+    found = await search(SearchKey("TEXT", "PARTICULAR PHRASE"), messages, source,
+                         recent_from_uid=10**9)
+    assert found == [len(messages) - 1]
+    # The search handed the unindexed message to the indexer.
+    await indexer.wait_idle()
+    assert messages[-1].guid in index.indexed(USER)
+
+
+async def test_expunged_messages_are_forgotten(maildb: MailDB, indexer: TextIndexer) -> None:
+    await deliver(maildb, [b"Subject: one\r\n\r\nshared words\r\n",
+                           b"Subject: two\r\n\r\nshared words\r\n"])
+    await indexer.wait_idle()
+    messages = await maildb.list_messages(USER, INBOX)
+    await maildb.expunge(USER, INBOX, [messages[0].uid])
+    await indexer.wait_idle()
+    index = TextIndex(maildb.root)
+    assert index.indexed(USER) == {messages[1].guid}
+    assert index.lookup(USER, "shared words", "BODY")[0] == {messages[1].guid}
+
+
+async def test_catch_up_at_startup_indexes_what_was_delivered_while_down(
+        maildb: MailDB) -> None:
+    rng = random.Random(6)
+    await deliver(maildb, [make_message(i, rng) for i in range(30)])
+    index = TextIndex(maildb.root)
+    assert not (maildb.user_path(USER) / FILE_NAME).exists()
+
+    worker = TextIndexer(maildb, index)
+    task = asyncio.create_task(worker.run())
+    try:
+        worker.request_all()
+        await worker.wait_idle()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    messages = await maildb.list_messages(USER, INBOX)
+    assert TextIndex(maildb.root).indexed(USER) == {m.guid for m in messages}
+    assert worker.indexed == 30
+
+
+async def test_corrupt_index_file_is_rebuilt(maildb: MailDB, indexer: TextIndexer) -> None:
+    await deliver(maildb, [b"Subject: x\r\n\r\nfirst body\r\n"])
+    await indexer.wait_idle()
+    path = maildb.user_path(USER) / FILE_NAME
+    fresh = TextIndex(maildb.root)
+    path.write_bytes(b"this is not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    messages = await maildb.list_messages(USER, INBOX)
+    # Searching still works (a broken index counts as no index: everything is scanned).
+    source = StoreMessageSource(maildb, fresh, USER)
+    assert await search(SearchKey("BODY", "first"), messages, source,
+                        recent_from_uid=10**9) == [0]
+    writer = TextIndexer(maildb, fresh)
+    task = asyncio.create_task(writer.run())
+    try:
+        writer.request(USER)
+        await writer.wait_idle()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert fresh.indexed(USER) == {messages[0].guid}
+
+
+def test_mostly_garbage_index_is_dropped(tmp_path: Path) -> None:
+    index = TextIndex(tmp_path)
+    folder = index.path(USER).parent
+    folder.mkdir(parents=True)
+    docs = [(f"{n:032x}", MessageText(f"Subject: {n}", "body")) for n in range(GARBAGE_FLOOR + 2)]
+    assert index.add(USER, docs) == len(docs)
+    assert index.add(USER, docs[:5]) == 0  # already there
+    assert index.forget(USER, [g for g, _ in docs[:GARBAGE_FLOOR // 2]]) is False
+    assert len(index.indexed(USER)) == len(docs) - GARBAGE_FLOOR // 2
+    assert index.forget(USER, [g for g, _ in docs[: GARBAGE_FLOOR + 1]]) is True
+    assert not index.path(USER).exists()
+    assert index.indexed(USER) == frozenset()
+    index.close()

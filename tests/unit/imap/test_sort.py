@@ -1,0 +1,95 @@
+"""SORT (RFC 5256, RFC 5957 DISPLAYFROM/DISPLAYTO) and base subject extraction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from services.store.imap.sort import BadSortCriteria, base_subject, parse_criteria, sort
+from services.store.mailbox import MessageInfo
+
+
+@pytest.mark.parametrize(("subject", "base", "reply"), [
+    ("Hello", "Hello", False),
+    ("Re: Hello", "Hello", True),
+    ("RE:   re: Fwd: Hello", "Hello", True),
+    ("Fw: Hello (fwd)", "Hello", True),
+    ("Hello (fwd) (FWD)  ", "Hello", True),
+    ("[list] Re: Hello", "Hello", True),
+    ("Re[2]: Hello", "Hello", True),
+    ("Re: [list] Hello", "Hello", True),
+    ("[list] Hello", "Hello", False),
+    ("[only a blob]", "[only a blob]", False),  # removing it would leave nothing
+    ("[Fwd: Re: Hello]", "Hello", True),
+    ("  Hello\t  world ", "Hello world", False),
+    ("Reply: Hello", "Reply: Hello", False),
+    ("", "", False),
+    ("Re:", "", True),
+])
+def test_base_subject(subject: str, base: str, reply: bool) -> None:
+    assert base_subject(subject) == (base, reply)
+
+
+def msg(subject: str, sender: str, to: str, cc: str, date: str | None) -> bytes:
+    lines = [f"Subject: {subject}", f"From: {sender}", f"To: {to}", f"Cc: {cc}"]
+    if date is not None:
+        lines.append(f"Date: {date}")
+    return ("\r\n".join(lines) + "\r\n\r\nbody\r\n").encode()
+
+
+RAW = [
+    msg("Re: beta", "Zed <amy@z.test>", "carl@x.test", "dan@x.test",
+        "Mon, 01 Jan 2024 10:00:00 +0000"),
+    msg("alpha", "=?UTF-8?Q?Bj=C3=B6rn?= <zoe@z.test>", "Bea <bea@x.test>", "",
+        "Mon, 01 Jan 2024 09:00:00 -0200"),  # 11:00 UTC: after message 0
+    msg("[list] Beta", "\"Last, First\" <mike@z.test>", "abe@x.test", "cat@x.test",
+        None),  # no Date: INTERNALDATE (the earliest)
+    msg("gamma", "MIKE@z.test", "", "", "Mon, 01 Jan 2024 10:00:00 +0000"),  # ties with 0
+]
+INFOS = [MessageInfo(uid=i + 1, guid=f"{i:032x}", size=size, internaldate=t, flags=frozenset(),
+                     modseq=1)
+         for i, (size, t) in enumerate([(300, 1704067200.0 + 50), (100, 1704067200.0 + 10),
+                                        (200, 1704000000.0), (100, 1704067200.0 + 30)])]
+
+
+class Source:
+    async def raw(self, info: MessageInfo) -> bytes:
+        return RAW[info.uid - 1]
+
+    async def headers(self, infos: Sequence[MessageInfo]) -> list[bytes]:
+        return [RAW[info.uid - 1] for info in infos]
+
+    async def text_matches(self, needle: str, field: str,
+                           guids: Sequence[str]) -> set[str] | None:
+        return None
+
+
+@pytest.mark.parametrize(("criteria", "expected"), [
+    (["ARRIVAL"], [2, 1, 3, 0]),
+    (["REVERSE", "ARRIVAL"], [0, 3, 1, 2]),
+    (["SIZE"], [1, 3, 2, 0]),  # 1 and 3 tie: mailbox order
+    (["REVERSE", "SIZE"], [0, 2, 1, 3]),  # reversing keeps ties in mailbox order
+    (["DATE"], [2, 0, 3, 1]),
+    (["SUBJECT"], [1, 0, 2, 3]),  # alpha, beta, beta, gamma
+    (["SUBJECT", "REVERSE", "DATE"], [1, 0, 2, 3]),
+    (["FROM"], [0, 2, 3, 1]),  # amy, mike, MIKE (case-insensitive tie), zoe
+    (["TO"], [3, 2, 1, 0]),  # "" first, then abe, bea, carl
+    (["CC"], [1, 3, 2, 0]),
+    (["DISPLAYFROM"], [1, 2, 3, 0]),  # Björn, "Last, First", mike@z.test, Zed
+    (["DISPLAYTO"], [3, 2, 1, 0]),  # "", abe@x.test, Bea, carl@x.test
+    (["SIZE", "REVERSE", "ARRIVAL"], [3, 1, 2, 0]),
+])
+async def test_sort(criteria: list[str], expected: list[int]) -> None:
+    assert await sort(criteria, [0, 1, 2, 3], INFOS, Source()) == expected
+
+
+async def test_sort_only_the_given_positions() -> None:
+    assert await sort(["REVERSE", "SIZE"], [3, 1, 0], INFOS, Source()) == [0, 1, 3]
+
+
+@pytest.mark.parametrize("criteria", [[], ["REVERSE"], ["SIZE", "REVERSE"], ["COLOUR"],
+                                      ["REVERSE", "REVERSE", "DATE"]])
+def test_bad_criteria(criteria: list[str]) -> None:
+    with pytest.raises(BadSortCriteria):
+        parse_criteria(criteria)

@@ -1,0 +1,123 @@
+"""THREAD=ORDEREDSUBJECT and THREAD=REFERENCES (RFC 5256) and the THREAD response."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from services.store.imap.thread import BadThreadAlgorithm, ThreadNode, format_thread, thread
+from services.store.mailbox import MessageInfo
+
+
+def msg(subject: str, day: int, message_id: str | None = None, references: str = "",
+        in_reply_to: str = "") -> bytes:
+    lines = [f"Subject: {subject}", f"Date: {day:02d} Jan 2024 10:00:00 +0000"]
+    if message_id:
+        lines.append(f"Message-ID: {message_id}")
+    if references:
+        lines.append(f"References: {references}")
+    if in_reply_to:
+        lines.append(f"In-Reply-To: {in_reply_to}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class Source:
+    def __init__(self, raws: list[bytes]) -> None:
+        self.raws = raws
+        self.infos = [MessageInfo(uid=10 + i, guid=f"{i:032x}", size=len(r),
+                                  internaldate=0.0, flags=frozenset(), modseq=1)
+                      for i, r in enumerate(raws)]
+
+    async def raw(self, info: MessageInfo) -> bytes:
+        return self.raws[info.uid - 10]
+
+    async def headers(self, infos: Sequence[MessageInfo]) -> list[bytes]:
+        return [self.raws[info.uid - 10] for info in infos]
+
+    async def text_matches(self, needle: str, field: str,
+                           guids: Sequence[str]) -> set[str] | None:
+        return None
+
+
+async def threads(algorithm: str, raws: list[bytes], uid: bool = False) -> bytes:
+    source = Source(raws)
+    positions = list(range(len(raws)))
+    forest = await thread(algorithm, positions, source.infos, source)
+    number = (lambda p: source.infos[p].uid) if uid else (lambda p: p + 1)
+    return format_thread(forest, number)
+
+
+CONVERSATION = [
+    msg("Party", 1, "<a@x>"),                                   # 1
+    msg("Re: Party", 3, "<b@x>", "<a@x>"),                      # 2 reply to 1
+    msg("Lunch", 2, "<c@x>"),                                   # 3
+    msg("Re: Party", 4, "<d@x>", "<a@x> <b@x>"),                # 4 reply to 2
+    msg("Re: Party", 5, "<e@x>", "<a@x>"),                      # 5 reply to 1
+    msg("Re: Lunch", 6, "<f@x>", in_reply_to="<c@x> <zzz@x>"),  # 6 reply to 3
+    msg("Unrelated", 7),                                        # 7 no Message-ID
+]
+
+
+async def test_references() -> None:
+    assert await threads("REFERENCES", CONVERSATION) == b"* THREAD (1 (2 4)(5))(3 6)(7)"
+
+
+async def test_references_with_uids() -> None:
+    assert await threads("references", CONVERSATION, uid=True) == (
+        b"* THREAD (10 (11 13)(14))(12 15)(16)")
+
+
+async def test_orderedsubject() -> None:
+    # Threads are ordered by their first message: Party (day 1), Lunch (day 2), Unrelated.
+    assert await threads("ORDEREDSUBJECT", CONVERSATION) == (
+        b"* THREAD (1 (2)(4)(5))(3 6)(7)")
+
+
+async def test_references_missing_parent_is_a_dummy_holding_siblings() -> None:
+    raws = [
+        msg("Re: Topic", 2, "<b@x>", "<gone@x>"),
+        msg("Re: Topic", 3, "<c@x>", "<gone@x>"),
+    ]
+    # The referenced message is not in the mailbox: a dummy at the top keeps both.
+    assert await threads("REFERENCES", raws) == b"* THREAD ((1)(2))"
+
+
+async def test_references_dummy_with_one_child_is_replaced_by_it() -> None:
+    raws = [msg("Re: Topic", 2, "<b@x>", "<gone@x> <b0@x>"), msg("Other", 1, "<o@x>")]
+    assert await threads("REFERENCES", raws) == b"* THREAD (2)(1)"
+
+
+async def test_references_same_subject_without_references_is_grouped() -> None:
+    raws = [msg("Plans", 1, "<a@x>"), msg("Re: Plans", 2, "<b@x>"), msg("Plans", 3, "<c@x>")]
+    # 2 is a reply by subject only: it goes under the non-reply that holds the subject (1);
+    # 3 is not a reply either, so 1 and 3 end up side by side under a dummy.
+    assert await threads("REFERENCES", raws) == b"* THREAD ((1 2)(3))"
+
+
+async def test_references_loops_and_duplicate_ids_do_not_break() -> None:
+    raws = [
+        msg("A", 1, "<a@x>", "<b@x>"),
+        msg("B", 2, "<b@x>", "<a@x>"),  # would make a loop
+        msg("A copy", 3, "<a@x>"),      # duplicate Message-ID
+    ]
+    result = await threads("REFERENCES", raws)
+    assert sorted(int(n) for n in result.replace(b"(", b" ").replace(b")", b" ").split()[2:]
+                  ) == [1, 2, 3]
+
+
+async def test_empty() -> None:
+    assert await threads("REFERENCES", []) == b"* THREAD"
+
+
+async def test_unknown_algorithm() -> None:
+    with pytest.raises(BadThreadAlgorithm):
+        await threads("X-FANCY", CONVERSATION)
+
+
+def test_format_rfc_example() -> None:
+    # RFC 5256 section 4: (3 6 (4 23)(44 7 96))
+    tree = ThreadNode(3, [ThreadNode(6, [ThreadNode(4, [ThreadNode(23)]),
+                                         ThreadNode(44, [ThreadNode(7, [ThreadNode(96)])])])])
+    assert format_thread([ThreadNode(2), tree], lambda n: n) == (
+        b"* THREAD (2)(3 6 (4 23)(44 7 96))")
