@@ -727,6 +727,11 @@ class MailDB:
             conn.execute("INSERT OR IGNORE INTO account (id, usage)"
                          " SELECT 1, coalesce(sum(size), 0) FROM message")
             self._create_standard_mailboxes(conn)
+            if version < 3:
+                # Clients that show subscribed folders only (Thunderbird's default) must see
+                # the standard folders of a new or migrated account.
+                conn.execute("INSERT OR IGNORE INTO subscription (name) SELECT name FROM mailbox"
+                             " WHERE name = 'INBOX' OR special_use IS NOT NULL")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         if version:
             log.info("index migrated from schema %d to %d", version, SCHEMA_VERSION,

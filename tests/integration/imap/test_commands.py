@@ -377,7 +377,9 @@ async def test_subscribe_unsubscribe_lsub(server: Server, maildb: MailDB) -> Non
         client.logout()
 
     await in_thread(dialog)
-    assert await maildb.subscriptions(ALICE) == ["INBOX"]
+    # New accounts start subscribed to INBOX and the special-use folders.
+    assert await maildb.subscriptions(ALICE) == ["INBOX", "Archive", "Drafts", "Junk", "Sent",
+                                                 "Trash"]
 
 
 async def test_list_patterns_special_use_and_children(server: Server, maildb: MailDB) -> None:
@@ -428,7 +430,8 @@ async def test_list_extended_and_list_status(server: Server, deliver: Deliver,
         raw = server.raw(ALICE)
         subscribed = raw.ok('LIST (SUBSCRIBED) "" "*"').parsed(b"LIST")
         by_name = {entry[-1]: {f.lower() for f in entry[1]} for entry in subscribed}
-        assert set(by_name) == {b"Club/News", b"Gone"}
+        assert set(by_name) == {b"Club/News", b"Gone", b"INBOX", b"Archive", b"Drafts",
+                                b"Junk", b"Sent", b"Trash"}
         assert b"\\subscribed" in by_name[b"Club/News"]
         assert {b"\\subscribed", b"\\nonexistent"} <= by_name[b"Gone"]
 

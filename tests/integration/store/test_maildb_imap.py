@@ -28,6 +28,8 @@ from services.store.mailbox import (
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
+# Subscribed for every new account, in the order `subscriptions` lists them.
+STANDARD_SUBSCRIPTIONS = ["INBOX", "Archive", "Drafts", "Junk", "Sent", "Trash"]
 SEEN, FLAGGED, DELETED, ANSWERED = "\\Seen", "\\Flagged", "\\Deleted", "\\Answered"
 
 
@@ -135,7 +137,9 @@ async def test_delete_removes_messages_and_files_but_not_children(db: MailDB) ->
     assert not doomed & message_files(db)
     assert message_files(db) == await indexed_guids(db)
     assert await db.usage(ALICE) == await total_size(db)
-    assert await db.subscriptions(ALICE) == ["Box"]  # the subscription outlives the mailbox
+    # the subscription outlives the mailbox
+    assert await db.subscriptions(ALICE) == sorted([*STANDARD_SUBSCRIPTIONS, "Box"],
+                                                   key=lambda n: (n != "INBOX", n))
     with pytest.raises(NoSuchMailbox):
         await db.status(ALICE, "Box")
     with pytest.raises(NoSuchMailbox):
@@ -173,7 +177,9 @@ async def test_rename_takes_children_and_keeps_uidvalidity(db: MailDB) -> None:
         status = await db.status(ALICE, new)
         assert (status.uidvalidity, status.uidnext, status.messages) == (
             before[old].uidvalidity, before[old].uidnext, before[old].messages)
-    assert await db.subscriptions(ALICE) == ["Archive/2024/Work/Done", "Workshop"]
+    assert await db.subscriptions(ALICE) == sorted(
+        [*STANDARD_SUBSCRIPTIONS, "Archive/2024/Work/Done", "Workshop"],
+        key=lambda n: (n != "INBOX", n))
 
 
 async def test_rename_keeps_special_use(db: MailDB) -> None:
@@ -234,7 +240,14 @@ async def test_rename_inbox_moves_its_messages(db: MailDB) -> None:
 # Subscriptions
 
 
+async def test_new_accounts_are_subscribed_to_the_standard_folders(db: MailDB) -> None:
+    assert await db.subscriptions(ALICE) == STANDARD_SUBSCRIPTIONS
+    assert all(m.subscribed for m in await db.list_mailboxes(BOB))
+
+
 async def test_subscriptions_are_names(db: MailDB) -> None:
+    for name in STANDARD_SUBSCRIPTIONS:
+        await db.set_subscribed(ALICE, name, False)
     assert await db.subscriptions(ALICE) == []
     await db.set_subscribed(ALICE, "Not/Yet", True)  # a name that does not exist
     await db.set_subscribed(ALICE, "inbox", True)
@@ -250,7 +263,7 @@ async def test_subscriptions_are_names(db: MailDB) -> None:
     await db.delete_mailbox(ALICE, TRASH)
     await db.set_subscribed(ALICE, TRASH, True)
     assert TRASH in await db.subscriptions(ALICE)
-    assert await db.subscriptions(BOB) == []
+    assert await db.subscriptions(BOB) == STANDARD_SUBSCRIPTIONS
 
 
 # APPEND
@@ -681,7 +694,7 @@ async def test_schema_2_index_is_migrated(tmp_path: Path) -> None:
             conn.close()
         # What was there before the upgrade is not \Recent; what comes after is.
         assert await db.claim_recent(ALICE, INBOX) == 3
-        assert await db.subscriptions(ALICE) == []
+        assert await db.subscriptions(ALICE) == STANDARD_SUBSCRIPTIONS
         inbox = await db.status(ALICE)
         assert (inbox.uidvalidity, inbox.uidnext, inbox.messages) == (1_600_000_001, 3, 2)
         assert (await db.changes_since(ALICE, INBOX, 0)).expunged == [7]

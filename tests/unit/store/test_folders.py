@@ -62,7 +62,8 @@ def index_rows(db: MailDB, sql: str) -> list[tuple[object, ...]]:
 
 async def test_new_account_has_the_standard_folders(db: MailDB) -> None:
     mailboxes = await db.list_mailboxes(ALICE)  # never received mail: created on demand
-    assert mailboxes[0] == MailboxInfo(INBOX, None)
+    assert mailboxes[0] == MailboxInfo(INBOX, None, subscribed=True)
+    assert all(m.subscribed for m in mailboxes), "clients showing subscribed folders see them"
     assert {m.name: m.special_use for m in mailboxes[1:]} == SPECIAL_USE
     assert {m.name for m in mailboxes} == set(STANDARD_MAILBOXES)
     statuses = [await db.status(ALICE, name) for name in STANDARD_MAILBOXES]
@@ -113,7 +114,8 @@ async def test_missing_standard_folder_is_recreated_by_delivery(db: MailDB) -> N
         assert await again.deliver([delivery("q2", JUNK)]) == [True]
         status = await again.status(ALICE, JUNK)
         assert status.messages == 1 and status.uidvalidity > old  # a new mailbox
-        assert MailboxInfo(JUNK, "\\Junk") in await again.list_mailboxes(ALICE)
+        found = {(m.name, m.special_use) for m in await again.list_mailboxes(ALICE)}
+        assert (JUNK, "\\Junk") in found
     finally:
         await again.close()
 
