@@ -35,8 +35,9 @@ from services.store.imap.session import (
     Session,
     SessionConfig,
 )
+from services.store.listening import SessionEndingServer
 
-__all__ = ["ImapDeps", "ImapServer", "start_imap_servers"]
+__all__ = ["ImapDeps", "start_imap_servers"]
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,14 @@ LITERAL_CONTINUATION = wire.continuation("Ready for literal data")
 _REDACTED_COMMANDS = (b"LOGIN", b"AUTHENTICATE")
 
 
-async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[ImapServer]:
+async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[SessionEndingServer]:
     """Start IMAP on settings.imap_port and, when a certificate is configured, IMAPS on
     settings.imaps_port. Both count towards one settings.imap_max_connections. The caller
     closes the returned servers."""
     context = server_context(settings)
     sessions: set[asyncio.Task[None]] = set()
     plain = ImapListener(settings, deps, context, sessions, implicit_tls=False)
-    servers = [ImapServer(await asyncio.start_server(plain.serve, settings.bind,
+    servers = [SessionEndingServer(await asyncio.start_server(plain.serve, settings.bind,
                                                      settings.imap_port), plain)]
     log.info("IMAP listening", extra={"event": f"{settings.bind}:{settings.imap_port}"})
     if context is None:
@@ -68,43 +69,9 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[ImapSer
     except BaseException:
         servers[0].close()
         raise
-    servers.append(ImapServer(server, implicit))
+    servers.append(SessionEndingServer(server, implicit))
     log.info("IMAPS listening", extra={"event": f"{settings.bind}:{settings.imaps_port}"})
     return servers
-
-
-class ImapServer(asyncio.AbstractServer):
-    """An asyncio server that also ends its open sessions when closed (Python 3.11's
-    Server.close() leaves accepted connections running): each gets `* BYE` and is closed,
-    so nothing touches the store after it is closed."""
-
-    def __init__(self, server: asyncio.Server, listener: ImapListener) -> None:
-        self._server = server
-        self._listener = listener
-
-    @property
-    def sockets(self) -> tuple[object, ...]:
-        return tuple(self._server.sockets)
-
-    def close(self) -> None:
-        self._server.close()
-        self._listener.cancel_sessions()
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._server.get_loop()
-
-    def is_serving(self) -> bool:
-        return self._server.is_serving()
-
-    async def start_serving(self) -> None:
-        await self._server.start_serving()
-
-    async def serve_forever(self) -> None:
-        await self._server.serve_forever()
-
-    async def wait_closed(self) -> None:
-        await self._server.wait_closed()
-        await self._listener.wait_sessions()
 
 
 class Connection:

@@ -16,6 +16,7 @@ from common.auththrottle import AuthThrottle
 from common.settings import Settings
 from common.tls import server_context
 from services.store.backends.accounts import AccountDB
+from services.store.listening import SessionEndingServer
 from services.store.mailbox import MailStore
 from services.store.pop3 import protocol as p
 from services.store.pop3.locks import MailboxLocks
@@ -49,8 +50,9 @@ async def start_pop3_servers(
     plain = Pop3Listener(settings, mailstore, accounts, locks, context, auth_failure_delay,
                          implicit_tls=False, throttle=throttle)
     servers: list[asyncio.AbstractServer] = [
-        Pop3Server(await asyncio.start_server(plain.serve, settings.bind, settings.pop3_port,
-                                              limit=LINE_LIMIT), plain)
+        SessionEndingServer(await asyncio.start_server(plain.serve, settings.bind,
+                                                       settings.pop3_port, limit=LINE_LIMIT),
+                            plain)
     ]
     log.info("POP3 listening", extra={"event": f"{settings.bind}:{settings.pop3_port}"})
     if context is not None:
@@ -64,48 +66,11 @@ async def start_pop3_servers(
         except BaseException:
             servers[0].close()
             raise
-        servers.append(Pop3Server(server, implicit))
+        servers.append(SessionEndingServer(server, implicit))
         log.info("POP3S listening", extra={"event": f"{settings.bind}:{settings.pop3s_port}"})
     else:
         log.warning("no TLS certificate: POP3S disabled and STLS not offered")
     return servers
-
-
-class Pop3Server(asyncio.AbstractServer):
-    """An asyncio server that also ends its open sessions when closed.
-
-    Python 3.11's Server.close() leaves accepted connections running; on shutdown we
-    disconnect them (without UPDATE, RFC 1939 section 6) so maildrops are unlocked and nothing
-    touches the store after it is closed.
-    """
-
-    def __init__(self, server: asyncio.Server, listener: Pop3Listener) -> None:
-        self._server = server
-        self._listener = listener
-
-    @property
-    def sockets(self) -> tuple[object, ...]:
-        return tuple(self._server.sockets)
-
-    def close(self) -> None:
-        self._server.close()
-        self._listener.cancel_sessions()
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._server.get_loop()
-
-    def is_serving(self) -> bool:
-        return self._server.is_serving()
-
-    async def start_serving(self) -> None:
-        await self._server.start_serving()
-
-    async def serve_forever(self) -> None:
-        await self._server.serve_forever()
-
-    async def wait_closed(self) -> None:
-        await self._server.wait_closed()
-        await self._listener.wait_sessions()
 
 
 async def read_line(reader: asyncio.StreamReader) -> bytes | None:
