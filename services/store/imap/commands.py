@@ -50,7 +50,13 @@ from services.store.imap.protocol.command import (
 )
 from services.store.imap.protocol.grammar import known_charset
 from services.store.imap.protocol.sequence import contains
-from services.store.imap.search import MessageView, StoreMessageSource, search
+from services.store.imap.search import (
+    HEADER_BREAKS,
+    MessageView,
+    StoreMessageSource,
+    read_header,
+    search,
+)
 from services.store.imap.selected import SelectedMailbox, format_uids
 from services.store.imap.sort import BadSortCriteria, sort
 from services.store.imap.thread import BadThreadAlgorithm, format_thread, thread
@@ -542,11 +548,12 @@ async def _render_fetch(s: Session, selected: SelectedMailbox, positions: list[i
     atts = tuple(atts)
     with_flags = atts if any(a.name == "FLAGS" for a in atts) else (*atts, FetchAtt("FLAGS"))
     body = f.needs_body(atts)
+    header_only = f.needs_header_only(atts)
     skipped = False
     out: list[bytes] = []
     size = 0
     for batch in _batches(selected, positions, body):
-        raws = await _read_bodies(s, selected, batch) if body else {}
+        raws = await _read_bodies(s, selected, batch, header_only) if body else {}
         for position in batch:
             info = selected.info(position)
             raw = raws.get(position)
@@ -590,10 +597,11 @@ def _batches(selected: SelectedMailbox, positions: list[int], body: bool
         yield batch
 
 
-async def _read_bodies(s: Session, selected: SelectedMailbox, batch: list[int]
-                       ) -> dict[int, bytes]:
-    """The stored bytes of a batch of messages, read in one worker-thread round trip; a
-    message expunged meanwhile is left out."""
+async def _read_bodies(s: Session, selected: SelectedMailbox, batch: list[int],
+                       header_only: bool) -> dict[int, bytes]:
+    """The stored bytes of a batch of messages (only their header section when that is all
+    the items need), read in one worker-thread round trip; a message expunged meanwhile is
+    left out."""
     user = s.logged_in_user
     wanted = [(p, selected.info(p).guid) for p in batch if not selected.is_gone(p)]
 
@@ -602,7 +610,10 @@ async def _read_bodies(s: Session, selected: SelectedMailbox, batch: list[int]
         for position, guid in wanted:
             try:
                 with s.store.open_message(user, guid) as file:
-                    found[position] = file.read()
+                    data = read_header(file.read) if header_only else b""
+                    if not header_only or not any(sep in data for sep in HEADER_BREAKS):
+                        data += file.read()  # the whole message (or a giant header)
+                    found[position] = data
             except (NoSuchMessage, FileNotFoundError):
                 continue
         return found

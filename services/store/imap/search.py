@@ -377,12 +377,15 @@ class StoreMessageSource:
             with self._maildb.open_message(self._user, guid) as file:
                 if limit is None:
                     return file.read()
-                return _read_header(file.read, limit)
+                return read_header(file.read, limit)
         except NoSuchMessage:
             return b""
 
 
-def _read_header(read: Callable[[int], bytes], limit: int) -> bytes:
+def read_header(read: Callable[[int], bytes], limit: int = MAX_HEADER) -> bytes:
+    """The start of a stored message up to (at least) the blank line after its header, read in
+    8 KiB steps; at most about `limit` octets (FETCH ENVELOPE and header SEARCH keys need no
+    more, and a 25 MB body is never read for them)."""
     data = b""
     while len(data) < limit:
         chunk = read(8192)

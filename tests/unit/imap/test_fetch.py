@@ -195,6 +195,35 @@ def test_needs_body_and_sets_seen(atts: list[FetchAtt], needs: bool, seen: bool)
     assert fetch.sets_seen(atts) is seen
 
 
+@pytest.mark.parametrize(
+    ("atts", "header_only"),
+    [
+        ([FetchAtt("FLAGS"), FetchAtt("UID")], False),  # no message bytes at all
+        ([FetchAtt("UID"), FetchAtt("ENVELOPE"), FetchAtt("RFC822.SIZE")], True),
+        ([FetchAtt("RFC822.HEADER")], True),
+        ([body(Section(text="HEADER.FIELDS", fields=("FROM",)), peek=True)], True),
+        ([body(Section(text="HEADER"), peek=True), FetchAtt("FLAGS")], True),
+        ([FetchAtt("ENVELOPE"), FetchAtt("BODYSTRUCTURE")], False),
+        ([body(Section(text="TEXT"), peek=True)], False),
+        ([body(Section((1,), text="HEADER"), peek=True)], False),  # a part's header
+        ([body(Section(), peek=True)], False),
+    ],
+)
+def test_needs_header_only(atts: list[FetchAtt], header_only: bool) -> None:
+    assert fetch.needs_header_only(atts) is header_only
+
+
+@pytest.mark.parametrize("raw", [FORWARD, INNER_MESSAGE, b"Subject: no body, no blank line"])
+def test_header_items_are_the_same_from_the_header_section_alone(raw: bytes) -> None:
+    atts = [FetchAtt("ENVELOPE"), FetchAtt("RFC822.HEADER"),
+            body(Section(text="HEADER.FIELDS", fields=("SUBJECT", "FROM")), peek=True)]
+    assert fetch.needs_header_only(atts)
+    cut = raw.find(b"\r\n\r\n")
+    header = raw if cut < 0 else raw[:cut + 4] + b"trailing body octets are ignored"
+    info = info_for(raw)
+    assert fetch.render_fetch(1, info, atts, header) == fetch.render_fetch(1, info, atts, raw)
+
+
 # --- parsing at most once ---------------------------------------------------------------------
 
 

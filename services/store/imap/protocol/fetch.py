@@ -18,11 +18,24 @@ _METADATA_ITEMS = frozenset({"FLAGS", "INTERNALDATE", "RFC822.SIZE", "UID", "MOD
 _SEEN_ITEMS = frozenset({"RFC822", "RFC822.TEXT"})
 # Sections of the top-level message that need only its header, not the MIME tree.
 _ROOT_TEXTS = frozenset({"HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT"})
+# Items answered from the top-level header alone (what a mail list view asks for).
+_HEADER_ITEMS = frozenset({"ENVELOPE", "RFC822.HEADER"})
+_HEADER_SECTIONS = frozenset({"HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT"})
 
 
 def needs_body(atts: Sequence[FetchAtt]) -> bool:
     """Whether answering these items needs the stored message bytes."""
     return any(att.name not in _METADATA_ITEMS for att in atts)
+
+
+def needs_header_only(atts: Sequence[FetchAtt]) -> bool:
+    """Whether the message's header section is all these items need: then the session reads
+    the stored file only up to the blank line after the header."""
+    return needs_body(atts) and all(
+        att.name in _METADATA_ITEMS or att.name in _HEADER_ITEMS
+        or (att.name == "BODY[]" and att.section is not None and not att.section.part
+            and att.section.text in _HEADER_SECTIONS)
+        for att in atts)
 
 
 def sets_seen(atts: Sequence[FetchAtt]) -> bool:
@@ -111,7 +124,7 @@ def _item(
     if name == "RFC822.TEXT":
         return b"RFC822.TEXT " + wire.literal(message.section(Section(text="TEXT")))
     if name == "ENVELOPE":
-        return b"ENVELOPE " + mime.envelope(message.root)
+        return b"ENVELOPE " + mime.envelope(message.header)  # the top header is all it needs
     if name == "BODY":
         return b"BODY " + mime.bodystructure(message.root, extended=False)
     if name == "BODYSTRUCTURE":
