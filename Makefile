@@ -10,7 +10,7 @@ SYSTEM  := scripts/install-system.sh
 # Benchmark options: make bench BENCH_ARGS='--quick'
 BENCH_ARGS ?=
 
-.PHONY: install system run test lint typecheck unit bench bench-accounts clean help
+.PHONY: install system run test lint typecheck unit bench bench-accounts bench-imap clean help
 
 help:
 	@echo "make install   venv at $(VENV), Python deps, Debian packages, RabbitMQ + Redis running"
@@ -18,6 +18,7 @@ help:
 	@echo "make test      install, then ruff, mypy and pytest"
 	@echo "make lint      ruff and mypy only"
 	@echo "make bench     SMTP benchmark against tiermail and a loopback Postfix (BENCH_ARGS=...)"
+	@echo "make bench-imap IMAP benchmark against tiermail and a loopback Dovecot (BENCH_ARGS=--quick)"
 	@echo "make clean     remove caches and build output (keeps $(VENV) and the mail in var/)"
 
 install: system $(STAMP)
@@ -47,6 +48,9 @@ test: lint
 
 bench: install
 	$(PYTHON) bench/smtp_bench.py $(BENCH_ARGS)
+
+bench-imap: install
+	$(PYTHON) bench/imap_bench.py $(BENCH_ARGS)
 
 bench-accounts: install
 	$(PYTHON) bench/accounts_bench.py $(BENCH_ARGS)

@@ -483,6 +483,7 @@ class TiermailStack:
         self.redis_prefix = f"tiermail-bench-{self.tag}:"
         self.smtp_port = free_port()
         self.pop3_port = free_port()
+        self.imap_port = free_port()
         self.data_dir = root / "data"
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -491,7 +492,7 @@ class TiermailStack:
             "TIERMAIL_BIND": "127.0.0.1",
             "TIERMAIL_SMTP_PORT": str(self.smtp_port),
             "TIERMAIL_SUBMISSION_PORT": str(free_port()),
-            "TIERMAIL_IMAP_PORT": str(free_port()),
+            "TIERMAIL_IMAP_PORT": str(self.imap_port),
             "TIERMAIL_IMAPS_PORT": str(free_port()),
             "TIERMAIL_POP3_PORT": str(self.pop3_port),
             "TIERMAIL_POP3S_PORT": str(free_port()),

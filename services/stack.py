@@ -40,7 +40,8 @@ def endpoints(settings: Settings) -> list[str]:
     host = settings.bind
     return [
         f"SMTP (filter)    {host}:{settings.smtp_port}  STARTTLS",
-        f"IMAP (store)     {host}:{settings.imap_port}  STARTTLS; IMAPS {host}:{settings.imaps_port}",
+        f"IMAP (store)     {host}:{settings.imap_port}  STARTTLS; "
+        f"IMAPS {host}:{settings.imaps_port}",
         f"POP3 (store)     {host}:{settings.pop3_port}  STLS; POP3S {host}:{settings.pop3s_port}",
         f"RabbitMQ         {settings.amqp_url.rsplit('@', 1)[-1]}",
         f"Redis            {settings.redis_url.rsplit('@', 1)[-1]}",
