@@ -8,7 +8,7 @@ implements it. Errors are protocol-neutral: each protocol maps them to replies i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 INBOX = "INBOX"
 DRAFTS, SENT, JUNK, TRASH, ARCHIVE = "Drafts", "Sent", "Junk", "Trash", "Archive"
@@ -79,8 +79,10 @@ class MailboxInfo:
 HIERARCHY_DELIMITER = "/"
 
 
-@dataclass(frozen=True)
-class MessageInfo:
+class MessageInfo(NamedTuple):
+    """One message's index row. A NamedTuple, not a dataclass: SELECT builds 100,000 of them,
+    and a tuple is built about three times faster than a frozen dataclass."""
+
     uid: int
     guid: str  # globally unique, stable for the life of the message (POP3 UIDL uses it)
     size: int  # octets of the stored message, exactly as delivered

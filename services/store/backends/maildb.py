@@ -75,6 +75,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+from services.store.backends.snapshots import (
+    DEFAULT_CAPACITY,
+    MERGE_LIMIT,
+    MessageListCache,
+    Snapshot,
+    merge,
+)
 from services.store.mailbox import (
     HIERARCHY_DELIMITER,
     INBOX,
@@ -368,7 +375,8 @@ class _UidValidity:
 class MailDB:
     """The `MailStore` implementation. Construct with the mail root (or `for_store`)."""
 
-    def __init__(self, root: Path, *, max_open: int = 256, readers: int = 4) -> None:
+    def __init__(self, root: Path, *, max_open: int = 256, readers: int = 4,
+                 snapshot_messages: int = DEFAULT_CAPACITY) -> None:
         # Absolute: readers open the index by file: URI, and TIERMAIL_DATA_DIR is relative
         # by default (./var).
         self.root = root.absolute()
@@ -386,6 +394,8 @@ class MailDB:
         self._versions: dict[str, int] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, int] = {}
+        # Shared by the reader threads (it has its own lock).
+        self._snapshots = MessageListCache(snapshot_messages)
 
     @classmethod
     def for_store(cls, store_dir: Path, **kwargs: int) -> MailDB:
@@ -1321,18 +1331,47 @@ class MailDB:
                 "SELECT name FROM subscription ORDER BY name != 'INBOX', name")]
 
     def _list_sync(self, user: str, mailbox: str) -> list[MessageInfo] | None:
+        """The mailbox's messages from the snapshot cache brought up to date, or read whole
+        (then cached); the snapshot's state and the changes are read in one transaction."""
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn):
-            row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
+        with contextlib.closing(conn), _read_snapshot(conn):
+            row = conn.execute("SELECT id, uidvalidity, highestmodseq FROM mailbox"
+                               " WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
                 return None
-            rows = conn.execute(
-                "SELECT uid, guid, size, internaldate, flags, modseq FROM message"
-                " WHERE mailbox_id = ? ORDER BY uid", (row[0],),
-            ).fetchall()
-        return _infos(rows)
+            box_id, uidvalidity, modseq = int(row[0]), int(row[1]), int(row[2])
+            cached = self._snapshots.get(user, mailbox, uidvalidity)
+            if cached is not None and cached.modseq == modseq:
+                self._snapshots.hits += 1
+                return list(cached.infos)
+            infos = None
+            if cached is not None:
+                infos = self._merged(conn, box_id, cached)
+            if infos is None:
+                infos = tuple(_infos(conn.execute(
+                    "SELECT uid, guid, size, internaldate, flags, modseq FROM message"
+                    " WHERE mailbox_id = ? ORDER BY uid", (box_id,))))
+        self._snapshots.put(user, mailbox, Snapshot(uidvalidity, modseq, infos))
+        return list(infos)
+
+    def _merged(self, conn: sqlite3.Connection, box_id: int,
+                cached: Snapshot) -> tuple[MessageInfo, ...] | None:
+        """The cached list with what changed since its MODSEQ, or None when so much changed
+        that reading the mailbox again is cheaper."""
+        changed = conn.execute(
+            "SELECT uid, guid, size, internaldate, flags, modseq FROM message"
+            " INDEXED BY message_modseq WHERE mailbox_id = ? AND modseq > ?"
+            " ORDER BY uid LIMIT ?", (box_id, cached.modseq, MERGE_LIMIT + 1)).fetchall()
+        expunged = [uid for (uid,) in conn.execute(
+            "SELECT uid FROM expunged INDEXED BY expunged_modseq"
+            " WHERE mailbox_id = ? AND modseq > ? ORDER BY uid LIMIT ?",
+            (box_id, cached.modseq, MERGE_LIMIT + 1))]
+        if len(changed) + len(expunged) > MERGE_LIMIT:
+            return None
+        self._snapshots.merges += 1
+        return merge(cached.infos, _infos(changed), expunged)
 
     def _uids_sync(self, user: str, mailbox: str) -> list[int] | None:
         conn = self._read_conn(user)

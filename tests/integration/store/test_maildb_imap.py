@@ -722,3 +722,36 @@ async def test_usage_survives_reopening(tmp_path: Path) -> None:
     finally:
         await again.close()
 
+
+
+# The message-list cache
+
+
+async def test_cached_message_lists_follow_every_change(tmp_path: Path) -> None:
+    """A MailDB that keeps listing a mailbox (its cache merging changes) always agrees with a
+    fresh MailDB reading the index, through deliveries, flag changes, expunges and moves."""
+    db = MailDB(tmp_path / "mail")
+    try:
+        async def agrees() -> None:
+            fresh = MailDB(tmp_path / "mail")
+            try:
+                for box in (INBOX, JUNK):
+                    assert await db.list_messages(ALICE, box) == \
+                        await fresh.list_messages(ALICE, box)
+            finally:
+                await fresh.close()
+
+        await append_n(db, 20)
+        await agrees()
+        await db.store_flags(ALICE, INBOX, [2, 5, 9], "+", frozenset({"\\Seen"}))
+        await agrees()
+        await db.expunge(ALICE, INBOX, [1, 5])
+        await agrees()
+        await db.move(ALICE, INBOX, [3, 4], JUNK)
+        await append_n(db, 3)
+        await agrees()
+        await db.delete_mailbox(ALICE, JUNK)
+        await db.create_mailbox(ALICE, JUNK)
+        await agrees()
+    finally:
+        await db.close()
