@@ -75,6 +75,8 @@ from benchlib import (
     wait_for,
 )
 
+from common.passwords import hash_password
+
 DOVECOT = "/usr/sbin/dovecot"
 RESULTS = Path(__file__).resolve().parent / "results"
 SUBJECT_NEEDLE = "kumquat7"  # never produced by the word generator (it has no digits)
@@ -414,7 +416,7 @@ mail_plugins =
 mail_max_userip_connections = 100
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {root}/passwd
+  args = username_format=%u {root}/passwd
 }}
 userdb {{
   driver = static
@@ -454,7 +456,9 @@ class DovecotStack:
                                                  uid=nobody.pw_uid, gid=nobody.pw_gid,
                                                  tag=os.getpid())
                              + "".join(f"{line}\n" for line in self.extra_settings))
-        (self.root / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n")
+        # The same argon2id hash (and cost) tiermail stores, so LOGIN costs both servers the
+        # same password check (Dovecot verifies any argon2id PHC string).
+        (self.root / "passwd").write_text(f"{USER}:{{ARGON2ID}}{hash_password(PASSWORD)}\n")
 
     def start(self, timeout: float = 30) -> None:
         with open(self.root / "dovecot.out", "ab") as out:
