@@ -30,6 +30,7 @@ from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.backends.textindex import TextIndex, TextIndexer
 from services.store.consumer import Consumer, ConsumerStats
+from services.store.imap.cache import FetchCache
 from services.store.imap.server import ImapDeps, start_imap_servers
 from services.store.learning import LearningHook
 from services.store.pop3.server import start_pop3_servers
@@ -103,7 +104,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                                                       throttle=throttle)
         stack.push_async_callback(_close_servers, servers)
         imap = ImapDeps(store=maildb, accounts=accounts, throttle=throttle,
-                        text_index=text_index, indexer=indexer)
+                        text_index=text_index, indexer=indexer, fetch_cache=FetchCache())
         servers += await start_imap_servers(settings, imap)
 
         consumer = Consumer(settings, maildb, accounts, stats)

@@ -159,6 +159,7 @@ CREATE TABLE IF NOT EXISTS account (
 
 _GUID_RE = re.compile(r"^[0-9a-f]{32}$")
 _EMPTY_FLAGS: frozenset[str] = frozenset()
+USER_PATH_MEMO = 10_000  # owners whose directory path is remembered
 MAX_ADDRESS = 254  # RFC 5321 4.5.3.1.3 path limit minus the angle brackets
 
 # Mailbox names live only in the index, never in a path; the limits keep LIST replies and the
@@ -394,6 +395,7 @@ class MailDB:
         self._versions: dict[str, int] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, int] = {}
+        self._user_paths: dict[str, Path] = {}  # any thread; dict operations are atomic
         # Shared by the reader threads (it has its own lock).
         self._snapshots = MessageListCache(snapshot_messages)
 
@@ -404,12 +406,23 @@ class MailDB:
     # Paths
 
     def user_path(self, user: str) -> Path:
-        return user_path(self.root, user)
+        # Memoised: a FETCH of 500 bodies would otherwise validate and hash the address 500
+        # times. Only validated addresses are kept; the memo is dropped when it grows large.
+        path = self._user_paths.get(user)
+        if path is None:
+            path = user_path(self.root, user)
+            if len(self._user_paths) >= USER_PATH_MEMO:
+                self._user_paths.clear()
+            self._user_paths[user] = path
+        return path
 
     def message_path(self, user: str, guid: str) -> Path:
+        return Path(self._message_file(user, guid))
+
+    def _message_file(self, user: str, guid: str) -> str:
         if not _GUID_RE.match(guid):
             raise NoSuchMessage(f"not a message id: {guid!r}")
-        return self.user_path(user) / "m" / guid[:2] / guid
+        return f"{self.user_path(user)}/m/{guid[:2]}/{guid}"
 
     # MailStore: reads
 
@@ -423,7 +436,7 @@ class MailDB:
         return await self._read(self._list_sync, user, canonical_mailbox(mailbox))
 
     def open_message(self, user: str, guid: str) -> BinaryIO:
-        path = self.message_path(user, guid)
+        path = self._message_file(user, guid)
         try:
             return open(path, "rb")  # noqa: SIM115 - the caller closes it
         except FileNotFoundError:

@@ -20,9 +20,10 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from services.store.imap import responses as r
+from services.store.imap.cache import FetchCache
 from services.store.imap.protocol import fetch as f
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import (
@@ -78,7 +79,7 @@ log = logging.getLogger(__name__)
 # response bytes gathered before a write: big enough to amortise, small enough that a FETCH of
 # 100,000 messages neither holds them all in memory nor keeps other sessions waiting.
 READ_BATCH_OCTETS = 4 * 1024 * 1024
-READ_BATCH_MESSAGES = 64
+READ_BATCH_MESSAGES = 256
 WRITE_BATCH_OCTETS = 256 * 1024
 SEEN = "\\Seen"
 DELETED = "\\Deleted"
@@ -546,45 +547,84 @@ async def _render_fetch(s: Session, selected: SelectedMailbox, positions: list[i
                         modseq: bool) -> bool:
     """Write the FETCH responses; True when some message was gone and left out."""
     atts = tuple(atts)
+    if not f.needs_body(atts):
+        await _render_metadata(s, selected, positions, atts, uid=uid, modseq=modseq)
+        return False
     with_flags = atts if any(a.name == "FLAGS" for a in atts) else (*atts, FetchAtt("FLAGS"))
-    body = f.needs_body(atts)
     header_only = f.needs_header_only(atts)
+    cache = s.deps.fetch_cache
+    names = f.cacheable(atts)
+    always_read = not f.needs_only_cacheable(atts)
     skipped = False
-    out: list[bytes] = []
-    size = 0
-    for batch in _batches(selected, positions, body):
-        raws = await _read_bodies(s, selected, batch, header_only) if body else {}
+    out = _Output(s)
+    for batch in _batches(selected, positions):
+        known = {p: cache.get_many(selected.info(p).guid, names) for p in batch}
+        unread = [p for p in batch if always_read or len(known[p]) < len(names)]
+        raws = await _read_bodies(s, selected, unread, header_only) if unread else {}
         for position in batch:
             info = selected.info(position)
             raw = raws.get(position)
-            if body and raw is None:
+            derived = known[position]
+            needs_raw = always_read or len(derived) < len(names)
+            if selected.is_gone(position) or (needs_raw and raw is None):
                 skipped = True
                 continue
+            if raw is not None and len(derived) < len(names):
+                derived.update(_derive(cache, info.guid, names, derived, raw))
             # RFC 3501 6.4.5: when \Seen was just set, the response carries the new FLAGS.
             wanted = with_flags if info.uid in seen_set else atts
             recent = frozenset({"\\Recent"}) if selected.is_recent(position) else frozenset()
-            line = f.render_fetch(position + 1, info, wanted, raw, extra_flags=recent,
-                                  include_uid=uid,
-                                  include_modseq=modseq or (s.enabled.condstore
-                                                            and info.uid in seen_set))
-            out.append(line)
-            size += len(line)
-            if size >= WRITE_BATCH_OCTETS:
-                await s.send(b"".join(out))
-                out, size = [], 0
-                await asyncio.sleep(0)  # let other sessions run between chunks
-    if out:
-        await s.send(b"".join(out))
+            await out.write(f.render_fetch(
+                position + 1, info, wanted, raw, extra_flags=recent, include_uid=uid,
+                include_modseq=modseq or (s.enabled.condstore and info.uid in seen_set),
+                derived=derived))
+    await out.flush()
     return skipped
 
 
-def _batches(selected: SelectedMailbox, positions: list[int], body: bool
-             ) -> Iterable[list[int]]:
-    if not body:
-        step = 4096
-        for start in range(0, len(positions), step):
-            yield positions[start:start + step]
-        return
+def _derive(cache: FetchCache, guid: str, names: tuple[str, ...], known: dict[str, bytes],
+            raw: bytes) -> dict[str, bytes]:
+    """Compute the cacheable items missing from `known` and remember them."""
+    fresh = f.derive([name for name in names if name not in known], raw)
+    for name, value in fresh.items():
+        cache.put(guid, name, value)
+    return fresh
+
+
+async def _render_metadata(s: Session, selected: SelectedMailbox, positions: list[int],
+                           atts: tuple[FetchAtt, ...], *, uid: bool, modseq: bool) -> None:
+    render = f.MetadataRenderer(atts, include_uid=uid, include_modseq=modseq)
+    recent = frozenset({"\\Recent"})
+    no_flags: frozenset[str] = frozenset()
+    step = 4096  # lines rendered between writes, so a huge FETCH never holds all of them
+    for start in range(0, len(positions), step):
+        await _send_batched(s, [
+            render(p + 1, selected.info(p), recent if selected.is_recent(p) else no_flags)
+            for p in positions[start:start + step]])
+
+
+class _Output:
+    """Response lines gathered into writes of about WRITE_BATCH_OCTETS."""
+
+    def __init__(self, s: Session) -> None:
+        self._session = s
+        self._lines: list[bytes] = []
+        self._size = 0
+
+    async def write(self, line: bytes) -> None:
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= WRITE_BATCH_OCTETS:
+            await self.flush()
+            await asyncio.sleep(0)  # let other sessions run between chunks
+
+    async def flush(self) -> None:
+        if self._lines:
+            await self._session.send(b"".join(self._lines))
+            self._lines, self._size = [], 0
+
+
+def _batches(selected: SelectedMailbox, positions: list[int]) -> Iterable[list[int]]:
     batch: list[int] = []
     octets = 0
     for position in positions:
@@ -610,15 +650,19 @@ async def _read_bodies(s: Session, selected: SelectedMailbox, batch: list[int],
         for position, guid in wanted:
             try:
                 with s.store.open_message(user, guid) as file:
-                    data = read_header(file.read) if header_only else b""
-                    if not header_only or not any(sep in data for sep in HEADER_BREAKS):
-                        data += file.read()  # the whole message (or a giant header)
-                    found[position] = data
+                    found[position] = _read_header(file) if header_only else file.read()
             except (NoSuchMessage, FileNotFoundError):
                 continue
         return found
 
     return await asyncio.to_thread(read)
+
+
+def _read_header(file: BinaryIO) -> bytes:
+    data = read_header(file.read)
+    if not any(sep in data for sep in HEADER_BREAKS):
+        data += file.read()  # a giant header: read the whole message
+    return data
 
 
 async def store(s: Session, c: Command) -> r.Reply:

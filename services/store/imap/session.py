@@ -15,7 +15,7 @@ import base64
 import binascii
 import enum
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from common.auththrottle import AuthThrottle
@@ -25,6 +25,7 @@ from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.backends.textindex import TextIndex, TextIndexer
 from services.store.imap import responses as r
+from services.store.imap.cache import FetchCache
 from services.store.imap.commands import COMMANDS, CommandSpec, State
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import Command, ParseError
@@ -62,6 +63,8 @@ class ImapDeps:
     text_index: TextIndex | None = None  # None: SEARCH TEXT/BODY read the messages
     indexer: TextIndexer | None = None  # fed the messages a search found unindexed
     auth_failure_delay: float = AUTH_FAILURE_DELAY
+    # Shared by every session; a default so tests that build ImapDeps get a private one.
+    fetch_cache: FetchCache = field(default_factory=FetchCache)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ and calls `render_fetch` once per message; the message is parsed at most once pe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 
 from services.store.imap.protocol import mime, wire
 from services.store.imap.protocol.command import FetchAtt, Section
@@ -21,6 +22,8 @@ _ROOT_TEXTS = frozenset({"HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT"}
 # Items answered from the top-level header alone (what a mail list view asks for).
 _HEADER_ITEMS = frozenset({"ENVELOPE", "RFC822.HEADER"})
 _HEADER_SECTIONS = frozenset({"HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT"})
+# Items computed by parsing the message, small enough to keep in the session-shared cache.
+CACHEABLE_ITEMS = frozenset({"ENVELOPE", "BODY", "BODYSTRUCTURE"})
 
 
 def needs_body(atts: Sequence[FetchAtt]) -> bool:
@@ -36,6 +39,30 @@ def needs_header_only(atts: Sequence[FetchAtt]) -> bool:
         or (att.name == "BODY[]" and att.section is not None and not att.section.part
             and att.section.text in _HEADER_SECTIONS)
         for att in atts)
+
+
+def cacheable(atts: Sequence[FetchAtt]) -> tuple[str, ...]:
+    """The names of the cacheable items asked for, without duplicates."""
+    return tuple(dict.fromkeys(att.name for att in atts if att.name in CACHEABLE_ITEMS))
+
+
+def needs_only_cacheable(atts: Sequence[FetchAtt]) -> bool:
+    """Whether every item that needs the message is cacheable: with all of them cached, the
+    session need not read the message at all."""
+    return all(att.name in _METADATA_ITEMS or att.name in CACHEABLE_ITEMS for att in atts)
+
+
+def derive(names: Sequence[str], raw: bytes) -> dict[str, bytes]:
+    """The values of cacheable items (e.g. the envelope's parenthesised list) for one message,
+    parsing it at most once."""
+    message = _Message(raw)
+    return {name: _derived(name, message) for name in names}
+
+
+def _derived(name: str, message: _Message) -> bytes:
+    if name == "ENVELOPE":
+        return mime.envelope(message.header)  # the top header is all it needs
+    return mime.bodystructure(message.root, extended=name == "BODYSTRUCTURE")
 
 
 def sets_seen(atts: Sequence[FetchAtt]) -> bool:
@@ -97,6 +124,8 @@ def _partial(data: bytes, partial: tuple[int, int] | None) -> bytes:
 
 def _body_item(att: FetchAtt, message: _Message) -> bytes:
     sect = att.section or Section()
+    if att.partial is None and not sect.part and sect.text is None:
+        return b"BODY[] {%d}\r\n%b" % (len(message.raw), message.raw)  # the whole message
     name = b"BODY[" + section_spec(sect) + b"]"
     if att.partial is not None:
         name += b"<%d>" % att.partial[0]  # RFC 3501 7.4.2: only the origin is echoed
@@ -104,9 +133,15 @@ def _body_item(att: FetchAtt, message: _Message) -> bytes:
 
 
 def _item(
-    att: FetchAtt, info: MessageInfo, message: _Message, extra_flags: frozenset[str]
+    att: FetchAtt,
+    info: MessageInfo,
+    message: _Message,
+    extra_flags: frozenset[str],
+    derived: Mapping[str, bytes],
 ) -> bytes | None:
     name = att.name
+    if name in derived:
+        return name.encode("ascii") + b" " + derived[name]
     if name == "FLAGS":
         return b"FLAGS " + wire.flag_list(info.flags | extra_flags)
     if name == "UID":
@@ -118,17 +153,13 @@ def _item(
     if name == "RFC822.SIZE":
         return b"RFC822.SIZE %d" % info.size
     if name == "RFC822":
-        return b"RFC822 " + wire.literal(message.raw)
+        return b"RFC822 {%d}\r\n%b" % (len(message.raw), message.raw)
     if name == "RFC822.HEADER":
         return b"RFC822.HEADER " + wire.literal(message.section(Section(text="HEADER")))
     if name == "RFC822.TEXT":
         return b"RFC822.TEXT " + wire.literal(message.section(Section(text="TEXT")))
-    if name == "ENVELOPE":
-        return b"ENVELOPE " + mime.envelope(message.header)  # the top header is all it needs
-    if name == "BODY":
-        return b"BODY " + mime.bodystructure(message.root, extended=False)
-    if name == "BODYSTRUCTURE":
-        return b"BODYSTRUCTURE " + mime.bodystructure(message.root, extended=True)
+    if name in CACHEABLE_ITEMS:
+        return name.encode("ascii") + b" " + _derived(name, message)
     if name == "BODY[]":
         return _body_item(att, message)
     return None  # the grammar only produces the items above
@@ -143,26 +174,77 @@ def render_fetch(
     extra_flags: frozenset[str] = frozenset(),
     include_uid: bool = False,
     include_modseq: bool = False,
+    derived: Mapping[str, bytes] | None = None,
 ) -> bytes:
     """The whole `* <seq> FETCH (...)` response line, CRLF included, literals inline.
 
-    `raw` may be None when `needs_body(atts)` is false. `extra_flags` are session flags such as
-    \\Recent. UID (UID FETCH, RFC 3501 6.4.8) and MODSEQ (CONDSTORE, RFC 7162 3.1.4.1) are put
-    first when the session must include them and they were not asked for."""
+    `raw` may be None when `needs_body(atts)` is false, or when `derived` (the values of
+    cacheable items, from `derive` or a cache) holds every item that needs the message.
+    `extra_flags` are session flags such as \\Recent. UID (UID FETCH, RFC 3501 6.4.8) and
+    MODSEQ (CONDSTORE, RFC 7162 3.1.4.1) are put first when the session must include them and
+    they were not asked for."""
     names = {att.name for att in atts}
-    implicit: list[FetchAtt] = []
-    if include_uid and "UID" not in names:
-        implicit.append(FetchAtt("UID"))
-    if include_modseq and "MODSEQ" not in names:
-        implicit.append(FetchAtt("MODSEQ"))
+    implicit = _implicit(names, include_uid=include_uid, include_modseq=include_modseq)
     message = _Message(raw if raw is not None else b"")
     items: list[bytes] = []
     seen: set[FetchAtt] = set()
-    for att in (*implicit, *atts):
+    for att in (*(FetchAtt(name) for name in implicit), *atts):
         if att in seen:
             continue
         seen.add(att)
-        item = _item(att, info, message, extra_flags)
+        item = _item(att, info, message, extra_flags, derived or {})
         if item is not None:
             items.append(item)
     return b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n"
+
+
+def _implicit(names: set[str], *, include_uid: bool, include_modseq: bool) -> list[str]:
+    implicit = []
+    if include_uid and "UID" not in names:
+        implicit.append("UID")
+    if include_modseq and "MODSEQ" not in names:
+        implicit.append("MODSEQ")
+    return implicit
+
+
+# The metadata fast path: each item as a %-format piece and the index of its value in the row
+# that `MetadataRenderer.__call__` builds.
+_METADATA_FORMATS = {
+    "UID": (b"UID %d", 1),
+    "FLAGS": (b"FLAGS %b", 2),
+    "MODSEQ": (b"MODSEQ (%d)", 3),
+    "INTERNALDATE": (b"INTERNALDATE %b", 4),
+    "RFC822.SIZE": (b"RFC822.SIZE %d", 5),
+}
+
+
+class MetadataRenderer:
+    """Renders FETCH lines of metadata-only items (UID FETCH 1:* FLAGS, what a client syncs
+    with) exactly as `render_fetch` does, but with one %-format per message instead of one call
+    per item, and each distinct flag list formatted once."""
+
+    def __init__(self, atts: Sequence[FetchAtt], *, include_uid: bool = False,
+                 include_modseq: bool = False) -> None:
+        names = [att.name for att in atts]
+        order = list(dict.fromkeys([*_implicit(set(names), include_uid=include_uid,
+                                                 include_modseq=include_modseq), *names]))
+        self._template = (b"* %d FETCH (" + b" ".join(_METADATA_FORMATS[n][0] for n in order)
+                          + b")\r\n")
+        self._pick: Callable[[tuple[object, ...]], object] = itemgetter(
+            0, *(_METADATA_FORMATS[n][1] for n in order))
+        self._flags = "FLAGS" in order
+        self._date = "INTERNALDATE" in order
+        self._flag_lists: dict[tuple[frozenset[str], frozenset[str]], bytes] = {}
+
+    def __call__(self, seq: int, info: MessageInfo,
+                 extra_flags: frozenset[str] = frozenset()) -> bytes:
+        flags = self._flag_list(info.flags, extra_flags) if self._flags else b""
+        date = wire.internaldate(info.internaldate) if self._date else b""
+        return self._template % self._pick((seq, info.uid, flags, info.modseq, date, info.size))
+
+    def _flag_list(self, flags: frozenset[str], extra: frozenset[str]) -> bytes:
+        key = (flags, extra)
+        formatted = self._flag_lists.get(key)
+        if formatted is None:
+            formatted = self._flag_lists[key] = wire.flag_list(flags | extra)
+        return formatted
