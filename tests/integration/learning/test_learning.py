@@ -62,6 +62,14 @@ def controller_learn(scanner: Scanner, kind: str, body: bytes,
                       headers={"Password": password} if password else {}, timeout=30)
 
 
+def learned(scanner: Scanner) -> int:
+    """How many messages this rspamd has learned since it started (its /stat counter; the
+    Bayes statistics themselves live on in Redis across runs)."""
+    stat = httpx.get(f"{scanner.controller_url}/stat",
+                     headers={"Password": scanner.controller_password}, timeout=30).json()
+    return int(stat["learned"])
+
+
 def logged(process: TierProcess, text: str) -> Callable[[], bool]:
     return lambda: text in process.output()
 
@@ -70,19 +78,17 @@ async def test_junk_moves_teach_spam_and_ham(learn_settings: Settings, store: St
                                              rspamd_scanner: Scanner,
                                              run_tier: Callable[..., TierProcess]) -> None:
     learner = run_tier(learn_settings, "learner")
-    uid, spam = await store.deliver()
+    before = await asyncio.to_thread(learned, rspamd_scanner)
+    uid, _ = await store.deliver()
     await store.maildb.move(ALICE, INBOX, [uid], JUNK)
     await eventually(logged(learner, "as spam"), within=60, what="the learner to learn spam")
     assert "rspamd learned" in learner.output(), learner.output()
-    # rspamd has it: learning it again is "already learned as spam".
-    again = await asyncio.to_thread(controller_learn, rspamd_scanner, "spam", spam)
-    assert again.status_code == 208 and "already learned as spam" in again.text
+    assert await asyncio.to_thread(learned, rspamd_scanner) == before + 1
 
-    uid, ham = await store.deliver(JUNK)
+    uid, _ = await store.deliver(JUNK)
     await store.maildb.move(ALICE, JUNK, [uid], INBOX)
     await eventually(logged(learner, "as ham"), within=60, what="the learner to learn ham")
-    again = await asyncio.to_thread(controller_learn, rspamd_scanner, "ham", ham)
-    assert again.status_code == 208 and "already learned as ham" in again.text
+    assert await asyncio.to_thread(learned, rspamd_scanner) == before + 2
 
 
 async def test_junk_to_trash_teaches_nothing(learn_settings: Settings, store: Store) -> None:
