@@ -595,12 +595,12 @@ async def _render_metadata(s: Session, selected: SelectedMailbox, positions: lis
                            atts: tuple[FetchAtt, ...], *, uid: bool, modseq: bool) -> None:
     render = f.MetadataRenderer(atts, include_uid=uid, include_modseq=modseq)
     recent = frozenset({"\\Recent"})
-    no_flags: frozenset[str] = frozenset()
     step = 4096  # lines rendered between writes, so a huge FETCH never holds all of them
     for start in range(0, len(positions), step):
-        await _send_batched(s, [
-            render(p + 1, selected.info(p), recent if selected.is_recent(p) else no_flags)
-            for p in positions[start:start + step]])
+        # A few hundred KiB per write: 4096 short lines.
+        await s.send(b"".join(render.lines(positions[start:start + step], selected.infos,
+                                           selected.recent_uids, recent)))
+        await asyncio.sleep(0)  # let other sessions run between chunks
 
 
 class _Output:

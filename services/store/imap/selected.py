@@ -14,7 +14,7 @@ Pure: no I/O. The session feeds `apply(changes)` and writes what `updates()` ret
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import SequenceSet
@@ -76,6 +76,10 @@ class SelectedMailbox:
 
     def is_gone(self, position: int) -> bool:
         return self._uids[position] in self._gone
+
+    @property
+    def recent_uids(self) -> Container[int]:
+        return self._recent
 
     def is_recent(self, position: int) -> bool:
         return self._uids[position] in self._recent

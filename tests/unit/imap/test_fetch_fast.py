@@ -41,6 +41,20 @@ def test_metadata_renderer_matches_render_fetch(names: tuple[str, ...]) -> None:
             assert render(9, info, extra) == expected
 
 
+@pytest.mark.parametrize("names", combinations())
+def test_many_lines_at_once_match_render_fetch(names: tuple[str, ...]) -> None:
+    atts = [FetchAtt(name) for name in names]
+    recent = frozenset({"\\Recent"})
+    infos = INFOS * 3
+    recent_uids = {INFOS[1].uid}
+    render = fetch.MetadataRenderer(atts, include_uid=True)
+    expected = [fetch.render_fetch(p + 1, info, atts, None, include_uid=True,
+                                   extra_flags=recent if info.uid in recent_uids else frozenset())
+                for p, info in enumerate(infos)]
+    assert render.lines(range(len(infos)), infos, recent_uids, recent) == expected
+    assert render.lines([4, 1], infos, recent_uids, recent) == [expected[4], expected[1]]
+
+
 @pytest.mark.parametrize("raw", [RAW, FORWARD])
 def test_derived_items_render_as_computed_ones(raw: bytes) -> None:
     info = INFOS[0]

@@ -6,7 +6,7 @@ and calls `render_fetch` once per message; the message is parsed at most once pe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from operator import itemgetter
 
 from services.store.imap.protocol import mime, wire
@@ -241,6 +241,24 @@ class MetadataRenderer:
         flags = self._flag_list(info.flags, extra_flags) if self._flags else b""
         date = wire.internaldate(info.internaldate) if self._date else b""
         return self._template % self._pick((seq, info.uid, flags, info.modseq, date, info.size))
+
+    def lines(self, positions: Sequence[int], infos: Sequence[MessageInfo],
+              recent_uids: Container[int], recent: frozenset[str]) -> list[bytes]:
+        """The lines for many messages (position p is sequence number p + 1): the loop a
+        100,000-message `UID FETCH 1:* (FLAGS)` spends its time in, kept free of calls."""
+        template, pick, flag_lists = self._template, self._pick, self._flag_lists
+        want_flags, want_date = self._flags, self._date
+        none: frozenset[str] = frozenset()
+        out = []
+        for p in positions:
+            info = infos[p]
+            flags = b""
+            if want_flags:
+                key = (info.flags, recent if info.uid in recent_uids else none)
+                flags = flag_lists.get(key) or self._flag_list(*key)
+            date = wire.internaldate(info.internaldate) if want_date else b""
+            out.append(template % pick((p + 1, info.uid, flags, info.modseq, date, info.size)))
+        return out
 
     def _flag_list(self, flags: frozenset[str], extra: frozenset[str]) -> bytes:
         key = (flags, extra)
