@@ -56,7 +56,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text", tier: str | None = Non
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Library chatter at INFO (every connection) drowns our own lines.
-    for noisy in ("mail.log", "aiormq", "asyncio"):
+    for noisy in ("mail.log", "aiormq", "asyncio", "pika", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
