@@ -190,8 +190,8 @@ async def select(s: Session, c: Command) -> r.Reply:
     version = s.store.version(user)  # first: anything committed later is synced later
     status = await s.store.status(user, args.mailbox)
     messages = await s.store.list_messages(user, args.mailbox)
-    recent_from = status.uidnext if readonly else await s.store.claim_recent(user,
-                                                                             args.mailbox)
+    recent_from = (await _unclaimed_recent(s, args.mailbox, messages, status.uidnext)
+                   if readonly else await s.store.claim_recent(user, args.mailbox))
     selected = SelectedMailbox(status.name, readonly=readonly, status=status,
                                messages=messages, recent_from=recent_from, version=version)
     lines = [
@@ -517,6 +517,14 @@ async def fetch(s: Session, c: Command) -> r.Reply:
     skipped = await _render_fetch(s, selected, positions, args.atts, seen_set,
                                   uid=c.uid, modseq=modseq_asked)
     return r.NO_EXPUNGED.with_code("EXPUNGEISSUED") if skipped else r.OK_DONE
+
+
+async def _unclaimed_recent(s: Session, mailbox: str, messages: list[MessageInfo],
+                            uidnext: int) -> int:
+    """EXAMINE shows \\Recent without claiming it (RFC 3501 6.3.2): the messages no
+    read-write SELECT has claimed are the newest ones, so their count says where they start."""
+    count = await s.store.recent(s.logged_in_user, mailbox)
+    return messages[-count].uid if 0 < count <= len(messages) else uidnext
 
 
 async def _vanished_earlier(s: Session, selected: SelectedMailbox, args: Fetch) -> None:

@@ -233,6 +233,7 @@ async def test_select_and_examine_responses(server: Server, deliver: Deliver,
         first = server.client(ALICE)
         examined = first.select_folder("INBOX", readonly=True)
         assert examined[b"EXISTS"] == 3
+        assert examined[b"RECENT"] == 3  # shown, not claimed
         assert b"READ-ONLY" in examined
         with pytest.raises(IMAPClientError):
             first.add_flags([1], [b"\\Seen"])  # STORE in an EXAMINEd mailbox: NO
@@ -250,6 +251,7 @@ async def test_select_and_examine_responses(server: Server, deliver: Deliver,
         assert all(b"\\Recent" in f for f in flags.values())
 
         second = server.client(ALICE)
+        assert second.select_folder("INBOX", readonly=True)[b"RECENT"] == 0  # claimed now
         assert second.select_folder("INBOX")[b"RECENT"] == 0  # \Recent is one session's
         assert not any(b"\\Recent" in f for f in second.get_flags(second.search()).values())
 
