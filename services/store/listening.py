@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Protocol
+
+CLOSE_TIMEOUT = 5.0  # seconds for a client to take our close before the socket is reset
 
 
 class SessionOwner(Protocol):
@@ -49,3 +52,19 @@ class SessionEndingServer(asyncio.AbstractServer):
     async def wait_closed(self) -> None:
         await self._server.wait_closed()
         await self._listener.wait_sessions()
+
+
+async def close_connection(writer: asyncio.StreamWriter, abort: bool) -> None:
+    """Close a client connection (reset it when `abort`), never waiting more than
+    CLOSE_TIMEOUT for a client that does not take the close (or the TLS close_notify)."""
+    if abort:
+        writer.transport.abort()
+    else:
+        writer.close()
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except (ConnectionError, ssl.SSLError):
+        pass

@@ -69,7 +69,7 @@ import sqlite3
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +82,7 @@ from services.store.backends.snapshots import (
     Snapshot,
     merge,
 )
+from services.store.backends.sqlite import read_snapshot, transaction
 from services.store.mailbox import (
     HIERARCHY_DELIMITER,
     INBOX,
@@ -732,7 +733,7 @@ class MailDB:
         Each step checks what is there rather than trusting user_version alone, so an index
         left half-initialised by a crash of older code is repaired too.
         """
-        with _transaction(conn):
+        with transaction(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StorageError(f"index of {user} has schema {version}, newer than this "
@@ -842,7 +843,7 @@ class MailDB:
     def _create_sync(self, events: list[ChangeEvent], user: str, name: str,
                      special_use: str | None) -> None:
         conn = self._conn(user)
-        with _transaction(conn):
+        with transaction(conn):
             if self._exists(conn, name):
                 raise MailboxExists(name)
             missing = [(parent, None) for parent in _parents(name)
@@ -855,7 +856,7 @@ class MailDB:
             raise CannotDelete("INBOX cannot be deleted")
         conn = self._conn(user)
         self._journal([user])
-        with _transaction(conn):
+        with transaction(conn):
             box = self._box(conn, name)
             rows = conn.execute("SELECT guid, size FROM message WHERE mailbox_id = ?",
                                 (box.id,)).fetchall()
@@ -876,7 +877,7 @@ class MailDB:
             raise MailboxExists(new)
         if new.startswith(prefix):
             raise InvalidMailboxName(f"cannot rename {old!r} into itself")
-        with _transaction(conn):
+        with transaction(conn):
             box = self._box(conn, old)
             renames = [(box.id, old, new)]
             for box_id, name in conn.execute(
@@ -905,7 +906,7 @@ class MailDB:
                       new: str) -> None:
         """RFC 3501 6.3.5: INBOX's messages move to a new mailbox `new` (new UIDVALIDITY, new
         UIDs); INBOX stays, empty, and its children are not renamed."""
-        with _transaction(conn):
+        with transaction(conn):
             if self._exists(conn, new):
                 raise MailboxExists(new)
             missing = [(parent, None) for parent in _parents(new)
@@ -923,7 +924,7 @@ class MailDB:
     def _subscribe_sync(self, events: list[ChangeEvent], user: str, name: str,
                         subscribed: bool) -> None:
         conn = self._conn(user)
-        with _transaction(conn):
+        with transaction(conn):
             if subscribed:
                 cursor = conn.execute("INSERT OR IGNORE INTO subscription (name) VALUES (?)",
                                       (name,))
@@ -940,7 +941,7 @@ class MailDB:
             raise NoSuchMailbox(mailbox)
         if int(row[1]) >= int(row[2]):  # nothing new: no write, no fsync
             return int(row[1])
-        with _transaction(conn):
+        with transaction(conn):
             [(first,)] = conn.execute("SELECT recent_uid FROM mailbox WHERE id = ?",
                                       (row[0],)).fetchall()
             conn.execute("UPDATE mailbox SET recent_uid = uidnext WHERE id = ?", (row[0],))
@@ -985,7 +986,7 @@ class MailDB:
         committed: dict[str, list[str]] = defaultdict(list)  # mailbox name -> guids
         try:
             written = self._write_messages(base, [(guid, d.body) for _, d, guid in todo])
-            with _transaction(conn):
+            with transaction(conn):
                 # Keyed by id: two names may lead to one mailbox (Junk found by its attribute).
                 box_ids: dict[str, int] = {}
                 mailboxes: dict[int, list[int]] = {}  # id -> [id, uidnext, modseq]
@@ -1069,7 +1070,7 @@ class MailDB:
         guid = uuid.uuid4().hex
         written = self._write_messages(self.user_path(user), [(guid, body)])
         try:
-            with _transaction(conn):
+            with transaction(conn):
                 box = self._box(conn, mailbox)
                 _check_quota(conn, len(body), quota)
                 modseq = box.modseq + 1
@@ -1093,7 +1094,7 @@ class MailDB:
         if conn is None:
             raise NoSuchMailbox(mailbox)
         self._journal([user])
-        with _transaction(conn):
+        with transaction(conn):
             box = self._box(conn, mailbox)
             rows = _rows_for_uids(conn, box.id, uids, "guid, size")
             if not rows:
@@ -1117,7 +1118,7 @@ class MailDB:
                           uids: list[int], mode: str, flags: frozenset[str],
                           unchangedsince: int | None) -> FlagsResult:
         conn = self._conn(user)
-        with _transaction(conn):
+        with transaction(conn):
             box = self._box(conn, mailbox)
             modseq = box.modseq + 1
             span = _covered_span(conn, box.id, uids)
@@ -1141,7 +1142,7 @@ class MailDB:
         self._journal([user])
         linked: list[Path] = []
         try:
-            with _transaction(conn):
+            with transaction(conn):
                 src, dst = self._box(conn, source), self._box(conn, dest)
                 rows = _rows_for_uids(conn, src.id, uids, "guid, size, internaldate, flags")
                 if not rows:
@@ -1191,7 +1192,7 @@ class MailDB:
     def _move_sync(self, events: list[ChangeEvent], user: str, source: str, uids: list[int],
                    dest: str) -> CopyResult:
         conn = self._conn(user)
-        with _transaction(conn):
+        with transaction(conn):
             src, dst = self._box(conn, source), self._box(conn, dest)
             rows = [(int(uid), str(guid)) for uid, guid in
                     _rows_for_uids(conn, src.id, uids, "guid")]
@@ -1321,7 +1322,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), _read_snapshot(conn):
+        with contextlib.closing(conn), read_snapshot(conn):
             return _status(conn, mailbox)
 
     def _mailboxes_sync(self, user: str, _mailbox: str) -> list[MailboxInfo] | None:
@@ -1349,7 +1350,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), _read_snapshot(conn):
+        with contextlib.closing(conn), read_snapshot(conn):
             row = conn.execute("SELECT id, uidvalidity, highestmodseq FROM mailbox"
                                " WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
@@ -1401,7 +1402,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), _read_snapshot(conn):
+        with contextlib.closing(conn), read_snapshot(conn):
             status = _status(conn, mailbox)
             if status is None:
                 return None
@@ -1424,7 +1425,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), _read_snapshot(conn):
+        with contextlib.closing(conn), read_snapshot(conn):
             row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
                 return None
@@ -1448,7 +1449,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), _read_snapshot(conn):
+        with contextlib.closing(conn), read_snapshot(conn):
             row = conn.execute("SELECT id, recent_uid FROM mailbox WHERE name = ?",
                                (mailbox,)).fetchone()
             if row is None:
@@ -1462,7 +1463,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), _read_snapshot(conn):
+        with contextlib.closing(conn), read_snapshot(conn):
             row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
                 return None
@@ -1689,26 +1690,3 @@ def _known_queue_ids(conn: sqlite3.Connection, queue_ids: list[str]) -> set[str]
         known.update(row[0] for row in conn.execute(
             f"SELECT queue_id FROM delivered WHERE queue_id IN ({marks})", chunk))
     return known
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-@contextlib.contextmanager
-def _read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
-    """One read transaction, so a status's counters and its message count agree."""
-    conn.execute("BEGIN")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("COMMIT")

@@ -33,13 +33,14 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from services.store.backends.maildb import MailDB, user_path
+from services.store.backends.sqlite import read_snapshot, transaction
 from services.store.imap.protocol.mime import (
     Part,
     decode_words,
@@ -129,7 +130,7 @@ class TextIndex:
         if conn is None or not docs:
             return 0
         added = 0
-        with _transaction(conn):
+        with transaction(conn):
             for guid, text in docs:
                 cursor = conn.execute("INSERT OR IGNORE INTO doc (guid) VALUES (?)", (guid,))
                 if cursor.rowcount:
@@ -146,7 +147,7 @@ class TextIndex:
         wanted = list(guids)
         if conn is None or not wanted:
             return False
-        with _transaction(conn):
+        with transaction(conn):
             removed = 0
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start:start + 500]
@@ -190,7 +191,7 @@ class TextIndex:
         conn = self._reader(user)
         if conn is None:
             return (set() if len(needle) >= MIN_NEEDLE else None), frozenset()
-        with contextlib.closing(conn), _read_snapshot(conn):
+        with contextlib.closing(conn), read_snapshot(conn):
             hits = _match(conn, needle, field) if len(needle) >= MIN_NEEDLE else None
             return hits, self._indexed(conn, user)
 
@@ -258,7 +259,7 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=OFF")  # derived data, rebuilt if lost
         if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-            with _transaction(conn):
+            with transaction(conn):
                 for statement in ("DROP TABLE IF EXISTS text", "DROP TABLE IF EXISTS doc",
                                   "DROP TABLE IF EXISTS meta"):
                     conn.execute(statement)
@@ -288,28 +289,6 @@ def _generation(conn: sqlite3.Connection) -> int:
 def _bump_generation(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO meta (key, value) VALUES ('generation', 1) ON CONFLICT(key)"
                  " DO UPDATE SET value = value + 1")
-
-
-@contextlib.contextmanager
-def _read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("COMMIT")
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 # The background indexer

@@ -35,7 +35,7 @@ from services.store.imap.session import (
     Session,
     SessionConfig,
 )
-from services.store.listening import SessionEndingServer
+from services.store.listening import SessionEndingServer, close_connection
 
 __all__ = ["ImapDeps", "start_imap_servers"]
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024  # octets asked of the socket per read
 TLS_HANDSHAKE_TIMEOUT = 30.0
-CLOSE_TIMEOUT = 5.0
 LITERAL_CONTINUATION = wire.continuation("Ready for literal data")
 _REDACTED_COMMANDS = (b"LOGIN", b"AUTHENTICATE")
 
@@ -180,7 +179,7 @@ class ImapListener:
             log.warning("too many connections, refusing %s", connection.peer,
                         extra={"peer": connection.peer, "event": "imap-refused"})
             writer.write(r.BYE_TOO_MANY_CONNECTIONS.untagged())
-            await self._close(writer, abort=False)
+            await close_connection(writer, abort=False)
             return
         self._sessions.add(task)
         self._own.add(task)
@@ -218,7 +217,7 @@ class ImapListener:
             abort = True
             log.exception("connection failed", extra=session.log_context)
         finally:
-            await self._close(connection.writer, abort)
+            await close_connection(connection.writer, abort)
             log.info("disconnected", extra=session.log_context)
 
     async def _converse(self, session: Session, connection: Connection) -> None:
@@ -246,18 +245,6 @@ class ImapListener:
             # keep this loop busy without ever awaiting I/O.
             await asyncio.sleep(0)
 
-    async def _close(self, writer: asyncio.StreamWriter, abort: bool) -> None:
-        if abort:
-            writer.transport.abort()
-        else:
-            writer.close()
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await writer.wait_closed()
-        except TimeoutError:
-            writer.transport.abort()
-        except (ConnectionError, ssl.SSLError):
-            pass
 
 
 def _loggable(line: bytes) -> str:

@@ -16,7 +16,7 @@ from common.auththrottle import AuthThrottle
 from common.settings import Settings
 from common.tls import server_context
 from services.store.backends.accounts import AccountDB
-from services.store.listening import SessionEndingServer
+from services.store.listening import SessionEndingServer, close_connection
 from services.store.mailbox import MailStore
 from services.store.pop3 import protocol as p
 from services.store.pop3.locks import MailboxLocks
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 # longer lines are discarded as they arrive and answered with -ERR.
 LINE_LIMIT = p.MAX_SASL_LINE
 TLS_HANDSHAKE_TIMEOUT = 30.0
-CLOSE_TIMEOUT = 5.0
 
 
 async def start_pop3_servers(
@@ -163,7 +162,7 @@ class Pop3Listener:
             log.exception("connection failed", extra=session.log_context)
         finally:
             await session.close()
-            await self._close(writer, aborted)
+            await close_connection(writer, aborted)
             log.info("disconnected", extra=session.log_context)
 
     async def _converse(self, session: Session, reader: asyncio.StreamReader,
@@ -230,15 +229,3 @@ class Pop3Listener:
         async with asyncio.timeout(self._timeout):
             await writer.drain()
 
-    async def _close(self, writer: asyncio.StreamWriter, abort: bool) -> None:
-        if abort:
-            writer.transport.abort()
-        else:
-            writer.close()
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await writer.wait_closed()
-        except TimeoutError:
-            writer.transport.abort()
-        except (ConnectionError, ssl.SSLError):
-            pass
