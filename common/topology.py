@@ -68,6 +68,12 @@ class Topology:
     def quarantine_queue(self) -> str:
         return f"{self.prefix}.quarantine"
 
+    @property
+    def learn_queue(self) -> str:
+        """Spam-learning jobs: declared by dramatiq (its own classic queue and `.DQ`/`.XQ`
+        companions, services/store/learning.py), not by `declare` below."""
+        return f"{self.prefix}.learn"
+
     def deliver_queue_arguments(self) -> dict[str, Any]:
         return self._work_queue_arguments(self.delivery_limit)
 

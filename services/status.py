@@ -49,7 +49,8 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
     status["reachable"] = True
     try:
         queues = (("deliver", topology.deliver_queue), ("scan", topology.scan_queue),
-                  ("quarantine", topology.quarantine_queue), ("dead", topology.dead_queue))
+                  ("quarantine", topology.quarantine_queue), ("dead", topology.dead_queue),
+                  ("learn", topology.learn_queue))
         for key, queue in queues:
             channel = await connection.channel()
             try:
@@ -88,7 +89,7 @@ def format_status(report: dict[str, Any]) -> str:
     lines += [f"  ! {problem}" for problem in report["problems"]]
     broker = report["broker"]
     lines.append(f"broker: {'up' if broker['reachable'] else 'DOWN ' + broker.get('error', '')}")
-    for key in ("deliver", "scan", "quarantine", "dead"):
+    for key in ("deliver", "scan", "quarantine", "dead", "learn"):
         queue = broker.get(key)
         if queue is None:
             continue

@@ -37,13 +37,16 @@ import enum
 import logging
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import dramatiq
 import httpx
+import redis.asyncio as aioredis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+from common.health import Heartbeat
 from common.settings import Settings
 from services.store.mailbox import (
     HIERARCHY_DELIMITER,
@@ -70,7 +73,7 @@ WORKER_THREADS = 2
 
 
 def learn_queue(settings: Settings) -> str:
-    return f"{settings.queue_prefix}.learn"
+    return settings.topology.learn_queue
 
 
 # Which moves teach what (pure; tests/unit/store/test_learning.py).
@@ -161,6 +164,17 @@ class Learning:
             max_retries=MAX_RETRIES, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS,
             time_limit=TIME_LIMIT_MS)
         self.actor = declare(self._learn)
+        self._counts: Counter[str] = Counter()
+        self._counts_lock = threading.Lock()
+
+    def stats(self) -> dict[str, int]:
+        """Outcomes of the learn jobs this process ran, for its heartbeat."""
+        with self._counts_lock:
+            return dict(self._counts)
+
+    def _count(self, outcome: str) -> None:
+        with self._counts_lock:
+            self._counts[outcome] += 1
 
     def send(self, kind: str, user: str, guid: str, message: bytes) -> None:
         """Enqueue one learn job (blocking: a publish with a broker confirm)."""
@@ -183,7 +197,12 @@ class Learning:
         except (binascii.Error, ValueError):
             log.error("learn job with undecodable message dropped", extra=context)
             return
-        result, detail = self._controller.learn(kind, message)
+        try:
+            result, detail = self._controller.learn(kind, message)
+        except LearnError:
+            self._count("learn_retries")
+            raise
+        self._count(f"{kind}_{result.name.lower()}")
         level = logging.WARNING if result is LearnOutcome.REFUSED else logging.INFO
         log.log(level, "rspamd %s %s as %s (%d octets) %s", result.value, guid, kind,
                 len(message), detail, extra=context)
@@ -286,6 +305,17 @@ class LearningHook:
         return None if len(data) > MAX_LEARN_SIZE else data
 
 
+async def _report_until(stop: threading.Event, settings: Settings,
+                        stats: Callable[[], dict[str, int]]) -> None:
+    """A heartbeat in Redis (what `tiermail status` lists) until `stop` is set."""
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        async with Heartbeat(redis, settings.redis_prefix, "learner", stats):
+            await asyncio.to_thread(stop.wait)
+    finally:
+        await redis.aclose()
+
+
 def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
     """`tiermail learner`: consume learn jobs until SIGTERM/SIGINT (or `stop` is set)."""
     stop = stop or threading.Event()
@@ -302,7 +332,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
     log.info("learner running: queue %s, rspamd controller %s", learning.queue_name,
              settings.rspamd_controller_url, extra={"event": "started"})
     try:
-        stop.wait()
+        asyncio.run(_report_until(stop, settings, learning.stats))
     finally:
         log.info("learner stopping", extra={"event": "stopping"})
         worker.stop(timeout=30_000)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
+from common.health import read_heartbeats
 from common.ids import new_queue_id
 from common.settings import Settings
 from services.devscanners.runner import Scanner
@@ -89,6 +91,18 @@ async def test_junk_moves_teach_spam_and_ham(learn_settings: Settings, store: St
     await store.maildb.move(ALICE, JUNK, [uid], INBOX)
     await eventually(logged(learner, "as ham"), within=60, what="the learner to learn ham")
     assert await asyncio.to_thread(learned, rspamd_scanner) == before + 2
+
+    # `tiermail status` sees the learner and what it did (its heartbeat in Redis).
+    async def learner_reports_both() -> bool:
+        client = aioredis.from_url(learn_settings.redis_url)
+        try:
+            beats = await read_heartbeats(client, learn_settings.redis_prefix)
+        finally:
+            await client.aclose()
+        return any(beat["tier"] == "learner" and beat.get("spam_learned") == 1
+                   and beat.get("ham_learned") == 1 for beat in beats)
+
+    await eventually(learner_reports_both, within=30, what="the learner's heartbeat")
 
 
 async def test_junk_to_trash_teaches_nothing(learn_settings: Settings, store: Store) -> None:
