@@ -77,6 +77,28 @@ install_packages() {
     apt-get update -q
     say "apt-get install ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    stop_system_services "${missing[@]}"
+}
+
+# On a machine with systemd, apt starts the packages' own services. tiermail runs its own
+# scanner instances from deploy/scanners/ (a system rspamd on 11333 would be taken for ours,
+# with the wrong configuration) and Dovecot is only the benchmark's reference: a system
+# Dovecot would be an IMAP server nobody asked for on 143/993. Only services of packages
+# installed just now are stopped and disabled; an administrator's own setup is left alone.
+stop_system_services() {
+    [ -d /run/systemd/system ] || return 0
+    local pkg unit
+    for pkg in "$@"; do
+        case "$pkg" in
+            rspamd) unit=rspamd ;;
+            clamav-daemon) unit=clamav-daemon ;;
+            spamd) unit=spamd ;;
+            dovecot-imapd) unit=dovecot ;;
+            *) continue ;;
+        esac
+        say "stopping and disabling the system service $unit (tiermail runs its own)"
+        systemctl disable --now "$unit.service" >/dev/null 2>&1 || true
+    done
 }
 
 ensure_redis() {
