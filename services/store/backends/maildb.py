@@ -1036,27 +1036,13 @@ class MailDB:
         return results
 
     def _write_messages(self, base: Path, bodies: list[tuple[str, bytes]]) -> list[Path]:
-        """Write each (guid, body) to tmp/, fsync, rename into m/xx/, fsync the directories.
-        On failure nothing written stays."""
-        written: list[Path] = []
-        try:
-            dirs: set[Path] = set()
-            for guid, body in bodies:
-                final_dir = base / "m" / guid[:2]
-                if not final_dir.is_dir():
-                    _makedirs_durable(final_dir)
-                tmp = base / "tmp" / guid
+        """Write each (guid, body) to tmp/, fsync it and rename it into m/xx/."""
+        def write(body: bytes) -> Callable[[Path, Path], None]:
+            def make(final: Path, tmp: Path) -> None:
                 _write_file(tmp, body)
-                final = final_dir / guid
                 os.rename(tmp, final)
-                written.append(final)
-                dirs.add(final_dir)
-            for directory in dirs:
-                _fsync_dir(directory)
-        except BaseException:
-            _unlink_all(written)
-            raise
-        return written
+            return make
+        return _place_files(base, [(guid, write(body)) for guid, body in bodies])
 
     def _append_sync(self, events: list[ChangeEvent], user: str, mailbox: str, body: bytes,
                      flags: frozenset[str], internaldate: float,
@@ -1169,25 +1155,11 @@ class MailDB:
         return CopyResult(dst.uidvalidity, [int(row[0]) for row in rows], dest_uids)
 
     def _link_messages(self, base: Path, pairs: list[tuple[str, str]]) -> list[Path]:
-        """For each (source guid, new guid), a new name for the source's file; fsync the
-        directories. A file system refusing the link gets a durable byte copy instead."""
-        created: list[Path] = []
-        try:
-            dirs: set[Path] = set()
-            for source, guid in pairs:
-                final_dir = base / "m" / guid[:2]
-                if not final_dir.is_dir():
-                    _makedirs_durable(final_dir)
-                final = final_dir / guid
-                _link_or_copy(base / "m" / source[:2] / source, final, base / "tmp" / guid)
-                created.append(final)
-                dirs.add(final_dir)
-            for directory in dirs:
-                _fsync_dir(directory)
-        except BaseException:
-            _unlink_all(created)
-            raise
-        return created
+        """For each (source guid, new guid), a new name for the source's file. A file system
+        refusing the link gets a durable byte copy instead."""
+        def link(source: str) -> Callable[[Path, Path], None]:
+            return functools.partial(_link_or_copy, base / "m" / source[:2] / source)
+        return _place_files(base, [(guid, link(source)) for source, guid in pairs])
 
     def _move_sync(self, events: list[ChangeEvent], user: str, source: str, uids: list[int],
                    dest: str) -> CopyResult:
@@ -1638,6 +1610,30 @@ def _add_usage(conn: sqlite3.Connection, octets: int) -> None:
 def _check_quota(conn: sqlite3.Connection, adding: int, quota: int | None) -> None:
     if quota is not None and _usage(conn) + adding > quota:
         raise OverQuota(f"{adding} more octets would exceed the quota of {quota}")
+
+
+def _place_files(base: Path, makers: list[tuple[str, Callable[[Path, Path], None]]]
+                 ) -> list[Path]:
+    """Create m/xx/<guid> for each (guid, make) by calling make(final path, tmp path), then
+    fsync every directory touched, so the files are durable before the index names them. On
+    failure nothing created stays."""
+    created: list[Path] = []
+    try:
+        dirs: set[Path] = set()
+        for guid, make in makers:
+            final_dir = base / "m" / guid[:2]
+            if not final_dir.is_dir():
+                _makedirs_durable(final_dir)
+            final = final_dir / guid
+            make(final, base / "tmp" / guid)
+            created.append(final)
+            dirs.add(final_dir)
+        for directory in dirs:
+            _fsync_dir(directory)
+    except BaseException:
+        _unlink_all(created)
+        raise
+    return created
 
 
 def _write_file(path: Path, data: bytes) -> None:

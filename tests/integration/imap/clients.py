@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from argon2 import PasswordHasher
 from imapclient import IMAPClient
 from imapclient.response_parser import parse_response
 
@@ -29,15 +28,6 @@ TIMEOUT = 10.0  # every socket read is bounded: a missing reply fails instead of
 
 TAGGED = re.compile(rb"^(?P<tag>[A-Za-z0-9.]+) (?P<status>OK|NO|BAD)\b ?(?P<text>.*)$", re.S)
 LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n$")
-
-
-def cheap_password_hashes() -> dict[str, str]:
-    """The test users' argon2id hashes with the smallest parameters. The parameters travel
-    inside each hash, so the server's unchanged verification takes about a millisecond instead
-    of a quarter second: these suites log in a few hundred times. Test modules use it to
-    override the conftest's `password_hashes` fixture."""
-    hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    return {address: hasher.hash(password) for address, password in USERS.items()}
 
 
 def unverified() -> ssl.SSLContext:

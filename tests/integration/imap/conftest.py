@@ -29,17 +29,16 @@ import redis.asyncio as aioredis
 
 from common.auththrottle import AuthThrottle
 from common.ids import new_queue_id
-from common.passwords import hash_password
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.imap.server import ImapDeps, start_imap_servers
 from services.store.mailbox import INBOX, Delivery
 from tests.conftest import TEST_REDIS_DB
-from tests.support import free_port
+from tests.support import TEST_USERS, account_db, cheap_password_hashes, free_port
 
 ALICE, BOB = "alice@example.test", "bob@example.test"
-USERS = {ALICE: "alice secret", BOB: "bob-pw"}
+USERS = TEST_USERS
 TEST_AUTH_DELAY = 0.05  # seconds after a failed login (production: 1 s)
 
 
@@ -70,17 +69,14 @@ def settings(tmp_path: Path, tls_files: tuple[Path, Path], redis_client: redis.R
 
 @pytest.fixture(scope="session")
 def password_hashes() -> dict[str, str]:
-    return {address: hash_password(password) for address, password in USERS.items()}
+    return cheap_password_hashes()
 
 
 @pytest.fixture
 def imap_users(tmp_path: Path, password_hashes: dict[str, str]) -> Iterator[AccountDB]:
     """The account database with alice@example.test ("alice secret") and bob@example.test
     ("bob-pw")."""
-    db = AccountDB(tmp_path / "accounts.sqlite")
-    db.add_domain("example.test")
-    for address, password_hash in password_hashes.items():
-        db.add_user(address, password_hash)
+    db = account_db(tmp_path / "accounts.sqlite", password_hashes)
     yield db
     db.close()
 

@@ -19,7 +19,6 @@ from common.settings import Settings
 from services.store.backends.maildb import MailDB
 from tests.integration.imap.clients import (
     Server,
-    cheap_password_hashes,
     in_thread,
     message,
     unverified,
@@ -27,11 +26,6 @@ from tests.integration.imap.clients import (
 from tests.integration.imap.conftest import ALICE, BOB, USERS, Deliver, ImapStack, StartImap
 
 SMALL_LITERAL = 4096
-
-
-@pytest.fixture(scope="module")
-def password_hashes() -> dict[str, str]:
-    return cheap_password_hashes()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from imapclient.exceptions import IMAPClientError
 from services.store.backends.maildb import MailDB
 from tests.integration.imap.clients import (
     Server,
-    cheap_password_hashes,
     in_thread,
     message,
     unverified,
@@ -70,11 +69,6 @@ NESTED = (
     b"--outer--\r\n"
 )
 NESTED_HEADER = NESTED[:NESTED.index(b"\r\n\r\n") + 4]
-
-
-@pytest.fixture(scope="module")
-def password_hashes() -> dict[str, str]:
-    return cheap_password_hashes()
 
 
 @pytest.fixture

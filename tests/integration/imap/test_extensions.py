@@ -16,18 +16,12 @@ from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from tests.integration.imap.clients import (
     Server,
-    cheap_password_hashes,
     collect_idle,
     in_thread,
     message,
     numbers,
 )
 from tests.integration.imap.conftest import ALICE, Deliver, ImapStack
-
-
-@pytest.fixture(scope="module")
-def password_hashes() -> dict[str, str]:
-    return cheap_password_hashes()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from services.store.backends.maildb import MailDB
-from tests.integration.imap.clients import cheap_password_hashes, message, message_id_of
+from tests.integration.imap.clients import message, message_id_of
 from tests.integration.imap.conftest import ALICE, USERS, Deliver, ImapStack
 
 MBSYNC = shutil.which("mbsync") or "/usr/bin/mbsync"
@@ -38,11 +38,6 @@ def _mbsync_installed() -> None:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def password_hashes() -> dict[str, str]:
-    return cheap_password_hashes()
 
 
 @dataclass(frozen=True)

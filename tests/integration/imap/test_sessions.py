@@ -6,13 +6,8 @@ from __future__ import annotations
 import pytest
 
 from services.store.backends.maildb import MailDB
-from tests.integration.imap.clients import Raw, Server, cheap_password_hashes, in_thread, message
+from tests.integration.imap.clients import Raw, Server, in_thread, message
 from tests.integration.imap.conftest import ALICE, BOB, Deliver, ImapStack
-
-
-@pytest.fixture(scope="module")
-def password_hashes() -> dict[str, str]:
-    return cheap_password_hashes()
 
 
 @pytest.fixture

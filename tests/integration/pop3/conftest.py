@@ -19,10 +19,10 @@ from services.store.backends.maildb import MailDB
 from services.store.mailbox import Delivery, MailStore
 from services.store.pop3.locks import MailboxLocks
 from services.store.pop3.server import start_pop3_servers
-from tests.support import free_port
+from tests.support import TEST_USERS, account_db, free_port
 from tests.unit.pop3.fakes import FakeMailStore
 
-USERS = {"alice@example.test": "alice secret", "bob@example.test": "bob-pw"}
+USERS = TEST_USERS
 ALICE, BOB = "alice@example.test", "bob@example.test"
 TEST_AUTH_DELAY = 0.05
 
@@ -50,10 +50,7 @@ def password_hashes() -> dict[str, str]:
 
 @pytest.fixture
 def accounts(tmp_path: Path, password_hashes: dict[str, str]) -> Iterator[AccountDB]:
-    db = AccountDB(tmp_path / "accounts.sqlite")
-    db.add_domain("example.test")
-    for address, password_hash in password_hashes.items():
-        db.add_user(address, password_hash)
+    db = account_db(tmp_path / "accounts.sqlite", password_hashes)
     yield db
     db.close()
 
