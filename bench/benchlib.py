@@ -12,6 +12,7 @@ import email.utils
 import os
 import poplib
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -98,6 +99,7 @@ class LoadResult:
     messages: int
     smtp_seconds: float  # smtp-source wall time: every message answered 250
     e2e_seconds: float  # from the first connection until the last message is in the mailbox
+    cpu: CpuReport | None = None  # where the CPU went during the run, when measured
 
     @property
     def smtp_rate(self) -> float:
@@ -106,6 +108,106 @@ class LoadResult:
     @property
     def e2e_rate(self) -> float:
         return self.messages / self.e2e_seconds
+
+
+# CPU accounting: where the time goes
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process, its threads included (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return 0.0, 0.0
+    return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS  # utime, stime
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine since boot, all cores."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / _CLOCK_TICKS, idle / _CLOCK_TICKS
+
+
+def pids_named(name: str) -> list[int]:
+    """PIDs whose command name (comm) is `name`, e.g. beam.smp for RabbitMQ."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == name:
+                    found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class CpuReport:
+    """CPU milliseconds per message during one load run, per process group and in all."""
+
+    messages: int
+    wall_seconds: float
+    machine_busy: float  # seconds, every process on the machine
+    machine_idle: float
+    groups: dict[str, tuple[float, float]]  # group name -> (user, system) CPU seconds
+
+    def per_message_ms(self, seconds: float) -> float:
+        return seconds * 1000 / self.messages
+
+    def group_seconds(self, name: str) -> float:
+        return sum(self.groups[name])
+
+    @property
+    def utilisation(self) -> float:
+        total = self.machine_busy + self.machine_idle
+        return self.machine_busy / total if total else 0.0
+
+    def summary(self) -> str:
+        parts = [f"{name} {self.per_message_ms(user + sys):.2f} "
+                 f"({self.per_message_ms(user):.2f} user)"
+                 for name, (user, sys) in self.groups.items()]
+        rest = self.machine_busy - sum(map(sum, self.groups.values()))
+        parts.append(f"everything else {self.per_message_ms(rest):.2f}")
+        return (f"CPU ms/msg: machine {self.per_message_ms(self.machine_busy):.2f} "
+                f"({self.utilisation:.0%} busy); " + ", ".join(parts))
+
+
+class CpuMeter:
+    """Reads CPU counters before and after a run; `groups` maps a name to a PID lister."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self._groups = groups
+        self._start: dict[str, dict[int, tuple[float, float]]] = {}
+        self._machine: tuple[float, float] = (0.0, 0.0)
+        self._children = (0.0, 0.0)
+        self._started = 0.0
+
+    def start(self) -> None:
+        self._start = {name: {pid: process_cpu_seconds(pid) for pid in pids()}
+                       for name, pids in self._groups.items()}
+        self._machine = machine_cpu_seconds()
+        self._children = _children_cpu_seconds()
+        self._started = time.monotonic()
+
+    def stop(self, messages: int) -> CpuReport:
+        busy, idle = machine_cpu_seconds()
+        groups: dict[str, tuple[float, float]] = {}
+        for name, before in self._start.items():
+            user = sys = 0.0
+            for pid, (user0, sys0) in before.items():
+                user1, sys1 = process_cpu_seconds(pid)
+                user, sys = user + user1 - user0, sys + sys1 - sys0
+            groups[name] = (user, sys)
+        user1, sys1 = _children_cpu_seconds()
+        groups["smtp-source"] = (user1 - self._children[0], sys1 - self._children[1])
+        return CpuReport(messages, time.monotonic() - self._started,
+                         busy - self._machine[0], idle - self._machine[1], groups)
+
+
+def _children_cpu_seconds() -> tuple[float, float]:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime, usage.ru_stime
 
 
 def smtp_source(port: int, messages: int, sessions: int, size: int, timeout: float,
@@ -132,17 +234,24 @@ def smtp_source(port: int, messages: int, sessions: int, size: int, timeout: flo
 
 def measure_load(port: int, count_delivered: Callable[[], int], messages: int, sessions: int,
                  size: int, timeout: float, poll_interval: float,
-                 reuse_connections: bool = False) -> LoadResult:
-    """smtp-source load, then wait until the mailbox holds every message."""
+                 reuse_connections: bool = False, cpu: CpuMeter | None = None) -> LoadResult:
+    """smtp-source load, then wait until the mailbox holds every message.
+
+    With a CpuMeter, the CPU used from smtp-source's start until the last message is in the
+    mailbox is reported (smtp-source's own CPU included, as a child of this process).
+    """
     baseline = count_delivered()
+    if cpu is not None:
+        cpu.start()
     started = time.monotonic()
     smtp_seconds = smtp_source(port, messages, sessions, size, timeout, reuse_connections)
     done = wait_for(lambda: count_delivered() - baseline >= messages, timeout,
                     f"{messages} messages in the mailbox", interval=poll_interval)
+    report = cpu.stop(messages) if cpu is not None else None
     delivered = count_delivered() - baseline
     if delivered != messages:
         raise BenchError(f"expected {messages} new messages in the mailbox, found {delivered}")
-    return LoadResult(messages, smtp_seconds, done - started)
+    return LoadResult(messages, smtp_seconds, done - started, report)
 
 
 @dataclass
@@ -554,6 +663,19 @@ class TiermailStack:
         """Another filter worker on the same SMTP port (SO_REUSEPORT spreads connections)."""
         self.start("filter")
         wait_for(lambda: port_open(self.smtp_port), 30, f"SMTP on port {self.smtp_port}")
+
+    def pids(self, tier: str) -> list[int]:
+        return [proc.pid for name, proc, _ in self.processes
+                if name == tier and proc.poll() is None]
+
+    def cpu_meter(self) -> CpuMeter:
+        """CPU of each tier, the broker and Redis during a load run."""
+        return CpuMeter({
+            "filter": lambda: self.pids("filter"),
+            "store": lambda: self.pids("store"),
+            "rabbitmq": lambda: pids_named("beam.smp"),
+            "redis": lambda: pids_named("redis-server"),
+        })
 
     def workers(self, tier: str) -> int:
         return sum(1 for name, proc, _ in self.processes

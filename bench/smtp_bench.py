@@ -42,6 +42,7 @@ from pathlib import Path
 import benchlib
 from benchlib import (
     BenchError,
+    CpuMeter,
     LatencyResult,
     LoadResult,
     PostfixStack,
@@ -100,6 +101,11 @@ def warm_up(port: int, count_delivered: Callable[[], int], args: argparse.Namesp
                  args.size, args.timeout, poll_interval=0.05)
 
 
+def log_cpu(system: str, load: LoadResult) -> None:
+    if load.cpu is not None:
+        log(f"{system}: {load.cpu.summary()}")
+
+
 def run_postfix(root: Path, args: argparse.Namespace) -> list[Row]:
     stack = PostfixStack(root, free_port())
     try:
@@ -113,9 +119,10 @@ def run_postfix(root: Path, args: argparse.Namespace) -> list[Row]:
         log(f"postfix: load, {args.messages} messages over {args.sessions} sessions")
         load = measure_load(stack.port, stack.delivered, args.messages, args.sessions,
                             args.size, args.timeout, poll_interval=0.02,
-                            reuse_connections=args.reuse_connections)
+                            reuse_connections=args.reuse_connections, cpu=CpuMeter({}))
         log(f"postfix: {load.smtp_rate:.0f} msg/s accepted, {load.e2e_rate:.0f} msg/s end to "
             f"end, latency p50 {latency.p50:.1f} ms p99 {latency.p99:.1f} ms")
+        log_cpu("postfix", load)
         return [Row("Postfix 3.7 (defaults, virtual(8) to Maildir)", load, latency)]
     except BenchError:
         log("postfix maillog tail:\n" + stack.maillog_tail())
@@ -177,12 +184,14 @@ def run_tiermail(root: Path, args: argparse.Namespace) -> list[Row]:
             # The cheap index count finds the end; POP3 STAT (below) is the truth.
             load = measure_load(stack.smtp_port, stack.indexed, args.messages, args.sessions,
                                 args.size, args.timeout, poll_interval=0.02,
-                                reuse_connections=args.reuse_connections)
+                                reuse_connections=args.reuse_connections,
+                                cpu=stack.cpu_meter())
             stack.check_alive()
             rows.append(Row(f"tiermail, {workers} filter worker{'s' if workers > 1 else ''}",
                             load, latency if workers == 1 else None))
             log(f"tiermail ({workers}): {load.smtp_rate:.0f} msg/s accepted, "
                 f"{load.e2e_rate:.0f} msg/s end to end")
+            log_cpu(f"tiermail ({workers})", load)
         expected = min(50, args.messages) + args.latency_messages + 2 * args.messages
         by_pop3 = stack.delivered()
         if by_pop3 != expected:
