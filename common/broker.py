@@ -65,6 +65,7 @@ class Publisher:
                 properties=message_properties(envelope),
                 mandatory=True,
                 timeout=self._confirm_timeout,
+                wait=False,  # no need to wait for the socket write: the confirm follows it
             )
         except asyncio.CancelledError:
             raise

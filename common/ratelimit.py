@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import ipaddress
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -203,6 +204,11 @@ def parse_networks(text: str) -> tuple[Network, ...]:
 
 def ip_subject(client_ip: str, exempt: Sequence[Network]) -> str | None:
     """The key component an IP is counted under; None if exempt or not an IP address."""
+    return _ip_subject(client_ip, tuple(exempt))
+
+
+@functools.lru_cache(maxsize=4096)  # parsed twice per message otherwise (connection, MAIL)
+def _ip_subject(client_ip: str, exempt: tuple[Network, ...]) -> str | None:
     try:
         address = ipaddress.ip_address(client_ip)
     except ValueError:
@@ -291,9 +297,8 @@ class RateLimiter:
         if not checks:
             return None
         try:
-            index = await asyncio.wait_for(
-                self._counter.take([c[1] for c in checks], [c[2] for c in checks]),
-                self._timeout)
+            async with asyncio.timeout(self._timeout):
+                index = await self._counter.take([c[1] for c in checks], [c[2] for c in checks])
         except (RedisError, OSError, TimeoutError) as exc:
             # Fail open: RCPT needs Redis too and answers 451 while it is away.
             self._stats.rate_limit_errors += 1

@@ -35,13 +35,6 @@ from services.filter.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
-# EHLO keywords we add; aiosmtpd advertises SIZE, 8BITMIME, SMTPUTF8 and STARTTLS itself.
-EXTRA_EHLO_KEYWORDS = ("PIPELINING", "ENHANCEDSTATUSCODES")
-# aiosmtpd lines we drop: there is no AUTH until the submission issue; HELP is not an
-# extension keyword.
-_DROPPED_EHLO_KEYWORDS = ("AUTH", "HELP")
-
-
 class RecipientDirectory(Protocol):
     async def resolve(self, address: str) -> Lookup: ...
 
@@ -64,22 +57,6 @@ class Transaction:
     smtp_envelope: SMTPEnvelope
     queue_id: str = field(default_factory=new_queue_id)
     recipients: list[Recipient] = field(default_factory=list)
-
-
-def ehlo_lines(hostname_line: str, keywords: Sequence[str]) -> list[str]:
-    """Format an EHLO reply: "250-" on every line but the last."""
-    lines = [hostname_line, *keywords]
-    return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
-
-
-def ehlo_keywords(aiosmtpd_lines: Sequence[str]) -> tuple[str, list[str]]:
-    """Split aiosmtpd's EHLO lines into the greeting and our keyword list."""
-    texts = [line[4:] for line in aiosmtpd_lines]
-    keywords = [
-        t for t in texts[1:] if t.split(" ", 1)[0].upper() not in _DROPPED_EHLO_KEYWORDS
-    ]
-    keywords.extend(k for k in EXTRA_EHLO_KEYWORDS if k not in keywords)
-    return texts[0], keywords
 
 
 _HOOK_PREFIXES = ("smtp_", "auth_", "handle_")
@@ -123,6 +100,7 @@ class FilterSession:
         self._clock = clock
         self._rate_limits = rate_limits
         self._txn: Transaction | None = None
+        self.queued = 0  # messages this connection got a 250 for
 
     def __dir__(self) -> list[str]:
         return hook_names(type(self))
@@ -142,19 +120,6 @@ class FilterSession:
         return self._txn
 
     # aiosmtpd hooks
-
-    async def handle_EHLO(
-        self,
-        server: SMTP,
-        session: SMTPSession,
-        envelope: SMTPEnvelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        self._txn = None
-        greeting, keywords = ehlo_keywords(responses)
-        return ehlo_lines(greeting, keywords)
 
     async def handle_MAIL(
         self,
@@ -193,9 +158,8 @@ class FilterSession:
             log.info("recipient %s refused: too many recipients", address, extra=extra)
             return replies.TOO_MANY_RECIPIENTS
         try:
-            lookup = await asyncio.wait_for(
-                self._directory.resolve(address), self._policy.lookup_timeout
-            )
+            async with asyncio.timeout(self._policy.lookup_timeout):
+                lookup = await self._directory.resolve(address)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("directory unavailable: %s: %s", type(exc).__name__, exc, extra=extra)
             return replies.DIRECTORY_UNAVAILABLE
@@ -272,14 +236,13 @@ class FilterSession:
         # Drop aiosmtpd's reference to the received content: `body` is the copy we send.
         smtp_envelope.content = smtp_envelope.original_content = None
         try:
-            await asyncio.wait_for(
-                self._publisher.publish(message_envelope, body, routing_key),
-                self._policy.publish_deadline,
-            )
+            async with asyncio.timeout(self._policy.publish_deadline):
+                await self._publisher.publish(message_envelope, body, routing_key)
         except (PublishFailed, TimeoutError) as exc:
             log.warning("not queued: %s", exc or type(exc).__name__, extra=extra)
             return replies.QUEUE_UNAVAILABLE
         self._stats.accepted += 1
+        self.queued += 1
         log.info(
             "queued from=<%s> to=<%s> size=%d checks_ms=%.2f%s",
             message_envelope.mail_from,

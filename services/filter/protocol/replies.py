@@ -121,6 +121,12 @@ _REPLY = re.compile(r"^(\d{3})([ -])(.*)$", re.DOTALL)
 _LEAKED_EXCEPTION = re.compile(r"^\d{3} Error: \(")
 
 
+def ehlo_lines(hostname: str, keywords: list[str]) -> list[str]:
+    """The EHLO reply (RFC 5321 4.1.1.1): "250-" on every line but the last."""
+    lines = [hostname, *keywords]
+    return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+
+
 def queued(queue_id: str) -> str:
     return QUEUED.format(queue_id=queue_id)
 

@@ -6,7 +6,6 @@ from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from common.envelope import Envelope, Recipient
 from services.filter.convert import mail_options, peer_ip, tls_description, to_envelope
-from services.filter.session import ehlo_keywords, ehlo_lines
 
 
 def smtp_envelope(mail_from: str, options: list[str], smtp_utf8: bool = False) -> SMTPEnvelope:
@@ -77,16 +76,3 @@ def test_tls_description() -> None:
     assert tls_description({"cipher": ("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256)}) == (
         "TLSv1.3 TLS_AES_256_GCM_SHA384"
     )
-
-
-def test_ehlo_lines_drop_auth_and_help_add_ours() -> None:
-    aiosmtpd_lines = [
-        "250-mx.test", "250-SIZE 100", "250-8BITMIME", "250-SMTPUTF8", "250-STARTTLS",
-        "250-AUTH LOGIN PLAIN", "250 HELP",
-    ]
-    greeting, keywords = ehlo_keywords(aiosmtpd_lines)
-    assert greeting == "mx.test"
-    assert ehlo_lines(greeting, keywords) == [
-        "250-mx.test", "250-SIZE 100", "250-8BITMIME", "250-SMTPUTF8", "250-STARTTLS",
-        "250-PIPELINING", "250 ENHANCEDSTATUSCODES",
-    ]

@@ -83,3 +83,9 @@ def test_enhance_is_idempotent_and_keeps_the_code(code: int, text: str) -> None:
     once = enhance(f"{code} {text}")
     assert once[:3] == str(code) or once == replies.INTERNAL_ERROR
     assert enhance(once) == once
+
+
+def test_ehlo_lines() -> None:
+    assert replies.ehlo_lines("mx.test", ["SIZE 100", "PIPELINING"]) == [
+        "250-mx.test", "250-SIZE 100", "250 PIPELINING"]
+    assert replies.ehlo_lines("mx.test", []) == ["250 mx.test"]

@@ -1,0 +1,141 @@
+"""DataReceiver: the end of DATA, dot-unstuffing and limits, whatever the chunking."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.filter.protocol.data import DataError, DataReceiver, DataResult
+
+LINE_LIMIT = 100
+
+
+def receive(wire: bytes, chunks: list[int] | None = None, size_limit: int | None = 1000,
+            line_limit: int = LINE_LIMIT) -> DataResult | None:
+    """Feed `wire` cut at the given chunk lengths (the rest in one piece)."""
+    receiver = DataReceiver(size_limit, line_limit)
+    position = 0
+    for length in chunks or []:
+        result = receiver.feed(wire[position:position + length])
+        position += length
+        if result is not None:
+            return _with_rest(result, wire[position:])
+    result = receiver.feed(wire[position:])
+    return result
+
+
+def _with_rest(result: DataResult, rest: bytes) -> DataResult:
+    return DataResult(result.content, result.error, result.leftover + rest)
+
+
+@pytest.mark.parametrize(("wire", "content", "leftover"), [
+    (b".\r\n", b"", b""),
+    (b"a\r\n.\r\n", b"a\r\n", b""),
+    (b"a\r\nb\r\n.\r\nQUIT\r\n", b"a\r\nb\r\n", b"QUIT\r\n"),
+    (b"..\r\n.\r\n", b".\r\n", b""),  # a stuffed lone dot
+    (b"...x\r\n..\r\n.\r\n", b"..x\r\n.\r\n", b""),  # one dot removed per line
+    (b"a.\r\n.b\r\n.\r\n", b"a.\r\nb\r\n", b""),  # only a leading dot is stuffing
+    (b"\r\n.\r\n", b"\r\n", b""),  # an empty line, then the end
+])
+def test_content_and_what_follows(wire: bytes, content: bytes, leftover: bytes) -> None:
+    assert receive(wire) == DataResult(content, None, leftover)
+
+
+@pytest.mark.parametrize("wire", [
+    b"a\n.\nb\r\n.\r\n",  # <LF>.<LF>: the smuggling marker is content
+    b"a\r.\rb\r\n.\r\n",
+    b"a\r\n.\nb\r\n.\r\n",
+    b"a\n.\r\nb\r\n.\r\n",
+])
+def test_only_crlf_dot_crlf_ends_the_data(wire: bytes) -> None:
+    result = receive(wire)
+    assert result is not None and result.error is None
+    assert result.content.endswith(b"b\r\n") and result.leftover == b""
+
+
+def test_nothing_before_the_end() -> None:
+    receiver = DataReceiver(1000, LINE_LIMIT)
+    assert receiver.feed(b"a\r\n") is None
+    assert receiver.feed(b".") is None
+    assert receiver.feed(b"\r") is None
+    assert receiver.feed(b"\n") == DataResult(b"a\r\n", None, b"")
+
+
+def test_exactly_the_size_limit_is_accepted_one_more_octet_is_not() -> None:
+    line = b"x" * 8 + b"\r\n"
+    exact = line * 10  # 100 octets
+    assert receive(exact + b".\r\n", size_limit=100) == DataResult(exact, None, b"")
+    over = exact + b"\r\n"
+    assert receive(over + b".\r\n", size_limit=100) == DataResult(b"", DataError.TOO_MUCH, b"")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64])
+def test_limits_hold_in_small_chunks(chunk: int) -> None:
+    exact = (b"x" * 8 + b"\r\n") * 10
+    wire = exact + b".\r\nNOOP\r\n"
+    chunks = [chunk] * (len(wire) // chunk)
+    assert receive(wire, chunks, size_limit=100) == DataResult(exact, None, b"NOOP\r\n")
+    wire = exact + b"y\r\n.\r\nNOOP\r\n"
+    chunks = [chunk] * (len(wire) // chunk)
+    assert receive(wire, chunks, size_limit=100) == \
+        DataResult(b"", DataError.TOO_MUCH, b"NOOP\r\n")
+
+
+def test_too_much_keeps_no_content_while_receiving() -> None:
+    receiver = DataReceiver(10, LINE_LIMIT)
+    for _ in range(1000):
+        assert receiver.feed(b"y" * 98 + b"\r\n") is None
+    assert len(receiver._buffer) < 10
+    assert receiver.feed(b".\r\n") == DataResult(b"", DataError.TOO_MUCH, b"")
+
+
+def test_line_limit_counts_the_crlf_and_a_stuffing_dot() -> None:
+    fits = b"x" * (LINE_LIMIT - 2) + b"\r\n"
+    assert receive(fits + b".\r\n", size_limit=None).error is None  # type: ignore[union-attr]
+    assert receive(b"." + fits + b".\r\n", size_limit=None) == \
+        DataResult(b"", DataError.TOO_LONG, b"")
+
+
+def test_no_size_limit() -> None:
+    big = b"z" * 50 + b"\r\n"
+    assert receive(big * 1000 + b".\r\n", size_limit=None) == DataResult(big * 1000, None, b"")
+
+
+def _reference(wire: bytes, size_limit: int, line_limit: int) -> DataResult | None:
+    """Line by line, as RFC 5321 describes it (and aiosmtpd implements it)."""
+    lines: list[bytes] = []
+    position = 0
+    size = 0
+    too_long = False
+    while True:
+        end = wire.find(b"\r\n", position)
+        if end < 0:
+            return None
+        line = wire[position:end + 2]
+        position = end + 2
+        if line == b".\r\n":
+            break
+        size += len(line)
+        too_long = too_long or len(line) > line_limit
+        lines.append(line[1:] if line.startswith(b".") else line)
+    if size > size_limit:
+        return DataResult(b"", DataError.TOO_MUCH, wire[position:])
+    if too_long:
+        return DataResult(b"", DataError.TOO_LONG, wire[position:])
+    return DataResult(b"".join(lines), None, wire[position:])
+
+
+_PIECES = st.sampled_from([b"a", b".", b"\r\n", b"\r", b"\n", b"..", b"xyz" * 7, b"\r\n.\r\n"])
+
+
+@given(st.lists(_PIECES, max_size=40), st.lists(st.integers(1, 20), max_size=20),
+       st.integers(1, 120))
+def test_same_as_line_by_line(pieces: list[bytes], chunks: list[int], size_limit: int) -> None:
+    wire = b"".join(pieces) + b"\r\n.\r\n"
+    expected = _reference(wire, size_limit, line_limit=16)
+    got = receive(wire, chunks, size_limit=size_limit, line_limit=16)
+    if expected is not None and expected.error is DataError.TOO_LONG and got is not None \
+            and got.error is DataError.TOO_MUCH:
+        return  # both are refusals; which is reported first is not specified
+    assert got == expected
