@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import cast
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
@@ -58,7 +59,8 @@ class Publisher:
                       routing_key: str = DELIVER_ROUTING_KEY) -> None:
         channel = await self._ready_channel()
         try:
-            await channel.basic_publish(
+            # aiormq's Channel takes `wait`; its abstract interface does not declare it.
+            await cast(aiormq.Channel, channel).basic_publish(
                 body,
                 exchange=self._topology.inbound_exchange,
                 routing_key=routing_key,
