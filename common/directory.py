@@ -18,6 +18,9 @@ Keys (all under the configured prefix):
                   CLI, which sets quotas without opening mailboxes)
     dir:quota-generation STRING the account generation the quota state was last fully
                   reconciled at (services/store/quota.py); its absence means Redis lost it
+    dir:changed   pub/sub CHANNEL: every change above (in the same MULTI) publishes a notice
+                  here; filter workers forget their cached lookups on each one
+                  (common/directory_cache.py)
 
 The quota keys are maintained by the store's QuotaPublisher, not by `publish`: a directory
 republish leaves them alone.
@@ -89,6 +92,8 @@ def domain_of(address: str) -> str:
 
 
 class Directory:
+    CHANGED = "changed"  # the change-notice channel, under the prefix like every key
+
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
@@ -183,6 +188,7 @@ class Directory:
                     pipe.rename(temp_key, self.key(name))
             pipe.set(self.key("version"), repr(time.time()))
             pipe.set(self.key("generation"), snapshot.generation)
+            self._changed(pipe)
             await pipe.execute()
 
     async def published_generation(self) -> int | None:
@@ -230,6 +236,7 @@ class Directory:
             return
         async with self._redis.pipeline(transaction=True) as pipe:
             self._queue_quota_states(pipe, states)
+            self._changed(pipe)
             await pipe.execute()
 
     async def replace_quota_states(self, states: Mapping[str, QuotaState],
@@ -249,6 +256,7 @@ class Directory:
                 pipe.hset(self.key("usage"),
                           mapping={mailbox: state.usage for mailbox, state in chunk.items()})
             pipe.set(self.key("quota-generation"), generation)
+            self._changed(pipe)
             await pipe.execute()
 
     def _queue_quota_states(self, pipe: Pipeline, states: Mapping[str, QuotaState]) -> None:
@@ -279,7 +287,13 @@ class Directory:
         async with self._redis.pipeline(transaction=True) as pipe:
             command(pipe)
             pipe.set(self.key("version"), repr(time.time()))
+            self._changed(pipe)
             await pipe.execute()
+
+    def _changed(self, pipe: Pipeline) -> None:
+        """The change notice, queued last in a change's MULTI: subscribers hear of it only
+        once the change is visible."""
+        pipe.publish(self.key(self.CHANGED), "1")
 
     async def _fill_set(self, key: str, members: Iterable[str]) -> None:
         batch: list[str] = []

@@ -17,6 +17,7 @@ import redis.asyncio
 
 from common.broker import Publisher
 from common.directory import Directory
+from common.directory_cache import DirectoryCache
 from common.health import Heartbeat
 from common.ratelimit import RateLimiter, RateLimits, RedisCounter
 from common.settings import Settings
@@ -89,7 +90,9 @@ async def open_worker(
                 socket_timeout=REDIS_TIMEOUT,
             )
             stack.push_async_callback(client.aclose)
-            directory = Directory(client, settings.redis_prefix)
+            cache = DirectoryCache(Directory(client, settings.redis_prefix), client)
+            stack.push_async_callback(_cancel, asyncio.create_task(cache.run()))
+            directory = cache
         if publisher is None:
             real = Publisher(
                 settings.amqp_url,
