@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DIRECTORY_CHECK_INTERVAL = 5.0  # republish if Redis lost or missed directory changes
 DIRECTORY_RETRY_MAX = 10.0
+DELIVERY_QUIET = 0.5  # seconds without a delivery before the text indexer works
 
 
 def serve(settings: Settings) -> None:
@@ -69,9 +71,11 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         log.info("mail store ready at %s (sweep checked %d users, removed %d files)",
                  maildb.root, swept.users, swept.files_removed, extra={"event": "sweep"})
 
-        # IMAP SEARCH TEXT/BODY: indexed off the delivery path, caught up after downtime.
+        stats = ConsumerStats()
+        # IMAP SEARCH TEXT/BODY: indexed off the delivery path, caught up after downtime,
+        # and only while delivery pauses (it yields the CPU to the consumer).
         text_index = TextIndex(maildb.root)
-        indexer = TextIndexer(maildb, text_index)
+        indexer = TextIndexer(maildb, text_index, quiet_in=lambda: _quiet_in(stats))
         maildb.add_listener(indexer.notify)
         indexer.request_all()
         indexing = asyncio.create_task(indexer.run(), name="text-indexer")
@@ -95,7 +99,6 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             maildb.add_listener(learning.on_change)
             stack.push_async_callback(learning.close)
 
-        stats = ConsumerStats()
         await stack.enter_async_context(
             Heartbeat(redis, settings.redis_prefix, "store", stats.as_dict))
 
@@ -123,6 +126,11 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         if consuming.done() and not consuming.cancelled() and consuming.exception():
             log.error("consumer crashed", exc_info=consuming.exception())
     log.info("store stopped", extra={"event": "stopped"})
+
+
+def _quiet_in(stats: ConsumerStats) -> float:
+    """Seconds until the consumer will have delivered nothing for DELIVERY_QUIET."""
+    return stats.last_delivery_at + DELIVERY_QUIET - time.time()
 
 
 async def _keep_directory_published(directory: Directory, accounts: AccountDB) -> None:

@@ -32,6 +32,7 @@ import functools
 import logging
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -297,6 +298,9 @@ def _bump_generation(conn: sqlite3.Connection) -> None:
 INDEXED_KINDS = frozenset({"deliver", "append", "copy", "move"})
 
 
+MAX_YIELD = 10.0  # seconds a step waits at most for delivery to pause
+
+
 class TextIndexer:
     """Keeps every user's TextIndex up to date, off the delivery path.
 
@@ -306,10 +310,14 @@ class TextIndexer:
     compare every mailbox's messages with the index, add what is missing, forget what is gone.
     """
 
-    def __init__(self, maildb: MailDB, index: TextIndex, *, batch: int = 200) -> None:
+    def __init__(self, maildb: MailDB, index: TextIndex, *, batch: int = 200,
+                 quiet_in: Callable[[], float] = lambda: 0.0,
+                 max_yield: float = MAX_YIELD) -> None:
         self._maildb = maildb
         self._index = index
         self._batch = batch
+        self._quiet_in = quiet_in
+        self._max_yield = max_yield
         self._guids: dict[str, set[str]] = {}  # user -> GUIDs to index
         self._catch_up: set[str] = set()  # users to reconcile
         self._walk = False  # look for users behind (request_all)
@@ -365,6 +373,7 @@ class TextIndexer:
             self._thread.shutdown(wait=False)
 
     async def _step(self) -> None:
+        await self._yield_to_delivery()
         if self._walk:
             self._walk = False
             behind = await self._in_thread(_users_behind, self._index.root)
@@ -381,6 +390,19 @@ class TextIndexer:
         if not guids:
             del self._guids[user]
         await self._in_thread(self._index_sync, user, chunk)
+
+    async def _yield_to_delivery(self) -> None:
+        """Wait until delivery pauses (`quiet_in()`: seconds until it has been quiet long
+        enough), for at most `max_yield` seconds per step: indexing is an optimisation (a
+        search scans what is not indexed), delivery is not, and both compete for the same
+        CPU. Under sustained load the index still advances a batch per `max_yield`; it
+        catches up once the load drops."""
+        deadline = time.monotonic() + self._max_yield
+        while True:
+            wait = min(self._quiet_in(), deadline - time.monotonic())
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
 
     async def _reconcile(self, user: str) -> None:
         try:
