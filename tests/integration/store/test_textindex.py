@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import quopri
 import random
 import time
@@ -76,14 +77,8 @@ async def maildb(tmp_path: Path) -> AsyncIterator[MailDB]:
 
 @pytest.fixture
 async def indexer(maildb: MailDB) -> AsyncIterator[TextIndexer]:
-    worker = TextIndexer(maildb, TextIndex(maildb.root), batch=50)
-    maildb.add_listener(worker.notify)
-    task = asyncio.create_task(worker.run())
-    yield worker
-    maildb.remove_listener(worker.notify)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    async with listening(maildb, TextIndexer(maildb, TextIndex(maildb.root), batch=50)) as w:
+        yield w
 
 
 async def deliver(maildb: MailDB, raws: list[bytes], start: int = 0) -> None:
@@ -239,36 +234,35 @@ def test_mostly_garbage_index_is_dropped(tmp_path: Path) -> None:
     index.close()
 
 
-async def test_indexing_waits_while_the_store_is_delivering(maildb: MailDB) -> None:
-    delivering = True
-    worker = TextIndexer(maildb, TextIndex(maildb.root),
-                         quiet_in=lambda: 0.1 if delivering else 0.0, max_yield=30.0)
+@contextlib.asynccontextmanager
+async def listening(maildb: MailDB, worker: TextIndexer) -> AsyncIterator[TextIndexer]:
     maildb.add_listener(worker.notify)
     task = asyncio.create_task(worker.run())
     try:
+        yield worker
+    finally:
+        maildb.remove_listener(worker.notify)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_indexing_waits_while_the_store_is_delivering(maildb: MailDB) -> None:
+    delivering = True
+    async with listening(maildb, TextIndexer(
+            maildb, TextIndex(maildb.root), quiet_in=lambda: 0.1 if delivering else 0.0,
+            max_yield=30.0)) as worker:
         await deliver(maildb, [b"Subject: x\r\n\r\nbody\r\n"])
         await asyncio.sleep(0.5)
         assert worker.indexed == 0  # delivery goes first
         delivering = False
         await asyncio.wait_for(worker.wait_idle(), 10)
         assert worker.indexed == 1
-    finally:
-        maildb.remove_listener(worker.notify)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 async def test_indexing_yields_for_at_most_max_yield(maildb: MailDB) -> None:
-    worker = TextIndexer(maildb, TextIndex(maildb.root), quiet_in=lambda: 0.1, max_yield=0.3)
-    maildb.add_listener(worker.notify)
-    task = asyncio.create_task(worker.run())
-    try:
+    async with listening(maildb, TextIndexer(maildb, TextIndex(maildb.root),
+                                             quiet_in=lambda: 0.1, max_yield=0.3)) as worker:
         await deliver(maildb, [b"Subject: x\r\n\r\nbody\r\n"])
         await asyncio.wait_for(worker.wait_idle(), 10)  # busy for ever, indexed anyway
         assert worker.indexed == 1
-    finally:
-        maildb.remove_listener(worker.notify)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
