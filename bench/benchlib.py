@@ -677,6 +677,18 @@ class TiermailStack:
             "redis": lambda: pids_named("redis-server"),
         })
 
+    def stop_last(self, tier: str) -> None:
+        """Stop the most recently started process of `tier` (SIGTERM: it finishes in-flight
+        transactions and exits)."""
+        for index in range(len(self.processes) - 1, -1, -1):
+            name, proc, _ = self.processes[index]
+            if name == tier and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+                del self.processes[index]
+                return
+        raise BenchError(f"no running {tier} process to stop")
+
     def workers(self, tier: str) -> int:
         return sum(1 for name, proc, _ in self.processes
                    if name == tier and proc.poll() is None)

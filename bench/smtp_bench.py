@@ -14,6 +14,11 @@ For each system it measures
     (what POP3 reads), matched to the id in "250 2.0.0 Ok: queued as ID"; for Postfix the
     files in Maildir/new, matched by an X-Bench-Seq header.
 
+Both systems are started first and then loaded in `--rounds` interleaved rounds (Postfix,
+tiermail with 1 filter worker, tiermail with 2), so that a slow spell of the machine does not
+fall on one system only; the round with the median end-to-end rate is reported, every round's
+rates beside it, and the CPU each process used (from /proc) per message.
+
 Each system runs isolated: tiermail gets its own AMQP vhost, Redis db and key prefix, data dir
 and ports; Postfix its own config, queue and Maildir under a temp directory, loopback only, no
 DNS. Everything is stopped and removed at the end, also on errors and Ctrl-C.
@@ -61,9 +66,18 @@ from benchlib import (
 @dataclass
 class Row:
     system: str
-    load: LoadResult
+    loads: list[LoadResult]  # one per round
     latency: LatencyResult | None
     note: str = ""
+
+    @property
+    def load(self) -> LoadResult:
+        """The round with the median end-to-end rate (what the ratios compare)."""
+        ordered = sorted(self.loads, key=lambda load: load.e2e_rate)
+        return ordered[len(ordered) // 2]
+
+    def rates(self, rate: Callable[[LoadResult], float]) -> str:
+        return "/".join(f"{rate(load):.0f}" for load in self.loads)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,10 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=5000, help="messages per load run")
     parser.add_argument("--sessions", type=int, default=10, help="parallel SMTP sessions")
     parser.add_argument("--size", type=int, default=4096, help="message body bytes")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="load runs per system, interleaved; the median is reported")
     parser.add_argument("--latency-messages", type=int, default=500,
                         help="messages sent one at a time for the latency percentiles")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 300 messages, 4 sessions, 50 latency messages")
+                        help="smoke run: 300 messages, 4 sessions, 50 latency messages, "
+                             "1 round")
     parser.add_argument("--reuse-connections", action="store_true",
                         help="smtp-source -d: several messages per connection")
     parser.add_argument("--postfix-only", action="store_true")
@@ -89,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the latency scanning adds (bench/scanbench.py)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.messages, args.sessions, args.latency_messages = 300, 4, 50
+        args.messages, args.sessions, args.latency_messages, args.rounds = 300, 4, 50, 1
     if args.postfix_only and args.tiermail_only:
         parser.error("--postfix-only and --tiermail-only exclude each other")
     return args
@@ -101,34 +118,41 @@ def warm_up(port: int, count_delivered: Callable[[], int], args: argparse.Namesp
                  args.size, args.timeout, poll_interval=0.05)
 
 
-def log_cpu(system: str, load: LoadResult) -> None:
+def log_load(system: str, load: LoadResult) -> None:
+    log(f"{system}: {load.smtp_rate:.0f} msg/s accepted, {load.e2e_rate:.0f} msg/s end to end")
     if load.cpu is not None:
         log(f"{system}: {load.cpu.summary()}")
 
 
-def run_postfix(root: Path, args: argparse.Namespace) -> list[Row]:
-    stack = PostfixStack(root, free_port())
-    try:
+class PostfixSystem:
+    name = "Postfix 3.7 (defaults, virtual(8) to Maildir)"
+
+    def __init__(self, root: Path, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stack = PostfixStack(root, free_port())
+
+    def start(self) -> LatencyResult:
+        args, stack = self.args, self.stack
         log(f"postfix: starting on 127.0.0.1:{stack.port} (config {stack.etc})")
         stack.start()
         warm_up(stack.port, stack.delivered, args)
         log(f"postfix: latency, {args.latency_messages} messages one at a time")
-        poller = VisibilityPoller(stack.listing)
-        latency = measure_latency(stack.port, args.latency_messages, args.size, poller,
-                                  stack.match, args.timeout)
-        log(f"postfix: load, {args.messages} messages over {args.sessions} sessions")
-        load = measure_load(stack.port, stack.delivered, args.messages, args.sessions,
+        return measure_latency(stack.port, args.latency_messages, args.size,
+                               VisibilityPoller(stack.listing), stack.match, args.timeout)
+
+    def load(self) -> LoadResult:
+        args = self.args
+        load = measure_load(self.stack.port, self.stack.delivered, args.messages, args.sessions,
                             args.size, args.timeout, poll_interval=0.02,
                             reuse_connections=args.reuse_connections, cpu=CpuMeter({}))
-        log(f"postfix: {load.smtp_rate:.0f} msg/s accepted, {load.e2e_rate:.0f} msg/s end to "
-            f"end, latency p50 {latency.p50:.1f} ms p99 {latency.p99:.1f} ms")
-        log_cpu("postfix", load)
-        return [Row("Postfix 3.7 (defaults, virtual(8) to Maildir)", load, latency)]
-    except BenchError:
-        log("postfix maillog tail:\n" + stack.maillog_tail())
-        raise
-    finally:
-        stack.stop()
+        log_load("postfix", load)
+        return load
+
+    def explain_failure(self) -> None:
+        log("postfix maillog tail:\n" + self.stack.maillog_tail())
+
+    def close(self) -> None:
+        self.stack.stop()
 
 
 class IndexWatcher:
@@ -155,10 +179,14 @@ class IndexWatcher:
         self._conn.close()
 
 
-def run_tiermail(root: Path, args: argparse.Namespace) -> list[Row]:
-    stack = TiermailStack(root, args.redis_db)
-    rows: list[Row] = []
-    try:
+class TiermailSystem:
+    def __init__(self, root: Path, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stack = TiermailStack(root, args.redis_db)
+        self.sent = 0
+
+    def start(self) -> LatencyResult:
+        args, stack = self.args, self.stack
         log(f"tiermail: vhost {stack.vhost}, redis db {stack.redis_db} prefix "
             f"{stack.redis_prefix}, data {stack.data_dir}")
         stack.setup()
@@ -166,7 +194,6 @@ def run_tiermail(root: Path, args: argparse.Namespace) -> list[Row]:
         stack.start_filter()
         log(f"tiermail: store (POP3 {stack.pop3_port}) and 1 filter (SMTP {stack.smtp_port}) up")
         warm_up(stack.smtp_port, stack.indexed, args)
-
         log(f"tiermail: latency, {args.latency_messages} messages one at a time")
         watcher = IndexWatcher(stack)
         try:
@@ -175,36 +202,74 @@ def run_tiermail(root: Path, args: argparse.Namespace) -> list[Row]:
                                       args.timeout)
         finally:
             watcher.close()
+        self.sent = min(50, args.messages) + args.latency_messages
+        return latency
 
-        for workers in (1, 2):
-            while stack.workers("filter") < workers:
-                stack.start_filter()
-            log(f"tiermail: load with {workers} filter worker(s), {args.messages} messages "
-                f"over {args.sessions} sessions")
-            # The cheap index count finds the end; POP3 STAT (below) is the truth.
-            load = measure_load(stack.smtp_port, stack.indexed, args.messages, args.sessions,
-                                args.size, args.timeout, poll_interval=0.02,
-                                reuse_connections=args.reuse_connections,
-                                cpu=stack.cpu_meter())
-            stack.check_alive()
-            rows.append(Row(f"tiermail, {workers} filter worker{'s' if workers > 1 else ''}",
-                            load, latency if workers == 1 else None))
-            log(f"tiermail ({workers}): {load.smtp_rate:.0f} msg/s accepted, "
-                f"{load.e2e_rate:.0f} msg/s end to end")
-            log_cpu(f"tiermail ({workers})", load)
-        expected = min(50, args.messages) + args.latency_messages + 2 * args.messages
-        by_pop3 = stack.delivered()
-        if by_pop3 != expected:
-            raise BenchError(f"POP3 STAT shows {by_pop3} messages, expected {expected}")
+    def load(self, workers: int) -> LoadResult:
+        args, stack = self.args, self.stack
+        while stack.workers("filter") < workers:
+            stack.start_filter()
+        while stack.workers("filter") > workers:
+            stack.stop_last("filter")
+        log(f"tiermail: load with {workers} filter worker(s), {args.messages} messages "
+            f"over {args.sessions} sessions")
+        # The cheap index count finds the end; POP3 STAT (in `check`) is the truth.
+        load = measure_load(stack.smtp_port, stack.indexed, args.messages, args.sessions,
+                            args.size, args.timeout, poll_interval=0.02,
+                            reuse_connections=args.reuse_connections, cpu=stack.cpu_meter())
+        stack.check_alive()
+        self.sent += args.messages
+        log_load(f"tiermail ({workers})", load)
+        return load
+
+    def check(self, latency: LatencyResult) -> None:
+        by_pop3 = self.stack.delivered()
+        if by_pop3 != self.sent:
+            raise BenchError(f"POP3 STAT shows {by_pop3} messages, expected {self.sent}")
         log(f"tiermail: POP3 STAT confirms {by_pop3} messages; latency p50 "
             f"{latency.p50:.1f} ms p99 {latency.p99:.1f} ms; store RSS "
-            f"{stack.rss_kib('store') // 1024} MiB, filters {stack.rss_kib('filter') // 1024} MiB")
+            f"{self.stack.rss_kib('store') // 1024} MiB, filters "
+            f"{self.stack.rss_kib('filter') // 1024} MiB")
+
+    def explain_failure(self) -> None:
+        self.stack.log_tails()
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def run_systems(root: Path, args: argparse.Namespace) -> list[Row]:
+    """Both systems up side by side, then `rounds` rounds of load, interleaved so that a slow
+    moment of the machine does not fall on one system only."""
+    postfix = None if args.tiermail_only else PostfixSystem(root / "postfix", args)
+    tiermail = None if args.postfix_only else TiermailSystem(root / "tiermail", args)
+    rows: list[Row] = []
+    try:
+        if postfix is not None:
+            rows.append(Row(postfix.name, [], postfix.start()))
+        if tiermail is not None:
+            latency = tiermail.start()
+            rows.append(Row("tiermail, 1 filter worker", [], latency))
+            rows.append(Row("tiermail, 2 filter workers", [], None))
+        for number in range(1, args.rounds + 1):
+            log(f"round {number} of {args.rounds}")
+            if postfix is not None:
+                rows[0].loads.append(postfix.load())
+            if tiermail is not None:
+                rows[-2].loads.append(tiermail.load(1))
+                rows[-1].loads.append(tiermail.load(2))
+        if tiermail is not None:
+            tiermail.check(rows[-2].latency)  # type: ignore[arg-type]
         return rows
     except BenchError:
-        stack.log_tails()
+        for system in (postfix, tiermail):
+            if system is not None:
+                system.explain_failure()
         raise
     finally:
-        stack.close()
+        for system in (tiermail, postfix):
+            if system is not None:
+                system.close()
 
 
 def markdown(rows: list[Row], args: argparse.Namespace) -> str:
@@ -212,21 +277,29 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
         f"Run {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node() or 'this machine'}: "
         f"{os.cpu_count()} cores, Python {platform.python_version()}; {args.messages} messages "
         f"of {args.size} bytes over {args.sessions} smtp-source sessions"
-        f"{' (connections reused)' if args.reuse_connections else ''}; latency from "
-        f"{args.latency_messages} messages sent one at a time.",
+        f"{' (connections reused)' if args.reuse_connections else ''}, {args.rounds} "
+        f"interleaved round(s), the median round shown (every round's rate in brackets); "
+        f"latency from {args.latency_messages} messages sent one at a time.",
         "",
-        "| system | SMTP accepted msg/s | end-to-end msg/s | latency p50 ms | latency p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| system | SMTP accepted msg/s | end-to-end msg/s | CPU ms/msg (machine) "
+        "| latency p50 ms | latency p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
+        if not row.loads:
+            continue
         p50 = f"{row.latency.p50:.1f}" if row.latency else "-"
         p99 = f"{row.latency.p99:.1f}" if row.latency else "-"
-        lines.append(f"| {row.system} | {row.load.smtp_rate:.0f} | {row.load.e2e_rate:.0f} "
-                     f"| {p50} | {p99} |")
-    postfix = next((r for r in rows if r.system.startswith("Postfix")), None)
+        cpu = row.load.cpu
+        machine = f"{cpu.per_message_ms(cpu.machine_busy):.2f}" if cpu else "-"
+        lines.append(
+            f"| {row.system} | {row.load.smtp_rate:.0f} ({row.rates(lambda r: r.smtp_rate)}) "
+            f"| {row.load.e2e_rate:.0f} ({row.rates(lambda r: r.e2e_rate)}) | {machine} "
+            f"| {p50} | {p99} |")
+    postfix = next((r for r in rows if r.system.startswith("Postfix") and r.loads), None)
     if postfix is not None:
         for row in rows:
-            if row is postfix:
+            if row is postfix or not row.loads:
                 continue
             ratio = (f"{row.system} / Postfix: SMTP accept "
                      f"{row.load.smtp_rate / postfix.load.smtp_rate:.2f}x, end to end "
@@ -235,6 +308,10 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
                 ratio += f", latency p50 {row.latency.p50 / postfix.latency.p50:.2f}x"
             lines.append("")
             lines.append(ratio)
+    cpu_lines = [f"- {row.system}: {row.load.cpu.summary()}" for row in rows
+                 if row.loads and row.load.cpu is not None]
+    if cpu_lines:
+        lines += ["", "Where the CPU went in the median round:", *cpu_lines]
     return "\n".join(lines)
 
 
@@ -250,16 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         print("the Postfix reference needs root (its own master process); "
               "use --tiermail-only otherwise", file=sys.stderr)
         return 2
-    rows: list[Row] = []
     try:
         with terminate_on_sigterm(), temp_root("tiermail-bench-", args.keep) as root:
-            if not args.tiermail_only:
-                rows += run_postfix(root / "postfix", args)
-            if not args.postfix_only:
-                rows += run_tiermail(root / "tiermail", args)
+            rows = run_systems(root, args)
     except (BenchError, subprocess.TimeoutExpired) as exc:
-        if rows:
-            print(markdown(rows, args))
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
     print(markdown(rows, args))
