@@ -369,13 +369,15 @@ def populate_maildir(maildir: Path, corpus: Corpus, owner: str = "nobody") -> Po
     return Population(time.monotonic() - started, sizes, sum(sizes))
 
 
-async def populate_maildb(store_dir: Path, corpus: Corpus, batch: int = 1000) -> Population:
-    """Deliver the corpus through MailDB.deliver (files, fsyncs, index rows), in order."""
+async def populate_maildb(store_dir: Path, corpus: Corpus, inline_max: int,
+                          batch: int = 1000) -> Population:
+    """Deliver the corpus through MailDB.deliver (inline bodies or files, index rows), in
+    order, with the store's inline threshold."""
     from services.store.backends.maildb import MailDB
     from services.store.mailbox import Delivery
 
     started = time.monotonic()
-    db = MailDB.for_store(store_dir)
+    db = MailDB.for_store(store_dir, inline_max=inline_max)
     sizes: list[int] = []
     try:
         pending: list[Delivery] = []
@@ -939,7 +941,10 @@ def run_tiermail(root: Path, corpus: Corpus, args: argparse.Namespace,
         log(f"tiermail: vhost {stack.vhost}, data {stack.data_dir}")
         stack.setup()
         log(f"tiermail: delivering {corpus.count} messages through MailDB.deliver")
-        population = asyncio.run(populate_maildb(stack.data_dir / "store", corpus))
+        from common.settings import Settings
+
+        inline_max = Settings.from_env(stack.env).store_inline_max  # what the store will use
+        population = asyncio.run(populate_maildb(stack.data_dir / "store", corpus, inline_max))
         result.population = {"seconds": population.seconds, "bytes": population.bytes_total}
         log(f"tiermail: delivered in {population.seconds:.1f} s")
         started = time.monotonic()
