@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,24 +49,30 @@ class _ThreadReaders:
 
 
 class BodyReaders:
-    def __init__(self, schema: int, per_thread: int = PER_THREAD) -> None:
+    """`index_of(user)` is the path of a user's index, asked only when a connection is opened
+    or checked (building the path costs more than the lookup itself)."""
+
+    def __init__(self, schema: int, index_of: Callable[[str], Path],
+                 per_thread: int = PER_THREAD) -> None:
         self._schema = schema
+        self._index_of = index_of
         self._per_thread = per_thread
         self._local = threading.local()
         self._lock = threading.Lock()
         self._every: weakref.WeakSet[_ThreadReaders] = weakref.WeakSet()
 
-    def body(self, user: str, index: Path, guid: str, *, recheck: bool = False) -> bytes | None:
-        """The inline body of `guid` in `user`'s index (the file `index`), or None: the
-        message is a file, is gone, or the index is missing or not at the current schema."""
+    def body(self, user: str, guid: str, *, recheck: bool = False) -> bytes | None:
+        """The inline body of `guid` in `user`'s index, or None: the message is a file, is
+        gone, or the index is missing or not at the current schema."""
         readers = self._thread_readers().lru
         reader = readers.get(user)
-        if reader is not None and recheck and reader.identity != _identity(index):
+        if (reader is not None and recheck
+                and reader.identity != _identity(self._index_of(user))):
             del readers[user]
             reader.conn.close()
             reader = None
         if reader is None:
-            reader = _open(index, self._schema)
+            reader = _open(self._index_of(user), self._schema)
             if reader is None:
                 return None
             readers[user] = reader

@@ -429,7 +429,7 @@ class MailDB:
         # Shared by the reader threads (it has its own lock).
         self._snapshots = MessageListCache(snapshot_messages)
         # Per calling thread (open_message runs in its callers' threads).
-        self._bodies = BodyReaders(SCHEMA_VERSION)
+        self._bodies = BodyReaders(SCHEMA_VERSION, self._index_file)
 
     @classmethod
     def for_store(cls, store_dir: Path, *, inline_max: int, **kwargs: int) -> MailDB:
@@ -481,15 +481,14 @@ class MailDB:
         a failed open() does (see docs/architecture.md, "Inline bodies")."""
         if self._closed:
             raise StorageError("mail store is closed")
-        path = self._message_file(user, guid)
-        index = self._index_file(user)
-        data = self._bodies.body(user, index, guid)
+        path = self._message_file(user, guid)  # checks the user and the GUID
+        data = self._bodies.body(user, guid)
         if data is None:
             try:
                 return open(path, "rb")  # noqa: SIM115 - the caller closes it
             except FileNotFoundError:
                 # Gone, or the cached connection reads an index replaced since.
-                data = self._bodies.body(user, index, guid, recheck=True)
+                data = self._bodies.body(user, guid, recheck=True)
                 if data is None:
                     raise NoSuchMessage(guid) from None
         return io.BytesIO(data)
