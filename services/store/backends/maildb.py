@@ -571,8 +571,9 @@ class MailDB:
 
     async def copy(self, user: str, source: str, uids: list[int], dest: str,
                    quota: int | None = None) -> CopyResult:
-        """New GUIDs hard-linked to the source files (no bytes copied); flags and
-        internaldate kept; new UIDs in ascending source order; one new MODSEQ in `dest`."""
+        """New GUIDs: hard links of the source files (no bytes copied), copies of inline
+        bodies made inside the index; flags and internaldate kept; new UIDs in ascending
+        source order; one new MODSEQ in `dest`."""
         self.user_path(user)
         return await self._change(self._copy_sync, user, canonical_mailbox(source),
                                   list(uids), canonical_mailbox(dest), quota)
