@@ -4,7 +4,9 @@
 the text indexer, spam learning), up to hundreds of times per FETCH. A new SQLite connection
 per call would cost more than the read (open, schema parse, WAL index mapping), so each thread
 keeps a small LRU of read-only connections, one per user it read from lately; `close()` closes
-all of them (connections of a thread that ended are closed when it is collected).
+all of them (connections of a thread that ended are closed when it is collected). A connection
+is used by its own thread only, under that thread's lock, which `close()` takes too: closing
+a connection while another thread runs a statement on it crashes CPython's sqlite3 module.
 
 Each lookup is one statement run to completion, so it is its own read transaction: a cached
 connection always sees the latest commit and never holds the WAL back from a checkpoint. A
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.store.backends.sqlite import connect_reader
+from services.store.mailbox import StorageError
 
 PER_THREAD = 8  # users whose connection one thread keeps
 # Page cache per connection. WAL readers drop it whenever the index changed anyway, and the
@@ -44,8 +47,17 @@ class _Reader:
 class _ThreadReaders:
     """One thread's LRU, user -> reader (an object a WeakSet can hold)."""
 
-    def __init__(self) -> None:
+    def __init__(self, closed: bool) -> None:
         self.lru: OrderedDict[str, _Reader] = OrderedDict()
+        self.lock = threading.Lock()  # taken by its thread for each lookup, and by close()
+        self.closed = closed
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            for reader in self.lru.values():
+                reader.conn.close()
+            self.lru.clear()
 
 
 class BodyReaders:
@@ -58,13 +70,22 @@ class BodyReaders:
         self._index_of = index_of
         self._per_thread = per_thread
         self._local = threading.local()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _every and _closed
         self._every: weakref.WeakSet[_ThreadReaders] = weakref.WeakSet()
+        self._closed = False
 
     def body(self, user: str, guid: str, *, recheck: bool = False) -> bytes | None:
         """The inline body of `guid` in `user`'s index, or None: the message is a file, is
-        gone, or the index is missing or not at the current schema."""
-        readers = self._thread_readers().lru
+        gone, or the index is missing or not at the current schema. StorageError once
+        closed."""
+        readers = self._thread_readers()
+        with readers.lock:
+            if readers.closed:
+                raise StorageError("mail store is closed")
+            return self._lookup(readers.lru, user, guid, recheck)
+
+    def _lookup(self, readers: OrderedDict[str, _Reader], user: str, guid: str,
+                recheck: bool) -> bytes | None:
         reader = readers.get(user)
         if (reader is not None and recheck
                 and reader.identity != _identity(self._index_of(user))):
@@ -85,19 +106,19 @@ class BodyReaders:
         return rows[0][0] if rows else None
 
     def close(self) -> None:
-        """Close every thread's connections (the store is closing: no reads are running)."""
+        """Close every thread's connections, each once its lookup in flight is done; later
+        lookups raise StorageError."""
         with self._lock:
+            self._closed = True
             every = list(self._every)
         for readers in every:
-            for reader in list(readers.lru.values()):
-                reader.conn.close()
-            readers.lru.clear()
+            readers.close()
 
     def _thread_readers(self) -> _ThreadReaders:
         readers: _ThreadReaders | None = getattr(self._local, "readers", None)
         if readers is None:
-            readers = self._local.readers = _ThreadReaders()
             with self._lock:
+                readers = self._local.readers = _ThreadReaders(self._closed)
                 self._every.add(readers)
         return readers
 

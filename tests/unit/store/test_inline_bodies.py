@@ -360,3 +360,35 @@ async def test_a_replaced_index_is_noticed(tmp_path: Path) -> None:
     finally:
         await writer.close()
         await reader.close()
+
+
+async def test_closing_while_threads_read_is_safe(tmp_path: Path) -> None:
+    """Closing the body connections waits for each thread's lookup in flight (closing a
+    connection under a running statement crashes the sqlite3 module); afterwards every read
+    is refused rather than opening a connection again."""
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    await db.deliver([delivery(f"q{n}", message(n, 900)) for n in range(20)])
+    found = await guids(db)
+    outcomes: list[str] = []
+    reading = threading.Barrier(5)
+
+    def read_until_closed() -> None:
+        reading.wait()
+        try:
+            for _ in range(20_000):  # a bound far beyond what the close needs, not a clock
+                for guid in found:
+                    with db.open_message(ALICE, guid) as f:
+                        assert len(f.read()) == 900
+            outcomes.append("never closed")
+        except StorageError:
+            outcomes.append("closed")
+
+    threads = [threading.Thread(target=read_until_closed) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    reading.wait()  # all four are reading now
+    db._bodies.close()  # what MailDB.close() ends with, here while the reads run
+    for thread in threads:
+        thread.join()
+    await db.close()
+    assert outcomes == ["closed"] * 4
