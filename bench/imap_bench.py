@@ -369,13 +369,15 @@ def populate_maildir(maildir: Path, corpus: Corpus, owner: str = "nobody") -> Po
     return Population(time.monotonic() - started, sizes, sum(sizes))
 
 
-async def populate_maildb(store_dir: Path, corpus: Corpus, batch: int = 1000) -> Population:
-    """Deliver the corpus through MailDB.deliver (files, fsyncs, index rows), in order."""
+async def populate_maildb(store_dir: Path, corpus: Corpus, inline_max: int,
+                          batch: int = 1000) -> Population:
+    """Deliver the corpus through MailDB.deliver (inline bodies or files, index rows), in
+    order, with the store's inline threshold."""
     from services.store.backends.maildb import MailDB
     from services.store.mailbox import Delivery
 
     started = time.monotonic()
-    db = MailDB.for_store(store_dir)
+    db = MailDB.for_store(store_dir, inline_max=inline_max)
     sizes: list[int] = []
     try:
         pending: list[Delivery] = []
@@ -934,12 +936,18 @@ def run_dovecot(root: Path, corpus: Corpus, args: argparse.Namespace,
 def run_tiermail(root: Path, corpus: Corpus, args: argparse.Namespace,
                  result: SystemResult) -> None:
     stack = TiermailStack(root, args.redis_db)
+    stack.env.update(tiermail_settings(args.tiermail_setting))
+    if args.tiermail_setting:
+        result.notes.append("settings: " + ", ".join(args.tiermail_setting))
     result.version = tiermail_version()
     try:
         log(f"tiermail: vhost {stack.vhost}, data {stack.data_dir}")
         stack.setup()
         log(f"tiermail: delivering {corpus.count} messages through MailDB.deliver")
-        population = asyncio.run(populate_maildb(stack.data_dir / "store", corpus))
+        from common.settings import Settings
+
+        inline_max = Settings.from_env(stack.env).store_inline_max  # what the store will use
+        population = asyncio.run(populate_maildb(stack.data_dir / "store", corpus, inline_max))
         result.population = {"seconds": population.seconds, "bytes": population.bytes_total}
         log(f"tiermail: delivered in {population.seconds:.1f} s")
         started = time.monotonic()
@@ -1157,6 +1165,18 @@ def write_json(results: list[SystemResult], corpus: Corpus, args: argparse.Names
     return path
 
 
+def tiermail_settings(pairs: list[str]) -> dict[str, str]:
+    """--tiermail-setting KEY=VALUE pairs as TIERMAIL_* variables."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise BenchError(f"--tiermail-setting {pair!r}: expected KEY=VALUE")
+        key = key.strip().upper()
+        env[key if key.startswith("TIERMAIL_") else f"TIERMAIL_{key}"] = value
+    return env
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=100_000)
@@ -1170,6 +1190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dovecot-setting", action="append", default=[], metavar="KEY=VALUE",
                         help="one more line for dovecot.conf (repeatable), e.g. "
                              "maildir_very_dirty_syncs=yes")
+    parser.add_argument("--tiermail-setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="a TIERMAIL_* setting for tiermail (repeatable; the prefix may be "
+                             "left out), e.g. STORE_INLINE_MAX=0")
     parser.add_argument("--dovecot-only", action="store_true")
     parser.add_argument("--tiermail-only", action="store_true")
     parser.add_argument("--imap-wait", type=float, default=30,

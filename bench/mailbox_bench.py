@@ -2,7 +2,8 @@
 """Mailbox benchmark: one mailbox of 100,000 messages in the store's index.
 
 Measures, on a MailDB in a temporary directory:
-  * delivering a batch of 500 messages through the real path (files, fsyncs, one commit);
+  * delivering a batch of 500 messages through the real path (4 KB bodies: inline under the
+    default TIERMAIL_STORE_INLINE_MAX, one commit; files and fsyncs with --inline-max 0);
   * list_messages over the whole mailbox (what POP3 does at login, and IMAP will at SELECT);
   * status of that mailbox;
   * one more delivery into it (the index must not slow down as it grows).
@@ -13,6 +14,7 @@ already shows.
 
     .venv/bin/python bench/mailbox_bench.py                 # 100,000 messages
     .venv/bin/python bench/mailbox_bench.py --messages 20000
+    .venv/bin/python bench/mailbox_bench.py --inline-max 0    # every body a file
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.settings import Settings  # noqa: E402
 from services.store.backends.maildb import MailDB  # noqa: E402
 from services.store.mailbox import Delivery  # noqa: E402
 
@@ -61,9 +64,9 @@ async def timed(run: Callable[[], Awaitable[object]], runs: int = 3) -> float:
     return best
 
 
-async def main(messages: int) -> None:
+async def main(messages: int, inline_max: int) -> None:
     with tempfile.TemporaryDirectory(prefix="tiermail-mailbox-bench-") as root:
-        db = MailDB(Path(root) / "mail")
+        db = MailDB(Path(root) / "mail", inline_max=inline_max)
         try:
             batch = [Delivery(f"warm{i}", USER, BODY, time.time()) for i in range(500)]
             started = time.perf_counter()
@@ -86,4 +89,7 @@ async def main(messages: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
-    asyncio.run(main(parser.parse_args().messages))
+    parser.add_argument("--inline-max", type=int,
+                        default=Settings.from_env().store_inline_max)
+    args = parser.parse_args()
+    asyncio.run(main(args.messages, args.inline_max))

@@ -86,6 +86,9 @@ class Settings:
 
     # Store
     store_prefetch: int = 64
+    # Bodies of at most this many octets live in the user's index.sqlite (one commit, no
+    # file, no per-message fsync); larger ones are files. 0: every body is a file.
+    store_inline_max: int = 64 * 1024
     delivery_attempts: int = 10  # broker delivery-limit before a message is dead-lettered
     pop3_timeout: float = 600.0  # RFC 1939 section 3: at least 10 minutes
     # None: allowed only when bound to loopback (development)

@@ -25,7 +25,14 @@ from services.devscanners.runner import (
     start_rspamd,
     start_spamd,
 )
-from tests.support import TierProcess, delete_queues, free_port, port_open, rabbitmqctl
+from tests.support import (
+    INLINE_MODES,
+    TierProcess,
+    delete_queues,
+    free_port,
+    port_open,
+    rabbitmqctl,
+)
 
 TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "9"))
 # rspamd's Bayes statistics (its keys are not prefixed): a database of their own.
@@ -60,6 +67,12 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@pytest.fixture(params=list(INLINE_MODES.values()), ids=list(INLINE_MODES))
+def inline_max(request: pytest.FixtureRequest) -> int:
+    """A test using this runs twice: bodies as files only, and inline up to the default."""
+    return int(request.param)
 
 
 @pytest.fixture(scope="session")

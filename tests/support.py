@@ -7,10 +7,12 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiormq
@@ -262,3 +264,49 @@ def account_db(path: Path, password_hashes: dict[str, str]) -> AccountDB:
     for address, password_hash in password_hashes.items():
         db.add_user(address, password_hash)
     return db
+
+
+# Mailbox storage (services/store/backends/maildb.py)
+
+# TIERMAIL_STORE_INLINE_MAX values the store tests run with: 0, every body a file; the
+# default, under which the small test messages are stored inside the index.
+INLINE_MODES = {"files": 0, "inline": Settings.store_inline_max}
+
+
+@dataclass(frozen=True)
+class StoredBodies:
+    """The stored bytes of a user's messages by GUID: those inside the index, and files."""
+
+    inline: dict[str, bytes]
+    files: dict[str, bytes]
+
+    def __getitem__(self, guid: str) -> bytes:
+        return self.inline[guid] if guid in self.inline else self.files[guid]
+
+    @property
+    def guids(self) -> set[str]:
+        return self.inline.keys() | self.files.keys()
+
+
+def check_bodies(user_dir: Path) -> StoredBodies:
+    """Every message's stored bytes, from the index and files under `user_dir` (any process
+    may call this), after checking the layout's promises: the index passes integrity_check;
+    each message row has exactly one body, a `body` row or a file m/xx/<guid>; no body row or
+    file outlives its message row; tmp/ is empty."""
+    conn = sqlite3.connect(user_dir / "index.sqlite")
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        guids = {guid for (guid,) in conn.execute("SELECT guid FROM message")}
+        inline: dict[str, bytes] = dict(conn.execute("SELECT guid, data FROM body"))
+    finally:
+        conn.close()
+    files = {path.name: path for path in (user_dir / "m").rglob("*") if path.is_file()}
+    assert not inline.keys() - guids, f"body rows without a message: {inline.keys() - guids}"
+    orphans = sorted(files.keys() - guids)
+    assert not orphans, f"orphan files: {orphans[:5]}"
+    assert not inline.keys() & files.keys(), "a message both inline and in a file"
+    missing = sorted(guids - inline.keys() - files.keys())
+    assert not missing, f"messages without a body: {missing[:5]}"
+    tmp = user_dir / "tmp"
+    assert not tmp.is_dir() or not any(tmp.iterdir()), "tmp files left"
+    return StoredBodies(inline, {guid: path.read_bytes() for guid, path in files.items()})

@@ -174,12 +174,14 @@ class MailStore(Protocol):
         ...
 
     def open_message(self, user: str, guid: str) -> BinaryIO:
-        """The stored bytes of a message (a plain file object; reading it is blocking I/O)."""
+        """The stored bytes of a message as a binary file object (an open file, or BytesIO for
+        a body kept in the index); opening and reading it is blocking I/O, so callers use a
+        thread."""
         ...
 
     async def expunge(self, user: str, mailbox: str, uids: list[int]) -> list[int]:
-        """Remove messages for good (index first, durably; files afterwards); returns the
-        UIDs that existed and are now gone, ascending."""
+        """Remove messages for good (index and inline bodies first, durably; files
+        afterwards); returns the UIDs that existed and are now gone, ascending."""
         ...
 
     # IMAP (issue 4). Mailbox names use HIERARCHY_DELIMITER; "INBOX" is case-insensitive and
@@ -226,7 +228,8 @@ class MailStore(Protocol):
     async def copy(self, user: str, source: str, uids: list[int], dest: str,
                    quota: int | None = None) -> CopyResult:
         """Copy messages (same bytes, new GUIDs, flags kept, new UIDs in dest); OverQuota.
-        MailDB makes each copy a hard link of the source file: no bytes are written."""
+        MailDB makes each copy of a file a hard link of it (no bytes written), and copies an
+        inline body inside the index."""
         ...
 
     async def move(self, user: str, source: str, uids: list[int], dest: str) -> CopyResult:

@@ -65,7 +65,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         accounts = AccountDB.for_store(settings.store_dir)
         stack.callback(accounts.close)
 
-        maildb = MailDB.for_store(settings.store_dir)
+        maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
         stack.push_async_callback(maildb.close)
         swept = await maildb.sweep()
         log.info("mail store ready at %s (sweep checked %d users, removed %d files)",

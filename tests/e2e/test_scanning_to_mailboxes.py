@@ -27,19 +27,22 @@ MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>]+>)", re.MULTILINE | re.IGNORECASE
 
 
 def folder(settings: Settings, name: str) -> list[bytes]:
-    """The stored messages of one of USER's folders, read from the store's index and files."""
+    """The stored messages of one of USER's folders, read from the store's index (inline
+    bodies) and files."""
     base = user_path(settings.store_dir / "mail", USER)
     index = base / "index.sqlite"
     if not index.exists():
         return []
     conn = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
     try:
-        guids = [row[0] for row in conn.execute(
-            "SELECT m.guid FROM message m JOIN mailbox b ON b.id = m.mailbox_id"
-            " WHERE b.name = ? ORDER BY m.uid", (name,))]
+        rows = conn.execute(
+            "SELECT m.guid, body.data FROM message m JOIN mailbox b ON b.id = m.mailbox_id"
+            " LEFT JOIN body ON body.guid = m.guid WHERE b.name = ? ORDER BY m.uid",
+            (name,)).fetchall()
     finally:
         conn.close()
-    return [(base / "m" / guid[:2] / guid).read_bytes() for guid in guids]
+    return [data if data is not None else (base / "m" / guid[:2] / guid).read_bytes()
+            for guid, data in rows]
 
 
 def message_ids(messages: list[bytes]) -> list[bytes]:

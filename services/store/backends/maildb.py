@@ -1,4 +1,5 @@
-"""Mailbox storage: immutable per-message files plus one SQLite index per user (WAL).
+"""Mailbox storage: one SQLite index per user (WAL) holding small message bodies, plus
+immutable per-message files for the large ones.
 
 Layout under `root` (normally `<store_dir>/mail`), documented in docs/architecture.md:
 
@@ -6,18 +7,24 @@ Layout under `root` (normally `<store_dir>/mail`), documented in docs/architectu
     inflight                        journal of users whose files may be ahead of their index
     <sha256(user)[:2]>/<user>/
         index.sqlite                the user's index (WAL, synchronous=FULL); created with
-                                    INBOX, Drafts, Sent, Junk, Trash and Archive
-        m/<guid[:2]>/<guid>         message bytes, written once, never modified
+                                    INBOX, Drafts, Sent, Junk, Trash and Archive; bodies of
+                                    at most `inline_max` octets (table `body`)
+        m/<guid[:2]>/<guid>         a larger message's bytes, written once, never modified
         tmp/<guid>                  a message file being written (removed by the sweep)
 
-Index tables (schema 3; older indexes are migrated in place when first opened):
+Index tables (schema 4; older indexes are migrated in place when first opened):
 
     mailbox       id, name (unique, "/"-separated, INBOX spelled so), uidvalidity, uidnext,
                   highestmodseq (the mailbox's MODSEQ: CONDSTORE is per mailbox, RFC 7162 2),
                   special_use (RFC 6154), recent_uid (first UID no session has claimed as
                   \\Recent yet)
-    message       mailbox_id, uid, guid (the file's name, unique), size, internaldate, flags
-                  (sorted, space-separated; system flags in canonical case), modseq
+    message       mailbox_id, uid, guid (unique: the body row's key or the file's name),
+                  size, internaldate, flags (sorted, space-separated; system flags in
+                  canonical case), modseq
+    body          guid -> data: the bytes of an inline message, inserted and deleted in the
+                  transactions that insert and delete its message row. A message has either
+                  a body row or a file, never both; which one was decided when its bytes
+                  were first stored, so changing `inline_max` moves nothing.
     expunged      mailbox_id, uid, modseq: every UID removed (expunge, move, delete of its
                   mailbox drops them), for QRESYNC's VANISHED; never pruned
     delivered     queue_id -> mailbox_id, uid: makes queue redelivery a no-op
@@ -26,27 +33,35 @@ Index tables (schema 3; older indexes are migrated in place when first opened):
                   transaction as each change that adds or removes rows)
 
 Adding messages (deliver, append, copy); the caller hears of success only after step 2:
-    1. append the user to the `inflight` journal (fsynced); write each body to tmp/, fsync
-       it, rename it into m/xx/, fsync every directory touched (including parents that were
-       just created). COPY writes no bytes: each copy is a new name (a new GUID) hard-linked
-       to the source's file (os.link), and the directories are fsynced the same way;
-    2. BEGIN IMMEDIATE; allocate uid = uidnext++ and a new modseq; insert the rows; update
-       the usage; COMMIT (synchronous=FULL).
-A crash between 1 and 2 leaves names no index row points at.
+    1. only when some body is a file: append the user to the `inflight` journal (fsynced);
+       write each such body to tmp/, fsync it, rename it into m/xx/, fsync every directory
+       touched (including parents that were just created). COPY writes no bytes of a file:
+       each copy is a new name (a new GUID) hard-linked to the source's file (os.link), and
+       the directories are fsynced the same way;
+    2. BEGIN IMMEDIATE; allocate uid = uidnext++ and a new modseq; insert the rows, and the
+       body rows of inline messages (COPY copies the source's row inside SQLite); update the
+       usage; COMMIT (synchronous=FULL: the commit, inline bodies included, is durable when
+       it returns).
+A crash between 1 and 2 leaves names no index row points at. A batch of inline bodies only
+is step 2 alone: one transaction, one commit, nothing else written or fsynced.
 
-Removing messages (expunge, delete of a mailbox): the user goes to the journal, the index
-transaction commits, and only then are the files unlinked; a crash in between leaves names the
-index no longer knows. MOVE and RENAME touch no file: the rows change mailbox (MOVE keeps the
-GUID, records the source UIDs in `expunged`), all in one transaction.
+Removing messages (expunge, delete of a mailbox): the body rows go in the transaction that
+deletes the message rows. When files are among them, the user goes to the journal before
+that transaction commits, and only after it are the files unlinked; a crash in between leaves
+names the index no longer knows. MOVE and RENAME touch no body: the rows change mailbox (MOVE
+keeps the GUID, records the source UIDs in `expunged`), all in one transaction.
 
 `sweep()` at startup removes, for exactly the users named in the journal, tmp files and the
 message files no index row names, so a restart never has to walk 100,000 accounts;
 `sweep(full=True)` walks all. Removing an orphan name never touches a hard-linked sibling.
+Inline bodies cannot be orphans: they live and die with their rows.
 
 Threads: every index write and every cached writer connection belongs to one dedicated thread
 (SQLite serialises writers per database anyway, and one thread keeps the LRU of open
 connections simple). Reads open a short-lived connection in a small reader pool, so a POP3
 listing never waits behind a delivery batch; WAL lets them run beside the writer.
+`open_message` runs in its caller's thread (FETCH readers, POP3, the indexer) and reads inline
+bodies through a small per-thread LRU of read-only connections (`bodies.BodyReaders`).
 
 Change notification: after each committed change the writer schedules, in the caller's event
 loop, a bump of the user's `version` (IDLE waits on it with `wait_change`) and a call of every
@@ -61,6 +76,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
 import logging
 import os
 import re
@@ -75,6 +91,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+from services.store.backends.bodies import BodyReaders
 from services.store.backends.snapshots import (
     DEFAULT_CAPACITY,
     MERGE_LIMIT,
@@ -82,7 +99,7 @@ from services.store.backends.snapshots import (
     Snapshot,
     merge,
 )
-from services.store.backends.sqlite import read_snapshot, transaction
+from services.store.backends.sqlite import connect_reader, read_snapshot, transaction
 from services.store.mailbox import (
     HIERARCHY_DELIMITER,
     INBOX,
@@ -113,8 +130,8 @@ T = TypeVar("T")
 
 # 1: mailbox, message, expunged, delivered. 2: mailbox.special_use (RFC 6154) and the
 # standard folders (Drafts, Sent, Junk, Trash, Archive) in every index. 3: mailbox.recent_uid,
-# subscription, account (usage).
-SCHEMA_VERSION = 3
+# subscription, account (usage). 4: body (inline message bodies).
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mailbox (
     id INTEGER PRIMARY KEY,
@@ -136,6 +153,14 @@ CREATE TABLE IF NOT EXISTS message (
     PRIMARY KEY (mailbox_id, uid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS message_modseq ON message(mailbox_id, modseq);
+-- Not in `message`, which a SELECT of a mailbox reads whole: blobs there would spread a
+-- listing over many more pages, and WITHOUT ROWID tables are meant for small rows. A rowid
+-- table, found through its primary key's index, the bytes in overflow pages of their own.
+-- (No semicolons in these comments: the schema is split on them.)
+CREATE TABLE IF NOT EXISTS body (
+    guid TEXT PRIMARY KEY,
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS expunged (
     mailbox_id INTEGER NOT NULL,
     uid INTEGER NOT NULL,
@@ -375,13 +400,17 @@ class _UidValidity:
 
 
 class MailDB:
-    """The `MailStore` implementation. Construct with the mail root (or `for_store`)."""
+    """The `MailStore` implementation. Construct with the mail root (or `for_store`) and the
+    largest body stored inside the index (`Settings.store_inline_max`; 0: none)."""
 
-    def __init__(self, root: Path, *, max_open: int = 256, readers: int = 4,
+    def __init__(self, root: Path, *, inline_max: int, max_open: int = 256, readers: int = 4,
                  snapshot_messages: int = DEFAULT_CAPACITY) -> None:
+        if inline_max < 0:
+            raise ValueError(f"inline_max must be 0 or more, not {inline_max}")
         # Absolute: readers open the index by file: URI, and TIERMAIL_DATA_DIR is relative
         # by default (./var).
         self.root = root.absolute()
+        self._inline_max = inline_max
         self._max_open = max_open
         _makedirs_durable(root)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maildb-writer")
@@ -399,10 +428,12 @@ class MailDB:
         self._user_paths: dict[str, Path] = {}  # any thread; dict operations are atomic
         # Shared by the reader threads (it has its own lock).
         self._snapshots = MessageListCache(snapshot_messages)
+        # Per calling thread (open_message runs in its callers' threads).
+        self._bodies = BodyReaders(SCHEMA_VERSION, self._index_file)
 
     @classmethod
-    def for_store(cls, store_dir: Path, **kwargs: int) -> MailDB:
-        return cls(store_dir / "mail", **kwargs)
+    def for_store(cls, store_dir: Path, *, inline_max: int, **kwargs: int) -> MailDB:
+        return cls(store_dir / "mail", inline_max=inline_max, **kwargs)
 
     # Paths
 
@@ -425,6 +456,13 @@ class MailDB:
             raise NoSuchMessage(f"not a message id: {guid!r}")
         return f"{self.user_path(user)}/m/{guid[:2]}/{guid}"
 
+    def _index_file(self, user: str) -> Path:
+        return self.user_path(user) / "index.sqlite"
+
+    def _is_inline(self, size: int) -> bool:
+        """Whether a body of `size` octets, stored now, goes into the index."""
+        return self._inline_max > 0 and size <= self._inline_max
+
     # MailStore: reads
 
     async def status(self, user: str, mailbox: str = INBOX) -> MailboxStatus:
@@ -437,11 +475,23 @@ class MailDB:
         return await self._read(self._list_sync, user, canonical_mailbox(mailbox))
 
     def open_message(self, user: str, guid: str) -> BinaryIO:
-        path = self._message_file(user, guid)
-        try:
-            return open(path, "rb")  # noqa: SIM115 - the caller closes it
-        except FileNotFoundError:
-            raise NoSuchMessage(guid) from None
+        """The stored bytes: an inline body as BytesIO, else the file. Blocking (SQLite or
+        the file system), in the caller's thread. The table is asked first: with the default
+        threshold nearly every message is inline, and a miss in the table costs about what
+        a failed open() does (see docs/architecture.md, "Inline bodies")."""
+        if self._closed:
+            raise StorageError("mail store is closed")
+        path = self._message_file(user, guid)  # checks the user and the GUID
+        data = self._bodies.body(user, guid)
+        if data is None:
+            try:
+                return open(path, "rb")  # noqa: SIM115 - the caller closes it
+            except FileNotFoundError:
+                # Gone, or the cached connection reads an index replaced since.
+                data = self._bodies.body(user, guid, recheck=True)
+                if data is None:
+                    raise NoSuchMessage(guid) from None
+        return io.BytesIO(data)
 
     async def subscriptions(self, user: str) -> list[str]:
         return await self._read(self._subscriptions_sync, user, INBOX)
@@ -521,8 +571,9 @@ class MailDB:
 
     async def copy(self, user: str, source: str, uids: list[int], dest: str,
                    quota: int | None = None) -> CopyResult:
-        """New GUIDs hard-linked to the source files (no bytes copied); flags and
-        internaldate kept; new UIDs in ascending source order; one new MODSEQ in `dest`."""
+        """New GUIDs: hard links of the source files (no bytes copied), copies of inline
+        bodies made inside the index; flags and internaldate kept; new UIDs in ascending
+        source order; one new MODSEQ in `dest`."""
         self.user_path(user)
         return await self._change(self._copy_sync, user, canonical_mailbox(source),
                                   list(uids), canonical_mailbox(dest), quota)
@@ -548,6 +599,7 @@ class MailDB:
         await asyncio.get_running_loop().run_in_executor(self._writer, self._close_sync)
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
+        self._bodies.close()
 
     # Additions beyond MailStore (used by IMAP, the consumer, main and tests)
 
@@ -738,6 +790,8 @@ class MailDB:
             if version > SCHEMA_VERSION:
                 raise StorageError(f"index of {user} has schema {version}, newer than this "
                                    f"code ({SCHEMA_VERSION})")
+            # Creates what is missing; 3 -> 4 is the `body` table alone (bodies already
+            # stored stay files: nothing is moved).
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -855,17 +909,17 @@ class MailDB:
         if name == INBOX:
             raise CannotDelete("INBOX cannot be deleted")
         conn = self._conn(user)
-        self._journal([user])
         with transaction(conn):
             box = self._box(conn, name)
-            rows = conn.execute("SELECT guid, size FROM message WHERE mailbox_id = ?",
-                                (box.id,)).fetchall()
+            rows = conn.execute(f"SELECT guid, size, {_INLINE} FROM message"
+                                " WHERE mailbox_id = ?", (box.id,)).fetchall()
+            files = self._forget_bodies(conn, user, [(guid, inline) for guid, _, inline in rows])
             conn.execute("DELETE FROM message WHERE mailbox_id = ?", (box.id,))
             conn.execute("DELETE FROM expunged WHERE mailbox_id = ?", (box.id,))
             conn.execute("DELETE FROM mailbox WHERE id = ?", (box.id,))
-            _add_usage(conn, -sum(int(size) for _, size in rows))
+            _add_usage(conn, -sum(int(size) for _, size, _ in rows))
         events.append(ChangeEvent(user, "mailbox", name))
-        self._unlink_messages(user, [str(guid) for guid, _ in rows])
+        self._unlink_messages(user, files)
 
     def _rename_sync(self, events: list[ChangeEvent], user: str, old: str, new: str) -> None:
         conn = self._conn(user)
@@ -956,7 +1010,11 @@ class MailDB:
         for position, delivery in enumerate(deliveries):
             self.user_path(delivery.user)  # validate every owner before touching the disk
             by_user[delivery.user].append(position)
-        self._journal(by_user)
+        # Only users about to get files can be left with orphans by a crash.
+        with_files = [user for user, positions in by_user.items()
+                      if not all(self._is_inline(len(deliveries[p].body)) for p in positions)]
+        if with_files:
+            self._journal(with_files)
         for user, positions in by_user.items():
             stored = self._deliver_user(events, user, [deliveries[p] for p in positions])
             for position, new in zip(positions, stored, strict=True):
@@ -966,65 +1024,16 @@ class MailDB:
     def _deliver_user(self, events: list[ChangeEvent], user: str,
                       deliveries: list[Delivery]) -> list[int | None]:
         conn = self._conn(user)
-        base = self.user_path(user)
         results: list[int | None] = [None] * len(deliveries)
-
-        # Cheap pre-check so a redelivered batch writes no files at all.
-        wanted = list({d.queue_id for d in deliveries})
-        known = _known_queue_ids(conn, wanted)
-        todo: list[tuple[int, Delivery, str]] = []
-        seen: set[str] = set()
-        for i, delivery in enumerate(deliveries):
-            if delivery.queue_id in known or delivery.queue_id in seen:
-                continue
-            seen.add(delivery.queue_id)
-            todo.append((i, delivery, uuid.uuid4().hex))
+        todo = _new_deliveries(conn, deliveries)
         if not todo:
             return results
-
         written: list[Path] = []
-        committed: dict[str, list[str]] = defaultdict(list)  # mailbox name -> guids
         try:
-            written = self._write_messages(base, [(guid, d.body) for _, d, guid in todo])
+            written = self._write_messages(self.user_path(user), [
+                (guid, d.body) for _, d, guid in todo if not self._is_inline(len(d.body))])
             with transaction(conn):
-                # Keyed by id: two names may lead to one mailbox (Junk found by its attribute).
-                box_ids: dict[str, int] = {}
-                mailboxes: dict[int, list[int]] = {}  # id -> [id, uidnext, modseq]
-                names: dict[int, str] = {}
-                known = _known_queue_ids(conn, [d.queue_id for _, d, _ in todo])
-                now = time.time()
-                added = 0
-                for i, delivery, guid in todo:
-                    if delivery.queue_id in known:
-                        continue
-                    box_id = box_ids.get(delivery.mailbox)
-                    if box_id is None:
-                        row = self._delivery_mailbox(conn, delivery.mailbox)
-                        box_id = box_ids[delivery.mailbox] = row[0]
-                        mailboxes.setdefault(box_id, list(row))
-                        names[box_id] = _mailbox_name(conn, box_id)
-                    box = mailboxes[box_id]
-                    uid, modseq = box[1], box[2] + 1
-                    box[1], box[2] = uid + 1, modseq
-                    conn.execute(
-                        "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags,"
-                        " modseq) VALUES (?, ?, ?, ?, ?, '', ?)",
-                        (box_id, uid, guid, len(delivery.body),
-                         delivery.received_at or now, modseq),
-                    )
-                    conn.execute(
-                        "INSERT INTO delivered (queue_id, mailbox_id, uid, delivered_at)"
-                        " VALUES (?, ?, ?, ?)", (delivery.queue_id, box_id, uid, now),
-                    )
-                    added += len(delivery.body)
-                    committed[names[box_id]].append(guid)
-                    results[i] = uid
-                for box_id, uidnext, modseq in mailboxes.values():
-                    conn.execute(
-                        "UPDATE mailbox SET uidnext = ?, highestmodseq = ? WHERE id = ?",
-                        (uidnext, modseq, box_id),
-                    )
-                _add_usage(conn, added)
+                committed = self._insert_deliveries(conn, todo, results)
         except BaseException:
             _unlink_all(written)
             raise
@@ -1034,6 +1043,52 @@ class MailDB:
         events.extend(ChangeEvent(user, "deliver", name, guids=tuple(guids))
                       for name, guids in committed.items())
         return results
+
+    def _insert_deliveries(self, conn: sqlite3.Connection, todo: list[tuple[int, Delivery, str]],
+                           results: list[int | None]) -> dict[str, list[str]]:
+        """The rows (and inline bodies) of `todo`'s new deliveries, inside the transaction;
+        sets results[position] to each new UID; returns mailbox name -> GUIDs stored."""
+        # Keyed by id: two names may lead to one mailbox (Junk found by its attribute).
+        box_ids: dict[str, int] = {}
+        mailboxes: dict[int, list[int]] = {}  # id -> [id, uidnext, modseq]
+        names: dict[int, str] = {}
+        committed: dict[str, list[str]] = defaultdict(list)
+        inline: list[tuple[str, bytes]] = []
+        known = _known_queue_ids(conn, [d.queue_id for _, d, _ in todo])
+        now = time.time()
+        added = 0
+        for i, delivery, guid in todo:
+            if delivery.queue_id in known:
+                continue
+            box_id = box_ids.get(delivery.mailbox)
+            if box_id is None:
+                row = self._delivery_mailbox(conn, delivery.mailbox)
+                box_id = box_ids[delivery.mailbox] = row[0]
+                mailboxes.setdefault(box_id, list(row))
+                names[box_id] = _mailbox_name(conn, box_id)
+            box = mailboxes[box_id]
+            uid, modseq = box[1], box[2] + 1
+            box[1], box[2] = uid + 1, modseq
+            conn.execute(
+                "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags,"
+                " modseq) VALUES (?, ?, ?, ?, ?, '', ?)",
+                (box_id, uid, guid, len(delivery.body), delivery.received_at or now, modseq),
+            )
+            conn.execute(
+                "INSERT INTO delivered (queue_id, mailbox_id, uid, delivered_at)"
+                " VALUES (?, ?, ?, ?)", (delivery.queue_id, box_id, uid, now),
+            )
+            if self._is_inline(len(delivery.body)):
+                inline.append((guid, delivery.body))
+            added += len(delivery.body)
+            committed[names[box_id]].append(guid)
+            results[i] = uid
+        conn.executemany("INSERT INTO body (guid, data) VALUES (?, ?)", inline)
+        for box_id, uidnext, modseq in mailboxes.values():
+            conn.execute("UPDATE mailbox SET uidnext = ?, highestmodseq = ? WHERE id = ?",
+                         (uidnext, modseq, box_id))
+        _add_usage(conn, added)
+        return committed
 
     def _write_messages(self, base: Path, bodies: list[tuple[str, bytes]]) -> list[Path]:
         """Write each (guid, body) to tmp/, fsync it and rename it into m/xx/."""
@@ -1052,9 +1107,12 @@ class MailDB:
         if self._mailbox_row(conn, mailbox) is None:
             raise NoSuchMailbox(mailbox)
         _check_quota(conn, len(body), quota)
-        self._journal([user])
         guid = uuid.uuid4().hex
-        written = self._write_messages(self.user_path(user), [(guid, body)])
+        inline = self._is_inline(len(body))
+        written: list[Path] = []
+        if not inline:
+            self._journal([user])
+            written = self._write_messages(self.user_path(user), [(guid, body)])
         try:
             with transaction(conn):
                 box = self._box(conn, mailbox)
@@ -1065,6 +1123,8 @@ class MailDB:
                     " modseq) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (box.id, box.uidnext, guid, len(body), internaldate, _flags_text(flags),
                      modseq))
+                if inline:
+                    conn.execute("INSERT INTO body (guid, data) VALUES (?, ?)", (guid, body))
                 conn.execute("UPDATE mailbox SET uidnext = ?, highestmodseq = ? WHERE id = ?",
                              (box.uidnext + 1, modseq, box.id))
                 _add_usage(conn, len(body))
@@ -1079,12 +1139,12 @@ class MailDB:
         conn = self._writer_conn(user, create=False)
         if conn is None:
             raise NoSuchMailbox(mailbox)
-        self._journal([user])
         with transaction(conn):
             box = self._box(conn, mailbox)
-            rows = _rows_for_uids(conn, box.id, uids, "guid, size")
+            rows = _rows_for_uids(conn, box.id, uids, f"guid, size, {_INLINE}")
             if not rows:
                 return []
+            files = self._forget_bodies(conn, user, [(row[1], row[3]) for row in rows])
             modseq = box.modseq + 1
             found = [int(row[0]) for row in rows]
             conn.executemany("DELETE FROM message WHERE mailbox_id = ? AND uid = ?",
@@ -1097,7 +1157,7 @@ class MailDB:
             _add_usage(conn, -sum(int(row[2]) for row in rows))
         events.append(ChangeEvent(user, "expunge", mailbox))
         # The index no longer names them; if we crash here the sweep removes them.
-        self._unlink_messages(user, [str(row[1]) for row in rows])
+        self._unlink_messages(user, files)
         return found
 
     def _store_flags_sync(self, events: list[ChangeEvent], user: str, mailbox: str,
@@ -1124,26 +1184,26 @@ class MailDB:
     def _copy_sync(self, events: list[ChangeEvent], user: str, source: str, uids: list[int],
                    dest: str, quota: int | None) -> CopyResult:
         conn = self._conn(user)
-        base = self.user_path(user)
-        self._journal([user])
         linked: list[Path] = []
         try:
             with transaction(conn):
                 src, dst = self._box(conn, source), self._box(conn, dest)
-                rows = _rows_for_uids(conn, src.id, uids, "guid, size, internaldate, flags")
+                rows = _rows_for_uids(conn, src.id, uids,
+                                      f"guid, size, internaldate, flags, {_INLINE}")
                 if not rows:
                     return CopyResult(dst.uidvalidity, [], [])
                 _check_quota(conn, sum(int(row[2]) for row in rows), quota)
                 guids = [uuid.uuid4().hex for _ in rows]
-                linked = self._link_messages(base, [
-                    (str(row[1]), guid) for row, guid in zip(rows, guids, strict=True)])
+                linked = self._copy_bodies(conn, user, [
+                    (str(row[1]), guid, bool(row[5]))
+                    for row, guid in zip(rows, guids, strict=True)])
                 modseq = dst.modseq + 1
                 dest_uids = list(range(dst.uidnext, dst.uidnext + len(rows)))
                 conn.executemany(
                     "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags,"
                     " modseq) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(dst.id, uid, guid, size, internaldate, flags, modseq)
-                     for uid, guid, (_, _, size, internaldate, flags)
+                     for uid, guid, (_, _, size, internaldate, flags, _)
                      in zip(dest_uids, guids, rows, strict=True)])
                 conn.execute("UPDATE mailbox SET uidnext = ?, highestmodseq = ? WHERE id = ?",
                              (dest_uids[-1] + 1, modseq, dst.id))
@@ -1153,6 +1213,32 @@ class MailDB:
             raise
         events.append(ChangeEvent(user, "copy", dest, source=source, guids=tuple(guids)))
         return CopyResult(dst.uidvalidity, [int(row[0]) for row in rows], dest_uids)
+
+    def _copy_bodies(self, conn: sqlite3.Connection, user: str,
+                     copies: list[tuple[str, str, bool]]) -> list[Path]:
+        """For each (source GUID, new GUID, source is inline), the copy's body: an inline
+        source's bytes copied into a new body row (inside SQLite, in the transaction), a
+        file source's file linked under the new name (journalled, durable before the
+        commit). Returns the names linked."""
+        conn.executemany("INSERT INTO body (guid, data) SELECT ?, data FROM body WHERE guid = ?",
+                         [(new, source) for source, new, inline in copies if inline])
+        files = [(source, new) for source, new, inline in copies if not inline]
+        if not files:
+            return []
+        self._journal([user])
+        return self._link_messages(self.user_path(user), files)
+
+    def _forget_bodies(self, conn: sqlite3.Connection, user: str,
+                       doomed: Sequence[tuple[str, object]]) -> list[str]:
+        """Inside the transaction removing the messages (GUID, is inline): delete the inline
+        bodies; journal the user when files are left to unlink after the commit (a crash
+        before that leaves names the sweep removes). Returns the GUIDs of those files."""
+        conn.executemany("DELETE FROM body WHERE guid = ?",
+                         [(guid,) for guid, inline in doomed if inline])
+        files = [str(guid) for guid, inline in doomed if not inline]
+        if files:
+            self._journal([user])
+        return files
 
     def _link_messages(self, base: Path, pairs: list[tuple[str, str]]) -> list[Path]:
         """For each (source guid, new guid), a new name for the source's file. A file system
@@ -1271,24 +1357,7 @@ class MailDB:
     def _read_conn(self, user: str) -> sqlite3.Connection | None:
         """A read-only connection, or None when the index is missing or not yet at
         SCHEMA_VERSION (being created, or written by older code): the writer fixes that."""
-        index = self.user_path(user) / "index.sqlite"
-        try:
-            conn = sqlite3.connect(f"{index.as_uri()}?mode=rw", uri=True,
-                                   isolation_level=None, check_same_thread=False, timeout=30)
-        except sqlite3.OperationalError:
-            if not index.exists():
-                return None
-            raise
-        try:
-            conn.execute("PRAGMA query_only=1")
-            current = conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        except BaseException:
-            conn.close()
-            raise
-        if not current:
-            conn.close()
-            return None
-        return conn
+        return connect_reader(self._index_file(user), SCHEMA_VERSION)
 
     def _status_sync(self, user: str, mailbox: str) -> MailboxStatus | None:
         conn = self._read_conn(user)
@@ -1462,6 +1531,9 @@ class MailDB:
         with contextlib.closing(conn):
             return {row[0] for row in conn.execute("SELECT queue_id FROM delivered")}
 
+
+# A column for `SELECT ... FROM message`: 1 when the message's body is inline.
+_INLINE = "EXISTS (SELECT 1 FROM body WHERE body.guid = message.guid)"
 
 # Flags are stored sorted and space-separated, system flags in canonical case: \Seen is a
 # whole word. (LIKE is case-insensitive for ASCII, which is harmless here.)
@@ -1686,3 +1758,18 @@ def _known_queue_ids(conn: sqlite3.Connection, queue_ids: list[str]) -> set[str]
         known.update(row[0] for row in conn.execute(
             f"SELECT queue_id FROM delivered WHERE queue_id IN ({marks})", chunk))
     return known
+
+
+def _new_deliveries(conn: sqlite3.Connection,
+                    deliveries: list[Delivery]) -> list[tuple[int, Delivery, str]]:
+    """(position, delivery, new GUID) of each queue id not yet delivered, once. A cheap read
+    before any byte is written, so a redelivered batch writes nothing at all."""
+    known = _known_queue_ids(conn, list({d.queue_id for d in deliveries}))
+    todo: list[tuple[int, Delivery, str]] = []
+    seen: set[str] = set()
+    for i, delivery in enumerate(deliveries):
+        if delivery.queue_id in known or delivery.queue_id in seen:
+            continue
+        seen.add(delivery.queue_id)
+        todo.append((i, delivery, uuid.uuid4().hex))
+    return todo

@@ -1,11 +1,12 @@
-"""Transaction helpers for the store's SQLite files (connections opened with
-isolation_level=None, so transactions are explicit)."""
+"""Helpers for the store's SQLite files: transactions (connections are opened with
+isolation_level=None, so transactions are explicit) and read-only connections."""
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 
 @contextlib.contextmanager
@@ -31,3 +32,27 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
     finally:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("COMMIT")
+
+
+def connect_reader(index: Path, schema: int) -> sqlite3.Connection | None:
+    """A connection to an existing index that cannot write (`query_only`), or None when the
+    file does not exist or its `user_version` is not `schema` (being created, or written by
+    other code: the writer deals with that). Opened read-write at the file level: a WAL
+    reader must be able to create the shared-memory file when it is the first to open it."""
+    try:
+        conn = sqlite3.connect(f"{index.as_uri()}?mode=rw", uri=True, isolation_level=None,
+                               check_same_thread=False, timeout=30)
+    except sqlite3.OperationalError:
+        if not index.exists():
+            return None
+        raise
+    try:
+        conn.execute("PRAGMA query_only=1")
+        current = conn.execute("PRAGMA user_version").fetchone()[0] == schema
+    except BaseException:
+        conn.close()
+        raise
+    if not current:
+        conn.close()
+        return None
+    return conn

@@ -82,8 +82,8 @@ def imap_users(tmp_path: Path, password_hashes: dict[str, str]) -> Iterator[Acco
 
 
 @pytest.fixture
-async def maildb(tmp_path: Path) -> AsyncIterator[MailDB]:
-    store = MailDB(tmp_path / "mail")
+async def maildb(tmp_path: Path, settings: Settings) -> AsyncIterator[MailDB]:
+    store = MailDB(tmp_path / "mail", inline_max=settings.store_inline_max)
     yield store
     await store.close()
 

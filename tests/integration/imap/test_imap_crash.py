@@ -1,7 +1,8 @@
 """SIGKILL of the real `tiermail store` process while an IMAP client APPENDs, MOVEs and
 EXPUNGEs in a loop. Only tagged OKs count as promises: after a restart every APPEND answered
 OK is there exactly once, every MOVE answered OK is in the destination only, every EXPUNGE
-answered OK is gone, nothing is in two places, and the mailboxes can be read.
+answered OK is gone, nothing is in two places, and the mailboxes can be read. Run with every
+body a file, and with the default inline threshold and one APPEND in four larger than it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from services.store.backends.maildb import user_path
 from tests.conftest import TEST_REDIS_DB
 from tests.integration.imap.clients import Raw, Reply
 from tests.integration.imap.conftest import ALICE, USERS
-from tests.support import TierProcess, delete_queues, free_port, port_open, run_cli
+from tests.support import (
+    TierProcess,
+    check_bodies,
+    delete_queues,
+    free_port,
+    port_open,
+    run_cli,
+)
 
 INBOX, ARCHIVE = "INBOX", "Archive"
 GONE, ABSENT = "gone", "absent"
@@ -35,11 +43,13 @@ AIMED = [("APPEND", 0.0), ("MOVE", 0.0), ("EXPUNGE", 0.0),
          ("APPEND", 0.002), ("MOVE", 0.002), ("EXPUNGE", 0.002)]
 RANDOM_KILLS = 2
 MESSAGE_ID = re.compile(rb"Message-ID: (<[^>]+>)", re.IGNORECASE)
+LINE = "line of text\r\n"
+SMALL, LARGE = 20, 6000  # lines: about 300 octets, and 84,000 (a file under the default)
 
 
 @pytest.fixture
 def store_settings(amqp_vhost: str, tmp_path: Path, tls_files: tuple[Path, Path],
-                   redis_client: redis.Redis) -> Iterator[Settings]:
+                   redis_client: redis.Redis, inline_max: int) -> Iterator[Settings]:
     """A whole store's settings: its own vhost queues (the store consumes deliveries), Redis
     prefix, data dir and ports. The IMAP directory's `settings` fixture has no broker."""
     tag = uuid.uuid4().hex[:10]
@@ -54,6 +64,7 @@ def store_settings(amqp_vhost: str, tmp_path: Path, tls_files: tuple[Path, Path]
         redis_prefix=f"t{tag}:", queue_prefix=f"t{tag}",
         data_dir=tmp_path / "var", tls_cert=str(cert), tls_key=str(key),
         allow_plaintext_auth=True, spam="off", virus="off", learn="off", log_level="INFO",
+        store_inline_max=inline_max,
     )
     yield value
     delete_queues(value)
@@ -149,8 +160,9 @@ class Client(threading.Thread):
 
     def _append(self, raw: Raw) -> None:
         message_id = f"<{uuid.uuid4().hex}@crash.test>"
+        lines = SMALL if self.rng.random() < 0.75 else LARGE
         body = (f"From: crash@example.org\r\nSubject: crash test\r\nMessage-ID: {message_id}"
-                f"\r\n\r\n" + "line of text\r\n" * 20).encode()
+                f"\r\n\r\n" + LINE * lines).encode()
         self.ledger.unsure(message_id, INBOX, ABSENT)  # until the OK arrives
         reply = self.send(raw, b"APPEND INBOX {%d+}\r\n" % len(body) + body, "APPEND")
         if reply.status == "OK":
@@ -297,23 +309,16 @@ def test_sigkill_during_append_move_and_expunge(
     unknown = set(where) - set(ledger.sure) - set(ledger.maybe)
     assert not unknown, unknown
     assert ledger.oks >= 10 * len(AIMED)
-    # the files agree with the index: no message lost its file, no orphan file stays
-    check_files(settings.store_dir, len(inbox) + len(archive))
+    # the bodies agree with the index: none lost, no orphan file stays
+    check_files(settings.store_dir, len(inbox) + len(archive), settings.store_inline_max)
     print(f"\nIMAP crash test: {ledger.oks} OKs, interrupted {dict(ledger.interrupted)}, "
           f"{len(inbox)} in INBOX, {len(archive)} in Archive")
 
 
-def check_files(store_dir: Path, expected: int) -> None:
-    import sqlite3
-
-    base = user_path(store_dir / "mail", ALICE)
-    conn = sqlite3.connect(base / "index.sqlite")
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        guids = {row[0] for row in conn.execute("SELECT guid FROM message")}
-    finally:
-        conn.close()
-    assert len(guids) == expected
-    files = {p.name for p in (base / "m").rglob("*") if p.is_file()}
-    assert guids <= files, "an indexed message lost its file"
-    assert files == guids, f"orphan files: {sorted(files - guids)[:5]}"
+def check_files(store_dir: Path, expected: int, inline_max: int) -> None:
+    bodies = check_bodies(user_path(store_dir / "mail", ALICE))
+    assert len(bodies.guids) == expected
+    assert all(len(data) > inline_max for data in bodies.files.values())
+    assert all(len(data) <= inline_max for data in bodies.inline.values())
+    assert bodies.files, "no message larger than the threshold"
+    assert bool(bodies.inline) == bool(inline_max)

@@ -48,7 +48,8 @@ class Store:
 
 @pytest.fixture
 async def store(learn_settings: Settings) -> AsyncIterator[Store]:
-    maildb = MailDB.for_store(learn_settings.store_dir)
+    maildb = MailDB.for_store(learn_settings.store_dir,
+                              inline_max=learn_settings.store_inline_max)
     learning = Learning(learn_settings)
     hook = LearningHook(maildb, learning.send, learning.close)
     maildb.add_listener(hook.on_change)

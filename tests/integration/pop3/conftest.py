@@ -19,7 +19,7 @@ from services.store.backends.maildb import MailDB
 from services.store.mailbox import Delivery, MailStore
 from services.store.pop3.locks import MailboxLocks
 from services.store.pop3.server import start_pop3_servers
-from tests.support import TEST_USERS, account_db, free_port
+from tests.support import INLINE_MODES, TEST_USERS, account_db, free_port
 from tests.unit.pop3.fakes import FakeMailStore
 
 USERS = TEST_USERS
@@ -55,10 +55,12 @@ def accounts(tmp_path: Path, password_hashes: dict[str, str]) -> Iterator[Accoun
     db.close()
 
 
-@pytest.fixture(params=["fake", "maildb"])
+@pytest.fixture(params=["fake", *INLINE_MODES])
 async def mailstore(request: pytest.FixtureRequest, tmp_path: Path
                     ) -> AsyncIterator[MailStore]:
-    store: MailStore = FakeMailStore() if request.param == "fake" else MailDB(tmp_path / "mail")
+    """The fake, and MailDB with files only and with inline bodies (RETR reads either)."""
+    store: MailStore = (FakeMailStore() if request.param == "fake" else
+                        MailDB(tmp_path / "mail", inline_max=INLINE_MODES[request.param]))
     yield store
     await store.close()
 

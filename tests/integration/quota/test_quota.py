@@ -50,7 +50,7 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
     accounts.add_alias(TEAM, ALICE)
     accounts.add_alias(TEAM, BOB)
     accounts.add_alias(SOLO, ALICE)
-    maildb = MailDB.for_store(settings.store_dir)
+    maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
     client = redis.asyncio.Redis.from_url(settings.redis_url)
     directory = Directory(client, settings.redis_prefix)
     await directory.publish(accounts.snapshot())
@@ -117,7 +117,7 @@ async def test_the_default_quota_and_unlimited(settings: Settings) -> None:
     accounts.add_user(ALICE, "h")
     accounts.add_user(BOB, "h")
     accounts.set_quota(BOB, 0)  # unlimited whatever the default
-    maildb = MailDB.for_store(limited.store_dir)
+    maildb = MailDB.for_store(limited.store_dir, inline_max=limited.store_inline_max)
     client = redis.asyncio.Redis.from_url(limited.redis_url)
     try:
         await deliver(maildb, ALICE)

@@ -18,7 +18,7 @@ from common.ids import new_queue_id
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import user_path
-from tests.support import eventually
+from tests.support import check_bodies, eventually
 
 DOMAIN = "example.test"
 QUEUE_ID_HEADER = re.compile(rb"^X-Test-Queue-Id: (\S+)\r$", re.MULTILINE)
@@ -34,10 +34,12 @@ def add_users(settings: Settings, users: Iterable[str]) -> None:
         accounts.close()
 
 
-def make_message(*owners: str, junk: bool = False) -> tuple[Envelope, bytes]:
+def make_message(*owners: str, junk: bool = False, padding: int = 0) -> tuple[Envelope, bytes]:
+    """A small test message, or one with about `padding` more octets of body text."""
     queue_id = new_queue_id()
+    text = "hello\r\n" + ("x" * 76 + "\r\n") * (padding // 78)
     body = (f"From: sender@remote.test\r\nTo: {', '.join(owners)}\r\n"
-            f"Subject: test {queue_id}\r\nX-Test-Queue-Id: {queue_id}\r\n\r\nhello\r\n").encode()
+            f"Subject: test {queue_id}\r\nX-Test-Queue-Id: {queue_id}\r\n\r\n{text}").encode()
     envelope = Envelope(
         queue_id=queue_id, mail_from="sender@remote.test",
         recipients=tuple(Recipient(o, (o,)) for o in owners),
@@ -94,8 +96,11 @@ def stored_count(store_dir: Path, users: Iterable[str]) -> int:
 
 
 def check_mailboxes(store_dir: Path, users: Iterable[str],
-                    by_mailbox: dict[str, set[str]] | None = None) -> Counter[str]:
-    """Verify every index against its files; return how often each test queue id was stored.
+                    by_mailbox: dict[str, set[str]] | None = None,
+                    inline_max: int | None = None) -> Counter[str]:
+    """Verify every index against its bodies (inline and files); return how often each test
+    queue id was stored. With `inline_max`, also that each body is inline exactly when the
+    store's threshold says so.
 
     `by_mailbox`, when given, is filled with mailbox name -> queue ids found in it.
     """
@@ -106,9 +111,9 @@ def check_mailboxes(store_dir: Path, users: Iterable[str],
         index = base / "index.sqlite"
         if not index.exists():
             continue
+        bodies = check_bodies(base)  # integrity, one body per row, no orphans, no tmp files
         conn = sqlite3.connect(index)
         try:
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             rows = conn.execute(
                 "SELECT uid, guid, size, modseq, name, uidnext, highestmodseq FROM message"
                 " JOIN mailbox ON mailbox.id = message.mailbox_id ORDER BY name, uid").fetchall()
@@ -117,20 +122,16 @@ def check_mailboxes(store_dir: Path, users: Iterable[str],
             conn.close()
         uids = [(mailbox, uid) for uid, _, _, _, mailbox, _, _ in rows]
         assert len(uids) == len(set(uids)), f"duplicate uids for {user}"
-        indexed = set()
         for uid, guid, size, modseq, mailbox, uidnext, highest in rows:
             assert 0 < uid < uidnext and modseq <= highest, f"{user} {mailbox} uid {uid}"
-            path = base / "m" / guid[:2] / guid
-            data = path.read_bytes()  # every index row has its file
+            data = bodies[guid]
             assert len(data) == size, f"{user} uid {uid}: size mismatch"
+            if inline_max is not None:
+                assert (guid in bodies.inline) == (0 < size <= inline_max), f"{user} {uid}"
             match = QUEUE_ID_HEADER.search(data)
             assert match, f"{user} uid {uid}: no test queue id in the stored message"
             seen[match.group(1).decode()] += 1
             if by_mailbox is not None:
                 by_mailbox.setdefault(mailbox, set()).add(match.group(1).decode())
             assert match.group(1).decode() in delivered
-            indexed.add(guid)
-        files = {p.name for p in (base / "m").rglob("*") if p.is_file()}
-        assert files == indexed, f"{user}: orphan files {sorted(files - indexed)[:5]}"
-        assert not any((base / "tmp").iterdir()), f"{user}: tmp files left"
     return seen

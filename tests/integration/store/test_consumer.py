@@ -56,7 +56,8 @@ class Running:
 
 
 async def _running(settings: Settings, maildb: MailDB | None = None) -> Running:
-    running = Running(settings, maildb or MailDB.for_store(settings.store_dir))
+    running = Running(settings, maildb or MailDB.for_store(
+        settings.store_dir, inline_max=settings.store_inline_max))
     await running.start()
     return running
 
@@ -163,7 +164,8 @@ class FlakyMailDB(MailDB):
 async def test_storage_failure_requeues_then_dead_letters(settings: Settings) -> None:
     settings = settings.replace(delivery_attempts=3)
     add_users(settings, [ALICE])
-    maildb = FlakyMailDB.for_store(settings.store_dir)
+    maildb = FlakyMailDB.for_store(settings.store_dir,
+                                  inline_max=settings.store_inline_max)
     store = await _running(settings, maildb)
     try:
         envelope, body = make_message(ALICE)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.store.backends.maildb import MailDB
+from services.store.backends.maildb import SCHEMA_VERSION, MailDB
 from services.store.mailbox import (
     ARCHIVE,
     INBOX,
@@ -25,6 +25,7 @@ from services.store.mailbox import (
     NoSuchMailbox,
     OverQuota,
 )
+from tests.support import check_bodies
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -38,8 +39,8 @@ def body(n: int) -> bytes:
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[MailDB]:
-    store = MailDB(tmp_path / "mail", max_open=4)
+async def db(tmp_path: Path, inline_max: int) -> AsyncIterator[MailDB]:
+    store = MailDB(tmp_path / "mail", inline_max=inline_max, max_open=4)
     yield store
     await store.close()
 
@@ -48,8 +49,9 @@ async def append_n(db: MailDB, n: int, mailbox: str = INBOX, user: str = ALICE) 
     return [(await db.append(user, mailbox, body(i), frozenset())).uid for i in range(n)]
 
 
-def message_files(db: MailDB, user: str = ALICE) -> set[str]:
-    return {p.name for p in (db.user_path(user) / "m").rglob("*") if p.is_file()}
+def stored(db: MailDB, user: str = ALICE) -> set[str]:
+    """GUIDs that have a body (inline or a file), each exactly one, none orphaned."""
+    return check_bodies(db.user_path(user)).guids
 
 
 async def indexed_guids(db: MailDB, user: str = ALICE) -> set[str]:
@@ -127,15 +129,15 @@ async def test_delete_removes_messages_and_files_but_not_children(db: MailDB) ->
     await append_n(db, 3, "Box")
     old = await db.status(ALICE, "Box")
     doomed = {m.guid for m in await db.list_messages(ALICE, "Box")}
-    assert doomed <= message_files(db)
+    assert doomed <= stored(db)
     await db.set_subscribed(ALICE, "Box", True)
 
     await db.delete_mailbox(ALICE, "Box")
     names = [m.name for m in await db.list_mailboxes(ALICE)]
     assert "Box" not in names and "Box/Child" in names
     assert len(await db.list_messages(ALICE, "Box/Child")) == 2
-    assert not doomed & message_files(db)
-    assert message_files(db) == await indexed_guids(db)
+    assert not doomed & stored(db)
+    assert stored(db) == await indexed_guids(db)
     assert await db.usage(ALICE) == await total_size(db)
     # the subscription outlives the mailbox
     assert await db.subscriptions(ALICE) == sorted([*STANDARD_SUBSCRIPTIONS, "Box"],
@@ -286,17 +288,17 @@ async def test_append_stores_durably_with_flags_and_date(db: MailDB) -> None:
     assert await db.usage(ALICE) == len(body(1)) + len(body(2))
     with pytest.raises(NoSuchMailbox):
         await db.append(ALICE, "Nope", body(3), frozenset())
-    assert message_files(db) == await indexed_guids(db)
+    assert stored(db) == await indexed_guids(db)
     assert not any((db.user_path(ALICE) / "tmp").iterdir())
 
 
 async def test_append_over_quota_is_refused_and_writes_nothing(db: MailDB) -> None:
     size = len(body(1))
     await db.append(ALICE, INBOX, body(1), frozenset(), quota=size)  # exactly at the limit
-    files = message_files(db)
+    files = stored(db)
     with pytest.raises(OverQuota):
         await db.append(ALICE, INBOX, body(2), frozenset(), quota=2 * size - 1)
-    assert message_files(db) == files
+    assert stored(db) == files
     assert (await db.status(ALICE)).messages == 1 and await db.usage(ALICE) == size
     await db.append(ALICE, INBOX, body(2), frozenset(), quota=None)  # no limit
     assert await db.usage(ALICE) == 2 * size
@@ -380,7 +382,8 @@ async def test_store_on_many_messages(db: MailDB) -> None:
 # COPY and MOVE
 
 
-async def test_copy_links_the_same_bytes_and_survives_the_source(db: MailDB) -> None:
+async def test_copy_links_the_same_bytes_and_survives_the_source(db: MailDB,
+                                                                 inline_max: int) -> None:
     await append_n(db, 3)
     await db.store_flags(ALICE, INBOX, [2], "+", frozenset({ANSWERED, "$Work"}))
     archive = await db.status(ALICE, ARCHIVE)
@@ -396,6 +399,9 @@ async def test_copy_links_the_same_bytes_and_survives_the_source(db: MailDB) -> 
         assert (copy.flags, copy.size, copy.internaldate) == (
             source.flags, source.size, source.internaldate)
         assert read(db, copy.guid) == read(db, source.guid)
+        if inline_max:  # an inline source's bytes are copied into the copy's own body row
+            assert not db.message_path(ALICE, copy.guid).exists()
+            continue
         copy_stat = db.message_path(ALICE, copy.guid).stat()
         assert copy_stat.st_ino == db.message_path(ALICE, source.guid).stat().st_ino
         assert copy_stat.st_nlink == 2  # a hard link: no bytes were copied
@@ -403,8 +409,9 @@ async def test_copy_links_the_same_bytes_and_survives_the_source(db: MailDB) -> 
 
     await db.expunge(ALICE, INBOX, [1, 2, 3])
     assert [read(db, m.guid) for m in copies] == [body(1), body(2)]
-    assert db.message_path(ALICE, copies[0].guid).stat().st_nlink == 1
-    assert message_files(db) == await indexed_guids(db)
+    if not inline_max:
+        assert db.message_path(ALICE, copies[0].guid).stat().st_nlink == 1
+    assert stored(db) == await indexed_guids(db)
     assert await db.usage(ALICE) == await total_size(db)
 
 
@@ -423,11 +430,11 @@ async def test_copy_within_one_mailbox_and_nothing_to_copy(db: MailDB) -> None:
 async def test_copy_over_quota_is_refused_whole(db: MailDB) -> None:
     await append_n(db, 3)
     usage = await db.usage(ALICE)
-    files = message_files(db)
+    files = stored(db)
     with pytest.raises(OverQuota):
         await db.copy(ALICE, INBOX, [1, 2, 3], ARCHIVE, quota=usage + 2 * len(body(0)))
     assert (await db.status(ALICE, ARCHIVE)).messages == 0
-    assert message_files(db) == files and await db.usage(ALICE) == usage
+    assert stored(db) == files and await db.usage(ALICE) == usage
     await db.copy(ALICE, INBOX, [1, 2, 3], ARCHIVE, quota=2 * usage)
     assert await db.usage(ALICE) == 2 * usage
 
@@ -455,7 +462,7 @@ async def test_move_is_one_step(db: MailDB) -> None:
     assert source_changes.status.highestmodseq > inbox.highestmodseq
     dest_changes = await db.changes_since(ALICE, TRASH, trash.highestmodseq)
     assert [m.uid for m in dest_changes.changed] == [1, 2]
-    assert message_files(db) == await indexed_guids(db)
+    assert stored(db) == await indexed_guids(db)
 
     # A failing move changes nothing at all.
     with pytest.raises(NoSuchMailbox):
@@ -540,7 +547,7 @@ async def test_expunge_returns_removed_uids_and_updates_usage(db: MailDB) -> Non
     assert await db.expunge(ALICE, INBOX, [1]) == []
     assert await db.expunge(ALICE, INBOX, []) == []
     assert await db.usage(ALICE) == len(body(1))
-    assert message_files(db) == await indexed_guids(db)
+    assert stored(db) == await indexed_guids(db)
 
 
 async def test_deliver_counts_in_usage(db: MailDB) -> None:
@@ -679,14 +686,14 @@ def make_schema_2_index(db: MailDB) -> list[bytes]:
     return bodies
 
 
-async def test_schema_2_index_is_migrated(tmp_path: Path) -> None:
-    db = MailDB(tmp_path / "mail")
+async def test_schema_2_index_is_migrated(tmp_path: Path, inline_max: int) -> None:
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
     try:
         bodies = make_schema_2_index(db)
         assert await db.usage(ALICE) == sum(len(b) for b in bodies)  # computed once
         conn = sqlite3.connect(db.user_path(ALICE) / "index.sqlite")
         try:
-            assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+            assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
             assert conn.execute("SELECT name, recent_uid FROM mailbox WHERE id < 3"
                                 " ORDER BY id").fetchall() == [(INBOX, 3), (JUNK, 4)]
@@ -708,14 +715,14 @@ async def test_schema_2_index_is_migrated(tmp_path: Path) -> None:
         await db.close()
 
 
-async def test_usage_survives_reopening(tmp_path: Path) -> None:
-    db = MailDB(tmp_path / "mail")
+async def test_usage_survives_reopening(tmp_path: Path, inline_max: int) -> None:
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
     await append_n(db, 3)
     await db.copy(ALICE, INBOX, [1], ARCHIVE)
     await db.expunge(ALICE, INBOX, [2])
     expected = await total_size(db)
     await db.close()
-    again = MailDB(tmp_path / "mail")
+    again = MailDB(tmp_path / "mail", inline_max=inline_max)
     try:
         assert await again.usage(ALICE) == expected
         assert (await again.sweep(full=True)).files_removed == 0  # the links are all named
@@ -727,13 +734,14 @@ async def test_usage_survives_reopening(tmp_path: Path) -> None:
 # The message-list cache
 
 
-async def test_cached_message_lists_follow_every_change(tmp_path: Path) -> None:
+async def test_cached_message_lists_follow_every_change(tmp_path: Path,
+                                                        inline_max: int) -> None:
     """A MailDB that keeps listing a mailbox (its cache merging changes) always agrees with a
     fresh MailDB reading the index, through deliveries, flag changes, expunges and moves."""
-    db = MailDB(tmp_path / "mail")
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
     try:
         async def agrees() -> None:
-            fresh = MailDB(tmp_path / "mail")
+            fresh = MailDB(tmp_path / "mail", inline_max=inline_max)
             try:
                 for box in (INBOX, JUNK):
                     assert await db.list_messages(ALICE, box) == \

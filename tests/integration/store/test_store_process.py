@@ -25,10 +25,14 @@ from tests.integration.store.helpers import (
 from tests.support import TierProcess, dead_letter_depth, queue_depth, wait_until
 
 USERS = [f"user{i}@example.test" for i in range(4)]
+# Every LARGE_EVERY-th message is larger than the default TIERMAIL_STORE_INLINE_MAX, so one
+# run stores (and is killed among) inline bodies and files alike.
+LARGE_EVERY, LARGE = 4, 70_000
 
 
 def _publish(settings: Settings, count: int) -> set[str]:
-    messages = [make_message(USERS[i % len(USERS)]) for i in range(count)]
+    messages = [make_message(USERS[i % len(USERS)], padding=LARGE if i % LARGE_EVERY == 0 else 0)
+                for i in range(count)]
     asyncio.run(publish_all(settings, messages))
     return {envelope.queue_id for envelope, _ in messages}
 
@@ -77,10 +81,10 @@ def test_backlog_is_delivered_once_the_store_returns(
 
 @pytest.mark.slow
 def test_sigkill_during_delivery_loses_and_duplicates_nothing(
-        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+        settings: Settings, run_tier: Callable[..., TierProcess], inline_max: int) -> None:
     # Every kill returns the prefetched messages to the queue and counts as a delivery
     # attempt; keep the limit far above the number of kills so nothing is dead-lettered.
-    settings = settings.replace(delivery_attempts=1000)
+    settings = settings.replace(delivery_attempts=1000, store_inline_max=inline_max)
     add_users(settings, USERS)
     queue_ids = _publish(settings, 2000)
     rng = random.Random(20261122)
@@ -114,7 +118,8 @@ def test_sigkill_during_delivery_loses_and_duplicates_nothing(
     store.kill(signal.SIGTERM)
     assert "removed 0 files" in store.output()
 
-    seen = check_mailboxes(settings.store_dir, USERS)  # integrity, files, no orphans
+    # integrity, bodies inline or in files as the threshold says, no orphans
+    seen = check_mailboxes(settings.store_dir, USERS, inline_max=inline_max)
     assert sum(seen.values()) == 2000
     assert set(seen) == queue_ids
     duplicates = {qid: n for qid, n in seen.items() if n > 1}

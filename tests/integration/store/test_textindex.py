@@ -69,8 +69,8 @@ def make_message(i: int, rng: random.Random) -> bytes:
 
 
 @pytest.fixture
-async def maildb(tmp_path: Path) -> AsyncIterator[MailDB]:
-    db = MailDB(tmp_path / "mail")
+async def maildb(tmp_path: Path, inline_max: int) -> AsyncIterator[MailDB]:
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
     yield db
     await db.close()
 

@@ -46,8 +46,8 @@ def delivery(queue_id: str, mailbox: str = INBOX, user: str = ALICE) -> Delivery
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[MailDB]:
-    store = MailDB(tmp_path / "mail", max_open=4)
+async def db(tmp_path: Path, inline_max: int) -> AsyncIterator[MailDB]:
+    store = MailDB(tmp_path / "mail", inline_max=inline_max, max_open=4)
     yield store
     await store.close()
 
@@ -100,7 +100,8 @@ async def test_delivery_into_junk(db: MailDB) -> None:
     assert [m.uid for m in await db.list_messages(ALICE, JUNK)] == [2]
 
 
-async def test_missing_standard_folder_is_recreated_by_delivery(db: MailDB) -> None:
+async def test_missing_standard_folder_is_recreated_by_delivery(db: MailDB,
+                                                                inline_max: int) -> None:
     await db.deliver([delivery("q1")])
     old = (await db.status(ALICE, JUNK)).uidvalidity
     await db.close()
@@ -109,7 +110,7 @@ async def test_missing_standard_folder_is_recreated_by_delivery(db: MailDB) -> N
         conn.execute("DELETE FROM mailbox WHERE name = 'Junk'")  # e.g. a user deleted it
     conn.close()
 
-    again = MailDB(db.root)
+    again = MailDB(db.root, inline_max=inline_max)
     try:
         assert await again.deliver([delivery("q2", JUNK)]) == [True]
         status = await again.status(ALICE, JUNK)
@@ -120,7 +121,7 @@ async def test_missing_standard_folder_is_recreated_by_delivery(db: MailDB) -> N
         await again.close()
 
 
-async def test_renamed_junk_still_receives_spam(db: MailDB) -> None:
+async def test_renamed_junk_still_receives_spam(db: MailDB, inline_max: int) -> None:
     await db.deliver([delivery("q1")])
     await db.close()
     conn = sqlite3.connect(db.user_path(ALICE) / "index.sqlite")
@@ -128,7 +129,7 @@ async def test_renamed_junk_still_receives_spam(db: MailDB) -> None:
         conn.execute("UPDATE mailbox SET name = 'Spam' WHERE name = 'Junk'")
     conn.close()
 
-    again = MailDB(db.root)
+    again = MailDB(db.root, inline_max=inline_max)
     try:
         # Two names for one mailbox in one batch must still give distinct UIDs.
         assert await again.deliver_uids([delivery("q2", JUNK), delivery("q3", "Spam")]) == [
@@ -172,8 +173,9 @@ def make_schema_1_index(db: MailDB, version: int) -> int:
 # 1: what schema 1 wrote. 0: older code crashed between creating the tables and setting
 # user_version (it did both outside one transaction).
 @pytest.mark.parametrize("version", [1, 0])
-async def test_schema_1_index_is_migrated(tmp_path: Path, version: int) -> None:
-    db = MailDB(tmp_path / "mail")
+async def test_schema_1_index_is_migrated(tmp_path: Path, version: int,
+                                          inline_max: int) -> None:
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
     try:
         inbox_validity = make_schema_1_index(db, version)
         # A read comes first (POP3 login): it triggers the migration in the writer.
@@ -195,8 +197,8 @@ async def test_schema_1_index_is_migrated(tmp_path: Path, version: int) -> None:
         await db.close()
 
 
-async def test_schema_1_index_migrated_by_delivery(tmp_path: Path) -> None:
-    db = MailDB(tmp_path / "mail")
+async def test_schema_1_index_migrated_by_delivery(tmp_path: Path, inline_max: int) -> None:
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
     try:
         make_schema_1_index(db, 1)
         assert await db.deliver([delivery("spam", JUNK)]) == [True]
@@ -208,8 +210,8 @@ async def test_schema_1_index_migrated_by_delivery(tmp_path: Path) -> None:
         await db.close()
 
 
-async def test_newer_index_is_refused(tmp_path: Path) -> None:
-    db = MailDB(tmp_path / "mail")
+async def test_newer_index_is_refused(tmp_path: Path, inline_max: int) -> None:
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
     try:
         make_schema_1_index(db, SCHEMA_VERSION + 1)
         with pytest.raises(StorageError, match="newer"):

@@ -11,6 +11,7 @@ import pytest
 
 from services.store.backends.maildb import MailDB, user_dir_name
 from services.store.mailbox import INBOX, Delivery, NoSuchMailbox, NoSuchMessage, NoSuchUser
+from tests.support import check_bodies
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -23,8 +24,8 @@ def delivery(queue_id: str, user: str = ALICE, body: bytes | None = None) -> Del
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[MailDB]:
-    store = MailDB(tmp_path / "mail", max_open=4)
+async def db(tmp_path: Path, inline_max: int) -> AsyncIterator[MailDB]:
+    store = MailDB(tmp_path / "mail", inline_max=inline_max, max_open=4)
     yield store
     await store.close()
 
@@ -56,22 +57,22 @@ async def test_redelivery_is_idempotent(db: MailDB) -> None:
         True, False, False]
     messages = await db.list_messages(ALICE)
     assert len(messages) == 2
-    files = list((db.user_path(ALICE) / "m").rglob("*"))
-    assert len([f for f in files if f.is_file()]) == 2
+    assert len(check_bodies(db.user_path(ALICE)).guids) == 2
     # The same queue id for another user is a different delivery.
     assert await db.deliver([delivery("q1", BOB)]) == [True]
 
 
-async def test_uids_never_reused_after_expunge_and_reopen(tmp_path: Path) -> None:
-    db = MailDB(tmp_path / "mail")
+async def test_uids_never_reused_after_expunge_and_reopen(tmp_path: Path,
+                                                          inline_max: int) -> None:
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
     await db.deliver([delivery(f"q{i}") for i in range(5)])
     before = await db.status(ALICE)
     messages = await db.list_messages(ALICE)
     await db.expunge(ALICE, INBOX, [messages[-1].uid, messages[-2].uid])
-    assert not (db.user_path(ALICE) / "m" / messages[-1].guid[:2] / messages[-1].guid).exists()
+    assert messages[-1].guid not in check_bodies(db.user_path(ALICE)).guids
     await db.close()
 
-    db = MailDB(tmp_path / "mail")
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
     try:
         await db.deliver([delivery("q-new")])
         after = await db.list_messages(ALICE)
@@ -116,8 +117,8 @@ async def test_status_of_user_without_mail(db: MailDB) -> None:
         await db.deliver([Delivery("q", ALICE, b"x", 0.0, mailbox="Nope")])
 
 
-async def test_orphan_sweep(tmp_path: Path) -> None:
-    db = MailDB(tmp_path / "mail")
+async def test_orphan_sweep(tmp_path: Path, inline_max: int) -> None:
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
     await db.deliver([delivery("q1")])
     base = db.user_path(ALICE)
     # What a crash between rename and COMMIT, or mid-write, leaves behind.
@@ -128,7 +129,7 @@ async def test_orphan_sweep(tmp_path: Path) -> None:
     await db.close()  # a clean close empties the inflight journal...
     (db.root / "inflight").write_text(ALICE + "\n")  # ...a crash leaves the batch's users
 
-    db = MailDB(tmp_path / "mail")
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
     try:
         result = await db.sweep()  # the journal names alice: she had a batch in flight
         assert result.files_removed == 2
@@ -136,6 +137,7 @@ async def test_orphan_sweep(tmp_path: Path) -> None:
         [message] = await db.list_messages(ALICE)
         with db.open_message(ALICE, message.guid) as f:
             assert f.read() == delivery("q1").body
+        assert check_bodies(base).guids == {message.guid}
         assert (await db.sweep()).users == 0  # journal cleared
         orphan.write_bytes(b"again")
         assert (await db.sweep(full=True)).files_removed == 1
@@ -171,8 +173,7 @@ async def test_failed_batch_leaves_no_files(db: MailDB) -> None:
     with pytest.raises(NoSuchMailbox):
         await db.deliver([delivery("q2"), Delivery("q3", ALICE, b"x", 0.0, mailbox="Nope")])
     assert len(await db.list_messages(ALICE)) == 1
-    files = [f for f in (db.user_path(ALICE) / "m").rglob("*") if f.is_file()]
-    assert len(files) == 1
+    assert len(check_bodies(db.user_path(ALICE)).guids) == 1
     assert await db.deliver([delivery("q2")]) == [True]
 
 
@@ -222,10 +223,10 @@ async def test_a_mailbox_of_100k_messages_lists_and_grows_correctly(db: MailDB) 
 
 
 async def test_a_relative_root_works_like_the_default_data_dir(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline_max: int) -> None:
     """TIERMAIL_DATA_DIR defaults to ./var: a relative store root must read and write."""
     monkeypatch.chdir(tmp_path)
-    relative = MailDB(Path("var") / "store" / "mail")
+    relative = MailDB(Path("var") / "store" / "mail", inline_max=inline_max)
     try:
         assert await relative.deliver([delivery("rel-1")]) == [True]
         assert [m.uid for m in await relative.list_messages(ALICE)] == [1]

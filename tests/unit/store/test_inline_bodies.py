@@ -1,0 +1,394 @@
+"""MailDB's inline bodies: where each kind of body goes, what is (not) journalled or fsynced,
+COPY, expunge, DELETE and sweep with both kinds side by side, the 3 -> 4 migration, and the
+per-thread read connections of open_message."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from services.store.backends import bodies
+from services.store.backends.maildb import SCHEMA_VERSION, MailDB
+from services.store.mailbox import (
+    ARCHIVE,
+    INBOX,
+    Delivery,
+    NoSuchMessage,
+    StorageError,
+)
+from tests.support import check_bodies
+
+ALICE = "alice@example.test"
+INLINE_MAX = 1000  # small enough that a test builds messages on both sides cheaply
+
+
+def message(n: int, size: int) -> bytes:
+    head = f"Subject: message {n}\r\n\r\n".encode()
+    return head + b"b" * (size - len(head))
+
+
+SMALL, LARGE = message(1, 100), message(2, 5000)
+
+
+def delivery(queue_id: str, body: bytes, user: str = ALICE) -> Delivery:
+    return Delivery(queue_id=queue_id, user=user, body=body, received_at=1_700_000_000.0)
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[MailDB]:
+    store = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], int]]:
+    """The number of os.fsync calls by the store's own code (the journal, message files,
+    directories) since the test started; SQLite's own syncs are not counted."""
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    yield lambda: len(calls)
+
+
+def files_under(db: MailDB, user: str = ALICE) -> list[Path]:
+    return [p for p in (db.user_path(user) / "m").rglob("*")]
+
+
+def read(db: MailDB, guid: str) -> bytes:
+    with db.open_message(ALICE, guid) as f:
+        return f.read()
+
+
+async def guids(db: MailDB, mailbox: str = INBOX) -> list[str]:
+    return [m.guid for m in await db.list_messages(ALICE, mailbox)]
+
+
+# Writing
+
+
+async def test_a_batch_of_small_bodies_is_one_commit_and_nothing_else(
+        db: MailDB, fsyncs: Callable[[], int]) -> None:
+    await db.list_messages(ALICE)  # the index exists (creating it makes directories)
+    before = fsyncs()
+    assert await db.deliver([delivery(f"q{i}", message(i, 100 + i)) for i in range(16)]) == [
+        True] * 16
+    assert fsyncs() == before, "no journal, file or directory fsync for inline bodies"
+    assert not (db.root / "inflight").exists()
+    assert files_under(db) == [], "no m/xx directory, no file"
+    stored = check_bodies(db.user_path(ALICE))
+    assert len(stored.inline) == 16 and not stored.files
+    assert [read(db, guid) for guid in await guids(db)] == [
+        message(i, 100 + i) for i in range(16)]
+
+
+async def test_a_mixed_batch_journals_and_writes_files_for_the_large_ones_only(
+        db: MailDB, fsyncs: Callable[[], int]) -> None:
+    assert await db.deliver([delivery("s1", SMALL), delivery("l1", LARGE),
+                             delivery("s2", message(3, INLINE_MAX)),
+                             delivery("l2", message(4, INLINE_MAX + 1))]) == [True] * 4
+    assert fsyncs() > 0
+    assert (db.root / "inflight").exists()
+    small, large, at_limit, over = await guids(db)
+    stored = check_bodies(db.user_path(ALICE))
+    assert set(stored.inline) == {small, at_limit}
+    assert set(stored.files) == {large, over}
+    assert [read(db, g) for g in (small, large, at_limit, over)] == [
+        SMALL, LARGE, message(3, INLINE_MAX), message(4, INLINE_MAX + 1)]
+    assert await db.usage(ALICE) == sum(map(len, (SMALL, LARGE))) + 2 * INLINE_MAX + 1
+
+
+async def test_redelivery_and_duplicates_in_a_batch_store_one_body(db: MailDB) -> None:
+    assert await db.deliver([delivery("q1", SMALL), delivery("q1", SMALL)]) == [True, False]
+    assert await db.deliver([delivery("q1", SMALL), delivery("q2", LARGE)]) == [False, True]
+    stored = check_bodies(db.user_path(ALICE))
+    assert (len(stored.inline), len(stored.files)) == (1, 1)
+
+
+async def test_threshold_zero_stores_every_body_as_a_file(tmp_path: Path) -> None:
+    db = MailDB(tmp_path / "mail", inline_max=0)
+    try:
+        await db.deliver([delivery("q1", b""), delivery("q2", SMALL)])
+        await db.append(ALICE, INBOX, b"x", frozenset())
+        stored = check_bodies(db.user_path(ALICE))
+        assert not stored.inline and len(stored.files) == 3
+    finally:
+        await db.close()
+    with pytest.raises(ValueError):
+        MailDB(tmp_path / "mail", inline_max=-1)
+
+
+async def test_append_of_a_small_body_writes_and_journals_nothing(
+        db: MailDB, fsyncs: Callable[[], int]) -> None:
+    await db.list_messages(ALICE)
+    before = fsyncs()
+    small = await db.append(ALICE, INBOX, SMALL, frozenset({"\\Seen"}))
+    assert fsyncs() == before and not (db.root / "inflight").exists()
+    large = await db.append(ALICE, INBOX, LARGE, frozenset())
+    assert fsyncs() > before and (db.root / "inflight").exists()
+    assert (small.uid, large.uid) == (1, 2)
+    small_guid, large_guid = await guids(db)
+    stored = check_bodies(db.user_path(ALICE))
+    assert (set(stored.inline), set(stored.files)) == ({small_guid}, {large_guid})
+
+
+async def test_a_failed_transaction_leaves_no_body(db: MailDB) -> None:
+    await db.deliver([delivery("q0", SMALL)])
+    with pytest.raises(StorageError):  # NoSuchMailbox, after the large body's file is written
+        await db.deliver([delivery("q1", SMALL), delivery("q2", LARGE),
+                          Delivery("q3", ALICE, SMALL, 0.0, mailbox="Nope")])
+    stored = check_bodies(db.user_path(ALICE))
+    assert (len(stored.inline), len(stored.files)) == (1, 0)
+
+
+# COPY, MOVE, expunge, DELETE
+
+
+async def test_copy_copies_inline_rows_and_links_files(
+        db: MailDB, fsyncs: Callable[[], int]) -> None:
+    await db.deliver([delivery("s", SMALL), delivery("l", LARGE)])
+    small, large = await guids(db)
+    before = fsyncs()
+    inline_copy = await db.copy(ALICE, INBOX, [1], ARCHIVE)
+    assert fsyncs() == before, "copying an inline body journals and links nothing"
+    assert inline_copy.dest_uids == [1]
+    await db.copy(ALICE, INBOX, [1, 2], ARCHIVE)
+    assert fsyncs() > before
+    copies = await guids(db, ARCHIVE)
+    assert [read(db, g) for g in copies] == [SMALL, SMALL, LARGE]
+    stored = check_bodies(db.user_path(ALICE))
+    assert set(stored.inline) == {small, copies[0], copies[1]}
+    assert set(stored.files) == {large, copies[2]}
+    assert db.message_path(ALICE, copies[2]).stat().st_ino == \
+        db.message_path(ALICE, large).stat().st_ino
+
+    # Each copy outlives its source.
+    await db.expunge(ALICE, INBOX, [1, 2])
+    assert [read(db, g) for g in copies] == [SMALL, SMALL, LARGE]
+    assert db.message_path(ALICE, copies[2]).stat().st_nlink == 1
+    assert check_bodies(db.user_path(ALICE)).guids == set(copies)
+    assert await db.usage(ALICE) == 2 * len(SMALL) + len(LARGE)
+
+
+async def test_move_keeps_both_kinds_of_body(db: MailDB, fsyncs: Callable[[], int]) -> None:
+    await db.deliver([delivery("s", SMALL), delivery("l", LARGE)])
+    before_guids = await guids(db)
+    before = fsyncs()
+    await db.move(ALICE, INBOX, [1, 2], ARCHIVE)
+    assert fsyncs() == before
+    assert await guids(db, ARCHIVE) == before_guids
+    assert [read(db, g) for g in before_guids] == [SMALL, LARGE]
+    check_bodies(db.user_path(ALICE))
+
+
+async def test_expunge_deletes_inline_rows_and_unlinks_files(
+        db: MailDB, fsyncs: Callable[[], int]) -> None:
+    await db.deliver([delivery(f"s{i}", message(i, 200)) for i in range(3)] +
+                     [delivery("l", LARGE)])
+    small, _, _, large = await guids(db)
+    os.truncate(db.root / "inflight", 0)  # the large body journalled alice
+    before = fsyncs()
+    assert await db.expunge(ALICE, INBOX, [1]) == [1]
+    assert fsyncs() == before, "forgetting an inline body needs no journal"
+    assert (db.root / "inflight").stat().st_size == 0
+    with pytest.raises(NoSuchMessage):
+        db.open_message(ALICE, small)
+    assert await db.expunge(ALICE, INBOX, [2, 4]) == [2, 4]
+    assert ALICE in (db.root / "inflight").read_text()  # a file was left to unlink
+    assert not db.message_path(ALICE, large).exists()
+    stored = check_bodies(db.user_path(ALICE))
+    assert len(stored.inline) == 1 and not stored.files
+    assert await db.usage(ALICE) == 200
+
+
+async def test_delete_mailbox_removes_both_kinds(db: MailDB) -> None:
+    await db.create_mailbox(ALICE, "Box")
+    await db.append(ALICE, "Box", SMALL, frozenset())
+    await db.append(ALICE, "Box", LARGE, frozenset())
+    await db.append(ALICE, INBOX, SMALL, frozenset())
+    await db.delete_mailbox(ALICE, "Box")
+    stored = check_bodies(db.user_path(ALICE))
+    assert stored.guids == set(await guids(db)) and len(stored.inline) == 1
+    assert not stored.files
+    assert await db.usage(ALICE) == len(SMALL)
+
+
+# Sweep
+
+
+async def test_sweep_removes_orphan_files_and_keeps_every_body(tmp_path: Path) -> None:
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    await db.deliver([delivery("s", SMALL), delivery("l", LARGE)])
+    base = db.user_path(ALICE)
+    orphan = base / "m" / "cd" / ("cd" + "2" * 30)
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"orphan")
+    (base / "tmp" / ("ef" + "3" * 30)).write_bytes(b"half")
+    await db.close()
+    (db.root / "inflight").write_text(ALICE + "\n")  # as a crash mid-batch leaves it
+
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    try:
+        assert (await db.sweep()).files_removed == 2
+        assert (await db.sweep(full=True)).files_removed == 0
+        assert [read(db, g) for g in await guids(db)] == [SMALL, LARGE]
+        stored = check_bodies(base)
+        assert (len(stored.inline), len(stored.files)) == (1, 1)
+    finally:
+        await db.close()
+
+
+# Schema 3 -> 4
+
+
+def downgrade_to_schema_3(index: Path) -> None:
+    """What schema 3 was: everything but the `body` table."""
+    conn = sqlite3.connect(index)
+    try:
+        conn.execute("DROP TABLE body")
+        conn.execute("PRAGMA user_version=3")
+    finally:
+        conn.close()
+
+
+async def test_schema_3_index_is_migrated_in_place(tmp_path: Path) -> None:
+    old = MailDB(tmp_path / "mail", inline_max=0)  # what schema 3 code stored: files
+    await old.deliver([delivery("old", SMALL)])
+    [old_guid] = await guids(old)
+    await old.close()
+    index = old.user_path(ALICE) / "index.sqlite"
+    downgrade_to_schema_3(index)
+
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    try:
+        assert read(db, old_guid) == SMALL  # before any migration: the file
+        assert await guids(db) == [old_guid]  # a read: the writer migrates
+        conn = sqlite3.connect(index)
+        try:
+            assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+            assert conn.execute("SELECT count(*) FROM body").fetchone() == (0,)
+        finally:
+            conn.close()
+        await db.deliver([delivery("new", SMALL)])
+        new_guid = (await guids(db))[1]
+        # This thread read the schema 3 index before: it kept no connection to it.
+        assert (read(db, old_guid), read(db, new_guid)) == (SMALL, SMALL)
+        stored = check_bodies(db.user_path(ALICE))
+        assert (set(stored.files), set(stored.inline)) == ({old_guid}, {new_guid})
+    finally:
+        await db.close()
+
+
+# open_message's connections
+
+
+async def test_connections_are_cached_per_thread_and_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    users = [f"user{i}@example.test" for i in range(bodies.PER_THREAD + 2)]
+    opened: list[Path] = []
+    real_open = bodies._open
+
+    def counting(index: Path, schema: int) -> bodies._Reader | None:
+        opened.append(index)
+        return real_open(index, schema)
+
+    monkeypatch.setattr(bodies, "_open", counting)
+    try:
+        await db.deliver([delivery(f"q{n}", message(n, 100), user)
+                          for user in users for n in range(4)])
+        found = {user: [m.guid for m in await db.list_messages(user)] for user in users}
+
+        def read_all(rounds: int) -> None:
+            for _ in range(rounds):
+                for n in range(4):
+                    with db.open_message(users[0], found[users[0]][n]) as f:
+                        assert f.read() == message(n, 100)
+
+        await asyncio.to_thread(read_all, 10)
+        assert len(opened) == 1, "40 reads of one user, one connection"
+
+        def read_each() -> int:
+            for user in users:
+                with db.open_message(user, found[user][0]) as f:
+                    assert f.read() == message(0, 100)
+            return len(db._bodies._thread_readers().lru)
+
+        assert await asyncio.to_thread(read_each) == bodies.PER_THREAD  # oldest closed
+        # Four threads reading at once (as FETCH does) each get their own connections.
+        threads = [threading.Thread(target=read_all, args=(5,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        await db.close()
+    with pytest.raises(StorageError):
+        db.open_message(users[0], found[users[0]][0])
+
+
+async def test_a_replaced_index_is_noticed(tmp_path: Path) -> None:
+    """The user's directory is removed and made again (an account deleted and recreated)
+    while a reader holds a connection to the old index: the new messages are found."""
+    writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    reader = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    try:
+        await writer.deliver([delivery("q1", SMALL)])
+        [first] = await guids(writer)
+        assert read(reader, first) == SMALL  # the reader now holds a connection
+        await writer.close()
+        shutil.rmtree(writer.user_path(ALICE))
+
+        writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+        await writer.deliver([delivery("q2", message(7, 300))])
+        [second] = await guids(writer)
+        assert read(reader, second) == message(7, 300)
+        with pytest.raises(NoSuchMessage):
+            read(reader, first)
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+async def test_closing_while_threads_read_is_safe(tmp_path: Path) -> None:
+    """Closing the body connections waits for each thread's lookup in flight (closing a
+    connection under a running statement crashes the sqlite3 module); afterwards every read
+    is refused rather than opening a connection again."""
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    await db.deliver([delivery(f"q{n}", message(n, 900)) for n in range(20)])
+    found = await guids(db)
+    outcomes: list[str] = []
+    reading = threading.Barrier(5)
+
+    def read_until_closed() -> None:
+        reading.wait()
+        try:
+            for _ in range(20_000):  # a bound far beyond what the close needs, not a clock
+                for guid in found:
+                    with db.open_message(ALICE, guid) as f:
+                        assert len(f.read()) == 900
+            outcomes.append("never closed")
+        except StorageError:
+            outcomes.append("closed")
+
+    threads = [threading.Thread(target=read_until_closed) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    reading.wait()  # all four are reading now
+    db._bodies.close()  # what MailDB.close() ends with, here while the reads run
+    for thread in threads:
+        thread.join()
+    await db.close()
+    assert outcomes == ["closed"] * 4
