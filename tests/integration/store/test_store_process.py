@@ -107,6 +107,9 @@ def test_sigkill_during_delivery_loses_and_duplicates_nothing(
     assert kills_mid_delivery >= 3, "the store finished too fast to be killed mid-delivery"
 
     store = run_tier(settings, "store")
+    # The last kill may have come after the last delivery: then there is nothing left to
+    # wait for, and a SIGTERM before the signal handlers are installed would kill it.
+    wait_until(lambda: "store running" in store.output(), what="start")
     wait_until(lambda: stored_count(settings.store_dir, USERS) >= 2000, timeout=60,
                what="all 2000 messages stored")
     wait_until(lambda: queue_depth(settings) == 0, what="queue drained")
