@@ -124,11 +124,29 @@ def process_cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS  # utime, stime
 
 
-def machine_cpu_seconds() -> tuple[float, float]:
-    """(busy, idle) CPU seconds of the whole machine since boot, all cores."""
+def machine_cpu_seconds() -> tuple[float, float, float]:
+    """(busy, idle, stolen) CPU seconds of the whole machine since boot, all cores. Stolen:
+    time the hypervisor gave our virtual CPUs to someone else while they wanted to run."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / _CLOCK_TICKS, idle / _CLOCK_TICKS
+    steal = values[7] if len(values) > 7 else 0
+    busy = sum(values[:7]) - idle  # user, nice, system, irq, softirq
+    return busy / _CLOCK_TICKS, idle / _CLOCK_TICKS, steal / _CLOCK_TICKS
+
+
+def settle(limit: float = 120.0, quiet: float = 0.1, window: float = 0.5) -> float:
+    """Wait until the machine is nearly idle (busy under `quiet` of its CPU over `window`
+    seconds), at most `limit` seconds; the seconds waited. Before each load run, so that one
+    run's background work (tiermail's text indexing, Postfix's queue manager) does not land
+    in the next run."""
+    started = time.monotonic()
+    cores = os.cpu_count() or 1
+    while time.monotonic() - started < limit:
+        busy0 = machine_cpu_seconds()[0]
+        time.sleep(window)
+        if machine_cpu_seconds()[0] - busy0 < quiet * window * cores:
+            break
+    return time.monotonic() - started
 
 
 def pids_named(name: str) -> list[int]:
@@ -150,6 +168,7 @@ class CpuReport:
     wall_seconds: float
     machine_busy: float  # seconds, every process on the machine
     machine_idle: float
+    machine_stolen: float  # by the hypervisor (a virtual machine's neighbours)
     groups: dict[str, tuple[float, float]]  # group name -> (user, system) CPU seconds
 
     def per_message_ms(self, seconds: float) -> float:
@@ -160,8 +179,13 @@ class CpuReport:
 
     @property
     def utilisation(self) -> float:
-        total = self.machine_busy + self.machine_idle
+        total = self.machine_busy + self.machine_idle + self.machine_stolen
         return self.machine_busy / total if total else 0.0
+
+    @property
+    def stolen_share(self) -> float:
+        total = self.machine_busy + self.machine_idle + self.machine_stolen
+        return self.machine_stolen / total if total else 0.0
 
     def summary(self) -> str:
         parts = [f"{name} {self.per_message_ms(user + sys):.2f} "
@@ -170,7 +194,8 @@ class CpuReport:
         rest = self.machine_busy - sum(map(sum, self.groups.values()))
         parts.append(f"everything else {self.per_message_ms(rest):.2f}")
         return (f"CPU ms/msg: machine {self.per_message_ms(self.machine_busy):.2f} "
-                f"({self.utilisation:.0%} busy); " + ", ".join(parts))
+                f"({self.utilisation:.0%} busy, {self.stolen_share:.0%} stolen by the "
+                f"hypervisor); " + ", ".join(parts))
 
 
 class CpuMeter:
@@ -179,7 +204,7 @@ class CpuMeter:
     def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
         self._groups = groups
         self._start: dict[str, dict[int, tuple[float, float]]] = {}
-        self._machine: tuple[float, float] = (0.0, 0.0)
+        self._machine: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self._children = (0.0, 0.0)
         self._started = 0.0
 
@@ -191,7 +216,7 @@ class CpuMeter:
         self._started = time.monotonic()
 
     def stop(self, messages: int) -> CpuReport:
-        busy, idle = machine_cpu_seconds()
+        busy, idle, stolen = machine_cpu_seconds()
         groups: dict[str, tuple[float, float]] = {}
         for name, before in self._start.items():
             user = sys = 0.0
@@ -202,7 +227,8 @@ class CpuMeter:
         user1, sys1 = _children_cpu_seconds()
         groups["smtp-source"] = (user1 - self._children[0], sys1 - self._children[1])
         return CpuReport(messages, time.monotonic() - self._started,
-                         busy - self._machine[0], idle - self._machine[1], groups)
+                         busy - self._machine[0], idle - self._machine[1],
+                         stolen - self._machine[2], groups)
 
 
 def _children_cpu_seconds() -> tuple[float, float]:

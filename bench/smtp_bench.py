@@ -58,6 +58,8 @@ from benchlib import (
     log,
     measure_latency,
     measure_load,
+    process_cpu_seconds,
+    settle,
     temp_root,
     terminate_on_sigterm,
 )
@@ -142,6 +144,7 @@ class PostfixSystem:
 
     def load(self) -> LoadResult:
         args = self.args
+        settle()
         load = measure_load(self.stack.port, self.stack.delivered, args.messages, args.sessions,
                             args.size, args.timeout, poll_interval=0.02,
                             reuse_connections=args.reuse_connections, cpu=CpuMeter({}))
@@ -211,8 +214,12 @@ class TiermailSystem:
             stack.start_filter()
         while stack.workers("filter") > workers:
             stack.stop_last("filter")
-        log(f"tiermail: load with {workers} filter worker(s), {args.messages} messages "
-            f"over {args.sessions} sessions")
+        before = _cpu_of(stack.pids("store"))
+        waited = settle()
+        log(f"tiermail: machine quiet after {waited:.1f} s (meanwhile the store used "
+            f"{_cpu_of(stack.pids('store')) - before:.1f} s of CPU on earlier messages: text "
+            f"indexing); load with {workers} filter worker(s), {args.messages} messages over "
+            f"{args.sessions} sessions")
         # The cheap index count finds the end; POP3 STAT (in `check`) is the truth.
         load = measure_load(stack.smtp_port, stack.indexed, args.messages, args.sessions,
                             args.size, args.timeout, poll_interval=0.02,
@@ -236,6 +243,10 @@ class TiermailSystem:
 
     def close(self) -> None:
         self.stack.close()
+
+
+def _cpu_of(pids: list[int]) -> float:
+    return sum(sum(process_cpu_seconds(pid)) for pid in pids)
 
 
 def run_systems(root: Path, args: argparse.Namespace) -> list[Row]:
