@@ -236,8 +236,11 @@ class Directory:
             return
         async with self._redis.pipeline(transaction=True) as pipe:
             self._queue_quota_states(pipe, states)
-            self._changed(pipe)
-            await pipe.execute()
+            added_or_removed = await pipe.execute()
+        # The filters read only dir:overquota: a notice (which empties their caches) only
+        # when it changed, not for every usage update while mail flows in.
+        if any(added_or_removed[:-1]):
+            await self._redis.publish(self.key(self.CHANGED), "1")
 
     async def replace_quota_states(self, states: Mapping[str, QuotaState],
                                    generation: int) -> None:

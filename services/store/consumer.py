@@ -126,7 +126,7 @@ class Consumer:
             publisher = await connection.channel(publisher_confirms=True,
                                                  on_return_raises=True)
             await channel.basic_qos(prefetch_count=self._settings.store_prefetch)
-            inbox: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+            inbox: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
 
             async def on_message(message: DeliveredMessage) -> None:
                 inbox.put_nowait(message)
@@ -148,43 +148,47 @@ class Consumer:
                 await asyncio.wait_for(connection.close(), 5)
 
     async def _loop(self, connection: AbstractConnection, channel: AbstractChannel,
-                    publisher: AbstractChannel, inbox: asyncio.Queue[DeliveredMessage]) -> None:
-        closing = connection.closing
+                    publisher: AbstractChannel,
+                    inbox: asyncio.Queue[DeliveredMessage | None]) -> None:
+        # A None in the inbox wakes the loop up to look at the stop flag and the connection.
+        def wake(_: object) -> None:
+            inbox.put_nowait(None)
+
+        connection.closing.add_done_callback(wake)
         stopping = asyncio.ensure_future(self._stopping.wait())
+        stopping.add_done_callback(wake)
         try:
             while True:
-                getter = asyncio.ensure_future(inbox.get())
-                await asyncio.wait({getter, closing, stopping},
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    if closing.done():
-                        closing.result()  # raises the reason, if any
-                        raise ConnectionError("broker connection closed")
-                    return
-                batch = await self._take_batch(getter.result(), inbox)
-                # Shielded: a stop or cancel mid-batch still lets this batch be stored and
-                # acked (otherwise it is simply redelivered and deduplicated).
-                await asyncio.shield(self._process(batch, channel, publisher))
+                first = await inbox.get()
+                if first is not None:
+                    await asyncio.sleep(0)  # aiormq hands each message over in a task of its own
+                    batch = self._take_batch(first, inbox)
+                    # Shielded: a stop or cancel mid-batch still lets this batch be stored
+                    # and acked (otherwise it is simply redelivered and deduplicated).
+                    await asyncio.shield(self._process(batch, channel, publisher))
                 if self._stopping.is_set():
                     return
+                if connection.closing.done():
+                    connection.closing.result()  # raises the reason, if any
+                    raise ConnectionError("broker connection closed")
         finally:
+            connection.closing.remove_done_callback(wake)
             stopping.cancel()
-            if not closing.done():
-                closing.cancel()
 
-    async def _take_batch(self, first: DeliveredMessage,
-                          inbox: asyncio.Queue[DeliveredMessage]) -> list[DeliveredMessage]:
+    def _take_batch(self, first: DeliveredMessage,
+                    inbox: asyncio.Queue[DeliveredMessage | None]) -> list[DeliveredMessage]:
         """`first` and whatever else has already arrived, up to the prefetch. No waiting: what
         arrives while this batch is being written makes the next one, so batches grow with the
-        load while a lone message is stored at once."""
-        await asyncio.sleep(0)  # let frames already read reach the inbox
+        load while a lone message is stored at once. (A wake-up None met here needs nothing:
+        the loop looks at the flags after every batch.)"""
         batch = [first]
         while len(batch) < self._settings.store_prefetch:
             try:
-                batch.append(inbox.get_nowait())
+                message = inbox.get_nowait()
             except asyncio.QueueEmpty:
                 break
+            if message is not None:
+                batch.append(message)
         return batch
 
     async def _process(self, batch: list[DeliveredMessage], channel: AbstractChannel,
@@ -207,7 +211,8 @@ class Consumer:
         if not items:
             return
 
-        existing = await asyncio.to_thread(self._existing, owners)
+        # A read of the WAL-mode account database never waits for a writer: no thread needed.
+        existing = self._existing(owners)
         deliveries: list[Delivery] = []
         for item in items:
             assert item.envelope is not None

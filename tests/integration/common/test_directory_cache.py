@@ -168,3 +168,37 @@ async def _resolves_local_or_fails(cache: DirectoryCache, address: str) -> bool:
 
 def _db(settings: Settings) -> str:
     return settings.redis_url.rsplit("/", 1)[1]
+
+
+async def test_usage_updates_without_an_over_quota_change_send_no_notice(
+        redis: Redis, directory: Directory) -> None:
+    """Notices empty every filter's cache, so a usage update (every delivery, debounced)
+    must not send one unless a mailbox crossed its quota."""
+    changed, marker = directory.key(Directory.CHANGED), directory.key("test-marker")
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(changed, marker)
+
+    async def notices_before_marker() -> int:
+        await redis.publish(marker, "1")  # the server delivers in publish order
+        count = 0
+        deadline = asyncio.get_running_loop().time() + 5
+        while asyncio.get_running_loop().time() < deadline:
+            message = await pubsub.get_message(timeout=1)
+            if message is None or message["type"] != "message":
+                continue  # subscription confirmations
+            if message["channel"].decode() == marker:
+                return count
+            count += 1
+        raise AssertionError("the marker never arrived")
+
+    try:
+        await directory.set_quota_states({"alice@example.org": QuotaState(5, False)})
+        assert await notices_before_marker() == 0  # alice was not over before either
+        await directory.set_quota_states({"alice@example.org": QuotaState(9, True)})
+        assert await notices_before_marker() == 1
+        await directory.set_quota_states({"alice@example.org": QuotaState(10, True)})
+        assert await notices_before_marker() == 0
+        await directory.set_quota_states({"alice@example.org": QuotaState(2, False)})
+        assert await notices_before_marker() == 1
+    finally:
+        await pubsub.aclose()
