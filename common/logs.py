@@ -22,9 +22,17 @@ def _context(record: logging.LogRecord) -> dict[str, object]:
 
 
 class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        parts = [f"{stamp}.{int(record.msecs):03d}Z", record.levelname, record.name]
+        second = int(record.created)
+        if second != self._second:  # strftime once per second, not once per line
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        parts = [f"{self._stamp}.{int(record.msecs):03d}Z", record.levelname, record.name]
         parts.append(record.getMessage())
         parts.extend(f"{k}={_quote(v)}" for k, v in _context(record).items())
         line = " ".join(parts)

@@ -193,8 +193,8 @@ class FilterSMTP(SMTP):
                 return
             self._admitted = True
             self.handler.peer = format_peer(transport.get_extra_info("peername"))
-            # One INFO line per connection, at its end (with what it achieved), keeps logging
-            # off the per-message CPU budget; the opening is there at DEBUG.
+            # Logging costs CPU per line: the opening is at DEBUG, the end at INFO only when the
+            # connection queued nothing (below).
             log.debug("connection opened", extra=self.handler.log_extra())
         super().connection_made(transport)
 
@@ -233,8 +233,11 @@ class FilterSMTP(SMTP):
             if self._admitted:
                 self._admitted = False
                 self._registry.release(self)
-                log.info("connection closed, %d message(s) queued", self.handler.queued,
-                         extra=self.handler.log_extra())
+                # A connection that queued mail is already in the log by its "queued" lines;
+                # one that queued nothing (a probe, a refused sender) gets its INFO line here.
+                level = logging.DEBUG if self.handler.queued else logging.INFO
+                log.log(level, "connection closed, %d message(s) queued", self.handler.queued,
+                        extra=self.handler.log_extra())
 
     def data_received(self, data: bytes) -> None:
         if self._refused:

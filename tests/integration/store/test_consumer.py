@@ -234,3 +234,36 @@ async def test_junk_envelope_is_filed_into_junk(store: Running) -> None:
     assert check_mailboxes(store.settings.store_dir, [ALICE, BOB]) == seen
     assert store.consumer.stats.delivered == 3
     assert await store.dead() == 0
+
+
+async def test_a_lone_message_does_not_wait_for_a_batch(settings: Settings) -> None:
+    # A batch wait far beyond the test's patience: only the "nothing else is waiting"
+    # rule can get the message stored in time.
+    settings = settings.replace(store_batch_wait=600.0)
+    add_users(settings, [ALICE])
+    running = await _running(settings)
+    try:
+        for round_ in range(3):
+            await publish_all(settings, [make_message(ALICE)])
+            await wait_for(lambda r=round_: running.consumer.stats.delivered >= r + 1,
+                           within=20, what=f"lone message {round_ + 1} stored at once")
+    finally:
+        await running.stop()
+        await running.maildb.close()
+
+
+async def test_a_backlog_is_stored_in_large_batches(settings: Settings) -> None:
+    add_users(settings, [ALICE, BOB])
+    # Queued while no store runs: the store finds a backlog and takes it in batches of up to
+    # the prefetch (64), not one by one.
+    messages = [make_message(ALICE if i % 2 else BOB) for i in range(256)]
+    await publish_all(settings, messages)
+    running = await _running(settings)
+    try:
+        await wait_for(lambda: running.consumer.stats.delivered >= 256, what="backlog stored")
+        assert running.consumer.stats.batches <= 256 // 8
+        seen = check_mailboxes(settings.store_dir, [ALICE, BOB])
+        assert set(seen) == {envelope.queue_id for envelope, _ in messages}
+    finally:
+        await running.stop()
+        await running.maildb.close()
