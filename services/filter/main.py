@@ -18,6 +18,7 @@ import redis.asyncio
 from common.broker import Publisher
 from common.directory import Directory
 from common.directory_cache import DirectoryCache
+from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
 from common.ratelimit import RateLimiter, RateLimits, RedisCounter
 from common.settings import Settings
@@ -174,6 +175,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         async with open_worker(settings) as worker:
+            freeze_startup_objects()
             log.info("filter worker ready", extra={"event": "ready"})
             await stop.wait()
             log.info("shutting down", extra={"event": "stopping", **_stats_extra(worker)})

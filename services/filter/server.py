@@ -229,6 +229,9 @@ class FilterSMTP(SMTP):
             return
         try:
             super().connection_lost(error)
+            task = self._handler_coroutine
+            if task is not None:
+                task.add_done_callback(self._release_references)
         finally:
             if self._admitted:
                 self._admitted = False
@@ -238,6 +241,20 @@ class FilterSMTP(SMTP):
                 level = logging.DEBUG if self.handler.queued else logging.INFO
                 log.log(level, "connection closed, %d message(s) queued", self.handler.queued,
                         extra=self.handler.log_extra())
+
+    def _release_references(self, _: object) -> None:
+        """Once the connection is gone and its task has ended, nothing runs for it any more:
+        drop the references that make it a reference cycle (aiosmtpd keeps tables of our own
+        bound methods; the ended task holds its CancelledError's frames, which hold us), so
+        it is freed at once instead of waiting for, and lengthening, a garbage collection."""
+        self._smtp_methods.clear()
+        self._auth_methods.clear()
+        self._handle_hooks.clear()
+        self._handler_coroutine = None
+        # asyncio's StreamReaderProtocol keeps aiosmtpd's bound connect callback, and the
+        # StreamWriter refers back to us as its protocol.
+        self._client_connected_cb = None
+        self._writer = None  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         if self._refused:

@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 
 from common.auththrottle import AuthThrottle
 from common.directory import Directory
+from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
@@ -112,6 +113,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
         consumer = Consumer(settings, maildb, accounts, stats)
         consuming = asyncio.create_task(consumer.run(), name="consumer")
+        freeze_startup_objects()
         log.info("store running", extra={"event": "started"})
 
         stopped = asyncio.create_task(stop.wait())

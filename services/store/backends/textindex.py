@@ -310,7 +310,7 @@ class TextIndexer:
     compare every mailbox's messages with the index, add what is missing, forget what is gone.
     """
 
-    def __init__(self, maildb: MailDB, index: TextIndex, *, batch: int = 200,
+    def __init__(self, maildb: MailDB, index: TextIndex, *, batch: int = 50,
                  quiet_in: Callable[[], float] = lambda: 0.0,
                  max_yield: float = MAX_YIELD) -> None:
         self._maildb = maildb
