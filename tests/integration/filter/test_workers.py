@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 
 from common.settings import Settings
-from services.filter.main import FilterWorker
 from services.filter.protocol import replies
 from tests.integration.filter.conftest import (
     ALICE,
@@ -20,7 +17,7 @@ from tests.integration.filter.conftest import (
     running_filter,
     send,
 )
-from tests.support import REPO, TierProcess, eventually, port_open, tier_env, wait_until
+from tests.support import REPO, TierProcess, port_open, tier_env, wait_until
 
 
 async def test_two_workers_share_one_port(directory: Settings) -> None:
@@ -86,23 +83,3 @@ async def test_serve_runs_until_sigterm(directory: Settings) -> None:
     assert queued.envelope.queue_id.encode() in output
     assert replies.SHUTTING_DOWN not in output.decode()
 
-
-async def test_a_finished_connection_is_freed_without_the_garbage_collector(
-        worker: FilterWorker) -> None:
-    """Each connection used to leave a reference cycle (aiosmtpd's tables of bound methods,
-    the ended task's frames): collected only by the cyclic collector, whose pauses were the
-    filter's worst latencies."""
-    gc.collect()
-    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds goes to gc.garbage, not away
-    try:
-        for number in range(5):
-            assert await in_thread(send, worker.ports[0], message(f"m{number}"), [ALICE]) == {}
-        await eventually(lambda: worker.stats.active == 0, what="connections closed")
-        await asyncio.sleep(0)  # the ended tasks' callbacks
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage
-                if type(o).__name__ in ("FilterSMTP", "FilterSession")]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-    assert left == []
