@@ -995,7 +995,7 @@ class MailDB:
             raise NoSuchMailbox(mailbox)
         if int(row[1]) >= int(row[2]):  # nothing new: no write, no fsync
             return int(row[1])
-        with transaction(conn):
+        with transaction(conn, durable=False):  # \Recent is a session hint, not data
             [(first,)] = conn.execute("SELECT recent_uid FROM mailbox WHERE id = ?",
                                       (row[0],)).fetchall()
             conn.execute("UPDATE mailbox SET recent_uid = uidnext WHERE id = ?", (row[0],))
@@ -1164,7 +1164,7 @@ class MailDB:
                           uids: list[int], mode: str, flags: frozenset[str],
                           unchangedsince: int | None) -> FlagsResult:
         conn = self._conn(user)
-        with transaction(conn):
+        with transaction(conn, durable=False):  # flags: see docs/architecture.md
             box = self._box(conn, mailbox)
             modseq = box.modseq + 1
             span = _covered_span(conn, box.id, uids)

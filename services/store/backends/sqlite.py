@@ -10,16 +10,28 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction that takes the write lock at once (no upgrade deadlocks)."""
-    conn.execute("BEGIN IMMEDIATE")
+def transaction(conn: sqlite3.Connection, *, durable: bool = True) -> Iterator[None]:
+    """A write transaction that takes the write lock at once (no upgrade deadlocks).
+
+    `durable=False` (for connections that otherwise run synchronous=FULL): the commit does
+    not wait for the disk. In WAL mode that is synchronous=NORMAL: the database stays
+    consistent whatever happens, a process crash loses nothing, a power failure may lose
+    this commit; the next durable commit on the same database makes it durable too (the log
+    is written in order). For changes a client can repeat, such as flags (IMAP STORE)."""
+    if not durable:
+        conn.execute("PRAGMA synchronous=NORMAL")
     try:
-        yield
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        if not durable:
+            conn.execute("PRAGMA synchronous=FULL")
 
 
 @contextlib.contextmanager

@@ -82,6 +82,7 @@ READ_BATCH_OCTETS = 4 * 1024 * 1024
 READ_BATCH_MESSAGES = 256
 WRITE_BATCH_OCTETS = 256 * 1024
 READ_THREADS = 4  # parallel file reads per batch
+DIRECT_READ_MAX = 64 * 1024  # a single message up to this size is read without a thread
 SEEN = "\\Seen"
 DELETED = "\\Deleted"
 
@@ -96,6 +97,12 @@ class State(enum.Enum):
 Handler = Callable[["Session", Command], Awaitable["r.Reply | None"]]
 
 
+class Cost(enum.Enum):
+    SHORT = "short"
+    BY_SET = "by-set"
+    LONG = "long"
+
+
 @dataclass(frozen=True)
 class CommandSpec:
     """One row of the command table."""
@@ -107,6 +114,8 @@ class CommandSpec:
     # RFC 3501 7.4.1: no EXPUNGE responses during FETCH, STORE or SEARCH (their UID forms may
     # send them: UIDs do not shift).
     expunge_ok: bool = True
+    # Waits for the long lane (lanes.py): LONG always, BY_SET when its sequence set is large.
+    cost: Cost = Cost.SHORT
 
 
 # --- any state ---------------------------------------------------------------------------
@@ -664,6 +673,11 @@ async def _read_bodies(s: Session, selected: SelectedMailbox, batch: list[int],
                 continue
         return found
 
+    if len(wanted) == 1 and selected.info(wanted[0][0]).size <= DIRECT_READ_MAX:
+        # One small message (inline in the index, or one short file): reading it costs
+        # less than the hand-over to a thread and back, which under load also waits for the
+        # interpreter lock behind the other threads.
+        return read(wanted)
     # Files not in the page cache wait on the disk one by one; a few threads keep several
     # reads in flight (what a disk, and SSDs most of all, serve best).
     parts = [wanted[i::READ_THREADS] for i in range(min(READ_THREADS, len(wanted)))]
@@ -970,8 +984,10 @@ _ENABLE = frozenset({State.AUTHENTICATED})  # RFC 5161 3.1: before any mailbox i
 _SELECTED = frozenset({State.SELECTED})
 
 
-def _in_mailbox(handler: Handler, *, expunge_ok: bool = True) -> CommandSpec:
-    return CommandSpec(handler, _SELECTED, uses_messages=True, expunge_ok=expunge_ok)
+def _in_mailbox(handler: Handler, *, expunge_ok: bool = True,
+                cost: Cost = Cost.BY_SET) -> CommandSpec:
+    return CommandSpec(handler, _SELECTED, uses_messages=True, expunge_ok=expunge_ok,
+                       cost=cost)
 
 
 # The one command table. UID forms are separate rows: RFC 3501 7.4.1 lets them send EXPUNGE.
@@ -984,8 +1000,8 @@ COMMANDS: dict[str, CommandSpec] = {
     "LOGIN": CommandSpec(login, _NOT_AUTH),
     "AUTHENTICATE": CommandSpec(authenticate, _NOT_AUTH),
     "ENABLE": CommandSpec(enable, _ENABLE),
-    "SELECT": CommandSpec(select, _AUTH),
-    "EXAMINE": CommandSpec(select, _AUTH),
+    "SELECT": CommandSpec(select, _AUTH, cost=Cost.LONG),
+    "EXAMINE": CommandSpec(select, _AUTH, cost=Cost.LONG),
     "CREATE": CommandSpec(create, _AUTH),
     "DELETE": CommandSpec(delete, _AUTH),
     "RENAME": CommandSpec(rename, _AUTH),
@@ -1002,20 +1018,20 @@ COMMANDS: dict[str, CommandSpec] = {
     "CHECK": CommandSpec(check, _SELECTED),
     "CLOSE": CommandSpec(close, _SELECTED),
     "UNSELECT": CommandSpec(unselect, _SELECTED),
-    "EXPUNGE": _in_mailbox(expunge),
+    "EXPUNGE": _in_mailbox(expunge, cost=Cost.LONG),
     "UID EXPUNGE": _in_mailbox(expunge),
     "FETCH": _in_mailbox(fetch, expunge_ok=False),
     "UID FETCH": _in_mailbox(fetch),
     "STORE": _in_mailbox(store, expunge_ok=False),
     "UID STORE": _in_mailbox(store),
-    "SEARCH": _in_mailbox(search_, expunge_ok=False),
-    "UID SEARCH": _in_mailbox(search_),
+    "SEARCH": _in_mailbox(search_, expunge_ok=False, cost=Cost.LONG),
+    "UID SEARCH": _in_mailbox(search_, cost=Cost.LONG),
     "COPY": _in_mailbox(copy),
     "UID COPY": _in_mailbox(copy),
     "MOVE": _in_mailbox(copy),
     "UID MOVE": _in_mailbox(copy),
-    "SORT": _in_mailbox(sort_, expunge_ok=False),
-    "UID SORT": _in_mailbox(sort_),
-    "THREAD": _in_mailbox(thread_, expunge_ok=False),
-    "UID THREAD": _in_mailbox(thread_),
+    "SORT": _in_mailbox(sort_, expunge_ok=False, cost=Cost.LONG),
+    "UID SORT": _in_mailbox(sort_, cost=Cost.LONG),
+    "THREAD": _in_mailbox(thread_, expunge_ok=False, cost=Cost.LONG),
+    "UID THREAD": _in_mailbox(thread_, cost=Cost.LONG),
 }

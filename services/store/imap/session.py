@@ -26,7 +26,8 @@ from services.store.backends.maildb import MailDB
 from services.store.backends.textindex import TextIndex, TextIndexer
 from services.store.imap import responses as r
 from services.store.imap.cache import FetchCache
-from services.store.imap.commands import COMMANDS, CommandSpec, State
+from services.store.imap.commands import COMMANDS, CommandSpec, Cost, State
+from services.store.imap.lanes import LONG_SET, CommandLanes, set_size
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import Command, ParseError
 from services.store.imap.protocol.grammar import parse_command
@@ -65,6 +66,7 @@ class ImapDeps:
     auth_failure_delay: float = AUTH_FAILURE_DELAY
     # Shared by every session; a default so tests that build ImapDeps get a private one.
     fetch_cache: FetchCache = field(default_factory=FetchCache)
+    lanes: CommandLanes = field(default_factory=CommandLanes)
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,21 @@ class Session:
         return After.CONTINUE
 
     async def _run(self, spec: CommandSpec, command: Command) -> r.Reply | None:
+        if self._is_long(spec, command):
+            async with self.deps.lanes.long():
+                return await self._execute(spec, command)
+        return await self._execute(spec, command)
+
+    def _is_long(self, spec: CommandSpec, command: Command) -> bool:
+        if spec.cost is Cost.LONG:
+            return True
+        sequence = getattr(command.args, "sequence", None)
+        selected = self.selected
+        if spec.cost is Cost.SHORT or sequence is None or selected is None:
+            return False
+        return set_size(sequence, selected.count, command.uid, selected.uidnext) > LONG_SET
+
+    async def _execute(self, spec: CommandSpec, command: Command) -> r.Reply | None:
         try:
             if spec.uses_messages:
                 await self.sync(allow_expunge=spec.expunge_ok)

@@ -109,6 +109,7 @@ class ImapStack:
     maildb: MailDB
     accounts: AccountDB
     servers: list[asyncio.AbstractServer]
+    deps: ImapDeps
 
     @property
     def port(self) -> int:
@@ -141,7 +142,7 @@ async def start_imap(settings: Settings, maildb: MailDB, imap_users: AccountDB
                         auth_failure_delay=TEST_AUTH_DELAY)
         started = await start_imap_servers(settings, deps)
         servers.extend(started)
-        return ImapStack(settings, maildb, imap_users, started)
+        return ImapStack(settings, maildb, imap_users, started, deps)
 
     yield start
     for server in servers:

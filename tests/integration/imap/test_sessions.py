@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from services.store.backends.maildb import MailDB
 from tests.integration.imap.clients import Raw, Server, in_thread, message
 from tests.integration.imap.conftest import ALICE, BOB, Deliver, ImapStack
+from tests.support import eventually
 
 
 @pytest.fixture
@@ -142,3 +145,26 @@ async def test_own_append_and_copy_into_the_selected_mailbox_report_exists(
         raw.close()
 
     await in_thread(dialog)
+
+
+async def test_short_commands_are_served_while_long_ones_wait_their_turn(
+        imap_server: ImapStack, deliver: Deliver) -> None:
+    """services/store/imap/lanes.py: while the long lane is taken, a SELECT waits for it and
+    a short command of another session is answered meanwhile."""
+    for n in range(3):
+        await deliver(ALICE, message(f"m{n}"))
+    server = Server.of(imap_server)
+    lanes = imap_server.deps.lanes
+    selecting, other = await in_thread(lambda: (server.raw(ALICE), server.raw(ALICE)))
+    await in_thread(lambda: other.ok("SELECT INBOX"))
+    try:
+        async with lanes.long():  # as if another long command were running
+            select = asyncio.ensure_future(in_thread(lambda: selecting.ok("SELECT INBOX")))
+            await eventually(lambda: lanes.waiting == 1, within=10, what="SELECT waiting")
+            await in_thread(lambda: other.ok("NOOP"))
+            await in_thread(lambda: other.ok("FETCH 1:3 (FLAGS)"))  # a short set
+            assert not select.done()
+        assert b"* 3 EXISTS" in b"\n".join((await select).lines(b"EXISTS"))
+    finally:
+        selecting.close()
+        other.close()
