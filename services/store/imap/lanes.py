@@ -11,36 +11,76 @@ SORT, THREAD, EXPUNGE, or FETCH/STORE/COPY/MOVE over more than LONG_SET messages
 the long lane, which one long command holds at a time; everything else runs at once. Long
 commands yield to the loop between chunks (FETCH, STORE), so short ones are served in
 between, and long commands as a whole lose nothing: they use the same CPU one after another
-instead of side by side.
+instead of side by side. A long command lets the lane go while it waits for its client to
+take its output (`LongTurn.outside`): a slow or stalled reader holds up nobody else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 from services.store.imap.protocol.command import SequenceSet
+
+T = TypeVar("T")
 
 LONG_SET = 500  # messages: a FETCH of flags for 500 takes a few milliseconds
 
 
 class CommandLanes:
     def __init__(self) -> None:
-        self._long = asyncio.Lock()
+        self._lock = asyncio.Lock()
         self.waiting = 0  # long commands waiting for their turn
+        self.turns = 0  # turns taken since start (a command takes one, and one more after
+        # each wait for its client)
 
     @contextlib.asynccontextmanager
-    async def long(self) -> AsyncIterator[None]:
+    async def long(self) -> AsyncIterator[LongTurn]:
+        turn = LongTurn(self)
+        await turn.take()
+        try:
+            yield turn
+        finally:
+            turn.give_back()
+
+    async def _acquire(self) -> None:
         self.waiting += 1
         try:
-            await self._long.acquire()
+            await self._lock.acquire()
         finally:
             self.waiting -= 1
+        self.turns += 1
+
+    def _release(self) -> None:
+        self._lock.release()
+
+
+class LongTurn:
+    """One long command's hold on the lane. While it waits for the client to take its output
+    (`outside`), it lets the lane go: a client that reads slowly, or not at all, must not
+    hold up every other session's long commands."""
+
+    def __init__(self, lanes: CommandLanes) -> None:
+        self._lanes = lanes
+        self._holding = False
+
+    async def take(self) -> None:
+        await self._lanes._acquire()
+        self._holding = True
+
+    def give_back(self) -> None:
+        if self._holding:
+            self._holding = False
+            self._lanes._release()
+
+    async def outside(self, waiting: Awaitable[T]) -> T:
+        self.give_back()
         try:
-            yield
+            return await waiting
         finally:
-            self._long.release()
+            await self.take()
 
 
 def set_size(sequence: SequenceSet, count: int, uid: bool, uidnext: int) -> int:

@@ -27,7 +27,7 @@ from services.store.backends.textindex import TextIndex, TextIndexer
 from services.store.imap import responses as r
 from services.store.imap.cache import FetchCache
 from services.store.imap.commands import COMMANDS, CommandSpec, Cost, State
-from services.store.imap.lanes import LONG_SET, CommandLanes, set_size
+from services.store.imap.lanes import LONG_SET, CommandLanes, LongTurn, set_size
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import Command, ParseError
 from services.store.imap.protocol.grammar import parse_command
@@ -119,6 +119,7 @@ class Session:
         self.enabled = Enabled()
         self._errors = 0
         self._auth_failures = 0
+        self._turn: LongTurn | None = None  # held while a long command runs (lanes.py)
 
     # The server's entry points
 
@@ -173,7 +174,10 @@ class Session:
     # Helpers for handlers
 
     async def send(self, data: bytes) -> None:
-        await self.channel.write(data)
+        if self._turn is not None:  # a long command: not while the client takes its time
+            await self._turn.outside(self.channel.write(data))
+        else:
+            await self.channel.write(data)
 
     async def bad(self, tag: str, reply: r.Reply) -> After:
         self._errors += 1
@@ -186,8 +190,12 @@ class Session:
 
     async def _run(self, spec: CommandSpec, command: Command) -> r.Reply | None:
         if self._is_long(spec, command):
-            async with self.deps.lanes.long():
-                return await self._execute(spec, command)
+            async with self.deps.lanes.long() as turn:
+                self._turn = turn
+                try:
+                    return await self._execute(spec, command)
+                finally:
+                    self._turn = None
         return await self._execute(spec, command)
 
     def _is_long(self, spec: CommandSpec, command: Command) -> bool:

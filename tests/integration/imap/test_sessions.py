@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
 import pytest
 
+from common.ids import new_queue_id
 from services.store.backends.maildb import MailDB
+from services.store.mailbox import Delivery
 from tests.integration.imap.clients import Raw, Server, in_thread, message
 from tests.integration.imap.conftest import ALICE, BOB, Deliver, ImapStack
 from tests.support import eventually
@@ -167,4 +171,38 @@ async def test_short_commands_are_served_while_long_ones_wait_their_turn(
         assert b"* 3 EXISTS" in b"\n".join((await select).lines(b"EXISTS"))
     finally:
         selecting.close()
+        other.close()
+
+
+async def test_a_client_that_stops_reading_does_not_hold_up_long_commands(
+        imap_server: ImapStack, maildb: MailDB) -> None:
+    """A FETCH of every body to a client that reads nothing fills the socket buffers and then
+    waits (until the autologout timer); meanwhile another session's SELECT, also a long
+    command, is answered."""
+    body = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 8
+    await maildb.deliver([Delivery(new_queue_id(), ALICE, body, time.time())
+                          for _ in range(1000)])  # 8 MB: more than any socket buffer holds
+    server = Server.of(imap_server)
+    lanes = imap_server.deps.lanes
+
+    def stalled_fetch() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.settimeout(10)
+        sock.recv(4096)  # greeting
+        login = f'a LOGIN {ALICE} "{server.users[ALICE]}"\r\n'.encode()
+        sock.sendall(login + b"b SELECT INBOX\r\nc FETCH 1:* (BODY.PEEK[])\r\n")
+        return sock  # and never read again
+
+    stalled = await in_thread(stalled_fetch)
+    other = await in_thread(lambda: server.raw(ALICE))
+    try:
+        # The stalled session's SELECT took one turn, its FETCH the next, and a FETCH that
+        # waited for its client took another after each wait.
+        await eventually(lambda: lanes.turns >= 2, within=10, what="the FETCH under way")
+        reply = await in_thread(lambda: other.ok("SELECT INBOX"))
+        assert b"* 1000 EXISTS" in b"\n".join(reply.lines(b"EXISTS"))
+    finally:
+        stalled.close()
         other.close()
