@@ -17,6 +17,7 @@ Thread-safe (reader threads share it). Lists handed out are copies: callers may 
 from __future__ import annotations
 
 import bisect
+import operator
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ def merge(infos: tuple[MessageInfo, ...], changed: list[MessageInfo],
     """`infos` with the changed messages (new ones, or their new flags) put in place and the
     expunged UIDs removed; all three ascending by UID."""
     result = list(infos)
-    uids = [info.uid for info in result] if (changed or expunged) else []
+    uids = list(map(operator.itemgetter(0), result)) if (changed or expunged) else []
     gone = set(expunged)
     for info in changed:
         at = bisect.bisect_left(uids, info.uid)

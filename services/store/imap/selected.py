@@ -14,6 +14,7 @@ Pure: no I/O. The session feeds `apply(changes)` and writes what `updates()` ret
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Container, Iterable, Sequence
 
 from services.store.imap.protocol import wire
@@ -23,6 +24,8 @@ from services.store.mailbox import Changes, MailboxStatus, MessageInfo
 
 RECENT = "\\Recent"
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+_UID = operator.itemgetter(0)  # MessageInfo.uid, at C speed
+_FLAGS = operator.itemgetter(4)  # MessageInfo.flags
 # Deleting this many positions one by one costs more than one rebuild of the lists.
 REBUILD_THRESHOLD = 64
 
@@ -39,7 +42,7 @@ class SelectedMailbox:
         self.uidvalidity = status.uidvalidity
         self.highestmodseq = status.highestmodseq
         self._infos = messages
-        self._uids = [info.uid for info in messages]
+        self._uids = list(map(_UID, messages))
         self.uidnext = max(status.uidnext, self._uids[-1] + 1 if self._uids else 1)
         # The MailDB.version(user) the state reflects: equal means nothing to query.
         self.version = version
@@ -47,8 +50,10 @@ class SelectedMailbox:
         self._flag_updates: set[int] = set()  # flags changed by someone else, not announced
         self._recent: set[int] = set(self._uids[bisect.bisect_left(self._uids, recent_from):])
         self._announced_count = len(self._uids)
-        self.keywords: set[str] = {f for info in messages for f in info.flags
-                                   if not f.startswith("\\")}
+        # Messages share their flag sets (MailDB hands out one frozenset per distinct text):
+        # look at each distinct set once, not at every flag of 100,000 messages.
+        self.keywords: set[str] = {flag for flags in set(map(_FLAGS, messages))
+                                   for flag in flags if not flag.startswith("\\")}
         self._keywords_changed = False
 
     # Reading the map
