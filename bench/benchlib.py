@@ -165,7 +165,6 @@ class CpuReport:
     """CPU milliseconds per message during one load run, per process group and in all."""
 
     messages: int
-    wall_seconds: float
     machine_busy: float  # seconds, every process on the machine
     machine_idle: float
     machine_stolen: float  # by the hypervisor (a virtual machine's neighbours)
@@ -173,9 +172,6 @@ class CpuReport:
 
     def per_message_ms(self, seconds: float) -> float:
         return seconds * 1000 / self.messages
-
-    def group_seconds(self, name: str) -> float:
-        return sum(self.groups[name])
 
     @property
     def utilisation(self) -> float:
@@ -206,14 +202,12 @@ class CpuMeter:
         self._start: dict[str, dict[int, tuple[float, float]]] = {}
         self._machine: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self._children = (0.0, 0.0)
-        self._started = 0.0
 
     def start(self) -> None:
         self._start = {name: {pid: process_cpu_seconds(pid) for pid in pids()}
                        for name, pids in self._groups.items()}
         self._machine = machine_cpu_seconds()
         self._children = _children_cpu_seconds()
-        self._started = time.monotonic()
 
     def stop(self, messages: int) -> CpuReport:
         busy, idle, stolen = machine_cpu_seconds()
@@ -226,8 +220,7 @@ class CpuMeter:
             groups[name] = (user, sys)
         user1, sys1 = _children_cpu_seconds()
         groups["smtp-source"] = (user1 - self._children[0], sys1 - self._children[1])
-        return CpuReport(messages, time.monotonic() - self._started,
-                         busy - self._machine[0], idle - self._machine[1],
+        return CpuReport(messages, busy - self._machine[0], idle - self._machine[1],
                          stolen - self._machine[2], groups)
 
 

@@ -198,7 +198,8 @@ class Consumer:
                 return
             self._more.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._more.wait(), remaining)
+                async with asyncio.timeout(remaining):  # no task per wait, as wait_for makes
+                    await self._more.wait()
 
     def _take_batch(self, first: DeliveredMessage,
                     inbox: asyncio.Queue[DeliveredMessage | None]) -> list[DeliveredMessage]:
