@@ -472,7 +472,12 @@ class MailDB:
         return await self._read(self._mailboxes_sync, user, INBOX)
 
     async def list_messages(self, user: str, mailbox: str = INBOX) -> list[MessageInfo]:
-        return await self._read(self._list_sync, user, canonical_mailbox(mailbox))
+        return list((await self.snapshot(user, mailbox)).infos)
+
+    async def snapshot(self, user: str, mailbox: str = INBOX) -> Snapshot:
+        """The mailbox's messages as one shared, immutable Snapshot (with the UIDs, keywords
+        and first unseen message a SELECT needs)."""
+        return await self._read(self._snapshot_sync, user, canonical_mailbox(mailbox))
 
     def open_message(self, user: str, guid: str) -> BinaryIO:
         """The stored bytes: an inline body as BytesIO, else the file. Blocking (SQLite or
@@ -1385,9 +1390,9 @@ class MailDB:
             return [str(row[0]) for row in conn.execute(
                 "SELECT name FROM subscription ORDER BY name != 'INBOX', name")]
 
-    def _list_sync(self, user: str, mailbox: str) -> list[MessageInfo] | None:
-        """The mailbox's messages from the snapshot cache brought up to date, or read whole
-        (then cached); the snapshot's state and the changes are read in one transaction."""
+    def _snapshot_sync(self, user: str, mailbox: str) -> Snapshot | None:
+        """The mailbox's snapshot from the cache brought up to date, or read whole (then
+        cached); the snapshot's state and the changes are read in one transaction."""
         conn = self._read_conn(user)
         if conn is None:
             return None
@@ -1400,21 +1405,21 @@ class MailDB:
             cached = self._snapshots.get(user, mailbox, uidvalidity)
             if cached is not None and cached.modseq == modseq:
                 self._snapshots.hits += 1
-                return list(cached.infos)
-            infos = None
+                return cached
+            snapshot = None
             if cached is not None:
-                infos = self._merged(conn, box_id, cached)
-            if infos is None:
-                infos = tuple(_infos(conn.execute(
+                snapshot = self._merged(conn, box_id, cached, modseq)
+            if snapshot is None:
+                snapshot = Snapshot.of(uidvalidity, modseq, _infos(conn.execute(
                     "SELECT uid, guid, size, internaldate, flags, modseq FROM message"
                     " WHERE mailbox_id = ? ORDER BY uid", (box_id,))))
-        self._snapshots.put(user, mailbox, Snapshot(uidvalidity, modseq, infos))
-        return list(infos)
+        self._snapshots.put(user, mailbox, snapshot)
+        return snapshot
 
-    def _merged(self, conn: sqlite3.Connection, box_id: int,
-                cached: Snapshot) -> tuple[MessageInfo, ...] | None:
-        """The cached list with what changed since its MODSEQ, or None when so much changed
-        that reading the mailbox again is cheaper."""
+    def _merged(self, conn: sqlite3.Connection, box_id: int, cached: Snapshot,
+                modseq: int) -> Snapshot | None:
+        """The cached snapshot with what changed since its MODSEQ, or None when so much
+        changed that reading the mailbox again is cheaper."""
         changed = conn.execute(
             "SELECT uid, guid, size, internaldate, flags, modseq FROM message"
             " INDEXED BY message_modseq WHERE mailbox_id = ? AND modseq > ?"
@@ -1426,7 +1431,7 @@ class MailDB:
         if len(changed) + len(expunged) > MERGE_LIMIT:
             return None
         self._snapshots.merges += 1
-        return merge(cached.infos, _infos(changed), expunged)
+        return merge(cached, modseq, _infos(changed), expunged)
 
     def _uids_sync(self, user: str, mailbox: str) -> list[int] | None:
         conn = self._read_conn(user)

@@ -198,11 +198,11 @@ async def select(s: Session, c: Command) -> r.Reply:
     user = s.logged_in_user
     version = s.store.version(user)  # first: anything committed later is synced later
     status = await s.store.status(user, args.mailbox)
-    messages = await s.store.list_messages(user, args.mailbox)
-    recent_from = (await _unclaimed_recent(s, args.mailbox, messages, status.uidnext)
+    snapshot = await s.store.snapshot(user, args.mailbox)
+    recent_from = (await _unclaimed_recent(s, args.mailbox, snapshot.uids, status.uidnext)
                    if readonly else await s.store.claim_recent(user, args.mailbox))
     selected = SelectedMailbox(status.name, readonly=readonly, status=status,
-                               messages=messages, recent_from=recent_from, version=version)
+                               snapshot=snapshot, recent_from=recent_from, version=version)
     lines = [
         wire.untagged(b"FLAGS " + selected.flag_list()),
         wire.untagged(b"OK [PERMANENTFLAGS "
@@ -211,9 +211,9 @@ async def select(s: Session, c: Command) -> r.Reply:
         wire.untagged(b"%d EXISTS" % selected.count),
         wire.untagged(b"%d RECENT" % selected.recent_count),
     ]
-    unseen = selected.first_unseen()
+    unseen = selected.first_unseen_at_select
     if unseen is not None:
-        lines.append(wire.untagged(b"OK [UNSEEN %d] First unseen" % unseen))
+        lines.append(wire.untagged(b"OK [UNSEEN %d] First unseen" % (unseen + 1)))
     lines += [
         wire.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % selected.uidvalidity),
         wire.untagged(b"OK [UIDNEXT %d] Predicted next UID" % selected.uidnext),
@@ -528,12 +528,12 @@ async def fetch(s: Session, c: Command) -> r.Reply:
     return r.NO_EXPUNGED.with_code("EXPUNGEISSUED") if skipped else r.OK_DONE
 
 
-async def _unclaimed_recent(s: Session, mailbox: str, messages: list[MessageInfo],
+async def _unclaimed_recent(s: Session, mailbox: str, uids: Sequence[int],
                             uidnext: int) -> int:
     """EXAMINE shows \\Recent without claiming it (RFC 3501 6.3.2): the messages no
     read-write SELECT has claimed are the newest ones, so their count says where they start."""
     count = await s.store.recent(s.logged_in_user, mailbox)
-    return messages[-count].uid if 0 < count <= len(messages) else uidnext
+    return uids[-count] if 0 < count <= len(uids) else uidnext
 
 
 async def _vanished_earlier(s: Session, selected: SelectedMailbox, args: Fetch) -> None:

@@ -14,9 +14,9 @@ Pure: no I/O. The session feeds `apply(changes)` and writes what `updates()` ret
 from __future__ import annotations
 
 import bisect
-import operator
 from collections.abc import Container, Iterable, Sequence
 
+from services.store.backends.snapshots import Snapshot
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import SequenceSet
 from services.store.imap.protocol.sequence import format_set, select_seqs, select_uid_positions
@@ -24,8 +24,6 @@ from services.store.mailbox import Changes, MailboxStatus, MessageInfo
 
 RECENT = "\\Recent"
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
-_UID = operator.itemgetter(0)  # MessageInfo.uid, at C speed
-_FLAGS = operator.itemgetter(4)  # MessageInfo.flags
 # Deleting this many positions one by one costs more than one rebuild of the lists.
 REBUILD_THRESHOLD = 64
 
@@ -36,13 +34,15 @@ class InvalidSequence(ValueError):
 
 class SelectedMailbox:
     def __init__(self, name: str, *, readonly: bool, status: MailboxStatus,
-                 messages: list[MessageInfo], recent_from: int, version: int) -> None:
+                 snapshot: Snapshot, recent_from: int, version: int) -> None:
         self.name = name
         self.readonly = readonly
         self.uidvalidity = status.uidvalidity
         self.highestmodseq = status.highestmodseq
-        self._infos = messages
-        self._uids = list(map(_UID, messages))
+        # Our own copies of the shared snapshot's lists (copied at C speed), for updates.
+        self._infos = list(snapshot.infos)
+        self._uids = list(snapshot.uids)
+        self.first_unseen_at_select = snapshot.first_unseen
         self.uidnext = max(status.uidnext, self._uids[-1] + 1 if self._uids else 1)
         # The MailDB.version(user) the state reflects: equal means nothing to query.
         self.version = version
@@ -50,10 +50,7 @@ class SelectedMailbox:
         self._flag_updates: set[int] = set()  # flags changed by someone else, not announced
         self._recent: set[int] = set(self._uids[bisect.bisect_left(self._uids, recent_from):])
         self._announced_count = len(self._uids)
-        # Messages share their flag sets (MailDB hands out one frozenset per distinct text):
-        # look at each distinct set once, not at every flag of 100,000 messages.
-        self.keywords: set[str] = {flag for flags in set(map(_FLAGS, messages))
-                                   for flag in flags if not flag.startswith("\\")}
+        self.keywords: set[str] = set(snapshot.keywords)
         self._keywords_changed = False
 
     # Reading the map
@@ -98,13 +95,6 @@ class SelectedMailbox:
         position = bisect.bisect_left(self._uids, uid)
         if position < len(self._uids) and self._uids[position] == uid:
             return position
-        return None
-
-    def first_unseen(self) -> int | None:
-        """The sequence number of the first message without \\Seen (SELECT's [UNSEEN])."""
-        for position, info in enumerate(self._infos):
-            if "\\Seen" not in info.flags:
-                return position + 1
         return None
 
     def flags_of(self, position: int) -> frozenset[str]:

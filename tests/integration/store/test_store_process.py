@@ -95,11 +95,14 @@ def test_sigkill_during_delivery_loses_and_duplicates_nothing(
             break
         store = run_tier(settings, "store")
 
-        def progressed(store: TierProcess = store, before: int = before) -> bool:
-            return stored_count(settings.store_dir, USERS) > before or not store.alive
+        # Killed after a random number of further deliveries, not after a random time: a
+        # fast store would otherwise finish all 2000 between two kills.
+        target = before + rng.randint(1, 150)
 
-        wait_until(progressed, timeout=30, interval=0.01, what="store making progress")
-        time.sleep(rng.uniform(0.05, 0.4))
+        def progressed(store: TierProcess = store, target: int = target) -> bool:
+            return stored_count(settings.store_dir, USERS) >= target or not store.alive
+
+        wait_until(progressed, timeout=30, interval=0.005, what="store making progress")
         at_kill = stored_count(settings.store_dir, USERS)
         store.kill(signal.SIGKILL)
         if at_kill < 2000:

@@ -7,6 +7,7 @@ import io
 from types import SimpleNamespace
 from typing import Any
 
+from services.store.backends.snapshots import Snapshot
 from services.store.imap import commands
 from services.store.imap.cache import FetchCache
 from services.store.imap.protocol.command import FetchAtt
@@ -40,8 +41,9 @@ def mailbox(count: int) -> SelectedMailbox:
                          flags=frozenset(), modseq=n) for n in range(1, count + 1)]
     status = MailboxStatus("INBOX", uidvalidity=1, uidnext=count + 1, highestmodseq=count,
                            messages=count)
-    return SelectedMailbox("INBOX", readonly=True, status=status, messages=infos,
-                           recent_from=count + 1, version=0)
+    return SelectedMailbox("INBOX", readonly=True, status=status,
+                           snapshot=Snapshot.of(1, count, infos), recent_from=count + 1,
+                           version=0)
 
 
 async def fetch(s: Any, selected: SelectedMailbox, *names: str) -> bytes:
