@@ -24,6 +24,7 @@ import bisect
 import itertools
 import operator
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,19 +42,20 @@ _FLAGS = operator.itemgetter(4)  # MessageInfo.flags
 @dataclass(frozen=True)
 class Snapshot:
     """A mailbox's messages at one MODSEQ, with what a SELECT derives from them, so that
-    twenty sessions selecting the same mailbox derive it once. Shared: never mutated."""
+    twenty sessions selecting the same mailbox derive it once. Shared: never mutated (not
+    even the array)."""
 
     uidvalidity: int
     modseq: int  # the mailbox's HIGHESTMODSEQ when `infos` was true
     infos: tuple[MessageInfo, ...]  # ascending UID
-    uids: tuple[int, ...]  # the UIDs of `infos`
+    uids: array[int]  # the UIDs of `infos` (an array: sessions copy it with one memcpy)
     keywords: frozenset[str]  # every keyword set on a message (a merge never drops one)
     first_unseen: int | None  # position of the first message without \Seen
 
     @classmethod
     def of(cls, uidvalidity: int, modseq: int, infos: Sequence[MessageInfo]) -> Snapshot:
         infos = tuple(infos)
-        return cls(uidvalidity, modseq, infos, tuple(map(_UID, infos)), _keywords(infos),
+        return cls(uidvalidity, modseq, infos, array("q", map(_UID, infos)), _keywords(infos),
                    _first_unseen(infos, 0))
 class MessageListCache:
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
@@ -115,7 +117,7 @@ def merge(old: Snapshot, modseq: int, changed: list[MessageInfo],
     keywords = old.keywords | _keywords(itertools.chain(
         (infos[at] for at in replaced), appended))
     infos.extend(appended)
-    new_uids = uids + tuple(map(_UID, appended)) if appended else uids
+    new_uids = uids + array("q", map(_UID, appended)) if appended else uids
     return Snapshot(old.uidvalidity, modseq, tuple(infos), new_uids, keywords,
                     _moved_first_unseen(old.first_unseen, len(uids), infos, replaced))
 

@@ -428,6 +428,7 @@ async def idle(s: Session, c: Command) -> r.Reply:
     try:
         while True:
             await s.sync(allow_expunge=True)
+            await s.channel.flush()  # the reader waits for DONE: nothing else would send it
             version = s.selected.version if s.selected is not None else s.store.version(user)
             waiter = asyncio.ensure_future(
                 s.store.wait_change(user, version, s.config.idle_poll))
@@ -616,7 +617,8 @@ async def _render_metadata(s: Session, selected: SelectedMailbox, positions: lis
     step = 4096  # lines rendered between writes, so a huge FETCH never holds all of them
     for start in range(0, len(positions), step):
         # A few hundred KiB per write: 4096 short lines.
-        await s.send(b"".join(render.lines(positions[start:start + step], selected.infos,
+        chunk = positions[start:start + step]
+        await s.send(b"".join(render.lines(chunk, selected.infos_at(chunk),
                                            selected.recent_uids, recent)))
         await asyncio.sleep(0)  # let other sessions run between chunks
 

@@ -14,11 +14,13 @@ Pure: no I/O. The session feeds `apply(changes)` and writes what `updates()` ret
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Container, Iterable, Sequence
 
 from services.store.backends.snapshots import Snapshot
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import SequenceSet
+from services.store.imap.protocol.fetch import ByPosition
 from services.store.imap.protocol.sequence import format_set, select_seqs, select_uid_positions
 from services.store.mailbox import Changes, MailboxStatus, MessageInfo
 
@@ -26,6 +28,8 @@ RECENT = "\\Recent"
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 # Deleting this many positions one by one costs more than one rebuild of the lists.
 REBUILD_THRESHOLD = 64
+# Flag changes kept beside the shared message tuple before the session makes its own list.
+OVERLAY_MAX = 1024
 
 
 class InvalidSequence(ValueError):
@@ -39,9 +43,13 @@ class SelectedMailbox:
         self.readonly = readonly
         self.uidvalidity = status.uidvalidity
         self.highestmodseq = status.highestmodseq
-        # Our own copies of the shared snapshot's lists (copied at C speed), for updates.
-        self._infos = list(snapshot.infos)
-        self._uids = list(snapshot.uids)
+        # The UIDs are copied (an array: one memcpy). The messages stay the shared tuple,
+        # with the flag changes this session learns of kept beside it by position, until an
+        # operation needs a list of its own (`_own_infos`): for 100,000 messages a copy, and
+        # later freeing it, cost milliseconds of the loop, and most sessions never need one.
+        self._infos: Sequence[MessageInfo] = snapshot.infos
+        self._changed_infos: dict[int, MessageInfo] = {}  # position -> newer state
+        self._uids = snapshot.uids[:]
         self.first_unseen_at_select = snapshot.first_unseen
         self.uidnext = max(status.uidnext, self._uids[-1] + 1 if self._uids else 1)
         # The MailDB.version(user) the state reflects: equal means nothing to query.
@@ -71,10 +79,29 @@ class SelectedMailbox:
     @property
     def infos(self) -> Sequence[MessageInfo]:
         """Every message in sequence order (index = sequence number - 1)."""
-        return self._infos
+        return self._own_infos() if self._changed_infos else self._infos
+
+    def infos_at(self, positions: Sequence[int]) -> ByPosition:
+        """What `infos` holds at `positions`, indexable by position, without making the
+        session's own list for a few messages."""
+        changed = self._changed_infos
+        if not changed or len(positions) > OVERLAY_MAX:
+            return self.infos
+        infos = self._infos
+        return {p: changed.get(p) or infos[p] for p in positions}
 
     def info(self, position: int) -> MessageInfo:
-        return self._infos[position]
+        return self._changed_infos.get(position) or self._infos[position]
+
+    def _own_infos(self) -> list[MessageInfo]:
+        """The messages as this session's own list, with the pending changes applied."""
+        infos = self._infos
+        if not isinstance(infos, list):
+            infos = self._infos = list(infos)
+        for position, info in self._changed_infos.items():
+            infos[position] = info
+        self._changed_infos.clear()
+        return infos
 
     def is_gone(self, position: int) -> bool:
         return self._uids[position] in self._gone
@@ -98,7 +125,7 @@ class SelectedMailbox:
         return None
 
     def flags_of(self, position: int) -> frozenset[str]:
-        flags = self._infos[position].flags
+        flags = self.info(position).flags
         return flags | {RECENT} if self._uids[position] in self._recent else flags
 
     # Resolving sequence sets to positions, in ascending order without duplicates
@@ -128,7 +155,7 @@ class SelectedMailbox:
         for info in sorted(changes.changed, key=lambda i: i.uid):
             if info.uid > last:
                 self._uids.append(info.uid)
-                self._infos.append(info)
+                self._own_infos().append(info)
                 self._note_keywords(info.flags)
                 new.append(info.uid)
                 last = info.uid
@@ -153,10 +180,15 @@ class SelectedMailbox:
         position = self.position_of(info.uid)
         if position is None or info.uid in self._gone:
             return False
-        known = self._infos[position]
+        known = self.info(position)
         if info.modseq < known.modseq:
             return False
-        self._infos[position] = info
+        if isinstance(self._infos, list):
+            self._infos[position] = info
+        else:
+            self._changed_infos[position] = info
+            if len(self._changed_infos) > OVERLAY_MAX:
+                self._own_infos()
         self._note_keywords(info.flags)
         return info.flags != known.flags
 
@@ -207,16 +239,17 @@ class SelectedMailbox:
     def _remove(self, uids: set[int]) -> None:
         if not uids:
             return
+        infos = self._own_infos()
         if len(uids) > REBUILD_THRESHOLD:
             keep = [i for i, uid in enumerate(self._uids) if uid not in uids]
-            self._infos = [self._infos[i] for i in keep]
-            self._uids = [self._uids[i] for i in keep]
+            self._infos = [infos[i] for i in keep]
+            self._uids = array("q", [self._uids[i] for i in keep])
         else:
             for uid in sorted(uids, reverse=True):
                 position = self.position_of(uid)
                 if position is not None:
                     del self._uids[position]
-                    del self._infos[position]
+                    del infos[position]
         self._recent -= uids
         self._flag_updates -= uids
         self._gone -= uids
@@ -233,7 +266,7 @@ class SelectedMailbox:
 
     def flags_fetch(self, position: int, *, uid: bool, modseq: bool) -> bytes:
         """`* n FETCH (FLAGS (...) [UID u] [MODSEQ (m)])` for one message."""
-        info = self._infos[position]
+        info = self.info(position)
         items = [b"FLAGS " + wire.flag_list(self.flags_of(position))]
         if uid:
             items.append(b"UID %d" % info.uid)

@@ -42,6 +42,7 @@ __all__ = ["ImapDeps", "start_imap_servers"]
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024  # octets asked of the socket per read
+FLUSH_AT = 64 * 1024  # queued response octets that are sent without waiting for the end
 TLS_HANDSHAKE_TIMEOUT = 30.0
 LITERAL_CONTINUATION = wire.continuation("Ready for literal data")
 _REDACTED_COMMANDS = (b"LOGIN", b"AUTHENTICATE")
@@ -85,14 +86,32 @@ class Connection:
         self.parser = CommandParser(settings.imap_max_line, settings.imap_max_literal)
         self._timeout = settings.imap_timeout
         self._context = context
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         peername = writer.get_extra_info("peername")
         self.peer_ip = peername[0] if isinstance(peername, tuple) else str(peername)
         self.peer = (f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple)
                      else str(peername))
 
     async def write(self, data: bytes) -> None:
+        """Queue `data`; it goes out at the next `flush` (the end of the command, or before
+        the server waits for the client) or once FLUSH_AT octets are queued. A command's
+        untagged responses and its completion thus leave in one send, not three."""
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= FLUSH_AT:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
         try:
             self.writer.write(data)
+            if self.writer.transport.get_write_buffer_size() == 0:
+                return  # all taken by the kernel: nothing to wait for
             # A client that stops reading is as idle as one that stops writing. (Not
             # asyncio.wait_for: in 3.11 it loses a cancellation that coincides with the drain
             # finishing, and shutdown would then wait for the client.)
@@ -104,7 +123,9 @@ class Connection:
             raise Disconnect("lost") from exc
 
     async def read_more(self) -> None:
-        """Feed the parser the next bytes from the client."""
+        """Feed the parser the next bytes from the client (what is queued for it goes out
+        first: it may be what the client waits for)."""
+        await self.flush()
         try:
             async with asyncio.timeout(self._timeout):
                 data = await self.reader.read(READ_CHUNK)
@@ -125,9 +146,11 @@ class Connection:
 
     async def start_tls(self, reply: bytes) -> bool:
         assert self._context is not None
+        await self.flush()
         if self.parser.buffered or _buffered(self.reader):
             # RFC 3501 6.2.1 / CVE-2011-0411: nothing may follow STARTTLS unencrypted.
             await self.write(r.BYE_STARTTLS_PIPELINED.untagged())
+            await self.flush()
             return False
         # No await between the OK and start_tls: the loop must not read the ClientHello into
         # the plaintext buffer (start_tls pauses reading first).
@@ -239,6 +262,7 @@ class ImapListener:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("C: %s", _loggable(event.raw.line), extra=session.log_context)
                 after = await session.handle(event.raw)
+            await connection.flush()  # the command's responses, in one send
             if after is After.CLOSE:
                 return
             # Fairness: a client with many commands pipelined in the buffer would otherwise

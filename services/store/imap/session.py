@@ -84,7 +84,14 @@ class Channel(Protocol):
 
     peer_ip: str
 
-    async def write(self, data: bytes) -> None: ...
+    async def write(self, data: bytes) -> None:
+        """Queue `data` for the client (sent by `flush`, or once enough is queued)."""
+        ...
+
+    async def flush(self) -> None:
+        """Send what is queued. The server flushes after every command and before it reads
+        from the client; a handler flushes itself only while it waits for something else."""
+        ...
 
     async def read_line(self) -> bytes | Refused:
         """One client line without CRLF (AUTHENTICATE responses, IDLE's DONE)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container, Mapping, Sequence
 from operator import itemgetter
+from typing import Protocol
 
 from services.store.imap.protocol import mime, wire
 from services.store.imap.protocol.command import FetchAtt, Section
@@ -209,6 +210,12 @@ def _implicit(names: set[str], *, include_uid: bool, include_modseq: bool) -> li
 
 # The metadata fast path: each item as a %-format piece and the index of its value in the row
 # that `MetadataRenderer.__call__` builds.
+class ByPosition(Protocol):
+    """Messages by position (sequence number - 1): a list, a tuple, or a dict of a few."""
+
+    def __getitem__(self, position: int, /) -> MessageInfo: ...
+
+
 _METADATA_FORMATS = {
     "UID": (b"UID %d", 1),
     "FLAGS": (b"FLAGS %b", 2),
@@ -242,7 +249,7 @@ class MetadataRenderer:
         date = wire.internaldate(info.internaldate) if self._date else b""
         return self._template % self._pick((seq, info.uid, flags, info.modseq, date, info.size))
 
-    def lines(self, positions: Sequence[int], infos: Sequence[MessageInfo],
+    def lines(self, positions: Sequence[int], infos: ByPosition,
               recent_uids: Container[int], recent: frozenset[str]) -> list[bytes]:
         """The lines for many messages (position p is sequence number p + 1): the loop a
         100,000-message `UID FETCH 1:* (FLAGS)` spends its time in, kept free of calls."""

@@ -1,0 +1,75 @@
+"""The selected mailbox's view: a session keeps the shared snapshot's message tuple and the
+flag changes it learns of beside it until it needs a list of its own. Whichever it holds, it
+must answer exactly as a session that copied the list at SELECT."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.store.backends.snapshots import Snapshot
+from services.store.imap import selected as selected_module
+from services.store.imap.selected import SelectedMailbox
+from services.store.mailbox import Changes, MailboxStatus, MessageInfo
+
+FLAG_SETS = [frozenset(), frozenset({"\\Seen"}), frozenset({"\\Seen", "$Work"}),
+             frozenset({"\\Answered"})]
+
+
+def info(uid: int, flags: frozenset[str], modseq: int) -> MessageInfo:
+    return MessageInfo(uid, f"{uid:032x}", 10, 0.0, flags, modseq)
+
+
+def open_view(count: int, own_list: bool) -> SelectedMailbox:
+    infos = [info(uid, FLAG_SETS[uid % 4], 1) for uid in range(1, count + 1)]
+    status = MailboxStatus("INBOX", uidvalidity=1, uidnext=count + 1, highestmodseq=1,
+                           messages=count)
+    view = SelectedMailbox("INBOX", readonly=False, status=status,
+                           snapshot=Snapshot.of(1, 1, infos), recent_from=count + 1,
+                           version=0)
+    if own_list:
+        view._own_infos()  # as if a bulk operation had needed the list at once
+    return view
+
+
+steps = st.lists(st.tuples(
+    st.sampled_from(["flags", "new", "expunge", "announce", "bulk"]),
+    st.lists(st.integers(1, 40), max_size=8), st.integers(0, 3)), max_size=25)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 30), steps, st.integers(1, 6))
+def test_a_view_on_the_shared_tuple_answers_as_one_with_its_own_list(
+        count: int, script: list[tuple[str, list[int], int]], overlay_max: int) -> None:
+    selected_module.OVERLAY_MAX, saved = overlay_max, selected_module.OVERLAY_MAX
+    try:
+        shared, own = open_view(count, own_list=False), open_view(count, own_list=True)
+        modseq, next_uid = 1, count + 1
+        for kind, uids, flag_index in script:
+            modseq += 1
+            if kind == "flags":
+                changed = [info(u, FLAG_SETS[flag_index], modseq) for u in sorted(set(uids))]
+                changes = Changes(MailboxStatus("INBOX", 1, next_uid, modseq, 0), changed, [])
+            elif kind == "new":
+                changed = [info(next_uid, FLAG_SETS[flag_index], modseq)]
+                next_uid += 1
+                changes = Changes(MailboxStatus("INBOX", 1, next_uid, modseq, 0), changed, [])
+            elif kind == "expunge":
+                changes = Changes(MailboxStatus("INBOX", 1, next_uid, modseq, 0), [],
+                                  sorted(set(uids)))
+            for view in (shared, own):
+                if kind in ("flags", "new", "expunge"):
+                    view.apply(changes)
+                elif kind == "bulk":
+                    view.infos  # noqa: B018 - a FETCH 1:* asks for the whole list
+            if kind == "announce":
+                assert (shared.updates(allow_expunge=True, qresync=False, condstore=True)
+                        == own.updates(allow_expunge=True, qresync=False, condstore=True))
+            positions = list(range(shared.count))
+            assert [shared.info(p) for p in positions] == [own.info(p) for p in positions]
+            some = positions[::3]
+            assert [shared.infos_at(some)[p] for p in some] == [own.info(p) for p in some]
+            assert [shared.flags_of(p) for p in positions] == [own.flags_of(p) for p in positions]
+        assert list(shared.infos) == list(own.infos)
+    finally:
+        selected_module.OVERLAY_MAX = saved
