@@ -291,11 +291,16 @@ class StoredBodies:
 def check_bodies(user_dir: Path) -> StoredBodies:
     """Every message's stored bytes, from the index and files under `user_dir` (any process
     may call this), after checking the layout's promises: the index passes integrity_check;
+    each mailbox's kept message count is its number of rows;
     each message row has exactly one body, a `body` row or a file m/xx/<guid>; no body row or
     file outlives its message row; tmp/ is empty."""
     conn = sqlite3.connect(user_dir / "index.sqlite")
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        miscounted = conn.execute(
+            "SELECT name, messages, (SELECT count(*) FROM message WHERE mailbox_id = mailbox.id)"
+            " AS counted FROM mailbox WHERE messages != counted").fetchall()
+        assert not miscounted, f"mailbox.messages differs from the rows: {miscounted}"
         guids = {guid for (guid,) in conn.execute("SELECT guid FROM message")}
         inline: dict[str, bytes] = dict(conn.execute("SELECT guid, data FROM body"))
     finally:

@@ -131,7 +131,7 @@ T = TypeVar("T")
 # 1: mailbox, message, expunged, delivered. 2: mailbox.special_use (RFC 6154) and the
 # standard folders (Drafts, Sent, Junk, Trash, Archive) in every index. 3: mailbox.recent_uid,
 # subscription, account (usage). 4: body (inline message bodies).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mailbox (
     id INTEGER PRIMARY KEY,
@@ -140,7 +140,8 @@ CREATE TABLE IF NOT EXISTS mailbox (
     uidnext INTEGER NOT NULL,
     highestmodseq INTEGER NOT NULL,
     special_use TEXT,
-    recent_uid INTEGER NOT NULL DEFAULT 1
+    recent_uid INTEGER NOT NULL DEFAULT 1,
+    messages INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS message (
     mailbox_id INTEGER NOT NULL REFERENCES mailbox(id),
@@ -182,6 +183,23 @@ CREATE TABLE IF NOT EXISTS account (
     usage INTEGER NOT NULL
 );
 """
+
+# mailbox.messages, kept by the database itself: whatever statement adds, removes or moves a
+# message row, the count moves in the same transaction. Counting instead took milliseconds
+# for 100,000 messages, on every SELECT and every session's catching up.
+MESSAGE_COUNT_TRIGGERS = (
+    """CREATE TRIGGER IF NOT EXISTS message_added AFTER INSERT ON message BEGIN
+        UPDATE mailbox SET messages = messages + 1 WHERE id = NEW.mailbox_id;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS message_removed AFTER DELETE ON message BEGIN
+        UPDATE mailbox SET messages = messages - 1 WHERE id = OLD.mailbox_id;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS message_moved AFTER UPDATE OF mailbox_id ON message
+    WHEN NEW.mailbox_id != OLD.mailbox_id BEGIN
+        UPDATE mailbox SET messages = messages - 1 WHERE id = OLD.mailbox_id;
+        UPDATE mailbox SET messages = messages + 1 WHERE id = NEW.mailbox_id;
+    END""",
+)
 
 _GUID_RE = re.compile(r"^[0-9a-f]{32}$")
 _EMPTY_FLAGS: frozenset[str] = frozenset()
@@ -796,7 +814,7 @@ class MailDB:
                 raise StorageError(f"index of {user} has schema {version}, newer than this "
                                    f"code ({SCHEMA_VERSION})")
             # Creates what is missing; 3 -> 4 is the `body` table alone (bodies already
-            # stored stay files: nothing is moved).
+            # stored stay files: nothing is moved). A new index gets `messages` here.
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -807,6 +825,13 @@ class MailDB:
                 conn.execute("ALTER TABLE mailbox ADD COLUMN recent_uid INTEGER NOT NULL"
                              " DEFAULT 1")
                 conn.execute("UPDATE mailbox SET recent_uid = uidnext")
+            if "messages" not in columns:  # 4 -> 5: counted once, then kept by triggers
+                conn.execute("ALTER TABLE mailbox ADD COLUMN messages INTEGER NOT NULL"
+                             " DEFAULT 0")
+                conn.execute("UPDATE mailbox SET messages ="
+                             " (SELECT count(*) FROM message WHERE mailbox_id = mailbox.id)")
+            for trigger in MESSAGE_COUNT_TRIGGERS:
+                conn.execute(trigger)
             conn.execute("INSERT OR IGNORE INTO account (id, usage)"
                          " SELECT 1, coalesce(sum(size), 0) FROM message")
             self._create_standard_mailboxes(conn)
@@ -1547,15 +1572,13 @@ _UNSEEN = "' ' || flags || ' ' NOT LIKE '% \\Seen %'"
 
 def _status(conn: sqlite3.Connection, mailbox: str) -> MailboxStatus | None:
     row = conn.execute(
-        "SELECT id, uidvalidity, uidnext, highestmodseq FROM mailbox WHERE name = ?",
+        "SELECT uidvalidity, uidnext, highestmodseq, messages FROM mailbox WHERE name = ?",
         (mailbox,),
     ).fetchone()
     if row is None:
         return None
-    count = conn.execute("SELECT count(*) FROM message WHERE mailbox_id = ?",
-                         (row[0],)).fetchone()[0]
-    return MailboxStatus(name=mailbox, uidvalidity=int(row[1]), uidnext=int(row[2]),
-                         highestmodseq=int(row[3]), messages=int(count))
+    return MailboxStatus(name=mailbox, uidvalidity=int(row[0]), uidnext=int(row[1]),
+                         highestmodseq=int(row[2]), messages=int(row[3]))
 
 
 def _infos(rows: Iterable[Sequence[Any]]) -> list[MessageInfo]:

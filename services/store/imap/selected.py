@@ -30,6 +30,7 @@ SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 REBUILD_THRESHOLD = 64
 # Flag changes kept beside the shared message tuple before the session makes its own list.
 OVERLAY_MAX = 1024
+FEW_POSITIONS = 1024  # `infos_at` answers up to this many positions without the list
 
 
 class InvalidSequence(ValueError):
@@ -85,7 +86,7 @@ class SelectedMailbox:
         """What `infos` holds at `positions`, indexable by position, without making the
         session's own list for a few messages."""
         changed = self._changed_infos
-        if not changed or len(positions) > OVERLAY_MAX:
+        if not changed or len(positions) > FEW_POSITIONS:
             return self.infos
         infos = self._infos
         return {p: changed.get(p) or infos[p] for p in positions}

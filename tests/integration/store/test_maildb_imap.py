@@ -709,6 +709,8 @@ async def test_schema_2_index_is_migrated(tmp_path: Path, inline_max: int) -> No
         assert await db.claim_recent(ALICE, INBOX) == 3
         await db.move(ALICE, JUNK, [3], INBOX)
         assert await db.usage(ALICE) == await total_size(db)
+        # The counts a migration computed are kept from then on.
+        assert [(await db.status(ALICE, name)).messages for name in (INBOX, JUNK)] == [4, 0]
         assert [read(db, m.guid) for m in await db.list_messages(ALICE)] == [
             bodies[0], bodies[1], body(0), bodies[2]]
     finally:
