@@ -84,8 +84,29 @@ class BodyReaders:
                 raise StorageError("mail store is closed")
             return self._lookup(readers.lru, user, guid, recheck)
 
+    def connection(self, user: str) -> sqlite3.Connection | None:
+        """This thread's read-only connection to `user`'s index, checked against the file
+        (one stat), or None when the index is missing or not at the current schema. For
+        MailDB's reader threads, which `close()` outlives (MailDB shuts them down first):
+        opening a connection per read cost more than most reads (status, changes)."""
+        readers = self._thread_readers()
+        with readers.lock:
+            if readers.closed:
+                raise StorageError("mail store is closed")
+            reader = self._reader(readers.lru, user, recheck=True)
+            return None if reader is None else reader.conn
+
     def _lookup(self, readers: OrderedDict[str, _Reader], user: str, guid: str,
                 recheck: bool) -> bytes | None:
+        reader = self._reader(readers, user, recheck)
+        if reader is None:
+            return None
+        # fetchall: the statement runs to its end, which ends the read transaction.
+        rows = reader.conn.execute("SELECT data FROM body WHERE guid = ?", (guid,)).fetchall()
+        return rows[0][0] if rows else None
+
+    def _reader(self, readers: OrderedDict[str, _Reader], user: str,
+                recheck: bool) -> _Reader | None:
         reader = readers.get(user)
         if (reader is not None and recheck
                 and reader.identity != _identity(self._index_of(user))):
@@ -101,9 +122,7 @@ class BodyReaders:
                 readers.popitem(last=False)[1].conn.close()
         else:
             readers.move_to_end(user)
-        # fetchall: the statement runs to its end, which ends the read transaction.
-        rows = reader.conn.execute("SELECT data FROM body WHERE guid = ?", (guid,)).fetchall()
-        return rows[0][0] if rows else None
+        return reader
 
     def close(self) -> None:
         """Close every thread's connections, each once its lookup in flight is done; later

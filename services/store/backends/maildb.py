@@ -99,7 +99,7 @@ from services.store.backends.snapshots import (
     Snapshot,
     merge,
 )
-from services.store.backends.sqlite import connect_reader, read_snapshot, transaction
+from services.store.backends.sqlite import done_reading, read_snapshot, transaction
 from services.store.mailbox import (
     HIERARCHY_DELIMITER,
     INBOX,
@@ -1385,22 +1385,23 @@ class MailDB:
     # Reader threads. Each returns None for "no index, an outdated one or no such mailbox".
 
     def _read_conn(self, user: str) -> sqlite3.Connection | None:
-        """A read-only connection, or None when the index is missing or not yet at
-        SCHEMA_VERSION (being created, or written by older code): the writer fixes that."""
-        return connect_reader(self._index_file(user), SCHEMA_VERSION)
+        """This reader thread's read-only connection (kept open), or None when the index is
+        missing or not yet at SCHEMA_VERSION (being created, or written by older code): the
+        writer fixes that. Use it inside `done_reading`."""
+        return self._bodies.connection(user)
 
     def _status_sync(self, user: str, mailbox: str) -> MailboxStatus | None:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), read_snapshot(conn):
+        with done_reading(conn), read_snapshot(conn):
             return _status(conn, mailbox)
 
     def _mailboxes_sync(self, user: str, _mailbox: str) -> list[MailboxInfo] | None:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn):
+        with done_reading(conn):
             rows = conn.execute(
                 "SELECT mailbox.name, special_use, subscription.name IS NOT NULL"
                 " FROM mailbox LEFT JOIN subscription ON subscription.name = mailbox.name"
@@ -1411,7 +1412,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn):
+        with done_reading(conn):
             return [str(row[0]) for row in conn.execute(
                 "SELECT name FROM subscription ORDER BY name != 'INBOX', name")]
 
@@ -1421,7 +1422,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), read_snapshot(conn):
+        with done_reading(conn), read_snapshot(conn):
             row = conn.execute("SELECT id, uidvalidity, highestmodseq FROM mailbox"
                                " WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
@@ -1462,7 +1463,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn):
+        with done_reading(conn):
             row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
                 return None
@@ -1473,7 +1474,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), read_snapshot(conn):
+        with done_reading(conn), read_snapshot(conn):
             status = _status(conn, mailbox)
             if status is None:
                 return None
@@ -1496,7 +1497,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), read_snapshot(conn):
+        with done_reading(conn), read_snapshot(conn):
             row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
                 return None
@@ -1508,7 +1509,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn):
+        with done_reading(conn):
             row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
                 return None
@@ -1520,7 +1521,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), read_snapshot(conn):
+        with done_reading(conn), read_snapshot(conn):
             row = conn.execute("SELECT id, recent_uid FROM mailbox WHERE name = ?",
                                (mailbox,)).fetchone()
             if row is None:
@@ -1534,7 +1535,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn), read_snapshot(conn):
+        with done_reading(conn), read_snapshot(conn):
             row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
                 return None
@@ -1551,14 +1552,14 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with contextlib.closing(conn):
+        with done_reading(conn):
             return _usage(conn)
 
     def _queue_ids_sync(self, user: str) -> set[str]:
         conn = self._read_conn(user)
         if conn is None:
             return set()
-        with contextlib.closing(conn):
+        with done_reading(conn):
             return {row[0] for row in conn.execute("SELECT queue_id FROM delivered")}
 
 

@@ -46,6 +46,18 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
             conn.execute("COMMIT")
 
 
+@contextlib.contextmanager
+def done_reading(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Use a kept reader connection: whatever happens inside, it leaves no transaction open
+    (one would pin an old snapshot of the index and hold the WAL back from checkpoints)."""
+    try:
+        yield conn
+    finally:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+
 def connect_reader(index: Path, schema: int) -> sqlite3.Connection | None:
     """A connection to an existing index that cannot write (`query_only`), or None when the
     file does not exist or its `user_version` is not `schema` (being created, or written by

@@ -310,6 +310,7 @@ async def test_connections_are_cached_per_thread_and_bounded(
         await db.deliver([delivery(f"q{n}", message(n, 100), user)
                           for user in users for n in range(4)])
         found = {user: [m.guid for m in await db.list_messages(user)] for user in users}
+        opened.clear()  # the listings' own connections, in MailDB's reader threads
 
         def read_all(rounds: int) -> None:
             for _ in range(rounds):
