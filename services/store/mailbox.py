@@ -146,13 +146,17 @@ class ChangeEvent:
     message ids of the new copies (so spam learning can read them); `mailbox` is the one that
     changed (the destination for copy/move). A move also emits an "expunge" event for its
     source; deliver and append carry the new messages' guids too; a rename carries the old
-    name as `source`. One write call is one version bump, however many events it emits."""
+    name as `source`. A "flags" event carries the changed messages (new flags and MODSEQ)
+    and the mailbox's status after the change. One write call is one version bump, however
+    many events it emits."""
 
     user: str
     kind: str
     mailbox: str
     source: str | None = None
     guids: tuple[str, ...] = ()
+    changed: tuple[MessageInfo, ...] = ()
+    status: MailboxStatus | None = None
 
 
 class MailStore(Protocol):

@@ -92,6 +92,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from services.store.backends.bodies import BodyReaders
+from services.store.backends.changefeed import ChangeFeeds
 from services.store.backends.snapshots import (
     DEFAULT_CAPACITY,
     MERGE_LIMIT,
@@ -242,6 +243,7 @@ class _Box:
     uidvalidity: int
     uidnext: int
     modseq: int
+    messages: int
 
 
 def user_dir_name(user: str) -> str:
@@ -446,6 +448,7 @@ class MailDB:
         self._user_paths: dict[str, Path] = {}  # any thread; dict operations are atomic
         # Shared by the reader threads (it has its own lock).
         self._snapshots = MessageListCache(snapshot_messages)
+        self._feeds = ChangeFeeds()  # event loop only
         # Per calling thread (open_message runs in its callers' threads).
         self._bodies = BodyReaders(SCHEMA_VERSION, self._index_file)
 
@@ -521,7 +524,11 @@ class MailDB:
 
     async def changes_since(self, user: str, mailbox: str, modseq: int) -> Changes:
         """Messages whose MODSEQ is above `modseq` (their current state, ascending UID), UIDs
-        expunged after it, and the status, all read in one snapshot."""
+        expunged after it, and the status, all read in one snapshot. Answered from memory
+        when only flags changed since (changefeed.py)."""
+        recent = self._feeds.changes_since(user, canonical_mailbox(mailbox), modseq)
+        if recent is not None:
+            return recent
         return await self._read(functools.partial(self._changes_sync, modseq=modseq), user,
                                 canonical_mailbox(mailbox))
 
@@ -752,6 +759,15 @@ class MailDB:
         return await loop.run_in_executor(self._writer, run)
 
     def _publish(self, events: list[ChangeEvent]) -> None:
+        for event in events:  # before the version moves: a session then asks the feed
+            if event.kind == "flags" and event.status is not None:
+                self._feeds.flags_changed(event.user, event.status, list(event.changed))
+            elif event.kind == "mailbox":  # create, delete, rename (with children)
+                self._feeds.forget(event.user)
+            else:
+                self._feeds.forget(event.user, event.mailbox)
+                if event.source is not None:
+                    self._feeds.forget(event.user, event.source)
         for user in dict.fromkeys(event.user for event in events):
             self._versions[user] = self._versions.get(user, 0) + 1
             wakeup = self._wakeups.pop(user, None)
@@ -886,11 +902,11 @@ class MailDB:
     def _box(self, conn: sqlite3.Connection, name: str) -> _Box:
         """The mailbox `name` (inside a write transaction); NoSuchMailbox if absent."""
         row = conn.execute(
-            "SELECT id, uidvalidity, uidnext, highestmodseq FROM mailbox WHERE name = ?",
-            (name,)).fetchone()
+            "SELECT id, uidvalidity, uidnext, highestmodseq, messages FROM mailbox"
+            " WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NoSuchMailbox(name)
-        return _Box(int(row[0]), name, int(row[1]), int(row[2]), int(row[3]))
+        return _Box(int(row[0]), name, int(row[1]), int(row[2]), int(row[3]), int(row[4]))
 
     def _exists(self, conn: sqlite3.Connection, name: str) -> bool:
         return conn.execute("SELECT 1 FROM mailbox WHERE name = ?", (name,)).fetchone() is not None
@@ -1208,7 +1224,9 @@ class MailDB:
                 conn.execute("UPDATE mailbox SET highestmodseq = ? WHERE id = ?",
                              (modseq, box.id))
         if result.changed:
-            events.append(ChangeEvent(user, "flags", mailbox))
+            status = MailboxStatus(mailbox, box.uidvalidity, box.uidnext, modseq, box.messages)
+            events.append(ChangeEvent(user, "flags", mailbox, changed=tuple(result.changed),
+                                      status=status))
         return result
 
     def _copy_sync(self, events: list[ChangeEvent], user: str, source: str, uids: list[int],
