@@ -198,7 +198,9 @@ async def select(s: Session, c: Command) -> r.Reply:
     user = s.logged_in_user
     version = s.store.version(user)  # first: anything committed later is synced later
     status = await s.store.status(user, args.mailbox)
+    await s.between_steps()
     snapshot = await s.store.snapshot(user, args.mailbox)
+    await s.between_steps()
     recent_from = (await _unclaimed_recent(s, args.mailbox, snapshot.uids, status.uidnext)
                    if readonly else await s.store.claim_recent(user, args.mailbox))
     selected = SelectedMailbox(status.name, readonly=readonly, status=status,
@@ -620,7 +622,7 @@ async def _render_metadata(s: Session, selected: SelectedMailbox, positions: lis
         chunk = positions[start:start + step]
         await s.send(b"".join(render.lines(chunk, selected.infos_at(chunk),
                                            selected.recent_uids, recent)))
-        await asyncio.sleep(0)  # let other sessions run between chunks
+        await s.between_steps()
 
 
 class _Output:
@@ -636,7 +638,7 @@ class _Output:
         self._size += len(line)
         if self._size >= WRITE_BATCH_OCTETS:
             await self.flush()
-            await asyncio.sleep(0)  # let other sessions run between chunks
+            await self._session.between_steps()
 
     async def flush(self) -> None:
         if self._lines:
@@ -893,7 +895,7 @@ async def _send_batched(s: Session, lines: list[bytes]) -> None:
         if size >= WRITE_BATCH_OCTETS:
             await s.send(b"".join(chunk))
             chunk, size = [], 0
-            await asyncio.sleep(0)
+            await s.between_steps()
     if chunk:
         await s.send(b"".join(chunk))
 

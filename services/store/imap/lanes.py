@@ -13,13 +13,17 @@ commands yield to the loop between chunks (FETCH, STORE), so short ones are serv
 between, and long commands as a whole lose nothing: they use the same CPU one after another
 instead of side by side. A long command lets the lane go while it waits for its client to
 take its output (`LongTurn.outside`): a slow or stalled reader holds up nobody else.
+
+Between its steps (a SELECT's reads, a big FETCH's chunks) a long command also lets the short
+commands in progress finish first, waiting SHORT_FIRST_WAIT at most, so that under a steady
+stream of short commands long ones go slower but never stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import TypeVar
 
 from services.store.imap.protocol.command import SequenceSet
@@ -27,6 +31,8 @@ from services.store.imap.protocol.command import SequenceSet
 T = TypeVar("T")
 
 LONG_SET = 500  # messages: a FETCH of flags for 500 takes a few milliseconds
+# How long a long command's next step waits for the short commands in progress to finish.
+SHORT_FIRST_WAIT = 0.010  # seconds
 
 
 class CommandLanes:
@@ -35,6 +41,29 @@ class CommandLanes:
         self.waiting = 0  # long commands waiting for their turn
         self.turns = 0  # turns taken since start (a command takes one, and one more after
         # each wait for its client)
+        self._short_running = 0
+        self._no_short = asyncio.Event()
+        self._no_short.set()
+
+    @contextlib.contextmanager
+    def short(self) -> Iterator[None]:
+        """Around a short command: long ones hold their next step until it is done."""
+        self._short_running += 1
+        self._no_short.clear()
+        try:
+            yield
+        finally:
+            self._short_running -= 1
+            if not self._short_running:
+                self._no_short.set()
+
+    async def after_short(self) -> None:
+        """Wait until no short command is in progress, SHORT_FIRST_WAIT at most (so a steady
+        stream of short commands slows long ones down but never stops them)."""
+        if self._short_running:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHORT_FIRST_WAIT):
+                    await self._no_short.wait()
 
     @contextlib.asynccontextmanager
     async def long(self) -> AsyncIterator[LongTurn]:
@@ -69,6 +98,11 @@ class LongTurn:
     async def take(self) -> None:
         await self._lanes._acquire()
         self._holding = True
+        await self._lanes.after_short()
+
+    async def step(self) -> None:
+        """Between two steps of a long command: short commands first."""
+        await self._lanes.after_short()
 
     def give_back(self) -> None:
         if self._holding:

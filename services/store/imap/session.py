@@ -203,7 +203,16 @@ class Session:
                     return await self._execute(spec, command)
                 finally:
                     self._turn = None
-        return await self._execute(spec, command)
+        with self.deps.lanes.short():
+            return await self._execute(spec, command)
+
+    async def between_steps(self) -> None:
+        """A pause in a command's work: other sessions run, and a long command lets the short
+        commands in progress finish first."""
+        if self._turn is not None:
+            await self._turn.step()
+        else:
+            await asyncio.sleep(0)
 
     def _is_long(self, spec: CommandSpec, command: Command) -> bool:
         if spec.cost is Cost.LONG:
