@@ -768,8 +768,10 @@ MIXED_OPS = (("SELECT", 10), ("FETCH FLAGS", 25), ("BODY.PEEK[]", 25), ("STORE",
 
 
 def mixed_client(port: int, count: int, seed: int, start_at: float,
-                 seconds: float) -> dict[str, Any]:
-    """One client process: log in, wait for the common start, then random operations."""
+                 seconds: float, interval: float = 0.0) -> dict[str, Any]:
+    """One client process: log in, wait for the common start, then random operations, one
+    after another, or one every `interval` seconds when it is above 0 (a late one starts at
+    once; the latency counts from its start)."""
     rng = random.Random(seed)
     names = [name for name, _ in MIXED_OPS]
     weights = [weight for _, weight in MIXED_OPS]
@@ -778,8 +780,12 @@ def mixed_client(port: int, count: int, seed: int, start_at: float,
     imap, _ = login_select(port)
     time.sleep(max(0.0, start_at - time.time()))
     end = time.monotonic() + seconds
+    next_at = time.monotonic() + rng.uniform(0, interval)  # spread the clients' slots
     try:
         while time.monotonic() < end:
+            if interval:
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += interval
             name = rng.choices(names, weights)[0]
             started = time.perf_counter()
             try:
@@ -831,14 +837,19 @@ class MixedResult:
                 "per_operation": self.per_op}
 
 
-def mixed_load(port: int, count: int, clients: int, seconds: float, seed: int) -> MixedResult:
+def mixed_load(port: int, count: int, clients: int, seconds: float, seed: int,
+               rate: float = 0.0) -> MixedResult:
+    """`clients` processes for `seconds`; with `rate` > 0 they offer that many operations per
+    second in all instead of going flat out."""
+    interval = clients / rate if rate > 0 else 0.0
     context = multiprocessing.get_context("fork")
     start_at = time.time() + 3 + clients * 0.1  # every client logged in before the start
     pool = context.Pool(clients)
     try:
         pending = pool.starmap_async(
             mixed_client,
-            [(port, count, seed * 1000 + n, start_at, seconds) for n in range(clients)])
+            [(port, count, seed * 1000 + n, start_at, seconds, interval)
+             for n in range(clients)])
         outcomes = pending.get(timeout=seconds + 300)
         pool.close()
     finally:
@@ -893,9 +904,11 @@ def measure(system: SystemResult, port: int, corpus: Corpus, sizes: list[int],
     finally:
         ctx.reset()
     if args.mixed_seconds > 0:
-        log(f"{system.system}: mixed load, {args.clients} clients for {args.mixed_seconds:.0f} s")
+        pace = f", paced to {args.mixed_rate:g} ops/s" if args.mixed_rate > 0 else ""
+        log(f"{system.system}: mixed load, {args.clients} clients for "
+            f"{args.mixed_seconds:.0f} s{pace}")
         system.mixed = mixed_load(port, corpus.count, args.clients, args.mixed_seconds,
-                                  args.seed)
+                                  args.seed, args.mixed_rate)
         log(f"{system.system}: mixed {system.mixed.ops_per_second:.0f} ops/s, p50 "
             f"{system.mixed.latency.p50:.1f} ms, p99 {system.mixed.latency.p99:.1f} ms, "
             f"{len(system.mixed.errors)} errors")
@@ -1185,6 +1198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per operation")
     parser.add_argument("--clients", type=int, default=20, help="mixed-load client processes")
+    parser.add_argument("--mixed-rate", type=float, default=0.0, metavar="OPS",
+                        help="mixed load paced to OPS operations/s in all (default: flat out)")
     parser.add_argument("--mixed-seconds", type=float, default=30.0,
                         help="length of the mixed load (0 skips it)")
     parser.add_argument("--dovecot-setting", action="append", default=[], metavar="KEY=VALUE",
