@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from services.store.mailbox import Changes, MailboxStatus, MessageInfo
 
-ENTRIES = 2048  # flag changes kept per mailbox
-MAILBOXES = 1024  # mailboxes with a feed
+ENTRIES = 1024  # flag changes kept per mailbox (a session further behind asks the index)
+MAILBOXES = 256  # mailboxes with a feed: at most 256k entries (~60 MiB) in all
 _MODSEQ = operator.itemgetter(5)  # MessageInfo.modseq
 
 
