@@ -26,6 +26,7 @@ times timed; the median is reported:
     .venv/bin/python bench/imap_bench.py                  # 100,000 messages, both systems
     .venv/bin/python bench/imap_bench.py --quick          # 10,000 messages, 10 s mixed load
     .venv/bin/python bench/imap_bench.py --quick --dovecot-only     # or --tiermail-only
+    .venv/bin/python bench/imap_bench.py --tiermail-only --tiermail-data DIR --mixed-only
 
 Needs root for the Dovecot reference (its own master process, mail files owned by nobody).
 Writes a JSON file to bench/results/. docs/benchmarks.md has the method and the results.
@@ -893,7 +894,7 @@ def measure(system: SystemResult, port: int, corpus: Corpus, sizes: list[int],
         seen = corpus.count * 9 // 10
         if seen:
             command(ctx.imap(), f"STORE 1:{seen} +FLAGS.SILENT (\\Seen)")
-        for op in operations(corpus):
+        for op in ([] if args.mixed_only else operations(corpus)):
             log(f"{system.system}: {op.name}")
             timing = time_operation(op, ctx, args.repeats)
             system.timings.append(timing)
@@ -948,6 +949,8 @@ def run_dovecot(root: Path, corpus: Corpus, args: argparse.Namespace,
 
 def run_tiermail(root: Path, corpus: Corpus, args: argparse.Namespace,
                  result: SystemResult) -> None:
+    if args.tiermail_data:
+        root = Path(args.tiermail_data).resolve()
     stack = TiermailStack(root, args.redis_db)
     stack.env.update(tiermail_settings(args.tiermail_setting))
     if args.tiermail_setting:
@@ -955,14 +958,25 @@ def run_tiermail(root: Path, corpus: Corpus, args: argparse.Namespace,
     result.version = tiermail_version()
     try:
         log(f"tiermail: vhost {stack.vhost}, data {stack.data_dir}")
-        stack.setup()
-        log(f"tiermail: delivering {corpus.count} messages through MailDB.deliver")
         from common.settings import Settings
 
         inline_max = Settings.from_env(stack.env).store_inline_max  # what the store will use
-        population = asyncio.run(populate_maildb(stack.data_dir / "store", corpus, inline_max))
+        marker = root / "populated.json"
+        wanted = {"messages": corpus.count, "seed": corpus.seed, "inline_max": inline_max}
+        if args.tiermail_data and marker.exists() and json.loads(marker.read_text()) == wanted:
+            stack.create_vhost()
+            sizes = [len(message) for _, message in corpus.messages()]
+            population = Population(0.0, sizes, sum(sizes))
+            log(f"tiermail: reusing the mailbox in {root} (populated earlier, same corpus)")
+        else:
+            stack.setup()
+            log(f"tiermail: delivering {corpus.count} messages through MailDB.deliver")
+            population = asyncio.run(populate_maildb(stack.data_dir / "store", corpus,
+                                                     inline_max))
+            log(f"tiermail: delivered in {population.seconds:.1f} s")
+            if args.tiermail_data:
+                marker.write_text(json.dumps(wanted))
         result.population = {"seconds": population.seconds, "bytes": population.bytes_total}
-        log(f"tiermail: delivered in {population.seconds:.1f} s")
         started = time.monotonic()
         stack.start_store()
         try:
@@ -1220,6 +1234,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-db", type=int, default=13,
                         help="Redis database for the tiermail stack (keys get a unique prefix)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, mail)")
+    parser.add_argument("--tiermail-data", metavar="DIR",
+                        help="keep tiermail's mailbox in DIR and reuse it in later runs with "
+                             "the same --messages/--seed (skips filling it and the text index "
+                             "wait: minutes for 100,000 messages)")
+    parser.add_argument("--mixed-only", action="store_true",
+                        help="skip the single operations; only the mixed load")
     args = parser.parse_args(argv)
     if args.quick:
         args.messages, args.mixed_seconds = 10_000, 10.0
