@@ -102,6 +102,11 @@ class Connection:
         if self._pending_size >= FLUSH_AT:
             await self.flush()
 
+    def sends_now(self, size: int) -> bool:
+        """Whether writing `size` more octets sends what is queued (and may wait for the
+        client to take it)."""
+        return self._pending_size + size >= FLUSH_AT
+
     async def flush(self) -> None:
         if not self._pending:
             return

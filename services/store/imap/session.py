@@ -88,6 +88,10 @@ class Channel(Protocol):
         """Queue `data` for the client (sent by `flush`, or once enough is queued)."""
         ...
 
+    def sends_now(self, size: int) -> bool:
+        """Whether writing `size` more octets sends (rather than only queues)."""
+        ...
+
     async def flush(self) -> None:
         """Send what is queued. The server flushes after every command and before it reads
         from the client; a handler flushes itself only while it waits for something else."""
@@ -181,7 +185,8 @@ class Session:
     # Helpers for handlers
 
     async def send(self, data: bytes) -> None:
-        if self._turn is not None:  # a long command: not while the client takes its time
+        if self._turn is not None and self.channel.sends_now(len(data)):
+            # A long command lets the lane go while the client takes its time.
             await self._turn.outside(self.channel.write(data))
         else:
             await self.channel.write(data)
