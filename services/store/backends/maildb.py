@@ -493,7 +493,7 @@ class MailDB:
         return await self._read(self._mailboxes_sync, user, INBOX)
 
     async def list_messages(self, user: str, mailbox: str = INBOX) -> list[MessageInfo]:
-        return list((await self.snapshot(user, mailbox)).infos)
+        return (await self.snapshot(user, mailbox)).messages()
 
     async def snapshot(self, user: str, mailbox: str = INBOX) -> Snapshot:
         """The mailbox's messages as one shared, immutable Snapshot (with the UIDs, keywords

@@ -44,13 +44,15 @@ class SelectedMailbox:
         self.readonly = readonly
         self.uidvalidity = status.uidvalidity
         self.highestmodseq = status.highestmodseq
-        # The UIDs are copied (an array: one memcpy). The messages stay the shared tuple,
-        # with the flag changes this session learns of kept beside it by position, until an
-        # operation needs a list of its own (`_own_infos`): for 100,000 messages a copy, and
-        # later freeing it, cost milliseconds of the loop, and most sessions never need one.
+        # The UIDs and messages stay the snapshot's, shared, with the flag changes this
+        # session learns of kept beside them by position, until an operation needs lists of
+        # its own (`_own_infos`, `_own_uids`): for 100,000 messages a copy, and later
+        # freeing it, cost milliseconds of the loop, and most sessions never need one.
         self._infos: Sequence[MessageInfo] = snapshot.infos
-        self._changed_infos: dict[int, MessageInfo] = {}  # position -> newer state
-        self._uids = snapshot.uids[:]
+        self._changed_infos = dict(snapshot.changed)  # position -> newer state
+        # The snapshot's own array until this session adds or removes a UID (`_own_uids`).
+        self._uids = snapshot.uids
+        self._uids_shared = True
         self.first_unseen_at_select = snapshot.first_unseen
         self.uidnext = max(status.uidnext, self._uids[-1] + 1 if self._uids else 1)
         # The MailDB.version(user) the state reflects: equal means nothing to query.
@@ -93,6 +95,12 @@ class SelectedMailbox:
 
     def info(self, position: int) -> MessageInfo:
         return self._changed_infos.get(position) or self._infos[position]
+
+    def _own_uids(self) -> array[int]:
+        if self._uids_shared:
+            self._uids = self._uids[:]
+            self._uids_shared = False
+        return self._uids
 
     def _own_infos(self) -> list[MessageInfo]:
         """The messages as this session's own list, with the pending changes applied."""
@@ -155,7 +163,7 @@ class SelectedMailbox:
         last = self._uids[-1] if self._uids else 0
         for info in sorted(changes.changed, key=lambda i: i.uid):
             if info.uid > last:
-                self._uids.append(info.uid)
+                self._own_uids().append(info.uid)
                 self._own_infos().append(info)
                 self._note_keywords(info.flags)
                 new.append(info.uid)
@@ -241,6 +249,7 @@ class SelectedMailbox:
         if not uids:
             return
         infos = self._own_infos()
+        self._own_uids()
         if len(uids) > REBUILD_THRESHOLD:
             keep = [i for i, uid in enumerate(self._uids) if uid not in uids]
             self._infos = [infos[i] for i in keep]

@@ -3,9 +3,10 @@ list: UIDs, keywords, first unseen), and eviction by message count."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from services.store.backends import snapshots
 from services.store.backends.snapshots import MessageListCache, Snapshot, merge
 from services.store.mailbox import MessageInfo
 
@@ -30,7 +31,7 @@ def test_a_snapshot_derives_uids_keywords_and_the_first_unseen_message() -> None
 def test_merge_puts_new_messages_in_order_replaces_changed_and_drops_expunged() -> None:
     cached = snapshot(info(1), info(2), info(4))
     merged = merge(cached, 9, [info(2, "\\Seen", 5), info(3), info(7)], [1])
-    assert merged.infos == (info(2, "\\Seen", 5), info(3), info(4), info(7))
+    assert merged.messages() == [info(2, "\\Seen", 5), info(3), info(4), info(7)]
     assert list(merged.uids) == [2, 3, 4, 7] and merged.modseq == 9 and merged.first_unseen == 1
     assert cached.infos == (info(1), info(2), info(4)), "the cached snapshot is never changed"
 
@@ -43,24 +44,41 @@ def test_a_merge_keeps_keywords_no_message_has_any_more() -> None:
 flag_sets = st.sampled_from(["", "\\Seen", "\\Seen \\Answered", "$Work", "\\Seen later"])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(st.dictionaries(st.integers(1, 60), flag_sets),
-       st.dictionaries(st.integers(1, 80), flag_sets), st.sets(st.integers(1, 80)))
-def test_merge_equals_reading_the_mailbox_again(before: dict[int, str],
-                                                changed: dict[int, str],
-                                                expunged: set[int]) -> None:
-    expunged -= changed.keys()  # a UID is never both (UIDs are not reused)
-    cached = Snapshot.of(1, 1, [info(uid, before[uid]) for uid in sorted(before)])
-    updates = [info(uid, changed[uid], 9) for uid in sorted(changed)]
-    merged = merge(cached, 9, updates, sorted(expunged))
-    truth = {uid: info(uid, flags) for uid, flags in before.items()}
-    truth.update({u.uid: u for u in updates})
-    for uid in expunged:
-        truth.pop(uid, None)
-    reread = Snapshot.of(1, 9, [truth[uid] for uid in sorted(truth)])
-    assert (merged.infos, merged.uids, merged.first_unseen) == (
-        reread.infos, reread.uids, reread.first_unseen)
-    assert merged.keywords == reread.keywords | cached.keywords
+       st.lists(st.tuples(st.dictionaries(st.integers(1, 64), flag_sets, max_size=6),
+                          st.sets(st.integers(1, 64), max_size=2)), min_size=1, max_size=6),
+       st.integers(1, 8))
+@example({1: "", 2: "", 3: "\\Seen"}, [({1: "\\Seen"}, set())], 5)  # the first unseen read
+@example({1: "\\Seen", 2: ""}, [({2: "\\Seen"}, set()), ({1: ""}, set())], 5)
+def test_merges_equal_reading_the_mailbox_again(before: dict[int, str],
+                                                steps: list[tuple[dict[int, str], set[int]]],
+                                                overlay_limit: int) -> None:
+    """Several merges in a row (flag changes kept beside the tuple, folded in once there
+    are more than `overlay_limit`, new messages, expunges) against a fresh read."""
+    snapshots.OVERLAY_LIMIT, saved = overlay_limit, snapshots.OVERLAY_LIMIT
+    try:
+        snapshot = Snapshot.of(1, 1, [info(uid, before[uid]) for uid in sorted(before)])
+        keywords = set(snapshot.keywords)
+        truth = {uid: info(uid, flags) for uid, flags in before.items()}
+        for modseq, (changed, expunged) in enumerate(steps, start=2):
+            expunged -= changed.keys()  # a UID is never both (UIDs are not reused)
+            expunged -= {uid for uid in expunged if uid not in truth}
+            changed = {uid: flags for uid, flags in changed.items()
+                       if uid in truth or uid > max(truth, default=0)}  # UIDs only grow
+            updates = [info(uid, changed[uid], modseq) for uid in sorted(changed)]
+            snapshot = merge(snapshot, modseq, updates, sorted(expunged))
+            truth.update({u.uid: u for u in updates})
+            for uid in expunged:
+                del truth[uid]
+            reread = Snapshot.of(1, modseq, [truth[uid] for uid in sorted(truth)])
+            keywords |= reread.keywords
+            assert (snapshot.messages(), list(snapshot.uids), snapshot.first_unseen) == (
+                reread.messages(), list(reread.uids), reread.first_unseen)
+            assert snapshot.keywords == keywords
+            assert all(snapshot.info(p) == m for p, m in enumerate(reread.messages()))
+    finally:
+        snapshots.OVERLAY_LIMIT = saved
 
 
 def test_entries_are_dropped_when_uidvalidity_changes_and_evicted_by_size() -> None:
