@@ -270,9 +270,11 @@ class ImapListener:
             await connection.flush()  # the command's responses, in one send
             if after is After.CLOSE:
                 return
-            # Fairness: a client with many commands pipelined in the buffer would otherwise
-            # keep this loop busy without ever awaiting I/O.
-            await asyncio.sleep(0)
+            if parser.buffered or _buffered(connection.reader):
+                # Fairness: a client with many commands pipelined in the buffers would
+                # otherwise keep this loop busy without ever awaiting I/O. (With none
+                # waiting, the next read awaits I/O anyway.)
+                await asyncio.sleep(0)
 
 
 

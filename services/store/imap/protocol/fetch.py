@@ -242,6 +242,8 @@ class MetadataRenderer:
         self._flags = "FLAGS" in order
         self._date = "INTERNALDATE" in order
         self._flag_lists: dict[tuple[frozenset[str], frozenset[str]], bytes] = {}
+        # `(UID FLAGS)`, what clients sync with: formatted from (seq, uid, flags) directly.
+        self._uid_flags = order == ["UID", "FLAGS"]
 
     def __call__(self, seq: int, info: MessageInfo,
                  extra_flags: frozenset[str] = frozenset()) -> bytes:
@@ -256,6 +258,8 @@ class MetadataRenderer:
         template, pick, flag_lists = self._template, self._pick, self._flag_lists
         want_flags, want_date = self._flags, self._date
         none: frozenset[str] = frozenset()
+        if self._uid_flags:
+            return self._uid_flags_lines(positions, infos, recent_uids, recent)
         out = []
         for p in positions:
             info = infos[p]
@@ -265,6 +269,18 @@ class MetadataRenderer:
                 flags = flag_lists.get(key) or self._flag_list(*key)
             date = wire.internaldate(info.internaldate) if want_date else b""
             out.append(template % pick((p + 1, info.uid, flags, info.modseq, date, info.size)))
+        return out
+
+    def _uid_flags_lines(self, positions: Sequence[int], infos: ByPosition,
+                         recent_uids: Container[int], recent: frozenset[str]) -> list[bytes]:
+        template, flag_lists = self._template, self._flag_lists
+        none: frozenset[str] = frozenset()
+        out = []
+        for p in positions:
+            info = infos[p]
+            uid = info.uid
+            key = (info.flags, recent if uid in recent_uids else none)
+            out.append(template % (p + 1, uid, flag_lists.get(key) or self._flag_list(*key)))
         return out
 
     def _flag_list(self, flags: frozenset[str], extra: frozenset[str]) -> bytes:
