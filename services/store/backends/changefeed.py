@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import operator
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from services.store.mailbox import Changes, MailboxStatus, MessageInfo
@@ -43,10 +44,9 @@ class ChangeFeeds:
         self._max_entries = entries
         self._max_mailboxes = mailboxes
         self._feeds: OrderedDict[tuple[str, str], _Feed] = OrderedDict()
-        self.answered = self.missed = 0
 
     def flags_changed(self, user: str, status: MailboxStatus,
-                      changed: list[MessageInfo]) -> None:
+                      changed: Iterable[MessageInfo]) -> None:
         """Messages of `status.name` got new flags, all at MODSEQ status.highestmodseq."""
         key = (user, status.name)
         modseq = status.highestmodseq
@@ -77,9 +77,7 @@ class ChangeFeeds:
         """What `MailDB.changes_since` would answer, or None when the feed cannot tell."""
         feed = self._feeds.get((user, mailbox))
         if feed is None or modseq < feed.base:
-            self.missed += 1
             return None
-        self.answered += 1
         entries = feed.entries
         start = bisect.bisect_right(entries, modseq, key=_MODSEQ)
         latest = {info.uid: info for info in entries[start:]}  # a later change wins

@@ -100,7 +100,7 @@ from services.store.backends.snapshots import (
     Snapshot,
     merge,
 )
-from services.store.backends.sqlite import done_reading, read_snapshot, transaction
+from services.store.backends.sqlite import read_snapshot, transaction
 from services.store.mailbox import (
     HIERARCHY_DELIMITER,
     INBOX,
@@ -761,7 +761,7 @@ class MailDB:
     def _publish(self, events: list[ChangeEvent]) -> None:
         for event in events:  # before the version moves: a session then asks the feed
             if event.kind == "flags" and event.status is not None:
-                self._feeds.flags_changed(event.user, event.status, list(event.changed))
+                self._feeds.flags_changed(event.user, event.status, event.changed)
             elif event.kind == "mailbox":  # create, delete, rename (with children)
                 self._feeds.forget(event.user)
             else:
@@ -1405,34 +1405,32 @@ class MailDB:
     def _read_conn(self, user: str) -> sqlite3.Connection | None:
         """This reader thread's read-only connection (kept open), or None when the index is
         missing or not yet at SCHEMA_VERSION (being created, or written by older code): the
-        writer fixes that. Use it inside `done_reading`."""
+        writer fixes that. A read of several statements uses `read_snapshot`."""
         return self._bodies.connection(user)
 
     def _status_sync(self, user: str, mailbox: str) -> MailboxStatus | None:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with done_reading(conn), read_snapshot(conn):
+        with read_snapshot(conn):
             return _status(conn, mailbox)
 
     def _mailboxes_sync(self, user: str, _mailbox: str) -> list[MailboxInfo] | None:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with done_reading(conn):
-            rows = conn.execute(
-                "SELECT mailbox.name, special_use, subscription.name IS NOT NULL"
-                " FROM mailbox LEFT JOIN subscription ON subscription.name = mailbox.name"
-                " ORDER BY mailbox.name != 'INBOX', mailbox.name").fetchall()
+        rows = conn.execute(
+            "SELECT mailbox.name, special_use, subscription.name IS NOT NULL"
+            " FROM mailbox LEFT JOIN subscription ON subscription.name = mailbox.name"
+            " ORDER BY mailbox.name != 'INBOX', mailbox.name").fetchall()
         return [MailboxInfo(str(name), use, bool(subscribed)) for name, use, subscribed in rows]
 
     def _subscriptions_sync(self, user: str, _mailbox: str) -> list[str] | None:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with done_reading(conn):
-            return [str(row[0]) for row in conn.execute(
-                "SELECT name FROM subscription ORDER BY name != 'INBOX', name")]
+        return [str(row[0]) for row in conn.execute(
+            "SELECT name FROM subscription ORDER BY name != 'INBOX', name")]
 
     def _snapshot_sync(self, user: str, mailbox: str) -> Snapshot | None:
         """The mailbox's snapshot from the cache brought up to date, or read whole (then
@@ -1440,7 +1438,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with done_reading(conn), read_snapshot(conn):
+        with read_snapshot(conn):
             row = conn.execute("SELECT id, uidvalidity, highestmodseq FROM mailbox"
                                " WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
@@ -1481,18 +1479,17 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with done_reading(conn):
-            row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
-            if row is None:
-                return None
-            return [uid for (uid,) in conn.execute(
-                "SELECT uid FROM message WHERE mailbox_id = ? ORDER BY uid", (row[0],))]
+        row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
+        if row is None:
+            return None
+        return [uid for (uid,) in conn.execute(
+            "SELECT uid FROM message WHERE mailbox_id = ? ORDER BY uid", (row[0],))]
 
     def _changes_sync(self, user: str, mailbox: str, modseq: int) -> Changes | None:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with done_reading(conn), read_snapshot(conn):
+        with read_snapshot(conn):
             status = _status(conn, mailbox)
             if status is None:
                 return None
@@ -1515,7 +1512,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with done_reading(conn), read_snapshot(conn):
+        with read_snapshot(conn):
             row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
                 return None
@@ -1527,19 +1524,18 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with done_reading(conn):
-            row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
-            if row is None:
-                return None
-            return int(conn.execute(
-                f"SELECT count(*) FROM message WHERE mailbox_id = ? AND {_UNSEEN}",
-                (row[0],)).fetchone()[0])
+        row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
+        if row is None:
+            return None
+        return int(conn.execute(
+            f"SELECT count(*) FROM message WHERE mailbox_id = ? AND {_UNSEEN}",
+            (row[0],)).fetchone()[0])
 
     def _recent_sync(self, user: str, mailbox: str) -> int | None:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with done_reading(conn), read_snapshot(conn):
+        with read_snapshot(conn):
             row = conn.execute("SELECT id, recent_uid FROM mailbox WHERE name = ?",
                                (mailbox,)).fetchone()
             if row is None:
@@ -1553,7 +1549,7 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with done_reading(conn), read_snapshot(conn):
+        with read_snapshot(conn):
             row = conn.execute("SELECT id FROM mailbox WHERE name = ?", (mailbox,)).fetchone()
             if row is None:
                 return None
@@ -1570,15 +1566,13 @@ class MailDB:
         conn = self._read_conn(user)
         if conn is None:
             return None
-        with done_reading(conn):
-            return _usage(conn)
+        return _usage(conn)
 
     def _queue_ids_sync(self, user: str) -> set[str]:
         conn = self._read_conn(user)
         if conn is None:
             return set()
-        with done_reading(conn):
-            return {row[0] for row in conn.execute("SELECT queue_id FROM delivered")}
+        return {row[0] for row in conn.execute("SELECT queue_id FROM delivered")}
 
 
 # A column for `SELECT ... FROM message`: 1 when the message's body is inline.

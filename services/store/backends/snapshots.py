@@ -12,7 +12,7 @@ HIGHESTMODSEQ and every expunge is logged with one; a mailbox deleted and create
 INBOX rename, gets a new UIDVALIDITY, which drops the entry.
 
 A snapshot also carries what every SELECT derives from the list (the UIDs, the keywords, the
-first unseen message), kept up to date by the merge, so a session's SELECT copies two tuples
+first unseen message), kept up to date by the merge, so a session's SELECT shares them
 instead of passing over 100,000 entries in Python.
 
 Thread-safe (reader threads share it). Snapshots are immutable and shared.
@@ -21,6 +21,7 @@ Thread-safe (reader threads share it). Snapshots are immutable and shared.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import operator
 import threading
@@ -56,7 +57,7 @@ class Snapshot:
     modseq: int  # the mailbox's HIGHESTMODSEQ when the snapshot was true
     infos: tuple[MessageInfo, ...]  # ascending UID, without the flag changes in `changed`
     changed: Mapping[int, MessageInfo]  # position -> a newer state of infos[position]
-    uids: array[int]  # the UIDs of `infos` (an array: sessions copy it with one memcpy)
+    uids: array[int]  # the UIDs of `infos` (an array: a copy is one memcpy)
     keywords: frozenset[str]  # every keyword set on a message (a merge never drops one)
     first_unseen: int | None  # position of the first message without \Seen
 
@@ -71,10 +72,17 @@ class Snapshot:
 
     def messages(self) -> list[MessageInfo]:
         """Every message in UID order, as a new list."""
-        result = list(self.infos)
-        for position, info in self.changed.items():
-            result[position] = info
-        return result
+        return with_changes(self.infos, self.changed)
+
+
+def with_changes(infos: Sequence[MessageInfo],
+                 changed: Mapping[int, MessageInfo]) -> list[MessageInfo]:
+    """`infos` as a list (a new one unless it is a list already) with the changes by position
+    put in place."""
+    result = infos if isinstance(infos, list) else list(infos)
+    for position, info in changed.items():
+        result[position] = info
+    return result
 
 
 class MessageListCache:
@@ -138,9 +146,7 @@ def merge(old: Snapshot, modseq: int, changed: list[MessageInfo],
         (overlay[at] for at in replaced), appended))
     infos, new_uids = old.infos, uids
     if appended or len(overlay) > OVERLAY_LIMIT:
-        folded = list(infos)
-        for position, info in overlay.items():
-            folded[position] = info
+        folded = with_changes(infos, overlay)
         folded.extend(appended)
         infos, overlay = tuple(folded), {}
         if appended:
@@ -155,8 +161,7 @@ def _rebuilt(old: Snapshot, modseq: int, changed: list[MessageInfo],
     by_uid.update((info.uid, info) for info in changed)
     infos = [by_uid[uid] for uid in sorted(by_uid) if uid not in gone]
     merged = Snapshot.of(old.uidvalidity, modseq, infos)
-    return Snapshot(merged.uidvalidity, modseq, merged.infos, {}, merged.uids,
-                    merged.keywords | old.keywords, merged.first_unseen)
+    return dataclasses.replace(merged, keywords=merged.keywords | old.keywords)
 
 
 def _moved_first_unseen(first: int | None, old_count: int, infos: tuple[MessageInfo, ...],

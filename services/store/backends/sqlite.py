@@ -42,18 +42,11 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(sqlite3.Error):
+        # Readers keep their connections: a transaction left open would pin an old snapshot
+        # of the index and hold the WAL back from checkpoints.
+        try:
             conn.execute("COMMIT")
-
-
-@contextlib.contextmanager
-def done_reading(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """Use a kept reader connection: whatever happens inside, it leaves no transaction open
-    (one would pin an old snapshot of the index and hold the WAL back from checkpoints)."""
-    try:
-        yield conn
-    finally:
-        if conn.in_transaction:
+        except sqlite3.Error:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
 

@@ -17,7 +17,7 @@ import bisect
 from array import array
 from collections.abc import Container, Iterable, Sequence
 
-from services.store.backends.snapshots import Snapshot
+from services.store.backends.snapshots import Snapshot, with_changes
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import SequenceSet
 from services.store.imap.protocol.fetch import ByPosition
@@ -104,11 +104,7 @@ class SelectedMailbox:
 
     def _own_infos(self) -> list[MessageInfo]:
         """The messages as this session's own list, with the pending changes applied."""
-        infos = self._infos
-        if not isinstance(infos, list):
-            infos = self._infos = list(infos)
-        for position, info in self._changed_infos.items():
-            infos[position] = info
+        infos = self._infos = with_changes(self._infos, self._changed_infos)
         self._changed_infos.clear()
         return infos
 

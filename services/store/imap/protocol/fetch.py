@@ -208,14 +208,14 @@ def _implicit(names: set[str], *, include_uid: bool, include_modseq: bool) -> li
     return implicit
 
 
-# The metadata fast path: each item as a %-format piece and the index of its value in the row
-# that `MetadataRenderer.__call__` builds.
 class ByPosition(Protocol):
     """Messages by position (sequence number - 1): a list, a tuple, or a dict of a few."""
 
     def __getitem__(self, position: int, /) -> MessageInfo: ...
 
 
+# The metadata fast path: each item as a %-format piece and the index of its value in the row
+# that `MetadataRenderer.__call__` builds.
 _METADATA_FORMATS = {
     "UID": (b"UID %d", 1),
     "FLAGS": (b"FLAGS %b", 2),
@@ -255,11 +255,11 @@ class MetadataRenderer:
               recent_uids: Container[int], recent: frozenset[str]) -> list[bytes]:
         """The lines for many messages (position p is sequence number p + 1): the loop a
         100,000-message `UID FETCH 1:* (FLAGS)` spends its time in, kept free of calls."""
+        if self._uid_flags:
+            return self._uid_flags_lines(positions, infos, recent_uids, recent)
         template, pick, flag_lists = self._template, self._pick, self._flag_lists
         want_flags, want_date = self._flags, self._date
         none: frozenset[str] = frozenset()
-        if self._uid_flags:
-            return self._uid_flags_lines(positions, infos, recent_uids, recent)
         out = []
         for p in positions:
             info = infos[p]
