@@ -197,7 +197,6 @@ def test_sigkill_during_imap_operations(tmp_path: Path, inline_max: int) -> None
     log = tmp_path / "child.log"
     log.touch()
     rng = random.Random()
-    started = time.monotonic()
     for run in range(KILLS):
         process = start_child(root, run, log, inline_max)
         try:
@@ -208,7 +207,6 @@ def test_sigkill_during_imap_operations(tmp_path: Path, inline_max: int) -> None
             process.send_signal(signal.SIGKILL)
             process.wait()
     check_store(root, log, inline_max)
-    assert time.monotonic() - started < 60
 
 
 if __name__ == "__main__":

@@ -3,8 +3,6 @@ reference that expands every range."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -103,15 +101,14 @@ def test_select_uids(text: str, uids: list[int], expected: list[int]) -> None:
     assert select_uid_positions(s, uids) == [uids.index(u) for u in expected]
 
 
-def test_select_uids_is_fast_on_large_mailboxes() -> None:
+def test_select_uids_on_a_large_mailbox() -> None:
+    # How fast this is belongs to bench/imap_bench.py (UID FETCH 1:*), not to a timed assert.
     uids = list(range(1, 300_001, 3))  # 100,000 UIDs
-    s = parse_sequence_set("1:*")
-    started = time.perf_counter()
-    for _ in range(10):
-        assert len(select_uids(s, uids)) == 100_000
-        assert select_uids(parse_sequence_set("150000:150010,*"), uids) == [
-            150001, 150004, 150007, 150010, 299998]
-    assert time.perf_counter() - started < 2.0
+    assert select_uids(parse_sequence_set("1:*"), uids) == uids
+    assert select_uids(parse_sequence_set("150000:150010,*"), uids) == [
+        150001, 150004, 150007, 150010, 299998]
+    assert select_uid_positions(parse_sequence_set("299990:*"), uids) == [
+        99997, 99998, 99999]
 
 
 @pytest.mark.parametrize(
