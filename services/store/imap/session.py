@@ -29,7 +29,7 @@ from services.store.imap.cache import FetchCache
 from services.store.imap.commands import COMMANDS, CommandSpec, Cost, State
 from services.store.imap.lanes import LONG_SET, CommandLanes, LongTurn, set_size
 from services.store.imap.protocol import wire
-from services.store.imap.protocol.command import Command, ParseError
+from services.store.imap.protocol.command import Command, ParseError, SearchKey
 from services.store.imap.protocol.grammar import parse_command
 from services.store.imap.protocol.parser import REASON_LITERAL_TOO_BIG, RawCommand, Refused
 from services.store.imap.selected import InvalidSequence, SelectedMailbox
@@ -231,7 +231,10 @@ class Session:
     async def _execute(self, spec: CommandSpec, command: Command) -> r.Reply | None:
         try:
             if spec.uses_messages:
-                await self.sync(allow_expunge=spec.expunge_ok)
+                # Message numbers in the command mean what they meant when the client sent
+                # it: expunges announced first would renumber them under it (a COPY or MOVE
+                # would then take the wrong messages). Those wait until after the command.
+                await self.sync(allow_expunge=spec.expunge_ok and not _numbers_messages(command))
             reply = await spec.handler(self, command)
             if self.selected is not None:
                 await self.sync(allow_expunge=spec.expunge_ok)
@@ -366,3 +369,16 @@ class Session:
             await asyncio.sleep(self.deps.auth_failure_delay)
             return r.NO_AUTH_FAILED
         return await self.login(authcid, password)
+
+
+def _numbers_messages(command: Command) -> bool:
+    """Whether the command names messages by sequence number: its set (not in the UID form),
+    or a sequence set in its search key (UID SEARCH, SORT and THREAD included)."""
+    if not command.uid and getattr(command.args, "sequence", None) is not None:
+        return True
+    key = getattr(command.args, "key", None)
+    return isinstance(key, SearchKey) and _has_sequence_key(key)
+
+
+def _has_sequence_key(key: SearchKey) -> bool:
+    return key.kind == "SEQ" or any(_has_sequence_key(child) for child in key.children)

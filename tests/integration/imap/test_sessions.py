@@ -12,7 +12,7 @@ import pytest
 from common.ids import new_queue_id
 from services.store.backends.maildb import MailDB
 from services.store.mailbox import Delivery
-from tests.integration.imap.clients import Raw, Server, in_thread, message
+from tests.integration.imap.clients import Raw, Reply, Server, in_thread, message
 from tests.integration.imap.conftest import ALICE, BOB, Deliver, ImapStack
 from tests.support import eventually
 
@@ -149,6 +149,54 @@ async def test_own_append_and_copy_into_the_selected_mailbox_report_exists(
         raw.close()
 
     await in_thread(dialog)
+
+
+def after_expunges_elsewhere(server: Server, command: str) -> tuple[Reply, Reply]:
+    """Two sessions on INBOX; the second expunges messages 1 and 2, then the first, not yet
+    told, runs `command` and a FETCH 1:* (UID). Returns both replies."""
+    first, second = server.raw(ALICE), server.raw(ALICE)
+    first.ok("SELECT INBOX")
+    second.ok("SELECT INBOX")
+    second.ok("STORE 1:2 +FLAGS.SILENT (\\Deleted)")
+    second.ok("EXPUNGE")
+    reply = first.ok(command)
+    after = first.ok("FETCH 1:* (UID)")
+    first.close()
+    second.close()
+    return reply, after
+
+
+@pytest.mark.parametrize("verb", ["MOVE", "COPY"])
+async def test_message_numbers_mean_what_they_meant_when_sent(
+        server: Server, deliver: Deliver, maildb: MailDB, verb: str) -> None:
+    """Another session expunged messages 1 and 2; this session still numbers them as before.
+    `MOVE 3:4` / `COPY 3:4` must take its third and fourth message, not the ones the numbers
+    would name after the expunges were announced (RFC 3501 7.4.1: numbers shift only when
+    this session is told)."""
+    for n in range(5):
+        await deliver(ALICE, message(f"m{n}"))
+    uids = [m.uid for m in await maildb.list_messages(ALICE)]
+
+    reply, after = await in_thread(lambda: after_expunges_elsewhere(server, f"{verb} 3:4 Archive"))
+    source_set = reply.code.split()[2] if verb == "COPY" else next(
+        line for line in reply.untagged if b"COPYUID" in line).split()[4]
+    assert source_set == f"{uids[2]}:{uids[3]}".encode(), reply
+    archived = await maildb.list_messages(ALICE, "Archive")
+    assert len(archived) == 2
+    left = [entry[2][1] for entry in after.parsed(b"FETCH")]
+    assert left == ([uids[4]] if verb == "MOVE" else uids[2:])
+
+
+async def test_a_sequence_set_in_a_uid_search_means_the_numbers_as_sent(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """UID SEARCH may announce expunges, but a sequence set among its keys still uses the
+    numbering the client had when it sent the command."""
+    for n in range(5):
+        await deliver(ALICE, message(f"m{n}"))
+    uids = [m.uid for m in await maildb.list_messages(ALICE)]
+
+    reply, _ = await in_thread(lambda: after_expunges_elsewhere(server, "UID SEARCH 3:4"))
+    assert reply.lines(b"SEARCH") == [b"* SEARCH %d %d" % (uids[2], uids[3])], reply
 
 
 async def test_short_commands_are_served_while_long_ones_wait_their_turn(
