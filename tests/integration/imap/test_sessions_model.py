@@ -1,8 +1,10 @@
 """Three sessions on one mailbox against a model: random APPEND, delivery, STORE, COPY, MOVE,
-EXPUNGE, UID EXPUNGE, FETCH and SEARCH by number from all of them, each session keeping its own view (sequence number
--> UID and flags) only from what the server tells it. After every command the session's view is
-what its untagged responses made it; after a NOOP it must equal the model, and so must a
-FETCH 1:* of everything.
+EXPUNGE, UID EXPUNGE, FETCH and SEARCH by number from all of them, each session keeping its
+own view (sequence number -> UID and flags) only from what the server tells it (one of them
+with QRESYNC enabled, so told by VANISHED). After every command the session's view is what
+its untagged responses made it; after a NOOP it must equal the model, and so must a FETCH
+1:* of everything. A fourth client connects now and then and catches up with
+SELECT (QRESYNC ...), as a phone does; its copy must equal the model too.
 
 This is what a real client does with the untagged EXPUNGE/EXISTS/FETCH responses (RFC 3501
 7.4.1, 5.2), and it exercises the store's shared message-list snapshots, the sessions' flag
@@ -35,6 +37,8 @@ FETCH_LINE = re.compile(rb"^\* (\d+) FETCH \((.*)\)$", re.S)
 UID_ITEM = re.compile(rb"\bUID (\d+)")
 FLAGS_ITEM = re.compile(rb"\bFLAGS \(([^)]*)\)")
 NUMBERED = re.compile(rb"^\* (\d+) (EXISTS|EXPUNGE|RECENT)$")
+VANISHED = re.compile(rb"^\* VANISHED (?:\(EARLIER\) )?([\d:,]+)$")
+HIGHESTMODSEQ = re.compile(rb"\[HIGHESTMODSEQ (\d+)\]")
 
 
 @pytest.fixture
@@ -56,9 +60,12 @@ class Model:
 class View:
     """One session: a Raw connection and what the server has told it."""
 
-    def __init__(self, raw: Raw, name: str) -> None:
+    def __init__(self, raw: Raw, name: str, *, qresync: bool = False) -> None:
         self.raw = raw
         self.name = name
+        self.qresync = qresync
+        if qresync:
+            raw.ok("ENABLE QRESYNC")
         self.uids: list[int] = []
         self.flags: dict[int, frozenset[str]] = {}
 
@@ -72,6 +79,17 @@ class View:
         announced by EXISTS has the UID 0 here until a FETCH tells it (it may also be expunged
         before that)."""
         for line in reply.untagged:
+            vanished = VANISHED.match(line)
+            if vanished:  # QRESYNC's EXPUNGE, by UID (RFC 7162 3.2.10)
+                assert self.qresync, (self.name, line)
+                for uid in expand(vanished.group(1)):
+                    # One whose UID this session has not fetched yet is among the newest,
+                    # announced by EXISTS only: the count goes down by one.
+                    known = uid if uid in self.uids else 0
+                    assert known in self.uids, (self.name, line, "never announced")
+                    self.uids.remove(known)
+                    self.flags.pop(uid, None)
+                continue
             numbered = NUMBERED.match(line)
             if numbered:
                 number, kind = int(numbered.group(1)), numbered.group(2)
@@ -133,11 +151,62 @@ def fetch_all(view: View) -> list[tuple[int, frozenset[str]]]:
     return found
 
 
+class OfflineClient:
+    """A client that connects now and then (a phone): it keeps UIDs, flags and the highest
+    MODSEQ between connections and catches up with SELECT (QRESYNC ...) (RFC 7162 3.2.5):
+    VANISHED (EARLIER) for what was expunged, FETCH for what changed or arrived."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.flags: dict[int, frozenset[str]] = {}
+        self.uidvalidity = 0
+        self.modseq = 0
+        self.with_known_uids = False
+
+    def sync(self) -> None:
+        raw = self.server.raw(ALICE)
+        raw.ok("ENABLE QRESYNC")
+        if not self.uidvalidity:
+            reply = raw.ok("SELECT INBOX")
+            self.uidvalidity = int(re.search(rb"\[UIDVALIDITY (\d+)\]",
+                                             b"\n".join(reply.untagged)).group(1))
+            reply.untagged += raw.ok("UID FETCH 1:* (FLAGS)").untagged
+        else:
+            # Every other time with the UIDs it knows (the optional known-uids argument).
+            self.with_known_uids = not self.with_known_uids
+            known = f" {format_numbers(sorted(self.flags))}" if (
+                self.with_known_uids and self.flags) else ""
+            reply = raw.ok(f"SELECT INBOX (QRESYNC ({self.uidvalidity} {self.modseq}{known}))")
+        self.absorb(reply)
+        raw.ok("LOGOUT")
+        raw.close()
+
+    def absorb(self, reply: Reply) -> None:
+        for line in reply.untagged:
+            vanished = VANISHED.match(line)
+            if vanished:
+                for uid in expand(vanished.group(1)):
+                    self.flags.pop(uid, None)
+            fetched = FETCH_LINE.match(line)
+            if fetched:
+                uid_item = UID_ITEM.search(fetched.group(2))
+                flags_item = FLAGS_ITEM.search(fetched.group(2))
+                assert uid_item and flags_item, line
+                self.flags[int(uid_item.group(1))] = parse_flags(flags_item.group(1))
+            highest = HIGHESTMODSEQ.search(line)
+            if highest:
+                self.modseq = int(highest.group(1))
+
+    def state(self) -> list[tuple[int, frozenset[str]]]:
+        return sorted(self.flags.items())
+
+
 class Scenario:
     def __init__(self, server: Server, deliver_now: Callable[[], int], model: Model,
                  rng: random.Random,
                  *, ranges: bool) -> None:
-        self.views = [View(server.raw(ALICE), f"session{i}") for i in range(3)]
+        self.views = [View(server.raw(ALICE), f"session{i}", qresync=i == 2) for i in range(3)]
+        self.offline = OfflineClient(server)
         self.deliver_now = deliver_now
         self.model = model
         self.rng = rng
@@ -148,13 +217,16 @@ class Scenario:
         for view in self.views:
             view.run("SELECT INBOX")
             assert view.state() == self.model.ordered(), view.name
+        self.offline.sync()
+        assert self.offline.state() == self.model.ordered()
 
     def step(self) -> None:
         view = self.rng.choice(self.views)
         action = self.rng.choices(
             [self.append, self.deliver, self.store, self.uid_store, self.copy, self.move,
-             self.expunge, self.uid_expunge, self.noop, self.fetch, self.search],
-            [6, 6, 30, 10, 5, 6, 6, 5, 16, 8, 8])[0]
+             self.expunge, self.uid_expunge, self.noop, self.fetch, self.search,
+             self.resync],
+            [6, 6, 30, 10, 5, 6, 6, 5, 16, 8, 8, 4])[0]
         self.log.append(f"{view.name}: {action.__name__}")
         action(view)
         assert 0 not in view.uids, (view.name, self.log[-5:])
@@ -279,6 +351,11 @@ class Scenario:
         # this one has not been told of yet may be found or not (RFC 2180 4.1).
         must = {answer[n] for n, u in named if u in self.model.inbox}
         assert must <= found <= set(answer.values()), (view.name, reply, named)
+
+    def resync(self, view: View) -> None:
+        """The client that was away comes back: QRESYNC brings its copy up to date."""
+        self.offline.sync()
+        assert self.offline.state() == self.model.ordered(), self.log[-8:]
 
     def noop(self, view: View) -> None:
         view.run("NOOP")
