@@ -7,7 +7,7 @@ implements it. Errors are protocol-neutral: each protocol maps them to replies i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, NamedTuple, Protocol
 
 INBOX = "INBOX"
@@ -74,6 +74,8 @@ class MailboxInfo:
     name: str
     special_use: str | None  # RFC 6154 attribute such as "\\Junk", or None
     subscribed: bool = False
+    # Names a mailbox across renames (never reused); not part of the comparison.
+    uidvalidity: int = field(default=0, compare=False)
 
 
 HIERARCHY_DELIMITER = "/"

@@ -1420,10 +1420,11 @@ class MailDB:
         if conn is None:
             return None
         rows = conn.execute(
-            "SELECT mailbox.name, special_use, subscription.name IS NOT NULL"
+            "SELECT mailbox.name, special_use, subscription.name IS NOT NULL, uidvalidity"
             " FROM mailbox LEFT JOIN subscription ON subscription.name = mailbox.name"
             " ORDER BY mailbox.name != 'INBOX', mailbox.name").fetchall()
-        return [MailboxInfo(str(name), use, bool(subscribed)) for name, use, subscribed in rows]
+        return [MailboxInfo(str(name), use, bool(subscribed), int(uidvalidity))
+                for name, use, subscribed, uidvalidity in rows]
 
     def _subscriptions_sync(self, user: str, _mailbox: str) -> list[str] | None:
         conn = self._read_conn(user)

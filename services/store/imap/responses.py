@@ -47,6 +47,7 @@ class Reply:
 # Greeting and session end
 OK_GREETING = Reply("OK", "tiermail IMAP ready")
 BYE_LOGOUT = Reply("BYE", "Logging out")
+BYE_MAILBOX_DELETED = Reply("BYE", "The selected mailbox was deleted by another session")
 BYE_TOO_MANY_ERRORS = Reply("BYE", "Too many protocol errors")
 BYE_TIMEOUT = Reply("BYE", "Autologout; idle for too long")  # RFC 3501 5.4
 BYE_TOO_MANY_CONNECTIONS = Reply("BYE", "Too many connections, try again later", "UNAVAILABLE")

@@ -33,6 +33,7 @@ from services.store.imap.protocol.command import Command, ParseError, SearchKey
 from services.store.imap.protocol.grammar import parse_command
 from services.store.imap.protocol.parser import REASON_LITERAL_TOO_BIG, RawCommand, Refused
 from services.store.imap.selected import InvalidSequence, SelectedMailbox
+from services.store.mailbox import Changes, NoSuchMailbox
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class Session:
         self._errors = 0
         self._auth_failures = 0
         self._turn: LongTurn | None = None  # held while a long command runs (lanes.py)
+        self._farewell = r.BYE_LOGOUT  # the BYE before the connection closes
 
     # The server's entry points
 
@@ -153,7 +155,7 @@ class Session:
         if reply.status == "BAD":
             return await self.bad(parsed.tag, reply)
         if self.state is State.LOGOUT:
-            await self.send(r.BYE_LOGOUT.untagged() + reply.tagged(parsed.tag))
+            await self.send(self._farewell.untagged() + reply.tagged(parsed.tag))
             return After.CLOSE
         await self.send(reply.tagged(parsed.tag))
         if self._auth_failures >= MAX_AUTH_FAILURES:
@@ -241,6 +243,13 @@ class Session:
             return reply
         except InvalidSequence:
             return r.BAD_INVALID_SET
+        except SelectedMailboxDeleted:
+            # Nothing a client could still do with it; it reconnects and lists again.
+            log.info("selected mailbox deleted by another session, disconnecting",
+                     extra=self.log_context)
+            self._farewell = r.BYE_MAILBOX_DELETED
+            self.state = State.LOGOUT
+            return r.NO_NONEXISTENT
         except Disconnect:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a reply, logged with traceback
@@ -303,8 +312,7 @@ class Session:
         version = self.store.version(user)
         if version != selected.version:
             selected.version = version  # before the query: a change during it bumps again
-            changes = await self.store.changes_since(user, selected.name,
-                                                     selected.highestmodseq)
+            changes = await self._changes(selected)
             new = selected.apply(changes)
             if new and not selected.readonly:
                 recent_from = await self.store.claim_recent(user, selected.name)
@@ -313,6 +321,27 @@ class Session:
                                  condstore=self.enabled.condstore)
         if lines:
             await self.send(b"".join(lines))
+
+    async def _changes(self, selected: SelectedMailbox) -> Changes:
+        """What changed in the selected mailbox. Renamed by another session, it is followed
+        under its new name (its UIDVALIDITY names it for good); deleted, the session ends."""
+        user = self.logged_in_user
+        try:
+            changes = await self.store.changes_since(user, selected.name,
+                                                     selected.highestmodseq)
+            if changes.status.uidvalidity == selected.uidvalidity:
+                return changes
+            # A new mailbox now has the old name: the selected one is elsewhere, or gone.
+        except NoSuchMailbox:
+            pass
+        renamed = [info.name for info in await self.store.list_mailboxes(user)
+                   if info.uidvalidity == selected.uidvalidity]
+        if not renamed:
+            raise SelectedMailboxDeleted(selected.name)
+        log.info("selected mailbox renamed to %r by another session", renamed[0],
+                 extra=self.log_context)
+        selected.name = renamed[0]
+        return await self.store.changes_since(user, selected.name, selected.highestmodseq)
 
     def deselect(self) -> None:
         self.selected = None
@@ -369,6 +398,10 @@ class Session:
             await asyncio.sleep(self.deps.auth_failure_delay)
             return r.NO_AUTH_FAILED
         return await self.login(authcid, password)
+
+
+class SelectedMailboxDeleted(Exception):
+    """Another session deleted the mailbox this one has selected."""
 
 
 def _numbers_messages(command: Command) -> bool:

@@ -199,6 +199,62 @@ async def test_a_sequence_set_in_a_uid_search_means_the_numbers_as_sent(
     assert reply.lines(b"SEARCH") == [b"* SEARCH %d %d" % (uids[2], uids[3])], reply
 
 
+async def test_a_selected_mailbox_renamed_elsewhere_is_followed(
+        server: Server, maildb: MailDB) -> None:
+    """Another session renames the selected mailbox and creates a new one under the old name:
+    this session stays with its messages (the same UIDVALIDITY), under the new name."""
+    def dialog() -> tuple[Reply, Reply]:
+        watcher, renamer = server.raw(ALICE), server.raw(ALICE)
+        renamer.ok("CREATE Work")
+        for n in range(2):
+            renamer.literal_command(b"APPEND Work", message(f"w{n}"), plus=True)
+        watcher.ok("SELECT Work")
+        renamer.ok("RENAME Work Job")
+        renamer.ok("CREATE Work")
+        renamer.literal_command(b"APPEND Work", message("in the new Work"), plus=True)
+        quiet = watcher.ok("NOOP")
+        watcher.ok("STORE 1 +FLAGS.SILENT (\\Flagged)")
+        renamer.literal_command(b"APPEND Job", message("j"), plus=True)
+        grown = watcher.ok("NOOP")
+        watcher.close()
+        renamer.close()
+        return quiet, grown
+
+    quiet, grown = await in_thread(dialog)
+    assert not quiet.lines(b"EXISTS") and not quiet.lines(b"EXPUNGE"), quiet
+    assert grown.lines(b"EXISTS") == [b"* 3 EXISTS"], grown
+    assert "\\Flagged" in (await maildb.list_messages(ALICE, "Job"))[0].flags
+    assert "\\Flagged" not in (await maildb.list_messages(ALICE, "Work"))[0].flags
+
+
+@pytest.mark.parametrize("waiting_in", ["NOOP", "IDLE"])
+async def test_a_selected_mailbox_deleted_elsewhere_ends_the_session(
+        server: Server, waiting_in: str) -> None:
+    """Nothing is left to show or change: the session gets a BYE saying why and is closed
+    (the client reconnects and lists the mailboxes again), instead of NO to every command."""
+    def dialog() -> tuple[bytes, bytes, bool]:
+        watcher, deleter = server.raw(ALICE), server.raw(ALICE)
+        deleter.ok("CREATE Work")
+        watcher.ok("SELECT Work")
+        if waiting_in == "IDLE":
+            watcher.send(b"i1 IDLE\r\n")
+            assert watcher.response().startswith(b"+")
+            deleter.ok("DELETE Work")
+        else:
+            deleter.ok("DELETE Work")
+            watcher.send(b"i1 NOOP\r\n")
+        bye, tagged = watcher.response(), watcher.response()
+        closed = watcher.closed()
+        deleter.ok("NOOP")  # the other session is unaffected
+        deleter.close()
+        return bye, tagged, closed
+
+    bye, tagged, closed = await in_thread(dialog)
+    assert bye == b"* BYE The selected mailbox was deleted by another session"
+    assert tagged.startswith(b"i1 NO [NONEXISTENT]"), tagged
+    assert closed
+
+
 async def test_short_commands_are_served_while_long_ones_wait_their_turn(
         imap_server: ImapStack, deliver: Deliver) -> None:
     """services/store/imap/lanes.py: while the long lane is taken, a SELECT waits for it and
