@@ -38,6 +38,11 @@ class NoSuchMailbox(StorageError):
     pass
 
 
+class MailboxReplaced(NoSuchMailbox):
+    """The mailbox now under the name is not the one meant (its UIDVALIDITY differs): the
+    one meant was renamed or deleted meanwhile, perhaps with a new one made in its place."""
+
+
 class NoSuchMessage(StorageError):
     pass
 

@@ -116,6 +116,7 @@ from services.store.mailbox import (
     InvalidMailboxName,
     MailboxExists,
     MailboxInfo,
+    MailboxReplaced,
     MailboxStatus,
     MessageInfo,
     NoSuchMailbox,
@@ -544,12 +545,16 @@ class MailDB:
     async def deliver(self, deliveries: list[Delivery]) -> list[bool]:
         return [uid is not None for uid in await self.deliver_uids(deliveries)]
 
-    async def expunge(self, user: str, mailbox: str, uids: list[int]) -> list[int]:
+    async def expunge(self, user: str, mailbox: str, uids: list[int], *,
+                      uidvalidity: int | None = None) -> list[int]:
+        """`uidvalidity` (here and in store_flags, copy and move): act only if the mailbox
+        under the name is still that one (an IMAP session's selected mailbox may have been
+        renamed, and a new one made under its name, since it looked)."""
         self.user_path(user)
         if not uids:
             return []
         return await self._change(self._expunge_sync, user, canonical_mailbox(mailbox),
-                                  list(uids))
+                                  list(uids), uidvalidity)
 
     async def create_mailbox(self, user: str, name: str,
                              special_use: str | None = None) -> None:
@@ -591,30 +596,32 @@ class MailDB:
             quota)
 
     async def store_flags(self, user: str, mailbox: str, uids: list[int], mode: str,
-                          flags: frozenset[str],
-                          unchangedsince: int | None = None) -> FlagsResult:
+                          flags: frozenset[str], unchangedsince: int | None = None, *,
+                          uidvalidity: int | None = None) -> FlagsResult:
         if mode not in ("+", "-", ""):
             raise ValueError(f"flag mode {mode!r}")
         self.user_path(user)
         return await self._change(self._store_flags_sync, user, canonical_mailbox(mailbox),
-                                  list(uids), mode, normalise_flags(flags), unchangedsince)
+                                  list(uids), mode, normalise_flags(flags), unchangedsince,
+                                  uidvalidity)
 
     async def copy(self, user: str, source: str, uids: list[int], dest: str,
-                   quota: int | None = None) -> CopyResult:
+                   quota: int | None = None, *, uidvalidity: int | None = None) -> CopyResult:
         """New GUIDs: hard links of the source files (no bytes copied), copies of inline
         bodies made inside the index; flags and internaldate kept; new UIDs in ascending
         source order; one new MODSEQ in `dest`."""
         self.user_path(user)
         return await self._change(self._copy_sync, user, canonical_mailbox(source),
-                                  list(uids), canonical_mailbox(dest), quota)
+                                  list(uids), canonical_mailbox(dest), quota, uidvalidity)
 
-    async def move(self, user: str, source: str, uids: list[int], dest: str) -> CopyResult:
+    async def move(self, user: str, source: str, uids: list[int], dest: str, *,
+                   uidvalidity: int | None = None) -> CopyResult:
         """One transaction: the rows go to `dest` with new UIDs (GUIDs and files kept), the
         source UIDs are recorded as expunged with a new source MODSEQ. No quota: nothing
         grows."""
         self.user_path(user)
         return await self._change(self._move_sync, user, canonical_mailbox(source),
-                                  list(uids), canonical_mailbox(dest))
+                                  list(uids), canonical_mailbox(dest), uidvalidity)
 
     async def claim_recent(self, user: str, mailbox: str) -> int:
         """Return recent_uid and set it to uidnext, atomically: messages with a UID from the
@@ -899,13 +906,17 @@ class MailDB:
         ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
-    def _box(self, conn: sqlite3.Connection, name: str) -> _Box:
-        """The mailbox `name` (inside a write transaction); NoSuchMailbox if absent."""
+    def _box(self, conn: sqlite3.Connection, name: str,
+             uidvalidity: int | None = None) -> _Box:
+        """The mailbox `name` (inside a write transaction); NoSuchMailbox if absent,
+        MailboxReplaced if it is not the one with `uidvalidity` (when given)."""
         row = conn.execute(
             "SELECT id, uidvalidity, uidnext, highestmodseq, messages FROM mailbox"
             " WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NoSuchMailbox(name)
+        if uidvalidity is not None and int(row[1]) != uidvalidity:
+            raise MailboxReplaced(name)
         return _Box(int(row[0]), name, int(row[1]), int(row[2]), int(row[3]), int(row[4]))
 
     def _exists(self, conn: sqlite3.Connection, name: str) -> bool:
@@ -1181,12 +1192,12 @@ class MailDB:
         return AppendResult(box.uidvalidity, box.uidnext)
 
     def _expunge_sync(self, events: list[ChangeEvent], user: str, mailbox: str,
-                      uids: list[int]) -> list[int]:
+                      uids: list[int], uidvalidity: int | None = None) -> list[int]:
         conn = self._writer_conn(user, create=False)
         if conn is None:
             raise NoSuchMailbox(mailbox)
         with transaction(conn):
-            box = self._box(conn, mailbox)
+            box = self._box(conn, mailbox, uidvalidity)
             rows = _rows_for_uids(conn, box.id, uids, f"guid, size, {_INLINE}")
             if not rows:
                 return []
@@ -1208,10 +1219,11 @@ class MailDB:
 
     def _store_flags_sync(self, events: list[ChangeEvent], user: str, mailbox: str,
                           uids: list[int], mode: str, flags: frozenset[str],
-                          unchangedsince: int | None) -> FlagsResult:
+                          unchangedsince: int | None,
+                          uidvalidity: int | None = None) -> FlagsResult:
         conn = self._conn(user)
         with transaction(conn, durable=False):  # flags: see docs/architecture.md
-            box = self._box(conn, mailbox)
+            box = self._box(conn, mailbox, uidvalidity)
             modseq = box.modseq + 1
             span = _covered_span(conn, box.id, uids)
             if span is None:
@@ -1230,12 +1242,12 @@ class MailDB:
         return result
 
     def _copy_sync(self, events: list[ChangeEvent], user: str, source: str, uids: list[int],
-                   dest: str, quota: int | None) -> CopyResult:
+                   dest: str, quota: int | None, uidvalidity: int | None = None) -> CopyResult:
         conn = self._conn(user)
         linked: list[Path] = []
         try:
             with transaction(conn):
-                src, dst = self._box(conn, source), self._box(conn, dest)
+                src, dst = self._box(conn, source, uidvalidity), self._box(conn, dest)
                 rows = _rows_for_uids(conn, src.id, uids,
                                       f"guid, size, internaldate, flags, {_INLINE}")
                 if not rows:
@@ -1296,10 +1308,10 @@ class MailDB:
         return _place_files(base, [(guid, link(source)) for source, guid in pairs])
 
     def _move_sync(self, events: list[ChangeEvent], user: str, source: str, uids: list[int],
-                   dest: str) -> CopyResult:
+                   dest: str, uidvalidity: int | None = None) -> CopyResult:
         conn = self._conn(user)
         with transaction(conn):
-            src, dst = self._box(conn, source), self._box(conn, dest)
+            src, dst = self._box(conn, source, uidvalidity), self._box(conn, dest)
             rows = [(int(uid), str(guid)) for uid, guid in
                     _rows_for_uids(conn, src.id, uids, "guid")]
             dest_uids = self._move_rows(conn, src, dst, rows)

@@ -486,7 +486,8 @@ async def close(s: Session, c: Command) -> r.Reply:
         # RFC 3501 6.4.2: expunge silently, then leave the mailbox.
         uids = [info.uid for info in selected.infos if DELETED in info.flags]
         if uids:
-            await s.store.expunge(s.logged_in_user, selected.name, uids)
+            await s.store.expunge(s.logged_in_user, selected.name, uids,
+                                  uidvalidity=selected.uidvalidity)
     s.deselect()
     return r.OK_DONE
 
@@ -507,7 +508,8 @@ async def expunge(s: Session, c: Command) -> r.Reply:
         candidates = selected.infos
     uids = [info.uid for info in candidates if DELETED in info.flags]
     if uids:
-        await s.store.expunge(s.logged_in_user, selected.name, uids)
+        await s.store.expunge(s.logged_in_user, selected.name, uids,
+                              uidvalidity=selected.uidvalidity)
     return r.OK_DONE  # the EXPUNGE (or VANISHED) responses come from the sync that follows
 
 
@@ -558,7 +560,7 @@ async def _mark_seen(s: Session, selected: SelectedMailbox, positions: list[int]
     if not unseen:
         return set()
     result = await s.store.store_flags(s.logged_in_user, selected.name, unseen, "+",
-                                       frozenset({SEEN}))
+                                       frozenset({SEEN}), uidvalidity=selected.uidvalidity)
     selected.update(result.changed)
     return {info.uid for info in result.changed}
 
@@ -710,7 +712,7 @@ async def store(s: Session, c: Command) -> r.Reply:
     flags = frozenset(flag for flag in args.flags if flag != "\\Recent")
     uids = [selected.info(p).uid for p in positions]
     result = await s.store.store_flags(s.logged_in_user, selected.name, uids, args.mode, flags,
-                                       args.unchangedsince)
+                                       args.unchangedsince, uidvalidity=selected.uidvalidity)
     selected.update(result.changed)
     modified = set(result.modified)
     changed = {info.uid for info in result.changed}
@@ -754,10 +756,12 @@ async def copy(s: Session, c: Command) -> r.Reply:
     user = s.logged_in_user
     try:
         if move:
-            result = await s.store.move(user, selected.name, uids, args.mailbox)
+            result = await s.store.move(user, selected.name, uids, args.mailbox,
+                                        uidvalidity=selected.uidvalidity)
         else:
             quota = await s.quota_limit()
-            result = await s.store.copy(user, selected.name, uids, args.mailbox, quota)
+            result = await s.store.copy(user, selected.name, uids, args.mailbox, quota,
+                                        uidvalidity=selected.uidvalidity)
     except Exception as exc:  # noqa: BLE001 - mapped in the one place, with TRYCREATE
         return s.failure(exc, c.name, trycreate=True)
     code = (f"COPYUID {result.uidvalidity} {format_uids(result.source_uids).decode()} "

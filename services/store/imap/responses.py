@@ -15,6 +15,7 @@ from services.store.mailbox import (
     CannotDelete,
     InvalidMailboxName,
     MailboxExists,
+    MailboxReplaced,
     NoSuchMailbox,
     NoSuchMessage,
     NoSuchUser,
@@ -104,7 +105,9 @@ def reply_for_failure(exc: BaseException, *, trycreate: bool = False) -> Reply:
     `trycreate`: the mailbox is the target of APPEND, COPY or MOVE, where RFC 3501 6.3.11 and
     6.4.7 ask for [TRYCREATE] so the client may create it and retry."""
     if isinstance(exc, NoSuchMailbox):
-        return NO_TRYCREATE if trycreate else NO_NONEXISTENT
+        # Never TRYCREATE when the selected mailbox (the source) is what went away.
+        return NO_TRYCREATE if trycreate and not isinstance(exc, MailboxReplaced) else (
+            NO_NONEXISTENT)
     if isinstance(exc, MailboxExists):
         return NO_ALREADYEXISTS
     if isinstance(exc, InvalidMailboxName):

@@ -22,6 +22,7 @@ from services.store.mailbox import (
     InvalidMailboxName,
     MailboxExists,
     MailboxInfo,
+    MailboxReplaced,
     NoSuchMailbox,
     OverQuota,
 )
@@ -765,3 +766,32 @@ async def test_cached_message_lists_follow_every_change(tmp_path: Path,
         await agrees()
     finally:
         await db.close()
+
+
+async def test_writes_for_a_mailbox_replaced_under_its_name_do_nothing(db: MailDB) -> None:
+    """An IMAP session's writes name its selected mailbox and its UIDVALIDITY: renamed away,
+    with a new mailbox under the old name, they touch neither."""
+    await db.create_mailbox(ALICE, "Work")
+    await append_n(db, 2, mailbox="Work")
+    selected = await db.status(ALICE, "Work")
+    await db.rename_mailbox(ALICE, "Work", "Job")
+    await db.create_mailbox(ALICE, "Work")
+    [new_uid] = await append_n(db, 1, mailbox="Work")
+    await db.store_flags(ALICE, "Work", [new_uid], "+", frozenset({DELETED}))
+    before = {name: await db.list_messages(ALICE, name) for name in ("Work", "Job", ARCHIVE)}
+
+    uv = selected.uidvalidity
+    attempts = [
+        db.store_flags(ALICE, "Work", [new_uid], "+", frozenset({SEEN}), uidvalidity=uv),
+        db.expunge(ALICE, "Work", [new_uid], uidvalidity=uv),
+        db.copy(ALICE, "Work", [new_uid], ARCHIVE, uidvalidity=uv),
+        db.move(ALICE, "Work", [new_uid], ARCHIVE, uidvalidity=uv),
+    ]
+    for attempt in attempts:
+        with pytest.raises(MailboxReplaced):
+            await attempt
+    assert {name: await db.list_messages(ALICE, name)
+            for name in ("Work", "Job", ARCHIVE)} == before
+    # The same calls with the UIDVALIDITY of the mailbox now under the name do act.
+    current = (await db.status(ALICE, "Work")).uidvalidity
+    assert await db.expunge(ALICE, "Work", [new_uid], uidvalidity=current) == [new_uid]
