@@ -15,6 +15,7 @@ RFC 3501 (IMAP4rev1) section 6, with RFC 2177 (IDLE), 2971 (ID), 4315 (UIDPLUS),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import re
@@ -67,6 +68,7 @@ from services.store.mailbox import (
     SPECIAL_USE,
     MailboxInfo,
     MessageInfo,
+    NoSuchMailbox,
     NoSuchMessage,
 )
 
@@ -486,8 +488,9 @@ async def close(s: Session, c: Command) -> r.Reply:
         # RFC 3501 6.4.2: expunge silently, then leave the mailbox.
         uids = [info.uid for info in selected.infos if DELETED in info.flags]
         if uids:
-            await s.store.expunge(s.logged_in_user, selected.name, uids,
-                                  uidvalidity=selected.uidvalidity)
+            with contextlib.suppress(NoSuchMailbox):  # deleted meanwhile: nothing to expunge
+                await s.store.expunge(s.logged_in_user, selected.name, uids,
+                                      uidvalidity=selected.uidvalidity)
     s.deselect()
     return r.OK_DONE
 

@@ -255,6 +255,25 @@ async def test_a_selected_mailbox_deleted_elsewhere_ends_the_session(
     assert closed
 
 
+async def test_close_of_a_mailbox_deleted_elsewhere_just_leaves_it(server: Server) -> None:
+    """CLOSE would expunge the \\Deleted messages; with the mailbox gone there are none
+    left, and the session is back in the authenticated state, not ended."""
+    def dialog() -> tuple[Reply, Reply]:
+        closer, deleter = server.raw(ALICE), server.raw(ALICE)
+        deleter.ok("CREATE Work")
+        deleter.literal_command(b"APPEND Work (\\Deleted)", message("w"), plus=True)
+        closer.ok("SELECT Work")
+        deleter.ok("DELETE Work")
+        closed, listed = closer.command("CLOSE"), closer.command('LIST "" "*"')
+        closer.close()
+        deleter.close()
+        return closed, listed
+
+    closed, listed = await in_thread(dialog)
+    assert closed.status == "OK", closed
+    assert listed.status == "OK" and not listed.lines(b"BYE"), listed
+
+
 async def test_short_commands_are_served_while_long_ones_wait_their_turn(
         imap_server: ImapStack, deliver: Deliver) -> None:
     """services/store/imap/lanes.py: while the long lane is taken, a SELECT waits for it and
