@@ -1,5 +1,5 @@
 """Three sessions on one mailbox against a model: random APPEND, delivery, STORE, COPY, MOVE,
-EXPUNGE, UID EXPUNGE, FETCH and SEARCH by number from all of them, each session keeping its
+EXPUNGE, UID EXPUNGE, FETCH, SEARCH by number and IDLE from all of them, each session keeping its
 own view (sequence number -> UID and flags) only from what the server tells it (one of them
 with QRESYNC enabled, so told by VANISHED). After every command the session's view is what
 its untagged responses made it; after a NOOP it must equal the model, and so must a FETCH
@@ -225,8 +225,8 @@ class Scenario:
         action = self.rng.choices(
             [self.append, self.deliver, self.store, self.uid_store, self.copy, self.move,
              self.expunge, self.uid_expunge, self.noop, self.fetch, self.search,
-             self.resync],
-            [6, 6, 30, 10, 5, 6, 6, 5, 16, 8, 8, 4])[0]
+             self.resync, self.idle],
+            [6, 6, 30, 10, 5, 6, 6, 5, 16, 8, 8, 4, 5])[0]
         self.log.append(f"{view.name}: {action.__name__}")
         action(view)
         assert 0 not in view.uids, (view.name, self.log[-5:])
@@ -356,6 +356,24 @@ class Scenario:
         """The client that was away comes back: QRESYNC brings its copy up to date."""
         self.offline.sync()
         assert self.offline.state() == self.model.ordered(), self.log[-8:]
+
+    def idle(self, view: View) -> None:
+        """IDLE (RFC 2177) while the other sessions act; after DONE, what it was told
+        during and at the end of the IDLE must have brought its view up to date."""
+        others = [v for v in self.views if v is not view]
+        view.raw.send(b"idle1 IDLE\r\n")
+        assert view.raw.response().startswith(b"+"), view.name
+        for _ in range(self.rng.randint(1, 3)):
+            actor = self.rng.choice(others)
+            action = self.rng.choice([self.deliver, self.append, self.store, self.expunge,
+                                      self.move, self.uid_store])
+            self.log.append(f"  while {view.name} idles, {actor.name}: {action.__name__}")
+            action(actor)
+        view.raw.send(b"DONE\r\n")
+        reply = view.raw.reply("idle1")
+        assert reply.status == "OK", reply
+        view.absorb(reply)
+        self.check(view)
 
     def noop(self, view: View) -> None:
         view.run("NOOP")
