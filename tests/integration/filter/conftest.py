@@ -146,6 +146,12 @@ class RawClient:
         self.sock.sendall(data)
         return self.reply()
 
+    def start_tls(self) -> None:
+        """The TLS handshake on this connection (after the server's 220 to STARTTLS)."""
+        self.file.close()
+        self.sock = unverified_context().wrap_socket(self.sock, server_hostname="mx.test.invalid")
+        self.file = self.sock.makefile("rb")
+
     def closed(self) -> bool:
         """True when the server has closed the connection (reads EOF)."""
         try:

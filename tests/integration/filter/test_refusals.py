@@ -221,3 +221,25 @@ async def test_a_client_that_keeps_erring_is_disconnected(directory: Settings) -
         assert lines[5].startswith(replies.TOO_MANY_ERRORS[:9].encode()), lines
         assert await reader.read() == b""
         writer.close()
+
+
+async def test_commands_pipelined_behind_starttls_are_not_run_inside_tls(
+        worker: FilterWorker) -> None:
+    """CVE-2011-0411: plaintext sent in the same packet as STARTTLS must not count as if it
+    had come over TLS (a man in the middle could inject it). The injected MAIL FROM is not
+    in effect after the handshake: RCPT still needs a MAIL."""
+    def dialog() -> tuple[str, str]:
+        client = RawClient(worker.ports[0])
+        client.reply()
+        client.command(b"EHLO client.remote.test\r\n")
+        started = client.command(b"STARTTLS\r\nMAIL FROM:<injected@remote.test>\r\n")
+        client.start_tls()
+        client.command(b"EHLO client.remote.test\r\n")
+        rcpt = client.command(f"RCPT TO:<{ALICE}>\r\n".encode())
+        client.close()
+        return started, rcpt
+
+    started, rcpt = await in_thread(dialog)
+    assert started.startswith("220"), started
+    assert rcpt.startswith("503"), rcpt
+    assert await queue_depth(worker.settings) == 0
