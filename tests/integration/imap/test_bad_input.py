@@ -45,7 +45,7 @@ async def test_unknown_and_malformed_commands_get_bad_with_their_tag(server: Ser
     selected_malformed = [
         "FETCH 1 (FLAGS", "FETCH 1:* BODY[9.X]", "FETCH x FLAGS", "STORE 1 +FLAGS",
         "SEARCH BEFORE 32-Foo-2026", "FETCH 1 BODY[]<5.>", "COPY 1", "UID FETCH 1:* BOGUS",
-        "FETCH 4294967296 FLAGS",
+        "FETCH 4294967296 FLAGS", "STORE 1 +FLAGS (\\Bogus)",
     ]
 
     def dialog() -> None:
@@ -63,6 +63,10 @@ async def test_unknown_and_malformed_commands_get_bad_with_their_tag(server: Ser
             answer = raw.response()
             assert answer.startswith(b"* BAD") or b" BAD" in answer, (line, answer)
         assert raw.ok("NOOP").status == "OK"  # and the session carries on
+        appended = raw.literal_command(b"APPEND INBOX (\\Bogus)", message("no"))
+        assert appended.status == "BAD", appended  # an unknown system flag: nothing stored
+        assert raw.ok("STATUS INBOX (MESSAGES)").lines(b"STATUS") == [
+            b"* STATUS INBOX (MESSAGES 0)"]
         raw.close()
 
     await in_thread(dialog)

@@ -388,6 +388,9 @@ def test_sort_and_thread() -> None:
         (b"a THREAD BOGUS UTF-8 ALL", "a", "unsupported threading algorithm BOGUS"),
         (b"a ENABLE", "a", "ENABLE needs a capability"),
         (b"a NOOP\r\nx", "a", None),
+        # RFC 3501 2.3.2: a flag-extension is for future standards; none can be stored.
+        (b"a STORE 1 +FLAGS (\\Seen \\Bogus)", "a", "unknown system flag \\Bogus"),
+        (b"a APPEND INBOX (\\Important) {0}\r\n", "a", "unknown system flag \\Important"),
     ],
 )
 def test_syntax_errors(line: bytes, tag: str, text: str | None) -> None:

@@ -327,10 +327,15 @@ class Cursor:
         return items
 
     def flag(self) -> str:
-        """RFC 3501 `flag`: system flags normalised to "\\Seen" etc., keywords as sent."""
+        """RFC 3501 `flag`: system flags normalised to "\\Seen" etc., keywords as sent. Any
+        other "\\" flag is refused: it is a flag-extension, reserved for future standards,
+        which a server MUST NOT generate (RFC 3501 2.3.2), so it could never be stored."""
         if self.maybe(b"\\"):
             text = "\\" + self.atom("a flag")
-            return SYSTEM_FLAGS.get(text.upper(), text)
+            known = SYSTEM_FLAGS.get(text.upper())
+            if known is None:
+                raise _Syntax(f"unknown system flag {text}")
+            return known
         return self.atom("a flag")
 
     def flag_list(self) -> tuple[str, ...]:
