@@ -17,7 +17,7 @@ directory entry (common/directory.py: dir:overquota, dir:usage).
 
 "Over quota" means usage >= limit: a full mailbox takes no more mail at RCPT. Delivery itself
 does not enforce quotas (a message accepted just before the mailbox filled is delivered);
-APPEND, COPY and MOVE do (IMAP, OverQuota).
+APPEND and COPY do (IMAP, OverQuota; MOVE adds nothing).
 """
 
 from __future__ import annotations

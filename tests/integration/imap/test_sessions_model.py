@@ -207,6 +207,7 @@ class Scenario:
                  *, ranges: bool) -> None:
         self.views = [View(server.raw(ALICE), f"session{i}", qresync=i == 2) for i in range(3)]
         self.offline = OfflineClient(server)
+        self.statuser = server.raw(ALICE)
         self.deliver_now = deliver_now
         self.model = model
         self.rng = rng
@@ -389,6 +390,16 @@ class Scenario:
                      for uid, flags in self.model.ordered() if told.get(uid) != flags}
             raise AssertionError(f"{view.name}: (view, model, server) differ: {wrong}; "
                                  f"last steps {self.log[-8:]}")
+        self.check_status()
+
+    def check_status(self) -> None:
+        """STATUS from a session that has nothing selected agrees with the model too."""
+        [line] = self.statuser.ok("STATUS INBOX (MESSAGES UNSEEN UIDNEXT)").lines(b"STATUS")
+        items = dict(re.findall(rb"(MESSAGES|UNSEEN|UIDNEXT) (\d+)", line))
+        unseen = sum(1 for flags in self.model.inbox.values() if "\\Seen" not in flags)
+        assert int(items[b"MESSAGES"]) == len(self.model.inbox), (line, self.log[-5:])
+        assert int(items[b"UNSEEN"]) == unseen, (line, self.log[-5:])
+        assert int(items[b"UIDNEXT"]) > max(self.model.inbox, default=0), line
 
     def pick(self, view: View) -> list[int]:
         count = len(view.uids)
