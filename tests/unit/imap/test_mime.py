@@ -357,6 +357,21 @@ def test_eight_bit_parameter_values_are_literals() -> None:
     )
 
 
+@pytest.mark.parametrize(("params", "shown"), [
+    # RFC 2231 3: continuations are one parameter, as Dovecot shows them.
+    (b'name*0="long"; name*1="name.pdf"; x=y', b'("NAME" "longname.pdf" "X" "y")'),
+    (b"name*0*=utf-8''%C3%A9t; name*1*=%C3%A9.pdf", b'("NAME*" "utf-8\'\'%C3%A9t%C3%A9.pdf")'),
+    # a plain section after an encoded one is percent-encoded into the single value
+    (b"name*0*=utf-8''a%20; name*1=\" b\"", b'("NAME*" "utf-8\'\'a%20%20b")'),
+    # sections that do not run 0, 1, ... stay as sent
+    (b'name*1="b"; name*2="c"', b'("NAME*1" "b" "NAME*2" "c")'),
+    (b"name*=utf-8''%C3%A9", b'("NAME*" "utf-8\'\'%C3%A9")'),
+])
+def test_parameter_continuations_are_joined(params: bytes, shown: bytes) -> None:
+    raw = b"Content-Type: application/pdf; " + params + b"\r\n\r\nx"
+    assert structure(raw) == b'("APPLICATION" "PDF" ' + shown + b' NIL NIL "7BIT" 1)'
+
+
 # --- ENVELOPE -----------------------------------------------------------------------------
 
 

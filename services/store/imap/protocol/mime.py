@@ -242,7 +242,51 @@ def _parse_params(items: list[str]) -> list[tuple[str, str]]:
         if not sep or not _TOKEN_RE.fullmatch(name):
             continue
         params.append((name.upper(), _unquote(value)))
-    return params
+    return _join_continuations(params)
+
+
+_SECTION_RE = re.compile(r"(.+)\*(\d+)(\*?)")
+
+
+def _join_continuations(params: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """RFC 2231 3: NAME*0, NAME*1, ... become one NAME (as Dovecot shows them), and when a
+    section is encoded (NAME*0*=utf-8''...), one NAME* in RFC 2231's single-value form, so a
+    client that reads an attachment's name from BODYSTRUCTURE sees it whole. Sections that
+    do not run 0, 1, 2, ... stay as they were."""
+    sections: dict[str, dict[int, tuple[str, bool]]] = {}
+    for name, value in params:
+        match = _SECTION_RE.fullmatch(name)
+        if match:
+            number, encoded = int(match.group(2)), bool(match.group(3))
+            sections.setdefault(match.group(1), {}).setdefault(number, (value, encoded))
+    joinable = {base for base, parts in sections.items() if set(parts) == set(range(len(parts)))}
+    if not joinable:
+        return params
+    joined: list[tuple[str, str]] = []
+    for name, value in params:
+        match = _SECTION_RE.fullmatch(name)
+        if not match or match.group(1) not in joinable:
+            joined.append((name, value))
+        elif int(match.group(2)) == 0:
+            joined.append(_joined(match.group(1), sections[match.group(1)]))
+    return joined
+
+
+def _joined(base: str, parts: dict[int, tuple[str, bool]]) -> tuple[str, str]:
+    ordered = [parts[number] for number in range(len(parts))]
+    if not any(encoded for _, encoded in ordered):
+        return base, "".join(value for value, _ in ordered)
+    # An encoded value: the first section carries charset'language'; plain sections are
+    # percent-encoded so the whole is one valid extended value.
+    first, first_encoded = ordered[0]
+    pieces = [first if first_encoded else "''" + _percent(first)]
+    pieces += [value if encoded else _percent(value) for value, encoded in ordered[1:]]
+    return base + "*", "".join(pieces)
+
+
+def _percent(value: str) -> str:
+    return "".join(chr(b) if b < 128 and (chr(b).isalnum() or chr(b) in "!#$&+-.^_`|~")
+                   else f"%{b:02X}" for b in value.encode("latin-1", "replace"))
 
 
 def _parse_structured(value: str) -> tuple[str, list[tuple[str, str]]]:
