@@ -128,9 +128,6 @@ class View:
     def state(self) -> list[tuple[int, frozenset[str]]]:
         return [(uid, self.flags[uid]) for uid in self.uids]
 
-    def number_of(self, uid: int) -> int:
-        return self.uids.index(uid) + 1
-
 
 def parse_flags(text: bytes) -> frozenset[str]:
     return frozenset(f for f in text.decode().split() if f != "\\Recent")
