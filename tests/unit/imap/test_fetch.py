@@ -80,7 +80,7 @@ def render(*atts: FetchAtt, raw: bytes | None = RAW, **kwargs: object) -> bytes:
         ),
         # A part that does not exist reads as an empty string.
         ([body(Section((2,)))], b"BODY[2] {0}\r\n"),
-        ([body(Section((1, 1), "MIME"))], b"BODY[1.1.MIME] {0}\r\n"),
+        ([body(Section((1, 2), "MIME"))], b"BODY[1.2.MIME] {0}\r\n"),
         (
             [FetchAtt("BODY")],
             b'BODY ("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" 12 1)',

@@ -502,10 +502,14 @@ FORWARD_HEADER = (
         ((2, 2), "MIME", b"Content-Type: text/html\r\n\r\n"),
         ((3,), None, None),
         ((0,), None, None),
-        ((1, 1), None, None),
+        # A non-multipart part has a part 1 too, itself (as Dovecot answers), and no other.
+        ((1, 1), None, b"see attached"),
+        ((1, 2), None, None),
         ((2, 3), None, None),
         ((1,), "HEADER", None),  # HEADER of a part only exists for message/rfc822
-        ((2, 1, 1), None, None),
+        ((2, 1, 1), None, b"plain"),
+        ((1, 1, 1), None, None),
+        ((2, 2, 1), "MIME", b"Content-Type: text/html\r\n\r\n"),
     ],
 )
 def test_sections_of_forwarded_message(
@@ -524,7 +528,7 @@ def test_header_fields_of_encapsulated_message() -> None:
 def test_part_one_of_a_non_multipart_message_is_its_body() -> None:
     assert sect(SIMPLE, (1,)) == b"Hello\r\nWorld\r\n"
     assert sect(SIMPLE, (2,)) is None
-    assert sect(SIMPLE, (1, 1)) is None
+    assert sect(SIMPLE, (1, 1)) is None  # part 1 is the body itself: nothing below it
 
 
 def test_sections_of_nested_multipart() -> None:

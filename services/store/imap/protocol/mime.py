@@ -761,29 +761,37 @@ def bodystructure(part: Part, extended: bool) -> bytes:
 # --- sections ---------------------------------------------------------------------------
 
 
-def _descend(node: Part, number: int, message_context: bool) -> tuple[Part, bool] | None:
-    """Part `number` inside `node`. In a message context (the root, or an encapsulated
-    message) a non-multipart message has only part 1: its own body."""
+# How a part was reached while following a section's numbers.
+_MESSAGE = "message"  # the root, or the message a MESSAGE/RFC822 part encapsulates
+_CHILD = "child"  # a part of a multipart
+_ALIAS = "alias"  # part 1 of a non-multipart: the same part again
+
+
+def _descend(node: Part, number: int, reached: str) -> tuple[Part, str] | None:
+    """Part `number` inside `node`. A non-multipart message has only part 1, its own body;
+    a MESSAGE/RFC822 part's numbers go on inside the message it encapsulates; any other part
+    of a multipart has a part 1 too, itself (2.1 of a text part 2 is 2, as Dovecot answers),
+    and nothing below that."""
     if node.is_multipart:
         if 1 <= number <= len(node.children):
-            return node.children[number - 1], False
+            return node.children[number - 1], _CHILD
         return None
-    if message_context:
-        return (node, False) if number == 1 else None
-    if node.message is not None:
-        return _descend(node.message, number, True)
-    return None
+    if reached != _MESSAGE and node.message is not None:
+        return _descend(node.message, number, _MESSAGE)
+    if reached == _ALIAS:
+        return None
+    return (node, _ALIAS) if number == 1 else None
 
 
 def find_part(root: Part, numbers: tuple[int, ...]) -> Part | None:
     """The part a section's part numbers address (the root itself for no numbers)."""
     node: Part = root
-    message_context = True
+    reached = _MESSAGE
     for number in numbers:
-        found = _descend(node, number, message_context)
+        found = _descend(node, number, reached)
         if found is None:
             return None
-        node, message_context = found
+        node, reached = found
     return node
 
 
