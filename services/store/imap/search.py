@@ -309,15 +309,27 @@ def internal_date(info: MessageInfo) -> datetime.date:
     return datetime.datetime.fromtimestamp(info.internaldate, datetime.UTC).date()
 
 
+def parse_date_header(value: str | None) -> tuple[int, ...] | None:
+    """A Date header as email.utils.parsedate_tz reads it, or None when it cannot be read or
+    names no real instant (31 Feb, 25:61): SEARCH SENT* and SORT DATE then use the
+    INTERNALDATE (RFC 5256 2.2), and both must agree on which headers those are. A Date
+    without a zone reads as UTC."""
+    parsed = email.utils.parsedate_tz(value) if value else None
+    if parsed is None:
+        return None
+    try:  # the leap second, 60, is a real second
+        datetime.datetime(*parsed[:5], min(parsed[5], 59))
+    except (ValueError, OverflowError):
+        return None
+    return tuple(field if field is not None else 0 for field in parsed)
+
+
 def sent_date(value: str | None, info: MessageInfo) -> datetime.date:
     """The date written in a Date header (its own zone); INTERNALDATE's if absent or bad."""
-    parsed = email.utils.parsedate_tz(value) if value else None
-    if parsed is not None:
-        try:
-            return datetime.date(parsed[0], parsed[1], parsed[2])
-        except ValueError:
-            pass
-    return internal_date(info)
+    parsed = parse_date_header(value)
+    if parsed is None:
+        return internal_date(info)
+    return datetime.date(parsed[0], parsed[1], parsed[2])
 
 
 # The store-backed source

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from services.store.imap.protocol.mime import Address, decode_words, parse_addresses
-from services.store.imap.search import Headers, MessageSource, MessageView
+from services.store.imap.search import Headers, MessageSource, MessageView, parse_date_header
 from services.store.mailbox import MessageInfo
 
 SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO",
@@ -76,11 +76,10 @@ def base_subject(subject: str) -> tuple[str, bool]:
 def sent_datetime(headers: Headers, info: MessageInfo) -> float:
     """The Date header's instant (its zone taken into account) as epoch seconds, or
     INTERNALDATE when the header is missing or cannot be parsed."""
-    value = headers.first_raw("date")
-    parsed = email.utils.parsedate_tz(value) if value else None
+    parsed = parse_date_header(headers.first_raw("date"))
     if parsed is not None:
         try:
-            return float(email.utils.mktime_tz(parsed))
+            return float(email.utils.mktime_tz(parsed))  # type: ignore[arg-type]
         except (OverflowError, ValueError):
             pass
     return info.internaldate

@@ -93,3 +93,22 @@ async def test_sort_only_the_given_positions() -> None:
 def test_bad_criteria(criteria: list[str]) -> None:
     with pytest.raises(BadSortCriteria):
         parse_criteria(criteria)
+
+
+async def test_a_date_that_names_no_real_instant_sorts_by_internaldate() -> None:
+    """RFC 5256 2.2: a Date that cannot be parsed counts as the INTERNALDATE. 31 Feb 25:61
+    is read by a lenient parser as 2 March; it must not be."""
+    raw = [msg("a", "a@z.test", "", "", "Mon, 01 Jan 2024 10:00:00 +0000"),
+           msg("b", "b@z.test", "", "", "31 Feb 24 25:61 XYZ")]
+    infos = [MessageInfo(uid=i + 1, guid=f"{i:032x}", size=10, internaldate=t,
+                         flags=frozenset(), modseq=1)
+             for i, t in enumerate([1704103200.0, 1700000000.0])]  # b arrived in 2023
+
+    class Two(Source):
+        async def raw(self, info: MessageInfo) -> bytes:
+            return raw[info.uid - 1]
+
+        async def headers(self, infos: Sequence[MessageInfo]) -> list[bytes]:
+            return [raw[info.uid - 1] for info in infos]
+
+    assert await sort(["DATE"], [0, 1], infos, Two()) == [1, 0]
