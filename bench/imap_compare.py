@@ -125,10 +125,9 @@ def ask(port: int) -> dict[str, Any]:
             name, _, partial = section.partition("<")
             item = f"BODY.PEEK[{name}]" + (f"<{partial}" if partial else "")
             answers[section] = fetch(imap, f"({item})")
-        for command in ORDERINGS:
-            name, _, arguments = command.partition(" ")
-            typ, data = imap._simple_command(name, arguments)
-            answers[command] = imap._untagged_response(typ, data, name)
+        for command in ORDERINGS:  # the untagged answer (the tags differ between runs)
+            answers[command] = [line for line in ib.command(imap, command).lines
+                                if line.startswith(b"* ")]
         return answers
     finally:
         ib.logout(imap)

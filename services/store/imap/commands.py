@@ -797,7 +797,7 @@ async def search_(s: Session, c: Command) -> r.Reply:
         return r.NO_BADCHARSET
     selected = s.mailbox
     positions = await _search_positions(s, selected, args.key)
-    uses_modseq = _uses_modseq(args.key)
+    uses_modseq = args.key.contains("MODSEQ")
     if uses_modseq:
         s.enabled.condstore = True
     numbers = [selected.info(p).uid if c.uid else p + 1 for p in positions]
@@ -825,10 +825,6 @@ async def _search_positions(s: Session, selected: SelectedMailbox, key: SearchKe
 def _source(s: Session) -> StoreMessageSource:
     return StoreMessageSource(s.store, s.deps.text_index, s.logged_in_user,
                               indexer=s.deps.indexer)
-
-
-def _uses_modseq(key: SearchKey) -> bool:
-    return key.kind == "MODSEQ" or any(_uses_modseq(child) for child in key.children)
 
 
 def _esearch(c: Command, options: Sequence[str], numbers: list[int],

@@ -106,8 +106,9 @@ def reply_for_failure(exc: BaseException, *, trycreate: bool = False) -> Reply:
     6.4.7 ask for [TRYCREATE] so the client may create it and retry."""
     if isinstance(exc, NoSuchMailbox):
         # Never TRYCREATE when the selected mailbox (the source) is what went away.
-        return NO_TRYCREATE if trycreate and not isinstance(exc, MailboxReplaced) else (
-            NO_NONEXISTENT)
+        if trycreate and not isinstance(exc, MailboxReplaced):
+            return NO_TRYCREATE
+        return NO_NONEXISTENT
     if isinstance(exc, MailboxExists):
         return NO_ALREADYEXISTS
     if isinstance(exc, InvalidMailboxName):

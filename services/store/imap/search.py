@@ -309,11 +309,15 @@ def internal_date(info: MessageInfo) -> datetime.date:
     return datetime.datetime.fromtimestamp(info.internaldate, datetime.UTC).date()
 
 
-def parse_date_header(value: str | None) -> tuple[int, ...] | None:
+# email.utils.parsedate_tz's answer: year, month, day, hour, minute, second, 3 unused, and
+# the zone's offset in seconds (None when the header names no zone).
+DateFields = tuple[int, int, int, int, int, int, int, int, int, int | None]
+
+
+def parse_date_header(value: str | None) -> DateFields | None:
     """A Date header as email.utils.parsedate_tz reads it, or None when it cannot be read or
     names no real instant (31 Feb, 25:61): SEARCH SENT* and SORT DATE then use the
-    INTERNALDATE (RFC 5256 2.2), and both must agree on which headers those are. A Date
-    without a zone reads as UTC."""
+    INTERNALDATE (RFC 5256 2.2), and both must agree on which headers those are."""
     parsed = email.utils.parsedate_tz(value) if value else None
     if parsed is None:
         return None
@@ -321,7 +325,7 @@ def parse_date_header(value: str | None) -> tuple[int, ...] | None:
         datetime.datetime(*parsed[:5], min(parsed[5], 59))
     except (ValueError, OverflowError):
         return None
-    return tuple(field if field is not None else 0 for field in parsed)
+    return parsed
 
 
 def sent_date(value: str | None, info: MessageInfo) -> datetime.date:

@@ -277,7 +277,6 @@ class ImapListener:
                 await asyncio.sleep(0)
 
 
-
 def _loggable(line: bytes) -> str:
     """A command line for a DEBUG log: credentials redacted, long lines cut."""
     line = line.split(b"\r\n", 1)[0]  # up to the first literal

@@ -410,8 +410,4 @@ def _numbers_messages(command: Command) -> bool:
     if not command.uid and getattr(command.args, "sequence", None) is not None:
         return True
     key = getattr(command.args, "key", None)
-    return isinstance(key, SearchKey) and _has_sequence_key(key)
-
-
-def _has_sequence_key(key: SearchKey) -> bool:
-    return key.kind == "SEQ" or any(_has_sequence_key(child) for child in key.children)
+    return isinstance(key, SearchKey) and key.contains("SEQ")

@@ -9,7 +9,7 @@ display names of RFC 5957 are compared the same way.
 
 from __future__ import annotations
 
-import email.utils
+import calendar
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,15 +74,12 @@ def base_subject(subject: str) -> tuple[str, bool]:
 
 
 def sent_datetime(headers: Headers, info: MessageInfo) -> float:
-    """The Date header's instant (its zone taken into account) as epoch seconds, or
-    INTERNALDATE when the header is missing or cannot be parsed."""
+    """The Date header's instant (its zone taken into account; none named reads as UTC) as
+    epoch seconds, or INTERNALDATE when the header is missing or cannot be parsed."""
     parsed = parse_date_header(headers.first_raw("date"))
-    if parsed is not None:
-        try:
-            return float(email.utils.mktime_tz(parsed))  # type: ignore[arg-type]
-        except (OverflowError, ValueError):
-            pass
-    return info.internaldate
+    if parsed is None:
+        return info.internaldate
+    return float(calendar.timegm(parsed[:6]) - (parsed[9] or 0))
 
 
 # Addresses

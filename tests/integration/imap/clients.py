@@ -244,6 +244,16 @@ def message_id_of(data: bytes) -> str:
     return match.group(1).decode()
 
 
+def expand(sequence_set: bytes) -> list[int]:
+    """b"3:5,9" -> [3, 4, 5, 9] (no `*`: servers answer with numbers)."""
+    out: list[int] = []
+    for part in sequence_set.decode().split(","):
+        low, _, high = part.partition(":")
+        a, b = int(low), int(high or low)
+        out.extend(range(min(a, b), max(a, b) + 1))
+    return out
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition"
              ) -> None:
     deadline = time.monotonic() + timeout

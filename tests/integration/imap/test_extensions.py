@@ -17,6 +17,7 @@ from services.store.backends.maildb import MailDB
 from tests.integration.imap.clients import (
     Server,
     collect_idle,
+    expand,
     in_thread,
     message,
     numbers,
@@ -42,16 +43,6 @@ def attrs(entry: tuple[Any, ...]) -> dict[bytes, Any]:
     """The attribute list of a parsed `n FETCH (...)` as a dict."""
     data = entry[2]
     return dict(zip(data[::2], data[1::2], strict=True))
-
-
-def expand(sequence_set: bytes) -> list[int]:
-    """b"3:5,9" -> [3, 4, 5, 9] (no `*`: servers answer with numbers)."""
-    out: list[int] = []
-    for part in sequence_set.decode().split(","):
-        low, _, high = part.partition(":")
-        a, b = int(low), int(high or low)
-        out.extend(range(min(a, b), max(a, b) + 1))
-    return out
 
 
 # IDLE (RFC 2177)

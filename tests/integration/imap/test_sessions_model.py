@@ -26,9 +26,10 @@ import pytest
 
 from services.store.backends.maildb import MailDB, user_path
 from services.store.backends.snapshots import OVERLAY_LIMIT
+from services.store.imap.protocol.sequence import format_set
 from services.store.imap.selected import FEW_POSITIONS, OVERLAY_MAX
 from services.store.mailbox import ARCHIVE
-from tests.integration.imap.clients import Raw, Reply, Server, in_thread, message
+from tests.integration.imap.clients import Raw, Reply, Server, expand, in_thread, message
 from tests.integration.imap.conftest import ALICE, Deliver, ImapStack
 from tests.support import check_bodies
 
@@ -171,7 +172,7 @@ class OfflineClient:
         else:
             # Every other time with the UIDs it knows (the optional known-uids argument).
             self.with_known_uids = not self.with_known_uids
-            known = f" {format_numbers(sorted(self.flags))}" if (
+            known = f" {format_set(sorted(self.flags))}" if (
                 self.with_known_uids and self.flags) else ""
             reply = raw.ok(f"SELECT INBOX (QRESYNC ({self.uidvalidity} {self.modseq}{known}))")
         self.absorb(reply)
@@ -253,7 +254,7 @@ class Scenario:
         flags = self.some_flags() or {"\\Flagged"}
         silent = self.rng.random() < 0.3
         uids = [view.uids[n - 1] for n in numbers]  # as numbered when sent
-        reply = view.run(f"STORE {format_numbers(numbers)} {sign}FLAGS{'.SILENT' * silent} "
+        reply = view.run(f"STORE {format_set(numbers)} {sign}FLAGS{'.SILENT' * silent} "
                          f"({' '.join(sorted(flags))})")
         self.apply_store(uids, sign, flags, reply)
         if silent:  # the client knows what it asked for; the server need not echo it
@@ -268,7 +269,7 @@ class Scenario:
         uids = [view.uids[n - 1] for n in self.pick(view)]
         sign = self.rng.choice("+-")
         flags = self.some_flags() or {"\\Seen"}
-        reply = view.run(f"UID STORE {format_numbers(uids)} {sign}FLAGS "
+        reply = view.run(f"UID STORE {format_set(uids)} {sign}FLAGS "
                          f"({' '.join(sorted(flags))})")
         self.apply_store(uids, sign, flags, reply)
 
@@ -286,7 +287,7 @@ class Scenario:
         if not view.uids:
             return
         numbers, uids = self.pick_uids(view)
-        reply = view.run(f"COPY {format_numbers(numbers)} INBOX")
+        reply = view.run(f"COPY {format_set(numbers)} INBOX")
         sources = [uid for uid in uids if uid in self.model.inbox]
         if not sources:
             assert reply.status in ("OK", "NO"), reply
@@ -302,7 +303,7 @@ class Scenario:
         if not view.uids:
             return
         numbers, uids = self.pick_uids(view)
-        reply = view.run(f"MOVE {format_numbers(numbers)} {ARCHIVE}")
+        reply = view.run(f"MOVE {format_set(numbers)} {ARCHIVE}")
         present = [uid for uid in uids if uid in self.model.inbox]
         assert reply.status == "OK" or (reply.status == "NO" and len(present) < len(uids)), reply
         if reply.status == "OK":
@@ -323,7 +324,7 @@ class Scenario:
         if not view.uids:
             return
         uids = [view.uids[n - 1] for n in self.pick(view)]
-        view.run(f"UID EXPUNGE {format_numbers(uids)}")
+        view.run(f"UID EXPUNGE {format_set(uids)}")
         for uid in uids:
             if "\\Deleted" in self.model.inbox.get(uid, ()):
                 del self.model.inbox[uid]
@@ -331,7 +332,7 @@ class Scenario:
     def fetch(self, view: View) -> None:
         """FETCH by number: the UIDs that come back must be the view's (checked in absorb)."""
         if view.uids:
-            view.run(f"FETCH {format_numbers(self.pick(view))} (UID FLAGS)")
+            view.run(f"FETCH {format_set(self.pick(view))} (UID FLAGS)")
 
     def search(self, view: View) -> None:
         """SEARCH and UID SEARCH by a sequence set: the numbers are the view's as sent."""
@@ -340,7 +341,7 @@ class Scenario:
         numbers = self.pick(view)
         named = [(n, view.uids[n - 1]) for n in numbers]
         uid = self.rng.random() < 0.5
-        reply = view.run(f"{'UID ' * uid}SEARCH {format_numbers(numbers)}")
+        reply = view.run(f"{'UID ' * uid}SEARCH {format_set(numbers)}")
         assert reply.status == "OK", reply
         [line] = reply.lines(b"SEARCH")
         found = {int(word) for word in line.split()[2:]}
@@ -413,31 +414,6 @@ class Scenario:
 
     def some_flags(self) -> set[str]:
         return set(self.rng.sample(FLAGS, self.rng.randint(0, 2)))
-
-
-def format_numbers(numbers: list[int]) -> str:
-    """1,2,3,7 -> "1:3,7"."""
-    parts: list[str] = []
-    ordered = sorted(set(numbers))
-    start = previous = ordered[0]
-    for number in [*ordered[1:], None]:
-        if number is not None and number == previous + 1:
-            previous = number
-            continue
-        parts.append(str(start) if start == previous else f"{start}:{previous}")
-        if number is not None:
-            start = previous = number
-    return ",".join(parts)
-
-
-def expand(text: bytes) -> list[int]:
-    numbers: list[int] = []
-    for part in text.decode().split(","):
-        low, _, high = part.partition(":")
-        first, last = int(low), int(high or low)
-        step = 1 if last >= first else -1
-        numbers.extend(range(first, last + step, step))
-    return numbers
 
 
 # More messages than a session's overlay (OVERLAY_MAX) and the shared snapshot's

@@ -11,11 +11,18 @@ from __future__ import annotations
 import asyncio
 import poplib
 import random
+from collections.abc import Callable
 
 import pytest
 
 from services.store.mailbox import INBOX
 from tests.integration.pop3.conftest import ALICE, USERS, Pop3Stack
+
+
+def refused(command: Callable[[int], object], number: int) -> None:
+    """The server answers -ERR (poplib raises it)."""
+    with pytest.raises(poplib.error_proto):
+        command(number)
 
 
 def body(n: int) -> bytes:
@@ -69,16 +76,14 @@ class Session:
         elif self.valid(n):
             assert self.client.list(n) == f"+OK {n} {len(self.listing[n - 1][1])}".encode()
         else:
-            with pytest.raises(poplib.error_proto):
-                self.client.list(n)
+            refused(self.client.list, n)
 
     def uidl(self) -> None:
         n = self.number()
         if self.valid(n):
             assert self.client.uidl(n) == f"+OK {n} {self.listing[n - 1][0]}".encode()
         else:
-            with pytest.raises(poplib.error_proto):
-                self.client.uidl(n)
+            refused(self.client.uidl, n)
 
     def retr(self) -> None:
         n = self.number()
@@ -86,8 +91,7 @@ class Session:
             _, lines, _ = self.client.retr(n)
             assert b"".join(line + b"\r\n" for line in lines) == self.listing[n - 1][1]
         else:
-            with pytest.raises(poplib.error_proto):
-                self.client.retr(n)
+            refused(self.client.retr, n)
 
     def dele(self) -> None:
         n = self.number()
@@ -95,8 +99,7 @@ class Session:
             assert self.client.dele(n).startswith(b"+OK")
             self.deleted.add(n)
         else:
-            with pytest.raises(poplib.error_proto):
-                self.client.dele(n)
+            refused(self.client.dele, n)
 
     def rset(self) -> None:
         assert self.client.rset().startswith(b"+OK")

@@ -68,6 +68,10 @@ class SearchKey:
     name: str | None = None  # HEADER's field name
     children: tuple[SearchKey, ...] = ()  # NOT: 1, OR: 2, AND: n
 
+    def contains(self, kind: str) -> bool:
+        """Whether this key or one inside it is of `kind` ("MODSEQ", "SEQ", ...)."""
+        return self.kind == kind or any(child.contains(kind) for child in self.children)
+
 
 @dataclass(frozen=True)
 class Command:

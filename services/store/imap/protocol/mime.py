@@ -23,6 +23,7 @@ import codecs
 import html
 import quopri
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -253,6 +254,8 @@ def _join_continuations(params: list[tuple[str, str]]) -> list[tuple[str, str]]:
     section is encoded (NAME*0*=utf-8''...), one NAME* in RFC 2231's single-value form, so a
     client that reads an attachment's name from BODYSTRUCTURE sees it whole. Sections that
     do not run 0, 1, 2, ... stay as they were."""
+    if not any("*" in name for name, _ in params):  # nearly always: nothing to join
+        return params
     sections: dict[str, dict[int, tuple[str, bool]]] = {}
     for name, value in params:
         match = _SECTION_RE.fullmatch(name)
@@ -285,8 +288,8 @@ def _joined(base: str, parts: dict[int, tuple[str, bool]]) -> tuple[str, str]:
 
 
 def _percent(value: str) -> str:
-    return "".join(chr(b) if b < 128 and (chr(b).isalnum() or chr(b) in "!#$&+-.^_`|~")
-                   else f"%{b:02X}" for b in value.encode("latin-1", "replace"))
+    """RFC 2231 percent-encoding of a header value (held as latin-1: one char per octet)."""
+    return urllib.parse.quote(value.encode("latin-1", "replace"), safe="!#$&+^`|")
 
 
 def _parse_structured(value: str) -> tuple[str, list[tuple[str, str]]]:
