@@ -9,13 +9,16 @@ asked the same questions and every difference is counted and shown:
     case-insensitive and the two servers write them differently);
   * BODY.PEEK[section] for 17 section forms (parts, MIME, nested parts, HEADER, HEADER.FIELDS
     (.NOT), TEXT, partials);
-  * SORT by every key and THREAD by both algorithms.
+  * SORT by every key and THREAD by both algorithms;
+  * UID SEARCH with random programs (flags, keywords, sizes, dates, header and text
+    substrings, sequence and UID sets, NOT, OR, nesting) after the same flags are set on both.
 
 Differences the RFCs leave open are expected; docs/architecture.md ("Store: IMAP") lists the
 ones known and why tiermail answers as it does. Anything new is worth a look.
 
     .venv/bin/python bench/imap_compare.py                 # 400 corpus messages + malformed
     .venv/bin/python bench/imap_compare.py --messages 2000
+    .venv/bin/python bench/imap_compare.py --searches 2000 --seed 7
 
 Needs root (Dovecot runs its own master) and Debian's dovecot-imapd (`make install`).
 """
@@ -24,9 +27,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import email
+import email.policy
 import imaplib
+import itertools
+import random
+import re
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
 from typing import Any
 
 import imap_bench as ib
@@ -116,7 +127,195 @@ class Mailbox:
         return enumerate(self.items)
 
 
-def ask(port: int) -> dict[str, Any]:
+# Random SEARCH programs. Flags and keywords are set the same way on both servers first
+# (FLAG_PATTERN); the programs are built from what the messages hold, so most keys match
+# something and the edges (a size exactly, a header's first or last letters) come up often.
+
+FLAG_PATTERN = [("\\Seen", 3), ("\\Flagged", 5), ("\\Answered", 7), ("\\Deleted", 11),
+                ("\\Draft", 13), ("$Label1", 4), ("work", 6)]
+FLAG_KEYS = ["ANSWERED", "DELETED", "DRAFT", "FLAGGED", "SEEN", "UNANSWERED", "UNDELETED",
+             "UNDRAFT", "UNFLAGGED", "UNSEEN"]
+KEYWORDS = ["$Label1", "work", "$Junk", "nosuchkeyword"]
+ADDRESS_KEYS = {"FROM": "From", "TO": "To", "CC": "Cc", "BCC": "Bcc", "SUBJECT": "Subject"}
+HEADER_NAMES = ["Subject", "From", "To", "List-Id", "Message-ID", "In-Reply-To", "X-Absent"]
+_WORD = re.compile(r"\w{3,}")
+
+
+def flag_uids(count: int) -> dict[str, list[int]]:
+    """Which UIDs get which flag: UID u has a flag when u is a multiple of its divisor."""
+    return {flag: [uid for uid in range(1, count + 1) if uid % divisor == 0]
+            for flag, divisor in FLAG_PATTERN}
+
+
+@dataclass
+class Facts:
+    """What one message offers the program generator."""
+
+    size: int
+    internal: datetime.date
+    sent: datetime.date | None
+    headers: dict[str, str]
+    words: list[str]
+
+
+def message_facts(index: int, raw: bytes) -> Facts:
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    headers: dict[str, str] = {}
+    for name in {*ADDRESS_KEYS.values(), *HEADER_NAMES}:
+        try:
+            value = message.get(name)
+            if value is not None:
+                headers[name] = str(value)
+        except Exception:  # noqa: BLE001 - a header the parser cannot read offers nothing
+            pass
+    sent = None
+    try:
+        date = message.get("Date")
+        sent = date.datetime.date() if date is not None and date.datetime else None
+    except Exception:  # noqa: BLE001
+        pass
+    internal = datetime.datetime.fromtimestamp(Mailbox.internaldate(index),
+                                               datetime.UTC).date()
+    return Facts(len(raw), internal, sent, headers, body_words(message))
+
+
+def body_words(message: EmailMessage) -> list[str]:
+    words: list[str] = []
+    for part in message.walk():
+        if part.get_content_maintype() != "text":
+            continue
+        try:
+            words += _WORD.findall(part.get_content())[:40]
+        except Exception:  # noqa: BLE001 - undecodable text offers no words
+            continue
+    return words
+
+
+class ProgramMaker:
+    """Builds random UID SEARCH programs (the bytes after CHARSET UTF-8)."""
+
+    def __init__(self, facts: list[Facts], rng: random.Random) -> None:
+        self.facts, self.rng, self.count = facts, rng, len(facts)
+        self.atoms: list[bytes] = []  # every single key made, to find what two answers differ on
+
+    def program(self) -> bytes:
+        return b" ".join(self.key(depth=0) for _ in range(self.rng.randint(1, 3)))
+
+    def key(self, depth: int) -> bytes:
+        rng = self.rng
+        if depth < 3 and rng.random() < 0.25:
+            choice = rng.random()
+            if choice < 0.4:
+                return b"NOT " + self.key(depth + 1)
+            if choice < 0.8:
+                return b"OR " + self.key(depth + 1) + b" " + self.key(depth + 1)
+            return b"(" + b" ".join(self.key(depth + 1)
+                                    for _ in range(rng.randint(1, 3))) + b")"
+        maker = rng.choice([self.flag, self.flag, self.keyword, self.size, self.date,
+                            self.sent_date, self.address, self.address, self.header,
+                            self.text, self.text, self.sequence])
+        atom = maker()
+        self.atoms.append(atom)
+        return atom
+
+    def flag(self) -> bytes:
+        return self.rng.choice(FLAG_KEYS).encode()
+
+    def keyword(self) -> bytes:
+        return self.rng.choice([b"KEYWORD ", b"UNKEYWORD "]) + self.rng.choice(KEYWORDS).encode()
+
+    def size(self) -> bytes:
+        size = self.some().size + self.rng.choice([-1, 0, 0, 1])
+        return self.rng.choice([b"LARGER ", b"SMALLER "]) + str(max(size, 0)).encode()
+
+    def date(self) -> bytes:
+        return self.rng.choice([b"BEFORE ", b"ON ", b"SINCE "]) + self.day(self.some().internal)
+
+    def sent_date(self) -> bytes:
+        sent = [f.sent for f in self.facts if f.sent is not None]
+        key = self.rng.choice([b"SENTBEFORE ", b"SENTON ", b"SENTSINCE "])
+        return key + self.day(self.rng.choice(sent)) if sent else b"ALL"
+
+    def day(self, day: datetime.date) -> bytes:
+        day += datetime.timedelta(days=self.rng.choice([-1, 0, 0, 1]))
+        return day.strftime("%d-%b-%Y").encode()
+
+    def address(self) -> bytes:
+        key = self.rng.choice(list(ADDRESS_KEYS))
+        return key.encode() + b" " + self.literal(self.needle(self.some().headers.get(
+            ADDRESS_KEYS[key], "")))
+
+    def header(self) -> bytes:
+        name = self.rng.choice(HEADER_NAMES)
+        value = self.some().headers.get(name, "")
+        needle = "" if self.rng.random() < 0.15 else self.needle(value)
+        return f"HEADER {name} ".encode() + self.literal(needle)
+
+    def text(self) -> bytes:
+        words = self.some().words or ["nothing"]
+        needle = self.needle(" ".join(self.rng.sample(words, min(2, len(words)))))
+        return self.rng.choice([b"BODY ", b"TEXT "]) + self.literal(needle)
+
+    def sequence(self) -> bytes:
+        rng, count = self.rng, self.count
+        low, high = sorted(rng.randint(1, count) for _ in range(2))
+        sets = [f"{low}:{high}", "*", f"{high}:*", f"*:{low}", f"{low},{high}",
+                f"{low}:{high},{rng.randint(1, count)}"]
+        chosen = rng.choice(sets).encode()
+        return (b"UID " + chosen) if rng.random() < 0.5 else chosen
+
+    def needle(self, value: str) -> str:
+        rng = self.rng
+        if not value:
+            return rng.choice(["zzznothing", "a"])
+        length = rng.randint(1, min(12, len(value)))
+        start = rng.randint(0, len(value) - length)
+        needle = value[start:start + length]
+        return {0: needle, 1: needle.upper(), 2: needle.lower()}[rng.randint(0, 2)]
+
+    @staticmethod
+    def literal(text: str) -> bytes:
+        data = text.encode()
+        return b"{%d+}\r\n" % len(data) + data
+
+    def some(self) -> Facts:
+        return self.rng.choice(self.facts)
+
+
+def search_programs(mailbox: Mailbox, count: int, seed: int) -> tuple[list[bytes], list[bytes]]:
+    """`count` programs, and every single key in them (each once)."""
+    facts = [message_facts(index, raw) for index, raw in mailbox.messages()]
+    maker = ProgramMaker(facts, random.Random(seed))
+    programs = [maker.program() for _ in range(count)]
+    return programs, list(dict.fromkeys(maker.atoms))
+
+
+_search_tags = itertools.count(1)
+
+
+def set_flags(imap: imaplib.IMAP4, count: int) -> None:
+    for flag, uids in flag_uids(count).items():
+        if uids:
+            ib.command(imap, f"UID STORE {','.join(map(str, uids))} +FLAGS.SILENT ({flag})")
+
+
+def search(imap: imaplib.IMAP4, program: bytes) -> tuple[int, ...] | str:
+    """The UIDs a program finds, or the status line when the server refuses it."""
+    tag = b"s%d" % next(_search_tags)
+    imap.send(tag + b" UID SEARCH CHARSET UTF-8 " + program + b"\r\n")
+    found: list[int] = []
+    while True:
+        line = imap.readline()
+        if not line:
+            raise ib.BenchError(f"connection closed during SEARCH {program[:60]!r}")
+        if line.startswith(b"* SEARCH"):
+            found += [int(n) for n in line[8:].split()]
+        elif line.startswith(tag + b" "):
+            status = line[len(tag) + 1:].split(b" ", 1)[0]
+            return tuple(sorted(found)) if status == b"OK" else status.decode()
+
+
+def ask(port: int, programs: list[bytes], atoms: list[bytes], count: int) -> dict[str, Any]:
     """Every question, answered by the server on `port`."""
     imap, _ = ib.login_select(port)
     try:
@@ -128,6 +327,10 @@ def ask(port: int) -> dict[str, Any]:
         for command in ORDERINGS:  # the untagged answer (the tags differ between runs)
             answers[command] = [line for line in ib.command(imap, command).lines
                                 if line.startswith(b"* ")]
+        set_flags(imap, count)
+        answers["SEARCH"] = {number: search(imap, program)
+                             for number, program in enumerate(programs)}
+        answers["KEYS"] = {atom: search(imap, atom) for atom in atoms}
         return answers
     finally:
         ib.logout(imap)
@@ -167,14 +370,55 @@ def compare(name: str, dovecot: Any, tiermail: Any, fold: Callable[[Any], Any]) 
     return 0 if same else 1
 
 
+def compare_searches(programs: list[bytes], dovecot: dict[str, Any],
+                     tiermail: dict[str, Any]) -> int:
+    """Programs answered differently, then the single keys behind them, grouped by kind."""
+    differing = [n for n, program in enumerate(programs)
+                 if dovecot["SEARCH"][n] != tiermail["SEARCH"][n]]
+    print(f"UID SEARCH: {len(differing)} of {len(programs)} programs differ")
+    for number in differing[:5]:
+        print(f"    {shown(programs[number])[:160]}\n      "
+              f"{difference(dovecot['SEARCH'][number], tiermail['SEARCH'][number])}")
+    keys = [atom for atom in dovecot["KEYS"] if dovecot["KEYS"][atom] != tiermail["KEYS"][atom]]
+    print(f"  single keys: {len(keys)} of {len(dovecot['KEYS'])} differ")
+    for kind, group in itertools.groupby(sorted(keys), key=lambda atom: atom.split(b" ")[0]):
+        group = list(group)
+        print(f"    {kind.decode()}: {len(group)}")
+        for atom in group[:8]:
+            print(f"      {shown(atom)[:100]}: "
+                  f"{difference(dovecot['KEYS'][atom], tiermail['KEYS'][atom])}")
+    return len(differing)
+
+
+def shown(program: bytes) -> str:
+    """A program with its literals written as quoted strings, for reading."""
+    def quoted(match: re.Match[bytes]) -> bytes:
+        return b'"' + program[match.end():match.end() + int(match.group(1))] + b'"'
+    out, position = [], 0
+    for match in re.finditer(rb"\{(\d+)\+\}\r\n", program):
+        out += [program[position:match.start()], quoted(match)]
+        position = match.end() + int(match.group(1))
+    return b"".join([*out, program[position:]]).decode(errors="replace")
+
+
+def difference(theirs: Any, ours: Any) -> str:
+    if isinstance(theirs, tuple) and isinstance(ours, tuple):
+        only_d, only_t = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        return f"only dovecot {only_d[:10]}, only tiermail {only_t[:10]}"
+    return f"dovecot {str(theirs)[:80]}, tiermail {str(ours)[:80]}"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=400,
                         help="benchmark corpus messages after the malformed ones")
+    parser.add_argument("--searches", type=int, default=500, help="random SEARCH programs")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the SEARCH programs")
     parser.add_argument("--redis-db", type=int, default=13)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = parser.parse_args(argv)
     mailbox = Mailbox(args.messages)
+    programs, atoms = search_programs(mailbox, args.searches, args.seed)
     with temp_root("tiermail-imap-compare-", args.keep) as root:
         dovecot = ib.DovecotStack(root / "dovecot", [])
         dovecot.configure()
@@ -182,7 +426,7 @@ def main(argv: list[str]) -> int:
         dovecot.start()
         try:
             log(f"dovecot: asking about {mailbox.count} messages")
-            theirs = ask(dovecot.port)
+            theirs = ask(dovecot.port, programs, atoms, mailbox.count)
         finally:
             dovecot.stop()
         tiermail = TiermailStack(root / "tiermail", args.redis_db)
@@ -196,7 +440,7 @@ def main(argv: list[str]) -> int:
             tiermail.start_store()
             ib.wait_for(lambda: ib.port_open(tiermail.imap_port), 60, "tiermail IMAP")
             log(f"tiermail: asking about {mailbox.count} messages")
-            ours = ask(tiermail.imap_port)
+            ours = ask(tiermail.imap_port, programs, atoms, mailbox.count)
         finally:
             tiermail.close()
     print(f"\n{mailbox.count} messages ({len(malformed_messages())} malformed, UIDs 1-"
@@ -205,6 +449,7 @@ def main(argv: list[str]) -> int:
                           folded)
     for question in [*SECTIONS, *ORDERINGS]:
         differences += compare(question, theirs[question], ours[question], lambda v: v)
+    differences += compare_searches(programs, theirs, ours)
     print(f"\n{differences} differences in all")
     return 0
 

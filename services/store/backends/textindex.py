@@ -20,8 +20,10 @@ Indexing runs off the delivery path: `TextIndexer` listens to MailDB change even
 in its own thread, in batches.
 
 Text extraction (`message_text`) is shared by indexing and scanning so both agree: RFC 2047
-decoded header lines "Name: value", and the decoded text/* parts as mime.decoded_text gives
-them (transfer and charset decoded, HTML tags removed) as the body.
+decoded header lines "Name: value", and as the body what mime.decoded_text reads in it: the
+text/* parts (transfer and charset decoded, HTML as a reader sees it), attachment file names
+and the headers of attached messages. A change to what is extracted bumps SCHEMA_VERSION,
+which makes the indexer rebuild every user's file.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ from services.store.backends.maildb import MailDB, user_path
 from services.store.backends.sqlite import read_snapshot, transaction
 from services.store.imap.protocol.mime import (
     Part,
-    decode_words,
     decoded_text,
+    header_lines,
     parse_header_only,
     parse_message,
 )
@@ -56,7 +58,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FILE_NAME = "text.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: attachment names, attached messages' headers, HTML as text
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS doc (id INTEGER PRIMARY KEY, guid TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -80,7 +82,7 @@ class MessageText:
 
 
 def header_text(part: Part) -> str:
-    return "\n".join(f"{f.name}: {decode_words(f.unfolded)}" for f in part.fields)
+    return header_lines(part)
 
 
 def message_text(raw: bytes, *, with_body: bool = True) -> MessageText:
@@ -450,11 +452,23 @@ def _may_be_behind(folder: Path) -> bool:
     if not index.exists():
         return False
     text = folder / FILE_NAME
-    if not text.exists():
+    if not text.exists() or _file_version(text) != SCHEMA_VERSION:
         return True
     newest_mail = max(_mtime(index), _mtime(folder / "index.sqlite-wal"))
     newest_text = max(_mtime(text), _mtime(folder / (FILE_NAME + "-wal")))
     return newest_mail > newest_text
+
+
+def _file_version(path: Path) -> int | None:
+    """PRAGMA user_version as the database header holds it (offset 60), read without opening
+    SQLite: cheap for 100,000 users. A version set but still in the WAL reads as the old one,
+    which only costs that user a reconcile that finds nothing to do."""
+    try:
+        with path.open("rb") as file:
+            header = file.read(64)
+    except OSError:
+        return None
+    return int.from_bytes(header[60:64], "big") if len(header) == 64 else None
 
 
 def _mtime(path: Path) -> float:

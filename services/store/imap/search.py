@@ -29,7 +29,7 @@ from services.store.backends.textindex import (
     text_contains,
 )
 from services.store.imap.protocol.command import SearchKey, SequenceSet
-from services.store.imap.protocol.mime import decode_words, parse_header_only
+from services.store.imap.protocol.mime import parse_header_only, searchable_value
 from services.store.imap.protocol.sequence import select_seqs, select_uid_positions
 from services.store.mailbox import MessageInfo, NoSuchMessage
 
@@ -88,7 +88,7 @@ class Headers:
         return self._part.headers(name)
 
     def get_all(self, name: str) -> list[str]:
-        return [decode_words(value) for value in self._part.headers(name)]
+        return [searchable_value(value) for value in self._part.headers(name)]
 
     def first_raw(self, name: str) -> str | None:
         return self._part.header(name)

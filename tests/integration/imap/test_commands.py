@@ -738,6 +738,56 @@ async def test_search_keys(server: Server) -> None:
     await in_thread(dialog)
 
 
+# What SEARCH TEXT/BODY read besides the plain text: what the reader of the mail sees.
+READABLE = [
+    message("Fwd: see below", "--f\r\nContent-Type: text/plain\r\n\r\nFYI\r\n--f\r\n"
+            "Content-Type: message/rfc822\r\n\r\nFrom: Original Sender <orig@example.net>\r\n"
+            "Subject: Budget draft\r\n\r\nthe numbers\r\n--f--\r\n",
+            extra='MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="f"\r\n'),
+    message("transfer", "--a\r\nContent-Type: text/plain\r\n\r\nattached\r\n--a\r\n"
+            "Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+            "Content-Disposition: attachment; filename*=utf-8''%C3%9Cberweisung%20M%C3%A4rz.pdf"
+            "\r\n\r\nJVBERi0xLjQK\r\n--a--\r\n",
+            extra='MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="a"\r\n'),
+    message("Quarterly\r\n\treport", "folded the Outlook way\r\n"),
+    message("html", "<html><head><style>.hiddencss { color: red }</style></head><body>"
+            "<p>Ver<b>y</b>&nbsp;important</p>\r\n<p>second paragraph</p></body></html>\r\n",
+            extra="Content-Type: text/html; charset=utf-8\r\n"),
+]
+
+
+async def test_search_text_reads_what_the_reader_sees(server: Server, deliver: Deliver
+                                                       ) -> None:
+    for data in READABLE:
+        await deliver(ALICE, data)
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.select_folder("INBOX")
+        uids = client.search("ALL")
+        expectations: list[tuple[list[Any], list[int]]] = [
+            (["TEXT", "Original Sender"], [0]),  # an attached message's header
+            (["BODY", "Budget draft"], [0]),
+            (["BODY", "the numbers"], [0]),
+            (["SUBJECT", "Budget"], []),  # SUBJECT is the message's own header only
+            (["TEXT", "Überweisung März"], [1]),  # an attachment's file name
+            (["BODY", "JVBERi0"], []),  # not its content
+            (["SUBJECT", "Quarterly report"], [2]),  # folding tab read as a space
+            (["TEXT", "quarterly report"], [2]),
+            (["BODY", "very important"], [3]),  # inline tags split no words
+            (["BODY", "important second"], []),  # paragraphs do not run together
+            (["TEXT", "hiddencss"], []),  # styles are not text
+            (["BODY", "color"], []),
+        ]
+        failures = [(criteria, found, expected) for criteria, expected in expectations
+                    if (found := client.search(criteria, charset="UTF-8"))
+                    != [uids[n] for n in expected]]
+        assert not failures, failures
+        client.logout()
+
+    await in_thread(dialog)
+
+
 # FETCH
 
 

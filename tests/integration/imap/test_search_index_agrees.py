@@ -1,5 +1,6 @@
 """SEARCH TEXT/BODY/SUBJECT answered by the full-text index (FTS5 trigrams) and by reading the
-messages must agree, for random needles cut from the messages' own decoded text: parts of
+messages must agree, for random needles cut from the messages' own decoded text (HTML, file
+names of attachments and attached messages' headers included): parts of
 words, one and two characters (too short for trigrams), mixed case, spaces, non-ASCII, and
 the characters FTS5 queries give meaning to (" * ( ) - :). Two servers on one mailbox, one
 with the index filled and one without; and both must find what a plain substring test on
@@ -44,7 +45,17 @@ def random_message(rng: random.Random, n: int) -> bytes:
     cte = rng.choice(["8bit", "quoted-printable", "base64"])
     message.set_content(text, cte=cte)
     if rng.random() < 0.3:
-        message.add_alternative(f"<p>{phrase(4)}</p>", subtype="html")
+        message.add_alternative(f"<p>{phrase(2)}<b>{phrase(1)}</b>{phrase(2)}</p>",
+                                subtype="html")
+    if rng.random() < 0.3:  # a file name (RFC 2231 encoded when not ASCII) is searchable
+        message.add_attachment(b"%PDF-1.4 " + phrase(2).encode(), maintype="application",
+                               subtype="pdf", filename=f"{phrase(2)}.pdf")
+    if rng.random() < 0.2:  # so is an attached message's header
+        forwarded = EmailMessage()
+        forwarded["From"] = f"{rng.choice(WORDS)} <orig{n}@example.net>"
+        forwarded["Subject"] = phrase(3)
+        forwarded.set_content(phrase(5) + "\n")
+        message.add_attachment(forwarded)
     return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
 
 

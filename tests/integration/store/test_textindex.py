@@ -9,8 +9,9 @@ import base64
 import contextlib
 import quopri
 import random
+import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from services.store.backends.maildb import MailDB
 from services.store.backends.textindex import (
     FILE_NAME,
     GARBAGE_FLOOR,
+    SCHEMA_VERSION,
     MessageText,
     TextIndex,
     TextIndexer,
@@ -181,17 +183,36 @@ async def test_catch_up_at_startup_indexes_what_was_delivered_while_down(
     assert not (maildb.user_path(USER) / FILE_NAME).exists()
 
     worker = TextIndexer(maildb, index)
-    task = asyncio.create_task(worker.run())
-    try:
-        worker.request_all()
-        await worker.wait_idle()
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await run_until_idle(worker, worker.request_all)
     messages = await maildb.list_messages(USER, INBOX)
     assert TextIndex(maildb.root).indexed(USER) == {m.guid for m in messages}
     assert worker.indexed == 30
+
+
+async def test_index_from_an_older_extraction_is_rebuilt_at_startup(
+        maildb: MailDB, indexer: TextIndexer) -> None:
+    """A text.sqlite written by an earlier version (another PRAGMA user_version) holds text
+    extracted the old way: it must not answer searches, and the catch-up at startup must
+    rebuild it although it is newer than the mail index."""
+    raw = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
+           b"see attachment\r\n--b\r\nContent-Type: application/pdf; name=invoice-4711.pdf\r\n"
+           b"\r\nAAAA\r\n--b--\r\n")
+    await deliver(maildb, [raw])
+    await indexer.wait_idle()
+    path = maildb.user_path(USER) / FILE_NAME
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION - 1}")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    fresh = TextIndex(maildb.root)
+    assert fresh.lookup(USER, "invoice-4711", "BODY") == (set(), frozenset())  # nothing indexed
+    [message] = await maildb.list_messages(USER, INBOX)
+    assert await search(SearchKey("BODY", "invoice-4711"), [message],
+                        StoreMessageSource(maildb, fresh, USER), recent_from_uid=1) == [0]
+
+    worker = TextIndexer(maildb, fresh)
+    await run_until_idle(worker, worker.request_all)
+    assert worker.indexed == 1
+    assert fresh.lookup(USER, "invoice-4711", "BODY")[0] == {message.guid}
 
 
 async def test_corrupt_index_file_is_rebuilt(maildb: MailDB, indexer: TextIndexer) -> None:
@@ -208,14 +229,7 @@ async def test_corrupt_index_file_is_rebuilt(maildb: MailDB, indexer: TextIndexe
     assert await search(SearchKey("BODY", "first"), messages, source,
                         recent_from_uid=10**9) == [0]
     writer = TextIndexer(maildb, fresh)
-    task = asyncio.create_task(writer.run())
-    try:
-        writer.request(USER)
-        await writer.wait_idle()
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await run_until_idle(writer, lambda: writer.request(USER))
     assert fresh.indexed(USER) == {messages[0].guid}
 
 
@@ -232,6 +246,18 @@ def test_mostly_garbage_index_is_dropped(tmp_path: Path) -> None:
     assert not index.path(USER).exists()
     assert index.indexed(USER) == frozenset()
     index.close()
+
+
+async def run_until_idle(worker: TextIndexer, start: Callable[[], None]) -> None:
+    """Run the indexer from `start` (a request) until it has nothing left to do."""
+    task = asyncio.create_task(worker.run())
+    try:
+        start()
+        await worker.wait_idle()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 @contextlib.asynccontextmanager

@@ -649,10 +649,67 @@ def test_decoded_text_of_alternative_decodes_qp_charset_and_strips_html() -> Non
     assert "<b>" not in text
 
 
-def test_decoded_text_skips_attachments_and_reads_forwarded_messages() -> None:
-    assert mime.decoded_text(ATTACHMENT, mime.parse_message(ATTACHMENT)) == "café"
+def test_decoded_text_names_attachments_without_reading_them() -> None:
+    assert mime.decoded_text(ATTACHMENT, mime.parse_message(ATTACHMENT)) == "café\nreport q1.pdf"
+
+
+def test_decoded_text_reads_forwarded_messages_with_their_header() -> None:
     text = mime.decoded_text(FORWARD, mime.parse_message(FORWARD))
     assert "see attached" in text and "plain" in text and "html" in text
+    inner_header = INNER_MESSAGE[: INNER_MESSAGE.index(b"\r\n\r\n")].decode()
+    for line in inner_header.split("\r\n"):
+        name, _, value = line.partition(":")
+        assert f"{name}: {value.strip()}" in text
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ('; filename="plain.pdf"', "plain.pdf"),
+        ("; filename*=utf-8''%C3%A9t%C3%A9.pdf", "été.pdf"),
+        ("; filename*=iso-8859-1'fr'caf%E9.txt", "café.txt"),
+        ('; filename*0="long "; filename*1="name.pdf"', "long name.pdf"),
+        ("; filename*0*=utf-8''%C3%A9; filename*1=.pdf", "é.pdf"),
+        ('; filename="=?utf-8?q?Gr=C3=BC=C3=9Fe.doc?="', "Grüße.doc"),
+        ("", "fallback.bin"),  # no filename: Content-Type's name
+    ],
+)
+def test_attachment_name_forms(params: str, expected: str) -> None:
+    raw = (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+           b"Content-Type: application/octet-stream; name=fallback.bin\r\n"
+           b"Content-Disposition: attachment" + params.encode() + b"\r\n\r\nAAAA\r\n--b--\r\n")
+    part = mime.parse_message(raw).children[0]
+    assert mime.attachment_name(part) == expected
+    assert mime.decoded_text(raw, mime.parse_message(raw)) == expected
+
+
+@pytest.mark.parametrize(
+    ("markup", "expected"),
+    [
+        ("<p>Ver<b>y</b> important</p>", "Very important"),
+        ("<p>one</p>\r\n<p>two</p>", "one\ntwo"),
+        ("a<br>b<br/>c", "a\nb\nc"),
+        ("wrapped\r\n   line  of\ttext", "wrapped line of text"),
+        ("<style>p { color: red }</style><p>shown</p>", "shown"),
+        ("<script>var secret = 1;</script>shown<!-- hidden -->", "shown"),
+        ("caf&eacute;&nbsp;au&#32;lait &amp; more", "café au lait & more"),
+        ("<td>cell</td><td>next</td>", "cell\nnext"),
+        ("an unclosed <tag and more", "an unclosed <tag and more"),
+    ],
+)
+def test_html_text_is_what_a_reader_sees(markup: str, expected: str) -> None:
+    assert mime.html_text(markup) == expected
+
+
+def test_html_text_stays_linear_on_unclosed_markup() -> None:
+    hostile = "<" * 200_000 + "<!--" * 50_000 + "<style>" * 20_000
+    assert mime.html_text(hostile)  # returns at all (a quadratic pattern would not, here)
+
+
+def test_folded_header_tabs_read_as_spaces() -> None:
+    part = mime.parse_message(b"Subject: quarterly\r\n\treport\r\n\r\nbody")
+    assert mime.decoded_header(part, "Subject") == ["quarterly report"]
+    assert mime.header_lines(part) == "Subject: quarterly report"
 
 
 def test_decoded_text_base64() -> None:

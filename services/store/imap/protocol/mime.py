@@ -890,13 +890,60 @@ def decode_words(value: str) -> str:
     return _ENCODED_WORD_RE.sub(_encoded_word, value)
 
 
+def searchable_value(value: str) -> str:
+    """An unfolded header value as SEARCH compares it: RFC 2047 decoded, and the tabs that
+    folding leaves (`Subject: a\r\n\tb` unfolds to "a<TAB>b") read as spaces, since no
+    one types a tab into a search box."""
+    return decode_words(value).replace("\t", " ")
+
+
 def decoded_header(part: Part, name: str) -> list[str]:
-    """Every `name` field of the part, unfolded and RFC 2047 decoded (for SEARCH)."""
-    return [decode_words(value) for value in part.headers(name)]
+    """Every `name` field of the part, unfolded and decoded as SEARCH compares it."""
+    return [searchable_value(value) for value in part.headers(name)]
 
 
-# Crude on purpose (search only needs the words); bounded so unclosed "<" stay linear.
+def header_lines(part: Part) -> str:
+    """The part's header as SEARCH TEXT reads it: "Name: value" lines, values decoded."""
+    return "\n".join(f"{f.name}: {searchable_value(f.unfolded)}" for f in part.fields)
+
+
+# HTML into the text a reader sees, for search: crude on purpose (search only needs the
+# words), and linear on hostile markup (an unclosed "<" or "<!--" costs a bounded look).
+_HIDDEN_START_RE = re.compile(r"<!--|<(script|style)\b[^<>]{0,4096}>", re.IGNORECASE)
+_HIDDEN_END_RES = {"": re.compile("-->"),
+                   "script": re.compile(r"</script\b[^<>]{0,4096}>", re.IGNORECASE),
+                   "style": re.compile(r"</style\b[^<>]{0,4096}>", re.IGNORECASE)}
+_HTML_BLOCK_RE = re.compile(
+    r"</?(?:p|br|div|tr|td|th|li|ul|ol|dl|dt|dd|h[1-6]|hr|table|thead|tbody|tfoot|caption|"
+    r"blockquote|pre|address|section|article|header|footer|nav|aside|title|body|html|head)"
+    r"\b[^<>]{0,4096}>", re.IGNORECASE)
 _TAG_RE = re.compile(r"<[^<>]{0,4096}>")
+
+
+def html_text(markup: str) -> str:
+    """Visible text of an HTML body: comments, scripts and styles dropped, whitespace runs
+    collapsed as a browser does, block elements on their own lines, inline tags removed
+    without a trace (so `Ver<b>y</b>` still reads "Very"), entities resolved."""
+    text = " ".join(_without_hidden(markup).split())  # str.split: C speed, no regex
+    text = _TAG_RE.sub("", _HTML_BLOCK_RE.sub("\n", text))
+    text = html.unescape(text).replace("\xa0", " ")
+    return "\n".join(line for line in map(str.strip, text.split("\n")) if line)
+
+
+def _without_hidden(markup: str) -> str:
+    """Comments, <script> and <style> elements cut out; one left open runs to the end, as
+    in a browser. Each search starts where the last one ended, so this is linear."""
+    kept: list[str] = []
+    position = 0
+    while (match := _HIDDEN_START_RE.search(markup, position)) is not None:
+        kept += [markup[position:match.start()], " "]
+        element = (match.group(1) or "").lower()
+        end = _HIDDEN_END_RES[element].search(markup, match.end())
+        if end is None:
+            return "".join(kept)
+        position = end.end()
+    kept.append(markup[position:])
+    return "".join(kept)
 
 
 def _transfer_decode(data: bytes, encoding: str) -> bytes:
@@ -913,25 +960,50 @@ def _transfer_decode(data: bytes, encoding: str) -> bytes:
 def _leaf_text(raw: bytes, part: Part) -> str:
     body = _transfer_decode(raw[part.body_start : part.end], part.encoding)
     text = _decode_bytes(body, part.param("CHARSET"))
-    if part.subtype == "HTML":
-        text = html.unescape(_TAG_RE.sub(" ", text))
-    return text
+    return html_text(text) if part.subtype == "HTML" else text
 
 
-def _text_parts(part: Part) -> Iterator[Part]:
-    stack = [part]
+def attachment_name(part: Part) -> str | None:
+    """The file name a mail client shows for the part: Content-Disposition's filename or
+    Content-Type's name, RFC 2231 (`filename*=utf-8''...`) or RFC 2047 encoded, or neither."""
+    for params, key in ((part.disposition_params, "FILENAME"), (part.params, "NAME")):
+        for name, value in params:
+            if name == key + "*":
+                return _extended_value(value)
+            if name == key:
+                return decode_words(value)
+    return None
+
+
+def _extended_value(value: str) -> str:
+    """RFC 2231 4: charset'language'percent-encoded octets."""
+    charset, quote, rest = value.partition("'")
+    if not quote:
+        return decode_words(value)
+    encoded = rest.partition("'")[2]
+    octets = urllib.parse.unquote_to_bytes(encoded.encode("latin-1", "replace"))
+    return _decode_bytes(octets, charset or "us-ascii")
+
+
+def _readable(raw: bytes, root: Part) -> Iterator[str]:
+    """In reading order: each text/* leaf's text, each attachment's file name, and the header
+    of each attached message (a forwarded mail's From and Subject are part of what it says)."""
+    stack = [root]
     while stack:
         node = stack.pop()
+        if node is not root and (name := attachment_name(node)):
+            yield name
         if node.is_multipart:
             stack.extend(reversed(node.children))
         elif node.message is not None:
+            yield header_lines(node.message)
             stack.append(node.message)
         elif node.maintype == "TEXT":
-            yield node
+            yield _leaf_text(raw, node)
 
 
 def decoded_text(raw: bytes, part: Part) -> str:
-    """The readable text of the part's body (for SEARCH BODY/TEXT): every text/* leaf,
-    transfer-decoded and charset-decoded with replacement characters, HTML with its tags
-    removed, joined with newlines."""
-    return "\n".join(_leaf_text(raw, leaf) for leaf in _text_parts(part))
+    """The readable text of the part's body, for SEARCH BODY/TEXT (see `_readable`): text
+    transfer- and charset-decoded with replacement characters, HTML as `html_text` reads it,
+    joined with newlines."""
+    return "\n".join(_readable(raw, part))
