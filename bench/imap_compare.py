@@ -10,6 +10,7 @@ asked the same questions and every difference is counted and shown:
   * BODY.PEEK[section] for 17 section forms (parts, MIME, nested parts, HEADER, HEADER.FIELDS
     (.NOT), TEXT, partials);
   * SORT by every key and THREAD by both algorithms;
+  * LIST and LSUB on the same tree of mailboxes (wildcards, references, LIST-EXTENDED);
   * UID SEARCH with random programs (flags, keywords, sizes, dates, header and text
     substrings, sequence and UID sets, NOT, OR, nesting) after the same flags are set on both.
 
@@ -315,6 +316,88 @@ def search(imap: imaplib.IMAP4, program: bytes) -> tuple[int, ...] | str:
             return tuple(sorted(found)) if status == b"OK" else status.decode()
 
 
+# Mailbox names: the same tree on both servers, then LIST and LSUB with wildcards, references
+# and LIST-EXTENDED selection and return options. Dovecot gets "/" as its separator (its
+# Maildir++ default is ".") and the special-use folders tiermail makes for a new account.
+
+DOVECOT_NAMESPACE = "namespace inbox {\n  inbox = yes\n  separator = /\n}"
+# Parents are created first: tiermail makes them real mailboxes when a child is created
+# (RFC 3501 6.3.3's SHOULD), Dovecot's Maildir++ leaves them \Noselect.
+TREE = ["Drafts", "Sent", "Junk", "Trash", "Archive", "a", "a/b", "a/b/c", "a/d", "ab", "b",
+        "b/c", "&AMk-t&AOk-", "&AMk-t&AOk-/sub", "with space", "INBOX/child", "Zz", "Zz/y",
+        "Zz/y/x", "x"]
+# tiermail subscribes a new account to INBOX and its special-use folders; Dovecot refuses to
+# subscribe a name that does not exist (RFC 3501 6.3.6 allows both), so "gone" is deleted after.
+SUBSCRIBED = ["INBOX", "Drafts", "Sent", "Junk", "Trash", "Archive", "a/b/c", "ab", "b/c",
+              "with space", "x"]
+LISTINGS = ['LIST "" "*"', 'LIST "" "%"', 'LIST "" "a/%"', 'LIST "" "a/*"', 'LIST "" "a%"',
+            'LIST "" "*/c"', 'LIST "" "%/%"', 'LIST "" "*b*"', 'LIST "" "b"', 'LIST "" "b/%"',
+            'LIST "" "INBOX"', 'LIST "" "inbox"', 'LIST "" "Inbox/%"', 'LIST "" "&AMk-*"',
+            'LIST "" ""', 'LIST "a/" "%"', 'LIST "a" "/%"', 'LIST "" "A*"', 'LIST "" "Zz/%"',
+            'LIST "" "nonexistent*"', 'LIST "" "*x"', 'LSUB "" "*"', 'LSUB "" "%"',
+            'LSUB "" "a/%"', 'LIST (SUBSCRIBED) "" "*"', 'LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"',
+            'LIST "" "%" RETURN (CHILDREN)', 'LIST "" "*" RETURN (SUBSCRIBED)',
+            'LIST (REMOTE) "" "%"', 'LIST "" ("a" "ab" "b/*")',
+            'LIST "" "a/%" RETURN (STATUS (MESSAGES UIDNEXT UNSEEN))']
+# Attributes that say how a server is set up, not what the tree is.
+SETUP_ATTRIBUTES = {b"\\drafts", b"\\sent", b"\\junk", b"\\trash", b"\\archive",
+                    b"\\marked", b"\\unmarked"}
+CHILD_ATTRIBUTES = {b"\\haschildren", b"\\hasnochildren"}
+
+
+def build_tree(imap: imaplib.IMAP4) -> None:
+    for name in TREE:
+        answer(imap, f'CREATE "{name}"')
+    for name in SUBSCRIBED:
+        answer(imap, f'SUBSCRIBE "{name}"')
+    answer(imap, 'DELETE "x"')  # subscribed, no longer there
+
+
+def listings(imap: imaplib.IMAP4) -> dict[str, Any]:
+    return {command: normalised(answer(imap, command), extended(command))
+            for command in LISTINGS}
+
+
+def extended(command: str) -> bool:
+    r"""LIST-EXTENDED syntax, where \HasChildren and \HasNoChildren are optional unless
+    CHILDREN is asked for (RFC 5258 4); Dovecot leaves them out, tiermail sends them."""
+    return command.startswith("LIST (") or " (" in command or (
+        "RETURN" in command and "CHILDREN" not in command)
+
+
+def answer(imap: imaplib.IMAP4, text: str) -> tuple[str, list[bytes]]:
+    """Status and untagged lines of one command, refused or not."""
+    tag = b"m%d" % next(_search_tags)
+    imap.send(tag + b" " + text.encode() + b"\r\n")
+    lines: list[bytes] = []
+    while True:
+        line = imap.readline()
+        if not line:
+            raise ib.BenchError(f"connection closed during {text!r}")
+        if line.startswith(tag + b" "):
+            return line[len(tag) + 1:].split(b" ", 1)[0].decode(), lines
+        lines.append(line.rstrip(b"\r\n"))
+
+
+_LIST_LINE = re.compile(rb"^\* (LIST|LSUB) \(([^)]*)\) (.*)$")
+
+
+def normalised(reply: tuple[str, list[bytes]], extended: bool) -> tuple[str, list[bytes]]:
+    """Untagged lines in a fixed order, LIST attributes lower-cased and sorted, the ones that
+    only reflect set-up (or are optional here) left out, CHILDINFO unquoted."""
+    status, lines = reply
+    ignored = SETUP_ATTRIBUTES | (CHILD_ATTRIBUTES if extended else set())
+    out = []
+    for line in lines:
+        match = _LIST_LINE.match(line)
+        if match:
+            attributes = sorted({a.lower() for a in match.group(2).split()} - ignored)
+            rest = match.group(3).replace(b'"CHILDINFO"', b"CHILDINFO")
+            line = b"* %s (%s) %s" % (match.group(1), b" ".join(attributes), rest)
+        out.append(line)
+    return status, sorted(out)
+
+
 def ask(port: int, programs: list[bytes], atoms: list[bytes], count: int) -> dict[str, Any]:
     """Every question, answered by the server on `port`."""
     imap, _ = ib.login_select(port)
@@ -327,6 +410,8 @@ def ask(port: int, programs: list[bytes], atoms: list[bytes], count: int) -> dic
         for command in ORDERINGS:  # the untagged answer (the tags differ between runs)
             answers[command] = [line for line in ib.command(imap, command).lines
                                 if line.startswith(b"* ")]
+        build_tree(imap)
+        answers["LISTS"] = listings(imap)
         set_flags(imap, count)
         answers["SEARCH"] = {number: search(imap, program)
                              for number, program in enumerate(programs)}
@@ -390,6 +475,19 @@ def compare_searches(programs: list[bytes], dovecot: dict[str, Any],
     return len(differing)
 
 
+def compare_listings(dovecot: dict[str, Any], tiermail: dict[str, Any]) -> int:
+    differing = [command for command in LISTINGS if dovecot[command] != tiermail[command]]
+    print(f"LIST/LSUB: {len(differing)} of {len(LISTINGS)} commands differ")
+    for command in differing:
+        (d_status, d_lines), (t_status, t_lines) = dovecot[command], tiermail[command]
+        print(f"    {command}: dovecot {d_status}, tiermail {t_status}")
+        for line in sorted(set(d_lines) - set(t_lines)):
+            print(f"      only dovecot  {line.decode(errors='replace')}")
+        for line in sorted(set(t_lines) - set(d_lines)):
+            print(f"      only tiermail {line.decode(errors='replace')}")
+    return len(differing)
+
+
 def shown(program: bytes) -> str:
     """A program with its literals written as quoted strings, for reading."""
     def quoted(match: re.Match[bytes]) -> bytes:
@@ -420,7 +518,7 @@ def main(argv: list[str]) -> int:
     mailbox = Mailbox(args.messages)
     programs, atoms = search_programs(mailbox, args.searches, args.seed)
     with temp_root("tiermail-imap-compare-", args.keep) as root:
-        dovecot = ib.DovecotStack(root / "dovecot", [])
+        dovecot = ib.DovecotStack(root / "dovecot", [DOVECOT_NAMESPACE])
         dovecot.configure()
         ib.populate_maildir(dovecot.maildir, mailbox)
         dovecot.start()
@@ -450,6 +548,7 @@ def main(argv: list[str]) -> int:
     for question in [*SECTIONS, *ORDERINGS]:
         differences += compare(question, theirs[question], ours[question], lambda v: v)
     differences += compare_searches(programs, theirs, ours)
+    differences += compare_listings(theirs["LISTS"], ours["LISTS"])
     print(f"\n{differences} differences in all")
     return 0
 

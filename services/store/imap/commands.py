@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -914,17 +915,13 @@ def _order(name: str) -> tuple[bool, str]:
 
 class _Matcher:
     """LIST patterns (RFC 3501 6.3.8): "*" matches anything, "%" anything but the delimiter;
-    the reference is prefixed to each pattern. INBOX matches case-insensitively."""
+    the reference is prefixed to each pattern (our names never start with the delimiter, so
+    no pattern is read as an absolute name). INBOX is a name in any case (RFC 3501 5.1), so
+    `*b*` matches INBOX and `inbox/%` its children."""
 
     def __init__(self, reference: str, patterns: Sequence[str]) -> None:
-        self._regexes = [self._compile(self._join(reference, pattern)) for pattern in patterns]
+        self._regexes = [self._compile(reference + pattern) for pattern in patterns]
         self.has_percent = any("%" in pattern for pattern in patterns)
-
-    @staticmethod
-    def _join(reference: str, pattern: str) -> str:
-        if not reference or pattern.startswith(HIERARCHY_DELIMITER):
-            return pattern
-        return reference + pattern
 
     @staticmethod
     def _compile(pattern: str) -> re.Pattern[str]:
@@ -936,13 +933,18 @@ class _Matcher:
                 parts.append(f"[^{re.escape(HIERARCHY_DELIMITER)}]*")
             else:
                 parts.append(re.escape(char))
-        text = "".join(parts)
-        if pattern[:5].upper() == INBOX and (len(pattern) == 5 or pattern[5] in "/*%"):
-            text = "(?i:" + text[:5] + ")" + text[5:]  # the INBOX prefix, in any case
-        return re.compile(text, re.DOTALL)
+        return re.compile("".join(parts), re.DOTALL)
 
     def matches(self, name: str) -> bool:
-        return any(regex.fullmatch(name) for regex in self._regexes)
+        spellings: Iterable[str] = (name,)
+        if name == INBOX or name.startswith(INBOX + HIERARCHY_DELIMITER):
+            spellings = [prefix + name[len(INBOX):] for prefix in _INBOX_SPELLINGS]
+        return any(regex.fullmatch(spelling)
+                   for regex in self._regexes for spelling in spellings)
+
+
+_INBOX_SPELLINGS = ["".join(letters) for letters in itertools.product(
+    *((c.upper(), c.lower()) for c in INBOX))]
 
 
 class _Tree:

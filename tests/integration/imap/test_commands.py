@@ -379,14 +379,14 @@ async def test_subscribe_unsubscribe_lsub(server: Server, maildb: MailDB) -> Non
 
 
 async def test_list_patterns_special_use_and_children(server: Server, maildb: MailDB) -> None:
-    for name in ("A/B/C", "AB"):
+    for name in ("A/B/C", "AB", "INBOX/Sub", "Inboxes"):
         await maildb.create_mailbox(ALICE, name)
 
     def dialog() -> None:
         client = server.client(ALICE)
         listing = {name: set(flags) for flags, delimiter, name in client.list_folders()}
         assert {"INBOX", "Drafts", "Sent", "Junk", "Trash", "Archive", "A", "A/B", "A/B/C",
-                "AB"} == set(listing)
+                "AB", "INBOX/Sub", "Inboxes"} == set(listing)
         for name, attribute in (("Drafts", b"\\Drafts"), ("Sent", b"\\Sent"),
                                 ("Junk", b"\\Junk"), ("Trash", b"\\Trash"),
                                 ("Archive", b"\\Archive")):
@@ -399,11 +399,15 @@ async def test_list_patterns_special_use_and_children(server: Server, maildb: Ma
             return {n for _, _, n in client.list_folders(reference, pattern)}
 
         assert names("", "%") == {"INBOX", "Drafts", "Sent", "Junk", "Trash", "Archive", "A",
-                                  "AB"}
+                                  "AB", "Inboxes"}
         assert names("", "A/%") == {"A/B"}
         assert names("", "A*") == {"A", "A/B", "A/B/C", "AB", "Archive"}
         assert names("A/", "%") == {"A/B"}  # the reference is prefixed to the pattern
+        assert names("A", "/%") == {"A/B"}  # also without a delimiter at its end
         assert names("", "inbox") == {"INBOX"}  # INBOX in any case
+        assert names("", "inbox/%") == {"INBOX/Sub"}
+        assert names("", "*b*") == {"INBOX", "INBOX/Sub", "Inboxes"}  # INBOX holds a b
+        assert names("", "inboxes") == set()  # other names keep their case
         assert names("", "Nothing*") == set()
         raw = server.raw(ALICE)
         root = raw.ok('LIST "" ""').lines(b"LIST")  # the hierarchy delimiter and root
