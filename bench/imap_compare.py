@@ -11,6 +11,8 @@ asked the same questions and every difference is counted and shown:
     (.NOT), TEXT, partials);
   * SORT by every key and THREAD by both algorithms;
   * LIST and LSUB on the same tree of mailboxes (wildcards, references, LIST-EXTENDED);
+  * FLAGS, INTERNALDATE and RFC822.SIZE, and the status and response code of 70 commands at
+    the edges (bad sequence numbers, bad syntax, missing mailboxes, refused names);
   * UID SEARCH with random programs (flags, keywords, sizes, dates, header and text
     substrings, sequence and UID sets, NOT, OR, nesting) after the same flags are set on both.
 
@@ -398,6 +400,50 @@ def normalised(reply: tuple[str, list[bytes]], extended: bool) -> tuple[str, lis
     return status, sorted(out)
 
 
+# Commands at the edges, in the selected INBOX after the LIST tree exists: the status word and
+# response code each server answers with (texts differ freely).
+EDGES = ["FETCH 0 FLAGS", "FETCH 99999 FLAGS", "UID FETCH 99999 FLAGS", "FETCH 1:0 FLAGS",
+         "FETCH * (FLAGS)", "UID FETCH 0 FLAGS", "FETCH 1 (FLAGS", "FETCH 1 NOSUCHITEM",
+         "FETCH 1 BODY[0]", "FETCH 1 BODY[1.0]", "FETCH 1 BODY[HEADER.FIELDS ()]",
+         "FETCH 1 BODY[]<5>", "FETCH 1 BODY.PEEK[MIME]", "STORE 1 +FLAGS (\\Recent)",
+         "STORE 1 FLAGS.SILENT (\\Seen", "STORE 99999 +FLAGS (\\Seen)",
+         "UID STORE 99999 +FLAGS (\\Seen)", "STORE 1 +FLAGS (\\Bogus)", "STORE 1 XFLAGS (a)",
+         "SEARCH 99999", "SEARCH UID 0", "SEARCH BEFORE 31-Feb-2026", "SEARCH LARGER -1",
+         "SEARCH NOT", "SEARCH OR SEEN", "SEARCH ()", "SEARCH CHARSET KOI9 ALL",
+         "SEARCH HEADER", "SEARCH KEYWORD \\Seen", "SEARCH SINCE 1-Jan-2026 ALL",
+         'SELECT "nonexistent"', 'EXAMINE ""', 'CREATE "INBOX"', 'CREATE "inbox"',
+         'CREATE "a"', 'CREATE "a/"', 'CREATE ""', 'DELETE "INBOX"', 'DELETE "nonexistent"',
+         'RENAME "a" "a"', 'RENAME "nonexistent" "q"', 'RENAME "ab" "a/b"',
+         'RENAME "ab" "INBOX"', 'COPY 99999 "a"', 'COPY 1 "nonexistent"', 'UID COPY 99999 "a"',
+         'MOVE 1 "nonexistent"', 'STATUS "nonexistent" (MESSAGES)', 'STATUS "a" (BOGUS)',
+         'STATUS "a" ()', 'APPEND "nonexistent" {1+}\r\nx', 'APPEND "a" (\\Bogus) {1+}\r\nx',
+         'APPEND "a" "32-Jan-2026 10:00:00 +0000" {1+}\r\nx', "EXPUNGE extra", "CHECK",
+         "NOOP extra", "UID EXPUNGE 99999", "UID BOGUS 1", "LIST", 'LIST "" "" extra',
+         'SUBSCRIBE ""', 'UNSUBSCRIBE "neversubscribed"', "ENABLE BOGUS", "ID NIL",
+         "ID (\"name\")", "NAMESPACE", "GETQUOTAROOT INBOX", 'SELECT "a" (CONDSTORE)',
+         "UNSELECT", "CLOSE", "FETCH 1 FLAGS"]
+
+
+def edges(imap: imaplib.IMAP4) -> dict[str, str]:
+    return {command: status_and_code(imap, command) for command in EDGES}
+
+
+def status_and_code(imap: imaplib.IMAP4, command: str) -> str:
+    tag = b"e%d" % next(_search_tags)
+    imap.send(tag + b" " + command.encode() + b"\r\n")
+    while True:
+        line = imap.readline()
+        if not line:
+            raise ib.BenchError(f"connection closed during {command!r}")
+        if line.startswith(tag + b" "):
+            words = line[len(tag) + 1:].rstrip(b"\r\n").split(b" ")
+            coded = len(words) > 1 and words[1][:1] == b"["
+            code = words[1].split(b"]")[0] + b"]" if coded else b""
+            return (words[0] + b" " + code).decode().strip()
+        if line.startswith(b"+ "):  # a continuation we did not expect: end the command
+            imap.send(b"\r\n")
+
+
 def ask(port: int, programs: list[bytes], atoms: list[bytes], count: int) -> dict[str, Any]:
     """Every question, answered by the server on `port`."""
     imap, _ = ib.login_select(port)
@@ -413,9 +459,16 @@ def ask(port: int, programs: list[bytes], atoms: list[bytes], count: int) -> dic
         build_tree(imap)
         answers["LISTS"] = listings(imap)
         set_flags(imap, count)
+        # \Recent left out: Dovecot takes messages found in cur/ as seen by someone already.
+        answers["FLAGS"] = {uid: [sorted(set(value) - {b"\\Recent"}) if key == b"FLAGS" else value
+                                  for key, value in sorted(fields.items()) if key != b"SEQ"]
+                            for uid, fields in parse_fetch_response(
+                                imap.uid("FETCH", "1:*", "(FLAGS INTERNALDATE RFC822.SIZE)")[1]
+                            ).items()}
         answers["SEARCH"] = {number: search(imap, program)
                              for number, program in enumerate(programs)}
         answers["KEYS"] = {atom: search(imap, atom) for atom in atoms}
+        answers["EDGES"] = edges(imap)
         return answers
     finally:
         ib.logout(imap)
@@ -549,6 +602,14 @@ def main(argv: list[str]) -> int:
         differences += compare(question, theirs[question], ours[question], lambda v: v)
     differences += compare_searches(programs, theirs, ours)
     differences += compare_listings(theirs["LISTS"], ours["LISTS"])
+    differences += compare("FLAGS INTERNALDATE RFC822.SIZE", theirs["FLAGS"], ours["FLAGS"],
+                           lambda v: v)
+    differing = [c for c in EDGES if theirs["EDGES"][c] != ours["EDGES"][c]]
+    print(f"Edge commands: {len(differing)} of {len(EDGES)} answered differently")
+    for command in differing:
+        print(f"    {command!r}: dovecot {theirs['EDGES'][command]}, "
+              f"tiermail {ours['EDGES'][command]}")
+    differences += len(differing)
     print(f"\n{differences} differences in all")
     return 0
 

@@ -104,7 +104,7 @@ class Settings:
     imap_max_literal: int = 50 * MIB  # APPEND and other literals larger than this: refused
     imap_max_line: int = 64 * 1024  # a command line (without literals)
     imap_max_connections: int = 1000  # per store process
-    imap_max_errors: int = 20  # BAD replies in one session before BYE and hang-up
+    imap_max_errors: int = 20  # BAD replies in a row before BYE and hang-up
     # Failed logins counted in Redis (per client IP and per account, across protocols); 0
     # turns a limit off.
     auth_failures_per_ip: int = 20  # per 10 minutes

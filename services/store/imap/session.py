@@ -154,6 +154,7 @@ class Session:
             return After.CLOSE if self.state is State.LOGOUT else After.CONTINUE
         if reply.status == "BAD":
             return await self.bad(parsed.tag, reply)
+        self._errors = 0  # BADs in a row end a session; one now and then in a long one not
         if self.state is State.LOGOUT:
             await self.send(self._farewell.untagged() + reply.tagged(parsed.tag))
             return After.CLOSE

@@ -194,6 +194,26 @@ async def test_many_bad_commands_end_in_bye(start_imap: StartImap, settings: Set
     await in_thread(dialog)
 
 
+async def test_bad_commands_now_and_then_do_not_end_a_long_session(
+        start_imap: StartImap, settings: Settings) -> None:
+    """The limit counts BADs in a row: a client that sends one unknown command per sync
+    (for hours) is not thrown out after the fifth sync."""
+    server = await start_with(start_imap, settings, imap_max_errors=5)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        for _ in range(12):
+            assert raw.command("XUNSUPPORTED").status == "BAD"
+            assert raw.command("NOOP").status == "OK"
+        assert raw.command("SELECT nonexistent").status == "NO"  # NO is an answer, not an error
+        for _ in range(4):
+            assert raw.command("XUNSUPPORTED").status == "BAD"
+        assert raw.ok("NOOP").status == "OK"
+        raw.close()
+
+    await in_thread(dialog)
+
+
 async def test_a_flooding_client_does_not_starve_another(server: Server, deliver: Deliver
                                                          ) -> None:
     for n in range(100):
