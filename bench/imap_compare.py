@@ -13,6 +13,9 @@ asked the same questions and every difference is counted and shown:
   * LIST and LSUB on the same tree of mailboxes (wildcards, references, LIST-EXTENDED);
   * FLAGS, INTERNALDATE and RFC822.SIZE, and the status and response code of 70 commands at
     the edges (bad sequence numbers, bad syntax, missing mailboxes, refused names);
+  * CONDSTORE and QRESYNC after the same random flag changes and expunges: what changed
+    since each step, by FETCH CHANGEDSINCE, SEARCH MODSEQ, VANISHED, SELECT QRESYNC and
+    STORE UNCHANGEDSINCE;
   * UID SEARCH with random programs (flags, keywords, sizes, dates, header and text
     substrings, sequence and UID sets, NOT, OR, nesting) after the same flags are set on both.
 
@@ -369,6 +372,12 @@ def extended(command: str) -> bool:
 
 def answer(imap: imaplib.IMAP4, text: str) -> tuple[str, list[bytes]]:
     """Status and untagged lines of one command, refused or not."""
+    completion, lines = exchange(imap, text)
+    return completion.split(b" ", 1)[0].decode(), lines
+
+
+def exchange(imap: imaplib.IMAP4, text: str) -> tuple[bytes, list[bytes]]:
+    """The tagged completion (after the tag) and the untagged lines of one command."""
     tag = b"m%d" % next(_search_tags)
     imap.send(tag + b" " + text.encode() + b"\r\n")
     lines: list[bytes] = []
@@ -377,7 +386,7 @@ def answer(imap: imaplib.IMAP4, text: str) -> tuple[str, list[bytes]]:
         if not line:
             raise ib.BenchError(f"connection closed during {text!r}")
         if line.startswith(tag + b" "):
-            return line[len(tag) + 1:].split(b" ", 1)[0].decode(), lines
+            return line[len(tag) + 1:].rstrip(b"\r\n"), lines
         lines.append(line.rstrip(b"\r\n"))
 
 
@@ -444,7 +453,97 @@ def status_and_code(imap: imaplib.IMAP4, command: str) -> str:
             imap.send(b"\r\n")
 
 
-def ask(port: int, programs: list[bytes], atoms: list[bytes], count: int) -> dict[str, Any]:
+# CONDSTORE and QRESYNC: the same random flag changes and expunges on both servers, the
+# HIGHESTMODSEQ after each step noted on each, then "what changed since step k" asked both
+# ways (FETCH CHANGEDSINCE, SEARCH MODSEQ, VANISHED, SELECT QRESYNC, STORE UNCHANGEDSINCE).
+# MODSEQ values differ between servers; what they select must not.
+
+_UID = re.compile(rb"UID (\d+)")
+_FLAGS = re.compile(rb"FLAGS \(([^)]*)\)")
+_CODE_NUMBER = re.compile(rb"\[(HIGHESTMODSEQ|UIDVALIDITY) (\d+)\]")
+_MODIFIED = re.compile(rb"\[MODIFIED ([\d:,]+)\]")
+
+
+def uid_set(text: bytes) -> list[int]:
+    out: list[int] = []
+    for part in text.split(b","):
+        low, _, high = part.partition(b":")
+        first, last = int(low), int(high or low)
+        out += range(min(first, last), max(first, last) + 1)
+    return sorted(out)
+
+
+def changes(lines: list[bytes]) -> dict[str, Any]:
+    """FETCH answers as {uid: flags}, VANISHED (EARLIER) UIDs, SEARCH UIDs."""
+    fetched, vanished, found = {}, [], []
+    for line in lines:
+        if line.startswith(b"* VANISHED"):
+            vanished += uid_set(line.split()[-1])
+        elif line.startswith(b"* SEARCH"):
+            found += [int(n) for n in line.split()[2:] if n.isdigit()]
+        elif b" FETCH (" in line and (uid := _UID.search(line)):
+            flags = _FLAGS.search(line)
+            fetched[int(uid.group(1))] = sorted(
+                set(flags.group(1).split() if flags else []) - {b"\\Recent"})
+    return {"fetched": fetched, "vanished": sorted(vanished), "search": sorted(found)}
+
+
+def modseq_story(port: int, seed: int, steps: int = 16) -> dict[str, Any]:
+    imap = ib.connect(port)
+    try:
+        ib.ok(imap.login(ib.USER, ib.PASSWORD), "LOGIN")
+        answer(imap, "ENABLE QRESYNC")
+        answer(imap, 'CREATE "cs"')
+        answer(imap, "SELECT INBOX")
+        answer(imap, 'UID COPY 1:40 "cs"')
+        _, lines = answer(imap, 'SELECT "cs" (CONDSTORE)')
+        codes = {m.group(1): int(m.group(2)) for line in lines
+                 for m in _CODE_NUMBER.finditer(line)}
+        uids = changes(answer(imap, "UID SEARCH ALL")[1])["search"]
+        marks = [codes[b"HIGHESTMODSEQ"]]
+        rng = random.Random(seed)
+        for _ in range(steps):
+            step(imap, rng, uids)
+            status = answer(imap, 'STATUS "cs" (HIGHESTMODSEQ)')[1]
+            marks.append(int(re.findall(rb"HIGHESTMODSEQ (\d+)", b" ".join(status))[0]))
+        story: dict[str, Any] = {}
+        for k, mark in enumerate(marks[:-1]):
+            story[f"FETCH CHANGEDSINCE step {k}"] = changes(
+                answer(imap, f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {mark} VANISHED)")[1])
+            story[f"SEARCH MODSEQ step {k}"] = changes(
+                answer(imap, f"UID SEARCH MODSEQ {mark + 1}")[1])["search"]
+        answer(imap, "UNSELECT")
+        for k, mark in enumerate(marks[:-1]):
+            qresync = f'SELECT "cs" (QRESYNC ({codes[b"UIDVALIDITY"]} {mark}))'
+            story[f"SELECT QRESYNC step {k}"] = changes(answer(imap, qresync)[1])
+        middle = marks[len(marks) // 2]
+        completion, lines = exchange(imap, f"UID STORE 1:* (UNCHANGEDSINCE {middle}) +FLAGS (zz)")
+        modified = _MODIFIED.search(completion)
+        story["STORE UNCHANGEDSINCE"] = {
+            "status": completion.split(b" ", 1)[0], "fetched": changes(lines)["fetched"],
+            "modified": uid_set(modified.group(1)) if modified else []}
+        return story
+    finally:
+        ib.logout(imap)
+
+
+def step(imap: imaplib.IMAP4, rng: random.Random, uids: list[int]) -> None:
+    chosen = ",".join(map(str, sorted(rng.sample(uids, min(len(uids), rng.randint(1, 5))))))
+    kind = rng.choice(["+FLAGS", "+FLAGS", "-FLAGS", "FLAGS", "again", "expunge"])
+    flag = rng.choice(["\\Seen", "\\Flagged", "kw1", "kw2"])
+    if kind == "expunge" and len(uids) > 10:
+        answer(imap, f"UID STORE {chosen} +FLAGS.SILENT (\\Deleted)")
+        answer(imap, f"UID EXPUNGE {chosen}")
+        uids[:] = [uid for uid in uids if str(uid) not in chosen.split(",")]
+    elif kind == "again":  # setting what is already set changes nothing
+        answer(imap, f"UID STORE {chosen} +FLAGS.SILENT ({flag})")
+        answer(imap, f"UID STORE {chosen} +FLAGS.SILENT ({flag})")
+    else:
+        answer(imap, f"UID STORE {chosen} {kind}.SILENT ({flag})")
+
+
+def ask(port: int, programs: list[bytes], atoms: list[bytes], count: int,
+        seed: int) -> dict[str, Any]:
     """Every question, answered by the server on `port`."""
     imap, _ = ib.login_select(port)
     try:
@@ -468,6 +567,7 @@ def ask(port: int, programs: list[bytes], atoms: list[bytes], count: int) -> dic
         answers["SEARCH"] = {number: search(imap, program)
                              for number, program in enumerate(programs)}
         answers["KEYS"] = {atom: search(imap, atom) for atom in atoms}
+        answers["MODSEQ"] = modseq_story(port, seed)  # before the edges: they set \Seen
         answers["EDGES"] = edges(imap)
         return answers
     finally:
@@ -577,7 +677,7 @@ def main(argv: list[str]) -> int:
         dovecot.start()
         try:
             log(f"dovecot: asking about {mailbox.count} messages")
-            theirs = ask(dovecot.port, programs, atoms, mailbox.count)
+            theirs = ask(dovecot.port, programs, atoms, mailbox.count, args.seed)
         finally:
             dovecot.stop()
         tiermail = TiermailStack(root / "tiermail", args.redis_db)
@@ -591,7 +691,8 @@ def main(argv: list[str]) -> int:
             tiermail.start_store()
             ib.wait_for(lambda: ib.port_open(tiermail.imap_port), 60, "tiermail IMAP")
             log(f"tiermail: asking about {mailbox.count} messages")
-            ours = ask(tiermail.imap_port, programs, atoms, mailbox.count)
+            ours = ask(tiermail.imap_port, programs, atoms, mailbox.count,
+                       args.seed)
         finally:
             tiermail.close()
     print(f"\n{mailbox.count} messages ({len(malformed_messages())} malformed, UIDs 1-"
@@ -604,6 +705,13 @@ def main(argv: list[str]) -> int:
     differences += compare_listings(theirs["LISTS"], ours["LISTS"])
     differences += compare("FLAGS INTERNALDATE RFC822.SIZE", theirs["FLAGS"], ours["FLAGS"],
                            lambda v: v)
+    story = theirs["MODSEQ"]
+    differing = [q for q in story if story[q] != ours["MODSEQ"][q]]
+    print(f"CONDSTORE/QRESYNC: {len(differing)} of {len(story)} questions answered differently")
+    for question in differing:
+        print(f"    {question}:\n      dovecot  {str(story[question])[:300]}\n"
+              f"      tiermail {str(ours['MODSEQ'][question])[:300]}")
+    differences += len(differing)
     differing = [c for c in EDGES if theirs["EDGES"][c] != ours["EDGES"][c]]
     print(f"Edge commands: {len(differing)} of {len(EDGES)} answered differently")
     for command in differing:
