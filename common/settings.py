@@ -82,6 +82,10 @@ class Settings:
     smtp_data_timeout: float = 180.0  # RFC 5321 4.5.3.2.5: 3 minutes between data blocks
     smtp_max_connections: int = 200  # per filter worker
     smtp_max_errors: int = 20  # client errors in one session before 421 and hang-up
+    # RFC 5321 4.5.1: mail to postmaster@ every local domain, and to a bare <postmaster>, MUST
+    # be accepted. An address (user or alias) that gets it where the domain has no
+    # postmaster of its own; empty: only domains with their own postmaster accept it.
+    postmaster: str = ""
     publish_timeout: float = 30.0  # wait for the broker's confirm before answering 451
 
     # Store

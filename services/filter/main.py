@@ -120,6 +120,7 @@ async def open_worker(
                 hostname=settings.hostname,
                 max_recipients=settings.max_recipients,
                 publish_deadline=publish_deadline(settings),
+                postmaster=settings.postmaster,
             ),
             directory=directory,
             publisher=publisher,

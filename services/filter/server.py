@@ -33,7 +33,7 @@ from common.ratelimit import UNLIMITED, RateLimits
 from common.settings import Settings
 from services.filter.convert import peer_ip
 from services.filter.protocol import replies
-from services.filter.protocol.address import parse_simple_path
+from services.filter.protocol.address import parse_path, parse_simple_path
 from services.filter.protocol.data import DataError, DataReceiver, DataResult
 from services.filter.rules import Rule
 from services.filter.session import (
@@ -135,10 +135,12 @@ class FilterSMTP(SMTP):
         return hook_names(type(self))  # see hook_names: aiosmtpd's per-connection lookup
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        simple = parse_simple_path(arg)
-        if simple is None:
-            return super()._getaddr(arg)
-        address, rest = simple
+        if not arg:
+            return "", ""  # aiosmtpd answers its 501 syntax reply
+        parsed = parse_simple_path(arg) or parse_path(arg)
+        if parsed is None:
+            return None, None
+        address, rest = parsed
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return address, rest

@@ -50,6 +50,7 @@ class SessionPolicy:
     max_recipients: int
     publish_deadline: float  # bound on the whole publish, connect included
     lookup_timeout: float = 10.0
+    postmaster: str = ""  # where postmaster mail goes when a domain has no postmaster
 
 
 @dataclass
@@ -160,6 +161,8 @@ class FilterSession:
         try:
             async with asyncio.timeout(self._policy.lookup_timeout):
                 lookup = await self._directory.resolve(address)
+                if self._goes_to_postmaster(address, lookup):
+                    lookup = await self._directory.resolve(self._policy.postmaster)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("directory unavailable: %s: %s", type(exc).__name__, exc, extra=extra)
             return replies.DIRECTORY_UNAVAILABLE
@@ -178,6 +181,15 @@ class FilterSession:
         else:
             log.info("recipient %s refused: %s", address, lookup.resolution.value, extra=extra)
         return reply
+
+    def _goes_to_postmaster(self, address: str, lookup: Lookup) -> bool:
+        """A postmaster address nobody has claimed: a bare <postmaster>, or postmaster@ one
+        of our domains without its own (RFC 5321 4.5.1), when a postmaster is configured."""
+        if not self._policy.postmaster or lookup.resolution is Resolution.LOCAL:
+            return False
+        if address.partition("@")[0].lower() != "postmaster":
+            return False
+        return "@" not in address or lookup.resolution is Resolution.UNKNOWN_USER
 
     async def handle_DATA(
         self, server: SMTP, session: SMTPSession, envelope: SMTPEnvelope

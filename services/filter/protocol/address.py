@@ -24,3 +24,51 @@ def parse_simple_path(arg: str) -> tuple[str, str] | None:
     if match is None:
         return None
     return match.group(1), match.group(2).lstrip()
+
+
+# Everything else, by RFC 5321 4.1.2's grammar (with RFC 6531's UTF-8 in local parts and
+# domains). The email package's RFC 5322 parser, which aiosmtpd uses, is far more lenient
+# and rewrites what it accepts: `<a b@x>` became `"a b"@x` and `<a(c)b@x>` the same, a comment
+# being read as a space. A path is taken exactly as written here, or refused (553 5.1.3).
+_UTF8 = "\u0080-\U0010ffff"
+_ATEXT_UTF8 = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_UTF8}-]"
+_DOT_STRING = rf"{_ATEXT_UTF8}+(?:\.{_ATEXT_UTF8}+)*"
+_QUOTED_STRING = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"'
+_LET_DIG = rf"[A-Za-z0-9{_UTF8}]"
+_SUB_DOMAIN = rf"{_LET_DIG}(?:[A-Za-z0-9{_UTF8}-]*{_LET_DIG})?"
+_DOMAIN = rf"{_SUB_DOMAIN}(?:\.{_SUB_DOMAIN})*"
+_ADDRESS_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"  # IPv4, IPv6:..., or a tagged literal
+_MAILBOX = rf"(?:{_DOT_STRING}|{_QUOTED_STRING})@(?:{_DOMAIN}|{_ADDRESS_LITERAL})"
+_SOURCE_ROUTE = rf"@{_DOMAIN}(?:,@{_DOMAIN})*:"  # RFC 5321 4.1.2: accepted and ignored
+_PATH = re.compile(
+    rf"\s*<(?:(?:{_SOURCE_ROUTE})?({_MAILBOX})|(postmaster)|)>(?:\s+(.*)|)", re.DOTALL | re.I)
+# Without angle brackets: not RFC 5321, but common in scripts; Postfix takes it too.
+_BARE_MAILBOX = re.compile(rf"\s*({_MAILBOX})(?:\s+(.*)|)", re.DOTALL)
+
+
+def parse_path(arg: str) -> tuple[str, str] | None:
+    """(address, parameters) of a MAIL FROM or RCPT TO argument, else None. The null path
+    gives "<>" (as aiosmtpd has it); `<postmaster>` without a domain is allowed (RFC 5321
+    4.5.1); a source route is dropped."""
+    match = _PATH.fullmatch(arg)
+    if match is not None:
+        address = match.group(1) or match.group(2) or "<>"
+        return _unquoted(address), match.group(3) or ""
+    match = _BARE_MAILBOX.fullmatch(arg)
+    if match is not None:
+        return _unquoted(match.group(1)), match.group(2) or ""
+    return None
+
+
+_DOT_STRING_RE = re.compile(_DOT_STRING)
+_QUOTED_PAIR_RE = re.compile(r"\\(.)")
+
+
+def _unquoted(address: str) -> str:
+    """`"user"@x` is `user@x` (RFC 5321 4.1.2: the same local part; the quotes were not
+    needed), so it finds the same mailbox; a local part that needs its quotes keeps them."""
+    if not address.startswith('"'):
+        return address
+    quoted, _, domain = address.rpartition("@")
+    inner = _QUOTED_PAIR_RE.sub(r"\1", quoted[1:-1])
+    return f"{inner}@{domain}" if _DOT_STRING_RE.fullmatch(inner) else address

@@ -59,6 +59,50 @@ async def test_relay_denied_554(worker: FilterWorker) -> None:
     assert await queue_depth(worker.settings) == 0
 
 
+async def test_postmaster_goes_to_the_configured_address(directory: Settings) -> None:
+    """RFC 5321 4.5.1: <postmaster> without a domain, and postmaster@ a local domain in any
+    case, MUST be accepted; with TIERMAIL_POSTMASTER they reach that address. Without it,
+    and for other domains, nothing changes."""
+    def transaction(port: int) -> list[str]:
+        with connect(port) as client:
+            client.mail(SENDER)
+            replies_ = [reply_of(*client.rcpt(address)) for address in
+                        ("postmaster", "PostMaster@example.test", "postmaster@elsewhere.test")]
+            if replies_[0] == replies.RECIPIENT_OK:
+                assert client.data(message("to the postmaster"))[0] == 250
+            return replies_
+
+    async with running_filter(directory.replace(postmaster=BOB)) as worker:
+        answers = await in_thread(transaction, worker.ports[0])
+        assert answers == [replies.RECIPIENT_OK, replies.RECIPIENT_OK, replies.RELAY_DENIED]
+        [queued] = await drain_queue(worker.settings)
+        assert [(r.address, r.mailboxes) for r in queued.envelope.recipients] == [
+            ("postmaster", (BOB,)), ("PostMaster@example.test", (BOB,))]
+    async with running_filter(directory) as worker:  # no postmaster configured
+        assert await in_thread(transaction, worker.ports[0]) == [
+            replies.RELAY_DENIED, replies.UNKNOWN_USER, replies.RELAY_DENIED]
+
+
+async def test_malformed_paths_are_refused_not_rewritten(worker: FilterWorker) -> None:
+    """`<a b@x>` is not an address (RFC 5321 4.1.2); a lenient parser once took it as
+    `"a b"@x`, a different one. Refused with 553 5.1.3, and the session goes on."""
+    def transaction() -> list[int]:
+        with connect(worker.ports[0]) as client:
+            client.ehlo()
+            # docmd: smtplib's own quoting would tidy these up before they are sent
+            codes = [client.docmd("MAIL", "FROM:<a b@remote.test>")[0],
+                     client.docmd("MAIL", "FROM:<a(c)b@remote.test>")[0]]
+            client.mail(SENDER)
+            codes += [client.docmd("RCPT", "TO:<alice (x)@example.test>")[0],
+                      client.rcpt(ALICE)[0]]
+            assert client.data(message("after malformed paths"))[0] == 250
+            return codes
+
+    assert await in_thread(transaction) == [553, 553, 553, 250]
+    [queued] = await drain_queue(worker.settings)
+    assert [r.address for r in queued.envelope.recipients] == [ALICE]
+
+
 async def test_too_many_recipients_452(directory: Settings) -> None:
     async with running_filter(directory.replace(max_recipients=2)) as worker:
         def transaction() -> tuple[str, tuple[int, bytes]]:

@@ -1,4 +1,6 @@
-"""The fast path parser must agree with aiosmtpd's full parser wherever it answers."""
+"""Path parsing for MAIL FROM / RCPT TO: the fast path must agree with aiosmtpd's parser
+wherever it answers, the full RFC 5321 parser must agree with aiosmtpd on every well-formed
+path and refuse what aiosmtpd's lenient RFC 5322 parser would have rewritten."""
 
 import asyncio
 
@@ -7,7 +9,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.filter.protocol.address import parse_simple_path
+from services.filter.protocol.address import parse_path, parse_simple_path
 
 
 def aiosmtpd_parse(arg: str) -> tuple[str | None, str | None]:
@@ -53,3 +55,33 @@ def test_never_disagrees_when_it_answers(arg: str) -> None:
     fast = parse_simple_path(arg)
     if fast is not None:
         assert fast == aiosmtpd_parse(arg)
+
+
+@given(st.text(max_size=60))
+def test_the_fast_path_agrees_with_the_full_parser(arg: str) -> None:
+    fast = parse_simple_path(arg)
+    if fast is not None:
+        assert fast == parse_path(arg)
+
+
+@pytest.mark.parametrize("arg", [
+    "<>", "<> SIZE=10", '<"quoted local"@example.org> BODY=8BITMIME',
+    "<@route,@relay:a@example.org>", "<jörg@exämple.net>", "<a@[192.0.2.1]>",
+    "<a@[IPv6:2001:db8::1]>", '<"a\\"b"@example.org>', "<postmaster>", "<Postmaster>",
+    "<\"alice\"@example.org>", "<\"al\\\\ice\"@example.org>", "<\"a@b\"@example.org>",
+    "alice@example.org", "alice@example.org SIZE=5", "<alice@example.org>",
+])
+def test_well_formed_paths_parse_as_aiosmtpd_did(arg: str) -> None:
+    address, rest = aiosmtpd_parse(arg)
+    assert parse_path(arg) == (address, (rest or "").strip())  # parameters are split anyway
+
+
+@pytest.mark.parametrize("arg", [
+    "<a b@example.org>",  # aiosmtpd: '"a b"@example.org', another address
+    "<a(comment)b@example.org>",  # aiosmtpd: '"a b"@example.org'
+    "<a@exa mple.org>", "<a..b@example.org>", "<.a@example.org>", "<a@-bad.example>",
+    "<a@example.org", "<a@>", "<@>", "<@example.org>", "<alice>", '<"unclosed@example.org>',
+    "<a@example.org>SIZE=1", "<a@[]>", "<a@ex_ample.org>",
+])
+def test_malformed_paths_are_refused(arg: str) -> None:
+    assert parse_path(arg) is None
