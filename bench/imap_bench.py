@@ -425,16 +425,15 @@ userdb {{
   driver = static
   args = uid={uid} gid={gid} home={root}/home/%u
 }}
-service imap-login {{
-  inet_listener imap {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-  inet_listener imaps {{
-    port = 0
-  }}
-}}
+{listener}
 """
+
+
+def dovecot_listener(protocol: str, port: int) -> str:
+    """The login service of `protocol` (imap, pop3) on 127.0.0.1:`port`, its TLS port off."""
+    return (f"service {protocol}-login {{\n  inet_listener {protocol} {{\n"
+            f"    address = 127.0.0.1\n    port = {port}\n  }}\n"
+            f"  inet_listener {protocol}s {{\n    port = 0\n  }}\n}}")
 
 
 class DovecotStack:
@@ -455,7 +454,8 @@ class DovecotStack:
         for sub in ("run", "state", "home"):
             (self.root / sub).mkdir(exist_ok=True)
         os.chown(self.root / "home", nobody.pw_uid, nobody.pw_gid)
-        self.conf.write_text(DOVECOT_CONF.format(root=self.root, port=self.port,
+        self.conf.write_text(DOVECOT_CONF.format(root=self.root,
+                                                 listener=dovecot_listener("imap", self.port),
                                                  uid=nobody.pw_uid, gid=nobody.pw_gid,
                                                  tag=os.getpid())
                              + "".join(f"{line}\n" for line in self.extra_settings))

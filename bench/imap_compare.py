@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import email
 import email.policy
@@ -44,6 +45,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import imap_bench as ib
@@ -659,6 +661,24 @@ def difference(theirs: Any, ours: Any) -> str:
     return f"dovecot {str(theirs)[:80]}, tiermail {str(ours)[:80]}"
 
 
+@contextlib.contextmanager
+def store_holding(mailbox: Mailbox, root: Path, redis_db: int) -> Iterator[TiermailStack]:
+    """A tiermail store whose benchmark user holds `mailbox`, IMAP and POP3 listening."""
+    from common.settings import Settings
+
+    tiermail = TiermailStack(root, redis_db)
+    try:
+        tiermail.setup()
+        inline_max = Settings.from_env(tiermail.env).store_inline_max
+        asyncio.run(ib.populate_maildb(tiermail.data_dir / "store", mailbox, inline_max))
+        tiermail.start_store()
+        for port in (tiermail.imap_port, tiermail.pop3_port):
+            ib.wait_for(lambda port=port: ib.port_open(port), 60, f"tiermail on {port}")
+        yield tiermail
+    finally:
+        tiermail.close()
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=400,
@@ -680,21 +700,9 @@ def main(argv: list[str]) -> int:
             theirs = ask(dovecot.port, programs, atoms, mailbox.count, args.seed)
         finally:
             dovecot.stop()
-        tiermail = TiermailStack(root / "tiermail", args.redis_db)
-        try:
-            tiermail.setup()
-            from common.settings import Settings
-
-            inline_max = Settings.from_env(tiermail.env).store_inline_max
-            asyncio.run(ib.populate_maildb(tiermail.data_dir / "store", mailbox,
-                                           inline_max))
-            tiermail.start_store()
-            ib.wait_for(lambda: ib.port_open(tiermail.imap_port), 60, "tiermail IMAP")
+        with store_holding(mailbox, root / "tiermail", args.redis_db) as tiermail:
             log(f"tiermail: asking about {mailbox.count} messages")
-            ours = ask(tiermail.imap_port, programs, atoms, mailbox.count,
-                       args.seed)
-        finally:
-            tiermail.close()
+            ours = ask(tiermail.imap_port, programs, atoms, mailbox.count, args.seed)
     print(f"\n{mailbox.count} messages ({len(malformed_messages())} malformed, UIDs 1-"
           f"{len(malformed_messages())}); Dovecot {ib.dovecot_version()}")
     differences = compare("ENVELOPE BODYSTRUCTURE", theirs["STRUCTURE"], ours["STRUCTURE"],

@@ -15,6 +15,7 @@
 #   spamd spamc      client (spamc) are three packages in Debian 12
 #   isync            mbsync, the real IMAP sync client of the IMAP integration tests
 #   dovecot-imapd    the reference IMAP server of bench/imap_bench.py (never a system service)
+#   dovecot-pop3d    the reference POP3 server of bench/pop3_compare.py (the same)
 #
 # The scanners are only installed here, never started as system services (there is no
 # systemd, and policy-rc.d keeps apt from starting them): `tiermail up` and the test fixtures
@@ -27,7 +28,7 @@ set -euo pipefail
 
 PACKAGES=(openssl swaks postfix rabbitmq-server redis-server
           rspamd clamav-daemon clamdscan spamassassin spamd spamc
-          isync dovecot-imapd)
+          isync dovecot-imapd dovecot-pop3d)
 RABBITMQ_PORT=5672
 REDIS_PORT=6379
 STARTUP_TIMEOUT=60
@@ -93,7 +94,7 @@ stop_system_services() {
             rspamd) unit=rspamd ;;
             clamav-daemon) unit=clamav-daemon ;;
             spamd) unit=spamd ;;
-            dovecot-imapd) unit=dovecot ;;
+            dovecot-imapd|dovecot-pop3d) unit=dovecot ;;
             *) continue ;;
         esac
         say "stopping and disabling the system service $unit (tiermail runs its own)"

@@ -33,7 +33,7 @@ from services.store.pop3.locks import MailboxLocks
 
 log = logging.getLogger(__name__)
 
-# Protocol errors (unknown commands, bad syntax, wrong state) per connection before we hang up.
+# Protocol errors (unknown commands, bad syntax, wrong state) in a row before we hang up.
 MAX_BAD_COMMANDS = 10
 # Failed logins per connection before we hang up; each one already costs a delay.
 MAX_AUTH_FAILURES = 3
@@ -171,10 +171,14 @@ class Session:
             return self._protocol_error(p.ERR_WRONG_STATE)
         if not spec.min_args <= len(parsed.args) <= spec.max_args:
             return self._protocol_error(p.ERR_BAD_SYNTAX.format(reason="wrong number of arguments"))
+        errors = self._bad_commands
         try:
-            return await spec.handler(self, parsed)
+            response = await spec.handler(self, parsed)
         except Exception as exc:  # noqa: BLE001 - mapped to a reply, logged with traceback
-            return Response(self._failure(exc, parsed.keyword).encode())
+            response = Response(self._failure(exc, parsed.keyword).encode())
+        if self._bad_commands == errors:
+            self._bad_commands = 0  # errors in a row end a session, one now and then not
+        return response
 
     def line_too_long(self) -> Response:
         """The server discarded a line longer than it is willing to buffer."""

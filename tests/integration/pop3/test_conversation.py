@@ -445,6 +445,19 @@ async def test_too_many_bad_commands_disconnect(pop3: Pop3Stack) -> None:
     await raw.close()
 
 
+async def test_bad_commands_now_and_then_do_not_disconnect(pop3: Pop3Stack) -> None:
+    """The limit counts errors in a row: a client that sends one unknown command (a CAPA
+    extension it hopes for, say) between good ones keeps its session."""
+    raw = await Raw.open(pop3.port)
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    assert (await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())).startswith(b"+OK")
+    for _ in range(2 * MAX_BAD_COMMANDS):
+        assert await raw.send(b"XYZZY\r\n") == p.ERR_UNKNOWN_COMMAND.encode()
+        assert await raw.send(b"NOOP\r\n") == b"+OK\r\n"
+    await raw.send(b"QUIT\r\n")
+    await raw.close()
+
+
 async def test_idle_timeout_closes_without_update(start_pop3: StartPop3, mailstore: MailStore,
                                                   settings: Settings) -> None:
     pop3 = await start_pop3(mailstore, settings.replace(pop3_timeout=0.5))
