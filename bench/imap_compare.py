@@ -11,6 +11,8 @@ asked the same questions and every difference is counted and shown:
     (.NOT), TEXT, partials);
   * SORT by every key and THREAD by both algorithms;
   * LIST and LSUB on the same tree of mailboxes (wildcards, references, LIST-EXTENDED);
+  * a script of changes (APPEND, STORE, EXPUNGE, COPY, MOVE, CLOSE, RENAME...) and every
+    response the session gets to it;
   * FLAGS, INTERNALDATE and RFC822.SIZE, and the status and response code of 70 commands at
     the edges (bad sequence numbers, bad syntax, missing mailboxes, refused names);
   * CONDSTORE and QRESYNC after the same random flag changes and expunges: what changed
@@ -544,6 +546,68 @@ def step(imap: imaplib.IMAP4, rng: random.Random, uids: list[int]) -> None:
         answer(imap, f"UID STORE {chosen} {kind}.SILENT ({flag})")
 
 
+# Changes and what a session is told about them: the same script on both servers, every
+# untagged response and the tagged status with its code compared (UIDVALIDITY and MODSEQ
+# values, which are each server's own, replaced by placeholders).
+MUTATIONS = [
+    'CREATE "mut"', 'CREATE "mut2"', "SELECT INBOX", 'UID COPY 1:6 "mut"', 'SELECT "mut"',
+    'APPEND "mut" (\\Seen $Label1) "03-Feb-2026 10:00:00 +0100" {25+}\r\n'
+    "Subject: appended\r\n\r\nhi\r\n",
+    'APPEND "mut" () " 3-Feb-2026 23:59:59 -1200" {25+}\r\nSubject: appended\r\n\r\nhi\r\n',
+    "FETCH 7:* (UID FLAGS INTERNALDATE RFC822.SIZE)", "NOOP",
+    "STORE 1:3 +FLAGS (\\Deleted)", "STORE 2 -FLAGS (\\Deleted)", "EXPUNGE",
+    "FETCH 1:* (UID FLAGS)", 'COPY 1:2 "mut2"', 'MOVE 1 "mut2"', "FETCH 1:* (UID)",
+    'UID MOVE 5:* "mut2"', 'STATUS "mut2" (MESSAGES UNSEEN UIDNEXT)',
+    "STORE 1 FLAGS.SILENT (\\Deleted)", "UID EXPUNGE 1:4", "UID EXPUNGE 1:*",
+    "FETCH 1:* (UID FLAGS)", 'SELECT "mut2"', "FETCH 1:* (UID FLAGS)",
+    "SEARCH SEEN", "CLOSE", 'STATUS "mut2" (MESSAGES RECENT UNSEEN UIDNEXT)',
+    'DELETE "mut2"', 'RENAME "mut" "mut3"', 'STATUS "mut3" (MESSAGES)',
+]
+_VOLATILE = [(re.compile(rb"(UIDVALIDITY|APPENDUID|COPYUID) \d+"), rb"\1 V"),
+             (re.compile(rb"\((MODSEQ|HIGHESTMODSEQ) \d+\)|(HIGHESTMODSEQ) \d+"), rb"MODSEQ"),
+             (re.compile(rb"\[(READ-WRITE|READ-ONLY)\].*"), rb"[\1]"),
+             (re.compile(rb"\* OK \[(UNSEEN|PERMANENTFLAGS|UIDNEXT)[^]]*\].*"), rb"* OK [\1]"),
+             (re.compile(rb"\* FLAGS .*"), rb"* FLAGS"),
+             (re.compile(rb"\* (\d+) RECENT"), rb"* n RECENT")]
+
+
+_FLAG_LIST = re.compile(rb"FLAGS \(([^)]*)\)")
+_STATUS_ITEMS = re.compile(rb"^(\* STATUS \S+ )\((.*)\)$")
+_OK_TEXT = re.compile(rb"^(\* OK \[[^]]*\]).*")
+
+
+def mutations(port: int) -> list[tuple[bytes, list[bytes]]]:
+    imap = ib.connect(port)
+    try:
+        ib.ok(imap.login(ib.USER, ib.PASSWORD), "LOGIN")
+        steps = []
+        for command in MUTATIONS:
+            completion, lines = exchange(imap, command)
+            steps.append((volatile_out(completion.split(b" ", 1)[0] + b" " + code_of(completion)),
+                          [volatile_out(line) for line in lines]))
+        return steps
+    finally:
+        ib.logout(imap)
+
+
+def code_of(completion: bytes) -> bytes:
+    words = completion.split(b" ", 1)
+    return words[1].split(b"]")[0] + b"]" if len(words) > 1 and words[1][:1] == b"[" else b""
+
+
+def volatile_out(line: bytes) -> bytes:
+    """A response line with each server's own numbers, word order and wording left out:
+    flags and STATUS items sorted, a date's leading space a zero, OK texts dropped."""
+    for pattern, replacement in _VOLATILE:
+        line = pattern.sub(replacement, line)
+    line = _FLAG_LIST.sub(lambda m: b"FLAGS (" + b" ".join(sorted(m.group(1).split())) + b")",
+                          line)
+    line = _STATUS_ITEMS.sub(lambda m: m.group(1) + b"(" + b" ".join(
+        sorted(re.findall(rb"\w+ \d+", m.group(2)))) + b")", line)
+    line = line.replace(b'INTERNALDATE " ', b'INTERNALDATE "0')
+    return _OK_TEXT.sub(rb"\1", line).strip()
+
+
 def ask(port: int, programs: list[bytes], atoms: list[bytes], count: int,
         seed: int) -> dict[str, Any]:
     """Every question, answered by the server on `port`."""
@@ -570,6 +634,7 @@ def ask(port: int, programs: list[bytes], atoms: list[bytes], count: int,
                              for number, program in enumerate(programs)}
         answers["KEYS"] = {atom: search(imap, atom) for atom in atoms}
         answers["MODSEQ"] = modseq_story(port, seed)  # before the edges: they set \Seen
+        answers["MUTATIONS"] = mutations(port)  # before the edges, as MODSEQ above
         answers["EDGES"] = edges(imap)
         return answers
     finally:
@@ -719,6 +784,14 @@ def main(argv: list[str]) -> int:
     for question in differing:
         print(f"    {question}:\n      dovecot  {str(story[question])[:300]}\n"
               f"      tiermail {str(ours['MODSEQ'][question])[:300]}")
+    differences += len(differing)
+    differing = [n for n, _ in enumerate(MUTATIONS)
+                 if theirs["MUTATIONS"][n] != ours["MUTATIONS"][n]]
+    print(f"Changes and what a session hears of them: {len(differing)} of {len(MUTATIONS)} "
+          "steps answered differently")
+    for n in differing:
+        print(f"    {MUTATIONS[n][:70]!r}\n      dovecot  {theirs['MUTATIONS'][n]}\n"
+              f"      tiermail {ours['MUTATIONS'][n]}")
     differences += len(differing)
     differing = [c for c in EDGES if theirs["EDGES"][c] != ours["EDGES"][c]]
     print(f"Edge commands: {len(differing)} of {len(EDGES)} answered differently")
