@@ -352,6 +352,21 @@ class FilterSMTP(SMTP):
             self._stats.count_reply(line)
         await super().push("\r\n".join(lines))
 
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        """RFC 5321 4.1.1.8 and 4.2.2: help is a 214 reply (aiosmtpd sends 250), an unknown
+        topic 504."""
+        if arg:
+            method = self._smtp_methods.get(arg.upper())
+            if method is None or not self._syntax_available(method):
+                await self.push(f"504 5.5.4 No help for {arg[:40]}")
+                return
+            await self.push(f"214 2.0.0 Syntax: {method.__smtp_syntax__}")
+            return
+        commands = sorted(name for name, method in self._smtp_methods.items()
+                          if self._syntax_available(method))
+        await self.push("214 2.0.0 Supported commands: " + " ".join(commands))
+
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push(replies.AUTH_UNAVAILABLE)
 

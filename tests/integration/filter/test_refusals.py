@@ -103,6 +103,19 @@ async def test_malformed_paths_are_refused_not_rewritten(worker: FilterWorker) -
     assert [r.address for r in queued.envelope.recipients] == [ALICE]
 
 
+async def test_help_is_214(worker: FilterWorker) -> None:
+    """RFC 5321 4.1.1.8: HELP answers 214 (211 for status); a topic it has no help for 504."""
+    def dialog() -> list[tuple[int, bytes]]:
+        with connect(worker.ports[0]) as client:
+            return [client.docmd("HELP"), client.docmd("HELP", "mail"),
+                    client.docmd("HELP", "NOSUCH")]
+
+    (all_code, all_text), (mail_code, mail_text), (unknown, _) = await in_thread(dialog)
+    assert all_code == 214 and b"MAIL" in all_text and b"RCPT" in all_text
+    assert mail_code == 214 and b"MAIL FROM:" in mail_text
+    assert unknown == 504
+
+
 async def test_too_many_recipients_452(directory: Settings) -> None:
     async with running_filter(directory.replace(max_recipients=2)) as worker:
         def transaction() -> tuple[str, tuple[int, bytes]]:
