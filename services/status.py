@@ -35,7 +35,17 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     for tier in ("filter", "store"):
         if redis["reachable"] and tier not in tiers:
             problems.append(f"no {tier} process is reporting")
+    problems += _storage_problems(redis.get("processes", []))
     return {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
+
+
+def _storage_problems(beats: list[dict[str, Any]]) -> list[str]:
+    """Stores that cannot write (their consumer holds the mail until they can)."""
+    now = time.time()
+    return [f"store {beat.get('host')}:{beat.get('pid')} cannot write to its storage for "
+            f"{now - beat['storage_down_since']:.0f} s (disk full? read-only?): deliveries "
+            "wait, unacknowledged, and resume by themselves once it can"
+            for beat in beats if beat.get("tier") == "store" and beat.get("storage_down_since")]
 
 
 async def _broker_status(settings: Settings) -> dict[str, Any]:

@@ -13,7 +13,11 @@ A storage failure falls back to delivering message by message, so one poison mes
 hold the rest back: permanent failures (an unusable owner or mailbox) are dead-lettered like
 unknown owners, anything else is nacked with requeue, and the quorum queue's delivery-limit
 (settings.delivery_attempts, counted in x-delivery-count) dead-letters a message that keeps
-failing. A redelivery of something already stored is a no-op thanks to the `delivered` table.
+failing. Unless the storage itself is failing (a full disk, a read-only or broken file
+system: `MailDB.probe` cannot write): then the messages are held, unacked, and retried once
+the probe succeeds again, so a full disk does not run every queued message through the
+delivery limit in a second. A redelivery of something already stored is a no-op thanks to
+the `delivered` table.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ CONNECT_TIMEOUT = 10.0
 BATCH_TARGET = 16  # messages worth waiting for under load (see settings.store_batch_wait)
 CONFIRM_TIMEOUT = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 10.0
+STORAGE_PAUSE_MIN, STORAGE_PAUSE_MAX = 0.5, 30.0  # between probes while storage fails
 PERMANENT = (NoSuchUser, NoSuchMailbox)
 
 
@@ -54,6 +59,7 @@ class ConsumerStats:
     duplicates: int = 0  # redeliveries found already stored
     dead_lettered: int = 0  # messages rejected or copied to the dead-letter exchange
     requeued: int = 0  # messages nacked back to the queue after a storage failure
+    storage_down_since: float = 0.0  # time the storage probe started failing; 0: it works
     batches: int = 0
     connections: int = 0  # broker sessions started (reconnects show up here)
     consumer_connected: bool = False
@@ -68,6 +74,7 @@ class _Item:
     message: DeliveredMessage
     envelope: Envelope | None = None
     deliveries: list[Delivery] = field(default_factory=list)
+    planned: list[Delivery] = field(default_factory=list)  # `deliveries` before any failed
     missing: list[str] = field(default_factory=list)  # owners to dead-letter a copy for
     reason: str = ""
     ok: bool = True
@@ -248,6 +255,7 @@ class Consumer:
                 else:
                     item.missing.append(owner)
                     item.reason = "no such mailbox owner"
+            item.planned = list(item.deliveries)
             deliveries.extend(item.deliveries)
 
         try:
@@ -264,11 +272,48 @@ class Consumer:
                 self._log_stored(item, uids[position:position + count])
                 position += count
 
+        if not all(item.ok for item in items):
+            await self._retry_once_storage_works(items)
         for item in items:
             if item.ok and item.missing:
                 item.ok = await self._dead_letter_copy(publisher, item)
 
         await self._settle(channel, items)
+
+    async def _retry_once_storage_works(self, items: list[_Item]) -> None:
+        """When the store cannot write at all, the failure is not the messages' fault: hold
+        them (unacked, so nothing is lost if we die) until a probe write succeeds, then try
+        them again. A message that still fails goes back to the queue and counts."""
+        pause = STORAGE_PAUSE_MIN
+        while not await self._storage_works():
+            if not self.stats.storage_down_since:
+                self.stats.storage_down_since = time.time()
+            log.error("storage is failing; holding %d messages, next try in %.1f s",
+                      sum(not item.ok for item in items), pause,
+                      extra={"event": "storage-down"})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), pause)
+            if self._stopping.is_set():
+                return  # stopping: _settle gives them back to the queue
+            pause = min(pause * 2, STORAGE_PAUSE_MAX)
+        if not self.stats.storage_down_since:
+            return  # storage works: the messages themselves failed
+        log.warning("storage works again after %.1f s; retrying",
+                    time.time() - self.stats.storage_down_since,
+                    extra={"event": "storage-up"})
+        self.stats.storage_down_since = 0.0
+        for item in items:
+            if not item.ok:
+                item.ok, item.deliveries = True, list(item.planned)
+                await self._deliver_alone(item)
+
+    async def _storage_works(self) -> bool:
+        try:
+            await self._maildb.probe()
+        except OSError as exc:
+            log.warning("storage probe failed: %s", exc, extra={"event": "storage-probe"})
+            return False
+        return True
 
     def _existing(self, owners: set[str]) -> set[str]:
         return {owner for owner in owners if self._accounts.user_exists(owner)}

@@ -267,6 +267,8 @@ def user_dir_name(user: str) -> str:
         raise NoSuchUser(f"not a valid mailbox owner: {user!r}")
     return user
 
+PROBE_SIZE = 64 * 1024  # a probe write: more than the last few free blocks of a full disk
+
 
 def user_path(root: Path, user: str) -> Path:
     """`root/<sha256(user)[:2]>/<user>`: the directory of one mailbox owner."""
@@ -628,6 +630,22 @@ class MailDB:
         returned value up to (excluding) the status's uidnext are \\Recent for the caller."""
         self.user_path(user)
         return await self._in_writer(self._claim_recent_sync, user, canonical_mailbox(mailbox))
+
+    async def probe(self) -> None:
+        """Raise OSError unless the store can write and sync a small file (the consumer
+        tells a full or broken disk from one bad message with this)."""
+        await asyncio.to_thread(self._probe_sync)
+
+    def _probe_sync(self) -> None:
+        path = self.root / f".probe-{os.getpid()}"
+        try:
+            with open(path, "wb") as file:
+                file.write(b"\0" * PROBE_SIZE)
+                file.flush()
+                os.fsync(file.fileno())
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     async def close(self) -> None:
         if self._closed:

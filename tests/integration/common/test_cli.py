@@ -1,8 +1,12 @@
 """The `tiermail` account commands, run as an operator runs them, against the real Redis."""
 
+import json
+import re
+import time
 
 import redis
 
+from common.health import heartbeat_key
 from common.passwords import verify_password
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
@@ -72,3 +76,20 @@ def test_status_reports_an_unreachable_broker(settings: Settings) -> None:
     result = tiermail(broken, "status")
     assert result.returncode == 1
     assert "RabbitMQ unreachable" in result.stdout
+
+
+def test_status_reports_a_store_that_cannot_write(settings: Settings,
+                                                  redis_client: redis.Redis) -> None:
+    """The store's heartbeat carries the consumer's `storage_down_since`; status names it."""
+    beat = {"tier": "store", "pid": 4242, "host": "mailhost", "started": time.time() - 600,
+            "at": time.time(), "storage_down_since": time.time() - 90}
+    key = heartbeat_key(settings.redis_prefix, "store") + ":4242"
+    redis_client.set(key, json.dumps(beat), ex=60)
+    try:
+        result = tiermail(settings, "status")
+    finally:
+        redis_client.delete(key)
+    assert result.returncode == 1
+    found = re.search(r"store mailhost:4242 cannot write to its storage for (\d+) s",
+                      result.stdout)
+    assert found and 90 <= int(found.group(1)) < 150, result.stdout

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiormq
 import pytest
@@ -181,6 +183,68 @@ async def test_storage_failure_requeues_then_dead_letters(settings: Settings) ->
         assert all(count == 1 for count in seen.values())
     finally:
         await store.stop()
+        await maildb.close()
+
+
+class FullDiskMailDB(MailDB):
+    """A real MailDB on a disk that is 'full' while `full` is set: every write fails with
+    ENOSPC, the consumer's probe included, as on a file system with no blocks left."""
+
+    full = False
+
+    async def deliver_uids(self, deliveries: list[Delivery]) -> list[int | None]:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await super().deliver_uids(deliveries)
+
+    async def probe(self) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await super().probe()
+
+
+async def test_a_full_disk_holds_the_mail_instead_of_dead_lettering_it(
+        settings: Settings) -> None:
+    """With the disk full, every message would fail its delivery limit within a second and be
+    dead-lettered; they wait (unacked) instead, and all arrive once space is back."""
+    settings = settings.replace(delivery_attempts=3)
+    add_users(settings, [ALICE, BOB])
+    maildb = FullDiskMailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    maildb.full = True
+    store = await _running(settings, maildb)
+    try:
+        messages = [make_message(ALICE, BOB) for _ in range(30)]
+        await publish_all(settings, messages)
+        await wait_for(lambda: store.consumer.stats.storage_down_since > 0,
+                       what="the consumer noticing the full disk")
+        await asyncio.sleep(3)  # long enough for 3 attempts of every message many times over
+        assert await store.dead() == 0
+        assert store.consumer.stats.requeued == 0
+        assert store.consumer.stats.delivered == 0
+        maildb.full = False
+        await wait_for(lambda: store.consumer.stats.delivered == 60, within=60,
+                       what="every copy stored once the disk has room")
+        await wait_for(lambda: _zero(store.depth()), what="queue drained")
+        assert await store.dead() == 0
+        assert store.consumer.stats.storage_down_since == 0
+        seen = check_mailboxes(settings.store_dir, [ALICE, BOB])
+        assert set(seen) == {e.queue_id for e, _ in messages}
+        assert all(count == 2 for count in seen.values())  # one copy each for Alice and Bob
+    finally:
+        await store.stop()
+        await maildb.close()
+
+
+async def test_probe_fails_where_the_store_cannot_write(tmp_path: Path) -> None:
+    maildb = MailDB(tmp_path / "mail", inline_max=0)
+    try:
+        await maildb.probe()  # a writable directory
+        assert not list(maildb.root.iterdir())  # and nothing left behind
+        maildb.root.rename(tmp_path / "elsewhere")
+        maildb.root.write_bytes(b"a file where the store's directory was")
+        with pytest.raises(OSError):
+            await maildb.probe()
+    finally:
         await maildb.close()
 
 
