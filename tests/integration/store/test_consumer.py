@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiormq
@@ -230,6 +231,67 @@ async def test_a_full_disk_holds_the_mail_instead_of_dead_lettering_it(
         seen = check_mailboxes(settings.store_dir, [ALICE, BOB])
         assert set(seen) == {e.queue_id for e, _ in messages}
         assert all(count == 2 for count in seen.values())  # one copy each for Alice and Bob
+    finally:
+        await store.stop()
+        await maildb.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs of its own, to be filled to the last block."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.fail(f"mounting a tmpfs needs root (the suite runs as root): {done.stderr}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a ballast file until the file system has no block left."""
+    ballast = disk / "ballast"
+    chunk = b"\0" * (256 * 1024)
+    with open(ballast, "wb", buffering=0) as file:
+        with contextlib.suppress(OSError):
+            while True:
+                file.write(chunk)
+        with contextlib.suppress(OSError):
+            while True:
+                file.write(b"\0" * 512)
+    return ballast
+
+
+async def test_a_really_full_disk_holds_the_mail_until_space_returns(
+        settings: Settings, small_disk: Path) -> None:
+    """The same on a real file system with no space left: SQLite answers SQLITE_FULL, the
+    probe ENOSPC; nothing is dead-lettered, and once the ballast is gone every message is
+    stored exactly once and every index is consistent."""
+    settings = settings.replace(delivery_attempts=3, data_dir=small_disk / "var")
+    add_users(settings, [ALICE])
+    maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    store = await _running(settings, maildb)
+    try:
+        first = [make_message(ALICE)]
+        await publish_all(settings, first)
+        await wait_for(lambda: store.consumer.stats.delivered == 1, what="a first delivery")
+        ballast = fill(small_disk)
+        later = [make_message(ALICE, padding=2000) for _ in range(20)]
+        await publish_all(settings, later)
+        await wait_for(lambda: store.consumer.stats.storage_down_since > 0,
+                       what="the consumer noticing the full disk")
+        await asyncio.sleep(2)
+        assert (await store.dead(), store.consumer.stats.requeued) == (0, 0)
+        assert store.consumer.stats.delivered == 1
+        ballast.unlink()
+        await wait_for(lambda: store.consumer.stats.delivered == 21, within=60,
+                       what="every message stored once there is space")
+        assert await store.dead() == 0
+        seen = check_mailboxes(settings.store_dir, [ALICE])
+        assert seen == {e.queue_id: 1 for e, _ in first + later}
     finally:
         await store.stop()
         await maildb.close()
