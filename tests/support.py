@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,3 +315,30 @@ def check_bodies(user_dir: Path) -> StoredBodies:
     tmp = user_dir / "tmp"
     assert not tmp.is_dir() or not any(tmp.iterdir()), "tmp files left"
     return StoredBodies(inline, {guid: path.read_bytes() for guid, path in files.items()})
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str = "16m") -> Iterator[Path]:
+    """A small file system of its own at `mount` (a tmpfs), to be filled to the last block:
+    disk-full tests on a real file system. The suite runs as root (make install needs it)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"cannot mount a tmpfs (the suite runs as root): {done.stderr}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a ballast file on `disk` until its file system has no block left; delete the
+    returned file to give the space back."""
+    ballast = disk / "ballast"
+    with open(ballast, "wb", buffering=0) as file:
+        for chunk in (b"\0" * (256 * 1024), b"\0" * 512):
+            with contextlib.suppress(OSError):
+                while True:
+                    file.write(chunk)
+    return ballast

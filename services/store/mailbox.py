@@ -30,6 +30,11 @@ class StorageError(Exception):
     """Base of every storage failure a protocol may have to report."""
 
 
+class OutOfSpace(StorageError):
+    """The store's file system is full (or its disk quota spent): a temporary failure, not
+    the fault of the message or the command."""
+
+
 class NoSuchUser(StorageError):
     pass
 

@@ -122,6 +122,7 @@ from services.store.mailbox import (
     NoSuchMailbox,
     NoSuchMessage,
     NoSuchUser,
+    OutOfSpace,
     OverQuota,
     StorageError,
 )
@@ -266,6 +267,21 @@ def user_dir_name(user: str) -> str:
     ):
         raise NoSuchUser(f"not a valid mailbox owner: {user!r}")
     return user
+
+def _space_checked(func: Callable[..., T], *args: object) -> T:
+    """`func(*args)`, with a full file system reported as OutOfSpace whichever layer met it
+    (a file write's ENOSPC or EDQUOT, SQLite's SQLITE_FULL)."""
+    try:
+        return func(*args)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutOfSpace(str(exc)) from exc
+        raise
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise OutOfSpace(str(exc)) from exc
+        raise
+
 
 PROBE_SIZE = 64 * 1024  # a probe write: more than the last few free blocks of a full disk
 
@@ -755,7 +771,8 @@ class MailDB:
         if self._closed:
             raise StorageError("mail store is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, functools.partial(func, *args))
+        return await loop.run_in_executor(self._writer, functools.partial(
+            _space_checked, func, *args))
 
     async def _in_reader(self, func: Callable[..., T], *args: object) -> T:
         if self._closed:
@@ -775,7 +792,7 @@ class MailDB:
         def run() -> T:
             events: list[ChangeEvent] = []
             try:
-                return func(events, *args)
+                return _space_checked(func, events, *args)
             finally:
                 if events:
                     with contextlib.suppress(RuntimeError):  # the loop is gone

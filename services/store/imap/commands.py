@@ -71,6 +71,7 @@ from services.store.mailbox import (
     MessageInfo,
     NoSuchMailbox,
     NoSuchMessage,
+    OutOfSpace,
 )
 
 if TYPE_CHECKING:
@@ -205,7 +206,8 @@ async def select(s: Session, c: Command) -> r.Reply:
     snapshot = await s.store.snapshot(user, args.mailbox)
     await s.between_steps()
     recent_from = (await _unclaimed_recent(s, args.mailbox, snapshot.uids, status.uidnext)
-                   if readonly else await s.store.claim_recent(user, args.mailbox))
+                   if readonly else
+                   await _claim_recent(s, args.mailbox, snapshot.uids, status.uidnext))
     selected = SelectedMailbox(status.name, readonly=readonly, status=status,
                                snapshot=snapshot, recent_from=recent_from, version=version)
     lines = [
@@ -537,6 +539,17 @@ async def fetch(s: Session, c: Command) -> r.Reply:
     return r.NO_EXPUNGED.with_code("EXPUNGEISSUED") if skipped else r.OK_DONE
 
 
+async def _claim_recent(s: Session, mailbox: str, uids: Sequence[int], uidnext: int) -> int:
+    """Claim \\Recent for this session. The claim is a write: with the disk full, SELECT
+    shows the messages as EXAMINE does, unclaimed, rather than fail (reading mail must work
+    when nothing can be written)."""
+    try:
+        return await s.store.claim_recent(s.logged_in_user, mailbox)
+    except OutOfSpace:
+        log.warning("no space to claim \\Recent; showing it unclaimed", extra=s.log_context)
+        return await _unclaimed_recent(s, mailbox, uids, uidnext)
+
+
 async def _unclaimed_recent(s: Session, mailbox: str, uids: Sequence[int],
                             uidnext: int) -> int:
     """EXAMINE shows \\Recent without claiming it (RFC 3501 6.3.2): the messages no
@@ -563,8 +576,13 @@ async def _mark_seen(s: Session, selected: SelectedMailbox, positions: list[int]
               if SEEN not in selected.info(p).flags and not selected.is_gone(p)]
     if not unseen:
         return set()
-    result = await s.store.store_flags(s.logged_in_user, selected.name, unseen, "+",
-                                       frozenset({SEEN}), uidvalidity=selected.uidvalidity)
+    try:
+        result = await s.store.store_flags(s.logged_in_user, selected.name, unseen, "+",
+                                           frozenset({SEEN}), uidvalidity=selected.uidvalidity)
+    except OutOfSpace:
+        # The body is still sent: a full disk must not make mail unreadable.
+        log.warning("no space to set \\Seen; body sent without it", extra=s.log_context)
+        return set()
     selected.update(result.changed)
     return {info.uid for info in result.changed}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import enum
 import logging
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from services.store.imap.protocol.command import Command, ParseError, SearchKey
 from services.store.imap.protocol.grammar import parse_command
 from services.store.imap.protocol.parser import REASON_LITERAL_TOO_BIG, RawCommand, Refused
 from services.store.imap.selected import InvalidSequence, SelectedMailbox
-from services.store.mailbox import Changes, NoSuchMailbox
+from services.store.mailbox import Changes, NoSuchMailbox, OutOfSpace
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +317,9 @@ class Session:
             changes = await self._changes(selected)
             new = selected.apply(changes)
             if new and not selected.readonly:
-                recent_from = await self.store.claim_recent(user, selected.name)
-                selected.mark_recent(new, recent_from)
+                with contextlib.suppress(OutOfSpace):  # a full disk: new mail, not \Recent
+                    recent_from = await self.store.claim_recent(user, selected.name)
+                    selected.mark_recent(new, recent_from)
         lines = selected.updates(allow_expunge=allow_expunge, qresync=self.enabled.qresync,
                                  condstore=self.enabled.condstore)
         if lines:

@@ -24,6 +24,7 @@ from tests.integration.imap.clients import (
     unverified,
 )
 from tests.integration.imap.conftest import ALICE, BOB, USERS, Deliver, ImapStack, StartImap
+from tests.support import fill, tmpfs
 
 SMALL_LITERAL = 4096
 
@@ -345,3 +346,35 @@ async def test_failed_logins_are_throttled_per_ip(
     await in_thread(dialog)
     assert any(b"127.0.0.1" in k or b"ip" in k
                for k in redis_client.scan_iter(match=f"{settings.redis_prefix}*"))
+
+
+async def test_a_full_disk_is_a_temporary_no_and_the_session_goes_on(
+        start_imap: StartImap, maildb: MailDB, deliver: Deliver) -> None:
+    """On a file system with no space left mail stays readable: SELECT (its \\Recent claim
+    is a write) and FETCH BODY[] (its \\Seen is one) answer; APPEND and STORE get NO
+    [UNAVAILABLE] (a temporary failure, RFC 5530; the client keeps its copy), nothing is
+    half-stored, and both work again once there is space."""
+    before = message("before")
+    with tmpfs(maildb.root) as disk:
+        await deliver(ALICE, before)
+        server = Server.of(await start_imap())
+
+        def dialog(expect: str) -> None:
+            raw = server.raw(ALICE)
+            raw.ok("SELECT INBOX")
+            body = raw.ok("FETCH 1 BODY[]")
+            assert any(before in line for line in body.untagged), body
+            appended = raw.literal_command(b"APPEND INBOX", message("during") * 200, plus=True)
+            stored = raw.command("STORE 1 +FLAGS (\\Flagged)")
+            assert (appended.status, stored.status) == (expect, expect), (appended, stored)
+            if expect == "NO":
+                assert b"[UNAVAILABLE]" in appended.text and b"[UNAVAILABLE]" in stored.text
+            assert raw.ok("NOOP").status == "OK"
+            raw.close()
+
+        ballast = fill(disk)
+        await in_thread(lambda: dialog("NO"))
+        assert [m.size for m in await maildb.list_messages(ALICE)] == [len(before)]
+        ballast.unlink()
+        await in_thread(lambda: dialog("OK"))
+        assert len(await maildb.list_messages(ALICE)) == 2

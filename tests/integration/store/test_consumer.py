@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import subprocess
 import time
@@ -29,6 +28,7 @@ from tests.integration.store.helpers import (
     queue_counts,
     wait_for,
 )
+from tests.support import fill, tmpfs
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
 
@@ -238,31 +238,8 @@ async def test_a_full_disk_holds_the_mail_instead_of_dead_lettering_it(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs of its own, to be filled to the last block."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.fail(f"mounting a tmpfs needs root (the suite runs as root): {done.stderr}")
-    try:
+    with tmpfs(tmp_path / "disk") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Write a ballast file until the file system has no block left."""
-    ballast = disk / "ballast"
-    chunk = b"\0" * (256 * 1024)
-    with open(ballast, "wb", buffering=0) as file:
-        with contextlib.suppress(OSError):
-            while True:
-                file.write(chunk)
-        with contextlib.suppress(OSError):
-            while True:
-                file.write(b"\0" * 512)
-    return ballast
 
 
 async def test_a_really_full_disk_holds_the_mail_until_space_returns(
