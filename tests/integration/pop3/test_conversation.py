@@ -9,15 +9,18 @@ import hashlib
 import logging
 import poplib
 import ssl
+from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 
 from common.settings import Settings
+from services.store.backends.maildb import MailDB
 from services.store.mailbox import INBOX, MailStore, MessageInfo, StorageError
 from services.store.pop3 import protocol as p
 from services.store.pop3.session import MAX_BAD_COMMANDS
 from tests.integration.pop3.conftest import ALICE, BOB, USERS, Pop3Stack, StartPop3
+from tests.support import fill, tmpfs
 from tests.unit.pop3.fakes import FakeMailStore
 
 MSG1 = (b"From: carol@example.org\r\nTo: alice@example.test\r\nSubject: one\r\n\r\n"
@@ -567,3 +570,35 @@ async def test_closing_the_server_ends_sessions_without_update(pop3: Pop3Stack) 
     await raw.close()
     assert not pop3.locks.held(ALICE)
     assert len(await pop3.store.list_messages(ALICE, INBOX)) == 1
+
+
+async def test_a_full_disk_leaves_mail_readable_and_keeps_deletions(
+        start_pop3: StartPop3, tmp_path: Path) -> None:
+    """No space left: login, STAT, RETR work; the UPDATE state's deletion cannot be written,
+    so QUIT answers -ERR [SYS/TEMP] and the message is still there, not half-deleted."""
+    maildb = MailDB(tmp_path / "mail", inline_max=64 * 1024)
+    try:
+        with tmpfs(maildb.root) as disk:
+            pop3 = await start_pop3(maildb)
+            await pop3.deliver(ALICE, MSG1)
+            ballast = fill(disk)
+
+            def session() -> bytes:
+                client = poplib.POP3("127.0.0.1", pop3.port, timeout=30)
+                client.user(ALICE)
+                client.pass_(USERS[ALICE])
+                assert client.stat()[0] == 1
+                assert b"\r\n".join(client.retr(1)[1]) + b"\r\n" == MSG1
+                client.dele(1)
+                try:
+                    return client.quit()
+                except poplib.error_proto as refused:
+                    return str(refused).encode()
+
+            answer = await asyncio.to_thread(session)
+            assert answer.startswith((b"-ERR [SYS/TEMP]", b"b'-ERR [SYS/TEMP]")), answer
+            await pop3.wait_unlocked(ALICE)
+            assert len(await maildb.list_messages(ALICE, INBOX)) == 1
+            ballast.unlink()
+    finally:
+        await maildb.close()
