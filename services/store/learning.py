@@ -178,7 +178,27 @@ class Learning:
 
     def send(self, kind: str, user: str, guid: str, message: bytes) -> None:
         """Enqueue one learn job (blocking: a publish with a broker confirm)."""
-        self.actor.send(kind, user, guid, base64.b64encode(message).decode("ascii"))
+        try:
+            self.actor.send(kind, user, guid, base64.b64encode(message).decode("ascii"))
+        finally:
+            self._release_connection()
+
+    def declare(self) -> None:
+        """Declare the learn queues from this thread before the worker starts, so its
+        consumer threads need no second connection of their own to do it."""
+        try:
+            self.broker.declare_queue(self.queue_name, ensure=True)
+        finally:
+            self._release_connection()
+
+    def _release_connection(self) -> None:
+        """Close this thread's broker connection. pika's BlockingConnection answers
+        RabbitMQ's heartbeats only while its thread calls into it, so one left idle in a
+        thread that enqueues now and then is closed by the broker after a minute ("missed
+        heartbeats from client") and pika logs errors about it later. Learn jobs are rare;
+        a connection each costs less than that."""
+        with contextlib.suppress(Exception):
+            del self.broker.connection
 
     def worker(self, threads: int = WORKER_THREADS) -> dramatiq.Worker:
         return dramatiq.Worker(self.broker, worker_threads=threads)
@@ -320,6 +340,7 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
     """`tiermail learner`: consume learn jobs until SIGTERM/SIGINT (or `stop` is set)."""
     stop = stop or threading.Event()
     learning = Learning(settings)
+    learning.declare()
     worker = learning.worker()
 
     def request_stop(signum: int, frame: Any) -> None:

@@ -120,3 +120,19 @@ def test_the_controller_wants_the_password(rspamd_scanner: Scanner) -> None:
     body = b"Subject: x\r\n\r\n" + " ".join(secrets.token_hex(5) for _ in range(40)).encode()
     assert controller_learn(rspamd_scanner, "spam", body, password="").status_code == 401
     assert controller_learn(rspamd_scanner, "spam", body, password="q1").status_code == 401
+
+
+def test_no_broker_connection_is_left_idle(learn_settings: Settings) -> None:
+    """pika's blocking connections answer heartbeats only while their thread uses them: one
+    left open in a thread that enqueues now and then is closed by RabbitMQ a minute later
+    ("missed heartbeats from client") and pika logs errors about it. Declaring and sending
+    close theirs; the job still arrives."""
+    learning = Learning(learn_settings)
+    try:
+        learning.declare()
+        assert not learning.broker.connections
+        learning.send("spam", ALICE, "0" * 32, b"Subject: x\r\n\r\nbody\r\n")
+        assert not learning.broker.connections
+        assert queue_depth(learn_settings, learning.queue_name) == 1
+    finally:
+        learning.close()
