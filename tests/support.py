@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiormq
+import pytest
 from argon2 import PasswordHasher
 
 from common.settings import Settings
@@ -325,7 +326,12 @@ def tmpfs(mount: Path, size: str = "16m") -> Iterator[Path]:
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"cannot mount a tmpfs (the suite runs as root): {done.stderr}")
+        # Not an install step: mounting needs root. CI (and `make test` on a new machine,
+        # which installs packages) run as root; a developer's own account may not.
+        message = f"a full-disk test mounts a tmpfs, which needs root: {done.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     try:
         yield mount
     finally:
