@@ -310,19 +310,13 @@ def set_flags(imap: imaplib.IMAP4, count: int) -> None:
 
 
 def search(imap: imaplib.IMAP4, program: bytes) -> tuple[int, ...] | str:
-    """The UIDs a program finds, or the status line when the server refuses it."""
-    tag = b"s%d" % next(_search_tags)
-    imap.send(tag + b" UID SEARCH CHARSET UTF-8 " + program + b"\r\n")
-    found: list[int] = []
-    while True:
-        line = imap.readline()
-        if not line:
-            raise ib.BenchError(f"connection closed during SEARCH {program[:60]!r}")
-        if line.startswith(b"* SEARCH"):
-            found += [int(n) for n in line[8:].split()]
-        elif line.startswith(tag + b" "):
-            status = line[len(tag) + 1:].split(b" ", 1)[0]
-            return tuple(sorted(found)) if status == b"OK" else status.decode()
+    """The UIDs a program finds, or the status word when the server refuses it."""
+    completion, lines = exchange(imap, b"UID SEARCH CHARSET UTF-8 " + program)
+    status = completion.split(b" ", 1)[0].decode()
+    if status != "OK":
+        return status
+    return tuple(sorted(int(n) for line in lines if line.startswith(b"* SEARCH")
+                        for n in line[8:].split()))
 
 
 # Mailbox names: the same tree on both servers, then LIST and LSUB with wildcards, references
@@ -380,18 +374,33 @@ def answer(imap: imaplib.IMAP4, text: str) -> tuple[str, list[bytes]]:
     return completion.split(b" ", 1)[0].decode(), lines
 
 
-def exchange(imap: imaplib.IMAP4, text: str) -> tuple[bytes, list[bytes]]:
-    """The tagged completion (after the tag) and the untagged lines of one command."""
+def exchange(imap: imaplib.IMAP4, text: str | bytes) -> tuple[bytes, list[bytes]]:
+    """The tagged completion (after the tag) and the untagged lines of one command. A
+    continuation request nobody expected (a literal refused) is answered with an empty line,
+    which ends the command."""
     tag = b"m%d" % next(_search_tags)
-    imap.send(tag + b" " + text.encode() + b"\r\n")
+    imap.send(tag + b" " + (text.encode() if isinstance(text, str) else text) + b"\r\n")
     lines: list[bytes] = []
     while True:
         line = imap.readline()
         if not line:
-            raise ib.BenchError(f"connection closed during {text!r}")
+            raise ib.BenchError(f"connection closed during {text[:60]!r}")
         if line.startswith(tag + b" "):
             return line[len(tag) + 1:].rstrip(b"\r\n"), lines
+        if line.startswith(b"+ "):
+            imap.send(b"\r\n")
+            continue
         lines.append(line.rstrip(b"\r\n"))
+
+
+def status_and_code(completion: bytes, *, name_only: bool = False) -> bytes:
+    """`OK`, `NO [NONEXISTENT]`...: the status word and the response code, without text;
+    `name_only` keeps only the code's name (`[APPENDUID]`, `[BADCHARSET]`)."""
+    status, _, rest = completion.partition(b" ")
+    code = rest.split(b"]")[0] if rest[:1] == b"[" else b""
+    if code and name_only:
+        code = code.split(b" ")[0]
+    return (status + b" " + code + (b"]" if code else b"")).strip()
 
 
 _LIST_LINE = re.compile(rb"^\* (LIST|LSUB) \(([^)]*)\) (.*)$")
@@ -438,23 +447,8 @@ EDGES = ["FETCH 0 FLAGS", "FETCH 99999 FLAGS", "UID FETCH 99999 FLAGS", "FETCH 1
 
 
 def edges(imap: imaplib.IMAP4) -> dict[str, str]:
-    return {command: status_and_code(imap, command) for command in EDGES}
-
-
-def status_and_code(imap: imaplib.IMAP4, command: str) -> str:
-    tag = b"e%d" % next(_search_tags)
-    imap.send(tag + b" " + command.encode() + b"\r\n")
-    while True:
-        line = imap.readline()
-        if not line:
-            raise ib.BenchError(f"connection closed during {command!r}")
-        if line.startswith(tag + b" "):
-            words = line[len(tag) + 1:].rstrip(b"\r\n").split(b" ")
-            coded = len(words) > 1 and words[1][:1] == b"["
-            code = words[1].split(b"]")[0] + b"]" if coded else b""
-            return (words[0] + b" " + code).decode().strip()
-        if line.startswith(b"+ "):  # a continuation we did not expect: end the command
-            imap.send(b"\r\n")
+    return {command: status_and_code(exchange(imap, command)[0], name_only=True).decode()
+            for command in EDGES}
 
 
 # CONDSTORE and QRESYNC: the same random flag changes and expunges on both servers, the
@@ -583,16 +577,11 @@ def mutations(port: int) -> list[tuple[bytes, list[bytes]]]:
         steps = []
         for command in MUTATIONS:
             completion, lines = exchange(imap, command)
-            steps.append((volatile_out(completion.split(b" ", 1)[0] + b" " + code_of(completion)),
+            steps.append((volatile_out(status_and_code(completion)),
                           [volatile_out(line) for line in lines]))
         return steps
     finally:
         ib.logout(imap)
-
-
-def code_of(completion: bytes) -> bytes:
-    words = completion.split(b" ", 1)
-    return words[1].split(b"]")[0] + b"]" if len(words) > 1 and words[1][:1] == b"[" else b""
 
 
 def volatile_out(line: bytes) -> bytes:

@@ -284,10 +284,10 @@ class Consumer:
         """When the store cannot write at all, the failure is not the messages' fault: hold
         them (unacked, so nothing is lost if we die) until a probe write succeeds, then try
         them again. A message that still fails goes back to the queue and counts."""
-        pause = STORAGE_PAUSE_MIN
+        pause, down_since = STORAGE_PAUSE_MIN, 0.0
         while not await self._storage_works():
-            if not self.stats.storage_down_since:
-                self.stats.storage_down_since = time.time()
+            if not down_since:
+                down_since = self.stats.storage_down_since = time.time()
             log.error("storage is failing; holding %d messages, next try in %.1f s",
                       sum(not item.ok for item in items), pause,
                       extra={"event": "storage-down"})
@@ -296,10 +296,9 @@ class Consumer:
             if self._stopping.is_set():
                 return  # stopping: _settle gives them back to the queue
             pause = min(pause * 2, STORAGE_PAUSE_MAX)
-        if not self.stats.storage_down_since:
+        if not down_since:
             return  # storage works: the messages themselves failed
-        log.warning("storage works again after %.1f s; retrying",
-                    time.time() - self.stats.storage_down_since,
+        log.warning("storage works again after %.1f s; retrying", time.time() - down_since,
                     extra={"event": "storage-up"})
         self.stats.storage_down_since = 0.0
         for item in items:

@@ -207,6 +207,7 @@ MESSAGE_COUNT_TRIGGERS = (
 _GUID_RE = re.compile(r"^[0-9a-f]{32}$")
 _EMPTY_FLAGS: frozenset[str] = frozenset()
 USER_PATH_MEMO = 10_000  # owners whose directory path is remembered
+PROBE_SIZE = 64 * 1024  # a probe write: more than the last few free blocks of a full disk
 MAX_ADDRESS = 254  # RFC 5321 4.5.3.1.3 path limit minus the angle brackets
 
 # Mailbox names live only in the index, never in a path; the limits keep LIST replies and the
@@ -267,23 +268,6 @@ def user_dir_name(user: str) -> str:
     ):
         raise NoSuchUser(f"not a valid mailbox owner: {user!r}")
     return user
-
-def _space_checked(func: Callable[..., T], *args: object) -> T:
-    """`func(*args)`, with a full file system reported as OutOfSpace whichever layer met it
-    (a file write's ENOSPC or EDQUOT, SQLite's SQLITE_FULL)."""
-    try:
-        return func(*args)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutOfSpace(str(exc)) from exc
-        raise
-    except sqlite3.OperationalError as exc:
-        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-            raise OutOfSpace(str(exc)) from exc
-        raise
-
-
-PROBE_SIZE = 64 * 1024  # a probe write: more than the last few free blocks of a full disk
 
 
 def user_path(root: Path, user: str) -> Path:
@@ -1811,6 +1795,21 @@ def _write_file(path: Path, data: bytes) -> None:
             os.unlink(path)
         raise
     os.close(fd)
+
+
+def _space_checked(func: Callable[..., T], *args: object) -> T:
+    """`func(*args)`, with a full file system reported as OutOfSpace whichever layer met it
+    (a file write's ENOSPC or EDQUOT, SQLite's SQLITE_FULL)."""
+    try:
+        return func(*args)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutOfSpace(str(exc)) from exc
+        raise
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise OutOfSpace(str(exc)) from exc
+        raise
 
 
 # Link failures that mean "this file system or this file cannot take another link".

@@ -45,7 +45,6 @@ from typing import TypeVar
 from services.store.backends.maildb import MailDB, user_path
 from services.store.backends.sqlite import read_snapshot, transaction
 from services.store.imap.protocol.mime import (
-    Part,
     decoded_text,
     header_lines,
     parse_header_only,
@@ -81,17 +80,13 @@ class MessageText:
     body: str
 
 
-def header_text(part: Part) -> str:
-    return header_lines(part)
-
-
 def message_text(raw: bytes, *, with_body: bool = True) -> MessageText:
     """What TEXT/BODY search: decoded header lines, and the body's decoded text/* parts
     (mime.decoded_text). `with_body=False` parses only the header section."""
     if not with_body:
-        return MessageText(header_text(parse_header_only(raw)), "")
+        return MessageText(header_lines(parse_header_only(raw)), "")
     root = parse_message(raw)
-    return MessageText(header_text(root), decoded_text(raw, root))
+    return MessageText(header_lines(root), decoded_text(raw, root))
 
 
 def fold(text: str) -> str:
