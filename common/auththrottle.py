@@ -21,7 +21,9 @@ Policy:
   from loopback set rate_limit_exempt to "".
 - A limit of 0 turns it off.
 - Redis down or slow: logins are allowed (ARCHITECTURE.md failure contract: IMAP and POP3 keep
-  working without Redis), logged once per outage.
+  working without Redis), logged once per outage. After a failed round trip Redis is left
+  alone for RECHECK_AFTER seconds: a Redis that hangs would otherwise cost every login
+  CHECK_TIMEOUT per round trip (two or three of them) for as long as it hangs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import redis.asyncio
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 
 WINDOW = 600.0  # seconds: the settings speak of "failures per 10 minutes"
 CHECK_TIMEOUT = 1.0  # seconds per Redis round trip; past it the login is allowed
+RECHECK_AFTER = 5.0  # seconds without asking Redis after a round trip failed
 MAX_KEY_USER = 254  # RFC 5321 4.5.3.1.3 path length; longer names are hashed into the key
 
 T = TypeVar("T")
@@ -51,7 +55,8 @@ T = TypeVar("T")
 class AuthThrottle:
     def __init__(self, redis: redis.asyncio.Redis, prefix: str, per_ip: int, per_user: int,
                  window: float = WINDOW, *, exempt: Sequence[Network] = (),
-                 timeout: float = CHECK_TIMEOUT) -> None:
+                 timeout: float = CHECK_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._redis = redis
         self._prefix = prefix + "authfail:"
         self._per_ip = per_ip
@@ -59,7 +64,9 @@ class AuthThrottle:
         self._window_ms = max(1, round(window * 1000))
         self._exempt = tuple(exempt)
         self._timeout = timeout
+        self._clock = clock
         self._redis_down = False
+        self._recheck_at = 0.0
 
     @classmethod
     def from_settings(cls, redis: redis.asyncio.Redis, settings: Settings) -> AuthThrottle:
@@ -87,7 +94,7 @@ class AuthThrottle:
                    if key is not None]
         if not limited:
             return True
-        counts = await self._call(self._redis.mget([key for key, _ in limited]))
+        counts = await self._call(lambda: self._redis.mget([key for key, _ in limited]))
         if counts is None:
             return True
         return all(count is None or int(count) < limit
@@ -102,18 +109,21 @@ class AuthThrottle:
         for key in keys:
             pipe.incr(key)
             pipe.pexpire(key, self._window_ms, nx=True)
-        await self._call(pipe.execute())
+        await self._call(pipe.execute)
 
     async def succeeded(self, ip: str, user: str | None) -> None:
         """A login succeeded: the account's failures are forgotten (the IP's are kept)."""
         key = self.user_key(user)
         if key is not None:
-            await self._call(self._redis.delete(key))
+            await self._call(lambda: self._redis.delete(key))
 
-    async def _call(self, operation: Awaitable[T]) -> T | None:
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T | None:
+        if self._redis_down and self._clock() < self._recheck_at:
+            return None  # Redis is left alone for now
         try:
-            result = await asyncio.wait_for(operation, self._timeout)
+            result = await asyncio.wait_for(operation(), self._timeout)
         except (RedisError, OSError, TimeoutError) as exc:
+            self._recheck_at = self._clock() + RECHECK_AFTER
             if not self._redis_down:
                 self._redis_down = True
                 log.warning("login failures not counted (Redis unavailable, logins allowed): "

@@ -169,11 +169,10 @@ def _change(settings: Settings, db_change: Callable[[Any], Any],
 
 
 async def _mirror(settings: Settings, redis_change: Callable[[Any], Any]) -> None:
-    from redis.asyncio import from_url
-
     from common.directory import Directory
+    from common.redisconn import open_redis
 
-    redis = from_url(settings.redis_url, socket_connect_timeout=3)
+    redis = open_redis(settings, 3.0)
     try:
         directory = Directory(redis, settings.redis_prefix)
         with _accounts(settings) as accounts:

@@ -7,10 +7,10 @@ import time
 from typing import Any
 
 import aiormq
-from redis.asyncio import from_url
 
 from common.directory import Directory
 from common.health import read_heartbeats
+from common.redisconn import open_redis
 from common.settings import Settings
 
 TIMEOUT = 5.0
@@ -79,7 +79,7 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
 
 
 async def _redis_status(settings: Settings) -> dict[str, Any]:
-    redis = from_url(settings.redis_url, socket_connect_timeout=TIMEOUT, socket_timeout=TIMEOUT)
+    redis = open_redis(settings, TIMEOUT)
     try:
         await redis.ping()
         directory = Directory(redis, settings.redis_prefix)

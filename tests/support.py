@@ -177,6 +177,8 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self._threading = threading
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.start()
 
     def start(self) -> None:
@@ -202,6 +204,16 @@ class TcpProxy:
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
+    def hang(self) -> None:
+        """Keep every connection open but pass nothing on, in either direction, and accept
+        new ones that get nothing either: a dependency that stopped answering (a frozen
+        process, a network that drops packets), the case a timeout has to catch."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Pass on again, the held data first."""
+        self._flowing.set()
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -218,10 +230,10 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass

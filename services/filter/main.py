@@ -21,6 +21,7 @@ from common.directory_cache import DirectoryCache
 from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
 from common.ratelimit import RateLimiter, RateLimits, RedisCounter
+from common.redisconn import open_redis
 from common.settings import Settings
 from common.tls import server_context
 from services.filter.backends.scanners import Scanners
@@ -34,7 +35,6 @@ from services.filter.stats import WorkerStats
 log = logging.getLogger(__name__)
 
 AMQP_CONNECT_TIMEOUT = 5.0
-REDIS_TIMEOUT = 5.0
 
 
 @dataclass
@@ -85,11 +85,7 @@ async def open_worker(
     async with contextlib.AsyncExitStack() as stack:
         client: redis.asyncio.Redis | None = None
         if directory is None:
-            client = redis.asyncio.Redis.from_url(
-                settings.redis_url,
-                socket_connect_timeout=REDIS_TIMEOUT,
-                socket_timeout=REDIS_TIMEOUT,
-            )
+            client = open_redis(settings)
             stack.push_async_callback(client.aclose)
             cache = DirectoryCache(Directory(client, settings.redis_prefix), client)
             stack.push_async_callback(_cancel, asyncio.create_task(cache.run()))
@@ -150,8 +146,7 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 def _redis_client(settings: Settings, stack: contextlib.AsyncExitStack) -> redis.asyncio.Redis:
-    client = redis.asyncio.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT)
+    client = open_redis(settings)
     stack.push_async_callback(client.aclose)
     return client
 

@@ -43,10 +43,10 @@ from typing import Any
 
 import dramatiq
 import httpx
-import redis.asyncio as aioredis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from common.health import Heartbeat
+from common.redisconn import open_redis
 from common.settings import Settings
 from services.store.mailbox import (
     HIERARCHY_DELIMITER,
@@ -328,7 +328,7 @@ class LearningHook:
 async def _report_until(stop: threading.Event, settings: Settings,
                         stats: Callable[[], dict[str, int]]) -> None:
     """A heartbeat in Redis (what `tiermail status` lists) until `stop` is set."""
-    redis = aioredis.from_url(settings.redis_url)
+    redis = open_redis(settings)
     try:
         async with Heartbeat(redis, settings.redis_prefix, "learner", stats):
             await asyncio.to_thread(stop.wait)

@@ -22,12 +22,11 @@ import time
 from contextlib import AsyncExitStack
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from common.auththrottle import AuthThrottle
 from common.directory import Directory
 from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
+from common.redisconn import open_redis
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
@@ -89,7 +88,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         indexing = asyncio.create_task(indexer.run(), name="text-indexer")
         stack.push_async_callback(_cancel, indexing)
 
-        redis = aioredis.from_url(settings.redis_url)
+        redis = open_redis(settings)
         stack.push_async_callback(redis.aclose)
         directory = Directory(redis, settings.redis_prefix)
         publisher = asyncio.create_task(_keep_directory_published(directory, accounts),

@@ -15,6 +15,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 
 import pytest
+from imapclient import IMAPClient
 
 from common.settings import Settings
 from tests.e2e.test_inbound_spine import PASSWORD, provision
@@ -157,3 +158,89 @@ def test_broker_link_cut_mid_publish_gives_451_and_loses_nothing(
     finally:
         proxy.cut()
     assert_ledger_holds(settings, ledger)
+
+
+# Redis down (ARCHITECTURE.md, failure contract): RCPT cannot be checked, so the filter answers
+# 451 and accepts nothing; IMAP and POP3 keep serving, and mail already in the queue is still
+# delivered. Redis is taken away through a proxy twice: gone (connections reset, new ones
+# refused) and hung (connections open, nothing answered), which only timeouts can catch.
+
+def rcpt_reply(settings: Settings) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", settings.smtp_port, timeout=60) as smtp:
+        smtp.ehlo("client.example.net")
+        code, reply = smtp.mail("sender@example.net")
+        assert code == 250, reply
+        return smtp.rcpt(USER)
+
+
+def send_one(settings: Settings, sent: list[str]) -> None:
+    msgid = f"<{uuid.uuid4().hex}@redis.example.net>"
+    data = (f"From: sender@example.net\r\nTo: {USER}\r\nSubject: redis away\r\n"
+            f"Message-ID: {msgid}\r\n\r\nbody\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", settings.smtp_port, timeout=60) as smtp:
+        smtp.sendmail("sender@example.net", [USER], data)
+    sent.append(msgid)
+
+
+def mailboxes_serve(settings: Settings, expected: int) -> None:
+    """Log in over IMAP and POP3, read every message, append one over IMAP (then delete it)."""
+    with IMAPClient("127.0.0.1", settings.imap_port, ssl=False, timeout=60) as imap:
+        imap.login(USER, PASSWORD)
+        assert imap.select_folder("INBOX")[b"EXISTS"] == expected
+        bodies = imap.fetch(imap.search("ALL"), ["BODY.PEEK[]"])
+        assert len(bodies) == expected
+        appended = imap.append("Drafts", b"Subject: draft\r\n\r\nwritten while Redis is away\r\n")
+        assert b"APPENDUID" in appended
+        imap.select_folder("Drafts")
+        imap.delete_messages(imap.search("ALL"))
+        imap.expunge()
+    with closing(poplib.POP3("127.0.0.1", settings.pop3_port, timeout=60)) as pop:
+        pop.user(USER)
+        pop.pass_(PASSWORD)
+        assert pop.stat()[0] == expected
+        assert pop.retr(expected)[0].startswith(b"+OK")
+        pop.quit()
+
+
+def test_redis_away_means_451_while_mailboxes_and_delivery_go_on(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    provision(settings)
+    proxy = TcpProxy(6379)
+    db = settings.redis_url.rsplit("/", 1)[1]
+    through_proxy = settings.replace(redis_url=f"redis://127.0.0.1:{proxy.port}/{db}")
+    sent: list[str] = []
+    try:
+        run_tier(through_proxy, "filter").wait_for_port(settings.smtp_port)
+        store = run_tier(through_proxy, "store")
+        store.wait_for_port(settings.pop3_port)
+        send_one(settings, sent)
+        store.stop()
+        for _ in range(5):
+            send_one(settings, sent)  # queued in RabbitMQ while the store is down
+
+        proxy.cut()  # Redis gone
+        wait_until(lambda: rcpt_reply(settings)[0] == 451, timeout=60, what="451 at RCPT")
+        code, reply = rcpt_reply(settings)
+        assert (code, reply[:5]) == (451, b"4.3.0"), reply
+        run_tier(through_proxy, "store").wait_for_port(settings.pop3_port)  # starts without it
+        wait_until(lambda: queue_depth(settings) == 0, timeout=60, what="the queue to drain")
+        mailboxes_serve(settings, expected=len(sent))
+
+        proxy.start()  # Redis back: everything recovers on its own
+        wait_until(lambda: rcpt_reply(settings)[0] == 250, timeout=60, what="250 at RCPT")
+        send_one(settings, sent)
+
+        proxy.hang()  # Redis hung
+        wait_until(lambda: rcpt_reply(settings)[0] == 451, timeout=120, what="451 at RCPT")
+        wait_until(lambda: queue_depth(settings) == 0, timeout=60, what="the queue to drain")
+        mailboxes_serve(settings, expected=len(sent))
+
+        proxy.resume()
+        wait_until(lambda: rcpt_reply(settings)[0] == 250, timeout=60, what="250 at RCPT")
+        send_one(settings, sent)
+        wait_until(lambda: queue_depth(settings) == 0, timeout=60, what="the queue to drain")
+    finally:
+        proxy.cut()
+        proxy.resume()
+    stored = stored_message_ids(settings)
+    assert sorted(stored) == sorted(sent), "a 250 message lost or one delivered twice"

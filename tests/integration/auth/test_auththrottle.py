@@ -12,7 +12,7 @@ from typing import cast
 import pytest
 import redis.asyncio
 
-from common.auththrottle import AuthThrottle
+from common.auththrottle import RECHECK_AFTER, AuthThrottle
 from common.passwords import hash_password
 from common.ratelimit import parse_networks
 from common.settings import Settings
@@ -113,6 +113,52 @@ async def test_logins_are_allowed_while_redis_is_down(settings: Settings) -> Non
     assert await limiter.allowed(REMOTE, ALICE)
     await limiter.succeeded(REMOTE, ALICE)
     await unreachable.aclose()
+
+
+
+class SilentServer:
+    """A TCP peer that takes whatever it is sent and never answers: a hung Redis."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SilentServer:
+        self._server = await asyncio.start_server(self._swallow, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _swallow(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            self.received += len(data)
+        writer.close()
+
+
+async def test_a_hung_redis_is_left_alone_for_a_while_after_it_timed_out(
+        settings: Settings) -> None:
+    now = [1000.0]
+    async with SilentServer() as hung:
+        silent = redis.asyncio.Redis(host="127.0.0.1", port=hung.port)
+        limiter = AuthThrottle(silent, settings.redis_prefix, per_ip=3, per_user=2,
+                               timeout=0.2, clock=lambda: now[0])
+        assert await limiter.allowed(REMOTE, ALICE)  # after the timeout
+        await eventually(lambda: hung.received > 0)
+        await asyncio.sleep(0.1)  # let the server take in everything that was sent
+        asked = hung.received
+        for _ in range(5):  # no more waits: Redis is not asked at all
+            await limiter.failed(REMOTE, ALICE)
+            assert await limiter.allowed(REMOTE, ALICE)
+            await limiter.succeeded(REMOTE, ALICE)
+        assert hung.received == asked
+        now[0] += RECHECK_AFTER
+        assert await limiter.allowed(REMOTE, ALICE)  # asked again, timed out again
+        await eventually(lambda: hung.received > asked)
+        await silent.aclose()
 
 
 # POP3 (USER/PASS and AUTH PLAIN) through the real server.
