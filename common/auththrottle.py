@@ -23,7 +23,8 @@ Policy:
 - Redis down or slow: logins are allowed (ARCHITECTURE.md failure contract: IMAP and POP3 keep
   working without Redis), logged once per outage. After a failed round trip Redis is left
   alone for RECHECK_AFTER seconds: a Redis that hangs would otherwise cost every login
-  CHECK_TIMEOUT per round trip (two or three of them) for as long as it hangs.
+  CHECK_TIMEOUT per round trip (two of them: the check, then the count or the reset) for
+  as long as it hangs.
 """
 
 from __future__ import annotations
