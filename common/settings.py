@@ -99,6 +99,7 @@ class Settings:
     store_inline_max: int = 64 * 1024
     delivery_attempts: int = 10  # broker delivery-limit before a message is dead-lettered
     pop3_timeout: float = 600.0  # RFC 1939 section 3: at least 10 minutes
+    pop3_max_connections: int = 1000  # per store process (POP3 and POP3S together)
     # None: allowed only when bound to loopback (development)
     allow_plaintext_auth: bool | None = None
 

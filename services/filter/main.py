@@ -18,6 +18,7 @@ import redis.asyncio
 from common.broker import Publisher
 from common.directory import Directory
 from common.directory_cache import DirectoryCache
+from common.fdlimit import raise_open_file_limit
 from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
 from common.ratelimit import RateLimiter, RateLimits, RedisCounter
@@ -169,6 +170,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    raise_open_file_limit(settings.smtp_max_connections, "TIERMAIL_SMTP_MAX_CONNECTIONS")
     try:
         async with open_worker(settings) as worker:
             freeze_startup_objects()

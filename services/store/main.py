@@ -24,6 +24,7 @@ from typing import Any
 
 from common.auththrottle import AuthThrottle
 from common.directory import Directory
+from common.fdlimit import raise_open_file_limit
 from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
 from common.redisconn import open_redis
@@ -44,6 +45,9 @@ DIRECTORY_CHECK_INTERVAL = 5.0  # republish if Redis lost or missed directory ch
 DIRECTORY_RETRY_MAX = 10.0
 DELIVERY_QUIET = 0.5  # seconds without a delivery before the text indexer works
 GIL_SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005)
+# Descriptors besides client connections: mailbox indexes kept open (up to 256 by the writer,
+# 8 per reader thread; three descriptors each with WAL), text index files, broker, Redis.
+STORE_FILES = 2048
 
 
 def serve(settings: Settings) -> None:
@@ -67,6 +71,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
+    raise_open_file_limit(settings.imap_max_connections + settings.pop3_max_connections,
+                          "TIERMAIL_IMAP_MAX_CONNECTIONS + TIERMAIL_POP3_MAX_CONNECTIONS",
+                          reserve=STORE_FILES)
 
     async with AsyncExitStack() as stack:
         accounts = AccountDB.for_store(settings.store_dir)

@@ -46,8 +46,9 @@ async def start_pop3_servers(
     context = server_context(settings)
     if locks is None:
         locks = MailboxLocks()
+    sessions: set[asyncio.Task[None]] = set()
     plain = Pop3Listener(settings, mailstore, accounts, locks, context, auth_failure_delay,
-                         implicit_tls=False, throttle=throttle)
+                         sessions, implicit_tls=False, throttle=throttle)
     servers: list[asyncio.AbstractServer] = [
         SessionEndingServer(await asyncio.start_server(plain.serve, settings.bind,
                                                        settings.pop3_port, limit=LINE_LIMIT),
@@ -56,7 +57,8 @@ async def start_pop3_servers(
     log.info("POP3 listening", extra={"event": f"{settings.bind}:{settings.pop3_port}"})
     if context is not None:
         implicit = Pop3Listener(settings, mailstore, accounts, locks, context,
-                                auth_failure_delay, implicit_tls=True, throttle=throttle)
+                                auth_failure_delay, sessions, implicit_tls=True,
+                                throttle=throttle)
         try:
             server = await asyncio.start_server(
                 implicit.serve, settings.bind, settings.pop3s_port, limit=LINE_LIMIT,
@@ -97,11 +99,12 @@ def _buffered(reader: asyncio.StreamReader) -> int:
 class Pop3Listener:
     def __init__(self, settings: Settings, mailstore: MailStore, accounts: AccountDB,
                  locks: MailboxLocks, context: ssl.SSLContext | None,
-                 auth_failure_delay: float, *, implicit_tls: bool,
-                 throttle: AuthThrottle | None = None) -> None:
+                 auth_failure_delay: float, sessions: set[asyncio.Task[None]], *,
+                 implicit_tls: bool, throttle: AuthThrottle | None = None) -> None:
         self._implicit_tls = implicit_tls
         self._throttle = throttle
-        self._sessions: set[asyncio.Task[None]] = set()
+        self._all_sessions = sessions  # both listeners': what the connection limit counts
+        self._sessions: set[asyncio.Task[None]] = set()  # this listener's
         self._settings = settings
         self._mailstore = mailstore
         self._accounts = accounts
@@ -121,11 +124,25 @@ class Pop3Listener:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._all_sessions) >= self._settings.pop3_max_connections:
+            await self._refuse(writer)
+            return
+        self._all_sessions.add(task)
         self._sessions.add(task)
         try:
             await self._serve(reader, writer, self._implicit_tls)
         finally:
             self._sessions.discard(task)
+            self._all_sessions.discard(task)
+
+    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Over the connection limit: a negative greeting (RFC 3206's SYS/TEMP: try again
+        later) and the connection closed, before any session state exists."""
+        peer = writer.get_extra_info("peername")
+        log.warning("too many connections, refusing %s", peer,
+                    extra={"peer": str(peer), "event": "pop3-refused"})
+        writer.write(p.ERR_TOO_MANY_CONNECTIONS.encode())
+        await close_connection(writer, abort=False)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      implicit_tls: bool) -> None:

@@ -20,7 +20,7 @@ from services.store.mailbox import INBOX, MailStore, MessageInfo, StorageError
 from services.store.pop3 import protocol as p
 from services.store.pop3.session import MAX_BAD_COMMANDS
 from tests.integration.pop3.conftest import ALICE, BOB, USERS, Pop3Stack, StartPop3
-from tests.support import fill, tmpfs
+from tests.support import eventually, fill, tmpfs
 from tests.unit.pop3.fakes import FakeMailStore
 
 MSG1 = (b"From: carol@example.org\r\nTo: alice@example.test\r\nSubject: one\r\n\r\n"
@@ -474,6 +474,40 @@ async def test_idle_timeout_closes_without_update(start_pop3: StartPop3, mailsto
     await raw.close()
     await pop3.wait_unlocked(ALICE)
     assert len(await pop3.store.list_messages(ALICE, INBOX)) == 1
+
+
+
+async def test_connections_over_the_limit_get_a_temporary_error(
+        start_pop3: StartPop3, mailstore: MailStore, settings: Settings) -> None:
+    """TIERMAIL_POP3_MAX_CONNECTIONS counts POP3 and POP3S together; one over it is told to
+    come back later and closed, and a place freed is a place taken again."""
+    pop3 = await start_pop3(mailstore, settings.replace(pop3_max_connections=2))
+    first = await Raw.open(pop3.port)  # greeted
+
+    def tls_session() -> poplib.POP3_SSL:
+        return poplib.POP3_SSL("127.0.0.1", pop3.tls_port, context=unverified(), timeout=30)
+
+    second = await asyncio.to_thread(tls_session)
+    refused = Raw(*await asyncio.open_connection("127.0.0.1", pop3.port))
+    assert await refused.line() == p.ERR_TOO_MANY_CONNECTIONS.encode()
+    assert await refused.closed()
+    await refused.close()
+    with pytest.raises(poplib.error_proto, match=r"SYS/TEMP"):
+        await asyncio.to_thread(tls_session)  # POP3S counts towards the same limit
+
+    await first.send(b"QUIT\r\n")  # the sessions still in place are not disturbed
+    await first.close()
+    assert (await asyncio.to_thread(second.user, ALICE)).startswith(b"+OK")
+    await eventually(lambda: _greeted(pop3.port), what="a freed place taken again")
+    await asyncio.to_thread(second.quit)
+
+
+async def _greeted(port: int) -> bool:
+    client = Raw(*await asyncio.open_connection("127.0.0.1", port))
+    try:
+        return (await client.line()).startswith(b"+OK")
+    finally:
+        await client.close()
 
 
 class ExplodingStore(FakeMailStore):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import poplib
 import random
+import resource
 import signal
+import socket
 import time
 from collections.abc import Callable
 
@@ -133,3 +135,33 @@ def test_sigkill_during_delivery_loses_and_duplicates_nothing(
     assert dead_letter_depth(settings) == 0
     print(f"\nstore process: 2000 messages, {kills_mid_delivery} SIGKILLs mid-delivery, "
           "each stored exactly once")
+
+
+def test_clients_past_a_low_open_file_limit_are_all_served(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """Started with a soft limit of 128 descriptors (Debian starts shells and services at
+    1024, below the store's own connection limits), the store raises it to the hard limit:
+    300 IMAP and 200 POP3 clients at once are all greeted, and delivery goes on meanwhile."""
+    add_users(settings, USERS)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard >= 2048, f"the test needs a hard open-file limit of 2048 or more, not {hard}"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+    try:
+        store = run_tier(settings, "store")  # inherits the low soft limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    store.wait_for_port(settings.pop3_port)
+    clients: list[socket.socket] = []
+    try:
+        for port, count, greeting in ((settings.imap_port, 300, b"* OK"),
+                                      (settings.pop3_port, 200, b"+OK")):
+            opened = [socket.create_connection(("127.0.0.1", port), timeout=30)
+                      for _ in range(count)]
+            clients += opened
+            assert all(client.recv(200).startswith(greeting) for client in opened)
+        _publish(settings, 40)
+        wait_until(lambda: stored_count(settings.store_dir, USERS) == 40, timeout=60,
+                   what="40 messages stored while 500 clients are connected")
+    finally:
+        for client in clients:
+            client.close()
