@@ -81,6 +81,9 @@ class Settings:
     smtp_command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
     smtp_data_timeout: float = 180.0  # RFC 5321 4.5.3.2.5: 3 minutes between data blocks
     smtp_max_connections: int = 200  # per filter worker
+    # Open at once from one client address (IPv6: one /64), per filter worker; 0: no limit.
+    # Networks in rate_limit_exempt are not counted. Postfix's default is 50 too.
+    smtp_max_connections_per_ip: int = 50
     smtp_max_errors: int = 20  # client errors in one session before 421 and hang-up
     # RFC 5321 4.5.1: mail to postmaster@ every local domain, and to a bare <postmaster>, MUST
     # be accepted. An address (user or alias) that gets it where the domain has no

@@ -4,7 +4,8 @@ Hardening over aiosmtpd 1.4.6 (see docs: design notes section 1):
 - every 2xx/4xx/5xx reply carries an enhanced status code (`replies.enhance` in `push`);
 - the idle timer is re-armed with the data timeout while DATA lines arrive, so a slow but
   alive upload is not cut off and a stalled one is (RFC 5321 4.5.3.2.5);
-- at most `smtp_max_connections` sessions per worker; the next one gets 421 and is closed;
+- at most `smtp_max_connections` sessions per worker, and `smtp_max_connections_per_ip` of
+  them from one client address; the next one gets 421 and is closed;
 - a client over its connection rate (counted in Redis across all workers, common/ratelimit.py)
   gets 421 instead of the greeting and is closed;
 - per-connection command size limits (aiosmtpd keeps them in a class-level dict that every
@@ -29,7 +30,7 @@ from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
-from common.ratelimit import UNLIMITED, RateLimits
+from common.ratelimit import UNLIMITED, Network, RateLimits, ip_subject, parse_networks
 from common.settings import Settings
 from services.filter.convert import peer_ip
 from services.filter.protocol import replies
@@ -57,6 +58,8 @@ class ServerLimits:
     max_message_size: int
     max_line_length: int  # RFC 5321 4.5.3.1.6: octets per line including CRLF
     max_connections: int
+    max_connections_per_ip: int  # 0: no limit
+    exempt: tuple[Network, ...]  # client networks the per-IP limit does not count
     command_timeout: float  # RFC 5321 4.5.3.2.7
     data_timeout: float  # RFC 5321 4.5.3.2.5
     processing_timeout: float  # end of DATA until our reply (scan + publish)
@@ -69,6 +72,8 @@ class ServerLimits:
             max_message_size=settings.max_message_size,
             max_line_length=settings.max_line_length,
             max_connections=settings.smtp_max_connections,
+            max_connections_per_ip=settings.smtp_max_connections_per_ip,
+            exempt=parse_networks(settings.rate_limit_exempt),
             command_timeout=settings.smtp_command_timeout,
             data_timeout=settings.smtp_data_timeout,
             processing_timeout=publish_deadline + 30.0,
@@ -92,27 +97,42 @@ def _send_line(transport: asyncio.BaseTransport, line: str) -> None:
 
 
 class ConnectionRegistry:
-    """The open sessions of one worker, bounded by `limit`."""
+    """The open sessions of one worker, bounded in all and per client address (the address
+    as the rate limits count it: IPv6 per /64, exempt networks not at all)."""
 
-    def __init__(self, limit: int, stats: WorkerStats) -> None:
-        self._limit = limit
+    def __init__(self, limits: ServerLimits, stats: WorkerStats) -> None:
+        self._limit = limits.max_connections
+        self._per_client_limit = limits.max_connections_per_ip
+        self._exempt = limits.exempt
         self._stats = stats
-        self._open: set[FilterSMTP] = set()
+        self._open: dict[FilterSMTP, str | None] = {}  # connection -> its client's subject
+        self._per_client: collections.Counter[str] = collections.Counter()
         self._empty = asyncio.Event()
         self._empty.set()
 
-    def admit(self, connection: FilterSMTP) -> bool:
+    def admit(self, connection: FilterSMTP, client_ip: str) -> str | None:
+        """None when admitted, else the reply to refuse it with."""
         if len(self._open) >= self._limit:
             self._stats.refused_connections += 1
-            return False
-        self._open.add(connection)
+            return replies.TOO_MANY_CONNECTIONS
+        subject = ip_subject(client_ip, self._exempt) if self._per_client_limit else None
+        if subject is not None and self._per_client[subject] >= self._per_client_limit:
+            self._stats.refused_client_connections += 1
+            return replies.TOO_MANY_FROM_CLIENT
+        self._open[connection] = subject
+        if subject is not None:
+            self._per_client[subject] += 1
         self._empty.clear()
         self._stats.connections += 1
         self._stats.active = len(self._open)
-        return True
+        return None
 
     def release(self, connection: FilterSMTP) -> None:
-        self._open.discard(connection)
+        subject = self._open.pop(connection, None)
+        if subject is not None:
+            self._per_client[subject] -= 1
+            if not self._per_client[subject]:
+                del self._per_client[subject]
         self._stats.active = len(self._open)
         if not self._open:
             self._empty.set()
@@ -190,21 +210,23 @@ class FilterSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first_call = self._original_transport is None  # not the post-STARTTLS call
         if first_call:
-            if not self._registry.admit(self):
-                self._refuse(transport)
+            peer = transport.get_extra_info("peername")
+            refusal = self._registry.admit(self, peer_ip(peer))
+            if refusal is not None:
+                self._refuse(transport, refusal)
                 return
             self._admitted = True
-            self.handler.peer = format_peer(transport.get_extra_info("peername"))
+            self.handler.peer = format_peer(peer)
             # Logging costs CPU per line: the opening is at DEBUG, the end at INFO only when the
             # connection queued nothing (below).
             log.debug("connection opened", extra=self.handler.log_extra())
         super().connection_made(transport)
 
-    def _refuse(self, transport: asyncio.BaseTransport) -> None:
+    def _refuse(self, transport: asyncio.BaseTransport, reply: str) -> None:
         self._refused = True
         peer = format_peer(transport.get_extra_info("peername"))
-        log.warning("too many connections, refusing", extra={"peer": peer})
-        _send_line(transport, replies.TOO_MANY_CONNECTIONS)
+        log.warning("refusing connection: %s", reply, extra={"peer": peer})
+        _send_line(transport, reply)
         transport.close()
 
     async def _handle_client(self) -> None:
@@ -455,7 +477,7 @@ class FilterServer:
         self._tls_context = tls_context
         self._session_ids = session_ids
         self._rate_limits = rate_limits
-        self._registry = ConnectionRegistry(limits.max_connections, stats)
+        self._registry = ConnectionRegistry(limits, stats)
         self._servers: list[asyncio.Server] = []
 
     def new_connection(self) -> FilterSMTP:

@@ -11,6 +11,8 @@ class WorkerStats:
 
     connections: connections admitted since start; active: open right now;
     refused_connections: turned away with 421 because `smtp_max_connections` were open;
+    refused_client_connections: turned away with 421 because that client address already had
+    `smtp_max_connections_per_ip` open;
     accepted: messages queued (250 after the broker confirm);
     rejected / tempfailed: 5xx / 4xx replies sent (any command).
 
@@ -26,6 +28,7 @@ class WorkerStats:
     connections: int = 0
     active: int = 0
     refused_connections: int = 0
+    refused_client_connections: int = 0
     accepted: int = 0
     rejected: int = 0
     tempfailed: int = 0

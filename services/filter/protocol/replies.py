@@ -29,6 +29,7 @@ TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 # 3463 3.3 X.2.2 "mailbox full", temporary so that the mail waits at the sender.
 MAILBOX_FULL = "452 4.2.2 Mailbox full, try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 too many connections"
+TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 # Rate limits (common/ratelimit.py), counted across all workers. 4.7.0 before the
 # greeting, as Postfix's anvil does; 4.7.1 "not authorized" at MAIL FROM. RFC 3463 3.8.

@@ -127,8 +127,10 @@ def send(port: int, message: bytes, rcpts: list[str], sender: str = SENDER,
 class RawClient:
     """A byte-exact SMTP client for edge cases (smuggling, timeouts)."""
 
-    def __init__(self, port: int, timeout: float = 30.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 30.0, source: str = "") -> None:
+        """`source`: the loopback address to connect from (127.0.0.2 is another client)."""
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.file = self.sock.makefile("rb")
 
     def reply(self) -> str:

@@ -256,3 +256,44 @@ async def test_connection_closed_at_once_frees_its_slot(directory: Settings) -> 
         client = await in_thread(RawClient, worker.ports[0])
         with contextlib.closing(client):
             assert (await in_thread(client.reply)).startswith("220 ")
+
+
+async def test_max_connections_per_client_address_421(directory: Settings) -> None:
+    """Two sessions from one address at most (and none exempt here); a third from it gets 421
+    and is closed, while another address is still served, and a freed place is taken."""
+    limits = directory.replace(smtp_max_connections_per_ip=2, rate_limit_exempt="")
+    async with running_filter(limits) as worker:
+        port = worker.ports[0]
+        first, second = await in_thread(RawClient, port), await in_thread(RawClient, port)
+        try:
+            assert (await in_thread(first.reply)).startswith("220 ")
+            assert (await in_thread(second.reply)).startswith("220 ")
+            third = await in_thread(RawClient, port)
+            assert await in_thread(third.reply) == replies.TOO_MANY_FROM_CLIENT
+            assert await in_thread(third.closed)
+            third.close()
+            other = await in_thread(RawClient, port, source="127.0.0.2")
+            assert (await in_thread(other.reply)).startswith("220 ")
+            other.close()
+            assert worker.stats.refused_client_connections == 1
+            assert worker.stats.refused_connections == 0
+            first.close()
+            await eventually(lambda: worker.stats.active == 1)
+            fourth = await in_thread(RawClient, port)
+            assert (await in_thread(fourth.reply)).startswith("220 ")
+            fourth.close()
+        finally:
+            first.close()
+            second.close()
+
+
+async def test_exempt_networks_have_no_per_client_limit(directory: Settings) -> None:
+    limits = directory.replace(smtp_max_connections_per_ip=1)  # loopback is exempt by default
+    async with running_filter(limits) as worker:
+        clients = [await in_thread(RawClient, worker.ports[0]) for _ in range(3)]
+        try:
+            for client in clients:
+                assert (await in_thread(client.reply)).startswith("220 ")
+        finally:
+            for client in clients:
+                client.close()
