@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from common.directory import Lookup
 from common.envelope import Envelope
 from common.settings import Settings
+from services.filter.main import FilterWorker
 from services.filter.protocol import replies
 from services.filter.rules import BareNewlineRule, Verdict
 from tests.integration.filter.conftest import (
@@ -167,26 +169,36 @@ async def test_internal_error_at_rcpt_is_451(settings: Settings) -> None:
     assert rcpt == replies.INTERNAL_ERROR
 
 
+async def two_open_then_third_refused(worker: FilterWorker, reply: str,
+                                      between: Callable[[], Awaitable[None]] | None = None
+                                      ) -> None:
+    """Two sessions greeted, a third answered `reply` and closed; `between` runs while the
+    two are open; then one closes and its place is taken again."""
+    port = worker.ports[0]
+    first, second = await in_thread(RawClient, port), await in_thread(RawClient, port)
+    try:
+        assert (await in_thread(first.reply)).startswith("220 ")
+        assert (await in_thread(second.reply)).startswith("220 ")
+        third = await in_thread(RawClient, port)
+        assert await in_thread(third.reply) == reply
+        assert await in_thread(third.closed)
+        third.close()
+        if between is not None:
+            await between()
+        first.close()
+        await eventually(lambda: worker.stats.active == 1)
+        fourth = await in_thread(RawClient, port)
+        assert (await in_thread(fourth.reply)).startswith("220 ")
+        fourth.close()
+    finally:
+        first.close()
+        second.close()
+
+
 async def test_max_connections_421(directory: Settings) -> None:
     async with running_filter(directory.replace(smtp_max_connections=2)) as worker:
-        port = worker.ports[0]
-        first, second = await in_thread(RawClient, port), await in_thread(RawClient, port)
-        try:
-            assert (await in_thread(first.reply)).startswith("220 ")
-            assert (await in_thread(second.reply)).startswith("220 ")
-            third = await in_thread(RawClient, port)
-            assert await in_thread(third.reply) == replies.TOO_MANY_CONNECTIONS
-            assert await in_thread(third.closed)
-            third.close()
-            assert worker.stats.refused_connections == 1
-            first.close()
-            await eventually(lambda: worker.stats.active == 1)
-            fourth = await in_thread(RawClient, port)
-            assert (await in_thread(fourth.reply)).startswith("220 ")
-            fourth.close()
-        finally:
-            first.close()
-            second.close()
+        await two_open_then_third_refused(worker, replies.TOO_MANY_CONNECTIONS)
+        assert worker.stats.refused_connections == 1
 
 
 async def test_stalled_upload_is_cut_by_data_timeout(directory: Settings) -> None:
@@ -263,28 +275,15 @@ async def test_max_connections_per_client_address_421(directory: Settings) -> No
     and is closed, while another address is still served, and a freed place is taken."""
     limits = directory.replace(smtp_max_connections_per_ip=2, rate_limit_exempt="")
     async with running_filter(limits) as worker:
-        port = worker.ports[0]
-        first, second = await in_thread(RawClient, port), await in_thread(RawClient, port)
-        try:
-            assert (await in_thread(first.reply)).startswith("220 ")
-            assert (await in_thread(second.reply)).startswith("220 ")
-            third = await in_thread(RawClient, port)
-            assert await in_thread(third.reply) == replies.TOO_MANY_FROM_CLIENT
-            assert await in_thread(third.closed)
-            third.close()
-            other = await in_thread(RawClient, port, source="127.0.0.2")
+        async def another_address_is_served() -> None:
+            other = await in_thread(RawClient, worker.ports[0], source="127.0.0.2")
             assert (await in_thread(other.reply)).startswith("220 ")
             other.close()
-            assert worker.stats.refused_client_connections == 1
-            assert worker.stats.refused_connections == 0
-            first.close()
-            await eventually(lambda: worker.stats.active == 1)
-            fourth = await in_thread(RawClient, port)
-            assert (await in_thread(fourth.reply)).startswith("220 ")
-            fourth.close()
-        finally:
-            first.close()
-            second.close()
+
+        await two_open_then_third_refused(worker, replies.TOO_MANY_FROM_CLIENT,
+                                          another_address_is_served)
+        assert worker.stats.refused_client_connections == 1
+        assert worker.stats.refused_connections == 0
 
 
 async def test_exempt_networks_have_no_per_client_limit(directory: Settings) -> None:
