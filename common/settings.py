@@ -109,6 +109,9 @@ class Settings:
     # IMAP (RFC 3501 5.4: the autologout timer is at least 30 minutes; IDLE clients re-issue
     # within 29 minutes, RFC 2177)
     imap_timeout: float = 1800.0
+    # Before LOGIN: RFC 9051 5.4 leaves the pre-authentication timer to the server, so that
+    # connections that never log in cannot hold the connection slots for 30 minutes.
+    imap_login_timeout: float = 60.0
     imap_max_literal: int = 50 * MIB  # APPEND and other literals larger than this: refused
     imap_max_line: int = 64 * 1024  # a command line (without literals)
     imap_max_connections: int = 1000  # per store process

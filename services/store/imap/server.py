@@ -4,7 +4,8 @@
 The server owns the sockets. It reads only when the command parser needs more bytes, so a
 connection never buffers more than one command line plus its literals (both bounded by
 settings, and oversized literals are refused before the client sends them); it answers
-synchronizing literals with a continuation, applies the autologout timer (RFC 3501 5.4),
+synchronizing literals with a continuation, applies the autologout timer (RFC 3501 5.4;
+a shorter one until the client has logged in, as RFC 9051 5.4 allows),
 waits for the client to take what we write (back-pressure), yields to other connections
 between commands so a client that pipelines thousands of commands cannot starve the rest, and
 caps the number of connections. The session (session.py) decides what to answer.
@@ -84,7 +85,8 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.parser = CommandParser(settings.imap_max_line, settings.imap_max_literal)
-        self._timeout = settings.imap_timeout
+        self._timeout = settings.imap_login_timeout  # until `logged_in`
+        self._autologout = settings.imap_timeout
         self._context = context
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -92,6 +94,9 @@ class Connection:
         self.peer_ip = peername[0] if isinstance(peername, tuple) else str(peername)
         self.peer = (f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple)
                      else str(peername))
+
+    def logged_in(self) -> None:
+        self._timeout = self._autologout
 
     async def write(self, data: bytes) -> None:
         """Queue `data`; it goes out at the next `flush` (the end of the command, or before

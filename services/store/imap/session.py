@@ -107,6 +107,11 @@ class Channel(Protocol):
         """Write `reply` and start TLS at once; False when the connection must close."""
         ...
 
+    def logged_in(self) -> None:
+        """The client has authenticated: the idle timer becomes the autologout timer
+        (settings.imap_timeout) instead of the shorter one before login."""
+        ...
+
 
 @dataclass
 class Enabled:
@@ -370,6 +375,7 @@ class Session:
         await throttle.succeeded(ip, user)
         self.user = user
         self.state = State.AUTHENTICATED
+        self.channel.logged_in()
         log.info("logged in", extra=self.log_context)
         return r.OK_LOGGED_IN.with_code(self.capability_code())
 

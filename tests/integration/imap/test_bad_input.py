@@ -195,6 +195,39 @@ async def test_many_bad_commands_end_in_bye(start_imap: StartImap, settings: Set
     await in_thread(dialog)
 
 
+
+async def test_a_connection_that_never_logs_in_is_closed_sooner(
+        start_imap: StartImap, settings: Settings) -> None:
+    """Before login the idle timer is TIERMAIL_IMAP_LOGIN_TIMEOUT, so connections that never
+    log in cannot hold the connection slots for the 30 minutes a logged-in client gets
+    (RFC 9051 5.4 leaves the timer before authentication to the server)."""
+    server = await start_with(start_imap, settings, imap_login_timeout=0.3, imap_timeout=60.0)
+
+    def dialog() -> None:
+        idle = server.raw()
+        logged_in = server.raw(ALICE)
+        time.sleep(1.0)  # past the login timer
+        assert idle.response().startswith(b"* BYE")  # (the client waits 10 s at most)
+        assert idle.closed()
+        assert logged_in.ok("NOOP").status == "OK"
+        logged_in.close()
+
+    await in_thread(dialog)
+
+
+async def test_an_idle_logged_in_session_is_logged_out(
+        start_imap: StartImap, settings: Settings) -> None:
+    server = await start_with(start_imap, settings, imap_timeout=0.5)
+
+    def dialog() -> None:
+        logged_in = server.raw(ALICE)
+        assert logged_in.ok("SELECT INBOX").status == "OK"
+        assert logged_in.response().startswith(b"* BYE")
+        assert logged_in.closed()
+
+    await in_thread(dialog)
+
+
 async def test_bad_commands_now_and_then_do_not_end_a_long_session(
         start_imap: StartImap, settings: Settings) -> None:
     """The limit counts BADs in a row: a client that sends one unknown command per sync
