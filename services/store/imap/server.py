@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024  # octets asked of the socket per read
 FLUSH_AT = 64 * 1024  # queued response octets that are sent without waiting for the end
+# Literals before login carry a user name or password (LOGIN) or an ID parameter: the
+# APPEND-sized limit (50 MiB by default) would let every connection that never logs in make
+# the store hold that much memory.
+PRE_LOGIN_MAX_LITERAL = 8 * 1024
 TLS_HANDSHAKE_TIMEOUT = 30.0
 LITERAL_CONTINUATION = wire.continuation("Ready for literal data")
 _REDACTED_COMMANDS = (b"LOGIN", b"AUTHENTICATE")
@@ -84,8 +88,11 @@ class Connection:
                  settings: Settings, context: ssl.SSLContext | None) -> None:
         self.reader = reader
         self.writer = writer
-        self.parser = CommandParser(settings.imap_max_line, settings.imap_max_literal)
-        self._timeout = settings.imap_login_timeout  # until `logged_in`
+        # Until `logged_in`: a short idle timer and small literals, so that connections that
+        # never log in can neither hold the connection slots nor the memory for long.
+        self.parser = CommandParser(settings.imap_max_line, PRE_LOGIN_MAX_LITERAL)
+        self._max_literal = settings.imap_max_literal
+        self._timeout = settings.imap_login_timeout
         self._autologout = settings.imap_timeout
         self._context = context
         self._pending: list[bytes] = []
@@ -97,6 +104,7 @@ class Connection:
 
     def logged_in(self) -> None:
         self._timeout = self._autologout
+        self.parser.limit_literals(self._max_literal)
 
     async def write(self, data: bytes) -> None:
         """Queue `data`; it goes out at the next `flush` (the end of the command, or before

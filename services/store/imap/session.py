@@ -109,7 +109,8 @@ class Channel(Protocol):
 
     def logged_in(self) -> None:
         """The client has authenticated: the idle timer becomes the autologout timer
-        (settings.imap_timeout) instead of the shorter one before login."""
+        (settings.imap_timeout) instead of the shorter one before login, and literals may be
+        as large as settings.imap_max_literal instead of a few KiB."""
         ...
 
 

@@ -17,6 +17,7 @@ from imapclient import IMAPClient
 
 from common.settings import Settings
 from services.store.backends.maildb import MailDB
+from services.store.imap.server import PRE_LOGIN_MAX_LITERAL
 from tests.integration.imap.clients import (
     Server,
     in_thread,
@@ -124,6 +125,28 @@ async def test_oversized_literal_refused_before_it_is_read(
 
     await in_thread(dialog)
     assert len(await maildb.list_messages(ALICE)) == 1
+
+
+
+async def test_literals_before_login_are_small(server: Server) -> None:
+    """Before login a literal only carries a name, a password or an ID value: one of the
+    APPEND size (50 MiB by default) is refused unsent, so connections that never log in
+    cannot make the store hold that memory; after login APPEND takes its usual size."""
+
+    def dialog() -> None:
+        raw = server.raw()
+        assert raw.command(b"LOGIN {%d}" % (PRE_LOGIN_MAX_LITERAL + 1)).status in ("BAD", "NO")
+        plus = b"x" * (PRE_LOGIN_MAX_LITERAL + 1)
+        raw.send(b"p1 ID (\"name\" {%d+}\r\n" % len(plus) + plus + b")\r\n")
+        assert not raw.response().startswith(b"p1 OK")
+        password = USERS[ALICE].encode()
+        assert raw.literal_command(b"LOGIN " + ALICE.encode(), password).status == "OK"
+        big = message("after login", "z" * 78 + "\r\n" + ("y" * 78 + "\r\n") * 200)
+        assert len(big) > PRE_LOGIN_MAX_LITERAL
+        assert raw.literal_command(b"APPEND INBOX", big).status == "OK"
+        raw.close()
+
+    await in_thread(dialog)
 
 
 async def test_overlong_command_line(start_imap: StartImap, settings: Settings) -> None:

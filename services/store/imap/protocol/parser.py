@@ -114,12 +114,8 @@ class CommandParser:
 
     def __init__(self, max_line: int, max_literal: int, literal_minus: bool = False) -> None:
         self.max_line = max_line
-        self.max_literal = max_literal
-        self._non_sync_limit = max_literal
-        if literal_minus:
-            self._non_sync_limit = min(max_literal, LITERAL_MINUS_LIMIT)
-        # Beyond this much refused input we stop counting and ask the session to hang up.
-        self._sanity_limit = 2 * max_literal + max_line
+        self._literal_minus = literal_minus
+        self.limit_literals(max_literal)
         self._tag_window = max(1, min(_MAX_TAG_WINDOW, max_line - 1))
         self._buf = bytearray()
         self._scanned = 0  # octets of _buf known to contain no LF
@@ -139,6 +135,15 @@ class CommandParser:
         self._skip_tail = b""
         self._skip_follows_literals = True
         self.closed = False  # after Refused(close=True): input is ignored from then on
+
+    def limit_literals(self, max_literal: int) -> None:
+        """Literals larger than this are refused from the next command on."""
+        self.max_literal = max_literal
+        self._non_sync_limit = max_literal
+        if self._literal_minus:
+            self._non_sync_limit = min(max_literal, LITERAL_MINUS_LIMIT)
+        # Beyond this much refused input we stop counting and ask the session to hang up.
+        self._sanity_limit = 2 * max_literal + self.max_line
 
     def feed(self, data: bytes) -> None:
         if not self.closed:
