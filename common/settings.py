@@ -84,6 +84,10 @@ class Settings:
     # Open at once from one client address (IPv6: one /64), per filter worker; 0: no limit.
     # Networks in rate_limit_exempt are not counted. Postfix's default is 50 too.
     smtp_max_connections_per_ip: int = 50
+    # Octets of message data one filter worker holds at once, across its sessions (DATA as
+    # it arrives, until published); a message that would take more gets 452 4.3.1 and its
+    # sender retries. Keep it at several times max_message_size.
+    smtp_data_memory: int = 1024 * MIB
     smtp_max_errors: int = 20  # client errors in one session before 421 and hang-up
     # RFC 5321 4.5.1: mail to postmaster@ every local domain, and to a bare <postmaster>, MUST
     # be accepted. An address (user or alias) that gets it where the domain has no

@@ -153,7 +153,7 @@ def _redis_client(settings: Settings, stack: contextlib.AsyncExitStack) -> redis
 
 
 def _health(server: FilterServer, stats: WorkerStats) -> dict[str, object]:
-    return {"ports": server.ports, **stats.snapshot()}
+    return {"ports": server.ports, "data_held": server.data_held, **stats.snapshot()}
 
 
 async def _connect_early(publisher: Publisher) -> None:

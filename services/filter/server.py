@@ -35,7 +35,7 @@ from common.settings import Settings
 from services.filter.convert import peer_ip
 from services.filter.protocol import replies
 from services.filter.protocol.address import parse_path, parse_simple_path
-from services.filter.protocol.data import DataError, DataReceiver, DataResult
+from services.filter.protocol.data import DataError, DataMemory, DataReceiver, DataResult
 from services.filter.rules import Rule
 from services.filter.session import (
     FilterSession,
@@ -64,6 +64,7 @@ class ServerLimits:
     data_timeout: float  # RFC 5321 4.5.3.2.5
     processing_timeout: float  # end of DATA until our reply (scan + publish)
     max_errors: int = 20  # client errors before we hang up, like Postfix's hard error limit
+    data_memory: int = 1024 * 1024 * 1024  # message octets held at once, all sessions
 
     @classmethod
     def from_settings(cls, settings: Settings, publish_deadline: float) -> ServerLimits:
@@ -78,6 +79,7 @@ class ServerLimits:
             data_timeout=settings.smtp_data_timeout,
             processing_timeout=publish_deadline + 30.0,
             max_errors=settings.smtp_max_errors,
+            data_memory=settings.smtp_data_memory,
         )
 
 
@@ -174,6 +176,7 @@ class FilterSMTP(SMTP):
         stats: WorkerStats,
         tls_context: ssl.SSLContext | None,
         loop: asyncio.AbstractEventLoop,
+        data_memory: DataMemory,
         rate_limits: RateLimits = UNLIMITED,
     ) -> None:
         # Both are read by SMTP.__init__, so they are set first, on the instance.
@@ -195,6 +198,7 @@ class FilterSMTP(SMTP):
         self.handler = handler
         self._limits = limits
         self._registry = registry
+        self._data_memory = data_memory
         self._stats = stats
         self._rate_limits = rate_limits
         self._admitted = False
@@ -406,13 +410,28 @@ class FilterSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        receiver = DataReceiver(self.data_size_limit, self.line_length_limit, self._data_memory)
+        try:
+            await self._transaction(receiver)
+        finally:
+            receiver.release()  # published, refused or abandoned: the memory is free again
+        if self._closing and self.transport is not None:
+            await self.push(replies.SHUTTING_DOWN)
+            self.transport.close()
+
+    async def _transaction(self, receiver: DataReceiver) -> None:
+        assert self.envelope is not None
         self._receiving_data = True
         try:
-            received = await self._receive_data()
+            received = await self._receive_data(receiver)
         finally:
             self._receiving_data = False
         try:
             if received.error is not None:
+                if received.error is DataError.NO_ROOM:
+                    self._stats.data_memory_full += 1
+                    log.warning("no memory left for message data (%d octets held)",
+                                self._data_memory.held, extra=self.handler.log_extra())
                 await self.push(_DATA_ERRORS[received.error])
                 return
             self.envelope.content = self.envelope.original_content = received.content
@@ -425,12 +444,8 @@ class FilterSMTP(SMTP):
             self._set_post_data_state()  # the transaction is over, whatever failed
             self._busy = False
             self._reset_timeout()
-        if self._closing and self.transport is not None:
-            await self.push(replies.SHUTTING_DOWN)
-            self.transport.close()
 
-    async def _receive_data(self) -> DataResult:
-        receiver = DataReceiver(self.data_size_limit, self.line_length_limit)
+    async def _receive_data(self, receiver: DataReceiver) -> DataResult:
         while True:
             # More than the reader can hold (it stops reading at twice its limit, and one
             # transport read is at most 256 KiB), so each read empties its buffer and the
@@ -448,6 +463,7 @@ class FilterSMTP(SMTP):
 _DATA_ERRORS = {
     DataError.TOO_MUCH: replies.MESSAGE_TOO_BIG,
     DataError.TOO_LONG: replies.LINE_TOO_LONG,
+    DataError.NO_ROOM: replies.NO_MEMORY_FOR_DATA,
 }
 READ_ALL = 16 * 1024 * 1024
 
@@ -478,6 +494,7 @@ class FilterServer:
         self._session_ids = session_ids
         self._rate_limits = rate_limits
         self._registry = ConnectionRegistry(limits, stats)
+        self._data_memory = DataMemory(limits.data_memory)
         self._servers: list[asyncio.Server] = []
 
     def new_connection(self) -> FilterSMTP:
@@ -494,6 +511,7 @@ class FilterServer:
             handler,
             limits=self.limits,
             registry=self._registry,
+            data_memory=self._data_memory,
             stats=self.stats,
             tls_context=self._tls_context,
             loop=asyncio.get_running_loop(),
@@ -506,6 +524,11 @@ class FilterServer:
         self._servers.append(server)
         log.info("listening on %s:%d", host, port, extra={"event": "smtp-listen"})
         return server
+
+    @property
+    def data_held(self) -> int:
+        """Octets of message data held right now, out of limits.data_memory."""
+        return self._data_memory.held
 
     @property
     def ports(self) -> list[int]:

@@ -14,7 +14,9 @@ class WorkerStats:
     refused_client_connections: turned away with 421 because that client address already had
     `smtp_max_connections_per_ip` open;
     accepted: messages queued (250 after the broker confirm);
-    rejected / tempfailed: 5xx / 4xx replies sent (any command).
+    rejected / tempfailed: 5xx / 4xx replies sent (any command);
+    data_memory_full: messages refused with 452 4.3.1 because the worker already held
+    `smtp_data_memory` octets of message data.
 
     Scanning, at DATA (see services/filter/rules/spam.py, virus.py):
     spam_ham / spam_junk / spam_rejected / spam_tempfailed: spam verdicts;
@@ -29,6 +31,7 @@ class WorkerStats:
     active: int = 0
     refused_connections: int = 0
     refused_client_connections: int = 0
+    data_memory_full: int = 0
     accepted: int = 0
     rejected: int = 0
     tempfailed: int = 0

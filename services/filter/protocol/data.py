@@ -11,7 +11,12 @@ delivered and does the per-line work with C-level bytes operations instead:
 - limits, reported only once the content has ended (4.2.5: the reply comes after the
   data): more than `size_limit` octets (as sent, stuffing dots and CRLFs included, the final
   "." line excluded) is TOO_MUCH, and from then on nothing more is kept; a line longer than
-  `line_limit` octets (its CRLF and any stuffing dot included) is TOO_LONG.
+  `line_limit` octets (its CRLF and any stuffing dot included) is TOO_LONG;
+- memory: every octet kept is first taken from the worker's `DataMemory`, shared by all its
+  sessions. When it runs out, the content is dropped as for TOO_MUCH and the result is
+  NO_ROOM, a temporary refusal: many large uploads at once are refused, one by one, instead
+  of making the worker run out of memory and drop every session. The session gives the
+  octets back (`DataReceiver.release`) when the transaction is over.
 
 Pure: no I/O. The session feeds it chunks and pushes back the bytes after the end (a
 pipelining client may send its next command in the same packet).
@@ -29,6 +34,24 @@ _LINE_START = b"\r\n"  # a virtual line ending before the first line: "." first 
 class DataError(enum.Enum):
     TOO_MUCH = "too much mail data"
     TOO_LONG = "line too long"
+    NO_ROOM = "no memory left for mail data"
+
+
+class DataMemory:
+    """Octets of message data one worker may hold at once, across all its sessions."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, octets: int) -> bool:
+        if self.held + octets > self.limit:
+            return False
+        self.held += octets
+        return True
+
+    def give_back(self, octets: int) -> None:
+        self.held -= octets
 
 
 @dataclass(frozen=True)
@@ -39,34 +62,59 @@ class DataResult:
 
 
 class DataReceiver:
-    def __init__(self, size_limit: int | None, line_limit: int) -> None:
+    def __init__(self, size_limit: int | None, line_limit: int,
+                 memory: DataMemory | None = None) -> None:
         self._size_limit = size_limit or None
         self._line_limit = line_limit
+        self._memory = memory
+        self._held = 0  # octets taken from `memory`
         self._buffer = bytearray(_LINE_START)
         self._offset = 0  # stream position of buffer[0] (the virtual CRLF is position 0)
         self._search_from = 0
         self._too_much = False
+        self._no_room = False
 
     def feed(self, chunk: bytes) -> DataResult | None:
         """Add received bytes; the result once the end of data has arrived, else None."""
         buffer = self._buffer
         buffer += chunk
+        if not (self._too_much or self._no_room or self._take(len(chunk))):
+            self._no_room = True
         end = buffer.find(END, self._search_from)
         if end < 0:
             self._search_from = max(0, len(buffer) - (len(END) - 1))
             # The last len(END) - 1 octets may be the start of the end marker: not counted.
-            if self._too_much or self._over_limit(len(buffer) - (len(END) - 1)):
+            if not self._too_much and self._over_limit(len(buffer) - (len(END) - 1)):
+                self._too_much = True
+            if self._too_much or self._no_room:
                 self._drop_content()
             return None
         leftover = bytes(buffer[end + len(END):])
         # The CRLF that precedes the "." ends the last line: it is content.
         if self._too_much or self._over_limit(end + len(_LINE_START)):
             return DataResult(b"", DataError.TOO_MUCH, leftover)
+        if self._no_room:
+            return DataResult(b"", DataError.NO_ROOM, leftover)
         raw = bytes(buffer[:end + len(_LINE_START)])
         self._buffer = bytearray()
         if _longest_line(raw) > self._line_limit:
             return DataResult(b"", DataError.TOO_LONG, leftover)
         return DataResult(raw.replace(b"\r\n.", b"\r\n")[len(_LINE_START):], None, leftover)
+
+    def release(self) -> None:
+        """Give back what this message held of the worker's memory (once it is published,
+        refused or abandoned)."""
+        if self._memory is not None:
+            self._memory.give_back(self._held)
+        self._held = 0
+
+    def _take(self, octets: int) -> bool:
+        if self._memory is None:
+            return True
+        if not self._memory.take(octets):
+            return False
+        self._held += octets
+        return True
 
     def _over_limit(self, content_end: int) -> bool:
         """Whether the content up to buffer index `content_end` exceeds the size limit."""
@@ -74,8 +122,9 @@ class DataReceiver:
         return self._size_limit is not None and size > self._size_limit
 
     def _drop_content(self) -> None:
-        """Past the size limit: keep only what may be the start of the end marker."""
-        self._too_much = True
+        """Past the size limit or out of memory: keep only what may be the start of the end
+        marker."""
+        self.release()
         excess = len(self._buffer) - (len(END) - 1)
         if excess > 0:
             del self._buffer[:excess]

@@ -62,6 +62,9 @@ RELAY_DENIED = "554 5.7.1 Relay access denied"
 # (<LF>.<LF> or <CR>.<CR> read as end-of-data by some other server).
 BARE_NEWLINE = "554 5.6.0 Message refused: bare CR or LF in message (RFC 5321 2.3.8)"
 MESSAGE_TOO_BIG = "552 5.3.4 Message too big for system"
+# RFC 5321 4.2.2 452 and RFC 3463 4.3.1 (mail system full): the worker holds as much message
+# data as it may at once; the sender retries later.
+NO_MEMORY_FOR_DATA = "452 4.3.1 Insufficient system storage, try again later"
 SPAM_REJECTED = "550 5.7.1 Message refused as spam"
 SPAM_REJECTED_TEXT = "550 5.7.1 {text}"  # rspamd's smtp_message, made one safe line
 VIRUS_FOUND = "554 5.7.1 Message refused: virus {signature} found"

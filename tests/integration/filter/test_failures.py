@@ -296,3 +296,45 @@ async def test_exempt_networks_have_no_per_client_limit(directory: Settings) -> 
         finally:
             for client in clients:
                 client.close()
+
+
+async def test_uploads_beyond_the_workers_data_memory_get_452_and_go_through_later(
+        directory: Settings) -> None:
+    """A worker holds at most TIERMAIL_SMTP_DATA_MEMORY octets of message data at once: one
+    more message while it is full gets 452 4.3.1 (the sender retries), the upload in progress
+    is not harmed, and once it is through there is room again. Nothing is lost."""
+    body = (b"x" * 78 + b"\r\n") * 500  # 40,000 octets
+    async with running_filter(directory.replace(smtp_data_memory=64 * 1024)) as worker:
+        def open_transaction() -> RawClient:
+            client = RawClient(worker.ports[0])
+            client.reply()
+            client.command(b"EHLO client.remote.test\r\n")
+            assert client.command(b"MAIL FROM:<" + SENDER.encode() + b">\r\n").startswith("250")
+            assert client.command(b"RCPT TO:<" + ALICE.encode() + b">\r\n").startswith("250")
+            assert client.command(b"DATA\r\n").startswith("354")
+            return client
+
+        uploading = await in_thread(open_transaction)
+        await in_thread(uploading.sock.sendall, message("first", body))  # not ended: held
+        await eventually(lambda: worker.server.data_held >= len(body), what="the first held")
+
+        def conversation() -> tuple[str, str, str]:
+            refused = open_transaction()
+            full = refused.command(message("second", body) + b".\r\n")
+            done = uploading.command(b".\r\n")
+            assert refused.command(b"MAIL FROM:<" + SENDER.encode() + b">\r\n").startswith("250")
+            assert refused.command(b"RCPT TO:<" + ALICE.encode() + b">\r\n").startswith("250")
+            assert refused.command(b"DATA\r\n").startswith("354")
+            retried = refused.command(message("second", body) + b".\r\n")
+            uploading.close()
+            refused.close()
+            return full, done, retried
+
+        full, done, retried = await in_thread(conversation)
+        assert full == replies.NO_MEMORY_FOR_DATA
+        assert done.startswith("250 ") and retried.startswith("250 ")
+        assert worker.stats.data_memory_full == 1
+        await eventually(lambda: worker.server.data_held == 0, what="all memory given back")
+    subjects = sorted(q.body.split(b"Subject: ")[1].split(b"\r\n")[0]
+                      for q in await drain_queue(directory))
+    assert subjects == [b"first", b"second"]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.filter.protocol.data import DataError, DataReceiver, DataResult
+from services.filter.protocol.data import DataError, DataMemory, DataReceiver, DataResult
 
 LINE_LIMIT = 100
 
@@ -139,3 +139,47 @@ def test_same_as_line_by_line(pieces: list[bytes], chunks: list[int], size_limit
             and got.error is DataError.TOO_MUCH:
         return  # both are refusals; which is reported first is not specified
     assert got == expected
+
+
+# The worker's memory for message data (DataMemory), shared by its sessions.
+
+def test_a_message_holds_its_octets_until_released() -> None:
+    memory = DataMemory(10_000)
+    receiver = DataReceiver(None, LINE_LIMIT, memory)
+    wire = b"a" * 50 + b"\r\n.\r\n"
+    result = receiver.feed(wire)
+    assert result is not None and result.error is None
+    assert memory.held == len(wire)
+    receiver.release()
+    assert memory.held == 0
+    receiver.release()  # twice is harmless
+    assert memory.held == 0
+
+
+def test_out_of_memory_is_a_temporary_refusal_that_keeps_nothing() -> None:
+    memory = DataMemory(1000)
+    first = DataReceiver(None, LINE_LIMIT, memory)
+    assert first.feed(b"x" * 60 + b"\r\n") is None  # a message still arriving, holding 62
+    second = DataReceiver(None, LINE_LIMIT, memory)
+    for _ in range(20):
+        assert second.feed(b"y" * 60 + b"\r\n") is None
+    assert memory.held == 62  # the second let go of what it had once memory ran out
+    result = second.feed(b".\r\nQUIT\r\n")
+    assert result == DataResult(b"", DataError.NO_ROOM, b"QUIT\r\n")
+    second.release()
+    assert memory.held == 62
+    first.release()
+    assert memory.held == 0
+    third = DataReceiver(None, LINE_LIMIT, memory)  # room again: accepted
+    result = third.feed(b"y" * 60 + b"\r\n" + b".\r\n")
+    assert result is not None and result.error is None
+
+
+def test_too_big_is_permanent_even_when_memory_ran_out_first() -> None:
+    memory = DataMemory(100)
+    receiver = DataReceiver(500, LINE_LIMIT, memory)
+    for _ in range(10):
+        assert receiver.feed(b"z" * 60 + b"\r\n") is None
+    result = receiver.feed(b".\r\n")
+    assert result is not None and result.error is DataError.TOO_MUCH
+    assert memory.held == 0
