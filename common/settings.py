@@ -117,6 +117,9 @@ class Settings:
     # connections that never log in cannot hold the connection slots for 30 minutes.
     imap_login_timeout: float = 60.0
     imap_max_literal: int = 50 * MIB  # APPEND and other literals larger than this: refused
+    # Literals arriving at once on all IMAP connections of the store; one more gets
+    # NO [UNAVAILABLE] (a slowly sent literal holds its memory as long as it takes).
+    imap_literal_memory: int = 1024 * MIB
     imap_max_line: int = 64 * 1024  # a command line (without literals)
     imap_max_connections: int = 1000  # per store process
     imap_max_errors: int = 20  # BAD replies in a row before BYE and hang-up

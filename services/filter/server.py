@@ -30,12 +30,13 @@ from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
+from common.budget import MemoryBudget
 from common.ratelimit import UNLIMITED, Network, RateLimits, ip_subject, parse_networks
 from common.settings import Settings
 from services.filter.convert import peer_ip
 from services.filter.protocol import replies
 from services.filter.protocol.address import parse_path, parse_simple_path
-from services.filter.protocol.data import DataError, DataMemory, DataReceiver, DataResult
+from services.filter.protocol.data import DataError, DataReceiver, DataResult
 from services.filter.rules import Rule
 from services.filter.session import (
     FilterSession,
@@ -176,7 +177,7 @@ class FilterSMTP(SMTP):
         stats: WorkerStats,
         tls_context: ssl.SSLContext | None,
         loop: asyncio.AbstractEventLoop,
-        data_memory: DataMemory,
+        data_memory: MemoryBudget,
         rate_limits: RateLimits = UNLIMITED,
     ) -> None:
         # Both are read by SMTP.__init__, so they are set first, on the instance.
@@ -494,7 +495,7 @@ class FilterServer:
         self._session_ids = session_ids
         self._rate_limits = rate_limits
         self._registry = ConnectionRegistry(limits, stats)
-        self._data_memory = DataMemory(limits.data_memory)
+        self._data_memory = MemoryBudget(limits.data_memory)
         self._servers: list[asyncio.Server] = []
 
     def new_connection(self) -> FilterSMTP:

@@ -12,7 +12,7 @@ delivered and does the per-line work with C-level bytes operations instead:
   data): more than `size_limit` octets (as sent, stuffing dots and CRLFs included, the final
   "." line excluded) is TOO_MUCH, and from then on nothing more is kept; a line longer than
   `line_limit` octets (its CRLF and any stuffing dot included) is TOO_LONG;
-- memory: every octet kept is first taken from the worker's `DataMemory`, shared by all its
+- memory: every octet kept is first taken from the worker's MemoryBudget, shared by all its
   sessions. When it runs out, the content is dropped as for TOO_MUCH and the result is
   NO_ROOM, a temporary refusal: many large uploads at once are refused, one by one, instead
   of making the worker run out of memory and drop every session. The session gives the
@@ -27,6 +27,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from common.budget import Hold, MemoryBudget
+
 END = b"\r\n.\r\n"
 _LINE_START = b"\r\n"  # a virtual line ending before the first line: "." first ends at once
 
@@ -35,23 +37,6 @@ class DataError(enum.Enum):
     TOO_MUCH = "too much mail data"
     TOO_LONG = "line too long"
     NO_ROOM = "no memory left for mail data"
-
-
-class DataMemory:
-    """Octets of message data one worker may hold at once, across all its sessions."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def take(self, octets: int) -> bool:
-        if self.held + octets > self.limit:
-            return False
-        self.held += octets
-        return True
-
-    def give_back(self, octets: int) -> None:
-        self.held -= octets
 
 
 @dataclass(frozen=True)
@@ -63,11 +48,10 @@ class DataResult:
 
 class DataReceiver:
     def __init__(self, size_limit: int | None, line_limit: int,
-                 memory: DataMemory | None = None) -> None:
+                 memory: MemoryBudget | None = None) -> None:
         self._size_limit = size_limit or None
         self._line_limit = line_limit
-        self._memory = memory
-        self._held = 0  # octets taken from `memory`
+        self._hold = Hold(memory)
         self._buffer = bytearray(_LINE_START)
         self._offset = 0  # stream position of buffer[0] (the virtual CRLF is position 0)
         self._search_from = 0
@@ -78,7 +62,7 @@ class DataReceiver:
         """Add received bytes; the result once the end of data has arrived, else None."""
         buffer = self._buffer
         buffer += chunk
-        if not (self._too_much or self._no_room or self._take(len(chunk))):
+        if not (self._too_much or self._no_room or self._hold.take(len(chunk))):
             self._no_room = True
         end = buffer.find(END, self._search_from)
         if end < 0:
@@ -104,17 +88,7 @@ class DataReceiver:
     def release(self) -> None:
         """Give back what this message held of the worker's memory (once it is published,
         refused or abandoned)."""
-        if self._memory is not None:
-            self._memory.give_back(self._held)
-        self._held = 0
-
-    def _take(self, octets: int) -> bool:
-        if self._memory is None:
-            return True
-        if not self._memory.take(octets):
-            return False
-        self._held += octets
-        return True
+        self._hold.release()
 
     def _over_limit(self, content_end: int) -> bool:
         """Whether the content up to buffer index `content_end` exceeds the size limit."""

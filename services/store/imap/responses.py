@@ -68,6 +68,9 @@ BAD_UNKNOWN = Reply("BAD", "Unknown command")
 BAD_WRONG_STATE = Reply("BAD", "Command not allowed in this state")
 BAD_LITERAL_TOO_BIG = Reply("BAD", "Literal too large")
 BAD_LINE_TOO_LONG = Reply("BAD", "Command line too long")
+# RFC 5530 UNAVAILABLE: temporary; the literals arriving on all connections hold all the
+# memory the store allows them (settings.imap_literal_memory).
+NO_BUSY = Reply("NO", "Server busy, try again later", "UNAVAILABLE")
 BAD_IDLE_DONE = Reply("BAD", "Expected DONE")
 BAD_AUTH_CANCELLED = Reply("BAD", "Authentication cancelled")
 BAD_AUTH_MALFORMED = Reply("BAD", "Malformed SASL response")

@@ -18,6 +18,7 @@ import logging
 import secrets
 import ssl
 
+from common.budget import MemoryBudget
 from common.settings import Settings
 from common.tls import server_context
 from services.store.imap import responses as r
@@ -59,14 +60,15 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     closes the returned servers."""
     context = server_context(settings)
     sessions: set[asyncio.Task[None]] = set()
-    plain = ImapListener(settings, deps, context, sessions, implicit_tls=False)
+    literals = MemoryBudget(settings.imap_literal_memory)  # literals arriving, all connections
+    plain = ImapListener(settings, deps, context, sessions, literals, implicit_tls=False)
     servers = [SessionEndingServer(await asyncio.start_server(plain.serve, settings.bind,
                                                      settings.imap_port), plain)]
     log.info("IMAP listening", extra={"event": f"{settings.bind}:{settings.imap_port}"})
     if context is None:
         log.warning("no TLS certificate: IMAPS disabled and STARTTLS not offered")
         return servers
-    implicit = ImapListener(settings, deps, context, sessions, implicit_tls=True)
+    implicit = ImapListener(settings, deps, context, sessions, literals, implicit_tls=True)
     try:
         server = await asyncio.start_server(implicit.serve, settings.bind, settings.imaps_port,
                                             ssl=context,
@@ -85,12 +87,14 @@ class Connection:
     `Disconnect`, which the session lets through."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 settings: Settings, context: ssl.SSLContext | None) -> None:
+                 settings: Settings, context: ssl.SSLContext | None,
+                 literals: MemoryBudget | None = None) -> None:
         self.reader = reader
         self.writer = writer
         # Until `logged_in`: a short idle timer and small literals, so that connections that
         # never log in can neither hold the connection slots nor the memory for long.
-        self.parser = CommandParser(settings.imap_max_line, PRE_LOGIN_MAX_LITERAL)
+        self.parser = CommandParser(settings.imap_max_line, PRE_LOGIN_MAX_LITERAL,
+                                    memory=literals)
         self._max_literal = settings.imap_max_literal
         self._timeout = settings.imap_login_timeout
         self._autologout = settings.imap_timeout
@@ -189,8 +193,10 @@ def _buffered(reader: asyncio.StreamReader) -> int:
 
 class ImapListener:
     def __init__(self, settings: Settings, deps: ImapDeps, context: ssl.SSLContext | None,
-                 sessions: set[asyncio.Task[None]], *, implicit_tls: bool) -> None:
+                 sessions: set[asyncio.Task[None]], literals: MemoryBudget, *,
+                 implicit_tls: bool) -> None:
         self._settings = settings
+        self._literals = literals
         self._deps = deps
         self._context = context
         self._sessions = sessions  # shared by both listeners: one connection limit
@@ -215,7 +221,7 @@ class ImapListener:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        connection = Connection(reader, writer, self._settings, self._context)
+        connection = Connection(reader, writer, self._settings, self._context, self._literals)
         if len(self._sessions) >= self._settings.imap_max_connections:
             log.warning("too many connections, refusing %s", connection.peer,
                         extra={"peer": connection.peer, "event": "imap-refused"})
@@ -258,6 +264,7 @@ class ImapListener:
             abort = True
             log.exception("connection failed", extra=session.log_context)
         finally:
+            connection.parser.discard()
             await close_connection(connection.writer, abort)
             log.info("disconnected", extra=session.log_context)
 

@@ -32,7 +32,12 @@ from services.store.imap.lanes import LONG_SET, CommandLanes, LongTurn, set_size
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import Command, ParseError, SearchKey
 from services.store.imap.protocol.grammar import parse_command
-from services.store.imap.protocol.parser import REASON_LITERAL_TOO_BIG, RawCommand, Refused
+from services.store.imap.protocol.parser import (
+    REASON_LITERAL_TOO_BIG,
+    REASON_NO_MEMORY,
+    RawCommand,
+    Refused,
+)
 from services.store.imap.selected import InvalidSequence, SelectedMailbox
 from services.store.mailbox import Changes, NoSuchMailbox, OutOfSpace
 
@@ -172,11 +177,16 @@ class Session:
         return After.CONTINUE
 
     async def refused(self, refusal: Refused) -> After:
-        """The parser dropped a command: over the line limit or the literal limit."""
+        """The parser dropped a command: over the line limit or the literal limit, or no memory
+        for its literal right now."""
         if refusal.reason == REASON_LITERAL_TOO_BIG:
             # RFC 7889: APPEND larger than APPENDLIMIT gets [TOOBIG]; not a protocol error.
             reply = r.Reply("NO", "Literal larger than the server accepts", "TOOBIG")
             await self.send(reply.tagged(refusal.tag))
+            after = After.CONTINUE
+        elif refusal.reason == REASON_NO_MEMORY:
+            log.warning("no memory for a literal now, refused", extra=self.log_context)
+            await self.send(r.NO_BUSY.tagged(refusal.tag))
             after = After.CONTINUE
         else:
             after = await self.bad(refusal.tag, r.BAD_LINE_TOO_LONG)

@@ -149,6 +149,46 @@ async def test_literals_before_login_are_small(server: Server) -> None:
     await in_thread(dialog)
 
 
+
+async def test_literals_beyond_the_stores_memory_for_them_are_refused_for_now(
+        start_imap: StartImap, settings: Settings, maildb: MailDB) -> None:
+    """Literals still arriving hold memory (TIERMAIL_IMAP_LITERAL_MEMORY for all connections):
+    one more gets NO [UNAVAILABLE] before it is sent, the uploads in progress go on, and the
+    memory comes back when a literal is complete or its connection ends mid-way."""
+    server = await start_with(start_imap, settings, imap_literal_memory=64 * 1024)
+    body = message("held", ("y" * 78 + "\r\n") * 500)  # about 40 KB
+
+    def dialog() -> None:
+        uploading = server.raw(ALICE)
+        uploading.send(b"u1 APPEND INBOX {%d}\r\n" % len(body))
+        assert uploading.response().startswith(b"+")
+        uploading.send(body[:1000])  # ... and the rest later
+        other = server.raw(BOB)
+        refused = other.literal_command(b"APPEND INBOX", body)
+        assert refused.status == "NO" and refused.text.startswith(b"[UNAVAILABLE]")
+        uploading.send(body[1000:] + b"\r\n")
+        assert uploading.reply("u1").status == "OK"
+        assert other.literal_command(b"APPEND INBOX", body).status == "OK"
+
+        abandoned = server.raw(ALICE)  # gone mid-literal: its memory comes back
+        abandoned.send(b"u2 APPEND INBOX {%d}\r\n" % len(body))
+        assert abandoned.response().startswith(b"+")
+        abandoned.send(body[:1000])
+        abandoned.close()
+        for _ in range(100):
+            if other.literal_command(b"APPEND INBOX", body).status == "OK":
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the abandoned literal's memory never came back")
+        uploading.close()
+        other.close()
+
+    await in_thread(dialog)
+    assert len(await maildb.list_messages(ALICE)) == 1
+    assert len(await maildb.list_messages(BOB)) == 2
+
+
 async def test_overlong_command_line(start_imap: StartImap, settings: Settings) -> None:
     server = await start_with(start_imap, settings, imap_max_line=1024)
 

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.filter.protocol.data import DataError, DataMemory, DataReceiver, DataResult
+from common.budget import MemoryBudget
+from services.filter.protocol.data import DataError, DataReceiver, DataResult
 
 LINE_LIMIT = 100
 
@@ -141,10 +142,10 @@ def test_same_as_line_by_line(pieces: list[bytes], chunks: list[int], size_limit
     assert got == expected
 
 
-# The worker's memory for message data (DataMemory), shared by its sessions.
+# The worker's memory for message data (common/budget.py), shared by its sessions.
 
 def test_a_message_holds_its_octets_until_released() -> None:
-    memory = DataMemory(10_000)
+    memory = MemoryBudget(10_000)
     receiver = DataReceiver(None, LINE_LIMIT, memory)
     wire = b"a" * 50 + b"\r\n.\r\n"
     result = receiver.feed(wire)
@@ -157,7 +158,7 @@ def test_a_message_holds_its_octets_until_released() -> None:
 
 
 def test_out_of_memory_is_a_temporary_refusal_that_keeps_nothing() -> None:
-    memory = DataMemory(1000)
+    memory = MemoryBudget(1000)
     first = DataReceiver(None, LINE_LIMIT, memory)
     assert first.feed(b"x" * 60 + b"\r\n") is None  # a message still arriving, holding 62
     second = DataReceiver(None, LINE_LIMIT, memory)
@@ -176,7 +177,7 @@ def test_out_of_memory_is_a_temporary_refusal_that_keeps_nothing() -> None:
 
 
 def test_too_big_is_permanent_even_when_memory_ran_out_first() -> None:
-    memory = DataMemory(100)
+    memory = MemoryBudget(100)
     receiver = DataReceiver(500, LINE_LIMIT, memory)
     for _ in range(10):
         assert receiver.feed(b"z" * 60 + b"\r\n") is None

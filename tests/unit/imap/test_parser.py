@@ -6,9 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.budget import MemoryBudget
 from services.store.imap.protocol.parser import (
     REASON_LINE_TOO_LONG,
     REASON_LITERAL_TOO_BIG,
+    REASON_NO_MEMORY,
     CommandParser,
     Complete,
     Event,
@@ -298,3 +300,36 @@ def test_buffered_counts_unconsumed_octets() -> None:
     parser.feed(b"a STARTTLS\r\nb NOOP")
     assert parser.next_event() == Complete(RawCommand("a", b"a STARTTLS", []))
     assert parser.buffered == len(b"b NOOP")
+
+
+# Literals arriving on every connection share one MemoryBudget.
+
+def test_a_literal_holds_memory_while_it_arrives_and_one_more_is_refused() -> None:
+    memory = MemoryBudget(100)
+    first, second = (CommandParser(200, 100, memory=memory) for _ in range(2))
+    first.feed(b"a APPEND INBOX {60}\r\n" + b"x" * 30)
+    assert drain(first) == [LiteralWanted("a", 60)]
+    assert memory.held == 60
+    second.feed(b"b APPEND INBOX {60}\r\nc NOOP\r\n")
+    assert drain(second) == [Refused("b", REASON_NO_MEMORY, close=False),
+                             Complete(RawCommand("c", b"c NOOP", []))]
+    second.feed(b"d APPEND INBOX {60+}\r\n" + b"y" * 60 + b"\r\ne NOOP\r\n")
+    assert drain(second) == [Refused("d", REASON_NO_MEMORY, close=False),
+                             Complete(RawCommand("e", b"e NOOP", []))]
+    assert memory.held == 60
+    first.feed(b"x" * 30 + b"\r\n")
+    assert [type(event) for event in drain(first)] == [Complete]
+    assert memory.held == 0  # given back once the command is complete
+    second.feed(b"f APPEND INBOX {60}\r\n")
+    assert drain(second) == [LiteralWanted("f", 60)]
+    second.discard()  # the connection ended mid-literal
+    assert memory.held == 0
+
+
+def test_a_refused_command_gives_back_its_earlier_literals() -> None:
+    memory = MemoryBudget(100)
+    parser = CommandParser(200, 100, memory=memory)
+    parser.feed(b"a LOGIN {5}\r\nalice {96}\r\n")  # 101 octets in all: one too many
+    assert drain(parser) == [LiteralWanted("a", 5), Refused("a", REASON_LITERAL_TOO_BIG,
+                                                             close=False)]
+    assert memory.held == 0

@@ -10,13 +10,19 @@ gets `NeedMore`:
 - `LiteralWanted(tag, size)`: the line ended with a synchronizing literal `{n}` (RFC 3501
   section 7.5): the client waits for `+ Ready for literal data` before sending it; write that,
   then keep feeding and asking.
-- `Refused(tag, reason, close)`: a line longer than `max_line`, or a literal larger than
-  `max_literal` (RFC 7888 section 4). The session answers `tag BAD ...` or `tag NO [TOOBIG] ...`
-  (by `reason`) and closes the connection if `close`. Refused input is skipped without being
+- `Refused(tag, reason, close)`: a line longer than `max_line`, a literal larger than
+  `max_literal` (RFC 7888 section 4), or a literal the process has no memory for right now
+  (its `MemoryBudget`, shared by every connection, is held by literals still arriving). The
+  session answers `tag BAD ...`, `tag NO [TOOBIG] ...` or `tag NO [UNAVAILABLE] ...` (by
+  `reason`) and closes the connection if `close`. Refused input is skipped without being
   buffered: a refused synchronizing literal is never sent by the client (it waits for our `+`);
   a refused non-synchronizing literal `{n+}` is counted down octet by octet and dropped together
   with the rest of its command.
 - `NeedMore()`: feed more bytes.
+
+A literal's octets are taken from the memory budget when its marker is read and given back
+when its command is complete (the session's handling is quick: it is the arrival that a slow
+client can stretch) or dropped, or when the connection ends (`discard`).
 
 `read_line` serves AUTHENTICATE responses and IDLE's DONE: one line, no literal processing.
 """
@@ -25,8 +31,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.budget import Hold, MemoryBudget
+
 REASON_LINE_TOO_LONG = "line too long"
 REASON_LITERAL_TOO_BIG = "literal too big"
+REASON_NO_MEMORY = "no memory for the literal now"
 
 # RFC 7888 section 5: under LITERAL- a non-synchronizing literal may carry at most 4096 octets.
 LITERAL_MINUS_LIMIT = 4096
@@ -112,10 +121,12 @@ def _strip_cr(line: bytes) -> bytes:
 class CommandParser:
     """Frames IMAP commands out of a byte stream; see the module docstring for the events."""
 
-    def __init__(self, max_line: int, max_literal: int, literal_minus: bool = False) -> None:
+    def __init__(self, max_line: int, max_literal: int, literal_minus: bool = False,
+                 memory: MemoryBudget | None = None) -> None:
         self.max_line = max_line
         self._literal_minus = literal_minus
         self.limit_literals(max_literal)
+        self._hold = Hold(memory)  # what the current command's literals hold of `memory`
         self._tag_window = max(1, min(_MAX_TAG_WINDOW, max_line - 1))
         self._buf = bytearray()
         self._scanned = 0  # octets of _buf known to contain no LF
@@ -144,6 +155,10 @@ class CommandParser:
             self._non_sync_limit = min(max_literal, LITERAL_MINUS_LIMIT)
         # Beyond this much refused input we stop counting and ask the session to hang up.
         self._sanity_limit = 2 * max_literal + self.max_line
+
+    def discard(self) -> None:
+        """The connection has ended: give back what the command in progress held."""
+        self._hold.release()
 
     def feed(self, data: bytes) -> None:
         if not self.closed:
@@ -200,18 +215,22 @@ class CommandParser:
         tag = self._tag
         room = self.max_literal - self._literal_total
         if marker.synchronizing:
-            if marker.size > room:
+            reason = (REASON_LITERAL_TOO_BIG if marker.size > room
+                      else None if self._hold.take(marker.size) else REASON_NO_MEMORY)
+            if reason is not None:
                 # The client waits for "+" that never comes: nothing of this command follows.
                 self._reset_command()
-                return Refused(tag, REASON_LITERAL_TOO_BIG, close=False)
+                return Refused(tag, reason, close=False)
             self._segments.append(line + b"\r\n")
             self._literal_remaining = marker.size
             return LiteralWanted(tag, marker.size)
-        if marker.size > min(room, self._non_sync_limit):
-            if marker.size > self._sanity_limit:
+        too_big = marker.size > min(room, self._non_sync_limit)
+        if too_big or not self._hold.take(marker.size):
+            if too_big and marker.size > self._sanity_limit:
                 return self._close(tag, REASON_LITERAL_TOO_BIG)
             self._reset_command()
-            self._refusal = Refused(tag, REASON_LITERAL_TOO_BIG, close=False)
+            self._refusal = Refused(tag, REASON_LITERAL_TOO_BIG if too_big else REASON_NO_MEMORY,
+                                    close=False)
             self._skip_follows_literals = True
             self._skip_octets = marker.size
             self._skipped = marker.size
@@ -235,6 +254,7 @@ class CommandParser:
         return True
 
     def _reset_command(self) -> None:
+        self._hold.release()
         self._segments = []
         self._literals = []
         self._line_length = 0

@@ -1,0 +1,46 @@
+"""A count of octets a process may hold at once for data its clients send, shared by all
+their sessions: the filter's message data (SMTP DATA), the store's IMAP literals.
+
+A client that uploads slowly holds what it has sent for as long as it likes; without a
+shared bound, enough of them at once (each within its per-message limit) run the process out
+of memory and every session in it is lost. With one, the next upload is refused with a
+temporary error instead, and the uploads in progress carry on.
+"""
+
+from __future__ import annotations
+
+
+class MemoryBudget:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, octets: int) -> bool:
+        if self.held + octets > self.limit:
+            return False
+        self.held += octets
+        return True
+
+    def give_back(self, octets: int) -> None:
+        self.held -= octets
+
+
+class Hold:
+    """What one upload holds of a budget (none: unbounded), given back all at once."""
+
+    def __init__(self, budget: MemoryBudget | None) -> None:
+        self._budget = budget
+        self.octets = 0
+
+    def take(self, octets: int) -> bool:
+        if self._budget is None:
+            return True
+        if not self._budget.take(octets):
+            return False
+        self.octets += octets
+        return True
+
+    def release(self) -> None:
+        if self._budget is not None and self.octets:
+            self._budget.give_back(self.octets)
+        self.octets = 0
