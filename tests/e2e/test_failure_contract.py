@@ -222,7 +222,9 @@ def test_redis_away_means_451_while_mailboxes_and_delivery_go_on(
         wait_until(lambda: rcpt_reply(settings)[0] == 451, timeout=60, what="451 at RCPT")
         code, reply = rcpt_reply(settings)
         assert (code, reply[:5]) == (451, b"4.3.0"), reply
-        run_tier(through_proxy, "store").wait_for_port(settings.pop3_port)  # starts without it
+        restarted = run_tier(through_proxy, "store")  # starts without Redis
+        restarted.wait_for_port(settings.pop3_port)
+        restarted.wait_for_port(settings.imap_port)
         wait_until(lambda: queue_depth(settings) == 0, timeout=60, what="the queue to drain")
         mailboxes_serve(settings, expected=len(sent))
 

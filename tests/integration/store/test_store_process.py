@@ -151,6 +151,7 @@ def test_clients_past_a_low_open_file_limit_are_all_served(
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     store.wait_for_port(settings.pop3_port)
+    store.wait_for_port(settings.imap_port)  # IMAP starts listening after POP3
     clients: list[socket.socket] = []
     try:
         for port, count, greeting in ((settings.imap_port, 300, b"* OK"),
