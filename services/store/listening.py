@@ -16,6 +16,10 @@ class SessionOwner(Protocol):
 
     async def wait_sessions(self) -> None: ...
 
+    def session_count(self) -> int:
+        """Sessions open on this listener's port."""
+        ...
+
 
 class SessionEndingServer(asyncio.AbstractServer):
     """An asyncio server that also ends its open sessions when closed.
@@ -28,6 +32,10 @@ class SessionEndingServer(asyncio.AbstractServer):
     def __init__(self, server: asyncio.Server, listener: SessionOwner) -> None:
         self._server = server
         self._listener = listener
+
+    @property
+    def sessions(self) -> int:
+        return self._listener.session_count()
 
     @property
     def sockets(self) -> tuple[object, ...]:

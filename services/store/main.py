@@ -23,6 +23,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from common.auththrottle import AuthThrottle
+from common.budget import MemoryBudget
 from common.directory import Directory
 from common.fdlimit import raise_open_file_limit
 from common.gcpause import freeze_startup_objects
@@ -113,16 +114,24 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             maildb.add_listener(learning.on_change)
             stack.push_async_callback(learning.close)
 
-        await stack.enter_async_context(
-            Heartbeat(redis, settings.redis_prefix, "store", stats.as_dict))
-
         throttle = AuthThrottle.from_settings(redis, settings)
-        servers: list[Any] = await start_pop3_servers(settings, maildb, accounts,
-                                                      throttle=throttle)
-        stack.push_async_callback(_close_servers, servers)
+        pop3_servers = await start_pop3_servers(settings, maildb, accounts, throttle=throttle)
+        stack.push_async_callback(_close_servers, pop3_servers)
+        literals = MemoryBudget(settings.imap_literal_memory)
         imap = ImapDeps(store=maildb, accounts=accounts, throttle=throttle,
-                        text_index=text_index, indexer=indexer, fetch_cache=FetchCache())
-        servers += await start_imap_servers(settings, imap)
+                        text_index=text_index, indexer=indexer, fetch_cache=FetchCache(),
+                        literals=literals)
+        imap_servers = await start_imap_servers(settings, imap)
+        stack.push_async_callback(_close_servers, imap_servers)
+
+        def health() -> dict[str, Any]:
+            return {**stats.as_dict(),
+                    "imap_sessions": sum(server.sessions for server in imap_servers),
+                    "pop3_sessions": sum(server.sessions for server in pop3_servers),
+                    "imap_literals_held": literals.held}
+
+        await stack.enter_async_context(
+            Heartbeat(redis, settings.redis_prefix, "store", health))
 
         consumer = Consumer(settings, maildb, accounts, stats)
         consuming = asyncio.create_task(consumer.run(), name="consumer")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 
 import aiormq
@@ -55,3 +56,28 @@ def test_status_shows_tiers_queues_and_dead_letters(
     code, report = status(settings)
     assert code == 1 and report["broker"]["dead_letters"] == 1
     assert any("dead-letter" in problem for problem in report["problems"])
+
+
+def test_status_shows_the_stores_open_sessions(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    store = run_tier(settings, "store")
+    store.wait_for_port(settings.pop3_port)
+    store.wait_for_port(settings.imap_port)
+    imap = [socket.create_connection(("127.0.0.1", settings.imap_port), timeout=30)
+            for _ in range(2)]
+    pop3 = socket.create_connection(("127.0.0.1", settings.pop3_port), timeout=30)
+    try:
+        assert all(client.recv(100).startswith(b"* OK") for client in imap)
+        assert pop3.recv(100).startswith(b"+OK")
+
+        def sessions_counted() -> bool:
+            beats = {p["tier"]: p for p in status(settings)[1]["redis"].get("processes", [])}
+            store_beat = beats.get("store", {})
+            return (store_beat.get("imap_sessions"), store_beat.get("pop3_sessions"),
+                    store_beat.get("imap_literals_held")) == (2, 1, 0)
+
+        wait_until(sessions_counted, timeout=30, interval=0.5,
+                   what="the store's heartbeat to count 2 IMAP and 1 POP3 sessions")
+    finally:
+        for client in [*imap, pop3]:
+            client.close()

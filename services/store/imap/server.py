@@ -60,7 +60,7 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     closes the returned servers."""
     context = server_context(settings)
     sessions: set[asyncio.Task[None]] = set()
-    literals = MemoryBudget(settings.imap_literal_memory)  # literals arriving, all connections
+    literals = deps.literals or MemoryBudget(settings.imap_literal_memory)
     plain = ImapListener(settings, deps, context, sessions, literals, implicit_tls=False)
     servers = [SessionEndingServer(await asyncio.start_server(plain.serve, settings.bind,
                                                      settings.imap_port), plain)]
@@ -217,6 +217,9 @@ class ImapListener:
     async def wait_sessions(self) -> None:
         if self._own:
             await asyncio.gather(*self._own, return_exceptions=True)
+
+    def session_count(self) -> int:
+        return len(self._own)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from common.auththrottle import AuthThrottle
+from common.budget import MemoryBudget
 from common.directory import normalize_address
 from services.store.auth import authenticate
 from services.store.backends.accounts import AccountDB
@@ -74,6 +75,9 @@ class ImapDeps:
     # Shared by every session; a default so tests that build ImapDeps get a private one.
     fetch_cache: FetchCache = field(default_factory=FetchCache)
     lanes: CommandLanes = field(default_factory=CommandLanes)
+    # Literals arriving on all connections; None: start_imap_servers makes one of
+    # settings.imap_literal_memory (main.py passes its own, to report what it holds).
+    literals: MemoryBudget | None = None
 
 
 @dataclass(frozen=True)

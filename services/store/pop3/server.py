@@ -38,7 +38,7 @@ async def start_pop3_servers(
     auth_failure_delay: float = AUTH_FAILURE_DELAY,
     locks: MailboxLocks | None = None,
     throttle: AuthThrottle | None = None,
-) -> list[asyncio.AbstractServer]:
+) -> list[SessionEndingServer]:
     """Start the POP3 listener on settings.pop3_port and, when a certificate is configured,
     POP3S on settings.pop3s_port. Both share one maildrop lock registry (`locks`, a new one
     unless given) and the failed-login throttle, if given. The caller closes the returned
@@ -49,7 +49,7 @@ async def start_pop3_servers(
     sessions: set[asyncio.Task[None]] = set()
     plain = Pop3Listener(settings, mailstore, accounts, locks, context, auth_failure_delay,
                          sessions, implicit_tls=False, throttle=throttle)
-    servers: list[asyncio.AbstractServer] = [
+    servers: list[SessionEndingServer] = [
         SessionEndingServer(await asyncio.start_server(plain.serve, settings.bind,
                                                        settings.pop3_port, limit=LINE_LIMIT),
                             plain)
@@ -120,6 +120,9 @@ class Pop3Listener:
     async def wait_sessions(self) -> None:
         if self._sessions:
             await asyncio.gather(*self._sessions, return_exceptions=True)
+
+    def session_count(self) -> int:
+        return len(self._sessions)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
