@@ -123,6 +123,9 @@ class Settings:
     imap_max_line: int = 64 * 1024  # a command line (without literals)
     imap_max_connections: int = 1000  # per store process
     imap_max_errors: int = 20  # BAD replies in a row before BYE and hang-up
+    # Logged-in sessions of one account from one client address (IPv6: one /64); the next
+    # login gets NO [LIMIT]. rate_limit_exempt networks are not counted; 0: no limit.
+    imap_max_userip_connections: int = 10
     # Failed logins counted in Redis (per client IP and per account, across protocols); 0
     # turns a limit off.
     auth_failures_per_ip: int = 20  # per 10 minutes

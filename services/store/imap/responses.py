@@ -81,6 +81,9 @@ BAD_INVALID_SET = Reply("BAD", "Invalid message sequence number")
 # Authentication
 NO_AUTH_FAILED = Reply("NO", "Authentication failed", "AUTHENTICATIONFAILED")
 NO_AUTH_THROTTLED = Reply("NO", "Too many failed logins, try again later", "UNAVAILABLE")
+# RFC 5530 LIMIT (settings.imap_max_userip_connections).
+NO_TOO_MANY_USER_SESSIONS = Reply("NO", "Too many sessions of this account from your address",
+                                  "LIMIT")
 NO_PRIVACY_REQUIRED = Reply("NO", "Use STARTTLS first", "PRIVACYREQUIRED")
 NO_AUTH_MECHANISM = Reply("NO", "Unsupported authentication mechanism", "CANNOT")
 NO_TLS_ACTIVE = Reply("NO", "TLS already active")

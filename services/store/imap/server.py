@@ -14,11 +14,13 @@ caps the number of connections. The session (session.py) decides what to answer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import ssl
 
 from common.budget import MemoryBudget
+from common.ratelimit import parse_networks
 from common.settings import Settings
 from common.tls import server_context
 from services.store.imap import responses as r
@@ -37,6 +39,7 @@ from services.store.imap.session import (
     Session,
     SessionConfig,
 )
+from services.store.imap.userlimit import UserConnections
 from services.store.listening import SessionEndingServer, close_connection
 
 __all__ = ["ImapDeps", "start_imap_servers"]
@@ -61,6 +64,9 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     context = server_context(settings)
     sessions: set[asyncio.Task[None]] = set()
     literals = deps.literals or MemoryBudget(settings.imap_literal_memory)
+    if deps.user_connections is None:
+        deps = dataclasses.replace(deps, user_connections=UserConnections(
+            settings.imap_max_userip_connections, parse_networks(settings.rate_limit_exempt)))
     plain = ImapListener(settings, deps, context, sessions, literals, implicit_tls=False)
     servers = [SessionEndingServer(await asyncio.start_server(plain.serve, settings.bind,
                                                      settings.imap_port), plain)]
@@ -267,6 +273,7 @@ class ImapListener:
             abort = True
             log.exception("connection failed", extra=session.log_context)
         finally:
+            session.ended()
             connection.parser.discard()
             await close_connection(connection.writer, abort)
             log.info("disconnected", extra=session.log_context)

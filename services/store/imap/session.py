@@ -16,6 +16,7 @@ import binascii
 import contextlib
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,6 +41,7 @@ from services.store.imap.protocol.parser import (
     Refused,
 )
 from services.store.imap.selected import InvalidSequence, SelectedMailbox
+from services.store.imap.userlimit import UserConnections
 from services.store.mailbox import Changes, NoSuchMailbox, OutOfSpace
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,9 @@ class ImapDeps:
     # Literals arriving on all connections; None: start_imap_servers makes one of
     # settings.imap_literal_memory (main.py passes its own, to report what it holds).
     literals: MemoryBudget | None = None
+    # Sessions per account and client address; None: start_imap_servers makes one of
+    # settings.imap_max_userip_connections.
+    user_connections: UserConnections | None = None
 
 
 @dataclass(frozen=True)
@@ -149,8 +154,15 @@ class Session:
         self._auth_failures = 0
         self._turn: LongTurn | None = None  # held while a long command runs (lanes.py)
         self._farewell = r.BYE_LOGOUT  # the BYE before the connection closes
+        self._uncount: Callable[[], None] | None = None  # ends this session's user+IP count
 
     # The server's entry points
+
+    def ended(self) -> None:
+        """The connection is gone (the server calls this once, however it ended)."""
+        if self._uncount is not None:
+            self._uncount()
+            self._uncount = None
 
     async def greeting(self) -> None:
         await self.send(r.OK_GREETING.with_code(self.capability_code()).untagged())
@@ -388,6 +400,12 @@ class Session:
             await asyncio.sleep(self.deps.auth_failure_delay)
             return r.NO_AUTH_FAILED
         await throttle.succeeded(ip, user)
+        if self.deps.user_connections is not None:
+            self._uncount = self.deps.user_connections.admit(user, ip)
+            if self._uncount is None:
+                log.info("login refused: too many sessions of this account from this address",
+                         extra={**self.log_context, "user": user})
+                return r.NO_TOO_MANY_USER_SESSIONS
         self.user = user
         self.state = State.AUTHENTICATED
         self.channel.logged_in()

@@ -399,6 +399,34 @@ async def test_logindisabled_before_tls(start_imap: StartImap, settings: Setting
     await in_thread(dialog)
 
 
+
+async def test_sessions_per_account_and_address_are_limited(
+        start_imap: StartImap, settings: Settings) -> None:
+    server = await start_with(start_imap, settings, imap_max_userip_connections=2,
+                              rate_limit_exempt="")
+
+    def dialog() -> None:
+        first, second = server.raw(ALICE), server.raw(ALICE)
+        third = server.raw()
+        refused = third.command(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')
+        assert refused.status == "NO" and refused.text.startswith(b"[LIMIT]"), refused
+        bob = server.raw(BOB)  # another account from the same address
+        assert bob.ok("NOOP").status == "OK"
+        first.ok("LOGOUT")
+        first.close()
+        for _ in range(100):  # the server notices the logout
+            if third.command(f'LOGIN "{ALICE}" "{USERS[ALICE]}"').status == "OK":
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the freed place was never given to a new login")
+        assert third.ok("SELECT INBOX").status == "OK"
+        for client in (second, third, bob):
+            client.close()
+
+    await in_thread(dialog)
+
+
 async def test_failed_logins_are_throttled_per_account(
         start_imap: StartImap, settings: Settings, redis_client: redis.Redis) -> None:
     server = await start_with(start_imap, settings, auth_failures_per_user=3,

@@ -1,0 +1,49 @@
+"""Sessions logged in at once per account and client address (IMAP).
+
+A mail client opens a few connections per account (Thunderbird five at most by default);
+one that opens more and more, misconfigured or stuck in a reconnect loop, would otherwise
+take the store's connection slots from everyone else. Past `limit` sessions of one account
+from one address (IPv6: one /64) the next login gets NO [LIMIT]. Addresses in the exempt
+networks (loopback by default: webmail and local tools log many people in from one address)
+are not counted. The count lives in the store process, which serves every IMAP session.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+
+from common.directory import normalize_address
+from common.ratelimit import Network, ip_subject
+
+
+class UserConnections:
+    def __init__(self, limit: int, exempt: Sequence[Network] = ()) -> None:
+        self._limit = limit
+        self._exempt = tuple(exempt)
+        self._open: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def admit(self, user: str, ip: str) -> Callable[[], None] | None:
+        """None when `user` already has `limit` sessions from `ip`; otherwise a function
+        that ends this session's count (call it once, when the session ends)."""
+        subject = ip_subject(ip, self._exempt) if self._limit else None
+        if subject is None:
+            return _nothing
+        key = (normalize_address(user), subject)
+        if self._open[key] >= self._limit:
+            return None
+        self._open[key] += 1
+        return lambda: self._release(key)
+
+    def count(self, user: str, ip: str) -> int:
+        subject = ip_subject(ip, self._exempt)
+        return 0 if subject is None else self._open[(normalize_address(user), subject)]
+
+    def _release(self, key: tuple[str, str]) -> None:
+        self._open[key] -= 1
+        if self._open[key] <= 0:
+            del self._open[key]
+
+
+def _nothing() -> None:
+    pass
