@@ -14,6 +14,9 @@ from common.redisconn import open_redis
 from common.settings import Settings
 
 TIMEOUT = 5.0
+# Heartbeat values that say how much there is now, not how many so far: no rate for them.
+GAUGES = frozenset({"active", "data_held", "imap_sessions", "pop3_sessions",
+                    "imap_literals_held"})
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:
@@ -122,7 +125,8 @@ def format_status(report: dict[str, Any]) -> str:
         counters = {k: v for k, v in beat.items()
                     if isinstance(v, int | float) and k not in {"pid", "started", "at"}}
         rates = ", ".join(f"{k}={v}" + (f" ({v / uptime * 60:.1f}/min)" if
-                                        isinstance(v, int) and not isinstance(v, bool) else "")
+                                        isinstance(v, int) and not isinstance(v, bool)
+                                        and k not in GAUGES else "")
                           for k, v in counters.items())
         lines.append(f"  {beat['tier']:<7} {beat.get('host')}:{beat.get('pid')} "
                      f"up {uptime:.0f}s {rates}")

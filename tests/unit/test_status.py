@@ -1,0 +1,26 @@
+"""How `tiermail status` prints the processes' heartbeats (services/status.py)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from services.status import format_status
+
+
+def report(beat: dict[str, object]) -> dict[str, object]:
+    return {"healthy": True, "problems": [], "broker": {"reachable": True},
+            "redis": {"reachable": True, "processes": [beat],
+                      "directory": {"published": True, "domains": 1, "users": 1,
+                                    "aliases": 0}}}
+
+
+def test_counters_get_a_rate_and_gauges_do_not() -> None:
+    beat = {"tier": "store", "host": "h", "pid": 7, "started": time.time() - 60,
+            "delivered": 60, "imap_sessions": 3, "pop3_sessions": 1, "imap_literals_held": 0,
+            "consumer_connected": True}
+    line = format_status(report(beat)).splitlines()[-1]
+    assert re.search(r"delivered=60 \([0-9.]+/min\)", line)
+    assert "imap_sessions=3," in line and "pop3_sessions=1," in line
+    assert "imap_literals_held=0," in line
+    assert "consumer_connected=True" in line
