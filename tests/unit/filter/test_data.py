@@ -184,3 +184,27 @@ def test_too_big_is_permanent_even_when_memory_ran_out_first() -> None:
     result = receiver.feed(b".\r\n")
     assert result is not None and result.error is DataError.TOO_MUCH
     assert memory.held == 0
+
+
+@given(st.lists(_PIECES, max_size=40), st.lists(st.integers(1, 20), max_size=20),
+       st.integers(0, 300))
+def test_with_a_budget_the_answer_is_the_same_or_no_room_and_nothing_leaks(
+        pieces: list[bytes], chunks: list[int], budget: int) -> None:
+    wire = b"".join(pieces) + b"\r\n.\r\n"
+    unbounded = receive(wire, chunks, size_limit=200, line_limit=16)
+    memory = MemoryBudget(budget)
+    receiver = DataReceiver(200, 16, memory)
+    position, got = 0, None
+    for length in [*chunks, len(wire)]:
+        got = receiver.feed(wire[position:position + length])
+        position += length
+        assert 0 <= memory.held <= budget
+        if got is not None:
+            break
+    assert got is not None and unbounded is not None
+    if got.error is DataError.NO_ROOM:
+        assert unbounded.error is not DataError.TOO_MUCH  # too big is reported as such
+    else:
+        assert (got.content, got.error) == (unbounded.content, unbounded.error)
+    receiver.release()
+    assert memory.held == 0

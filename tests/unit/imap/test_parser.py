@@ -333,3 +333,23 @@ def test_a_refused_command_gives_back_its_earlier_literals() -> None:
     assert drain(parser) == [LiteralWanted("a", 5), Refused("a", REASON_LITERAL_TOO_BIG,
                                                              close=False)]
     assert memory.held == 0
+
+
+@BOUNDED
+@given(interesting, interesting, st.integers(0, 120), st.lists(st.integers(0, 400)))
+def test_the_memory_budget_never_leaks(first: bytes, second: bytes, budget: int,
+                                       cuts: list[int]) -> None:
+    """Two connections share a budget: it never goes over, never below zero, and once both
+    are done (or gone) everything is given back, whatever they sent."""
+    memory = MemoryBudget(budget)
+    parsers = [CommandParser(64, 48, memory=memory) for _ in range(2)]
+    for data, parser in zip((first, second), parsers, strict=True):
+        previous = 0
+        for cut in [*sorted(c % (len(data) + 1) for c in cuts), len(data)]:
+            parser.feed(data[previous:cut])
+            previous = max(previous, cut)
+            drain(parser)
+            assert 0 <= memory.held <= budget
+    for parser in parsers:
+        parser.discard()
+    assert memory.held == 0
