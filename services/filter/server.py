@@ -45,6 +45,7 @@ from services.filter.session import (
     SessionPolicy,
     hook_names,
 )
+from services.filter.stall import PublishWatch
 from services.filter.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -496,6 +497,7 @@ class FilterServer:
         self._rate_limits = rate_limits
         self._registry = ConnectionRegistry(limits, stats)
         self._data_memory = MemoryBudget(limits.data_memory)
+        self._publishes = PublishWatch()
         self._servers: list[asyncio.Server] = []
 
     def new_connection(self) -> FilterSMTP:
@@ -507,6 +509,7 @@ class FilterServer:
             stats=self.stats,
             policy=self._policy,
             rate_limits=self._rate_limits,
+            publishes=self._publishes,
         )
         return FilterSMTP(
             handler,

@@ -31,6 +31,7 @@ from services.filter.convert import peer_ip, tls_description, to_envelope
 from services.filter.protocol import replies
 from services.filter.protocol.message import ReceivedInfo, received_header
 from services.filter.rules import Rule, evaluate, format_headers
+from services.filter.stall import PublishWatch
 from services.filter.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class FilterSession:
         policy: SessionPolicy,
         clock: Callable[[], float] = time.time,
         rate_limits: RateLimits = UNLIMITED,
+        publishes: PublishWatch | None = None,
     ) -> None:
         self.session_id = session_id
         self.peer = ""
@@ -100,6 +102,8 @@ class FilterSession:
         self._policy = policy
         self._clock = clock
         self._rate_limits = rate_limits
+        # Shared by the worker's sessions (FilterServer); a test's session gets its own.
+        self._publishes = publishes or PublishWatch()
         self._txn: Transaction | None = None
         self.queued = 0  # messages this connection got a 250 for
 
@@ -131,6 +135,11 @@ class FilterSession:
         mail_options: list[str],
     ) -> str:
         txn = self._transaction(envelope)
+        if self._publishes.stalled:
+            self._stats.broker_stalled += 1
+            log.info("sender %s refused: the broker is not confirming", address,
+                     extra=self.log_extra(txn.queue_id))
+            return replies.QUEUE_STALLED
         # Every MAIL FROM counts against the message rates (as in Postfix's anvil), across
         # all workers; a refused one counts nothing and leaves no sender set.
         exceeded = await self._rate_limits.message(
@@ -249,7 +258,8 @@ class FilterSession:
         smtp_envelope.content = smtp_envelope.original_content = None
         try:
             async with asyncio.timeout(self._policy.publish_deadline):
-                await self._publisher.publish(message_envelope, body, routing_key)
+                with self._publishes.publishing():
+                    await self._publisher.publish(message_envelope, body, routing_key)
         except (PublishFailed, TimeoutError) as exc:
             log.warning("not queued: %s", exc or type(exc).__name__, extra=extra)
             return replies.QUEUE_UNAVAILABLE

@@ -27,6 +27,7 @@ from tests.integration.filter.conftest import (
     queue_depth,
     running_filter,
 )
+from tests.support import TcpProxy as SupportProxy
 from tests.support import eventually, free_port
 
 
@@ -123,6 +124,45 @@ async def test_publisher_recovers_when_broker_returns(directory: Settings) -> No
     subjects = [q.body.split(b"Subject: ")[1].split(b"\r\n")[0] for q in
                 await drain_queue(directory)]
     assert subjects == [b"first", b"third"]
+
+
+
+def mail_reply(port: int) -> str:
+    with connect(port) as client:
+        return reply_of(*client.mail(SENDER))
+
+
+async def test_a_broker_that_stops_confirming_gets_mail_refused_at_once(
+        directory: Settings) -> None:
+    """While a publish has waited more than STALLED_AFTER for its confirm (here: RabbitMQ
+    behind a proxy that holds every byte, like a broker in a resource alarm), MAIL FROM gets
+    451 at once instead of each sender uploading its message to wait for the same 451; when
+    the broker answers again, mail is taken again."""
+    proxy = SupportProxy(5672)
+    vhost = directory.amqp_url.rsplit("/", 1)[1]
+    via_proxy = directory.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}",
+                                  publish_timeout=30.0)
+    try:
+        async with running_filter(via_proxy) as worker:
+            port = worker.ports[0]
+            assert (await in_thread(one_transaction, port, "before"))[1].startswith("250 ")
+            proxy.hang()
+            waiting = asyncio.create_task(in_thread(one_transaction, port, "held"))
+
+            async def refused_at_mail() -> bool:
+                return await in_thread(mail_reply, port) == replies.QUEUE_STALLED
+
+            await eventually(refused_at_mail, what="MAIL FROM refused while the confirm is overdue")
+            assert worker.stats.broker_stalled >= 1
+            proxy.resume()
+            _, held = await waiting  # its confirm arrives now
+            assert held.startswith("250 ")
+            assert (await in_thread(one_transaction, port, "after"))[1].startswith("250 ")
+    finally:
+        proxy.cut()
+    subjects = sorted(q.body.split(b"Subject: ")[1].split(b"\r\n")[0]
+                      for q in await drain_queue(directory))
+    assert subjects == [b"after", b"before", b"held"]
 
 
 class ExplodingRule:
