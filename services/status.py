@@ -122,8 +122,11 @@ def format_status(report: dict[str, Any]) -> str:
     now = time.time()
     for beat in redis["processes"]:
         uptime = max(now - beat.get("started", now), 1e-9)
+        # Counters that are still 0 are left out (a filter reports some thirty); gauges and
+        # flags are always shown. `--json` has everything.
         counters = {k: v for k, v in beat.items()
-                    if isinstance(v, int | float) and k not in {"pid", "started", "at"}}
+                    if isinstance(v, int | float) and k not in {"pid", "started", "at"}
+                    and (v or k in GAUGES or isinstance(v, bool))}
         rates = ", ".join(f"{k}={v}" + (f" ({v / uptime * 60:.1f}/min)" if
                                         isinstance(v, int) and not isinstance(v, bool)
                                         and k not in GAUGES else "")

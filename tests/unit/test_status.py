@@ -18,9 +18,10 @@ def report(beat: dict[str, object]) -> dict[str, object]:
 def test_counters_get_a_rate_and_gauges_do_not() -> None:
     beat = {"tier": "store", "host": "h", "pid": 7, "started": time.time() - 60,
             "delivered": 60, "imap_sessions": 3, "pop3_sessions": 1, "imap_literals_held": 0,
-            "consumer_connected": True}
+            "consumer_connected": True, "dead_lettered": 0}
     line = format_status(report(beat)).splitlines()[-1]
     assert re.search(r"delivered=60 \([0-9.]+/min\)", line)
     assert "imap_sessions=3," in line and "pop3_sessions=1," in line
     assert "imap_literals_held=0," in line
     assert "consumer_connected=True" in line
+    assert "dead_lettered" not in line  # a counter still at 0 is left out
