@@ -53,6 +53,9 @@ FLUSH_AT = 64 * 1024  # queued response octets that are sent without waiting for
 # the store hold that much memory.
 PRE_LOGIN_MAX_LITERAL = 8 * 1024
 TLS_HANDSHAKE_TIMEOUT = 30.0
+# Seconds a client may take no bytes of a response at all (one drain: the kernel's buffer and
+# our 64 KiB above its high-water mark) before it is disconnected: 0.5 KB/s still passes.
+WRITE_STALL = 120.0
 LITERAL_CONTINUATION = wire.continuation("Ready for literal data")
 _REDACTED_COMMANDS = (b"LOGIN", b"AUTHENTICATE")
 
@@ -140,10 +143,12 @@ class Connection:
             self.writer.write(data)
             if self.writer.transport.get_write_buffer_size() == 0:
                 return  # all taken by the kernel: nothing to wait for
-            # A client that stops reading is as idle as one that stops writing. (Not
-            # asyncio.wait_for: in 3.11 it loses a cancellation that coincides with the drain
-            # finishing, and shutdown would then wait for the client.)
-            async with asyncio.timeout(self._timeout):
+            # A client that stops reading holds what we are sending it (a FETCH of a large
+            # message: all of it) for as long as it waits here, so it waits WRITE_STALL at
+            # most, not the 30-minute autologout. (Not asyncio.wait_for: in 3.11 it loses a
+            # cancellation that coincides with the drain finishing, and shutdown would then
+            # wait for the client.)
+            async with asyncio.timeout(min(self._timeout, WRITE_STALL)):
                 await self.writer.drain()
         except TimeoutError:
             raise Disconnect("timeout") from None

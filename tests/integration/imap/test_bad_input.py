@@ -17,6 +17,7 @@ from imapclient import IMAPClient
 
 from common.settings import Settings
 from services.store.backends.maildb import MailDB
+from services.store.imap import server as imap_server_module
 from services.store.imap.server import PRE_LOGIN_MAX_LITERAL
 from tests.integration.imap.clients import (
     Server,
@@ -309,6 +310,46 @@ async def test_bad_commands_now_and_then_do_not_end_a_long_session(
         raw.close()
 
     await in_thread(dialog)
+
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_write_stall(
+        server: Server, deliver: Deliver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that asks for a large message and takes none of it holds the message in the
+    store's memory while the store waits: it is disconnected after WRITE_STALL (here 1 s),
+    not after the 30-minute autologout; a client that reads gets all of it."""
+    monkeypatch.setattr(imap_server_module, "WRITE_STALL", 1.0)
+    body = message("large", ("z" * 998 + "\r\n") * 20_000)  # 20 MB
+    await deliver(ALICE, body)
+
+    def dialog() -> tuple[int, bytes]:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(f'a LOGIN "{ALICE}" "{USERS[ALICE]}"\r\nb SELECT INBOX\r\n'
+                     "c FETCH 1 BODY.PEEK[]\r\n".encode())
+        time.sleep(3.0)  # taking nothing, for three times the stall
+        received = b""
+        try:
+            while data := sock.recv(1 << 20):
+                received += data
+        except ConnectionResetError:
+            pass
+        sock.close()
+        return len(received), received[-200:]
+
+    size, tail = await in_thread(dialog)
+    assert size < len(body) and b"c OK" not in tail
+
+    def reading() -> bytes:
+        reader = server.raw(ALICE)
+        reader.ok("SELECT INBOX")
+        fetched = reader.ok("FETCH 1 BODY.PEEK[]").untagged[0]
+        reader.close()
+        return fetched
+
+    assert body in await in_thread(reading)
 
 
 async def test_a_flooding_client_does_not_starve_another(server: Server, deliver: Deliver
