@@ -1,5 +1,8 @@
-"""A count of octets a process may hold at once for data its clients send, shared by all
-their sessions: the filter's message data (SMTP DATA), the store's IMAP literals.
+"""What a process lets its clients hold at once, shared by all their sessions.
+
+`MemoryBudget`: octets of data clients send, the filter's message data (SMTP DATA) and the
+store's IMAP literals. `OpenCounts`: sessions open per key, the filter's per client address
+and the store's per account and address.
 
 A client that uploads slowly holds what it has sent for as long as it likes; without a
 shared bound, enough of them at once (each within its per-message limit) run the process out
@@ -8,6 +11,8 @@ temporary error instead, and the uploads in progress carry on.
 """
 
 from __future__ import annotations
+
+import collections
 
 
 class MemoryBudget:
@@ -44,3 +49,25 @@ class Hold:
         if self._budget is not None and self.octets:
             self._budget.give_back(self.octets)
         self.octets = 0
+
+
+class OpenCounts:
+    """How many sessions are open per key, each key bounded by `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._open: collections.Counter[object] = collections.Counter()
+
+    def take(self, key: object) -> bool:
+        if self._open[key] >= self._limit:
+            return False
+        self._open[key] += 1
+        return True
+
+    def give_back(self, key: object) -> None:
+        self._open[key] -= 1
+        if self._open[key] <= 0:
+            del self._open[key]
+
+    def count(self, key: object) -> int:
+        return self._open[key]

@@ -86,8 +86,7 @@ async def open_worker(
     async with contextlib.AsyncExitStack() as stack:
         client: redis.asyncio.Redis | None = None
         if directory is None:
-            client = open_redis(settings)
-            stack.push_async_callback(client.aclose)
+            client = _redis_client(settings, stack)
             cache = DirectoryCache(Directory(client, settings.redis_prefix), client)
             stack.push_async_callback(_cancel, asyncio.create_task(cache.run()))
             directory = cache

@@ -30,7 +30,7 @@ from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
-from common.budget import MemoryBudget
+from common.budget import MemoryBudget, OpenCounts
 from common.ratelimit import UNLIMITED, Network, RateLimits, ip_subject, parse_networks
 from common.settings import Settings
 from services.filter.convert import peer_ip
@@ -110,7 +110,7 @@ class ConnectionRegistry:
         self._exempt = limits.exempt
         self._stats = stats
         self._open: dict[FilterSMTP, str | None] = {}  # connection -> its client's subject
-        self._per_client: collections.Counter[str] = collections.Counter()
+        self._per_client = OpenCounts(self._per_client_limit)
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -120,12 +120,10 @@ class ConnectionRegistry:
             self._stats.refused_connections += 1
             return replies.TOO_MANY_CONNECTIONS
         subject = ip_subject(client_ip, self._exempt) if self._per_client_limit else None
-        if subject is not None and self._per_client[subject] >= self._per_client_limit:
+        if subject is not None and not self._per_client.take(subject):
             self._stats.refused_client_connections += 1
             return replies.TOO_MANY_FROM_CLIENT
         self._open[connection] = subject
-        if subject is not None:
-            self._per_client[subject] += 1
         self._empty.clear()
         self._stats.connections += 1
         self._stats.active = len(self._open)
@@ -134,9 +132,7 @@ class ConnectionRegistry:
     def release(self, connection: FilterSMTP) -> None:
         subject = self._open.pop(connection, None)
         if subject is not None:
-            self._per_client[subject] -= 1
-            if not self._per_client[subject]:
-                del self._per_client[subject]
+            self._per_client.give_back(subject)
         self._stats.active = len(self._open)
         if not self._open:
             self._empty.set()

@@ -3,22 +3,65 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import ssl
-from typing import Protocol
+from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 5.0  # seconds for a client to take our close before the socket is reset
 
 
-class SessionOwner(Protocol):
-    """A listener that knows its open sessions."""
+class ListenerSessions:
+    """The session tasks of one listener. Its connection limit counts them together with
+    its sibling's (`shared`: the plain port and the implicit-TLS one share one limit)."""
 
-    def cancel_sessions(self) -> None: ...
+    def __init__(self, shared: set[asyncio.Task[None]], limit: int) -> None:
+        self._shared = shared
+        self._limit = limit
+        self._own: set[asyncio.Task[None]] = set()
 
-    async def wait_sessions(self) -> None: ...
+    def __len__(self) -> int:
+        return len(self._own)
 
-    def session_count(self) -> int:
-        """Sessions open on this listener's port."""
-        ...
+    @property
+    def full(self) -> bool:
+        return len(self._shared) >= self._limit
+
+    @contextlib.contextmanager
+    def running(self, task: asyncio.Task[None]) -> Iterator[None]:
+        self._shared.add(task)
+        self._own.add(task)
+        try:
+            yield
+        finally:
+            self._own.discard(task)
+            self._shared.discard(task)
+
+    def cancel(self) -> None:
+        for task in self._own:
+            task.cancel()
+
+    async def wait(self) -> None:
+        if self._own:
+            await asyncio.gather(*self._own, return_exceptions=True)
+
+
+def peer_of(writer: asyncio.StreamWriter) -> str:
+    """The client as `ip:port`, for logs."""
+    peername = writer.get_extra_info("peername")
+    return f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+
+
+async def refuse_connection(writer: asyncio.StreamWriter, reply: bytes, protocol: str) -> None:
+    """Over the connection limit: `reply` instead of the greeting, and the connection
+    closed before any session state exists."""
+    peer = peer_of(writer)
+    log.warning("too many connections, refusing %s", peer,
+                extra={"peer": peer, "event": f"{protocol}-refused"})
+    writer.write(reply)
+    await close_connection(writer, abort=False)
 
 
 class SessionEndingServer(asyncio.AbstractServer):
@@ -29,13 +72,13 @@ class SessionEndingServer(asyncio.AbstractServer):
     section 6), so mailboxes are unlocked and nothing touches the store after it is closed.
     """
 
-    def __init__(self, server: asyncio.Server, listener: SessionOwner) -> None:
+    def __init__(self, server: asyncio.Server, sessions: ListenerSessions) -> None:
         self._server = server
-        self._listener = listener
+        self._sessions = sessions
 
     @property
     def sessions(self) -> int:
-        return self._listener.session_count()
+        return len(self._sessions)
 
     @property
     def sockets(self) -> tuple[object, ...]:
@@ -43,7 +86,7 @@ class SessionEndingServer(asyncio.AbstractServer):
 
     def close(self) -> None:
         self._server.close()
-        self._listener.cancel_sessions()
+        self._sessions.cancel()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._server.get_loop()
@@ -59,7 +102,7 @@ class SessionEndingServer(asyncio.AbstractServer):
 
     async def wait_closed(self) -> None:
         await self._server.wait_closed()
-        await self._listener.wait_sessions()
+        await self._sessions.wait()
 
 
 async def close_connection(writer: asyncio.StreamWriter, abort: bool) -> None:

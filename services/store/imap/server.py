@@ -40,7 +40,13 @@ from services.store.imap.session import (
     SessionConfig,
 )
 from services.store.imap.userlimit import UserConnections
-from services.store.listening import SessionEndingServer, close_connection
+from services.store.listening import (
+    ListenerSessions,
+    SessionEndingServer,
+    close_connection,
+    peer_of,
+    refuse_connection,
+)
 
 __all__ = ["ImapDeps", "start_imap_servers"]
 
@@ -66,18 +72,19 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     closes the returned servers."""
     context = server_context(settings)
     sessions: set[asyncio.Task[None]] = set()
-    literals = deps.literals or MemoryBudget(settings.imap_literal_memory)
-    if deps.user_connections is None:
-        deps = dataclasses.replace(deps, user_connections=UserConnections(
+    deps = dataclasses.replace(
+        deps,
+        literals=deps.literals or MemoryBudget(settings.imap_literal_memory),
+        user_connections=deps.user_connections or UserConnections(
             settings.imap_max_userip_connections, parse_networks(settings.rate_limit_exempt)))
-    plain = ImapListener(settings, deps, context, sessions, literals, implicit_tls=False)
+    plain = ImapListener(settings, deps, context, sessions, implicit_tls=False)
     servers = [SessionEndingServer(await asyncio.start_server(plain.serve, settings.bind,
-                                                     settings.imap_port), plain)]
+                                                     settings.imap_port), plain.sessions)]
     log.info("IMAP listening", extra={"event": f"{settings.bind}:{settings.imap_port}"})
     if context is None:
         log.warning("no TLS certificate: IMAPS disabled and STARTTLS not offered")
         return servers
-    implicit = ImapListener(settings, deps, context, sessions, literals, implicit_tls=True)
+    implicit = ImapListener(settings, deps, context, sessions, implicit_tls=True)
     try:
         server = await asyncio.start_server(implicit.serve, settings.bind, settings.imaps_port,
                                             ssl=context,
@@ -85,7 +92,7 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     except BaseException:
         servers[0].close()
         raise
-    servers.append(SessionEndingServer(server, implicit))
+    servers.append(SessionEndingServer(server, implicit.sessions))
     log.info("IMAPS listening", extra={"event": f"{settings.bind}:{settings.imaps_port}"})
     return servers
 
@@ -112,8 +119,7 @@ class Connection:
         self._pending_size = 0
         peername = writer.get_extra_info("peername")
         self.peer_ip = peername[0] if isinstance(peername, tuple) else str(peername)
-        self.peer = (f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple)
-                     else str(peername))
+        self.peer = peer_of(writer)
 
     def logged_in(self) -> None:
         self._timeout = self._autologout
@@ -204,14 +210,11 @@ def _buffered(reader: asyncio.StreamReader) -> int:
 
 class ImapListener:
     def __init__(self, settings: Settings, deps: ImapDeps, context: ssl.SSLContext | None,
-                 sessions: set[asyncio.Task[None]], literals: MemoryBudget, *,
-                 implicit_tls: bool) -> None:
+                 sessions: set[asyncio.Task[None]], *, implicit_tls: bool) -> None:
         self._settings = settings
-        self._literals = literals
         self._deps = deps
         self._context = context
-        self._sessions = sessions  # shared by both listeners: one connection limit
-        self._own: set[asyncio.Task[None]] = set()
+        self.sessions = ListenerSessions(sessions, settings.imap_max_connections)
         self._implicit_tls = implicit_tls
         self._config = SessionConfig(
             tls_available=context is not None,
@@ -221,38 +224,21 @@ class ImapListener:
             default_quota=settings.default_quota,
         )
 
-    def cancel_sessions(self) -> None:
-        for task in self._own:
-            task.cancel()
-
-    async def wait_sessions(self) -> None:
-        if self._own:
-            await asyncio.gather(*self._own, return_exceptions=True)
-
-    def session_count(self) -> int:
-        return len(self._own)
-
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        connection = Connection(reader, writer, self._settings, self._context, self._literals)
-        if len(self._sessions) >= self._settings.imap_max_connections:
-            log.warning("too many connections, refusing %s", connection.peer,
-                        extra={"peer": connection.peer, "event": "imap-refused"})
-            writer.write(r.BYE_TOO_MANY_CONNECTIONS.untagged())
-            await close_connection(writer, abort=False)
+        if self.sessions.full:
+            await refuse_connection(writer, r.BYE_TOO_MANY_CONNECTIONS.untagged(), "imap")
             return
-        self._sessions.add(task)
-        self._own.add(task)
+        connection = Connection(reader, writer, self._settings, self._context,
+                                self._deps.literals)
         try:
-            await self._serve(connection)
+            with self.sessions.running(task):
+                await self._serve(connection)
         except asyncio.CancelledError:
             # Shutdown: the session is closed. Ending the connection task normally keeps
             # asyncio's stream callback from logging the cancellation as an error.
             pass
-        finally:
-            self._sessions.discard(task)
-            self._own.discard(task)
 
     async def _serve(self, connection: Connection) -> None:
         session = Session(self._deps, self._config, connection,

@@ -10,9 +10,9 @@ are not counted. The count lives in the store process, which serves every IMAP s
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable, Sequence
 
+from common.budget import OpenCounts
 from common.directory import normalize_address
 from common.ratelimit import Network, ip_subject
 
@@ -21,7 +21,7 @@ class UserConnections:
     def __init__(self, limit: int, exempt: Sequence[Network] = ()) -> None:
         self._limit = limit
         self._exempt = tuple(exempt)
-        self._open: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._open = OpenCounts(limit)
 
     def admit(self, user: str, ip: str) -> Callable[[], None] | None:
         """None when `user` already has `limit` sessions from `ip`; otherwise a function
@@ -30,19 +30,13 @@ class UserConnections:
         if subject is None:
             return _nothing
         key = (normalize_address(user), subject)
-        if self._open[key] >= self._limit:
+        if not self._open.take(key):
             return None
-        self._open[key] += 1
-        return lambda: self._release(key)
+        return lambda: self._open.give_back(key)
 
     def count(self, user: str, ip: str) -> int:
         subject = ip_subject(ip, self._exempt)
-        return 0 if subject is None else self._open[(normalize_address(user), subject)]
-
-    def _release(self, key: tuple[str, str]) -> None:
-        self._open[key] -= 1
-        if self._open[key] <= 0:
-            del self._open[key]
+        return 0 if subject is None else self._open.count((normalize_address(user), subject))
 
 
 def _nothing() -> None:

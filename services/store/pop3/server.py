@@ -16,7 +16,13 @@ from common.auththrottle import AuthThrottle
 from common.settings import Settings
 from common.tls import server_context
 from services.store.backends.accounts import AccountDB
-from services.store.listening import SessionEndingServer, close_connection
+from services.store.listening import (
+    ListenerSessions,
+    SessionEndingServer,
+    close_connection,
+    peer_of,
+    refuse_connection,
+)
 from services.store.mailbox import MailStore
 from services.store.pop3 import protocol as p
 from services.store.pop3.locks import MailboxLocks
@@ -52,7 +58,7 @@ async def start_pop3_servers(
     servers: list[SessionEndingServer] = [
         SessionEndingServer(await asyncio.start_server(plain.serve, settings.bind,
                                                        settings.pop3_port, limit=LINE_LIMIT),
-                            plain)
+                            plain.sessions)
     ]
     log.info("POP3 listening", extra={"event": f"{settings.bind}:{settings.pop3_port}"})
     if context is not None:
@@ -67,7 +73,7 @@ async def start_pop3_servers(
         except BaseException:
             servers[0].close()
             raise
-        servers.append(SessionEndingServer(server, implicit))
+        servers.append(SessionEndingServer(server, implicit.sessions))
         log.info("POP3S listening", extra={"event": f"{settings.bind}:{settings.pop3s_port}"})
     else:
         log.warning("no TLS certificate: POP3S disabled and STLS not offered")
@@ -103,8 +109,7 @@ class Pop3Listener:
                  implicit_tls: bool, throttle: AuthThrottle | None = None) -> None:
         self._implicit_tls = implicit_tls
         self._throttle = throttle
-        self._all_sessions = sessions  # both listeners': what the connection limit counts
-        self._sessions: set[asyncio.Task[None]] = set()  # this listener's
+        self.sessions = ListenerSessions(sessions, settings.pop3_max_connections)
         self._settings = settings
         self._mailstore = mailstore
         self._accounts = accounts
@@ -113,44 +118,19 @@ class Pop3Listener:
         self._timeout = settings.pop3_timeout
         self._auth_failure_delay = auth_failure_delay
 
-    def cancel_sessions(self) -> None:
-        for task in self._sessions:
-            task.cancel()
-
-    async def wait_sessions(self) -> None:
-        if self._sessions:
-            await asyncio.gather(*self._sessions, return_exceptions=True)
-
-    def session_count(self) -> int:
-        return len(self._sessions)
-
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._all_sessions) >= self._settings.pop3_max_connections:
-            await self._refuse(writer)
+        if self.sessions.full:
+            # A negative greeting (RFC 3206's SYS/TEMP: try again later).
+            await refuse_connection(writer, p.ERR_TOO_MANY_CONNECTIONS.encode(), "pop3")
             return
-        self._all_sessions.add(task)
-        self._sessions.add(task)
-        try:
+        with self.sessions.running(task):
             await self._serve(reader, writer, self._implicit_tls)
-        finally:
-            self._sessions.discard(task)
-            self._all_sessions.discard(task)
-
-    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
-        """Over the connection limit: a negative greeting (RFC 3206's SYS/TEMP: try again
-        later) and the connection closed, before any session state exists."""
-        peer = writer.get_extra_info("peername")
-        log.warning("too many connections, refusing %s", peer,
-                    extra={"peer": str(peer), "event": "pop3-refused"})
-        writer.write(p.ERR_TOO_MANY_CONNECTIONS.encode())
-        await close_connection(writer, abort=False)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      implicit_tls: bool) -> None:
-        peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        peer = peer_of(writer)
         session = Session(
             mailstore=self._mailstore,
             accounts=self._accounts,
