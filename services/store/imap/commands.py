@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
+import io
 import itertools
 import logging
 import re
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO, cast
 
 from services.store.imap import responses as r
 from services.store.imap.cache import FetchCache
+from services.store.imap.disconnect import Disconnect
 from services.store.imap.protocol import fetch as f
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import (
@@ -87,6 +90,10 @@ READ_BATCH_MESSAGES = 256
 WRITE_BATCH_OCTETS = 256 * 1024
 READ_THREADS = 4  # parallel file reads per batch
 DIRECT_READ_MAX = 64 * 1024  # a single message up to this size is read without a thread
+# A whole-message FETCH of a message larger than this is sent from its file in chunks of
+# STREAM_CHUNK: what a session holds stays near READ_BATCH_OCTETS whatever the message sizes.
+STREAM_OVER = 256 * 1024
+STREAM_CHUNK = 256 * 1024
 SEEN = "\\Seen"
 DELETED = "\\Deleted"
 
@@ -604,13 +611,16 @@ async def _render_fetch(s: Session, selected: SelectedMailbox, positions: list[i
     out = _Output(s)
     for batch in _batches(selected, positions):
         known = {p: cache.get_many(selected.info(p).guid, names) for p in batch}
-        unread = [p for p in batch if always_read or len(known[p]) < len(names)]
+        streamed = {p for p in batch
+                    if selected.info(p).size > STREAM_OVER and f.streamable(atts, known[p])}
+        unread = [p for p in batch if p not in streamed
+                  and (always_read or len(known[p]) < len(names))]
         raws = await _read_bodies(s, selected, unread, header_only) if unread else {}
         for position in batch:
             info = selected.info(position)
             raw = raws.get(position)
             derived = known[position]
-            needs_raw = always_read or len(derived) < len(names)
+            needs_raw = position not in streamed and (always_read or len(derived) < len(names))
             if selected.is_gone(position) or (needs_raw and raw is None):
                 skipped = True
                 continue
@@ -619,12 +629,55 @@ async def _render_fetch(s: Session, selected: SelectedMailbox, positions: list[i
             # RFC 3501 6.4.5: when \Seen was just set, the response carries the new FLAGS.
             wanted = with_flags if info.uid in seen_set else atts
             recent = frozenset({"\\Recent"}) if selected.is_recent(position) else frozenset()
+            include_modseq = modseq or (s.enabled.condstore and info.uid in seen_set)
+            if position in streamed:
+                pieces = functools.partial(  # of the size of the stored message
+                    f.render_pieces, position + 1, info, wanted, extra_flags=recent,
+                    include_uid=uid, include_modseq=include_modseq, derived=derived)
+                skipped |= not await _send_from_file(s, out, info.guid, pieces)
+                continue
             await out.write(f.render_fetch(
                 position + 1, info, wanted, raw, extra_flags=recent, include_uid=uid,
-                include_modseq=modseq or (s.enabled.condstore and info.uid in seen_set),
-                derived=derived))
+                include_modseq=include_modseq, derived=derived))
     await out.flush()
     return skipped
+
+
+async def _send_from_file(s: Session, out: _Output, guid: str,
+                          pieces: Callable[[int], list[f.Piece]]) -> bool:
+    """Send one message's FETCH response with its octets read from storage a chunk at a
+    time, so that a large message is never held whole; False when it is gone. Once the
+    response has begun, a failure to read ends the connection: the client was promised a
+    literal of the announced length."""
+    try:
+        file = await asyncio.to_thread(s.store.open_message, s.logged_in_user, guid)
+    except (NoSuchMessage, FileNotFoundError):
+        return False
+    try:
+        for piece in pieces(file.seek(0, io.SEEK_END)):
+            if isinstance(piece, bytes):
+                await out.write(piece)
+            else:
+                await _send_octets(out, file, piece)
+    except Disconnect:
+        raise
+    except Exception as exc:
+        log.exception("reading message %s failed during FETCH", guid, extra=s.log_context)
+        raise Disconnect("storage") from exc
+    finally:
+        file.close()
+    return True
+
+
+async def _send_octets(out: _Output, file: BinaryIO, span: f.Span) -> None:
+    file.seek(span.start)
+    left = span.length
+    while left:
+        chunk = await asyncio.to_thread(file.read, min(left, STREAM_CHUNK))
+        if not chunk:
+            raise OSError(f"message file ends {left} octets early")
+        await out.write(chunk)
+        left -= len(chunk)
 
 
 def _derive(cache: FetchCache, guid: str, names: tuple[str, ...], known: dict[str, bytes],

@@ -24,6 +24,7 @@ from common.ratelimit import parse_networks
 from common.settings import Settings
 from common.tls import server_context
 from services.store.imap import responses as r
+from services.store.imap.disconnect import Disconnect
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.parser import (
     CommandParser,
@@ -34,7 +35,6 @@ from services.store.imap.protocol.parser import (
 )
 from services.store.imap.session import (
     After,
-    Disconnect,
     ImapDeps,
     Session,
     SessionConfig,

@@ -30,6 +30,7 @@ from services.store.backends.textindex import TextIndex, TextIndexer
 from services.store.imap import responses as r
 from services.store.imap.cache import FetchCache
 from services.store.imap.commands import COMMANDS, CommandSpec, Cost, State
+from services.store.imap.disconnect import Disconnect
 from services.store.imap.lanes import LONG_SET, CommandLanes, LongTurn, set_size
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import Command, ParseError, SearchKey
@@ -53,15 +54,6 @@ MAX_AUTH_FAILURES = 3  # failed logins per connection before BYE
 class After(enum.Enum):
     CONTINUE = "continue"
     CLOSE = "close"
-
-
-class Disconnect(Exception):
-    """Raised by the Channel when the connection ends (reason: "eof", "timeout", "lost",
-    "tls"); the session lets it through to the server."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,12 @@ next to a well-behaved one, plaintext logins before TLS, and login throttling th
 from __future__ import annotations
 
 import base64
+import hashlib
 import imaplib
 import socket
 import threading
 import time
+import tracemalloc
 
 import pytest
 import redis
@@ -313,6 +315,18 @@ async def test_bad_commands_now_and_then_do_not_end_a_long_session(
 
 
 
+def fetching_first_message(server: Server) -> socket.socket:
+    """A connection with a small receive buffer that has asked for INBOX's first message
+    (tag c) and read nothing yet."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(f'a LOGIN "{ALICE}" "{USERS[ALICE]}"\r\nb SELECT INBOX\r\n'
+                 "c FETCH 1 BODY.PEEK[]\r\n".encode())
+    return sock
+
+
 async def test_a_client_that_stops_reading_is_cut_off_after_the_write_stall(
         server: Server, deliver: Deliver, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that asks for a large message and takes none of it holds the message in the
@@ -323,12 +337,7 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_write_stall(
     await deliver(ALICE, body)
 
     def dialog() -> tuple[int, bytes]:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        sock.settimeout(30)
-        sock.connect(("127.0.0.1", server.port))
-        sock.sendall(f'a LOGIN "{ALICE}" "{USERS[ALICE]}"\r\nb SELECT INBOX\r\n'
-                     "c FETCH 1 BODY.PEEK[]\r\n".encode())
+        sock = fetching_first_message(server)
         time.sleep(3.0)  # taking nothing, for three times the stall
         received = b""
         try:
@@ -350,6 +359,76 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_write_stall(
         return fetched
 
     assert body in await in_thread(reading)
+
+
+async def test_a_large_message_is_sent_from_its_file_never_held_whole(
+        server: Server, deliver: Deliver) -> None:
+    """A FETCH of a 20 MB message reads it from storage a chunk at a time: the store's peak
+    memory while sending it stays far below the message's size (it held all of it, twice,
+    when it read the message whole), and the client gets every octet."""
+    body = message("large", ("z" * 998 + "\r\n") * 20_000)
+    await deliver(ALICE, body)
+    ending = b"c OK Completed\r\n"
+
+    def dialog() -> tuple[int, str, bytes]:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        raw.send(b"c FETCH 1 BODY.PEEK[]\r\n")
+        digest, count, tail = hashlib.sha256(), 0, raw.buffer
+        while not tail.endswith(ending):  # hashed as it comes: the client keeps none of it
+            data = raw.sock.recv(1 << 16)
+            assert data, "connection closed mid-response"
+            digest.update(data)
+            count += len(data)
+            tail = (tail + data)[-len(ending):]
+        raw.close()
+        return count, digest.hexdigest(), tail
+
+    tracemalloc.start()
+    try:
+        count, digest, tail = await in_thread(dialog)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    expected = b"* 1 FETCH (BODY[] {%d}\r\n%b)\r\n%b" % (len(body), body, ending)
+    assert (count, digest) == (len(expected), hashlib.sha256(expected).hexdigest())
+    assert peak < 4 * 1024 * 1024, f"peak {peak} octets for a {len(body)}-octet message"
+
+
+async def test_a_message_file_cut_short_mid_fetch_ends_that_connection_only(
+        server: Server, deliver: Deliver, maildb: MailDB,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The literal's length is announced before the octets are read; when the file then
+    turns out shorter (damaged under the store), no reply could be right, so that connection
+    is closed, with an error logged. Nothing follows the partial literal on the wire."""
+    body = message("large", ("z" * 998 + "\r\n") * 20_000)
+    await deliver(ALICE, body)
+    guid = (await maildb.list_messages(ALICE))[0].guid
+    path = maildb._message_file(ALICE, guid)  # noqa: SLF001 - the file the store reads
+
+    def dialog() -> bytes:
+        sock = fetching_first_message(server)
+        received = sock.recv(4096)
+        while b"BODY[] {" not in received:
+            received += sock.recv(4096)
+        with open(path, "r+b") as file:  # the store is still sending the first megabytes
+            file.truncate(len(body) // 2)
+        while data := sock.recv(1 << 20):
+            received = received[-4096:] + data
+        sock.close()
+        return received
+
+    tail = await in_thread(dialog)
+    assert b"c OK" not in tail and b"c NO" not in tail and b"c BAD" not in tail
+    assert "failed during FETCH" in caplog.text
+
+    def another() -> str:
+        reader = server.raw(ALICE)  # the server itself goes on
+        status = reader.ok("SELECT INBOX").status
+        reader.close()
+        return status
+
+    assert await in_thread(another) == "OK"
 
 
 async def test_a_flooding_client_does_not_starve_another(server: Server, deliver: Deliver

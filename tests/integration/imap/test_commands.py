@@ -892,6 +892,41 @@ async def test_fetch_sections_and_partials(server: Server, deliver: Deliver) -> 
     await in_thread(dialog)
 
 
+async def test_large_messages_sent_from_their_files_answer_as_small_ones_do(
+        server: Server, deliver: Deliver) -> None:
+    """Messages over STREAM_OVER are sent from their files in chunks: whole, partial, as
+    RFC822 (which sets \\Seen and reports it), with cached structure and among small
+    messages in one FETCH, the answers are what the stored octets say."""
+    large = message("large", "".join(f"line {n:07d} " + "x" * 60 + "\r\n" for n in range(8000)))
+    small = message("small")
+    await deliver(ALICE, small)
+    await deliver(ALICE, large)
+    await deliver(ALICE, small)
+    assert len(large) > 2 * 256 * 1024
+
+    def dialog() -> None:
+        client = server.client(ALICE)
+        client.select_folder("INBOX")
+        uids = client.search()
+        got = client.fetch(uids, ["BODY.PEEK[]", "RFC822.SIZE"])
+        assert [got[u][b"BODY[]"] for u in uids] == [small, large, small]
+        assert [got[u][b"RFC822.SIZE"] for u in uids] == [len(small), len(large), len(small)]
+        for origin, count in [(0, 10), (300_000, 70_000), (len(large) - 5, 100),
+                              (len(large) + 1, 10)]:
+            part = client.fetch([uids[1]], [f"BODY.PEEK[]<{origin}.{count}>"])[uids[1]]
+            assert part[b"BODY[]<%d>" % origin] == large[origin:origin + count], origin
+        structure = client.fetch([uids[1]], ["BODYSTRUCTURE"])[uids[1]][b"BODYSTRUCTURE"]
+        again = client.fetch([uids[1]], ["BODYSTRUCTURE", "ENVELOPE", "BODY.PEEK[]"])[uids[1]]
+        assert again[b"BODYSTRUCTURE"] == structure and again[b"BODY[]"] == large
+        assert again[b"ENVELOPE"].subject == b"large"
+        read = client.fetch([uids[1]], ["RFC822"])[uids[1]]
+        assert read[b"RFC822"] == large and b"\\Seen" in read[b"FLAGS"]
+        assert b"\\Seen" not in client.get_flags([uids[0]])[uids[0]]
+        client.logout()
+
+    await in_thread(dialog)
+
+
 async def test_seen_flag_side_effects(server: Server, deliver: Deliver, maildb: MailDB) -> None:
     for n in range(4):
         await deliver(ALICE, message(f"m{n}"))

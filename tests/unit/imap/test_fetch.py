@@ -312,3 +312,51 @@ def test_partial_is_a_slice_of_the_section(raw: bytes, origin: int, count: int) 
     assert whole == b"* 1 FETCH (BODY[] {%d}\r\n" % len(raw) + raw + b")\r\n"
     expected = raw[origin : origin + count]
     assert part == b"* 1 FETCH (BODY[]<%d> {%d}\r\n" % (origin, len(expected)) + expected + b")\r\n"
+
+
+# --- streamed pieces (a large message sent from its file) ---------------------------------
+
+_STREAMABLE = st.sampled_from([
+    FetchAtt("FLAGS"), FetchAtt("UID"), FetchAtt("RFC822.SIZE"), FetchAtt("INTERNALDATE"),
+    FetchAtt("MODSEQ"), FetchAtt("RFC822"), FetchAtt("BODYSTRUCTURE"), FetchAtt("ENVELOPE"),
+    body(), body(peek=True), FetchAtt("BODY[]", section=None),
+])
+_PARTIALS = st.builds(lambda origin, count: body(peek=True, partial=(origin, count)),
+                      st.integers(0, 200), st.integers(0, 200))
+
+
+def filled(pieces: list[fetch.Piece], raw: bytes) -> bytes:
+    return b"".join(p if isinstance(p, bytes) else raw[p.start:p.start + p.length]
+                    for p in pieces)
+
+
+@given(atts=st.lists(st.one_of(_STREAMABLE, _PARTIALS), min_size=1, max_size=5),
+       uid=st.booleans(), modseq=st.booleans())
+@settings(max_examples=300)
+def test_pieces_with_the_file_octets_filled_in_are_the_whole_response(
+        atts: list[FetchAtt], uid: bool, modseq: bool) -> None:
+    derived = fetch.derive(["BODYSTRUCTURE", "ENVELOPE"], RAW)
+    assert fetch.streamable(atts, derived)
+    pieces = fetch.render_pieces(3, INFO, atts, len(RAW), include_uid=uid,
+                                 include_modseq=modseq, derived=derived)
+    expected = fetch.render_fetch(3, INFO, atts, RAW, include_uid=uid, include_modseq=modseq,
+                                  derived=derived)
+    assert filled(pieces, RAW) == expected
+    assert all(0 <= p.start <= len(RAW) and p.start + p.length <= len(RAW)
+               for p in pieces if isinstance(p, fetch.Span))
+    assert not any(isinstance(a, bytes) and isinstance(b, bytes)
+                   for a, b in zip(pieces, pieces[1:], strict=False))
+
+
+def test_the_whole_message_is_one_span_after_its_literal_length() -> None:
+    pieces = fetch.render_pieces(3, INFO, [FetchAtt("UID"), body(peek=True)], 30_000_000)
+    assert pieces == [b"* 3 FETCH (UID 42 BODY[] {30000000}\r\n", fetch.Span(0, 30_000_000),
+                      b")\r\n"]
+
+
+@pytest.mark.parametrize("atts", [
+    [body(Section(text="TEXT"))], [body(Section(part=(1,)))], [FetchAtt("RFC822.HEADER")],
+    [FetchAtt("RFC822.TEXT")], [FetchAtt("BODYSTRUCTURE")], [FetchAtt("ENVELOPE"), body()],
+])
+def test_items_that_need_the_message_parsed_are_not_streamable(atts: list[FetchAtt]) -> None:
+    assert not fetch.streamable(atts, {})

@@ -1,14 +1,18 @@
 """FETCH responses (RFC 3501 6.4.5 and 7.4.2, RFC 7162 MODSEQ). Pure: no asyncio, no I/O.
 
 The session resolves the sequence set, reads the stored message when `needs_body` says so,
-and calls `render_fetch` once per message; the message is parsed at most once per call.
+and calls `render_fetch` once per message; the message is parsed at most once per call. For a
+large message whose items need no parsing (`streamable`: the whole message or a partial of
+it, metadata, cached structure), `render_pieces` gives the response with `Span`s where the
+stored octets go, which the session sends from the file a chunk at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Mapping, Sequence
+from dataclasses import dataclass
 from operator import itemgetter
-from typing import Protocol
+from typing import Protocol, cast
 
 from services.store.imap.protocol import mime, wire
 from services.store.imap.protocol.command import FetchAtt, Section
@@ -66,6 +70,19 @@ def _derived(name: str, message: _Message) -> bytes:
     return mime.bodystructure(message.root, extended=name == "BODYSTRUCTURE")
 
 
+def streamable(atts: Sequence[FetchAtt], derived: Container[str]) -> bool:
+    """Whether these items can be answered without the message in memory: each one is
+    metadata, a structure item found in `derived`, or the whole message (or a partial of it),
+    which is sent straight from the stored file."""
+    return all(att.name in _METADATA_ITEMS or att.name in derived or att.name == "RFC822"
+               or _is_whole_message(att) for att in atts)
+
+
+def _is_whole_message(att: FetchAtt) -> bool:
+    section = att.section
+    return att.name == "BODY[]" and (section is None or (not section.part and section.text is None))
+
+
 def sets_seen(atts: Sequence[FetchAtt]) -> bool:
     """Whether fetching these items sets \\Seen (the session stores it unless read-only)."""
     return any(att.name in _SEEN_ITEMS or (att.name == "BODY[]" and not att.peek) for att in atts)
@@ -82,13 +99,29 @@ def section_spec(sect: Section) -> bytes:
     return b".".join(pieces)
 
 
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Octets `start` to `start + length` of the stored message, to be sent from its file."""
+
+    start: int
+    length: int
+
+
+Piece = bytes | Span
+
+
 class _Message:
     """The stored message with its structure parsed on first use (at most once)."""
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
+        self.size = len(raw)
         self._root: mime.Part | None = None
         self._header: mime.Part | None = None
+
+    def octets(self, start: int, count: int) -> Piece:
+        """`count` octets from `start` (fewer at the end of the message)."""
+        return self.raw[start : start + count]
 
     @property
     def root(self) -> mime.Part:
@@ -116,6 +149,19 @@ class _Message:
         return b"" if data is None else data
 
 
+class _Unread(_Message):
+    """A stored message that is not in memory: only its size is known, and only the octets
+    of the whole message can be asked for (as Spans). `streamable` admits no other item."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(b"")
+        self.size = size
+
+    def octets(self, start: int, count: int) -> Piece:
+        start = min(start, self.size)
+        return Span(start, min(count, self.size - start))
+
+
 def _partial(data: bytes, partial: tuple[int, int] | None) -> bytes:
     if partial is None:
         return data
@@ -123,13 +169,21 @@ def _partial(data: bytes, partial: tuple[int, int] | None) -> bytes:
     return data[origin : origin + count]
 
 
-def _body_item(att: FetchAtt, message: _Message) -> bytes:
+def _literal(name: bytes, data: Piece) -> list[Piece]:
+    length = len(data) if isinstance(data, bytes) else data.length
+    return [name + b" {%d}\r\n" % length, data]
+
+
+def _body_item(att: FetchAtt, message: _Message) -> bytes | list[Piece]:
     sect = att.section or Section()
-    if att.partial is None and not sect.part and sect.text is None:
-        return b"BODY[] {%d}\r\n%b" % (len(message.raw), message.raw)  # the whole message
+    whole = not sect.part and sect.text is None
+    if att.partial is None and whole:
+        return _literal(b"BODY[]", message.octets(0, message.size))
     name = b"BODY[" + section_spec(sect) + b"]"
     if att.partial is not None:
         name += b"<%d>" % att.partial[0]  # RFC 3501 7.4.2: only the origin is echoed
+        if whole:
+            return _literal(name, message.octets(*att.partial))
     return name + b" " + wire.literal(_partial(message.section(sect), att.partial))
 
 
@@ -139,7 +193,7 @@ def _item(
     message: _Message,
     extra_flags: frozenset[str],
     derived: Mapping[str, bytes],
-) -> bytes | None:
+) -> bytes | list[Piece] | None:
     name = att.name
     if name in derived:
         return name.encode("ascii") + b" " + derived[name]
@@ -154,7 +208,7 @@ def _item(
     if name == "RFC822.SIZE":
         return b"RFC822.SIZE %d" % info.size
     if name == "RFC822":
-        return b"RFC822 {%d}\r\n%b" % (len(message.raw), message.raw)
+        return _literal(b"RFC822", message.octets(0, message.size))
     if name == "RFC822.HEADER":
         return b"RFC822.HEADER " + wire.literal(message.section(Section(text="HEADER")))
     if name == "RFC822.TEXT":
@@ -184,19 +238,68 @@ def render_fetch(
     `extra_flags` are session flags such as \\Recent. UID (UID FETCH, RFC 3501 6.4.8) and
     MODSEQ (CONDSTORE, RFC 7162 3.1.4.1) are put first when the session must include them and
     they were not asked for."""
+    message = _Message(raw if raw is not None else b"")
+    pieces = _pieces(seq, info, atts, message, extra_flags, include_uid, include_modseq,
+                     derived or {})
+    return b"".join(cast(list[bytes], pieces))  # a message in memory gives no Span
+
+
+def render_pieces(
+    seq: int,
+    info: MessageInfo,
+    atts: Sequence[FetchAtt],
+    size: int,
+    *,
+    extra_flags: frozenset[str] = frozenset(),
+    include_uid: bool = False,
+    include_modseq: bool = False,
+    derived: Mapping[str, bytes] | None = None,
+) -> list[Piece]:
+    """The response `render_fetch` gives, for a stored message of `size` octets that is not
+    read: a Span stands for each range of its octets. Only for `streamable` items."""
+    return _merged(_pieces(seq, info, atts, _Unread(size), extra_flags, include_uid,
+                           include_modseq, derived or {}))
+
+
+def _pieces(seq: int, info: MessageInfo, atts: Sequence[FetchAtt], message: _Message,
+            extra_flags: frozenset[str], include_uid: bool, include_modseq: bool,
+            derived: Mapping[str, bytes]) -> list[Piece]:
     names = {att.name for att in atts}
     implicit = _implicit(names, include_uid=include_uid, include_modseq=include_modseq)
-    message = _Message(raw if raw is not None else b"")
-    items: list[bytes] = []
+    pieces: list[Piece] = [b"* %d FETCH (" % seq]
     seen: set[FetchAtt] = set()
     for att in (*(FetchAtt(name) for name in implicit), *atts):
         if att in seen:
             continue
         seen.add(att)
-        item = _item(att, info, message, extra_flags, derived or {})
-        if item is not None:
-            items.append(item)
-    return b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n"
+        item = _item(att, info, message, extra_flags, derived)
+        if item is None:
+            continue
+        if len(pieces) > 1:
+            pieces.append(b" ")
+        if isinstance(item, bytes):
+            pieces.append(item)
+        else:
+            pieces.extend(item)
+    pieces.append(b")\r\n")
+    return pieces
+
+
+def _merged(pieces: list[Piece]) -> list[Piece]:
+    """Adjacent bytes joined: the pieces alternate between bytes and Spans."""
+    out: list[Piece] = []
+    run: list[bytes] = []
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            run.append(piece)
+            continue
+        if run:
+            out.append(b"".join(run))
+            run = []
+        out.append(piece)
+    if run:
+        out.append(b"".join(run))
+    return out
 
 
 def _implicit(names: set[str], *, include_uid: bool, include_modseq: bool) -> list[str]:
