@@ -16,7 +16,7 @@ from common.settings import Settings
 TIMEOUT = 5.0
 # Heartbeat values that say how much there is now, not how many so far: no rate for them.
 GAUGES = frozenset({"active", "data_held", "imap_sessions", "pop3_sessions",
-                    "imap_literals_held"})
+                    "imap_literals_held", "imap_fetch_held"})
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:

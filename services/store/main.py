@@ -118,9 +118,10 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         pop3_servers = await start_pop3_servers(settings, maildb, accounts, throttle=throttle)
         stack.push_async_callback(_close_servers, pop3_servers)
         literals = MemoryBudget(settings.imap_literal_memory)
+        fetch_memory = MemoryBudget(settings.imap_fetch_memory)
         imap = ImapDeps(store=maildb, accounts=accounts, throttle=throttle,
                         text_index=text_index, indexer=indexer, fetch_cache=FetchCache(),
-                        literals=literals)
+                        literals=literals, fetch_memory=fetch_memory)
         imap_servers = await start_imap_servers(settings, imap)
         stack.push_async_callback(_close_servers, imap_servers)
 
@@ -128,7 +129,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             return {**stats.as_dict(),
                     "imap_sessions": sum(server.sessions for server in imap_servers),
                     "pop3_sessions": sum(server.sessions for server in pop3_servers),
-                    "imap_literals_held": literals.held}
+                    "imap_literals_held": literals.held,
+                    "imap_fetch_held": fetch_memory.held}
 
         await stack.enter_async_context(
             Heartbeat(redis, settings.redis_prefix, "store", health))

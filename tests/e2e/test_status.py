@@ -74,7 +74,8 @@ def test_status_shows_the_stores_open_sessions(
             beats = {p["tier"]: p for p in status(settings)[1]["redis"].get("processes", [])}
             store_beat = beats.get("store", {})
             return (store_beat.get("imap_sessions"), store_beat.get("pop3_sessions"),
-                    store_beat.get("imap_literals_held")) == (2, 1, 0)
+                    store_beat.get("imap_literals_held"),
+                    store_beat.get("imap_fetch_held")) == (2, 1, 0, 0)
 
         wait_until(sessions_counted, timeout=30, interval=0.5,
                    what="the store's heartbeat to count 2 IMAP and 1 POP3 sessions")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import io
 import itertools
 import logging
@@ -26,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, cast
 
+from common.budget import Hold
 from services.store.imap import responses as r
 from services.store.imap.cache import FetchCache
 from services.store.imap.disconnect import Disconnect
@@ -541,8 +541,12 @@ async def fetch(s: Session, c: Command) -> r.Reply:
         since = args.changedsince
         positions = [p for p in positions if selected.info(p).modseq > since]
     seen_set = await _mark_seen(s, selected, positions, args.atts)
-    skipped = await _render_fetch(s, selected, positions, args.atts, seen_set,
-                                  uid=c.uid, modseq=modseq_asked)
+    try:
+        skipped = await _render_fetch(s, selected, positions, args.atts, seen_set,
+                                      uid=c.uid, modseq=modseq_asked)
+    except _NoMemory:
+        log.warning("no memory to read a large message for FETCH now", extra=s.log_context)
+        return r.NO_BUSY
     return r.NO_EXPUNGED.with_code("EXPUNGEISSUED") if skipped else r.OK_DONE
 
 
@@ -602,59 +606,123 @@ async def _render_fetch(s: Session, selected: SelectedMailbox, positions: list[i
     if not f.needs_body(atts):
         await _render_metadata(s, selected, positions, atts, uid=uid, modseq=modseq)
         return False
-    with_flags = atts if any(a.name == "FLAGS" for a in atts) else (*atts, FetchAtt("FLAGS"))
-    header_only = f.needs_header_only(atts)
-    cache = s.deps.fetch_cache
-    names = f.cacheable(atts)
-    always_read = not f.needs_only_cacheable(atts)
+    request = _BodyFetch(
+        atts, atts if any(a.name == "FLAGS" for a in atts) else (*atts, FetchAtt("FLAGS")),
+        f.cacheable(atts), f.needs_header_only(atts), seen_set, uid, modseq)
     skipped = False
     out = _Output(s)
     for batch in _batches(selected, positions):
-        known = {p: cache.get_many(selected.info(p).guid, names) for p in batch}
-        streamed = {p for p in batch
-                    if selected.info(p).size > STREAM_OVER and f.streamable(atts, known[p])}
-        unread = [p for p in batch if p not in streamed
-                  and (always_read or len(known[p]) < len(names))]
-        raws = await _read_bodies(s, selected, unread, header_only) if unread else {}
-        for position in batch:
-            info = selected.info(position)
-            raw = raws.get(position)
-            derived = known[position]
-            needs_raw = position not in streamed and (always_read or len(derived) < len(names))
-            if selected.is_gone(position) or (needs_raw and raw is None):
-                skipped = True
-                continue
-            if raw is not None and len(derived) < len(names):
-                derived.update(_derive(cache, info.guid, names, derived, raw))
-            # RFC 3501 6.4.5: when \Seen was just set, the response carries the new FLAGS.
-            wanted = with_flags if info.uid in seen_set else atts
-            recent = frozenset({"\\Recent"}) if selected.is_recent(position) else frozenset()
-            include_modseq = modseq or (s.enabled.condstore and info.uid in seen_set)
-            if position in streamed:
-                pieces = functools.partial(  # of the size of the stored message
-                    f.render_pieces, position + 1, info, wanted, extra_flags=recent,
-                    include_uid=uid, include_modseq=include_modseq, derived=derived)
-                skipped |= not await _send_from_file(s, out, info.guid, pieces)
-                continue
-            await out.write(f.render_fetch(
-                position + 1, info, wanted, raw, extra_flags=recent, include_uid=uid,
-                include_modseq=include_modseq, derived=derived))
+        skipped |= await _fetch_batch(s, out, selected, batch, request)
     await out.flush()
     return skipped
 
 
-async def _send_from_file(s: Session, out: _Output, guid: str,
-                          pieces: Callable[[int], list[f.Piece]]) -> bool:
+@dataclass(frozen=True)
+class _BodyFetch:
+    """What a FETCH of items that need the stored messages asks for."""
+
+    atts: tuple[FetchAtt, ...]
+    with_flags: tuple[FetchAtt, ...]  # the items plus FLAGS, for a message it set \Seen on
+    names: tuple[str, ...]  # the cacheable items asked for
+    header_only: bool  # the items need only the header section
+    seen_set: set[int]  # UIDs this FETCH set \Seen on
+    uid: bool
+    modseq: bool
+
+    @property
+    def always_read(self) -> bool:
+        return not f.needs_only_cacheable(self.atts)
+
+
+class _NoMemory(Exception):
+    """The messages a FETCH must read whole do not fit in settings.imap_fetch_memory now."""
+
+
+async def _fetch_batch(s: Session, out: _Output, selected: SelectedMailbox, batch: list[int],
+                       request: _BodyFetch) -> bool:
+    """Read and answer one batch; True when some message was gone and left out. Large
+    messages whose items allow it are streamed from their files instead of read."""
+    names = request.names
+    known = {p: s.deps.fetch_cache.get_many(selected.info(p).guid, names) for p in batch}
+    streamed = {p for p in batch
+                if selected.info(p).size > STREAM_OVER and f.streamable(request.atts, known[p])}
+    unread = [p for p in batch if p not in streamed
+              and (request.always_read or len(known[p]) < len(names))]
+    hold = _hold_for_large(s, selected, [] if request.header_only else unread)
+    try:
+        raws = await _read_bodies(s, selected, unread, request.header_only) if unread else {}
+        skipped = False
+        for position in batch:
+            if selected.is_gone(position):
+                skipped = True
+            elif position in streamed:
+                skipped |= not await _send_from_file(s, out, selected, position, known[position],
+                                                     request)
+            else:
+                skipped |= not await _send_read(s, out, selected, position, raws.get(position),
+                                                known[position], request)
+        return skipped
+    finally:
+        hold.release()
+
+
+def _hold_for_large(s: Session, selected: SelectedMailbox, read_whole: list[int]) -> Hold:
+    """Take the memory that reading the large messages of `read_whole` will hold: twice
+    their size (the message, and its response until sent). Small ones are not counted: a
+    batch of them holds READ_BATCH_OCTETS at most."""
+    hold = Hold(s.deps.fetch_memory)
+    large = sum(size for size in (selected.info(p).size for p in read_whole)
+                if size > STREAM_OVER)
+    if large and not hold.take(2 * large):
+        raise _NoMemory
+    return hold
+
+
+def _response_args(s: Session, selected: SelectedMailbox, position: int, request: _BodyFetch
+                   ) -> tuple[tuple[FetchAtt, ...], frozenset[str], bool]:
+    """One message's items, session flags and whether MODSEQ goes with them."""
+    just_seen = selected.info(position).uid in request.seen_set
+    # RFC 3501 6.4.5: when \Seen was just set, the response carries the new FLAGS.
+    wanted = request.with_flags if just_seen else request.atts
+    recent = frozenset({"\\Recent"}) if selected.is_recent(position) else frozenset()
+    return wanted, recent, request.modseq or (s.enabled.condstore and just_seen)
+
+
+async def _send_read(s: Session, out: _Output, selected: SelectedMailbox, position: int,
+                     raw: bytes | None, derived: dict[str, bytes], request: _BodyFetch) -> bool:
+    """Answer for a message read into memory (raw None: not read, the cache has every item);
+    False when it was needed and is gone."""
+    names = request.names
+    if raw is None and (request.always_read or len(derived) < len(names)):
+        return False
+    info = selected.info(position)
+    if raw is not None and len(derived) < len(names):
+        derived.update(_derive(s.deps.fetch_cache, info.guid, names, derived, raw))
+    wanted, recent, modseq = _response_args(s, selected, position, request)
+    await out.write(f.render_fetch(position + 1, info, wanted, raw, extra_flags=recent,
+                                   include_uid=request.uid, include_modseq=modseq,
+                                   derived=derived))
+    return True
+
+
+async def _send_from_file(s: Session, out: _Output, selected: SelectedMailbox, position: int,
+                          derived: dict[str, bytes], request: _BodyFetch) -> bool:
     """Send one message's FETCH response with its octets read from storage a chunk at a
     time, so that a large message is never held whole; False when it is gone. Once the
     response has begun, a failure to read ends the connection: the client was promised a
     literal of the announced length."""
+    info = selected.info(position)
+    guid = info.guid
     try:
         file = await asyncio.to_thread(s.store.open_message, s.logged_in_user, guid)
     except (NoSuchMessage, FileNotFoundError):
         return False
+    wanted, recent, modseq = _response_args(s, selected, position, request)
     try:
-        for piece in pieces(file.seek(0, io.SEEK_END)):
+        pieces = f.render_pieces(position + 1, info, wanted, file.seek(0, io.SEEK_END),
+                                 extra_flags=recent, include_uid=request.uid,
+                                 include_modseq=modseq, derived=derived)
+        for piece in pieces:
             if isinstance(piece, bytes):
                 await out.write(piece)
             else:

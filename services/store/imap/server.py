@@ -75,6 +75,7 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     deps = dataclasses.replace(
         deps,
         literals=deps.literals or MemoryBudget(settings.imap_literal_memory),
+        fetch_memory=deps.fetch_memory or MemoryBudget(settings.imap_fetch_memory),
         user_connections=deps.user_connections or UserConnections(
             settings.imap_max_userip_connections, parse_networks(settings.rate_limit_exempt)))
     plain = ImapListener(settings, deps, context, sessions, implicit_tls=False)

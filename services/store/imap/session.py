@@ -72,6 +72,9 @@ class ImapDeps:
     # Literals arriving on all connections; None: start_imap_servers makes one of
     # settings.imap_literal_memory (main.py passes its own, to report what it holds).
     literals: MemoryBudget | None = None
+    # Large messages read whole for FETCH; None: start_imap_servers makes one of
+    # settings.imap_fetch_memory (main.py passes its own, to report what it holds).
+    fetch_memory: MemoryBudget | None = None
     # Sessions per account and client address; None: start_imap_servers makes one of
     # settings.imap_max_userip_connections.
     user_connections: UserConnections | None = None

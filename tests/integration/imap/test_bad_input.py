@@ -26,6 +26,7 @@ from tests.integration.imap.clients import (
     in_thread,
     message,
     unverified,
+    wait_for,
 )
 from tests.integration.imap.conftest import ALICE, BOB, USERS, Deliver, ImapStack, StartImap
 from tests.support import fill, tmpfs
@@ -315,15 +316,15 @@ async def test_bad_commands_now_and_then_do_not_end_a_long_session(
 
 
 
-def fetching_first_message(server: Server) -> socket.socket:
-    """A connection with a small receive buffer that has asked for INBOX's first message
-    (tag c) and read nothing yet."""
+def fetching_first_message(server: Server, item: str = "BODY.PEEK[]") -> socket.socket:
+    """A connection with a small receive buffer that has asked for `item` of INBOX's first
+    message (tag c) and read nothing yet."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     sock.settimeout(30)
     sock.connect(("127.0.0.1", server.port))
     sock.sendall(f'a LOGIN "{ALICE}" "{USERS[ALICE]}"\r\nb SELECT INBOX\r\n'
-                 "c FETCH 1 BODY.PEEK[]\r\n".encode())
+                 f"c FETCH 1 {item}\r\n".encode())
     return sock
 
 
@@ -429,6 +430,38 @@ async def test_a_message_file_cut_short_mid_fetch_ends_that_connection_only(
         return status
 
     assert await in_thread(another) == "OK"
+
+
+async def test_large_messages_read_whole_share_a_memory_budget(
+        start_imap: StartImap, settings: Settings, deliver: Deliver) -> None:
+    """A FETCH of a part or the TEXT of a large message reads it whole: those reads take
+    twice the message's size from TIERMAIL_IMAP_FETCH_MEMORY while they are answered. With
+    a client holding a 20 MB message's TEXT unread, another's such FETCH gets NO
+    [UNAVAILABLE], a whole-message FETCH (sent from the file) still works, and once the first
+    client is gone the second one's FETCH works too."""
+    body = message("large", ("y" * 998 + "\r\n") * 20_000)  # more than socket buffers take
+    text = body[body.index(b"\r\n\r\n") + 4:]
+    server = await start_with(start_imap, settings, imap_fetch_memory=int(2.5 * len(body)))
+    await deliver(ALICE, body)
+
+    def dialog() -> None:
+        holder = fetching_first_message(server, "BODY.PEEK[TEXT]")
+        client = server.imaplib(ALICE)
+        client.select("INBOX")
+        wait_for(lambda: client.fetch("1", "(BODY.PEEK[TEXT])")[0] == "NO",
+                 what="the held FETCH to take its memory")
+        status, data = client.fetch("1", "(BODY.PEEK[TEXT])")
+        assert status == "NO" and b"[UNAVAILABLE]" in data[0]
+        status, data = client.fetch("1", "(BODY.PEEK[])")
+        assert status == "OK" and data[0][1] == body
+        holder.close()
+        wait_for(lambda: client.fetch("1", "(BODY.PEEK[TEXT])")[0] == "OK",
+                 what="the memory to come back when the holder is gone")
+        status, data = client.fetch("1", "(BODY.PEEK[TEXT])")
+        assert status == "OK" and data[0][1] == text
+        client.logout()
+
+    await in_thread(dialog)
 
 
 async def test_a_flooding_client_does_not_starve_another(server: Server, deliver: Deliver

@@ -33,7 +33,8 @@ def session(cache: FetchCache) -> Any:
         sent.append(data)
 
     return SimpleNamespace(store=FakeStore(), logged_in_user="alice", send=send, sent=sent,
-                           enabled=Enabled(), deps=SimpleNamespace(fetch_cache=cache))
+                           enabled=Enabled(), deps=SimpleNamespace(fetch_cache=cache,
+                                                                   fetch_memory=None))
 
 
 def mailbox(count: int) -> SelectedMailbox:
