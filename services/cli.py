@@ -92,6 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("source", metavar="FROM")
     rm.add_argument("target", metavar="TO", nargs="?")
     command("list", alias_list, "list aliases", alias)
+
+    dead = commands.add_parser(
+        "deadletters", help="look at, retry or drop dead-lettered messages").add_subparsers(
+        metavar="ACTION", required=True)
+    browse = command("list", deadletters_list,
+                     "show dead-lettered messages (oldest first) without taking them away",
+                     dead)
+    browse.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    browse.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, handler, text in (
+            ("retry", deadletters_retry,
+             "send messages back for delivery (after fixing the cause: the account "
+             "re-created, the disk repaired); mailboxes that already have one get no copy"),
+            ("drop", deadletters_drop, "delete messages for good")):
+        sub = command(name, handler, text, dead)
+        sub.add_argument("queue_ids", metavar="QUEUE_ID", nargs="*")
+        sub.add_argument("--all", action="store_true", help="every dead-lettered message")
     return parser
 
 
@@ -141,6 +158,63 @@ def show_status(settings: Settings, args: argparse.Namespace) -> int:
     report = asyncio.run(collect_status(settings))
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0 if report["healthy"] else EXIT_FAILED
+
+
+# Dead letters
+
+
+def deadletters_list(settings: Settings, args: argparse.Namespace) -> int:
+    from services.store.deadletters import browse
+
+    letters, total = _broker(browse(settings, max(args.limit, 0)))
+    if args.json:
+        print(json.dumps({"total": total, "messages": [x.as_dict() for x in letters]},
+                         indent=2))
+        return 0
+    for letter in letters:
+        when = letter.received_at.strftime("%Y-%m-%d %H:%M:%S") if letter.received_at else "-"
+        sender = "(undecodable)" if letter.sender is None else f"<{letter.sender}>"
+        print(f"{letter.queue_id or '-'}  {when}  {letter.size:>9}  {sender} -> "
+              f"{','.join(letter.recipients) or '-'}  [{letter.reason}]")
+    shown = f"{len(letters)} of {total}" if total > len(letters) else f"{total}"
+    print(f"{shown} dead-lettered message{'' if total == 1 else 's'}")
+    return 0
+
+
+def deadletters_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from services.store.deadletters import retry
+
+    return _act_on_dead_letters(settings, args, retry, "sent back for delivery")
+
+
+def deadletters_drop(settings: Settings, args: argparse.Namespace) -> int:
+    from services.store.deadletters import drop
+
+    return _act_on_dead_letters(settings, args, drop, "dropped")
+
+
+def _act_on_dead_letters(settings: Settings, args: argparse.Namespace,
+                         action: Callable[..., Any], done: str) -> int:
+    if args.all == bool(args.queue_ids):
+        raise CommandError("name the messages by queue id, or give --all")
+    wanted = set(args.queue_ids)
+    letters = _broker(action(settings, lambda letter: args.all or letter.queue_id in wanted))
+    for letter in letters:
+        print(f"{letter.queue_id or '-'} {done}")
+    missing = wanted - {letter.queue_id for letter in letters}
+    for queue_id in sorted(missing):
+        print(f"tiermail: {queue_id}: not in the dead-letter queue", file=sys.stderr)
+    print(f"{len(letters)} message{'' if len(letters) == 1 else 's'} {done}")
+    return EXIT_FAILED if missing else 0
+
+
+def _broker(work: Any) -> Any:
+    from aiormq.exceptions import AMQPConnectionError
+
+    try:
+        return asyncio.run(work)
+    except (OSError, TimeoutError, AMQPConnectionError) as exc:
+        raise CommandError(f"RabbitMQ is not reachable: {exc!r}") from None
 
 
 # Accounts: the store's database is the authority; Redis gets the change right after.

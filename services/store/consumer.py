@@ -39,12 +39,11 @@ from common.settings import Settings
 from common.topology import PERSISTENT, envelope_from_properties
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
+from services.store.deadletters import MAILBOXES_HEADER, REASON_HEADER
 from services.store.mailbox import INBOX, JUNK, Delivery, NoSuchMailbox, NoSuchUser
 
 log = logging.getLogger(__name__)
 
-REASON_HEADER = "x-tiermail-reason"
-MAILBOXES_HEADER = "x-tiermail-mailboxes"
 CONNECT_TIMEOUT = 10.0
 BATCH_TARGET = 16  # messages worth waiting for under load (see settings.store_batch_wait)
 CONFIRM_TIMEOUT = 30.0

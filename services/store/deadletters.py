@@ -1,19 +1,120 @@
-"""The store's dead-letter queue, for `tiermail status` and operators.
+"""The store's dead-letter queue, for `tiermail status`, `tiermail deadletters` and operators.
 
 Messages land there when they cannot be decoded, when a mailbox owner no longer exists (a copy
 with an `x-tiermail-reason` header), or after `delivery_attempts` failed deliveries.
+
+`browse` shows what is there without taking it away; `retry` puts messages back on the
+delivery route once the cause is fixed (the account re-created, the disk repaired); `drop`
+deletes them. All three take the messages unacknowledged, one `basic.get` at a time, and
+settle only those they act on; the rest return to the queue when the connection closes.
+A retried message is acked only after the broker confirmed its copy on the delivery route:
+a crash in between leaves it in both queues, and the store's deduplication by queue id and
+recipient delivers it once (a later retry of the leftover delivers nothing new). The same
+holds when the broker ignores an ack (see `_settled`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import functools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import aiormq
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp import commands as spec
 
+from common.envelope import EnvelopeError
 from common.settings import Settings
+from common.topology import DELIVER_ROUTING_KEY, envelope_from_properties
+
+REASON_HEADER = "x-tiermail-reason"
+MAILBOXES_HEADER = "x-tiermail-mailboxes"
+# Headers about the message's earlier life in the queues, dropped when it is sent back.
+_HISTORY_HEADERS = frozenset({REASON_HEADER, MAILBOXES_HEADER, "x-death", "x-delivery-count",
+                              "x-first-death-exchange", "x-first-death-queue",
+                              "x-first-death-reason", "x-last-death-exchange",
+                              "x-last-death-queue", "x-last-death-reason"})
+# What the broker's dead-lettering reasons mean here.
+_BROKER_REASONS = {
+    "rejected": "rejected by the store (undecodable)",
+    "delivery_limit": "delivery failed too often (TIERMAIL_DELIVERY_ATTEMPTS)",
+}
+MAX_TAKEN = 10_000  # messages one retry or drop acts on; run it again for more
+SETTLE_WINDOW = 32  # messages sent back and acked at a time (RabbitMQ's quorum_commands_soft_limit)
+RESETTLE_PASSES = 3
+RESETTLE_PAUSE = 0.5  # seconds for the broker to return messages whose acks it ignored
+CONNECT_TIMEOUT = 5.0
+CONFIRM_TIMEOUT = 30.0
 
 
-async def dead_letter_count(settings: Settings, connect_timeout: float = 5.0) -> int:
+@dataclass(frozen=True)
+class DeadLetter:
+    """What an operator needs to decide about one dead-lettered message."""
+
+    queue_id: str  # "" when the message carries none
+    reason: str
+    sender: str | None  # None: the envelope could not be decoded
+    recipients: tuple[str, ...]  # its mailboxes; only those not delivered to, where known
+    size: int
+    received_at: datetime.datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"queue_id": self.queue_id, "reason": self.reason, "sender": self.sender,
+                "recipients": list(self.recipients), "size": self.size,
+                "received_at": self.received_at.isoformat() if self.received_at else None}
+
+
+def describe(properties: spec.Basic.Properties, body: bytes) -> DeadLetter:
+    """The operator's view of one dead-lettered message, from what the broker holds."""
+    headers = properties.headers or {}
+    sender: str | None = None
+    recipients: tuple[str, ...] = ()
+    try:
+        envelope = envelope_from_properties(properties)
+    except EnvelopeError:
+        pass
+    else:
+        sender, recipients = envelope.mail_from, envelope.mailboxes
+    missing = _text(headers.get(MAILBOXES_HEADER))
+    if missing:
+        recipients = tuple(missing.split(","))
+    return DeadLetter(
+        queue_id=properties.message_id or "",
+        reason=_reason(headers),
+        sender=sender,
+        recipients=recipients,
+        size=len(body),
+        received_at=properties.timestamp,
+    )
+
+
+def _reason(headers: dict[str, Any]) -> str:
+    ours = _text(headers.get(REASON_HEADER))
+    if ours:
+        return ours
+    broker = _text(headers.get("x-first-death-reason"))
+    return _BROKER_REASONS.get(broker, broker or "unknown")
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else ""
+
+
+def resend_properties(properties: spec.Basic.Properties) -> spec.Basic.Properties:
+    """The message's properties for the delivery route, without its dead-letter history."""
+    headers = {k: v for k, v in (properties.headers or {}).items() if k not in _HISTORY_HEADERS}
+    return spec.Basic.Properties(
+        delivery_mode=properties.delivery_mode, message_id=properties.message_id,
+        content_type=properties.content_type, timestamp=properties.timestamp, headers=headers)
+
+
+async def dead_letter_count(settings: Settings, connect_timeout: float = CONNECT_TIMEOUT) -> int:
     """Messages waiting in the dead-letter queue (0 if the topology was never declared).
 
     Raises the connection error when the broker is unreachable; the caller reports it.
@@ -26,5 +127,94 @@ async def dead_letter_count(settings: Settings, connect_timeout: float = 5.0) ->
         except aiormq.ChannelNotFoundEntity:
             return 0
         return int(ok.message_count or 0)
+    finally:
+        await connection.close()
+
+
+async def browse(settings: Settings, limit: int) -> tuple[list[DeadLetter], int]:
+    """Up to `limit` dead letters, oldest first, and how many there are; none is taken away."""
+    async with _taken(settings, limit) as (channel, held):
+        ok = await channel.queue_declare(settings.topology.dead_queue, passive=True)
+        return [letter for _, letter in held], len(held) + int(ok.message_count or 0)
+
+
+async def retry(settings: Settings, chosen: Callable[[DeadLetter], bool]) -> list[DeadLetter]:
+    """Send the chosen dead letters back to the delivery route; returns them."""
+    return await _settled(settings, chosen, resend=True)
+
+
+async def drop(settings: Settings, chosen: Callable[[DeadLetter], bool]) -> list[DeadLetter]:
+    """Delete the chosen dead letters for good; returns them."""
+    return await _settled(settings, chosen, resend=False)
+
+
+async def _settled(settings: Settings, chosen: Callable[[DeadLetter], bool], *,
+                   resend: bool) -> list[DeadLetter]:
+    """Act on the chosen dead letters, then on any of them that came back.
+
+    RabbitMQ 3.x can ignore acks that reach a quorum queue just before the channel closes
+    (rabbitmq-server issue 10327): those messages return to the queue instead of leaving it.
+    Nothing is lost that way, but the operator's retry or drop would not have happened for
+    them, so the queue is looked at again for the queue ids just settled. One sent back
+    twice is delivered once (the store deduplicates by queue id); one that failed again in
+    the meantime gets one more attempt."""
+    first = await _one_pass(settings, chosen, resend=resend)
+    pending = {letter.queue_id for letter in first if letter.queue_id}
+    for _ in range(RESETTLE_PASSES):
+        if not pending:
+            break
+        await asyncio.sleep(RESETTLE_PAUSE)
+        again = await _one_pass(settings, functools.partial(_named, pending), resend=resend)
+        pending = {letter.queue_id for letter in again}
+    return first
+
+
+def _named(queue_ids: set[str], letter: DeadLetter) -> bool:
+    return letter.queue_id in queue_ids
+
+
+async def _one_pass(settings: Settings, chosen: Callable[[DeadLetter], bool], *,
+                    resend: bool) -> list[DeadLetter]:
+    topology = settings.topology
+    async with _taken(settings, MAX_TAKEN) as (channel, held):
+        picked = [(message, letter) for message, letter in held if chosen(letter)]
+        for start in range(0, len(picked), SETTLE_WINDOW):
+            window = picked[start:start + SETTLE_WINDOW]
+            if resend:
+                await asyncio.gather(*(channel.basic_publish(
+                    message.body, exchange=topology.inbound_exchange,
+                    routing_key=DELIVER_ROUTING_KEY, mandatory=True, timeout=CONFIRM_TIMEOUT,
+                    properties=resend_properties(message.header.properties))
+                    for message, _ in window))
+            for message, _ in window:  # after the confirms: each one is on the delivery route
+                await channel.basic_ack(_tag(message))
+        return [letter for _, letter in picked]
+
+
+Held = list[tuple[DeliveredMessage, DeadLetter]]
+
+
+def _tag(message: DeliveredMessage) -> int:
+    assert message.delivery_tag is not None  # basic.get-ok always carries one
+    return message.delivery_tag
+
+
+@asynccontextmanager
+async def _taken(settings: Settings, limit: int
+                 ) -> AsyncIterator[tuple[AbstractChannel, Held]]:
+    """Up to `limit` dead letters, held unacknowledged on a channel with publisher confirms;
+    whatever is not acked goes back to the queue when this ends."""
+    connection = await asyncio.wait_for(aiormq.connect(settings.amqp_url), CONNECT_TIMEOUT)
+    try:
+        channel = await connection.channel()
+        await settings.topology.declare(channel)
+        await channel.confirm_delivery()
+        held: Held = []
+        while len(held) < limit:
+            message = await channel.basic_get(settings.topology.dead_queue, no_ack=False)
+            if isinstance(message.delivery, spec.Basic.GetEmpty):
+                break
+            held.append((message, describe(message.header.properties, message.body)))
+        yield channel, held
     finally:
         await connection.close()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,8 +19,8 @@ from common.settings import Settings
 from common.topology import DELIVER_ROUTING_KEY, ENVELOPE_HEADER, PERSISTENT
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
-from services.store.consumer import MAILBOXES_HEADER, REASON_HEADER, Consumer
-from services.store.deadletters import dead_letter_count
+from services.store.consumer import Consumer
+from services.store.deadletters import MAILBOXES_HEADER, REASON_HEADER, dead_letter_count
 from services.store.mailbox import Delivery
 from tests.integration.store.helpers import (
     add_users,
@@ -28,7 +30,7 @@ from tests.integration.store.helpers import (
     queue_counts,
     wait_for,
 )
-from tests.support import fill, tmpfs
+from tests.support import REPO, fill, run_cli, tier_env, tmpfs
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
 
@@ -370,3 +372,103 @@ async def test_a_backlog_is_stored_in_large_batches(settings: Settings) -> None:
     finally:
         await running.stop()
         await running.maildb.close()
+
+
+async def test_dead_letters_are_listed_then_retried_once_the_account_exists(
+        store: Running) -> None:
+    """`tiermail deadletters list` shows what is there and takes nothing; after the missing
+    account is created, `retry --all` delivers each copy to the mailbox that lacked it and
+    none twice to a mailbox that had it."""
+    ghost = "ghost@example.test"
+    mixed = make_message(ALICE, ghost)
+    only_ghost = make_message(ghost)
+    await publish_all(store.settings, [mixed, only_ghost])
+    await wait_for(lambda: _eq(store.dead(), 2), what="two dead-letter copies")
+
+    listing = await asyncio.to_thread(run_cli, store.settings, "deadletters", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    report = json.loads(listing.stdout)
+    assert report["total"] == 2
+    assert sorted(m["queue_id"] for m in report["messages"]) == sorted(
+        [mixed[0].queue_id, only_ghost[0].queue_id])
+    assert all(m["recipients"] == [ghost] and m["reason"] == "no such mailbox owner"
+               and m["sender"] == "sender@remote.test" for m in report["messages"])
+    text = await asyncio.to_thread(run_cli, store.settings, "deadletters", "list")
+    assert mixed[0].queue_id in text.stdout and "2 dead-lettered messages" in text.stdout
+    assert await store.dead() == 2, "listing took messages away"
+
+    unknown = await asyncio.to_thread(run_cli, store.settings, "deadletters", "retry", "NOPE")
+    assert unknown.returncode == 1 and "NOPE: not in the dead-letter queue" in unknown.stderr
+    assert (await asyncio.to_thread(run_cli, store.settings, "deadletters", "retry")
+            ).returncode == 1  # neither queue ids nor --all
+    assert await store.dead() == 2
+
+    with AccountDB.for_store(store.settings.store_dir) as accounts:
+        accounts.add_user(ghost, "not-a-real-hash")
+    retried = await asyncio.to_thread(run_cli, store.settings, "deadletters", "retry", "--all")
+    assert retried.returncode == 0, retried.stderr
+    assert "2 messages sent back for delivery" in retried.stdout
+    await wait_for(lambda: _zero(store.dead()), what="dead-letter queue empty")
+    await wait_for(lambda: _zero(store.depth()), what="queue drained")
+    await wait_for(lambda: len(check_mailboxes(store.settings.store_dir, [ghost])) == 2,
+                   what="both copies in the new mailbox")
+    assert check_mailboxes(store.settings.store_dir, [ALICE, ghost]) == {
+        mixed[0].queue_id: 2, only_ghost[0].queue_id: 1}
+
+
+async def test_an_undecodable_dead_letter_is_dropped_by_queue_id(store: Running) -> None:
+    connection = await aiormq.connect(store.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.confirm_delivery()
+        for message_id in ("bad1", "bad2"):
+            await channel.basic_publish(
+                b"garbage", exchange=store.settings.topology.inbound_exchange,
+                routing_key=DELIVER_ROUTING_KEY,
+                properties=Basic.Properties(delivery_mode=PERSISTENT, message_id=message_id))
+    finally:
+        await connection.close()
+    await wait_for(lambda: _eq(store.dead(), 2), what="both dead-lettered")
+
+    listing = await asyncio.to_thread(run_cli, store.settings, "deadletters", "list", "--json")
+    letters = {m["queue_id"]: m for m in json.loads(listing.stdout)["messages"]}
+    assert letters["bad1"]["sender"] is None
+    assert letters["bad1"]["reason"] == "rejected by the store (undecodable)"
+    dropped = await asyncio.to_thread(run_cli, store.settings, "deadletters", "drop", "bad1")
+    assert dropped.returncode == 0 and "bad1 dropped" in dropped.stdout, dropped.stderr
+    assert await store.dead() == 1
+    left = json.loads((await asyncio.to_thread(
+        run_cli, store.settings, "deadletters", "list", "--json")).stdout)
+    assert [m["queue_id"] for m in left["messages"]] == ["bad2"]
+
+
+async def test_a_retry_killed_midway_then_run_again_delivers_each_message_once(
+        store: Running) -> None:
+    """SIGKILL `deadletters retry` while its copies are being confirmed and acked: messages
+    it sent back but had not acked are in both queues. Running it again delivers what is
+    left; in the end every message is in the mailbox exactly once and the dead-letter queue
+    is empty."""
+    ghost = "ghost@example.test"
+    messages = [make_message(ghost) for _ in range(600)]
+    await publish_all(store.settings, messages)
+    await wait_for(lambda: _eq(store.dead(), len(messages)), within=60,
+                   what="every message dead-lettered")
+    with AccountDB.for_store(store.settings.store_dir) as accounts:
+        accounts.add_user(ghost, "not-a-real-hash")
+    delivered_before = store.consumer.stats.delivered
+    retry = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "deadletters", "retry", "--all",
+        env=tier_env(store.settings), cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    await wait_for(lambda: store.consumer.stats.delivered > delivered_before, within=60,
+                   what="the retry's first copies delivered")
+    retry.kill()
+    await retry.wait()
+    assert await store.dead() > 0, "the retry finished before it was killed: nothing tested"
+
+    again = await asyncio.to_thread(run_cli, store.settings, "deadletters", "retry", "--all")
+    assert again.returncode == 0, again.stderr
+    await wait_for(lambda: _zero(store.dead()), what="dead-letter queue empty")
+    await wait_for(lambda: _zero(store.depth()), within=60, what="queue drained")
+    assert check_mailboxes(store.settings.store_dir, [ghost]) == {
+        envelope.queue_id: 1 for envelope, _ in messages}
