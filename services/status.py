@@ -31,7 +31,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         problems.append("directory not published in Redis: start the store")
     if broker.get("dead_letters"):
         problems.append(f"{broker['dead_letters']} message(s) in the dead-letter queue "
-                        f"{settings.topology.dead_queue}")
+                        f"{settings.topology.dead_queue} (tiermail deadletters list)")
     if broker.get("quarantined"):
         problems.append(f"{broker['quarantined']} infected message(s) in quarantine "
                         f"{settings.topology.quarantine_queue}")
