@@ -29,6 +29,9 @@ from pamqp.commands import Basic
 from common.envelope import Envelope, EnvelopeError
 
 ENVELOPE_HEADER = "x-tiermail-envelope"
+# On the store's dead-letter copy for mailbox owners that no longer exist: why, and which.
+REASON_HEADER = "x-tiermail-reason"
+MAILBOXES_HEADER = "x-tiermail-mailboxes"
 DELIVER_ROUTING_KEY = "deliver"
 SCAN_ROUTING_KEY = "scan"  # accepted while a scanner was down (policy `defer`), not yet scanned
 QUARANTINE_ROUTING_KEY = "quarantine"  # found infected after acceptance (deferred scans)

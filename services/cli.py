@@ -93,23 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("target", metavar="TO", nargs="?")
     command("list", alias_list, "list aliases", alias)
 
-    dead = commands.add_parser(
-        "deadletters", help="look at, retry or drop dead-lettered messages").add_subparsers(
+    _held_mail_commands(commands, command, "deadletters", "dead-lettered", "retry",
+                        "send messages back for delivery (after fixing the cause: the "
+                        "account re-created, the disk repaired); mailboxes that already "
+                        "have one get no copy")
+    _held_mail_commands(commands, command, "quarantine", "quarantined", "release",
+                        "deliver messages after all (a false positive); the scan header "
+                        "stays on them")
+    return parser
+
+
+def _held_mail_commands(commands: Any, command: Callable[..., argparse.ArgumentParser],
+                        name: str, held: str, release: str, release_help: str) -> None:
+    actions = commands.add_parser(
+        name, help=f"look at, {release} or drop {held} messages").add_subparsers(
         metavar="ACTION", required=True)
-    browse = command("list", deadletters_list,
-                     "show dead-lettered messages (oldest first) without taking them away",
-                     dead)
+    browse = command("list", held_list,
+                     f"show {held} messages (oldest first) without taking them away", actions)
     browse.add_argument("--limit", type=int, default=100, help="at most this many (100)")
     browse.add_argument("--json", action="store_true", help="machine-readable output")
-    for name, handler, text in (
-            ("retry", deadletters_retry,
-             "send messages back for delivery (after fixing the cause: the account "
-             "re-created, the disk repaired); mailboxes that already have one get no copy"),
-            ("drop", deadletters_drop, "delete messages for good")):
-        sub = command(name, handler, text, dead)
+    for action, handler, text in ((release, held_release, release_help),
+                                  ("drop", held_drop, "delete messages for good")):
+        sub = command(action, handler, text, actions)
         sub.add_argument("queue_ids", metavar="QUEUE_ID", nargs="*")
-        sub.add_argument("--all", action="store_true", help="every dead-lettered message")
-    return parser
+        sub.add_argument("--all", action="store_true", help=f"every {held} message")
+    for sub in (browse, *actions.choices.values()):
+        sub.set_defaults(held_queue=name, held_words=held)
 
 
 # Tier processes
@@ -160,51 +169,58 @@ def show_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report["healthy"] else EXIT_FAILED
 
 
-# Dead letters
+# Held mail: dead letters and the quarantine
 
 
-def deadletters_list(settings: Settings, args: argparse.Namespace) -> int:
-    from services.store.deadletters import browse
+def _held_queue(settings: Settings, args: argparse.Namespace) -> Any:
+    from services import heldmail
 
-    letters, total = _broker(browse(settings, max(args.limit, 0)))
+    pick = heldmail.dead_letters if args.held_queue == "deadletters" else heldmail.quarantine
+    return pick(settings.topology)
+
+
+def held_list(settings: Settings, args: argparse.Namespace) -> int:
+    from services.heldmail import browse
+
+    shown, total = _broker(browse(settings, _held_queue(settings, args), max(args.limit, 0)))
     if args.json:
-        print(json.dumps({"total": total, "messages": [x.as_dict() for x in letters]},
-                         indent=2))
+        print(json.dumps({"total": total, "messages": [x.as_dict() for x in shown]}, indent=2))
         return 0
-    for letter in letters:
-        when = letter.received_at.strftime("%Y-%m-%d %H:%M:%S") if letter.received_at else "-"
-        sender = "(undecodable)" if letter.sender is None else f"<{letter.sender}>"
-        print(f"{letter.queue_id or '-'}  {when}  {letter.size:>9}  {sender} -> "
-              f"{','.join(letter.recipients) or '-'}  [{letter.reason}]")
-    shown = f"{len(letters)} of {total}" if total > len(letters) else f"{total}"
-    print(f"{shown} dead-lettered message{'' if total == 1 else 's'}")
+    for held in shown:
+        when = held.received_at.strftime("%Y-%m-%d %H:%M:%S") if held.received_at else "-"
+        sender = "(undecodable)" if held.sender is None else f"<{held.sender}>"
+        print(f"{held.queue_id or '-'}  {when}  {held.size:>9}  {sender} -> "
+              f"{','.join(held.recipients) or '-'}  [{held.reason}]")
+    count = f"{len(shown)} of {total}" if total > len(shown) else f"{total}"
+    print(f"{count} {args.held_words} message{'' if total == 1 else 's'}")
     return 0
 
 
-def deadletters_retry(settings: Settings, args: argparse.Namespace) -> int:
-    from services.store.deadletters import retry
+def held_release(settings: Settings, args: argparse.Namespace) -> int:
+    from services.heldmail import release
 
-    return _act_on_dead_letters(settings, args, retry, "sent back for delivery")
-
-
-def deadletters_drop(settings: Settings, args: argparse.Namespace) -> int:
-    from services.store.deadletters import drop
-
-    return _act_on_dead_letters(settings, args, drop, "dropped")
+    return _act_on_held(settings, args, release, "sent for delivery")
 
 
-def _act_on_dead_letters(settings: Settings, args: argparse.Namespace,
-                         action: Callable[..., Any], done: str) -> int:
+def held_drop(settings: Settings, args: argparse.Namespace) -> int:
+    from services.heldmail import drop
+
+    return _act_on_held(settings, args, drop, "dropped")
+
+
+def _act_on_held(settings: Settings, args: argparse.Namespace, action: Callable[..., Any],
+                 done: str) -> int:
     if args.all == bool(args.queue_ids):
         raise CommandError("name the messages by queue id, or give --all")
     wanted = set(args.queue_ids)
-    letters = _broker(action(settings, lambda letter: args.all or letter.queue_id in wanted))
-    for letter in letters:
-        print(f"{letter.queue_id or '-'} {done}")
-    missing = wanted - {letter.queue_id for letter in letters}
+    acted = _broker(action(settings, _held_queue(settings, args),
+                           lambda held: args.all or held.queue_id in wanted))
+    for held in acted:
+        print(f"{held.queue_id or '-'} {done}")
+    missing = wanted - {held.queue_id for held in acted}
     for queue_id in sorted(missing):
-        print(f"tiermail: {queue_id}: not in the dead-letter queue", file=sys.stderr)
-    print(f"{len(letters)} message{'' if len(letters) == 1 else 's'} {done}")
+        print(f"tiermail: {queue_id}: not {args.held_words}", file=sys.stderr)
+    print(f"{len(acted)} message{'' if len(acted) == 1 else 's'} {done}")
     return EXIT_FAILED if missing else 0
 
 

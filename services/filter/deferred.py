@@ -37,7 +37,12 @@ from common.topology import (
 )
 from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
 from services.filter.backends.scanners import Scanners
-from services.filter.protocol.scan_headers import Header, header_safe, virus_header
+from services.filter.protocol.scan_headers import (
+    NOT_SCANNED_HEADER,
+    Header,
+    header_safe,
+    virus_header,
+)
 from services.filter.rules.base import format_headers
 from services.filter.rules.spam import SpamJudge, SpamJudgement
 from services.filter.session import MessagePublisher
@@ -50,7 +55,7 @@ CONNECT_TIMEOUT = 5.0
 PROBE_MIN = 0.2
 PROBE_MAX = 30.0
 _TOO_BIG = "\0too-big"  # not a signature clamd can name
-TOO_BIG_HEADER: Header = ("X-Tiermail-Scan", "not scanned (too big for the virus scanner)")
+TOO_BIG_HEADER: Header = (NOT_SCANNED_HEADER, "not scanned (too big for the virus scanner)")
 
 
 @dataclass(frozen=True)

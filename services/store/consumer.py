@@ -36,10 +36,14 @@ from common.broker import open_channel
 from common.directory import normalize_address
 from common.envelope import Envelope, EnvelopeError
 from common.settings import Settings
-from common.topology import PERSISTENT, envelope_from_properties
+from common.topology import (
+    MAILBOXES_HEADER,
+    PERSISTENT,
+    REASON_HEADER,
+    envelope_from_properties,
+)
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
-from services.store.deadletters import MAILBOXES_HEADER, REASON_HEADER
 from services.store.mailbox import INBOX, JUNK, Delivery, NoSuchMailbox, NoSuchUser
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from common.broker import Publisher
 from common.envelope import Envelope, Recipient
 from common.ids import new_queue_id
 from common.settings import Settings
+from common.topology import DELIVER_ROUTING_KEY
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import user_path
 from tests.support import check_bodies, eventually
@@ -49,13 +50,13 @@ def make_message(*owners: str, junk: bool = False, padding: int = 0) -> tuple[En
 
 
 async def publish_all(settings: Settings, messages: list[tuple[Envelope, bytes]],
-                      concurrency: int = 200) -> None:
+                      concurrency: int = 200, routing_key: str = DELIVER_ROUTING_KEY) -> None:
     publisher = Publisher(settings.amqp_url, settings.topology)
     limit = asyncio.Semaphore(concurrency)
 
     async def one(envelope: Envelope, body: bytes) -> None:
         async with limit:
-            await publisher.publish(envelope, body)
+            await publisher.publish(envelope, body, routing_key)
 
     try:
         await publisher.ensure_connected()

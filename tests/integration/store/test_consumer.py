@@ -16,11 +16,18 @@ import pytest
 from pamqp.commands import Basic
 
 from common.settings import Settings
-from common.topology import DELIVER_ROUTING_KEY, ENVELOPE_HEADER, PERSISTENT
+from common.topology import (
+    DELIVER_ROUTING_KEY,
+    ENVELOPE_HEADER,
+    MAILBOXES_HEADER,
+    PERSISTENT,
+    QUARANTINE_ROUTING_KEY,
+    REASON_HEADER,
+)
+from services.heldmail import dead_letter_count
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.consumer import Consumer
-from services.store.deadletters import MAILBOXES_HEADER, REASON_HEADER, dead_letter_count
 from services.store.mailbox import Delivery
 from tests.integration.store.helpers import (
     add_users,
@@ -398,7 +405,7 @@ async def test_dead_letters_are_listed_then_retried_once_the_account_exists(
     assert await store.dead() == 2, "listing took messages away"
 
     unknown = await asyncio.to_thread(run_cli, store.settings, "deadletters", "retry", "NOPE")
-    assert unknown.returncode == 1 and "NOPE: not in the dead-letter queue" in unknown.stderr
+    assert unknown.returncode == 1 and "NOPE: not dead-lettered" in unknown.stderr
     assert (await asyncio.to_thread(run_cli, store.settings, "deadletters", "retry")
             ).returncode == 1  # neither queue ids nor --all
     assert await store.dead() == 2
@@ -407,7 +414,7 @@ async def test_dead_letters_are_listed_then_retried_once_the_account_exists(
         accounts.add_user(ghost, "not-a-real-hash")
     retried = await asyncio.to_thread(run_cli, store.settings, "deadletters", "retry", "--all")
     assert retried.returncode == 0, retried.stderr
-    assert "2 messages sent back for delivery" in retried.stdout
+    assert "2 messages sent for delivery" in retried.stdout
     await wait_for(lambda: _zero(store.dead()), what="dead-letter queue empty")
     await wait_for(lambda: _zero(store.depth()), what="queue drained")
     await wait_for(lambda: len(check_mailboxes(store.settings.store_dir, [ghost])) == 2,
@@ -472,3 +479,33 @@ async def test_a_retry_killed_midway_then_run_again_delivers_each_message_once(
     await wait_for(lambda: _zero(store.depth()), within=60, what="queue drained")
     assert check_mailboxes(store.settings.store_dir, [ghost]) == {
         envelope.queue_id: 1 for envelope, _ in messages}
+
+
+async def test_quarantined_mail_is_listed_released_or_dropped(store: Running) -> None:
+    """What a deferred scan quarantined (the virus header on top, as services/filter/deferred.py
+    publishes it) is listed with what was found; `quarantine release` delivers it after all,
+    header and all, and `quarantine drop` deletes it."""
+    found = [make_message(ALICE), make_message(BOB)]
+    quarantined = [(envelope, b"X-Tiermail-Virus: Eicar-Signature.UNOFFICIAL\r\n" + body)
+                   for envelope, body in found]
+    await publish_all(store.settings, quarantined, routing_key=QUARANTINE_ROUTING_KEY)
+    listing = await asyncio.to_thread(run_cli, store.settings, "quarantine", "list", "--json")
+    report = json.loads(listing.stdout)
+    assert report["total"] == 2 and {m["reason"] for m in report["messages"]} == {
+        "virus Eicar-Signature.UNOFFICIAL"}
+    assert (await asyncio.to_thread(run_cli, store.settings, "deadletters", "list")
+            ).stdout.strip() == "0 dead-lettered messages"
+
+    released_id, dropped_id = (envelope.queue_id for envelope, _ in found)
+    released = await asyncio.to_thread(run_cli, store.settings, "quarantine", "release",
+                                       released_id)
+    assert released.returncode == 0 and f"{released_id} sent for delivery" in released.stdout
+    dropped = await asyncio.to_thread(run_cli, store.settings, "quarantine", "drop", dropped_id)
+    assert dropped.returncode == 0 and f"{dropped_id} dropped" in dropped.stdout
+    await wait_for(lambda: len(check_mailboxes(store.settings.store_dir, [ALICE])) == 1,
+                   what="the released message delivered")
+    assert await queue_counts(store.settings, store.settings.topology.quarantine_queue) == 0
+    assert check_mailboxes(store.settings.store_dir, [ALICE, BOB]) == {released_id: 1}
+    stored = await store.maildb.list_messages(ALICE)
+    with store.maildb.open_message(ALICE, stored[0].guid) as file:
+        assert file.read().endswith(quarantined[0][1])  # below the store's Return-Path

@@ -1,15 +1,18 @@
-"""The store's dead-letter queue, for `tiermail status`, `tiermail deadletters` and operators.
+"""Mail held in a queue for an operator to decide on: `tiermail deadletters` and
+`tiermail quarantine`.
 
-Messages land there when they cannot be decoded, when a mailbox owner no longer exists (a copy
-with an `x-tiermail-reason` header), or after `delivery_attempts` failed deliveries.
+The dead-letter queue gets what the store cannot deliver: an envelope it cannot decode, a copy
+for a mailbox owner that no longer exists (with an `x-tiermail-reason` header), a message
+that failed `delivery_attempts` deliveries. The quarantine gets what a deferred scan found
+infected (or could not scan) after the message had been accepted.
 
-`browse` shows what is there without taking it away; `retry` puts messages back on the
-delivery route once the cause is fixed (the account re-created, the disk repaired); `drop`
+`browse` shows what is there without taking it away; `release` puts messages on the delivery
+route (a dead letter once the cause is fixed, a quarantined message judged harmless); `drop`
 deletes them. All three take the messages unacknowledged, one `basic.get` at a time, and
 settle only those they act on; the rest return to the queue when the connection closes.
-A retried message is acked only after the broker confirmed its copy on the delivery route:
+A released message is acked only after the broker confirmed its copy on the delivery route:
 a crash in between leaves it in both queues, and the store's deduplication by queue id and
-recipient delivers it once (a later retry of the leftover delivers nothing new). The same
+recipient delivers it once (a later release of the leftover delivers nothing new). The same
 holds when the broker ignores an ack (see `_settled`).
 """
 
@@ -29,10 +32,15 @@ from pamqp import commands as spec
 
 from common.envelope import EnvelopeError
 from common.settings import Settings
-from common.topology import DELIVER_ROUTING_KEY, envelope_from_properties
+from common.topology import (
+    DELIVER_ROUTING_KEY,
+    MAILBOXES_HEADER,
+    REASON_HEADER,
+    Topology,
+    envelope_from_properties,
+)
+from services.filter.protocol.scan_headers import NOT_SCANNED_HEADER, VIRUS_HEADER
 
-REASON_HEADER = "x-tiermail-reason"
-MAILBOXES_HEADER = "x-tiermail-mailboxes"
 # Headers about the message's earlier life in the queues, dropped when it is sent back.
 _HISTORY_HEADERS = frozenset({REASON_HEADER, MAILBOXES_HEADER, "x-death", "x-delivery-count",
                               "x-first-death-exchange", "x-first-death-queue",
@@ -43,7 +51,12 @@ _BROKER_REASONS = {
     "rejected": "rejected by the store (undecodable)",
     "delivery_limit": "delivery failed too often (TIERMAIL_DELIVERY_ATTEMPTS)",
 }
-MAX_TAKEN = 10_000  # messages one retry or drop acts on; run it again for more
+# The headers a deferred scan puts on top of a message it quarantines
+# (services/filter/deferred.py): the signature found, or why it was not scanned.
+_VIRUS = VIRUS_HEADER.lower().encode("ascii")
+_NOT_SCANNED = NOT_SCANNED_HEADER.lower().encode("ascii")
+MAX_SCAN_HEAD = 8192  # octets of a quarantined message looked at for its scan headers
+MAX_TAKEN = 10_000  # messages one release or drop acts on; run it again for more
 SETTLE_WINDOW = 32  # messages sent back and acked at a time (RabbitMQ's quorum_commands_soft_limit)
 RESETTLE_PASSES = 3
 RESETTLE_PAUSE = 0.5  # seconds for the broker to return messages whose acks it ignored
@@ -52,8 +65,24 @@ CONFIRM_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
-class DeadLetter:
-    """What an operator needs to decide about one dead-lettered message."""
+class HeldQueue:
+    """A queue of held mail and how to tell why a message is in it."""
+
+    queue: str
+    reason: Callable[[dict[str, Any], bytes], str]  # from the AMQP headers and the body
+
+
+def dead_letters(topology: Topology) -> HeldQueue:
+    return HeldQueue(topology.dead_queue, _dead_letter_reason)
+
+
+def quarantine(topology: Topology) -> HeldQueue:
+    return HeldQueue(topology.quarantine_queue, _quarantine_reason)
+
+
+@dataclass(frozen=True)
+class HeldMessage:
+    """What an operator needs to decide about one held message."""
 
     queue_id: str  # "" when the message carries none
     reason: str
@@ -68,8 +97,9 @@ class DeadLetter:
                 "received_at": self.received_at.isoformat() if self.received_at else None}
 
 
-def describe(properties: spec.Basic.Properties, body: bytes) -> DeadLetter:
-    """The operator's view of one dead-lettered message, from what the broker holds."""
+def describe(properties: spec.Basic.Properties, body: bytes,
+             reason: Callable[[dict[str, Any], bytes], str]) -> HeldMessage:
+    """The operator's view of one held message, from what the broker holds."""
     headers = properties.headers or {}
     sender: str | None = None
     recipients: tuple[str, ...] = ()
@@ -82,9 +112,9 @@ def describe(properties: spec.Basic.Properties, body: bytes) -> DeadLetter:
     missing = _text(headers.get(MAILBOXES_HEADER))
     if missing:
         recipients = tuple(missing.split(","))
-    return DeadLetter(
+    return HeldMessage(
         queue_id=properties.message_id or "",
-        reason=_reason(headers),
+        reason=reason(headers, body),
         sender=sender,
         recipients=recipients,
         size=len(body),
@@ -92,12 +122,25 @@ def describe(properties: spec.Basic.Properties, body: bytes) -> DeadLetter:
     )
 
 
-def _reason(headers: dict[str, Any]) -> str:
+def _dead_letter_reason(headers: dict[str, Any], body: bytes) -> str:
     ours = _text(headers.get(REASON_HEADER))
     if ours:
         return ours
     broker = _text(headers.get("x-first-death-reason"))
     return _BROKER_REASONS.get(broker, broker or "unknown")
+
+
+def _quarantine_reason(headers: dict[str, Any], body: bytes) -> str:
+    """From the scan headers on top of the message (read up to its first blank line)."""
+    for line in body[:MAX_SCAN_HEAD].split(b"\n"):
+        name, colon, value = line.partition(b":")
+        if not colon or not line.strip():
+            break
+        if name.strip().lower() == _VIRUS:
+            return "virus " + value.strip().decode("ascii", errors="replace")
+        if name.strip().lower() == _NOT_SCANNED:
+            return value.strip().decode("ascii", errors="replace")
+    return "quarantined"
 
 
 def _text(value: object) -> str:
@@ -131,53 +174,58 @@ async def dead_letter_count(settings: Settings, connect_timeout: float = CONNECT
         await connection.close()
 
 
-async def browse(settings: Settings, limit: int) -> tuple[list[DeadLetter], int]:
-    """Up to `limit` dead letters, oldest first, and how many there are; none is taken away."""
-    async with _taken(settings, limit) as (channel, held):
-        ok = await channel.queue_declare(settings.topology.dead_queue, passive=True)
+async def browse(settings: Settings, where: HeldQueue, limit: int
+                 ) -> tuple[list[HeldMessage], int]:
+    """Up to `limit` held messages, oldest first, and how many there are; none is taken."""
+    async with _taken(settings, where, limit) as (channel, held):
+        ok = await channel.queue_declare(where.queue, passive=True)
         return [letter for _, letter in held], len(held) + int(ok.message_count or 0)
 
 
-async def retry(settings: Settings, chosen: Callable[[DeadLetter], bool]) -> list[DeadLetter]:
-    """Send the chosen dead letters back to the delivery route; returns them."""
-    return await _settled(settings, chosen, resend=True)
+async def release(settings: Settings, where: HeldQueue,
+                  chosen: Callable[[HeldMessage], bool]) -> list[HeldMessage]:
+    """Put the chosen held messages on the delivery route; returns them."""
+    return await _settled(settings, where, chosen, resend=True)
 
 
-async def drop(settings: Settings, chosen: Callable[[DeadLetter], bool]) -> list[DeadLetter]:
-    """Delete the chosen dead letters for good; returns them."""
-    return await _settled(settings, chosen, resend=False)
+async def drop(settings: Settings, where: HeldQueue,
+               chosen: Callable[[HeldMessage], bool]) -> list[HeldMessage]:
+    """Delete the chosen held messages for good; returns them."""
+    return await _settled(settings, where, chosen, resend=False)
 
 
-async def _settled(settings: Settings, chosen: Callable[[DeadLetter], bool], *,
-                   resend: bool) -> list[DeadLetter]:
-    """Act on the chosen dead letters, then on any of them that came back.
+async def _settled(settings: Settings, where: HeldQueue,
+                   chosen: Callable[[HeldMessage], bool], *, resend: bool) -> list[HeldMessage]:
+    """Act on the chosen held messages, then on any of them that came back.
 
     RabbitMQ 3.x can ignore acks that reach a quorum queue just before the channel closes
     (rabbitmq-server issue 10327): those messages return to the queue instead of leaving it.
-    Nothing is lost that way, but the operator's retry or drop would not have happened for
-    them, so the queue is looked at again for the queue ids just settled. One sent back
+    Nothing is lost that way, but the operator's release or drop would not have happened
+    for them, so the queue is looked at again for the queue ids just settled. One sent back
     twice is delivered once (the store deduplicates by queue id); one that failed again in
     the meantime gets one more attempt."""
-    first = await _one_pass(settings, chosen, resend=resend)
-    pending = {letter.queue_id for letter in first if letter.queue_id}
+    first = await _one_pass(settings, where, chosen, resend=resend)
+    pending = {held.queue_id for held in first if held.queue_id}
     for _ in range(RESETTLE_PASSES):
         if not pending:
             break
         await asyncio.sleep(RESETTLE_PAUSE)
-        again = await _one_pass(settings, functools.partial(_named, pending), resend=resend)
-        pending = {letter.queue_id for letter in again}
+        again = await _one_pass(settings, where, functools.partial(_named, pending),
+                                resend=resend)
+        pending = {held.queue_id for held in again}
     return first
 
 
-def _named(queue_ids: set[str], letter: DeadLetter) -> bool:
-    return letter.queue_id in queue_ids
+def _named(queue_ids: set[str], held: HeldMessage) -> bool:
+    return held.queue_id in queue_ids
 
 
-async def _one_pass(settings: Settings, chosen: Callable[[DeadLetter], bool], *,
-                    resend: bool) -> list[DeadLetter]:
+async def _one_pass(settings: Settings, where: HeldQueue,
+                    chosen: Callable[[HeldMessage], bool], *, resend: bool
+                    ) -> list[HeldMessage]:
     topology = settings.topology
-    async with _taken(settings, MAX_TAKEN) as (channel, held):
-        picked = [(message, letter) for message, letter in held if chosen(letter)]
+    async with _taken(settings, where, MAX_TAKEN) as (channel, held):
+        picked = [(message, seen) for message, seen in held if chosen(seen)]
         for start in range(0, len(picked), SETTLE_WINDOW):
             window = picked[start:start + SETTLE_WINDOW]
             if resend:
@@ -188,10 +236,10 @@ async def _one_pass(settings: Settings, chosen: Callable[[DeadLetter], bool], *,
                     for message, _ in window))
             for message, _ in window:  # after the confirms: each one is on the delivery route
                 await channel.basic_ack(_tag(message))
-        return [letter for _, letter in picked]
+        return [seen for _, seen in picked]
 
 
-Held = list[tuple[DeliveredMessage, DeadLetter]]
+Held = list[tuple[DeliveredMessage, HeldMessage]]
 
 
 def _tag(message: DeliveredMessage) -> int:
@@ -200,10 +248,10 @@ def _tag(message: DeliveredMessage) -> int:
 
 
 @asynccontextmanager
-async def _taken(settings: Settings, limit: int
+async def _taken(settings: Settings, where: HeldQueue, limit: int
                  ) -> AsyncIterator[tuple[AbstractChannel, Held]]:
-    """Up to `limit` dead letters, held unacknowledged on a channel with publisher confirms;
-    whatever is not acked goes back to the queue when this ends."""
+    """Up to `limit` messages of the queue, held unacknowledged on a channel with publisher
+    confirms; whatever is not acked goes back to the queue when this ends."""
     connection = await asyncio.wait_for(aiormq.connect(settings.amqp_url), CONNECT_TIMEOUT)
     try:
         channel = await connection.channel()
@@ -211,10 +259,11 @@ async def _taken(settings: Settings, limit: int
         await channel.confirm_delivery()
         held: Held = []
         while len(held) < limit:
-            message = await channel.basic_get(settings.topology.dead_queue, no_ack=False)
+            message = await channel.basic_get(where.queue, no_ack=False)
             if isinstance(message.delivery, spec.Basic.GetEmpty):
                 break
-            held.append((message, describe(message.header.properties, message.body)))
+            held.append((message, describe(message.header.properties, message.body,
+                                           where.reason)))
         yield channel, held
     finally:
         await connection.close()
