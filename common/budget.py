@@ -20,8 +20,10 @@ class MemoryBudget:
         self.limit = limit
         self.held = 0
 
-    def take(self, octets: int) -> bool:
-        if self.held + octets > self.limit:
+    def take(self, octets: int, *, alone_ok: bool = False) -> bool:
+        """Whether `octets` more fit; with `alone_ok`, more than the limit fit when nothing
+        else is held (a limit set below one item must not make that item impossible)."""
+        if self.held + octets > self.limit and not (alone_ok and self.held == 0):
             return False
         self.held += octets
         return True
@@ -37,10 +39,10 @@ class Hold:
         self._budget = budget
         self.octets = 0
 
-    def take(self, octets: int) -> bool:
+    def take(self, octets: int, *, alone_ok: bool = False) -> bool:
         if self._budget is None:
             return True
-        if not self._budget.take(octets):
+        if not self._budget.take(octets, alone_ok=alone_ok):
             return False
         self.octets += octets
         return True

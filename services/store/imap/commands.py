@@ -608,7 +608,8 @@ async def _render_fetch(s: Session, selected: SelectedMailbox, positions: list[i
         return False
     request = _BodyFetch(
         atts, atts if any(a.name == "FLAGS" for a in atts) else (*atts, FetchAtt("FLAGS")),
-        f.cacheable(atts), f.needs_header_only(atts), seen_set, uid, modseq)
+        f.cacheable(atts), f.needs_header_only(atts), seen_set, uid, modseq,
+        not f.needs_only_cacheable(atts))
     skipped = False
     out = _Output(s)
     for batch in _batches(selected, positions):
@@ -628,10 +629,7 @@ class _BodyFetch:
     seen_set: set[int]  # UIDs this FETCH set \Seen on
     uid: bool
     modseq: bool
-
-    @property
-    def always_read(self) -> bool:
-        return not f.needs_only_cacheable(self.atts)
+    always_read: bool  # some item needs the message even when the cache has the rest
 
 
 class _NoMemory(Exception):
@@ -669,11 +667,12 @@ async def _fetch_batch(s: Session, out: _Output, selected: SelectedMailbox, batc
 def _hold_for_large(s: Session, selected: SelectedMailbox, read_whole: list[int]) -> Hold:
     """Take the memory that reading the large messages of `read_whole` will hold: twice
     their size (the message, and its response until sent). Small ones are not counted: a
-    batch of them holds READ_BATCH_OCTETS at most."""
+    batch of them holds READ_BATCH_OCTETS at most. When nothing else holds any, a message
+    larger than the whole budget is still read: mail must stay readable."""
     hold = Hold(s.deps.fetch_memory)
     large = sum(size for size in (selected.info(p).size for p in read_whole)
                 if size > STREAM_OVER)
-    if large and not hold.take(2 * large):
+    if large and not hold.take(2 * large, alone_ok=True):
         raise _NoMemory
     return hold
 

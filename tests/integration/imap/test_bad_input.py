@@ -464,6 +464,24 @@ async def test_large_messages_read_whole_share_a_memory_budget(
     await in_thread(dialog)
 
 
+async def test_a_fetch_budget_below_one_message_still_lets_it_be_read(
+        start_imap: StartImap, settings: Settings, deliver: Deliver) -> None:
+    """Mail must stay readable: with TIERMAIL_IMAP_FETCH_MEMORY set below what one large
+    message needs, a FETCH of its TEXT is answered when nothing else holds any."""
+    body = message("large", ("w" * 998 + "\r\n") * 1_000)
+    server = await start_with(start_imap, settings, imap_fetch_memory=len(body) // 2)
+    await deliver(ALICE, body)
+
+    def dialog() -> tuple[str, bytes]:
+        client = server.imaplib(ALICE)
+        client.select("INBOX")
+        status, data = client.fetch("1", "(BODY.PEEK[TEXT])")
+        client.logout()
+        return status, data[0][1]
+
+    assert await in_thread(dialog) == ("OK", body[body.index(b"\r\n\r\n") + 4:])
+
+
 async def test_a_flooding_client_does_not_starve_another(server: Server, deliver: Deliver
                                                          ) -> None:
     for n in range(100):
