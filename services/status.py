@@ -127,12 +127,19 @@ def format_status(report: dict[str, Any]) -> str:
         counters = {k: v for k, v in beat.items()
                     if isinstance(v, int | float) and k not in {"pid", "started", "at"}
                     and (v or k in GAUGES or isinstance(v, bool))}
-        rates = ", ".join(f"{k}={v}" + (f" ({v / uptime * 60:.1f}/min)" if
-                                        isinstance(v, int) and not isinstance(v, bool)
-                                        and k not in GAUGES else "")
-                          for k, v in counters.items())
+        rates = ", ".join(_shown(k, v, uptime, now) for k, v in counters.items())
         lines.append(f"  {beat['tier']:<7} {beat.get('host')}:{beat.get('pid')} "
                      f"up {uptime:.0f}s {rates}")
     if not redis["processes"]:
         lines.append("  (none reporting)")
     return "\n".join(lines)
+
+
+def _shown(key: str, value: float, uptime: float, now: float) -> str:
+    """One heartbeat value: a counter with its rate, a gauge or flag as it is, a time
+    (`..._at`, seconds since the epoch) as how long ago."""
+    if key.endswith("_at") and isinstance(value, float):
+        return f"{key.removesuffix('_at')} {max(now - value, 0):.0f}s ago"
+    if isinstance(value, int) and not isinstance(value, bool) and key not in GAUGES:
+        return f"{key}={value} ({value / uptime * 60:.1f}/min)"
+    return f"{key}={value}"

@@ -25,3 +25,12 @@ def test_counters_get_a_rate_and_gauges_do_not() -> None:
     assert "imap_literals_held=0," in line
     assert "consumer_connected=True" in line
     assert "dead_lettered" not in line  # a counter still at 0 is left out
+
+
+def test_a_time_in_a_heartbeat_is_shown_as_how_long_ago() -> None:
+    now = time.time()
+    beat = {"tier": "store", "host": "h", "pid": 7, "started": now - 600,
+            "last_delivery_at": now - 42.2, "delivered": 3}
+    line = format_status(report(beat)).splitlines()[-1]
+    assert re.search(r"last_delivery 4[23]s ago", line)
+    assert "last_delivery_at" not in line and str(int(now)) not in line
