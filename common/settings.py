@@ -120,9 +120,9 @@ class Settings:
     # Literals arriving at once on all IMAP connections of the store; one more gets
     # NO [UNAVAILABLE] (a slowly sent literal holds its memory as long as it takes).
     imap_literal_memory: int = 1024 * MIB
-    # Messages over 256 KiB read whole for a FETCH at once (a part, TEXT, or a structure not
-    # yet cached; the whole message is sent from its file instead), counted twice (the
-    # message and its response), on all IMAP connections; one more gets NO [UNAVAILABLE].
+    # Messages over 256 KiB being read and parsed for a FETCH at once (a part, TEXT, or a
+    # structure not yet cached), on all IMAP connections; one more gets NO [UNAVAILABLE].
+    # Sending is from the file and holds none of it.
     imap_fetch_memory: int = 1024 * MIB
     imap_max_line: int = 64 * 1024  # a command line (without literals)
     imap_max_connections: int = 1000  # per store process

@@ -638,43 +638,27 @@ class _NoMemory(Exception):
 
 async def _fetch_batch(s: Session, out: _Output, selected: SelectedMailbox, batch: list[int],
                        request: _BodyFetch) -> bool:
-    """Read and answer one batch; True when some message was gone and left out. Large
-    messages whose items allow it are streamed from their files instead of read."""
+    """Read and answer one batch; True when some message was gone and left out. A large
+    message is answered on its own from its file (`_send_large`)."""
     names = request.names
     known = {p: s.deps.fetch_cache.get_many(selected.info(p).guid, names) for p in batch}
-    streamed = {p for p in batch
-                if selected.info(p).size > STREAM_OVER and f.streamable(request.atts, known[p])}
-    unread = [p for p in batch if p not in streamed
+    # Only the header of a large message is read when that is all the items need.
+    large = set() if request.header_only else {
+        p for p in batch if selected.info(p).size > STREAM_OVER}
+    unread = [p for p in batch if p not in large
               and (request.always_read or len(known[p]) < len(names))]
-    hold = _hold_for_large(s, selected, [] if request.header_only else unread)
-    try:
-        raws = await _read_bodies(s, selected, unread, request.header_only) if unread else {}
-        skipped = False
-        for position in batch:
-            if selected.is_gone(position):
-                skipped = True
-            elif position in streamed:
-                skipped |= not await _send_from_file(s, out, selected, position, known[position],
-                                                     request)
-            else:
-                skipped |= not await _send_read(s, out, selected, position, raws.get(position),
-                                                known[position], request)
-        return skipped
-    finally:
-        hold.release()
-
-
-def _hold_for_large(s: Session, selected: SelectedMailbox, read_whole: list[int]) -> Hold:
-    """Take the memory that reading the large messages of `read_whole` will hold: twice
-    their size (the message, and its response until sent). Small ones are not counted: a
-    batch of them holds READ_BATCH_OCTETS at most. When nothing else holds any, a message
-    larger than the whole budget is still read: mail must stay readable."""
-    hold = Hold(s.deps.fetch_memory)
-    large = sum(size for size in (selected.info(p).size for p in read_whole)
-                if size > STREAM_OVER)
-    if large and not hold.take(2 * large, alone_ok=True):
-        raise _NoMemory
-    return hold
+    raws = await _read_bodies(s, selected, unread, request.header_only) if unread else {}
+    skipped = False
+    for position in batch:
+        if selected.is_gone(position):
+            skipped = True
+        elif position in large:
+            skipped |= not await _send_large(s, out, selected, position, known[position],
+                                             request)
+        else:
+            skipped |= not await _send_read(s, out, selected, position, raws.pop(position, None),
+                                            known[position], request)
+    return skipped
 
 
 def _response_args(s: Session, selected: SelectedMailbox, position: int, request: _BodyFetch
@@ -704,23 +688,65 @@ async def _send_read(s: Session, out: _Output, selected: SelectedMailbox, positi
     return True
 
 
-async def _send_from_file(s: Session, out: _Output, selected: SelectedMailbox, position: int,
-                          derived: dict[str, bytes], request: _BodyFetch) -> bool:
-    """Send one message's FETCH response with its octets read from storage a chunk at a
-    time, so that a large message is never held whole; False when it is gone. Once the
-    response has begun, a failure to read ends the connection: the client was promised a
-    literal of the announced length."""
+async def _send_large(s: Session, out: _Output, selected: SelectedMailbox, position: int,
+                      derived: dict[str, bytes], request: _BodyFetch) -> bool:
+    """Answer for a large message from its file, so that it is never held while a client
+    takes it: the octets of the whole message, of a part or of its text are read a chunk at
+    a time as they are sent. Items that need its structure (a part, TEXT, BODYSTRUCTURE not
+    cached) have it read and parsed first, within settings.imap_fetch_memory, and let go
+    before anything is sent. False when the message is gone. Once the response has begun, a
+    failure to read ends the connection: the client was promised a literal of the announced
+    length."""
     info = selected.info(position)
-    guid = info.guid
     try:
-        file = await asyncio.to_thread(s.store.open_message, s.logged_in_user, guid)
+        file = await asyncio.to_thread(s.store.open_message, s.logged_in_user, info.guid)
     except (NoSuchMessage, FileNotFoundError):
         return False
-    wanted, recent, modseq = _response_args(s, selected, position, request)
     try:
-        pieces = f.render_pieces(position + 1, info, wanted, file.seek(0, io.SEEK_END),
-                                 extra_flags=recent, include_uid=request.uid,
-                                 include_modseq=modseq, derived=derived)
+        size = file.seek(0, io.SEEK_END)
+        if f.streamable(request.atts, derived):
+            wanted, recent, modseq = _response_args(s, selected, position, request)
+            pieces = f.render_pieces(position + 1, info, wanted, size, extra_flags=recent,
+                                     include_uid=request.uid, include_modseq=modseq,
+                                     derived=derived)
+        else:
+            pieces = await _parsed_pieces(s, file, size, selected, position, derived, request)
+        await _send_pieces(s, out, file, pieces, info.guid)
+    finally:
+        file.close()
+    return True
+
+
+async def _parsed_pieces(s: Session, file: BinaryIO, size: int, selected: SelectedMailbox,
+                         position: int, derived: dict[str, bytes], request: _BodyFetch
+                         ) -> list[f.Piece]:
+    """Read and parse a large message to render its response, with Spans for its long
+    runs; the message itself is let go on return."""
+    hold = Hold(s.deps.fetch_memory)
+    if not hold.take(size, alone_ok=True):
+        raise _NoMemory
+    try:
+        raw = await asyncio.to_thread(_read_all, file)
+        info = selected.info(position)
+        names = request.names
+        if len(derived) < len(names):
+            derived.update(_derive(s.deps.fetch_cache, info.guid, names, derived, raw))
+        wanted, recent, modseq = _response_args(s, selected, position, request)
+        return f.render_with_spans(position + 1, info, wanted, raw, STREAM_CHUNK,
+                                   extra_flags=recent, include_uid=request.uid,
+                                   include_modseq=modseq, derived=derived)
+    finally:
+        hold.release()
+
+
+def _read_all(file: BinaryIO) -> bytes:
+    file.seek(0)
+    return file.read()
+
+
+async def _send_pieces(s: Session, out: _Output, file: BinaryIO, pieces: list[f.Piece],
+                       guid: str) -> None:
+    try:
         for piece in pieces:
             if isinstance(piece, bytes):
                 await out.write(piece)
@@ -731,9 +757,6 @@ async def _send_from_file(s: Session, out: _Output, selected: SelectedMailbox, p
     except Exception as exc:
         log.exception("reading message %s failed during FETCH", guid, extra=s.log_context)
         raise Disconnect("storage") from exc
-    finally:
-        file.close()
-    return True
 
 
 async def _send_octets(out: _Output, file: BinaryIO, span: f.Span) -> None:

@@ -28,6 +28,7 @@ import redis
 import redis.asyncio as aioredis
 
 from common.auththrottle import AuthThrottle
+from common.budget import MemoryBudget
 from common.ids import new_queue_id
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
@@ -133,13 +134,14 @@ async def start_imap(settings: Settings, maildb: MailDB, imap_users: AccountDB
     servers: list[asyncio.AbstractServer] = []
     clients: list[aioredis.Redis] = []
 
-    async def start(settings: Settings = settings) -> ImapStack:
+    async def start(settings: Settings = settings, *,
+                    fetch_memory: MemoryBudget | None = None) -> ImapStack:
         client = aioredis.from_url(settings.redis_url)
         clients.append(client)
         throttle = AuthThrottle(client, settings.redis_prefix, settings.auth_failures_per_ip,
                                 settings.auth_failures_per_user)
         deps = ImapDeps(store=maildb, accounts=imap_users, throttle=throttle,
-                        auth_failure_delay=TEST_AUTH_DELAY)
+                        auth_failure_delay=TEST_AUTH_DELAY, fetch_memory=fetch_memory)
         started = await start_imap_servers(settings, deps)
         servers.extend(started)
         return ImapStack(settings, maildb, imap_users, started, deps)

@@ -5,6 +5,7 @@ next to a well-behaved one, plaintext logins before TLS, and login throttling th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import imaplib
@@ -17,6 +18,7 @@ import pytest
 import redis
 from imapclient import IMAPClient
 
+from common.budget import Hold, MemoryBudget
 from common.settings import Settings
 from services.store.backends.maildb import MailDB
 from services.store.imap import server as imap_server_module
@@ -26,7 +28,6 @@ from tests.integration.imap.clients import (
     in_thread,
     message,
     unverified,
-    wait_for,
 )
 from tests.integration.imap.conftest import ALICE, BOB, USERS, Deliver, ImapStack, StartImap
 from tests.support import fill, tmpfs
@@ -433,35 +434,83 @@ async def test_a_message_file_cut_short_mid_fetch_ends_that_connection_only(
 
 
 async def test_large_messages_read_whole_share_a_memory_budget(
-        start_imap: StartImap, settings: Settings, deliver: Deliver) -> None:
-    """A FETCH of a part or the TEXT of a large message reads it whole: those reads take
-    twice the message's size from TIERMAIL_IMAP_FETCH_MEMORY while they are answered. With
-    a client holding a 20 MB message's TEXT unread, another's such FETCH gets NO
-    [UNAVAILABLE], a whole-message FETCH (sent from the file) still works, and once the first
-    client is gone the second one's FETCH works too."""
-    body = message("large", ("y" * 998 + "\r\n") * 20_000)  # more than socket buffers take
+        start_imap: StartImap, deliver: Deliver) -> None:
+    """A FETCH of a part or the TEXT of a large message reads and parses it first: that
+    takes the message's size from TIERMAIL_IMAP_FETCH_MEMORY. With most of it held (by
+    other sessions' reads), such a FETCH gets NO [UNAVAILABLE] while a whole-message FETCH
+    (sent from the file unread) still works; once the memory is back, so is the FETCH."""
+    body = message("large", ("y" * 998 + "\r\n") * 2_000)
     text = body[body.index(b"\r\n\r\n") + 4:]
-    server = await start_with(start_imap, settings, imap_fetch_memory=int(2.5 * len(body)))
+    budget = MemoryBudget(3 * len(body))
+    server = Server.of(await start_imap(fetch_memory=budget))
     await deliver(ALICE, body)
+    others = Hold(budget)
+    assert others.take(2 * len(body) + 1)
 
-    def dialog() -> None:
-        holder = fetching_first_message(server, "BODY.PEEK[TEXT]")
+    def fetch(item: str) -> tuple[str, bytes]:
         client = server.imaplib(ALICE)
         client.select("INBOX")
-        wait_for(lambda: client.fetch("1", "(BODY.PEEK[TEXT])")[0] == "NO",
-                 what="the held FETCH to take its memory")
-        status, data = client.fetch("1", "(BODY.PEEK[TEXT])")
-        assert status == "NO" and b"[UNAVAILABLE]" in data[0]
-        status, data = client.fetch("1", "(BODY.PEEK[])")
-        assert status == "OK" and data[0][1] == body
-        holder.close()
-        wait_for(lambda: client.fetch("1", "(BODY.PEEK[TEXT])")[0] == "OK",
-                 what="the memory to come back when the holder is gone")
-        status, data = client.fetch("1", "(BODY.PEEK[TEXT])")
-        assert status == "OK" and data[0][1] == text
+        status, data = client.fetch("1", f"({item})")
         client.logout()
+        return status, data[0][1] if status == "OK" else data[0]
 
-    await in_thread(dialog)
+    status, said = await in_thread(lambda: fetch("BODY.PEEK[TEXT]"))
+    assert status == "NO" and b"[UNAVAILABLE]" in said
+    assert await in_thread(lambda: fetch("BODY.PEEK[]")) == ("OK", body)
+    assert budget.held == others.octets
+    others.release()
+    assert await in_thread(lambda: fetch("BODY.PEEK[TEXT]")) == ("OK", text)
+    assert budget.held == 0
+
+
+async def test_a_large_part_is_sent_from_the_file_not_held_while_the_client_reads(
+        server: Server, deliver: Deliver) -> None:
+    """An attachment of a large message (BODY[2]) is parsed out of the message and then
+    sent from the file: while a client has not taken it yet, the store holds about nothing
+    of it (it held the message, and the response, for as long as the client took)."""
+    attachment = ("q" * 998 + "\r\n") * 20_000
+    body = (b"From: carol@example.org\r\nSubject: big attachment\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=zz\r\n\r\n--zz\r\n"
+            b"Content-Type: text/plain\r\n\r\nsee attached\r\n--zz\r\n"
+            b"Content-Type: application/octet-stream\r\n\r\n" + attachment.encode()
+            + b"\r\n--zz--\r\n")
+    await deliver(ALICE, body)
+    ending = b"c OK Completed\r\n"
+    taking = threading.Event()
+
+    def dialog() -> tuple[int, str]:
+        sock = fetching_first_message(server, "BODY.PEEK[2]")
+        taking.wait(30)
+        head = b""
+        while b"* 1 FETCH (" not in head:  # the LOGIN and SELECT replies come first
+            head += sock.recv(4096)
+        data = head[head.index(b"* 1 FETCH ("):]
+        digest, count, tail = hashlib.sha256(), 0, b""
+        while True:  # hashed as it comes: the client keeps none of it
+            digest.update(data)
+            count += len(data)
+            tail = (tail + data)[-len(ending):]
+            if tail.endswith(ending):
+                break
+            data = sock.recv(1 << 16)
+            assert data, "connection closed mid-response"
+        sock.close()
+        return count, digest.hexdigest()
+
+    tracemalloc.start()
+    try:
+        reading = asyncio.ensure_future(in_thread(dialog))
+        await asyncio.sleep(1.0)  # the store has begun and waits for the client
+        held, _ = tracemalloc.get_traced_memory()
+        taking.set()
+        received, digest = await reading
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * 1024 * 1024, f"{held} octets held while the client waited"
+    start = body.index(b"\r\n\r\n", body.index(b"application/octet-stream")) + 4
+    part = body[start:body.index(b"\r\n--zz--")]
+    expected = b"* 1 FETCH (BODY[2] {%d}\r\n%b)\r\n%b" % (len(part), part, ending)
+    assert (received, digest) == (len(expected), hashlib.sha256(expected).hexdigest())
 
 
 async def test_a_fetch_budget_below_one_message_still_lets_it_be_read(

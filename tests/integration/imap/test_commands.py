@@ -895,8 +895,8 @@ async def test_fetch_sections_and_partials(server: Server, deliver: Deliver) -> 
 async def test_large_messages_sent_from_their_files_answer_as_small_ones_do(
         server: Server, deliver: Deliver) -> None:
     """Messages over STREAM_OVER are sent from their files in chunks: whole, partial, as
-    RFC822 (which sets \\Seen and reports it), with cached structure and among small
-    messages in one FETCH, the answers are what the stored octets say."""
+    RFC822 (which sets \\Seen and reports it), their TEXT and parts, with cached structure
+    and among small messages in one FETCH, the answers are what the stored octets say."""
     large = message("large", "".join(f"line {n:07d} " + "x" * 60 + "\r\n" for n in range(8000)))
     small = message("small")
     await deliver(ALICE, small)
@@ -919,6 +919,12 @@ async def test_large_messages_sent_from_their_files_answer_as_small_ones_do(
         again = client.fetch([uids[1]], ["BODYSTRUCTURE", "ENVELOPE", "BODY.PEEK[]"])[uids[1]]
         assert again[b"BODYSTRUCTURE"] == structure and again[b"BODY[]"] == large
         assert again[b"ENVELOPE"].subject == b"large"
+        text = large[large.index(b"\r\n\r\n") + 4:]
+        sections = client.fetch([uids[1]], ["BODY.PEEK[TEXT]", "BODY.PEEK[1]<100000.300000>",
+                                            "BODY.PEEK[HEADER.FIELDS (SUBJECT)]"])[uids[1]]
+        assert sections[b"BODY[TEXT]"] == text
+        assert sections[b"BODY[1]<100000>"] == text[100_000:400_000]
+        assert sections[b"BODY[HEADER.FIELDS (SUBJECT)]"] == b"Subject: large\r\n\r\n"
         read = client.fetch([uids[1]], ["RFC822"])[uids[1]]
         assert read[b"RFC822"] == large and b"\\Seen" in read[b"FLAGS"]
         assert b"\\Seen" not in client.get_flags([uids[0]])[uids[0]]

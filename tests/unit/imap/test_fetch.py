@@ -360,3 +360,28 @@ def test_the_whole_message_is_one_span_after_its_literal_length() -> None:
 ])
 def test_items_that_need_the_message_parsed_are_not_streamable(atts: list[FetchAtt]) -> None:
     assert not fetch.streamable(atts, {})
+
+
+_SECTIONS = st.sampled_from([
+    body(), body(Section(text="TEXT")), body(Section(text="HEADER")), body(Section(part=(1,))),
+    body(Section(part=(1, 1))), body(Section(part=(2,))), body(Section(part=(2,), text="MIME")),
+    body(Section(part=(2,), text="TEXT")), body(Section(part=(9,))),
+    body(Section(text="HEADER.FIELDS", fields=("SUBJECT",))),
+    FetchAtt("RFC822.TEXT"), FetchAtt("RFC822.HEADER"), FetchAtt("RFC822"),
+    FetchAtt("BODYSTRUCTURE"), FetchAtt("ENVELOPE"), FetchAtt("FLAGS"),
+])
+
+
+@given(atts=st.lists(_SECTIONS, min_size=1, max_size=4),
+       partial=st.none() | st.tuples(st.integers(0, 300), st.integers(0, 300)),
+       spans_over=st.integers(0, 64), raw=st.one_of(messages, st.sampled_from([FORWARD, RAW])))
+@settings(max_examples=300)
+def test_spans_for_long_runs_filled_in_are_the_whole_response(
+        atts: list[FetchAtt], partial: tuple[int, int] | None, spans_over: int,
+        raw: bytes) -> None:
+    if partial is not None:
+        atts = [FetchAtt(a.name, a.section, a.peek, partial) if a.name == "BODY[]" else a
+                for a in atts]
+    pieces = fetch.render_with_spans(3, info_for(raw), atts, raw, spans_over)
+    assert filled(pieces, raw) == fetch.render_fetch(3, info_for(raw), atts, raw)
+    assert all(p.length > spans_over for p in pieces if isinstance(p, fetch.Span))

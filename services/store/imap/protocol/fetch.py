@@ -111,17 +111,25 @@ Piece = bytes | Span
 
 
 class _Message:
-    """The stored message with its structure parsed on first use (at most once)."""
+    """The stored message with its structure parsed on first use (at most once). With
+    `spans_over`, a run of its octets longer than that is given as a Span, not copied."""
 
-    def __init__(self, raw: bytes) -> None:
+    def __init__(self, raw: bytes, spans_over: int | None = None) -> None:
         self.raw = raw
         self.size = len(raw)
+        self._spans_over = spans_over
         self._root: mime.Part | None = None
         self._header: mime.Part | None = None
 
     def octets(self, start: int, count: int) -> Piece:
         """`count` octets from `start` (fewer at the end of the message)."""
-        return self.raw[start : start + count]
+        start = min(start, self.size)
+        return self._run(start, min(start + count, self.size))
+
+    def _run(self, start: int, end: int) -> Piece:
+        if self._spans_over is not None and end - start > self._spans_over:
+            return Span(start, end - start)
+        return self.raw[start:end]
 
     @property
     def root(self) -> mime.Part:
@@ -138,15 +146,21 @@ class _Message:
             self._header = mime.parse_header_only(self.raw)
         return self._header
 
-    def section(self, sect: Section) -> bytes:
-        if not sect.part and sect.text is None:
-            return self.raw
-        if not sect.part and sect.text in _ROOT_TEXTS:
-            data = mime.section(self.raw, self.header, sect)
-        else:
-            data = mime.section(self.raw, self.root, sect)
-        # A part that does not exist reads as empty, as most servers answer.
-        return b"" if data is None else data
+    def section(self, sect: Section, partial: tuple[int, int] | None = None) -> Piece:
+        """BODY[<section>]<partial>. A part that does not exist reads as empty, as most
+        servers answer."""
+        tree = self.header if not sect.part and sect.text in _ROOT_TEXTS else self.root
+        if not mime.is_range(sect):
+            return _partial(mime.section(self.raw, tree, sect) or b"", partial)
+        where = mime.section_range(tree, sect)
+        if where is None:
+            return b""
+        start, end = where
+        if partial is not None:
+            origin, count = partial
+            start = min(start + origin, end)
+            end = min(start + count, end)
+        return self._run(start, end)
 
 
 class _Unread(_Message):
@@ -157,9 +171,8 @@ class _Unread(_Message):
         super().__init__(b"")
         self.size = size
 
-    def octets(self, start: int, count: int) -> Piece:
-        start = min(start, self.size)
-        return Span(start, min(count, self.size - start))
+    def _run(self, start: int, end: int) -> Piece:
+        return Span(start, end - start)
 
 
 def _partial(data: bytes, partial: tuple[int, int] | None) -> bytes:
@@ -184,7 +197,7 @@ def _body_item(att: FetchAtt, message: _Message) -> bytes | list[Piece]:
         name += b"<%d>" % att.partial[0]  # RFC 3501 7.4.2: only the origin is echoed
         if whole:
             return _literal(name, message.octets(*att.partial))
-    return name + b" " + wire.literal(_partial(message.section(sect), att.partial))
+    return _literal(name, message.section(sect, att.partial))
 
 
 def _item(
@@ -210,9 +223,9 @@ def _item(
     if name == "RFC822":
         return _literal(b"RFC822", message.octets(0, message.size))
     if name == "RFC822.HEADER":
-        return b"RFC822.HEADER " + wire.literal(message.section(Section(text="HEADER")))
+        return _literal(b"RFC822.HEADER", message.section(Section(text="HEADER")))
     if name == "RFC822.TEXT":
-        return b"RFC822.TEXT " + wire.literal(message.section(Section(text="TEXT")))
+        return _literal(b"RFC822.TEXT", message.section(Section(text="TEXT")))
     if name in CACHEABLE_ITEMS:
         return name.encode("ascii") + b" " + _derived(name, message)
     if name == "BODY[]":
@@ -259,6 +272,25 @@ def render_pieces(
     read: a Span stands for each range of its octets. Only for `streamable` items."""
     return _merged(_pieces(seq, info, atts, _Unread(size), extra_flags, include_uid,
                            include_modseq, derived or {}))
+
+
+def render_with_spans(
+    seq: int,
+    info: MessageInfo,
+    atts: Sequence[FetchAtt],
+    raw: bytes,
+    spans_over: int,
+    *,
+    extra_flags: frozenset[str] = frozenset(),
+    include_uid: bool = False,
+    include_modseq: bool = False,
+    derived: Mapping[str, bytes] | None = None,
+) -> list[Piece]:
+    """The response `render_fetch` gives, with every run of the message's octets longer than
+    `spans_over` (a large part, its TEXT) as a Span: the caller can let the message go and
+    send those runs from the stored file."""
+    return _merged(_pieces(seq, info, atts, _Message(raw, spans_over), extra_flags,
+                           include_uid, include_modseq, derived or {}))
 
 
 def _pieces(seq: int, info: MessageInfo, atts: Sequence[FetchAtt], message: _Message,

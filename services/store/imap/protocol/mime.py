@@ -807,32 +807,51 @@ def _header_lines(raw: bytes, part: Part, names: tuple[str, ...], exclude: bool)
     return text + b"\r\n"
 
 
-def _message_text(raw: bytes, message: Part, text: str, fields: tuple[str, ...]) -> bytes:
-    if text == "HEADER":
-        return raw[message.start : message.body_start]
-    if text == "TEXT":
-        return raw[message.body_start : message.end]
-    return _header_lines(raw, message, fields, exclude=text == "HEADER.FIELDS.NOT")
+_CHOSEN_LINES = frozenset({"HEADER.FIELDS", "HEADER.FIELDS.NOT"})
 
 
 def section(raw: bytes, root: Part, sect: Section) -> bytes | None:
     """The octets of BODY[<section>] (RFC 3501 6.4.5), or None when that part does not exist."""
-    node = find_part(root, sect.part)
-    if node is None:
-        return None
+    if sect.text in _CHOSEN_LINES:
+        message = _addressed_message(root, sect)
+        if message is None:
+            return None
+        return _header_lines(raw, message, sect.fields, exclude=sect.text == "HEADER.FIELDS.NOT")
+    where = section_range(root, sect)
+    return None if where is None else raw[where[0] : where[1]]
+
+
+def is_range(sect: Section) -> bool:
+    """Whether the section is one run of the stored octets (all but HEADER.FIELDS(.NOT),
+    which are the chosen lines of a header)."""
+    return sect.text not in _CHOSEN_LINES
+
+
+def section_range(root: Part, sect: Section) -> tuple[int, int] | None:
+    """Where BODY[<section>] is in the stored message, as (start, end) offsets; None when that
+    part does not exist. Only for sections that `is_range`."""
     if sect.text is None:
         if not sect.part:
-            return raw[root.start : root.end]
-        return raw[node.body_start : node.end]
+            return root.start, root.end
+        node = find_part(root, sect.part)
+        return None if node is None else (node.body_start, node.end)
     if sect.text == "MIME":
-        if not sect.part:
-            return None
-        return raw[node.start : node.body_start]
-    if not sect.part:
-        return _message_text(raw, root, sect.text, sect.fields)
-    if node.message is None:
+        node = find_part(root, sect.part) if sect.part else None
+        return None if node is None else (node.start, node.body_start)
+    message = _addressed_message(root, sect)
+    if message is None:
         return None
-    return _message_text(raw, node.message, sect.text, sect.fields)
+    if sect.text == "HEADER":
+        return message.start, message.body_start
+    return message.body_start, message.end  # TEXT
+
+
+def _addressed_message(root: Part, sect: Section) -> Part | None:
+    """The message whose HEADER or TEXT a section names: the root, or an attached one."""
+    if not sect.part:
+        return root
+    node = find_part(root, sect.part)
+    return None if node is None else node.message
 
 
 # --- decoding for SEARCH ----------------------------------------------------------------
