@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -225,12 +226,14 @@ def _act_on_held(settings: Settings, args: argparse.Namespace, action: Callable[
 
 
 def _broker(work: Any) -> Any:
+    """Run `work` against RabbitMQ; a broker that cannot be used is one line, not a trace."""
     from aiormq.exceptions import AMQPConnectionError
 
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)  # the error below says it once
     try:
         return asyncio.run(work)
     except (OSError, TimeoutError, AMQPConnectionError) as exc:
-        raise CommandError(f"RabbitMQ is not reachable: {exc!r}") from None
+        raise CommandError(f"RabbitMQ could not be used: {exc!r}") from None
 
 
 # Accounts: the store's database is the authority; Redis gets the change right after.

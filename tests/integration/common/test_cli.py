@@ -10,7 +10,7 @@ from common.health import heartbeat_key
 from common.passwords import verify_password
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
-from tests.support import run_cli
+from tests.support import free_port, run_cli
 
 tiermail = run_cli
 
@@ -93,3 +93,12 @@ def test_status_reports_a_store_that_cannot_write(settings: Settings,
     found = re.search(r"store mailhost:4242 cannot write to its storage for (\d+) s",
                       result.stdout)
     assert found and 90 <= int(found.group(1)) < 150, result.stdout
+
+
+def test_held_mail_commands_without_a_broker_say_so_in_one_line(settings: Settings) -> None:
+    closed = settings.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    for command in (("deadletters", "list"), ("quarantine", "drop", "--all")):
+        result = tiermail(closed, *command)
+        assert result.returncode == 1 and not result.stdout
+        assert result.stderr.startswith("tiermail: RabbitMQ could not be used:")
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
