@@ -8,9 +8,10 @@ StreamMaxLength) raises StreamTooLarge before a byte is sent, and so does clamd'
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
-from services.filter.backends.streams import close_stream, open_stream
+from services.filter.backends.streams import close_stream, open_socket, open_stream
 from services.filter.protocol.clamd import (
     INSTREAM,
     MAX_REPLY,
@@ -51,20 +52,22 @@ class ClamdClient:
             raise ScannerUnavailable(NAME, str(exc)) from exc
 
     async def _instream(self, content: bytes) -> bytes:
-        reader, writer = await open_stream(self._address)
+        # A plain socket, not a stream: when the stream exceeds clamd's limit, clamd answers
+        # and closes while we are still sending, and our send fails. A stream's transport
+        # then closes at once and the answer, already received, is lost (the scan looked
+        # unavailable: a 451 where the policy for too big applies); the socket keeps it.
+        loop = asyncio.get_running_loop()
+        sock = await open_socket(self._address)
         try:
-            writer.write(INSTREAM)
             try:
+                await loop.sock_sendall(sock, INSTREAM)
                 for frame in chunks(content):
-                    writer.write(frame)
-                    await writer.drain()
+                    await loop.sock_sendall(sock, frame)
             except (BrokenPipeError, ConnectionResetError):
-                # clamd stops reading and answers when the stream exceeds its limit; its
-                # reply, if any, is still in our receive buffer.
-                pass
-            return await _read_reply(reader)
+                pass  # clamd stopped reading: its answer says why
+            return await _receive_reply(loop, sock)
         finally:
-            await close_stream(writer)
+            sock.close()
 
     async def ping(self) -> bool:
         try:
@@ -82,6 +85,23 @@ class ClamdClient:
     async def aclose(self) -> None:
         """Nothing pooled: one connection per scan (clamd forks no process per connection,
         and a unix socket connect costs microseconds)."""
+
+
+async def _receive_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    data = b""
+    while b"\0" not in data and len(data) < MAX_REPLY:
+        try:
+            piece = await loop.sock_recv(sock, MAX_REPLY)
+        except ConnectionResetError:
+            if data:
+                break  # the answer came before the reset
+            raise
+        if not piece:
+            break
+        data += piece
+    if not data:
+        raise ClamdProtocolError("clamd closed the connection without a reply")
+    return data.split(b"\0", 1)[0]
 
 
 async def _read_reply(reader: asyncio.StreamReader) -> bytes:

@@ -8,7 +8,11 @@ import struct
 import time
 from pathlib import Path
 
+import pytest
+
 from services.devscanners.runner import connect, start_clamd
+from services.filter.backends.clamd import ClamdClient
+from services.filter.backends.errors import StreamTooLarge
 from tests.support import eicar_bytes, free_port
 
 CHUNK = 64 * 1024
@@ -75,3 +79,21 @@ def test_unix_socket(clamd: str, tmp_path: Path) -> None:
         assert local.address == str(path)
         assert instream(local.address, eicar_bytes()).endswith(".UNOFFICIAL FOUND")
 
+
+
+async def test_our_client_over_tcp_and_a_unix_socket_reads_clamds_own_limit(
+        clamd: str, tmp_path: Path) -> None:
+    """services/filter/backends/clamd.py against a real clamd whose StreamMaxLength (4 KiB)
+    is below what the client allows: a stream over it is answered "size limit exceeded"
+    while the client is still sending, and the client reads that answer every time (a
+    failed send must not lose it: that turned a too-big message into a 451), on TCP and on
+    a unix socket alike. Below the limit, EICAR is found and ham passes."""
+    for address in (f"127.0.0.1:{free_port()}", str(tmp_path / "clamd.sock")):
+        with start_clamd(tmp_path / f"clamd-{len(address)}", address=address,
+                         stream_max=4096) as small:
+            client = ClamdClient(small.address, timeout=10.0, stream_max=100 * 1024 * 1024)
+            for _ in range(20):
+                with pytest.raises(StreamTooLarge):
+                    await client.scan(b"x" * 3_000_000)
+            assert (await client.scan(eicar_bytes())).signature is not None
+            assert (await client.scan(b"hello\r\n")).signature is None
