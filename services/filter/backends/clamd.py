@@ -11,7 +11,7 @@ import asyncio
 import socket
 
 from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
-from services.filter.backends.streams import close_stream, open_socket, open_stream
+from services.filter.backends.streams import open_socket
 from services.filter.protocol.clamd import (
     INSTREAM,
     MAX_REPLY,
@@ -41,8 +41,9 @@ class ClamdClient:
         try:
             async with asyncio.timeout(self._timeout):
                 reply = await self._instream(content)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError
-                ) as exc:
+        except (OSError, TimeoutError, ClamdProtocolError) as exc:
+            # ClamdProtocolError here: clamd closed without answering (it crashed or was
+            # stopped mid-scan).
             raise ScannerUnavailable(NAME, f"{type(exc).__name__}: {exc}") from exc
         try:
             return parse_reply(reply)
@@ -72,14 +73,14 @@ class ClamdClient:
     async def ping(self) -> bool:
         try:
             async with asyncio.timeout(min(self._timeout, 5.0)):
-                reader, writer = await open_stream(self._address)
+                loop = asyncio.get_running_loop()
+                sock = await open_socket(self._address)
                 try:
-                    writer.write(PING)
-                    await writer.drain()
-                    return (await _read_reply(reader)).rstrip(b"\0\n") == PONG
+                    await loop.sock_sendall(sock, PING)
+                    return (await _receive_reply(loop, sock)).rstrip(b"\0\n") == PONG
                 finally:
-                    await close_stream(writer)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                    sock.close()
+        except (OSError, TimeoutError, ClamdProtocolError):
             return False
 
     async def aclose(self) -> None:
@@ -96,18 +97,6 @@ async def _receive_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -
             if data:
                 break  # the answer came before the reset
             raise
-        if not piece:
-            break
-        data += piece
-    if not data:
-        raise ClamdProtocolError("clamd closed the connection without a reply")
-    return data.split(b"\0", 1)[0]
-
-
-async def _read_reply(reader: asyncio.StreamReader) -> bytes:
-    data = b""
-    while b"\0" not in data and len(data) < MAX_REPLY:
-        piece = await reader.read(MAX_REPLY)
         if not piece:
             break
         data += piece

@@ -3,6 +3,7 @@ over INSTREAM (clamd(8)) with a raw socket exchange."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from services.devscanners.runner import connect, start_clamd
 from services.filter.backends.clamd import ClamdClient
-from services.filter.backends.errors import StreamTooLarge
+from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
 from tests.support import eicar_bytes, free_port
 
 CHUNK = 64 * 1024
@@ -97,3 +98,21 @@ async def test_our_client_over_tcp_and_a_unix_socket_reads_clamds_own_limit(
                     await client.scan(b"x" * 3_000_000)
             assert (await client.scan(eicar_bytes())).signature is not None
             assert (await client.scan(b"hello\r\n")).signature is None
+
+
+async def test_a_clamd_that_closes_without_answering_is_unavailable() -> None:
+    """Stopped or crashed mid-scan: a temporary failure (the scan failure policy), never
+    an error of another kind."""
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client = ClamdClient(f"127.0.0.1:{port}", timeout=5.0, stream_max=1024 * 1024)
+        with pytest.raises(ScannerUnavailable, match="without a reply|reset|pipe"):
+            await client.scan(b"hello\r\n")
+        assert not await client.ping()
+    finally:
+        server.close()
