@@ -229,11 +229,17 @@ def _broker(work: Any) -> Any:
     """Run `work` against RabbitMQ; a broker that cannot be used is one line, not a trace."""
     from aiormq.exceptions import AMQPConnectionError
 
+    from services.heldmail import NoSuchQueue
+
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)  # the error below says it once
     try:
         return asyncio.run(work)
     except (OSError, TimeoutError, AMQPConnectionError) as exc:
         raise CommandError(f"RabbitMQ could not be used: {exc!r}") from None
+    except NoSuchQueue as exc:
+        raise CommandError(f"no queue {exc} on the broker: no tier has run with these "
+                           "settings (TIERMAIL_QUEUE_PREFIX, the vhost in "
+                           "TIERMAIL_AMQP_URL)") from None
 
 
 # Accounts: the store's database is the authority; Redis gets the change right after.

@@ -64,6 +64,10 @@ CONNECT_TIMEOUT = 5.0
 CONFIRM_TIMEOUT = 30.0
 
 
+class NoSuchQueue(Exception):
+    """The queue is not on the broker: no tier has run with these settings (prefix, vhost)."""
+
+
 @dataclass(frozen=True)
 class HeldQueue:
     """A queue of held mail and how to tell why a message is in it."""
@@ -255,7 +259,12 @@ async def _taken(settings: Settings, where: HeldQueue, limit: int
     connection = await asyncio.wait_for(aiormq.connect(settings.amqp_url), CONNECT_TIMEOUT)
     try:
         channel = await connection.channel()
-        await settings.topology.declare(channel)
+        try:
+            # Passive: a mistyped TIERMAIL_QUEUE_PREFIX must not create a topology of its own.
+            await channel.queue_declare(where.queue, passive=True)
+            await channel.exchange_declare(settings.topology.inbound_exchange, passive=True)
+        except aiormq.ChannelNotFoundEntity:
+            raise NoSuchQueue(where.queue) from None
         await channel.confirm_delivery()
         held: Held = []
         while len(held) < limit:

@@ -10,7 +10,7 @@ from common.health import heartbeat_key
 from common.passwords import verify_password
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
-from tests.support import free_port, run_cli
+from tests.support import free_port, rabbitmqctl, run_cli
 
 tiermail = run_cli
 
@@ -102,3 +102,14 @@ def test_held_mail_commands_without_a_broker_say_so_in_one_line(settings: Settin
         assert result.returncode == 1 and not result.stdout
         assert result.stderr.startswith("tiermail: RabbitMQ could not be used:")
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_held_mail_commands_with_a_prefix_no_tier_uses_create_nothing(
+        settings: Settings, amqp_vhost: str) -> None:
+    mistyped = settings.replace(queue_prefix="tiermial")
+    result = tiermail(mistyped, "deadletters", "list")
+    assert result.returncode == 1
+    assert result.stderr.startswith("tiermail: no queue tiermial.deliver.dead on the broker")
+    assert tiermail(mistyped, "quarantine", "release", "--all").returncode == 1
+    assert "tiermial" not in rabbitmqctl("list_queues", "-p", amqp_vhost, "name")
+    assert "tiermial" not in rabbitmqctl("list_exchanges", "-p", amqp_vhost, "name")
