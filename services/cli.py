@@ -113,6 +113,9 @@ def _held_mail_commands(commands: Any, command: Callable[..., argparse.ArgumentP
                      f"show {held} messages (oldest first) without taking them away", actions)
     browse.add_argument("--limit", type=int, default=100, help="at most this many (100)")
     browse.add_argument("--json", action="store_true", help="machine-readable output")
+    show = command("show", held_show, f"write one {held} message to standard output "
+                   "(headers and body, as it would be delivered), taking nothing away", actions)
+    show.add_argument("queue_id", metavar="QUEUE_ID")
     for action, handler, text in ((release, held_release, release_help),
                                   ("drop", held_drop, "delete messages for good")):
         sub = command(action, handler, text, actions)
@@ -194,6 +197,17 @@ def held_list(settings: Settings, args: argparse.Namespace) -> int:
               f"{','.join(held.recipients) or '-'}  [{held.reason}]")
     count = f"{len(shown)} of {total}" if total > len(shown) else f"{total}"
     print(f"{count} {args.held_words} message{'' if total == 1 else 's'}")
+    return 0
+
+
+def held_show(settings: Settings, args: argparse.Namespace) -> int:
+    from services.heldmail import peek
+
+    found = _broker(peek(settings, _held_queue(settings, args), args.queue_id))
+    if found is None:
+        raise CommandError(f"{args.queue_id}: not {args.held_words}")
+    sys.stdout.buffer.write(found)
+    sys.stdout.flush()
     return 0
 
 

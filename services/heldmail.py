@@ -186,6 +186,16 @@ async def browse(settings: Settings, where: HeldQueue, limit: int
         return [letter for _, letter in held], len(held) + int(ok.message_count or 0)
 
 
+async def peek(settings: Settings, where: HeldQueue, queue_id: str) -> bytes | None:
+    """The stored message (as the store would deliver it) of a held message, None when no
+    held message has that queue id; nothing is taken away."""
+    async with _taken(settings, where, MAX_TAKEN) as (_, held):
+        for message, seen in held:
+            if seen.queue_id == queue_id:
+                return bytes(message.body)
+        return None
+
+
 async def release(settings: Settings, where: HeldQueue,
                   chosen: Callable[[HeldMessage], bool]) -> list[HeldMessage]:
     """Put the chosen held messages on the delivery route; returns them."""

@@ -497,6 +497,12 @@ async def test_quarantined_mail_is_listed_released_or_dropped(store: Running) ->
             ).stdout.strip() == "0 dead-lettered messages"
 
     released_id, dropped_id = (envelope.queue_id for envelope, _ in found)
+    shown = await asyncio.to_thread(run_cli, store.settings, "quarantine", "show", dropped_id)
+    assert shown.returncode == 0  # run_cli reads text: line endings come out as "\n"
+    assert shown.stdout == quarantined[1][1].decode().replace("\r\n", "\n")
+    missing = await asyncio.to_thread(run_cli, store.settings, "quarantine", "show", "NOPE")
+    assert missing.returncode == 1 and "NOPE: not quarantined" in missing.stderr
+    assert await queue_counts(store.settings, store.settings.topology.quarantine_queue) == 2
     released = await asyncio.to_thread(run_cli, store.settings, "quarantine", "release",
                                        released_id)
     assert released.returncode == 0 and f"{released_id} sent for delivery" in released.stdout
