@@ -5,6 +5,7 @@ mailbox folders (INBOX over POP3, Junk from the store's index: IMAP comes later)
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import smtplib
 import sqlite3
@@ -20,7 +21,7 @@ from tests.integration.scanning.conftest import (
     ham,
     take_all,
 )
-from tests.support import TcpProxy, TierProcess, queue_depth, wait_until
+from tests.support import TcpProxy, TierProcess, queue_depth, run_cli, wait_until
 
 USER = "alice@example.org"
 MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>]+>)", re.MULTILINE | re.IGNORECASE)
@@ -147,3 +148,41 @@ def test_deferred_mail_stays_out_of_mailboxes_until_scanned_then_lands_once(
     assert sorted(inbox_ids) == sorted(sent["ham"]) and len(set(inbox_ids)) == 40
     assert sorted(junk_ids) == sorted(sent["gtube"]) and len(set(junk_ids)) == 30
     assert sorted(quarantine_ids) == sorted(sent["eicar"]) and len(set(quarantine_ids)) == 30
+
+
+def test_an_operator_releases_a_quarantined_false_positive_into_the_mailbox(
+        settings: Settings, run_tier: Callable[..., TierProcess], rspamd: str,
+        clamd: str) -> None:
+    """Mail accepted while the scanners were away and found infected afterwards waits in
+    the quarantine; `tiermail quarantine list` says what was found, and `release` (the
+    operator judged it harmless) delivers it, its virus header on top, exactly once."""
+    rspamd_proxy = TcpProxy(int(rspamd.rsplit(":", 1)[1]))
+    clamd_proxy = TcpProxy(int(clamd.rsplit(":", 1)[1]))
+    try:
+        s = scanning(settings, f"http://127.0.0.1:{rspamd_proxy.port}",
+                     f"127.0.0.1:{clamd_proxy.port}", policy="defer")
+        provision(s)
+        run_tier(s, "store").wait_for_port(s.pop3_port)
+        rspamd_proxy.cut()
+        clamd_proxy.cut()
+        run_tier(s, "filter").wait_for_port(s.smtp_port)
+        send(s, "sender@example.net", [USER], eicar_attachment("e2e false positive"))
+        rspamd_proxy.start()
+        clamd_proxy.start()
+        wait_until(lambda: queue_depth(s, s.topology.quarantine_queue) == 1, timeout=120,
+                   what="the deferred scan to quarantine the message")
+    finally:
+        rspamd_proxy.cut()
+        clamd_proxy.cut()
+
+    listing = run_cli(s, "quarantine", "list", "--json")
+    (held,) = json.loads(listing.stdout)["messages"]
+    assert held["reason"].startswith("virus ") and held["reason"].endswith(".UNOFFICIAL")
+    assert held["recipients"] == [USER] and folder(s, "INBOX") == []
+    released = run_cli(s, "quarantine", "release", held["queue_id"])
+    assert released.returncode == 0, released.stderr
+    wait_until(lambda: len(folder(s, "INBOX")) == 1, what="the released message delivered")
+    (delivered,) = folder(s, "INBOX")
+    assert message_ids([delivered]) == [b"<e2e.false.positive@remote.test>"]
+    assert (header(delivered, "X-Tiermail-Virus") or "").endswith(".UNOFFICIAL")
+    assert queue_depth(s, s.topology.quarantine_queue) == 0
