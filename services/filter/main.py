@@ -24,6 +24,7 @@ from common.health import Heartbeat
 from common.ratelimit import RateLimiter, RateLimits, RedisCounter
 from common.redisconn import open_redis
 from common.settings import Settings
+from common.tasks import stop_task
 from common.tls import server_context
 from services.filter.backends.scanners import Scanners
 from services.filter.deferred import DeferredScanner
@@ -88,7 +89,7 @@ async def open_worker(
         if directory is None:
             client = _redis_client(settings, stack)
             cache = DirectoryCache(Directory(client, settings.redis_prefix), client)
-            stack.push_async_callback(_cancel, asyncio.create_task(cache.run()))
+            stack.push_async_callback(stop_task, asyncio.create_task(cache.run()))
             directory = cache
         if publisher is None:
             real = Publisher(
@@ -133,16 +134,10 @@ async def open_worker(
         if scanners.enabled and drain_scan_queue is not False:
             judge = spam_judge(settings, scanners) if scanners.spam is not None else None
             drainer = DeferredScanner(settings, scanners, judge, publisher, stats)
-            stack.push_async_callback(_cancel, asyncio.create_task(drainer.run()))
+            stack.push_async_callback(stop_task, asyncio.create_task(drainer.run()))
         await server.listen(settings.bind, settings.smtp_port if port is None else port)
         stack.push_async_callback(server.close, shutdown_grace(settings))
         yield FilterWorker(settings, server, stats, publisher, directory, stack, drainer)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def _redis_client(settings: Settings, stack: contextlib.AsyncExitStack) -> redis.asyncio.Redis:

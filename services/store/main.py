@@ -30,6 +30,7 @@ from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
 from common.redisconn import open_redis
 from common.settings import Settings
+from common.tasks import stop_task
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.backends.textindex import TextIndex, TextIndexer
@@ -94,20 +95,20 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         maildb.add_listener(indexer.notify)
         indexer.request_all()
         indexing = asyncio.create_task(indexer.run(), name="text-indexer")
-        stack.push_async_callback(_cancel, indexing)
+        stack.push_async_callback(stop_task, indexing)
 
         redis = open_redis(settings)
         stack.push_async_callback(redis.aclose)
         directory = Directory(redis, settings.redis_prefix)
         publisher = asyncio.create_task(_keep_directory_published(directory, accounts),
                                         name="directory-publisher")
-        stack.push_async_callback(_cancel, publisher)
+        stack.push_async_callback(stop_task, publisher)
 
         quota = QuotaPublisher(maildb, accounts, redis, settings.redis_prefix,
                                settings.default_quota)
         maildb.add_listener(quota.on_change)
         quota_task = asyncio.create_task(quota.run(), name="quota-publisher")
-        stack.push_async_callback(_cancel, quota_task)
+        stack.push_async_callback(stop_task, quota_task)
 
         if settings.learn == "rspamd":
             learning = LearningHook.from_settings(settings, maildb)
@@ -195,11 +196,3 @@ async def _close_servers(servers: list[Any]) -> None:
             await asyncio.wait_for(server.wait_closed(), 5)
 
 
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    # Asked more than once: redis-py can swallow a cancellation that lands mid-connect.
-    for _ in range(3):
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=2.0)
-        if done:
-            return
-    log.error("task %s did not stop", task.get_name())
