@@ -161,23 +161,6 @@ def resend_properties(properties: spec.Basic.Properties) -> spec.Basic.Propertie
         content_type=properties.content_type, timestamp=properties.timestamp, headers=headers)
 
 
-async def dead_letter_count(settings: Settings, connect_timeout: float = CONNECT_TIMEOUT) -> int:
-    """Messages waiting in the dead-letter queue (0 if the topology was never declared).
-
-    Raises the connection error when the broker is unreachable; the caller reports it.
-    """
-    connection = await asyncio.wait_for(aiormq.connect(settings.amqp_url), connect_timeout)
-    try:
-        channel = await connection.channel()
-        try:
-            ok = await channel.queue_declare(settings.topology.dead_queue, passive=True)
-        except aiormq.ChannelNotFoundEntity:
-            return 0
-        return int(ok.message_count or 0)
-    finally:
-        await connection.close()
-
-
 async def browse(settings: Settings, where: HeldQueue, limit: int
                  ) -> tuple[list[HeldMessage], int]:
     """Up to `limit` held messages, oldest first, and how many there are; none is taken."""

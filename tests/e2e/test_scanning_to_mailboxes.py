@@ -5,11 +5,12 @@ mailbox folders (INBOX over POP3, Junk from the store's index: IMAP comes later)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import smtplib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from common.settings import Settings
 from services.store.backends.maildb import user_path
@@ -76,6 +77,32 @@ def scanning(settings: Settings, rspamd: str, clamd: str, policy: str = "tempfai
                             clamd_address=clamd, scan_failure=policy)
 
 
+@contextlib.contextmanager
+def scanners_away(settings: Settings, run_tier: Callable[..., TierProcess], rspamd: str,
+                  clamd: str) -> Iterator[tuple[Settings, Callable[[], None]]]:
+    """A store and a filter under `defer` whose rspamd and clamd (reached through proxies)
+    do not answer; the function given with the settings brings them back."""
+    rspamd_proxy = TcpProxy(int(rspamd.rsplit(":", 1)[1]))
+    clamd_proxy = TcpProxy(int(clamd.rsplit(":", 1)[1]))
+    try:
+        s = scanning(settings, f"http://127.0.0.1:{rspamd_proxy.port}",
+                     f"127.0.0.1:{clamd_proxy.port}", policy="defer")
+        provision(s)
+        run_tier(s, "store").wait_for_port(s.pop3_port)
+        rspamd_proxy.cut()
+        clamd_proxy.cut()
+        run_tier(s, "filter").wait_for_port(s.smtp_port)
+
+        def back() -> None:
+            rspamd_proxy.start()
+            clamd_proxy.start()
+
+        yield s, back
+    finally:
+        rspamd_proxy.cut()
+        clamd_proxy.cut()
+
+
 def test_verdicts_land_in_the_right_folder_or_are_refused(
         settings: Settings, run_tier: Callable[..., TierProcess], rspamd: str,
         clamd: str) -> None:
@@ -108,17 +135,7 @@ def test_deferred_mail_stays_out_of_mailboxes_until_scanned_then_lands_once(
         clamd: str) -> None:
     """Both scanners go away (their ports close) while mail arrives under `defer`; when they
     come back, the same running filter notices by itself and drains the scan-pending queue."""
-    rspamd_proxy = TcpProxy(int(rspamd.rsplit(":", 1)[1]))
-    clamd_proxy = TcpProxy(int(clamd.rsplit(":", 1)[1]))
-    try:
-        s = scanning(settings, f"http://127.0.0.1:{rspamd_proxy.port}",
-                     f"127.0.0.1:{clamd_proxy.port}", policy="defer")
-        provision(s)
-        run_tier(s, "store").wait_for_port(s.pop3_port)
-        rspamd_proxy.cut()
-        clamd_proxy.cut()
-        run_tier(s, "filter").wait_for_port(s.smtp_port)
-
+    with scanners_away(settings, run_tier, rspamd, clamd) as (s, scanners_back):
         kinds = {"ham": (ham, 40), "gtube": (gtube, 30), "eicar": (eicar_attachment, 30)}
         sent: dict[str, set[bytes]] = {}
         for kind, (make, count) in kinds.items():
@@ -131,15 +148,11 @@ def test_deferred_mail_stays_out_of_mailboxes_until_scanned_then_lands_once(
         assert queue_depth(s) == 0
         assert folder(s, "INBOX") == [] and folder(s, "Junk") == []
 
-        rspamd_proxy.start()
-        clamd_proxy.start()
+        scanners_back()
         wait_until(lambda: queue_depth(s, s.topology.scan_queue) == 0
                    and queue_depth(s) == 0 and len(folder(s, "INBOX")) == 40
                    and len(folder(s, "Junk")) == 30, timeout=120,
                    what="every deferred message scanned and delivered")
-    finally:
-        rspamd_proxy.cut()
-        clamd_proxy.cut()
 
     inbox_ids = message_ids(folder(s, "INBOX"))
     junk_ids = message_ids(folder(s, "Junk"))
@@ -156,24 +169,11 @@ def test_an_operator_releases_a_quarantined_false_positive_into_the_mailbox(
     """Mail accepted while the scanners were away and found infected afterwards waits in
     the quarantine; `tiermail quarantine list` says what was found, and `release` (the
     operator judged it harmless) delivers it, its virus header on top, exactly once."""
-    rspamd_proxy = TcpProxy(int(rspamd.rsplit(":", 1)[1]))
-    clamd_proxy = TcpProxy(int(clamd.rsplit(":", 1)[1]))
-    try:
-        s = scanning(settings, f"http://127.0.0.1:{rspamd_proxy.port}",
-                     f"127.0.0.1:{clamd_proxy.port}", policy="defer")
-        provision(s)
-        run_tier(s, "store").wait_for_port(s.pop3_port)
-        rspamd_proxy.cut()
-        clamd_proxy.cut()
-        run_tier(s, "filter").wait_for_port(s.smtp_port)
+    with scanners_away(settings, run_tier, rspamd, clamd) as (s, scanners_back):
         send(s, "sender@example.net", [USER], eicar_attachment("e2e false positive"))
-        rspamd_proxy.start()
-        clamd_proxy.start()
+        scanners_back()
         wait_until(lambda: queue_depth(s, s.topology.quarantine_queue) == 1, timeout=120,
                    what="the deferred scan to quarantine the message")
-    finally:
-        rspamd_proxy.cut()
-        clamd_proxy.cut()
 
     listing = run_cli(s, "quarantine", "list", "--json")
     (held,) = json.loads(listing.stdout)["messages"]

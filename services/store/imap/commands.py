@@ -734,13 +734,12 @@ async def _parsed_pieces(s: Session, file: BinaryIO, size: int, selected: Select
         def parse_and_render() -> tuple[dict[str, bytes], list[f.Piece]]:
             raw = _read_all(file)
             fresh = f.derive(missing, raw) if missing else {}
-            return fresh, f.render_with_spans(
-                position + 1, info, wanted, raw, STREAM_CHUNK, extra_flags=recent,
+            return fresh, f.render_pieces(
+                position + 1, info, wanted, raw, spans_over=STREAM_CHUNK, extra_flags=recent,
                 include_uid=request.uid, include_modseq=modseq, derived={**derived, **fresh})
 
         fresh, pieces = await asyncio.to_thread(parse_and_render)
-        for name, value in fresh.items():
-            s.deps.fetch_cache.put(info.guid, name, value)
+        _remember(s.deps.fetch_cache, info.guid, fresh)
         return pieces
     finally:
         hold.release()
@@ -781,9 +780,13 @@ def _derive(cache: FetchCache, guid: str, names: tuple[str, ...], known: dict[st
             raw: bytes) -> dict[str, bytes]:
     """Compute the cacheable items missing from `known` and remember them."""
     fresh = f.derive([name for name in names if name not in known], raw)
-    for name, value in fresh.items():
-        cache.put(guid, name, value)
+    _remember(cache, guid, fresh)
     return fresh
+
+
+def _remember(cache: FetchCache, guid: str, values: dict[str, bytes]) -> None:
+    for name, value in values.items():
+        cache.put(guid, name, value)
 
 
 async def _render_metadata(s: Session, selected: SelectedMailbox, positions: list[int],

@@ -24,7 +24,6 @@ from common.topology import (
     QUARANTINE_ROUTING_KEY,
     REASON_HEADER,
 )
-from services.heldmail import dead_letter_count
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.consumer import Consumer
@@ -64,7 +63,7 @@ class Running:
         return await queue_counts(self.settings, self.settings.topology.deliver_queue)
 
     async def dead(self) -> int:
-        return await dead_letter_count(self.settings)
+        return await queue_counts(self.settings, self.settings.topology.dead_queue)
 
 
 async def _running(settings: Settings, maildb: MailDB | None = None) -> Running:

@@ -382,6 +382,6 @@ def test_spans_for_long_runs_filled_in_are_the_whole_response(
     if partial is not None:
         atts = [FetchAtt(a.name, a.section, a.peek, partial) if a.name == "BODY[]" else a
                 for a in atts]
-    pieces = fetch.render_with_spans(3, info_for(raw), atts, raw, spans_over)
+    pieces = fetch.render_pieces(3, info_for(raw), atts, raw, spans_over=spans_over)
     assert filled(pieces, raw) == fetch.render_fetch(3, info_for(raw), atts, raw)
     assert all(p.length > spans_over for p in pieces if isinstance(p, fetch.Span))

@@ -3,8 +3,9 @@
 The session resolves the sequence set, reads the stored message when `needs_body` says so,
 and calls `render_fetch` once per message; the message is parsed at most once per call. For a
 large message whose items need no parsing (`streamable`: the whole message or a partial of
-it, metadata, cached structure), `render_pieces` gives the response with `Span`s where the
-stored octets go, which the session sends from the file a chunk at a time.
+it, metadata, cached structure) or whose long runs are better sent from the file,
+`render_pieces` gives the response with `Span`s where the stored octets go, which the session
+sends from the file a chunk at a time.
 """
 
 from __future__ import annotations
@@ -261,36 +262,22 @@ def render_pieces(
     seq: int,
     info: MessageInfo,
     atts: Sequence[FetchAtt],
-    size: int,
+    stored: int | bytes,
     *,
+    spans_over: int = 0,
     extra_flags: frozenset[str] = frozenset(),
     include_uid: bool = False,
     include_modseq: bool = False,
     derived: Mapping[str, bytes] | None = None,
 ) -> list[Piece]:
-    """The response `render_fetch` gives, for a stored message of `size` octets that is not
-    read: a Span stands for each range of its octets. Only for `streamable` items."""
-    return _merged(_pieces(seq, info, atts, _Unread(size), extra_flags, include_uid,
+    """The response `render_fetch` gives, with Spans where octets of the stored message go,
+    so that the caller sends them from the file. `stored` is the message's size when it was
+    not read (only for `streamable` items: every run is a Span), or the message itself (a
+    run longer than `spans_over`, such as a large part or its TEXT, is a Span, and the
+    caller can let the message go)."""
+    message = _Unread(stored) if isinstance(stored, int) else _Message(stored, spans_over)
+    return _merged(_pieces(seq, info, atts, message, extra_flags, include_uid,
                            include_modseq, derived or {}))
-
-
-def render_with_spans(
-    seq: int,
-    info: MessageInfo,
-    atts: Sequence[FetchAtt],
-    raw: bytes,
-    spans_over: int,
-    *,
-    extra_flags: frozenset[str] = frozenset(),
-    include_uid: bool = False,
-    include_modseq: bool = False,
-    derived: Mapping[str, bytes] | None = None,
-) -> list[Piece]:
-    """The response `render_fetch` gives, with every run of the message's octets longer than
-    `spans_over` (a large part, its TEXT) as a Span: the caller can let the message go and
-    send those runs from the stored file."""
-    return _merged(_pieces(seq, info, atts, _Message(raw, spans_over), extra_flags,
-                           include_uid, include_modseq, derived or {}))
 
 
 def _pieces(seq: int, info: MessageInfo, atts: Sequence[FetchAtt], message: _Message,
