@@ -14,6 +14,8 @@
 #   spamassassin     the alternative spam scanner: rules (spamassassin), daemon (spamd) and
 #   spamd spamc      client (spamc) are three packages in Debian 12
 #   isync            mbsync, the real IMAP sync client of the IMAP integration tests
+#   interimap        a real QRESYNC client (two accounts kept in step) for the IMAP tests
+#   fetchmail        a real POP3 and IMAP retrieval client for the POP3 and IMAP tests
 #   dovecot-imapd    the reference IMAP server of bench/imap_bench.py (never a system service)
 #   dovecot-pop3d    the reference POP3 server of bench/pop3_compare.py (the same)
 #
@@ -28,7 +30,7 @@ set -euo pipefail
 
 PACKAGES=(openssl swaks postfix rabbitmq-server redis-server
           rspamd clamav-daemon clamdscan spamassassin spamd spamc
-          isync dovecot-imapd dovecot-pop3d)
+          isync interimap fetchmail dovecot-imapd dovecot-pop3d)
 RABBITMQ_PORT=5672
 REDIS_PORT=6379
 STARTUP_TIMEOUT=60

@@ -360,3 +360,16 @@ def fill(disk: Path) -> Path:
                 while True:
                     file.write(chunk)
     return ballast
+
+
+def require_client(path: str, package: str) -> str:
+    """A real mail client from a Debian package that `make install` installs: its path, or a
+    skip naming the install step (a failure under CI=true, where a missing install step must
+    fail the run)."""
+    if Path(path).exists():
+        return path
+    message = f"{Path(path).name} is not installed (Debian package {package}); " \
+              f"`make install` installs it"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

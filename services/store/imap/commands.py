@@ -520,10 +520,22 @@ async def expunge(s: Session, c: Command) -> r.Reply:
     else:
         candidates = selected.infos
     uids = [info.uid for info in candidates if DELETED in info.flags]
-    if uids:
-        await s.store.expunge(s.logged_in_user, selected.name, uids,
-                              uidvalidity=selected.uidvalidity)
+    if uids and await s.store.expunge(s.logged_in_user, selected.name, uids,
+                                      uidvalidity=selected.uidvalidity):
+        return await _after_removal(s, r.OK_DONE)
     return r.OK_DONE  # the EXPUNGE (or VANISHED) responses come from the sync that follows
+
+
+async def _after_removal(s: Session, reply: r.Reply) -> r.Reply:
+    """RFC 7162 3.2.7 and 3.2.9, RFC 6851 4.4: once EXPUNGE, UID EXPUNGE or MOVE removed a
+    message, a QRESYNC client gets the mailbox's new HIGHESTMODSEQ in the tagged OK and takes
+    it as how far it is in step (RFC 7162 6), so everything up to it is announced first.
+    Without the code it keeps the MODSEQ of the last FETCH it saw, and its next SELECT
+    (QRESYNC ...) is told again about the messages it removed itself."""
+    if not s.enabled.qresync:
+        return reply
+    await s.sync(allow_expunge=True)
+    return reply.with_code(f"HIGHESTMODSEQ {s.mailbox.highestmodseq}")
 
 
 async def fetch(s: Session, c: Command) -> r.Reply:
@@ -948,7 +960,7 @@ async def copy(s: Session, c: Command) -> r.Reply:
     if move:
         # RFC 6851 4.3: COPYUID goes in an untagged OK before the EXPUNGE responses.
         await s.send(r.Reply("OK", "Moved", code).untagged())
-        return r.OK_DONE
+        return await _after_removal(s, r.OK_DONE)
     return r.Reply("OK", "COPY completed", code)
 
 

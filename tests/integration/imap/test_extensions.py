@@ -292,6 +292,54 @@ async def test_qresync_select_reports_vanished_earlier(server: Server, deliver: 
     await in_thread(dialog)
 
 
+async def test_qresync_removals_end_with_the_new_highestmodseq(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """RFC 7162 3.2.7/3.2.9 and RFC 6851 4.4: EXPUNGE, UID EXPUNGE and MOVE that removed
+    something tell a QRESYNC client the mailbox's new HIGHESTMODSEQ in the tagged OK; a
+    resync from that value has nothing left to report. CLOSE must not (3.2.8), and without
+    QRESYNC the code stays out."""
+    await fill(deliver, 6)
+    uids = await uids_of(maildb)
+    uidvalidity = (await maildb.status(ALICE)).uidvalidity
+    await maildb.create_mailbox(ALICE, "Archive/2026")
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("ENABLE QRESYNC")
+        raw.ok("SELECT INBOX")
+        raw.ok(f"UID STORE {uids[0]} +FLAGS.SILENT (\\Deleted)")
+        removals = [raw.ok("EXPUNGE")]
+        raw.ok(f"UID STORE {uids[1]} +FLAGS.SILENT (\\Deleted)")
+        removals += [raw.ok(f"UID EXPUNGE {uids[1]}:{uids[2]}"),
+                     raw.ok(f"UID MOVE {uids[2]} Archive/2026")]
+        nothing_removed = raw.ok(f"UID EXPUNGE {uids[3]}")  # not \Deleted: stays
+        highest = 0
+        for removal in removals:
+            code = removal.code.split()
+            assert code[0] == b"HIGHESTMODSEQ" and int(code[1]) > highest, removal
+            highest = int(code[1])
+        assert nothing_removed.code == b""
+        raw.ok(f"UID STORE {uids[4]} +FLAGS.SILENT (\\Deleted)")
+        assert raw.ok("CLOSE").code == b""
+        raw.close()
+
+        again = server.raw(ALICE)
+        status = again.ok("STATUS INBOX (HIGHESTMODSEQ)").lines(b"STATUS")[0]
+        assert int(re.search(rb"HIGHESTMODSEQ (\d+)", status)[1]) > highest  # CLOSE's
+        again.ok("ENABLE QRESYNC")
+        reply = again.ok(f"SELECT INBOX (QRESYNC ({uidvalidity} {highest}))")
+        assert reply.lines(b"VANISHED") == [f"* VANISHED (EARLIER) {uids[4]}".encode()]
+        again.close()
+
+        plain = server.raw(ALICE)
+        plain.ok("SELECT INBOX")
+        plain.ok(f"UID STORE {uids[5]} +FLAGS.SILENT (\\Deleted)")
+        assert plain.ok("EXPUNGE").code == b""
+        plain.close()
+
+    await in_thread(dialog)
+
+
 # ESEARCH (RFC 4731), SORT and THREAD (RFC 5256)
 
 

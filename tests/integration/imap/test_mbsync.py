@@ -8,9 +8,7 @@ LOGIN or PLAIN, and keeps its sync state inside the local Maildir (SyncState *).
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +18,9 @@ import pytest
 from services.store.backends.maildb import MailDB
 from tests.integration.imap.clients import message, message_id_of
 from tests.integration.imap.conftest import ALICE, USERS, Deliver, ImapStack
+from tests.support import require_client
 
-MBSYNC = shutil.which("mbsync") or "/usr/bin/mbsync"
+MBSYNC = "/usr/bin/mbsync"
 MAILDIR_NAME = re.compile(r"^(?P<base>[^:]+)(?::2,(?P<flags>[A-Za-z]*))?$")
 IMAP_FLAG = {"S": "\\Seen", "F": "\\Flagged", "R": "\\Answered", "D": "\\Draft",
              "T": "\\Deleted"}
@@ -30,14 +29,7 @@ IMAP_FLAG = {"S": "\\Seen", "F": "\\Flagged", "R": "\\Answered", "D": "\\Draft",
 
 @pytest.fixture(autouse=True)
 def _mbsync_installed() -> None:
-    """`make install` installs isync; without it these tests skip with the reason, except
-    under CI=true, where a missing install step must fail the run."""
-    if Path(MBSYNC).exists():
-        return
-    message = "isync (mbsync) is not installed; `make install` installs it"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    require_client(MBSYNC, "isync")
 
 
 @dataclass(frozen=True)
