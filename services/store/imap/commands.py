@@ -674,13 +674,15 @@ async def _fetch_batch(s: Session, out: _Output, selected: SelectedMailbox, batc
 
 
 def _response_args(s: Session, selected: SelectedMailbox, position: int, request: _BodyFetch
-                   ) -> tuple[tuple[FetchAtt, ...], frozenset[str], bool]:
-    """One message's items, session flags and whether MODSEQ goes with them."""
+                   ) -> tuple[tuple[FetchAtt, ...], frozenset[str], bool, bool]:
+    """One message's items, session flags and whether UID and MODSEQ go with them."""
     just_seen = selected.info(position).uid in request.seen_set
-    # RFC 3501 6.4.5: when \Seen was just set, the response carries the new FLAGS.
+    # RFC 3501 6.4.5: when \Seen was just set, the response carries the new FLAGS, and
+    # RFC 7162 3.2.4: for a CONDSTORE session with UID and MODSEQ.
     wanted = request.with_flags if just_seen else request.atts
     recent = frozenset({"\\Recent"}) if selected.is_recent(position) else frozenset()
-    return wanted, recent, request.modseq or (s.enabled.condstore and just_seen)
+    changed = s.enabled.condstore and just_seen
+    return wanted, recent, request.uid or changed, request.modseq or changed
 
 
 async def _send_read(s: Session, out: _Output, selected: SelectedMailbox, position: int,
@@ -693,9 +695,9 @@ async def _send_read(s: Session, out: _Output, selected: SelectedMailbox, positi
     info = selected.info(position)
     if raw is not None and len(derived) < len(names):
         derived.update(_derive(s.deps.fetch_cache, info.guid, names, derived, raw))
-    wanted, recent, modseq = _response_args(s, selected, position, request)
+    wanted, recent, uid, modseq = _response_args(s, selected, position, request)
     await out.write(f.render_fetch(position + 1, info, wanted, raw, extra_flags=recent,
-                                   include_uid=request.uid, include_modseq=modseq,
+                                   include_uid=uid, include_modseq=modseq,
                                    derived=derived))
     return True
 
@@ -717,9 +719,9 @@ async def _send_large(s: Session, out: _Output, selected: SelectedMailbox, posit
     try:
         size = file.seek(0, io.SEEK_END)
         if f.streamable(request.atts, derived):
-            wanted, recent, modseq = _response_args(s, selected, position, request)
+            wanted, recent, uid, modseq = _response_args(s, selected, position, request)
             pieces = f.render_pieces(position + 1, info, wanted, size, extra_flags=recent,
-                                     include_uid=request.uid, include_modseq=modseq,
+                                     include_uid=uid, include_modseq=modseq,
                                      derived=derived)
         else:
             pieces = await _parsed_pieces(s, file, size, selected, position, derived, request)
@@ -741,14 +743,14 @@ async def _parsed_pieces(s: Session, file: BinaryIO, size: int, selected: Select
     try:
         info = selected.info(position)
         missing = [name for name in request.names if name not in derived]
-        wanted, recent, modseq = _response_args(s, selected, position, request)
+        wanted, recent, uid, modseq = _response_args(s, selected, position, request)
 
         def parse_and_render() -> tuple[dict[str, bytes], list[f.Piece]]:
             raw = _read_all(file)
             fresh = f.derive(missing, raw) if missing else {}
             return fresh, f.render_pieces(
                 position + 1, info, wanted, raw, spans_over=STREAM_CHUNK, extra_flags=recent,
-                include_uid=request.uid, include_modseq=modseq, derived={**derived, **fresh})
+                include_uid=uid, include_modseq=modseq, derived={**derived, **fresh})
 
         fresh, pieces = await asyncio.to_thread(parse_and_render)
         _remember(s.deps.fetch_cache, info.guid, fresh)
@@ -909,12 +911,13 @@ async def store(s: Session, c: Command) -> r.Reply:
         uid = selected.info(position).uid
         if uid in modified:
             continue
+        # RFC 7162 3.2.4: a CONDSTORE session gets UID and MODSEQ in every FETCH response
         if not args.silent:
-            lines.append(selected.flags_fetch(position, uid=c.uid or s.enabled.qresync,
+            lines.append(selected.flags_fetch(position, uid=c.uid or condstore,
                                               modseq=condstore))
-        elif uid in changed and (condstore or args.unchangedsince is not None):
+        elif uid in changed and condstore:
             # RFC 7162 3.1.3: even .SILENT reports the new MODSEQ of changed messages.
-            lines.append(_modseq_fetch(selected, position, uid=c.uid))
+            lines.append(_modseq_fetch(selected, position))
     await _send_batched(s, lines)
     if modified:
         numbers = modified if c.uid else {
@@ -924,10 +927,10 @@ async def store(s: Session, c: Command) -> r.Reply:
     return r.OK_DONE
 
 
-def _modseq_fetch(selected: SelectedMailbox, position: int, *, uid: bool) -> bytes:
+def _modseq_fetch(selected: SelectedMailbox, position: int) -> bytes:
     info = selected.info(position)
-    uid_item = b"UID %d " % info.uid if uid else b""
-    return wire.untagged(b"%d FETCH (%sMODSEQ (%d))" % (position + 1, uid_item, info.modseq))
+    return wire.untagged(b"%d FETCH (UID %d MODSEQ (%d))" % (position + 1, info.uid,
+                                                              info.modseq))
 
 
 async def copy(s: Session, c: Command) -> r.Reply:

@@ -266,7 +266,8 @@ class SelectedMailbox:
             position = self.position_of(uid)
             if position is None:
                 continue
-            lines.append(self.flags_fetch(position, uid=qresync, modseq=condstore))
+            # RFC 7162 3.2.4: UID and MODSEQ once CONDSTORE (QRESYNC implies it) is on
+            lines.append(self.flags_fetch(position, uid=condstore or qresync, modseq=condstore))
         self._flag_updates.clear()
         return lines
 

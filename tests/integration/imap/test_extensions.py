@@ -255,6 +255,41 @@ async def test_condstore_modseq_changedsince_unchangedsince(server: Server, deli
     assert max(modseqs) == status.highestmodseq
 
 
+async def test_condstore_session_gets_uid_and_modseq_in_every_fetch_response(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """RFC 7162 3.2.4: once CONDSTORE is enabled, FETCH responses from STORE, from a FETCH
+    that set \\Seen and from another session's change carry UID and MODSEQ; a FETCH that
+    asked for neither and set nothing does not; a session without CONDSTORE sees neither."""
+    await fill(deliver, 3)
+    uids = await uids_of(maildb)
+
+    def dialog() -> None:
+        raw, other, plain = server.raw(ALICE), server.raw(ALICE), server.raw(ALICE)
+        raw.ok("ENABLE CONDSTORE")
+        for session in (raw, other, plain):
+            session.ok("SELECT INBOX")
+
+        def uid_and_modseq(reply_lines: list[tuple[Any, ...]]) -> list[tuple[int, bool]]:
+            return [(attrs(e).get(b"UID"), b"MODSEQ" in attrs(e)) for e in reply_lines]
+
+        stored = raw.ok("STORE 1 +FLAGS (\\Answered)").parsed(b"FETCH")
+        assert uid_and_modseq(stored) == [(uids[0], True)]
+        read = b"".join(raw.ok("FETCH 2 BODY[]").lines(b"FETCH"))  # sets \Seen
+        assert re.match(rb"\* 2 FETCH \(UID %d MODSEQ \(\d+\) " % uids[1], read), read
+        assert read.endswith(b" FLAGS (\\Recent \\Seen))"), read
+        assert uid_and_modseq(raw.ok("FETCH 3 (FLAGS)").parsed(b"FETCH")) == [(None, False)]
+
+        other.ok("STORE 3 +FLAGS.SILENT (\\Flagged)")
+        assert uid_and_modseq(raw.ok("NOOP").parsed(b"FETCH")) == [(uids[2], True)]
+        assert uid_and_modseq(plain.ok("NOOP").parsed(b"FETCH")) == [(None, False)] * 3
+        assert uid_and_modseq(plain.ok("STORE 1 -FLAGS (\\Answered)").parsed(b"FETCH")) == [
+            (None, False)]
+        for session in (raw, other, plain):
+            session.close()
+
+    await in_thread(dialog)
+
+
 # QRESYNC (RFC 7162 section 3.2)
 
 
