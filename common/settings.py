@@ -116,6 +116,10 @@ class Settings:
     # Before LOGIN: RFC 9051 5.4 leaves the pre-authentication timer to the server, so that
     # connections that never log in cannot hold the connection slots for 30 minutes.
     imap_login_timeout: float = 60.0
+    # During IDLE, "* OK Still here" this often: NAT gateways and stateful firewalls drop a
+    # connection silent for a few minutes (carrier NATs for phones especially), and the
+    # client would not learn of new mail until it re-issues IDLE. Seconds; 0: never.
+    imap_idle_keepalive: float = 120.0
     imap_max_literal: int = 50 * MIB  # APPEND and other literals larger than this: refused
     # Literals arriving at once on all IMAP connections of the store; one more gets
     # NO [UNAVAILABLE] (a slowly sent literal holds its memory as long as it takes).

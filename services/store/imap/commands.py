@@ -439,13 +439,16 @@ async def idle(s: Session, c: Command) -> r.Reply:
     user = s.logged_in_user
     reader = asyncio.ensure_future(s.channel.read_line())
     waiter: asyncio.Future[int] | None = None
+    keepalive = _Keepalive(s.config.idle_keepalive)
     try:
         while True:
             await s.sync(allow_expunge=True)
+            if keepalive.due():
+                await s.send(r.OK_STILL_HERE.untagged())
             await s.channel.flush()  # the reader waits for DONE: nothing else would send it
             version = s.selected.version if s.selected is not None else s.store.version(user)
             waiter = asyncio.ensure_future(
-                s.store.wait_change(user, version, s.config.idle_poll))
+                s.store.wait_change(user, version, keepalive.wait(s.config.idle_poll)))
             await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if reader.done():
                 break
@@ -457,6 +460,27 @@ async def idle(s: Session, c: Command) -> r.Reply:
     if not isinstance(line, bytes) or line.strip().upper() != b"DONE":
         return r.BAD_IDLE_DONE
     return r.OK_IDLE_DONE
+
+
+class _Keepalive:
+    """When IDLE next owes the client a line that keeps idle-dropping middleboxes open."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._loop = asyncio.get_running_loop()
+        self._next = self._loop.time() + interval
+
+    def due(self) -> bool:
+        if not self._interval or self._loop.time() < self._next:
+            return False
+        self._next = self._loop.time() + self._interval
+        return True
+
+    def wait(self, poll: float) -> float:
+        """How long IDLE may wait for a change before it has to look again."""
+        if not self._interval:
+            return poll
+        return max(0.0, min(poll, self._next - self._loop.time()))
 
 
 async def getquotaroot(s: Session, c: Command) -> r.Reply:

@@ -57,6 +57,7 @@ BYE_STARTTLS_PIPELINED = Reply("BYE", "Command pipelined after STARTTLS")
 
 # Generic completions
 OK_DONE = Reply("OK", "Completed")
+OK_STILL_HERE = Reply("OK", "Still here")  # an IDLE keepalive
 OK_LOGOUT = Reply("OK", "LOGOUT completed")
 OK_LOGGED_IN = Reply("OK", "Logged in")
 OK_BEGIN_TLS = Reply("OK", "Begin TLS negotiation now")

@@ -223,6 +223,7 @@ class ImapListener:
             max_errors=settings.imap_max_errors,
             append_limit=settings.imap_max_literal,
             default_quota=settings.default_quota,
+            idle_keepalive=settings.imap_idle_keepalive,
         )
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from imapclient.exceptions import IMAPClientError
 
+from common.settings import Settings
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from tests.integration.imap.clients import (
@@ -22,7 +23,7 @@ from tests.integration.imap.clients import (
     message,
     numbers,
 )
-from tests.integration.imap.conftest import ALICE, Deliver, ImapStack
+from tests.integration.imap.conftest import ALICE, Deliver, ImapStack, StartImap
 
 
 @pytest.fixture
@@ -82,6 +83,35 @@ async def test_idle_reports_delivery_append_flags_and_expunge(
         idler.logout()
 
     await in_thread(other_session)
+
+
+async def test_idle_sends_keepalives_between_changes(
+        start_imap: StartImap, settings: Settings, deliver: Deliver) -> None:
+    """A quiet IDLE still writes `* OK Still here` every imap_idle_keepalive seconds (NAT
+    gateways drop silent connections), and changes still come through between them."""
+    server = Server.of(await start_imap(settings.replace(imap_idle_keepalive=0.2)))
+    idler = await in_thread(lambda: server.client(ALICE))
+
+    def start() -> None:
+        idler.select_folder("INBOX")
+        idler.idle()
+
+    def still_here(seen: list[Any]) -> int:
+        return sum(1 for r in seen if r == (b"OK", b"Still here"))
+
+    await in_thread(start)
+    seen = await in_thread(lambda: collect_idle(idler, lambda s: still_here(s) >= 2))
+    await deliver(ALICE, message("between keepalives"))
+    seen += await in_thread(lambda: collect_idle(
+        idler, lambda s: bool(numbers(s, b"EXISTS")) and still_here(s) >= 1))
+    assert numbers(seen, b"EXISTS") == [1]
+
+    def done() -> None:
+        text, _ = idler.idle_done()
+        assert text.startswith(b"IDLE")  # the tagged OK
+        idler.logout()
+
+    await in_thread(done)
 
 
 async def test_idle_in_other_mailbox_is_quiet_and_done_ends_it(
