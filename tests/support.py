@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -373,3 +375,55 @@ def require_client(path: str, package: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+class PrivateBroker:
+    """A RabbitMQ node of the test's own (its own node name, ports and data directory), for
+    tests that kill the broker itself: the machine's broker, which every other test uses, is
+    never touched. Debian's rabbitmq-server runs the node as the rabbitmq user, who cannot
+    enter pytest's root-only temporary directories: the node's directory is a temporary
+    directory of its own, handed to that user and removed by `stop`."""
+
+    def __init__(self) -> None:
+        self.root = root = Path(tempfile.mkdtemp(prefix="tiermail-rabbitmq-"))
+        shutil.chown(root, "rabbitmq", "rabbitmq")
+        self.port, dist_port = free_port(), free_port()
+        self.node = f"tiermail-test-{self.port}@localhost"
+        self._env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(dist_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(root / "log"),
+            "RABBITMQ_PID_FILE": str(root / "pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq"),
+        }
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def start(self, timeout: float = 90.0) -> None:
+        subprocess.run(["rabbitmq-server", "-detached"], env=self._env, check=True,
+                       capture_output=True, timeout=timeout)
+        wait_until(lambda: port_open("127.0.0.1", self.port), timeout=timeout,
+                   interval=0.2, what=f"RabbitMQ node {self.node} (logs in {self.root / 'log'})")
+        subprocess.run(["rabbitmqctl", "-q", "-n", self.node, "await_startup"], env=self._env,
+                       check=True, capture_output=True, timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the node's Erlang VM: a crash, nothing flushed or closed."""
+        pid = int((self.root / "pid").read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not port_open("127.0.0.1", self.port), what="the killed broker")
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "pid").unlink()
+
+    def stop(self) -> None:
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            self.kill()
+        shutil.rmtree(self.root, ignore_errors=True)

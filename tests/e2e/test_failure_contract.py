@@ -19,7 +19,7 @@ from imapclient import IMAPClient
 
 from common.settings import Settings
 from tests.e2e.test_inbound_spine import PASSWORD, provision
-from tests.support import TcpProxy, TierProcess, queue_depth, wait_until
+from tests.support import PrivateBroker, TcpProxy, TierProcess, queue_depth, wait_until
 
 MESSAGE_ID = re.compile(rb"Message-ID: (<[^>]+>)")
 USER = "alice@example.org"
@@ -158,6 +158,34 @@ def test_broker_link_cut_mid_publish_gives_451_and_loses_nothing(
     finally:
         proxy.cut()
     assert_ledger_holds(settings, ledger)
+
+
+def test_broker_killed_mid_traffic_keeps_every_accepted_message(
+        settings: Settings, run_tier: Callable[..., TierProcess],
+        senders: Callable[[int], tuple[Ledger, threading.Event]]) -> None:
+    """A 250 means the broker has the message on disk: its Erlang VM SIGKILLed while four
+    clients send (publishes unconfirmed, deliveries unacked), then restarted; every message
+    that got 250 reaches the mailbox once, and the tiers reconnect on their own."""
+    broker = PrivateBroker()
+    broker.start()
+    try:
+        own = settings.replace(amqp_url=broker.url, publish_timeout=5.0)
+        provision(own)
+        run_tier(own, "store").wait_for_port(own.pop3_port)
+        run_tier(own, "filter").wait_for_port(own.smtp_port)
+        ledger, stop = senders(own.smtp_port)
+        wait_until(lambda: len(ledger.accepted) >= 150, timeout=60, what="traffic before the kill")
+        broker.kill()
+        wait_until(lambda: ledger.count(451) >= 20, timeout=60, what="451 replies while down")
+        accepted_while_down = len(ledger.accepted)
+        broker.start()
+        wait_until(lambda: len(ledger.accepted) >= accepted_while_down + 150, timeout=120,
+                   what="the filter to reconnect on its own")
+        stop.set()
+        time.sleep(0.5)  # let in-flight transactions finish; the ledger is the judge, not time
+        assert_ledger_holds(own, ledger)
+    finally:
+        broker.stop()
 
 
 # Redis down (ARCHITECTURE.md, failure contract): RCPT cannot be checked, so the filter answers
