@@ -134,6 +134,21 @@ def test_filter_killed_mid_traffic_loses_no_accepted_message(
     assert_ledger_holds(settings, ledger)
 
 
+def ride_out(ledger: Ledger, stop: threading.Event, fault: Callable[[], None],
+             recover: Callable[[], None]) -> None:
+    """Traffic, the fault, 451 replies while it lasts, the cause removed, traffic again (the
+    filter reconnects on its own), then the senders stopped."""
+    wait_until(lambda: len(ledger.accepted) >= 150, timeout=60, what="traffic before the fault")
+    fault()
+    wait_until(lambda: ledger.count(451) >= 20, timeout=60, what="451 replies during the fault")
+    accepted_during_fault = len(ledger.accepted)
+    recover()
+    wait_until(lambda: len(ledger.accepted) >= accepted_during_fault + 150, timeout=120,
+               what="the filter to reconnect on its own")
+    stop.set()
+    time.sleep(0.5)  # let in-flight transactions finish; the ledger is the judge, not time
+
+
 def test_broker_link_cut_mid_publish_gives_451_and_loses_nothing(
         settings: Settings, run_tier: Callable[..., TierProcess],
         senders: Callable[[int], tuple[Ledger, threading.Event]]) -> None:
@@ -146,15 +161,7 @@ def test_broker_link_cut_mid_publish_gives_451_and_loses_nothing(
     run_tier(through_proxy, "filter").wait_for_port(settings.smtp_port)
     ledger, stop = senders(settings.smtp_port)
     try:
-        wait_until(lambda: len(ledger.accepted) >= 150, timeout=60, what="traffic before the cut")
-        proxy.cut()
-        wait_until(lambda: ledger.count(451) >= 20, timeout=60, what="451 replies while cut")
-        accepted_while_cut = len(ledger.accepted)
-        proxy.start()
-        wait_until(lambda: len(ledger.accepted) >= accepted_while_cut + 150, timeout=60,
-                   what="the filter to reconnect on its own")
-        stop.set()
-        time.sleep(0.5)
+        ride_out(ledger, stop, fault=proxy.cut, recover=proxy.start)
     finally:
         proxy.cut()
     assert_ledger_holds(settings, ledger)
@@ -174,15 +181,7 @@ def test_broker_killed_mid_traffic_keeps_every_accepted_message(
         run_tier(own, "store").wait_for_port(own.pop3_port)
         run_tier(own, "filter").wait_for_port(own.smtp_port)
         ledger, stop = senders(own.smtp_port)
-        wait_until(lambda: len(ledger.accepted) >= 150, timeout=60, what="traffic before the kill")
-        broker.kill()
-        wait_until(lambda: ledger.count(451) >= 20, timeout=60, what="451 replies while down")
-        accepted_while_down = len(ledger.accepted)
-        broker.start()
-        wait_until(lambda: len(ledger.accepted) >= accepted_while_down + 150, timeout=120,
-                   what="the filter to reconnect on its own")
-        stop.set()
-        time.sleep(0.5)  # let in-flight transactions finish; the ledger is the judge, not time
+        ride_out(ledger, stop, fault=broker.kill, recover=broker.start)
         assert_ledger_holds(own, ledger)
     finally:
         broker.stop()
