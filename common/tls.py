@@ -6,7 +6,7 @@ import ssl
 import subprocess
 from pathlib import Path
 
-from common.settings import Settings
+from common.settings import Settings, SettingsError
 
 
 def ensure_dev_certificate(cert: Path, key: Path, hostname: str) -> bool:
@@ -34,11 +34,23 @@ def ensure_dev_certificate(cert: Path, key: Path, hostname: str) -> bool:
 
 
 def server_context(settings: Settings) -> ssl.SSLContext | None:
-    """The server-side context, or None when no certificate is configured or present."""
+    """The server-side context, or None when no certificate is configured and none is at
+    the default place (development: the tiers then run without TLS and say so). A
+    certificate or key that was configured but is missing or unusable is a SettingsError:
+    a mistyped path must stop the start, not quietly turn TLS off."""
     cert, key = settings.tls_cert_path, settings.tls_key_path
-    if not (cert.exists() and key.exists()):
+    configured = bool(settings.tls_cert or settings.tls_key)
+    missing = [str(path) for path in (cert, key) if not path.exists()]
+    if missing and not configured:
         return None
+    if missing:
+        raise SettingsError(f"TIERMAIL_TLS_CERT / TIERMAIL_TLS_KEY: {', '.join(missing)}: "
+                            f"no such file")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(cert), str(key))
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise SettingsError(f"TIERMAIL_TLS_CERT={cert} / TIERMAIL_TLS_KEY={key}: "
+                            f"not a usable certificate and key: {exc}") from None
     return context

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,7 @@ async def open_worker(
     also drains the scan-pending queue (services/filter/deferred.py) unless
     `drain_scan_queue` is False. Rate limits are counted in Redis unless `rate_limits` is given.
     """
+    tls_context = _tls_context(settings)  # a configured but unusable certificate: stop here
     async with contextlib.AsyncExitStack() as stack:
         client: redis.asyncio.Redis | None = None
         if directory is None:
@@ -123,7 +125,7 @@ async def open_worker(
             publisher=publisher,
             rules=rules,
             stats=stats,
-            tls_context=server_context(settings),
+            tls_context=tls_context,
             rate_limits=rate_limits,
         )
         if client is not None:
@@ -138,6 +140,14 @@ async def open_worker(
         await server.listen(settings.bind, settings.smtp_port if port is None else port)
         stack.push_async_callback(server.close, shutdown_grace(settings))
         yield FilterWorker(settings, server, stats, publisher, directory, stack, drainer)
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    context = server_context(settings)
+    if context is None:
+        log.warning("no TLS certificate at %s: STARTTLS not offered", settings.tls_cert_path,
+                    extra={"event": "no-tls"})
+    return context
 
 
 def _redis_client(settings: Settings, stack: contextlib.AsyncExitStack) -> redis.asyncio.Redis:

@@ -31,6 +31,7 @@ from common.health import Heartbeat
 from common.redisconn import open_redis
 from common.settings import Settings
 from common.tasks import stop_task
+from common.tls import server_context
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.backends.textindex import TextIndex, TextIndexer
@@ -76,6 +77,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     raise_open_file_limit(settings.imap_max_connections + settings.pop3_max_connections,
                           "TIERMAIL_IMAP_MAX_CONNECTIONS + TIERMAIL_POP3_MAX_CONNECTIONS",
                           reserve=STORE_FILES)
+    server_context(settings)  # a configured but unusable certificate stops the start here
 
     async with AsyncExitStack() as stack:
         accounts = AccountDB.for_store(settings.store_dir)

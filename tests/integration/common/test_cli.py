@@ -113,3 +113,14 @@ def test_held_mail_commands_with_a_prefix_no_tier_uses_create_nothing(
     assert tiermail(mistyped, "quarantine", "release", "--all").returncode == 1
     assert "tiermial" not in rabbitmqctl("list_queues", "-p", amqp_vhost, "name")
     assert "tiermial" not in rabbitmqctl("list_exchanges", "-p", amqp_vhost, "name")
+
+
+def test_a_mistyped_certificate_path_stops_every_tier_with_one_line(settings: Settings) -> None:
+    """TIERMAIL_TLS_CERT naming no file: the tier exits at once with the reason, instead of
+    running without TLS (the filter would offer no STARTTLS; IMAPS and POP3S stay shut)."""
+    wrong = settings.replace(tls_cert=str(settings.data_dir / "tls" / "cert.pme"))
+    for tier in ("filter", "store"):
+        done = tiermail(wrong, tier)
+        assert done.returncode == 2, (tier, done.stderr)
+        assert done.stderr.startswith("tiermail: bad setting: TIERMAIL_TLS_CERT"), done.stderr
+        assert "cert.pme: no such file" in done.stderr

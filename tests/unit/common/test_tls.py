@@ -1,0 +1,42 @@
+"""Which TLS the tiers run with: a configured certificate that is missing or unusable stops
+the start with a clear error; none configured and none at the default place means no TLS."""
+
+from pathlib import Path
+
+import pytest
+
+from common.settings import Settings, SettingsError
+from common.tls import server_context
+
+
+def test_no_certificate_anywhere_means_no_tls(tmp_path: Path) -> None:
+    assert server_context(Settings(data_dir=tmp_path)) is None
+
+
+def test_the_default_place_is_used(tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "cert.pem").write_bytes(cert.read_bytes())
+    (tmp_path / "tls" / "key.pem").write_bytes(key.read_bytes())
+    assert server_context(Settings(data_dir=tmp_path)) is not None
+
+
+def test_a_configured_certificate_that_is_missing_stops_the_start(
+        tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    typo = tmp_path / "cert.pme"
+    with pytest.raises(SettingsError, match=str(typo)):
+        server_context(Settings(data_dir=tmp_path, tls_cert=str(typo), tls_key=str(key)))
+    with pytest.raises(SettingsError, match="key.pem"):
+        server_context(Settings(data_dir=tmp_path, tls_cert=str(cert)))  # key: default place
+
+
+def test_a_configured_certificate_that_cannot_be_loaded_stops_the_start(
+        tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    garbage = tmp_path / "cert.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(SettingsError, match="not a usable certificate"):
+        server_context(Settings(data_dir=tmp_path, tls_cert=str(garbage), tls_key=str(key)))
+    with pytest.raises(SettingsError, match="not a usable certificate"):  # key of another cert
+        server_context(Settings(data_dir=tmp_path, tls_cert=str(cert), tls_key=str(garbage)))
