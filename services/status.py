@@ -107,7 +107,7 @@ def format_status(report: dict[str, Any]) -> str:
         if queue is None:
             continue
         if not queue["declared"]:
-            lines.append(f"  {queue['queue']}: not declared yet (no tier has started)")
+            lines.append(f"  {queue['queue']}: not declared yet (nothing that uses it has started)")
         else:
             lines.append(f"  {queue['queue']}: {queue['messages']} messages, "
                          f"{queue['consumers']} consumers")
