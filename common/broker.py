@@ -17,7 +17,7 @@ import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
 
 from common.envelope import Envelope
-from common.topology import DELIVER_ROUTING_KEY, Topology, message_properties
+from common.topology import DELIVER_ROUTING_KEY, Topology, delivery_route, message_properties
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ class Publisher:
 
     async def publish(self, envelope: Envelope, body: bytes,
                       routing_key: str = DELIVER_ROUTING_KEY) -> None:
+        """Publish and wait for the broker's confirm. DELIVER_ROUTING_KEY means "to the
+        store": the body's size picks the delivery queue (common.topology.delivery_route)."""
+        if routing_key == DELIVER_ROUTING_KEY:
+            routing_key = delivery_route(len(body))
         channel = await self._ready_channel()
         try:
             # aiormq's Channel takes `wait`; its abstract interface does not declare it.

@@ -6,8 +6,14 @@ accept mail before the store has ever run, and the store can start before any fi
     filter --publish(persistent, mandatory, confirmed)--> <prefix>.inbound (direct exchange)
         --"deliver"--> <prefix>.deliver  (quorum queue, delivery-limit, at-least-once DLX)
                            \\--dead-lettered--> <prefix>.dead (fanout) --> <prefix>.deliver.dead
+        --"deliver-large"--> <prefix>.deliver.large  (the same, for messages over 1 MiB)
         --"scan"--> <prefix>.scan  (accepted while a scanner was down; scanned, then routed on)
         --"quarantine"--> <prefix>.quarantine  (infected, found by a deferred scan)
+
+Messages over LARGE_MESSAGE octets travel in a queue of their own, which the store consumes
+only LARGE_PREFETCH at a time: the broker can bound a consumer's unacknowledged messages only by
+count, so with one queue a run of large mail would put store_prefetch (64) times the largest
+message size (25 MiB) into the store's memory at once.
 
 Quorum queues persist every message to disk before the publisher confirm and survive broker
 restarts. Past `delivery_limit` redeliveries (a poison message, or a store that crashes on it
@@ -33,6 +39,9 @@ ENVELOPE_HEADER = "x-tiermail-envelope"
 REASON_HEADER = "x-tiermail-reason"
 MAILBOXES_HEADER = "x-tiermail-mailboxes"
 DELIVER_ROUTING_KEY = "deliver"
+LARGE_DELIVER_ROUTING_KEY = "deliver-large"
+LARGE_MESSAGE = 1024 * 1024  # octets; a larger message goes to the large delivery queue
+LARGE_PREFETCH = 2  # large messages the store holds unacknowledged at once
 SCAN_ROUTING_KEY = "scan"  # accepted while a scanner was down (policy `defer`), not yet scanned
 QUARANTINE_ROUTING_KEY = "quarantine"  # found infected after acceptance (deferred scans)
 PERSISTENT = 2
@@ -58,6 +67,10 @@ class Topology:
     @property
     def deliver_queue(self) -> str:
         return f"{self.prefix}.deliver"
+
+    @property
+    def large_queue(self) -> str:
+        return f"{self.prefix}.deliver.large"
 
     @property
     def dead_queue(self) -> str:
@@ -100,6 +113,11 @@ class Topology:
         )
         await channel.queue_bind(self.deliver_queue, self.inbound_exchange, DELIVER_ROUTING_KEY)
         await channel.queue_declare(
+            self.large_queue, durable=True, arguments=self.deliver_queue_arguments()
+        )
+        await channel.queue_bind(self.large_queue, self.inbound_exchange,
+                                 LARGE_DELIVER_ROUTING_KEY)
+        await channel.queue_declare(
             self.scan_queue, durable=True, arguments=self.scan_queue_arguments()
         )
         await channel.queue_bind(self.scan_queue, self.inbound_exchange, SCAN_ROUTING_KEY)
@@ -113,6 +131,11 @@ class Topology:
             self.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
         )
         await channel.queue_bind(self.dead_queue, self.dead_exchange, "")
+
+
+def delivery_route(size: int) -> str:
+    """The routing key that takes a message of `size` octets to the store."""
+    return LARGE_DELIVER_ROUTING_KEY if size > LARGE_MESSAGE else DELIVER_ROUTING_KEY
 
 
 def message_properties(envelope: Envelope) -> Basic.Properties:

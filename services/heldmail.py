@@ -33,10 +33,10 @@ from pamqp import commands as spec
 from common.envelope import EnvelopeError
 from common.settings import Settings
 from common.topology import (
-    DELIVER_ROUTING_KEY,
     MAILBOXES_HEADER,
     REASON_HEADER,
     Topology,
+    delivery_route,
     envelope_from_properties,
 )
 from services.filter.protocol.scan_headers import NOT_SCANNED_HEADER, VIRUS_HEADER
@@ -228,7 +228,8 @@ async def _one_pass(settings: Settings, where: HeldQueue,
             if resend:
                 await asyncio.gather(*(channel.basic_publish(
                     message.body, exchange=topology.inbound_exchange,
-                    routing_key=DELIVER_ROUTING_KEY, mandatory=True, timeout=CONFIRM_TIMEOUT,
+                    routing_key=delivery_route(len(message.body)), mandatory=True,
+                    timeout=CONFIRM_TIMEOUT,
                     properties=resend_properties(message.header.properties))
                     for message, _ in window))
             for message, _ in window:  # after the confirms: each one is on the delivery route

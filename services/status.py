@@ -61,7 +61,8 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
         return status
     status["reachable"] = True
     try:
-        queues = (("deliver", topology.deliver_queue), ("scan", topology.scan_queue),
+        queues = (("deliver", topology.deliver_queue), ("large", topology.large_queue),
+                  ("scan", topology.scan_queue),
                   ("quarantine", topology.quarantine_queue), ("dead", topology.dead_queue),
                   ("learn", topology.learn_queue))
         for key, queue in queues:
@@ -102,7 +103,7 @@ def format_status(report: dict[str, Any]) -> str:
     lines += [f"  ! {problem}" for problem in report["problems"]]
     broker = report["broker"]
     lines.append(f"broker: {'up' if broker['reachable'] else 'DOWN ' + broker.get('error', '')}")
-    for key in ("deliver", "scan", "quarantine", "dead", "learn"):
+    for key in ("deliver", "large", "scan", "quarantine", "dead", "learn"):
         queue = broker.get(key)
         if queue is None:
             continue

@@ -92,8 +92,13 @@ async def _queue_counts(settings: Settings, queue: str) -> tuple[int, int]:
 
 
 def queue_depth(settings: Settings, queue: str | None = None) -> int:
-    """Exact message count of a queue (passive declare; rabbitmqctl's figures lag)."""
-    return asyncio.run(_queue_counts(settings, queue or settings.topology.deliver_queue))[0]
+    """Exact message count of a queue (passive declare; rabbitmqctl's figures lag); without
+    `queue`, of both delivery queues (a message over 1 MiB travels in the large one)."""
+    if queue is not None:
+        return asyncio.run(_queue_counts(settings, queue))[0]
+    topology = settings.topology
+    return sum(asyncio.run(_queue_counts(settings, q))[0]
+               for q in (topology.deliver_queue, topology.large_queue))
 
 
 async def _delete_queues(settings: Settings) -> None:
@@ -101,8 +106,8 @@ async def _delete_queues(settings: Settings) -> None:
     connection = await aiormq.connect(settings.amqp_url)
     try:
         channel = await connection.channel()
-        for queue in (topology.deliver_queue, topology.scan_queue, topology.quarantine_queue,
-                      topology.dead_queue):
+        for queue in (topology.deliver_queue, topology.large_queue, topology.scan_queue,
+                      topology.quarantine_queue, topology.dead_queue):
             await channel.queue_delete(queue)
     finally:
         await connection.close()

@@ -37,6 +37,7 @@ from common.directory import normalize_address
 from common.envelope import Envelope, EnvelopeError
 from common.settings import Settings
 from common.topology import (
+    LARGE_PREFETCH,
     MAILBOXES_HEADER,
     PERSISTENT,
     REASON_HEADER,
@@ -137,24 +138,31 @@ class Consumer:
         try:
             publisher = await connection.channel(publisher_confirms=True,
                                                  on_return_raises=True)
-            await channel.basic_qos(prefetch_count=self._settings.store_prefetch)
             inbox: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
 
             async def on_message(message: DeliveredMessage) -> None:
                 inbox.put_nowait(message)
                 self._more.set()
 
-            ok = await channel.basic_consume(self._topology.deliver_queue, on_message,
-                                             no_ack=False)
+            # One channel, so that delivery tags stay in order across both queues (a batch's
+            # `multiple` ack covers exactly the messages before it). Each consumer gets the
+            # prefetch set before it starts (basic.qos without `global` is per consumer).
+            consumer_tags = []
+            for queue, prefetch in ((self._topology.deliver_queue, self._settings.store_prefetch),
+                                    (self._topology.large_queue, LARGE_PREFETCH)):
+                await channel.basic_qos(prefetch_count=prefetch)
+                ok = await channel.basic_consume(queue, on_message, no_ack=False)
+                consumer_tags.append(ok.consumer_tag)
             self.stats.consumer_connected = True
             self.stats.connections += 1
             self.consuming.set()
-            log.info("consuming %s", self._topology.deliver_queue,
-                     extra={"event": "amqp-connected"})
+            log.info("consuming %s and %s", self._topology.deliver_queue,
+                     self._topology.large_queue, extra={"event": "amqp-connected"})
             await self._loop(connection, channel, publisher, inbox)
-            if not channel.is_closed and ok.consumer_tag:
-                with contextlib.suppress(Exception):
-                    await channel.basic_cancel(ok.consumer_tag, timeout=5)
+            for tag in consumer_tags:
+                if not channel.is_closed and tag:
+                    with contextlib.suppress(Exception):
+                        await channel.basic_cancel(tag, timeout=5)
         finally:
             # Anything still unacked (prefetched, not yet stored) goes back to the queue.
             with contextlib.suppress(Exception):

@@ -79,25 +79,35 @@ async def amqp_channel(settings: Settings) -> AsyncIterator[Any]:
         await connection.close()
 
 
+def delivery_queues(settings: Settings) -> tuple[str, str]:
+    """Where the filter puts mail for the store: messages over 1 MiB in the second."""
+    return settings.topology.deliver_queue, settings.topology.large_queue
+
+
 async def drain_queue(settings: Settings) -> list[Queued]:
-    """Take every message out of the deliver queue (they are in it: 250 came after confirm)."""
+    """Take every message out of the delivery queues (they are in them: 250 came after the
+    confirm), the deliver queue's first."""
     found: list[Queued] = []
     async with amqp_channel(settings) as channel:
-        while True:
-            message = await channel.basic_get(settings.topology.deliver_queue, no_ack=True)
-            if not isinstance(message.delivery, Basic.GetOk):
-                break  # Basic.GetEmpty
-            envelope = envelope_from_properties(message.header.properties)
-            found.append(Queued(bytes(message.body), envelope))
-            if not message.delivery.message_count:
-                break
+        for queue in delivery_queues(settings):
+            while True:
+                message = await channel.basic_get(queue, no_ack=True)
+                if not isinstance(message.delivery, Basic.GetOk):
+                    break  # Basic.GetEmpty
+                envelope = envelope_from_properties(message.header.properties)
+                found.append(Queued(bytes(message.body), envelope))
+                if not message.delivery.message_count:
+                    break
     return found
 
 
 async def queue_depth(settings: Settings) -> int:
     async with amqp_channel(settings) as channel:
-        ok = await channel.queue_declare(settings.topology.deliver_queue, passive=True)
-        return int(ok.message_count or 0)
+        depth = 0
+        for queue in delivery_queues(settings):
+            ok = await channel.queue_declare(queue, passive=True)
+            depth += int(ok.message_count or 0)
+        return depth
 
 
 def connect(port: int, timeout: float = 30.0) -> smtplib.SMTP:

@@ -19,6 +19,8 @@ from common.settings import Settings
 from common.topology import (
     DELIVER_ROUTING_KEY,
     ENVELOPE_HEADER,
+    LARGE_MESSAGE,
+    LARGE_PREFETCH,
     MAILBOXES_HEADER,
     PERSISTENT,
     QUARANTINE_ROUTING_KEY,
@@ -191,6 +193,49 @@ async def test_storage_failure_requeues_then_dead_letters(settings: Settings) ->
         assert set(seen) == {e.queue_id for e, _ in good}
         assert all(count == 1 for count in seen.values())
     finally:
+        await store.stop()
+        await maildb.close()
+
+
+class GatedMailDB(MailDB):
+    """A real MailDB whose writes wait until `gate` is set: the consumer holds what the
+    broker has handed it, unacknowledged, for as long as the test likes."""
+
+    gate: asyncio.Event
+
+    async def deliver_uids(self, deliveries: list[Delivery]) -> list[int | None]:
+        await self.gate.wait()
+        return await super().deliver_uids(deliveries)
+
+
+async def test_large_messages_are_held_only_a_few_at_a_time(settings: Settings) -> None:
+    """The store's memory for mail in hand: up to store_prefetch messages of at most 1 MiB,
+    and LARGE_PREFETCH larger ones (their own queue), not store_prefetch x 25 MiB."""
+    add_users(settings, [ALICE])
+    maildb = GatedMailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    maildb.gate = asyncio.Event()
+    small = [make_message(ALICE) for _ in range(20)]
+    large = [make_message(ALICE, padding=LARGE_MESSAGE + 1000) for _ in range(6)]
+    await publish_all(settings, [*small, *large])
+    topology = settings.topology
+    assert await queue_counts(settings, topology.large_queue) == len(large)
+    store = await _running(settings, maildb)
+    try:
+        await wait_for(lambda: _zero(queue_counts(settings, topology.deliver_queue)),
+                       what="every small message handed to the store")
+        await wait_for(lambda: _eq(queue_counts(settings, topology.large_queue),
+                                   len(large) - LARGE_PREFETCH),
+                       what=f"{LARGE_PREFETCH} large messages handed to the store")
+        assert await queue_counts(settings, topology.large_queue) == len(large) - LARGE_PREFETCH
+        maildb.gate.set()
+        await wait_for(lambda: _zero(store.depth()), what="both queues drained")
+        await wait_for(lambda: _zero(queue_counts(settings, topology.large_queue)),
+                       what="the large queue drained")
+        seen = check_mailboxes(settings.store_dir, [ALICE])
+        assert set(seen) == {e.queue_id for e, _ in small + large}
+        assert all(count == 1 for count in seen.values())
+    finally:
+        maildb.gate.set()
         await store.stop()
         await maildb.close()
 
@@ -384,10 +429,10 @@ async def test_dead_letters_are_listed_then_retried_once_the_account_exists(
         store: Running) -> None:
     """`tiermail deadletters list` shows what is there and takes nothing; after the missing
     account is created, `retry --all` delivers each copy to the mailbox that lacked it and
-    none twice to a mailbox that had it."""
+    none twice to a mailbox that had it; a large one (its own delivery queue) as well."""
     ghost = "ghost@example.test"
     mixed = make_message(ALICE, ghost)
-    only_ghost = make_message(ghost)
+    only_ghost = make_message(ghost, padding=LARGE_MESSAGE + 1000)
     await publish_all(store.settings, [mixed, only_ghost])
     await wait_for(lambda: _eq(store.dead(), 2), what="two dead-letter copies")
 

@@ -7,7 +7,15 @@ from hypothesis import strategies as st
 
 from common.envelope import Envelope, EnvelopeError, Recipient
 from common.ids import new_queue_id
-from common.topology import Topology, envelope_from_properties, message_properties
+from common.topology import (
+    DELIVER_ROUTING_KEY,
+    LARGE_DELIVER_ROUTING_KEY,
+    LARGE_MESSAGE,
+    Topology,
+    delivery_route,
+    envelope_from_properties,
+    message_properties,
+)
 
 
 def make(**changes: object) -> Envelope:
@@ -77,3 +85,9 @@ def test_topology_dead_letters_at_least_once() -> None:
     assert args["x-dead-letter-exchange"] == "p.dead"
     assert args["x-dead-letter-strategy"] == "at-least-once"
     assert args["x-overflow"] == "reject-publish"
+
+
+def test_messages_over_a_mebibyte_take_the_large_delivery_queue() -> None:
+    assert delivery_route(1) == delivery_route(LARGE_MESSAGE) == DELIVER_ROUTING_KEY
+    assert delivery_route(LARGE_MESSAGE + 1) == LARGE_DELIVER_ROUTING_KEY
+    assert Topology(prefix="p").large_queue == "p.deliver.large"
