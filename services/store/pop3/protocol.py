@@ -104,6 +104,7 @@ def err(text: str, code: str | None = None) -> Reply:
 # Named replies; tests import these.
 OK_GREETING = ok("tiermail POP3 server ready")
 OK_CAPA = ok("capability list follows")
+OK_AUTH_LIST = ok("SASL mechanisms follow")
 OK_USER = ok("send PASS")
 OK_LOGGED_IN = ok("{user} has {count} messages ({octets} octets)")
 OK_STAT = ok("{count} {octets}")

@@ -339,6 +339,11 @@ class Session:
         return await self._login(address, command.rest)
 
     async def cmd_auth(self, command: p.Command) -> Response:
+        if not command.args:
+            # Not in RFC 5034, but what clients of the RFC 1734 era send to learn the
+            # mechanisms (as SASL in CAPA tells newer ones), and what other servers answer.
+            return Response(p.format_multiline(p.OK_AUTH_LIST,
+                                               ["PLAIN"] if self._plaintext_ok else []))
         if command.args[0].upper() != "PLAIN":
             return Response(p.ERR_AUTH_MECHANISM.encode())
         if not self._plaintext_ok:
@@ -444,7 +449,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "CAPA": CommandSpec(Session.cmd_capa, _BOTH),
     "USER": CommandSpec(Session.cmd_user, _AUTH, 1, 1),
     "PASS": CommandSpec(Session.cmd_pass, _AUTH, 1, p.MAX_COMMAND_LINE),
-    "AUTH": CommandSpec(Session.cmd_auth, _AUTH, 1, 2),
+    "AUTH": CommandSpec(Session.cmd_auth, _AUTH, 0, 2),
     "STLS": CommandSpec(Session.cmd_stls, _AUTH),
     "STAT": CommandSpec(Session.cmd_stat, _TRANS),
     "LIST": CommandSpec(Session.cmd_list, _TRANS, 0, 1),

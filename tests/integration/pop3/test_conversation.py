@@ -20,7 +20,7 @@ from services.store.mailbox import INBOX, MailStore, MessageInfo, StorageError
 from services.store.pop3 import protocol as p
 from services.store.pop3.session import MAX_BAD_COMMANDS
 from tests.integration.pop3.conftest import ALICE, BOB, USERS, Pop3Stack, StartPop3
-from tests.support import eventually, fill, tmpfs
+from tests.support import eventually, fill, free_port, tmpfs
 from tests.unit.pop3.fakes import FakeMailStore
 
 MSG1 = (b"From: carol@example.org\r\nTo: alice@example.test\r\nSubject: one\r\n\r\n"
@@ -146,6 +146,25 @@ async def test_auth_plain_initial_response_and_continuation(pop3: Pop3Stack) -> 
     assert (await raw.send(plain(ALICE, ALICE, USERS[ALICE]) + b"\r\n")).startswith(b"+OK")
     assert (await raw.send(b"STAT\r\n")) == b"+OK 0 0\r\n"
     await raw.send(b"QUIT\r\n")
+    await raw.close()
+
+
+async def test_auth_without_a_mechanism_lists_them(pop3: Pop3Stack,
+                                                    start_pop3: StartPop3) -> None:
+    """`AUTH` alone, as RFC 1734-era clients ask: the mechanisms usable now, then login."""
+    raw = await Raw.open(pop3.port)
+    assert await raw.send(b"AUTH\r\n") == p.OK_AUTH_LIST.encode()
+    assert await raw.multiline() == b"PLAIN\r\n.\r\n"
+    assert (await raw.send(b"AUTH PLAIN " + plain("", ALICE, USERS[ALICE]) + b"\r\n")
+            ).startswith(b"+OK")
+    assert await raw.send(b"AUTH\r\n") == p.ERR_WRONG_STATE.encode()
+    await raw.close()
+
+    no_plaintext = await start_pop3(pop3.store, pop3.settings.replace(
+        allow_plaintext_auth=False, pop3_port=free_port(), pop3s_port=free_port()))
+    raw = await Raw.open(no_plaintext.port)
+    assert await raw.send(b"AUTH\r\n") == p.OK_AUTH_LIST.encode()
+    assert await raw.line() == b".\r\n"  # nothing before STLS
     await raw.close()
 
 
