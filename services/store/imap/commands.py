@@ -35,6 +35,7 @@ from services.store.imap.protocol.command import (
     Append,
     Authenticate,
     Command,
+    Compress,
     CopyMove,
     Enable,
     Fetch,
@@ -165,6 +166,19 @@ async def starttls(s: Session, c: Command) -> r.Reply | None:
         s.state = State.LOGOUT
     else:
         s.tls_started()
+    return None
+
+
+async def compress(s: Session, c: Command) -> r.Reply | None:
+    """RFC 4978: DEFLATE from right after the tagged OK, both ways, for the rest of the
+    connection (under TLS when TLS is on: compressed first, then encrypted)."""
+    if cast(Compress, c.args).mechanism != "DEFLATE":
+        return r.BAD_COMPRESS_MECHANISM
+    if s.compressed:
+        return r.BAD_COMPRESS_ACTIVE
+    if not await s.channel.start_compression(r.OK_COMPRESS.tagged(c.tag)):
+        return r.BAD_COMPRESS_PIPELINED
+    s.compressed = True
     return None
 
 
@@ -1219,6 +1233,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "LOGIN": CommandSpec(login, _NOT_AUTH),
     "AUTHENTICATE": CommandSpec(authenticate, _NOT_AUTH),
     "ENABLE": CommandSpec(enable, _ENABLE),
+    "COMPRESS": CommandSpec(compress, _AUTH),
     "SELECT": CommandSpec(select, _AUTH, cost=Cost.LONG),
     "EXAMINE": CommandSpec(select, _AUTH, cost=Cost.LONG),
     "CREATE": CommandSpec(create, _AUTH),

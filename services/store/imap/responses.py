@@ -58,6 +58,12 @@ BYE_STARTTLS_PIPELINED = Reply("BYE", "Command pipelined after STARTTLS")
 # Generic completions
 OK_DONE = Reply("OK", "Completed")
 OK_STILL_HERE = Reply("OK", "Still here")  # an IDLE keepalive
+
+# COMPRESS (RFC 4978)
+OK_COMPRESS = Reply("OK", "DEFLATE active")
+BAD_COMPRESS_MECHANISM = Reply("BAD", "Only COMPRESS DEFLATE is supported")
+BAD_COMPRESS_ACTIVE = Reply("BAD", "DEFLATE is already active")
+BAD_COMPRESS_PIPELINED = Reply("BAD", "Wait for the reply to COMPRESS before sending more")
 OK_LOGOUT = Reply("OK", "LOGOUT completed")
 OK_LOGGED_IN = Reply("OK", "Logged in")
 OK_BEGIN_TLS = Reply("OK", "Begin TLS negotiation now")

@@ -18,6 +18,8 @@ import dataclasses
 import logging
 import secrets
 import ssl
+import zlib
+from typing import Any
 
 from common.budget import MemoryBudget
 from common.ratelimit import parse_networks
@@ -54,6 +56,10 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024  # octets asked of the socket per read
 FLUSH_AT = 64 * 1024  # queued response octets that are sent without waiting for the end
+# COMPRESS=DEFLATE (RFC 4978): level 1 spends little of the event loop's time (RFC 4978 4
+# suggests 1-5); client data is inflated at most this much at a time.
+DEFLATE_LEVEL = 1
+INFLATE_CHUNK = 64 * 1024
 # Literals before login carry a user name or password (LOGIN) or an ID parameter: the
 # APPEND-sized limit (50 MiB by default) would let every connection that never logs in make
 # the store hold that much memory.
@@ -118,6 +124,8 @@ class Connection:
         self._context = context
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._deflate: Any = None  # zlib objects once COMPRESS DEFLATE is active
+        self._inflate: Any = None
         peername = writer.get_extra_info("peername")
         self.peer_ip = peername[0] if isinstance(peername, tuple) else str(peername)
         self.peer = peer_of(writer)
@@ -146,6 +154,9 @@ class Connection:
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_size = 0
+        if self._deflate is not None:
+            # RFC 4978 4: a sync flush per send, so the client can decode all it was sent.
+            data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
         try:
             self.writer.write(data)
             if self.writer.transport.get_write_buffer_size() == 0:
@@ -166,6 +177,9 @@ class Connection:
         """Feed the parser the next bytes from the client (what is queued for it goes out
         first: it may be what the client waits for)."""
         await self.flush()
+        if self._inflate is not None and self._inflate.unconsumed_tail:
+            self.parser.feed(self._inflated(self._inflate.unconsumed_tail))
+            return
         try:
             async with asyncio.timeout(self._timeout):
                 data = await self.reader.read(READ_CHUNK)
@@ -175,7 +189,16 @@ class Connection:
             raise Disconnect("lost") from exc
         if not data:
             raise Disconnect("eof")
-        self.parser.feed(data)
+        self.parser.feed(data if self._inflate is None else self._inflated(data))
+
+    def _inflated(self, data: bytes) -> bytes:
+        # At most INFLATE_CHUNK octets at a time: a few compressed octets can stand for
+        # gigabytes, and the parser's line and literal limits must see them before they
+        # are all in memory (the rest waits in unconsumed_tail).
+        try:
+            return bytes(self._inflate.decompress(data, INFLATE_CHUNK))
+        except zlib.error as exc:
+            raise Disconnect("compression") from exc
 
     async def read_line(self) -> bytes | Refused:
         while True:
@@ -200,6 +223,19 @@ class Connection:
                                         ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
             raise Disconnect("tls") from exc
+        return True
+
+
+    async def start_compression(self, reply: bytes) -> bool:
+        """RFC 4978: send `reply` (the tagged OK) as it is, then compress both ways. False,
+        and nothing changed, when the client sent more behind COMPRESS (it must wait for the
+        reply: what it sent could be either)."""
+        if self.parser.buffered or _buffered(self.reader):
+            return False
+        await self.write(reply)
+        await self.flush()
+        self._deflate = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
+        self._inflate = zlib.decompressobj(-15)
         return True
 
 

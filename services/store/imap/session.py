@@ -117,6 +117,11 @@ class Channel(Protocol):
         """Write `reply` and start TLS at once; False when the connection must close."""
         ...
 
+    async def start_compression(self, reply: bytes) -> bool:
+        """Write `reply`, then compress both ways (RFC 4978); False, nothing changed, when
+        the client pipelined more behind COMPRESS."""
+        ...
+
     def logged_in(self) -> None:
         """The client has authenticated: the idle timer becomes the autologout timer
         (settings.imap_timeout) instead of the shorter one before login, and literals may be
@@ -142,6 +147,7 @@ class Session:
         self.session_id = session_id
         self.peer = peer
         self.tls_active = tls_active
+        self.compressed = False  # COMPRESS DEFLATE active (RFC 4978)
         self.state = State.NOT_AUTHENTICATED
         self.user: str | None = None
         self.selected: SelectedMailbox | None = None
@@ -309,6 +315,8 @@ class Session:
                  "SPECIAL-USE", "CREATE-SPECIAL-USE", "CONDSTORE", "QRESYNC", "ESEARCH",
                  "SORT", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "QUOTA",
                  "QUOTA=RES-STORAGE", f"APPENDLIMIT={self.config.append_limit}"]
+        if self.state is not State.NOT_AUTHENTICATED:
+            caps.append("COMPRESS=DEFLATE")  # a command of the authenticated state
         return caps
 
     def capability_code(self) -> str:

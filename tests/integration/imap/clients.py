@@ -15,6 +15,7 @@ import socket
 import ssl
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,8 @@ class Raw:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
+        self.deflate: Any = None  # zlib objects once COMPRESS DEFLATE is on (RFC 4978)
+        self.inflate: Any = None
         self.tags = (f"r{n}" for n in range(1, 1_000_000))
         self.greeting = self.response()
 
@@ -131,7 +134,17 @@ class Raw:
         assert not self.buffer, "server sent data after the STARTTLS reply"
         self.sock = unverified().wrap_socket(self.sock, server_hostname="mx.test.invalid")
 
+    def compress(self) -> Reply:
+        """COMPRESS DEFLATE; from its OK on, everything both ways is deflated."""
+        reply = self.ok("COMPRESS DEFLATE")
+        assert not self.buffer, "server sent data after the COMPRESS reply"
+        self.deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self.inflate = zlib.decompressobj(-15)
+        return reply
+
     def send(self, data: bytes) -> None:
+        if self.deflate is not None:
+            data = self.deflate.compress(data) + self.deflate.flush(zlib.Z_SYNC_FLUSH)
         self.sock.sendall(data)
 
     def _fill(self) -> bool:
@@ -141,7 +154,7 @@ class Raw:
             # The server closed after its BYE while we were still sending: our unread data
             # turned its close into a reset. For the reader that is the end of the stream.
             return False
-        self.buffer += chunk
+        self.buffer += chunk if self.inflate is None else self.inflate.decompress(chunk)
         return bool(chunk)
 
     def line(self) -> bytes:

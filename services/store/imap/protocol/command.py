@@ -202,6 +202,13 @@ class Enable:
 
 
 @dataclass(frozen=True)
+class Compress:
+    """COMPRESS (RFC 4978): the mechanism, upper case."""
+
+    mechanism: str
+
+
+@dataclass(frozen=True)
 class Id:
     params: dict[str, str | None] | None = field(default=None, hash=False)
 

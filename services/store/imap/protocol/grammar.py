@@ -1,10 +1,10 @@
 """IMAP command grammar (RFC 3501 section 9 and extensions): RawCommand -> typed Command. Pure.
 
 Extensions parsed here: SASL-IR (RFC 4959), LITERAL+ (RFC 7888), UNSELECT (RFC 3691), IDLE
-(RFC 2177), ENABLE (RFC 5161), ID (RFC 2971), NAMESPACE (RFC 2342), QUOTA (RFC 9208),
-CONDSTORE/QRESYNC (RFC 7162), LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), SPECIAL-USE
-(RFC 6154), MOVE (RFC 6851), UIDPLUS's UID EXPUNGE (RFC 4315), ESEARCH (RFC 4731), SORT and
-THREAD (RFC 5256), ESORT's RETURN (RFC 5267).
+(RFC 2177), ENABLE (RFC 5161), COMPRESS (RFC 4978), ID (RFC 2971), NAMESPACE (RFC 2342),
+QUOTA (RFC 9208), CONDSTORE/QRESYNC (RFC 7162), LIST-EXTENDED (RFC 5258), LIST-STATUS
+(RFC 5819), SPECIAL-USE (RFC 6154), MOVE (RFC 6851), UIDPLUS's UID EXPUNGE (RFC 4315), ESEARCH
+(RFC 4731), SORT and THREAD (RFC 5256), ESORT's RETURN (RFC 5267).
 
 `parse_command` never raises: a malformed command becomes `ParseError(tag, text)` with a short
 text the session sends after `tag BAD`. Not supported (ParseError): literal8 / BINARY
@@ -25,6 +25,7 @@ from services.store.imap.protocol.command import (
     Append,
     Authenticate,
     Command,
+    Compress,
     CopyMove,
     Enable,
     Fetch,
@@ -895,6 +896,11 @@ def _enable(c: Cursor, uid: bool) -> Enable:
     return Enable(tuple(capabilities))
 
 
+def _compress(c: Cursor, uid: bool) -> Compress:
+    c.sp()
+    return Compress(c.keyword("a compression mechanism"))
+
+
 def _id(c: Cursor, uid: bool) -> Id:
     c.sp()
     if c.is_word(b"NIL"):
@@ -944,6 +950,7 @@ COMMANDS: dict[str, Handler] = {
     "SORT": _sort,
     "THREAD": _thread,
     "ENABLE": _enable,
+    "COMPRESS": _compress,
     "ID": _id,
     "GETQUOTA": _getquota,
 }
