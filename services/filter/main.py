@@ -86,6 +86,11 @@ async def open_worker(
     `drain_scan_queue` is False. Rate limits are counted in Redis unless `rate_limits` is given.
     """
     tls_context = _tls_context(settings)  # a configured but unusable certificate: stop here
+    if not settings.postmaster:
+        log.warning("TIERMAIL_POSTMASTER is not set: a bare RCPT TO:<postmaster> is refused, "
+                    "and postmaster@ a domain only where that address exists (RFC 5321 4.5.1 "
+                    "wants both accepted); see docs/operations.md, 'The postmaster'",
+                    extra={"event": "no-postmaster"})
     async with contextlib.AsyncExitStack() as stack:
         client: redis.asyncio.Redis | None = None
         if directory is None:
