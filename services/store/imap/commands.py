@@ -1022,22 +1022,30 @@ async def search_(s: Session, c: Command) -> r.Reply:
         return r.NO_BADCHARSET
     selected = s.mailbox
     positions = await _search_positions(s, selected, args.key)
-    uses_modseq = args.key.contains("MODSEQ")
-    if uses_modseq:
-        s.enabled.condstore = True
+    modseq = _highest_modseq_found(s, args.key, positions)
     numbers = [selected.info(p).uid if c.uid else p + 1 for p in positions]
-    highest = max((selected.info(p).modseq for p in positions), default=0)
     if args.return_options is None:
-        line = b"SEARCH"
-        if numbers:
-            line += b" " + wire.number_list(numbers)
-            if uses_modseq:
-                line += b" (MODSEQ %d)" % highest
-        await s.send(wire.untagged(line))
+        await s.send(wire.untagged(_numbers_response(b"SEARCH", numbers, modseq)))
         return r.OK_DONE
-    await s.send(_esearch(c, args.return_options, numbers,
-                          highest if uses_modseq and numbers else None))
+    await s.send(_esearch(c, args.return_options, numbers, modseq))
     return r.OK_DONE
+
+
+def _highest_modseq_found(s: Session, key: SearchKey, positions: list[int]) -> int | None:
+    """RFC 7162 3.1.5 and 3.1.9: a SEARCH or SORT with a MODSEQ criterion (which enables
+    CONDSTORE) that found something reports the highest MODSEQ of what it found."""
+    if not key.contains("MODSEQ"):
+        return None
+    s.enabled.condstore = True
+    return max((s.mailbox.info(p).modseq for p in positions), default=None)
+
+
+def _numbers_response(name: bytes, numbers: list[int], modseq: int | None) -> bytes:
+    """`SEARCH 2 5 7 (MODSEQ 917)`, `SORT 7 2 5`, or the bare name when nothing matched."""
+    if not numbers:
+        return name
+    line = name + b" " + wire.number_list(numbers)
+    return line + b" (MODSEQ %d)" % modseq if modseq is not None else line
 
 
 async def _search_positions(s: Session, selected: SelectedMailbox, key: SearchKey,
@@ -1087,8 +1095,8 @@ async def sort_(s: Session, c: Command) -> r.Reply:
     except BadSortCriteria:
         return r.Reply("BAD", "Unknown sort criteria")
     numbers = [selected.info(p).uid if c.uid else p + 1 for p in ordered]
-    line = b"SORT" + (b" " + wire.number_list(numbers) if numbers else b"")
-    await s.send(wire.untagged(line))
+    modseq = _highest_modseq_found(s, args.key, ordered)
+    await s.send(wire.untagged(_numbers_response(b"SORT", numbers, modseq)))
     return r.OK_DONE
 
 

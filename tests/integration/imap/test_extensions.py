@@ -458,6 +458,20 @@ async def test_sort(server: Server, deliver: Deliver, maildb: MailDB) -> None:
             client.sort(["NONSENSE"])
         client.logout()
 
+        # RFC 7162 3.1.9: a SORT with a MODSEQ criterion that found something ends with the
+        # highest MODSEQ of what it returns, as SEARCH does
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        raw.ok(f"UID STORE {uids[1]} +FLAGS.SILENT (\\Flagged)")
+        flagged = raw.ok(f"UID FETCH {uids[1]} (MODSEQ)").parsed(b"FETCH")
+        changed = attrs(flagged[0])[b"MODSEQ"][0]
+        sorted_ = raw.ok(f"SORT (DATE) UTF-8 MODSEQ {changed}").lines(b"SORT")
+        assert sorted_ == [b"* SORT 2 (MODSEQ %d)" % changed]
+        searched = raw.ok(f"SEARCH MODSEQ {changed}").lines(b"SEARCH")
+        assert searched == [b"* SEARCH 2 (MODSEQ %d)" % changed]
+        assert raw.ok(f"SORT (DATE) UTF-8 MODSEQ {changed + 1}").lines(b"SORT") == [b"* SORT"]
+        raw.close()
+
     await in_thread(dialog)
 
 
