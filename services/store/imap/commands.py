@@ -49,6 +49,7 @@ from services.store.imap.protocol.command import (
     Search,
     SearchKey,
     Select,
+    SequenceSet,
     Sort,
     Status,
     Store,
@@ -56,7 +57,7 @@ from services.store.imap.protocol.command import (
     UidExpunge,
 )
 from services.store.imap.protocol.grammar import known_charset
-from services.store.imap.protocol.sequence import contains
+from services.store.imap.protocol.sequence import contains, listed
 from services.store.imap.search import (
     HEADER_BREAKS,
     MessageView,
@@ -264,8 +265,9 @@ async def _qresync(s: Session, selected: SelectedMailbox, args: Select) -> None:
     changes = await s.store.changes_since(s.logged_in_user, selected.name, params.modseq)
     known = params.known_uids
     largest = max(selected.uidnext - 1, 1)
-    vanished = [uid for uid in changes.expunged
-                if known is None or contains(known, uid, largest)]
+    known_through = _expunges_known_through(selected, params.seq_match)
+    vanished = [uid for uid in changes.expunged if uid > known_through
+                and (known is None or contains(known, uid, largest))]
     if vanished:
         await s.send(wire.untagged(b"VANISHED (EARLIER) " + format_uids(sorted(vanished))))
     lines = []
@@ -274,6 +276,21 @@ async def _qresync(s: Session, selected: SelectedMailbox, args: Select) -> None:
         if position is not None and info.modseq > params.modseq:
             lines.append(selected.flags_fetch(position, uid=True, modseq=True))
     await _send_batched(s, lines)
+
+
+def _expunges_known_through(selected: SelectedMailbox,
+                            seq_match: tuple[SequenceSet, SequenceSet] | None) -> int:
+    """RFC 7162 3.2.5.2: the client's (sequence number, UID) pairs, in ascending order; while
+    they still hold in the mailbox, the client has seen every expunge up to that UID, and
+    VANISHED (EARLIER) leaves those out. 0: no pair holds (or none given)."""
+    if seq_match is None:
+        return 0
+    through = 0
+    for seq, uid in zip(listed(seq_match[0]), listed(seq_match[1]), strict=False):
+        if not 1 <= seq <= selected.count or selected.info(seq - 1).uid != uid:
+            break
+        through = uid
+    return through
 
 
 async def create(s: Session, c: Command) -> r.Reply:

@@ -357,6 +357,34 @@ async def test_qresync_select_reports_vanished_earlier(server: Server, deliver: 
     await in_thread(dialog)
 
 
+async def test_qresync_sequence_match_data_leaves_out_expunges_the_client_has_seen(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """RFC 7162 3.2.5.2: with (sequence numbers, UIDs) pairs that still hold, the client has
+    seen every expunge up to the last of them; VANISHED (EARLIER) reports only later ones,
+    even from a MODSEQ too old to say which expunges the client saw."""
+    await fill(deliver, 6)
+    uids = await uids_of(maildb)
+    uidvalidity = (await maildb.status(ALICE)).uidvalidity
+    await maildb.expunge(ALICE, "INBOX", [uids[1]])  # seen by the client before it left
+    await maildb.expunge(ALICE, "INBOX", [uids[4]])  # while it was away
+    seqs, known = "1:3", f"{uids[0]},{uids[2]},{uids[3]}"  # its view: 1 2 3 -> uids 0 2 3
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("ENABLE QRESYNC")
+        everything = f"SELECT INBOX (QRESYNC ({uidvalidity} 1 1:{uids[-1]}"
+        matched = raw.ok(f"{everything} ({seqs} {known})))").lines(b"VANISHED")
+        assert matched == [f"* VANISHED (EARLIER) {uids[4]}".encode()]
+        unmatched = raw.ok(f"{everything} (1:3 {uids[0]},{uids[1]},{uids[2]})))")
+        assert unmatched.lines(b"VANISHED") == [  # pair 2 does not hold: from uid 0 on
+            f"* VANISHED (EARLIER) {uids[1]},{uids[4]}".encode()]
+        without = raw.ok(f"{everything}))").lines(b"VANISHED")
+        assert without == [f"* VANISHED (EARLIER) {uids[1]},{uids[4]}".encode()]
+        raw.close()
+
+    await in_thread(dialog)
+
+
 async def test_qresync_removals_end_with_the_new_highestmodseq(
         server: Server, deliver: Deliver, maildb: MailDB) -> None:
     """RFC 7162 3.2.7/3.2.9 and RFC 6851 4.4: EXPUNGE, UID EXPUNGE and MOVE that removed

@@ -13,6 +13,7 @@ from services.store.imap.protocol.sequence import (
     contains,
     format_sequence_set,
     format_set,
+    listed,
     parse_sequence_set,
     select_seqs,
     select_uid_positions,
@@ -179,3 +180,8 @@ def test_select_uids_matches_reference(s: SequenceSet, uids: list[int]) -> None:
 @given(sequence_sets, st.integers(1, 80), st.integers(1, 70))
 def test_contains_matches_reference(s: SequenceSet, n: int, largest: int) -> None:
     assert contains(s, n, largest) is (n in _naive(s, largest))
+
+
+def test_listed_walks_a_set_in_the_order_written_without_star() -> None:
+    assert list(listed(parse_sequence_set("5,1:3,9:7"))) == [5, 1, 2, 3, 7, 8, 9]
+    assert list(listed(parse_sequence_set("2,4:*,6"))) == [2]  # "*" is not allowed there

@@ -9,7 +9,7 @@ UID list (`select_uids`), so "1:*" over 100,000 UIDs costs two bisections, not a
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from services.store.imap.protocol.command import Bound, SequenceSet
 
@@ -128,6 +128,15 @@ def select_uid_positions(s: SequenceSet, uids: Sequence[int]) -> list[int]:
 def select_uids(s: SequenceSet, uids: Sequence[int]) -> list[int]:
     """The UIDs of `uids` (ascending) that `s` covers, ascending; see `select_uid_positions`."""
     return [uids[i] for i in select_uid_positions(s, uids)]
+
+
+def listed(s: SequenceSet) -> Iterator[int]:
+    """The numbers of a set without "*" (QRESYNC's sequence match data), each range low to
+    high, in the order written; lazily, as such sets may be long and are read pairwise."""
+    for low, high in s.ranges:
+        if low is None or high is None:
+            return
+        yield from range(min(low, high), max(low, high) + 1)
 
 
 def contains(s: SequenceSet, n: int, largest: int) -> bool:
