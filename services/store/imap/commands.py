@@ -358,7 +358,6 @@ async def list_(s: Session, c: Command) -> r.Reply:
     else:
         candidates = tree.all_names()
     lines: list[bytes] = []
-    statuses: list[str] = []
     for name in candidates:
         if not matcher.matches(name):
             continue
@@ -375,18 +374,22 @@ async def list_(s: Session, c: Command) -> r.Reply:
         lines.append(wire.untagged(b"LIST (" + " ".join(attributes).encode()
                                    + b') "/" ' + wire.mailbox(name) + extra))
         if args.return_status and info is not None:
-            statuses.append(name)
+            # RFC 5819 2: each LIST response followed by its mailbox's STATUS
+            lines.extend(await _list_status(s, name, args.return_status))
         if len(lines) >= 256:
             await _send_batched(s, lines)
             lines = []
     await _send_batched(s, lines)
-    for name in statuses:
-        # RFC 5819: a mailbox that cannot be opened is simply left without STATUS.
-        try:
-            await s.send(await _status_line(s, name, args.return_status))
-        except Exception as exc:  # noqa: BLE001 - one mailbox must not fail the LIST
-            s.failure(exc, "LIST-STATUS")
     return r.OK_DONE
+
+
+async def _list_status(s: Session, name: str, items: Sequence[str]) -> list[bytes]:
+    """RFC 5819: a mailbox that cannot be opened is simply left without STATUS."""
+    try:
+        return [await _status_line(s, name, items)]
+    except Exception as exc:  # noqa: BLE001 - one mailbox must not fail the LIST
+        s.failure(exc, "LIST-STATUS")
+        return []
 
 
 async def _lsub(s: Session, args: ListArgs) -> r.Reply:

@@ -451,6 +451,11 @@ async def test_list_extended_and_list_status(server: Server, deliver: Deliver,
         assert statuses[b"Club/News"][b"UNSEEN"] == 1
         assert statuses[b"Trash"][b"MESSAGES"] == 0
         assert b"Club" in statuses  # Club is selectable: it was created as a parent
+        # RFC 5819 2: each mailbox's LIST response is followed by its STATUS response
+        kinds = [line.split(b" ", 2)[1] for line in reply.untagged]
+        names = [parsed[-1] for parsed in reply.parsed(b"LIST")]
+        assert kinds == [b"LIST", b"STATUS"] * len(names)
+        assert [entry[1] for entry in reply.parsed(b"STATUS")] == names
         raw.close()
 
     await in_thread(dialog)
