@@ -11,6 +11,7 @@ moments, restarts it, and finally checks the mailboxes against that log.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import signal
@@ -54,7 +55,10 @@ def marker_of(db: MailDB, guid: str) -> str:
 
 
 def say(line: str) -> None:
-    print(line, flush=True)
+    # One write(2) per line: print() may hand the text and its newline to the file in two
+    # writes, and a SIGKILL between them ran this line into the next child's first one
+    # ("A 11-126" + "SWEPT 0": two acknowledged appends that never existed).
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
 async def child(root: Path, run: int, inline_max: int) -> None:
