@@ -38,8 +38,18 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     for tier in ("filter", "store"):
         if redis["reachable"] and tier not in tiers:
             problems.append(f"no {tier} process is reporting")
+    problems += _unconsumed(broker)
     problems += _storage_problems(redis.get("processes", []))
     return {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
+
+
+def _unconsumed(broker: dict[str, Any]) -> list[str]:
+    """Delivery queues nobody consumes: the store is stopped, or running but cut off from
+    the broker (then it is reporting, and this is the only sign)."""
+    return [f"nothing consumes {queue['queue']} ({queue['messages']} message(s) waiting): "
+            "the store is stopped or cannot reach the broker"
+            for queue in (broker.get("deliver"), broker.get("large"))
+            if queue is not None and queue["declared"] and not queue["consumers"]]
 
 
 def _storage_problems(beats: list[dict[str, Any]]) -> list[str]:

@@ -34,7 +34,8 @@ async def publish_undecodable(settings: Settings) -> None:
 def test_status_shows_tiers_queues_and_dead_letters(
         settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
     provision(settings)
-    run_tier(settings, "store").wait_for_port(settings.pop3_port)
+    store = run_tier(settings, "store")
+    store.wait_for_port(settings.pop3_port)
     run_tier(settings, "filter").wait_for_port(settings.smtp_port)
     send(settings, "sender@example.net", ["alice@example.org"],
          b"Subject: counted\r\n\r\nhello\r\n")
@@ -56,6 +57,13 @@ def test_status_shows_tiers_queues_and_dead_letters(
     code, report = status(settings)
     assert code == 1 and report["broker"]["dead_letters"] == 1
     assert any("dead-letter" in problem for problem in report["problems"])
+
+    store.stop()  # mail would now wait in the queues: said in so many words
+    code, report = status(settings)
+    assert code == 1
+    for queue in (settings.topology.deliver_queue, settings.topology.large_queue):
+        assert any(problem.startswith(f"nothing consumes {queue} ")
+                   for problem in report["problems"]), report["problems"]
 
 
 def test_status_shows_the_stores_open_sessions(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 
-from services.status import format_status
+from services.status import _unconsumed, format_status
 
 
 def report(beat: dict[str, object]) -> dict[str, object]:
@@ -34,3 +34,14 @@ def test_a_time_in_a_heartbeat_is_shown_as_how_long_ago() -> None:
     line = format_status(report(beat)).splitlines()[-1]
     assert re.search(r"last_delivery 4[23]s ago", line)
     assert "last_delivery_at" not in line and str(int(now)) not in line
+
+
+def test_delivery_queues_without_a_consumer_are_a_problem() -> None:
+    queue = {"declared": True, "messages": 3, "consumers": 0}
+    broker = {"deliver": {**queue, "queue": "t.deliver"},
+              "large": {**queue, "queue": "t.deliver.large", "consumers": 1},
+              "scan": {**queue, "queue": "t.scan"}}  # the scan queue's consumers are filters
+    assert _unconsumed(broker) == [
+        "nothing consumes t.deliver (3 message(s) waiting): the store is stopped or cannot "
+        "reach the broker"]
+    assert _unconsumed({"deliver": {"declared": False, "queue": "t.deliver"}}) == []
