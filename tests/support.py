@@ -91,14 +91,18 @@ async def _queue_counts(settings: Settings, queue: str) -> tuple[int, int]:
         await connection.close()
 
 
+def delivery_queues(settings: Settings) -> tuple[str, str]:
+    """Where mail waits for the store: a message over 1 MiB in the large queue."""
+    return settings.topology.deliver_queue, settings.topology.large_queue
+
+
 def queue_depth(settings: Settings, queue: str | None = None) -> int:
     """Exact message count of a queue (passive declare; rabbitmqctl's figures lag); without
     `queue`, of both delivery queues (a message over 1 MiB travels in the large one)."""
     if queue is not None:
         return asyncio.run(_queue_counts(settings, queue))[0]
-    topology = settings.topology
     return sum(asyncio.run(_queue_counts(settings, q))[0]
-               for q in (topology.deliver_queue, topology.large_queue))
+               for q in delivery_queues(settings))
 
 
 async def _delete_queues(settings: Settings) -> None:
@@ -106,7 +110,7 @@ async def _delete_queues(settings: Settings) -> None:
     connection = await aiormq.connect(settings.amqp_url)
     try:
         channel = await connection.channel()
-        for queue in (topology.deliver_queue, topology.large_queue, topology.scan_queue,
+        for queue in (*delivery_queues(settings), topology.scan_queue,
                       topology.quarantine_queue, topology.dead_queue):
             await channel.queue_delete(queue)
     finally:

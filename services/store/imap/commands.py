@@ -175,11 +175,10 @@ async def compress(s: Session, c: Command) -> r.Reply | None:
     connection (under TLS when TLS is on: compressed first, then encrypted)."""
     if cast(Compress, c.args).mechanism != "DEFLATE":
         return r.BAD_COMPRESS_MECHANISM
-    if s.compressed:
+    if s.channel.compressing:
         return r.BAD_COMPRESS_ACTIVE
     if not await s.channel.start_compression(r.OK_COMPRESS.tagged(c.tag)):
         return r.BAD_COMPRESS_PIPELINED
-    s.compressed = True
     return None
 
 
@@ -580,20 +579,20 @@ async def expunge(s: Session, c: Command) -> r.Reply:
     uids = [info.uid for info in candidates if DELETED in info.flags]
     if uids and await s.store.expunge(s.logged_in_user, selected.name, uids,
                                       uidvalidity=selected.uidvalidity):
-        return await _after_removal(s, r.OK_DONE)
+        return await _removal_done(s)
     return r.OK_DONE  # the EXPUNGE (or VANISHED) responses come from the sync that follows
 
 
-async def _after_removal(s: Session, reply: r.Reply) -> r.Reply:
+async def _removal_done(s: Session) -> r.Reply:
     """RFC 7162 3.2.7 and 3.2.9, RFC 6851 4.4: once EXPUNGE, UID EXPUNGE or MOVE removed a
     message, a QRESYNC client gets the mailbox's new HIGHESTMODSEQ in the tagged OK and takes
     it as how far it is in step (RFC 7162 6), so everything up to it is announced first.
     Without the code it keeps the MODSEQ of the last FETCH it saw, and its next SELECT
     (QRESYNC ...) is told again about the messages it removed itself."""
     if not s.enabled.qresync:
-        return reply
+        return r.OK_DONE
     await s.sync(allow_expunge=True)
-    return reply.with_code(f"HIGHESTMODSEQ {s.mailbox.highestmodseq}")
+    return r.OK_DONE.with_code(f"HIGHESTMODSEQ {s.mailbox.highestmodseq}")
 
 
 async def fetch(s: Session, c: Command) -> r.Reply:
@@ -1021,7 +1020,7 @@ async def copy(s: Session, c: Command) -> r.Reply:
     if move:
         # RFC 6851 4.3: COPYUID goes in an untagged OK before the EXPUNGE responses.
         await s.send(r.Reply("OK", "Moved", code).untagged())
-        return await _after_removal(s, r.OK_DONE)
+        return await _removal_done(s)
     return r.Reply("OK", "COPY completed", code)
 
 

@@ -58,12 +58,6 @@ BYE_STARTTLS_PIPELINED = Reply("BYE", "Command pipelined after STARTTLS")
 # Generic completions
 OK_DONE = Reply("OK", "Completed")
 OK_STILL_HERE = Reply("OK", "Still here")  # an IDLE keepalive
-
-# COMPRESS (RFC 4978)
-OK_COMPRESS = Reply("OK", "DEFLATE active")
-BAD_COMPRESS_MECHANISM = Reply("BAD", "Only COMPRESS DEFLATE is supported")
-BAD_COMPRESS_ACTIVE = Reply("BAD", "DEFLATE is already active")
-BAD_COMPRESS_PIPELINED = Reply("BAD", "Wait for the reply to COMPRESS before sending more")
 OK_LOGOUT = Reply("OK", "LOGOUT completed")
 OK_LOGGED_IN = Reply("OK", "Logged in")
 OK_BEGIN_TLS = Reply("OK", "Begin TLS negotiation now")
@@ -110,6 +104,12 @@ NO_NO_QUOTA_ROOT = Reply("NO", "No such quota root", "NONEXISTENT")
 NO_SERVERBUG = Reply("NO", "Internal error, try again later", "SERVERBUG")
 NO_UNAVAILABLE = Reply("NO", "Storage temporarily unavailable", "UNAVAILABLE")
 NO_BADCHARSET = Reply("NO", "Unsupported charset", "BADCHARSET (US-ASCII UTF-8)")
+
+# COMPRESS (RFC 4978)
+OK_COMPRESS = Reply("OK", "DEFLATE active")
+BAD_COMPRESS_MECHANISM = Reply("BAD", "Only COMPRESS DEFLATE is supported")
+BAD_COMPRESS_ACTIVE = Reply("BAD", "DEFLATE is already active")
+BAD_COMPRESS_PIPELINED = Reply("BAD", "Wait for the reply to COMPRESS before sending more")
 
 
 def reply_for_failure(exc: BaseException, *, trycreate: bool = False) -> Reply:

@@ -221,7 +221,7 @@ class SelectedMailbox:
             lines.append(wire.untagged(b"%d EXISTS" % len(self._uids)))
             lines.append(wire.untagged(b"%d RECENT" % len(self._recent)))
         if self._flag_updates:
-            lines.extend(self._announce_flags(qresync, condstore))
+            lines.extend(self._announce_flags(condstore))
         return lines
 
     def forget_expunged(self) -> None:
@@ -260,14 +260,14 @@ class SelectedMailbox:
         self._flag_updates -= uids
         self._gone -= uids
 
-    def _announce_flags(self, qresync: bool, condstore: bool) -> list[bytes]:
+    def _announce_flags(self, condstore: bool) -> list[bytes]:
         lines = []
         for uid in sorted(self._flag_updates):
             position = self.position_of(uid)
             if position is None:
                 continue
             # RFC 7162 3.2.4: UID and MODSEQ once CONDSTORE (QRESYNC implies it) is on
-            lines.append(self.flags_fetch(position, uid=condstore or qresync, modseq=condstore))
+            lines.append(self.flags_fetch(position, uid=condstore, modseq=condstore))
         self._flag_updates.clear()
         return lines
 

@@ -225,7 +225,6 @@ class Connection:
             raise Disconnect("tls") from exc
         return True
 
-
     async def start_compression(self, reply: bytes) -> bool:
         """RFC 4978: send `reply` (the tagged OK) as it is, then compress both ways. False,
         and nothing changed, when the client sent more behind COMPRESS (it must wait for the
@@ -237,6 +236,10 @@ class Connection:
         self._deflate = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15)
         self._inflate = zlib.decompressobj(-15)
         return True
+
+    @property
+    def compressing(self) -> bool:
+        return self._deflate is not None
 
 
 def _buffered(reader: asyncio.StreamReader) -> int:

@@ -122,6 +122,11 @@ class Channel(Protocol):
         the client pipelined more behind COMPRESS."""
         ...
 
+    @property
+    def compressing(self) -> bool:
+        """COMPRESS DEFLATE is on."""
+        ...
+
     def logged_in(self) -> None:
         """The client has authenticated: the idle timer becomes the autologout timer
         (settings.imap_timeout) instead of the shorter one before login, and literals may be
@@ -147,7 +152,6 @@ class Session:
         self.session_id = session_id
         self.peer = peer
         self.tls_active = tls_active
-        self.compressed = False  # COMPRESS DEFLATE active (RFC 4978)
         self.state = State.NOT_AUTHENTICATED
         self.user: str | None = None
         self.selected: SelectedMailbox | None = None

@@ -22,6 +22,7 @@ from common.envelope import Envelope
 from common.settings import Settings
 from common.topology import envelope_from_properties
 from services.filter.main import FilterWorker, open_worker
+from tests.support import delivery_queues
 
 DOMAIN = "example.test"
 ALICE = f"alice@{DOMAIN}"
@@ -77,11 +78,6 @@ async def amqp_channel(settings: Settings) -> AsyncIterator[Any]:
         yield channel
     finally:
         await connection.close()
-
-
-def delivery_queues(settings: Settings) -> tuple[str, str]:
-    """Where the filter puts mail for the store: messages over 1 MiB in the second."""
-    return settings.topology.deliver_queue, settings.topology.large_queue
 
 
 async def drain_queue(settings: Settings) -> list[Queued]:

@@ -23,6 +23,8 @@ from typing import Any
 from imapclient import IMAPClient
 from imapclient.response_parser import parse_response
 
+from services.store.backends.maildb import MailDB
+from services.store.mailbox import MessageInfo
 from tests.integration.imap.conftest import ALICE, USERS, ImapStack
 
 TIMEOUT = 10.0  # every socket read is bounded: a missing reply fails instead of hanging
@@ -255,6 +257,17 @@ def message_id_of(data: bytes) -> str:
     match = re.search(rb"^Message-ID: (\S+)\r?$", data, re.MULTILINE | re.IGNORECASE)
     assert match, data[:200]
     return match.group(1).decode()
+
+
+async def stored(maildb: MailDB, user: str, mailbox: str
+                 ) -> dict[str, tuple[MessageInfo, bytes]]:
+    """Message-ID -> what the store's index says of each message, and its bytes."""
+    out = {}
+    for info in await maildb.list_messages(user, mailbox):
+        with maildb.open_message(user, info.guid) as f:
+            data = f.read()
+        out[message_id_of(data)] = (info, data)
+    return out
 
 
 def expand(sequence_set: bytes) -> list[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from services.store.backends.maildb import MailDB
-from tests.integration.imap.clients import message, message_id_of, unverified
+from tests.integration.imap.clients import message, message_id_of, stored, unverified
 from tests.integration.imap.conftest import ALICE, BOB, USERS, Deliver, ImapStack
 from tests.support import require_client
 
@@ -69,12 +69,9 @@ class Interimap:
 async def contents(maildb: MailDB, user: str) -> Contents:
     out: Contents = {}
     for box in await maildb.list_mailboxes(user):
-        messages = {}
-        for info in await maildb.list_messages(user, box.name):
-            with maildb.open_message(user, info.guid) as f:
-                data = f.read()
-            messages[message_id_of(data)] = (info.flags - {"\\Recent"}, data)
-        out[box.name] = messages
+        out[box.name] = {message_id: (info.flags - {"\\Recent"}, data)
+                         for message_id, (info, data)
+                         in (await stored(maildb, user, box.name)).items()}
     return out
 
 
@@ -146,10 +143,8 @@ async def test_qresync_two_way_sync_with_flags_moves_and_expunges(
             assert client.uid("MOVE", found[0], "Archive/2026")[0] == "OK"
 
     await asyncio.to_thread(alice_changes)
-    bob_inbox = {message_id_of(d): uid for d, uid in
-                 [(await read(maildb, BOB, info.guid), info.uid)
-                  for info in await maildb.list_messages(BOB)]}
-    await maildb.expunge(BOB, "INBOX", [bob_inbox[message_id_of(bob_mail[1])]])
+    bob_inbox = await stored(maildb, BOB, "INBOX")
+    await maildb.expunge(BOB, "INBOX", [bob_inbox[message_id_of(bob_mail[1])][0].uid])
     draft = message("draft", to=BOB)
     await maildb.append(BOB, "Drafts", draft, frozenset({"\\Draft"}))
 
@@ -166,7 +161,3 @@ async def test_qresync_two_way_sync_with_flags_moves_and_expunges(
     await assert_nothing_to_do(sync, maildb)
     assert await in_step(maildb) == now
 
-
-async def read(maildb: MailDB, user: str, guid: str) -> bytes:
-    with maildb.open_message(user, guid) as f:
-        return f.read()

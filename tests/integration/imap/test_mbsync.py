@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from services.store.backends.maildb import MailDB
-from tests.integration.imap.clients import message, message_id_of
+from tests.integration.imap.clients import message, message_id_of, stored
 from tests.integration.imap.conftest import ALICE, USERS, Deliver, ImapStack
 from tests.support import require_client
 
@@ -110,20 +110,13 @@ def drop_local(folder: Path, data: bytes, unique: str) -> Path:
 
 async def server_messages(maildb: MailDB, mailbox: str) -> dict[str, tuple[int, frozenset[str]]]:
     """Message-ID -> (UID, flags) on the server."""
-    out: dict[str, tuple[int, frozenset[str]]] = {}
-    for info in await maildb.list_messages(ALICE, mailbox):
-        with maildb.open_message(ALICE, info.guid) as f:
-            out[message_id_of(f.read())] = (info.uid, info.flags - {"\\Recent"})
-    return out
+    return {message_id: (info.uid, info.flags - {"\\Recent"})
+            for message_id, (info, _) in (await stored(maildb, ALICE, mailbox)).items()}
 
 
 async def server_bodies(maildb: MailDB, mailbox: str) -> dict[str, bytes]:
-    out = {}
-    for info in await maildb.list_messages(ALICE, mailbox):
-        with maildb.open_message(ALICE, info.guid) as f:
-            data = f.read()
-        out[message_id_of(data)] = data
-    return out
+    return {message_id: data
+            for message_id, (_, data) in (await stored(maildb, ALICE, mailbox)).items()}
 
 
 async def server_state(maildb: MailDB) -> dict[str, object]:

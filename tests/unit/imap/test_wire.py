@@ -119,7 +119,6 @@ def test_mailbox_inbox_any_case_is_inbox() -> None:
 
 
 def test_mailbox_encodes_modified_utf7() -> None:
-    pytest.importorskip("services.store.imap.protocol.mutf7")
     assert wire.mailbox("Sent") == b"Sent"
     assert wire.mailbox("My Folder") == b'"My Folder"'
     # RFC 3501 5.1.3's example: "~peter/mail/台北/日本語".
