@@ -24,6 +24,12 @@ def ensure_dev_certificate(cert: Path, key: Path, hostname: str) -> bool:
             "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "825",
             "-subj", f"/CN={hostname}",
             "-addext", f"subjectAltName=DNS:{hostname},DNS:localhost,IP:127.0.0.1",
+            # A server certificate, not a CA (openssl's default for -x509): Thunderbird and
+            # Firefox refuse a CA certificate as a server's, even one the user trusts
+            # (MOZILLA_PKIX_ERROR_CA_CERT_USED_AS_END_ENTITY).
+            "-addext", "basicConstraints=critical,CA:FALSE",
+            "-addext", "keyUsage=critical,digitalSignature,keyEncipherment",
+            "-addext", "extendedKeyUsage=serverAuth",
             "-keyout", str(key), "-out", str(cert),
         ],
         check=True,

@@ -30,7 +30,7 @@ set -euo pipefail
 
 PACKAGES=(openssl swaks postfix rabbitmq-server redis-server
           rspamd clamav-daemon clamdscan spamassassin spamd spamc
-          isync interimap fetchmail dovecot-imapd dovecot-pop3d)
+          isync interimap fetchmail thunderbird dovecot-imapd dovecot-pop3d)
 RABBITMQ_PORT=5672
 REDIS_PORT=6379
 STARTUP_TIMEOUT=60

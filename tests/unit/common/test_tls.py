@@ -1,6 +1,8 @@
 """Which TLS the tiers run with: a configured certificate that is missing or unusable stops
 the start with a clear error; none configured and none at the default place means no TLS."""
 
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,16 @@ def test_a_configured_certificate_that_cannot_be_loaded_stops_the_start(
         server_context(Settings(data_dir=tmp_path, tls_cert=str(garbage), tls_key=str(key)))
     with pytest.raises(SettingsError, match="not a usable certificate"):  # key of another cert
         server_context(Settings(data_dir=tmp_path, tls_cert=str(cert), tls_key=str(garbage)))
+
+
+def test_the_development_certificate_is_a_server_certificate_not_a_ca(
+        tls_files: tuple[Path, Path]) -> None:
+    """openssl's -x509 makes a CA certificate unless told otherwise, and Thunderbird and
+    Firefox refuse a CA certificate as a server's even after the user accepted it
+    (MOZILLA_PKIX_ERROR_CA_CERT_USED_AS_END_ENTITY); the Thunderbird test meets it first."""
+    text = subprocess.run(["openssl", "x509", "-in", str(tls_files[0]), "-noout", "-text"],
+                          check=True, capture_output=True, text=True).stdout
+    assert re.search(r"Basic Constraints: critical\s+CA:FALSE", text)
+    assert re.search(r"Extended Key Usage:\s+TLS Web Server Authentication", text)
+    assert re.search(r"Subject Alternative Name:\s+DNS:mx.test.invalid, DNS:localhost, "
+                     r"IP Address:127.0.0.1", text)
