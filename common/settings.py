@@ -19,6 +19,7 @@ from typing import Any, get_type_hints
 from common.topology import Topology
 
 PREFIX = "TIERMAIL_"
+LEARN_CHOICES = ("", "rspamd", "off")
 MIB = 1024 * 1024
 
 
@@ -141,8 +142,9 @@ class Settings:
     default_quota: int = 0  # octets for accounts without their own quota; 0 = unlimited
 
     # Spam learning: moving mail into or out of Junk trains rspamd (controller API) in the
-    # background. learn: rspamd | off.
-    learn: str = "rspamd"
+    # background. learn: rspamd | off | empty (the default): rspamd when spam is rspamd, else
+    # off (with SpamAssassin or no spam scanning there is no rspamd to train).
+    learn: str = ""
     rspamd_controller_url: str = "http://127.0.0.1:11334"
     rspamd_controller_password: str = ""
 
@@ -174,6 +176,10 @@ class Settings:
             env[PREFIX + f.name.upper()] = text
         return env
 
+    def __post_init__(self) -> None:
+        if self.learn not in LEARN_CHOICES:
+            raise SettingsError(f"{PREFIX}LEARN={self.learn!r}: rspamd, off or empty")
+
     @property
     def topology(self) -> Topology:
         return Topology(prefix=self.queue_prefix, delivery_limit=self.delivery_attempts)
@@ -193,6 +199,11 @@ class Settings:
         if self.allow_plaintext_auth is not None:
             return self.allow_plaintext_auth
         return is_loopback(self.bind)
+
+    @property
+    def learns_spam(self) -> bool:
+        """Whether moves into and out of Junk train rspamd (TIERMAIL_LEARN)."""
+        return self.learn == "rspamd" if self.learn else self.spam == "rspamd"
 
     @property
     def store_dir(self) -> Path:

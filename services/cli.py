@@ -145,9 +145,9 @@ def run_store(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_learner(settings: Settings, args: argparse.Namespace) -> int:
-    if settings.learn != "rspamd":
-        raise CommandError(f"spam learning is {settings.learn!r} (TIERMAIL_LEARN); "
-                           "nothing to run")
+    if not settings.learns_spam:
+        raise CommandError("spam learning is off (TIERMAIL_LEARN, or TIERMAIL_SPAM is not "
+                           "rspamd); nothing to run")
     from services.store.learning import run_worker
 
     setup_logging(settings.log_level, settings.log_format, tier="learner")

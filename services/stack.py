@@ -32,7 +32,7 @@ from services.devscanners import runner
 log = logging.getLogger(__name__)
 
 TIERS = ("store", "filter")
-LEARNER = "learner"  # when settings.learn is "rspamd"
+LEARNER = "learner"  # when settings.learns_spam
 RESTART_DELAY = 2.0
 
 
@@ -48,8 +48,8 @@ def endpoints(settings: Settings) -> list[str]:
         f"spam scanning    {settings.spam}"
         + {"rspamd": f" {settings.rspamd_url}",
            "spamassassin": f" spamd {settings.spamd_address}"}.get(settings.spam, ""),
-        f"spam learning    {settings.learn}"
-        + (f" {settings.rspamd_controller_url}" if settings.learn == "rspamd" else ""),
+        "spam learning    "
+        + (f"rspamd {settings.rspamd_controller_url}" if settings.learns_spam else "off"),
         f"virus scanning   {settings.virus}"
         + (f" {settings.clamd_address}" if settings.virus == "clamd" else ""),
         f"data             {settings.data_dir.resolve()}",
@@ -121,7 +121,7 @@ def _needs_start(name: str, address: str, host: str, answering: bool) -> bool:
 
 def _run_tiers(settings: Settings) -> int:
     env = {**os.environ, **settings.as_env()}
-    tiers = (*TIERS, LEARNER) if settings.learn == "rspamd" else TIERS
+    tiers = (*TIERS, LEARNER) if settings.learns_spam else TIERS
     children = {tier: _spawn(tier, env) for tier in tiers}
     print("tiermail is up:", *endpoints(settings), sep="\n  ", flush=True)
     print("Add mail accounts in another terminal, e.g.\n"

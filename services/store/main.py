@@ -112,7 +112,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         quota_task = asyncio.create_task(quota.run(), name="quota-publisher")
         stack.push_async_callback(stop_task, quota_task)
 
-        if settings.learn == "rspamd":
+        if settings.learns_spam:
             learning = LearningHook.from_settings(settings, maildb)
             maildb.add_listener(learning.on_change)
             stack.push_async_callback(learning.close)

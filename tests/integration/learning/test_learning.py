@@ -27,7 +27,7 @@ ALICE = "alice@example.test"
 
 @pytest.fixture
 def learn_settings(settings: Settings, rspamd_scanner: Scanner) -> Settings:
-    return settings.replace(rspamd_controller_url=rspamd_scanner.controller_url,
+    return settings.replace(learn="rspamd", rspamd_controller_url=rspamd_scanner.controller_url,
                             rspamd_controller_password=rspamd_scanner.controller_password)
 
 

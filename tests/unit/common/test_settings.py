@@ -26,7 +26,8 @@ def test_environment_is_typed() -> None:
 
 
 @pytest.mark.parametrize("env", [{"TIERMAIL_SMTP_PORT": "many"}, {"TIERMAIL_NO_SUCH": "1"},
-                                 {"TIERMAIL_ALLOW_PLAINTEXT_AUTH": "maybe"}])
+                                 {"TIERMAIL_ALLOW_PLAINTEXT_AUTH": "maybe"},
+                                 {"TIERMAIL_LEARN": "spamassassin"}])
 def test_bad_values_are_refused_by_name(env: dict[str, str]) -> None:
     with pytest.raises(SettingsError, match=next(iter(env))):
         Settings.from_env(env)
@@ -49,3 +50,13 @@ def test_round_trip_through_environment() -> None:
 def test_plaintext_auth_only_on_loopback_by_default(bind: str, allowed: bool) -> None:
     assert Settings(bind=bind).plaintext_auth_allowed is allowed
     assert Settings(bind=bind, allow_plaintext_auth=True).plaintext_auth_allowed is True
+
+
+@pytest.mark.parametrize(("spam", "learn", "learns"), [
+    ("rspamd", "", True), ("spamassassin", "", False), ("off", "", False),
+    ("rspamd", "off", False), ("off", "rspamd", True)])
+def test_spam_learning_follows_the_spam_scanner_unless_set(spam: str, learn: str,
+                                                           learns: bool) -> None:
+    """With SpamAssassin or no spam scanning there is no rspamd to train: a learner posting
+    to it would only retry and log errors each time a user moves mail into Junk."""
+    assert Settings(spam=spam, learn=learn).learns_spam is learns
