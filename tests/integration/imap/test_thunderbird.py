@@ -1,6 +1,6 @@
 """Thunderbird, the most used desktop mail client, against the real IMAP server.
 
-Thunderbird (headless, driven through Marionette: tests/integration/imap/thunderbird.py)
+Thunderbird (headless, driven through Marionette: tests/integration/thunderbird.py)
 connects over STARTTLS with the certificate checked and plaintext login refused before TLS,
 finds the folders, downloads every message for offline use, and then does what its user
 does: read, flag, tag, move to Junk, copy to an archive, delete (its default: move to
@@ -27,7 +27,7 @@ from common.settings import Settings
 from services.store.backends.maildb import MailDB
 from tests.integration.imap.clients import message, message_id_of, stored, unverified
 from tests.integration.imap.conftest import ALICE, USERS, Deliver, ImapStack, StartImap
-from tests.integration.imap.thunderbird import THUNDERBIRD, Thunderbird
+from tests.integration.thunderbird import THUNDERBIRD, Thunderbird
 from tests.support import require_client
 
 JUNK, TRASH, ARCHIVE, DRAFTS = "Junk", "Trash", "Archive", "Drafts"

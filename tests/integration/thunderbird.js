@@ -1,6 +1,6 @@
-// Thunderbird's side of tests/integration/imap/test_thunderbird.py, run in its chrome
-// context through Marionette. Each call is `run(step, args)`; every step waits for
-// Thunderbird to finish its IMAP work and returns plain JSON.
+// Thunderbird's side of tests/integration/thunderbird.py, run in its chrome context through
+// Marionette. Each call is `run(step, args)`; every step waits for Thunderbird to finish its
+// IMAP or POP3 work and returns plain JSON.
 const { MailServices } = ChromeUtils.importESModule("resource:///modules/MailServices.sys.mjs");
 
 function server() { return MailServices.accounts.accounts[0].incomingServer; }
@@ -79,11 +79,23 @@ const steps = {
   },
 
   async login({ host, user, password }) {
-    const origin = "imap://" + host;
+    // Where Thunderbird looks for the password: imap://host or, for POP3, mailbox://host.
+    const origin = `${server().localStoreType}://${host}`;
     const login = Cc["@mozilla.org/login-manager/loginInfo;1"].createInstance(Ci.nsILoginInfo);
     login.init(origin, null, origin, user, password, "", "");
     await Services.logins.addLoginAsync(login);
+    if (server().type != "imap") return 0;
     return untilUrlDone(l => MailServices.imap.discoverAllFolders(server().rootFolder, l, null));
+  },
+
+  // POP3: fetch new mail into the account's local Inbox, keeping it on the server or not.
+  async getMail({ leaveOnServer }) {
+    const pop3 = server().QueryInterface(Ci.nsIPop3IncomingServer);
+    pop3.leaveMessagesOnServer = leaveOnServer;
+    const inbox = server().rootFolder.getFolderWithFlags(Ci.nsMsgFolderFlags.Inbox);
+    const status = await untilUrlDone(l => MailServices.pop3.GetNewMail(null, l, inbox, pop3));
+    if (status) throw new Error("getting new mail: " + status);
+    return Object.fromEntries([...inbox.messages].map(h => [h.messageId, describe(h)]));
   },
 
   async view() {

@@ -1,10 +1,11 @@
-"""Thunderbird (Debian package thunderbird) as an IMAP client under test control.
+"""Thunderbird (Debian package thunderbird) as an IMAP or POP3 client under test control.
 
-Thunderbird runs headless with a profile of its own (one IMAP account on the server under
-test, STARTTLS, the test certificate trusted) and is driven through Marionette, its remote
-control protocol: each step of thunderbird.js runs in Thunderbird's chrome context and
-calls the same folder and copy services its user interface calls. Its IMAP log
-(MOZ_LOG) records every line both sides sent, so a test can look for refused commands.
+Thunderbird runs headless with a profile of its own (one account on the server under test,
+STARTTLS or STLS, the test certificate accepted as a user would) and is driven through
+Marionette, its remote control protocol: each step of thunderbird.js runs in Thunderbird's
+chrome context and calls the same folder, copy and mail-fetching services its user
+interface calls. Its protocol log (MOZ_LOG) records every line both sides sent, so a test
+can look for refused commands.
 
 Marionette frames are `<length>:<json>`; a command is `[0, id, name, params]`, its answer
 `[1, id, error, result]`.
@@ -86,17 +87,18 @@ class Marionette:
 
 
 class Thunderbird:
-    """One headless Thunderbird with one IMAP account for `user` on 127.0.0.1:`port`."""
+    """One headless Thunderbird with one account (`protocol` imap or pop3) for `user` on
+    127.0.0.1:`port`."""
 
-    def __init__(self, root: Path, *, port: int, user: str, extra_prefs: dict[str, Any]
-                 ) -> None:
+    def __init__(self, root: Path, *, port: int, user: str, protocol: str = "imap",
+                 extra_prefs: dict[str, Any] | None = None) -> None:
         self.root = root
-        self.port, self.user = port, user
+        self.port, self.user, self.protocol = port, user, protocol
         self.profile = root / "profile"
-        self.log_file = root / "imap.log"
+        self.log_file = root / f"{protocol}.log"
         self._marionette_port = free_port()
         self.profile.mkdir(parents=True)
-        prefs = {**_account_prefs(port, user), **extra_prefs,
+        prefs = {**_account_prefs(port, user, protocol), **(extra_prefs or {}),
                  "marionette.port": self._marionette_port}
         (self.profile / "user.js").write_text(
             "".join(f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in prefs.items()))
@@ -105,7 +107,7 @@ class Thunderbird:
         self._steps = STEPS.read_text()
 
     def start(self) -> None:
-        env = {**os.environ, "HOME": str(self.root), "MOZ_LOG": "IMAP:5",
+        env = {**os.environ, "HOME": str(self.root), "MOZ_LOG": f"{self.protocol.upper()}:5",
                # Thunderbird appends ".moz_log" to the name it is given.
                "MOZ_LOG_FILE": str(self.log_file)}
         with (self.root / "thunderbird.out").open("wb") as output:
@@ -128,7 +130,7 @@ class Thunderbird:
         self.step("trustCertificate", host=HOST, port=self.port, pem=pem)
 
     def login(self, password: str) -> None:
-        """Store the password and let Thunderbird find the folders."""
+        """Store the password (and, for IMAP, let Thunderbird find the folders)."""
         self.step("login", host=HOST, user=self.user, password=password)
 
     def step(self, name: str, **args: Any) -> Any:
@@ -149,7 +151,7 @@ class Thunderbird:
         """Every command the server answered with a tagged NO or BAD, from Thunderbird's IMAP
         log, as 'command -> reply'."""
         refused: list[str] = []
-        for log in sorted(self.root.glob("imap.log*")):
+        for log in sorted(self.root.glob("imap.log*")):  # IMAP only: POP3 has no tags
             sent: dict[str, str] = {}  # tag -> command, per connection (the log's prefix)
             for line in log.read_text(errors="replace").splitlines():
                 if sending := SENT.search(line):
@@ -172,8 +174,8 @@ class Thunderbird:
                 self._process.wait()
 
 
-def _account_prefs(port: int, user: str) -> dict[str, Any]:
-    """One IMAP account, no first-run dialogs, nothing fetched before the test says so."""
+def _account_prefs(port: int, user: str, protocol: str) -> dict[str, Any]:
+    """One account, no first-run dialogs, nothing fetched before the test says so."""
     return {
         "mail.shell.checkDefaultClient": False,
         "mail.provider.suppress_dialog_on_startup": True,
@@ -189,7 +191,7 @@ def _account_prefs(port: int, user: str) -> dict[str, Any]:
         "mail.account.account2.server": "server2",
         "mail.identity.id1.useremail": user,
         "mail.identity.id1.valid": True,
-        "mail.server.server1.type": "imap",
+        "mail.server.server1.type": protocol,
         "mail.server.server1.hostname": HOST,
         "mail.server.server1.port": port,
         "mail.server.server1.userName": user,
@@ -200,7 +202,7 @@ def _account_prefs(port: int, user: str) -> dict[str, Any]:
         # prompt in a headless Thunderbird would wait for ever.
         "mail.server.server1.login_at_startup": False,
         "mail.server.server1.check_new_mail": False,
-        "mail.server.server1.offline_download": True,  # it fetches whole messages too
+        "mail.server.server1.offline_download": True,  # IMAP: it fetches whole messages too
         "mail.server.server1.directory-rel": "[ProfD]ImapMail/server1",
         "mail.server.server2.type": "none",
         "mail.server.server2.hostname": "Local Folders",
