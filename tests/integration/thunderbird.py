@@ -37,7 +37,7 @@ SENT = re.compile(r"I/IMAP (?P<connection>[0-9a-f]+):.*:SendData: (?P<tag>\S+) (
 TAGGED_FAILURE = re.compile(r"I/IMAP (?P<connection>[0-9a-f]+):.*:CreateNewLineFromSocket: "
                             r"(?P<tag>\S+) (?P<reply>(?:NO|BAD)\b.*)$")
 
-STARTTLS = 2  # mail.server.*.socketType
+STARTTLS, IMPLICIT_TLS = 2, 3  # mail.server.*.socketType
 PASSWORD_CLEARTEXT = 3  # mail.server.*.authMethod: PLAIN or LOGIN, over TLS here
 
 

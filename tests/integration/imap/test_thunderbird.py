@@ -1,14 +1,14 @@
 """Thunderbird, the most used desktop mail client, against the real IMAP server.
 
 Thunderbird (headless, driven through Marionette: tests/integration/thunderbird.py)
-connects over STARTTLS with the certificate checked and plaintext login refused before TLS,
-finds the folders, downloads every message for offline use, and then does what its user
-does: read, flag, tag, move to Junk, copy to an archive, delete (its default: move to
-Trash), create and rename a folder with a non-ASCII name, save a draft. The server's own index must
-show each change; changes another client makes must show up in Thunderbird; and the server
-must not have refused a single command Thunderbird sent (its IMAP log is searched for
-tagged NO and BAD). Twice: with Thunderbird's defaults, and with CONDSTORE switched on, as
-a user can (mail.server.default.use_condstore).
+connects with the certificate checked and plaintext login refused before TLS, finds the
+folders, downloads every message for offline use, and then does what its user does: read,
+flag, tag, move to Junk, copy to an archive, delete (its default: move to Trash), create
+and rename a folder with a non-ASCII name, save a draft. The server's own index must show
+each change; changes another client makes must show up in Thunderbird; and the server must
+not have refused a command Thunderbird sent (its IMAP log is searched for tagged NO and
+BAD). Twice: Thunderbird's defaults over STARTTLS, and CONDSTORE switched on, as a user
+can (mail.server.default.use_condstore), over the implicit-TLS port.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from common.settings import Settings
 from services.store.backends.maildb import MailDB
 from tests.integration.imap.clients import message, message_id_of, stored, unverified
 from tests.integration.imap.conftest import ALICE, USERS, Deliver, ImapStack, StartImap
-from tests.integration.thunderbird import THUNDERBIRD, Thunderbird
+from tests.integration.thunderbird import IMPLICIT_TLS, STARTTLS, THUNDERBIRD, Thunderbird
 from tests.support import require_client
 
 JUNK, TRASH, ARCHIVE, DRAFTS = "Junk", "Trash", "Archive", "Drafts"
@@ -63,9 +63,12 @@ async def thunderbird(request: pytest.FixtureRequest, tmp_path: Path,
                       tls_files: tuple[Path, Path]
                       ) -> AsyncIterator[tuple[Thunderbird, ImapStack]]:
     stack = await start_imap(settings.replace(allow_plaintext_auth=False))
-    extra = {"mail.server.default.use_condstore": request.param == "condstore"}
-    client = Thunderbird(tmp_path / "thunderbird", port=stack.port, user=ALICE,
-                         extra_prefs=extra)
+    condstore = request.param == "condstore"
+    # The CONDSTORE run also connects to the implicit-TLS port (IMAPS) instead of STARTTLS.
+    extra = {"mail.server.default.use_condstore": condstore,
+             "mail.server.server1.socketType": IMPLICIT_TLS if condstore else STARTTLS}
+    client = Thunderbird(tmp_path / "thunderbird", port=stack.tls_port if condstore
+                         else stack.port, user=ALICE, extra_prefs=extra)
     await asyncio.to_thread(client.start)
     try:
         await asyncio.to_thread(client.trust_certificate, tls_files[0].read_text())
