@@ -5,12 +5,19 @@ queue). Anything else raises PublishFailed: broker unreachable, a nack, a basic.
 (unroutable: aiormq raises on the ack that follows a return), a closed channel, or no
 confirm within the timeout. The connection is re-opened on the next publish after a failure,
 so a worker recovers on its own when the broker comes back.
+
+`ready` tells, before a message is taken, whether a publish could go out now (the filter asks
+at MAIL FROM, so a sender is not made to upload a message only to be told 451 at the end).
+While the broker cannot be reached, a connect is tried at most every `retry_interval`
+seconds; in between, `ready` and `publish` fail at once instead of each trying its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import cast
 
 import aiormq
@@ -46,14 +53,19 @@ class Publisher:
         topology: Topology,
         confirm_timeout: float = 30.0,
         connect_timeout: float = 5.0,
+        retry_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._url = url
         self._topology = topology
         self._confirm_timeout = confirm_timeout
         self._connect_timeout = connect_timeout
+        self._retry_interval = retry_interval
+        self._clock = clock
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._connect_lock = asyncio.Lock()
+        self._last_failure: tuple[float, str] | None = None  # when, and why, if unreachable
 
     async def publish(self, envelope: Envelope, body: bytes,
                       routing_key: str = DELIVER_ROUTING_KEY) -> None:
@@ -82,6 +94,17 @@ class Publisher:
     async def ensure_connected(self) -> None:
         await self._ready_channel()
 
+    async def ready(self) -> bool:
+        """Whether a publish could go out now: connected, or connected by this call (at most
+        one attempt per retry_interval while the broker is unreachable)."""
+        if self.connected:
+            return True
+        try:
+            await self._ready_channel()
+        except PublishFailed:
+            return False
+        return True
+
     @property
     def connected(self) -> bool:
         return self._channel is not None and not self._channel.is_closed
@@ -98,6 +121,10 @@ class Publisher:
         async with self._connect_lock:
             if self._channel is not None and not self._channel.is_closed:
                 return self._channel
+            if self._last_failure is not None:
+                failed_at, reason = self._last_failure
+                if self._clock() - failed_at < self._retry_interval:
+                    raise PublishFailed(f"broker unreachable: {reason}")
             await self.close()
             try:
                 self._connection, self._channel = await open_channel(
@@ -106,7 +133,10 @@ class Publisher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                raise PublishFailed(f"broker unreachable: {type(exc).__name__}: {exc}") from exc
+                reason = f"{type(exc).__name__}: {exc}"
+                self._last_failure = (self._clock(), reason)
+                raise PublishFailed(f"broker unreachable: {reason}") from exc
+            self._last_failure = None
             log.info("connected to broker", extra={"event": "amqp-connected"})
             return self._channel
 

@@ -44,6 +44,8 @@ class MessagePublisher(Protocol):
     async def publish(self, envelope: Envelope, body: bytes,
                       routing_key: str = DELIVER_ROUTING_KEY) -> None: ...
 
+    async def ready(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class SessionPolicy:
@@ -139,7 +141,13 @@ class FilterSession:
             self._stats.broker_stalled += 1
             log.info("sender %s refused: the broker is not confirming", address,
                      extra=self.log_extra(txn.queue_id))
-            return replies.QUEUE_STALLED
+            return replies.QUEUE_NOT_TAKING
+        if not await self._publisher.ready():
+            # Known before the upload: the sender keeps its message and retries.
+            self._stats.broker_unreachable += 1
+            log.info("sender %s refused: the broker is unreachable", address,
+                     extra=self.log_extra(txn.queue_id))
+            return replies.QUEUE_NOT_TAKING
         # Every MAIL FROM counts against the message rates (as in Postfix's anvil), across
         # all workers; a refused one counts nothing and leaves no sender set.
         exceeded = await self._rate_limits.message(

@@ -18,7 +18,9 @@ class WorkerStats:
     data_memory_full: messages refused with 452 4.3.1 because the worker already held
     `smtp_data_memory` octets of message data;
     broker_stalled: MAIL FROMs refused with 451 4.3.0 while a publish waited for its confirm
-    longer than services/filter/stall.py's STALLED_AFTER.
+    longer than services/filter/stall.py's STALLED_AFTER;
+    broker_unreachable: MAIL FROMs refused with 451 4.3.0 because the broker could not be
+    reached (common/broker.py Publisher.ready).
 
     Scanning, at DATA (see services/filter/rules/spam.py, virus.py):
     spam_ham / spam_junk / spam_rejected / spam_tempfailed: spam verdicts;
@@ -35,6 +37,7 @@ class WorkerStats:
     refused_client_connections: int = 0
     data_memory_full: int = 0
     broker_stalled: int = 0
+    broker_unreachable: int = 0
     accepted: int = 0
     rejected: int = 0
     tempfailed: int = 0

@@ -149,9 +149,10 @@ def ride_out(ledger: Ledger, stop: threading.Event, fault: Callable[[], None],
     time.sleep(0.5)  # let in-flight transactions finish; the ledger is the judge, not time
 
 
-def test_broker_link_cut_mid_publish_gives_451_and_loses_nothing(
-        settings: Settings, run_tier: Callable[..., TierProcess],
-        senders: Callable[[int], tuple[Ledger, threading.Event]]) -> None:
+def start_with_broker_behind_proxy(settings: Settings,
+                                   run_tier: Callable[..., TierProcess]) -> TcpProxy:
+    """A provisioned store and filter, the filter reaching RabbitMQ through a proxy the test
+    can cut (and restore) to take the broker away from it."""
     provision(settings)
     proxy = TcpProxy(5672)
     vhost = settings.amqp_url.rsplit("/", 1)[1]
@@ -159,6 +160,13 @@ def test_broker_link_cut_mid_publish_gives_451_and_loses_nothing(
         amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}", publish_timeout=5.0)
     run_tier(settings, "store").wait_for_port(settings.pop3_port)
     run_tier(through_proxy, "filter").wait_for_port(settings.smtp_port)
+    return proxy
+
+
+def test_broker_link_cut_mid_publish_gives_451_and_loses_nothing(
+        settings: Settings, run_tier: Callable[..., TierProcess],
+        senders: Callable[[int], tuple[Ledger, threading.Event]]) -> None:
+    proxy = start_with_broker_behind_proxy(settings, run_tier)
     ledger, stop = senders(settings.smtp_port)
     try:
         ride_out(ledger, stop, fault=proxy.cut, recover=proxy.start)

@@ -258,9 +258,7 @@ def test_broker_unreachable_means_451_never_250(stack: Stack) -> None:
     stack.start_filter(broken)
     with smtplib.SMTP("127.0.0.1", broken.smtp_port, timeout=60) as smtp:
         smtp.ehlo("client.example.net")
-        assert smtp.mail("sender@example.net")[0] == 250
-        assert smtp.rcpt("alice@example.org")[0] == 250
-        code, reply = smtp.data(message("nowhere to go"))
+        code, reply = smtp.mail("sender@example.net")  # known before the upload
     assert code == 451 and reply.startswith(b"4.3.0"), reply
     assert queue_depth(stack.settings) == 0
 

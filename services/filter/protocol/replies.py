@@ -24,8 +24,9 @@ READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
 INTERNAL_ERROR = "451 4.3.0 Internal error, please try again later"
 DIRECTORY_UNAVAILABLE = "451 4.3.0 Recipient cannot be verified now, please try again later"
 QUEUE_UNAVAILABLE = "451 4.3.0 Message not queued, please try again later"
-# At MAIL FROM while the broker does not confirm what it was given (services/filter/stall.py).
-QUEUE_STALLED = "451 4.3.0 Mail queue not taking messages now, please try again later"
+# At MAIL FROM while the broker cannot be reached, or does not confirm what it was given
+# (services/filter/stall.py).
+QUEUE_NOT_TAKING = "451 4.3.0 Mail queue not taking messages now, please try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 # The mailbox has reached its quota (the store publishes which ones, common/directory.py): RFC
 # 3463 3.3 X.2.2 "mailbox full", temporary so that the mail waits at the sender.

@@ -31,6 +31,16 @@ from tests.support import TcpProxy as SupportProxy
 from tests.support import eventually, free_port
 
 
+class _AnyQueued(str):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and other.startswith("250 2.0.0 Ok: queued as ")
+
+    __hash__ = str.__hash__
+
+
+ANY_QUEUED = _AnyQueued("250 2.0.0 Ok: queued as ...")
+
+
 def reply_of(code: int, text: bytes) -> str:
     return f"{code} {text.decode()}"
 
@@ -53,14 +63,28 @@ async def test_redis_unreachable_451_at_rcpt(settings: Settings) -> None:
     assert await queue_depth(settings) == 0
 
 
-async def test_broker_unreachable_451_at_end_of_data(directory: Settings) -> None:
+def first_refusal(port: int, subject: str) -> tuple[str, str]:
+    """(command, reply) of the first command of one transaction to ALICE that did not get a
+    2xx/3xx, or ("", reply to the end of DATA) when none was refused."""
+    with connect(port) as client:
+        for command, send in (("MAIL", lambda: client.mail(SENDER)),
+                              ("RCPT", lambda: client.rcpt(ALICE))):
+            reply = reply_of(*send())
+            if not reply.startswith("250"):
+                return command, reply
+        reply = reply_of(*client.data(message(subject)))
+        return ("", reply) if reply.startswith("250") else ("DATA", reply)
+
+
+async def test_broker_unreachable_451_at_mail_from(directory: Settings) -> None:
+    """Known before the upload: the sender is not made to send a message only to hear 451."""
     vhost = directory.amqp_url.rsplit("/", 1)[1]
     broken = directory.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/{vhost}")
     async with running_filter(broken) as worker:
-        rcpt, data = await in_thread(one_transaction, worker.ports[0], "no-broker")
-        assert worker.stats.accepted == 0
-    assert rcpt == replies.RECIPIENT_OK
-    assert data == replies.QUEUE_UNAVAILABLE
+        for attempt in ("no-broker", "still none"):  # the second within the retry interval
+            refused = await in_thread(first_refusal, worker.ports[0], attempt)
+            assert refused == ("MAIL", replies.QUEUE_NOT_TAKING)
+        assert worker.stats.accepted == 0 and worker.stats.broker_unreachable == 2
     assert await queue_depth(directory) == 0
 
 
@@ -115,16 +139,46 @@ async def test_publisher_recovers_when_broker_returns(directory: Settings) -> No
     via_proxy = directory.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
     async with running_filter(via_proxy) as worker:
         port = worker.ports[0]
-        assert (await in_thread(one_transaction, port, "first"))[1].startswith("250 2.0.0")
+        assert await in_thread(first_refusal, port, "first") == ("", ANY_QUEUED)
         await proxy.stop()
-        assert (await in_thread(one_transaction, port, "second"))[1] == replies.QUEUE_UNAVAILABLE
+        # Refused at MAIL FROM once the worker has seen the connection go, else at the end
+        # of DATA (the publish fails); never 250.
+        assert await in_thread(first_refusal, port, "second") in {
+            ("MAIL", replies.QUEUE_NOT_TAKING), ("DATA", replies.QUEUE_UNAVAILABLE)}
         await proxy.start()
-        assert (await in_thread(one_transaction, port, "third"))[1].startswith("250 2.0.0")
+
+        async def taken_again() -> bool:
+            return (await in_thread(first_refusal, port, "third"))[0] == ""
+
+        await eventually(taken_again, what="mail taken again once the broker is back")
         await proxy.stop()
     subjects = [q.body.split(b"Subject: ")[1].split(b"\r\n")[0] for q in
                 await drain_queue(directory)]
     assert subjects == [b"first", b"third"]
 
+
+def losing_the_broker_after_rcpt(port: int, proxy: SupportProxy) -> str:
+    with connect(port) as client:
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt(ALICE)[0] == 250
+        proxy.cut()
+        return reply_of(*client.data(message("lost")))
+
+
+async def test_broker_lost_mid_transaction_451_at_end_of_data(directory: Settings) -> None:
+    """Reachable at MAIL FROM, gone by the end of DATA: the publish fails, 451, nothing
+    queued."""
+    proxy = SupportProxy(5672)
+    vhost = directory.amqp_url.rsplit("/", 1)[1]
+    via_proxy = directory.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
+    try:
+        async with running_filter(via_proxy) as worker:
+            reply = await in_thread(losing_the_broker_after_rcpt, worker.ports[0], proxy)
+            assert reply == replies.QUEUE_UNAVAILABLE
+            assert worker.stats.accepted == 0
+    finally:
+        proxy.cut()
+    assert await queue_depth(directory) == 0
 
 
 def mail_reply(port: int) -> str:
@@ -150,7 +204,7 @@ async def test_a_broker_that_stops_confirming_gets_mail_refused_at_once(
             waiting = asyncio.create_task(in_thread(one_transaction, port, "held"))
 
             async def refused_at_mail() -> bool:
-                return await in_thread(mail_reply, port) == replies.QUEUE_STALLED
+                return await in_thread(mail_reply, port) == replies.QUEUE_NOT_TAKING
 
             await eventually(refused_at_mail, what="MAIL FROM refused while the confirm is overdue")
             assert worker.stats.broker_stalled >= 1

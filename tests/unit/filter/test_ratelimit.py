@@ -200,9 +200,19 @@ async def test_counter_failure_fails_open_and_is_logged(
 # The session's MAIL FROM
 
 
+class ReadyPublisher:
+    """MAIL FROM asks only whether the broker can be reached."""
+
+    async def ready(self) -> bool:
+        return True
+
+    async def publish(self, *args: Any) -> None:
+        raise AssertionError("MAIL FROM publishes nothing")
+
+
 def session_with(limits: RateLimiter) -> FilterSession:
-    unused: Any = None  # MAIL FROM needs neither the directory nor the publisher
-    return FilterSession(session_id="s1", directory=unused, publisher=unused,
+    unused: Any = None  # MAIL FROM needs no directory
+    return FilterSession(session_id="s1", directory=unused, publisher=ReadyPublisher(),
                          rules=[], stats=WorkerStats(),
                          policy=SessionPolicy("mx.test", 100, 30.0), rate_limits=limits)
 
