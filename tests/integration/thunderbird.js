@@ -145,6 +145,24 @@ const steps = {
     return 0;
   },
 
+  async deleteFolder({ folder }) {
+    // Thunderbird's "Delete Folder" once confirmed: the folder moves into Trash (a RENAME on
+    // the server). deleteSelf would first ask the user.
+    const f = folderAt(folder), parent = f.parent, name = f.name;
+    const trash = server().rootFolder.getFolderWithFlags(Ci.nsMsgFolderFlags.Trash);
+    const status = await untilCopied(l => MailServices.copy.copyFolder(f, trash, true, l, null));
+    await until(() => !parent.subFolders.some(c => c.name == name), folder + " gone");
+    return status;
+  },
+
+  async emptyTrash() {
+    const trash = server().rootFolder.getFolderWithFlags(Ci.nsMsgFolderFlags.Trash);
+    trash.emptyTrash(null);
+    await until(() => !trash.hasSubFolders && trash.getTotalMessages(false) == 0,
+                "an empty Trash");
+    return 0;
+  },
+
   async appendDraft({ folder, text }) {
     const file = Services.dirsvc.get("TmpD", Ci.nsIFile);
     file.append("tiermail-draft.eml");

@@ -4,11 +4,12 @@ Thunderbird (headless, driven through Marionette: tests/integration/thunderbird.
 connects with the certificate checked and plaintext login refused before TLS, finds the
 folders, downloads every message for offline use, and then does what its user does: read,
 flag, tag, move to Junk, copy to an archive, delete (its default: move to Trash), create
-and rename a folder with a non-ASCII name, save a draft. The server's own index must show
-each change; changes another client makes must show up in Thunderbird; and the server must
-not have refused a command Thunderbird sent (its IMAP log is searched for tagged NO and
-BAD). Twice: Thunderbird's defaults over STARTTLS, and CONDSTORE switched on, as a user
-can (mail.server.default.use_condstore), over the implicit-TLS port.
+and rename a folder with a non-ASCII name, save a draft, delete the folder, empty Trash.
+The server's own index must show each change; changes another client makes must show up in
+Thunderbird; and the server must not have refused a command Thunderbird sent (its IMAP log
+is searched for tagged NO and BAD). Twice: Thunderbird's defaults over STARTTLS, and
+CONDSTORE switched on, as a user can (mail.server.default.use_condstore), over the
+implicit-TLS port.
 """
 
 from __future__ import annotations
@@ -176,6 +177,18 @@ async def test_thunderbird_reads_files_and_syncs(
     assert ids(view, "INBOX") == {encoded_id, newer_id}
     assert flags_in(view, "INBOX", encoded_id) == {"\\Flagged", "\\Answered"}
     assert ids(view, TRASH) == set()
+
+    # Thunderbird deletes a folder (into Trash) and empties Trash.
+    def clean_up() -> View:
+        client.step("deleteFolder", folder=f"{ARCHIVE}/{RENAMED}")
+        client.step("emptyTrash")
+        return client.step("view")
+
+    view = await asyncio.to_thread(clean_up)
+    names = {box.name for box in await stack.maildb.list_mailboxes(ALICE)}
+    assert not {name for name in names if RENAMED in name}, names
+    assert await server_flags(stack.maildb, TRASH) == {}
+    assert not any(RENAMED in folder for folder in view) and ids(view, TRASH) == set()
 
     # The one refusal allowed: right after renaming a folder it had just copied into,
     # Thunderbird still selects the old name once (its own update of the copy's target,
