@@ -39,6 +39,9 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         if redis["reachable"] and tier not in tiers:
             problems.append(f"no {tier} process is reporting")
     problems += _unconsumed(broker)
+    problems += [f"filter {beat.get('host')}:{beat.get('pid')} cannot reach the broker: it "
+                 "answers 451 at MAIL FROM" for beat in redis.get("processes", [])
+                 if beat.get("tier") == "filter" and beat.get("broker_connected") is False]
     problems += _storage_problems(redis.get("processes", []))
     return {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
 

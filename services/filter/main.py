@@ -38,6 +38,7 @@ from services.filter.stats import WorkerStats
 log = logging.getLogger(__name__)
 
 AMQP_CONNECT_TIMEOUT = 5.0
+STAY_CONNECTED_INTERVAL = 2.0  # seconds between checks that the broker connection is up
 
 
 @dataclass
@@ -107,6 +108,7 @@ async def open_worker(
             )
             stack.push_async_callback(real.close)
             await _connect_early(real)
+            stack.push_async_callback(stop_task, asyncio.create_task(_stay_connected(real)))
             publisher = real
         stats = WorkerStats()
         # Rate limits: counted in Redis so they hold across all workers (common/ratelimit.py).
@@ -135,7 +137,8 @@ async def open_worker(
         )
         if client is not None:
             await stack.enter_async_context(
-                Heartbeat(client, settings.redis_prefix, "filter", lambda: _health(server, stats))
+                Heartbeat(client, settings.redis_prefix, "filter",
+                          lambda: _health(server, stats, publisher))
             )
         drainer: DeferredScanner | None = None
         if scanners.enabled and drain_scan_queue is not False:
@@ -161,8 +164,27 @@ def _redis_client(settings: Settings, stack: contextlib.AsyncExitStack) -> redis
     return client
 
 
-def _health(server: FilterServer, stats: WorkerStats) -> dict[str, object]:
-    return {"ports": server.ports, "data_held": server.data_held, **stats.snapshot()}
+def _health(server: FilterServer, stats: WorkerStats, publisher: MessagePublisher
+            ) -> dict[str, object]:
+    connected = {"broker_connected": publisher.connected} if isinstance(
+        publisher, Publisher) else {}
+    return {"ports": server.ports, "data_held": server.data_held, **connected,
+            **stats.snapshot()}
+
+
+async def _stay_connected(publisher: Publisher) -> None:
+    """Reconnect an idle worker after the broker went away, rather than at the next sender's
+    MAIL FROM; say once per outage that mail is being refused."""
+    unreachable = False
+    while True:
+        await asyncio.sleep(STAY_CONNECTED_INTERVAL)
+        if publisher.connected:
+            unreachable = False
+            continue
+        if not await publisher.ready() and not unreachable:
+            unreachable = True
+            log.warning("broker unreachable: MAIL FROM gets 451 4.3.0 until it is back",
+                        extra={"event": "amqp-unreachable"})
 
 
 async def _connect_early(publisher: Publisher) -> None:

@@ -12,7 +12,7 @@ from pamqp.commands import Basic
 
 from common.settings import Settings
 from tests.e2e.test_inbound_spine import provision, send
-from tests.support import TierProcess, dead_letter_depth, run_cli, wait_until
+from tests.support import TcpProxy, TierProcess, dead_letter_depth, run_cli, wait_until
 
 
 def status(settings: Settings) -> tuple[int, dict]:  # type: ignore[type-arg]
@@ -90,3 +90,38 @@ def test_status_shows_the_stores_open_sessions(
     finally:
         for client in [*imap, pop3]:
             client.close()
+
+
+def test_status_names_a_filter_cut_off_from_the_broker(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """Status itself may reach RabbitMQ while a filter cannot (another host, a network
+    between): the filter's heartbeat says so, and it reconnects by itself, without waiting
+    for a sender, once the broker is reachable again."""
+    provision(settings)
+    run_tier(settings, "store").wait_for_port(settings.pop3_port)
+    proxy = TcpProxy(5672)
+    vhost = settings.amqp_url.rsplit("/", 1)[1]
+    run_tier(settings.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"),
+             "filter").wait_for_port(settings.smtp_port)
+
+    def filter_connected() -> bool | None:
+        beats = [p for p in status(settings)[1]["redis"].get("processes", [])
+                 if p["tier"] == "filter"]
+        return beats[0].get("broker_connected") if beats else None
+
+    try:
+        wait_until(lambda: filter_connected() is True, timeout=30, interval=0.5,
+                   what="the filter to report its broker connection")
+        proxy.cut()
+        wait_until(lambda: filter_connected() is False, timeout=30, interval=0.5,
+                   what="the filter to report the broker unreachable")
+        code, report = status(settings)
+        assert code == 1
+        assert any(problem.startswith("filter ") and "cannot reach the broker" in problem
+                   for problem in report["problems"]), report["problems"]
+        proxy.start()  # no mail sent: the filter reconnects on its own
+        wait_until(lambda: filter_connected() is True, timeout=30, interval=0.5,
+                   what="the filter to reconnect by itself")
+        assert status(settings)[0] == 0
+    finally:
+        proxy.cut()
