@@ -163,6 +163,38 @@ const steps = {
     return 0;
   },
 
+  // Write and send a message the way the compose window does: through the identity's
+  // outgoing server, a copy saved to Sent (an IMAP APPEND) once it has gone.
+  async send({ to, subject, body }) {
+    const identity = MailServices.accounts.accounts[0].defaultIdentity;
+    const fields = Cc["@mozilla.org/messengercompose/composefields;1"]
+      .createInstance(Ci.nsIMsgCompFields);
+    fields.from = identity.email;
+    fields.to = to;
+    fields.subject = subject;
+    fields.body = body;
+    const sender = Cc["@mozilla.org/messengercompose/send;1"].createInstance(Ci.nsIMsgSend);
+    return new Promise((resolve, reject) => {
+      const listener = {
+        QueryInterface: ChromeUtils.generateQI(["nsIMsgSendListener",
+                                                "nsIMsgCopyServiceListener"]),
+        onStartSending() {}, onProgress() {}, onStatus() {}, onGetDraftFolderURI() {},
+        onStartCopy() {}, setMessageKey() {}, getMessageId() { return null; },
+        onStopSending(messageId, status, text) {
+          if (status) reject(new Error(`sending failed: ${status} ${text}`));
+        },
+        onSendNotPerformed(messageId, status) { reject(new Error("not sent: " + status)); },
+        onTransportSecurityError(messageId, status) {
+          reject(new Error("TLS refused: " + status));
+        },
+        onStopCopy(status) { resolve(status); },  // the copy in Sent is saved
+      };
+      sender.createAndSendMessage(null, identity, "", fields, false, false,
+                                  Ci.nsIMsgSend.nsMsgDeliverNow, null, "text/plain", body,
+                                  null, null, listener, null, "", Ci.nsIMsgCompType.New);
+    });
+  },
+
   async appendDraft({ folder, text }) {
     const file = Services.dirsvc.get("TmpD", Ci.nsIFile);
     file.append("tiermail-draft.eml");

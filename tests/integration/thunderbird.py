@@ -39,6 +39,7 @@ TAGGED_FAILURE = re.compile(r"I/IMAP (?P<connection>[0-9a-f]+):.*:CreateNewLineF
 
 STARTTLS, IMPLICIT_TLS = 2, 3  # mail.server.*.socketType
 PASSWORD_CLEARTEXT = 3  # mail.server.*.authMethod: PLAIN or LOGIN, over TLS here
+NO_AUTHENTICATION = 1
 
 
 class StepFailed(AssertionError):
@@ -126,8 +127,10 @@ class Thunderbird:
                     raise RuntimeError(f"Thunderbird did not start: {output}") from None
                 time.sleep(0.2)
 
-    def trust_certificate(self, pem: str) -> None:
-        self.step("trustCertificate", host=HOST, port=self.port, pem=pem)
+    def trust_certificate(self, pem: str, port: int | None = None) -> None:
+        """Accept the server's self-signed certificate on `port` (the account's own port
+        unless given), as its user would."""
+        self.step("trustCertificate", host=HOST, port=port or self.port, pem=pem)
 
     def login(self, password: str) -> None:
         """Store the password (and, for IMAP, let Thunderbird find the folders)."""
@@ -172,6 +175,20 @@ class Thunderbird:
             except subprocess.TimeoutExpired:
                 os.killpg(self._process.pid, signal.SIGKILL)
                 self._process.wait()
+
+
+def outgoing_prefs(smtp_port: int) -> dict[str, Any]:
+    """The identity's outgoing server: the filter tier on `smtp_port`, STARTTLS, no login
+    (mail to local recipients needs none; submission with AUTH is a later issue)."""
+    return {
+        "mail.smtpservers": "smtp1",
+        "mail.smtpserver.smtp1.hostname": HOST,
+        "mail.smtpserver.smtp1.port": smtp_port,
+        "mail.smtpserver.smtp1.try_ssl": STARTTLS,
+        "mail.smtpserver.smtp1.authMethod": NO_AUTHENTICATION,
+        "mail.identity.id1.smtpServer": "smtp1",
+        "mail.identity.id1.fcc_folder": f"imap://{HOST}/Sent",
+    }
 
 
 def _account_prefs(port: int, user: str, protocol: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ def received_header(info: ReceivedInfo) -> bytes:
     The client's HELO name is untrusted text: anything that could break the header (controls,
     and non-ASCII unless the message is SMTPUTF8) is replaced by "?".
     """
-    helo = _clean(info.helo, info.smtputf8) or "unknown"
+    helo = _helo_name(info.helo, info.smtputf8)
     with_tls = info.tls is not None
     lines = [f"Received: from {helo} ([{_ip_literal(info.client_ip)}])"]
     by = f"by {info.hostname} ({SOFTWARE}) with "
@@ -67,6 +68,23 @@ def received_header(info: ReceivedInfo) -> bytes:
         lines.append(when)
     text = "\r\n\t".join(lines) + "\r\n"
     return text.encode("utf-8" if info.smtputf8 else "ascii")
+
+
+def _helo_name(helo: str, allow_utf8: bool) -> str:
+    """The HELO name, cleaned; an address literal ([192.0.2.1], [IPv6:2001:db8::1]: what a
+    client without a DNS name sends, Thunderbird among them; RFC 5321 4.1.3) kept whole, as
+    RFC 5321 4.4's Received syntax allows it."""
+    if helo.startswith("[") and helo.endswith("]"):
+        inner = helo[1:-1]
+        is_ipv6 = inner[:5].upper() == "IPV6:"
+        try:
+            address = ipaddress.ip_address(inner[5:] if is_ipv6 else inner)
+        except ValueError:
+            pass
+        else:
+            if address.version == (6 if is_ipv6 else 4):
+                return helo
+    return _clean(helo, allow_utf8) or "unknown"
 
 
 def _ip_literal(ip: str) -> str:

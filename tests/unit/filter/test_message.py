@@ -117,6 +117,18 @@ def test_received_utf8() -> None:
     assert b" with UTF8SMTP id " in header
 
 
+@pytest.mark.parametrize(("helo", "shown"), [
+    ("[127.0.0.1]", "[127.0.0.1]"), ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),
+    ("[ipv6:::1]", "[ipv6:::1]"), ("[2001:db8::1]", "?2001:db8::1?"),
+    ("[IPv6:192.0.2.1]", "?IPv6:192.0.2.1?"), ("[999.0.0.1]", "?999.0.0.1?"),
+    ("[a] (b)", "?a???b?")])
+def test_received_keeps_an_address_literal_helo(helo: str, shown: str) -> None:
+    """Clients without a DNS name greet with their address in brackets (Thunderbird does):
+    RFC 5321's Received syntax has room for it; anything else in brackets is cleaned."""
+    assert received_header(info(helo=helo)).startswith(
+        f"Received: from {shown} ([192.0.2.7])\r\n".encode())
+
+
 def test_received_empty_helo() -> None:
     assert received_header(info(helo="")).startswith(b"Received: from unknown ")
 
