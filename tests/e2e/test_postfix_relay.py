@@ -32,7 +32,11 @@ from tests.support import TierProcess, require_client, wait_until
 def relay_to() -> Iterator[Callable[[int], PostfixRelay]]:
     require_client(POSTFIX, "postfix")
     if os.geteuid() != 0:
-        pytest.skip("Postfix's master starts its daemons as the postfix user: needs root")
+        # Not an install step: CI and `make test` on a new machine run as root.
+        message = "Postfix's master starts its daemons as the postfix user: needs root"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     relays: list[PostfixRelay] = []
 
     def start(filter_port: int) -> PostfixRelay:
