@@ -210,10 +210,6 @@ const steps = {
     file.remove(false);
     return status;
   },
-
-  async expunge({ folder }) {
-    return untilUrlDone(l => folderAt(folder).expunge(l, null));
-  },
 };
 
 function run(step, args) {

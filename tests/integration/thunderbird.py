@@ -56,6 +56,8 @@ class Marionette:
         self._read_frame()  # the greeting: application type and protocol version
         self.call("WebDriver:NewSession", {"capabilities": {}})
         self.call("Marionette:SetContext", {"value": "chrome"})
+        # A step may take this long (the socket's timeout is the same bound).
+        self.call("WebDriver:SetTimeouts", {"script": int(STEP_TIMEOUT * 1000)})
 
     def _read_frame(self) -> Any:
         while b":" not in self._buffer:
@@ -143,7 +145,7 @@ class Thunderbird:
                   f"run({json.dumps(name)}, {json.dumps(args)}).then("
                   "value => done({value}), e => done({error: `${e}\\n${e.stack}`}));")
         result = self._marionette.call("WebDriver:ExecuteAsyncScript", {
-            "script": script, "args": [], "scriptTimeout": int(STEP_TIMEOUT * 1000)})["value"]
+            "script": script, "args": []})["value"]
         if result is None:  # Thunderbird opened a dialog (an alert, a prompt) instead
             raise StepFailed(f"{name}: Thunderbird showed a dialog; see {self.log_file}*")
         if "error" in result:
