@@ -39,9 +39,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         if redis["reachable"] and tier not in tiers:
             problems.append(f"no {tier} process is reporting")
     problems += _unconsumed(broker)
-    problems += [f"filter {beat.get('host')}:{beat.get('pid')} cannot reach the broker: it "
-                 "answers 451 at MAIL FROM" for beat in redis.get("processes", [])
-                 if beat.get("tier") == "filter" and beat.get("broker_connected") is False]
+    problems += _cut_off_filters(redis.get("processes", []))
     problems += _storage_problems(redis.get("processes", []))
     return {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
 
@@ -53,6 +51,14 @@ def _unconsumed(broker: dict[str, Any]) -> list[str]:
             "the store is stopped or cannot reach the broker"
             for queue in (broker.get("deliver"), broker.get("large"))
             if queue is not None and queue["declared"] and not queue["consumers"]]
+
+
+def _cut_off_filters(beats: list[dict[str, Any]]) -> list[str]:
+    """Filters that cannot reach the broker although status can (another host, a network
+    in between): they refuse mail at MAIL FROM until it is back."""
+    return [f"filter {beat.get('host')}:{beat.get('pid')} cannot reach the broker: it "
+            "answers 451 at MAIL FROM" for beat in beats
+            if beat.get("tier") == "filter" and beat.get("broker_connected") is False]
 
 
 def _storage_problems(beats: list[dict[str, Any]]) -> list[str]:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiormq
 import pytest
@@ -173,6 +174,13 @@ class TierProcess:
                 return
             time.sleep(0.05)
         raise AssertionError(f"port {port} never opened:\n{self.output()}")
+
+
+def broker_at(settings: Settings, port: int, **changes: Any) -> Settings:
+    """These settings with RabbitMQ reached on `port` of loopback (a proxy the test can cut,
+    or a closed port), same vhost and credentials."""
+    vhost = settings.amqp_url.rsplit("/", 1)[1]
+    return settings.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/{vhost}", **changes)
 
 
 class TcpProxy:

@@ -166,10 +166,8 @@ def _redis_client(settings: Settings, stack: contextlib.AsyncExitStack) -> redis
 
 def _health(server: FilterServer, stats: WorkerStats, publisher: MessagePublisher
             ) -> dict[str, object]:
-    connected = {"broker_connected": publisher.connected} if isinstance(
-        publisher, Publisher) else {}
-    return {"ports": server.ports, "data_held": server.data_held, **connected,
-            **stats.snapshot()}
+    return {"ports": server.ports, "data_held": server.data_held,
+            "broker_connected": publisher.connected, **stats.snapshot()}
 
 
 async def _stay_connected(publisher: Publisher) -> None:

@@ -46,6 +46,9 @@ class MessagePublisher(Protocol):
 
     async def ready(self) -> bool: ...
 
+    @property
+    def connected(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class SessionPolicy:

@@ -19,7 +19,14 @@ from imapclient import IMAPClient
 
 from common.settings import Settings
 from tests.e2e.test_inbound_spine import PASSWORD, provision
-from tests.support import PrivateBroker, TcpProxy, TierProcess, queue_depth, wait_until
+from tests.support import (
+    PrivateBroker,
+    TcpProxy,
+    TierProcess,
+    broker_at,
+    queue_depth,
+    wait_until,
+)
 
 MESSAGE_ID = re.compile(rb"Message-ID: (<[^>]+>)")
 USER = "alice@example.org"
@@ -155,9 +162,7 @@ def start_with_broker_behind_proxy(settings: Settings,
     can cut (and restore) to take the broker away from it."""
     provision(settings)
     proxy = TcpProxy(5672)
-    vhost = settings.amqp_url.rsplit("/", 1)[1]
-    through_proxy = settings.replace(
-        amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}", publish_timeout=5.0)
+    through_proxy = broker_at(settings, proxy.port, publish_timeout=5.0)
     run_tier(settings, "store").wait_for_port(settings.pop3_port)
     run_tier(through_proxy, "filter").wait_for_port(settings.smtp_port)
     return proxy

@@ -12,7 +12,14 @@ from pamqp.commands import Basic
 
 from common.settings import Settings
 from tests.e2e.test_inbound_spine import provision, send
-from tests.support import TcpProxy, TierProcess, dead_letter_depth, run_cli, wait_until
+from tests.support import (
+    TcpProxy,
+    TierProcess,
+    broker_at,
+    dead_letter_depth,
+    run_cli,
+    wait_until,
+)
 
 
 def status(settings: Settings) -> tuple[int, dict]:  # type: ignore[type-arg]
@@ -100,9 +107,7 @@ def test_status_names_a_filter_cut_off_from_the_broker(
     provision(settings)
     run_tier(settings, "store").wait_for_port(settings.pop3_port)
     proxy = TcpProxy(5672)
-    vhost = settings.amqp_url.rsplit("/", 1)[1]
-    run_tier(settings.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"),
-             "filter").wait_for_port(settings.smtp_port)
+    run_tier(broker_at(settings, proxy.port), "filter").wait_for_port(settings.smtp_port)
 
     def filter_connected() -> bool | None:
         beats = [p for p in status(settings)[1]["redis"].get("processes", [])

@@ -156,7 +156,7 @@ class Thunderbird:
         """Every command the server answered with a tagged NO or BAD, from Thunderbird's IMAP
         log, as 'command -> reply'."""
         refused: list[str] = []
-        for log in sorted(self.root.glob("imap.log*")):  # IMAP only: POP3 has no tags
+        for log in sorted(self.root.glob(f"{self.log_file.name}*")):  # POP3 has no tags
             sent: dict[str, str] = {}  # tag -> command, per connection (the log's prefix)
             for line in log.read_text(errors="replace").splitlines():
                 if sending := SENT.search(line):

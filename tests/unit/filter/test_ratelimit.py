@@ -203,6 +203,8 @@ async def test_counter_failure_fails_open_and_is_logged(
 class ReadyPublisher:
     """MAIL FROM asks only whether the broker can be reached."""
 
+    connected = True
+
     async def ready(self) -> bool:
         return True
 
