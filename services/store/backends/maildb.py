@@ -548,15 +548,17 @@ class MailDB:
         return [uid is not None for uid in await self.deliver_uids(deliveries)]
 
     async def expunge(self, user: str, mailbox: str, uids: list[int], *,
-                      uidvalidity: int | None = None) -> list[int]:
+                      uidvalidity: int | None = None, deleted_only: bool = False) -> list[int]:
         """`uidvalidity` (here and in store_flags, copy and move): act only if the mailbox
         under the name is still that one (an IMAP session's selected mailbox may have been
-        renamed, and a new one made under its name, since it looked)."""
+        renamed, and a new one made under its name, since it looked). `deleted_only`: of
+        `uids`, only those with \\Deleted when the change is made (IMAP's EXPUNGE and CLOSE:
+        another session may have taken the flag away since this one looked)."""
         self.user_path(user)
         if not uids:
             return []
         return await self._change(self._expunge_sync, user, canonical_mailbox(mailbox),
-                                  list(uids), uidvalidity)
+                                  list(uids), uidvalidity, deleted_only)
 
     async def create_mailbox(self, user: str, name: str,
                              special_use: str | None = None) -> None:
@@ -1211,13 +1213,15 @@ class MailDB:
         return AppendResult(box.uidvalidity, box.uidnext)
 
     def _expunge_sync(self, events: list[ChangeEvent], user: str, mailbox: str,
-                      uids: list[int], uidvalidity: int | None = None) -> list[int]:
+                      uids: list[int], uidvalidity: int | None = None,
+                      deleted_only: bool = False) -> list[int]:
         conn = self._writer_conn(user, create=False)
         if conn is None:
             raise NoSuchMailbox(mailbox)
         with transaction(conn):
             box = self._box(conn, mailbox, uidvalidity)
-            rows = _rows_for_uids(conn, box.id, uids, f"guid, size, {_INLINE}")
+            rows = _rows_for_uids(conn, box.id, uids, f"guid, size, {_INLINE}",
+                                  where=_HAS_DELETED if deleted_only else "")
             if not rows:
                 return []
             files = self._forget_bodies(conn, user, [(row[1], row[3]) for row in rows])
@@ -1639,13 +1643,19 @@ def _infos(rows: Iterable[Sequence[Any]]) -> list[MessageInfo]:
     return result
 
 
+# `flags` holds the flags space-separated; system flags are matched case-insensitively, as
+# LIKE does (RFC 3501 2.3.2).
+_HAS_DELETED = " AND ' ' || flags || ' ' LIKE '% \\Deleted %'"
+
+
 def _rows_for_uids(conn: sqlite3.Connection, box_id: int, uids: Iterable[int],
-                   columns: str) -> list[tuple[Any, ...]]:
-    """(uid, *columns) of the given UIDs that exist in the mailbox, ascending by UID."""
+                   columns: str, *, where: str = "") -> list[tuple[Any, ...]]:
+    """(uid, *columns) of the given UIDs that exist in the mailbox (and meet the `where`
+    condition, " AND ..."), ascending by UID."""
     wanted = sorted({uid for uid in uids if 0 < uid < 1 << 63})
     if not wanted:
         return []
-    query = f"SELECT uid, {columns} FROM message WHERE mailbox_id = ?"
+    query = f"SELECT uid, {columns} FROM message WHERE mailbox_id = ?{where}"
     if len(wanted) > _RANGE_SCAN_THRESHOLD:
         # Many UIDs (1:* on a big mailbox): one range scan beats thousands of lookups.
         keep = set(wanted)

@@ -65,7 +65,7 @@ from services.store.imap.search import (
     read_header,
     search,
 )
-from services.store.imap.selected import SelectedMailbox, format_uids
+from services.store.imap.selected import SelectedMailbox, SelectedMailboxDeleted, format_uids
 from services.store.imap.sort import BadSortCriteria, sort
 from services.store.imap.thread import BadThreadAlgorithm, format_thread, thread
 from services.store.mailbox import (
@@ -552,12 +552,14 @@ async def check(s: Session, c: Command) -> r.Reply:
 async def close(s: Session, c: Command) -> r.Reply:
     selected = s.mailbox
     if not selected.readonly:
-        # RFC 3501 6.4.2: expunge silently, then leave the mailbox.
-        uids = [info.uid for info in selected.infos if DELETED in info.flags]
-        if uids:
-            with contextlib.suppress(NoSuchMailbox):  # deleted meanwhile: nothing to expunge
+        # RFC 3501 6.4.2: expunge silently, then leave the mailbox. What has \Deleted is the
+        # mailbox's state now, with other sessions' flag changes since our last command.
+        with contextlib.suppress(NoSuchMailbox, SelectedMailboxDeleted):  # nothing to expunge
+            await s.take_in_changes()
+            uids = [info.uid for info in selected.infos if DELETED in info.flags]
+            if uids:
                 await s.store.expunge(s.logged_in_user, selected.name, uids,
-                                      uidvalidity=selected.uidvalidity)
+                                      uidvalidity=selected.uidvalidity, deleted_only=True)
     s.deselect()
     return r.OK_DONE
 
@@ -578,7 +580,7 @@ async def expunge(s: Session, c: Command) -> r.Reply:
         candidates = selected.infos
     uids = [info.uid for info in candidates if DELETED in info.flags]
     if uids and await s.store.expunge(s.logged_in_user, selected.name, uids,
-                                      uidvalidity=selected.uidvalidity):
+                                      uidvalidity=selected.uidvalidity, deleted_only=True):
         return await _removal_done(s)
     return r.OK_DONE  # the EXPUNGE (or VANISHED) responses come from the sync that follows
 

@@ -37,6 +37,10 @@ class InvalidSequence(ValueError):
     """A message sequence number above the number of messages (RFC 3501 6.4.8 / 9)."""
 
 
+class SelectedMailboxDeleted(Exception):
+    """Another session deleted the mailbox this one has selected."""
+
+
 class SelectedMailbox:
     def __init__(self, name: str, *, readonly: bool, status: MailboxStatus,
                  snapshot: Snapshot, recent_from: int, version: int) -> None:

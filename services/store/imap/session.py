@@ -41,7 +41,7 @@ from services.store.imap.protocol.parser import (
     RawCommand,
     Refused,
 )
-from services.store.imap.selected import InvalidSequence, SelectedMailbox
+from services.store.imap.selected import InvalidSequence, SelectedMailbox, SelectedMailboxDeleted
 from services.store.imap.userlimit import UserConnections
 from services.store.mailbox import Changes, NoSuchMailbox, OutOfSpace
 
@@ -350,20 +350,29 @@ class Session:
         selected = self.selected
         if selected is None:
             return
-        user = self.logged_in_user
-        version = self.store.version(user)
-        if version != selected.version:
-            selected.version = version  # before the query: a change during it bumps again
-            changes = await self._changes(selected)
-            new = selected.apply(changes)
-            if new and not selected.readonly:
-                with contextlib.suppress(OutOfSpace):  # a full disk: new mail, not \Recent
-                    recent_from = await self.store.claim_recent(user, selected.name)
-                    selected.mark_recent(new, recent_from)
+        await self.take_in_changes()
         lines = selected.updates(allow_expunge=allow_expunge, qresync=self.enabled.qresync,
                                  condstore=self.enabled.condstore)
         if lines:
             await self.send(b"".join(lines))
+
+    async def take_in_changes(self) -> None:
+        """Bring the selected mailbox's state up to date with every session's changes,
+        announcing nothing yet (`sync` announces)."""
+        selected = self.selected
+        if selected is None:
+            return
+        user = self.logged_in_user
+        version = self.store.version(user)
+        if version == selected.version:
+            return
+        selected.version = version  # before the query: a change during it bumps again
+        changes = await self._changes(selected)
+        new = selected.apply(changes)
+        if new and not selected.readonly:
+            with contextlib.suppress(OutOfSpace):  # a full disk: new mail, not \Recent
+                recent_from = await self.store.claim_recent(user, selected.name)
+                selected.mark_recent(new, recent_from)
 
     async def _changes(self, selected: SelectedMailbox) -> Changes:
         """What changed in the selected mailbox. Renamed by another session, it is followed
@@ -448,10 +457,6 @@ class Session:
             await asyncio.sleep(self.deps.auth_failure_delay)
             return r.NO_AUTH_FAILED
         return await self.login(authcid, password)
-
-
-class SelectedMailboxDeleted(Exception):
-    """Another session deleted the mailbox this one has selected."""
 
 
 def _numbers_messages(command: Command) -> bool:

@@ -274,6 +274,32 @@ async def test_close_of_a_mailbox_deleted_elsewhere_just_leaves_it(server: Serve
     assert listed.status == "OK" and not listed.lines(b"BYE"), listed
 
 
+async def test_close_expunges_what_has_deleted_now_not_what_it_saw(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """RFC 3501 6.4.2: CLOSE removes the messages that have \\Deleted. Another session's
+    flag changes since this session's last command count: a message restored there stays
+    (it used to be removed: lost mail), one deleted there goes."""
+    for n in range(3):
+        await deliver(ALICE, message(f"m{n}"))
+    uids = [m.uid for m in await maildb.list_messages(ALICE)]
+
+    def dialog() -> None:
+        closer, other = server.raw(ALICE), server.raw(ALICE)
+        closer.ok("SELECT INBOX")
+        closer.ok("STORE 1 +FLAGS.SILENT (\\Deleted)")
+        other.ok("SELECT INBOX")
+        other.ok("STORE 1 -FLAGS.SILENT (\\Deleted)")
+        other.ok("STORE 2 +FLAGS.SILENT (\\Deleted)")
+        closed = closer.ok("CLOSE")
+        assert not closed.lines(b"EXPUNGE") and not closed.lines(b"FETCH"), closed
+        assert other.ok("NOOP").lines(b"EXPUNGE") == [b"* 2 EXPUNGE"]
+        closer.close()
+        other.close()
+
+    await in_thread(dialog)
+    assert [m.uid for m in await maildb.list_messages(ALICE)] == [uids[0], uids[2]]
+
+
 async def test_short_commands_are_served_while_long_ones_wait_their_turn(
         imap_server: ImapStack, deliver: Deliver) -> None:
     """services/store/imap/lanes.py: while the long lane is taken, a SELECT waits for it and

@@ -551,6 +551,17 @@ async def test_expunge_returns_removed_uids_and_updates_usage(db: MailDB) -> Non
     assert stored(db) == await indexed_guids(db)
 
 
+async def test_expunge_of_deleted_only_takes_what_has_the_flag_now(db: MailDB) -> None:
+    """IMAP's EXPUNGE and CLOSE name the messages their session saw with \\Deleted; another
+    session may have taken the flag away since."""
+    await append_n(db, 4)
+    await db.store_flags(ALICE, INBOX, [1, 2], "+", frozenset({"\\Deleted", "\\Seen"}))
+    await db.store_flags(ALICE, INBOX, [1], "-", frozenset({"\\Deleted"}))
+    await db.store_flags(ALICE, INBOX, [3], "+", frozenset({"$Deletedish", "\\Flagged"}))
+    assert await db.expunge(ALICE, INBOX, [1, 2, 3], deleted_only=True) == [2]
+    assert [m.uid for m in await db.list_messages(ALICE)] == [1, 3, 4]
+
+
 async def test_deliver_counts_in_usage(db: MailDB) -> None:
     assert await db.usage(ALICE) == 0
     await db.deliver([Delivery("q1", ALICE, body(1), 0.0),
