@@ -354,6 +354,8 @@ def test_sort_and_thread() -> None:
         (b"a APPEND x ~{5}\r\n", "a", "literal8 (BINARY) is not supported"),
         (b'a APPEND x "31-Feb-2020 00:00:00 +0000" {0}\r\n', "a", "bad date-time"),
         (b'a APPEND x "1-Feb-2020 00:00:00 +2400" {0}\r\n', "a", "bad time zone"),
+        (b'a APPEND x "01-Jan-0001 00:00:00 +0001" {0}\r\n', "a", "bad date-time"),
+        (b'a APPEND x "31-Dec-9999 23:59:59 -0001" {0}\r\n', "a", "bad date-time"),
         (b"a FETCH 0 FLAGS", "a", None),
         (b"a FETCH 1:$ FLAGS", "a", "search result references ($) are not supported"),
         (b"a FETCH 1 (FLAGS", "a", None),

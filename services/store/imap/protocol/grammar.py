@@ -388,12 +388,16 @@ class Cursor:
         if zone % 100 >= 60 or offset >= datetime.timedelta(hours=24):
             raise _Syntax("bad time zone")
         try:
-            return datetime.datetime(
+            value = datetime.datetime(
                 year, month, day, hour, minute, second,
                 tzinfo=datetime.timezone(sign * offset),
             )
-        except ValueError as exc:
+            # "01-Jan-0001 00:00:00 +0100" is before year 1 in UTC, which the store, SEARCH's
+            # date keys and FETCH's INTERNALDATE all work in.
+            value.astimezone(datetime.UTC)
+        except (ValueError, OverflowError) as exc:
             raise _Syntax("bad date-time") from exc
+        return value
 
     def _digits(self, least: int, most: int, what: str) -> int:
         digits = self.run(_DIGITS)
