@@ -1073,7 +1073,7 @@ async def _search_positions(s: Session, selected: SelectedMailbox, key: SearchKe
                             view: MessageView | None = None) -> list[int]:
     view = view or MessageView(selected.infos, _source(s))
     return await search(key, selected.infos, view.source,
-                        recent_from_uid=selected.recent_from_uid, view=view)
+                        recent=selected.recent_uids, view=view)
 
 
 def _source(s: Session) -> StoreMessageSource:

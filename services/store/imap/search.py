@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Protocol
 
 from services.store.backends.maildb import MailDB
@@ -118,23 +118,24 @@ class MessageView:
 
 
 async def search(key: SearchKey, messages: Sequence[MessageInfo], source: MessageSource, *,
-                 recent_from_uid: int, today: datetime.date | None = None,
+                 recent: Container[int], today: datetime.date | None = None,
                  view: MessageView | None = None) -> list[int]:
     """0-based positions in `messages` (ascending UIDs) of the messages matching `key`.
 
-    `recent_from_uid`: the lowest UID that is \\Recent in this session. `view` lets SORT and
+    `recent`: the UIDs that are \\Recent in this session (not always the newest: another
+    session may have claimed some between them). `view` lets SORT and
     THREAD share the header cache with the search they start with. `today` is unused by the
     RFC 3501 keys and kept for the RFC 5032 WITHIN keys (OLDER/YOUNGER) should they come.
     """
-    evaluator = _Evaluator(view or MessageView(messages, source), recent_from_uid)
+    evaluator = _Evaluator(view or MessageView(messages, source), recent)
     return await evaluator.run(key, list(range(len(messages))))
 
 
 class _Evaluator:
-    def __init__(self, view: MessageView, recent_from_uid: int) -> None:
+    def __init__(self, view: MessageView, recent: Container[int]) -> None:
         self.view = view
         self.messages = view.messages
-        self.recent_from_uid = recent_from_uid
+        self.recent = recent
         self._lower_flags: dict[frozenset[str], frozenset[str]] = {}
 
     async def run(self, key: SearchKey, candidates: list[int]) -> list[int]:
@@ -176,13 +177,13 @@ class _Evaluator:
         if kind in ("KEYWORD", "UNKEYWORD"):
             keyword, wanted = str(key.value).lower(), kind == "KEYWORD"
             return lambda _, info: (keyword in self._folded_flags(info.flags)) is wanted
-        recent = self.recent_from_uid
+        recent = self.recent
         if kind == "RECENT":
-            return lambda _, info: info.uid >= recent
+            return lambda _, info: info.uid in recent
         if kind == "OLD":
-            return lambda _, info: info.uid < recent
+            return lambda _, info: info.uid not in recent
         if kind == "NEW":
-            return lambda _, info: info.uid >= recent and "\\Seen" not in info.flags
+            return lambda _, info: info.uid in recent and "\\Seen" not in info.flags
         if kind in ("LARGER", "SMALLER", "MODSEQ"):
             return _number_test(kind, _int(key.value))
         if kind in ("BEFORE", "ON", "SINCE"):

@@ -122,11 +122,6 @@ class SelectedMailbox:
     def is_recent(self, position: int) -> bool:
         return self._uids[position] in self._recent
 
-    @property
-    def recent_from_uid(self) -> int:
-        """The lowest UID that is \\Recent in this session (uidnext when none is)."""
-        return min(self._recent) if self._recent else self.uidnext
-
     def position_of(self, uid: int) -> int | None:
         position = bisect.bisect_left(self._uids, uid)
         if position < len(self._uids) and self._uids[position] == uid:

@@ -300,6 +300,34 @@ async def test_close_expunges_what_has_deleted_now_not_what_it_saw(
     assert [m.uid for m in await maildb.list_messages(ALICE)] == [uids[0], uids[2]]
 
 
+async def test_search_recent_is_the_messages_this_session_claimed(
+        server: Server, deliver: Deliver) -> None:
+    """\\Recent belongs to the first session that sees a message (RFC 3501 2.3.2); when
+    another session claimed one between two of ours, SEARCH RECENT, NEW and OLD must agree
+    with FETCH FLAGS (they used to take every UID from our first recent one on)."""
+    await deliver(ALICE, message("m0"))
+
+    def dialog() -> tuple[list[bytes], ...]:
+        one, two, appender = server.raw(ALICE), server.raw(ALICE), server.raw(ALICE)
+        one.ok("SELECT INBOX")  # claims m0
+        two.ok("SELECT INBOX")
+        appender.literal_command(b"APPEND INBOX", message("m1"), plus=True)
+        two.ok("NOOP")  # claims m1
+        appender.literal_command(b"APPEND INBOX", message("m2"), plus=True)
+        one.ok("NOOP")  # claims m2
+        flags = one.ok("FETCH 1:* (FLAGS)").lines(b"FETCH")
+        found = (one.ok(f"SEARCH {key}").lines(b"SEARCH") for key in ("RECENT", "NEW", "OLD"))
+        result = (flags, *found)
+        for session in (one, two, appender):
+            session.close()
+        return result
+
+    flags, recent, new, old = await in_thread(dialog)
+    assert [b"\\Recent" in line for line in flags] == [True, False, True], flags
+    assert recent == new == [b"* SEARCH 1 3"]
+    assert old == [b"* SEARCH 2"]
+
+
 async def test_short_commands_are_served_while_long_ones_wait_their_turn(
         imap_server: ImapStack, deliver: Deliver) -> None:
     """services/store/imap/lanes.py: while the long lane is taken, a SELECT waits for it and

@@ -102,7 +102,7 @@ async def run(maildb: MailDB, index: TextIndex | None, kind: str, needle: str,
               messages: list[MessageInfo]) -> tuple[set[str], int]:
     source = CountingSource(maildb, index, USER)
     positions = await search(SearchKey(kind, needle), messages, source,
-                             recent_from_uid=10**9)
+                             recent=frozenset())
     return {messages[p].guid for p in positions}, source.reads
 
 
@@ -156,7 +156,7 @@ async def test_message_delivered_after_indexing_is_found_before_the_indexer_runs
 
     source = StoreMessageSource(maildb, index, USER, indexer=indexer)
     found = await search(SearchKey("TEXT", "PARTICULAR PHRASE"), messages, source,
-                         recent_from_uid=10**9)
+                         recent=frozenset())
     assert found == [len(messages) - 1]
     # The search handed the unindexed message to the indexer.
     await indexer.wait_idle()
@@ -207,7 +207,7 @@ async def test_index_from_an_older_extraction_is_rebuilt_at_startup(
     assert fresh.lookup(USER, "invoice-4711", "BODY") == (set(), frozenset())  # nothing indexed
     [message] = await maildb.list_messages(USER, INBOX)
     assert await search(SearchKey("BODY", "invoice-4711"), [message],
-                        StoreMessageSource(maildb, fresh, USER), recent_from_uid=1) == [0]
+                        StoreMessageSource(maildb, fresh, USER), recent=frozenset()) == [0]
 
     worker = TextIndexer(maildb, fresh)
     await run_until_idle(worker, worker.request_all)
@@ -227,7 +227,7 @@ async def test_corrupt_index_file_is_rebuilt(maildb: MailDB, indexer: TextIndexe
     # Searching still works (a broken index counts as no index: everything is scanned).
     source = StoreMessageSource(maildb, fresh, USER)
     assert await search(SearchKey("BODY", "first"), messages, source,
-                        recent_from_uid=10**9) == [0]
+                        recent=frozenset()) == [0]
     writer = TextIndexer(maildb, fresh)
     await run_until_idle(writer, lambda: writer.request(USER))
     assert fresh.indexed(USER) == {messages[0].guid}

@@ -77,7 +77,7 @@ INTERNAL = [epoch(2024, 1, 2, 5), epoch(2024, 1, 2, 12), epoch(2024, 1, 3),
             epoch(2024, 1, 4), epoch(2024, 1, 5), epoch(2024, 1, 6)]
 UIDS = [3, 7, 8, 20, 21, 30]
 MODSEQS = [5, 12, 9, 40, 41, 42]
-RECENT_FROM_UID = 21
+RECENT = frozenset({21, 30})
 
 INFOS = [MessageInfo(uid=UIDS[i], guid=f"{i:032x}", size=len(RAW[i]),
                      internaldate=INTERNAL[i], flags=FLAGS[i], modseq=MODSEQS[i])
@@ -120,7 +120,7 @@ def seqset(*ranges: tuple[int | None, int | None]) -> SequenceSet:
 
 
 async def run(program: SearchKey, indexed: bool = False) -> list[int]:
-    return await search(program, INFOS, FakeSource(indexed), recent_from_uid=RECENT_FROM_UID)
+    return await search(program, INFOS, FakeSource(indexed), recent=RECENT)
 
 
 D = datetime.date
@@ -217,7 +217,7 @@ async def test_cheap_keys_read_no_message() -> None:
     source = FakeSource(indexed=False)
     program = key("AND", None, None, key("UNSEEN"), key("UID", seqset((1, 20))),
                   key("LARGER", 10), key("MODSEQ", 1), key("SINCE", D(2020, 1, 1)))
-    assert await search(program, INFOS, source, recent_from_uid=RECENT_FROM_UID) == [1, 3]
+    assert await search(program, INFOS, source, recent=RECENT) == [1, 3]
     assert (source.header_reads, source.raw_reads) == (0, 0)
 
 
@@ -225,14 +225,14 @@ async def test_expensive_keys_only_see_survivors_of_cheap_ones() -> None:
     source = FakeSource(indexed=False)
     # Written with the expensive keys first; the cheap one still narrows the set first.
     program = key("AND", None, None, key("BODY", "e"), key("FROM", "example"), key("DRAFT"))
-    assert await search(program, INFOS, source, recent_from_uid=RECENT_FROM_UID) == [3]
+    assert await search(program, INFOS, source, recent=RECENT) == [3]
     assert (source.header_reads, source.raw_reads) == (1, 1)
 
 
 async def test_or_right_side_only_sees_what_the_left_left() -> None:
     source = FakeSource(indexed=False)
     program = key("OR", None, None, key("UNDRAFT"), key("SUBJECT", "notes"))
-    assert await search(program, INFOS, source, recent_from_uid=RECENT_FROM_UID) == list(
+    assert await search(program, INFOS, source, recent=RECENT) == list(
         range(6))
     assert source.header_reads == 1
 
@@ -241,13 +241,13 @@ async def test_headers_are_read_once_per_search() -> None:
     source = FakeSource(indexed=False)
     program = key("AND", None, None, key("FROM", "example"), key("SUBJECT", "e"),
                   key("SENTSINCE", D(2000, 1, 1)))
-    await search(program, INFOS, source, recent_from_uid=RECENT_FROM_UID)
+    await search(program, INFOS, source, recent=RECENT)
     assert source.header_reads == len(INFOS)
 
 
 async def test_empty_mailbox() -> None:
     assert await search(key("UID", seqset((None, None))), [], FakeSource(False),
-                        recent_from_uid=1) == []
+                        recent=frozenset()) == []
 
 
 async def test_unknown_key_is_an_error() -> None:
