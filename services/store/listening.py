@@ -105,6 +105,15 @@ class SessionEndingServer(asyncio.AbstractServer):
         await self._sessions.wait()
 
 
+def write_or_lost(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """`writer.write`, where a connection the client has already reset is a
+    ConnectionResetError as it is when the reset comes during the write: uvloop's transport
+    (the store's loop) refuses a write once closed with a RuntimeError instead."""
+    if writer.transport.is_closing():
+        raise ConnectionResetError("connection closed by the client")
+    writer.write(data)
+
+
 async def close_connection(writer: asyncio.StreamWriter, abort: bool) -> None:
     """Close a client connection (reset it when `abort`), never waiting more than
     CLOSE_TIMEOUT for a client that does not take the close (or the TLS close_notify)."""

@@ -48,6 +48,7 @@ from services.store.listening import (
     close_connection,
     peer_of,
     refuse_connection,
+    write_or_lost,
 )
 
 __all__ = ["ImapDeps", "start_imap_servers"]
@@ -158,7 +159,7 @@ class Connection:
             # RFC 4978 4: a sync flush per send, so the client can decode all it was sent.
             data = self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
         try:
-            self.writer.write(data)
+            write_or_lost(self.writer, data)
             if self.writer.transport.get_write_buffer_size() == 0:
                 return  # all taken by the kernel: nothing to wait for
             # A client that stops reading holds what we are sending it (a FETCH of a large

@@ -22,6 +22,7 @@ from services.store.listening import (
     close_connection,
     peer_of,
     refuse_connection,
+    write_or_lost,
 )
 from services.store.mailbox import MailStore
 from services.store.pop3 import protocol as p
@@ -209,14 +210,14 @@ class Pop3Listener:
 
     async def _send(self, session: Session, writer: asyncio.StreamWriter,
                     response: Response) -> None:
-        writer.write(response.data)
+        write_or_lost(writer, response.data)
         if log.isEnabledFor(logging.DEBUG):
             first = response.data.split(b"\r\n", 1)[0].decode("utf-8", "replace")
             log.debug("S: %s", first, extra=session.log_context)
         if response.body is not None:
             try:
                 async for chunk in response.body.chunks():
-                    writer.write(chunk)
+                    write_or_lost(writer, chunk)
                     await self._drain(writer)
             finally:
                 response.body.close()

@@ -8,6 +8,7 @@ import random
 import resource
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 
@@ -166,3 +167,45 @@ def test_clients_past_a_low_open_file_limit_are_all_served(
     finally:
         for client in clients:
             client.close()
+
+
+def _pipeline_then_reset(port: int, login: bytes, pipelined: bytes) -> None:
+    """Log in, pipeline many commands with large answers, and reset the connection while
+    the store still has answers to send (a phone dropping off the network)."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.recv(4096)
+    client.sendall(login)
+    time.sleep(0.3)
+    client.recv(65536)
+    client.sendall(pipelined)
+    time.sleep(0.3)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+def test_clients_that_reset_mid_answer_end_quietly(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """Under the store's own event loop (uvloop), a write to a connection the client has
+    reset fails differently from asyncio's; it must end the session as a lost connection,
+    not as an ERROR with a traceback (one per phone that drops off)."""
+    add_users(settings, USERS[:1])
+    accounts = AccountDB.for_store(settings.store_dir)
+    accounts.set_password(USERS[0], hash_password("secret pw"))
+    accounts.close()
+    messages = [make_message(USERS[0], padding=LARGE * (i % 2)) for i in range(8)]
+    asyncio.run(publish_all(settings, messages))  # half of them larger than a socket buffer
+    store = run_tier(settings, "store")
+    wait_until(lambda: stored_count(settings.store_dir, USERS[:1]) == 8, what="8 stored")
+    login = f"{USERS[0]} secret pw".encode()
+    for _ in range(3):
+        _pipeline_then_reset(settings.imap_port, b"a LOGIN " + login + b"\r\nb SELECT INBOX\r\n",
+                             b"".join(b"f%d FETCH 1:* (BODY.PEEK[])\r\n" % i for i in range(500)))
+        _pipeline_then_reset(settings.pop3_port,
+                             b"USER " + USERS[0].encode() + b"\r\nPASS secret pw\r\n",
+                             b"RETR 1\r\n" * 2000)
+    wait_until(lambda: store.output().count("disconnected") >= 6, what="the sessions ended")
+    store.kill(signal.SIGTERM)
+    assert store.proc.returncode == 0, store.output()
+    assert "connection failed" not in store.output(), store.output()
+    assert "Traceback" not in store.output(), store.output()
