@@ -554,8 +554,10 @@ def _list(c: Cursor, uid: bool) -> ListArgs:
         unknown = select_options - LIST_SELECT_OPTIONS
         if unknown:
             raise _Syntax(f"unknown LIST selection option {min(unknown)}")
-        if select_options == {"RECURSIVEMATCH"}:
-            raise _Syntax("RECURSIVEMATCH needs another selection option")  # RFC 5258 3.1
+        if "RECURSIVEMATCH" in select_options and "SUBSCRIBED" not in select_options:
+            # RFC 5258 3.1 and 6: it modifies a base option (SUBSCRIBED is ours); REMOTE and
+            # SPECIAL-USE (RFC 6154 6) are independent options.
+            raise _Syntax("RECURSIVEMATCH needs the SUBSCRIBED selection option")
         c.sp()
     reference = _mailbox_name(c.astring_bytes())
     c.sp()
