@@ -1071,9 +1071,13 @@ def _numbers_response(name: bytes, numbers: list[int], modseq: int | None) -> by
 
 async def _search_positions(s: Session, selected: SelectedMailbox, key: SearchKey,
                             view: MessageView | None = None) -> list[int]:
-    view = view or MessageView(selected.infos, _source(s))
+    view = view or _view(s, selected)
     return await search(key, selected.infos, view.source,
                         recent=selected.recent_uids, view=view)
+
+
+def _view(s: Session, selected: SelectedMailbox) -> MessageView:
+    return MessageView(selected.infos, _source(s), pause=s.between_steps)
 
 
 def _source(s: Session) -> StoreMessageSource:
@@ -1109,7 +1113,7 @@ async def sort_(s: Session, c: Command) -> r.Reply:
     if not known_charset(args.charset):
         return r.NO_BADCHARSET
     selected = s.mailbox
-    view = MessageView(selected.infos, _source(s))  # SORT reuses the headers SEARCH read
+    view = _view(s, selected)  # SORT reuses the headers SEARCH read
     positions = await _search_positions(s, selected, args.key, view)
     try:
         ordered = await sort(args.criteria, positions, selected.infos, view.source, view=view)
@@ -1126,7 +1130,7 @@ async def thread_(s: Session, c: Command) -> r.Reply:
     if not known_charset(args.charset):
         return r.NO_BADCHARSET
     selected = s.mailbox
-    view = MessageView(selected.infos, _source(s))
+    view = _view(s, selected)
     positions = await _search_positions(s, selected, args.key, view)
     try:
         threads = await thread(args.algorithm, positions, selected.infos, view.source,

@@ -17,13 +17,18 @@ take its output (`LongTurn.outside`): a slow or stalled reader holds up nobody e
 Between its steps (a SELECT's reads, a big FETCH's chunks) a long command also lets the short
 commands in progress finish first, waiting SHORT_FIRST_WAIT at most, so that under a steady
 stream of short commands long ones go slower but never stop.
+
+A long command that has held the lane for LONG_SLICE while others wait for it goes behind
+them at its next step: one session's minute-long SEARCH (a short needle scanned through a
+mailbox of large messages) must not hold up every other session's SELECT for that minute.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from services.store.imap.protocol.command import SequenceSet
@@ -33,10 +38,13 @@ T = TypeVar("T")
 LONG_SET = 500  # messages: a FETCH of flags for 500 takes a few milliseconds
 # How long a long command's next step waits for the short commands in progress to finish.
 SHORT_FIRST_WAIT = 0.010  # seconds
+# How long a long command holds the lane, while others wait, before it lets them go first.
+LONG_SLICE = 0.200  # seconds
 
 
 class CommandLanes:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._lock = asyncio.Lock()
         self.waiting = 0  # long commands waiting for their turn
         self.turns = 0  # turns taken since start (a command takes one, and one more after
@@ -67,7 +75,7 @@ class CommandLanes:
 
     @contextlib.asynccontextmanager
     async def long(self) -> AsyncIterator[LongTurn]:
-        turn = LongTurn(self)
+        turn = LongTurn(self, self._clock)
         await turn.take()
         try:
             yield turn
@@ -91,17 +99,25 @@ class LongTurn:
     (`outside`), it lets the lane go: a client that reads slowly, or not at all, must not
     hold up every other session's long commands."""
 
-    def __init__(self, lanes: CommandLanes) -> None:
+    def __init__(self, lanes: CommandLanes, clock: Callable[[], float]) -> None:
         self._lanes = lanes
+        self._clock = clock
         self._holding = False
+        self._taken_at = 0.0
 
     async def take(self) -> None:
         await self._lanes._acquire()
         self._holding = True
+        self._taken_at = self._clock()
         await self._lanes.after_short()
 
     async def step(self) -> None:
-        """Between two steps of a long command: short commands first."""
+        """Between two steps of a long command: short commands first, and the long ones
+        waiting for the lane once this one has had it for LONG_SLICE."""
+        if self._lanes.waiting and self._clock() - self._taken_at >= LONG_SLICE:
+            self.give_back()
+            await self.take()  # asyncio.Lock is first come, first served: behind them
+            return
         await self._lanes.after_short()
 
     def give_back(self) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
 from typing import Protocol
 
 from services.store.backends.maildb import MailDB
@@ -35,6 +35,7 @@ from services.store.mailbox import MessageInfo, NoSuchMessage
 
 SEARCH_CHARSETS = frozenset({"UTF-8", "US-ASCII"})  # RFC 3501 6.4.4: US-ASCII is required
 READ_BATCH = 256  # files read per worker-thread call
+SCAN_BATCH = 16  # messages parsed per worker-thread call when a TEXT/BODY key is scanned
 HEADER_BREAKS = (b"\r\n\r\n", b"\n\n")
 MAX_HEADER = 1 << 20  # a header section longer than this is cut (it is not a real one)
 
@@ -94,19 +95,28 @@ class Headers:
         return self._part.header(name)
 
 
+async def _no_pause() -> None:
+    await asyncio.sleep(0)
+
+
 class MessageView:
     """What SEARCH, SORT and THREAD know about the messages of one command: the infos, and
-    their parsed headers loaded on demand in batches and kept for the command's duration."""
+    their parsed headers loaded on demand in batches and kept for the command's duration.
+    `pause` is awaited between batches (the session's: other sessions' commands go first)."""
 
-    def __init__(self, messages: Sequence[MessageInfo], source: MessageSource) -> None:
+    def __init__(self, messages: Sequence[MessageInfo], source: MessageSource,
+                 pause: Callable[[], Awaitable[None]] = _no_pause) -> None:
         self.messages = messages
         self.source = source
+        self.pause = pause
         self._headers: dict[int, Headers] = {}
 
     async def headers(self, positions: Iterable[int]) -> dict[int, Headers]:
         wanted = list(positions)
         missing = [p for p in wanted if p not in self._headers]
         for start in range(0, len(missing), READ_BATCH):
+            if start:
+                await self.pause()
             chunk = missing[start:start + READ_BATCH]
             blocks = await self.source.headers([self.messages[p] for p in chunk])
             for position, block in zip(chunk, blocks, strict=True):
@@ -137,6 +147,9 @@ class _Evaluator:
         self.messages = view.messages
         self.recent = recent
         self._lower_flags: dict[frozenset[str], frozenset[str]] = {}
+        # TEXT/BODY by (needle, field): the positions examined and those that matched, so a
+        # key repeated in one command looks up or scans each message once.
+        self._text_answers: dict[tuple[str, str], tuple[set[int], set[int]]] = {}
 
     async def run(self, key: SearchKey, candidates: list[int]) -> list[int]:
         if not candidates:
@@ -240,22 +253,41 @@ class _Evaluator:
         needle = fold(value)
         if not needle:
             return candidates
-        messages = self.messages
-        source = self.view.source
-        guids = _guids(messages, candidates)
-        hits = await source.text_matches(value, field, guids)
+        examined, matched = self._text_answers.setdefault((needle, field), (set(), set()))
+        new = [p for p in candidates if p not in examined]
+        if new:
+            matched.update(await self._text_lookup(value, field, new))
+            examined.update(new)
+        return [p for p in candidates if p in matched]
+
+    async def _text_lookup(self, value: str, field: str, candidates: list[int]) -> list[int]:
+        guids = _guids(self.messages, candidates)
+        hits = await self.view.source.text_matches(value, field, guids)
         if hits is not None:
             return [p for p, guid in zip(candidates, guids, strict=True) if guid in hits]
+        return await self._scan(fold(value), field, candidates)
+
+    async def _scan(self, needle: str, field: str, candidates: list[int]) -> list[int]:
+        """Without the index (a needle under MIN_NEEDLE characters): every message read and
+        parsed, in a worker thread, a few at a time with a pause between (a mailbox of large
+        multiparts takes seconds: the other sessions go on meanwhile)."""
+        messages, source = self.messages, self.view.source
         found: list[int] = []
-        for start in range(0, len(candidates), READ_BATCH):
-            chunk = candidates[start:start + READ_BATCH]
+        for start in range(0, len(candidates), SCAN_BATCH):
+            if start:
+                await self.view.pause()
+            chunk = candidates[start:start + SCAN_BATCH]
             raws = await asyncio.gather(*(source.raw(messages[p]) for p in chunk))
-            found.extend(p for p, raw in zip(chunk, raws, strict=True)
-                         if text_contains(message_text(raw), needle, field))
+            found.extend(await asyncio.to_thread(_matching, chunk, raws, needle, field))
         return found
 
 
 # Values and small helpers
+
+
+def _matching(positions: list[int], raws: list[bytes], needle: str, field: str) -> list[int]:
+    return [p for p, raw in zip(positions, raws, strict=True)
+            if text_contains(message_text(raw), needle, field)]
 
 
 def _cost(key: SearchKey) -> int:

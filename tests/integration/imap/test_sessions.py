@@ -11,6 +11,7 @@ import pytest
 
 from common.ids import new_queue_id
 from services.store.backends.maildb import MailDB
+from services.store.imap import lanes as lanes_module
 from services.store.mailbox import Delivery
 from tests.integration.imap.clients import Raw, Reply, Server, in_thread, message
 from tests.integration.imap.conftest import ALICE, BOB, Deliver, ImapStack
@@ -349,6 +350,42 @@ async def test_short_commands_are_served_while_long_ones_wait_their_turn(
     finally:
         selecting.close()
         other.close()
+
+
+async def test_a_long_search_lets_other_sessions_long_commands_in_between(
+        imap_server: ImapStack, maildb: MailDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SEARCH TEXT with a needle too short for the text index reads and parses every message
+    (a minute for large multiparts); it lets a SELECT waiting for the long lane go first
+    once it has had the lane for LONG_SLICE (0 here: at its next step)."""
+    monkeypatch.setattr(lanes_module, "LONG_SLICE", 0.0)
+    body = b"Subject: s\r\n\r\n" + b"some text without the needles\r\n" * 50
+    await maildb.deliver([Delivery(new_queue_id(), ALICE, body, time.time())
+                          for _ in range(500)])
+    server = Server.of(imap_server)
+    lanes = imap_server.deps.lanes
+    searcher, selector = await in_thread(lambda: (server.raw(ALICE), server.raw(BOB)))
+    await in_thread(lambda: searcher.ok("SELECT INBOX"))
+    finished: list[str] = []
+
+    def run(client: Raw, command: str, name: str) -> Reply:
+        reply = client.ok(command)
+        finished.append(name)
+        return reply
+
+    try:
+        async with lanes.long():  # the SEARCH, then the SELECT, queue for the lane
+            search = asyncio.ensure_future(in_thread(
+                lambda: run(searcher, "SEARCH NOT TEXT q1 NOT TEXT q2 NOT TEXT q3", "search")))
+            await eventually(lambda: lanes.waiting == 1, within=10, what="SEARCH waiting")
+            select = asyncio.ensure_future(in_thread(
+                lambda: run(selector, "SELECT INBOX", "select")))
+            await eventually(lambda: lanes.waiting == 2, within=10, what="SELECT waiting")
+        found, _ = await asyncio.gather(search, select)
+    finally:
+        searcher.close()
+        selector.close()
+    assert found.lines(b"SEARCH") == [b"* SEARCH " + b" ".join(b"%d" % n for n in range(1, 501))]
+    assert finished == ["select", "search"]
 
 
 async def test_a_client_that_stops_reading_does_not_hold_up_long_commands(

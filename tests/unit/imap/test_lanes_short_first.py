@@ -1,10 +1,11 @@
-"""Long commands let the short commands in progress finish first, but only for a while."""
+"""Long commands let the short commands in progress finish first, but only for a while; a
+long command that has held the lane for a while lets the other long ones go first."""
 
 from __future__ import annotations
 
 import asyncio
 
-from services.store.imap.lanes import CommandLanes
+from services.store.imap.lanes import LONG_SLICE, CommandLanes
 
 
 async def test_a_long_step_waits_for_the_short_commands_in_progress() -> None:
@@ -42,3 +43,42 @@ async def test_a_short_command_that_never_ends_does_not_stop_long_ones() -> None
                     await turn.step()
                     steps += 1
     assert steps == 3
+
+
+async def test_a_long_command_that_held_the_lane_long_enough_lets_waiting_ones_go_first(
+        ) -> None:
+    now = [0.0]
+    commands = CommandLanes(clock=lambda: now[0])
+    order: list[str] = []
+    started = asyncio.Event()
+
+    async def slow_search() -> None:
+        async with commands.long() as turn:
+            started.set()
+            for step in range(3):
+                await turn.step()
+                order.append(f"search step {step}")
+                now[0] += LONG_SLICE / 2
+                await asyncio.sleep(0)  # its work awaits (reads in threads): others run
+
+    async def select() -> None:
+        await started.wait()
+        async with commands.long():
+            order.append("select")
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(slow_search(), select())
+    # Steps 0 and 1 within the slice; at the next step the SELECT waiting for the lane goes
+    # first, and the search then carries on.
+    assert order == ["search step 0", "search step 1", "select", "search step 2"]
+
+
+async def test_a_long_command_alone_keeps_the_lane_whatever_its_time() -> None:
+    now = [0.0]
+    commands = CommandLanes(clock=lambda: now[0])
+    async with commands.long() as turn:
+        turns = commands.turns
+        for _ in range(3):
+            now[0] += 10 * LONG_SLICE
+            await turn.step()
+    assert commands.turns == turns  # nobody waiting: never given back and taken again

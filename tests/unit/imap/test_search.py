@@ -245,6 +245,22 @@ async def test_headers_are_read_once_per_search() -> None:
     assert source.header_reads == len(INFOS)
 
 
+async def test_a_text_key_repeated_in_one_search_reads_each_message_once() -> None:
+    """A needle too short for the index is scanned; the same key again in the same command
+    (a client can send thousands in one line) is answered from the first scan."""
+    source = FakeSource(indexed=False)
+    once = await search(key("TEXT", "e"), INFOS, source, recent=RECENT)
+    reads = source.raw_reads
+    assert reads == len(INFOS)
+    program = key("AND", None, None, *[key("TEXT", "e") for _ in range(50)])
+    assert await search(program, INFOS, source, recent=RECENT) == once
+    assert source.raw_reads == 2 * reads
+    narrowed = key("AND", None, None, key("UID", seqset((3, 8))), key("OR", None, None,
+                   key("BODY", "E"), key("BODY", "e")))
+    await search(narrowed, INFOS, source, recent=RECENT)
+    assert source.raw_reads == 2 * reads + 3  # only UIDs 3, 7 and 8, once
+
+
 async def test_empty_mailbox() -> None:
     assert await search(key("UID", seqset((None, None))), [], FakeSource(False),
                         recent=frozenset()) == []
