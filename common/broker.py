@@ -73,6 +73,9 @@ class Publisher:
         store": the body's size picks the delivery queue (common.topology.delivery_route)."""
         if routing_key == DELIVER_ROUTING_KEY:
             routing_key = delivery_route(len(body))
+        # Before the channel: an envelope that cannot be encoded is this message's failure,
+        # not a reason to drop the connection that other sessions' publishes share.
+        properties = message_properties(envelope)
         channel = await self._ready_channel()
         try:
             # aiormq's Channel takes `wait`; its abstract interface does not declare it.
@@ -80,7 +83,7 @@ class Publisher:
                 body,
                 exchange=self._topology.inbound_exchange,
                 routing_key=routing_key,
-                properties=message_properties(envelope),
+                properties=properties,
                 mandatory=True,
                 timeout=self._confirm_timeout,
                 wait=False,  # no need to wait for the socket write: the confirm follows it
