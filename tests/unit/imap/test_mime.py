@@ -579,6 +579,35 @@ def test_boundary_must_start_a_line_and_end_in_whitespace() -> None:
     assert sect(raw, (2,)) is None
 
 
+def test_a_boundary_may_end_in_dashes() -> None:
+    """"--ab--" closes boundary "ab" and delimits boundary "ab--" (RFC 2046 bchars)."""
+    raw = (
+        b"Content-Type: multipart/mixed; boundary=\"ab--\"\r\n\r\n"
+        b"--ab--\r\n\r\none\r\n--ab-- \r\n\r\ntwo\r\n--ab----\r\nepilogue\r\n"
+    )
+    assert sect(raw, (1,)) == b"one"
+    assert sect(raw, (2,)) == b"two"
+    assert sect(raw, (3,)) is None
+
+
+def test_lines_that_begin_with_every_levels_boundary_are_no_delimiters() -> None:
+    """Crafted nesting: boundaries a, aa, aaa..., and a body of lines "--aaaa...": each line
+    starts like every level's delimiter and is none (one pass over the lines finds that)."""
+    depth = 30
+    raw = b"Subject: nested\r\nContent-Type: multipart/mixed; boundary=a\r\n\r\n"
+    for k in range(1, depth + 1):
+        raw += b"--" + b"a" * k + b"\r\nContent-Type: multipart/mixed; boundary=" \
+            + b"a" * (k + 1) + b"\r\n\r\n"
+    raw += b"--" + b"a" * (depth + 1) + b"\r\n\r\n" + (b"--" + b"a" * 60 + b"\r\n") * 100
+    node, levels = mime.parse_message(raw), 0
+    while node.children:
+        [node] = node.children
+        levels += 1
+    assert levels == depth + 1
+    assert node.maintype == "TEXT"
+    assert raw[node.body_start:node.end] == (b"--" + b"a" * 60 + b"\r\n") * 100
+
+
 def test_part_without_header_but_text_starts_body_at_that_line() -> None:
     raw = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\njust text\r\n--b--\r\n"
     root = mime.parse_message(raw)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import codecs
 import html
 import quopri
@@ -316,13 +317,33 @@ def _content_type(
 
 
 class _Budget:
-    def __init__(self) -> None:
+    """One parse's state: the parts made so far (MAX_PARTS), and the message's delimiter
+    lines by boundary, found in one pass when the first multipart needs them."""
+
+    def __init__(self, raw: bytes) -> None:
         self.parts = 0
+        self._raw = raw
+        self._delimiters: dict[bytes, list[tuple[int, int, bool]]] | None = None
+
+    def delimiter_lines(self, start: int, end: int,
+                        boundary: bytes) -> list[tuple[int, int, bool]]:
+        """Each boundary delimiter line in raw[start:end] as (line start, line end, is close
+        delimiter). RFC 2046 5.1.1: "--" boundary at the start of a line, optionally "--",
+        then only linear white space before the line break."""
+        if self._delimiters is None:
+            self._delimiters = _delimiter_index(self._raw)
+        lines = self._delimiters.get(boundary.rstrip(b" \t"), [])
+        found = lines[bisect.bisect_left(lines, (start,)):bisect.bisect_left(lines, (end,))]
+        if start and self._raw[start - 1:start] != b"\n":  # a part that starts mid-line
+            first = _delimiter_at(self._raw, start, end, boundary)
+            if first is not None:
+                found.insert(0, first)
+        return [(line, min(line_end, end), close) for line, line_end, close in found]
 
 
 def parse_message(raw: bytes) -> Part:
     """The part tree of a whole stored message. Never raises."""
-    return _parse_entity(raw, 0, len(raw), ("TEXT", "PLAIN"), 0, _Budget())
+    return _parse_entity(raw, 0, len(raw), ("TEXT", "PLAIN"), 0, _Budget(raw))
 
 
 def parse_header_only(raw: bytes) -> Part:
@@ -402,29 +423,37 @@ def _set_type(
         part.lines = _count_lines(raw, part.body_start, part.end)
 
 
-def _delimiter_lines(
-    raw: bytes, start: int, end: int, boundary: bytes
-) -> Iterator[tuple[int, int, bool]]:
-    """Each boundary delimiter line in raw[start:end] as (line start, line end, is close
-    delimiter). RFC 2046 5.1.1: "--" boundary at the start of a line, optionally "--",
-    then only linear white space before the line break."""
+_DASH_LINE = re.compile(rb"^--([^\n]*)", re.MULTILINE)
+
+
+def _delimiter_index(raw: bytes) -> dict[bytes, list[tuple[int, int, bool]]]:
+    """Every line that could be a boundary delimiter, by the boundary it would delimit, in
+    order. One pass for the whole message: nested multiparts whose lines all begin with
+    every level's "--boundary" cost one look per line, not one per line and level. A line
+    "--ab--" is the close delimiter of "ab" and a delimiter of "ab--" (a boundary may end
+    in "-")."""
+    index: dict[bytes, list[tuple[int, int, bool]]] = {}
+    for match in _DASH_LINE.finditer(raw):
+        rest = match.group(1).rstrip(b" \t\r")
+        line_end = match.end() + 1  # after its LF (beyond the end: clipped by the caller)
+        index.setdefault(rest, []).append((match.start(), line_end, False))
+        if rest.endswith(b"--"):
+            index.setdefault(rest[:-2], []).append((match.start(), line_end, True))
+    return index
+
+
+def _delimiter_at(raw: bytes, start: int, end: int,
+                  boundary: bytes) -> tuple[int, int, bool] | None:
+    line_end = _line_end(raw, start, end)
+    line = raw[start:line_end]
     marker = b"--" + boundary
-    # Search for the line break too, so "--boundary" in the middle of lines costs nothing.
-    if raw.startswith(marker, start, end):
-        found = start
-    else:
-        found = raw.find(b"\n" + marker, start, end)
-        found = found + 1 if found >= 0 else -1
-    while found >= 0:
-        after_line = _line_end(raw, found, end)
-        rest = raw[found + len(marker) : after_line]
-        close = rest.startswith(b"--")
-        if close:
-            rest = rest[2:]
-        if not rest.strip(b" \t\r\n"):
-            yield found, after_line, close
-        found = raw.find(b"\n" + marker, max(found, after_line - 1), end)
-        found = found + 1 if found >= 0 else -1
+    if not line.startswith(marker):
+        return None
+    rest = line[len(marker):]
+    close = rest.startswith(b"--")
+    if close:
+        rest = rest[2:]
+    return (start, line_end, close) if not rest.strip(b" \t\r\n") else None
 
 
 def _before_line_break(raw: bytes, line_start: int, floor: int) -> int:
@@ -447,8 +476,8 @@ def _split_multipart(
 ) -> list[Part]:
     children: list[Part] = []
     content_start: int | None = None  # start of the body part being collected
-    for line_start, line_end, close in _delimiter_lines(
-        raw, part.body_start, part.end, _raw(boundary)
+    for line_start, line_end, close in budget.delimiter_lines(
+        part.body_start, part.end, _raw(boundary)
     ):
         if content_start is not None:
             content_end = max(content_start, _before_line_break(raw, line_start, content_start))
