@@ -459,11 +459,24 @@ async def append(s: Session, c: Command) -> r.Reply:
     date = args.date.timestamp() if args.date is not None else None
     try:
         quota = await s.quota_limit()
-        result = await s.store.append(s.logged_in_user, args.mailbox, args.message, flags,
-                                      date, quota)
+        result = await s.store.append(s.logged_in_user, args.mailbox,
+                                      crlf_line_ends(args.message), flags, date, quota)
     except Exception as exc:  # noqa: BLE001 - mapped in the one place, with TRYCREATE
         return s.failure(exc, "APPEND", trycreate=True)
     return r.Reply("OK", "APPEND completed", f"APPENDUID {result.uidvalidity} {result.uid}")
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def crlf_line_ends(message: bytes) -> bytes:
+    """A message APPENDed with bare LF line ends (a script's, or a broken client's) stored
+    with CRLF, as RFC 3501 has messages and as everything delivered by SMTP is: POP3's
+    sizes count CRLF line ends (RFC 1939 11), so sizes and contents agree in both
+    protocols. Dovecot stores LF and presents CRLF: the same to every client."""
+    if message.count(b"\n") == message.count(b"\r\n"):
+        return message
+    return _BARE_LF.sub(b"\r\n", message)
 
 
 async def idle(s: Session, c: Command) -> r.Reply:

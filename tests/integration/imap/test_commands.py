@@ -570,6 +570,25 @@ async def test_append_synchronizing_and_nonsynchronizing_literals(
     assert len(infos) == 2 and "\\Seen" in infos[0].flags
 
 
+async def test_append_with_bare_lf_line_ends_is_stored_with_crlf(
+        server: Server, maildb: MailDB) -> None:
+    """Sizes must agree with what is sent in both protocols (POP3 counts CRLF line ends,
+    RFC 1939 11); CRLF, lone CRs and a missing last line end are kept as they are."""
+    sent = b"From: a@example.org\nSubject: lf\n\nline 1\r\nline 2\rstill 2\nlast"
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        assert raw.literal_command(b"APPEND INBOX", sent, plus=True).status == "OK"
+        raw.close()
+
+    await in_thread(dialog)
+    [info] = await maildb.list_messages(ALICE)
+    with maildb.open_message(ALICE, info.guid) as file:
+        stored = file.read()
+    assert stored == b"From: a@example.org\r\nSubject: lf\r\n\r\nline 1\r\nline 2\rstill 2\r\nlast"
+    assert info.size == len(stored)
+
+
 # CHECK, CLOSE, EXPUNGE
 
 
