@@ -35,7 +35,7 @@ from common.ratelimit import UNLIMITED, Network, RateLimits, ip_subject, parse_n
 from common.settings import Settings
 from services.filter.convert import peer_ip
 from services.filter.protocol import replies
-from services.filter.protocol.address import parse_path, parse_simple_path
+from services.filter.protocol.address import is_utf8, parse_path, parse_simple_path
 from services.filter.protocol.data import DataError, DataReceiver, DataResult
 from services.filter.rules import Rule
 from services.filter.session import (
@@ -157,6 +157,8 @@ class FilterSMTP(SMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         if not arg:
             return "", ""  # aiosmtpd answers its 501 syntax reply
+        if not is_utf8(arg):
+            return None, None  # 553 5.1.3: permanent, not a 451 for every retry
         parsed = parse_simple_path(arg) or parse_path(arg)
         if parsed is None:
             return None, None
@@ -341,6 +343,9 @@ class FilterSMTP(SMTP):
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
+        if hostname and not is_utf8(hostname):
+            await self.push("501 5.5.2 Syntax: HELO hostname (not UTF-8)")
+            return
         self._helo_reply = True
         try:
             await super().smtp_HELO(hostname)
@@ -354,6 +359,9 @@ class FilterSMTP(SMTP):
         every new connection."""
         if not hostname:
             await self.push("501 Syntax: EHLO hostname")
+            return
+        if not is_utf8(hostname):
+            await self.push("501 5.5.2 Syntax: EHLO hostname (not UTF-8)")
             return
         assert self.session is not None
         self._set_rset_state()

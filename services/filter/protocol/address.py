@@ -18,6 +18,17 @@ _SIMPLE_PATH = re.compile(
 )
 
 
+def is_utf8(arg: str) -> bool:
+    """Whether a command argument arrived as UTF-8. aiosmtpd decodes arguments with
+    surrogateescape, so other octets (Latin-1, say) become lone surrogates, which no
+    envelope, log line or Redis key can carry."""
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_simple_path(arg: str) -> tuple[str, str] | None:
     """(address, rest of the line) for a plain `<local@domain>` path, else None."""
     match = _SIMPLE_PATH.fullmatch(arg)

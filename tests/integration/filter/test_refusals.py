@@ -47,6 +47,34 @@ async def test_unknown_user_550(worker: FilterWorker) -> None:
     assert queued.envelope.recipients[0].address == ALICE
 
 
+async def test_octets_that_are_not_utf8_in_helo_and_paths_are_refused_for_good(
+        worker: FilterWorker) -> None:
+    """Latin-1 and other non-UTF-8 octets in EHLO, MAIL FROM or RCPT TO were accepted (250)
+    and then failed every DATA with 451, so the sender retried for days (and at RCPT they
+    logged a traceback). Now refused at once with a permanent reply; the session goes on."""
+    def dialog() -> list[str]:
+        client = RawClient(worker.ports[0])
+        client.reply()  # greeting
+        answers = [client.command(b"EHLO caf\xe9.example\r\n"),
+                   client.command(b"HELO caf\xe9.example\r\n"),
+                   client.command(b"EHLO client.example\r\n").splitlines()[0],
+                   client.command(b"MAIL FROM:<j\xf6rg@remote.example>\r\n"),
+                   client.command(f"MAIL FROM:<{SENDER}>\r\n".encode()),
+                   client.command(b"RCPT TO:<\xff@example.test>\r\n"),
+                   client.command(f"RCPT TO:<{ALICE}>\r\n".encode()),
+                   client.command(b"DATA\r\n"),
+                   client.command(message("after-latin1") + b".\r\n")]
+        client.sock.close()
+        return answers
+
+    answers = await in_thread(dialog)
+    assert [answer[:9] for answer in answers] == [
+        "501 5.5.2", "501 5.5.2", "250-mx.te", "553 5.1.3", "250 2.1.0", "553 5.1.3",
+        "250 2.1.5", "354 End d", "250 2.0.0"], answers
+    [queued] = await drain_queue(worker.settings)
+    assert queued.envelope.client_helo == "client.example"
+
+
 async def test_relay_denied_554(worker: FilterWorker) -> None:
     def transaction() -> tuple[str, str]:
         with connect(worker.ports[0]) as client:
