@@ -9,8 +9,8 @@ delivered and does the per-line work with C-level bytes operations instead:
   refuses such a message);
 - dot-unstuffing: one leading "." is removed from every line that starts with one (4.5.2);
 - limits, reported only once the content has ended (4.2.5: the reply comes after the
-  data): more than `size_limit` octets (as sent, stuffing dots and CRLFs included, the final
-  "." line excluded) is TOO_MUCH, and from then on nothing more is kept; a line longer than
+  data): more than `size_limit` octets (CRLFs included, stuffing dots and the final "."
+  line not: RFC 1870 4) is TOO_MUCH, and from then on nothing more is kept; a line longer than
   `line_limit` octets (its CRLF and any stuffing dot included) is TOO_LONG;
 - memory: every octet kept is first taken from the worker's MemoryBudget, shared by all its
   sessions. When it runs out, the content is dropped as for TOO_MUCH and the result is
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from common.budget import Hold, MemoryBudget
 
 END = b"\r\n.\r\n"
+_STUFFED = b"\r\n."  # a line that starts with a dot: the first one is stuffing (4.5.2)
 _LINE_START = b"\r\n"  # a virtual line ending before the first line: "." first ends at once
 
 
@@ -55,6 +56,8 @@ class DataReceiver:
         self._buffer = bytearray(_LINE_START)
         self._offset = 0  # stream position of buffer[0] (the virtual CRLF is position 0)
         self._search_from = 0
+        self._dots = 0  # stuffing dots ("\r\n." in the stream) before buffer[_dots_from]
+        self._dots_from = 0
         self._too_much = False
         self._no_room = False
 
@@ -92,8 +95,18 @@ class DataReceiver:
 
     def _over_limit(self, content_end: int) -> bool:
         """Whether the content up to buffer index `content_end` exceeds the size limit."""
-        size = self._offset + content_end - len(_LINE_START)
-        return self._size_limit is not None and size > self._size_limit
+        if self._size_limit is None:
+            return False
+        self._count_dots(content_end)
+        size = self._offset + content_end - len(_LINE_START) - self._dots
+        return size > self._size_limit
+
+    def _count_dots(self, upto: int) -> None:
+        """Count the stuffing dots that end before buffer index `upto` (a "\r\n." that
+        runs past it is counted next time)."""
+        if upto - self._dots_from >= len(_STUFFED):
+            self._dots += self._buffer.count(_STUFFED, self._dots_from, upto)
+            self._dots_from = upto - (len(_STUFFED) - 1)
 
     def _drop_content(self) -> None:
         """Past the size limit or out of memory: keep only what may be the start of the end
@@ -101,9 +114,11 @@ class DataReceiver:
         self.release()
         excess = len(self._buffer) - (len(END) - 1)
         if excess > 0:
+            self._count_dots(len(self._buffer))
             del self._buffer[:excess]
             self._offset += excess
             self._search_from = 0
+            self._dots_from = max(0, self._dots_from - excess)
 
 
 def _longest_line(raw: bytes) -> int:

@@ -71,6 +71,19 @@ def test_exactly_the_size_limit_is_accepted_one_more_octet_is_not() -> None:
     assert receive(over + b".\r\n", size_limit=100) == DataResult(b"", DataError.TOO_MUCH, b"")
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64, 1000])
+def test_stuffing_dots_do_not_count_towards_the_size(chunk: int) -> None:
+    """RFC 1870 4: the size excludes "doubled quoting dots"; a message of exactly the
+    advertised size whose lines begin with "." must not be refused (552 is permanent)."""
+    content = (b".x" + b"y" * 6 + b"\r\n") * 10  # 100 octets, each line with a dot
+    wire = content.replace(b"\r\n.", b"\r\n..").replace(b".x", b"..x", 1) + b".\r\nNOOP\r\n"
+    assert len(wire) == 100 + 10 + len(b".\r\nNOOP\r\n")
+    chunks = [chunk] * (len(wire) // chunk)
+    assert receive(wire, chunks, size_limit=100) == DataResult(content, None, b"NOOP\r\n")
+    assert receive(b"z" + wire, chunks, size_limit=100) == \
+        DataResult(b"", DataError.TOO_MUCH, b"NOOP\r\n")
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64])
 def test_limits_hold_in_small_chunks(chunk: int) -> None:
     exact = (b"x" * 8 + b"\r\n") * 10
@@ -117,7 +130,7 @@ def _reference(wire: bytes, size_limit: int, line_limit: int) -> DataResult | No
         position = end + 2
         if line == b".\r\n":
             break
-        size += len(line)
+        size += len(line) - line.startswith(b".")  # RFC 1870 4: stuffing dots not counted
         too_long = too_long or len(line) > line_limit
         lines.append(line[1:] if line.startswith(b".") else line)
     if size > size_limit:
