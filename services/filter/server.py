@@ -206,6 +206,7 @@ class FilterSMTP(SMTP):
         self._receiving_data = False
         self._busy = False
         self._closing = False
+        self._eof_pending = False  # the client closed its side; its commands still answered
         self._helo_reply = False
         self._client_errors = 0
 
@@ -293,12 +294,39 @@ class FilterSMTP(SMTP):
         super().data_received(data)
 
     def eof_received(self) -> bool | None:
+        if not self._refused and self._owes_answers():
+            # A client that sends its whole session and then closes its sending side
+            # (`printf ... | nc -N`, scripts, some MTAs) still reads our replies: cancelling
+            # now would cut a publish short and leave a delivered message unanswered (it is
+            # sent again). Its commands are answered first (`_end_after_eof`).
+            self._eof_pending = True
+            return True  # keep the half-closed connection open for the replies
         if not self._refused:
             super().eof_received()  # cancels the session task
         # aiosmtpd keeps a half-closed connection open; when the task was cancelled before
         # it started (EOF right after connect) nothing ever closed it and it held a
         # connection slot until the idle timeout. False: the transport closes itself.
         return False
+
+    def _owes_answers(self) -> bool:
+        """Whether commands received before the client's EOF are still to be answered: a
+        message being processed, DATA or a whole command line waiting to be read. Not over
+        TLS, which has no half-close."""
+        if self.session is None or self.session.ssl is not None:
+            return False
+        return self._busy or self._unanswered_input()
+
+    def _unanswered_input(self) -> bool:
+        buffered = self._reader._buffer  # type: ignore[attr-defined]  # as aiosmtpd reads it
+        return bool(buffered) if self._receiving_data else b"\n" in buffered
+
+    def _end_after_eof(self) -> None:
+        """After a reply, once the client's EOF is all that is left: end as aiosmtpd ends a
+        connection at EOF (the session task is cancelled, the connection closed)."""
+        if self._eof_pending and not self._unanswered_input() and not self._receiving_data:
+            task = self._handler_coroutine
+            if task is not None:
+                task.cancel()
 
     def _timeout_cb(self) -> None:
         log.info("timeout, closing", extra=self.handler.log_extra(self.handler.current_queue_id))
@@ -329,6 +357,7 @@ class FilterSMTP(SMTP):
         await super().push(status)
         if isinstance(status, str) and replies.is_client_error(status):
             await self._count_client_error()
+        self._end_after_eof()
 
     async def _count_client_error(self) -> None:
         self._client_errors += 1
@@ -456,6 +485,8 @@ class FilterSMTP(SMTP):
             # More than the reader can hold (it stops reading at twice its limit, and one
             # transport read is at most 256 KiB), so each read empties its buffer and the
             # bytes after the end can go back in front of anything received later.
+            if self._eof_pending and not self._unanswered_input():
+                raise ConnectionResetError("connection closed during DATA")  # nothing to come
             chunk = await self._reader.read(READ_ALL)
             if not chunk:  # EOF: eof_received cancels this task; never reached in practice
                 raise ConnectionResetError("connection closed during DATA")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 from common.envelope import Recipient
@@ -150,3 +151,38 @@ async def test_ehlo_advertises_extensions(worker: FilterWorker) -> None:
         f"SIZE {worker.settings.max_message_size}", "8BITMIME", "SMTPUTF8", "STARTTLS",
         "PIPELINING", "ENHANCEDSTATUSCODES",
     ]
+
+
+def _half_closed_session(port: int, commands: bytes) -> list[bytes]:
+    """Send a whole session in one write, close the sending side (what `printf ... | nc -N`
+    does), and read every reply until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(commands)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+    return [line[:3] for line in received.split(b"\r\n") if line[3:4] == b" "]
+
+
+async def test_a_client_that_half_closes_still_gets_its_replies(worker: FilterWorker) -> None:
+    """The commands sent before the EOF are answered, the message queued once, and the 250
+    says so (it used to be cut off mid-publish: delivered, unanswered, sent again)."""
+    transaction = (f"EHLO client.remote.test\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\n"
+                   "DATA\r\n").encode() + message("half-closed") + b".\r\n"
+    with_quit = await in_thread(_half_closed_session, worker.ports[0],
+                                transaction + b"QUIT\r\n")
+    without_quit = await in_thread(_half_closed_session, worker.ports[0], transaction)
+    assert with_quit == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
+    assert without_quit == [b"220", b"250", b"250", b"250", b"354", b"250"]
+    assert len(await drain_queue(worker.settings)) == 2
+
+
+async def test_a_client_that_half_closes_mid_data_queues_nothing(worker: FilterWorker) -> None:
+    unfinished = (f"EHLO client.remote.test\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<{ALICE}>\r\n"
+                  "DATA\r\n").encode() + message("cut short")
+    replies_seen = await in_thread(_half_closed_session, worker.ports[0], unfinished)
+    partial = await in_thread(_half_closed_session, worker.ports[0], b"EHLO x\r\nNOO")
+    assert replies_seen == [b"220", b"250", b"250", b"250", b"354"]
+    assert partial == [b"220", b"250"]
+    assert await drain_queue(worker.settings) == []
