@@ -413,6 +413,15 @@ class FilterSMTP(SMTP):
             self._stats.count_reply(line)
         await super().push("\r\n".join(lines))
 
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """RFC 3207 4.2: STARTTLS is not offered again once TLS is up; aiosmtpd would answer
+        220 and start a second handshake inside the first, which breaks the connection."""
+        if self._tls_protocol is not None:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
     @syntax("HELP [command]")
     async def smtp_HELP(self, arg: str) -> None:
         """RFC 5321 4.1.1.8 and 4.2.2: help is a 214 reply (aiosmtpd sends 250), an unknown
@@ -420,7 +429,8 @@ class FilterSMTP(SMTP):
         if arg:
             method = self._smtp_methods.get(arg.upper())
             if method is None or not self._syntax_available(method):
-                await self.push(f"504 5.5.4 No help for {arg[:40]}")
+                topic = arg[:40] if arg.isascii() and arg.isprintable() else "that topic"
+                await self.push(f"504 5.5.4 No help for {topic}")
                 return
             await self.push(f"214 2.0.0 Syntax: {method.__smtp_syntax__}")
             return

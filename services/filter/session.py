@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, TLSSetupException
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from aiosmtpd.smtp import Session as SMTPSession
 from redis.exceptions import RedisError
@@ -289,6 +289,12 @@ class FilterSession:
 
     async def handle_exception(self, error: Exception) -> str:
         """Any unexpected error is a temporary failure; the details go to the log only."""
+        if isinstance(error, TLSSetupException):
+            # A client that gives up on the handshake after our 220 (it does not trust the
+            # certificate, or speaks plaintext): its business; aiosmtpd closes the connection.
+            log.info("TLS handshake failed: %r", error.__cause__,
+                     extra=self.log_extra(self.current_queue_id))
+            return replies.INTERNAL_ERROR  # not sent: the connection is closed
         log.error(
             "internal error in SMTP session",
             exc_info=(type(error), error, error.__traceback__),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import smtplib
+import socket
 
 import pytest
 
@@ -328,3 +330,61 @@ async def test_commands_pipelined_behind_starttls_are_not_run_inside_tls(
     assert started.startswith("220"), started
     assert rcpt.startswith("503"), rcpt
     assert await queue_depth(worker.settings) == 0
+
+
+async def test_starttls_inside_tls_is_refused_and_the_session_goes_on(
+        worker: FilterWorker) -> None:
+    """RFC 3207 4.2: once TLS is up STARTTLS is not offered, and asked for anyway it is
+    refused (it was answered 220, and the handshake inside the first broke the connection)."""
+    def dialog() -> tuple[str, str]:
+        client = RawClient(worker.ports[0])
+        client.reply()
+        client.command(b"EHLO client.remote.test\r\n")
+        client.command(b"STARTTLS\r\n")
+        client.start_tls()
+        client.command(b"EHLO client.remote.test\r\n")
+        again = client.command(b"STARTTLS\r\n")
+        noop = client.command(b"NOOP\r\n")
+        client.close()
+        return again, noop
+
+    again, noop = await in_thread(dialog)
+    assert again.startswith("503 5.5.1"), again
+    assert noop.startswith("250"), noop
+
+
+async def test_a_client_that_gives_up_on_the_tls_handshake_is_no_error(
+        worker: FilterWorker, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that closes, or speaks plaintext, after the 220 to STARTTLS (it does not
+    trust the certificate, say) is logged at INFO, not as an internal error; the worker
+    serves the next client."""
+    caplog.set_level(logging.INFO, logger="services.filter")
+
+    def dialog() -> str:
+        for after_220 in (b"", b"NOOP\r\n"):
+            client = RawClient(worker.ports[0])
+            client.reply()
+            client.command(b"EHLO client.remote.test\r\n")
+            client.command(b"STARTTLS\r\n")
+            client.sock.sendall(after_220)
+            client.sock.shutdown(socket.SHUT_WR)
+            assert client.closed()
+            client.close()
+        with connect(worker.ports[0]) as healthy:
+            return reply_of(*healthy.noop())
+
+    assert (await in_thread(dialog)).startswith("250")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert caplog.text.count("TLS handshake failed") == 2, caplog.text
+
+
+async def test_help_does_not_echo_octets_that_are_not_text(worker: FilterWorker) -> None:
+    def dialog() -> list[str]:
+        client = RawClient(worker.ports[0])
+        client.reply()
+        answers = [client.command(b"HELP \xff\r\n"), client.command(b"HELP frobnicate\r\n")]
+        client.close()
+        return answers
+
+    assert await in_thread(dialog) == ["504 5.5.4 No help for that topic",
+                                       "504 5.5.4 No help for frobnicate"]
