@@ -174,6 +174,8 @@ class FilterSession:
     ) -> str:
         txn = self._transaction(envelope)
         extra = self.log_extra(txn.queue_id)
+        if address == "<>":  # the null path is a sender's only (RFC 5321 4.1.1.3)
+            return replies.BAD_RECIPIENT_SYNTAX
         if len(envelope.rcpt_tos) >= self._policy.max_recipients:
             # RFC 5321 4.5.3.1.10: 452 for too many recipients, the client sends the rest later.
             log.info("recipient %s refused: too many recipients", address, extra=extra)

@@ -34,6 +34,7 @@ MAILBOX_FULL = "452 4.2.2 Mailbox full, try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 too many connections"
 TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+BAD_RECIPIENT_SYNTAX = "501 5.1.3 Bad recipient address syntax"
 # Rate limits (common/ratelimit.py), counted across all workers. 4.7.0 before the
 # greeting, as Postfix's anvil does; 4.7.1 "not authorized" at MAIL FROM. RFC 3463 3.8.
 RATE_CONNECTIONS = ("421 4.7.0 Too many connections from your address, "
@@ -94,6 +95,8 @@ _REWRITES: dict[str, str] = {
     "500 Line too long (see RFC5321 4.5.3.1.6)": LINE_TOO_LONG,
     "552 Error: Too much mail data": MESSAGE_TOO_BIG,
     "552 Error: message size exceeds fixed maximum message size": SIZE_EXCEEDED,
+    # aiosmtpd hangs up after ten unknown commands; closing is a 421 (RFC 5321 3.8).
+    "502 5.5.1 Too many unrecognized commands, goodbye.": TOO_MANY_ERRORS,
     # aiosmtpd's fallback when handle_exception itself fails: never a permanent error.
     "500 Error: Cannot describe error": INTERNAL_ERROR,
 }

@@ -89,6 +89,15 @@ async def test_relay_denied_554(worker: FilterWorker) -> None:
     assert await queue_depth(worker.settings) == 0
 
 
+async def test_the_null_path_is_no_recipient(worker: FilterWorker) -> None:
+    def transaction() -> str:
+        with connect(worker.ports[0]) as client:
+            client.mail(SENDER)
+            return reply_of(*client.docmd("RCPT TO:<>"))
+
+    assert await in_thread(transaction) == replies.BAD_RECIPIENT_SYNTAX
+
+
 async def test_postmaster_goes_to_the_configured_address(directory: Settings) -> None:
     """RFC 5321 4.5.1: <postmaster> without a domain, and postmaster@ a local domain in any
     case, MUST be accepted; with TIERMAIL_POSTMASTER they reach that address. Without it,
@@ -388,3 +397,21 @@ async def test_help_does_not_echo_octets_that_are_not_text(worker: FilterWorker)
 
     assert await in_thread(dialog) == ["504 5.5.4 No help for that topic",
                                        "504 5.5.4 No help for frobnicate"]
+
+
+async def test_a_client_sending_unknown_commands_is_closed_with_421(
+        worker: FilterWorker) -> None:
+    """aiosmtpd hangs up after a few unknown commands; the last reply is a 421 (RFC 5321
+    3.8: the server closing the connection), not a 502."""
+    def dialog() -> list[str]:
+        client = RawClient(worker.ports[0])
+        client.reply()
+        answers = []
+        while not answers or answers[-1].startswith("500"):
+            answers.append(client.command(b"FROBNICATE\r\n"))
+        assert client.closed()
+        client.close()
+        return answers
+
+    answers = await in_thread(dialog)
+    assert answers[-1] == replies.TOO_MANY_ERRORS, answers
