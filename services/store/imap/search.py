@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
-from collections.abc import Awaitable, Callable, Container, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Iterator, Sequence
 from typing import Protocol
 
 from services.store.backends.maildb import MailDB
@@ -35,7 +35,10 @@ from services.store.mailbox import MessageInfo, NoSuchMessage
 
 SEARCH_CHARSETS = frozenset({"UTF-8", "US-ASCII"})  # RFC 3501 6.4.4: US-ASCII is required
 READ_BATCH = 256  # files read per worker-thread call
-SCAN_BATCH = 16  # messages parsed per worker-thread call when a TEXT/BODY key is scanned
+# Messages parsed per worker-thread call when a TEXT/BODY key is scanned: between two calls
+# the search lets other sessions' commands go first.
+SCAN_BATCH = 16
+SCAN_BYTES = 512 * 1024
 HEADER_BREAKS = (b"\r\n\r\n", b"\n\n")
 MAX_HEADER = 1 << 20  # a header section longer than this is cut (it is not a real one)
 
@@ -273,16 +276,30 @@ class _Evaluator:
         multiparts takes seconds: the other sessions go on meanwhile)."""
         messages, source = self.messages, self.view.source
         found: list[int] = []
-        for start in range(0, len(candidates), SCAN_BATCH):
-            if start:
+        for number, chunk in enumerate(_scan_batches(messages, candidates)):
+            if number:
                 await self.view.pause()
-            chunk = candidates[start:start + SCAN_BATCH]
             raws = await asyncio.gather(*(source.raw(messages[p]) for p in chunk))
             found.extend(await asyncio.to_thread(_matching, chunk, raws, needle, field))
         return found
 
 
 # Values and small helpers
+
+
+def _scan_batches(messages: Sequence[MessageInfo], candidates: list[int]) -> Iterator[list[int]]:
+    """`candidates` in batches of SCAN_BATCH messages or SCAN_BYTES octets, whichever comes
+    first (a large message is a batch of its own)."""
+    batch: list[int] = []
+    size = 0
+    for position in candidates:
+        batch.append(position)
+        size += messages[position].size
+        if len(batch) == SCAN_BATCH or size >= SCAN_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _matching(positions: list[int], raws: list[bytes], needle: str, field: str) -> list[int]:

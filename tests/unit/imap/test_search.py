@@ -11,7 +11,10 @@ import pytest
 from services.store.backends.textindex import fold, message_text, text_contains
 from services.store.imap.protocol.command import SearchKey, SequenceSet
 from services.store.imap.search import (
+    SCAN_BATCH,
+    SCAN_BYTES,
     UnsupportedSearchKey,
+    _scan_batches,
     charset_supported,
     search,
 )
@@ -259,6 +262,15 @@ async def test_a_text_key_repeated_in_one_search_reads_each_message_once() -> No
                    key("BODY", "E"), key("BODY", "e")))
     await search(narrowed, INFOS, source, recent=RECENT)
     assert source.raw_reads == 2 * reads + 3  # only UIDs 3, 7 and 8, once
+
+
+def test_scans_go_in_batches_of_a_few_messages_or_octets() -> None:
+    infos = [MessageInfo(uid=n + 1, guid=f"{n:032x}", size=size, internaldate=0.0,
+                         flags=frozenset(), modseq=1)
+             for n, size in enumerate([10] * 20 + [SCAN_BYTES, 10, SCAN_BYTES // 2] * 2)]
+    batches = list(_scan_batches(infos, list(range(len(infos)))))
+    assert [len(batch) for batch in batches] == [SCAN_BATCH, 5, 3, 2]
+    assert [p for batch in batches for p in batch] == list(range(len(infos)))
 
 
 async def test_empty_mailbox() -> None:
