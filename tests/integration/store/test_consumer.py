@@ -228,6 +228,9 @@ async def test_large_messages_are_held_only_a_few_at_a_time(settings: Settings) 
                        what=f"{LARGE_PREFETCH} large messages handed to the store")
         assert await queue_counts(settings, topology.large_queue) == len(large) - LARGE_PREFETCH
         maildb.gate.set()
+        # Delivered, not only taken from the queues (the last ones may still be written).
+        await wait_for(lambda: store.consumer.stats.delivered == len(small) + len(large),
+                       what="every message stored")
         await wait_for(lambda: _zero(store.depth()), what="both queues drained")
         await wait_for(lambda: _zero(queue_counts(settings, topology.large_queue)),
                        what="the large queue drained")
