@@ -81,10 +81,13 @@ class Envelope:
 
     @classmethod
     def decode(cls, data: bytes | str) -> Envelope:
+        """The envelope, or EnvelopeError for anything a broken or hostile publisher could
+        send: every field checked for its type and range, text for being Unicode that UTF-8
+        can carry (JSON escapes can name lone surrogates)."""
         try:
-            raw = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise EnvelopeError(f"envelope is not JSON: {exc}") from None
+            raw = json.loads(data, parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise EnvelopeError(f"envelope is not JSON: {type(exc).__name__}") from None
         if not isinstance(raw, dict):
             raise EnvelopeError("envelope is not a JSON object")
         if raw.get("schema") != SCHEMA_VERSION:
@@ -96,29 +99,55 @@ class Envelope:
                 recipients=tuple(_recipient(r) for r in raw["recipients"]),
                 client_ip=_text(raw, "client_ip", allow_empty=True),
                 client_helo=_text(raw, "client_helo", allow_empty=True),
-                received_at=float(raw["received_at"]),
-                size=int(raw["size"]),
+                received_at=_number(raw, "received_at", LATEST_TIME),
+                size=int(_number(raw, "size", MAX_SIZE)),
                 tls=_optional_text(raw, "tls"),
                 authenticated_user=_optional_text(raw, "authenticated_user"),
                 smtputf8=bool(raw.get("smtputf8", False)),
                 body_8bit=bool(raw.get("body_8bit", False)),
                 junk=bool(raw.get("junk", False)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise EnvelopeError(f"malformed envelope: {exc!r}") from None
+
+
+# Until the end of year 9999 (IMAP's INTERNALDATE has four digits); a size a signed 64-bit
+# integer holds.
+LATEST_TIME = 253402300799.0
+MAX_SIZE = 2**63 - 1
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number an envelope may hold")
+
+
+def _number(raw: dict[str, Any], key: str, most: float) -> float:
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not 0 <= value <= most:
+        raise EnvelopeError(f"envelope field {key} must be a number from 0 to {most:.0f}")
+    return float(value) if isinstance(value, float) else value
 
 
 def _text(raw: dict[str, Any], key: str, allow_empty: bool = False) -> str:
     value = raw[key]
     if not isinstance(value, str) or (not value and not allow_empty):
         raise EnvelopeError(f"envelope field {key} must be a non-empty string")
-    return value
+    return _utf8(value, key)
 
 
 def _optional_text(raw: dict[str, Any], key: str) -> str | None:
     value = raw.get(key)
     if value is not None and not isinstance(value, str):
         raise EnvelopeError(f"envelope field {key} must be a string or null")
+    return value if value is None else _utf8(value, key)
+
+
+def _utf8(value: str, key: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EnvelopeError(f"envelope field {key} is not valid Unicode") from None
     return value
 
 
@@ -128,4 +157,5 @@ def _recipient(raw: Any) -> Recipient:
     mailboxes = raw.get("mailboxes")
     if not isinstance(mailboxes, list) or not all(isinstance(m, str) and m for m in mailboxes):
         raise EnvelopeError("recipient mailboxes must be a list of strings")
-    return Recipient(address=_text(raw, "address"), mailboxes=tuple(mailboxes))
+    return Recipient(address=_text(raw, "address"),
+                     mailboxes=tuple(_utf8(m, "mailboxes") for m in mailboxes))

@@ -30,7 +30,6 @@ import aiormq
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 
-from common.envelope import EnvelopeError
 from common.settings import Settings
 from common.topology import (
     MAILBOXES_HEADER,
@@ -109,7 +108,7 @@ def describe(properties: spec.Basic.Properties, body: bytes,
     recipients: tuple[str, ...] = ()
     try:
         envelope = envelope_from_properties(properties)
-    except EnvelopeError:
+    except Exception:  # noqa: BLE001 - one held message the tools cannot read stops none
         pass
     else:
         sender, recipients = envelope.mail_from, envelope.mailboxes

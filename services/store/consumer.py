@@ -244,13 +244,19 @@ class Consumer:
             item = _Item(message)
             try:
                 item.envelope = envelope_from_properties(message.header.properties)
-            except (EnvelopeError, UnicodeDecodeError) as exc:
+                item_owners = _owners(item.envelope)
+                if not item_owners:
+                    raise EnvelopeError("the envelope names no mailbox")
+            except Exception as exc:  # noqa: BLE001 - this message's fault, whatever it is
+                # Never out of this loop: that would end the broker session and send the
+                # whole prefetched batch back, counting an attempt against each good message.
                 log.error("undecodable message dead-lettered: %s", exc,
+                          exc_info=not isinstance(exc, EnvelopeError | UnicodeDecodeError),
                           extra={"queue_id": item.queue_id, "event": "dead-letter"})
                 await channel.basic_reject(item.tag, requeue=False)
                 self.stats.dead_lettered += 1
                 continue
-            owners.update(_owners(item.envelope))
+            owners.update(item_owners)
             items.append(item)
         if not items:
             return
@@ -369,7 +375,7 @@ class Consumer:
         props = item.message.header.properties
         headers = dict(props.headers or {})
         headers[REASON_HEADER] = item.reason
-        headers[MAILBOXES_HEADER] = ",".join(item.missing)
+        headers[MAILBOXES_HEADER] = _listed(item.missing)
         properties = Basic.Properties(
             delivery_mode=PERSISTENT, message_id=props.message_id,
             content_type=props.content_type, timestamp=props.timestamp, headers=headers)
@@ -403,6 +409,17 @@ class Consumer:
                             headers.get("x-delivery-count", 0),
                             extra={"queue_id": item.queue_id, "event": "requeue"})
                 await channel.basic_nack(item.tag, requeue=True)
+
+
+# The owners named in a dead-letter copy's header: all of them would not fit in one AMQP
+# frame for a large alias whose members were deleted (the broker drops the connection).
+LISTED_OWNERS = 50
+
+
+def _listed(owners: list[str]) -> str:
+    shown = ",".join(owners[:LISTED_OWNERS])
+    return shown if len(owners) <= LISTED_OWNERS else \
+        f"{shown} and {len(owners) - LISTED_OWNERS} more"
 
 
 def _owners(envelope: Envelope) -> list[str]:

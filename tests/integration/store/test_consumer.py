@@ -138,6 +138,48 @@ async def test_undecodable_message_is_dead_lettered_once(store: Running) -> None
     assert len(await store.maildb.list_messages(ALICE)) == 1
 
 
+async def test_bad_envelopes_in_a_batch_are_dead_lettered_alone(settings: Settings) -> None:
+    """Envelopes a broken filter could publish, among good mail in one batch: each bad one is
+    dead-lettered at once and the good ones are stored once. Such envelopes (a size of
+    Infinity, an owner with a lone surrogate) used to escape the decoder and end the broker
+    session, so the batch came back again and again until all of it was dead-lettered."""
+    add_users(settings, [ALICE])
+    good = [make_message(ALICE) for _ in range(10)]
+    await publish_all(settings, good[:5])
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.confirm_delivery()
+        for number, changes in enumerate([
+                {"size": "Infinity"}, {"received_at": "1e400"},
+                {"recipients": '[{"address": "x@example.test", "mailboxes": ["\\ud800@x"]}]'},
+                {"recipients": "[]"}]):
+            envelope, body = make_message(ALICE)
+            text = envelope.encode().decode()
+            for key, value in changes.items():
+                start = text.index(f'"{key}":') + len(key) + 3
+                end = text.index(',"', start)
+                text = text[:start] + value + text[end:]
+            await channel.basic_publish(
+                body, exchange=settings.topology.inbound_exchange,
+                routing_key=DELIVER_ROUTING_KEY,
+                properties=Basic.Properties(delivery_mode=PERSISTENT, message_id=f"bad{number}",
+                                            headers={ENVELOPE_HEADER: text}))
+    finally:
+        await connection.close()
+    await publish_all(settings, good[5:])
+    store = await _running(settings)  # the whole backlog at once: one batch
+    try:
+        await wait_for(lambda: store.consumer.stats.delivered == 10, what="good mail stored")
+        await wait_for(lambda: _eq(store.dead(), 4), what="the bad envelopes dead-lettered")
+        assert store.consumer.stats.requeued == 0
+        assert store.consumer.stats.connections == 1  # never dropped
+        seen = check_mailboxes(settings.store_dir, [ALICE])
+        assert seen == {envelope.queue_id: 1 for envelope, _ in good}
+    finally:
+        await store.stop()
+
+
 async def _eq(value: object, expected: int) -> bool:
     return await value == expected  # type: ignore[misc]
 

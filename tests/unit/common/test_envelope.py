@@ -51,6 +51,32 @@ def test_malformed_envelopes_raise_envelope_error(raw: bytes) -> None:
         Envelope.decode(raw)
 
 
+def _changed(**fields: object) -> bytes:
+    return json.dumps({**json.loads(make().encode()), **fields}).encode()
+
+
+@pytest.mark.parametrize("raw", [
+    _changed(size=float("inf")),  # json writes Infinity
+    _changed(received_at=float("nan")),
+    b'{"schema": 1, "size": 1e400}',
+    _changed(received_at=10**400),
+    _changed(received_at=-1.0),
+    _changed(received_at=253402300800),  # year 10000
+    _changed(size=-5),
+    _changed(size=True),
+    _changed(size="12"),
+    _changed(mail_from="\ud800@example.org"),
+    _changed(recipients=[{"address": "a@example.org", "mailboxes": ["\udcff@example.org"]}]),
+    b"[" * 5000 + b"]" * 5000,
+])
+def test_envelopes_a_broken_publisher_could_send_raise_envelope_error(raw: bytes) -> None:
+    """Each of these escaped the decoder (OverflowError, RecursionError, and the encoding
+    error of a lone surrogate later in the store), and took the consumer's broker session
+    down with a batch of good mail."""
+    with pytest.raises(EnvelopeError):
+        Envelope.decode(raw)
+
+
 @given(st.binary(max_size=300))
 def test_random_bytes_never_raise_anything_else(raw: bytes) -> None:
     try:
