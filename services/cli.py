@@ -394,7 +394,13 @@ def parse_size(text: str) -> int | None:
             from None
     if not value >= 0 or value == float("inf"):
         raise CommandError(f"not a size: {text!r}")
-    return int(value * _SIZE_UNITS[unit])
+    octets = value * _SIZE_UNITS[unit]
+    if octets > MAX_QUOTA:
+        raise CommandError(f"too large a size: {text!r} (at most 8E, 2^63 - 1 octets)")
+    return int(octets)
+
+
+MAX_QUOTA = 2**63 - 1  # what the account database's INTEGER holds
 
 
 def format_size(octets: int) -> str:

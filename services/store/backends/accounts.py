@@ -72,7 +72,10 @@ class AccountError(ValueError):
 
 
 def valid_address(address: str) -> bool:
-    return len(address) <= 254 and _ADDRESS_RE.match(address) is not None
+    # "/" is atext (RFC 5322) but names no directory: the store could never hold the
+    # account's mail (maildb.user_dir_name refuses it), so it is refused here first.
+    return len(address) <= 254 and "/" not in address \
+        and _ADDRESS_RE.match(address) is not None
 
 
 def valid_domain(domain: str) -> bool:

@@ -49,6 +49,10 @@ def test_refusals_are_clear_and_change_nothing(settings: Settings) -> None:
     bad = tiermail(settings, "user", "add", "../etc@example.org", "--password-stdin",
                    stdin="pw\n")
     assert bad.returncode == 1 and "not a valid" in bad.stderr
+    # "/" is allowed in an address (RFC 5322 atext) but the store cannot hold its mail.
+    slash = tiermail(settings, "user", "add", "a/b@example.org", "--password-stdin",
+                     stdin="pw\n")
+    assert slash.returncode == 1 and "not a valid" in slash.stderr
     empty = tiermail(settings, "user", "add", "bob@example.org", "--password-stdin", stdin="\n")
     assert empty.returncode == 1 and "empty password" in empty.stderr
     tiermail(settings, "user", "add", "bob@example.org", "--password-stdin", stdin="pw\n")

@@ -16,7 +16,8 @@ def test_parse_size(text: str, octets: int | None) -> None:
     assert parse_size(text) == octets
 
 
-@pytest.mark.parametrize("text", ["", "-1", "1X", "M", "KB", "nan", "inf", "1e999", "ten"])
+@pytest.mark.parametrize("text", ["", "-1", "1X", "M", "KB", "nan", "inf", "1e999", "ten", "1e30",
+                                  "9223372036854775808", "1e18G"])
 def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(CommandError):
         parse_size(text)
