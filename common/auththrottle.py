@@ -1,6 +1,8 @@
 """Failed logins counted in Redis per client IP and per account, shared by every store process
 and every protocol (POP3 and IMAP count into the same keys).
 
+A login is counted as failed before its password is checked (`attempt`; a right password
+gives the IP's count back), so guesses sent at the same time cannot all get past the check.
 A fixed window per subject: the first failure creates `<prefix>authfail:ip:<ip>` (or
 `...:user:<address>`) with a lifetime of `window` seconds, each further failure increments it
 (INCR, then EXPIRE NX in the same round trip), and a login is refused without checking the
@@ -52,6 +54,12 @@ MAX_KEY_USER = 254  # RFC 5321 4.5.3.1.3 path length; longer names are hashed in
 
 T = TypeVar("T")
 
+# Decrement a counter that still exists (an expired one must not come back as -1, unexpiring).
+_GIVE_BACK = """
+if redis.call('exists', KEYS[1]) == 1 then return redis.call('decr', KEYS[1]) end
+return 0
+"""
+
 
 class AuthThrottle:
     def __init__(self, redis: redis.asyncio.Redis, prefix: str, per_ip: int, per_user: int,
@@ -90,9 +98,7 @@ class AuthThrottle:
     async def allowed(self, ip: str, user: str | None) -> bool:
         """False while the IP or the account has used up its failures (check the password
         only when True). `user` may be None before the client named one."""
-        limited = [(key, limit) for key, limit in ((self.ip_key(ip), self._per_ip),
-                                                   (self.user_key(user), self._per_user))
-                   if key is not None]
+        limited = self._limited(ip, user)
         if not limited:
             return True
         counts = await self._call(lambda: self._redis.mget([key for key, _ in limited]))
@@ -100,6 +106,38 @@ class AuthThrottle:
             return True
         return all(count is None or int(count) < limit
                    for count, (_, limit) in zip(counts, limited, strict=True))
+
+    async def attempt(self, ip: str, user: str | None) -> bool:
+        """Count a login as failed before its password is checked, and say whether it may be
+        checked (False once the IP or the account is past its limit). Counted first, so that
+        guesses sent at the same time each take their place: checking first let every guess
+        already under way through (30 connections, 30 guesses, against a limit of 3). A login
+        that then succeeds gives its place back (`attempt_succeeded`)."""
+        keys = self._limited(ip, user)
+        if not keys:
+            return True
+        pipe = self._redis.pipeline(transaction=False)
+        for key, _ in keys:
+            pipe.incr(key)
+            pipe.pexpire(key, self._window_ms, nx=True)
+        results = await self._call(pipe.execute)
+        if results is None:
+            return True
+        return all(int(count) <= limit
+                   for count, (_, limit) in zip(results[0::2], keys, strict=True))
+
+    async def attempt_succeeded(self, ip: str, user: str | None) -> None:
+        """The password of an `attempt` was right: the account's failures are forgotten and
+        the IP's count loses this attempt (an office behind one address logs in all day)."""
+        await self.succeeded(ip, user)
+        key = self.ip_key(ip)
+        if key is not None:
+            await self._call(lambda: self._redis.eval(_GIVE_BACK, 1, key))
+
+    def _limited(self, ip: str, user: str | None) -> list[tuple[str, int]]:
+        return [(key, limit) for key, limit in ((self.ip_key(ip), self._per_ip),
+                                                (self.user_key(user), self._per_user))
+                if key is not None]
 
     async def failed(self, ip: str, user: str | None) -> None:
         """Count one failed login against the IP and the account."""

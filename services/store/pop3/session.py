@@ -251,13 +251,14 @@ class Session:
         return self.peer.rpartition(":")[0].strip("[]")
 
     async def _login(self, address: str, password: str) -> Response:
-        if self._throttle is not None and not await self._throttle.allowed(self.client_ip,
+        if self._throttle is not None and not await self._throttle.attempt(self.client_ip,
                                                                            address):
-            return await self._auth_failed(address, ERR_AUTH_THROTTLED, count=False)
+            return await self._auth_failed(address, ERR_AUTH_THROTTLED, count=False,
+                                           throttled=True)
         if not await authenticate(self._accounts, address, password):
-            return await self._auth_failed(address)
+            return await self._auth_failed(address, count=False)  # the attempt counted it
         if self._throttle is not None:
-            await self._throttle.succeeded(self.client_ip, address)
+            await self._throttle.attempt_succeeded(self.client_ip, address)
         user = normalize_address(address)
         if not self._locks.acquire(user):
             log.info("maildrop locked by another session", extra={**self.log_context,
@@ -280,14 +281,14 @@ class Session:
         return Response(p.OK_LOGGED_IN.format(user=user, count=count, octets=octets).encode())
 
     async def _auth_failed(self, address: str, reply: p.Reply = p.ERR_AUTH_FAILED,
-                           count: bool = True) -> Response:
-        """A refused login: counted in the throttle (unless it was the throttle that refused:
-        a locked-out client's attempts do not extend its lock), delayed, and after
-        MAX_AUTH_FAILURES on one connection the connection is closed."""
+                           count: bool = True, throttled: bool = False) -> Response:
+        """A refused login: counted in the throttle when `count` (a wrong password was
+        counted by its attempt already), delayed, and after MAX_AUTH_FAILURES on one
+        connection the connection is closed."""
         self._auth_failures += 1
         if count and self._throttle is not None:
             await self._throttle.failed(self.client_ip, address)
-        log.info("login failed" if count else "login refused: too many failures",
+        log.info("login refused: too many failures" if throttled else "login failed",
                  extra={**self.log_context, "user": address[:100]})
         await asyncio.sleep(self._auth_failure_delay)
         after = After.CLOSE if self._auth_failures >= MAX_AUTH_FAILURES else After.CONTINUE
@@ -303,9 +304,11 @@ class Session:
         credentials = p.decode_sasl_plain(response)
         if credentials is None:
             return self._protocol_error(p.ERR_AUTH_MALFORMED)
-        # RFC 4616 section 2: we do not let one user act as another.
-        if credentials.authzid not in ("", credentials.authcid):
-            return await self._auth_failed(credentials.authcid)
+        # RFC 4616 section 2: we do not let one user act as another (an authzid naming the
+        # same account in another spelling is that account, as in IMAP; not a failed login).
+        if credentials.authzid and \
+                normalize_address(credentials.authzid) != normalize_address(credentials.authcid):
+            return await self._auth_failed(credentials.authcid, count=False)
         try:
             return await self._login(credentials.authcid, credentials.password)
         except Exception as exc:  # noqa: BLE001 - mapped to a reply, logged with traceback

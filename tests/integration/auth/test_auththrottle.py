@@ -116,6 +116,31 @@ async def test_logins_are_allowed_while_redis_is_down(settings: Settings) -> Non
 
 
 
+async def test_guesses_sent_at_the_same_time_are_checked_no_more_than_the_limit(
+        client: redis.asyncio.Redis, settings: Settings) -> None:
+    """Each attempt is counted before its password is checked: 30 guesses under way at once
+    (30 connections) get 3 checks, not 30."""
+    limiter = throttle(client, settings, per_ip=3, per_user=100)
+    admitted = await asyncio.gather(*(limiter.attempt(REMOTE, f"u{n}@example.test")
+                                      for n in range(30)))
+    assert sum(admitted) == 3
+
+
+async def test_a_right_password_gives_its_attempt_back(
+        client: redis.asyncio.Redis, settings: Settings) -> None:
+    """Many people behind one address log in all day: only wrong passwords count for it."""
+    limiter = throttle(client, settings, per_ip=2, per_user=2)
+    for _ in range(10):
+        assert await limiter.attempt(REMOTE, ALICE)
+        await limiter.attempt_succeeded(REMOTE, ALICE)
+    assert await limiter.attempt(REMOTE, BOB)  # a wrong password: counted
+    assert await limiter.attempt(REMOTE, BOB)
+    assert not await limiter.attempt(REMOTE, ALICE)  # the address has used its two
+    await client.delete(limiter.ip_key(REMOTE) or "")
+    await limiter.attempt_succeeded(REMOTE, ALICE)  # its count gone: none comes back as -1
+    assert await client.get(limiter.ip_key(REMOTE) or "") is None
+
+
 class SilentServer:
     """A TCP peer that takes whatever it is sent and never answers: a hung Redis."""
 
