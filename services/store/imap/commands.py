@@ -418,6 +418,15 @@ async def status(s: Session, c: Command) -> r.Reply:
     return r.OK_DONE
 
 
+def _sizes(item: str, messages: list[MessageInfo]) -> int:
+    """STATUS SIZE (RFC 8438), DELETED (RFC 9051) and DELETED-STORAGE (RFC 9208 4.1.4: what
+    an EXPUNGE would free, in units of 1024 octets, as QUOTA=RES-STORAGE requires)."""
+    if item == "SIZE":
+        return sum(info.size for info in messages)
+    deleted = [info for info in messages if DELETED in info.flags]
+    return len(deleted) if item == "DELETED" else _kib(sum(info.size for info in deleted))
+
+
 async def _status_line(s: Session, name: str, items: Sequence[str]) -> bytes:
     user = s.logged_in_user
     current = await s.store.status(user, name)
@@ -442,10 +451,10 @@ async def _status_line(s: Session, name: str, items: Sequence[str]) -> bytes:
             # yet (RFC 3501 6.3.10), or this session's own recent messages.
             value = (selected.recent_count if selected is not None
                      else await s.store.recent(user, name))
-        elif item == "SIZE":
+        elif item in ("SIZE", "DELETED", "DELETED-STORAGE"):
             if messages is None:
                 messages = await s.store.list_messages(user, name)
-            value = sum(info.size for info in messages)
+            value = _sizes(item, messages)
         else:
             continue
         values.append(b"%s %d" % (item.encode("ascii"), value))
@@ -531,12 +540,13 @@ class _Keepalive:
 
 async def getquotaroot(s: Session, c: Command) -> r.Reply:
     name = cast(MailboxArg, c.args).mailbox
-    current = await s.store.status(s.logged_in_user, name)  # NONEXISTENT when absent
+    # RFC 9208 4.1.2: the name need not exist yet (a client asks before it creates one).
+    name = INBOX if name.upper() == INBOX else name
     limit = await s.quota_limit()
     if limit is None:
-        await s.send(wire.untagged(b"QUOTAROOT " + wire.mailbox(current.name)))
+        await s.send(wire.untagged(b"QUOTAROOT " + wire.mailbox(name)))
         return r.OK_DONE
-    await s.send(wire.untagged(b'QUOTAROOT ' + wire.mailbox(current.name) + b' ""')
+    await s.send(wire.untagged(b'QUOTAROOT ' + wire.mailbox(name) + b' ""')
                  + await _quota_line(s, limit))
     return r.OK_DONE
 
@@ -551,9 +561,14 @@ async def getquota(s: Session, c: Command) -> r.Reply:
 
 
 async def _quota_line(s: Session, limit: int) -> bytes:
-    # RFC 9208 5.1: STORAGE is counted in units of 1024 octets.
+    # RFC 9208 5.1: STORAGE is counted in units of 1024 octets; both rounded up, so that a
+    # limit that is no whole number of units does not look full while there is room.
     used = await s.store.usage(s.logged_in_user)
-    return wire.untagged(b'QUOTA "" (STORAGE %d %d)' % ((used + 1023) // 1024, limit // 1024))
+    return wire.untagged(b'QUOTA "" (STORAGE %d %d)' % (_kib(used), _kib(limit)))
+
+
+def _kib(octets: int) -> int:
+    return (octets + 1023) // 1024
 
 
 # --- selected ----------------------------------------------------------------------------

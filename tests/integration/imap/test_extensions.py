@@ -16,6 +16,7 @@ from common.settings import Settings
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from tests.integration.imap.clients import (
+    Reply,
     Server,
     collect_idle,
     expand,
@@ -577,6 +578,31 @@ async def test_quota_root_and_overquota(server: Server, deliver: Deliver, maildb
 
     await in_thread(copy_over)
     assert await maildb.list_messages(ALICE, "Trash") == []
+
+
+async def test_quota_details_of_rfc_9208(server: Server, deliver: Deliver, maildb: MailDB,
+                                        imap_users: AccountDB) -> None:
+    """DELETED-STORAGE (required with QUOTA=RES-STORAGE) and DELETED; GETQUOTAROOT of a
+    mailbox not created yet; a limit that is no whole number of KiB does not look full."""
+    await fill(deliver, 3)
+    infos = await maildb.list_messages(ALICE)
+    imap_users.set_quota(ALICE, 10 * 1024 * 1024 + 1)
+
+    def dialog() -> tuple[list[bytes], Reply]:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        raw.ok("STORE 1,3 +FLAGS.SILENT (\\Deleted)")
+        status = raw.ok("STATUS INBOX (MESSAGES DELETED DELETED-STORAGE)").lines(b"STATUS")
+        root = raw.ok("GETQUOTAROOT NotCreatedYet")
+        raw.close()
+        return status, root
+
+    status, root = await in_thread(dialog)
+    deleted_kib = math.ceil((infos[0].size + infos[2].size) / 1024)
+    assert status == [b"* STATUS INBOX (MESSAGES 3 DELETED 2 DELETED-STORAGE %d)" % deleted_kib]
+    assert root.lines(b"QUOTAROOT") == [b'* QUOTAROOT NotCreatedYet ""']
+    [quota] = root.parsed(b"QUOTA")
+    assert quota[2][2] == 10 * 1024 + 1  # 10 MiB and one octet: rounded up
 
 
 async def test_concurrent_idlers_each_get_their_own_updates(server: Server, deliver: Deliver
