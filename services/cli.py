@@ -425,10 +425,10 @@ def user_quota(settings: Settings, args: argparse.Namespace) -> int:
     limit = effective_quota(stored, settings.default_quota)
     known: dict[str, int] = {}
     _change(settings, lambda a: a.set_quota(args.address, stored),
-            lambda d: _publish_quota(d, args.address, limit, known))
+            lambda d: _publish_quota(d, settings, args.address, limit, known))
     shown = _quota_text(stored, settings.default_quota) or "unlimited (default)"
     print(f"quota of {args.address.lower()}: {shown}")
-    if "usage" in known:
+    if "usage" in known:  # not when Redis was out of reach
         usage = known["usage"]
         print(f"in use: {format_size(usage)} ({usage} octets)"
               + (", over quota: new mail is refused (452 4.2.2)"
@@ -436,17 +436,18 @@ def user_quota(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _publish_quota(directory: Any, address: str, limit: int | None,
-                         known: dict[str, int]) -> None:
-    """Flag the mailbox full or not at once when the store has published its usage; the
-    store reconciles every quota within seconds anyway (services/store/quota.py)."""
+async def _publish_quota(directory: Any, settings: Settings, address: str,
+                         limit: int | None, known: dict[str, int]) -> None:
+    """Flag the mailbox full or not at once, by the usage in the store's index (the store
+    publishes usage to Redis only for accounts with a limit: what Redis held could be old);
+    the store reconciles every quota within seconds anyway (services/store/quota.py)."""
     from common.directory import QuotaState
+    from services.store.backends.maildb import stored_usage
 
-    usage = await directory.usage(address)
-    if usage is not None:
-        known["usage"] = usage
-        over = limit is not None and usage >= limit
-        await directory.set_quota_states({address.strip().lower(): QuotaState(usage, over)})
+    user = address.strip().lower()
+    usage = known["usage"] = stored_usage(settings.store_dir, user)
+    over = limit is not None and usage >= limit
+    await directory.set_quota_states({user: QuotaState(usage, over)})
 
 
 def alias_add(settings: Settings, args: argparse.Namespace) -> int:

@@ -1751,6 +1751,20 @@ def _mailbox_name(conn: sqlite3.Connection, box_id: int) -> str:
     return str(conn.execute("SELECT name FROM mailbox WHERE id = ?", (box_id,)).fetchone()[0])
 
 
+def stored_usage(store_dir: Path, user: str) -> int:
+    """The octets a user's mail takes, read from the index by another process (the CLI):
+    the authority, where Redis holds the store's last report (only for accounts with a
+    limit). 0 for an account that has no mail yet."""
+    index = user_path(store_dir / "mail", user) / "index.sqlite"
+    if not index.exists():
+        return 0
+    conn = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=30)
+    try:
+        return _usage(conn)
+    finally:
+        conn.close()
+
+
 def _usage(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT usage FROM account WHERE id = 1").fetchone()
     return 0 if row is None else int(row[0])

@@ -96,6 +96,19 @@ async def test_a_full_mailbox_gets_452_while_others_get_250(settings: Settings,
         assert await in_thread(send, worker.ports[0], message(), [ALICE, TEAM]) == {}
 
 
+async def test_setting_a_quota_uses_the_usage_in_the_index(settings: Settings,
+                                                            store: Store) -> None:
+    """An account without a limit has no usage in Redis (or an old one): the CLI reads the
+    store's index, prints it and flags the account full at once (it printed a stale figure
+    and let mail in until the store's next reconcile)."""
+    await deliver(store.maildb, BOB, 3)
+    used = await store.maildb.usage(BOB)
+    quota = await in_thread(run_cli, settings, "user", "quota", BOB, "1K")
+    assert quota.returncode == 0, quota.stderr
+    assert f"({used} octets), over quota" in quota.stdout
+    assert BOB in await store.directory.over_quota()
+
+
 async def test_usage_changes_move_a_mailbox_in_and_out_of_the_set(store: Store) -> None:
     store.accounts.set_quota(BOB, 5000)
     await eventually(lambda: store.directory.quota_generation(), within=10,
