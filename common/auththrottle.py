@@ -1,9 +1,9 @@
 """Failed logins counted in Redis per client IP and per account, shared by every store process
 and every protocol (POP3 and IMAP count into the same keys).
 
-A login is counted as failed before its password is checked (`attempt`; a right password
-gives the IP's count back), so guesses sent at the same time cannot all get past the check.
-A fixed window per subject: the first failure creates `<prefix>authfail:ip:<ip>` (or
+One account's logins take turns (`one_check_at_a_time`), so guesses sent at the same time
+cannot all get past the check before any is counted. A fixed window per subject: the first
+failure creates `<prefix>authfail:ip:<ip>` (or
 `...:user:<address>`) with a lifetime of `window` seconds, each further failure increments it
 (INCR, then EXPIRE NX in the same round trip), and a login is refused without checking the
 password while a counter has reached its limit. The window starts at the first failure and is
@@ -32,10 +32,11 @@ Policy:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import redis.asyncio
@@ -54,12 +55,6 @@ MAX_KEY_USER = 254  # RFC 5321 4.5.3.1.3 path length; longer names are hashed in
 
 T = TypeVar("T")
 
-# Decrement a counter that still exists (an expired one must not come back as -1, unexpiring).
-_GIVE_BACK = """
-if redis.call('exists', KEYS[1]) == 1 then return redis.call('decr', KEYS[1]) end
-return 0
-"""
-
 
 class AuthThrottle:
     def __init__(self, redis: redis.asyncio.Redis, prefix: str, per_ip: int, per_user: int,
@@ -76,6 +71,7 @@ class AuthThrottle:
         self._clock = clock
         self._redis_down = False
         self._recheck_at = 0.0
+        self._turns: dict[str, _Turn] = {}
 
     @classmethod
     def from_settings(cls, redis: redis.asyncio.Redis, settings: Settings) -> AuthThrottle:
@@ -107,32 +103,26 @@ class AuthThrottle:
         return all(count is None or int(count) < limit
                    for count, (_, limit) in zip(counts, limited, strict=True))
 
-    async def attempt(self, ip: str, user: str | None) -> bool:
-        """Count a login as failed before its password is checked, and say whether it may be
-        checked (False once the IP or the account is past its limit). Counted first, so that
-        guesses sent at the same time each take their place: checking first let every guess
-        already under way through (30 connections, 30 guesses, against a limit of 3). A login
-        that then succeeds gives its place back (`attempt_succeeded`)."""
-        keys = self._limited(ip, user)
-        if not keys:
-            return True
-        pipe = self._redis.pipeline(transaction=False)
-        for key, _ in keys:
-            pipe.incr(key)
-            pipe.pexpire(key, self._window_ms, nx=True)
-        results = await self._call(pipe.execute)
-        if results is None:
-            return True
-        return all(int(count) <= limit
-                   for count, (_, limit) in zip(results[0::2], keys, strict=True))
-
-    async def attempt_succeeded(self, ip: str, user: str | None) -> None:
-        """The password of an `attempt` was right: the account's failures are forgotten and
-        the IP's count loses this attempt (an office behind one address logs in all day)."""
-        await self.succeeded(ip, user)
-        key = self.ip_key(ip)
-        if key is not None:
-            await self._call(lambda: self._redis.eval(_GIVE_BACK, 1, key))
+    @contextlib.asynccontextmanager
+    async def one_check_at_a_time(self, user: str | None) -> AsyncIterator[None]:
+        """Around `allowed`, the password check and `failed`/`succeeded`: one account's
+        logins take turns in this process, so guesses sent at the same time on many
+        connections each see the failures counted before them (checked and counted
+        separately, 30 guesses at once were all checked against a limit of 3). Counting
+        before the check instead would refuse an owner whose clients open many connections
+        at once (Thunderbird opens five). Other accounts' logins do not wait."""
+        key = normalize_address(user) if user else ""
+        turn = self._turns.get(key)
+        if turn is None:
+            turn = self._turns[key] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[key]
 
     def _limited(self, ip: str, user: str | None) -> list[tuple[str, int]]:
         return [(key, limit) for key, limit in ((self.ip_key(ip), self._per_ip),
@@ -174,3 +164,9 @@ class AuthThrottle:
             log.info("login failures counted again (Redis back)",
                      extra={"event": "auththrottle-available"})
         return result
+
+
+class _Turn:
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0  # logins holding or waiting for the lock

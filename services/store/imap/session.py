@@ -407,15 +407,17 @@ class Session:
         user = normalize_address(address)[:320]
         ip = self.channel.peer_ip
         throttle = self.deps.throttle
-        if not await throttle.attempt(ip, user):
-            log.info("login throttled", extra={**self.log_context, "user": user})
-            return r.NO_AUTH_THROTTLED
-        if not await authenticate(self.deps.accounts, user, password):
-            self._auth_failures += 1  # counted in the throttle by the attempt
+        async with throttle.one_check_at_a_time(user):
+            if not await throttle.allowed(ip, user):
+                log.info("login throttled", extra={**self.log_context, "user": user})
+                return r.NO_AUTH_THROTTLED
+            right = await authenticate(self.deps.accounts, user, password)
+            await (throttle.succeeded if right else throttle.failed)(ip, user)
+        if not right:
+            self._auth_failures += 1
             log.info("login failed", extra={**self.log_context, "user": user})
             await asyncio.sleep(self.deps.auth_failure_delay)
             return r.NO_AUTH_FAILED
-        await throttle.attempt_succeeded(ip, user)
         if self.deps.user_connections is not None:
             self._uncount = self.deps.user_connections.admit(user, ip)
             if self._uncount is None:

@@ -251,14 +251,12 @@ class Session:
         return self.peer.rpartition(":")[0].strip("[]")
 
     async def _login(self, address: str, password: str) -> Response:
-        if self._throttle is not None and not await self._throttle.attempt(self.client_ip,
-                                                                           address):
+        verdict = await self._check_password(address, password)
+        if verdict == "throttled":
             return await self._auth_failed(address, ERR_AUTH_THROTTLED, count=False,
                                            throttled=True)
-        if not await authenticate(self._accounts, address, password):
-            return await self._auth_failed(address, count=False)  # the attempt counted it
-        if self._throttle is not None:
-            await self._throttle.attempt_succeeded(self.client_ip, address)
+        if verdict == "wrong":
+            return await self._auth_failed(address, count=False)  # counted in the check
         user = normalize_address(address)
         if not self._locks.acquire(user):
             log.info("maildrop locked by another session", extra={**self.log_context,
@@ -279,6 +277,19 @@ class Session:
         count, octets = self._totals()
         log.info("logged in", extra=self.log_context)
         return Response(p.OK_LOGGED_IN.format(user=user, count=count, octets=octets).encode())
+
+    async def _check_password(self, address: str, password: str) -> str:
+        """"right", "wrong" (counted in the throttle) or "throttled" (not checked): one
+        check of an account at a time (AuthThrottle.one_check_at_a_time)."""
+        throttle = self._throttle
+        if throttle is None:
+            return "right" if await authenticate(self._accounts, address, password) else "wrong"
+        async with throttle.one_check_at_a_time(address):
+            if not await throttle.allowed(self.client_ip, address):
+                return "throttled"
+            right = await authenticate(self._accounts, address, password)
+            await (throttle.succeeded if right else throttle.failed)(self.client_ip, address)
+        return "right" if right else "wrong"
 
     async def _auth_failed(self, address: str, reply: p.Reply = p.ERR_AUTH_FAILED,
                            count: bool = True, throttled: bool = False) -> Response:
