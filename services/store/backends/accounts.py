@@ -170,7 +170,8 @@ class AccountDB:
             ).fetchone()
             if in_use:
                 raise AccountError(f"domain {domain} still has users")
-            db.execute("DELETE FROM domain WHERE name = ?", (domain,))
+            if not db.execute("DELETE FROM domain WHERE name = ?", (domain,)).rowcount:
+                raise AccountError(f"no such domain: {domain}")
 
     def domains(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT name FROM domain ORDER BY name")]

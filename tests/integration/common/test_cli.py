@@ -60,6 +60,8 @@ def test_refusals_are_clear_and_change_nothing(settings: Settings) -> None:
                      stdin="pw\n")
     assert again.returncode == 1 and "already exists" in again.stderr
     assert tiermail(settings, "user", "list").stdout.split() == ["bob@example.org"]
+    unknown = tiermail(settings, "domain", "del", "never-added.example")
+    assert unknown.returncode == 1 and "no such domain" in unknown.stderr  # said "removed"
 
 
 def test_passwd_and_del(settings: Settings, redis_client: redis.Redis) -> None:
