@@ -103,6 +103,18 @@ class AuthThrottle:
         return all(count is None or int(count) < limit
                    for count, (_, limit) in zip(counts, limited, strict=True))
 
+    async def check(self, ip: str, user: str,
+                    verify: Callable[[], Awaitable[bool]]) -> str:
+        """One login, counted: "right", "wrong" (counted as a failure) or "throttled" (the
+        password not checked). `verify` checks the password; the account's checks take turns
+        (`one_check_at_a_time`)."""
+        async with self.one_check_at_a_time(user):
+            if not await self.allowed(ip, user):
+                return "throttled"
+            right = await verify()
+            await (self.succeeded if right else self.failed)(ip, user)
+        return "right" if right else "wrong"
+
     @contextlib.asynccontextmanager
     async def one_check_at_a_time(self, user: str | None) -> AsyncIterator[None]:
         """Around `allowed`, the password check and `failed`/`succeeded`: one account's

@@ -80,6 +80,11 @@ class MessageSource(Protocol):
         narrows down. None: no index answer (no index, or a needle too short for it)."""
         ...
 
+    async def scan(self, needle: str, field: str, guids: Sequence[str]) -> set[str]:
+        """Which of `guids` contain the folded `needle` in `field`, each message read and
+        parsed (off the event loop: this is seconds of work for large multiparts)."""
+        ...
+
 
 class Headers:
     """Header fields of one message, looked up case-insensitively: `raw_all` as stored
@@ -279,8 +284,8 @@ class _Evaluator:
         for number, chunk in enumerate(_scan_batches(messages, candidates)):
             if number:
                 await self.view.pause()
-            raws = await asyncio.gather(*(source.raw(messages[p]) for p in chunk))
-            found.extend(await asyncio.to_thread(_matching, chunk, raws, needle, field))
+            hits = await source.scan(needle, field, _guids(messages, chunk))
+            found.extend(p for p in chunk if messages[p].guid in hits)
         return found
 
 
@@ -300,11 +305,6 @@ def _scan_batches(messages: Sequence[MessageInfo], candidates: list[int]) -> Ite
             batch, size = [], 0
     if batch:
         yield batch
-
-
-def _matching(positions: list[int], raws: list[bytes], needle: str, field: str) -> list[int]:
-    return [p for p, raw in zip(positions, raws, strict=True)
-            if text_contains(message_text(raw), needle, field)]
 
 
 def _cost(key: SearchKey) -> int:
@@ -424,10 +424,13 @@ class StoreMessageSource:
         if missing:
             if self._indexer is not None:
                 self._indexer.request(self._user, missing)
-            found |= await asyncio.to_thread(self._scan, fold(needle), field, missing)
+            found |= await self.scan(fold(needle), field, missing)
         return found
 
-    def _scan(self, needle: str, field: str, guids: list[str]) -> set[str]:
+    async def scan(self, needle: str, field: str, guids: Sequence[str]) -> set[str]:
+        return await asyncio.to_thread(self._scan, needle, field, guids)
+
+    def _scan(self, needle: str, field: str, guids: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for guid in guids:
             header_only = field == "HEADER"

@@ -407,13 +407,12 @@ class Session:
         user = normalize_address(address)[:320]
         ip = self.channel.peer_ip
         throttle = self.deps.throttle
-        async with throttle.one_check_at_a_time(user):
-            if not await throttle.allowed(ip, user):
-                log.info("login throttled", extra={**self.log_context, "user": user})
-                return r.NO_AUTH_THROTTLED
-            right = await authenticate(self.deps.accounts, user, password)
-            await (throttle.succeeded if right else throttle.failed)(ip, user)
-        if not right:
+        verdict = await throttle.check(
+            ip, user, lambda: authenticate(self.deps.accounts, user, password))
+        if verdict == "throttled":
+            log.info("login throttled", extra={**self.log_context, "user": user})
+            return r.NO_AUTH_THROTTLED
+        if verdict == "wrong":
             self._auth_failures += 1
             log.info("login failed", extra={**self.log_context, "user": user})
             await asyncio.sleep(self.deps.auth_failure_delay)

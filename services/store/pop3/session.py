@@ -279,17 +279,13 @@ class Session:
         return Response(p.OK_LOGGED_IN.format(user=user, count=count, octets=octets).encode())
 
     async def _check_password(self, address: str, password: str) -> str:
-        """"right", "wrong" (counted in the throttle) or "throttled" (not checked): one
-        check of an account at a time (AuthThrottle.one_check_at_a_time)."""
-        throttle = self._throttle
-        if throttle is None:
-            return "right" if await authenticate(self._accounts, address, password) else "wrong"
-        async with throttle.one_check_at_a_time(address):
-            if not await throttle.allowed(self.client_ip, address):
-                return "throttled"
-            right = await authenticate(self._accounts, address, password)
-            await (throttle.succeeded if right else throttle.failed)(self.client_ip, address)
-        return "right" if right else "wrong"
+        """"right", "wrong" (counted in the throttle) or "throttled" (not checked)."""
+        def verify() -> Awaitable[bool]:
+            return authenticate(self._accounts, address, password)
+
+        if self._throttle is None:
+            return "right" if await verify() else "wrong"
+        return await self._throttle.check(self.client_ip, address, verify)
 
     async def _auth_failed(self, address: str, reply: p.Reply = p.ERR_AUTH_FAILED,
                            count: bool = True, throttled: bool = False) -> Response:

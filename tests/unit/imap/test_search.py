@@ -105,6 +105,10 @@ class FakeSource:
         self.header_reads += len(infos)
         return [self.by_guid[info.guid].split(b"\r\n\r\n")[0] + b"\r\n\r\n" for info in infos]
 
+    async def scan(self, needle: str, field: str, guids: Sequence[str]) -> set[str]:
+        self.raw_reads += len(guids)
+        return {g for g in guids if text_contains(message_text(self.by_guid[g]), needle, field)}
+
     async def text_matches(self, needle: str, field: str,
                            guids: Sequence[str]) -> set[str] | None:
         if not self.indexed or len(needle) < 3:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from services.store.backends.textindex import message_text, text_contains
 from services.store.imap.sort import BadSortCriteria, base_subject, parse_criteria, sort
 from services.store.mailbox import MessageInfo
 
@@ -63,6 +64,9 @@ class Source:
     async def text_matches(self, needle: str, field: str,
                            guids: Sequence[str]) -> set[str] | None:
         return None
+
+    async def scan(self, needle: str, field: str, guids: Sequence[str]) -> set[str]:
+        return {g for g in guids if text_contains(message_text(RAW[int(g, 16)]), needle, field)}
 
 
 @pytest.mark.parametrize(("criteria", "expected"), [

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from services.store.backends.textindex import message_text, text_contains
 from services.store.imap.thread import BadThreadAlgorithm, ThreadNode, format_thread, thread
 from services.store.mailbox import MessageInfo
 
@@ -38,6 +39,10 @@ class Source:
     async def text_matches(self, needle: str, field: str,
                            guids: Sequence[str]) -> set[str] | None:
         return None
+
+    async def scan(self, needle: str, field: str, guids: Sequence[str]) -> set[str]:
+        return {g for g in guids
+                if text_contains(message_text(self.raws[int(g, 16)]), needle, field)}
 
 
 async def threads(algorithm: str, raws: list[bytes], uid: bool = False) -> bytes:
