@@ -64,6 +64,12 @@ def statuses(relay: PostfixRelay, recipient: str) -> list[tuple[str, str]]:
     return [(status, detail) for to, status, detail in relay.deliveries() if to == recipient]
 
 
+def mail_from_code(port: int) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        smtp.ehlo("client.example.net")
+        return smtp.mail("sender@example.net")[0]
+
+
 def test_postfix_retries_a_451_and_bounces_a_550(
         settings: Settings, run_tier: Callable[..., TierProcess],
         relay_to: Callable[[int], PostfixRelay]) -> None:
@@ -77,6 +83,10 @@ def test_postfix_retries_a_451_and_bounces_a_550(
 
     broker.cut()
     try:
+        # The filter learns of the cut when its AMQP connection drops, a moment after the
+        # cut; a message that reaches it before then is refused after the upload instead.
+        wait_until(lambda: mail_from_code(settings.smtp_port) == 451, timeout=30,
+                   what="the filter to notice the broker is gone")
         held = [submit(relay) for _ in range(3)]
         wait_until(lambda: len([s for s in statuses(relay, USER) if s[0] == "deferred"]) >= 3,
                    timeout=60, what="Postfix to defer the messages")
