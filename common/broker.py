@@ -22,9 +22,16 @@ from typing import cast
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
+from pamqp.commands import Basic
 
-from common.envelope import Envelope
-from common.topology import DELIVER_ROUTING_KEY, Topology, delivery_route, message_properties
+from common.envelope import Envelope, EnvelopeError
+from common.topology import (
+    DELIVER_ROUTING_KEY,
+    ENVELOPE_HEADER_BUDGET,
+    Topology,
+    delivery_route,
+    message_properties,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +77,21 @@ class Publisher:
     async def publish(self, envelope: Envelope, body: bytes,
                       routing_key: str = DELIVER_ROUTING_KEY) -> None:
         """Publish and wait for the broker's confirm. DELIVER_ROUTING_KEY means "to the
-        store": the body's size picks the delivery queue (common.topology.delivery_route)."""
+        store": the body's size picks the delivery queue (common.topology.delivery_route).
+
+        An envelope too large for one header frame goes as several messages (see
+        Envelope.split); this returns when the broker has confirmed all of them.
+        """
         if routing_key == DELIVER_ROUTING_KEY:
             routing_key = delivery_route(len(body))
         # Before the channel: an envelope that cannot be encoded is this message's failure,
         # not a reason to drop the connection that other sessions' publishes share.
-        properties = message_properties(envelope)
+        all_properties = _properties_of_parts(envelope)
         channel = await self._ready_channel()
         try:
             # aiormq's Channel takes `wait`; its abstract interface does not declare it.
-            await cast(aiormq.Channel, channel).basic_publish(
+            basic_publish = cast(aiormq.Channel, channel).basic_publish
+            sends = [basic_publish(
                 body,
                 exchange=self._topology.inbound_exchange,
                 routing_key=routing_key,
@@ -87,7 +99,8 @@ class Publisher:
                 mandatory=True,
                 timeout=self._confirm_timeout,
                 wait=False,  # no need to wait for the socket write: the confirm follows it
-            )
+            ) for properties in all_properties]
+            await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -150,3 +163,16 @@ class Publisher:
                 await self.close()
             except Exception:
                 log.debug("error closing broken broker connection", exc_info=True)
+
+
+def _properties_of_parts(envelope: Envelope) -> list[Basic.Properties]:
+    encoded = envelope.encode()
+    if len(encoded) <= ENVELOPE_HEADER_BUDGET:
+        return [message_properties(envelope, encoded)]
+    try:
+        parts = envelope.split(ENVELOPE_HEADER_BUDGET)
+    except EnvelopeError as exc:
+        raise PublishFailed(str(exc)) from exc
+    log.info("published as %d messages: %d mailboxes are more than one envelope header holds",
+             len(parts), len(envelope.mailboxes), extra={"queue_id": envelope.queue_id})
+    return [message_properties(part) for part in parts]

@@ -10,7 +10,7 @@ header (see common.topology), so a 20 MB message is never base64-inflated.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -55,6 +55,48 @@ class Envelope:
             for mailbox in rcpt.mailboxes:
                 seen.setdefault(mailbox, None)
         return tuple(seen)
+
+    def split(self, most_octets: int) -> tuple[Envelope, ...]:
+        """This envelope as parts whose encodings each fit in `most_octets`, for a message
+        whose aliases expand to more mailboxes than one AMQP header frame carries.
+
+        Each distinct mailbox is in exactly one part and every part has the same queue id;
+        the store's idempotence is per queue id and mailbox, so the parts deliver as the
+        whole would. Raises EnvelopeError if even one mailbox does not fit beside the rest.
+        """
+        if len(self.encode()) <= most_octets:
+            return (self,)
+        bare = len(replace(self, recipients=()).encode())
+        parts: list[list[Recipient]] = [[]]
+        size = bare
+        for address, mailbox in self._addressed_mailboxes():
+            current = parts[-1]
+            grows_last = bool(current) and current[-1].address == address
+            cost = _json_length(mailbox) + 1
+            if not grows_last:
+                cost += _json_length(address) + RECIPIENT_OVERHEAD
+            if current and size + cost > most_octets:
+                parts.append([])
+                current, grows_last = parts[-1], False
+                size = bare + _json_length(address) + RECIPIENT_OVERHEAD + _json_length(mailbox)
+            else:
+                size += cost
+            if grows_last:
+                current[-1] = Recipient(address, (*current[-1].mailboxes, mailbox))
+            else:
+                current.append(Recipient(address, (mailbox,)))
+        result = tuple(replace(self, recipients=tuple(part)) for part in parts)
+        if any(len(part.encode()) > most_octets for part in result):
+            raise EnvelopeError(f"envelope does not fit in {most_octets} octets")
+        return result
+
+    def _addressed_mailboxes(self) -> list[tuple[str, str]]:
+        """(recipient address, mailbox) for each distinct mailbox, first seen first."""
+        seen: dict[str, str] = {}
+        for rcpt in self.recipients:
+            for mailbox in rcpt.mailboxes:
+                seen.setdefault(mailbox, rcpt.address)
+        return [(address, mailbox) for mailbox, address in seen.items()]
 
     def encode(self) -> bytes:
         return json.dumps(self.as_dict(), separators=(",", ":"), ensure_ascii=False).encode()
@@ -109,6 +151,14 @@ class Envelope:
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise EnvelopeError(f"malformed envelope: {exc!r}") from None
+
+
+# {"address":,"mailboxes":[]}, beside a recipient's quoted address and mailboxes
+RECIPIENT_OVERHEAD = len('{"address":,"mailboxes":[]},')
+
+
+def _json_length(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode())
 
 
 # Until the end of year 9999 (IMAP's INTERNALDATE has four digits); a size a signed 64-bit

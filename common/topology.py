@@ -10,6 +10,9 @@ accept mail before the store has ever run, and the store can start before any fi
         --"scan"--> <prefix>.scan  (accepted while a scanner was down; scanned, then routed on)
         --"quarantine"--> <prefix>.quarantine  (infected, found by a deferred scan)
 
+The envelope rides in a header of at most ENVELOPE_HEADER_BUDGET octets; a message for more
+mailboxes than that holds (a large alias) goes as several messages, one per part of them.
+
 Messages over LARGE_MESSAGE octets travel in a queue of their own, which the store consumes
 only LARGE_PREFETCH at a time: the broker can bound a consumer's unacknowledged messages only by
 count, so with one queue a run of large mail would put store_prefetch (64) times the largest
@@ -35,6 +38,10 @@ from pamqp.commands import Basic
 from common.envelope import Envelope, EnvelopeError
 
 ENVELOPE_HEADER = "x-tiermail-envelope"
+# The envelope travels in the content header, which AMQP allows one frame only; RabbitMQ's
+# default frame_max is 128 KiB. A message whose aliases expand past this is published as
+# several messages with the same queue id, each for some of the mailboxes (Envelope.split).
+ENVELOPE_HEADER_BUDGET = 64 * 1024
 # On the store's dead-letter copy for mailbox owners that no longer exist: why, and which.
 REASON_HEADER = "x-tiermail-reason"
 MAILBOXES_HEADER = "x-tiermail-mailboxes"
@@ -138,13 +145,16 @@ def delivery_route(size: int) -> str:
     return LARGE_DELIVER_ROUTING_KEY if size > LARGE_MESSAGE else DELIVER_ROUTING_KEY
 
 
-def message_properties(envelope: Envelope) -> Basic.Properties:
+def message_properties(envelope: Envelope, encoded: bytes | None = None) -> Basic.Properties:
+    """The AMQP properties of a message with this envelope (`encoded`, if the caller has
+    already encoded it)."""
+    encoded = envelope.encode() if encoded is None else encoded
     return Basic.Properties(
         delivery_mode=PERSISTENT,
         message_id=envelope.queue_id,
         content_type="message/rfc822",
         timestamp=_utc_timestamp(envelope.received_at),
-        headers={ENVELOPE_HEADER: envelope.encode().decode()},
+        headers={ENVELOPE_HEADER: encoded.decode()},
     )
 
 

@@ -13,6 +13,7 @@ import os
 import poplib
 import re
 import smtplib
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -21,7 +22,10 @@ from dataclasses import dataclass
 import pytest
 import redis
 
+from common.passwords import hash_password
 from common.settings import Settings
+from services.store.backends.accounts import AccountDB
+from services.store.backends.maildb import user_path
 from tests.support import (
     TierProcess,
     free_port,
@@ -183,6 +187,55 @@ def test_several_recipients_and_aliases_get_one_copy_each(stack: Stack) -> None:
                what="alice's copy")
     assert queue_depth(stack.settings) == 0
     for user in ("alice@example.org", "bob@example.org"):
+        (stored,) = pop3_retrieve_all(stack.settings, user)
+        assert_delivered_exactly(stored, data, queue_id)
+
+
+# Addresses near RFC 5321's 254-octet limit, so that a few hundred of them fill more than one
+# envelope header (common.topology.ENVELOPE_HEADER_BUDGET) and the message must be split.
+LONG_DOMAIN = ".".join(["a" * 60, "b" * 60, "c" * 60, "example.org"])
+STAFF = [f"staff{i:03d}-{'x' * 40}@{LONG_DOMAIN}" for i in range(700)]
+
+
+def inbox_count(settings: Settings, user: str) -> int:
+    """Messages in the user's INBOX, read from the index as another process may (read-only,
+    so the test never creates or locks what the store is writing); 0 before the first."""
+    index = user_path(settings.store_dir / "mail", user) / "index.sqlite"
+    if not index.exists():
+        return 0
+    with closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=30)) as conn:
+        try:
+            row = conn.execute("SELECT messages FROM mailbox WHERE name = 'INBOX'").fetchone()
+        except sqlite3.OperationalError:  # the store is creating the index
+            return 0
+    return 0 if row is None else int(row[0])
+
+
+def stored_counts(settings: Settings, users: list[str]) -> list[int]:
+    return [inbox_count(settings, user) for user in users]
+
+
+def test_an_alias_too_large_for_one_envelope_reaches_every_mailbox_once(stack: Stack) -> None:
+    """Its mailboxes do not fit in one AMQP header frame: the filter publishes the message
+    as several, each for some of them, and answers 250 once all are confirmed."""
+    tiermail(stack.settings, "domain", "add", LONG_DOMAIN)
+    with AccountDB.for_store(stack.settings.store_dir) as accounts:
+        accounts.add_users_bulk((user, hash_password(PASSWORD)) for user in STAFF[:1])
+        accounts.add_users_bulk((user, accounts.password_hash(STAFF[0]) or "")
+                                for user in STAFF[1:])
+        for user in STAFF:
+            accounts.add_alias(f"all@{LONG_DOMAIN}", user)
+    stack.start_store()
+    filter_process = stack.start_filter()
+    data = message("to everyone")
+    queue_id = send(stack.settings, "sender@example.net", [f"all@{LONG_DOMAIN}",
+                                                           "alice@example.org"], data)
+    wait_until(lambda: sum(stored_counts(stack.settings, [*STAFF, "alice@example.org"]))
+               >= len(STAFF) + 1, timeout=120, what="a copy in every mailbox")
+    wait_until(lambda: queue_depth(stack.settings) == 0, what="the queue to drain")
+    assert set(stored_counts(stack.settings, [*STAFF, "alice@example.org"])) == {1}
+    assert "published as 3 messages" in filter_process.output()
+    for user in (STAFF[0], "alice@example.org"):
         (stored,) = pop3_retrieve_all(stack.settings, user)
         assert_delivered_exactly(stored, data, queue_id)
 

@@ -79,3 +79,20 @@ async def test_unreachable_redis_raises_redis_error() -> None:
             await Directory(redis, "x:").resolve("alice@example.org")
     finally:
         await redis.aclose()
+
+
+async def test_a_large_nested_alias_resolves_every_mailbox(settings: Settings) -> None:
+    redis: Redis = from_url(settings.redis_url)
+    directory = Directory(redis, settings.redis_prefix)
+    staff = [f"user{i:05d}@example.org" for i in range(5000)]
+    await directory.publish(DirectorySnapshot(
+        domains={"example.org"}, users=set(staff),
+        aliases={"all@example.org": ("first@example.org", "second@example.org"),
+                 "first@example.org": tuple(staff[:2500]),
+                 "second@example.org": tuple(staff[2000:])}))
+    try:
+        everyone = await directory.resolve("all@example.org")
+    finally:
+        await redis.aclose()
+    assert everyone.resolution is Resolution.LOCAL
+    assert sorted(everyone.mailboxes) == staff

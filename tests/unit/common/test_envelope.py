@@ -117,3 +117,47 @@ def test_messages_over_a_mebibyte_take_the_large_delivery_queue() -> None:
     assert delivery_route(1) == delivery_route(LARGE_MESSAGE) == DELIVER_ROUTING_KEY
     assert delivery_route(LARGE_MESSAGE + 1) == LARGE_DELIVER_ROUTING_KEY
     assert Topology(prefix="p").large_queue == "p.deliver.large"
+
+
+def _mailbox(i: int) -> str:
+    return f"user{i:05d}@example.org"
+
+
+def test_an_envelope_that_fits_is_not_split() -> None:
+    env = make()
+    assert env.split(len(env.encode())) == (env,)
+
+
+def test_a_large_alias_splits_into_parts_that_fit_each_mailbox_once() -> None:
+    everyone = tuple(_mailbox(i) for i in range(3000))
+    env = make(recipients=(Recipient("all@example.org", everyone),
+                           Recipient(everyone[5], (everyone[5],)),  # named twice: one copy
+                           Recipient("x@example.org", ("x@example.org",))))
+    budget = 16 * 1024
+    parts = env.split(budget)
+    assert len(parts) > 3
+    assert all(len(part.encode()) <= budget for part in parts)
+    delivered = [mailbox for part in parts for mailbox in part.mailboxes]
+    assert delivered == [*everyone, "x@example.org"]
+    assert {dataclasses.replace(part, recipients=()) for part in parts} == \
+        {dataclasses.replace(env, recipients=())}
+    assert all(Envelope.decode(part.encode()) == part for part in parts)
+
+
+def test_an_envelope_that_cannot_be_split_small_enough_raises() -> None:
+    env = make(mail_from="s" * 200 + "@example.net")
+    with pytest.raises(EnvelopeError):
+        env.split(len(dataclasses.replace(env, recipients=()).encode()) + 10)
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.lists(st.integers(0, 300), min_size=1,
+                                                       max_size=60)),
+                min_size=1, max_size=20),
+       st.integers(600, 4000))
+def test_split_parts_fit_and_cover_every_mailbox_exactly_once(
+        recipients: list[tuple[int, list[int]]], budget: int) -> None:
+    env = make(recipients=tuple(Recipient(_mailbox(address), tuple(_mailbox(m) for m in boxes))
+                                for address, boxes in recipients))
+    parts = env.split(budget)
+    assert all(len(part.encode()) <= budget for part in parts)
+    assert [m for part in parts for m in part.mailboxes] == list(env.mailboxes)
