@@ -152,10 +152,16 @@ class Directory:
     async def _expand(self, address: str, entry: list[object], out: dict[str, bool],
                       depth: int, seen: set[str]) -> bool:
         """Add the mailboxes `address` delivers to into `out` (mailbox -> over quota)."""
-        if depth > MAX_ALIAS_DEPTH or address in seen:
+        is_user, targets, catch_all, over_quota = entry
+        if address in seen:
+            # An alias naming itself, or a loop back to it: as in Postfix, a user met again
+            # gets the mail instead of being expanded again (alice -> alice, bob keeps a copy).
+            if is_user:
+                out.setdefault(address, bool(over_quota))
+            return bool(is_user)
+        if depth > MAX_ALIAS_DEPTH:
             return False
         seen.add(address)
-        is_user, targets, catch_all, over_quota = entry
         if targets is None and not is_user:
             targets = catch_all
         if targets is None:

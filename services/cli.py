@@ -357,9 +357,20 @@ def user_passwd(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def user_del(settings: Settings, args: argparse.Namespace) -> int:
-    _change(settings, lambda a: a.delete_user(args.address),
-            lambda d: d.remove_user(args.address))
+    sources: list[str] = []
+
+    def db_change(accounts: Any) -> None:
+        sources.extend(accounts.delete_user(args.address))
+
+    async def redis_change(directory: Any) -> None:
+        await directory.remove_user(args.address)
+        for source in sources:
+            await _set_alias(directory, settings, source)
+
+    _change(settings, db_change, redis_change)
     print(f"user {args.address.lower()} deleted (mail kept under {settings.store_dir})")
+    if sources:
+        print(f"taken out of the aliases {', '.join(sources)}")
     return 0
 
 
@@ -457,13 +468,32 @@ def alias_add(settings: Settings, args: argparse.Namespace) -> int:
 
     targets = _change(settings, db_change, lambda d: _set_alias(d, settings, args.source))
     print(f"alias {args.source.lower()} -> {', '.join(targets)}")
+    for warning in _alias_warnings(settings, args.source.strip().lower(), targets):
+        print(f"tiermail: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _alias_warnings(settings: Settings, source: str, targets: tuple[str, ...]) -> list[str]:
+    """What an operator may not mean: a source that is a user (the alias takes its mail
+    away), targets that are neither users nor aliases (nothing receives that copy)."""
+    with _accounts(settings) as accounts:
+        aliases = accounts.aliases()
+        warnings = [f"{target} is neither a user nor an alias: it gets no mail until it is one"
+                    for target in targets
+                    if not accounts.user_exists(target) and target not in aliases]
+        if accounts.user_exists(source) and source not in targets:
+            warnings.append(f"{source} is a user: its mail now goes to the alias targets "
+                            f"only (add {source} itself as a target to keep it)")
+    return warnings
 
 
 def alias_del(settings: Settings, args: argparse.Namespace) -> int:
     _change(settings, lambda a: a.remove_alias(args.source, args.target),
             lambda d: _set_alias(d, settings, args.source))
-    print(f"alias {args.source.lower()} removed")
+    if args.target:
+        print(f"alias {args.source.lower()} no longer delivers to {args.target.lower()}")
+    else:
+        print(f"alias {args.source.lower()} removed")
     return 0
 
 

@@ -170,6 +170,11 @@ class AccountDB:
             ).fetchone()
             if in_use:
                 raise AccountError(f"domain {domain} still has users")
+            aliased = db.execute(
+                "SELECT 1 FROM alias WHERE source LIKE ? LIMIT 1", ("%@" + domain,)
+            ).fetchone()
+            if aliased:
+                raise AccountError(f"domain {domain} still has aliases (tiermail alias list)")
             if not db.execute("DELETE FROM domain WHERE name = ?", (domain,)).rowcount:
                 raise AccountError(f"no such domain: {domain}")
 
@@ -213,12 +218,19 @@ class AccountDB:
             if cursor.rowcount == 0:
                 raise AccountError(f"no such user: {address}")
 
-    def delete_user(self, address: str) -> None:
+    def delete_user(self, address: str) -> list[str]:
+        """Delete the user and take it out of every alias (a new account that later gets
+        the same address must not receive the old one's alias mail); returns the sources
+        of the aliases it was taken out of."""
         address = normalize_address(address)
         with self._write() as db:
             cursor = db.execute("DELETE FROM user WHERE address = ?", (address,))
             if cursor.rowcount == 0:
                 raise AccountError(f"no such user: {address}")
+            sources = [row[0] for row in db.execute(
+                "SELECT source FROM alias WHERE target = ? ORDER BY source", (address,))]
+            db.execute("DELETE FROM alias WHERE target = ?", (address,))
+        return sources
 
     def set_quota(self, address: str, octets: int | None) -> None:
         """The user's own quota: N octets, 0 for unlimited, None to follow the default."""
@@ -269,6 +281,9 @@ class AccountDB:
             raise AccountError(f"not a valid alias address: {source!r}")
         if not valid_address(target):
             raise AccountError(f"not a valid target address: {target!r}")
+        if not self.has_domain(target.rpartition("@")[2]):
+            raise AccountError(f"alias target {target} is not in a local domain: tiermail "
+                               "delivers only to its own mailboxes, it does not forward")
         with self._write() as db:
             db.execute("INSERT OR IGNORE INTO alias(source, target) VALUES (?, ?)",
                        (source, target))
@@ -278,10 +293,14 @@ class AccountDB:
         source = source.strip().lower()
         with self._write() as db:
             if target is None:
-                db.execute("DELETE FROM alias WHERE source = ?", (source,))
+                cursor = db.execute("DELETE FROM alias WHERE source = ?", (source,))
             else:
-                db.execute("DELETE FROM alias WHERE source = ? AND target = ?",
-                           (source, normalize_address(target)))
+                target = normalize_address(target)
+                cursor = db.execute("DELETE FROM alias WHERE source = ? AND target = ?",
+                                    (source, target))
+            if cursor.rowcount == 0:
+                raise AccountError(f"no such alias: {source}" if target is None
+                                   else f"alias {source} does not deliver to {target}")
 
     def alias_targets(self, source: str) -> tuple[str, ...]:
         rows = self._db.execute(

@@ -130,3 +130,51 @@ def test_a_mistyped_certificate_path_stops_every_tier_with_one_line(settings: Se
         assert done.returncode == 2, (tier, done.stderr)
         assert done.stderr.startswith("tiermail: bad setting: TIERMAIL_TLS_CERT"), done.stderr
         assert "cert.pme: no such file" in done.stderr
+
+
+def test_aliases_refuse_what_cannot_be_delivered_and_warn_of_surprises(
+        settings: Settings, redis_client: redis.Redis) -> None:
+    tiermail(settings, "domain", "add", "example.org")
+    tiermail(settings, "user", "add", "alice@example.org", "--password-stdin", stdin="pw\n")
+    # No outbound delivery: a copy for another domain would vanish after a 250.
+    remote = tiermail(settings, "alias", "add", "sales@example.org", "bob@elsewhere.example")
+    assert remote.returncode == 1 and "not in a local domain" in remote.stderr
+    later = tiermail(settings, "alias", "add", "sales@example.org", "dave@example.org")
+    assert later.returncode == 0 and "dave@example.org is neither a user nor an alias" \
+        in later.stderr
+    shadow = tiermail(settings, "alias", "add", "alice@example.org", "dave@example.org")
+    assert shadow.returncode == 0 and "alice@example.org is a user" in shadow.stderr
+    assert "alice@example.org is a user" not in tiermail(
+        settings, "alias", "add", "alice@example.org", "alice@example.org").stderr
+
+    unknown = tiermail(settings, "alias", "del", "nobody@example.org")
+    assert unknown.returncode == 1 and "no such alias" in unknown.stderr
+    wrong_target = tiermail(settings, "alias", "del", "sales@example.org", "alice@example.org")
+    assert wrong_target.returncode == 1 and "does not deliver to" in wrong_target.stderr
+    assert redis_client.hgetall(settings.redis_prefix + "dir:aliases") == {
+        b"sales@example.org": b"dave@example.org",
+        b"alice@example.org": b"alice@example.org,dave@example.org"}
+
+    in_use = tiermail(settings, "user", "del", "alice@example.org")
+    assert in_use.returncode == 0
+    in_domain = tiermail(settings, "domain", "del", "example.org")
+    assert in_domain.returncode == 1 and "still has aliases" in in_domain.stderr
+
+
+def test_a_deleted_user_is_taken_out_of_every_alias(settings: Settings,
+                                                   redis_client: redis.Redis) -> None:
+    tiermail(settings, "domain", "add", "example.org")
+    for user in ("alice", "bob"):
+        tiermail(settings, "user", "add", f"{user}@example.org", "--password-stdin",
+                 stdin="pw\n")
+    for source, target in [("team", "alice"), ("team", "bob"), ("solo", "bob")]:
+        tiermail(settings, "alias", "add", f"{source}@example.org", f"{target}@example.org")
+
+    deleted = tiermail(settings, "user", "del", "bob@example.org")
+    assert deleted.returncode == 0, deleted.stderr
+    assert "taken out of the aliases solo@example.org, team@example.org" in deleted.stdout
+    # A new bob (another person) must not start getting the old one's alias mail.
+    assert tiermail(settings, "alias", "list").stdout.splitlines() == [
+        "team@example.org -> alice@example.org"]
+    assert redis_client.hgetall(settings.redis_prefix + "dir:aliases") == {
+        b"team@example.org": b"alice@example.org"}

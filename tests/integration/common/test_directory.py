@@ -96,3 +96,20 @@ async def test_a_large_nested_alias_resolves_every_mailbox(settings: Settings) -
         await redis.aclose()
     assert everyone.resolution is Resolution.LOCAL
     assert sorted(everyone.mailboxes) == staff
+
+
+async def test_a_user_aliased_to_itself_and_others_keeps_a_copy(settings: Settings) -> None:
+    redis: Redis = from_url(settings.redis_url)
+    directory = Directory(redis, settings.redis_prefix)
+    await directory.publish(DirectorySnapshot(
+        domains={"example.org"}, users={"alice@example.org", "bob@example.org"},
+        aliases={"alice@example.org": ("alice@example.org", "bob@example.org"),
+                 "bob@example.org": ("helpdesk@example.org",),
+                 "helpdesk@example.org": ("bob@example.org",)}))
+    try:
+        alice = await directory.resolve("alice@example.org")
+        bob = await directory.resolve("bob@example.org")
+    finally:
+        await redis.aclose()
+    assert alice.mailboxes == ("alice@example.org", "bob@example.org")
+    assert bob.mailboxes == ("bob@example.org",)  # a loop back to a user ends there
