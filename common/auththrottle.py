@@ -2,8 +2,10 @@
 and every protocol (POP3 and IMAP count into the same keys).
 
 One account's logins take turns (`one_check_at_a_time`), so guesses sent at the same time
-cannot all get past the check before any is counted. A fixed window per subject: the first
-failure creates `<prefix>authfail:ip:<ip>` (or
+cannot all get past the check before any is counted; one IP's checks under way count against
+its limit beside its failures (`check`), so guesses at many accounts at once cannot either.
+
+A fixed window per subject: the first failure creates `<prefix>authfail:ip:<ip>` (or
 `...:user:<address>`) with a lifetime of `window` seconds, each further failure increments it
 (INCR, then EXPIRE NX in the same round trip), and a login is refused without checking the
 password while a counter has reached its limit. The window starts at the first failure and is
@@ -72,6 +74,7 @@ class AuthThrottle:
         self._redis_down = False
         self._recheck_at = 0.0
         self._turns: dict[str, _Turn] = {}
+        self._ip_checks: dict[str, _IpChecks] = {}
 
     @classmethod
     def from_settings(cls, redis: redis.asyncio.Redis, settings: Settings) -> AuthThrottle:
@@ -94,26 +97,65 @@ class AuthThrottle:
     async def allowed(self, ip: str, user: str | None) -> bool:
         """False while the IP or the account has used up its failures (check the password
         only when True). `user` may be None before the client named one."""
+        failures = await self._failures(ip, user)
+        return failures is None or all(count < limit for count, limit in failures.values())
+
+    async def _failures(self, ip: str, user: str | None) -> dict[str, tuple[int, int]] | None:
+        """(failures, limit) per counted key; None when Redis cannot tell."""
         limited = self._limited(ip, user)
         if not limited:
-            return True
+            return {}
         counts = await self._call(lambda: self._redis.mget([key for key, _ in limited]))
         if counts is None:
-            return True
-        return all(count is None or int(count) < limit
-                   for count, (_, limit) in zip(counts, limited, strict=True))
+            return None
+        return {key: (int(count or 0), limit)
+                for count, (key, limit) in zip(counts, limited, strict=True)}
 
     async def check(self, ip: str, user: str,
                     verify: Callable[[], Awaitable[bool]]) -> str:
         """One login, counted: "right", "wrong" (counted as a failure) or "throttled" (the
-        password not checked). `verify` checks the password; the account's checks take turns
-        (`one_check_at_a_time`)."""
+        password not checked). `verify` checks the password. The account's checks take
+        turns (`one_check_at_a_time`); an IP's run side by side, but no more at once than
+        it has failures left (`_ip_admits`)."""
         async with self.one_check_at_a_time(user):
-            if not await self.allowed(ip, user):
-                return "throttled"
-            right = await verify()
-            await (self.succeeded if right else self.failed)(ip, user)
+            ip_checks = self._ip_checks_of(self.ip_key(ip))
+            started = False
+            try:
+                started = await self._ip_admits(ip, user, ip_checks)
+                if not started:
+                    return "throttled"
+                right = await verify()
+                await (self.succeeded if right else self.failed)(ip, user)
+            finally:
+                ip_checks.leave(started)
+                if not ip_checks.holders:
+                    self._ip_checks.pop(ip_checks.key, None)
         return "right" if right else "wrong"
+
+    async def _ip_admits(self, ip: str, user: str, ip_checks: _IpChecks) -> bool:
+        """Whether the password may be checked, once this IP's checks under way (each a
+        failure still to be counted, for all we know) and its counted failures together
+        stay under its limit: wrong passwords for many accounts sent at once on many
+        connections would otherwise all be checked before any was counted. A client with
+        many right passwords at once waits for a turn, it is not refused."""
+        while True:
+            failures = await self._failures(ip, user)
+            if failures is not None and any(n >= limit for n, limit in failures.values()):
+                return False
+            counted = 0 if failures is None else failures.get(ip_checks.key, (0, 0))[0]
+            if not ip_checks.key or counted + ip_checks.under_way < self._per_ip:
+                ip_checks.start()
+                return True
+            await ip_checks.one_finished()
+
+    def _ip_checks_of(self, key: str | None) -> _IpChecks:
+        if key is None:
+            return _IpChecks("")
+        checks = self._ip_checks.get(key)
+        if checks is None:
+            checks = self._ip_checks[key] = _IpChecks(key)
+        checks.holders += 1
+        return checks
 
     @contextlib.asynccontextmanager
     async def one_check_at_a_time(self, user: str | None) -> AsyncIterator[None]:
@@ -182,3 +224,28 @@ class _Turn:
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.users = 0  # logins holding or waiting for the lock
+
+
+class _IpChecks:
+    """One client IP's password checks in this process: how many are under way, and a way
+    to wait until one of them is done. `key` is "" for an IP not counted (exempt, or no
+    per-IP limit), which never waits."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.under_way = 0
+        self.holders = 0  # logins that have this record and have not left it
+        self._done = asyncio.Event()
+
+    def start(self) -> None:
+        self.under_way += 1
+
+    def leave(self, started: bool) -> None:
+        self.holders -= 1
+        if started:
+            self.under_way -= 1
+            self._done.set()  # wakes the waiters; later ones wait for the next
+            self._done = asyncio.Event()
+
+    async def one_finished(self) -> None:
+        await self._done.wait()

@@ -153,6 +153,49 @@ async def test_many_logins_at_once_with_the_right_password_all_get_in(
     assert all(await asyncio.gather(*(login() for _ in range(20))))
 
 
+async def test_wrong_passwords_for_many_accounts_at_once_are_checked_no_more_than_the_ip_limit(
+        client: redis.asyncio.Redis, settings: Settings) -> None:
+    """Password spraying: one guess each at 30 accounts, all sent at once from one address.
+    The accounts' turns do not serialise them; the address's checks under way count against
+    its limit, so 5 passwords are checked, not 30."""
+    limiter = throttle(client, settings, per_ip=5, per_user=100)
+    checked = 0
+
+    async def wrong() -> bool:
+        nonlocal checked
+        checked += 1
+        await asyncio.sleep(0.01)  # the argon2 check
+        return False
+
+    results = await asyncio.gather(*(limiter.check(REMOTE, f"user{i}@example.test", wrong)
+                                      for i in range(30)))
+    assert checked == 5
+    assert sorted(set(results)) == ["throttled", "wrong"] and results.count("wrong") == 5
+    assert limiter._ip_checks == {}  # noqa: SLF001 - nothing kept once the logins are done
+
+
+async def test_right_passwords_for_many_accounts_at_once_wait_their_turn_not_refused(
+        client: redis.asyncio.Redis, settings: Settings) -> None:
+    """A client with more connections than the address's limit (a webmail host off the
+    exempt list, an office behind NAT) gets them all, a few at a time."""
+    limiter = throttle(client, settings, per_ip=3, per_user=2)
+    under_way = most = 0
+
+    async def right() -> bool:
+        nonlocal under_way, most
+        under_way += 1
+        most = max(most, under_way)
+        await asyncio.sleep(0.01)
+        under_way -= 1
+        return True
+
+    results = await asyncio.gather(*(limiter.check(REMOTE, f"user{i}@example.test", right)
+                                      for i in range(20)))
+    assert results == ["right"] * 20
+    assert most == 3
+    assert limiter._ip_checks == {}  # noqa: SLF001
+
+
 class SilentServer:
     """A TCP peer that takes whatever it is sent and never answers: a hung Redis."""
 
