@@ -368,7 +368,10 @@ def _parse_entity(
     part = Part(start, body_start, end, fields)
     maintype, subtype, params = _content_type(part.header("Content-Type"), default)
     encoding = part.header("Content-Transfer-Encoding")
-    part.encoding = (_strip_comments(encoding).strip().upper() if encoding else "") or "7BIT"
+    # ASCII letters only: str.upper() turns latin-1's µ and ÿ into Greek and Latin Extended
+    # letters, which the latin-1 response cannot carry.
+    part.encoding = _latin1(_raw(_strip_comments(encoding).strip()).upper()) if encoding else ""
+    part.encoding = part.encoding or "7BIT"
     part.content_id = part.header("Content-ID")
     part.description = part.header("Content-Description")
     part.md5 = part.header("Content-MD5")
