@@ -10,6 +10,12 @@ so a worker recovers on its own when the broker comes back.
 at MAIL FROM, so a sender is not made to upload a message only to be told 451 at the end).
 While the broker cannot be reached, a connect is tried at most every `retry_interval`
 seconds; in between, `ready` and `publish` fail at once instead of each trying its own.
+
+A broker that is reached but does not confirm (a resource alarm: RabbitMQ blocks publishing
+connections while its disk or memory is low, which is where mail piles up while the store is
+down for long) is `stalled` from the first confirm timeout on: `ready` and `publish` fail at
+once, and one probe at a time, a message routed to no queue, waits for the broker to confirm
+again. Without it every sender in turn uploaded its message and waited out the timeout.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from common.envelope import Envelope, EnvelopeError
 from common.topology import (
     DELIVER_ROUTING_KEY,
     ENVELOPE_HEADER_BUDGET,
+    PROBE_ROUTING_KEY,
     Topology,
     delivery_route,
     message_properties,
@@ -73,6 +80,7 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._connect_lock = asyncio.Lock()
         self._last_failure: tuple[float, str] | None = None  # when, and why, if unreachable
+        self._probe: asyncio.Task[None] | None = None  # while stalled: waits for a confirm
 
     async def publish(self, envelope: Envelope, body: bytes,
                       routing_key: str = DELIVER_ROUTING_KEY) -> None:
@@ -82,6 +90,8 @@ class Publisher:
         An envelope too large for one header frame goes as several messages (see
         Envelope.split); this returns when the broker has confirmed all of them.
         """
+        if self.stalled:
+            raise PublishFailed("the broker is not confirming publishes (a resource alarm?)")
         if routing_key == DELIVER_ROUTING_KEY:
             routing_key = delivery_route(len(body))
         # Before the channel: an envelope that cannot be encoded is this message's failure,
@@ -103,9 +113,50 @@ class Publisher:
             await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
         except asyncio.CancelledError:
             raise
+        except TimeoutError as exc:
+            self._start_probe()
+            raise PublishFailed(f"no confirm within {self._confirm_timeout:g} s") from exc
         except Exception as exc:
             await self._discard(channel)
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    @property
+    def stalled(self) -> bool:
+        """Whether a publish went unconfirmed and the broker has not confirmed one since."""
+        return self._probe is not None
+
+    def _start_probe(self) -> None:
+        if self._probe is None:
+            log.warning("the broker did not confirm within %g s: refusing mail until it "
+                        "confirms again", self._confirm_timeout,
+                        extra={"event": "amqp-stalled"})
+            self._probe = asyncio.get_running_loop().create_task(self._probe_until_confirmed())
+
+    async def _probe_until_confirmed(self) -> None:
+        """Publish a message routed to no queue until the broker confirms one. The channel
+        is kept while it waits: a blocked connection is unblocked, and the probe confirmed,
+        the moment the alarm clears."""
+        try:
+            while True:
+                channel = None
+                try:
+                    channel = await self._ready_channel()
+                    await cast(aiormq.Channel, channel).basic_publish(
+                        b"", exchange=self._topology.inbound_exchange,
+                        routing_key=PROBE_ROUTING_KEY, mandatory=False,
+                        timeout=self._confirm_timeout)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.debug("probe not confirmed", exc_info=True)
+                    if channel is not None:
+                        await self._discard(channel)
+                    await asyncio.sleep(self._retry_interval)
+        finally:
+            if self._probe is asyncio.current_task():
+                self._probe = None
+        log.info("the broker confirms again: taking mail", extra={"event": "amqp-confirming"})
 
     async def ensure_connected(self) -> None:
         await self._ready_channel()
@@ -113,6 +164,8 @@ class Publisher:
     async def ready(self) -> bool:
         """Whether a publish could go out now: connected, or connected by this call (at most
         one attempt per retry_interval while the broker is unreachable)."""
+        if self.stalled:
+            return False
         if self.connected:
             return True
         try:
@@ -126,6 +179,12 @@ class Publisher:
         return self._channel is not None and not self._channel.is_closed
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
         if self._connection is not None:
             connection, self._connection, self._channel = self._connection, None, None
             await connection.close()
@@ -141,7 +200,7 @@ class Publisher:
                 failed_at, reason = self._last_failure
                 if self._clock() - failed_at < self._retry_interval:
                     raise PublishFailed(f"broker unreachable: {reason}")
-            await self.close()
+            await self._close_connection()
             try:
                 self._connection, self._channel = await open_channel(
                     self._url, self._topology, self._connect_timeout, confirms=True
@@ -160,7 +219,9 @@ class Publisher:
         # A failed publish may leave the channel in an unknown state; start afresh next time.
         if self._channel is channel:
             try:
-                await self.close()
+                # Closing waits for the broker's reply, which a blocked connection may
+                # never send in time.
+                await asyncio.wait_for(self._close_connection(), self._connect_timeout)
             except Exception:
                 log.debug("error closing broken broker connection", exc_info=True)
 

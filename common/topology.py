@@ -51,6 +51,9 @@ LARGE_MESSAGE = 1024 * 1024  # octets; a larger message goes to the large delive
 LARGE_PREFETCH = 2  # large messages the store holds unacknowledged at once
 SCAN_ROUTING_KEY = "scan"  # accepted while a scanner was down (policy `defer`), not yet scanned
 QUARANTINE_ROUTING_KEY = "quarantine"  # found infected after acceptance (deferred scans)
+# Bound to no queue: the broker confirms such a message (not mandatory) and drops it, once
+# it reads publishes at all; common.broker.Publisher probes with it after a stall.
+PROBE_ROUTING_KEY = "probe"
 PERSISTENT = 2
 # Scan-pending messages may wait out a long scanner outage; their consumers stop consuming
 # while a scanner is down, so returns are rare, but a generous limit keeps an unlucky

@@ -432,6 +432,17 @@ class PrivateBroker:
         subprocess.run(["rabbitmqctl", "-q", "-n", self.node, "await_startup"], env=self._env,
                        check=True, capture_output=True, timeout=timeout)
 
+    def set_disk_alarm(self, on: bool) -> None:
+        """Raise or clear RabbitMQ's disk alarm (a free-disk limit above or below what the
+        disk has), in which the node blocks every publishing connection."""
+        self._ctl("set_disk_free_limit", "100000GB" if on else "1MB")
+        wait_until(lambda: ("disk" in self._ctl("eval", "rabbit_alarm:get_alarms().")) == on,
+                   what=f"the disk alarm {'raised' if on else 'cleared'}")
+
+    def _ctl(self, *args: str) -> str:
+        return subprocess.run(["rabbitmqctl", "-q", "-n", self.node, *args], env=self._env,
+                              check=True, capture_output=True, text=True, timeout=60).stdout
+
     def kill(self) -> None:
         """SIGKILL the node's Erlang VM: a crash, nothing flushed or closed."""
         pid = int((self.root / "pid").read_text().strip())

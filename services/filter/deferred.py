@@ -9,13 +9,15 @@
 Each message is published with a publisher confirm first and acked on the scan queue only
 then: a crash in between gives a duplicate (deduplicated by the store), never a loss.
 
-While a scanner is down the drainer does not consume at all: it probes every configured
-scanner (rspamd GET /ping, clamd PING, spamd PING) with exponential backoff and starts
-consuming when all answer. A scanner failure in the middle of a message returns that message
-to the queue (nack, requeue) and stops consuming again, so an outage never churns through
-redeliveries (the scan queue's delivery limit, 100, is only reached by a message that breaks
-the scanner itself). Every filter worker with scanners configured runs one drainer: they are
-competing consumers, each with a small prefetch.
+While a scanner is down, or the broker does not take publishes (unreachable, or stalled by a
+resource alarm: common.broker.Publisher.ready), the drainer does not consume at all: it
+probes every configured scanner (rspamd GET /ping, clamd PING, spamd PING) and the publisher
+with exponential backoff and starts consuming when all answer. A scanner failure (or a failed
+publish) in the middle of a message returns that message to the queue (nack, requeue) and
+stops consuming again, so an outage never churns through redeliveries (the scan queue's
+delivery limit, 100, is only reached by a message that breaks the scanner itself). Every
+filter worker with scanners configured runs one drainer: they are competing consumers, each
+with a small prefetch.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class DeferredScanner:
         reported: list[str] = []
         while True:
             down = await self._scanners.unavailable()
+            if not await self._publisher.ready():
+                down.append("RabbitMQ (publishes)")  # stalled or unreachable
             if down:
                 if down != reported:
                     log.warning("deferred scanning paused: %s not answering", ", ".join(down),
@@ -182,6 +186,7 @@ class DeferredScanner:
             self._stats.deferred_requeued += 1
             log.warning("%s unavailable during a deferred scan (%s): returned to the queue",
                         exc.scanner, exc.reason, extra=extra)
+            self._stats.deferred_requeued += 1
             failed.set()
             await _nack(channel, message)
             return
@@ -191,8 +196,12 @@ class DeferredScanner:
             await asyncio.wait_for(self._publisher.publish(out, head + body, routed.routing_key),
                                    CONNECT_TIMEOUT + self._settings.publish_timeout)
         except (PublishFailed, TimeoutError) as exc:
+            # Like a scanner failure: stop taking messages until publishes go out again,
+            # or every redelivery would be scanned anew and count toward the delivery limit.
             log.warning("deferred scan result not published (%s): returned to the queue", exc,
                         extra=extra)
+            self._stats.deferred_requeued += 1
+            failed.set()
             await _nack(channel, message)
             return
         await channel.basic_ack(message.delivery_tag or 0)

@@ -49,6 +49,9 @@ class MessagePublisher(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def stalled(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class SessionPolicy:
@@ -140,7 +143,7 @@ class FilterSession:
         mail_options: list[str],
     ) -> str:
         txn = self._transaction(envelope)
-        if self._publishes.stalled:
+        if self._publishes.stalled or self._publisher.stalled:
             self._stats.broker_stalled += 1
             log.info("sender %s refused: the broker is not confirming", address,
                      extra=self.log_extra(txn.queue_id))

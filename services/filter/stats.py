@@ -18,7 +18,8 @@ class WorkerStats:
     data_memory_full: messages refused with 452 4.3.1 because the worker already held
     `smtp_data_memory` octets of message data;
     broker_stalled: MAIL FROMs refused with 451 4.3.0 while a publish waited for its confirm
-    longer than services/filter/stall.py's STALLED_AFTER;
+    longer than services/filter/stall.py's STALLED_AFTER, or after one went unconfirmed
+    until the broker confirms again (common/broker.py Publisher.stalled);
     broker_unreachable: MAIL FROMs refused with 451 4.3.0 because the broker could not be
     reached (common/broker.py Publisher.ready).
 
@@ -28,7 +29,8 @@ class WorkerStats:
     scanner_unavailable: scanner calls that failed, then per policy scan_failure
     scan_tempfailed / scan_not_scanned (accepted unscanned) / scan_deferred.
     Deferred scans (services/filter/deferred.py): deferred_ham / deferred_junk /
-    deferred_quarantined published onwards; deferred_requeued: returned for a scanner outage.
+    deferred_quarantined published onwards; deferred_requeued: returned to the queue for a
+    scanner outage or a publish that failed.
     """
 
     connections: int = 0

@@ -4,6 +4,7 @@ got a 250 is in the mailbox exactly once, and no message got anything but 250 or
 
 from __future__ import annotations
 
+import contextlib
 import poplib
 import re
 import smtplib
@@ -186,18 +187,61 @@ def test_broker_killed_mid_traffic_keeps_every_accepted_message(
     """A 250 means the broker has the message on disk: its Erlang VM SIGKILLed while four
     clients send (publishes unconfirmed, deliveries unacked), then restarted; every message
     that got 250 reaches the mailbox once, and the tiers reconnect on their own."""
-    broker = PrivateBroker()
-    broker.start()
-    try:
-        own = settings.replace(amqp_url=broker.url, publish_timeout=5.0)
-        provision(own)
-        run_tier(own, "store").wait_for_port(own.pop3_port)
-        run_tier(own, "filter").wait_for_port(own.smtp_port)
+    with stack_on_private_broker(settings, run_tier, publish_timeout=5.0) as (own, broker):
         ledger, stop = senders(own.smtp_port)
         ride_out(ledger, stop, fault=broker.kill, recover=broker.start)
         assert_ledger_holds(own, ledger)
+
+
+@contextlib.contextmanager
+def stack_on_private_broker(settings: Settings, run_tier: Callable[..., TierProcess],
+                            publish_timeout: float) -> Iterator[tuple[Settings, PrivateBroker]]:
+    """A provisioned store and filter on a RabbitMQ node of the test's own, which the test
+    may kill or put in an alarm."""
+    broker = PrivateBroker()
+    broker.start()
+    try:
+        own = settings.replace(amqp_url=broker.url, publish_timeout=publish_timeout)
+        provision(own)
+        run_tier(own, "store").wait_for_port(own.pop3_port)
+        run_tier(own, "filter").wait_for_port(own.smtp_port)
+        yield own, broker
     finally:
         broker.stop()
+
+
+def mail_from_code(port: int) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        smtp.ehlo("client.example.net")
+        return smtp.mail("sender@example.net")[0]
+
+
+def test_a_broker_resource_alarm_refuses_mail_at_once_until_it_clears(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """RabbitMQ blocks publishers while its disk is low (where mail piles up while the store
+    is down for long). The first message to meet the alarm waits out its confirm timeout
+    for a 451; after it, senders get 451 at MAIL FROM, before the upload, until the broker
+    confirms again; then mail flows, and every 250 is in the mailbox once."""
+    with stack_on_private_broker(settings, run_tier, publish_timeout=3.0) as (own, broker):
+        ledger = Ledger()
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", own.smtp_port, timeout=60) as smtp:
+                smtp.ehlo("client.example.net")
+                _one_transaction(smtp, ledger)
+
+        send()
+        broker.set_disk_alarm(True)
+        send()
+        assert ledger.codes == [250, 451]
+        assert [mail_from_code(own.smtp_port) for _ in range(3)] == [451] * 3
+        broker.set_disk_alarm(False)
+        wait_until(lambda: mail_from_code(own.smtp_port) == 250, timeout=60,
+                   what="the filter to take mail again")
+        send()
+        send()
+        assert ledger.codes == [250, 451, 250, 250]
+        assert_ledger_holds(own, ledger)
 
 
 # Redis down (ARCHITECTURE.md, failure contract): RCPT cannot be checked, so the filter answers

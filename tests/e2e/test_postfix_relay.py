@@ -21,6 +21,7 @@ import pytest
 from common.settings import Settings
 from tests.e2e.test_failure_contract import (
     USER,
+    mail_from_code,
     start_with_broker_behind_proxy,
     stored_message_ids,
 )
@@ -62,12 +63,6 @@ def submit(relay: PostfixRelay, recipient: str = USER) -> str:
 
 def statuses(relay: PostfixRelay, recipient: str) -> list[tuple[str, str]]:
     return [(status, detail) for to, status, detail in relay.deliveries() if to == recipient]
-
-
-def mail_from_code(port: int) -> int:
-    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
-        smtp.ehlo("client.example.net")
-        return smtp.mail("sender@example.net")[0]
 
 
 def test_postfix_retries_a_451_and_bounces_a_550(

@@ -204,6 +204,7 @@ class ReadyPublisher:
     """MAIL FROM asks only whether the broker can be reached."""
 
     connected = True
+    stalled = False
 
     async def ready(self) -> bool:
         return True
