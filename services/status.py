@@ -55,10 +55,15 @@ def _unconsumed(broker: dict[str, Any]) -> list[str]:
 
 def _cut_off_filters(beats: list[dict[str, Any]]) -> list[str]:
     """Filters that cannot reach the broker although status can (another host, a network
-    in between): they refuse mail at MAIL FROM until it is back."""
+    in between), or that it does not confirm (blocked by a resource alarm): they refuse mail
+    at MAIL FROM until it is back."""
     return [f"filter {beat.get('host')}:{beat.get('pid')} cannot reach the broker: it "
             "answers 451 at MAIL FROM" for beat in beats
-            if beat.get("tier") == "filter" and beat.get("broker_connected") is False]
+            if beat.get("tier") == "filter" and beat.get("broker_connected") is False] + [
+        f"filter {beat.get('host')}:{beat.get('pid')}: the broker does not confirm its "
+        "publishes (a resource alarm? rabbitmqctl eval 'rabbit_alarm:get_alarms().'): it "
+        "answers 451 at MAIL FROM" for beat in beats
+        if beat.get("tier") == "filter" and beat.get("broker_not_confirming")]
 
 
 def _storage_problems(beats: list[dict[str, Any]]) -> list[str]:

@@ -167,7 +167,8 @@ def _redis_client(settings: Settings, stack: contextlib.AsyncExitStack) -> redis
 def _health(server: FilterServer, stats: WorkerStats, publisher: MessagePublisher
             ) -> dict[str, object]:
     return {"ports": server.ports, "data_held": server.data_held,
-            "broker_connected": publisher.connected, **stats.snapshot()}
+            "broker_connected": publisher.connected,
+            "broker_not_confirming": publisher.stalled, **stats.snapshot()}
 
 
 async def _stay_connected(publisher: Publisher) -> None:

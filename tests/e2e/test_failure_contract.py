@@ -26,6 +26,7 @@ from tests.support import (
     TierProcess,
     broker_at,
     queue_depth,
+    run_cli,
     wait_until,
 )
 
@@ -235,6 +236,8 @@ def test_a_broker_resource_alarm_refuses_mail_at_once_until_it_clears(
         send()
         assert ledger.codes == [250, 451]
         assert [mail_from_code(own.smtp_port) for _ in range(3)] == [451] * 3
+        wait_until(lambda: "does not confirm its publishes" in run_cli(own, "status").stdout,
+                   what="tiermail status to name the stalled filter")
         broker.set_disk_alarm(False)
         wait_until(lambda: mail_from_code(own.smtp_port) == 250, timeout=60,
                    what="the filter to take mail again")
