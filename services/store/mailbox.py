@@ -91,6 +91,25 @@ class MailboxInfo:
 HIERARCHY_DELIMITER = "/"
 
 
+def line_end_padding(body: bytes) -> int:
+    """Octets a message grows by when every line of it ends with CRLF: a bare LF becomes
+    CRLF, and a last line without its line end gets one (a lone CR at the end, its LF).
+
+    Sizes (MessageInfo.size, IMAP RFC822.SIZE, quota) are the stored octets; POP3 must send
+    every line ending with CRLF before its terminating "." (RFC 1939 3), and its LIST and
+    STAT sizes are those of what RETR sends (RFC 1939 5, 7), so it adds this. Delivered mail
+    has only CRLF line ends (the filter refuses bare ones); APPEND turns bare LFs into CRLF
+    but keeps a message that lacks a final line end as it came, as Dovecot does, so that an
+    IMAP client (or imapsync) sees the octets it stored."""
+    if not body or body.endswith(b"\n"):
+        end = 0
+    elif body.endswith(b"\r"):
+        end = 1
+    else:
+        end = 2
+    return body.count(b"\n") - body.count(b"\r\n") + end
+
+
 class MessageInfo(NamedTuple):
     """One message's index row. A NamedTuple, not a dataclass: SELECT builds 100,000 of them,
     and a tuple is built about three times faster than a frozen dataclass."""
@@ -193,6 +212,11 @@ class MailStore(Protocol):
         """The stored bytes of a message as a binary file object (an open file, or BytesIO for
         a body kept in the index); opening and reading it is blocking I/O, so callers use a
         thread."""
+        ...
+
+    async def line_end_padding(self, user: str, mailbox: str = INBOX) -> dict[int, int]:
+        """UID -> `line_end_padding` of the mailbox's messages whose lines do not all end with
+        CRLF (only those: nearly every message's is 0), for POP3's sizes."""
         ...
 
     async def expunge(self, user: str, mailbox: str, uids: list[int]) -> list[int]:

@@ -8,6 +8,7 @@ APPEND and, once the account is full, at RCPT (452 4.2.2) so the mail waits at t
 
 from __future__ import annotations
 
+import poplib
 import smtplib
 import ssl
 import time
@@ -93,6 +94,32 @@ def test_smtp_to_idle_to_fetch(stack: Stack) -> None:
     assert stored.endswith(data)  # only trace headers were put on top
     assert b"Received: " in stored[: len(stored) - len(data)]
     client.logout()
+
+
+def test_a_message_appended_without_a_final_line_end_in_imap_and_pop3(stack: Stack) -> None:
+    """IMAP keeps the octets the client stored (RFC822.SIZE and BODY[] as APPENDed: what
+    Dovecot does, and what imapsync compares); POP3 ends the last line before its terminator
+    and says so in its sizes (RFC 1939 LIST: the exact size). POP3 said 2 octets less than
+    RETR sent."""
+    stored = message("no line end").rstrip(b"\r\n")
+    client = stack.imap()
+    client.append("INBOX", stored)
+    client.select_folder("INBOX")
+    [data] = client.fetch(client.search(), ["RFC822.SIZE", "BODY.PEEK[]"]).values()
+    assert (data[b"RFC822.SIZE"], data[b"BODY[]"]) == (len(stored), stored)
+    client.logout()
+
+    pop = poplib.POP3("127.0.0.1", stack.settings.pop3_port, timeout=30)
+    try:
+        pop.user(ALICE)
+        pop.pass_(PASSWORD)
+        _, lines, _ = pop.retr(1)
+        sent = b"".join(line + b"\r\n" for line in lines)
+        assert sent == stored + b"\r\n"
+        assert pop.list()[1] == [f"1 {len(sent)}".encode()]
+        assert pop.stat() == (1, len(sent))
+    finally:
+        pop.quit()
 
 
 def test_starttls_and_imaps_on_the_real_store(stack: Stack) -> None:

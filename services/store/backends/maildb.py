@@ -12,7 +12,7 @@ Layout under `root` (normally `<store_dir>/mail`), documented in docs/architectu
         m/<guid[:2]>/<guid>         a larger message's bytes, written once, never modified
         tmp/<guid>                  a message file being written (removed by the sweep)
 
-Index tables (schema 4; older indexes are migrated in place when first opened):
+Index tables (schema 6; older indexes are migrated in place when first opened):
 
     mailbox       id, name (unique, "/"-separated, INBOX spelled so), uidvalidity, uidnext,
                   highestmodseq (the mailbox's MODSEQ: CONDSTORE is per mailbox, RFC 7162 2),
@@ -20,7 +20,8 @@ Index tables (schema 4; older indexes are migrated in place when first opened):
                   \\Recent yet)
     message       mailbox_id, uid, guid (unique: the body row's key or the file's name),
                   size, internaldate, flags (sorted, space-separated; system flags in
-                  canonical case), modseq
+                  canonical case), modseq, padding (mailbox.line_end_padding: octets POP3
+                  adds to end every line with CRLF; 0 for nearly every message)
     body          guid -> data: the bytes of an inline message, inserted and deleted in the
                   transactions that insert and delete its message row. A message has either
                   a body row or a file, never both; which one was decided when its bytes
@@ -125,6 +126,7 @@ from services.store.mailbox import (
     OutOfSpace,
     OverQuota,
     StorageError,
+    line_end_padding,
 )
 
 log = logging.getLogger(__name__)
@@ -133,8 +135,9 @@ T = TypeVar("T")
 
 # 1: mailbox, message, expunged, delivered. 2: mailbox.special_use (RFC 6154) and the
 # standard folders (Drafts, Sent, Junk, Trash, Archive) in every index. 3: mailbox.recent_uid,
-# subscription, account (usage). 4: body (inline message bodies).
-SCHEMA_VERSION = 5
+# subscription, account (usage). 4: body (inline message bodies). 5: mailbox.messages.
+# 6: message.padding (mailbox.line_end_padding: what POP3 adds to close the lines).
+SCHEMA_VERSION = 6
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mailbox (
     id INTEGER PRIMARY KEY,
@@ -154,6 +157,7 @@ CREATE TABLE IF NOT EXISTS message (
     internaldate REAL NOT NULL,
     flags TEXT NOT NULL DEFAULT '',
     modseq INTEGER NOT NULL,
+    padding INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (mailbox_id, uid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS message_modseq ON message(mailbox_id, modseq);
@@ -542,6 +546,9 @@ class MailDB:
     async def usage(self, user: str) -> int:
         return await self._read(self._usage_sync, user, INBOX)
 
+    async def line_end_padding(self, user: str, mailbox: str = INBOX) -> dict[int, int]:
+        return await self._read(self._padding_sync, user, canonical_mailbox(mailbox))
+
     # MailStore: writes
 
     async def deliver(self, deliveries: list[Delivery]) -> list[bool]:
@@ -874,6 +881,8 @@ class MailDB:
                              " DEFAULT 0")
                 conn.execute("UPDATE mailbox SET messages ="
                              " (SELECT count(*) FROM message WHERE mailbox_id = mailbox.id)")
+            if "padding" not in {row[1] for row in conn.execute("PRAGMA table_info(message)")}:
+                self._add_padding(conn, user)  # 5 -> 6
             for trigger in MESSAGE_COUNT_TRIGGERS:
                 conn.execute(trigger)
             conn.execute("INSERT OR IGNORE INTO account (id, usage)"
@@ -888,6 +897,30 @@ class MailDB:
         if version:
             log.info("index migrated from schema %d to %d", version, SCHEMA_VERSION,
                      extra={"user": user, "event": "index-migrated"})
+
+    def _add_padding(self, conn: sqlite3.Connection, user: str) -> None:
+        """Schema 5 -> 6: message.padding of the messages already stored, inside the
+        migration's transaction. Only the last octet of each is read (a bare LF inside a
+        stored message was never possible: the filter refuses them and APPEND has turned them
+        into CRLF since before schema 5); an inline body's within SQLite, a file's with one
+        read at its end."""
+        conn.execute("ALTER TABLE message ADD COLUMN padding INTEGER NOT NULL DEFAULT 0")
+        conn.execute(
+            "UPDATE message SET padding = (SELECT CASE substr(data, -1) WHEN x'0a' THEN 0"
+            " WHEN x'0d' THEN 1 ELSE 2 END FROM body WHERE body.guid = message.guid)"
+            " WHERE guid IN (SELECT guid FROM body WHERE length(data) > 0)")
+        files = conn.execute(f"SELECT guid FROM message WHERE NOT {_INLINE}").fetchall()
+        padded = []
+        for (guid,) in files:
+            try:
+                with open(self._message_file(user, guid), "rb") as file:
+                    file.seek(-1, os.SEEK_END)
+                    padding = line_end_padding(file.read(1))
+            except OSError:
+                continue  # missing or empty: nothing POP3 could send either
+            if padding:
+                padded.append((padding, guid))
+        conn.executemany("UPDATE message SET padding = ? WHERE guid = ?", padded)
 
     def _create_standard_mailboxes(self, conn: sqlite3.Connection) -> None:
         """INBOX and the special-use folders, those missing; inside a write transaction.
@@ -1149,8 +1182,9 @@ class MailDB:
             box[1], box[2] = uid + 1, modseq
             conn.execute(
                 "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags,"
-                " modseq) VALUES (?, ?, ?, ?, ?, '', ?)",
-                (box_id, uid, guid, len(delivery.body), delivery.received_at or now, modseq),
+                " modseq, padding) VALUES (?, ?, ?, ?, ?, '', ?, ?)",
+                (box_id, uid, guid, len(delivery.body), delivery.received_at or now, modseq,
+                 line_end_padding(delivery.body)),
             )
             conn.execute(
                 "INSERT INTO delivered (queue_id, mailbox_id, uid, delivered_at)"
@@ -1198,9 +1232,9 @@ class MailDB:
                 modseq = box.modseq + 1
                 conn.execute(
                     "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags,"
-                    " modseq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " modseq, padding) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (box.id, box.uidnext, guid, len(body), internaldate, _flags_text(flags),
-                     modseq))
+                     modseq, line_end_padding(body)))
                 if inline:
                     conn.execute("INSERT INTO body (guid, data) VALUES (?, ?)", (guid, body))
                 conn.execute("UPDATE mailbox SET uidnext = ?, highestmodseq = ? WHERE id = ?",
@@ -1272,7 +1306,7 @@ class MailDB:
             with transaction(conn):
                 src, dst = self._box(conn, source, uidvalidity), self._box(conn, dest)
                 rows = _rows_for_uids(conn, src.id, uids,
-                                      f"guid, size, internaldate, flags, {_INLINE}")
+                                      f"guid, size, internaldate, flags, {_INLINE}, padding")
                 if not rows:
                     return CopyResult(dst.uidvalidity, [], [])
                 _check_quota(conn, sum(int(row[2]) for row in rows), quota)
@@ -1284,9 +1318,9 @@ class MailDB:
                 dest_uids = list(range(dst.uidnext, dst.uidnext + len(rows)))
                 conn.executemany(
                     "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags,"
-                    " modseq) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(dst.id, uid, guid, size, internaldate, flags, modseq)
-                     for uid, guid, (_, _, size, internaldate, flags, _)
+                    " modseq, padding) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(dst.id, uid, guid, size, internaldate, flags, modseq, padding)
+                     for uid, guid, (_, _, size, internaldate, flags, _, padding)
                      in zip(dest_uids, guids, rows, strict=True)])
                 conn.execute("UPDATE mailbox SET uidnext = ?, highestmodseq = ? WHERE id = ?",
                              (dest_uids[-1] + 1, modseq, dst.id))
@@ -1603,6 +1637,16 @@ class MailDB:
         if conn is None:
             return None
         return _usage(conn)
+
+    def _padding_sync(self, user: str, mailbox: str) -> dict[int, int] | None:
+        conn = self._read_conn(user)
+        if conn is None:
+            return None
+        row = self._mailbox_row(conn, mailbox)
+        if row is None:
+            return None
+        return dict(conn.execute("SELECT uid, padding FROM message WHERE mailbox_id = ?"
+                                 " AND padding != 0", (row[0],)).fetchall())
 
     def _queue_ids_sync(self, user: str) -> set[str]:
         conn = self._read_conn(user)

@@ -150,6 +150,7 @@ class Session:
         self._bad_commands = 0
         self._auth_failures = 0
         self._messages: list[MessageInfo] = []  # the snapshot taken at login
+        self._sizes: list[int] = []  # octets RETR sends of each (lines ended with CRLF)
         self._deleted: set[int] = set()  # 0-based indexes into _messages
 
     # The server's entry points
@@ -234,7 +235,7 @@ class Session:
 
     def _totals(self) -> tuple[int, int]:
         visible = self._visible()
-        return len(visible), sum(info.size for _, info in visible)
+        return len(visible), sum(self._sizes[number - 1] for number, _ in visible)
 
     def _lookup(self, arg: str) -> tuple[int, MessageInfo] | p.Reply:
         number = p.parse_message_number(arg)
@@ -264,14 +265,18 @@ class Session:
             return Response(p.ERR_IN_USE.encode())
         try:
             messages = await self._mailstore.list_messages(user, INBOX)
+            # RFC 1939 5, 7: sizes are those of what RETR sends, whose lines all end with
+            # CRLF; a message stored without a final line end gets one (mailbox.py).
+            padding = await self._mailstore.line_end_padding(user, INBOX)
         except (NoSuchUser, NoSuchMailbox):
-            messages = []  # an account that has never received mail: an empty maildrop
+            messages, padding = [], {}  # an account that never received mail: empty
         except BaseException:
             self._locks.release(user)
             raise
         self.user = user
         self._holds_lock = True
         self._messages = messages
+        self._sizes = [info.size + padding.get(info.uid, 0) for info in messages]
         self._deleted = set()
         self.state = State.TRANSACTION
         count, octets = self._totals()
@@ -379,10 +384,11 @@ class Session:
             found = self._lookup(command.args[0])
             if isinstance(found, p.Reply):
                 return Response(found.encode())
-            index, info = found
-            return Response(p.OK_LIST_ONE.format(number=index + 1, size=info.size).encode())
+            index, _ = found
+            return Response(p.OK_LIST_ONE.format(number=index + 1,
+                                                 size=self._sizes[index]).encode())
         count, octets = self._totals()
-        lines = [f"{number} {info.size}" for number, info in self._visible()]
+        lines = [f"{number} {self._sizes[number - 1]}" for number, _ in self._visible()]
         return Response(p.format_multiline(p.OK_LIST_ALL.format(count=count, octets=octets),
                                            lines))
 
@@ -409,10 +415,10 @@ class Session:
         found = self._lookup(arg)
         if isinstance(found, p.Reply):
             return Response(found.encode())
-        _, info = found
+        index, info = found
         assert self.user is not None
         file = await asyncio.to_thread(self._mailstore.open_message, self.user, info.guid)
-        first = p.OK_RETR.format(size=info.size) if top_lines is None else p.OK_TOP
+        first = p.OK_RETR.format(size=self._sizes[index]) if top_lines is None else p.OK_TOP
         return Response(first.encode(), body=MessageStream(file, top_lines))
 
     async def cmd_dele(self, command: p.Command) -> Response:

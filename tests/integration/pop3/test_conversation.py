@@ -120,6 +120,35 @@ async def test_user_pass_stat_list_retr_exact_bytes(pop3: Pop3Stack) -> None:
     await asyncio.to_thread(dialog)
 
 
+async def test_sizes_are_what_retr_sends_when_the_last_line_has_no_line_end(
+        pop3: Pop3Stack) -> None:
+    """RFC 1939 LIST gives a message's exact size. A message stored without a line end
+    after its last line (APPENDed so over IMAP) is sent with one before the terminator:
+    its size counts those two octets (one after a lone CR), as fetchmail compares them. It
+    was 2 octets short."""
+    unterminated = b"Subject: no line end\r\n\r\nlast line"
+    lone_cr = b"Subject: lone CR\r\n\r\nlast line\r"
+    for body in (unterminated, MSG2, lone_cr):
+        await pop3.deliver(ALICE, body)
+    sent = [unterminated + b"\r\n", MSG2, lone_cr + b"\n"]
+
+    def dialog() -> None:
+        client = login(pop3.port)
+        assert client.stat() == (3, sum(map(len, sent)))
+        assert client.list()[1] == [f"{n} {len(body)}".encode()
+                                    for n, body in enumerate(sent, 1)]
+        assert client.list(1) == f"+OK 1 {len(sent[0])}".encode()
+        for number, body in enumerate(sent, 1):
+            resp, lines, _ = client.retr(number)
+            assert resp == wire(p.OK_RETR.format(size=len(body)))
+            assert joined(lines) == body
+        client.dele(2)
+        assert client.stat() == (2, len(sent[0]) + len(sent[2]))
+        assert client.quit().startswith(b"+OK")
+
+    await asyncio.to_thread(dialog)
+
+
 async def test_byte_stuffing_on_the_wire(pop3: Pop3Stack) -> None:
     await pop3.deliver(ALICE, MSG1)
     raw = await Raw.open(pop3.port)

@@ -14,6 +14,7 @@ from services.store.mailbox import (
     MessageInfo,
     NoSuchMailbox,
     NoSuchMessage,
+    line_end_padding,
 )
 
 
@@ -60,6 +61,11 @@ class FakeMailStore:
         if mailbox != INBOX:
             raise NoSuchMailbox(mailbox)
         return list(self._messages.get(user, []))
+
+    async def line_end_padding(self, user: str, mailbox: str = INBOX) -> dict[int, int]:
+        padding = {info.uid: line_end_padding(self._bodies[(user, info.guid)])
+                   for info in await self.list_messages(user, mailbox)}
+        return {uid: octets for uid, octets in padding.items() if octets}
 
     def open_message(self, user: str, guid: str) -> BinaryIO:
         try:

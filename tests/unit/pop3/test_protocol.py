@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.store.mailbox import line_end_padding
 from services.store.pop3 import protocol as p
 
 
@@ -150,6 +151,21 @@ def test_stuffed_output_is_well_formed(body: bytes) -> None:
     lines = wire[:-3].split(b"\r\n")
     assert lines[-1] == b""
     assert all(not line.startswith(b".") or line.startswith(b"..") for line in lines)
+
+
+@given(st.binary(max_size=300))
+def test_line_end_padding_is_what_stuffing_adds(body: bytes) -> None:
+    """POP3's sizes are the stored size plus `line_end_padding` (RFC 1939 LIST gives the
+    exact size): exactly what a client holds after taking RETR's lines apart."""
+    assert len(p.unstuff(p.stuff(body))) == len(body) + line_end_padding(body)
+
+
+@pytest.mark.parametrize(("body", "padding"), [
+    (b"", 0), (b"a\r\n", 0), (b"no line end", 2), (b"lone CR\r", 1), (b"a\nb\r\n", 1),
+    (b"a\r\r\n", 0), (b"a\n\n", 2),
+])
+def test_line_end_padding_table(body: bytes, padding: int) -> None:
+    assert line_end_padding(body) == padding
 
 
 MESSAGE = b"From: a@x\r\nSubject: hi\r\n\r\nline 1\r\nline 2\r\nline 3\r\n"

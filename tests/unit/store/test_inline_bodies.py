@@ -291,6 +291,37 @@ async def test_schema_3_index_is_migrated_in_place(tmp_path: Path) -> None:
         await db.close()
 
 
+# Schema 5 -> 6
+
+
+async def test_schema_5_index_gets_the_line_end_padding_of_what_it_holds(tmp_path: Path
+                                                                        ) -> None:
+    """message.padding (POP3's sizes) of the messages stored before it existed: from the last
+    octet of each, inline or file."""
+    bodies = [SMALL, LARGE, b"Subject: x\r\n\r\nends well\r\n", b"Subject: y\r\n\r\nCR\r",
+              b"Subject: z\r\n\r\n" + b"a" * 5000 + b"\r"]
+    old = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    await old.deliver([delivery(f"q{n}", body) for n, body in enumerate(bodies)])
+    assert await old.line_end_padding(ALICE) == {1: 2, 2: 2, 4: 1, 5: 1}
+    await old.close()
+    index = old.user_path(ALICE) / "index.sqlite"
+    conn = sqlite3.connect(index)
+    try:
+        conn.execute("ALTER TABLE message DROP COLUMN padding")
+        conn.execute("PRAGMA user_version=5")
+    finally:
+        conn.close()
+
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    try:
+        assert await db.line_end_padding(ALICE) == {1: 2, 2: 2, 4: 1, 5: 1}
+        assert await db.line_end_padding(ALICE, ARCHIVE) == {}
+        await db.copy(ALICE, INBOX, [1, 3, 4], ARCHIVE)
+        assert await db.line_end_padding(ALICE, ARCHIVE) == {1: 2, 3: 1}
+    finally:
+        await db.close()
+
+
 # open_message's connections
 
 
