@@ -107,8 +107,12 @@ class LearnOutcome(enum.Enum):
     REFUSED = "refused"  # a 4xx that retrying will not change
 
 
-class LearnError(Exception):
-    """A temporary failure: the job is retried."""
+class LearnError(dramatiq.Retry):
+    """A temporary failure: the job is retried (with the actor's backoff).
+
+    A dramatiq.Retry, because dramatiq logs any other exception from an actor at ERROR with
+    a traceback and the message's arguments: the whole mail in base64, once per attempt. The
+    actor logs one line of its own instead."""
 
 
 class RspamdController:
@@ -219,8 +223,10 @@ class Learning:
             return
         try:
             result, detail = self._controller.learn(kind, message)
-        except LearnError:
+        except LearnError as exc:
             self._count("learn_retries")
+            log.warning("%s not learned as %s yet, retried later: %s", guid, kind, exc,
+                        extra=context)
             raise
         self._count(f"{kind}_{result.name.lower()}")
         level = logging.WARNING if result is LearnOutcome.REFUSED else logging.INFO

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,9 +20,9 @@ from common.ids import new_queue_id
 from common.settings import Settings
 from services.devscanners.runner import Scanner
 from services.store.backends.maildb import MailDB
-from services.store.learning import Learning, LearningHook, learn_queue
+from services.store.learning import Learning, LearningHook, RspamdController, learn_queue
 from services.store.mailbox import INBOX, JUNK, TRASH, Delivery
-from tests.support import TierProcess, eventually, queue_depth
+from tests.support import TierProcess, eventually, free_port, queue_depth, wait_until
 
 ALICE = "alice@example.test"
 
@@ -136,3 +138,33 @@ def test_no_broker_connection_is_left_idle(learn_settings: Settings) -> None:
         assert queue_depth(learn_settings, learning.queue_name) == 1
     finally:
         learning.close()
+
+
+def test_a_retried_learn_logs_no_message_and_no_traceback(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """rspamd unreachable: the job is retried, and the log says so in one line naming the
+    message. dramatiq logged each attempt at ERROR with a traceback and the job's arguments,
+    the whole message in base64 (a user's mail in the log, megabytes a line, ten times)."""
+    secret = secrets.token_hex(16)
+    body = f"Subject: private\r\n\r\n{secret}\r\n".encode()
+    encoded = base64.b64encode(body).decode("ascii")
+    learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"))
+    learning.declare()
+    learning.send("spam", ALICE, "f" * 32, body)
+    caplog.set_level(logging.INFO)
+    worker = learning.worker(threads=1)
+    worker.start()
+    try:
+        wait_until(lambda: any(r.getMessage().startswith("Retrying message")
+                               for r in caplog.records), timeout=60,
+                   what="dramatiq to schedule the retry")
+    finally:
+        worker.stop(timeout=10_000)
+        learning.close()
+    assert learning.stats() == {"learn_retries": 1}
+    text = caplog.text
+    assert encoded[:40] not in text and secret not in text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    [line] = [r for r in caplog.records if r.name == "services.store.learning"]
+    assert line.levelno == logging.WARNING and "f" * 32 in line.getMessage()
+
