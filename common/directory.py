@@ -15,7 +15,11 @@ Keys (all under the configured prefix):
     dir:overquota SET   mailboxes whose usage has reached their quota: the filter answers
                   452 4.2.2 at RCPT for them (RFC 3463 3.3: mailbox full, temporary)
     dir:usage     HASH  mailbox -> octets stored, as the store last computed them (for the
-                  CLI, which sets quotas without opening mailboxes)
+                  CLI, which sets quotas without opening mailboxes, and for the filter's
+                  check of a declared SIZE against the room left)
+    dir:limit     HASH  mailbox -> its quota in octets, for mailboxes that have one: the
+                  filter refuses a declared SIZE that does not fit (552 5.2.2 over the whole
+                  quota, 452 4.2.2 over the room left)
     dir:quota-generation STRING the account generation the quota state was last fully
                   reconciled at (services/store/quota.py); its absence means Redis lost it
     dir:changed   pub/sub CHANNEL: every change above (in the same MULTI) publishes a notice
@@ -34,7 +38,7 @@ from __future__ import annotations
 import enum
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -65,14 +69,16 @@ class Lookup:
     resolution: Resolution
     mailboxes: tuple[str, ...] = ()
     over_quota: tuple[str, ...] = ()  # those of `mailboxes` that are full
+    limits: tuple[tuple[str, int], ...] = ()  # (mailbox, quota) of those that have one
 
 
 @dataclass(frozen=True)
 class QuotaState:
-    """One mailbox's usage and whether it has reached its quota."""
+    """One mailbox's usage, whether it has reached its quota, and the quota (None: none)."""
 
     usage: int
     over: bool
+    limit: int | None = None
 
 
 @dataclass
@@ -120,22 +126,25 @@ class Directory:
             raise DirectoryUnavailable("the directory is not published in Redis")
         if not local_domain:
             return Lookup(Resolution.NOT_LOCAL)
-        mailboxes: dict[str, bool] = {}
+        mailboxes: dict[str, tuple[bool, int | None]] = {}
         if not await self._expand(address, entry, mailboxes, depth=0, seen=set()):
             return Lookup(Resolution.UNKNOWN_USER)
         return Lookup(Resolution.LOCAL, tuple(mailboxes),
-                      tuple(mailbox for mailbox, full in mailboxes.items() if full))
+                      tuple(mailbox for mailbox, (full, _) in mailboxes.items() if full),
+                      tuple((mailbox, limit) for mailbox, (_, limit) in mailboxes.items()
+                            if limit is not None))
 
     def _queue_entry(self, pipe: Pipeline, address: str) -> None:
-        """Queue the four reads that say what an address is: user, alias, catch-all, and
-        whether it is a full mailbox."""
+        """Queue the five reads that say what an address is: user, alias, catch-all, whether
+        it is a full mailbox, and its quota."""
         pipe.sismember(self.key("users"), address)
         pipe.hget(self.key("aliases"), address)
         pipe.hget(self.key("aliases"), "@" + domain_of(address))
         pipe.sismember(self.key("overquota"), address)
+        pipe.hget(self.key("limit"), address)
 
     async def _entries(self, addresses: list[str]) -> list[list[object]]:
-        """What `_queue_entry` reads, for many addresses in four commands (SMISMEMBER needs
+        """What `_queue_entry` reads, for many addresses in five commands (SMISMEMBER needs
         Redis 6.2): an alias of thousands resolves in one round trip."""
         if not addresses:
             return []
@@ -145,19 +154,22 @@ class Directory:
             pipe.hmget(self.key("aliases"), addresses)
             pipe.hmget(self.key("aliases"), catch_alls)
             pipe.smismember(self.key("overquota"), addresses)
-            users, targets, catch_all_targets, over_quota = await pipe.execute()
-        return [list(entry) for entry in zip(users, targets, catch_all_targets, over_quota,
-                                             strict=True)]
+            pipe.hmget(self.key("limit"), addresses)
+            replies = await pipe.execute()
+        return [list(entry) for entry in zip(*replies, strict=True)]
 
-    async def _expand(self, address: str, entry: list[object], out: dict[str, bool],
-                      depth: int, seen: set[str]) -> bool:
-        """Add the mailboxes `address` delivers to into `out` (mailbox -> over quota)."""
-        is_user, targets, catch_all, over_quota = entry
+    async def _expand(self, address: str, entry: list[object],
+                      out: dict[str, tuple[bool, int | None]], depth: int, seen: set[str]
+                      ) -> bool:
+        """Add the mailboxes `address` delivers to into `out` (mailbox -> (over quota,
+        quota))."""
+        is_user, targets, catch_all, over_quota, limit = entry
+        quota = (bool(over_quota), _optional_int(limit))
         if address in seen:
             # An alias naming itself, or a loop back to it: as in Postfix, a user met again
             # gets the mail instead of being expanded again (alice -> alice, bob keeps a copy).
             if is_user:
-                out.setdefault(address, bool(over_quota))
+                out.setdefault(address, quota)
             return bool(is_user)
         if depth > MAX_ALIAS_DEPTH:
             return False
@@ -166,7 +178,7 @@ class Directory:
             targets = catch_all
         if targets is None:
             if is_user:
-                out.setdefault(address, bool(over_quota))
+                out.setdefault(address, quota)
             return bool(is_user)
         found = False
         names = _split_targets(targets)  # type: ignore[arg-type]
@@ -234,6 +246,7 @@ class Directory:
             pipe.srem(self.key("users"), address)
             pipe.srem(self.key("overquota"), address)
             pipe.hdel(self.key("usage"), address)
+            pipe.hdel(self.key("limit"), address)
 
         await self._change(remove)
 
@@ -247,15 +260,19 @@ class Directory:
     # Quota state (services/store/quota.py writes it, the filter reads it in `resolve`)
 
     async def set_quota_states(self, states: Mapping[str, QuotaState]) -> None:
-        """Record usage and the over-quota flag of some mailboxes."""
+        """Record usage, the over-quota flag and the quota of some mailboxes."""
         if not states:
             return
+        mailboxes = list(states)
         async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(self.key("limit"), mailboxes)
             self._queue_quota_states(pipe, states)
-            added_or_removed = await pipe.execute()
-        # The filters read only dir:overquota: a notice (which empties their caches) only
-        # when it changed, not for every usage update while mail flows in.
-        if any(added_or_removed[:-1]):
+            limits_before, *flag_changes = await pipe.execute()
+        # The filters cache the flag and the quota, not usage: a notice (which empties their
+        # caches) only when one of those changed, not for every usage update.
+        limits_changed = [_optional_int(before) for before in limits_before] != \
+            [states[mailbox].limit for mailbox in mailboxes]
+        if any(flag_changes[:self._flag_commands(states)]) or limits_changed:
             await self._redis.publish(self.key(self.CHANGED), "1")
 
     async def replace_quota_states(self, states: Mapping[str, QuotaState],
@@ -264,12 +281,18 @@ class Directory:
         the mailboxes flagged in `states`; usage entries are updated (others are kept: they
         are only a hint for the CLI)."""
         over = [mailbox for mailbox, state in states.items() if state.over]
+        limits = {mailbox: str(state.limit) for mailbox, state in states.items()
+                  if state.limit is not None}
         temp = self.key(f"tmp:{secrets.token_hex(6)}:overquota")
+        temp_limits = self.key(f"tmp:{secrets.token_hex(6)}:limit")
         await self._fill_set(temp, over)
+        await self._fill_hash(temp_limits, limits)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.key("overquota"))
+            pipe.delete(self.key("overquota"), self.key("limit"))
             if over:
                 pipe.rename(temp, self.key("overquota"))
+            if limits:
+                pipe.rename(temp_limits, self.key("limit"))
             for start in range(0, len(states), _BATCH):
                 chunk = dict(list(states.items())[start:start + _BATCH])
                 pipe.hset(self.key("usage"),
@@ -279,6 +302,7 @@ class Directory:
             await pipe.execute()
 
     def _queue_quota_states(self, pipe: Pipeline, states: Mapping[str, QuotaState]) -> None:
+        """Queue the flag changes first (`_flag_commands` of them), then usage and quotas."""
         over = [mailbox for mailbox, state in states.items() if state.over]
         under = [mailbox for mailbox, state in states.items() if not state.over]
         if over:
@@ -287,11 +311,27 @@ class Directory:
             pipe.srem(self.key("overquota"), *under)
         pipe.hset(self.key("usage"),
                   mapping={mailbox: state.usage for mailbox, state in states.items()})
+        unlimited = [m for m, state in states.items() if state.limit is None]
+        if len(unlimited) < len(states):
+            pipe.hset(self.key("limit"), mapping={m: state.limit for m, state in states.items()
+                                                  if state.limit is not None})
+        if unlimited:
+            pipe.hdel(self.key("limit"), *unlimited)
+
+    @staticmethod
+    def _flag_commands(states: Mapping[str, QuotaState]) -> int:
+        return (any(s.over for s in states.values())
+                + any(not s.over for s in states.values()))
 
     async def quota_generation(self) -> int | None:
         """The account generation of the last full quota reconcile; None if Redis lost it."""
         value = await self._redis.get(self.key("quota-generation"))
         return None if value is None else int(value)
+
+    async def usages(self, mailboxes: Sequence[str]) -> list[int]:
+        """Each mailbox's usage as the store last published it (0 if never)."""
+        values = await self._redis.hmget(self.key("usage"), list(mailboxes))
+        return [int(value or 0) for value in values]
 
     async def usage(self, address: str) -> int | None:
         """The mailbox's octets as the store last computed them; None if not known."""
@@ -337,3 +377,7 @@ class Directory:
 def _split_targets(raw: bytes | str) -> list[str]:
     text = raw.decode() if isinstance(raw, bytes) else raw
     return [normalize_address(t) for t in text.split(",") if t.strip()]
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]

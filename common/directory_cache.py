@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -76,6 +76,10 @@ class DirectoryCache:
                 self._entries.clear()
             self._entries[key] = (self._clock() + self._ttl, lookup)
         return lookup
+
+    async def usages(self, mailboxes: Sequence[str]) -> list[int]:
+        """Never cached: usage moves with every delivery, with no notice."""
+        return await self._directory.usages(mailboxes)
 
     def forget_all(self) -> None:
         self._entries.clear()

@@ -458,7 +458,7 @@ async def _publish_quota(directory: Any, settings: Settings, address: str,
     user = address.strip().lower()
     usage = known["usage"] = stored_usage(settings.store_dir, user)
     over = limit is not None and usage >= limit
-    await directory.set_quota_states({user: QuotaState(usage, over)})
+    await directory.set_quota_states({user: QuotaState(usage, over, limit)})
 
 
 def alias_add(settings: Settings, args: argparse.Namespace) -> int:

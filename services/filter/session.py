@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 class RecipientDirectory(Protocol):
     async def resolve(self, address: str) -> Lookup: ...
 
+    async def usages(self, mailboxes: Sequence[str]) -> list[int]: ...
+
 
 class MessagePublisher(Protocol):
     async def publish(self, envelope: Envelope, body: bytes,
@@ -183,20 +185,24 @@ class FilterSession:
             # RFC 5321 4.5.3.1.10: 452 for too many recipients, the client sends the rest later.
             log.info("recipient %s refused: too many recipients", address, extra=extra)
             return replies.TOO_MANY_RECIPIENTS
+        size = declared_size(envelope.mail_options)
         try:
             async with asyncio.timeout(self._policy.lookup_timeout):
                 lookup = await self._directory.resolve(address)
                 if self._goes_to_postmaster(address, lookup):
                     lookup = await self._directory.resolve(self._policy.postmaster)
+                too_full = await self._without_room(lookup, size)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("directory unavailable: %s: %s", type(exc).__name__, exc, extra=extra)
             return replies.DIRECTORY_UNAVAILABLE
-        if lookup.over_quota:
+        if lookup.over_quota or too_full:
             # Refused whole, even when an alias has other mailboxes with room: the sender
             # retries later and nobody's copy is silently dropped or pushed further over.
-            log.info("recipient %s refused: mailbox full (%s)", address,
-                     ",".join(lookup.over_quota), extra=extra)
-            return replies.MAILBOX_FULL
+            too_big = [mailbox for mailbox, limit in lookup.limits if size > limit]
+            log.info("recipient %s refused: %s (%s)", address,
+                     "message larger than the quota" if too_big else "mailbox full",
+                     ",".join(too_big or lookup.over_quota or too_full), extra=extra)
+            return replies.LARGER_THAN_QUOTA if too_big else replies.MAILBOX_FULL
         reply = _recipient_reply(lookup.resolution)
         if lookup.resolution is Resolution.LOCAL:
             envelope.rcpt_tos.append(address)
@@ -206,6 +212,16 @@ class FilterSession:
         else:
             log.info("recipient %s refused: %s", address, lookup.resolution.value, extra=extra)
         return reply
+
+    async def _without_room(self, lookup: Lookup, size: int) -> list[str]:
+        """The mailboxes with a quota that a message of the size declared at MAIL FROM would
+        take over it (RFC 1870: the server may refuse at RCPT). Usage is read fresh, for
+        those only; nothing is read when no SIZE was declared or no mailbox has a quota."""
+        if not size or not lookup.limits:
+            return []
+        usages = await self._directory.usages([mailbox for mailbox, _ in lookup.limits])
+        return [mailbox for (mailbox, limit), usage in zip(lookup.limits, usages, strict=True)
+                if usage + size > limit]
 
     def _goes_to_postmaster(self, address: str, lookup: Lookup) -> bool:
         """A postmaster address nobody has claimed: a bare <postmaster>, or postmaster@ one
@@ -336,3 +352,12 @@ def _recipient_reply(resolution: Resolution) -> str:
         return replies.UNKNOWN_USER
     # Not one of our domains. Without authentication (a later issue) nobody may relay.
     return replies.RELAY_DENIED
+
+
+def declared_size(mail_options: Sequence[str]) -> int:
+    """The SIZE=n of MAIL FROM (aiosmtpd has checked it is digits), 0 when not declared."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isascii() and value.isdigit():
+            return int(value)
+    return 0

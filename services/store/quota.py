@@ -122,7 +122,7 @@ class QuotaPublisher:
         states = {}
         for user, limit in limits.items():
             usage = await self._usage(user)
-            states[user] = QuotaState(usage, usage >= limit)
+            states[user] = QuotaState(usage, usage >= limit, limit)
         return states
 
     async def _usage(self, user: str) -> int:

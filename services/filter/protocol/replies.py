@@ -31,6 +31,8 @@ TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 # The mailbox has reached its quota (the store publishes which ones, common/directory.py): RFC
 # 3463 3.3 X.2.2 "mailbox full", temporary so that the mail waits at the sender.
 MAILBOX_FULL = "452 4.2.2 Mailbox full, try again later"
+# SIZE declared larger than the recipient's whole quota: it can never fit (RFC 3463 X.2.2).
+LARGER_THAN_QUOTA = "552 5.2.2 Message larger than the recipient's mailbox quota"
 TOO_MANY_CONNECTIONS = "421 4.7.0 too many connections"
 TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
@@ -47,10 +49,10 @@ SCANNER_UNAVAILABLE = "451 4.7.0 Message could not be scanned now, please try ag
 SCAN_TOO_BIG_TEMPFAIL = "451 4.7.0 Message too big to be scanned now, please try again later"
 SPAM_TEMPFAIL = "451 4.7.1 Message deferred, please try again later"
 
-# Our own temporary trouble (broker, directory, internal, a full mailbox): never the client's
-# fault, so not counted towards smtp_max_errors.
+# Our own temporary trouble (broker, directory, internal, a full mailbox) and a quota the
+# client could not know: never the client's fault, so not counted towards smtp_max_errors.
 _SERVER_TROUBLE = ("451 4.3.0", "421", SCANNER_UNAVAILABLE, SCAN_TOO_BIG_TEMPFAIL,
-                   MAILBOX_FULL)
+                   MAILBOX_FULL, LARGER_THAN_QUOTA)
 
 
 def is_client_error(reply: str) -> bool:

@@ -96,6 +96,51 @@ async def test_a_full_mailbox_gets_452_while_others_get_250(settings: Settings,
         assert await in_thread(send, worker.ports[0], message(), [ALICE, TEAM]) == {}
 
 
+def rcpt_codes(port: int, size: int | None, rcpts: list[str]) -> list[int]:
+    """RCPT replies after MAIL FROM with SIZE=`size` (none declared when None)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.remote.test")
+        options = [] if size is None else [f"SIZE={size}"]
+        assert client.mail("sender@remote.test", options)[0] == 250
+        return [client.rcpt(rcpt)[0] for rcpt in rcpts]
+
+
+async def test_a_declared_size_that_does_not_fit_is_refused_at_rcpt(settings: Settings,
+                                                                    store: Store) -> None:
+    """RFC 1870: with SIZE declared at MAIL FROM, a recipient whose quota has less room
+    left gets 452 4.2.2 (it may fit once mail is deleted), one whose whole quota is smaller
+    552 5.2.2 (it never will). A 1 MB message went into a 300 KB mailbox."""
+    store.accounts.set_quota(ALICE, 10_000)
+    await deliver(store.maildb, ALICE, 2)
+    used = await store.maildb.usage(ALICE)
+    await eventually(lambda: _usage_published(store, ALICE, used), within=10,
+                     what="alice's usage and quota in Redis")
+    room = 10_000 - used
+    async with running_filter(settings) as worker:
+        port = worker.ports[0]
+        assert await in_thread(rcpt_codes, port, room, [ALICE, BOB, TEAM]) == [250, 250, 250]
+        assert await in_thread(rcpt_codes, port, room + 1, [ALICE, BOB, TEAM]) \
+            == [452, 250, 452]  # the alias whole: alice is in it
+        assert await in_thread(rcpt_codes, port, 10_001, [ALICE, BOB]) == [552, 250]
+        assert await in_thread(rcpt_codes, port, None, [ALICE]) == [250]  # known at DATA only
+        await deliver(store.maildb, ALICE, 1)  # usage moves with no cache notice
+        await eventually(lambda: _usage_published(store, ALICE, used + (used // 2)),
+                         within=10, what="the new usage in Redis")
+        assert await in_thread(rcpt_codes, port, room, [ALICE]) == [452]
+        lifted = await in_thread(run_cli, settings, "user", "quota", ALICE, "0")
+        assert lifted.returncode == 0, lifted.stderr
+        await eventually(lambda: _rcpt_code_is(port, 10_001, ALICE, 250), within=10,
+                         what="the lifted quota to reach the filter")
+
+
+async def _usage_published(store: Store, user: str, usage: int) -> bool:
+    return await store.directory.usage(user) == usage
+
+
+async def _rcpt_code_is(port: int, size: int, rcpt: str, code: int) -> bool:
+    return await in_thread(rcpt_codes, port, size, [rcpt]) == [code]
+
+
 async def test_setting_a_quota_uses_the_usage_in_the_index(settings: Settings,
                                                             store: Store) -> None:
     """An account without a limit has no usage in Redis (or an old one): the CLI reads the
