@@ -186,7 +186,6 @@ class DeferredScanner:
             self._stats.deferred_requeued += 1
             log.warning("%s unavailable during a deferred scan (%s): returned to the queue",
                         exc.scanner, exc.reason, extra=extra)
-            self._stats.deferred_requeued += 1
             failed.set()
             await _nack(channel, message)
             return
