@@ -9,18 +9,49 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
+from urllib.parse import urlsplit
 
 from common.topology import Topology
 
 PREFIX = "TIERMAIL_"
 LEARN_CHOICES = ("", "rspamd", "off")
 MIB = 1024 * 1024
+
+# What each setting may be. A value outside these stops every tier (and the tiermail
+# command) at start with one line naming the setting, instead of a traceback later or a
+# tier that starts half-working (a port of 70000 is silently port 4464 to the kernel; a
+# prefetch of 0 is "unlimited" to RabbitMQ; nan seconds never time out).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "spam": ("rspamd", "spamassassin", "off"),
+    "virus": ("clamd", "off"),
+    "virus_oversize": ("reject", "tempfail"),
+    "scan_failure": ("tempfail", "accept", "defer"),
+    "learn": LEARN_CHOICES,
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+    "log_format": ("text", "json"),
+}
+PORTS = ("smtp_port", "submission_port", "imap_port", "imaps_port", "pop3_port",
+         "pop3s_port", "webmail_port")
+# Numbers that must be above 0 (sizes, counts, timeouts); every other number must be 0 or
+# more (0 turns a limit or a wait off).
+POSITIVE = frozenset({
+    "scan_timeout", "clamd_stream_max", "max_message_size", "max_recipients",
+    "max_line_length", "smtp_command_timeout", "smtp_data_timeout", "smtp_max_connections",
+    "smtp_data_memory", "smtp_max_errors", "publish_timeout", "store_prefetch",
+    "delivery_attempts", "pop3_timeout", "pop3_max_connections", "imap_timeout",
+    "imap_login_timeout", "imap_max_literal", "imap_literal_memory", "imap_fetch_memory",
+    "imap_max_line", "imap_max_connections", "imap_max_errors"})
+SIGNED = frozenset({"spamassassin_reject_score"})  # any finite number
+MAXIMUM = {"store_prefetch": 65535}  # AMQP basic.qos prefetch-count is a short
+URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "redis_url": ("redis", "rediss", "unix"),
+               "rspamd_url": ("http", "https"), "rspamd_controller_url": ("http", "https")}
 
 
 class SettingsError(ValueError):
@@ -177,8 +208,8 @@ class Settings:
         return env
 
     def __post_init__(self) -> None:
-        if self.learn not in LEARN_CHOICES:
-            raise SettingsError(f"{PREFIX}LEARN={self.learn!r}: rspamd, off or empty")
+        for f in fields(self):
+            _check(f.name, getattr(self, f.name))
 
     @property
     def topology(self) -> Topology:
@@ -210,6 +241,63 @@ class Settings:
         return self.data_dir / "store"
 
 
+def _check(name: str, value: Any) -> None:
+    """Refuse a value the tiers cannot work with, naming the setting."""
+    def bad(why: str) -> SettingsError:
+        shown = value.as_posix() if isinstance(value, Path) else value
+        return SettingsError(f"{PREFIX}{name.upper()}={shown!r}: {why}")
+
+    if name in CHOICES:
+        allowed = CHOICES[name]
+        text = value.upper() if name == "log_level" else value
+        if text not in allowed:
+            raise bad("one of " + ", ".join(c or "(empty)" for c in allowed))
+    elif name in PORTS:
+        if not 1 <= value <= 65535:
+            raise bad("a TCP port, 1 to 65535")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise bad("a finite number")
+        if name in SIGNED:
+            return
+        if name in POSITIVE and value <= 0:
+            raise bad("must be more than 0")
+        if value < 0:
+            raise bad("must be 0 or more")
+        if value > MAXIMUM.get(name, math.inf):
+            raise bad(f"at most {MAXIMUM[name]}")
+    elif name in URL_SCHEMES:
+        _check_url(name, value, bad)
+    elif name == "rate_limit_exempt":
+        for item in value.split(","):
+            try:
+                if item.strip():
+                    ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError as exc:
+                raise bad(str(exc)) from None
+    elif name in {"hostname", "bind", "queue_prefix"} and not value.strip():
+        raise bad("must not be empty")
+
+
+def _check_url(name: str, value: str, bad: Any) -> None:
+    schemes = URL_SCHEMES[name]
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # a port that is no number, or out of range, raises here
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    if parts.scheme not in schemes:
+        raise bad(f"a URL starting with {' or '.join(s + '://' for s in schemes)}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise bad("no host in the URL")
+    if port == 0:
+        raise bad("port 0 in the URL")
+    if name == "redis_url" and parts.scheme != "unix":
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise bad("the path is the database number: /0, /1, ...")
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -222,19 +310,38 @@ def is_loopback(host: str) -> bool:
 def _read_config_file(path: str) -> dict[str, str]:
     if not path:
         return {}
+    try:
+        # utf-8-sig: a file saved by an editor that writes a byte-order mark still reads
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SettingsError(f"{PREFIX}CONFIG={path!r}: cannot read it: {reason}") from None
+    known = {f.name for f in fields(Settings)}
     values: dict[str, str] = {}
-    for number, raw in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
-        if not sep:
-            raise SettingsError(f"{path}:{number}: expected KEY=VALUE")
         key = key.strip()
+        if key.startswith("export "):  # a file also sourced by a shell
+            key = key.removeprefix("export ").strip()
+        if not sep or not key:
+            raise SettingsError(f"{path}:{number}: expected KEY=VALUE, not {line[:60]!r}")
         if not key.startswith(PREFIX):
             key = PREFIX + key
-        values[key] = value.strip().strip('"').strip("'")
+        if key[len(PREFIX):].lower() not in known or key == PREFIX + "CONFIG":
+            raise SettingsError(f"{path}:{number}: unknown setting {key}")
+        values[key] = _unquoted(value.strip())
     return values
+
+
+def _unquoted(value: str) -> str:
+    """A value in one pair of matching quotes loses them ("a b" -> a b); others stay as
+    they are (a password may end in a quote)."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
 
 
 def _coerce_all(values: Mapping[str, str]) -> dict[str, Any]:
@@ -254,10 +361,18 @@ def _coerce_all(values: Mapping[str, str]) -> dict[str, Any]:
 def _coerce(name: str, hint: Any, raw: str) -> Any:
     try:
         if hint is int:
-            return int(raw)
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError("not a whole number") from None
         if hint is float:
-            return float(raw)
+            try:
+                return float(raw)
+            except ValueError:
+                raise ValueError("not a number") from None
         if hint is Path:
+            if not raw.strip():
+                raise ValueError("must not be empty")
             return Path(raw)
         if hint == bool | None:
             return None if raw.strip() == "" else _parse_bool(raw)

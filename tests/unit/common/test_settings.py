@@ -60,3 +60,97 @@ def test_spam_learning_follows_the_spam_scanner_unless_set(spam: str, learn: str
     """With SpamAssassin or no spam scanning there is no rspamd to train: a learner posting
     to it would only retry and log errors each time a user moves mail into Junk."""
     assert Settings(spam=spam, learn=learn).learns_spam is learns
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("TIERMAIL_SMTP_PORT", "70000"),  # the kernel would take it as port 4464
+    ("TIERMAIL_IMAP_PORT", "0"),
+    ("TIERMAIL_POP3_PORT", "-5"),
+    ("TIERMAIL_SMTP_PORT", ""),
+    ("TIERMAIL_STORE_PREFETCH", "0"),  # 0 is "no limit" to RabbitMQ
+    ("TIERMAIL_STORE_PREFETCH", "70000"),
+    ("TIERMAIL_MAX_MESSAGE_SIZE", "25M"),
+    ("TIERMAIL_MAX_MESSAGE_SIZE", "-1"),
+    ("TIERMAIL_DELIVERY_ATTEMPTS", "0"),
+    ("TIERMAIL_SCAN_TIMEOUT", "nan"),
+    ("TIERMAIL_PUBLISH_TIMEOUT", "inf"),
+    ("TIERMAIL_SMTP_COMMAND_TIMEOUT", "0"),
+    ("TIERMAIL_STORE_BATCH_WAIT", "-0.5"),
+    ("TIERMAIL_RATE_MESSAGES_PER_IP", "-1"),
+    ("TIERMAIL_DEFAULT_QUOTA", "-1"),
+    ("TIERMAIL_SPAM", "bogus"),
+    ("TIERMAIL_VIRUS", "clamav"),
+    ("TIERMAIL_SCAN_FAILURE", "ignore"),
+    ("TIERMAIL_VIRUS_OVERSIZE", "accept"),
+    ("TIERMAIL_LOG_LEVEL", "LOUD"),
+    ("TIERMAIL_LOG_FORMAT", "xml"),
+    ("TIERMAIL_AMQP_URL", "http://127.0.0.1:5672/"),
+    ("TIERMAIL_AMQP_URL", "amqp://guest:guest@127.0.0.1:99999/"),
+    ("TIERMAIL_REDIS_URL", "redis://127.0.0.1:6379/abc"),  # redis-py would use database 0
+    ("TIERMAIL_REDIS_URL", "127.0.0.1:6379"),
+    ("TIERMAIL_RSPAMD_URL", "127.0.0.1:11333"),
+    ("TIERMAIL_RATE_LIMIT_EXEMPT", "127.0.0.0/8,localhost"),
+    ("TIERMAIL_DATA_DIR", ""),
+    ("TIERMAIL_HOSTNAME", " "),
+])
+def test_values_no_tier_can_work_with_are_refused_by_name(name: str, value: str) -> None:
+    """Each was taken as it was, and a tier failed later with a traceback (a scanner
+    choice, a log level) or ran half-working (port 70000 listened on 4464)."""
+    with pytest.raises(SettingsError, match=f"^{name}="):
+        Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("TIERMAIL_RATE_MESSAGES_PER_IP", "0"), ("TIERMAIL_STORE_BATCH_WAIT", "0"),
+    ("TIERMAIL_IMAP_IDLE_KEEPALIVE", "0"), ("TIERMAIL_LOG_LEVEL", "debug"),
+    ("TIERMAIL_SPAMASSASSIN_REJECT_SCORE", "-2.5"), ("TIERMAIL_SMTP_PORT", "65535"),
+    ("TIERMAIL_REDIS_URL", "redis://:pw@redis.internal:6380/3"),
+    ("TIERMAIL_REDIS_URL", "unix:///run/redis/redis.sock?db=2"),
+    ("TIERMAIL_AMQP_URL", "amqps://u:p@mq.internal/tiermail-b"),
+    ("TIERMAIL_RATE_LIMIT_EXEMPT", ""), ("TIERMAIL_LEARN", ""),
+])
+def test_edge_values_that_mean_something_are_taken(name: str, value: str) -> None:
+    Settings.from_env({name: value})
+
+
+def test_config_file_as_operators_write_it(tmp_path: Path) -> None:
+    config = tmp_path / "tiermail.env"
+    config.write_bytes("\ufeff# stack b\r\n\r\n  SMTP_PORT = 4025  \r\n"
+                       'export TIERMAIL_HOSTNAME="mx.example.org"\r\n'
+                       "RSPAMD_CONTROLLER_PASSWORD=ends-in-a-quote'\r\n"
+                       "REDIS_PREFIX='b:'\r\n".encode())
+    s = Settings.from_env({"TIERMAIL_CONFIG": str(config)})
+    assert (s.smtp_port, s.hostname, s.redis_prefix) == (4025, "mx.example.org", "b:")
+    assert s.rspamd_controller_password == "ends-in-a-quote'"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("SMTP_PORT=25\nSMPT_PORT=26\n", r"tiermail\.env:2: unknown setting TIERMAIL_SMPT_PORT"),
+    ("SMTP_PORT\n", r"tiermail\.env:1: expected KEY=VALUE"),
+    ("=25\n", r"tiermail\.env:1: expected KEY=VALUE"),
+    ("CONFIG=other.env\n", r"tiermail\.env:1: unknown setting TIERMAIL_CONFIG"),
+    ("SMTP_PORT=25 # the standard port\n", r"TIERMAIL_SMTP_PORT='25 # the standard port'"),
+])
+def test_config_file_mistakes_name_the_line(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "tiermail.env"
+    config.write_text(text)
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({"TIERMAIL_CONFIG": str(config)})
+
+
+def test_missing_config_file_is_a_settings_error(tmp_path: Path) -> None:
+    """It was a FileNotFoundError with a traceback from every tier and command."""
+    with pytest.raises(SettingsError, match=r"^TIERMAIL_CONFIG='.*nope\.env': cannot read it: "
+                                            "No such file or directory"):
+        Settings.from_env({"TIERMAIL_CONFIG": str(tmp_path / "nope.env")})
+
+
+def test_choices_are_the_ones_the_tiers_know() -> None:
+    from common.settings import CHOICES
+    from services.filter.backends.scanners import SPAM_BACKENDS, VIRUS_BACKENDS
+    from services.filter.rules.scan_failure import ScanFailure
+    from services.filter.rules.virus import Oversize
+
+    assert CHOICES["spam"] == SPAM_BACKENDS and CHOICES["virus"] == VIRUS_BACKENDS
+    assert set(CHOICES["scan_failure"]) == set(ScanFailure)
+    assert set(CHOICES["virus_oversize"]) == set(Oversize)
