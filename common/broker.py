@@ -43,6 +43,24 @@ from common.topology import (
 log = logging.getLogger(__name__)
 
 
+def connect_failure(exc: BaseException) -> str:
+    """Why connecting to the broker failed, for an operator: aiormq says a refused vhost
+    only as an unexpected frame, and a refused login as a guess."""
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return ("login refused: the user name or password in TIERMAIL_AMQP_URL "
+                "(rabbitmqctl list_users)")
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        return ("the broker refused the virtual host, the path of TIERMAIL_AMQP_URL: it does "
+                "not exist or the user may not use it (rabbitmqctl list_vhosts, "
+                "list_permissions -p VHOST)")
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, aiormq.exceptions.AMQPConnectionError) and exc.args \
+            and isinstance(exc.args[0], int) and len(exc.args) > 1:
+        return str(exc.args[1])  # (errno, "Connect call failed ('127.0.0.1', 5672)")
+    return f"{type(exc).__name__}: {exc}"
+
+
 class PublishFailed(Exception):
     """The broker did not confirm the message; the sender must be told to retry (451)."""
 

@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from services.store.backends.accounts import AccountDB
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE
 
 
 class CommandError(Exception):
@@ -29,9 +31,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_USAGE
+    # The one-line errors below say what went wrong; aiormq would log it again, with the
+    # connection's internals (a tier's setup_logging sets its own level).
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     try:
         settings = Settings.from_env()
-        return int(args.handler(settings, args) or 0)
+        code = int(args.handler(settings, args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return code
     except SettingsError as exc:
         print(f"tiermail: bad setting: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -40,6 +47,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `tiermail status | head`, `deadletters show Q | less` quit early: not an error
+        # worth a traceback. Output to a closed pipe is dropped, as `git log | head` does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        # A data directory that cannot be created or written, a port in use, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"tiermail: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,15 +258,15 @@ def _act_on_held(settings: Settings, args: argparse.Namespace, action: Callable[
 
 def _broker(work: Any) -> Any:
     """Run `work` against RabbitMQ; a broker that cannot be used is one line, not a trace."""
-    from aiormq.exceptions import AMQPConnectionError
+    from aiormq.exceptions import AMQPError
 
+    from common.broker import connect_failure
     from services.heldmail import NoSuchQueue
 
-    logging.getLogger("aiormq").setLevel(logging.CRITICAL)  # the error below says it once
     try:
         return asyncio.run(work)
-    except (OSError, TimeoutError, AMQPConnectionError) as exc:
-        raise CommandError(f"RabbitMQ could not be used: {exc!r}") from None
+    except (OSError, TimeoutError, AMQPError) as exc:
+        raise CommandError(f"RabbitMQ could not be used: {connect_failure(exc)}") from None
     except NoSuchQueue as exc:
         raise CommandError(f"no queue {exc} on the broker: no tier has run with these "
                            "settings (TIERMAIL_QUEUE_PREFIX, the vhost in "

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiormq
 
+from common.broker import connect_failure
 from common.directory import Directory
 from common.health import read_heartbeats
 from common.redisconn import open_redis
@@ -24,7 +25,8 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     tiers = {beat["tier"] for beat in redis.get("processes", [])}
     problems = []
     if not broker["reachable"]:
-        problems.append("RabbitMQ unreachable: filters answer 451, mail waits at the senders")
+        problems.append(f"RabbitMQ cannot be used ({broker['error']}): filters answer 451, "
+                        "mail waits at the senders")
     if not redis["reachable"]:
         problems.append("Redis unreachable: filters answer 451 at RCPT")
     elif not redis["directory"]["published"]:
@@ -81,7 +83,7 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
     try:
         connection = await asyncio.wait_for(aiormq.connect(settings.amqp_url), TIMEOUT)
     except Exception as exc:
-        status["error"] = f"{type(exc).__name__}: {exc}"
+        status["error"] = connect_failure(exc)
         return status
     status["reachable"] = True
     try:

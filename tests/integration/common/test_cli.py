@@ -1,8 +1,12 @@
 """The `tiermail` account commands, run as an operator runs them, against the real Redis."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import redis
 
@@ -10,7 +14,7 @@ from common.health import heartbeat_key
 from common.passwords import verify_password
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
-from tests.support import free_port, rabbitmqctl, run_cli
+from tests.support import REPO, free_port, rabbitmqctl, run_cli, tier_env
 
 tiermail = run_cli
 
@@ -81,7 +85,55 @@ def test_status_reports_an_unreachable_broker(settings: Settings) -> None:
     broken = settings.replace(amqp_url="amqp://guest:guest@127.0.0.1:1/")
     result = tiermail(broken, "status")
     assert result.returncode == 1
-    assert "RabbitMQ unreachable" in result.stdout
+    assert "RabbitMQ cannot be used (Connect call failed ('127.0.0.1', 1))" in result.stdout
+    assert not result.stderr  # aiormq logged "error when creating transport" here too
+
+
+def test_a_vhost_or_login_the_broker_refuses_is_named_not_a_traceback(
+        settings: Settings) -> None:
+    """A mistyped vhost made `deadletters list` end in an InvalidFrameError traceback and
+    `status` say `InvalidFrameError: Expected one of ['Connection.OpenOk'], got
+    <Connection.Close object at 0x...>`; a wrong password printed aiormq's guess."""
+    no_vhost = settings.replace(amqp_url="amqp://guest:guest@127.0.0.1:5672/no-such-vhost")
+    wrong_password = settings.replace(amqp_url="amqp://guest:wrong@127.0.0.1:5672/")
+    for broken, reason in ((no_vhost, "the broker refused the virtual host"),
+                           (wrong_password, "login refused")):
+        for command in (("deadletters", "list"), ("quarantine", "show", "Q1"),
+                        ("deadletters", "retry", "--all")):
+            result = tiermail(broken, *command)
+            assert result.returncode == 1 and not result.stdout, result.stderr
+            assert result.stderr.startswith(f"tiermail: RabbitMQ could not be used: {reason}")
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+        status = tiermail(broken, "status")
+        assert status.returncode == 1 and not status.stderr, status.stderr
+        assert f"! RabbitMQ cannot be used ({reason}" in status.stdout
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(settings: Settings) -> None:
+    """`tiermail status | head -1`, `tiermail deadletters show Q1 | less` quit early: the
+    command ended in a BrokenPipeError traceback."""
+    tiermail(settings, "domain", "add", "example.org")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "services.cli", "domain", "list"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              env=tier_env(settings), cwd=REPO, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.stderr == "" and done.returncode == 141
+
+
+def test_a_data_directory_that_cannot_be_made_is_one_line(settings: Settings,
+                                                          tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    unusable = settings.replace(data_dir=blocker / "var")
+    for command in (("user", "list"), ("domain", "add", "example.org"), ("store",)):
+        result = tiermail(unusable, *command)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("tiermail: Not a directory: "), result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_status_reports_a_store_that_cannot_write(settings: Settings,
