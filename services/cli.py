@@ -12,12 +12,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from common.listen import CannotStart
 from common.logs import setup_logging
 from common.settings import Settings, SettingsError
 from services.store.backends.accounts import AccountDB
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_CANNOT_START = 3  # a port taken, a data directory in use: `tiermail up` does not retry
 EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE
 
 
@@ -45,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"tiermail: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except CannotStart as exc:
+        print(f"tiermail: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

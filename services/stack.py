@@ -25,6 +25,7 @@ import time
 from types import FrameType
 from urllib.parse import urlsplit
 
+from common import listen
 from common.settings import Settings, is_loopback
 from common.tls import ensure_dev_certificate
 from services.devscanners import runner
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 TIERS = ("store", "filter")
 LEARNER = "learner"  # when settings.learns_spam
 RESTART_DELAY = 2.0
+# A tier that exits with these cannot start as configured (services/cli.py: a bad setting, a
+# port or data directory in use); restarting it would only fail again, every 2 s.
+FATAL_EXITS = {2: "a bad setting", 3: "it cannot start"}
 
 
 def endpoints(settings: Settings) -> list[str]:
@@ -57,6 +61,10 @@ def endpoints(settings: Settings) -> list[str]:
 
 
 def run_stack(settings: Settings) -> int:
+    # SIGTERM while the scanners start (rspamd's first start takes ~10 s) unwinds like
+    # Ctrl-C, stopping the scanners already started instead of leaving them running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    check_free(settings)
     if settings.spam == "rspamd" and not settings.rspamd_controller_password:
         # Made up per run, never written to the repository or a config file; the children
         # get it through their environment.
@@ -70,6 +78,15 @@ def run_stack(settings: Settings) -> int:
             log.error("cannot start the scanners: %s", exc)
             return 1
         return _run_tiers(settings)
+
+
+def check_free(settings: Settings) -> None:
+    """Refuse to start beside a stack that already uses these ports or this data directory
+    (another `tiermail up`): its filter would share the SMTP port with that stack's (they
+    open it with SO_REUSEPORT) and its store would fail to start, again and again."""
+    for setting in ("smtp_port", "imap_port", "imaps_port", "pop3_port", "pop3s_port"):
+        listen.check_free(settings.bind, getattr(settings, setting), setting)
+    listen.lock_directory(settings.store_dir, "store").close()
 
 
 def start_scanners(settings: Settings, stack: contextlib.ExitStack) -> None:
@@ -131,6 +148,7 @@ def _run_tiers(settings: Settings) -> int:
           "Ctrl-C stops the stack.", flush=True)
 
     stopping = False
+    result = 0
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -141,9 +159,16 @@ def _run_tiers(settings: Settings) -> int:
     while not stopping:
         for tier, child in children.items():
             code = child.poll()
-            if code is not None and not stopping:
-                log.error("%s exited with %s; restarting in %.0fs", tier, code, RESTART_DELAY)
-                time.sleep(RESTART_DELAY)
+            if code is None or stopping:
+                continue
+            if code in FATAL_EXITS:
+                log.error("%s exited with %s (%s, said above); stopping the stack", tier, code,
+                          FATAL_EXITS[code])
+                stopping, result = True, code
+                break
+            log.error("%s exited with %s; restarting in %.0fs", tier, code, RESTART_DELAY)
+            time.sleep(RESTART_DELAY)
+            if not stopping:
                 children[tier] = _spawn(tier, env)
         time.sleep(0.2)
     for child in children.values():
@@ -154,7 +179,7 @@ def _run_tiers(settings: Settings) -> int:
             child.wait(timeout=20)
         except subprocess.TimeoutExpired:
             child.kill()
-    return 0
+    return result
 
 
 def _spawn(tier: str, env: dict[str, str]) -> subprocess.Popen[bytes]:

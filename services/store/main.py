@@ -28,6 +28,7 @@ from common.directory import Directory
 from common.fdlimit import raise_open_file_limit
 from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
+from common.listen import lock_directory
 from common.redisconn import open_redis
 from common.settings import Settings
 from common.tasks import stop_task
@@ -80,6 +81,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     server_context(settings)  # a configured but unusable certificate stops the start here
 
     async with AsyncExitStack() as stack:
+        # Before anything touches the mailboxes: a second store on the same data (a second
+        # `tiermail up`) would sweep away files the first one is writing.
+        stack.enter_context(lock_directory(settings.store_dir, "store"))
         accounts = AccountDB.for_store(settings.store_dir)
         stack.callback(accounts.close)
 

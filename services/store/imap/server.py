@@ -22,6 +22,7 @@ import zlib
 from typing import Any
 
 from common.budget import MemoryBudget
+from common.listen import binding
 from common.ratelimit import parse_networks
 from common.settings import Settings
 from common.tls import server_context
@@ -86,17 +87,19 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
         user_connections=deps.user_connections or UserConnections(
             settings.imap_max_userip_connections, parse_networks(settings.rate_limit_exempt)))
     plain = ImapListener(settings, deps, context, sessions, implicit_tls=False)
-    servers = [SessionEndingServer(await asyncio.start_server(plain.serve, settings.bind,
-                                                     settings.imap_port), plain.sessions)]
+    with binding("imap_port", settings.bind, settings.imap_port):
+        plain_server = await asyncio.start_server(plain.serve, settings.bind, settings.imap_port)
+    servers = [SessionEndingServer(plain_server, plain.sessions)]
     log.info("IMAP listening", extra={"event": f"{settings.bind}:{settings.imap_port}"})
     if context is None:
         log.warning("no TLS certificate: IMAPS disabled and STARTTLS not offered")
         return servers
     implicit = ImapListener(settings, deps, context, sessions, implicit_tls=True)
     try:
-        server = await asyncio.start_server(implicit.serve, settings.bind, settings.imaps_port,
-                                            ssl=context,
-                                            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        with binding("imaps_port", settings.bind, settings.imaps_port):
+            server = await asyncio.start_server(implicit.serve, settings.bind,
+                                                settings.imaps_port, ssl=context,
+                                                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
     except BaseException:
         servers[0].close()
         raise

@@ -13,6 +13,7 @@ import secrets
 import ssl
 
 from common.auththrottle import AuthThrottle
+from common.listen import binding
 from common.settings import Settings
 from common.tls import server_context
 from services.store.backends.accounts import AccountDB
@@ -56,21 +57,21 @@ async def start_pop3_servers(
     sessions: set[asyncio.Task[None]] = set()
     plain = Pop3Listener(settings, mailstore, accounts, locks, context, auth_failure_delay,
                          sessions, implicit_tls=False, throttle=throttle)
-    servers: list[SessionEndingServer] = [
-        SessionEndingServer(await asyncio.start_server(plain.serve, settings.bind,
-                                                       settings.pop3_port, limit=LINE_LIMIT),
-                            plain.sessions)
-    ]
+    with binding("pop3_port", settings.bind, settings.pop3_port):
+        plain_server = await asyncio.start_server(plain.serve, settings.bind,
+                                                  settings.pop3_port, limit=LINE_LIMIT)
+    servers: list[SessionEndingServer] = [SessionEndingServer(plain_server, plain.sessions)]
     log.info("POP3 listening", extra={"event": f"{settings.bind}:{settings.pop3_port}"})
     if context is not None:
         implicit = Pop3Listener(settings, mailstore, accounts, locks, context,
                                 auth_failure_delay, sessions, implicit_tls=True,
                                 throttle=throttle)
         try:
-            server = await asyncio.start_server(
-                implicit.serve, settings.bind, settings.pop3s_port, limit=LINE_LIMIT,
-                ssl=context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
-            )
+            with binding("pop3s_port", settings.bind, settings.pop3s_port):
+                server = await asyncio.start_server(
+                    implicit.serve, settings.bind, settings.pop3s_port, limit=LINE_LIMIT,
+                    ssl=context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+                )
         except BaseException:
             servers[0].close()
             raise

@@ -1,0 +1,72 @@
+"""Opening a tier's listening sockets and its data directory: a failure at start is one line
+for the operator (CannotStart), naming the setting to look at, not a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from common.settings import PREFIX
+
+
+class CannotStart(Exception):
+    """A tier cannot start as configured on this machine: a port taken, a bind address
+    this machine does not have, a data directory another process owns. Not retried: `tiermail
+    up` stops instead of restarting the tier."""
+
+
+@contextlib.contextmanager
+def binding(setting: str, host: str, port: int) -> Iterator[None]:
+    """Around opening the listener for `TIERMAIL_<setting>` on host:port."""
+    try:
+        yield
+    except OSError as exc:
+        raise CannotStart(f"cannot listen on {host}:{port} ({PREFIX}{setting.upper()}): "
+                          f"{_why(exc, host)}") from None
+
+
+def _why(exc: OSError, host: str) -> str:
+    if exc.errno == errno.EADDRINUSE or "address already in use" in str(exc):
+        return "the port is in use (another tiermail stack, or another server)"
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return f"{host!r} is no address of this machine ({PREFIX}BIND)"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges)"
+    return exc.strerror or str(exc)
+
+
+def check_free(host: str, port: int, setting: str) -> None:
+    """Raise CannotStart unless host:port could be listened on now. Without SO_REUSEPORT,
+    so a port that filters share (they open it with SO_REUSEPORT) counts as taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with binding(setting, host, port), socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        probe.listen(1)
+
+
+def lock_directory(directory: Path, what: str) -> IO[str]:
+    """Hold an exclusive lock on `directory` for as long as the returned file stays open
+    (the kernel lets go when the process ends, however it ends). A second holder gets
+    CannotStart naming the first one's process id."""
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / ".lock", "a+")  # noqa: SIM115 - held open on purpose
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise CannotStart(f"another {what} is running on {directory} (pid {holder}); "
+                          f"one {what} per {PREFIX}DATA_DIR") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle

@@ -1,0 +1,100 @@
+"""`tiermail up`, the single-machine runner, as an operator meets it: a second one started by
+mistake, a tier that cannot start, a tier that dies, Ctrl-C and SIGTERM."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from common.settings import Settings
+from tests.support import TierProcess, free_port, run_cli, wait_until
+
+RunTier = Callable[..., TierProcess]
+
+
+def _children(pid: int) -> dict[str, int]:
+    """The tier processes `tiermail up` (pid) runs: tier name -> pid."""
+    found = subprocess.run(["pgrep", "-a", "-P", str(pid)], capture_output=True, text=True)
+    return {line.split()[-1]: int(line.split()[0]) for line in found.stdout.splitlines()
+            if "services.cli" in line}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _restarted(up_pid: int, tier: str, old_pid: int) -> bool:
+    return _children(up_pid).get(tier) not in (None, old_pid)
+
+
+def _start_up(run_tier: RunTier, settings: Settings) -> TierProcess:
+    up = run_tier(settings, "up")
+    for port in (settings.smtp_port, settings.imap_port, settings.pop3s_port):
+        up.wait_for_port(port)
+    return up
+
+
+def test_a_second_up_is_refused_and_the_first_goes_on(settings: Settings,
+                                                      run_tier: RunTier) -> None:
+    """The second `up` on the same settings started a filter that shared the SMTP port with
+    the first stack's (SO_REUSEPORT), and a store that swept the first store's mailboxes
+    and then failed to listen, restarted every 2 s with a traceback each time, forever."""
+    up = _start_up(run_tier, settings)
+    before = _children(up.proc.pid)
+
+    second = run_cli(settings, "up")
+    assert second.returncode == 3, second.stderr
+    assert second.stderr == (f"tiermail: cannot start: cannot listen on 127.0.0.1:"
+                             f"{settings.smtp_port} (TIERMAIL_SMTP_PORT): the port is in use "
+                             "(another tiermail stack, or another server)\n")
+
+    other_ports = settings.replace(smtp_port=free_port(), imap_port=free_port(),
+                                   imaps_port=free_port(), pop3_port=free_port(),
+                                   pop3s_port=free_port())
+    for command in ("up", "store"):
+        same_data = run_cli(other_ports, command)
+        assert same_data.returncode == 3, same_data.stderr
+        assert same_data.stderr.startswith(
+            f"tiermail: cannot start: another store is running on {settings.store_dir} "
+            f"(pid {before['store']})"), same_data.stderr
+        assert "mail store ready" not in same_data.stderr  # it swept nothing
+    assert up.alive and _children(up.proc.pid) == before
+
+
+def test_a_tier_that_cannot_start_stops_up_instead_of_restarting(
+        settings: Settings, run_tier: RunTier, tmp_path: Path) -> None:
+    """A certificate that is there but unusable: each tier exits with `bad setting`; `up`
+    restarted them every 2 s for ever."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    up = run_tier(settings.replace(tls_cert=str(cert), tls_key=str(key)), "up")
+    assert up.proc.wait(timeout=60) == 2
+    output = up.output()
+    assert "tiermail: bad setting: TIERMAIL_TLS_CERT" in output
+    assert "stopping the stack" in output and "restarting" not in output
+
+
+def test_a_dead_tier_is_restarted_and_signals_stop_everything(settings: Settings,
+                                                              run_tier: RunTier) -> None:
+    for stop_with in (signal.SIGINT, signal.SIGTERM):
+        up = _start_up(run_tier, settings)
+        first = _children(up.proc.pid)
+        assert set(first) == {"store", "filter"}
+        subprocess.run(["kill", "-KILL", str(first["store"])], check=True)
+        wait_until(functools.partial(_restarted, up.proc.pid, "store", first["store"]))
+        up.wait_for_port(settings.imap_port)
+        running = _children(up.proc.pid)
+        assert running["filter"] == first["filter"]
+
+        up.proc.send_signal(stop_with)
+        assert up.proc.wait(timeout=60) == 0
+        assert all(_gone(pid) for pid in running.values()), up.output()
+        up.stop()
