@@ -418,6 +418,8 @@ def parse_size(text: str) -> int | None:
     for suffix in ("IB", "B"):
         if cleaned.endswith(suffix) and cleaned[:-len(suffix)][-1:] in "KMGT":
             cleaned = cleaned[:-len(suffix)]
+    if cleaned.endswith("B") and cleaned[:-1][-1:].isdigit():
+        cleaned = cleaned[:-1]  # "100B": octets
     unit = cleaned[-1:] if cleaned[-1:] in "KMGT" else ""
     number = cleaned[:-1] if unit else cleaned
     try:
@@ -429,7 +431,11 @@ def parse_size(text: str) -> int | None:
         raise CommandError(f"not a size: {text!r}")
     octets = value * _SIZE_UNITS[unit]
     if octets > MAX_QUOTA:
-        raise CommandError(f"too large a size: {text!r} (at most 8E, 2^63 - 1 octets)")
+        raise CommandError(f"too large a size: {text!r} (at most 8589934591G, 2^63 - 1 "
+                           "octets)")
+    if 0 < octets < 1:
+        # It would round to 0, which means unlimited: the opposite of what was asked.
+        raise CommandError(f"not a size: {text!r} is less than one octet (0 means unlimited)")
     return int(octets)
 
 

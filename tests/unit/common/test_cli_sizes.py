@@ -10,14 +10,17 @@ from services.cli import CommandError, format_size, parse_size
 @pytest.mark.parametrize(("text", "octets"), [
     ("0", 0), ("1048576", 1048576), ("500M", 500 * 1024 ** 2), ("2G", 2 * 1024 ** 3),
     ("2g", 2 * 1024 ** 3), ("1.5K", 1536), ("10MB", 10 * 1024 ** 2), ("1GiB", 1024 ** 3),
-    ("1T", 1024 ** 4), ("default", None), ("DEFAULT", None),
+    ("1T", 1024 ** 4), ("default", None), ("DEFAULT", None), ("100B", 100), ("1b", 1),
+    ("1.5", 1), ("0.0", 0),
 ])
 def test_parse_size(text: str, octets: int | None) -> None:
     assert parse_size(text) == octets
 
 
 @pytest.mark.parametrize("text", ["", "-1", "1X", "M", "KB", "nan", "inf", "1e999", "ten", "1e30",
-                                  "9223372036854775808", "1e18G"])
+                                  "9223372036854775808", "1e18G",
+                                  # below one octet: rounded to 0, "unlimited", they were taken
+                                  "0.4", "0.0001K", "1e-10G", "B"])
 def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(CommandError):
         parse_size(text)
