@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_USAGE
+    if args.parent and not _exit_with_parent(args.parent):
+        return EXIT_FAILED
     # The one-line errors below say what went wrong; aiormq would log it again, with the
     # connection's internals (a tier's setup_logging sets its own level).
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
@@ -64,8 +66,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def _exit_with_parent(parent: int) -> bool:
+    """Have the kernel send SIGTERM when the parent process ends (Linux); False when it has
+    already ended. Elsewhere the tier simply outlives it."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return True
+    return os.getppid() == parent  # it may have ended before the prctl
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiermail", description=__doc__)
+    # `tiermail up` starts its tiers with --parent PID: they end when it does, however it
+    # ends (SIGKILL, a crash), instead of living on with the stack's ports and data.
+    parser.add_argument("--parent", type=int, default=0, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     def command(name: str, handler: Callable[..., int | None], help: str,

@@ -183,4 +183,5 @@ def _run_tiers(settings: Settings) -> int:
 
 
 def _spawn(tier: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "services.cli", tier], env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "--parent", str(os.getpid()), tier], env=env)

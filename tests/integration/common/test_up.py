@@ -98,3 +98,15 @@ def test_a_dead_tier_is_restarted_and_signals_stop_everything(settings: Settings
         assert up.proc.wait(timeout=60) == 0
         assert all(_gone(pid) for pid in running.values()), up.output()
         up.stop()
+
+
+def test_tiers_end_with_up_even_when_it_is_killed(settings: Settings,
+                                                  run_tier: RunTier) -> None:
+    """SIGKILL (or a crash) of `tiermail up` left its store and filter running, orphaned,
+    holding the stack's ports and data directory."""
+    up = _start_up(run_tier, settings)
+    tiers = _children(up.proc.pid)
+    assert set(tiers) == {"store", "filter"}
+    up.kill(signal.SIGKILL)
+    for pid in tiers.values():
+        wait_until(functools.partial(_gone, pid))
