@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import idna
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
@@ -90,7 +91,28 @@ class DirectorySnapshot:
 
 
 def normalize_address(address: str) -> str:
-    return address.strip().strip("<>").lower()
+    """The form addresses are stored and looked up in: lower case, and an internationalized
+    domain in its ASCII (xn--) form, so `x@bücher.example` in an SMTPUTF8 RCPT TO finds the
+    account of `x@xn--bcher-kva.example`."""
+    address = address.strip().strip("<>").lower()
+    local, at, domain = address.rpartition("@")
+    return local + at + ascii_domain(domain) if at and not domain.isascii() else address
+
+
+def normalize_domain(domain: str) -> str:
+    """A domain as stored: lower case, no final dot, ASCII (xn--) form."""
+    domain = domain.strip().lower().removesuffix(".")
+    return domain if domain.isascii() else ascii_domain(domain)
+
+
+def ascii_domain(domain: str) -> str:
+    """An internationalized domain name's A-label form (IDNA 2008 with the UTS 46 mapping,
+    as browsers and mail clients use), or the name unchanged when it is not valid IDNA
+    (then it matches no local domain)."""
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return domain
 
 
 def domain_of(address: str) -> str:
@@ -231,10 +253,10 @@ class Directory:
         await self._redis.set(self.key("generation"), generation)
 
     async def add_domain(self, domain: str) -> None:
-        await self._change(lambda p: p.sadd(self.key("domains"), domain.lower()))
+        await self._change(lambda p: p.sadd(self.key("domains"), normalize_domain(domain)))
 
     async def remove_domain(self, domain: str) -> None:
-        await self._change(lambda p: p.srem(self.key("domains"), domain.lower()))
+        await self._change(lambda p: p.srem(self.key("domains"), normalize_domain(domain)))
 
     async def add_user(self, address: str) -> None:
         await self._change(lambda p: p.sadd(self.key("users"), normalize_address(address)))
@@ -252,10 +274,10 @@ class Directory:
 
     async def set_alias(self, source: str, targets: Iterable[str]) -> None:
         joined = ",".join(targets)
-        await self._change(lambda p: p.hset(self.key("aliases"), source.lower(), joined))
+        await self._change(lambda p: p.hset(self.key("aliases"), normalize_address(source), joined))
 
     async def remove_alias(self, source: str) -> None:
-        await self._change(lambda p: p.hdel(self.key("aliases"), source.lower()))
+        await self._change(lambda p: p.hdel(self.key("aliases"), normalize_address(source)))
 
     # Quota state (services/store/quota.py writes it, the filter reads it in `resolve`)
 

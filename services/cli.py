@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from common.directory import normalize_address, normalize_domain
 from common.listen import CannotStart
 from common.logs import setup_logging
 from common.settings import Settings, SettingsError
@@ -350,7 +351,7 @@ def domain_add(settings: Settings, args: argparse.Namespace) -> int:
 def domain_del(settings: Settings, args: argparse.Namespace) -> int:
     _change(settings, lambda a: a.remove_domain(args.domain),
             lambda d: d.remove_domain(args.domain))
-    print(f"domain {args.domain.lower()} removed")
+    print(f"domain {normalize_domain(args.domain)} removed")
     return 0
 
 
@@ -394,7 +395,7 @@ def user_passwd(settings: Settings, args: argparse.Namespace) -> int:
             accounts.set_password(args.address, password_hash)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-    print(f"password of {args.address.lower()} changed")
+    print(f"password of {normalize_address(args.address)} changed")
     return 0
 
 
@@ -410,7 +411,8 @@ def user_del(settings: Settings, args: argparse.Namespace) -> int:
             await _set_alias(directory, settings, source)
 
     _change(settings, db_change, redis_change)
-    print(f"user {args.address.lower()} deleted (mail kept under {settings.store_dir})")
+    print(f"user {normalize_address(args.address)} deleted "
+          f"(mail kept under {settings.store_dir})")
     if sources:
         print(f"taken out of the aliases {', '.join(sources)}")
     return 0
@@ -486,7 +488,7 @@ def user_quota(settings: Settings, args: argparse.Namespace) -> int:
     _change(settings, lambda a: a.set_quota(args.address, stored),
             lambda d: _publish_quota(d, settings, args.address, limit, known))
     shown = _quota_text(stored, settings.default_quota) or "unlimited (default)"
-    print(f"quota of {args.address.lower()}: {shown}")
+    print(f"quota of {normalize_address(args.address)}: {shown}")
     if "usage" in known:  # not when Redis was out of reach
         usage = known["usage"]
         print(f"in use: {format_size(usage)} ({usage} octets)"
@@ -503,7 +505,7 @@ async def _publish_quota(directory: Any, settings: Settings, address: str,
     from common.directory import QuotaState
     from services.store.backends.maildb import stored_usage
 
-    user = address.strip().lower()
+    user = normalize_address(address)
     usage = known["usage"] = stored_usage(settings.store_dir, user)
     over = limit is not None and usage >= limit
     await directory.set_quota_states({user: QuotaState(usage, over, limit)})
@@ -515,8 +517,8 @@ def alias_add(settings: Settings, args: argparse.Namespace) -> int:
         return tuple(accounts.alias_targets(args.source))
 
     targets = _change(settings, db_change, lambda d: _set_alias(d, settings, args.source))
-    print(f"alias {args.source.lower()} -> {', '.join(targets)}")
-    for warning in _alias_warnings(settings, args.source.strip().lower(), targets):
+    print(f"alias {normalize_address(args.source)} -> {', '.join(targets)}")
+    for warning in _alias_warnings(settings, normalize_address(args.source), targets):
         print(f"tiermail: warning: {warning}", file=sys.stderr)
     return 0
 
@@ -539,9 +541,10 @@ def alias_del(settings: Settings, args: argparse.Namespace) -> int:
     _change(settings, lambda a: a.remove_alias(args.source, args.target),
             lambda d: _set_alias(d, settings, args.source))
     if args.target:
-        print(f"alias {args.source.lower()} no longer delivers to {args.target.lower()}")
+        print(f"alias {normalize_address(args.source)} no longer delivers to "
+              f"{normalize_address(args.target)}")
     else:
-        print(f"alias {args.source.lower()} removed")
+        print(f"alias {normalize_address(args.source)} removed")
     return 0
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common.directory import DirectorySnapshot, normalize_address
+from common.directory import DirectorySnapshot, normalize_address, normalize_domain
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS domain (
@@ -155,7 +155,7 @@ class AccountDB:
     # Domains
 
     def add_domain(self, domain: str) -> str:
-        domain = domain.strip().lower()
+        domain = normalize_domain(domain)
         if not valid_domain(domain):
             raise AccountError(f"not a valid domain name: {domain!r}")
         with self._write() as db:
@@ -163,7 +163,7 @@ class AccountDB:
         return domain
 
     def remove_domain(self, domain: str) -> None:
-        domain = domain.strip().lower()
+        domain = normalize_domain(domain)
         with self._write() as db:
             in_use = db.execute(
                 "SELECT 1 FROM user WHERE address LIKE ? LIMIT 1", ("%@" + domain,)
@@ -182,7 +182,7 @@ class AccountDB:
         return [r[0] for r in self._db.execute("SELECT name FROM domain ORDER BY name")]
 
     def has_domain(self, domain: str) -> bool:
-        row = self._db.execute("SELECT 1 FROM domain WHERE name = ?", (domain.lower(),))
+        row = self._db.execute("SELECT 1 FROM domain WHERE name = ?", (normalize_domain(domain),))
         return row.fetchone() is not None
 
     # Users
@@ -273,7 +273,7 @@ class AccountDB:
     # Aliases
 
     def add_alias(self, source: str, target: str) -> tuple[str, str]:
-        source, target = source.strip().lower(), normalize_address(target)
+        source, target = normalize_address(source), normalize_address(target)
         local, _, domain = source.rpartition("@")
         if not self.has_domain(domain):
             raise AccountError(f"alias source {source} is not in a local domain")
@@ -290,7 +290,7 @@ class AccountDB:
         return source, target
 
     def remove_alias(self, source: str, target: str | None = None) -> None:
-        source = source.strip().lower()
+        source = normalize_address(source)
         with self._write() as db:
             if target is None:
                 cursor = db.execute("DELETE FROM alias WHERE source = ?", (source,))
@@ -304,8 +304,8 @@ class AccountDB:
 
     def alias_targets(self, source: str) -> tuple[str, ...]:
         rows = self._db.execute(
-            "SELECT target FROM alias WHERE source = ? ORDER BY target", (source.lower(),)
-        )
+            "SELECT target FROM alias WHERE source = ? ORDER BY target",
+            (normalize_address(source),))
         return tuple(r[0] for r in rows)
 
     def aliases(self) -> dict[str, tuple[str, ...]]:

@@ -230,3 +230,21 @@ def test_a_deleted_user_is_taken_out_of_every_alias(settings: Settings,
         "team@example.org -> alice@example.org"]
     assert redis_client.hgetall(settings.redis_prefix + "dir:aliases") == {
         b"team@example.org": b"alice@example.org"}
+
+
+def test_an_internationalized_domain_is_kept_in_its_ascii_form(
+        settings: Settings, redis_client: redis.Redis) -> None:
+    added = tiermail(settings, "domain", "add", "Bücher.Example.")
+    assert added.returncode == 0 and "domain xn--bcher-kva.example added" in added.stdout
+    user = tiermail(settings, "user", "add", "Jo@bücher.example", "--password-stdin",
+                    stdin="pw\n")
+    assert user.returncode == 0, user.stderr
+    assert tiermail(settings, "alias", "add", "team@BÜCHER.example",
+                    "jo@xn--bcher-kva.example").returncode == 0
+    assert tiermail(settings, "domain", "list").stdout.split() == ["xn--bcher-kva.example"]
+    assert tiermail(settings, "user", "list").stdout.split()[0] == "jo@xn--bcher-kva.example"
+    prefix = settings.redis_prefix
+    assert redis_client.hgetall(prefix + "dir:aliases") == {
+        b"team@xn--bcher-kva.example": b"jo@xn--bcher-kva.example"}
+    assert tiermail(settings, "user", "del", "jo@bücher.example").returncode == 0
+    assert tiermail(settings, "domain", "del", "bücher.example").returncode == 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import socket
 import time
 
+import redis.asyncio
+
+from common.directory import Directory
 from common.envelope import Recipient
 from services.filter.main import FilterWorker
 from services.filter.protocol import replies
@@ -98,6 +101,26 @@ async def test_smtputf8_sender_and_headers(worker: FilterWorker) -> None:
     assert b" with UTF8SMTP " in received
     assert queued.envelope.mail_from == sender
     assert queued.envelope.smtputf8 is True
+
+
+async def test_an_internationalized_domain_is_found_in_either_form(
+        worker: FilterWorker) -> None:
+    """The domain is stored in its xn-- form; an SMTPUTF8 client may name it in Unicode.
+    Before, `x@bücher.example` was "not local" and got 554 5.7.1: a bounce for our mail."""
+    client = redis.asyncio.Redis.from_url(worker.settings.redis_url)
+    try:
+        directory = Directory(client, worker.settings.redis_prefix)
+        await directory.add_domain("Bücher.example")
+        await directory.add_user("x@bücher.example")
+    finally:
+        await client.aclose()
+    raw = message("idn")
+    refused = await in_thread(send, worker.ports[0], raw,
+                              ["x@bücher.example", "x@XN--BCHER-KVA.example"],
+                              mail_options=("SMTPUTF8",))
+    assert refused == {}
+    [queued] = await drain_queue(worker.settings)
+    assert queued.envelope.mailboxes == ("x@xn--bcher-kva.example",)
 
 
 async def test_null_sender_is_accepted(worker: FilterWorker) -> None:

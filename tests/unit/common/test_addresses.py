@@ -1,0 +1,26 @@
+"""How addresses and domains are normalised for storage and lookup (common/directory.py)."""
+
+import pytest
+
+from common.directory import normalize_address, normalize_domain
+
+
+@pytest.mark.parametrize(("given", "stored"), [
+    ("<Alice@Example.ORG>", "alice@example.org"),
+    ("x@Bücher.Example", "x@xn--bcher-kva.example"),  # an SMTPUTF8 RCPT TO's U-label
+    ("x@xn--bcher-kva.example", "x@xn--bcher-kva.example"),
+    ("@bücher.example", "@xn--bcher-kva.example"),  # a catch-all alias source
+    ("x@exa mple\u00e9.", "x@exa mple\u00e9."),  # not IDNA: left to match nothing
+    ("postmaster", "postmaster"),
+])
+def test_addresses(given: str, stored: str) -> None:
+    assert normalize_address(given) == stored
+
+
+@pytest.mark.parametrize(("given", "stored"), [
+    (" Example.ORG. ", "example.org"),  # the fully qualified form's final dot
+    ("BÜCHER.example", "xn--bcher-kva.example"),
+    ("straße.example", "xn--strae-oqa.example"),  # IDNA 2008: not "strasse"
+])
+def test_domains(given: str, stored: str) -> None:
+    assert normalize_domain(given) == stored
