@@ -74,7 +74,10 @@ class AccountError(ValueError):
 def valid_address(address: str) -> bool:
     # "/" is atext (RFC 5322) but names no directory: the store could never hold the
     # account's mail (maildb.user_dir_name refuses it), so it is refused here first.
+    # RFC 5321 4.5.3.1.1: a local part of at most 64 octets; mail for a longer one could
+    # not be addressed to the account by a conforming sender.
     return len(address) <= 254 and "/" not in address \
+        and len(address.rpartition("@")[0].encode()) <= 64 \
         and _ADDRESS_RE.match(address) is not None
 
 

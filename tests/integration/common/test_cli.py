@@ -57,6 +57,9 @@ def test_refusals_are_clear_and_change_nothing(settings: Settings) -> None:
     slash = tiermail(settings, "user", "add", "a/b@example.org", "--password-stdin",
                      stdin="pw\n")
     assert slash.returncode == 1 and "not a valid" in slash.stderr
+    long_local = tiermail(settings, "user", "add", "b" * 65 + "@example.org",
+                          "--password-stdin", stdin="pw\n")
+    assert long_local.returncode == 1 and "not a valid" in long_local.stderr
     empty = tiermail(settings, "user", "add", "bob@example.org", "--password-stdin", stdin="\n")
     assert empty.returncode == 1 and "empty password" in empty.stderr
     tiermail(settings, "user", "add", "bob@example.org", "--password-stdin", stdin="pw\n")
