@@ -171,10 +171,12 @@ def parse_message_number(text: str) -> int | None:
 
 
 def parse_line_count(text: str) -> int | None:
-    """TOP's non-negative line count (RFC 1939 section 7), or None."""
-    if not text.isascii() or not text.isdigit() or len(text) > 10:
+    """TOP's non-negative line count (RFC 1939 section 7), or None. A count with more
+    digits than any message has lines means the whole body, as a smaller large one does
+    (the command line's length bounds the digits)."""
+    if not text.isascii() or not text.isdigit():
         return None
-    return int(text)
+    return int(text) if len(text) <= 10 else 10**10
 
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")

@@ -253,3 +253,12 @@ def test_redact(line: bytes, logged: str) -> None:
 )
 def test_parse_message_number(text: str, number: int | None) -> None:
     assert p.parse_message_number(text) == number
+
+
+@pytest.mark.parametrize(
+    ("text", "lines"),
+    [("0", 0), ("10", 10), ("4294967296", 4294967296), ("-1", None), ("1a", None), ("", None),
+     ("١", None), ("99999999999999999999", 10**10)],  # more lines than any message: all
+)
+def test_parse_line_count(text: str, lines: int | None) -> None:
+    assert p.parse_line_count(text) == lines
