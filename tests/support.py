@@ -98,8 +98,10 @@ def delivery_queues(settings: Settings) -> tuple[str, str]:
 
 
 def queue_depth(settings: Settings, queue: str | None = None) -> int:
-    """Exact message count of a queue (passive declare; rabbitmqctl's figures lag); without
-    `queue`, of both delivery queues (a message over 1 MiB travels in the large one)."""
+    """Exact count of a queue's ready messages (passive declare; rabbitmqctl's figures lag);
+    without `queue`, of both delivery queues (a message over 1 MiB travels in the large one).
+    Messages a consumer holds unacked are not counted: 0 does not mean the store has written
+    everything (it may be writing up to its prefetch); wait for the mailbox itself."""
     if queue is not None:
         return asyncio.run(_queue_counts(settings, queue))[0]
     return sum(asyncio.run(_queue_counts(settings, q))[0]

@@ -80,18 +80,29 @@ def sender(port: int, ledger: Ledger, stop: threading.Event) -> None:
             time.sleep(0.05)
 
 
+Senders = Callable[[int], tuple[Ledger, Callable[[], None]]]
+
+
 @pytest.fixture
-def senders(settings: Settings) -> Iterator[Callable[[int], tuple[Ledger, threading.Event]]]:
+def senders(settings: Settings) -> Iterator[Senders]:
+    """Start sending clients; the function returned with their ledger stops them and waits
+    for their last transactions to end, so that the ledger is final when it returns."""
     threads: list[threading.Thread] = []
     stop = threading.Event()
 
-    def start(port: int, count: int = 4) -> tuple[Ledger, threading.Event]:
+    def halt() -> None:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+            assert not thread.is_alive(), "a sender did not finish its transaction"
+
+    def start(port: int, count: int = 4) -> tuple[Ledger, Callable[[], None]]:
         ledger = Ledger()
         for _ in range(count):
             thread = threading.Thread(target=sender, args=(port, ledger, stop), daemon=True)
             thread.start()
             threads.append(thread)
-        return ledger, stop
+        return ledger, halt
 
     yield start
     stop.set()
@@ -113,8 +124,18 @@ def stored_message_ids(settings: Settings) -> list[str]:
 
 
 def assert_ledger_holds(settings: Settings, ledger: Ledger) -> None:
-    wait_until(lambda: queue_depth(settings) == 0, timeout=120, what="the queue to drain")
-    stored = stored_message_ids(settings)
+    """The ledger (final: its senders have stopped) against the mailbox. An empty queue is
+    not yet a written mailbox: the store holds up to its prefetch of messages, unacked and
+    not counted in the queue's depth, while it writes them. So the mailbox is read until it
+    holds every 250 (or the time is up, and the assertion below names what is missing)."""
+    stored: list[str] = []
+
+    def settled() -> bool:
+        stored[:] = stored_message_ids(settings)
+        return ledger.accepted <= set(stored) and queue_depth(settings) == 0
+
+    with contextlib.suppress(AssertionError):
+        wait_until(settled, timeout=120, interval=0.5, what="every accepted message stored")
     assert len(stored) == len(set(stored)), "a message was delivered twice"
     missing = ledger.accepted - set(stored)
     assert not missing, f"{len(missing)} messages got 250 and were lost"
@@ -125,7 +146,7 @@ def assert_ledger_holds(settings: Settings, ledger: Ledger) -> None:
 
 def test_filter_killed_mid_traffic_loses_no_accepted_message(
         settings: Settings, run_tier: Callable[..., TierProcess],
-        senders: Callable[[int], tuple[Ledger, threading.Event]]) -> None:
+        senders: Senders) -> None:
     provision(settings)
     run_tier(settings, "store").wait_for_port(settings.pop3_port)
     first = run_tier(settings, "filter")
@@ -138,12 +159,11 @@ def test_filter_killed_mid_traffic_loses_no_accepted_message(
     run_tier(settings, "filter").wait_for_port(settings.smtp_port)
     wait_until(lambda: len(ledger.accepted) >= accepted_at_kill + 150, timeout=60,
                what="traffic after the restart")
-    stop.set()
-    time.sleep(0.5)  # let in-flight transactions finish; the ledger is the judge, not time
+    stop()
     assert_ledger_holds(settings, ledger)
 
 
-def ride_out(ledger: Ledger, stop: threading.Event, fault: Callable[[], None],
+def ride_out(ledger: Ledger, stop: Callable[[], None], fault: Callable[[], None],
              recover: Callable[[], None]) -> None:
     """Traffic, the fault, 451 replies while it lasts, the cause removed, traffic again (the
     filter reconnects on its own), then the senders stopped."""
@@ -154,8 +174,7 @@ def ride_out(ledger: Ledger, stop: threading.Event, fault: Callable[[], None],
     recover()
     wait_until(lambda: len(ledger.accepted) >= accepted_during_fault + 150, timeout=120,
                what="the filter to reconnect on its own")
-    stop.set()
-    time.sleep(0.5)  # let in-flight transactions finish; the ledger is the judge, not time
+    stop()
 
 
 def start_with_broker_behind_proxy(settings: Settings,
@@ -172,7 +191,7 @@ def start_with_broker_behind_proxy(settings: Settings,
 
 def test_broker_link_cut_mid_publish_gives_451_and_loses_nothing(
         settings: Settings, run_tier: Callable[..., TierProcess],
-        senders: Callable[[int], tuple[Ledger, threading.Event]]) -> None:
+        senders: Senders) -> None:
     proxy = start_with_broker_behind_proxy(settings, run_tier)
     ledger, stop = senders(settings.smtp_port)
     try:
@@ -184,7 +203,7 @@ def test_broker_link_cut_mid_publish_gives_451_and_loses_nothing(
 
 def test_broker_killed_mid_traffic_keeps_every_accepted_message(
         settings: Settings, run_tier: Callable[..., TierProcess],
-        senders: Callable[[int], tuple[Ledger, threading.Event]]) -> None:
+        senders: Senders) -> None:
     """A 250 means the broker has the message on disk: its Erlang VM SIGKILLed while four
     clients send (publishes unconfirmed, deliveries unacked), then restarted; every message
     that got 250 reaches the mailbox once, and the tiers reconnect on their own."""
@@ -270,7 +289,11 @@ def send_one(settings: Settings, sent: list[str]) -> None:
 
 
 def mailboxes_serve(settings: Settings, expected: int) -> None:
-    """Log in over IMAP and POP3, read every message, append one over IMAP (then delete it)."""
+    """Log in over IMAP and POP3, read every message, append one over IMAP (then delete it).
+    First the mailbox must hold `expected`: the store writes the last messages it took after
+    the queue is empty."""
+    wait_until(lambda: len(stored_message_ids(settings)) >= expected, timeout=60,
+               what=f"{expected} messages in the mailbox")
     with IMAPClient("127.0.0.1", settings.imap_port, ssl=False, timeout=60) as imap:
         imap.login(USER, PASSWORD)
         assert imap.select_folder("INBOX")[b"EXISTS"] == expected
@@ -328,6 +351,9 @@ def test_redis_away_means_451_while_mailboxes_and_delivery_go_on(
         wait_until(lambda: rcpt_reply(settings)[0] == 250, timeout=60, what="250 at RCPT")
         send_one(settings, sent)
         wait_until(lambda: queue_depth(settings) == 0, timeout=60, what="the queue to drain")
+        with contextlib.suppress(AssertionError):  # written after the queue is empty
+            wait_until(lambda: len(stored_message_ids(settings)) >= len(sent), timeout=60,
+                       what="the last message in the mailbox")
     finally:
         proxy.cut()
         proxy.resume()
