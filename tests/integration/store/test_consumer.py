@@ -551,13 +551,16 @@ async def test_a_retry_killed_midway_then_run_again_delivers_each_message_once(
                    what="every message dead-lettered")
     with AccountDB.for_store(store.settings.store_dir) as accounts:
         accounts.add_user(ghost, "not-a-real-hash")
+    batches_before = store.consumer.stats.batches
     delivered_before = store.consumer.stats.delivered
     retry = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli", "deadletters", "retry", "--all",
         env=tier_env(store.settings), cwd=REPO, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
-    await wait_for(lambda: store.consumer.stats.delivered > delivered_before, within=60,
-                   what="the retry's first copies delivered")
+    # The store has the retry's first copies in hand (not necessarily written: how fast the
+    # store writes must not decide whether the retry is still running when it is killed).
+    await wait_for(lambda: store.consumer.stats.batches > batches_before, within=60,
+                   what="the retry's first copies at the store")
     retry.kill()
     await retry.wait()
     assert await store.dead() > 0, "the retry finished before it was killed: nothing tested"
@@ -566,6 +569,9 @@ async def test_a_retry_killed_midway_then_run_again_delivers_each_message_once(
     assert again.returncode == 0, again.stderr
     await wait_for(lambda: _zero(store.dead()), what="dead-letter queue empty")
     await wait_for(lambda: _zero(store.depth()), within=60, what="queue drained")
+    # The depth counts no message the store has taken and is still writing.
+    await wait_for(lambda: store.consumer.stats.delivered >= delivered_before + len(messages),
+                   within=60, what="every message stored")
     assert check_mailboxes(store.settings.store_dir, [ghost]) == {
         envelope.queue_id: 1 for envelope, _ in messages}
 
