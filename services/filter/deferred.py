@@ -79,7 +79,9 @@ class DeferredScanner:
         self._publisher = publisher
         self._stats = stats
         self._prefetch = prefetch
-        self.consuming = asyncio.Event()  # set while registered as a consumer (for tests)
+        # Set from basic.consume until every message taken has been acked or given back
+        # (for tests: while it is set, messages may still leave the queue for good).
+        self.consuming = asyncio.Event()
 
     async def run(self) -> None:
         """Probe, consume until a scanner or the broker fails, repeat; until cancelled."""
@@ -140,7 +142,6 @@ class DeferredScanner:
             # messages being scanned finish (each is acked or nacked by its worker).
             with contextlib.suppress(Exception):
                 await channel.basic_cancel(ok.consumer_tag or "", timeout=5)
-            self.consuming.clear()
             while not inbox.empty():
                 message = inbox.get_nowait()
                 if message is not None:
@@ -148,6 +149,7 @@ class DeferredScanner:
             for _ in workers:
                 inbox.put_nowait(None)
             await asyncio.gather(*workers, return_exceptions=True)
+            self.consuming.clear()  # only now: the workers above may still have acked some
         finally:
             self.consuming.clear()
             for worker in workers:
