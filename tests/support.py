@@ -247,7 +247,15 @@ class TcpProxy:
                 client.close()
                 continue
             with self._lock:
-                self._conns += [client, upstream]
+                cut = self._listener is not listener
+                if not cut:
+                    self._conns += [client, upstream]
+            if cut:  # the cut came while this one was being connected: it goes too
+                for conn in (client, upstream):
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
+                    conn.close()
+                return
             for a, b in ((client, upstream), (upstream, client)):
                 self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
