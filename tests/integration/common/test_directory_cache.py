@@ -132,10 +132,12 @@ class _SlowDirectory(Directory):
 
     def __init__(self, redis: Redis, prefix: str) -> None:
         super().__init__(redis, prefix)
+        self.read = asyncio.Event()  # a lookup has its answer from Redis
         self.release = asyncio.Event()
 
     async def resolve(self, address: str) -> Lookup:
         found = await super().resolve(address)
+        self.read.set()
         await self.release.wait()
         return found
 
@@ -145,7 +147,7 @@ async def test_a_lookup_overtaken_by_a_change_is_not_kept(
     slow = _SlowDirectory(redis, settings.redis_prefix)
     async with running(DirectoryCache(slow, redis)) as cache:
         lookup = asyncio.create_task(cache.resolve("bob@example.org"))
-        await asyncio.sleep(0.05)  # the lookup has read Redis: bob is unknown
+        await asyncio.wait_for(slow.read.wait(), 10)  # it has read Redis: bob is unknown
         await add_user_behind_its_back(redis, directory, "bob@example.org")
         generation = cache._generation
         await directory.add_user("dave@example.org")
