@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -75,8 +76,12 @@ def learned(scanner: Scanner) -> int:
     return int(stat["learned"])
 
 
-def logged(process: TierProcess, text: str) -> Callable[[], bool]:
-    return lambda: text in process.output()
+def learned_as(process: TierProcess, kind: str) -> Callable[[], bool]:
+    """The learner logged rspamd's answer to a job of this kind ("rspamd learned <guid> as
+    spam (N octets) ..."), not the warning of a try to be retried ("<guid> not learned as
+    spam yet"), which a controller slow to answer brings first."""
+    pattern = re.compile(rf"rspamd \w+ \S+ as {kind} \(")
+    return lambda: pattern.search(process.output()) is not None
 
 
 async def test_junk_moves_teach_spam_and_ham(learn_settings: Settings, store: Store,
@@ -86,13 +91,13 @@ async def test_junk_moves_teach_spam_and_ham(learn_settings: Settings, store: St
     before = await asyncio.to_thread(learned, rspamd_scanner)
     uid, _ = await store.deliver()
     await store.maildb.move(ALICE, INBOX, [uid], JUNK)
-    await eventually(logged(learner, "as spam"), within=60, what="the learner to learn spam")
+    await eventually(learned_as(learner, "spam"), within=60, what="the learner to learn spam")
     assert "rspamd learned" in learner.output(), learner.output()
     assert await asyncio.to_thread(learned, rspamd_scanner) == before + 1
 
     uid, _ = await store.deliver(JUNK)
     await store.maildb.move(ALICE, JUNK, [uid], INBOX)
-    await eventually(logged(learner, "as ham"), within=60, what="the learner to learn ham")
+    await eventually(learned_as(learner, "ham"), within=60, what="the learner to learn ham")
     assert await asyncio.to_thread(learned, rspamd_scanner) == before + 2
 
     # `tiermail status` sees the learner and what it did (its heartbeat in Redis).
