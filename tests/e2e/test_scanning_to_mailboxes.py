@@ -41,6 +41,10 @@ def folder(settings: Settings, name: str) -> list[bytes]:
             "SELECT m.guid, body.data FROM message m JOIN mailbox b ON b.id = m.mailbox_id"
             " LEFT JOIN body ON body.guid = m.guid WHERE b.name = ? ORDER BY m.uid",
             (name,)).fetchall()
+    except sqlite3.OperationalError as exc:
+        if not str(exc).startswith("no such table"):
+            raise
+        return []  # the store is creating the index: its file is there, its tables not yet
     finally:
         conn.close()
     return [data if data is not None else (base / "m" / guid[:2] / guid).read_bytes()
