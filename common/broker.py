@@ -99,6 +99,7 @@ class Publisher:
         self._connect_lock = asyncio.Lock()
         self._last_failure: tuple[float, str] | None = None  # when, and why, if unreachable
         self._probe: asyncio.Task[None] | None = None  # while stalled: waits for a confirm
+        self._probes_sent = 0
 
     async def publish(self, envelope: Envelope, body: bytes,
                       routing_key: str = DELIVER_ROUTING_KEY) -> None:
@@ -151,21 +152,32 @@ class Publisher:
             self._probe = asyncio.get_running_loop().create_task(self._probe_until_confirmed())
 
     async def _probe_until_confirmed(self) -> None:
-        """Publish a message routed to no queue until the broker confirms one. The channel
-        is kept while it waits: a blocked connection is unblocked, and the probe confirmed,
-        the moment the alarm clears."""
+        """Publish messages routed to no queue until the broker confirms two in a row on one
+        connection. The channel is kept while it waits (a probe not confirmed in time stays
+        queued behind the others): a blocked connection is unblocked, and the probes
+        confirmed, the moment the alarm clears. Two, because RabbitMQ reads and confirms the
+        first publish of a connection opened during an alarm before it blocks it; one probe
+        on a new connection (after a broker restart, a closed channel) said "confirms again"
+        while the alarm held, and the next sender waited out the confirm timeout again."""
         try:
             while True:
                 channel = None
                 try:
                     channel = await self._ready_channel()
-                    await cast(aiormq.Channel, channel).basic_publish(
-                        b"", exchange=self._topology.inbound_exchange,
-                        routing_key=PROBE_ROUTING_KEY, mandatory=False,
-                        timeout=self._confirm_timeout)
+                    for _ in range(2):
+                        self._probes_sent += 1
+                        await cast(aiormq.Channel, channel).basic_publish(
+                            b"", exchange=self._topology.inbound_exchange,
+                            routing_key=PROBE_ROUTING_KEY, mandatory=False,
+                            timeout=self._confirm_timeout)
                     break
                 except asyncio.CancelledError:
                     raise
+                except TimeoutError:
+                    # Still blocked: closing and reopening the connection would leave one
+                    # blocked connection behind per attempt, and a new connection's first
+                    # publish is confirmed whatever the alarm.
+                    log.debug("probe not confirmed in time; still waiting")
                 except Exception:
                     log.debug("probe not confirmed", exc_info=True)
                     if channel is not None:

@@ -449,6 +449,10 @@ class PrivateBroker:
         wait_until(lambda: ("disk" in self._ctl("eval", "rabbit_alarm:get_alarms().")) == on,
                    what=f"the disk alarm {'raised' if on else 'cleared'}")
 
+    def close_connections(self) -> None:
+        """Close every client connection from the broker's side, as a restart would."""
+        self._ctl("close_all_connections", "closed by the test")
+
     def _ctl(self, *args: str) -> str:
         return subprocess.run(["rabbitmqctl", "-q", "-n", self.node, *args], env=self._env,
                               check=True, capture_output=True, text=True, timeout=60).stdout

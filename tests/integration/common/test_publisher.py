@@ -8,10 +8,10 @@ import dataclasses
 
 import pytest
 
-from common.broker import Publisher
+from common.broker import Publisher, PublishFailed
 from common.settings import Settings
 from tests.integration.store.helpers import make_message
-from tests.support import queue_depth
+from tests.support import PrivateBroker, eventually, queue_depth
 
 
 async def test_an_envelope_that_cannot_be_encoded_fails_alone(settings: Settings) -> None:
@@ -29,3 +29,41 @@ async def test_an_envelope_that_cannot_be_encoded_fails_alone(settings: Settings
     finally:
         await publisher.close()
     assert await asyncio.to_thread(queue_depth, settings) == 1
+
+
+async def test_a_stall_lasts_as_long_as_the_alarm_across_a_new_connection(
+        settings: Settings) -> None:
+    """A resource alarm stalls the publisher; the broker then closes its connection (a
+    restart, an operator's close_connection) while the alarm holds. RabbitMQ confirms the
+    first publish of a connection opened during an alarm before it blocks it: a probe that
+    took that confirm ended the stall at once, and the next sender waited out the confirm
+    timeout again (the deferred scanner took and requeued its messages again, counting
+    toward their delivery limit), once per probe cycle for as long as the alarm lasted."""
+    broker = PrivateBroker()
+    broker.start()
+    publisher = Publisher(broker.url, settings.topology, confirm_timeout=2.0,
+                          retry_interval=0.2)
+    try:
+        await publisher.publish(*make_message("alice@example.test"))
+        await asyncio.to_thread(broker.set_disk_alarm, True)
+        with pytest.raises(PublishFailed):
+            await publisher.publish(*make_message("alice@example.test"))
+        assert publisher.stalled
+        first = publisher._connection  # noqa: SLF001 - to see the probe reconnect
+        await asyncio.to_thread(broker.close_connections)
+        await eventually(lambda: publisher._connection not in (None, first),  # noqa: SLF001
+                         what="the probe to open a new connection")
+        sent = publisher._probes_sent  # noqa: SLF001
+        # The probe's second publish on the new connection waits out its timeout, and one
+        # more round of probes goes out on the same (blocked) connection.
+        await eventually(lambda: not publisher.stalled
+                         or publisher._probes_sent >= sent + 3,  # noqa: SLF001
+                         what="the probe to go round again, or the stall to end")
+        assert publisher.stalled
+        await asyncio.to_thread(broker.set_disk_alarm, False)
+        await eventually(lambda: not publisher.stalled, what="the stall to end")
+        await publisher.publish(*make_message("alice@example.test"))
+    finally:
+        await publisher.close()
+        broker.stop()
+
