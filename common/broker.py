@@ -23,12 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
+from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from pamqp.commands import Basic
+from yarl import URL
 
 from common.envelope import Envelope, EnvelopeError
 from common.topology import (
@@ -65,15 +68,76 @@ class PublishFailed(Exception):
     """The broker did not confirm the message; the sender must be told to retry (451)."""
 
 
+# How long a close may wait for the broker's Close-Ok before the socket is cut.
+CLOSE_GRACE = 5.0
+
+
+class _KeptSocket(TransportFactory):
+    """aiormq's own transport, kept so that a close the broker does not answer can be cut."""
+
+    def __init__(self, url: str) -> None:
+        secure = URL(url).scheme == "amqps"
+        self._inner = TLSTransportFactory() if secure else TCPTransportFactory()
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def create(self, url: URL, **kwargs: Any
+                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, self.writer = await self._inner.create(url, **kwargs)
+        return reader, self.writer
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.transport.abort()
+
+
+_sockets: weakref.WeakKeyDictionary[AbstractConnection, _KeptSocket] = (
+    weakref.WeakKeyDictionary())
+
+
+async def connect(url: str, within: float) -> AbstractConnection:
+    """Open a connection that `close_connection` can always close."""
+    socket = _KeptSocket(url)
+    connection = await asyncio.wait_for(aiormq.connect(url, transport_factory=socket), within)
+    _sockets[connection] = socket
+    return connection
+
+
+async def close_connection(connection: AbstractConnection, grace: float = CLOSE_GRACE
+                           ) -> None:
+    """Close politely if the broker answers within `grace` seconds, else cut the socket.
+
+    A connection blocked by a resource alarm is one the broker no longer reads: whatever a
+    large publish left in the socket's buffer is never taken, and aiormq's close waits for
+    that buffer to drain for three heartbeat intervals (about three minutes), ignoring
+    cancellation meanwhile. Nothing unconfirmed is lost by the cut: the broker requeues
+    what a consumer had not acked, and a publisher's sender was never told 250.
+    """
+    closing = asyncio.ensure_future(connection.close())
+    try:
+        await asyncio.wait({closing}, timeout=grace)
+    finally:
+        if not closing.done():
+            log.warning("the broker did not answer a close within %g s (a connection blocked "
+                        "by a resource alarm?): cutting it", grace,
+                        extra={"event": "amqp-close-cut"})
+            socket = _sockets.get(connection)
+            if socket is not None:
+                socket.abort()
+    try:
+        await closing
+    except Exception:
+        log.debug("the broker connection closed with an error", exc_info=True)
+
+
 async def open_channel(
     url: str, topology: Topology, connect_timeout: float, confirms: bool
 ) -> tuple[AbstractConnection, AbstractChannel]:
-    connection = await asyncio.wait_for(aiormq.connect(url), connect_timeout)
+    connection = await connect(url, connect_timeout)
     try:
         channel = await connection.channel(publisher_confirms=confirms, on_return_raises=True)
         await topology.declare(channel)
     except BaseException:
-        await connection.close()
+        await close_connection(connection)
         raise
     return connection, channel
 
@@ -217,7 +281,7 @@ class Publisher:
     async def _close_connection(self) -> None:
         if self._connection is not None:
             connection, self._connection, self._channel = self._connection, None, None
-            await connection.close()
+            await close_connection(connection)
 
     async def _ready_channel(self) -> AbstractChannel:
         channel = self._channel
@@ -248,12 +312,7 @@ class Publisher:
     async def _discard(self, channel: AbstractChannel) -> None:
         # A failed publish may leave the channel in an unknown state; start afresh next time.
         if self._channel is channel:
-            try:
-                # Closing waits for the broker's reply, which a blocked connection may
-                # never send in time.
-                await asyncio.wait_for(self._close_connection(), self._connect_timeout)
-            except Exception:
-                log.debug("error closing broken broker connection", exc_info=True)
+            await self._close_connection()
 
 
 def _properties_of_parts(envelope: Envelope) -> list[Basic.Properties]:

@@ -30,6 +30,7 @@ import aiormq
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 
+from common.broker import close_connection, connect
 from common.settings import Settings
 from common.topology import (
     MAILBOXES_HEADER,
@@ -249,7 +250,7 @@ async def _taken(settings: Settings, where: HeldQueue, limit: int
                  ) -> AsyncIterator[tuple[AbstractChannel, Held]]:
     """Up to `limit` messages of the queue, held unacknowledged on a channel with publisher
     confirms; whatever is not acked goes back to the queue when this ends."""
-    connection = await asyncio.wait_for(aiormq.connect(settings.amqp_url), CONNECT_TIMEOUT)
+    connection = await connect(settings.amqp_url, CONNECT_TIMEOUT)
     try:
         channel = await connection.channel()
         try:
@@ -268,4 +269,4 @@ async def _taken(settings: Settings, where: HeldQueue, limit: int
                                            where.reason)))
         yield channel, held
     finally:
-        await connection.close()
+        await close_connection(connection)

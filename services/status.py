@@ -8,7 +8,7 @@ from typing import Any
 
 import aiormq
 
-from common.broker import connect_failure
+from common.broker import close_connection, connect, connect_failure
 from common.directory import Directory
 from common.health import read_heartbeats
 from common.redisconn import open_redis
@@ -81,7 +81,7 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
     topology = settings.topology
     status: dict[str, Any] = {"reachable": False}
     try:
-        connection = await asyncio.wait_for(aiormq.connect(settings.amqp_url), TIMEOUT)
+        connection = await connect(settings.amqp_url, TIMEOUT)
     except Exception as exc:
         status["error"] = connect_failure(exc)
         return status
@@ -104,7 +104,7 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
         status["dead_letters"] = status.get("dead", {}).get("messages", 0)
         status["quarantined"] = status.get("quarantine", {}).get("messages", 0)
     finally:
-        await connection.close()
+        await close_connection(connection)
     return status
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
-from common.broker import PublishFailed, open_channel
+from common.broker import PublishFailed, close_connection, open_channel
 from common.envelope import Envelope, EnvelopeError
 from common.settings import Settings
 from common.topology import (
@@ -155,8 +155,7 @@ class DeferredScanner:
             for worker in workers:
                 worker.cancel()
             # Anything still unacked goes back to the queue.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 5)
+            await close_connection(connection)
 
     async def _work(self, channel: AbstractChannel,
                     inbox: asyncio.Queue[DeliveredMessage | None], failed: asyncio.Event) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp.commands import Basic
 
-from common.broker import open_channel
+from common.broker import close_connection, open_channel
 from common.directory import normalize_address
 from common.envelope import Envelope, EnvelopeError
 from common.settings import Settings
@@ -165,8 +165,7 @@ class Consumer:
                         await channel.basic_cancel(tag, timeout=5)
         finally:
             # Anything still unacked (prefetched, not yet stored) goes back to the queue.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), 5)
+            await close_connection(connection)
 
     async def _loop(self, connection: AbstractConnection, channel: AbstractChannel,
                     publisher: AbstractChannel,

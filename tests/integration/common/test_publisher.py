@@ -67,3 +67,22 @@ async def test_a_stall_lasts_as_long_as_the_alarm_across_a_new_connection(
         await publisher.close()
         broker.stop()
 
+
+
+async def test_close_returns_during_an_alarm_after_a_large_publish(settings: Settings) -> None:
+    """A blocked connection stops reading: what a large publish left in the socket's buffer
+    is never sent, and a polite close (Connection.Close, wait for Close-Ok, flush) waited for
+    ever. A worker told to stop must stop; the unconfirmed message was never acknowledged."""
+    broker = PrivateBroker()
+    broker.start()
+    publisher = Publisher(broker.url, settings.topology, confirm_timeout=2.0)
+    try:
+        await publisher.publish(*make_message("alice@example.test"))
+        await asyncio.to_thread(broker.set_disk_alarm, True)
+        envelope, _ = make_message("alice@example.test")
+        with pytest.raises(PublishFailed):
+            await publisher.publish(envelope, b"Subject: large\r\n\r\n" + b"x" * 20_000_000)
+        # Bounded only so that a hang fails the test instead of the whole run.
+        await asyncio.wait_for(publisher.close(), 60)
+    finally:
+        await asyncio.to_thread(broker.stop)

@@ -562,32 +562,31 @@ async def test_a_flooding_client_does_not_starve_another(server: Server, deliver
         except OSError:
             pass
 
-    def polite() -> list[float]:
+    def polite() -> int:
         wait_for_flood = time.monotonic() + 10
         while flood_replies < 50 and time.monotonic() < wait_for_flood:
             time.sleep(0.01)  # bounded: until the flood is really running
         assert flood_replies >= 50, "the flood never got going"
-        latencies = []
+        flood_before = flood_replies
         client = server.client(BOB)
         client.select_folder("INBOX")
         for _ in range(20):
-            started = time.monotonic()
             client.noop()
-            client.folder_status("INBOX", ["MESSAGES"])
-            latencies.append(time.monotonic() - started)
+            assert client.folder_status("INBOX", [b"MESSAGES"])[b"MESSAGES"] == 0
         client.logout()
-        return latencies
+        return flood_replies - flood_before
 
     flooder = threading.Thread(target=flood, daemon=True)
     flooder.start()
     try:
-        latencies = await in_thread(polite)
+        flood_during_polite = await in_thread(polite)
         assert flooder.is_alive(), "the flood ended before the polite client was done"
     finally:
         stop.set()
         await in_thread(lambda: flooder.join(30))
-    assert max(latencies) < 2.0, latencies
-    assert sum(latencies) < 10.0, latencies
+    # No latency bound (speed belongs to bench/): starving would mean the polite client never
+    # finishing while the flood, which only stops when told, keeps the server busy.
+    assert flood_during_polite >= 50, "the flood was not being served meanwhile"
 
 
 async def test_logindisabled_before_tls(start_imap: StartImap, settings: Settings) -> None:
