@@ -249,8 +249,11 @@ class Directory:
             published, generation = await pipe.execute()
         return int(generation) if published and generation is not None else None
 
-    async def mark_generation(self, generation: int) -> None:
-        await self._redis.set(self.key("generation"), generation)
+    async def advance_generation(self, generation: int) -> None:
+        """Record that the change made at `generation` is mirrored, if every change before
+        it is (the directory is at `generation - 1`); otherwise leave it behind, so that
+        the store sees the difference and republishes."""
+        await self._redis.eval(_ADVANCE, 1, self.key("generation"), generation - 1, generation)
 
     async def add_domain(self, domain: str) -> None:
         await self._change(lambda p: p.sadd(self.key("domains"), normalize_domain(domain)))
@@ -394,6 +397,11 @@ class Directory:
     @staticmethod
     def _has_content(name: str, snapshot: DirectorySnapshot) -> bool:
         return bool(getattr(snapshot, name))
+
+
+_ADVANCE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) end
+"""
 
 
 def _split_targets(raw: bytes | str) -> list[str]:

@@ -316,26 +316,31 @@ def _change(settings: Settings, db_change: Callable[[Any], Any],
             result = db_change(accounts)
         except AccountError as exc:
             raise CommandError(str(exc)) from None
+        generation = accounts.written_generation
     try:
-        asyncio.run(_mirror(settings, redis_change))
+        asyncio.run(_mirror(settings, redis_change, generation))
     except Exception as exc:
         print(f"tiermail: warning: saved, but the Redis directory was not updated ({exc}); "
               "the store republishes it when it starts or notices it missing", file=sys.stderr)
     return result
 
 
-async def _mirror(settings: Settings, redis_change: Callable[[Any], Any]) -> None:
+async def _mirror(settings: Settings, redis_change: Callable[[Any], Any],
+                  generation: int) -> None:
+    """Apply the change made at account `generation` to Redis. The directory's generation
+    moves to it only from the one just before: after a change whose mirroring failed (or
+    another command's still under way) it stays behind, and the store republishes."""
     from common.directory import Directory
     from common.redisconn import open_redis
 
     redis = open_redis(settings, 3.0)
     try:
         directory = Directory(redis, settings.redis_prefix)
-        with _accounts(settings) as accounts:
-            if await directory.is_published():
-                await redis_change(directory)
-                await directory.mark_generation(accounts.generation())
-            else:
+        if await directory.is_published():
+            await redis_change(directory)
+            await directory.advance_generation(generation)
+        else:
+            with _accounts(settings) as accounts:
                 await directory.publish(accounts.snapshot())
     finally:
         await redis.aclose()

@@ -101,6 +101,7 @@ class AccountDB:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._migrate()
+        self.written_generation = 0  # the generation this object's last write made
 
     @classmethod
     def for_store(cls, store_dir: Path) -> AccountDB:
@@ -122,10 +123,12 @@ class AccountDB:
         try:
             yield self._db
             self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            written = self.generation()
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+        self.written_generation = written
 
     def _migrate(self) -> None:
         if self._schema_version() >= SCHEMA_VERSION:

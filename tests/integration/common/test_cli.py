@@ -251,3 +251,26 @@ def test_an_internationalized_domain_is_kept_in_its_ascii_form(
         b"team@xn--bcher-kva.example": b"jo@xn--bcher-kva.example"}
     assert tiermail(settings, "user", "del", "jo@bücher.example").returncode == 0
     assert tiermail(settings, "domain", "del", "bücher.example").returncode == 0
+
+
+def test_a_change_redis_missed_is_not_hidden_by_the_next_command(
+        settings: Settings, redis_client: redis.Redis) -> None:
+    """A command whose mirroring failed (Redis out of reach for a moment) leaves the
+    directory's generation behind, which makes the running store republish. The next
+    command marked the generation it read, which counts the missed change as mirrored:
+    the store never republished and bob got 550 5.1.1 until it restarted."""
+    tiermail(settings, "domain", "add", "example.org")
+    unreachable = settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    missed = tiermail(unreachable, "user", "add", "bob@example.org", "--password-stdin",
+                      stdin="pw\n")
+    assert missed.returncode == 0 and "Redis directory was not updated" in missed.stderr
+    assert tiermail(settings, "user", "add", "carol@example.org", "--password-stdin",
+                    stdin="pw\n").returncode == 0
+
+    prefix = settings.redis_prefix
+    with AccountDB.for_store(settings.store_dir) as accounts:
+        generation = accounts.generation()
+    published = int(redis_client.get(prefix + "dir:generation") or 0)
+    # The store's test (services/store/main.py): republish when the generations differ.
+    assert b"bob@example.org" in redis_client.smembers(prefix + "dir:users") \
+        or published != generation
