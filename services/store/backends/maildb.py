@@ -915,7 +915,7 @@ class MailDB:
             try:
                 with open(self._message_file(user, guid), "rb") as file:
                     file.seek(-1, os.SEEK_END)
-                    padding = line_end_padding(file.read(1))
+                    padding = _padding_after(file.read(1))
             except OSError:
                 continue  # missing or empty: nothing POP3 could send either
             if padding:
@@ -1898,6 +1898,13 @@ def _link_or_copy(source: Path, target: Path, tmp: Path) -> None:
         dst.flush()
         os.fsync(dst.fileno())
     os.rename(tmp, target)
+
+
+def _padding_after(last_octet: bytes) -> int:
+    """A message's padding from its last octet alone, as the 5 -> 6 migration's SQL for
+    inline bodies: a final LF ends the last line (line_end_padding would count a bare LF
+    in the one octet it is given)."""
+    return {b"\n": 0, b"\r": 1}.get(last_octet, 2)
 
 
 def _unlink_all(paths: Iterable[Path]) -> None:

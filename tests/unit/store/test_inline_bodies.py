@@ -253,14 +253,19 @@ async def test_sweep_removes_orphan_files_and_keeps_every_body(tmp_path: Path) -
 # Schema 3 -> 4
 
 
-def downgrade_to_schema_3(index: Path) -> None:
-    """What schema 3 was: everything but the `body` table."""
+def downgrade(index: Path, version: int, undo: str) -> None:
+    """Make `index` what schema `version` was, by the statement `undo`."""
     conn = sqlite3.connect(index)
     try:
-        conn.execute("DROP TABLE body")
-        conn.execute("PRAGMA user_version=3")
+        conn.execute(undo)
+        conn.execute(f"PRAGMA user_version={version}")
     finally:
         conn.close()
+
+
+def downgrade_to_schema_3(index: Path) -> None:
+    """What schema 3 was: everything but the `body` table."""
+    downgrade(index, 3, "DROP TABLE body")
 
 
 async def test_schema_3_index_is_migrated_in_place(tmp_path: Path) -> None:
@@ -294,6 +299,10 @@ async def test_schema_3_index_is_migrated_in_place(tmp_path: Path) -> None:
 # Schema 5 -> 6
 
 
+def back_to_schema_5(index: Path) -> None:
+    downgrade(index, 5, "ALTER TABLE message DROP COLUMN padding")
+
+
 async def test_schema_5_index_gets_the_line_end_padding_of_what_it_holds(tmp_path: Path
                                                                         ) -> None:
     """message.padding (POP3's sizes) of the messages stored before it existed: from the last
@@ -304,13 +313,7 @@ async def test_schema_5_index_gets_the_line_end_padding_of_what_it_holds(tmp_pat
     await old.deliver([delivery(f"q{n}", body) for n, body in enumerate(bodies)])
     assert await old.line_end_padding(ALICE) == {1: 2, 2: 2, 4: 1, 5: 1}
     await old.close()
-    index = old.user_path(ALICE) / "index.sqlite"
-    conn = sqlite3.connect(index)
-    try:
-        conn.execute("ALTER TABLE message DROP COLUMN padding")
-        conn.execute("PRAGMA user_version=5")
-    finally:
-        conn.close()
+    back_to_schema_5(old.user_path(ALICE) / "index.sqlite")
 
     db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
     try:
@@ -318,6 +321,25 @@ async def test_schema_5_index_gets_the_line_end_padding_of_what_it_holds(tmp_pat
         assert await db.line_end_padding(ALICE, ARCHIVE) == {}
         await db.copy(ALICE, INBOX, [1, 3, 4], ARCHIVE)
         assert await db.line_end_padding(ALICE, ARCHIVE) == {1: 2, 3: 1}
+    finally:
+        await db.close()
+
+
+async def test_schema_5_index_gives_no_padding_to_a_file_that_ends_its_last_line(
+        tmp_path: Path) -> None:
+    """A message kept in a file and ending with CRLF, as every large message that came by
+    SMTP does, needs nothing added; the migration took its last octet alone for a bare LF
+    and gave it 1, so POP3's LIST and STAT were an octet over what RETR sends."""
+    large = b"Subject: big\r\n\r\n" + b"line\r\n" * 300
+    old = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    await old.deliver([delivery("q1", large)])
+    assert await old.line_end_padding(ALICE) == {}
+    await old.close()
+    back_to_schema_5(old.user_path(ALICE) / "index.sqlite")
+
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    try:
+        assert await db.line_end_padding(ALICE) == {}
     finally:
         await db.close()
 
