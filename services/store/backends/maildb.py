@@ -900,27 +900,41 @@ class MailDB:
 
     def _add_padding(self, conn: sqlite3.Connection, user: str) -> None:
         """Schema 5 -> 6: message.padding of the messages already stored, inside the
-        migration's transaction. Only the last octet of each is read (a bare LF inside a
-        stored message was never possible: the filter refuses them and APPEND has turned them
-        into CRLF since before schema 5); an inline body's within SQLite, a file's with one
-        read at its end."""
+        migration's transaction. Delivered mail has CRLF line ends only (the filter refuses
+        bare ones), so its last octet tells: an inline body's within SQLite, a file's with
+        one read at its end. Any other message (APPENDed, or copied or moved, which gives a
+        new UID) is read whole: APPEND kept bare LFs until after schema 5 (8fa5827)."""
         conn.execute("ALTER TABLE message ADD COLUMN padding INTEGER NOT NULL DEFAULT 0")
         conn.execute(
             "UPDATE message SET padding = (SELECT CASE substr(data, -1) WHEN x'0a' THEN 0"
             " WHEN x'0d' THEN 1 ELSE 2 END FROM body WHERE body.guid = message.guid)"
             " WHERE guid IN (SELECT guid FROM body WHERE length(data) > 0)")
-        files = conn.execute(f"SELECT guid FROM message WHERE NOT {_INLINE}").fetchall()
+        rows = conn.execute(
+            f"SELECT guid, {_INLINE}, EXISTS (SELECT 1 FROM delivered d"
+            " WHERE d.mailbox_id = message.mailbox_id AND d.uid = message.uid)"
+            " FROM message").fetchall()
         padded = []
-        for (guid,) in files:
+        for guid, inline, delivered in rows:
+            if inline and delivered:
+                continue  # the UPDATE above
             try:
-                with open(self._message_file(user, guid), "rb") as file:
-                    file.seek(-1, os.SEEK_END)
-                    padding = _padding_after(file.read(1))
+                padding = self._stored_padding(conn, user, guid, inline, whole=not delivered)
             except OSError:
                 continue  # missing or empty: nothing POP3 could send either
-            if padding:
-                padded.append((padding, guid))
+            padded.append((padding, guid))
         conn.executemany("UPDATE message SET padding = ? WHERE guid = ?", padded)
+
+    def _stored_padding(self, conn: sqlite3.Connection, user: str, guid: str, inline: bool,
+                        whole: bool) -> int:
+        """line_end_padding of a stored message, read `whole` or from its last octet."""
+        if inline:
+            (data,) = conn.execute("SELECT data FROM body WHERE guid = ?", (guid,)).fetchone()
+            return line_end_padding(bytes(data))
+        with open(self._message_file(user, guid), "rb") as file:
+            if whole:
+                return line_end_padding(file.read())
+            file.seek(-1, os.SEEK_END)
+            return _padding_after(file.read(1))
 
     def _create_standard_mailboxes(self, conn: sqlite3.Connection) -> None:
         """INBOX and the special-use folders, those missing; inside a write transaction.

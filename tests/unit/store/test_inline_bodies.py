@@ -344,6 +344,28 @@ async def test_schema_5_index_gives_no_padding_to_a_file_that_ends_its_last_line
         await db.close()
 
 
+async def test_schema_5_index_counts_the_bare_line_feeds_of_appended_messages(
+        tmp_path: Path) -> None:
+    """Before IMAP APPEND turned bare LFs into CRLF (8fa5827, after schema 5), an appended
+    message kept them; POP3 sends each as CRLF, so its padding counts them as well as the
+    last line's. The migration read only the last octet: LIST stayed short of RETR."""
+    inline = b"Subject: lf\n\nbare\nlines\n"  # 4 bare LFs, all lines ended
+    large = b"Subject: big\n\n" + b"line\n" * 300 + b"last"  # 302 LFs, no final one
+    delivered = b"Subject: q\r\n\r\nover SMTP\r\n"
+    old = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    await old.append(ALICE, INBOX, inline, frozenset())
+    await old.append(ALICE, INBOX, large, frozenset())
+    await old.deliver([delivery("q1", delivered)])
+    await old.close()
+    back_to_schema_5(old.user_path(ALICE) / "index.sqlite")
+
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    try:
+        assert await db.line_end_padding(ALICE) == {1: 4, 2: 302 + 2}
+    finally:
+        await db.close()
+
+
 # open_message's connections
 
 
