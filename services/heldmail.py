@@ -10,6 +10,9 @@ infected (or could not scan) after the message had been accepted.
 route (a dead letter once the cause is fixed, a quarantined message judged harmless); `drop`
 deletes them. All three take the messages unacknowledged, one `basic.get` at a time, and
 settle only those they act on; the rest return to the queue when the connection closes.
+Only the messages being sent back are kept in memory with their bodies, until confirmed (at
+most SETTLE_WINDOW of them, about SETTLE_BYTES): of the others only a description and a
+delivery tag are kept, so a queue of thousands of 25 MB messages costs little memory.
 A released message is acked only after the broker confirmed its copy on the delivery route:
 a crash in between leaves it in both queues, and the store's deduplication by queue id and
 recipient delivers it once (a later release of the leftover delivers nothing new). The same
@@ -58,6 +61,7 @@ _NOT_SCANNED = NOT_SCANNED_HEADER.lower().encode("ascii")
 MAX_SCAN_HEAD = 8192  # octets of a quarantined message looked at for its scan headers
 MAX_TAKEN = 10_000  # messages one release or drop acts on; run it again for more
 SETTLE_WINDOW = 32  # messages sent back and acked at a time (RabbitMQ's quorum_commands_soft_limit)
+SETTLE_BYTES = 32 * 1024 * 1024  # a window is sent back once it holds this many body octets
 RESETTLE_PASSES = 3
 RESETTLE_PAUSE = 0.5  # seconds for the broker to return messages whose acks it ignored
 CONNECT_TIMEOUT = 5.0
@@ -164,16 +168,17 @@ def resend_properties(properties: spec.Basic.Properties) -> spec.Basic.Propertie
 async def browse(settings: Settings, where: HeldQueue, limit: int
                  ) -> tuple[list[HeldMessage], int]:
     """Up to `limit` held messages, oldest first, and how many there are; none is taken."""
-    async with _taken(settings, where, limit) as (channel, held):
+    async with _opened(settings, where) as channel:
+        held = [seen async for _, seen in _taken(channel, where, limit)]
         ok = await channel.queue_declare(where.queue, passive=True)
-        return [letter for _, letter in held], len(held) + int(ok.message_count or 0)
+        return held, len(held) + int(ok.message_count or 0)
 
 
 async def peek(settings: Settings, where: HeldQueue, queue_id: str) -> bytes | None:
     """The stored message (as the store would deliver it) of a held message, None when no
     held message has that queue id; nothing is taken away."""
-    async with _taken(settings, where, MAX_TAKEN) as (_, held):
-        for message, seen in held:
+    async with _opened(settings, where) as channel:
+        async for message, seen in _taken(channel, where, MAX_TAKEN):
             if seen.queue_id == queue_id:
                 return bytes(message.body)
         return None
@@ -220,24 +225,33 @@ def _named(queue_ids: set[str], held: HeldMessage) -> bool:
 async def _one_pass(settings: Settings, where: HeldQueue,
                     chosen: Callable[[HeldMessage], bool], *, resend: bool
                     ) -> list[HeldMessage]:
-    topology = settings.topology
-    async with _taken(settings, where, MAX_TAKEN) as (channel, held):
-        picked = [(message, seen) for message, seen in held if chosen(seen)]
-        for start in range(0, len(picked), SETTLE_WINDOW):
-            window = picked[start:start + SETTLE_WINDOW]
+    settled: list[HeldMessage] = []
+    tags: list[int] = []
+    resends: list[DeliveredMessage] = []  # kept with their bodies until confirmed
+    async with _opened(settings, where) as channel:
+        async for message, seen in _taken(channel, where, MAX_TAKEN):
+            if not chosen(seen):
+                continue  # its body is let go; it returns to the queue at the end
+            settled.append(seen)
+            tags.append(_tag(message))
             if resend:
-                await asyncio.gather(*(channel.basic_publish(
-                    message.body, exchange=topology.inbound_exchange,
-                    routing_key=delivery_route(len(message.body)), mandatory=True,
-                    timeout=CONFIRM_TIMEOUT,
-                    properties=resend_properties(message.header.properties))
-                    for message, _ in window))
-            for message, _ in window:  # after the confirms: each one is on the delivery route
-                await channel.basic_ack(_tag(message))
-        return [seen for _, seen in picked]
+                resends.append(message)
+            if len(tags) >= SETTLE_WINDOW or sum(len(m.body) for m in resends) >= SETTLE_BYTES:
+                await _settle(channel, settings.topology, tags, resends)
+                tags, resends = [], []
+        await _settle(channel, settings.topology, tags, resends)
+    return settled
 
 
-Held = list[tuple[DeliveredMessage, HeldMessage]]
+async def _settle(channel: AbstractChannel, topology: Topology, tags: list[int],
+                  resends: list[DeliveredMessage]) -> None:
+    await asyncio.gather(*(channel.basic_publish(
+        message.body, exchange=topology.inbound_exchange,
+        routing_key=delivery_route(len(message.body)), mandatory=True,
+        timeout=CONFIRM_TIMEOUT, properties=resend_properties(message.header.properties))
+        for message in resends))
+    for tag in tags:  # after the confirms: each one sent back is on the delivery route
+        await channel.basic_ack(tag)
 
 
 def _tag(message: DeliveredMessage) -> int:
@@ -246,10 +260,9 @@ def _tag(message: DeliveredMessage) -> int:
 
 
 @asynccontextmanager
-async def _taken(settings: Settings, where: HeldQueue, limit: int
-                 ) -> AsyncIterator[tuple[AbstractChannel, Held]]:
-    """Up to `limit` messages of the queue, held unacknowledged on a channel with publisher
-    confirms; whatever is not acked goes back to the queue when this ends."""
+async def _opened(settings: Settings, where: HeldQueue) -> AsyncIterator[AbstractChannel]:
+    """A channel with publisher confirms on which the queue's messages are taken; whatever
+    is not acked goes back to the queue when this ends."""
     connection = await connect(settings.amqp_url, CONNECT_TIMEOUT)
     try:
         channel = await connection.channel()
@@ -260,13 +273,16 @@ async def _taken(settings: Settings, where: HeldQueue, limit: int
         except aiormq.ChannelNotFoundEntity:
             raise NoSuchQueue(where.queue) from None
         await channel.confirm_delivery()
-        held: Held = []
-        while len(held) < limit:
-            message = await channel.basic_get(where.queue, no_ack=False)
-            if isinstance(message.delivery, spec.Basic.GetEmpty):
-                break
-            held.append((message, describe(message.header.properties, message.body,
-                                           where.reason)))
-        yield channel, held
+        yield channel
     finally:
         await close_connection(connection)
+
+
+async def _taken(channel: AbstractChannel, where: HeldQueue, limit: int
+                 ) -> AsyncIterator[tuple[DeliveredMessage, HeldMessage]]:
+    """Up to `limit` messages of the queue, oldest first, taken unacknowledged."""
+    for _ in range(limit):
+        message = await channel.basic_get(where.queue, no_ack=False)
+        if isinstance(message.delivery, spec.Basic.GetEmpty):
+            return
+        yield message, describe(message.header.properties, message.body, where.reason)
