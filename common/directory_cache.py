@@ -5,7 +5,7 @@ Every RCPT TO otherwise costs a Redis round trip of several commands (common/dir
 CPU. Every writer of the directory publishes on `<prefix>dir:changed` in the same MULTI as
 its change (`Directory._changed`), and the cache forgets everything on each notice.
 
-Trust comes only from a live subscription:
+Trust comes only from a live subscription (common/directory_notices.py):
 - entries are kept and served only while the subscription is confirmed and answering (a
   PING every `PING_INTERVAL` seconds of silence; no answer within `DEAD_AFTER` ends it);
 - when the subscription ends (Redis gone, restarted, cut off), everything is forgotten and
@@ -23,23 +23,17 @@ it reaches `max_entries`, so random-address spam cannot grow it without bound.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from common.directory import Directory, Lookup, normalize_address
+from common.directory_notices import Message, follow_notices
 
 log = logging.getLogger(__name__)
-
-PING_INTERVAL = 2.0
-DEAD_AFTER = 3 * PING_INTERVAL
-RECONNECT_MIN, RECONNECT_MAX = 0.1, 5.0
 
 
 class DirectoryCache:
@@ -87,42 +81,11 @@ class DirectoryCache:
 
     async def run(self) -> None:
         """Keep a subscription to the change notices, reconnecting forever; until cancelled."""
-        delay = RECONNECT_MIN
-        while True:
-            started = self._clock()
-            try:
-                await self._subscription()
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                if self._clock() - started > DEAD_AFTER:
-                    delay = RECONNECT_MIN
-                log.info("directory cache off: %s: %s", type(exc).__name__, exc,
-                         extra={"event": "directory-cache-off"})
-            finally:
-                self._set_live(False)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX)
+        await follow_notices(self._redis, self._directory, self._on_message,
+                             lambda: self._set_live(False), name="directory cache",
+                             clock=self._clock)
 
-    async def _subscription(self) -> None:
-        pubsub = self._redis.pubsub()
-        try:
-            await pubsub.subscribe(self._directory.key(Directory.CHANGED))
-            heard = self._clock()
-            while True:
-                message = await pubsub.get_message(timeout=PING_INTERVAL)
-                if message is None:
-                    if self._clock() - heard > DEAD_AFTER:
-                        raise ConnectionError("directory change channel stopped answering")
-                    await pubsub.ping()
-                    continue
-                heard = self._clock()
-                self._on_message(message)
-        finally:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
-
-    def _on_message(self, message: dict[str, Any]) -> None:
+    def _on_message(self, message: Message) -> None:
         kind = message.get("type")
         if kind == "subscribe":
             self._set_live(True)
