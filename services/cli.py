@@ -113,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     user = commands.add_parser("user", help="manage mailbox users").add_subparsers(
         metavar="ACTION", required=True)
     for name, handler, text in (("add", user_add, "create a user"),
-                                ("passwd", user_passwd, "set a user's password")):
+                                ("passwd", user_passwd,
+                                 "set a user's password (open sessions go on)")):
         sub = command(name, handler, text, user)
         sub.add_argument("address")
         sub.add_argument("--password-stdin", action="store_true",
                          help="read the password from standard input (one line)")
-    command("del", user_del, "delete a user (mail stays on disk)", user).add_argument("address")
+    command("del", user_del, "delete a user and end its IMAP and POP3 sessions (mail stays on "
+            "disk)", user).add_argument("address")
     command("list", user_list, "list users (with their quota, where they have one)", user)
     quota = command("quota", user_quota,
                     "set a user's storage quota: SIZE in octets or with K, M, G, T "

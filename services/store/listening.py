@@ -7,6 +7,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Iterator
+from types import TracebackType
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,63 @@ class ListenerSessions:
     async def wait(self) -> None:
         if self._own:
             await asyncio.gather(*self._own, return_exceptions=True)
+
+
+class SessionEnded(Exception):
+    """The session was ended from outside (its account was deleted) while it waited for its
+    client, or before it began to wait."""
+
+
+class ClientWait:
+    """A session's waits for its client, which `end()` can cut short from outside.
+
+    The end takes effect at once when the session is waiting for the client (between
+    commands, in IMAP IDLE, for a literal), otherwise the next time it would wait: a response
+    being written is finished first, never cut in half. The wait is then SessionEnded."""
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.timeout: asyncio.Timeout | None = None  # of the wait under way, if one is
+
+    def end(self) -> None:
+        self.ended = True
+        timeout = self.timeout
+        if timeout is not None and not timeout.expired():
+            timeout.reschedule(asyncio.get_running_loop().time())
+
+    def within(self, seconds: float) -> _Waiting:
+        """`async with wait.within(seconds):` around a read from the client: TimeoutError
+        after `seconds`, SessionEnded at `end()`. Cancelling the read loses nothing:
+        asyncio's StreamReader keeps what arrived in its buffer."""
+        return _Waiting(self, seconds)
+
+
+class _Waiting:
+    """One wait of a ClientWait. A class rather than a generator-based context manager: it
+    is entered for every command a client sends, and adds less than half as much to
+    asyncio.timeout's cost this way (2 µs instead of 5)."""
+
+    __slots__ = ("_wait", "_timeout")
+
+    def __init__(self, wait: ClientWait, seconds: float) -> None:
+        self._wait = wait
+        self._timeout = asyncio.timeout(seconds)
+
+    async def __aenter__(self) -> None:
+        if self._wait.ended:
+            raise SessionEnded
+        await self._timeout.__aenter__()
+        self._wait.timeout = self._timeout
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        self._wait.timeout = None
+        try:
+            await self._timeout.__aexit__(kind, error, traceback)
+        except TimeoutError:
+            if self._wait.ended:
+                raise SessionEnded from None
+            raise
 
 
 def peer_of(writer: asyncio.StreamWriter) -> str:

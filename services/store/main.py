@@ -3,11 +3,13 @@
 One process owns every mailbox. Resources are opened in an AsyncExitStack and closed in reverse:
 account database, mail store (after its crash sweep), the full-text indexer, Redis (directory
 and quota publishers, heartbeat, login throttle), the spam-learning hook, the POP3 and IMAP
-listeners, and the delivery consumer. SIGTERM/SIGINT stop consuming, let the batch in flight be
-stored and acked, close the listeners (IMAP sessions get `* BYE`) and exit.
+listeners with the watch that ends the sessions of deleted accounts, and the delivery
+consumer. SIGTERM/SIGINT stop consuming, let the batch in flight be stored and acked, close
+the listeners (IMAP sessions get `* BYE`) and exit.
 
 Redis being down never stops the store: the directory and quota state are (re)published in the
-background until it succeeds, failed logins go uncounted, and POP3, IMAP and delivery keep
+background until it succeeds, failed logins go uncounted, deleted accounts are noticed by the
+clock instead of by notice (services/store/logins.py), and POP3, IMAP and delivery keep
 working without it.
 """
 
@@ -40,6 +42,7 @@ from services.store.consumer import Consumer, ConsumerStats
 from services.store.imap.cache import FetchCache
 from services.store.imap.server import ImapDeps, start_imap_servers
 from services.store.learning import LearningHook
+from services.store.logins import Logins, end_sessions_of_deleted_accounts
 from services.store.pop3.server import start_pop3_servers
 from services.store.quota import QuotaPublisher
 
@@ -122,15 +125,24 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             stack.push_async_callback(learning.close)
 
         throttle = AuthThrottle.from_settings(redis, settings)
-        pop3_servers = await start_pop3_servers(settings, maildb, accounts, throttle=throttle)
+        # A connection of its own: see Logins.
+        logins_accounts = AccountDB.for_store(settings.store_dir)
+        stack.callback(logins_accounts.close)
+        logins = Logins(logins_accounts)
+        pop3_servers = await start_pop3_servers(settings, maildb, accounts, throttle=throttle,
+                                                logins=logins)
         stack.push_async_callback(_close_servers, pop3_servers)
         literals = MemoryBudget(settings.imap_literal_memory)
         fetch_memory = MemoryBudget(settings.imap_fetch_memory)
         imap = ImapDeps(store=maildb, accounts=accounts, throttle=throttle,
                         text_index=text_index, indexer=indexer, fetch_cache=FetchCache(),
-                        literals=literals, fetch_memory=fetch_memory)
+                        literals=literals, fetch_memory=fetch_memory, logins=logins)
         imap_servers = await start_imap_servers(settings, imap)
         stack.push_async_callback(_close_servers, imap_servers)
+        watching = asyncio.create_task(
+            end_sessions_of_deleted_accounts(logins, redis, directory),
+            name="deleted-accounts")
+        stack.push_async_callback(stop_task, watching)
 
         def health() -> dict[str, Any]:
             return {**stats.as_dict(),

@@ -67,6 +67,9 @@ ALTER TABLE user_v1 RENAME TO user;
 """
 
 
+_LOOKUP_BATCH = 500  # addresses per query: well under SQLite's limit of bound parameters
+
+
 class AccountError(ValueError):
     """A request the account database refuses, with a message fit for an operator."""
 
@@ -269,6 +272,17 @@ class AccountDB:
             "SELECT 1 FROM user WHERE address = ?", (normalize_address(address),)
         )
         return row.fetchone() is not None
+
+    def missing_users(self, addresses: Iterable[str]) -> set[str]:
+        """Those of `addresses` (as stored: normalized) that are not users (any longer)."""
+        wanted = list(addresses)
+        found: set[str] = set()
+        for start in range(0, len(wanted), _LOOKUP_BATCH):
+            batch = wanted[start:start + _LOOKUP_BATCH]
+            marks = ",".join("?" * len(batch))
+            found.update(row[0] for row in self._db.execute(
+                f"SELECT address FROM user WHERE address IN ({marks})", batch))
+        return set(wanted) - found
 
     def password_hash(self, address: str) -> str | None:
         row = self._db.execute(

@@ -54,6 +54,7 @@ BYE_TIMEOUT = Reply("BYE", "Autologout; idle for too long")  # RFC 3501 5.4
 BYE_TOO_MANY_CONNECTIONS = Reply("BYE", "Too many connections, try again later", "UNAVAILABLE")
 BYE_SHUTDOWN = Reply("BYE", "Server shutting down", "UNAVAILABLE")
 BYE_STARTTLS_PIPELINED = Reply("BYE", "Command pipelined after STARTTLS")
+BYE_ACCOUNT_DELETED = Reply("BYE", "Account deleted")  # tiermail user del (logins.py)
 
 # Generic completions
 OK_DONE = Reply("OK", "Completed")

@@ -14,6 +14,7 @@ caps the number of connections. The session (session.py) decides what to answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -44,7 +45,9 @@ from services.store.imap.session import (
 )
 from services.store.imap.userlimit import UserConnections
 from services.store.listening import (
+    ClientWait,
     ListenerSessions,
+    SessionEnded,
     SessionEndingServer,
     close_connection,
     peer_of,
@@ -130,6 +133,7 @@ class Connection:
         self._pending_size = 0
         self._deflate: Any = None  # zlib objects once COMPRESS DEFLATE is active
         self._inflate: Any = None
+        self.client_wait = ClientWait()
         peername = writer.get_extra_info("peername")
         self.peer_ip = peername[0] if isinstance(peername, tuple) else str(peername)
         self.peer = peer_of(writer)
@@ -137,6 +141,18 @@ class Connection:
     def logged_in(self) -> None:
         self._timeout = self._autologout
         self.parser.limit_literals(self._max_literal)
+
+    def end_session(self) -> None:
+        self.client_wait.end()
+
+    def farewell(self, bye: bytes) -> None:
+        """Send `bye` as the connection's last words, without waiting for the client to take
+        it (the connection is closed next, within listening.CLOSE_TIMEOUT); anything queued
+        but not sent is dropped."""
+        if self._deflate is not None:
+            bye = self._deflate.compress(bye) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
+        with contextlib.suppress(ConnectionError):
+            write_or_lost(self.writer, bye)
 
     async def write(self, data: bytes) -> None:
         """Queue `data`; it goes out at the next `flush` (the end of the command, or before
@@ -185,10 +201,12 @@ class Connection:
             self.parser.feed(self._inflated(self._inflate.unconsumed_tail))
             return
         try:
-            async with asyncio.timeout(self._timeout):
+            async with self.client_wait.within(self._timeout):
                 data = await self.reader.read(READ_CHUNK)
         except TimeoutError:
             raise Disconnect("timeout") from None
+        except SessionEnded:
+            raise Disconnect("ended") from None
         except (ConnectionError, ssl.SSLError) as exc:
             raise Disconnect("lost") from exc
         if not data:
@@ -295,15 +313,18 @@ class ImapListener:
         try:
             await self._converse(session, connection)
         except Disconnect as exc:
-            abort = exc.reason != "eof"
+            abort = exc.reason not in ("eof", "ended")
             if exc.reason == "timeout":
                 log.info("autologout", extra=session.log_context)
-                connection.writer.write(r.BYE_TIMEOUT.untagged())  # best effort, no wait
+                connection.farewell(r.BYE_TIMEOUT.untagged())
+            elif exc.reason == "ended":
+                log.info("session ended: account deleted", extra=session.log_context)
+                connection.farewell(r.BYE_ACCOUNT_DELETED.untagged())
             else:
                 log.info("connection ended: %s", exc.reason, extra=session.log_context)
         except asyncio.CancelledError:
             log.info("session ended by shutdown", extra=session.log_context)
-            connection.writer.write(r.BYE_SHUTDOWN.untagged())  # best effort, no wait
+            connection.farewell(r.BYE_SHUTDOWN.untagged())
             raise
         except Exception:
             abort = True
@@ -318,6 +339,8 @@ class ImapListener:
         await session.greeting()
         parser = connection.parser
         while True:
+            if connection.client_wait.ended:  # not even a command the client pipelined
+                raise Disconnect("ended")
             event = parser.next_event()
             if isinstance(event, NeedMore):
                 await connection.read_more()

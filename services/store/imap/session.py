@@ -43,6 +43,7 @@ from services.store.imap.protocol.parser import (
 )
 from services.store.imap.selected import InvalidSequence, SelectedMailbox, SelectedMailboxDeleted
 from services.store.imap.userlimit import UserConnections
+from services.store.logins import Logins
 from services.store.mailbox import Changes, NoSuchMailbox, OutOfSpace
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class ImapDeps:
     # Sessions per account and client address; None: start_imap_servers makes one of
     # settings.imap_max_userip_connections.
     user_connections: UserConnections | None = None
+    # The store's logged-in sessions, ended when their account is deleted; None: never.
+    logins: Logins | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,12 @@ class Channel(Protocol):
         as large as settings.imap_max_literal instead of a few KiB."""
         ...
 
+    def end_session(self) -> None:
+        """End the connection with `* BYE Account deleted` when it next waits for the client
+        (at once if it waits now, in IDLE too); a response being written is finished
+        first."""
+        ...
+
 
 @dataclass
 class Enabled:
@@ -160,15 +169,15 @@ class Session:
         self._auth_failures = 0
         self._turn: LongTurn | None = None  # held while a long command runs (lanes.py)
         self._farewell = r.BYE_LOGOUT  # the BYE before the connection closes
-        self._uncount: Callable[[], None] | None = None  # ends this session's user+IP count
+        # What the end of the session undoes: its user+IP count, its place in `Logins`.
+        self._on_end: list[Callable[[], None]] = []
 
     # The server's entry points
 
     def ended(self) -> None:
         """The connection is gone (the server calls this once, however it ended)."""
-        if self._uncount is not None:
-            self._uncount()
-            self._uncount = None
+        while self._on_end:
+            self._on_end.pop()()
 
     async def greeting(self) -> None:
         await self.send(r.OK_GREETING.with_code(self.capability_code()).untagged())
@@ -418,11 +427,20 @@ class Session:
             await asyncio.sleep(self.deps.auth_failure_delay)
             return r.NO_AUTH_FAILED
         if self.deps.user_connections is not None:
-            self._uncount = self.deps.user_connections.admit(user, ip)
-            if self._uncount is None:
+            uncount = self.deps.user_connections.admit(user, ip)
+            if uncount is None:
                 log.info("login refused: too many sessions of this account from this address",
                          extra={**self.log_context, "user": user})
                 return r.NO_TOO_MANY_USER_SESSIONS
+            self._on_end.append(uncount)
+        if self.deps.logins is not None:
+            leave = await self.deps.logins.admit(user, self.channel.end_session)
+            if leave is None:
+                self.ended()
+                log.info("login failed: account deleted meanwhile",
+                         extra={**self.log_context, "user": user})
+                return r.NO_AUTH_FAILED
+            self._on_end.append(leave)
         self.user = user
         self.state = State.AUTHENTICATED
         self.channel.logged_in()

@@ -146,6 +146,7 @@ ERR_STORAGE_PERM = err("mailbox unavailable", CODE_SYS_PERM)
 ERR_MESSAGE_GONE = err("message no longer available", CODE_SYS_PERM)
 ERR_UPDATE_FAILED = err("deletions not committed, messages kept", CODE_SYS_TEMP)
 ERR_IDLE_TIMEOUT = err("disconnected for inactivity")
+ERR_ACCOUNT_DELETED = err("account deleted")  # tiermail user del (services/store/logins.py)
 
 SASL_CONTINUE = b"+ " + CRLF  # RFC 5034 section 4: an empty challenge
 

@@ -19,12 +19,14 @@ from common.tls import server_context
 from services.store.backends.accounts import AccountDB
 from services.store.listening import (
     ListenerSessions,
+    SessionEnded,
     SessionEndingServer,
     close_connection,
     peer_of,
     refuse_connection,
     write_or_lost,
 )
+from services.store.logins import Logins
 from services.store.mailbox import MailStore
 from services.store.pop3 import protocol as p
 from services.store.pop3.locks import MailboxLocks
@@ -46,17 +48,18 @@ async def start_pop3_servers(
     auth_failure_delay: float = AUTH_FAILURE_DELAY,
     locks: MailboxLocks | None = None,
     throttle: AuthThrottle | None = None,
+    logins: Logins | None = None,
 ) -> list[SessionEndingServer]:
     """Start the POP3 listener on settings.pop3_port and, when a certificate is configured,
     POP3S on settings.pop3s_port. Both share one maildrop lock registry (`locks`, a new one
-    unless given) and the failed-login throttle, if given. The caller closes the returned
-    servers."""
+    unless given), the failed-login throttle and the store's `logins` (their sessions end
+    when their account is deleted), if given. The caller closes the returned servers."""
     context = server_context(settings)
     if locks is None:
         locks = MailboxLocks()
     sessions: set[asyncio.Task[None]] = set()
     plain = Pop3Listener(settings, mailstore, accounts, locks, context, auth_failure_delay,
-                         sessions, implicit_tls=False, throttle=throttle)
+                         sessions, implicit_tls=False, throttle=throttle, logins=logins)
     with binding("pop3_port", settings.bind, settings.pop3_port):
         plain_server = await asyncio.start_server(plain.serve, settings.bind,
                                                   settings.pop3_port, limit=LINE_LIMIT)
@@ -65,7 +68,7 @@ async def start_pop3_servers(
     if context is not None:
         implicit = Pop3Listener(settings, mailstore, accounts, locks, context,
                                 auth_failure_delay, sessions, implicit_tls=True,
-                                throttle=throttle)
+                                throttle=throttle, logins=logins)
         try:
             with binding("pop3s_port", settings.bind, settings.pop3s_port):
                 server = await asyncio.start_server(
@@ -108,9 +111,11 @@ class Pop3Listener:
     def __init__(self, settings: Settings, mailstore: MailStore, accounts: AccountDB,
                  locks: MailboxLocks, context: ssl.SSLContext | None,
                  auth_failure_delay: float, sessions: set[asyncio.Task[None]], *,
-                 implicit_tls: bool, throttle: AuthThrottle | None = None) -> None:
+                 implicit_tls: bool, throttle: AuthThrottle | None = None,
+                 logins: Logins | None = None) -> None:
         self._implicit_tls = implicit_tls
         self._throttle = throttle
+        self._logins = logins
         self.sessions = ListenerSessions(sessions, settings.pop3_max_connections)
         self._settings = settings
         self._mailstore = mailstore
@@ -144,6 +149,7 @@ class Pop3Listener:
             plaintext_auth_allowed=self._settings.plaintext_auth_allowed,
             auth_failure_delay=self._auth_failure_delay,
             throttle=self._throttle,
+            logins=self._logins,
         )
         log.info("connected", extra={**session.log_context,
                                      "event": "pop3s" if implicit_tls else "pop3"})
@@ -172,11 +178,18 @@ class Pop3Listener:
         await self._send(session, writer, session.greeting())
         while True:
             try:
-                line = await asyncio.wait_for(read_line(reader), self._timeout)
+                async with session.client_wait.within(self._timeout):
+                    line = await read_line(reader)
             except TimeoutError:
                 # RFC 1939 section 3: an idle client is logged out without UPDATE.
                 log.info("idle timeout", extra=session.log_context)
                 await self._send(session, writer, Response(p.ERR_IDLE_TIMEOUT.encode()))
+                return
+            except SessionEnded:
+                # As after a timeout: closed without UPDATE, so its DELEs are not committed.
+                # The line is not waited for: the close gives it CLOSE_TIMEOUT.
+                log.info("session ended: account deleted", extra=session.log_context)
+                write_or_lost(writer, p.ERR_ACCOUNT_DELETED.encode())
                 return
             if line is None:
                 log.debug("C: <overlong line discarded>", extra=session.log_context)

@@ -19,6 +19,8 @@ from common.auththrottle import AuthThrottle
 from common.directory import normalize_address
 from services.store.auth import authenticate
 from services.store.backends.accounts import AccountDB
+from services.store.listening import ClientWait
+from services.store.logins import Logins
 from services.store.mailbox import (
     INBOX,
     MailStore,
@@ -130,6 +132,7 @@ class Session:
         plaintext_auth_allowed: bool,
         auth_failure_delay: float = AUTH_FAILURE_DELAY,
         throttle: AuthThrottle | None = None,
+        logins: Logins | None = None,
     ) -> None:
         self._mailstore = mailstore
         self._accounts = accounts
@@ -141,6 +144,11 @@ class Session:
         self._plaintext_auth_allowed = plaintext_auth_allowed
         self._auth_failure_delay = auth_failure_delay
         self._throttle = throttle
+        self._logins = logins
+        # The server waits for the client's lines through this; `Logins` ends it when the
+        # account is deleted.
+        self.client_wait = ClientWait()
+        self._leave_logins: Callable[[], None] | None = None
 
         self.state = State.AUTHORIZATION
         self.user: str | None = None  # set once logged in (and the maildrop locked)
@@ -192,10 +200,14 @@ class Session:
         self._pending_user = None
 
     async def close(self) -> None:
-        """Connection gone (QUIT, disconnect, timeout): release the maildrop, no UPDATE."""
+        """Connection gone (QUIT, disconnect, timeout, account deleted): release the maildrop,
+        no UPDATE."""
         if self._holds_lock and self.user is not None:
             self._holds_lock = False
             self._locks.release(self.user)
+        if self._leave_logins is not None:
+            self._leave_logins()
+            self._leave_logins = None
 
     def loggable(self, line: bytes) -> str:
         """The client line as it may appear in a DEBUG log: credentials redacted."""
@@ -259,7 +271,13 @@ class Session:
         if verdict == "wrong":
             return await self._auth_failed(address, count=False)  # counted in the check
         user = normalize_address(address)
+        leave = await self._admit(user)
+        if leave is None:
+            log.info("login failed: account deleted meanwhile", extra={**self.log_context,
+                                                                        "user": user})
+            return await self._auth_failed(address, count=False)
         if not self._locks.acquire(user):
+            leave()
             log.info("maildrop locked by another session", extra={**self.log_context,
                                                                    "user": user})
             return Response(p.ERR_IN_USE.encode())
@@ -272,7 +290,9 @@ class Session:
             messages, padding = [], {}  # an account that never received mail: empty
         except BaseException:
             self._locks.release(user)
+            leave()
             raise
+        self._leave_logins = leave
         self.user = user
         self._holds_lock = True
         self._messages = messages
@@ -282,6 +302,13 @@ class Session:
         count, octets = self._totals()
         log.info("logged in", extra=self.log_context)
         return Response(p.OK_LOGGED_IN.format(user=user, count=count, octets=octets).encode())
+
+    async def _admit(self, user: str) -> Callable[[], None] | None:
+        """Count the session among the store's logins (services/store/logins.py); None when
+        the account was deleted while its password was checked."""
+        if self._logins is None:
+            return _nothing
+        return await self._logins.admit(user, self.client_wait.end)
 
     async def _check_password(self, address: str, password: str) -> str:
         """"right", "wrong" (counted in the throttle) or "throttled" (not checked)."""
@@ -454,6 +481,10 @@ class Session:
         log.info("maildrop updated", extra={**self.log_context, "event": f"expunged={len(uids)}"})
         remaining = len(self._messages) - len(uids)
         return Response(p.OK_BYE_UPDATED.format(count=remaining).encode(), after=After.CLOSE)
+
+
+def _nothing() -> None:
+    pass
 
 
 _AUTH = frozenset({State.AUTHORIZATION})
