@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from common.directory import normalize_address, normalize_domain
-from common.listen import CannotStart
+from common.listen import CannotStart, lock_directory
 from common.logs import setup_logging
 from common.settings import Settings, SettingsError
 from services.store.backends.accounts import AccountDB
@@ -119,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("address")
         sub.add_argument("--password-stdin", action="store_true",
                          help="read the password from standard input (one line)")
+        if name == "add":
+            sub.add_argument("--reuse-mail", action="store_true",
+                             help="give the new account the mail a deleted account of the "
+                                  "same address left (without it, that mail is moved aside)")
     command("del", user_del, "delete a user and end its IMAP and POP3 sessions (mail stays on "
             "disk)", user).add_argument("address")
     command("list", user_list, "list users (with their quota, where they have one)", user)
@@ -387,10 +392,50 @@ def user_add(settings: Settings, args: argparse.Namespace) -> int:
     from common.passwords import hash_password
 
     password_hash = hash_password(_read_password(args))
-    address = _change(settings, lambda a: a.add_user(args.address, password_hash),
-                      lambda d: d.add_user(args.address))
-    print(f"user {address} added")
+    with _earlier_mailbox_settled(settings, normalize_address(args.address),
+                                  args.reuse_mail) as note:
+        address = _change(settings, lambda a: a.add_user(args.address, password_hash),
+                          lambda d: d.add_user(args.address))
+    print(f"user {address} added{note}")
     return 0
+
+
+@contextlib.contextmanager
+def _earlier_mailbox_settled(settings: Settings, address: str, reuse: bool
+                             ) -> Iterator[str]:
+    """A deleted account's mail stays on disk under its address; a new account with that
+    address (often another person) must not find it in its INBOX. Unless `reuse` (an
+    account deleted by mistake, restored), the old mailbox is moved aside first, which only
+    a stopped store allows: the store's lock is held until the account exists."""
+    from services.store.backends.maildb import retire_mailbox, user_path
+    from services.store.mailbox import NoSuchUser
+
+    try:
+        old = user_path(settings.store_dir / "mail", address)
+    except NoSuchUser:  # not a usable address: adding the account says why
+        old = None
+    if old is None or not old.exists() or _is_user(settings, address):
+        yield ""
+        return
+    if reuse:
+        yield f", with the mail an earlier account of that address left in {old}"
+        return
+    try:
+        lock = lock_directory(settings.store_dir, "store")
+    except CannotStart:
+        raise CommandError(
+            f"{address} had an account before, whose mail is still in {old}. "
+            f"--reuse-mail gives that mail to the new account; to start it empty, stop the "
+            f"store and run this again (the old mail is then moved to "
+            f"{settings.store_dir / 'retired'})") from None
+    with lock:
+        retired = retire_mailbox(settings.store_dir, address)
+        yield f"; the mail of the earlier account of that address was moved to {retired}"
+
+
+def _is_user(settings: Settings, address: str) -> bool:
+    with _accounts(settings) as accounts:
+        return accounts.user_exists(address)
 
 
 def user_passwd(settings: Settings, args: argparse.Namespace) -> int:
@@ -419,7 +464,8 @@ def user_del(settings: Settings, args: argparse.Namespace) -> int:
 
     _change(settings, db_change, redis_change)
     print(f"user {normalize_address(args.address)} deleted "
-          f"(mail kept under {settings.store_dir})")
+          f"(mail kept under {settings.store_dir}; a new account with the address "
+          f"starts without it)")
     if sources:
         print(f"taken out of the aliases {', '.join(sources)}")
     return 0

@@ -372,6 +372,23 @@ def _makedirs_durable(path: Path) -> None:
         _fsync_dir(directory.parent)
 
 
+def retire_mailbox(store_dir: Path, user: str) -> Path | None:
+    """Move the mailbox directory a deleted account left behind to `store_dir/retired/`
+    (out of the store's reach, kept for the operator) so that a new account with the same
+    address starts empty; the new path, or None when there was none. Only while no store
+    runs on `store_dir`: a running one may hold the directory's files open."""
+    path = user_path(store_dir / "mail", user)
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    retired = store_dir / "retired" / f"{path.name}.{stamp}"
+    _makedirs_durable(retired.parent)
+    path.rename(retired)
+    _fsync_dir(path.parent)
+    _fsync_dir(retired.parent)
+    return retired
+
+
 def _flags_text(flags: Iterable[str]) -> str:
     return " ".join(sorted(set(flags)))
 

@@ -1,5 +1,6 @@
 """The `tiermail` account commands, run as an operator runs them, against the real Redis."""
 
+import asyncio
 import json
 import os
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 import redis
 
 from common.health import heartbeat_key
+from common.listen import lock_directory
 from common.passwords import verify_password
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
@@ -274,3 +276,50 @@ def test_a_change_redis_missed_is_not_hidden_by_the_next_command(
     # The store's test (services/store/main.py): republish when the generations differ.
     assert b"bob@example.org" in redis_client.smembers(prefix + "dir:users") \
         or published != generation
+
+
+def test_a_new_account_does_not_get_the_mail_a_deleted_one_left(settings: Settings) -> None:
+    """The mail of a deleted account stays on disk under its address; a new account with the
+    address (often another person) starts empty: the old mailbox is moved aside, which needs
+    the store stopped, or kept for it on purpose with --reuse-mail."""
+    from services.store.backends.maildb import MailDB, user_path
+    from services.store.mailbox import Delivery
+
+    tiermail(settings, "domain", "add", "example.org")
+    address = "carol@example.org"
+    tiermail(settings, "user", "add", address, "--password-stdin", stdin="pw\n")
+
+    async def deliver() -> None:
+        maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+        try:
+            await maildb.deliver([Delivery("Q1", address, b"Subject: old\r\n\r\nold\r\n",
+                                           time.time())])
+        finally:
+            await maildb.close()
+
+    asyncio.run(deliver())
+    mailbox = user_path(settings.store_dir / "mail", address)
+    assert (mailbox / "index.sqlite").exists()
+    assert tiermail(settings, "user", "del", address).returncode == 0
+
+    with lock_directory(settings.store_dir, "store"):  # a store running on the data dir
+        refused = tiermail(settings, "user", "add", address, "--password-stdin", stdin="pw\n")
+    assert refused.returncode == 1
+    assert "had an account before" in refused.stderr and "--reuse-mail" in refused.stderr
+    assert tiermail(settings, "user", "list").stdout == ""
+    assert (mailbox / "index.sqlite").exists()
+
+    added = tiermail(settings, "user", "add", address, "--password-stdin", stdin="pw\n")
+    assert added.returncode == 0, added.stderr
+    assert "was moved to" in added.stdout
+    assert not mailbox.exists()
+    [retired] = (settings.store_dir / "retired").iterdir()
+    assert retired.name.startswith(address + ".") and (retired / "index.sqlite").exists()
+
+    assert tiermail(settings, "user", "del", address).returncode == 0
+    mailbox.mkdir(parents=True)  # mail the second account left
+    with lock_directory(settings.store_dir, "store"):
+        kept = tiermail(settings, "user", "add", address, "--password-stdin", "--reuse-mail",
+                        stdin="pw\n")
+    assert kept.returncode == 0, kept.stderr
+    assert mailbox.exists() and "with the mail an earlier account" in kept.stdout
