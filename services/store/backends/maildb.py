@@ -21,7 +21,9 @@ Index tables (schema 6; older indexes are migrated in place when first opened):
     message       mailbox_id, uid, guid (unique: the body row's key or the file's name),
                   size, internaldate, flags (sorted, space-separated; system flags in
                   canonical case), modseq, padding (mailbox.line_end_padding: octets POP3
-                  adds to end every line with CRLF; 0 for nearly every message)
+                  adds to end every line with CRLF; 0 for nearly every message; NULL: not
+                  computed yet, only in an index migrated from schema 5 or older, whose
+                  partial index `padding_pending` lists those rows until all are filled in)
     body          guid -> data: the bytes of an inline message, inserted and deleted in the
                   transactions that insert and delete its message row. A message has either
                   a body row or a file, never both; which one was decided when its bytes
@@ -80,6 +82,7 @@ import hashlib
 import io
 import logging
 import os
+import queue
 import re
 import shutil
 import sqlite3
@@ -138,6 +141,16 @@ T = TypeVar("T")
 # subscription, account (usage). 4: body (inline message bodies). 5: mailbox.messages.
 # 6: message.padding (mailbox.line_end_padding: what POP3 adds to close the lines).
 SCHEMA_VERSION = 6
+
+# Schema 5 -> 6 adds message.padding as NULL ("not computed yet"), this partial index of the
+# rows still NULL and the next one; `MailDB._fill_padding` computes the paddings in batches,
+# outside the writer, and drops both indexes when none is left. An index created at schema 6
+# never has NULLs.
+PADDING_PENDING = "padding_pending"
+# delivered(mailbox_id, uid): tells delivered mail (CRLF only: its last octet tells) from any
+# other (read whole). Without it each lookup scanned `delivered`: 20,000 messages took 22 s.
+PADDING_DELIVERED = "padding_delivered"
+PADDING_BATCH = 1000  # rows computed, then committed in one short write transaction
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mailbox (
     id INTEGER PRIMARY KEY,
@@ -459,6 +472,10 @@ class MailDB:
         _makedirs_durable(root)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maildb-writer")
         self._reader = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="maildb-read")
+        # One thread computes the paddings of migrated indexes, one batch at a time.
+        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maildb-padding")
+        # Users whose index the writer found with paddings to compute (writer -> event loop).
+        self._padding_found: queue.SimpleQueue[str] = queue.SimpleQueue()
         # Touched only in the writer thread.
         self._open: OrderedDict[str, sqlite3.Connection] = OrderedDict()
         self._uidvalidity: _UidValidity | None = None
@@ -473,6 +490,7 @@ class MailDB:
         # Shared by the reader threads (it has its own lock).
         self._snapshots = MessageListCache(snapshot_messages)
         self._feeds = ChangeFeeds()  # event loop only
+        self._padding_fills: dict[str, asyncio.Task[None]] = {}  # event loop only
         # Per calling thread (open_message runs in its callers' threads).
         self._bodies = BodyReaders(SCHEMA_VERSION, self._index_file)
 
@@ -564,7 +582,17 @@ class MailDB:
         return await self._read(self._usage_sync, user, INBOX)
 
     async def line_end_padding(self, user: str, mailbox: str = INBOX) -> dict[int, int]:
-        return await self._read(self._padding_sync, user, canonical_mailbox(mailbox))
+        """Waits, when the index was migrated from schema 5 and some paddings are not
+        computed yet, until the user's are (POP3's sizes must be exact)."""
+        name = canonical_mailbox(mailbox)
+        padding = await self._read(self._padding_sync, user, name)
+        if None in padding.values():
+            # Shielded: a POP3 client that goes away does not stop the user's fill.
+            await asyncio.shield(self._padding_task(user))
+            padding = await self._read(self._padding_sync, user, name)
+        if None in padding.values():
+            raise StorageError(f"line end padding of {user} not computed")
+        return {uid: octets for uid, octets in padding.items() if octets}
 
     # MailStore: writes
 
@@ -677,9 +705,14 @@ class MailDB:
         if self._closed:
             return
         self._closed = True
+        fills = list(self._padding_fills.values())
+        for fill in fills:
+            fill.cancel()
+        await asyncio.gather(*fills, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(self._writer, self._close_sync)
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
+        self._filler.shutdown(wait=True)  # its batch stops at the next message (`_closed`)
         self._bodies.close()
 
     # Additions beyond MailStore (used by IMAP, the consumer, main and tests)
@@ -781,8 +814,11 @@ class MailDB:
         if self._closed:
             raise StorageError("mail store is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, functools.partial(
-            _space_checked, func, *args))
+        try:
+            return await loop.run_in_executor(self._writer, functools.partial(
+                _space_checked, func, *args))
+        finally:
+            self._start_padding_fills()
 
     async def _in_reader(self, func: Callable[..., T], *args: object) -> T:
         if self._closed:
@@ -808,7 +844,59 @@ class MailDB:
                     with contextlib.suppress(RuntimeError):  # the loop is gone
                         loop.call_soon_threadsafe(self._publish, events)
 
-        return await loop.run_in_executor(self._writer, run)
+        try:
+            return await loop.run_in_executor(self._writer, run)
+        finally:
+            self._start_padding_fills()
+
+    # Paddings of indexes migrated from schema 5 (event loop)
+
+    def _start_padding_fills(self) -> None:
+        """Start filling in the paddings of the indexes the writer found incomplete."""
+        while not self._padding_found.empty():
+            user = self._padding_found.get_nowait()
+            if not self._closed:
+                self._padding_task(user)
+
+    def _padding_task(self, user: str) -> asyncio.Task[None]:
+        """The task computing the user's missing paddings, started if none runs."""
+        task = self._padding_fills.get(user)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fill_padding(user))
+            self._padding_fills[user] = task
+            task.add_done_callback(functools.partial(self._padding_fill_ended, user))
+        return task
+
+    def _padding_fill_ended(self, user: str, task: asyncio.Task[None]) -> None:
+        if self._padding_fills.get(user) is task:
+            del self._padding_fills[user]
+        if not task.cancelled() and task.exception() is not None:
+            # Tried again when the index is next opened, or POP3 needs the paddings.
+            log.warning("computing line end paddings failed", exc_info=task.exception(),
+                        extra={"user": user, "event": "index-padding"})
+
+    async def _fill_padding(self, user: str) -> None:
+        """Compute the paddings a schema 5 -> 6 migration left NULL, a batch at a time in
+        the padding thread, each batch committed by the writer in a short transaction of
+        its own: the writer every user shares is never held for long, and a crash loses at
+        most the batch in hand (the rest is committed, and the work resumes when the index
+        is next opened)."""
+        loop = asyncio.get_running_loop()
+        started, filled = time.monotonic(), 0
+        while True:
+            if self._closed:
+                raise StorageError("mail store is closed")
+            batch = await loop.run_in_executor(self._filler, self._padding_batch_sync, user)
+            if batch is None:
+                return
+            if batch:
+                await self._in_writer(self._store_padding_sync, user, batch)
+                filled += len(batch)
+            elif await self._in_writer(self._finish_padding_sync, user):
+                log.info("line end padding of %d messages computed in %.1f s", filled,
+                         time.monotonic() - started,
+                         extra={"user": user, "event": "index-padding"})
+                return
 
     def _publish(self, events: list[ChangeEvent]) -> None:
         for event in events:  # before the version moves: a session then asks the feed
@@ -855,6 +943,8 @@ class MailDB:
             if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 self._upgrade_index(conn, user)
                 _fsync_dir(path)
+            if _padding_pending(conn):
+                self._padding_found.put(user)
         except BaseException:
             conn.close()
             raise
@@ -899,7 +989,7 @@ class MailDB:
                 conn.execute("UPDATE mailbox SET messages ="
                              " (SELECT count(*) FROM message WHERE mailbox_id = mailbox.id)")
             if "padding" not in {row[1] for row in conn.execute("PRAGMA table_info(message)")}:
-                self._add_padding(conn, user)  # 5 -> 6
+                _add_padding_column(conn)  # 5 -> 6
             for trigger in MESSAGE_COUNT_TRIGGERS:
                 conn.execute(trigger)
             conn.execute("INSERT OR IGNORE INTO account (id, usage)"
@@ -915,43 +1005,29 @@ class MailDB:
             log.info("index migrated from schema %d to %d", version, SCHEMA_VERSION,
                      extra={"user": user, "event": "index-migrated"})
 
-    def _add_padding(self, conn: sqlite3.Connection, user: str) -> None:
-        """Schema 5 -> 6: message.padding of the messages already stored, inside the
-        migration's transaction. Delivered mail has CRLF line ends only (the filter refuses
-        bare ones), so its last octet tells: an inline body's within SQLite, a file's with
-        one read at its end. Any other message (APPENDed, or copied or moved, which gives a
-        new UID) is read whole: APPEND kept bare LFs until after schema 5 (8fa5827)."""
-        conn.execute("ALTER TABLE message ADD COLUMN padding INTEGER NOT NULL DEFAULT 0")
-        conn.execute(
-            "UPDATE message SET padding = (SELECT CASE substr(data, -1) WHEN x'0a' THEN 0"
-            " WHEN x'0d' THEN 1 ELSE 2 END FROM body WHERE body.guid = message.guid)"
-            " WHERE guid IN (SELECT guid FROM body WHERE length(data) > 0)")
-        rows = conn.execute(
-            f"SELECT guid, {_INLINE}, EXISTS (SELECT 1 FROM delivered d"
-            " WHERE d.mailbox_id = message.mailbox_id AND d.uid = message.uid)"
-            " FROM message").fetchall()
-        padded = []
-        for guid, inline, delivered in rows:
-            if inline and delivered:
-                continue  # the UPDATE above
-            try:
-                padding = self._stored_padding(conn, user, guid, inline, whole=not delivered)
-            except OSError:
-                continue  # missing or empty: nothing POP3 could send either
-            padded.append((padding, guid))
-        conn.executemany("UPDATE message SET padding = ? WHERE guid = ?", padded)
+    def _store_padding_sync(self, user: str, computed: list[tuple[int, str]]) -> None:
+        """Record (padding, GUID) pairs from `_padding_batch_sync`; rows expunged since are
+        gone, rows moved since keep their GUID, and a copy made since has a GUID of its own,
+        still NULL, computed by a later batch."""
+        conn = self._writer_conn(user, create=False)
+        if conn is None:
+            return
+        # Not durable: a commit a power failure loses leaves NULLs, which are computed again.
+        with transaction(conn, durable=False):
+            conn.executemany("UPDATE message SET padding = ? WHERE guid = ?"
+                             " AND padding IS NULL", computed)
 
-    def _stored_padding(self, conn: sqlite3.Connection, user: str, guid: str, inline: bool,
-                        whole: bool) -> int:
-        """line_end_padding of a stored message, read `whole` or from its last octet."""
-        if inline:
-            (data,) = conn.execute("SELECT data FROM body WHERE guid = ?", (guid,)).fetchone()
-            return line_end_padding(bytes(data))
-        with open(self._message_file(user, guid), "rb") as file:
-            if whole:
-                return line_end_padding(file.read())
-            file.seek(-1, os.SEEK_END)
-            return _padding_after(file.read(1))
+    def _finish_padding_sync(self, user: str) -> bool:
+        """Drop `padding_pending` if no padding is left to compute; whether it was."""
+        conn = self._writer_conn(user, create=False)
+        if conn is None:
+            return True
+        with transaction(conn):
+            if conn.execute("SELECT 1 FROM message WHERE padding IS NULL LIMIT 1").fetchone():
+                return False
+            conn.execute(f"DROP INDEX IF EXISTS {PADDING_PENDING}")
+            conn.execute(f"DROP INDEX IF EXISTS {PADDING_DELIVERED}")
+        return True
 
     def _create_standard_mailboxes(self, conn: sqlite3.Connection) -> None:
         """INBOX and the special-use folders, those missing; inside a write transaction.
@@ -1669,7 +1745,8 @@ class MailDB:
             return None
         return _usage(conn)
 
-    def _padding_sync(self, user: str, mailbox: str) -> dict[int, int] | None:
+    def _padding_sync(self, user: str, mailbox: str) -> dict[int, int | None] | None:
+        """UID -> padding of the messages whose padding is not 0 (None: not computed yet)."""
         conn = self._read_conn(user)
         if conn is None:
             return None
@@ -1677,13 +1754,81 @@ class MailDB:
         if row is None:
             return None
         return dict(conn.execute("SELECT uid, padding FROM message WHERE mailbox_id = ?"
-                                 " AND padding != 0", (row[0],)).fetchall())
+                                 " AND padding IS NOT 0", (row[0],)).fetchall())
+
+    # The padding thread
+
+    def _padding_batch_sync(self, user: str) -> list[tuple[int, str]] | None:
+        """(padding, GUID) of up to PADDING_BATCH messages whose padding is not computed
+        yet; no transaction is open meanwhile. None when the index has nothing left to
+        compute (`padding_pending` is gone) or does not exist.
+
+        Delivered mail has CRLF line ends only (the filter refuses bare ones), so its last
+        octet tells: an inline body's read by SQLite, a file's with one pread. Any other
+        message (APPENDed, or copied or moved, which gives a new UID) is read whole: APPEND
+        kept bare LFs until after schema 5 (8fa5827)."""
+        conn = self._bodies.connection(user)
+        if conn is None or not _padding_pending(conn):
+            return None
+        rows = conn.execute(
+            "SELECT guid, EXISTS (SELECT 1 FROM delivered d WHERE d.mailbox_id ="
+            " message.mailbox_id AND d.uid = message.uid), (SELECT substr(data, -1) FROM body"
+            " WHERE body.guid = message.guid) FROM message WHERE padding IS NULL LIMIT ?",
+            (PADDING_BATCH,)).fetchall()
+        computed = []
+        for guid, delivered, last_octet in rows:
+            if self._closed:
+                break
+            if last_octet is None:
+                padding = self._file_padding(user, guid, whole=not delivered)
+            elif delivered:
+                padding = _padding_after(last_octet) if last_octet else 0
+            else:
+                padding = line_end_padding(self._bodies.body(user, guid) or b"")
+            computed.append((padding, str(guid)))
+        return computed
+
+    def _file_padding(self, user: str, guid: str, whole: bool) -> int:
+        """The padding of a message kept in a file, read whole or from its last octet; 0 for
+        a file that is gone (expunged since, or lost: POP3 cannot send it either)."""
+        try:
+            fd = os.open(self._message_file(user, guid), os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:  # os calls, not open(): a buffered file object cost a third more here
+            if whole:
+                with open(fd, "rb", buffering=0, closefd=False) as file:
+                    return line_end_padding(file.readall())
+            size = os.fstat(fd).st_size
+            return _padding_after(os.pread(fd, 1, size - 1)) if size else 0
+        finally:
+            os.close(fd)
 
     def _queue_ids_sync(self, user: str) -> set[str]:
         conn = self._read_conn(user)
         if conn is None:
             return set()
         return {row[0] for row in conn.execute("SELECT queue_id FROM delivered")}
+
+
+def _add_padding_column(conn: sqlite3.Connection) -> None:
+    """Schema 5 -> 6, inside the migration's transaction: message.padding, NULL in the rows
+    already there, the partial index of the NULL rows and the lookup of delivered messages
+    by UID (both dropped once every padding is computed). No body is read here: reading
+    the last octets of 100,000 message files in this transaction took seconds (minutes on
+    a slow disk) while the writer, shared by every user, waited; `MailDB._fill_padding`
+    does it afterwards, in batches."""
+    conn.execute("ALTER TABLE message ADD COLUMN padding INTEGER")
+    conn.execute(f"CREATE INDEX IF NOT EXISTS {PADDING_PENDING} ON message(guid)"
+                 " WHERE padding IS NULL")
+    conn.execute(f"CREATE INDEX IF NOT EXISTS {PADDING_DELIVERED} ON delivered(mailbox_id, uid)")
+
+
+def _padding_pending(conn: sqlite3.Connection) -> bool:
+    """Whether the index still has paddings to compute (a migration from schema 5 left
+    them NULL)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?",
+                        (PADDING_PENDING,)).fetchone() is not None
 
 
 # A column for `SELECT ... FROM message`: 1 when the message's body is inline.

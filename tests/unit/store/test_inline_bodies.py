@@ -1,6 +1,6 @@
 """MailDB's inline bodies: where each kind of body goes, what is (not) journalled or fsynced,
-COPY, expunge, DELETE and sweep with both kinds side by side, the 3 -> 4 migration, and the
-per-thread read connections of open_message."""
+COPY, expunge, DELETE and sweep with both kinds side by side, the 3 -> 4 and 5 -> 6
+migrations, and the per-thread read connections of open_message."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.store.backends import bodies
+from services.store.backends import bodies, maildb
 from services.store.backends.maildb import SCHEMA_VERSION, MailDB
 from services.store.mailbox import (
     ARCHIVE,
@@ -26,6 +26,7 @@ from services.store.mailbox import (
 from tests.support import check_bodies
 
 ALICE = "alice@example.test"
+BOB = "bob@example.test"
 INLINE_MAX = 1000  # small enough that a test builds messages on both sides cheaply
 
 
@@ -363,6 +364,53 @@ async def test_schema_5_index_counts_the_bare_line_feeds_of_appended_messages(
     try:
         assert await db.line_end_padding(ALICE) == {1: 4, 2: 302 + 2}
     finally:
+        await db.close()
+
+
+async def test_computing_the_paddings_holds_up_no_write_and_no_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The migration's paddings are computed outside the writer, which every user's
+    deliveries share: with that computation held up, another user's delivery and this
+    user's reads, COPY, MOVE and EXPUNGE go through; POP3's paddings wait for it and are
+    right, those of the copies made meanwhile and of an appended message with bare LFs
+    too. When all are computed, the migration's helper indexes are gone."""
+    old = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    await old.deliver([delivery(f"q{n}", message(n, 5000)) for n in range(3)])  # files
+    await old.append(ALICE, INBOX, b"Subject: lf\n\nbare\n", frozenset())  # inline
+    await old.close()
+    back_to_schema_5(old.user_path(ALICE) / "index.sqlite")
+    held = threading.Event()
+    real = maildb._padding_after
+
+    def held_up(last_octet: bytes) -> int:  # a delivered file's last octet, being read
+        held.wait(60)
+        return real(last_octet)
+
+    monkeypatch.setattr(maildb, "_padding_after", held_up)
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    try:
+        migrating = asyncio.create_task(db.deliver([delivery("q4", SMALL)]))  # migrates
+        await asyncio.wait_for(db.deliver([delivery("bob", SMALL, BOB)]), 30)
+        await asyncio.wait_for(migrating, 30)
+        assert len(await asyncio.wait_for(db.list_messages(ALICE), 30)) == 5
+        await asyncio.wait_for(db.copy(ALICE, INBOX, [1, 4], ARCHIVE), 30)
+        await asyncio.wait_for(db.move(ALICE, INBOX, [2], ARCHIVE), 30)
+        await asyncio.wait_for(db.expunge(ALICE, INBOX, [3]), 30)
+        pop3 = asyncio.create_task(db.line_end_padding(ALICE))
+        held.set()
+        assert await asyncio.wait_for(pop3, 30) == {1: 2, 4: 3, 5: 2}
+        assert await db.line_end_padding(ALICE, ARCHIVE) == {1: 2, 2: 3, 3: 2}
+        conn = sqlite3.connect(db.user_path(ALICE) / "index.sqlite")
+        try:
+            assert conn.execute("SELECT count(*) FROM message WHERE padding IS NULL"
+                                ).fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name IN (?, ?)",
+                                (maildb.PADDING_PENDING, maildb.PADDING_DELIVERED)
+                                ).fetchone() == (0,)
+        finally:
+            conn.close()
+    finally:
+        held.set()
         await db.close()
 
 
