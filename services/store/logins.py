@@ -10,7 +10,8 @@ disk), and it looks:
   could not mirror a change (it warns), a deletion is noticed this much later.
 A look reads the database's change counter (`AccountDB.generation`); only when it moved are
 the logged-in accounts looked up (500 to a query), and the sessions of those that no longer
-exist are ended. An account deleted and added again between two looks is not noticed.
+exist are ended, and those logged in to an earlier account of the same address (deleted and
+added again between two looks: its creation time differs).
 
 The sessions end the next time they wait for their client (`listening.ClientWait`): what a
 command is writing is finished first. IMAP then says `* BYE Account deleted`; POP3 says
@@ -49,7 +50,7 @@ class Logins:
 
     def __init__(self, accounts: AccountDB) -> None:
         self._accounts = accounts
-        self._sessions: dict[str, set[End]] = {}
+        self._sessions: dict[str, dict[End, float | None]] = {}
         self._generation: int | None = None
 
     def __len__(self) -> int:
@@ -60,19 +61,22 @@ class Logins:
         when the account is deleted. Returns what takes the session out again (call it once,
         when the session ends), or None, counting nothing, when the account is gone by now
         (deleted while the password was checked): the login then fails."""
-        ends = self._sessions.setdefault(user, set())
-        ends.add(end)
+        ends = self._sessions.setdefault(user, {})
+        ends[end] = None  # the account's creation time, once looked up
 
         def leave() -> None:
-            ends.discard(end)
+            ends.pop(end, None)
             if not ends and self._sessions.get(user) is ends:
                 del self._sessions[user]
 
         # Counted first: a deletion committed from now on is found by `end_deleted`, one
         # committed before by this look.
-        if not await asyncio.to_thread(self._accounts.user_exists, user):
+        created = await asyncio.to_thread(self._accounts.user_created, user)
+        if created is None:
             leave()
             return None
+        if end in ends:
+            ends[end] = created
         return leave
 
     async def end_deleted(self) -> int:
@@ -84,15 +88,22 @@ class Logins:
         self._generation = generation  # first: a change during the lookup moves it again
         if not self._sessions:
             return 0
-        gone = await asyncio.to_thread(self._accounts.missing_users, list(self._sessions))
+        current = await asyncio.to_thread(self._accounts.users_created, list(self._sessions))
         ended = 0
-        for user in sorted(gone):
-            ends = list(self._sessions.get(user, ()))
-            log.info("account deleted: ending its %d session(s)", len(ends),
-                     extra={"user": user, "event": "sessions-ended"})
-            for end in ends:
+        undecided = False
+        for user, ends in sorted(self._sessions.items()):
+            # Another creation time: the account was deleted and added again meanwhile.
+            stale = [end for end, created in ends.items()
+                     if created is not None and created != current.get(user)]
+            undecided |= None in ends.values()
+            if stale:
+                log.info("account deleted: ending its %d session(s)", len(stale),
+                         extra={"user": user, "event": "sessions-ended"})
+            for end in stale:
                 end()
-            ended += len(ends)
+            ended += len(stale)
+        if undecided:
+            self._generation = None  # a login's own look was under way: look again next time
         return ended
 
 

@@ -273,16 +273,24 @@ class AccountDB:
         )
         return row.fetchone() is not None
 
-    def missing_users(self, addresses: Iterable[str]) -> set[str]:
-        """Those of `addresses` (as stored: normalized) that are not users (any longer)."""
+    def user_created(self, address: str) -> float | None:
+        """When the account of `address` was created, None when there is none: an account
+        deleted and added again is another one."""
+        row = self._db.execute(
+            "SELECT created FROM user WHERE address = ?", (normalize_address(address),)
+        ).fetchone()
+        return None if row is None else float(row[0])
+
+    def users_created(self, addresses: Iterable[str]) -> dict[str, float]:
+        """`user_created` of those of `addresses` (as stored: normalized) that are users."""
         wanted = list(addresses)
-        found: set[str] = set()
+        found: dict[str, float] = {}
         for start in range(0, len(wanted), _LOOKUP_BATCH):
             batch = wanted[start:start + _LOOKUP_BATCH]
             marks = ",".join("?" * len(batch))
-            found.update(row[0] for row in self._db.execute(
-                f"SELECT address FROM user WHERE address IN ({marks})", batch))
-        return set(wanted) - found
+            found.update((address, float(created)) for address, created in self._db.execute(
+                f"SELECT address, created FROM user WHERE address IN ({marks})", batch))
+        return found
 
     def password_hash(self, address: str) -> str | None:
         row = self._db.execute(

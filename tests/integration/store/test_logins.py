@@ -119,3 +119,21 @@ async def test_a_login_that_races_the_deletion_fails_and_a_left_session_is_forgo
     assert await sessions.log_in(logins, USERS[0]) is None
     assert len(logins) == 0
     assert await logins.end_deleted() == 0 and sessions.ended == []
+
+
+async def test_a_session_of_an_account_deleted_and_added_again_unseen_is_ended(
+        logins: Logins, accounts: AccountDB) -> None:
+    """Deleted and added again between two looks (the notice lost, the clock not yet
+    struck): the session belongs to the earlier account, another person's perhaps, and ends;
+    a session of the new account goes on."""
+    sessions = Sessions()
+    assert await sessions.log_in(logins, USERS[0]) is not None
+    assert await logins.end_deleted() == 0
+    accounts.delete_user(USERS[0])
+    accounts.add_user(USERS[0], "another-hash")
+    assert await logins.end_deleted() == 1 and sessions.ended == [USERS[0]]
+
+    assert await sessions.log_in(logins, USERS[0]) is not None
+    accounts.set_password(USERS[1], "moves-the-generation")
+    assert await logins.end_deleted() == 0 and sessions.ended == [USERS[0]]
+    assert len(logins) == 1
