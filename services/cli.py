@@ -407,11 +407,11 @@ def _earlier_mailbox_settled(settings: Settings, address: str, reuse: bool
     address (often another person) must not find it in its INBOX. Unless `reuse` (an
     account deleted by mistake, restored), the old mailbox is moved aside first, which only
     a stopped store allows: the store's lock is held until the account exists."""
-    from services.store.backends.maildb import retire_mailbox, user_path
+    from services.store.backends.maildb import retire_mailbox, store_user_path
     from services.store.mailbox import NoSuchUser
 
     try:
-        old = user_path(settings.store_dir / "mail", address)
+        old = store_user_path(settings.store_dir, address)
     except NoSuchUser:  # not a usable address: adding the account says why
         old = None
     if old is None or not old.exists() or _is_user(settings, address):

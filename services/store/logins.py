@@ -115,7 +115,7 @@ async def end_sessions_of_deleted_accounts(logins: Logins, redis: Redis, directo
     # Any message: a notice, or a (new) subscription's confirmation, before which notices
     # may have been missed.
     following = asyncio.create_task(
-        follow_notices(redis, directory, lambda _message: notice.set(), _nothing,
+        follow_notices(redis, directory, lambda _message: notice.set(), lambda: None,
                        name="account change notices"),
         name="account-change-notices")
     try:
@@ -131,7 +131,3 @@ async def end_sessions_of_deleted_accounts(logins: Logins, redis: Redis, directo
                             type(exc).__name__, exc, extra={"event": "sessions-ended"})
     finally:
         await stop_task(following)
-
-
-def _nothing() -> None:
-    pass

@@ -141,6 +141,7 @@ T = TypeVar("T")
 # subscription, account (usage). 4: body (inline message bodies). 5: mailbox.messages.
 # 6: message.padding (mailbox.line_end_padding: what POP3 adds to close the lines).
 SCHEMA_VERSION = 6
+MAIL_DIR = "mail"  # the mailboxes' root under the store's data directory
 
 # Schema 5 -> 6 adds message.padding as NULL ("not computed yet"), this partial index of the
 # rows still NULL and the next one; `MailDB._fill_padding` computes the paddings in batches,
@@ -298,6 +299,11 @@ def user_path(root: Path, user: str) -> Path:
     return path
 
 
+def store_user_path(store_dir: Path, user: str) -> Path:
+    """`user_path` under a store's data directory (TIERMAIL_DATA_DIR/store)."""
+    return user_path(store_dir / MAIL_DIR, user)
+
+
 def canonical_mailbox(name: str) -> str:
     """The stored spelling of a name to look up: INBOX, as first component, in any case
     means INBOX (RFC 3501 5.1); anything else is compared exactly."""
@@ -390,7 +396,7 @@ def retire_mailbox(store_dir: Path, user: str) -> Path | None:
     (out of the store's reach, kept for the operator) so that a new account with the same
     address starts empty; the new path, or None when there was none. Only while no store
     runs on `store_dir`: a running one may hold the directory's files open."""
-    path = user_path(store_dir / "mail", user)
+    path = store_user_path(store_dir, user)
     if not path.exists():
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -496,7 +502,7 @@ class MailDB:
 
     @classmethod
     def for_store(cls, store_dir: Path, *, inline_max: int, **kwargs: int) -> MailDB:
-        return cls(store_dir / "mail", inline_max=inline_max, **kwargs)
+        return cls(store_dir / MAIL_DIR, inline_max=inline_max, **kwargs)
 
     # Paths
 
@@ -1975,7 +1981,7 @@ def stored_usage(store_dir: Path, user: str) -> int:
     """The octets a user's mail takes, read from the index by another process (the CLI):
     the authority, where Redis holds the store's last report (only for accounts with a
     limit). 0 for an account that has no mail yet."""
-    index = user_path(store_dir / "mail", user) / "index.sqlite"
+    index = store_user_path(store_dir, user) / "index.sqlite"
     if not index.exists():
         return 0
     conn = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=30)

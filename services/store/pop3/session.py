@@ -307,7 +307,7 @@ class Session:
         """Count the session among the store's logins (services/store/logins.py); None when
         the account was deleted while its password was checked."""
         if self._logins is None:
-            return _nothing
+            return lambda: None
         return await self._logins.admit(user, self.client_wait.end)
 
     async def _check_password(self, address: str, password: str) -> str:
@@ -481,10 +481,6 @@ class Session:
         log.info("maildrop updated", extra={**self.log_context, "event": f"expunged={len(uids)}"})
         remaining = len(self._messages) - len(uids)
         return Response(p.OK_BYE_UPDATED.format(count=remaining).encode(), after=After.CLOSE)
-
-
-def _nothing() -> None:
-    pass
 
 
 _AUTH = frozenset({State.AUTHORIZATION})
