@@ -80,6 +80,7 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import logging
 import os
 import queue
@@ -244,6 +245,7 @@ _SPECIAL_USE_VALUES = frozenset(SPECIAL_USE.values())
 
 # Above this many UIDs a lookup reads the UID range and filters, instead of IN (...) chunks.
 _RANGE_SCAN_THRESHOLD = 256
+_SPAN_GAPS_PROBED = 1000  # a UID set with more gaps is checked by reading the span
 _IN_CHUNK = 500
 
 Listener = Callable[[ChangeEvent], None]
@@ -1860,12 +1862,14 @@ def _infos(rows: Iterable[Sequence[Any]]) -> list[MessageInfo]:
     """MessageInfo per (uid, guid, size, internaldate, flags, modseq) row. Inlined parsing:
     this loop is most of a 100,000-message SELECT."""
     flag_sets: dict[str, frozenset[str]] = {"": _EMPTY_FLAGS}
+    # tuple.__new__ directly: MessageInfo(...) adds a Python-level __new__ call per row.
+    new, info_type = tuple.__new__, MessageInfo
     result = []
     for uid, guid, size, internaldate, flags, modseq in rows:
         parsed = flag_sets.get(flags)
         if parsed is None:
             parsed = flag_sets[flags] = frozenset(flags.split())
-        result.append(MessageInfo(uid, guid, size, internaldate, parsed, modseq))
+        result.append(new(info_type, (uid, guid, size, internaldate, parsed, modseq)))
     return result
 
 
@@ -1964,8 +1968,19 @@ def _covered_span(conn: sqlite3.Connection, box_id: int,
     None (then the messages are handled one by one)."""
     if len(uids) <= _RANGE_SCAN_THRESHOLD:
         return None
-    wanted = set(uids)
-    low, high = min(wanted), max(wanted)
+    ordered = sorted(set(uids))
+    low, high = ordered[0], ordered[-1]
+    gaps = [(before + 1, after - 1) for before, after in itertools.pairwise(ordered)
+            if after - before > 1]
+    if len(gaps) <= _SPAN_GAPS_PROBED:
+        # Only a message inside a gap can be one the set does not name: one indexed probe
+        # per gap instead of reading every UID of the span (none at all for a gapless 1:*).
+        for first, last in gaps:
+            if conn.execute("SELECT 1 FROM message WHERE mailbox_id = ? AND uid BETWEEN ?"
+                            " AND ? LIMIT 1", (box_id, first, last)).fetchone():
+                return None
+        return low, high
+    wanted = set(ordered)
     existing = conn.execute("SELECT uid FROM message WHERE mailbox_id = ? AND uid BETWEEN ?"
                             " AND ?", (box_id, low, high))
     if all(uid in wanted for (uid,) in existing):

@@ -986,25 +986,24 @@ async def store(s: Session, c: Command) -> r.Reply:
     positions = [p for p in selected.positions(args.sequence, uid=c.uid)
                  if not selected.is_gone(p)]
     flags = frozenset(flag for flag in args.flags if flag != "\\Recent")
-    uids = [selected.info(p).uid for p in positions]
+    all_uids = selected.uids
+    uids = [all_uids[p] for p in positions]
     result = await s.store.store_flags(s.logged_in_user, selected.name, uids, args.mode, flags,
                                        args.unchangedsince, uidvalidity=selected.uidvalidity)
     selected.update(result.changed)
     modified = set(result.modified)
-    changed = {info.uid for info in result.changed}
     condstore = s.enabled.condstore
-    lines = []
-    for position in positions:
-        uid = selected.info(position).uid
-        if uid in modified:
-            continue
+    if modified:
+        positions = [p for p, uid in zip(positions, uids, strict=True) if uid not in modified]
+    if not args.silent:
         # RFC 7162 3.2.4: a CONDSTORE session gets UID and MODSEQ in every FETCH response
-        if not args.silent:
-            lines.append(selected.flags_fetch(position, uid=c.uid or condstore,
-                                              modseq=condstore))
-        elif uid in changed and condstore:
-            # RFC 7162 3.1.3: even .SILENT reports the new MODSEQ of changed messages.
-            lines.append(_modseq_fetch(selected, position))
+        lines = selected.flags_fetches(positions, uid=c.uid or condstore, modseq=condstore)
+    elif condstore:
+        # RFC 7162 3.1.3: even .SILENT reports the new MODSEQ of changed messages.
+        changed = {info.uid for info in result.changed}
+        lines = [_modseq_fetch(selected, p) for p in positions if all_uids[p] in changed]
+    else:
+        lines = []
     await _send_batched(s, lines)
     if modified:
         numbers = modified if c.uid else {

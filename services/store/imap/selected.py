@@ -31,6 +31,13 @@ REBUILD_THRESHOLD = 64
 # Flag changes kept beside the shared message tuple before the session makes its own list.
 OVERLAY_MAX = 1024
 FEW_POSITIONS = 1024  # `infos_at` answers up to this many positions without the list
+FLAG_LISTS_MAX = 4096  # formatted flag lists a session keeps (one per distinct flag set)
+# `* n FETCH (FLAGS ...)` after a flag change, by whether UID and MODSEQ are included.
+_FLAGS_FETCH = {
+    (False, False): b"* %d FETCH (FLAGS %s)\r\n",
+    (True, False): b"* %d FETCH (FLAGS %s UID %d)\r\n",
+    (True, True): b"* %d FETCH (FLAGS %s UID %d MODSEQ (%d))\r\n",
+}
 
 
 class InvalidSequence(ValueError):
@@ -67,6 +74,9 @@ class SelectedMailbox:
         self._announced_count = len(self._uids)
         self.keywords: set[str] = set(snapshot.keywords)
         self._keywords_changed = False
+        # Every flag seen so far: one subset test tells a message brings nothing new.
+        self._flags_seen: set[str] = {*SYSTEM_FLAGS, *self.keywords}
+        self._flag_lists: dict[tuple[frozenset[str], bool], bytes] = {}
 
     # Reading the map
 
@@ -173,11 +183,14 @@ class SelectedMailbox:
         """Messages this session claimed as \\Recent (UID >= recent_from)."""
         self._recent.update(uid for uid in uids if uid >= recent_from)
 
-    def update(self, infos: Iterable[MessageInfo]) -> None:
+    def update(self, infos: Sequence[MessageInfo]) -> None:
         """Flags this session changed itself (and has already reported, or was asked not to)."""
+        if len(infos) > OVERLAY_MAX:
+            self._own_infos()  # now rather than after filling the overlay
         for info in infos:
             self._replace(info)
-            self._flag_updates.discard(info.uid)
+        if self._flag_updates:
+            self._flag_updates.difference_update(info.uid for info in infos)
 
     def _replace(self, info: MessageInfo) -> bool:
         """Store a newer state of a known message; True when its flags differ."""
@@ -197,8 +210,11 @@ class SelectedMailbox:
         return info.flags != known.flags
 
     def _note_keywords(self, flags: frozenset[str]) -> None:
-        for flag in flags:
-            if not flag.startswith("\\") and flag not in self.keywords:
+        if flags <= self._flags_seen:
+            return
+        for flag in flags - self._flags_seen:
+            self._flags_seen.add(flag)
+            if not flag.startswith("\\"):
                 self.keywords.add(flag)
                 self._keywords_changed = True
 
@@ -260,25 +276,42 @@ class SelectedMailbox:
         self._gone -= uids
 
     def _announce_flags(self, condstore: bool) -> list[bytes]:
-        lines = []
-        for uid in sorted(self._flag_updates):
-            position = self.position_of(uid)
-            if position is None:
-                continue
-            # RFC 7162 3.2.4: UID and MODSEQ once CONDSTORE (QRESYNC implies it) is on
-            lines.append(self.flags_fetch(position, uid=condstore, modseq=condstore))
+        positions = [self.position_of(uid) for uid in sorted(self._flag_updates)]
         self._flag_updates.clear()
-        return lines
+        # RFC 7162 3.2.4: UID and MODSEQ once CONDSTORE (QRESYNC implies it) is on
+        return self.flags_fetches([p for p in positions if p is not None],
+                                  uid=condstore, modseq=condstore)
 
     def flags_fetch(self, position: int, *, uid: bool, modseq: bool) -> bytes:
         """`* n FETCH (FLAGS (...) [UID u] [MODSEQ (m)])` for one message."""
-        info = self.info(position)
-        items = [b"FLAGS " + wire.flag_list(self.flags_of(position))]
-        if uid:
-            items.append(b"UID %d" % info.uid)
-        if modseq:
-            items.append(b"MODSEQ (%d)" % info.modseq)
-        return wire.untagged(b"%d FETCH (%s)" % (position + 1, b" ".join(items)))
+        return self.flags_fetches([position], uid=uid, modseq=modseq)[0]
+
+    def flags_fetches(self, positions: Iterable[int], *, uid: bool,
+                      modseq: bool) -> list[bytes]:
+        """`flags_fetch` for many messages: STORE 1:* answers 100,000 of them, so the loop
+        makes no calls but for a flag set not formatted before. MODSEQ comes with UID."""
+        template = _FLAGS_FETCH[uid or modseq, modseq]
+        changed, infos, recent = self._changed_infos, self._infos, self._recent
+        flag_lists = self._flag_lists
+        lines = []
+        for position in positions:
+            info = changed.get(position) or infos[position]
+            key = (info.flags, info.uid in recent)
+            flags = flag_lists.get(key) or self._format_flags(*key)
+            if modseq:
+                lines.append(template % (position + 1, flags, info.uid, info.modseq))
+            elif uid:
+                lines.append(template % (position + 1, flags, info.uid))
+            else:
+                lines.append(template % (position + 1, flags))
+        return lines
+
+    def _format_flags(self, flags: frozenset[str], recent: bool) -> bytes:
+        if len(self._flag_lists) >= FLAG_LISTS_MAX:
+            self._flag_lists.clear()
+        formatted = self._flag_lists[flags, recent] = wire.flag_list(
+            flags | {RECENT} if recent else flags)
+        return formatted
 
     def flag_list(self) -> bytes:
         return wire.flag_list([*SYSTEM_FLAGS, *self.keywords])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from services.store.backends import maildb
 from services.store.backends.maildb import SCHEMA_VERSION, MailDB
 from services.store.mailbox import (
     ARCHIVE,
@@ -378,6 +379,27 @@ async def test_store_on_many_messages(db: MailDB) -> None:
     replaced = await db.store_flags(ALICE, INBOX, await db.uids(ALICE), "", frozenset({"$X"}))
     assert len(replaced.changed) == 299
     assert {m.flags for m in await db.list_messages(ALICE)} == {frozenset({"$X"})}
+
+
+@pytest.mark.parametrize("gaps_probed", [1000, 1], ids=["probe-each-gap", "read-the-span"])
+async def test_store_on_a_large_set_with_gaps_leaves_the_messages_in_them(
+        db: MailDB, gaps_probed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large UID set with holes: holes left by expunged messages do not matter, a message
+    in a hole keeps its flags (checked by one probe per hole, or with many holes by reading
+    the span)."""
+    monkeypatch.setattr(maildb, "_SPAN_GAPS_PROBED", gaps_probed)
+    await append_n(db, 300)
+    await db.expunge(ALICE, INBOX, [100, 101])
+    every_left = [u for u in range(1, 301) if u not in (100, 101)]
+    whole = await db.store_flags(ALICE, INBOX, every_left, "+", frozenset({"$All"}))
+    assert [m.uid for m in whole.changed] == every_left
+    skipped = {50, 51, 200}
+    wanted = [u for u in range(1, 301) if u not in skipped]  # 100 and 101 named, gone
+    result = await db.store_flags(ALICE, INBOX, wanted, "+", frozenset({FLAGGED}))
+    assert [m.uid for m in result.changed] == [u for u in every_left if u not in skipped]
+    flags = {m.uid: m.flags for m in await db.list_messages(ALICE)}
+    assert all(flags[u] == {"$All"} for u in skipped)
+    assert all(flags[u] == {"$All", FLAGGED} for u in every_left if u not in skipped)
 
 
 # COPY and MOVE
