@@ -46,6 +46,7 @@ import multiprocessing
 import os
 import platform
 import pwd
+import queue
 import quopri
 import random
 import re
@@ -802,6 +803,15 @@ def mixed_client(port: int, count: int, seed: int, start_at: float,
     return {"samples": samples, "errors": errors}
 
 
+def _report_mixed_client(results: Any, *args: Any) -> None:
+    """mixed_client in a child process; a client that failed reports it as an error."""
+    try:
+        outcome = mixed_client(*args)
+    except BaseException as exc:
+        outcome = {"samples": {}, "errors": [f"client failed: {type(exc).__name__}: {exc}"]}
+    results.put(outcome)
+
+
 def mixed_operation(imap: imaplib.IMAP4, name: str, rng: random.Random, count: int) -> None:
     if name == "SELECT":
         command(imap, "SELECT INBOX")
@@ -843,19 +853,32 @@ def mixed_load(port: int, count: int, clients: int, seconds: float, seed: int,
     """`clients` processes for `seconds`; with `rate` > 0 they offer that many operations per
     second in all instead of going flat out."""
     interval = clients / rate if rate > 0 else 0.0
+    # Plain processes and a queue, not multiprocessing.Pool: a Pool once hung the whole
+    # benchmark after every client had finished (its handler threads), with no error.
     context = multiprocessing.get_context("fork")
     start_at = time.time() + 3 + clients * 0.1  # every client logged in before the start
-    pool = context.Pool(clients)
+    results = context.Queue()
+    workers = [context.Process(target=_report_mixed_client, daemon=True,
+                               args=(results, port, count, seed * 1000 + n, start_at,
+                                     seconds, interval))
+               for n in range(clients)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + (start_at - time.time()) + seconds + 300
+    outcomes: list[dict[str, Any]] = []
     try:
-        pending = pool.starmap_async(
-            mixed_client,
-            [(port, count, seed * 1000 + n, start_at, seconds, interval)
-             for n in range(clients)])
-        outcomes = pending.get(timeout=seconds + 300)
-        pool.close()
+        while len(outcomes) < clients:
+            try:
+                outcomes.append(results.get(timeout=max(0.1, deadline - time.monotonic())))
+            except queue.Empty:
+                raise BenchError(f"mixed load: {clients - len(outcomes)} of {clients} clients "
+                                 "gave no result in time") from None
     finally:
-        pool.terminate()
-        pool.join()
+        for worker in workers:
+            worker.join(timeout=5)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
     result = MixedResult(clients, seconds)
     merged: dict[str, list[float]] = {}
     for outcome in outcomes:
