@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command("filter", run_filter, "run one filter-tier process (SMTP intake)")
-    command("store", run_store, "run the store-tier process (delivery, POP3)")
+    command("store", run_store, "run the store-tier process (delivery, IMAP, POP3)")
     command("learner", run_learner,
             "run the spam-learning worker (moves into/out of Junk train rspamd)")
     command("webmail", run_webmail, "run one webmail worker (not built yet)")
