@@ -74,3 +74,38 @@ def test_a_view_on_the_shared_tuple_answers_as_one_with_its_own_list(
         assert list(shared.infos) == list(own.infos)
     finally:
         selected_module.OVERLAY_MAX = saved
+
+
+def test_flag_fetch_lines_carry_recent_uid_and_modseq_as_asked() -> None:
+    """One message \\Recent, one not, with the same stored flags: the formatted flag lists
+    the view keeps per flag set must not give one's list to the other."""
+    infos = [info(1, frozenset({"\\Seen"}), 3), info(2, frozenset({"\\Seen"}), 4)]
+    view = SelectedMailbox("INBOX", readonly=False,
+                           status=MailboxStatus("INBOX", 1, 3, 4, 2),
+                           snapshot=Snapshot.of(1, 1, infos), recent_from=2, version=0)
+    assert view.flags_fetches([0, 1], uid=False, modseq=False) == [
+        b"* 1 FETCH (FLAGS (\\Seen))\r\n", b"* 2 FETCH (FLAGS (\\Recent \\Seen))\r\n"]
+    assert view.flags_fetches([1, 0], uid=True, modseq=False) == [
+        b"* 2 FETCH (FLAGS (\\Recent \\Seen) UID 2)\r\n", b"* 1 FETCH (FLAGS (\\Seen) UID 1)\r\n"]
+    assert view.flags_fetch(0, uid=True, modseq=True) == (
+        b"* 1 FETCH (FLAGS (\\Seen) UID 1 MODSEQ (3))\r\n")
+
+
+def test_a_new_keyword_is_announced_once_with_the_flags_it_joins() -> None:
+    view = open_view(4, own_list=False)  # $Work is known from the start
+    status = MailboxStatus("INBOX", 1, 5, 2, 4)
+    view.apply(Changes(status, [info(1, frozenset({"\\Seen", "$Work"}), 2)], []))
+    assert view.updates(allow_expunge=True, qresync=False, condstore=False) == [
+        b"* 1 FETCH (FLAGS (\\Seen $Work))\r\n"]
+    view.apply(Changes(status, [info(3, frozenset({"$New"}), 3)], []))
+    assert view.updates(allow_expunge=True, qresync=False, condstore=False) == [
+        b"* FLAGS (\\Answered \\Deleted \\Draft \\Flagged \\Seen $New $Work)\r\n",
+        b"* OK [PERMANENTFLAGS (\\Answered \\Deleted \\Draft \\Flagged \\Seen $New $Work \\*)]"
+        b" Flags permitted\r\n",
+        b"* 3 FETCH (FLAGS ($New))\r\n"]
+    view.update([info(1, frozenset({"$New", "$Other"}), 4)])  # this session's own STORE
+    assert view.keywords == {"$Work", "$New", "$Other"}
+    lines = view.updates(allow_expunge=True, qresync=False, condstore=False)
+    assert lines[0] == (b"* FLAGS (\\Answered \\Deleted \\Draft \\Flagged \\Seen $New $Other"
+                        b" $Work)\r\n")
+    assert len(lines) == 2  # FLAGS and PERMANENTFLAGS; its own change is not echoed
