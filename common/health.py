@@ -2,7 +2,9 @@
 
 Each tier process writes `<prefix>health:<tier>:<host>:<pid>` every few seconds with a short
 TTL; a process that died simply disappears after the TTL. The payload is a small JSON object
-of the process's own counters (`stats()`), so status can show rates without scraping logs.
+of the process's own counters (`stats()`), so status can show rates without scraping logs,
+and under `recent` how much each counter grew in about the last minute: a rate averaged
+since start would hide that mail stopped flowing an hour ago in a process up for a week.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +26,29 @@ log = logging.getLogger(__name__)
 
 INTERVAL = 5.0
 TTL = 15
+RECENT_SECONDS = 60.0  # the window of `recent`
+
+
+class RecentCounts:
+    """How much each counter grew over about the last RECENT_SECONDS, from the snapshots
+    the heartbeat takes anyway. A process younger than that counts from its start, when
+    every counter was 0."""
+
+    def __init__(self, started: float, window: float = RECENT_SECONDS) -> None:
+        self._window = window
+        self._snapshots: deque[tuple[float, dict[str, int]]] = deque([(started, {})])
+
+    def record(self, at: float, stats: dict[str, Any]) -> dict[str, Any]:
+        """Take a snapshot; returns {"seconds": span, "counts": {counter: growth}}."""
+        counters = {k: v for k, v in stats.items()
+                    if isinstance(v, int) and not isinstance(v, bool)}
+        # Keep the newest snapshot that is at least a window old as the base.
+        while len(self._snapshots) > 1 and self._snapshots[1][0] <= at - self._window:
+            self._snapshots.popleft()
+        since, base = self._snapshots[0]
+        self._snapshots.append((at, counters))
+        return {"seconds": at - since,
+                "counts": {k: v - base.get(k, 0) for k, v in counters.items()}}
 
 
 def heartbeat_key(prefix: str, tier: str) -> str:
@@ -37,6 +63,7 @@ class Heartbeat:
         self._tier = tier
         self._stats = stats
         self._started = time.time()
+        self._recent = RecentCounts(self._started)
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -58,8 +85,10 @@ class Heartbeat:
 
     async def _run(self) -> None:
         while not self._stop.is_set():
+            now, stats = time.time(), self._stats()
             payload = {"tier": self._tier, "pid": os.getpid(), "host": socket.gethostname(),
-                       "started": self._started, "at": time.time(), **self._stats()}
+                       "started": self._started, "at": now, **stats,
+                       "recent": self._recent.record(now, stats)}
             try:
                 await asyncio.wait_for(
                     self._redis.set(self._key, json.dumps(payload), ex=TTL), TTL)

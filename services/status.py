@@ -145,7 +145,7 @@ def format_status(report: dict[str, Any]) -> str:
     d = redis["directory"]
     lines.append(f"redis: up; directory {'published' if d['published'] else 'NOT published'}: "
                  f"{d['domains']} domains, {d['users']} users, {d['aliases']} aliases")
-    lines.append("processes:")
+    lines.append("processes (rates over the last minute):")
     now = time.time()
     for beat in redis["processes"]:
         uptime = max(now - beat.get("started", now), 1e-9)
@@ -154,7 +154,9 @@ def format_status(report: dict[str, Any]) -> str:
         counters = {k: v for k, v in beat.items()
                     if isinstance(v, int | float) and k not in {"pid", "started", "at"}
                     and (v or k in GAUGES or isinstance(v, bool))}
-        rates = ", ".join(_shown(k, v, uptime, now) for k, v in counters.items())
+        recent = beat.get("recent")
+        window = _window(recent) if isinstance(recent, dict) else None
+        rates = ", ".join(_shown(k, v, uptime, now, window) for k, v in counters.items())
         lines.append(f"  {beat['tier']:<7} {beat.get('host')}:{beat.get('pid')} "
                      f"up {uptime:.0f}s {rates}")
     if not redis["processes"]:
@@ -162,11 +164,24 @@ def format_status(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _shown(key: str, value: float, uptime: float, now: float) -> str:
-    """One heartbeat value: a counter with its rate, a gauge or flag as it is, a time
-    (`..._at`, seconds since the epoch) as how long ago."""
+def _window(recent: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
+    """(seconds, counter -> growth) from a heartbeat's `recent`, None when unusable."""
+    seconds, counts = recent.get("seconds"), recent.get("counts")
+    if isinstance(seconds, int | float) and seconds > 0 and isinstance(counts, dict):
+        return float(seconds), counts
+    return None
+
+
+def _shown(key: str, value: float, uptime: float, now: float,
+           window: tuple[float, dict[str, Any]] | None = None) -> str:
+    """One heartbeat value: a counter with its rate over the heartbeat's recent window (a
+    heartbeat without one, from an older process: since start), a gauge or flag as it is,
+    a time (`..._at`, seconds since the epoch) as how long ago."""
     if key.endswith("_at") and isinstance(value, float):
         return f"{key.removesuffix('_at')} {max(now - value, 0):.0f}s ago"
     if isinstance(value, int) and not isinstance(value, bool) and key not in GAUGES:
-        return f"{key}={value} ({value / uptime * 60:.1f}/min)"
+        growth, seconds = value, uptime
+        if window is not None and isinstance(window[1].get(key), int):
+            seconds, growth = window[0], window[1][key]
+        return f"{key}={value} ({growth / seconds * 60:.1f}/min)"
     return f"{key}={value}"

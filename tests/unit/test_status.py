@@ -27,6 +27,20 @@ def test_counters_get_a_rate_and_gauges_do_not() -> None:
     assert "dead_lettered" not in line  # a counter still at 0 is left out
 
 
+def test_rates_come_from_the_last_minute_when_the_heartbeat_has_it() -> None:
+    """A filter up for a day that accepted 86,400 messages but none in the last minute:
+    its rate is 0, not the day's average of 60 a minute."""
+    beat = {"tier": "filter", "host": "h", "pid": 7, "started": time.time() - 86_400,
+            "accepted": 86_400, "rejected": 120,
+            "recent": {"seconds": 60.0, "counts": {"accepted": 0, "rejected": 30}}}
+    line = format_status(report(beat)).splitlines()[-1]
+    assert "accepted=86400 (0.0/min)" in line
+    assert "rejected=120 (30.0/min)" in line
+    del beat["recent"]  # from a process of an older version: the average since start
+    line = format_status(report(beat)).splitlines()[-1]
+    assert "accepted=86400 (60.0/min)" in line
+
+
 def test_a_time_in_a_heartbeat_is_shown_as_how_long_ago() -> None:
     now = time.time()
     beat = {"tier": "store", "host": "h", "pid": 7, "started": now - 600,
