@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 from collections.abc import Callable
 
@@ -58,6 +59,14 @@ def test_status_shows_tiers_queues_and_dead_letters(
     code, report = status(settings)
     assert report["broker"]["deliver"]["consumers"] == 1
     assert report["redis"]["directory"]["users"] == 2
+    # Young processes: their recent window reaches back to their start, so it holds it all.
+    beats = {p["tier"]: p for p in report["redis"]["processes"]}
+    assert beats["filter"]["recent"]["counts"]["accepted"] == 1
+    assert beats["store"]["recent"]["counts"]["delivered"] == 1
+    assert 0 < beats["filter"]["recent"]["seconds"] < 60
+    text = run_cli(settings, "status").stdout
+    assert "processes (rates over the last minute):" in text
+    assert re.search(r"accepted=1 \([0-9.]+/min\)", text), text
 
     asyncio.run(publish_undecodable(settings))
     wait_until(lambda: dead_letter_depth(settings) == 1, what="the poison message dead-lettered")
