@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -44,8 +45,12 @@ from common.topology import (
 )
 from services.filter.protocol.scan_headers import NOT_SCANNED_HEADER, VIRUS_HEADER
 
+# On a message sent back: which release sent it, so that the same release's later passes do
+# not send it again when it failed again and is back already (the headers survive that).
+RELEASE_HEADER = "x-tiermail-release"
 # Headers about the message's earlier life in the queues, dropped when it is sent back.
-_HISTORY_HEADERS = frozenset({REASON_HEADER, MAILBOXES_HEADER, "x-death", "x-delivery-count",
+_HISTORY_HEADERS = frozenset({REASON_HEADER, MAILBOXES_HEADER, RELEASE_HEADER,
+                              "x-death", "x-delivery-count",
                               "x-first-death-exchange", "x-first-death-queue",
                               "x-first-death-reason", "x-last-death-exchange",
                               "x-last-death-queue", "x-last-death-reason"})
@@ -157,9 +162,13 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def resend_properties(properties: spec.Basic.Properties) -> spec.Basic.Properties:
-    """The message's properties for the delivery route, without its dead-letter history."""
+def resend_properties(properties: spec.Basic.Properties,
+                      release: str | None = None) -> spec.Basic.Properties:
+    """The message's properties for the delivery route, without its dead-letter history,
+    marked with the release that sends it."""
     headers = {k: v for k, v in (properties.headers or {}).items() if k not in _HISTORY_HEADERS}
+    if release is not None:
+        headers[RELEASE_HEADER] = release
     return spec.Basic.Properties(
         delivery_mode=properties.delivery_mode, message_id=properties.message_id,
         content_type=properties.content_type, timestamp=properties.timestamp, headers=headers)
@@ -204,16 +213,18 @@ async def _settled(settings: Settings, where: HeldQueue,
     (rabbitmq-server issue 10327): those messages return to the queue instead of leaving it.
     Nothing is lost that way, but the operator's release or drop would not have happened
     for them, so the queue is looked at again for the queue ids just settled. One sent back
-    twice is delivered once (the store deduplicates by queue id); one that failed again in
-    the meantime gets one more attempt."""
-    first = await _one_pass(settings, where, chosen, resend=resend)
+    twice is delivered once (the store deduplicates by queue id); one that this release sent
+    back and that failed again in the meantime is left alone (it carries this release's
+    mark), so a retry makes one attempt per message."""
+    release = uuid.uuid4().hex if resend else None
+    first = await _one_pass(settings, where, chosen, resend=resend, release=release)
     pending = {held.queue_id for held in first if held.queue_id}
     for _ in range(RESETTLE_PASSES):
         if not pending:
             break
         await asyncio.sleep(RESETTLE_PAUSE)
         again = await _one_pass(settings, where, functools.partial(_named, pending),
-                                resend=resend)
+                                resend=resend, release=release)
         pending = {held.queue_id for held in again}
     return first
 
@@ -223,32 +234,38 @@ def _named(queue_ids: set[str], held: HeldMessage) -> bool:
 
 
 async def _one_pass(settings: Settings, where: HeldQueue,
-                    chosen: Callable[[HeldMessage], bool], *, resend: bool
-                    ) -> list[HeldMessage]:
+                    chosen: Callable[[HeldMessage], bool], *, resend: bool,
+                    release: str | None = None) -> list[HeldMessage]:
     settled: list[HeldMessage] = []
     tags: list[int] = []
     resends: list[DeliveredMessage] = []  # kept with their bodies until confirmed
     async with _opened(settings, where) as channel:
         async for message, seen in _taken(channel, where, MAX_TAKEN):
-            if not chosen(seen):
+            if not chosen(seen) or _sent_by(message, release):
                 continue  # its body is let go; it returns to the queue at the end
             settled.append(seen)
             tags.append(_tag(message))
             if resend:
                 resends.append(message)
             if len(tags) >= SETTLE_WINDOW or sum(len(m.body) for m in resends) >= SETTLE_BYTES:
-                await _settle(channel, settings.topology, tags, resends)
+                await _settle(channel, settings.topology, tags, resends, release)
                 tags, resends = [], []
-        await _settle(channel, settings.topology, tags, resends)
+        await _settle(channel, settings.topology, tags, resends, release)
     return settled
 
 
+def _sent_by(message: DeliveredMessage, release: str | None) -> bool:
+    headers = message.header.properties.headers or {}
+    return release is not None and _text(headers.get(RELEASE_HEADER)) == release
+
+
 async def _settle(channel: AbstractChannel, topology: Topology, tags: list[int],
-                  resends: list[DeliveredMessage]) -> None:
+                  resends: list[DeliveredMessage], release: str | None) -> None:
     await asyncio.gather(*(channel.basic_publish(
         message.body, exchange=topology.inbound_exchange,
         routing_key=delivery_route(len(message.body)), mandatory=True,
-        timeout=CONFIRM_TIMEOUT, properties=resend_properties(message.header.properties))
+        timeout=CONFIRM_TIMEOUT,
+        properties=resend_properties(message.header.properties, release))
         for message in resends))
     for tag in tags:  # after the confirms: each one sent back is on the delivery route
         await channel.basic_ack(tag)

@@ -17,7 +17,7 @@ from common.topology import (
     message_properties,
 )
 from services import heldmail
-from services.heldmail import HeldMessage, describe, resend_properties
+from services.heldmail import RELEASE_HEADER, HeldMessage, describe, resend_properties
 from tests.integration.store.helpers import make_message
 
 ALICE, GHOST = "alice@example.test", "ghost@example.test"
@@ -81,6 +81,12 @@ def test_a_resent_message_keeps_its_envelope_and_sheds_its_dead_letter_history()
                               "x-custom": "kept"}
     assert (resent.message_id, resent.delivery_mode, resent.timestamp) == (
         properties.message_id, properties.delivery_mode, properties.timestamp)
+    # A release marks what it sends back; a later release replaces the mark.
+    marked = resend_properties(properties, "first")
+    assert marked.headers is not None and marked.headers[RELEASE_HEADER] == "first"
+    again = resend_properties(marked, "second")
+    assert again.headers is not None and again.headers[RELEASE_HEADER] == "second"
+    assert resend_properties(marked).headers == resent.headers
 
 
 async def test_messages_whose_acks_the_broker_ignored_are_settled_again(
@@ -92,7 +98,7 @@ async def test_messages_whose_acks_the_broker_ignored_are_settled_again(
     passes = []
 
     async def one_pass(settings: object, where: object, chosen: Callable[[HeldMessage], bool],
-                       *, resend: bool) -> list[HeldMessage]:
+                       *, resend: bool, release: str | None = None) -> list[HeldMessage]:
         picked = [held for held in queue if chosen(held)]
         passes.append([held.queue_id for held in picked])
         for held in picked:

@@ -512,6 +512,29 @@ async def test_dead_letters_are_listed_then_retried_once_the_account_exists(
         mixed[0].queue_id: 2, only_ghost[0].queue_id: 1}
 
 
+async def test_a_retry_sends_a_message_that_fails_again_back_only_once(
+        store: Running) -> None:
+    """The owner is still missing: the store dead-letters the retried copy again within
+    milliseconds, while the retry is still looking for copies whose acks the broker ignored.
+    That new dead letter carries the retry's mark, so the retry leaves it alone: one attempt
+    per retry, not one per look."""
+    message = make_message("ghost@example.test")
+    await publish_all(store.settings, [message])
+    await wait_for(lambda: _eq(store.dead(), 1), what="dead-lettered")
+    before = store.consumer.stats.dead_lettered
+    retried = await asyncio.to_thread(run_cli, store.settings, "deadletters", "retry", "--all")
+    assert retried.returncode == 0, retried.stderr
+    assert "1 message sent for delivery" in retried.stdout
+    await wait_for(lambda: _eq(store.dead(), 1), what="dead-lettered again")
+    await wait_for(lambda: _zero(store.depth()), what="queue drained")
+    assert store.consumer.stats.dead_lettered == before + 1
+    again = await asyncio.to_thread(run_cli, store.settings, "deadletters", "retry", "--all")
+    assert again.returncode == 0 and "1 message sent for delivery" in again.stdout
+    await wait_for(lambda: _eq(store.dead(), 1), what="dead-lettered a third time")
+    await wait_for(lambda: _zero(store.depth()), what="queue drained again")
+    assert store.consumer.stats.dead_lettered == before + 2  # a new retry, a new attempt
+
+
 async def test_an_undecodable_dead_letter_is_dropped_by_queue_id(store: Running) -> None:
     connection = await aiormq.connect(store.settings.amqp_url)
     try:
