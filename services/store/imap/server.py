@@ -369,7 +369,7 @@ class ImapListener:
 def _loggable(line: bytes) -> str:
     """A command line for a DEBUG log: credentials redacted, long lines cut."""
     line = line.split(b"\r\n", 1)[0]  # up to the first literal
-    words = line.split(b" ", 2)
+    words = line.split(None, 2)  # any whitespace: "a LOGIN<TAB>user<TAB>pass" is redacted too
     if len(words) >= 2 and words[1].upper() in _REDACTED_COMMANDS:
         return (words[0] + b" " + words[1] + b" ****").decode("ascii", "replace")
     return line[:200].decode("utf-8", "replace")

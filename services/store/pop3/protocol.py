@@ -144,7 +144,6 @@ ERR_INTERNAL = err("internal error", CODE_SYS_TEMP)
 ERR_STORAGE_TEMP = err("mailbox temporarily unavailable", CODE_SYS_TEMP)
 ERR_STORAGE_PERM = err("mailbox unavailable", CODE_SYS_PERM)
 ERR_MESSAGE_GONE = err("message no longer available", CODE_SYS_PERM)
-ERR_UPDATE_FAILED = err("deletions not committed, messages kept", CODE_SYS_TEMP)
 ERR_IDLE_TIMEOUT = err("disconnected for inactivity")
 ERR_ACCOUNT_DELETED = err("account deleted")  # tiermail user del (services/store/logins.py)
 
@@ -314,11 +313,12 @@ def decode_sasl_plain(response: str) -> PlainCredentials | None:
 def redact(line: bytes) -> str:
     """A command line fit for a DEBUG log: PASS and AUTH arguments replaced by ****."""
     text = line.rstrip(b"\r\n").decode("utf-8", "replace")
-    keyword, _, rest = text.partition(" ")
+    words = text.split(None, 1)  # any whitespace: "PASS<TAB>secret" is read as PASS too
+    keyword, rest = (words + ["", ""])[:2]
     upper = keyword.upper()
     if upper == "PASS" and rest:
         return f"{keyword} ****"
     if upper == "AUTH" and rest:
-        mechanism, _, initial = rest.partition(" ")
+        mechanism, *initial = rest.split(None, 1)
         return f"{keyword} {mechanism} ****" if initial else f"{keyword} {mechanism}"
     return text

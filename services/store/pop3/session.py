@@ -210,8 +210,15 @@ class Session:
             self._leave_logins = None
 
     def loggable(self, line: bytes) -> str:
-        """The client line as it may appear in a DEBUG log: credentials redacted."""
-        return "****" if self._sasl_pending else p.redact(line)
+        """The client line as it may appear in a DEBUG log: credentials redacted, and a line
+        that is no command at all (a client sending its SASL response after the AUTH was
+        refused, say) only counted."""
+        if self._sasl_pending:
+            return "****"
+        words = line.split(None, 1)
+        if not words or words[0].decode("ascii", "replace").upper() not in COMMANDS:
+            return f"<{len(line)} octets, not a command>"
+        return p.redact(line)
 
     @property
     def log_context(self) -> dict[str, object]:

@@ -633,7 +633,12 @@ async def test_wire_log_redacts_credentials(pop3: Pop3Stack,
     await raw.send(secret + b"\r\n")
     await raw.send(b"QUIT\r\n")
     await raw.close()
+    raw = await Raw.open(pop3.port)  # a client sending its response with no AUTH before it
+    await raw.send(secret + b"\r\n")
+    await raw.send(b"QUIT\r\n")
+    await raw.close()
     assert "C: PASS ****" in caplog.text
+    assert f"C: <{len(secret) + 2} octets, not a command>" in caplog.text
     assert USERS[ALICE] not in caplog.text
     assert secret.decode() not in caplog.text
 

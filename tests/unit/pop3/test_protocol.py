@@ -235,6 +235,8 @@ def test_decode_sasl_plain_never_raises(response: str) -> None:
     ("line", "logged"),
     [
         (b"PASS hunter2\r\n", "PASS ****"),
+        (b"PASS\thunter2\r\n", "PASS ****"),
+        (b"AUTH\tPLAIN\tAGFsaWNlAHNlY3JldA==\r\n", "AUTH PLAIN ****"),
         (b"pass two words\r\n", "pass ****"),
         (b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", "AUTH PLAIN ****"),
         (b"AUTH PLAIN\r\n", "AUTH PLAIN"),
