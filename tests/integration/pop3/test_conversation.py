@@ -260,6 +260,52 @@ async def test_top(pop3: Pop3Stack) -> None:
     await asyncio.to_thread(dialog)
 
 
+HEADER_ONLY = b"From: erin@example.org\r\nSubject: no body\r\n"
+NO_FINAL_CRLF = b"Subject: three\r\n\r\n.dot on the last line"
+
+
+async def test_edge_case_replies(pop3: Pop3Stack) -> None:
+    """Arguments out of range or malformed, deleted messages, commands in the wrong state,
+    TOP of a message without a body and a body without a final line end (RFC 1939 5-7)."""
+    for body in (MSG2, HEADER_ONLY, NO_FINAL_CRLF):
+        await pop3.deliver(ALICE, body)
+    raw = await Raw.open(pop3.port)
+    for command in (b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"RSET", b"NOOP"):
+        assert await raw.send(command + b"\r\n") == p.ERR_WRONG_STATE.encode(), command
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    assert (await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())).startswith(b"+OK")
+    for command, reply in [(b"LIST 0", p.ERR_BAD_NUMBER), (b"RETR -1", p.ERR_BAD_NUMBER),
+                           (b"TOP x 1", p.ERR_BAD_NUMBER), (b"DELE 4", p.ERR_NO_SUCH_MESSAGE),
+                           (b"UIDL 99999999999", p.ERR_BAD_NUMBER),
+                           (b"TOP 1 -1", p.ERR_BAD_SYNTAX.format(reason="invalid line count")),
+                           (b"USER x", p.ERR_WRONG_STATE), (b"STLS", p.ERR_WRONG_STATE)]:
+        assert await raw.send(command + b"\r\n") == reply.encode(), command
+    for n in (0, 5):
+        assert await raw.send(f"TOP 2 {n}\r\n".encode()) == p.OK_TOP.encode()
+        assert await raw.multiline() == p.stuff(HEADER_ONLY)
+    assert await raw.send(b"TOP 3 1\r\n") == p.OK_TOP.encode()
+    assert await raw.multiline() == b"Subject: three\r\n\r\n..dot on the last line\r\n.\r\n"
+    assert await raw.send(b"DELE 1\r\n") == p.OK_DELE.format(number=1).encode()
+    for command in (b"DELE 1", b"RETR 1", b"TOP 1 0", b"LIST 1", b"UIDL 1"):
+        assert await raw.send(command + b"\r\n") == p.ERR_DELETED.format(number=1).encode()
+    assert await raw.send(b"STAT\r\n") == \
+        f"+OK 2 {len(HEADER_ONLY) + len(NO_FINAL_CRLF) + 2}\r\n".encode()
+    await raw.close()
+    await pop3.wait_unlocked(ALICE)
+    assert len(await pop3.store.list_messages(ALICE, INBOX)) == 3
+
+
+async def test_stls_on_the_implicit_tls_port_is_refused(pop3: Pop3Stack) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", pop3.tls_port,
+                                                   ssl=unverified())
+    raw = Raw(reader, writer)
+    assert await raw.line() == p.OK_GREETING.encode()
+    assert await raw.send(b"STLS\r\n") == p.ERR_TLS_ACTIVE.encode()
+    await raw.send(b"CAPA\r\n")
+    assert b"STLS" not in await raw.multiline()
+    await raw.close()
+
+
 async def test_uidl_is_stable_across_sessions(pop3: Pop3Stack) -> None:
     await pop3.deliver(ALICE, MSG1)
     await pop3.deliver(ALICE, MSG2)
