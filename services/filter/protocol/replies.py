@@ -49,10 +49,12 @@ SCANNER_UNAVAILABLE = "451 4.7.0 Message could not be scanned now, please try ag
 SCAN_TOO_BIG_TEMPFAIL = "451 4.7.0 Message too big to be scanned now, please try again later"
 SPAM_TEMPFAIL = "451 4.7.1 Message deferred, please try again later"
 
-# Our own temporary trouble (broker, directory, internal, a full mailbox) and a quota the
-# client could not know: never the client's fault, so not counted towards smtp_max_errors.
+# Our own temporary trouble (broker, directory, internal, a full mailbox) and limits the
+# client could not know (a quota; the recipient limit, whose 452s RFC 5321 4.5.3.1.10 has the
+# client answer by sending the rest later): never the client's fault, so not counted towards
+# smtp_max_errors.
 _SERVER_TROUBLE = ("451 4.3.0", "421", SCANNER_UNAVAILABLE, SCAN_TOO_BIG_TEMPFAIL,
-                   MAILBOX_FULL, LARGER_THAN_QUOTA)
+                   MAILBOX_FULL, LARGER_THAN_QUOTA, TOO_MANY_RECIPIENTS)
 
 
 def is_client_error(reply: str) -> bool:

@@ -172,6 +172,37 @@ async def test_too_many_recipients_452(directory: Settings) -> None:
         assert [r.address for r in queued.envelope.recipients] == [ALICE, BOB]
 
 
+async def test_recipients_over_the_limit_do_not_cost_the_connection(
+        directory: Settings) -> None:
+    """RFC 5321 4.5.3.1.10: past the recipient limit the client gets 452 and sends the rest in
+    a later transaction. Those 452s were counted as client errors, so a client naming many
+    more recipients than the limit was hung up on (421) mid-transaction and its message never
+    went, not even to the accepted recipients (Postfix does not count them either: its
+    smtpd_recipient_overshoot_limit)."""
+    limits = directory.replace(max_recipients=2, smtp_max_errors=3)
+    extra = [f"extra{n}@example.test" for n in range(5)]
+    async with running_filter(limits) as worker:
+        def transaction() -> tuple[list[str], str]:
+            client = RawClient(worker.ports[0])
+            try:
+                client.reply()
+                client.command(b"EHLO client.remote.test\r\n")
+                group = [f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{ALICE}>", f"RCPT TO:<{BOB}>",
+                         *(f"RCPT TO:<{rcpt}>" for rcpt in extra), "DATA"]
+                client.sock.sendall("".join(line + "\r\n" for line in group).encode())
+                answers = [client.reply() for _ in group]
+                return answers, client.command(message("many") + b".\r\n")
+            finally:
+                client.close()
+
+        answers, queued = await in_thread(transaction)
+        assert answers[3:-1] == [replies.TOO_MANY_RECIPIENTS] * len(extra), answers
+        assert answers[-1].startswith("354 "), answers
+        assert queued.startswith("250 2.0.0 Ok: queued as "), queued
+        [message_queued] = await drain_queue(worker.settings)
+        assert [r.address for r in message_queued.envelope.recipients] == [ALICE, BOB]
+
+
 async def test_size_over_limit_at_mail_552(directory: Settings) -> None:
     async with running_filter(directory.replace(max_message_size=100_000)) as worker:
         def transaction() -> str:
