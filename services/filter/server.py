@@ -441,6 +441,28 @@ class FilterSMTP(SMTP):
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push(replies.AUTH_UNAVAILABLE)
 
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        """RFC 5321 3.5.3: a user name or a mailbox, neither verified (no address harvesting):
+        252 for any. aiosmtpd answered a user name 502, and echoed octets that are not UTF-8
+        into a reply it could then not encode (a 451 and a logged traceback)."""
+        if not arg:
+            await self.push("501 Syntax: VRFY <address>")
+        elif not is_utf8(arg):
+            await self.push("501 5.5.2 Syntax: VRFY <address> (not UTF-8)")
+        else:
+            await self.push(replies.CANNOT_VRFY)
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        """aiosmtpd's, with RFC 1870's size-value: ASCII digits only. str.isdigit, which
+        aiosmtpd relies on, also takes "²" (int() then fails: a 451 for a syntax error) and
+        other scripts' digits. None: aiosmtpd answers its 501 syntax reply."""
+        result = super()._getparams(params)
+        size = result.get("SIZE") if result is not None else None
+        if isinstance(size, str) and not (size.isascii() and size.isdigit()):
+            return None
+        return result
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA, receiving the content in chunks (protocol/data.py) instead of one

@@ -19,6 +19,7 @@ RECIPIENT_OK = "250 2.1.5 OK"
 SENDER_OK = "250 2.1.0 OK"
 BYE = "221 2.0.0 Bye"
 READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
+CANNOT_VRFY = "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
 
 # 4xx: the sender keeps the message and retries later.
 INTERNAL_ERROR = "451 4.3.0 Internal error, please try again later"

@@ -142,6 +142,39 @@ async def test_malformed_paths_are_refused_not_rewritten(worker: FilterWorker) -
     assert [r.address for r in queued.envelope.recipients] == [ALICE]
 
 
+async def test_odd_vrfy_and_size_arguments_get_syntax_replies_not_internal_errors(
+        worker: FilterWorker, caplog: pytest.LogCaptureFixture) -> None:
+    """A SIZE of digits from outside ASCII ("²", Arabic-Indic) passed aiosmtpd's isdigit and
+    then failed int() (451 and a logged traceback) or was taken as a size the quota check then
+    ignored; RFC 1870 size-value is ASCII digits: 501. VRFY of octets that are not UTF-8 was
+    echoed into a reply that could not be encoded (451 and a traceback); VRFY of a user name
+    (RFC 5321 3.5.3 allows one) was 502. We verify nothing: 252 for any name."""
+    caplog.set_level(logging.ERROR)
+
+    def dialog() -> list[str]:
+        client = RawClient(worker.ports[0])
+        try:
+            client.reply()
+            client.command(b"EHLO client.remote.test\r\n")
+            answers = [client.command(line + b"\r\n") for line in (
+                b"MAIL FROM:<" + SENDER.encode() + b"> SIZE=\xc2\xb2",
+                b"MAIL FROM:<" + SENDER.encode() + b"> SIZE=\xd9\xa1\xd9\xa0",
+                b"VRFY <caf\xe9@example.test>",
+                b"VRFY alice",
+                b"VRFY " + ALICE.encode(),
+                b"VRFY nobody@example.test",
+                b"MAIL FROM:<" + SENDER.encode() + b"> SIZE=10",
+            )]
+            return [answer[:9] for answer in answers]
+        finally:
+            client.close()
+
+    assert await in_thread(dialog) == [
+        "501 5.5.4", "501 5.5.4", "501 5.5.2", "252 2.0.0", "252 2.0.0", "252 2.0.0",
+        "250 2.1.0"]
+    assert not caplog.records, caplog.text
+
+
 async def test_help_is_214(worker: FilterWorker) -> None:
     """RFC 5321 4.1.1.8: HELP answers 214 (211 for status); a topic it has no help for 504."""
     def dialog() -> list[tuple[int, bytes]]:
