@@ -120,7 +120,7 @@ class Settings:
     # it arrives, until published); a message that would take more gets 452 4.3.1 and its
     # sender retries. Keep it at several times max_message_size.
     smtp_data_memory: int = 1024 * MIB
-    smtp_max_errors: int = 20  # client errors in one session before 421 and hang-up
+    smtp_max_errors: int = 20  # client errors since the last queued message: then 421, hang-up
     # RFC 5321 4.5.1: mail to postmaster@ every local domain, and to a bare <postmaster>, MUST
     # be accepted. An address (user or alias) that gets it where the domain has no
     # postmaster of its own; empty: only domains with their own postmaster accept it.

@@ -506,7 +506,12 @@ class FilterSMTP(SMTP):
             self._busy = True
             self._reset_timeout(self._limits.processing_timeout)
             status = await self._call_handler_hook("DATA")
-            await self.push(replies.OK if status is MISSING else status)
+            status = replies.OK if status is MISSING else status
+            if replies.reply_code(status) == 250:
+                # The error limit is for clients that err without delivering mail: a queued
+                # message forgives what came before (as in Postfix's smtpd).
+                self._client_errors = 0
+            await self.push(status)
         finally:
             self._set_post_data_state()  # the transaction is over, whatever failed
             self._busy = False

@@ -104,6 +104,7 @@ class Dialogue:
             self.exchange(group)
             if group[-1][1] == "354":
                 self.exchange([(message(self.subject) + b".", "250")])
+                self.errors = 0  # a queued message forgives the errors before it
         self.exchange([(b"QUIT", "221")])
 
     def exchange(self, group: list[tuple[bytes, str]]) -> None:

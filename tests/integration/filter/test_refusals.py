@@ -383,6 +383,23 @@ async def test_a_client_that_keeps_erring_is_disconnected(directory: Settings) -
         writer.close()
 
 
+async def test_a_queued_message_forgives_earlier_errors(directory: Settings) -> None:
+    """The error limit is for a client that errs without delivering mail (as Postfix's
+    smtpd_hard_error_limit: its errors are forgiven when a message is queued). A relay that
+    sends many messages over one connection, each with one stale recipient, was hung up on
+    once their 550s added up, in the middle of a transaction."""
+    limited = directory.replace(smtp_max_errors=3)
+    async with running_filter(limited) as worker:
+        def transactions() -> list[dict[str, tuple[int, bytes]]]:
+            with connect(worker.ports[0]) as client:
+                return [client.sendmail(SENDER, [ALICE, "gone@example.test"],
+                                        message(f"relayed {n}")) for n in range(4)]
+
+        refused = await in_thread(transactions)
+        assert [list(each) for each in refused] == [["gone@example.test"]] * 4
+        assert len(await drain_queue(worker.settings)) == 4
+
+
 async def test_commands_pipelined_behind_starttls_are_not_run_inside_tls(
         worker: FilterWorker) -> None:
     """CVE-2011-0411: plaintext sent in the same packet as STARTTLS must not count as if it
