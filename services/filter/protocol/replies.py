@@ -81,6 +81,7 @@ SCAN_TOO_BIG_REJECT = "552 5.3.4 Message too big to be scanned for viruses"
 SIZE_EXCEEDED = "552 5.3.4 Message size exceeds fixed maximum message size"
 LINE_TOO_LONG = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
 COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
+UNKNOWN_COMMAND = "500 5.5.2 Error: command not recognized"
 AUTH_UNAVAILABLE = "502 5.5.1 AUTH not available"
 NEED_MAIL = "503 5.5.1 Error: need MAIL command"
 NEED_RCPT = "503 5.5.1 Error: need RCPT command"
@@ -134,6 +135,9 @@ _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _REPLY = re.compile(r"^(\d{3})([ -])(.*)$", re.DOTALL)
 # aiosmtpd's default handle_exception text: "500 Error: (ExcName) message".
 _LEAKED_EXCEPTION = re.compile(r"^\d{3} Error: \(")
+# aiosmtpd echoes an unknown command, which may hold a bare CR, NUL or escape sequences: none
+# of that goes into a reply (RFC 5321 2.3.8, 4.2).
+_UNKNOWN_COMMAND = re.compile(r'^500 Error: command "(.*)" not recognized$', re.DOTALL)
 
 
 def ehlo_lines(hostname: str, keywords: list[str]) -> list[str]:
@@ -159,6 +163,9 @@ def _enhance_line(line: str) -> str:
         return rewritten
     if _LEAKED_EXCEPTION.match(line):
         return INTERNAL_ERROR
+    unknown = _UNKNOWN_COMMAND.match(line)
+    if unknown is not None and not unknown.group(1).isprintable():
+        return UNKNOWN_COMMAND
     if _HAS_ENHANCED.match(line):
         return line
     match = _REPLY.match(line)

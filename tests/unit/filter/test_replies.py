@@ -25,6 +25,10 @@ TABLE = [
     ("501 Syntax: EHLO hostname", "501 5.5.4 Syntax: EHLO hostname"),
     ("500 Error: bad syntax", "500 5.5.2 Error: bad syntax"),
     ('500 Error: command "FOO" not recognized', '500 5.5.2 Error: command "FOO" not recognized'),
+    # RFC 5321 2.3.8 and 4.2: no bare CR, NUL or escape sequences echoed into a reply.
+    ('500 Error: command "FOO\rBAR" not recognized', "500 5.5.2 Error: command not recognized"),
+    ('500 Error: command "X\x00\x1b[2J" not recognized',
+     "500 5.5.2 Error: command not recognized"),
     ("500 Command line too long", replies.COMMAND_TOO_LONG),
     ("500 Line too long (see RFC5321 4.5.3.1.6)", replies.LINE_TOO_LONG),
     ("552 Error: Too much mail data", replies.MESSAGE_TOO_BIG),
