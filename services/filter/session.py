@@ -69,6 +69,7 @@ class Transaction:
     smtp_envelope: SMTPEnvelope
     queue_id: str = field(default_factory=new_queue_id)
     recipients: list[Recipient] = field(default_factory=list)
+    overshoot: int = 0  # RCPTs refused for being past the recipient limit
 
 
 _HOOK_PREFIXES = ("smtp_", "auth_", "handle_")
@@ -183,7 +184,12 @@ class FilterSession:
             return replies.BAD_RECIPIENT_SYNTAX
         if len(envelope.rcpt_tos) >= self._policy.max_recipients:
             # RFC 5321 4.5.3.1.10: 452 for too many recipients, the client sends the rest later.
+            # Not an error of the client's, up to as many again; past that, a client that
+            # does not stop is counted like any other (Postfix's recipient overshoot limit).
             log.info("recipient %s refused: too many recipients", address, extra=extra)
+            txn.overshoot += 1
+            if txn.overshoot > self._policy.max_recipients:
+                return replies.TOO_MANY_RECIPIENTS_COUNTED
             return replies.TOO_MANY_RECIPIENTS
         size = declared_size(envelope.mail_options)
         try:

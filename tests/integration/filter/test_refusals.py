@@ -211,8 +211,9 @@ async def test_recipients_over_the_limit_do_not_cost_the_connection(
     a later transaction. Those 452s were counted as client errors, so a client naming many
     more recipients than the limit was hung up on (421) mid-transaction and its message never
     went, not even to the accepted recipients (Postfix does not count them either: its
-    smtpd_recipient_overshoot_limit)."""
-    limits = directory.replace(max_recipients=2, smtp_max_errors=3)
+    smtpd_recipient_overshoot_limit). As many again as the limit are free; two more count as
+    errors, still fewer than the limit of errors."""
+    limits = directory.replace(max_recipients=3, smtp_max_errors=3)
     extra = [f"extra{n}@example.test" for n in range(5)]
     async with running_filter(limits) as worker:
         def transaction() -> tuple[list[str], str]:
@@ -221,7 +222,7 @@ async def test_recipients_over_the_limit_do_not_cost_the_connection(
                 client.reply()
                 client.command(b"EHLO client.remote.test\r\n")
                 group = [f"MAIL FROM:<{SENDER}>", f"RCPT TO:<{ALICE}>", f"RCPT TO:<{BOB}>",
-                         *(f"RCPT TO:<{rcpt}>" for rcpt in extra), "DATA"]
+                         f"RCPT TO:<{ALICE}>", *(f"RCPT TO:<{rcpt}>" for rcpt in extra), "DATA"]
                 client.sock.sendall("".join(line + "\r\n" for line in group).encode())
                 answers = [client.reply() for _ in group]
                 return answers, client.command(message("many") + b".\r\n")
@@ -229,11 +230,36 @@ async def test_recipients_over_the_limit_do_not_cost_the_connection(
                 client.close()
 
         answers, queued = await in_thread(transaction)
-        assert answers[3:-1] == [replies.TOO_MANY_RECIPIENTS] * len(extra), answers
+        assert answers[4:-1] == [replies.TOO_MANY_RECIPIENTS] * 3 + [
+            replies.TOO_MANY_RECIPIENTS_COUNTED] * 2, answers
         assert answers[-1].startswith("354 "), answers
         assert queued.startswith("250 2.0.0 Ok: queued as "), queued
         [message_queued] = await drain_queue(worker.settings)
-        assert [r.address for r in message_queued.envelope.recipients] == [ALICE, BOB]
+        assert [r.address for r in message_queued.envelope.recipients] == [ALICE, BOB, ALICE]
+
+
+async def test_a_client_that_never_stops_past_the_recipient_limit_is_cut_off(
+        directory: Settings) -> None:
+    """Past twice the recipient limit every further RCPT counts as an error: a client that
+    goes on naming recipients is hung up on like any other that keeps erring."""
+    limits = directory.replace(max_recipients=2, smtp_max_errors=3)
+    async with running_filter(limits) as worker:
+        def session() -> list[str]:
+            client = RawClient(worker.ports[0])
+            try:
+                client.reply()
+                client.command(b"EHLO client.remote.test\r\n")
+                client.command(f"MAIL FROM:<{SENDER}>\r\n".encode())
+                answers = [client.command(f"RCPT TO:<{ALICE}>\r\n".encode()) for _ in range(7)]
+                return [*answers, client.reply()]  # what follows the third counted error
+            finally:
+                client.close()
+
+        answers = await in_thread(session)
+        assert answers[:2] == [replies.RECIPIENT_OK] * 2, answers
+        assert answers[2:4] == [replies.TOO_MANY_RECIPIENTS] * 2, answers
+        assert answers[4:7] == [replies.TOO_MANY_RECIPIENTS_COUNTED] * 3, answers
+        assert answers[7].startswith("421 4.7.0"), answers
 
 
 async def test_size_over_limit_at_mail_552(directory: Settings) -> None:
