@@ -306,11 +306,25 @@ async def create(s: Session, c: Command) -> r.Reply:
 
 async def delete(s: Session, c: Command) -> r.Reply:
     name = cast(MailboxArg, c.args).mailbox
+    deleting_selected = await _is_selected(s, name)
     await s.store.delete_mailbox(s.logged_in_user, name)
-    if s.selected is not None and s.selected.name == name:
+    if deleting_selected:
         s.deselect()
         await s.send(r.OK_CLOSED.untagged())
     return r.OK_DONE
+
+
+async def _is_selected(s: Session, name: str) -> bool:
+    """Whether `name` is the selected mailbox, however the client spells it ("inbox/x" is
+    "INBOX/x"): its UIDVALIDITY tells, as it does for a mailbox renamed under a session."""
+    selected = s.selected
+    if selected is None:
+        return False
+    try:
+        status = await s.store.status(s.logged_in_user, name)
+    except NoSuchMailbox:
+        return False
+    return status.uidvalidity == selected.uidvalidity
 
 
 async def rename(s: Session, c: Command) -> r.Reply:
@@ -367,8 +381,8 @@ async def list_(s: Session, c: Command) -> r.Reply:
         if want_subscribed and name in subscribed:
             attributes.append("\\Subscribed")
         extra = b""
-        if "RECURSIVEMATCH" in args.select_options and tree.has_subscribed_child(name) \
-                and name not in subscribed:
+        # RFC 5258 5, example 9: also a subscribed mailbox tells of its subscribed children.
+        if "RECURSIVEMATCH" in args.select_options and tree.has_subscribed_child(name):
             extra = b' ("CHILDINFO" ("SUBSCRIBED"))'
         lines.append(wire.untagged(b"LIST (" + " ".join(attributes).encode()
                                    + b') "/" ' + wire.mailbox(name) + extra))

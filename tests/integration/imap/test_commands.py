@@ -315,6 +315,26 @@ async def test_delete(server: Server, deliver: Deliver, maildb: MailDB) -> None:
     assert "Old" not in names and "Parent/Child" in names
 
 
+async def test_delete_of_the_selected_mailbox_spelled_with_inbox_in_another_case(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    await maildb.create_mailbox(ALICE, "INBOX/Old")
+    await deliver(ALICE, message("old"), "INBOX/Old")
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX/Old")
+        # "inbox/Old" names the selected mailbox (RFC 3501 5.1): the session's own DELETE
+        # succeeds and closes it, instead of being reported as a deletion by someone else.
+        deleted = raw.command("DELETE inbox/Old")
+        assert deleted.status == "OK", deleted
+        assert deleted.untagged == [b"* OK [CLOSED] Previous mailbox closed"]
+        assert raw.command("NOOP").status == "OK"
+        raw.close()
+
+    await in_thread(dialog)
+    assert "INBOX/Old" not in {box.name for box in await maildb.list_mailboxes(ALICE)}
+
+
 async def test_rename_with_children_keeps_uidvalidity(server: Server, deliver: Deliver,
                                                       maildb: MailDB) -> None:
     await maildb.create_mailbox(ALICE, "Work/Sub")
@@ -456,6 +476,26 @@ async def test_list_extended_and_list_status(server: Server, deliver: Deliver,
         names = [parsed[-1] for parsed in reply.parsed(b"LIST")]
         assert kinds == [b"LIST", b"STATUS"] * len(names)
         assert [entry[1] for entry in reply.parsed(b"STATUS")] == names
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_recursivematch_childinfo_also_for_a_subscribed_parent(server: Server,
+                                                                     maildb: MailDB) -> None:
+    for name in ("Lists", "Lists/python", "Clubs/chess"):
+        await maildb.create_mailbox(ALICE, name)
+        await maildb.set_subscribed(ALICE, name, True)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        listed = raw.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"').lines(b"LIST")
+        # RFC 5258 5, example 9: a subscribed mailbox with a subscribed child carries
+        # CHILDINFO as well, as does an unsubscribed one.
+        assert b'* LIST (\\HasChildren \\Subscribed) "/" Lists ("CHILDINFO" ("SUBSCRIBED"))' \
+            in listed, listed
+        assert b'* LIST (\\HasChildren) "/" Clubs ("CHILDINFO" ("SUBSCRIBED"))' in listed
+        assert b'* LIST (\\HasNoChildren \\Subscribed) "/" INBOX' in listed
         raw.close()
 
     await in_thread(dialog)
