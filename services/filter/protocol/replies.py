@@ -29,7 +29,8 @@ QUEUE_UNAVAILABLE = "451 4.3.0 Message not queued, please try again later"
 # (services/filter/stall.py).
 QUEUE_NOT_TAKING = "451 4.3.0 Mail queue not taking messages now, please try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
-# The same refusal for a client that goes on far past the limit: counted as its error.
+# The same refusal for a client that goes on far past the limit: counted as its error, so its
+# text must not begin like TOO_MANY_RECIPIENTS (_SERVER_TROUBLE matches by prefix).
 TOO_MANY_RECIPIENTS_COUNTED = "452 4.5.3 Recipient limit reached, send the rest in another message"
 # The mailbox has reached its quota (the store publishes which ones, common/directory.py): RFC
 # 3463 3.3 X.2.2 "mailbox full", temporary so that the mail waits at the sender.

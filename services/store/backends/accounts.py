@@ -276,10 +276,8 @@ class AccountDB:
     def user_created(self, address: str) -> float | None:
         """When the account of `address` was created, None when there is none: an account
         deleted and added again is another one."""
-        row = self._db.execute(
-            "SELECT created FROM user WHERE address = ?", (normalize_address(address),)
-        ).fetchone()
-        return None if row is None else float(row[0])
+        address = normalize_address(address)
+        return self.users_created([address]).get(address)
 
     def users_created(self, addresses: Iterable[str]) -> dict[str, float]:
         """`user_created` of those of `addresses` (as stored: normalized) that are users."""

@@ -839,23 +839,18 @@ class MailDB:
         each change once it is committed. They are published from the writer thread itself
         (scheduled into this loop, ahead of the result), so a partly committed batch and a
         cancelled caller still notify."""
-        if self._closed:
-            raise StorageError("mail store is closed")
         loop = asyncio.get_running_loop()
 
         def run() -> T:
             events: list[ChangeEvent] = []
             try:
-                return _space_checked(func, events, *args)
+                return func(events, *args)
             finally:
                 if events:
                     with contextlib.suppress(RuntimeError):  # the loop is gone
                         loop.call_soon_threadsafe(self._publish, events)
 
-        try:
-            return await loop.run_in_executor(self._writer, run)
-        finally:
-            self._start_padding_fills()
+        return await self._in_writer(run)
 
     # Paddings of indexes migrated from schema 5 (event loop)
 

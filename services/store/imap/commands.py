@@ -269,12 +269,10 @@ async def _qresync(s: Session, selected: SelectedMailbox, args: Select) -> None:
                 and (known is None or contains(known, uid, largest))]
     if vanished:
         await s.send(wire.untagged(b"VANISHED (EARLIER) " + format_uids(sorted(vanished))))
-    lines = []
-    for info in changes.changed:
-        position = selected.position_of(info.uid)
-        if position is not None and info.modseq > params.modseq:
-            lines.append(selected.flags_fetch(position, uid=True, modseq=True))
-    await _send_batched(s, lines)
+    positions = [selected.position_of(info.uid) for info in changes.changed
+                 if info.modseq > params.modseq]
+    await _send_batched(s, selected.flags_fetches([p for p in positions if p is not None],
+                                                  uid=True, modseq=True))
 
 
 def _expunges_known_through(selected: SelectedMailbox,
