@@ -11,6 +11,9 @@ Hardening over aiosmtpd 1.4.6 (see docs: design notes section 1):
 - per-connection command size limits (aiosmtpd keeps them in a class-level dict that every
   EHLO grows and every new connection clears);
 - AUTH is neither advertised nor accepted (submission comes with a later issue);
+- MAIL and RCPT parameters by RFC 5321's grammar (an unknown one 555, a malformed one 501),
+  a MAIL parameter given twice 501, and a non-ASCII address without SMTPUTF8 550/553 5.6.7
+  (RFC 6531 3.5);
 - a failed DATA transaction is always reset, so the client can start over.
 
 Sockets are opened with `loop.create_server(..., reuse_port=True)`, so several worker
@@ -37,6 +40,12 @@ from services.filter.convert import peer_ip
 from services.filter.protocol import replies
 from services.filter.protocol.address import is_utf8, parse_path, parse_simple_path
 from services.filter.protocol.data import DataError, DataReceiver, DataResult
+from services.filter.protocol.parameters import (
+    MAIL_SYNTAX,
+    RCPT_SYNTAX,
+    parse_parameters,
+    repeated_keyword,
+)
 from services.filter.rules import Rule
 from services.filter.session import (
     FilterSession,
@@ -432,7 +441,8 @@ class FilterSMTP(SMTP):
                 topic = arg[:40] if arg.isascii() and arg.isprintable() else "that topic"
                 await self.push(f"504 5.5.4 No help for {topic}")
                 return
-            await self.push(f"214 2.0.0 Syntax: {method.__smtp_syntax__}")
+            syntax_text = _HELP_SYNTAX.get(arg.upper(), method.__smtp_syntax__)
+            await self.push(f"214 2.0.0 Syntax: {syntax_text}")
             return
         commands = sorted(name for name, method in self._smtp_methods.items()
                           if self._syntax_available(method))
@@ -454,14 +464,45 @@ class FilterSMTP(SMTP):
             await self.push(replies.CANNOT_VRFY)
 
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
-        """aiosmtpd's, with RFC 1870's size-value: ASCII digits only. str.isdigit, which
-        aiosmtpd relies on, also takes "²" (int() then fails: a 451 for a syntax error) and
-        other scripts' digits. None: aiosmtpd answers its 501 syntax reply."""
-        result = super()._getparams(params)
+        """The parameters by RFC 5321's grammar (protocol/parameters.py), so that aiosmtpd
+        answers a well-formed one it does not know 555, and with RFC 1870's size-value: ASCII
+        digits only. str.isdigit, which aiosmtpd relies on, also takes "²" (int() then fails:
+        a 451 for a syntax error) and other scripts' digits. None: aiosmtpd answers its 501
+        syntax reply."""
+        result = parse_parameters(params)
         size = result.get("SIZE") if result is not None else None
         if isinstance(size, str) and not (size.isascii() and size.isdigit()):
             return None
         return result
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        """aiosmtpd calls the session's hook once a command has passed its own checks; ours
+        of MAIL and RCPT come in between, so a refused MAIL counts nothing against the
+        message rates and sets no sender."""
+        if command == "MAIL":
+            refusal = self._mail_refusal(*args)
+        elif command == "RCPT":
+            refusal = self._rcpt_refusal(args[0])
+        else:
+            refusal = None
+        if refusal is not None:
+            return refusal
+        return await super()._call_handler_hook(command, *args)
+
+    def _mail_refusal(self, address: str, words: Sequence[str]) -> str | None:
+        assert self.envelope is not None
+        repeated = repeated_keyword(words)
+        if repeated is not None:
+            return replies.REPEATED_PARAMETER.format(keyword=repeated)
+        if not address.isascii() and not self.envelope.smtp_utf8:
+            return replies.NON_ASCII_SENDER  # RFC 6531 3.5; a HELO session never has it
+        return None
+
+    def _rcpt_refusal(self, address: str) -> str | None:
+        assert self.envelope is not None
+        if not address.isascii() and not self.envelope.smtp_utf8:
+            return replies.NON_ASCII_RECIPIENT  # RFC 6531 3.5
+        return None
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -533,6 +574,9 @@ class FilterSMTP(SMTP):
                     self._reader.feed_data(received.leftover)
                 return received
 
+
+# HELP for the commands whose parameters we take (aiosmtpd's syntax texts name none).
+_HELP_SYNTAX = {"MAIL": MAIL_SYNTAX, "RCPT": RCPT_SYNTAX}
 
 _DATA_ERRORS = {
     DataError.TOO_MUCH: replies.MESSAGE_TOO_BIG,

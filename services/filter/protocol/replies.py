@@ -70,6 +70,14 @@ TLS_UNAVAILABLE = "454 4.7.0 TLS not available"
 # 5xx: permanent.
 UNKNOWN_USER = "550 5.1.1 Recipient address rejected: no such user"
 RELAY_DENIED = "554 5.7.1 Relay access denied"
+# RFC 6531 3.5: an address that needs SMTPUTF8 in a transaction without it (or in a HELO
+# session, which has no parameters): 550 at MAIL, 553 at RCPT, X.6.7 "non-ASCII addresses not
+# permitted for that sender/recipient".
+NON_ASCII_SENDER = "550 5.6.7 Non-ASCII sender address not permitted without SMTPUTF8"
+NON_ASCII_RECIPIENT = "553 5.6.7 Non-ASCII recipient address not permitted without SMTPUTF8"
+# A MAIL parameter given twice: a syntax error in the arguments (RFC 5321 4.2.2 501, RFC 3463
+# X.5.4 invalid command arguments).
+REPEATED_PARAMETER = "501 5.5.4 MAIL parameter {keyword} given more than once"
 # RFC 5321 2.3.8: CR and LF only as CRLF. Refusing bare ones closes the SMTP smuggling hole
 # (<LF>.<LF> or <CR>.<CR> read as end-of-data by some other server).
 BARE_NEWLINE = "554 5.6.0 Message refused: bare CR or LF in message (RFC 5321 2.3.8)"

@@ -125,6 +125,30 @@ async def test_message_limit_holds_across_two_workers(directory: Settings) -> No
     assert await queue_depth(directory) == 5
 
 
+async def test_a_mail_refused_for_its_parameters_or_address_spends_no_budget(
+        directory: Settings) -> None:
+    """MAIL with a repeated parameter or a non-ASCII sender without SMTPUTF8 is refused
+    before the session's hook: it counts nothing, so the one message allowed still goes."""
+    def refused_mails(port: int) -> list[str]:
+        client = RawClient(port)
+        try:
+            client.reply()
+            client.command(b"EHLO client.remote.test\r\n")
+            return [client.command(line + b"\r\n") for line in (
+                f"MAIL FROM:<{SENDER}> SIZE=10 SIZE=10".encode(),
+                "MAIL FROM:<jörg@remote.test>".encode())]
+        finally:
+            client.close()
+
+    async with running_filter(limited(directory, rate_messages_per_ip=1)) as worker:
+        port = worker.ports[0]
+        assert await in_thread(refused_mails, port) == [
+            replies.REPEATED_PARAMETER.format(keyword="SIZE"), replies.NON_ASCII_SENDER]
+        assert await in_thread(send, port, message("the one"), [ALICE]) == {}
+        assert await in_thread(mail_reply, port) == replies.RATE_MESSAGES_IP
+    assert await queue_depth(directory) == 1
+
+
 async def test_connection_limit_holds_across_two_workers(directory: Settings) -> None:
     shared = limited(directory, rate_connections_per_ip=4)
     other = shared.replace(smtp_port=shared.submission_port)

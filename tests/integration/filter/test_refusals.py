@@ -12,6 +12,7 @@ import pytest
 from common.settings import Settings
 from services.filter.main import FilterWorker
 from services.filter.protocol import replies
+from services.filter.protocol.parameters import MAIL_SYNTAX, RCPT_SYNTAX
 from tests.integration.filter.conftest import (
     ALICE,
     BOB,
@@ -176,16 +177,100 @@ async def test_odd_vrfy_and_size_arguments_get_syntax_replies_not_internal_error
 
 
 async def test_help_is_214(worker: FilterWorker) -> None:
-    """RFC 5321 4.1.1.8: HELP answers 214 (211 for status); a topic it has no help for 504."""
+    """RFC 5321 4.1.1.8: HELP answers 214 (211 for status); a topic it has no help for 504.
+    HELP MAIL and HELP RCPT name the parameters we take (HELP MAIL showed none)."""
     def dialog() -> list[tuple[int, bytes]]:
         with connect(worker.ports[0]) as client:
             return [client.docmd("HELP"), client.docmd("HELP", "mail"),
-                    client.docmd("HELP", "NOSUCH")]
+                    client.docmd("HELP", "RCPT"), client.docmd("HELP", "NOSUCH")]
 
-    (all_code, all_text), (mail_code, mail_text), (unknown, _) = await in_thread(dialog)
+    (all_code, all_text), mail, rcpt, (unknown, _) = await in_thread(dialog)
     assert all_code == 214 and b"MAIL" in all_text and b"RCPT" in all_text
-    assert mail_code == 214 and b"MAIL FROM:" in mail_text
+    assert reply_of(*mail) == f"214 2.0.0 Syntax: {MAIL_SYNTAX}"
+    assert all(name in MAIL_SYNTAX for name in ("SIZE=", "BODY=7BIT|8BITMIME", "SMTPUTF8"))
+    assert reply_of(*rcpt) == f"214 2.0.0 Syntax: {RCPT_SYNTAX}"
     assert unknown == 504
+
+
+def raw_dialog(port: int, lines: list[bytes]) -> list[str]:
+    """The replies to `lines`, one command each, after the greeting."""
+    client = RawClient(port)
+    try:
+        client.reply()
+        return [client.command(line + b"\r\n") for line in lines]
+    finally:
+        client.close()
+
+
+async def test_non_ascii_addresses_need_smtputf8(worker: FilterWorker) -> None:
+    """RFC 6531 3.5: an address that needs SMTPUTF8 in a transaction without it is refused,
+    550 5.6.7 at MAIL and 553 5.6.7 at RCPT (both were accepted); a HELO session, which has
+    no parameters, cannot send one at all. With SMTPUTF8 the same addresses go through."""
+    jorg = "jörg@remote.test".encode()
+    lines = [
+        b"EHLO client.remote.test",
+        b"MAIL FROM:<" + jorg + b">",
+        b"MAIL FROM:<" + SENDER.encode() + b">",
+        "RCPT TO:<jörg@example.test>".encode(),
+        "RCPT TO:<x@bücher.example>".encode(),  # a U-label domain is not ASCII either
+        b"RCPT TO:<" + ALICE.encode() + b">",
+        b"DATA", message("ascii") + b".",
+        b"HELO client.remote.test",
+        b"MAIL FROM:<" + jorg + b">",
+        b"MAIL FROM:<" + jorg + b"> SMTPUTF8",
+        b"EHLO client.remote.test",
+        b"MAIL FROM:<" + jorg + b"> SMTPUTF8",
+        b"RCPT TO:<" + ALICE.encode() + b">",
+        b"DATA", message("utf8") + b".",
+    ]
+    answers = await in_thread(raw_dialog, worker.ports[0], lines)
+    assert [answers[1], answers[3], answers[4], answers[9]] == [
+        replies.NON_ASCII_SENDER, replies.NON_ASCII_RECIPIENT, replies.NON_ASCII_RECIPIENT,
+        replies.NON_ASCII_SENDER], answers
+    assert [answer[:3] for answer in answers] == [
+        "250", "550", "250", "553", "553", "250", "354", "250",
+        "250", "550", "501", "250", "250", "250", "354", "250"], answers
+    queued = await drain_queue(worker.settings)
+    assert sorted((q.envelope.mail_from, q.envelope.smtputf8) for q in queued) == [
+        ("jörg@remote.test", True), (SENDER, False)]
+
+
+async def test_a_mail_parameter_given_twice_is_refused(worker: FilterWorker) -> None:
+    """`SIZE=10 SIZE=20` and `BODY=8BITMIME BODY=7BIT` were taken (the last one held for
+    aiosmtpd, the first for our quota check): now 501 5.5.4, and the session goes on."""
+    mail = b"MAIL FROM:<" + SENDER.encode() + b"> "
+    answers = await in_thread(raw_dialog, worker.ports[0], [
+        b"EHLO client.remote.test",
+        mail + b"SIZE=10 SIZE=20",
+        mail + b"BODY=8BITMIME BODY=7BIT",
+        mail + b"SMTPUTF8 BODY=8BITMIME smtputf8",
+        mail + b"SIZE=10 BODY=8BITMIME SMTPUTF8",
+    ])
+    assert answers[1:] == [
+        replies.REPEATED_PARAMETER.format(keyword="SIZE"),
+        replies.REPEATED_PARAMETER.format(keyword="BODY"),
+        replies.REPEATED_PARAMETER.format(keyword="SMTPUTF8"),
+        replies.SENDER_OK]
+
+
+async def test_unknown_parameters_are_555_and_malformed_ones_501(worker: FilterWorker) -> None:
+    """RFC 5321 4.1.1.11: a MAIL or RCPT parameter not recognised or not implemented gets 555;
+    a keyword with a hyphen (RFC 6710's MT-PRIORITY, X-anything) was a 501 syntax error.
+    What breaks RFC 5321 4.1.2's esmtp-param grammar stays 501."""
+    mail = b"MAIL FROM:<" + SENDER.encode() + b"> "
+    rcpt = b"RCPT TO:<" + ALICE.encode() + b"> "
+    answers = await in_thread(raw_dialog, worker.ports[0], [
+        b"EHLO client.remote.test",
+        mail + b"MT-PRIORITY=3", mail + b"FOO", mail + b"X-FOO=bar",
+        mail + b"X_Y=1", mail + b"FOO=", mail + b"FOO=a=b", mail + b"SIZE=abc",
+        mail + b"SIZE=100",
+        rcpt + b"X-FOO=1", rcpt + b"NOTIFY=NEVER", rcpt + b"X_Y", rcpt.rstrip(),
+    ])
+    assert [answer[:9] for answer in answers[1:]] == [
+        "555 5.5.4", "555 5.5.4", "555 5.5.4",
+        "501 5.5.4", "501 5.5.4", "501 5.5.4", "501 5.5.4",
+        "250 2.1.0",
+        "555 5.5.4", "555 5.5.4", "501 5.5.4", "250 2.1.5"], answers
 
 
 async def test_too_many_recipients_452(directory: Settings) -> None:
