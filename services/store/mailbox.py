@@ -239,8 +239,10 @@ class MailStore(Protocol):
         ...
 
     async def rename_mailbox(self, user: str, old: str, new: str) -> None:
-        """Rename with its children (RFC 3501 6.3.5). Renaming INBOX moves its messages to a
-        new mailbox `new` and leaves INBOX empty. UIDVALIDITY of renamed mailboxes is kept."""
+        """Rename with its children (RFC 3501 6.3.5), also a parent that only exists as a
+        name (its children move, and it stays only a name). Renaming INBOX moves its
+        messages to a new mailbox `new` and leaves INBOX empty. UIDVALIDITY of renamed
+        mailboxes is kept."""
         ...
 
     async def set_subscribed(self, user: str, name: str, subscribed: bool) -> None:

@@ -636,9 +636,12 @@ class MailDB:
         await self._change(self._delete_sync, user, canonical_mailbox(name))
 
     async def rename_mailbox(self, user: str, old: str, new: str) -> None:
-        """Rename `old` and its children; missing parents of `new` are created. Subscriptions
-        of the renamed names follow them. MailboxExists if `new` or a renamed child's new name
-        exists; InvalidMailboxName for a name under `old` itself."""
+        """Rename `old` and its children; missing parents of `new` are created. `old` may be
+        a parent that is only a name (its mailbox deleted): its children move, and `new`
+        is only a name too. Subscriptions of `old` and of the renamed children follow them.
+        NoSuchMailbox if `old` is neither a mailbox nor a parent of one; MailboxExists if
+        `new` or a renamed child's new name exists; InvalidMailboxName for a name under
+        `old` itself."""
         self.user_path(user)
         await self._change(self._rename_sync, user, canonical_mailbox(old),
                            valid_mailbox_name(new))
@@ -1153,13 +1156,17 @@ class MailDB:
         if new.startswith(prefix):
             raise InvalidMailboxName(f"cannot rename {old!r} into itself")
         with transaction(conn):
-            box = self._box(conn, old)
-            renames = [(box.id, old, new)]
-            for box_id, name in conn.execute(
-                    "SELECT id, name FROM mailbox WHERE substr(name, 1, ?) = ?",
-                    (len(prefix), prefix)):
-                renames.append((int(box_id), str(name), new + str(name)[len(old):]))
-            for _, _, target in renames:
+            renames = [(int(box_id), str(name), new + str(name)[len(old):])
+                       for box_id, name in conn.execute(
+                           "SELECT id, name FROM mailbox WHERE name = ? OR substr(name, 1, ?) = ?",
+                           (old, len(prefix), prefix))]
+            if not renames:  # neither a mailbox nor a parent of one
+                raise NoSuchMailbox(old)
+            # `old` may be only a name its children keep (its mailbox deleted, RFC 3501
+            # 6.3.4): they move all the same (6.3.5), and `new` is then only a name too,
+            # as in Dovecot. Either way the subscription of `old` follows.
+            names = {old: new, **{source: target for _, source, target in renames}}
+            for target in names.values():
                 if self._exists(conn, target):
                     raise MailboxExists(target)
             missing = [(parent, None) for parent in _parents(new)
@@ -1170,7 +1177,8 @@ class MailDB:
             subscribed = {row[0] for row in conn.execute(
                 "SELECT name FROM subscription WHERE name = ? OR substr(name, 1, ?) = ?",
                 (old, len(prefix), prefix))}
-            moved = [(source, target) for _, source, target in renames if source in subscribed]
+            moved = [(source, target) for source, target in names.items()
+                     if source in subscribed]
             conn.executemany("DELETE FROM subscription WHERE name = ?",
                              [(source,) for source, _ in moved])
             conn.executemany("INSERT OR IGNORE INTO subscription (name) VALUES (?)",

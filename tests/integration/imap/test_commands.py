@@ -357,6 +357,62 @@ async def test_rename_with_children_keeps_uidvalidity(server: Server, deliver: D
     assert len(await maildb.list_messages(ALICE, "Job/Sub")) == 1
 
 
+async def test_rename_of_a_parent_that_is_only_a_name_takes_its_children(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """RFC 3501 6.3.5: renaming a name with inferiors renames them, also when the name's own
+    mailbox was deleted (6.3.4) and only its children keep it in LIST, as \\Noselect. The
+    children keep UIDVALIDITY, UIDs and messages, as in any hierarchy rename; the name itself
+    stays only a name, as Dovecot keeps it."""
+    for name in ("a/b/deep", "Spare/b"):
+        await maildb.create_mailbox(ALICE, name)
+    await maildb.delete_mailbox(ALICE, "Spare")
+    for n in range(2):
+        await deliver(ALICE, message(f"in b {n}"), "a/b")
+    await deliver(ALICE, message("in deep"), "a/b/deep")
+    for name in ("a", "a/b"):
+        await maildb.set_subscribed(ALICE, name, True)
+    before = {name: await maildb.status(ALICE, name) for name in ("a/b", "a/b/deep")}
+    guids = {name: [m.guid for m in await maildb.list_messages(ALICE, name)]
+             for name in before}
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("DELETE a")
+        watcher = server.raw(ALICE)
+        watcher.ok("SELECT a/b")
+        renamed = raw.command("RENAME a c")
+        assert renamed.status == "OK", renamed
+        listed = {entry[-1]: {f.lower() for f in entry[1]}
+                  for entry in raw.ok('LIST "" "*"').parsed(b"LIST")}
+        assert not {b"a", b"a/b", b"a/b/deep"} & set(listed)
+        assert listed[b"c"] == {b"\\noselect", b"\\haschildren"}  # still only a name
+        assert listed[b"c/b"] == {b"\\haschildren"}
+        assert listed[b"c/b/deep"] == {b"\\hasnochildren"}
+        assert raw.command("SELECT c").status == "NO"
+        for old, new in (("a/b", "c/b"), ("a/b/deep", "c/b/deep")):
+            status = raw.ok(f'STATUS "{new}" (MESSAGES UIDNEXT UIDVALIDITY)').parsed(b"STATUS")
+            values = dict(zip(status[0][2][::2], status[0][2][1::2], strict=True))
+            assert values == {b"MESSAGES": before[old].messages,
+                              b"UIDNEXT": before[old].uidnext,
+                              b"UIDVALIDITY": before[old].uidvalidity}
+        lsub = {entry[-1] for entry in raw.ok('LSUB "" "*"').parsed(b"LSUB")}
+        assert {b"c", b"c/b"} <= lsub and not {b"a", b"a/b"} & lsub
+        # The session that had a/b selected goes on in c/b, with the same UIDs.
+        fetched = watcher.ok("UID FETCH 1:* (FLAGS)").lines(b"FETCH")
+        assert len(fetched) == 2
+        watcher.close()
+        assert b"NONEXISTENT" in raw.command("RENAME a x").code
+        for taken in ("Drafts", "Spare"):  # a mailbox; only a name, but c/b is Spare/b
+            assert b"ALREADYEXISTS" in raw.command(f"RENAME c {taken}").code, taken
+        raw.close()
+
+    await in_thread(dialog)
+    for old, new in (("a/b", "c/b"), ("a/b/deep", "c/b/deep")):
+        assert [m.guid for m in await maildb.list_messages(ALICE, new)] == guids[old]
+    names = {box.name for box in await maildb.list_mailboxes(ALICE)}
+    assert "c" not in names and not {n for n in names if n == "a" or n.startswith("a/")}
+
+
 async def test_rename_inbox_moves_its_messages(server: Server, deliver: Deliver,
                                                maildb: MailDB) -> None:
     await deliver(ALICE, message("one"))
