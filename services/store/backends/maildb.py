@@ -308,7 +308,15 @@ def store_user_path(store_dir: Path, user: str) -> Path:
 
 def canonical_mailbox(name: str) -> str:
     """The stored spelling of a name to look up: INBOX, as first component, in any case
-    means INBOX (RFC 3501 5.1); anything else is compared exactly."""
+    means INBOX (RFC 3501 5.1); anything else is compared exactly. Every name the store is
+    given passes here (new names through `valid_mailbox_name`).
+
+    InvalidMailboxName for a name ending with the hierarchy delimiter: no mailbox is named
+    so, and only CREATE gives the delimiter a meaning there (RFC 3501 6.3.3, handled by the
+    IMAP command). Refused rather than looked up, so an APPEND, COPY or MOVE to "Work/"
+    does not answer [TRYCREATE] to a client whose CREATE "Work/" then made "Work"."""
+    if name.endswith(HIERARCHY_DELIMITER):
+        raise InvalidMailboxName(f"mailbox name ends with {HIERARCHY_DELIMITER!r}")
     first, sep, rest = name.partition(HIERARCHY_DELIMITER)
     if first.upper() == INBOX and first != INBOX:
         return INBOX + sep + rest

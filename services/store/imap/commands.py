@@ -292,8 +292,9 @@ def _expunges_known_through(selected: SelectedMailbox,
 
 async def create(s: Session, c: Command) -> r.Reply:
     args = cast(MailboxArg, c.args)
-    # RFC 3501 6.3.3: a trailing delimiter only says the client intends to create children.
-    name = args.mailbox.rstrip(HIERARCHY_DELIMITER) or args.mailbox
+    # RFC 3501 6.3.3: one trailing delimiter only says the client intends to create
+    # children. Anywhere else a name ending with it is refused (canonical_mailbox).
+    name = args.mailbox.removesuffix(HIERARCHY_DELIMITER)
     if len(args.special_use) > 1 or any(use not in SPECIAL_USE.values()
                                         for use in args.special_use):
         return r.NO_USEATTR

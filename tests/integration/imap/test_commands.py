@@ -430,6 +430,42 @@ async def test_rename_inbox_moves_its_messages(server: Server, deliver: Deliver,
     assert await maildb.list_messages(ALICE, "INBOX") == []
 
 
+async def test_a_trailing_delimiter_means_something_only_to_create(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """RFC 3501 6.3.3: "CREATE foo/" creates foo. No mailbox is named with a trailing "/",
+    so every other command refuses such a name with [CANNOT], as Dovecot does, instead of
+    answering [NONEXISTENT], or [TRYCREATE] to an APPEND, COPY or MOVE whose CREATE then
+    makes the mailbox without the "/" and whose retry fails again."""
+    await maildb.create_mailbox(ALICE, "INBOX/Old")
+    await deliver(ALICE, message("old"), "INBOX/Old")
+    mailboxes = await maildb.list_mailboxes(ALICE)
+    subscriptions = await maildb.subscriptions(ALICE)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        refused = [raw.command(command) for command in (
+            'SELECT "INBOX/Old/"', 'EXAMINE "INBOX/Old/"', 'STATUS "INBOX/Old/" (MESSAGES)',
+            'DELETE "INBOX/Old/"', 'RENAME "INBOX/Old/" "Newer"', 'RENAME "INBOX/Old" "Newer/"',
+            'SUBSCRIBE "INBOX/Old/"', 'UNSUBSCRIBE "INBOX/Old/"', 'SELECT "inbox/"',
+            'CREATE "Twice//"', 'CREATE "/"')]
+        refused.append(raw.literal_command(b'APPEND "INBOX/Old/"', message("new"), plus=True))
+        raw.ok('SELECT "INBOX/Old"')
+        refused += [raw.command(command) for command in (
+            'COPY 1 "Trash/"', 'MOVE 1 "Trash/"', 'UID COPY 1 "Nowhere/"')]
+        for reply in refused:
+            assert (reply.status, reply.code) == ("NO", b"CANNOT"), reply
+        assert raw.ok('FETCH 1 (FLAGS)').lines(b"FETCH")  # still selected, still there
+        raw.ok('CREATE "Plans/"')
+        raw.close()
+
+    await in_thread(dialog)
+    names = [box.name for box in await maildb.list_mailboxes(ALICE)]
+    assert sorted(names) == sorted([box.name for box in mailboxes] + ["Plans"])
+    assert len(await maildb.list_messages(ALICE, "INBOX/Old")) == 1
+    assert await maildb.list_messages(ALICE, "Trash") == []
+    assert await maildb.subscriptions(ALICE) == subscriptions
+
+
 async def test_subscribe_unsubscribe_lsub(server: Server, maildb: MailDB) -> None:
     await maildb.create_mailbox(ALICE, "Lists/python")
 

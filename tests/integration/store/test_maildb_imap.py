@@ -119,6 +119,25 @@ async def test_invalid_names_are_refused(db: MailDB, name: str) -> None:
     assert await db.list_mailboxes(ALICE) == before
 
 
+async def test_a_name_ending_with_the_delimiter_is_refused_where_it_is_looked_up(
+        db: MailDB) -> None:
+    """No mailbox is named "Box/": every lookup refuses such a name (IMAP: [CANNOT]) instead
+    of finding nothing ([TRYCREATE] to an APPEND, whose CREATE "Box/" then made "Box")."""
+    await db.create_mailbox(ALICE, "Box")
+    [uid] = await append_n(db, 1, "Box")
+    for name in ("Box/", "inbox/", "/"):
+        lookups = [db.status(ALICE, name), db.snapshot(ALICE, name),
+                   db.append(ALICE, name, body(1), frozenset()),
+                   db.copy(ALICE, "Box", [uid], name), db.move(ALICE, "Box", [uid], name),
+                   db.delete_mailbox(ALICE, name), db.rename_mailbox(ALICE, name, "Other"),
+                   db.set_subscribed(ALICE, name, False), db.expunge(ALICE, name, [uid])]
+        for lookup in lookups:
+            with pytest.raises(InvalidMailboxName):
+                await lookup
+    assert [m.uid for m in await db.list_messages(ALICE, "Box")] == [uid]
+    assert (await db.status(ALICE, "Box")).messages == 1
+
+
 async def test_unusual_but_valid_names(db: MailDB) -> None:
     for name in ("Entwürfe", "日本語", "a b", "x" * 255, "emoji 👩‍💻", "[Gmail]/Sent Mail"):
         await db.create_mailbox(ALICE, name)
