@@ -234,7 +234,7 @@ class MailStore(Protocol):
 
     async def delete_mailbox(self, user: str, name: str) -> None:
         """Delete a mailbox and its messages; its children keep existing (their parent then
-        only exists as a name and LIST shows it \\Noselect).
+        only exists as a name: LIST shows it \\Noselect, an extended LIST \\NonExistent).
         CannotDelete for INBOX; NoSuchMailbox if absent."""
         ...
 

@@ -359,7 +359,6 @@ async def list_(s: Session, c: Command) -> r.Reply:
         return r.OK_DONE
     user = s.logged_in_user
     mailboxes = {info.name: info for info in await s.store.list_mailboxes(user)}
-    extended = bool(args.select_options or args.return_options or args.return_status)
     want_subscribed = ("SUBSCRIBED" in args.select_options
                        or "SUBSCRIBED" in args.return_options)
     subscribed = set(await s.store.subscriptions(user)) if want_subscribed else set()
@@ -373,7 +372,7 @@ async def list_(s: Session, c: Command) -> r.Reply:
     for name in candidates:
         if not matcher.matches(name):
             continue
-        attributes = tree.attributes(name, extended=extended)
+        attributes = tree.attributes(name, extended=args.extended)
         info = mailboxes.get(name)
         if "SPECIAL-USE" in args.select_options and (info is None or not info.special_use):
             continue
@@ -1273,10 +1272,11 @@ class _Tree:
         info = self._mailboxes.get(name)
         attributes = []
         if info is None:
-            # A parent that exists only as a name (RFC 3501 6.3.4), or a subscription whose
-            # mailbox is gone (RFC 5258 3.4: \NonExistent).
-            attributes.append("\\NonExistent" if extended and name not in self._parents
-                              else "\\Noselect")
+            # No mailbox has this name: a parent of one (its own mailbox deleted, RFC 3501
+            # 6.3.4), or a subscription. RFC 3501's LIST says \Noselect; an extended LIST
+            # says \NonExistent, which implies it (RFC 5258 3 and 3.5, example 11: a
+            # missing parent is "\NonExistent \HasChildren"). Nothing of the name is stored.
+            attributes.append("\\NonExistent" if extended else "\\Noselect")
         attributes.append("\\HasChildren" if name in self._parents else "\\HasNoChildren")
         if info is not None and info.special_use:
             attributes.append(info.special_use)

@@ -593,6 +593,43 @@ async def test_recursivematch_childinfo_also_for_a_subscribed_parent(server: Ser
     await in_thread(dialog)
 
 
+async def test_a_parent_that_is_only_a_name_is_nonexistent_to_an_extended_list(
+        server: Server, maildb: MailDB) -> None:
+    """A deleted parent is kept only by its children's names: no mailbox, no UIDVALIDITY,
+    nothing stored. RFC 3501's LIST shows it \\Noselect; an extended LIST \\NonExistent
+    (RFC 5258 3.5 and example 11, "\\NonExistent \\HasChildren"; it implies \\Noselect),
+    as Dovecot's Maildir++, where parents are not stored either, answers."""
+    for name in ("Parent/Child", "Club/News"):
+        await maildb.create_mailbox(ALICE, name)
+        await maildb.delete_mailbox(ALICE, name.split("/")[0])
+    await maildb.set_subscribed(ALICE, "Parent", True)
+    await maildb.set_subscribed(ALICE, "Club/News", True)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+
+        def attributes(command: str, name: bytes) -> list[bytes]:
+            found = [entry for entry in raw.ok(command).parsed(b"LIST") if entry[-1] == name]
+            assert len(found) == 1, (command, found)
+            return [flag.lower() for flag in found[0][1]]
+
+        assert attributes('LIST "" "%"', b"Parent") == [b"\\noselect", b"\\haschildren"]
+        for command in ('LIST () "" "%"', 'LIST "" "%" RETURN (CHILDREN)',
+                        'LIST "" ("Parent" "Club")', 'LIST "" "*" RETURN (SPECIAL-USE)'):
+            assert attributes(command, b"Parent") == [b"\\nonexistent", b"\\haschildren"]
+            assert attributes(command, b"Club") == [b"\\nonexistent", b"\\haschildren"]
+        assert attributes('LIST (SUBSCRIBED) "" "*"', b"Parent") == [
+            b"\\nonexistent", b"\\haschildren", b"\\subscribed"]
+        recursive = raw.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"').lines(b"LIST")
+        assert b'* LIST (\\NonExistent \\HasChildren) "/" Club ("CHILDINFO" ("SUBSCRIBED"))' \
+            in recursive, recursive
+        for command in ("SELECT Parent", "STATUS Parent (MESSAGES)", "DELETE Parent"):
+            assert b"NONEXISTENT" in raw.command(command).code, command
+        raw.close()
+
+    await in_thread(dialog)
+
+
 async def test_status_every_item(server: Server, deliver: Deliver, maildb: MailDB) -> None:
     for n in range(3):
         await deliver(ALICE, message(f"m{n}"), "Archive")

@@ -124,20 +124,22 @@ COMMANDS: list[tuple] = [
         (b't LIST "" *', Command("t", "LIST", ListArgs("", ("*",)))),
         (b"t LIST ~/Mail %", Command("t", "LIST", ListArgs("~/Mail", ("%",)))),
         (b't LIST "" "Entw&APw-rfe/*"', Command("t", "LIST", ListArgs("", ("Entwürfe/*",)))),
-        (b"t LIST () x inbox", Command("t", "LIST", ListArgs("x", ("inbox",)))),
+        # RFC 5258 3: even empty selection options or RETURN make an extended LIST.
+        (b"t LIST () x inbox", Command("t", "LIST", ListArgs("x", ("inbox",), extended=True))),
+        (b't LIST "" (x)', Command("t", "LIST", ListArgs("", ("x",), extended=True))),
         (
             (b't LIST (subscribed RECURSIVEMATCH) "" (INBOX "a/%" {2}\r\n) '
              b"RETURN (CHILDREN special-use STATUS (MESSAGES UNSEEN))"),
             Command("t", "LIST", ListArgs(
                 "", ("INBOX", "a/%", "b*"), frozenset({"SUBSCRIBED", "RECURSIVEMATCH"}),
-                frozenset({"CHILDREN", "SPECIAL-USE"}), ("MESSAGES", "UNSEEN"))),
+                frozenset({"CHILDREN", "SPECIAL-USE"}), ("MESSAGES", "UNSEEN"), True)),
             [b"b*"],
         ),
         (
             b'LIST "" % RETURN ()',
             ParseError("LIST", "expected a command name"),  # tag LIST, command ""
         ),
-        (b't LIST "" % RETURN ()', Command("t", "LIST", ListArgs("", ("%",)))),
+        (b't LIST "" % RETURN ()', Command("t", "LIST", ListArgs("", ("%",), extended=True))),
         (b't LSUB "" *', Command("t", "LSUB", ListArgs("", ("*",)))),
         # STATUS
         (

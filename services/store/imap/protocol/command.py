@@ -139,6 +139,9 @@ class ListArgs:
     select_options: frozenset[str] = frozenset()  # SUBSCRIBED, REMOTE, RECURSIVEMATCH, SPECIAL-USE
     return_options: frozenset[str] = frozenset()  # SUBSCRIBED, CHILDREN, SPECIAL-USE
     return_status: tuple[str, ...] = ()  # STATUS items requested by RETURN (STATUS (...))
+    # RFC 5258 3: the extended syntax (selection options, a list of patterns or RETURN, even
+    # empty ones as in "LIST () "" %"): the client reads its attributes, \NonExistent too.
+    extended: bool = False
 
 
 @dataclass(frozen=True)

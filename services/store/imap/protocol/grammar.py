@@ -550,7 +550,8 @@ def _rename(c: Cursor, uid: bool) -> Rename:
 def _list(c: Cursor, uid: bool) -> ListArgs:
     c.sp()
     select_options: frozenset[str] = frozenset()
-    if c.peek_is(b"("):
+    extended = c.peek_is(b"(")
+    if extended:
         select_options = frozenset(c.paren_list(lambda: c.keyword("a LIST option")))
         unknown = select_options - LIST_SELECT_OPTIONS
         if unknown:
@@ -563,12 +564,14 @@ def _list(c: Cursor, uid: bool) -> ListArgs:
     reference = _mailbox_name(c.astring_bytes())
     c.sp()
     if c.peek_is(b"("):
+        extended = True
         patterns = tuple(c.paren_list(c.list_mailbox, empty_ok=False))
     else:
         patterns = (c.list_mailbox(),)
     return_options: set[str] = set()
     return_status: tuple[str, ...] = ()
     if c.maybe(b" "):
+        extended = True
         if c.keyword("RETURN") != "RETURN":
             raise _Syntax("expected RETURN")
         c.sp()
@@ -577,7 +580,8 @@ def _list(c: Cursor, uid: bool) -> ListArgs:
                 return_status = option
             else:
                 return_options.add(option)
-    return ListArgs(reference, patterns, select_options, frozenset(return_options), return_status)
+    return ListArgs(reference, patterns, select_options, frozenset(return_options), return_status,
+                    extended)
 
 
 def _list_return_option(c: Cursor) -> str | tuple[str, ...]:
