@@ -1175,11 +1175,16 @@ class MailDB:
             # as in Dovecot. Either way the subscription of `old` follows.
             names = {old: new, **{source: target for _, source, target in renames}}
             for target in names.values():
-                if self._exists(conn, target):
+                # A name this rename frees is free ("w/w" to "w" moves "w/w/w" to "w/w").
+                if target not in names and self._exists(conn, target):
                     raise MailboxExists(target)
             missing = [(parent, None) for parent in _parents(new)
                        if not self._exists(conn, parent)]
             self._create_mailboxes(conn, missing)
+            # Through names no mailbox can have (they never hold a NUL), so no row takes a
+            # name another still has: name is UNIQUE, checked row by row.
+            conn.executemany("UPDATE mailbox SET name = ? WHERE id = ?",
+                             [(f"\0{box_id}", box_id) for box_id, _, _ in renames])
             conn.executemany("UPDATE mailbox SET name = ? WHERE id = ?",
                              [(target, box_id) for box_id, _, target in renames])
             subscribed = {row[0] for row in conn.execute(

@@ -74,8 +74,8 @@ class Model:
         if new == INBOX or new.startswith(old + SEP):
             return None
         targets = {n: new + n[len(old):] for n in moving}
-        if any(t in self.boxes for t in targets.values()):
-            return None
+        if any(t in self.boxes and t not in targets for t in targets.values()):
+            return None  # a name the rename frees itself is free
         for parent in parents(new):
             self.boxes.setdefault(parent, 0)
         for source, target in targets.items():

@@ -234,6 +234,29 @@ async def test_rename_refusals(db: MailDB) -> None:
     assert {"A", "A/X", "B", "B/X", "C"} <= names and "Other" not in names
 
 
+async def test_rename_onto_names_it_frees(db: MailDB) -> None:
+    """Moving "w/w" up to "w" (once "w" is only a name) moves "w/w/w" to "w/w" and
+    "w/w/w/x" to "w/w/x", names the rename itself frees: they are not taken, and no row
+    meets another's name on the way (by name order, "w/w/w/x" is renamed before "w/w/x")."""
+    for name in ("w/w/w/x", "w/w/x"):
+        await db.create_mailbox(ALICE, name)
+    await append_n(db, 2, "w/w/w/x")
+    await db.set_subscribed(ALICE, "w/w/w/x", True)
+    await db.delete_mailbox(ALICE, "w")
+    moves = {"w/w": "w", "w/w/w": "w/w", "w/w/w/x": "w/w/x", "w/w/x": "w/x"}
+    before = {old: await db.status(ALICE, old) for old in moves}
+
+    await db.rename_mailbox(ALICE, "w/w", "w")
+    for old, new in moves.items():
+        status = await db.status(ALICE, new)
+        assert (status.uidvalidity, status.messages) == (before[old].uidvalidity,
+                                                         before[old].messages)
+    names = {m.name for m in await db.list_mailboxes(ALICE)}
+    assert set(moves.values()) <= names and "w/w/w/x" not in names
+    subscribed = await db.subscriptions(ALICE)
+    assert "w/w/x" in subscribed and "w/w/w/x" not in subscribed
+
+
 async def test_rename_inbox_moves_its_messages(db: MailDB) -> None:
     await db.create_mailbox(ALICE, "INBOX/Child")
     await append_n(db, 3)
