@@ -8,7 +8,8 @@ directory entry (common/directory.py: dir:overquota, dir:usage).
   user is marked dirty; a background task recomputes the dirty users' usage a moment later
   (DEBOUNCE: one burst of deliveries or an IMAP session's flurry is one recomputation), off
   the command's path.
-- A full reconcile (every user that has a limit) runs at start, whenever the account
+- A full reconcile (every user that has a limit) runs at start (always: the previous store
+  may have stopped before publishing its last changes), whenever the account
   database's generation differs from the one the quota state was reconciled at (a quota set
   with `tiermail user quota` bumps it; the CLI also updates the user's flag at once when it
   knows the usage), and when Redis lost the state.
@@ -60,11 +61,18 @@ class QuotaPublisher:
             self._changed.set()
 
     async def run(self) -> None:
-        """Keep Redis's quota state current until cancelled."""
+        """Keep Redis's quota state current until cancelled. The first pass reconciles
+        whatever generation Redis holds: a store that stopped (or was killed) between a
+        change and its debounced flush left usage in Redis that no generation reveals."""
         delay = 0.5
+        reconciled = False
         while True:
             try:
-                await self._reconcile_if_stale()
+                if reconciled:
+                    await self._reconcile_if_stale()
+                else:
+                    await self.reconcile()
+                    reconciled = True
                 await self._wait_for_changes()
                 await self.flush()
                 delay = 0.5

@@ -224,3 +224,42 @@ async def test_resolve_reports_full_mailboxes_in_the_same_lookup(settings: Setti
 
 async def _over(store: Store, expected: set[str]) -> bool:
     return await store.directory.over_quota() == expected
+
+
+async def test_a_restarted_store_publishes_usage_its_predecessor_did_not(
+        settings: Settings) -> None:
+    """A store stopped (or killed) between an expunge and its debounced publish left the
+    mailbox flagged full in Redis at the same account generation: the next store compared
+    generations only, so the filter kept answering 452 until the user changed something."""
+    accounts = AccountDB.for_store(settings.store_dir)
+    accounts.add_domain(DOMAIN)
+    accounts.add_user(ALICE, "h")
+    accounts.set_quota(ALICE, 5000)
+    maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    directory = Directory(client, settings.redis_prefix)
+    try:
+        await deliver(maildb, ALICE, 3)
+        first = QuotaPublisher(maildb, accounts, client, settings.redis_prefix, 0)
+        await first.reconcile()
+        assert await directory.over_quota() == {ALICE}
+        # The expunge the first store never published: it stopped before its flush.
+        await maildb.expunge(ALICE, INBOX, (await maildb.uids(ALICE, INBOX))[:2])
+        second = QuotaPublisher(maildb, accounts, client, settings.redis_prefix, 0,
+                                check_interval=0.1)
+        running = asyncio.create_task(second.run())
+        try:
+            await eventually(lambda: _over_in(directory, set()), within=10,
+                             what="the restarted store to clear the flag")
+            assert await directory.usage(ALICE) == await maildb.usage(ALICE)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+    finally:
+        await maildb.close()
+        await client.aclose()
+        accounts.close()
+
+
+async def _over_in(directory: Directory, expected: set[str]) -> bool:
+    return await directory.over_quota() == expected
