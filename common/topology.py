@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiormq.abc import AbstractChannel
+from dramatiq.common import xq_name
 from pamqp.commands import Basic
 
 from common.envelope import Envelope, EnvelopeError
@@ -99,6 +100,12 @@ class Topology:
         """Spam-learning jobs: declared by dramatiq (its own classic queue and `.DQ`/`.XQ`
         companions, services/store/learning.py), not by `declare` below."""
         return f"{self.prefix}.learn"
+
+    @property
+    def learn_dead_queue(self) -> str:
+        """Learn jobs whose retries ran out: dramatiq's dead-letter companion of the learn
+        queue, where they expire after dramatiq's dead_message_ttl (a week)."""
+        return xq_name(self.learn_queue)
 
     def deliver_queue_arguments(self) -> dict[str, Any]:
         return self._work_queue_arguments(self.delivery_limit)

@@ -37,6 +37,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     if broker.get("quarantined"):
         problems.append(f"{broker['quarantined']} infected message(s) in quarantine "
                         f"{settings.topology.quarantine_queue}")
+    problems += _learn_problems(broker, settings)
     for tier in ("filter", "store"):
         if redis["reachable"] and tier not in tiers:
             problems.append(f"no {tier} process is reporting")
@@ -53,6 +54,22 @@ def _unconsumed(broker: dict[str, Any]) -> list[str]:
             "the store is stopped or cannot reach the broker"
             for queue in (broker.get("deliver"), broker.get("large"))
             if queue is not None and queue["declared"] and not queue["consumers"]]
+
+
+def _learn_problems(broker: dict[str, Any], settings: Settings) -> list[str]:
+    """Learn jobs that gave up (the controller out of reach or refusing the password for
+    longer than their retries last), and learn jobs nobody takes while learning is on."""
+    problems = []
+    dead, waiting = broker.get("learn_dead"), broker.get("learn")
+    if dead is not None and dead["declared"] and dead["messages"]:
+        problems.append(f"{dead['messages']} spam-learning job(s) ran out of retries and wait "
+                        f"in {dead['queue']} (expiring after a week): is rspamd's controller "
+                        "reachable with TIERMAIL_RSPAMD_CONTROLLER_PASSWORD? (learner log)")
+    if (settings.learns_spam and waiting is not None and waiting["declared"]
+            and waiting["messages"] and not waiting["consumers"]):
+        problems.append(f"nothing consumes {waiting['queue']} ({waiting['messages']} "
+                        "spam-learning job(s) waiting): start `tiermail learner`")
+    return problems
 
 
 def _cut_off_filters(beats: list[dict[str, Any]]) -> list[str]:
@@ -90,7 +107,7 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
         queues = (("deliver", topology.deliver_queue), ("large", topology.large_queue),
                   ("scan", topology.scan_queue),
                   ("quarantine", topology.quarantine_queue), ("dead", topology.dead_queue),
-                  ("learn", topology.learn_queue))
+                  ("learn", topology.learn_queue), ("learn_dead", topology.learn_dead_queue))
         for key, queue in queues:
             channel = await connection.channel()
             try:
@@ -129,7 +146,7 @@ def format_status(report: dict[str, Any]) -> str:
     lines += [f"  ! {problem}" for problem in report["problems"]]
     broker = report["broker"]
     lines.append(f"broker: {'up' if broker['reachable'] else 'DOWN ' + broker.get('error', '')}")
-    for key in ("deliver", "large", "scan", "quarantine", "dead", "learn"):
+    for key in ("deliver", "large", "scan", "quarantine", "dead", "learn", "learn_dead"):
         queue = broker.get(key)
         if queue is None:
             continue

@@ -158,14 +158,15 @@ class Learning:
     The store uses `send`; `tiermail learner` runs `worker()`. The controller is only used by
     a worker (the store builds one it never calls)."""
 
-    def __init__(self, settings: Settings, controller: RspamdController | None = None) -> None:
+    def __init__(self, settings: Settings, controller: RspamdController | None = None,
+                 max_retries: int = MAX_RETRIES) -> None:
         self.queue_name = learn_queue(settings)
         self.broker = RabbitmqBroker(url=settings.amqp_url, confirm_delivery=True)
         self._controller = controller or RspamdController(
             settings.rspamd_controller_url, settings.rspamd_controller_password)
         declare = dramatiq.actor(
             broker=self.broker, actor_name=ACTOR_NAME, queue_name=self.queue_name,
-            max_retries=MAX_RETRIES, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS,
+            max_retries=max_retries, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS,
             time_limit=TIME_LIMIT_MS)
         self.actor = declare(self._learn)
         self._counts: Counter[str] = Counter()

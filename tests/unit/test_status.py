@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import time
 
-from services.status import _unconsumed, format_status
+from common.settings import Settings
+from services.status import _learn_problems, _unconsumed, format_status
 
 
 def report(beat: dict[str, object]) -> dict[str, object]:
@@ -59,3 +60,13 @@ def test_delivery_queues_without_a_consumer_are_a_problem() -> None:
         "nothing consumes t.deliver (3 message(s) waiting): the store is stopped or cannot "
         "reach the broker"]
     assert _unconsumed({"deliver": {"declared": False, "queue": "t.deliver"}}) == []
+
+
+def test_learn_jobs_nobody_takes_are_a_problem_while_learning_is_on() -> None:
+    """Moves into Junk queue learn jobs; without a `tiermail learner` they only pile up."""
+    waiting = {"learn": {"queue": "t.learn", "declared": True, "messages": 4, "consumers": 0}}
+    assert _learn_problems(waiting, Settings(spam="rspamd")) == [
+        "nothing consumes t.learn (4 spam-learning job(s) waiting): start `tiermail learner`"]
+    assert _learn_problems(waiting, Settings(spam="rspamd", learn="off")) == []
+    taken = {"learn": {**waiting["learn"], "consumers": 1}}
+    assert _learn_problems(taken, Settings(spam="rspamd")) == []

@@ -20,6 +20,7 @@ from common.health import read_heartbeats
 from common.ids import new_queue_id
 from common.settings import Settings
 from services.devscanners.runner import Scanner
+from services.status import collect_status, format_status
 from services.store.backends.maildb import MailDB
 from services.store.learning import Learning, LearningHook, RspamdController, learn_queue
 from services.store.mailbox import INBOX, JUNK, TRASH, Delivery
@@ -173,3 +174,31 @@ def test_a_retried_learn_logs_no_message_and_no_traceback(
     [line] = [r for r in caplog.records if r.name == "services.store.learning"]
     assert line.levelno == logging.WARNING and "f" * 32 in line.getMessage()
 
+
+
+async def test_learn_jobs_that_ran_out_of_retries_are_a_problem_in_status(
+        settings: Settings) -> None:
+    """rspamd's controller out of reach for longer than the retries last: the job lands in
+    dramatiq's dead-letter queue (`<learn queue>.XQ`, where it expires after a week). Nothing
+    said so: `tiermail status` counted the learn queue only and stayed healthy."""
+    learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"),
+                        max_retries=0)
+    learning.declare()
+    learning.send("spam", ALICE, "e" * 32, b"Subject: x\r\n\r\nbody\r\n")
+    worker = learning.worker(threads=1)
+    worker.start()
+    dead_queue = settings.topology.learn_dead_queue
+    try:
+        await eventually(lambda: _depth_is(settings, dead_queue, 1), within=60,
+                         what="the job in the learn dead-letter queue")
+    finally:
+        worker.stop(timeout=10_000)
+        learning.close()
+    report = await collect_status(settings)
+    assert not report["healthy"]
+    assert [p for p in report["problems"] if dead_queue in p and p.startswith("1 ")]
+    assert f"{dead_queue}: 1 messages" in format_status(report)
+
+
+async def _depth_is(settings: Settings, queue: str, depth: int) -> bool:
+    return await asyncio.to_thread(queue_depth, settings, queue) == depth
