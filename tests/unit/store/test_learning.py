@@ -120,3 +120,13 @@ async def test_a_failing_broker_is_logged_not_raised(caplog: pytest.LogCaptureFi
     hook.on_change(ChangeEvent("a@x.test", "copy", "INBOX", "Junk", ("g1",)))
     await hook.close()
     assert "not learned: ConnectionError: broker down" in caplog.text
+
+
+def test_the_retries_outlast_a_40_minute_controller_outage_whatever_the_jitter() -> None:
+    """dramatiq waits MIN_BACKOFF * 2**k times 1 to 2 before retry k+1, and 0.5 to 1 times
+    MAX_BACKOFF once that is over MAX_BACKOFF. The least it can wait in all must cover an
+    rspamd (or its Redis) restarted or upgraded; with 10 retries it was 13.5 minutes, while
+    the module said "about an hour"."""
+    least = sum(min(learning.MIN_BACKOFF_MS * 2 ** k, learning.MAX_BACKOFF_MS // 2)
+                for k in range(learning.MAX_RETRIES))
+    assert least >= 40 * 60 * 1000
