@@ -4,11 +4,14 @@ Two halves joined by a RabbitMQ queue (`<queue_prefix>.learn`, dramatiq):
 
 - LearningHook, in the store: a MailDB listener. For a copy or move into Junk (the mailbox
   with the \\Junk special-use attribute, or a child of it) it enqueues "spam" for every new
-  copy; out of Junk into anything but Trash (\\Trash or a child) "ham"; Junk -> Trash and
-  moves within Junk nothing. It sees every change whoever made it (IMAP, webmail, a filter
-  rule). The listener only schedules work: reading the message and the blocking pika publish
-  run in a thread of the hook's own, so an IMAP MOVE never waits for the broker. Failures are
-  logged and the move stands; learning is best-effort.
+  copy, and so for an APPEND into Junk (a move from another account or a local folder);
+  out of Junk into anything but Trash (\\Trash or a child) "ham"; Junk -> Trash and
+  moves within Junk nothing. A rename of a folder into or out of Junk teaches nothing: it
+  is housekeeping (old spam filed under Archive/ would otherwise teach a thousand hams).
+  It sees every change whoever made it (IMAP, webmail, a filter rule). The listener only
+  schedules work: reading the message and the blocking pika publish run in a thread of the
+  hook's own, so an IMAP MOVE never waits for the broker. Failures are logged and the move
+  stands; learning is best-effort.
 - The learn actor, in `tiermail learner` (a dramatiq Worker in-process, possibly on another
   machine): POSTs the message to rspamd's controller /learnspam or /learnham with the
   controller password. "Already learned" (HTTP 208) and "nothing to learn" (204: too few
@@ -70,6 +73,7 @@ TIME_LIMIT_MS = 120_000  # one learn request, retries apart
 CONTROLLER_TIMEOUT = 60.0  # seconds; rspamd tokenises the whole message before answering
 MAX_PENDING = 1000  # jobs waiting for the broker in the store; more are dropped (logged)
 WORKER_THREADS = 2
+LEARNED_CHANGES = frozenset({"copy", "move", "append"})  # ChangeEvent kinds that may teach
 
 
 def learn_queue(settings: Settings) -> str:
@@ -88,9 +92,12 @@ def special_roots(mailboxes: Sequence[MailboxInfo], attribute: str, fallback: st
     return [m.name for m in mailboxes if m.special_use == attribute] or [fallback]
 
 
-def learn_kind(source: str, dest: str, junk: Sequence[str], trash: Sequence[str]) -> str | None:
-    """"spam", "ham" or None for a copy or move from `source` to `dest`."""
-    from_junk, into_junk = within(source, junk), within(dest, junk)
+def learn_kind(source: str | None, dest: str, junk: Sequence[str],
+               trash: Sequence[str]) -> str | None:
+    """"spam", "ham" or None for a copy or move from `source` to `dest`; `source` None for
+    an APPEND (from outside the account: never from Junk)."""
+    from_junk = source is not None and within(source, junk)
+    into_junk = within(dest, junk)
     if into_junk and not from_junk:
         return SPAM
     if from_junk and not into_junk and not within(dest, trash):
@@ -260,8 +267,7 @@ class LearningHook:
 
     def on_change(self, event: ChangeEvent) -> None:
         """MailDB listener (in the event loop): returns at once, the work runs in a task."""
-        if (self._closed or event.kind not in ("copy", "move") or event.source is None
-                or not event.guids):
+        if self._closed or event.kind not in LEARNED_CHANGES or not event.guids:
             return
         task = asyncio.get_running_loop().create_task(self._classify_and_enqueue(event))
         self._tasks.add(task)
@@ -285,7 +291,6 @@ class LearningHook:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _classify_and_enqueue(self, event: ChangeEvent) -> None:
-        assert event.source is not None
         extra = {"user": event.user, "event": "learn"}
         try:
             mailboxes = await self._mailstore.list_mailboxes(event.user)

@@ -124,6 +124,19 @@ async def test_junk_to_trash_teaches_nothing(learn_settings: Settings, store: St
     assert depth == 1
 
 
+async def test_an_append_into_junk_teaches_spam(learn_settings: Settings, store: Store) -> None:
+    """A client moving mail into Junk from another account (Thunderbird across accounts, a
+    sync tool uploading a local Junk folder) APPENDs it: spam, as a COPY would be. An APPEND
+    elsewhere says nothing about spam (and nothing can be ham: it came from no Junk)."""
+    await store.maildb.create_mailbox(ALICE, f"{JUNK}/Old")
+    body = b"Subject: from elsewhere\r\n\r\nwords\r\n"
+    for mailbox in (JUNK, f"{JUNK}/Old", INBOX, TRASH):
+        await store.maildb.append(ALICE, mailbox, body, frozenset())
+    await store.hook.close()
+    depth = await asyncio.to_thread(queue_depth, learn_settings, learn_queue(learn_settings))
+    assert depth == 2
+
+
 def test_the_controller_wants_the_password(rspamd_scanner: Scanner) -> None:
     body = b"Subject: x\r\n\r\n" + " ".join(secrets.token_hex(5) for _ in range(40)).encode()
     assert controller_learn(rspamd_scanner, "spam", body, password="").status_code == 401

@@ -48,6 +48,13 @@ def test_learn_kind(source: str, dest: str, kind: str | None) -> None:
     assert learn_kind(source, dest, JUNK, TRASH) == kind
 
 
+def test_an_append_teaches_spam_into_junk_and_never_ham() -> None:
+    assert learn_kind(None, "Junk", JUNK, TRASH) == SPAM
+    assert learn_kind(None, "Junk/Old", JUNK, TRASH) == SPAM
+    assert learn_kind(None, "INBOX", JUNK, TRASH) is None
+    assert learn_kind(None, "Trash", JUNK, TRASH) is None
+
+
 def test_special_use_decides_which_mailbox_is_junk() -> None:
     renamed = [MailboxInfo("INBOX", None), MailboxInfo("Spam", "\\Junk"),
                MailboxInfo("Junk", None), MailboxInfo("Bin", "\\Trash")]
