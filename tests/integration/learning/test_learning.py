@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import imaplib
 import logging
 import re
 import secrets
+import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,9 +21,11 @@ import redis.asyncio as aioredis
 
 from common.health import read_heartbeats
 from common.ids import new_queue_id
+from common.passwords import hash_password
 from common.settings import Settings
 from services.devscanners.runner import Scanner
 from services.status import collect_status, format_status
+from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.learning import Learning, LearningHook, RspamdController, learn_queue
 from services.store.mailbox import INBOX, JUNK, TRASH, Delivery
@@ -215,3 +220,89 @@ async def test_learn_jobs_that_ran_out_of_retries_are_a_problem_in_status(
 
 async def _depth_is(settings: Settings, queue: str, depth: int) -> bool:
     return await asyncio.to_thread(queue_depth, settings, queue) == depth
+
+
+def unseen_message() -> bytes:
+    words = " ".join(secrets.token_hex(5) for _ in range(40))
+    return (f"From: someone@remote.test\r\nTo: {ALICE}\r\n"
+            f"Message-ID: <{secrets.token_hex(10)}@remote.test>\r\n"
+            f"Subject: offer {secrets.token_hex(4)}\r\n\r\n{words}\r\n").encode()
+
+
+def imap_session(settings: Settings) -> imaplib.IMAP4:
+    client = imaplib.IMAP4("127.0.0.1", settings.imap_port, timeout=30)
+    client.login(ALICE, "secret pw")
+    return client
+
+
+def moves_of_every_kind(client: imaplib.IMAP4) -> None:
+    """What clients do, on the wire: MOVE, UID MOVE, COPY + STORE \\Deleted + EXPUNGE,
+    APPEND into Junk; and Junk -> Trash, which teaches nothing. 4 spam (two APPENDs into
+    Junk, a MOVE, a COPY), 1 ham."""
+    def appended(mailbox: str) -> bytes:
+        typ, data = client.append(mailbox, "", None, unseen_message())
+        assert typ == "OK", data
+        return re.findall(rb"APPENDUID \d+ (\d+)", data[0])[0]
+
+    assert client.create(f"{JUNK}/Old")[0] == "OK"
+    client.select(JUNK)
+    assert client.uid("MOVE", appended(JUNK).decode(), TRASH)[0] == "OK"  # spam, nothing
+    client.select(INBOX)
+    first, second = appended(INBOX).decode(), appended(INBOX).decode()
+    assert client.uid("MOVE", first, JUNK)[0] == "OK"  # spam
+    assert client.uid("COPY", second, f"{JUNK}/Old")[0] == "OK"  # spam
+    assert client.uid("STORE", second, "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+    assert client.expunge()[0] == "OK"
+    appended(JUNK)  # spam
+    client.select(f"{JUNK}/Old")
+    assert client.uid("MOVE", "1:*", INBOX)[0] == "OK"  # ham
+
+
+async def test_every_client_move_through_the_real_store_teaches_rspamd(
+        learn_settings: Settings, rspamd_scanner: Scanner,
+        run_tier: Callable[..., TierProcess]) -> None:
+    settings = learn_settings.replace(spam="rspamd", rspamd_url=rspamd_scanner.address)
+    accounts = AccountDB.for_store(settings.store_dir)
+    accounts.add_domain("example.test")
+    accounts.add_user(ALICE, hash_password("secret pw"))
+    accounts.close()
+    store = run_tier(settings, "store")
+    store.wait_for_port(settings.imap_port)
+    learner = run_tier(settings, "learner")
+    before = await asyncio.to_thread(learned, rspamd_scanner)
+    client = await asyncio.to_thread(imap_session, settings)
+    try:
+        await asyncio.to_thread(moves_of_every_kind, client)
+    finally:
+        await asyncio.to_thread(client.logout)
+    await eventually(lambda: learner.output().count("rspamd learned") == 5, within=120,
+                     what="five learn jobs done")
+    assert store.output().count("learn job queued") == 5, store.output()
+    assert learner.output().count(" as spam (") == 4, learner.output()
+    assert learner.output().count(" as ham (") == 1, learner.output()
+    assert await asyncio.to_thread(learned, rspamd_scanner) == before + 5
+
+
+async def test_a_learner_killed_mid_job_leaves_the_job_to_the_next(
+        learn_settings: Settings, store: Store, rspamd_scanner: Scanner,
+        run_tier: Callable[..., TierProcess]) -> None:
+    """dramatiq acknowledges a job after the actor returns: a learner SIGKILLed while rspamd
+    is still answering loses nothing, the broker hands the job to the next learner."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stalled = learn_settings.replace(
+        rspamd_controller_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        first = run_tier(stalled, "learner")
+        uid, _ = await store.deliver()
+        await store.maildb.move(ALICE, INBOX, [uid], JUNK)
+        listener.settimeout(60)
+        connection, _ = await asyncio.to_thread(listener.accept)  # the job is under way
+        first.kill(signal.SIGKILL)
+        connection.close()
+    finally:
+        listener.close()
+    before = await asyncio.to_thread(learned, rspamd_scanner)
+    second = run_tier(learn_settings, "learner")
+    await eventually(learned_as(second, "spam"), within=60, what="the next learner's try")
+    assert "rspamd learned" in second.output(), second.output()
+    assert await asyncio.to_thread(learned, rspamd_scanner) == before + 1
