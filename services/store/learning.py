@@ -71,7 +71,9 @@ MIN_BACKOFF_MS = 1_000
 MAX_BACKOFF_MS = 600_000
 TIME_LIMIT_MS = 120_000  # one learn request, retries apart
 CONTROLLER_TIMEOUT = 60.0  # seconds; rspamd tokenises the whole message before answering
-MAX_PENDING = 1000  # jobs waiting for the broker in the store; more are dropped (logged)
+# Messages of moves waiting for their jobs to be published, in the store; more are dropped
+# (logged). Only their GUIDs wait: each message is read when its job is published.
+MAX_PENDING = 100_000
 WORKER_THREADS = 2
 LEARNED_CHANGES = frozenset({"copy", "move", "append"})  # ChangeEvent kinds that may teach
 
@@ -191,9 +193,14 @@ class Learning:
     def send(self, kind: str, user: str, guid: str, message: bytes) -> None:
         """Enqueue one learn job (blocking: a publish with a broker confirm)."""
         try:
-            self.actor.send(kind, user, guid, base64.b64encode(message).decode("ascii"))
+            self.publish(kind, user, guid, message)
         finally:
-            self._release_connection()
+            self.release_connection()
+
+    def publish(self, kind: str, user: str, guid: str, message: bytes) -> None:
+        """`send` keeping this thread's broker connection for the next: a batch of jobs
+        calls release_connection once at its end."""
+        self.actor.send(kind, user, guid, base64.b64encode(message).decode("ascii"))
 
     def declare(self) -> None:
         """Declare the learn queues from this thread before the worker starts, so its
@@ -201,9 +208,9 @@ class Learning:
         try:
             self.broker.declare_queue(self.queue_name, ensure=True)
         finally:
-            self._release_connection()
+            self.release_connection()
 
-    def _release_connection(self) -> None:
+    def release_connection(self) -> None:
         """Close this thread's broker connection. pika's BlockingConnection answers
         RabbitMQ's heartbeats only while its thread calls into it, so one left idle in a
         thread that enqueues now and then is closed by the broker after a minute ("missed
@@ -245,25 +252,29 @@ class Learning:
 class LearningHook:
     """A MailDB listener that turns moves into and out of Junk into learn jobs.
 
-    `send` is Learning.send (or a stand-in in tests) and `close` what ends it; both run in
-    the hook's one thread, so the pika connection `send` opens stays in that thread."""
+    `send` is Learning.publish (or a stand-in in tests), `release` what lets go of its broker
+    connection after each batch of jobs, `close` what ends it; all run in the hook's one
+    thread, so the pika connection `send` opens stays in that thread."""
 
     def __init__(self, mailstore: MailStore, send: Callable[[str, str, str, bytes], None],
-                 close: Callable[[], None] | None = None) -> None:
+                 close: Callable[[], None] | None = None,
+                 release: Callable[[], None] | None = None) -> None:
         self._mailstore = mailstore
         self._send = send
         self._close = close
+        self._release = release
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="learn-enqueue")
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._abandon = threading.Event()  # the grace of close() is over: publish no more
 
     @classmethod
     def from_settings(cls, settings: Settings, mailstore: MailStore) -> LearningHook:
         learning = Learning(settings)
-        return cls(mailstore, learning.send, learning.close)
+        return cls(mailstore, learning.publish, learning.close, learning.release_connection)
 
     def on_change(self, event: ChangeEvent) -> None:
         """MailDB listener (in the event loop): returns at once, the work runs in a task."""
@@ -280,6 +291,7 @@ class LearningHook:
         self._closed = True
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
+        self._abandon.set()
         for task in self._tasks:
             task.cancel()
         if self._close is not None:
@@ -302,34 +314,61 @@ class LearningHook:
                           special_roots(mailboxes, "\\Trash", TRASH))
         if kind is None:
             return
-        loop = asyncio.get_running_loop()
-        futures = []
-        for guid in event.guids:
-            with self._lock:
-                if self._pending >= MAX_PENDING:
-                    log.warning("not learned: %d learn jobs already waiting for the broker",
-                                self._pending, extra={**extra, "queue_id": guid})
-                    continue
-                self._pending += 1
-            futures.append(loop.run_in_executor(self._executor, self._enqueue, kind,
-                                                event.user, guid))
-        await asyncio.gather(*futures, return_exceptions=True)
+        guids = self._reserve(event.guids, extra)
+        if guids:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._enqueue_all, kind, event.user, guids)
 
-    def _enqueue(self, kind: str, user: str, guid: str) -> None:
-        """In the hook's thread: read the message and publish the job."""
+    def _reserve(self, guids: Sequence[str], extra: dict[str, str]) -> list[str]:
+        """As many of `guids` as MAX_PENDING leaves room for, counted as pending."""
+        with self._lock:
+            taken = list(guids[:max(MAX_PENDING - self._pending, 0)])
+            self._pending += len(taken)
+        if len(taken) < len(guids):
+            log.warning("not learned: %d of %d messages, %d already waiting for the broker",
+                        len(guids) - len(taken), len(guids), MAX_PENDING, extra=extra)
+        return taken
+
+    def _enqueue_all(self, kind: str, user: str, guids: list[str]) -> None:
+        """In the hook's thread: a job for each message, on one broker connection. When the
+        broker fails, the rest of the batch is given up with one log line, not one each."""
+        try:
+            for done, guid in enumerate(guids):
+                if self._abandon.is_set():
+                    left, why = len(guids) - done, "the store is stopping"
+                elif not self._enqueue(kind, user, guid):
+                    left, why = len(guids) - done - 1, "the broker failed"
+                else:
+                    continue
+                if left:
+                    log.warning("not learned: %d more messages of the same move (%s)", left,
+                                why, extra={"user": user, "event": f"learn-{kind}"})
+                return
+        finally:
+            with self._lock:
+                self._pending -= len(guids)
+            if self._release is not None:
+                with contextlib.suppress(Exception):
+                    self._release()
+
+    def _enqueue(self, kind: str, user: str, guid: str) -> bool:
+        """Read the message and publish its job; False when the broker failed."""
         extra = {"user": user, "event": f"learn-{kind}", "queue_id": guid}
         try:
             message = self._read(user, guid)
-            if message is None:
-                log.info("not learned: larger than %d octets", MAX_LEARN_SIZE, extra=extra)
-                return
+        except Exception as exc:  # noqa: BLE001 - expunged meanwhile, or unreadable
+            log.warning("not learned: %s: %s", type(exc).__name__, exc, extra=extra)
+            return True
+        if message is None:
+            log.info("not learned: larger than %d octets", MAX_LEARN_SIZE, extra=extra)
+            return True
+        try:
             self._send(kind, user, guid, message)
-            log.info("learn job queued (%d octets)", len(message), extra=extra)
         except Exception as exc:  # noqa: BLE001 - learning is best-effort; the move stands
             log.warning("not learned: %s: %s", type(exc).__name__, exc, extra=extra)
-        finally:
-            with self._lock:
-                self._pending -= 1
+            return False
+        log.info("learn job queued (%d octets)", len(message), extra=extra)
+        return True
 
     def _read(self, user: str, guid: str) -> bytes | None:
         with self._mailstore.open_message(user, guid) as file:

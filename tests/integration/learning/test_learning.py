@@ -60,7 +60,7 @@ async def store(learn_settings: Settings) -> AsyncIterator[Store]:
     maildb = MailDB.for_store(learn_settings.store_dir,
                               inline_max=learn_settings.store_inline_max)
     learning = Learning(learn_settings)
-    hook = LearningHook(maildb, learning.send, learning.close)
+    hook = LearningHook(maildb, learning.publish, learning.close, learning.release_connection)
     maildb.add_listener(hook.on_change)
     yield Store(maildb, hook)
     await hook.close()
@@ -140,6 +140,21 @@ async def test_an_append_into_junk_teaches_spam(learn_settings: Settings, store:
     await store.hook.close()
     depth = await asyncio.to_thread(queue_depth, learn_settings, learn_queue(learn_settings))
     assert depth == 2
+
+
+async def test_a_move_of_thousands_into_junk_queues_a_job_for_each(
+        learn_settings: Settings, store: Store) -> None:
+    """One MOVE of 1500 messages (a user cleaning up a folder): the hook took 1000 GUIDs at
+    once and dropped the rest with a warning each, while publishing them one broker
+    connection each (7 ms a message)."""
+    count = 1500
+    body = b"Subject: bulk\r\n\r\nwords\r\n"
+    await store.maildb.deliver([Delivery(new_queue_id(), ALICE, body, time.time(), INBOX)
+                                for _ in range(count)])
+    await store.maildb.move(ALICE, INBOX, await store.maildb.uids(ALICE, INBOX), JUNK)
+    await store.hook.close(grace=300)
+    depth = await asyncio.to_thread(queue_depth, learn_settings, learn_queue(learn_settings))
+    assert depth == count
 
 
 def test_the_controller_wants_the_password(rspamd_scanner: Scanner) -> None:

@@ -137,3 +137,35 @@ def test_the_retries_outlast_a_40_minute_controller_outage_whatever_the_jitter()
     least = sum(min(learning.MIN_BACKOFF_MS * 2 ** k, learning.MAX_BACKOFF_MS // 2)
                 for k in range(learning.MAX_RETRIES))
     assert least >= 40 * 60 * 1000
+
+
+async def test_a_batch_uses_one_connection_and_a_broker_failure_ends_it_in_one_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A move of many messages: the connection is let go once, after the batch; a broker
+    that fails gives one line for the message that failed and one for the rest (it logged
+    a line for each of thousands)."""
+    bodies = {f"g{i}": b"body" for i in range(50)}
+    sent: list[str] = []
+    released: list[int] = []
+    broken = threading.Event()
+
+    def send(kind: str, user: str, guid: str, message: bytes) -> None:
+        if broken.is_set():
+            raise ConnectionError("broker down")
+        sent.append(guid)
+
+    store = Store(bodies)
+    hook = LearningHook(store, send,  # type: ignore[arg-type]
+                        release=lambda: released.append(len(sent)))
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", tuple(bodies)))
+    await hook.close()
+    assert len(sent) == 50 and released == [50]
+
+    caplog.set_level("WARNING")
+    broken.set()
+    hook = LearningHook(Store(bodies), send)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "copy", "Junk", "INBOX", tuple(bodies)))
+    await hook.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["not learned: ConnectionError: broker down",
+                     "not learned: 49 more messages of the same move (the broker failed)"]
