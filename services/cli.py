@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("list", user_list, "list users (with their quota, where they have one)", user)
     quota = command("quota", user_quota,
                     "set a user's storage quota: SIZE in octets or with K, M, G, T "
-                    "(1024-based), 0 for unlimited, 'default' for TIERMAIL_DEFAULT_QUOTA",
+                    "(1024-based), 0 (or none, unlimited) for unlimited, 'default' for "
+                    "TIERMAIL_DEFAULT_QUOTA",
                     user)
     quota.add_argument("address")
     quota.add_argument("size", metavar="SIZE")
@@ -484,12 +485,15 @@ _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
 
 
 def parse_size(text: str) -> int | None:
-    """A quota on the command line: "500M", "2G", "1048576", "0" (unlimited) or "default"
-    (None). K/M/G/T are powers of 1024, as RFC 9208 counts STORAGE in units of 1024 octets;
-    a trailing "B" or "iB" is allowed."""
+    """A quota on the command line: "500M", "2G", "1048576", "0", "none" or "unlimited"
+    (all three 0: unlimited, as `user list` shows it) or "default" (None). K/M/G/T are
+    powers of 1024, as RFC 9208 counts STORAGE in units of 1024 octets; a trailing "B" or
+    "iB" is allowed."""
     cleaned = text.strip().upper()
     if cleaned == "DEFAULT":
         return None
+    if cleaned in ("NONE", "UNLIMITED"):
+        return 0
     for suffix in ("IB", "B"):
         if cleaned.endswith(suffix) and cleaned[:-len(suffix)][-1:] in "KMGT":
             cleaned = cleaned[:-len(suffix)]

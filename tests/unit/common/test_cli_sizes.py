@@ -12,6 +12,8 @@ from services.cli import CommandError, format_size, parse_size
     ("2g", 2 * 1024 ** 3), ("1.5K", 1536), ("10MB", 10 * 1024 ** 2), ("1GiB", 1024 ** 3),
     ("1T", 1024 ** 4), ("default", None), ("DEFAULT", None), ("100B", 100), ("1b", 1),
     ("1.5", 1), ("0.0", 0),
+    # what `user list` prints for 0, and the word an operator reaches for, are 0 too
+    ("unlimited", 0), ("none", 0), ("None", 0),
 ])
 def test_parse_size(text: str, octets: int | None) -> None:
     assert parse_size(text) == octets
