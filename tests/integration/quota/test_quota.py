@@ -5,6 +5,7 @@ the quota with `tiermail user quota` lets mail in again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import smtplib
 import time
 from collections.abc import AsyncIterator
@@ -226,39 +227,75 @@ async def _over(store: Store, expected: set[str]) -> bool:
     return await store.directory.over_quota() == expected
 
 
+@dataclass
+class Parts:
+    accounts: AccountDB
+    maildb: MailDB
+    client: redis.asyncio.Redis
+    directory: Directory
+
+    def publisher(self, settings: Settings, default_quota: int) -> QuotaPublisher:
+        return QuotaPublisher(self.maildb, self.accounts, self.client, settings.redis_prefix,
+                              default_quota, check_interval=0.1)
+
+
+@contextlib.asynccontextmanager
+async def store_parts(settings: Settings) -> AsyncIterator[Parts]:
+    """Alice's account, MailDB and Redis with no publisher listening: each store the test
+    starts is a QuotaPublisher of its own."""
+    accounts = AccountDB.for_store(settings.store_dir)
+    accounts.add_domain(DOMAIN)
+    accounts.add_user(ALICE, "h")
+    maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    try:
+        yield Parts(accounts, maildb, client, Directory(client, settings.redis_prefix))
+    finally:
+        await maildb.close()
+        await client.aclose()
+        accounts.close()
+
+
+@contextlib.asynccontextmanager
+async def running(publisher: QuotaPublisher) -> AsyncIterator[None]:
+    task = asyncio.create_task(publisher.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_a_restarted_store_publishes_usage_its_predecessor_did_not(
         settings: Settings) -> None:
     """A store stopped (or killed) between an expunge and its debounced publish left the
     mailbox flagged full in Redis at the same account generation: the next store compared
     generations only, so the filter kept answering 452 until the user changed something."""
-    accounts = AccountDB.for_store(settings.store_dir)
-    accounts.add_domain(DOMAIN)
-    accounts.add_user(ALICE, "h")
-    accounts.set_quota(ALICE, 5000)
-    maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
-    client = redis.asyncio.Redis.from_url(settings.redis_url)
-    directory = Directory(client, settings.redis_prefix)
-    try:
-        await deliver(maildb, ALICE, 3)
-        first = QuotaPublisher(maildb, accounts, client, settings.redis_prefix, 0)
-        await first.reconcile()
-        assert await directory.over_quota() == {ALICE}
+    async with store_parts(settings) as parts:
+        parts.accounts.set_quota(ALICE, 5000)
+        await deliver(parts.maildb, ALICE, 3)
+        await parts.publisher(settings, 0).reconcile()
+        assert await parts.directory.over_quota() == {ALICE}
         # The expunge the first store never published: it stopped before its flush.
-        await maildb.expunge(ALICE, INBOX, (await maildb.uids(ALICE, INBOX))[:2])
-        second = QuotaPublisher(maildb, accounts, client, settings.redis_prefix, 0,
-                                check_interval=0.1)
-        running = asyncio.create_task(second.run())
-        try:
-            await eventually(lambda: _over_in(directory, set()), within=10,
+        await parts.maildb.expunge(ALICE, INBOX, (await parts.maildb.uids(ALICE, INBOX))[:2])
+        async with running(parts.publisher(settings, 0)):
+            await eventually(lambda: _over_in(parts.directory, set()), within=10,
                              what="the restarted store to clear the flag")
-            assert await directory.usage(ALICE) == await maildb.usage(ALICE)
-        finally:
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
-    finally:
-        await maildb.close()
-        await client.aclose()
-        accounts.close()
+            assert await parts.directory.usage(ALICE) == await parts.maildb.usage(ALICE)
+
+
+async def test_a_store_restarted_with_another_default_quota_applies_it(
+        settings: Settings) -> None:
+    """TIERMAIL_DEFAULT_QUOTA raised (here: lifted) and the store restarted: no account
+    changed, so the generation in Redis matched and accounts full under the old default
+    stayed refused at RCPT."""
+    async with store_parts(settings) as parts:
+        await deliver(parts.maildb, ALICE)
+        await parts.publisher(settings, 1000).reconcile()
+        assert await parts.directory.over_quota() == {ALICE}
+        async with running(parts.publisher(settings, 0)):
+            await eventually(lambda: _over_in(parts.directory, set()), within=10,
+                             what="the new default to lift the flag")
 
 
 async def _over_in(directory: Directory, expected: set[str]) -> bool:
