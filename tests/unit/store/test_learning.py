@@ -23,6 +23,7 @@ from services.store.learning import (
     special_roots,
 )
 from services.store.mailbox import ChangeEvent, MailboxInfo
+from tests.support import wait_until
 
 JUNK, TRASH = ["Junk"], ["Trash"]
 
@@ -169,3 +170,27 @@ async def test_a_batch_uses_one_connection_and_a_broker_failure_ends_it_in_one_l
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["not learned: ConnectionError: broker down",
                      "not learned: 49 more messages of the same move (the broker failed)"]
+
+
+async def test_a_batch_stops_between_two_messages_once_close_gives_up(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The store stopping: what close()'s grace did not cover is given up, in one line."""
+    bodies = {f"g{i}": b"body" for i in range(10)}
+    entered, gate = threading.Event(), threading.Event()
+    sent: list[str] = []
+
+    def send(kind: str, user: str, guid: str, message: bytes) -> None:
+        entered.set()
+        gate.wait(30)  # a broker that does not confirm until the store has given up
+        sent.append(guid)
+
+    hook = LearningHook(Store(bodies), send)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", tuple(bodies)))
+    assert await asyncio.to_thread(entered.wait, 30)
+    await hook.close(grace=0.05)
+    gate.set()
+    await asyncio.to_thread(wait_until, lambda: "store is stopping" in caplog.text,
+                            timeout=30, what="the batch to give up")
+    assert sent == ["g0"]
+    assert "not learned: 9 more messages of the same move (the store is stopping)" \
+        in caplog.text
