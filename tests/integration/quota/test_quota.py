@@ -138,7 +138,7 @@ async def _usage_published(store: Store, user: str, usage: int) -> bool:
     return await store.directory.usage(user) == usage
 
 
-async def _rcpt_code_is(port: int, size: int, rcpt: str, code: int) -> bool:
+async def _rcpt_code_is(port: int, size: int | None, rcpt: str, code: int) -> bool:
     return await in_thread(rcpt_codes, port, size, [rcpt]) == [code]
 
 
@@ -167,6 +167,21 @@ async def test_usage_changes_move_a_mailbox_in_and_out_of_the_set(store: Store) 
     uids = await store.maildb.uids(BOB, INBOX)
     await store.maildb.expunge(BOB, INBOX, uids[:2])
     await eventually(lambda: _over(store, set()), within=10, what="bob no longer full")
+
+
+async def test_the_filter_takes_mail_again_once_an_expunge_makes_room(settings: Settings,
+                                                                      store: Store) -> None:
+    """Through the filter's directory cache: the store's flush after the expunge clears the
+    flag and tells the filters, which answer 250 at RCPT again."""
+    store.accounts.set_quota(BOB, 5000)
+    await deliver(store.maildb, BOB, 3)
+    await eventually(lambda: _over(store, {BOB}), within=10, what="bob flagged full")
+    async with running_filter(settings) as worker:
+        port = worker.ports[0]
+        assert await in_thread(rcpt_codes, port, None, [BOB]) == [452]
+        await store.maildb.expunge(BOB, INBOX, (await store.maildb.uids(BOB, INBOX))[:2])
+        await eventually(lambda: _rcpt_code_is(port, None, BOB, 250), within=10,
+                         what="the filter to take bob's mail again")
 
 
 async def test_the_default_quota_and_unlimited(settings: Settings) -> None:
