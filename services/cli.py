@@ -98,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("filter", run_filter, "run one filter-tier process (SMTP intake)")
     command("store", run_store, "run the store-tier process (delivery, IMAP, POP3)")
-    command("learner", run_learner,
-            "run the spam-learning worker (moves into/out of Junk train rspamd)")
+    learner = command("learner", run_learner,
+                      "run the spam-learning worker (moves into/out of Junk train rspamd)")
+    learner.add_argument("--retry-dead", action="store_true",
+                         help="move the learn jobs that ran out of retries back to the learn "
+                         "queue (once rspamd's controller works again) and exit")
     command("webmail", run_webmail, "run one webmail worker (not built yet)")
     command("up", run_up, "run a whole single-machine stack in the foreground")
     status = command("status", show_status, "tier health, queue depths, dead letters")
@@ -199,10 +202,18 @@ def run_learner(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.learns_spam:
         raise CommandError("spam learning is off (TIERMAIL_LEARN, or TIERMAIL_SPAM is not "
                            "rspamd); nothing to run")
-    from services.store.learning import run_worker
+    from services.store.learning import Learning, run_worker
 
     setup_logging(settings.log_level, settings.log_format, tier="learner")
-    return run_worker(settings)
+    if not args.retry_dead:
+        return run_worker(settings)
+    learning = Learning(settings)
+    try:
+        moved = learning.requeue_dead()
+    finally:
+        learning.close()
+    print(f"{moved} learn job{'' if moved == 1 else 's'} moved back to {learning.queue_name}")
+    return 0
 
 
 def run_webmail(settings: Settings, args: argparse.Namespace) -> int:

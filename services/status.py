@@ -64,7 +64,8 @@ def _learn_problems(broker: dict[str, Any], settings: Settings) -> list[str]:
     if dead is not None and dead["declared"] and dead["messages"]:
         problems.append(f"{dead['messages']} spam-learning job(s) ran out of retries and wait "
                         f"in {dead['queue']} (expiring after a week): is rspamd's controller "
-                        "reachable with TIERMAIL_RSPAMD_CONTROLLER_PASSWORD? (learner log)")
+                        "reachable with TIERMAIL_RSPAMD_CONTROLLER_PASSWORD? (learner log; "
+                        "then tiermail learner --retry-dead)")
     if (settings.learns_spam and waiting is not None and waiting["declared"]
             and waiting["messages"] and not waiting["consumers"]):
         problems.append(f"nothing consumes {waiting['queue']} ({waiting['messages']} "

@@ -36,6 +36,7 @@ import base64
 import binascii
 import concurrent.futures
 import contextlib
+import dataclasses
 import enum
 import logging
 import signal
@@ -47,6 +48,7 @@ from typing import Any
 import dramatiq
 import httpx
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.common import xq_name
 
 from common.health import Heartbeat
 from common.redisconn import open_redis
@@ -219,6 +221,27 @@ class Learning:
         with contextlib.suppress(Exception):
             del self.broker.connection
 
+    def requeue_dead(self) -> int:
+        """Move the jobs that ran out of retries (`<queue>.XQ`) back to the learn queue with
+        their retry count reset, for when rspamd's controller works again. Returns how many;
+        each is taken off the dead-letter queue only once the broker confirmed its copy."""
+        self.declare()
+        dead = xq_name(self.queue_name)
+        try:
+            channel = self.broker.channel
+            waiting = channel.queue_declare(dead, passive=True).method.message_count
+            moved = 0
+            for _ in range(waiting):  # not what failed again meanwhile, if a learner runs
+                method, _, body = channel.basic_get(dead)
+                if method is None:
+                    break
+                self.broker.enqueue(fresh_job(dramatiq.Message.decode(body), self.queue_name))
+                channel.basic_ack(method.delivery_tag)
+                moved += 1
+            return moved
+        finally:
+            self.release_connection()
+
     def worker(self, threads: int = WORKER_THREADS) -> dramatiq.Worker:
         return dramatiq.Worker(self.broker, worker_threads=threads)
 
@@ -247,6 +270,16 @@ class Learning:
         level = logging.WARNING if result is LearnOutcome.REFUSED else logging.INFO
         log.log(level, "rspamd %s %s as %s (%d octets) %s", result.value, guid, kind,
                 len(message), detail, extra=context)
+
+
+# What dramatiq's retries and delays leave in a job's options.
+_RETRY_STATE = frozenset({"retries", "traceback", "requeue_timestamp", "eta"})
+
+
+def fresh_job(message: dramatiq.Message[Any], queue_name: str) -> dramatiq.Message[Any]:
+    """A dead-lettered job as it was first sent: for the learn queue, no retries counted."""
+    options = {k: v for k, v in message.options.items() if k not in _RETRY_STATE}
+    return dataclasses.replace(message, queue_name=queue_name, options=options)
 
 
 class LearningHook:

@@ -29,7 +29,14 @@ from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.learning import Learning, LearningHook, RspamdController, learn_queue
 from services.store.mailbox import INBOX, JUNK, TRASH, Delivery
-from tests.support import TierProcess, eventually, free_port, queue_depth, wait_until
+from tests.support import (
+    TierProcess,
+    eventually,
+    free_port,
+    queue_depth,
+    run_cli,
+    wait_until,
+)
 
 ALICE = "alice@example.test"
 
@@ -209,28 +216,53 @@ def test_a_retried_learn_logs_no_message_and_no_traceback(
 
 
 
+async def dead_letter(settings: Settings, guid: str, body: bytes) -> None:
+    """A learn job that ran out of retries: sent with none allowed, to a controller that
+    is not there."""
+    learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"),
+                        max_retries=0)
+    learning.declare()
+    learning.send("spam", ALICE, guid, body)
+    worker = learning.worker(threads=1)
+    worker.start()
+    try:
+        await eventually(lambda: _depth_is(settings, settings.topology.learn_dead_queue, 1),
+                         within=60, what="the job in the learn dead-letter queue")
+    finally:
+        worker.stop(timeout=10_000)
+        learning.close()
+
+
 async def test_learn_jobs_that_ran_out_of_retries_are_a_problem_in_status(
         settings: Settings) -> None:
     """rspamd's controller out of reach for longer than the retries last: the job lands in
     dramatiq's dead-letter queue (`<learn queue>.XQ`, where it expires after a week). Nothing
     said so: `tiermail status` counted the learn queue only and stayed healthy."""
-    learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"),
-                        max_retries=0)
-    learning.declare()
-    learning.send("spam", ALICE, "e" * 32, b"Subject: x\r\n\r\nbody\r\n")
-    worker = learning.worker(threads=1)
-    worker.start()
+    await dead_letter(settings, "e" * 32, b"Subject: x\r\n\r\nbody\r\n")
     dead_queue = settings.topology.learn_dead_queue
-    try:
-        await eventually(lambda: _depth_is(settings, dead_queue, 1), within=60,
-                         what="the job in the learn dead-letter queue")
-    finally:
-        worker.stop(timeout=10_000)
-        learning.close()
     report = await collect_status(settings)
     assert not report["healthy"]
     assert [p for p in report["problems"] if dead_queue in p and p.startswith("1 ")]
     assert f"{dead_queue}: 1 messages" in format_status(report)
+
+
+async def test_dead_learn_jobs_are_retried_once_rspamd_is_back(
+        learn_settings: Settings, store: Store, rspamd_scanner: Scanner,
+        run_tier: Callable[..., TierProcess]) -> None:
+    """`tiermail learner --retry-dead` puts them back with no retries counted (dramatiq
+    would otherwise give up on them at the first failure) and a learner learns them; there
+    was no way back but a week's wait for them to expire."""
+    _, body = await store.deliver()
+    await dead_letter(learn_settings, "c" * 32, body)
+    moved = await asyncio.to_thread(run_cli, learn_settings, "learner", "--retry-dead")
+    assert moved.returncode == 0, moved.stderr
+    assert moved.stdout == f"1 learn job moved back to {learn_queue(learn_settings)}\n"
+    assert await _depth_is(learn_settings, learn_settings.topology.learn_dead_queue, 0)
+    before = await asyncio.to_thread(learned, rspamd_scanner)
+    learner = run_tier(learn_settings, "learner")
+    await eventually(learned_as(learner, "spam"), within=60, what="the retried job learned")
+    assert f"rspamd learned {'c' * 32} as spam" in learner.output(), learner.output()
+    assert await asyncio.to_thread(learned, rspamd_scanner) == before + 1
 
 
 async def _depth_is(settings: Settings, queue: str, depth: int) -> bool:

@@ -9,6 +9,7 @@ import io
 import threading
 from typing import BinaryIO
 
+import dramatiq
 import pytest
 
 from services.store import learning
@@ -194,3 +195,14 @@ async def test_a_batch_stops_between_two_messages_once_close_gives_up(
     assert sent == ["g0"]
     assert "not learned: 9 more messages of the same move (the store is stopping)" \
         in caplog.text
+
+
+def test_a_dead_job_goes_back_as_it_was_first_sent() -> None:
+    dead = dramatiq.Message(queue_name="t.learn.DQ", actor_name="tiermail_learn",
+                            args=("spam", "a@x.test", "g1", "Ym9keQ=="), kwargs={},
+                            options={"retries": 17, "traceback": "...", "eta": 1,
+                                     "requeue_timestamp": 2, "max_retries": 16})
+    fresh = learning.fresh_job(dead, "t.learn")
+    assert (fresh.queue_name, fresh.args, fresh.message_id) == \
+        ("t.learn", dead.args, dead.message_id)
+    assert fresh.options == {"max_retries": 16}
