@@ -57,6 +57,7 @@ from services.store.imap.protocol.command import (
     UidExpunge,
 )
 from services.store.imap.protocol.grammar import known_charset
+from services.store.imap.protocol.pattern import ListPattern
 from services.store.imap.protocol.sequence import contains, listed
 from services.store.imap.search import (
     HEADER_BREAKS,
@@ -1216,27 +1217,16 @@ class _Matcher:
     `*b*` matches INBOX and `inbox/%` its children."""
 
     def __init__(self, reference: str, patterns: Sequence[str]) -> None:
-        self._regexes = [self._compile(reference + pattern) for pattern in patterns]
+        self._patterns = [ListPattern(reference + pattern, HIERARCHY_DELIMITER)
+                          for pattern in patterns]
         self.has_percent = any("%" in pattern for pattern in patterns)
-
-    @staticmethod
-    def _compile(pattern: str) -> re.Pattern[str]:
-        parts = []
-        for char in pattern:
-            if char == "*":
-                parts.append(".*")
-            elif char == "%":
-                parts.append(f"[^{re.escape(HIERARCHY_DELIMITER)}]*")
-            else:
-                parts.append(re.escape(char))
-        return re.compile("".join(parts), re.DOTALL)
 
     def matches(self, name: str) -> bool:
         spellings: Iterable[str] = (name,)
         if name == INBOX or name.startswith(INBOX + HIERARCHY_DELIMITER):
             spellings = [prefix + name[len(INBOX):] for prefix in _INBOX_SPELLINGS]
-        return any(regex.fullmatch(spelling)
-                   for regex in self._regexes for spelling in spellings)
+        return any(pattern.matches(spelling)
+                   for pattern in self._patterns for spelling in spellings)
 
 
 _INBOX_SPELLINGS = ["".join(letters) for letters in itertools.product(

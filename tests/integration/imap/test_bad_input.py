@@ -237,6 +237,23 @@ async def test_mailbox_names_cannot_escape(server: Server, maildb: MailDB, imap_
     assert not any(path.name == "evil" for path in data_root.parent.rglob("*"))
 
 
+async def test_a_hostile_list_pattern_is_answered_and_holds_up_nobody(server: Server
+                                                                      ) -> None:
+    # As a regular expression this pattern backtracks for ages on every name without a "q",
+    # and held the whole store (every session, delivery) while it did.
+    hostile = "%*" * 20_000 + "q"
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        assert raw.ok(f'LIST "" "{hostile}"').lines(b"LIST") == []
+        assert raw.ok(f'LSUB "" "{hostile}"').lines(b"LSUB") == []
+        assert raw.ok('LIST "" "%*%*%*%*%*%*%*%*%*e"').lines(b"LIST") == [
+            b'* LIST (\\HasNoChildren \\Archive) "/" Archive']
+        raw.close()
+
+    await in_thread(dialog)
+
+
 async def test_many_bad_commands_end_in_bye(start_imap: StartImap, settings: Settings) -> None:
     server = await start_with(start_imap, settings, imap_max_errors=5)
 
