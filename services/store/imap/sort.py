@@ -37,37 +37,65 @@ def ascii_casemap(text: str) -> bytes:
 # Base subject (RFC 5256 2.1)
 
 _WSP_RUN = re.compile(r"\s+")
-_TRAILER = re.compile(r"(?:[ \t]|\(fwd\))+$", re.IGNORECASE)
 _BLOB = r"\[[^\[\]]*\][ \t]*"
 _LEADER = re.compile(rf"(?:{_BLOB})*(?:re|fwd?)[ \t]*(?:{_BLOB})?:|[ \t]+", re.IGNORECASE)
 _BLOB_PREFIX = re.compile(_BLOB)
+_FWD_TRAILER = "(fwd)"
+_FWD_WRAPPER = "[fwd:"
 
 
 def base_subject(subject: str) -> tuple[str, bool]:
     """The base subject (already RFC 2047 decoded) and whether the subject showed it is a
-    reply or forward (a Re:/Fwd: leader, a "(fwd)" trailer or a "[fwd: ...]" wrapper)."""
+    reply or forward (a Re:/Fwd: leader, a "(fwd)" trailer or a "[fwd: ...]" wrapper).
+
+    The subject comes from whoever sent the mail: the steps move two ends through it
+    instead of cutting it anew each time, and every step takes time linear in what it
+    removes, so a long hostile subject cannot make SORT or THREAD quadratic."""
     text = _WSP_RUN.sub(" ", subject)  # step 1: tabs, folds and runs of spaces to one space
-    reply = False
+    start, end, reply = 0, len(text), False
     while True:
-        trimmed = _TRAILER.sub("", text)  # step 2
-        if "(fwd)" in text[len(trimmed):].lower():
-            reply = True
-        text = trimmed
-        while True:  # steps 3 to 5
-            leader = _LEADER.match(text)
-            if leader and leader.end():
-                reply = reply or leader.group().strip() != ""
-                text = text[leader.end():]
-                continue
-            blob = _BLOB_PREFIX.match(text)
-            if blob and text[blob.end():]:
-                text = text[blob.end():]
-                continue
-            break
-        if text[:5].lower() == "[fwd:" and text.endswith("]"):  # step 6
-            text, reply = text[5:-1], True
+        end, forwarded = _trailer_removed(text, start, end)  # step 2
+        start, replied = _leaders_removed(text, start, end)  # steps 3 to 5
+        reply = reply or forwarded or replied
+        if text[start:start + 5].lower() == _FWD_WRAPPER and text[end - 1] == "]":  # step 6
+            start, end, reply = start + 5, end - 1, True
             continue
-        return text, reply
+        return text[start:end], reply
+
+
+def _trailer_removed(text: str, start: int, end: int) -> tuple[int, bool]:
+    """Step 2: the end without trailing spaces and "(fwd)"s, and whether one was there."""
+    forwarded = False
+    while end > start:
+        if text[end - 1] == " ":
+            end -= 1
+        elif end - start >= 5 and text[end - 5:end].lower() == _FWD_TRAILER:
+            end, forwarded = end - 5, True
+        else:
+            break
+    return end, forwarded
+
+
+def _leaders_removed(text: str, start: int, end: int) -> tuple[int, bool]:
+    """Steps 3 to 5: the start past every subj-leader and every subj-blob that leaves
+    something behind, and whether a leader was a Re:/Fwd:."""
+    replied = False
+    in_failed_run = False
+    while True:
+        if not in_failed_run:
+            leader = _LEADER.match(text, start, end)
+            if leader and leader.end() > start:
+                replied = replied or leader.group().strip() != ""
+                start = leader.end()
+                continue
+        blob = _BLOB_PREFIX.match(text, start, end)
+        if blob is None or blob.end() == end:
+            return start, replied
+        start = blob.end()
+        # The leader just failed at the start of this run of blobs: it scanned the whole run
+        # and found no Re:/Fwd: behind it. From any later blob of the run it would scan to the
+        # same place and fail again; trying it at each would make the run's removal quadratic.
+        in_failed_run = True
 
 
 # Sent date (RFC 5256 2.2)

@@ -27,9 +27,25 @@ from services.store.mailbox import MessageInfo
     ("Reply: Hello", "Reply: Hello", False),
     ("", "", False),
     ("Re:", "", True),
+    ("[a] [b] Re: x", "x", True),
+    ("[a][b] x", "x", False),
+    ("[a] [b]", "[b]", False),
+    ("[fwd: [a] Re: x] (fwd)", "x", True),
+    ("[a] [b] [Fwd: y]", "y", True),
 ])
 def test_base_subject(subject: str, base: str, reply: bool) -> None:
     assert base_subject(subject) == (base, reply)
+
+
+@pytest.mark.parametrize("hostile", [
+    "[a] " * 250_000 + "x",  # blobs that no Re: follows: each was scanned again per removal
+    "(fwd) " * 200_000 + "x",  # a trailer searched for from every position
+    "[fwd:" * 200_000 + "x" + "]" * 200_000,  # wrappers: the subject was cut anew per layer
+])
+def test_base_subject_stays_linear_on_hostile_subjects(hostile: str) -> None:
+    # Whoever sends the mail writes its subject (a header may fold to a megabyte);
+    # SORT and THREAD compute it on the event loop.
+    assert base_subject(hostile)  # returns at all (a quadratic loop would not, here)
 
 
 def msg(subject: str, sender: str, to: str, cc: str, date: str | None) -> bytes:
