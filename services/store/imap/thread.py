@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from services.store.imap.search import Headers, MessageSource, MessageView
@@ -113,7 +113,7 @@ class _Container:
 
 def references(positions: list[int], facts: dict[int, _Facts]) -> list[ThreadNode]:
     roots = _link(positions, facts)
-    roots = _prune(roots, top=True)
+    roots = _prune(roots)
     roots = _group_by_subject(roots, facts)
     nodes = [_to_node(container, facts) for container in roots]
     nodes.sort(key=lambda node: _date_key(node, facts))
@@ -145,30 +145,56 @@ def _link(positions: list[int], facts: dict[int, _Facts]) -> list[_Container]:
                 table[own] = this
         chain = [container(i) for i in facts[position].parents]
         for parent, child in itertools.pairwise(chain):
-            if child.parent is None and not parent.reaches(child) and parent is not child:
+            if child.parent is None and not _would_loop(parent, child):
                 child.set_parent(parent)
         last = chain[-1] if chain else None
-        if last is not None and last.reaches(this):
-            last = None  # would make a loop
+        if last is not None and _would_loop(last, this):
+            last = None
         if this.parent is not last:
             this.set_parent(last)
     return [c for c in everything if c.parent is None]
 
 
-def _prune(containers: list[_Container], top: bool) -> list[_Container]:
+def _would_loop(parent: _Container, child: _Container) -> bool:
+    """Whether making `child` a child of `parent` closes a loop: `child` is `parent` or one
+    of its ancestors. Only a container with children can be an ancestor: asking only then
+    keeps a message's long References chain of new ids linear (each walk up the chain made
+    it quadratic)."""
+    return parent is child or (bool(child.children) and parent.reaches(child))
+
+
+def _descendants_first(roots: Iterable[_Container]) -> list[_Container]:
+    """Every container under `roots` (these included), each after all of its descendants.
+    Without recursion: a References chain, or a thread, may be thousands deep."""
+    order: list[_Container] = []
+    stack = list(roots)
+    while stack:
+        container = stack.pop()
+        order.append(container)
+        stack.extend(container.children)
+    order.reverse()
+    return order
+
+
+def _prune(roots: list[_Container]) -> list[_Container]:
     """Step 4: drop empty dummies; a dummy's children take its place, except a dummy at the
     top with several children (it keeps them together)."""
+    for container in _descendants_first(roots):
+        container.children = _kept(container, container.children, top=False)
+    return _kept(None, roots, top=True)
+
+
+def _kept(parent: _Container | None, containers: list[_Container], top: bool
+          ) -> list[_Container]:
+    """`containers` (already pruned below) with each empty dummy replaced by its children."""
     kept: list[_Container] = []
     for container in containers:
-        container.children = _prune(container.children, top=False)
-        for child in container.children:
-            child.parent = container
         if container.position is not None or (top and len(container.children) > 1):
             kept.append(container)
         else:
-            for child in container.children:
-                child.parent = container.parent
             kept.extend(container.children)
+    for container in kept:
+        container.parent = parent
     return kept
 
 
@@ -245,19 +271,22 @@ def _merge(held: _Container, root: _Container, facts: dict[int, _Facts]) -> _Con
     return dummy
 
 
-def _to_node(container: _Container, facts: dict[int, _Facts]) -> ThreadNode:
+def _to_node(root: _Container, facts: dict[int, _Facts]) -> ThreadNode:
     """Step 6: siblings ordered by sent date (a dummy by its earliest child)."""
-    children = [_to_node(c, facts) for c in container.children]
-    children.sort(key=lambda node: _date_key(node, facts))
-    return ThreadNode(container.position, children)
+    nodes: dict[_Container, ThreadNode] = {}
+    for container in _descendants_first([root]):
+        children = [nodes.pop(child) for child in container.children]
+        children.sort(key=lambda node: _date_key(node, facts))
+        nodes[container] = ThreadNode(container.position, children)
+    return nodes[root]
 
 
 def _date_key(node: ThreadNode, facts: dict[int, _Facts]) -> tuple[float, int]:
-    if node.position is not None:
-        return facts[node.position].date, node.position
-    if not node.children:
-        return float("inf"), -1
-    return _date_key(node.children[0], facts)
+    while node.position is None:
+        if not node.children:
+            return float("inf"), -1
+        node = node.children[0]
+    return facts[node.position].date, node.position
 
 
 # The response
@@ -274,17 +303,32 @@ def format_thread(threads: Sequence[ThreadNode], number_of: Callable[[int], int]
 
 def _members(node: ThreadNode, number_of: Callable[[int], int]) -> bytes:
     """RFC 5256 thread-members: numbers along a single-child chain, then one parenthesised
-    list per child where the thread branches."""
-    out: list[bytes] = []
-    current: ThreadNode | None = node
-    while current is not None:
-        if current.position is not None:
-            out.append(str(number_of(current.position)).encode())
-        if len(current.children) == 1 and current.position is not None:
-            current = current.children[0]
+    list per child where the thread branches. Without recursion: threads may branch
+    thousands deep."""
+    out = bytearray()
+    stack: list[ThreadNode | bytes] = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bytes):
+            out += item
             continue
-        if current.children:
-            out.append(b"".join(b"(" + _members(child, number_of) + b")"
-                                for child in current.children))
-        current = None
-    return b" ".join(out)
+        numbers, branches = _chain(item, number_of)
+        out += b" ".join(numbers)
+        if numbers and branches:
+            out += b" "
+        for child in reversed(branches):
+            stack += [b")", child, b"("]
+    return bytes(out)
+
+
+def _chain(node: ThreadNode, number_of: Callable[[int], int]
+           ) -> tuple[list[bytes], list[ThreadNode]]:
+    """The numbers along `node`'s single-child chain, and the children where it branches."""
+    numbers: list[bytes] = []
+    while True:
+        if node.position is not None:
+            numbers.append(str(number_of(node.position)).encode())
+        if len(node.children) == 1 and node.position is not None:
+            node = node.children[0]
+            continue
+        return numbers, node.children

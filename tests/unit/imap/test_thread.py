@@ -126,3 +126,35 @@ def test_format_rfc_example() -> None:
                                          ThreadNode(44, [ThreadNode(7, [ThreadNode(96)])])])])
     assert format_thread([ThreadNode(2), tree], lambda n: n) == (
         b"* THREAD (2)(3 6 (4 23)(44 7 96))")
+
+
+# Whoever sends the mail writes its References; a few thousand ids fit in one header.
+
+
+async def test_one_message_with_a_very_long_references_chain() -> None:
+    chain = " ".join(f"<r{n}@x>" for n in range(60_000))
+    raws = [msg("hello", 2, "<self@x>", references=chain), msg("first", 1, "<r5@x>")]
+    # Each id was linked after walking up all the ids before it (quadratic), and the
+    # chain of empty containers was pruned by recursion (RecursionError past ~1000).
+    assert await threads("REFERENCES", raws) == b"* THREAD (2 1)"
+
+
+async def test_threads_thousands_deep() -> None:
+    depth = 3000
+    chain = [msg("deep", 1, "<m0@x>")]
+    for n in range(1, depth):
+        chain.append(msg("Re: deep", 1, f"<m{n}@x>", in_reply_to=f"<m{n - 1}@x>"))
+    numbers = " ".join(str(n) for n in range(1, depth + 1))
+    assert await threads("REFERENCES", chain) == f"* THREAD ({numbers})".encode()
+
+
+def test_a_thread_branching_thousands_deep_is_formatted() -> None:
+    tree = ThreadNode(0)
+    node = tree
+    for n in range(1, 3000):
+        leaf, deeper = ThreadNode(2 * n - 1), ThreadNode(2 * n)
+        node.children = [leaf, deeper]
+        node = deeper
+    formatted = format_thread([tree], lambda p: p + 1)
+    assert formatted.startswith(b"* THREAD (1 (2)(3 (4)(5 (6)(7")
+    assert formatted.endswith(b"(5998)(5999)" + b")" * 2999)
