@@ -635,6 +635,20 @@ async def test_logindisabled_before_tls(start_imap: StartImap, settings: Setting
     await in_thread(dialog)
 
 
+async def test_starttls_refuses_commands_pipelined_in_plaintext(
+        start_imap: StartImap, settings: Settings) -> None:
+    # RFC 3501 6.2.1, CVE-2011-0411: a man in the middle appends commands to the client's
+    # STARTTLS; run after the handshake, they would count as the client's own.
+    server = await start_with(start_imap, settings, allow_plaintext_auth=False)
+
+    def dialog() -> None:
+        raw = server.raw()
+        raw.send(f'a STARTTLS\r\nb LOGIN "{ALICE}" "{USERS[ALICE]}"\r\n'.encode())
+        assert raw.response() == b"* BYE Command pipelined after STARTTLS"
+        assert raw.closed()
+
+    await in_thread(dialog)
+
 
 async def test_sessions_per_account_and_address_are_limited(
         start_imap: StartImap, settings: Settings) -> None:
