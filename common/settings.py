@@ -139,6 +139,9 @@ class Settings:
     delivery_attempts: int = 10  # broker delivery-limit before a message is dead-lettered
     pop3_timeout: float = 600.0  # RFC 1939 section 3: at least 10 minutes
     pop3_max_connections: int = 1000  # per store process (POP3 and POP3S together)
+    # Of those, open at once from one client address (IPv6: one /64); rate_limit_exempt
+    # networks are not counted; 0: no limit. Without it one host could hold every slot.
+    pop3_max_connections_per_ip: int = 50
     # None: allowed only when bound to loopback (development)
     allow_plaintext_auth: bool | None = None
 
@@ -162,6 +165,10 @@ class Settings:
     imap_fetch_memory: int = 1024 * MIB
     imap_max_line: int = 64 * 1024  # a command line (without literals)
     imap_max_connections: int = 1000  # per store process
+    # Of those, open at once from one client address (IPv6: one /64), logged in or not;
+    # rate_limit_exempt networks are not counted; 0: no limit. Without it one host could
+    # hold every slot (a client that never logs in stays as long as it sends NOOPs).
+    imap_max_connections_per_ip: int = 100
     imap_max_errors: int = 20  # BAD replies in a row before BYE and hang-up
     # Logged-in sessions of one account from one client address (IPv6: one /64); the next
     # login gets NO [LIMIT]. rate_limit_exempt networks are not counted; 0: no limit.

@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
+
+from common.budget import OpenCounts
+from common.ratelimit import Network, ip_subject
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +109,55 @@ class _Waiting:
             raise
 
 
+class ClientConnections:
+    """Connections (or sessions) open at once per client address, optionally per account
+    too. IPv6 addresses count per /64; addresses in the exempt networks (rate_limit_exempt:
+    loopback by default, where webmail and local tools connect for many people) are not
+    counted; a limit of 0 counts nothing."""
+
+    def __init__(self, limit: int, exempt: Sequence[Network] = ()) -> None:
+        self._limit = limit
+        self._exempt = tuple(exempt)
+        self._open = OpenCounts(limit)
+
+    def admit(self, ip: str, account: str = "") -> Callable[[], None] | None:
+        """None when `limit` are open already; otherwise a function that ends this one's
+        count (call it once, when it ends)."""
+        subject = ip_subject(ip, self._exempt) if self._limit else None
+        if subject is None:
+            return _nothing
+        key = (account, subject)
+        if not self._open.take(key):
+            return None
+        return lambda: self._open.give_back(key)
+
+    def count(self, ip: str, account: str = "") -> int:
+        subject = ip_subject(ip, self._exempt)
+        return 0 if subject is None else self._open.count((account, subject))
+
+
+def _nothing() -> None:
+    pass
+
+
+def peer_ip(writer: asyncio.StreamWriter) -> str:
+    """The client's address without its port."""
+    peername = writer.get_extra_info("peername")
+    return peername[0] if isinstance(peername, tuple) else str(peername)
+
+
 def peer_of(writer: asyncio.StreamWriter) -> str:
     """The client as `ip:port`, for logs."""
     peername = writer.get_extra_info("peername")
     return f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
 
 
-async def refuse_connection(writer: asyncio.StreamWriter, reply: bytes, protocol: str) -> None:
-    """Over the connection limit: `reply` instead of the greeting, and the connection
+async def refuse_connection(writer: asyncio.StreamWriter, reply: bytes, protocol: str,
+                            why: str = "too many connections") -> None:
+    """Over a connection limit: `reply` instead of the greeting, and the connection
     closed before any session state exists."""
     peer = peer_of(writer)
-    log.warning("too many connections, refusing %s", peer,
+    log.warning("%s, refusing %s", why, peer,
                 extra={"peer": peer, "event": f"{protocol}-refused"})
     writer.write(reply)
     await close_connection(writer, abort=False)

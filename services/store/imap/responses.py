@@ -52,6 +52,8 @@ BYE_MAILBOX_DELETED = Reply("BYE", "The selected mailbox was deleted by another 
 BYE_TOO_MANY_ERRORS = Reply("BYE", "Too many protocol errors")
 BYE_TIMEOUT = Reply("BYE", "Autologout; idle for too long")  # RFC 3501 5.4
 BYE_TOO_MANY_CONNECTIONS = Reply("BYE", "Too many connections, try again later", "UNAVAILABLE")
+BYE_TOO_MANY_FROM_ADDRESS = Reply("BYE", "Too many connections from your address, try again "
+                                  "later", "UNAVAILABLE")
 BYE_SHUTDOWN = Reply("BYE", "Server shutting down", "UNAVAILABLE")
 BYE_STARTTLS_PIPELINED = Reply("BYE", "Command pipelined after STARTTLS")
 BYE_ACCOUNT_DELETED = Reply("BYE", "Account deleted")  # tiermail user del (logins.py)

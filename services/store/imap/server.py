@@ -45,11 +45,13 @@ from services.store.imap.session import (
 )
 from services.store.imap.userlimit import UserConnections
 from services.store.listening import (
+    ClientConnections,
     ClientWait,
     ListenerSessions,
     SessionEnded,
     SessionEndingServer,
     close_connection,
+    peer_ip,
     peer_of,
     refuse_connection,
     write_or_lost,
@@ -83,13 +85,15 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     closes the returned servers."""
     context = server_context(settings)
     sessions: set[asyncio.Task[None]] = set()
+    clients = ClientConnections(settings.imap_max_connections_per_ip,
+                                parse_networks(settings.rate_limit_exempt))
     deps = dataclasses.replace(
         deps,
         literals=deps.literals or MemoryBudget(settings.imap_literal_memory),
         fetch_memory=deps.fetch_memory or MemoryBudget(settings.imap_fetch_memory),
         user_connections=deps.user_connections or UserConnections(
             settings.imap_max_userip_connections, parse_networks(settings.rate_limit_exempt)))
-    plain = ImapListener(settings, deps, context, sessions, implicit_tls=False)
+    plain = ImapListener(settings, deps, context, sessions, clients, implicit_tls=False)
     with binding("imap_port", settings.bind, settings.imap_port):
         plain_server = await asyncio.start_server(plain.serve, settings.bind, settings.imap_port)
     servers = [SessionEndingServer(plain_server, plain.sessions)]
@@ -97,7 +101,7 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     if context is None:
         log.warning("no TLS certificate: IMAPS disabled and STARTTLS not offered")
         return servers
-    implicit = ImapListener(settings, deps, context, sessions, implicit_tls=True)
+    implicit = ImapListener(settings, deps, context, sessions, clients, implicit_tls=True)
     try:
         with binding("imaps_port", settings.bind, settings.imaps_port):
             server = await asyncio.start_server(implicit.serve, settings.bind,
@@ -134,8 +138,7 @@ class Connection:
         self._deflate: Any = None  # zlib objects once COMPRESS DEFLATE is active
         self._inflate: Any = None
         self.client_wait = ClientWait()
-        peername = writer.get_extra_info("peername")
-        self.peer_ip = peername[0] if isinstance(peername, tuple) else str(peername)
+        self.peer_ip = peer_ip(writer)
         self.peer = peer_of(writer)
 
     def logged_in(self) -> None:
@@ -272,11 +275,13 @@ def _buffered(reader: asyncio.StreamReader) -> int:
 
 class ImapListener:
     def __init__(self, settings: Settings, deps: ImapDeps, context: ssl.SSLContext | None,
-                 sessions: set[asyncio.Task[None]], *, implicit_tls: bool) -> None:
+                 sessions: set[asyncio.Task[None]], clients: ClientConnections, *,
+                 implicit_tls: bool) -> None:
         self._settings = settings
         self._deps = deps
         self._context = context
         self.sessions = ListenerSessions(sessions, settings.imap_max_connections)
+        self._clients = clients  # shared with the sibling listener
         self._implicit_tls = implicit_tls
         self._config = SessionConfig(
             tls_available=context is not None,
@@ -293,6 +298,11 @@ class ImapListener:
         if self.sessions.full:
             await refuse_connection(writer, r.BYE_TOO_MANY_CONNECTIONS.untagged(), "imap")
             return
+        uncount = self._clients.admit(peer_ip(writer))
+        if uncount is None:
+            await refuse_connection(writer, r.BYE_TOO_MANY_FROM_ADDRESS.untagged(), "imap",
+                                    "too many connections from one address")
+            return
         connection = Connection(reader, writer, self._settings, self._context,
                                 self._deps.literals)
         try:
@@ -302,6 +312,8 @@ class ImapListener:
             # Shutdown: the session is closed. Ending the connection task normally keeps
             # asyncio's stream callback from logging the cancellation as an error.
             pass
+        finally:
+            uncount()
 
     async def _serve(self, connection: Connection) -> None:
         session = Session(self._deps, self._config, connection,

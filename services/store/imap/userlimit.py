@@ -12,32 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from common.budget import OpenCounts
 from common.directory import normalize_address
-from common.ratelimit import Network, ip_subject
+from common.ratelimit import Network
+from services.store.listening import ClientConnections
 
 
 class UserConnections:
     def __init__(self, limit: int, exempt: Sequence[Network] = ()) -> None:
-        self._limit = limit
-        self._exempt = tuple(exempt)
-        self._open = OpenCounts(limit)
+        self._open = ClientConnections(limit, exempt)
 
     def admit(self, user: str, ip: str) -> Callable[[], None] | None:
         """None when `user` already has `limit` sessions from `ip`; otherwise a function
         that ends this session's count (call it once, when the session ends)."""
-        subject = ip_subject(ip, self._exempt) if self._limit else None
-        if subject is None:
-            return _nothing
-        key = (normalize_address(user), subject)
-        if not self._open.take(key):
-            return None
-        return lambda: self._open.give_back(key)
+        return self._open.admit(ip, normalize_address(user))
 
     def count(self, user: str, ip: str) -> int:
-        subject = ip_subject(ip, self._exempt)
-        return 0 if subject is None else self._open.count((normalize_address(user), subject))
-
-
-def _nothing() -> None:
-    pass
+        return self._open.count(ip, normalize_address(user))

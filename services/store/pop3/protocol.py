@@ -126,6 +126,8 @@ ERR_BAD_SYNTAX = err("{reason}")
 ERR_WRONG_STATE = err("command not valid in this state")
 ERR_TOO_MANY_ERRORS = err("too many errors, closing connection")
 ERR_TOO_MANY_CONNECTIONS = err("too many connections, try again later", CODE_SYS_TEMP)
+ERR_TOO_MANY_FROM_ADDRESS = err("too many connections from your address, try again later",
+                                CODE_SYS_TEMP)
 ERR_LINE_TOO_LONG = err("line too long")
 ERR_NEED_USER = err("send USER first")
 ERR_AUTH_FAILED = err("invalid credentials", CODE_AUTH)

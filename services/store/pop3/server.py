@@ -14,14 +14,17 @@ import ssl
 
 from common.auththrottle import AuthThrottle
 from common.listen import binding
+from common.ratelimit import parse_networks
 from common.settings import Settings
 from common.tls import server_context
 from services.store.backends.accounts import AccountDB
 from services.store.listening import (
+    ClientConnections,
     ListenerSessions,
     SessionEnded,
     SessionEndingServer,
     close_connection,
+    peer_ip,
     peer_of,
     refuse_connection,
     write_or_lost,
@@ -58,8 +61,11 @@ async def start_pop3_servers(
     if locks is None:
         locks = MailboxLocks()
     sessions: set[asyncio.Task[None]] = set()
+    clients = ClientConnections(settings.pop3_max_connections_per_ip,
+                                parse_networks(settings.rate_limit_exempt))
     plain = Pop3Listener(settings, mailstore, accounts, locks, context, auth_failure_delay,
-                         sessions, implicit_tls=False, throttle=throttle, logins=logins)
+                         sessions, clients, implicit_tls=False, throttle=throttle,
+                         logins=logins)
     with binding("pop3_port", settings.bind, settings.pop3_port):
         plain_server = await asyncio.start_server(plain.serve, settings.bind,
                                                   settings.pop3_port, limit=LINE_LIMIT)
@@ -67,7 +73,7 @@ async def start_pop3_servers(
     log.info("POP3 listening", extra={"event": f"{settings.bind}:{settings.pop3_port}"})
     if context is not None:
         implicit = Pop3Listener(settings, mailstore, accounts, locks, context,
-                                auth_failure_delay, sessions, implicit_tls=True,
+                                auth_failure_delay, sessions, clients, implicit_tls=True,
                                 throttle=throttle, logins=logins)
         try:
             with binding("pop3s_port", settings.bind, settings.pop3s_port):
@@ -110,10 +116,11 @@ def _buffered(reader: asyncio.StreamReader) -> int:
 class Pop3Listener:
     def __init__(self, settings: Settings, mailstore: MailStore, accounts: AccountDB,
                  locks: MailboxLocks, context: ssl.SSLContext | None,
-                 auth_failure_delay: float, sessions: set[asyncio.Task[None]], *,
-                 implicit_tls: bool, throttle: AuthThrottle | None = None,
-                 logins: Logins | None = None) -> None:
+                 auth_failure_delay: float, sessions: set[asyncio.Task[None]],
+                 clients: ClientConnections, *, implicit_tls: bool,
+                 throttle: AuthThrottle | None = None, logins: Logins | None = None) -> None:
         self._implicit_tls = implicit_tls
+        self._clients = clients  # shared with the sibling listener
         self._throttle = throttle
         self._logins = logins
         self.sessions = ListenerSessions(sessions, settings.pop3_max_connections)
@@ -132,8 +139,16 @@ class Pop3Listener:
             # A negative greeting (RFC 3206's SYS/TEMP: try again later).
             await refuse_connection(writer, p.ERR_TOO_MANY_CONNECTIONS.encode(), "pop3")
             return
-        with self.sessions.running(task):
-            await self._serve(reader, writer, self._implicit_tls)
+        uncount = self._clients.admit(peer_ip(writer))
+        if uncount is None:
+            await refuse_connection(writer, p.ERR_TOO_MANY_FROM_ADDRESS.encode(), "pop3",
+                                    "too many connections from one address")
+            return
+        try:
+            with self.sessions.running(task):
+                await self._serve(reader, writer, self._implicit_tls)
+        finally:
+            uncount()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      implicit_tls: bool) -> None:

@@ -24,6 +24,7 @@ from services.store.backends.maildb import MailDB
 from services.store.imap import server as imap_server_module
 from services.store.imap.server import PRE_LOGIN_MAX_LITERAL
 from tests.integration.imap.clients import (
+    Raw,
     Server,
     in_thread,
     message,
@@ -646,6 +647,37 @@ async def test_starttls_refuses_commands_pipelined_in_plaintext(
         raw.send(f'a STARTTLS\r\nb LOGIN "{ALICE}" "{USERS[ALICE]}"\r\n'.encode())
         assert raw.response() == b"* BYE Command pipelined after STARTTLS"
         assert raw.closed()
+
+    await in_thread(dialog)
+
+
+async def test_connections_per_client_address_are_limited(
+        start_imap: StartImap, settings: Settings) -> None:
+    # A connection that never logs in stays as long as it sends a NOOP now and then: without
+    # a limit per address one host could hold every slot of the store.
+    server = await start_with(start_imap, settings, imap_max_connections_per_ip=2,
+                              rate_limit_exempt="")
+
+    def dialog() -> None:
+        first = server.raw()
+        second = Raw.connect(server.tls_port, tls=True)  # IMAPS counts with IMAP
+        refused = Raw.connect(server.port)
+        assert refused.greeting == (b"* BYE [UNAVAILABLE] Too many connections from your "
+                                    b"address, try again later")
+        assert refused.closed()
+        assert second.ok("NOOP").status == "OK"  # the connections in place go on
+        first.ok("LOGOUT")
+        first.close()
+        for _ in range(100):  # the server notices the logout
+            again = Raw.connect(server.port)
+            if again.greeting.startswith(b"* OK"):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the freed place was never given to a new connection")
+        again.ok(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')
+        for client in (second, again):
+            client.close()
 
     await in_thread(dialog)
 

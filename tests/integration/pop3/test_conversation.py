@@ -597,6 +597,28 @@ async def test_connections_over_the_limit_get_a_temporary_error(
     await asyncio.to_thread(second.quit)
 
 
+async def test_connections_per_client_address_are_limited(
+        start_pop3: StartPop3, mailstore: MailStore, settings: Settings) -> None:
+    """TIERMAIL_POP3_MAX_CONNECTIONS_PER_IP: one host cannot take every place."""
+    pop3 = await start_pop3(mailstore, settings.replace(pop3_max_connections_per_ip=2,
+                                                        rate_limit_exempt=""))
+    first = await Raw.open(pop3.port)
+
+    def tls_session() -> poplib.POP3_SSL:
+        return poplib.POP3_SSL("127.0.0.1", pop3.tls_port, context=unverified(), timeout=30)
+
+    second = await asyncio.to_thread(tls_session)  # POP3S counts with POP3
+    refused = Raw(*await asyncio.open_connection("127.0.0.1", pop3.port))
+    assert await refused.line() == p.ERR_TOO_MANY_FROM_ADDRESS.encode()
+    assert await refused.closed()
+    await refused.close()
+    await first.send(b"QUIT\r\n")
+    await first.close()
+    assert (await asyncio.to_thread(second.user, ALICE)).startswith(b"+OK")
+    await eventually(lambda: _greeted(pop3.port), what="a freed place taken again")
+    await asyncio.to_thread(second.quit)
+
+
 async def _greeted(port: int) -> bool:
     client = Raw(*await asyncio.open_connection("127.0.0.1", port))
     try:
