@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import enum
 import io
-import itertools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -97,6 +96,9 @@ DIRECT_READ_MAX = 64 * 1024  # a single message up to this size is read without 
 # STREAM_CHUNK: what a session holds stays near READ_BATCH_OCTETS whatever the message sizes.
 STREAM_OVER = 256 * 1024
 STREAM_CHUNK = 256 * 1024
+# LIST and LSUB let other sessions run after matching this many names against the patterns
+# (one LIST may carry thousands of patterns; an account may have thousands of mailboxes).
+LIST_STEP = 256
 SEEN = "\\Seen"
 DELETED = "\\Deleted"
 
@@ -370,7 +372,9 @@ async def list_(s: Session, c: Command) -> r.Reply:
     else:
         candidates = tree.all_names()
     lines: list[bytes] = []
-    for name in candidates:
+    for count, name in enumerate(candidates, 1):
+        if count % LIST_STEP == 0:
+            await s.between_steps()  # many names and patterns: others are served meanwhile
         if not matcher.matches(name):
             continue
         attributes = tree.attributes(name, extended=args.extended)
@@ -410,7 +414,9 @@ async def _lsub(s: Session, args: ListArgs) -> r.Reply:
     subscribed = set(await s.store.subscriptions(user))
     matcher = _Matcher(args.reference, args.patterns)
     found: dict[str, bool] = {}  # name -> \Noselect
-    for name in subscribed:
+    for count, name in enumerate(subscribed, 1):
+        if count % LIST_STEP == 0:
+            await s.between_steps()
         if matcher.matches(name):
             found[name] = name not in existing
         # RFC 3501 6.3.9: "%" matching an unsubscribed parent lists it \Noselect.
@@ -1218,19 +1224,13 @@ class _Matcher:
 
     def __init__(self, reference: str, patterns: Sequence[str]) -> None:
         self._patterns = [ListPattern(reference + pattern, HIERARCHY_DELIMITER)
-                          for pattern in patterns]
+                          for pattern in dict.fromkeys(patterns)]
         self.has_percent = any("%" in pattern for pattern in patterns)
 
     def matches(self, name: str) -> bool:
-        spellings: Iterable[str] = (name,)
-        if name == INBOX or name.startswith(INBOX + HIERARCHY_DELIMITER):
-            spellings = [prefix + name[len(INBOX):] for prefix in _INBOX_SPELLINGS]
-        return any(pattern.matches(spelling)
-                   for pattern in self._patterns for spelling in spellings)
-
-
-_INBOX_SPELLINGS = ["".join(letters) for letters in itertools.product(
-    *((c.upper(), c.lower()) for c in INBOX))]
+        inbox = name == INBOX or name.startswith(INBOX + HIERARCHY_DELIMITER)
+        caseless = len(INBOX) if inbox else 0
+        return any(pattern.matches(name, caseless) for pattern in self._patterns)
 
 
 class _Tree:

@@ -250,6 +250,9 @@ async def test_a_hostile_list_pattern_is_answered_and_holds_up_nobody(server: Se
         assert raw.ok(f'LSUB "" "{hostile}"').lines(b"LSUB") == []
         assert raw.ok('LIST "" "%*%*%*%*%*%*%*%*%*e"').lines(b"LIST") == [
             b'* LIST (\\HasNoChildren \\Archive) "/" Archive']
+        raw.ok("CREATE INBOX/x")  # INBOX is a name in any case (RFC 3501 5.1)
+        assert raw.ok('LIST "" ("inbox/%" "InBoX/%" "*/x")').lines(b"LIST") == [
+            b'* LIST (\\HasNoChildren) "/" INBOX/x']
         raw.close()
 
     await in_thread(dialog)

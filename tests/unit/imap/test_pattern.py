@@ -34,6 +34,18 @@ def test_pattern(pattern: str, name: str, matches: bool) -> None:
     assert ListPattern(pattern, "/").matches(name) is matches
 
 
+@pytest.mark.parametrize(("pattern", "name", "caseless", "matches"), [
+    ("inbox/%", "INBOX/a", 5, True),
+    ("*b*", "INBOX", 5, True),
+    ("InBoX", "INBOX", 5, True),
+    ("INBOX/A", "INBOX/a", 5, False),  # only INBOX itself is a name in any case
+    ("inbox", "INBOX", 0, False),
+])
+def test_leading_characters_in_any_case(pattern: str, name: str, caseless: int,
+                                        matches: bool) -> None:
+    assert ListPattern(pattern, "/").matches(name, caseless) is matches
+
+
 def _as_regex(pattern: str) -> re.Pattern[str]:
     """The plain translation, right but exponential on hostile patterns."""
     parts = {"*": ".*", "%": "[^/]*"}

@@ -21,6 +21,7 @@ LOCAL = "%"
 class ListPattern:
     def __init__(self, pattern: str, delimiter: str) -> None:
         tokens = _collapsed(pattern)
+        self._everything = tokens == [ANY]
         self._delimiter = delimiter
         self._accept = 1 << len(tokens)
         self._any = _positions(tokens, ANY)
@@ -32,14 +33,20 @@ class ListPattern:
         self._literal = dict(literal)
         self._min_length = len(tokens) - bin(self._wild).count("1")
 
-    def matches(self, name: str) -> bool:
+    def matches(self, name: str, caseless: int = 0) -> bool:
+        """Whether `name` matches; its first `caseless` characters match letters of either
+        case (INBOX, RFC 3501 5.1)."""
+        if self._everything:
+            return True
         if len(name) < self._min_length:
             return False  # every literal of the pattern takes one character
         reached = self._with_empty_wildcards(1)
-        for char in name:
+        for index, char in enumerate(name):
+            literal = self._literal.get(char, 0)
+            if index < caseless:
+                literal |= self._literal.get(char.swapcase(), 0)
             stay = reached & (self._any if char == self._delimiter else self._wild)
-            step = (reached & self._literal.get(char, 0)) << 1
-            reached = self._with_empty_wildcards(stay | step)
+            reached = self._with_empty_wildcards(stay | (reached & literal) << 1)
             if not reached:
                 return False
         return bool(reached & self._accept)
