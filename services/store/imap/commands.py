@@ -65,7 +65,12 @@ from services.store.imap.search import (
     read_header,
     search,
 )
-from services.store.imap.selected import SelectedMailbox, SelectedMailboxDeleted, format_uids
+from services.store.imap.selected import (
+    SelectedMailbox,
+    SelectedMailboxDeleted,
+    format_uids,
+    too_many_keywords,
+)
 from services.store.imap.sort import BadSortCriteria, sort
 from services.store.imap.thread import BadThreadAlgorithm, format_thread, thread
 from services.store.mailbox import (
@@ -486,6 +491,10 @@ async def append(s: Session, c: Command) -> r.Reply:
     flags = frozenset(flag for flag in args.flags if flag != "\\Recent")
     date = args.date.timestamp() if args.date is not None else None
     try:
+        if any(not flag.startswith("\\") for flag in flags):
+            keywords = (await s.store.snapshot(s.logged_in_user, args.mailbox)).keywords
+            if too_many_keywords(flags, keywords):
+                return r.NO_TOO_MANY_KEYWORDS
         quota = await s.quota_limit()
         result = await s.store.append(s.logged_in_user, args.mailbox,
                                       crlf_line_ends(args.message), flags, date, quota)
@@ -1005,6 +1014,8 @@ async def store(s: Session, c: Command) -> r.Reply:
     positions = [p for p in selected.positions(args.sequence, uid=c.uid)
                  if not selected.is_gone(p)]
     flags = frozenset(flag for flag in args.flags if flag != "\\Recent")
+    if args.mode != "-" and too_many_keywords(flags, selected.keywords):
+        return r.NO_TOO_MANY_KEYWORDS
     all_uids = selected.uids
     uids = [all_uids[p] for p in positions]
     result = await s.store.store_flags(s.logged_in_user, selected.name, uids, args.mode, flags,

@@ -88,6 +88,7 @@ NO_AUTH_THROTTLED = Reply("NO", "Too many failed logins, try again later", "UNAV
 # RFC 5530 LIMIT (settings.imap_max_userip_connections).
 NO_TOO_MANY_USER_SESSIONS = Reply("NO", "Too many sessions of this account from your address",
                                   "LIMIT")
+NO_TOO_MANY_KEYWORDS = Reply("NO", "Too many keywords in this mailbox", "LIMIT")
 NO_PRIVACY_REQUIRED = Reply("NO", "Use STARTTLS first", "PRIVACYREQUIRED")
 NO_AUTH_MECHANISM = Reply("NO", "Unsupported authentication mechanism", "CANNOT")
 NO_TLS_ACTIVE = Reply("NO", "TLS already active")

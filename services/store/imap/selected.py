@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence, Set
 
 from services.store.backends.snapshots import Snapshot, with_changes
 from services.store.imap.protocol import wire
@@ -32,6 +32,11 @@ REBUILD_THRESHOLD = 64
 OVERLAY_MAX = 1024
 FEW_POSITIONS = 1024  # `infos_at` answers up to this many positions without the list
 FLAG_LISTS_MAX = 4096  # formatted flag lists a session keeps (one per distinct flag set)
+# Keywords one mailbox may hold. Each is kept with every message that has it and listed in
+# FLAGS and PERMANENTFLAGS at every SELECT: unbounded, one account could make the store hold
+# gigabytes (400 APPENDs of 1,500 new keywords each: 270 MB more, a 44 MB SELECT). At the
+# limit PERMANENTFLAGS no longer offers "\*" (RFC 3501 7.1) and new keywords get NO [LIMIT].
+MAX_KEYWORDS = 256
 # `* n FETCH (FLAGS ...)` after a flag change, by whether UID and MODSEQ are included.
 _FLAGS_FETCH = {
     (False, False): b"* %d FETCH (FLAGS %s)\r\n",
@@ -318,7 +323,14 @@ class SelectedMailbox:
 
     def permanent_flags(self) -> bytes:
         # "\*": clients may create new keywords (RFC 3501 7.1).
-        return wire.flag_list([*SYSTEM_FLAGS, *self.keywords, "\\*"])
+        more = ["\\*"] if len(self.keywords) < MAX_KEYWORDS else []
+        return wire.flag_list([*SYSTEM_FLAGS, *self.keywords, *more])
+
+
+def too_many_keywords(flags: Iterable[str], keywords: Set[str]) -> bool:
+    """Whether setting `flags` would take a mailbox holding `keywords` past MAX_KEYWORDS."""
+    new = {flag for flag in flags if not flag.startswith("\\") and flag not in keywords}
+    return bool(new) and len(keywords) + len(new) > MAX_KEYWORDS
 
 
 def format_uids(numbers: Iterable[int]) -> bytes:

@@ -21,6 +21,7 @@ from imapclient import IMAPClient
 from common.budget import Hold, MemoryBudget
 from common.settings import Settings
 from services.store.backends.maildb import MailDB
+from services.store.imap import selected as selected_module
 from services.store.imap import server as imap_server_module
 from services.store.imap.server import PRE_LOGIN_MAX_LITERAL
 from tests.integration.imap.clients import (
@@ -253,6 +254,34 @@ async def test_a_hostile_list_pattern_is_answered_and_holds_up_nobody(server: Se
         raw.ok("CREATE INBOX/x")  # INBOX is a name in any case (RFC 3501 5.1)
         assert raw.ok('LIST "" ("inbox/%" "InBoX/%" "*/x")').lines(b"LIST") == [
             b'* LIST (\\HasNoChildren) "/" INBOX/x']
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_keywords_per_mailbox_are_bounded(server: Server, deliver: Deliver) -> None:
+    # Every keyword is kept with each message that has it and listed at every SELECT:
+    # unbounded, one account could make the store hold gigabytes.
+    await deliver(ALICE, message("one"))
+    limit = selected_module.MAX_KEYWORDS
+    keywords = " ".join(f"k{n}" for n in range(limit))
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        permanent = raw.ok("SELECT INBOX").lines(b"OK")
+        assert any(b"\\*)]" in line for line in permanent if b"PERMANENTFLAGS" in line)
+        raw.ok(f"STORE 1 +FLAGS ({keywords})")
+        refused = raw.command("STORE 1 +FLAGS (k0 one-more)")
+        assert refused.status == "NO" and refused.code == b"LIMIT", refused
+        refused = raw.literal_command(b"APPEND INBOX (one-more)", message("two"))
+        assert refused.status == "NO" and refused.code == b"LIMIT", refused
+        # What the mailbox has stays usable, and so is every other mailbox.
+        raw.ok("STORE 1 -FLAGS (k1)")
+        raw.ok("STORE 1 +FLAGS (\\Flagged k1)")
+        assert raw.literal_command(b"APPEND INBOX (k2 \\Seen)", message("three")).status == "OK"
+        assert raw.literal_command(b"APPEND Archive (new)", message("four")).status == "OK"
+        permanent = raw.ok("SELECT INBOX").lines(b"OK")
+        assert not any(b"\\*" in line for line in permanent)  # no more new ones (RFC 3501 7.1)
         raw.close()
 
     await in_thread(dialog)
