@@ -350,11 +350,17 @@ def valid_mailbox_name(name: str) -> str:
     return canonical_mailbox(name)
 
 
+# Unicode's Bidi_Control characters: they reorder how the rest of a name is shown, so a
+# folder can be made to read as another (the "Trojan Source" trick).
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                           "\u2066\u2067\u2068\u2069")
+
+
 def _is_control(char: str) -> bool:
     code = ord(char)
-    # C0, DEL, C1; line and paragraph separators; surrogates.
+    # C0, DEL, C1; line and paragraph separators; surrogates; bidirectional controls.
     return (code < 0x20 or 0x7F <= code <= 0x9F or code in (0x2028, 0x2029)
-            or 0xD800 <= code <= 0xDFFF)
+            or 0xD800 <= code <= 0xDFFF or char in _BIDI_CONTROLS)
 
 
 def _parents(name: str) -> list[str]:

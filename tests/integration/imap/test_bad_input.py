@@ -230,6 +230,8 @@ async def test_mailbox_names_cannot_escape(server: Server, maildb: MailDB, imap_
         nul = raw.literal_command(b"CREATE", b"a\x00b")
         assert nul.status in ("NO", "BAD"), nul
         assert raw.command('CREATE "&Jjo"').status in ("NO", "BAD")  # broken modified UTF-7
+        for bidi in ("&IC4-evil", "a&IGY-b", "&IA8-x"):  # U+202E, U+2066, U+200F
+            assert raw.command(f'CREATE "{bidi}"').status == "NO", bidi
         raw.close()
 
     await in_thread(dialog)
