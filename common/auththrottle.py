@@ -18,6 +18,13 @@ Policy:
 - Per account: always counted, wherever the client connects from; a successful login resets
   the account's counter (its owner is using it), never the IP's (a client that owns one
   account must not reset its count of guesses at others).
+- Known addresses: a successful login also marks its address as known to the account for
+  KNOWN_FOR (`<prefix>authfail:known:<ip>|<address>`, renewed by every login). The account's
+  limit does not refuse logins from a known address, so anyone who knows an address cannot
+  lock its owner out by guessing from elsewhere; the known address stays held to its own
+  per-IP limit. Only counted addresses become known, and only while both limits are on: an
+  exempt address is shared by many people (webmail), and one with no per-IP limit would
+  give an attacker on it unlimited guesses.
 - Per IP: IPv6 clients are counted per /64, like the filter's rate limits; addresses in
   `exempt` are not counted per IP. The store passes `rate_limit_exempt` (loopback by default):
   a webmail worker or a local tool logs in on behalf of many people from one address, and
@@ -39,7 +46,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import redis.asyncio
 from redis.exceptions import RedisError
@@ -54,6 +61,7 @@ WINDOW = 600.0  # seconds: the settings speak of "failures per 10 minutes"
 CHECK_TIMEOUT = 1.0  # seconds per Redis round trip; past it the login is allowed
 RECHECK_AFTER = 5.0  # seconds without asking Redis after a round trip failed
 MAX_KEY_USER = 254  # RFC 5321 4.5.3.1.3 path length; longer names are hashed into the key
+KNOWN_FOR = 30 * 86400.0  # seconds an address an account logged in from stays known to it
 
 T = TypeVar("T")
 
@@ -61,7 +69,7 @@ T = TypeVar("T")
 class AuthThrottle:
     def __init__(self, redis: redis.asyncio.Redis, prefix: str, per_ip: int, per_user: int,
                  window: float = WINDOW, *, exempt: Sequence[Network] = (),
-                 timeout: float = CHECK_TIMEOUT,
+                 timeout: float = CHECK_TIMEOUT, known_for: float = KNOWN_FOR,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._redis = redis
         self._prefix = prefix + "authfail:"
@@ -70,6 +78,7 @@ class AuthThrottle:
         self._window_ms = max(1, round(window * 1000))
         self._exempt = tuple(exempt)
         self._timeout = timeout
+        self._known_for_ms = max(1, round(known_for * 1000))
         self._clock = clock
         self._redis_down = False
         self._recheck_at = 0.0
@@ -89,10 +98,15 @@ class AuthThrottle:
     def user_key(self, user: str | None) -> str | None:
         if not self._per_user or not user:
             return None
-        name = normalize_address(user)
-        if len(name) > MAX_KEY_USER:
-            name = "sha256:" + hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()
-        return f"{self._prefix}user:{name}"
+        return f"{self._prefix}user:{_key_name(user)}"
+
+    def known_key(self, ip: str, user: str | None) -> str | None:
+        """The key that marks `ip` as an address `user` logged in from lately; None where
+        no address becomes known (see the module's policy)."""
+        if not self._per_user or not self._per_ip or not user:
+            return None
+        subject = ip_subject(ip, self._exempt)
+        return None if subject is None else f"{self._prefix}known:{subject}|{_key_name(user)}"
 
     async def allowed(self, ip: str, user: str | None) -> bool:
         """False while the IP or the account has used up its failures (check the password
@@ -105,11 +119,16 @@ class AuthThrottle:
         limited = self._limited(ip, user)
         if not limited:
             return {}
-        counts = await self._call(lambda: self._redis.mget([key for key, _ in limited]))
+        known = self.known_key(ip, user)
+        keys = [key for key, _ in limited] + ([known] if known else [])
+        counts = await self._call(lambda: self._redis.mget(keys))
         if counts is None:
             return None
-        return {key: (int(count or 0), limit)
-                for count, (key, limit) in zip(counts, limited, strict=True)}
+        failures = {key: (int(count or 0), limit)
+                    for count, (key, limit) in zip(counts, limited, strict=False)}
+        if known and counts[-1] is not None:
+            failures.pop(cast(str, self.user_key(user)), None)  # the owner's own address
+        return failures
 
     async def check(self, ip: str, user: str,
                     verify: Callable[[], Awaitable[bool]]) -> str:
@@ -195,10 +214,16 @@ class AuthThrottle:
         await self._call(pipe.execute)
 
     async def succeeded(self, ip: str, user: str | None) -> None:
-        """A login succeeded: the account's failures are forgotten (the IP's are kept)."""
-        key = self.user_key(user)
-        if key is not None:
-            await self._call(lambda: self._redis.delete(key))
+        """A login succeeded: the account's failures are forgotten (the IP's are kept) and
+        the address is known to the account from now on."""
+        key, known = self.user_key(user), self.known_key(ip, user)
+        if key is None:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(key)
+        if known is not None:
+            pipe.set(known, 1, px=self._known_for_ms)
+        await self._call(pipe.execute)
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T | None:
         if self._redis_down and self._clock() < self._recheck_at:
@@ -218,6 +243,14 @@ class AuthThrottle:
             log.info("login failures counted again (Redis back)",
                      extra={"event": "auththrottle-available"})
         return result
+
+
+def _key_name(user: str) -> str:
+    """An account's name in a key: normalised, hashed when longer than any address."""
+    name = normalize_address(user)
+    if len(name) > MAX_KEY_USER:
+        name = "sha256:" + hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()
+    return name
 
 
 class _Turn:

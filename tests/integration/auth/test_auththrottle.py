@@ -90,6 +90,56 @@ async def test_success_forgets_the_accounts_failures_not_the_addresss(
     assert not await limiter.allowed(REMOTE, ALICE)  # the address still has 3
 
 
+async def test_an_address_the_owner_logged_in_from_is_not_locked_with_the_account(
+        client: redis.asyncio.Redis, settings: Settings) -> None:
+    """Guessing at a known address from elsewhere locks the others out, not its owner."""
+    limiter = throttle(client, settings, per_ip=3, per_user=2)
+    owner, attacker = "192.0.2.20", "198.51.100.1"
+    await limiter.succeeded(owner, ALICE)
+    for _ in range(2):
+        await limiter.failed(attacker, ALICE)
+    assert not await limiter.allowed(attacker, ALICE)
+    assert not await limiter.allowed("198.51.100.2", ALICE)  # any other address
+    assert await limiter.allowed(owner, ALICE)
+    assert await limiter.allowed(owner, "ALICE@example.test")
+    # Known to Alice only: Bob's account, locked the same way, stays locked from there.
+    for _ in range(2):
+        await limiter.failed(attacker, BOB)
+    assert not await limiter.allowed(owner, BOB)
+    # The known address is still held to its own per-IP limit.
+    for _ in range(3):
+        await limiter.failed(owner, ALICE)
+    assert not await limiter.allowed(owner, ALICE)
+
+
+async def test_an_address_becomes_known_only_where_it_is_counted(
+        client: redis.asyncio.Redis, settings: Settings) -> None:
+    """An exempt address is shared (webmail), and with no per-IP limit a known address would
+    give whoever is on it unlimited guesses: neither bypasses the account's limit."""
+    for limiter, owner in ((throttle(client, settings, per_ip=3, per_user=2,
+                                     exempt="127.0.0.0/8"), "127.0.0.1"),
+                           (throttle(client, settings, per_ip=0, per_user=2), "192.0.2.21")):
+        await limiter.succeeded(owner, ALICE)
+        for _ in range(2):
+            await limiter.failed("198.51.100.1", ALICE)
+        assert not await limiter.allowed(owner, ALICE)
+        await client.delete(*await client.keys(settings.redis_prefix + "*"))
+
+
+async def test_a_known_address_is_forgotten_after_a_while(
+        client: redis.asyncio.Redis, settings: Settings) -> None:
+    limiter = AuthThrottle(client, settings.redis_prefix, 3, 1, known_for=0.3)
+    await limiter.succeeded("192.0.2.22", ALICE)
+    await limiter.failed("198.51.100.1", ALICE)
+    assert await limiter.allowed("192.0.2.22", ALICE)
+    await eventually(lambda: _refused(limiter, "192.0.2.22", ALICE), within=5,
+                     what="the known address to be forgotten")
+
+
+async def _refused(limiter: AuthThrottle, ip: str, user: str) -> bool:
+    return not await limiter.allowed(ip, user)
+
+
 async def test_the_window_expires(client: redis.asyncio.Redis, settings: Settings) -> None:
     limiter = throttle(client, settings, per_ip=100, per_user=1, window=0.3)
     await limiter.failed(REMOTE, ALICE)
