@@ -13,12 +13,17 @@ What runs (all on 127.0.0.1, free ports, a temporary data directory):
   * RabbitMQ and Redis are the machine's shared ones, but the stack uses an AMQP vhost of
     its own (created and deleted here) and its own Redis database and key prefix. The
     shared servers themselves are never stopped, restarted or reconfigured: the faults are
-    the relays and the tiermail processes;
+    the relays and the tiermail processes. With `--private-broker` the stack runs on a
+    RabbitMQ node of its own (`tests.support.PrivateBroker`), and SIGKILLing that node (then
+    starting it again) is one more fault;
   * `--senders` SMTP clients (smtplib) sending a steady stream (`--rate` messages per second
-    in all) to alice, bob, both, and the alias team@ (both); every message has a unique
-    Message-ID, the key everything is counted by;
-  * one IMAP client per account (imapclient) doing MOVE, COPY, UID EXPUNGE and APPEND
-    between INBOX, Archive and Trash in the same accounts, while mail is delivered there;
+    in all) to alice, bob, both, and the alias team@ (both); most messages small, 14% over
+    the inline threshold (a file each), 1% over 1 MiB (the large queue); every message has
+    a unique Message-ID, the key everything is counted by;
+  * `--imap-clients` IMAP clients per account (imapclient) doing MOVE, COPY, UID EXPUNGE
+    and APPEND between INBOX, Archive and Trash, while mail is delivered there: all of an
+    account's clients select and list the same mailboxes, each changes its own share of
+    the messages (by a hash of the Message-ID);
   * the chaos thread: every 0.5-2x `--fault-every` seconds, one fault on a target that has
     none: SIGKILL the store or a filter (restarted 0-3 s later, even while the stack is
     still starting; half the store kills are aimed at a moment an IMAP write is in
@@ -44,8 +49,8 @@ invariants below are checked from the files themselves:
     still present;
   * what the IMAP clients saw along the way: a UID, once seen naming a message, names that
     message for ever (never reused, also across store crashes); a UID seen for the first
-    time is above every UID seen before in that mailbox; UIDNEXT never goes back; and
-    UIDVALIDITY never changes;
+    time is above every UID seen before in that mailbox; UIDNEXT and HIGHESTMODSEQ never
+    go back; and UIDVALIDITY never changes;
   * the dead-letter queue is empty, or each message in it is printed with its reason.
 The exit status is 1 if anything did not hold, with every finding printed.
 
@@ -80,6 +85,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +94,7 @@ import aiormq
 from benchlib import BenchError, TiermailStack, log, port_open, tail, temp_root, wait_for
 from imapclient import IMAPClient
 
-from tests.support import TcpProxy, check_bodies
+from tests.support import PrivateBroker, TcpProxy, check_bodies
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "chaos.test"
@@ -97,6 +103,7 @@ ALIAS = f"team@{DOMAIN}"
 PASSWORD = "chaos-password"
 SENDER = "sender@client.test"
 FOLDERS = ("INBOX", "Archive", "Trash")
+QUEUE_ID = re.compile(rb"^\s+by \S+ .* id (\S+)", re.MULTILINE)  # in our Received header
 MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
 # RCPT lists a sender picks from; the alias and its target in one transaction give one copy.
 RECIPIENT_LISTS = ((USERS[0],), (USERS[1],), USERS, (ALIAS,), (USERS[0], ALIAS))
@@ -121,6 +128,7 @@ class Token:
 
     possible: set[State]
     origin: str  # "smtp 250", "smtp 451", "append", ...
+    done: State | None = None  # of two possible states, the one if the change happened
 
     @property
     def certain(self) -> State | None:
@@ -139,6 +147,11 @@ class Ledger:
     def set(self, user: str, msgid: str, possible: set[State], origin: str) -> None:
         with self.lock:
             self.tokens[(user, msgid)] = Token(set(possible), origin)
+
+    def unsure(self, user: str, msgid: str, before: State, after: State, origin: str) -> None:
+        """A change whose outcome the client could not learn: either state may be found."""
+        with self.lock:
+            self.tokens[(user, msgid)] = Token({before, after}, origin, done=after)
 
     def get(self, user: str, msgid: str) -> Token | None:
         with self.lock:
@@ -170,6 +183,8 @@ class ChaosStack(TiermailStack):
             "TIERMAIL_PUBLISH_TIMEOUT": "5",
         })
         self.proxies: dict[str, TcpProxy] = {}
+        self.broker: PrivateBroker | None = None
+        self.broker_port = 5672
         self.store: subprocess.Popen[bytes] | None = None
         self.filters: list[subprocess.Popen[bytes] | None] = [None] * filters
         self.started = 0
@@ -178,13 +193,22 @@ class ChaosStack(TiermailStack):
     def amqp_url(self, port: int) -> str:
         return f"amqp://guest:guest@127.0.0.1:{port}/{self.vhost}"
 
-    def setup(self) -> None:
-        self.create_vhost()
+    def setup(self, private_broker: bool) -> None:
+        """With `private_broker`, a RabbitMQ node of the run's own (which may then be
+        killed too), its default vhost used; else a vhost of its own on the shared one."""
+        if private_broker:
+            self.broker = PrivateBroker()
+            self.broker.start()
+            self.broker_port, self.vhost = self.broker.port, ""
+            self.env["TIERMAIL_AMQP_URL"] = self.amqp_url(self.broker_port)
+        else:
+            self.create_vhost()
         self.cli("domain", "add", DOMAIN)
         for user in USERS:
             self.cli("user", "add", user, "--password-stdin", input_text=PASSWORD + "\n")
             self.cli("alias", "add", ALIAS, user)
-        self.proxies = {"store-amqp": TcpProxy(5672), "filter-amqp": TcpProxy(5672),
+        self.proxies = {"store-amqp": TcpProxy(self.broker_port),
+                        "filter-amqp": TcpProxy(self.broker_port),
                         "redis": TcpProxy(6379)}
 
     def _tier_env(self, tier: str) -> dict[str, str]:
@@ -244,7 +268,7 @@ class ChaosStack(TiermailStack):
     def queue_counts(self, queues: list[str]) -> dict[str, int]:
         """Ready messages of each queue (passive declare, directly to the broker)."""
         async def counts() -> dict[str, int]:
-            connection = await aiormq.connect(self.amqp_url(5672))
+            connection = await aiormq.connect(self.amqp_url(self.broker_port))
             try:
                 channel = await connection.channel()
                 found = {}
@@ -259,7 +283,7 @@ class ChaosStack(TiermailStack):
     def dead_letters(self) -> list[str]:
         """A line for each message in the dead-letter queue, which is left as it was."""
         async def peek() -> list[str]:
-            connection = await aiormq.connect(self.amqp_url(5672))
+            connection = await aiormq.connect(self.amqp_url(self.broker_port))
             lines = []
             try:
                 channel = await connection.channel()
@@ -284,13 +308,16 @@ class ChaosStack(TiermailStack):
         for proxy in self.proxies.values():
             proxy.resume()
             proxy.cut()
+        if self.broker is not None:
+            self.broker.stop()
         super().close()
 
 
 # SMTP senders
 
 def message_bytes(msgid: str, to: str, rng: random.Random, subject: str) -> bytes:
-    size = rng.choice([200] * 17 + [70_000] * 3)  # some bodies over the inline threshold
+    # Some bodies over the inline threshold (a file each), a few over 1 MiB (the large queue).
+    size = rng.choices([200, 70_000, 1_100_000], [85, 14, 1])[0]
     line = "chaos " * 12 + "\r\n"
     body = line * max(1, size // len(line))
     return (f"From: {SENDER}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: {msgid}\r\n"
@@ -321,9 +348,8 @@ class Sender(threading.Thread):
         msgid = f"<{uuid.uuid4().hex}@smtp.chaos.test>"
         rcpts = self.rng.choice(RECIPIENT_LISTS)
         users = set().union(*(EXPANSION[r] for r in rcpts))
-        maybe = {NONE, ("INBOX",)}
         for user in users:  # until the reply is known, it may or may not be queued
-            self.ledger.set(user, msgid, maybe, "smtp unanswered")
+            self.ledger.unsure(user, msgid, NONE, ("INBOX",), "smtp unanswered")
         self.ledger.count("smtp sent")
         accepted: set[str] = set()
         try:
@@ -346,7 +372,7 @@ class Sender(threading.Thread):
             if code == 250 and user in accepted:
                 self.ledger.set(user, msgid, {("INBOX",)}, "smtp 250")
             elif 400 <= code < 500:
-                self.ledger.set(user, msgid, maybe, f"smtp {code}")
+                self.ledger.unsure(user, msgid, NONE, ("INBOX",), f"smtp {code}")
             else:
                 self.ledger.set(user, msgid, {NONE}, f"smtp {code}")
         if code != 250 and not 400 <= code < 500:
@@ -364,21 +390,31 @@ class MailboxView:
 
     uidvalidity: int = 0
     uidnext: int = 0
+    highestmodseq: int = 0
     max_uid: int = 0
     names: dict[int, str] = field(default_factory=dict)  # UID -> Message-ID, for ever
     checked_since_connect: bool = False
 
 
 class ImapClient(threading.Thread):
-    """One account's IMAP client: MOVE, COPY, UID EXPUNGE and APPEND in a loop, each on a
-    message whose state the ledger knows for certain."""
+    """One IMAP client of an account: MOVE, COPY, UID EXPUNGE and APPEND in a loop, each on
+    a message whose state the ledger knows for certain. Several clients of one account share
+    its mailboxes (selected at once, changed under each other) but each changes only the
+    messages of its `share` (index, of how many) of Message-IDs, so that what the ledger
+    expects of each message follows from one client's replies."""
 
-    def __init__(self, stack: ChaosStack, ledger: Ledger, user: str, rng: random.Random,
-                 pause: float, stop: threading.Event, writing: threading.Event) -> None:
+    def __init__(self, stack: ChaosStack, ledger: Ledger, user: str, share: tuple[int, int],
+                 rng: random.Random, pause: float, stop: threading.Event,
+                 writing: threading.Event) -> None:
         super().__init__(daemon=True)
-        self.stack, self.ledger, self.user, self.rng = stack, ledger, user, rng
+        self.stack, self.ledger, self.user, self.share, self.rng = \
+            stack, ledger, user, share, rng
         self.pause, self.halt, self.writing = pause, stop, writing
         self.views = {name: MailboxView() for name in FOLDERS}
+
+    def owns(self, msgid: str) -> bool:
+        index, of = self.share
+        return zlib.crc32(msgid.encode()) % of == index
 
     def run(self) -> None:
         while not self.halt.is_set():
@@ -403,6 +439,8 @@ class ImapClient(threading.Thread):
         present = self.look(imap, source)
         candidates = []
         for msgid, uids in present.items():
+            if not self.owns(msgid):
+                continue
             token = self.ledger.get(self.user, msgid)
             state = token.certain if token is not None else None
             if state is not None and state.count(source) == len(uids):
@@ -425,6 +463,8 @@ class ImapClient(threading.Thread):
 
     def append(self, imap: IMAPClient) -> None:
         msgid = f"<{uuid.uuid4().hex}@imap.chaos.test>"
+        while not self.owns(msgid):
+            msgid = f"<{uuid.uuid4().hex}@imap.chaos.test>"
         target = self.rng.choice(FOLDERS)
         data = message_bytes(msgid, self.user, self.rng, "append")
         self.ledger.set(self.user, msgid, {NONE}, "append")
@@ -437,7 +477,7 @@ class ImapClient(threading.Thread):
         try:
             act()
         except IMAP_BROKEN:
-            self.ledger.set(self.user, msgid, {before, after}, f"{what} unanswered")
+            self.ledger.unsure(self.user, msgid, before, after, f"{what} unanswered")
             self.ledger.count(f"imap {what} unanswered")
             raise
         except imaplib.IMAP4.error as exc:  # NO or BAD: nothing happened
@@ -463,6 +503,11 @@ class ImapClient(threading.Thread):
             self.ledger.finding(f"{self.user} {mailbox}: UIDNEXT went back "
                                 f"{view.uidnext} -> {uidnext}")
         view.uidnext = max(view.uidnext, uidnext)
+        modseq = int(status.get(b"HIGHESTMODSEQ", 0))
+        if modseq < view.highestmodseq:
+            self.ledger.finding(f"{self.user} {mailbox}: HIGHESTMODSEQ went back "
+                                f"{view.highestmodseq} -> {modseq}")
+        view.highestmodseq = max(view.highestmodseq, modseq)
         uids = sorted(imap.search("ALL"))
         wanted = uids if not view.checked_since_connect else \
             [u for u in uids if u not in view.names]
@@ -513,8 +558,9 @@ class Chaos(threading.Thread):
         self.error: BaseException | None = None
 
     def targets(self) -> list[str]:
+        broker = ["broker"] if self.stack.broker is not None else []
         return ["store", *(f"filter-{i}" for i in range(self.stack.filter_count)),
-                *self.stack.proxies]
+                *self.stack.proxies, *broker]
 
     def run(self) -> None:
         try:
@@ -564,6 +610,9 @@ class Chaos(threading.Thread):
             else:
                 proxy.hang()
                 self.add(target, "hang", duration, proxy.resume)
+        elif target == "broker" and self.stack.broker is not None:
+            self.stack.broker.kill()  # its restart takes seconds: the undo waits for it
+            self.add(target, "sigkill", self.rng.uniform(0, 3), self.stack.broker.start)
         elif target == "store":
             # Half the kills are aimed: during an IMAP write, a few milliseconds in, where
             # unaimed ones rarely land (a write takes milliseconds, the pause between them
@@ -584,7 +633,7 @@ class Chaos(threading.Thread):
         self.active[target] = Fault(target, kind, time.monotonic() + duration, undo)
         self.injected += 1
         self.ledger.count(f"fault {target} {kind}")
-        log(f"fault {self.injected}: {kind} {target} for {duration:.1f}s")
+        log(f"fault {self.injected}: {target} {kind}, undone after {duration:.1f}s")
 
 
 # The end: drain, stop, check everything from the files
@@ -611,8 +660,11 @@ def drain(stack: ChaosStack, timeout: float) -> None:
         stack.start_store()
 
 
-def stored_states(user_dir: Path, ledger: Ledger, user: str) -> dict[str, State]:
-    """Message-ID -> the mailboxes holding it, read from the index and files themselves."""
+def stored_states(user_dir: Path, ledger: Ledger, user: str,
+                  queue_ids: dict[str, str]) -> dict[str, State]:
+    """Message-ID -> the mailboxes holding it, read from the index and files themselves;
+    the queue id of each message that came by SMTP (from its Received header) goes into
+    `queue_ids`, to follow it through the tiers' logs."""
     try:
         bodies = check_bodies(user_dir)
     except AssertionError as exc:
@@ -629,7 +681,10 @@ def stored_states(user_dir: Path, ledger: Ledger, user: str) -> dict[str, State]
     for mailbox, guid in rows:
         header = bodies[guid][:8192]
         match = MESSAGE_ID.search(header)
-        found[match.group(1).decode() if match else f"(no Message-ID, {guid})"].append(mailbox)
+        msgid = match.group(1).decode() if match else f"(no Message-ID, {guid})"
+        found[msgid].append(mailbox)
+        if queue_id := QUEUE_ID.search(header):
+            queue_ids[msgid] = queue_id.group(1).decode()
     return {msgid: tuple(sorted(boxes)) for msgid, boxes in found.items()}
 
 
@@ -651,10 +706,17 @@ def check_ledger(stack: ChaosStack, ledger: Ledger, clients: list[ImapClient]) -
     mail_root = stack.data_dir / "store" / "mail"
     for user in USERS:
         user_dirs = list(mail_root.glob(f"*/{user}"))
-        stored = stored_states(user_dirs[0], ledger, user) if user_dirs else {}
+        queue_ids: dict[str, str] = {}
+        stored = stored_states(user_dirs[0], ledger, user, queue_ids) if user_dirs else {}
         mine = {msgid: token for (u, msgid), token in ledger.tokens.items() if u == user}
         for msgid, token in mine.items():
             actual = stored.get(msgid, NONE)
+            if token.done is not None:
+                ledger.count(f"{token.origin}: found "
+                             f"{'done' if actual == token.done else 'not done'}")
+            if token.origin.startswith("smtp 4") and actual:
+                log(f"{user}: {msgid} got {token.origin} and was delivered (queue id "
+                    f"{queue_ids.get(msgid)}: its story is in the filters' logs)")
             if actual not in token.possible:
                 ledger.finding(f"{user} {msgid} ({token.origin}): stored in {list(actual)}, "
                                f"expected one of {sorted(map(list, token.possible))}")
@@ -714,10 +776,12 @@ class Options:
     senders: int
     filters: int
     imap_pause: float
+    imap_clients: int
     inline_max: int
     redis_db: int
     drain_timeout: float
     keep: bool
+    private_broker: bool
 
 
 def run(opts: Options) -> int:
@@ -728,7 +792,7 @@ def run(opts: Options) -> int:
         f"{opts.max_faults} faults, inline max {opts.inline_max}, {opts.filters} filters")
     with temp_root("tiermail-chaos-", opts.keep) as root, closing_stack(
             ChaosStack(root, opts.redis_db, opts.inline_max, opts.filters)) as stack:
-        stack.setup()
+        stack.setup(opts.private_broker)
         stack.start_store()
         for index in range(opts.filters):
             stack.start_filter(index)
@@ -743,8 +807,10 @@ def run(opts: Options) -> int:
                           opts.senders / opts.rate, budget, stop_traffic)
                    for _ in range(opts.senders)]
         imap_writing = threading.Event()
-        clients = [ImapClient(stack, ledger, user, random.Random(rng.random()),
-                              opts.imap_pause, stop_traffic, imap_writing) for user in USERS]
+        clients = [ImapClient(stack, ledger, user, (index, opts.imap_clients),
+                              random.Random(rng.random()), opts.imap_pause, stop_traffic,
+                              imap_writing)
+                   for user in USERS for index in range(opts.imap_clients)]
         chaos = Chaos(stack, ledger, random.Random(rng.random()), opts.fault_every,
                       opts.max_outage, opts.max_faults, stop_faults, imap_writing)
         for thread in [*senders, *clients, chaos]:
@@ -814,11 +880,15 @@ def parse_args() -> Options:
     parser.add_argument("--filters", type=int, default=2)
     parser.add_argument("--imap-pause", type=float, default=0.3,
                         help="mean seconds between one IMAP client's operations")
+    parser.add_argument("--imap-clients", type=int, default=2,
+                        help="IMAP clients per account, each changing its share of the mail")
     parser.add_argument("--inline-max", type=int, default=65536,
                         help="TIERMAIL_STORE_INLINE_MAX (0: every body a file)")
     parser.add_argument("--redis-db", type=int, default=12)
     parser.add_argument("--drain-timeout", type=float, default=300.0)
     parser.add_argument("--keep", action="store_true", help="keep the data and logs")
+    parser.add_argument("--private-broker", action="store_true",
+                        help="a RabbitMQ node of the run's own, SIGKILLed among the faults")
     args = parser.parse_args()
     return Options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Options)})
 
