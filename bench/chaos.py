@@ -15,7 +15,9 @@ What runs (all on 127.0.0.1, free ports, a temporary data directory):
     shared servers themselves are never stopped, restarted or reconfigured: the faults are
     the relays and the tiermail processes. With `--private-broker` the stack runs on a
     RabbitMQ node of its own (`tests.support.PrivateBroker`), and SIGKILLing that node (then
-    starting it again) is one more fault;
+    starting it again) is one more fault; with `--disk-full` the data directory is a tmpfs
+    of its own (`tests.support.tmpfs`, root only), and filling it to the last block
+    (`tests.support.fill`) for 1-`--max-outage` seconds is one more;
   * `--senders` SMTP clients (smtplib) sending a steady stream (`--rate` messages per second
     in all) to alice, bob, both, and the alias team@ (both); most messages small, 14% over
     the inline threshold (a file each), 1% over 1 MiB (the large queue); every message has
@@ -94,7 +96,7 @@ import aiormq
 from benchlib import BenchError, TiermailStack, log, port_open, tail, temp_root, wait_for
 from imapclient import IMAPClient
 
-from tests.support import PrivateBroker, TcpProxy, check_bodies
+from tests.support import PrivateBroker, TcpProxy, check_bodies, fill, tmpfs
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "chaos.test"
@@ -103,7 +105,7 @@ ALIAS = f"team@{DOMAIN}"
 PASSWORD = "chaos-password"
 SENDER = "sender@client.test"
 FOLDERS = ("INBOX", "Archive", "Trash")
-QUEUE_ID = re.compile(rb"^\s+by \S+ .* id (\S+)", re.MULTILINE)  # in our Received header
+QUEUE_ID = re.compile(rb"^\s+by \S+ .* id ([A-Z0-9]+)", re.MULTILINE)  # in our Received header
 MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
 # RCPT lists a sender picks from; the alias and its target in one transaction give one copy.
 RECIPIENT_LISTS = ((USERS[0],), (USERS[1],), USERS, (ALIAS,), (USERS[0], ALIAS))
@@ -184,6 +186,7 @@ class ChaosStack(TiermailStack):
         })
         self.proxies: dict[str, TcpProxy] = {}
         self.broker: PrivateBroker | None = None
+        self.disk: Path | None = None  # the data directory's own file system, to fill
         self.broker_port = 5672
         self.store: subprocess.Popen[bytes] | None = None
         self.filters: list[subprocess.Popen[bytes] | None] = [None] * filters
@@ -425,10 +428,19 @@ class ImapClient(threading.Thread):
                     for view in self.views.values():
                         view.checked_since_connect = False
                     while not self.halt.is_set():
-                        self.step(imap)
+                        self.step_or_refused(imap)
                         self.halt.wait(self.rng.expovariate(1 / self.pause))
             except (*IMAP_BROKEN, imaplib.IMAP4.error):
                 self.halt.wait(0.5)
+
+    def step_or_refused(self, imap: IMAPClient) -> None:
+        try:
+            self.step(imap)
+        except imaplib.IMAP4.abort:
+            raise
+        except imaplib.IMAP4.error as exc:  # a NO to SELECT, SEARCH or FETCH
+            self.ledger.count("imap read refused")
+            log(f"{self.user}: refused: {exc}")
 
     def step(self, imap: IMAPClient) -> None:
         op = self.rng.choices(("move", "copy", "expunge", "append"), (4, 2, 3, 2))[0]
@@ -559,8 +571,9 @@ class Chaos(threading.Thread):
 
     def targets(self) -> list[str]:
         broker = ["broker"] if self.stack.broker is not None else []
+        disk = ["disk"] if self.stack.disk is not None else []
         return ["store", *(f"filter-{i}" for i in range(self.stack.filter_count)),
-                *self.stack.proxies, *broker]
+                *self.stack.proxies, *broker, *disk]
 
     def run(self) -> None:
         try:
@@ -610,6 +623,9 @@ class Chaos(threading.Thread):
             else:
                 proxy.hang()
                 self.add(target, "hang", duration, proxy.resume)
+        elif target == "disk" and self.stack.disk is not None:
+            ballast = fill(self.stack.disk)
+            self.add(target, "full", self.rng.uniform(1, self.max_outage), ballast.unlink)
         elif target == "broker" and self.stack.broker is not None:
             self.stack.broker.kill()  # its restart takes seconds: the undo waits for it
             self.add(target, "sigkill", self.rng.uniform(0, 3), self.stack.broker.start)
@@ -782,6 +798,8 @@ class Options:
     drain_timeout: float
     keep: bool
     private_broker: bool
+    disk_full: bool
+    disk_size: str
 
 
 def run(opts: Options) -> int:
@@ -790,8 +808,11 @@ def run(opts: Options) -> int:
     started = time.monotonic()
     log(f"seed {opts.seed}: {opts.duration:.0f} s or {opts.max_messages} messages, at most "
         f"{opts.max_faults} faults, inline max {opts.inline_max}, {opts.filters} filters")
-    with temp_root("tiermail-chaos-", opts.keep) as root, closing_stack(
-            ChaosStack(root, opts.redis_db, opts.inline_max, opts.filters)) as stack:
+    with temp_root("tiermail-chaos-", opts.keep) as root, contextlib.ExitStack() as disk, \
+            closing_stack(ChaosStack(root, opts.redis_db, opts.inline_max,
+                                     opts.filters)) as stack:
+        if opts.disk_full:
+            stack.disk = disk.enter_context(tmpfs(stack.data_dir, opts.disk_size))
         stack.setup(opts.private_broker)
         stack.start_store()
         for index in range(opts.filters):
@@ -889,6 +910,10 @@ def parse_args() -> Options:
     parser.add_argument("--keep", action="store_true", help="keep the data and logs")
     parser.add_argument("--private-broker", action="store_true",
                         help="a RabbitMQ node of the run's own, SIGKILLed among the faults")
+    parser.add_argument("--disk-full", action="store_true",
+                        help="the data directory on a tmpfs of its own (root), filled to the "
+                        "last block among the faults")
+    parser.add_argument("--disk-size", default="256m", help="that tmpfs's size")
     args = parser.parse_args()
     return Options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Options)})
 
