@@ -61,11 +61,25 @@ Run from the repository root (the tiers are started from this checkout's code):
     PYTHONPATH=. .venv/bin/python bench/chaos.py                       # seed 1, 180 s
     PYTHONPATH=. .venv/bin/python bench/chaos.py --seed 7 --duration 120 --max-faults 40
     PYTHONPATH=. .venv/bin/python bench/chaos.py --seed 3 --inline-max 0 --keep  # bodies as files
+    PYTHONPATH=. .venv/bin/python bench/chaos.py --seed 17 --private-broker --disk-full  # root
 
 It stops sending after `--duration` seconds or `--max-messages` messages, whichever comes
 first, and stops injecting faults after `--max-faults`. It is meant to be cheap: a few
-messages per second, two IMAP clients; the store and filters log at INFO into the kept
-directory (`--keep`) for reading a failure.
+messages per second, two IMAP clients per account; the store and filters log at INFO into
+the kept directory (`--keep`) for reading a failure (with `--disk-full` the data goes with
+the tmpfs).
+
+Runs of 2026-12-04 on the 2-core development VM: seeds 2-8, 10, 12 and 14-18, 150-240 s
+each, bodies as files (`--inline-max 0`) in seven of them, `--private-broker` in 12, 14,
+17 and 18, `--disk-full` in 16-18, three IMAP clients per account in 18: 15,929 SMTP
+messages (10,257 answered 250, 5,426 451), 266 store SIGKILLs (125 aimed at an IMAP
+write), 208 filter SIGKILLs, 269 relay cuts and hangs, 24 broker SIGKILLs, 17 full disks,
+15,014 IMAP changes (194 unanswered, 256 NO).
+Every invariant held in every run; the dead-letter queue stayed empty. Each 4xx that was
+delivered anyway (4-10 a run) was a `not queued: no confirm within 5 s` in the filter's log:
+the confirm lost in a hang, the at-least-once trade docs/architecture.md describes. The
+driver itself was checked against two planted bugs (an expunge answering OK without
+expunging; the consumer acking some deliveries it dropped): both reported.
 """
 
 from __future__ import annotations
