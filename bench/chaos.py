@@ -77,7 +77,8 @@ write), 208 filter SIGKILLs, 269 relay cuts and hangs, 24 broker SIGKILLs, 17 fu
 15,014 IMAP changes (194 unanswered, 256 NO).
 Every invariant held in every run; the dead-letter queue stayed empty. Each 4xx that was
 delivered anyway (4-10 a run) was a `not queued: no confirm within 5 s` in the filter's log:
-the confirm lost in a hang, the at-least-once trade docs/architecture.md describes. The
+the confirm lost in a hang (the smtplib senders here do not retry; an MTA's retry now
+goes out under the same queue id and is delivered once: docs/architecture.md). The
 driver itself was checked against two planted bugs (an expunge answering OK without
 expunging; the consumer acking some deliveries it dropped): both reported.
 """

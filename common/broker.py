@@ -65,7 +65,13 @@ def connect_failure(exc: BaseException) -> str:
 
 
 class PublishFailed(Exception):
-    """The broker did not confirm the message; the sender must be told to retry (451)."""
+    """The broker did not confirm the message; the sender must be told to retry (451).
+    `maybe_queued`: the publish went out, so the broker may hold the message all the same
+    (services/filter/unconfirmed.py publishes the sender's retry under the same queue id)."""
+
+    def __init__(self, message: str, *, maybe_queued: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_queued = maybe_queued
 
 
 # How long a close may wait for the broker's Close-Ok before the socket is cut.
@@ -198,10 +204,11 @@ class Publisher:
             raise
         except TimeoutError as exc:
             self._start_probe()
-            raise PublishFailed(f"no confirm within {self._confirm_timeout:g} s") from exc
+            raise PublishFailed(f"no confirm within {self._confirm_timeout:g} s",
+                                maybe_queued=True) from exc
         except Exception as exc:
             await self._discard(channel)
-            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
+            raise PublishFailed(f"{type(exc).__name__}: {exc}", maybe_queued=True) from exc
 
     @property
     def stalled(self) -> bool:

@@ -40,11 +40,20 @@ async def follow_notices(redis: Redis, directory: Directory,
     "subscribe": from then on no change goes unheard) and each notice (type "message").
     When a subscription ends, `on_lost()`, a pause, and a new one; until cancelled. `name`
     says who follows, in the log line of a lost subscription."""
+    await follow_channel(redis, directory.key(Directory.CHANGED), on_message, on_lost,
+                         name=name, clock=clock)
+
+
+async def follow_channel(redis: Redis, channel: str, on_message: Callable[[Message], None],
+                         on_lost: Callable[[], None], *, name: str,
+                         clock: Callable[[], float] = time.monotonic) -> None:
+    """`follow_notices` for any channel (the filter's ledger of unconfirmed publishes,
+    services/filter/unconfirmed.py, follows its own the same way)."""
     delay = RECONNECT_MIN
     while True:
         started = clock()
         try:
-            await _subscription(redis, directory.key(Directory.CHANGED), on_message, clock)
+            await _subscription(redis, channel, on_message, clock)
         except (RedisError, OSError) as exc:
             if clock() - started > DEAD_AFTER:
                 delay = RECONNECT_MIN
@@ -66,7 +75,7 @@ async def _subscription(redis: Redis, channel: str, on_message: Callable[[Messag
             message = await pubsub.get_message(timeout=PING_INTERVAL)
             if message is None:
                 if clock() - heard > DEAD_AFTER:
-                    raise ConnectionError("directory change channel stopped answering")
+                    raise ConnectionError(f"channel {channel} stopped answering")
                 await pubsub.ping()
                 continue
             heard = clock()

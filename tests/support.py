@@ -198,8 +198,10 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self._threading = threading
-        self._flowing = threading.Event()
+        self._flowing = threading.Event()  # client -> target
         self._flowing.set()
+        self._answering = threading.Event()  # target -> client
+        self._answering.set()
         self.start()
 
     def start(self) -> None:
@@ -230,10 +232,17 @@ class TcpProxy:
         new ones that get nothing either: a dependency that stopped answering (a frozen
         process, a network that drops packets), the case a timeout has to catch."""
         self._flowing.clear()
+        self._answering.clear()
+
+    def hold_replies(self) -> None:
+        """Pass on what the client sends but hold what comes back: a request that arrives
+        and is acted on while its answer is lost (a publish persisted, its confirm not)."""
+        self._answering.clear()
 
     def resume(self) -> None:
         """Pass on again, the held data first."""
         self._flowing.set()
+        self._answering.set()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -256,13 +265,15 @@ class TcpProxy:
                         conn.shutdown(socket.SHUT_RDWR)
                     conn.close()
                 return
-            for a, b in ((client, upstream), (upstream, client)):
-                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, gate in ((client, upstream, self._flowing),
+                               (upstream, client, self._answering)):
+                self._threading.Thread(target=self._pipe, args=(a, b, gate),
+                                       daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, gate: Any) -> None:
         try:
             while data := source.recv(65536):
-                self._flowing.wait()
+                gate.wait()
                 sink.sendall(data)
         except OSError:
             pass

@@ -35,6 +35,7 @@ from services.filter.rules.defaults import spam_judge
 from services.filter.server import FilterServer, ServerLimits
 from services.filter.session import MessagePublisher, RecipientDirectory, SessionPolicy
 from services.filter.stats import WorkerStats
+from services.filter.unconfirmed import UnconfirmedLedger
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,9 @@ async def open_worker(
             stack.push_async_callback(scanners.aclose)
         if rules is None:
             rules = default_rules(settings, scanners, stats)
+        # Redis is at hand only with the real directory (tests that inject one get a ledger
+        # of this worker's own entries).
+        unconfirmed = UnconfirmedLedger(client, settings.redis_prefix)
         server = FilterServer(
             limits=ServerLimits.from_settings(settings, publish_deadline(settings)),
             policy=SessionPolicy(
@@ -135,8 +139,10 @@ async def open_worker(
             stats=stats,
             tls_context=tls_context,
             rate_limits=rate_limits,
+            unconfirmed=unconfirmed,
         )
         if client is not None:
+            stack.push_async_callback(stop_task, asyncio.create_task(unconfirmed.run()))
             await stack.enter_async_context(
                 Heartbeat(client, settings.redis_prefix, "filter",
                           lambda: _health(server, stats, publisher))

@@ -56,6 +56,7 @@ from services.filter.session import (
 )
 from services.filter.stall import PublishWatch
 from services.filter.stats import WorkerStats
+from services.filter.unconfirmed import UnconfirmedLedger
 
 log = logging.getLogger(__name__)
 
@@ -601,6 +602,7 @@ class FilterServer:
         tls_context: ssl.SSLContext | None,
         session_ids: Callable[[], str] = lambda: secrets.token_hex(5),
         rate_limits: RateLimits = UNLIMITED,
+        unconfirmed: UnconfirmedLedger | None = None,
     ) -> None:
         self.limits = limits
         self.stats = stats
@@ -614,6 +616,7 @@ class FilterServer:
         self._registry = ConnectionRegistry(limits, stats)
         self._data_memory = MemoryBudget(limits.data_memory)
         self._publishes = PublishWatch()
+        self.unconfirmed = UnconfirmedLedger(None, "") if unconfirmed is None else unconfirmed
         self._servers: list[asyncio.Server] = []
 
     def new_connection(self) -> FilterSMTP:
@@ -626,6 +629,7 @@ class FilterServer:
             policy=self._policy,
             rate_limits=self._rate_limits,
             publishes=self._publishes,
+            unconfirmed=self.unconfirmed,
         )
         return FilterSMTP(
             handler,

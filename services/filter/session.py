@@ -33,6 +33,7 @@ from services.filter.protocol.message import ReceivedInfo, received_header
 from services.filter.rules import Rule, evaluate, format_headers
 from services.filter.stall import PublishWatch
 from services.filter.stats import WorkerStats
+from services.filter.unconfirmed import UnconfirmedLedger, transaction_digest
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class FilterSession:
         clock: Callable[[], float] = time.time,
         rate_limits: RateLimits = UNLIMITED,
         publishes: PublishWatch | None = None,
+        unconfirmed: UnconfirmedLedger | None = None,
     ) -> None:
         self.session_id = session_id
         self.peer = ""
@@ -115,6 +117,7 @@ class FilterSession:
         self._rate_limits = rate_limits
         # Shared by the worker's sessions (FilterServer); a test's session gets its own.
         self._publishes = publishes or PublishWatch()
+        self._unconfirmed = UnconfirmedLedger(None, "") if unconfirmed is None else unconfirmed
         self._txn: Transaction | None = None
         self.queued = 0  # messages this connection got a 250 for
 
@@ -242,9 +245,16 @@ class FilterSession:
         self, server: SMTP, session: SMTPSession, envelope: SMTPEnvelope
     ) -> str:
         txn = self._transaction(envelope)
-        extra = self.log_extra(txn.queue_id)
         content = envelope.original_content
         assert isinstance(content, bytes)  # decode_data=False
+
+        def digest() -> str:
+            return transaction_digest(envelope.mail_from or "",
+                                      [r.address for r in txn.recipients], content)
+
+        if len(self._unconfirmed):
+            self._reuse_unconfirmed_queue_id(txn, digest())
+        extra = self.log_extra(txn.queue_id)
         received_at = self._clock()
         tls = tls_description(session.ssl)
         client_ip = peer_ip(session.peer)
@@ -284,12 +294,20 @@ class FilterSession:
         message_envelope = replace(message_envelope, junk=decision.junk,
                                    size=len(head) + len(content))
         routing_key = SCAN_ROUTING_KEY if decision.defer else DELIVER_ROUTING_KEY
-        return await self._publish(message_envelope, head + content, envelope, routing_key,
-                                   checks_ms)
+        return await self._publish(message_envelope, head + content, envelope, digest,
+                                   routing_key, checks_ms)
+
+    def _reuse_unconfirmed_queue_id(self, txn: Transaction, digest: str) -> None:
+        earlier = self._unconfirmed.queue_id_for(digest)
+        if earlier is not None and earlier != txn.queue_id:
+            log.info("retry of a message whose publish went unconfirmed: queue id %s again",
+                     earlier, extra=self.log_extra(txn.queue_id))
+            txn.queue_id = earlier
 
     async def _publish(
         self, message_envelope: Envelope, body: bytes, smtp_envelope: SMTPEnvelope,
-        routing_key: str = DELIVER_ROUTING_KEY, checks_ms: float = 0.0,
+        digest: Callable[[], str], routing_key: str = DELIVER_ROUTING_KEY,
+        checks_ms: float = 0.0,
     ) -> str:
         extra = self.log_extra(message_envelope.queue_id)
         # Drop aiosmtpd's reference to the received content: `body` is the copy we send.
@@ -300,6 +318,8 @@ class FilterSession:
                     await self._publisher.publish(message_envelope, body, routing_key)
         except (PublishFailed, TimeoutError) as exc:
             log.warning("not queued: %s", exc or type(exc).__name__, extra=extra)
+            if isinstance(exc, TimeoutError) or exc.maybe_queued:
+                await self._unconfirmed.remember(digest(), message_envelope.queue_id)
             return replies.QUEUE_UNAVAILABLE
         self._stats.accepted += 1
         self.queued += 1

@@ -205,6 +205,41 @@ async def test_a_broker_that_stops_confirming_gets_mail_refused_at_once(
     assert subjects == [b"after", b"before", b"held"]
 
 
+async def test_a_retry_after_a_lost_confirm_is_published_under_the_same_queue_id(
+        directory: Settings) -> None:
+    """The broker persisted a message but its confirm never came back (a relay that passes
+    the publish on and holds the replies): the sender got 451 and sends the same message
+    again, here to another filter worker. The retry goes out under the first attempt's
+    queue id, so the store, whose idempotence key is (queue id, mailbox), delivers one copy
+    (tests/integration/store/test_consumer.py). Another message gets a queue id of its own."""
+    proxy = SupportProxy(5672)
+    held = broker_at(directory, proxy.port, publish_timeout=1.0)
+    try:
+        async with running_filter(held) as first, \
+                running_filter(directory, port=free_port()) as second:
+            proxy.hold_replies()
+            _, reply = await in_thread(one_transaction, first.ports[0], "retried")
+            assert reply == replies.QUEUE_UNAVAILABLE
+            proxy.resume()
+
+            async def known_to_the_second_worker() -> bool:
+                return len(second.server.unconfirmed) == 1
+
+            await eventually(known_to_the_second_worker, what="the ledger entry announced")
+            for port, subject in ((second.ports[0], "retried"), (second.ports[0], "other")):
+                _, reply = await in_thread(one_transaction, port, subject)
+                assert reply.startswith("250 "), reply
+    finally:
+        proxy.cut()
+    queue_ids: dict[bytes, list[str]] = {}
+    for queued in await drain_queue(directory):
+        subject = queued.body.split(b"Subject: ")[1].split(b"\r\n")[0]
+        queue_ids.setdefault(subject, []).append(queued.envelope.queue_id)
+    assert len(queue_ids[b"retried"]) == 2  # the unconfirmed first attempt was persisted
+    assert len(set(queue_ids[b"retried"])) == 1
+    assert queue_ids[b"other"][0] not in queue_ids[b"retried"]
+
+
 class ExplodingRule:
     name = "exploding"
 
