@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FILE_NAME = "text.sqlite"
-SCHEMA_VERSION = 2  # 2: attachment names, attached messages' headers, HTML as text
+SCHEMA_VERSION = 3  # 2: attachment names, attached messages' headers, HTML as text;
+#                    3: NUL read as a space (FTS5 ended the text there), no lone surrogates
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS doc (id INTEGER PRIMARY KEY, guid TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -84,9 +85,15 @@ def message_text(raw: bytes, *, with_body: bool = True) -> MessageText:
     """What TEXT/BODY search: decoded header lines, and the body's decoded text/* parts
     (mime.decoded_text). `with_body=False` parses only the header section."""
     if not with_body:
-        return MessageText(header_lines(parse_header_only(raw)), "")
+        return MessageText(_without_nul(header_lines(parse_header_only(raw))), "")
     root = parse_message(raw)
-    return MessageText(header_lines(root), decoded_text(raw, root))
+    return MessageText(_without_nul(header_lines(root)), _without_nul(decoded_text(raw, root)))
+
+
+def _without_nul(text: str) -> str:
+    # FTS5 stops reading a value at a NUL (what followed was never found), and no one
+    # searches for one: a space, in the index and in a scan alike.
+    return text.replace("\x00", " ")
 
 
 def fold(text: str) -> str:

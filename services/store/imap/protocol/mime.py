@@ -892,20 +892,32 @@ _ENCODED_WORD_RE = re.compile(r"=\?([^?\s]+)\?([QqBb])\?([^?\s]*)\?=")
 _BETWEEN_WORDS_RE = re.compile(r"(=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=)\s+(?==\?[^?\s]+\?[QqBb]\?)")
 
 
+# Python codecs that are no charsets (MIME or SEARCH), read as unknown ones: punycode (and
+# idna, built on it) decodes in quadratic time (a 200 KB body took 9 s), and the escape
+# codecs read backslashes as escapes and make lone surrogates.
+NOT_CHARSETS = frozenset({"punycode", "idna", "unicode-escape", "raw-unicode-escape"})
+
+
 def _codec(charset: str) -> str:
     name = charset.split("*", 1)[0].strip().strip('"').lower()  # RFC 2231 "charset*lang"
     try:
-        return codecs.lookup(name).name
+        codec = codecs.lookup(name).name
     except (LookupError, ValueError):
         return "utf-8"
+    return "utf-8" if codec in NOT_CHARSETS else codec
 
 
 def _decode_bytes(data: bytes, charset: str | None) -> str:
     codec = _codec(charset) if charset else "utf-8"
     try:
-        return data.decode(codec, errors="replace")
+        text = data.decode(codec, errors="replace")
     except (LookupError, UnicodeError, ValueError):
         return data.decode("utf-8", errors="replace")
+    # UTF-7 (and perhaps other decoders) let half a surrogate pair through, which no UTF-8
+    # consumer (the full-text index) accepts; UTF-8's own decoder never does.
+    if codec != "utf-8" and not text.isascii():
+        text = text.encode("utf-8", errors="replace").decode("utf-8")
+    return text
 
 
 def _b64(data: bytes) -> bytes:
