@@ -428,7 +428,25 @@ def test_literal_length_must_match() -> None:
 @pytest.mark.parametrize(
     ("name", "known"),
     [("UTF-8", True), ("us-ascii", True), ("ISO-8859-1", True), ("KOI8-R", True),
-     ("X-BOGUS", False), ("base64", False), ("rot13", False)],
+     ("X-BOGUS", False), ("base64", False), ("rot13", False),
+     # Python codecs but no charsets: punycode decodes in quadratic time, in the event loop.
+     ("punycode", False), ("idna", False), ("unicode-escape", False),
+     ("raw_unicode_escape", False), ("UTF-7", True)],
 )
 def test_known_charset(name: str, known: bool) -> None:
     assert known_charset(name) is known
+
+
+@pytest.mark.parametrize(("line", "literals"), [
+    # The full-text index failed on these (NO [SERVERBUG]): RFC 3501's strings hold no NUL.
+    (b"a SEARCH TEXT {3}\r\n", (b"a\x00b",)),
+    (b"a UID SEARCH OR SUBJECT x FROM {1}\r\n", (b"\x00",)),
+    (b"a SEARCH CHARSET UTF-16LE BODY {4}\r\n", (b"a\x00\x00\x00",)),
+    (b"a SEARCH CHARSET UTF-7 BODY +2AA-", ()),  # half a surrogate pair
+    (b"a SORT (SUBJECT) UTF-8 HEADER X-A {1}\r\n", (b"\x00",)),
+])
+def test_search_strings_that_no_search_can_look_for_are_bad(
+        line: bytes, literals: tuple[bytes, ...]) -> None:
+    result = parse(line, *literals)
+    assert isinstance(result, ParseError), result
+    assert result.tag == "a"

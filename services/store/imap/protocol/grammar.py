@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import datetime
 from collections.abc import Callable
 from typing import TypeVar
@@ -49,6 +50,7 @@ from services.store.imap.protocol.command import (
     Thread,
     UidExpunge,
 )
+from services.store.imap.protocol.mime import NOT_CHARSETS
 from services.store.imap.protocol.parser import RawCommand
 from services.store.imap.protocol.sequence import parse_sequence_set
 
@@ -124,6 +126,8 @@ def known_charset(name: str) -> bool:
     if name.upper() in _UTF8_CHARSETS:
         return True
     try:
+        if codecs.lookup(name).name in NOT_CHARSETS:  # decoded in the event loop
+            return False
         # LookupError for unknown names and for bytes-to-bytes codecs such as base64.
         b"\0\0\0\0".decode(name, "ignore")
     except (LookupError, ValueError):
@@ -285,7 +289,16 @@ class Cursor:
         return end >= len(self.data) or self.data[end] not in _ASTRING_CHARS
 
     def search_string(self) -> str:
-        raw = self.astring_bytes()
+        text = self._search_text(self.astring_bytes())
+        # RFC 3501 9: no string holds NUL (CHAR8 is %x01-ff); the full-text index cannot
+        # look for one, nor for half a surrogate pair (which UTF-7 can spell).
+        if "\x00" in text:
+            raise _Syntax("a search string may not hold NUL")
+        if not text.isascii() and not _encodable(text):
+            raise _Syntax("a search string may not hold a lone surrogate")
+        return text
+
+    def _search_text(self, raw: bytes) -> str:
         charset = (self.charset or "UTF-8").upper()
         if charset in _UTF8_CHARSETS:
             return _utf8(raw)
@@ -413,6 +426,14 @@ class Cursor:
             raise _Syntax("bad month")
         self.pos += 3
         return MONTHS.index(text) + 1
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _utf8(raw: bytes) -> str:
