@@ -1,0 +1,134 @@
+"""Hostile messages through every path FETCH, SEARCH, SORT and THREAD take (hostile_mime.py):
+no exception, well-formed answers, sections that are slices of the stored octets, the
+full-text index agreeing with a scan, and work that grows linearly with the input (counted
+in executed steps, not measured in seconds)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from services.store.backends.textindex import message_text
+from services.store.imap.protocol import mime
+from services.store.imap.search import Headers
+from services.store.imap.sort import base_subject, display_name, mailbox_part
+from tests.unit.imap.hostile_mime import (
+    check_index,
+    exercise,
+    hostile_message,
+    nested_messages,
+    nested_multiparts,
+)
+
+# Moderate counts: these run in CI on shared cores (the campaign that found the defects ran
+# tens of thousands of examples).
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(hostile_message())
+@example(b"")
+@example(b"\r\n")
+@example(b"Subject: no separator and no line end")
+@example(b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a\r\n--a\r\n--a--")
+@example(b"Content-Type: multipart/mixed; boundary=a\r\rSubject: x\r\r--a\rx\r--a--\r")
+@example(b"Content-Type: text\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n=\r\n--a")
+def test_hostile_messages_get_well_formed_answers_everywhere(raw: bytes) -> None:
+    exercise(raw)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(hostile_message(), min_size=1, max_size=4))
+def test_the_full_text_index_answers_as_a_scan_does(raws: list[bytes]) -> None:
+    check_index(raws)
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(nested_multiparts(2000), id="multiparts-2000-deep"),
+    pytest.param(nested_multiparts(1000, "same"), id="one-boundary-1000-deep"),
+    pytest.param(nested_multiparts(1000, "a{}"), id="prefix-boundaries-1000-deep"),
+    pytest.param(nested_messages(3000), id="rfc822-3000-deep"),
+    pytest.param(b"Content-Type: multipart/digest; boundary=d\r\n\r\n" + b"--d\r\n\r\n" * 1000,
+                 id="digest-of-empty-messages"),
+])
+def test_thousands_deep_nesting_needs_no_deep_recursion(raw: bytes) -> None:
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(400)  # far below the nesting: only bounded recursion gets through
+    try:
+        exercise(raw)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+# --- growth -------------------------------------------------------------------------------
+
+
+def steps(work: Callable[[], object]) -> int:
+    """Python lines executed and functions called (Python and C) by `work`: a count that,
+    unlike time, does not depend on the machine or its load. Work inside one C call (a
+    regular expression, bytes.find) is not seen: those inputs are chosen so that a quadratic
+    search would need a Python loop around it."""
+    count = 0
+
+    def trace(_frame: FrameType, _event: str, _arg: Any) -> Any:  # itself, the local tracer
+        nonlocal count
+        count += 1
+        return trace
+
+    def profile(_frame: FrameType, event: str, _arg: object) -> None:
+        nonlocal count
+        if event == "c_call":
+            count += 1
+
+    sys.settrace(trace)
+    sys.setprofile(profile)
+    try:
+        work()
+    finally:
+        sys.setprofile(None)
+        sys.settrace(None)
+    return count
+
+
+def everything(raw: bytes) -> None:
+    """What FETCH and SEARCH/SORT/THREAD compute for one message."""
+    root = mime.parse_message(raw)
+    mime.bodystructure(root, extended=True)
+    mime.envelope(root)
+    message_text(raw)
+    headers = Headers(raw)
+    base_subject(headers.get_all("subject")[0] if headers.get_all("subject") else "")
+    display_name(headers, "from")
+    mailbox_part(headers, "to")
+
+
+GROWING: dict[str, Callable[[int], bytes]] = {
+    "header fields": lambda n: b"X-A: b\r\n" * n + b"\r\nbody",
+    "folded lines": lambda n: b"Subject: x" + b"\r\n y" * n + b"\r\n\r\nbody",
+    "addresses": lambda n: b"From: " + b"a@b, " * n + b"\r\nTo: " + b"g: <a@b>;" * n + b"\r\n\r\n",
+    "open comments": lambda n: b"From: " + b"(" * n + b"\r\n\r\n",
+    "open angles": lambda n: b"To: " + b"<" * n + b"\r\n\r\n",
+    "encoded words": lambda n: b"Subject: " + b"=?utf-8?b?QUJD?= " * n + b"\r\n\r\n",
+    "parameters": lambda n: b"Content-Type: text/plain" + b'; a="b;' * n + b"\r\n\r\n",
+    "continuations": lambda n: (b"Content-Type: text/plain"
+                                + b"".join(b"; name*%d*=a" % i for i in range(n, 0, -1))
+                                + b"\r\n\r\n"),
+    "parts": lambda n: b"Content-Type: multipart/mixed; boundary=x\r\n\r\n" + b"--x\r\n" * n,
+    "dash lines": lambda n: (b"Content-Type: multipart/mixed; boundary=a\r\n\r\n"
+                             + b"".join(b"--%s\r\n" % (b"a" * (i % 50)) for i in range(n))),
+    "subject leaders": lambda n: b"Subject: " + b"Re: [x] " * n + b"\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", GROWING)
+def test_work_grows_linearly_with_the_input(name: str) -> None:
+    make = GROWING[name]
+    small, large = steps(lambda: everything(make(500))), steps(lambda: everything(make(2000)))
+    # Four times the input: about four times the steps when linear, sixteen when quadratic.
+    assert large <= 5 * small + 1000, (small, large)
