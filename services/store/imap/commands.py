@@ -808,12 +808,21 @@ async def _send_read(s: Session, out: _Output, selected: SelectedMailbox, positi
     if raw is None and (request.always_read or len(derived) < len(names)):
         return False
     info = selected.info(position)
-    if raw is not None and len(derived) < len(names):
-        derived.update(_derive(s.deps.fetch_cache, info.guid, names, derived, raw))
+    missing = [name for name in names if name not in derived]
     wanted, recent, uid, modseq = _response_args(s, selected, position, request)
-    await out.write(f.render_fetch(position + 1, info, wanted, raw, extra_flags=recent,
-                                   include_uid=uid, include_modseq=modseq,
-                                   derived=derived))
+
+    def derive_and_render() -> tuple[dict[str, bytes], bytes]:
+        fresh = f.derive(missing, raw) if raw is not None and missing else {}
+        return fresh, f.render_fetch(position + 1, info, wanted, raw, extra_flags=recent,
+                                     include_uid=uid, include_modseq=modseq,
+                                     derived={**derived, **fresh})
+
+    # Only a header section is this large here (larger messages go to _send_large): parsing
+    # its fields takes about 0.4 s per MB, too long for the event loop every session shares.
+    large = raw is not None and len(raw) > STREAM_OVER
+    fresh, line = await asyncio.to_thread(derive_and_render) if large else derive_and_render()
+    _remember(s.deps.fetch_cache, info.guid, fresh)
+    await out.write(line)
     return True
 
 
@@ -903,14 +912,6 @@ async def _send_octets(out: _Output, file: BinaryIO, span: f.Span) -> None:
             raise OSError(f"message file ends {left} octets early")
         await out.write(chunk)
         left -= len(chunk)
-
-
-def _derive(cache: FetchCache, guid: str, names: tuple[str, ...], known: dict[str, bytes],
-            raw: bytes) -> dict[str, bytes]:
-    """Compute the cacheable items missing from `known` and remember them."""
-    fresh = f.derive([name for name in names if name not in known], raw)
-    _remember(cache, guid, fresh)
-    return fresh
 
 
 def _remember(cache: FetchCache, guid: str, values: dict[str, bytes]) -> None:

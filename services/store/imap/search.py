@@ -41,6 +41,11 @@ SCAN_BATCH = 16
 SCAN_BYTES = 512 * 1024
 HEADER_BREAKS = (b"\r\n\r\n", b"\n\n")
 MAX_HEADER = 1 << 20  # a header section longer than this is cut (it is not a real one)
+# Header octets of one batch parsed in the event loop; more go to a worker thread. Parsing
+# takes about 0.4 s per MB of header fields, and a sender can write up to MAX_HEADER of them
+# into each of the READ_BATCH messages of a batch (256 such messages stalled every session
+# for 90 s).
+PARSE_IN_LOOP_MAX = 256 * 1024
 
 SYSTEM_FLAG_KEYS = {
     "ANSWERED": ("\\Answered", True), "UNANSWERED": ("\\Answered", False),
@@ -127,9 +132,14 @@ class MessageView:
                 await self.pause()
             chunk = missing[start:start + READ_BATCH]
             blocks = await self.source.headers([self.messages[p] for p in chunk])
-            for position, block in zip(chunk, blocks, strict=True):
-                self._headers[position] = Headers(block)
+            parsed = (await asyncio.to_thread(_parsed, blocks)
+                      if sum(map(len, blocks)) > PARSE_IN_LOOP_MAX else _parsed(blocks))
+            self._headers.update(zip(chunk, parsed, strict=True))
         return {p: self._headers[p] for p in wanted}
+
+
+def _parsed(blocks: list[bytes]) -> list[Headers]:
+    return [Headers(block) for block in blocks]
 
 
 # The entry point
