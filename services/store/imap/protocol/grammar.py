@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import datetime
 from collections.abc import Callable
 from typing import TypeVar
@@ -50,7 +49,7 @@ from services.store.imap.protocol.command import (
     Thread,
     UidExpunge,
 )
-from services.store.imap.protocol.mime import NOT_CHARSETS
+from services.store.imap.protocol.mime import known_codec
 from services.store.imap.protocol.parser import RawCommand
 from services.store.imap.protocol.sequence import parse_sequence_set
 
@@ -125,11 +124,12 @@ def known_charset(name: str) -> bool:
     """Whether SEARCH/SORT/THREAD strings in `name` can be decoded (else `NO [BADCHARSET]`)."""
     if name.upper() in _UTF8_CHARSETS:
         return True
+    codec = known_codec(name)  # None too for punycode & co, decoded in the event loop
+    if codec is None:
+        return False
     try:
-        if codecs.lookup(name).name in NOT_CHARSETS:  # decoded in the event loop
-            return False
-        # LookupError for unknown names and for bytes-to-bytes codecs such as base64.
-        b"\0\0\0\0".decode(name, "ignore")
+        # LookupError for bytes-to-bytes codecs such as base64.
+        b"\0\0\0\0".decode(codec, "ignore")
     except (LookupError, ValueError):
         return False
     return True
@@ -306,7 +306,7 @@ class Cursor:
             # The session refuses unknown charsets (NO [BADCHARSET]) after looking at `charset`.
             return raw.decode("utf-8", "replace")
         try:
-            return raw.decode(charset)
+            return raw.decode(known_codec(charset) or "utf-8")
         except ValueError as exc:
             raise _Syntax(f"string is not valid {charset}") from exc
 

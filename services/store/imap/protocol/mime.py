@@ -21,7 +21,10 @@ import base64
 import binascii
 import bisect
 import codecs
+import encodings
+import encodings.aliases
 import html
+import pkgutil
 import quopri
 import re
 import urllib.parse
@@ -898,13 +901,33 @@ _BETWEEN_WORDS_RE = re.compile(r"(=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=)\s+(?==\?[^?\s]
 NOT_CHARSETS = frozenset({"punycode", "idna", "unicode-escape", "raw-unicode-escape"})
 
 
-def _codec(charset: str) -> str:
-    name = charset.split("*", 1)[0].strip().strip('"').lower()  # RFC 2231 "charset*lang"
+# The names Python's codec registry can find. codecs.lookup remembers every name it was
+# asked about, found or not, for the life of the process: senders write any charset name
+# they like (a 1 MB header holds 40,000 different ones, 7 MB remembered), so only these
+# are ever asked about.
+_CODEC_NAMES = (frozenset(encodings.aliases.aliases)
+                | {module.name for module in pkgutil.iter_modules(encodings.__path__)})
+_NOT_IN_CODEC_NAMES_RE = re.compile(r"[^a-z0-9.]+")
+
+
+def known_codec(charset: str) -> str | None:
+    """Python's codec for a charset name (`UTF-8`, `iso_8859-1`, `utf-8*en`: RFC 2231's
+    language suffix), or None for a name it does not know or a codec that is no charset."""
+    name = charset.split("*", 1)[0].lower()
+    key = _NOT_IN_CODEC_NAMES_RE.sub("_", name).strip("_")  # as the registry spells names
+    if key not in _CODEC_NAMES:
+        key = key.replace(".", "_")
+        if key not in _CODEC_NAMES:
+            return None
     try:
-        codec = codecs.lookup(name).name
+        codec = codecs.lookup(key).name
     except (LookupError, ValueError):
-        return "utf-8"
-    return "utf-8" if codec in NOT_CHARSETS else codec
+        return None
+    return None if codec in NOT_CHARSETS else codec
+
+
+def _codec(charset: str) -> str:
+    return known_codec(charset) or "utf-8"
 
 
 def _decode_bytes(data: bytes, charset: str | None) -> str:
