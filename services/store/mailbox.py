@@ -284,9 +284,10 @@ class MailStore(Protocol):
         """Current info of the given UIDs that still exist, ascending."""
         ...
 
-    async def claim_recent(self, user: str, mailbox: str) -> int:
-        """For a read-write SELECT: the lowest UID that is \\Recent for this session (RFC 3501
-        2.3.2); later sessions no longer see those messages as recent."""
+    async def claim_recent(self, user: str, mailbox: str, upto: int) -> int:
+        """For a read-write session: the lowest UID that is \\Recent for it (RFC 3501 2.3.2)
+        among those below `upto`, the uidnext of what it has read; later sessions no longer
+        see those messages as recent (newer ones stay for the first session told of them)."""
         ...
 
     async def usage(self, user: str) -> int:

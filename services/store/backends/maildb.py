@@ -704,11 +704,14 @@ class MailDB:
         return await self._change(self._move_sync, user, canonical_mailbox(source),
                                   list(uids), canonical_mailbox(dest), uidvalidity)
 
-    async def claim_recent(self, user: str, mailbox: str) -> int:
-        """Return recent_uid and set it to uidnext, atomically: messages with a UID from the
-        returned value up to (excluding) the status's uidnext are \\Recent for the caller."""
+    async def claim_recent(self, user: str, mailbox: str, upto: int) -> int:
+        """Return recent_uid and raise it to `upto` (at most uidnext), atomically: messages
+        with a UID from the returned value up to (excluding) `upto` are \\Recent for the
+        caller. `upto` is the uidnext of what the caller has read: mail that arrived since is
+        left for the first session that learns of it."""
         self.user_path(user)
-        return await self._in_writer(self._claim_recent_sync, user, canonical_mailbox(mailbox))
+        return await self._in_writer(self._claim_recent_sync, user, canonical_mailbox(mailbox),
+                                     upto)
 
     async def probe(self) -> None:
         """Raise OSError unless the store can write and sync a small file (the consumer
@@ -755,6 +758,11 @@ class MailDB:
     async def unseen(self, user: str, mailbox: str = INBOX) -> int:
         """How many messages lack \\Seen (STATUS UNSEEN)."""
         return await self._read(self._unseen_sync, user, canonical_mailbox(mailbox))
+
+    async def first_unclaimed(self, user: str, mailbox: str = INBOX) -> int:
+        """The lowest UID no read-write session has claimed as \\Recent (EXAMINE shows those
+        as recent without claiming them)."""
+        return await self._read(self._first_unclaimed_sync, user, canonical_mailbox(mailbox))
 
     async def recent(self, user: str, mailbox: str = INBOX) -> int:
         """How many messages no read-write SELECT has claimed yet (STATUS RECENT, EXAMINE's
@@ -1235,18 +1243,19 @@ class MailDB:
         if cursor.rowcount:
             events.append(ChangeEvent(user, "mailbox", name))
 
-    def _claim_recent_sync(self, user: str, mailbox: str) -> int:
+    def _claim_recent_sync(self, user: str, mailbox: str, upto: int) -> int:
         conn = self._conn(user)
         row = conn.execute("SELECT id, recent_uid, uidnext FROM mailbox WHERE name = ?",
                            (mailbox,)).fetchone()
         if row is None:
             raise NoSuchMailbox(mailbox)
-        if int(row[1]) >= int(row[2]):  # nothing new: no write, no fsync
+        if int(row[1]) >= min(upto, int(row[2])):  # nothing new: no write, no fsync
             return int(row[1])
         with transaction(conn, durable=False):  # \Recent is a session hint, not data
             [(first,)] = conn.execute("SELECT recent_uid FROM mailbox WHERE id = ?",
                                       (row[0],)).fetchall()
-            conn.execute("UPDATE mailbox SET recent_uid = uidnext WHERE id = ?", (row[0],))
+            conn.execute("UPDATE mailbox SET recent_uid = MAX(recent_uid, MIN(uidnext, ?))"
+                         " WHERE id = ?", (upto, row[0]))
         return int(first)
 
     # Writer thread: messages
@@ -1737,6 +1746,14 @@ class MailDB:
         return int(conn.execute(
             f"SELECT count(*) FROM message WHERE mailbox_id = ? AND {_UNSEEN}",
             (row[0],)).fetchone()[0])
+
+    def _first_unclaimed_sync(self, user: str, mailbox: str) -> int | None:
+        conn = self._read_conn(user)
+        if conn is None:
+            return None
+        row = conn.execute("SELECT recent_uid FROM mailbox WHERE name = ?",
+                           (mailbox,)).fetchone()
+        return None if row is None else int(row[0])
 
     def _recent_sync(self, user: str, mailbox: str) -> int | None:
         conn = self._read_conn(user)

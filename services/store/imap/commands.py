@@ -234,8 +234,7 @@ async def select(s: Session, c: Command) -> r.Reply:
     await s.between_steps()
     snapshot = await s.store.snapshot(user, args.mailbox)
     await s.between_steps()
-    recent_from = (await _unclaimed_recent(s, args.mailbox, snapshot.uids, status.uidnext)
-                   if readonly else
+    recent_from = (await _unclaimed_recent(s, args.mailbox) if readonly else
                    await _claim_recent(s, args.mailbox, snapshot.uids, status.uidnext))
     selected = SelectedMailbox(status.name, readonly=readonly, status=status,
                                snapshot=snapshot, recent_from=recent_from, version=version)
@@ -611,7 +610,9 @@ async def close(s: Session, c: Command) -> r.Reply:
         # RFC 3501 6.4.2: expunge silently, then leave the mailbox. What has \Deleted is the
         # mailbox's state now, with other sessions' flag changes since our last command.
         with contextlib.suppress(NoSuchMailbox, SelectedMailboxDeleted):  # nothing to expunge
-            await s.take_in_changes()
+            # Mail that arrived since the last command is never shown to this session: it
+            # stays \Recent for the next one (RFC 3501 2.3.2).
+            await s.take_in_changes(claim_recent=False)
             uids = [info.uid for info in selected.infos if DELETED in info.flags]
             if uids:
                 await s.store.expunge(s.logged_in_user, selected.name, uids,
@@ -680,20 +681,22 @@ async def fetch(s: Session, c: Command) -> r.Reply:
 async def _claim_recent(s: Session, mailbox: str, uids: Sequence[int], uidnext: int) -> int:
     """Claim \\Recent for this session. The claim is a write: with the disk full, SELECT
     shows the messages as EXAMINE does, unclaimed, rather than fail (reading mail must work
-    when nothing can be written)."""
+    when nothing can be written). Only what the snapshot holds is claimed: mail delivered
+    since is new to this session too, and is claimed by the sync that announces it."""
+    upto = max(uidnext, uids[-1] + 1 if uids else 1)
     try:
-        return await s.store.claim_recent(s.logged_in_user, mailbox)
+        return await s.store.claim_recent(s.logged_in_user, mailbox, upto)
     except OutOfSpace:
         log.warning("no space to claim \\Recent; showing it unclaimed", extra=s.log_context)
-        return await _unclaimed_recent(s, mailbox, uids, uidnext)
+        return await _unclaimed_recent(s, mailbox)
 
 
-async def _unclaimed_recent(s: Session, mailbox: str, uids: Sequence[int],
-                            uidnext: int) -> int:
-    """EXAMINE shows \\Recent without claiming it (RFC 3501 6.3.2): the messages no
-    read-write SELECT has claimed are the newest ones, so their count says where they start."""
-    count = await s.store.recent(s.logged_in_user, mailbox)
-    return uids[-count] if 0 < count <= len(uids) else uidnext
+async def _unclaimed_recent(s: Session, mailbox: str) -> int:
+    """EXAMINE shows \\Recent without claiming it (RFC 3501 6.3.2) for the messages no
+    read-write session has claimed. Asked by UID, not by how many there are: a count taken
+    after the message list was read includes mail delivered since, and counted back from the
+    end of the list it made an already claimed message look recent."""
+    return await s.store.first_unclaimed(s.logged_in_user, mailbox)
 
 
 async def _vanished_earlier(s: Session, selected: SelectedMailbox, args: Fetch) -> None:

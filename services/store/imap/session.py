@@ -365,9 +365,10 @@ class Session:
         if lines:
             await self.send(b"".join(lines))
 
-    async def take_in_changes(self) -> None:
+    async def take_in_changes(self, *, claim_recent: bool = True) -> None:
         """Bring the selected mailbox's state up to date with every session's changes,
-        announcing nothing yet (`sync` announces)."""
+        announcing nothing yet (`sync` announces). New mail is claimed as \\Recent for this
+        session unless it is about to leave the mailbox without being told (CLOSE)."""
         selected = self.selected
         if selected is None:
             return
@@ -378,9 +379,11 @@ class Session:
         selected.version = version  # before the query: a change during it bumps again
         changes = await self._changes(selected)
         new = selected.apply(changes)
-        if new and not selected.readonly:
+        if new and claim_recent and not selected.readonly:
             with contextlib.suppress(OutOfSpace):  # a full disk: new mail, not \Recent
-                recent_from = await self.store.claim_recent(user, selected.name)
+                # Up to what `changes` holds: mail delivered since is claimed when announced.
+                recent_from = await self.store.claim_recent(user, selected.name,
+                                                            selected.uidnext)
                 selected.mark_recent(new, recent_from)
 
     async def _changes(self, selected: SelectedMailbox) -> Changes:

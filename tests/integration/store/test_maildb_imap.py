@@ -31,6 +31,7 @@ from tests.support import check_bodies
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
+UNBOUNDED = 2**31  # claim_recent up to whatever uidnext is
 # Subscribed for every new account, in the order `subscriptions` lists them.
 STANDARD_SUBSCRIPTIONS = ["INBOX", "Archive", "Drafts", "Junk", "Sent", "Trash"]
 SEEN, FLAGGED, DELETED, ANSWERED = "\\Seen", "\\Flagged", "\\Deleted", "\\Answered"
@@ -593,17 +594,29 @@ async def test_fetch_infos_uids_and_unseen(db: MailDB) -> None:
 
 
 async def test_claim_recent(db: MailDB) -> None:
-    assert await db.claim_recent(ALICE, INBOX) == 1  # nothing yet: uidnext
+    assert await db.claim_recent(ALICE, INBOX, UNBOUNDED) == 1  # nothing yet: uidnext
     await append_n(db, 3)
-    assert await db.claim_recent(ALICE, "inbox") == 1  # UIDs 1..3 are recent for this one
-    assert await db.claim_recent(ALICE, INBOX) == 4  # the next session sees none
+    assert await db.claim_recent(ALICE, "inbox", UNBOUNDED) == 1  # UIDs 1..3 are this one's
+    assert await db.claim_recent(ALICE, INBOX, UNBOUNDED) == 4  # the next session sees none
     await db.deliver([Delivery("q1", ALICE, body(9), 0.0)])
     await db.move(ALICE, INBOX, [1], ARCHIVE)
-    assert await db.claim_recent(ALICE, INBOX) == 4
-    assert await db.claim_recent(ALICE, INBOX) == 5
-    assert await db.claim_recent(ALICE, ARCHIVE) == 1  # the moved message is new there
+    assert await db.claim_recent(ALICE, INBOX, UNBOUNDED) == 4
+    assert await db.claim_recent(ALICE, INBOX, UNBOUNDED) == 5
+    assert await db.claim_recent(ALICE, ARCHIVE, UNBOUNDED) == 1  # the moved message is new there
     with pytest.raises(NoSuchMailbox):
-        await db.claim_recent(ALICE, "Nope")
+        await db.claim_recent(ALICE, "Nope", UNBOUNDED)
+
+
+async def test_claim_recent_only_up_to_what_the_session_read(db: MailDB) -> None:
+    """A session claims the messages it has read about (UIDs below `upto`); one delivered
+    after its read stays \\Recent for whoever learns of it first, and a lower `upto` never
+    takes back a claim."""
+    await append_n(db, 3)
+    assert await db.claim_recent(ALICE, INBOX, 3) == 1  # UIDs 1 and 2
+    assert await db.claim_recent(ALICE, INBOX, 2) == 3  # nothing: 3 is still unclaimed
+    assert await db.recent(ALICE, INBOX) == 1
+    assert await db.claim_recent(ALICE, INBOX, UNBOUNDED) == 3  # UID 3
+    assert await db.recent(ALICE, INBOX) == 0
 
 
 async def test_expunge_returns_removed_uids_and_updates_usage(db: MailDB) -> None:
@@ -661,7 +674,7 @@ async def test_listeners_and_versions(db: MailDB) -> None:
     await db.rename_mailbox(ALICE, "New", "Newer")
     await db.set_subscribed(ALICE, "Newer", True)
     await db.delete_mailbox(ALICE, "Newer")
-    await db.claim_recent(ALICE, INBOX)  # not a change anyone must hear about
+    await db.claim_recent(ALICE, INBOX, UNBOUNDED)  # not a change anyone must hear about
     assert [(e.kind, e.mailbox, e.source) for e in events] == [
         ("append", INBOX, None), ("deliver", JUNK, None), ("flags", INBOX, None),
         ("copy", ARCHIVE, INBOX), ("move", INBOX, JUNK), ("expunge", JUNK, None),
@@ -776,13 +789,13 @@ async def test_schema_2_index_is_migrated(tmp_path: Path, inline_max: int) -> No
         finally:
             conn.close()
         # What was there before the upgrade is not \Recent; what comes after is.
-        assert await db.claim_recent(ALICE, INBOX) == 3
+        assert await db.claim_recent(ALICE, INBOX, UNBOUNDED) == 3
         assert await db.subscriptions(ALICE) == STANDARD_SUBSCRIPTIONS
         inbox = await db.status(ALICE)
         assert (inbox.uidvalidity, inbox.uidnext, inbox.messages) == (1_600_000_001, 3, 2)
         assert (await db.changes_since(ALICE, INBOX, 0)).expunged == [7]
         assert await append_n(db, 1) == [3]
-        assert await db.claim_recent(ALICE, INBOX) == 3
+        assert await db.claim_recent(ALICE, INBOX, UNBOUNDED) == 3
         await db.move(ALICE, JUNK, [3], INBOX)
         assert await db.usage(ALICE) == await total_size(db)
         # The counts a migration computed are kept from then on.
