@@ -57,6 +57,16 @@ class Model:
     def ordered(self) -> list[tuple[int, frozenset[str]]]:
         return [(uid, frozenset(self.inbox[uid])) for uid in sorted(self.inbox)]
 
+    def store(self, uids: list[int], sign: str, flags: set[str]) -> list[int]:
+        """+FLAGS or -FLAGS on the UIDs still in INBOX; returns the ones that are gone."""
+        for uid in uids:
+            if uid in self.inbox:
+                if sign == "+":
+                    self.inbox[uid] |= flags
+                else:
+                    self.inbox[uid] -= flags
+        return [uid for uid in uids if uid not in self.inbox]
+
 
 class View:
     """One session: a Raw connection and what the server has told it."""
@@ -274,14 +284,8 @@ class Scenario:
         self.apply_store(uids, sign, flags, reply)
 
     def apply_store(self, uids: list[int], sign: str, flags: set[str], reply: Reply) -> None:
-        gone = [uid for uid in uids if uid not in self.model.inbox]
+        gone = self.model.store(uids, sign, flags)
         assert reply.status == "OK" or (reply.status == "NO" and gone), (reply, self.log[-3:])
-        for uid in uids:
-            if uid in self.model.inbox:
-                if sign == "+":
-                    self.model.inbox[uid] |= flags
-                else:
-                    self.model.inbox[uid] -= flags
 
     def copy(self, view: View) -> None:
         if not view.uids:
