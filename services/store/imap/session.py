@@ -367,8 +367,8 @@ class Session:
 
     async def take_in_changes(self, *, claim_recent: bool = True) -> None:
         """Bring the selected mailbox's state up to date with every session's changes,
-        announcing nothing yet (`sync` announces). New mail is claimed as \\Recent for this
-        session unless it is about to leave the mailbox without being told (CLOSE)."""
+        announcing nothing yet (`sync` announces). New mail is \\Recent for this session
+        unless it is about to leave the mailbox without being told (CLOSE)."""
         selected = self.selected
         if selected is None:
             return
@@ -379,12 +379,19 @@ class Session:
         selected.version = version  # before the query: a change during it bumps again
         changes = await self._changes(selected)
         new = selected.apply(changes)
-        if new and claim_recent and not selected.readonly:
+        if new and claim_recent:
             with contextlib.suppress(OutOfSpace):  # a full disk: new mail, not \Recent
-                # Up to what `changes` holds: mail delivered since is claimed when announced.
-                recent_from = await self.store.claim_recent(user, selected.name,
-                                                            selected.uidnext)
-                selected.mark_recent(new, recent_from)
+                selected.mark_recent(new, await self._recent_from(selected))
+
+    async def _recent_from(self, selected: SelectedMailbox) -> int:
+        """Where the new messages this session is the first to be told of start (RFC 3501
+        2.3.2). A read-write session claims them up to what `changes` held (mail delivered
+        since is claimed when announced); a read-only one is shown the unclaimed ones as
+        \\Recent and leaves them for the next read-write session (as EXAMINE does)."""
+        user = self.logged_in_user
+        if selected.readonly:
+            return await self.store.first_unclaimed(user, selected.name)
+        return await self.store.claim_recent(user, selected.name, selected.uidnext)
 
     async def _changes(self, selected: SelectedMailbox) -> Changes:
         """What changed in the selected mailbox. Renamed by another session, it is followed

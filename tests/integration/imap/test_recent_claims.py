@@ -142,7 +142,32 @@ async def test_examine_during_delivery_shows_claimed_mail_as_not_recent(
         reply = examining.ok("EXAMINE INBOX")
         assert b"* 1 EXISTS" in reply.untagged, reply
         assert b"* 0 RECENT" in reply.untagged, reply
-        assert recent_uids(examining) == set()
+        assert recent_uids(examining) == {2}  # told of it after the EXAMINE: unclaimed
+        selecting.close()
+        examining.close()
+
+    await in_thread(dialog)
+
+
+async def test_examine_shows_new_mail_recent_without_claiming_it(
+        imap_server: ImapStack, deliver: Deliver) -> None:
+    """RFC 3501 2.3.2: \\Recent is for the first session notified of a message; a read-only
+    one is shown it too and leaves it for the next read-write session."""
+    await deliver(ALICE, message("first"))
+
+    def dialog() -> None:
+        server = Server.of(imap_server)
+        selecting, examining = server.raw(ALICE), server.raw(ALICE)
+        selecting.ok("SELECT INBOX")  # claims UID 1
+        examining.ok("EXAMINE INBOX")
+        selecting.ok("CLOSE")
+        append(selecting, "second")
+        reply = examining.ok("NOOP")
+        assert reply.untagged[-2:] == [b"* 2 EXISTS", b"* 1 RECENT"], reply
+        assert recent_uids(examining) == {2}
+        reply = selecting.ok("SELECT INBOX")
+        assert b"* 1 RECENT" in reply.untagged, reply
+        assert recent_uids(selecting) == {2}
         selecting.close()
         examining.close()
 
