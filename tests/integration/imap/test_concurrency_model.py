@@ -365,9 +365,10 @@ class Scenario:
     def concurrently(self, session: Session) -> None:
         """Two sessions' commands in flight at once (each sent before either is answered),
         sometimes with a delivery under way too. The pairs are chosen so that either order
-        ends in the same mailbox: this session's STORE never touches \\Deleted or \\Seen,
-        the other's command is an EXPUNGE, a MOVE, a STORE of other flags or a FETCH of
-        BODY[] (which sets \\Seen)."""
+        ends in the same mailbox: this session's STORE never touches \\Deleted or \\Seen
+        (or it runs EXPUNGE), the other's command is an EXPUNGE, a MOVE (what it moved is
+        read from its COPYUID), a STORE of other flags or a FETCH of BODY[] (which sets
+        \\Seen)."""
         others = [s for s in self.others(session) if not s.readonly]
         if not session.uids or not others or session.readonly:
             return
@@ -376,6 +377,8 @@ class Scenario:
         uids = [session.uids[n - 1] for n in numbers]
         mine = (self.some_flags() - {"\\Deleted", "\\Seen"}) or {"\\Flagged"}
         sign = self.rng.choice("+-")
+        my_command = ("EXPUNGE" if self.rng.random() < 0.3 else
+                      f"STORE {format_set(numbers)} {sign}FLAGS ({' '.join(sorted(mine))})")
         theirs = sorted(set(FLAGS) - mine - {"\\Deleted"})[:1]
         kind = self.rng.choice(["EXPUNGE", "MOVE", "UID STORE", "FETCH"])
         their_numbers = self.pick(other) if other.uids else []
@@ -389,37 +392,38 @@ class Scenario:
                          f"({' '.join(theirs)})",
             "FETCH": f"FETCH {format_set(their_numbers or [1])} (UID FLAGS BODY[])",
         }[kind]
-        self.log.append(f"  with {other.name}: {their_command}")
+        self.log.append(f"  {my_command}, with {other.name}: {their_command}")
         delivered = self.deliver_soon() if self.rng.random() < 0.3 else None
         my_tag, their_tag = next(session.raw.tags), next(other.raw.tags)
-        session.raw.send(f"{my_tag} STORE {format_set(numbers)} {sign}FLAGS "
-                         f"({' '.join(sorted(mine))})\r\n".encode())
+        session.raw.send(f"{my_tag} {my_command}\r\n".encode())
         other.raw.send(f"{their_tag} {their_command}\r\n".encode())
         mine_reply, their_reply = session.raw.reply(my_tag), other.raw.reply(their_tag)
         if delivered is not None:
             self.model.inbox[delivered()] = set()
-        assert_no_expunge(session.name, "STORE", mine_reply)
-        if kind == "FETCH":
-            assert_no_expunge(other.name, "FETCH", their_reply)
-        # Their command first: ours commutes with it.
-        if kind == "EXPUNGE":
-            assert their_reply.status == "OK", their_reply
+        # Removals first, then the flag changes, which commute with them.
+        if kind == "MOVE" and their_reply.status == "OK":
+            moved = moved_uids(their_reply)
+            assert set(moved) <= set(their_uids) & set(self.model.inbox), (their_reply, moved)
+            for uid in moved:
+                del self.model.inbox[uid]
+            self.model.archived += len(moved)
+        if kind == "EXPUNGE" or my_command == "EXPUNGE":
             self.remove_deleted(None)
-        elif kind == "MOVE":
-            present = [uid for uid in their_uids if uid in self.model.inbox]
-            assert their_reply.status == "OK" or len(present) < len(their_uids), their_reply
-            if their_reply.status == "OK":
-                for uid in present:
-                    del self.model.inbox[uid]
-                self.model.archived += len(present)
+        gone = set(their_uids) - set(self.model.inbox)
+        if kind == "MOVE":
+            assert their_reply.status == "OK" or gone, their_reply
         elif kind == "UID STORE":
             self.apply_store(their_uids, "+", set(theirs), their_reply)
+        elif kind == "FETCH":
+            assert_no_expunge(other.name, "FETCH", their_reply)
+            assert their_reply.status == "OK" or gone, their_reply
+            for uid in set(their_uids) - gone:
+                self.model.inbox[uid].add("\\Seen")
+        if my_command == "EXPUNGE":
+            assert mine_reply.status == "OK", mine_reply
         else:
-            assert their_reply.status == "OK" or set(their_uids) - set(self.model.inbox)
-            for uid in their_uids:
-                if uid in self.model.inbox:
-                    self.model.inbox[uid].add("\\Seen")
-        self.apply_store(uids, sign, mine, mine_reply)
+            assert_no_expunge(session.name, "STORE", mine_reply)
+            self.apply_store(uids, sign, mine, mine_reply)
         other.absorb(their_reply)
         session.absorb(mine_reply)
 
@@ -613,6 +617,16 @@ def expand_set(text: bytes) -> list[int]:
         low, _, high = part.partition(":")
         out.extend(range(int(low), int(high or low) + 1))
     return out
+
+
+def moved_uids(reply: Reply) -> list[int]:
+    """The source UIDs of MOVE's COPYUID (RFC 6851 4.3: in an untagged OK, before the
+    expunges), none when it moved nothing."""
+    for line in [*reply.untagged, reply.text]:
+        copied = re.search(rb"\[COPYUID \d+ ([\d:,]+) [\d:,]+\]", line)
+        if copied:
+            return expand_set(copied.group(1))
+    return []
 
 
 def session_uid(numbers: list[int], uids: list[int], number: int) -> int:
