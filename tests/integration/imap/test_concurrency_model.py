@@ -177,6 +177,9 @@ class Scenario:
                          Session(server.raw(ALICE), "condstore", condstore=True),
                          Session(server.raw(ALICE), "qresync", qresync=True)]
         self.statuser = server.raw(ALICE)
+        # Archive selected all along: what MOVE brings in is announced to it (RFC 3501 7.3.1)
+        self.archive = Session(server.raw(ALICE), "archive")
+        self.archive.raw.ok(f"SELECT {ARCHIVE}")
         self.pop3_port = pop3_port
         self.deliver_now = deliver_now
         self.deliver_soon = deliver_soon
@@ -589,6 +592,9 @@ class Scenario:
         assert highest > self.highestmodseq if changed else highest >= self.highestmodseq, (
             line, self.highestmodseq, changed, self.log[-4:])
         self.highestmodseq, self.last_state = highest, state
+        self.archive.run("NOOP")
+        assert len(self.archive.uids) == self.model.archived, (self.archive.uids, self.log[-4:])
+        assert self.archive.uids == sorted(set(self.archive.uids)), self.archive.uids
         for session in self.sessions:
             assert session.highestmodseq <= highest, (session.name, line)
             assert max(session.modseqs.values(), default=0) <= highest, (session.name, line)
