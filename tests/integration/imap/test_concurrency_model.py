@@ -76,6 +76,10 @@ class Session(View):
             highest = HIGHESTMODSEQ.search(line)
             if highest:
                 self.saw_highestmodseq(int(highest.group(1)), line)
+            numbered = NUMBERED.match(line)
+            # RFC 7162 3.2.10: with QRESYNC enabled, expunges are VANISHED only
+            assert not (self.qresync and numbered and numbered.group(2) == b"EXPUNGE"), (
+                self.name, line)
         super().absorb(reply)
 
     def saw_highestmodseq(self, value: int, line: bytes) -> None:
