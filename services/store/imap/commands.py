@@ -1174,7 +1174,7 @@ async def sort_(s: Session, c: Command) -> r.Reply:
     if not known_charset(args.charset):
         return r.NO_BADCHARSET
     selected = s.mailbox
-    view = _view(s, selected)  # SORT reuses the headers SEARCH read
+    view = _view(s, selected)
     positions = await _search_positions(s, selected, args.key, view)
     try:
         ordered = await sort(args.criteria, positions, selected.infos, view.source, view=view)

@@ -2,9 +2,11 @@
 
 `search` narrows a list of candidate positions key by key: cheap keys (flags, UIDs, sequence
 numbers, sizes, INTERNALDATE, MODSEQ) are decided from `MessageInfo`; header keys read only
-the header section of the files that are still candidates (cached for the call); TEXT/BODY
-ask the full-text index through `MessageSource.text_matches` and scan only what it cannot
-answer. AND runs its cheap children first, OR evaluates its right side only on what the left
+the header section of the files that are still candidates, in batches: each message's header
+section is read and parsed once per command, every header key of the command is decided on
+it at once, and only those answers (one bit per key) are kept, never the parsed headers;
+TEXT/BODY ask the full-text index through `MessageSource.text_matches` and scan only what it
+cannot answer. AND runs its cheap children first, OR evaluates its right side only on what the left
 side left over, NOT only on the candidates it was given.
 
 Strings match as case-insensitive substrings of RFC 2047-decoded text (RFC 3501 6.4.4);
@@ -17,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
-from collections.abc import Awaitable, Callable, Container, Iterable, Iterator, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Container, Iterator, Sequence
+from typing import Protocol, TypeVar
 
 from services.store.backends.maildb import MailDB
 from services.store.backends.textindex import (
@@ -35,16 +37,21 @@ from services.store.mailbox import MessageInfo, NoSuchMessage
 
 SEARCH_CHARSETS = frozenset({"UTF-8", "US-ASCII"})  # RFC 3501 6.4.4: US-ASCII is required
 READ_BATCH = 256  # files read per worker-thread call
+# Header octets one batch may hold, counted before the read as min(size, MAX_HEADER) per
+# message (a message's size bounds its header section). Parsed, a header section takes about
+# 27 times its size in Python objects; only one message's at a time is alive, so one command
+# holds at most this plus one parsed MAX_HEADER section, however many messages it looks at.
+HEADER_BATCH_BYTES = 8 << 20
 # Messages parsed per worker-thread call when a TEXT/BODY key is scanned: between two calls
 # the search lets other sessions' commands go first.
 SCAN_BATCH = 16
 SCAN_BYTES = 512 * 1024
 HEADER_BREAKS = (b"\r\n\r\n", b"\n\n")
 MAX_HEADER = 1 << 20  # a header section longer than this is cut (it is not a real one)
-# Header octets of one batch parsed in the event loop; more go to a worker thread. Parsing
-# takes about 0.4 s per MB of header fields, and a sender can write up to MAX_HEADER of them
-# into each of the READ_BATCH messages of a batch (256 such messages stalled every session
-# for 90 s).
+# Header octets of one batch parsed (and decoded for the keys) in the event loop; more go to
+# a worker thread. Parsing takes about 0.4 s per MB of header fields and RFC 2047 decoding
+# about 0.25 s per MB of encoded words, and a sender can write up to MAX_HEADER of them into
+# each message (256 such messages stalled every session for 90 s).
 PARSE_IN_LOOP_MAX = 256 * 1024
 
 SYSTEM_FLAG_KEYS = {
@@ -107,39 +114,68 @@ class Headers:
     def first_raw(self, name: str) -> str | None:
         return self._part.header(name)
 
+    def first_decoded(self, name: str) -> str | None:
+        value = self._part.header(name)
+        return None if value is None else searchable_value(value)
+
 
 async def _no_pause() -> None:
     await asyncio.sleep(0)
 
 
+T = TypeVar("T")
+
+
 class MessageView:
     """What SEARCH, SORT and THREAD know about the messages of one command: the infos, and
-    their parsed headers loaded on demand in batches and kept for the command's duration.
-    `pause` is awaited between batches (the session's: other sessions' commands go first)."""
+    their header sections read in batches, each turned into the small answer the command
+    needs (`extract`) and then dropped. `pause` is awaited between batches (the session's:
+    other sessions' commands go first)."""
 
     def __init__(self, messages: Sequence[MessageInfo], source: MessageSource,
                  pause: Callable[[], Awaitable[None]] = _no_pause) -> None:
         self.messages = messages
         self.source = source
         self.pause = pause
-        self._headers: dict[int, Headers] = {}
 
-    async def headers(self, positions: Iterable[int]) -> dict[int, Headers]:
-        wanted = list(positions)
-        missing = [p for p in wanted if p not in self._headers]
-        for start in range(0, len(missing), READ_BATCH):
-            if start:
+    async def extract(self, positions: Sequence[int],
+                      answer: Callable[[Headers, MessageInfo], T]) -> list[T]:
+        """`answer(headers, info)` for each of `positions`, in order. `answer` runs in a
+        worker thread for a large batch, so it must only read what it is given."""
+        messages = self.messages
+        answers: list[T] = []
+        for number, batch in enumerate(header_batches(messages, positions)):
+            if number:
                 await self.pause()
-            chunk = missing[start:start + READ_BATCH]
-            blocks = await self.source.headers([self.messages[p] for p in chunk])
-            parsed = (await asyncio.to_thread(_parsed, blocks)
-                      if sum(map(len, blocks)) > PARSE_IN_LOOP_MAX else _parsed(blocks))
-            self._headers.update(zip(chunk, parsed, strict=True))
-        return {p: self._headers[p] for p in wanted}
+            infos = [messages[p] for p in batch]
+            blocks = await self.source.headers(infos)
+            if sum(map(len, blocks)) > PARSE_IN_LOOP_MAX:
+                answers += await asyncio.to_thread(_answered, blocks, infos, answer)
+            else:
+                answers += _answered(blocks, infos, answer)
+        return answers
 
 
-def _parsed(blocks: list[bytes]) -> list[Headers]:
-    return [Headers(block) for block in blocks]
+def header_batches(messages: Sequence[MessageInfo], positions: Sequence[int],
+                   ) -> Iterator[list[int]]:
+    """`positions` in batches of READ_BATCH messages or about HEADER_BATCH_BYTES of header
+    sections, whichever comes first (a message's size bounds its header section)."""
+    batch: list[int] = []
+    size = 0
+    for position in positions:
+        batch.append(position)
+        size += min(messages[position].size, MAX_HEADER)
+        if len(batch) == READ_BATCH or size >= HEADER_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _answered(blocks: list[bytes], infos: list[MessageInfo],
+              answer: Callable[[Headers, MessageInfo], T]) -> list[T]:
+    # One message's parsed headers at a time: each is garbage once its answer is taken.
+    return [answer(Headers(block), info) for block, info in zip(blocks, infos, strict=True)]
 
 
 # The entry point
@@ -152,15 +188,15 @@ async def search(key: SearchKey, messages: Sequence[MessageInfo], source: Messag
 
     `recent`: the UIDs that are \\Recent in this session (not always the newest: another
     session may have claimed some between them). `view` lets SORT and
-    THREAD share the header cache with the search they start with. `today` is unused by the
-    RFC 3501 keys and kept for the RFC 5032 WITHIN keys (OLDER/YOUNGER) should they come.
+    THREAD read headers with the same pause as the search they start with. `today` is unused
+    by the RFC 3501 keys and kept for the RFC 5032 WITHIN keys (OLDER/YOUNGER) should they come.
     """
-    evaluator = _Evaluator(view or MessageView(messages, source), recent)
+    evaluator = _Evaluator(view or MessageView(messages, source), recent, key)
     return await evaluator.run(key, list(range(len(messages))))
 
 
 class _Evaluator:
-    def __init__(self, view: MessageView, recent: Container[int]) -> None:
+    def __init__(self, view: MessageView, recent: Container[int], program: SearchKey) -> None:
         self.view = view
         self.messages = view.messages
         self.recent = recent
@@ -168,6 +204,15 @@ class _Evaluator:
         # TEXT/BODY by (needle, field): the positions examined and those that matched, so a
         # key repeated in one command looks up or scans each message once.
         self._text_answers: dict[tuple[str, str], tuple[set[int], set[int]]] = {}
+        # Every distinct header key of the program has a bit; a message's header section,
+        # once read, answers all of them, and only that bitmask is kept (by position).
+        self._header_bits: dict[_LeafId, int] = {}
+        self._header_tests: list[_HeaderTest] = []
+        for leaf in _header_leaves(program):
+            if _leaf_id(leaf) not in self._header_bits:
+                self._header_bits[_leaf_id(leaf)] = len(self._header_tests)
+                self._header_tests.append(_header_test(leaf))
+        self._header_answers: dict[int, int] = {}
 
     async def run(self, key: SearchKey, candidates: list[int]) -> list[int]:
         if not candidates:
@@ -218,7 +263,8 @@ class _Evaluator:
         if kind in ("LARGER", "SMALLER", "MODSEQ"):
             return _number_test(kind, _int(key.value))
         if kind in ("BEFORE", "ON", "SINCE"):
-            return _date_test(kind, _date(key.value), lambda _, info: internal_date(info))
+            when = _date(key.value)
+            return lambda _, info: _compare(kind, internal_date(info), when)
         if kind == "SEQ":
             chosen = {n - 1 for n in select_seqs(_seqset(key.value), len(self.messages))}
             return lambda position, _: position in chosen
@@ -237,17 +283,14 @@ class _Evaluator:
     # Keys on header fields
 
     async def _header_key(self, key: SearchKey, candidates: list[int]) -> list[int]:
-        kind = key.kind
-        if kind.startswith("SENT"):
-            return await self._sent_date(kind, _date(key.value), candidates)
-        name = key.name if kind == "HEADER" else ADDRESS_AND_SUBJECT[kind]
-        assert name is not None, "HEADER without a field name"
-        needle = fold(str(key.value))
-        if needle:
-            candidates = await self._text_prefilter(needle, candidates)
-        headers = await self.view.headers(candidates)
-        return [p for p in candidates
-                if any(needle in fold(v) for v in headers[p].get_all(name))]
+        if not key.kind.startswith("SENT"):
+            needle = fold(str(key.value))
+            if needle:
+                candidates = await self._text_prefilter(needle, candidates)
+        await self._read_headers(candidates)
+        bit = 1 << self._header_bits[_leaf_id(key)]
+        answers = self._header_answers
+        return [p for p in candidates if answers[p] & bit]
 
     async def _text_prefilter(self, needle: str, candidates: list[int]) -> list[int]:
         """Messages whose header text contains the needle at all: every match is one."""
@@ -257,13 +300,22 @@ class _Evaluator:
             return candidates
         return [p for p, guid in zip(candidates, guids, strict=True) if guid in hits]
 
-    async def _sent_date(self, kind: str, when: datetime.date,
-                         candidates: list[int]) -> list[int]:
-        headers = await self.view.headers(candidates)
-        test = _date_test(kind[len("SENT"):], when,
-                          lambda p, info: sent_date(headers[p].first_raw("date"), info))
-        messages = self.messages
-        return [p for p in candidates if test(p, messages[p])]
+    async def _read_headers(self, candidates: list[int]) -> None:
+        answers = self._header_answers
+        new = [p for p in candidates if p not in answers]
+        if new:
+            found = await self.view.extract(new, self._all_header_keys)
+            answers.update(zip(new, found, strict=True))
+
+    def _all_header_keys(self, headers: Headers, info: MessageInfo) -> int:
+        """The answers of every header key on one message, as a bitmask (runs in a worker
+        thread for large batches)."""
+        fields = _FoldedFields(headers)
+        bits = 0
+        for number, test in enumerate(self._header_tests):
+            if test(fields, info):
+                bits |= 1 << number
+        return bits
 
     # TEXT and BODY
 
@@ -297,6 +349,56 @@ class _Evaluator:
             hits = await source.scan(needle, field, _guids(messages, chunk))
             found.extend(p for p in chunk if messages[p].guid in hits)
         return found
+
+
+# Header keys
+
+
+_LeafId = tuple[str, str | None, object]
+_HeaderTest = Callable[["_FoldedFields", MessageInfo], bool]
+
+
+class _FoldedFields:
+    """One message's header fields, each name's values decoded and folded once (several keys
+    may ask for the same field)."""
+
+    def __init__(self, headers: Headers) -> None:
+        self.headers = headers
+        self._folded: dict[str, list[str]] = {}
+
+    def folded(self, name: str) -> list[str]:
+        lower = name.lower()
+        found = self._folded.get(lower)
+        if found is None:
+            found = self._folded[lower] = [fold(v) for v in self.headers.get_all(lower)]
+        return found
+
+
+def _header_leaves(key: SearchKey) -> Iterator[SearchKey]:
+    stack = [key]
+    while stack:
+        node = stack.pop()
+        if node.kind in HEADER_KEYS:
+            yield node
+        stack.extend(node.children)
+
+
+def _leaf_id(key: SearchKey) -> _LeafId:
+    if key.kind.startswith("SENT"):
+        return key.kind, None, key.value
+    name = key.name if key.kind == "HEADER" else ADDRESS_AND_SUBJECT[key.kind]
+    assert name is not None, "HEADER without a field name"
+    return "STRING", name.lower(), fold(str(key.value))
+
+
+def _header_test(key: SearchKey) -> _HeaderTest:
+    kind, name, value = _leaf_id(key)
+    if name is None:
+        relation, when = kind[len("SENT"):], _date(value)
+        return lambda fields, info: _compare(
+            relation, sent_date(fields.headers.first_raw("date"), info), when)
+    needle = str(value)
+    return lambda fields, _: any(needle in v for v in fields.folded(name))
 
 
 # Values and small helpers
@@ -355,14 +457,12 @@ def _number_test(kind: str, number: int) -> Callable[[int, MessageInfo], bool]:
     return lambda _, info: info.modseq >= number  # MODSEQ (RFC 7162 3.1.5)
 
 
-def _date_test(relation: str, when: datetime.date,
-               date_of: Callable[[int, MessageInfo], datetime.date],
-               ) -> Callable[[int, MessageInfo], bool]:
+def _compare(relation: str, date: datetime.date, when: datetime.date) -> bool:
     if relation == "BEFORE":
-        return lambda p, info: date_of(p, info) < when
+        return date < when
     if relation == "ON":
-        return lambda p, info: date_of(p, info) == when
-    return lambda p, info: date_of(p, info) >= when  # SINCE
+        return date == when
+    return date >= when  # SINCE
 
 
 def internal_date(info: MessageInfo) -> datetime.date:

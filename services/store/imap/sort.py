@@ -22,6 +22,12 @@ SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO",
                        "DISPLAYFROM", "DISPLAYTO"})
 HEADER_SORT_KEYS = SORT_KEYS - {"ARRIVAL", "SIZE"}
 
+# Characters of a string sort key (base subject, mailbox, display name) kept: RFC 5322 2.1.1
+# asks for lines under 78 characters and allows at most 998, so no realistic subject or name
+# reaches this, and two that agree on their first 4096 characters sort as equal (mailbox
+# order, as for any tie). Without the cut a 1 MiB hostile Subject is a 1 MiB key per message.
+SORT_STRING_MAX = 4096
+
 _ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -143,16 +149,21 @@ def display_name(headers: Headers, field: str) -> str:
 
 async def sort(criteria: Sequence[str], positions: list[int], messages: Sequence[MessageInfo],
                source: MessageSource, *, view: MessageView | None = None) -> list[int]:
-    """`positions` (a SEARCH result) ordered by the criteria, e.g. ("REVERSE", "DATE")."""
+    """`positions` (a SEARCH result) ordered by the criteria, e.g. ("REVERSE", "DATE").
+    Each message's header keys are taken batch by batch: only the keys are kept."""
     keys = parse_criteria(criteria)
     view = view or MessageView(messages, source)
-    headers: dict[int, Headers] = {}
-    if any(name in HEADER_SORT_KEYS for name, _ in keys):
-        headers = await view.headers(positions)
+    from_headers = list(dict.fromkeys(name for name, _ in keys if name in HEADER_SORT_KEYS))
+    columns: dict[str, dict[int, Any]] = {}
+    if from_headers:
+        rows = await view.extract(
+            positions, lambda headers, info: [header_sort_key(name, headers, info)
+                                              for name in from_headers])
+        for column, name in enumerate(from_headers):
+            columns[name] = {p: row[column] for p, row in zip(positions, rows, strict=True)}
     ordered = sorted(positions)
     for name, reverse in reversed(keys):
-        key_of = _key_function(name, messages, headers)
-        ordered.sort(key=key_of, reverse=reverse)
+        ordered.sort(key=_key_function(name, messages, columns), reverse=reverse)
     return ordered
 
 
@@ -174,22 +185,27 @@ def parse_criteria(criteria: Sequence[str]) -> list[tuple[str, bool]]:
 
 
 def _key_function(name: str, messages: Sequence[MessageInfo],
-                  headers: dict[int, Headers]) -> Callable[[int], Any]:
+                  columns: dict[str, dict[int, Any]]) -> Callable[[int], Any]:
     if name == "ARRIVAL":
         return lambda p: messages[p].internaldate
     if name == "SIZE":
         return lambda p: messages[p].size
+    return columns[name].__getitem__
+
+
+def header_sort_key(name: str, headers: Headers, info: MessageInfo) -> float | bytes:
+    """The sort key of one message for a criterion taken from its header."""
     if name == "DATE":
-        return lambda p: sent_datetime(headers[p], messages[p])
+        return sent_datetime(headers, info)
     if name == "SUBJECT":
-        return lambda p: ascii_casemap(base_subject(_subject(headers[p]))[0])
-    if name in ("DISPLAYFROM", "DISPLAYTO"):
-        field = name[len("DISPLAY"):].lower()
-        return lambda p: ascii_casemap(display_name(headers[p], field))
-    field = name.lower()  # CC, FROM, TO
-    return lambda p: ascii_casemap(mailbox_part(headers[p], field))
+        text = base_subject(first_subject(headers))[0]
+    elif name in ("DISPLAYFROM", "DISPLAYTO"):
+        text = display_name(headers, name[len("DISPLAY"):].lower())
+    else:  # CC, FROM, TO
+        text = mailbox_part(headers, name.lower())
+    return ascii_casemap(text[:SORT_STRING_MAX])
 
 
-def _subject(headers: Headers) -> str:
-    values = headers.get_all("subject")
-    return values[0] if values else ""
+def first_subject(headers: Headers) -> str:
+    """The first Subject field, RFC 2047 decoded (only that one is decoded)."""
+    return headers.first_decoded("subject") or ""

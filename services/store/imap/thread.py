@@ -8,17 +8,31 @@ several threads together at the top level.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from services.store.imap.search import Headers, MessageSource, MessageView
-from services.store.imap.sort import ascii_casemap, base_subject, sent_datetime
+from services.store.imap.sort import ascii_casemap, base_subject, first_subject, sent_datetime
 from services.store.mailbox import MessageInfo
 
 ALGORITHMS = ("ORDEREDSUBJECT", "REFERENCES")
 _MSG_ID = re.compile(r"<[^<>\s]+>")
+# What threading keeps of one message is bounded, whatever its header holds (a sender may
+# write a MiB of References or Subject into each message). Threading only asks whether two
+# ids, or two base subjects, are equal: one longer than its limit is kept as its start and
+# a SHA-256 of the whole, which is longer than the limit, so it equals exactly the keys of
+# the same long value.
+ID_KEY_MAX = 128  # characters (real ids are shorter; a longer one still compares right)
+SUBJECT_KEY_MAX = 256  # octets of the i;ascii-casemap base subject
+# Ids of References kept: the first and the last ones. Agents that trim a long References
+# (netnews, RFC 5537 3.4.4) drop ids after the first one and keep the latest, and no real
+# message carries a hundred; the kept ids still link up in order, so a message is still
+# found under its root and its parent.
+REFERENCES_FIRST = 8
+REFERENCES_LAST = 120
 
 
 class BadThreadAlgorithm(ValueError):
@@ -38,8 +52,7 @@ async def thread(algorithm: str, positions: list[int], messages: Sequence[Messag
     if name not in ALGORITHMS:
         raise BadThreadAlgorithm(algorithm)
     view = view or MessageView(messages, source)
-    headers = await view.headers(positions)
-    facts = {p: _Facts.of(p, headers[p], messages[p]) for p in positions}
+    facts = dict(zip(positions, await view.extract(positions, _Facts.of), strict=True))
     if name == "ORDEREDSUBJECT":
         return ordered_subject(sorted(positions), facts)
     return references(sorted(positions), facts)
@@ -56,16 +69,31 @@ class _Facts:
     parents: tuple[str, ...]  # References, or the first In-Reply-To id
 
     @classmethod
-    def of(cls, position: int, headers: Headers, info: MessageInfo) -> _Facts:
-        subjects = headers.get_all("subject")
-        base, reply = base_subject(subjects[0] if subjects else "")
-        ids = _MSG_ID.findall(headers.first_raw("message-id") or "")
-        references = tuple(_MSG_ID.findall(" ".join(headers.raw_all("references"))))
+    def of(cls, headers: Headers, info: MessageInfo) -> _Facts:
+        base, reply = base_subject(first_subject(headers))
+        own = _MSG_ID.search(headers.first_raw("message-id") or "")
+        references = _MSG_ID.findall(" ".join(headers.raw_all("references")))
+        if len(references) > REFERENCES_FIRST + REFERENCES_LAST:
+            references = references[:REFERENCES_FIRST] + references[-REFERENCES_LAST:]
         if not references:
-            in_reply_to = _MSG_ID.findall(headers.first_raw("in-reply-to") or "")
-            references = tuple(in_reply_to[:1])
-        return cls(sent_datetime(headers, info), ascii_casemap(base), reply,
-                   ids[0] if ids else None, references)
+            in_reply_to = _MSG_ID.search(headers.first_raw("in-reply-to") or "")
+            references = [in_reply_to.group()] if in_reply_to else []
+        return cls(sent_datetime(headers, info), _bounded(ascii_casemap(base)), reply,
+                   _bounded_id(own.group()) if own else None,
+                   tuple(map(_bounded_id, references)))
+
+
+def _bounded(key: bytes) -> bytes:
+    if len(key) <= SUBJECT_KEY_MAX:
+        return key
+    return key[:SUBJECT_KEY_MAX] + hashlib.sha256(key).digest()
+
+
+def _bounded_id(message_id: str) -> str:
+    if len(message_id) <= ID_KEY_MAX:
+        return message_id
+    whole = message_id.encode("utf-8", "surrogatepass")
+    return message_id[:ID_KEY_MAX] + hashlib.sha256(whole).hexdigest()
 
 
 # ORDEREDSUBJECT (RFC 5256 4)
