@@ -23,6 +23,30 @@ The job carries the message bytes (base64, at most MAX_LEARN_SIZE; larger ones a
 with a log line, as rspamd's Bayes gains nothing from them): the worker needs no access to the
 store's disk, and the job still means the same message if the user deletes it meanwhile.
 
+The user's last decision wins. Jobs for one message can run out of order (two worker threads
+or learners, a job retried with backoff while a later one succeeds), and rspamd relearns a
+message as whatever class it is told last: moved into Junk and straight back out could end
+learned as spam. So each job carries when the store decided (`decided_us`, microseconds of
+the store's clock, strictly increasing within one store process), and the learner keeps, in
+Redis, per user and message, the newest decision applied (LearnLedger). The message is
+identified by the SHA-256 of the bytes the job carries, not by its GUID: rspamd knows a
+message by its content, and a COPY or APPEND gives the same bytes a new GUID, so "spam" for
+one copy and "ham" for another are two decisions about one message. Before posting, a Lua
+script takes the message's turn: a job older than the decision applied or than the one in
+flight is superseded (logged, counted `learn_superseded`, done: not retried, not
+dead-lettered); a job while an older one is in flight waits (retried with the usual
+backoff), so two requests for one message never race at rspamd; otherwise it goes. After
+rspamd answered, a second script records the decision as applied (only ever raising it)
+and ends the turn. A newer job retried after an older one applied still applies. The applied
+record expires after APPLIED_TTL_S (2 h: a job's retries end 43 to 87 minutes after its
+first try), the in-flight mark after RUNNING_TTL_MS (a job's time limit and a margin; the
+same job redelivered after its learner died takes its mark over at once). Jobs queued by
+a store from before this carry no decision time: they count as older than any that does.
+Redis unreachable in the learner: the job is learned anyway (as before there was any
+ordering; counted `learn_order_unchecked`): learning is best-effort, and an order that is
+occasionally wrong beats no learning at all. `tiermail learner --retry-dead` long after
+the applied record expired can still apply a superseded decision.
+
 dramatiq normally binds actors to a global broker at import time (`dramatiq.set_broker`,
 `@dramatiq.actor`). STYLE.md 11 asks for dependencies passed in, so `Learning` builds the
 broker from settings and declares the actor on that broker explicitly (`broker=`): two stacks
@@ -38,20 +62,23 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import enum
+import hashlib
 import logging
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import dramatiq
 import httpx
+import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import xq_name
 
 from common.health import Heartbeat
-from common.redisconn import open_redis
+from common.redisconn import REDIS_TIMEOUT, open_redis
 from common.settings import Settings
 from services.store.mailbox import (
     HIERARCHY_DELIMITER,
@@ -77,6 +104,8 @@ CONTROLLER_TIMEOUT = 60.0  # seconds; rspamd tokenises the whole message before 
 # (logged). Only their GUIDs wait: each message is read when its job is published.
 MAX_PENDING = 100_000
 WORKER_THREADS = 2
+APPLIED_TTL_S = 2 * 3600  # retries end 43 to 87 min after a job's first try; then margin
+RUNNING_TTL_MS = TIME_LIMIT_MS + 30_000  # dramatiq stops an attempt after TIME_LIMIT_MS
 LEARNED_CHANGES = frozenset({"copy", "move", "append"})  # ChangeEvent kinds that may teach
 
 
@@ -163,18 +192,126 @@ def outcome(status: int, text: str) -> tuple[LearnOutcome, str]:
     raise LearnError(f"rspamd controller answered HTTP {status}: {detail}")
 
 
+# The last decision wins: the newest applied, per user and message, in Redis.
+
+class Turn(enum.Enum):
+    GO = "go"
+    SUPERSEDED = "superseded"  # a newer decision for the message was applied or is in flight
+    WAIT = "wait"  # another job, of an older or equal decision time, is in flight
+    UNCHECKED = "unchecked"  # Redis failed: learn anyway
+
+
+# KEYS: applied, running. ARGV: decided_us, token, RUNNING_TTL_MS. Stamps are microseconds
+# (about 2^51 today), exact in Lua's doubles, which nanoseconds would not be. The token names
+# the job, not the attempt: the same job again (redelivered because its learner died
+# mid-post) takes over its own in-flight mark instead of waiting for it to expire.
+_TAKE_TURN = """
+local decided = tonumber(ARGV[1])
+local applied = redis.call('GET', KEYS[1])
+if applied and tonumber(applied) > decided then return 'superseded' end
+local running = redis.call('GET', KEYS[2])
+if running and running ~= ARGV[1] .. ' ' .. ARGV[2] then
+  if tonumber(string.match(running, '^%S+')) > decided then return 'superseded' end
+  return 'wait'
+end
+redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[3])
+return 'go'
+"""
+
+# KEYS: applied, running. ARGV: decided_us, token, APPLIED_TTL_S, "1" if rspamd answered.
+_END_TURN = """
+if ARGV[4] == '1' then
+  local applied = redis.call('GET', KEYS[1])
+  if not applied or tonumber(applied) <= tonumber(ARGV[1]) then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+  end
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] .. ' ' .. ARGV[2] then redis.call('DEL', KEYS[2]) end
+return 0
+"""
+
+
+class LearnLedger:
+    """Which decision for a message is the newest, shared by every learner (Redis).
+
+    `take_turn` before posting to rspamd, `end_turn` (with the same token) after, whatever
+    happened; both are one Lua script each, so two threads or learners cannot both win.
+    The token is the same for every attempt of one job (job_token)."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._take = client.register_script(_TAKE_TURN)
+        self._end = client.register_script(_END_TURN)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LearnLedger:
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=REDIS_TIMEOUT,
+                                      socket_timeout=REDIS_TIMEOUT)
+        return cls(client, settings.redis_prefix)
+
+    def keys(self, user: str, message: bytes) -> list[str]:
+        digest = hashlib.sha256(message).hexdigest()
+        return [f"{self._prefix}learn:applied:{user}:{digest}",
+                f"{self._prefix}learn:running:{user}:{digest}"]
+
+    def take_turn(self, keys: list[str], decided_us: int, token: str,
+                  context: dict[str, str] | None = None) -> Turn:
+        try:
+            answer = self._take(keys=keys, args=[decided_us, token, RUNNING_TTL_MS])
+        except redis.RedisError as exc:
+            log.warning("learn order unchecked, learned anyway: Redis failed: %s: %s",
+                        type(exc).__name__, exc, extra=context)
+            return Turn.UNCHECKED
+        return Turn(answer.decode() if isinstance(answer, bytes) else answer)
+
+    def end_turn(self, keys: list[str], decided_us: int, token: str, applied: bool,
+                 context: dict[str, str] | None = None) -> None:
+        try:
+            self._end(keys=keys, args=[decided_us, token, APPLIED_TTL_S, "1" if applied else "0"])
+        except redis.RedisError as exc:  # the in-flight mark expires by itself
+            log.warning("learn order not recorded, Redis failed: %s: %s",
+                        type(exc).__name__, exc, extra=context)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def job_token(kind: str, guid: str) -> str:
+    """Names a learn job in the ledger, with its decision time: two jobs for one message
+    with the same kind, GUID and time are the same decision (published twice at most)."""
+    return f"{kind}:{guid}"
+
+
+class DecisionClock:
+    """When the store decided, in microseconds: the wall clock, but strictly increasing, so
+    two moves of one message in the same microsecond (or across a clock step back) keep
+    their order within a store process."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def now(self) -> int:
+        with self._lock:
+            self._last = max(time.time_ns() // 1000, self._last + 1)
+            return self._last
+
+
 class Learning:
     """The learn job: a RabbitMQ broker built from settings and the actor declared on it.
 
-    The store uses `send`; `tiermail learner` runs `worker()`. The controller is only used by
-    a worker (the store builds one it never calls)."""
+    The store uses `send`; `tiermail learner` runs `worker()`. The controller and the ledger
+    are only used by a worker (the store builds ones it never calls; neither connects until
+    used)."""
 
     def __init__(self, settings: Settings, controller: RspamdController | None = None,
-                 max_retries: int = MAX_RETRIES) -> None:
+                 max_retries: int = MAX_RETRIES, ledger: LearnLedger | None = None) -> None:
         self.queue_name = learn_queue(settings)
         self.broker = RabbitmqBroker(url=settings.amqp_url, confirm_delivery=True)
         self._controller = controller or RspamdController(
             settings.rspamd_controller_url, settings.rspamd_controller_password)
+        self._ledger = ledger or LearnLedger.from_settings(settings)
         declare = dramatiq.actor(
             broker=self.broker, actor_name=ACTOR_NAME, queue_name=self.queue_name,
             max_retries=max_retries, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS,
@@ -192,17 +329,20 @@ class Learning:
         with self._counts_lock:
             self._counts[outcome] += 1
 
-    def send(self, kind: str, user: str, guid: str, message: bytes) -> None:
+    def send(self, kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
         """Enqueue one learn job (blocking: a publish with a broker confirm)."""
         try:
-            self.publish(kind, user, guid, message)
+            self.publish(kind, user, guid, message, decided_us)
         finally:
             self.release_connection()
 
-    def publish(self, kind: str, user: str, guid: str, message: bytes) -> None:
+    def publish(self, kind: str, user: str, guid: str, message: bytes,
+                decided_us: int) -> None:
         """`send` keeping this thread's broker connection for the next: a batch of jobs
-        calls release_connection once at its end."""
-        self.actor.send(kind, user, guid, base64.b64encode(message).decode("ascii"))
+        calls release_connection once at its end. `decided_us`: when the store decided
+        (DecisionClock), which orders the decisions for one message."""
+        self.actor.send(kind, user, guid, base64.b64encode(message).decode("ascii"),
+                        decided_us)
 
     def declare(self) -> None:
         """Declare the learn queues from this thread before the worker starts, so its
@@ -247,9 +387,12 @@ class Learning:
 
     def close(self) -> None:
         self.broker.close()
+        self._ledger.close()
 
-    def _learn(self, kind: str, user: str, guid: str, message_b64: str) -> None:
-        """The actor. Raising LearnError makes dramatiq retry the job later."""
+    def _learn(self, kind: str, user: str, guid: str, message_b64: str,
+               decided_us: int = 0) -> None:
+        """The actor. Raising LearnError makes dramatiq retry the job later. A job from a
+        store that sent no `decided_us` counts as older than every one that did."""
         context = {"user": user, "event": f"learn-{kind}", "queue_id": guid}
         if kind not in (SPAM, HAM):
             log.error("learn job with unknown kind %r dropped", kind, extra=context)
@@ -259,6 +402,29 @@ class Learning:
         except (binascii.Error, ValueError):
             log.error("learn job with undecodable message dropped", extra=context)
             return
+        keys, token = self._ledger.keys(user, message), job_token(kind, guid)
+        turn = self._ledger.take_turn(keys, decided_us, token, context)
+        if turn is Turn.SUPERSEDED:
+            self._count("learn_superseded")
+            log.info("%s not learned as %s: a newer decision for it came first", guid, kind,
+                     extra=context)
+            return
+        if turn is Turn.WAIT:
+            self._count("learn_waits")
+            log.info("%s waits for an earlier learn job for the same message", guid,
+                     extra=context)
+            raise LearnError("an earlier learn job for the same message is under way")
+        if turn is Turn.UNCHECKED:
+            self._count("learn_order_unchecked")
+        answered = False
+        try:
+            self._post(kind, guid, message, context)
+            answered = True
+        finally:
+            if turn is Turn.GO:
+                self._ledger.end_turn(keys, decided_us, token, answered, context)
+
+    def _post(self, kind: str, guid: str, message: bytes, context: dict[str, str]) -> None:
         try:
             result, detail = self._controller.learn(kind, message)
         except LearnError as exc:
@@ -289,7 +455,8 @@ class LearningHook:
     connection after each batch of jobs, `close` what ends it; all run in the hook's one
     thread, so the pika connection `send` opens stays in that thread."""
 
-    def __init__(self, mailstore: MailStore, send: Callable[[str, str, str, bytes], None],
+    def __init__(self, mailstore: MailStore,
+                 send: Callable[[str, str, str, bytes, int], None],
                  close: Callable[[], None] | None = None,
                  release: Callable[[], None] | None = None) -> None:
         self._mailstore = mailstore
@@ -303,6 +470,7 @@ class LearningHook:
         self._lock = threading.Lock()
         self._closed = False
         self._abandon = threading.Event()  # the grace of close() is over: publish no more
+        self._clock = DecisionClock()
 
     @classmethod
     def from_settings(cls, settings: Settings, mailstore: MailStore) -> LearningHook:
@@ -310,10 +478,12 @@ class LearningHook:
         return cls(mailstore, learning.publish, learning.close, learning.release_connection)
 
     def on_change(self, event: ChangeEvent) -> None:
-        """MailDB listener (in the event loop): returns at once, the work runs in a task."""
+        """MailDB listener (in the event loop): returns at once, the work runs in a task.
+        The decision is timed here, where changes arrive in the order they were committed."""
         if self._closed or event.kind not in LEARNED_CHANGES or not event.guids:
             return
-        task = asyncio.get_running_loop().create_task(self._classify_and_enqueue(event))
+        task = asyncio.get_running_loop().create_task(
+            self._classify_and_enqueue(event, self._clock.now()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -335,7 +505,7 @@ class LearningHook:
                                        grace)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _classify_and_enqueue(self, event: ChangeEvent) -> None:
+    async def _classify_and_enqueue(self, event: ChangeEvent, decided_us: int) -> None:
         extra = {"user": event.user, "event": "learn"}
         try:
             mailboxes = await self._mailstore.list_mailboxes(event.user)
@@ -350,7 +520,7 @@ class LearningHook:
         guids = self._reserve(event.guids, extra)
         if guids:
             await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._enqueue_all, kind, event.user, guids)
+                self._executor, self._enqueue_all, kind, event.user, guids, decided_us)
 
     def _reserve(self, guids: Sequence[str], extra: dict[str, str]) -> list[str]:
         """As many of `guids` as MAX_PENDING leaves room for, counted as pending."""
@@ -362,14 +532,14 @@ class LearningHook:
                         len(guids) - len(taken), len(guids), MAX_PENDING, extra=extra)
         return taken
 
-    def _enqueue_all(self, kind: str, user: str, guids: list[str]) -> None:
+    def _enqueue_all(self, kind: str, user: str, guids: list[str], decided_us: int) -> None:
         """In the hook's thread: a job for each message, on one broker connection. When the
         broker fails, the rest of the batch is given up with one log line, not one each."""
         try:
             for done, guid in enumerate(guids):
                 if self._abandon.is_set():
                     left, why = len(guids) - done, "the store is stopping"
-                elif not self._enqueue(kind, user, guid):
+                elif not self._enqueue(kind, user, guid, decided_us):
                     left, why = len(guids) - done - 1, "the broker failed"
                 else:
                     continue
@@ -384,7 +554,7 @@ class LearningHook:
                 with contextlib.suppress(Exception):
                     self._release()
 
-    def _enqueue(self, kind: str, user: str, guid: str) -> bool:
+    def _enqueue(self, kind: str, user: str, guid: str, decided_us: int) -> bool:
         """Read the message and publish its job; False when the broker failed."""
         extra = {"user": user, "event": f"learn-{kind}", "queue_id": guid}
         try:
@@ -396,7 +566,7 @@ class LearningHook:
             log.info("not learned: larger than %d octets", MAX_LEARN_SIZE, extra=extra)
             return True
         try:
-            self._send(kind, user, guid, message)
+            self._send(kind, user, guid, message, decided_us)
         except Exception as exc:  # noqa: BLE001 - learning is best-effort; the move stands
             log.warning("not learned: %s: %s", type(exc).__name__, exc, extra=extra)
             return False

@@ -41,12 +41,6 @@ from tests.support import (
 ALICE = "alice@example.test"
 
 
-@pytest.fixture
-def learn_settings(settings: Settings, rspamd_scanner: Scanner) -> Settings:
-    return settings.replace(learn="rspamd", rspamd_controller_url=rspamd_scanner.controller_url,
-                            rspamd_controller_password=rspamd_scanner.controller_password)
-
-
 @dataclass
 class Store:
     maildb: MailDB
@@ -179,7 +173,7 @@ def test_no_broker_connection_is_left_idle(learn_settings: Settings) -> None:
     try:
         learning.declare()
         assert not learning.broker.connections
-        learning.send("spam", ALICE, "0" * 32, b"Subject: x\r\n\r\nbody\r\n")
+        learning.send("spam", ALICE, "0" * 32, b"Subject: x\r\n\r\nbody\r\n", 1)
         assert not learning.broker.connections
         assert queue_depth(learn_settings, learning.queue_name) == 1
     finally:
@@ -196,7 +190,7 @@ def test_a_retried_learn_logs_no_message_and_no_traceback(
     encoded = base64.b64encode(body).decode("ascii")
     learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"))
     learning.declare()
-    learning.send("spam", ALICE, "f" * 32, body)
+    learning.send("spam", ALICE, "f" * 32, body, 1)
     caplog.set_level(logging.INFO)
     worker = learning.worker(threads=1)
     worker.start()
@@ -222,7 +216,7 @@ async def dead_letter(settings: Settings, guid: str, body: bytes) -> None:
     learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"),
                         max_retries=0)
     learning.declare()
-    learning.send("spam", ALICE, guid, body)
+    learning.send("spam", ALICE, guid, body, 1)
     worker = learning.worker(threads=1)
     worker.start()
     try:

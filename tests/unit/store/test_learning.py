@@ -103,7 +103,7 @@ async def test_the_hook_enqueues_in_its_own_thread(monkeypatch: pytest.MonkeyPat
     threads: set[str] = set()
     published = threading.Event()
 
-    def send(kind: str, user: str, guid: str, message: bytes) -> None:
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
         threads.add(threading.current_thread().name)
         published.wait(5)  # a slow broker: the event loop must not wait for it
         sent.append((kind, user, guid, message))
@@ -122,7 +122,7 @@ async def test_the_hook_enqueues_in_its_own_thread(monkeypatch: pytest.MonkeyPat
 
 
 async def test_a_failing_broker_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    def send(kind: str, user: str, guid: str, message: bytes) -> None:
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
         raise ConnectionError("broker down")
 
     hook = LearningHook(Store({"g1": b"body"}), send)  # type: ignore[arg-type]
@@ -151,7 +151,7 @@ async def test_a_batch_uses_one_connection_and_a_broker_failure_ends_it_in_one_l
     released: list[int] = []
     broken = threading.Event()
 
-    def send(kind: str, user: str, guid: str, message: bytes) -> None:
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
         if broken.is_set():
             raise ConnectionError("broker down")
         sent.append(guid)
@@ -180,7 +180,7 @@ async def test_a_batch_stops_between_two_messages_once_close_gives_up(
     entered, gate = threading.Event(), threading.Event()
     sent: list[str] = []
 
-    def send(kind: str, user: str, guid: str, message: bytes) -> None:
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
         entered.set()
         gate.wait(30)  # a broker that does not confirm until the store has given up
         sent.append(guid)
@@ -206,3 +206,11 @@ def test_a_dead_job_goes_back_as_it_was_first_sent() -> None:
     assert (fresh.queue_name, fresh.args, fresh.message_id) == \
         ("t.learn", dead.args, dead.message_id)
     assert fresh.options == {"max_retries": 16}
+
+
+def test_decisions_are_timed_strictly_increasing() -> None:
+    """Two moves of one message within the same microsecond (or across a step back of the
+    clock) keep their order: the learner applies only the newest."""
+    clock = learning.DecisionClock()
+    stamps = [clock.now() for _ in range(1000)]
+    assert stamps == sorted(set(stamps))

@@ -1,0 +1,217 @@
+"""The user's last decision for a message wins, whatever order its learn jobs run in: the
+real store hook, RabbitMQ, the learner's Redis ledger and rspamd (services/store/learning.py).
+
+rspamd relearns a message as whatever class it is told last, so a spam job that ran after
+the ham job for the same message (retried with backoff, or taken by another worker thread)
+left the message learned as spam although the user had taken it out of Junk."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis as syncredis
+
+from common.ids import new_queue_id
+from common.settings import Settings
+from services.devscanners.runner import Scanner
+from services.store.backends.maildb import MailDB
+from services.store.learning import (
+    APPLIED_TTL_S,
+    HAM,
+    SPAM,
+    LearnError,
+    Learning,
+    LearningHook,
+    LearnLedger,
+    LearnOutcome,
+    RspamdController,
+    Turn,
+)
+from services.store.mailbox import INBOX, JUNK, Delivery
+from tests.integration.learning.test_learning import (
+    ALICE,
+    learned,
+    unseen_message,
+)
+from tests.support import eventually, free_port
+
+
+class HeldController(RspamdController):
+    """The real rspamd controller, except that a `held` job fails (as an unreachable rspamd
+    makes it: retried with backoff) at its first try and until a job of the other kind has
+    been learned. That makes the held job a retry run after the other, every time.
+    `posted`: the kinds rspamd was asked to learn, in order (its learn cache is no witness:
+    it answers "already learned" to a repeat within a second, not after)."""
+
+    def __init__(self, scanner: Scanner, held: str) -> None:
+        super().__init__(scanner.controller_url, scanner.controller_password)
+        self._held = held
+        self.other_learned = threading.Event()
+        self._tried = False
+        self.posted: list[str] = []
+
+    def learn(self, kind: str, message: bytes) -> tuple[LearnOutcome, str]:
+        if kind == self._held and not (self._tried and self.other_learned.is_set()):
+            self._tried = True
+            raise LearnError(f"{kind} held until the other job is learned")
+        self.posted.append(kind)
+        answer = super().learn(kind, message)
+        if kind != self._held:
+            self.other_learned.set()
+        return answer
+
+
+@pytest.fixture
+async def maildb(settings: Settings) -> AsyncIterator[MailDB]:
+    db = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    yield db
+    await db.close()
+
+
+async def into_junk_and_back(settings: Settings, maildb: MailDB, body: bytes) -> None:
+    """A user moves a new message into Junk and straight back out: the store's hook queues
+    a spam job, then a ham job."""
+    learning = Learning(settings)
+    hook = LearningHook(maildb, learning.publish, learning.close, learning.release_connection)
+    maildb.add_listener(hook.on_change)
+    await maildb.deliver([Delivery(new_queue_id(), ALICE, body, time.time(), INBOX)])
+    [uid] = await maildb.uids(ALICE, INBOX)
+    await maildb.move(ALICE, INBOX, [uid], JUNK)
+    [uid] = await maildb.uids(ALICE, JUNK)
+    await maildb.move(ALICE, JUNK, [uid], INBOX)
+    await hook.close()  # both jobs published
+
+
+async def run_learner(settings: Settings, controller: RspamdController) -> dict[str, int]:
+    """A learner with one thread until both jobs are done (ham learned, spam learned or
+    superseded)."""
+    learning = Learning(settings, controller)
+    learning.declare()
+    worker = learning.worker(threads=1)
+    worker.start()
+    try:
+        await eventually(lambda: both_done(learning.stats()), within=90,
+                         what="both learn jobs done")
+        return learning.stats()
+    finally:
+        await asyncio.to_thread(worker.stop, 10_000)
+        learning.close()
+
+
+def both_done(stats: dict[str, int]) -> bool:
+    return "ham_learned" in stats and ("spam_learned" in stats or "learn_superseded" in stats)
+
+
+@pytest.mark.parametrize(("held", "posted", "superseded"), [
+    # The spam job retried after the ham job: superseded. The old code had rspamd relearn
+    # the message as spam after the ham, against the user's last move.
+    (SPAM, [HAM], 1),
+    # The ham job (the newer decision) retried after the spam job: it still applies.
+    (HAM, [SPAM, HAM], 0),
+])
+async def test_the_last_move_wins_whichever_job_is_retried(
+        learn_settings: Settings, maildb: MailDB, rspamd_scanner: Scanner, held: str,
+        posted: list[str], superseded: int) -> None:
+    before = await asyncio.to_thread(learned, rspamd_scanner)
+    await into_junk_and_back(learn_settings, maildb, unseen_message())
+    controller = HeldController(rspamd_scanner, held=held)
+    stats = await run_learner(learn_settings, controller)
+    assert controller.posted == posted, controller.posted
+    assert stats.get("learn_superseded", 0) == superseded and stats["learn_retries"], stats
+    assert await asyncio.to_thread(learned, rspamd_scanner) == before + len(posted)
+
+
+async def test_a_job_from_an_older_store_without_a_decision_time_is_learned(
+        learn_settings: Settings, rspamd_scanner: Scanner) -> None:
+    body = unseen_message()
+    learning = Learning(learn_settings)
+    learning.declare()
+    learning.actor.send(HAM, ALICE, "b" * 32, base64.b64encode(body).decode("ascii"))
+    learning.release_connection()
+    worker = learning.worker(threads=1)
+    worker.start()
+    try:
+        await eventually(lambda: "ham_learned" in learning.stats(), within=60,
+                         what="the old job learned")
+    finally:
+        await asyncio.to_thread(worker.stop, 10_000)
+        learning.close()
+
+
+@pytest.fixture
+def ledger(settings: Settings) -> LearnLedger:
+    return LearnLedger.from_settings(settings)
+
+
+def test_the_ledger_lets_only_the_newest_decision_through(ledger: LearnLedger,
+                                                          settings: Settings) -> None:
+    keys = ledger.keys(ALICE, b"Subject: x\r\n\r\nbody\r\n")
+    assert ledger.take_turn(keys, 20, "t20") is Turn.GO
+    assert ledger.take_turn(keys, 10, "t10") is Turn.SUPERSEDED  # a newer one in flight
+    assert ledger.take_turn(keys, 30, "t30") is Turn.WAIT  # an older one in flight
+    assert ledger.take_turn(keys, 20, "other") is Turn.WAIT  # one at a time, even equal
+    assert ledger.take_turn(keys, 20, "t20") is Turn.GO  # the same job, redelivered
+    ledger.end_turn(keys, 20, "t20", applied=True)
+    assert ledger.take_turn(keys, 10, "t10") is Turn.SUPERSEDED  # older than the applied
+    assert ledger.take_turn(keys, 0, "old store") is Turn.SUPERSEDED
+    assert ledger.take_turn(keys, 30, "t30") is Turn.GO
+    ledger.end_turn(keys, 30, "t30", applied=False)  # rspamd failed: retried, not recorded
+    assert ledger.take_turn(keys, 25, "t25") is Turn.GO  # 20 is still the newest applied
+    ledger.end_turn(keys, 25, "t25", applied=True)
+    assert ledger.take_turn(keys, 30, "t30 retried") is Turn.GO
+    ledger.end_turn(keys, 30, "t30 retried", applied=True)
+    ledger.end_turn(keys, 25, "t25", applied=True)  # a late repeat never lowers it
+    assert ledger.take_turn(keys, 29, "t29") is Turn.SUPERSEDED
+    client = syncredis.Redis.from_url(settings.redis_url)
+    try:
+        applied, running = keys
+        assert client.get(applied) == b"30"
+        assert 0 < client.ttl(applied) <= APPLIED_TTL_S
+        assert not client.exists(running)
+    finally:
+        client.close()
+        ledger.close()
+
+
+def test_the_ledger_is_per_user_and_message(ledger: LearnLedger) -> None:
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    assert ledger.take_turn(ledger.keys(ALICE, body), 20, "a") is Turn.GO
+    assert ledger.take_turn(ledger.keys("bob@example.test", body), 10, "b") is Turn.GO
+    assert ledger.take_turn(ledger.keys(ALICE, body + b"x"), 10, "c") is Turn.GO
+    ledger.close()
+
+
+def test_without_redis_the_learner_learns_anyway(settings: Settings) -> None:
+    down = LearnLedger(syncredis.Redis(port=free_port(), socket_connect_timeout=1), "x:")
+    keys = down.keys(ALICE, b"body")
+    assert down.take_turn(keys, 1, "t") is Turn.UNCHECKED
+    down.end_turn(keys, 1, "t", applied=True)  # logged, not raised
+    down.close()
+
+
+def test_of_learners_racing_for_one_message_exactly_one_goes(settings: Settings) -> None:
+    """Two learner threads or processes taking the same message at once: the compare-and-set
+    is one Lua script, so one goes and the others wait or are superseded."""
+    ledgers = [LearnLedger.from_settings(settings) for _ in range(8)]
+    keys = ledgers[0].keys(ALICE, b"Subject: raced\r\n\r\nbody\r\n")
+    start = threading.Barrier(len(ledgers))
+    turns: list[Turn] = []
+
+    def race(stamp: int, ledger: LearnLedger) -> None:
+        start.wait()
+        turns.append(ledger.take_turn(keys, stamp, f"t{stamp}"))
+
+    threads = [threading.Thread(target=race, args=(stamp, ledger))
+               for stamp, ledger in enumerate(ledgers, start=1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for ledger in ledgers:
+        ledger.close()
+    assert turns.count(Turn.GO) == 1, turns
