@@ -33,7 +33,7 @@ from services.filter.protocol.message import ReceivedInfo, received_header
 from services.filter.rules import Rule, evaluate, format_headers
 from services.filter.stall import PublishWatch
 from services.filter.stats import WorkerStats
-from services.filter.unconfirmed import UnconfirmedLedger, transaction_digest
+from services.filter.unconfirmed import UnconfirmedLedger, names_itself, transaction_digest
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +248,14 @@ class FilterSession:
         content = envelope.original_content
         assert isinstance(content, bytes)  # decode_data=False
 
-        def digest() -> str:
+        def digest() -> str | None:
+            if not names_itself(content):
+                return None  # only a message with a Message-ID is matched as a retry
             return transaction_digest(envelope.mail_from or "",
                                       [r.address for r in txn.recipients], content)
 
-        if len(self._unconfirmed):
-            self._reuse_unconfirmed_queue_id(txn, digest())
+        if len(self._unconfirmed) and (key := digest()) is not None:
+            self._reuse_unconfirmed_queue_id(txn, key)
         extra = self.log_extra(txn.queue_id)
         received_at = self._clock()
         tls = tls_description(session.ssl)
@@ -306,7 +308,7 @@ class FilterSession:
 
     async def _publish(
         self, message_envelope: Envelope, body: bytes, smtp_envelope: SMTPEnvelope,
-        digest: Callable[[], str], routing_key: str = DELIVER_ROUTING_KEY,
+        digest: Callable[[], str | None], routing_key: str = DELIVER_ROUTING_KEY,
         checks_ms: float = 0.0,
     ) -> str:
         extra = self.log_extra(message_envelope.queue_id)
@@ -318,8 +320,9 @@ class FilterSession:
                     await self._publisher.publish(message_envelope, body, routing_key)
         except (PublishFailed, TimeoutError) as exc:
             log.warning("not queued: %s", exc or type(exc).__name__, extra=extra)
-            if isinstance(exc, TimeoutError) or exc.maybe_queued:
-                await self._unconfirmed.remember(digest(), message_envelope.queue_id)
+            key = digest() if isinstance(exc, TimeoutError) or exc.maybe_queued else None
+            if key is not None:
+                await self._unconfirmed.remember(key, message_envelope.queue_id)
             return replies.QUEUE_UNAVAILABLE
         self._stats.accepted += 1
         self.queued += 1

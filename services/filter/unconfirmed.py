@@ -8,8 +8,11 @@ was persisted after all. The store's idempotence key is (queue id, mailbox), so 
 publishes the retry under the first attempt's queue id: one copy either way.
 
 What makes a retry: the same transaction, by its digest (MAIL FROM, the RCPT TO addresses in
-order, the message bytes as the client sent them). Identical bytes (Message-ID and Date
-included) to the same recipients from the same sender are the same message.
+order, the message bytes as the client sent them), of a message that names itself with a
+Message-ID field (RFC 5322 3.6.4: unique to one message). Identical bytes, Message-ID
+included, to the same recipients from the same sender are the same message. A message
+without one is never matched: a script that sends the same alert every hour with no
+Message-ID (and no Date) sends identical bytes each time, and each is a message of its own.
 
 Where entries live: each worker keeps them in memory, so a message is matched without a
 Redis round trip on the SMTP path. An uncertain outcome is written to Redis as
@@ -41,6 +44,13 @@ RETRY_WINDOW = 5 * 86400.0  # seconds an unconfirmed transaction is remembered
 MAX_ENTRIES = 100_000  # per worker; an entry is about 200 octets
 WRITE_TIMEOUT = 1.0  # seconds for the Redis write before the 451 goes out
 LOAD_BATCH = 1000
+
+
+def names_itself(content: bytes) -> bool:
+    """Whether the message's header section has a Message-ID field."""
+    end = content.find(b"\r\n\r\n")
+    head = b"\r\n" + (content if end < 0 else content[:end]).lower()
+    return b"\r\nmessage-id:" in head or b"\r\nmessage-id :" in head
 
 
 def transaction_digest(mail_from: str, recipients: Sequence[str], content: bytes) -> str:

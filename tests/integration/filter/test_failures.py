@@ -205,13 +205,25 @@ async def test_a_broker_that_stops_confirming_gets_mail_refused_at_once(
     assert subjects == [b"after", b"before", b"held"]
 
 
+# A cron job's alert: the same bytes every time, no Message-ID, no Date.
+NAMELESS = b"From: cron <cron@remote.test>\r\nSubject: nameless\r\n\r\ndisk full\r\n"
+
+
+def send_nameless(port: int) -> str:
+    with connect(port) as client:
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt(ALICE)[0] == 250
+        return reply_of(*client.data(NAMELESS))
+
+
 async def test_a_retry_after_a_lost_confirm_is_published_under_the_same_queue_id(
         directory: Settings) -> None:
     """The broker persisted a message but its confirm never came back (a relay that passes
     the publish on and holds the replies): the sender got 451 and sends the same message
     again, here to another filter worker. The retry goes out under the first attempt's
     queue id, so the store, whose idempotence key is (queue id, mailbox), delivers one copy
-    (tests/integration/store/test_consumer.py). Another message gets a queue id of its own."""
+    (tests/integration/store/test_consumer.py). Another message gets a queue id of its own,
+    and so does each message without a Message-ID, identical bytes or not."""
     proxy = SupportProxy(5672)
     held = broker_at(directory, proxy.port, publish_timeout=1.0)
     try:
@@ -226,9 +238,16 @@ async def test_a_retry_after_a_lost_confirm_is_published_under_the_same_queue_id
                 return len(second.server.unconfirmed) == 1
 
             await eventually(known_to_the_second_worker, what="the ledger entry announced")
+            await eventually(lambda: not first.publisher.stalled,
+                             what="the first worker taking mail again")
+            proxy.hold_replies()
+            assert await in_thread(send_nameless, first.ports[0]) == replies.QUEUE_UNAVAILABLE
+            proxy.resume()
             for port, subject in ((second.ports[0], "retried"), (second.ports[0], "other")):
                 _, reply = await in_thread(one_transaction, port, subject)
                 assert reply.startswith("250 "), reply
+            assert (await in_thread(send_nameless, second.ports[0])).startswith("250 ")
+            assert len(first.server.unconfirmed) == len(second.server.unconfirmed) == 1
     finally:
         proxy.cut()
     queue_ids: dict[bytes, list[str]] = {}
@@ -238,6 +257,7 @@ async def test_a_retry_after_a_lost_confirm_is_published_under_the_same_queue_id
     assert len(queue_ids[b"retried"]) == 2  # the unconfirmed first attempt was persisted
     assert len(set(queue_ids[b"retried"])) == 1
     assert queue_ids[b"other"][0] not in queue_ids[b"retried"]
+    assert len(queue_ids[b"nameless"]) == 2 and len(set(queue_ids[b"nameless"])) == 2
 
 
 class ExplodingRule:

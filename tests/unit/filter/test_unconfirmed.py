@@ -4,7 +4,7 @@ them. Redis's side is in tests/integration/filter/test_failures.py."""
 
 from __future__ import annotations
 
-from services.filter.unconfirmed import UnconfirmedLedger, transaction_digest
+from services.filter.unconfirmed import UnconfirmedLedger, names_itself, transaction_digest
 
 MESSAGE = b"Subject: hi\r\nMessage-ID: <1@x>\r\n\r\nbody\r\n"
 
@@ -26,6 +26,15 @@ def test_the_same_transaction_has_the_same_digest_and_any_difference_another() -
               transaction_digest("a@x", ["b@y", "c@y"], MESSAGE + b"."),
               transaction_digest("a@xb@y", ["c@y"], MESSAGE)}  # no ambiguity at the joins
     assert digest not in others and len(others) == 5
+
+
+def test_only_a_message_with_a_message_id_names_itself() -> None:
+    assert names_itself(MESSAGE)
+    assert names_itself(b"Subject: x\r\nMESSAGE-ID: <1@x>\r\n\r\nbody\r\n")
+    assert names_itself(b"Message-ID: <1@x>\r\n\r\n")
+    assert not names_itself(b"Subject: disk full\r\n\r\nMessage-ID: <in the body>\r\n")
+    assert not names_itself(b"Subject: x\r\nX-Message-ID: <1@x>\r\n\r\nbody\r\n")
+    assert not names_itself(b"Subject: x\r\n\r\n")
 
 
 async def test_a_remembered_transaction_gives_its_queue_id_until_it_expires() -> None:
