@@ -254,8 +254,9 @@ class FilterSession:
             return transaction_digest(envelope.mail_from or "",
                                       [r.address for r in txn.recipients], content)
 
+        retry_of: str | None = None  # the digest, when this is a retry of an unconfirmed one
         if len(self._unconfirmed) and (key := digest()) is not None:
-            self._reuse_unconfirmed_queue_id(txn, key)
+            retry_of = key if self._reuse_unconfirmed_queue_id(txn, key) else None
         extra = self.log_extra(txn.queue_id)
         received_at = self._clock()
         tls = tls_description(session.ssl)
@@ -297,20 +298,25 @@ class FilterSession:
                                    size=len(head) + len(content))
         routing_key = SCAN_ROUTING_KEY if decision.defer else DELIVER_ROUTING_KEY
         return await self._publish(message_envelope, head + content, envelope, digest,
-                                   routing_key, checks_ms)
+                                   retry_of, routing_key, checks_ms)
 
-    def _reuse_unconfirmed_queue_id(self, txn: Transaction, digest: str) -> None:
+    def _reuse_unconfirmed_queue_id(self, txn: Transaction, digest: str) -> bool:
         earlier = self._unconfirmed.queue_id_for(digest)
-        if earlier is not None and earlier != txn.queue_id:
-            log.info("retry of a message whose publish went unconfirmed: queue id %s again",
-                     earlier, extra=self.log_extra(txn.queue_id))
-            txn.queue_id = earlier
+        if earlier is None:
+            return False
+        log.info("retry of a message whose publish went unconfirmed: queue id %s again",
+                 earlier, extra=self.log_extra(txn.queue_id))
+        txn.queue_id = earlier
+        return True
 
     async def _publish(
         self, message_envelope: Envelope, body: bytes, smtp_envelope: SMTPEnvelope,
-        digest: Callable[[], str | None], routing_key: str = DELIVER_ROUTING_KEY,
-        checks_ms: float = 0.0,
+        digest: Callable[[], str | None], retry_of: str | None = None,
+        routing_key: str = DELIVER_ROUTING_KEY, checks_ms: float = 0.0,
     ) -> str:
+        """Publish and answer. A publish that went out unconfirmed is remembered by the
+        transaction's `digest` (services/filter/unconfirmed.py); a confirmed retry of one
+        (`retry_of`, its digest) is forgotten."""
         extra = self.log_extra(message_envelope.queue_id)
         # Drop aiosmtpd's reference to the received content: `body` is the copy we send.
         smtp_envelope.content = smtp_envelope.original_content = None
@@ -318,12 +324,20 @@ class FilterSession:
             async with asyncio.timeout(self._policy.publish_deadline):
                 with self._publishes.publishing():
                     await self._publisher.publish(message_envelope, body, routing_key)
+        except asyncio.CancelledError:  # the client went away, or the worker stops
+            if (key := digest()) is not None:
+                self._unconfirmed.remember_soon(key, message_envelope.queue_id)
+            raise
         except (PublishFailed, TimeoutError) as exc:
-            log.warning("not queued: %s", exc or type(exc).__name__, extra=extra)
-            key = digest() if isinstance(exc, TimeoutError) or exc.maybe_queued else None
-            if key is not None:
+            maybe_queued = isinstance(exc, TimeoutError) or exc.maybe_queued
+            log.warning("not queued%s: %s",
+                        " for sure (the broker may hold it: a retry reuses the queue id)"
+                        if maybe_queued else "", exc or type(exc).__name__, extra=extra)
+            if maybe_queued and (key := digest()) is not None:
                 await self._unconfirmed.remember(key, message_envelope.queue_id)
             return replies.QUEUE_UNAVAILABLE
+        if retry_of is not None:
+            self._unconfirmed.forget(retry_of, message_envelope.queue_id)
         self._stats.accepted += 1
         self.queued += 1
         log.info(

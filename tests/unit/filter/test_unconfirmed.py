@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from services.filter.unconfirmed import UnconfirmedLedger, names_itself, transaction_digest
 
-MESSAGE = b"Subject: hi\r\nMessage-ID: <1@x>\r\n\r\nbody\r\n"
+MESSAGE = b"Subject: hi\r\nMessage-ID: <1@x>\r\nDate: Fri, 4 Dec 2026 21:00 +0000\r\n\r\nbody\r\n"
+DATE = b"Date: Fri, 4 Dec 2026 21:00:00 +0000\r\n"
 
 
 class Clock:
@@ -28,13 +29,37 @@ def test_the_same_transaction_has_the_same_digest_and_any_difference_another() -
     assert digest not in others and len(others) == 5
 
 
-def test_only_a_message_with_a_message_id_names_itself() -> None:
+def test_a_message_names_itself_with_a_message_id_and_a_date_in_its_header() -> None:
     assert names_itself(MESSAGE)
-    assert names_itself(b"Subject: x\r\nMESSAGE-ID: <1@x>\r\n\r\nbody\r\n")
-    assert names_itself(b"Message-ID: <1@x>\r\n\r\n")
-    assert not names_itself(b"Subject: disk full\r\n\r\nMessage-ID: <in the body>\r\n")
-    assert not names_itself(b"Subject: x\r\nX-Message-ID: <1@x>\r\n\r\nbody\r\n")
-    assert not names_itself(b"Subject: x\r\n\r\n")
+    assert names_itself(b"MESSAGE-ID : <1@x>\r\n" + DATE + b"\r\nbody\r\n")
+    assert names_itself(b"Message-ID:\r\n <1@x>\r\n" + DATE + b"\r\n")  # folded
+    assert names_itself(b"Message-ID: <1@x>\n" + DATE.replace(b"\r\n", b"\n") + b"\n")
+    not_named = [
+        b"Subject: disk full\r\n\r\nMessage-ID: <1@x>\r\n" + DATE,  # in the body
+        b"Message-ID: <1@x> deferred\r\nsee the log\r\n" + DATE + b"\r\n",  # no header
+        b"Subject: x\r\nMessage-ID: <1@x>\r\n\r\n",  # no Date: a cron job's alert
+        b"Subject: x\r\n" + DATE + b"\r\n",  # no Message-ID
+        b"Message-ID: \r\n" + DATE + b"\r\n",  # an empty one
+        b"X-Message-ID: <1@x>\r\n" + DATE + b"\r\n",
+        b"Message-ID: <1@x>\r\n" + DATE,  # no end of the header section
+        b"\r\nMessage-ID: <1@x>\r\n" + DATE + b"\r\n",  # an empty header section
+    ]
+    assert [names_itself(content) for content in not_named] == [False] * len(not_named)
+
+
+def test_addresses_cannot_join_into_the_same_envelope() -> None:
+    assert (transaction_digest("a@x", ["b\0c"], MESSAGE)
+            != transaction_digest("a@x", ["b", "c"], MESSAGE))
+
+
+async def test_a_forgotten_transaction_is_a_new_message_again() -> None:
+    ledger = UnconfirmedLedger(None, "t:")
+    await ledger.remember("d1", "Q1")
+    await ledger.remember("d2", "Q2")
+    ledger.forget("d1", "Q1")
+    assert ledger.queue_id_for("d1") is None and ledger.queue_id_for("d2") == "Q2"
+    ledger._on_message({"type": "message", "data": b"- d2"})  # another worker forgot it
+    assert ledger.queue_id_for("d2") is None
 
 
 async def test_a_remembered_transaction_gives_its_queue_id_until_it_expires() -> None:
@@ -49,20 +74,12 @@ async def test_a_remembered_transaction_gives_its_queue_id_until_it_expires() ->
     assert ledger.queue_id_for("d1") is None and len(ledger) == 0
 
 
-async def test_past_the_bound_the_expired_then_the_oldest_go() -> None:
-    clock = Clock()
-    ledger = UnconfirmedLedger(None, "t:", window=100, max_entries=3, clock=clock)
-    await ledger.remember("old", "Q0")
-    clock.now += 60
-    for n in (1, 2):
+async def test_past_the_bound_the_earliest_added_go() -> None:
+    ledger = UnconfirmedLedger(None, "t:", max_entries=3)
+    for n in range(5):
         await ledger.remember(f"d{n}", f"Q{n}")
-    clock.now += 50  # "old" has expired, d1 and d2 have not
-    await ledger.remember("d3", "Q3")
-    assert [ledger.queue_id_for(d) for d in ("old", "d1", "d2", "d3")] == [None, "Q1", "Q2",
-                                                                         "Q3"]
-    await ledger.remember("d4", "Q4")  # none expired: the oldest (d1) goes
-    assert [ledger.queue_id_for(d) for d in ("d1", "d2", "d3", "d4")] == [None, "Q2", "Q3",
-                                                                        "Q4"]
+    assert len(ledger) == 3
+    assert [ledger.queue_id_for(f"d{n}") for n in range(5)] == [None, None, "Q2", "Q3", "Q4"]
 
 
 def test_announced_entries_are_taken_expired_and_malformed_ones_not() -> None:
