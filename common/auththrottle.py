@@ -46,7 +46,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import redis.asyncio
 from redis.exceptions import RedisError
@@ -119,15 +119,15 @@ class AuthThrottle:
         limited = self._limited(ip, user)
         if not limited:
             return {}
-        known = self.known_key(ip, user)
+        known, user_key = self.known_key(ip, user), self.user_key(user)
         keys = [key for key, _ in limited] + ([known] if known else [])
         counts = await self._call(lambda: self._redis.mget(keys))
         if counts is None:
             return None
         failures = {key: (int(count or 0), limit)
                     for count, (key, limit) in zip(counts, limited, strict=False)}
-        if known and counts[-1] is not None:
-            failures.pop(cast(str, self.user_key(user)), None)  # the owner's own address
+        if known and user_key and counts[-1] is not None:
+            failures.pop(user_key, None)  # the owner's own address
         return failures
 
     async def check(self, ip: str, user: str,

@@ -105,11 +105,8 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
         return status
     status["reachable"] = True
     try:
-        queues = (("deliver", topology.deliver_queue), ("large", topology.large_queue),
-                  ("scan", topology.scan_queue),
-                  ("quarantine", topology.quarantine_queue), ("dead", topology.dead_queue),
-                  ("learn", topology.learn_queue), ("learn_dead", topology.learn_dead_queue))
-        for key, queue in queues:
+        for key in QUEUE_KEYS:
+            queue = getattr(topology, f"{key}_queue")
             channel = await connection.channel()
             try:
                 ok = await channel.queue_declare(queue, passive=True)
@@ -142,12 +139,16 @@ async def _redis_status(settings: Settings) -> dict[str, Any]:
             "processes": processes}
 
 
+# The queues status looks at, by their Topology property `<key>_queue`, in display order.
+QUEUE_KEYS = ("deliver", "large", "scan", "quarantine", "dead", "learn", "learn_dead")
+
+
 def format_status(report: dict[str, Any]) -> str:
     lines = [f"tiermail: {'healthy' if report['healthy'] else 'ATTENTION'}"]
     lines += [f"  ! {problem}" for problem in report["problems"]]
     broker = report["broker"]
     lines.append(f"broker: {'up' if broker['reachable'] else 'DOWN ' + broker.get('error', '')}")
-    for key in ("deliver", "large", "scan", "quarantine", "dead", "learn", "learn_dead"):
+    for key in QUEUE_KEYS:
         queue = broker.get(key)
         if queue is None:
             continue

@@ -10,6 +10,7 @@ transaction belongs to exactly one aiosmtpd Envelope and is recognised by identi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -248,6 +249,7 @@ class FilterSession:
         content = envelope.original_content
         assert isinstance(content, bytes)  # decode_data=False
 
+        @functools.cache  # asked for the lookup, then again if the publish fails
         def digest() -> str | None:
             if not names_itself(content):
                 return None  # only a message with a Message-ID is matched as a retry

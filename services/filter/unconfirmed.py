@@ -62,7 +62,7 @@ def names_itself(content: bytes) -> bool:
     fields: dict[bytes, bytes] = {}  # the first Message-ID and Date, unfolded
     name = b""
     # Lines ended by LF only: what follows the last LF is not a line yet.
-    for number, line in enumerate(content.split(b"\n")[:-1]):
+    for number, line in enumerate(content.split(b"\n", MAX_HEADER_LINES + 1)[:-1]):
         line = line.removesuffix(b"\r")
         if not line:
             return (_MSG_ID.search(fields.get(b"message-id", b"")) is not None

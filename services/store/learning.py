@@ -311,7 +311,8 @@ class Learning:
         self.broker = RabbitmqBroker(url=settings.amqp_url, confirm_delivery=True)
         self._controller = controller or RspamdController(
             settings.rspamd_controller_url, settings.rspamd_controller_password)
-        self._ledger = ledger or LearnLedger.from_settings(settings)
+        self._settings = settings
+        self._own_ledger = ledger  # built on first use: only a learner uses it
         declare = dramatiq.actor(
             broker=self.broker, actor_name=ACTOR_NAME, queue_name=self.queue_name,
             max_retries=max_retries, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS,
@@ -385,9 +386,16 @@ class Learning:
     def worker(self, threads: int = WORKER_THREADS) -> dramatiq.Worker:
         return dramatiq.Worker(self.broker, worker_threads=threads)
 
+    @property
+    def _ledger(self) -> LearnLedger:
+        if self._own_ledger is None:
+            self._own_ledger = LearnLedger.from_settings(self._settings)
+        return self._own_ledger
+
     def close(self) -> None:
         self.broker.close()
-        self._ledger.close()
+        if self._own_ledger is not None:
+            self._own_ledger.close()
 
     def _learn(self, kind: str, user: str, guid: str, message_b64: str,
                decided_us: int = 0) -> None:

@@ -65,14 +65,11 @@ class QuotaPublisher:
         whatever generation Redis holds: a store that stopped (or was killed) between a
         change and its debounced flush left usage in Redis that no generation reveals."""
         delay = 0.5
-        reconciled = False
+        check = self.reconcile
         while True:
             try:
-                if reconciled:
-                    await self._reconcile_if_stale()
-                else:
-                    await self.reconcile()
-                    reconciled = True
+                await check()
+                check = self._reconcile_if_stale
                 await self._wait_for_changes()
                 await self.flush()
                 delay = 0.5

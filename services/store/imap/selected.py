@@ -287,14 +287,11 @@ class SelectedMailbox:
         return self.flags_fetches([p for p in positions if p is not None],
                                   uid=condstore, modseq=condstore)
 
-    def flags_fetch(self, position: int, *, uid: bool, modseq: bool) -> bytes:
-        """`* n FETCH (FLAGS (...) [UID u] [MODSEQ (m)])` for one message."""
-        return self.flags_fetches([position], uid=uid, modseq=modseq)[0]
-
     def flags_fetches(self, positions: Iterable[int], *, uid: bool,
                       modseq: bool) -> list[bytes]:
-        """`flags_fetch` for many messages: STORE 1:* answers 100,000 of them, so the loop
-        makes no calls but for a flag set not formatted before. MODSEQ comes with UID."""
+        """`* n FETCH (FLAGS (...) [UID u] [MODSEQ (m)])` per message. STORE 1:* answers
+        100,000 of them, so the loop makes no calls but for a flag set not formatted before.
+        MODSEQ comes with UID."""
         template = _FLAGS_FETCH[uid or modseq, modseq]
         changed, infos, recent = self._changed_infos, self._infos, self._recent
         flag_lists = self._flag_lists

@@ -85,14 +85,14 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     closes the returned servers."""
     context = server_context(settings)
     sessions: set[asyncio.Task[None]] = set()
-    clients = ClientConnections(settings.imap_max_connections_per_ip,
-                                parse_networks(settings.rate_limit_exempt))
+    exempt = parse_networks(settings.rate_limit_exempt)
+    clients = ClientConnections(settings.imap_max_connections_per_ip, exempt)
     deps = dataclasses.replace(
         deps,
         literals=deps.literals or MemoryBudget(settings.imap_literal_memory),
         fetch_memory=deps.fetch_memory or MemoryBudget(settings.imap_fetch_memory),
         user_connections=deps.user_connections or UserConnections(
-            settings.imap_max_userip_connections, parse_networks(settings.rate_limit_exempt)))
+            settings.imap_max_userip_connections, exempt))
     plain = ImapListener(settings, deps, context, sessions, clients, implicit_tls=False)
     with binding("imap_port", settings.bind, settings.imap_port):
         plain_server = await asyncio.start_server(plain.serve, settings.bind, settings.imap_port)

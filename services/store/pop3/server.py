@@ -210,7 +210,8 @@ class Pop3Listener:
                 log.debug("C: <overlong line discarded>", extra=session.log_context)
                 response = session.line_too_long()
             else:
-                log.debug("C: %s", session.loggable(line), extra=session.log_context)
+                if log.isEnabledFor(logging.DEBUG):  # loggable parses the line again
+                    log.debug("C: %s", session.loggable(line), extra=session.log_context)
                 response = await session.handle_line(line)
             if response.after is After.START_TLS:
                 if not await self._start_tls(session, reader, writer, response):

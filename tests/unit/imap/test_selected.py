@@ -87,7 +87,7 @@ def test_flag_fetch_lines_carry_recent_uid_and_modseq_as_asked() -> None:
         b"* 1 FETCH (FLAGS (\\Seen))\r\n", b"* 2 FETCH (FLAGS (\\Recent \\Seen))\r\n"]
     assert view.flags_fetches([1, 0], uid=True, modseq=False) == [
         b"* 2 FETCH (FLAGS (\\Recent \\Seen) UID 2)\r\n", b"* 1 FETCH (FLAGS (\\Seen) UID 1)\r\n"]
-    assert view.flags_fetch(0, uid=True, modseq=True) == (
+    assert view.flags_fetches([0], uid=True, modseq=True)[0] == (
         b"* 1 FETCH (FLAGS (\\Seen) UID 1 MODSEQ (3))\r\n")
 
 
