@@ -221,11 +221,12 @@ async def enable(s: Session, c: Command) -> r.Reply:
 async def select(s: Session, c: Command) -> r.Reply:
     args = cast(Select, c.args)
     readonly = c.name == "EXAMINE"
+    if args.qresync is not None and not s.enabled.qresync:
+        # RFC 7162 3.2.5; refused as a BAD, the command did nothing: the mailbox stays selected
+        return r.BAD_QRESYNC_NOT_ENABLED
     if s.selected is not None:
         s.deselect()
         await s.send(r.OK_CLOSED.untagged())  # RFC 7162 3.2.11
-    if args.qresync is not None and not s.enabled.qresync:
-        return r.BAD_QRESYNC_NOT_ENABLED
     if args.condstore:
         s.enabled.condstore = True
     user = s.logged_in_user
@@ -1104,13 +1105,25 @@ async def search_(s: Session, c: Command) -> r.Reply:
         return r.NO_BADCHARSET
     selected = s.mailbox
     positions = await _search_positions(s, selected, args.key)
-    modseq = _highest_modseq_found(s, args.key, positions)
     numbers = [selected.info(p).uid if c.uid else p + 1 for p in positions]
     if args.return_options is None:
+        modseq = _highest_modseq_found(s, args.key, positions)
         await s.send(wire.untagged(_numbers_response(b"SEARCH", numbers, modseq)))
         return r.OK_DONE
+    returned = _esearch_returned(positions, args.return_options)
+    modseq = _highest_modseq_found(s, args.key, returned)
     await s.send(_esearch(c, args.return_options, numbers, modseq))
     return r.OK_DONE
+
+
+def _esearch_returned(positions: list[int], options: Sequence[str]) -> list[int]:
+    """The messages an ESEARCH returns, whose highest MODSEQ its MODSEQ item is (RFC 4731
+    3.2, RFC 7162 3.1.10): with only MIN and/or MAX asked for, the lowest and/or highest
+    found; otherwise all found (`positions` ascend)."""
+    wanted = set(options) or {"ALL"}
+    if not positions or wanted & {"ALL", "COUNT"}:
+        return positions
+    return [p for p, name in ((positions[0], "MIN"), (positions[-1], "MAX")) if name in wanted]
 
 
 def _highest_modseq_found(s: Session, key: SearchKey, positions: list[int]) -> int | None:

@@ -86,6 +86,7 @@ async def test_idle_reports_delivery_append_flags_and_expunge(
     await in_thread(other_session)
 
 
+
 async def test_idle_sends_keepalives_between_changes(
         start_imap: StartImap, settings: Settings, deliver: Deliver) -> None:
     """A quiet IDLE still writes `* OK Still here` every imap_idle_keepalive seconds (NAT
@@ -358,6 +359,26 @@ async def test_qresync_select_reports_vanished_earlier(server: Server, deliver: 
     await in_thread(dialog)
 
 
+
+async def test_select_with_qresync_before_enable_is_refused_and_keeps_the_mailbox(
+        server: Server, deliver: Deliver) -> None:
+    """RFC 7162 3.2.5: SELECT (QRESYNC ...) without ENABLE QRESYNC is a BAD, and a command
+    refused with BAD is not carried out: the mailbox selected before stays selected, and
+    no [CLOSED] says otherwise."""
+    await fill(deliver, 1)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        for command in ("SELECT Archive (QRESYNC (1 1))", "EXAMINE INBOX (QRESYNC (1 1))"):
+            refused = raw.command(command)
+            assert (refused.status, refused.untagged) == ("BAD", []), refused
+        assert len(raw.ok("FETCH 1 (UID)").lines(b"FETCH")) == 1  # INBOX, still selected
+        raw.close()
+
+    await in_thread(dialog)
+
+
 async def test_qresync_sequence_match_data_leaves_out_expunges_the_client_has_seen(
         server: Server, deliver: Deliver, maildb: MailDB) -> None:
     """RFC 7162 3.2.5.2: with (sequence numbers, UIDs) pairs that still hold, the client has
@@ -454,6 +475,34 @@ async def test_esearch(server: Server, deliver: Deliver, maildb: MailDB) -> None
         empty = raw.command("SEARCH RETURN (MIN MAX ALL) DELETED", tag="e4")
         assert empty.lines(b"ESEARCH") == [b'* ESEARCH (TAG "e4")']
         assert not empty.lines(b"SEARCH")  # ESEARCH replaces the SEARCH response
+        raw.close()
+
+    await in_thread(dialog)
+
+
+
+async def test_esearch_modseq_is_the_highest_of_the_messages_returned(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """RFC 4731 3.2 (RFC 7162 3.1.10): with only MIN and/or MAX asked for, the MODSEQ item
+    is of the messages they name; with ALL or COUNT, of every message found."""
+    await fill(deliver, 3)
+    uids = await uids_of(maildb)
+    await maildb.store_flags(ALICE, "INBOX", uids[1:2], "+", frozenset({"\\Flagged"}))
+    first, middle, last = [m.modseq for m in await maildb.list_messages(ALICE)]
+    assert middle > max(first, last)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+
+        def modseq(search: str) -> int:
+            [line] = raw.ok(f"{search} MODSEQ 1").lines(b"ESEARCH")
+            return int(line.rpartition(b" MODSEQ ")[2])
+
+        assert modseq("SEARCH RETURN (MIN)") == first
+        assert modseq("UID SEARCH RETURN (MAX)") == last
+        assert modseq("SEARCH RETURN (MIN MAX)") == max(first, last)
+        assert modseq("SEARCH RETURN (COUNT)") == modseq("SEARCH RETURN (MIN ALL)") == middle
         raw.close()
 
     await in_thread(dialog)
