@@ -87,6 +87,27 @@ async def test_idle_reports_delivery_append_flags_and_expunge(
 
 
 
+async def test_idle_ends_only_with_done(server: Server) -> None:
+    """RFC 2177: IDLE is answered with a continuation and ended by DONE (any case); a
+    command sent instead of DONE is a protocol error: IDLE ends with BAD and the session
+    goes on."""
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        raw.send(b"i1 IDLE\r\n")
+        assert raw.response().startswith(b"+ ")
+        raw.send(b"n1 NOOP\r\n")
+        assert raw.reply("i1").status == "BAD"
+        raw.ok("NOOP")
+        raw.send(b"i2 IDLE\r\n")
+        assert raw.response().startswith(b"+ ")
+        raw.send(b"done\r\n")
+        assert raw.reply("i2").status == "OK"
+        raw.close()
+
+    await in_thread(dialog)
+
+
 async def test_idle_sends_keepalives_between_changes(
         start_imap: StartImap, settings: Settings, deliver: Deliver) -> None:
     """A quiet IDLE still writes `* OK Still here` every imap_idle_keepalive seconds (NAT
@@ -322,6 +343,75 @@ async def test_condstore_session_gets_uid_and_modseq_in_every_fetch_response(
     await in_thread(dialog)
 
 
+# RFC 7162 3.1: each of these makes the session CONDSTORE-aware (ENABLE before SELECT).
+CONDSTORE_ENABLING = ("ENABLE CONDSTORE", "SELECT INBOX (CONDSTORE)", "EXAMINE INBOX (CONDSTORE)",
+                      "STATUS INBOX (HIGHESTMODSEQ)", "FETCH 1 (MODSEQ)",
+                      "FETCH 1 (FLAGS) (CHANGEDSINCE 1)", "SEARCH MODSEQ 1",
+                      "UID SEARCH RETURN (COUNT) MODSEQ 1",
+                      "STORE 2 (UNCHANGEDSINCE 1) +FLAGS (\\Draft)")
+
+
+async def test_every_condstore_enabling_command_brings_modseq_into_later_updates(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """RFC 7162 3.1: after any CONDSTORE enabling command, another session's flag change
+    reaches this one as a FETCH with UID and MODSEQ; after a plain NOOP it does not."""
+    await fill(deliver, 2)
+    uid = (await uids_of(maildb))[0]
+
+    def update_after(command: str) -> dict[bytes, Any]:
+        raw, other = server.raw(ALICE), server.raw(ALICE)
+        if command.startswith("ENABLE"):
+            raw.ok(command)
+        raw.ok("SELECT INBOX")
+        if not command.startswith("ENABLE"):
+            raw.ok(command)
+        other.ok("SELECT INBOX")
+        other.ok("STORE 1 +FLAGS (\\Flagged)")
+        [update] = raw.ok("NOOP").parsed(b"FETCH")
+        other.ok("STORE 1 -FLAGS (\\Flagged)")
+        raw.close()
+        other.close()
+        return attrs(update)
+
+    def dialog() -> None:
+        for command in CONDSTORE_ENABLING:
+            update = update_after(command)
+            assert update.get(b"UID") == uid and b"MODSEQ" in update, (command, update)
+        assert update_after("NOOP").keys() == {b"FLAGS"}
+
+    await in_thread(dialog)
+
+
+async def test_stores_that_change_nothing_leave_every_modseq_alone(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """RFC 7162 3.1.3: UNCHANGEDSINCE 0 fails for every message (a MODSEQ is at least 1) and
+    changes nothing; RFC 7162 3.1: a STORE that leaves the flags as they were gives them no
+    new MODSEQ, so the mailbox's HIGHESTMODSEQ stays too."""
+    await fill(deliver, 2)
+    uids = await uids_of(maildb)
+    await maildb.store_flags(ALICE, "INBOX", uids[:1], "+", frozenset({"\\Seen"}))
+    before = await maildb.list_messages(ALICE)
+    highest = (await maildb.status(ALICE)).highestmodseq
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        never = raw.ok("STORE 1:2 (UNCHANGEDSINCE 0) +FLAGS (\\Flagged)")
+        assert never.code == b"MODIFIED 1:2" and not never.lines(b"FETCH")
+        never = raw.ok(f"UID STORE {uids[1]} (UNCHANGEDSINCE 0) -FLAGS (\\Seen)")
+        assert never.code == f"MODIFIED {uids[1]}".encode()
+        reported = [attrs(e)[b"MODSEQ"][0] for command in (
+            "STORE 1 +FLAGS (\\Seen)", "STORE 2 -FLAGS (\\Seen)", "STORE 1 FLAGS (\\Seen)")
+            for e in raw.ok(command).parsed(b"FETCH")]
+        assert reported == [before[0].modseq, before[1].modseq, before[0].modseq]
+        [status] = raw.ok("STATUS INBOX (HIGHESTMODSEQ)").lines(b"STATUS")
+        assert status.endswith(b"(HIGHESTMODSEQ %d)" % highest)
+        raw.close()
+
+    await in_thread(dialog)
+    assert await maildb.list_messages(ALICE) == before
+
+
 # QRESYNC (RFC 7162 section 3.2)
 
 
@@ -375,6 +465,40 @@ async def test_select_with_qresync_before_enable_is_refused_and_keeps_the_mailbo
             assert (refused.status, refused.untagged) == ("BAD", []), refused
         assert len(raw.ok("FETCH 1 (UID)").lines(b"FETCH")) == 1  # INBOX, still selected
         raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_qresync_enabled_after_unselect_reports_other_sessions_expunges_as_vanished(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """RFC 5161 3.1: ENABLE only outside a selected mailbox (after UNSELECT is fine); RFC
+    7162 3.2.10: from then on another session's expunges come as VANISHED, between commands
+    and in IDLE, never as EXPUNGE."""
+    await fill(deliver, 3)
+    uids = await uids_of(maildb)
+
+    def dialog() -> None:
+        raw, other = server.raw(ALICE), server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        assert raw.command("ENABLE QRESYNC").status == "BAD"
+        raw.ok("UNSELECT")
+        assert raw.ok("ENABLE QRESYNC").lines(b"ENABLED") == [b"* ENABLED QRESYNC"]
+        raw.ok("SELECT INBOX")
+        other.ok("SELECT INBOX")
+        other.ok(f"UID STORE {uids[0]} +FLAGS.SILENT (\\Deleted)")
+        other.ok("EXPUNGE")
+        noop = raw.ok("NOOP")
+        assert noop.lines(b"VANISHED") == [b"* VANISHED %d" % uids[0]]
+        assert not noop.lines(b"EXPUNGE")
+
+        raw.send(b"i1 IDLE\r\n")
+        assert raw.response().startswith(b"+ ")
+        other.ok(f"UID MOVE {uids[1]} Archive")
+        assert raw.response() == b"* VANISHED %d" % uids[1]
+        raw.send(b"DONE\r\n")
+        assert raw.reply("i1").status == "OK"
+        raw.close()
+        other.close()
 
     await in_thread(dialog)
 
@@ -433,6 +557,7 @@ async def test_qresync_removals_end_with_the_new_highestmodseq(
             code = removal.code.split()
             assert code[0] == b"HIGHESTMODSEQ" and int(code[1]) > highest, removal
             highest = int(code[1])
+            assert removal.lines(b"VANISHED") and not removal.lines(b"EXPUNGE")  # 3.2.10
         assert nothing_removed.code == b""
         raw.ok(f"UID STORE {uids[4]} +FLAGS.SILENT (\\Deleted)")
         assert raw.ok("CLOSE").code == b""

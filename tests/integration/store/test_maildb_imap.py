@@ -572,6 +572,43 @@ async def test_changes_since(db: MailDB) -> None:
         await db.changes_since(ALICE, "Nope", 0)
 
 
+
+async def test_modseq_only_grows_through_removals_additions_and_a_restart(
+        tmp_path: Path, inline_max: int) -> None:
+    """RFC 7162 3.1 and 3.2: a mailbox's MODSEQ grows with an expunge and a move out of it
+    too (QRESYNC orders them with the flag changes), every message added (copy, move,
+    append) gets a MODSEQ above what its mailbox had, and a restarted store goes on from
+    where it was, never handing out a MODSEQ a client has already seen."""
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
+
+    async def highest(mailbox: str = INBOX) -> int:
+        return (await db.status(ALICE, mailbox)).highestmodseq
+
+    try:
+        await append_n(db, 4)
+        inbox, archive = await highest(), await highest(ARCHIVE)
+        await db.expunge(ALICE, INBOX, [1])
+        assert await highest() > inbox
+        copied = await db.copy(ALICE, INBOX, [2], ARCHIVE)
+        moved = await db.move(ALICE, INBOX, [3], ARCHIVE)
+        assert await highest() > inbox + 1
+        added = await db.fetch_infos(ALICE, ARCHIVE, copied.dest_uids + moved.dest_uids)
+        assert archive < added[0].modseq < added[1].modseq == await highest(ARCHIVE)
+        inbox, archive = await highest(), await highest(ARCHIVE)
+    finally:
+        await db.close()
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
+    try:
+        assert (await highest(), await highest(ARCHIVE)) == (inbox, archive)
+        flagged = await db.store_flags(ALICE, INBOX, [4], "+", frozenset({SEEN}))
+        assert flagged.changed[0].modseq == await highest() > inbox
+        appended = await db.append(ALICE, ARCHIVE, body(9), frozenset())
+        [info] = await db.fetch_infos(ALICE, ARCHIVE, [appended.uid])
+        assert info.modseq == await highest(ARCHIVE) > archive
+    finally:
+        await db.close()
+
+
 async def test_fetch_infos_uids_and_unseen(db: MailDB) -> None:
     await append_n(db, 600)
     await db.expunge(ALICE, INBOX, [5])
