@@ -914,7 +914,7 @@ async def _send_octets(out: _Output, file: BinaryIO, span: f.Span) -> None:
         chunk = await asyncio.to_thread(file.read, min(left, STREAM_CHUNK))
         if not chunk:
             raise OSError(f"message file ends {left} octets early")
-        await out.write(chunk)
+        await out.write(wire.literal_octets(chunk))
         left -= len(chunk)
 
 

@@ -6,9 +6,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from services.store.imap.protocol import fetch, mime
+from services.store.imap.protocol import fetch, mime, wire
 from services.store.imap.protocol.command import FetchAtt, Section
 from services.store.mailbox import MessageInfo
+from tests.imapgrammar import check_response
 from tests.unit.imap.test_mime import FORWARD, FORWARD_HEADER, INNER_MESSAGE, messages, read_all
 
 RAW = (
@@ -302,16 +303,18 @@ def test_any_message_renders_a_well_formed_fetch_line(raw: bytes) -> None:
     assert names[0] == b"UID"
     assert len(names) == len(ALL_ATTS) + 1
     values = dict(zip(names, items[1::2], strict=True))
-    assert values[b"RFC822"] == raw
-    assert values[b"BODY[]"] == raw
+    sent = wire.literal_octets(raw)  # the same octets, NUL as 0x80
+    assert values[b"RFC822"] == sent
+    assert values[b"BODY[]"] == sent
 
 
 @given(st.binary(max_size=200), st.integers(0, 300), st.integers(0, 300))
 def test_partial_is_a_slice_of_the_section(raw: bytes, origin: int, count: int) -> None:
     whole = fetch.render_fetch(1, info_for(raw), [body()], raw)
     part = fetch.render_fetch(1, info_for(raw), [body(partial=(origin, count))], raw)
-    assert whole == b"* 1 FETCH (BODY[] {%d}\r\n" % len(raw) + raw + b")\r\n"
-    expected = raw[origin : origin + count]
+    sent = wire.literal_octets(raw)
+    assert whole == b"* 1 FETCH (BODY[] {%d}\r\n" % len(raw) + sent + b")\r\n"
+    expected = sent[origin : origin + count]
     assert part == b"* 1 FETCH (BODY[]<%d> {%d}\r\n" % (origin, len(expected)) + expected + b")\r\n"
 
 
@@ -327,8 +330,9 @@ _PARTIALS = st.builds(lambda origin, count: body(peek=True, partial=(origin, cou
 
 
 def filled(pieces: list[fetch.Piece], raw: bytes) -> bytes:
-    return b"".join(p if isinstance(p, bytes) else raw[p.start:p.start + p.length]
-                    for p in pieces)
+    """The response as the session sends it: each Span's octets through literal_octets."""
+    return b"".join(p if isinstance(p, bytes)
+                    else wire.literal_octets(raw[p.start:p.start + p.length]) for p in pieces)
 
 
 @given(atts=st.lists(st.one_of(_STREAMABLE, _PARTIALS), min_size=1, max_size=5),
@@ -386,3 +390,19 @@ def test_spans_for_long_runs_filled_in_are_the_whole_response(
     pieces = fetch.render_pieces(3, info_for(raw), atts, raw, spans_over=spans_over)
     assert filled(pieces, raw) == fetch.render_fetch(3, info_for(raw), atts, raw)
     assert all(p.length > spans_over for p in pieces if isinstance(p, fetch.Span))
+
+
+def test_nul_in_a_message_goes_as_0x80_in_every_literal() -> None:
+    # RFC 3501 9: a literal holds CHAR8 (%x01-ff), never NUL; literal8 needs BINARY (RFC
+    # 3516), which the server does not offer. The octet count, and every offset, stay.
+    raw = b"Subject: a\x00b\r\n\r\n\x00body\x00\r\n"
+    atts = [body(), body(Section(text="HEADER")), body(Section(text="TEXT")),
+            body(Section((1,))), body(partial=(0, 12)), FetchAtt("RFC822"),
+            FetchAtt("RFC822.HEADER"), FetchAtt("RFC822.TEXT")]
+    line = fetch.render_fetch(1, info_for(raw), atts, raw)
+    check_response(line)
+    sent = raw.replace(b"\x00", b"\x80")
+    values = dict(zip(*[iter(read_all(line[len(b"* 1 FETCH "):-2]))] * 2, strict=True))
+    assert values[b"BODY[]"] == values[b"RFC822"] == sent
+    assert values[b"BODY[TEXT]"] == values[b"BODY[1]"] == sent.partition(b"\r\n\r\n")[2]
+    assert values[b"BODY[]<0>"] == sent[:12]

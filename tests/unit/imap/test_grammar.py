@@ -450,3 +450,15 @@ def test_search_strings_that_no_search_can_look_for_are_bad(
     result = parse(line, *literals)
     assert isinstance(result, ParseError), result
     assert result.tag == "a"
+
+
+@pytest.mark.parametrize("line", [
+    b"a FETCH 1 BODY[HEADER.FIELDS ({3}\r\n)]",
+    b"a UID FETCH 1 BODY.PEEK[1.HEADER.FIELDS.NOT (X-A {3}\r\n)]",
+])
+def test_header_field_names_with_nul_are_bad(line: bytes) -> None:
+    # The FETCH response echoes the name, and no IMAP string may hold NUL (RFC 3501 9 CHAR8).
+    assert not isinstance(parse(line, b"a-b"), ParseError)
+    result = parse(line, b"a\x00b")
+    assert isinstance(result, ParseError), result
+    assert result.tag == "a"

@@ -102,7 +102,8 @@ def section_spec(sect: Section) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """Octets `start` to `start + length` of the stored message, to be sent from its file."""
+    """Octets `start` to `start + length` of the stored message, to be sent from its file
+    through `wire.literal_octets`."""
 
     start: int
     length: int
@@ -184,8 +185,11 @@ def _partial(data: bytes, partial: tuple[int, int] | None) -> bytes:
 
 
 def _literal(name: bytes, data: Piece) -> list[Piece]:
-    length = len(data) if isinstance(data, bytes) else data.length
-    return [name + b" {%d}\r\n" % length, data]
+    """`name {n}` CRLF and the octets; a Span's octets go through `wire.literal_octets` as
+    the session sends them."""
+    if isinstance(data, bytes):
+        return [name + b" {%d}\r\n" % len(data), wire.literal_octets(data)]
+    return [name + b" {%d}\r\n" % data.length, data]
 
 
 def _body_item(att: FetchAtt, message: _Message) -> bytes | list[Piece]:

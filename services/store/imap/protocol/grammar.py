@@ -859,9 +859,18 @@ def _section(c: Cursor) -> Section:
     fields: tuple[str, ...] = ()
     if text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
         c.maybe(b" ")
-        fields = tuple(c.paren_list(lambda: c.astring().upper(), empty_ok=False))
+        fields = tuple(c.paren_list(lambda: _header_field_name(c), empty_ok=False))
     c.expect(b"]")
     return Section(tuple(parts), text, fields)
+
+
+def _header_field_name(c: Cursor) -> str:
+    # The response echoes the name (RFC 3501 7.4.2), and no string holds NUL (CHAR8 is
+    # %x01-ff, RFC 3501 9): a name with one could only be answered with an invalid literal.
+    name = c.astring().upper()
+    if "\x00" in name:
+        raise _Syntax("a header field name may not hold NUL")
+    return name
 
 
 def _partial(c: Cursor) -> tuple[int, int]:

@@ -43,6 +43,13 @@ def literal(data: bytes) -> bytes:
     return b"{%d}\r\n" % len(data) + data
 
 
+def literal_octets(data: bytes) -> bytes:
+    """Stored message octets as a literal may carry them: NUL is no CHAR8 (RFC 3501 section
+    9; only BINARY's literal8, RFC 3516, holds NUL), so each becomes 0x80, as Dovecot sends
+    them. The length stays the same, so RFC822.SIZE and every partial's offsets still hold."""
+    return data.replace(b"\x00", b"\x80") if b"\x00" in data else data
+
+
 def _quotable(data: bytes) -> bool:
     if len(data) > _MAX_QUOTED:
         return False
