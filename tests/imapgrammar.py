@@ -706,12 +706,10 @@ _DATA: dict[bytes, Callable[[_Reader], None]] = {
 
 def _msg_att(r: _Reader) -> None:
     r.take(b"(", "msg-att")
-    first = True
-    while not r.accept(b")"):
-        if not first:
-            r.sp("msg-att")
-        first = False
+    _msg_att_item(r)  # at least one
+    while r.accept(b" "):
         _msg_att_item(r)
+    r.take(b")", "msg-att")
 
 
 def _msg_att_item(r: _Reader) -> None:

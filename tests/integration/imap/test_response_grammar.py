@@ -61,7 +61,7 @@ EXPECTED_KINDS = {
     b"THREAD", b"VANISHED", b"BYE", b"+", b"PERMANENTFLAGS", b"UIDVALIDITY", b"UIDNEXT",
     b"UNSEEN", b"HIGHESTMODSEQ", b"CLOSED", b"READ-WRITE", b"READ-ONLY", b"APPENDUID",
     b"COPYUID", b"MODIFIED", b"TRYCREATE", b"ALREADYEXISTS", b"NONEXISTENT", b"BADCHARSET",
-    b"AUTHENTICATIONFAILED", b"CANNOT", b"BAD",
+    b"AUTHENTICATIONFAILED", b"CANNOT", b"BAD", b"EXPUNGE",
 }
 
 
@@ -213,6 +213,31 @@ def _idle(raw: CheckedRaw) -> None:
     raw.reply(tag)
 
 
+def other_sessions_changes(raw: CheckedRaw) -> None:
+    """What a session is told of another's changes: new keywords, flags, expunges, mail."""
+    raw.command("SELECT INBOX (CONDSTORE)")
+    other = CheckedRaw.to(raw.sock.getpeername()[1])
+    try:
+        other.ok(f"LOGIN {quote(ALICE)} {quote(USERS[ALICE])}")
+        other.command("SELECT INBOX")
+        other.command("STORE 1:2 +FLAGS (fresh_keyword \\Deleted)")
+        other.command("EXPUNGE")
+        other.literal_command(b"APPEND INBOX (\\Flagged)", b"Subject: new\r\n\r\nx\r\n")
+        other.command("STORE 3 +FLAGS (\\Answered other_keyword)")
+        raw.command("NOOP")
+        tag = next(raw.tags)
+        raw.send(tag.encode() + b" IDLE\r\n")
+        raw.response()  # the continuation
+        other.command("STORE 4 +FLAGS (\\Flagged)")
+        raw.response()  # IDLE tells of it
+        raw.send(b"DONE\r\n")
+        raw.reply(tag)
+    finally:
+        other.close()
+    raw.violations += other.violations
+    raw.kinds |= other.kinds
+
+
 def qresync_session(raw: CheckedRaw) -> None:
     raw.command("ENABLE QRESYNC")
     status = raw.command("STATUS INBOX (UIDVALIDITY)").untagged[0]
@@ -279,7 +304,7 @@ async def test_every_response_is_valid_by_the_formal_syntax(
     def dialog() -> tuple[list[str], set[bytes]]:
         first = before_login(stack.port)
         violations, kinds = first.violations, first.kinds
-        for session in (exercise, qresync_session, bad_input):
+        for session in (exercise, other_sessions_changes, qresync_session, bad_input):
             raw = CheckedRaw.to(stack.port)
             try:
                 raw.ok(f"LOGIN {quote(ALICE)} {quote(USERS[ALICE])}")

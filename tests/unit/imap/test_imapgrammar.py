@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from services.store.imap import responses
 from services.store.imap.protocol import fetch, mime
 from tests.imapgrammar import GrammarError, check_response
 from tests.unit.imap.hostile_mime import fetch_atts, hostile_message, info_for
@@ -74,6 +75,7 @@ INVALID = [
     (b"* CAPABILITY IDLE\r\n", "IMAP4rev1"),
     (b"* 0 EXPUNGE\r\n", "nz-number"),
     (b"* 1 FETCH (UID 0)\r\n", "nz-number"),
+    (b"* 1 FETCH ()\r\n", "msg-att"),
     (b"* 1 FETCH (MODSEQ (0))\r\n", "mod-sequence-value"),
     (b"* 1 FETCH (MODSEQ (9223372036854775808))\r\n", "out of range"),
     (b"* OK [HIGHESTMODSEQ 0] x\r\n", "mod-sequence-value"),
@@ -125,3 +127,13 @@ def test_each_violation_is_named(line: bytes, why: str) -> None:
 def test_fetch_of_a_hostile_message_is_valid(raw: bytes) -> None:
     atts = fetch_atts(mime.parse_message(raw))
     check_response(fetch.render_fetch(1, info_for(raw), atts, raw))
+
+
+REPLIES = [value for value in vars(responses).values() if isinstance(value, responses.Reply)]
+
+
+@pytest.mark.parametrize("reply", REPLIES, ids=lambda reply: f"{reply.status} {reply.text}")
+def test_every_reply_constant_is_valid_where_it_may_go(reply: responses.Reply) -> None:
+    if reply.status != "BYE":  # BYE is never tagged (RFC 3501 7.1.5)
+        check_response(reply.tagged("a1"))
+    check_response(reply.untagged())
