@@ -277,6 +277,15 @@ def bad_input(raw: CheckedRaw) -> None:
         raw.command("NOOP")
 
 
+def oversized(raw: CheckedRaw) -> None:
+    """Literals and lines over the limits (their own session: each counts as an error)."""
+    for line in (b"r1 APPEND INBOX {99999999999}", b"r1 APPEND INBOX {4294967296}",
+                 b"r1 NOOP " + b"x" * 100_000, b"\xff" * 100_000):
+        raw.send(line + b"\r\n")
+        raw.response()
+        raw.command("NOOP")
+
+
 def before_login(port: int) -> CheckedRaw:
     raw = CheckedRaw.to(port)
     try:
@@ -304,7 +313,8 @@ async def test_every_response_is_valid_by_the_formal_syntax(
     def dialog() -> tuple[list[str], set[bytes]]:
         first = before_login(stack.port)
         violations, kinds = first.violations, first.kinds
-        for session in (exercise, other_sessions_changes, qresync_session, bad_input):
+        for session in (exercise, other_sessions_changes, qresync_session, bad_input,
+                        oversized):
             raw = CheckedRaw.to(stack.port)
             try:
                 raw.ok(f"LOGIN {quote(ALICE)} {quote(USERS[ALICE])}")
