@@ -479,7 +479,7 @@ def _list_data(r: _Reader) -> None:
     flags = [f.upper() for f in flag_list(r, "mbx-list-flags")]
     if any(not f.startswith(b"\\") for f in flags):
         raise r.fail("mbx-list-flags", f"{flags}: every flag is \\atom")
-    if len([f for f in flags if f in _LIST_SFLAGS - {b"\\NONEXISTENT"}]) > 1:
+    if len([f for f in flags if f in _LIST_SFLAGS]) > 1:  # RFC 9051 adds \NonExistent
         raise r.fail("mbx-list-flags", f"{flags}: more than one mbx-list-sflag")
     r.sp("mailbox-list")
     if r.at(b'"'):

@@ -108,7 +108,8 @@ MESSAGES = [
 ]
 
 MAILBOXES = ["quote\"d", "back\\slash", "per%cent", "st*ar", "with space", "caf\u00e9",
-             "\u65e5\u672c/\u8a9e", "NIL", "a]b", "amp&er", "p/c/d", "Trash"]
+             "\u65e5\u672c/\u8a9e", "NIL", "a]b", "amp&er", "p/c/d", "Trash", "br{3}ace",
+             "(paren)", "NIL/x"]
 
 FETCH_ITEMS = (
     "(FLAGS INTERNALDATE RFC822.SIZE UID ENVELOPE BODY BODYSTRUCTURE)",
