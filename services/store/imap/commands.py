@@ -1039,7 +1039,8 @@ async def store(s: Session, c: Command) -> r.Reply:
         lines = [_modseq_fetch(selected, p) for p in positions if all_uids[p] in changed]
     else:
         lines = []
-    await _send_batched(s, lines)
+    announcement = selected.keyword_announcement()  # before any FETCH showing a new keyword
+    await _send_batched(s, announcement + lines if announcement else lines)
     if modified:
         numbers = modified if c.uid else {
             p + 1 for p in (selected.position_of(u) for u in modified) if p is not None}

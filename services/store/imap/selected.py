@@ -228,12 +228,7 @@ class SelectedMailbox:
     def updates(self, *, allow_expunge: bool, qresync: bool, condstore: bool) -> list[bytes]:
         """The untagged responses owed to the client, in a safe order: FLAGS when keywords
         appeared, expunges (only when allowed), EXISTS/RECENT, then flag changes."""
-        lines: list[bytes] = []
-        if self._keywords_changed:
-            self._keywords_changed = False
-            lines.append(wire.untagged(b"FLAGS " + self.flag_list()))
-            lines.append(wire.untagged(b"OK [PERMANENTFLAGS " + self.permanent_flags()
-                                       + b"] Flags permitted"))
+        lines = self.keyword_announcement()
         if allow_expunge and self._gone:
             lines.extend(self._announce_expunges(qresync))
         if len(self._uids) != self._announced_count:
@@ -243,6 +238,17 @@ class SelectedMailbox:
         if self._flag_updates:
             lines.extend(self._announce_flags(condstore))
         return lines
+
+    def keyword_announcement(self) -> list[bytes]:
+        """FLAGS and PERMANENTFLAGS when keywords appeared since they were last sent: they go
+        before any FETCH that shows a new keyword (RFC 3501 7.2.6: FLAGS lists the flags
+        applicable to the mailbox)."""
+        if not self._keywords_changed:
+            return []
+        self._keywords_changed = False
+        return [wire.untagged(b"FLAGS " + self.flag_list()),
+                wire.untagged(b"OK [PERMANENTFLAGS " + self.permanent_flags()
+                              + b"] Flags permitted")]
 
     def forget_expunged(self) -> None:
         """Drop pending expunges without announcing them (CLOSE, RFC 3501 6.4.2)."""

@@ -1201,6 +1201,23 @@ async def test_store_flags(server: Server, deliver: Deliver, maildb: MailDB) -> 
     assert flags[2] == {"\\Answered", "\\Seen"}
 
 
+async def test_store_announces_a_new_keyword_before_the_fetch_that_shows_it(
+        server: Server, deliver: Deliver) -> None:
+    await deliver(ALICE, message("m"))
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        reply = raw.ok("STORE 1 +FLAGS ($Fresh)")
+        kinds = [line.split(b" ")[2 if line[2:3].isdigit() else 1] for line in reply.untagged]
+        assert kinds[:3] == [b"FLAGS", b"OK", b"FETCH"], reply.untagged
+        assert b"$Fresh" in reply.lines(b"FLAGS")[0]
+        assert not raw.ok("NOOP").lines(b"FLAGS")  # announced once
+        raw.close()
+
+    await in_thread(dialog)
+
+
 async def test_copy_and_uid_copy(server: Server, deliver: Deliver, maildb: MailDB) -> None:
     for n in range(3):
         await deliver(ALICE, message(f"m{n}"))
