@@ -402,6 +402,38 @@ def fill(disk: Path) -> Path:
     return ballast
 
 
+@contextlib.contextmanager
+def strace_attached(pid: int, output: Path, options: list[str]) -> Iterator[None]:
+    """`strace -f -p pid OPTIONS -o output` (Debian package strace, which `make install`
+    installs) while the block runs, from the moment every thread of `pid` is traced; strace
+    detaches at the end. Attaching needs ptrace rights (root or CAP_SYS_PTRACE; some
+    containers forbid it): without them a skip with strace's reason, a failure under
+    CI=true."""
+    path = require_client("/usr/bin/strace", "strace")
+    tracer = subprocess.Popen([path, "-p", str(pid), *options, "-o", str(output)],
+                              stderr=subprocess.PIPE, text=True)
+
+    def attached() -> bool:
+        if tracer.poll() is not None:
+            message = f"strace cannot attach to a process here: {tracer.stderr.read()}"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        statuses = []
+        for task in Path(f"/proc/{pid}/task").glob("*/status"):
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                statuses.append(task.read_text())
+        return all(f"TracerPid:\t{tracer.pid}\n" in status for status in statuses)
+
+    try:
+        wait_until(attached, what=f"strace attached to every thread of {pid}")
+        yield
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detach, leaving the process running
+        tracer.wait(timeout=60)
+        tracer.stderr.close()  # type: ignore[union-attr]
+
+
 def require_client(path: str, package: str) -> str:
     """A real mail client from a Debian package that `make install` installs: its path, or a
     skip naming the install step (a failure under CI=true, where a missing install step must
