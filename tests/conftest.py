@@ -141,10 +141,10 @@ def run_tier(tmp_path: Path) -> Iterator[Callable[..., TierProcess]]:
     """Start `tiermail ARGS...` with given settings; every process is stopped afterwards."""
     started: list[TierProcess] = []
 
-    def start(settings: Settings, *args: str, extra_env: dict[str, str] | None = None
-              ) -> TierProcess:
+    def start(settings: Settings, *args: str, extra_env: dict[str, str] | None = None,
+              wrapper: list[str] | None = None) -> TierProcess:
         log_path = tmp_path / f"{'-'.join(args)}-{len(started)}.log"
-        process = TierProcess(settings, list(args), log_path, extra_env)
+        process = TierProcess(settings, list(args), log_path, extra_env, wrapper)
         started.append(process)
         return process
 

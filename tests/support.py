@@ -135,26 +135,40 @@ class TierProcess:
     """One `tiermail <args>` process with its output kept in a log file for failures."""
 
     def __init__(self, settings: Settings, args: list[str], log_path: Path,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None) -> None:
+        """`wrapper`: a command that runs tiermail as its child (strace ... --): signals go
+        to the child, and the process has ended when the wrapper has."""
         self.args = args
         self.log_path = log_path
         env = {**tier_env(settings), **(extra_env or {})}
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env,
-                                     cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*(wrapper or []), sys.executable, "-m", "services.cli",
+                                      *args], env=env, cwd=REPO, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        self._wrapped = wrapper is not None
 
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def _signal(self, sig: int) -> None:
+        if not self._wrapped:
+            self.proc.send_signal(sig)
+            return
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        with contextlib.suppress(OSError, ValueError):
+            for child in children.read_text().split():
+                os.kill(int(child), sig)
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.alive:
-            self.proc.send_signal(sig)
+            self._signal(sig)
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
         if self.alive:
-            self.proc.send_signal(signal.SIGTERM)
+            self._signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

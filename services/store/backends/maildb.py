@@ -46,7 +46,9 @@ Adding messages (deliver, append, copy); the caller hears of success only after 
        usage; COMMIT (synchronous=FULL: the commit, inline bodies included, is durable when
        it returns).
 A crash between 1 and 2 leaves names no index row points at. A batch of inline bodies only
-is step 2 alone: one transaction, one commit, nothing else written or fsynced.
+is step 2 alone: one transaction, one commit, nothing else written or fsynced. A delivery
+found already stored writes nothing, so the WAL is fsynced before it is reported: the
+commit that stored it may be one a killed store wrote but never synced.
 
 Removing messages (expunge, delete of a mailbox): the body rows go in the transaction that
 deletes the message rows. When files are among them, the user goes to the journal before
@@ -1283,22 +1285,23 @@ class MailDB:
         conn = self._conn(user)
         results: list[int | None] = [None] * len(deliveries)
         todo = _new_deliveries(conn, deliveries)
-        if not todo:
-            return results
-        written: list[Path] = []
-        try:
-            written = self._write_messages(self.user_path(user), [
-                (guid, d.body) for _, d, guid in todo if not self._is_inline(len(d.body))])
-            with transaction(conn):
-                committed = self._insert_deliveries(conn, todo, results)
-        except BaseException:
-            _unlink_all(written)
-            raise
-        kept = {guid for guids in committed.values() for guid in guids}
-        # Files of deliveries that turned out to be duplicates inside the transaction.
-        _unlink_all(path for path in written if path.name not in kept)
-        events.extend(ChangeEvent(user, "deliver", name, guids=tuple(guids))
-                      for name, guids in committed.items())
+        if todo:
+            written: list[Path] = []
+            try:
+                written = self._write_messages(self.user_path(user), [
+                    (guid, d.body) for _, d, guid in todo if not self._is_inline(len(d.body))])
+                with transaction(conn):
+                    committed = self._insert_deliveries(conn, todo, results)
+            except BaseException:
+                _unlink_all(written)
+                raise
+            kept = {guid for guids in committed.values() for guid in guids}
+            # Files of deliveries that turned out to be duplicates inside the transaction.
+            _unlink_all(path for path in written if path.name not in kept)
+            events.extend(ChangeEvent(user, "deliver", name, guids=tuple(guids))
+                          for name, guids in committed.items())
+        if None in results:
+            _sync_index(self.user_path(user))
         return results
 
     def _insert_deliveries(self, conn: sqlite3.Connection, todo: list[tuple[int, Delivery, str]],
@@ -2083,6 +2086,23 @@ def _place_files(base: Path, makers: list[tuple[str, Callable[[Path, Path], None
         _unlink_all(created)
         raise
     return created
+
+
+def _sync_index(user_dir: Path) -> None:
+    """Make what a user's index holds durable before a redelivery found in it is acked: a
+    store that died after writing a commit to the WAL but before its fsync returned left
+    it in the page cache, where the next store reads it (a power loss would still lose it).
+    The WAL, and not the database file: a checkpoint records its progress only after
+    syncing that. Another descriptor of the WAL may be closed freely (SQLite's POSIX locks
+    are on the database and -shm files, which a close() of ours would release). The
+    directory too: that store may have died while creating the index."""
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(user_dir / "index.sqlite-wal", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(user_dir)
 
 
 def _write_file(path: Path, data: bytes) -> None:

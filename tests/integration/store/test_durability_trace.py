@@ -9,7 +9,10 @@ QUIT), and then reads the trace (syscall_trace.py): at every basic.ack the store
 broker, every tagged OK and the +OK of the UPDATE state, everything the store had written to
 the mailbox files concerned (index, its WAL, message files, the journal, the UIDVALIDITY
 counter) had been fsynced, and every name created on the way (user and message directories,
-files, renames, links) had had its directory fsynced.
+files, renames, links) had had its directory fsynced; and EXPUNGE and POP3 unlink message
+files only after the commit that forgot them was synced. A second test kills a store inside
+its commit's fsync (strace's fault injection) and checks that the next store syncs the
+index before acking the redelivery it finds already stored.
 
 The AMQP acks are found by decoding the store's side of the broker connection with pamqp:
 basic.deliver frames (class 60, method 60) give each delivery tag, the content header after
@@ -28,6 +31,8 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
+from pamqp import commands
+
 from common.settings import Settings
 from services.store.backends.maildb import MAIL_DIR, store_user_path
 from tests.integration.store.syscall_trace import (
@@ -35,6 +40,7 @@ from tests.integration.store.syscall_trace import (
     Call,
     FileSystem,
     amqp_acks,
+    amqp_frames,
     call_at,
     durability_violations,
     file_system,
@@ -161,12 +167,13 @@ def exercise(settings: Settings) -> tuple[list[str], dict[str, list[tuple[str, s
         imap.select("INBOX")
         assert imap.copy("1:*", "Archive")[0] == "OK"
         assert imap.uid("MOVE", "1", "Trash")[0] == "OK"
-        imap.store("1", "+FLAGS", "\\Deleted")
+        imap.store("1:*", "+FLAGS", "\\Deleted")  # an inline message and a file
         assert imap.expunge()[0] == "OK"
     with closing(poplib.POP3("127.0.0.1", settings.pop3_port, timeout=60)) as pop:
         pop.user(BOB)
         pop.pass_(PASSWORD)
-        pop.dele(1)
+        for number in (1, 2, 3):  # an inline message and two files
+            pop.dele(number)
         pop.quit()
     archived = [guid for (guid,) in index_rows(settings, ALICE, (
         "SELECT guid FROM message JOIN mailbox ON mailbox.id = mailbox_id"
@@ -235,7 +242,17 @@ def _reply_problems(settings: Settings, fs: FileSystem, user: str, what: str,
     committed = [w for w in fs.writes if receipt.end < w.at.start and w.at.end < reply.start
                  and w.path.endswith("/index.sqlite-wal") and covers(w.path)]
     problems = [] if committed else [f"{where}: no index write between command and reply"]
-    return problems + [f"{where}: {p}" for p in durability_violations(fs, reply, covers)]
+    problems += [f"{where}: {p}" for p in durability_violations(fs, reply, covers)]
+    # Files go only once the index no longer names them, durably: a crash in between must
+    # leave a file without a row (the sweep removes it), never a row without its file.
+    wal = os.path.realpath(store_user_path(settings.store_dir, user) / "index.sqlite-wal")
+    for name in fs.names:
+        if (name.removed_at is not None and receipt.end < name.removed_at < reply.start
+                and "/m/" in name.path and covers(name.path)
+                and not fs.synced_between(wal, receipt.end, name.removed_at)):
+            problems.append(f"{where}: {name.path} unlinked (line {name.removed_at}) before "
+                            "the index commit was synced")
+    return problems
 
 
 def check_imap(settings: Settings, calls: list[Call], fs: FileSystem,
@@ -261,3 +278,43 @@ def check_imap(settings: Settings, calls: list[Call], fs: FileSystem,
 def check_pop3(settings: Settings, calls: list[Call], fs: FileSystem) -> list[str]:
     [(receipt, reply)] = _replies(calls, settings.pop3_port, b"QUIT")
     return _reply_problems(settings, fs, BOB, "POP3 QUIT", receipt, reply)
+
+
+def test_a_redelivery_found_stored_is_acked_only_after_the_index_is_synced(
+        settings: Settings, run_tier: Callable[..., TierProcess], tmp_path: Path) -> None:
+    """A store that dies after writing a commit to the WAL but before its fsync returned
+    leaves the commit in the page cache: the next store reads it, finds the redelivered
+    message already there and acks it. Unless it syncs the index first, a power loss after
+    that ack loses a message nobody will deliver again."""
+    settings = settings.replace(log_level="INFO")
+    provision(settings)
+    first = run_tier(settings, "store")
+    first.wait_for_port(settings.pop3_port)
+    run_tier(settings, "filter").wait_for_port(settings.smtp_port)
+    send(settings, [ALICE], message("before"))
+    wait_until(lambda: stored(settings, ALICE) == 1, what="the first message stored")
+    wal = store_user_path(settings.store_dir, ALICE) / "index.sqlite-wal"
+    dying = ["-f", "-qq", "-e", "trace=fdatasync,fsync", "-P", str(wal),
+             "-e", "inject=fdatasync,fsync:error=EIO:signal=SIGKILL"]
+    with strace_attached(first.proc.pid, tmp_path / "dying.strace", dying):
+        send(settings, [ALICE], message("unsynced"))
+        wait_until(lambda: not first.alive, what="the store killed at its commit's fsync")
+    assert stored(settings, ALICE) == 2, "the commit is not in the page cache"
+
+    trace = tmp_path / "store.strace"
+    options = ["-f", "--seccomp-bpf", "-qq", "-xx", "-yy", "-s", "65536",
+               "-e", "trace=write,writev,sendto,sendmsg,fsync,fdatasync", "-o", str(trace)]
+    second = run_tier(settings, "store", wrapper=["/usr/bin/strace", *options, "--"])
+    wait_until(lambda: "already delivered" in second.output(), timeout=60,
+               what="the redelivery found stored")
+    second.stop()
+
+    with open(trace, errors="replace") as lines:
+        calls = parse_strace(lines)
+    [(sent, _)] = socket_streams(calls, lambda sock: sock.endswith("->127.0.0.1:5672]")).values()
+    outbound = stream_bytes(sent)
+    [ack, *_] = [call_at(sent, offset) for offset, _, decoded in amqp_frames(outbound)
+                 if isinstance(decoded, commands.Basic.Ack)]
+    synced = [c for c in calls if c.name in ("fsync", "fdatasync") and c.end < ack.start
+              and c.fds() and c.fds()[0] == os.path.realpath(wal)]
+    assert synced, f"the redelivery was acked (line {ack.start}) before the WAL was synced"
