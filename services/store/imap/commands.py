@@ -602,7 +602,9 @@ def _kib(octets: int) -> int:
 # --- selected ----------------------------------------------------------------------------
 
 async def check(s: Session, c: Command) -> r.Reply:
-    return r.OK_DONE  # every change is durable when committed; updates follow as for NOOP
+    # Changes are durable when committed, flag changes aside (docs/architecture.md: not
+    # waited for, made durable by the next other change); updates follow as for NOOP.
+    return r.OK_DONE
 
 
 async def close(s: Session, c: Command) -> r.Reply:
