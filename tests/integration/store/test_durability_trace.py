@@ -311,10 +311,11 @@ def test_a_redelivery_found_stored_is_acked_only_after_the_index_is_synced(
 
     with open(trace, errors="replace") as lines:
         calls = parse_strace(lines)
-    [(sent, _)] = socket_streams(calls, lambda sock: sock.endswith("->127.0.0.1:5672]")).values()
-    outbound = stream_bytes(sent)
-    [ack, *_] = [call_at(sent, offset) for offset, _, decoded in amqp_frames(outbound)
-                 if isinstance(decoded, commands.Basic.Ack)]
+    streams = socket_streams(calls, lambda sock: sock.endswith("->127.0.0.1:5672]"))
+    # The only message this store is given is the redelivery: its ack is the first.
+    ack = min((call_at(sent, offset) for sent, _ in streams.values()
+               for offset, _, decoded in amqp_frames(stream_bytes(sent))
+               if isinstance(decoded, commands.Basic.Ack)), key=lambda call: call.start)
     synced = [c for c in calls if c.name in ("fsync", "fdatasync") and c.end < ack.start
               and c.fds() and c.fds()[0] == os.path.realpath(wal)]
     assert synced, f"the redelivery was acked (line {ack.start}) before the WAL was synced"
