@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
 
@@ -66,9 +67,7 @@ def run_stack(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     check_free(settings)
     if settings.spam == "rspamd" and not settings.rspamd_controller_password:
-        # Made up per run, never written to the repository or a config file; the children
-        # get it through their environment.
-        settings = settings.replace(rspamd_controller_password=secrets.token_urlsafe(24))
+        settings = settings.replace(rspamd_controller_password=controller_password(settings))
     if ensure_dev_certificate(settings.tls_cert_path, settings.tls_key_path, settings.hostname):
         log.info("generated a self-signed development certificate at %s", settings.tls_cert_path)
     with contextlib.ExitStack() as scanners:
@@ -78,6 +77,27 @@ def run_stack(settings: Settings) -> int:
             log.error("cannot start the scanners: %s", exc)
             return 1
         return _run_tiers(settings)
+
+
+def controller_password(settings: Settings) -> str:
+    """rspamd's controller password when TIERMAIL_RSPAMD_CONTROLLER_PASSWORD is empty: made
+    up per run, never written to the repository or a config file (the children get it
+    through their environment). An rspamd already answering keeps the password it started
+    with: the one in this data directory when an earlier `up` of it left rspamd running
+    (SIGKILLed), else unknown here (another stack's), and the learner would be refused."""
+    if runner.rspamd_ping(settings.rspamd_url):
+        kept = runner.read_controller_password(_scanners_dir(settings) / "rspamd" / "conf.d")
+        if kept:
+            return kept
+        if settings.learns_spam:
+            log.warning("rspamd on %s was not started by a stack on this data directory: "
+                        "spam learning needs its controller's password in "
+                        "TIERMAIL_RSPAMD_CONTROLLER_PASSWORD", settings.rspamd_url)
+    return secrets.token_urlsafe(24)
+
+
+def _scanners_dir(settings: Settings) -> Path:
+    return settings.data_dir.resolve() / "scanners"
 
 
 def check_free(settings: Settings) -> None:
@@ -95,7 +115,7 @@ def start_scanners(settings: Settings, stack: contextlib.ExitStack) -> None:
     rspamd listens on rspamd_url's port with its controller on rspamd_controller_url's; clamd on
     clamd_address (a unix socket path or host:port); spamd on spamd_address (host:port).
     """
-    base = settings.data_dir.resolve() / "scanners"
+    base = _scanners_dir(settings)
     if settings.spam == "rspamd":
         parts = urlsplit(settings.rspamd_url)
         port = parts.port or 11333

@@ -15,6 +15,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -218,6 +219,17 @@ def write_rspamd_runtime_config(folder: Path, controller_password: str,
     _write_private(folder / "bayes-redis.conf",
                    rspamd_redis_options(bayes_redis_url) if bayes_redis_url else "")
     return folder
+
+
+def read_controller_password(folder: Path) -> str | None:
+    """The controller password write_rspamd_runtime_config left in `folder`, if any: an
+    rspamd started from there may still be running (its `tiermail up` was SIGKILLed)."""
+    try:
+        text = (folder / "controller-password.inc").read_text()
+    except OSError:
+        return None
+    match = re.match(r"password = (\".*\");\n", text)
+    return json.loads(match.group(1)) if match else None
 
 
 def rspamd_redis_options(redis_url: str) -> str:
