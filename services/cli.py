@@ -202,6 +202,8 @@ def run_learner(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.learns_spam:
         raise CommandError("spam learning is off (TIERMAIL_LEARN, or TIERMAIL_SPAM is not "
                            "rspamd); nothing to run")
+    import dramatiq
+
     from services.store.learning import Learning, run_worker
 
     setup_logging(settings.log_level, settings.log_format, tier="learner")
@@ -210,6 +212,8 @@ def run_learner(settings: Settings, args: argparse.Namespace) -> int:
     learning = Learning(settings)
     try:
         moved = learning.requeue_dead()
+    except dramatiq.errors.BrokerError as exc:
+        raise CommandError(f"RabbitMQ could not be used: {exc}") from None
     finally:
         learning.close()
     print(f"{moved} learn job{'' if moved == 1 else 's'} moved back to {learning.queue_name}")

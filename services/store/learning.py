@@ -349,7 +349,8 @@ class Learning:
         """Declare the learn queues from this thread before the worker starts, so its
         consumer threads need no second connection of their own to do it."""
         try:
-            self.broker.declare_queue(self.queue_name, ensure=True)
+            with _pika_quiet():
+                self.broker.declare_queue(self.queue_name, ensure=True)
         finally:
             self.release_connection()
 
@@ -587,6 +588,40 @@ class LearningHook:
         return None if len(data) > MAX_LEARN_SIZE else data
 
 
+BROKER_RETRY_MAX = 30.0  # seconds between attempts to reach the broker at start
+
+
+def _declare_once_reachable(learning: Learning, stop: threading.Event) -> bool:
+    """Declare the learn queues, waiting for the broker as the other tiers do: a learner
+    started while RabbitMQ is down (or before it, in compose) tries again, 1 s doubling to
+    30 s, one WARNING line each time, instead of exiting with pika's tracebacks. False when
+    stopped before the broker was reached."""
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            learning.declare()
+            return True
+        except dramatiq.errors.BrokerError as exc:
+            log.warning("the broker is unreachable (%s); trying again in %.0fs", exc, delay,
+                        extra={"event": "broker-unreachable"})
+        stop.wait(delay)
+        delay = min(delay * 2, BROKER_RETRY_MAX)
+    return False
+
+
+@contextlib.contextmanager
+def _pika_quiet() -> Any:
+    """pika logs a failed connect at ERROR, with a traceback, several lines deep; the callers
+    of `Learning.declare` say it in one line."""
+    pika_log = logging.getLogger("pika")
+    level = pika_log.level
+    pika_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        pika_log.setLevel(level)
+
+
 async def _report_until(stop: threading.Event, settings: Settings,
                         stats: Callable[[], dict[str, int]]) -> None:
     """A heartbeat in Redis (what `tiermail status` lists) until `stop` is set."""
@@ -602,8 +637,6 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
     """`tiermail learner`: consume learn jobs until SIGTERM/SIGINT (or `stop` is set)."""
     stop = stop or threading.Event()
     learning = Learning(settings)
-    learning.declare()
-    worker = learning.worker()
 
     def request_stop(signum: int, frame: Any) -> None:
         stop.set()
@@ -611,6 +644,10 @@ def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
+    if not _declare_once_reachable(learning, stop):
+        learning.close()
+        return 0
+    worker = learning.worker()
     worker.start()
     log.info("learner running: queue %s, rspamd controller %s", learning.queue_name,
              settings.rspamd_controller_url, extra={"event": "started"})

@@ -30,7 +30,9 @@ from services.store.backends.maildb import MailDB
 from services.store.learning import Learning, LearningHook, RspamdController, learn_queue
 from services.store.mailbox import INBOX, JUNK, TRASH, Delivery
 from tests.support import (
+    TcpProxy,
     TierProcess,
+    broker_at,
     eventually,
     free_port,
     queue_depth,
@@ -347,3 +349,28 @@ async def test_a_learner_killed_mid_job_leaves_the_job_to_the_next(
     await eventually(learned_as(second, "spam"), within=60, what="the next learner's try")
     assert "rspamd learned" in second.output(), second.output()
     assert await asyncio.to_thread(learned, rspamd_scanner) == before + 1
+
+
+def test_a_learner_started_before_the_broker_waits_for_it(
+        learn_settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """Like the other tiers, a learner that cannot reach RabbitMQ at start waits for it (a
+    compose stack starting, a broker restarting). It exited with pika's tracebacks instead,
+    and `tiermail up` restarted it every 2 s."""
+    proxy = TcpProxy(5672)
+    proxy.cut()
+    learner = run_tier(broker_at(learn_settings, proxy.port), "learner")
+    wait_until(lambda: "the broker is unreachable" in learner.output() or not learner.alive,
+               timeout=60, what="the learner to try the broker")
+    assert learner.alive, learner.output()
+    proxy.start()
+    wait_until(lambda: "learner running" in learner.output(), timeout=60,
+               what="the learner to reach the broker")
+    assert "Traceback" not in learner.output()
+
+
+def test_retry_dead_without_a_broker_says_so_in_one_line(learn_settings: Settings) -> None:
+    done = run_cli(broker_at(learn_settings, free_port(), log_level="INFO"), "learner",
+                   "--retry-dead")
+    assert done.returncode == 1
+    assert done.stderr.startswith("tiermail: RabbitMQ could not be used: "), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
