@@ -68,7 +68,11 @@ def run_stack(settings: Settings) -> int:
     check_free(settings)
     if settings.spam == "rspamd" and not settings.rspamd_controller_password:
         settings = settings.replace(rspamd_controller_password=controller_password(settings))
-    if ensure_dev_certificate(settings.tls_cert_path, settings.tls_key_path, settings.hostname):
+    # Only where no certificate is configured: one configured but missing (a mistyped path,
+    # a volume not mounted) stops the tiers with a bad setting instead of being made up.
+    configured = settings.tls_cert or settings.tls_key
+    if not configured and ensure_dev_certificate(settings.tls_cert_path, settings.tls_key_path,
+                                                 settings.hostname):
         log.info("generated a self-signed development certificate at %s", settings.tls_cert_path)
     with contextlib.ExitStack() as scanners:
         try:

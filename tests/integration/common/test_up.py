@@ -82,6 +82,17 @@ def test_a_tier_that_cannot_start_stops_up_instead_of_restarting(
     assert "stopping the stack" in output and "restarting" not in output
 
 
+def test_a_configured_certificate_that_is_missing_is_not_made_up(
+        settings: Settings, run_tier: RunTier, tmp_path: Path) -> None:
+    """`up` generated a self-signed certificate at TIERMAIL_TLS_CERT/KEY when they named no
+    file (a mistyped path, a volume not mounted), and the stack served it silently."""
+    cert, key = tmp_path / "typo" / "cert.pem", tmp_path / "typo" / "key.pem"
+    up = run_tier(settings.replace(tls_cert=str(cert), tls_key=str(key)), "up")
+    assert up.proc.wait(timeout=60) == 2
+    assert "tiermail: bad setting: TIERMAIL_TLS_CERT" in up.output()
+    assert not cert.exists() and not key.exists()
+
+
 def test_a_dead_tier_is_restarted_and_signals_stop_everything(settings: Settings,
                                                               run_tier: RunTier) -> None:
     for stop_with in (signal.SIGINT, signal.SIGTERM):
