@@ -18,6 +18,7 @@ TIMEOUT = 5.0
 # Heartbeat values that say how much there is now, not how many so far: no rate for them.
 GAUGES = frozenset({"active", "data_held", "imap_sessions", "pop3_sessions",
                     "imap_literals_held", "imap_fetch_held"})
+LIMIT_SUFFIX = "_limit"  # a heartbeat's `<gauge>_limit`: what the gauge may reach
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:
@@ -172,10 +173,12 @@ def format_status(report: dict[str, Any]) -> str:
         # flags are always shown. `--json` has everything.
         counters = {k: v for k, v in beat.items()
                     if isinstance(v, int | float) and k not in {"pid", "started", "at"}
+                    and not k.endswith(LIMIT_SUFFIX)
                     and (v or k in GAUGES or isinstance(v, bool))}
         recent = beat.get("recent")
         window = _window(recent) if isinstance(recent, dict) else None
-        rates = ", ".join(_shown(k, v, uptime, now, window) for k, v in counters.items())
+        rates = ", ".join(_shown(k, v, uptime, now, window, beat.get(k + LIMIT_SUFFIX))
+                          for k, v in counters.items())
         lines.append(f"  {beat['tier']:<7} {beat.get('host')}:{beat.get('pid')} "
                      f"up {uptime:.0f}s {rates}")
     if not redis["processes"]:
@@ -192,10 +195,13 @@ def _window(recent: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
 
 
 def _shown(key: str, value: float, uptime: float, now: float,
-           window: tuple[float, dict[str, Any]] | None = None) -> str:
+           window: tuple[float, dict[str, Any]] | None = None, limit: Any = None) -> str:
     """One heartbeat value: a counter with its rate over the heartbeat's recent window (a
-    heartbeat without one, from an older process: since start), a gauge or flag as it is,
-    a time (`..._at`, seconds since the epoch) as how long ago."""
+    heartbeat without one, from an older process: since start), a gauge or flag as it is
+    (out of its limit, `<key>_limit`, when the heartbeat has one), a time (`..._at`,
+    seconds since the epoch) as how long ago."""
+    if key in GAUGES and isinstance(limit, int):
+        return f"{key}={value}/{limit}"
     if key.endswith("_at") and isinstance(value, float):
         return f"{key.removesuffix('_at')} {max(now - value, 0):.0f}s ago"
     if isinstance(value, int) and not isinstance(value, bool) and key not in GAUGES:

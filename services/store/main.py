@@ -147,7 +147,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         def health() -> dict[str, Any]:
             return {**stats.as_dict(),
                     "imap_sessions": sum(server.sessions for server in imap_servers),
+                    "imap_sessions_limit": settings.imap_max_connections,
                     "pop3_sessions": sum(server.sessions for server in pop3_servers),
+                    "pop3_sessions_limit": settings.pop3_max_connections,
                     "imap_literals_held": literals.held,
                     "imap_fetch_held": fetch_memory.held}
 

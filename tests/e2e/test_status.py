@@ -103,6 +103,9 @@ def test_status_shows_the_stores_open_sessions(
 
         wait_until(sessions_counted, timeout=30, interval=0.5,
                    what="the store's heartbeat to count 2 IMAP and 1 POP3 sessions")
+        text = run_cli(settings, "status").stdout
+        assert f"imap_sessions=2/{settings.imap_max_connections}," in text, text
+        assert f"pop3_sessions=1/{settings.pop3_max_connections}," in text, text
     finally:
         for client in [*imap, pop3]:
             client.close()

@@ -28,6 +28,15 @@ def test_counters_get_a_rate_and_gauges_do_not() -> None:
     assert "dead_lettered" not in line  # a counter still at 0 is left out
 
 
+def test_session_gauges_are_shown_against_their_limits() -> None:
+    beat = {"tier": "store", "host": "h", "pid": 7, "started": time.time() - 60,
+            "imap_sessions": 3, "imap_sessions_limit": 1000, "pop3_sessions": 0,
+            "pop3_sessions_limit": 500}
+    line = format_status(report(beat)).splitlines()[-1]
+    assert "imap_sessions=3/1000" in line and "pop3_sessions=0/500" in line
+    assert "_limit" not in line
+
+
 def test_rates_come_from_the_last_minute_when_the_heartbeat_has_it() -> None:
     """A filter up for a day that accepted 86,400 messages but none in the last minute:
     its rate is 0, not the day's average of 60 a minute."""
