@@ -191,3 +191,57 @@ def test_rabbitmq_accepts_our_largest_message() -> None:
     assert match, "rabbitmq.conf must set max_message_size (4.x defaults to 16 MiB)"
     largest = Settings(hostname="test").max_message_size
     assert int(match.group(1)) >= largest + 1024 * 1024, "no room for the envelope"
+
+
+def interpolate(text: str, values: dict[str, str]) -> str:
+    """compose's ${VAR}, ${VAR:-default}, ${VAR:?error} with .env.example's values."""
+    def value(match: re.Match[str]) -> str:
+        name, operator, fallback = match.group(1), match.group(2) or "", match.group(3)
+        current = values.get(name)
+        # ":-" and ":?" treat an empty value as unset; "-" and "?" only a missing one.
+        if current or (current == "" and not operator.startswith(":")):
+            return current
+        return fallback if operator.endswith("-") else ""
+    return re.sub(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?])?([^}]*)\}", value, text)
+
+
+def tier_settings(name: str) -> Settings:
+    """The settings a tier's container starts with: the Dockerfile's ENV, then the service's
+    environment with .env.example's values, as `tiermail` reads them."""
+    environment = all_services()[name].get("environment", {})
+    values = env_example()
+    env = {**dockerfile_env(),
+           **{key: interpolate(str(raw), values) for key, raw in environment.items()}}
+    return Settings.from_env(env)
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The Dockerfile's ENV instructions (KEY=VALUE form, continued lines joined)."""
+    text = (COMPOSE / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word == "ENV":
+            env.update(item.split("=", 1) for item in rest.split())
+    return env
+
+
+TIER_PORTS = {"filter": ("smtp_port", "submission_port"),
+              "store": ("imap_port", "imaps_port", "pop3_port", "pop3s_port"),
+              "webmail": ("webmail_port",)}
+
+
+@pytest.mark.parametrize("name", ["filter", "store", "learner", "webmail"])
+def test_tier_environment_is_accepted_by_the_settings(name: str) -> None:
+    tier_settings(name)  # raises SettingsError, naming the value, when tiermail would
+
+
+@pytest.mark.parametrize("name", sorted(TIER_PORTS))
+def test_published_and_health_checked_ports_are_the_ones_the_tier_listens_on(name: str) -> None:
+    service = all_services()[name]
+    settings = tier_settings(name)
+    listening = {getattr(settings, port) for port in TIER_PORTS[name]}
+    published = {int(str(mapping).rsplit(":", 1)[1]) for mapping in service["ports"]}
+    assert published == listening, f"{name} publishes {published}, listens on {listening}"
+    checked = re.search(r"'127\.0\.0\.1', (\d+)", " ".join(service["healthcheck"]["test"]))
+    assert checked and int(checked.group(1)) in listening, f"{name}: healthcheck port"
