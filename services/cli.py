@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from common.directory import normalize_address, normalize_domain
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The one-line errors below say what went wrong; aiormq would log it again, with the
     # connection's internals (a tier's setup_logging sets its own level).
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    settings: Settings | None = None
     try:
         settings = Settings.from_env()
         code = int(args.handler(settings, args) or 0)
@@ -64,8 +66,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         # A data directory that cannot be created or written, a port in use, ...
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"tiermail: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"tiermail: {exc.strerror or exc}{where}{_setting_of(settings, exc.filename)}",
+              file=sys.stderr)
         return EXIT_FAILED
+
+
+def _setting_of(settings: Settings | None, filename: Any) -> str:
+    """Which setting a failing path comes from, for the operator to fix: the data directory."""
+    if settings is None or not isinstance(filename, str | os.PathLike):
+        return ""
+    data_dir = settings.data_dir.absolute()
+    path = Path(os.path.abspath(filename))
+    if path == data_dir or data_dir in path.parents:
+        return f" (under TIERMAIL_DATA_DIR={settings.data_dir})"
+    return ""
 
 
 def _exit_with_parent(parent: int) -> bool:
@@ -543,6 +557,17 @@ def format_size(octets: int) -> str:
     return str(octets)
 
 
+def approximate_size(octets: int) -> str:
+    """A usage for people: exact where format_size is ("2G"), else one decimal ("2.2M")."""
+    exact = format_size(octets)
+    if exact != str(octets):
+        return exact
+    for unit in ("T", "G", "M", "K"):
+        if octets >= _SIZE_UNITS[unit]:
+            return f"{octets / _SIZE_UNITS[unit]:.1f}{unit}"
+    return exact
+
+
 def _quota_text(stored: int | None, default: int) -> str | None:
     """How `user list` shows a quota; None when there is nothing to say (unlimited by
     default)."""
@@ -563,7 +588,7 @@ def user_quota(settings: Settings, args: argparse.Namespace) -> int:
     print(f"quota of {normalize_address(args.address)}: {shown}")
     if "usage" in known:  # not when Redis was out of reach
         usage = known["usage"]
-        print(f"in use: {format_size(usage)} ({usage} octets)"
+        print(f"in use: {approximate_size(usage)} ({usage} octets)"
               + (", over quota: new mail is refused (452 4.2.2)"
                  if limit is not None and usage >= limit else ""))
     return 0

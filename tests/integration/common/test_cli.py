@@ -138,6 +138,7 @@ def test_a_data_directory_that_cannot_be_made_is_one_line(settings: Settings,
         result = tiermail(unusable, *command)
         assert result.returncode == 1, result.stderr
         assert result.stderr.startswith("tiermail: Not a directory: "), result.stderr
+        assert f"(under TIERMAIL_DATA_DIR={blocker / 'var'})" in result.stderr
         assert len(result.stderr.splitlines()) == 1, result.stderr
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.cli import CommandError, format_size, parse_size
+from services.cli import CommandError, approximate_size, format_size, parse_size
 
 
 @pytest.mark.parametrize(("text", "octets"), [
@@ -34,3 +34,11 @@ def test_parse_size_refuses(text: str) -> None:
 ])
 def test_format_size(octets: int, text: str) -> None:
     assert format_size(octets) == text
+
+
+@pytest.mark.parametrize(("octets", "text"), [
+    (0, "0"), (538, "538"), (2048, "2K"), (2_293_314, "2.2M"), (3 * 1024**3, "3G"),
+    (1024**3 + 1, "1.0G")])
+def test_a_usage_is_shown_approximately_where_it_is_not_round(octets: int, text: str) -> None:
+    """`user quota` printed 'in use: 2293314 (2293314 octets)'."""
+    assert approximate_size(octets) == text
