@@ -309,7 +309,7 @@ class Publisher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = connect_failure(exc)
                 self._last_failure = (self._clock(), reason)
                 raise PublishFailed(f"broker unreachable: {reason}") from exc
             self._last_failure = None

@@ -32,7 +32,7 @@ from typing import Any
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp.commands import Basic
 
-from common.broker import close_connection, open_channel
+from common.broker import close_connection, connect_failure, open_channel
 from common.directory import normalize_address
 from common.envelope import Envelope, EnvelopeError
 from common.settings import Settings
@@ -115,7 +115,7 @@ class Consumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("broker session ended: %s: %s", type(exc).__name__, exc,
+                log.warning("broker session ended: %s", connect_failure(exc),
                             extra={"event": "amqp-disconnected"})
             finally:
                 self.stats.consumer_connected = False

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -16,7 +17,15 @@ from common.listen import lock_directory
 from common.passwords import verify_password
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
-from tests.support import REPO, free_port, rabbitmqctl, run_cli, tier_env
+from tests.support import (
+    REPO,
+    TierProcess,
+    free_port,
+    rabbitmqctl,
+    run_cli,
+    tier_env,
+    wait_until,
+)
 
 tiermail = run_cli
 
@@ -324,3 +333,16 @@ def test_a_new_account_does_not_get_the_mail_a_deleted_one_left(settings: Settin
                         stdin="pw\n")
     assert kept.returncode == 0, kept.stderr
     assert mailbox.exists() and "with the mail an earlier account" in kept.stdout
+
+
+def test_the_tiers_name_a_vhost_the_broker_refuses(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """A broker set up anew without the stack's vhost: `tiermail status` said so, but the
+    store logged `InvalidFrameError: Expected one of ['Connection.OpenOk'], got
+    <Connection.Close object at 0x...>` and the filter the same."""
+    no_vhost = settings.replace(
+        amqp_url=settings.amqp_url.rsplit("/", 1)[0] + "/tiermail-no-such-vhost")
+    for tier in (run_tier(no_vhost, "store"), run_tier(no_vhost, "filter")):
+        wait_until(lambda tier=tier: "the broker refused the virtual host" in tier.output(),
+                   timeout=60, what=f"{tier.args[0]} to name the vhost")
+        assert "InvalidFrameError" not in tier.output()
