@@ -12,12 +12,13 @@ Layout under `root` (normally `<store_dir>/mail`), documented in docs/architectu
         m/<guid[:2]>/<guid>         a larger message's bytes, written once, never modified
         tmp/<guid>                  a message file being written (removed by the sweep)
 
-Index tables (schema 6; older indexes are migrated in place when first opened):
+Index tables (schema 7; older indexes are migrated in place when first opened):
 
     mailbox       id, name (unique, "/"-separated, INBOX spelled so), uidvalidity, uidnext,
                   highestmodseq (the mailbox's MODSEQ: CONDSTORE is per mailbox, RFC 7162 2),
                   special_use (RFC 6154), recent_uid (first UID no session has claimed as
-                  \\Recent yet)
+                  \\Recent yet), modseq_reserved (commits that do not wait for the disk
+                  may use MODSEQs up to this one: see "MODSEQ after a power loss" below)
     message       mailbox_id, uid, guid (unique: the body row's key or the file's name),
                   size, internaldate, flags (sorted, space-separated; system flags in
                   canonical case), modseq, padding (mailbox.line_end_padding: octets POP3
@@ -33,7 +34,8 @@ Index tables (schema 6; older indexes are migrated in place when first opened):
     delivered     queue_id -> mailbox_id, uid: makes queue redelivery a no-op
     subscription  name: subscribed names; a name may outlive its mailbox (RFC 3501 6.3.6)
     account       one row: usage, the octets of every message row (kept in the same
-                  transaction as each change that adds or removes rows)
+                  transaction as each change that adds or removes rows); epoch, the store
+                  epoch (epoch.py) in which the index's MODSEQs were last re-established
 
 Adding messages (deliver, append, copy); the caller hears of success only after step 2:
     1. only when some body is a file: append the user to the `inflight` journal (fsynced);
@@ -68,6 +70,16 @@ listing never waits behind a delivery batch; WAL lets them run beside the writer
 `open_message` runs in its caller's thread (FETCH readers, POP3, the indexer) and reads inline
 bodies through a small per-thread LRU of read-only connections (`bodies.BodyReaders`).
 
+MODSEQ after a power loss: flag changes (STORE) commit without waiting for the disk, so a
+power loss may take back the last ones and the MODSEQs clients saw for them. Such a commit
+may only use a MODSEQ at most `modseq_reserved`, which a commit that waited for the disk
+raised beforehand (by MODSEQ_RESERVE at a time: one fsync per that many changes). When the
+store starts after an unclean stop under another boot (epoch.py), the epoch goes up; the
+first open of each index in a new epoch gives every mailbox with `modseq_reserved` above its
+`highestmodseq` (changes may be lost there) the MODSEQ `modseq_reserved + 1` on every message:
+above anything handed out, and a CONDSTORE client that saw lost changes is told every
+message's flags again. Readers let the writer do that before they answer.
+
 Change notification: after each committed change the writer schedules, in the caller's event
 loop, a bump of the user's `version` (IDLE waits on it with `wait_change`) and a call of every
 listener with a `ChangeEvent`. It is scheduled from the writer thread, so a caller cancelled
@@ -100,6 +112,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from services.store.backends.bodies import BodyReaders
 from services.store.backends.changefeed import ChangeFeeds
+from services.store.backends.epoch import begin_run, end_run
 from services.store.backends.snapshots import (
     DEFAULT_CAPACITY,
     MERGE_LIMIT,
@@ -143,7 +156,8 @@ T = TypeVar("T")
 # standard folders (Drafts, Sent, Junk, Trash, Archive) in every index. 3: mailbox.recent_uid,
 # subscription, account (usage). 4: body (inline message bodies). 5: mailbox.messages.
 # 6: message.padding (mailbox.line_end_padding: what POP3 adds to close the lines).
-SCHEMA_VERSION = 6
+# 7: mailbox.modseq_reserved and account.epoch (MODSEQs never reused after a power loss).
+SCHEMA_VERSION = 7
 MAIL_DIR = "mail"  # the mailboxes' root under the store's data directory
 
 # Schema 5 -> 6 adds message.padding as NULL ("not computed yet"), this partial index of the
@@ -155,6 +169,9 @@ PADDING_PENDING = "padding_pending"
 # other (read whole). Without it each lookup scanned `delivered`: 20,000 messages took 22 s.
 PADDING_DELIVERED = "padding_delivered"
 PADDING_BATCH = 1000  # rows computed, then committed in one short write transaction
+# MODSEQs a mailbox's flag changes may use, without waiting for the disk, per durable
+# reservation: one fsync per this many changes; a power loss skips at most this many.
+MODSEQ_RESERVE = 1000
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mailbox (
     id INTEGER PRIMARY KEY,
@@ -164,7 +181,8 @@ CREATE TABLE IF NOT EXISTS mailbox (
     highestmodseq INTEGER NOT NULL,
     special_use TEXT,
     recent_uid INTEGER NOT NULL DEFAULT 1,
-    messages INTEGER NOT NULL DEFAULT 0
+    messages INTEGER NOT NULL DEFAULT 0,
+    modseq_reserved INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS message (
     mailbox_id INTEGER NOT NULL REFERENCES mailbox(id),
@@ -204,7 +222,8 @@ CREATE TABLE IF NOT EXISTS subscription (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS account (
     id INTEGER PRIMARY KEY CHECK (id = 1),
-    usage INTEGER NOT NULL
+    usage INTEGER NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -269,6 +288,7 @@ class _Box:
     uidnext: int
     modseq: int
     messages: int
+    reserved: int  # modseq_reserved
 
 
 def user_dir_name(user: str) -> str:
@@ -511,6 +531,9 @@ class MailDB:
         self._wakeups: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, int] = {}
         self._user_paths: dict[str, Path] = {}  # any thread; dict operations are atomic
+        # Before any index is opened: the epoch tells the writer which to reconcile.
+        self._epoch = begin_run(self.root)
+        self._reconciled: set[str] = set()  # users whose index is in this epoch (any thread)
         # Shared by the reader threads (it has its own lock).
         self._snapshots = MessageListCache(snapshot_messages)
         self._feeds = ChangeFeeds()  # event loop only
@@ -744,6 +767,7 @@ class MailDB:
         self._reader.shutdown(wait=True)
         self._filler.shutdown(wait=True)  # its batch stops at the next message (`_closed`)
         self._bodies.close()
+        await asyncio.to_thread(end_run, self.root)
 
     # Additions beyond MailStore (used by IMAP, the consumer, main and tests)
 
@@ -973,6 +997,9 @@ class MailDB:
             if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 self._upgrade_index(conn, user)
                 _fsync_dir(path)
+            if _index_epoch(conn) != self._epoch:
+                self._recover_modseqs(conn, user)
+            self._remember_reconciled(user)
             if _padding_pending(conn):
                 self._padding_found.put(user)
         except BaseException:
@@ -983,6 +1010,32 @@ class MailDB:
             _, old = self._open.popitem(last=False)
             old.close()
         return conn
+
+    def _recover_modseqs(self, conn: sqlite3.Connection, user: str) -> None:
+        """First open in a new epoch (the store stopped uncleanly before a reboot): a
+        mailbox whose reservation is above its highestmodseq may have lost flag changes,
+        and with them MODSEQs up to the reservation that clients saw. Every message of it
+        gets `modseq_reserved + 1`: new MODSEQs start above all of those, and a client
+        resynchronising from one of them (CHANGEDSINCE, QRESYNC) is sent every message's
+        flags as they are now, the lost changes included (RFC 7162 3.1: a MODSEQ is never
+        reused; expunges and UIDs always waited for the disk)."""
+        with transaction(conn):
+            boxes = conn.execute("SELECT id, modseq_reserved + 1 FROM mailbox"
+                                 " WHERE modseq_reserved > highestmodseq").fetchall()
+            for box_id, modseq in boxes:
+                conn.execute("UPDATE message SET modseq = ? WHERE mailbox_id = ?",
+                             (modseq, box_id))
+                conn.execute("UPDATE mailbox SET highestmodseq = ?, modseq_reserved = ?"
+                             " WHERE id = ?", (modseq, modseq, box_id))
+            conn.execute("UPDATE account SET epoch = ?", (self._epoch,))
+        if boxes:
+            log.warning("MODSEQs re-established in %d mailboxes after an unclean stop",
+                        len(boxes), extra={"user": user, "event": "modseq-recovered"})
+
+    def _remember_reconciled(self, user: str) -> None:
+        if len(self._reconciled) >= USER_PATH_MEMO:
+            self._reconciled.clear()  # a forgotten user costs one query to check again
+        self._reconciled.add(user)
 
     def _conn(self, user: str) -> sqlite3.Connection:
         """The writer connection of a user, creating the index (an IMAP user exists)."""
@@ -1020,10 +1073,17 @@ class MailDB:
                              " (SELECT count(*) FROM message WHERE mailbox_id = mailbox.id)")
             if "padding" not in {row[1] for row in conn.execute("PRAGMA table_info(message)")}:
                 _add_padding_column(conn)  # 5 -> 6
+            if "modseq_reserved" not in columns:  # 6 -> 7: nothing reserved yet
+                conn.execute("ALTER TABLE mailbox ADD COLUMN modseq_reserved INTEGER NOT NULL"
+                             " DEFAULT 0")
+            if "epoch" not in {row[1] for row in conn.execute("PRAGMA table_info(account)")}:
+                conn.execute("ALTER TABLE account ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")
             for trigger in MESSAGE_COUNT_TRIGGERS:
                 conn.execute(trigger)
             conn.execute("INSERT OR IGNORE INTO account (id, usage)"
                          " SELECT 1, coalesce(sum(size), 0) FROM message")
+            if version < 7:  # no MODSEQ was reserved yet: none to re-establish
+                conn.execute("UPDATE account SET epoch = ?", (self._epoch,))
             self._create_standard_mailboxes(conn)
             if version < 3:
                 # Clients that show subscribed folders only (Thunderbird's default) must see
@@ -1102,13 +1162,14 @@ class MailDB:
         """The mailbox `name` (inside a write transaction); NoSuchMailbox if absent,
         MailboxReplaced if it is not the one with `uidvalidity` (when given)."""
         row = conn.execute(
-            "SELECT id, uidvalidity, uidnext, highestmodseq, messages FROM mailbox"
-            " WHERE name = ?", (name,)).fetchone()
+            "SELECT id, uidvalidity, uidnext, highestmodseq, messages, modseq_reserved"
+            " FROM mailbox WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NoSuchMailbox(name)
         if uidvalidity is not None and int(row[1]) != uidvalidity:
             raise MailboxReplaced(name)
-        return _Box(int(row[0]), name, int(row[1]), int(row[2]), int(row[3]), int(row[4]))
+        return _Box(int(row[0]), name, int(row[1]), int(row[2]), int(row[3]), int(row[4]),
+                    int(row[5]))
 
     def _exists(self, conn: sqlite3.Connection, name: str) -> bool:
         return conn.execute("SELECT 1 FROM mailbox WHERE name = ?", (name,)).fetchone() is not None
@@ -1428,7 +1489,8 @@ class MailDB:
                           unchangedsince: int | None,
                           uidvalidity: int | None = None) -> FlagsResult:
         conn = self._conn(user)
-        with transaction(conn, durable=False):  # flags: see docs/architecture.md
+        # Only this thread writes: the reservation read here is the one in the transaction.
+        with transaction(conn, durable=not _reserved_ahead(conn, mailbox)):
             box = self._box(conn, mailbox, uidvalidity)
             modseq = box.modseq + 1
             span = _covered_span(conn, box.id, uids)
@@ -1441,6 +1503,9 @@ class MailDB:
             if result.changed:
                 conn.execute("UPDATE mailbox SET highestmodseq = ? WHERE id = ?",
                              (modseq, box.id))
+            if result.changed and modseq > box.reserved:  # this commit waits for the disk
+                conn.execute("UPDATE mailbox SET modseq_reserved = ? WHERE id = ?",
+                             (modseq + MODSEQ_RESERVE, box.id))
         if result.changed:
             status = MailboxStatus(mailbox, box.uidvalidity, box.uidnext, modseq, box.messages)
             events.append(ChangeEvent(user, "flags", mailbox, changed=tuple(result.changed),
@@ -1623,8 +1688,15 @@ class MailDB:
     def _read_conn(self, user: str) -> sqlite3.Connection | None:
         """This reader thread's read-only connection (kept open), or None when the index is
         missing or not yet at SCHEMA_VERSION (being created, or written by older code): the
-        writer fixes that. A read of several statements uses `read_snapshot`."""
-        return self._bodies.connection(user)
+        writer fixes that; or when the index's MODSEQs were not re-established in this epoch
+        yet (`_recover_modseqs`). A read of several statements uses `read_snapshot`."""
+        conn = self._bodies.connection(user)
+        if conn is None or user in self._reconciled:
+            return conn
+        if _index_epoch(conn) != self._epoch:
+            return None
+        self._remember_reconciled(user)
+        return conn
 
     def _status_sync(self, user: str, mailbox: str) -> MailboxStatus | None:
         conn = self._read_conn(user)
@@ -1859,6 +1931,19 @@ class MailDB:
         if conn is None:
             return set()
         return {row[0] for row in conn.execute("SELECT queue_id FROM delivered")}
+
+
+def _index_epoch(conn: sqlite3.Connection) -> int:
+    """The store epoch in which the index's MODSEQs were last re-established."""
+    return int(conn.execute("SELECT epoch FROM account").fetchone()[0])
+
+
+def _reserved_ahead(conn: sqlite3.Connection, mailbox: str) -> bool:
+    """Whether the mailbox's next MODSEQ is reserved, so a flag change may use it without
+    waiting for the disk."""
+    row = conn.execute("SELECT highestmodseq < modseq_reserved FROM mailbox WHERE name = ?",
+                       (mailbox,)).fetchone()
+    return bool(row and row[0])
 
 
 def _add_padding_column(conn: sqlite3.Connection) -> None:

@@ -17,7 +17,9 @@ def transaction(conn: sqlite3.Connection, *, durable: bool = True) -> Iterator[N
     not wait for the disk. In WAL mode that is synchronous=NORMAL: the database stays
     consistent whatever happens, a process crash loses nothing, a power failure may lose
     this commit; the next durable commit on the same database makes it durable too (the log
-    is written in order). For changes a client can repeat, such as flags (IMAP STORE)."""
+    is written in order). For changes a client can repeat, such as flags (IMAP STORE); one
+    that hands out MODSEQs may skip the wait only below a durable reservation (maildb.py,
+    "MODSEQ after a power loss")."""
     if not durable:
         conn.execute("PRAGMA synchronous=NORMAL")
     try:
