@@ -162,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("target", metavar="TO", nargs="?")
     command("list", alias_list, "list aliases", alias)
 
+    uidvalidity = commands.add_parser(
+        "uidvalidity", help="renew mailboxes' UIDVALIDITY (after restoring a backup)"
+    ).add_subparsers(metavar="ACTION", required=True)
+    renew = command("renew", uidvalidity_renew,
+                    "give every mailbox of the accounts a new UIDVALIDITY, so IMAP clients "
+                    "resynchronize instead of trusting UIDs the restore gives out again "
+                    "(UIDs, flags and POP3 UIDLs stay); only with the store stopped",
+                    uidvalidity)
+    renew.add_argument("addresses", metavar="ADDRESS", nargs="*",
+                       help="an account whose mailboxes to renew")
+    renew.add_argument("--all", action="store_true",
+                       help="every account with mail on disk (deleted ones' kept mail too)")
+
     _held_mail_commands(commands, command, "deadletters", "dead-lettered", "retry",
                         "send messages back for delivery (after fixing the cause: the "
                         "account re-created, the disk repaired); mailboxes that already "
@@ -606,6 +619,54 @@ async def _publish_quota(directory: Any, settings: Settings, address: str,
     usage = known["usage"] = stored_usage(settings.store_dir, user)
     over = limit is not None and usage >= limit
     await directory.set_quota_states({user: QuotaState(usage, over, limit)})
+
+
+def uidvalidity_renew(settings: Settings, args: argparse.Namespace) -> int:
+    """After a restore (docs/operations.md, "Backups"): new UIDVALIDITYs, above anything the
+    lost part of the store's history may have handed out (uidrenewal.py)."""
+    from services.store.backends import uidrenewal
+    from services.store.backends.maildb import MAIL_DIR
+    from services.store.mailbox import NoSuchUser, StorageError
+
+    if args.all == bool(args.addresses):
+        raise CommandError("name the accounts by address, or give --all")
+    root = settings.store_dir / MAIL_DIR
+    try:
+        lock = lock_directory(settings.store_dir, "store")
+    except CannotStart:
+        raise CommandError(f"the store is running on {settings.store_dir}: stop it first "
+                           "(its sessions would go on with the old UIDVALIDITYs)") from None
+    with lock:
+        try:
+            users = (uidrenewal.indexed_users(root) if args.all
+                     else list(dict.fromkeys(map(normalize_address, args.addresses))))
+            missing = uidrenewal.missing(root, users)
+            unknown = [user for user in missing if not _is_user(settings, user)]
+            if unknown:
+                raise CommandError(f"no such account, and no mail of it on disk: "
+                                   f"{', '.join(unknown)}; nothing was changed")
+            for user in missing:
+                print(f"{user}: no mail yet, nothing to renew")
+            _print_renewals(uidrenewal.renew(root, users))
+        except (NoSuchUser, StorageError) as exc:
+            raise CommandError(str(exc)) from None
+    return 0
+
+
+def _print_renewals(renewals: Iterator[Any]) -> None:
+    accounts = mailboxes = 0
+    first = last = 0
+    for done in renewals:
+        print(f"{done.user}: {done.mailboxes} mailbox{'' if done.mailboxes == 1 else 'es'}, "
+              f"UIDVALIDITY {done.first}-{done.last}")
+        accounts, mailboxes = accounts + 1, mailboxes + done.mailboxes
+        first, last = first or done.first, done.last
+    if accounts:
+        print(f"new UIDVALIDITY ({first}-{last}) for {mailboxes} mailbox"
+              f"{'' if mailboxes == 1 else 'es'} of {accounts} account"
+              f"{'' if accounts == 1 else 's'}: IMAP clients resynchronize them")
+    else:
+        print("no mailboxes to renew")
 
 
 def alias_add(settings: Settings, args: argparse.Namespace) -> int:

@@ -159,6 +159,7 @@ T = TypeVar("T")
 # 7: mailbox.modseq_reserved and account.epoch (MODSEQs never reused after a power loss).
 SCHEMA_VERSION = 7
 MAIL_DIR = "mail"  # the mailboxes' root under the store's data directory
+UIDVALIDITY_FILE = "uidvalidity.sqlite"  # the store-wide counter, under MAIL_DIR
 
 # Schema 5 -> 6 adds message.padding as NULL ("not computed yet"), this partial index of the
 # rows still NULL and the next one; `MailDB._fill_padding` computes the paddings in batches,
@@ -463,7 +464,7 @@ class _FlagSets:
         return flags
 
 
-class _UidValidity:
+class UidValidity:
     """The store-wide monotonic UIDVALIDITY source, seeded from the clock (as Dovecot does).
 
     Only used when a mailbox is created, so a tiny SQLite file with one row is plenty.
@@ -477,15 +478,20 @@ class _UidValidity:
         self._db.execute("CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK "
                          "(id = 1), value INTEGER NOT NULL)")
 
-    def take(self, count: int) -> list[int]:
-        """`count` new values in one transaction (a new account's mailboxes: one fsync)."""
+    def last(self) -> int:
+        """The last value handed out (0: none yet)."""
+        row = self._db.execute("SELECT value FROM counter WHERE id = 1").fetchone()
+        return int(row[0]) if row else 0
+
+    def take(self, count: int, *, above: int = 0) -> list[int]:
+        """`count` new values in one transaction (a new account's mailboxes: one fsync), all
+        above `above` too."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            row = db.execute("SELECT value FROM counter WHERE id = 1").fetchone()
-            last = int(row[0]) if row else 0
+            last = self.last()
             # RFC 3501 2.3.1.1: a 32-bit non-zero value that never goes backwards.
-            first = max(last + 1, int(time.time()))
+            first = max(last + 1, int(time.time()), above + 1)
             final = first + count - 1
             if final > 0xFFFFFFFF:
                 raise StorageError("UIDVALIDITY space exhausted")
@@ -522,7 +528,7 @@ class MailDB:
         self._padding_found: queue.SimpleQueue[str] = queue.SimpleQueue()
         # Touched only in the writer thread.
         self._open: OrderedDict[str, sqlite3.Connection] = OrderedDict()
-        self._uidvalidity: _UidValidity | None = None
+        self._uidvalidity: UidValidity | None = None
         self._journal_fd: int | None = None
         self._closed = False
         # Touched only in the event loop.
@@ -1142,7 +1148,7 @@ class MailDB:
         if not names:
             return
         if self._uidvalidity is None:
-            self._uidvalidity = _UidValidity(self.root / "uidvalidity.sqlite")
+            self._uidvalidity = UidValidity(self.root / UIDVALIDITY_FILE)
         values = self._uidvalidity.take(len(names))
         conn.executemany(
             "INSERT INTO mailbox (name, uidvalidity, uidnext, highestmodseq, special_use)"

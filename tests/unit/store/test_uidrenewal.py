@@ -1,0 +1,141 @@
+"""New UIDVALIDITYs after a restore (uidrenewal.py): above everything the lost history may
+have handed out, with nothing else in the index changed."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from services.store.backends import uidrenewal
+from services.store.backends.maildb import (
+    SCHEMA_VERSION,
+    UIDVALIDITY_FILE,
+    MailDB,
+    UidValidity,
+    user_path,
+)
+from services.store.mailbox import Delivery, StorageError
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+
+
+def delivery(queue_id: str, user: str = ALICE) -> Delivery:
+    body = f"Subject: {queue_id}\r\n\r\nhi\r\n".encode()
+    return Delivery(queue_id=queue_id, user=user, body=body, received_at=1_700_000_000.0)
+
+
+def index_rows(root: Path, user: str, query: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(user_path(root, user) / "index.sqlite")
+    try:
+        return conn.execute(query).fetchall()
+    finally:
+        conn.close()
+
+
+def uidvalidities(root: Path, user: str) -> dict[str, int]:
+    return {str(name): int(str(value)) for name, value in
+            index_rows(root, user, "SELECT name, uidvalidity FROM mailbox")}
+
+
+def everything_but_uidvalidity(root: Path, user: str) -> list[tuple[object, ...]]:
+    return (index_rows(root, user, "SELECT id, name, uidnext, highestmodseq, messages,"
+                                   " recent_uid, modseq_reserved FROM mailbox ORDER BY id")
+            + index_rows(root, user, "SELECT * FROM message ORDER BY mailbox_id, uid"))
+
+
+async def test_new_values_are_above_those_handed_out_after_the_backup(tmp_path: Path) -> None:
+    """The store's counter ran ahead of the clock (many mailboxes created: each takes
+    last + 1 once the counter is past the clock). Values handed out after the backup are
+    then just above the restored counter, where a renewal that merely takes the next
+    values from it would land again."""
+    root = tmp_path / "mail"
+    ahead = int(time.time()) + 100_000
+    db = MailDB(root, inline_max=0)
+    await db.deliver([delivery("q1")])
+    await db.close()
+    counter = UidValidity(root / UIDVALIDITY_FILE)
+    counter.take(1, above=ahead)  # as if 100,000 mailboxes had been created
+    counter.close()
+    backup = tmp_path / "backup"
+    shutil.copytree(root, backup)
+
+    db = MailDB(root, inline_max=0)
+    await db.deliver([delivery("q2", BOB)])  # a new account: its six mailboxes
+    await db.create_mailbox(ALICE, "Later")
+    await db.close()
+    handed_out = set(uidvalidities(root, BOB).values()) | {uidvalidities(root, ALICE)["Later"]}
+    assert min(handed_out) == ahead + 2  # just above the counter the backup holds
+
+    shutil.rmtree(root)
+    shutil.copytree(backup, root)
+    before = uidvalidities(root, ALICE)
+    kept = everything_but_uidvalidity(root, ALICE)
+    renewed = list(uidrenewal.renew(root, uidrenewal.indexed_users(root)))
+
+    after = uidvalidities(root, ALICE)
+    assert [(r.user, r.mailboxes) for r in renewed] == [(ALICE, 6)]
+    assert after.keys() == before.keys()
+    assert min(after.values()) > max(handed_out)
+    assert min(after.values()) > max(before.values()) + uidrenewal.RENEWAL_MARGIN
+    assert len(set(after.values())) == len(after)
+    assert everything_but_uidvalidity(root, ALICE) == kept
+    # The counter moved past them: a mailbox created from now on gets a value above too.
+    counter = UidValidity(root / UIDVALIDITY_FILE)
+    assert counter.last() == max(after.values())
+    counter.close()
+
+
+async def test_an_index_copied_after_the_counter_is_respected(tmp_path: Path) -> None:
+    """The documented backup copies the counter and the indexes one after the other: an
+    index may hold values the restored counter never recorded."""
+    root = tmp_path / "mail"
+    db = MailDB(root, inline_max=0)
+    await db.deliver([delivery("q1"), delivery("q2", BOB)])
+    await db.close()
+    high = int(time.time()) + 2 * uidrenewal.RENEWAL_MARGIN
+    conn = sqlite3.connect(user_path(root, BOB) / "index.sqlite")
+    conn.execute("UPDATE mailbox SET uidvalidity = ? WHERE name = 'INBOX'", (high,))
+    conn.commit()
+    conn.close()
+
+    list(uidrenewal.renew(root, [ALICE]))
+
+    assert min(uidvalidities(root, ALICE).values()) > high
+
+
+async def test_a_second_run_gives_values_above_the_first(tmp_path: Path) -> None:
+    root = tmp_path / "mail"
+    db = MailDB(root, inline_max=0)
+    await db.deliver([delivery("q1"), delivery("q2")])
+    await db.store_flags(ALICE, "INBOX", [1], "+", frozenset({"\\Seen"}))
+    await db.close()
+    kept = everything_but_uidvalidity(root, ALICE)
+
+    list(uidrenewal.renew(root, [ALICE]))
+    first = uidvalidities(root, ALICE)
+    list(uidrenewal.renew(root, [ALICE]))
+    second = uidvalidities(root, ALICE)
+
+    assert all(second[name] > max(first.values()) for name in first)
+    assert everything_but_uidvalidity(root, ALICE) == kept
+
+
+async def test_an_index_of_newer_code_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "mail"
+    db = MailDB(root, inline_max=0)
+    await db.deliver([delivery("q1"), delivery("q2", BOB)])
+    await db.close()
+    conn = sqlite3.connect(user_path(root, BOB) / "index.sqlite")
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+    before = uidvalidities(root, ALICE)
+
+    with pytest.raises(StorageError, match="newer than this code"):
+        list(uidrenewal.renew(root, [ALICE, BOB]))
+
+    assert uidvalidities(root, ALICE) == before
