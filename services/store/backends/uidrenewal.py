@@ -106,11 +106,10 @@ def _read_index(root: Path, user: str) -> tuple[int, int]:
         if version > SCHEMA_VERSION:
             raise StorageError(f"index of {user} has schema {version}, newer than this code "
                                f"({SCHEMA_VERSION}); nothing was changed")
-        try:
-            highest, count = conn.execute(
-                "SELECT coalesce(max(uidvalidity), 0), count(*) FROM mailbox").fetchone()
-        except sqlite3.OperationalError:  # no mailbox table: created by a store that crashed
-            return 0, 0
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'mailbox'").fetchone():
+            return 0, 0  # created by a store that stopped before the first transaction
+        highest, count = conn.execute(
+            "SELECT coalesce(max(uidvalidity), 0), count(*) FROM mailbox").fetchone()
         return int(highest), int(count)
 
 
@@ -128,11 +127,16 @@ def _rewrite_index(root: Path, user: str, values: Iterator[int]) -> Renewed:
 @contextlib.contextmanager
 def _connect(root: Path, user: str) -> Iterator[sqlite3.Connection]:
     index = user_path(root, user) / INDEX_FILE
-    conn = sqlite3.connect(f"{index.as_uri()}?mode=rw", uri=True, isolation_level=None,
-                           timeout=30)
+    try:
+        conn = sqlite3.connect(f"{index.as_uri()}?mode=rw", uri=True, isolation_level=None,
+                               timeout=30)
+    except sqlite3.Error as exc:
+        raise StorageError(f"index of {user} cannot be opened: {exc}") from None
     try:
         conn.execute("PRAGMA synchronous=FULL")
         yield conn
+    except sqlite3.Error as exc:  # not a database, a disk error, ...
+        raise StorageError(f"index of {user}: {exc}") from None
     finally:
         conn.close()
 

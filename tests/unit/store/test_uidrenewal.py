@@ -139,3 +139,31 @@ async def test_an_index_of_newer_code_changes_nothing(tmp_path: Path) -> None:
         list(uidrenewal.renew(root, [ALICE, BOB]))
 
     assert uidvalidities(root, ALICE) == before
+
+
+async def test_an_unreadable_index_is_named_and_nothing_changes(tmp_path: Path) -> None:
+    root = tmp_path / "mail"
+    db = MailDB(root, inline_max=0)
+    await db.deliver([delivery("q1"), delivery("q2", BOB)])
+    await db.close()
+    (user_path(root, BOB) / "index.sqlite").write_bytes(b"not a database" * 100)
+    before = uidvalidities(root, ALICE)
+
+    with pytest.raises(StorageError, match=f"index of {BOB}: file is not a database"):
+        list(uidrenewal.renew(root, [ALICE, BOB]))
+
+    assert uidvalidities(root, ALICE) == before
+
+
+async def test_an_index_without_mailboxes_yet_is_left_alone(tmp_path: Path) -> None:
+    root = tmp_path / "mail"
+    db = MailDB(root, inline_max=0)
+    await db.deliver([delivery("q1")])
+    await db.close()
+    empty = user_path(root, BOB) / "index.sqlite"
+    empty.parent.mkdir(parents=True)
+    sqlite3.connect(empty).close()
+
+    renewed = list(uidrenewal.renew(root, uidrenewal.indexed_users(root)))
+
+    assert [r.user for r in renewed] == [ALICE]
