@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import aiormq
+import pamqp.commands
+import pamqp.frame
+import pamqp.header
 import pytest
 from argon2 import PasswordHasher
 
@@ -199,6 +202,10 @@ def broker_at(settings: Settings, port: int, **changes: Any) -> Settings:
     return settings.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/{vhost}", **changes)
 
 
+# The octets passed on, and None, or the seconds after which the connection is cut.
+Relayed = tuple[bytes, float | None]
+
+
 class TcpProxy:
     """A loopback TCP relay that a test can cut and restore, to take a dependency away
     at the worst moment without touching the shared service itself."""
@@ -279,21 +286,135 @@ class TcpProxy:
                         conn.shutdown(socket.SHUT_RDWR)
                     conn.close()
                 return
-            for a, b, gate in ((client, upstream, self._flowing),
-                               (upstream, client, self._answering)):
-                self._threading.Thread(target=self._pipe, args=(a, b, gate),
+            for a, b, gate, to_target in ((client, upstream, self._flowing, True),
+                                          (upstream, client, self._answering, False)):
+                self._threading.Thread(target=self._pipe, args=(a, b, gate,
+                                                                 self._relay(client, to_target)),
                                        daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, gate: Any) -> None:
+    def _relay(self, client: socket.socket, to_target: bool) -> Callable[[bytes], Relayed]:
+        """What of each chunk read in one direction of one connection passes on, and whether
+        the connection is cut after it; a subclass may watch or hold back the traffic."""
+        return lambda data: (data, None)
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, gate: Any,
+              relay: Callable[[bytes], Relayed]) -> None:
         try:
             while data := source.recv(65536):
                 gate.wait()
-                sink.sendall(data)
+                passing, cut_after = relay(data)
+                sink.sendall(passing)
+                if cut_after is not None:
+                    time.sleep(cut_after)
+                    break
         except OSError:
             pass
         finally:
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
+
+
+class AmqpFrames:
+    """Splits one direction of an AMQP 0-9-1 connection into frames (pamqp decodes each):
+    feed the octets as they come, get back the complete frames with their raw octets."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._started = False
+
+    def feed(self, data: bytes) -> list[tuple[bytes, int, object]]:
+        """(raw octets, channel, frame) of every frame completed by `data`."""
+        self._buffer += data
+        frames: list[tuple[bytes, int, object]] = []
+        if not self._started and len(self._buffer) >= 8:
+            self._started = True
+            if self._buffer.startswith(b"AMQP"):  # the client's protocol header
+                frames.append((self._buffer[:8], 0, None))
+                self._buffer = self._buffer[8:]
+        while self._started and len(self._buffer) >= 7:
+            end = int.from_bytes(self._buffer[3:7], "big") + 8  # type, channel, size, frame-end
+            if len(self._buffer) < end:
+                break
+            raw, self._buffer = self._buffer[:end], self._buffer[end:]
+            _, channel, frame = pamqp.frame.unmarshal(raw)
+            frames.append((raw, channel, frame))
+        return frames
+
+
+# RabbitMQ 3.x can ignore an ack that reaches a quorum queue just before its channel closes
+# (rabbitmq-server issue 10327): an ack passed on is given this long before the cut.
+ACK_GRACE = 1.0
+
+
+class AckTrap(TcpProxy):
+    """A TcpProxy in front of RabbitMQ for one consumer process that kills it at a consumer's
+    worst moments: once its basic.ack for a chosen message is on the wire (so all the work it
+    does for the message before acking is done), SIGKILL the process, then cut the connection
+    with the ack held back (the broker redelivers a message that was already handled) or
+    passed on (what the process meant to do only after the ack is never done). Messages are
+    told apart by their AMQP message-id (tiermail's queue id), read from the basic.deliver
+    and content header frames the broker sends."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self._armed: tuple[int, Callable[[str], bool], bool] | None = None
+        self._delivered: dict[tuple[int, int, int], str] = {}  # (conn, channel, tag) -> id
+        self.sprung = self._threading.Event()
+        self.caught = ""  # the queue id whose ack was held back
+
+    def arm(self, pid: int, chosen: Callable[[str], bool], hold: bool = True) -> None:
+        """SIGKILL `pid` when it acks a message whose queue id is `chosen`; `hold`: the
+        broker never gets that ack."""
+        self.sprung.clear()
+        with self._lock:
+            self._armed = (pid, chosen, hold)
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed = None
+
+    def _relay(self, client: socket.socket, to_target: bool) -> Callable[[bytes], Relayed]:
+        frames = AmqpFrames()
+        connection = id(client)
+        if not to_target:
+            pending: dict[int, int] = {}  # channel -> delivery tag awaiting its header
+
+            def watch(data: bytes) -> Relayed:
+                for _, channel, frame in frames.feed(data):
+                    if isinstance(frame, pamqp.commands.Basic.Deliver):
+                        pending[channel] = frame.delivery_tag or 0
+                    elif isinstance(frame, pamqp.header.ContentHeader) and channel in pending:
+                        key = (connection, channel, pending.pop(channel))
+                        with self._lock:
+                            self._delivered[key] = frame.properties.message_id or ""
+                return data, None
+            return watch
+
+        def hold(data: bytes) -> Relayed:
+            passing = b""
+            for raw, channel, frame in frames.feed(data):
+                sprung = isinstance(frame, pamqp.commands.Basic.Ack) and self._spring(
+                    (connection, channel, frame.delivery_tag or 0))
+                if sprung == "hold":
+                    return passing, 0.0
+                passing += raw
+                if sprung:
+                    return passing, ACK_GRACE
+            return passing, None
+        return hold
+
+    def _spring(self, key: tuple[int, int, int]) -> str:
+        """"hold" or "pass" when the process was killed at this ack, "" when not."""
+        with self._lock:
+            armed, queue_id = self._armed, self._delivered.get(key, "")
+            if armed is None or not armed[1](queue_id):
+                return ""
+            self._armed = None
+        pid, _, hold = armed
+        os.kill(pid, signal.SIGKILL)
+        self.caught = queue_id
+        self.sprung.set()
+        return "hold" if hold else "pass"
 
 
 # Test content for the scanners (tests/integration/scanners/, the filter's scanning tests).
