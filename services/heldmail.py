@@ -7,8 +7,9 @@ that failed `delivery_attempts` deliveries. The quarantine gets what a deferred 
 infected (or could not scan) after the message had been accepted.
 
 `browse` shows what is there without taking it away; `release` puts messages on the delivery
-route (a dead letter once the cause is fixed, a quarantined message judged harmless); `drop`
-deletes them. All three take the messages unacknowledged, one `basic.get` at a time, and
+route (a dead letter once the cause is fixed, a quarantined message judged harmless), except
+a dead letter of the scan queue, which was never scanned: it goes back to the scan queue;
+`drop` deletes them. All three take the messages unacknowledged, one `basic.get` at a time, and
 settle only those they act on; the rest return to the queue when the connection closes.
 Only the messages being sent back are kept in memory with their bodies, until confirmed (at
 most SETTLE_WINDOW of them, about SETTLE_BYTES): of the others only a description and a
@@ -39,6 +40,8 @@ from common.settings import Settings
 from common.topology import (
     MAILBOXES_HEADER,
     REASON_HEADER,
+    SCAN_DELIVERY_LIMIT,
+    SCAN_ROUTING_KEY,
     Topology,
     delivery_route,
     envelope_from_properties,
@@ -54,11 +57,17 @@ _HISTORY_HEADERS = frozenset({REASON_HEADER, MAILBOXES_HEADER, RELEASE_HEADER,
                               "x-first-death-exchange", "x-first-death-queue",
                               "x-first-death-reason", "x-last-death-exchange",
                               "x-last-death-queue", "x-last-death-reason"})
-# What the broker's dead-lettering reasons mean here.
+# What the broker's dead-lettering reasons mean here: for the delivery queues, and for the
+# scan queue (services/filter/deferred.py), whose messages were never scanned.
 _BROKER_REASONS = {
     "rejected": "rejected by the store (undecodable)",
     "delivery_limit": "delivery failed too often (TIERMAIL_DELIVERY_ATTEMPTS)",
 }
+_SCAN_REASONS = {
+    "rejected": "not scanned: rejected by the deferred scanner (undecodable)",
+    "delivery_limit": f"not scanned: given back to the scan queue {SCAN_DELIVERY_LIMIT} times",
+}
+_FIRST_DEATH_QUEUE = "x-first-death-queue"
 # The headers a deferred scan puts on top of a message it quarantines
 # (services/filter/deferred.py): the signature found, or why it was not scanned.
 _VIRUS = VIRUS_HEADER.lower().encode("ascii")
@@ -86,7 +95,8 @@ class HeldQueue:
 
 
 def dead_letters(topology: Topology) -> HeldQueue:
-    return HeldQueue(topology.dead_queue, _dead_letter_reason)
+    return HeldQueue(topology.dead_queue, functools.partial(_dead_letter_reason,
+                                                            topology.scan_queue))
 
 
 def quarantine(topology: Topology) -> HeldQueue:
@@ -135,12 +145,23 @@ def describe(properties: spec.Basic.Properties, body: bytes,
     )
 
 
-def _dead_letter_reason(headers: dict[str, Any], body: bytes) -> str:
+def _dead_letter_reason(scan_queue: str, headers: dict[str, Any], body: bytes) -> str:
     ours = _text(headers.get(REASON_HEADER))
     if ours:
         return ours
     broker = _text(headers.get("x-first-death-reason"))
-    return _BROKER_REASONS.get(broker, broker or "unknown")
+    unscanned = _text(headers.get(_FIRST_DEATH_QUEUE)) == scan_queue
+    return (_SCAN_REASONS if unscanned else _BROKER_REASONS).get(broker, broker or "unknown")
+
+
+def _route_back(topology: Topology, message: DeliveredMessage) -> str:
+    """Where a held message is sent back to: one that the scan queue dead-lettered was never
+    scanned, so back to the scan queue (scanned before any mailbox sees it, as policy
+    `defer` promises); anything else to the store."""
+    headers = message.header.properties.headers or {}
+    if _text(headers.get(_FIRST_DEATH_QUEUE)) == topology.scan_queue:
+        return SCAN_ROUTING_KEY
+    return delivery_route(len(message.body))
 
 
 def _quarantine_reason(headers: dict[str, Any], body: bytes) -> str:
@@ -263,7 +284,7 @@ async def _settle(channel: AbstractChannel, topology: Topology, tags: list[int],
                   resends: list[DeliveredMessage], release: str | None) -> None:
     await asyncio.gather(*(channel.basic_publish(
         message.body, exchange=topology.inbound_exchange,
-        routing_key=delivery_route(len(message.body)), mandatory=True,
+        routing_key=_route_back(topology, message), mandatory=True,
         timeout=CONFIRM_TIMEOUT,
         properties=resend_properties(message.header.properties, release))
         for message in resends))

@@ -49,6 +49,15 @@ def test_a_message_the_broker_dead_lettered_says_why_in_words() -> None:
     assert odd.reason == "expired"
 
 
+def test_a_dead_letter_of_the_scan_queue_says_it_was_never_scanned() -> None:
+    scan_queue = {"x-first-death-queue": Topology().scan_queue}
+    held = describe(dead_copy(**scan_queue, **{"x-first-death-reason": "delivery_limit"}),
+                    b"", DEAD)
+    assert held.reason == "not scanned: given back to the scan queue 100 times"
+    held = describe(dead_copy(**scan_queue, **{"x-first-death-reason": "rejected"}), b"", DEAD)
+    assert held.reason == "not scanned: rejected by the deferred scanner (undecodable)"
+
+
 def test_an_undecodable_message_is_still_described() -> None:
     properties = Basic.Properties(message_id="bad1", headers={ENVELOPE_HEADER: "{not json",
                                                               "x-first-death-reason": "rejected"})
