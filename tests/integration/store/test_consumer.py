@@ -27,6 +27,7 @@ from common.topology import (
     REASON_HEADER,
 )
 from services.store.backends.accounts import AccountDB
+from services.store.backends.epoch import RUNNING
 from services.store.backends.maildb import MailDB
 from services.store.consumer import Consumer
 from services.store.mailbox import Delivery
@@ -376,11 +377,14 @@ async def test_probe_fails_where_the_store_cannot_write(tmp_path: Path) -> None:
     maildb = MailDB(tmp_path / "mail", inline_max=0)
     try:
         await maildb.probe()  # a writable directory
-        assert not list(maildb.root.iterdir())  # and nothing left behind
+        # and nothing left behind but the marker of the store's run (epoch.py)
+        assert [path.name for path in maildb.root.iterdir()] == [RUNNING]
         maildb.root.rename(tmp_path / "elsewhere")
         maildb.root.write_bytes(b"a file where the store's directory was")
         with pytest.raises(OSError):
             await maildb.probe()
+        maildb.root.unlink()
+        (tmp_path / "elsewhere").rename(maildb.root)
     finally:
         await maildb.close()
 
