@@ -45,9 +45,10 @@ POSITIVE = frozenset({
     "scan_timeout", "clamd_stream_max", "max_message_size", "max_recipients",
     "max_line_length", "smtp_command_timeout", "smtp_data_timeout", "smtp_max_connections",
     "smtp_data_memory", "smtp_max_errors", "publish_timeout", "store_prefetch",
-    "delivery_attempts", "pop3_timeout", "pop3_max_connections", "imap_timeout",
-    "imap_login_timeout", "imap_max_literal", "imap_literal_memory", "imap_fetch_memory",
-    "imap_max_line", "imap_max_connections", "imap_max_errors"})
+    "delivery_attempts", "pop3_timeout", "pop3_login_deadline", "pop3_max_connections",
+    "imap_timeout", "imap_login_timeout", "imap_login_deadline", "imap_max_literal",
+    "imap_literal_memory", "imap_fetch_memory", "imap_max_line", "imap_max_connections",
+    "imap_max_errors"})
 SIGNED = frozenset({"spamassassin_reject_score"})  # any finite number
 MAXIMUM = {"store_prefetch": 65535}  # AMQP basic.qos prefetch-count is a short
 URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "redis_url": ("redis", "rediss", "unix"),
@@ -138,6 +139,10 @@ class Settings:
     store_inline_max: int = 64 * 1024
     delivery_attempts: int = 10  # broker delivery-limit before a message is dead-lettered
     pop3_timeout: float = 600.0  # RFC 1939 section 3: at least 10 minutes
+    # Seconds from connect within which a client must have logged in, however busy it keeps
+    # the AUTHORIZATION state (the idle timeout alone lets it stay forever with a CAPA now
+    # and then). Dovecot allows 3 minutes (CLIENT_LOGIN_TIMEOUT_MSECS).
+    pop3_login_deadline: float = 180.0
     pop3_max_connections: int = 1000  # per store process (POP3 and POP3S together)
     # Of those, open at once from one client address (IPv6: one /64); rate_limit_exempt
     # networks are not counted; 0: no limit. Without it one host could hold every slot.
@@ -151,6 +156,11 @@ class Settings:
     # Before LOGIN: RFC 9051 5.4 leaves the pre-authentication timer to the server, so that
     # connections that never log in cannot hold the connection slots for 30 minutes.
     imap_login_timeout: float = 60.0
+    # Seconds from connect within which a client must have logged in: the idle timer above
+    # starts again at every command, so a client sending NOOP every 50 s would otherwise
+    # hold its connection slot forever. Room for STARTTLS and a slow AUTHENTICATE exchange;
+    # Dovecot allows 3 minutes (CLIENT_LOGIN_TIMEOUT_MSECS), not reset by commands either.
+    imap_login_deadline: float = 180.0
     # During IDLE, "* OK Still here" this often: NAT gateways and stateful firewalls drop a
     # connection silent for a few minutes (carrier NATs for phones especially), and the
     # client would not learn of new mail until it re-issues IDLE. Seconds; 0: never.

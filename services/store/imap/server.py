@@ -5,7 +5,8 @@ The server owns the sockets. It reads only when the command parser needs more by
 connection never buffers more than one command line plus its literals (both bounded by
 settings, and oversized literals are refused before the client sends them); it answers
 synchronizing literals with a continuation, applies the autologout timer (RFC 3501 5.4;
-a shorter one until the client has logged in, as RFC 9051 5.4 allows),
+a shorter one until the client has logged in, as RFC 9051 5.4 allows, and a deadline for
+logging in counted from connect),
 waits for the client to take what we write (back-pressure), yields to other connections
 between commands so a client that pipelines thousands of commands cannot starve the rest, and
 caps the number of connections. The session (session.py) decides what to answer.
@@ -132,6 +133,10 @@ class Connection:
         self._max_literal = settings.imap_max_literal
         self._timeout = settings.imap_login_timeout
         self._autologout = settings.imap_timeout
+        # Counted from connect, not restarted by commands as the idle timer is; None once
+        # logged in.
+        self._login_by: float | None = (asyncio.get_running_loop().time()
+                                        + settings.imap_login_deadline)
         self._context = context
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -143,6 +148,7 @@ class Connection:
 
     def logged_in(self) -> None:
         self._timeout = self._autologout
+        self._login_by = None
         self.parser.limit_literals(self._max_literal)
 
     def end_session(self) -> None:
@@ -204,9 +210,11 @@ class Connection:
             self.parser.feed(self._inflated(self._inflate.unconsumed_tail))
             return
         try:
-            async with self.client_wait.within(self._timeout):
+            async with self.client_wait.within(self._read_timeout()):
                 data = await self.reader.read(READ_CHUNK)
         except TimeoutError:
+            if self._login_by is not None and self._login_by <= _now():
+                raise Disconnect("login deadline") from None
             raise Disconnect("timeout") from None
         except SessionEnded:
             raise Disconnect("ended") from None
@@ -215,6 +223,11 @@ class Connection:
         if not data:
             raise Disconnect("eof")
         self.parser.feed(data if self._inflate is None else self._inflated(data))
+
+    def _read_timeout(self) -> float:
+        if self._login_by is None:
+            return self._timeout
+        return max(0.0, min(self._timeout, self._login_by - _now()))
 
     def _inflated(self, data: bytes) -> bytes:
         # At most INFLATE_CHUNK octets at a time: a few compressed octets can stand for
@@ -265,6 +278,10 @@ class Connection:
     @property
     def compressing(self) -> bool:
         return self._deflate is not None
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def _buffered(reader: asyncio.StreamReader) -> int:
@@ -329,6 +346,10 @@ class ImapListener:
             if exc.reason == "timeout":
                 log.info("autologout", extra=session.log_context)
                 connection.farewell(r.BYE_TIMEOUT.untagged())
+            elif exc.reason == "login deadline":
+                log.info("not logged in within %g s, disconnecting",
+                         self._settings.imap_login_deadline, extra=session.log_context)
+                connection.farewell(r.BYE_LOGIN_DEADLINE.untagged())
             elif exc.reason == "ended":
                 log.info("session ended: account deleted", extra=session.log_context)
                 connection.farewell(r.BYE_ACCOUNT_DELETED.untagged())

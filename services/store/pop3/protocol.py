@@ -128,7 +128,7 @@ ERR_TOO_MANY_ERRORS = err("too many errors, closing connection")
 ERR_TOO_MANY_CONNECTIONS = err("too many connections, try again later", CODE_SYS_TEMP)
 ERR_TOO_MANY_FROM_ADDRESS = err("too many connections from your address, try again later",
                                 CODE_SYS_TEMP)
-ERR_LINE_TOO_LONG = err("line too long")
+ERR_LINE_TOO_LONG = err("line too long, closing connection")
 ERR_NEED_USER = err("send USER first")
 ERR_AUTH_FAILED = err("invalid credentials", CODE_AUTH)
 ERR_STLS_FIRST = err("plaintext login not allowed, use STLS first", CODE_AUTH)
@@ -147,6 +147,7 @@ ERR_STORAGE_TEMP = err("mailbox temporarily unavailable", CODE_SYS_TEMP)
 ERR_STORAGE_PERM = err("mailbox unavailable", CODE_SYS_PERM)
 ERR_MESSAGE_GONE = err("message no longer available", CODE_SYS_PERM)
 ERR_IDLE_TIMEOUT = err("disconnected for inactivity")
+ERR_LOGIN_DEADLINE = err("too long without logging in")  # settings.pop3_login_deadline
 ERR_ACCOUNT_DELETED = err("account deleted")  # tiermail user del (services/store/logins.py)
 
 SASL_CONTINUE = b"+ " + CRLF  # RFC 5034 section 4: an empty challenge

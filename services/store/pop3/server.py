@@ -33,12 +33,13 @@ from services.store.logins import Logins
 from services.store.mailbox import MailStore
 from services.store.pop3 import protocol as p
 from services.store.pop3.locks import MailboxLocks
-from services.store.pop3.session import AUTH_FAILURE_DELAY, After, Response, Session
+from services.store.pop3.session import AUTH_FAILURE_DELAY, After, Response, Session, State
 
 log = logging.getLogger(__name__)
 
-# The longest line we buffer (RFC 5034 section 4 SASL responses may exceed RFC 2449's 255);
-# longer lines are discarded as they arrive and answered with -ERR.
+# The longest line we buffer (RFC 5034 section 4 SASL responses may exceed RFC 2449's 255).
+# A line that goes on beyond it is answered with -ERR and the connection closed, not read to
+# its end: a client may send one without end, and no client sends 16 times RFC 2449's limit.
 LINE_LIMIT = p.MAX_SASL_LINE
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
@@ -92,20 +93,12 @@ async def start_pop3_servers(
 
 
 async def read_line(reader: asyncio.StreamReader) -> bytes | None:
-    """One line including its LF, or None when it was longer than the reader's limit (the
-    line is then consumed and dropped without ever being buffered whole). Raises
-    IncompleteReadError at end of stream."""
+    """One line including its LF, or None when it is longer than the reader's limit (the
+    rest of it is not read). Raises IncompleteReadError at end of stream."""
     try:
         return await reader.readuntil(b"\n")
-    except asyncio.LimitOverrunError as exc:
-        discard = exc.consumed
-    while True:
-        await reader.readexactly(discard)
-        try:
-            await reader.readuntil(b"\n")
-            return None
-        except asyncio.LimitOverrunError as exc:
-            discard = exc.consumed
+    except asyncio.LimitOverrunError:
+        return None
 
 
 def _buffered(reader: asyncio.StreamReader) -> int:
@@ -130,6 +123,7 @@ class Pop3Listener:
         self._locks = locks
         self._context = context
         self._timeout = settings.pop3_timeout
+        self._login_deadline = settings.pop3_login_deadline
         self._auth_failure_delay = auth_failure_delay
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -191,11 +185,23 @@ class Pop3Listener:
     async def _converse(self, session: Session, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
         await self._send(session, writer, session.greeting())
+        loop = asyncio.get_running_loop()
+        # Counted from connect: the idle timeout starts again at every command, and a client
+        # sending CAPA now and then would otherwise stay in AUTHORIZATION forever.
+        login_by = loop.time() + self._login_deadline
         while True:
+            authorizing = session.state is State.AUTHORIZATION
+            timeout = (max(0.0, min(self._timeout, login_by - loop.time())) if authorizing
+                       else self._timeout)
             try:
-                async with session.client_wait.within(self._timeout):
+                async with session.client_wait.within(timeout):
                     line = await read_line(reader)
             except TimeoutError:
+                if authorizing and login_by <= loop.time():
+                    log.info("not logged in within %g s, disconnecting", self._login_deadline,
+                             extra=session.log_context)
+                    await self._send(session, writer, Response(p.ERR_LOGIN_DEADLINE.encode()))
+                    return
                 # RFC 1939 section 3: an idle client is logged out without UPDATE.
                 log.info("idle timeout", extra=session.log_context)
                 await self._send(session, writer, Response(p.ERR_IDLE_TIMEOUT.encode()))
@@ -207,7 +213,8 @@ class Pop3Listener:
                 write_or_lost(writer, p.ERR_ACCOUNT_DELETED.encode())
                 return
             if line is None:
-                log.debug("C: <overlong line discarded>", extra=session.log_context)
+                log.info("line longer than %d octets, disconnecting", LINE_LIMIT,
+                         extra=session.log_context)
                 response = session.line_too_long()
             else:
                 if log.isEnabledFor(logging.DEBUG):  # loggable parses the line again

@@ -190,9 +190,9 @@ class Session:
         return response
 
     def line_too_long(self) -> Response:
-        """The server discarded a line longer than it is willing to buffer."""
-        self._sasl_pending = False
-        return self._protocol_error(p.ERR_LINE_TOO_LONG)
+        """The client sent a line longer than the server buffers: the connection ends (the
+        rest of the line is not read), without UPDATE."""
+        return Response(p.ERR_LINE_TOO_LONG.encode(), after=After.CLOSE)
 
     def tls_started(self) -> None:
         # RFC 2595 section 4: forget anything learnt before the handshake.

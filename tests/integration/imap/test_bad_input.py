@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import imaplib
 import socket
@@ -21,6 +22,7 @@ from imapclient import IMAPClient
 from common.budget import Hold, MemoryBudget
 from common.settings import Settings
 from services.store.backends.maildb import MailDB
+from services.store.imap import responses as r
 from services.store.imap import selected as selected_module
 from services.store.imap import server as imap_server_module
 from services.store.imap.server import PRE_LOGIN_MAX_LITERAL
@@ -330,6 +332,32 @@ async def test_a_connection_that_never_logs_in_is_closed_sooner(
         assert idle.response().startswith(b"* BYE")  # (the client waits 10 s at most)
         assert idle.closed()
         assert logged_in.ok("NOOP").status == "OK"
+        logged_in.close()
+
+    await in_thread(dialog)
+
+
+async def test_a_busy_client_that_never_logs_in_is_closed_at_the_login_deadline(
+        start_imap: StartImap, settings: Settings) -> None:
+    """Every command restarts the idle timer before login, so a client sending a NOOP now
+    and then held its connection slot forever; TIERMAIL_IMAP_LOGIN_DEADLINE counts from
+    connect and is restarted by nothing."""
+    server = await start_with(start_imap, settings, imap_login_deadline=2.0)
+
+    def dialog() -> None:
+        busy = server.raw()
+        logged_in = server.raw(ALICE)
+        answer = b""
+        for _ in range(200):  # NOOPs for 20 s at most, ten times the deadline
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                busy.send(b"n NOOP\r\n")
+            answer = busy.response()
+            if not answer.startswith(b"n OK"):
+                break
+            time.sleep(0.1)
+        assert answer == r.BYE_LOGIN_DEADLINE.untagged().rstrip(b"\r\n"), answer
+        assert busy.closed()
+        assert logged_in.ok("NOOP").status == "OK"  # no deadline once logged in
         logged_in.close()
 
     await in_thread(dialog)

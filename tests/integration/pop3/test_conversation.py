@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import poplib
@@ -18,6 +19,7 @@ from common.settings import Settings
 from services.store.backends.maildb import MailDB
 from services.store.mailbox import INBOX, MailStore, MessageInfo, StorageError
 from services.store.pop3 import protocol as p
+from services.store.pop3.server import LINE_LIMIT
 from services.store.pop3.session import MAX_BAD_COMMANDS
 from tests.integration.pop3.conftest import ALICE, BOB, USERS, Pop3Stack, StartPop3
 from tests.support import eventually, fill, free_port, tmpfs
@@ -524,13 +526,22 @@ async def test_overlong_lines_get_err_and_session_survives(pop3: Pop3Stack) -> N
     # Over RFC 2449's 255 octets but within what we buffer.
     reply = await raw.send(b"USER " + b"a" * 300 + b"\r\n")
     assert reply == p.ERR_BAD_SYNTAX.format(reason="command line too long").encode()
-    # Far beyond anything we buffer: discarded as it arrives.
-    reply = await raw.send(b"USER " + b"a" * 1_000_000 + b"\r\n")
-    assert reply == p.ERR_LINE_TOO_LONG.encode()
     await raw.send(f"USER {ALICE}\r\n".encode())
     assert (await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())).startswith(b"+OK")
     assert await raw.send(b"NOOP\r\n") == b"+OK\r\n"
     await raw.send(b"QUIT\r\n")
+    await raw.close()
+
+
+async def test_a_line_beyond_what_we_buffer_gets_err_and_the_connection_ends(pop3: Pop3Stack
+                                                                            ) -> None:
+    """A line without end used to be read and thrown away until the idle timeout (10
+    minutes); one that goes past LINE_LIMIT, 16 times RFC 2449's 255 octets, now ends the
+    connection at once."""
+    raw = await Raw.open(pop3.port)
+    reply = await raw.send(b"USER " + b"a" * LINE_LIMIT)  # and no line end, ever
+    assert reply == p.ERR_LINE_TOO_LONG.encode()
+    assert await raw.closed()
     await raw.close()
 
 
@@ -570,6 +581,32 @@ async def test_idle_timeout_closes_without_update(start_pop3: StartPop3, mailsto
     await pop3.wait_unlocked(ALICE)
     assert len(await pop3.store.list_messages(ALICE, INBOX)) == 1
 
+
+
+async def test_a_busy_client_that_never_logs_in_is_closed_at_the_login_deadline(
+        start_pop3: StartPop3, mailstore: MailStore, settings: Settings) -> None:
+    """Every command restarts the idle timer, so a client sending USER (or CAPA) now and
+    then stayed in AUTHORIZATION forever; TIERMAIL_POP3_LOGIN_DEADLINE counts from connect."""
+    pop3 = await start_pop3(mailstore, settings.replace(pop3_login_deadline=2.0))
+    busy = await Raw.open(pop3.port)
+    logged_in = await Raw.open(pop3.port)
+    await logged_in.send(f"USER {ALICE}\r\n".encode())
+    assert (await logged_in.send(f"PASS {USERS[ALICE]}\r\n".encode())).startswith(b"+OK")
+    reply = b""
+    for _ in range(200):  # USERs for 20 s at most, ten times the deadline
+        busy.writer.write(b"USER nobody@example.test\r\n")
+        with contextlib.suppress(ConnectionError):
+            await busy.writer.drain()
+        reply = await busy.line()
+        if reply != p.OK_USER.encode():
+            break
+        await asyncio.sleep(0.1)
+    assert reply == p.ERR_LOGIN_DEADLINE.encode()
+    assert await busy.closed()
+    await busy.close()
+    assert await logged_in.send(b"NOOP\r\n") == b"+OK\r\n"  # no deadline once logged in
+    await logged_in.send(b"QUIT\r\n")
+    await logged_in.close()
 
 
 async def test_connections_over_the_limit_get_a_temporary_error(
