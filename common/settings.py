@@ -183,6 +183,11 @@ class Settings:
     # Logged-in sessions of one account from one client address (IPv6: one /64); the next
     # login gets NO [LIMIT]. rate_limit_exempt networks are not counted; 0: no limit.
     imap_max_userip_connections: int = 10
+    # Mailboxes of one account, INBOX and the parents CREATE and RENAME make included; one
+    # more gets NO [LIMIT] (RFC 5530). Each is a row in the account's index that every LIST
+    # of the account reads. Subscriptions (names, existing or not) are bounded by it too.
+    # 0: no limit.
+    imap_max_mailboxes: int = 10_000
     # Failed logins counted in Redis (per client IP and per account, across protocols); 0
     # turns a limit off.
     auth_failures_per_ip: int = 20  # per 10 minutes

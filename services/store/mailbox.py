@@ -66,6 +66,11 @@ class CannotDelete(StorageError):
     """INBOX, or a mailbox with children that has the \\Noselect semantics we do not keep."""
 
 
+class TooManyMailboxes(StorageError):
+    """A CREATE or RENAME would give the account more mailboxes (a SUBSCRIBE more
+    subscriptions) than the limit it was given."""
+
+
 class OverQuota(StorageError):
     """An APPEND/COPY/MOVE would take the account over its storage quota (RFC 9208)."""
 
@@ -227,9 +232,11 @@ class MailStore(Protocol):
     # IMAP (issue 4). Mailbox names use HIERARCHY_DELIMITER; "INBOX" is case-insensitive and
     # always spelled "INBOX" here.
 
-    async def create_mailbox(self, user: str, name: str,
-                             special_use: str | None = None) -> None:
-        """Create `name` and any missing parents (RFC 3501 6.3.3). MailboxExists if present."""
+    async def create_mailbox(self, user: str, name: str, special_use: str | None = None, *,
+                             max_mailboxes: int | None = None) -> None:
+        """Create `name` and any missing parents (RFC 3501 6.3.3). MailboxExists if present;
+        TooManyMailboxes if the account would have more than `max_mailboxes` (None: no
+        limit)."""
         ...
 
     async def delete_mailbox(self, user: str, name: str) -> None:
@@ -238,15 +245,20 @@ class MailStore(Protocol):
         CannotDelete for INBOX; NoSuchMailbox if absent."""
         ...
 
-    async def rename_mailbox(self, user: str, old: str, new: str) -> None:
+    async def rename_mailbox(self, user: str, old: str, new: str, *,
+                             max_mailboxes: int | None = None) -> None:
         """Rename with its children (RFC 3501 6.3.5), also a parent that only exists as a
         name (its children move, and it stays only a name). Renaming INBOX moves its
         messages to a new mailbox `new` and leaves INBOX empty. UIDVALIDITY of renamed
-        mailboxes is kept."""
+        mailboxes is kept. TooManyMailboxes if the parents it creates (and for INBOX, `new`)
+        would give the account more than `max_mailboxes` (None: no limit)."""
         ...
 
-    async def set_subscribed(self, user: str, name: str, subscribed: bool) -> None:
-        """Subscriptions are names: a subscription may outlive its mailbox (RFC 3501 6.3.6)."""
+    async def set_subscribed(self, user: str, name: str, subscribed: bool, *,
+                             max_subscriptions: int | None = None) -> None:
+        """Subscriptions are names: a subscription may outlive its mailbox (RFC 3501 6.3.6).
+        TooManyMailboxes if a new one would make more than `max_subscriptions` (None: no
+        limit)."""
         ...
 
     async def subscriptions(self, user: str) -> list[str]: ...

@@ -145,6 +145,7 @@ from services.store.mailbox import (
     OutOfSpace,
     OverQuota,
     StorageError,
+    TooManyMailboxes,
     line_end_padding,
 )
 
@@ -384,6 +385,17 @@ def _is_control(char: str) -> bool:
     # C0, DEL, C1; line and paragraph separators; surrogates; bidirectional controls.
     return (code < 0x20 or 0x7F <= code <= 0x9F or code in (0x2028, 0x2029)
             or 0xD800 <= code <= 0xDFFF or char in _BIDI_CONTROLS)
+
+
+def _check_room(conn: sqlite3.Connection, table: str, adding: int, limit: int | None) -> None:
+    """TooManyMailboxes if `adding` more rows would put `table` (mailbox or subscription)
+    over `limit`; inside the write transaction that adds them, so sessions creating at once
+    cannot pass it together."""
+    if limit is None or adding == 0:
+        return
+    (count,) = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    if count + adding > limit:
+        raise TooManyMailboxes(f"{count} {table} rows, limit {limit}")
 
 
 def _parents(name: str) -> list[str]:
@@ -665,8 +677,8 @@ class MailDB:
         return await self._change(self._expunge_sync, user, canonical_mailbox(mailbox),
                                   list(uids), uidvalidity, deleted_only)
 
-    async def create_mailbox(self, user: str, name: str,
-                             special_use: str | None = None) -> None:
+    async def create_mailbox(self, user: str, name: str, special_use: str | None = None, *,
+                             max_mailboxes: int | None = None) -> None:
         """Create `name` and its missing parents (the parents without special use).
         InvalidMailboxName also for a special-use attribute other than RFC 6154's
         \\Drafts, \\Sent, \\Junk, \\Trash and \\Archive."""
@@ -674,13 +686,14 @@ class MailDB:
         name = valid_mailbox_name(name)
         if special_use is not None and special_use not in _SPECIAL_USE_VALUES:
             raise InvalidMailboxName(f"unsupported special-use attribute {special_use!r}")
-        await self._change(self._create_sync, user, name, special_use)
+        await self._change(self._create_sync, user, name, special_use, max_mailboxes)
 
     async def delete_mailbox(self, user: str, name: str) -> None:
         self.user_path(user)
         await self._change(self._delete_sync, user, canonical_mailbox(name))
 
-    async def rename_mailbox(self, user: str, old: str, new: str) -> None:
+    async def rename_mailbox(self, user: str, old: str, new: str, *,
+                             max_mailboxes: int | None = None) -> None:
         """Rename `old` and its children; missing parents of `new` are created. `old` may be
         a parent that is only a name (its mailbox deleted): its children move, and `new`
         is only a name too. Subscriptions of `old` and of the renamed children follow them.
@@ -689,14 +702,15 @@ class MailDB:
         `old` itself."""
         self.user_path(user)
         await self._change(self._rename_sync, user, canonical_mailbox(old),
-                           valid_mailbox_name(new))
+                           valid_mailbox_name(new), max_mailboxes)
 
-    async def set_subscribed(self, user: str, name: str, subscribed: bool) -> None:
+    async def set_subscribed(self, user: str, name: str, subscribed: bool, *,
+                             max_subscriptions: int | None = None) -> None:
         """Subscribe (any valid name, existing or not) or unsubscribe (any name; absent is
         no error)."""
         self.user_path(user)
         name = valid_mailbox_name(name) if subscribed else canonical_mailbox(name)
-        await self._change(self._subscribe_sync, user, name, subscribed)
+        await self._change(self._subscribe_sync, user, name, subscribed, max_subscriptions)
 
     async def append(self, user: str, mailbox: str, body: bytes, flags: frozenset[str],
                      internaldate: float | None = None,
@@ -1210,13 +1224,14 @@ class MailDB:
         os.fsync(fd)
 
     def _create_sync(self, events: list[ChangeEvent], user: str, name: str,
-                     special_use: str | None) -> None:
+                     special_use: str | None, limit: int | None) -> None:
         conn = self._conn(user)
         with transaction(conn):
             if self._exists(conn, name):
                 raise MailboxExists(name)
             missing = [(parent, None) for parent in _parents(name)
                        if not self._exists(conn, parent)]
+            _check_room(conn, "mailbox", len(missing) + 1, limit)
             self._create_mailboxes(conn, [*missing, (name, special_use)])
         events.append(ChangeEvent(user, "mailbox", name))
 
@@ -1236,10 +1251,11 @@ class MailDB:
         events.append(ChangeEvent(user, "mailbox", name))
         self._unlink_messages(user, files)
 
-    def _rename_sync(self, events: list[ChangeEvent], user: str, old: str, new: str) -> None:
+    def _rename_sync(self, events: list[ChangeEvent], user: str, old: str, new: str,
+                     limit: int | None) -> None:
         conn = self._conn(user)
         if old == INBOX:
-            self._rename_inbox(events, conn, user, new)
+            self._rename_inbox(events, conn, user, new, limit)
             return
         prefix = old + HIERARCHY_DELIMITER
         if new in (old, INBOX):
@@ -1263,6 +1279,7 @@ class MailDB:
                     raise MailboxExists(target)
             missing = [(parent, None) for parent in _parents(new)
                        if not self._exists(conn, parent)]
+            _check_room(conn, "mailbox", len(missing), limit)
             self._create_mailboxes(conn, missing)
             # Through names no mailbox can have (they never hold a NUL), so no row takes a
             # name another still has: name is UNIQUE, checked row by row.
@@ -1282,7 +1299,7 @@ class MailDB:
         events.append(ChangeEvent(user, "mailbox", new, source=old))
 
     def _rename_inbox(self, events: list[ChangeEvent], conn: sqlite3.Connection, user: str,
-                      new: str) -> None:
+                      new: str, limit: int | None) -> None:
         """RFC 3501 6.3.5: INBOX's messages move to a new mailbox `new` (new UIDVALIDITY, new
         UIDs); INBOX stays, empty, and its children are not renamed."""
         with transaction(conn):
@@ -1290,6 +1307,7 @@ class MailDB:
                 raise MailboxExists(new)
             missing = [(parent, None) for parent in _parents(new)
                        if not self._exists(conn, parent)]
+            _check_room(conn, "mailbox", len(missing) + 1, limit)
             self._create_mailboxes(conn, [*missing, (new, None)])
             inbox, dest = self._box(conn, INBOX), self._box(conn, new)
             rows = conn.execute("SELECT uid, guid FROM message WHERE mailbox_id = ?"
@@ -1301,10 +1319,13 @@ class MailDB:
             events.append(ChangeEvent(user, "expunge", INBOX))
 
     def _subscribe_sync(self, events: list[ChangeEvent], user: str, name: str,
-                        subscribed: bool) -> None:
+                        subscribed: bool, limit: int | None) -> None:
         conn = self._conn(user)
         with transaction(conn):
             if subscribed:
+                known = conn.execute("SELECT 1 FROM subscription WHERE name = ?",
+                                     (name,)).fetchone()
+                _check_room(conn, "subscription", 0 if known else 1, limit)
                 cursor = conn.execute("INSERT OR IGNORE INTO subscription (name) VALUES (?)",
                                       (name,))
             else:

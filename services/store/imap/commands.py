@@ -307,7 +307,8 @@ async def create(s: Session, c: Command) -> r.Reply:
                                         for use in args.special_use):
         return r.NO_USEATTR
     special = args.special_use[0] if args.special_use else None
-    await s.store.create_mailbox(s.logged_in_user, name, special)
+    await s.store.create_mailbox(s.logged_in_user, name, special,
+                                 max_mailboxes=s.config.max_mailboxes or None)
     return r.OK_DONE
 
 
@@ -336,7 +337,8 @@ async def _is_selected(s: Session, name: str) -> bool:
 
 async def rename(s: Session, c: Command) -> r.Reply:
     args = cast(Rename, c.args)
-    await s.store.rename_mailbox(s.logged_in_user, args.old, args.new)
+    await s.store.rename_mailbox(s.logged_in_user, args.old, args.new,
+                                 max_mailboxes=s.config.max_mailboxes or None)
     selected = s.selected
     if selected is not None and args.old != INBOX and (
             selected.name == args.old
@@ -347,7 +349,8 @@ async def rename(s: Session, c: Command) -> r.Reply:
 
 async def subscribe(s: Session, c: Command) -> r.Reply:
     name = cast(MailboxArg, c.args).mailbox
-    await s.store.set_subscribed(s.logged_in_user, name, c.name == "SUBSCRIBE")
+    await s.store.set_subscribed(s.logged_in_user, name, c.name == "SUBSCRIBE",
+                                 max_subscriptions=s.config.max_mailboxes or None)
     return r.OK_DONE
 
 

@@ -21,6 +21,7 @@ from services.store.mailbox import (
     NoSuchUser,
     OverQuota,
     StorageError,
+    TooManyMailboxes,
 )
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ NO_ALREADYEXISTS = Reply("NO", "Mailbox already exists", "ALREADYEXISTS")
 NO_CANNOT = Reply("NO", "Invalid mailbox name", "CANNOT")
 NO_CANNOT_DELETE = Reply("NO", "This mailbox cannot be deleted", "CANNOT")
 NO_OVERQUOTA = Reply("NO", "Quota exceeded", "OVERQUOTA")
+# RFC 5530 LIMIT (settings.imap_max_mailboxes).
+NO_TOO_MANY_MAILBOXES = Reply("NO", "Too many mailboxes or subscriptions in this account",
+                              "LIMIT")
 NO_READ_ONLY = Reply("NO", "Mailbox is read-only", "READ-ONLY")
 NO_USEATTR = Reply("NO", "Unsupported special-use attribute", "USEATTR")
 NO_EXPUNGED = Reply("NO", "Some of the messages no longer exist", "EXPUNGEISSUED")
@@ -135,6 +139,8 @@ def reply_for_failure(exc: BaseException, *, trycreate: bool = False) -> Reply:
         return NO_CANNOT_DELETE
     if isinstance(exc, OverQuota):
         return NO_OVERQUOTA
+    if isinstance(exc, TooManyMailboxes):
+        return NO_TOO_MANY_MAILBOXES
     if isinstance(exc, NoSuchMessage):
         return NO_EXPUNGED
     if isinstance(exc, NoSuchUser):

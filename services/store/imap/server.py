@@ -306,6 +306,7 @@ class ImapListener:
             max_errors=settings.imap_max_errors,
             append_limit=settings.imap_max_literal,
             default_quota=settings.default_quota,
+            max_mailboxes=settings.imap_max_mailboxes,
             idle_keepalive=settings.imap_idle_keepalive,
         )
 

@@ -90,6 +90,7 @@ class SessionConfig:
     max_errors: int  # settings.imap_max_errors
     append_limit: int  # settings.imap_max_literal (RFC 7889 APPENDLIMIT)
     default_quota: int  # octets; 0 = unlimited
+    max_mailboxes: int = 0  # settings.imap_max_mailboxes; 0 = unlimited
     idle_poll: float = 60.0  # IDLE re-checks this often even without a change wakeup
     idle_keepalive: float = 120.0  # settings.imap_idle_keepalive; 0: no keepalives
 

@@ -291,6 +291,46 @@ async def test_keywords_per_mailbox_are_bounded(server: Server, deliver: Deliver
     await in_thread(dialog)
 
 
+async def test_mailboxes_and_subscriptions_per_account_are_bounded(
+        start_imap: StartImap, settings: Settings, maildb: MailDB) -> None:
+    """Each mailbox and each subscription is a row that every LIST (LSUB) of the account
+    reads: unbounded, one client could make millions. Whatever would go beyond
+    TIERMAIL_IMAP_MAX_MAILBOXES gets NO [LIMIT] (RFC 5530), the parents a CREATE or RENAME
+    makes counted too."""
+    limit = 12
+    server = await start_with(start_imap, settings, imap_max_mailboxes=limit)
+
+    def refused(raw: Raw, command: str) -> bool:
+        reply = raw.command(command)
+        return reply.status == "NO" and reply.code == b"LIMIT"
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        have = len(raw.ok('LIST "" "*"').lines(b"LIST"))
+        for n in range(limit - have - 1):
+            raw.ok(f"CREATE box{n}")
+        assert refused(raw, "CREATE deep/child")  # two new mailboxes: one too many
+        raw.ok("CREATE last")
+        assert refused(raw, "CREATE one-more")
+        assert refused(raw, "RENAME box0 new-parent/box0")
+        assert refused(raw, "RENAME INBOX old-inbox")  # makes a mailbox for INBOX's mail
+        raw.ok("RENAME box0 renamed")  # no new mailbox
+        raw.ok("DELETE box1")
+        raw.ok("CREATE one-more")
+        subscribed = len(raw.ok('LSUB "" "*"').lines(b"LSUB"))
+        for n in range(limit - subscribed):
+            raw.ok(f"SUBSCRIBE sub{n}")
+        assert refused(raw, "SUBSCRIBE sub-more")
+        raw.ok("SUBSCRIBE sub0")  # already one
+        raw.ok("UNSUBSCRIBE sub0")
+        raw.ok("SUBSCRIBE sub-more")
+        raw.close()
+
+    await in_thread(dialog)
+    assert len(await maildb.list_mailboxes(ALICE)) == limit
+    assert len(await maildb.subscriptions(ALICE)) == limit
+
+
 async def test_many_bad_commands_end_in_bye(start_imap: StartImap, settings: Settings) -> None:
     server = await start_with(start_imap, settings, imap_max_errors=5)
 
