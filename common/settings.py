@@ -177,7 +177,7 @@ class Settings:
     imap_max_connections: int = 1000  # per store process
     # Of those, open at once from one client address (IPv6: one /64), logged in or not;
     # rate_limit_exempt networks are not counted; 0: no limit. Without it one host could
-    # hold every slot (a client that never logs in stays as long as it sends NOOPs).
+    # hold every slot (one that never logs in stays up to imap_login_deadline).
     imap_max_connections_per_ip: int = 100
     imap_max_errors: int = 20  # BAD replies in a row before BYE and hang-up
     # Logged-in sessions of one account from one client address (IPv6: one /64); the next
