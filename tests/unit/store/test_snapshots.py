@@ -93,3 +93,14 @@ def test_entries_are_dropped_when_uidvalidity_changes_and_evicted_by_size() -> N
     assert cache.get("a", "INBOX", 1) is not None and cache.get("c", "INBOX", 1) is not None
     cache.put("d", "INBOX", Snapshot.of(1, 1, tuple(info(u) for u in range(1, 7))))  # too big
     assert cache.get("d", "INBOX", 1) is None
+
+
+def test_empty_mailboxes_are_evicted_too() -> None:
+    """An empty mailbox counts no messages against the capacity; the cache of a store whose
+    accounts each list an empty INBOX once must not keep every one of them."""
+    cache = MessageListCache(capacity=100, mailboxes=50)
+    for number in range(1000):
+        cache.put(f"user{number}@example.test", "INBOX", Snapshot.of(1, 1, ()))
+    assert len(cache) == 50
+    assert cache.get("user999@example.test", "INBOX", 1) is not None  # the latest are kept
+    assert cache.get("user0@example.test", "INBOX", 1) is None
