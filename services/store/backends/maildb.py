@@ -249,6 +249,8 @@ MESSAGE_COUNT_TRIGGERS = (
 _GUID_RE = re.compile(r"^[0-9a-f]{32}$")
 _EMPTY_FLAGS: frozenset[str] = frozenset()
 USER_PATH_MEMO = 10_000  # owners whose directory path is remembered
+# Users whose change version is kept (see `MailDB.version`); past it the older half is dropped.
+VERSIONS_KEPT = 10_000
 PROBE_SIZE = 64 * 1024  # a probe write: more than the last few free blocks of a full disk
 MAX_ADDRESS = 254  # RFC 5321 4.5.3.1.3 path limit minus the angle brackets
 
@@ -523,7 +525,8 @@ class MailDB:
     largest body stored inside the index (`Settings.store_inline_max`; 0: none)."""
 
     def __init__(self, root: Path, *, inline_max: int, max_open: int = 256, readers: int = 4,
-                 snapshot_messages: int = DEFAULT_CAPACITY) -> None:
+                 snapshot_messages: int = DEFAULT_CAPACITY,
+                 versions_kept: int = VERSIONS_KEPT) -> None:
         if inline_max < 0:
             raise ValueError(f"inline_max must be 0 or more, not {inline_max}")
         # Absolute: readers open the index by file: URI, and TIERMAIL_DATA_DIR is relative
@@ -545,7 +548,10 @@ class MailDB:
         self._closed = False
         # Touched only in the event loop.
         self._listeners: list[Listener] = []
-        self._versions: dict[str, int] = {}
+        self._versions: OrderedDict[str, int] = OrderedDict()  # least recently changed first
+        self._versions_kept = versions_kept
+        self._last_version = 0  # versions are drawn from one counter for every user
+        self._dropped_version = 0  # the highest version dropped from _versions
         self._wakeups: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, int] = {}
         self._user_paths: dict[str, Path] = {}  # any thread; dict operations are atomic
@@ -831,9 +837,16 @@ class MailDB:
             self._listeners.remove(callback)
 
     def version(self, user: str) -> int:
-        """A counter bumped (in the event loop) after each committed change of `user`'s
-        mailboxes in this process; 0 before the first."""
-        return self._versions.get(user, 0)
+        """A number that changes (in the event loop) after each committed change of `user`'s
+        mailboxes in this process, never to a value it had before; 0 before the first change.
+
+        Drawn from one counter for all users, so that the versions of users who have not
+        changed lately can be dropped (a store with 100,000 accounts kept one for each
+        account that ever received mail): a dropped one reads as the highest version
+        dropped, never below what it was. A session holding it then sees a change that is
+        none, and looks once for nothing; dropped half at a time, that happens once per
+        VERSIONS_KEPT / 2 users changed, not on every change."""
+        return self._versions.get(user, self._dropped_version)
 
     async def wait_change(self, user: str, version: int,
                           timeout: float) -> int:  # noqa: ASYNC109 - the shared contract
@@ -983,7 +996,7 @@ class MailDB:
                 if event.source is not None:
                     self._feeds.forget(event.user, event.source)
         for user in dict.fromkeys(event.user for event in events):
-            self._versions[user] = self._versions.get(user, 0) + 1
+            self._new_version(user)
             wakeup = self._wakeups.pop(user, None)
             if wakeup is not None:
                 wakeup.set()
@@ -994,6 +1007,14 @@ class MailDB:
                 except Exception:
                     log.exception("mail store listener failed",
                                   extra={"user": event.user, "event": f"listener-{event.kind}"})
+
+    def _new_version(self, user: str) -> None:
+        self._last_version += 1
+        self._versions.pop(user, None)
+        self._versions[user] = self._last_version
+        if len(self._versions) > self._versions_kept:
+            for _ in range(len(self._versions) - self._versions_kept // 2):
+                _, self._dropped_version = self._versions.popitem(last=False)
 
     # Writer thread: connections, schema, mailboxes
 

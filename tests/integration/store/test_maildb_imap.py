@@ -755,6 +755,29 @@ async def test_wait_change(db: MailDB) -> None:
     assert db._wakeups == {} and db._waiting == {}  # nothing left behind
 
 
+async def test_versions_of_many_users_are_bounded_and_still_move_on_change(
+        tmp_path: Path) -> None:
+    """A store with many accounts keeps the change versions of the users changed lately
+    only; a dropped user's version still differs from any it had once it changes again."""
+    db = MailDB(tmp_path / "mail", inline_max=0, max_open=4, versions_kept=10)
+    try:
+        users = [f"user{number}@example.test" for number in range(60)]
+        held = {}
+        for user in users:
+            held[user] = db.version(user)
+            await db.deliver([Delivery(f"q{user}", user, body(1), 0.0, INBOX)])
+            assert db.version(user) != held[user]
+            held[user] = db.version(user)
+        assert len(db._versions) <= 10
+        for user in users:
+            before = db.version(user)
+            await db.deliver([Delivery(f"r{user}", user, body(2), 0.0, INBOX)])
+            assert db.version(user) not in (before, held[user])
+        assert len(db._versions) <= 10
+    finally:
+        await db.close()
+
+
 async def test_a_failed_write_notifies_nobody(db: MailDB) -> None:
     events: list[ChangeEvent] = []
     db.add_listener(events.append)
