@@ -245,6 +245,19 @@ class FilterSMTP(SMTP):
         transport.close()
 
     async def _handle_client(self) -> None:
+        try:
+            await self._check_rate_and_converse()
+        except ConnectionError as exc:
+            # The client reset the connection while a reply was being sent, and the task
+            # was not cancelled by connection_lost as it should have been: the Redis client
+            # of the connection rate check sometimes lets a cancellation go (a reset right
+            # after connecting hit it nearly every time). aiosmtpd lets the error out of the
+            # task, where nobody retrieves it: a traceback logged as an asyncio error for
+            # each such connection. The connection is gone and released already.
+            log.info("connection lost: %s", type(exc).__name__,
+                     extra=self.handler.log_extra())
+
+    async def _check_rate_and_converse(self) -> None:
         # The connection rate needs Redis, so it is checked here, before the greeting, rather
         # than in the synchronous connection_made. Refused: 421 instead of 220, then close.
         try:

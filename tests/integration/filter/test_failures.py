@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 
@@ -486,3 +489,33 @@ async def test_uploads_beyond_the_workers_data_memory_get_452_and_go_through_lat
     subjects = sorted(q.body.split(b"Subject: ")[1].split(b"\r\n")[0]
                       for q in await drain_queue(directory))
     assert subjects == [b"first", b"second"]
+
+
+async def test_connections_reset_before_the_greeting_leave_no_task_error(
+        directory: Settings) -> None:
+    """A client that resets the connection while its connection rate is checked in Redis
+    (a TCP health check, a port scan): the session ends quietly. The Redis client let the
+    cancellation from connection_lost go now and then, the greeting was then written to the
+    reset connection, and the error left the task unretrieved: an asyncio error with a
+    traceback per connection, logged when the task was collected."""
+    loop = asyncio.get_running_loop()
+    unhandled: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context["message"]))
+    try:
+        async with running_filter(directory.replace(rate_limit_exempt="")) as worker:
+            for number in range(30):
+                probe = await in_thread(RawClient, worker.ports[0],
+                                        source=f"127.0.3.{number + 2}")
+                probe.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                      struct.pack("ii", 1, 0))
+                probe.close()
+                await eventually(lambda n=number: worker.stats.connections == n + 1
+                                 and worker.stats.active == 0)
+            await eventually(lambda: not [
+                task for task in asyncio.all_tasks()
+                if task.get_coro().__qualname__ == "FilterSMTP._handle_client"])
+            gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert unhandled == []
