@@ -174,7 +174,11 @@ class Consumer:
         def wake(_: object) -> None:
             inbox.put_nowait(None)
 
-        connection.closing.add_done_callback(wake)
+        # Read once: each read of aiormq's `closing` is a new observer future, whose callback
+        # stays on the connection until the observer is done. Read after every batch, they
+        # piled up for as long as the connection lived (a future and two closures per batch).
+        closing = connection.closing
+        closing.add_done_callback(wake)
         stopping = asyncio.ensure_future(self._stopping.wait())
         stopping.add_done_callback(wake)
         try:
@@ -188,11 +192,12 @@ class Consumer:
                     await asyncio.shield(self._process(batch, channel, publisher))
                 if self._stopping.is_set():
                     return
-                if connection.closing.done():
-                    connection.closing.result()  # raises the reason, if any
+                if closing.done():
+                    closing.result()  # raises the reason, if any
                     raise ConnectionError("broker connection closed")
         finally:
-            connection.closing.remove_done_callback(wake)
+            closing.remove_done_callback(wake)
+            closing.cancel()  # the observer ends: aiormq takes its callback off the connection
             stopping.cancel()
 
     async def _gather(self, inbox: asyncio.Queue[DeliveredMessage | None]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import json
 import subprocess
 import sys
@@ -637,3 +638,21 @@ async def test_quarantined_mail_is_listed_released_or_dropped(store: Running) ->
     stored = await store.maildb.list_messages(ALICE)
     with store.maildb.open_message(ALICE, stored[0].guid) as file:
         assert file.read().endswith(quarantined[0][1])  # below the store's Return-Path
+
+
+def _closing_callbacks() -> list[int]:
+    """How many callbacks wait on the closing of each open aiormq connection."""
+    return [len(connection._closing._callbacks or ()) for connection in gc.get_objects()
+            if isinstance(connection, aiormq.Connection) and not connection.is_closed]
+
+
+async def test_batches_leave_nothing_behind_on_the_connection(store: Running) -> None:
+    """One batch after another for as long as the broker connection lives (days): each
+    added an observer of the connection's closing that was never taken off again."""
+    before = _closing_callbacks()
+    for number in range(40):
+        await publish_all(store.settings, [make_message(ALICE)])
+        await wait_for(lambda n=number: store.consumer.stats.delivered >= n + 1,
+                       what=f"message {number + 1} stored")
+    assert store.consumer.stats.batches >= 40
+    assert sum(_closing_callbacks()) == sum(before)
