@@ -838,7 +838,8 @@ class MailDB:
 
     def version(self, user: str) -> int:
         """A number that changes (in the event loop) after each committed change of `user`'s
-        mailboxes in this process, never to a value it had before; 0 before the first change.
+        mailboxes in this process, never to a value it had before; 0 before the first change
+        (once versions have been dropped: the highest one dropped).
 
         Drawn from one counter for all users, so that the versions of users who have not
         changed lately can be dropped (a store with 100,000 accounts kept one for each
