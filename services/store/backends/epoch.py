@@ -43,7 +43,15 @@ def begin_run(root: Path) -> int:
         previous: str | None = (root / RUNNING).read_text().strip()
     except FileNotFoundError:
         previous = None
-    if previous is not None and (not boot or previous != boot):
+    if boot and previous == boot:
+        # Only the process died (SIGKILL, OOM): the marker already says what it must. Kept,
+        # not written again, so a store that died because the disk filled starts again (and
+        # serves its mail) without a byte to write; synced, as that process may have died
+        # before it had synced the marker.
+        _fsync_file(root / RUNNING)
+        _fsync_dir(root)
+        return epoch
+    if previous is not None:
         epoch += 1
         _write_durably(root / EPOCH, f"{epoch}\n")
         log.warning("the store did not stop cleanly before a reboot: epoch %d, MODSEQs are "
@@ -77,6 +85,14 @@ def _write_durably(path: Path, text: str) -> None:
         os.fsync(file.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,6 +11,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -25,7 +26,14 @@ from tests.integration.store.helpers import (
     publish_all,
     stored_count,
 )
-from tests.support import TierProcess, dead_letter_depth, queue_depth, wait_until
+from tests.support import (
+    TierProcess,
+    dead_letter_depth,
+    fill,
+    queue_depth,
+    tmpfs,
+    wait_until,
+)
 
 USERS = [f"user{i}@example.test" for i in range(4)]
 # Every LARGE_EVERY-th message is larger than the default TIERMAIL_STORE_INLINE_MAX, so one
@@ -136,6 +144,40 @@ def test_sigkill_during_delivery_loses_and_duplicates_nothing(
     assert dead_letter_depth(settings) == 0
     print(f"\nstore process: 2000 messages, {kills_mid_delivery} SIGKILLs mid-delivery, "
           "each stored exactly once")
+
+
+def test_a_store_killed_on_a_full_disk_starts_again_and_serves_its_mail(
+        settings: Settings, run_tier: Callable[..., TierProcess], tmp_path: Path) -> None:
+    """The disk filled up and the store was killed (OOM, a supervisor's restart): started
+    again on the still full disk, it serves the mail it holds, as a store that kept running
+    does (docs/operations.md). The run marker the killed store left (epoch.py) already says
+    this boot, so the start has nothing to write."""
+    with tmpfs(tmp_path / "disk") as disk:
+        settings = settings.replace(data_dir=disk / "var")
+        add_users(settings, USERS[:1])
+        accounts = AccountDB.for_store(settings.store_dir)
+        accounts.set_password(USERS[0], hash_password("secret pw"))
+        accounts.close()
+        envelope, body = make_message(USERS[0])
+        asyncio.run(publish_all(settings, [(envelope, body)]))
+        store = run_tier(settings, "store")
+        wait_until(lambda: stored_count(settings.store_dir, USERS[:1]) == 1,
+                   what="the message stored")
+        store.kill(signal.SIGKILL)
+        ballast = fill(disk)
+
+        store = run_tier(settings, "store")
+        store.wait_for_port(settings.pop3_port)
+        client = poplib.POP3("127.0.0.1", settings.pop3_port, timeout=30)
+        try:
+            client.user(USERS[0])
+            client.pass_("secret pw")
+            assert client.stat()[0] == 1
+            assert (b"\r\n".join(client.retr(1)[1]) + b"\r\n").endswith(body)
+        finally:
+            client.close()
+        ballast.unlink()
+        store.stop()
 
 
 def test_clients_past_a_low_open_file_limit_are_all_served(
