@@ -209,13 +209,12 @@ class Connection:
         if self._inflate is not None and self._inflate.unconsumed_tail:
             self.parser.feed(self._inflated(self._inflate.unconsumed_tail))
             return
+        timeout, login_deadline = self._read_timeout()
         try:
-            async with self.client_wait.within(self._read_timeout()):
+            async with self.client_wait.within(timeout):
                 data = await self.reader.read(READ_CHUNK)
         except TimeoutError:
-            if self._login_by is not None and self._login_by <= _now():
-                raise Disconnect("login deadline") from None
-            raise Disconnect("timeout") from None
+            raise Disconnect("login deadline" if login_deadline else "timeout") from None
         except SessionEnded:
             raise Disconnect("ended") from None
         except (ConnectionError, ssl.SSLError) as exc:
@@ -224,10 +223,15 @@ class Connection:
             raise Disconnect("eof")
         self.parser.feed(data if self._inflate is None else self._inflated(data))
 
-    def _read_timeout(self) -> float:
+    def _read_timeout(self) -> tuple[float, bool]:
+        """The next read's timeout, and whether it is the login deadline: decided when the
+        timer is armed, not from the clock after it fired (a loop may fire a little early)."""
         if self._login_by is None:
-            return self._timeout
-        return max(0.0, min(self._timeout, self._login_by - _now()))
+            return self._timeout, False
+        left = self._login_by - _now()
+        if left < self._timeout:
+            return max(0.0, left), True
+        return self._timeout, False
 
     def _inflated(self, data: bytes) -> bytes:
         # At most INFLATE_CHUNK octets at a time: a few compressed octets can stand for

@@ -190,14 +190,17 @@ class Pop3Listener:
         # sending CAPA now and then would otherwise stay in AUTHORIZATION forever.
         login_by = loop.time() + self._login_deadline
         while True:
-            authorizing = session.state is State.AUTHORIZATION
-            timeout = (max(0.0, min(self._timeout, login_by - loop.time())) if authorizing
-                       else self._timeout)
+            # Which timer is armed is decided here, not from the clock after it fired (an
+            # event loop may fire a timer a little before its time).
+            login_left = login_by - loop.time()
+            deadline_first = (session.state is State.AUTHORIZATION
+                              and login_left < self._timeout)
+            timeout = max(0.0, login_left) if deadline_first else self._timeout
             try:
                 async with session.client_wait.within(timeout):
                     line = await read_line(reader)
             except TimeoutError:
-                if authorizing and login_by <= loop.time():
+                if deadline_first:
                     log.info("not logged in within %g s, disconnecting", self._login_deadline,
                              extra=session.log_context)
                     await self._send(session, writer, Response(p.ERR_LOGIN_DEADLINE.encode()))
