@@ -15,6 +15,7 @@ reconciled in another epoch (`MailDB._recover_modseqs`).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from pathlib import Path
@@ -63,11 +64,24 @@ def begin_run(root: Path) -> int:
 
 def end_run(root: Path) -> None:
     """A clean stop, once nothing writes any more: every write, including the commits that
-    did not wait for the disk, is made durable (one sync(2): the writer may have closed the
-    indexes it flagged long ago), then the marker goes."""
-    os.sync()
+    did not wait for the disk, is made durable (one syncfs(2) of the store's file system: the
+    writer may have closed the indexes it flagged long ago), then the marker goes."""
+    _sync_filesystem(root)
     (root / RUNNING).unlink(missing_ok=True)
     _fsync_dir(root)
+
+
+def _sync_filesystem(root: Path) -> None:
+    """syncfs(2) of the file system holding `root`, not sync(2) of every file system the
+    host has mounted (a network mount could hold the store's stop for minutes); sync(2)
+    where the C library has no syncfs."""
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if syncfs is None or syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
 
 
 def _read_epoch(path: Path) -> int:
