@@ -20,6 +20,8 @@ import logging
 import os
 from pathlib import Path
 
+from services.store.backends.durable import fsync_dir, fsync_path
+
 log = logging.getLogger(__name__)
 
 RUNNING = "running"
@@ -49,8 +51,8 @@ def begin_run(root: Path) -> int:
         # not written again, so a store that died because the disk filled starts again (and
         # serves its mail) without a byte to write; synced, as that process may have died
         # before it had synced the marker.
-        _fsync_file(root / RUNNING)
-        _fsync_dir(root)
+        fsync_path(root / RUNNING)
+        fsync_dir(root)
         return epoch
     if previous is not None:
         epoch += 1
@@ -68,7 +70,7 @@ def end_run(root: Path) -> None:
     writer may have closed the indexes it flagged long ago), then the marker goes."""
     _sync_filesystem(root)
     (root / RUNNING).unlink(missing_ok=True)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _sync_filesystem(root: Path) -> None:
@@ -98,20 +100,5 @@ def _write_durably(path: Path, text: str) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

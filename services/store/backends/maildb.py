@@ -112,6 +112,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from services.store.backends.bodies import BodyReaders
 from services.store.backends.changefeed import ChangeFeeds
+from services.store.backends.durable import fsync_dir, fsync_path
 from services.store.backends.epoch import begin_run, end_run
 from services.store.backends.snapshots import (
     DEFAULT_CAPACITY,
@@ -421,14 +422,6 @@ def normalise_flags(flags: Iterable[str]) -> frozenset[str]:
     return frozenset(result)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _makedirs_durable(path: Path) -> None:
     """mkdir -p, fsyncing the parent of every directory created so the entry survives a crash."""
     missing: list[Path] = []
@@ -441,7 +434,7 @@ def _makedirs_durable(path: Path) -> None:
             directory.mkdir()
         except FileExistsError:
             continue
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
 
 
 def retire_mailbox(store_dir: Path, user: str) -> Path | None:
@@ -456,8 +449,8 @@ def retire_mailbox(store_dir: Path, user: str) -> Path | None:
     retired = store_dir / "retired" / f"{path.name}.{stamp}"
     _makedirs_durable(retired.parent)
     path.rename(retired)
-    _fsync_dir(path.parent)
-    _fsync_dir(retired.parent)
+    fsync_dir(path.parent)
+    fsync_dir(retired.parent)
     return retired
 
 
@@ -1038,7 +1031,7 @@ class MailDB:
             conn.execute("PRAGMA synchronous=FULL")
             if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 self._upgrade_index(conn, user)
-                _fsync_dir(path)
+                fsync_dir(path)
             if _index_epoch(conn) != self._epoch:
                 self._recover_modseqs(conn, user)
             self._remember_reconciled(user)
@@ -1236,7 +1229,7 @@ class MailDB:
         if self._journal_fd is None:
             self._journal_fd = os.open(self.root / "inflight",
                                        os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         fd = self._journal_fd
         # The writer is single-threaded: when a new batch starts, every earlier batch has
         # finished (committed or failed and cleaned up), so a long journal can be reset.
@@ -2215,7 +2208,7 @@ def _place_files(base: Path, makers: list[tuple[str, Callable[[Path, Path], None
             created.append(final)
             dirs.add(final_dir)
         for directory in dirs:
-            _fsync_dir(directory)
+            fsync_dir(directory)
     except BaseException:
         _unlink_all(created)
         raise
@@ -2231,12 +2224,8 @@ def _sync_index(user_dir: Path) -> None:
     are on the database and -shm files, which a close() of ours would release). The
     directory too: that store may have died while creating the index."""
     with contextlib.suppress(FileNotFoundError):
-        fd = os.open(user_dir / "index.sqlite-wal", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(user_dir)
+        fsync_path(user_dir / "index.sqlite-wal")
+    fsync_dir(user_dir)
 
 
 def _write_file(path: Path, data: bytes) -> None:
