@@ -302,6 +302,11 @@ class MailStore(Protocol):
         see those messages as recent (newer ones stay for the first session told of them)."""
         ...
 
+    async def make_durable(self, user: str) -> None:
+        """Return once every change committed so far to the user's mailboxes is on disk,
+        also those committed without waiting for it (flags, \\Recent): IMAP CHECK."""
+        ...
+
     async def usage(self, user: str) -> int:
         """Octets stored for the user in all mailboxes (for QUOTA)."""
         ...

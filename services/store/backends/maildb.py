@@ -538,6 +538,9 @@ class MailDB:
         self._open: OrderedDict[str, sqlite3.Connection] = OrderedDict()
         self._uidvalidity: UidValidity | None = None
         self._journal_fd: int | None = None
+        # Users with commits that did not wait for the disk since their index was last
+        # synced (make_durable).
+        self._unsynced: set[str] = set()
         self._closed = False
         # Touched only in the event loop.
         self._listeners: list[Listener] = []
@@ -756,6 +759,13 @@ class MailDB:
         self.user_path(user)
         return await self._in_writer(self._claim_recent_sync, user, canonical_mailbox(mailbox),
                                      upto)
+
+    async def make_durable(self, user: str) -> None:
+        """In the writer thread, so no commit of the user's is half written meanwhile: the
+        WAL sync covers exactly what was committed before. Nothing to do when every commit
+        since the last sync waited for the disk itself."""
+        self.user_path(user)
+        await self._in_writer(self._make_durable_sync, user)
 
     async def probe(self) -> None:
         """Raise OSError unless the store can write and sync a small file (the consumer
@@ -1356,12 +1366,18 @@ class MailDB:
             raise NoSuchMailbox(mailbox)
         if int(row[1]) >= min(upto, int(row[2])):  # nothing new: no write, no fsync
             return int(row[1])
+        self._unsynced.add(user)
         with transaction(conn, durable=False):  # \Recent is a session hint, not data
             [(first,)] = conn.execute("SELECT recent_uid FROM mailbox WHERE id = ?",
                                       (row[0],)).fetchall()
             conn.execute("UPDATE mailbox SET recent_uid = MAX(recent_uid, MIN(uidnext, ?))"
                          " WHERE id = ?", (upto, row[0]))
         return int(first)
+
+    def _make_durable_sync(self, user: str) -> None:
+        if user in self._unsynced:
+            _sync_index(self.user_path(user))
+            self._unsynced.discard(user)
 
     # Writer thread: messages
 
@@ -1532,7 +1548,10 @@ class MailDB:
                           uidvalidity: int | None = None) -> FlagsResult:
         conn = self._conn(user)
         # Only this thread writes: the reservation read here is the one in the transaction.
-        with transaction(conn, durable=not _reserved_ahead(conn, mailbox)):
+        durable = not _reserved_ahead(conn, mailbox)
+        if not durable:
+            self._unsynced.add(user)
+        with transaction(conn, durable=durable):
             box = self._box(conn, mailbox, uidvalidity)
             modseq = box.modseq + 1
             span = _covered_span(conn, box.id, uids)
@@ -2216,7 +2235,8 @@ def _place_files(base: Path, makers: list[tuple[str, Callable[[Path, Path], None
 
 
 def _sync_index(user_dir: Path) -> None:
-    """Make what a user's index holds durable before a redelivery found in it is acked: a
+    """Make what a user's index holds durable: the commits that did not wait for the disk
+    (make_durable, IMAP CHECK), and before a redelivery found in the index is acked: a
     store that died after writing a commit to the WAL but before its fsync returned left
     it in the page cache, where the next store reads it (a power loss would still lose it).
     The WAL, and not the database file: a checkpoint records its progress only after

@@ -605,8 +605,9 @@ def _kib(octets: int) -> int:
 # --- selected ----------------------------------------------------------------------------
 
 async def check(s: Session, c: Command) -> r.Reply:
-    # Changes are durable when committed, flag changes aside (docs/architecture.md: not
-    # waited for, made durable by the next other change); updates follow as for NOOP.
+    # RFC 3501 6.4.1, a checkpoint: the flag changes committed without waiting for the disk
+    # (docs/architecture.md) are on it before the OK. Updates follow as for NOOP.
+    await s.store.make_durable(s.logged_in_user)
     return r.OK_DONE
 
 

@@ -4,9 +4,10 @@ Killing the store (the crash tests) keeps the page cache, so it cannot show that
 disk before the ack: only a power loss or a kernel crash could. This test runs a real store
 under strace instead, sends it mail through the real filter and RabbitMQ (small messages
 stored inside the index, large ones in files, several recipients, an alias, first deliveries
-to new accounts), works on a mailbox over IMAP (APPEND, COPY, MOVE, EXPUNGE) and POP3 (DELE,
-QUIT), and then reads the trace (syscall_trace.py): at every basic.ack the store sent to the
-broker, every tagged OK and the +OK of the UPDATE state, everything the store had written to
+to new accounts), works on a mailbox over IMAP (APPEND, COPY, MOVE, EXPUNGE; STORE then
+CHECK) and POP3 (DELE, QUIT), and then reads the trace (syscall_trace.py): at every basic.ack
+the store sent to the broker, every tagged OK and the +OK of the UPDATE state, everything the
+store had written to
 the mailbox files concerned (index, its WAL, message files, the journal, the UIDVALIDITY
 counter) had been fsynced, and every name created on the way (user and message directories,
 files, renames, links) had had its directory fsynced; and EXPUNGE and POP3 unlink message
@@ -143,6 +144,7 @@ def test_every_acknowledgement_comes_after_the_fsyncs_it_depends_on(
     fs = file_system(calls, existing, str(REPO))
     problems = check_acks(settings, calls, fs, delivered)
     problems += check_imap(settings, calls, fs, archived)
+    problems += check_checkpoint(settings, calls, fs)
     problems += check_pop3(settings, calls, fs)
     assert not problems, "\n".join(problems)
 
@@ -169,6 +171,10 @@ def exercise(settings: Settings) -> tuple[list[str], dict[str, list[tuple[str, s
         assert imap.uid("MOVE", "1", "Trash")[0] == "OK"
         imap.store("1:*", "+FLAGS", "\\Deleted")  # an inline message and a file
         assert imap.expunge()[0] == "OK"
+        imap.select("Archive")
+        imap.store("1:*", "+FLAGS", "\\Flagged")  # passes the MODSEQ reservation: synced
+        imap.store("1:*", "+FLAGS", "\\Answered")  # below it: committed without a sync
+        assert imap.check()[0] == "OK"
     with closing(poplib.POP3("127.0.0.1", settings.pop3_port, timeout=60)) as pop:
         pop.user(BOB)
         pop.pass_(PASSWORD)
@@ -273,6 +279,22 @@ def check_imap(settings: Settings, calls: list[Call], fs: FileSystem,
                  if not written_before(fs, copied.start, guid.encode(),
                                        covered_by(settings, ALICE))]
     return problems
+
+
+def check_checkpoint(settings: Settings, calls: list[Call], fs: FileSystem) -> list[str]:
+    """CHECK (RFC 3501 6.4.1) answers only once the flag change that the STORE before it
+    committed without waiting for the disk is on it."""
+    covers = covered_by(settings, ALICE)
+    receipt, reply = max(_replies(calls, settings.imap_port, b"STORE"),
+                         key=lambda pair: pair[1].start)
+    flags = [w for w in fs.writes if receipt.end < w.at.start and w.at.end < reply.start
+             and w.path.endswith("/index.sqlite-wal") and covers(w.path)]
+    assert flags, "the last STORE wrote nothing to the index"
+    assert not any(fs.synced_between(w.file, w.at.end, reply.start) for w in flags), (
+        "the last STORE waited for the disk: CHECK had nothing to make durable")
+    [(_, checked)] = _replies(calls, settings.imap_port, b"CHECK")
+    return [f"CHECK for {ALICE} (reply at line {checked.start}): {problem}"
+            for problem in durability_violations(fs, checked, covers)]
 
 
 def check_pop3(settings: Settings, calls: list[Call], fs: FileSystem) -> list[str]:
