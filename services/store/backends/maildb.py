@@ -338,12 +338,15 @@ def canonical_mailbox(name: str) -> str:
     means INBOX (RFC 3501 5.1); anything else is compared exactly. Every name the store is
     given passes here (new names through `valid_mailbox_name`).
 
-    InvalidMailboxName for a name ending with the hierarchy delimiter: no mailbox is named
-    so, and only CREATE gives the delimiter a meaning there (RFC 3501 6.3.3, handled by the
-    IMAP command). Refused rather than looked up, so an APPEND, COPY or MOVE to "Work/"
-    does not answer [TRYCREATE] to a client whose CREATE "Work/" then made "Work"."""
-    if name.endswith(HIERARCHY_DELIMITER):
-        raise InvalidMailboxName(f"mailbox name ends with {HIERARCHY_DELIMITER!r}")
+    InvalidMailboxName for a name with an empty hierarchy level: empty, or with a leading,
+    trailing or doubled delimiter ("", "/a", "a/", "a//b"). No mailbox is named so
+    (`valid_mailbox_name` lets none be made), and only CREATE gives a trailing delimiter a
+    meaning (RFC 3501 6.3.3, handled by the IMAP command). Refused rather than looked up, so
+    every command says the name is wrong, as Dovecot does, instead of "no such mailbox":
+    an APPEND, COPY or MOVE to "Work/" then does not answer [TRYCREATE] to a client whose
+    CREATE "Work/" made "Work", and a SELECT of "a//b" is not sent looking for it."""
+    if "" in name.split(HIERARCHY_DELIMITER):
+        raise InvalidMailboxName(f"mailbox name {name!r} has an empty hierarchy level")
     first, sep, rest = name.partition(HIERARCHY_DELIMITER)
     if first.upper() == INBOX and first != INBOX:
         return INBOX + sep + rest
@@ -701,7 +704,8 @@ class MailDB:
         is only a name too. Subscriptions of `old` and of the renamed children follow them.
         NoSuchMailbox if `old` is neither a mailbox nor a parent of one; MailboxExists if
         `new` or a renamed child's new name exists; InvalidMailboxName for a name under
-        `old` itself."""
+        `old` itself, or when a child's new name would break the limits of
+        `valid_mailbox_name` (too long, too deep)."""
         self.user_path(user)
         await self._change(self._rename_sync, user, canonical_mailbox(old),
                            valid_mailbox_name(new), max_mailboxes)
@@ -1294,6 +1298,9 @@ class MailDB:
                            (old, len(prefix), prefix))]
             if not renames:  # neither a mailbox nor a parent of one
                 raise NoSuchMailbox(old)
+            for _, _, target in renames:
+                # A child's new name is longer or deeper than its old one: the limits again.
+                valid_mailbox_name(target)
             # `old` may be only a name its children keep (its mailbox deleted, RFC 3501
             # 6.3.4): they move all the same (6.3.5), and `new` is then only a name too,
             # as in Dovecot. Either way the subscription of `old` follows.

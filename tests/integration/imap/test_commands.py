@@ -18,6 +18,7 @@ from tests.integration.imap.clients import (
     Server,
     in_thread,
     message,
+    quote,
     unverified,
 )
 from tests.integration.imap.conftest import ALICE, BOB, USERS, Deliver, ImapStack
@@ -464,6 +465,97 @@ async def test_a_trailing_delimiter_means_something_only_to_create(
     assert len(await maildb.list_messages(ALICE, "INBOX/Old")) == 1
     assert await maildb.list_messages(ALICE, "Trash") == []
     assert await maildb.subscriptions(ALICE) == subscriptions
+
+
+EMPTY_LEVELS = ["a//b", "/a", "a/", "//", "INBOX//x", "Plans//"]
+
+
+async def test_names_with_an_empty_level_are_invalid_to_every_command(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """A name with an empty hierarchy level ("a//b", "/a"; "a/" outside CREATE) is refused
+    with [CANNOT] by every command, as Dovecot does ("Invalid mailbox name: Has adjacent
+    hierarchy separators"): CREATE makes nothing of it (not even the parent "a"), RENAME
+    moves nothing, and SELECT or STATUS say the name is wrong rather than [NONEXISTENT]
+    (which stays the answer for a mailbox that simply does not exist). CREATE "Plans/"
+    creates "Plans" (RFC 3501 6.3.3)."""
+    await deliver(ALICE, message("one"))
+    mailboxes = sorted(box.name for box in await maildb.list_mailboxes(ALICE))
+    subscriptions = await maildb.subscriptions(ALICE)
+
+    def dialog() -> None:
+        client = server.imaplib(ALICE)
+        for name in EMPTY_LEVELS:
+            quoted = quote(name)
+            replies = [
+                client.rename("Archive", quoted), client.rename(quoted, "Elsewhere"),
+                client.select(quoted), client.select(quoted, readonly=True),
+                client.status(quoted, "(MESSAGES)"), client.delete(quoted),
+                client.subscribe(quoted), client.unsubscribe(quoted),
+                client.append(quoted, "", None, message("x"))]
+            if name not in ("a/", "//"):  # CREATE "a/" creates "a" (RFC 3501 6.3.3)
+                replies.append(client.create(quoted))
+            for typ, data in replies:
+                assert (typ, data[-1][:8]) == ("NO", b"[CANNOT]"), (name, data)
+        client.select("INBOX")
+        for name in EMPTY_LEVELS:
+            typ, data = client.copy("1", quote(name))
+            assert (typ, data[0][:8]) == ("NO", b"[CANNOT]"), (name, data)
+        typ, data = client.create(quote("//"))
+        assert (typ, data[0][:8]) == ("NO", b"[CANNOT]"), data
+        for name in ("Nowhere", "Nowhere/x"):  # valid names, no such mailbox
+            typ, data = client.select(quote(name))
+            assert (typ, data[0][:13]) == ("NO", b"[NONEXISTENT]"), (name, data)
+        assert client.create(quote("Plans/"))[0] == "OK"
+        assert client.select(quote("Plans"))[0] == "OK"
+        for pattern in ("a//*", "/*", "Plans/", "*//*"):
+            typ, data = client.list('""', quote(pattern))
+            assert typ == "OK" and data == [None], (pattern, data)
+        client.logout()
+
+    await in_thread(dialog)
+    after = sorted(box.name for box in await maildb.list_mailboxes(ALICE))
+    assert after == sorted([*mailboxes, "Plans"])
+    assert await maildb.subscriptions(ALICE) == subscriptions
+    assert len(await maildb.list_messages(ALICE, "INBOX")) == 1
+
+
+async def test_every_listed_name_selects_unless_listed_as_not_selectable(
+        server: Server, maildb: MailDB) -> None:
+    """LIST shows no name SELECT cannot open, but the \\Noselect parents (a parent that is
+    only a name: its mailbox deleted, or never made), which SELECT answers [NONEXISTENT];
+    whatever the client made of names with trailing and doubled delimiters."""
+    def dialog() -> None:
+        client = server.imaplib(ALICE)
+        client.create(quote("Work/"))
+        client.create(quote("Work//Old"))
+        client.create(quote("Work/Old/2019"))
+        client.delete(quote("Work/Old"))
+        client.rename(quote("Work"), quote("Job/"))
+        client.rename(quote("Work"), quote("Job"))
+        client.create(quote("/Root"))
+        client.create(quote("Top/Mid/Leaf/"))
+        typ, listed = client.list('""', "*")
+        assert typ == "OK"
+        selectable, noselect = [], []
+        for line in listed:
+            assert isinstance(line, bytes)
+            flags, _, name = line.decode().partition(') "/" ')
+            (noselect if "\\Noselect" in flags else selectable).append(name.strip('"'))
+        for name in selectable:
+            assert client.select(quote(name))[0] == "OK", name
+        for name in noselect:
+            typ, data = client.select(quote(name))
+            assert (typ, data[0][:13]) == ("NO", b"[NONEXISTENT]"), (name, data)
+        client.logout()
+        return selectable, noselect
+
+    selectable, noselect = await in_thread(dialog)
+    assert {"Job", "Job/Old/2019", "Top/Mid/Leaf"} <= set(selectable)
+    assert set(noselect) == {"Job/Old"}
+    assert not any(name.startswith("/") or "//" in name or name.endswith("/")
+                   for name in [*selectable, *noselect])
+    stored = {box.name for box in await maildb.list_mailboxes(ALICE)}
+    assert stored == set(selectable)
 
 
 async def test_subscribe_unsubscribe_lsub(server: Server, maildb: MailDB) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.store.backends import maildb
-from services.store.backends.maildb import SCHEMA_VERSION, MailDB
+from services.store.backends.maildb import MAX_NAME_DEPTH, SCHEMA_VERSION, MailDB
 from services.store.mailbox import (
     ARCHIVE,
     INBOX,
@@ -120,13 +120,14 @@ async def test_invalid_names_are_refused(db: MailDB, name: str) -> None:
     assert await db.list_mailboxes(ALICE) == before
 
 
-async def test_a_name_ending_with_the_delimiter_is_refused_where_it_is_looked_up(
+async def test_a_name_with_an_empty_level_is_refused_where_it_is_looked_up(
         db: MailDB) -> None:
-    """No mailbox is named "Box/": every lookup refuses such a name (IMAP: [CANNOT]) instead
-    of finding nothing ([TRYCREATE] to an APPEND, whose CREATE "Box/" then made "Box")."""
-    await db.create_mailbox(ALICE, "Box")
+    """No mailbox is named "Box/", "/Box" or "Box//x": every lookup refuses such a name
+    (IMAP: [CANNOT]) instead of finding nothing ([TRYCREATE] to an APPEND, whose CREATE
+    "Box/" then made "Box"; [NONEXISTENT] to a SELECT of "Box//x")."""
+    await db.create_mailbox(ALICE, "Box/x")
     [uid] = await append_n(db, 1, "Box")
-    for name in ("Box/", "inbox/", "/"):
+    for name in ("Box/", "inbox/", "/", "/Box", "Box//x", "INBOX//x", "//", ""):
         lookups = [db.status(ALICE, name), db.snapshot(ALICE, name),
                    db.append(ALICE, name, body(1), frozenset()),
                    db.copy(ALICE, "Box", [uid], name), db.move(ALICE, "Box", [uid], name),
@@ -137,6 +138,24 @@ async def test_a_name_ending_with_the_delimiter_is_refused_where_it_is_looked_up
                 await lookup
     assert [m.uid for m in await db.list_messages(ALICE, "Box")] == [uid]
     assert (await db.status(ALICE, "Box")).messages == 1
+    assert (await db.status(ALICE, "Box/x")).messages == 0
+
+
+async def test_a_rename_that_would_put_a_child_over_the_limits_is_refused(db: MailDB) -> None:
+    """A child's new name is its old one with the prefix replaced: renaming to a longer or
+    deeper name must not give it a name CREATE would refuse."""
+    deepest = "/".join(["Deep", *(f"l{n}" for n in range(1, MAX_NAME_DEPTH))])
+    await db.create_mailbox(ALICE, deepest)  # MAX_NAME_DEPTH levels: the most allowed
+    long_child = "Long/" + "x" * 250 + "/" + "y" * 250 + "/" + "z" * 250 + "/" + "w" * 200
+    await db.create_mailbox(ALICE, long_child)
+    before = await db.list_mailboxes(ALICE)
+    with pytest.raises(InvalidMailboxName):
+        await db.rename_mailbox(ALICE, "Deep", "Deeper/Still")
+    with pytest.raises(InvalidMailboxName):
+        await db.rename_mailbox(ALICE, "Long", "L" + "o" * 200)
+    assert await db.list_mailboxes(ALICE) == before
+    await db.rename_mailbox(ALICE, "Deep", "Deeper")  # as deep as before: allowed
+    assert (await db.status(ALICE, "Deeper" + deepest[len("Deep"):])).messages == 0
 
 
 async def test_unusual_but_valid_names(db: MailDB) -> None:
