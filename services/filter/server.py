@@ -12,8 +12,9 @@ Hardening over aiosmtpd 1.4.6 (see docs: design notes section 1):
   EHLO grows and every new connection clears);
 - AUTH is neither advertised nor accepted (submission comes with a later issue);
 - MAIL and RCPT parameters by RFC 5321's grammar (an unknown one 555, a malformed one 501),
-  a MAIL parameter given twice 501, and a non-ASCII address without SMTPUTF8 550/553 5.6.7
-  (RFC 6531 3.5);
+  a MAIL parameter given twice 501, a non-ASCII address without SMTPUTF8 550/553 5.6.7
+  (RFC 6531 3.5), BODY=BINARYMIME 555 (RFC 3030: not offered), a malformed sender 553 5.1.7;
+- a non-ASCII HELO/EHLO argument 501 (RFC 6531 3.7.1, RFC 5321 4.1.2);
 - a failed DATA transaction is always reset, so the client can start over.
 
 Sockets are opened with `loop.create_server(..., reuse_port=True)`, so several worker
@@ -168,7 +169,7 @@ class FilterSMTP(SMTP):
         if not arg:
             return "", ""  # aiosmtpd answers its 501 syntax reply
         if not is_utf8(arg):
-            return None, None  # 553 5.1.3: permanent, not a 451 for every retry
+            return None, None  # 553 5.1.7/5.1.3: permanent, not a 451 for every retry
         parsed = parse_simple_path(arg) or parse_path(arg)
         if parsed is None:
             return None, None
@@ -370,6 +371,8 @@ class FilterSMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
+            if status == replies.MALFORMED_ADDRESS and not self._has_sender():
+                status = replies.BAD_SENDER_SYNTAX  # aiosmtpd's reply at MAIL
             # RFC 2034 section 4: no enhanced codes in the replies to HELO/EHLO.
             if not (self._helo_reply and status.startswith("250")):
                 status = replies.enhance(status)
@@ -381,6 +384,11 @@ class FilterSMTP(SMTP):
         if isinstance(status, str) and replies.is_client_error(status):
             await self._count_client_error()
         self._end_after_eof()
+
+    def _has_sender(self) -> bool:
+        """RCPT needs a sender, so a reply to a path without one is MAIL's (a second MAIL
+        with a malformed path, after a sender was taken, keeps RCPT's X.1.3)."""
+        return self.envelope is not None and bool(self.envelope.mail_from)
 
     async def _count_client_error(self) -> None:
         self._client_errors += 1
@@ -395,8 +403,8 @@ class FilterSMTP(SMTP):
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
-        if hostname and not is_utf8(hostname):
-            await self.push("501 5.5.2 Syntax: HELO hostname (not UTF-8)")
+        if hostname and not hostname.isascii():
+            await self.push(replies.NON_ASCII_HELO.format(command="HELO"))
             return
         self._helo_reply = True
         try:
@@ -412,8 +420,8 @@ class FilterSMTP(SMTP):
         if not hostname:
             await self.push("501 Syntax: EHLO hostname")
             return
-        if not is_utf8(hostname):
-            await self.push("501 5.5.2 Syntax: EHLO hostname (not UTF-8)")
+        if not hostname.isascii():
+            await self.push(replies.NON_ASCII_HELO.format(command="EHLO"))
             return
         assert self.session is not None
         self._set_rset_state()
@@ -439,9 +447,14 @@ class FilterSMTP(SMTP):
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         """RFC 3207 4.2: STARTTLS is not offered again once TLS is up; aiosmtpd would answer
-        220 and start a second handshake inside the first, which breaks the connection."""
+        220 and start a second handshake inside the first, which breaks the connection.
+        Without a certificate it is not offered at all: 502, not aiosmtpd's 454, which says
+        "temporarily" (RFC 5321 4.2.4: a command recognised but not implemented is 502)."""
         if self._tls_protocol is not None:
             await self.push("503 5.5.1 TLS already active")
+            return
+        if not self.tls_context:
+            await self.push(replies.STARTTLS_NOT_OFFERED)
             return
         await super().smtp_STARTTLS(arg)
 
@@ -484,9 +497,16 @@ class FilterSMTP(SMTP):
         a 451 for a syntax error) and other scripts' digits. None: aiosmtpd answers its 501
         syntax reply."""
         result = parse_parameters(params)
-        size = result.get("SIZE") if result is not None else None
+        if result is None:
+            return None
+        size = result.get("SIZE")
         if isinstance(size, str) and not (size.isascii() and size.isdigit()):
             return None
+        if result.get("BODY") == "BINARYMIME":  # aiosmtpd has the words in upper case
+            # RFC 3030: only with BINARYMIME and CHUNKING advertised, which we do not offer.
+            # Under its own name aiosmtpd counts it an unknown parameter: 555 (RFC 5321
+            # 4.1.1.11: a parameter we cannot implement), not its 501 for a bad BODY value.
+            result["BINARYMIME"] = result.pop("BODY")
         return result
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:

@@ -41,6 +41,13 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 too many connections"
 TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 BAD_RECIPIENT_SYNTAX = "501 5.1.3 Bad recipient address syntax"
+# aiosmtpd's reply to a path it cannot read, at MAIL and RCPT alike; at MAIL it becomes
+# BAD_SENDER_SYNTAX (RFC 3463 3.2: X.1.3 is the destination's syntax, X.1.7 the sender's).
+MALFORMED_ADDRESS = "553 5.1.3 Error: malformed address"
+BAD_SENDER_SYNTAX = "553 5.1.7 Error: malformed sender address"
+# RFC 6531 3.7.1: SMTPUTF8 is not negotiated yet at EHLO, so the client's name is ASCII (an IDN
+# as A-labels); RFC 5321 4.1.2: characters a domain may not have MUST get 501.
+NON_ASCII_HELO = "501 5.5.2 Syntax: {command} hostname (ASCII only: an IDN as A-labels)"
 # Rate limits (common/ratelimit.py), counted across all workers. 4.7.0 before the
 # greeting, as Postfix's anvil does; 4.7.1 "not authorized" at MAIL FROM. RFC 3463 3.8.
 RATE_CONNECTIONS = ("421 4.7.0 Too many connections from your address, "
@@ -94,6 +101,7 @@ LINE_TOO_LONG = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
 COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
 UNKNOWN_COMMAND = "500 5.5.2 Error: command not recognized"
 AUTH_UNAVAILABLE = "502 5.5.1 AUTH not available"
+STARTTLS_NOT_OFFERED = "502 5.5.1 STARTTLS not available"  # no certificate configured
 NEED_MAIL = "503 5.5.1 Error: need MAIL command"
 NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 NESTED_MAIL = "503 5.5.1 Error: nested MAIL command"
@@ -149,6 +157,7 @@ _LEAKED_EXCEPTION = re.compile(r"^\d{3} Error: \(")
 # aiosmtpd echoes an unknown command, which may hold a bare CR, NUL or escape sequences: none
 # of that goes into a reply (RFC 5321 2.3.8, 4.2).
 _UNKNOWN_COMMAND = re.compile(r'^500 Error: command "(.*)" not recognized$', re.DOTALL)
+_ECHO_LIMIT = 64
 
 
 def ehlo_lines(hostname: str, keywords: list[str]) -> list[str]:
@@ -175,7 +184,7 @@ def _enhance_line(line: str) -> str:
     if _LEAKED_EXCEPTION.match(line):
         return INTERNAL_ERROR
     unknown = _UNKNOWN_COMMAND.match(line)
-    if unknown is not None and not unknown.group(1).isprintable():
+    if unknown is not None and not _echoable(unknown.group(1)):
         return UNKNOWN_COMMAND
     if _HAS_ENHANCED.match(line):
         return line
@@ -187,6 +196,12 @@ def _enhance_line(line: str) -> str:
         return line  # greeting, 354 and other intermediate replies carry none
     enhanced = _BY_REPLY_CODE.get(code, _BY_CLASS[code[0]])
     return f"{code}{separator}{enhanced} {text}".rstrip()
+
+
+def _echoable(command: str) -> bool:
+    """Whether an unknown command may go back in the reply: printable, and short enough for
+    the reply to stay within 512 octets (RFC 5321 4.5.3.1.5; the command may be that long)."""
+    return len(command) <= _ECHO_LIMIT and command.isprintable()
 
 
 def reply_code(reply: str) -> int:

@@ -29,6 +29,11 @@ TABLE = [
     ('500 Error: command "FOO\rBAR" not recognized', "500 5.5.2 Error: command not recognized"),
     ('500 Error: command "X\x00\x1b[2J" not recognized',
      "500 5.5.2 Error: command not recognized"),
+    # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets; an unknown command may be 510.
+    ('500 Error: command "' + "X" * 510 + '" not recognized',
+     "500 5.5.2 Error: command not recognized"),
+    ('500 Error: command "' + "X" * 64 + '" not recognized',
+     '500 5.5.2 Error: command "' + "X" * 64 + '" not recognized'),
     ("500 Command line too long", replies.COMMAND_TOO_LONG),
     ("500 Line too long (see RFC5321 4.5.3.1.6)", replies.LINE_TOO_LONG),
     ("552 Error: Too much mail data", replies.MESSAGE_TOO_BIG),
