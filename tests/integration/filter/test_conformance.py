@@ -5,6 +5,7 @@ covers it."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from common.settings import Settings
 from services.filter.main import FilterWorker
@@ -21,6 +22,7 @@ from tests.integration.filter.conftest import (
     split_received,
 )
 from tests.integration.filter.test_refusals import raw_dialog
+from tests.support import TierProcess
 
 # RFC 2034 section 4 and RFC 3463: a reply code, then an enhanced code of the same class.
 ENHANCED = re.compile(r"^([245])\d\d [245]\.\d{1,3}\.\d{1,3} ")
@@ -215,3 +217,32 @@ async def test_lines_that_begin_with_a_dot_arrive_unstuffed(worker: FilterWorker
     assert await in_thread(send, worker.ports[0], raw, [ALICE]) == {}
     [queued] = await drain_queue(worker.settings)
     assert split_received(queued.body)[1] == raw
+
+
+def injected_behind_starttls(port: int) -> list[str]:
+    """HELP and MAIL sent in the packet of STARTTLS, then NOOP, EHLO and RCPT inside TLS."""
+    client = RawClient(port)
+    try:
+        client.reply()
+        client.command(b"EHLO client.remote.test\r\n")
+        answers = [client.command(
+            b"STARTTLS\r\nHELP\r\nMAIL FROM:<injected@remote.test>\r\n")]
+        client.start_tls()
+        for line in (b"NOOP", b"EHLO client.remote.test", b"RCPT TO:<" + ALICE.encode() + b">"):
+            answers.append(client.command(line + b"\r\n").splitlines()[-1])
+        return answers
+    finally:
+        client.close()
+
+
+async def test_starttls_injection_is_discarded_by_the_real_process_too(
+        directory: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """CVE-2011-0411 (RFC 3207 4.2, 6) in the `tiermail filter` process, which runs on uvloop,
+    whose transports are not asyncio's (the in-process tests run on asyncio's loop): the
+    plaintext behind STARTTLS is dropped, so the first reply inside TLS is NOOP's (not HELP's
+    214) and the injected sender is not in effect."""
+    process = run_tier(directory, "filter")
+    await in_thread(process.wait_for_port, directory.smtp_port)
+    answers = await in_thread(injected_behind_starttls, directory.smtp_port)
+    assert answers[0] == replies.READY_FOR_TLS, answers
+    assert answers[1:] == [replies.OK, "250 ENHANCEDSTATUSCODES", replies.NEED_MAIL], answers
