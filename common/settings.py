@@ -299,6 +299,14 @@ def _check(name: str, value: Any) -> None:
                 raise bad(str(exc)) from None
     elif name in {"hostname", "bind", "queue_prefix"} and not value.strip():
         raise bad("must not be empty")
+    elif name == "hostname" and not _is_ascii_host(value):
+        # It goes into SMTP greetings, EHLO replies and Received headers, which RFC 6531
+        # 3.7.1 keeps ASCII even for SMTPUTF8: an IDN is written as its A-labels.
+        raise bad("an ASCII host name without spaces (an IDN as xn-- A-labels)")
+
+
+def _is_ascii_host(value: str) -> bool:
+    return value.isascii() and value.isprintable() and " " not in value and len(value) <= 253
 
 
 def _check_url(name: str, value: str, bad: Any) -> None:

@@ -92,6 +92,8 @@ def test_spam_learning_follows_the_spam_scanner_unless_set(spam: str, learn: str
     ("TIERMAIL_RATE_LIMIT_EXEMPT", "127.0.0.0/8,localhost"),
     ("TIERMAIL_DATA_DIR", ""),
     ("TIERMAIL_HOSTNAME", " "),
+    ("TIERMAIL_HOSTNAME", "mail.bücher.example"),  # RFC 6531 3.7.1: A-labels in greetings
+    ("TIERMAIL_HOSTNAME", "mail example.org"),
 ])
 def test_values_no_tier_can_work_with_are_refused_by_name(name: str, value: str) -> None:
     """Each was taken as it was, and a tier failed later with a traceback (a scanner
@@ -108,6 +110,7 @@ def test_values_no_tier_can_work_with_are_refused_by_name(name: str, value: str)
     ("TIERMAIL_REDIS_URL", "unix:///run/redis/redis.sock?db=2"),
     ("TIERMAIL_AMQP_URL", "amqps://u:p@mq.internal/tiermail-b"),
     ("TIERMAIL_RATE_LIMIT_EXEMPT", ""), ("TIERMAIL_LEARN", ""),
+    ("TIERMAIL_HOSTNAME", "mail.xn--bcher-kva.example"),
 ])
 def test_edge_values_that_mean_something_are_taken(name: str, value: str) -> None:
     Settings.from_env({name: value})
