@@ -15,18 +15,14 @@ from dataclasses import dataclass
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
 
-# RFC 2449 section 4: a command line is at most 255 octets including the CRLF; keywords are
-# three or four characters; each argument is at most 40 characters.
+# RFC 2449 section 4: a command line is at most 255 octets including the CRLF, and a server
+# that supports CAPA "MUST support commands up to 255 octets": RFC 1939's 40-character limit
+# on an argument is lifted with it (USER names are addresses of up to 254 octets, RFC 5321
+# section 4.5.3.1.3; PASS's one argument may contain spaces, RFC 1939 section 7).
 MAX_COMMAND_LINE = 255
-MAX_ARGUMENT = 40
 # RFC 5034 section 4: SASL client responses are not bound by the 255-octet limit. Our own
 # ceiling for any line we buffer (a PLAIN response with an address and password fits easily).
 MAX_SASL_LINE = 4096
-# RFC 2449's 40 characters is what a server must at least accept. USER names are mail
-# addresses (up to 254 octets, RFC 5321 section 4.5.3.1.3), PASS carries one argument that may
-# contain spaces (RFC 1939 section 7) and long passwords are common, and AUTH's initial
-# response is base64 (RFC 5034 section 4): these are bound only by the line limit.
-_UNLIMITED_ARGUMENT_COMMANDS = frozenset({"USER", "PASS", "AUTH"})
 
 _KEYWORD_RE = re.compile(r"[A-Za-z]{3,4}")
 
@@ -68,10 +64,6 @@ def parse_command(line: bytes) -> Command | BadCommand:
         return BadCommand("unknown command" if keyword else "empty command")
     keyword = keyword.upper()
     args = tuple(rest.split()) if rest else ()
-    if keyword not in _UNLIMITED_ARGUMENT_COMMANDS and any(
-        len(arg) > MAX_ARGUMENT for arg in args
-    ):
-        return BadCommand("argument too long")
     return Command(keyword, args, rest)
 
 
@@ -146,7 +138,6 @@ ERR_INTERNAL = err("internal error", CODE_SYS_TEMP)
 ERR_STORAGE_TEMP = err("mailbox temporarily unavailable", CODE_SYS_TEMP)
 ERR_STORAGE_PERM = err("mailbox unavailable", CODE_SYS_PERM)
 ERR_MESSAGE_GONE = err("message no longer available", CODE_SYS_PERM)
-ERR_IDLE_TIMEOUT = err("disconnected for inactivity")
 ERR_LOGIN_DEADLINE = err("too long without logging in")  # settings.pop3_login_deadline
 ERR_ACCOUNT_DELETED = err("account deleted")  # tiermail user del (services/store/logins.py)
 

@@ -205,9 +205,10 @@ class Pop3Listener:
                              extra=session.log_context)
                     await self._send(session, writer, Response(p.ERR_LOGIN_DEADLINE.encode()))
                     return
-                # RFC 1939 section 3: an idle client is logged out without UPDATE.
+                # RFC 1939 section 3: an idle client is logged out without UPDATE and without
+                # a response (which a client sending a command just then would take for the
+                # command's answer).
                 log.info("idle timeout", extra=session.log_context)
-                await self._send(session, writer, Response(p.ERR_IDLE_TIMEOUT.encode()))
                 return
             except SessionEnded:
                 # As after a timeout: closed without UPDATE, so its DELEs are not committed.

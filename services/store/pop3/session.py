@@ -363,12 +363,13 @@ class Session:
     # Command handlers: the state and argument count are checked before they run.
 
     async def cmd_capa(self, command: p.Command) -> Response:
+        # RFC 2449 section 5: what AUTHORIZATION announces, TRANSACTION announces too (USER,
+        # SASL and STLS included, though their commands are valid before login only).
         lines = ["TOP", "UIDL", "RESP-CODES", "PIPELINING", "AUTH-RESP-CODE"]
-        if self.state is State.AUTHORIZATION:
-            if self._plaintext_ok:
-                lines += ["USER", "SASL PLAIN"]
-            if self._tls_available and not self.tls_active:
-                lines.append("STLS")
+        if self._plaintext_ok:
+            lines += ["USER", "SASL PLAIN"]
+        if self._tls_available and not self.tls_active:
+            lines.append("STLS")
         lines.append("IMPLEMENTATION tiermail")
         return Response(p.format_multiline(p.OK_CAPA, lines))
 
