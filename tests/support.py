@@ -79,6 +79,37 @@ def port_open(host: str, port: int) -> bool:
     return False
 
 
+def pipeline_then_read(port: int, commands: bytes, behind: bytes,
+                       session_ended: Callable[[], bool]) -> tuple[bytes, str]:
+    """A client that pipelines and reads late: after the greeting it sends `commands` and
+    then `behind` (more commands, behind the one the server closes at), waits until the
+    server's session has ended, and only then reads all the server said. Returns what was
+    read after the greeting and how the sending ended.
+
+    Its receive window is small (4 KiB asked) and the replies to `commands` fill it, so the
+    server's last line is still in the server's send queue when it closes, with `behind`
+    unread in its receive queue: a plain close then resets the connection, which drops that
+    last line (Linux keeps only what had already reached the client)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", port))
+        greeting = b""
+        while not greeting.endswith(b"\r\n"):  # the session is running from here on
+            greeting += sock.recv(1)
+        try:
+            sock.sendall(commands + behind)
+            sending = "all sent"
+        except OSError as exc:
+            sending = type(exc).__name__
+        wait_until(session_ended, what="the server's session to end")
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                received += data
+    return received, sending
+
+
 def rabbitmqctl(*args: str) -> str:
     result = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
                             check=True, timeout=120)

@@ -15,6 +15,15 @@ from common.ratelimit import Network, ip_subject
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 5.0  # seconds for a client to take our close before the socket is reset
+# Lingering close (see hang_up): how long, and how many octets, a client may go on sending
+# after our last words before the socket is closed anyway. 2 s is Apache's short lingering
+# close (SECONDS_TO_LINGER, its choice against denial of service; 30 s otherwise) and ample
+# for a client to read one line on any network; it is also the most it adds to a shutdown.
+# 1 MiB is far more than a client has in flight with commands pipelined, and bounds the
+# reading a client that sends without end makes us do.
+LINGER_SECONDS = 2.0
+LINGER_OCTETS = 1024 * 1024
+LINGER_READ = 64 * 1024
 
 
 class ListenerSessions:
@@ -211,6 +220,41 @@ def write_or_lost(writer: asyncio.StreamWriter, data: bytes) -> None:
     if writer.transport.is_closing():
         raise ConnectionResetError("connection closed by the client")
     writer.write(data)
+
+
+async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close a connection after our last words (BYE, -ERR, +OK to QUIT) without losing them.
+
+    Closing a TCP socket with unread input resets the connection: our kernel drops what it
+    has not sent yet (the client's receive window may be full of earlier replies), and
+    clients may drop what they received but had not read (asyncio's StreamReader raises at
+    once; some TCP stacks discard it). A client still sending (pipelined commands, a command
+    in flight at a timeout) would see ECONNRESET instead of the reason. So, as Apache's
+    lingering close (nginx has one too): our side is half-closed where the transport
+    can (plain TCP; TLS cannot), then input is read and dropped until the client closes, for
+    LINGER_SECONDS or LINGER_OCTETS at most, and only then the socket is closed. No command
+    is processed meanwhile; the connection still counts towards the connection limits."""
+    try:
+        if not writer.transport.is_closing():
+            if writer.can_write_eof():
+                writer.write_eof()  # FIN after what is still queued
+            await _discard_input(reader)
+    except OSError:  # the client reset the connection (or TLS failed), or the bound passed
+        pass
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise
+    await close_connection(writer, abort=False)
+
+
+async def _discard_input(reader: asyncio.StreamReader) -> None:
+    discarded = 0
+    async with asyncio.timeout(LINGER_SECONDS):
+        while discarded < LINGER_OCTETS:
+            data = await reader.read(LINGER_READ)
+            if not data:
+                return
+            discarded += len(data)
 
 
 async def close_connection(writer: asyncio.StreamWriter, abort: bool) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 
 class Disconnect(Exception):
-    """Raised by the Channel when the connection ends (reason: "eof", "timeout", "lost",
-    "tls", "ended": the session was ended from outside, its account deleted), and by a
+    """Raised by the Channel when the connection ends (reason: "eof", "timeout" (idle),
+    "login deadline", "write stall" (the client took none of a response), "lost", "tls",
+    "compression", "ended": the session was ended from outside, its account deleted), and by a
     command that cannot finish a response it has begun ("storage"); the session lets it
     through to the server, which closes the connection."""
 

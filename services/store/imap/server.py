@@ -52,6 +52,7 @@ from services.store.listening import (
     SessionEnded,
     SessionEndingServer,
     close_connection,
+    hang_up,
     peer_ip,
     peer_of,
     refuse_connection,
@@ -198,7 +199,7 @@ class Connection:
             async with asyncio.timeout(min(self._timeout, WRITE_STALL)):
                 await self.writer.drain()
         except TimeoutError:
-            raise Disconnect("timeout") from None
+            raise Disconnect("write stall") from None
         except (ConnectionError, ssl.SSLError) as exc:
             raise Disconnect("lost") from exc
 
@@ -347,7 +348,7 @@ class ImapListener:
         try:
             await self._converse(session, connection)
         except Disconnect as exc:
-            abort = exc.reason not in ("eof", "ended")
+            abort = exc.reason not in _SAYING_GOODBYE
             if exc.reason == "timeout":
                 log.info("autologout", extra=session.log_context)
                 connection.farewell(r.BYE_TIMEOUT.untagged())
@@ -370,7 +371,10 @@ class ImapListener:
         finally:
             session.ended()
             connection.parser.discard()
-            await close_connection(connection.writer, abort)
+            if abort:
+                await close_connection(connection.writer, abort=True)
+            else:
+                await hang_up(connection.reader, connection.writer)
             log.info("disconnected", extra=session.log_context)
 
     async def _converse(self, session: Session, connection: Connection) -> None:
@@ -402,6 +406,11 @@ class ImapListener:
                 # otherwise keep this loop busy without ever awaiting I/O. (With none
                 # waiting, the next read awaits I/O anyway.)
                 await asyncio.sleep(0)
+
+
+# Disconnect reasons after which the connection is hung up politely (with our BYE, if any,
+# not lost to a reset); after the others (lost, stalled, broken) it is reset at once.
+_SAYING_GOODBYE = ("eof", "ended", "timeout", "login deadline")
 
 
 def _loggable(line: bytes) -> str:

@@ -24,6 +24,7 @@ from services.store.listening import (
     SessionEnded,
     SessionEndingServer,
     close_connection,
+    hang_up,
     peer_ip,
     peer_of,
     refuse_connection,
@@ -179,7 +180,10 @@ class Pop3Listener:
             log.exception("connection failed", extra=session.log_context)
         finally:
             await session.close()
-            await close_connection(writer, aborted)
+            if aborted:
+                await close_connection(writer, abort=True)
+            else:
+                await hang_up(reader, writer)
             log.info("disconnected", extra=session.log_context)
 
     async def _converse(self, session: Session, reader: asyncio.StreamReader,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import imaplib
 import socket
@@ -25,6 +26,7 @@ from services.store.imap import responses as r
 from services.store.imap import selected as selected_module
 from services.store.imap import server as imap_server_module
 from services.store.imap.server import PRE_LOGIN_MAX_LITERAL
+from services.store.listening import SessionEndingServer
 from tests.integration.imap.clients import (
     Raw,
     Server,
@@ -33,7 +35,7 @@ from tests.integration.imap.clients import (
     unverified,
 )
 from tests.integration.imap.conftest import ALICE, BOB, USERS, Deliver, ImapStack, StartImap
-from tests.support import fill, tmpfs
+from tests.support import fill, pipeline_then_read, tmpfs
 
 SMALL_LITERAL = 4096
 
@@ -388,21 +390,56 @@ async def test_a_busy_client_that_never_logs_in_is_closed_at_the_login_deadline(
     def dialog() -> None:
         busy = server.raw()
         logged_in = server.raw(ALICE)
-        # NOOPs every 0.1 s for 1.5 s, then silence: the deadline still comes 2 s after
-        # connect, long before the timer the last NOOP restarted. (Sending on while the
-        # server closes would race its BYE with our data: a close with unread input resets.)
-        for _ in range(15):
-            busy.send(b"n NOOP\r\n")
-            assert busy.response().startswith(b"n OK")
-            time.sleep(0.1)
-        assert settings.imap_login_timeout > 10  # what response() would otherwise wait for
-        answer = busy.response()
+        # NOOPs every 10 ms from a second thread until the store hangs up, 2 s after
+        # connect; some are in flight when it closes, and its lingering close reads and
+        # drops them, so they do not turn the close into a reset that loses the BYE.
+        hung_up = threading.Event()
+
+        def noops() -> None:
+            # A send fails only if this thread went on for the whole linger (2 s) after the
+            # BYE; the BYE has been read by then.
+            with contextlib.suppress(OSError):
+                while not hung_up.is_set():
+                    busy.send(b"n NOOP\r\n")
+                    time.sleep(0.01)
+
+        sender = threading.Thread(target=noops)
+        sender.start()
+        try:
+            answer = busy.response()
+            for _ in range(2000):  # 20 s of NOOPs at least, ten times the deadline
+                if not answer.startswith(b"n OK"):
+                    break
+                answer = busy.response()
+        finally:
+            hung_up.set()
+            sender.join()
         assert answer == r.BYE_LOGIN_DEADLINE.untagged().rstrip(b"\r\n"), answer
         assert busy.closed()
         assert logged_in.ok("NOOP").status == "OK"  # no deadline once logged in
         logged_in.close()
 
     await in_thread(dialog)
+
+
+async def test_a_client_pipelining_past_logout_reads_the_bye(imap_server: ImapStack) -> None:
+    """A client sends 2000 NOOPs, LOGOUT and 512 KiB more NOOPs, and reads only after the
+    store has ended the session: the replies fill its receive window, so the BYE is still
+    in the store's send queue when the store closes, with the NOOPs behind LOGOUT unread.
+    A plain close then reset the connection and the client lost the BYE; the lingering close
+    reads and drops them first, and the client gets every reply, then the end of the
+    stream."""
+    commands = b"n NOOP\r\n" * 2000 + b"a LOGOUT\r\n"
+    behind = b"n NOOP\r\n" * (64 * 1024)
+    plain_server = imap_server.servers[0]
+    assert isinstance(plain_server, SessionEndingServer)
+    received, sending = await asyncio.to_thread(
+        pipeline_then_read, imap_server.port, commands, behind,
+        lambda: plain_server.sessions == 0)
+    lines = received.split(b"\r\n")
+    assert lines[-3:] == [r.BYE_LOGOUT.untagged().rstrip(b"\r\n"),
+                          r.OK_LOGOUT.tagged("a").rstrip(b"\r\n"), b""], (sending, lines[-3:])
+    assert sum(line.startswith(b"n OK") for line in lines) == 2000
 
 
 async def test_an_idle_logged_in_session_is_logged_out(

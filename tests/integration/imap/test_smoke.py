@@ -6,13 +6,17 @@ the other test_*.py files here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import imaplib
 import socket
+import threading
+import time
 
 from imapclient import IMAPClient
 
 from common.settings import Settings
 from services.store.imap import responses as r
+from services.store.listening import SessionEndingServer
 from services.store.mailbox import INBOX
 from tests.integration.imap.conftest import (
     ALICE,
@@ -116,6 +120,39 @@ async def test_logindisabled_until_tls(start_imap: StartImap, settings: Settings
     await asyncio.to_thread(dialog)
 
 
+async def test_a_client_sending_without_end_does_not_hold_the_shutdown(
+        imap_server: ImapStack) -> None:
+    """After the shutdown BYE the store's close lingers for the client's input, for
+    LINGER_SECONDS (2 s): a client that trickles NOOPs without end (800 octets a second,
+    which the 1 MiB cap alone would let go on for 20 minutes) does not hold the shutdown,
+    still reads the BYE, and its session task is over once the server is closed."""
+    raw = await asyncio.to_thread(Raw, imap_server.port)
+    await asyncio.to_thread(raw.command, b"a LOGIN " + ALICE.encode() + b' "alice secret"')
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with contextlib.suppress(OSError):  # refused once the store has closed
+            while not stop.is_set():
+                raw.sock.sendall(b"n NOOP\r\n")
+                time.sleep(0.01)
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    try:
+        for server in imap_server.servers:
+            server.close()
+        for server in imap_server.servers:
+            await asyncio.wait_for(server.wait_closed(), 10)
+    finally:
+        stop.set()
+        await asyncio.to_thread(sender.join)
+    assert all(server.sessions == 0 for server in imap_server.servers
+               if isinstance(server, SessionEndingServer))
+    lines = await asyncio.to_thread(raw.rest)
+    assert lines[-1] == r.BYE_SHUTDOWN.untagged(), lines[-3:]
+    raw.close()
+
+
 class Raw:
     """Byte-level dialog for what imaplib hides (pending EXPUNGEs, refused literals)."""
 
@@ -135,6 +172,14 @@ class Raw:
             lines.append(response)
             if response.startswith(tag + b" "):
                 return lines
+
+    def rest(self) -> list[bytes]:
+        """Every line until the server's close (or its reset)."""
+        lines = []
+        with contextlib.suppress(ConnectionResetError):
+            while line := self.file.readline():
+                lines.append(line)
+        return lines
 
     def close(self) -> None:
         self.file.close()

@@ -16,12 +16,13 @@ import pytest
 
 from common.settings import Settings
 from services.store.backends.maildb import MailDB
+from services.store.listening import SessionEndingServer
 from services.store.mailbox import INBOX, MailStore, MessageInfo, StorageError
 from services.store.pop3 import protocol as p
 from services.store.pop3.server import LINE_LIMIT
 from services.store.pop3.session import MAX_BAD_COMMANDS
 from tests.integration.pop3.conftest import ALICE, BOB, USERS, Pop3Stack, StartPop3
-from tests.support import eventually, fill, free_port, tmpfs
+from tests.support import eventually, fill, free_port, pipeline_then_read, tmpfs
 from tests.unit.pop3.fakes import FakeMailStore
 
 MSG1 = (b"From: carol@example.org\r\nTo: alice@example.test\r\nSubject: one\r\n\r\n"
@@ -594,19 +595,50 @@ async def test_a_busy_client_that_never_logs_in_is_closed_at_the_login_deadline(
     logged_in = await Raw.open(pop3.port)
     await logged_in.send(f"USER {ALICE}\r\n".encode())
     assert (await logged_in.send(f"PASS {USERS[ALICE]}\r\n".encode())).startswith(b"+OK")
-    # USERs every 0.1 s for 1.5 s, then silence: the deadline still comes 2 s after connect,
-    # long before the idle timer the last USER started. (Sending on while the server closes
-    # would race its -ERR with our data: a close with unread input is a reset.)
-    for _ in range(15):
-        assert await busy.send(b"USER nobody@example.test\r\n") == p.OK_USER.encode()
-        await asyncio.sleep(0.1)
-    assert settings.pop3_timeout > 10  # what the line() below would otherwise wait for
-    assert await busy.line() == p.ERR_LOGIN_DEADLINE.encode()
+    # USERs every 10 ms until the store hangs up, 2 s after connect; some are in flight
+    # when it closes, and its lingering close reads and drops them, so they do not turn the
+    # close into a reset (on which asyncio's reader drops the -ERR it holds and raises).
+
+    async def users() -> None:
+        while True:
+            busy.writer.write(b"USER nobody@example.test\r\n")
+            await busy.writer.drain()
+            await asyncio.sleep(0.01)
+
+    sender = asyncio.create_task(users())
+    try:
+        reply = await busy.line()
+        for _ in range(2000):  # 20 s of USERs at least, ten times the deadline
+            if reply != p.OK_USER.encode():
+                break
+            reply = await busy.line()
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+    assert reply == p.ERR_LOGIN_DEADLINE.encode()
     assert await busy.closed()
     await busy.close()
     assert await logged_in.send(b"NOOP\r\n") == b"+OK\r\n"  # no deadline once logged in
     await logged_in.send(b"QUIT\r\n")
     await logged_in.close()
+
+
+async def test_a_client_pipelining_past_quit_reads_the_goodbye(pop3: Pop3Stack) -> None:
+    """A client sends 2000 USERs, QUIT and 512 KiB more USERs, and reads only after the
+    store has ended the session: the replies fill its receive window, so the +OK to QUIT is
+    still in the store's send queue when the store closes, with the USERs behind QUIT
+    unread. A plain close then reset the connection and the client lost the +OK; the
+    lingering close reads and drops them first."""
+    user = b"USER nobody@example.test\r\n"
+    behind = user * (512 * 1024 // len(user))
+    plain_server = pop3.servers[0]
+    assert isinstance(plain_server, SessionEndingServer)
+    received, sending = await asyncio.to_thread(
+        pipeline_then_read, pop3.port, user * 2000 + b"QUIT\r\n", behind,
+        lambda: plain_server.sessions == 0)
+    lines = received.split(b"\r\n")
+    assert lines[-2:] == [p.OK_BYE.encode().rstrip(b"\r\n"), b""], (sending, lines[-2:])
+    assert lines.count(p.OK_USER.encode().rstrip(b"\r\n")) == 2000
 
 
 async def test_connections_over_the_limit_get_a_temporary_error(
