@@ -286,11 +286,19 @@ def held_list(settings: Settings, args: argparse.Namespace) -> int:
     for held in shown:
         when = held.received_at.strftime("%Y-%m-%d %H:%M:%S") if held.received_at else "-"
         sender = "(undecodable)" if held.sender is None else f"<{held.sender}>"
+        copies = f"  ({held.copies} copies)" if held.copies > 1 else ""
         print(f"{held.queue_id or '-'}  {when}  {held.size:>9}  {sender} -> "
-              f"{','.join(held.recipients) or '-'}  [{held.reason}]")
+              f"{','.join(held.recipients) or '-'}  [{held.reason}]{copies}")
     count = f"{len(shown)} of {total}" if total > len(shown) else f"{total}"
-    print(f"{count} {args.held_words} message{'' if total == 1 else 's'}")
+    print(f"{count} {args.held_words} message{'' if total == 1 else 's'}"
+          f"{_copies(shown, 'in the queue, each listed once')}")
     return 0
+
+
+def _copies(held: list[Any], what: str) -> str:
+    """The copies that crashes left in the queue besides these messages, if any."""
+    extra = sum(message.copies - 1 for message in held)
+    return f" ({extra} duplicate cop{'y' if extra == 1 else 'ies'} {what})" if extra else ""
 
 
 def held_show(settings: Settings, args: argparse.Namespace) -> int:
@@ -307,17 +315,17 @@ def held_show(settings: Settings, args: argparse.Namespace) -> int:
 def held_release(settings: Settings, args: argparse.Namespace) -> int:
     from services.heldmail import release
 
-    return _act_on_held(settings, args, release, "sent for delivery")
+    return _act_on_held(settings, args, release, "sent for delivery", "removed")
 
 
 def held_drop(settings: Settings, args: argparse.Namespace) -> int:
     from services.heldmail import drop
 
-    return _act_on_held(settings, args, drop, "dropped")
+    return _act_on_held(settings, args, drop, "dropped", "dropped too")
 
 
 def _act_on_held(settings: Settings, args: argparse.Namespace, action: Callable[..., Any],
-                 done: str) -> int:
+                 done: str, copies_done: str) -> int:
     if args.all == bool(args.queue_ids):
         raise CommandError("name the messages by queue id, or give --all")
     wanted = set(args.queue_ids)
@@ -328,7 +336,8 @@ def _act_on_held(settings: Settings, args: argparse.Namespace, action: Callable[
     missing = wanted - {held.queue_id for held in acted}
     for queue_id in sorted(missing):
         print(f"tiermail: {queue_id}: not {args.held_words}", file=sys.stderr)
-    print(f"{len(acted)} message{'' if len(acted) == 1 else 's'} {done}")
+    print(f"{len(acted)} message{'' if len(acted) == 1 else 's'} {done}"
+          f"{_copies(acted, copies_done)}")
     return EXIT_FAILED if missing else 0
 
 

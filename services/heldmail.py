@@ -18,6 +18,13 @@ A released message is acked only after the broker confirmed its copy on the deli
 a crash in between leaves it in both queues, and the store's deduplication by queue id and
 recipient delivers it once (a later release of the leftover delivers nothing new). The same
 holds when the broker ignores an ack (see `_settled`).
+
+A held message can be in its queue more than once: a process that published it there and
+was killed before acking what it came from (a filter worker quarantining, the store
+dead-lettering) publishes it again when that is redelivered. Copies are told apart as the
+store tells deliveries apart, by queue id and recipients (`copy_key`): all four commands take
+them as one held message (listed once, with how many copies), a release sends one copy back
+and removes the rest, a drop removes them all.
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ import asyncio
 import datetime
 import functools
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiormq
@@ -113,11 +120,38 @@ class HeldMessage:
     recipients: tuple[str, ...]  # its mailboxes; only those not delivered to, where known
     size: int
     received_at: datetime.datetime | None
+    copies: int = 1  # how often it is in the queue (a crash's leftovers: see copy_key)
 
     def as_dict(self) -> dict[str, Any]:
         return {"queue_id": self.queue_id, "reason": self.reason, "sender": self.sender,
                 "recipients": list(self.recipients), "size": self.size,
-                "received_at": self.received_at.isoformat() if self.received_at else None}
+                "received_at": self.received_at.isoformat() if self.received_at else None,
+                "copies": self.copies}
+
+
+CopyKey = tuple[str, tuple[str, ...]]
+
+
+def copy_key(held: HeldMessage) -> CopyKey | None:
+    """What copies of one held message share: its queue id and recipients, by which the store
+    delivers at most once. None: no queue id, never taken for a copy of another."""
+    return (held.queue_id, tuple(sorted(held.recipients))) if held.queue_id else None
+
+
+def grouped(messages: Iterable[HeldMessage]) -> list[HeldMessage]:
+    """Each held message once, in the order first seen, with the number of its copies."""
+    each: list[HeldMessage] = []
+    at: dict[CopyKey, int] = {}
+    for held in messages:
+        key = copy_key(held)
+        if key is None or key not in at:
+            if key is not None:
+                at[key] = len(each)
+            each.append(held)
+        else:
+            first = each[at[key]]
+            each[at[key]] = replace(first, copies=first.copies + 1)
+    return each
 
 
 def describe(properties: spec.Basic.Properties, body: bytes,
@@ -197,11 +231,13 @@ def resend_properties(properties: spec.Basic.Properties,
 
 async def browse(settings: Settings, where: HeldQueue, limit: int
                  ) -> tuple[list[HeldMessage], int]:
-    """Up to `limit` held messages, oldest first, and how many there are; none is taken."""
+    """Up to `limit` held messages, oldest first, each once (see copy_key), and how many
+    there are; none is taken. Copies are counted among the first MAX_TAKEN messages of the
+    queue (only their descriptions are kept); any beyond are counted as they are."""
     async with _opened(settings, where) as channel:
-        held = [seen async for _, seen in _taken(channel, where, limit)]
+        held = grouped([seen async for _, seen in _taken(channel, where, MAX_TAKEN)])
         ok = await channel.queue_declare(where.queue, passive=True)
-        return held, len(held) + int(ok.message_count or 0)
+        return held[:limit], len(held) + int(ok.message_count or 0)
 
 
 async def peek(settings: Settings, where: HeldQueue, queue_id: str) -> bytes | None:
@@ -216,13 +252,14 @@ async def peek(settings: Settings, where: HeldQueue, queue_id: str) -> bytes | N
 
 async def release(settings: Settings, where: HeldQueue,
                   chosen: Callable[[HeldMessage], bool]) -> list[HeldMessage]:
-    """Put the chosen held messages on the delivery route; returns them."""
+    """Put the chosen held messages on the delivery route, one copy of each; returns them,
+    each once."""
     return await _settled(settings, where, chosen, resend=True)
 
 
 async def drop(settings: Settings, where: HeldQueue,
                chosen: Callable[[HeldMessage], bool]) -> list[HeldMessage]:
-    """Delete the chosen held messages for good; returns them."""
+    """Delete the chosen held messages for good, every copy; returns them, each once."""
     return await _settled(settings, where, chosen, resend=False)
 
 
@@ -236,18 +273,20 @@ async def _settled(settings: Settings, where: HeldQueue,
     for them, so the queue is looked at again for the queue ids just settled. One sent back
     twice is delivered once (the store deduplicates by queue id); one that this release sent
     back and that failed again in the meantime is left alone (it carries this release's
-    mark), so a retry makes one attempt per message."""
+    mark), so a retry makes one attempt per message. Of the copies of one held message
+    (copy_key) only the first found is sent back, in this pass or a later one."""
     release = uuid.uuid4().hex if resend else None
-    first = await _one_pass(settings, where, chosen, resend=resend, release=release)
+    sent: set[CopyKey] = set()
+    first = await _one_pass(settings, where, chosen, resend=resend, release=release, sent=sent)
     pending = {held.queue_id for held in first if held.queue_id}
     for _ in range(RESETTLE_PASSES):
         if not pending:
             break
         await asyncio.sleep(RESETTLE_PAUSE)
         again = await _one_pass(settings, where, functools.partial(_named, pending),
-                                resend=resend, release=release)
+                                resend=resend, release=release, sent=sent)
         pending = {held.queue_id for held in again}
-    return first
+    return grouped(first)
 
 
 def _named(queue_ids: set[str], held: HeldMessage) -> bool:
@@ -256,23 +295,38 @@ def _named(queue_ids: set[str], held: HeldMessage) -> bool:
 
 async def _one_pass(settings: Settings, where: HeldQueue,
                     chosen: Callable[[HeldMessage], bool], *, resend: bool,
-                    release: str | None = None) -> list[HeldMessage]:
+                    release: str | None = None, sent: set[CopyKey] | None = None
+                    ) -> list[HeldMessage]:
+    """Settle the chosen messages (every copy); one whose copy_key is in `sent` is not sent
+    back again, only acked, and always after the copy that was sent back is confirmed."""
     settled: list[HeldMessage] = []
     tags: list[int] = []
     resends: list[DeliveredMessage] = []  # kept with their bodies until confirmed
+    sent = set() if sent is None else sent
     async with _opened(settings, where) as channel:
         async for message, seen in _taken(channel, where, MAX_TAKEN):
             if not chosen(seen) or _sent_by(message, release):
                 continue  # its body is let go; it returns to the queue at the end
             settled.append(seen)
             tags.append(_tag(message))
-            if resend:
+            if resend and _first_copy(seen, sent):
                 resends.append(message)
             if len(tags) >= SETTLE_WINDOW or sum(len(m.body) for m in resends) >= SETTLE_BYTES:
                 await _settle(channel, settings.topology, tags, resends, release)
                 tags, resends = [], []
         await _settle(channel, settings.topology, tags, resends, release)
     return settled
+
+
+def _first_copy(held: HeldMessage, sent: set[CopyKey]) -> bool:
+    """Whether no copy of `held` was sent back yet; from now on one is."""
+    key = copy_key(held)
+    if key is None:
+        return True
+    if key in sent:
+        return False
+    sent.add(key)
+    return True
 
 
 def _sent_by(message: DeliveredMessage, release: str | None) -> bool:

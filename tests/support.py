@@ -384,7 +384,7 @@ class AckTrap(TcpProxy):
     with the ack held back (the broker redelivers a message that was already handled) or
     passed on (what the process meant to do only after the ack is never done). Messages are
     told apart by their AMQP message-id (tiermail's queue id), read from the basic.deliver
-    and content header frames the broker sends."""
+    (or basic.get-ok: the held-mail commands) and content header frames the broker sends."""
 
     def __init__(self, target_port: int) -> None:
         super().__init__(target_port)
@@ -412,7 +412,7 @@ class AckTrap(TcpProxy):
 
             def watch(data: bytes) -> Relayed:
                 for _, channel, frame in frames.feed(data):
-                    if isinstance(frame, pamqp.commands.Basic.Deliver):
+                    if isinstance(frame, pamqp.commands.Basic.Deliver | pamqp.commands.Basic.GetOk):
                         pending[channel] = frame.delivery_tag or 0
                     elif isinstance(frame, pamqp.header.ContentHeader) and channel in pending:
                         key = (connection, channel, pending.pop(channel))

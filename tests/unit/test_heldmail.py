@@ -107,7 +107,8 @@ async def test_messages_whose_acks_the_broker_ignored_are_settled_again(
     passes = []
 
     async def one_pass(settings: object, where: object, chosen: Callable[[HeldMessage], bool],
-                       *, resend: bool, release: str | None = None) -> list[HeldMessage]:
+                       *, resend: bool, release: str | None = None,
+                       sent: set[heldmail.CopyKey] | None = None) -> list[HeldMessage]:
         picked = [held for held in queue if chosen(held)]
         passes.append([held.queue_id for held in picked])
         for held in picked:
@@ -126,3 +127,25 @@ async def test_messages_whose_acks_the_broker_ignored_are_settled_again(
     assert {held.queue_id for held in done} == wanted
     assert [len(p) for p in passes] == [4, 2, 0]  # the last pass finds them gone
     assert [held.queue_id for held in queue] == [unchosen]
+
+
+def test_copies_of_a_held_message_are_one_message_per_queue_id_and_recipients() -> None:
+    """A crash between publishing a message to a held queue and acking what it came from
+    puts it there twice: the copies share queue id and recipients (in any order)."""
+    envelope, _ = make_message(ALICE, GHOST)
+
+    def copy(**headers: object) -> HeldMessage:
+        properties = message_properties(envelope)
+        assert properties.headers is not None
+        properties.headers.update(headers)
+        return describe(properties, b"x", DEAD)
+
+    first, again = copy(), copy()
+    reordered = copy(**{MAILBOXES_HEADER: f"{GHOST},{ALICE}"})
+    ghost_only = copy(**{MAILBOXES_HEADER: GHOST})  # another delivery's leftover: its own
+    nameless = [describe(Basic.Properties(), b"", DEAD) for _ in range(2)]
+    held = heldmail.grouped([first, ghost_only, again, *nameless, reordered])
+    assert [(m.recipients, m.copies) for m in held] == [
+        ((ALICE, GHOST), 3), ((GHOST,), 1), ((), 1), ((), 1)]
+    assert held[0].queue_id == envelope.queue_id and heldmail.copy_key(nameless[0]) is None
+    assert held[0].as_dict()["copies"] == 3

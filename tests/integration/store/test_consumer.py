@@ -6,6 +6,7 @@ import asyncio
 import errno
 import gc
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import aiormq
 import pytest
 from pamqp.commands import Basic
 
+from common.broker import close_connection, open_channel
 from common.settings import Settings
 from common.topology import (
     DELIVER_ROUTING_KEY,
@@ -26,6 +28,7 @@ from common.topology import (
     PERSISTENT,
     QUARANTINE_ROUTING_KEY,
     REASON_HEADER,
+    message_properties,
 )
 from services.store.backends.accounts import AccountDB
 from services.store.backends.epoch import RUNNING
@@ -40,7 +43,7 @@ from tests.integration.store.helpers import (
     queue_counts,
     wait_for,
 )
-from tests.support import REPO, fill, run_cli, tier_env, tmpfs
+from tests.support import REPO, AckTrap, broker_at, fill, run_cli, tier_env, tmpfs
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
 
@@ -638,6 +641,85 @@ async def test_quarantined_mail_is_listed_released_or_dropped(store: Running) ->
     stored = await store.maildb.list_messages(ALICE)
     with store.maildb.open_message(ALICE, stored[0].guid) as file:
         assert file.read().endswith(quarantined[0][1])  # below the store's Return-Path
+
+
+async def _held(settings: Settings, held_queue: str, queue_id_owner: str) -> str:
+    """A message for the owner in the quarantine (its virus header on top) or among the
+    dead letters; its queue id."""
+    envelope, body = make_message(queue_id_owner)
+    if held_queue == "quarantine":
+        held = b"X-Tiermail-Virus: Eicar-Signature.UNOFFICIAL\r\n" + body
+        await publish_all(settings, [(envelope, held)], routing_key=QUARANTINE_ROUTING_KEY)
+        return envelope.queue_id
+    connection, channel = await open_channel(settings.amqp_url, settings.topology, 5.0,
+                                             confirms=True)
+    try:
+        await channel.basic_publish(body, exchange=settings.topology.dead_exchange,
+                                    routing_key="", properties=message_properties(envelope))
+    finally:
+        await close_connection(connection)
+    return envelope.queue_id
+
+
+async def _killed_at_its_ack(settings: Settings, held_queue: str, action: str,
+                             queue_id: str, hold: bool) -> None:
+    """Run `tiermail HELD_QUEUE ACTION QUEUE_ID`, SIGKILLed when its ack of the held message
+    is on the wire (all it does before acking is done); `hold`: the broker never gets it."""
+    trap = AckTrap(int(settings.amqp_url.rsplit("/", 1)[0].rsplit(":", 1)[1]))
+    try:
+        killed = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", held_queue, action, queue_id,
+            env=tier_env(broker_at(settings, trap.port)), cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        trap.arm(killed.pid, lambda acked: acked == queue_id, hold=hold)
+        assert await asyncio.wait_for(killed.wait(), 60) == -signal.SIGKILL
+    finally:
+        trap.cut()
+    assert trap.caught == queue_id
+
+
+@pytest.mark.parametrize(("held_queue", "action"), [("quarantine", "release"),
+                                                    ("deadletters", "retry")])
+async def test_a_release_killed_between_its_publish_and_its_ack_loses_and_doubles_nothing(
+        store: Running, held_queue: str, action: str) -> None:
+    """SIGKILL `quarantine release Q` (`deadletters retry Q`) when the broker has confirmed
+    its copy on the delivery route and its ack of the held message is on the wire, held
+    back: the message is in both queues. The store delivers it once; it is still held
+    (nothing lost) and listed; releasing it again delivers nothing new (the store finds it
+    already delivered): one copy in the mailbox, nothing left held."""
+    settings = store.settings
+    queue = (settings.topology.quarantine_queue if held_queue == "quarantine"
+             else settings.topology.dead_queue)
+    queue_id = await _held(settings, held_queue, ALICE)
+    delivered = store.consumer.stats.delivered
+    await _killed_at_its_ack(settings, held_queue, action, queue_id, hold=True)
+    await wait_for(lambda: store.consumer.stats.delivered == delivered + 1,
+                   what="the released copy delivered")
+    assert await queue_counts(settings, queue) == 1, "the held message was lost"
+    listing = await asyncio.to_thread(run_cli, settings, held_queue, "list", "--json")
+    assert [m["queue_id"] for m in json.loads(listing.stdout)["messages"]] == [queue_id]
+
+    duplicates = store.consumer.stats.duplicates
+    again = await asyncio.to_thread(run_cli, settings, held_queue, action, queue_id)
+    assert again.returncode == 0 and f"{queue_id} sent for delivery" in again.stdout
+    await wait_for(lambda: store.consumer.stats.duplicates == duplicates + 1,
+                   what="the second copy found already delivered")
+    assert check_mailboxes(settings.store_dir, [ALICE]) == {queue_id: 1}
+    assert await queue_counts(settings, queue) == 0
+    gone = await asyncio.to_thread(run_cli, settings, held_queue, action, queue_id)
+    assert gone.returncode == 1 and f"{queue_id}: not " in gone.stderr
+
+
+async def test_a_release_killed_once_its_ack_is_sent_has_sent_the_message_first(
+        store: Running) -> None:
+    """SIGKILL `quarantine release Q` just after its ack of the held message went out: the
+    copy on the delivery route was confirmed before, so the message reaches the mailbox."""
+    queue_id = await _held(store.settings, "quarantine", ALICE)
+    delivered = store.consumer.stats.delivered
+    await _killed_at_its_ack(store.settings, "quarantine", "release", queue_id, hold=False)
+    await wait_for(lambda: store.consumer.stats.delivered == delivered + 1,
+                   what="the released copy delivered")
+    assert check_mailboxes(store.settings.store_dir, [ALICE]) == {queue_id: 1}
 
 
 def _closing_callbacks() -> list[int]:
