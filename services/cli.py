@@ -326,19 +326,31 @@ def held_drop(settings: Settings, args: argparse.Namespace) -> int:
 
 def _act_on_held(settings: Settings, args: argparse.Namespace, action: Callable[..., Any],
                  done: str, copies_done: str) -> int:
+    from services.heldmail import grouped
+
     if args.all == bool(args.queue_ids):
         raise CommandError("name the messages by queue id, or give --all")
     wanted = set(args.queue_ids)
-    acted = _broker(action(settings, _held_queue(settings, args),
-                           lambda held: args.all or held.queue_id in wanted))
-    for held in acted:
-        print(f"{held.queue_id or '-'} {done}")
+    settled: list[Any] = []
+    try:
+        acted = _broker(action(settings, _held_queue(settings, args),
+                               lambda held: args.all or held.queue_id in wanted, settled))
+    except CommandError:
+        if settled:  # the broker went away midway: say what had been done by then
+            _report_acted(grouped(settled), done, copies_done, " before the failure")
+        raise
+    _report_acted(acted, done, copies_done)
     missing = wanted - {held.queue_id for held in acted}
     for queue_id in sorted(missing):
         print(f"tiermail: {queue_id}: not {args.held_words}", file=sys.stderr)
-    print(f"{len(acted)} message{'' if len(acted) == 1 else 's'} {done}"
-          f"{_copies(acted, copies_done)}")
     return EXIT_FAILED if missing else 0
+
+
+def _report_acted(acted: list[Any], done: str, copies_done: str, when: str = "") -> None:
+    for held in acted:
+        print(f"{held.queue_id or '-'} {done}")
+    print(f"{len(acted)} message{'' if len(acted) == 1 else 's'} {done}{when}"
+          f"{_copies(acted, copies_done)}")
 
 
 def _broker(work: Any) -> Any:

@@ -35,7 +35,7 @@ import functools
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiormq
@@ -250,21 +250,24 @@ async def peek(settings: Settings, where: HeldQueue, queue_id: str) -> bytes | N
         return None
 
 
-async def release(settings: Settings, where: HeldQueue,
-                  chosen: Callable[[HeldMessage], bool]) -> list[HeldMessage]:
+async def release(settings: Settings, where: HeldQueue, chosen: Callable[[HeldMessage], bool],
+                  done: list[HeldMessage] | None = None) -> list[HeldMessage]:
     """Put the chosen held messages on the delivery route, one copy of each; returns them,
-    each once."""
-    return await _settled(settings, where, chosen, resend=True)
+    each once. `done` gets each copy once its message is confirmed on the delivery route,
+    so that after a failure the caller knows what was sent."""
+    return await _settled(settings, where, chosen, resend=True, done=done)
 
 
-async def drop(settings: Settings, where: HeldQueue,
-               chosen: Callable[[HeldMessage], bool]) -> list[HeldMessage]:
-    """Delete the chosen held messages for good, every copy; returns them, each once."""
-    return await _settled(settings, where, chosen, resend=False)
+async def drop(settings: Settings, where: HeldQueue, chosen: Callable[[HeldMessage], bool],
+               done: list[HeldMessage] | None = None) -> list[HeldMessage]:
+    """Delete the chosen held messages for good, every copy; returns them, each once.
+    `done` gets each copy as it is acked."""
+    return await _settled(settings, where, chosen, resend=False, done=done)
 
 
 async def _settled(settings: Settings, where: HeldQueue,
-                   chosen: Callable[[HeldMessage], bool], *, resend: bool) -> list[HeldMessage]:
+                   chosen: Callable[[HeldMessage], bool], *, resend: bool,
+                   done: list[HeldMessage] | None) -> list[HeldMessage]:
     """Act on the chosen held messages, then on any of them that came back.
 
     RabbitMQ 3.x can ignore acks that reach a quorum queue just before the channel closes
@@ -277,7 +280,9 @@ async def _settled(settings: Settings, where: HeldQueue,
     (copy_key) only the first found is sent back, in this pass or a later one."""
     release = uuid.uuid4().hex if resend else None
     sent: set[CopyKey] = set()
-    first = await _one_pass(settings, where, chosen, resend=resend, release=release, sent=sent)
+    first = [] if done is None else done
+    await _one_pass(settings, where, chosen, resend=resend, release=release, sent=sent,
+                    settled=first)
     pending = {held.queue_id for held in first if held.queue_id}
     for _ in range(RESETTLE_PASSES):
         if not pending:
@@ -293,28 +298,42 @@ def _named(queue_ids: set[str], held: HeldMessage) -> bool:
     return held.queue_id in queue_ids
 
 
+@dataclass
+class _Window:
+    """Messages taken to be settled together: their descriptions and delivery tags, and the
+    bodies of those to send back (kept until confirmed)."""
+
+    held: list[HeldMessage] = field(default_factory=list)
+    tags: list[int] = field(default_factory=list)
+    resends: list[DeliveredMessage] = field(default_factory=list)
+
+    def full(self) -> bool:
+        return (len(self.tags) >= SETTLE_WINDOW
+                or sum(len(m.body) for m in self.resends) >= SETTLE_BYTES)
+
+
 async def _one_pass(settings: Settings, where: HeldQueue,
                     chosen: Callable[[HeldMessage], bool], *, resend: bool,
-                    release: str | None = None, sent: set[CopyKey] | None = None
-                    ) -> list[HeldMessage]:
-    """Settle the chosen messages (every copy); one whose copy_key is in `sent` is not sent
-    back again, only acked, and always after the copy that was sent back is confirmed."""
-    settled: list[HeldMessage] = []
-    tags: list[int] = []
-    resends: list[DeliveredMessage] = []  # kept with their bodies until confirmed
+                    release: str | None = None, sent: set[CopyKey] | None = None,
+                    settled: list[HeldMessage] | None = None) -> list[HeldMessage]:
+    """Settle the chosen messages (every copy), adding each to `settled` (returned) once it
+    is settled; one whose copy_key is in `sent` is not sent back again, only acked, and
+    always after the copy that was sent back is confirmed."""
+    settled = [] if settled is None else settled
     sent = set() if sent is None else sent
+    window = _Window()
     async with _opened(settings, where) as channel:
         async for message, seen in _taken(channel, where, MAX_TAKEN):
             if not chosen(seen) or _sent_by(message, release):
                 continue  # its body is let go; it returns to the queue at the end
-            settled.append(seen)
-            tags.append(_tag(message))
+            window.held.append(seen)
+            window.tags.append(_tag(message))
             if resend and _first_copy(seen, sent):
-                resends.append(message)
-            if len(tags) >= SETTLE_WINDOW or sum(len(m.body) for m in resends) >= SETTLE_BYTES:
-                await _settle(channel, settings.topology, tags, resends, release)
-                tags, resends = [], []
-        await _settle(channel, settings.topology, tags, resends, release)
+                window.resends.append(message)
+            if window.full():
+                await _settle(channel, settings.topology, window, release, settled)
+                window = _Window()
+        await _settle(channel, settings.topology, window, release, settled)
     return settled
 
 
@@ -334,15 +353,17 @@ def _sent_by(message: DeliveredMessage, release: str | None) -> bool:
     return release is not None and _text(headers.get(RELEASE_HEADER)) == release
 
 
-async def _settle(channel: AbstractChannel, topology: Topology, tags: list[int],
-                  resends: list[DeliveredMessage], release: str | None) -> None:
+async def _settle(channel: AbstractChannel, topology: Topology, window: _Window,
+                  release: str | None, settled: list[HeldMessage]) -> None:
     await asyncio.gather(*(channel.basic_publish(
         message.body, exchange=topology.inbound_exchange,
         routing_key=_route_back(topology, message), mandatory=True,
         timeout=CONFIRM_TIMEOUT,
         properties=resend_properties(message.header.properties, release))
-        for message in resends))
-    for tag in tags:  # after the confirms: each one sent back is on the delivery route
+        for message in window.resends))
+    # Sent back (when sending back): so it is, even if an ack below does not get through.
+    settled.extend(window.held)
+    for tag in window.tags:  # after the confirms: each one sent back is on the delivery route
         await channel.basic_ack(tag)
 
 

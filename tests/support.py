@@ -237,6 +237,13 @@ def broker_at(settings: Settings, port: int, **changes: Any) -> Settings:
 Relayed = tuple[bytes, float | None]
 
 
+def _close_listener(listener: socket.socket) -> None:
+    # close() alone does not wake a thread blocked in accept() on Linux.
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+
+
 class TcpProxy:
     """A loopback TCP relay that a test can cut and restore, to take a dependency away
     at the worst moment without touching the shared service itself."""
@@ -270,10 +277,7 @@ class TcpProxy:
             listener, self._listener = self._listener, None
             conns, self._conns = self._conns, []
         if listener is not None:
-            # close() alone does not wake a thread blocked in accept() on Linux.
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
+            _close_listener(listener)
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -388,17 +392,19 @@ class AckTrap(TcpProxy):
 
     def __init__(self, target_port: int) -> None:
         super().__init__(target_port)
-        self._armed: tuple[int, Callable[[str], bool], bool] | None = None
+        self._armed: tuple[int | None, Callable[[str], bool], bool, bool] | None = None
         self._delivered: dict[tuple[int, int, int], str] = {}  # (conn, channel, tag) -> id
         self.sprung = self._threading.Event()
         self.caught = ""  # the queue id whose ack was held back
 
-    def arm(self, pid: int, chosen: Callable[[str], bool], hold: bool = True) -> None:
-        """SIGKILL `pid` when it acks a message whose queue id is `chosen`; `hold`: the
-        broker never gets that ack."""
+    def arm(self, pid: int | None, chosen: Callable[[str], bool], hold: bool = True,
+            shut: bool = False) -> None:
+        """SIGKILL `pid` (None: no process) when it acks a message whose queue id is
+        `chosen`; `hold`: the broker never gets that ack; `shut`: and from then on the
+        broker is out of reach (the proxy takes no new connection)."""
         self.sprung.clear()
         with self._lock:
-            self._armed = (pid, chosen, hold)
+            self._armed = (pid, chosen, hold, shut)
 
     def disarm(self) -> None:
         with self._lock:
@@ -441,8 +447,14 @@ class AckTrap(TcpProxy):
             if armed is None or not armed[1](queue_id):
                 return ""
             self._armed = None
-        pid, _, hold = armed
-        os.kill(pid, signal.SIGKILL)
+            pid, _, hold, shut = armed
+            listener = self._listener
+            if shut:
+                self._listener = None
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        if shut and listener is not None:
+            _close_listener(listener)
         self.caught = queue_id
         self.sprung.set()
         return "hold" if hold else "pass"

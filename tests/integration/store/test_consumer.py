@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import itertools
 import json
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from common.topology import (
     REASON_HEADER,
     message_properties,
 )
+from services.heldmail import SETTLE_WINDOW
 from services.store.backends.accounts import AccountDB
 from services.store.backends.epoch import RUNNING
 from services.store.backends.maildb import MailDB
@@ -720,6 +722,44 @@ async def test_a_release_killed_once_its_ack_is_sent_has_sent_the_message_first(
     await wait_for(lambda: store.consumer.stats.delivered == delivered + 1,
                    what="the released copy delivered")
     assert check_mailboxes(store.settings.store_dir, [ALICE]) == {queue_id: 1}
+
+
+async def test_a_release_whose_broker_goes_midway_says_what_it_sent_and_fails(
+        store: Running) -> None:
+    """The broker goes for good at `quarantine release --all`'s ack of the first message of
+    its second window (SETTLE_WINDOW messages are settled at a time): every copy was
+    confirmed on the delivery route by then. The command exits 1 naming the broker failure,
+    and lists on stdout what it sent; it said nothing of them before. Run again, it sends
+    what is still held (its acks never arrived): the store finds those delivered, and each
+    message is in the mailbox once, nothing held."""
+    settings = store.settings
+    queue_ids = [await _held(settings, "quarantine", ALICE) for _ in range(SETTLE_WINDOW + 8)]
+    delivered = store.consumer.stats.delivered
+    trap = AckTrap(int(settings.amqp_url.rsplit("/", 1)[0].rsplit(":", 1)[1]))
+    acks = itertools.count(1)
+    try:
+        trap.arm(None, lambda _: next(acks) == SETTLE_WINDOW + 1, hold=True, shut=True)
+        failed = await asyncio.to_thread(run_cli, broker_at(settings, trap.port),
+                                         "quarantine", "release", "--all")
+    finally:
+        trap.cut()
+    assert trap.sprung.is_set()
+    assert failed.returncode == 1
+    assert failed.stderr.startswith("tiermail: RabbitMQ could not be used:"), failed.stderr
+    *lines, count = failed.stdout.splitlines()
+    assert sorted(lines) == sorted(f"{queue_id} sent for delivery" for queue_id in queue_ids)
+    assert count == f"{len(queue_ids)} messages sent for delivery before the failure"
+    assert await queue_counts(settings, settings.topology.quarantine_queue) == 8
+
+    duplicates = store.consumer.stats.duplicates
+    again = await asyncio.to_thread(run_cli, settings, "quarantine", "release", "--all")
+    assert again.returncode == 0 and "8 messages sent for delivery" in again.stdout
+    await wait_for(lambda: store.consumer.stats.duplicates == duplicates + 8,
+                   what="the copies sent twice found delivered")
+    await wait_for(lambda: store.consumer.stats.delivered == delivered + len(queue_ids),
+                   what="every message delivered")
+    assert check_mailboxes(settings.store_dir, [ALICE]) == dict.fromkeys(queue_ids, 1)
+    assert await queue_counts(settings, settings.topology.quarantine_queue) == 0
 
 
 def _closing_callbacks() -> list[int]:
