@@ -326,24 +326,29 @@ def held_drop(settings: Settings, args: argparse.Namespace) -> int:
 
 def _act_on_held(settings: Settings, args: argparse.Namespace, action: Callable[..., Any],
                  done: str, copies_done: str) -> int:
-    from services.heldmail import grouped
+    from services.heldmail import MAX_TAKEN, Outcome, grouped
 
     if args.all == bool(args.queue_ids):
         raise CommandError("name the messages by queue id, or give --all")
     wanted = set(args.queue_ids)
-    settled: list[Any] = []
+    outcome = Outcome()
     try:
         acted = _broker(action(settings, _held_queue(settings, args),
-                               lambda held: args.all or held.queue_id in wanted, settled))
+                               lambda held: args.all or held.queue_id in wanted, outcome))
     except CommandError:
-        if settled:  # the broker went away midway: say what had been done by then
-            _report_acted(grouped(settled), done, copies_done, " before the failure")
+        if outcome.settled:  # the broker went away midway: say what had been done by then
+            _report_acted(grouped(outcome.settled), done, copies_done, " before the failure")
         raise
     _report_acted(acted, done, copies_done)
     missing = wanted - {held.queue_id for held in acted}
+    unfinished = bool(outcome.unread) and (args.all or bool(missing))
+    if unfinished:
+        print(f"tiermail: only the first {MAX_TAKEN} {args.held_words} messages were looked "
+              f"at; {outcome.unread} more are held: run the command again", file=sys.stderr)
     for queue_id in sorted(missing):
-        print(f"tiermail: {queue_id}: not {args.held_words}", file=sys.stderr)
-    return EXIT_FAILED if missing else 0
+        print(f"tiermail: {queue_id}: not {args.held_words}"
+              f"{' among those looked at' if unfinished else ''}", file=sys.stderr)
+    return EXIT_FAILED if missing or unfinished else 0
 
 
 def _report_acted(acted: list[Any], done: str, copies_done: str, when: str = "") -> None:

@@ -250,24 +250,32 @@ async def peek(settings: Settings, where: HeldQueue, queue_id: str) -> bytes | N
         return None
 
 
+@dataclass
+class Outcome:
+    """What a release or drop has done, filled in as it goes: after a failure, what it did
+    before."""
+
+    settled: list[HeldMessage] = field(default_factory=list)  # each copy, as it is settled
+    unread: int = 0  # messages past the first MAX_TAKEN, not looked at: run it again
+
+
 async def release(settings: Settings, where: HeldQueue, chosen: Callable[[HeldMessage], bool],
-                  done: list[HeldMessage] | None = None) -> list[HeldMessage]:
+                  outcome: Outcome | None = None) -> list[HeldMessage]:
     """Put the chosen held messages on the delivery route, one copy of each; returns them,
-    each once. `done` gets each copy once its message is confirmed on the delivery route,
-    so that after a failure the caller knows what was sent."""
-    return await _settled(settings, where, chosen, resend=True, done=done)
+    each once. A copy is in `outcome` once its message is confirmed on the delivery route."""
+    return await _settled(settings, where, chosen, resend=True, outcome=outcome or Outcome())
 
 
 async def drop(settings: Settings, where: HeldQueue, chosen: Callable[[HeldMessage], bool],
-               done: list[HeldMessage] | None = None) -> list[HeldMessage]:
+               outcome: Outcome | None = None) -> list[HeldMessage]:
     """Delete the chosen held messages for good, every copy; returns them, each once.
-    `done` gets each copy as it is acked."""
-    return await _settled(settings, where, chosen, resend=False, done=done)
+    A copy is in `outcome` once it is acked."""
+    return await _settled(settings, where, chosen, resend=False, outcome=outcome or Outcome())
 
 
 async def _settled(settings: Settings, where: HeldQueue,
                    chosen: Callable[[HeldMessage], bool], *, resend: bool,
-                   done: list[HeldMessage] | None) -> list[HeldMessage]:
+                   outcome: Outcome) -> list[HeldMessage]:
     """Act on the chosen held messages, then on any of them that came back.
 
     RabbitMQ 3.x can ignore acks that reach a quorum queue just before the channel closes
@@ -280,9 +288,8 @@ async def _settled(settings: Settings, where: HeldQueue,
     (copy_key) only the first found is sent back, in this pass or a later one."""
     release = uuid.uuid4().hex if resend else None
     sent: set[CopyKey] = set()
-    first = [] if done is None else done
-    await _one_pass(settings, where, chosen, resend=resend, release=release, sent=sent,
-                    settled=first)
+    first = await _one_pass(settings, where, chosen, resend=resend, release=release, sent=sent,
+                            outcome=outcome)
     pending = {held.queue_id for held in first if held.queue_id}
     for _ in range(RESETTLE_PASSES):
         if not pending:
@@ -315,15 +322,18 @@ class _Window:
 async def _one_pass(settings: Settings, where: HeldQueue,
                     chosen: Callable[[HeldMessage], bool], *, resend: bool,
                     release: str | None = None, sent: set[CopyKey] | None = None,
-                    settled: list[HeldMessage] | None = None) -> list[HeldMessage]:
-    """Settle the chosen messages (every copy), adding each to `settled` (returned) once it
-    is settled; one whose copy_key is in `sent` is not sent back again, only acked, and
-    always after the copy that was sent back is confirmed."""
-    settled = [] if settled is None else settled
+                    outcome: Outcome | None = None) -> list[HeldMessage]:
+    """Settle the chosen messages (every copy), adding each to the outcome's `settled`
+    (returned) once it is settled; one whose copy_key is in `sent` is not sent back again,
+    only acked, and always after the copy that was sent back is confirmed."""
+    outcome = Outcome() if outcome is None else outcome
+    settled = outcome.settled
     sent = set() if sent is None else sent
     window = _Window()
+    taken = 0
     async with _opened(settings, where) as channel:
         async for message, seen in _taken(channel, where, MAX_TAKEN):
+            taken += 1
             if not chosen(seen) or _sent_by(message, release):
                 continue  # its body is let go; it returns to the queue at the end
             window.held.append(seen)
@@ -334,6 +344,9 @@ async def _one_pass(settings: Settings, where: HeldQueue,
                 await _settle(channel, settings.topology, window, release, settled)
                 window = _Window()
         await _settle(channel, settings.topology, window, release, settled)
+        if taken == MAX_TAKEN:
+            ok = await channel.queue_declare(where.queue, passive=True)
+            outcome.unread = int(ok.message_count or 0)
     return settled
 
 

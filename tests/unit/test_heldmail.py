@@ -109,10 +109,10 @@ async def test_messages_whose_acks_the_broker_ignored_are_settled_again(
     async def one_pass(settings: object, where: object, chosen: Callable[[HeldMessage], bool],
                        *, resend: bool, release: str | None = None,
                        sent: set[heldmail.CopyKey] | None = None,
-                       settled: list[HeldMessage] | None = None) -> list[HeldMessage]:
+                       outcome: heldmail.Outcome | None = None) -> list[HeldMessage]:
         picked = [held for held in queue if chosen(held)]
-        if settled is not None:
-            settled.extend(picked)
+        if outcome is not None:
+            outcome.settled.extend(picked)
         passes.append([held.queue_id for held in picked])
         for held in picked:
             if held.queue_id in ignored_once:

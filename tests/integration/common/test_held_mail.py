@@ -1,16 +1,21 @@
-"""`tiermail deadletters` against a queue of large messages: the command keeps in memory only
-what it sends back, not every message it looks at."""
+"""`tiermail deadletters` against large queues: the command keeps in memory only what it
+sends back, not every message it looks at; it says when it did not look at them all."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import subprocess
 import sys
+
+import pytest
 
 from common.broker import close_connection, open_channel
 from common.settings import Settings
 from common.topology import message_properties
+from services import cli, heldmail
 from services.heldmail import SETTLE_BYTES
 from tests.integration.store.helpers import make_message, queue_counts
 from tests.support import REPO, tier_env
@@ -19,13 +24,14 @@ MESSAGES = 24
 SIZE = 8 * 1024 * 1024  # 24 x 8 MiB: 192 MiB held in the queue
 
 
-async def _dead_letter_large_messages(settings: Settings) -> list[str]:
+async def _dead_letter_large_messages(settings: Settings, count: int = MESSAGES,
+                                      size: int = SIZE) -> list[str]:
     connection, channel = await open_channel(settings.amqp_url, settings.topology, 5.0,
                                              confirms=True)
     queue_ids = []
     try:
-        for _ in range(MESSAGES):
-            envelope, body = make_message("ghost@example.test", padding=SIZE)
+        for _ in range(count):
+            envelope, body = make_message("ghost@example.test", padding=size)
             await channel.basic_publish(body, exchange=settings.topology.dead_exchange,
                                         routing_key="", properties=message_properties(envelope))
             queue_ids.append(envelope.queue_id)
@@ -81,3 +87,40 @@ async def test_listing_and_dropping_large_dead_letters_holds_few_in_memory(
     left = await asyncio.to_thread(_run_measured, settings, "deadletters", "list", "--json")
     assert json.loads(left[0].stdout)["total"] == 0
     assert await queue_counts(settings, settings.topology.large_queue) == MESSAGES - 1
+
+
+def test_a_drop_of_more_than_one_command_looks_at_says_so_and_fails(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One retry or drop looks at MAX_TAKEN messages (10,000; 5 here): `drop --all` of a
+    larger queue dropped those, said `5 messages dropped` and exited 0, as if the queue were
+    empty now. It says how many are left and exits 1; a queue id past those looked at is
+    `not dead-lettered among those looked at`."""
+    queue_ids = asyncio.run(_dead_letter_large_messages(settings, 12, 0))
+    monkeypatch.setattr(heldmail, "MAX_TAKEN", 5)
+    for name in [name for name in os.environ if name.startswith("TIERMAIL_")]:
+        monkeypatch.delenv(name)
+    for name, value in settings.as_env().items():
+        monkeypatch.setenv(name, value)
+    aiormq_log = logging.getLogger("aiormq")
+    monkeypatch.setattr(aiormq_log, "level", aiormq_log.level)  # the command sets it
+
+    limit = ("tiermail: only the first 5 dead-lettered messages were looked at; {} more are "
+             "held: run the command again\n")
+    assert cli.main(["deadletters", "drop", "--all"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == "5 messages dropped" and err == limit.format(7)
+    last = queue_ids[-1]  # past the first 5 of the 7 left
+    assert cli.main(["deadletters", "drop", last]) == 1
+    out, err = capsys.readouterr()
+    assert out == "0 messages dropped\n"
+    assert err == limit.format(2) + f"tiermail: {last}: not dead-lettered among those looked at\n"
+    assert cli.main(["deadletters", "drop", "--all"]) == 1
+    assert capsys.readouterr() == ("".join(f"{q} dropped\n" for q in queue_ids[5:10])
+                                   + "5 messages dropped\n", limit.format(2))
+    assert cli.main(["deadletters", "drop", "NOPE", last]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"{last} dropped\n1 message dropped\n"
+    assert err == "tiermail: NOPE: not dead-lettered\n"  # every message was looked at
+    assert cli.main(["deadletters", "drop", "--all"]) == 0
+    assert capsys.readouterr().out == f"{queue_ids[10]} dropped\n1 message dropped\n"
