@@ -232,12 +232,25 @@ def resend_properties(properties: spec.Basic.Properties,
 async def browse(settings: Settings, where: HeldQueue, limit: int
                  ) -> tuple[list[HeldMessage], int]:
     """Up to `limit` held messages, oldest first, each once (see copy_key), and how many
-    there are; none is taken. Copies are counted among the first MAX_TAKEN messages of the
-    queue (only their descriptions are kept); any beyond are counted as they are."""
+    there are; none is taken. The queue is read until a held message past the first `limit`
+    comes up: copies among the messages after it are counted as messages."""
+    read: list[HeldMessage] = []
+    keys: set[CopyKey] = set()
+    distinct = 0
+    beyond = 0  # the first message past `limit`, taken and so not in the queue's count
     async with _opened(settings, where) as channel:
-        held = grouped([seen async for _, seen in _taken(channel, where, MAX_TAKEN)])
+        async for _, seen in _taken(channel, where, MAX_TAKEN):
+            key = copy_key(seen)
+            if key is None or key not in keys:
+                if distinct == limit:
+                    beyond = 1
+                    break
+                distinct += 1
+                if key is not None:
+                    keys.add(key)
+            read.append(seen)
         ok = await channel.queue_declare(where.queue, passive=True)
-        return held[:limit], len(held) + int(ok.message_count or 0)
+    return grouped(read), distinct + beyond + int(ok.message_count or 0)
 
 
 async def peek(settings: Settings, where: HeldQueue, queue_id: str) -> bytes | None:

@@ -18,22 +18,25 @@ from common.topology import message_properties
 from services import cli, heldmail
 from services.heldmail import SETTLE_BYTES
 from tests.integration.store.helpers import make_message, queue_counts
-from tests.support import REPO, tier_env
+from tests.support import REPO, run_cli, tier_env
 
 MESSAGES = 24
 SIZE = 8 * 1024 * 1024  # 24 x 8 MiB: 192 MiB held in the queue
 
 
 async def _dead_letter_large_messages(settings: Settings, count: int = MESSAGES,
-                                      size: int = SIZE) -> list[str]:
+                                      size: int = SIZE, copies: int = 1) -> list[str]:
+    """`count` dead letters, each `copies` times in a row (a crash's leftovers)."""
     connection, channel = await open_channel(settings.amqp_url, settings.topology, 5.0,
                                              confirms=True)
     queue_ids = []
     try:
         for _ in range(count):
             envelope, body = make_message("ghost@example.test", padding=size)
-            await channel.basic_publish(body, exchange=settings.topology.dead_exchange,
-                                        routing_key="", properties=message_properties(envelope))
+            for _ in range(copies):
+                await channel.basic_publish(body, exchange=settings.topology.dead_exchange,
+                                            routing_key="",
+                                            properties=message_properties(envelope))
             queue_ids.append(envelope.queue_id)
     finally:
         await close_connection(connection)
@@ -124,3 +127,21 @@ def test_a_drop_of_more_than_one_command_looks_at_says_so_and_fails(
     assert err == "tiermail: NOPE: not dead-lettered\n"  # every message was looked at
     assert cli.main(["deadletters", "drop", "--all"]) == 0
     assert capsys.readouterr().out == f"{queue_ids[10]} dropped\n1 message dropped\n"
+
+
+def test_a_listing_counts_each_message_once_up_to_its_limit(settings: Settings) -> None:
+    """Three dead letters, each in the queue twice: `list --limit 2` shows two, each with
+    its two copies, and reads no further than the third; what it did not read is counted
+    as it is (the third's taken copy and its other one)."""
+    queue_ids = asyncio.run(_dead_letter_large_messages(settings, 3, 0, copies=2))
+    whole = json.loads(run_cli(settings, "deadletters", "list", "--json").stdout)
+    assert whole["total"] == 3
+    assert [(m["queue_id"], m["copies"]) for m in whole["messages"]] == [
+        (queue_id, 2) for queue_id in queue_ids]
+    some = run_cli(settings, "deadletters", "list", "--limit", "2")
+    assert some.returncode == 0, some.stderr
+    *lines, count = some.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == queue_ids[:2]
+    assert all(line.endswith("  (2 copies)") for line in lines), lines
+    assert count == ("2 of 4 dead-lettered messages (2 duplicate copies in the queue, each "
+                     "listed once)")
