@@ -69,6 +69,7 @@ from services.store.imap.selected import (
     SelectedMailbox,
     SelectedMailboxDeleted,
     format_uids,
+    in_known_spelling,
     too_many_keywords,
 )
 from services.store.imap.sort import BadSortCriteria, sort
@@ -496,6 +497,7 @@ async def append(s: Session, c: Command) -> r.Reply:
     try:
         if any(not flag.startswith("\\") for flag in flags):
             keywords = (await s.store.snapshot(s.logged_in_user, args.mailbox)).keywords
+            flags = in_known_spelling(flags, keywords)
             if too_many_keywords(flags, keywords):
                 return r.NO_TOO_MANY_KEYWORDS
         quota = await s.quota_limit()
@@ -1024,7 +1026,8 @@ async def store(s: Session, c: Command) -> r.Reply:
         s.enabled.condstore = True
     positions = [p for p in selected.positions(args.sequence, uid=c.uid)
                  if not selected.is_gone(p)]
-    flags = frozenset(flag for flag in args.flags if flag != "\\Recent")
+    flags = in_known_spelling((flag for flag in args.flags if flag != "\\Recent"),
+                              selected.keywords)
     if args.mode != "-" and too_many_keywords(flags, selected.keywords):
         return r.NO_TOO_MANY_KEYWORDS
     all_uids = selected.uids

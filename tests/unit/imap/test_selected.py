@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from services.store.backends.snapshots import Snapshot
 from services.store.imap import selected as selected_module
-from services.store.imap.selected import SelectedMailbox
+from services.store.imap.selected import SelectedMailbox, in_known_spelling
 from services.store.mailbox import Changes, MailboxStatus, MessageInfo
 
 FLAG_SETS = [frozenset(), frozenset({"\\Seen"}), frozenset({"\\Seen", "$Work"}),
@@ -109,3 +109,10 @@ def test_a_new_keyword_is_announced_once_with_the_flags_it_joins() -> None:
     assert lines[0] == (b"* FLAGS (\\Answered \\Deleted \\Draft \\Flagged \\Seen $New $Other"
                         b" $Work)\r\n")
     assert len(lines) == 2  # FLAGS and PERMANENTFLAGS; its own change is not echoed
+
+
+def test_keywords_take_the_spelling_the_mailbox_knows() -> None:
+    # RFC 3501 9: case-insensitive; the first spelling of a new keyword wins within a command
+    assert in_known_spelling(["junk", "\\Seen", "New"], {"Junk", "Other"}) == {
+        "Junk", "\\Seen", "New"}
+    assert len(in_known_spelling(["Fresh", "FRESH"], set())) == 1
