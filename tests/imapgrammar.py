@@ -555,6 +555,9 @@ def _status(r: _Reader) -> None:
             mod_sequence_value(r, zero_ok=True)
         elif name in (b"UIDNEXT", b"UIDVALIDITY"):
             nz_number(r, f"status-att-val {name.decode()}")
+        elif name == b"APPENDLIMIT":  # RFC 7889 4: number / nil
+            if not r.accept(b"NIL"):
+                number(r, "APPENDLIMIT", limit=MAX_NUMBER64)
         elif name in (b"DELETED-STORAGE", b"SIZE"):
             number(r, name.decode(), limit=MAX_NUMBER64)
         elif name in (b"MESSAGES", b"RECENT", b"UNSEEN", b"DELETED"):

@@ -185,7 +185,7 @@ async def compress(s: Session, c: Command) -> r.Reply | None:
     if cast(Compress, c.args).mechanism != "DEFLATE":
         return r.BAD_COMPRESS_MECHANISM
     if s.channel.compressing:
-        return r.BAD_COMPRESS_ACTIVE
+        return r.NO_COMPRESSION_ACTIVE
     if not await s.channel.start_compression(r.OK_COMPRESS.tagged(c.tag)):
         return r.BAD_COMPRESS_PIPELINED
     return None
@@ -469,6 +469,8 @@ async def _status_line(s: Session, name: str, items: Sequence[str]) -> bytes:
             value = current.uidnext
         elif item == "UIDVALIDITY":
             value = current.uidvalidity
+        elif item == "APPENDLIMIT":  # RFC 7889 4: the same for every mailbox
+            value = s.config.append_limit
         elif item == "HIGHESTMODSEQ":
             s.enabled.condstore = True
             value = current.highestmodseq

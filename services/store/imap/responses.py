@@ -117,7 +117,8 @@ NO_BADCHARSET = Reply("NO", "Unsupported charset", "BADCHARSET (US-ASCII UTF-8)"
 # COMPRESS (RFC 4978)
 OK_COMPRESS = Reply("OK", "DEFLATE active")
 BAD_COMPRESS_MECHANISM = Reply("BAD", "Only COMPRESS DEFLATE is supported")
-BAD_COMPRESS_ACTIVE = Reply("BAD", "DEFLATE is already active")
+# RFC 4978 3: refused because the same compression is active already: NO [COMPRESSIONACTIVE].
+NO_COMPRESSION_ACTIVE = Reply("NO", "DEFLATE is already active", "COMPRESSIONACTIVE")
 BAD_COMPRESS_PIPELINED = Reply("BAD", "Wait for the reply to COMPRESS before sending more")
 
 

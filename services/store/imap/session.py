@@ -327,8 +327,9 @@ class Session:
             caps.append("AUTH=PLAIN" if self.plaintext_ok else "LOGINDISABLED")
         caps += ["UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS",
                  "SPECIAL-USE", "CREATE-SPECIAL-USE", "CONDSTORE", "QRESYNC", "ESEARCH",
-                 "SORT", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "QUOTA",
-                 "QUOTA=RES-STORAGE", f"APPENDLIMIT={self.config.append_limit}"]
+                 "SORT", "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES",
+                 "QUOTA", "QUOTA=RES-STORAGE", "STATUS=SIZE",
+                 f"APPENDLIMIT={self.config.append_limit}"]
         if self.state is not State.NOT_AUTHENTICATED:
             caps.append("COMPRESS=DEFLATE")  # a command of the authenticated state
         return caps

@@ -148,12 +148,12 @@ def exercise(raw: CheckedRaw) -> None:
                     'LIST (SUBSCRIBED RECURSIVEMATCH) "" "*"', 'LIST (SPECIAL-USE) "" "*"',
                     'LIST "" "*" RETURN (CHILDREN SUBSCRIBED SPECIAL-USE STATUS (MESSAGES '
                     'UIDNEXT UIDVALIDITY UNSEEN RECENT HIGHESTMODSEQ SIZE DELETED '
-                    'DELETED-STORAGE))', 'LIST "" ("INBOX" "*r*")', 'LSUB "" "*"',
+                    'DELETED-STORAGE APPENDLIMIT))', 'LIST "" ("INBOX" "*r*")', 'LSUB "" "*"',
                     'LSUB "" "%"', 'LSUB "gone/" "%"'):
         raw.command(command)
     for name in ("INBOX", *MAILBOXES, "nonexistent"):
         raw.command(f"STATUS {_mailbox_arg(name)} (MESSAGES RECENT UIDNEXT UIDVALIDITY UNSEEN "
-                    "HIGHESTMODSEQ SIZE DELETED DELETED-STORAGE)")
+                    "HIGHESTMODSEQ SIZE DELETED DELETED-STORAGE APPENDLIMIT)")
     raw.command("GETQUOTAROOT INBOX")
     raw.command('GETQUOTA ""')
     raw.command("EXAMINE INBOX")

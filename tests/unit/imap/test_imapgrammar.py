@@ -32,6 +32,7 @@ VALID = [
     b'* LIST () "/" {3}\r\na"b\r\n',
     b"* LSUB () \".\" #news.comp.mail.misc\r\n",
     b"* STATUS blurdybloop (MESSAGES 231 UIDNEXT 44292 HIGHESTMODSEQ 0)\r\n",
+    b"* STATUS INBOX (APPENDLIMIT 257890)\r\n", b"* STATUS x (APPENDLIMIT NIL)\r\n",
     b"* SEARCH 2 3 6\r\n", b"* SEARCH\r\n", b"* SEARCH 2 5 6 7 11 (MODSEQ 917162500)\r\n",
     b"* SORT 2 84 882\r\n",
     b'* ESEARCH (TAG "A282") MIN 2 COUNT 3\r\n',
