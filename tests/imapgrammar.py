@@ -555,7 +555,7 @@ def _status(r: _Reader) -> None:
             mod_sequence_value(r, zero_ok=True)
         elif name in (b"UIDNEXT", b"UIDVALIDITY"):
             nz_number(r, f"status-att-val {name.decode()}")
-        elif name == b"APPENDLIMIT":  # RFC 7889 4: number / nil
+        elif name == b"APPENDLIMIT":  # RFC 7889 5: number / nil
             if not r.accept(b"NIL"):
                 number(r, "APPENDLIMIT", limit=MAX_NUMBER64)
         elif name in (b"DELETED-STORAGE", b"SIZE"):

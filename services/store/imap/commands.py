@@ -390,6 +390,15 @@ async def list_(s: Session, c: Command) -> r.Reply:
         info = mailboxes.get(name)
         if "SPECIAL-USE" in args.select_options and (info is None or not info.special_use):
             continue
+        status_lines: list[bytes] = []
+        if args.return_status and info is not None:
+            found = await _list_status(s, name, args.return_status)
+            if found is None:
+                # RFC 5819 2: deleted since the names were read, so it cannot be selected:
+                # no STATUS, and the LIST response says so (\NonExistent implies \Noselect).
+                tree.forget(name)
+                attributes = tree.attributes(name, extended=True)
+            status_lines = found or []
         if want_subscribed and name in subscribed:
             attributes.append("\\Subscribed")
         extra = b""
@@ -398,9 +407,7 @@ async def list_(s: Session, c: Command) -> r.Reply:
             extra = b' ("CHILDINFO" ("SUBSCRIBED"))'
         lines.append(wire.untagged(b"LIST (" + " ".join(attributes).encode()
                                    + b') "/" ' + wire.mailbox(name) + extra))
-        if args.return_status and info is not None:
-            # RFC 5819 2: each LIST response followed by its mailbox's STATUS
-            lines.extend(await _list_status(s, name, args.return_status))
+        lines.extend(status_lines)  # RFC 5819 2: right after its mailbox's LIST response
         if len(lines) >= 256:
             await _send_batched(s, lines)
             lines = []
@@ -408,10 +415,13 @@ async def list_(s: Session, c: Command) -> r.Reply:
     return r.OK_DONE
 
 
-async def _list_status(s: Session, name: str, items: Sequence[str]) -> list[bytes]:
-    """RFC 5819: a mailbox that cannot be opened is simply left without STATUS."""
+async def _list_status(s: Session, name: str, items: Sequence[str]) -> list[bytes] | None:
+    """RFC 5819 2: the mailbox's STATUS line; None when the mailbox no longer exists. One
+    whose STATUS fails otherwise is left without it (the LIST still succeeds)."""
     try:
         return [await _status_line(s, name, items)]
+    except NoSuchMailbox:
+        return None
     except Exception as exc:  # noqa: BLE001 - one mailbox must not fail the LIST
         s.failure(exc, "LIST-STATUS")
         return []
@@ -469,7 +479,7 @@ async def _status_line(s: Session, name: str, items: Sequence[str]) -> bytes:
             value = current.uidnext
         elif item == "UIDVALIDITY":
             value = current.uidvalidity
-        elif item == "APPENDLIMIT":  # RFC 7889 4: the same for every mailbox
+        elif item == "APPENDLIMIT":  # RFC 7889 3.1, 3.2: the same for every mailbox
             value = s.config.append_limit
         elif item == "HIGHESTMODSEQ":
             s.enabled.condstore = True
@@ -1294,6 +1304,10 @@ class _Tree:
         if "RECURSIVEMATCH" in select_options:
             names |= self._subscribed_parents
         return sorted(names, key=_order)
+
+    def forget(self, name: str) -> None:
+        """`name` turned out to have no mailbox any more (deleted by another session)."""
+        self._mailboxes.pop(name, None)
 
     def has_subscribed_child(self, name: str) -> bool:
         return name in self._subscribed_parents

@@ -118,7 +118,7 @@ NO_BADCHARSET = Reply("NO", "Unsupported charset", "BADCHARSET (US-ASCII UTF-8)"
 OK_COMPRESS = Reply("OK", "DEFLATE active")
 BAD_COMPRESS_MECHANISM = Reply("BAD", "Only COMPRESS DEFLATE is supported")
 # RFC 4978 3: refused because the same compression is active already: NO [COMPRESSIONACTIVE].
-NO_COMPRESSION_ACTIVE = Reply("NO", "DEFLATE is already active", "COMPRESSIONACTIVE")
+NO_COMPRESSION_ACTIVE = Reply("NO", "COMPRESS DEFLATE is already active", "COMPRESSIONACTIVE")
 BAD_COMPRESS_PIPELINED = Reply("BAD", "Wait for the reply to COMPRESS before sending more")
 
 

@@ -4,13 +4,39 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
 
 from common.settings import Settings
 from services.store.backends.maildb import MailDB
+from services.store.mailbox import MailboxInfo
 from tests.integration.imap.clients import Server, expand, in_thread, message
 from tests.integration.imap.conftest import ALICE, Deliver, ImapStack, StartImap
 
 SMALL_LITERAL = 4096
+
+
+class DeletionAfterListing(MailDB):
+    """The real MailDB, with one hook: the mailbox named by `armed` is deleted right after
+    the account's mailboxes are next listed, as another session could do at that moment."""
+
+    armed: str | None = None
+
+    async def list_mailboxes(self, user: str) -> list[MailboxInfo]:
+        listed = await super().list_mailboxes(user)
+        if self.armed is not None:
+            name, self.armed = self.armed, None
+            await self.delete_mailbox(user, name)
+        return listed
+
+
+@pytest.fixture
+async def maildb(tmp_path: Path, settings: Settings) -> AsyncIterator[DeletionAfterListing]:
+    store = DeletionAfterListing(tmp_path / "mail", inline_max=settings.store_inline_max)
+    yield store
+    await store.close()
 
 
 def capabilities(raw_line: bytes) -> set[bytes]:
@@ -44,7 +70,7 @@ async def test_every_implemented_extension_clients_use_is_advertised(
 
 
 async def test_status_appendlimit_is_the_advertised_limit(imap_server: ImapStack) -> None:
-    """RFC 7889 4: STATUS (APPENDLIMIT), also in LIST-STATUS, is answered with the limit
+    """RFC 7889 3.1 and 3.2 (a MUST): STATUS (APPENDLIMIT), also in LIST-STATUS, gives the limit
     APPENDLIMIT= announces (clients such as Mulberry ask for it per mailbox)."""
     server = Server.of(imap_server)
     limit = imap_server.settings.imap_max_literal
@@ -146,6 +172,27 @@ async def test_list_status_leaves_out_names_without_a_mailbox(
             assert with_status == listed - {b"Gone", b"Club"}, reply
         # REMOTE (RFC 5258 3.1): there are no remote mailboxes, so it changes nothing
         assert raw.ok('LIST (REMOTE) "" "%"').untagged == raw.ok('LIST () "" "%"').untagged
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_list_status_of_a_mailbox_deleted_meanwhile_says_it_cannot_be_selected(
+        imap_server: ImapStack, maildb: DeletionAfterListing) -> None:
+    """RFC 5819 2: when STATUS fails because the mailbox can no longer be selected (here:
+    deleted between LIST reading the names and asking for its STATUS), no STATUS is sent
+    and the LIST response must say \\Noselect (\\NonExistent implies it, RFC 5258 3)."""
+    await maildb.create_mailbox(ALICE, "Doomed")
+    server = Server.of(imap_server)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        maildb.armed = "Doomed"
+        reply = raw.ok('LIST "" "*" RETURN (STATUS (MESSAGES))')
+        assert maildb.armed is None
+        assert b'* LIST (\\NonExistent \\HasNoChildren) "/" Doomed' in reply.untagged, reply
+        assert b"Doomed" not in {entry[1] for entry in reply.parsed(b"STATUS")}
+        assert b"* STATUS INBOX (MESSAGES 0)" in reply.untagged
         raw.close()
 
     await in_thread(dialog)
