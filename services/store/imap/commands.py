@@ -365,21 +365,20 @@ async def list_(s: Session, c: Command) -> r.Reply:
     args = cast(ListArgs, c.args)
     if c.name == "LSUB":
         return await _lsub(s, args)
-    if not args.select_options and args.patterns == ("",):
+    if not args.extended and args.patterns == ("",):
         # RFC 3501 6.3.8: an empty pattern asks for the delimiter and root.
         await s.send(wire.untagged(b'LIST (\\Noselect) "/" ""'))
         return r.OK_DONE
+    # RFC 5258 3: an extended LIST never reads "" so, and ignores it when matching.
+    patterns = [pattern for pattern in args.patterns if pattern]
     user = s.logged_in_user
     mailboxes = {info.name: info for info in await s.store.list_mailboxes(user)}
     want_subscribed = ("SUBSCRIBED" in args.select_options
                        or "SUBSCRIBED" in args.return_options)
     subscribed = set(await s.store.subscriptions(user)) if want_subscribed else set()
     tree = _Tree(mailboxes, subscribed)
-    matcher = _Matcher(args.reference, args.patterns)
-    if "SUBSCRIBED" in args.select_options:
-        candidates = tree.subscribed_names(args.select_options)
-    else:
-        candidates = tree.all_names()
+    matcher = _Matcher(args.reference, patterns)
+    candidates = await _candidates(s, args, tree, matcher)
     lines: list[bytes] = []
     for count, name in enumerate(candidates, 1):
         if count % LIST_STEP == 0:
@@ -413,6 +412,24 @@ async def list_(s: Session, c: Command) -> r.Reply:
             lines = []
     await _send_batched(s, lines)
     return r.OK_DONE
+
+
+async def _candidates(s: Session, args: ListArgs, tree: _Tree, matcher: _Matcher) -> list[str]:
+    """The names LIST considers, in order. With RECURSIVEMATCH a parent that matches no
+    selection option is one only for its CHILDINFO, and RFC 5258 3.5 says to return it only
+    when a subscribed child of it is not returned itself (its name does not match)."""
+    if "SUBSCRIBED" not in args.select_options:
+        return tree.all_names()
+    names = tree.subscribed_names(args.select_options)
+    if "RECURSIVEMATCH" not in args.select_options:
+        return names
+    unlisted_below: set[str] = set()
+    for count, name in enumerate(tree.subscribed, 1):
+        if count % LIST_STEP == 0:
+            await s.between_steps()
+        if not matcher.matches(name):
+            unlisted_below.update(_ancestors(name))
+    return [name for name in names if name in tree.subscribed or name in unlisted_below]
 
 
 async def _list_status(s: Session, name: str, items: Sequence[str]) -> list[bytes] | None:
@@ -1298,6 +1315,10 @@ class _Tree:
 
     def all_names(self) -> list[str]:
         return sorted(set(self._mailboxes) | self._parents, key=_order)
+
+    @property
+    def subscribed(self) -> set[str]:
+        return self._subscribed
 
     def subscribed_names(self, select_options: frozenset[str]) -> list[str]:
         names = set(self._subscribed)

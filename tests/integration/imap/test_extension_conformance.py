@@ -163,12 +163,13 @@ async def test_list_status_leaves_out_names_without_a_mailbox(
 
     def dialog() -> None:
         raw = server.raw(ALICE)
-        for command in ('LIST (SUBSCRIBED RECURSIVEMATCH) "" "*" RETURN (STATUS (MESSAGES))',
-                        'LIST "" "*" RETURN (STATUS (MESSAGES))'):
+        for command, nameonly in (
+                ('LIST (SUBSCRIBED) "" "*" RETURN (STATUS (MESSAGES))', b"Gone"),
+                ('LIST "" "*" RETURN (STATUS (MESSAGES))', b"Club")):
             reply = raw.ok(command)
             listed = {entry[3] for entry in reply.parsed(b"LIST")}
             with_status = {entry[1] for entry in reply.parsed(b"STATUS")}
-            assert b"Club" in listed and b"Club/News" in with_status, reply
+            assert nameonly in listed and b"Club/News" in with_status, reply
             assert with_status == listed - {b"Gone", b"Club"}, reply
         # REMOTE (RFC 5258 3.1): there are no remote mailboxes, so it changes nothing
         assert raw.ok('LIST (REMOTE) "" "%"').untagged == raw.ok('LIST () "" "%"').untagged
@@ -193,6 +194,46 @@ async def test_list_status_of_a_mailbox_deleted_meanwhile_says_it_cannot_be_sele
         assert b'* LIST (\\NonExistent \\HasNoChildren) "/" Doomed' in reply.untagged, reply
         assert b"Doomed" not in {entry[1] for entry in reply.parsed(b"STATUS")}
         assert b"* STATUS INBOX (MESSAGES 0)" in reply.untagged
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_an_extended_list_does_not_read_an_empty_pattern_as_the_delimiter_request(
+        imap_server: ImapStack) -> None:
+    """RFC 5258 3: only the RFC 3501 LIST reads "" as "tell me the delimiter"; an extended
+    LIST (selection options, RETURN, a list of patterns) must not, and ignores "" when
+    matching (also after a reference that names a mailbox)."""
+    server = Server.of(imap_server)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        assert raw.ok('LIST "" ""').untagged == [b'* LIST (\\Noselect) "/" ""']
+        for command in ('LIST () "" ""', 'LIST "" "" RETURN (CHILDREN)', 'LIST "" ("")',
+                        'LIST () "INBOX" ""'):
+            assert raw.ok(command).untagged == [], command
+        assert raw.ok('LIST "" ("" "INBOX")').untagged == [b'* LIST (\\HasNoChildren) "/" INBOX']
+        raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_recursivematch_lists_a_parent_only_for_children_it_does_not_list(
+        imap_server: ImapStack, maildb: MailDB) -> None:
+    """RFC 5258 3.5: a parent that is not subscribed is listed for its CHILDINFO only when
+    a subscribed child of it is not listed itself: with "%" (the child does not match) it
+    is, with "*" (the child is listed) it is not."""
+    await maildb.create_mailbox(ALICE, "Lists/python")
+    await maildb.set_subscribed(ALICE, "Lists/python", True)
+    server = Server.of(imap_server)
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        top = raw.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"').lines(b"LIST")
+        assert b'* LIST (\\HasChildren) "/" Lists ("CHILDINFO" ("SUBSCRIBED"))' in top, top
+        every = raw.ok('LIST (SUBSCRIBED RECURSIVEMATCH) "" "*"').lines(b"LIST")
+        assert b'* LIST (\\HasNoChildren \\Subscribed) "/" Lists/python' in every, every
+        assert not [line for line in every if b'"/" Lists ' in line], every
         raw.close()
 
     await in_thread(dialog)
