@@ -168,6 +168,8 @@ class FilterSMTP(SMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         if not arg:
             return "", ""  # aiosmtpd answers its 501 syntax reply
+        if self._reading_mail and self.envelope is not None and self.envelope.mail_from:
+            return arg, ""  # not read: aiosmtpd answers 503 nested MAIL, whatever the path
         if not is_utf8(arg):
             return None, None  # 553 5.1.7/5.1.3: permanent, not a 451 for every retry
         parsed = parse_simple_path(arg) or parse_path(arg)
@@ -219,6 +221,7 @@ class FilterSMTP(SMTP):
         self._closing = False
         self._eof_pending = False  # the client closed its side; its commands still answered
         self._helo_reply = False
+        self._reading_mail = False  # inside aiosmtpd's MAIL: the path is the sender's
         self._client_errors = 0
 
     # Connection lifetime
@@ -371,8 +374,8 @@ class FilterSMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
-            if status == replies.MALFORMED_ADDRESS and not self._has_sender():
-                status = replies.BAD_SENDER_SYNTAX  # aiosmtpd's reply at MAIL
+            if status == replies.MALFORMED_ADDRESS and self._reading_mail:
+                status = replies.BAD_SENDER_SYNTAX
             # RFC 2034 section 4: no enhanced codes in the replies to HELO/EHLO.
             if not (self._helo_reply and status.startswith("250")):
                 status = replies.enhance(status)
@@ -384,11 +387,6 @@ class FilterSMTP(SMTP):
         if isinstance(status, str) and replies.is_client_error(status):
             await self._count_client_error()
         self._end_after_eof()
-
-    def _has_sender(self) -> bool:
-        """RCPT needs a sender, so a reply to a path without one is MAIL's (a second MAIL
-        with a malformed path, after a sender was taken, keeps RCPT's X.1.3)."""
-        return self.envelope is not None and bool(self.envelope.mail_from)
 
     async def _count_client_error(self) -> None:
         self._client_errors += 1
@@ -443,6 +441,19 @@ class FilterSMTP(SMTP):
         for line in lines:
             self._stats.count_reply(line)
         await super().push("\r\n".join(lines))
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd's MAIL, with what its shared path replies mean here: a malformed path is
+        the sender's (553 5.1.7), and inside a transaction not read at all, so a MAIL there
+        is 503 nested (RFC 5321 3.3, 4.1.4) whatever its path; aiosmtpd reads the path
+        before it looks for a transaction and answered a malformed one 553 with RCPT's
+        X.1.3."""
+        self._reading_mail = True
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._reading_mail = False
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:

@@ -100,6 +100,25 @@ async def test_a_malformed_sender_is_5_1_7_and_a_malformed_recipient_5_1_3(
                            "553 5.1.3 Error: malformed address"], answers
 
 
+async def test_a_mail_inside_a_transaction_is_503_whatever_its_path(
+        worker: FilterWorker) -> None:
+    """RFC 5321 3.3 and 4.1.4: MAIL inside a transaction is a bad sequence, 503. aiosmtpd
+    reads the path before it looks for a transaction: a malformed one got 553 5.1.3, a
+    recipient's syntax code (RFC 3463 3.2) on a MAIL reply. The transaction is left as it
+    was."""
+    answers = await in_thread(raw_dialog, worker.ports[0], [
+        b"EHLO client.remote.test",
+        b"MAIL FROM:<" + SENDER.encode() + b">",
+        b"MAIL FROM:<a b@remote.test>",
+        b"MAIL FROM:<\xff@remote.test>",
+        b"MAIL FROM:<" + SENDER.encode() + b">",
+        b"MAIL FROM:<>",
+        b"RCPT TO:<" + ALICE.encode() + b">",
+    ])
+    assert answers[1:] == [replies.SENDER_OK, *[replies.NESTED_MAIL] * 4,
+                           replies.RECIPIENT_OK], answers
+
+
 async def test_body_values_of_extensions_not_offered_are_555(worker: FilterWorker) -> None:
     """RFC 6152: BODY=7BIT and BODY=8BITMIME. RFC 3030: BODY=BINARYMIME only with BINARYMIME
     (and CHUNKING) advertised, which we do not: a parameter we cannot implement, 555
