@@ -13,7 +13,8 @@ Hardening over aiosmtpd 1.4.6 (see docs: design notes section 1):
 - AUTH is neither advertised nor accepted (submission comes with a later issue);
 - MAIL and RCPT parameters by RFC 5321's grammar (an unknown one 555, a malformed one 501),
   a MAIL parameter given twice 501, a non-ASCII address without SMTPUTF8 550/553 5.6.7
-  (RFC 6531 3.5), BODY=BINARYMIME 555 (RFC 3030: not offered), a malformed sender 553 5.1.7;
+  (RFC 6531 3.5), BODY=BINARYMIME 555 (RFC 3030: not offered), a malformed sender 553 5.1.7,
+  a MAIL inside a transaction 503 whatever its path;
 - a non-ASCII HELO/EHLO argument 501 (RFC 6531 3.7.1, RFC 5321 4.1.2);
 - a failed DATA transaction is always reset, so the client can start over.
 
