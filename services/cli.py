@@ -192,7 +192,7 @@ def _held_mail_commands(commands: Any, command: Callable[..., argparse.ArgumentP
         metavar="ACTION", required=True)
     browse = command("list", held_list,
                      f"show {held} messages (oldest first) without taking them away", actions)
-    browse.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    browse.add_argument("--limit", type=_count, default=100, help="at most this many (100)")
     browse.add_argument("--json", action="store_true", help="machine-readable output")
     show = command("show", held_show, f"write one {held} message to standard output "
                    "(headers and body, as it would be delivered), taking nothing away", actions)
@@ -550,6 +550,16 @@ def user_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return value
 
 
 def parse_size(text: str) -> int | None:

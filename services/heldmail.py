@@ -80,7 +80,7 @@ _FIRST_DEATH_QUEUE = "x-first-death-queue"
 _VIRUS = VIRUS_HEADER.lower().encode("ascii")
 _NOT_SCANNED = NOT_SCANNED_HEADER.lower().encode("ascii")
 MAX_SCAN_HEAD = 8192  # octets of a quarantined message looked at for its scan headers
-MAX_TAKEN = 10_000  # messages one release or drop acts on; run it again for more
+MAX_TAKEN = 10_000  # messages one command looks at (list, release, retry, drop); run it again
 SETTLE_WINDOW = 32  # messages sent back and acked at a time (RabbitMQ's quorum_commands_soft_limit)
 SETTLE_BYTES = 32 * 1024 * 1024  # a window is sent back once it holds this many body octets
 RESETTLE_PASSES = 3
@@ -354,9 +354,9 @@ async def _one_pass(settings: Settings, where: HeldQueue,
             if resend and _first_copy(seen, sent):
                 window.resends.append(message)
             if window.full():
-                await _settle(channel, settings.topology, window, release, settled)
+                await _settle(channel, settings.topology, where.queue, window, release, settled)
                 window = _Window()
-        await _settle(channel, settings.topology, window, release, settled)
+        await _settle(channel, settings.topology, where.queue, window, release, settled)
         if taken == MAX_TAKEN:
             ok = await channel.queue_declare(where.queue, passive=True)
             outcome.unread = int(ok.message_count or 0)
@@ -379,7 +379,7 @@ def _sent_by(message: DeliveredMessage, release: str | None) -> bool:
     return release is not None and _text(headers.get(RELEASE_HEADER)) == release
 
 
-async def _settle(channel: AbstractChannel, topology: Topology, window: _Window,
+async def _settle(channel: AbstractChannel, topology: Topology, queue: str, window: _Window,
                   release: str | None, settled: list[HeldMessage]) -> None:
     await asyncio.gather(*(channel.basic_publish(
         message.body, exchange=topology.inbound_exchange,
@@ -387,10 +387,16 @@ async def _settle(channel: AbstractChannel, topology: Topology, window: _Window,
         timeout=CONFIRM_TIMEOUT,
         properties=resend_properties(message.header.properties, release))
         for message in window.resends))
-    # Sent back (when sending back): so it is, even if an ack below does not get through.
-    settled.extend(window.held)
+    if window.resends:  # sent back: so it is, even if an ack below does not get through
+        settled.extend(window.held)
     for tag in window.tags:  # after the confirms: each one sent back is on the delivery route
         await channel.basic_ack(tag)
+    if not window.resends and window.tags:
+        # Only dropped (or copies of one sent back before) once the broker has the acks. An
+        # ack has no answer, but a channel's methods are handled in order: the answer to a
+        # later one proves them.
+        await channel.queue_declare(queue, passive=True)
+        settled.extend(window.held)
 
 
 def _tag(message: DeliveredMessage) -> int:

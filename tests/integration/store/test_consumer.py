@@ -762,6 +762,30 @@ async def test_a_release_whose_broker_goes_midway_says_what_it_sent_and_fails(
     assert await queue_counts(settings, settings.topology.quarantine_queue) == 0
 
 
+async def test_a_drop_whose_broker_goes_midway_names_only_what_is_gone(store: Running) -> None:
+    """The broker goes for good at `quarantine drop --all`'s first ack: none of the acks
+    reached it, so every message is still held. A drop is only done once the broker has
+    its ack; the command named all of them as dropped before."""
+    settings = store.settings
+    queue_ids = [await _held(settings, "quarantine", ALICE) for _ in range(8)]
+    trap = AckTrap(int(settings.amqp_url.rsplit("/", 1)[0].rsplit(":", 1)[1]))
+    try:
+        trap.arm(None, lambda _: True, hold=True, shut=True)
+        failed = await asyncio.to_thread(run_cli, broker_at(settings, trap.port),
+                                         "quarantine", "drop", "--all")
+    finally:
+        trap.cut()
+    assert trap.sprung.is_set()
+    assert failed.returncode == 1
+    assert failed.stderr.startswith("tiermail: RabbitMQ could not be used:"), failed.stderr
+    held = await queue_counts(settings, settings.topology.quarantine_queue)
+    named = [line for line in failed.stdout.splitlines() if line.endswith(" dropped")]
+    assert held == len(queue_ids) - len(named)
+    again = await asyncio.to_thread(run_cli, settings, "quarantine", "drop", "--all")
+    assert again.returncode == 0 and f"{held} messages dropped" in again.stdout
+    assert await queue_counts(settings, settings.topology.quarantine_queue) == 0
+
+
 def _closing_callbacks() -> list[int]:
     """How many callbacks wait on the closing of each open aiormq connection."""
     return [len(connection._closing._callbacks or ()) for connection in gc.get_objects()

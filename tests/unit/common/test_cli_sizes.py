@@ -1,10 +1,10 @@
-"""Quota sizes on the command line (`tiermail user quota ADDR SIZE`)."""
+"""Sizes and counts on the command line (`tiermail user quota ADDR SIZE`, `list --limit N`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.cli import CommandError, approximate_size, format_size, parse_size
+from services.cli import CommandError, approximate_size, build_parser, format_size, parse_size
 
 
 @pytest.mark.parametrize(("text", "octets"), [
@@ -42,3 +42,17 @@ def test_format_size(octets: int, text: str) -> None:
 def test_a_usage_is_shown_approximately_where_it_is_not_round(octets: int, text: str) -> None:
     """`user quota` printed 'in use: 2293314 (2293314 octets)'."""
     assert approximate_size(octets) == text
+
+
+@pytest.mark.parametrize("limit", ["-1", "ten", ""])
+def test_held_mail_list_refuses_a_limit_that_is_no_count(
+        limit: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A negative --limit was taken and listed up to 10,000 messages."""
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["quarantine", "list", "--limit", limit])
+    assert exit_info.value.code == 2
+    assert "not a count" in capsys.readouterr().err
+
+
+def test_held_mail_list_takes_zero_as_a_limit() -> None:
+    assert build_parser().parse_args(["deadletters", "list", "--limit", "0"]).limit == 0
