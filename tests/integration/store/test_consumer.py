@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiormq
@@ -724,6 +724,22 @@ async def test_a_release_killed_once_its_ack_is_sent_has_sent_the_message_first(
     assert check_mailboxes(store.settings.store_dir, [ALICE]) == {queue_id: 1}
 
 
+async def _cut_off_at_an_ack(settings: Settings, chosen: Callable[[str], bool],
+                             *command: str) -> subprocess.CompletedProcess[str]:
+    """Run a held-mail command whose broker goes for good at its ack of a chosen message
+    (that ack never reaching it); the command must fail naming the broker."""
+    trap = AckTrap(int(settings.amqp_url.rsplit("/", 1)[0].rsplit(":", 1)[1]))
+    try:
+        trap.arm(None, chosen, hold=True, shut=True)
+        failed = await asyncio.to_thread(run_cli, broker_at(settings, trap.port), *command)
+    finally:
+        trap.cut()
+    assert trap.sprung.is_set()
+    assert failed.returncode == 1
+    assert failed.stderr.startswith("tiermail: RabbitMQ could not be used:"), failed.stderr
+    return failed
+
+
 async def test_a_release_whose_broker_goes_midway_says_what_it_sent_and_fails(
         store: Running) -> None:
     """The broker goes for good at `quarantine release --all`'s ack of the first message of
@@ -735,17 +751,9 @@ async def test_a_release_whose_broker_goes_midway_says_what_it_sent_and_fails(
     settings = store.settings
     queue_ids = [await _held(settings, "quarantine", ALICE) for _ in range(SETTLE_WINDOW + 8)]
     delivered = store.consumer.stats.delivered
-    trap = AckTrap(int(settings.amqp_url.rsplit("/", 1)[0].rsplit(":", 1)[1]))
     acks = itertools.count(1)
-    try:
-        trap.arm(None, lambda _: next(acks) == SETTLE_WINDOW + 1, hold=True, shut=True)
-        failed = await asyncio.to_thread(run_cli, broker_at(settings, trap.port),
-                                         "quarantine", "release", "--all")
-    finally:
-        trap.cut()
-    assert trap.sprung.is_set()
-    assert failed.returncode == 1
-    assert failed.stderr.startswith("tiermail: RabbitMQ could not be used:"), failed.stderr
+    failed = await _cut_off_at_an_ack(settings, lambda _: next(acks) == SETTLE_WINDOW + 1,
+                                      "quarantine", "release", "--all")
     *lines, count = failed.stdout.splitlines()
     assert sorted(lines) == sorted(f"{queue_id} sent for delivery" for queue_id in queue_ids)
     assert count == f"{len(queue_ids)} messages sent for delivery before the failure"
@@ -768,16 +776,7 @@ async def test_a_drop_whose_broker_goes_midway_names_only_what_is_gone(store: Ru
     its ack; the command named all of them as dropped before."""
     settings = store.settings
     queue_ids = [await _held(settings, "quarantine", ALICE) for _ in range(8)]
-    trap = AckTrap(int(settings.amqp_url.rsplit("/", 1)[0].rsplit(":", 1)[1]))
-    try:
-        trap.arm(None, lambda _: True, hold=True, shut=True)
-        failed = await asyncio.to_thread(run_cli, broker_at(settings, trap.port),
-                                         "quarantine", "drop", "--all")
-    finally:
-        trap.cut()
-    assert trap.sprung.is_set()
-    assert failed.returncode == 1
-    assert failed.stderr.startswith("tiermail: RabbitMQ could not be used:"), failed.stderr
+    failed = await _cut_off_at_an_ack(settings, lambda _: True, "quarantine", "drop", "--all")
     held = await queue_counts(settings, settings.topology.quarantine_queue)
     named = [line for line in failed.stdout.splitlines() if line.endswith(" dropped")]
     assert held == len(queue_ids) - len(named)
