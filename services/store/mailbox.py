@@ -7,6 +7,7 @@ implements it. Errors are protocol-neutral: each protocol maps them to replies i
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO, NamedTuple, Protocol
 
@@ -113,6 +114,26 @@ def line_end_padding(body: bytes) -> int:
     else:
         end = 2
     return body.count(b"\n") - body.count(b"\r\n") + end
+
+
+def in_known_spelling(flags: Iterable[str], keywords: Collection[str]) -> frozenset[str]:
+    """Each keyword as the mailbox already spells it: RFC 3501 9 makes alphabetic characters
+    case-insensitive unless noted, and SEARCH KEYWORD matches so; storing "junk" beside
+    "Junk" would make two flags of one, and -FLAGS (JUNK) would take neither away. A spelling
+    the mailbox has is kept (one from before this rule may hold two); a new keyword written
+    twice in one command takes its first spelling."""
+    known: dict[str, str] = {}
+    for keyword in sorted(keywords):  # sorted: the same choice in every process
+        known.setdefault(keyword.lower(), keyword)
+    return frozenset(flag if flag.startswith("\\") or flag in keywords
+                     else known.setdefault(flag.lower(), flag) for flag in flags)
+
+
+def every_spelling(flags: Iterable[str], keywords: Iterable[str]) -> frozenset[str]:
+    """What -FLAGS takes away: the flags, and every spelling the mailbox has of each keyword."""
+    given = frozenset(flags)
+    lowered = {flag.lower() for flag in given if not flag.startswith("\\")}
+    return given | {keyword for keyword in keywords if keyword.lower() in lowered}
 
 
 class MessageInfo(NamedTuple):

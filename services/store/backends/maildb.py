@@ -147,6 +147,7 @@ from services.store.mailbox import (
     OverQuota,
     StorageError,
     TooManyMailboxes,
+    in_known_spelling,
     line_end_padding,
 )
 
@@ -1598,10 +1599,11 @@ class MailDB:
                     for row, guid in zip(rows, guids, strict=True)])
                 modseq = dst.modseq + 1
                 dest_uids = list(range(dst.uidnext, dst.uidnext + len(rows)))
+                spelled = _destination_spelling(conn, dst.id, [str(row[4]) for row in rows])
                 conn.executemany(
                     "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags,"
                     " modseq, padding) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(dst.id, uid, guid, size, internaldate, flags, modseq, padding)
+                    [(dst.id, uid, guid, size, internaldate, spelled[flags], modseq, padding)
                      for uid, guid, (_, _, size, internaldate, flags, _, padding)
                      in zip(dest_uids, guids, rows, strict=True)])
                 conn.execute("UPDATE mailbox SET uidnext = ?, highestmodseq = ? WHERE id = ?",
@@ -1651,9 +1653,15 @@ class MailDB:
         conn = self._conn(user)
         with transaction(conn):
             src, dst = self._box(conn, source, uidvalidity), self._box(conn, dest)
-            rows = [(int(uid), str(guid)) for uid, guid in
-                    _rows_for_uids(conn, src.id, uids, "guid")]
+            found = _rows_for_uids(conn, src.id, uids, "guid, flags")
+            rows = [(int(uid), str(guid)) for uid, guid, _ in found]
+            texts = [str(flags) for _, _, flags in found]
+            spelled = _destination_spelling(conn, dst.id, texts)  # before the rows are there
             dest_uids = self._move_rows(conn, src, dst, rows)
+            conn.executemany("UPDATE message SET flags = ? WHERE mailbox_id = ? AND uid = ?",
+                             [(spelled[text], dst.id, uid)
+                              for uid, text in zip(dest_uids, texts, strict=True)
+                              if spelled[text] != text])
         if rows:
             guids = tuple(guid for _, guid in rows)
             events.append(ChangeEvent(user, "move", dest, source=source, guids=guids))
@@ -2071,6 +2079,20 @@ def _infos(rows: Iterable[Sequence[Any]]) -> list[MessageInfo]:
 # `flags` holds the flags space-separated; system flags are matched case-insensitively, as
 # LIKE does (RFC 3501 2.3.2).
 _HAS_DELETED = " AND ' ' || flags || ' ' LIKE '% \\Deleted %'"
+
+
+def _destination_spelling(conn: sqlite3.Connection, box_id: int,
+                          texts: Iterable[str]) -> dict[str, str]:
+    """Each stored flags text with its keywords spelled as the destination mailbox already
+    spells them (RFC 3501 9: a keyword is one whatever its case), so COPY and MOVE add no
+    second spelling. The destination is read only when a text holds a keyword."""
+    wanted = set(texts)
+    if not any(not flag.startswith("\\") for text in wanted for flag in text.split()):
+        return {text: text for text in wanted}
+    known = {flag for (text,) in conn.execute(
+        "SELECT DISTINCT flags FROM message WHERE mailbox_id = ?", (box_id,))
+        for flag in str(text).split() if not flag.startswith("\\")}
+    return {text: _flags_text(in_known_spelling(text.split(), known)) for text in wanted}
 
 
 def _rows_for_uids(conn: sqlite3.Connection, box_id: int, uids: Iterable[int],

@@ -69,7 +69,6 @@ from services.store.imap.selected import (
     SelectedMailbox,
     SelectedMailboxDeleted,
     format_uids,
-    in_known_spelling,
     too_many_keywords,
 )
 from services.store.imap.sort import BadSortCriteria, sort
@@ -83,6 +82,8 @@ from services.store.mailbox import (
     NoSuchMailbox,
     NoSuchMessage,
     OutOfSpace,
+    every_spelling,
+    in_known_spelling,
 )
 
 if TYPE_CHECKING:
@@ -1055,8 +1056,11 @@ async def store(s: Session, c: Command) -> r.Reply:
         s.enabled.condstore = True
     positions = [p for p in selected.positions(args.sequence, uid=c.uid)
                  if not selected.is_gone(p)]
-    flags = in_known_spelling((flag for flag in args.flags if flag != "\\Recent"),
-                              selected.keywords)
+    requested = [flag for flag in args.flags if flag != "\\Recent"]
+    if args.mode == "-":  # a mailbox from before the keyword rule may hold two spellings
+        flags = every_spelling(requested, selected.keywords)
+    else:
+        flags = in_known_spelling(requested, selected.keywords)
     if args.mode != "-" and too_many_keywords(flags, selected.keywords):
         return r.NO_TOO_MANY_KEYWORDS
     all_uids = selected.uids

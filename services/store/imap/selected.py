@@ -330,15 +330,6 @@ class SelectedMailbox:
         return wire.flag_list([*SYSTEM_FLAGS, *self.keywords, *more])
 
 
-def in_known_spelling(flags: Iterable[str], keywords: Iterable[str]) -> frozenset[str]:
-    """Each keyword as the mailbox already spells it: RFC 3501 9 makes alphabetic characters
-    case-insensitive unless noted, and SEARCH KEYWORD matches so; storing "junk" beside
-    "Junk" would make two flags of one, and -FLAGS (JUNK) would take neither away."""
-    known = {keyword.lower(): keyword for keyword in keywords}
-    return frozenset(flag if flag.startswith("\\") else known.setdefault(flag.lower(), flag)
-                     for flag in flags)
-
-
 def too_many_keywords(flags: Iterable[str], keywords: Set[str]) -> bool:
     """Whether setting `flags` would take a mailbox holding `keywords` past MAX_KEYWORDS."""
     new = {flag for flag in flags if not flag.startswith("\\") and flag not in keywords}

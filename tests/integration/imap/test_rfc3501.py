@@ -43,6 +43,44 @@ async def test_keywords_are_case_insensitive_in_store_as_in_search(
     assert flags == [frozenset(), frozenset({"Junk"}), frozenset({"Junk"})]
 
 
+async def test_copy_and_move_write_keywords_as_the_destination_spells_them(
+        server: Server, maildb: MailDB) -> None:
+    """RFC 3501 9 across mailboxes: COPY and MOVE into a mailbox that already has "junk"
+    give the messages "junk", not a second spelling "Junk" beside it."""
+    await maildb.append(ALICE, "Archive", message("old"), frozenset({"junk", "\\Seen"}))
+    for n in range(2):
+        await maildb.append(ALICE, "INBOX", message(f"m{n}"), frozenset({"Junk", "$Work"}))
+    await _in_inbox(server, "COPY 1 Archive", "MOVE 2 Archive")
+    flags = [info.flags for info in await maildb.list_messages(ALICE, "Archive")]
+    assert flags == [frozenset({"junk", "\\Seen"}), *[frozenset({"junk", "$Work"})] * 2]
+    assert [info.flags for info in await maildb.list_messages(ALICE)] == [
+        frozenset({"Junk", "$Work"})]  # the source keeps its own spelling
+
+
+async def test_store_on_a_mailbox_holding_two_spellings_of_a_keyword(
+        server: Server, maildb: MailDB) -> None:
+    """A mailbox written before keywords were case-insensitive may hold "Junk" and "junk":
+    -FLAGS (JUNK) takes away both, and +FLAGS (junk) keeps the spelling sent (it is known)."""
+    await maildb.append(ALICE, "INBOX", message("a"), frozenset({"Junk"}))
+    await maildb.append(ALICE, "INBOX", message("b"), frozenset({"junk"}))
+    await maildb.append(ALICE, "INBOX", message("c"), frozenset())
+    await _in_inbox(server, "STORE 3 +FLAGS.SILENT (junk)", "STORE 1:2 -FLAGS.SILENT (JUNK)")
+    flags = [info.flags for info in await maildb.list_messages(ALICE)]
+    assert flags == [frozenset(), frozenset(), frozenset({"junk"})]
+
+
+async def _in_inbox(server: Server, *commands: str) -> None:
+    """Alice selects INBOX and runs `commands`, each of which must answer OK."""
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("SELECT INBOX")
+        for command in commands:
+            raw.ok(command)
+        raw.close()
+
+    await in_thread(dialog)
+
+
 # RFC 3501 6: each command in the states the RFC lists it under; any other state is BAD.
 ANY_STATE = ["CAPABILITY", "NOOP"]
 NOT_AUTHENTICATED = ["STARTTLS", "AUTHENTICATE PLAIN", 'LOGIN "x" "y"']

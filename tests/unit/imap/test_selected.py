@@ -9,8 +9,14 @@ from hypothesis import strategies as st
 
 from services.store.backends.snapshots import Snapshot
 from services.store.imap import selected as selected_module
-from services.store.imap.selected import SelectedMailbox, in_known_spelling
-from services.store.mailbox import Changes, MailboxStatus, MessageInfo
+from services.store.imap.selected import SelectedMailbox
+from services.store.mailbox import (
+    Changes,
+    MailboxStatus,
+    MessageInfo,
+    every_spelling,
+    in_known_spelling,
+)
 
 FLAG_SETS = [frozenset(), frozenset({"\\Seen"}), frozenset({"\\Seen", "$Work"}),
              frozenset({"\\Answered"})]
@@ -116,3 +122,13 @@ def test_keywords_take_the_spelling_the_mailbox_knows() -> None:
     assert in_known_spelling(["junk", "\\Seen", "New"], {"Junk", "Other"}) == {
         "Junk", "\\Seen", "New"}
     assert len(in_known_spelling(["Fresh", "FRESH"], set())) == 1
+
+
+def test_a_spelling_the_mailbox_has_is_kept_and_minus_takes_every_spelling() -> None:
+    # A mailbox from before keywords were case-insensitive may hold "Junk" and "junk".
+    both = {"Junk", "junk"}
+    for _ in range(5):  # the same answer whatever the set's order
+        assert in_known_spelling(["junk", "Junk"], both) == both
+        assert in_known_spelling(["JUNK"], both) == {"Junk"}
+    assert every_spelling(["jUNK", "\\Seen"], both | {"Other"}) == {
+        "jUNK", "Junk", "junk", "\\Seen"}
