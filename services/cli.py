@@ -426,6 +426,12 @@ def domain_add(settings: Settings, args: argparse.Namespace) -> int:
     name = _change(settings, lambda a: a.add_domain(args.domain),
                    lambda d: d.add_domain(args.domain))
     print(f"domain {name} added")
+    if not settings.postmaster:
+        # RFC 5321 4.5.1: postmaster@ every domain MUST take mail; the domain is new, so
+        # nothing answers for it yet unless the filter tier has TIERMAIL_POSTMASTER.
+        print(f"tiermail: mail to postmaster@{name} is refused until it exists: "
+              f"tiermail alias add postmaster@{name} ADDRESS (or set TIERMAIL_POSTMASTER "
+              "for the filter tier)", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,7 @@
 """The `tiermail` account commands, run as an operator runs them, against the real Redis."""
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -32,7 +33,9 @@ tiermail = run_cli
 
 def test_accounts_are_stored_hashed_and_mirrored(settings: Settings,
                                                  redis_client: redis.Redis) -> None:
-    assert tiermail(settings, "domain", "add", "Example.org").returncode == 0
+    added = tiermail(settings, "domain", "add", "Example.org")
+    assert added.returncode == 0 and added.stdout == "domain example.org added\n"
+    assert "tiermail alias add postmaster@example.org ADDRESS" in added.stderr
     added = tiermail(settings, "user", "add", "Alice@example.org", "--password-stdin",
                      stdin="s3cret\n")
     assert added.returncode == 0, added.stderr
@@ -54,6 +57,12 @@ def test_accounts_are_stored_hashed_and_mirrored(settings: Settings,
 
     listing = tiermail(settings, "user", "list")
     assert listing.stdout.split() == ["alice@example.org"]
+
+
+def test_a_domain_added_with_a_postmaster_configured_needs_no_hint(settings: Settings) -> None:
+    configured = dataclasses.replace(settings, postmaster="alice@example.org")
+    added = tiermail(configured, "domain", "add", "example.org")
+    assert added.returncode == 0 and added.stderr == ""
 
 
 def test_refusals_are_clear_and_change_nothing(settings: Settings) -> None:
