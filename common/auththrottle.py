@@ -229,7 +229,8 @@ class AuthThrottle:
         if self._redis_down and self._clock() < self._recheck_at:
             return None  # Redis is left alone for now
         try:
-            result = await asyncio.wait_for(operation(), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                result = await operation()
         except (RedisError, OSError, TimeoutError) as exc:
             self._recheck_at = self._clock() + RECHECK_AFTER
             if not self._redis_down:

@@ -103,7 +103,8 @@ _sockets: weakref.WeakKeyDictionary[AbstractConnection, _KeptSocket] = (
 async def connect(url: str, within: float) -> AbstractConnection:
     """Open a connection that `close_connection` can always close."""
     socket = _KeptSocket(url)
-    connection = await asyncio.wait_for(aiormq.connect(url, transport_factory=socket), within)
+    async with asyncio.timeout(within):
+        connection = await aiormq.connect(url, transport_factory=socket)
     _sockets[connection] = socket
     return connection
 

@@ -77,11 +77,13 @@ class Heartbeat:
         self._stop.set()
         if self._task is not None:
             try:
-                await asyncio.wait_for(self._task, TTL)
+                async with asyncio.timeout(TTL):
+                    await self._task
             except Exception as error:
                 log.warning("heartbeat did not stop cleanly: %r", error)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._redis.delete(self._key), 2.0)
+            async with asyncio.timeout(2.0):
+                await self._redis.delete(self._key)
 
     async def _run(self) -> None:
         while not self._stop.is_set():
@@ -90,12 +92,13 @@ class Heartbeat:
                        "started": self._started, "at": now, **stats,
                        "recent": self._recent.record(now, stats)}
             try:
-                await asyncio.wait_for(
-                    self._redis.set(self._key, json.dumps(payload), ex=TTL), TTL)
+                async with asyncio.timeout(TTL):
+                    await self._redis.set(self._key, json.dumps(payload), ex=TTL)
             except Exception as exc:  # Redis down must not take a tier down.
                 log.warning("heartbeat not written: %s", exc, extra={"event": "heartbeat"})
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), INTERVAL)
+                async with asyncio.timeout(INTERVAL):
+                    await self._stop.wait()
 
 
 async def read_heartbeats(redis: Redis, prefix: str) -> list[dict[str, Any]]:

@@ -193,8 +193,8 @@ class DeferredScanner:
         head = format_headers(routed.headers)
         out = replace(envelope, junk=envelope.junk or routed.junk, size=len(head) + len(body))
         try:
-            await asyncio.wait_for(self._publisher.publish(out, head + body, routed.routing_key),
-                                   CONNECT_TIMEOUT + self._settings.publish_timeout)
+            async with asyncio.timeout(CONNECT_TIMEOUT + self._settings.publish_timeout):
+                await self._publisher.publish(out, head + body, routed.routing_key)
         except (PublishFailed, TimeoutError) as exc:
             # Like a scanner failure: stop taking messages until publishes go out again,
             # or every redelivery would be scanned anew and count toward the delivery limit.

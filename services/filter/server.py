@@ -154,7 +154,8 @@ class ConnectionRegistry:
 
     async def wait_empty(self, grace: float) -> bool:
         try:
-            await asyncio.wait_for(self._empty.wait(), grace)
+            async with asyncio.timeout(grace):
+                await self._empty.wait()
         except TimeoutError:
             return False
         return True

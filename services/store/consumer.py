@@ -125,7 +125,8 @@ class Consumer:
             if time.monotonic() - started > 30:
                 backoff = BACKOFF_MIN
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff)
+                async with asyncio.timeout(backoff):
+                    await self._stopping.wait()
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     def stop(self) -> None:
@@ -313,7 +314,8 @@ class Consumer:
                       sum(not item.ok for item in items), pause,
                       extra={"event": "storage-down"})
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), pause)
+                async with asyncio.timeout(pause):
+                    await self._stopping.wait()
             if self._stopping.is_set():
                 return  # stopping: _settle gives them back to the queue
             pause = min(pause * 2, STORAGE_PAUSE_MAX)

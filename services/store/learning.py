@@ -510,8 +510,8 @@ class LearningHook:
             loop = asyncio.get_running_loop()
             with contextlib.suppress(Exception):
                 # In the hook's thread: it owns the pika connection.
-                await asyncio.wait_for(loop.run_in_executor(self._executor, self._close),
-                                       grace)
+                async with asyncio.timeout(grace):
+                    await loop.run_in_executor(self._executor, self._close)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _classify_and_enqueue(self, event: ChangeEvent, decided_us: int) -> None:

@@ -169,7 +169,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         log.info("store stopping", extra={"event": "stopping"})
         consumer.stop()
         try:
-            await asyncio.wait_for(consuming, 60)
+            async with asyncio.timeout(60):
+                await consuming
         except TimeoutError:
             log.error("consumer did not stop in time", extra={"event": "stopping"})
         stopped.cancel()
@@ -216,6 +217,7 @@ async def _close_servers(servers: list[Any]) -> None:
         server.close()
     for server in servers:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 5)
+            async with asyncio.timeout(5):
+                await server.wait_closed()
 
 

@@ -115,7 +115,8 @@ class QuotaPublisher:
 
     async def _wait_for_changes(self) -> None:
         try:
-            await asyncio.wait_for(self._changed.wait(), self._check_interval)
+            async with asyncio.timeout(self._check_interval):
+                await self._changed.wait()
         except TimeoutError:
             return
         await asyncio.sleep(self._debounce)

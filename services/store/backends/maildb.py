@@ -870,7 +870,8 @@ class MailDB:
         self._waiting[user] = self._waiting.get(user, 0) + 1
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await wakeup.wait()
         finally:
             left = self._waiting[user] - 1
             if left:
