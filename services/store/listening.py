@@ -44,10 +44,16 @@ class ListenerSessions:
 
     @contextlib.contextmanager
     def running(self, task: asyncio.Task[None]) -> Iterator[None]:
+        """Around a session task's work. The cancellation that `cancel()` sends at shutdown
+        ends here, once the session has closed its connection: a connection task that
+        ended cancelled is logged at ERROR by asyncio's stream callback ("Exception in
+        callback"), for every session open at shutdown."""
         self._shared.add(task)
         self._own.add(task)
         try:
             yield
+        except asyncio.CancelledError:
+            pass
         finally:
             self._own.discard(task)
             self._shared.discard(task)

@@ -331,10 +331,6 @@ class ImapListener:
         try:
             with self.sessions.running(task):
                 await self._serve(connection)
-        except asyncio.CancelledError:
-            # Shutdown: the session is closed. Ending the connection task normally keeps
-            # asyncio's stream callback from logging the cancellation as an error.
-            pass
         finally:
             uncount()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import poplib
@@ -780,21 +781,47 @@ async def test_wire_log_redacts_credentials(pop3: Pop3Stack,
     assert secret.decode() not in caplog.text
 
 
-async def test_closing_the_server_ends_sessions_without_update(pop3: Pop3Stack) -> None:
-    await pop3.deliver(ALICE, MSG1)
-    raw = await Raw.open(pop3.port)
-    await raw.send(f"USER {ALICE}\r\n".encode())
-    await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())
-    assert await raw.send(b"DELE 1\r\n") == p.OK_DELE.format(number=1).encode()
+async def close_servers(pop3: Pop3Stack) -> None:
     for server in pop3.servers:
         server.close()
     async with asyncio.timeout(10):
         for server in pop3.servers:
             await server.wait_closed()
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records
+            if record.levelno >= logging.ERROR]
+
+
+async def test_closing_the_server_ends_sessions_without_update(
+        pop3: Pop3Stack, caplog: pytest.LogCaptureFixture) -> None:
+    await pop3.deliver(ALICE, MSG1)
+    raw = await Raw.open(pop3.port)
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())
+    assert await raw.send(b"DELE 1\r\n") == p.OK_DELE.format(number=1).encode()
+    await close_servers(pop3)
     assert await raw.closed()
     await raw.close()
     assert not pop3.locks.held(ALICE)
     assert len(await pop3.store.list_messages(ALICE, INBOX)) == 1
+    # a session task ended by the cancellation would be asyncio's "Exception in callback"
+    assert errors_logged(caplog) == []
+
+
+async def test_closing_the_server_ends_lingering_connections_quietly(
+        pop3: Pop3Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """Shutdown while the server lingers after QUIT for a client still sending."""
+    raw = await Raw.open(pop3.port)
+    raw.writer.write(b"QUIT\r\n")
+    assert await raw.line() == p.OK_BYE.encode()
+    assert await raw.closed()  # our FIN: the server is reading and dropping input now
+    raw.writer.write(b"NOOP\r\n")
+    await close_servers(pop3)
+    with contextlib.suppress(ConnectionError):  # reset by the server's shutdown
+        await raw.close()
+    assert errors_logged(caplog) == []
 
 
 async def test_a_full_disk_leaves_mail_readable_and_keeps_deletions(
