@@ -1105,10 +1105,13 @@ async def copy(s: Session, c: Command) -> r.Reply:
         return r.NO_READ_ONLY
     uids = [selected.info(p).uid for p in selected.positions(args.sequence, uid=c.uid)
             if not selected.is_gone(p)]
-    if not uids:
-        return r.OK_DONE
     user = s.logged_in_user
     try:
+        if not uids:
+            # Nothing to copy (UIDs that match no message, or all expunged meanwhile): still
+            # a destination that is not there is [TRYCREATE] (RFC 3501 6.4.7), not OK.
+            await s.store.status(user, args.mailbox)
+            return r.OK_DONE
         if move:
             result = await s.store.move(user, selected.name, uids, args.mailbox,
                                         uidvalidity=selected.uidvalidity)

@@ -380,6 +380,24 @@ async def test_copy_keeps_flags_and_internal_date_and_sets_recent(
     await in_thread(dialog)
 
 
+async def test_copy_of_nothing_to_a_missing_mailbox_is_trycreate(server: Server) -> None:
+    """RFC 3501 6.4.7: a COPY whose destination does not exist is [TRYCREATE], also when
+    its set matches no message (it answered OK and the client took the copy as done)."""
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.literal_command(b"APPEND INBOX", message("m"))
+        raw.ok("SELECT INBOX")
+        raw.ok("UID COPY 999 Archive")
+        for command in ("UID COPY 999 Nowhere", "UID MOVE 999 Nowhere", "UID COPY 1 Nowhere"):
+            reply = raw.command(command)
+            assert (reply.status, reply.code) == ("NO", b"TRYCREATE"), (command, reply)
+        reply = raw.command('UID COPY 999 "a//b"')
+        assert (reply.status, reply.code) == ("NO", b"CANNOT")
+        raw.close()
+
+    await in_thread(dialog)
+
+
 async def test_rename_creates_the_superior_names_it_needs(server: Server) -> None:
     """RFC 3501 6.3.5: RENAME to a name with the delimiter creates the superiors (SHOULD)."""
     def dialog() -> None:
