@@ -228,6 +228,25 @@ def write_or_lost(writer: asyncio.StreamWriter, data: bytes) -> None:
     writer.write(data)
 
 
+def read_timer(idle_timeout: float, login_left: float | None) -> tuple[float, bool]:
+    """The next read's timeout, and whether it is the login deadline (`login_left`: seconds
+    until it, None once logged in). Decided when the timer is armed, not from the clock
+    after it fired: an event loop may fire a timer a little before its time."""
+    if login_left is not None and login_left < idle_timeout:
+        return max(0.0, login_left), True
+    return idle_timeout, False
+
+
+async def end_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                         abort: bool) -> None:
+    """The end of a session's connection: reset at once when `abort` (lost, stalled,
+    broken), else hung up politely after our last words."""
+    if abort:
+        await close_connection(writer, abort=True)
+    else:
+        await hang_up(reader, writer)
+
+
 async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Close a connection after our last words (BYE, -ERR, +OK to QUIT) without losing them.
 

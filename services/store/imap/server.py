@@ -51,10 +51,10 @@ from services.store.listening import (
     ListenerSessions,
     SessionEnded,
     SessionEndingServer,
-    close_connection,
-    hang_up,
+    end_connection,
     peer_ip,
     peer_of,
+    read_timer,
     refuse_connection,
     write_or_lost,
 )
@@ -225,14 +225,8 @@ class Connection:
         self.parser.feed(data if self._inflate is None else self._inflated(data))
 
     def _read_timeout(self) -> tuple[float, bool]:
-        """The next read's timeout, and whether it is the login deadline: decided when the
-        timer is armed, not from the clock after it fired (a loop may fire a little early)."""
-        if self._login_by is None:
-            return self._timeout, False
-        left = self._login_by - _now()
-        if left < self._timeout:
-            return max(0.0, left), True
-        return self._timeout, False
+        return read_timer(self._timeout, None if self._login_by is None
+                          else self._login_by - _now())
 
     def _inflated(self, data: bytes) -> bytes:
         # At most INFLATE_CHUNK octets at a time: a few compressed octets can stand for
@@ -367,10 +361,7 @@ class ImapListener:
         finally:
             session.ended()
             connection.parser.discard()
-            if abort:
-                await close_connection(connection.writer, abort=True)
-            else:
-                await hang_up(connection.reader, connection.writer)
+            await end_connection(connection.reader, connection.writer, abort=abort)
             log.info("disconnected", extra=session.log_context)
 
     async def _converse(self, session: Session, connection: Connection) -> None:

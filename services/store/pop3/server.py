@@ -23,10 +23,10 @@ from services.store.listening import (
     ListenerSessions,
     SessionEnded,
     SessionEndingServer,
-    close_connection,
-    hang_up,
+    end_connection,
     peer_ip,
     peer_of,
+    read_timer,
     refuse_connection,
     write_or_lost,
 )
@@ -180,10 +180,7 @@ class Pop3Listener:
             log.exception("connection failed", extra=session.log_context)
         finally:
             await session.close()
-            if aborted:
-                await close_connection(writer, abort=True)
-            else:
-                await hang_up(reader, writer)
+            await end_connection(reader, writer, abort=aborted)
             log.info("disconnected", extra=session.log_context)
 
     async def _converse(self, session: Session, reader: asyncio.StreamReader,
@@ -194,12 +191,9 @@ class Pop3Listener:
         # sending CAPA now and then would otherwise stay in AUTHORIZATION forever.
         login_by = loop.time() + self._login_deadline
         while True:
-            # Which timer is armed is decided here, not from the clock after it fired (an
-            # event loop may fire a timer a little before its time).
-            login_left = login_by - loop.time()
-            deadline_first = (session.state is State.AUTHORIZATION
-                              and login_left < self._timeout)
-            timeout = max(0.0, login_left) if deadline_first else self._timeout
+            timeout, deadline_first = read_timer(
+                self._timeout,
+                login_by - loop.time() if session.state is State.AUTHORIZATION else None)
             try:
                 async with session.client_wait.within(timeout):
                     line = await read_line(reader)

@@ -83,8 +83,16 @@ def imap_users(tmp_path: Path, password_hashes: dict[str, str]) -> Iterator[Acco
 
 
 @pytest.fixture
-async def maildb(tmp_path: Path, settings: Settings) -> AsyncIterator[MailDB]:
-    store = MailDB(tmp_path / "mail", inline_max=settings.store_inline_max)
+def maildb_class() -> type[MailDB]:
+    """The MailDB the store runs on; a module overrides it with a subclass that hooks in
+    between reads (another session's change at the worst moment)."""
+    return MailDB
+
+
+@pytest.fixture
+async def maildb(tmp_path: Path, settings: Settings,
+                 maildb_class: type[MailDB]) -> AsyncIterator[MailDB]:
+    store = maildb_class(tmp_path / "mail", inline_max=settings.store_inline_max)
     yield store
     await store.close()
 

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -33,10 +31,8 @@ class DeletionAfterListing(MailDB):
 
 
 @pytest.fixture
-async def maildb(tmp_path: Path, settings: Settings) -> AsyncIterator[DeletionAfterListing]:
-    store = DeletionAfterListing(tmp_path / "mail", inline_max=settings.store_inline_max)
-    yield store
-    await store.close()
+def maildb_class() -> type[MailDB]:
+    return DeletionAfterListing
 
 
 def capabilities(raw_line: bytes) -> set[bytes]:

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from common.ids import new_queue_id
-from common.settings import Settings
 from services.store.backends.maildb import MailDB
 from services.store.backends.snapshots import Snapshot
 from services.store.mailbox import Changes, Delivery
@@ -52,10 +49,8 @@ class DeliveryAfterRead(MailDB):
 
 
 @pytest.fixture
-async def maildb(tmp_path: Path, settings: Settings) -> AsyncIterator[DeliveryAfterRead]:
-    store = DeliveryAfterRead(tmp_path / "mail", inline_max=settings.store_inline_max)
-    yield store
-    await store.close()
+def maildb_class() -> type[MailDB]:
+    return DeliveryAfterRead
 
 
 def recent_uids(raw: Raw) -> set[int]:
