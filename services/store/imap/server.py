@@ -375,7 +375,11 @@ class ImapListener:
                 await connection.read_more()
                 continue
             if isinstance(event, LiteralWanted):
-                await connection.write(LITERAL_CONTINUATION)
+                if await session.accepts_literal(event):
+                    await connection.write(LITERAL_CONTINUATION)
+                else:
+                    parser.decline_literal()
+                    await connection.flush()
                 continue
             if isinstance(event, Refused):
                 log.debug("C: <refused: %s>", event.reason, extra=session.log_context)

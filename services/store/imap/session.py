@@ -34,17 +34,18 @@ from services.store.imap.disconnect import Disconnect
 from services.store.imap.lanes import LONG_SET, CommandLanes, LongTurn, set_size
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import Command, ParseError, SearchKey
-from services.store.imap.protocol.grammar import parse_command
+from services.store.imap.protocol.grammar import announces_appended_message, parse_command
 from services.store.imap.protocol.parser import (
     REASON_LITERAL_TOO_BIG,
     REASON_NO_MEMORY,
+    LiteralWanted,
     RawCommand,
     Refused,
 )
 from services.store.imap.selected import InvalidSequence, SelectedMailbox, SelectedMailboxDeleted
 from services.store.imap.userlimit import UserConnections
 from services.store.logins import Logins
-from services.store.mailbox import Changes, NoSuchMailbox, OutOfSpace
+from services.store.mailbox import Changes, NoSuchMailbox, OutOfSpace, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,31 @@ class Session:
             await self.send(r.BYE_TOO_MANY_ERRORS.untagged())
             return After.CLOSE
         return after
+
+    async def accepts_literal(self, wanted: LiteralWanted) -> bool:
+        """Whether to send `+` for a synchronizing literal; if not, the command has been
+        answered. An APPEND's message larger than the room left under the account's quota
+        gets NO [OVERQUOTA] before the client uploads it (RFC 3501 7.5 allows a NO in place
+        of the continuation; Dovecot does the same). The literal is never larger than what
+        would be stored (bare LFs become CRLF), so nothing that fits is refused here; the
+        APPEND itself checks again."""
+        if self.state not in (State.AUTHENTICATED, State.SELECTED):
+            return True
+        if not announces_appended_message(wanted.command):
+            return True
+        limit = await self.quota_limit()
+        if limit is None:
+            return True
+        try:
+            used = await self.store.usage(self.logged_in_user)
+        except StorageError:
+            return True  # the APPEND reports it
+        if used + wanted.size <= limit:
+            return True
+        log.info("APPEND of %d octets refused before its literal: over quota", wanted.size,
+                 extra=self.log_context)
+        await self.send(r.NO_OVERQUOTA.tagged(wanted.tag))
+        return False
 
     def tls_started(self) -> None:
         self.tls_active = True

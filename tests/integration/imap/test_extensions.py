@@ -779,6 +779,35 @@ async def test_quota_details_of_rfc_9208(server: Server, deliver: Deliver, maild
     assert quota[2][2] == 10 * 1024 + 1  # 10 MiB and one octet: rounded up
 
 
+async def test_an_append_over_quota_is_refused_before_its_literal(
+        server: Server, deliver: Deliver, maildb: MailDB, imap_users: AccountDB) -> None:
+    """RFC 3501 7.5 lets the server answer NO instead of `+`: a message larger than the room
+    left is refused before the client uploads it (a phone sent megabytes to hear NO), and
+    the session goes on. One that fits exactly, and a mailbox name sent as a literal, get
+    `+` as before; a non-synchronizing literal is still read, then refused."""
+    await fill(deliver, 1)
+    used = await maildb.usage(ALICE)
+    room = 1000
+    imap_users.set_quota(ALICE, used + room)
+    fits = message("fits", "x" * (room - len(message("fits", ""))))
+    assert len(fits) == room
+
+    def dialog() -> tuple[Reply, Reply]:
+        raw = server.raw(ALICE)
+        raw.send(b"a1 APPEND INBOX (\\Seen) {%d}\r\n" % (room + 1))
+        assert raw.response() == b"a1 NO [OVERQUOTA] Quota exceeded"  # not "+ Ready"
+        raw.ok("NOOP")  # the session takes commands again, none swallowed as a literal
+        by_name = raw.literal_command(b"APPEND {5}\r\nINBOX", fits)  # "+" for the name
+        plus = raw.literal_command(b"APPEND INBOX", fits + b"y", plus=True)
+        raw.close()
+        return by_name, plus
+
+    by_name, plus = await in_thread(dialog)
+    assert by_name.status == "OK"
+    assert plus.status == "NO" and plus.code == b"OVERQUOTA"
+    assert await maildb.usage(ALICE) == used + room
+
+
 async def test_concurrent_idlers_each_get_their_own_updates(server: Server, deliver: Deliver
                                                             ) -> None:
     idlers = await asyncio.gather(*(in_thread(lambda: server.client(ALICE, use_uid=False))

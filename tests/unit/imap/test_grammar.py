@@ -33,7 +33,11 @@ from services.store.imap.protocol.command import (
     Thread,
     UidExpunge,
 )
-from services.store.imap.protocol.grammar import known_charset, parse_command
+from services.store.imap.protocol.grammar import (
+    announces_appended_message,
+    known_charset,
+    parse_command,
+)
 from services.store.imap.protocol.parser import RawCommand
 
 
@@ -462,3 +466,19 @@ def test_header_field_names_with_nul_are_bad(line: bytes) -> None:
     result = parse(line, b"a\x00b")
     assert isinstance(result, ParseError), result
     assert result.tag == "a"
+
+
+@pytest.mark.parametrize(("command", "message"), [
+    (b"a APPEND INBOX {10}\r\n", True),
+    (b"a append INBOX (\\Seen) \"05-Mar-2026 10:00:00 +0000\" {10}\r\n", True),
+    (b"a APPEND {5}\r\n {10}\r\n", True),  # the mailbox name was the first literal
+    (b"a APPEND \"a{b\" {10}\r\n", True),
+    (b"a APPEND {5}\r\n", False),  # this literal is the mailbox name
+    (b"a LOGIN alice {10}\r\n", False),
+    (b"a APPENDX INBOX {10}\r\n", False),
+    (b"APPEND {10}\r\n", False),
+])
+def test_announces_appended_message(command: bytes, message: bool) -> None:
+    """Which synchronizing literal is an APPEND's message (the session checks its size
+    against the quota before sending `+`)."""
+    assert announces_appended_message(command) is message

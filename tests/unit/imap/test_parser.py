@@ -76,6 +76,24 @@ def test_synchronizing_literal_asks_for_continuation() -> None:
     )
 
 
+def test_a_declined_literal_ends_its_command() -> None:
+    """The session answered NO instead of `+`: the client sends no literal, and the parser
+    does not wait for one (it took the next command as the literal's octets)."""
+    memory = MemoryBudget(100)
+    parser = CommandParser(200, 100, memory=memory)
+    parser.feed(b"x APPEND {5}\r\n")
+    assert parser.next_event() == LiteralWanted("x", 5)
+    parser.feed(b"INBOX (\\Seen) {60}\r\n")
+    wanted = parser.next_event()
+    assert wanted == LiteralWanted("x", 60)
+    assert isinstance(wanted, LiteralWanted)
+    assert wanted.command == b"x APPEND {5}\r\n (\\Seen) {60}\r\n"
+    parser.decline_literal()
+    assert memory.held == 0  # what its literals held is given back
+    parser.feed(b"y NOOP\r\n")
+    assert drain(parser) == [Complete(RawCommand("y", b"y NOOP", []))]
+
+
 def test_non_synchronizing_literal_is_read_without_continuation() -> None:
     events = run(b"x APPEND box {4+}\r\n\r\n\r\n y NOOP\r\nz NOOP\r\n")
     assert events == [

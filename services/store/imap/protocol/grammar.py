@@ -998,6 +998,17 @@ COMMANDS: dict[str, Handler] = {
 UID_COMMANDS = frozenset({"FETCH", "SEARCH", "STORE", "COPY", "MOVE", "EXPUNGE", "SORT", "THREAD"})
 
 
+def announces_appended_message(command: bytes) -> bool:
+    """Whether the synchronizing literal ending `command` (a command's text so far, as
+    `LiteralWanted` has it) is the message of an APPEND, not its mailbox name: something
+    precedes it after `APPEND`. Flags and date-time are never literals (RFC 3501 9)."""
+    tag, space, rest = command.partition(b" ")
+    name, space, arguments = rest.partition(b" ")
+    if not tag or not space or name.upper() != b"APPEND":
+        return False
+    return bool(arguments[:arguments.rfind(b"{")].strip())
+
+
 def parse_command(raw: RawCommand) -> Command | ParseError:
     """Parse one framed command. Never raises: syntax errors come back as ParseError."""
     c = Cursor(raw)

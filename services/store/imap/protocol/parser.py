@@ -9,7 +9,9 @@ gets `NeedMore`:
   the next item of `raw.literals`. `grammar.parse_command` reads that shape.
 - `LiteralWanted(tag, size)`: the line ended with a synchronizing literal `{n}` (RFC 3501
   section 7.5): the client waits for `+ Ready for literal data` before sending it; write that,
-  then keep feeding and asking.
+  then keep feeding and asking. Or answer the command at once (`tag NO ...`) and call
+  `decline_literal`: the client then sends neither the literal nor the rest of the command.
+  `command` is the command's text so far, up to and including the literal's marker.
 - `Refused(tag, reason, close)`: a line longer than `max_line`, a literal larger than
   `max_literal` (RFC 7888 section 4), or a literal the process has no memory for right now
   (its `MemoryBudget`, shared by every connection, is held by literals still arriving). The
@@ -68,6 +70,7 @@ class Complete:
 class LiteralWanted:
     tag: str
     size: int
+    command: bytes = field(default=b"", compare=False)
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,11 @@ class CommandParser:
         # Beyond this much refused input we stop counting and ask the session to hang up.
         self._sanity_limit = 2 * max_literal + self.max_line
 
+    def decline_literal(self) -> None:
+        """The session answered the command whose literal was wanted instead of sending `+`:
+        the client sends nothing more of it, the next line starts a new command."""
+        self._reset_command()
+
     def discard(self) -> None:
         """The connection has ended: give back what the command in progress held."""
         self._hold.release()
@@ -223,7 +231,7 @@ class CommandParser:
                 return Refused(tag, reason, close=False)
             self._segments.append(line + b"\r\n")
             self._literal_remaining = marker.size
-            return LiteralWanted(tag, marker.size)
+            return LiteralWanted(tag, marker.size, b"".join(self._segments))
         too_big = marker.size > min(room, self._non_sync_limit)
         if too_big or not self._hold.take(marker.size):
             if too_big and marker.size > self._sanity_limit:
