@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import decimal
 import getpass
 import json
 import logging
@@ -586,12 +587,14 @@ def parse_size(text: str) -> int | None:
     unit = cleaned[-1:] if cleaned[-1:] in "KMGT" else ""
     number = cleaned[:-1] if unit else cleaned
     try:
-        value = float(number)
-    except ValueError:
+        value = decimal.Decimal(number)  # exact: a float changed octet counts past 2^53
+    except decimal.InvalidOperation:
         raise CommandError(f"not a size: {text!r} (examples: 500M, 2G, 0 for unlimited)") \
             from None
-    if not value >= 0 or value == float("inf"):
+    if not value.is_finite():
         raise CommandError(f"not a size: {text!r}")
+    if value < 0:
+        raise CommandError(f"a quota cannot be negative: {text!r} (0 means unlimited)")
     octets = value * _SIZE_UNITS[unit]
     if octets > MAX_QUOTA:
         raise CommandError(f"too large a size: {text!r} (at most 8589934591G, 2^63 - 1 "

@@ -14,6 +14,9 @@ from services.cli import CommandError, approximate_size, build_parser, format_si
     ("1.5", 1), ("0.0", 0),
     # what `user list` prints for 0, and the word an operator reaches for, are 0 too
     ("unlimited", 0), ("none", 0), ("None", 0),
+    # exact: read as a float, these became 123456789012345680 and a refused 2^63
+    ("123456789012345678", 123456789012345678), ("9223372036854775807", 2**63 - 1),
+    ("8589934591G", 8589934591 * 1024**3),
 ])
 def test_parse_size(text: str, octets: int | None) -> None:
     assert parse_size(text) == octets
@@ -25,6 +28,12 @@ def test_parse_size(text: str, octets: int | None) -> None:
                                   "0.4", "0.0001K", "1e-10G", "B"])
 def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(CommandError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["-1", "-0.5K", " -2G"])
+def test_a_negative_size_is_refused_as_such(text: str) -> None:
+    with pytest.raises(CommandError, match="cannot be negative"):
         parse_size(text)
 
 
