@@ -148,10 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     quota = command("quota", user_quota,
                     "set a user's storage quota: SIZE in octets or with K, M, G, T "
                     "(1024-based), 0 (or none, unlimited) for unlimited, 'default' for "
-                    "TIERMAIL_DEFAULT_QUOTA",
+                    "TIERMAIL_DEFAULT_QUOTA; without SIZE, show the quota and the usage",
                     user)
     quota.add_argument("address")
-    quota.add_argument("size", metavar="SIZE")
+    quota.add_argument("size", metavar="SIZE", nargs="?")
 
     alias = commands.add_parser("alias", help="manage aliases").add_subparsers(
         metavar="ACTION", required=True)
@@ -637,19 +637,42 @@ def _quota_text(stored: int | None, default: int) -> str | None:
 def user_quota(settings: Settings, args: argparse.Namespace) -> int:
     from services.store.backends.accounts import effective_quota
 
+    if args.size is None:
+        return _show_quota(settings, normalize_address(args.address))
     stored = parse_size(args.size)
     limit = effective_quota(stored, settings.default_quota)
     known: dict[str, int] = {}
     _change(settings, lambda a: a.set_quota(args.address, stored),
             lambda d: _publish_quota(d, settings, args.address, limit, known))
-    shown = _quota_text(stored, settings.default_quota) or "unlimited (default)"
-    print(f"quota of {normalize_address(args.address)}: {shown}")
-    if "usage" in known:  # not when Redis was out of reach
-        usage = known["usage"]
-        print(f"in use: {approximate_size(usage)} ({usage} octets)"
-              + (", over quota: new mail is refused (452 4.2.2)"
-                 if limit is not None and usage >= limit else ""))
+    _print_quota(normalize_address(args.address), stored, settings.default_quota,
+                 known.get("usage"))  # no usage when Redis was out of reach
     return 0
+
+
+def _show_quota(settings: Settings, address: str) -> int:
+    """`user quota ADDR`: the quota and the usage the store's index holds, changing nothing
+    (an operator asking why a sender got 452 4.2.2 had no way to see the usage)."""
+    from services.store.backends.maildb import stored_usage
+
+    with _accounts(settings) as accounts:
+        if not accounts.user_exists(address):
+            raise CommandError(f"no such user: {address}")
+        stored = accounts.stored_quotas()[address]
+    _print_quota(address, stored, settings.default_quota,
+                 stored_usage(settings.store_dir, address))
+    return 0
+
+
+def _print_quota(address: str, stored: int | None, default: int, usage: int | None) -> None:
+    from services.store.backends.accounts import effective_quota
+
+    print(f"quota of {address}: {_quota_text(stored, default) or 'unlimited (default)'}")
+    if usage is None:
+        return
+    limit = effective_quota(stored, default)
+    print(f"in use: {approximate_size(usage)} ({usage} octets)"
+          + (", over quota: new mail is refused (452 4.2.2)"
+             if limit is not None and usage >= limit else ""))
 
 
 async def _publish_quota(directory: Any, settings: Settings, address: str,

@@ -155,6 +155,26 @@ async def test_setting_a_quota_uses_the_usage_in_the_index(settings: Settings,
     assert BOB in await store.directory.over_quota()
 
 
+async def test_the_quota_and_usage_are_shown_without_a_size(settings: Settings,
+                                                             store: Store) -> None:
+    """`tiermail user quota ADDR` alone shows the quota and the usage and changes nothing
+    (it was a usage error: an operator had no way to see why a sender got 452)."""
+    await deliver(store.maildb, BOB, 3)
+    used = await store.maildb.usage(BOB)
+    store.accounts.set_quota(BOB, 4096)
+    generation = store.accounts.generation()
+    shown = await in_thread(run_cli, settings, "user", "quota", BOB)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [
+        f"quota of {BOB}: 4K",
+        f"in use: {used / 1024:.1f}K ({used} octets), over quota: new mail is refused "
+        "(452 4.2.2)"]
+    assert store.accounts.generation() == generation  # nothing written
+    unknown = await in_thread(run_cli, settings, "user", "quota", f"nobody@{DOMAIN}")
+    assert (unknown.returncode, unknown.stderr.strip()) == (
+        1, f"tiermail: no such user: nobody@{DOMAIN}")
+
+
 async def test_usage_changes_move_a_mailbox_in_and_out_of_the_set(store: Store) -> None:
     store.accounts.set_quota(BOB, 5000)
     await eventually(lambda: store.directory.quota_generation(), within=10,
