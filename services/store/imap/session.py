@@ -45,7 +45,7 @@ from services.store.imap.protocol.parser import (
 from services.store.imap.selected import InvalidSequence, SelectedMailbox, SelectedMailboxDeleted
 from services.store.imap.userlimit import UserConnections
 from services.store.logins import Logins
-from services.store.mailbox import Changes, NoSuchMailbox, OutOfSpace, StorageError
+from services.store.mailbox import Changes, NoSuchMailbox, OutOfSpace
 
 log = logging.getLogger(__name__)
 
@@ -239,19 +239,23 @@ class Session:
             return True
         if not announces_appended_message(wanted.command):
             return True
-        limit = await self.quota_limit()
-        if limit is None:
-            return True
-        try:
-            used = await self.store.usage(self.logged_in_user)
-        except StorageError:
-            return True  # the APPEND reports it
-        if used + wanted.size <= limit:
+        room = await self._room_left()
+        if room is None or wanted.size <= room:
             return True
         log.info("APPEND of %d octets refused before its literal: over quota", wanted.size,
                  extra=self.log_context)
         await self.send(r.NO_OVERQUOTA.tagged(wanted.tag))
         return False
+
+    async def _room_left(self) -> int | None:
+        """Octets the account may still store; None when unlimited or not known now (then
+        the APPEND itself reports what failed)."""
+        try:
+            limit = await self.quota_limit()
+            return None if limit is None else limit - await self.store.usage(self.logged_in_user)
+        except Exception:  # noqa: BLE001 - the APPEND maps it to its reply; not the session's end
+            log.exception("quota not checked before an APPEND's literal", extra=self.log_context)
+            return None
 
     def tls_started(self) -> None:
         self.tls_active = True

@@ -808,6 +808,27 @@ async def test_an_append_over_quota_is_refused_before_its_literal(
     assert await maildb.usage(ALICE) == used + room
 
 
+async def test_an_append_whose_quota_cannot_be_checked_early_goes_on(
+        server: Server, maildb: MailDB, imap_users: AccountDB,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check before `+` is an optimisation: when it fails, the client gets `+` and the
+    APPEND checks the quota itself (the connection is not dropped)."""
+    imap_users.set_quota(ALICE, 10_000)
+
+    async def broken(user: str) -> int:
+        raise RuntimeError("usage unreadable")
+
+    def dialog() -> Reply:
+        raw = server.raw(ALICE)
+        reply = raw.literal_command(b"APPEND INBOX", message("still stored"))
+        raw.close()
+        return reply
+
+    monkeypatch.setattr(maildb, "usage", broken)
+    assert (await in_thread(dialog)).status == "OK"
+    assert len(await maildb.list_messages(ALICE)) == 1
+
+
 async def test_concurrent_idlers_each_get_their_own_updates(server: Server, deliver: Deliver
                                                             ) -> None:
     idlers = await asyncio.gather(*(in_thread(lambda: server.client(ALICE, use_uid=False))
