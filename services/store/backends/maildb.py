@@ -650,6 +650,11 @@ class MailDB:
                                 user, canonical_mailbox(mailbox))
 
     async def usage(self, user: str) -> int:
+        # An account without an index stores nothing. Reading its usage must not create the
+        # index (fsyncs, ~10 ms): the quota publisher reads every limited account's, which
+        # made a store's first start with TIERMAIL_DEFAULT_QUOTA create one per account.
+        if not self._index_file(user).exists():
+            return 0
         return await self._read(self._usage_sync, user, INBOX)
 
     async def line_end_padding(self, user: str, mailbox: str = INBOX) -> dict[int, int]:

@@ -19,7 +19,7 @@ from common.ids import new_queue_id
 from common.settings import Settings
 from services.filter.protocol import replies
 from services.store.backends.accounts import AccountDB
-from services.store.backends.maildb import MailDB
+from services.store.backends.maildb import MailDB, store_user_path
 from services.store.mailbox import INBOX, Delivery
 from services.store.quota import QuotaPublisher
 from tests.integration.filter.conftest import in_thread, message, running_filter, send
@@ -335,3 +335,19 @@ async def test_a_store_restarted_with_another_default_quota_applies_it(
 
 async def _over_in(directory: Directory, expected: set[str]) -> bool:
     return await directory.over_quota() == expected
+
+
+async def test_a_reconcile_creates_no_index_for_accounts_without_mail(
+        settings: Settings) -> None:
+    """With a default quota every account has a limit; reading the usage of one that never
+    got mail created its index (standard folders, fsyncs: ~10 ms each, minutes for a large
+    site at the store's first start). Its usage is 0 without one."""
+    limited = settings.replace(default_quota=1000)
+    async with store_parts(limited) as parts:
+        parts.accounts.add_user(BOB, "h")
+        await deliver(parts.maildb, ALICE)
+        await parts.publisher(limited, limited.default_quota).reconcile()
+        assert await parts.directory.over_quota() == {ALICE}
+        assert await parts.directory.usage(BOB) == 0
+        assert not store_user_path(limited.store_dir, BOB).exists()
+        assert await parts.maildb.usage(BOB) == 0
