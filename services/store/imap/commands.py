@@ -623,6 +623,13 @@ async def getquota(s: Session, c: Command) -> r.Reply:
     return r.OK_DONE
 
 
+async def setquota(s: Session, c: Command) -> r.Reply:
+    # No QUOTASET is advertised (RFC 9208 3.2), but clients of RFC 2087's QUOTA, which
+    # included SETQUOTA, may send it: a NO ("can't set that data", RFC 2087 4.1) tells them
+    # where a BAD would count against the session as an unknown command.
+    return r.NO_QUOTA_SET_BY_OPERATOR
+
+
 async def _quota_line(s: Session, limit: int) -> bytes:
     # RFC 9208 5.1: STORAGE is counted in units of 1024 octets; both rounded up, so that a
     # limit that is no whole number of units does not look full while there is room.
@@ -1394,6 +1401,7 @@ COMMANDS: dict[str, CommandSpec] = {
     "IDLE": CommandSpec(idle, _AUTH),
     "GETQUOTAROOT": CommandSpec(getquotaroot, _AUTH),
     "GETQUOTA": CommandSpec(getquota, _AUTH),
+    "SETQUOTA": CommandSpec(setquota, _AUTH),
     "CHECK": CommandSpec(check, _SELECTED),
     "CLOSE": CommandSpec(close, _SELECTED),
     "UNSELECT": CommandSpec(unselect, _SELECTED),

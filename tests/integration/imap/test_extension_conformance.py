@@ -43,7 +43,8 @@ async def test_every_implemented_extension_clients_use_is_advertised(
         imap_server: ImapStack, deliver: Deliver, maildb: MailDB) -> None:
     """SORT (DISPLAYFROM) and STATUS (SIZE) work, so SORT=DISPLAY (RFC 5957 4) and
     STATUS=SIZE (RFC 8438 2) are advertised: clients look for them before they use them.
-    SETQUOTA is not offered (no QUOTASET, RFC 9208 3.2): it is an unknown command."""
+    SETQUOTA is not offered (no QUOTASET, RFC 9208 3.2); an RFC 2087 client that sends it
+    anyway gets NO [NOPERM] (RFC 2087 4.1: "can't set that data"), a malformed one BAD."""
     await deliver(ALICE, message("one", sender="Zed <zed@example.org>"))
     await deliver(ALICE, message("two", sender="Amy <amy@example.org>"))
     server = Server.of(imap_server)
@@ -58,7 +59,10 @@ async def test_every_implemented_extension_clients_use_is_advertised(
         assert raw.ok("SORT (DISPLAYFROM) UTF-8 ALL").lines(b"SORT") == [b"* SORT 2 1"]
         status = raw.ok("STATUS INBOX (SIZE)").lines(b"STATUS")
         assert status == [f"* STATUS INBOX (SIZE {size})".encode()]
-        assert raw.command('SETQUOTA "" (STORAGE 10)').status == "BAD"
+        refused = raw.command('SETQUOTA "" (STORAGE 10)')
+        assert (refused.status, refused.code) == ("NO", b"NOPERM"), refused
+        assert raw.command('SETQUOTA "" (STORAGE)').status == "BAD"
+        assert raw.command('SETQUOTA ""').status == "BAD"
         raw.ok("NOOP")
         raw.close()
 

@@ -963,6 +963,21 @@ def _getquota(c: Cursor, uid: bool) -> QuotaRoot:
     return QuotaRoot(c.astring())
 
 
+def _setquota(c: Cursor, uid: bool) -> QuotaRoot:
+    """RFC 9208 4.1.4 `setquota`: a quota root and a list of resource limits, read only to
+    tell a well-formed SETQUOTA (answered NO) from a malformed one (BAD)."""
+    root = _getquota(c, uid)
+    c.sp()
+    c.paren_list(lambda: _resource_limit(c))
+    return root
+
+
+def _resource_limit(c: Cursor) -> None:
+    c.atom("a resource name")
+    c.sp()
+    c.number(what="a resource limit")
+
+
 _NO_ARGS = ("CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "CHECK", "CLOSE", "UNSELECT", "IDLE",
             "NAMESPACE")
 
@@ -994,6 +1009,7 @@ COMMANDS: dict[str, Handler] = {
     "COMPRESS": _compress,
     "ID": _id,
     "GETQUOTA": _getquota,
+    "SETQUOTA": _setquota,
 }
 UID_COMMANDS = frozenset({"FETCH", "SEARCH", "STORE", "COPY", "MOVE", "EXPUNGE", "SORT", "THREAD"})
 
