@@ -284,14 +284,20 @@ class Directory:
 
     # Quota state (services/store/quota.py writes it, the filter reads it in `resolve`)
 
-    async def set_quota_states(self, states: Mapping[str, QuotaState]) -> None:
-        """Record usage, the over-quota flag and the quota of some mailboxes."""
+    async def set_quota_states(self, states: Mapping[str, QuotaState],
+                               generation: int | None = None) -> None:
+        """Record usage, the over-quota flag and the quota of some mailboxes; with
+        `generation`, also that the quota state is now at that account generation."""
         if not states:
+            if generation is not None:
+                await self._redis.set(self.key("quota-generation"), generation)
             return
         mailboxes = list(states)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hmget(self.key("limit"), mailboxes)
             self._queue_quota_states(pipe, states)
+            if generation is not None:  # last, in the same transaction: all or nothing
+                pipe.set(self.key("quota-generation"), generation)
             limits_before, *flag_changes = await pipe.execute()
         # The filters cache the flag and the quota, not usage: a notice (which empties their
         # caches) only when one of those changed, not for every usage update.
@@ -353,6 +359,11 @@ class Directory:
         value = await self._redis.get(self.key("quota-generation"))
         return None if value is None else int(value)
 
+    async def quota_limits(self) -> dict[str, int]:
+        """Every mailbox's quota as published (mailboxes without one are absent)."""
+        return {_decoded(mailbox): int(limit)
+                for mailbox, limit in (await self._redis.hgetall(self.key("limit"))).items()}
+
     async def usages(self, mailboxes: Sequence[str]) -> list[int]:
         """Each mailbox's usage as the store last published it (0 if never)."""
         values = await self._redis.hmget(self.key("usage"), list(mailboxes))
@@ -404,8 +415,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]
 """
 
 
+def _decoded(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 def _split_targets(raw: bytes | str) -> list[str]:
-    text = raw.decode() if isinstance(raw, bytes) else raw
+    text = _decoded(raw)
     return [normalize_address(t) for t in text.split(",") if t.strip()]
 
 

@@ -9,10 +9,14 @@ directory entry (common/directory.py: dir:overquota, dir:usage).
   (DEBOUNCE: one burst of deliveries or an IMAP session's flurry is one recomputation), off
   the command's path.
 - A full reconcile (every user that has a limit) runs at start (always: the previous store
-  may have stopped before publishing its last changes), whenever the account
-  database's generation differs from the one the quota state was reconciled at (a quota set
-  with `tiermail user quota` bumps it; the CLI also updates the user's flag at once when it
-  knows the usage), and when Redis lost the state.
+  may have stopped before publishing its last changes) and when Redis lost the state.
+- When the account database's generation differs from the one Redis's quota state is at
+  (every account change bumps it: a quota set with `tiermail user quota`, a user added or
+  deleted, a password), only the users whose limit differs from the one Redis holds are
+  recomputed (and those whose limit was lifted or who were deleted are cleared): a password
+  change on a site of 100,000 limited accounts must not read 100,000 indexes. Usage of the
+  others is kept current by the change events above. (The CLI also updates a user's flag at
+  once when it sets a quota.)
 - Redis down: retried with backoff; the store keeps working (the filter answers 451 without
   Redis anyway).
 
@@ -110,8 +114,28 @@ class QuotaPublisher:
 
     async def _reconcile_if_stale(self) -> None:
         current = await asyncio.to_thread(self._accounts.generation)
-        if await self._directory.quota_generation() != current:
+        published = await self._directory.quota_generation()
+        if published is None:
             await self.reconcile()
+        elif published != current:
+            await self._apply_limit_changes(current)
+
+    async def _apply_limit_changes(self, generation: int) -> None:
+        """Bring Redis's limits to the account database's at `generation`, reading the usage
+        of the users whose limit changed only."""
+        stored = await asyncio.to_thread(self._accounts.stored_quotas)
+        limits = {user: limit for user, quota in stored.items()
+                  if (limit := effective_quota(quota, self._default))}
+        published = await self._directory.quota_limits()
+        states = await self._states({user: limit for user, limit in limits.items()
+                                     if published.get(user) != limit})
+        for user in published.keys() - limits.keys():  # lifted, or the user deleted
+            states[user] = QuotaState(await self._usage(user), False, None)
+        await self._directory.set_quota_states(states, generation=generation)
+        if states:
+            log.info("quota state updated after account changes: %d mailboxes, %d over quota",
+                     len(states), sum(state.over for state in states.values()),
+                     extra={"event": "quota"})
 
     async def _wait_for_changes(self) -> None:
         try:
