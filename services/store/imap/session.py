@@ -23,6 +23,7 @@ from typing import Protocol
 from common.auththrottle import AuthThrottle
 from common.budget import MemoryBudget
 from common.directory import normalize_address
+from common.sasl import parse_plain
 from services.store.auth import authenticate
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
@@ -464,10 +465,8 @@ class Session:
             log.info("login throttled", extra={**self.log_context, "user": user})
             return r.NO_AUTH_THROTTLED
         if verdict == "wrong":
-            self._auth_failures += 1
             log.info("login failed", extra={**self.log_context, "user": user})
-            await asyncio.sleep(self.deps.auth_failure_delay)
-            return r.NO_AUTH_FAILED
+            return await self._login_refused(r.NO_AUTH_FAILED)
         if self.deps.user_connections is not None:
             uncount = self.deps.user_connections.admit(user, ip)
             if uncount is None:
@@ -490,33 +489,49 @@ class Session:
         return r.OK_LOGGED_IN.with_code(self.capability_code())
 
     async def authenticate_plain(self, initial: bytes | None) -> r.Reply:
-        """RFC 4616 PLAIN, with the RFC 4959 initial response or after a `+` continuation."""
+        """RFC 4616 PLAIN, with the RFC 4959 initial response or after a `+` continuation.
+        Undecodable base64 and the client's cancel are BAD (RFC 3501 6.2.2); a response
+        that decodes but is no PLAIN message (an empty one, `=`, included) fails as wrong
+        credentials do (common/sasl.py)."""
         if not self.plaintext_ok:
             return r.NO_PRIVACY_REQUIRED
         if initial is None:
-            await self.send(wire.continuation())
-            line = await self.channel.read_line()
-            if isinstance(line, Refused):
-                return r.BAD_AUTH_MALFORMED
-            if line.strip() == b"*":  # RFC 3501 6.2.2: the client cancels
-                return r.BAD_AUTH_CANCELLED
-            try:
-                initial = base64.b64decode(line.strip(), validate=True)
-            except (binascii.Error, ValueError):
-                return r.BAD_AUTH_MALFORMED
-        parts = initial.split(b"\0")
-        if len(parts) != 3:
-            return r.BAD_AUTH_MALFORMED
-        try:
-            authzid, authcid, password = (part.decode("utf-8") for part in parts)
-        except UnicodeDecodeError:
-            return r.BAD_AUTH_MALFORMED
+            response = await self._sasl_response()
+            if isinstance(response, r.Reply):
+                return response
+            initial = response
+        credentials = parse_plain(initial)
+        if credentials is None:
+            log.info("login failed: not a PLAIN message", extra=self.log_context)
+            return await self._login_refused(r.NO_AUTH_FAILED)
         # RFC 4616 2: we do not let one user act as another.
-        if authzid and normalize_address(authzid) != normalize_address(authcid):
-            self._auth_failures += 1
-            await asyncio.sleep(self.deps.auth_failure_delay)
-            return r.NO_AUTH_FAILED
-        return await self.login(authcid, password)
+        if credentials.authzid and \
+                normalize_address(credentials.authzid) != normalize_address(credentials.authcid):
+            log.info("login failed: authorization as another user",
+                     extra={**self.log_context, "user": credentials.authcid[:100]})
+            return await self._login_refused(r.NO_AUTH_FAILED)
+        return await self.login(credentials.authcid, credentials.password)
+
+    async def _sasl_response(self) -> bytes | r.Reply:
+        """The client's response to an empty `+` challenge, decoded; BAD when it cancels
+        or sends no base64."""
+        await self.send(wire.continuation())
+        line = await self.channel.read_line()
+        if isinstance(line, Refused):
+            return r.BAD_AUTH_MALFORMED
+        if line.strip() == b"*":  # RFC 3501 6.2.2: the client cancels
+            return r.BAD_AUTH_CANCELLED
+        try:
+            return base64.b64decode(line.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return r.BAD_AUTH_MALFORMED
+
+    async def _login_refused(self, reply: r.Reply) -> r.Reply:
+        """A login that failed or was throttled: delayed, and counted towards the
+        connection's MAX_AUTH_FAILURES (then BYE), as in POP3."""
+        self._auth_failures += 1
+        await asyncio.sleep(self.deps.auth_failure_delay)
+        return reply
 
 
 def _numbers_messages(command: Command) -> bool:

@@ -276,32 +276,17 @@ def top(message: bytes, lines: int) -> bytes:
     return TopExtractor(lines).feed(message)
 
 
-@dataclass(frozen=True)
-class PlainCredentials:
-    authzid: str
-    authcid: str
-    password: str
-
-
-def decode_sasl_plain(response: str) -> PlainCredentials | None:
-    """Decode a base64 SASL PLAIN response (RFC 4616 section 2); None when malformed.
-
-    RFC 4616: message = [authzid] NUL authcid NUL passwd, UTF-8, authcid and passwd non-empty.
-    """
+def decode_sasl_response(response: str, *, initial: bool) -> bytes | None:
+    """The octets of a base64 client response (RFC 5034 4), None when it is no base64. The
+    initial response on the AUTH line spells an empty one "=" (an empty line answers a
+    challenge); what the octets must be is the mechanism's business (common/sasl.py)."""
+    text = response.strip()
+    if initial and text == "=":
+        return b""
     try:
-        raw = base64.b64decode(response.strip(), validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return None
-    parts = raw.split(b"\x00")
-    if len(parts) != 3:
-        return None
-    try:
-        authzid, authcid, password = (part.decode("utf-8") for part in parts)
-    except UnicodeDecodeError:
-        return None
-    if not authcid or not password:
-        return None
-    return PlainCredentials(authzid, authcid, password)
 
 
 def redact(line: bytes) -> str:

@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from common.auththrottle import AuthThrottle
 from common.directory import normalize_address
+from common.sasl import parse_plain
 from services.store.auth import authenticate
 from services.store.backends.accounts import AccountDB
 from services.store.listening import ClientWait
@@ -344,12 +345,18 @@ class Session:
         text = line.rstrip(b"\r\n").decode("ascii", "replace")
         if text == "*":  # RFC 5034 section 4: the client cancels the exchange
             return Response(p.ERR_AUTH_CANCELLED.encode())
-        return await self._auth_plain(text)
+        return await self._auth_plain(text, initial=False)
 
-    async def _auth_plain(self, response: str) -> Response:
-        credentials = p.decode_sasl_plain(response)
-        if credentials is None:
+    async def _auth_plain(self, response: str, *, initial: bool) -> Response:
+        """RFC 4616 PLAIN. A response that is no base64 is a protocol error (RFC 5034 4);
+        one that is no PLAIN message (an empty one, `=`, included) a failed login, as in
+        IMAP (common/sasl.py)."""
+        message = p.decode_sasl_response(response, initial=initial)
+        if message is None:
             return self._protocol_error(p.ERR_AUTH_MALFORMED)
+        credentials = parse_plain(message)
+        if credentials is None:
+            return await self._auth_failed("", count=False)
         # RFC 4616 section 2: we do not let one user act as another (an authzid naming the
         # same account in another spelling is that account, as in IMAP; not a failed login).
         if credentials.authzid and \
@@ -399,7 +406,7 @@ class Session:
         if not self._plaintext_ok:
             return Response(p.ERR_STLS_FIRST.encode())
         if len(command.args) == 2:
-            return await self._auth_plain(command.args[1])
+            return await self._auth_plain(command.args[1], initial=True)
         self._sasl_pending = True
         return Response(p.SASL_CONTINUE)
 

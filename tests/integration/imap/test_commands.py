@@ -190,10 +190,48 @@ async def test_authenticate_plain(server: Server) -> None:
         assert raw.response().startswith(b"+")
         raw.send(b"*\r\n")  # the client cancels (RFC 3501 6.2.2)
         assert raw.reply("a1").status == "BAD"
-        assert raw.command(b"AUTHENTICATE PLAIN !!notbase64").status in ("BAD", "NO")
+        assert raw.command(b"AUTHENTICATE PLAIN !!notbase64").status == "BAD"
         assert raw.command(b"AUTHENTICATE CRAM-MD5").status in ("BAD", "NO")
         assert raw.command("SELECT INBOX").status in ("BAD", "NO")  # not authenticated
         raw.ok(b"AUTHENTICATE PLAIN " + plain(BOB, BOB, USERS[BOB]))
+        raw.close()
+
+    await in_thread(dialog)
+
+
+# RFC 3501 6.2.2: BAD for undecodable base64 and the cancel; what decodes but is no PLAIN
+# message (RFC 4616 2; "=" is an empty one, RFC 4959 3) fails as wrong credentials do.
+PLAIN_REFUSALS = [
+    ("initial", b"=", "NO"),
+    ("continuation", b"", "NO"),
+    ("initial", base64.b64encode(b"alice@example.test\0alice secret"), "NO"),  # one NUL
+    ("initial", base64.b64encode(b"\0alice@example.test\0alice\0secret"), "NO"),  # three
+    ("initial", base64.b64encode(b"\0alice@example.test\0\xff"), "NO"),  # not UTF-8
+    ("initial", base64.b64encode(b"\0\0alice secret"), "NO"),  # no authcid
+    ("initial", base64.b64encode(b"\0alice@example.test\0"), "NO"),  # no password
+    ("continuation", b"=", "BAD"),  # "=" means empty only as an initial response
+    ("continuation", b"!!notbase64", "BAD"),
+    ("continuation", b"AGFsaWNlAHg", "BAD"),  # unpadded
+    ("continuation", b"*", "BAD"),  # the client cancels
+]
+
+
+@pytest.mark.parametrize(("how", "response", "status"), PLAIN_REFUSALS)
+async def test_authenticate_plain_refusals(server: Server, how: str, response: bytes,
+                                           status: str) -> None:
+    def dialog() -> None:
+        raw = server.raw()
+        if how == "initial":
+            reply = raw.command(b"AUTHENTICATE PLAIN " + response)
+        else:
+            raw.send(b"a1 AUTHENTICATE PLAIN\r\n")
+            assert raw.response() == b"+ "
+            raw.send(response + b"\r\n")
+            reply = raw.reply("a1")
+        assert reply.status == status, reply
+        if status == "NO":
+            assert reply.code == b"AUTHENTICATIONFAILED", reply
+        raw.ok(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')  # the session goes on
         raw.close()
 
     await in_thread(dialog)

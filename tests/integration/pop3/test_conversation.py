@@ -216,6 +216,37 @@ async def test_auth_plain_refusals(pop3: Pop3Stack) -> None:
     await raw.close()
 
 
+# RFC 5034 4: a response that is no base64 is refused as malformed; one that decodes but is no
+# PLAIN message (RFC 4616 2; "=" is an empty initial response) fails as wrong credentials do,
+# as IMAP answers it NO [AUTHENTICATIONFAILED].
+PLAIN_REFUSALS = [
+    ("initial", b"=", p.ERR_AUTH_FAILED),
+    ("continuation", b"", p.ERR_AUTH_FAILED),
+    ("initial", base64.b64encode(b"alice@example.test\0alice secret"), p.ERR_AUTH_FAILED),
+    ("initial", base64.b64encode(b"\0alice@example.test\0alice\0secret"), p.ERR_AUTH_FAILED),
+    ("initial", base64.b64encode(b"\0alice@example.test\0\xff"), p.ERR_AUTH_FAILED),
+    ("initial", base64.b64encode(b"\0\0alice secret"), p.ERR_AUTH_FAILED),
+    ("initial", base64.b64encode(b"\0alice@example.test\0"), p.ERR_AUTH_FAILED),
+    ("continuation", b"=", p.ERR_AUTH_MALFORMED),  # "=" is empty only as an initial response
+    ("continuation", b"AGFsaWNlAHg", p.ERR_AUTH_MALFORMED),  # unpadded
+    ("initial", b"!!!", p.ERR_AUTH_MALFORMED),
+]
+
+
+@pytest.mark.parametrize(("how", "response", "refusal"), PLAIN_REFUSALS)
+async def test_auth_plain_refuses_what_is_no_plain_message(
+        pop3: Pop3Stack, how: str, response: bytes, refusal: p.Reply) -> None:
+    raw = await Raw.open(pop3.port)
+    if how == "initial":
+        assert await raw.send(b"AUTH PLAIN " + response + b"\r\n") == refusal.encode()
+    else:
+        assert await raw.send(b"AUTH PLAIN\r\n") == p.SASL_CONTINUE
+        assert await raw.send(response + b"\r\n") == refusal.encode()
+    assert (await raw.send(b"AUTH PLAIN " + plain("", ALICE, USERS[ALICE]) + b"\r\n")
+            ).startswith(b"+OK")  # the session goes on
+    await raw.close()
+
+
 async def test_wrong_password(pop3: Pop3Stack) -> None:
     def dialog() -> None:
         client = connect(pop3.port)
