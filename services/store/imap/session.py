@@ -463,7 +463,7 @@ class Session:
             ip, user, lambda: authenticate(self.deps.accounts, user, password))
         if verdict == "throttled":
             log.info("login throttled", extra={**self.log_context, "user": user})
-            return r.NO_AUTH_THROTTLED
+            return await self._login_refused(r.NO_AUTH_THROTTLED)
         if verdict == "wrong":
             log.info("login failed", extra={**self.log_context, "user": user})
             return await self._login_refused(r.NO_AUTH_FAILED)

@@ -26,6 +26,7 @@ from services.store.imap import responses as r
 from services.store.imap import selected as selected_module
 from services.store.imap import server as imap_server_module
 from services.store.imap.server import PRE_LOGIN_MAX_LITERAL
+from services.store.imap.session import MAX_AUTH_FAILURES
 from services.store.listening import SessionEndingServer
 from tests.integration.imap.clients import (
     Raw,
@@ -881,6 +882,29 @@ async def test_failed_logins_are_throttled_per_account(
     user_keys = [k for k in keys if ALICE in k or "user" in k]
     assert user_keys, keys
     assert all(0 < redis_client.ttl(k) <= 600 for k in user_keys)
+
+
+async def test_throttled_logins_count_as_failures_of_the_connection(
+        start_imap: StartImap, settings: Settings) -> None:
+    """A throttled login is delayed and counted towards the connection's MAX_AUTH_FAILURES
+    as a wrong password is (POP3 does the same): refused at once and without limit, a client
+    could keep asking Redis as fast as it can send."""
+    server = await start_with(start_imap, settings, auth_failures_per_user=1,
+                              auth_failures_per_ip=1000)
+
+    def dialog() -> None:
+        raw = server.raw()
+        assert raw.command(f'LOGIN "{ALICE}" "wrong"').status == "NO"
+        raw.close()
+        again = server.raw()
+        for _ in range(MAX_AUTH_FAILURES):
+            refused = again.command(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')
+            assert (refused.status, refused.code) == ("NO", b"UNAVAILABLE"), refused
+        again.send(b"n1 NOOP\r\n")
+        assert again.response() + b"\r\n" == r.BYE_TOO_MANY_ERRORS.untagged()
+        assert again.closed()
+
+    await in_thread(dialog)
 
 
 async def test_failed_logins_are_throttled_per_ip(
