@@ -389,6 +389,14 @@ class ImapListener:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("C: %s", _loggable(event.raw.line), extra=session.log_context)
                 after = await session.handle(event.raw)
+            if after is After.CONTINUE and parser.closed:
+                # A line read inside the command (an AUTHENTICATE response, IDLE's DONE) ran
+                # past all bounds: the parser reads nothing more, so say why and close, as
+                # `Session.refused` does for a command line.
+                log.info("line far over the limit inside a command, disconnecting",
+                         extra=session.log_context)
+                await session.send(r.BYE_TOO_MANY_ERRORS.untagged())
+                after = After.CLOSE
             await connection.flush()  # the command's responses, in one send
             if after is After.CLOSE:
                 return

@@ -25,11 +25,12 @@ from services.store.backends.maildb import MailDB
 from services.store.imap import responses as r
 from services.store.imap import selected as selected_module
 from services.store.imap import server as imap_server_module
-from services.store.imap.server import PRE_LOGIN_MAX_LITERAL
+from services.store.imap.server import PRE_LOGIN_MAX_LITERAL, READ_CHUNK
 from services.store.imap.session import MAX_AUTH_FAILURES
 from services.store.listening import SessionEndingServer
 from tests.integration.imap.clients import (
     Raw,
+    Reply,
     Server,
     in_thread,
     message,
@@ -212,6 +213,31 @@ async def test_overlong_command_line(start_imap: StartImap, settings: Settings) 
         assert other.ok("NOOP").status == "OK"
         other.close()
         raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_an_authenticate_response_past_every_bound_gets_bad_then_bye(
+        start_imap: StartImap, settings: Settings) -> None:
+    """A response to AUTHENTICATE's `+` longer than a line may be is skipped and answered BAD;
+    past the parser's last bound (where it stops reading: no command could follow it) the
+    session says BYE and closes, as for a command line, instead of going silent until the
+    login timeout."""
+    server = await start_with(start_imap, settings, imap_max_line=1024)
+
+    def dialog() -> None:
+        raw = server.raw()
+        raw.send(b"a1 AUTHENTICATE PLAIN\r\n")
+        assert raw.response() == b"+ "
+        raw.send(b"A" * 2000 + b"\r\n")  # over the line limit: skipped, the session goes on
+        assert raw.reply("a1") == Reply([], "BAD", r.BAD_AUTH_MALFORMED.text.encode())
+        raw.send(b"a2 AUTHENTICATE PLAIN\r\n")
+        assert raw.response() == b"+ "
+        # Longer than one read: the parser meets it in pieces and gives up past its bound.
+        raw.send(b"A" * (READ_CHUNK + 2 * PRE_LOGIN_MAX_LITERAL + 1024) + b"\r\n")
+        assert raw.reply("a2").status == "BAD"
+        assert raw.response() + b"\r\n" == r.BYE_TOO_MANY_ERRORS.untagged()
+        assert raw.closed()
 
     await in_thread(dialog)
 
