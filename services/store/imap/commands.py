@@ -567,7 +567,8 @@ async def idle(s: Session, c: Command) -> r.Reply:
             version = s.selected.version if s.selected is not None else s.store.version(user)
             waiter = asyncio.ensure_future(
                 s.store.wait_change(user, version, keepalive.wait(s.config.idle_poll)))
-            await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            await s.outside_lane(
+                asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED))
             if reader.done():
                 break
     finally:

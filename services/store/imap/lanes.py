@@ -16,7 +16,11 @@ take its output (`LongTurn.outside`): a slow or stalled reader holds up nobody e
 
 Between its steps (a SELECT's reads, a big FETCH's chunks) a long command also lets the short
 commands in progress finish first, waiting SHORT_FIRST_WAIT at most, so that under a steady
-stream of short commands long ones go slower but never stop.
+stream of short commands long ones go slower but never stop. A short command that waits for
+its client (IDLE until DONE, AUTHENTICATE for its response) or sits out a failed login's
+delay is not in progress meanwhile (`ShortTurn.outside`): one idling client, or one that
+never answers AUTHENTICATE's `+`, would otherwise cost every step of every long command the
+whole SHORT_FIRST_WAIT.
 
 A long command that has held the lane for LONG_SLICE while others wait for it goes behind
 them at its next step: one session's minute-long SEARCH (a short needle scanned through a
@@ -54,16 +58,28 @@ class CommandLanes:
         self._no_short.set()
 
     @contextlib.contextmanager
-    def short(self) -> Iterator[None]:
+    def short(self) -> Iterator[ShortTurn]:
         """Around a short command: long ones hold their next step until it is done."""
+        turn = ShortTurn(self)
+        turn.take()
+        try:
+            yield turn
+        finally:
+            turn.give_back()
+
+    @property
+    def short_running(self) -> int:
+        """Short commands in progress (not waiting for their client)."""
+        return self._short_running
+
+    def _short_started(self) -> None:
         self._short_running += 1
         self._no_short.clear()
-        try:
-            yield
-        finally:
-            self._short_running -= 1
-            if not self._short_running:
-                self._no_short.set()
+
+    def _short_done(self) -> None:
+        self._short_running -= 1
+        if not self._short_running:
+            self._no_short.set()
 
     async def after_short(self) -> None:
         """Wait until no short command is in progress, SHORT_FIRST_WAIT at most (so a steady
@@ -131,6 +147,32 @@ class LongTurn:
             return await waiting
         finally:
             await self.take()
+
+
+class ShortTurn:
+    """One short command's place among those in progress, left while it waits for its client
+    or a delay (`outside`)."""
+
+    def __init__(self, lanes: CommandLanes) -> None:
+        self._lanes = lanes
+        self._holding = False
+
+    def take(self) -> None:
+        if not self._holding:
+            self._holding = True
+            self._lanes._short_started()
+
+    def give_back(self) -> None:
+        if self._holding:
+            self._holding = False
+            self._lanes._short_done()
+
+    async def outside(self, waiting: Awaitable[T]) -> T:
+        self.give_back()
+        try:
+            return await waiting
+        finally:
+            self.take()
 
 
 def set_size(sequence: SequenceSet, count: int, uid: bool, uidnext: int) -> int:

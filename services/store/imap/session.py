@@ -16,9 +16,9 @@ import binascii
 import contextlib
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from common.auththrottle import AuthThrottle
 from common.budget import MemoryBudget
@@ -32,7 +32,7 @@ from services.store.imap import responses as r
 from services.store.imap.cache import FetchCache
 from services.store.imap.commands import COMMANDS, CommandSpec, Cost, State
 from services.store.imap.disconnect import Disconnect
-from services.store.imap.lanes import LONG_SET, CommandLanes, LongTurn, set_size
+from services.store.imap.lanes import LONG_SET, CommandLanes, LongTurn, ShortTurn, set_size
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import Command, ParseError, SearchKey
 from services.store.imap.protocol.grammar import announces_appended_message, parse_command
@@ -49,6 +49,8 @@ from services.store.logins import Logins
 from services.store.mailbox import Changes, NoSuchMailbox, OutOfSpace
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 AUTH_FAILURE_DELAY = 1.0  # seconds after every failed login, as POP3
 MAX_AUTH_FAILURES = 3  # failed logins per connection before BYE
@@ -171,6 +173,7 @@ class Session:
         self._errors = 0
         self._auth_failures = 0
         self._turn: LongTurn | None = None  # held while a long command runs (lanes.py)
+        self._short: ShortTurn | None = None  # held while a short command runs
         self._farewell = r.BYE_LOGOUT  # the BYE before the connection closes
         # What the end of the session undoes: its user+IP count, its place in `Logins`.
         self._on_end: list[Callable[[], None]] = []
@@ -291,8 +294,18 @@ class Session:
                     return await self._execute(spec, command)
                 finally:
                     self._turn = None
-        with self.deps.lanes.short():
-            return await self._execute(spec, command)
+        with self.deps.lanes.short() as short:
+            self._short = short
+            try:
+                return await self._execute(spec, command)
+            finally:
+                self._short = None
+
+    async def outside_lane(self, waiting: Awaitable[T]) -> T:
+        """Wait for the client (or a delay) without holding the command's lane (lanes.py):
+        other sessions' commands need not wait for this client."""
+        turn = self._turn or self._short
+        return await (waiting if turn is None else turn.outside(waiting))
 
     async def between_steps(self) -> None:
         """A pause in a command's work: other sessions run, and a long command lets the short
@@ -516,7 +529,7 @@ class Session:
         """The client's response to an empty `+` challenge, decoded; BAD when it cancels
         or sends no base64."""
         await self.send(wire.continuation())
-        line = await self.channel.read_line()
+        line = await self.outside_lane(self.channel.read_line())
         if isinstance(line, Refused):
             return r.BAD_AUTH_MALFORMED
         if line.strip() == b"*":  # RFC 3501 6.2.2: the client cancels
@@ -530,7 +543,7 @@ class Session:
         """A login that failed or was throttled: delayed, and counted towards the
         connection's MAX_AUTH_FAILURES (then BYE), as in POP3."""
         self._auth_failures += 1
-        await asyncio.sleep(self.deps.auth_failure_delay)
+        await self.outside_lane(asyncio.sleep(self.deps.auth_failure_delay))
         return reply
 
 

@@ -420,3 +420,35 @@ async def test_a_client_that_stops_reading_does_not_hold_up_long_commands(
     finally:
         stalled.close()
         other.close()
+
+
+async def test_a_session_waiting_for_its_client_holds_up_no_long_command(
+        imap_server: ImapStack) -> None:
+    """A long command's steps wait for the short commands in progress (lanes.py); a command
+    waiting for its client is none: an AUTHENTICATE whose `+` is never answered (anyone can
+    send one) or an IDLE (every desktop client sits in one) would otherwise cost every step
+    of every other session's long commands the whole SHORT_FIRST_WAIT, all the time."""
+    server = Server.of(imap_server)
+    lanes = imap_server.deps.lanes
+    authenticating = await in_thread(server.raw)
+    idling = await in_thread(lambda: server.raw(ALICE))
+
+    def start_waiting() -> None:
+        authenticating.send(b"a1 AUTHENTICATE PLAIN\r\n")
+        assert authenticating.response() == b"+ "
+        idling.ok("SELECT INBOX")
+        idling.send(b"i1 IDLE\r\n")
+        assert idling.response().startswith(b"+ ")
+
+    try:
+        await in_thread(start_waiting)
+        await eventually(lambda: lanes.short_running == 0, within=10,
+                         what="no short command in progress")
+        await in_thread(lambda: idling.send(b"DONE\r\n"))
+        assert (await in_thread(lambda: idling.reply("i1"))).status == "OK"
+        await in_thread(lambda: authenticating.send(b"*\r\n"))
+        assert (await in_thread(lambda: authenticating.reply("a1"))).status == "BAD"
+        assert lanes.short_running == 0
+    finally:
+        authenticating.close()
+        idling.close()

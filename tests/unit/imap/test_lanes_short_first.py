@@ -82,3 +82,25 @@ async def test_a_long_command_alone_keeps_the_lane_whatever_its_time() -> None:
             now[0] += 10 * LONG_SLICE
             await turn.step()
     assert commands.turns == turns  # nobody waiting: never given back and taken again
+
+
+async def test_a_short_command_waiting_outside_its_turn_is_not_in_progress() -> None:
+    """IDLE waiting for DONE, AUTHENTICATE for its response: long steps do not wait for it."""
+    commands = CommandLanes()
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def idle() -> None:
+        with commands.short() as turn:
+            seen.append(commands.short_running)
+            await turn.outside(release.wait())
+            seen.append(commands.short_running)
+
+    task = asyncio.create_task(idle())
+    await asyncio.sleep(0)
+    assert commands.short_running == 0
+    async with asyncio.timeout(30), commands.long() as long_turn:
+        await long_turn.step()  # not held up: nothing in progress
+    release.set()
+    await task
+    assert seen == [1, 1] and commands.short_running == 0
