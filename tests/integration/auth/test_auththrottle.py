@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import imaplib
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
@@ -17,6 +20,8 @@ from common.passwords import hash_password
 from common.ratelimit import parse_networks
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
+from services.store.backends.maildb import MailDB
+from services.store.imap.server import ImapDeps, start_imap_servers
 from services.store.mailbox import MailStore
 from services.store.pop3 import protocol as p
 from services.store.pop3.server import start_pop3_servers
@@ -348,4 +353,58 @@ async def test_pop3_refuses_a_locked_account_even_with_the_right_password(
         for server in servers:
             server.close()
             await server.wait_closed()
+        accounts.close()
+
+
+# IMAP and POP3 together: one throttle, one account database.
+
+def imap_login(port: int, user: str, password: str) -> tuple[str, str]:
+    """(status, response code) of an IMAP LOGIN on a new connection."""
+    client = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+    try:
+        client.login(user, password)
+        return "OK", ""
+    except imaplib.IMAP4.error as exc:
+        code = re.search(r"\[([A-Z-]+)\]", str(exc))
+        return "NO", code.group(1) if code else str(exc)
+    finally:
+        with contextlib.suppress(OSError, imaplib.IMAP4.error):
+            client.logout()
+
+
+async def test_imap_and_pop3_count_into_the_same_limits_and_take_the_same_names(
+        client: redis.asyncio.Redis, settings: Settings, tmp_path: Path) -> None:
+    """Failed POP3 logins lock the account for IMAP too (one throttle, the same keys), and
+    both take an account's own address in any case, never an alias of it."""
+    accounts = AccountDB(tmp_path / "accounts.sqlite")
+    accounts.add_domain("example.test")
+    accounts.add_user(ALICE, hash_password(PASSWORD))
+    accounts.add_user(BOB, hash_password(PASSWORD))
+    accounts.add_alias("postmaster@example.test", BOB)
+    limiter = throttle(client, settings, per_ip=100, per_user=2)
+    maildb = MailDB(tmp_path / "mail", inline_max=settings.store_inline_max)
+    servers = [
+        *await start_pop3_servers(settings, cast(MailStore, FakeMailStore()), accounts,
+                                  auth_failure_delay=0.01, throttle=limiter),
+        *await start_imap_servers(settings, ImapDeps(store=maildb, accounts=accounts,
+                                                     throttle=limiter,
+                                                     auth_failure_delay=0.01))]
+    try:
+        ok = await asyncio.to_thread(imap_login, settings.imap_port, BOB.upper(), PASSWORD)
+        assert ok == ("OK", "")
+        assert (await pop3_login(settings.pop3_port, BOB.upper(), PASSWORD)).startswith("+OK")
+        alias = "postmaster@example.test"
+        assert await asyncio.to_thread(imap_login, settings.imap_port, alias, PASSWORD) == (
+            "NO", "AUTHENTICATIONFAILED")
+        assert await pop3_login(settings.pop3_port, alias, PASSWORD) == \
+            p.ERR_AUTH_FAILED.encode().decode().strip()
+        for guess in ("guess 1", "guess 2"):
+            await pop3_login(settings.pop3_port, ALICE, guess)
+        assert await asyncio.to_thread(imap_login, settings.imap_port, ALICE, PASSWORD) == (
+            "NO", "UNAVAILABLE")
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+        await maildb.close()
         accounts.close()
