@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from imapclient.exceptions import IMAPClientError
 
+from common.passwords import hash_password
 from services.store.backends.maildb import MailDB
 from tests.integration.imap.clients import (
     Server,
@@ -195,6 +196,28 @@ async def test_authenticate_plain(server: Server) -> None:
         assert raw.command("SELECT INBOX").status in ("BAD", "NO")  # not authenticated
         raw.ok(b"AUTHENTICATE PLAIN " + plain(BOB, BOB, USERS[BOB]))
         raw.close()
+
+    await in_thread(dialog)
+
+
+async def test_a_password_with_quotes_backslashes_and_non_ascii_logs_in_every_way(
+        imap_server: ImapStack) -> None:
+    """RFC 3501 4.3: a quoted string escapes only `"` and `\\`; a literal carries any octets
+    (UTF-8 here, RFC 6855 not needed for a password); PLAIN carries UTF-8 (RFC 4616 2). The
+    user name is matched in any case."""
+    password = 'q"uo\\te p\u00e4ss w\u00f6rd'
+    imap_server.accounts.add_user("odd@example.test", hash_password(password))
+    server = Server.of(imap_server)
+
+    def dialog() -> None:
+        for login in (
+                lambda raw: raw.command(b"LOGIN ODD@example.test " + quote(password).encode()),
+                lambda raw: raw.literal_command(b"LOGIN odd@example.test", password.encode()),
+                lambda raw: raw.command(b"AUTHENTICATE PLAIN " + plain(
+                    "odd@example.test", "Odd@Example.test", password))):
+            raw = server.raw()
+            assert login(raw).status == "OK"
+            raw.close()
 
     await in_thread(dialog)
 
