@@ -452,7 +452,7 @@ def domain_list(settings: Settings, args: argparse.Namespace) -> int:
 
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
+        password = _password_from_stdin()
     elif sys.stdin.isatty():
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
@@ -461,7 +461,21 @@ def _read_password(args: argparse.Namespace) -> str:
         raise CommandError("no terminal to ask for a password; use --password-stdin")
     if not password:
         raise CommandError("empty password refused")
+    if "\0" in password:
+        # SASL PLAIN (IMAP AUTHENTICATE, POP3 AUTH) separates its fields with NUL and IMAP
+        # strings cannot hold one: no client could ever log in with it.
+        raise CommandError("a password with a NUL character refused: no client can send it")
     return password
+
+
+def _password_from_stdin() -> str:
+    """One line of standard input as UTF-8, how IMAP and POP3 clients send passwords;
+    other bytes are refused (they would be hashed as something no client sends)."""
+    line = sys.stdin.buffer.readline().rstrip(b"\r\n")
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandError("the password on standard input is not UTF-8 text") from None
 
 
 def user_add(settings: Settings, args: argparse.Namespace) -> int:

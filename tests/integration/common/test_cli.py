@@ -104,6 +104,30 @@ def test_passwd_and_del(settings: Settings, redis_client: redis.Redis) -> None:
     assert tiermail(settings, "user", "del", "carol@example.org").returncode == 1
 
 
+def test_a_password_no_client_could_send_is_refused_in_one_line(settings: Settings) -> None:
+    """Passwords travel as UTF-8 in IMAP and POP3, and SASL PLAIN splits on NUL: a password
+    of other bytes was a traceback, one with a NUL an account nobody could log in to."""
+    tiermail(settings, "domain", "add", "example.org")
+
+    def add(user: str, password: bytes) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "services.cli", "user", "add",
+                               f"{user}@example.org", "--password-stdin"], input=password,
+                              env=tier_env(settings), cwd=REPO, capture_output=True,
+                              timeout=60)
+
+    latin1 = add("dora", "m\u00fcller\n".encode("latin-1"))
+    assert latin1.returncode == 1, latin1.stderr
+    assert latin1.stderr == b"tiermail: the password on standard input is not UTF-8 text\n"
+    nul = add("dora", b"pass\0word\n")
+    assert nul.returncode == 1 and b"NUL" in nul.stderr and b"Traceback" not in nul.stderr
+    assert tiermail(settings, "user", "list").stdout == ""
+
+    assert add("dora", "m\u00fcller\r\n".encode()).returncode == 0
+    accounts = AccountDB.for_store(settings.store_dir)
+    assert verify_password(accounts.password_hash("dora@example.org") or "", "m\u00fcller")
+    accounts.close()
+
+
 def test_status_reports_an_unreachable_broker(settings: Settings) -> None:
     broken = settings.replace(amqp_url="amqp://guest:guest@127.0.0.1:1/")
     result = tiermail(broken, "status")
