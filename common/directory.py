@@ -38,7 +38,7 @@ from __future__ import annotations
 import enum
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import idna
@@ -417,6 +417,32 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]
 
 def _decoded(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def aliases_reaching_no_mailbox(users: Collection[str],
+                                aliases: Mapping[str, Sequence[str]]) -> list[str]:
+    """The alias sources that resolve to no mailbox: loops, chains deeper than
+    MAX_ALIAS_DEPTH, targets that exist nowhere. The filter refuses mail to them (550);
+    `tiermail` warns when a change leaves one. The rules are Directory._expand's, over the
+    account database's users and aliases instead of Redis."""
+    def reaches(address: str, depth: int, seen: set[str]) -> bool:
+        is_user = address in users
+        if address in seen:
+            return is_user
+        if depth > MAX_ALIAS_DEPTH:
+            return False
+        seen.add(address)
+        targets = aliases.get(address)
+        if targets is None and not is_user:
+            targets = aliases.get("@" + domain_of(address))
+        if targets is None:
+            return is_user
+        found = False
+        for target in targets:
+            found = reaches(target, depth + 1, seen) or found
+        return found
+
+    return [source for source in aliases if not reaches(source, 0, set())]
 
 
 def _split_targets(raw: bytes | str) -> list[str]:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.directory import normalize_address, normalize_domain
+from common.directory import MAX_ALIAS_DEPTH, normalize_address, normalize_domain
 from common.listen import CannotStart, lock_directory
 from common.logs import setup_logging
 from common.settings import Settings, SettingsError
@@ -552,12 +552,13 @@ def user_del(settings: Settings, args: argparse.Namespace) -> int:
         for source in sources:
             await _set_alias(directory, settings, source)
 
-    _change(settings, db_change, redis_change)
-    print(f"user {normalize_address(args.address)} deleted "
-          f"(mail kept under {settings.store_dir}; a new account with the address "
-          f"starts without it)")
-    if sources:
-        print(f"taken out of the aliases {', '.join(sources)}")
+    with _warning_of_dead_aliases(settings):
+        _change(settings, db_change, redis_change)
+        print(f"user {normalize_address(args.address)} deleted "
+              f"(mail kept under {settings.store_dir}; a new account with the address "
+              f"starts without it)")
+        if sources:
+            print(f"taken out of the aliases {', '.join(sources)}")
     return 0
 
 
@@ -756,11 +757,34 @@ def alias_add(settings: Settings, args: argparse.Namespace) -> int:
         accounts.add_alias(args.source, args.target)
         return tuple(accounts.alias_targets(args.source))
 
-    targets = _change(settings, db_change, lambda d: _set_alias(d, settings, args.source))
-    print(f"alias {normalize_address(args.source)} -> {', '.join(targets)}")
-    for warning in _alias_warnings(settings, normalize_address(args.source), targets):
-        print(f"tiermail: warning: {warning}", file=sys.stderr)
+    source = normalize_address(args.source)
+    with _warning_of_dead_aliases(settings, also=source):
+        targets = _change(settings, db_change, lambda d: _set_alias(d, settings, args.source))
+        print(f"alias {source} -> {', '.join(targets)}")
+        for warning in _alias_warnings(settings, source, targets):
+            print(f"tiermail: warning: {warning}", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _warning_of_dead_aliases(settings: Settings, also: str = "") -> Iterator[None]:
+    """After a change, warn of the aliases it left reaching no mailbox (and of `also`, the
+    alias just changed, if it reaches none): the filter refuses their mail with 550, which
+    nothing else would tell the operator (a loop, a user deleted under an alias's alias)."""
+    before = _dead_aliases(settings)
+    yield
+    after = _dead_aliases(settings)
+    for alias in sorted((after - before) | (after & {also})):
+        print(f"tiermail: warning: {alias} reaches no mailbox (aliases in a loop, nested "
+              f"deeper than {MAX_ALIAS_DEPTH}, or targets that exist nowhere): its mail is "
+              "refused (550 5.1.1)", file=sys.stderr)
+
+
+def _dead_aliases(settings: Settings) -> set[str]:
+    from common.directory import aliases_reaching_no_mailbox
+
+    with _accounts(settings) as accounts:
+        return set(aliases_reaching_no_mailbox(set(accounts.users()), accounts.aliases()))
 
 
 def _alias_warnings(settings: Settings, source: str, targets: tuple[str, ...]) -> list[str]:
@@ -778,13 +802,14 @@ def _alias_warnings(settings: Settings, source: str, targets: tuple[str, ...]) -
 
 
 def alias_del(settings: Settings, args: argparse.Namespace) -> int:
-    _change(settings, lambda a: a.remove_alias(args.source, args.target),
-            lambda d: _set_alias(d, settings, args.source))
-    if args.target:
-        print(f"alias {normalize_address(args.source)} no longer delivers to "
-              f"{normalize_address(args.target)}")
-    else:
-        print(f"alias {normalize_address(args.source)} removed")
+    with _warning_of_dead_aliases(settings):
+        _change(settings, lambda a: a.remove_alias(args.source, args.target),
+                lambda d: _set_alias(d, settings, args.source))
+        if args.target:
+            print(f"alias {normalize_address(args.source)} no longer delivers to "
+                  f"{normalize_address(args.target)}")
+        else:
+            print(f"alias {normalize_address(args.source)} removed")
     return 0
 
 

@@ -280,6 +280,34 @@ def test_a_deleted_user_is_taken_out_of_every_alias(settings: Settings,
         b"team@example.org": b"alice@example.org"}
 
 
+def test_a_change_that_leaves_an_alias_reaching_no_mailbox_warns(settings: Settings) -> None:
+    """The filter refuses mail to an alias that reaches no mailbox (550): a loop, or a user
+    deleted under an alias of an alias, was accepted without a word."""
+    def dead(name: str) -> str:
+        return f"warning: {name}@example.org reaches no mailbox"
+
+    tiermail(settings, "domain", "add", "example.org")
+    tiermail(settings, "user", "add", "zed@example.org", "--password-stdin", stdin="pw\n")
+    tiermail(settings, "alias", "add", "solo@example.org", "zed@example.org")
+    nested = tiermail(settings, "alias", "add", "team@example.org", "solo@example.org")
+    assert nested.returncode == 0 and "warning" not in nested.stderr
+
+    deleted = tiermail(settings, "user", "del", "zed@example.org")
+    assert deleted.returncode == 0 and dead("team") in deleted.stderr
+    assert dead("solo") not in deleted.stderr  # gone with its last target, and said so
+
+    tiermail(settings, "user", "add", "amy@example.org", "--password-stdin", stdin="pw\n")
+    tiermail(settings, "alias", "add", "loop1@example.org", "loop2@example.org")
+    tiermail(settings, "alias", "add", "loop2@example.org", "amy@example.org")
+    closed = tiermail(settings, "alias", "add", "loop2@example.org", "loop1@example.org")
+    assert closed.returncode == 0 and "warning" not in closed.stderr  # amy still gets it
+    cut = tiermail(settings, "alias", "del", "loop2@example.org", "amy@example.org")
+    assert cut.returncode == 0
+    assert dead("loop1") in cut.stderr and dead("loop2") in cut.stderr
+    selfish = tiermail(settings, "alias", "add", "self@example.org", "self@example.org")
+    assert selfish.returncode == 0 and dead("self") in selfish.stderr
+
+
 def test_an_internationalized_domain_is_kept_in_its_ascii_form(
         settings: Settings, redis_client: redis.Redis) -> None:
     added = tiermail(settings, "domain", "add", "Bücher.Example.")

@@ -11,6 +11,7 @@ from common.directory import (
     DirectorySnapshot,
     DirectoryUnavailable,
     Resolution,
+    aliases_reaching_no_mailbox,
 )
 from common.settings import Settings
 from tests.support import free_port
@@ -113,3 +114,36 @@ async def test_a_user_aliased_to_itself_and_others_keeps_a_copy(settings: Settin
         await redis.aclose()
     assert alice.mailboxes == ("alice@example.org", "bob@example.org")
     assert bob.mailboxes == ("bob@example.org",)  # a loop back to a user ends there
+
+
+async def test_the_aliases_found_reaching_no_mailbox_are_those_the_filter_refuses(
+        settings: Settings) -> None:
+    """aliases_reaching_no_mailbox (the CLI's warning) follows the same rules as resolve."""
+    chain = {f"chain{i}@example.org": (f"chain{i + 1}@example.org",) for i in range(9)}
+    chain["chain9@example.org"] = ("alice@example.org",)
+    users = {"alice@example.org", "bob@example.org", "carol@example.com"}
+    aliases = {**chain,
+               "loop1@example.org": ("loop2@example.org",),
+               "loop2@example.org": ("loop1@example.org",),
+               "self@example.org": ("self@example.org",),
+               "alice@example.org": ("alice@example.org", "bob@example.org"),
+               "dangling@example.org": ("nobody@example.org",),
+               "half@example.org": ("nobody@example.org", "loop1@example.org",
+                                     "bob@example.org"),
+               "@example.com": ("carol@example.com",),
+               "ghost@example.com": ("nobody@example.com",),
+               "@example.net": ("lost@example.net",)}
+    redis: Redis = from_url(settings.redis_url)
+    directory = Directory(redis, settings.redis_prefix)
+    await directory.publish(DirectorySnapshot(
+        domains={"example.org", "example.com", "example.net"}, users=users, aliases=aliases))
+    try:
+        refused = {source for source in aliases if (await directory.resolve(
+            "unlisted" + source if source.startswith("@") else source)).resolution
+            is Resolution.UNKNOWN_USER}
+    finally:
+        await redis.aclose()
+    assert refused == {"chain0@example.org", "chain1@example.org", "loop1@example.org",
+                       "loop2@example.org", "self@example.org", "dangling@example.org",
+                       "@example.net"}
+    assert set(aliases_reaching_no_mailbox(users, aliases)) == refused
