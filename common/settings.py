@@ -51,6 +51,7 @@ POSITIVE = frozenset({
     "imap_max_errors"})
 SIGNED = frozenset({"spamassassin_reject_score"})  # any finite number
 MAXIMUM = {"store_prefetch": 65535}  # AMQP basic.qos prefetch-count is a short
+SCANNER_ADDRESSES = ("spamd_address", "clamd_address")
 URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "redis_url": ("redis", "rediss", "unix"),
                "rspamd_url": ("http", "https"), "rspamd_controller_url": ("http", "https")}
 
@@ -297,12 +298,37 @@ def _check(name: str, value: Any) -> None:
                     ipaddress.ip_network(item.strip(), strict=False)
             except ValueError as exc:
                 raise bad(str(exc)) from None
+    elif name in SCANNER_ADDRESSES and value and not _is_scanner_address(value):
+        raise bad("a unix socket path, or host:port with a port 1 to 65535")
+    elif name == "postmaster" and value and not _is_address(value):
+        raise bad("an address, local@domain (a user or an alias)")
     elif name in {"hostname", "bind", "queue_prefix"} and not value.strip():
         raise bad("must not be empty")
     elif name == "hostname" and not _is_ascii_host(value):
         # It goes into SMTP greetings, EHLO replies and Received headers, which RFC 6531
         # 3.7.1 keeps ASCII even for SMTPUTF8: an IDN is written as its A-labels.
         raise bad("an ASCII host name without spaces (an IDN as xn-- A-labels)")
+
+
+def _is_scanner_address(value: str) -> bool:
+    """How services/filter/backends/streams.py reads it: a path (starting with / or
+    without a colon) or host:port. A port that is no number failed at every scan."""
+    if value.startswith("/") or ":" not in value:
+        return True
+    host, _, port = value.rpartition(":")
+    return bool(host.strip("[]").strip()) and _is_decimal(port) and 1 <= int(port) <= 65535
+
+
+def _is_address(value: str) -> bool:
+    """local@domain, as the directory looks it up: without one, postmaster mail went to an
+    address no domain has, and was refused as not local."""
+    local, at, domain = value.strip().rpartition("@")
+    return bool(at and local and domain) and value.isprintable() \
+        and not any(c.isspace() or c in ",<>" for c in value.strip())
+
+
+def _is_decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _is_ascii_host(value: str) -> bool:
@@ -390,14 +416,16 @@ def _coerce_all(values: Mapping[str, str]) -> dict[str, Any]:
 
 def _coerce(name: str, hint: Any, raw: str) -> Any:
     try:
+        # int() and float() also take "1_000" and digits of other scripts ("٣٣"): what
+        # an operator did not mean to write is refused, not read as some number.
         if hint is int:
             try:
-                return int(raw)
+                return int(_plain_number(raw))
             except ValueError:
                 raise ValueError("not a whole number") from None
         if hint is float:
             try:
-                return float(raw)
+                return float(_plain_number(raw))
             except ValueError:
                 raise ValueError("not a number") from None
         if hint is Path:
@@ -411,6 +439,12 @@ def _coerce(name: str, hint: Any, raw: str) -> Any:
         return raw
     except ValueError as exc:
         raise SettingsError(f"{PREFIX}{name.upper()}={raw!r}: {exc}") from None
+
+
+def _plain_number(raw: str) -> str:
+    if not raw.isascii() or "_" in raw:
+        raise ValueError(raw)
+    return raw
 
 
 def _parse_bool(raw: str) -> bool:

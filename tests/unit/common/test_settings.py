@@ -94,6 +94,17 @@ def test_spam_learning_follows_the_spam_scanner_unless_set(spam: str, learn: str
     ("TIERMAIL_HOSTNAME", " "),
     ("TIERMAIL_HOSTNAME", "mail.bücher.example"),  # RFC 6531 3.7.1: A-labels in greetings
     ("TIERMAIL_HOSTNAME", "mail example.org"),
+    ("TIERMAIL_SMTP_PORT", "2_525"),  # int() takes both, as 2525 and 33
+    ("TIERMAIL_SMTP_PORT", "\u0663\u0663"),
+    ("TIERMAIL_SCAN_TIMEOUT", "3_0"),
+    # A scanner address whose port is no number was a traceback and a 451 at every scan.
+    ("TIERMAIL_CLAMD_ADDRESS", "clamd.internal:clamd"),
+    ("TIERMAIL_SPAMD_ADDRESS", "127.0.0.1:99999"),
+    ("TIERMAIL_SPAMD_ADDRESS", ":783"),
+    # Postmaster mail went to an address no domain has: refused as not local.
+    ("TIERMAIL_POSTMASTER", "alice"),
+    ("TIERMAIL_POSTMASTER", "@example.org"),
+    ("TIERMAIL_POSTMASTER", "alice@example.org, bob@example.org"),
 ])
 def test_values_no_tier_can_work_with_are_refused_by_name(name: str, value: str) -> None:
     """Each was taken as it was, and a tier failed later with a traceback (a scanner
@@ -111,6 +122,11 @@ def test_values_no_tier_can_work_with_are_refused_by_name(name: str, value: str)
     ("TIERMAIL_AMQP_URL", "amqps://u:p@mq.internal/tiermail-b"),
     ("TIERMAIL_RATE_LIMIT_EXEMPT", ""), ("TIERMAIL_LEARN", ""),
     ("TIERMAIL_HOSTNAME", "mail.xn--bcher-kva.example"),
+    ("TIERMAIL_SMTP_PORT", " 2525 "), ("TIERMAIL_SCAN_TIMEOUT", "1e1"),
+    ("TIERMAIL_CLAMD_ADDRESS", "/run/clamav/clamd.ctl"),
+    ("TIERMAIL_CLAMD_ADDRESS", "[::1]:3310"), ("TIERMAIL_SPAMD_ADDRESS", "spamd.internal:783"),
+    ("TIERMAIL_SPAMD_ADDRESS", ""),  # with TIERMAIL_SPAM=rspamd or off, not used
+    ("TIERMAIL_POSTMASTER", "Alice@Example.org"), ("TIERMAIL_POSTMASTER", "pm@b\u00fccher.example"),
 ])
 def test_edge_values_that_mean_something_are_taken(name: str, value: str) -> None:
     Settings.from_env({name: value})
