@@ -39,6 +39,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 PORTS = ("smtp_port", "submission_port", "imap_port", "imaps_port", "pop3_port",
          "pop3s_port", "webmail_port")
+# The ports a tier listens on today (submission and webmail: later issues), each its own.
+LISTENING_PORTS = ("smtp_port", "imap_port", "imaps_port", "pop3_port", "pop3s_port")
 # Numbers that must be above 0 (sizes, counts, timeouts); every other number must be 0 or
 # more (0 turns a limit or a wait off).
 POSITIVE = frozenset({
@@ -233,6 +235,20 @@ class Settings:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check(f.name, getattr(self, f.name))
+        self._check_ports_differ()
+
+    def _check_ports_differ(self) -> None:
+        """Every listener binds TIERMAIL_BIND: two on one port made the second tier to
+        start fail with "the port is in use (another tiermail stack, or another server)",
+        sending the operator to look for a process that does not exist."""
+        first_with: dict[int, str] = {}
+        for name in LISTENING_PORTS:
+            port = getattr(self, name)
+            if port in first_with:
+                raise SettingsError(f"{PREFIX}{name.upper()}={port}: the same port as "
+                                    f"{PREFIX}{first_with[port].upper()}; each listener "
+                                    "needs a port of its own")
+            first_with[port] = name
 
     @property
     def topology(self) -> Topology:

@@ -113,6 +113,20 @@ def test_values_no_tier_can_work_with_are_refused_by_name(name: str, value: str)
         Settings.from_env({name: value})
 
 
+@pytest.mark.parametrize(("env", "named"), [
+    ({"TIERMAIL_POP3_PORT": "2143"}, "TIERMAIL_POP3_PORT=2143: the same port as "
+                                     "TIERMAIL_IMAP_PORT"),
+    ({"TIERMAIL_SMTP_PORT": "993", "TIERMAIL_IMAPS_PORT": "993"},
+     "TIERMAIL_IMAPS_PORT=993: the same port as TIERMAIL_SMTP_PORT"),
+])
+def test_two_listeners_on_one_port_are_refused_by_name(env: dict[str, str],
+                                                        named: str) -> None:
+    """The second tier failed at start, blaming "another tiermail stack, or another
+    server" for a port its own settings had given twice."""
+    with pytest.raises(SettingsError, match=f"^{named}"):
+        Settings.from_env(env)
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("TIERMAIL_RATE_MESSAGES_PER_IP", "0"), ("TIERMAIL_STORE_BATCH_WAIT", "0"),
     ("TIERMAIL_IMAP_IDLE_KEEPALIVE", "0"), ("TIERMAIL_LOG_LEVEL", "debug"),
