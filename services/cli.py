@@ -19,7 +19,7 @@ from common.directory import MAX_ALIAS_DEPTH, normalize_address, normalize_domai
 from common.listen import CannotStart, lock_directory
 from common.logs import setup_logging
 from common.settings import Settings, SettingsError
-from services.store.backends.accounts import AccountDB
+from services.store.backends.accounts import AccountDB, AccountDBUnusable
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -57,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CannotStart as exc:
         print(f"tiermail: cannot start: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
+    except AccountDBUnusable as exc:
+        print(f"tiermail: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

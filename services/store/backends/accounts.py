@@ -12,6 +12,7 @@ TIERMAIL_DEFAULT_QUOTA changes every account that has no quota of its own.
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import time
@@ -94,16 +95,36 @@ def effective_quota(stored: int | None, default: int) -> int | None:
     return value if value > 0 else None
 
 
+class AccountDBUnusable(Exception):
+    """The account database cannot be opened: not an SQLite file (damaged, or something
+    else at its path), a directory there, no permission. Said in one line, with the path."""
+
+
+def _unusable(path: Path, exc: sqlite3.Error) -> str:
+    # SQLite says only "unable to open database file" when it cannot create the files it
+    # keeps beside the database (the -wal and -shm of WAL mode), even to read.
+    where = "" if os.access(path.parent, os.W_OK) else \
+        f" ({path.parent} is not writable, and SQLite writes files beside the database)"
+    return f"the account database {path} cannot be used: {exc}{where}"
+
+
 class AccountDB:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=30,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._migrate()
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=30,
+                                       check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise AccountDBUnusable(_unusable(path, exc)) from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise AccountDBUnusable(_unusable(path, exc)) from None
         self.written_generation = 0  # the generation this object's last write made
 
     @classmethod

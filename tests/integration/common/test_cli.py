@@ -184,6 +184,19 @@ def test_a_data_directory_that_cannot_be_made_is_one_line(settings: Settings,
         assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
+def test_an_account_database_that_cannot_be_opened_is_one_line(settings: Settings) -> None:
+    """A damaged accounts.sqlite (or something else at its path) was an sqlite3 traceback
+    from every account command and from the store at start."""
+    database = settings.store_dir / "accounts.sqlite"
+    database.parent.mkdir(parents=True)
+    database.write_bytes(b"not an SQLite file, something else at its path\n" * 100)
+    for command in (("user", "list"), ("domain", "add", "example.org"), ("store",)):
+        done = tiermail(settings, *command)
+        assert done.returncode == 1, (command, done.stderr)
+        assert done.stderr == (f"tiermail: the account database {database} cannot be used: "
+                               "file is not a database\n"), command
+
+
 def test_status_reports_a_store_that_cannot_write(settings: Settings,
                                                   redis_client: redis.Redis) -> None:
     """The store's heartbeat carries the consumer's `storage_down_since`; status names it."""
