@@ -490,6 +490,13 @@ def user_add(settings: Settings, args: argparse.Namespace) -> int:
         address = _change(settings, lambda a: a.add_user(args.address, password_hash),
                           lambda d: d.add_user(args.address))
     print(f"user {address} added{note}")
+    with _accounts(settings) as accounts:
+        targets = accounts.alias_targets(address)
+    if targets and address not in targets:
+        # As `alias add` warns in the other order: the alias takes the new user's mail.
+        print(f"tiermail: warning: {address} is also an alias (-> {', '.join(targets)}): "
+              f"its mail goes to the alias targets only (tiermail alias add {address} "
+              f"{address} keeps a copy for the user)", file=sys.stderr)
     return 0
 
 

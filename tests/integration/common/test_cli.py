@@ -257,6 +257,12 @@ def test_aliases_refuse_what_cannot_be_delivered_and_warn_of_surprises(
         in later.stderr
     shadow = tiermail(settings, "alias", "add", "alice@example.org", "dave@example.org")
     assert shadow.returncode == 0 and "alice@example.org is a user" in shadow.stderr
+    # The other order: a user added where an alias is gets no mail either, and is told.
+    shadowed = tiermail(settings, "user", "add", "sales@example.org", "--password-stdin",
+                        stdin="pw\n")
+    assert shadowed.returncode == 0
+    assert "sales@example.org is also an alias (-> dave@example.org)" in shadowed.stderr
+    tiermail(settings, "user", "del", "sales@example.org")
     assert "alice@example.org is a user" not in tiermail(
         settings, "alias", "add", "alice@example.org", "alice@example.org").stderr
 
