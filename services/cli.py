@@ -457,9 +457,13 @@ def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         password = _password_from_stdin()
     elif sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            raise CommandError("passwords differ")
+        try:
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Again: ") != password:
+                raise CommandError("passwords differ")
+        except EOFError:  # Ctrl-D at the prompt
+            print(file=sys.stderr)  # the prompt's line, left open
+            raise CommandError("no password given") from None
     else:
         raise CommandError("no terminal to ask for a password; use --password-stdin")
     if not password:

@@ -1,9 +1,11 @@
 """The `tiermail` account commands, run as an operator runs them, against the real Redis."""
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -126,6 +128,31 @@ def test_a_password_no_client_could_send_is_refused_in_one_line(settings: Settin
     accounts = AccountDB.for_store(settings.store_dir)
     assert verify_password(accounts.password_hash("dora@example.org") or "", "m\u00fcller")
     accounts.close()
+
+
+def test_ctrl_d_at_the_password_prompt_is_one_line(settings: Settings) -> None:
+    """getpass raises EOFError on Ctrl-D: it was a traceback."""
+    tiermail(settings, "domain", "add", "example.org")
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: tiermail on a terminal, as an operator types it
+        try:
+            os.chdir(REPO)
+            os.execve(sys.executable, [sys.executable, "-m", "services.cli", "user", "add",
+                                       "erin@example.org"], tier_env(settings))
+        finally:
+            os._exit(127)
+    said = b""
+    while b"Password: " not in said:
+        said += os.read(terminal, 1024)
+    os.write(terminal, b"\x04")
+    with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+        while chunk := os.read(terminal, 1024):
+            said += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(terminal)
+    assert os.waitstatus_to_exitcode(status) == 1
+    assert b"tiermail: no password given" in said and b"Traceback" not in said, said
+    assert tiermail(settings, "user", "list").stdout == ""
 
 
 def test_status_reports_an_unreachable_broker(settings: Settings) -> None:
