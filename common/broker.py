@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import weakref
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from pamqp.commands import Basic
 from yarl import URL
 
 from common.envelope import Envelope, EnvelopeError
+from common.settings import SettingsError
 from common.topology import (
     DELIVER_ROUTING_KEY,
     ENVELOPE_HEADER_BUDGET,
@@ -46,9 +48,41 @@ from common.topology import (
 log = logging.getLogger(__name__)
 
 
+class TopologyMismatch(SettingsError):
+    """A queue exists on the broker with other arguments than these settings declare it
+    with. RabbitMQ refuses the declaration every time: waiting cannot mend it, so a tier
+    meeting it at start stops as with a bad setting."""
+
+
+# RabbitMQ's reply: PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue
+# 'tiermail.deliver' in vhost '/': received '5' but current is '10'
+_INEQUIVALENT = re.compile(r"inequivalent arg '([^']+)' for queue '([^']+)' in vhost "
+                           r"'[^']*': received '?([^' ]*)'? but current is '?([^' ]*)'?")
+
+
+def _topology_mismatch(exc: aiormq.exceptions.ChannelPreconditionFailed,
+                       topology: Topology) -> TopologyMismatch:
+    found = _INEQUIVALENT.search(str(exc))
+    if found is None:
+        return TopologyMismatch(f"the broker refused to declare the queues: {exc}")
+    argument, queue, ours, theirs = found.groups()
+    if argument == "x-delivery-limit" and queue in (topology.deliver_queue,
+                                                    topology.large_queue):
+        return TopologyMismatch(
+            f"TIERMAIL_DELIVERY_ATTEMPTS={ours}: the queue {queue} exists with "
+            f"x-delivery-limit {theirs}, and RabbitMQ cannot declare it again with another; "
+            f"set {theirs}, or change the limit with a policy (docs/architecture.md)")
+    return TopologyMismatch(
+        f"the queue {queue} exists with {argument} {theirs} where this tiermail declares "
+        f"{ours} (a queue of another version, or of a stack with the same "
+        "TIERMAIL_QUEUE_PREFIX and vhost?)")
+
+
 def connect_failure(exc: BaseException) -> str:
     """Why connecting to the broker failed, for an operator: aiormq says a refused vhost
     only as an unexpected frame, and a refused login as a guess."""
+    if isinstance(exc, TopologyMismatch):
+        return str(exc)
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return ("login refused: the user name or password in TIERMAIL_AMQP_URL "
                 "(rabbitmqctl list_users)")
@@ -142,7 +176,10 @@ async def open_channel(
     connection = await connect(url, connect_timeout)
     try:
         channel = await connection.channel(publisher_confirms=confirms, on_return_raises=True)
-        await topology.declare(channel)
+        try:
+            await topology.declare(channel)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise _topology_mismatch(exc, topology) from None
     except BaseException:
         await close_connection(connection)
         raise

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import redis.asyncio
 
-from common.broker import Publisher
+from common.broker import Publisher, TopologyMismatch
 from common.directory import Directory
 from common.directory_cache import DirectoryCache
 from common.fdlimit import raise_open_file_limit
@@ -199,6 +199,8 @@ async def _connect_early(publisher: Publisher) -> None:
     try:
         await publisher.ensure_connected()
     except Exception as exc:
+        if isinstance(exc.__cause__, TopologyMismatch):
+            raise exc.__cause__ from None  # refused every time: a bad setting, exit 2
         log.warning("broker not reachable at start (will retry per message): %s", exc)
 
 

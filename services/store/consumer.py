@@ -32,7 +32,7 @@ from typing import Any
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp.commands import Basic
 
-from common.broker import close_connection, connect_failure, open_channel
+from common.broker import TopologyMismatch, close_connection, connect_failure, open_channel
 from common.directory import normalize_address
 from common.envelope import Envelope, EnvelopeError
 from common.settings import Settings
@@ -112,7 +112,7 @@ class Consumer:
             started = time.monotonic()
             try:
                 await self._session()
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, TopologyMismatch):
                 raise
             except Exception as exc:
                 log.warning("broker session ended: %s", connect_failure(exc),

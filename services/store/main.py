@@ -22,9 +22,10 @@ import signal
 import sys
 import time
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, cast
 
 from common.auththrottle import AuthThrottle
+from common.broker import TopologyMismatch
 from common.budget import MemoryBudget
 from common.directory import Directory
 from common.fdlimit import raise_open_file_limit
@@ -175,6 +176,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             log.error("consumer did not stop in time", extra={"event": "stopping"})
         stopped.cancel()
         if consuming.done() and not consuming.cancelled() and consuming.exception():
+            if isinstance(consuming.exception(), TopologyMismatch):
+                raise cast(TopologyMismatch, consuming.exception())  # a bad setting: exit 2
             log.error("consumer crashed", exc_info=consuming.exception())
     log.info("store stopped", extra={"event": "stopped"})
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import redis
 
+from common.broker import close_connection, open_channel
 from common.health import heartbeat_key
 from common.listen import lock_directory
 from common.passwords import verify_password
@@ -453,3 +454,27 @@ def test_the_tiers_name_a_vhost_the_broker_refuses(
         wait_until(lambda tier=tier: "the broker refused the virtual host" in tier.output(),
                    timeout=60, what=f"{tier.args[0]} to name the vhost")
         assert "InvalidFrameError" not in tier.output()
+
+
+def test_a_delivery_limit_the_queues_were_not_declared_with_stops_the_tiers(
+        settings: Settings) -> None:
+    """TIERMAIL_DELIVERY_ATTEMPTS changed after the queues exist: RabbitMQ refuses every
+    declaration (PRECONDITION_FAILED). The store logged it every few seconds without
+    consuming and the filter answered 451 to all mail, 'broker unreachable', for ever."""
+    async def declare_queues() -> None:
+        connection, _ = await open_channel(settings.amqp_url, settings.topology, 10.0,
+                                           confirms=False)
+        await close_connection(connection)
+
+    asyncio.run(declare_queues())
+    changed = settings.replace(delivery_attempts=settings.delivery_attempts + 5)
+    for tier in ("filter", "store"):
+        done = tiermail(changed, tier)
+        assert done.returncode == 2, (tier, done.stderr)
+        assert done.stderr.splitlines()[-1] == (
+            f"tiermail: bad setting: TIERMAIL_DELIVERY_ATTEMPTS={changed.delivery_attempts}: "
+            f"the queue {settings.topology.deliver_queue} exists with x-delivery-limit "
+            f"{settings.delivery_attempts}, and RabbitMQ cannot declare it again with another; "
+            f"set {settings.delivery_attempts}, or change the limit with a policy "
+            "(docs/architecture.md)"), tier
+        assert "Traceback" not in done.stderr
