@@ -53,6 +53,7 @@ POSITIVE = frozenset({
     "imap_max_errors"})
 SIGNED = frozenset({"spamassassin_reject_score"})  # any finite number
 MAXIMUM = {"store_prefetch": 65535}  # AMQP basic.qos prefetch-count is a short
+MAX_QUEUE_PREFIX = 200  # room for the longest name's suffix (".deliver.large", dramatiq's)
 SCANNER_ADDRESSES = ("spamd_address", "clamd_address")
 URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "redis_url": ("redis", "rediss", "unix"),
                "rspamd_url": ("http", "https"), "rspamd_controller_url": ("http", "https")}
@@ -318,6 +319,12 @@ def _check(name: str, value: Any) -> None:
         raise bad("a unix socket path, or host:port with a port 1 to 65535")
     elif name == "postmaster" and value and not _is_address(value):
         raise bad("an address, local@domain (a user or an alias)")
+    elif name == "queue_prefix" and (value == "amq" or value.startswith("amq.")):
+        # The exchanges and queues are named PREFIX.inbound, PREFIX.deliver, ...: RabbitMQ
+        # refuses every declaration, and a filter answered 451 to all mail for ever.
+        raise bad("RabbitMQ reserves names starting with amq.")
+    elif name == "queue_prefix" and len(value.encode()) > MAX_QUEUE_PREFIX:
+        raise bad(f"at most {MAX_QUEUE_PREFIX} octets (RabbitMQ names: at most 255)")
     elif name in {"hostname", "bind", "queue_prefix"} and not value.strip():
         raise bad("must not be empty")
     elif name == "hostname" and not _is_ascii_host(value):

@@ -105,6 +105,9 @@ def test_spam_learning_follows_the_spam_scanner_unless_set(spam: str, learn: str
     ("TIERMAIL_POSTMASTER", "alice"),
     ("TIERMAIL_POSTMASTER", "@example.org"),
     ("TIERMAIL_POSTMASTER", "alice@example.org, bob@example.org"),
+    # RabbitMQ refused every exchange and queue: the filter answered 451 to all mail.
+    ("TIERMAIL_QUEUE_PREFIX", "amq"), ("TIERMAIL_QUEUE_PREFIX", "amq.mail"),
+    ("TIERMAIL_QUEUE_PREFIX", "q" * 250),
 ])
 def test_values_no_tier_can_work_with_are_refused_by_name(name: str, value: str) -> None:
     """Each was taken as it was, and a tier failed later with a traceback (a scanner
@@ -141,6 +144,7 @@ def test_two_listeners_on_one_port_are_refused_by_name(env: dict[str, str],
     ("TIERMAIL_CLAMD_ADDRESS", "[::1]:3310"), ("TIERMAIL_SPAMD_ADDRESS", "spamd.internal:783"),
     ("TIERMAIL_SPAMD_ADDRESS", ""),  # with TIERMAIL_SPAM=rspamd or off, not used
     ("TIERMAIL_POSTMASTER", "Alice@Example.org"), ("TIERMAIL_POSTMASTER", "pm@b\u00fccher.example"),
+    ("TIERMAIL_QUEUE_PREFIX", "amqp-mail"), ("TIERMAIL_QUEUE_PREFIX", "mail.amq"),
 ])
 def test_edge_values_that_mean_something_are_taken(name: str, value: str) -> None:
     Settings.from_env({name: value})
