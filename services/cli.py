@@ -391,7 +391,15 @@ def _change(settings: Settings, db_change: Callable[[Any], Any],
     """Apply a change to the account database, then mirror it into the Redis directory."""
     from services.store.backends.accounts import AccountError
 
+    published = _published_generation(settings)  # read first: generations only grow
     with _accounts(settings) as accounts:
+        if published is not None and published > accounts.generation():
+            raise CommandError(
+                f"the directory in Redis was published from another account database than "
+                f"{accounts.path.absolute()} (at change {published}, this one at "
+                f"{accounts.generation()}): is TIERMAIL_DATA_DIR={settings.data_dir} the "
+                "store's? Nothing was changed. (After restoring the account database from a "
+                "backup, start the store first: it publishes the directory again.)")
         try:
             result = db_change(accounts)
         except AccountError as exc:
@@ -403,6 +411,25 @@ def _change(settings: Settings, db_change: Callable[[Any], Any],
         print(f"tiermail: warning: saved, but the Redis directory was not updated ({exc}); "
               "the store republishes it when it starts or notices it missing", file=sys.stderr)
     return result
+
+
+def _published_generation(settings: Settings) -> int | None:
+    """The account database generation the Redis directory was published from; None when
+    Redis cannot say (out of reach, nothing published): then there is nothing to check."""
+    from common.directory import Directory
+    from common.redisconn import open_redis
+
+    async def read() -> int | None:
+        redis = open_redis(settings, 3.0)
+        try:
+            return await Directory(redis, settings.redis_prefix).published_generation()
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(read())
+    except Exception:
+        return None
 
 
 async def _mirror(settings: Settings, redis_change: Callable[[Any], Any],

@@ -396,6 +396,31 @@ def test_a_change_redis_missed_is_not_hidden_by_the_next_command(
         or published != generation
 
 
+def test_a_change_to_an_account_database_the_store_does_not_use_is_refused(
+        settings: Settings, redis_client: redis.Redis) -> None:
+    """`tiermail user add` run where TIERMAIL_DATA_DIR (./var by default) names another
+    directory than the store's made a new account database there and put the user into
+    the Redis directory: the filter accepted its mail, which the store could not deliver,
+    and nothing said so."""
+    tiermail(settings, "domain", "add", "example.org")
+    tiermail(settings, "user", "add", "alice@example.org", "--password-stdin", stdin="pw\n")
+    elsewhere = settings.replace(data_dir=settings.data_dir.parent / "elsewhere")
+    assert tiermail(elsewhere, "domain", "add", "example.org").returncode == 1
+    wrong = tiermail(elsewhere, "user", "add", "bob@example.org", "--password-stdin",
+                     stdin="pw\n")
+    assert wrong.returncode == 1, wrong.stderr
+    assert wrong.stderr.startswith("tiermail: the directory in Redis was published from "
+                                   "another account database than ")
+    assert f"is TIERMAIL_DATA_DIR={elsewhere.data_dir} the store's? Nothing was changed" \
+        in wrong.stderr
+    assert redis_client.smembers(settings.redis_prefix + "dir:users") == {
+        b"alice@example.org"}
+    with AccountDB.for_store(elsewhere.store_dir) as accounts:
+        assert accounts.domains() == [] and accounts.users() == []
+    assert tiermail(settings, "user", "add", "bob@example.org", "--password-stdin",
+                    stdin="pw\n").returncode == 0
+
+
 def test_a_new_account_does_not_get_the_mail_a_deleted_one_left(settings: Settings) -> None:
     """The mail of a deleted account stays on disk under its address; a new account with the
     address (often another person) starts empty: the old mailbox is moved aside, which needs
