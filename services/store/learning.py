@@ -10,7 +10,8 @@ Two halves joined by a RabbitMQ queue (`<queue_prefix>.learn`, dramatiq):
   is housekeeping (old spam filed under Archive/ would otherwise teach a thousand hams).
   It sees every change whoever made it (IMAP, webmail, a filter rule). The listener only
   schedules work: reading the message and the blocking pika publish run in a thread of the
-  hook's own, so an IMAP MOVE never waits for the broker. Failures are logged and the move
+  hook's own, so an IMAP MOVE never waits for the broker. A broker out of reach is waited
+  for (the jobs are published once it is back); other failures are logged and the move
   stands; learning is best-effort.
 - The learn actor, in `tiermail learner` (a dramatiq Worker in-process, possibly on another
   machine): POSTs the message to rspamd's controller /learnspam or /learnham with the
@@ -73,6 +74,7 @@ from typing import Any
 
 import dramatiq
 import httpx
+import pika.exceptions
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import xq_name
@@ -145,6 +147,12 @@ class LearnOutcome(enum.Enum):
     ALREADY = "already learned"
     NOTHING = "nothing to learn"  # rspamd found too few tokens (HTTP 204)
     REFUSED = "refused"  # a 4xx that retrying will not change
+
+
+class BrokerUnreachable(Exception):
+    """A learn job could not be published because RabbitMQ could not be reached (down,
+    restarting, a network between): worth publishing again later, unlike a publish the broker
+    itself refused."""
 
 
 class LearnError(dramatiq.Retry):
@@ -341,9 +349,19 @@ class Learning:
                 decided_us: int) -> None:
         """`send` keeping this thread's broker connection for the next: a batch of jobs
         calls release_connection once at its end. `decided_us`: when the store decided
-        (DecisionClock), which orders the decisions for one message."""
-        self.actor.send(kind, user, guid, base64.b64encode(message).decode("ascii"),
-                        decided_us)
+        (DecisionClock), which orders the decisions for one message. BrokerUnreachable when
+        no connection could be had; pika's own ERROR lines and tracebacks for each of
+        dramatiq's connection attempts are kept out of the log."""
+        try:
+            with _pika_quiet():
+                self.actor.send(kind, user, guid, base64.b64encode(message).decode("ascii"),
+                                decided_us)
+        except dramatiq.errors.ConnectionClosed as exc:
+            # dramatiq wraps a refused publish (a channel error) the same way: that one is
+            # not retried, or one message the broker will never take would stop the rest.
+            if isinstance(exc.message, pika.exceptions.AMQPConnectionError):
+                raise BrokerUnreachable(str(exc)) from exc
+            raise
 
     def declare(self) -> None:
         """Declare the learn queues from this thread before the worker starts, so its
@@ -542,14 +560,18 @@ class LearningHook:
         return taken
 
     def _enqueue_all(self, kind: str, user: str, guids: list[str], decided_us: int) -> None:
-        """In the hook's thread: a job for each message, on one broker connection. When the
-        broker fails, the rest of the batch is given up with one log line, not one each."""
+        """In the hook's thread: a job for each message, on one broker connection. A broker
+        out of reach is waited for (later batches queue behind this one); when it refuses a
+        job, or the store stops meanwhile, the rest of the batch is given up with one log
+        line, not one each."""
         try:
             for done, guid in enumerate(guids):
                 if self._abandon.is_set():
                     left, why = len(guids) - done, "the store is stopping"
                 elif not self._enqueue(kind, user, guid, decided_us):
                     left, why = len(guids) - done - 1, "the broker failed"
+                    if self._abandon.is_set():
+                        left, why = len(guids) - done, "the store is stopping"
                 else:
                     continue
                 if left:
@@ -574,13 +596,30 @@ class LearningHook:
         if message is None:
             log.info("not learned: larger than %d octets", MAX_LEARN_SIZE, extra=extra)
             return True
-        try:
-            self._send(kind, user, guid, message, decided_us)
-        except Exception as exc:  # noqa: BLE001 - learning is best-effort; the move stands
-            log.warning("not learned: %s: %s", type(exc).__name__, exc, extra=extra)
+        if not self._send_once_reachable(kind, user, guid, message, decided_us, extra):
             return False
         log.info("learn job queued (%d octets)", len(message), extra=extra)
         return True
+
+    def _send_once_reachable(self, kind: str, user: str, guid: str, message: bytes,
+                             decided_us: int, extra: dict[str, str]) -> bool:
+        """Publish the job, trying again while the broker is out of reach (1 s doubling to
+        30 s, one WARNING line each time) until it is back or close() gives up. False when
+        the job was not published."""
+        delay = 1.0
+        while True:
+            try:
+                self._send(kind, user, guid, message, decided_us)
+                return True
+            except BrokerUnreachable as exc:
+                log.warning("learn jobs wait for the broker, unreachable (%s); trying again "
+                            "in %.0fs", exc, delay, extra=extra)
+            except Exception as exc:  # noqa: BLE001 - learning is best-effort; the move stands
+                log.warning("not learned: %s: %s", type(exc).__name__, exc, extra=extra)
+                return False
+            if self._abandon.wait(delay):
+                return False
+            delay = min(delay * 2, BROKER_RETRY_MAX)
 
     def _read(self, user: str, guid: str) -> bytes | None:
         with self._mailstore.open_message(user, guid) as file:
@@ -609,17 +648,34 @@ def _declare_once_reachable(learning: Learning, stop: threading.Event) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _pika_quiet() -> Any:
+class _PikaQuiet:
     """pika logs a failed connect at ERROR, with a traceback, several lines deep; the callers
-    of `Learning.declare` say it in one line."""
-    pika_log = logging.getLogger("pika")
-    level = pika_log.level
-    pika_log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        pika_log.setLevel(level)
+    of `Learning.declare` and `Learning.publish` say it in one line. Counted, so threads
+    quieting it at once leave pika's level as it was once the last is done."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._level = logging.NOTSET
+
+    @contextlib.contextmanager
+    def __call__(self) -> Any:
+        pika_log = logging.getLogger("pika")
+        with self._lock:
+            if not self._holders:
+                self._level = pika_log.level
+                pika_log.setLevel(logging.CRITICAL)
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if not self._holders:
+                    pika_log.setLevel(self._level)
+
+
+_pika_quiet = _PikaQuiet()
 
 
 async def _report_until(stop: threading.Event, settings: Settings,

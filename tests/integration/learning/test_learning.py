@@ -160,6 +160,35 @@ async def test_a_move_of_thousands_into_junk_queues_a_job_for_each(
     assert depth == count
 
 
+async def test_a_move_while_the_broker_is_down_is_queued_once_it_is_back(
+        learn_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """RabbitMQ restarting (or out of reach) while a user moves mail into Junk: the MOVE
+    goes through at once and its learn job waits in the store until the broker is back.
+    The store gave the job up at the first failed publish, so a broker restart of a few
+    seconds lost the training of every move made meanwhile."""
+    proxy = TcpProxy(5672)
+    proxy.cut()
+    maildb = MailDB.for_store(learn_settings.store_dir,
+                              inline_max=learn_settings.store_inline_max)
+    learning = Learning(broker_at(learn_settings, proxy.port))
+    hook = LearningHook(maildb, learning.publish, learning.close, learning.release_connection)
+    maildb.add_listener(hook.on_change)
+    try:
+        store = Store(maildb, hook)
+        uid, _ = await store.deliver()
+        caplog.set_level(logging.WARNING, logger="services.store.learning")
+        await maildb.move(ALICE, INBOX, [uid], JUNK)  # returns without the broker
+        await eventually(lambda: caplog.records, within=60, what="a publish to fail")
+        proxy.start()
+        await hook.close(grace=120)
+    finally:
+        await hook.close()
+        await maildb.close()
+        proxy.cut()
+    depth = await asyncio.to_thread(queue_depth, learn_settings, learn_queue(learn_settings))
+    assert depth == 1, caplog.text
+
+
 def test_the_controller_wants_the_password(rspamd_scanner: Scanner) -> None:
     body = b"Subject: x\r\n\r\n" + " ".join(secrets.token_hex(5) for _ in range(40)).encode()
     assert controller_learn(rspamd_scanner, "spam", body, password="").status_code == 401

@@ -16,6 +16,7 @@ from services.store import learning
 from services.store.learning import (
     HAM,
     SPAM,
+    BrokerUnreachable,
     LearnError,
     LearningHook,
     LearnOutcome,
@@ -129,6 +130,28 @@ async def test_a_failing_broker_is_logged_not_raised(caplog: pytest.LogCaptureFi
     hook.on_change(ChangeEvent("a@x.test", "copy", "INBOX", "Junk", ("g1",)))
     await hook.close()
     assert "not learned: ConnectionError: broker down" in caplog.text
+
+
+async def test_a_broker_out_of_reach_is_waited_for_until_the_store_stops(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The job waits for the broker (tests/integration/learning: published once it is back);
+    a store stopping meanwhile gives it up in one line instead of hanging on it."""
+    attempts = threading.Semaphore(0)
+
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
+        attempts.release()
+        raise BrokerUnreachable("connection refused")
+
+    hook = LearningHook(Store({"g1": b"body", "g2": b"body"}), send)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g1", "g2")))
+    for _ in range(2):  # tried again, not given up
+        assert await asyncio.to_thread(attempts.acquire, timeout=30)
+    await hook.close(grace=0.05)
+    await asyncio.to_thread(wait_until, lambda: "store is stopping" in caplog.text,
+                            timeout=30, what="the batch to give up")
+    assert "learn jobs wait for the broker, unreachable (connection refused)" in caplog.text
+    assert "not learned: 2 more messages of the same move (the store is stopping)" \
+        in caplog.text
 
 
 def test_the_retries_outlast_a_40_minute_controller_outage_whatever_the_jitter() -> None:
