@@ -316,7 +316,7 @@ class Learning:
     def __init__(self, settings: Settings, controller: RspamdController | None = None,
                  max_retries: int = MAX_RETRIES, ledger: LearnLedger | None = None) -> None:
         self.queue_name = learn_queue(settings)
-        self.broker = RabbitmqBroker(url=settings.amqp_url, confirm_delivery=True)
+        self.broker = _LearnBroker(url=settings.amqp_url, confirm_delivery=True)
         self._controller = controller or RspamdController(
             settings.rspamd_controller_url, settings.rspamd_controller_password)
         self._settings = settings
@@ -463,6 +463,53 @@ class Learning:
         level = logging.WARNING if result is LearnOutcome.REFUSED else logging.INFO
         log.log(level, "rspamd %s %s as %s (%d octets) %s", result.value, guid, kind,
                 len(message), detail, extra=context)
+
+
+class QuietJob(dramatiq.Message[Any]):
+    """A learn job that names its message but does not print it. dramatiq puts the job, its
+    arguments and so the user's whole mail in base64, into some of its own log lines: a
+    broker connection lost as the job ends, an exception other than LearnError."""
+
+    def __str__(self) -> str:
+        named = ", ".join(repr(arg) for arg in self.args[:3])  # kind, user, guid
+        return f"{self.actor_name}({named}, ...) {self.message_id}"
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+class _QuietConsumer(dramatiq.broker.Consumer):
+    """A consumer handing out its jobs as QuietJob; otherwise the one it wraps."""
+
+    def __init__(self, consumer: dramatiq.broker.Consumer) -> None:
+        self._consumer = consumer
+
+    def __next__(self) -> dramatiq.MessageProxy | None:
+        job = next(self._consumer)
+        if job is not None:
+            # What the worker, its middleware and its log lines see of the job.
+            job._message = QuietJob(**job._message.asdict())
+        return job
+
+    def ack(self, message: dramatiq.MessageProxy) -> None:
+        self._consumer.ack(message)
+
+    def nack(self, message: dramatiq.MessageProxy) -> None:
+        self._consumer.nack(message)
+
+    def requeue(self, messages: Any) -> None:
+        self._consumer.requeue(messages)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class _LearnBroker(RabbitmqBroker):
+    """dramatiq's RabbitMQ broker, its consumers handing out QuietJobs."""
+
+    def consume(self, queue_name: str, prefetch: int = 1,
+                timeout: int = 5000) -> dramatiq.broker.Consumer:
+        return _QuietConsumer(super().consume(queue_name, prefetch, timeout))
 
 
 # What dramatiq's retries and delays leave in a job's options.

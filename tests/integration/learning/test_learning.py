@@ -27,7 +27,13 @@ from services.devscanners.runner import Scanner
 from services.status import collect_status, format_status
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
-from services.store.learning import Learning, LearningHook, RspamdController, learn_queue
+from services.store.learning import (
+    SPAM,
+    Learning,
+    LearningHook,
+    RspamdController,
+    learn_queue,
+)
 from services.store.mailbox import INBOX, JUNK, TRASH, Delivery
 from tests.support import (
     TcpProxy,
@@ -239,6 +245,44 @@ def test_a_retried_learn_logs_no_message_and_no_traceback(
     [line] = [r for r in caplog.records if r.name == "services.store.learning"]
     assert line.levelno == logging.WARNING and "f" * 32 in line.getMessage()
 
+
+
+async def test_a_broker_lost_as_a_job_ends_logs_no_message(
+        learn_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """RabbitMQ restarting while rspamd learns a job: dramatiq cannot acknowledge it and
+    says so in a WARNING line that printed the job with its arguments: the user's whole mail
+    in base64, megabytes on one line. The line now names the job and its message only."""
+    secret = secrets.token_hex(16)
+    body = f"Subject: private\r\n\r\n{secret}\r\n".encode()
+    guid = "d" * 32
+    proxy = TcpProxy(5672)
+    controller = socket.create_server(("127.0.0.1", 0))  # an rspamd that answers when told
+    controller.settimeout(60)
+    learning = Learning(broker_at(learn_settings, proxy.port), RspamdController(
+        f"http://127.0.0.1:{controller.getsockname()[1]}", "pw"))
+    learning.declare()
+    learning.send(SPAM, ALICE, guid, body, 1)
+    caplog.set_level(logging.INFO)
+    worker = learning.worker(threads=1)
+    worker.start()
+    try:
+        connection, _ = await asyncio.to_thread(controller.accept)  # the job is under way
+        proxy.cut()
+        await eventually(lambda: "connection error" in caplog.text, within=60,
+                         what="the learner to lose the broker")
+        await asyncio.to_thread(connection.recv, 65536)
+        connection.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}')
+        connection.close()
+        await eventually(lambda: "post_process_message" in caplog.text, within=60,
+                         what="dramatiq to fail to acknowledge the job")
+    finally:
+        controller.close()
+        await asyncio.to_thread(worker.stop, 10_000)
+        learning.close()
+    [line] = [r.getMessage() for r in caplog.records if "post_process_message" in r.getMessage()]
+    assert guid in line, line
+    text = caplog.text
+    assert base64.b64encode(body).decode("ascii")[:40] not in text and secret not in text
 
 
 async def dead_letter(settings: Settings, guid: str, body: bytes) -> None:
