@@ -106,6 +106,10 @@ CONTROLLER_TIMEOUT = 60.0  # seconds; rspamd tokenises the whole message before 
 # (logged). Only their GUIDs wait: each message is read when its job is published.
 MAX_PENDING = 100_000
 WORKER_THREADS = 2
+# Retried jobs a learner holds in memory until they are due (dramatiq takes 1000 a thread
+# from the delay queue: up to MAX_LEARN_SIZE each, as base64, gigabytes while rspamd is down).
+# The rest wait in the broker.
+DELAY_PREFETCH = 20
 APPLIED_TTL_S = 2 * 3600  # retries end 43 to 87 min after a job's first try; then margin
 RUNNING_TTL_MS = TIME_LIMIT_MS + 30_000  # dramatiq stops an attempt after TIME_LIMIT_MS
 LEARNED_CHANGES = frozenset({"copy", "move", "append"})  # ChangeEvent kinds that may teach
@@ -403,7 +407,9 @@ class Learning:
             self.release_connection()
 
     def worker(self, threads: int = WORKER_THREADS) -> dramatiq.Worker:
-        return dramatiq.Worker(self.broker, worker_threads=threads)
+        worker = dramatiq.Worker(self.broker, worker_threads=threads)
+        worker.delay_prefetch = DELAY_PREFETCH
+        return worker
 
     @property
     def _ledger(self) -> LearnLedger:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from dramatiq.common import dq_name
 
 from common.health import read_heartbeats
 from common.ids import new_queue_id
@@ -28,6 +29,7 @@ from services.status import collect_status, format_status
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.learning import (
+    DELAY_PREFETCH,
     SPAM,
     Learning,
     LearningHook,
@@ -283,6 +285,31 @@ async def test_a_broker_lost_as_a_job_ends_logs_no_message(
     assert guid in line, line
     text = caplog.text
     assert base64.b64encode(body).decode("ascii")[:40] not in text and secret not in text
+
+
+async def test_a_learner_holds_few_retried_jobs_in_memory(settings: Settings) -> None:
+    """rspamd down: every job waits for its retry in the learn queue's delay queue, and a
+    learner keeps those it took in memory until they are due. dramatiq takes up to 1000 a
+    worker thread: a user moving a folder of large mails into Junk meanwhile (each job up to
+    13 MB of base64) put gigabytes into the learner, which the kernel ends, over and over."""
+    jobs = DELAY_PREFETCH + 10
+    learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"))
+    learning.declare()
+    for number in range(jobs):  # first retry in ten minutes: none is due during the test
+        learning.actor.send_with_options(
+            args=(SPAM, ALICE, f"{number:032x}", base64.b64encode(b"%d" % number).decode(), 1),
+            min_backoff=600_000, max_backoff=600_000)
+    learning.release_connection()
+    worker = learning.worker()
+    worker.start()
+    try:
+        waiting = dq_name(learning.queue_name)
+        await eventually(lambda: _depth_is(settings, waiting, jobs - DELAY_PREFETCH), within=60,
+                         what="the jobs beyond the learner's share left waiting")
+        assert learning.stats()["learn_retries"] == jobs
+    finally:
+        await asyncio.to_thread(worker.stop, 10_000)
+        learning.close()
 
 
 async def dead_letter(settings: Settings, guid: str, body: bytes) -> None:
