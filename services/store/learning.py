@@ -546,7 +546,8 @@ class LearningHook:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="learn-enqueue")
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pending = 0
+        self._pending = 0  # messages reserved, their batch not yet done (MAX_PENDING)
+        self._queued = 0  # messages of the batches waiting for the hook's thread
         self._lock = threading.Lock()
         self._closed = False
         self._abandon = threading.Event()  # the grace of close() is over: publish no more
@@ -568,7 +569,8 @@ class LearningHook:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self, grace: float = 10.0) -> None:
-        """Let scheduled jobs reach the broker for up to `grace` seconds, then stop."""
+        """Let scheduled jobs reach the broker for up to `grace` seconds, then stop; the
+        messages of moves that never got their turn are counted in one log line."""
         if self._closed:
             return
         self._closed = True
@@ -577,13 +579,17 @@ class LearningHook:
         self._abandon.set()
         for task in self._tasks:
             task.cancel()
-        if self._close is not None:
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(Exception):
-                # In the hook's thread: it owns the pika connection.
-                async with asyncio.timeout(grace):
-                    await loop.run_in_executor(self._executor, self._close)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(Exception):
+            # In the hook's thread (it owns the pika connection), after the batch under way.
+            async with asyncio.timeout(grace):
+                await loop.run_in_executor(self._executor, self._close or _nothing)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            left = self._queued  # batches that never started: the one under way says its own
+        if left:
+            log.warning("not learned: %d more messages of moves waiting for the broker (the "
+                        "store is stopping)", left, extra={"event": "learn"})
 
     async def _classify_and_enqueue(self, event: ChangeEvent, decided_us: int) -> None:
         extra = {"user": event.user, "event": "learn"}
@@ -607,6 +613,7 @@ class LearningHook:
         with self._lock:
             taken = list(guids[:max(MAX_PENDING - self._pending, 0)])
             self._pending += len(taken)
+            self._queued += len(taken)
         if len(taken) < len(guids):
             log.warning("not learned: %d of %d messages, %d already waiting for the broker",
                         len(guids) - len(taken), len(guids), MAX_PENDING, extra=extra)
@@ -617,6 +624,8 @@ class LearningHook:
         out of reach is waited for (later batches queue behind this one); when it refuses a
         job, or the store stops meanwhile, the rest of the batch is given up with one log
         line, not one each."""
+        with self._lock:
+            self._queued -= len(guids)
         try:
             for done, guid in enumerate(guids):
                 if self._abandon.is_set():
@@ -681,6 +690,10 @@ class LearningHook:
 
 
 BROKER_RETRY_MAX = 30.0  # seconds between attempts to reach the broker at start
+
+
+def _nothing() -> None:
+    pass
 
 
 def _declare_once_reachable(learning: Learning, stop: threading.Event) -> bool:

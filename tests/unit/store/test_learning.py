@@ -154,6 +154,29 @@ async def test_a_broker_out_of_reach_is_waited_for_until_the_store_stops(
         in caplog.text
 
 
+async def test_moves_queued_behind_a_broker_wait_are_not_lost_silently_at_stop(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Moves waiting behind one that waits for the broker: the store stopping gives them up
+    with a line that counts them (they vanished without one)."""
+    attempts = threading.Semaphore(0)
+
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
+        attempts.release()
+        raise BrokerUnreachable("connection refused")
+
+    hook = LearningHook(Store({g: b"body" for g in ("g1", "g2", "g3", "g4", "g5")}),
+                        send)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g1", "g2")))
+    assert await asyncio.to_thread(attempts.acquire, timeout=30)  # the first move waits
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g3", "g4")))
+    hook.on_change(ChangeEvent("a@x.test", "copy", "Junk", "INBOX", ("g5",)))
+    await hook.close(grace=1.0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not learned")]
+    assert lines == [
+        "not learned: 2 more messages of the same move (the store is stopping)",
+        "not learned: 3 more messages of moves waiting for the broker (the store is stopping)"]
+
+
 def test_the_retries_outlast_a_40_minute_controller_outage_whatever_the_jitter() -> None:
     """dramatiq waits MIN_BACKOFF * 2**k times 1 to 2 before retry k+1, and 0.5 to 1 times
     MAX_BACKOFF once that is over MAX_BACKOFF. The least it can wait in all must cover an
