@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiormq.abc import AbstractChannel
-from dramatiq.common import xq_name
+from dramatiq.common import dq_name, xq_name
 from pamqp.commands import Basic
 
 from common.envelope import Envelope, EnvelopeError
@@ -100,6 +100,12 @@ class Topology:
         """Spam-learning jobs: declared by dramatiq (its own classic queue and `.DQ`/`.XQ`
         companions, services/store/learning.py), not by `declare` below."""
         return f"{self.prefix}.learn"
+
+    @property
+    def learn_retry_queue(self) -> str:
+        """Learn jobs waiting for their retry (rspamd failed them): dramatiq's delay companion
+        of the learn queue. Each learner holds up to 20 of them, unacknowledged, until due."""
+        return dq_name(self.learn_queue)
 
     @property
     def learn_dead_queue(self) -> str:

@@ -141,7 +141,8 @@ async def _redis_status(settings: Settings) -> dict[str, Any]:
 
 
 # The queues status looks at, by their Topology property `<key>_queue`, in display order.
-QUEUE_KEYS = ("deliver", "large", "scan", "quarantine", "dead", "learn", "learn_dead")
+QUEUE_KEYS = ("deliver", "large", "scan", "quarantine", "dead", "learn", "learn_retry",
+              "learn_dead")
 
 
 def format_status(report: dict[str, Any]) -> str:

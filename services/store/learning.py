@@ -689,7 +689,7 @@ class LearningHook:
         return None if len(data) > MAX_LEARN_SIZE else data
 
 
-BROKER_RETRY_MAX = 30.0  # seconds between attempts to reach the broker at start
+BROKER_RETRY_MAX = 30.0  # seconds between attempts to reach the broker (learner start, learn jobs)
 
 
 def _nothing() -> None:

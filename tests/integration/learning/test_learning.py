@@ -291,7 +291,8 @@ async def test_a_learner_holds_few_retried_jobs_in_memory(settings: Settings) ->
     """rspamd down: every job waits for its retry in the learn queue's delay queue, and a
     learner keeps those it took in memory until they are due. dramatiq takes up to 1000 a
     worker thread: a user moving a folder of large mails into Junk meanwhile (each job up to
-    13 MB of base64) put gigabytes into the learner, which the kernel ends, over and over."""
+    13 MB of base64) put gigabytes into the learner, which the kernel ends, over and over.
+    `tiermail status` shows the rest waiting (it showed an empty learn queue)."""
     jobs = DELAY_PREFETCH + 10
     learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"))
     learning.declare()
@@ -307,6 +308,8 @@ async def test_a_learner_holds_few_retried_jobs_in_memory(settings: Settings) ->
         await eventually(lambda: _depth_is(settings, waiting, jobs - DELAY_PREFETCH), within=60,
                          what="the jobs beyond the learner's share left waiting")
         assert learning.stats()["learn_retries"] == jobs
+        shown = format_status(await collect_status(settings))
+        assert f"{waiting}: {jobs - DELAY_PREFETCH} messages, 1 consumers" in shown, shown
     finally:
         await asyncio.to_thread(worker.stop, 10_000)
         learning.close()
