@@ -78,6 +78,7 @@ import pika.exceptions
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import xq_name
+from dramatiq.middleware import Retries
 
 from common.health import Heartbeat
 from common.redisconn import REDIS_TIMEOUT, open_redis
@@ -325,6 +326,9 @@ class Learning:
             settings.rspamd_controller_url, settings.rspamd_controller_password)
         self._settings = settings
         self._own_ledger = ledger  # built on first use: only a learner uses it
+        # Before Retries in the list, so after it once a job is done: it sees the job failed.
+        self.broker.add_middleware(_GivenUp(xq_name(self.queue_name), self._count),
+                                   before=Retries)
         declare = dramatiq.actor(
             broker=self.broker, actor_name=ACTOR_NAME, queue_name=self.queue_name,
             max_retries=max_retries, min_backoff=MIN_BACKOFF_MS, max_backoff=MAX_BACKOFF_MS,
@@ -516,6 +520,27 @@ class _LearnBroker(RabbitmqBroker):
     def consume(self, queue_name: str, prefetch: int = 1,
                 timeout: int = 5000) -> dramatiq.broker.Consumer:
         return _QuietConsumer(super().consume(queue_name, prefetch, timeout))
+
+
+class _GivenUp(dramatiq.Middleware):
+    """Says when a learn job ran out of retries, naming its message and user (dramatiq's own
+    line names its job id only, and the job's last line said "retried later"); counted
+    `learn_dead`."""
+
+    def __init__(self, dead_queue: str, count: Callable[[str], None]) -> None:
+        self._dead_queue = dead_queue
+        self._count = count
+
+    def after_process_message(self, broker: dramatiq.Broker, message: Any, *,
+                              result: Any = None, exception: BaseException | None = None) -> None:
+        if exception is None or not message.failed or message.actor_name != ACTOR_NAME:
+            return
+        kind, user, guid = (*map(str, message.args[:3]), "?", "?", "?")[:3]
+        self._count("learn_dead")
+        log.warning("%s not learned as %s: out of retries after %d tries; the job waits in "
+                    "%s for a week (tiermail learner --retry-dead once rspamd's controller "
+                    "works)", guid, kind, message.options.get("retries", 0), self._dead_queue,
+                    extra={"user": user, "event": f"learn-{kind}", "queue_id": guid})
 
 
 # What dramatiq's retries and delays leave in a job's options.

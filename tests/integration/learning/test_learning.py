@@ -345,6 +345,21 @@ async def test_learn_jobs_that_ran_out_of_retries_are_a_problem_in_status(
     assert f"{dead_queue}: 1 messages" in format_status(report)
 
 
+async def test_a_job_out_of_retries_says_so_naming_its_message(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """The last try's line said "retried later", and dramatiq's own ("Retries exceeded for
+    message <its id>") named neither the message nor the user: an operator looking for why
+    a user's move taught nothing found no trace of it giving up."""
+    caplog.set_level(logging.INFO)
+    guid = "b" * 32
+    await dead_letter(settings, guid, b"Subject: x\r\n\r\nbody\r\n")
+    [line] = [r for r in caplog.records if "out of retries" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert (line.user, line.queue_id) == (ALICE, guid)  # type: ignore[attr-defined]
+    assert guid in line.getMessage() and "--retry-dead" in line.getMessage()
+    assert settings.topology.learn_dead_queue in line.getMessage()
+
+
 async def test_dead_learn_jobs_are_retried_once_rspamd_is_back(
         learn_settings: Settings, store: Store, rspamd_scanner: Scanner,
         run_tier: Callable[..., TierProcess]) -> None:
