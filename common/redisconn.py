@@ -9,13 +9,53 @@ new default cannot quietly take the bound away.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import redis.asyncio
 
-from common.settings import Settings
+from common.settings import Settings, SettingsError
 
 REDIS_TIMEOUT = 5.0  # seconds for connecting and for each reply
+START_CHECK_TIMEOUT = 3.0  # what a hung Redis may add to a tier's start
 
 
 def open_redis(settings: Settings, timeout: float = REDIS_TIMEOUT) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_url(settings.redis_url, socket_connect_timeout=timeout,
                                         socket_timeout=timeout)
+
+
+async def check_redis_url(settings: Settings) -> None:
+    """At a tier's start: a Redis that answers but refuses what TIERMAIL_REDIS_URL asks of it
+    (a database number it does not have: 16 by default, 0 to 15) would refuse it on every
+    retry, so it is a bad setting (SettingsError, exit 2). A Redis that does not answer, or
+    is busy (loading, running a script), is no setting's fault: the tier starts and works
+    without it until it is back, as when it goes away later (failure contract)."""
+    client = open_redis(settings, START_CHECK_TIMEOUT)
+    try:
+        await client.ping()  # connecting sends SELECT with the URL's database number
+    except redis.exceptions.ResponseError as exc:
+        # A plain "ERR" refuses the command's arguments; the other codes (BUSY, MASTERDOWN,
+        # NOPERM, ...) come as subclasses or other codes and may pass.
+        if type(exc) is redis.exceptions.ResponseError and getattr(exc, "status_code",
+                                                                    None) == "ERR":
+            raise SettingsError(f"TIERMAIL_REDIS_URL={_without_password(settings.redis_url)}: "
+                                f"Redis refuses it: {exc}{_hint(str(exc))}") from None
+    except (redis.exceptions.RedisError, OSError):
+        pass  # down or hung: each part of the tier says so and retries
+    finally:
+        await client.aclose()
+
+
+def _hint(error: str) -> str:
+    if "DB index" in error:
+        return (" (the database number in the URL must be below the server's `databases`, "
+                "16 unless redis.conf sets another)")
+    return ""
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+                          ).geturl()

@@ -24,7 +24,7 @@ from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
 from common.listen import binding
 from common.ratelimit import RateLimiter, RateLimits, RedisCounter
-from common.redisconn import open_redis
+from common.redisconn import check_redis_url, open_redis
 from common.settings import Settings
 from common.tasks import stop_task
 from common.tls import server_context
@@ -94,6 +94,8 @@ async def open_worker(
                     "and postmaster@ a domain only where that address exists (RFC 5321 4.5.1 "
                     "wants both accepted); see docs/operations.md, 'The postmaster'",
                     extra={"event": "no-postmaster"})
+    if directory is None or rate_limits is None:
+        await check_redis_url(settings)
     async with contextlib.AsyncExitStack() as stack:
         client: redis.asyncio.Redis | None = None
         if directory is None:

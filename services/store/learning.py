@@ -81,7 +81,7 @@ from dramatiq.common import xq_name
 from dramatiq.middleware import Retries
 
 from common.health import Heartbeat
-from common.redisconn import REDIS_TIMEOUT, open_redis
+from common.redisconn import REDIS_TIMEOUT, check_redis_url, open_redis
 from common.settings import Settings
 from services.store.mailbox import (
     HIERARCHY_DELIMITER,
@@ -783,6 +783,7 @@ async def _report_until(stop: threading.Event, settings: Settings,
 def run_worker(settings: Settings, stop: threading.Event | None = None) -> int:
     """`tiermail learner`: consume learn jobs until SIGTERM/SIGINT (or `stop` is set)."""
     stop = stop or threading.Event()
+    asyncio.run(check_redis_url(settings))  # the learn ledger's database
     learning = Learning(settings)
 
     def request_stop(signum: int, frame: Any) -> None:

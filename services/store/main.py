@@ -32,7 +32,7 @@ from common.fdlimit import raise_open_file_limit
 from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
 from common.listen import lock_directory
-from common.redisconn import open_redis
+from common.redisconn import check_redis_url, open_redis
 from common.settings import Settings
 from common.tasks import stop_task
 from common.tls import server_context
@@ -86,6 +86,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                           "TIERMAIL_IMAP_MAX_CONNECTIONS + TIERMAIL_POP3_MAX_CONNECTIONS",
                           reserve=STORE_FILES)
     server_context(settings)  # a configured but unusable certificate stops the start here
+    await check_redis_url(settings)  # so does a database number Redis does not have
 
     async with AsyncExitStack() as stack:
         # Before anything touches the mailboxes: a second store on the same data (a second

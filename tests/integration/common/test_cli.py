@@ -273,6 +273,35 @@ def test_a_mistyped_certificate_path_stops_every_tier_with_one_line(settings: Se
         assert "cert.pme: no such file" in done.stderr
 
 
+def test_a_redis_database_the_server_does_not_have_stops_every_tier_with_one_line(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """TIERMAIL_REDIS_URL with a database number past the server's 16: Redis refuses the
+    SELECT on every connection. The tiers took it for Redis being down and retried for ever
+    (the filter answering 451 to every recipient); only `tiermail status` showed why."""
+    wrong = settings.replace(redis_url="redis://127.0.0.1:6379/99", learn="rspamd")
+    for tier in ("filter", "store", "learner"):
+        process = run_tier(wrong, tier)
+        wait_until(lambda process=process: not process.alive, timeout=30,
+                   what=f"{tier} to exit")
+        assert process.proc.returncode == 2, (tier, process.output())
+        assert process.output().splitlines()[-1].startswith(
+            "tiermail: bad setting: TIERMAIL_REDIS_URL=redis://127.0.0.1:6379/99: Redis "
+            "refuses it: DB index is out of range"), (tier, process.output())
+
+
+def test_the_tiers_start_while_redis_is_down(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """Unlike a database Redis refuses, a Redis that does not answer is waited for."""
+    down = settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/1", learn="rspamd")
+    started = {"filter": "filter worker ready", "store": "store running",
+               "learner": "learner running"}
+    for tier, line in started.items():
+        process = run_tier(down, tier)
+        wait_until(lambda process=process, line=line: line in process.output()
+                   or not process.alive, timeout=60, what=f"{tier} to start")
+        assert process.alive, (tier, process.output())
+
+
 def test_aliases_refuse_what_cannot_be_delivered_and_warn_of_surprises(
         settings: Settings, redis_client: redis.Redis) -> None:
     tiermail(settings, "domain", "add", "example.org")
