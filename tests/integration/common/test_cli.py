@@ -62,6 +62,16 @@ def test_accounts_are_stored_hashed_and_mirrored(settings: Settings,
     assert listing.stdout.split() == ["alice@example.org"]
 
 
+def test_adding_a_domain_again_says_it_exists(settings: Settings) -> None:
+    """It said "domain example.org added" again, with the postmaster hint for a new domain."""
+    tiermail(settings, "domain", "add", "example.org")
+    again = tiermail(settings, "domain", "add", "Example.ORG")
+    assert again.returncode == 0  # as `alias add` of an existing alias: the state asked for
+    assert again.stdout == "domain example.org already exists; nothing changed\n"
+    assert again.stderr == ""
+    assert tiermail(settings, "domain", "list").stdout == "example.org\n"
+
+
 def test_a_domain_added_with_a_postmaster_configured_needs_no_hint(settings: Settings) -> None:
     configured = dataclasses.replace(settings, postmaster="alice@example.org")
     added = tiermail(configured, "domain", "add", "example.org")
