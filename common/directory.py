@@ -423,8 +423,15 @@ def aliases_reaching_no_mailbox(users: Collection[str],
                                 aliases: Mapping[str, Sequence[str]]) -> list[str]:
     """The alias sources that resolve to no mailbox: loops, chains deeper than
     MAX_ALIAS_DEPTH, targets that exist nowhere. The filter refuses mail to them (550);
-    `tiermail` warns when a change leaves one. The rules are Directory._expand's, over the
-    account database's users and aliases instead of Redis."""
+    `tiermail` warns when a change leaves one."""
+    return [source for source in aliases if not reaches_mailbox(users, aliases, source)]
+
+
+def reaches_mailbox(users: Collection[str], aliases: Mapping[str, Sequence[str]],
+                    address: str) -> bool:
+    """Whether the filter would find a mailbox for `address` (a user, an alias, or an
+    address of a domain with a catch-all "@domain"). The rules are Directory._expand's,
+    over the account database's users and aliases instead of Redis."""
     def reaches(address: str, depth: int, seen: set[str]) -> bool:
         is_user = address in users
         if address in seen:
@@ -442,7 +449,7 @@ def aliases_reaching_no_mailbox(users: Collection[str],
             found = reaches(target, depth + 1, seen) or found
         return found
 
-    return [source for source in aliases if not reaches(source, 0, set())]
+    return reaches(address, 0, set())
 
 
 def _split_targets(raw: bytes | str) -> list[str]:

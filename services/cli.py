@@ -838,13 +838,23 @@ def _dead_aliases(settings: Settings) -> set[str]:
 
 def _alias_warnings(settings: Settings, source: str, targets: tuple[str, ...]) -> list[str]:
     """What an operator may not mean: a source that is a user (the alias takes its mail
-    away), targets that are neither users nor aliases (nothing receives that copy)."""
+    away), targets that are neither users nor aliases (nothing receives that copy, or only
+    their domain's catch-all does)."""
+    from common.directory import domain_of, reaches_mailbox
+
     with _accounts(settings) as accounts:
         aliases = accounts.aliases()
-        warnings = [f"{target} is neither a user nor an alias: it gets no mail until it is one"
-                    for target in targets
-                    if not accounts.user_exists(target) and target not in aliases]
-        if accounts.user_exists(source) and source not in targets:
+        users = set(accounts.users())
+        warnings = []
+        for target in (t for t in targets if t not in users and t not in aliases):
+            catch_all = "@" + domain_of(target)
+            if reaches_mailbox(users, aliases, target):  # as the filter resolves it
+                warnings.append(f"{target} is neither a user nor an alias: its mail goes to "
+                                f"the catch-all {catch_all} (-> {', '.join(aliases[catch_all])})")
+            else:
+                warnings.append(f"{target} is neither a user nor an alias: it gets no mail "
+                                "until it is one")
+        if source in users and source not in targets:
             warnings.append(f"{source} is a user: its mail now goes to the alias targets "
                             f"only (add {source} itself as a target to keep it)")
     return warnings

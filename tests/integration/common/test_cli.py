@@ -16,9 +16,11 @@ from pathlib import Path
 import redis
 
 from common.broker import close_connection, open_channel
+from common.directory import Directory
 from common.health import heartbeat_key
 from common.listen import lock_directory
 from common.passwords import verify_password
+from common.redisconn import open_redis
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
 from tests.support import (
@@ -310,6 +312,38 @@ def test_the_tiers_start_while_redis_is_down(
         wait_until(lambda process=process, line=line: line in process.output()
                    or not process.alive, timeout=60, what=f"{tier} to start")
         assert process.alive, (tier, process.output())
+
+
+def test_an_alias_target_a_catch_all_takes_is_not_said_to_get_no_mail(
+        settings: Settings) -> None:
+    """The filter delivers mail for an address that is neither a user nor an alias to its
+    domain's catch-all (Directory._expand); `alias add` warned that such a target "gets no
+    mail until it is one" all the same."""
+    for domain in ("example.org", "other.example"):
+        tiermail(settings, "domain", "add", domain)
+    tiermail(settings, "user", "add", "alice@example.org", "--password-stdin", stdin="pw\n")
+    tiermail(settings, "alias", "add", "@example.org", "alice@example.org")
+    tiermail(settings, "alias", "add", "@other.example", "ghost@other.example")
+
+    caught = tiermail(settings, "alias", "add", "sales@example.org", "dave@example.org")
+    assert caught.returncode == 0
+    assert caught.stderr == ("tiermail: warning: dave@example.org is neither a user nor an "
+                             "alias: its mail goes to the catch-all @example.org "
+                             "(-> alice@example.org)\n")
+    assert asyncio.run(_resolved(settings, "sales@example.org")) == ("alice@example.org",)
+    # A catch-all that reaches no mailbox itself takes nothing: that warning stays.
+    lost = tiermail(settings, "alias", "add", "sales@example.org", "bob@other.example")
+    assert "bob@other.example is neither a user nor an alias: it gets no mail until it is " \
+        "one" in lost.stderr
+
+
+async def _resolved(settings: Settings, address: str) -> tuple[str, ...]:
+    """The mailboxes the filter finds for `address` in the Redis directory."""
+    client = open_redis(settings)
+    try:
+        return (await Directory(client, settings.redis_prefix).resolve(address)).mailboxes
+    finally:
+        await client.aclose()
 
 
 def test_aliases_refuse_what_cannot_be_delivered_and_warn_of_surprises(
