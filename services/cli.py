@@ -705,25 +705,51 @@ def user_quota(settings: Settings, args: argparse.Namespace) -> int:
         return _show_quota(settings, normalize_address(args.address))
     stored = parse_size(args.size)
     limit = effective_quota(stored, settings.default_quota)
+    user = normalize_address(args.address)
     known: dict[str, int] = {}
-    _change(settings, lambda a: a.set_quota(args.address, stored),
-            lambda d: _publish_quota(d, settings, args.address, limit, known))
-    _print_quota(normalize_address(args.address), stored, settings.default_quota,
-                 known.get("usage"))  # no usage when Redis was out of reach
+
+    def db_change(accounts: Any) -> None:
+        accounts.set_quota(user, stored)
+        usage = _usage_saying_why_not(settings, user)  # read once the account is known
+        if usage is not None:
+            known["usage"] = usage
+
+    _change(settings, db_change,
+            lambda d: _publish_quota(d, user, limit, known.get("usage")))
+    _print_quota(user, stored, settings.default_quota, known.get("usage"))
     return 0
+
+
+def _usage_saying_why_not(settings: Settings, user: str) -> int | None:
+    """The usage in the store's index; None, with a warning naming the index, when it cannot
+    be read (the quota is saved all the same; the CLI then flags nothing in Redis)."""
+    from services.store.backends.maildb import stored_usage
+    from services.store.mailbox import StorageError
+
+    try:
+        return stored_usage(settings.store_dir, user)
+    except StorageError as exc:
+        print(f"tiermail: warning: quota saved, but {exc}; its usage is unknown",
+              file=sys.stderr)
+        return None
 
 
 def _show_quota(settings: Settings, address: str) -> int:
     """`user quota ADDR`: the quota and the usage the store's index holds, changing nothing
     (an operator asking why a sender got 452 4.2.2 had no way to see the usage)."""
     from services.store.backends.maildb import stored_usage
+    from services.store.mailbox import StorageError
 
     with _accounts(settings) as accounts:
         if not accounts.user_exists(address):
             raise CommandError(f"no such user: {address}")
         stored = accounts.stored_quotas()[address]
-    _print_quota(address, stored, settings.default_quota,
-                 stored_usage(settings.store_dir, address))
+    try:
+        usage = stored_usage(settings.store_dir, address)
+    except StorageError as exc:
+        _print_quota(address, stored, settings.default_quota, None)
+        raise CommandError(str(exc)) from None
+    _print_quota(address, stored, settings.default_quota, usage)
     return 0
 
 
@@ -739,16 +765,16 @@ def _print_quota(address: str, stored: int | None, default: int, usage: int | No
              if limit is not None and usage >= limit else ""))
 
 
-async def _publish_quota(directory: Any, settings: Settings, address: str,
-                         limit: int | None, known: dict[str, int]) -> None:
+async def _publish_quota(directory: Any, user: str, limit: int | None,
+                         usage: int | None) -> None:
     """Flag the mailbox full or not at once, by the usage in the store's index (the store
     publishes usage to Redis only for accounts with a limit: what Redis held could be old);
-    the store reconciles every quota within seconds anyway (services/store/quota.py)."""
+    the store reconciles every quota within seconds anyway (services/store/quota.py). With
+    no usage (an index that cannot be read) nothing is flagged."""
     from common.directory import QuotaState
-    from services.store.backends.maildb import stored_usage
 
-    user = normalize_address(address)
-    usage = known["usage"] = stored_usage(settings.store_dir, user)
+    if usage is None:
+        return
     over = limit is not None and usage >= limit
     await directory.set_quota_states({user: QuotaState(usage, over, limit)})
 

@@ -2232,15 +2232,20 @@ def _mailbox_name(conn: sqlite3.Connection, box_id: int) -> str:
 def stored_usage(store_dir: Path, user: str) -> int:
     """The octets a user's mail takes, read from the index by another process (the CLI):
     the authority, where Redis holds the store's last report (only for accounts with a
-    limit). 0 for an account that has no mail yet."""
+    limit). 0 for an account that has no mail yet. StorageError naming the index when it
+    cannot be read (damaged, unreadable)."""
     index = store_user_path(store_dir, user) / "index.sqlite"
     if not index.exists():
         return 0
-    conn = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=30)
     try:
-        return _usage(conn)
-    finally:
-        conn.close()
+        conn = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=30)
+        try:
+            return _usage(conn)
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        raise StorageError(f"the mail index of {user} cannot be read ({exc}): {index}") \
+            from None
 
 
 def _usage(conn: sqlite3.Connection) -> int:

@@ -23,6 +23,7 @@ from common.passwords import verify_password
 from common.redisconn import open_redis
 from common.settings import Settings
 from services.store.backends.accounts import AccountDB
+from services.store.backends.maildb import store_user_path
 from tests.support import (
     REPO,
     TierProcess,
@@ -344,6 +345,29 @@ async def _resolved(settings: Settings, address: str) -> tuple[str, ...]:
         return (await Directory(client, settings.redis_prefix).resolve(address)).mailboxes
     finally:
         await client.aclose()
+
+
+def test_a_quota_for_a_user_whose_mail_index_is_damaged_names_the_index(
+        settings: Settings) -> None:
+    """Setting it said "saved, but the Redis directory was not updated (file is not a
+    database)", blaming Redis for the index; showing it was an sqlite3 traceback."""
+    tiermail(settings, "domain", "add", "example.org")
+    tiermail(settings, "user", "add", "alice@example.org", "--password-stdin", stdin="pw\n")
+    index = store_user_path(settings.store_dir, "alice@example.org") / "index.sqlite"
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_bytes(b"not a database" * 100)
+    unreadable = f"the mail index of alice@example.org cannot be read (file is not a " \
+                 f"database): {index}"
+
+    set_quota = tiermail(settings, "user", "quota", "alice@example.org", "1G")
+    assert (set_quota.returncode, set_quota.stdout) == (0, "quota of alice@example.org: 1G\n")
+    assert set_quota.stderr == f"tiermail: warning: quota saved, but {unreadable}; its " \
+                               "usage is unknown\n"
+    assert tiermail(settings, "user", "list").stdout == "alice@example.org  quota 1G\n"
+
+    shown = tiermail(settings, "user", "quota", "alice@example.org")
+    assert (shown.returncode, shown.stdout) == (1, "quota of alice@example.org: 1G\n")
+    assert shown.stderr == f"tiermail: {unreadable}\n"
 
 
 def test_aliases_refuse_what_cannot_be_delivered_and_warn_of_surprises(
