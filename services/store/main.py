@@ -86,7 +86,6 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                           "TIERMAIL_IMAP_MAX_CONNECTIONS + TIERMAIL_POP3_MAX_CONNECTIONS",
                           reserve=STORE_FILES)
     server_context(settings)  # a configured but unusable certificate stops the start here
-    await check_redis_url(settings)  # so does a database number Redis does not have
 
     async with AsyncExitStack() as stack:
         # Before anything touches the mailboxes: a second store on the same data (a second
@@ -97,6 +96,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
         maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
         stack.push_async_callback(maildb.close)
+        await check_redis_url(settings)  # a database number Redis does not have: exit 2
         swept = await maildb.sweep()
         log.info("mail store ready at %s (sweep checked %d users, removed %d files)",
                  maildb.root, swept.users, swept.files_removed, extra={"event": "sweep"})
