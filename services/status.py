@@ -44,6 +44,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
             problems.append(f"no {tier} process is reporting")
     problems += _unconsumed(broker)
     problems += _cut_off_filters(redis.get("processes", []))
+    problems += _scanners_down(redis.get("processes", []), settings)
     problems += _storage_problems(redis.get("processes", []))
     return {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
 
@@ -85,6 +86,34 @@ def _cut_off_filters(beats: list[dict[str, Any]]) -> list[str]:
         "publishes (a resource alarm? rabbitmqctl eval 'rabbit_alarm:get_alarms().'): it "
         "answers 451 at MAIL FROM" for beat in beats
         if beat.get("tier") == "filter" and beat.get("broker_not_confirming")]
+
+
+# What a filter does with mail while a scanner does not answer (TIERMAIL_SCAN_FAILURE).
+_WHILE_SCANNER_DOWN = {
+    "tempfail": "messages get 451 4.7.0 until it answers",
+    "accept": "messages are accepted without its scan",
+    "defer": "messages wait unscanned in {scan_queue} until it answers",
+}
+
+
+def _scanners_down(beats: list[dict[str, Any]], settings: Settings) -> list[str]:
+    """Scanners whose last call from a filter failed (down, refusing, timing out, answering
+    garbage): with the default policy every message is refused meanwhile."""
+    now = time.time()
+    problems = []
+    for beat in beats:
+        down = beat.get("scanners_down")
+        if beat.get("tier") != "filter" or not isinstance(down, dict):
+            continue
+        policy = str(beat.get("scan_failure", ""))
+        effect = _WHILE_SCANNER_DOWN.get(policy, "").format(
+            scan_queue=settings.topology.scan_queue)
+        for scanner, since in sorted(down.items()):
+            problems.append(
+                f"filter {beat.get('host')}:{beat.get('pid')}: {scanner} has not answered for "
+                f"{max(now - since, 0):.0f} s: {effect} (TIERMAIL_SCAN_FAILURE={policy}; "
+                "the filter log says why)")
+    return problems
 
 
 def _storage_problems(beats: list[dict[str, Any]]) -> list[str]:

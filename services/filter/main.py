@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 AMQP_CONNECT_TIMEOUT = 5.0
 STAY_CONNECTED_INTERVAL = 2.0  # seconds between checks that the broker connection is up
+SCANNER_RECHECK_INTERVAL = 5.0  # seconds between pings of a scanner whose last call failed
 
 
 @dataclass
@@ -122,6 +123,8 @@ async def open_worker(
         if scanners is None:
             scanners = Scanners.from_settings(settings)
             stack.push_async_callback(scanners.aclose)
+        if scanners.enabled:
+            stack.push_async_callback(stop_task, asyncio.create_task(_recheck_down(scanners)))
         if rules is None:
             rules = default_rules(settings, scanners, stats)
         # Redis is at hand only with the real directory (tests that inject one get a ledger
@@ -147,7 +150,7 @@ async def open_worker(
             stack.push_async_callback(stop_task, asyncio.create_task(unconfirmed.run()))
             await stack.enter_async_context(
                 Heartbeat(client, settings.redis_prefix, "filter",
-                          lambda: _health(server, stats, publisher))
+                          lambda: _health(server, stats, publisher, scanners, settings))
             )
         drainer: DeferredScanner | None = None
         if scanners.enabled and drain_scan_queue is not False:
@@ -174,11 +177,21 @@ def _redis_client(settings: Settings, stack: contextlib.AsyncExitStack) -> redis
     return client
 
 
-def _health(server: FilterServer, stats: WorkerStats, publisher: MessagePublisher
-            ) -> dict[str, object]:
+def _health(server: FilterServer, stats: WorkerStats, publisher: MessagePublisher,
+            scanners: Scanners, settings: Settings) -> dict[str, object]:
     return {"ports": server.ports, "data_held": server.data_held,
             "broker_connected": publisher.connected,
-            "broker_not_confirming": publisher.stalled, **stats.snapshot()}
+            "broker_not_confirming": publisher.stalled,
+            "scanners_down": scanners.down(), "scan_failure": settings.scan_failure,
+            **stats.snapshot()}
+
+
+async def _recheck_down(scanners: Scanners) -> None:
+    """Ping a scanner whose last call failed until it answers, so that `scanners_down`
+    (tiermail status) is cleared when it is back, not only at the next message."""
+    while True:
+        await asyncio.sleep(SCANNER_RECHECK_INTERVAL)
+        await scanners.ping_down()
 
 
 async def _stay_connected(publisher: Publisher) -> None:

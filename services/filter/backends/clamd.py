@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from services.filter.backends.availability import Availability
 from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
 from services.filter.backends.streams import open_socket
 from services.filter.protocol.clamd import (
@@ -34,10 +35,15 @@ class ClamdClient:
         self._address = address
         self._timeout = timeout
         self._stream_max = stream_max
+        self.availability = Availability(NAME)
 
     async def scan(self, content: bytes) -> ClamdResult:
         if len(content) > self._stream_max:
             raise StreamTooLarge(len(content), self._stream_max)
+        with self.availability.watch():
+            return await self._scan(content)
+
+    async def _scan(self, content: bytes) -> ClamdResult:
         try:
             async with asyncio.timeout(self._timeout):
                 reply = await self._instream(content)
@@ -71,6 +77,11 @@ class ClamdClient:
             sock.close()
 
     async def ping(self) -> bool:
+        answered = await self._ping()
+        self.availability.record(answered=answered)
+        return answered
+
+    async def _ping(self) -> bool:
         try:
             async with asyncio.timeout(min(self._timeout, 5.0)):
                 loop = asyncio.get_running_loop()

@@ -13,6 +13,7 @@ import asyncio
 import httpx
 
 from common.envelope import Envelope
+from services.filter.backends.availability import Availability
 from services.filter.backends.errors import ScannerUnavailable
 from services.filter.protocol.rspamd import (
     CHECK_PATH,
@@ -40,8 +41,13 @@ class RspamdClient:
                                 max_keepalive_connections=max_connections),
             trust_env=False,  # never an HTTP proxy from the environment
         )
+        self.availability = Availability(NAME)
 
     async def check(self, envelope: Envelope, content: bytes) -> RspamdResult:
+        with self.availability.watch():
+            return await self._check(envelope, content)
+
+    async def _check(self, envelope: Envelope, content: bytes) -> RspamdResult:
         headers = request_headers(envelope, self._hostname)
         try:
             async with asyncio.timeout(self._timeout):
@@ -56,6 +62,11 @@ class RspamdClient:
             raise ScannerUnavailable(NAME, str(exc)) from exc
 
     async def ping(self) -> bool:
+        answered = await self._ping()
+        self.availability.record(answered=answered)
+        return answered
+
+    async def _ping(self) -> bool:
         try:
             async with asyncio.timeout(min(self._timeout, 5.0)):
                 response = await self._http.get(PING_PATH)

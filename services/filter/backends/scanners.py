@@ -40,11 +40,27 @@ class Scanners:
     def enabled(self) -> bool:
         return self.spam is not None or self.virus is not None
 
+    @property
+    def clients(self) -> list[RspamdClient | SpamdClient | ClamdClient]:
+        return [c for c in (self.virus, self.spam) if c is not None]
+
     async def unavailable(self) -> list[str]:
         """Names of the configured scanners that do not answer a ping now."""
-        clients = [c for c in (self.virus, self.spam) if c is not None]
+        clients = self.clients
         answers = await asyncio.gather(*(c.ping() for c in clients))
         return [c.name for c, ok in zip(clients, answers, strict=True) if not ok]
+
+    def down(self) -> dict[str, float]:
+        """Scanner name -> since when it has not answered (time.time()), for those whose
+        last call failed."""
+        return {c.name: c.availability.down_since for c in self.clients
+                if c.availability.down_since is not None}
+
+    async def ping_down(self) -> None:
+        """Ping the scanners whose last call failed, so that one that answers again is
+        seen as up even while no mail comes to scan."""
+        await asyncio.gather(*(c.ping() for c in self.clients
+                               if c.availability.down_since is not None))
 
     async def aclose(self) -> None:
         for client in (self.spam, self.virus):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.filter.backends.availability import Availability
 from services.filter.backends.errors import ScannerUnavailable
 from services.filter.backends.streams import close_stream, open_stream
 from services.filter.protocol.spamd import (
@@ -28,8 +29,13 @@ class SpamdClient:
     def __init__(self, address: str, timeout: float) -> None:
         self._address = address
         self._timeout = timeout
+        self.availability = Availability(NAME)
 
     async def check(self, content: bytes, user: str | None = None) -> SpamdResult:
+        with self.availability.watch():
+            return await self._check(content, user)
+
+    async def _check(self, content: bytes, user: str | None = None) -> SpamdResult:
         try:
             async with asyncio.timeout(self._timeout):
                 reply = await self._exchange(symbols_request(content, user))
@@ -55,6 +61,11 @@ class SpamdClient:
             await close_stream(writer)
 
     async def ping(self) -> bool:
+        answered = await self._ping()
+        self.availability.record(answered=answered)
+        return answered
+
+    async def _ping(self) -> bool:
         try:
             async with asyncio.timeout(min(self._timeout, 5.0)):
                 reply = await self._exchange(b"PING SPAMC/1.5\r\n\r\n")
