@@ -64,6 +64,11 @@ log = logging.getLogger(__name__)
 
 GREETING_IDENT = "ESMTP tiermail"
 TIMEOUT_REPLY = "421 4.4.2 Timeout exceeded, closing connection"
+# From the end of DATA to our reply the scanners may take TIERMAIL_SCAN_TIMEOUT (each call has
+# its own timeout; they run concurrently) and the publish its deadline; this is for the rest
+# (the local rules, the unconfirmed-publish ledger's Redis write), so that a timed-out scan or
+# publish still gets its own reply instead of the session being cut with 421.
+PROCESSING_SLACK = 10.0
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ class ServerLimits:
             exempt=parse_networks(settings.rate_limit_exempt),
             command_timeout=settings.smtp_command_timeout,
             data_timeout=settings.smtp_data_timeout,
-            processing_timeout=publish_deadline + 30.0,
+            processing_timeout=settings.scan_timeout + publish_deadline + PROCESSING_SLACK,
             max_errors=settings.smtp_max_errors,
             data_memory=settings.smtp_data_memory,
         )

@@ -22,6 +22,7 @@ from tests.integration.scanning.conftest import (
     send_one,
     take_all,
 )
+from tests.support import TcpProxy
 
 
 async def send(port: int, data: bytes) -> tuple[int, str]:
@@ -186,3 +187,24 @@ async def test_rspamd_soft_reject_is_a_temporary_refusal(scan_settings: Settings
             "retry later", extra_headers=b"X-Tiermail-Test: soft-reject\r\n")))
         assert reply == replies.SPAM_TEMPFAIL, reply
     assert await depth(scan_settings, scan_settings.topology.deliver_queue) == 0
+
+
+async def test_a_scan_timeout_above_30_s_is_waited_out_not_cut_off(
+        scan_settings: Settings) -> None:
+    """The session's bound from the end of DATA to our reply must make room for
+    TIERMAIL_SCAN_TIMEOUT: it allowed 30 s for scanning whatever the setting, so a longer
+    scan timeout (full signature sets scan large mail slowly) ended the session with 421 and
+    the scan-failure policy was never applied."""
+    host, _, port = scan_settings.clamd_address.rpartition(":")
+    proxy = TcpProxy(int(port), host)
+    # With a 1 s publish timeout the old bound was 5 + 1 + 30 = 36 s.
+    slow = scan_settings.replace(clamd_address=f"127.0.0.1:{proxy.port}", scan_timeout=37.0,
+                                 publish_timeout=1.0)
+    try:
+        proxy.hang()
+        async with open_worker(slow, drain_scan_queue=False) as worker:
+            reply = reply_of(*await send(worker.ports[0], ham()))
+            assert reply == replies.SCANNER_UNAVAILABLE, reply
+            assert worker.stats.scan_tempfailed == 1
+    finally:
+        proxy.cut()
