@@ -25,7 +25,12 @@ ADD_HEADER = "add header"
 REWRITE_SUBJECT = "rewrite subject"
 SOFT_REJECT = "soft reject"
 REJECT = "reject"
-ACTIONS = frozenset({NO_ACTION, GREYLIST, ADD_HEADER, REWRITE_SUBJECT, SOFT_REJECT, REJECT})
+# Without a score threshold: only an operator's rule (force_actions, multimap) gives them,
+# once the actions are declared in rspamd's actions.conf.
+DISCARD = "discard"
+QUARANTINE = "quarantine"
+ACTIONS = frozenset({NO_ACTION, GREYLIST, ADD_HEADER, REWRITE_SUBJECT, SOFT_REJECT, REJECT,
+                     DISCARD, QUARANTINE})
 
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 

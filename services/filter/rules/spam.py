@@ -2,10 +2,16 @@
 
 rspamd decides with its own thresholds; we map its action:
 
-    reject                      -> 550 5.7.1 (rspamd's smtp_message when it gives one)
+    reject, discard             -> 550 5.7.1 (rspamd's smtp_message when it gives one)
     soft reject, greylist       -> 451 4.7.1
-    add header, rewrite subject -> accepted, X-Spam headers, filed into Junk
+    add header, rewrite subject,
+    quarantine                  -> accepted, X-Spam headers, filed into Junk
     no action                   -> accepted, X-Spam-Status: No
+
+`discard` (a milter drops the message silently) is refused instead: we never lose a message
+without a word, and at DATA the sender's server is the one to tell its user. `quarantine` (a
+milter's MTA holds the message for its administrator) goes to the recipient's Junk, where the
+recipient can review it; tiermail's quarantine queue is for infected mail only.
 
 SpamAssassin: score >= `spamassassin_reject_score` -> 550; spam by its own threshold -> Junk;
 otherwise X-Spam-Status: No. Authentication-Results (RFC 8601) comes from rspamd's SPF, DKIM
@@ -69,6 +75,8 @@ class SpamJudgement:
 
 _RSPAMD_CLASSES = {
     rspamd_protocol.REJECT: SpamClass.REJECT,
+    rspamd_protocol.DISCARD: SpamClass.REJECT,
+    rspamd_protocol.QUARANTINE: SpamClass.JUNK,
     rspamd_protocol.SOFT_REJECT: SpamClass.TEMPFAIL,
     rspamd_protocol.GREYLIST: SpamClass.TEMPFAIL,
     rspamd_protocol.ADD_HEADER: SpamClass.JUNK,

@@ -100,3 +100,11 @@ def test_no_greylist_action_without_the_greylist_module(rspamd: str) -> None:
     result = checkv2(rspamd, bare)
     assert 4 <= result["score"] < 6, result
     assert result["action"] == "no action"
+
+
+def test_discard_and_quarantine_on_request(rspamd: str) -> None:
+    """Actions only an operator's rule gives (declared in actions.conf, forced by
+    force_actions or multimap), as rspamd 3.4 names them in its reply."""
+    for action in ("discard", "quarantine"):
+        result = checkv2(rspamd, message("Hi Bob", f"X-Tiermail-Test: {action}"))
+        assert result["action"] == action, result

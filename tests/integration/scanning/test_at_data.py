@@ -208,3 +208,23 @@ async def test_a_scan_timeout_above_30_s_is_waited_out_not_cut_off(
             assert worker.stats.scan_tempfailed == 1
     finally:
         proxy.cut()
+
+
+async def test_rspamd_discard_is_refused_and_quarantine_filed_into_junk(
+        scan_settings: Settings) -> None:
+    """rspamd's `discard` and `quarantine` actions (an operator's rule gives them) were
+    "unknown": every such message got 451 4.7.0 as if rspamd were down, and the sender
+    retried it for days (under TIERMAIL_SCAN_FAILURE=accept it was delivered as not
+    scanned). `discard` refuses like `reject`, `quarantine` files into the recipient's Junk."""
+    async with open_worker(scan_settings, drain_scan_queue=False) as worker:
+        code, text = await send(worker.ports[0], message(
+            "drop it", extra_headers=b"X-Tiermail-Test: discard\r\n"))
+        assert reply_of(code, text) == replies.SPAM_REJECTED
+        assert await send(worker.ports[0], message(
+            "hold it", extra_headers=b"X-Tiermail-Test: quarantine\r\n")) == (250, "")
+        assert (worker.stats.spam_rejected, worker.stats.spam_junk) == (1, 1)
+        assert worker.stats.scanner_unavailable == 0
+    [queued] = await take_all(scan_settings, scan_settings.topology.deliver_queue)
+    assert queued.envelope.junk is True
+    assert queued.header("Subject") == "hold it"
+    assert queued.header("X-Spam") == "Yes"
