@@ -11,7 +11,11 @@ import asyncio
 import socket
 
 from services.filter.backends.availability import Availability
-from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
+from services.filter.backends.errors import (
+    ScannerUnavailable,
+    StreamTooLarge,
+    failure_reason,
+)
 from services.filter.backends.streams import open_socket
 from services.filter.protocol.clamd import (
     INSTREAM,
@@ -50,7 +54,7 @@ class ClamdClient:
         except (OSError, TimeoutError, ClamdProtocolError) as exc:
             # ClamdProtocolError here: clamd closed without answering (it crashed or was
             # stopped mid-scan).
-            raise ScannerUnavailable(NAME, f"{type(exc).__name__}: {exc}") from exc
+            raise ScannerUnavailable(NAME, failure_reason(exc, self._timeout)) from exc
         try:
             return parse_reply(reply)
         except ClamdSizeLimit as exc:

@@ -15,6 +15,14 @@ class ScannerUnavailable(Exception):
         self.reason = reason
 
 
+def failure_reason(exc: BaseException, timeout: float) -> str:
+    """What went wrong, for the log line: a timeout says how long it waited (it says
+    nothing itself), anything else its type and text."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g} s"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 class StreamTooLarge(Exception):
     """The message is larger than the virus scanner accepts (clamd StreamMaxLength).
 

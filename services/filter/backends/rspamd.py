@@ -14,7 +14,7 @@ import httpx
 
 from common.envelope import Envelope
 from services.filter.backends.availability import Availability
-from services.filter.backends.errors import ScannerUnavailable
+from services.filter.backends.errors import ScannerUnavailable, failure_reason
 from services.filter.protocol.rspamd import (
     CHECK_PATH,
     PING_PATH,
@@ -53,7 +53,7 @@ class RspamdClient:
             async with asyncio.timeout(self._timeout):
                 response = await self._http.post(CHECK_PATH, content=content, headers=headers)
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            raise ScannerUnavailable(NAME, _describe(exc)) from exc
+            raise ScannerUnavailable(NAME, _describe(exc, self._timeout)) from exc
         if response.status_code != 200:
             raise ScannerUnavailable(NAME, f"HTTP {response.status_code}")
         try:
@@ -78,5 +78,8 @@ class RspamdClient:
         await self._http.aclose()
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+def _describe(exc: BaseException, timeout: float) -> str:
+    # httpx's own timeout (the same length) may fire before asyncio's.
+    if isinstance(exc, httpx.TimeoutException):
+        exc = TimeoutError()
+    return failure_reason(exc, timeout)

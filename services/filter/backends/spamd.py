@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from services.filter.backends.availability import Availability
-from services.filter.backends.errors import ScannerUnavailable
+from services.filter.backends.errors import ScannerUnavailable, failure_reason
 from services.filter.backends.streams import close_stream, open_stream
 from services.filter.protocol.spamd import (
     SpamdProtocolError,
@@ -40,7 +40,7 @@ class SpamdClient:
             async with asyncio.timeout(self._timeout):
                 reply = await self._exchange(symbols_request(content, user))
         except (OSError, TimeoutError, ValueError) as exc:
-            raise ScannerUnavailable(NAME, f"{type(exc).__name__}: {exc}") from exc
+            raise ScannerUnavailable(NAME, failure_reason(exc, self._timeout)) from exc
         try:
             return parse_reply(reply)
         except SpamdProtocolError as exc:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
+
+import pytest
 
 from common.settings import Settings
 from services.devscanners.runner import start_clamd
@@ -163,7 +166,9 @@ class BlackHole:
         self.server.close()
 
 
-async def test_scanners_that_time_out_follow_the_failure_policy(scan_settings: Settings) -> None:
+async def test_scanners_that_time_out_follow_the_failure_policy(
+        scan_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="services.filter.rules")
     async with BlackHole() as hung:
         for slow in (scan_settings.replace(rspamd_url=f"http://{hung}", scan_timeout=1.0),
                      scan_settings.replace(clamd_address=hung, scan_timeout=1.0)):
@@ -177,6 +182,10 @@ async def test_scanners_that_time_out_follow_the_failure_policy(scan_settings: S
                 assert await send(worker.ports[0], ham()) == (250, "")
     assert await depth(scan_settings, scan_settings.topology.deliver_queue) == 0
     assert await depth(scan_settings, scan_settings.topology.scan_queue) == 2
+    # The log says what happened: it said "(TimeoutError)" or "(TimeoutError: )".
+    lines = {r.getMessage() for r in caplog.records}
+    for scanner in ("rspamd", "clamd"):
+        assert f"{scanner} unavailable (no answer within 1 s): 451" in lines, lines
 
 
 async def test_rspamd_soft_reject_is_a_temporary_refusal(scan_settings: Settings) -> None:
