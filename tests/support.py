@@ -670,6 +670,10 @@ class PrivateBroker:
         wait_until(lambda: ("disk" in self._ctl("eval", "rabbit_alarm:get_alarms().")) == on,
                    what=f"the disk alarm {'raised' if on else 'cleared'}")
 
+    def blocked_connections(self) -> int:
+        """How many client connections the node holds blocked (a publish met an alarm)."""
+        return self._ctl("list_connections", "state").split().count("blocked")
+
     def close_connections(self) -> None:
         """Close every client connection from the broker's side, as a restart would."""
         self._ctl("close_all_connections", "closed by the test")

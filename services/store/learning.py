@@ -11,8 +11,11 @@ Two halves joined by a RabbitMQ queue (`<queue_prefix>.learn`, dramatiq):
   It sees every change whoever made it (IMAP, webmail, a filter rule). The listener only
   schedules work: reading the message and the blocking pika publish run in a thread of the
   hook's own, so an IMAP MOVE never waits for the broker. A broker out of reach is waited
-  for (the jobs are published once it is back); other failures are logged and the move
-  stands; learning is best-effort.
+  for (the jobs are published once it is back), and so is one that blocks its publishers (a
+  disk or memory alarm: the publish is confirmed once the alarm clears; giving the blocked
+  connection up and publishing again would queue the job again each time, on a broker out
+  of disk). The thread is a daemon, so a store stopping during an alarm is not held up by
+  it. Other failures are logged and the move stands; learning is best-effort.
 - The learn actor, in `tiermail learner` (a dramatiq Worker in-process, possibly on another
   machine): POSTs the message to rspamd's controller /learnspam or /learnham with the
   controller password. "Already learned" (HTTP 208) and "nothing to learn" (204: too few
@@ -65,6 +68,7 @@ import dataclasses
 import enum
 import hashlib
 import logging
+import queue
 import signal
 import threading
 import time
@@ -568,8 +572,7 @@ class LearningHook:
         self._send = send
         self._close = close
         self._release = release
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="learn-enqueue")
+        self._executor = _DaemonThread("learn-enqueue")
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending = 0  # messages reserved, their batch not yet done (MAX_PENDING)
         self._queued = 0  # messages of the batches waiting for the hook's thread
@@ -595,26 +598,36 @@ class LearningHook:
 
     async def close(self, grace: float = 10.0) -> None:
         """Let scheduled jobs reach the broker for up to `grace` seconds, then stop; the
-        messages of moves that never got their turn are counted in one log line."""
+        messages of moves that never got their turn are counted in one log line, and so
+        are those of a batch whose publish the broker still has not confirmed (a resource
+        alarm: the hook's thread cannot be interrupted, and is left behind)."""
         if self._closed:
             return
         self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
         self._abandon.set()
         for task in self._tasks:
             task.cancel()
-        loop = asyncio.get_running_loop()
+        closed = False
         with contextlib.suppress(Exception):
-            # In the hook's thread (it owns the pika connection), after the batch under way.
-            async with asyncio.timeout(grace):
+            # In the hook's thread (it owns the pika connection), after the batch under way,
+            # which ends at once unless a publish is under way.
+            async with asyncio.timeout_at(max(deadline, loop.time() + STOP_WAIT)):
                 await loop.run_in_executor(self._executor, self._close or _nothing)
+                closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            left = self._queued  # batches that never started: the one under way says its own
+            # Batches that never started; the one under way says its own if it ended. One
+            # that did not is a publish the broker does not confirm (a resource alarm).
+            left = self._queued if closed else self._pending
         if left:
             log.warning("not learned: %d more messages of moves waiting for the broker (the "
-                        "store is stopping)", left, extra={"event": "learn"})
+                        "store is stopping%s)", left,
+                        "" if closed else "; a publish it has not confirmed may yet go out",
+                        extra={"event": "learn"})
 
     async def _classify_and_enqueue(self, event: ChangeEvent, decided_us: int) -> None:
         extra = {"user": event.user, "event": "learn"}
@@ -651,6 +664,7 @@ class LearningHook:
         line, not one each."""
         with self._lock:
             self._queued -= len(guids)
+        settled = 0  # messages of the batch no longer pending (published, or not learned)
         try:
             for done, guid in enumerate(guids):
                 if self._abandon.is_set():
@@ -660,17 +674,25 @@ class LearningHook:
                     if self._abandon.is_set():
                         left, why = len(guids) - done, "the store is stopping"
                 else:
+                    settled = self._settle(settled, done + 1)
                     continue
+                settled = self._settle(settled, len(guids))
                 if left:
                     log.warning("not learned: %d more messages of the same move (%s)", left,
                                 why, extra={"user": user, "event": f"learn-{kind}"})
                 return
         finally:
-            with self._lock:
-                self._pending -= len(guids)
+            self._settle(settled, len(guids))
             if self._release is not None:
                 with contextlib.suppress(Exception):
                     self._release()
+
+    def _settle(self, settled: int, now: int) -> int:
+        """No longer count the messages of a batch up to `now` as pending (MAX_PENDING, and
+        what close() reports when the batch does not end in time)."""
+        with self._lock:
+            self._pending -= now - settled
+        return now
 
     def _enqueue(self, kind: str, user: str, guid: str, decided_us: int) -> bool:
         """Read the message and publish its job; False when the broker failed."""
@@ -696,7 +718,7 @@ class LearningHook:
         delay = 1.0
         while True:
             try:
-                self._send(kind, user, guid, message, decided_us)
+                self._send_saying_a_stall(kind, user, guid, message, decided_us, extra)
                 return True
             except BrokerUnreachable as exc:
                 log.warning("learn jobs wait for the broker, unreachable (%s); trying again "
@@ -708,12 +730,78 @@ class LearningHook:
                 return False
             delay = min(delay * 2, BROKER_RETRY_MAX)
 
+    def _send_saying_a_stall(self, kind: str, user: str, guid: str, message: bytes,
+                             decided_us: int, extra: dict[str, str]) -> None:
+        """`send`, with a WARNING line once it has waited STALL_NOTICE seconds for the broker
+        to confirm (a resource alarm blocks the connection; the publish goes out once it
+        clears) and one when it has gone out after all. Nothing said the jobs waited."""
+        since = time.monotonic()
+        notice = threading.Timer(STALL_NOTICE, log.warning, args=(
+            "learn jobs wait for the broker, which has not confirmed a publish for %.0fs (a "
+            "disk or memory alarm? rabbitmqctl status); it goes out once the broker takes it",
+            STALL_NOTICE), kwargs={"extra": extra})
+        notice.daemon = True
+        notice.start()
+        try:
+            self._send(kind, user, guid, message, decided_us)
+        finally:
+            notice.cancel()
+            waited = time.monotonic() - since
+        if waited >= STALL_NOTICE:
+            log.warning("learn jobs go out again: the broker confirmed after %.0fs", waited,
+                        extra=extra)
+
     def _read(self, user: str, guid: str) -> bytes | None:
         with self._mailstore.open_message(user, guid) as file:
             data = file.read(MAX_LEARN_SIZE + 1)
         return None if len(data) > MAX_LEARN_SIZE else data
 
 
+class _DaemonThread(concurrent.futures.Executor):
+    """One daemon thread running what is submitted, in order. A ThreadPoolExecutor's threads
+    are joined when the interpreter exits: a publish RabbitMQ blocked (a resource alarm; pika
+    cannot be interrupted from another thread) kept the stopped store from exiting until
+    the alarm cleared or the store was SIGKILLed."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._shut = False
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any,
+               **kwargs: Any) -> concurrent.futures.Future[Any]:
+        if self._shut:
+            raise RuntimeError("cannot schedule new calls after shutdown")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._calls.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Never waits: the thread may be stuck in a publish (what it is a daemon for)."""
+        self._shut = True
+        if cancel_futures:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    call = self._calls.get_nowait()
+                    if call is not None:
+                        call[0].cancel()
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args, kwargs = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits it
+                future.set_exception(exc)
+
+
+# Seconds a learn job's publish waits for the broker's confirm before the store says so.
+STALL_NOTICE = 10.0
+# Seconds close() waits, once its grace is over, for the hook's thread to give up its batch.
+STOP_WAIT = 1.0
 BROKER_RETRY_MAX = 30.0  # seconds between attempts to reach the broker (learner start, learn jobs)
 
 
