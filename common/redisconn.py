@@ -26,13 +26,19 @@ def open_redis(settings: Settings, timeout: float = REDIS_TIMEOUT) -> redis.asyn
 
 async def check_redis_url(settings: Settings) -> None:
     """At a tier's start: a Redis that answers but refuses what TIERMAIL_REDIS_URL asks of it
-    (a database number it does not have: 16 by default, 0 to 15) would refuse it on every
-    retry, so it is a bad setting (SettingsError, exit 2). A Redis that does not answer, or
-    is busy (loading, running a script), is no setting's fault: the tier starts and works
-    without it until it is back, as when it goes away later (failure contract)."""
+    (a database number it does not have: 16 by default, 0 to 15; a wrong password, or none
+    where it requires one) would refuse it on every retry, so it is a bad setting
+    (SettingsError, exit 2). A Redis that does not answer, or is busy (loading, running a
+    script), is no setting's fault: the tier starts and works without it until it is back,
+    as when it goes away later (failure contract)."""
     client = open_redis(settings, START_CHECK_TIMEOUT)
     try:
-        await client.ping()  # connecting sends SELECT with the URL's database number
+        await client.ping()  # connecting sends AUTH, then SELECT with the URL's database
+    except redis.exceptions.AuthenticationError as exc:
+        # WRONGPASS or NOAUTH. redis-py makes it a ConnectionError, like a Redis that is
+        # down, but no retry will change the answer.
+        raise SettingsError(f"TIERMAIL_REDIS_URL={_without_password(settings.redis_url)}: "
+                            f"Redis refuses it: {_authentication_refused(exc)}") from None
     except redis.exceptions.ResponseError as exc:
         # A plain "ERR" refuses the command's arguments; the other codes (BUSY, MASTERDOWN,
         # NOPERM, ...) come as subclasses or other codes and may pass.
@@ -44,6 +50,14 @@ async def check_redis_url(settings: Settings) -> None:
         pass  # down or hung: each part of the tier says so and retries
     finally:
         await client.aclose()
+
+
+def _authentication_refused(exc: redis.exceptions.AuthenticationError) -> str:
+    if getattr(exc, "status_code", None) == "NOAUTH":
+        return ("it requires a password and the URL has none "
+                "(redis://:PASSWORD@HOST:PORT/DB, or redis://USER:PASSWORD@... for an ACL user)")
+    return (f"{exc} (the password, or user and password, in the URL: "
+            "redis://:PASSWORD@HOST:PORT/DB or redis://USER:PASSWORD@...)")
 
 
 def _hint(error: str) -> str:

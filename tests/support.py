@@ -694,3 +694,28 @@ class PrivateBroker:
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
             self.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free port (no persistence, its own directory),
+    for tests that need a Redis configured otherwise than the machine's (a password), which
+    every other test uses and no test reconfigures."""
+
+    def __init__(self, directory: Path, *options: str) -> None:
+        self.port = free_port()
+        self._log = directory / f"redis-{self.port}.log"
+        self._options = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                         "--appendonly", "no", "--dir", str(directory), *options]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self._log.open("wb") as log:
+            self._proc = subprocess.Popen(["redis-server", *self._options], stdout=log,
+                                          stderr=subprocess.STDOUT)
+        wait_until(lambda: port_open("127.0.0.1", self.port),
+                   what=f"redis-server on port {self.port} (log: {self._log})")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=30)

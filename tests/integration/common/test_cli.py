@@ -26,6 +26,7 @@ from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import store_user_path
 from tests.support import (
     REPO,
+    PrivateRedis,
     TierProcess,
     free_port,
     rabbitmqctl,
@@ -300,6 +301,36 @@ def test_a_redis_database_the_server_does_not_have_stops_every_tier_with_one_lin
         assert process.output().splitlines()[-1].startswith(
             "tiermail: bad setting: TIERMAIL_REDIS_URL=redis://127.0.0.1:6379/99: Redis "
             "refuses it: DB index is out of range"), (tier, process.output())
+
+
+def test_a_password_redis_refuses_stops_every_tier_with_one_line(
+        settings: Settings, run_tier: Callable[..., TierProcess], tmp_path: Path) -> None:
+    """A Redis with requirepass refuses a wrong password (WRONGPASS) and a URL without one
+    (NOAUTH) on every connection. redis-py raises AuthenticationError, a ConnectionError, so
+    the tiers took it for Redis being down and retried for ever (the filter answering 451 to
+    every recipient). The password is not shown."""
+    server = PrivateRedis(tmp_path, "--requirepass", "right-password")
+    server.start()
+    try:
+        refused = {
+            f"redis://:wrong-password@127.0.0.1:{server.port}/1":
+                f"TIERMAIL_REDIS_URL=redis://:***@127.0.0.1:{server.port}/1: Redis refuses "
+                "it: invalid username-password pair",
+            f"redis://127.0.0.1:{server.port}/1":
+                f"TIERMAIL_REDIS_URL=redis://127.0.0.1:{server.port}/1: Redis refuses it: it "
+                "requires a password and the URL has none",
+        }
+        for url, said in refused.items():
+            for tier in ("filter", "store", "learner"):
+                process = run_tier(settings.replace(redis_url=url, learn="rspamd"), tier)
+                wait_until(lambda process=process: not process.alive, timeout=30,
+                           what=f"{tier} to exit")
+                last = process.output().splitlines()[-1]
+                assert process.proc.returncode == 2, (tier, process.output())
+                assert last.startswith(f"tiermail: bad setting: {said}"), (tier, last)
+                assert "wrong-password" not in process.output()
+    finally:
+        server.stop()
 
 
 def test_the_tiers_start_while_redis_is_down(
