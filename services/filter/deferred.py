@@ -39,6 +39,7 @@ from common.topology import (
 )
 from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
 from services.filter.backends.scanners import Scanners
+from services.filter.protocol.message import without_own_received
 from services.filter.protocol.scan_headers import (
     NOT_SCANNED_HEADER,
     Header,
@@ -211,10 +212,11 @@ class DeferredScanner:
 
     async def _scan(self, envelope: Envelope, body: bytes) -> Routed:
         judge = self._judge
+        content = without_own_received(body, envelope.queue_id)  # what DATA would scan
         try:
             async with asyncio.TaskGroup() as group:
-                virus_task = group.create_task(self._virus(body))
-                spam_task = group.create_task(judge.judge(envelope, body)) \
+                virus_task = group.create_task(self._virus(content))
+                spam_task = group.create_task(judge.judge(envelope, content)) \
                     if judge is not None else None
         except* ScannerUnavailable as errors:
             raise errors.exceptions[0] from None

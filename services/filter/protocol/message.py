@@ -70,6 +70,35 @@ def received_header(info: ReceivedInfo) -> bytes:
     return text.encode("utf-8" if info.smtputf8 else "ascii")
 
 
+def without_own_received(message: bytes, queue_id: str) -> bytes:
+    """`message` as the client sent it: without the Received header `received_header` put
+    on top for `queue_id` (what a message accepted under `defer` waits with in the scan
+    queue). The deferred scan sends the scanners what the scan at DATA would have: the same
+    octets, so that the same TIERMAIL_CLAMD_STREAM_MAX holds. Unchanged when it does not
+    start with that header."""
+    end = _end_of_field(message) if message.startswith(b"Received: ") else -1
+    if end < 0:
+        return message
+    unfolded = message[:end].replace(b"\r\n", b"")
+    marker = b" id " + queue_id.encode("ascii", "replace")
+    at = unfolded.find(marker)
+    after = unfolded[at + len(marker):at + len(marker) + 1]
+    return message[end:] if at >= 0 and after in (b";", b"\t", b" ", b"") else message
+
+
+def _end_of_field(message: bytes) -> int:
+    """Where the header field at the start of `message` ends (after its CRLF, and after
+    the folded lines that continue it); -1 when it does not end."""
+    end = 0
+    while True:
+        end = message.find(b"\r\n", end)
+        if end < 0:
+            return -1
+        end += 2
+        if message[end:end + 1] not in (b" ", b"\t"):
+            return end
+
+
 def _helo_name(helo: str, allow_utf8: bool) -> str:
     """The HELO name, cleaned; an address literal ([192.0.2.1], [IPv6:2001:db8::1]: what a
     client without a DNS name sends, Thunderbird among them; RFC 5321 4.1.3) kept whole, as

@@ -26,6 +26,7 @@ from tests.integration.scanning.conftest import (
     eventually,
     gtube,
     ham,
+    send_one,
     take_all,
 )
 from tests.support import PrivateBroker, TcpProxy, free_port
@@ -94,6 +95,34 @@ async def test_defer_then_drain_exactly_once(scan_settings: Settings) -> None:
     assert Counter(sent[m.envelope.queue_id] for m in quarantined) == {"eicar": expected["eicar"]}
     assert len(delivered) == expected["ham"] + expected["gtube"]
     assert await depth(scan_settings, topology.scan_queue) == 0
+
+
+async def test_a_message_at_the_clamd_stream_limit_is_scanned_when_deferred_too(
+        scan_settings: Settings) -> None:
+    """A message of exactly TIERMAIL_CLAMD_STREAM_MAX octets is scanned at DATA. Accepted
+    under `defer`, it waits in the scan queue with our Received header on top, and the
+    deferred scan sent clamd that too: over the limit, so quarantined as too big (ham!)."""
+    topology = scan_settings.topology
+    data = ham("at the limit")
+    at_limit = scan_settings.replace(clamd_stream_max=len(data), scan_failure="defer")
+    async with open_worker(at_limit, drain_scan_queue=False) as worker:
+        assert (await asyncio.to_thread(send_one, worker.ports[0], data))[0] == 250
+        assert worker.stats.scan_oversize == 0  # at DATA it fits
+    assert len(await take_all(scan_settings, topology.deliver_queue)) == 1
+
+    stopped = at_limit.replace(rspamd_url=f"http://{closed_address()}",
+                               clamd_address=closed_address())
+    async with open_worker(stopped, drain_scan_queue=False) as intake:
+        assert (await asyncio.to_thread(send_one, intake.ports[0], data))[0] == 250
+    assert await depth(scan_settings, topology.scan_queue) == 1
+    async with open_worker(at_limit, port=free_port()) as scanner:
+        stats = scanner.stats
+        await eventually(lambda: stats.deferred_ham + stats.deferred_quarantined >= 1,
+                         what="the deferred scan")
+    assert await take_all(scan_settings, topology.quarantine_queue) == []
+    [delivered] = await take_all(scan_settings, topology.deliver_queue)
+    assert (delivered.header("X-Spam-Status") or "").startswith("No, ")
+    assert delivered.body.endswith(data)
 
 
 async def test_scanner_failure_mid_drain_pauses_without_churn(scan_settings: Settings) -> None:

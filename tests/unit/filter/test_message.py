@@ -14,6 +14,7 @@ from services.filter.protocol.message import (
     has_bare_newline,
     protocol_name,
     received_header,
+    without_own_received,
 )
 
 
@@ -154,3 +155,26 @@ def test_received_never_breaks_the_header(helo: str, utf8: bool) -> None:
     assert lines[-1] == b""
     assert all(line.startswith(b"\t") for line in lines[1:-1])
     assert b"\n" not in header.replace(b"\r\n", b"") and b"\r" not in header.replace(b"\r\n", b"")
+
+
+SENT = (b"Received: from elsewhere\r\n\tby relay.test id OTHER;\r\n\tdate\r\n"
+        b"Subject: x\r\n\r\nhi\r\n")
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"recipients": ["a@example.test", "b@example.test"]}, {"tls": "TLSv1.3 cipher X"},
+    {"helo": "[192.0.2.7]", "smtputf8": True, "recipients": ["jürgen@bücher.test"]},
+])
+def test_without_own_received_gives_back_what_the_client_sent(changes: dict[str, object]) -> None:
+    """The deferred scan scans what the scan at DATA did: the content without our header."""
+    assert without_own_received(received_header(info(**changes)) + SENT, "QID123") == SENT
+
+
+@pytest.mark.parametrize("message", [
+    SENT,  # no header of ours on top: the client's own Received stays
+    received_header(info(queue_id="QID1234")) + SENT,  # another message's id
+    b"Received: from x by y id QID123",  # a header that never ends
+    b"",
+])
+def test_without_own_received_leaves_other_messages_whole(message: bytes) -> None:
+    assert without_own_received(message, "QID123") == message
