@@ -44,9 +44,10 @@ LISTENING_PORTS = ("smtp_port", "imap_port", "imaps_port", "pop3_port", "pop3s_p
 # Numbers that must be above 0 (sizes, counts, timeouts); every other number must be 0 or
 # more (0 turns a limit or a wait off).
 POSITIVE = frozenset({
-    "scan_timeout", "clamd_stream_max", "max_message_size", "max_recipients",
-    "max_line_length", "smtp_command_timeout", "smtp_data_timeout", "smtp_max_connections",
-    "smtp_data_memory", "smtp_max_errors", "publish_timeout", "store_prefetch",
+    "scan_timeout", "clamd_stream_max", "rspamd_max_message", "max_message_size",
+    "max_recipients", "max_line_length", "smtp_command_timeout", "smtp_data_timeout",
+    "smtp_max_connections", "smtp_data_memory", "smtp_max_errors", "publish_timeout",
+    "store_prefetch",
     "delivery_attempts", "pop3_timeout", "pop3_login_deadline", "pop3_max_connections",
     "imap_timeout", "imap_login_timeout", "imap_login_deadline", "imap_max_literal",
     "imap_literal_memory", "imap_fetch_memory", "imap_max_line", "imap_max_connections",
@@ -94,6 +95,9 @@ class Settings:
     # scan_failure (a scanner unreachable or too slow): tempfail | accept | defer.
     spam: str = "rspamd"
     rspamd_url: str = "http://127.0.0.1:11333"
+    # rspamd's max_message (its default, and deploy/scanners/rspamd/local.d/options.inc): it
+    # drops the connection for a larger message. Must be at least max_message_size.
+    rspamd_max_message: int = 50 * MIB
     spamd_address: str = "127.0.0.1:783"  # host:port or a unix socket path
     spamassassin_reject_score: float = 15.0  # at or above: 550; SpamAssassin's own threshold: Junk
     virus: str = "clamd"
@@ -237,6 +241,7 @@ class Settings:
         for f in fields(self):
             _check(f.name, getattr(self, f.name))
         self._check_ports_differ()
+        self._check_rspamd_takes_the_largest_message()
 
     def _check_ports_differ(self) -> None:
         """Every listener binds TIERMAIL_BIND: two on one port made the second tier to
@@ -250,6 +255,18 @@ class Settings:
                                     f"{PREFIX}{first_with[port].upper()}; each listener "
                                     "needs a port of its own")
             first_with[port] = name
+
+    def _check_rspamd_takes_the_largest_message(self) -> None:
+        """rspamd resets the connection for a message over its max_message, which looks like
+        rspamd failing: such a message got 451 4.7.0 (scan_failure) every time it was sent,
+        never an answer that says why. Refused here, where the operator sees it."""
+        if self.spam == "rspamd" and self.max_message_size > self.rspamd_max_message:
+            raise SettingsError(
+                f"{PREFIX}MAX_MESSAGE_SIZE={self.max_message_size}: above rspamd's max_message "
+                f"({PREFIX}RSPAMD_MAX_MESSAGE={self.rspamd_max_message}), and rspamd drops "
+                "larger messages (they would get 451 every time); raise max_message in "
+                f"rspamd's local.d/options.inc and {PREFIX}RSPAMD_MAX_MESSAGE with it, or "
+                f"lower {PREFIX}MAX_MESSAGE_SIZE")
 
     @property
     def topology(self) -> Topology:

@@ -193,6 +193,19 @@ def test_rabbitmq_accepts_our_largest_message() -> None:
     assert int(match.group(1)) >= largest + 1024 * 1024, "no room for the envelope"
 
 
+@pytest.mark.parametrize("options", [
+    COMPOSE / "rspamd" / "local.d" / "options.inc",
+    COMPOSE.parent / "deploy" / "scanners" / "rspamd" / "local.d" / "options.inc",
+])
+def test_rspamd_max_message_is_the_one_the_filter_is_told(options: Path) -> None:
+    """rspamd drops a message over its max_message; the filter refuses a
+    TIERMAIL_MAX_MESSAGE_SIZE above TIERMAIL_RSPAMD_MAX_MESSAGE, which is only true if the
+    rspamd we ship says the same."""
+    match = re.search(r"^max_message\s*=\s*(\d+);", options.read_text(), re.MULTILINE)
+    assert match, f"{options} must set max_message"
+    assert int(match.group(1)) == Settings(hostname="test").rspamd_max_message
+
+
 def interpolate(text: str, values: dict[str, str]) -> str:
     """compose's ${VAR}, ${VAR:-default}, ${VAR:?error} with .env.example's values."""
     def value(match: re.Match[str]) -> str:

@@ -287,6 +287,20 @@ def test_a_mistyped_certificate_path_stops_every_tier_with_one_line(settings: Se
         assert "cert.pme: no such file" in done.stderr
 
 
+def test_a_largest_message_above_rspamds_limit_stops_the_filter_with_one_line(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """rspamd resets the connection for a message over its max_message (50 MiB unless
+    raised), which the filter cannot tell from rspamd failing: with TIERMAIL_MAX_MESSAGE_SIZE
+    above it, the filter started and every such message got 451 4.7.0 for ever."""
+    process = run_tier(settings.replace(spam="rspamd"), "filter",
+                       extra_env={"TIERMAIL_MAX_MESSAGE_SIZE": "60000000"})
+    wait_until(lambda: not process.alive, timeout=30, what="the filter to exit")
+    assert process.proc.returncode == 2, process.output()
+    assert process.output().splitlines()[-1].startswith(
+        "tiermail: bad setting: TIERMAIL_MAX_MESSAGE_SIZE=60000000: above rspamd's max_message "
+        "(TIERMAIL_RSPAMD_MAX_MESSAGE=52428800)"), process.output()
+
+
 def test_a_redis_database_the_server_does_not_have_stops_every_tier_with_one_line(
         settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
     """TIERMAIL_REDIS_URL with a database number past the server's 16: Redis refuses the

@@ -62,6 +62,19 @@ def test_spam_learning_follows_the_spam_scanner_unless_set(spam: str, learn: str
     assert Settings(spam=spam, learn=learn).learns_spam is learns
 
 
+def test_a_largest_message_rspamd_would_drop_is_refused_by_name() -> None:
+    """rspamd resets the connection for a message over its max_message: with
+    TIERMAIL_MAX_MESSAGE_SIZE above it, such mail got 451 4.7.0 for ever, said nowhere."""
+    with pytest.raises(SettingsError, match=r"^TIERMAIL_MAX_MESSAGE_SIZE=52428801: above "
+                       r"rspamd's max_message \(TIERMAIL_RSPAMD_MAX_MESSAGE=52428800\)"):
+        Settings.from_env({"TIERMAIL_MAX_MESSAGE_SIZE": "52428801"})
+    raised = {"TIERMAIL_MAX_MESSAGE_SIZE": "104857600", "TIERMAIL_RSPAMD_MAX_MESSAGE": "104857600"}
+    assert Settings.from_env(raised).max_message_size == 100 * 1024 * 1024
+    for spam in ("spamassassin", "off"):  # no rspamd: its limit does not apply
+        assert Settings.from_env({"TIERMAIL_MAX_MESSAGE_SIZE": "104857600",
+                                  "TIERMAIL_SPAM": spam}).max_message_size == 100 * 1024 * 1024
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("TIERMAIL_SMTP_PORT", "70000"),  # the kernel would take it as port 4464
     ("TIERMAIL_IMAP_PORT", "0"),
@@ -71,6 +84,7 @@ def test_spam_learning_follows_the_spam_scanner_unless_set(spam: str, learn: str
     ("TIERMAIL_STORE_PREFETCH", "70000"),
     ("TIERMAIL_MAX_MESSAGE_SIZE", "25M"),
     ("TIERMAIL_MAX_MESSAGE_SIZE", "-1"),
+    ("TIERMAIL_RSPAMD_MAX_MESSAGE", "0"),
     ("TIERMAIL_DELIVERY_ATTEMPTS", "0"),
     ("TIERMAIL_SCAN_TIMEOUT", "nan"),
     ("TIERMAIL_PUBLISH_TIMEOUT", "inf"),
