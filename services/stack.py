@@ -132,7 +132,7 @@ def start_scanners(settings: Settings, stack: contextlib.ExitStack) -> None:
                 base / "rspamd", port=port, controller_port=controller_port,
                 dns_address=dns.address,
                 controller_password=settings.rspamd_controller_password or None,
-                bayes_redis_url=settings.redis_url))
+                bayes_redis_url=settings.redis_url, max_message=settings.rspamd_max_message))
     elif settings.spam == "spamassassin":
         host, _, port_text = settings.spamd_address.rpartition(":")
         if "/" in settings.spamd_address or not port_text.isdigit():

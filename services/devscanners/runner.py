@@ -161,7 +161,7 @@ def start_dns_stub(port: int = 0) -> DnsStub:
 def start_rspamd(runtime_dir: Path, *, port: int, controller_port: int, dns_address: str,
                  cache_dir: Path | None = None, test_rules: bool = True,
                  controller_password: str | None = None, bayes_redis_url: str | None = None,
-                 timeout: float = STARTUP_TIMEOUT) -> Scanner:
+                 max_message: int | None = None, timeout: float = STARTUP_TIMEOUT) -> Scanner:
     """rspamd with deploy/scanners/rspamd/rspamd.conf: normal worker on 127.0.0.1:port
     (/checkv2), controller on 127.0.0.1:controller_port, every DNS query to dns_address.
 
@@ -169,7 +169,8 @@ def start_rspamd(runtime_dir: Path, *, port: int, controller_port: int, dns_addr
     ~/.cache/tiermail/rspamd); test_rules loads deploy/scanners/rspamd/test.d/. The controller
     asks for `controller_password` (a random one when None; on the returned Scanner either
     way). bayes_redis_url ("redis://host:port/db") is where the Bayes statistics live; without
-    it rspamd scans but cannot learn.
+    it rspamd scans but cannot learn. max_message: the largest message it scans, octets
+    (TIERMAIL_RSPAMD_MAX_MESSAGE; None: local.d/options.inc's).
     """
     binary = _require_binary("rspamd", "rspamd")
     runtime_dir = _ensure_dir(runtime_dir)
@@ -178,7 +179,7 @@ def start_rspamd(runtime_dir: Path, *, port: int, controller_port: int, dns_addr
     cache.mkdir(parents=True, exist_ok=True)
     password = controller_password or secrets.token_urlsafe(24)
     runtime_conf = write_rspamd_runtime_config(runtime_dir / "conf.d", password,
-                                               bayes_redis_url)
+                                               bayes_redis_url, max_message)
     variables = {
         "LOCAL_CONFDIR": RSPAMD_CONF_DIR,
         "RUNDIR": runtime_dir,
@@ -207,10 +208,11 @@ def start_rspamd(runtime_dir: Path, *, port: int, controller_port: int, dns_addr
 
 
 def write_rspamd_runtime_config(folder: Path, controller_password: str,
-                                bayes_redis_url: str | None) -> Path:
-    """The files deploy/scanners/rspamd/local.d includes from $RUNTIME_CONFDIR: the
-    controller's password and the Bayes classifier's Redis. Secrets, so mode 0600 in a 0700
-    folder; rewritten on every start."""
+                                bayes_redis_url: str | None, max_message: int | None = None
+                                ) -> Path:
+    """The files deploy/scanners/rspamd includes from $RUNTIME_CONFDIR: the controller's
+    password and the Bayes classifier's Redis (secrets, so mode 0600 in a 0700 folder), and
+    options overriding local.d/options.inc (max_message). Rewritten on every start."""
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
     quoted = json.dumps(controller_password)  # a UCL string is a JSON string
@@ -218,6 +220,8 @@ def write_rspamd_runtime_config(folder: Path, controller_password: str,
                    f"password = {quoted};\nenable_password = {quoted};\n")
     _write_private(folder / "bayes-redis.conf",
                    rspamd_redis_options(bayes_redis_url) if bayes_redis_url else "")
+    _write_private(folder / "options.inc",
+                   f"max_message = {max_message};\n" if max_message is not None else "")
     return folder
 
 

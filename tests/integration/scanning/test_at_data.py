@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import smtplib
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from common.settings import Settings
-from services.devscanners.runner import start_clamd
+from services.devscanners.devdns import DnsStub
+from services.devscanners.runner import start_clamd, start_rspamd
 from services.filter.main import open_worker
 from services.filter.protocol import replies
 from services.filter.protocol.scan_headers import NOT_SCANNED_HEADER
@@ -25,7 +28,7 @@ from tests.integration.scanning.conftest import (
     send_one,
     take_all,
 )
-from tests.support import TcpProxy
+from tests.support import TcpProxy, free_port
 
 
 async def send(port: int, data: bytes) -> tuple[int, str]:
@@ -143,6 +146,36 @@ async def test_clamd_own_stream_limit_is_the_oversize_policy(
             assert await send(worker.ports[0], ham("small")) == (250, "")
     finally:
         await asyncio.to_thread(scanner.stop)
+
+
+async def test_the_largest_message_is_scanned_by_an_rspamd_with_the_same_limit(
+        scan_settings: Settings, scanner_dns: DnsStub, tmp_path: Path) -> None:
+    """rspamd resets the connection for a message over its max_message (a scanner failure
+    to us, 451 for ever): TIERMAIL_MAX_MESSAGE_SIZE may be at most TIERMAIL_RSPAMD_MAX_MESSAGE,
+    and a message of exactly that size must be scanned. The runner gives its rspamd the
+    setting's limit (as `make run` does); 20000 octets here."""
+    limit = 20_000
+    data = ham("at the limit") + b"x" * 78 + b"\r\n"  # 80-octet lines, then a last one
+    lines, rest = divmod(limit - len(data) - 2, 80)
+    data = ham("at the limit") + (b"x" * 78 + b"\r\n") * (lines + 1) + b"y" * rest + b"\r\n"
+    assert len(data) == limit
+    with start_rspamd(tmp_path / "rspamd", port=free_port(), controller_port=free_port(),
+                      dns_address=scanner_dns.address, max_message=limit) as small:
+        async with httpx.AsyncClient(timeout=10) as client:
+            with pytest.raises(httpx.TransportError):  # rspamd's answer to one octet more
+                await client.post(f"{small.address}/checkv2", content=data + b"\n")
+        at_limit = scan_settings.replace(rspamd_url=small.address, virus="off",
+                                         rspamd_max_message=limit, max_message_size=limit)
+        async with open_worker(at_limit) as worker:
+            assert await send(worker.ports[0], data) == (250, "")
+            assert worker.stats.scanner_unavailable == 0
+            # Two octets more are refused (552, SIZE), never handed to rspamd.
+            with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+                await send(worker.ports[0], data + b"\r\n")
+            assert refused.value.smtp_code == 552
+    [queued] = await take_all(scan_settings, scan_settings.topology.deliver_queue)
+    assert (queued.header("X-Spam-Status") or "").startswith("No, ")
+    assert queued.body.endswith(data)
 
 
 class BlackHole:
