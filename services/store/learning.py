@@ -608,9 +608,11 @@ class LearningHook:
         deadline = loop.time() + grace
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
-        self._abandon.set()
+        # Cancelled before the batch under way is told to give up: the hook's thread, freed,
+        # must find the batches behind it cancelled, not start one (they are counted below).
         for task in self._tasks:
             task.cancel()
+        self._abandon.set()
         closed = False
         with contextlib.suppress(Exception):
             # In the hook's thread (it owns the pika connection), after the batch under way,
