@@ -11,9 +11,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common.directory import MAX_ALIAS_DEPTH, normalize_address, normalize_domain
 from common.listen import CannotStart, lock_directory
@@ -25,6 +25,7 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 EXIT_CANNOT_START = 3  # a port taken, a data directory in use: `tiermail up` does not retry
 EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE
+T = TypeVar("T")
 
 
 class CommandError(Exception):
@@ -406,51 +407,48 @@ def _change(settings: Settings, db_change: Callable[[Any], Any],
             raise CommandError(str(exc)) from None
         generation = accounts.written_generation
     try:
-        asyncio.run(_mirror(settings, redis_change, generation))
+        _on_directory(settings, lambda d: _mirror(settings, d, redis_change, generation))
     except Exception as exc:
         print(f"tiermail: warning: saved, but the Redis directory was not updated ({exc}); "
               "the store republishes it when it starts or notices it missing", file=sys.stderr)
     return result
 
 
-def _published_generation(settings: Settings) -> int | None:
-    """The account database generation the Redis directory was published from; None when
-    Redis cannot say (out of reach, nothing published): then there is nothing to check."""
+def _on_directory(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `work(directory)` on the Redis directory, over a connection of its own."""
     from common.directory import Directory
     from common.redisconn import open_redis
 
-    async def read() -> int | None:
+    async def run() -> T:
         redis = open_redis(settings, 3.0)
         try:
-            return await Directory(redis, settings.redis_prefix).published_generation()
+            return await work(Directory(redis, settings.redis_prefix))
         finally:
             await redis.aclose()
 
+    return asyncio.run(run())
+
+
+def _published_generation(settings: Settings) -> int | None:
+    """The account database generation the Redis directory was published from; None when
+    Redis cannot say (out of reach, nothing published): then there is nothing to check."""
     try:
-        return asyncio.run(read())
+        return _on_directory(settings, lambda d: d.published_generation())
     except Exception:
         return None
 
 
-async def _mirror(settings: Settings, redis_change: Callable[[Any], Any],
+async def _mirror(settings: Settings, directory: Any, redis_change: Callable[[Any], Any],
                   generation: int) -> None:
     """Apply the change made at account `generation` to Redis. The directory's generation
     moves to it only from the one just before: after a change whose mirroring failed (or
     another command's still under way) it stays behind, and the store republishes."""
-    from common.directory import Directory
-    from common.redisconn import open_redis
-
-    redis = open_redis(settings, 3.0)
-    try:
-        directory = Directory(redis, settings.redis_prefix)
-        if await directory.is_published():
-            await redis_change(directory)
-            await directory.advance_generation(generation)
-        else:
-            with _accounts(settings) as accounts:
-                await directory.publish(accounts.snapshot())
-    finally:
-        await redis.aclose()
+    if await directory.is_published():
+        await redis_change(directory)
+        await directory.advance_generation(generation)
+    else:
+        with _accounts(settings) as accounts:
+            await directory.publish(accounts.snapshot())
 
 
 def domain_add(settings: Settings, args: argparse.Namespace) -> int:

@@ -88,9 +88,7 @@ class QuotaPublisher:
     async def reconcile(self) -> None:
         """Recompute every user that has a limit and replace the over-quota set."""
         generation = await asyncio.to_thread(self._accounts.generation)
-        stored = await asyncio.to_thread(self._accounts.stored_quotas)
-        limits = {user: effective_quota(quota, self._default) for user, quota in stored.items()}
-        states = await self._states({u: limit for u, limit in limits.items() if limit})
+        states = await self._states(await self._current_limits())
         await self._directory.replace_quota_states(states, generation)
         log.info("quota state reconciled: %d limited mailboxes, %d over quota",
                  len(states), sum(state.over for state in states.values()),
@@ -123,9 +121,7 @@ class QuotaPublisher:
     async def _apply_limit_changes(self, generation: int) -> None:
         """Bring Redis's limits to the account database's at `generation`, reading the usage
         of the users whose limit changed only."""
-        stored = await asyncio.to_thread(self._accounts.stored_quotas)
-        limits = {user: limit for user, quota in stored.items()
-                  if (limit := effective_quota(quota, self._default))}
+        limits = await self._current_limits()
         published = await self._directory.quota_limits()
         states = await self._states({user: limit for user, limit in limits.items()
                                      if published.get(user) != limit})
@@ -136,6 +132,12 @@ class QuotaPublisher:
             log.info("quota state updated after account changes: %d mailboxes, %d over quota",
                      len(states), sum(state.over for state in states.values()),
                      extra={"event": "quota"})
+
+    async def _current_limits(self) -> dict[str, int]:
+        """Every user that has a limit, with it (the default applied)."""
+        stored = await asyncio.to_thread(self._accounts.stored_quotas)
+        return {user: limit for user, quota in stored.items()
+                if (limit := effective_quota(quota, self._default))}
 
     async def _wait_for_changes(self) -> None:
         try:

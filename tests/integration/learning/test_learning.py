@@ -419,16 +419,23 @@ def moves_of_every_kind(client: imaplib.IMAP4) -> None:
     assert client.uid("MOVE", "1:*", INBOX)[0] == "OK"  # ham
 
 
-async def test_every_client_move_through_the_real_store_teaches_rspamd(
-        learn_settings: Settings, rspamd_scanner: Scanner,
-        run_tier: Callable[..., TierProcess]) -> None:
-    settings = learn_settings.replace(spam="rspamd", rspamd_url=rspamd_scanner.address)
+def run_store_for_alice(settings: Settings, run_tier: Callable[..., TierProcess]
+                        ) -> TierProcess:
+    """A real store process serving IMAP, with ALICE's account (password "secret pw")."""
     accounts = AccountDB.for_store(settings.store_dir)
     accounts.add_domain("example.test")
     accounts.add_user(ALICE, hash_password("secret pw"))
     accounts.close()
     store = run_tier(settings, "store")
     store.wait_for_port(settings.imap_port)
+    return store
+
+
+async def test_every_client_move_through_the_real_store_teaches_rspamd(
+        learn_settings: Settings, rspamd_scanner: Scanner,
+        run_tier: Callable[..., TierProcess]) -> None:
+    settings = learn_settings.replace(spam="rspamd", rspamd_url=rspamd_scanner.address)
+    store = run_store_for_alice(settings, run_tier)
     learner = run_tier(settings, "learner")
     before = await asyncio.to_thread(learned, rspamd_scanner)
     client = await asyncio.to_thread(imap_session, settings)

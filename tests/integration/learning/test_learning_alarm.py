@@ -14,13 +14,15 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from common.ids import new_queue_id
-from common.passwords import hash_password
 from common.settings import Settings
-from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.learning import LearningHook, learn_queue
 from services.store.mailbox import INBOX, JUNK, Delivery
-from tests.integration.learning.test_learning import ALICE, unseen_message
+from tests.integration.learning.test_learning import (
+    ALICE,
+    run_store_for_alice,
+    unseen_message,
+)
 from tests.support import PrivateBroker, TierProcess, eventually, queue_depth, wait_until
 
 MOVED = 3
@@ -53,12 +55,7 @@ async def test_a_store_stopped_during_a_disk_alarm_stops_and_counts_what_it_give
     as the alarm, and the stopping store for it: its thread kept the process from exiting,
     until the SIGKILL of whatever stopped it."""
     stack = settings.replace(amqp_url=broker.url, learn="rspamd")
-    accounts = AccountDB.for_store(stack.store_dir)
-    accounts.add_domain("example.test")
-    accounts.add_user(ALICE, hash_password("secret pw"))
-    accounts.close()
-    store = run_tier(stack, "store")
-    store.wait_for_port(stack.imap_port)
+    store = run_store_for_alice(stack, run_tier)
     await asyncio.to_thread(broker.set_disk_alarm, True)
     client = imaplib.IMAP4("127.0.0.1", stack.imap_port, timeout=30)  # a hang fails the test
     try:
