@@ -26,12 +26,15 @@ from services.devscanners.runner import (
     start_spamd,
 )
 from tests.support import (
+    FAILURE_LOGS,
     INLINE_MODES,
     TierProcess,
     delete_queues,
     free_port,
+    log_tail,
     port_open,
     rabbitmqctl,
+    show_on_failure,
 )
 
 TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "9"))
@@ -136,9 +139,26 @@ def settings(amqp_vhost: str, redis_client: redis.Redis, tmp_path: Path,
     delete_queues(value)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    for name, read in item.stash.get(FAILURE_LOGS, []):
+        try:
+            text = log_tail(read())
+        except Exception as exc:  # a log that cannot be read must not hide the failure
+            text = f"(could not read it: {exc!r})"
+        report.sections.append((f"{name}, last lines (DEBUG left out)", text))
+
+
 @pytest.fixture
-def run_tier(tmp_path: Path) -> Iterator[Callable[..., TierProcess]]:
-    """Start `tiermail ARGS...` with given settings; every process is stopped afterwards."""
+def run_tier(tmp_path: Path, request: pytest.FixtureRequest
+             ) -> Iterator[Callable[..., TierProcess]]:
+    """Start `tiermail ARGS...` with given settings; every process is stopped afterwards,
+    and a failed test's report shows the end of each one's log."""
     started: list[TierProcess] = []
 
     def start(settings: Settings, *args: str, extra_env: dict[str, str] | None = None,
@@ -146,6 +166,7 @@ def run_tier(tmp_path: Path) -> Iterator[Callable[..., TierProcess]]:
         log_path = tmp_path / f"{'-'.join(args)}-{len(started)}.log"
         process = TierProcess(settings, list(args), log_path, extra_env, wrapper)
         started.append(process)
+        show_on_failure(request.node, f"tiermail {' '.join(args)} log", process.output)
         return process
 
     yield start

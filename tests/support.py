@@ -59,6 +59,23 @@ async def eventually(predicate: Callable[[], object], within: float = 60.0,
     raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
+# What a failed test shows besides its traceback (tests/conftest.py adds each to the report):
+# the last lines of the logs of the processes it started, the tiers' and a Postfix's, since a
+# failure seen only in CI can be understood from nothing else.
+FAILURE_LOGS = pytest.StashKey[list[tuple[str, Callable[[], str]]]]()
+FAILURE_LOG_LINES = 40
+
+
+def show_on_failure(node: pytest.Item, name: str, read: Callable[[], str]) -> None:
+    """Have a failed test's report end with the last lines `read` returns (DEBUG left out)."""
+    node.stash.setdefault(FAILURE_LOGS, []).append((name, read))
+
+
+def log_tail(text: str, lines: int = FAILURE_LOG_LINES) -> str:
+    kept = [line for line in text.splitlines() if " DEBUG " not in line]
+    return "\n".join(kept[-lines:])
+
+
 def tier_env(settings: Settings) -> dict[str, str]:
     """This process's environment with its TIERMAIL_* replaced by `settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIERMAIL_")}

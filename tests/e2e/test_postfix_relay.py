@@ -26,11 +26,11 @@ from tests.e2e.test_failure_contract import (
     stored_message_ids,
 )
 from tests.postfix import POSTFIX, PostfixRelay
-from tests.support import TierProcess, require_client, wait_until
+from tests.support import TierProcess, require_client, show_on_failure, wait_until
 
 
 @pytest.fixture
-def relay_to() -> Iterator[Callable[[int], PostfixRelay]]:
+def relay_to(request: pytest.FixtureRequest) -> Iterator[Callable[[int], PostfixRelay]]:
     require_client(POSTFIX, "postfix")
     if os.geteuid() != 0:
         # Not an install step: CI and `make test` on a new machine run as root.
@@ -43,6 +43,7 @@ def relay_to() -> Iterator[Callable[[int], PostfixRelay]]:
     def start(filter_port: int) -> PostfixRelay:
         relay = PostfixRelay(domain="example.org", next_hop_port=filter_port)
         relays.append(relay)
+        show_on_failure(request.node, f"Postfix relay to port {filter_port} maillog", relay.log)
         relay.start()
         return relay
 
