@@ -152,15 +152,17 @@ async def close_connection(connection: AbstractConnection, grace: float = CLOSE_
     that buffer to drain for three heartbeat intervals (about three minutes), ignoring
     cancellation meanwhile. Nothing unconfirmed is lost by the cut: the broker requeues
     what a consumer had not acked, and a publisher's sender was never told 250.
+    A grace of 0 cuts at once, without a word.
     """
     closing = asyncio.ensure_future(connection.close())
     try:
         await asyncio.wait({closing}, timeout=grace)
     finally:
-        if not closing.done():
+        if not closing.done() and grace > 0:
             log.warning("the broker did not answer a close within %g s (a connection blocked "
                         "by a resource alarm?): cutting it", grace,
                         extra={"event": "amqp-close-cut"})
+        if not closing.done():
             socket = _sockets.get(connection)
             if socket is not None:
                 socket.abort()
@@ -173,13 +175,24 @@ async def close_connection(connection: AbstractConnection, grace: float = CLOSE_
 async def open_channel(
     url: str, topology: Topology, connect_timeout: float, confirms: bool
 ) -> tuple[AbstractConnection, AbstractChannel]:
+    """A connection and a channel with the topology declared, each step within
+    `connect_timeout`: aiormq waits for Channel.OpenOk and the declares' answers without a
+    deadline, so a broker (or a path to it) that went quiet right after the handshake held
+    the caller until the heartbeat gave up, minutes later; the publisher held its connect
+    lock meanwhile, and every MAIL FROM waited behind it."""
     connection = await connect(url, connect_timeout)
     try:
-        channel = await connection.channel(publisher_confirms=confirms, on_return_raises=True)
-        try:
-            await topology.declare(channel)
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise _topology_mismatch(exc, topology) from None
+        async with asyncio.timeout(connect_timeout):
+            channel = await connection.channel(publisher_confirms=confirms,
+                                               on_return_raises=True)
+            try:
+                await topology.declare(channel)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise _topology_mismatch(exc, topology) from None
+    except TimeoutError:
+        # No answer to the set-up: none to a polite close either, so cut it at once.
+        await close_connection(connection, grace=0)
+        raise
     except BaseException:
         await close_connection(connection)
         raise

@@ -393,6 +393,43 @@ class AmqpFrames:
         return frames
 
 
+
+class QuietProxy(TcpProxy):
+    """In front of RabbitMQ: until `speak`, each new connection gets the broker's replies up
+    to the first frame of type `after` and nothing after it (held back): a node that hangs,
+    or a path to it that starts dropping, at that step of a connection's set-up."""
+
+    def __init__(self, target_port: int, after: type) -> None:
+        super().__init__(target_port)
+        self.fell_quiet = 0  # connections that did
+        self._after = after
+        self._speaking = self._threading.Event()
+
+    def speak(self) -> None:
+        """Pass on what was held back, and everything from now on."""
+        self._speaking.set()
+
+    def cut(self) -> None:
+        self.speak()  # no relay thread left waiting for good
+        super().cut()
+
+    def _relay(self, client: socket.socket, to_target: bool) -> Callable[[bytes], Relayed]:
+        if to_target or self._speaking.is_set():
+            return super()._relay(client, to_target)
+        frames = AmqpFrames()
+        fell = False
+
+        def watch(data: bytes) -> Relayed:
+            nonlocal fell
+            if fell:
+                self._speaking.wait()
+            elif any(isinstance(frame, self._after) for _, _, frame in frames.feed(data)):
+                fell = True  # this connection's next replies wait
+                self.fell_quiet += 1
+            return data, None
+        return watch
+
+
 # RabbitMQ 3.x can ignore an ack that reaches a quorum queue just before its channel closes
 # (rabbitmq-server issue 10327): an ack passed on is given this long before the cut.
 ACK_GRACE = 1.0

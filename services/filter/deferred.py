@@ -122,12 +122,14 @@ class DeferredScanner:
         failed = asyncio.Event()
         workers: list[asyncio.Task[None]] = []
         try:
-            await channel.basic_qos(prefetch_count=self._prefetch)
-
             async def on_message(message: DeliveredMessage) -> None:
                 inbox.put_nowait(message)
 
-            ok = await channel.basic_consume(self._topology.scan_queue, on_message, no_ack=False)
+            # aiormq waits for these answers without a deadline (see open_channel).
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await channel.basic_qos(prefetch_count=self._prefetch)
+                ok = await channel.basic_consume(self._topology.scan_queue, on_message,
+                                                 no_ack=False)
             self.consuming.set()
             workers = [asyncio.create_task(self._work(channel, inbox, failed))
                        for _ in range(self._prefetch)]

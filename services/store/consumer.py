@@ -137,23 +137,28 @@ class Consumer:
         connection, channel = await open_channel(
             self._settings.amqp_url, self._topology, CONNECT_TIMEOUT, confirms=False)
         try:
-            publisher = await connection.channel(publisher_confirms=True,
-                                                 on_return_raises=True)
             inbox: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
 
             async def on_message(message: DeliveredMessage) -> None:
                 inbox.put_nowait(message)
                 self._more.set()
 
-            # One channel, so that delivery tags stay in order across both queues (a batch's
-            # `multiple` ack covers exactly the messages before it). Each consumer gets the
-            # prefetch set before it starts (basic.qos without `global` is per consumer).
             consumer_tags = []
-            for queue, prefetch in ((self._topology.deliver_queue, self._settings.store_prefetch),
-                                    (self._topology.large_queue, LARGE_PREFETCH)):
-                await channel.basic_qos(prefetch_count=prefetch)
-                ok = await channel.basic_consume(queue, on_message, no_ack=False)
-                consumer_tags.append(ok.consumer_tag)
+            # aiormq waits for these answers without a deadline: a broker gone quiet here
+            # would stop delivery until the heartbeat noticed, minutes later.
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                publisher = await connection.channel(publisher_confirms=True,
+                                                     on_return_raises=True)
+                # One channel, so that delivery tags stay in order across both queues (a
+                # batch's `multiple` ack covers exactly the messages before it). Each consumer
+                # gets the prefetch set before it starts (basic.qos without `global` is per
+                # consumer).
+                for queue, prefetch in ((self._topology.deliver_queue,
+                                         self._settings.store_prefetch),
+                                        (self._topology.large_queue, LARGE_PREFETCH)):
+                    await channel.basic_qos(prefetch_count=prefetch)
+                    ok = await channel.basic_consume(queue, on_message, no_ack=False)
+                    consumer_tags.append(ok.consumer_tag)
             self.stats.consumer_connected = True
             self.stats.connections += 1
             self.consuming.set()

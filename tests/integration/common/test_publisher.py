@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
+import pamqp.commands
 import pytest
 
 from common.broker import Publisher, PublishFailed
 from common.settings import Settings
 from tests.integration.store.helpers import make_message
-from tests.support import PrivateBroker, eventually, queue_depth
+from tests.support import (
+    PrivateBroker,
+    QuietProxy,
+    broker_at,
+    eventually,
+    queue_depth,
+)
 
 
 async def test_an_envelope_that_cannot_be_encoded_fails_alone(settings: Settings) -> None:
@@ -86,3 +94,31 @@ async def test_close_returns_during_an_alarm_after_a_large_publish(settings: Set
         await asyncio.wait_for(publisher.close(), 60)
     finally:
         await asyncio.to_thread(broker.stop)
+
+
+async def test_a_broker_quiet_after_the_handshake_is_given_up_on_in_time(
+        settings: Settings) -> None:
+    """aiormq waits for Channel.OpenOk and the declares' answers without a deadline: the
+    publisher held its connect lock for as long as the broker kept quiet (until the
+    heartbeat gave up, minutes later), and every MAIL FROM waited behind it instead of
+    getting 451. Now the whole set-up has the connect timeout, and the next attempt, once
+    the broker answers again, connects."""
+    proxy = QuietProxy(5672, after=pamqp.commands.Connection.OpenOk)
+    publisher = Publisher(broker_at(settings, proxy.port).amqp_url, settings.topology,
+                          connect_timeout=1.0, retry_interval=0.1)
+    try:
+        started = time.monotonic()
+        async with asyncio.timeout(30):  # the old code: about three minutes
+            assert not await publisher.ready()
+        assert time.monotonic() - started < 10
+        assert not publisher.connected
+        with pytest.raises(PublishFailed, match="no answer in time"):
+            await publisher.publish(*make_message("alice@example.test"))
+
+        proxy.speak()
+        await asyncio.sleep(0.2)  # past the retry interval
+        await publisher.publish(*make_message("alice@example.test"))
+    finally:
+        await publisher.close()
+        proxy.cut()
+    assert await asyncio.to_thread(queue_depth, settings) == 1

@@ -13,8 +13,10 @@ import smtplib
 from collections import Counter
 from collections.abc import Awaitable
 
+from pamqp.commands import Basic
+
 from common.settings import Settings
-from services.filter.deferred import SCAN_PREFETCH
+from services.filter.deferred import CONNECT_TIMEOUT, SCAN_PREFETCH
 from services.filter.main import open_worker
 from services.filter.protocol.scan_headers import VIRUS_HEADER
 from tests.integration.scanning.conftest import (
@@ -29,7 +31,7 @@ from tests.integration.scanning.conftest import (
     send_one,
     take_all,
 )
-from tests.support import PrivateBroker, TcpProxy, free_port
+from tests.support import PrivateBroker, QuietProxy, TcpProxy, broker_at, free_port
 
 MESSAGES = 100
 KINDS = ("ham", "gtube", "eicar")
@@ -202,6 +204,29 @@ async def test_publishes_blocked_mid_drain_pause_without_churn(scan_settings: Se
         assert sum(seen.values()) - len(sent) <= SCAN_PREFETCH
     finally:
         broker.stop()
+
+
+async def test_a_broker_quiet_mid_set_up_does_not_stop_deferred_scanning(
+        scan_settings: Settings) -> None:
+    """The broker answers the drainer's basic.qos and then nothing: aiormq waits for
+    basic.consume-ok without a deadline, so the scan queue was not drained until the
+    heartbeat gave up, minutes later. Now the drainer gives up on the session in time and
+    the next one, once the broker answers again, drains."""
+    stopped = scan_settings.replace(rspamd_url=f"http://{closed_address()}",
+                                    clamd_address=closed_address(), scan_failure="defer")
+    async with open_worker(stopped, drain_scan_queue=False) as intake:
+        sent = await asyncio.to_thread(send_hams, intake.ports[0], 3)
+    proxy = QuietProxy(5672, after=Basic.QosOk)
+    try:
+        via_proxy = broker_at(scan_settings, proxy.port, scan_failure="defer")
+        async with open_worker(via_proxy, port=free_port()) as worker:
+            await eventually(lambda: proxy.fell_quiet >= 2, within=CONNECT_TIMEOUT + 20,
+                             what="the drainer to give up on the quiet broker and try again")
+            proxy.speak()
+            await eventually(lambda: worker.stats.deferred_ham >= len(sent), within=60,
+                             what="the scan queue to be drained")
+    finally:
+        proxy.cut()
 
 
 async def _equals(value: Awaitable[int], expected: int) -> bool:

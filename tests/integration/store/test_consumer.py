@@ -35,7 +35,7 @@ from services.heldmail import SETTLE_WINDOW
 from services.store.backends.accounts import AccountDB
 from services.store.backends.epoch import RUNNING
 from services.store.backends.maildb import MailDB
-from services.store.consumer import Consumer
+from services.store.consumer import CONNECT_TIMEOUT, Consumer
 from services.store.mailbox import Delivery
 from tests.integration.store.helpers import (
     add_users,
@@ -45,7 +45,16 @@ from tests.integration.store.helpers import (
     queue_counts,
     wait_for,
 )
-from tests.support import REPO, AckTrap, broker_at, fill, run_cli, tier_env, tmpfs
+from tests.support import (
+    REPO,
+    AckTrap,
+    QuietProxy,
+    broker_at,
+    fill,
+    run_cli,
+    tier_env,
+    tmpfs,
+)
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
 
@@ -421,6 +430,34 @@ async def test_reconnects_after_broker_connection_loss(store: Running) -> None:
                    store.consumer.consuming.is_set(), what="reconnected")
     await publish_all(store.settings, [make_message(ALICE)])
     await wait_for(lambda: store.consumer.stats.delivered >= 2, what="delivery after reconnect")
+
+
+async def test_a_broker_quiet_mid_set_up_is_given_up_on_and_reconnected(
+        settings: Settings) -> None:
+    """The broker answers the consumer's basic.qos and then nothing (a node that hangs, a
+    path that starts dropping): aiormq waits for basic.consume-ok without a deadline, so
+    the store did not consume until the heartbeat gave up, minutes later. Now the set-up
+    has the connect timeout: the session ends and the next one, once the broker answers
+    again, consumes."""
+    add_users(settings, [ALICE])
+    proxy = QuietProxy(5672, after=Basic.QosOk)
+    maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    running = Running(broker_at(settings, proxy.port), maildb)
+    task = asyncio.create_task(running.consumer.run())
+    try:
+        # The second time is a new session: the first was given up on.
+        await wait_for(lambda: proxy.fell_quiet >= 2, within=CONNECT_TIMEOUT + 20,
+                       what="the consumer to give up on the quiet broker and try again")
+        proxy.speak()
+        await asyncio.wait_for(running.consumer.consuming.wait(), 15)
+        await publish_all(settings, [make_message(ALICE)])
+        await wait_for(lambda: running.consumer.stats.delivered >= 1, what="a delivery")
+    finally:
+        running.consumer.stop()
+        await asyncio.wait_for(task, 30)
+        running.accounts.close()
+        await maildb.close()
+        proxy.cut()
 
 
 async def test_junk_envelope_is_filed_into_junk(store: Running) -> None:
