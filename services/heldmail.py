@@ -410,14 +410,25 @@ async def _opened(settings: Settings, where: HeldQueue) -> AsyncIterator[Abstrac
     is not acked goes back to the queue when this ends."""
     connection = await connect(settings.amqp_url, CONNECT_TIMEOUT)
     try:
-        channel = await connection.channel()
-        try:
-            # Passive: a mistyped TIERMAIL_QUEUE_PREFIX must not create a topology of its own.
-            await channel.queue_declare(where.queue, passive=True)
-            await channel.exchange_declare(settings.topology.inbound_exchange, passive=True)
-        except aiormq.ChannelNotFoundEntity:
-            raise NoSuchQueue(where.queue) from None
-        await channel.confirm_delivery()
+        # aiormq waits for these answers without a deadline of its own.
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            channel = await connection.channel()
+            try:
+                # Passive: a mistyped TIERMAIL_QUEUE_PREFIX must not create a topology of
+                # its own.
+                await channel.queue_declare(where.queue, passive=True)
+                await channel.exchange_declare(settings.topology.inbound_exchange,
+                                               passive=True)
+            except aiormq.ChannelNotFoundEntity:
+                raise NoSuchQueue(where.queue) from None
+            await channel.confirm_delivery()
+    except TimeoutError:
+        await close_connection(connection, grace=0)
+        raise
+    except BaseException:
+        await close_connection(connection)
+        raise
+    try:
         yield channel
     finally:
         await close_connection(connection)
@@ -427,7 +438,7 @@ async def _taken(channel: AbstractChannel, where: HeldQueue, limit: int
                  ) -> AsyncIterator[tuple[DeliveredMessage, HeldMessage]]:
     """Up to `limit` messages of the queue, oldest first, taken unacknowledged."""
     for _ in range(limit):
-        message = await channel.basic_get(where.queue, no_ack=False)
+        message = await channel.basic_get(where.queue, no_ack=False, timeout=CONNECT_TIMEOUT)
         if isinstance(message.delivery, spec.Basic.GetEmpty):
             return
         yield message, describe(message.header.properties, message.body, where.reason)

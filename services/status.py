@@ -7,12 +7,14 @@ import time
 from typing import Any
 
 import aiormq
+from aiormq.abc import AbstractConnection
 
 from common.broker import close_connection, connect, connect_failure
 from common.directory import Directory
 from common.health import read_heartbeats
 from common.redisconn import open_redis
 from common.settings import Settings
+from common.topology import Topology
 
 TIMEOUT = 5.0
 # Heartbeat values that say how much there is now, not how many so far: no rate for them.
@@ -133,24 +135,40 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
     except Exception as exc:
         status["error"] = connect_failure(exc)
         return status
-    status["reachable"] = True
     try:
-        for key in QUEUE_KEYS:
-            queue = getattr(topology, f"{key}_queue")
-            channel = await connection.channel()
-            try:
-                ok = await channel.queue_declare(queue, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                status[key] = {"queue": queue, "declared": False}
-                continue
-            status[key] = {"queue": queue, "declared": True, "messages": ok.message_count,
-                           "consumers": ok.consumer_count}
-            await channel.close()
-        status["dead_letters"] = status.get("dead", {}).get("messages", 0)
-        status["quarantined"] = status.get("quarantine", {}).get("messages", 0)
-    finally:
+        # aiormq waits for these answers without a deadline of its own.
+        async with asyncio.timeout(TIMEOUT):
+            queues = await _queue_counts(connection, topology)
+    except TimeoutError:
+        await close_connection(connection, grace=0)
+        status["error"] = (f"it took the connection, then did not answer within {TIMEOUT:g} s "
+                           "(a node that hangs? rabbitmqctl status)")
+        return status
+    except BaseException:
         await close_connection(connection)
+        raise
+    await close_connection(connection)
+    status.update(queues, reachable=True)
+    status["dead_letters"] = status.get("dead", {}).get("messages", 0)
+    status["quarantined"] = status.get("quarantine", {}).get("messages", 0)
     return status
+
+
+async def _queue_counts(connection: AbstractConnection, topology: Topology
+                        ) -> dict[str, dict[str, Any]]:
+    counts: dict[str, dict[str, Any]] = {}
+    for key in QUEUE_KEYS:
+        queue = getattr(topology, f"{key}_queue")
+        channel = await connection.channel()
+        try:
+            ok = await channel.queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            counts[key] = {"queue": queue, "declared": False}
+            continue
+        counts[key] = {"queue": queue, "declared": True, "messages": ok.message_count,
+                       "consumers": ok.consumer_count}
+        await channel.close()
+    return counts
 
 
 async def _redis_status(settings: Settings) -> dict[str, Any]:

@@ -9,11 +9,12 @@ import socket
 from collections.abc import Callable
 
 import aiormq
-from pamqp.commands import Basic
+from pamqp.commands import Basic, Connection
 
 from common.settings import Settings
 from tests.e2e.test_inbound_spine import provision, send
 from tests.support import (
+    QuietProxy,
     TcpProxy,
     TierProcess,
     broker_at,
@@ -142,3 +143,18 @@ def test_status_names_a_filter_cut_off_from_the_broker(
         assert status(settings)[0] == 0
     finally:
         proxy.cut()
+
+
+def test_status_answers_when_the_broker_takes_the_connection_and_goes_quiet(
+        settings: Settings) -> None:
+    """A node that hangs after the handshake: status waited on aiormq's channel.open
+    (without a deadline) until the heartbeat gave up, minutes later, the operator's first
+    check hanging when it was needed most. Now it says so within its timeout."""
+    proxy = QuietProxy(5672, after=Connection.OpenOk)
+    try:
+        result = run_cli(broker_at(settings, proxy.port), "status")
+    finally:
+        proxy.cut()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "broker: DOWN it took the connection, then did not answer within 5 s" \
+        in result.stdout, result.stdout

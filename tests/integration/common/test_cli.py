@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
+from pamqp.commands import Connection
 
 from common.broker import close_connection, open_channel
 from common.directory import Directory
@@ -27,7 +28,9 @@ from services.store.backends.maildb import store_user_path
 from tests.support import (
     REPO,
     PrivateRedis,
+    QuietProxy,
     TierProcess,
+    broker_at,
     free_port,
     rabbitmqctl,
     run_cli,
@@ -176,6 +179,21 @@ def test_status_reports_an_unreachable_broker(settings: Settings) -> None:
     assert result.returncode == 1
     assert "RabbitMQ cannot be used (Connect call failed ('127.0.0.1', 1))" in result.stdout
     assert not result.stderr  # aiormq logged "error when creating transport" here too
+
+
+def test_held_mail_commands_give_up_on_a_broker_that_goes_quiet(settings: Settings) -> None:
+    """A node that hangs after the handshake: `deadletters list` and `retry` waited on
+    aiormq's channel.open (without a deadline) until the heartbeat gave up, minutes later.
+    Now each says so in one line within its timeout."""
+    proxy = QuietProxy(5672, after=Connection.OpenOk)
+    try:
+        quiet = broker_at(settings, proxy.port)
+        for command in (("deadletters", "list"), ("quarantine", "release", "--all")):
+            result = tiermail(quiet, *command)
+            assert result.returncode == 1 and not result.stdout, result.stderr
+            assert result.stderr == "tiermail: RabbitMQ could not be used: no answer in time\n"
+    finally:
+        proxy.cut()
 
 
 def test_a_vhost_or_login_the_broker_refuses_is_named_not_a_traceback(
