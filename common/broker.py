@@ -21,11 +21,12 @@ again. Without it every sender in turn uploaded its message and waited out the t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import aiormq
@@ -181,22 +182,30 @@ async def open_channel(
     the caller until the heartbeat gave up, minutes later; the publisher held its connect
     lock meanwhile, and every MAIL FROM waited behind it."""
     connection = await connect(url, connect_timeout)
+    async with setting_up(connection, connect_timeout):
+        channel = await connection.channel(publisher_confirms=confirms, on_return_raises=True)
+        try:
+            await topology.declare(channel)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise _topology_mismatch(exc, topology) from None
+    return connection, channel
+
+
+@contextlib.asynccontextmanager
+async def setting_up(connection: AbstractConnection, within: float) -> AsyncIterator[None]:
+    """The steps that set up a new connection (channels, declares: aiormq waits for their
+    answers without a deadline), within `within` seconds in all: TimeoutError after it.
+    The connection is closed when they fail; cut at once when the broker did not answer,
+    since it would not answer a polite close either."""
     try:
-        async with asyncio.timeout(connect_timeout):
-            channel = await connection.channel(publisher_confirms=confirms,
-                                               on_return_raises=True)
-            try:
-                await topology.declare(channel)
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                raise _topology_mismatch(exc, topology) from None
+        async with asyncio.timeout(within):
+            yield
     except TimeoutError:
-        # No answer to the set-up: none to a polite close either, so cut it at once.
         await close_connection(connection, grace=0)
         raise
     except BaseException:
         await close_connection(connection)
         raise
-    return connection, channel
 
 
 class Publisher:

@@ -42,7 +42,7 @@ import aiormq
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 
-from common.broker import close_connection, connect
+from common.broker import close_connection, connect, setting_up
 from common.settings import Settings
 from common.topology import (
     MAILBOXES_HEADER,
@@ -409,25 +409,15 @@ async def _opened(settings: Settings, where: HeldQueue) -> AsyncIterator[Abstrac
     """A channel with publisher confirms on which the queue's messages are taken; whatever
     is not acked goes back to the queue when this ends."""
     connection = await connect(settings.amqp_url, CONNECT_TIMEOUT)
-    try:
-        # aiormq waits for these answers without a deadline of its own.
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            channel = await connection.channel()
-            try:
-                # Passive: a mistyped TIERMAIL_QUEUE_PREFIX must not create a topology of
-                # its own.
-                await channel.queue_declare(where.queue, passive=True)
-                await channel.exchange_declare(settings.topology.inbound_exchange,
-                                               passive=True)
-            except aiormq.ChannelNotFoundEntity:
-                raise NoSuchQueue(where.queue) from None
-            await channel.confirm_delivery()
-    except TimeoutError:
-        await close_connection(connection, grace=0)
-        raise
-    except BaseException:
-        await close_connection(connection)
-        raise
+    async with setting_up(connection, CONNECT_TIMEOUT):
+        channel = await connection.channel()
+        try:
+            # Passive: a mistyped TIERMAIL_QUEUE_PREFIX must not create a topology of its own.
+            await channel.queue_declare(where.queue, passive=True)
+            await channel.exchange_declare(settings.topology.inbound_exchange, passive=True)
+        except aiormq.ChannelNotFoundEntity:
+            raise NoSuchQueue(where.queue) from None
+        await channel.confirm_delivery()
     try:
         yield channel
     finally:

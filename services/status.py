@@ -9,7 +9,7 @@ from typing import Any
 import aiormq
 from aiormq.abc import AbstractConnection
 
-from common.broker import close_connection, connect, connect_failure
+from common.broker import close_connection, connect, connect_failure, setting_up
 from common.directory import Directory
 from common.health import read_heartbeats
 from common.redisconn import open_redis
@@ -136,17 +136,12 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
         status["error"] = connect_failure(exc)
         return status
     try:
-        # aiormq waits for these answers without a deadline of its own.
-        async with asyncio.timeout(TIMEOUT):
+        async with setting_up(connection, TIMEOUT):
             queues = await _queue_counts(connection, topology)
     except TimeoutError:
-        await close_connection(connection, grace=0)
         status["error"] = (f"it took the connection, then did not answer within {TIMEOUT:g} s "
                            "(a node that hangs? rabbitmqctl status)")
         return status
-    except BaseException:
-        await close_connection(connection)
-        raise
     await close_connection(connection)
     status.update(queues, reachable=True)
     status["dead_letters"] = status.get("dead", {}).get("messages", 0)
