@@ -62,13 +62,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import concurrent.futures
 import contextlib
 import dataclasses
 import enum
 import hashlib
 import logging
-import queue
 import signal
 import threading
 import time
@@ -87,6 +85,7 @@ from dramatiq.middleware import Retries
 from common.health import Heartbeat
 from common.redisconn import REDIS_TIMEOUT, check_redis_url, open_redis
 from common.settings import Settings
+from services.store.daemonthread import DaemonThread
 from services.store.mailbox import (
     HIERARCHY_DELIMITER,
     JUNK,
@@ -572,7 +571,7 @@ class LearningHook:
         self._send = send
         self._close = close
         self._release = release
-        self._executor = _DaemonThread("learn-enqueue")
+        self._executor = DaemonThread("learn-enqueue")
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending = 0  # messages reserved, their batch not yet done (MAX_PENDING)
         self._queued = 0  # messages of the batches waiting for the hook's thread
@@ -757,47 +756,6 @@ class LearningHook:
         with self._mailstore.open_message(user, guid) as file:
             data = file.read(MAX_LEARN_SIZE + 1)
         return None if len(data) > MAX_LEARN_SIZE else data
-
-
-class _DaemonThread(concurrent.futures.Executor):
-    """One daemon thread running what is submitted, in order. A ThreadPoolExecutor's threads
-    are joined when the interpreter exits: a publish RabbitMQ blocked (a resource alarm; pika
-    cannot be interrupted from another thread) kept the stopped store from exiting until
-    the alarm cleared or the store was SIGKILLed."""
-
-    def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._shut = False
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any,
-               **kwargs: Any) -> concurrent.futures.Future[Any]:
-        if self._shut:
-            raise RuntimeError("cannot schedule new calls after shutdown")
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._calls.put((future, fn, args, kwargs))
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Never waits: the thread may be stuck in a publish (what it is a daemon for)."""
-        self._shut = True
-        if cancel_futures:
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    call = self._calls.get_nowait()
-                    if call is not None:
-                        call[0].cancel()
-        self._calls.put(None)
-
-    def _run(self) -> None:
-        while (call := self._calls.get()) is not None:
-            future, fn, args, kwargs = call
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits it
-                future.set_exception(exc)
 
 
 # Seconds a learn job's publish waits for the broker's confirm before the store says so.

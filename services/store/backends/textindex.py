@@ -32,18 +32,19 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from services.store.backends.maildb import MailDB, user_path
 from services.store.backends.sqlite import read_snapshot, transaction
+from services.store.daemonthread import DaemonThread
 from services.store.imap.protocol.mime import (
     decoded_text,
     header_lines,
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FILE_NAME = "text.sqlite"
+STOP_WAIT = 1.0  # seconds a stop waits for the index files to close
 SCHEMA_VERSION = 3  # 2: attachment names, attached messages' headers, HTML as text;
 #                    3: NUL read as a space (FTS5 ended the text there), no lone surrogates
 SCHEMA = """
@@ -112,6 +114,10 @@ def text_contains(text: MessageText, needle: str, field: str) -> bool:
 # The index
 
 
+class IndexingStopped(Exception):
+    """The index is being closed: no more writes (TextIndex.stop_writing)."""
+
+
 class TextIndex:
     """Per-user FTS5 files under the mail root. Every method is blocking: call it from a
     thread. Writes must come from one thread at a time (the indexer's); reads from any."""
@@ -124,6 +130,8 @@ class TextIndex:
         # otherwise read every GUID each time (~45 ms) just to find the unindexed ones.
         self._indexed_cache: OrderedDict[str, tuple[int, frozenset[str]]] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._stopping = False
+        self._left_behind: set[str] = set()  # users whose write a stop interrupted
 
     def path(self, user: str) -> Path:
         return user_path(self.root, user) / FILE_NAME
@@ -135,14 +143,22 @@ class TextIndex:
         if conn is None or not docs:
             return 0
         added = 0
-        with transaction(conn):
-            for guid, text in docs:
-                cursor = conn.execute("INSERT OR IGNORE INTO doc (guid) VALUES (?)", (guid,))
-                if cursor.rowcount:
-                    conn.execute("INSERT INTO text (rowid, head, body) VALUES (?, ?, ?)",
-                                 (cursor.lastrowid, text.header, text.body))
-                    added += 1
-            _bump_generation(conn)
+        try:
+            with transaction(conn):
+                for guid, text in docs:
+                    if self._stopping:
+                        raise IndexingStopped
+                    cursor = conn.execute("INSERT OR IGNORE INTO doc (guid) VALUES (?)",
+                                          (guid,))
+                    if cursor.rowcount:
+                        conn.execute("INSERT INTO text (rowid, head, body) VALUES (?, ?, ?)",
+                                     (cursor.lastrowid, text.header, text.body))
+                        added += 1
+                _bump_generation(conn)
+        except (IndexingStopped, sqlite3.OperationalError):
+            if self._stopping:  # interrupted: make the next start's catch-up look at it
+                self._left_behind.add(user)
+            raise
         return added
 
     def forget(self, user: str, guids: Iterable[str]) -> bool:
@@ -214,10 +230,28 @@ class TextIndex:
                 self._indexed_cache.popitem(last=False)
         return guids
 
+    def stop_writing(self) -> None:
+        """From any thread, at a stop: no write begins any more, and the one under way is
+        interrupted (rolled back) where SQLite can; FTS5 does not look while it tokenizes a
+        body, which takes up to about 1 s per MB here. What is left unindexed is scanned by
+        a search meanwhile, and indexed by the next start's catch-up."""
+        self._stopping = True
+        for user, conn in list(self._writers.items()):
+            conn.interrupt()  # SQLite allows it from another thread
+            self._mark_behind(user)  # in case the process ends before the write does
+
+    def _mark_behind(self, user: str) -> None:
+        """Older than any mail index: _may_be_behind picks the user at the next start."""
+        for path in (self.path(user), self.path(user).with_name(FILE_NAME + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path, (0, 0))
+
     def close(self) -> None:
         for conn in self._writers.values():
             conn.close()
         self._writers.clear()
+        for user in self._left_behind:
+            self._mark_behind(user)  # again: closing checkpoints the WAL into the file
 
     def _writer(self, user: str) -> sqlite3.Connection | None:
         conn = self._writers.get(user)
@@ -328,7 +362,7 @@ class TextIndexer:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="textindex")
+        self._thread = DaemonThread("textindex")
         self.indexed = 0  # messages added since start (for stats and tests)
 
     def notify(self, event: ChangeEvent) -> None:
@@ -372,9 +406,23 @@ class TextIndexer:
                         log.exception("text indexing failed", extra={"event": "textindex"})
                 self._idle.set()
         finally:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._thread, self._index.close)
-            self._thread.shutdown(wait=False)
+            await self._close()
+
+    async def _close(self) -> None:
+        """Stop the write under way and close the files, waiting STOP_WAIT at most: a large
+        body's write cannot be interrupted while FTS5 tokenizes it, and the thread is a
+        daemon, so the process exits without it (SQLite rolls an unfinished write back at
+        the next open; derived data, caught up after the next start)."""
+        self._index.stop_writing()
+        loop = asyncio.get_running_loop()
+        closing = loop.run_in_executor(self._thread, self._index.close)
+        self._thread.shutdown(wait=False)
+        try:
+            async with asyncio.timeout(STOP_WAIT):
+                await asyncio.shield(closing)
+        except TimeoutError:
+            log.info("text index: a write under way at stop is left to end with the process; "
+                     "the next start indexes those messages", extra={"event": "textindex"})
 
     async def _step(self) -> None:
         await self._yield_to_delivery()

@@ -10,8 +10,9 @@ import contextlib
 import quopri
 import random
 import sqlite3
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -292,3 +293,43 @@ async def test_indexing_yields_for_at_most_max_yield(maildb: MailDB) -> None:
         await deliver(maildb, [b"Subject: x\r\n\r\nbody\r\n"])
         await asyncio.wait_for(worker.wait_idle(), 10)  # busy for ever, indexed anyway
         assert worker.indexed == 1
+
+
+class NotedIndex(TextIndex):
+    """Says when a write begins (the text already extracted)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.writing = threading.Event()
+
+    def add(self, user: str, docs: Sequence[tuple[str, MessageText]]) -> int:
+        self.writing.set()
+        return super().add(user, docs)
+
+
+async def test_a_stop_ends_the_indexing_of_a_large_body_and_the_next_start_resumes_it(
+        maildb: MailDB) -> None:
+    """Indexing one large text body takes seconds (up to about 1 s per MB here), and a
+    stopping store waited for it: its process exited 13 s after `store stopped` with the 20 MB
+    message of the inbound tests just delivered (the indexer's thread is joined at exit),
+    and past a container's stop timeout it is SIGKILLed. A stop now interrupts the write
+    (rolled back: the message is not indexed), and the next start's catch-up indexes it."""
+    rng = random.Random(7)
+    # Text with a large alphabet (nearly every trigram new) indexes slowly, about 1.7 s for
+    # these 3 MB here: the write lasts long past the stop.
+    text = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(1_000_000))
+    big = ("Subject: long report\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+           f"{text}\r\n").encode()
+    index = NotedIndex(maildb.root)
+    stopped = TextIndexer(maildb, index)
+    async with listening(maildb, stopped):
+        await deliver(maildb, [big])
+        assert await asyncio.to_thread(index.writing.wait, 60)
+    assert stopped.indexed == 0
+    assert not await asyncio.to_thread(TextIndex(maildb.root).indexed, USER)
+
+    restarted = TextIndexer(maildb, TextIndex(maildb.root))
+    restarted.request_all()
+    async with listening(maildb, restarted):
+        await asyncio.wait_for(restarted.wait_idle(), 120)
+    assert restarted.indexed == 1
