@@ -182,16 +182,15 @@ def test_status_reports_an_unreachable_broker(settings: Settings) -> None:
 
 
 def test_held_mail_commands_give_up_on_a_broker_that_goes_quiet(settings: Settings) -> None:
-    """A node that hangs after the handshake: `deadletters list` and `retry` waited on
-    aiormq's channel.open (without a deadline) until the heartbeat gave up, minutes later.
-    Now each says so in one line within its timeout."""
+    """A node that hangs after the handshake: `deadletters list` (and every held-mail
+    command: they share the set-up) waited on aiormq's channel.open (without a deadline)
+    until the heartbeat gave up, minutes later. Now it says so in one line within its
+    timeout."""
     proxy = QuietProxy(5672, after=Connection.OpenOk)
     try:
-        quiet = broker_at(settings, proxy.port)
-        for command in (("deadletters", "list"), ("quarantine", "release", "--all")):
-            result = tiermail(quiet, *command)
-            assert result.returncode == 1 and not result.stdout, result.stderr
-            assert result.stderr == "tiermail: RabbitMQ could not be used: no answer in time\n"
+        result = tiermail(broker_at(settings, proxy.port), "deadletters", "list")
+        assert result.returncode == 1 and not result.stdout, result.stderr
+        assert result.stderr == "tiermail: RabbitMQ could not be used: no answer in time\n"
     finally:
         proxy.cut()
 

@@ -32,10 +32,11 @@ from common.topology import (
     message_properties,
 )
 from services.heldmail import SETTLE_WINDOW
+from services.store import consumer as consumer_module
 from services.store.backends.accounts import AccountDB
 from services.store.backends.epoch import RUNNING
 from services.store.backends.maildb import MailDB
-from services.store.consumer import CONNECT_TIMEOUT, Consumer
+from services.store.consumer import Consumer
 from services.store.mailbox import Delivery
 from tests.integration.store.helpers import (
     add_users,
@@ -433,12 +434,13 @@ async def test_reconnects_after_broker_connection_loss(store: Running) -> None:
 
 
 async def test_a_broker_quiet_mid_set_up_is_given_up_on_and_reconnected(
-        settings: Settings) -> None:
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """The broker answers the consumer's basic.qos and then nothing (a node that hangs, a
     path that starts dropping): aiormq waits for basic.consume-ok without a deadline, so
     the store did not consume until the heartbeat gave up, minutes later. Now the set-up
     has the connect timeout: the session ends and the next one, once the broker answers
     again, consumes."""
+    monkeypatch.setattr(consumer_module, "CONNECT_TIMEOUT", 2.0)  # 10 s in production
     add_users(settings, [ALICE])
     proxy = QuietProxy(5672, after=Basic.QosOk)
     maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
@@ -446,7 +448,7 @@ async def test_a_broker_quiet_mid_set_up_is_given_up_on_and_reconnected(
     task = asyncio.create_task(running.consumer.run())
     try:
         # The second time is a new session: the first was given up on.
-        await wait_for(lambda: proxy.fell_quiet >= 2, within=CONNECT_TIMEOUT + 20,
+        await wait_for(lambda: proxy.fell_quiet >= 2, within=30,
                        what="the consumer to give up on the quiet broker and try again")
         proxy.speak()
         await asyncio.wait_for(running.consumer.consuming.wait(), 15)
