@@ -607,8 +607,9 @@ class LearningHook:
         deadline = loop.time() + grace
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
-        # Cancelled before the batch under way is told to give up: the hook's thread, freed,
-        # must find the batches behind it cancelled, not start one (they are counted below).
+        # Batches behind the one under way are not started (they are counted below):
+        # cancelled here, and passed over by the hook's thread (_enqueue_all) if the
+        # cancellation has not reached its queue when the batch under way gives up.
         for task in self._tasks:
             task.cancel()
         self._abandon.set()
@@ -663,6 +664,11 @@ class LearningHook:
         out of reach is waited for (later batches queue behind this one); when it refuses a
         job, or the store stops meanwhile, the rest of the batch is given up with one log
         line, not one each."""
+        if self._abandon.is_set():
+            # Never started: close() counts it with the other batches left waiting. Its task
+            # was cancelled first, but that reaches this thread's queue only on a later pass
+            # of the event loop, and the thread may take the batch before then.
+            return
         with self._lock:
             self._queued -= len(guids)
         settled = 0  # messages of the batch no longer pending (published, or not learned)
