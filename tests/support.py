@@ -393,7 +393,6 @@ class AmqpFrames:
         return frames
 
 
-
 class QuietProxy(TcpProxy):
     """In front of RabbitMQ: until `speak`, each new connection gets the broker's replies up
     to the first frame of type `after` and nothing after it (held back): a node that hangs,

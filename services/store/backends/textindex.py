@@ -114,10 +114,6 @@ def text_contains(text: MessageText, needle: str, field: str) -> bool:
 # The index
 
 
-class IndexingStopped(Exception):
-    """The index is being closed: no more writes (TextIndex.stop_writing)."""
-
-
 class TextIndex:
     """Per-user FTS5 files under the mail root. Every method is blocking: call it from a
     thread. Writes must come from one thread at a time (the indexer's); reads from any."""
@@ -131,7 +127,6 @@ class TextIndex:
         self._indexed_cache: OrderedDict[str, tuple[int, frozenset[str]]] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._stopping = False
-        self._left_behind: set[str] = set()  # users whose write a stop interrupted
 
     def path(self, user: str) -> Path:
         return user_path(self.root, user) / FILE_NAME
@@ -143,22 +138,16 @@ class TextIndex:
         if conn is None or not docs:
             return 0
         added = 0
-        try:
-            with transaction(conn):
-                for guid, text in docs:
-                    if self._stopping:
-                        raise IndexingStopped
-                    cursor = conn.execute("INSERT OR IGNORE INTO doc (guid) VALUES (?)",
-                                          (guid,))
-                    if cursor.rowcount:
-                        conn.execute("INSERT INTO text (rowid, head, body) VALUES (?, ?, ?)",
-                                     (cursor.lastrowid, text.header, text.body))
-                        added += 1
-                _bump_generation(conn)
-        except (IndexingStopped, sqlite3.OperationalError):
-            if self._stopping:  # interrupted: make the next start's catch-up look at it
-                self._left_behind.add(user)
-            raise
+        with transaction(conn):
+            for guid, text in docs:
+                if self._stopping:
+                    break  # stop_writing: what is done so far is kept
+                cursor = conn.execute("INSERT OR IGNORE INTO doc (guid) VALUES (?)", (guid,))
+                if cursor.rowcount:
+                    conn.execute("INSERT INTO text (rowid, head, body) VALUES (?, ?, ?)",
+                                 (cursor.lastrowid, text.header, text.body))
+                    added += 1
+            _bump_generation(conn)
         return added
 
     def forget(self, user: str, guids: Iterable[str]) -> bool:
@@ -247,11 +236,13 @@ class TextIndex:
                 os.utime(path, (0, 0))
 
     def close(self) -> None:
+        users = list(self._writers)
         for conn in self._writers.values():
             conn.close()
         self._writers.clear()
-        for user in self._left_behind:
-            self._mark_behind(user)  # again: closing checkpoints the WAL into the file
+        if self._stopping:
+            for user in users:
+                self._mark_behind(user)  # again: closing checkpoints the WAL into the file
 
     def _writer(self, user: str) -> sqlite3.Connection | None:
         conn = self._writers.get(user)
