@@ -71,7 +71,8 @@ _BROKER_REASONS = {
     "delivery_limit": "delivery failed too often (TIERMAIL_DELIVERY_ATTEMPTS)",
 }
 _SCAN_REASONS = {
-    "rejected": "not scanned: rejected by the deferred scanner (undecodable)",
+    "rejected": "not scanned: rejected by the deferred scanner (undecodable, or a scanner "
+                "failed on it again and again: the filter's log says which)",
     "delivery_limit": f"not scanned: given back to the scan queue {SCAN_DELIVERY_LIMIT} times",
 }
 _FIRST_DEATH_QUEUE = "x-first-death-queue"

@@ -14,10 +14,12 @@ resource alarm: common.broker.Publisher.ready), the drainer does not consume at 
 probes every configured scanner (rspamd GET /ping, clamd PING, spamd PING) and the publisher
 with exponential backoff and starts consuming when all answer. A scanner failure (or a failed
 publish) in the middle of a message returns that message to the queue (nack, requeue) and
-stops consuming again, so an outage never churns through redeliveries (the scan queue's
-delivery limit, 100, is only reached by a message that breaks the scanner itself). Every
-filter worker with scanners configured runs one drainer: they are competing consumers, each
-with a small prefetch.
+stops consuming again, so an outage never churns through redeliveries. A scanner that
+fails on a message but answers a ping right after has failed on that message alone: it goes
+back to the queue while the rest flows, and after services/filter/poison.py's
+POISON_STRIKES it is dead-lettered for the operator instead of blocking the scan queue until
+the delivery limit (100). Every filter worker with scanners configured runs one drainer:
+they are competing consumers, each with a small prefetch.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from common.topology import (
 )
 from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
 from services.filter.backends.scanners import Scanners
+from services.filter.poison import Strikes
 from services.filter.protocol.message import without_own_received
 from services.filter.protocol.scan_headers import (
     NOT_SCANNED_HEADER,
@@ -80,6 +83,7 @@ class DeferredScanner:
         self._publisher = publisher
         self._stats = stats
         self._prefetch = prefetch
+        self._strikes = Strikes()
         # Set from basic.consume until every message taken has been acked or given back
         # (for tests: while it is set, messages may still leave the queue for good).
         self.consuming = asyncio.Event()
@@ -104,7 +108,7 @@ class DeferredScanner:
                 log.info("scanners answer again: deferred scanning resumes",
                          extra={"event": "scan-resumed"})
                 reported = []
-            delay = PROBE_MIN
+            verdicts = self._strikes.verdicts
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -113,6 +117,14 @@ class DeferredScanner:
                 log.warning("scan queue session ended: %s: %s", type(exc).__name__, exc,
                             extra={"event": "amqp-disconnected"})
                 await asyncio.sleep(1.0)
+                continue
+            # Ended by a failure. A scanner that answers pings but came to no verdict at all
+            # would be back at once: the same backoff as for one that does not answer.
+            if self._strikes.verdicts > verdicts:
+                delay = PROBE_MIN
+            else:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PROBE_MAX)
 
     async def _session(self) -> None:
         """Consume the scan queue until a scanner fails (return) or the broker goes (raise)."""
@@ -187,12 +199,9 @@ class DeferredScanner:
         try:
             routed = await self._scan(envelope, body)
         except ScannerUnavailable as exc:
-            self._stats.deferred_requeued += 1
-            log.warning("%s unavailable during a deferred scan (%s): returned to the queue",
-                        exc.scanner, exc.reason, extra=extra)
-            failed.set()
-            await _nack(channel, message)
+            await self._scan_failed(channel, message, envelope, exc, failed)
             return
+        self._strikes.scanned(envelope.queue_id)
         head = format_headers(routed.headers)
         out = replace(envelope, junk=envelope.junk or routed.junk, size=len(head) + len(body))
         try:
@@ -211,6 +220,39 @@ class DeferredScanner:
         self._count(routed)
         log.info("deferred scan: %s, published to %s", routed.outcome, routed.routing_key,
                  extra=extra)
+
+    async def _scan_failed(self, channel: AbstractChannel, message: DeliveredMessage,
+                           envelope: Envelope, exc: ScannerUnavailable,
+                           failed: asyncio.Event) -> None:
+        extra = {"queue_id": envelope.queue_id}
+        if await self._scanners.unavailable():
+            self._stats.deferred_requeued += 1
+            log.warning("%s unavailable during a deferred scan (%s): returned to the queue",
+                        exc.scanner, exc.reason, extra=extra)
+            failed.set()
+            await _nack(channel, message)
+            return
+        strikes = self._strikes.failed(envelope.queue_id)
+        if strikes is None:
+            self._stats.deferred_requeued += 1
+            log.warning("%s answers pings but fails on every message (%s): returned to the "
+                        "queue, deferred scanning pauses", exc.scanner, exc.reason, extra=extra)
+            failed.set()
+            await _nack(channel, message)
+            return
+        if self._strikes.poisoned(strikes):
+            self._stats.deferred_dead_lettered += 1
+            log.error("%s failed on this message %d times (%s) while it scanned other mail: "
+                      "dead-lettered, see `tiermail deadletters`", exc.scanner, strikes,
+                      exc.reason, extra={**extra, "event": "scan-poison"})
+            with contextlib.suppress(Exception):
+                await channel.basic_reject(message.delivery_tag or 0, requeue=False)
+            return
+        self._stats.deferred_requeued += 1
+        log.warning("%s failed on this message (%s) but answers pings: returned to the queue "
+                    "(strike %d of %d)", exc.scanner, exc.reason, strikes, self._strikes.limit,
+                    extra=extra)
+        await _nack(channel, message)
 
     async def _scan(self, envelope: Envelope, body: bytes) -> Routed:
         judge = self._judge

@@ -30,7 +30,8 @@ class WorkerStats:
     scan_tempfailed / scan_not_scanned (accepted unscanned) / scan_deferred.
     Deferred scans (services/filter/deferred.py): deferred_ham / deferred_junk /
     deferred_quarantined published onwards; deferred_requeued: returned to the queue for a
-    scanner outage or a publish that failed.
+    scanner outage, a scanner failing on that message, or a publish that failed;
+    deferred_dead_lettered: a scanner failed on it POISON_STRIKES times while scanning others.
     """
 
     connections: int = 0
@@ -63,6 +64,7 @@ class WorkerStats:
     deferred_junk: int = 0
     deferred_quarantined: int = 0
     deferred_requeued: int = 0
+    deferred_dead_lettered: int = 0
 
     def count_reply(self, reply: str) -> None:
         if reply.startswith("5"):

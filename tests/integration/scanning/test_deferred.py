@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from pamqp.commands import Basic
 
 from common.settings import Settings
 from services.filter.deferred import CONNECT_TIMEOUT, SCAN_PREFETCH
 from services.filter.main import open_worker
+from services.filter.poison import POISON_STRIKES
 from services.filter.protocol.scan_headers import VIRUS_HEADER
 from tests.integration.scanning.conftest import (
     ALICE,
@@ -28,10 +31,11 @@ from tests.integration.scanning.conftest import (
     eventually,
     gtube,
     ham,
+    message,
     send_one,
     take_all,
 )
-from tests.support import PrivateBroker, QuietProxy, TcpProxy, broker_at, free_port
+from tests.support import PrivateBroker, QuietProxy, Relayed, TcpProxy, broker_at, free_port
 
 MESSAGES = 100
 KINDS = ("ham", "gtube", "eicar")
@@ -82,18 +86,18 @@ async def test_defer_then_drain_exactly_once(scan_settings: Settings) -> None:
     expected = Counter(sent.values())
     seen = Counter(m.envelope.queue_id for m in delivered + quarantined)
     assert set(seen) == set(sent) and set(seen.values()) == {1}, "each exactly once"
-    for message in delivered:
-        kind = sent[message.envelope.queue_id]
+    for taken in delivered:
+        kind = sent[taken.envelope.queue_id]
         if kind == "ham":
-            assert not message.envelope.junk
-            assert (message.header("X-Spam-Status") or "").startswith("No, ")
+            assert not taken.envelope.junk
+            assert (taken.header("X-Spam-Status") or "").startswith("No, ")
         else:
             assert kind == "gtube"
-            assert message.envelope.junk and message.header("X-Spam") == "Yes"
-        assert message.envelope.size == len(message.body)
-    for message in quarantined:
-        assert sent[message.envelope.queue_id] == "eicar"
-        assert (message.header(VIRUS_HEADER) or "").endswith(".UNOFFICIAL")
+            assert taken.envelope.junk and taken.header("X-Spam") == "Yes"
+        assert taken.envelope.size == len(taken.body)
+    for taken in quarantined:
+        assert sent[taken.envelope.queue_id] == "eicar"
+        assert (taken.header(VIRUS_HEADER) or "").endswith(".UNOFFICIAL")
     assert Counter(sent[m.envelope.queue_id] for m in quarantined) == {"eicar": expected["eicar"]}
     assert len(delivered) == expected["ham"] + expected["gtube"]
     assert await depth(scan_settings, topology.scan_queue) == 0
@@ -229,17 +233,107 @@ async def test_a_broker_quiet_mid_set_up_does_not_stop_deferred_scanning(
         proxy.cut()
 
 
+class PoisonProxy(TcpProxy):
+    """A relay to rspamd that cuts every connection carrying `marker`: a message that breaks
+    the scanner, while the scanner answers pings and scans everything else."""
+
+    def __init__(self, target_port: int, marker: bytes) -> None:
+        self.marker = marker
+        self.cuts = 0
+        super().__init__(target_port)
+
+    def _relay(self, client: socket.socket, to_target: bool) -> Callable[[bytes], Relayed]:
+        def relay(data: bytes) -> Relayed:
+            if to_target and self.marker in data:
+                self.cuts += 1
+                return b"", 0.0
+            return data, None
+        return relay
+
+
+async def test_a_message_that_breaks_a_scanner_is_dead_lettered_while_the_rest_flows(
+        scan_settings: Settings) -> None:
+    """rspamd fails on one message every time but answers pings and scans the others: that
+    message is dead-lettered after POISON_STRIKES attempts (it went round up to the scan
+    queue's delivery limit of 100 before, the drainer pausing for it each time), and every
+    other message is drained meanwhile, exactly once."""
+    topology = scan_settings.topology
+    stopped = scan_settings.replace(rspamd_url=f"http://{closed_address()}",
+                                    clamd_address=closed_address(), scan_failure="defer")
+    marker = b"zq-breaks-the-scanner"
+    async with open_worker(stopped, drain_scan_queue=False) as intake:
+        [poison_id] = await asyncio.to_thread(send_each, intake.ports[0],
+                                              [message("poison", marker + b"\r\n")])
+        hams = await asyncio.to_thread(send_hams, intake.ports[0], 30)
+    proxy = PoisonProxy(urlsplit(scan_settings.rspamd_url).port or 0, marker)
+    try:
+        via_proxy = scan_settings.replace(rspamd_url=f"http://127.0.0.1:{proxy.port}",
+                                          scan_failure="defer")
+        async with open_worker(via_proxy, port=free_port()) as worker:
+            stats = worker.stats
+            await eventually(lambda: _equals(depth(scan_settings, topology.dead_queue), 1),
+                             within=90, what="the message to be dead-lettered")
+            await eventually(lambda: stats.deferred_ham == len(hams), what="the hams drained")
+            assert proxy.cuts == POISON_STRIKES
+            assert stats.deferred_dead_lettered == 1
+            assert stats.deferred_requeued == POISON_STRIKES - 1
+    finally:
+        proxy.cut()
+    delivered = Counter(m.envelope.queue_id for m in
+                        await take_all(scan_settings, topology.deliver_queue))
+    assert set(delivered) == set(hams) and set(delivered.values()) == {1}
+    dead = await take_all(scan_settings, topology.dead_queue)
+    assert [m.envelope.queue_id for m in dead] == [poison_id]
+    assert await depth(scan_settings, topology.scan_queue) == 0
+
+
+async def test_a_scanner_that_fails_on_every_message_dead_letters_none(
+        scan_settings: Settings) -> None:
+    """rspamd answers pings but fails every scan (overloaded, misconfigured): that is no
+    message's fault, so none is dead-lettered; the drainer backs off, and once rspamd scans
+    again every message comes out exactly once."""
+    topology = scan_settings.topology
+    stopped = scan_settings.replace(rspamd_url=f"http://{closed_address()}",
+                                    clamd_address=closed_address(), scan_failure="defer")
+    async with open_worker(stopped, drain_scan_queue=False) as intake:
+        hams = await asyncio.to_thread(send_hams, intake.ports[0], 12)
+    proxy = PoisonProxy(urlsplit(scan_settings.rspamd_url).port or 0, b"POST /checkv2")
+    try:
+        via_proxy = scan_settings.replace(rspamd_url=f"http://127.0.0.1:{proxy.port}",
+                                          scan_failure="defer")
+        async with open_worker(via_proxy, port=free_port()) as worker:
+            stats = worker.stats
+            await eventually(lambda: proxy.cuts >= 3 * SCAN_PREFETCH, within=30,
+                             what="the scans to fail again and again")
+            assert stats.deferred_dead_lettered == 0 and stats.deferred_ham == 0
+            assert await depth(scan_settings, topology.dead_queue) == 0
+            proxy.marker = b"\0nothing matches"
+            await eventually(lambda: stats.deferred_ham == len(hams), within=60,
+                             what="the scan queue to drain once rspamd scans again")
+    finally:
+        proxy.cut()
+    delivered = Counter(m.envelope.queue_id for m in
+                        await take_all(scan_settings, topology.deliver_queue))
+    assert set(delivered) == set(hams) and set(delivered.values()) == {1}
+    assert await depth(scan_settings, topology.dead_queue) == 0
+
+
 async def _equals(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
 
 
 def send_hams(port: int, count: int) -> list[str]:
+    return send_each(port, [ham(f"ham {i}") for i in range(count)])
+
+
+def send_each(port: int, messages: list[bytes]) -> list[str]:
+    """Send each to Alice over one connection; their queue ids."""
     queue_ids: list[str] = []
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.remote.test",
                       timeout=60) as client:
         client.ehlo()
-        for i in range(count):
-            code, text = client.data(ham(f"ham {i}")) if _envelope(client) else (0, b"")
+        for data in messages:
+            code, text = client.data(data) if _envelope(client) else (0, b"")
             assert code == 250, text
             queue_ids.append(text.decode().rsplit(" ", 1)[1])
     return queue_ids
