@@ -27,6 +27,7 @@ import imaplib
 import os
 import poplib
 import smtplib
+import socket
 import sqlite3
 from collections.abc import Callable
 from contextlib import closing
@@ -137,6 +138,7 @@ def test_every_acknowledgement_comes_after_the_fsyncs_it_depends_on(
     trace = tmp_path / "store.strace"
     with strace_attached(store.proc.pid, trace, STRACE_OPTIONS):
         archived, delivered = exercise(settings)
+        past_the_last_reply(settings)
     store.stop()
 
     with open(trace, errors="replace") as lines:
@@ -185,6 +187,15 @@ def exercise(settings: Settings) -> tuple[list[str], dict[str, list[tuple[str, s
         "SELECT guid FROM message JOIN mailbox ON mailbox.id = mailbox_id"
         " WHERE name = 'Archive'"))]
     return archived, delivered
+
+
+def past_the_last_reply(settings: Settings) -> None:
+    """Have the store's event loop answer one more connection while it is traced. The client
+    has a reply as soon as the store's write has sent it, which can be before strace records
+    that write's end; detached then, the trace lacks the reply (`<detached ...>`). The thread
+    that wrote it has to finish that call before it can greet a new connection."""
+    with socket.create_connection(("127.0.0.1", settings.pop3_port), timeout=60) as conn:
+        assert conn.recv(512).startswith(b"+OK")
 
 
 def check_acks(settings: Settings, calls: list[Call], fs: FileSystem,
