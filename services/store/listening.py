@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 
@@ -294,5 +293,7 @@ async def close_connection(writer: asyncio.StreamWriter, abort: bool) -> None:
             await writer.wait_closed()
     except TimeoutError:
         writer.transport.abort()
-    except (ConnectionError, ssl.SSLError):
+    except OSError:
+        # Gone already: a reset, a TLS failure, or (uvloop) ENOTCONN from the half-close
+        # of a connection the client reset after our last read.
         pass
