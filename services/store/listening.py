@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 
@@ -23,6 +24,26 @@ CLOSE_TIMEOUT = 5.0  # seconds for a client to take our close before the socket 
 LINGER_SECONDS = 2.0
 LINGER_OCTETS = 1024 * 1024
 LINGER_READ = 64 * 1024
+
+
+class ClientUnreachable(ConnectionError):
+    """A read from or a write to a client failed with a socket error that is no
+    ConnectionError: EHOSTUNREACH or ENETUNREACH (what Linux reports once its retransmissions
+    to a client that vanished behind a router sending ICMP errors time out), ENOTCONN. The
+    client is gone as surely as after a reset."""
+
+
+@contextlib.contextmanager
+def client_io() -> Iterator[None]:
+    """Around a read from or a drain to a client: such errors become ClientUnreachable, so
+    the servers end the session as a lost connection instead of logging an unexpected error
+    with a traceback; a timeout stays a timeout."""
+    try:
+        yield
+    except (ConnectionError, TimeoutError, ssl.SSLError):
+        raise
+    except OSError as exc:
+        raise ClientUnreachable(exc.errno, exc.strerror) from exc
 
 
 class ListenerSessions:

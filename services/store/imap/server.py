@@ -200,7 +200,7 @@ class Connection:
                 await self.writer.drain()
         except TimeoutError:
             raise Disconnect("write stall") from None
-        except (ConnectionError, ssl.SSLError) as exc:
+        except OSError as exc:  # a reset, TLS broken, EHOSTUNREACH (see ClientUnreachable)
             raise Disconnect("lost") from exc
 
     async def read_more(self) -> None:
@@ -218,7 +218,7 @@ class Connection:
             raise Disconnect("login deadline" if login_deadline else "timeout") from None
         except SessionEnded:
             raise Disconnect("ended") from None
-        except (ConnectionError, ssl.SSLError) as exc:
+        except OSError as exc:  # as in flush
             raise Disconnect("lost") from exc
         if not data:
             raise Disconnect("eof")

@@ -23,6 +23,7 @@ from services.store.listening import (
     ListenerSessions,
     SessionEnded,
     SessionEndingServer,
+    client_io,
     end_connection,
     peer_ip,
     peer_of,
@@ -97,7 +98,8 @@ async def read_line(reader: asyncio.StreamReader) -> bytes | None:
     """One line including its LF, or None when it is longer than the reader's limit (the
     rest of it is not read). Raises IncompleteReadError at end of stream."""
     try:
-        return await reader.readuntil(b"\n")
+        with client_io():
+            return await reader.readuntil(b"\n")
     except asyncio.LimitOverrunError:
         return None
 
@@ -267,5 +269,6 @@ class Pop3Listener:
         # not wait_for: on 3.11 wait_for can lose a cancellation that lands as the drain ends,
         # and shutdown then waits for the client.
         async with asyncio.timeout(self._timeout):
-            await writer.drain()
+            with client_io():
+                await writer.drain()
 

@@ -4,6 +4,7 @@ runs (uvloop): its transport refuses them with RuntimeError, not ConnectionError
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 
@@ -44,3 +45,42 @@ async def _write_after_reset() -> str:
 
 def test_a_write_after_the_client_reset_the_connection_is_a_lost_connection() -> None:
     assert uvloop.run(_write_after_reset()) == "lost"
+
+
+async def _io_after_no_route_to_host(step: str) -> str:
+    """What `step` (read or flush) of a Connection does once the socket has failed with
+    EHOSTUNREACH: uvloop hands the error to the stream, which raises it from the next read
+    and drain."""
+    outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = Connection(reader, writer, Settings(hostname="test"), None)
+        reader.set_exception(OSError(errno.EHOSTUNREACH, "No route to host"))
+        try:
+            if step == "read":
+                await connection.read_more()
+            else:
+                # More than the socket buffers take, so that the flush has to wait to drain.
+                await connection.write(b"* OK " + b"x" * (16 << 20) + b"\r\n")
+                await connection.flush()
+        except Disconnect as exc:
+            outcome.set_result(exc.reason)
+        except Exception as exc:  # noqa: BLE001 - what the test reports
+            outcome.set_result(repr(exc))
+        else:
+            outcome.set_result("no error")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            return await asyncio.wait_for(outcome, 10)
+
+
+@pytest.mark.parametrize("step", ["read", "flush"])
+def test_a_client_with_no_route_to_it_is_a_lost_connection(step: str) -> None:
+    """EHOSTUNREACH is an OSError but no ConnectionError: it ended the session as an
+    unexpected error, logged with a traceback, for every phone that vanished behind a router
+    that answers for it with ICMP errors."""
+    assert uvloop.run(_io_after_no_route_to_host(step)) == "lost"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 import time
 
+import pytest
 import uvloop
 
-from services.store.listening import hang_up
+from services.store.listening import ClientUnreachable, client_io, hang_up
+from services.store.pop3.server import read_line
 
 
 def _send_then_reset(port: int, data: bytes) -> None:
@@ -49,3 +52,28 @@ def test_hanging_up_on_a_client_that_reset_after_our_last_read_ends_quietly() ->
     IMAP and POP3 servers logged it as an unhandled exception with a traceback (13 times in
     two minutes of fuzzing a `make run` stack)."""
     assert uvloop.run(_hang_up_after_an_unseen_reset()) is None
+
+
+def test_socket_errors_that_are_no_connection_errors_are_a_client_gone() -> None:
+    with pytest.raises(ClientUnreachable) as raised, client_io():
+        raise OSError(errno.EHOSTUNREACH, "No route to host")
+    assert raised.value.errno == errno.EHOSTUNREACH
+
+
+@pytest.mark.parametrize("error", [TimeoutError(), ConnectionResetError(), ValueError("x")])
+def test_other_errors_pass_as_they_are(error: Exception) -> None:
+    with pytest.raises(type(error)), client_io():
+        raise error
+
+
+async def _pop3_read_after_no_route_to_host() -> None:
+    reader = asyncio.StreamReader()
+    reader.set_exception(OSError(errno.ENETUNREACH, "Network is unreachable"))
+    await read_line(reader)
+
+
+def test_the_pop3_server_reads_no_route_to_host_as_a_client_gone() -> None:
+    """Pop3Listener ends a session that raises a ConnectionError as a lost connection (INFO);
+    any other error is logged as unexpected, with a traceback."""
+    with pytest.raises(ClientUnreachable):
+        asyncio.run(_pop3_read_after_no_route_to_host())
