@@ -7,6 +7,7 @@ import asyncio
 import errno
 import socket
 import struct
+from collections.abc import Awaitable
 
 import pytest
 import uvloop
@@ -16,6 +17,22 @@ from services.store.imap.disconnect import Disconnect
 from services.store.imap.server import Connection
 
 
+async def _outcome(step: Awaitable[None]) -> str:
+    """The reason of the Disconnect `step` raised, or what else happened."""
+    try:
+        await step
+    except Disconnect as exc:
+        return exc.reason
+    except Exception as exc:  # noqa: BLE001 - what the test reports
+        return repr(exc)
+    return "no error"
+
+
+async def _write(connection: Connection, data: bytes) -> None:
+    await connection.write(data)
+    await connection.flush()
+
+
 async def _write_after_reset() -> str:
     outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -23,15 +40,7 @@ async def _write_after_reset() -> str:
         connection = Connection(reader, writer, Settings(hostname="test"), None)
         with pytest.raises(ConnectionResetError):
             await reader.read()
-        try:
-            await connection.write(b"* OK too late\r\n")
-            await connection.flush()
-        except Disconnect as exc:
-            outcome.set_result(exc.reason)
-        except Exception as exc:  # noqa: BLE001 - what the test reports
-            outcome.set_result(repr(exc))
-        else:
-            outcome.set_result("written")
+        outcome.set_result(await _outcome(_write(connection, b"* OK too late\r\n")))
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     async with server:
@@ -56,19 +65,10 @@ async def _io_after_no_route_to_host(step: str) -> str:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = Connection(reader, writer, Settings(hostname="test"), None)
         reader.set_exception(OSError(errno.EHOSTUNREACH, "No route to host"))
-        try:
-            if step == "read":
-                await connection.read_more()
-            else:
-                # More than the socket buffers take, so that the flush has to wait to drain.
-                await connection.write(b"* OK " + b"x" * (16 << 20) + b"\r\n")
-                await connection.flush()
-        except Disconnect as exc:
-            outcome.set_result(exc.reason)
-        except Exception as exc:  # noqa: BLE001 - what the test reports
-            outcome.set_result(repr(exc))
-        else:
-            outcome.set_result("no error")
+        # More than the socket buffers take, so that the flush has to wait to drain.
+        outcome.set_result(await _outcome(
+            connection.read_more() if step == "read"
+            else _write(connection, b"* OK " + b"x" * (16 << 20) + b"\r\n")))
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
