@@ -212,9 +212,7 @@ class DeferredScanner:
             # or every redelivery would be scanned anew and count toward the delivery limit.
             log.warning("deferred scan result not published (%s): returned to the queue", exc,
                         extra=extra)
-            self._stats.deferred_requeued += 1
-            failed.set()
-            await _nack(channel, message)
+            await self._give_back(channel, message, pause=failed)
             return
         await channel.basic_ack(message.delivery_tag or 0)
         self._count(routed)
@@ -226,19 +224,15 @@ class DeferredScanner:
                            failed: asyncio.Event) -> None:
         extra = {"queue_id": envelope.queue_id}
         if await self._scanners.unavailable():
-            self._stats.deferred_requeued += 1
             log.warning("%s unavailable during a deferred scan (%s): returned to the queue",
                         exc.scanner, exc.reason, extra=extra)
-            failed.set()
-            await _nack(channel, message)
+            await self._give_back(channel, message, pause=failed)
             return
         strikes = self._strikes.failed(envelope.queue_id)
         if strikes is None:
-            self._stats.deferred_requeued += 1
             log.warning("%s answers pings but fails on every message (%s): returned to the "
                         "queue, deferred scanning pauses", exc.scanner, exc.reason, extra=extra)
-            failed.set()
-            await _nack(channel, message)
+            await self._give_back(channel, message, pause=failed)
             return
         if self._strikes.poisoned(strikes):
             self._stats.deferred_dead_lettered += 1
@@ -248,10 +242,18 @@ class DeferredScanner:
             with contextlib.suppress(Exception):
                 await channel.basic_reject(message.delivery_tag or 0, requeue=False)
             return
-        self._stats.deferred_requeued += 1
         log.warning("%s failed on this message (%s) but answers pings: returned to the queue "
                     "(strike %d of %d)", exc.scanner, exc.reason, strikes, self._strikes.limit,
                     extra=extra)
+        await self._give_back(channel, message, pause=None)
+
+    async def _give_back(self, channel: AbstractChannel, message: DeliveredMessage,
+                         pause: asyncio.Event | None) -> None:
+        """Return the message to the queue; with `pause` (the session's failure event) set,
+        the drainer stops taking messages until the probes pass."""
+        self._stats.deferred_requeued += 1
+        if pause is not None:
+            pause.set()
         await _nack(channel, message)
 
     async def _scan(self, envelope: Envelope, body: bytes) -> Routed:

@@ -60,8 +60,7 @@ def send_mix(port: int, count: int) -> dict[str, str]:
 
 async def test_defer_then_drain_exactly_once(scan_settings: Settings) -> None:
     topology = scan_settings.topology
-    stopped = scan_settings.replace(rspamd_url=f"http://{closed_address()}",
-                                    clamd_address=closed_address(), scan_failure="defer")
+    stopped = scanners_stopped(scan_settings)
     async with open_worker(stopped) as intake:
         sent = await asyncio.to_thread(send_mix, intake.ports[0], MESSAGES)
         assert intake.stats.scan_deferred >= MESSAGES  # one per unavailable scanner call
@@ -137,8 +136,7 @@ async def test_scanner_failure_mid_drain_pauses_without_churn(scan_settings: Set
     every message still comes out exactly once."""
     topology = scan_settings.topology
     count = 150
-    stopped = scan_settings.replace(rspamd_url=f"http://{closed_address()}",
-                                    clamd_address=closed_address(), scan_failure="defer")
+    stopped = scanners_stopped(scan_settings)
     async with open_worker(stopped, drain_scan_queue=False) as intake:
         sent = await asyncio.to_thread(send_hams, intake.ports[0], count)
     clamd_port = int(scan_settings.clamd_address.rpartition(":")[2])
@@ -168,9 +166,7 @@ async def test_scanner_failure_mid_drain_pauses_without_churn(scan_settings: Set
             assert stats.deferred_requeued == probes
     finally:
         proxy.cut()
-    delivered = await take_all(scan_settings, topology.deliver_queue)
-    seen = Counter(m.envelope.queue_id for m in delivered)
-    assert set(seen) == set(sent) and set(seen.values()) == {1}
+    await delivered_once_each(scan_settings, sent)
     assert await depth(scan_settings, topology.scan_queue) == 0
 
 
@@ -182,8 +178,7 @@ async def test_publishes_blocked_mid_drain_pause_without_churn(scan_settings: Se
     broker.start()
     try:
         own = scan_settings.replace(amqp_url=broker.url, publish_timeout=2.0)
-        stopped = own.replace(rspamd_url=f"http://{closed_address()}",
-                              clamd_address=closed_address(), scan_failure="defer")
+        stopped = scanners_stopped(own)
         count = 20
         async with open_worker(stopped, drain_scan_queue=False) as intake:
             sent = await asyncio.to_thread(send_hams, intake.ports[0], count)
@@ -216,8 +211,7 @@ async def test_a_broker_quiet_mid_set_up_does_not_stop_deferred_scanning(
     basic.consume-ok without a deadline, so the scan queue was not drained until the
     heartbeat gave up, minutes later. Now the drainer gives up on the session in time and
     the next one, once the broker answers again, drains."""
-    stopped = scan_settings.replace(rspamd_url=f"http://{closed_address()}",
-                                    clamd_address=closed_address(), scan_failure="defer")
+    stopped = scanners_stopped(scan_settings)
     async with open_worker(stopped, drain_scan_queue=False) as intake:
         sent = await asyncio.to_thread(send_hams, intake.ports[0], 3)
     proxy = QuietProxy(5672, after=Basic.QosOk)
@@ -258,8 +252,7 @@ async def test_a_message_that_breaks_a_scanner_is_dead_lettered_while_the_rest_f
     queue's delivery limit of 100 before, the drainer pausing for it each time), and every
     other message is drained meanwhile, exactly once."""
     topology = scan_settings.topology
-    stopped = scan_settings.replace(rspamd_url=f"http://{closed_address()}",
-                                    clamd_address=closed_address(), scan_failure="defer")
+    stopped = scanners_stopped(scan_settings)
     marker = b"zq-breaks-the-scanner"
     async with open_worker(stopped, drain_scan_queue=False) as intake:
         [poison_id] = await asyncio.to_thread(send_each, intake.ports[0],
@@ -279,9 +272,7 @@ async def test_a_message_that_breaks_a_scanner_is_dead_lettered_while_the_rest_f
             assert stats.deferred_requeued == POISON_STRIKES - 1
     finally:
         proxy.cut()
-    delivered = Counter(m.envelope.queue_id for m in
-                        await take_all(scan_settings, topology.deliver_queue))
-    assert set(delivered) == set(hams) and set(delivered.values()) == {1}
+    await delivered_once_each(scan_settings, hams)
     dead = await take_all(scan_settings, topology.dead_queue)
     assert [m.envelope.queue_id for m in dead] == [poison_id]
     assert await depth(scan_settings, topology.scan_queue) == 0
@@ -293,8 +284,7 @@ async def test_a_scanner_that_fails_on_every_message_dead_letters_none(
     message's fault, so none is dead-lettered; the drainer backs off, and once rspamd scans
     again every message comes out exactly once."""
     topology = scan_settings.topology
-    stopped = scan_settings.replace(rspamd_url=f"http://{closed_address()}",
-                                    clamd_address=closed_address(), scan_failure="defer")
+    stopped = scanners_stopped(scan_settings)
     async with open_worker(stopped, drain_scan_queue=False) as intake:
         hams = await asyncio.to_thread(send_hams, intake.ports[0], 12)
     proxy = PoisonProxy(urlsplit(scan_settings.rspamd_url).port or 0, b"POST /checkv2")
@@ -312,10 +302,21 @@ async def test_a_scanner_that_fails_on_every_message_dead_letters_none(
                              what="the scan queue to drain once rspamd scans again")
     finally:
         proxy.cut()
-    delivered = Counter(m.envelope.queue_id for m in
-                        await take_all(scan_settings, topology.deliver_queue))
-    assert set(delivered) == set(hams) and set(delivered.values()) == {1}
+    await delivered_once_each(scan_settings, hams)
     assert await depth(scan_settings, topology.dead_queue) == 0
+
+
+def scanners_stopped(settings: Settings) -> Settings:
+    """`settings` with rspamd and clamd "stopped" and policy defer: all mail is deferred."""
+    return settings.replace(rspamd_url=f"http://{closed_address()}",
+                            clamd_address=closed_address(), scan_failure="defer")
+
+
+async def delivered_once_each(settings: Settings, queue_ids: list[str]) -> None:
+    """The deliver queue holds exactly these messages, each once (taken from it)."""
+    seen = Counter(m.envelope.queue_id for m in
+                   await take_all(settings, settings.topology.deliver_queue))
+    assert set(seen) == set(queue_ids) and set(seen.values()) == {1}
 
 
 async def _equals(value: Awaitable[int], expected: int) -> bool:
