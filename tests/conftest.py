@@ -6,7 +6,9 @@ on a developer machine the integration tests that need one are skipped with the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,8 +40,10 @@ from tests.support import (
 )
 
 TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "9"))
-# rspamd's Bayes statistics (its keys are not prefixed): a database of their own.
-TEST_RSPAMD_REDIS_DB = int(os.environ.get("TEST_RSPAMD_REDIS_DB", "10"))
+# rspamd's Bayes statistics (its keys are not prefixed): a database of their own, one per
+# worker of a parallel run (`pytest -n N`: gw0 takes 10, gw1 11, ...).
+TEST_RSPAMD_REDIS_DB = (int(os.environ.get("TEST_RSPAMD_REDIS_DB", "10"))
+                        + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]))
 
 
 def _require(service: str, available: bool) -> None:
@@ -55,11 +59,13 @@ VHOST_PREFIX = "tiermail-test-"
 
 
 def _remove_vhosts_of_dead_runs() -> None:
-    """Vhosts of test runs that were killed (their pid is in the name) would pile up queues."""
+    """Vhosts of test runs that were killed (their pid is in the name) would pile up queues.
+    The workers of a parallel run all look at the start: another may delete one first."""
     for name in rabbitmqctl("list_vhosts").split():
         pid = name[len(VHOST_PREFIX):].partition("-")[0]
         if name.startswith(VHOST_PREFIX) and pid.isdigit() and not _alive(int(pid)):
-            rabbitmqctl("delete_vhost", name)
+            with contextlib.suppress(subprocess.CalledProcessError):
+                rabbitmqctl("delete_vhost", name)
 
 
 def _alive(pid: int) -> bool:
