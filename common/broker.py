@@ -339,6 +339,11 @@ class Publisher:
     def connected(self) -> bool:
         return self._channel is not None and not self._channel.is_closed
 
+    @property
+    def unreachable_because(self) -> str:
+        """Why the last attempt to connect failed ("" after a success)."""
+        return self._last_failure[1] if self._last_failure is not None else ""
+
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()

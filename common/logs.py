@@ -73,6 +73,35 @@ def setup_logging(level: str = "INFO", fmt: str = "text", tier: str | None = Non
     # Library chatter at INFO (every connection) drowns our own lines.
     for noisy in ("mail.log", "aiormq", "asyncio", "pika", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    amqp = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, BrokerLinkNotes) for f in amqp.filters):
+        amqp.addFilter(BrokerLinkNotes())
+
+
+class BrokerLinkNotes(logging.Filter):
+    """aiormq logs a lost or refused broker connection as an ERROR, some with a traceback.
+    Our tiers expect the broker to come and go and say so themselves, at WARNING with the
+    reason (`broker session ended: ...`, `broker unreachable (...)`), so an ERROR line keeps
+    meaning something unexpected. A failed connect attempt is dropped, a lost connection
+    becomes one INFO line, a close the broker sent (a node shutting down, an operator
+    closing connections) a WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        if text.startswith("error when creating transport"):
+            return False
+        if text.startswith("Cancelling cause reader exited abnormally"):
+            cause = record.exc_info[1] if record.exc_info else None
+            record.msg, record.args = "broker connection lost: %s", (cause,)
+            record.exc_info = record.exc_text = None
+            _relevel(record, logging.INFO)
+        elif text.startswith("Unexpected connection close from remote"):
+            _relevel(record, logging.WARNING)
+        return True
+
+
+def _relevel(record: logging.LogRecord, level: int) -> None:
+    record.levelno, record.levelname = level, logging.getLevelName(level)
 
 
 class _TierFilter(logging.Filter):

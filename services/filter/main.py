@@ -205,8 +205,8 @@ async def _stay_connected(publisher: Publisher) -> None:
             continue
         if not await publisher.ready() and not unreachable:
             unreachable = True
-            log.warning("broker unreachable: MAIL FROM gets 451 4.3.0 until it is back",
-                        extra={"event": "amqp-unreachable"})
+            log.warning("broker unreachable (%s): MAIL FROM gets 451 4.3.0 until it is back",
+                        publisher.unreachable_because, extra={"event": "amqp-unreachable"})
 
 
 async def _connect_early(publisher: Publisher) -> None:
