@@ -254,6 +254,8 @@ class TextIndex:
             return None  # no such mailbox owner (any more)
         try:
             conn = _open_writer(path)
+        except sqlite3.OperationalError:
+            raise  # a full or failing disk, not a broken file: the index is kept
         except sqlite3.DatabaseError:
             log.warning("text index unreadable; rebuilding", exc_info=True,
                         extra={"user": user, "event": "textindex-rebuild"})
@@ -328,6 +330,17 @@ INDEXED_KINDS = frozenset({"deliver", "append", "copy", "move"})
 
 
 MAX_YIELD = 10.0  # seconds a step waits at most for delivery to pause
+STORAGE_PAUSE_MIN, STORAGE_PAUSE_MAX = 0.5, 30.0  # seconds between probes of a failing disk
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One step of the indexer: look for users behind ("walk"), reconcile a user with the
+    mail index ("catch-up"), or index some of a user's messages ("index")."""
+
+    kind: str
+    user: str = ""
+    guids: tuple[str, ...] = ()
 
 
 class TextIndexer:
@@ -389,15 +402,81 @@ class TextIndexer:
                 await self._wake.wait()
                 self._wake.clear()
                 while self._walk or self._guids or self._catch_up:
-                    try:
-                        await self._step()
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        log.exception("text indexing failed", extra={"event": "textindex"})
+                    await self._step()
                 self._idle.set()
         finally:
             await self._close()
+
+    async def _step(self) -> None:
+        """One piece of work. When it fails and the disk cannot be written either (full,
+        read-only, failing), the work is kept and indexing waits until the disk can be
+        written again. Any other failure is logged and its messages are left to a search
+        (which scans what is not indexed) and the user's next catch-up: a message that
+        breaks the indexer must not stop it."""
+        await self._yield_to_delivery()
+        work = self._take()
+        try:
+            await self._do(work)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if await self._storage_works():
+                log.exception("text indexing failed", extra={"event": "textindex",
+                                                             "user": work.user or None})
+                return
+            self._give_back(work)
+            await self._wait_for_storage(exc)
+
+    async def _storage_works(self) -> bool:
+        try:
+            await self._maildb.probe()
+        except OSError:
+            return False
+        return True
+
+    async def _wait_for_storage(self, failure: Exception) -> None:
+        log.warning("text indexing paused: the disk cannot be written (%s: %s); the search "
+                    "scans what is not indexed meanwhile", type(failure).__name__, failure,
+                    extra={"event": "textindex-paused"})
+        down_since, pause = time.monotonic(), STORAGE_PAUSE_MIN
+        while True:
+            await asyncio.sleep(pause)
+            if await self._storage_works():
+                break
+            pause = min(pause * 2, STORAGE_PAUSE_MAX)
+        log.info("text indexing resumes after %.1f s", time.monotonic() - down_since,
+                 extra={"event": "textindex-resumed"})
+
+    def _take(self) -> _Work:
+        if self._walk:
+            self._walk = False
+            return _Work("walk")
+        if self._catch_up:
+            return _Work("catch-up", self._catch_up.pop())
+        user, guids = next(iter(self._guids.items()))
+        chunk = tuple(guids.pop() for _ in range(min(self._batch, len(guids))))
+        if not guids:
+            del self._guids[user]
+        return _Work("index", user, chunk)
+
+    def _give_back(self, work: _Work) -> None:
+        if work.kind == "walk":
+            self._walk = True
+        elif work.kind == "catch-up":
+            self._catch_up.add(work.user)
+        else:
+            self._guids.setdefault(work.user, set()).update(work.guids)
+
+    async def _do(self, work: _Work) -> None:
+        if work.kind == "walk":
+            behind = await self._in_thread(_users_behind, self._index.root)
+            log.info("text index: %d users to catch up", len(behind),
+                     extra={"event": "textindex-catch-up"})
+            self._catch_up.update(behind)
+        elif work.kind == "catch-up":
+            await self._reconcile(work.user)
+        else:
+            await self._in_thread(self._index_sync, work.user, list(work.guids))
 
     async def _close(self) -> None:
         """Stop the write under way and close the files, waiting STOP_WAIT at most: a large
@@ -414,25 +493,6 @@ class TextIndexer:
         except TimeoutError:
             log.info("text index: a write under way at stop is left to end with the process; "
                      "the next start indexes those messages", extra={"event": "textindex"})
-
-    async def _step(self) -> None:
-        await self._yield_to_delivery()
-        if self._walk:
-            self._walk = False
-            behind = await self._in_thread(_users_behind, self._index.root)
-            log.info("text index: %d users to catch up", len(behind),
-                     extra={"event": "textindex-catch-up"})
-            self._catch_up.update(behind)
-            return
-        if self._catch_up:
-            user = self._catch_up.pop()
-            await self._reconcile(user)
-            return
-        user, guids = next(iter(self._guids.items()))
-        chunk = [guids.pop() for _ in range(min(self._batch, len(guids)))]
-        if not guids:
-            del self._guids[user]
-        await self._in_thread(self._index_sync, user, chunk)
 
     async def _yield_to_delivery(self) -> None:
         """Wait until delivery pauses (`quiet_in()`: seconds until it has been quiet long

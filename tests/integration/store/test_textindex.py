@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import quopri
 import random
 import sqlite3
@@ -29,6 +30,7 @@ from services.store.backends.textindex import (
 from services.store.imap.protocol.command import SearchKey
 from services.store.imap.search import StoreMessageSource, search
 from services.store.mailbox import INBOX, Delivery, MessageInfo
+from tests.support import eventually, fill, tmpfs
 
 USER = "alice@example.test"
 WORDS = ["report", "budget", "meeting", "Ärger", "straße", "привет", "Καλημέρα", "日本語テキスト",
@@ -264,11 +266,59 @@ async def run_until_idle(worker: TextIndexer, start: Callable[[], None]) -> None
 @contextlib.asynccontextmanager
 async def listening(maildb: MailDB, worker: TextIndexer) -> AsyncIterator[TextIndexer]:
     maildb.add_listener(worker.notify)
+    try:
+        async with running(worker):
+            yield worker
+    finally:
+        maildb.remove_listener(worker.notify)
+
+
+async def test_a_full_disk_pauses_indexing_and_keeps_the_index_until_space_returns(
+        tmp_path: Path, inline_max: int, caplog: pytest.LogCaptureFixture) -> None:
+    """SQLite's "database or disk is full" is no broken index file: the index is kept (it
+    was deleted and rebuilt from scratch, each time), the work waits for the disk instead of
+    failing with an ERROR per batch, and everything is indexed once there is space."""
+    caplog.set_level(logging.INFO, logger="services.store.backends.textindex")
+    with tmpfs(tmp_path / "disk") as disk:
+        maildb = MailDB(disk / "mail", inline_max=inline_max)
+        try:
+            rng = random.Random(9)
+            await deliver(maildb, [make_message(i, rng) for i in range(10)])
+            first = TextIndexer(maildb, TextIndex(maildb.root))
+            await run_until_idle(first, first.request_all)  # closed: no -wal file left
+            await deliver(maildb, [make_message(i, rng) for i in range(10, 40)], start=10)
+            path = maildb.user_path(USER) / FILE_NAME
+            ballast = fill(disk)
+            index = TextIndex(maildb.root)
+            worker = TextIndexer(maildb, index)
+            async with running(worker):
+                worker.request_all()
+                await eventually(lambda: events(caplog) == ["textindex-paused"],
+                                 within=30, what="indexing paused")
+                assert path.exists()
+                assert len(TextIndex(maildb.root).indexed(USER)) == 10
+                ballast.unlink()
+                await worker.wait_idle()
+            messages = await maildb.list_messages(USER, INBOX)
+            assert index.indexed(USER) == {m.guid for m in messages}
+            assert worker.indexed == 30
+            assert events(caplog) == ["textindex-paused", "textindex-resumed"]
+            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        finally:
+            await maildb.close()
+
+
+def events(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.event for r in caplog.records
+            if getattr(r, "event", "") in ("textindex-paused", "textindex-resumed")]
+
+
+@contextlib.asynccontextmanager
+async def running(worker: TextIndexer) -> AsyncIterator[TextIndexer]:
     task = asyncio.create_task(worker.run())
     try:
         yield worker
     finally:
-        maildb.remove_listener(worker.notify)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
