@@ -312,7 +312,8 @@ class Consumer:
         them (unacked, so nothing is lost if we die) until a probe write succeeds, then try
         them again. A message that still fails goes back to the queue and counts."""
         pause, down_since = STORAGE_PAUSE_MIN, 0.0
-        while not await self._storage_works():
+        room_for = sum(len(item.message.body) for item in items if not item.ok)
+        while not await self._storage_works(room_for):
             if not down_since:
                 down_since = self.stats.storage_down_since = time.time()
             log.error("storage is failing; holding %d messages, next try in %.1f s",
@@ -334,9 +335,9 @@ class Consumer:
                 item.ok, item.deliveries = True, list(item.planned)
                 await self._deliver_alone(item)
 
-    async def _storage_works(self) -> bool:
+    async def _storage_works(self, room_for: int) -> bool:
         try:
-            await self._maildb.probe()
+            await self._maildb.probe(room_for)
         except OSError as exc:
             log.warning("storage probe failed: %s", exc, extra={"event": "storage-probe"})
             return False

@@ -777,12 +777,18 @@ class MailDB:
         self.user_path(user)
         await self._in_writer(self._make_durable_sync, user)
 
-    async def probe(self) -> None:
-        """Raise OSError unless the store can write and sync a small file (the consumer
-        tells a full or broken disk from one bad message with this)."""
-        await asyncio.to_thread(self._probe_sync)
+    async def probe(self, room_for: int = 0) -> None:
+        """Raise OSError unless the store can write and sync a small file, and its file
+        system has `room_for` octets free besides (the consumer tells a full or broken disk
+        from one bad message with this: a disk with room for the probe but not for the
+        message that failed is still full for that message)."""
+        await asyncio.to_thread(self._probe_sync, room_for)
 
-    def _probe_sync(self) -> None:
+    def _probe_sync(self, room_for: int = 0) -> None:
+        if room_for:
+            free = _free_space(self.root)
+            if free < room_for + PROBE_SIZE:
+                raise OSError(errno.ENOSPC, f"No space for {room_for} octets: {free} free")
         path = self.root / f".probe-{os.getpid()}"
         try:
             with open(path, "wb") as file:
@@ -2316,6 +2322,14 @@ def _write_file(path: Path, data: bytes) -> None:
             os.unlink(path)
         raise
     os.close(fd)
+
+
+def _free_space(path: Path) -> int:
+    """Octets this process can still write on `path`'s file system (root may use the blocks
+    reserved for it)."""
+    stat = os.statvfs(path)
+    blocks = stat.f_bfree if os.geteuid() == 0 else stat.f_bavail
+    return blocks * stat.f_frsize
 
 
 def _space_checked(func: Callable[..., T], *args: object) -> T:
