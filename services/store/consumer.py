@@ -45,7 +45,14 @@ from common.topology import (
 )
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
-from services.store.mailbox import INBOX, JUNK, Delivery, NoSuchMailbox, NoSuchUser
+from services.store.mailbox import (
+    INBOX,
+    JUNK,
+    Delivery,
+    NoSuchMailbox,
+    NoSuchUser,
+    OutOfSpace,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,9 @@ CONFIRM_TIMEOUT = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 10.0
 STORAGE_PAUSE_MIN, STORAGE_PAUSE_MAX = 0.5, 30.0  # between probes while storage fails
 PERMANENT = (NoSuchUser, NoSuchMailbox)
+# The file system's fault, not the message's (full, read-only, failing): one line each, as
+# many deliveries meet it at once; `storage is failing` follows once the probe fails too.
+DISK_FAILURES = (OutOfSpace, OSError)
 
 
 @dataclass
@@ -287,9 +297,9 @@ class Consumer:
 
         try:
             uids = await self._maildb.deliver_uids(deliveries)
-        except Exception:
-            log.exception("batch of %d deliveries failed; retrying one by one",
-                          len(deliveries), extra={"event": "store-error"})
+        except Exception as exc:
+            _log_failure(exc, "batch of %d deliveries failed; retrying one by one",
+                         len(deliveries), extra={"event": "store-error"})
             for item in items:
                 await self._deliver_alone(item)
         else:
@@ -358,9 +368,10 @@ class Consumer:
                 item.missing.append(delivery.user)
                 item.reason = f"mailbox unusable: {type(exc).__name__}"
                 continue
-            except Exception:
-                log.exception("delivery failed; message goes back to the queue",
-                              extra={"queue_id": delivery.queue_id, "user": delivery.user})
+            except Exception as exc:
+                _log_failure(exc, "delivery failed; the message is held until the storage "
+                             "works, or goes back to the queue",
+                             extra={"queue_id": delivery.queue_id, "user": delivery.user})
                 item.ok = False
                 continue
             stored.append(delivery)
@@ -451,3 +462,10 @@ def _delivery(envelope: Envelope, owner: str, body: bytes) -> Delivery:
 
 def _header_safe(value: str) -> str:
     return "".join(ch for ch in value if ch not in "\r\n\x00")
+
+
+def _log_failure(exc: Exception, message: str, *args: object, extra: dict[str, str]) -> None:
+    if isinstance(exc, DISK_FAILURES):
+        log.warning(message + " (%s: %s)", *args, type(exc).__name__, exc, extra=extra)
+    else:
+        log.error(message, *args, exc_info=exc, extra=extra)

@@ -363,13 +363,14 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     (512 * 1024, 1, 2 * 1024 * 1024),
 ], ids=["no-block-left", "no-room-for-a-large-message"])
 async def test_a_really_full_disk_holds_the_mail_until_space_returns(
-        settings: Settings, small_disk: Path, left: int, count: int, padding: int) -> None:
+        settings: Settings, small_disk: Path, left: int, count: int, padding: int,
+        caplog: pytest.LogCaptureFixture) -> None:
     """The same on a real file system. With no block left SQLite answers SQLITE_FULL and the
     probe ENOSPC. With half a megabyte left the probe write and small mail fit, a 2 MB message
     does not: its ENOSPC is the disk's fault too, not the message's (it was requeued at once,
     ten times in 40 ms, into the dead-letter queue: found by bench/chaos.py). Nothing is
     dead-lettered or requeued, and once the ballast is gone every message is stored exactly
-    once and every index is consistent."""
+    once and every index is consistent. The log says it without a traceback per message."""
     settings = settings.replace(delivery_attempts=3, data_dir=small_disk / "var")
     add_users(settings, [ALICE])
     maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
@@ -393,6 +394,9 @@ async def test_a_really_full_disk_holds_the_mail_until_space_returns(
         assert await store.dead() == 0
         seen = check_mailboxes(settings.store_dir, [ALICE])
         assert seen == {e.queue_id: 1 for e, _ in first + later}
+        consumer_lines = [r for r in caplog.records if r.name == consumer_module.__name__]
+        assert "storage-down" in {getattr(r, "event", "") for r in consumer_lines}
+        assert [r.getMessage() for r in consumer_lines if r.exc_info] == []
     finally:
         await store.stop()
         await maildb.close()
