@@ -65,39 +65,51 @@ def setup_logging(level: str = "INFO", fmt: str = "text", tier: str | None = Non
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(BrokerLinkNotes())
     if tier:
         handler.addFilter(_TierFilter(tier))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Library chatter at INFO (every connection) drowns our own lines.
-    for noisy in ("mail.log", "aiormq", "asyncio", "pika", "httpx"):
+    for noisy in ("mail.log", "aiormq", "asyncio", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    amqp = logging.getLogger("aiormq.connection")
-    if not any(isinstance(f, BrokerLinkNotes) for f in amqp.filters):
-        amqp.addFilter(BrokerLinkNotes())
+    # pika (under dramatiq: the learner, and the store's learn-job publisher) logs each step
+    # of a lost or refused connection as an ERROR, six lines an attempt; what runs it says
+    # so once (dramatiq's consumer, below; the store's `learn jobs wait for the broker`).
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 class BrokerLinkNotes(logging.Filter):
-    """aiormq logs a lost or refused broker connection as an ERROR, some with a traceback.
-    Our tiers expect the broker to come and go and say so themselves, at WARNING with the
-    reason (`broker session ended: ...`, `broker unreachable (...)`), so an ERROR line keeps
-    meaning something unexpected. A failed connect attempt is dropped, a lost connection
-    becomes one INFO line, a close the broker sent (a node shutting down, an operator
-    closing connections) a WARNING."""
+    """The AMQP libraries log a lost or refused broker connection as an ERROR or CRITICAL,
+    some with a traceback. Our tiers expect the broker to come and go and say so at WARNING
+    with the reason (`broker session ended: ...`, `broker unreachable (...)`), so that an
+    ERROR line keeps meaning something unexpected. aiormq: a failed connect attempt is
+    dropped, a lost connection becomes one INFO line, a close the broker sent (a node
+    shutting down, an operator closing connections) a WARNING. dramatiq: a consumer's
+    connection error (it reconnects by itself) is a WARNING."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = str(record.msg)
-        if text.startswith("error when creating transport"):
-            return False
-        if text.startswith("Cancelling cause reader exited abnormally"):
-            cause = record.exc_info[1] if record.exc_info else None
-            record.msg, record.args = "broker connection lost: %s", (cause,)
-            record.exc_info = record.exc_text = None
-            _relevel(record, logging.INFO)
-        elif text.startswith("Unexpected connection close from remote"):
+        if record.name == "aiormq.connection":
+            return _aiormq_note(record)
+        if (record.name.startswith("dramatiq.worker.ConsumerThread")
+                and str(record.msg).startswith("Consumer encountered a connection error")):
             _relevel(record, logging.WARNING)
         return True
+
+
+def _aiormq_note(record: logging.LogRecord) -> bool:
+    text = str(record.msg)
+    if text.startswith("error when creating transport"):
+        return False
+    if text.startswith("Cancelling cause reader exited abnormally"):
+        cause = record.exc_info[1] if record.exc_info else None
+        record.msg, record.args = "broker connection lost: %s", (cause,)
+        record.exc_info = record.exc_text = None
+        _relevel(record, logging.INFO)
+    elif text.startswith("Unexpected connection close from remote"):
+        _relevel(record, logging.WARNING)
+    return True
 
 
 def _relevel(record: logging.LogRecord, level: int) -> None:

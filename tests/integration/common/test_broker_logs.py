@@ -10,7 +10,8 @@ from tests.support import TcpProxy, TierProcess, broker_at, free_port, wait_unti
 
 
 def errors_in(log: str) -> list[str]:
-    return [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line]
+    return [line for line in log.splitlines()
+            if " ERROR " in line or " CRITICAL " in line or "Traceback" in line]
 
 
 def test_a_filter_that_cannot_reach_the_broker_says_why_once(
@@ -41,6 +42,26 @@ def test_a_store_that_loses_the_broker_says_so_once_per_attempt_without_tracebac
                    what="the store consuming again")
         log = store.output()
         assert "broker connection lost: " in log, log
+        assert errors_in(log) == [], log
+    finally:
+        relay.cut()
+
+
+def test_a_learner_that_loses_the_broker_says_so_without_errors(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """pika logged six ERROR lines per lost or refused connection, and dramatiq a CRITICAL
+    one, for a consumer that reconnects by itself."""
+    relay = TcpProxy(5672)
+    try:
+        learner = run_tier(broker_at(settings, relay.port, learn="rspamd"), "learner")
+        wait_until(lambda: "learner running" in learner.output(), timeout=30,
+                   what="the learner consuming")
+        relay.cut()
+        # Both consumers (jobs, delayed retries) lose the connection, then fail to connect.
+        wait_until(lambda: learner.output().count("Restarting consumer") >= 4, timeout=30,
+                   what="the learner's reconnect attempts")
+        log = learner.output()
+        assert "Consumer encountered a connection error" in log, log
         assert errors_in(log) == [], log
     finally:
         relay.cut()

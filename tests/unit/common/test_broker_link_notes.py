@@ -8,11 +8,10 @@ import sys
 from common.logs import BrokerLinkNotes
 
 
-def record(level: int, msg: str, *args: object, exc: BaseException | None = None
-           ) -> logging.LogRecord:
+def record(level: int, msg: str, *args: object, exc: BaseException | None = None,
+           name: str = "aiormq.connection") -> logging.LogRecord:
     exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
-    return logging.LogRecord("aiormq.connection", level, "connection.py", 1, msg, args,
-                             exc_info)
+    return logging.LogRecord(name, level, "connection.py", 1, msg, args, exc_info)
 
 
 def test_a_failed_connect_attempt_is_dropped() -> None:
@@ -42,7 +41,17 @@ def test_a_close_the_broker_sent_is_a_warning() -> None:
     assert "CONNECTION_FORCED" in closed.getMessage()
 
 
+def test_a_dramatiq_consumer_that_reconnects_by_itself_is_a_warning() -> None:
+    lost = record(logging.CRITICAL, "Consumer encountered a connection error: %s",
+                  "Transport indicated EOF", name="dramatiq.worker.ConsumerThread(t.learn)")
+    assert BrokerLinkNotes().filter(lost) is True
+    assert (lost.levelname, lost.levelno) == ("WARNING", logging.WARNING)
+
+
 def test_other_records_pass_unchanged() -> None:
-    other = record(logging.WARNING, "Got unexpected UpdateSecretOk frame")
-    assert BrokerLinkNotes().filter(other) is True
-    assert other.levelno == logging.WARNING
+    for other in (record(logging.WARNING, "Got unexpected UpdateSecretOk frame"),
+                  record(logging.CRITICAL, "Worker crashed", name="dramatiq.worker.Worker"),
+                  record(logging.ERROR, "error when creating transport", name="our.module")):
+        level = other.levelno
+        assert BrokerLinkNotes().filter(other) is True
+        assert other.levelno == level
