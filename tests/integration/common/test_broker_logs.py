@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from common.settings import Settings
 from tests.support import TcpProxy, TierProcess, broker_at, free_port, wait_until
 
@@ -27,41 +29,28 @@ def test_a_filter_that_cannot_reach_the_broker_says_why_once(
     assert errors_in(log) == [], log
 
 
-def test_a_store_that_loses_the_broker_says_so_once_per_attempt_without_tracebacks(
-        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+@pytest.mark.parametrize(("tier", "changes", "ready", "attempt", "attempts", "note"), [
+    # The connection reset, then every reconnect refused: one line per attempt.
+    ("store", {}, "event=amqp-connected", "broker session ended", 3,
+     "broker connection lost: "),
+    # pika logged six ERROR lines per lost or refused connection, and dramatiq a CRITICAL
+    # one, for a consumer that reconnects by itself; both consumers (jobs, delayed retries)
+    # lose the connection, then fail to connect.
+    ("learner", {"learn": "rspamd"}, "learner running", "Restarting consumer", 4,
+     "Consumer encountered a connection error"),
+])
+def test_a_tier_that_loses_the_broker_says_so_without_errors(
+        settings: Settings, run_tier: Callable[..., TierProcess], tier: str,
+        changes: dict[str, str], ready: str, attempt: str, attempts: int, note: str) -> None:
     relay = TcpProxy(5672)
     try:
-        store = run_tier(broker_at(settings, relay.port), "store")
-        wait_until(lambda: "event=amqp-connected" in store.output(), timeout=30,
-                   what="the store consuming")
-        relay.cut()  # the connection reset, and every reconnect refused
-        wait_until(lambda: store.output().count("broker session ended") >= 3, timeout=30,
-                   what="the store's reconnect attempts")
-        relay.start()
-        wait_until(lambda: store.output().count("event=amqp-connected") == 2, timeout=30,
-                   what="the store consuming again")
-        log = store.output()
-        assert "broker connection lost: " in log, log
-        assert errors_in(log) == [], log
-    finally:
+        process = run_tier(broker_at(settings, relay.port, **changes), tier)
+        wait_until(lambda: ready in process.output(), timeout=30, what=f"the {tier} consuming")
         relay.cut()
-
-
-def test_a_learner_that_loses_the_broker_says_so_without_errors(
-        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
-    """pika logged six ERROR lines per lost or refused connection, and dramatiq a CRITICAL
-    one, for a consumer that reconnects by itself."""
-    relay = TcpProxy(5672)
-    try:
-        learner = run_tier(broker_at(settings, relay.port, learn="rspamd"), "learner")
-        wait_until(lambda: "learner running" in learner.output(), timeout=30,
-                   what="the learner consuming")
-        relay.cut()
-        # Both consumers (jobs, delayed retries) lose the connection, then fail to connect.
-        wait_until(lambda: learner.output().count("Restarting consumer") >= 4, timeout=30,
-                   what="the learner's reconnect attempts")
-        log = learner.output()
-        assert "Consumer encountered a connection error" in log, log
+        wait_until(lambda: process.output().count(attempt) >= attempts, timeout=30,
+                   what=f"the {tier}'s reconnect attempts")
+        log = process.output()
+        assert note in log, log
         assert errors_in(log) == [], log
     finally:
         relay.cut()
