@@ -93,6 +93,8 @@ from services.store.mailbox import (
     ChangeEvent,
     MailboxInfo,
     MailStore,
+    NoSuchMessage,
+    NoSuchUser,
     StorageError,
 )
 
@@ -706,7 +708,12 @@ class LearningHook:
         extra = {"user": user, "event": f"learn-{kind}", "queue_id": guid}
         try:
             message = self._read(user, guid)
-        except Exception as exc:  # noqa: BLE001 - expunged meanwhile, or unreadable
+        except (NoSuchMessage, NoSuchUser):
+            # Expunged or moved on before the hook read it (a client cleaning up, a user
+            # emptying Junk): the user's latest decision stands, nothing went wrong.
+            log.info("not learned: the message is gone", extra=extra)
+            return True
+        except Exception as exc:  # noqa: BLE001 - unreadable
             log.warning("not learned: %s: %s", type(exc).__name__, exc, extra=extra)
             return True
         if message is None:

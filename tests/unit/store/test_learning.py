@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import threading
 from typing import BinaryIO
 
@@ -24,7 +25,7 @@ from services.store.learning import (
     outcome,
     special_roots,
 )
-from services.store.mailbox import ChangeEvent, MailboxInfo
+from services.store.mailbox import ChangeEvent, MailboxInfo, NoSuchMessage
 from tests.support import wait_until
 
 JUNK, TRASH = ["Junk"], ["Trash"]
@@ -95,6 +96,8 @@ class Store:
                 MailboxInfo("Trash", "\\Trash")]
 
     def open_message(self, user: str, guid: str) -> BinaryIO:
+        if guid not in self.bodies:
+            raise NoSuchMessage(guid)
         return io.BytesIO(self.bodies[guid])
 
 
@@ -130,6 +133,24 @@ async def test_a_failing_broker_is_logged_not_raised(caplog: pytest.LogCaptureFi
     hook.on_change(ChangeEvent("a@x.test", "copy", "INBOX", "Junk", ("g1",)))
     await hook.close()
     assert "not learned: ConnectionError: broker down" in caplog.text
+
+
+async def test_a_message_gone_before_it_was_read_is_no_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A client that moves mail into Junk and expunges it at once: an expected race."""
+    caplog.set_level(logging.INFO, logger=learning.__name__)
+    sent: list[str] = []
+
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
+        sent.append(guid)
+
+    hook = LearningHook(Store({"g1": b"body"}), send)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("gone", "g1")))
+    await hook.close()
+    assert sent == ["g1"]
+    notes = [(r.levelname, r.getMessage()) for r in caplog.records
+             if r.getMessage().startswith("not learned")]
+    assert notes == [("INFO", "not learned: the message is gone")]
 
 
 async def test_a_broker_out_of_reach_is_waited_for_until_the_store_stops(
