@@ -138,6 +138,7 @@ import aiormq
 from benchlib import BenchError, TiermailStack, log, port_open, tail, temp_root, wait_for
 from imapclient import IMAPClient
 
+from services.devscanners.devdns import DnsStub
 from services.devscanners.ports import free_port
 from services.devscanners.runner import Scanner, start_clamd, start_dns_stub, start_rspamd
 from tests.support import PrivateBroker, TcpProxy, check_bodies, fill, tmpfs
@@ -222,7 +223,6 @@ class ChaosStack(TiermailStack):
     def __init__(self, root: Path, redis_db: int, inline_max: int, filters: int) -> None:
         super().__init__(root, redis_db)
         self.queue_prefix = "tiermail"  # the default; the vhost is the stack's own
-        self.filter_count = filters
         self.env.update({
             "PYTHONPATH": str(REPO),  # the tiers run this checkout's code
             "TIERMAIL_STORE_INLINE_MAX": str(inline_max),
@@ -237,7 +237,7 @@ class ChaosStack(TiermailStack):
         self.started = 0
         self.lock = threading.Lock()
         self.scanners: list[Scanner] = []
-        self.stopping: list[Callable[[], None]] = []
+        self.dns: DnsStub | None = None  # what rspamd resolves through
         self.learner: subprocess.Popen[bytes] | None = None
 
     def amqp_url(self, port: int) -> str:
@@ -264,18 +264,16 @@ class ChaosStack(TiermailStack):
     def start_scanners(self) -> None:
         """rspamd and clamd of the run's own, each behind a relay; the filters scan at DATA
         and defer what they cannot scan (the scan queue, drained by the filters)."""
-        dns = start_dns_stub()
-        self.stopping.append(dns.stop)
+        self.dns = start_dns_stub()
         rspamd = start_rspamd(self.root / "rspamd", port=free_port(),
-                              controller_port=free_port(), dns_address=dns.address,
+                              controller_port=free_port(), dns_address=self.dns.address,
                               bayes_redis_url=f"redis://127.0.0.1:6379/{self.redis_db}")
         self.scanners.append(rspamd)
         clamd = start_clamd(self.root / "clamd", address=f"127.0.0.1:{free_port()}")
         self.scanners.append(clamd)
-        self.proxies["rspamd"] = TcpProxy(int(rspamd.address.rsplit(":", 1)[1]))
-        self.proxies["clamd"] = TcpProxy(int(clamd.address.rsplit(":", 1)[1]))
-        self.proxies["rspamd-controller"] = TcpProxy(
-            int(rspamd.controller_url.rsplit(":", 1)[1]))
+        for name, address in (("rspamd", rspamd.address), ("clamd", clamd.address),
+                              ("rspamd-controller", rspamd.controller_url)):
+            self.proxies[name] = TcpProxy(int(address.rsplit(":", 1)[1]))
         self.env.update({
             "TIERMAIL_SPAM": "rspamd",
             "TIERMAIL_RSPAMD_URL": f"http://127.0.0.1:{self.proxies['rspamd'].port}",
@@ -317,6 +315,22 @@ class ChaosStack(TiermailStack):
     def start_learner(self) -> None:
         self.learner = self._spawn("learner")
 
+    def tier_processes(self) -> dict[str, subprocess.Popen[bytes] | None]:
+        """The tier processes by fault target: store, filter-N, learner (with scanning)."""
+        found = {"store": self.store,
+                 **{f"filter-{i}": proc for i, proc in enumerate(self.filters)}}
+        if self.scanners:
+            found["learner"] = self.learner
+        return found
+
+    def start_process(self, target: str) -> None:
+        if target == "store":
+            self.start_store()
+        elif target == "learner":
+            self.start_learner()
+        else:
+            self.start_filter(int(target.split("-")[1]))
+
     def wait_ready(self, timeout: float = 90) -> None:
         wait_for(lambda: port_open(self.imap_port) and port_open(self.pop3_port)
                  and port_open(self.smtp_port), timeout, "the store and the filters to listen",
@@ -341,13 +355,9 @@ class ChaosStack(TiermailStack):
             return -9
 
     def restart_processes(self) -> None:
-        if self.store is None or self.store.poll() is not None:
-            self.start_store()
-        if self.scanners and (self.learner is None or self.learner.poll() is not None):
-            self.start_learner()
-        for index, proc in enumerate(self.filters):
+        for target, proc in self.tier_processes().items():
             if proc is None or proc.poll() is not None:
-                self.start_filter(index)
+                self.start_process(target)
 
     def queue_counts(self, queues: list[str]) -> dict[str, int]:
         """Ready messages of each queue (passive declare, directly to the broker)."""
@@ -398,8 +408,8 @@ class ChaosStack(TiermailStack):
             self.broker.stop()
         for scanner in self.scanners:
             scanner.stop()
-        for stop in self.stopping:
-            stop()
+        if self.dns is not None:
+            self.dns.stop()
         super().close()
 
 
@@ -660,9 +670,7 @@ class Chaos(threading.Thread):
     def targets(self) -> list[str]:
         broker = ["broker"] if self.stack.broker is not None else []
         disk = ["disk"] if self.stack.disk is not None else []
-        learner = ["learner"] if self.stack.learner is not None else []
-        return ["store", *(f"filter-{i}" for i in range(self.stack.filter_count)),
-                *learner, *self.stack.proxies, *broker, *disk]
+        return [*self.stack.tier_processes(), *self.stack.proxies, *broker, *disk]
 
     def run(self) -> None:
         try:
@@ -679,18 +687,11 @@ class Chaos(threading.Thread):
 
     def restart_the_fallen(self) -> None:
         """A process that exited without being killed is a finding; it is started again."""
-        fallen = [("store", self.stack.store), ("learner", self.stack.learner)] + [
-            (f"filter-{i}", proc) for i, proc in enumerate(self.stack.filters)]
-        for target, proc in fallen:
+        for target, proc in self.stack.tier_processes().items():
             if target in self.active or proc is None or proc.poll() is None:
                 continue
             self.ledger.finding(f"{target} exited on its own with {proc.returncode}")
-            if target == "store":
-                self.stack.start_store()
-            elif target == "learner":
-                self.stack.start_learner()
-            else:
-                self.stack.start_filter(int(target.split("-")[1]))
+            self.stack.start_process(target)
 
     def undo_due(self, everything: bool = False) -> None:
         now = time.monotonic()
@@ -730,14 +731,10 @@ class Chaos(threading.Thread):
             ChaosStack.kill(self.stack.store)
             self.add(target, "sigkill during an IMAP write" if aimed else "sigkill",
                      self.rng.uniform(0, 3), self.stack.start_store)
-        elif target == "learner":
-            ChaosStack.kill(self.stack.learner)
-            self.add(target, "sigkill", self.rng.uniform(0, 3), self.stack.start_learner)
-        else:
-            index = int(target.split("-")[1])
-            ChaosStack.kill(self.stack.filters[index])
+        else:  # a filter or the learner
+            ChaosStack.kill(self.stack.tier_processes()[target])
             self.add(target, "sigkill", self.rng.uniform(0, 3),
-                     lambda: self.stack.start_filter(index))
+                     lambda: self.stack.start_process(target))
 
     def add(self, target: str, kind: str, duration: float, undo: Callable[[], None]) -> None:
         self.active[target] = Fault(target, kind, time.monotonic() + duration, undo)

@@ -44,7 +44,7 @@ from common.topology import (
     envelope_from_properties,
 )
 from services.store.backends.accounts import AccountDB
-from services.store.backends.maildb import MailDB
+from services.store.backends.maildb import STORAGE_PAUSE_MAX, STORAGE_PAUSE_MIN, MailDB
 from services.store.mailbox import (
     INBOX,
     JUNK,
@@ -60,7 +60,6 @@ CONNECT_TIMEOUT = 10.0
 BATCH_TARGET = 16  # messages worth waiting for under load (see settings.store_batch_wait)
 CONFIRM_TIMEOUT = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 10.0
-STORAGE_PAUSE_MIN, STORAGE_PAUSE_MAX = 0.5, 30.0  # between probes while storage fails
 PERMANENT = (NoSuchUser, NoSuchMailbox)
 # The file system's fault, not the message's (full, read-only, failing): one line each, as
 # many deliveries meet it at once; `storage is failing` follows once the probe fails too.

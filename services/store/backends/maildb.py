@@ -254,6 +254,8 @@ USER_PATH_MEMO = 10_000  # owners whose directory path is remembered
 # Users whose change version is kept (see `MailDB.version`); past it the older half is dropped.
 VERSIONS_KEPT = 10_000
 PROBE_SIZE = 64 * 1024  # a probe write: more than the last few free blocks of a full disk
+# Seconds between probes while the storage fails (doubling): the consumer and the indexer.
+STORAGE_PAUSE_MIN, STORAGE_PAUSE_MAX = 0.5, 30.0
 MAX_ADDRESS = 254  # RFC 5321 4.5.3.1.3 path limit minus the angle brackets
 
 # Mailbox names live only in the index, never in a path; the limits keep LIST replies and the

@@ -42,7 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from services.store.backends.maildb import MailDB, user_path
+from services.store.backends.maildb import (
+    STORAGE_PAUSE_MAX,
+    STORAGE_PAUSE_MIN,
+    MailDB,
+    user_path,
+)
 from services.store.backends.sqlite import read_snapshot, transaction
 from services.store.daemonthread import DaemonThread
 from services.store.imap.protocol.mime import (
@@ -330,7 +335,6 @@ INDEXED_KINDS = frozenset({"deliver", "append", "copy", "move"})
 
 
 MAX_YIELD = 10.0  # seconds a step waits at most for delivery to pause
-STORAGE_PAUSE_MIN, STORAGE_PAUSE_MAX = 0.5, 30.0  # seconds between probes of a failing disk
 
 
 @dataclass(frozen=True)
