@@ -144,6 +144,11 @@ class QuotaPublisher:
             async with asyncio.timeout(self._check_interval):
                 await self._changed.wait()
         except TimeoutError:
+            # Python 3.11's timeout takes a cancellation requested just before it was entered
+            # for its own when it expires in the same loop turn: the task would run on.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from None
             return
         await asyncio.sleep(self._debounce)
 

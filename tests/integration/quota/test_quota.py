@@ -17,6 +17,7 @@ import redis.asyncio
 from common.directory import Directory, QuotaState, Resolution
 from common.ids import new_queue_id
 from common.settings import Settings
+from common.tasks import stop_task
 from services.filter.protocol import replies
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB, store_user_path
@@ -60,8 +61,7 @@ async def store(settings: Settings) -> AsyncIterator[Store]:
     maildb.add_listener(publisher.on_change)
     task = asyncio.create_task(publisher.run())
     yield Store(accounts, maildb, directory, publisher)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    await stop_task(task)
     await maildb.close()
     await client.aclose()
     accounts.close()
