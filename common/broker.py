@@ -37,6 +37,7 @@ from yarl import URL
 
 from common.envelope import Envelope, EnvelopeError
 from common.settings import SettingsError
+from common.tasks import pause
 from common.topology import (
     DELIVER_ROUTING_KEY,
     ENVELOPE_HEADER_BUDGET,
@@ -313,7 +314,7 @@ class Publisher:
                     log.debug("probe not confirmed", exc_info=True)
                     if channel is not None:
                         await self._discard(channel)
-                    await asyncio.sleep(self._retry_interval)
+                    await pause(self._retry_interval)
         finally:
             if self._probe is asyncio.current_task():
                 self._probe = None

@@ -12,7 +12,6 @@ the sessions of deleted accounts (services/store/logins.py).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -23,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from common.directory import Directory
+from common.tasks import pause
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ async def follow_channel(redis: Redis, channel: str, on_message: Callable[[Messa
                      extra={"event": f"{name.replace(' ', '-')}-off"})
         finally:
             on_lost()
-        await asyncio.sleep(delay)
+        await pause(delay)
         delay = min(delay * 2, RECONNECT_MAX)
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from common.tasks import pause
+
 log = logging.getLogger(__name__)
 
 INTERVAL = 5.0
@@ -96,9 +98,7 @@ class Heartbeat:
                     await self._redis.set(self._key, json.dumps(payload), ex=TTL)
             except Exception as exc:  # Redis down must not take a tier down.
                 log.warning("heartbeat not written: %s", exc, extra={"event": "heartbeat"})
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(INTERVAL):
-                    await self._stop.wait()
+            await pause(INTERVAL, self._stop)
 
 
 async def read_heartbeats(redis: Redis, prefix: str) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from common.broker import PublishFailed, close_connection, open_channel
 from common.envelope import Envelope, EnvelopeError
 from common.settings import Settings
+from common.tasks import pause
 from common.topology import (
     DELIVER_ROUTING_KEY,
     QUARANTINE_ROUTING_KEY,
@@ -101,7 +102,7 @@ class DeferredScanner:
                     log.warning("deferred scanning paused: %s not answering", ", ".join(down),
                                 extra={"event": "scan-paused"})
                     reported = down
-                await asyncio.sleep(delay)
+                await pause(delay)
                 delay = min(delay * 2, PROBE_MAX)
                 continue
             if reported:
@@ -116,14 +117,14 @@ class DeferredScanner:
             except Exception as exc:
                 log.warning("scan queue session ended: %s: %s", type(exc).__name__, exc,
                             extra={"event": "amqp-disconnected"})
-                await asyncio.sleep(1.0)
+                await pause(1.0)
                 continue
             # Ended by a failure. A scanner that answers pings but came to no verdict at all
             # would be back at once: the same backoff as for one that does not answer.
             if self._strikes.verdicts > verdicts:
                 delay = PROBE_MIN
             else:
-                await asyncio.sleep(delay)
+                await pause(delay)
                 delay = min(delay * 2, PROBE_MAX)
 
     async def _session(self) -> None:

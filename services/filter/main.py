@@ -26,7 +26,7 @@ from common.listen import binding
 from common.ratelimit import RateLimiter, RateLimits, RedisCounter
 from common.redisconn import check_redis_url, open_redis
 from common.settings import Settings
-from common.tasks import stop_task
+from common.tasks import pause, stop_task
 from common.tls import server_context
 from services.filter.backends.scanners import Scanners
 from services.filter.deferred import DeferredScanner
@@ -190,7 +190,7 @@ async def _recheck_down(scanners: Scanners) -> None:
     """Ping a scanner whose last call failed until it answers, so that `scanners_down`
     (tiermail status) is cleared when it is back, not only at the next message."""
     while True:
-        await asyncio.sleep(SCANNER_RECHECK_INTERVAL)
+        await pause(SCANNER_RECHECK_INTERVAL)
         await scanners.ping_down()
 
 
@@ -199,7 +199,7 @@ async def _stay_connected(publisher: Publisher) -> None:
     MAIL FROM; say once per outage that mail is being refused."""
     unreachable = False
     while True:
-        await asyncio.sleep(STAY_CONNECTED_INTERVAL)
+        await pause(STAY_CONNECTED_INTERVAL)
         if publisher.connected:
             unreachable = False
             continue

@@ -36,6 +36,7 @@ from common.broker import TopologyMismatch, close_connection, connect_failure, o
 from common.directory import normalize_address
 from common.envelope import Envelope, EnvelopeError
 from common.settings import Settings
+from common.tasks import pause
 from common.topology import (
     LARGE_PREFETCH,
     MAILBOXES_HEADER,
@@ -133,9 +134,7 @@ class Consumer:
                 break
             if time.monotonic() - started > 30:
                 backoff = BACKOFF_MIN
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
-                    await self._stopping.wait()
+            await pause(backoff, self._stopping)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
     def stop(self) -> None:
@@ -320,20 +319,17 @@ class Consumer:
         """When the store cannot write at all, the failure is not the messages' fault: hold
         them (unacked, so nothing is lost if we die) until a probe write succeeds, then try
         them again. A message that still fails goes back to the queue and counts."""
-        pause, down_since = STORAGE_PAUSE_MIN, 0.0
+        wait, down_since = STORAGE_PAUSE_MIN, 0.0
         room_for = sum(len(item.message.body) for item in items if not item.ok)
         while not await self._storage_works(room_for):
             if not down_since:
                 down_since = self.stats.storage_down_since = time.time()
             log.error("storage is failing; holding %d messages, next try in %.1f s",
-                      sum(not item.ok for item in items), pause,
+                      sum(not item.ok for item in items), wait,
                       extra={"event": "storage-down"})
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(pause):
-                    await self._stopping.wait()
-            if self._stopping.is_set():
+            if await pause(wait, self._stopping):
                 return  # stopping: _settle gives them back to the queue
-            pause = min(pause * 2, STORAGE_PAUSE_MAX)
+            wait = min(wait * 2, STORAGE_PAUSE_MAX)
         if not down_since:
             return  # storage works: the messages themselves failed
         log.warning("storage works again after %.1f s; retrying", time.time() - down_since,

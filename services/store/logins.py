@@ -24,7 +24,6 @@ needs the new one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from redis.asyncio import Redis
 
 from common.directory import Directory
 from common.directory_notices import follow_notices
-from common.tasks import stop_task
+from common.tasks import pause, stop_task
 from services.store.backends.accounts import AccountDB
 
 log = logging.getLogger(__name__)
@@ -120,9 +119,7 @@ async def end_sessions_of_deleted_accounts(logins: Logins, redis: Redis, directo
         name="account-change-notices")
     try:
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await notice.wait()
+            await pause(interval, notice)
             notice.clear()
             try:
                 await logins.end_deleted()

@@ -34,7 +34,7 @@ from common.health import Heartbeat
 from common.listen import lock_directory
 from common.redisconn import check_redis_url, open_redis
 from common.settings import Settings
-from common.tasks import stop_task
+from common.tasks import pause, stop_task
 from common.tls import server_context
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
@@ -205,14 +205,14 @@ async def _keep_directory_published(directory: Directory, accounts: AccountDB) -
                          extra={"event": "directory"})
                 published = True
             delay = 0.5
-            await asyncio.sleep(DIRECTORY_CHECK_INTERVAL)
+            await pause(DIRECTORY_CHECK_INTERVAL)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("directory not published (%s: %s); retrying in %.1fs",
                         type(exc).__name__, exc, delay, extra={"event": "directory"})
             published = False
-            await asyncio.sleep(delay)
+            await pause(delay)
             delay = min(delay * 2, DIRECTORY_RETRY_MAX)
 
 

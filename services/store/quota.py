@@ -34,6 +34,7 @@ from collections.abc import Iterable
 import redis.asyncio
 
 from common.directory import Directory, QuotaState
+from common.tasks import pause
 from services.store.backends.accounts import AccountDB, effective_quota
 from services.store.mailbox import ChangeEvent, MailStore, StorageError
 
@@ -82,7 +83,7 @@ class QuotaPublisher:
             except Exception as exc:
                 log.warning("quota state not published (%s: %s); retrying in %.1fs",
                             type(exc).__name__, exc, delay, extra={"event": "quota"})
-                await asyncio.sleep(delay)
+                await pause(delay)
                 delay = min(delay * 2, RETRY_MAX)
 
     async def reconcile(self) -> None:
@@ -140,17 +141,8 @@ class QuotaPublisher:
                 if (limit := effective_quota(quota, self._default))}
 
     async def _wait_for_changes(self) -> None:
-        try:
-            async with asyncio.timeout(self._check_interval):
-                await self._changed.wait()
-        except TimeoutError:
-            # Python 3.11's timeout takes a cancellation requested just before it was entered
-            # for its own when it expires in the same loop turn: the task would run on.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError from None
-            return
-        await asyncio.sleep(self._debounce)
+        if await pause(self._check_interval, self._changed):
+            await asyncio.sleep(self._debounce)
 
     def _limits(self, users: Iterable[str]) -> dict[str, int | None]:
         return {user: self._accounts.quota(user, self._default) for user in users}

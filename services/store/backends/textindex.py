@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from common.tasks import pause
 from services.store.backends.maildb import (
     STORAGE_PAUSE_MAX,
     STORAGE_PAUSE_MIN,
@@ -442,12 +443,12 @@ class TextIndexer:
         log.warning("text indexing paused: the disk cannot be written (%s: %s); the search "
                     "scans what is not indexed meanwhile", type(failure).__name__, failure,
                     extra={"event": "textindex-paused"})
-        down_since, pause = time.monotonic(), STORAGE_PAUSE_MIN
+        down_since, wait = time.monotonic(), STORAGE_PAUSE_MIN
         while True:
-            await asyncio.sleep(pause)
+            await pause(wait)
             if await self._storage_works():
                 break
-            pause = min(pause * 2, STORAGE_PAUSE_MAX)
+            wait = min(wait * 2, STORAGE_PAUSE_MAX)
         log.info("text indexing resumes after %.1f s", time.monotonic() - down_since,
                  extra={"event": "textindex-resumed"})
 
