@@ -135,6 +135,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiormq
+import redis
 from benchlib import BenchError, TiermailStack, log, port_open, tail, temp_root, wait_for
 from imapclient import IMAPClient
 
@@ -238,6 +239,7 @@ class ChaosStack(TiermailStack):
         self.lock = threading.Lock()
         self.scanners: list[Scanner] = []
         self.dns: DnsStub | None = None  # what rspamd resolves through
+        self.bayes_db: int | None = None  # rspamd's Bayes statistics: a database of their own
         self.learner: subprocess.Popen[bytes] | None = None
 
     def amqp_url(self, port: int) -> str:
@@ -261,13 +263,17 @@ class ChaosStack(TiermailStack):
                         "filter-amqp": TcpProxy(self.broker_port),
                         "redis": TcpProxy(6379)}
 
-    def start_scanners(self) -> None:
+    def start_scanners(self, bayes_db: int) -> None:
         """rspamd and clamd of the run's own, each behind a relay; the filters scan at DATA
-        and defer what they cannot scan (the scan queue, drained by the filters)."""
+        and defer what they cannot scan (the scan queue, drained by the filters). rspamd's
+        keys have no prefix: its Bayes statistics go to `bayes_db`, emptied before and
+        after the run so that each run learns from nothing."""
+        self.bayes_db = bayes_db
+        flush_redis_db(bayes_db)
         self.dns = start_dns_stub()
         rspamd = start_rspamd(self.root / "rspamd", port=free_port(),
                               controller_port=free_port(), dns_address=self.dns.address,
-                              bayes_redis_url=f"redis://127.0.0.1:6379/{self.redis_db}")
+                              bayes_redis_url=f"redis://127.0.0.1:6379/{bayes_db}")
         self.scanners.append(rspamd)
         clamd = start_clamd(self.root / "clamd", address=f"127.0.0.1:{free_port()}")
         self.scanners.append(clamd)
@@ -410,7 +416,17 @@ class ChaosStack(TiermailStack):
             scanner.stop()
         if self.dns is not None:
             self.dns.stop()
+        if self.bayes_db is not None:
+            flush_redis_db(self.bayes_db)
         super().close()
+
+
+def flush_redis_db(db: int) -> None:
+    client = redis.Redis(host="127.0.0.1", port=6379, db=db, socket_timeout=10)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
 
 
 # SMTP senders
@@ -894,6 +910,7 @@ class Options:
     disk_full: bool
     disk_size: str
     scanning: bool
+    bayes_redis_db: int
 
 
 def run(opts: Options) -> int:
@@ -909,7 +926,7 @@ def run(opts: Options) -> int:
             stack.disk = disk.enter_context(tmpfs(stack.data_dir, opts.disk_size))
         stack.setup(opts.private_broker)
         if opts.scanning:
-            stack.start_scanners()
+            stack.start_scanners(opts.bayes_redis_db)
             stack.start_learner()
         stack.start_store()
         for index in range(opts.filters):
@@ -1030,7 +1047,11 @@ def parse_args() -> Options:
     parser.add_argument("--scanning", action="store_true",
                         help="rspamd and clamd behind relays the faults cut and hang, "
                         "TIERMAIL_SCAN_FAILURE=defer, a learner trained by moves into and "
-                        "out of Junk (rspamd's Bayes statistics stay in --redis-db)")
+                        "out of Junk")
+    parser.add_argument("--bayes-redis-db", type=int, default=13,
+                        help="with --scanning: the Redis database for rspamd's Bayes "
+                        "statistics, EMPTIED before and after the run (rspamd's keys have no "
+                        "prefix to delete them by)")
     args = parser.parse_args()
     return Options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Options)})
 
