@@ -66,6 +66,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text", tier: str | None = Non
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(BrokerLinkNotes())
+    handler.addFilter(SmtpLibraryNotes())
     if tier:
         handler.addFilter(_TierFilter(tier))
     root = logging.getLogger()
@@ -95,6 +96,19 @@ class BrokerLinkNotes(logging.Filter):
         if (record.name.startswith("dramatiq.worker.ConsumerThread")
                 and str(record.msg).startswith("Consumer encountered a connection error")):
             _relevel(record, logging.WARNING)
+        return True
+
+
+class SmtpLibraryNotes(logging.Filter):
+    """aiosmtpd logs each unrecognised command at WARNING: a client sending junk (a port
+    scanner, an HTTP request on port 25) wrote a line per command, five of them before it is
+    shown the door with `too many bogus commands`, the one line of it worth a WARNING. Each
+    unrecognised command is an INFO line, like aiosmtpd's other per-connection lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "mail.log" and str(record.msg).endswith(" unrecognised: %s"):
+            _relevel(record, logging.INFO)
+            return logging.getLogger("mail.log").isEnabledFor(logging.INFO)
         return True
 
 

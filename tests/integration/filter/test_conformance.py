@@ -22,7 +22,7 @@ from tests.integration.filter.conftest import (
     split_received,
 )
 from tests.integration.filter.test_refusals import raw_dialog
-from tests.support import TierProcess
+from tests.support import TierProcess, wait_until
 
 # RFC 2034 section 4 and RFC 3463: a reply code, then an enhanced code of the same class.
 ENHANCED = re.compile(r"^([245])\d\d [245]\.\d{1,3}\.\d{1,3} ")
@@ -265,3 +265,20 @@ async def test_starttls_injection_is_discarded_by_the_real_process_too(
     answers = await in_thread(injected_behind_starttls, directory.smtp_port)
     assert answers[0] == replies.READY_FOR_TLS, answers
     assert answers[1:] == [replies.OK, "250 ENHANCEDSTATUSCODES", replies.NEED_MAIL], answers
+
+
+async def test_a_client_sending_junk_costs_the_log_one_warning_not_one_per_command(
+        directory: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """An HTTP request or a scanner's probe on the SMTP port: each line is answered 500, the
+    fifth 421 and the connection closed, with one WARNING line (aiosmtpd logged one per line
+    besides)."""
+    process = run_tier(directory, "filter")
+    await in_thread(process.wait_for_port, directory.smtp_port)
+    junk = [b"GET / HTTP/1.1", b"Host: mx.test.invalid", b"User-Agent: probe", b"Accept: */*",
+            b"Connection: close"]
+    answers = await in_thread(raw_dialog, directory.smtp_port, junk)
+    assert codes(answers) == ["500 5.5.2"] * 4 + ["421 4.7.0"], answers
+    await in_thread(wait_until, lambda: "too many bogus commands" in process.output(),
+                    timeout=10, what="the filter's warning")
+    smtp_lines = [line for line in process.output().splitlines() if " mail.log " in line]
+    assert len(smtp_lines) == 1 and " WARNING " in smtp_lines[0], smtp_lines
