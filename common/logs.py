@@ -130,6 +130,25 @@ def _relevel(record: logging.LogRecord, level: int) -> None:
     record.levelno, record.levelname = level, logging.getLevelName(level)
 
 
+class OncePerOutage:
+    """The level of a line that every session would repeat while one condition lasts (a full
+    disk, met by each SELECT): WARNING the first time, DEBUG after it until `over()` (the
+    condition has ended), then WARNING again. The filter's `broker unreachable` and the login
+    throttle's Redis line are said once per outage the same way."""
+
+    def __init__(self) -> None:
+        self._said = False
+
+    def level(self) -> int:
+        if self._said:
+            return logging.DEBUG
+        self._said = True
+        return logging.WARNING
+
+    def over(self) -> None:
+        self._said = False
+
+
 class _TierFilter(logging.Filter):
     def __init__(self, tier: str) -> None:
         super().__init__()

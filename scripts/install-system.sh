@@ -10,6 +10,8 @@
 #   rabbitmq-server  the broker between the tiers (127.0.0.1:5672)
 #   redis-server     directory cache and counters (127.0.0.1:6379)
 #   strace           the store's durability test reads the order of its system calls
+#   btrfs-progs      mkfs.btrfs and btrfs: the store's disk-quota tests make a btrfs with a
+#                    qgroup limit (the kernel has no tmpfs quotas)
 #   rspamd           spam scanner (filter tier)
 #   clamav-daemon    clamd, the virus scanner (filter tier); clamdscan: its CLI client
 #   spamassassin     the alternative spam scanner: rules (spamassassin), daemon (spamd) and
@@ -29,7 +31,7 @@
 # Not root and something missing: prints the exact command to run and fails.
 set -euo pipefail
 
-PACKAGES=(openssl swaks postfix rabbitmq-server redis-server strace
+PACKAGES=(openssl swaks postfix rabbitmq-server redis-server strace btrfs-progs
           rspamd clamav-daemon clamdscan spamassassin spamd spamc
           isync interimap fetchmail thunderbird dovecot-imapd dovecot-pop3d)
 RABBITMQ_PORT=5672

@@ -633,6 +633,60 @@ def fill(disk: Path) -> Path:
     return ballast
 
 
+class QuotaDisk:
+    """A btrfs subvolume (`path`) whose qgroup limits how many octets may be written under it:
+    a real disk quota (writes fail with EDQUOT, for root too) that statvfs does not show.
+    The machine's kernel has neither tmpfs quotas (CONFIG_TMPFS_QUOTA) nor the quota format
+    ext4's quota feature needs (CONFIG_QFMT_V2); its btrfs has qgroups."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def used(self) -> int:
+        """The octets the subvolume's qgroup counts, once what was written is committed."""
+        _btrfs("filesystem", "sync", str(self.path))
+        table = _btrfs("qgroup", "show", "--raw", "-f", str(self.path))
+        [row] = [line.split() for line in table.splitlines() if line.startswith("0/")]
+        return int(row[1])
+
+    def limit(self, octets: int | None) -> None:
+        """Allow `octets` in all (None: no limit)."""
+        _btrfs("qgroup", "limit", "none" if octets is None else str(octets), str(self.path))
+
+
+def _btrfs(*args: str) -> str:
+    return subprocess.run(["btrfs", *args], capture_output=True, text=True, check=True).stdout
+
+
+@contextlib.contextmanager
+def quota_disk(mount: Path) -> Iterator[QuotaDisk]:
+    """A QuotaDisk with no limit yet: a btrfs (mkfs.btrfs from the Debian package btrfs-progs,
+    which `make install` installs) on a loop device backed by a sparse file in a tmpfs, so
+    nothing reaches the machine's disk."""
+    mkfs = require_client("/usr/sbin/mkfs.btrfs", "btrfs-progs")
+    with tmpfs(mount.with_name(mount.name + "-backing"), "160m") as backing:
+        image = backing / "btrfs.img"
+        with open(image, "wb") as file:  # sparse: the tmpfs holds only what btrfs writes
+            file.truncate(128 * 1024 * 1024)
+        mount.mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run([mkfs, "-q", "--mixed", str(image)], capture_output=True,
+                           check=True)
+            subprocess.run(["mount", "-o", "loop", str(image), str(mount)],
+                           capture_output=True, check=True)
+        except subprocess.CalledProcessError as exc:
+            message = f"cannot make a btrfs on a loop device here: {exc.stderr.decode()}"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        try:
+            _btrfs("quota", "enable", str(mount))
+            _btrfs("subvolume", "create", str(mount / "quota"))
+            yield QuotaDisk(mount / "quota")
+        finally:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 @contextlib.contextmanager
 def strace_attached(pid: int, output: Path, options: list[str]) -> Iterator[None]:
     """`strace -f -p pid OPTIONS -o output` (Debian package strace, which `make install`

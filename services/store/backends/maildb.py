@@ -101,10 +101,11 @@ import queue
 import re
 import shutil
 import sqlite3
+import tempfile
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -780,26 +781,18 @@ class MailDB:
         await self._in_writer(self._make_durable_sync, user)
 
     async def probe(self, room_for: int = 0) -> None:
-        """Raise OSError unless the store can write and sync a small file, and its file
-        system has `room_for` octets free besides (the consumer tells a full or broken disk
+        """Raise OSError unless the store can write and sync a small file, and the file
+        system lets it have `room_for` octets more (the consumer tells a full or broken disk
         from one bad message with this: a disk with room for the probe but not for the
         message that failed is still full for that message)."""
         await asyncio.to_thread(self._probe_sync, room_for)
 
     def _probe_sync(self, room_for: int = 0) -> None:
-        if room_for:
-            free = _free_space(self.root)
-            if free < room_for + PROBE_SIZE:
-                raise OSError(errno.ENOSPC, f"No space for {room_for} octets: {free} free")
-        path = self.root / f".probe-{os.getpid()}"
-        try:
-            with open(path, "wb") as file:
-                file.write(b"\0" * PROBE_SIZE)
-                file.flush()
-                os.fsync(file.fileno())
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        with _probe_file(self.root) as fd:
+            _write_all(fd, b"\0" * PROBE_SIZE)
+            os.fsync(fd)
+            if room_for:
+                _reserve(fd, PROBE_SIZE, room_for)
 
     async def close(self) -> None:
         if self._closed:
@@ -2313,10 +2306,7 @@ def _sync_index(user_dir: Path) -> None:
 def _write_file(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        _write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -2326,12 +2316,41 @@ def _write_file(path: Path, data: bytes) -> None:
     os.close(fd)
 
 
-def _free_space(path: Path) -> int:
-    """Octets this process can still write on `path`'s file system (root may use the blocks
-    reserved for it)."""
-    stat = os.statvfs(path)
-    blocks = stat.f_bfree if os.geteuid() == 0 else stat.f_bavail
-    return blocks * stat.f_frsize
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+@contextlib.contextmanager
+def _probe_file(directory: Path) -> Iterator[int]:
+    """A new empty file on `directory`'s file system, open for writing, with no name: gone
+    when closed, so not even a store killed meanwhile leaves it behind with the room it
+    reserved. O_TMPFILE; where the file system has none (NFS), a named file unlinked at
+    once."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        # EISDIR: a kernel that does not know O_TMPFILE sees O_DIRECTORY alone
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
+            raise
+        fd, name = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        os.unlink(name)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _reserve(fd: int, offset: int, length: int) -> None:
+    """Have the file system allocate `length` octets at `offset` of `fd`'s file, or raise
+    ENOSPC/EDQUOT. Its allocator, unlike statvfs, counts disk quotas (user, group, project,
+    btrfs qgroups); ext4, xfs, btrfs and tmpfs write no data for it."""
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        raise OSError(exc.errno, f"No room for {length} octets: {exc.strerror}") from exc
 
 
 def _space_checked(func: Callable[..., T], *args: object) -> T:

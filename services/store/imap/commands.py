@@ -732,10 +732,14 @@ async def _claim_recent(s: Session, mailbox: str, uids: Sequence[int], uidnext: 
     since is new to this session too, and is claimed by the sync that announces it."""
     upto = max(uidnext, uids[-1] + 1 if uids else 1)
     try:
-        return await s.store.claim_recent(s.logged_in_user, mailbox, upto)
+        first = await s.store.claim_recent(s.logged_in_user, mailbox, upto)
     except OutOfSpace:
-        log.warning("no space to claim \\Recent; showing it unclaimed", extra=s.log_context)
+        log.log(s.deps.recent_unclaimed.level(), "no space to claim \\Recent; showing it "
+                "unclaimed (once per full disk, the rest at DEBUG)", extra=s.log_context)
         return await _unclaimed_recent(s, mailbox)
+    if first < upto:  # it claimed some, so it wrote: the disk takes writes again
+        s.deps.recent_unclaimed.over()
+    return first
 
 
 async def _unclaimed_recent(s: Session, mailbox: str) -> int:
@@ -769,8 +773,11 @@ async def _mark_seen(s: Session, selected: SelectedMailbox, positions: list[int]
                                            frozenset({SEEN}), uidvalidity=selected.uidvalidity)
     except OutOfSpace:
         # The body is still sent: a full disk must not make mail unreadable.
-        log.warning("no space to set \\Seen; body sent without it", extra=s.log_context)
+        log.log(s.deps.seen_unset.level(), "no space to set \\Seen; body sent without it "
+                "(once per full disk, the rest at DEBUG)", extra=s.log_context)
         return set()
+    if result.changed:
+        s.deps.seen_unset.over()
     selected.update(result.changed)
     return {info.uid for info in result.changed}
 

@@ -23,6 +23,7 @@ from typing import Protocol, TypeVar
 from common.auththrottle import AuthThrottle
 from common.budget import MemoryBudget
 from common.directory import normalize_address
+from common.logs import OncePerOutage
 from common.sasl import parse_plain
 from services.store.auth import authenticate
 from services.store.backends.accounts import AccountDB
@@ -85,6 +86,10 @@ class ImapDeps:
     user_connections: UserConnections | None = None
     # The store's logged-in sessions, ended when their account is deleted; None: never.
     logins: Logins | None = None
+    # A full disk met by every SELECT (\Recent) and FETCH (\Seen): one WARNING each per
+    # outage, not one per command of every client.
+    recent_unclaimed: OncePerOutage = field(default_factory=OncePerOutage)
+    seen_unset: OncePerOutage = field(default_factory=OncePerOutage)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import hashlib
 import imaplib
+import logging
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from imapclient import IMAPClient
 from common.budget import Hold, MemoryBudget
 from common.settings import Settings
 from services.store.backends.maildb import MailDB
+from services.store.imap import commands as imap_commands
 from services.store.imap import responses as r
 from services.store.imap import selected as selected_module
 from services.store.imap import server as imap_server_module
@@ -982,3 +984,38 @@ async def test_a_full_disk_is_a_temporary_no_and_the_session_goes_on(
         ballast.unlink()
         await in_thread(lambda: dialog("OK"))
         assert len(await maildb.list_messages(ALICE)) == 2
+
+
+async def test_a_full_disk_is_logged_once_not_at_every_select(
+        start_imap: StartImap, maildb: MailDB, deliver: Deliver,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every SELECT on a full disk fails to claim \\Recent and every FETCH BODY[] to set
+    \\Seen: a WARNING each flooded the log with many clients, while the store already says
+    `storage is failing`. One WARNING each per outage, the rest at DEBUG; a claim and a
+    \\Seen that work end the outage, and the next one is said again."""
+    caplog.set_level(logging.DEBUG, logger=imap_commands.__name__)
+    with tmpfs(maildb.root) as disk:
+        await deliver(ALICE, message("first"))
+        server = Server.of(await start_imap())
+
+        def sessions(count: int, fetch: int) -> None:
+            for _ in range(count):
+                raw = server.raw(ALICE)
+                raw.ok("SELECT INBOX")
+                raw.ok(f"FETCH {fetch} BODY[]")
+                raw.close()
+
+        def said(level: int) -> list[str]:
+            return sorted(record.getMessage().split(";")[0] for record in caplog.records
+                          if record.name == imap_commands.__name__ and record.levelno == level)
+
+        full = ["no space to claim \\Recent", "no space to set \\Seen"]
+        ballast = fill(disk)
+        await in_thread(lambda: sessions(3, fetch=1))
+        assert (said(logging.WARNING), said(logging.DEBUG)) == (full, sorted(full * 2))
+        ballast.unlink()
+        await in_thread(lambda: sessions(1, fetch=1))
+        await deliver(ALICE, message("second"))
+        fill(disk)
+        await in_thread(lambda: sessions(1, fetch=2))
+        assert said(logging.WARNING) == sorted(full * 2)

@@ -51,8 +51,10 @@ from tests.support import (
     REPO,
     AckTrap,
     QuietProxy,
+    QuotaDisk,
     broker_at,
     fill,
+    quota_disk,
     run_cli,
     tier_env,
     tmpfs,
@@ -352,26 +354,67 @@ async def test_a_full_disk_holds_the_mail_instead_of_dead_lettering_it(
         await maildb.close()
 
 
+MiB = 1024 * 1024
+
+
+class FullTmpfs:
+    """A tmpfs of its own that runs out of blocks: a ballast file takes all but `left`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._ballast: Path | None = None
+
+    def run_out(self, left: int) -> None:
+        self._ballast = fill(self.path)
+        os.truncate(self._ballast, self._ballast.stat().st_size - left)
+
+    def give_back(self) -> None:
+        assert self._ballast is not None
+        self._ballast.unlink()
+
+
+class OverQuota:
+    """A disk with room to spare whose quota runs out: statvfs shows free blocks throughout."""
+
+    def __init__(self, quota: QuotaDisk) -> None:
+        self.path = quota.path
+        self._quota = quota
+
+    def run_out(self, left: int) -> None:
+        self._quota.limit(self._quota.used() + left)
+
+    def give_back(self) -> None:
+        self._quota.limit(None)
+
+
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    with tmpfs(tmp_path / "disk") as mount:
-        yield mount
+def short_disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FullTmpfs | OverQuota]:
+    if request.param == "quota":
+        with quota_disk(tmp_path / "disk") as quota:
+            yield OverQuota(quota)
+    else:
+        with tmpfs(tmp_path / "disk") as mount:
+            yield FullTmpfs(mount)
 
 
-@pytest.mark.parametrize(("left", "count", "padding"), [
-    (0, 20, 2000),
-    (512 * 1024, 1, 2 * 1024 * 1024),
-], ids=["no-block-left", "no-room-for-a-large-message"])
+@pytest.mark.parametrize(("short_disk", "left", "count", "padding"), [
+    ("tmpfs", 0, 20, 2000),
+    ("tmpfs", MiB // 2, 1, 2 * MiB),
+    ("quota", MiB // 2, 1, 2 * MiB),
+], ids=["no-block-left", "no-room-for-a-large-message", "over-the-disk-quota"],
+    indirect=["short_disk"])
 async def test_a_really_full_disk_holds_the_mail_until_space_returns(
-        settings: Settings, small_disk: Path, left: int, count: int, padding: int,
-        caplog: pytest.LogCaptureFixture) -> None:
+        settings: Settings, short_disk: FullTmpfs | OverQuota, left: int, count: int,
+        padding: int, caplog: pytest.LogCaptureFixture) -> None:
     """The same on a real file system. With no block left SQLite answers SQLITE_FULL and the
     probe ENOSPC. With half a megabyte left the probe write and small mail fit, a 2 MB message
     does not: its ENOSPC is the disk's fault too, not the message's (it was requeued at once,
-    ten times in 40 ms, into the dead-letter queue: found by bench/chaos.py). Nothing is
-    dead-lettered or requeued, and once the ballast is gone every message is stored exactly
-    once and every index is consistent. The log says it without a traceback per message."""
-    settings = settings.replace(delivery_attempts=3, data_dir=small_disk / "var")
+    ten times in 40 ms, into the dead-letter queue: found by bench/chaos.py). The same over a
+    disk quota, where the message fails with EDQUOT and statvfs shows plenty of room (the
+    probe asked statvfs, so the message was dead-lettered). Nothing is dead-lettered or
+    requeued, and once the room is back every message is stored exactly once and every
+    index is consistent. The log says it without a traceback per message."""
+    settings = settings.replace(delivery_attempts=3, data_dir=short_disk.path / "var")
     add_users(settings, [ALICE])
     maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
     store = await _running(settings, maildb)
@@ -380,15 +423,14 @@ async def test_a_really_full_disk_holds_the_mail_until_space_returns(
         first = [make_message(ALICE)]
         await publish_all(settings, first)
         await wait_for(lambda: stats.delivered == 1, what="a first delivery")
-        ballast = fill(small_disk)
-        os.truncate(ballast, ballast.stat().st_size - left)
+        short_disk.run_out(left)
         later = [make_message(ALICE, padding=padding) for _ in range(count)]
         await publish_all(settings, later)
         await wait_for(lambda: stats.storage_down_since > 0 or stats.requeued > 0,
                        what="the consumer failing to store the mail")
         await asyncio.sleep(2)
         assert (await store.dead(), stats.requeued, stats.delivered) == (0, 0, 1)
-        ballast.unlink()
+        short_disk.give_back()
         await wait_for(lambda: stats.delivered == 1 + count, within=60,
                        what="every message stored once there is space")
         assert await store.dead() == 0
@@ -416,6 +458,27 @@ async def test_probe_fails_where_the_store_cannot_write(tmp_path: Path) -> None:
         (tmp_path / "elsewhere").rename(maildb.root)
     finally:
         await maildb.close()
+
+
+async def test_probe_sees_a_disk_quota(tmp_path: Path) -> None:
+    """The probe reserves the room it is asked about: statvfs, which it asked before, does
+    not see a quota. A reservation it made is given back (three in a row fit where two would
+    not), and nothing is left behind, not even after a failed one."""
+    with quota_disk(tmp_path / "disk") as quota:
+        maildb = MailDB(quota.path / "mail", inline_max=0)
+        try:
+            quota.limit(quota.used() + MiB)
+            statvfs = os.statvfs(maildb.root)
+            assert statvfs.f_bfree * statvfs.f_frsize > 64 * MiB
+            for _ in range(3):
+                await maildb.probe(MiB // 2)
+            with pytest.raises(OSError) as failed:
+                await maildb.probe(2 * MiB)
+            assert failed.value.errno == errno.EDQUOT
+            await maildb.probe()  # the probe write alone still fits
+            assert [path.name for path in maildb.root.iterdir()] == [RUNNING]
+        finally:
+            await maildb.close()
 
 
 async def test_redelivery_after_lost_ack_is_not_duplicated(store: Running) -> None:
