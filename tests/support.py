@@ -362,6 +362,10 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            # Nor the end of the stream: a hung peer sends no FIN. (RabbitMQ closes a
+            # connection that stays silent past its handshake or heartbeat timeout, and
+            # passing that on told the client what a frozen broker never would.)
+            gate.wait()
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
 
