@@ -159,6 +159,11 @@ def queue_depth(settings: Settings, queue: str | None = None) -> int:
                for q in delivery_queues(settings))
 
 
+def queue_consumers(settings: Settings, queue: str) -> int:
+    """How many consumers the broker has on `queue` (passive declare)."""
+    return asyncio.run(_queue_counts(settings, queue))[1]
+
+
 async def _delete_queues(settings: Settings) -> None:
     topology = settings.topology
     connection = await aiormq.connect(settings.amqp_url)
