@@ -159,6 +159,11 @@ def queue_depth(settings: Settings, queue: str | None = None) -> int:
                for q in delivery_queues(settings))
 
 
+def queue_consumers(settings: Settings, queue: str) -> int:
+    """How many consumers the broker has on `queue` (passive declare)."""
+    return asyncio.run(_queue_counts(settings, queue))[1]
+
+
 async def _delete_queues(settings: Settings) -> None:
     topology = settings.topology
     connection = await aiormq.connect(settings.amqp_url)
@@ -362,6 +367,10 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            # Nor the end of the stream: a hung peer sends no FIN. (RabbitMQ closes a
+            # connection that stays silent past its handshake or heartbeat timeout, and
+            # passing that on told the client what a frozen broker never would.)
+            gate.wait()
             with contextlib.suppress(OSError):
                 sink.shutdown(socket.SHUT_WR)
 

@@ -11,11 +11,13 @@ Two halves joined by a RabbitMQ queue (`<queue_prefix>.learn`, dramatiq):
   It sees every change whoever made it (IMAP, webmail, a filter rule). The listener only
   schedules work: reading the message and the blocking pika publish run in a thread of the
   hook's own, so an IMAP MOVE never waits for the broker. A broker out of reach is waited
-  for (the jobs are published once it is back), and so is one that blocks its publishers (a
-  disk or memory alarm: the publish is confirmed once the alarm clears; giving the blocked
-  connection up and publishing again would queue the job again each time, on a broker out
-  of disk). The thread is a daemon, so a store stopping during an alarm is not held up by
-  it. Other failures are logged and the move stands; learning is best-effort.
+  for (the jobs are published once it is back), and so is one that takes the connection and
+  then says nothing (each attempt is given up within broker_attempt_limit(), 30 s), and one
+  that blocks its publishers (a disk or memory alarm: the publish is confirmed once the
+  alarm clears; giving the blocked connection up and publishing again would queue the job
+  again each time, on a broker out of disk). The thread is a daemon, so a store stopping
+  during an alarm is not held up by it. Other failures are logged and the move stands;
+  learning is best-effort.
 - The learn actor, in `tiermail learner` (a dramatiq Worker in-process, possibly on another
   machine): POSTs the message to rspamd's controller /learnspam or /learnham with the
   controller password. "Already learned" (HTTP 208) and "nothing to learn" (204: too few
@@ -71,16 +73,21 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dramatiq
 import httpx
+import pika
 import pika.exceptions
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import xq_name
 from dramatiq.middleware import Retries
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectorException,
+    AMQPConnectorStackTimeout,
+)
 
 from common.health import Heartbeat
 from common.redisconn import REDIS_TIMEOUT, check_redis_url, open_redis
@@ -326,7 +333,7 @@ class Learning:
     def __init__(self, settings: Settings, controller: RspamdController | None = None,
                  max_retries: int = MAX_RETRIES, ledger: LearnLedger | None = None) -> None:
         self.queue_name = learn_queue(settings)
-        self.broker = _LearnBroker(url=settings.amqp_url, confirm_delivery=True)
+        self.broker = _LearnBroker(settings.amqp_url)
         self._controller = controller or RspamdController(
             settings.rspamd_controller_url, settings.rspamd_controller_password)
         self._settings = settings
@@ -520,11 +527,87 @@ class _QuietConsumer(dramatiq.broker.Consumer):
 
 
 class _LearnBroker(RabbitmqBroker):
-    """dramatiq's RabbitMQ broker, its consumers handing out QuietJobs."""
+    """dramatiq's RabbitMQ broker with every wait on a broker that stopped answering bounded
+    (BROKER_CONNECT_TIMEOUT, BROKER_HEARTBEAT), its consumers handing out QuietJobs.
+
+    pika gives up a handshake that does not finish in time with an exception that is not
+    one of its connection errors, which dramatiq does not expect: it reached the store's
+    hook as a refused publish (the rest of the move was not learned) and the learner's
+    start as a crash. Here it is a connection error like any other."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url=url, confirm_delivery=True)
+        every = self.parameters if isinstance(self.parameters, list) else [self.parameters]
+        for parameters in every:
+            parameters.socket_timeout = BROKER_CONNECT_TIMEOUT
+            parameters.stack_timeout = BROKER_CONNECT_TIMEOUT
+            parameters.heartbeat = BROKER_HEARTBEAT
+
+    def enqueue(self, message: dramatiq.Message[Any], *,
+                delay: int | None = None) -> dramatiq.Message[Any]:
+        """The store's learn jobs, and in a learner the retries and the delayed jobs that
+        fell due."""
+        with self._one_attempt():
+            return super().enqueue(message, delay=delay)
+
+    def declare_queue(self, queue_name: str, *, ensure: bool = False) -> None:
+        with self._one_attempt():
+            super().declare_queue(queue_name, ensure=ensure)
+
+    @contextlib.contextmanager
+    def _one_attempt(self) -> Iterator[None]:
+        """dramatiq connects again after any failure, up to six times in one enqueue: a
+        broker that takes connections and then says nothing cost each of them the whole
+        wait. Within this block a new connection is only made in its first
+        BROKER_CONNECT_TIMEOUT (one lost at once: a broker restarting), so the block ends
+        within broker_attempt_limit() and its caller tries again later, saying so."""
+        if getattr(self.state, "reconnect_until", None) is not None:  # enqueue declares
+            yield
+            return
+        self.state.reconnect_until = time.monotonic() + BROKER_CONNECT_TIMEOUT
+        try:
+            yield
+        finally:
+            self.state.reconnect_until = None
+
+    def _connection(self) -> pika.BlockingConnection:
+        until = getattr(self.state, "reconnect_until", None)
+        if getattr(self.state, "connection", None) is None and until is not None and \
+                time.monotonic() > until:
+            raise pika.exceptions.AMQPConnectionError("the broker does not answer")
+        try:
+            return RabbitmqBroker.connection.fget(self)  # type: ignore[attr-defined]
+        except AMQPConnectorException as exc:
+            raise _connection_error(exc) from exc
+
+    def _channel(self) -> Any:
+        """dramatiq's getter, but the channel is known to the broker before Confirm.Select:
+        dramatiq's own registered it after, so when the broker did not answer that, dropping
+        the channel raised KeyError, which the store took for a refused publish."""
+        channel = getattr(self.state, "channel", None)
+        if channel is None:
+            channel = self.state.channel = self.connection.channel()
+            self.channels.add(channel)
+            channel.confirm_delivery()
+        return channel
+
+    connection = property(_connection, fdel=RabbitmqBroker.connection.fdel)  # type: ignore[attr-defined]
+    channel = property(_channel, fdel=RabbitmqBroker.channel.fdel)  # type: ignore[attr-defined]
 
     def consume(self, queue_name: str, prefetch: int = 1,
                 timeout: int = 5000) -> dramatiq.broker.Consumer:
-        return _QuietConsumer(super().consume(queue_name, prefetch, timeout))
+        try:
+            consumer = super().consume(queue_name, prefetch, timeout)
+        except AMQPConnectorException as exc:  # its own connection, not self.connection
+            raise dramatiq.errors.ConnectionClosed(_connection_error(exc)) from exc
+        return _QuietConsumer(consumer)
+
+
+def _connection_error(exc: AMQPConnectorException) -> pika.exceptions.AMQPConnectionError:
+    if isinstance(exc, AMQPConnectorStackTimeout):
+        return pika.exceptions.AMQPConnectionError(
+            f"no AMQP handshake within {BROKER_CONNECT_TIMEOUT:.0f}s")
+    return pika.exceptions.AMQPConnectionError(f"{type(exc).__name__}: {exc}")
 
 
 class _GivenUp(dramatiq.Middleware):
@@ -771,8 +854,36 @@ class LearningHook:
         return None if len(data) > MAX_LEARN_SIZE else data
 
 
-# Seconds a learn job's publish waits for the broker's confirm before the store says so.
-STALL_NOTICE = 10.0
+# A broker that takes connections and then says nothing (a node that hangs, a path to it
+# that drops packets) costs each attempt to reach it a bounded wait, broker_attempt_limit():
+# a learn job's publish in the store, the learner's declares and each (re)start of its
+# consumers. Seconds for TCP's connect and the AMQP handshake (pika's socket_timeout and
+# stack_timeout; the other tiers: 5 s for a filter, 10 s for the store's consumer).
+BROKER_CONNECT_TIMEOUT = 5.0
+# Seconds, the AMQP heartbeat the broker is asked for: it sends something at least every
+# half of it, and pika gives up an open connection on which nothing arrived during one of
+# its checks, which come every BROKER_HEARTBEAT + 5 s. A connection blocked by an alarm
+# still gets the broker's heartbeats: it is waited out (see STALL_NOTICE). Not pika's
+# blocked_connection_timeout: see docs/operations.md, "Spam learning".
+BROKER_HEARTBEAT = 5
+
+
+def broker_silence_limit() -> float:
+    """Seconds at most from a broker's last word to pika giving its connection up."""
+    return 2 * (BROKER_HEARTBEAT + 5.0)
+
+
+def broker_attempt_limit() -> float:
+    """Seconds at most that one attempt (_LearnBroker._one_attempt) waits for a broker that
+    stopped answering: reconnecting in its first BROKER_CONNECT_TIMEOUT, a handshake, and the
+    silence after it (30 s)."""
+    return 2 * BROKER_CONNECT_TIMEOUT + broker_silence_limit()
+
+
+# Seconds a learn job's publish waits for the broker's confirm before the store says so:
+# longer than an attempt on a broker that stopped answering lasts, so the publish that waits
+# is held by a broker that is there (its heartbeats arrive): an alarm.
+STALL_NOTICE = 35.0
 # Seconds close() waits, once its grace is over, for the hook's thread to give up its batch.
 STOP_WAIT = 1.0
 BROKER_RETRY_MAX = 30.0  # seconds between attempts to reach the broker (learner start, learn jobs)

@@ -1,5 +1,6 @@
 """The tests' TcpProxy (tests/support.py): a cut must take every relayed connection away,
-also one the proxy was still opening upstream when the cut came."""
+also one the proxy was still opening upstream when the cut came; a hang passes nothing on,
+not even the end of the stream."""
 
 from __future__ import annotations
 
@@ -43,6 +44,33 @@ def test_a_connection_being_opened_at_the_cut_is_cut_too() -> None:
         client.close()
         for sock in waiting:
             sock.close()
+        target.close()
+
+
+def test_a_hung_proxy_holds_back_the_end_of_the_stream_too() -> None:
+    """RabbitMQ closes a connection that stays silent past its handshake timeout: passed on
+    while hung, the close told the client what a frozen broker never would (pika's own
+    handshake timeout was never reached)."""
+    target = socket.create_server(("127.0.0.1", 0))
+    proxy = TcpProxy(target.getsockname()[1])
+    client = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    try:
+        target.settimeout(30)
+        upstream, _ = target.accept()
+        proxy.hang()
+        upstream.close()  # the target gives up on its silent client
+        client.settimeout(1)
+        try:
+            got: bytes | None = client.recv(100)
+        except TimeoutError:
+            got = None
+        assert got is None, "the end of the stream went through a hung proxy"
+        proxy.resume()
+        client.settimeout(5)
+        wait_until(lambda: _closed(client), timeout=10, what="the end passed on once resumed")
+    finally:
+        proxy.cut()
+        client.close()
         target.close()
 
 

@@ -1,0 +1,295 @@
+"""Spam learning against a RabbitMQ that takes connections and then says nothing (a node
+that hangs, a path to it that drops packets): the real broker behind a relay the test
+freezes. Every wait on it ends within a bound, the waiting side says so in a WARNING line and
+tries again, and no learn job the store holds is lost. The pika constants are made short
+here (1 s heartbeat, 2 s handshake); docs/operations.md gives the production ones."""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import pamqp.commands
+import pytest
+from aiormq.exceptions import ChannelNotFoundEntity
+
+from common.ids import new_queue_id
+from common.settings import Settings
+from services.store import learning
+from services.store.backends.maildb import MailDB
+from services.store.learning import Learning, LearningHook, learn_queue, run_worker
+from services.store.mailbox import INBOX, JUNK, Delivery
+from tests.integration.learning.test_learning import ALICE, run_store_for_alice, unseen_message
+from tests.support import (
+    QuietProxy,
+    TcpProxy,
+    TierProcess,
+    broker_at,
+    eventually,
+    free_port,
+    queue_consumers,
+    queue_depth,
+    wait_until,
+)
+
+UNREACHABLE = "learn jobs wait for the broker, unreachable"
+MARGIN = 5.0  # seconds for a loaded test machine to log what the bound says it must
+
+
+@pytest.fixture
+def bound(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Seconds one attempt may wait for the frozen broker, plus MARGIN."""
+    monkeypatch.setattr(learning, "BROKER_HEARTBEAT", 1)
+    monkeypatch.setattr(learning, "BROKER_CONNECT_TIMEOUT", 2.0)
+    return learning.broker_attempt_limit() + MARGIN
+
+
+@dataclass
+class Hook:
+    maildb: MailDB
+    hook: LearningHook
+    settings: Settings
+
+    async def move_into_junk(self, count: int = 1) -> None:
+        await self.maildb.deliver([Delivery(new_queue_id(), ALICE, unseen_message(),
+                                            time.time(), INBOX) for _ in range(count)])
+        await self.maildb.move(ALICE, INBOX, await self.maildb.uids(ALICE, INBOX), JUNK)
+
+
+async def queued(settings: Settings, count: int) -> None:
+    async def depth_is() -> bool:
+        try:
+            return await asyncio.to_thread(queue_depth, settings, learn_queue(settings)) == count
+        except ChannelNotFoundEntity:  # not declared yet: nothing was published
+            return False
+
+    await eventually(depth_is, within=60, what=f"{count} learn jobs in the queue")
+
+
+@pytest.fixture
+async def hook_at(settings: Settings) -> AsyncIterator[Callable[..., Hook]]:
+    """The store's learning hook, its broker reached through a relay."""
+    made: list[Hook] = []
+
+    def make(port: int, after_first: Callable[[], None] | None = None) -> Hook:
+        """`after_first`: called once the first job is published."""
+        maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+        learn = Learning(broker_at(settings, port))
+        published = threading.Event()
+
+        def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
+            learn.publish(kind, user, guid, message, decided_us)
+            if after_first is not None and not published.is_set():
+                after_first()
+            published.set()
+
+        hook = LearningHook(maildb, send, learn.close, learn.release_connection)
+        maildb.add_listener(hook.on_change)
+        made.append(Hook(maildb, hook, settings))
+        return made[-1]
+
+    yield make
+    for each in made:
+        await each.hook.close(grace=0)
+        await each.maildb.close()
+
+
+def said(caplog: pytest.LogCaptureFixture, text: str) -> Callable[[], bool]:
+    return lambda: text in caplog.text
+
+
+async def test_an_imap_move_while_the_broker_is_frozen_is_learned_once_it_answers(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """The MOVE answers at once; the store's publish gives the frozen broker up after its
+    handshake timeout, says so, and publishes the job once the broker answers again. pika's
+    handshake timeout was an exception dramatiq does not expect: the store took it for a
+    refused publish and dropped the job (`not learned: AMQPConnectorStackTimeout`)."""
+    relay = TcpProxy(5672)
+    try:
+        stack = broker_at(settings, relay.port, learn="rspamd")
+        store = run_store_for_alice(stack, run_tier)
+        client = imaplib.IMAP4("127.0.0.1", stack.imap_port, timeout=5)  # a slow MOVE fails
+        client.login(ALICE, "secret pw")
+        assert client.append(INBOX, "", None, unseen_message())[0] == "OK"
+        client.select(INBOX)
+        relay.hang()
+        assert client.uid("MOVE", "1", JUNK)[0] == "OK"
+        assert client.noop()[0] == "OK"
+        client.shutdown()
+        await asyncio.to_thread(wait_until, lambda: UNREACHABLE in store.output(),
+                                timeout=learning.broker_attempt_limit() + MARGIN,
+                                what="the store to give the frozen broker up")
+        relay.resume()
+        await queued(settings, 1)
+    finally:
+        relay.cut()
+    assert "not learned" not in store.output(), store.output()
+
+
+@pytest.mark.parametrize("quiet_after", [pamqp.commands.Connection.OpenOk,
+                                         pamqp.commands.Channel.OpenOk],
+                         ids=["channel-open", "confirm-select"])
+async def test_a_broker_quiet_while_the_publisher_sets_up_is_given_up_and_tried_again(
+        hook_at: Callable[..., Hook], bound: float, quiet_after: type,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The broker opens the connection, then answers nothing: the publisher waited for the
+    channel until pika's heartbeat check gave up, twice (dramatiq declares twice), 260 s
+    with RabbitMQ's 60 s heartbeat, with every learn job behind it; waiting for the
+    Confirm.SelectOk it gave up after 130 s and dropped the job (dramatiq's KeyError)."""
+    relay = QuietProxy(5672, after=quiet_after)
+    caplog.set_level(logging.INFO, logger="services.store.learning")
+    try:
+        store = hook_at(relay.port)
+        await store.move_into_junk()
+        await eventually(said(caplog, UNREACHABLE), within=bound,
+                         what="the publisher to give the quiet broker up")
+        relay.speak()
+        await queued(store.settings, 1)
+    finally:
+        relay.cut()
+    assert "not learned" not in caplog.text, caplog.text
+
+
+async def test_a_broker_frozen_between_two_publishes_is_given_up_and_tried_again(
+        hook_at: Callable[..., Hook], bound: float, caplog: pytest.LogCaptureFixture) -> None:
+    """A move of three: the broker freezes once the first job is confirmed, and the second
+    waits for its confirm on the open connection. It waited until pika's heartbeat check
+    gave up (up to 130 s), then dramatiq's new connection met the handshake timeout and the
+    rest of the move was dropped."""
+    relay = TcpProxy(5672)
+    caplog.set_level(logging.INFO, logger="services.store.learning")
+    try:
+        store = hook_at(relay.port, after_first=relay.hang)
+        await store.move_into_junk(3)
+        await eventually(said(caplog, UNREACHABLE), within=bound,
+                         what="the publisher to give the frozen broker up")
+        assert caplog.text.count("learn job queued") == 1
+        relay.resume()
+        await queued(store.settings, 3)
+    finally:
+        relay.cut()
+    assert "not learned" not in caplog.text, caplog.text
+    # One line per attempt: a broker that stopped answering is not taken for an alarm.
+    assert "has not confirmed a publish" not in caplog.text, caplog.text
+
+
+@dataclass
+class Learner:
+    thread: threading.Thread
+    stopping: threading.Event
+
+    def stopped_within(self, seconds: float) -> bool:
+        self.stopping.set()
+        self.thread.join(seconds)
+        return not self.thread.is_alive()
+
+
+@pytest.fixture
+def learner_at(settings: Settings) -> Iterator[Callable[[int], Learner]]:
+    """`tiermail learner` (run_worker) in a thread, its broker reached through a relay and
+    its rspamd controller not there (every job it takes is retried)."""
+    running: list[Learner] = []
+
+    def start(port: int) -> Learner:
+        learner_settings = broker_at(settings, port, learn="rspamd",
+                                     rspamd_controller_url=f"http://127.0.0.1:{free_port()}")
+        stopping = threading.Event()
+        learner = Learner(threading.Thread(target=run_worker, name="learner", daemon=True,
+                                           args=(learner_settings, stopping)), stopping)
+        learner.thread.start()
+        running.append(learner)
+        return learner
+
+    yield start
+    for learner in running:
+        learner.stopping.set()
+    for learner in running:
+        learner.thread.join(60)
+
+
+@pytest.mark.parametrize("frozen", ["at-accept", "after-open"])
+def test_a_learner_started_against_a_frozen_broker_waits_for_it(
+        learner_at: Callable[[int], Learner], bound: float, frozen: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """pika's handshake timeout ended the learner with a traceback (dramatiq lets it
+    through, the learner expected dramatiq's errors only); a broker quiet after opening
+    the connection held the learner's declare for 260 s an attempt."""
+    relay: TcpProxy
+    if frozen == "at-accept":
+        relay = TcpProxy(5672)
+        relay.hang()
+    else:
+        relay = QuietProxy(5672, after=pamqp.commands.Connection.OpenOk)
+    caplog.set_level(logging.INFO)
+    try:
+        learner = learner_at(relay.port)
+        wait_until(said(caplog, "the broker is unreachable"), timeout=bound,
+                   what="the learner to give the frozen broker up")
+        assert learner.thread.is_alive()
+        relay.resume()
+        if isinstance(relay, QuietProxy):
+            relay.speak()
+        wait_until(said(caplog, "learner running"), timeout=60, what="the learner running")
+    finally:
+        relay.cut()
+
+
+def consuming(settings: Settings) -> Callable[[], bool]:
+    """Both of the learner's consumers (the learn queue and its delay queue) are set up
+    (the queues exist: the learner declared them before saying it runs)."""
+    queues = [learn_queue(settings), settings.topology.learn_retry_queue]
+    return lambda: all(queue_consumers(settings, queue) == 1 for queue in queues)
+
+
+def test_a_learner_whose_broker_freezes_reconnects_once_it_answers(
+        settings: Settings, learner_at: Callable[[int], Learner], bound: float,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The consumers noticed a frozen broker when the heartbeat check of RabbitMQ's 60 s
+    gave up (127 s), then each reconnect met pika's handshake timeout, which dramatiq
+    logged as an unexpected error with a traceback. Now they notice within the bound, each
+    reconnect fails within it, and they take jobs again once the broker answers."""
+    relay = TcpProxy(5672)
+    caplog.set_level(logging.INFO)
+    try:
+        learner_at(relay.port)
+        wait_until(said(caplog, "learner running"), timeout=60, what="the learner running")
+        wait_until(consuming(settings), timeout=60, what="the learner consuming")
+        relay.hang()
+        wait_until(said(caplog, "Consumer encountered a connection error"), timeout=bound,
+                   what="the consumers to give the frozen broker up")
+        wait_until(lambda: caplog.text.count("Restarting consumer") >= 4, timeout=bound,
+                   what="a reconnect to the frozen broker to fail")
+        assert "unexpected error" not in caplog.text, caplog.text
+        relay.resume()
+        sender = Learning(settings)
+        try:
+            sender.send("spam", ALICE, "a" * 32, unseen_message(), 1)
+        finally:
+            sender.close()
+        wait_until(said(caplog, f"{'a' * 32} not learned as spam yet"), timeout=60,
+                   what="the learner to take the job")  # rspamd is not there: retried
+    finally:
+        relay.cut()
+
+
+def test_a_learner_stopped_while_its_broker_is_frozen_stops_in_time(
+        settings: Settings, learner_at: Callable[[int], Learner], bound: float,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Stopping closes each consumer's connection politely, which waits for the broker's
+    Close-Ok: 187 s with RabbitMQ's 60 s heartbeat. Now each wait ends when pika's
+    heartbeat check gives the connection up."""
+    relay = TcpProxy(5672)
+    caplog.set_level(logging.INFO)
+    try:
+        learner = learner_at(relay.port)
+        wait_until(said(caplog, "learner running"), timeout=60, what="the learner running")
+        wait_until(consuming(settings), timeout=60, what="the learner consuming")
+        relay.hang()
+        assert learner.stopped_within(2 * learning.broker_silence_limit() + MARGIN)
+    finally:
+        relay.cut()
