@@ -95,17 +95,34 @@ def effective_quota(stored: int | None, default: int) -> int | None:
     return value if value > 0 else None
 
 
+FULL_BELOW = 1 << 20  # octets free below which an unusable database is put down to a full disk
+
+
 class AccountDBUnusable(Exception):
     """The account database cannot be opened: not an SQLite file (damaged, or something
     else at its path), a directory there, no permission. Said in one line, with the path."""
 
 
 def _unusable(path: Path, exc: sqlite3.Error) -> str:
-    # SQLite says only "unable to open database file" when it cannot create the files it
-    # keeps beside the database (the -wal and -shm of WAL mode), even to read.
-    where = "" if os.access(path.parent, os.W_OK) else \
-        f" ({path.parent} is not writable, and SQLite writes files beside the database)"
-    return f"the account database {path} cannot be used: {exc}{where}"
+    return f"the account database {path} cannot be used: {exc}{_why(path.parent)}"
+
+
+def _why(directory: Path) -> str:
+    """What SQLite does not say: "unable to open database file" or "disk I/O error" when it
+    cannot create or grow the files it keeps beside the database (the -wal and -shm of WAL
+    mode), even to read. A clean stop removes them."""
+    if not os.access(directory, os.W_OK):
+        return f" ({directory} is not writable, and SQLite writes files beside the database)"
+    free = _free_octets(directory)
+    if free < FULL_BELOW:
+        return (f" (its file system is full, {free} octets free: SQLite needs room for the "
+                "files it keeps beside the database, even to read; free a few MB)")
+    return ""
+
+
+def _free_octets(directory: Path) -> int:
+    stat = os.statvfs(directory)
+    return (stat.f_bfree if os.geteuid() == 0 else stat.f_bavail) * stat.f_frsize
 
 
 class AccountDB:

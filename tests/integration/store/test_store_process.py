@@ -180,6 +180,36 @@ def test_a_store_killed_on_a_full_disk_starts_again_and_serves_its_mail(
         store.stop()
 
 
+def test_a_store_stopped_cleanly_on_a_full_disk_says_so_and_starts_once_there_is_room(
+        settings: Settings, run_tier: Callable[..., TierProcess], tmp_path: Path) -> None:
+    """A clean stop removes SQLite's -wal and -shm files, which it must make again to open
+    the account database, even to read: on a disk filled meanwhile the store cannot start
+    (docs/operations.md). It says why in one line, naming the full file system (SQLite's own
+    words are "disk I/O error"), and starts with the mail once some room is free."""
+    with tmpfs(tmp_path / "disk") as disk:
+        settings = settings.replace(data_dir=disk / "var")
+        add_users(settings, USERS[:1])
+        envelope, body = make_message(USERS[0])
+        asyncio.run(publish_all(settings, [(envelope, body)]))
+        store = run_tier(settings, "store")
+        wait_until(lambda: stored_count(settings.store_dir, USERS[:1]) == 1,
+                   what="the message stored")
+        store.stop()
+        ballast = fill(disk)
+
+        refused = run_tier(settings, "store")
+        assert refused.proc.wait(timeout=30) == 1
+        [line] = refused.output().strip().splitlines()
+        assert line.startswith("tiermail: the account database ") and \
+            "its file system is full" in line and "free a few MB" in line, line
+
+        ballast.unlink()
+        store = run_tier(settings, "store")
+        wait_until(lambda: "store running" in store.output(), what="the start with room")
+        assert stored_count(settings.store_dir, USERS[:1]) == 1
+        store.stop()
+
+
 def test_clients_past_a_low_open_file_limit_are_all_served(
         settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
     """Started with a soft limit of 128 descriptors (Debian starts shells and services at
