@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     learner = command("learner", run_learner,
                       "run the spam-learning worker (moves into/out of Junk train rspamd)")
     learner.add_argument("--retry-dead", action="store_true",
-                         help="move the learn jobs that ran out of retries back to the learn "
-                         "queue (once rspamd's controller works again) and exit")
+                         help="move the dead learn jobs (out of retries, or their retry "
+                         "not scheduled) back to the learn queue (once rspamd's controller "
+                         "works again) and exit")
     command("webmail", run_webmail, "run one webmail worker (not built yet)")
     command("up", run_up, "run a whole single-machine stack in the foreground")
     status = command("status", show_status, "tier health, queue depths, dead letters")

@@ -62,14 +62,16 @@ def _unconsumed(broker: dict[str, Any]) -> list[str]:
 
 def _learn_problems(broker: dict[str, Any], settings: Settings) -> list[str]:
     """Learn jobs that gave up (the controller out of reach or refusing the password for
-    longer than their retries last), and learn jobs nobody takes while learning is on."""
+    longer than their retries last, or a retry the broker did not take), and learn jobs
+    nobody takes while learning is on."""
     problems = []
     dead, waiting = broker.get("learn_dead"), broker.get("learn")
     if dead is not None and dead["declared"] and dead["messages"]:
-        problems.append(f"{dead['messages']} spam-learning job(s) ran out of retries and wait "
+        problems.append(f"{dead['messages']} spam-learning job(s) ran out of retries, or "
+                        "their retry could not be scheduled, and wait "
                         f"in {dead['queue']} (expiring after a week): is rspamd's controller "
-                        "reachable with TIERMAIL_RSPAMD_CONTROLLER_PASSWORD? (learner log; "
-                        "then tiermail learner --retry-dead)")
+                        "reachable with TIERMAIL_RSPAMD_CONTROLLER_PASSWORD, the broker "
+                        "healthy? (learner log; then tiermail learner --retry-dead)")
     if (settings.learns_spam and waiting is not None and waiting["declared"]
             and waiting["messages"] and not waiting["consumers"]):
         problems.append(f"nothing consumes {waiting['queue']} ({waiting['messages']} "

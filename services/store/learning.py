@@ -22,8 +22,9 @@ Two halves joined by a RabbitMQ queue (`<queue_prefix>.learn`, dramatiq):
   machine): POSTs the message to rspamd's controller /learnspam or /learnham with the
   controller password. "Already learned" (HTTP 208) and "nothing to learn" (204: too few
   tokens) are done; rspamd unreachable, 5xx or a refused password are retried with
-  exponential backoff (MAX_RETRIES, then dramatiq's dead-letter queue `<queue>.XQ`); other 4xx
-  answers are logged and dropped.
+  exponential backoff (MAX_RETRIES, then dramatiq's dead-letter queue `<queue>.XQ`, where a
+  job whose retry the broker did not take goes too: _KeptRetries); other 4xx answers are
+  logged and dropped.
 
 The job carries the message bytes (base64, at most MAX_LEARN_SIZE; larger ones are skipped
 with a log line, as rspamd's Bayes gains nothing from them): the worker needs no access to the
@@ -83,7 +84,7 @@ import pika.exceptions
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import xq_name
-from dramatiq.middleware import Retries
+from dramatiq.middleware import Retries, default_middleware
 from pika.adapters.utils.connection_workflow import (
     AMQPConnectorException,
     AMQPConnectorStackTimeout,
@@ -338,7 +339,8 @@ class Learning:
             settings.rspamd_controller_url, settings.rspamd_controller_password)
         self._settings = settings
         self._own_ledger = ledger  # built on first use: only a learner uses it
-        # Before Retries in the list, so after it once a job is done: it sees the job failed.
+        # Before (_Kept)Retries in the list, so after it once a job is done: it sees the job
+        # failed.
         self.broker.add_middleware(_GivenUp(xq_name(self.queue_name), self._count),
                                    before=Retries)
         declare = dramatiq.actor(
@@ -402,9 +404,10 @@ class Learning:
             del self.broker.connection
 
     def requeue_dead(self) -> int:
-        """Move the jobs that ran out of retries (`<queue>.XQ`) back to the learn queue with
-        their retry count reset, for when rspamd's controller works again. Returns how many;
-        each is taken off the dead-letter queue only once the broker confirmed its copy."""
+        """Move the dead jobs (`<queue>.XQ`: out of retries, or their retry not scheduled)
+        back to the learn queue with their retry count reset, for when rspamd's controller
+        works again. Returns how many; each is taken off the dead-letter queue only once the
+        broker confirmed its copy."""
         self.declare()
         dead = xq_name(self.queue_name)
         try:
@@ -536,7 +539,9 @@ class _LearnBroker(RabbitmqBroker):
     start as a crash. Here it is a connection error like any other."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(url=url, confirm_delivery=True)
+        middleware = [_KeptRetries() if kind is Retries else kind()
+                      for kind in default_middleware]
+        super().__init__(url=url, confirm_delivery=True, middleware=middleware)
         every = self.parameters if isinstance(self.parameters, list) else [self.parameters]
         for parameters in every:
             parameters.socket_timeout = BROKER_CONNECT_TIMEOUT
@@ -610,10 +615,31 @@ def _connection_error(exc: AMQPConnectorException) -> pika.exceptions.AMQPConnec
     return pika.exceptions.AMQPConnectionError(f"{type(exc).__name__}: {exc}")
 
 
+class _KeptRetries(Retries):
+    """dramatiq's Retries, but a job whose retry cannot be put on the delay queue (the
+    broker stopped answering, or refused the publish) is marked failed, so the consumer
+    nacks it into the dead-letter queue. dramatiq's Broker.emit_after logs such a failure
+    as CRITICAL with a traceback and carries on, and the consumer then acknowledged the
+    job, which nothing had marked failed: it was gone. `retry_unscheduled` on the job says
+    why, for _GivenUp's line; pika's ERROR lines and tracebacks about the connection are
+    kept out of the log, as for the store's publishes."""
+
+    def after_process_message(self, broker: dramatiq.Broker, message: Any, *,
+                              result: Any = None, exception: BaseException | None = None) -> None:
+        try:
+            with _pika_quiet():
+                super().after_process_message(broker, message, result=result,
+                                              exception=exception)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the job must not be acked
+            message.retry_unscheduled = f"{type(exc).__name__}: {exc}"
+            message.fail()
+
+
 class _GivenUp(dramatiq.Middleware):
-    """Says when a learn job ran out of retries, naming its message and user (dramatiq's own
-    line names its job id only, and the job's last line said "retried later"); counted
-    `learn_dead`."""
+    """Says when a learn job goes to the dead-letter queue, naming its message and user
+    (dramatiq's own line names its job id only, and the job's last line said "retried
+    later"): out of retries, counted `learn_dead`, or its retry could not be scheduled
+    (_KeptRetries), counted `learn_unscheduled`."""
 
     def __init__(self, dead_queue: str, count: Callable[[str], None]) -> None:
         self._dead_queue = dead_queue
@@ -624,11 +650,20 @@ class _GivenUp(dramatiq.Middleware):
         if exception is None or not message.failed or message.actor_name != ACTOR_NAME:
             return
         kind, user, guid = (*map(str, message.args[:3]), "?", "?", "?")[:3]
+        extra = {"user": user, "event": f"learn-{kind}", "queue_id": guid}
+        unscheduled = getattr(message, "retry_unscheduled", None)
+        if unscheduled is not None:
+            self._count("learn_unscheduled")
+            log.warning("%s not learned as %s yet: its retry could not be scheduled (%s); the "
+                        "job goes to %s (tiermail learner --retry-dead), or is handed out again "
+                        "if the broker drops this learner's connection first", guid, kind,
+                        unscheduled, self._dead_queue, extra=extra)
+            return
         self._count("learn_dead")
         log.warning("%s not learned as %s: out of retries after %d tries; the job waits in "
                     "%s for a week (tiermail learner --retry-dead once rspamd's controller "
                     "works)", guid, kind, message.options.get("retries", 0), self._dead_queue,
-                    extra={"user": user, "event": f"learn-{kind}", "queue_id": guid})
+                    extra=extra)
 
 
 # What dramatiq's retries and delays leave in a job's options.

@@ -44,6 +44,7 @@ from tests.support import (
     eventually,
     free_port,
     queue_depth,
+    rabbitmqctl,
     run_cli,
     wait_until,
 )
@@ -313,6 +314,39 @@ async def test_a_learner_holds_few_retried_jobs_in_memory(settings: Settings) ->
     finally:
         await asyncio.to_thread(worker.stop, 10_000)
         learning.close()
+
+
+def test_a_job_whose_retry_the_broker_refuses_is_dead_lettered(
+        settings: Settings, amqp_vhost: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker refuses the retry's publish (here a policy: the delay queue takes nothing):
+    dramatiq logged "Unexpected failure in after_process_message" (CRITICAL, a traceback)
+    and acknowledged the job, gone at once. Now it waits in the dead-letter queue, and one
+    WARNING line says so."""
+    guid = "7" * 32
+    learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"))
+    learning.declare()
+    policy = f"{settings.queue_prefix}-refuse-retries"
+    rabbitmqctl("set_policy", "-p", amqp_vhost, "--apply-to", "queues", policy,
+                f"^{re.escape(settings.topology.learn_retry_queue)}$",
+                '{"max-length": 0, "overflow": "reject-publish"}')
+    caplog.set_level(logging.INFO)
+    worker = learning.worker(threads=1)
+    try:
+        wait_until(lambda: policy in rabbitmqctl("list_queues", "-p", amqp_vhost, "name",
+                                                 "policy"), timeout=30, what="the policy")
+        learning.send(SPAM, ALICE, guid, b"Subject: x\r\n\r\nbody\r\n", 1)
+        worker.start()
+        wait_until(lambda: queue_depth(settings, settings.topology.learn_dead_queue) == 1,
+                   timeout=30, what="the job in the learn dead-letter queue")
+    finally:
+        worker.stop(timeout=10_000)
+        learning.close()
+        rabbitmqctl("clear_policy", "-p", amqp_vhost, policy)
+    [line] = [r for r in caplog.records if "its retry could not be scheduled" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert (line.user, line.queue_id) == (ALICE, guid)  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert learning.stats() == {"learn_retries": 1, "learn_unscheduled": 1}
 
 
 async def dead_letter(settings: Settings, guid: str, body: bytes) -> None:

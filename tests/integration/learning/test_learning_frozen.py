@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import imaplib
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,7 +23,7 @@ from common.ids import new_queue_id
 from common.settings import Settings
 from services.store import learning
 from services.store.backends.maildb import MailDB
-from services.store.learning import Learning, LearningHook, learn_queue, run_worker
+from services.store.learning import SPAM, Learning, LearningHook, learn_queue, run_worker
 from services.store.mailbox import INBOX, JUNK, Delivery
 from tests.integration.learning.test_learning import ALICE, run_store_for_alice, unseen_message
 from tests.support import (
@@ -38,6 +39,8 @@ from tests.support import (
 )
 
 UNREACHABLE = "learn jobs wait for the broker, unreachable"
+UNSCHEDULED = "its retry could not be scheduled"
+DRAMATIQ_GAVE_UP = "Unexpected failure in after_process_message"
 MARGIN = 5.0  # seconds for a loaded test machine to log what the bound says it must
 
 
@@ -190,14 +193,16 @@ class Learner:
 
 
 @pytest.fixture
-def learner_at(settings: Settings) -> Iterator[Callable[[int], Learner]]:
+def learner_at(settings: Settings) -> Iterator[Callable[..., Learner]]:
     """`tiermail learner` (run_worker) in a thread, its broker reached through a relay and
-    its rspamd controller not there (every job it takes is retried)."""
+    its rspamd controller at `controller_url`, by default not there (every job it takes is
+    retried)."""
     running: list[Learner] = []
 
-    def start(port: int) -> Learner:
-        learner_settings = broker_at(settings, port, learn="rspamd",
-                                     rspamd_controller_url=f"http://127.0.0.1:{free_port()}")
+    def start(port: int, controller_url: str | None = None) -> Learner:
+        learner_settings = broker_at(
+            settings, port, learn="rspamd",
+            rspamd_controller_url=controller_url or f"http://127.0.0.1:{free_port()}")
         stopping = threading.Event()
         learner = Learner(threading.Thread(target=run_worker, name="learner", daemon=True,
                                            args=(learner_settings, stopping)), stopping)
@@ -293,3 +298,91 @@ def test_a_learner_stopped_while_its_broker_is_frozen_stops_in_time(
         assert learner.stopped_within(2 * learning.broker_silence_limit() + MARGIN)
     finally:
         relay.cut()
+
+
+@pytest.fixture
+def controller() -> Iterator[socket.socket]:
+    """Where a learner's rspamd controller is: a listener the test answers by hand."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(60)
+    yield listener
+    listener.close()
+
+
+def fail_a_learn_call_on_a_frozen_broker(settings: Settings, learner_at: Callable[..., Learner],
+                                         relay: TcpProxy, controller: socket.socket,
+                                         guid: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A learner behind `relay` takes a job for `guid`; while its learn call waits for the
+    controller the broker freezes, then the call fails: the retry is to be scheduled on the
+    frozen broker. In this order, whatever the timing."""
+    caplog.set_level(logging.INFO)
+    learner_at(relay.port, f"http://127.0.0.1:{controller.getsockname()[1]}")
+    wait_until(said(caplog, "learner running"), timeout=60, what="the learner running")
+    sender = Learning(settings)
+    try:
+        sender.send(SPAM, ALICE, guid, unseen_message(), 1)
+    finally:
+        sender.close()
+    connection, _ = controller.accept()  # the learn call waits for rspamd
+    relay.hang()
+    connection.close()  # and fails
+
+
+def test_a_job_whose_retry_meets_a_frozen_broker_is_kept(
+        settings: Settings, learner_at: Callable[..., Learner], controller: socket.socket,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The learn call fails while the broker is frozen: putting the retry on the delay queue
+    fails within the handshake timeout. dramatiq logged that as CRITICAL with a traceback
+    and acknowledged the job, and the acknowledgement reached the broker once it answered
+    again: the job was gone, neither retried nor dead-lettered. Now it is nacked into the
+    dead-letter queue, with one WARNING line. The heartbeat is made long so that neither
+    side gives the consumer's connection up (which would requeue the job anyway) before
+    the broker answers again."""
+    monkeypatch.setattr(learning, "BROKER_HEARTBEAT", 30)
+    monkeypatch.setattr(learning, "BROKER_CONNECT_TIMEOUT", 1.0)
+    guid = "9" * 32
+    relay = TcpProxy(5672)
+    try:
+        fail_a_learn_call_on_a_frozen_broker(settings, learner_at, relay, controller, guid,
+                                             caplog)
+        wait_until(lambda: UNSCHEDULED in caplog.text or DRAMATIQ_GAVE_UP in caplog.text,
+                   timeout=learning.broker_attempt_limit() + MARGIN,
+                   what="scheduling the retry to fail")
+        relay.resume()
+        wait_until(lambda: queue_depth(settings, settings.topology.learn_dead_queue) == 1,
+                   timeout=30, what="the job in the learn dead-letter queue")
+        records = list(caplog.records)  # not those of the relay cut below
+    finally:
+        relay.cut()
+    [line] = [r for r in records if UNSCHEDULED in r.getMessage()]
+    assert line.levelno == logging.WARNING and guid in line.getMessage()
+    assert (line.user, line.queue_id) == (ALICE, guid)  # type: ignore[attr-defined]
+    assert not [r for r in records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+
+
+def test_a_job_whose_retry_and_nack_meet_a_frozen_broker_is_handed_out_again(
+        settings: Settings, learner_at: Callable[..., Learner], controller: socket.socket,
+        bound: float, caplog: pytest.LogCaptureFixture) -> None:
+    """Frozen for longer: the nack into the dead-letter queue cannot reach the broker
+    either. The broker gives the consumer's connection up (1 s heartbeat here), which puts
+    the unacknowledged job back, and hands it out again once it answers: learned then."""
+    guid = "8" * 32
+    relay = TcpProxy(5672)
+    consumer = f"ConsumerThread({learn_queue(settings)})"
+    try:
+        fail_a_learn_call_on_a_frozen_broker(settings, learner_at, relay, controller, guid,
+                                             caplog)
+        wait_until(said(caplog, UNSCHEDULED), timeout=bound, what="scheduling the retry to fail")
+        wait_until(lambda: any(r.name.endswith(consumer) and "connection error" in r.getMessage()
+                               for r in caplog.records),
+                   timeout=bound, what="the learner to give its consumer's connection up")
+        relay.resume()
+        again, _ = controller.accept()  # the same job, handed out again
+        again.recv(65536)
+        again.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        again.close()
+        wait_until(said(caplog, f"rspamd learned {guid} as spam"), timeout=30,
+                   what="the job learned")
+    finally:
+        relay.cut()
+    assert queue_depth(settings, settings.topology.learn_dead_queue) == 0
