@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from common.settings import PREFIX, Settings
+from services.store.learning import broker_attempt_limit
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
 FILES = sorted(COMPOSE.glob("*.yaml"))
@@ -165,6 +166,11 @@ def test_tiers_run_the_tiermail_command() -> None:
         assert services[tier]["build"]["dockerfile"] == "compose/Dockerfile"
     assert "replicas" in services["filter"]["deploy"]
     assert "replicas" not in services["store"].get("deploy", {}), "the store must not scale"
+
+
+def test_a_learner_is_given_time_to_give_up_a_silent_broker() -> None:
+    grace = all_services()["learner"]["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > broker_attempt_limit()
 
 
 def test_store_keeps_its_data_in_a_named_volume() -> None:
