@@ -45,7 +45,7 @@ from common.topology import (
     envelope_from_properties,
 )
 from services.store.backends.accounts import AccountDB
-from services.store.backends.maildb import STORAGE_PAUSE_MAX, STORAGE_PAUSE_MIN, MailDB
+from services.store.backends.maildb import MailDB, storage_pauses
 from services.store.mailbox import (
     INBOX,
     JUNK,
@@ -319,9 +319,11 @@ class Consumer:
         """When the store cannot write at all, the failure is not the messages' fault: hold
         them (unacked, so nothing is lost if we die) until a probe write succeeds, then try
         them again. A message that still fails goes back to the queue and counts."""
-        wait, down_since = STORAGE_PAUSE_MIN, 0.0
+        down_since = 0.0
         room_for = sum(len(item.message.body) for item in items if not item.ok)
-        while not await self._storage_works(room_for):
+        for wait in storage_pauses():
+            if await self._storage_works(room_for):
+                break
             if not down_since:
                 down_since = self.stats.storage_down_since = time.time()
             log.error("storage is failing; holding %d messages, next try in %.1f s",
@@ -329,7 +331,6 @@ class Consumer:
                       extra={"event": "storage-down"})
             if await pause(wait, self._stopping):
                 return  # stopping: _settle gives them back to the queue
-            wait = min(wait * 2, STORAGE_PAUSE_MAX)
         if not down_since:
             return  # storage works: the messages themselves failed
         log.warning("storage works again after %.1f s; retrying", time.time() - down_since,

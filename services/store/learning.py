@@ -918,7 +918,7 @@ def broker_attempt_limit() -> float:
 # Seconds a learn job's publish waits for the broker's confirm before the store says so:
 # longer than an attempt on a broker that stopped answering lasts, so the publish that waits
 # is held by a broker that is there (its heartbeats arrive): an alarm.
-STALL_NOTICE = 35.0
+STALL_NOTICE = broker_attempt_limit() + 5.0
 # Seconds close() waits, once its grace is over, for the hook's thread to give up its batch.
 STOP_WAIT = 1.0
 BROKER_RETRY_MAX = 30.0  # seconds between attempts to reach the broker (learner start, learn jobs)

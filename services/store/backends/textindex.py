@@ -43,12 +43,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from common.tasks import pause
-from services.store.backends.maildb import (
-    STORAGE_PAUSE_MAX,
-    STORAGE_PAUSE_MIN,
-    MailDB,
-    user_path,
-)
+from services.store.backends.maildb import MailDB, storage_pauses, user_path
 from services.store.backends.sqlite import read_snapshot, transaction
 from services.store.daemonthread import DaemonThread
 from services.store.imap.protocol.mime import (
@@ -443,12 +438,11 @@ class TextIndexer:
         log.warning("text indexing paused: the disk cannot be written (%s: %s); the search "
                     "scans what is not indexed meanwhile", type(failure).__name__, failure,
                     extra={"event": "textindex-paused"})
-        down_since, wait = time.monotonic(), STORAGE_PAUSE_MIN
-        while True:
+        down_since = time.monotonic()
+        for wait in storage_pauses():
             await pause(wait)
             if await self._storage_works():
                 break
-            wait = min(wait * 2, STORAGE_PAUSE_MAX)
         log.info("text indexing resumes after %.1f s", time.monotonic() - down_since,
                  extra={"event": "textindex-resumed"})
 
