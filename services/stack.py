@@ -30,12 +30,15 @@ from common import listen
 from common.settings import Settings, is_loopback
 from common.tls import ensure_dev_certificate
 from services.devscanners import runner
+from services.filter.main import shutdown_grace
+from services.store.learning import broker_attempt_limit
 
 log = logging.getLogger(__name__)
 
 TIERS = ("store", "filter")
 LEARNER = "learner"  # when settings.learns_spam
 RESTART_DELAY = 2.0
+STORE_STOP_GRACE = 30.0  # seconds; see stop_grace
 # A tier that exits with these cannot start as configured (services/cli.py: a bad setting, a
 # port or data directory in use); restarting it would only fail again, every 2 s.
 FATAL_EXITS = {2: "a bad setting", 3: "it cannot start"}
@@ -195,15 +198,42 @@ def _run_tiers(settings: Settings) -> int:
             if not stopping:
                 children[tier] = _spawn(tier, env)
         time.sleep(0.2)
+    _stop_children(children, {tier: stop_grace(tier, settings) for tier in children})
+    return result
+
+
+def stop_grace(tier: str, settings: Settings) -> float:
+    """Seconds a tier gets from SIGTERM to exit before it is killed: the longest its own
+    stop takes (compose/ gives each the same stop_grace_period). A filter answers the
+    messages it is publishing (250, or 451 once the publish times out); a learner gives up a
+    broker that does not answer. The store's stop is quick unless its storage fails, and
+    killing it loses nothing."""
+    if tier == "filter":
+        return shutdown_grace(settings) + 5.0
+    if tier == LEARNER:
+        return broker_attempt_limit() + 10.0
+    return STORE_STOP_GRACE
+
+
+def _stop_children(children: dict[str, subprocess.Popen[bytes]],
+                   grace: dict[str, float]) -> None:
+    """SIGTERM to every child at once, then each waited for up to its own grace, all at the
+    same time, and killed (with a line saying so) when it runs out."""
     for child in children.values():
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    for child in children.values():
-        try:
-            child.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            child.kill()
-    return result
+    started = time.monotonic()
+    running = dict(children)
+    while running:
+        for tier, child in list(running.items()):
+            if child.poll() is not None:
+                del running[tier]
+            elif time.monotonic() - started > grace[tier]:
+                log.error("%s did not stop within %gs of SIGTERM; killed", tier, grace[tier])
+                child.kill()
+                child.wait()
+                del running[tier]
+        time.sleep(0.05)
 
 
 def _spawn(tier: str, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from common.settings import PREFIX, Settings
+from services.stack import stop_grace
 from services.store.learning import broker_attempt_limit
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
@@ -168,9 +169,18 @@ def test_tiers_run_the_tiermail_command() -> None:
     assert "replicas" not in services["store"].get("deploy", {}), "the store must not scale"
 
 
-def test_a_learner_is_given_time_to_give_up_a_silent_broker() -> None:
-    grace = all_services()["learner"]["stop_grace_period"]
-    assert grace.endswith("s") and float(grace[:-1]) > broker_attempt_limit()
+@pytest.mark.parametrize("tier", ["filter", "store", "learner"])
+def test_a_tier_is_given_the_time_its_stop_takes(tier: str) -> None:
+    """The same grace as `tiermail up` gives: a filter answers the messages it is
+    publishing, a learner gives up a silent broker."""
+    grace = all_services()[tier]["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) == stop_grace(tier, Settings())
+
+
+def test_stop_graces_cover_the_tiers_own_limits() -> None:
+    settings = Settings()
+    assert stop_grace("filter", settings) > settings.publish_timeout
+    assert stop_grace("learner", settings) > broker_attempt_limit()
 
 
 def test_store_keeps_its_data_in_a_named_volume() -> None:
