@@ -546,7 +546,7 @@ class _LearnBroker(RabbitmqBroker):
         for parameters in every:
             parameters.socket_timeout = BROKER_CONNECT_TIMEOUT
             parameters.stack_timeout = BROKER_CONNECT_TIMEOUT
-            parameters.heartbeat = BROKER_HEARTBEAT
+            parameters.heartbeat = _bounded_heartbeat(parameters.heartbeat)
 
     def enqueue(self, message: dramatiq.Message[Any], *,
                 delay: int | None = None) -> dramatiq.Message[Any]:
@@ -901,6 +901,22 @@ BROKER_CONNECT_TIMEOUT = 5.0
 # still gets the broker's heartbeats: it is waited out (see STALL_NOTICE). Not pika's
 # blocked_connection_timeout: see docs/operations.md, "Spam learning".
 BROKER_HEARTBEAT = 5
+
+
+def _bounded_heartbeat(asked: int | None) -> int:
+    """The AMQP heartbeat for a learn connection: the one TIERMAIL_AMQP_URL's `heartbeat=`
+    asks for when it is as short as BROKER_HEARTBEAT or shorter, else BROKER_HEARTBEAT, with a
+    WARNING saying so (a longer one, or none, would leave a silent broker unnoticed for
+    longer than broker_attempt_limit())."""
+    if asked is None:
+        return BROKER_HEARTBEAT
+    if 0 < asked <= BROKER_HEARTBEAT:
+        return asked
+    log.warning("spam learning uses an AMQP heartbeat of %ds, not TIERMAIL_AMQP_URL's "
+                "heartbeat=%d: a broker that stops answering is given up within %.0fs",
+                BROKER_HEARTBEAT, asked, broker_silence_limit(),
+                extra={"event": "learn"})
+    return BROKER_HEARTBEAT
 
 
 def broker_silence_limit() -> float:

@@ -310,3 +310,18 @@ def test_decisions_are_timed_strictly_increasing() -> None:
     clock = learning.DecisionClock()
     stamps = [clock.now() for _ in range(1000)]
     assert stamps == sorted(set(stamps))
+
+
+@pytest.mark.parametrize(("query", "heartbeat", "warned"), [
+    ("", learning.BROKER_HEARTBEAT, False),
+    ("?heartbeat=2", 2, False),
+    ("?heartbeat=60", learning.BROKER_HEARTBEAT, True),
+    ("?heartbeat=0", learning.BROKER_HEARTBEAT, True),  # none at all
+])
+def test_a_url_heartbeat_is_kept_only_when_it_is_short_enough(
+        query: str, heartbeat: int, warned: bool, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger=learning.__name__):
+        broker = learning._LearnBroker(f"amqp://guest:guest@127.0.0.1:5672/{query}")
+    assert broker.parameters.heartbeat == heartbeat
+    assert any("not TIERMAIL_AMQP_URL's heartbeat=" in r.getMessage()
+               for r in caplog.records) == warned
