@@ -11,9 +11,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiormq
 import pytest
@@ -460,10 +462,35 @@ async def test_probe_fails_where_the_store_cannot_write(tmp_path: Path) -> None:
         await maildb.close()
 
 
-async def test_probe_sees_a_disk_quota(tmp_path: Path) -> None:
+def without_o_tmpfile(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """os.open refusing O_TMPFILE as a file system without it does (NFS: EOPNOTSUPP); the
+    names of the files the probe made instead."""
+    real_open, real_mkstemp = os.open, tempfile.mkstemp
+    named: list[str] = []
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, name = real_mkstemp(*args, **kwargs)
+        named.append(name)
+        return fd, name
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    return named
+
+
+@pytest.mark.parametrize("probe_file", ["O_TMPFILE", "named"])
+async def test_probe_sees_a_disk_quota(tmp_path: Path, probe_file: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe reserves the room it is asked about: statvfs, which it asked before, does
     not see a quota. A reservation it made is given back (three in a row fit where two would
-    not), and nothing is left behind, not even after a failed one."""
+    not), and nothing is left behind, not even after a failed one. The same where the file
+    system has no O_TMPFILE and the probe's file gets a name, unlinked at once."""
+    named = without_o_tmpfile(monkeypatch) if probe_file == "named" else []
     with quota_disk(tmp_path / "disk") as quota:
         maildb = MailDB(quota.path / "mail", inline_max=0)
         try:
@@ -477,6 +504,7 @@ async def test_probe_sees_a_disk_quota(tmp_path: Path) -> None:
             assert failed.value.errno == errno.EDQUOT
             await maildb.probe()  # the probe write alone still fits
             assert [path.name for path in maildb.root.iterdir()] == [RUNNING]
+            assert len(named) == (5 if probe_file == "named" else 0)
         finally:
             await maildb.close()
 
