@@ -21,6 +21,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -172,13 +173,17 @@ def _run_tiers(settings: Settings) -> int:
           "  .venv/bin/tiermail domain add example.org\n"
           "  printf 'secret\\n' | .venv/bin/tiermail user add alice@example.org "
           "--password-stdin\n"
-          "Ctrl-C stops the stack.", flush=True)
+          "Ctrl-C stops the stack (a second Ctrl-C kills what is still stopping).",
+          flush=True)
 
     stopping = False
     result = 0
+    hurry = threading.Event()  # a second Ctrl-C or SIGTERM: kill what is still stopping
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
+        if stopping:
+            hurry.set()
         stopping = True
 
     signal.signal(signal.SIGINT, stop)
@@ -198,7 +203,7 @@ def _run_tiers(settings: Settings) -> int:
             if not stopping:
                 children[tier] = _spawn(tier, env)
         time.sleep(0.2)
-    _stop_children(children, {tier: stop_grace(tier, settings) for tier in children})
+    _stop_children(children, {tier: stop_grace(tier, settings) for tier in children}, hurry)
     return result
 
 
@@ -215,10 +220,10 @@ def stop_grace(tier: str, settings: Settings) -> float:
     return STORE_STOP_GRACE
 
 
-def _stop_children(children: dict[str, subprocess.Popen[bytes]],
-                   grace: dict[str, float]) -> None:
+def _stop_children(children: dict[str, subprocess.Popen[bytes]], grace: dict[str, float],
+                   hurry: threading.Event) -> None:
     """SIGTERM to every child at once, then each waited for up to its own grace, all at the
-    same time, and killed (with a line saying so) when it runs out."""
+    same time, and killed (with a line saying so) when it runs out or `hurry` is set."""
     for child in children.values():
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
@@ -228,8 +233,12 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]],
         for tier, child in list(running.items()):
             if child.poll() is not None:
                 del running[tier]
-            elif time.monotonic() - started > grace[tier]:
-                log.error("%s did not stop within %gs of SIGTERM; killed", tier, grace[tier])
+            elif hurry.is_set() or time.monotonic() - started > grace[tier]:
+                if hurry.is_set():
+                    log.error("%s killed: asked twice to stop", tier)
+                else:
+                    log.error("%s did not stop within %gs of SIGTERM; killed", tier,
+                              grace[tier])
                 child.kill()
                 child.wait()
                 del running[tier]

@@ -7,6 +7,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -30,15 +31,29 @@ def test_each_tier_gets_its_own_grace_and_is_killed_after_it(
         caplog: pytest.LogCaptureFixture) -> None:
     stuck, slow = child(IGNORES_SIGTERM), child(STOPS_SLOWLY)
     with caplog.at_level(logging.ERROR):
-        _stop_children({"filter": stuck, "learner": slow}, {"filter": 0.2, "learner": 10.0})
+        _stop_children({"filter": stuck, "learner": slow}, {"filter": 0.2, "learner": 10.0},
+                       threading.Event())
     assert stuck.returncode == -signal.SIGKILL
     assert slow.returncode == 0, "killed before its own grace ran out"
     assert [r.getMessage() for r in caplog.records] == [
         "filter did not stop within 0.2s of SIGTERM; killed"]
 
 
+def test_asked_twice_everything_still_stopping_is_killed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    stuck, slow = child(IGNORES_SIGTERM), child(STOPS_SLOWLY)
+    hurry = threading.Event()
+    threading.Timer(0.3, hurry.set).start()
+    with caplog.at_level(logging.ERROR):
+        _stop_children({"filter": stuck, "learner": slow}, {"filter": 60.0, "learner": 60.0},
+                       hurry)
+    assert stuck.returncode == slow.returncode == -signal.SIGKILL
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        "filter killed: asked twice to stop", "learner killed: asked twice to stop"]
+
+
 def test_children_already_gone_are_not_waited_for() -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    _stop_children({"store": gone}, {"store": 0.0})
+    _stop_children({"store": gone}, {"store": 0.0}, threading.Event())
     assert gone.returncode == 0
