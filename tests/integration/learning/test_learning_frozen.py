@@ -20,6 +20,7 @@ import pytest
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from common.ids import new_queue_id
+from common.logs import BrokerLinkNotes
 from common.settings import Settings
 from services.store import learning
 from services.store.backends.maildb import MailDB
@@ -386,3 +387,123 @@ def test_a_job_whose_retry_and_nack_meet_a_frozen_broker_is_handed_out_again(
     finally:
         relay.cut()
     assert queue_depth(settings, settings.topology.learn_dead_queue) == 0
+
+
+class CountingController:
+    """A learner's rspamd controller on the `controller` listener: fails the first `fail`
+    learn calls (closes the connection unanswered), answers the rest 200, and counts them."""
+
+    def __init__(self, listener: socket.socket, fail: int) -> None:
+        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        self.failed = 0
+        self.learned = 0
+        self._listener = listener
+        self._fail = fail
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:  # the fixture closed it, or nothing came for a minute
+                return
+            with connection:
+                if self.failed < self._fail:
+                    self.failed += 1
+                    continue
+                read_request(connection)
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                self.learned += 1
+
+
+def read_request(connection: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += connection.recv(65536)
+
+
+def logged(caplog: pytest.LogCaptureFixture, start: str, by: str = "") -> list[logging.LogRecord]:
+    """The records whose message template starts with `start`, from a logger ending in `by`."""
+    return [r for r in caplog.records if str(r.msg).startswith(start) and r.name.endswith(by)]
+
+
+def as_the_learner_logs(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
+    """`records` as `tiermail learner` writes them (common.logs.setup_logging): pika's below
+    CRITICAL dropped, dramatiq's consumer connection errors a WARNING."""
+    notes = BrokerLinkNotes()
+    return [r for r in records if not (r.name.startswith("pika") and r.levelno < logging.CRITICAL)
+            and notes.filter(r)]
+
+
+def test_a_delayed_job_due_while_the_broker_is_frozen_is_learned_once_it_answers(
+        settings: Settings, learner_at: Callable[..., Learner], controller: socket.socket,
+        bound: float, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A learn job fails once and waits for its retry in the learner's memory (taken off the
+    delay queue, unacknowledged); the broker freezes before it is due. Putting it back on
+    the learn queue when it falls due (dramatiq's handle_delayed_messages) fails within one
+    attempt, and dramatiq drops what its delay-queue consumer held and reconnects (one
+    WARNING line as the learner logs it). The job is not lost: the broker, which heard
+    nothing more from that consumer's connection, gives it up and puts the job back on the
+    delay queue, where it waits out the freeze. Once the broker answers the job is due at
+    once: learned, once (the publish never reached the frozen broker)."""
+    monkeypatch.setattr(learning, "MIN_BACKOFF_MS", 3_000)  # the first retry in 3 to 6 s
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="dramatiq")  # where its jobs go; after: it lowers
+    # the capture's own level too
+    rspamd = CountingController(controller, fail=1)
+    main, delay_queue = learn_queue(settings), settings.topology.learn_retry_queue
+    guid = "7" * 32
+    relay = TcpProxy(5672)
+    try:
+        learner = learner_at(relay.port, rspamd.url)
+        wait_until(said(caplog, "learner running"), timeout=60, what="the learner running")
+        wait_until(consuming(settings), timeout=60, what="the learner consuming")
+        sender = Learning(settings)
+        try:
+            sender.send(SPAM, ALICE, guid, unseen_message(), 1)
+        finally:
+            sender.close()
+        wait_until(lambda: bool(logged(caplog, "Pushing message",
+                                       f"ConsumerThread({delay_queue})")),
+                   timeout=60, what="the retry held by the learner until it is due")
+        relay.hang()
+        frozen = time.time()
+        [retrying] = logged(caplog, "Retrying message")
+        job_id, delay_ms = retrying.args or ()
+        due = retrying.created + float(str(delay_ms)) / 1000
+        assert frozen < due, "the retry fell due before the broker froze"
+        wait_until(lambda: any(r.args == (job_id, main) and r.created > due
+                               for r in logged(caplog, "Enqueueing message")),
+                   timeout=bound, what="the due job put back on the frozen broker")
+        wait_until(lambda: bool(logged(caplog, "Consumer encountered a connection error",
+                                       f"ConsumerThread({delay_queue})")),
+                   timeout=bound, what="the delay-queue consumer to give the broker up")
+        # The test sees the broker itself, not through the relay.
+        wait_until(lambda: queue_depth(settings, delay_queue) == 1, timeout=bound,
+                   what="the broker to put the job back on the delay queue")
+        assert queue_depth(settings, main) == 0 and rspamd.learned == 0
+        # Frozen for longer than any one wait on it may last: nothing held through the
+        # freeze depends on its length.
+        time.sleep(max(0.0, frozen + bound - time.time()))
+        relay.resume()
+        wait_until(said(caplog, f"rspamd learned {guid} as spam"), timeout=60,
+                   what="the job learned")
+        wait_until(consuming(settings), timeout=60, what="the learner consuming again")
+        records = list(caplog.records)  # not those of the relay cut below
+        assert learner.stopped_within(60)  # what it held unacknowledged goes back
+    finally:
+        relay.cut()
+    assert (rspamd.failed, rspamd.learned) == (1, 1)
+    for queue in (main, delay_queue, settings.topology.learn_dead_queue):
+        assert queue_depth(settings, queue) == 0, queue
+    shown = as_the_learner_logs(records)
+    assert not [r for r in shown if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    assert {r.levelno for r in shown if delay_queue in r.name
+            and str(r.msg).startswith("Consumer encountered")} == {logging.WARNING}
+    assert DRAMATIQ_GAVE_UP not in caplog.text and "unexpected error" not in caplog.text
