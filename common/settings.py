@@ -145,6 +145,9 @@ class Settings:
     # Bodies of at most this many octets live in the user's index.sqlite (one commit, no
     # file, no per-message fsync); larger ones are files. 0: every body is a file.
     store_inline_max: int = 64 * 1024
+    # Octets the store keeps allocated for itself, given up by a start on a full disk so it can
+    # start (services/store/backends/spacereserve.py). 0: none.
+    store_space_reserve: int = 16 * 1024 * 1024
     delivery_attempts: int = 10  # broker delivery-limit before a message is dead-lettered
     pop3_timeout: float = 600.0  # RFC 1939 section 3: at least 10 minutes
     # Seconds from connect within which a client must have logged in, however busy it keeps

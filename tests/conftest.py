@@ -137,6 +137,9 @@ def settings(amqp_vhost: str, redis_client: redis.Redis, tmp_path: Path,
         spam="off",
         virus="off",
         log_level="DEBUG",
+        # 16 MiB allocated per test's data dir, kept by pytest for three runs: gigabytes.
+        # The reserve's own tests set it (tests/integration/store/test_space_reserve.py).
+        store_space_reserve=0,
     )
     yield value
     keys = list(redis_client.scan_iter(match=f"t{tag}:*", count=1000))

@@ -36,6 +36,7 @@ from common.redisconn import check_redis_url, open_redis
 from common.settings import Settings
 from common.tasks import pause, stop_task
 from common.tls import server_context
+from services.store.backends import spacereserve
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB
 from services.store.backends.textindex import TextIndex, TextIndexer
@@ -91,6 +92,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         # Before anything touches the mailboxes: a second store on the same data (a second
         # `tiermail up`) would sweep away files the first one is writing.
         stack.enter_context(lock_directory(settings.store_dir, "store"))
+        spacereserve.release_if_full(settings.store_dir)
         accounts = AccountDB.for_store(settings.store_dir)
         stack.callback(accounts.close)
 
@@ -109,6 +111,10 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         maildb.add_listener(indexer.notify)
         indexer.request_all()
         indexing = asyncio.create_task(indexer.run(), name="text-indexer")
+        if settings.store_space_reserve:
+            stack.push_async_callback(stop_task, asyncio.create_task(
+                spacereserve.keep(settings.store_dir, settings.store_space_reserve),
+                name="space-reserve"))
         stack.push_async_callback(stop_task, indexing)
 
         redis = open_redis(settings)

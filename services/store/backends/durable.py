@@ -1,8 +1,13 @@
-"""fsync of a file or directory by path: the store's durability steps (maildb.py, epoch.py)."""
+"""fsync of a file or directory by path: the store's durability steps (maildb.py, epoch.py);
+room on the file system asked of its allocator (the storage probe, the space reserve)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -23,3 +28,33 @@ def _fsync(path: Path, flags: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def probe_file(directory: Path) -> Iterator[int]:
+    """A new empty file on `directory`'s file system, open for writing, with no name: gone
+    when closed, so not even a store killed meanwhile leaves it behind with the room it
+    reserved. O_TMPFILE; where the file system has none (NFS), a named file unlinked at
+    once."""
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        # EISDIR: a kernel that does not know O_TMPFILE sees O_DIRECTORY alone
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
+            raise
+        fd, name = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        os.unlink(name)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def allocate(fd: int, offset: int, length: int) -> None:
+    """Have the file system allocate `length` octets at `offset` of `fd`'s file, or raise
+    ENOSPC/EDQUOT. Its allocator, unlike statvfs, counts disk quotas (user, group, project,
+    btrfs qgroups); ext4, xfs, btrfs and tmpfs write no data for it."""
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        raise OSError(exc.errno, f"No room for {length} octets: {exc.strerror}") from exc

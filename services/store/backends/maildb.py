@@ -101,7 +101,6 @@ import queue
 import re
 import shutil
 import sqlite3
-import tempfile
 import time
 import uuid
 from collections import OrderedDict, defaultdict
@@ -113,7 +112,7 @@ from typing import Any, BinaryIO, TypeVar
 
 from services.store.backends.bodies import BodyReaders
 from services.store.backends.changefeed import ChangeFeeds
-from services.store.backends.durable import fsync_dir, fsync_path
+from services.store.backends.durable import allocate, fsync_dir, fsync_path, probe_file
 from services.store.backends.epoch import begin_run, end_run
 from services.store.backends.snapshots import (
     DEFAULT_CAPACITY,
@@ -797,11 +796,11 @@ class MailDB:
         await asyncio.to_thread(self._probe_sync, room_for)
 
     def _probe_sync(self, room_for: int = 0) -> None:
-        with _probe_file(self.root) as fd:
+        with probe_file(self.root) as fd:
             _write_all(fd, b"\0" * PROBE_SIZE)
             os.fsync(fd)
             if room_for:
-                _reserve(fd, PROBE_SIZE, room_for)
+                allocate(fd, PROBE_SIZE, room_for)
 
     async def close(self) -> None:
         if self._closed:
@@ -2330,36 +2329,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-@contextlib.contextmanager
-def _probe_file(directory: Path) -> Iterator[int]:
-    """A new empty file on `directory`'s file system, open for writing, with no name: gone
-    when closed, so not even a store killed meanwhile leaves it behind with the room it
-    reserved. O_TMPFILE; where the file system has none (NFS), a named file unlinked at
-    once."""
-    try:
-        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
-    except OSError as exc:
-        # EISDIR: a kernel that does not know O_TMPFILE sees O_DIRECTORY alone
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
-            raise
-        fd, name = tempfile.mkstemp(prefix=".probe-", dir=directory)
-        os.unlink(name)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def _reserve(fd: int, offset: int, length: int) -> None:
-    """Have the file system allocate `length` octets at `offset` of `fd`'s file, or raise
-    ENOSPC/EDQUOT. Its allocator, unlike statvfs, counts disk quotas (user, group, project,
-    btrfs qgroups); ext4, xfs, btrfs and tmpfs write no data for it."""
-    try:
-        os.posix_fallocate(fd, offset, length)
-    except OSError as exc:
-        raise OSError(exc.errno, f"No room for {length} octets: {exc.strerror}") from exc
 
 
 def _space_checked(func: Callable[..., T], *args: object) -> T:

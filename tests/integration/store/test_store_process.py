@@ -183,9 +183,11 @@ def test_a_store_killed_on_a_full_disk_starts_again_and_serves_its_mail(
 def test_a_store_stopped_cleanly_on_a_full_disk_says_so_and_starts_once_there_is_room(
         settings: Settings, run_tier: Callable[..., TierProcess], tmp_path: Path) -> None:
     """A clean stop removes SQLite's -wal and -shm files, which it must make again to open
-    the account database, even to read: on a disk filled meanwhile the store cannot start
-    (docs/operations.md). It says why in one line, naming the full file system (SQLite's own
-    words are "disk I/O error"), and starts with the mail once some room is free."""
+    the account database, even to read: on a disk filled meanwhile a store with no space
+    reserve to give up (the fixture's settings: none; test_space_reserve.py has one) cannot
+    start (docs/operations.md). It says why in one line, naming the full file system
+    (SQLite's own words are "disk I/O error"), and starts with the mail once some room is
+    free."""
     with tmpfs(tmp_path / "disk") as disk:
         settings = settings.replace(data_dir=disk / "var")
         add_users(settings, USERS[:1])

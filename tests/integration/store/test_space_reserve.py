@@ -1,0 +1,94 @@
+"""The store's space reserve (services/store/backends/spacereserve.py) on real, small file
+systems (tmpfs) filled to the last block: a store stopped cleanly while the disk was full
+starts by giving it up and serves its mail; the reserve comes back once there is room."""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import poplib
+from collections.abc import Callable
+from pathlib import Path
+
+from common.passwords import hash_password
+from common.settings import Settings
+from services.store.backends import spacereserve
+from services.store.backends.accounts import AccountDB
+from tests.integration.store.helpers import add_users, make_message, publish_all, stored_count
+from tests.support import TierProcess, fill, tmpfs, wait_until
+
+MiB = 1 << 20
+ALICE = "alice@example.test"
+PASSWORD = "secret pw"
+
+
+def allocated(path: Path) -> int:
+    """Octets the file system gave `path` (0: no such file)."""
+    return path.stat().st_blocks * 512 if path.exists() else 0
+
+
+def test_a_store_stopped_cleanly_on_a_full_disk_starts_on_its_reserve(
+        settings: Settings, run_tier: Callable[..., TierProcess], tmp_path: Path) -> None:
+    """Without the reserve this start fails (test_store_process.py: `its file system is
+    full`): a clean stop removed the files SQLite must create again."""
+    with tmpfs(tmp_path / "disk", "96m") as disk:
+        settings = settings.replace(data_dir=disk / "var", store_space_reserve=16 * MiB)
+        reserve = spacereserve.reserve_path(settings.store_dir)
+        add_users(settings, [ALICE])
+        accounts = AccountDB.for_store(settings.store_dir)
+        accounts.set_password(ALICE, hash_password(PASSWORD))
+        accounts.close()
+        envelope, body = make_message(ALICE)
+        asyncio.run(publish_all(settings, [(envelope, body)]))
+        store = run_tier(settings, "store")
+        wait_until(lambda: stored_count(settings.store_dir, [ALICE]) == 1,
+                   what="the message stored")
+        wait_until(lambda: allocated(reserve) >= 16 * MiB, what="the reserve made")
+        store.stop()
+        ballast = fill(disk)
+
+        store = run_tier(settings, "store")
+        wait_until(lambda: "store running" in store.output(), what="a start on the full disk")
+        assert "released the space reserve" in store.output()
+        assert not reserve.exists()
+        pop3 = poplib.POP3("127.0.0.1", settings.pop3_port, timeout=30)
+        try:
+            pop3.user(ALICE)
+            pop3.pass_(PASSWORD)
+            assert pop3.stat()[0] == 1
+            assert (b"\r\n".join(pop3.retr(1)[1]) + b"\r\n").endswith(body)
+        finally:
+            pop3.quit()  # nothing deleted: the UPDATE state writes nothing
+        with imaplib.IMAP4("127.0.0.1", settings.imap_port, timeout=30) as imap:
+            imap.login(ALICE, PASSWORD)
+            assert imap.select("INBOX", readonly=True) == ("OK", [b"1"])
+            status, data = imap.fetch("1", "(BODY.PEEK[])")
+            assert status == "OK" and data[0][1].endswith(body)  # type: ignore[index]
+
+        ballast.unlink()
+        wait_until(lambda: allocated(reserve) >= 16 * MiB, timeout=60,
+                   what="the reserve made again once there is room")
+        assert "space reserve made" in store.output()
+        store.stop()
+
+
+def test_the_reserve_is_made_only_with_room_to_spare_and_given_up_only_when_full(
+        tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", "16m") as disk:
+        reserve = spacereserve.reserve_path(disk)
+        assert not spacereserve.make(disk, 8 * MiB)  # it would need 32 MiB free
+        assert not reserve.exists()
+        assert spacereserve.make(disk, MiB)
+        assert allocated(reserve) >= MiB
+        assert spacereserve.release_if_full(disk) == 0  # room enough: kept
+        assert reserve.exists()
+
+        ballast = fill(disk)
+        assert not spacereserve.has_room(disk, spacereserve.ROOM_TO_START)
+        assert spacereserve.release_if_full(disk) >= MiB
+        assert not reserve.exists()
+        assert spacereserve.has_room(disk, spacereserve.ROOM_TO_START)
+        assert not spacereserve.make(disk, MiB)  # not on the last free megabyte
+        assert [path.name for path in disk.iterdir()] == [ballast.name]
+        ballast.unlink()
+        assert spacereserve.make(disk, MiB)
