@@ -115,6 +115,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             stack.push_async_callback(stop_task, asyncio.create_task(
                 spacereserve.keep(settings.store_dir, settings.store_space_reserve),
                 name="space-reserve"))
+        else:
+            spacereserve.remove(settings.store_dir)
         stack.push_async_callback(stop_task, indexing)
 
         redis = open_redis(settings)

@@ -18,6 +18,7 @@ import logging
 import os
 from pathlib import Path
 
+from common.logs import OncePerOutage
 from common.tasks import pause
 from services.store.backends.durable import allocate, fsync_dir, probe_file
 
@@ -63,10 +64,11 @@ def release_if_full(store_dir: Path) -> int:
 
 
 def make(store_dir: Path, octets: int) -> bool:
-    """Allocate a reserve of `octets` unless it is there or ROOM_TO_REMAKE times that is not
-    free. Whether it is there now."""
+    """Allocate a reserve of `octets` unless it is there (a reserve of another size, the
+    setting changed, is replaced) or ROOM_TO_REMAKE times that is not free. Whether it is
+    there now."""
     path = reserve_path(store_dir)
-    if path.exists():
+    if _size(path) == octets:
         return True
     if not has_room(store_dir, ROOM_TO_REMAKE * octets):
         return False
@@ -89,15 +91,34 @@ def make(store_dir: Path, octets: int) -> bool:
     return True
 
 
+def remove(store_dir: Path) -> None:
+    """No reserve wanted (TIERMAIL_STORE_SPACE_RESERVE=0): give up one made before."""
+    path = reserve_path(store_dir)
+    if path.exists():
+        path.unlink()
+        log.info("space reserve removed (TIERMAIL_STORE_SPACE_RESERVE is 0): %s", path,
+                 extra={"event": "space-reserve"})
+
+
 async def keep(store_dir: Path, octets: int) -> None:
     """Make the reserve now and whenever it is missing (released by a start on a full disk,
     or deleted), as soon as the room is there. Runs until cancelled."""
+    failing = OncePerOutage()
     while True:
         try:
             await asyncio.to_thread(make, store_dir, octets)
+            failing.over()
         except OSError as exc:
-            log.warning("space reserve not made: %s", exc, extra={"event": "space-reserve"})
+            log.log(failing.level(), "space reserve not made: %s", exc,
+                    extra={"event": "space-reserve"})
         await pause(CHECK_INTERVAL)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _octets(octets: int) -> str:

@@ -92,3 +92,15 @@ def test_the_reserve_is_made_only_with_room_to_spare_and_given_up_only_when_full
         assert [path.name for path in disk.iterdir()] == [ballast.name]
         ballast.unlink()
         assert spacereserve.make(disk, MiB)
+
+
+def test_a_changed_setting_resizes_or_removes_the_reserve(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", "16m") as disk:
+        reserve = spacereserve.reserve_path(disk)
+        assert spacereserve.make(disk, MiB)
+        assert spacereserve.make(disk, 2 * MiB)
+        assert reserve.stat().st_size == 2 * MiB and allocated(reserve) >= 2 * MiB
+        assert [path.name for path in disk.iterdir()] == [reserve.name]
+        spacereserve.remove(disk)
+        assert not reserve.exists()
+        spacereserve.remove(disk)  # none: nothing to do
