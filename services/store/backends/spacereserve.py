@@ -52,7 +52,11 @@ def release_if_full(store_dir: Path) -> int:
     """At start: delete the reserve when the file system has not even ROOM_TO_START free.
     Returns the octets freed (0: room enough, or no reserve to free)."""
     path = reserve_path(store_dir)
-    if not path.exists() or has_room(store_dir, ROOM_TO_START):
+    try:
+        if not path.exists() or has_room(store_dir, ROOM_TO_START):
+            return 0
+    except OSError as exc:  # not a full disk (read-only, broken): opening the store says it
+        log.debug("space reserve kept: %s", exc, extra={"event": "space-reserve"})
         return 0
     freed = path.stat().st_blocks * 512
     path.unlink()
