@@ -92,7 +92,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         # Before anything touches the mailboxes: a second store on the same data (a second
         # `tiermail up`) would sweep away files the first one is writing.
         stack.enter_context(lock_directory(settings.store_dir, "store"))
-        spacereserve.release_if_full(settings.store_dir)
+        reserve = spacereserve.ReserveState()
+        if spacereserve.release_if_full(settings.store_dir):
+            reserve.released_at = time.time()
         accounts = AccountDB.for_store(settings.store_dir)
         stack.callback(accounts.close)
 
@@ -113,7 +115,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         indexing = asyncio.create_task(indexer.run(), name="text-indexer")
         if settings.store_space_reserve:
             stack.push_async_callback(stop_task, asyncio.create_task(
-                spacereserve.keep(settings.store_dir, settings.store_space_reserve),
+                spacereserve.keep(settings.store_dir, settings.store_space_reserve, reserve),
                 name="space-reserve"))
         else:
             spacereserve.remove(settings.store_dir)
@@ -164,7 +166,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                     "pop3_sessions": sum(server.sessions for server in pop3_servers),
                     "pop3_sessions_limit": settings.pop3_max_connections,
                     "imap_literals_held": literals.held,
-                    "imap_fetch_held": fetch_memory.held}
+                    "imap_fetch_held": fetch_memory.held,
+                    "space_reserve_released_at": reserve.released_at}
 
         await stack.enter_async_context(
             Heartbeat(redis, settings.redis_prefix, "store", health))

@@ -16,6 +16,7 @@ import asyncio
 import errno
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.logs import OncePerOutage
@@ -104,13 +105,21 @@ def remove(store_dir: Path) -> None:
                  extra={"event": "space-reserve"})
 
 
-async def keep(store_dir: Path, octets: int) -> None:
+@dataclass
+class ReserveState:
+    """For the store's heartbeat (`tiermail status`): when a start gave the reserve up, until
+    it is made again."""
+    released_at: float | None = None
+
+
+async def keep(store_dir: Path, octets: int, state: ReserveState) -> None:
     """Make the reserve now and whenever it is missing (released by a start on a full disk,
     or deleted), as soon as the room is there. Runs until cancelled."""
     failing = OncePerOutage()
     while True:
         try:
-            await asyncio.to_thread(make, store_dir, octets)
+            if await asyncio.to_thread(make, store_dir, octets):
+                state.released_at = None
             failing.over()
         except OSError as exc:
             log.log(failing.level(), "space reserve not made: %s", exc,

@@ -15,11 +15,15 @@ from common.settings import Settings
 from services.store.backends import spacereserve
 from services.store.backends.accounts import AccountDB
 from tests.integration.store.helpers import add_users, make_message, publish_all, stored_count
-from tests.support import TierProcess, fill, tmpfs, wait_until
+from tests.support import TierProcess, fill, run_cli, tmpfs, wait_until
 
 MiB = 1 << 20
 ALICE = "alice@example.test"
 PASSWORD = "secret pw"
+
+
+def status_text(settings: Settings) -> str:
+    return run_cli(settings, "status").stdout
 
 
 def allocated(path: Path) -> int:
@@ -51,6 +55,8 @@ def test_a_store_stopped_cleanly_on_a_full_disk_starts_on_its_reserve(
         wait_until(lambda: "store running" in store.output(), what="a start on the full disk")
         assert "released the space reserve" in store.output()
         assert not reserve.exists()
+        wait_until(lambda: "by giving up its space reserve" in status_text(settings),
+                   what="tiermail status saying so")
         pop3 = poplib.POP3("127.0.0.1", settings.pop3_port, timeout=30)
         try:
             pop3.user(ALICE)
@@ -69,6 +75,8 @@ def test_a_store_stopped_cleanly_on_a_full_disk_starts_on_its_reserve(
         wait_until(lambda: allocated(reserve) >= 16 * MiB, timeout=60,
                    what="the reserve made again once there is room")
         assert "space reserve made" in store.output()
+        wait_until(lambda: "space reserve" not in status_text(settings),
+                   what="tiermail status no longer saying so")
         store.stop()
 
 
