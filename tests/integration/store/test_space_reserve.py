@@ -15,7 +15,7 @@ from common.settings import Settings
 from services.store.backends import spacereserve
 from services.store.backends.accounts import AccountDB
 from tests.integration.store.helpers import add_users, make_message, publish_all, stored_count
-from tests.support import TierProcess, fill, run_cli, tmpfs, wait_until
+from tests.support import TierProcess, fill, quota_disk, run_cli, tmpfs, wait_until
 
 MiB = 1 << 20
 ALICE = "alice@example.test"
@@ -112,3 +112,16 @@ def test_a_changed_setting_resizes_or_removes_the_reserve(tmp_path: Path) -> Non
         spacereserve.remove(disk)
         assert not reserve.exists()
         spacereserve.remove(disk)  # none: nothing to do
+
+
+def test_a_store_over_its_disk_quota_gives_up_the_reserve_too(tmp_path: Path) -> None:
+    """Over a quota (btrfs qgroup: EDQUOT, statvfs shows room) the look for room sees it and
+    the room the reserve held is back at once, before the start opens anything."""
+    with quota_disk(tmp_path / "disk") as quota:
+        reserve = spacereserve.reserve_path(quota.path)
+        assert spacereserve.make(quota.path, 4 * MiB)
+        quota.limit(quota.used() + 64 * 1024)
+        assert not spacereserve.has_room(quota.path, spacereserve.ROOM_TO_START)
+        assert spacereserve.release_if_full(quota.path) >= 4 * MiB
+        assert not reserve.exists()
+        assert spacereserve.has_room(quota.path, spacereserve.ROOM_TO_START)
