@@ -324,6 +324,8 @@ def _check(name: str, value: Any) -> None:
             raise bad("must be more than 0")
         if value < 0:
             raise bad("must be 0 or more")
+        if name == "store_space_reserve" and 0 < value < MIB:
+            raise bad("0 (none) or at least 1048576 (1 MiB): less frees too little to start")
         if value > MAXIMUM.get(name, math.inf):
             raise bad(f"at most {MAXIMUM[name]}")
     elif name in URL_SCHEMES:

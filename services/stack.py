@@ -178,11 +178,13 @@ def _run_tiers(settings: Settings) -> int:
 
     stopping = False
     result = 0
-    hurry = threading.Event()  # a second Ctrl-C or SIGTERM: kill what is still stopping
+    asked = 0  # Ctrl-Cs and SIGTERMs
+    hurry = threading.Event()  # asked twice: kill what is still stopping
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        if stopping:
+        nonlocal stopping, asked
+        asked += 1
+        if asked > 1:
             hurry.set()
         stopping = True
 
@@ -211,8 +213,10 @@ def stop_grace(tier: str, settings: Settings) -> float:
     """Seconds a tier gets from SIGTERM to exit before it is killed: the longest its own
     stop takes (compose/ gives each the same stop_grace_period). A filter answers the
     messages it is publishing (250, or 451 once the publish times out); a learner gives up a
-    broker that does not answer. The store's stop is quick unless its storage fails, and
-    killing it loses nothing."""
+    broker that does not answer. The store's stop can take longer than its grace (its
+    consumer waits up to a minute for a batch that failing storage or a silent broker
+    holds), but killing it loses nothing: what it had not acknowledged is delivered again,
+    once."""
     if tier == "filter":
         return shutdown_grace(settings) + 5.0
     if tier == LEARNER:

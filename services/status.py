@@ -122,18 +122,18 @@ def _scanners_down(beats: list[dict[str, Any]], settings: Settings) -> list[str]
 
 def _storage_problems(beats: list[dict[str, Any]]) -> list[str]:
     """Stores that cannot write (their consumer holds the mail until they can), and stores
-    that started on a full disk by giving up their space reserve, not made again yet."""
+    without their space reserve (services/store/backends/spacereserve.py)."""
     now = time.time()
     stores = [beat for beat in beats if beat.get("tier") == "store"]
     return [f"store {beat.get('host')}:{beat.get('pid')} cannot write to its storage for "
             f"{now - beat['storage_down_since']:.0f} s (disk full? read-only?): deliveries "
             "wait, unacknowledged, and resume by themselves once it can"
             for beat in stores if beat.get("storage_down_since")] + [
-            f"store {beat.get('host')}:{beat.get('pid')} started on a full disk "
-            f"{now - beat['space_reserve_released_at']:.0f} s ago by giving up its space "
-            "reserve, not made again yet: free space (it is made again once four times "
-            "TIERMAIL_STORE_SPACE_RESERVE is free)"
-            for beat in stores if beat.get("space_reserve_released_at")]
+            f"store {beat.get('host')}:{beat.get('pid')} has had no space reserve for "
+            f"{now - beat['space_reserve_missing_since']:.0f} s (given up to start on a full "
+            "disk, or less than four times TIERMAIL_STORE_SPACE_RESERVE free): stopped now, "
+            "it may not start again until space is freed"
+            for beat in stores if beat.get("space_reserve_missing_since")]
 
 
 async def _broker_status(settings: Settings) -> dict[str, Any]:

@@ -38,7 +38,8 @@ from common.tasks import pause, stop_task
 from common.tls import server_context
 from services.store.backends import spacereserve
 from services.store.backends.accounts import AccountDB
-from services.store.backends.maildb import MailDB
+from services.store.backends.epoch import resumes_a_killed_run
+from services.store.backends.maildb import MAIL_DIR, MailDB
 from services.store.backends.textindex import TextIndex, TextIndexer
 from services.store.consumer import Consumer, ConsumerStats
 from services.store.imap.cache import FetchCache
@@ -92,9 +93,10 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         # Before anything touches the mailboxes: a second store on the same data (a second
         # `tiermail up`) would sweep away files the first one is writing.
         stack.enter_context(lock_directory(settings.store_dir, "store"))
-        reserve = spacereserve.ReserveState()
-        if spacereserve.release_if_full(settings.store_dir):
-            reserve.released_at = time.time()
+        if not settings.store_space_reserve:
+            spacereserve.remove(settings.store_dir)
+        elif not resumes_a_killed_run(settings.store_dir / MAIL_DIR):
+            spacereserve.release_if_full(settings.store_dir)
         accounts = AccountDB.for_store(settings.store_dir)
         stack.callback(accounts.close)
 
@@ -113,12 +115,11 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         maildb.add_listener(indexer.notify)
         indexer.request_all()
         indexing = asyncio.create_task(indexer.run(), name="text-indexer")
+        reserve = spacereserve.ReserveState()
         if settings.store_space_reserve:
             stack.push_async_callback(stop_task, asyncio.create_task(
                 spacereserve.keep(settings.store_dir, settings.store_space_reserve, reserve),
                 name="space-reserve"))
-        else:
-            spacereserve.remove(settings.store_dir)
         stack.push_async_callback(stop_task, indexing)
 
         redis = open_redis(settings)
@@ -167,7 +168,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                     "pop3_sessions_limit": settings.pop3_max_connections,
                     "imap_literals_held": literals.held,
                     "imap_fetch_held": fetch_memory.held,
-                    "space_reserve_released_at": reserve.released_at}
+                    "space_reserve_missing_since": reserve.missing_since}
 
         await stack.enter_async_context(
             Heartbeat(redis, settings.redis_prefix, "store", health))

@@ -38,14 +38,18 @@ def current_boot() -> str:
         return ""
 
 
+def resumes_a_killed_run(root: Path) -> bool:
+    """Whether the store at `root` was killed in this boot: its run marker, and SQLite's
+    -wal and -shm files, are all still there, so a start has nothing to create."""
+    boot = current_boot()
+    return bool(boot) and _previous_boot(root) == boot
+
+
 def begin_run(root: Path) -> int:
     """Mark the store at `root` as running (durably) and return this run's epoch."""
     epoch = _read_epoch(root / EPOCH)
     boot = current_boot()
-    try:
-        previous: str | None = (root / RUNNING).read_text().strip()
-    except FileNotFoundError:
-        previous = None
+    previous = _previous_boot(root)
     if boot and previous == boot:
         # Only the process died (SIGKILL, OOM): the marker already says what it must. Kept,
         # not written again, so a store that died because the disk filled starts again (and
@@ -62,6 +66,14 @@ def begin_run(root: Path) -> int:
                     extra={"event": "unclean-stop"})
     _write_durably(root / RUNNING, boot + "\n")
     return epoch
+
+
+def _previous_boot(root: Path) -> str | None:
+    """The boot id in the run marker, None when there is no marker (a clean stop)."""
+    try:
+        return (root / RUNNING).read_text().strip()
+    except FileNotFoundError:
+        return None
 
 
 def end_run(root: Path) -> None:

@@ -5,9 +5,10 @@ A clean stop removes SQLite's -wal and -shm files and the run marker (epoch.py),
 has to create them again, which needs free blocks. The store runs as an unprivileged user
 (compose/Dockerfile), so ext4's blocks reserved for root do not help it, and xfs and btrfs
 keep none. So the store holds TIERMAIL_STORE_SPACE_RESERVE octets (16 MiB) in a file of its
-own, `<store dir>/space-reserve` (allocated, not written). A start that finds less than
-ROOM_TO_START free deletes it first and says so; the running store allocates it again once
-four times its size is free, so the reserve never takes the last room deliveries need.
+own, `<store dir>/space-reserve` (allocated, not written). A start after a clean stop that
+finds less than ROOM_TO_START free deletes it first and says so (a store killed in this boot
+has its files and needs no room); the running store allocates it again once four times its
+size is free, so the reserve never takes the last room deliveries need.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import errno
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,10 @@ from services.store.backends.durable import allocate, fsync_dir, probe_file
 log = logging.getLogger(__name__)
 
 RESERVE_NAME = "space-reserve"
-# A start creates a few small files (the run marker, each database's -wal and -shm: 32 KiB).
+MAKING_NAME = RESERVE_NAME + ".new"  # a reserve being allocated; renamed once it is
+# Free octets below which a start gives the reserve up. The start itself creates the run
+# marker and each database's -wal and -shm (32 KiB); every mailbox opened afterwards needs its
+# own -shm, so this is enough to start, not to serve many users for long.
 ROOM_TO_START = 1 << 20
 ROOM_TO_REMAKE = 4  # times the reserve's size
 CHECK_INTERVAL = 10.0  # seconds between looks at a missing reserve
@@ -38,7 +43,8 @@ def reserve_path(store_dir: Path) -> Path:
 
 
 def has_room(directory: Path, octets: int) -> bool:
-    """Whether the file system (its allocator: quotas count) would give `octets` now."""
+    """Whether the file system (its allocator: quotas count) would give `octets` now. The
+    allocation holds the room while it runs: ask for little, or see `_may_have_room` first."""
     try:
         with probe_file(directory) as fd:
             allocate(fd, 0, octets)
@@ -50,46 +56,46 @@ def has_room(directory: Path, octets: int) -> bool:
 
 
 def release_if_full(store_dir: Path) -> int:
-    """At start: delete the reserve when the file system has not even ROOM_TO_START free.
-    Returns the octets freed (0: room enough, or no reserve to free)."""
-    path = reserve_path(store_dir)
+    """At a start after a clean stop: delete the reserve when the file system has not even
+    ROOM_TO_START free. Returns the octets freed (0: room enough, no reserve, or it could not
+    be deleted: then opening the store says what is wrong, as without a reserve)."""
     try:
-        if not path.exists() or has_room(store_dir, ROOM_TO_START):
+        if not _made(store_dir) or has_room(store_dir, ROOM_TO_START):
             return 0
-    except OSError as exc:  # not a full disk (read-only, broken): opening the store says it
-        log.debug("space reserve kept: %s", exc, extra={"event": "space-reserve"})
+        freed = _delete(store_dir)
+    except OSError as exc:
+        log.warning("space reserve not given up: %s", exc, extra={"event": "space-reserve"})
         return 0
-    freed = path.stat().st_blocks * 512
-    path.unlink()
-    fsync_dir(store_dir)
     log.warning("the store's file system is full: released the space reserve (%s, %s) so "
                 "the store can start; it is made again once there is room",
-                path, _octets(freed), extra={"event": "space-reserve"})
+                reserve_path(store_dir), _octets(freed), extra={"event": "space-reserve"})
     return freed
 
 
 def make(store_dir: Path, octets: int) -> bool:
     """Allocate a reserve of `octets` unless it is there (a reserve of another size, the
-    setting changed, is replaced) or ROOM_TO_REMAKE times that is not free. Whether it is
-    there now."""
+    setting changed, or one whose blocks are not allocated, as a sparse copy, is replaced) or
+    ROOM_TO_REMAKE times that is not free. Whether it is there now."""
     path = reserve_path(store_dir)
-    if _size(path) == octets:
+    if _allocated(path) == octets:
         return True
-    if not has_room(store_dir, ROOM_TO_REMAKE * octets):
+    if not _may_have_room(store_dir, ROOM_TO_REMAKE * octets) or \
+            not has_room(store_dir, ROOM_TO_REMAKE * octets):
         return False
-    making = path.with_name(RESERVE_NAME + ".new")
+    making = store_dir / MAKING_NAME
     fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        allocate(fd, 0, octets)
-        os.fsync(fd)
+        try:
+            allocate(fd, 0, octets)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(making, path)
     except OSError as exc:
-        os.close(fd)
-        making.unlink()
+        making.unlink(missing_ok=True)
         if exc.errno in FULL:  # the room went between the look and the allocation
             return False
         raise
-    os.close(fd)
-    os.rename(making, path)
     fsync_dir(store_dir)
     log.info("space reserve made: %s at %s", _octets(octets), path,
              extra={"event": "space-reserve"})
@@ -98,18 +104,19 @@ def make(store_dir: Path, octets: int) -> bool:
 
 def remove(store_dir: Path) -> None:
     """No reserve wanted (TIERMAIL_STORE_SPACE_RESERVE=0): give up one made before."""
-    path = reserve_path(store_dir)
-    if path.exists():
-        path.unlink()
-        log.info("space reserve removed (TIERMAIL_STORE_SPACE_RESERVE is 0): %s", path,
-                 extra={"event": "space-reserve"})
+    try:
+        if _delete(store_dir):
+            log.info("space reserve removed (TIERMAIL_STORE_SPACE_RESERVE is 0): %s",
+                     reserve_path(store_dir), extra={"event": "space-reserve"})
+    except OSError as exc:
+        log.warning("space reserve not removed: %s", exc, extra={"event": "space-reserve"})
 
 
 @dataclass
 class ReserveState:
-    """For the store's heartbeat (`tiermail status`): when a start gave the reserve up, until
-    it is made again."""
-    released_at: float | None = None
+    """For the store's heartbeat (`tiermail status`): since when the reserve has been missing
+    (given up by a start on a full disk, or never made for want of room); None: it is there."""
+    missing_since: float | None = None
 
 
 async def keep(store_dir: Path, octets: int, state: ReserveState) -> None:
@@ -118,20 +125,51 @@ async def keep(store_dir: Path, octets: int, state: ReserveState) -> None:
     failing = OncePerOutage()
     while True:
         try:
-            if await asyncio.to_thread(make, store_dir, octets):
-                state.released_at = None
+            made = await asyncio.to_thread(make, store_dir, octets)
             failing.over()
         except OSError as exc:
+            made = False
             log.log(failing.level(), "space reserve not made: %s", exc,
                     extra={"event": "space-reserve"})
+        if made:
+            state.missing_since = None
+        elif state.missing_since is None:
+            state.missing_since = time.time()
         await pause(CHECK_INTERVAL)
 
 
-def _size(path: Path) -> int | None:
+def _made(store_dir: Path) -> bool:
+    return any((store_dir / name).exists() for name in (RESERVE_NAME, MAKING_NAME))
+
+
+def _delete(store_dir: Path) -> int:
+    """Delete the reserve, and one a killed store was still allocating. The octets freed."""
+    freed = 0
+    for name in (RESERVE_NAME, MAKING_NAME):
+        path = store_dir / name
+        if path.exists():
+            freed += path.stat().st_blocks * 512
+            path.unlink()
+    if freed:
+        fsync_dir(store_dir)
+    return freed
+
+
+def _allocated(path: Path) -> int | None:
+    """The reserve's size when every octet of it is allocated, else None (missing, sparse)."""
     try:
-        return path.stat().st_size
+        stat = path.stat()
     except FileNotFoundError:
         return None
+    return stat.st_size if stat.st_blocks * 512 >= stat.st_size else None
+
+
+def _may_have_room(directory: Path, octets: int) -> bool:
+    """statvfs's answer, which does not see quotas but holds no room while it looks: the
+    allocator's look (has_room) takes every free block for a moment when it fails, which a
+    write elsewhere meeting it would take for a full disk."""
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize >= octets
 
 
 def _octets(octets: int) -> str:

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
+import logging
+import os
 import poplib
+import signal
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from common.passwords import hash_password
 from common.settings import Settings
@@ -55,7 +60,7 @@ def test_a_store_stopped_cleanly_on_a_full_disk_starts_on_its_reserve(
         wait_until(lambda: "store running" in store.output(), what="a start on the full disk")
         assert "released the space reserve" in store.output()
         assert not reserve.exists()
-        wait_until(lambda: "by giving up its space reserve" in status_text(settings),
+        wait_until(lambda: "has had no space reserve" in status_text(settings),
                    what="tiermail status saying so")
         pop3 = poplib.POP3("127.0.0.1", settings.pop3_port, timeout=30)
         try:
@@ -79,6 +84,30 @@ def test_a_store_stopped_cleanly_on_a_full_disk_starts_on_its_reserve(
                    what="tiermail status no longer saying so")
         store.stop()
 
+        store = run_tier(settings.replace(store_space_reserve=0), "store")
+        wait_until(lambda: "space reserve removed" in store.output(), what="0: no reserve")
+        assert not reserve.exists()
+        store.stop()
+
+
+def test_a_store_killed_on_a_full_disk_keeps_its_reserve(
+        settings: Settings, run_tier: Callable[..., TierProcess], tmp_path: Path) -> None:
+    """A store killed in this boot left its run marker and SQLite's files: its start needs
+    no room, so the reserve stays for the clean stop that may come next."""
+    with tmpfs(tmp_path / "disk", "96m") as disk:
+        settings = settings.replace(data_dir=disk / "var", store_space_reserve=16 * MiB)
+        reserve = spacereserve.reserve_path(settings.store_dir)
+        add_users(settings, [ALICE])
+        store = run_tier(settings, "store")
+        wait_until(lambda: allocated(reserve) >= 16 * MiB, what="the reserve made")
+        store.kill(signal.SIGKILL)
+        fill(disk)
+        store = run_tier(settings, "store")
+        wait_until(lambda: "store running" in store.output(), what="a start on the full disk")
+        assert allocated(reserve) >= 16 * MiB
+        assert "released the space reserve" not in store.output()
+        store.stop()
+
 
 def test_the_reserve_is_made_only_with_room_to_spare_and_given_up_only_when_full(
         tmp_path: Path) -> None:
@@ -100,6 +129,36 @@ def test_the_reserve_is_made_only_with_room_to_spare_and_given_up_only_when_full
         assert [path.name for path in disk.iterdir()] == [ballast.name]
         ballast.unlink()
         assert spacereserve.make(disk, MiB)
+
+
+def test_what_a_killed_or_restored_store_left_is_given_up_or_replaced(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reserve a killed store was still allocating is freed at a start on a full disk; a
+    sparse one (a copy that kept holes) is no reserve and is made again; something else at
+    the reserve's name is left alone, with a WARNING, and the start goes on."""
+    with tmpfs(tmp_path / "disk", "16m") as disk:
+        making = disk / spacereserve.MAKING_NAME
+        with open(making, "wb") as file:
+            os.posix_fallocate(file.fileno(), 0, MiB)
+        ballast = fill(disk)
+        assert spacereserve.release_if_full(disk) >= MiB
+        assert not making.exists()
+        ballast.unlink()
+
+        reserve = spacereserve.reserve_path(disk)
+        with open(reserve, "wb") as file:
+            file.truncate(MiB)
+        assert allocated(reserve) == 0
+        assert spacereserve.make(disk, MiB)
+        assert allocated(reserve) >= MiB
+        reserve.unlink()
+
+        reserve.mkdir()
+        ballast = fill(disk)
+        with caplog.at_level(logging.WARNING):
+            assert spacereserve.release_if_full(disk) == 0
+        assert "space reserve not given up" in caplog.text
+        assert reserve.is_dir()
 
 
 def test_a_changed_setting_resizes_or_removes_the_reserve(tmp_path: Path) -> None:

@@ -122,6 +122,8 @@ def test_a_largest_message_rspamd_would_drop_is_refused_by_name() -> None:
     # RabbitMQ refused every exchange and queue: the filter answered 451 to all mail.
     ("TIERMAIL_QUEUE_PREFIX", "amq"), ("TIERMAIL_QUEUE_PREFIX", "amq.mail"),
     ("TIERMAIL_QUEUE_PREFIX", "q" * 250),
+    # A reserve this small frees too little for a store to start on a full disk.
+    ("TIERMAIL_STORE_SPACE_RESERVE", "4096"),
 ])
 def test_values_no_tier_can_work_with_are_refused_by_name(name: str, value: str) -> None:
     """Each was taken as it was, and a tier failed later with a traceback (a scanner
