@@ -34,22 +34,32 @@ async def check_redis_url(settings: Settings) -> None:
     client = open_redis(settings, START_CHECK_TIMEOUT)
     try:
         await client.ping()  # connecting sends AUTH, then SELECT with the URL's database
-    except redis.exceptions.AuthenticationError as exc:
-        # WRONGPASS or NOAUTH. redis-py makes it a ConnectionError, like a Redis that is
-        # down, but no retry will change the answer.
-        raise SettingsError(f"TIERMAIL_REDIS_URL={_without_password(settings.redis_url)}: "
-                            f"Redis refuses it: {_authentication_refused(exc)}") from None
-    except redis.exceptions.ResponseError as exc:
-        # A plain "ERR" refuses the command's arguments; the other codes (BUSY, MASTERDOWN,
-        # NOPERM, ...) come as subclasses or other codes and may pass.
-        if type(exc) is redis.exceptions.ResponseError and getattr(exc, "status_code",
-                                                                    None) == "ERR":
-            raise SettingsError(f"TIERMAIL_REDIS_URL={_without_password(settings.redis_url)}: "
-                                f"Redis refuses it: {exc}{_hint(str(exc))}") from None
-    except (redis.exceptions.RedisError, OSError):
-        pass  # down or hung: each part of the tier says so and retries
+    except (redis.exceptions.RedisError, OSError) as exc:
+        refused = refused_setting(settings, exc)
+        if refused is not None:
+            raise refused from None
+        # else down or hung: each part of the tier says so and retries
     finally:
         await client.aclose()
+
+
+def refused_setting(settings: Settings, exc: BaseException) -> SettingsError | None:
+    """The bad setting that `exc`, raised by a Redis call, says TIERMAIL_REDIS_URL is (a
+    database number the server does not have, a password it refuses or requires), or None
+    when it is no setting's fault (down, hung, busy). The `tiermail` commands ask it of their
+    own first Redis call, as the tiers do through check_redis_url."""
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        # WRONGPASS or NOAUTH. redis-py makes it a ConnectionError, like a Redis that is
+        # down, but no retry will change the answer.
+        return SettingsError(f"TIERMAIL_REDIS_URL={_without_password(settings.redis_url)}: "
+                             f"Redis refuses it: {_authentication_refused(exc)}")
+    # A plain "ERR" refuses the command's arguments; the other codes (BUSY, MASTERDOWN,
+    # NOPERM, ...) come as subclasses or other codes and may pass.
+    if type(exc) is redis.exceptions.ResponseError and getattr(exc, "status_code",
+                                                                None) == "ERR":
+        return SettingsError(f"TIERMAIL_REDIS_URL={_without_password(settings.redis_url)}: "
+                             f"Redis refuses it: {exc}{_hint(str(exc))}")
+    return None
 
 
 def _authentication_refused(exc: redis.exceptions.AuthenticationError) -> str:

@@ -432,10 +432,18 @@ def _on_directory(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
 
 def _published_generation(settings: Settings) -> int | None:
     """The account database generation the Redis directory was published from; None when
-    Redis cannot say (out of reach, nothing published): then there is nothing to check."""
+    Redis cannot say (out of reach, nothing published): then there is nothing to check.
+    A TIERMAIL_REDIS_URL that Redis refuses raises SettingsError."""
+    from common.redisconn import refused_setting
+
     try:
         return _on_directory(settings, lambda d: d.published_generation())
-    except Exception:
+    except Exception as exc:
+        # A database number Redis does not have, a password it refuses: a bad setting (exit
+        # 2, nothing changed), as for the tiers, not a Redis that is down for a moment.
+        refused = refused_setting(settings, exc)
+        if refused is not None:
+            raise refused from None
         return None
 
 
@@ -523,6 +531,7 @@ def user_add(settings: Settings, args: argparse.Namespace) -> int:
     from common.passwords import hash_password
 
     password_hash = hash_password(_read_password(args))
+    _published_generation(settings)  # a Redis URL refused: exit 2 before any mail is moved
     with _earlier_mailbox_settled(settings, normalize_address(args.address),
                                   args.reuse_mail) as note:
         address = _change(settings, lambda a: a.add_user(args.address, password_hash),

@@ -14,6 +14,7 @@ deployments run each tier on its own (compose/, docs/operations.md).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -28,8 +29,9 @@ from types import FrameType
 from urllib.parse import urlsplit
 
 from common import listen
+from common.redisconn import check_redis_url
 from common.settings import Settings, is_loopback
-from common.tls import ensure_dev_certificate
+from common.tls import ensure_dev_certificate, server_context
 from services.devscanners import runner
 from services.filter.main import shutdown_grace
 from services.store.learning import broker_attempt_limit
@@ -78,6 +80,10 @@ def run_stack(settings: Settings) -> int:
     if not configured and ensure_dev_certificate(settings.tls_cert_path, settings.tls_key_path,
                                                  settings.hostname):
         log.info("generated a self-signed development certificate at %s", settings.tls_cert_path)
+    # What would stop every tier with a bad setting (exit 2) stops `up` here, before the
+    # scanners start and "tiermail is up" is printed, in one line instead of one per tier.
+    server_context(settings)
+    asyncio.run(check_redis_url(settings))
     with contextlib.ExitStack() as scanners:
         try:
             start_scanners(settings, scanners)

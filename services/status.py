@@ -12,8 +12,8 @@ from aiormq.abc import AbstractConnection
 from common.broker import close_connection, connect, connect_failure, setting_up
 from common.directory import Directory
 from common.health import read_heartbeats
-from common.redisconn import open_redis
-from common.settings import Settings
+from common.redisconn import open_redis, refused_setting
+from common.settings import Settings, SettingsError
 from common.topology import Topology
 
 TIMEOUT = 5.0
@@ -24,7 +24,13 @@ LIMIT_SUFFIX = "_limit"  # a heartbeat's `<gauge>_limit`: what the gauge may rea
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:
-    broker, redis = await asyncio.gather(_broker_status(settings), _redis_status(settings))
+    # Both finish before a bad setting found by one is raised: no connection left half open.
+    results: list[Any] = await asyncio.gather(
+        _broker_status(settings), _redis_status(settings), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    broker, redis = results
     tiers = {beat["tier"] for beat in redis.get("processes", [])}
     problems = []
     if not broker["reachable"]:
@@ -178,11 +184,21 @@ async def _queue_counts(connection: AbstractConnection, topology: Topology
 async def _redis_status(settings: Settings) -> dict[str, Any]:
     redis = open_redis(settings, TIMEOUT)
     try:
-        await redis.ping()
+        try:
+            await redis.ping()  # connecting sends AUTH, then SELECT with the URL's database
+        except Exception as exc:
+            # A database number Redis does not have, a password it refuses: no outage but
+            # a bad setting, as for the tiers (exit 2), not "Redis unreachable".
+            refused = refused_setting(settings, exc)
+            if refused is not None:
+                raise refused from None
+            raise
         directory = Directory(redis, settings.redis_prefix)
         counts = await directory.counts()
         published = await directory.is_published()
         processes = await read_heartbeats(redis, settings.redis_prefix)
+    except SettingsError:
+        raise
     except Exception as exc:
         return {"reachable": False, "error": f"{type(exc).__name__}: {exc}"}
     finally:

@@ -364,6 +364,45 @@ def test_a_password_redis_refuses_stops_every_tier_with_one_line(
         server.stop()
 
 
+def test_a_redis_url_redis_refuses_stops_the_commands_with_one_line(
+        settings: Settings, tmp_path: Path) -> None:
+    """The account commands took a database number Redis does not have (or a password it
+    refuses) for Redis being down: they changed the account database, said `saved, but the
+    Redis directory was not updated` and exited 0, and the check for a directory published
+    from another account database was skipped. `tiermail status` said `Redis unreachable:
+    filters answer 451 at RCPT` (exit 1), while the tiers refuse the same setting at start
+    (exit 2). Now every command stops with the tiers' one line, exit 2, nothing changed."""
+    tiermail(settings, "domain", "add", "example.org")
+    server = PrivateRedis(tmp_path, "--requirepass", "right-password")
+    server.start()
+    try:
+        refused = {
+            "redis://127.0.0.1:6379/99": "TIERMAIL_REDIS_URL=redis://127.0.0.1:6379/99: Redis "
+                                         "refuses it: DB index is out of range",
+            f"redis://:wrong-password@127.0.0.1:{server.port}/1":
+                f"TIERMAIL_REDIS_URL=redis://:***@127.0.0.1:{server.port}/1: Redis refuses "
+                "it: invalid username-password pair",
+        }
+        commands = [("domain", "add", "example.net"),
+                    ("user", "add", "bob@example.org", "--password-stdin"),
+                    ("alias", "add", "postmaster@example.org", "alice@example.org"),
+                    ("domain", "del", "example.org"),
+                    ("status",), ("status", "--json")]
+        for url, said in refused.items():
+            for command in commands:
+                done = tiermail(settings.replace(redis_url=url), *command, stdin="pw\n")
+                assert done.returncode == 2, (url, command, done.stderr)
+                assert len(done.stderr.splitlines()) == 1, (command, done.stderr)
+                assert done.stderr.startswith(f"tiermail: bad setting: {said}"), (command,
+                                                                                 done.stderr)
+                assert done.stdout == "" and "wrong-password" not in done.stderr, command
+    finally:
+        server.stop()
+    with AccountDB.for_store(settings.store_dir) as accounts:
+        assert accounts.domains() == ["example.org"]
+        assert accounts.users() == [] and accounts.aliases() == {}
+
+
 def test_the_tiers_start_while_redis_is_down(
         settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
     """Unlike a database Redis refuses, a Redis that does not answer is waited for."""

@@ -3,12 +3,14 @@ mistake, a tier that cannot start, a tier that dies, Ctrl-C and SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from common.broker import close_connection, open_channel
 from common.settings import Settings
 from tests.support import TierProcess, free_port, run_cli, wait_until
 
@@ -69,17 +71,47 @@ def test_a_second_up_is_refused_and_the_first_goes_on(settings: Settings,
 
 
 def test_a_tier_that_cannot_start_stops_up_instead_of_restarting(
-        settings: Settings, run_tier: RunTier, tmp_path: Path) -> None:
-    """A certificate that is there but unusable: each tier exits with `bad setting`; `up`
-    restarted them every 2 s for ever."""
+        settings: Settings, run_tier: RunTier) -> None:
+    """A setting only the tiers can find bad (the queues exist with another delivery limit):
+    each tier exits with `bad setting`; `up` restarted them every 2 s for ever. (Until
+    2026-12-05 this test used an unusable certificate, which `up` now refuses itself.)"""
+    async def declare_queues() -> None:
+        connection, _ = await open_channel(settings.amqp_url, settings.topology, 10.0,
+                                           confirms=False)
+        await close_connection(connection)
+
+    asyncio.run(declare_queues())
+    up = run_tier(settings.replace(delivery_attempts=settings.delivery_attempts + 5), "up")
+    assert up.proc.wait(timeout=60) == 2
+    output = up.output()
+    assert "tiermail: bad setting: TIERMAIL_DELIVERY_ATTEMPTS" in output
+    assert "stopping the stack" in output and "restarting" not in output
+
+
+def test_what_would_stop_every_tier_stops_up_before_it_starts_anything(
+        settings: Settings, tmp_path: Path) -> None:
+    """An unusable certificate, a Redis database the server does not have: `up` started the
+    scanners and the tiers, printed `tiermail is up:` with the endpoints and how to add
+    accounts, and only then stopped with exit 2 and the same `bad setting` line once per
+    tier. Now it says it once and starts nothing, as for a port in use."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_text("not a certificate\n")
     key.write_text("not a key\n")
-    up = run_tier(settings.replace(tls_cert=str(cert), tls_key=str(key)), "up")
-    assert up.proc.wait(timeout=60) == 2
-    output = up.output()
-    assert "tiermail: bad setting: TIERMAIL_TLS_CERT" in output
-    assert "stopping the stack" in output and "restarting" not in output
+    refused = [
+        (settings.replace(tls_cert=str(cert), tls_key=str(key)),
+         f"tiermail: bad setting: TIERMAIL_TLS_CERT={cert} / TIERMAIL_TLS_KEY={key}: "
+         "not a usable certificate and key"),
+        (settings.replace(redis_url="redis://127.0.0.1:6379/99"),
+         "tiermail: bad setting: TIERMAIL_REDIS_URL=redis://127.0.0.1:6379/99: Redis "
+         "refuses it: DB index is out of range"),
+    ]
+    for wrong, said in refused:
+        up = run_cli(wrong, "up")
+        assert up.returncode == 2, up.stderr
+        assert up.stdout == "", up.stdout  # no "tiermail is up:"
+        said_lines = [line for line in up.stderr.splitlines() if line.startswith("tiermail:")]
+        assert len(said_lines) == 1 and said_lines[0].startswith(said), up.stderr  # not per tier
+        assert not (settings.store_dir / "mail").exists()  # no store started
 
 
 def test_a_configured_certificate_that_is_missing_is_not_made_up(
