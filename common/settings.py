@@ -338,7 +338,7 @@ def _check(name: str, value: Any) -> None:
             except ValueError as exc:
                 raise bad(str(exc)) from None
     elif name in SCANNER_ADDRESSES and value and not _is_scanner_address(value):
-        raise bad("a unix socket path, or host:port with a port 1 to 65535")
+        raise bad("an absolute unix socket path, or host:port with a port 1 to 65535")
     elif name == "postmaster" and value and not _is_address(value):
         raise bad("an address, local@domain (a user or an alias)")
     elif name == "queue_prefix" and (value == "amq" or value.startswith("amq.")):
@@ -357,9 +357,13 @@ def _check(name: str, value: Any) -> None:
 
 def _is_scanner_address(value: str) -> bool:
     """How services/filter/backends/streams.py reads it: a path (starting with / or
-    without a colon) or host:port. A port that is no number failed at every scan."""
-    if value.startswith("/") or ":" not in value:
+    without a colon) or host:port. A port that is no number failed at every scan, and so
+    did a host without its port (`clamav`, `127.0.0.1`), taken for a socket file relative
+    to the tier's working directory: only absolute paths are taken."""
+    if value.startswith("/"):
         return True
+    if ":" not in value:
+        return False
     host, _, port = value.rpartition(":")
     return bool(host.strip("[]").strip()) and _is_decimal(port) and 1 <= int(port) <= 65535
 

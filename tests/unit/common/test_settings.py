@@ -115,6 +115,9 @@ def test_a_largest_message_rspamd_would_drop_is_refused_by_name() -> None:
     ("TIERMAIL_CLAMD_ADDRESS", "clamd.internal:clamd"),
     ("TIERMAIL_SPAMD_ADDRESS", "127.0.0.1:99999"),
     ("TIERMAIL_SPAMD_ADDRESS", ":783"),
+    # A host without its port was taken for a socket file in the working directory.
+    ("TIERMAIL_CLAMD_ADDRESS", "clamav"), ("TIERMAIL_CLAMD_ADDRESS", "127.0.0.1"),
+    ("TIERMAIL_SPAMD_ADDRESS", "run/spamd.sock"),
     # Postmaster mail went to an address no domain has: refused as not local.
     ("TIERMAIL_POSTMASTER", "alice"),
     ("TIERMAIL_POSTMASTER", "@example.org"),
