@@ -160,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     alias = commands.add_parser("alias", help="manage aliases").add_subparsers(
         metavar="ACTION", required=True)
-    add = command("add", alias_add, "deliver mail for FROM (or @domain) to TO", alias)
+    add = command("add", alias_add, "deliver mail for FROM (or @domain) to TO (each TO given)",
+                  alias)
     add.add_argument("source", metavar="FROM")
-    add.add_argument("target", metavar="TO")
+    add.add_argument("targets", metavar="TO", nargs="+")
     rm = command("del", alias_del, "remove an alias (all targets unless TO is given)", alias)
     rm.add_argument("source", metavar="FROM")
     rm.add_argument("target", metavar="TO", nargs="?")
@@ -837,7 +838,7 @@ def _print_renewals(renewals: Iterator[Any]) -> None:
 
 def alias_add(settings: Settings, args: argparse.Namespace) -> int:
     def db_change(accounts: Any) -> tuple[str, ...]:
-        accounts.add_alias(args.source, args.target)
+        accounts.add_alias(args.source, *args.targets)
         return tuple(accounts.alias_targets(args.source))
 
     source = normalize_address(args.source)

@@ -224,8 +224,8 @@ def format_status(report: dict[str, Any]) -> str:
         if not queue["declared"]:
             lines.append(f"  {queue['queue']}: not declared yet (nothing that uses it has started)")
         else:
-            lines.append(f"  {queue['queue']}: {queue['messages']} messages, "
-                         f"{queue['consumers']} consumers")
+            lines.append(f"  {queue['queue']}: {_count(queue['messages'], 'message')}, "
+                         f"{_count(queue['consumers'], 'consumer')}")
     redis = report["redis"]
     if not redis["reachable"]:
         lines.append(f"redis: DOWN {redis.get('error', '')}")
@@ -248,10 +248,14 @@ def format_status(report: dict[str, Any]) -> str:
         rates = ", ".join(_shown(k, v, uptime, now, window, beat.get(k + LIMIT_SUFFIX))
                           for k, v in counters.items())
         lines.append(f"  {beat['tier']:<7} {beat.get('host')}:{beat.get('pid')} "
-                     f"up {uptime:.0f}s {rates}")
+                     f"up {uptime:.0f}s {rates}".rstrip())
     if not redis["processes"]:
         lines.append("  (none reporting)")
     return "\n".join(lines)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _window(recent: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
@@ -272,6 +276,8 @@ def _shown(key: str, value: float, uptime: float, now: float,
         return f"{key}={value}/{limit}"
     if key.endswith("_at") and isinstance(value, float):
         return f"{key.removesuffix('_at')} {max(now - value, 0):.0f}s ago"
+    if key.endswith("_since") and isinstance(value, float):
+        return f"{key.removesuffix('_since')} for {max(now - value, 0):.0f}s"
     if isinstance(value, int) and not isinstance(value, bool) and key not in GAUGES:
         growth, seconds = value, uptime
         if window is not None and isinstance(window[1].get(key), int):

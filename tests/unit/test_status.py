@@ -87,3 +87,18 @@ def test_learn_jobs_nobody_takes_are_a_problem_while_learning_is_on() -> None:
     assert _learn_problems(waiting, Settings(spam="rspamd", learn="off")) == []
     taken = {"learn": {**waiting["learn"], "consumers": 1}}
     assert _learn_problems(taken, Settings(spam="rspamd")) == []
+
+
+def test_counts_and_times_read_as_sentences() -> None:
+    now = time.time()
+    broker = {"reachable": True, "deliver": {"queue": "t.deliver", "declared": True,
+                                             "messages": 1, "consumers": 1}}
+    beat = {"tier": "learner", "host": "h", "pid": 1, "started": now - 60, "at": now}
+    store = {"tier": "store", "host": "h", "pid": 2, "started": now - 60, "at": now,
+             "storage_down_since": now - 90}
+    redis = {"reachable": True, "processes": [beat, store],
+             "directory": {"published": True, "domains": 1, "users": 1, "aliases": 0}}
+    shown = format_status({"healthy": True, "problems": [], "broker": broker, "redis": redis})
+    assert "  t.deliver: 1 message, 1 consumer\n" in shown
+    assert "  learner h:1 up 60s\n" in shown
+    assert "storage_down for 90s" in shown

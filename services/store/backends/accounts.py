@@ -336,22 +336,29 @@ class AccountDB:
 
     # Aliases
 
-    def add_alias(self, source: str, target: str) -> tuple[str, str]:
-        source, target = normalize_address(source), normalize_address(target)
+    def add_alias(self, source: str, target: str, *more: str) -> tuple[str, str]:
+        """Add `target` (and each of `more`) to the alias `source`: all of them, or none
+        when one is refused."""
+        source = normalize_address(source)
+        targets = [normalize_address(address) for address in (target, *more)]
         local, _, domain = source.rpartition("@")
         if not self.has_domain(domain):
             raise AccountError(f"alias source {source} is not in a local domain")
         if local and not valid_address(source):
             raise AccountError(f"not a valid alias address: {source!r}")
+        for address in targets:
+            self._check_alias_target(address)
+        with self._write() as db:
+            db.executemany("INSERT OR IGNORE INTO alias(source, target) VALUES (?, ?)",
+                           [(source, address) for address in targets])
+        return source, targets[0]
+
+    def _check_alias_target(self, target: str) -> None:
         if not valid_address(target):
             raise AccountError(f"not a valid target address: {target!r}")
         if not self.has_domain(target.rpartition("@")[2]):
             raise AccountError(f"alias target {target} is not in a local domain: tiermail "
                                "delivers only to its own mailboxes, it does not forward")
-        with self._write() as db:
-            db.execute("INSERT OR IGNORE INTO alias(source, target) VALUES (?, ?)",
-                       (source, target))
-        return source, target
 
     def remove_alias(self, source: str, target: str | None = None) -> None:
         source = normalize_address(source)

@@ -506,6 +506,27 @@ def test_aliases_refuse_what_cannot_be_delivered_and_warn_of_surprises(
     assert in_domain.returncode == 1 and "still has aliases" in in_domain.stderr
 
 
+def test_an_alias_gets_several_targets_in_one_command_or_none(
+        settings: Settings, redis_client: redis.Redis) -> None:
+    """`alias add team@ alice@ bob@` was refused with the top-level usage (`unrecognized
+    arguments`)."""
+    tiermail(settings, "domain", "add", "example.org")
+    for user in ("alice", "bob"):
+        tiermail(settings, "user", "add", f"{user}@example.org", "--password-stdin",
+                 stdin="pw\n")
+    team = tiermail(settings, "alias", "add", "team@example.org", "alice@example.org",
+                    "bob@example.org")
+    assert team.returncode == 0, team.stderr
+    assert team.stdout == "alias team@example.org -> alice@example.org, bob@example.org\n"
+    refused = tiermail(settings, "alias", "add", "sales@example.org", "alice@example.org",
+                       "carol@elsewhere.example")
+    assert refused.returncode == 1 and "not in a local domain" in refused.stderr
+    assert tiermail(settings, "alias", "list").stdout.splitlines() == [
+        "team@example.org -> alice@example.org, bob@example.org"]
+    assert redis_client.hgetall(settings.redis_prefix + "dir:aliases") == {
+        b"team@example.org": b"alice@example.org,bob@example.org"}
+
+
 def test_a_deleted_user_is_taken_out_of_every_alias(settings: Settings,
                                                    redis_client: redis.Redis) -> None:
     tiermail(settings, "domain", "add", "example.org")

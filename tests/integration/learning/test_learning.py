@@ -310,7 +310,7 @@ async def test_a_learner_holds_few_retried_jobs_in_memory(settings: Settings) ->
                          what="the jobs beyond the learner's share left waiting")
         assert learning.stats()["learn_retries"] == jobs
         shown = format_status(await collect_status(settings))
-        assert f"{waiting}: {jobs - DELAY_PREFETCH} messages, 1 consumers" in shown, shown
+        assert f"{waiting}: {jobs - DELAY_PREFETCH} messages, 1 consumer" in shown, shown
     finally:
         await asyncio.to_thread(worker.stop, 10_000)
         learning.close()
