@@ -23,7 +23,7 @@ def ensure_dev_certificate(cert: Path, key: Path, hostname: str) -> bool:
         [
             "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "825",
             "-subj", f"/CN={hostname}",
-            "-addext", f"subjectAltName=DNS:{hostname},DNS:localhost,IP:127.0.0.1",
+            "-addext", f"subjectAltName={_alt_names(hostname)}",
             # A server certificate, not a CA (openssl's default for -x509): Thunderbird and
             # Firefox refuse a CA certificate as a server's, even one the user trusts
             # (MOZILLA_PKIX_ERROR_CA_CERT_USED_AS_END_ENTITY).
@@ -37,6 +37,12 @@ def ensure_dev_certificate(cert: Path, key: Path, hostname: str) -> bool:
     )
     key.chmod(0o600)
     return True
+
+
+def _alt_names(hostname: str) -> str:
+    """The machine's name, localhost and 127.0.0.1, each once."""
+    names = dict.fromkeys([hostname.lower(), "localhost"])
+    return ",".join([*(f"DNS:{name}" for name in names), "IP:127.0.0.1"])
 
 
 def server_context(settings: Settings) -> ssl.SSLContext | None:

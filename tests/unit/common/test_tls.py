@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.settings import Settings, SettingsError
-from common.tls import server_context
+from common.tls import ensure_dev_certificate, server_context
 
 
 def test_no_certificate_anywhere_means_no_tls(tmp_path: Path) -> None:
@@ -55,3 +55,12 @@ def test_the_development_certificate_is_a_server_certificate_not_a_ca(
     assert re.search(r"Extended Key Usage:\s+TLS Web Server Authentication", text)
     assert re.search(r"Subject Alternative Name:\s+DNS:mx.test.invalid, DNS:localhost, "
                      r"IP Address:127.0.0.1", text)
+
+
+def test_a_machine_named_localhost_gets_each_name_once(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    assert ensure_dev_certificate(cert, key, "LocalHost")
+    names = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-ext",
+                            "subjectAltName"], check=True, capture_output=True,
+                           text=True).stdout.splitlines()[-1].strip()
+    assert names == "DNS:localhost, IP Address:127.0.0.1"
