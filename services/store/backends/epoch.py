@@ -39,8 +39,8 @@ def current_boot() -> str:
 
 
 def resumes_a_killed_run(root: Path) -> bool:
-    """Whether the store at `root` was killed in this boot: its run marker, and SQLite's
-    -wal and -shm files, are all still there, so a start has nothing to create."""
+    """Whether the store at `root` was killed in this boot: its run marker, and the -wal and
+    -shm files of the databases it had open, are still there, so its start creates nothing."""
     boot = current_boot()
     return bool(boot) and _previous_boot(root) == boot
 
