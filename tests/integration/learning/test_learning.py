@@ -376,7 +376,7 @@ async def test_learn_jobs_that_ran_out_of_retries_are_a_problem_in_status(
     report = await collect_status(settings)
     assert not report["healthy"]
     assert [p for p in report["problems"] if dead_queue in p and p.startswith("1 ")]
-    assert f"{dead_queue}: 1 messages" in format_status(report)
+    assert f"{dead_queue}: 1 message," in format_status(report)
 
 
 async def test_a_job_out_of_retries_says_so_naming_its_message(
