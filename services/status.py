@@ -232,7 +232,8 @@ def format_status(report: dict[str, Any]) -> str:
         return "\n".join(lines)
     d = redis["directory"]
     lines.append(f"redis: up; directory {'published' if d['published'] else 'NOT published'}: "
-                 f"{d['domains']} domains, {d['users']} users, {d['aliases']} aliases")
+                 f"{_count(d['domains'], 'domain')}, {_count(d['users'], 'user')}, "
+                 f"{_count(d['aliases'], 'alias')}")
     lines.append("processes (rates over the last minute):")
     now = time.time()
     for beat in redis["processes"]:
@@ -255,7 +256,8 @@ def format_status(report: dict[str, Any]) -> str:
 
 
 def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+    plural = noun + ("es" if noun.endswith("s") else "s")
+    return f"{number} {noun if number == 1 else plural}"
 
 
 def _window(recent: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:

@@ -100,5 +100,6 @@ def test_counts_and_times_read_as_sentences() -> None:
              "directory": {"published": True, "domains": 1, "users": 1, "aliases": 0}}
     shown = format_status({"healthy": True, "problems": [], "broker": broker, "redis": redis})
     assert "  t.deliver: 1 message, 1 consumer\n" in shown
+    assert "directory published: 1 domain, 1 user, 0 aliases\n" in shown
     assert "  learner h:1 up 60s\n" in shown
     assert "storage_down for 90s" in shown
