@@ -392,9 +392,15 @@ def _accounts(settings: Settings) -> AccountDB:
 def _change(settings: Settings, db_change: Callable[[Any], Any],
             redis_change: Callable[[Any], Any]) -> Any:
     """Apply a change to the account database, then mirror it into the Redis directory."""
+    # Read first: generations only grow.
+    return _change_after(settings, _published_generation(settings), db_change, redis_change)
+
+
+def _change_after(settings: Settings, published: int | None, db_change: Callable[[Any], Any],
+                  redis_change: Callable[[Any], Any]) -> Any:
+    """`_change`, with the directory's generation already read (`_published_generation`)."""
     from services.store.backends.accounts import AccountError
 
-    published = _published_generation(settings)  # read first: generations only grow
     with _accounts(settings) as accounts:
         if published is not None and published > accounts.generation():
             raise CommandError(
@@ -532,11 +538,13 @@ def user_add(settings: Settings, args: argparse.Namespace) -> int:
     from common.passwords import hash_password
 
     password_hash = hash_password(_read_password(args))
-    _published_generation(settings)  # a Redis URL refused: exit 2 before any mail is moved
+    # Read before any mail is moved aside: a Redis URL refused is exit 2 with nothing done.
+    published = _published_generation(settings)
     with _earlier_mailbox_settled(settings, normalize_address(args.address),
                                   args.reuse_mail) as note:
-        address = _change(settings, lambda a: a.add_user(args.address, password_hash),
-                          lambda d: d.add_user(args.address))
+        address = _change_after(settings, published,
+                                lambda a: a.add_user(args.address, password_hash),
+                                lambda d: d.add_user(args.address))
     print(f"user {address} added{note}")
     with _accounts(settings) as accounts:
         targets = accounts.alias_targets(address)

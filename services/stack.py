@@ -241,18 +241,24 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]], grace: dict[str
     running = dict(children)
     while running:
         for tier, child in list(running.items()):
-            if child.poll() is not None:
-                del running[tier]
-            elif hurry.is_set() or time.monotonic() - started > grace[tier]:
-                if hurry.is_set():
-                    log.error("%s killed: asked twice to stop", tier)
-                else:
-                    log.error("%s did not stop within %gs of SIGTERM; killed", tier,
-                              grace[tier])
+            if child.poll() is None:
+                why = _kill_reason(tier, hurry.is_set(), time.monotonic() - started,
+                                   grace[tier])
+                if why is None:
+                    continue
+                log.error("%s", why)
                 child.kill()
                 child.wait()
-                del running[tier]
+            del running[tier]
         time.sleep(0.05)
+
+
+def _kill_reason(tier: str, hurried: bool, waited: float, grace: float) -> str | None:
+    if hurried:
+        return f"{tier} killed: asked twice to stop"
+    if waited > grace:
+        return f"{tier} did not stop within {grace:g}s of SIGTERM; killed"
+    return None
 
 
 def _spawn(tier: str, env: dict[str, str]) -> subprocess.Popen[bytes]:

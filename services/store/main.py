@@ -38,7 +38,6 @@ from common.tasks import pause, stop_task
 from common.tls import server_context
 from services.store.backends import spacereserve
 from services.store.backends.accounts import AccountDB
-from services.store.backends.epoch import resumes_a_killed_run
 from services.store.backends.maildb import MAIL_DIR, MailDB
 from services.store.backends.textindex import TextIndex, TextIndexer
 from services.store.consumer import Consumer, ConsumerStats
@@ -93,10 +92,8 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         # Before anything touches the mailboxes: a second store on the same data (a second
         # `tiermail up`) would sweep away files the first one is writing.
         stack.enter_context(lock_directory(settings.store_dir, "store"))
-        if not settings.store_space_reserve:
-            spacereserve.remove(settings.store_dir)
-        elif not resumes_a_killed_run(settings.store_dir / MAIL_DIR):
-            spacereserve.release_if_full(settings.store_dir)
+        spacereserve.at_start(settings.store_dir, settings.store_dir / MAIL_DIR,
+                              settings.store_space_reserve)
         accounts = AccountDB.for_store(settings.store_dir)
         stack.callback(accounts.close)
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from common.directory import DirectorySnapshot, normalize_address, normalize_domain
+from services.store.backends.durable import free_octets
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS domain (
@@ -113,16 +114,11 @@ def _why(directory: Path) -> str:
     mode), even to read. A clean stop removes them."""
     if not os.access(directory, os.W_OK):
         return f" ({directory} is not writable, and SQLite writes files beside the database)"
-    free = _free_octets(directory)
+    free = free_octets(directory)
     if free < FULL_BELOW:
         return (f" (its file system is full, {free} octets free: SQLite needs room for the "
                 "files it keeps beside the database, even to read; free a few MB)")
     return ""
-
-
-def _free_octets(directory: Path) -> int:
-    stat = os.statvfs(directory)
-    return (stat.f_bfree if os.geteuid() == 0 else stat.f_bavail) * stat.f_frsize
 
 
 class AccountDB:

@@ -50,6 +50,13 @@ def probe_file(directory: Path) -> Iterator[int]:
         os.close(fd)
 
 
+def free_octets(directory: Path) -> int:
+    """What statvfs says this process may still write on `directory`'s file system (root
+    may use the blocks reserved for it). Quotas are not in it: ask `allocate` for those."""
+    stat = os.statvfs(directory)
+    return (stat.f_bfree if os.geteuid() == 0 else stat.f_bavail) * stat.f_frsize
+
+
 def allocate(fd: int, offset: int, length: int) -> None:
     """Have the file system allocate `length` octets at `offset` of `fd`'s file, or raise
     ENOSPC/EDQUOT. Its allocator, unlike statvfs, counts disk quotas (user, group, project,

@@ -256,15 +256,6 @@ VERSIONS_KEPT = 10_000
 PROBE_SIZE = 64 * 1024  # a probe write: more than the last few free blocks of a full disk
 # Seconds between probes while the storage fails (doubling): the consumer and the indexer.
 STORAGE_PAUSE_MIN, STORAGE_PAUSE_MAX = 0.5, 30.0
-
-
-def storage_pauses() -> Iterator[float]:
-    """The waits between storage probes while they fail: STORAGE_PAUSE_MIN doubling to
-    STORAGE_PAUSE_MAX."""
-    wait = STORAGE_PAUSE_MIN
-    while True:
-        yield wait
-        wait = min(wait * 2, STORAGE_PAUSE_MAX)
 MAX_ADDRESS = 254  # RFC 5321 4.5.3.1.3 path limit minus the angle brackets
 
 # Mailbox names live only in the index, never in a path; the limits keep LIST replies and the
@@ -306,6 +297,15 @@ class _Box:
     modseq: int
     messages: int
     reserved: int  # modseq_reserved
+
+
+def storage_pauses() -> Iterator[float]:
+    """The waits between storage probes while they fail: STORAGE_PAUSE_MIN doubling to
+    STORAGE_PAUSE_MAX."""
+    wait = STORAGE_PAUSE_MIN
+    while True:
+        yield wait
+        wait = min(wait * 2, STORAGE_PAUSE_MAX)
 
 
 def user_dir_name(user: str) -> str:

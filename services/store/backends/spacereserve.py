@@ -23,7 +23,8 @@ from pathlib import Path
 
 from common.logs import OncePerOutage
 from common.tasks import pause
-from services.store.backends.durable import allocate, fsync_dir, probe_file
+from services.store.backends.durable import allocate, free_octets, fsync_dir, probe_file
+from services.store.backends.epoch import resumes_a_killed_run
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def reserve_path(store_dir: Path) -> Path:
 
 def has_room(directory: Path, octets: int) -> bool:
     """Whether the file system (its allocator: quotas count) would give `octets` now. The
-    allocation holds the room while it runs: ask for little, or see `_may_have_room` first."""
+    allocation holds the room while it runs: ask for little, or look at `free_octets` first."""
     try:
         with probe_file(directory) as fd:
             allocate(fd, 0, octets)
@@ -53,6 +54,17 @@ def has_room(directory: Path, octets: int) -> bool:
             return False
         raise
     return True
+
+
+def at_start(store_dir: Path, mail_root: Path, octets: int) -> None:
+    """Before the store opens anything: no reserve wanted (`octets` 0), one made before is
+    removed; else one is given up when the disk is full, unless the store was killed in this
+    boot (its files are all there: it starts without room, and the reserve stays for the
+    clean restart that would need it)."""
+    if not octets:
+        remove(store_dir)
+    elif not resumes_a_killed_run(mail_root):
+        release_if_full(store_dir)
 
 
 def release_if_full(store_dir: Path) -> int:
@@ -79,8 +91,10 @@ def make(store_dir: Path, octets: int) -> bool:
     path = reserve_path(store_dir)
     if _allocated(path) == octets:
         return True
-    if not _may_have_room(store_dir, ROOM_TO_REMAKE * octets) or \
-            not has_room(store_dir, ROOM_TO_REMAKE * octets):
+    # statvfs first: the allocator's look, when it fails, takes every free block for a
+    # moment, which a write elsewhere meeting it would take for a full disk.
+    wanted = ROOM_TO_REMAKE * octets
+    if free_octets(store_dir) < wanted or not has_room(store_dir, wanted):
         return False
     making = store_dir / MAKING_NAME
     fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -162,14 +176,6 @@ def _allocated(path: Path) -> int | None:
     except FileNotFoundError:
         return None
     return stat.st_size if stat.st_blocks * 512 >= stat.st_size else None
-
-
-def _may_have_room(directory: Path, octets: int) -> bool:
-    """statvfs's answer, which does not see quotas but holds no room while it looks: the
-    allocator's look (has_room) takes every free block for a moment when it fails, which a
-    write elsewhere meeting it would take for a full disk."""
-    stat = os.statvfs(directory)
-    return stat.f_bavail * stat.f_frsize >= octets
 
 
 def _octets(octets: int) -> str:
