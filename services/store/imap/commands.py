@@ -984,8 +984,8 @@ async def _render_metadata(s: Session, selected: SelectedMailbox, positions: lis
     for start in range(0, len(positions), step):
         # A few hundred KiB per write: 4096 short lines.
         chunk = positions[start:start + step]
-        await s.send(b"".join(render.lines(chunk, selected.infos_at(chunk),
-                                           selected.recent_uids, recent)))
+        await s.send(render.lines(chunk, *selected.infos_for(chunk), selected.recent_uids,
+                                  recent))
         await s.between_steps()
 
 

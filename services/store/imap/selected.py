@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections.abc import Container, Iterable, Sequence, Set
+from collections.abc import Container, Iterable, Mapping, Sequence, Set
+from types import MappingProxyType
 
 from services.store.backends.snapshots import Snapshot, with_changes
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import SequenceSet
-from services.store.imap.protocol.fetch import ByPosition
 from services.store.imap.protocol.sequence import format_set, select_seqs, select_uid_positions
 from services.store.mailbox import Changes, MailboxStatus, MessageInfo
 
@@ -30,7 +30,8 @@ SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 REBUILD_THRESHOLD = 64
 # Flag changes kept beside the shared message tuple before the session makes its own list.
 OVERLAY_MAX = 1024
-FEW_POSITIONS = 1024  # `infos_at` answers up to this many positions without the list
+FEW_POSITIONS = 1024  # `infos_for` answers up to this many positions without the list
+_NO_CHANGES: Mapping[int, MessageInfo] = MappingProxyType({})
 FLAG_LISTS_MAX = 4096  # formatted flag lists a session keeps (one per distinct flag set)
 # Keywords one mailbox may hold. Each is kept with every message that has it and listed in
 # FLAGS and PERMANENTFLAGS at every SELECT: unbounded, one account could make the store hold
@@ -103,14 +104,15 @@ class SelectedMailbox:
         """Every message in sequence order (index = sequence number - 1)."""
         return self._own_infos() if self._changed_infos else self._infos
 
-    def infos_at(self, positions: Sequence[int]) -> ByPosition:
-        """What `infos` holds at `positions`, indexable by position, without making the
-        session's own list for a few messages."""
+    def infos_for(self, positions: Sequence[int]
+                  ) -> tuple[Sequence[MessageInfo], Mapping[int, MessageInfo]]:
+        """(infos, changed): the message at position p is `changed.get(p) or infos[p]`. For a
+        few positions the session's pending changes stay beside the shared list; for many it
+        takes its own list (`infos`), which a bulk FETCH would otherwise read through."""
         changed = self._changed_infos
-        if not changed or len(positions) > FEW_POSITIONS:
-            return self.infos
-        infos = self._infos
-        return {p: changed.get(p) or infos[p] for p in positions}
+        if changed and len(positions) > FEW_POSITIONS:
+            return self.infos, _NO_CHANGES
+        return self._infos, changed
 
     def info(self, position: int) -> MessageInfo:
         return self._changed_infos.get(position) or self._infos[position]

@@ -51,8 +51,13 @@ def test_many_lines_at_once_match_render_fetch(names: tuple[str, ...]) -> None:
     expected = [fetch.render_fetch(p + 1, info, atts, None, include_uid=True,
                                    extra_flags=recent if info.uid in recent_uids else frozenset())
                 for p, info in enumerate(infos)]
-    assert render.lines(range(len(infos)), infos, recent_uids, recent) == expected
-    assert render.lines([4, 1], infos, recent_uids, recent) == [expected[4], expected[1]]
+    assert render.lines(range(len(infos)), infos, {}, recent_uids, recent) == b"".join(expected)
+    assert render.lines([4, 1], infos, {}, recent_uids, recent) == expected[4] + expected[1]
+    # A message changed since the list was taken is read from `changed`.
+    moved = INFOS[0]._replace(flags=frozenset({"\\Answered"}), modseq=9)
+    changed_expected = fetch.render_fetch(2, moved, atts, None, include_uid=True)
+    assert render.lines([1, 4], infos, {1: moved}, recent_uids, recent) == (
+        changed_expected + expected[4])
 
 
 @pytest.mark.parametrize("raw", [RAW, FORWARD])
