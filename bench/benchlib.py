@@ -596,6 +596,19 @@ def tiermail_command() -> list[str]:
     return [sys.executable, "-m", "services.cli"]
 
 
+def _profiled(tier: str) -> list[str] | None:
+    """With TIERMAIL_BENCH_PROFILE_<TIER>=FILE in the bench's environment, that tier runs
+    under cProfile, which writes FILE when it stops (for `python -m pstats FILE`). It slows
+    the profiled tier, so such a run's numbers are not results."""
+    path = os.environ.get(f"TIERMAIL_BENCH_PROFILE_{tier.upper()}")
+    if not path:
+        return None
+    command = tiermail_command()
+    if command[0] == sys.executable:  # no console script: run the module
+        command = ["-m", *command[2:]]
+    return [sys.executable, "-m", "cProfile", "-o", path, *command, tier]
+
+
 def rabbitmqctl(*args: str) -> str:
     return run(["rabbitmqctl", "-q", *args], timeout=120).stdout
 
@@ -660,7 +673,8 @@ class TiermailStack:
         number = sum(1 for name, _, _ in self.processes if name == tier) + 1
         log_path = self.logs / f"{tier}-{number}.log"
         with open(log_path, "ab") as out:
-            proc = subprocess.Popen([*tiermail_command(), tier], env=self.env, cwd=self.root,
+            proc = subprocess.Popen(_profiled(tier) or [*tiermail_command(), tier],
+                                    env=self.env, cwd=self.root,
                                     stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT)
         self.processes.append((tier, proc, log_path))
