@@ -1288,7 +1288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-seconds", type=float, default=30.0,
                         help="length of the mixed load (0 skips it)")
     parser.add_argument("--mixed-rounds", type=int, default=3,
-                        help="mixed-load rounds per system, the systems taking turns")
+                        help="mixed-load rounds per system (odd), the systems taking turns")
     parser.add_argument("--dovecot-setting", action="append", default=[], metavar="KEY=VALUE",
                         help="one more line for dovecot.conf (repeatable), e.g. "
                              "maildir_very_dirty_syncs=yes")
@@ -1320,6 +1320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--messages must be at least 1000 (the ENVELOPE fetch takes 1,000)")
     if args.dovecot_only and args.tiermail_only:
         parser.error("--dovecot-only and --tiermail-only exclude each other")
+    if args.mixed_rounds < 1 or args.mixed_rounds % 2 == 0:
+        parser.error("--mixed-rounds must be odd (the reported round is the median)")
     return args
 
 
