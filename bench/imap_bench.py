@@ -21,7 +21,8 @@ times timed; the median is reported:
   * FETCH of BODY.PEEK[] for 500 random messages (one command);
   * UID SEARCH HEADER Subject <needle> and UID SEARCH TEXT <needle>;
   * STORE 1:* +FLAGS (\\Flagged) (timed), then -FLAGS to restore (untimed);
-  * 20 concurrent clients (processes) doing a mixed load for 30 s: ops/s, p50/p99 latency.
+  * 20 concurrent clients (processes) doing a mixed load for 30 s: ops/s, p50/p99 latency;
+    three rounds per system, the systems taking turns, the median round reported.
 
     .venv/bin/python bench/imap_bench.py                  # 100,000 messages, both systems
     .venv/bin/python bench/imap_bench.py --quick          # 10,000 messages, 10 s mixed load
