@@ -28,7 +28,9 @@ from services.store.learning import SPAM, Learning, LearningHook, learn_queue, r
 from services.store.mailbox import INBOX, JUNK, Delivery
 from tests.integration.learning.test_learning import ALICE, run_store_for_alice, unseen_message
 from tests.support import (
+    AmqpFrames,
     QuietProxy,
+    Relayed,
     TcpProxy,
     TierProcess,
     broker_at,
@@ -440,6 +442,28 @@ def as_the_learner_logs(records: list[logging.LogRecord]) -> list[logging.LogRec
             and notes.filter(r)]
 
 
+class AckCounter(TcpProxy):
+    """A TcpProxy that counts the basic.ack frames its clients send: one counted is past the
+    relay's gate, so a `hang()` after it no longer holds it back."""
+
+    def __init__(self, target_port: int) -> None:
+        self.acks = 0
+        super().__init__(target_port)
+
+    def _relay(self, client: socket.socket, to_target: bool) -> Callable[[bytes], Relayed]:
+        if not to_target:
+            return super()._relay(client, to_target)
+        frames = AmqpFrames()
+
+        def count(data: bytes) -> Relayed:
+            acks = sum(isinstance(frame, pamqp.commands.Basic.Ack)
+                       for _, _, frame in frames.feed(data))
+            with self._lock:
+                self.acks += acks
+            return data, None
+        return count
+
+
 def test_a_delayed_job_due_while_the_broker_is_frozen_is_learned_once_it_answers(
         settings: Settings, learner_at: Callable[..., Learner], controller: socket.socket,
         bound: float, monkeypatch: pytest.MonkeyPatch,
@@ -459,7 +483,7 @@ def test_a_delayed_job_due_while_the_broker_is_frozen_is_learned_once_it_answers
     rspamd = CountingController(controller, fail=1)
     main, delay_queue = learn_queue(settings), settings.topology.learn_retry_queue
     guid = "7" * 32
-    relay = TcpProxy(5672)
+    relay = AckCounter(5672)
     try:
         learner = learner_at(relay.port, rspamd.url)
         wait_until(said(caplog, "learner running"), timeout=60, what="the learner running")
@@ -472,6 +496,11 @@ def test_a_delayed_job_due_while_the_broker_is_frozen_is_learned_once_it_answers
         wait_until(lambda: bool(logged(caplog, "Pushing message",
                                        f"ConsumerThread({delay_queue})")),
                    timeout=60, what="the retry held by the learner until it is due")
+        # The learn queue's consumer acknowledges the failed job in its own time (its next
+        # turn, up to a second later): frozen before that, the broker would hand the job out
+        # again from the learn queue as well once it gives that connection up.
+        wait_until(lambda: relay.acks >= 1, timeout=60,
+                   what="the failed job's ack on its way to the broker")
         relay.hang()
         frozen = time.time()
         [retrying] = logged(caplog, "Retrying message")
