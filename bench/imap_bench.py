@@ -1174,19 +1174,16 @@ def mixed_round_lines(dovecot: SystemResult | None,
                       tiermail: SystemResult | None) -> list[str]:
     """Every mixed-load round, p50 ms (ops/s), and the ratio of the two run one after the
     other."""
-    count = max(len(r.mixed_rounds) for r in (dovecot, tiermail) if r) if (
-        dovecot or tiermail) else 0
+    count = max((len(r.mixed_rounds) for r in (dovecot, tiermail) if r), default=0)
     if count < 2:
         return []
     lines = ["", "Mixed-load rounds (the systems taking turns; the table has each one's median):",
              "", "| round | dovecot p50 ms (ops/s) | tiermail p50 ms (ops/s) | ratio |",
              "| ---: | ---: | ---: | ---: |"]
     for number in range(count):
-        cells = []
-        for result in (dovecot, tiermail):
-            mixed = (result.mixed_rounds[number]
-                     if result and number < len(result.mixed_rounds) else None)
-            cells.append(mixed)
+        cells = [result.mixed_rounds[number]
+                 if result and number < len(result.mixed_rounds) else None
+                 for result in (dovecot, tiermail)]
         text = [f"{m.latency.p50:.3f} ({m.ops_per_second:,.0f})" if m else "-" for m in cells]
         lines.append(f"| {number + 1} | {text[0]} | {text[1]} | "
                      f"{mixed_ratio(cells[0], cells[1], 'p50')} |")

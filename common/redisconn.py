@@ -33,14 +33,24 @@ async def check_redis_url(settings: Settings) -> None:
     as when it goes away later (failure contract)."""
     client = open_redis(settings, START_CHECK_TIMEOUT)
     try:
-        await client.ping()  # connecting sends AUTH, then SELECT with the URL's database
-    except (redis.exceptions.RedisError, OSError) as exc:
+        await ping_or_refuse(client, settings)
+    except (redis.exceptions.RedisError, OSError):
+        pass  # down or hung: each part of the tier says so and retries
+    finally:
+        await client.aclose()
+
+
+async def ping_or_refuse(client: redis.asyncio.Redis, settings: Settings) -> None:
+    """PING through `client` (connecting sends AUTH, then SELECT with the URL's database).
+    A TIERMAIL_REDIS_URL that Redis refuses raises SettingsError; any other failure (down,
+    hung, busy) is raised as it came."""
+    try:
+        await client.ping()
+    except Exception as exc:
         refused = refused_setting(settings, exc)
         if refused is not None:
             raise refused from None
-        # else down or hung: each part of the tier says so and retries
-    finally:
-        await client.aclose()
+        raise
 
 
 def refused_setting(settings: Settings, exc: BaseException) -> SettingsError | None:

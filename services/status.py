@@ -12,7 +12,7 @@ from aiormq.abc import AbstractConnection
 from common.broker import close_connection, connect, connect_failure, setting_up
 from common.directory import Directory
 from common.health import read_heartbeats
-from common.redisconn import open_redis, refused_setting
+from common.redisconn import open_redis, ping_or_refuse
 from common.settings import Settings, SettingsError
 from common.topology import Topology
 
@@ -184,15 +184,9 @@ async def _queue_counts(connection: AbstractConnection, topology: Topology
 async def _redis_status(settings: Settings) -> dict[str, Any]:
     redis = open_redis(settings, TIMEOUT)
     try:
-        try:
-            await redis.ping()  # connecting sends AUTH, then SELECT with the URL's database
-        except Exception as exc:
-            # A database number Redis does not have, a password it refuses: no outage but
-            # a bad setting, as for the tiers (exit 2), not "Redis unreachable".
-            refused = refused_setting(settings, exc)
-            if refused is not None:
-                raise refused from None
-            raise
+        # A database number Redis does not have, a password it refuses: no outage but a bad
+        # setting, as for the tiers (exit 2), not "Redis unreachable".
+        await ping_or_refuse(redis, settings)
         directory = Directory(redis, settings.redis_prefix)
         counts = await directory.counts()
         published = await directory.is_published()
