@@ -67,6 +67,10 @@ class SelectedMailbox:
         # freeing it, cost milliseconds of the loop, and most sessions never need one.
         self._infos: Sequence[MessageInfo] = snapshot.infos
         self._changed_infos = dict(snapshot.changed)  # position -> newer state
+        # The snapshot's own overlay may hold up to OVERLAY_LIMIT changes; only those this
+        # session adds count toward OVERLAY_MAX, or nearly every SELECT of a busy mailbox
+        # copied 100,000 entries at the next change (and freed them at the next SELECT).
+        self._overlay_max = len(self._changed_infos) + OVERLAY_MAX
         # The snapshot's own array until this session adds or removes a UID (`_own_uids`).
         self._uids = snapshot.uids
         self._uids_shared = True
@@ -211,7 +215,7 @@ class SelectedMailbox:
             self._infos[position] = info
         else:
             self._changed_infos[position] = info
-            if len(self._changed_infos) > OVERLAY_MAX:
+            if len(self._changed_infos) > self._overlay_max:
                 self._own_infos()
         self._note_keywords(info.flags)
         return info.flags != known.flags

@@ -4,10 +4,12 @@ must answer exactly as a session that copied the list at SELECT."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from services.store.backends.snapshots import Snapshot
+from services.store.backends.snapshots import Snapshot, merge
 from services.store.imap import selected as selected_module
 from services.store.imap.selected import SelectedMailbox
 from services.store.mailbox import (
@@ -26,13 +28,21 @@ def info(uid: int, flags: frozenset[str], modseq: int) -> MessageInfo:
     return MessageInfo(uid, f"{uid:032x}", 10, 0.0, flags, modseq)
 
 
-def open_view(count: int, own_list: bool) -> SelectedMailbox:
+def shared_snapshot(count: int, changed_uids: Sequence[int] = ()) -> Snapshot:
+    """A mailbox of `count` messages whose snapshot holds flag changes to `changed_uids` in
+    its overlay, as one does after other sessions' STOREs."""
     infos = [info(uid, FLAG_SETS[uid % 4], 1) for uid in range(1, count + 1)]
-    status = MailboxStatus("INBOX", uidvalidity=1, uidnext=count + 1, highestmodseq=1,
-                           messages=count)
-    view = SelectedMailbox("INBOX", readonly=False, status=status,
-                           snapshot=Snapshot.of(1, 1, infos), recent_from=count + 1,
-                           version=0)
+    changed = [info(uid, FLAG_SETS[(uid + 1) % 4], 2)
+               for uid in sorted(set(changed_uids)) if uid <= count]
+    return merge(Snapshot.of(1, 1, infos), 2, changed, [])
+
+
+def open_view(count: int, own_list: bool, changed_uids: Sequence[int] = ()) -> SelectedMailbox:
+    snapshot = shared_snapshot(count, changed_uids)
+    status = MailboxStatus("INBOX", uidvalidity=1, uidnext=count + 1,
+                           highestmodseq=snapshot.modseq, messages=count)
+    view = SelectedMailbox("INBOX", readonly=False, status=status, snapshot=snapshot,
+                           recent_from=count + 1, version=0)
     if own_list:
         view._own_infos()  # as if a bulk operation had needed the list at once
     return view
@@ -44,14 +54,17 @@ steps = st.lists(st.tuples(
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 30), steps, st.integers(1, 6))
-@example(10, [("flags", [1], 2), ("announce", [], 0)], 5)
+@given(st.integers(0, 30), steps, st.integers(1, 6), st.lists(st.integers(1, 30), max_size=8))
+@example(10, [("flags", [1], 2), ("announce", [], 0)], 5, [])
+@example(10, [("flags", [1, 2], 2), ("flags", [3], 1), ("bulk", [], 0)], 1, [2, 4])
 def test_a_view_on_the_shared_tuple_answers_as_one_with_its_own_list(
-        count: int, script: list[tuple[str, list[int], int]], overlay_max: int) -> None:
+        count: int, script: list[tuple[str, list[int], int]], overlay_max: int,
+        changed_in_snapshot: list[int]) -> None:
     selected_module.OVERLAY_MAX, saved = overlay_max, selected_module.OVERLAY_MAX
     try:
-        shared, own = open_view(count, own_list=False), open_view(count, own_list=True)
-        modseq, next_uid = 1, count + 1
+        shared = open_view(count, own_list=False, changed_uids=changed_in_snapshot)
+        own = open_view(count, own_list=True, changed_uids=changed_in_snapshot)
+        modseq, next_uid = 2, count + 1
         for kind, uids, flag_index in script:
             modseq += 1
             if kind == "flags":
@@ -81,6 +94,28 @@ def test_a_view_on_the_shared_tuple_answers_as_one_with_its_own_list(
         assert list(shared.infos) == list(own.infos)
     finally:
         selected_module.OVERLAY_MAX = saved
+
+
+def test_the_snapshots_own_changes_do_not_make_a_session_copy_the_list() -> None:
+    """Other sessions' STOREs leave up to OVERLAY_LIMIT changes in the shared snapshot. A
+    session selecting it must not take a list of its own (a copy of the whole mailbox) at
+    the next change it learns of: only its own OVERLAY_MAX count."""
+    many = selected_module.OVERLAY_MAX + 10
+    count = 3 * many
+    view = open_view(count, own_list=False, changed_uids=range(1, many + 1))
+    shared_infos = view._infos
+    status = MailboxStatus("INBOX", 1, count + 1, 3, count)
+    view.apply(Changes(status, [info(many + 2, frozenset({"$Mine"}), 3)], []))
+    assert view._infos is shared_infos
+    assert view.info(many + 1).flags == {"$Mine"}
+    assert view.info(0).flags == FLAG_SETS[2]  # the snapshot's change to UID 1
+    # Past OVERLAY_MAX changes of its own, the session takes its list.
+    changes = [info(uid, frozenset({"\\Draft"}), 4)
+               for uid in range(many + 3, many + selected_module.OVERLAY_MAX + 4)]
+    view.apply(Changes(MailboxStatus("INBOX", 1, count + 1, 4, count), changes, []))
+    assert isinstance(view._infos, list)
+    assert view.info(0).flags == FLAG_SETS[2]
+    assert view.info(many + 2).flags == {"\\Draft"}
 
 
 def test_flag_fetch_lines_carry_recent_uid_and_modseq_as_asked() -> None:
