@@ -158,14 +158,20 @@ class AuthThrottle:
         connections would otherwise all be checked before any was counted. A client with
         many right passwords at once waits for a turn, it is not refused."""
         while True:
+            finished_before = ip_checks.finished
             failures = await self._failures(ip, user)
             if failures is not None and any(n >= limit for n, limit in failures.values()):
                 return False
             counted = 0 if failures is None else failures.get(ip_checks.key, (0, 0))[0]
-            if not ip_checks.key or counted + ip_checks.under_way < self._per_ip:
+            # A check that finished while the counts were read left `under_way`, and its
+            # failure may be missing from the counts (read before it was counted): it is
+            # taken as a failure, and when that decides, the counts are read again.
+            racing = ip_checks.finished - finished_before
+            if not ip_checks.key or counted + ip_checks.under_way + racing < self._per_ip:
                 ip_checks.start()
                 return True
-            await ip_checks.one_finished()
+            if not racing:
+                await ip_checks.one_finished()
 
     def _ip_checks_of(self, key: str | None) -> _IpChecks:
         if key is None:
@@ -268,6 +274,7 @@ class _IpChecks:
     def __init__(self, key: str) -> None:
         self.key = key
         self.under_way = 0
+        self.finished = 0  # checks that were under way and are done, since the record began
         self.holders = 0  # logins that have this record and have not left it
         self._done = asyncio.Event()
 
@@ -278,6 +285,7 @@ class _IpChecks:
         self.holders -= 1
         if started:
             self.under_way -= 1
+            self.finished += 1
             self._done.set()  # wakes the waiters; later ones wait for the next
             self._done = asyncio.Event()
 

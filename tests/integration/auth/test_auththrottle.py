@@ -10,7 +10,7 @@ import imaplib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis.asyncio
@@ -231,6 +231,45 @@ async def test_wrong_passwords_for_many_accounts_at_once_are_checked_no_more_tha
     assert checked == 5
     assert sorted(set(results)) == ["throttled", "wrong"] and results.count("wrong") == 5
     assert limiter._ip_checks == {}  # noqa: SLF001 - nothing kept once the logins are done
+
+
+class LateCounts(redis.asyncio.Redis):
+    """The real Redis, whose MGET answers reach the caller `late` seconds after Redis gave
+    them: what a busy event loop does to a reply (the CI failure of 2026-12-05)."""
+
+    late = 0.03
+
+    async def mget(self, *args: Any, **kwargs: Any) -> Any:
+        counts = await super().mget(*args, **kwargs)
+        await asyncio.sleep(self.late)
+        return counts
+
+
+@pytest.mark.parametrize("lateness", [0.0, 0.03])
+async def test_guesses_counted_while_the_counts_were_read_are_not_checked_past_the_limit(
+        settings: Settings, lateness: float) -> None:
+    """Guesses that end one after another (10-50 ms each) while others wait: a waiter reads
+    the counts, a guess still under way is counted in Redis and leaves before the reply is
+    used. Counted neither as under way nor in the stale reply, it let three more guesses be
+    checked (9 of a limit of 5 in CI)."""
+    client = LateCounts.from_url(settings.redis_url)
+    client.late = lateness
+    try:
+        limiter = throttle(client, settings, per_ip=5, per_user=100)
+        checked = 0
+
+        async def wrong() -> bool:
+            nonlocal checked
+            checked += 1
+            await asyncio.sleep(0.01 * checked)  # ends staggered: 10, 20, ... 50 ms
+            return False
+
+        results = await asyncio.gather(*(limiter.check(REMOTE, f"user{i}@example.test", wrong)
+                                          for i in range(30)))
+    finally:
+        await client.aclose()
+    assert checked == 5
+    assert results.count("wrong") == 5 and results.count("throttled") == 25
 
 
 async def test_right_passwords_for_many_accounts_at_once_wait_their_turn_not_refused(
