@@ -784,6 +784,7 @@ def mixed_client(port: int, count: int, seed: int, start_at: float,
     imap, _ = login_select(port)
     time.sleep(max(0.0, start_at - time.time()))
     end = time.monotonic() + seconds
+    cpu_at_start = time.process_time()
     next_at = time.monotonic() + rng.uniform(0, interval)  # spread the clients' slots
     try:
         while time.monotonic() < end:
@@ -801,8 +802,9 @@ def mixed_client(port: int, count: int, seed: int, start_at: float,
                 continue
             samples[name].append((time.perf_counter() - started) * 1000)
     finally:
+        cpu_seconds = time.process_time() - cpu_at_start
         logout(imap)
-    return {"samples": samples, "errors": errors}
+    return {"samples": samples, "errors": errors, "cpu_seconds": cpu_seconds}
 
 
 def _report_mixed_client(results: Any, *args: Any) -> None:
@@ -837,17 +839,33 @@ class MixedResult:
     errors: list[str] = field(default_factory=list)
     latency: LatencyResult = field(default_factory=LatencyResult)
     per_op: dict[str, dict[str, float]] = field(default_factory=dict)
+    machine_busy_seconds: float = 0.0  # all cores, over the load's nominal seconds
+    clients_cpu_seconds: float = 0.0  # the client processes' own, over the same
 
     @property
     def ops_per_second(self) -> float:
         return self.operations / self.seconds
+
+    @property
+    def machine_busy(self) -> float:
+        """The machine's CPU in use during the load, as a share of all its cores."""
+        return self.machine_busy_seconds / (self.seconds * (os.cpu_count() or 1))
+
+    @property
+    def clients_part(self) -> float:
+        """The client processes' share of the CPU in use (the rest: the server, the kernel
+        and anything else running)."""
+        return (self.clients_cpu_seconds / self.machine_busy_seconds
+                if self.machine_busy_seconds else 0.0)
 
     def as_dict(self) -> dict[str, Any]:
         return {"clients": self.clients, "seconds": self.seconds,
                 "operations": self.operations, "ops_per_second": self.ops_per_second,
                 "p50_ms": self.latency.p50, "p99_ms": self.latency.p99,
                 "errors": len(self.errors), "first_errors": self.errors[:10],
-                "per_operation": self.per_op}
+                "per_operation": self.per_op,
+                "machine_busy_seconds": self.machine_busy_seconds,
+                "clients_cpu_seconds": self.clients_cpu_seconds}
 
 
 def mixed_load(port: int, count: int, clients: int, seconds: float, seed: int,
@@ -869,6 +887,10 @@ def mixed_load(port: int, count: int, clients: int, seconds: float, seed: int,
     deadline = time.monotonic() + (start_at - time.time()) + seconds + 300
     outcomes: list[dict[str, Any]] = []
     try:
+        time.sleep(max(0.0, start_at - time.time()))
+        busy_at_start = benchlib.machine_cpu_seconds()[0]
+        time.sleep(seconds)
+        busy_seconds = benchlib.machine_cpu_seconds()[0] - busy_at_start
         while len(outcomes) < clients:
             try:
                 outcomes.append(results.get(timeout=max(0.1, deadline - time.monotonic())))
@@ -881,10 +903,11 @@ def mixed_load(port: int, count: int, clients: int, seconds: float, seed: int,
             if worker.is_alive():
                 worker.kill()
                 worker.join()
-    result = MixedResult(clients, seconds)
+    result = MixedResult(clients, seconds, machine_busy_seconds=busy_seconds)
     merged: dict[str, list[float]] = {}
     for outcome in outcomes:
         result.errors += outcome["errors"]
+        result.clients_cpu_seconds += outcome.get("cpu_seconds", 0.0)
         for name, samples in outcome["samples"].items():
             merged.setdefault(name, []).extend(samples)
             result.latency.samples_ms.extend(samples)
@@ -951,7 +974,8 @@ def mixed_rounds(systems: list[SystemResult], count: int, args: argparse.Namespa
             system.mixed_rounds.append(mixed)
             log(f"{system.system}: mixed {mixed.ops_per_second:.0f} ops/s, p50 "
                 f"{mixed.latency.p50:.3f} ms, p99 {mixed.latency.p99:.1f} ms, "
-                f"{len(mixed.errors)} errors")
+                f"{len(mixed.errors)} errors; machine {mixed.machine_busy:.0%} busy, "
+                f"{mixed.clients_part:.0%} of it the clients")
     for system in systems:
         by_p50 = sorted(system.mixed_rounds, key=lambda m: m.latency.p50)
         system.mixed = by_p50[(len(by_p50) - 1) // 2]
@@ -1177,14 +1201,17 @@ def mixed_round_lines(dovecot: SystemResult | None,
     count = max((len(r.mixed_rounds) for r in (dovecot, tiermail) if r), default=0)
     if count < 2:
         return []
-    lines = ["", "Mixed-load rounds (the systems taking turns; the table has each one's median):",
-             "", "| round | dovecot p50 ms (ops/s) | tiermail p50 ms (ops/s) | ratio |",
+    lines = ["", "Mixed-load rounds (the systems taking turns; the table has each one's median;",
+             "CPU: the machine's busy share of both cores, and the client processes' part of",
+             "that):", "",
+             "| round | dovecot p50 ms (ops/s; CPU) | tiermail p50 ms (ops/s; CPU) | ratio |",
              "| ---: | ---: | ---: | ---: |"]
     for number in range(count):
         cells = [result.mixed_rounds[number]
                  if result and number < len(result.mixed_rounds) else None
                  for result in (dovecot, tiermail)]
-        text = [f"{m.latency.p50:.3f} ({m.ops_per_second:,.0f})" if m else "-" for m in cells]
+        text = [f"{m.latency.p50:.3f} ({m.ops_per_second:,.0f}; {m.machine_busy:.0%}, "
+                f"clients {m.clients_part:.0%})" if m else "-" for m in cells]
         lines.append(f"| {number + 1} | {text[0]} | {text[1]} | "
                      f"{mixed_ratio(cells[0], cells[1], 'p50')} |")
     return lines
