@@ -68,6 +68,7 @@ from benchlib import (
     PASSWORD,
     USER,
     BenchError,
+    CpuReport,
     LatencyResult,
     TiermailStack,
     free_port,
@@ -839,7 +840,7 @@ class MixedResult:
     errors: list[str] = field(default_factory=list)
     latency: LatencyResult = field(default_factory=LatencyResult)
     per_op: dict[str, dict[str, float]] = field(default_factory=dict)
-    machine_busy_seconds: float = 0.0  # all cores, over the load's nominal seconds
+    machine: CpuReport | None = None  # the whole machine over the load's seconds
     clients_cpu_seconds: float = 0.0  # the client processes' own, over the same
 
     @property
@@ -847,16 +848,20 @@ class MixedResult:
         return self.operations / self.seconds
 
     @property
-    def machine_busy(self) -> float:
-        """The machine's CPU in use during the load, as a share of all its cores."""
-        return self.machine_busy_seconds / (self.seconds * (os.cpu_count() or 1))
-
-    @property
     def clients_part(self) -> float:
         """The client processes' share of the CPU in use (the rest: the server, the kernel
         and anything else running)."""
-        return (self.clients_cpu_seconds / self.machine_busy_seconds
-                if self.machine_busy_seconds else 0.0)
+        busy = self.machine.machine_busy if self.machine else 0.0
+        return self.clients_cpu_seconds / busy if busy else 0.0
+
+    @property
+    def busy_share(self) -> float:
+        """The machine's CPU in use during the load, as a share of all it had."""
+        return self.machine.utilisation if self.machine else 0.0
+
+    @property
+    def cpu_text(self) -> str:
+        return f"machine {self.busy_share:.0%} busy, {self.clients_part:.0%} of it the clients"
 
     def as_dict(self) -> dict[str, Any]:
         return {"clients": self.clients, "seconds": self.seconds,
@@ -864,7 +869,7 @@ class MixedResult:
                 "p50_ms": self.latency.p50, "p99_ms": self.latency.p99,
                 "errors": len(self.errors), "first_errors": self.errors[:10],
                 "per_operation": self.per_op,
-                "machine_busy_seconds": self.machine_busy_seconds,
+                "machine_busy_seconds": self.machine.machine_busy if self.machine else 0.0,
                 "clients_cpu_seconds": self.clients_cpu_seconds}
 
 
@@ -888,9 +893,10 @@ def mixed_load(port: int, count: int, clients: int, seconds: float, seed: int,
     outcomes: list[dict[str, Any]] = []
     try:
         time.sleep(max(0.0, start_at - time.time()))
-        busy_at_start = benchlib.machine_cpu_seconds()[0]
+        machine_before = benchlib.machine_cpu_seconds()
         time.sleep(seconds)
-        busy_seconds = benchlib.machine_cpu_seconds()[0] - busy_at_start
+        busy, idle, stolen = (after - before for after, before in
+                              zip(benchlib.machine_cpu_seconds(), machine_before, strict=True))
         while len(outcomes) < clients:
             try:
                 outcomes.append(results.get(timeout=max(0.1, deadline - time.monotonic())))
@@ -903,7 +909,7 @@ def mixed_load(port: int, count: int, clients: int, seconds: float, seed: int,
             if worker.is_alive():
                 worker.kill()
                 worker.join()
-    result = MixedResult(clients, seconds, machine_busy_seconds=busy_seconds)
+    result = MixedResult(clients, seconds)
     merged: dict[str, list[float]] = {}
     for outcome in outcomes:
         result.errors += outcome["errors"]
@@ -912,6 +918,7 @@ def mixed_load(port: int, count: int, clients: int, seconds: float, seed: int,
             merged.setdefault(name, []).extend(samples)
             result.latency.samples_ms.extend(samples)
     result.operations = len(result.latency.samples_ms)
+    result.machine = CpuReport(result.operations, busy, idle, stolen, {})
     for name, samples in merged.items():
         per = LatencyResult(samples)
         result.per_op[name] = {"count": len(samples), "p50_ms": per.p50, "p99_ms": per.p99}
@@ -926,7 +933,6 @@ class SystemResult:
     version: str
     population: dict[str, float] = field(default_factory=dict)
     timings: list[Timing] = field(default_factory=list)
-    mixed: MixedResult | None = None  # the round with the median p50
     mixed_rounds: list[MixedResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     failed: str | None = None
@@ -935,6 +941,14 @@ class SystemResult:
 
     def timing(self, name: str) -> Timing | None:
         return next((t for t in self.timings if t.name == name), None)
+
+    @property
+    def mixed(self) -> MixedResult | None:
+        """The mixed-load round with the median p50."""
+        if not self.mixed_rounds:
+            return None
+        by_p50 = sorted(self.mixed_rounds, key=lambda m: m.latency.p50)
+        return by_p50[(len(by_p50) - 1) // 2]
 
 
 def measure(system: SystemResult, port: int, corpus: Corpus, sizes: list[int],
@@ -974,11 +988,7 @@ def mixed_rounds(systems: list[SystemResult], count: int, args: argparse.Namespa
             system.mixed_rounds.append(mixed)
             log(f"{system.system}: mixed {mixed.ops_per_second:.0f} ops/s, p50 "
                 f"{mixed.latency.p50:.3f} ms, p99 {mixed.latency.p99:.1f} ms, "
-                f"{len(mixed.errors)} errors; machine {mixed.machine_busy:.0%} busy, "
-                f"{mixed.clients_part:.0%} of it the clients")
-    for system in systems:
-        by_p50 = sorted(system.mixed_rounds, key=lambda m: m.latency.p50)
-        system.mixed = by_p50[(len(by_p50) - 1) // 2]
+                f"{len(mixed.errors)} errors; {mixed.cpu_text}")
 
 
 def run_dovecot(root: Path, corpus: Corpus, args: argparse.Namespace,
@@ -1210,7 +1220,7 @@ def mixed_round_lines(dovecot: SystemResult | None,
         cells = [result.mixed_rounds[number]
                  if result and number < len(result.mixed_rounds) else None
                  for result in (dovecot, tiermail)]
-        text = [f"{m.latency.p50:.3f} ({m.ops_per_second:,.0f}; {m.machine_busy:.0%}, "
+        text = [f"{m.latency.p50:.3f} ({m.ops_per_second:,.0f}; {m.busy_share:.0%}, "
                 f"clients {m.clients_part:.0%})" if m else "-" for m in cells]
         lines.append(f"| {number + 1} | {text[0]} | {text[1]} | "
                      f"{mixed_ratio(cells[0], cells[1], 'p50')} |")
