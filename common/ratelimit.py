@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import ipaddress
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -203,12 +202,27 @@ def parse_networks(text: str) -> tuple[Network, ...]:
 
 
 def ip_subject(client_ip: str, exempt: Sequence[Network]) -> str | None:
-    """The key component an IP is counted under; None if exempt or not an IP address."""
-    return _ip_subject(client_ip, tuple(exempt))
+    """The key component an IP is counted under; None if exempt or not an IP address.
+
+    Asked several times per message (connection, MAIL), so the answers are kept, by address
+    and by the identity of `exempt` (hashing its networks for every lookup cost more than
+    the lookup); the entry holds `exempt`, so that identity stays its own."""
+    key = (client_ip, id(exempt))
+    cached = _subjects.get(key)
+    if cached is not None and cached[0] is exempt:
+        return cached[1]
+    subject = _ip_subject(client_ip, exempt)
+    if len(_subjects) >= _SUBJECTS_KEPT:
+        _subjects.clear()
+    _subjects[key] = (exempt, subject)
+    return subject
 
 
-@functools.lru_cache(maxsize=4096)  # parsed twice per message otherwise (connection, MAIL)
-def _ip_subject(client_ip: str, exempt: tuple[Network, ...]) -> str | None:
+_SUBJECTS_KEPT = 4096
+_subjects: dict[tuple[str, int], tuple[Sequence[Network], str | None]] = {}
+
+
+def _ip_subject(client_ip: str, exempt: Sequence[Network]) -> str | None:
     try:
         address = ipaddress.ip_address(client_ip)
     except ValueError:

@@ -39,6 +39,7 @@ from common.budget import MemoryBudget, OpenCounts
 from common.ratelimit import UNLIMITED, Network, RateLimits, ip_subject, parse_networks
 from common.settings import Settings
 from services.filter.convert import peer_ip
+from services.filter.hooks import BoundHooks, hook_dir, hooks_hidden
 from services.filter.protocol import replies
 from services.filter.protocol.address import is_utf8, parse_path, parse_simple_path
 from services.filter.protocol.data import DataError, DataReceiver, DataResult
@@ -54,7 +55,6 @@ from services.filter.session import (
     MessagePublisher,
     RecipientDirectory,
     SessionPolicy,
-    hook_names,
 )
 from services.filter.stall import PublishWatch
 from services.filter.stats import WorkerStats
@@ -170,7 +170,7 @@ class FilterSMTP(SMTP):
     """One SMTP connection. aiosmtpd does the protocol; this class enforces our limits."""
 
     def __dir__(self) -> list[str]:
-        return hook_names(type(self))  # see hook_names: aiosmtpd's per-connection lookup
+        return hook_dir(super().__dir__)  # see services/filter/hooks.py
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         if not arg:
@@ -203,18 +203,22 @@ class FilterSMTP(SMTP):
         # +1: the transparency dot is not counted in the line limit (RFC 5321 4.5.3.1.6).
         self.line_length_limit = limits.max_line_length + 1
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
-        super().__init__(
-            handler,
-            data_size_limit=limits.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=limits.hostname,
-            ident=GREETING_IDENT,
-            tls_context=tls_context,
-            timeout=limits.command_timeout,
-            auth_exclude_mechanism=["LOGIN", "PLAIN"],
-            loop=loop,
-        )
+        with hooks_hidden():  # aiosmtpd's tables of our hooks: services/filter/hooks.py
+            super().__init__(
+                handler,
+                data_size_limit=limits.max_message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                hostname=limits.hostname,
+                ident=GREETING_IDENT,
+                tls_context=tls_context,
+                timeout=limits.command_timeout,
+                auth_exclude_mechanism=["LOGIN", "PLAIN"],
+                loop=loop,
+            )
+        # aiosmtpd declares dicts; it only reads them (get, in, items).
+        self._smtp_methods = BoundHooks(self, "smtp_")  # type: ignore[assignment]
+        self._handle_hooks = BoundHooks(handler, "handle_")  # type: ignore[assignment]
         self.handler = handler
         self._limits = limits
         self._registry = registry
@@ -230,6 +234,7 @@ class FilterSMTP(SMTP):
         self._helo_reply = False
         self._reading_mail = False  # inside aiosmtpd's MAIL: the path is the sender's
         self._client_errors = 0
+        self._deadline = 0.0  # of the idle timer (_reset_timeout), by the loop's clock
 
     # Connection lifetime
 
@@ -361,6 +366,24 @@ class FilterSMTP(SMTP):
             task = self._handler_coroutine
             if task is not None:
                 task.cancel()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer, which it cancels and arms anew after every command (and we
+        for every chunk of DATA): here one timer stays armed while the new deadline is no
+        sooner than it; when it fires early it is armed again for the rest."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        timer = self._timeout_handle
+        if timer is not None and not timer.cancelled() and timer.when() <= self._deadline:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
+
+    def _deadline_reached(self) -> None:
+        if self._deadline - self.loop.time() > _TIMER_SLACK:  # moved on since it was armed
+            self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
+        else:
+            self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         log.info("timeout, closing", extra=self.handler.log_extra(self.handler.current_queue_id))
@@ -636,6 +659,7 @@ _DATA_ERRORS = {
     DataError.NO_ROOM: replies.NO_MEMORY_FOR_DATA,
 }
 READ_ALL = 16 * 1024 * 1024
+_TIMER_SLACK = 0.001  # seconds: a timer that fires this close to its deadline has reached it
 
 
 class FilterServer:

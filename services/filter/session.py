@@ -29,6 +29,7 @@ from common.ids import new_queue_id
 from common.ratelimit import UNLIMITED, Limit, RateLimits
 from common.topology import DELIVER_ROUTING_KEY, SCAN_ROUTING_KEY
 from services.filter.convert import peer_ip, tls_description, to_envelope
+from services.filter.hooks import hook_dir
 from services.filter.protocol import replies
 from services.filter.protocol.message import ReceivedInfo, received_header
 from services.filter.rules import Rule, evaluate, format_headers
@@ -74,24 +75,6 @@ class Transaction:
     overshoot: int = 0  # RCPTs refused for being past the recipient limit
 
 
-_HOOK_PREFIXES = ("smtp_", "auth_", "handle_")
-_hook_names_by_class: dict[type, list[str]] = {}
-
-
-def hook_names(cls: type) -> list[str]:
-    """The aiosmtpd hook method names a class defines (smtp_*, auth_*, handle_*), memoised.
-
-    aiosmtpd's SMTP.__init__ finds hooks with dir() and inspect.getmembers() on every
-    connection; getmembers evaluates every attribute, which was 14% of a worker's time under
-    load. Our classes answer dir() with this list, which keeps aiosmtpd's tables the same.
-    """
-    names = _hook_names_by_class.get(cls)
-    if names is None:
-        names = _hook_names_by_class[cls] = sorted(
-            {n for klass in cls.__mro__ for n in vars(klass) if n.startswith(_HOOK_PREFIXES)})
-    return names
-
-
 class FilterSession:
     def __init__(
         self,
@@ -123,7 +106,7 @@ class FilterSession:
         self.queued = 0  # messages this connection got a 250 for
 
     def __dir__(self) -> list[str]:
-        return hook_names(type(self))
+        return hook_dir(super().__dir__)  # see services/filter/hooks.py
 
     # Logging context
 

@@ -59,7 +59,7 @@ def received_header(info: ReceivedInfo) -> bytes:
     if info.tls is not None:
         by += " (" + " ".join(_clean(word, False) for word in info.tls.split()) + ")"
     lines.append(f"{by} id {info.queue_id}")
-    when = format_datetime(datetime.datetime.fromtimestamp(info.received_at, datetime.UTC))
+    when = _date(int(info.received_at))
     if len(info.recipients) == 1:
         rcpt = _clean(info.recipients[0], info.smtputf8)
         lines.append(f"for <{rcpt}>; {when}")
@@ -68,6 +68,19 @@ def received_header(info: ReceivedInfo) -> bytes:
         lines.append(when)
     text = "\r\n\t".join(lines) + "\r\n"
     return text.encode("utf-8" if info.smtputf8 else "ascii")
+
+
+def _date(second: int) -> str:
+    """The RFC 5322 date of a Unix second, the last one kept: every message received within
+    a second has the same."""
+    global _last_date
+    if _last_date[0] != second:
+        utc = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        _last_date = (second, format_datetime(utc))
+    return _last_date[1]
+
+
+_last_date = (-1, "")
 
 
 def without_own_received(message: bytes, queue_id: str) -> bytes:

@@ -181,13 +181,13 @@ def _enhance_line(line: str) -> str:
     rewritten = _REWRITES.get(line)
     if rewritten is not None:
         return rewritten
+    if _HAS_ENHANCED.match(line):  # most replies: ours all have one
+        return line
     if _LEAKED_EXCEPTION.match(line):
         return INTERNAL_ERROR
     unknown = _UNKNOWN_COMMAND.match(line)
     if unknown is not None and not _echoable(unknown.group(1)):
         return UNKNOWN_COMMAND
-    if _HAS_ENHANCED.match(line):
-        return line
     match = _REPLY.match(line)
     if match is None:
         return line

@@ -352,17 +352,27 @@ async def test_max_connections_421(directory: Settings) -> None:
         assert worker.stats.refused_connections == 1
 
 
+def client_in_data(port: int) -> RawClient:
+    """A client that has sent DATA (after EHLO, MAIL and RCPT) and got its 354."""
+    client = RawClient(port)
+    try:
+        client.reply()
+        client.command(b"EHLO client.remote.test\r\n")
+        client.command(b"MAIL FROM:<" + SENDER.encode() + b">\r\n")
+        client.command(b"RCPT TO:<" + ALICE.encode() + b">\r\n")
+        assert client.command(b"DATA\r\n").startswith("354 ")
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 async def test_stalled_upload_is_cut_by_data_timeout(directory: Settings) -> None:
     limits = directory.replace(smtp_command_timeout=30.0, smtp_data_timeout=0.5)
     async with running_filter(limits) as worker:
         def conversation() -> tuple[str, float]:
-            client = RawClient(worker.ports[0])
+            client = client_in_data(worker.ports[0])
             try:
-                client.reply()
-                client.command(b"EHLO client.remote.test\r\n")
-                client.command(b"MAIL FROM:<" + SENDER.encode() + b">\r\n")
-                client.command(b"RCPT TO:<" + ALICE.encode() + b">\r\n")
-                client.command(b"DATA\r\n")
                 started = time.monotonic()
                 reply = client.command(b"Subject: stalled\r\n\r\npartial")
                 assert client.closed()
@@ -383,13 +393,8 @@ async def test_slow_but_alive_upload_is_not_cut(directory: Settings) -> None:
     limits = directory.replace(smtp_command_timeout=1.5, smtp_data_timeout=3.0)
     async with running_filter(limits) as worker:
         def conversation() -> str:
-            client = RawClient(worker.ports[0])
+            client = client_in_data(worker.ports[0])
             try:
-                client.reply()
-                client.command(b"EHLO client.remote.test\r\n")
-                client.command(b"MAIL FROM:<" + SENDER.encode() + b">\r\n")
-                client.command(b"RCPT TO:<" + ALICE.encode() + b">\r\n")
-                client.command(b"DATA\r\n")
                 client.sock.sendall(b"Subject: slow\r\n\r\n")
                 for number in range(12):
                     time.sleep(0.25)  # pacing a slow client, not waiting for a result
@@ -400,6 +405,34 @@ async def test_slow_but_alive_upload_is_not_cut(directory: Settings) -> None:
 
         reply = await in_thread(conversation)
     assert reply.startswith("250 2.0.0 Ok: queued as ")
+    assert await queue_depth(directory) == 1
+
+
+async def test_idle_client_after_a_message_is_cut_by_the_command_timeout(
+        directory: Settings) -> None:
+    # The idle timer is kept armed while a deadline moves later (services/filter/server.py,
+    # _reset_timeout): after an upload long enough for the timer to be armed for the data
+    # timeout, the short command timeout must apply again.
+    limits = directory.replace(smtp_command_timeout=0.5, smtp_data_timeout=30.0)
+    async with running_filter(limits) as worker:
+        def conversation() -> tuple[str, float]:
+            client = client_in_data(worker.ports[0])
+            try:
+                client.sock.sendall(b"Subject: then idle\r\n\r\n")
+                time.sleep(1.0)  # an upload longer than the command timeout
+                queued = client.command(b"body\r\n.\r\n")
+                started = time.monotonic()
+                timeout_reply = client.reply()
+                assert client.closed()
+                return queued + "\n" + timeout_reply, time.monotonic() - started
+            finally:
+                client.close()
+
+        replies_seen, idle = await in_thread(conversation)
+    queued, timeout_reply = replies_seen.split("\n")
+    assert queued.startswith("250 2.0.0 Ok: queued as ")
+    assert timeout_reply.startswith("421 4.4.2")
+    assert idle < 10.0  # the command timeout, not the 30 s data timeout
     assert await queue_depth(directory) == 1
 
 

@@ -104,6 +104,14 @@ def test_received_date_parses() -> None:
     assert email.utils.parsedate_to_datetime(date).timestamp() == WHEN
 
 
+def test_received_dates_follow_the_second_of_each_message() -> None:
+    # The date text is kept for the last second seen (protocol/message.py, _date).
+    for offset in (0, 0.4, 0.999, 1, 61, 1, 0):
+        header = received_header(info(received_at=WHEN + offset)).decode()
+        date = email.utils.parsedate_to_datetime(header.rsplit(";", 1)[1].strip())
+        assert date.timestamp() == WHEN + int(offset)
+
+
 def test_received_sanitises_hostile_helo() -> None:
     header = received_header(info(helo="evil)\tname\x00(x ü"))
     assert header.startswith(b"Received: from evil??name??x?? ([192.0.2.7])\r\n")

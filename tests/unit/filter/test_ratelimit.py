@@ -157,6 +157,15 @@ def test_ip_subjects() -> None:
     assert ip_subject("192.0.2.1", parse_networks("192.0.2.0/24")) is None
 
 
+def test_ip_subjects_kept_for_one_list_of_exempt_networks_are_not_another_lists() -> None:
+    # The answers are kept by address and by the identity of the exempt list.
+    exempt = parse_networks("192.0.2.0/24")
+    assert ip_subject("192.0.2.9", exempt) is None
+    assert ip_subject("192.0.2.9", parse_networks("198.51.100.0/24")) == "192.0.2.9"
+    assert ip_subject("192.0.2.9", ()) == "192.0.2.9"
+    assert ip_subject("192.0.2.9", exempt) is None
+
+
 def test_keys_are_under_the_stack_prefix() -> None:
     limits = RateLimiter.from_settings(
         Settings(redis_prefix="stack1:"), MemoryCounter(FakeClock()))
