@@ -138,9 +138,10 @@ class Settings:
 
     # Store
     store_prefetch: int = 64
-    # Under load (messages already waiting when a batch starts) the consumer waits up to this
-    # long for a fuller batch (16): one commit and one ack for many messages. A message that
-    # finds nothing waiting is stored at once. Seconds; 0: off.
+    # Under load (messages already waiting when a batch starts, and the last 16 arrived within
+    # this time) the consumer waits up to this long for a fuller batch (16): one commit and one
+    # ack for many messages. A message that finds nothing waiting, or a slower stream, is
+    # stored at once. Seconds; 0: off.
     store_batch_wait: float = 0.02
     # Bodies of at most this many octets live in the user's index.sqlite (one commit, no
     # file, no per-message fsync); larger ones are files. 0: every body is a file.

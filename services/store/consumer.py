@@ -46,6 +46,7 @@ from common.topology import (
 )
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MailDB, storage_pauses
+from services.store.batching import ArrivalPace
 from services.store.mailbox import (
     INBOX,
     JUNK,
@@ -114,6 +115,7 @@ class Consumer:
         self._stopping = asyncio.Event()
         self.consuming = asyncio.Event()  # set while a consumer is registered (for tests)
         self._more = asyncio.Event()  # a message arrived (for _gather)
+        self._pace = ArrivalPace(BATCH_TARGET, settings.store_batch_wait)
 
     async def run(self) -> None:
         """Consume until stop(); reconnect with backoff whenever the broker goes away."""
@@ -149,6 +151,7 @@ class Consumer:
 
             async def on_message(message: DeliveredMessage) -> None:
                 inbox.put_nowait(message)
+                self._pace.arrived()
                 self._more.set()
 
             consumer_tags = []
@@ -218,14 +221,17 @@ class Consumer:
         """Let more messages join the batch before it is stored.
 
         Always one turn of the loop: aiormq hands each message over in a task of its own.
-        When more messages are already waiting (the store is behind: load), also up to
-        `store_batch_wait` seconds for BATCH_TARGET of them: each batch costs one index commit
-        (an fsync), one writer-thread hand-over and one ack whatever its size, so batches of
-        16 cost the store and the broker far less per message than batches of two. A message
-        that finds nothing waiting is stored at once, so a lightly loaded store keeps its
-        latency."""
+        When more messages are already waiting (the store is behind: load) and they arrive
+        fast enough to make BATCH_TARGET within `store_batch_wait` seconds (services/store/
+        batching.py), also up to that long for them: each batch costs one index commit (an
+        fsync), one writer-thread hand-over and one ack whatever its size, so batches of 16
+        cost the store and the broker far less per message than batches of two. A message
+        that finds nothing waiting, or a stream too slow to fill a batch in time, is stored
+        at once, so a lightly or moderately loaded store keeps its latency."""
         await asyncio.sleep(0)
         if inbox.empty() or self._settings.store_batch_wait <= 0:
+            return
+        if not self._pace.fills_batch():
             return
         deadline = time.monotonic() + self._settings.store_batch_wait
         while inbox.qsize() + 1 < BATCH_TARGET and not self._stopping.is_set():

@@ -21,7 +21,7 @@ import aiormq
 import pytest
 from pamqp.commands import Basic
 
-from common.broker import close_connection, open_channel
+from common.broker import Publisher, close_connection, open_channel
 from common.settings import Settings
 from common.topology import (
     DELIVER_ROUTING_KEY,
@@ -602,6 +602,27 @@ async def test_a_lone_message_does_not_wait_for_a_batch(settings: Settings) -> N
             await wait_for(lambda r=round_: running.consumer.stats.delivered >= r + 1,
                            within=20, what=f"lone message {round_ + 1} stored at once")
     finally:
+        await running.stop()
+        await running.maildb.close()
+
+
+async def test_a_stream_too_slow_to_fill_a_batch_is_not_held_for_one(
+        settings: Settings) -> None:
+    # Pairs, so that a batch mostly starts with another message waiting, at a pace that
+    # makes 16 messages in 2.8 s: over the 2 s batch wait, so waiting for 16 would only
+    # hold each pair for those 2 s (services/store/batching.py).
+    settings = settings.replace(store_batch_wait=2.0)
+    add_users(settings, [ALICE])
+    running = await _running(settings)
+    publisher = Publisher(settings.amqp_url, settings.topology)
+    try:
+        for pair in range(10):
+            await asyncio.gather(*(publisher.publish(*make_message(ALICE)) for _ in range(2)))
+            await wait_for(lambda n=2 * (pair + 1): running.consumer.stats.delivered >= n,
+                           within=1.0, what=f"pair {pair + 1} stored within half a batch wait")
+            await asyncio.sleep(0.4)
+    finally:
+        await publisher.close()
         await running.stop()
         await running.maildb.close()
 
