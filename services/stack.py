@@ -219,10 +219,9 @@ def stop_grace(tier: str, settings: Settings) -> float:
     """Seconds a tier gets from SIGTERM to exit before it is killed: the longest its own
     stop takes (compose/ gives each the same stop_grace_period). A filter answers the
     messages it is publishing (250, or 451 once the publish times out); a learner gives up a
-    broker that does not answer. The store's stop can take longer than its grace (its
-    consumer waits up to a minute for a batch that failing storage or a silent broker
-    holds), but killing it loses nothing: what it had not acknowledged is delivered again,
-    once."""
+    broker that does not answer; a store stores and acks the batch in flight, for up to
+    services/store/main.py CONSUMER_STOP_WAIT (killing it would lose nothing either: what
+    it had not acknowledged is delivered again, once)."""
     if tier == "filter":
         return shutdown_grace(settings) + 5.0
     if tier == LEARNER:

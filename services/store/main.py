@@ -54,6 +54,11 @@ DIRECTORY_CHECK_INTERVAL = 5.0  # republish if Redis lost or missed directory ch
 DIRECTORY_RETRY_MAX = 10.0
 DELIVERY_QUIET = 0.5  # seconds without a delivery before the text indexer works
 GIL_SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005)
+# At a stop, how long the batch in flight may take to be stored and acked: within the store's
+# stop grace (services/stack.py, compose: 30 s), so that a batch held by hung storage or a
+# silent broker ends in an orderly exit, not a kill. Either loses nothing: what was not acked
+# is delivered again, once (the `delivered` table).
+CONSUMER_STOP_WAIT = 20.0
 # Descriptors besides client connections: mailbox indexes kept open (up to 256 by the writer,
 # 8 per reader thread; three descriptors each with WAL), text index files, broker, Redis.
 # SQLite also defers closing an index's descriptor while another connection of the process
@@ -180,10 +185,12 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         log.info("store stopping", extra={"event": "stopping"})
         consumer.stop()
         try:
-            async with asyncio.timeout(60):
+            async with asyncio.timeout(CONSUMER_STOP_WAIT):
                 await consuming
         except TimeoutError:
-            log.error("consumer did not stop in time", extra={"event": "stopping"})
+            log.error("the batch in flight was not stored within %g s: stopping without "
+                      "its ack (the broker delivers it again)", CONSUMER_STOP_WAIT,
+                      extra={"event": "stopping"})
         stopped.cancel()
         if consuming.done() and not consuming.cancelled() and consuming.exception():
             if isinstance(consuming.exception(), TopologyMismatch):

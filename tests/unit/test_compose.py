@@ -17,6 +17,7 @@ import yaml
 from common.settings import PREFIX, Settings
 from services.stack import stop_grace
 from services.store.learning import broker_attempt_limit
+from services.store.main import CONSUMER_STOP_WAIT
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose"
 FILES = sorted(COMPOSE.glob("*.yaml"))
@@ -181,6 +182,8 @@ def test_stop_graces_cover_the_tiers_own_limits() -> None:
     settings = Settings()
     assert stop_grace("filter", settings) > settings.publish_timeout
     assert stop_grace("learner", settings) > broker_attempt_limit()
+    # The rest of the store's stop (sessions told BYE, indexes closed) needs seconds, not tens.
+    assert stop_grace("store", settings) >= CONSUMER_STOP_WAIT + 10
 
 
 def test_store_keeps_its_data_in_a_named_volume() -> None:
