@@ -413,10 +413,26 @@ class FilterSMTP(SMTP):
             if log.isEnabledFor(logging.DEBUG):  # the context costs more than the line
                 log.debug("<< %s", status,
                           extra=self.handler.log_extra(self.handler.current_queue_id))
-        await super().push(status)
+        await self._write(status)
         if isinstance(status, str) and replies.is_client_error(status):
             await self._count_client_error()
         self._end_after_eof()
+
+    async def _write(self, reply: AnyStr) -> None:
+        """aiosmtpd's push without its chain of coroutines: the reply goes to the transport,
+        and only when some of it is left unsent (a client that does not read: flow control)
+        or the connection is closing does it wait for the writer's drain, which aiosmtpd
+        awaited after every reply (seven replies per one-message connection, three
+        coroutines deep each, were a measurable share of the filter's CPU)."""
+        if isinstance(reply, str):
+            data = reply.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+        else:
+            data = reply
+        writer = self._writer
+        writer.write(data + b"\r\n")
+        transport = writer.transport
+        if transport.get_write_buffer_size() or transport.is_closing():
+            await writer.drain()
 
     async def _count_client_error(self) -> None:
         self._client_errors += 1
@@ -424,7 +440,7 @@ class FilterSMTP(SMTP):
             return
         log.info("too many errors, hanging up",
                  extra=self.handler.log_extra(self.handler.current_queue_id))
-        await super().push(replies.TOO_MANY_ERRORS)
+        await self._write(replies.TOO_MANY_ERRORS)
         self.transport.close()
 
     # Commands
@@ -470,7 +486,7 @@ class FilterSMTP(SMTP):
         """Several reply lines in one write (RFC 2034 4: no enhanced codes for EHLO)."""
         for line in lines:
             self._stats.count_reply(line)
-        await super().push("\r\n".join(lines))
+        await self._write("\r\n".join(lines))
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:

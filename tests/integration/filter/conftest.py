@@ -133,10 +133,22 @@ def send(port: int, message: bytes, rcpts: list[str], sender: str = SENDER,
 class RawClient:
     """A byte-exact SMTP client for edge cases (smuggling, timeouts)."""
 
-    def __init__(self, port: int, timeout: float = 30.0, source: str = "") -> None:
-        """`source`: the loopback address to connect from (127.0.0.2 is another client)."""
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
-                                             source_address=(source, 0) if source else None)
+    def __init__(self, port: int, timeout: float = 30.0, source: str = "",
+                 buffers: int = 0) -> None:
+        """`source`: the loopback address to connect from (127.0.0.2 is another client);
+        `buffers`: the socket's send and receive buffer sizes (0: the kernel's)."""
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if buffers:  # before connecting: the receive window is agreed then
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
+        self.sock.settimeout(timeout)
+        try:
+            if source:
+                self.sock.bind((source, 0))
+            self.sock.connect(("127.0.0.1", port))
+        except BaseException:
+            self.sock.close()
+            raise
         self.file = self.sock.makefile("rb")
 
     def reply(self) -> str:

@@ -436,6 +436,54 @@ async def test_idle_client_after_a_message_is_cut_by_the_command_timeout(
     assert await queue_depth(directory) == 1
 
 
+async def test_a_client_that_does_not_read_its_replies_is_not_answered_into_memory(
+        directory: Settings) -> None:
+    # Commands keep coming while their replies are not read: once the kernel's buffers are
+    # full, the worker must stop reading commands (flow control) instead of queueing the
+    # replies in its own memory; and none of them is lost.
+    async with running_filter(directory) as worker:
+        # Small client buffers, so that the kernel holds little of either direction.
+        client = await in_thread(RawClient, worker.ports[0], buffers=16 * 1024)
+        assert (await in_thread(client.reply)).startswith("220 ")
+        command = b"NOOP\r\n"
+        sent = 0
+        blocked = False
+        most_buffered = 0
+
+        def flood() -> None:
+            nonlocal sent, blocked
+            client.sock.settimeout(1.0)
+            chunk = command * 1000
+            try:
+                for _ in range(2000):  # at most 12 MB of commands, 28 MB of replies
+                    client.sock.sendall(chunk)  # a timeout may leave part of it sent
+                    sent += len(chunk)
+            except TimeoutError:
+                blocked = True  # the worker stopped reading
+
+        flooding = asyncio.create_task(in_thread(flood))
+        while not flooding.done():
+            buffered = [connection.transport.get_write_buffer_size()
+                        for connection in worker.server._registry  # its open sessions
+                        if connection.transport is not None]
+            most_buffered = max([most_buffered, *buffered])
+            await asyncio.sleep(0.01)
+        await flooding
+
+        reply = b"250 2.0.0 OK\r\n"
+        count = sent // len(command)
+
+        def read_replies() -> bytes:
+            client.sock.settimeout(30.0)
+            return client.file.read(count * len(reply))
+
+        answered = await in_thread(read_replies)
+        client.close()
+    assert blocked
+    assert most_buffered <= 256 * 1024
+    assert answered == reply * count
+
+
 async def test_shutdown_closes_idle_sessions_with_421(directory: Settings) -> None:
     async with running_filter(directory) as worker:
         client = await in_thread(RawClient, worker.ports[0])
