@@ -279,8 +279,9 @@ class FilterSession:
             return decision.reply
         # Our headers go on top, newest first: the scan results above our Received line.
         head = format_headers(decision.headers) + header
-        message_envelope = replace(message_envelope, junk=decision.junk,
-                                   size=len(head) + len(content))
+        if decision.headers or decision.junk:  # else the envelope is as it was evaluated
+            message_envelope = replace(message_envelope, junk=decision.junk,
+                                       size=len(head) + len(content))
         routing_key = SCAN_ROUTING_KEY if decision.defer else DELIVER_ROUTING_KEY
         return await self._publish(message_envelope, head + content, envelope, digest,
                                    retry_of, routing_key, checks_ms)

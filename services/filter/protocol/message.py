@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,11 +130,17 @@ def _helo_name(helo: str, allow_utf8: bool) -> str:
     return _clean(helo, allow_utf8) or "unknown"
 
 
+# What _clean keeps as it is in any case: printable ASCII but the Received syntax's specials.
+_SAFE = re.compile(r'[!#-\'*-:=?-Z^-~]*')
+
+
 def _ip_literal(ip: str) -> str:
     return f"IPv6:{ip}" if ":" in ip else ip
 
 
 def _clean(text: str, allow_utf8: bool) -> str:
+    if _SAFE.fullmatch(text):
+        return text  # most names and addresses: nothing to replace
     out = []
     for char in text:
         code = ord(char)

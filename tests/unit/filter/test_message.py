@@ -112,6 +112,14 @@ def test_received_dates_follow_the_second_of_each_message() -> None:
         assert date.timestamp() == WHEN + int(offset)
 
 
+@pytest.mark.parametrize("code", range(0x80))
+def test_received_keeps_exactly_the_printable_ascii_that_is_not_special(code: int) -> None:
+    char = chr(code)
+    kept = 0x20 < code < 0x7F and char not in '()[]<>;\\"'
+    header = received_header(info(helo=f"a{char}b")).decode("ascii")
+    assert header.startswith(f"Received: from a{char if kept else '?'}b ")
+
+
 def test_received_sanitises_hostile_helo() -> None:
     header = received_header(info(helo="evil)\tname\x00(x ü"))
     assert header.startswith(b"Received: from evil??name??x?? ([192.0.2.7])\r\n")
