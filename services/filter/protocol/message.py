@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -71,17 +72,10 @@ def received_header(info: ReceivedInfo) -> bytes:
     return text.encode("utf-8" if info.smtputf8 else "ascii")
 
 
+@functools.lru_cache(maxsize=1)  # every message received within a second has the same
 def _date(second: int) -> str:
-    """The RFC 5322 date of a Unix second, the last one kept: every message received within
-    a second has the same."""
-    global _last_date
-    if _last_date[0] != second:
-        utc = datetime.datetime.fromtimestamp(second, datetime.UTC)
-        _last_date = (second, format_datetime(utc))
-    return _last_date[1]
-
-
-_last_date = (-1, "")
+    """The RFC 5322 date of a Unix second."""
+    return format_datetime(datetime.datetime.fromtimestamp(second, datetime.UTC))
 
 
 def without_own_received(message: bytes, queue_id: str) -> bytes:
