@@ -172,6 +172,9 @@ class Session:
             self._sasl_pending = False
             return await self._sasl_plain_response(line)
         parsed = p.parse_command(line)
+        if isinstance(parsed, p.BadCommand) or parsed.keyword != "PASS":
+            # RFC 1939 section 7: PASS only immediately after a successful USER.
+            self._pending_user = None
         if isinstance(parsed, p.BadCommand):
             return self._protocol_error(p.ERR_BAD_SYNTAX.format(reason=parsed.reason))
         spec = COMMANDS.get(parsed.keyword)
@@ -494,8 +497,18 @@ class Session:
         finally:
             await self.close()
         log.info("maildrop updated", extra={**self.log_context, "event": f"expunged={len(uids)}"})
-        remaining = len(self._messages) - len(uids)
-        return Response(p.OK_BYE_UPDATED.format(count=remaining).encode(), after=After.CLOSE)
+        return Response(await self._farewell(self.user), after=After.CLOSE)
+
+    async def _farewell(self, user: str) -> bytes:
+        """QUIT's reply after UPDATE, counting what the maildrop holds now: mail that came
+        during the session is in it, and messages IMAP expunged meanwhile are not. The
+        deletions are committed already, so a count that cannot be read only shortens it."""
+        try:
+            remaining = (await self._mailstore.status(user, INBOX)).messages
+        except Exception:  # noqa: BLE001 - the reply stays +OK; logged at DEBUG
+            log.debug("no message count for QUIT", exc_info=True, extra=self.log_context)
+            return p.OK_BYE.encode()
+        return p.OK_BYE_UPDATED.format(count=remaining).encode()
 
 
 _AUTH = frozenset({State.AUTHORIZATION})

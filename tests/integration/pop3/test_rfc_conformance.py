@@ -164,6 +164,41 @@ async def test_stls_forgets_what_came_before_it(pop3: Pop3Stack) -> None:
     await asyncio.to_thread(dialog)
 
 
+async def test_pass_only_immediately_after_user(pop3: Pop3Stack) -> None:
+    """RFC 1939 section 7: PASS "may only be given in the AUTHORIZATION state immediately
+    after a successful USER command". Any command between them, a bad one included, forgets
+    the name; USER again starts over."""
+    raw = await Raw.open(pop3.port)
+    for between in ([b"CAPA"], [b"AUTH PLAIN", b"*"], [b"NOSUCH"], [b""]):
+        assert (await raw.send(f"USER {ALICE}\r\n".encode())).startswith(b"+OK")
+        for line in between:
+            reply = await raw.send(line + b"\r\n")
+            if line == b"CAPA":
+                assert reply == p.OK_CAPA.encode()
+                await raw.multiline()
+        assert await raw.send(f"PASS {USERS[ALICE]}\r\n".encode()) == \
+            p.ERR_NEED_USER.encode(), between
+    assert (await raw.send(f"USER {ALICE}\r\n".encode())).startswith(b"+OK")
+    assert (await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())).startswith(b"+OK")
+    await raw.send(b"QUIT\r\n")
+    await raw.close()
+
+
+async def test_quit_counts_what_the_maildrop_holds_after_update(pop3: Pop3Stack) -> None:
+    """The "(N messages left)" of QUIT is the maildrop after UPDATE, not the session's
+    snapshot less its deletions: mail that came during the session is left too."""
+    await pop3.deliver(ALICE, MSG1)
+    await pop3.deliver(ALICE, MSG2)
+    raw = await Raw.open(pop3.port)
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())
+    assert await raw.send(b"DELE 1\r\n") == p.OK_DELE.format(number=1).encode()
+    await pop3.deliver(ALICE, MSG1)
+    await pop3.deliver(ALICE, MSG1)
+    assert await raw.send(b"QUIT\r\n") == p.OK_BYE_UPDATED.format(count=3).encode()
+    await raw.close()
+
+
 async def test_pipelined_retrieval_and_deletion_in_order(pop3: Pop3Stack) -> None:
     """RFC 2449 section 6.6: with PIPELINING the server processes each command in turn;
     multi-line responses (RETR, TOP, LIST) come whole and in order, and the QUIT at the end
