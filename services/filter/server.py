@@ -177,12 +177,12 @@ class FilterSMTP(SMTP):
             return "", ""  # aiosmtpd answers its 501 syntax reply
         if self._reading_mail and self.envelope is not None and self.envelope.mail_from:
             return arg, ""  # not read: aiosmtpd answers 503 nested MAIL, whatever the path
-        if not is_utf8(arg):
-            return None, None  # 553 5.1.7/5.1.3: permanent, not a 451 for every retry
         parsed = parse_simple_path(arg) or parse_path(arg)
         if parsed is None:
             return None, None
         address, rest = parsed
+        if not is_utf8(address):
+            return None, None  # 553 5.1.7/5.1.3: permanent, not a 451 for every retry
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return address, rest
@@ -553,6 +553,8 @@ class FilterSMTP(SMTP):
         digits only. str.isdigit, which aiosmtpd relies on, also takes "²" (int() then fails:
         a 451 for a syntax error) and other scripts' digits. None: aiosmtpd answers its 501
         syntax reply."""
+        if not all(is_utf8(param) for param in params):
+            return None  # a parameter's fault, not the address's: 501, not 553
         result = parse_parameters(params)
         if result is None:
             return None

@@ -31,7 +31,9 @@ from common.topology import DELIVER_ROUTING_KEY, SCAN_ROUTING_KEY
 from services.filter.convert import peer_ip, tls_description, to_envelope
 from services.filter.hooks import hook_dir
 from services.filter.protocol import replies
+from services.filter.protocol.auth_results import claimed_by, without_claimed_results
 from services.filter.protocol.message import ReceivedInfo, received_header
+from services.filter.protocol.scan_headers import our_authserv_id
 from services.filter.rules import Rule, evaluate, format_headers
 from services.filter.stall import PublishWatch
 from services.filter.stats import WorkerStats
@@ -231,6 +233,7 @@ class FilterSession:
         txn = self._transaction(envelope)
         content = envelope.original_content
         assert isinstance(content, bytes)  # decode_data=False
+        content = self._without_forged_results(content, txn)
 
         @functools.cache  # asked for the lookup, then again if the publish fails
         def digest() -> str | None:
@@ -285,6 +288,17 @@ class FilterSession:
         routing_key = SCAN_ROUTING_KEY if decision.defer else DELIVER_ROUTING_KEY
         return await self._publish(message_envelope, head + content, envelope, digest,
                                    retry_of, routing_key, checks_ms)
+
+    def _without_forged_results(self, content: bytes, txn: Transaction) -> bytes:
+        """The message without Authentication-Results that claim our authserv-id or a domain
+        it is for (services/filter/protocol/auth_results.py)."""
+        claimed = claimed_by(our_authserv_id(self._policy.hostname),
+                             {r.address.rpartition("@")[2] for r in txn.recipients})
+        cleaned, removed = without_claimed_results(content, claimed)
+        if removed:
+            log.info("removed %d Authentication-Results field(s) in our name (RFC 8601 "
+                     "section 5)", removed, extra=self.log_extra(txn.queue_id))
+        return cleaned
 
     def _reuse_unconfirmed_queue_id(self, txn: Transaction, digest: str) -> bool:
         earlier = self._unconfirmed.queue_id_for(digest)

@@ -122,6 +122,12 @@ AUTH_RESULTS_HEADER = "Authentication-Results"
 _AUTHSERV_UNSAFE = re.compile(r"[^A-Za-z0-9.\-]")
 
 
+def our_authserv_id(hostname: str) -> str:
+    """The authserv-id our Authentication-Results carry: the host name, in the characters an
+    RFC 2045 `value` token allows."""
+    return _AUTHSERV_UNSAFE.sub("", hostname) or "localhost"
+
+
 def authentication_results(authserv_id: str, symbols: Iterable[str]) -> Header | None:
     """RFC 8601 section 2.2 `authserv-id; method=result; ...` for the methods whose symbols
     appear; None when none do (then there is nothing to say)."""
@@ -134,5 +140,4 @@ def authentication_results(authserv_id: str, symbols: Iterable[str]) -> Header |
                 break
     if not results:
         return None
-    server = _AUTHSERV_UNSAFE.sub("", authserv_id) or "localhost"
-    return (AUTH_RESULTS_HEADER, "; ".join([server, *results]))
+    return (AUTH_RESULTS_HEADER, "; ".join([our_authserv_id(authserv_id), *results]))

@@ -49,6 +49,25 @@ async def test_plain_message_is_queued_with_exact_bytes(worker: FilterWorker) ->
     assert worker.stats.accepted == 1
 
 
+async def test_authentication_results_in_our_name_are_removed(worker: FilterWorker) -> None:
+    """RFC 8601 section 5: a field claiming our authserv-id (the host name) or the domain the
+    mail is for is deleted before the message is queued, so no client shows a sender's own
+    `dmarc=pass` as ours; another ADMD's field stays, byte for byte, as does the body."""
+    foreign = b"Authentication-Results: mx.remote.test; spf=pass smtp.mailfrom=remote.test\r\n"
+    by_host = b"Authentication-Results: mx.test.invalid; dmarc=pass\r\n"
+    by_domain = (b"Authentication-Results: (ours?) example.test;\r\n"
+                 b"\tdkim=pass header.d=bank.test\r\n")
+    body = b"Authentication-Results: mx.test.invalid; spf=pass\r\n"
+    raw = message("forged results", body)
+    headers, _, _ = raw.partition(b"\r\n\r\n")
+    sent = by_host + headers + b"\r\n" + foreign + by_domain + b"\r\n" + body
+    assert await in_thread(send, worker.ports[0], sent, [ALICE]) == {}
+    [queued] = await drain_queue(worker.settings)
+    _, rest = split_received(queued.body)
+    assert rest == headers + b"\r\n" + foreign + b"\r\n" + body
+    assert queued.envelope.size == len(queued.body)
+
+
 async def test_reply_is_queued_with_the_queue_id(worker: FilterWorker) -> None:
     def transaction() -> tuple[int, bytes]:
         with connect(worker.ports[0]) as client:

@@ -78,6 +78,28 @@ async def test_octets_that_are_not_utf8_in_helo_and_paths_are_refused_for_good(
     assert queued.envelope.client_helo == "client.example"
 
 
+async def test_octets_that_are_not_utf8_in_a_parameter_blame_the_parameter(
+        worker: FilterWorker) -> None:
+    """A Latin-1 octet in a MAIL or RCPT parameter is a syntax error in the parameters
+    (501 5.5.4, RFC 5321 4.1.1.11), not a malformed address (553 5.1.7 blamed a path that
+    was fine); the same parameter in ASCII is one we do not know (555)."""
+    def dialog() -> list[str]:
+        client = RawClient(worker.ports[0])
+        client.reply()  # greeting
+        client.command(b"EHLO client.example\r\n")
+        answers = [client.command(f"MAIL FROM:<{SENDER}> ENVID=\xe9t\xe9\r\n".encode("latin-1")),
+                   client.command(f"MAIL FROM:<{SENDER}> ENVID=x\r\n".encode()),
+                   client.command(f"MAIL FROM:<{SENDER}>\r\n".encode()),
+                   client.command(f"RCPT TO:<{ALICE}> ORCPT=rfc822;\xe9\r\n".encode("latin-1")),
+                   client.command(f"RCPT TO:<{ALICE}>\r\n".encode())]
+        client.sock.close()
+        return answers
+
+    answers = await in_thread(dialog)
+    assert [answer[:9] for answer in answers] == [
+        "501 5.5.4", "555 5.5.4", "250 2.1.0", "501 5.5.4", "250 2.1.5"], answers
+
+
 async def test_relay_denied_554(worker: FilterWorker) -> None:
     def transaction() -> tuple[str, str]:
         with connect(worker.ports[0]) as client:

@@ -31,6 +31,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from common.rfc5322 import read_comment, read_quoted
 from services.store.imap.protocol import wire
 from services.store.imap.protocol.command import Section
 
@@ -535,11 +536,11 @@ def _tokenize(value: str) -> list[_Token]:
             space = True
             i += 1
         elif ch == "(":
-            i, comment = _read_comment(value, i)
+            i, comment = read_comment(value, i)
             tokens.append(_Token("comment", comment, space))
             space = True
         elif ch == '"':
-            i, text = _read_quoted(value, i)
+            i, text = read_quoted(value, i)
             tokens.append(_Token("quoted", text, space))
             space = False
         elif ch == "[":
@@ -558,45 +559,6 @@ def _tokenize(value: str) -> list[_Token]:
             i, space = j, False
     return tokens
 
-
-def _read_comment(value: str, i: int) -> tuple[int, str]:
-    depth = 0
-    text: list[str] = []
-    while i < len(value):
-        ch = value[i]
-        if ch == "\\" and i + 1 < len(value):
-            text.append(value[i + 1])
-            i += 2
-            continue
-        if ch == "(":
-            depth += 1
-            if depth > 1:
-                text.append(ch)
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                return i + 1, "".join(text)
-            text.append(ch)
-        else:
-            text.append(ch)
-        i += 1
-    return i, "".join(text)
-
-
-def _read_quoted(value: str, i: int) -> tuple[int, str]:
-    text: list[str] = []
-    i += 1
-    while i < len(value):
-        ch = value[i]
-        if ch == "\\" and i + 1 < len(value):
-            text.append(value[i + 1])
-            i += 2
-            continue
-        if ch == '"':
-            return i + 1, "".join(text)
-        text.append(ch)
-        i += 1
-    return i, "".join(text)
 
 
 def _phrase(tokens: list[_Token]) -> str | None:

@@ -1,0 +1,79 @@
+"""Authentication-Results in our name removed from incoming mail (RFC 8601 section 5)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.filter.protocol.auth_results import (
+    authserv_id_of,
+    claimed_by,
+    without_claimed_results,
+)
+
+OURS = claimed_by("mx.test.invalid", ["example.test", "bücher.example"])
+BODY = b"\r\nAuthentication-Results: mx.test.invalid; dmarc=pass\r\n"
+
+
+def head(*fields: bytes) -> bytes:
+    return b"From: a@remote.test\r\n" + b"".join(fields) + b"Subject: hi\r\n"
+
+
+def test_a_message_without_the_field_is_returned_as_it_is() -> None:
+    content = head() + BODY
+    cleaned, removed = without_claimed_results(content, OURS)
+    assert cleaned is content and removed == 0
+
+
+@pytest.mark.parametrize("field", [
+    b"Authentication-Results: mx.test.invalid; dmarc=pass\r\n",
+    b"authentication-results:MX.Test.Invalid.; spf=pass\r\n",
+    b"Authentication-Results : (comment (nested)) mx.test.invalid 1; dkim=pass\r\n",
+    b'Authentication-Results: "mx.test.invalid"; dkim=pass\r\n',
+    b"Authentication-Results: mx.test.invalid;\r\n\tspf=pass smtp.mailfrom=a@b\r\n dmarc=pass\r\n",
+    b"Authentication-Results: example.test; dmarc=pass\r\n",
+    b"Authentication-Results: mail.example.test; none\r\n",
+    b"Authentication-Results: xn--bcher-kva.example; dmarc=pass\r\n",
+    b"Authentication-Results: a.mx.test.invalid; spf=pass\r\n",
+])
+def test_a_field_in_our_name_is_removed_whole(field: bytes) -> None:
+    cleaned, removed = without_claimed_results(head(field) + BODY, OURS)
+    assert (cleaned, removed) == (head() + BODY, 1)
+
+
+@pytest.mark.parametrize("field", [
+    b"Authentication-Results: mx.google.com; dmarc=pass\r\n",
+    b"Authentication-Results: notexample.test; dmarc=pass\r\n",
+    b"Authentication-Results: test.invalid; spf=pass\r\n",
+    b"Authentication-Results: ; spf=pass\r\n",
+    b"Authentication-Results:\r\n",
+    b"X-Authentication-Results: mx.test.invalid; spf=pass\r\n",
+])
+def test_fields_of_others_stay(field: bytes) -> None:
+    content = head(field) + BODY
+    assert without_claimed_results(content, OURS) == (content, 0)
+
+
+def test_only_ours_go_among_several_and_the_body_is_not_touched() -> None:
+    foreign = b"Authentication-Results: mx.google.com; spf=pass\r\n"
+    ours = b"Authentication-Results: mx.test.invalid; dmarc=pass\r\n"
+    content = ours + head(foreign, ours) + ours + BODY
+    cleaned, removed = without_claimed_results(content, OURS)
+    assert (cleaned, removed) == (head(foreign) + BODY, 3)
+
+
+def test_a_message_that_is_all_header() -> None:
+    content = b"Subject: x\r\nAuthentication-Results: mx.test.invalid; spf=pass"
+    assert without_claimed_results(content, OURS) == (b"Subject: x\r\n", 1)
+
+
+@pytest.mark.parametrize(("value", "identifier"), [
+    (b" mx.test.invalid; spf=pass", "mx.test.invalid"),
+    (b" (a \\) b) MX.test.invalid. 1; none", "mx.test.invalid"),
+    (b' "mx\\".test"; none', 'mx".test'),
+    (b"\r\n mx.test.invalid; none", "mx.test.invalid"),
+    (b" (unclosed", ""),
+    (b' "unclosed', "unclosed"),
+    (b"", ""),
+])
+def test_authserv_id_of(value: bytes, identifier: str) -> None:
+    assert authserv_id_of(value) == identifier
