@@ -154,6 +154,16 @@ class Consumer:
                 self._pace.arrived()
                 self._more.set()
 
+            # The broker cancels a consumer whose queue was deleted (or became unavailable)
+            # and keeps the channel open: without a new session nothing would be consumed
+            # again, while the status said "connected".
+            cancelled: list[str] = []
+
+            def on_cancel(frame: Basic.Cancel) -> None:
+                cancelled.append(str(frame.consumer_tag))
+                inbox.put_nowait(None)
+
+            channel.on_consumer_cancel_callbacks.add(on_cancel)
             consumer_tags = []
             # aiormq waits for these answers without a deadline: a broker gone quiet here
             # would stop delivery until the heartbeat noticed, minutes later.
@@ -175,7 +185,7 @@ class Consumer:
             self.consuming.set()
             log.info("consuming %s and %s", self._topology.deliver_queue,
                      self._topology.large_queue, extra={"event": "amqp-connected"})
-            await self._loop(connection, channel, publisher, inbox)
+            await self._loop(connection, channel, publisher, inbox, cancelled)
             for tag in consumer_tags:
                 if not channel.is_closed and tag:
                     with contextlib.suppress(Exception):
@@ -186,7 +196,8 @@ class Consumer:
 
     async def _loop(self, connection: AbstractConnection, channel: AbstractChannel,
                     publisher: AbstractChannel,
-                    inbox: asyncio.Queue[DeliveredMessage | None]) -> None:
+                    inbox: asyncio.Queue[DeliveredMessage | None],
+                    cancelled: list[str]) -> None:
         # A None in the inbox wakes the loop up to look at the stop flag and the connection.
         def wake(_: object) -> None:
             inbox.put_nowait(None)
@@ -212,6 +223,11 @@ class Consumer:
                 if closing.done():
                     closing.result()  # raises the reason, if any
                     raise ConnectionError("broker connection closed")
+                if cancelled:
+                    # A new session declares the topology again (the queue, if deleted)
+                    # and consumes anew; what was unacked goes back to the queue.
+                    raise ConnectionError(f"the broker cancelled consumer {cancelled[0]} "
+                                          "(its queue deleted or unavailable?)")
         finally:
             closing.remove_done_callback(wake)
             closing.cancel()  # the observer ends: aiormq takes its callback off the connection

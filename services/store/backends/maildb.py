@@ -1756,6 +1756,14 @@ class MailDB:
                 removed += self._sweep_user(user)
             except NoSuchUser:
                 log.warning("sweep: skipping unsafe directory name %r", user)
+            except (sqlite3.DatabaseError, OSError) as exc:
+                # One damaged index must not keep every other account from being served:
+                # the store starts, and this user's mail waits (or is dead-lettered) until
+                # the index is repaired. Its orphan files, if any, stay for a full sweep.
+                log.error("sweep: the index of %s cannot be used (%s: %s): its mail is not "
+                          "served until it is repaired or restored; the other accounts are",
+                          user, type(exc).__name__, exc,
+                          extra={"event": "sweep-index-unusable", "user": user})
         if journal.exists():
             if self._journal_fd is not None:
                 os.ftruncate(self._journal_fd, 0)
@@ -2281,6 +2289,9 @@ def _place_files(base: Path, makers: list[tuple[str, Callable[[Path, Path], None
     created: list[Path] = []
     try:
         dirs: set[Path] = set()
+        if not (base / "tmp").is_dir():
+            # A restored backup holds only the files with data (docs/operations.md): no tmp/.
+            _makedirs_durable(base / "tmp")
         for guid, make in makers:
             final_dir = base / "m" / guid[:2]
             if not final_dir.is_dir():

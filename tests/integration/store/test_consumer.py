@@ -537,6 +537,24 @@ async def test_reconnects_after_broker_connection_loss(store: Running) -> None:
     await wait_for(lambda: store.consumer.stats.delivered >= 2, what="delivery after reconnect")
 
 
+async def test_a_consumer_the_broker_cancels_consumes_again(store: Running) -> None:
+    """The broker cancels a consumer whose queue is deleted and leaves the channel open;
+    the store sat on it for good (status "connected", nothing consumed) until a restart. It
+    now starts a new session, which declares the queue again and consumes it."""
+    await publish_all(store.settings, [make_message(ALICE)])
+    await wait_for(lambda: store.consumer.stats.delivered >= 1, what="first delivery")
+    connection, channel = await open_channel(store.settings.amqp_url,
+                                             store.settings.topology, 10, confirms=False)
+    try:
+        await channel.queue_delete(store.settings.topology.deliver_queue)
+    finally:
+        await close_connection(connection)
+    await wait_for(lambda: store.consumer.stats.connections >= 2 and
+                   store.consumer.consuming.is_set(), what="a new session")
+    await publish_all(store.settings, [make_message(ALICE)])
+    await wait_for(lambda: store.consumer.stats.delivered >= 2, what="delivery after it")
+
+
 async def test_a_broker_quiet_mid_set_up_is_given_up_on_and_reconnected(
         settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """The broker answers the consumer's basic.qos and then nothing (a node that hangs, a

@@ -145,6 +145,31 @@ async def test_orphan_sweep(tmp_path: Path, inline_max: int) -> None:
         await db.close()
 
 
+async def test_a_damaged_index_does_not_stop_the_sweep_of_the_others(
+        tmp_path: Path, inline_max: int, caplog: pytest.LogCaptureFixture) -> None:
+    """After an unclean stop the sweep opens the index of every user in the journal; one
+    that is not a database any more stopped the whole store's start, at every restart."""
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
+    await db.deliver([delivery("q1"), delivery("q2", BOB)])
+    orphan = db.user_path(ALICE) / "tmp" / ("cd" + "1" * 30)
+    orphan.write_bytes(b"half")
+    await db.close()
+    index = db.user_path(BOB) / "index.sqlite"
+    index.write_bytes(b"\xff" * 100 + index.read_bytes()[100:])
+    (db.root / "inflight").write_text(f"{BOB}\n{ALICE}\n")
+
+    db = MailDB(tmp_path / "mail", inline_max=inline_max)
+    try:
+        result = await db.sweep()
+        assert (result.users, result.files_removed) == (2, 1) and not orphan.exists()
+        [unusable] = [r for r in caplog.records if r.msg.startswith("sweep: the index of")]
+        assert unusable.levelname == "ERROR" and BOB in unusable.getMessage()
+        assert [m.uid for m in await db.list_messages(ALICE)] == [1]
+        assert (await db.sweep()).users == 0  # the journal is cleared all the same
+    finally:
+        await db.close()
+
+
 @pytest.mark.parametrize("bad", [
     "../etc@x.test", "a/b@x.test", "a\x00@x.test", "..", ".hidden@x.test", "", "noat",
     "UPPER@x.test", "a\\b@x.test", "x" * 300 + "@x.test", "a\n@x.test",
