@@ -41,7 +41,12 @@ from common.settings import Settings
 from services.filter.convert import peer_ip
 from services.filter.hooks import BoundHooks, hook_dir, hooks_hidden
 from services.filter.protocol import replies
-from services.filter.protocol.address import is_utf8, parse_path, parse_simple_path
+from services.filter.protocol.address import (
+    is_utf8,
+    parse_legacy_sender,
+    parse_path,
+    parse_simple_path,
+)
 from services.filter.protocol.data import DataError, DataReceiver, DataResult
 from services.filter.protocol.parameters import (
     MAIL_SYNTAX,
@@ -178,6 +183,8 @@ class FilterSMTP(SMTP):
         if self._reading_mail and self.envelope is not None and self.envelope.mail_from:
             return arg, ""  # not read: aiosmtpd answers 503 nested MAIL, whatever the path
         parsed = parse_simple_path(arg) or parse_path(arg)
+        if parsed is None and self._reading_mail:
+            parsed = parse_legacy_sender(arg)
         if parsed is None:
             return None, None
         address, rest = parsed

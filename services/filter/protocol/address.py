@@ -71,6 +71,26 @@ def parse_path(arg: str) -> tuple[str, str] | None:
     return None
 
 
+# Sender addresses outside that grammar that real mail still comes from: dots doubled,
+# leading or trailing in a local part (old Japanese mobile carriers' addresses), "_" in a
+# domain label (hosts named under Windows). Postfix takes them by default
+# (strict_rfc821_envelopes = no), so a sender that reaches every other system would get a
+# permanent 553 from us alone. As a reverse-path only: recipients are our own addresses.
+_LEGACY_LOCAL = rf"\.*{_ATEXT_UTF8}(?:{_ATEXT_UTF8}|\.)*"
+_LEGACY_LABEL = rf"[A-Za-z0-9_{_UTF8}](?:[A-Za-z0-9_{_UTF8}-]*[A-Za-z0-9_{_UTF8}])?"
+_LEGACY_SENDER = re.compile(
+    rf"\s*<({_LEGACY_LOCAL}@{_LEGACY_LABEL}(?:\.{_LEGACY_LABEL})*)>(?:\s+(.*)|)", re.DOTALL)
+
+
+def parse_legacy_sender(arg: str) -> tuple[str, str] | None:
+    """(address, parameters) of a MAIL FROM path that only the leniency above takes, else
+    None; the address exactly as written."""
+    match = _LEGACY_SENDER.fullmatch(arg)
+    if match is None:
+        return None
+    return match.group(1), match.group(2) or ""
+
+
 _DOT_STRING_RE = re.compile(_DOT_STRING)
 _QUOTED_PAIR_RE = re.compile(r"\\(.)")
 

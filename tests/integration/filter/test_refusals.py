@@ -165,6 +165,27 @@ async def test_malformed_paths_are_refused_not_rewritten(worker: FilterWorker) -
     assert [r.address for r in queued.envelope.recipients] == [ALICE]
 
 
+async def test_senders_with_doubled_dots_or_underscores_are_taken_recipients_not(
+        worker: FilterWorker) -> None:
+    """Real senders outside RFC 5321's grammar (`taro..yamada.@docomo.ne.jp`, a host named
+    `mail_srv`) reach every Postfix with its defaults, and got a permanent 553 5.1.7 here.
+    Taken as written for MAIL FROM; a recipient so written is still 553 5.1.3."""
+    legacy = "taro..yamada.@mail_srv.remote.test"
+
+    def transaction() -> list[int]:
+        with connect(worker.ports[0]) as client:
+            client.ehlo()
+            codes = [client.docmd("MAIL", f"FROM:<{legacy}> BODY=8BITMIME")[0],
+                     client.docmd("RCPT", "TO:<alice..x@example.test>")[0],
+                     client.rcpt(ALICE)[0]]
+            assert client.data(message("from a sloppy sender"))[0] == 250
+            return codes
+
+    assert await in_thread(transaction) == [250, 553, 250]
+    [queued] = await drain_queue(worker.settings)
+    assert queued.envelope.mail_from == legacy
+
+
 async def test_odd_vrfy_and_size_arguments_get_syntax_replies_not_internal_errors(
         worker: FilterWorker, caplog: pytest.LogCaptureFixture) -> None:
     """A SIZE of digits from outside ASCII ("²", Arabic-Indic) passed aiosmtpd's isdigit and

@@ -9,7 +9,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.filter.protocol.address import parse_path, parse_simple_path
+from services.filter.protocol.address import parse_legacy_sender, parse_path, parse_simple_path
 
 
 def aiosmtpd_parse(arg: str) -> tuple[str | None, str | None]:
@@ -85,3 +85,24 @@ def test_well_formed_paths_parse_as_aiosmtpd_did(arg: str) -> None:
 ])
 def test_malformed_paths_are_refused(arg: str) -> None:
     assert parse_path(arg) is None
+
+
+@pytest.mark.parametrize(("arg", "address", "rest"), [
+    ("<taro..yamada.@docomo.ne.jp>", "taro..yamada.@docomo.ne.jp", ""),
+    ("<.a@example.org> SIZE=10", ".a@example.org", "SIZE=10"),
+    ("<bounce@mail_srv.example.com> BODY=8BITMIME", "bounce@mail_srv.example.com",
+     "BODY=8BITMIME"),
+    ("<_a@_srv.example>", "_a@_srv.example", ""),
+])
+def test_sloppy_senders_are_taken_as_written(arg: str, address: str, rest: str) -> None:
+    assert parse_path(arg) is None
+    assert parse_legacy_sender(arg) == (address, rest)
+
+
+@pytest.mark.parametrize("arg", [
+    "<a b@example.org>", "<a(comment)b@example.org>", "<...@example.org>", "<a@>",
+    "<a@exa mple.org>", "<a@-bad.example>", "<a@example..org>", "<a@example.org",
+    "<a@example.org>SIZE=1", "<>", "<a\r\n@example.org>", "<a@example.org.>",
+])
+def test_the_sender_leniency_stops_at_dots_and_underscores(arg: str) -> None:
+    assert parse_legacy_sender(arg) is None
