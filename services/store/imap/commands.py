@@ -244,7 +244,7 @@ async def select(s: Session, c: Command) -> r.Reply:
     lines = [
         wire.untagged(b"FLAGS " + selected.flag_list()),
         wire.untagged(b"OK [PERMANENTFLAGS "
-                      + (b"()" if readonly else selected.permanent_flags())
+                      + selected.permanent_flags()
                       + b"] Flags permitted"),
         wire.untagged(b"%d EXISTS" % selected.count),
         wire.untagged(b"%d RECENT" % selected.recent_count),

@@ -79,6 +79,9 @@ class SelectedMailbox:
         # The MailDB.version(user) the state reflects: equal means nothing to query.
         self.version = version
         self._gone: set[int] = set()  # expunged in storage, not yet announced
+        # While expunges wait: the HIGHESTMODSEQ before the first of them, below their
+        # mod-sequences (they came after it), for a client to resynchronise from.
+        self._before_gone: int | None = None
         self._flag_updates: set[int] = set()  # flags changed by someone else, not announced
         self._recent: set[int] = set(self._uids[bisect.bisect_left(self._uids, recent_from):])
         self._announced_count = len(self._uids)
@@ -173,6 +176,8 @@ class SelectedMailbox:
         (the caller may claim them as \\Recent). Nothing is announced until `updates()`."""
         for uid in changes.expunged:
             if self.position_of(uid) is not None:
+                if self._before_gone is None:
+                    self._before_gone = self.highestmodseq
                 self._gone.add(uid)
                 self._flag_updates.discard(uid)
         new: list[int] = []
@@ -243,6 +248,12 @@ class SelectedMailbox:
             lines.append(wire.untagged(b"%d RECENT" % len(self._recent)))
         if self._flag_updates:
             lines.extend(self._announce_flags(condstore))
+        if qresync and self._gone and self._before_gone is not None:
+            # RFC 5162 erratum 1810, kept by RFC 7162: MODSEQs above held-back expunges (in
+            # these FETCHes or the command's own) must not become the client's resync
+            # point, or a connection lost now would hide the expunges from it for good.
+            lines.append(wire.untagged(b"OK [HIGHESTMODSEQ %d] Expunges pending"
+                                       % self._before_gone))
         return lines
 
     def keyword_announcement(self) -> list[bytes]:
@@ -291,6 +302,8 @@ class SelectedMailbox:
         self._recent -= uids
         self._flag_updates -= uids
         self._gone -= uids
+        if not self._gone:
+            self._before_gone = None
 
     def _announce_flags(self, condstore: bool) -> list[bytes]:
         positions = [self.position_of(uid) for uid in sorted(self._flag_updates)]
@@ -331,6 +344,8 @@ class SelectedMailbox:
         return wire.flag_list([*SYSTEM_FLAGS, *self.keywords])
 
     def permanent_flags(self) -> bytes:
+        if self.readonly:
+            return b"()"  # RFC 3501 7.1: none can be changed in a read-only mailbox
         # "\*": clients may create new keywords (RFC 3501 7.1).
         more = ["\\*"] if len(self.keywords) < MAX_KEYWORDS else []
         return wire.flag_list([*SYSTEM_FLAGS, *self.keywords, *more])

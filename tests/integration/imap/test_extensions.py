@@ -450,6 +450,70 @@ async def test_qresync_select_reports_vanished_earlier(server: Server, deliver: 
 
 
 
+async def test_modseqs_sent_while_expunges_wait_come_with_a_highestmodseq_below_them(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """RFC 5162 erratum 1810 (kept in RFC 7162): a FETCH by sequence number may not hear of
+    another session's expunge (RFC 3501 7.4.1), but its MODSEQs are above that expunge's.
+    `OK [HIGHESTMODSEQ n]` below the expunge follows them, so a client whose connection
+    drops now resynchronises from n and is told of the expunge (it never was, before)."""
+    await fill(deliver, 3)
+    uids = await uids_of(maildb)
+    uidvalidity = (await maildb.status(ALICE)).uidvalidity
+
+    def dialog() -> None:
+        raw, other = server.raw(ALICE), server.raw(ALICE)
+        raw.ok("ENABLE QRESYNC")
+        raw.ok("SELECT INBOX")
+        other.ok("SELECT INBOX")
+        other.ok(f"UID STORE {uids[0]} +FLAGS.SILENT (\\Deleted)")
+        other.ok(f"UID EXPUNGE {uids[0]}")
+        other.ok(f"UID STORE {uids[1]} +FLAGS (\\Flagged)")
+        fetched = raw.ok("FETCH 1 (FLAGS)")
+        assert not fetched.lines(b"VANISHED")
+        seen = max(attrs(e)[b"MODSEQ"][0] for e in fetched.parsed(b"FETCH")
+                   if b"MODSEQ" in attrs(e))
+        floors = [int(line.split(b"[HIGHESTMODSEQ ")[1].split(b"]")[0])
+                  for line in fetched.untagged if b"[HIGHESTMODSEQ " in line]
+        assert floors and fetched.untagged[-1].startswith(b"* OK [HIGHESTMODSEQ ")
+        resync_from = floors[-1]  # the last one a client saw is where it resumes
+        assert resync_from < seen
+        raw.close()  # the connection drops before any command may announce the expunge
+
+        again = server.raw(ALICE)
+        again.ok("ENABLE QRESYNC")
+        reply = again.ok(f"SELECT INBOX (QRESYNC ({uidvalidity} {resync_from}))")
+        assert reply.lines(b"VANISHED") == [f"* VANISHED (EARLIER) {uids[0]}".encode()]
+        again.close()
+        other.close()
+
+    await in_thread(dialog)
+
+
+async def test_examine_offers_no_permanent_flags_when_keywords_appear(
+        server: Server, deliver: Deliver) -> None:
+    """RFC 3501 7.1: PERMANENTFLAGS lists what the client can change for good, nothing in a
+    read-only mailbox; a keyword another session made was announced with every flag and \\*
+    to an EXAMINE session, whose STORE is still NO [READ-ONLY]."""
+    await fill(deliver, 1)
+
+    def dialog() -> None:
+        raw, other = server.raw(ALICE), server.raw(ALICE)
+        examined = raw.ok("EXAMINE INBOX")
+        assert [line for line in examined.untagged if b"PERMANENTFLAGS" in line] == [
+            b"* OK [PERMANENTFLAGS ()] Flags permitted"]
+        other.ok("SELECT INBOX")
+        other.ok("STORE 1 +FLAGS (NewKeyword1)")
+        noop = raw.ok("NOOP")
+        assert any(b"NewKeyword1" in line for line in noop.lines(b"FLAGS"))
+        assert [line for line in noop.untagged if b"PERMANENTFLAGS" in line] == [
+            b"* OK [PERMANENTFLAGS ()] Flags permitted"]
+        assert raw.command("STORE 1 +FLAGS (\\Seen)").status == "NO"
+        raw.close()
+        other.close()
+
+    await in_thread(dialog)
+
+
 async def test_select_with_qresync_before_enable_is_refused_and_keeps_the_mailbox(
         server: Server, deliver: Deliver) -> None:
     """RFC 7162 3.2.5: SELECT (QRESYNC ...) without ENABLE QRESYNC is a BAD, and a command
