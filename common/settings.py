@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from common.topology import Topology
 
@@ -53,7 +53,16 @@ POSITIVE = frozenset({
     "imap_literal_memory", "imap_fetch_memory", "imap_max_line", "imap_max_connections",
     "imap_max_errors"})
 SIGNED = frozenset({"spamassassin_reject_score"})  # any finite number
-MAXIMUM = {"store_prefetch": 65535}  # AMQP basic.qos prefetch-count is a short
+MAX_INTEGER = 2**63 - 1  # what SQLite's INTEGER and AMQP's long-long hold
+MAX_QUOTA = MAX_INTEGER
+MAXIMUM = {
+    "store_prefetch": 65535,  # AMQP basic.qos prefetch-count is a short
+    "delivery_attempts": 2**31 - 1,  # the queue's x-delivery-limit: a signed 32-bit long
+}
+# Query parameters of TIERMAIL_AMQP_URL that every AMQP client of ours reads the same way:
+# aiormq (filter, store) and pika (the spam learner, through dramatiq). aiormq's TLS ones
+# (cafile, certfile, ...) and its `name` make pika refuse the URL.
+AMQP_URL_PARAMETERS = ("heartbeat", "frame_max", "channel_max")
 MAX_QUEUE_PREFIX = 200  # room for the longest name's suffix (".deliver.large", dramatiq's)
 SCANNER_ADDRESSES = ("spamd_address", "clamd_address")
 URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "redis_url": ("redis", "rediss", "unix"),
@@ -327,8 +336,9 @@ def _check(name: str, value: Any) -> None:
             raise bad("must be 0 or more")
         if name == "store_space_reserve" and 0 < value < MIB:
             raise bad("0 (none) or at least 1048576 (1 MiB): less frees too little to start")
-        if value > MAXIMUM.get(name, math.inf):
-            raise bad(f"at most {MAXIMUM[name]}")
+        limit = MAXIMUM.get(name, MAX_INTEGER if isinstance(value, int) else math.inf)
+        if value > limit:
+            raise bad(f"at most {limit}")
     elif name in URL_SCHEMES:
         _check_url(name, value, bad)
     elif name == "rate_limit_exempt":
@@ -402,6 +412,37 @@ def _check_url(name: str, value: str, bad: Any) -> None:
         database = parts.path.strip("/")
         if database and not database.isdigit():
             raise bad("the path is the database number: /0, /1, ...")
+    if name == "redis_url" and parts.query:
+        _check_redis_options(value, bad)
+    if name == "amqp_url" and parts.query:
+        _check_amqp_options(value, parts.query, bad)
+
+
+def _check_redis_options(url: str, bad: Any) -> None:
+    """Query options redis-py takes: a value it cannot read raised at the first client, a
+    name it does not know at the first connection, each a traceback in every tier."""
+    import redis.asyncio  # here: only a URL with options pays for the import
+
+    try:
+        pool = redis.asyncio.ConnectionPool.from_url(url)
+        pool.connection_class(**pool.connection_kwargs)  # builds, does not connect
+    except (TypeError, ValueError) as exc:
+        raise bad(f"an option Redis's client does not take: {exc}") from None
+
+
+def _check_amqp_options(url: str, query: str, bad: Any) -> None:
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in AMQP_URL_PARAMETERS:
+            raise bad(f"query parameter {key!r}: only {', '.join(AMQP_URL_PARAMETERS)} "
+                      "work in every tier (the spam learner's client refuses others)")
+        if not _is_decimal(value):
+            raise bad(f"query parameter {key!r}: a whole number")
+    import pika  # the stricter of the two clients on the values' ranges
+
+    try:
+        pika.URLParameters(url)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
 
 
 def is_loopback(host: str) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from common.directory import MAX_ALIAS_DEPTH, normalize_address, normalize_domain
 from common.listen import CannotStart, lock_directory
 from common.logs import setup_logging
-from common.settings import Settings, SettingsError
+from common.settings import MAX_QUOTA, Settings, SettingsError
 from services.store.backends.accounts import AccountDB, AccountDBUnusable
 
 EXIT_USAGE = 2
@@ -30,6 +30,10 @@ T = TypeVar("T")
 
 class CommandError(Exception):
     """A failure to report to the operator in one line, without a traceback."""
+
+
+class UsageError(CommandError):
+    """Arguments that do not go together (argparse cannot say): exit code 2, as its own."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except SettingsError as exc:
         print(f"tiermail: bad setting: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"tiermail: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CommandError as exc:
         print(f"tiermail: {exc}", file=sys.stderr)
@@ -336,7 +343,7 @@ def _act_on_held(settings: Settings, args: argparse.Namespace, action: Callable[
     from services.heldmail import MAX_TAKEN, Outcome, grouped
 
     if args.all == bool(args.queue_ids):
-        raise CommandError("name the messages by queue id, or give --all")
+        raise UsageError("name the messages by queue id, or give --all")
     wanted = set(args.queue_ids)
     outcome = Outcome()
     try:
@@ -686,9 +693,6 @@ def parse_size(text: str) -> int | None:
     return int(octets)
 
 
-MAX_QUOTA = 2**63 - 1  # what the account database's INTEGER holds
-
-
 def format_size(octets: int) -> str:
     for unit in ("T", "G", "M", "K"):
         if octets >= _SIZE_UNITS[unit] and octets % _SIZE_UNITS[unit] == 0:
@@ -804,7 +808,7 @@ def uidvalidity_renew(settings: Settings, args: argparse.Namespace) -> int:
     from services.store.mailbox import NoSuchUser, StorageError
 
     if args.all == bool(args.addresses):
-        raise CommandError("name the accounts by address, or give --all")
+        raise UsageError("name the accounts by address, or give --all")
     root = settings.store_dir / MAIL_DIR
     try:
         lock = lock_directory(settings.store_dir, "store")

@@ -688,7 +688,7 @@ async def test_dead_letters_are_listed_then_retried_once_the_account_exists(
     unknown = await asyncio.to_thread(run_cli, store.settings, "deadletters", "retry", "NOPE")
     assert unknown.returncode == 1 and "NOPE: not dead-lettered" in unknown.stderr
     assert (await asyncio.to_thread(run_cli, store.settings, "deadletters", "retry")
-            ).returncode == 1  # neither queue ids nor --all
+            ).returncode == 2  # neither queue ids nor --all: usage
     assert await store.dead() == 2
 
     with AccountDB.for_store(store.settings.store_dir) as accounts:

@@ -205,7 +205,7 @@ def test_named_accounts_only_and_unknown_ones_refused(settings: Settings,
                            "alcie@example.org; nothing was changed\n")
     assert typo.stdout == ""
     neither = run_cli(settings, "uidvalidity", "renew")
-    assert neither.returncode == 1 and "or give --all" in neither.stderr
+    assert neither.returncode == 2 and "or give --all" in neither.stderr  # usage
 
     done = tiermail(settings, "uidvalidity", "renew", "Alice@Example.org", BOB).stdout
     assert renewed_range(done, ALICE)

@@ -127,6 +127,19 @@ def test_a_largest_message_rspamd_would_drop_is_refused_by_name() -> None:
     ("TIERMAIL_QUEUE_PREFIX", "q" * 250),
     # A reserve this small frees too little for a store to start on a full disk.
     ("TIERMAIL_STORE_SPACE_RESERVE", "4096"),
+    # aiormq takes these; the learner's pika refused them: a traceback, restarted forever.
+    ("TIERMAIL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/x?name=store1"),
+    ("TIERMAIL_AMQP_URL", "amqps://u:p@mq.internal/x?cafile=/etc/ssl/ca.pem"),
+    ("TIERMAIL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/x?heartbeat=abc"),
+    ("TIERMAIL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/x?frame_max=1"),
+    # redis-py refused these at the first client or connection: a traceback in every tier.
+    ("TIERMAIL_REDIS_URL", "redis://127.0.0.1:6379/1?socket_timeout=abc"),
+    ("TIERMAIL_REDIS_URL", "redis://127.0.0.1:6379/1?bogus=1"),
+    # Past what the broker's x-delivery-limit or a quota's INTEGER holds: the filter
+    # answered 451 to all mail; IMAP QUOTA sent a number outside RFC 9208's number64.
+    ("TIERMAIL_DELIVERY_ATTEMPTS", str(2**31)),
+    ("TIERMAIL_DEFAULT_QUOTA", str(2**63)),
+    ("TIERMAIL_MAX_MESSAGE_SIZE", "9" * 30),
 ])
 def test_values_no_tier_can_work_with_are_refused_by_name(name: str, value: str) -> None:
     """Each was taken as it was, and a tier failed later with a traceback (a scanner
@@ -156,6 +169,9 @@ def test_two_listeners_on_one_port_are_refused_by_name(env: dict[str, str],
     ("TIERMAIL_REDIS_URL", "redis://:pw@redis.internal:6380/3"),
     ("TIERMAIL_REDIS_URL", "unix:///run/redis/redis.sock?db=2"),
     ("TIERMAIL_AMQP_URL", "amqps://u:p@mq.internal/tiermail-b"),
+    ("TIERMAIL_AMQP_URL", "amqp://u:p@mq.internal/b?heartbeat=30&frame_max=131072"),
+    ("TIERMAIL_REDIS_URL", "redis://redis.internal:6379/1?socket_timeout=2.5"),
+    ("TIERMAIL_DELIVERY_ATTEMPTS", str(2**31 - 1)), ("TIERMAIL_DEFAULT_QUOTA", str(2**63 - 1)),
     ("TIERMAIL_RATE_LIMIT_EXEMPT", ""), ("TIERMAIL_LEARN", ""),
     ("TIERMAIL_HOSTNAME", "mail.xn--bcher-kva.example"),
     ("TIERMAIL_SMTP_PORT", " 2525 "), ("TIERMAIL_SCAN_TIMEOUT", "1e1"),
