@@ -100,9 +100,9 @@ def _cut_off_filters(beats: list[dict[str, Any]]) -> list[str]:
 
 # What a filter does with mail while a scanner does not answer (TIERMAIL_SCAN_FAILURE).
 _WHILE_SCANNER_DOWN = {
-    "tempfail": "messages get 451 4.7.0 until it answers",
+    "tempfail": "messages get 451 4.7.0 until it scans again",
     "accept": "messages are accepted without its scan",
-    "defer": "messages wait unscanned in {scan_queue} until it answers",
+    "defer": "messages wait unscanned in {scan_queue} until it scans again",
 }
 
 
@@ -118,11 +118,18 @@ def _scanners_down(beats: list[dict[str, Any]], settings: Settings) -> list[str]
         policy = str(beat.get("scan_failure", ""))
         effect = _WHILE_SCANNER_DOWN.get(policy, "").format(
             scan_queue=settings.topology.scan_queue)
+        failing = beat.get("scanners_failing")
+        failing = failing if isinstance(failing, dict) else {}
         for scanner, since in sorted(down.items()):
             problems.append(
                 f"filter {beat.get('host')}:{beat.get('pid')}: {scanner} has not answered for "
                 f"{max(now - since, 0):.0f} s: {effect} (TIERMAIL_SCAN_FAILURE={policy}; "
                 "the filter log says why)")
+        for scanner, since in sorted(failing.items()):
+            problems.append(
+                f"filter {beat.get('host')}:{beat.get('pid')}: {scanner} answers pings, but "
+                f"its scans have failed for {max(now - since, 0):.0f} s (none passed since): "
+                f"{effect} (TIERMAIL_SCAN_FAILURE={policy}; the filter log says why)")
     return problems
 
 

@@ -182,7 +182,8 @@ def _health(server: FilterServer, stats: WorkerStats, publisher: MessagePublishe
     return {"ports": server.ports, "data_held": server.data_held,
             "broker_connected": publisher.connected,
             "broker_not_confirming": publisher.stalled,
-            "scanners_down": scanners.down(), "scan_failure": settings.scan_failure,
+            "scanners_down": scanners.down(), "scanners_failing": scanners.failing(),
+            "scan_failure": settings.scan_failure,
             **stats.snapshot()}
 
 

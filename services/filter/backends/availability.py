@@ -3,12 +3,19 @@
 A scan or ping that raised ScannerUnavailable marks the scanner down (from that moment on,
 until a later call gets an answer); the filter's heartbeat carries it, so an operator sees
 that mail is being refused (or accepted unscanned, or deferred) because of it.
+
+A scanner can answer its pings and fail every scan (clamd without its temporary directory,
+rspamd answering garbage): a ping then clears `down_since`, so a scan that reached the
+scanner and failed also sets `scans_failing_since`, which only a scan that passes clears.
+One that did not reach it (nothing listening, a name that does not resolve, no answer in
+time) does not: a ping finds the same, and its answer says the scanner is back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -16,22 +23,29 @@ from services.filter.backends.errors import ScannerUnavailable
 
 log = logging.getLogger(__name__)
 
+# Causes that mean the scan never reached the scanner (a ping would fail the same way).
+_UNREACHED = (ConnectionRefusedError, FileNotFoundError, socket.gaierror, TimeoutError)
+
 
 class Availability:
     def __init__(self, scanner: str, clock: Callable[[], float] = time.time) -> None:
         self._scanner = scanner
         self._clock = clock
         self.down_since: float | None = None
+        self.scans_failing_since: float | None = None
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
-        """Around one call: down if it raises ScannerUnavailable, up if it returns."""
+        """Around one scan: down if it raises ScannerUnavailable, up if it returns."""
         try:
             yield
-        except ScannerUnavailable:
+        except ScannerUnavailable as exc:
             self.record(answered=False)
+            if self.scans_failing_since is None and not _unreached(exc):
+                self.scans_failing_since = self._clock()
             raise
         self.record(answered=True)
+        self.scans_failing_since = None
 
     def record(self, *, answered: bool) -> None:
         if not answered:
@@ -39,7 +53,22 @@ class Availability:
                 self.down_since = self._clock()
             return
         if self.down_since is not None:
-            log.info("%s answers again after %.0f s", self._scanner,
+            log.info("%s answers again after %.0f s%s", self._scanner,
                      self._clock() - self.down_since,
+                     "" if self.scans_failing_since is None else
+                     " (a ping; no scan has passed since one failed)",
                      extra={"event": "scanner-up", "scanner": self._scanner})
             self.down_since = None
+
+
+def _unreached(exc: ScannerUnavailable) -> bool:
+    """Whether a failed scan never reached the scanner: as the client says, else a cause in
+    the chain (the clients raise `from` the socket's error) is one of those."""
+    if exc.reached is not None:
+        return not exc.reached
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, _UNREACHED):
+            return True
+        cause = cause.__cause__
+    return False

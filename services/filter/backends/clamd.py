@@ -58,7 +58,7 @@ class ClamdClient:
         try:
             return parse_reply(reply)
         except ClamdSizeLimit as exc:
-            raise StreamTooLarge(len(content), self._stream_max) from exc
+            raise StreamTooLarge(len(content), self._stream_max, by_scanner=True) from exc
         except ClamdProtocolError as exc:
             raise ScannerUnavailable(NAME, str(exc)) from exc
 

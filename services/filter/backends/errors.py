@@ -9,10 +9,12 @@ class ScannerUnavailable(Exception):
     The rules turn this into the configured scan-failure policy (tempfail, accept, defer).
     """
 
-    def __init__(self, scanner: str, reason: str) -> None:
+    def __init__(self, scanner: str, reason: str, *, reached: bool | None = None) -> None:
         super().__init__(f"{scanner}: {reason}")
         self.scanner = scanner
         self.reason = reason
+        # Whether the call got to the scanner (None: as the cause says; see availability.py)
+        self.reached = reached
 
 
 def failure_reason(exc: BaseException, timeout: float) -> str:
@@ -29,7 +31,11 @@ class StreamTooLarge(Exception):
     Not a scanner failure: the outcome is the `virus_oversize` policy, never a silent pass.
     """
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"{size} bytes exceed the scanner's stream limit of {limit}")
+    def __init__(self, size: int, limit: int, *, by_scanner: bool = False) -> None:
+        if by_scanner:  # clamd's own StreamMaxLength, below TIERMAIL_CLAMD_STREAM_MAX
+            super().__init__(f"{size} bytes exceed clamd's StreamMaxLength (less than "
+                             f"TIERMAIL_CLAMD_STREAM_MAX={limit}: set them equal)")
+        else:
+            super().__init__(f"{size} bytes exceed the scanner's stream limit of {limit}")
         self.size = size
         self.limit = limit

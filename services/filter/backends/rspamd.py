@@ -52,6 +52,9 @@ class RspamdClient:
         try:
             async with asyncio.timeout(self._timeout):
                 response = await self._http.post(CHECK_PATH, content=content, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # httpx keeps the socket's error as context, not as the cause
+            raise ScannerUnavailable(NAME, _describe(exc, self._timeout), reached=False) from exc
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
             raise ScannerUnavailable(NAME, _describe(exc, self._timeout)) from exc
         if response.status_code != 200:

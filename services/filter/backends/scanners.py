@@ -56,6 +56,13 @@ class Scanners:
         return {c.name: c.availability.down_since for c in self.clients
                 if c.availability.down_since is not None}
 
+    def failing(self) -> dict[str, float]:
+        """Scanner name -> since when its scans have failed, for those that answer pings
+        (down() has the others): no scan has passed since."""
+        return {c.name: since for c in self.clients
+                if (since := c.availability.scans_failing_since) is not None
+                and c.availability.down_since is None}
+
     async def ping_down(self) -> None:
         """Ping the scanners whose last call failed, so that one that answers again is
         seen as up even while no mail comes to scan."""

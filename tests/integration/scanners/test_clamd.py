@@ -94,8 +94,10 @@ async def test_our_client_over_tcp_and_a_unix_socket_reads_clamds_own_limit(
                          stream_max=4096) as small:
             client = ClamdClient(small.address, timeout=10.0, stream_max=100 * 1024 * 1024)
             for _ in range(20):
-                with pytest.raises(StreamTooLarge):
+                with pytest.raises(StreamTooLarge) as too_large:
                     await client.scan(b"x" * 3_000_000)
+                # clamd's limit, not ours, stopped it: the log line says which to raise
+                assert "clamd's StreamMaxLength" in str(too_large.value), too_large.value
             assert (await client.scan(eicar_bytes())).signature is not None
             assert (await client.scan(b"hello\r\n")).signature is None
 

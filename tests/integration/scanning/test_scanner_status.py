@@ -47,3 +47,34 @@ async def test_status_names_a_scanner_that_does_not_answer_until_it_is_back(
             await eventually(clamd_not_named, what="status to stop naming clamd")
     finally:
         proxy.cut()
+
+
+async def test_status_names_a_scanner_that_answers_pings_but_fails_every_scan(
+        scan_settings: Settings) -> None:
+    """clamd without its temporary directory answers PING and closes every INSTREAM without
+    a word: each message got 451, and the ping every 5 s cleared the mark, so status said
+    "healthy" throughout. Only a scan that passes clears it now."""
+    async def half_working(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        command = await reader.readuntil(b"\0")
+        if command == b"zPING\0":
+            writer.write(b"PONG\0")
+        writer.close()
+
+    stub = await asyncio.start_server(half_working, "127.0.0.1", 0)
+    address = f"127.0.0.1:{stub.sockets[0].getsockname()[1]}"
+    try:
+        async with open_worker(scan_settings.replace(clamd_address=address),
+                               drain_scan_queue=False) as worker:
+            code, text = await asyncio.to_thread(send_one, worker.ports[0], ham("refused"))
+            assert f"{code} {text}" == replies.SCANNER_UNAVAILABLE
+
+            async def failing_named() -> bool:
+                return any("answers pings, but its scans have failed" in problem
+                           for problem in await scanner_problems(scan_settings, "clamd"))
+
+            await eventually(failing_named, what="status to name clamd's failing scans")
+            await asyncio.sleep(6)  # past the next ping and heartbeat: it stays named
+            [problem] = await scanner_problems(scan_settings, "clamd")
+            assert "answers pings" in problem and "451 4.7.0" in problem, problem
+    finally:
+        stub.close()
