@@ -62,6 +62,10 @@ CONNECT_TIMEOUT = 10.0
 BATCH_TARGET = 16  # messages worth waiting for under load (see settings.store_batch_wait)
 CONFIRM_TIMEOUT = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 10.0
+# A message that failed while the storage works goes back to the queue after a wait that
+# doubles with its delivery count: at once, a cause outside the message (a directory gone,
+# files exhausted) used up the broker's delivery limit within milliseconds.
+REQUEUE_DELAY_FIRST, REQUEUE_DELAY_MAX = 0.5, 30.0
 PERMANENT = (NoSuchUser, NoSuchMailbox)
 # The file system's fault, not the message's (full, read-only, failing): one line each, as
 # many deliveries meet it at once; `storage is failing` follows once the probe fails too.
@@ -115,6 +119,9 @@ class Consumer:
         self._stopping = asyncio.Event()
         self.consuming = asyncio.Event()  # set while a consumer is registered (for tests)
         self._more = asyncio.Event()  # a message arrived (for _gather)
+        # Delivery tags of failed messages waiting out their requeue delay (this session's
+        # channel): while any is unsettled, no `multiple` ack may cover it.
+        self._held: dict[int, asyncio.TimerHandle | asyncio.Future[None]] = {}
         self._pace = ArrivalPace(BATCH_TARGET, settings.store_batch_wait)
 
     async def run(self) -> None:
@@ -191,6 +198,9 @@ class Consumer:
                     with contextlib.suppress(Exception):
                         await channel.basic_cancel(tag, timeout=5)
         finally:
+            for waiting in self._held.values():
+                waiting.cancel()  # the broker requeues them with the rest
+            self._held.clear()
             # Anything still unacked (prefetched, not yet stored) goes back to the queue.
             await close_connection(connection)
 
@@ -435,7 +445,7 @@ class Consumer:
         return True
 
     async def _settle(self, channel: AbstractChannel, items: list[_Item]) -> None:
-        if all(item.ok for item in items):
+        if all(item.ok for item in items) and not self._held:
             # The batch holds the lowest unsettled tags on this channel (FIFO), and the
             # rejected ones were settled above, so one multiple ack covers exactly the batch.
             await channel.basic_ack(max(item.tag for item in items), multiple=True)
@@ -444,12 +454,31 @@ class Consumer:
             if item.ok:
                 await channel.basic_ack(item.tag)
             else:
-                headers = item.message.header.properties.headers or {}
-                self.stats.requeued += 1
-                log.warning("requeued after a storage failure (delivery count %s)",
-                            headers.get("x-delivery-count", 0),
-                            extra={"queue_id": item.queue_id, "event": "requeue"})
-                await channel.basic_nack(item.tag, requeue=True)
+                self._requeue_later(channel, item)
+
+    def _requeue_later(self, channel: AbstractChannel, item: _Item) -> None:
+        """Give a failed message back to the queue once its delay is over, holding it
+        unacknowledged meanwhile (a crash requeues it at once, as before)."""
+        headers = item.message.header.properties.headers or {}
+        count = headers.get("x-delivery-count", 0)
+        count = count if isinstance(count, int) else 0
+        delay = min(REQUEUE_DELAY_MAX, REQUEUE_DELAY_FIRST * 2 ** min(count, 16))
+        self.stats.requeued += 1
+        log.warning("delivery failed: back to the queue in %.1f s (delivery count %d)",
+                    delay, count, extra={"queue_id": item.queue_id, "event": "requeue"})
+        self._held[item.tag] = asyncio.get_running_loop().call_later(
+            delay, self._requeue_now, channel, item.tag)
+
+    def _requeue_now(self, channel: AbstractChannel, tag: int) -> None:
+        nack = asyncio.ensure_future(channel.basic_nack(tag, requeue=True))
+        self._held[tag] = nack  # until the nack is written: a multiple ack must wait
+
+        def settled(done: asyncio.Future[None]) -> None:
+            if self._held.get(tag) is done:
+                del self._held[tag]
+            if not done.cancelled() and done.exception() is not None:
+                log.debug("requeue of delivery tag %d not sent: %r", tag, done.exception())
+        nack.add_done_callback(settled)
 
 
 # The owners named in a dead-letter copy's header: all of them would not fit in one AMQP

@@ -261,6 +261,54 @@ async def test_storage_failure_requeues_then_dead_letters(settings: Settings) ->
         await maildb.close()
 
 
+class TimedFlakyMailDB(FlakyMailDB):
+    """FlakyMailDB that notes when each attempt at the failing message came."""
+
+    attempts: list[float]
+
+    async def deliver_uids(self, deliveries: list[Delivery]) -> list[int | None]:
+        if any(b"POISON" in d.body for d in deliveries):
+            self.attempts.append(time.monotonic())
+        return await super().deliver_uids(deliveries)
+
+
+async def test_a_failed_message_waits_longer_before_each_retry_and_holds_up_no_other(
+        settings: Settings) -> None:
+    """A message that fails while the storage works went back to the queue at once, so a
+    cause outside it (a directory gone after a restore) used up the delivery limit within
+    55 ms. It now waits 0.5 s, 1 s, 2 s ... (doubling, at most 30 s) before each retry, held
+    unacknowledged; mail that comes meanwhile is stored at once."""
+    settings = settings.replace(delivery_attempts=4)
+    add_users(settings, [ALICE])
+    maildb = TimedFlakyMailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    maildb.attempts = []
+    store = await _running(settings, maildb)
+    try:
+        envelope, body = make_message(ALICE)
+        await publish_all(settings, [(envelope, body.replace(b"hello", b"POISON"))])
+        await wait_for(lambda: len(maildb.attempts) >= 1, what="the first attempt")
+        good = [make_message(ALICE) for _ in range(5)]
+        started = time.monotonic()
+        await publish_all(settings, good)
+        await wait_for(lambda: store.consumer.stats.delivered >= 5, what="the others stored")
+        assert time.monotonic() - started < 0.5 + 0.4, "the others waited for the retry"
+        await wait_for(lambda: _eq(store.dead(), 1), within=30,
+                       what="dead-lettered after the delivery limit")
+        # Each delivery tries the batch, then the message alone: one delivery, two tries.
+        deliveries = [t for i, t in enumerate(maildb.attempts)
+                      if i == 0 or t - maildb.attempts[i - 1] > 0.2]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(deliveries)]
+        # delivery_attempts=4: the fifth delivery's failure is the one dead-lettered
+        assert len(gaps) == 4, maildb.attempts
+        for gap, delay in zip(gaps, (0.5, 1.0, 2.0, 4.0), strict=True):
+            assert delay <= gap < delay + 2.0, gaps
+        seen = check_mailboxes(settings.store_dir, [ALICE])
+        assert set(seen) == {e.queue_id for e, _ in good}
+    finally:
+        await store.stop()
+        await maildb.close()
+
+
 class GatedMailDB(MailDB):
     """A real MailDB whose writes wait until `gate` is set: the consumer holds what the
     broker has handed it, unacknowledged, for as long as the test likes."""
