@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.store.backends.maildb import MailDB, user_dir_name
+from services.store.backends.maildb import WRITER_JOB_OWNERS, MailDB, user_dir_name
 from services.store.mailbox import INBOX, Delivery, NoSuchMailbox, NoSuchMessage, NoSuchUser
 from tests.support import check_bodies
 
@@ -168,6 +169,25 @@ async def test_a_damaged_index_does_not_stop_the_sweep_of_the_others(
         assert (await db.sweep()).users == 0  # the journal is cleared all the same
     finally:
         await db.close()
+
+
+async def test_a_delivery_to_many_owners_lets_other_writes_in_between(db: MailDB) -> None:
+    """A large alias's message was one writer job, one commit per owner: every other
+    write (an IMAP STORE of another user) waited for all of them, 4 s for 2,000 owners. The
+    owners now go WRITER_JOB_OWNERS to a job, and writes queued meanwhile run in between."""
+    await db.deliver([delivery("q0")])
+    [first] = await db.list_messages(ALICE)
+    owners = [f"user{i}@example.test" for i in range(3 * WRITER_JOB_OWNERS + 5)]
+    deliveries = [delivery(f"q{i}", owner) for i, owner in enumerate(owners)]
+    deliveries.insert(7, delivery("q-second", owners[0]))  # an owner with two, not adjacent
+    delivering = asyncio.create_task(db.deliver_uids(deliveries))
+    await asyncio.sleep(0)  # the first job is queued
+    await db.store_flags(ALICE, INBOX, [first.uid], "+", frozenset({"\\Seen"}))
+    assert not delivering.done()
+    uids = await delivering
+    assert uids == [1] * 7 + [2] + [1] * (len(deliveries) - 8)
+    assert [m.uid for m in await db.list_messages(owners[0])] == [1, 2]
+    assert await db.deliver_uids(deliveries) == [None] * len(deliveries)  # redelivered
 
 
 @pytest.mark.parametrize("bad", [
