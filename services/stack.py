@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -174,13 +175,9 @@ def _run_tiers(settings: Settings) -> int:
     env = {**os.environ, **settings.as_env()}
     tiers = (*TIERS, LEARNER) if settings.learns_spam else TIERS
     children = {tier: _spawn(tier, env) for tier in tiers}
-    print("tiermail is up:", *endpoints(settings), sep="\n  ", flush=True)
-    print("Add mail accounts in another terminal, e.g.\n"
-          "  .venv/bin/tiermail domain add example.org\n"
-          "  printf 'secret\\n' | .venv/bin/tiermail user add alice@example.org "
-          "--password-stdin\n"
-          "Ctrl-C stops the stack (a second Ctrl-C kills what is still stopping).",
-          flush=True)
+    # "is up" once the tiers answer: printed at the spawn, it came before the store had
+    # published the directory, and a `domain add` right after it could be refused.
+    waiting = _client_ports(settings)
 
     stopping = False
     result = 0
@@ -197,6 +194,10 @@ def _run_tiers(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     while not stopping:
+        if waiting:
+            waiting = [(host, port) for host, port in waiting if not _answers(host, port)]
+            if not waiting:
+                _announce(settings)
         for tier, child in children.items():
             code = child.poll()
             if code is None or stopping:
@@ -213,6 +214,28 @@ def _run_tiers(settings: Settings) -> int:
         time.sleep(0.2)
     _stop_children(children, {tier: stop_grace(tier, settings) for tier in children}, hurry)
     return result
+
+
+def _client_ports(settings: Settings) -> list[tuple[str, int]]:
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.bind,
+                                                                     settings.bind)
+    return [(host, settings.smtp_port), (host, settings.pop3_port), (host, settings.imap_port)]
+
+
+def _answers(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1.0):
+        return True
+    return False
+
+
+def _announce(settings: Settings) -> None:
+    print("tiermail is up:", *endpoints(settings), sep="\n  ", flush=True)
+    print("Add mail accounts in another terminal, e.g.\n"
+          "  .venv/bin/tiermail domain add example.org\n"
+          "  printf 'secret\\n' | .venv/bin/tiermail user add alice@example.org "
+          "--password-stdin\n"
+          "Ctrl-C stops the stack (a second Ctrl-C kills what is still stopping).",
+          flush=True)
 
 
 def stop_grace(tier: str, settings: Settings) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common.broker import close_connection, open_channel
 from common.settings import Settings
-from tests.support import TierProcess, free_port, run_cli, wait_until
+from tests.support import TierProcess, free_port, port_open, run_cli, wait_until
 
 RunTier = Callable[..., TierProcess]
 
@@ -123,6 +123,19 @@ def test_a_configured_certificate_that_is_missing_is_not_made_up(
     assert up.proc.wait(timeout=60) == 2
     assert "tiermail: bad setting: TIERMAIL_TLS_CERT" in up.output()
     assert not cert.exists() and not key.exists()
+
+
+def test_up_says_it_is_up_once_the_tiers_take_connections(settings: Settings,
+                                                          run_tier: RunTier) -> None:
+    """`tiermail is up:` came the moment the tiers were spawned, seconds before the store
+    listened: a client (or a script) that acted on it was refused. It now comes once the
+    SMTP, POP3 and IMAP ports answer."""
+    up = run_tier(settings, "up")
+    wait_until(lambda: "tiermail is up:" in up.output(), what="the banner", timeout=60)
+    for port in (settings.smtp_port, settings.pop3_port, settings.imap_port):
+        assert port_open("127.0.0.1", port), port
+    assert up.output().count("tiermail is up:") == 1
+    up.stop()
 
 
 def test_a_dead_tier_is_restarted_and_signals_stop_everything(settings: Settings,
