@@ -120,16 +120,13 @@ def _scanners_down(beats: list[dict[str, Any]], settings: Settings) -> list[str]
             scan_queue=settings.topology.scan_queue)
         failing = beat.get("scanners_failing")
         failing = failing if isinstance(failing, dict) else {}
-        for scanner, since in sorted(down.items()):
-            problems.append(
-                f"filter {beat.get('host')}:{beat.get('pid')}: {scanner} has not answered for "
-                f"{max(now - since, 0):.0f} s: {effect} (TIERMAIL_SCAN_FAILURE={policy}; "
-                "the filter log says why)")
-        for scanner, since in sorted(failing.items()):
-            problems.append(
-                f"filter {beat.get('host')}:{beat.get('pid')}: {scanner} answers pings, but "
-                f"its scans have failed for {max(now - since, 0):.0f} s (none passed since): "
-                f"{effect} (TIERMAIL_SCAN_FAILURE={policy}; the filter log says why)")
+        where = f"filter {beat.get('host')}:{beat.get('pid')}"
+        what = f"{effect} (TIERMAIL_SCAN_FAILURE={policy}; the filter log says why)"
+        problems += [f"{where}: {scanner} has not answered for {max(now - since, 0):.0f} s: "
+                     f"{what}" for scanner, since in sorted(down.items())]
+        problems += [f"{where}: {scanner} answers pings, but its scans have failed for "
+                     f"{max(now - since, 0):.0f} s (none passed since): {what}"
+                     for scanner, since in sorted(failing.items())]
     return problems
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
+from common.directory import normalize_domain
 from common.rfc5322 import read_comment, read_quoted
 
 _FIELD = re.compile(rb"^Authentication-Results[ \t]*:", re.IGNORECASE | re.MULTILINE)
@@ -48,28 +49,17 @@ def without_claimed_results(content: bytes, claimed: Callable[[str], bool]) -> t
 
 def claimed_by(hostname_id: str, domains: Iterable[str]) -> Callable[[str], bool]:
     """Whether an authserv-id is within our trust boundary: our own (`hostname_id`), or one
-    of `domains` (those we take this message for) or a host under one."""
-    ours = hostname_id.lower()
+    of `domains` (those we take this message for) or a host under one; names compared as
+    the directory stores domains (normalize_domain: lower case, A-labels)."""
     domains = tuple(domains)
 
     def claimed(identifier: str) -> bool:  # asked only when such a field is there: rarely
         if not identifier:
             return False
-        names = {ours, *_both_forms(domains)}
+        names = {normalize_domain(name) for name in (hostname_id, *domains)}
+        identifier = normalize_domain(identifier)
         return identifier in names or identifier.endswith(tuple("." + name for name in names))
     return claimed
-
-
-def _both_forms(domains: Iterable[str]) -> set[str]:
-    """The domains in lower case, each also as IDNA A-labels where it can be written so."""
-    names = set()
-    for domain in domains:
-        names.add(domain.lower())
-        try:
-            names.add(domain.encode("idna").decode("ascii").lower())
-        except UnicodeError:
-            pass  # a domain IDNA 2003 cannot write: its other form is not needed
-    return names
 
 
 def authserv_id_of(value: bytes) -> str:

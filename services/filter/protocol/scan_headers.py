@@ -8,6 +8,7 @@ LF or other control characters (a header-injection vector), nor a line longer th
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -122,6 +123,7 @@ AUTH_RESULTS_HEADER = "Authentication-Results"
 _AUTHSERV_UNSAFE = re.compile(r"[^A-Za-z0-9.\-]")
 
 
+@functools.cache  # asked for every message, with the one host name
 def our_authserv_id(hostname: str) -> str:
     """The authserv-id our Authentication-Results carry: the host name, in the characters an
     RFC 2045 `value` token allows."""

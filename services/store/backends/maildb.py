@@ -831,11 +831,8 @@ class MailDB:
             return []
         for delivery in deliveries:
             self.user_path(delivery.user)  # every owner checked before any is written
-        jobs = _owner_groups(deliveries, WRITER_JOB_OWNERS)
-        if len(jobs) == 1:
-            return await self._change(self._deliver_sync, list(deliveries))
         results: list[int | None] = [None] * len(deliveries)
-        for positions in jobs:
+        for positions in _owner_groups(deliveries, WRITER_JOB_OWNERS):
             stored = await self._change(self._deliver_sync, [deliveries[p] for p in positions])
             for position, uid in zip(positions, stored, strict=True):
                 results[position] = uid
