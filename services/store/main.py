@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 DIRECTORY_CHECK_INTERVAL = 5.0  # republish if Redis lost or missed directory changes
 DIRECTORY_RETRY_MAX = 10.0
+# The listeners open once the first publish is done or has failed; a Redis that neither
+# answers nor refuses holds the start no longer than this.
+FIRST_PUBLISH_WAIT = 5.0
 DELIVERY_QUIET = 0.5  # seconds without a delivery before the text indexer works
 GIL_SWITCH_INTERVAL = 0.0005  # seconds (Python's default: 0.005)
 # At a stop, how long the batch in flight may take to be stored and acked: within the store's
@@ -127,8 +130,10 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         redis = open_redis(settings)
         stack.push_async_callback(redis.aclose)
         directory = Directory(redis, settings.redis_prefix)
-        publisher = asyncio.create_task(_keep_directory_published(directory, accounts),
-                                        name="directory-publisher")
+        first_publish = asyncio.Event()
+        publisher = asyncio.create_task(
+            _keep_directory_published(directory, accounts, first_publish),
+            name="directory-publisher")
         stack.push_async_callback(stop_task, publisher)
 
         quota = QuotaPublisher(maildb, accounts, redis, settings.redis_prefix,
@@ -147,6 +152,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         logins_accounts = AccountDB.for_store(settings.store_dir)
         stack.callback(logins_accounts.close)
         logins = Logins(logins_accounts)
+        # Before the ports answer: `tiermail up` says it is up when they do, and an account
+        # command checks the directory in Redis against this account database.
+        await _first_attempt(first_publish)
         pop3_servers = await start_pop3_servers(settings, maildb, accounts, throttle=throttle,
                                                 logins=logins)
         stack.push_async_callback(_close_servers, pop3_servers)
@@ -204,10 +212,18 @@ def _quiet_in(stats: ConsumerStats) -> float:
     return stats.last_delivery_at + DELIVERY_QUIET - time.time()
 
 
-async def _keep_directory_published(directory: Directory, accounts: AccountDB) -> None:
+async def _first_attempt(attempted: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(FIRST_PUBLISH_WAIT):
+            await attempted.wait()
+
+
+async def _keep_directory_published(directory: Directory, accounts: AccountDB,
+                                    attempted: asyncio.Event) -> None:
     """Publish the directory now and whenever Redis does not reflect the account database:
     Redis lost it (restart, flush), or a change was not mirrored (the CLI mirrors each change
-    itself; this catches the ones whose mirroring failed). Retries while Redis is down."""
+    itself; this catches the ones whose mirroring failed). Retries while Redis is down.
+    `attempted` is set once the first publish is done or has failed."""
     delay = 0.5
     published = False
     while True:
@@ -220,6 +236,7 @@ async def _keep_directory_published(directory: Directory, accounts: AccountDB) -
                          len(snapshot.domains), len(snapshot.users), len(snapshot.aliases),
                          extra={"event": "directory"})
                 published = True
+            attempted.set()
             delay = 0.5
             await pause(DIRECTORY_CHECK_INTERVAL)
         except asyncio.CancelledError:
@@ -228,6 +245,7 @@ async def _keep_directory_published(directory: Directory, accounts: AccountDB) -
             log.warning("directory not published (%s: %s); retrying in %.1fs",
                         type(exc).__name__, exc, delay, extra={"event": "directory"})
             published = False
+            attempted.set()
             await pause(delay)
             delay = min(delay * 2, DIRECTORY_RETRY_MAX)
 

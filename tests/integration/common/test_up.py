@@ -138,6 +138,27 @@ def test_up_says_it_is_up_once_the_tiers_take_connections(settings: Settings,
     up.stop()
 
 
+def test_an_account_command_right_after_the_banner_is_taken(settings: Settings,
+                                                           run_tier: RunTier,
+                                                           tmp_path: Path) -> None:
+    """The store opened its ports before its first publish of the directory. On a data
+    directory new to the directory in Redis (a `var/` deleted and made again), an account
+    command in that moment was refused as `published from another account database`. The
+    store now publishes (or has tried to) before it listens."""
+    earlier = settings.replace(data_dir=tmp_path / "earlier-var")
+    for domain in ("a.example", "b.example"):
+        assert run_cli(earlier, "domain", "add", domain).returncode == 0
+    up = run_tier(settings, "up")
+    wait_until(lambda: "tiermail is up:" in up.output(), what="the banner", timeout=60)
+    added = run_cli(settings, "domain", "add", "example.org")
+    assert added.returncode == 0, added.stderr
+    shown = up.output()
+    published = shown.index("directory published: 0 domains")
+    assert published < shown.index("POP3 listening"), shown
+    assert published < shown.index("IMAP listening"), shown
+    up.stop()
+
+
 def test_a_dead_tier_is_restarted_and_signals_stop_everything(settings: Settings,
                                                               run_tier: RunTier) -> None:
     for stop_with in (signal.SIGINT, signal.SIGTERM):

@@ -52,7 +52,8 @@ async def parts(settings: Settings) -> AsyncIterator[Parts]:
 
 
 def directory_publisher(parts: Parts) -> Coroutine[Any, Any, None]:
-    return store_main._keep_directory_published(parts.directory, parts.accounts)
+    return store_main._keep_directory_published(parts.directory, parts.accounts,
+                                                asyncio.Event())
 
 
 def quota_publisher(parts: Parts) -> Coroutine[Any, Any, None]:
