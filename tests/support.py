@@ -741,6 +741,32 @@ def require_client(path: str, package: str) -> str:
     pytest.skip(message)
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path  # a private CA's certificate
+    cert: Path  # a server certificate it signed, for 127.0.0.1 and localhost
+    key: Path
+
+
+def private_ca(folder: Path) -> TlsFiles:
+    """A CA of the test's own and a server certificate it signed: what an operator with a
+    private CA has, and what no system trust store knows."""
+    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    ca_key, request = folder / "ca.key", folder / "server.csr"
+    extensions = folder / "server.ext"
+    extensions.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+                          "basicConstraints = CA:FALSE\n")
+    for command in (
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=tiermail test CA", "-keyout", ca_key, "-out", files.ca],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+             "-keyout", files.key, "-out", request],
+            ["x509", "-req", "-in", request, "-CA", files.ca, "-CAkey", ca_key,
+             "-CAcreateserial", "-days", "2", "-extfile", extensions, "-out", files.cert]):
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
+    return files
+
+
 class PrivateBroker:
     """A RabbitMQ node of the test's own (its own node name, ports and data directory), for
     tests that kill the broker itself: the machine's broker, which every other test uses, is
@@ -748,10 +774,13 @@ class PrivateBroker:
     enter pytest's root-only temporary directories: the node's directory is a temporary
     directory of its own, handed to that user and removed by `stop`."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsFiles | None = None) -> None:
         self.root = root = Path(tempfile.mkdtemp(prefix="tiermail-rabbitmq-"))
         shutil.chown(root, "rabbitmq", "rabbitmq")
         self.port, dist_port = free_port(), free_port()
+        self.tls_port = free_port() if tls else None
+        if tls:
+            self._listen_with_tls(tls)
         self.node = f"tiermail-test-{self.port}@localhost"
         self._env = {
             **os.environ,
@@ -770,6 +799,26 @@ class PrivateBroker:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def tls_url(self) -> str:
+        return f"amqps://guest:guest@127.0.0.1:{self.tls_port}/"
+
+    def _listen_with_tls(self, tls: TlsFiles) -> None:
+        """An AMQPS listener beside the plain one, with the server certificate in `tls`
+        (clients are not asked for one of theirs)."""
+        files = {}
+        for name, source in (("ca", tls.ca), ("cert", tls.cert), ("key", tls.key)):
+            files[name] = self.root / f"{name}.pem"
+            shutil.copyfile(source, files[name])
+            shutil.chown(files[name], "rabbitmq", "rabbitmq")
+        (self.root / "rabbitmq.conf").write_text(
+            f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+            f"ssl_options.cacertfile = {files['ca']}\n"
+            f"ssl_options.certfile = {files['cert']}\n"
+            f"ssl_options.keyfile = {files['key']}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n")
 
     def start(self, timeout: float = 90.0) -> None:
         subprocess.run(["rabbitmq-server", "-detached"], env=self._env, check=True,
