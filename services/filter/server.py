@@ -207,8 +207,10 @@ class FilterSMTP(SMTP):
         rate_limits: RateLimits = UNLIMITED,
     ) -> None:
         # Both are read by SMTP.__init__, so they are set first, on the instance.
-        # +1: the transparency dot is not counted in the line limit (RFC 5321 4.5.3.1.6).
+        # +1: aiosmtpd's limit for what it reads (DATA lines are DataReceiver's, where a
+        # transparency dot is not counted: RFC 5321 4.5.3.1.6).
         self.line_length_limit = limits.max_line_length + 1
+        self._max_line_length = limits.max_line_length
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         with hooks_hidden():  # aiosmtpd's tables of our hooks: services/filter/hooks.py
             super().__init__(
@@ -618,7 +620,7 @@ class FilterSMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        receiver = DataReceiver(self.data_size_limit, self.line_length_limit, self._data_memory)
+        receiver = DataReceiver(self.data_size_limit, self._max_line_length, self._data_memory)
         try:
             await self._transaction(receiver)
         finally:

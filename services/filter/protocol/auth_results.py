@@ -27,8 +27,7 @@ _TOKEN = re.compile(r'[^\s;()"]*')  # RFC 2045 `value` as a token, loosely
 def without_claimed_results(content: bytes, claimed: Callable[[str], bool]) -> tuple[bytes, int]:
     """`content` without the Authentication-Results fields of its header section whose
     authserv-id (lower case) `claimed` says is ours, and how many were removed."""
-    blank_line = content.find(b"\r\n\r\n")
-    limit = len(content) if blank_line < 0 else blank_line + 2
+    limit = _header_section_end(content)
     match = _FIELD.search(content, 0, limit)
     if match is None:
         return content, 0
@@ -45,6 +44,15 @@ def without_claimed_results(content: bytes, claimed: Callable[[str], bool]) -> t
         return content, 0
     parts.append(content[start:])
     return b"".join(parts), removed
+
+
+def _header_section_end(content: bytes) -> int:
+    """Where the header section ends: after the line end of its last field (0 when the
+    message starts with the empty line: no header section, all body)."""
+    if content.startswith(b"\r\n"):
+        return 0
+    blank_line = content.find(b"\r\n\r\n")
+    return len(content) if blank_line < 0 else blank_line + 2
 
 
 def claimed_by(hostname_id: str, domains: Iterable[str]) -> Callable[[str], bool]:

@@ -11,7 +11,7 @@ delivered and does the per-line work with C-level bytes operations instead:
 - limits, reported only once the content has ended (4.2.5: the reply comes after the
   data): more than `size_limit` octets (CRLFs included, stuffing dots and the final "."
   line not: RFC 1870 4) is TOO_MUCH, and from then on nothing more is kept; a line longer than
-  `line_limit` octets (its CRLF and any stuffing dot included) is TOO_LONG;
+  `line_limit` octets (its CRLF included, a stuffing dot not: 4.5.3.1.6) is TOO_LONG;
 - memory: every octet kept is first taken from the worker's MemoryBudget, shared by all its
   sessions. When it runs out, the content is dropped as for TOO_MUCH and the result is
   NO_ROOM, a temporary refusal: many large uploads at once are refused, one by one, instead
@@ -84,7 +84,7 @@ class DataReceiver:
             return DataResult(b"", DataError.NO_ROOM, leftover)
         raw = bytes(buffer[:end + len(_LINE_START)])
         self._buffer = bytearray()
-        if _longest_line(raw) > self._line_limit:
+        if _has_line_over(raw, self._line_limit):
             return DataResult(b"", DataError.TOO_LONG, leftover)
         return DataResult(raw.replace(b"\r\n.", b"\r\n")[len(_LINE_START):], None, leftover)
 
@@ -121,7 +121,12 @@ class DataReceiver:
             self._dots_from = max(0, self._dots_from - excess)
 
 
-def _longest_line(raw: bytes) -> int:
-    """The longest CRLF-terminated line of `raw` (which starts with the virtual CRLF and ends
-    with the last line's CRLF), its CRLF included."""
-    return max(map(len, raw.split(b"\r\n"))) + 2
+def _has_line_over(raw: bytes, limit: int) -> bool:
+    """Whether a CRLF-terminated line of `raw` (which starts with the virtual CRLF and ends
+    with the last line's CRLF) is longer than `limit` octets, its CRLF counted and a
+    stuffing dot not (RFC 5321 4.5.3.1.6)."""
+    lines = raw.split(b"\r\n")
+    longest = max(map(len, lines)) + 2
+    if longest != limit + 1:
+        return longest > limit
+    return any(len(line) + 2 > limit and not line.startswith(b".") for line in lines)

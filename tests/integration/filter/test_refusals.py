@@ -427,14 +427,19 @@ async def test_line_too_long_500(directory: Settings) -> None:
                 too_long = reply_of(*client.data(message("long", b"y" * 1200 + b"\r\n")))
                 client.mail(SENDER)
                 client.rcpt(ALICE)
-                # 998 octets + CRLF is the longest legal line (RFC 5321 4.5.3.1.6).
-                return too_long, client.data(message("fits", b"z" * 998 + b"\r\n"))
+                one_over = reply_of(*client.data(message("one over", b"w" * 999 + b"\r\n")))
+                client.mail(SENDER)
+                client.rcpt(ALICE)
+                # 998 octets + CRLF is the longest legal line (RFC 5321 4.5.3.1.6), also
+                # when it starts with a dot (smtplib doubles it: not counted).
+                return too_long, one_over, client.data(message(
+                    "fits", b"z" * 998 + b"\r\n." + b"d" * 997 + b"\r\n"))
 
-        too_long, fits = await in_thread(transaction)
-        assert too_long == replies.LINE_TOO_LONG
+        too_long, one_over, fits = await in_thread(transaction)
+        assert too_long == one_over == replies.LINE_TOO_LONG
         assert fits[0] == 250
         [queued] = await drain_queue(worker.settings)
-        assert b"z" * 998 + b"\r\n" in queued.body
+        assert b"z" * 998 + b"\r\n." + b"d" * 997 + b"\r\n" in queued.body
 
 
 SMUGGLING_PAYLOADS = [

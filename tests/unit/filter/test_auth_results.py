@@ -66,6 +66,11 @@ def test_a_message_that_is_all_header() -> None:
     assert without_claimed_results(content, OURS) == (b"Subject: x\r\n", 1)
 
 
+def test_a_message_with_no_header_section_is_all_body() -> None:
+    """It starts with the empty line: the field after it is body text and stays."""
+    assert without_claimed_results(BODY + b"more\r\n", OURS) == (BODY + b"more\r\n", 0)
+
+
 @pytest.mark.parametrize(("value", "identifier"), [
     (b" mx.test.invalid; spf=pass", "mx.test.invalid"),
     (b" (a \\) b) MX.test.invalid. 1; none", "mx.test.invalid"),

@@ -104,11 +104,15 @@ def test_too_much_keeps_no_content_while_receiving() -> None:
     assert receiver.feed(b".\r\n") == DataResult(b"", DataError.TOO_MUCH, b"")
 
 
-def test_line_limit_counts_the_crlf_and_a_stuffing_dot() -> None:
+def test_line_limit_counts_the_crlf_and_not_a_stuffing_dot() -> None:
     fits = b"x" * (LINE_LIMIT - 2) + b"\r\n"
     assert receive(fits + b".\r\n", size_limit=None).error is None  # type: ignore[union-attr]
-    assert receive(b"." + fits + b".\r\n", size_limit=None) == \
+    assert receive(b"." + fits + b".\r\n", size_limit=None) == DataResult(fits, None, b"")
+    assert receive(b"..." + fits + b".\r\n", size_limit=None) == \
         DataResult(b"", DataError.TOO_LONG, b"")
+    for too_long in (b"y" + fits, b"a\r\n.." + fits + b"b\r\n"):
+        assert receive(too_long + b".\r\n", size_limit=None) == \
+            DataResult(b"", DataError.TOO_LONG, b"")
 
 
 def test_no_size_limit() -> None:
@@ -131,7 +135,7 @@ def _reference(wire: bytes, size_limit: int, line_limit: int) -> DataResult | No
         if line == b".\r\n":
             break
         size += len(line) - line.startswith(b".")  # RFC 1870 4: stuffing dots not counted
-        too_long = too_long or len(line) > line_limit
+        too_long = too_long or len(line) - line.startswith(b".") > line_limit
         lines.append(line[1:] if line.startswith(b".") else line)
     if size > size_limit:
         return DataResult(b"", DataError.TOO_MUCH, wire[position:])
