@@ -10,11 +10,28 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 CONTEXT_FIELDS = ("tier", "session", "peer", "queue_id", "user", "mailbox", "event")
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+_NOT_IN_A_WORD = re.compile(r"[\s\\\x00-\x1f\x7f-\x9f]")
+
+
+def one_word(text: str) -> str:
+    """Text a client gave (an address, whose quoted local part may hold spaces) for the
+    message part of a line, as one word: it cannot pass for more key=value pairs of the line
+    (`"x queue_id=..."@example.net`) or start a new line. Whitespace, control characters and
+    the backslash are written as escapes (\\x20, \\u2028, \\x5c)."""
+    return _NOT_IN_A_WORD.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _context(record: logging.LogRecord) -> dict[str, object]:

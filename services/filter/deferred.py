@@ -192,7 +192,10 @@ class DeferredScanner:
         try:
             envelope = envelope_from_properties(message.header.properties)
         except EnvelopeError as exc:
-            log.error("undecodable message on the scan queue, dead-lettered: %s", exc)
+            # The queue id the broker has in message_id, which `deadletters list` shows.
+            log.error("undecodable message on the scan queue, dead-lettered: %s", exc,
+                      extra={"queue_id": message.header.properties.message_id or None,
+                             "event": "dead-letter"})
             await channel.basic_reject(message.delivery_tag or 0, requeue=False)
             return
         extra = {"queue_id": envelope.queue_id}

@@ -418,6 +418,10 @@ class FilterSMTP(SMTP):
             # RFC 2034 section 4: no enhanced codes in the replies to HELO/EHLO.
             if not (self._helo_reply and status.startswith("250")):
                 status = replies.enhance(status)
+            if status == replies.SIZE_EXCEEDED:  # aiosmtpd's, to a MAIL with a larger SIZE
+                log.info("sender refused: its SIZE is over TIERMAIL_MAX_MESSAGE_SIZE (%d)",
+                         self.data_size_limit,
+                         extra=self.handler.log_extra(self.handler.current_queue_id))
             self._stats.count_reply(status)
             if log.isEnabledFor(logging.DEBUG):  # the context costs more than the line
                 log.debug("<< %s", status,
@@ -638,11 +642,15 @@ class FilterSMTP(SMTP):
             self._receiving_data = False
         try:
             if received.error is not None:
+                reply = _DATA_ERRORS[received.error]
                 if received.error is DataError.NO_ROOM:
                     self._stats.data_memory_full += 1
-                    log.warning("no memory left for message data (%d octets held)",
-                                self._data_memory.held, extra=self.handler.log_extra())
-                await self.push(_DATA_ERRORS[received.error])
+                    log.warning("no memory left for message data: the uploads of all sessions "
+                                "hold TIERMAIL_SMTP_DATA_MEMORY (%d octets)",
+                                self._limits.data_memory,
+                                extra=self.handler.log_extra(self.handler.current_queue_id))
+                self.handler.log_refused(self.envelope, received.error.value, reply)
+                await self.push(reply)
                 return
             self.envelope.content = self.envelope.original_content = received.content
             # The whole message is in: bound our own processing instead of the upload.

@@ -26,6 +26,7 @@ from common.broker import PublishFailed
 from common.directory import Lookup, Resolution
 from common.envelope import Envelope, Recipient
 from common.ids import new_queue_id
+from common.logs import one_word
 from common.ratelimit import UNLIMITED, Limit, RateLimits
 from common.topology import DELIVER_ROUTING_KEY, SCAN_ROUTING_KEY
 from services.filter.convert import peer_ip, tls_description, to_envelope
@@ -115,6 +116,17 @@ class FilterSession:
     def log_extra(self, queue_id: str | None = None) -> dict[str, Any]:
         return {"session": self.session_id, "peer": self.peer, "queue_id": queue_id}
 
+    def log_refused(self, envelope: SMTPEnvelope, why: str, reply: str,
+                    size: int | None = None) -> None:
+        """The line for a message refused after its content came: like `queued`, with the
+        reason and the reply's codes instead of a 250."""
+        txn = self._transaction(envelope)
+        log.info("refused from=<%s> to=<%s>%s %s: %s",
+                 one_word(envelope.mail_from or ""),
+                 ">,<".join(one_word(r.address) for r in txn.recipients),
+                 "" if size is None else f" size={size}", " ".join(reply.split()[:2]), why,
+                 extra=self.log_extra(txn.queue_id))
+
     @property
     def current_queue_id(self) -> str | None:
         return self._txn.queue_id if self._txn is not None else None
@@ -137,13 +149,13 @@ class FilterSession:
         txn = self._transaction(envelope)
         if self._publishes.stalled or self._publisher.stalled:
             self._stats.broker_stalled += 1
-            log.info("sender %s refused: the broker is not confirming", address,
+            log.info("sender %s refused: the broker is not confirming", one_word(address),
                      extra=self.log_extra(txn.queue_id))
             return replies.QUEUE_NOT_TAKING
         if not await self._publisher.ready():
             # Known before the upload: the sender keeps its message and retries.
             self._stats.broker_unreachable += 1
-            log.info("sender %s refused: the broker is unreachable", address,
+            log.info("sender %s refused: the broker is unreachable", one_word(address),
                      extra=self.log_extra(txn.queue_id))
             return replies.QUEUE_NOT_TAKING
         # Every MAIL FROM counts against the message rates (as in Postfix's anvil), across
@@ -151,12 +163,12 @@ class FilterSession:
         exceeded = await self._rate_limits.message(
             peer_ip(session.peer), authenticated_user(session), self.log_extra(txn.queue_id))
         if exceeded is not None:
-            log.info("sender %s refused: rate limit %s", address, exceeded.value,
+            log.info("sender %s refused: rate limit %s", one_word(address), exceeded.value,
                      extra=self.log_extra(txn.queue_id))
             return _RATE_REPLIES[exceeded]
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        log.debug("sender %s", address, extra=self.log_extra(txn.queue_id))
+        log.debug("sender %s", one_word(address), extra=self.log_extra(txn.queue_id))
         return replies.SENDER_OK
 
     async def handle_RCPT(
@@ -175,7 +187,8 @@ class FilterSession:
             # RFC 5321 4.5.3.1.10: 452 for too many recipients, the client sends the rest later.
             # Not an error of the client's, up to as many again; past that, a client that
             # does not stop is counted like any other (Postfix's recipient overshoot limit).
-            log.info("recipient %s refused: too many recipients", address, extra=extra)
+            log.info("recipient %s refused: too many recipients", one_word(address),
+                     extra=extra)
             txn.overshoot += 1
             if txn.overshoot > self._policy.max_recipients:
                 return replies.TOO_MANY_RECIPIENTS_COUNTED
@@ -194,7 +207,7 @@ class FilterSession:
             # Refused whole, even when an alias has other mailboxes with room: the sender
             # retries later and nobody's copy is silently dropped or pushed further over.
             too_big = [mailbox for mailbox, limit in lookup.limits if size > limit]
-            log.info("recipient %s refused: %s (%s)", address,
+            log.info("recipient %s refused: %s (%s)", one_word(address),
                      "message larger than the quota" if too_big else "mailbox full",
                      ",".join(too_big or lookup.over_quota or too_full), extra=extra)
             return replies.LARGER_THAN_QUOTA if too_big else replies.MAILBOX_FULL
@@ -203,9 +216,11 @@ class FilterSession:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
             txn.recipients.append(Recipient(address, lookup.mailboxes))
-            log.debug("recipient %s -> %s", address, ",".join(lookup.mailboxes), extra=extra)
+            log.debug("recipient %s -> %s", one_word(address), ",".join(lookup.mailboxes),
+                      extra=extra)
         else:
-            log.info("recipient %s refused: %s", address, lookup.resolution.value, extra=extra)
+            log.info("recipient %s refused: %s", one_word(address), lookup.resolution.value,
+                     extra=extra)
         return reply
 
     async def _without_room(self, lookup: Lookup, size: int) -> list[str]:
@@ -245,7 +260,6 @@ class FilterSession:
         retry_of: str | None = None  # the digest, when this is a retry of an unconfirmed one
         if len(self._unconfirmed) and (key := digest()) is not None:
             retry_of = key if self._reuse_unconfirmed_queue_id(txn, key) else None
-        extra = self.log_extra(txn.queue_id)
         received_at = self._clock()
         tls = tls_description(session.ssl)
         client_ip = peer_ip(session.peer)
@@ -278,7 +292,8 @@ class FilterSession:
         decision = await evaluate(self._rules, message_envelope, content)
         checks_ms = (time.perf_counter() - checks_started) * 1000
         if decision.reply is not None:
-            log.info("message refused by rule %s", decision.refused_by, extra=extra)
+            self.log_refused(envelope, f"by rule {decision.refused_by}", decision.reply,
+                             message_envelope.size)
             return decision.reply
         # Our headers go on top, newest first: the scan results above our Received line.
         head = format_headers(decision.headers) + header
@@ -342,8 +357,8 @@ class FilterSession:
         self.queued += 1
         log.info(
             "queued from=<%s> to=<%s> size=%d checks_ms=%.2f%s",
-            message_envelope.mail_from,
-            ">,<".join(r.address for r in message_envelope.recipients),
+            one_word(message_envelope.mail_from),
+            ">,<".join(one_word(r.address) for r in message_envelope.recipients),
             message_envelope.size,
             checks_ms,  # the rules' time (scanners included), for the scanning benchmark
             "" if routing_key == DELIVER_ROUTING_KEY else f" via={routing_key}",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Iterable
 
 import redis.asyncio
@@ -58,6 +59,7 @@ class QuotaPublisher:
         self._check_interval = check_interval
         self._dirty: set[str] = set()
         self._changed = asyncio.Event()
+        self._unusable: set[str] = set()  # users whose index could not be read, logged
 
     def on_change(self, event: ChangeEvent) -> None:
         """MailDB listener: cheap, never blocks (the work happens in `run`)."""
@@ -148,11 +150,25 @@ class QuotaPublisher:
         return {user: self._accounts.quota(user, self._default) for user in users}
 
     async def _states(self, limits: dict[str, int]) -> dict[str, QuotaState]:
+        """The state of each user whose usage can be read. One whose index is damaged is
+        left out (logged once): it must not keep every other account's state unpublished."""
         states = {}
         for user, limit in limits.items():
-            usage = await self._usage(user)
+            try:
+                usage = await self._usage(user)
+            except (sqlite3.Error, OSError) as exc:
+                self._unreadable(user, exc)
+                continue
+            self._unusable.discard(user)
             states[user] = QuotaState(usage, usage >= limit, limit)
         return states
+
+    def _unreadable(self, user: str, exc: Exception) -> None:
+        if user not in self._unusable:
+            self._unusable.add(user)
+            log.error("quota of %s not computed: its index cannot be read (%s: %s); the "
+                      "other accounts' are published", user, type(exc).__name__, exc,
+                      extra={"event": "quota-index-unusable", "user": user})
 
     async def _usage(self, user: str) -> int:
         try:

@@ -655,3 +655,57 @@ async def test_a_client_sending_unknown_commands_is_closed_with_421(
 
     answers = await in_thread(dialog)
     assert answers[-1] == replies.TOO_MANY_ERRORS, answers
+
+
+async def test_every_refused_message_has_a_line_with_its_queue_id(
+        directory: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """A message refused once its content had come (too large, a line too long) left no log
+    line at all, and one refused by a rule a line without sender and recipients: an
+    operator asked why a message never came could not find it. Each now has a `refused`
+    line like the `queued` one: queue id, sender, recipients, the reply's codes and why.
+    A declared SIZE over the maximum is logged at MAIL."""
+    caplog.set_level(logging.INFO, logger="services.filter")
+    limits = directory.replace(max_message_size=2000, max_line_length=1000)
+    async with running_filter(limits) as worker:
+        def transaction() -> tuple[list[str], str]:
+            refused = []
+            with connect(worker.ports[0]) as client:
+                for body in ((b"x" * 70 + b"\r\n") * 40, b"y" * 1200 + b"\r\n",
+                             b"bare\nnewline\r\n"):
+                    client.mail(SENDER)
+                    client.rcpt(ALICE)
+                    refused.append(reply_of(*client.data(message("refused", body))))
+                declared = reply_of(*client.mail(SENDER, ["SIZE=999999"]))
+            return refused, declared
+
+        refused, declared = await in_thread(transaction)
+    assert [reply[:9] for reply in refused] == ["552 5.3.4", "500 5.5.2", "554 5.6.0"]
+    assert declared.startswith("552 5.3.4"), declared
+    lines = [r for r in caplog.records if r.getMessage().startswith("refused ")]
+    said = [r.getMessage() for r in lines]
+    assert said[:2] == [f"refused from=<{SENDER}> to=<{ALICE}> 552 5.3.4: too much mail data",
+                        f"refused from=<{SENDER}> to=<{ALICE}> 500 5.5.2: line too long"]
+    assert said[2].startswith(f"refused from=<{SENDER}> to=<{ALICE}> size=")
+    assert said[2].endswith(" 554 5.6.0: by rule bare-newline"), said[2]
+    assert len({getattr(r, "queue_id", None) for r in lines} - {None}) == 3
+    assert "sender refused: its SIZE is over TIERMAIL_MAX_MESSAGE_SIZE (2000)" in caplog.text
+
+
+async def test_a_sender_cannot_write_fields_into_the_log_line(
+        worker: FilterWorker, caplog: pytest.LogCaptureFixture) -> None:
+    """A quoted local part may hold spaces: `"x queue_id=... user=..."@remote.test` read as
+    further key=value pairs of the `queued` line (a second queue_id for a parser, a match
+    for another message's grep). Client-given text is one word in the line now."""
+    caplog.set_level(logging.INFO, logger="services.filter")
+    forged = '"x queue_id=FORGED user=bob"@remote.test'
+
+    def transaction() -> tuple[int, bytes]:
+        with connect(worker.ports[0]) as client:
+            assert client.docmd(f"MAIL FROM:<{forged}>")[0] == 250
+            client.rcpt(ALICE)
+            return client.data(message())
+
+    assert (await in_thread(transaction))[0] == 250
+    [queued] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("queued")]
+    assert queued.startswith('queued from=<"x\\x20queue_id=FORGED\\x20user=bob"@remote.test> ')
+    assert " queue_id=" not in queued and " user=" not in queued

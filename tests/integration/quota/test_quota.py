@@ -416,3 +416,24 @@ async def test_an_account_change_recomputes_only_the_limits_it_changed(
                 assert (await parts.directory.quota_limits())[CAROL] == 3000
         finally:
             await maildb.close()
+
+
+async def test_a_damaged_index_leaves_the_other_accounts_quota_published(
+        settings: Settings) -> None:
+    """A `file is not a database` in one user's index failed the whole reconcile, retried
+    for ever: nobody's quota state was published again, so a user who had deleted mail got
+    `452 Mailbox full` indefinitely. The damaged account is now left out, logged once."""
+    limited = settings.replace(default_quota=3000)
+    async with store_parts(limited) as parts:
+        parts.accounts.add_user(CAROL, "h")
+        await deliver(parts.maildb, ALICE, 2)
+        await deliver(parts.maildb, CAROL)
+        await parts.maildb.close()
+        index = store_user_path(limited.store_dir, CAROL) / "index.sqlite"
+        for leftover in index.parent.glob("index.sqlite-*"):
+            leftover.unlink()
+        index.write_bytes(b"this is not a database" * 200)
+        parts.maildb = MailDB.for_store(limited.store_dir, inline_max=limited.store_inline_max)
+        await parts.publisher(limited, limited.default_quota).reconcile()
+        assert await parts.directory.over_quota() == {ALICE}
+        assert await parts.directory.usage(ALICE) > 3000

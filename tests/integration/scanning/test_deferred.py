@@ -9,19 +9,23 @@ junk, every GTUBE to deliver with junk=True, every EICAR to quarantine, each exa
 from __future__ import annotations
 
 import asyncio
+import logging
 import smtplib
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
+import pytest
 from pamqp.commands import Basic
 
 from common.settings import Settings
+from common.topology import ENVELOPE_HEADER
 from services.filter.deferred import CONNECT_TIMEOUT, SCAN_PREFETCH
 from services.filter.main import open_worker
 from services.filter.poison import POISON_STRIKES
 from services.filter.protocol.scan_headers import VIRUS_HEADER
+from tests.integration.filter.conftest import amqp_channel
 from tests.integration.scanning.conftest import (
     ALICE,
     SENDER,
@@ -342,3 +346,21 @@ def send_each(port: int, messages: list[bytes]) -> list[str]:
 
 def _envelope(client: smtplib.SMTP) -> bool:
     return client.mail(SENDER)[0] == 250 and client.rcpt(ALICE)[0] == 250
+
+
+async def test_an_undecodable_message_on_the_scan_queue_is_logged_with_its_queue_id(
+        scan_settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """`tiermail deadletters list` shows such a message by the queue id in its message_id
+    and says the filter's log says why; the log line had no queue id to find it by."""
+    caplog.set_level(logging.INFO, logger="services.filter")
+    topology = scan_settings.topology
+    async with open_worker(scan_settings, port=free_port()):
+        async with amqp_channel(scan_settings) as channel:
+            await channel.basic_publish(
+                b"Subject: x\r\n\r\nbody\r\n", routing_key=topology.scan_queue,
+                properties=Basic.Properties(message_id="UNDECODABLE0001", delivery_mode=2,
+                                            headers={ENVELOPE_HEADER: "{not json"}))
+        await eventually(lambda: _equals(depth(scan_settings, topology.dead_queue), 1),
+                         what="the message to be dead-lettered")
+    [line] = [r for r in caplog.records if "undecodable" in r.getMessage()]
+    assert getattr(line, "queue_id", None) == "UNDECODABLE0001", caplog.text
