@@ -34,6 +34,13 @@ ACTIONS = frozenset({NO_ACTION, GREYLIST, ADD_HEADER, REWRITE_SUBJECT, SOFT_REJE
 
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
+# rspamd 3.4 scores UTF-8 in addresses and headers as broken (INVALID_FROM_8BIT alone is
+# 6, its add-header threshold), which RFC 6531/6532 make valid in an SMTPUTF8 transaction:
+# without these, mail in German or Chinese with a UTF-8 address went to Junk.
+SMTPUTF8_SETTINGS = (b'{symbols_disabled = ["INVALID_FROM_8BIT", "INVALID_RCPT_8BIT", '
+                     b'"FROM_INVALID", "TO_INVALID", "FROM_NEEDS_ENCODING", '
+                     b'"TO_NEEDS_ENCODING", "SUBJECT_NEEDS_ENCODING"]}')
+
 
 class RspamdProtocolError(ValueError):
     """The reply is not what rspamd sends."""
@@ -69,7 +76,10 @@ def request_headers(envelope: Envelope, hostname: str) -> list[tuple[bytes, byte
     """The envelope as rspamd request headers; Rcpt repeats once per recipient.
 
     No `Hostname` header: rspamd means the client's reverse-DNS name by it, which the filter
-    does not look up; our own name goes in `MTA-Name`.
+    does not look up; our own name goes in `MTA-Name`. An address with UTF-8 in it is left
+    out: rspamd cannot read one there and scores the message BROKEN_HEADERS (8). An SMTPUTF8
+    transaction gets `Settings` turning off the symbols that count RFC 6532 headers as
+    broken (SMTPUTF8_SETTINGS; it takes the place of rspamd's settings rules for it).
     """
     headers: list[tuple[bytes, bytes]] = [(b"Queue-Id", _header_value(envelope.queue_id))]
     if envelope.client_ip:
@@ -77,9 +87,13 @@ def request_headers(envelope: Envelope, hostname: str) -> list[tuple[bytes, byte
     if envelope.client_helo:
         headers.append((b"Helo", _header_value(envelope.client_helo)))
     # An empty reverse-path (bounces) is sent as "<>", which rspamd understands.
-    headers.append((b"From", _header_value(envelope.mail_from or "<>")))
+    if envelope.mail_from.isascii():
+        headers.append((b"From", _header_value(envelope.mail_from or "<>")))
     for rcpt in envelope.recipients:
-        headers.append((b"Rcpt", _header_value(rcpt.address)))
+        if rcpt.address.isascii():
+            headers.append((b"Rcpt", _header_value(rcpt.address)))
+    if envelope.smtputf8:
+        headers.append((b"Settings", SMTPUTF8_SETTINGS))
     if envelope.authenticated_user:
         headers.append((b"User", _header_value(envelope.authenticated_user)))
     if hostname:

@@ -18,6 +18,7 @@ from services.filter.main import open_worker
 from services.filter.protocol import replies
 from services.filter.protocol.scan_headers import NOT_SCANNED_HEADER
 from tests.integration.scanning.conftest import (
+    ALICE,
     add_header_band,
     closed_address,
     depth,
@@ -69,6 +70,32 @@ async def test_ham_is_queued_with_x_spam_status_no(scan_settings: Settings) -> N
     assert queued.envelope.junk is False
     assert (queued.header("X-Spam-Status") or "").startswith("No, score=")
     assert queued.header("X-Spam") is None
+
+
+def send_smtputf8(port: int, sender: str, data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.remote.test",
+                      timeout=60) as client:
+        client.ehlo()
+        client.sendmail(sender, [ALICE], data, mail_options=["SMTPUTF8"])
+
+
+async def test_smtputf8_mail_is_not_junk(scan_settings: Settings) -> None:
+    """RFC 6531/6532 mail, a UTF-8 address in the envelope and in From:, was filed into Junk:
+    rspamd 3.4 scored the envelope sender it could not read BROKEN_HEADERS (8) and the
+    From: INVALID_FROM_8BIT (6) + FROM_INVALID (2), both past its add-header threshold."""
+    sender = "jörg@beispiel.test"
+    data = ("From: Jörg <jörg@beispiel.test>\r\nTo: Alice <" + ALICE + ">\r\n"
+            "Subject: Grüße aus München\r\nDate: Sun, 06 Dec 2026 06:00:00 +0000\r\n"
+            "Message-ID: <gruss-1@beispiel.test>\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+            "\r\nHallo Alice,\r\n\r\nviele Grüße aus München. Wir sehen uns nächste "
+            "Woche.\r\n\r\nJörg\r\n").encode()
+    async with open_worker(scan_settings) as worker:
+        await asyncio.to_thread(send_smtputf8, worker.ports[0], sender, data)
+        assert worker.stats.spam_ham == 1
+    [queued] = await take_all(scan_settings, scan_settings.topology.deliver_queue)
+    assert queued.envelope.junk is False
+    assert (queued.header("X-Spam-Status") or "").startswith("No, score="), queued.body[:600]
 
 
 async def test_eicar_attachment_is_refused_naming_the_signature(scan_settings: Settings) -> None:

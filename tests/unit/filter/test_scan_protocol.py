@@ -89,6 +89,19 @@ def test_rspamd_request_headers_carry_the_envelope() -> None:
     assert (b"Helo", b"evilX-Injected: 1") in headers  # no CR/LF can split the request
     assert (b"From", b"<>") in rspamd.request_headers(envelope(mail_from=""), "mx.test")
     assert not any(name == b"User" for name, _ in rspamd.request_headers(envelope(), "mx"))
+    assert not any(name == b"Settings" for name, _ in rspamd.request_headers(envelope(), "mx"))
+
+
+def test_rspamd_gets_no_utf8_address_and_smtputf8_mail_its_settings() -> None:
+    """rspamd cannot read a UTF-8 address in its request headers (BROKEN_HEADERS, 8) and
+    counts RFC 6532 headers as broken (INVALID_FROM_8BIT, 6): SMTPUTF8 mail went to Junk."""
+    headers = rspamd.request_headers(
+        envelope(mail_from="jörg@beispiel.test", smtputf8=True,
+                 recipients=(Recipient("ünï@x.test", ("u@x.test",)),
+                             Recipient("b@x.test", ("b@x.test",)))), "mx.test")
+    assert [name for name, _ in headers if name in (b"From", b"Rcpt")] == [b"Rcpt"]
+    assert (b"Rcpt", b"b@x.test") in headers
+    assert (b"Settings", rspamd.SMTPUTF8_SETTINGS) in headers
 
 
 # clamd
