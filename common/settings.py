@@ -255,6 +255,7 @@ class Settings:
             _check(f.name, getattr(self, f.name))
         self._check_ports_differ()
         self._check_rspamd_takes_the_largest_message()
+        self._check_a_worker_holds_the_largest_message()
 
     def _check_ports_differ(self) -> None:
         """Every listener binds TIERMAIL_BIND: two on one port made the second tier to
@@ -280,6 +281,16 @@ class Settings:
                 "larger messages (they would get 451 every time); raise max_message in "
                 f"rspamd's local.d/options.inc and {PREFIX}RSPAMD_MAX_MESSAGE with it, or "
                 f"lower {PREFIX}MAX_MESSAGE_SIZE")
+
+    def _check_a_worker_holds_the_largest_message(self) -> None:
+        """A message larger than what a filter worker holds of all uploads at once got
+        452 4.3.1 at every attempt, until its sender gave up and bounced it."""
+        if self.smtp_data_memory < self.max_message_size:
+            raise SettingsError(
+                f"{PREFIX}SMTP_DATA_MEMORY={self.smtp_data_memory}: below "
+                f"{PREFIX}MAX_MESSAGE_SIZE={self.max_message_size}, so a message that large "
+                "could never be taken (452 at every attempt); raise it, or lower "
+                f"{PREFIX}MAX_MESSAGE_SIZE")
 
     @property
     def topology(self) -> Topology:

@@ -538,7 +538,8 @@ async def test_uploads_beyond_the_workers_data_memory_get_452_and_go_through_lat
     more message while it is full gets 452 4.3.1 (the sender retries), the upload in progress
     is not harmed, and once it is through there is room again. Nothing is lost."""
     body = (b"x" * 78 + b"\r\n") * 500  # 40,000 octets
-    async with running_filter(directory.replace(smtp_data_memory=64 * 1024)) as worker:
+    limits = directory.replace(smtp_data_memory=64 * 1024, max_message_size=64 * 1024)
+    async with running_filter(limits) as worker:
         def open_transaction() -> RawClient:
             client = RawClient(worker.ports[0])
             client.reply()

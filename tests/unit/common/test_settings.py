@@ -75,6 +75,14 @@ def test_a_largest_message_rspamd_would_drop_is_refused_by_name() -> None:
                                   "TIERMAIL_SPAM": spam}).max_message_size == 100 * 1024 * 1024
 
 
+def test_a_data_memory_below_the_largest_message_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"^TIERMAIL_SMTP_DATA_MEMORY=100000: below "
+                       r"TIERMAIL_MAX_MESSAGE_SIZE=26214400, so a message that large"):
+        Settings.from_env({"TIERMAIL_SMTP_DATA_MEMORY": "100000"})
+    both = {"TIERMAIL_SMTP_DATA_MEMORY": "100000", "TIERMAIL_MAX_MESSAGE_SIZE": "100000"}
+    assert Settings.from_env(both).smtp_data_memory == 100000
+
+
 @pytest.mark.parametrize(("name", "value"), [
     ("TIERMAIL_SMTP_PORT", "70000"),  # the kernel would take it as port 4464
     ("TIERMAIL_IMAP_PORT", "0"),
