@@ -21,14 +21,19 @@ class CannotStart(Exception):
     up` stops instead of restarting the tier."""
 
 
+def format_address(host: str, port: int) -> str:
+    """host:port, an IPv6 address in brackets ([::1]:2525), as clients write it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @contextlib.contextmanager
 def binding(setting: str, host: str, port: int) -> Iterator[None]:
     """Around opening the listener for `TIERMAIL_<setting>` on host:port."""
     try:
         yield
     except OSError as exc:
-        raise CannotStart(f"cannot listen on {host}:{port} ({PREFIX}{setting.upper()}): "
-                          f"{_why(exc, host)}") from None
+        raise CannotStart(f"cannot listen on {format_address(host, port)} "
+                          f"({PREFIX}{setting.upper()}): {_why(exc, host)}") from None
 
 
 def _why(exc: OSError, host: str) -> str:

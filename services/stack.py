@@ -49,12 +49,13 @@ FATAL_EXITS = {2: "a bad setting", 3: "it cannot start"}
 
 
 def endpoints(settings: Settings) -> list[str]:
-    host = settings.bind
+    def at(port: int) -> str:
+        return listen.format_address(settings.bind, port)
+
     return [
-        f"SMTP (filter)    {host}:{settings.smtp_port}  STARTTLS",
-        f"IMAP (store)     {host}:{settings.imap_port}  STARTTLS; "
-        f"IMAPS {host}:{settings.imaps_port}",
-        f"POP3 (store)     {host}:{settings.pop3_port}  STLS; POP3S {host}:{settings.pop3s_port}",
+        f"SMTP (filter)    {at(settings.smtp_port)}  STARTTLS",
+        f"IMAP (store)     {at(settings.imap_port)}  STARTTLS; IMAPS {at(settings.imaps_port)}",
+        f"POP3 (store)     {at(settings.pop3_port)}  STLS; POP3S {at(settings.pop3s_port)}",
         f"RabbitMQ         {settings.amqp_url.rsplit('@', 1)[-1]}",
         f"Redis            {settings.redis_url.rsplit('@', 1)[-1]}",
         f"spam scanning    {settings.spam}"

@@ -151,6 +151,11 @@ async def _broker_status(settings: Settings) -> dict[str, Any]:
     status: dict[str, Any] = {"reachable": False}
     try:
         connection = await connect(settings.amqp_url, TIMEOUT)
+    except TimeoutError:
+        status["error"] = (f"no answer within {TIMEOUT:g} s to the connection or its "
+                           "handshake (a node that hangs, or packets dropped on the way? "
+                           "rabbitmqctl status)")
+        return status
     except Exception as exc:
         status["error"] = connect_failure(exc)
         return status

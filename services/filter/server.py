@@ -36,6 +36,7 @@ from typing import Any, AnyStr, cast
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from common.budget import MemoryBudget, OpenCounts
+from common.listen import format_address
 from common.ratelimit import UNLIMITED, Network, RateLimits, ip_subject, parse_networks
 from common.settings import Settings
 from services.filter.convert import peer_ip
@@ -109,8 +110,7 @@ class ServerLimits:
 
 def format_peer(peer: Any) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host = str(peer[0])
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        return format_address(str(peer[0]), peer[1])
     return str(peer or "")
 
 
@@ -756,7 +756,7 @@ class FilterServer:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(self.new_connection, host, port, reuse_port=True)
         self._servers.append(server)
-        log.info("listening on %s:%d", host, port, extra={"event": "smtp-listen"})
+        log.info("listening on %s", format_address(host, port), extra={"event": "smtp-listen"})
         return server
 
     @property

@@ -158,3 +158,17 @@ def test_status_answers_when_the_broker_takes_the_connection_and_goes_quiet(
     assert result.returncode == 1, result.stdout + result.stderr
     assert "broker: DOWN it took the connection, then did not answer within 5 s" \
         in result.stdout, result.stdout
+
+
+def test_status_names_a_broker_that_answers_no_handshake(settings: Settings) -> None:
+    """A listener that takes the TCP connection and says nothing: status said `no answer in
+    time`, which the operations guide did not list."""
+    proxy = TcpProxy(5672)
+    proxy.hang()
+    try:
+        result = run_cli(broker_at(settings, proxy.port), "status")
+    finally:
+        proxy.cut()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "broker: DOWN no answer within 5 s to the connection or its handshake" \
+        in result.stdout, result.stdout

@@ -24,7 +24,7 @@ import zlib
 from typing import Any
 
 from common.budget import MemoryBudget
-from common.listen import binding
+from common.listen import binding, format_address
 from common.ratelimit import parse_networks
 from common.settings import Settings
 from common.tls import server_context
@@ -99,7 +99,8 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     with binding("imap_port", settings.bind, settings.imap_port):
         plain_server = await asyncio.start_server(plain.serve, settings.bind, settings.imap_port)
     servers = [SessionEndingServer(plain_server, plain.sessions)]
-    log.info("IMAP listening", extra={"event": f"{settings.bind}:{settings.imap_port}"})
+    log.info("IMAP listening on %s", format_address(settings.bind, settings.imap_port),
+             extra={"event": "imap-listen"})
     if context is None:
         log.warning("no TLS certificate: IMAPS disabled and STARTTLS not offered")
         return servers
@@ -113,7 +114,8 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
         servers[0].close()
         raise
     servers.append(SessionEndingServer(server, implicit.sessions))
-    log.info("IMAPS listening", extra={"event": f"{settings.bind}:{settings.imaps_port}"})
+    log.info("IMAPS listening on %s", format_address(settings.bind, settings.imaps_port),
+             extra={"event": "imaps-listen"})
     return servers
 
 

@@ -13,7 +13,7 @@ import secrets
 import ssl
 
 from common.auththrottle import AuthThrottle
-from common.listen import binding
+from common.listen import binding, format_address
 from common.ratelimit import parse_networks
 from common.settings import Settings
 from common.tls import server_context
@@ -73,7 +73,8 @@ async def start_pop3_servers(
         plain_server = await asyncio.start_server(plain.serve, settings.bind,
                                                   settings.pop3_port, limit=LINE_LIMIT)
     servers: list[SessionEndingServer] = [SessionEndingServer(plain_server, plain.sessions)]
-    log.info("POP3 listening", extra={"event": f"{settings.bind}:{settings.pop3_port}"})
+    log.info("POP3 listening on %s", format_address(settings.bind, settings.pop3_port),
+             extra={"event": "pop3-listen"})
     if context is not None:
         implicit = Pop3Listener(settings, mailstore, accounts, locks, context,
                                 auth_failure_delay, sessions, clients, implicit_tls=True,
@@ -88,7 +89,8 @@ async def start_pop3_servers(
             servers[0].close()
             raise
         servers.append(SessionEndingServer(server, implicit.sessions))
-        log.info("POP3S listening", extra={"event": f"{settings.bind}:{settings.pop3s_port}"})
+        log.info("POP3S listening on %s", format_address(settings.bind, settings.pop3s_port),
+                 extra={"event": "pop3s-listen"})
     else:
         log.warning("no TLS certificate: POP3S disabled and STLS not offered")
     return servers

@@ -496,7 +496,8 @@ class Session:
             return Response(self._failure(exc, "QUIT").encode(), after=After.CLOSE)
         finally:
             await self.close()
-        log.info("maildrop updated", extra={**self.log_context, "event": f"expunged={len(uids)}"})
+        log.info("maildrop updated: %d message%s deleted", len(uids),
+                 "" if len(uids) == 1 else "s", extra={**self.log_context, "event": "update"})
         return Response(await self._farewell(self.user), after=After.CLOSE)
 
     async def _farewell(self, user: str) -> bytes:
