@@ -572,9 +572,12 @@ async def idle(s: Session, c: Command) -> r.Reply:
             if reader.done():
                 break
     finally:
-        for task in (reader, waiter):
-            if task is not None and not task.done():
-                task.cancel()
+        # Awaited too: a cancelled read still waiting on the stream would fail the next
+        # one, the read of what the client sends after a BYE.
+        pending = [task for task in (reader, waiter) if task is not None and not task.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
     line = reader.result()
     if not isinstance(line, bytes) or line.strip().upper() != b"DONE":
         return r.BAD_IDLE_DONE

@@ -348,6 +348,9 @@ class Session:
                      extra=self.log_context)
             self._farewell = r.BYE_MAILBOX_DELETED
             self.state = State.LOGOUT
+            if command.name == "IDLE":  # no completion before the client's DONE (RFC 2177)
+                await self.send(self._farewell.untagged())
+                return None
             return r.NO_NONEXISTENT
         except Disconnect:
             raise
