@@ -61,6 +61,7 @@ class SelectedMailbox:
         self.readonly = readonly
         self.uidvalidity = status.uidvalidity
         self.highestmodseq = status.highestmodseq
+        self._told_highestmodseq = status.highestmodseq  # SELECT's OK [HIGHESTMODSEQ]
         # The UIDs and messages stay the snapshot's, shared, with the flag changes this
         # session learns of kept beside them by position, until an operation needs lists of
         # its own (`_own_infos`, `_own_uids`): for 100,000 messages a copy, and later
@@ -254,6 +255,15 @@ class SelectedMailbox:
             # point, or a connection lost now would hide the expunges from it for good.
             lines.append(wire.untagged(b"OK [HIGHESTMODSEQ %d] Expunges pending"
                                        % self._before_gone))
+        elif qresync and not self._gone and self.highestmodseq > self._told_highestmodseq:
+            # Everything up to it is announced now: the client's resync point (RFC 7162
+            # 3.2.5.1, 6). Without it, a client that appended into the mailbox (or saw new
+            # mail arrive) kept SELECT's value, and its next SELECT (QRESYNC ...) reported
+            # those messages as changed: interimap then took the user's flag change on the
+            # other side for a conflict and put the flag back.
+            lines.append(wire.untagged(b"OK [HIGHESTMODSEQ %d] Highest" % self.highestmodseq))
+        if not self._gone:
+            self._told_highestmodseq = self.highestmodseq
         return lines
 
     def keyword_announcement(self) -> list[bytes]:

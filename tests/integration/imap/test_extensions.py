@@ -489,6 +489,36 @@ async def test_modseqs_sent_while_expunges_wait_come_with_a_highestmodseq_below_
     await in_thread(dialog)
 
 
+async def test_a_qresync_client_is_told_the_highestmodseq_its_own_append_made(
+        server: Server, deliver: Deliver, maildb: MailDB) -> None:
+    """A QRESYNC client keeps the last HIGHESTMODSEQ it was told as its resync point (RFC
+    7162 6). After an APPEND into the selected mailbox (or new mail arriving) nothing told it
+    the new one, so its next SELECT (QRESYNC ...) reported its own messages as changed:
+    interimap took the user's flag change on the other side for a conflict and put the
+    flag back. `OK [HIGHESTMODSEQ n]` now comes with the announcement."""
+    await fill(deliver, 2)
+    uidvalidity = (await maildb.status(ALICE)).uidvalidity
+
+    def dialog() -> None:
+        raw = server.raw(ALICE)
+        raw.ok("ENABLE QRESYNC")
+        raw.ok("SELECT INBOX")
+        appended = raw.literal_command(b"APPEND INBOX", b"Subject: mine\r\n\r\nbody\r\n")
+        assert appended.status == "OK", appended
+        noop = raw.ok("NOOP")
+        told = [int(line.split(b"[HIGHESTMODSEQ ")[1].split(b"]")[0])
+                for line in appended.untagged + noop.untagged if b"[HIGHESTMODSEQ " in line]
+        raw.close()
+        assert told, (appended.untagged, noop.untagged)
+        again = server.raw(ALICE)
+        again.ok("ENABLE QRESYNC")
+        reply = again.ok(f"SELECT INBOX (QRESYNC ({uidvalidity} {told[-1]}))")
+        assert not reply.lines(b"FETCH") and not reply.lines(b"VANISHED"), reply.untagged
+        again.close()
+
+    await in_thread(dialog)
+
+
 async def test_examine_offers_no_permanent_flags_when_keywords_appear(
         server: Server, deliver: Deliver) -> None:
     """RFC 3501 7.1: PERMANENTFLAGS lists what the client can change for good, nothing in a

@@ -161,3 +161,23 @@ async def test_qresync_two_way_sync_with_flags_moves_and_expunges(
     await assert_nothing_to_do(sync, maildb)
     assert await in_step(maildb) == now
 
+
+
+async def test_a_flag_cleared_after_interimap_copied_the_message_stays_cleared(
+        imap_server: ImapStack, deliver: Deliver, maildb: MailDB, tmp_path: Path,
+        tls_files: tuple[Path, Path]) -> None:
+    """interimap appends the copy into the selected mailbox and keeps the HIGHESTMODSEQ it
+    was last told. Nothing told it the one its APPEND made, so its next run found its own
+    copy "changed" on bob's side; with the flag cleared on alice's meanwhile it warned of a
+    conflict and set both to the union: the user's unflag was undone."""
+    data = message("flagged, then not")
+    await deliver(ALICE, data)
+    uid = (await maildb.list_messages(ALICE))[0].uid
+    await maildb.store_flags(ALICE, "INBOX", [uid], "+", frozenset({"\\Flagged"}))
+    sync = Interimap(imap_server, tmp_path, tls_files[0])
+    await sync.run()
+    assert (await in_step(maildb))["INBOX"][message_id_of(data)][0] == {"\\Flagged"}
+
+    await maildb.store_flags(ALICE, "INBOX", [uid], "-", frozenset({"\\Flagged"}))
+    await sync.run()  # no "Conflicting flag update" warning
+    assert (await in_step(maildb))["INBOX"][message_id_of(data)][0] == frozenset()

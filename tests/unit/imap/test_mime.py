@@ -741,6 +741,13 @@ def test_folded_header_tabs_read_as_spaces() -> None:
     assert mime.header_lines(part) == "Subject: quarterly report"
 
 
+@pytest.mark.parametrize("content_type", [b"", b"Content-Type: text/plain\r\n",
+                                          b"Content-Type: text/plain; charset=us-ascii\r\n"])
+def test_unlabelled_8bit_text_is_read_as_utf8(content_type: bytes) -> None:
+    raw = content_type + "\r\nViele Grüße\r\n".encode()
+    assert mime.decoded_text(raw, mime.parse_message(raw)).strip() == "Viele Grüße"
+
+
 def test_decoded_text_base64() -> None:
     raw = b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
     raw += b"R3LDvMOf\r\nZQ==\r\n"

@@ -894,6 +894,11 @@ def _codec(charset: str) -> str:
 
 def _decode_bytes(data: bytes, charset: str | None) -> str:
     codec = _codec(charset) if charset else "utf-8"
+    if codec == "ascii":
+        # US-ASCII, also the default of a part that names no charset, holds no 8-bit octet:
+        # one there is nearly always UTF-8 sent unlabelled, which UTF-8 reads and ASCII
+        # turned into U+FFFD, so SEARCH never found the word.
+        codec = "utf-8"
     try:
         text = data.decode(codec, errors="replace")
     except (LookupError, UnicodeError, ValueError):
