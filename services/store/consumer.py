@@ -131,8 +131,16 @@ class Consumer:
             started = time.monotonic()
             try:
                 await self._session()
-            except (asyncio.CancelledError, TopologyMismatch):
+            except TopologyMismatch:
                 raise
+            except asyncio.CancelledError:
+                if _being_cancelled():
+                    raise
+                # aiormq gives a connection up that sent no frames for three heartbeats (a
+                # broker that hangs, a path that drops packets) by cancelling what waits on
+                # it: that ended the whole store, IMAP and POP3 with it.
+                log.warning("broker session ended: the broker sent nothing for too long "
+                            "(heartbeat); connecting again", extra={"event": "amqp-disconnected"})
             except Exception as exc:
                 log.warning("broker session ended: %s", connect_failure(exc),
                             extra={"event": "amqp-disconnected"})
@@ -231,7 +239,8 @@ class Consumer:
                 if self._stopping.is_set():
                     return
                 if closing.done():
-                    closing.result()  # raises the reason, if any
+                    if not closing.cancelled():
+                        closing.result()  # raises the reason, if any
                     raise ConnectionError("broker connection closed")
                 if cancelled:
                     # A new session declares the topology again (the queue, if deleted)
@@ -516,3 +525,10 @@ def _log_failure(exc: Exception, message: str, *args: object, extra: dict[str, s
         log.warning(message + " (%s: %s)", *args, type(exc).__name__, exc, extra=extra)
     else:
         log.error(message, *args, exc_info=exc, extra=extra)
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (a stop), not merely hit by a
+    CancelledError from a future it awaited (aiormq cancels those on a dead connection)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0

@@ -54,6 +54,7 @@ from tests.support import (
     AckTrap,
     QuietProxy,
     QuotaDisk,
+    TcpProxy,
     broker_at,
     fill,
     quota_disk,
@@ -622,6 +623,37 @@ async def test_a_broker_quiet_mid_set_up_is_given_up_on_and_reconnected(
                        what="the consumer to give up on the quiet broker and try again")
         proxy.speak()
         await asyncio.wait_for(running.consumer.consuming.wait(), 15)
+        await publish_all(settings, [make_message(ALICE)])
+        await wait_for(lambda: running.consumer.stats.delivered >= 1, what="a delivery")
+    finally:
+        running.consumer.stop()
+        await asyncio.wait_for(task, 30)
+        running.accounts.close()
+        await maildb.close()
+        proxy.cut()
+
+
+async def test_a_broker_gone_silent_ends_the_session_not_the_store(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiormq gives a connection up that brought no frames for three heartbeats (a node that
+    hangs, a path that drops packets) by cancelling what waits on it: the CancelledError
+    ended Consumer.run and with it the store process, IMAP and POP3 too. It is a lost
+    connection now: the consumer connects again once the broker answers."""
+    monkeypatch.setattr(consumer_module, "CONNECT_TIMEOUT", 2.0)
+    add_users(settings, [ALICE])
+    proxy = TcpProxy(5672)
+    maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    through = broker_at(settings, proxy.port)
+    running = Running(through.replace(amqp_url=through.amqp_url + "?heartbeat=1"), maildb)
+    task = asyncio.create_task(running.consumer.run())
+    try:
+        await asyncio.wait_for(running.consumer.consuming.wait(), 15)
+        proxy.hang()
+        await wait_for(lambda: not running.consumer.consuming.is_set(), within=30,
+                       what="the silent connection to be given up")
+        proxy.resume()
+        await asyncio.wait_for(running.consumer.consuming.wait(), 30)
+        assert not task.done()
         await publish_all(settings, [make_message(ALICE)])
         await wait_for(lambda: running.consumer.stats.delivered >= 1, what="a delivery")
     finally:
