@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -54,6 +55,39 @@ def check_free(host: str, port: int, setting: str) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
         probe.listen(1)
+
+
+def join_port(host: str, port: int, stack: str, setting: str,
+              lock_dir: Path | None = None) -> IO[str]:
+    """Take part in serving host:port with the workers already on it, if they belong to the
+    same `stack` (what the workers share: queues and directory, no password in it): the
+    kernel spreads connections over every process on an SO_REUSEPORT port, so a worker of
+    another stack there would take half of the mail into its own queues (or answer 451
+    without its directory). Raises CannotStart when the port's workers are another stack's.
+    Held (a shared lock) for as long as the returned file stays open; the first worker on
+    the port writes its stack into the file."""
+    folder = lock_dir or Path(tempfile.gettempdir())
+    name = "".join(c if c.isalnum() or c in ".-" else "_" for c in host) or "any"
+    handle = open(folder / f"tiermail-smtp-{name}-{port}.lock", "a+")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # workers are on the port: theirs is the stack in the file
+        fcntl.flock(handle, fcntl.LOCK_SH)  # after a first one's write, if one is writing
+        handle.seek(0)
+        theirs = handle.read().strip()
+        if theirs != stack:
+            handle.close()
+            raise CannotStart(
+                f"cannot listen on {format_address(host, port)} ({PREFIX}{setting.upper()}): "
+                f"filters of another stack serve it ({theirs}; this one: {stack}), and the "
+                "kernel would share the connections between both") from None
+        return handle
+    handle.seek(0)  # the first: say whose the port is
+    handle.truncate()
+    handle.write(stack + "\n")
+    handle.flush()
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    return handle
 
 
 def lock_directory(directory: Path, what: str) -> IO[str]:

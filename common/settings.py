@@ -293,6 +293,16 @@ class Settings:
                 f"{PREFIX}MAX_MESSAGE_SIZE")
 
     @property
+    def stack_identity(self) -> str:
+        """What the workers of one stack share, without passwords: filters on one port must
+        agree on it (common/listen.py join_port)."""
+        amqp, redis = urlsplit(self.amqp_url), urlsplit(self.redis_url)
+        redis_at = (f"{redis.hostname}:{redis.port or 6379}{redis.path}" if redis.hostname
+                    else f"{redis.path}?{redis.query}")
+        return (f"broker {amqp.hostname}:{amqp.port or 5672} vhost {amqp.path[1:] or '/'} "
+                f"queues {self.queue_prefix}, Redis {redis_at} keys {self.redis_prefix}")
+
+    @property
     def topology(self) -> Topology:
         return Topology(prefix=self.queue_prefix, delivery_limit=self.delivery_attempts)
 

@@ -22,7 +22,7 @@ from common.directory_cache import DirectoryCache
 from common.fdlimit import raise_open_file_limit
 from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
-from common.listen import binding
+from common.listen import binding, join_port
 from common.ratelimit import RateLimiter, RateLimits, RedisCounter
 from common.redisconn import check_redis_url, open_redis
 from common.settings import Settings
@@ -157,8 +157,12 @@ async def open_worker(
             judge = spam_judge(settings, scanners) if scanners.spam is not None else None
             drainer = DeferredScanner(settings, scanners, judge, publisher, stats)
             stack.push_async_callback(stop_task, asyncio.create_task(drainer.run()))
-        with binding("smtp_port", settings.bind, settings.smtp_port if port is None else port):
-            await server.listen(settings.bind, settings.smtp_port if port is None else port)
+        listen_port = settings.smtp_port if port is None else port
+        if listen_port:  # 0: a port of its own, chosen by the kernel
+            stack.callback(join_port(settings.bind, listen_port, settings.stack_identity,
+                                     "smtp_port").close)
+        with binding("smtp_port", settings.bind, listen_port):
+            await server.listen(settings.bind, listen_port)
         stack.push_async_callback(server.close, shutdown_grace(settings))
         yield FilterWorker(settings, server, stats, publisher, directory, stack, drainer)
 

@@ -88,6 +88,8 @@ REPEATED_PARAMETER = "501 5.5.4 MAIL parameter {keyword} given more than once"
 # RFC 5321 2.3.8: CR and LF only as CRLF. Refusing bare ones closes the SMTP smuggling hole
 # (<LF>.<LF> or <CR>.<CR> read as end-of-data by some other server).
 BARE_NEWLINE = "554 5.6.0 Message refused: bare CR or LF in message (RFC 5321 2.3.8)"
+FOLDED_START = ("554 5.6.0 Message refused: it starts with a folded line, not a header field "
+                "(RFC 5322 2.2)")
 MESSAGE_TOO_BIG = "552 5.3.4 Message too big for system"
 # RFC 5321 4.2.2 452 and RFC 3463 4.3.1 (mail system full): the worker holds as much message
 # data as it may at once; the sender retries later.

@@ -1,6 +1,7 @@
 """The rule list a filter worker runs, built from settings: one place decides the order.
 
     bare-newline  (cheap, local: refuse before spending a scanner call)
+    folded-start  (cheap, local)
     scan          virus and spam concurrently (rules/scan.py combines: virus wins)
 """
 
@@ -11,6 +12,7 @@ from services.filter.backends.rspamd import RspamdClient
 from services.filter.backends.scanners import Scanners
 from services.filter.rules.bare_newline import BareNewlineRule
 from services.filter.rules.base import Rule
+from services.filter.rules.folded_start import FoldedStartRule
 from services.filter.rules.scan import ScanRule
 from services.filter.rules.scan_failure import ScanFailure
 from services.filter.rules.spam import RspamdJudge, SpamAssassinJudge, SpamJudge, SpamRule
@@ -20,7 +22,7 @@ from services.filter.stats import WorkerStats
 
 def build_rules(settings: Settings | None = None, scanners: Scanners | None = None,
                 stats: WorkerStats | None = None) -> list[Rule]:
-    rules: list[Rule] = [BareNewlineRule()]
+    rules: list[Rule] = [BareNewlineRule(), FoldedStartRule()]
     if settings is None or scanners is None or not scanners.enabled:
         return rules
     stats = stats if stats is not None else WorkerStats()

@@ -709,3 +709,25 @@ async def test_a_sender_cannot_write_fields_into_the_log_line(
     [queued] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("queued")]
     assert queued.startswith('queued from=<"x\\x20queue_id=FORGED\\x20user=bob"@remote.test> ')
     assert " queue_id=" not in queued and " user=" not in queued
+
+
+async def test_a_message_starting_with_a_folded_line_is_refused(worker: FilterWorker) -> None:
+    """Its first line would have continued our Received header, the sender's text reading
+    as part of our trace field after its date. No header section starts that way."""
+    def send(client: smtplib.SMTP, data: bytes) -> tuple[int, bytes]:
+        client.mail(SENDER)
+        client.rcpt(ALICE)
+        return client.data(data)
+
+    def transactions() -> tuple[str, str]:
+        with connect(worker.ports[0]) as client:
+            folded = reply_of(*send(client, b"\tfrom evil (evil [192.0.2.66]) by mx\r\n"
+                                            b"Subject: x\r\n\r\nbody\r\n"))
+            fine = reply_of(*send(client, message("after")))
+        return folded, fine
+
+    folded, fine = await in_thread(transactions)
+    assert folded == replies.FOLDED_START
+    assert fine.startswith("250 ")
+    [queued] = await drain_queue(worker.settings)
+    assert b"Subject: after" in queued.body
