@@ -1,10 +1,14 @@
 """Tier heartbeats in Redis, read by `tiermail status`.
 
 Each tier process writes `<prefix>health:<tier>:<host>:<pid>` every few seconds with a short
-TTL; a process that died simply disappears after the TTL. The payload is a small JSON object
-of the process's own counters (`stats()`), so status can show rates without scraping logs,
-and under `recent` how much each counter grew in about the last minute: a rate averaged
-since start would hide that mail stopped flowing an hour ago in a process up for a week.
+TTL; a process that died simply disappears after the TTL. So that status can still say it
+went, each also notes when it was last seen in the hash `<prefix>health-seen` (field
+`<tier>:<host>:<pid>`), and takes its field out when it stops cleanly: a field whose
+process no longer reports is one that was killed or cannot reach Redis (`silent_processes`).
+The payload is a small JSON object of the process's own counters (`stats()`), so status
+can show rates without scraping logs, and under `recent` how much each counter grew in about
+the last minute: a rate averaged since start would hide that mail stopped flowing an hour
+ago in a process up for a week.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 INTERVAL = 5.0
 TTL = 15
 RECENT_SECONDS = 60.0  # the window of `recent`
+SILENT_SHOWN = 3600.0  # how long status names a process that went without stopping
 
 
 class RecentCounts:
@@ -57,11 +62,17 @@ def heartbeat_key(prefix: str, tier: str) -> str:
     return f"{prefix}health:{tier}:{socket.gethostname()}:{os.getpid()}"
 
 
+def seen_key(prefix: str) -> str:
+    return f"{prefix}health-seen"
+
+
 class Heartbeat:
     def __init__(self, redis: Redis, prefix: str, tier: str,
                  stats: Callable[[], dict[str, Any]]) -> None:
         self._redis = redis
         self._key = heartbeat_key(prefix, tier)
+        self._seen = seen_key(prefix)
+        self._field = f"{tier}:{socket.gethostname()}:{os.getpid()}"
         self._tier = tier
         self._stats = stats
         self._started = time.time()
@@ -86,6 +97,7 @@ class Heartbeat:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
                 await self._redis.delete(self._key)
+                await self._redis.hdel(self._seen, self._field)
 
     async def _run(self) -> None:
         while not self._stop.is_set():
@@ -96,6 +108,9 @@ class Heartbeat:
             try:
                 async with asyncio.timeout(TTL):
                     await self._redis.set(self._key, json.dumps(payload), ex=TTL)
+                    await self._redis.hset(self._seen, self._field, json.dumps(
+                        {"tier": self._tier, "host": payload["host"], "pid": payload["pid"],
+                         "started": self._started, "at": now}))
             except Exception as exc:  # Redis down must not take a tier down.
                 log.warning("heartbeat not written: %s", exc, extra={"event": "heartbeat"})
             await pause(INTERVAL, self._stop)
@@ -108,3 +123,32 @@ async def read_heartbeats(redis: Redis, prefix: str) -> list[dict[str, Any]]:
         if raw:
             beats.append(json.loads(raw))
     return sorted(beats, key=lambda b: (b.get("tier", ""), b.get("host", ""), b.get("pid", 0)))
+
+
+async def silent_processes(redis: Redis, prefix: str, beats: list[dict[str, Any]],
+                           now: float) -> list[dict[str, Any]]:
+    """Processes that reported and then went without stopping cleanly (killed, or cut off
+    from Redis) in the last SILENT_SHOWN seconds, as {tier, host, pid, at}: not those that
+    one started on the same host since replaced (`tiermail up`, a service manager). Older
+    entries are dropped."""
+    reporting = {(b.get("tier"), b.get("host"), b.get("pid")) for b in beats}
+    silent = []
+    for field, raw in (await redis.hgetall(seen_key(prefix))).items():
+        try:
+            entry = json.loads(raw)
+            last = float(entry["at"])
+        except (ValueError, TypeError, KeyError):
+            await redis.hdel(seen_key(prefix), field)
+            continue
+        if now - last > SILENT_SHOWN:
+            await redis.hdel(seen_key(prefix), field)
+            continue
+        if (entry.get("tier"), entry.get("host"), entry.get("pid")) in reporting \
+                or now - last <= TTL:
+            continue
+        replaced = any(b.get("tier") == entry.get("tier") and b.get("host") == entry.get("host")
+                       and float(b.get("started", 0)) >= last for b in beats)
+        if not replaced:
+            silent.append(entry)
+    return sorted(silent, key=lambda e: (e.get("tier", ""), e.get("pid", 0)))
+

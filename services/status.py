@@ -11,7 +11,7 @@ from aiormq.abc import AbstractConnection
 
 from common.broker import close_connection, connect, connect_failure, setting_up
 from common.directory import Directory
-from common.health import read_heartbeats
+from common.health import read_heartbeats, silent_processes
 from common.redisconn import open_redis, ping_or_refuse
 from common.settings import Settings, SettingsError
 from common.topology import Topology
@@ -54,6 +54,8 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     problems += _cut_off_filters(redis.get("processes", []))
     problems += _scanners_down(redis.get("processes", []), settings)
     problems += _storage_problems(redis.get("processes", []))
+    problems += _silent(redis.get("silent", []))
+    problems += _failing_deliveries(redis.get("processes", []))
     return {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
 
 
@@ -130,6 +132,39 @@ def _scanners_down(beats: list[dict[str, Any]], settings: Settings) -> list[str]
     return problems
 
 
+def _silent(entries: list[dict[str, Any]]) -> list[str]:
+    """Processes that went without stopping, none started on their host since to replace
+    them (common/health.py silent_processes)."""
+    now = time.time()
+    why = {"filter": "killed, or it cannot reach Redis: it then answers 451 at RCPT",
+           "store": "killed, or it cannot reach Redis"}
+    return [f"{e.get('tier')} {e.get('host')}:{e.get('pid')} stopped reporting "
+            f"{now - float(e['at']):.0f} s ago without stopping "
+            f"({why.get(str(e.get('tier')), 'killed, or it cannot reach Redis')})"
+            for e in entries]
+
+
+def _failing_deliveries(beats: list[dict[str, Any]]) -> list[str]:
+    """Stores that put messages back on the queue in the last minute because storing them
+    failed while their storage works (a damaged index, say): the messages wait, unacked,
+    and go to the dead-letter queue after TIERMAIL_DELIVERY_ATTEMPTS; the queue depth does
+    not count them."""
+    problems = []
+    for beat in beats:
+        recent = beat.get("recent")
+        window = _window(recent) if isinstance(recent, dict) else None
+        if window is None or beat.get("tier") != "store":
+            continue
+        requeued = window[1].get("requeued")
+        if isinstance(requeued, int) and requeued > 0:
+            problems.append(
+                f"store {beat.get('host')}:{beat.get('pid')} could not store {requeued} "
+                f"message(s) in the last {window[0]:.0f} s and put them back on the queue "
+                "(see its log); they go to the dead-letter queue after "
+                "TIERMAIL_DELIVERY_ATTEMPTS attempts")
+    return problems
+
+
 def _storage_problems(beats: list[dict[str, Any]]) -> list[str]:
     """Stores that cannot write (their consumer holds the mail until they can), and stores
     without their space reserve (services/store/backends/spacereserve.py)."""
@@ -200,6 +235,7 @@ async def _redis_status(settings: Settings) -> dict[str, Any]:
         counts = await directory.counts()
         published = await directory.is_published()
         processes = await read_heartbeats(redis, settings.redis_prefix)
+        silent = await silent_processes(redis, settings.redis_prefix, processes, time.time())
     except SettingsError:
         raise
     except Exception as exc:
@@ -207,7 +243,7 @@ async def _redis_status(settings: Settings) -> dict[str, Any]:
     finally:
         await redis.aclose()
     return {"reachable": True, "directory": {"published": published, **counts},
-            "processes": processes}
+            "processes": processes, "silent": silent}
 
 
 # The queues status looks at, by their Topology property `<key>_queue`, in display order.

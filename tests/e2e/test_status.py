@@ -172,3 +172,25 @@ def test_status_names_a_broker_that_answers_no_handshake(settings: Settings) -> 
     assert result.returncode == 1, result.stdout + result.stderr
     assert "broker: DOWN no answer within 5 s to the connection or its handshake" \
         in result.stdout, result.stdout
+
+
+def test_status_names_a_filter_that_was_killed(settings: Settings,
+                                               run_tier: Callable[..., TierProcess]) -> None:
+    """A filter that is killed (or cut off from Redis, which stops its heartbeat) vanished
+    from status 15 s later, which then said healthy beside the other filters."""
+    provision(settings)
+    store = run_tier(settings, "store")
+    store.wait_for_port(settings.imap_port)
+    kept = run_tier(settings, "filter")
+    kept.wait_for_port(settings.smtp_port)
+    killed = run_tier(settings, "filter")
+    wait_until(lambda: sum(p["tier"] == "filter" for p in status(settings)[1]["redis"]
+                           ["processes"]) == 2, what="both filters reporting")
+    killed.kill()
+    wait_until(lambda: any(f":{killed.proc.pid} stopped reporting" in problem
+                           for problem in status(settings)[1]["problems"]),
+               timeout=60, interval=1.0, what="status to name the killed filter")
+    code, report = status(settings)
+    assert code == 1
+    assert f"filter {socket.gethostname()}:{killed.proc.pid} stopped reporting" in \
+        " ".join(report["problems"])

@@ -103,3 +103,21 @@ def test_counts_and_times_read_as_sentences() -> None:
     assert "directory published: 1 domain, 1 user, 0 aliases\n" in shown
     assert "  learner h:1 up 60s\n" in shown
     assert "storage_down for 90s" in shown
+
+
+def test_a_store_that_puts_messages_back_is_a_problem() -> None:
+    """Messages a store cannot store while its storage works (a damaged index) wait
+    unacked, which the queue depth does not count: status said healthy for minutes."""
+    beat = {"tier": "store", "host": "h", "pid": 7, "started": time.time() - 600,
+            "requeued": 12, "recent": {"seconds": 60.0, "counts": {"requeued": 5}}}
+    [problem] = status._failing_deliveries([beat])
+    assert problem.startswith("store h:7 could not store 5 message(s) in the last 60 s")
+    beat["recent"] = {"seconds": 60.0, "counts": {"requeued": 0}}
+    assert status._failing_deliveries([beat]) == []
+
+
+def test_a_process_that_went_without_stopping_is_named() -> None:
+    went = {"tier": "filter", "host": "h", "pid": 7, "at": time.time() - 42}
+    [problem] = status._silent([went])
+    assert re.match(r"filter h:7 stopped reporting 4[23] s ago without stopping \(killed, "
+                    r"or it cannot reach Redis: it then answers 451 at RCPT\)", problem)

@@ -1,0 +1,56 @@
+"""Heartbeats in the real Redis: which processes went without stopping (common/health.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis.asyncio
+
+from common.health import SILENT_SHOWN, TTL, Heartbeat, seen_key, silent_processes
+from common.settings import Settings
+from tests.support import eventually
+
+
+def seen(tier: str, host: str, pid: int, at: float) -> str:
+    return json.dumps({"tier": tier, "host": host, "pid": pid, "started": at - 100, "at": at})
+
+
+@pytest.fixture
+async def client(settings: Settings) -> redis.asyncio.Redis:
+    return redis.asyncio.Redis.from_url(settings.redis_url)
+
+
+async def test_a_process_that_went_without_stopping_is_named_until_replaced(
+        settings: Settings, client: redis.asyncio.Redis) -> None:
+    now = time.time()
+    prefix = settings.redis_prefix
+    await client.hset(seen_key(prefix), mapping={
+        "filter:a:1": seen("filter", "a", 1, now - 40),   # killed: nobody replaced it
+        "store:a:2": seen("store", "a", 2, now - 40),     # killed, and a new store since
+        "filter:b:3": seen("filter", "b", 3, now - 5),    # within the heartbeat's TTL
+        "filter:c:4": seen("filter", "c", 4, now - SILENT_SHOWN - 1),  # long ago
+        "junk": "not json",
+    })
+    beats = [{"tier": "store", "host": "a", "pid": 9, "started": now - 20},
+             {"tier": "filter", "host": "a", "pid": 5, "started": now - 3600}]
+    silent = await silent_processes(client, prefix, beats, now)
+    assert [(e["tier"], e["host"], e["pid"]) for e in silent] == [("filter", "a", 1)]
+    assert set(await client.hkeys(seen_key(prefix))) == {b"filter:a:1", b"store:a:2",
+                                                         b"filter:b:3"}
+    await client.aclose()
+
+
+async def test_a_clean_stop_takes_the_process_off(settings: Settings,
+                                                  client: redis.asyncio.Redis) -> None:
+    async with Heartbeat(client, settings.redis_prefix, "filter", dict):
+        await eventually(lambda: _one_seen(client, settings.redis_prefix),
+                         what="the heartbeat's first write")
+    assert await client.hlen(seen_key(settings.redis_prefix)) == 0
+    assert not await silent_processes(client, settings.redis_prefix, [], time.time() + TTL + 1)
+    await client.aclose()
+
+
+async def _one_seen(client: redis.asyncio.Redis, prefix: str) -> bool:
+    return await client.hlen(seen_key(prefix)) == 1
