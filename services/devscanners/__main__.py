@@ -30,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spamd-port", type=int, help="spamd port")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # SIGTERM as Ctrl-C: the scanners are stopped on the way out (the default action ended
+    # this process at once and left clamd running, orphaned).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.ExitStack() as stack:
         try:
             if args.rspamd_port:
@@ -46,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except runner.ScannerError as exc:
             print(f"devscanners: {exc}")
             return 1
-        print("devscanners: running; Ctrl-C stops them", flush=True)
+        print("devscanners: running; Ctrl-C (or SIGTERM) stops them", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
     return 0
