@@ -136,16 +136,27 @@ class ReserveState:
 async def keep(store_dir: Path, octets: int, state: ReserveState) -> None:
     """Make the reserve now and whenever it is missing (released by a start on a full disk,
     or deleted), as soon as the room is there. Runs until cancelled."""
-    failing = OncePerOutage()
+    failing, short = OncePerOutage(), OncePerOutage()
     while True:
         try:
             made = await asyncio.to_thread(make, store_dir, octets)
             failing.over()
+            no_room = not made
         except OSError as exc:
-            made = False
+            made = no_room = False
             log.log(failing.level(), "space reserve not made: %s", exc,
                     extra={"event": "space-reserve"})
+        kept = None if made else _allocated(reserve_path(store_dir))
         if made:
+            short.over()
+        elif no_room:
+            # Said, not only counted: a reserve that is never made left no line at all.
+            log.log(short.level(), "space reserve of %s not made: it needs %s free on %s, "
+                    "looking again every %g s%s", _octets(octets),
+                    _octets(ROOM_TO_REMAKE * octets), store_dir, CHECK_INTERVAL,
+                    f"; the one of {_octets(kept)} made before is kept" if kept else "",
+                    extra={"event": "space-reserve"})
+        if made or kept:
             state.missing_since = None
         elif state.missing_since is None:
             state.missing_since = time.time()

@@ -20,7 +20,15 @@ from common.settings import Settings
 from services.store.backends import spacereserve
 from services.store.backends.accounts import AccountDB
 from tests.integration.store.helpers import add_users, make_message, publish_all, stored_count
-from tests.support import TierProcess, fill, quota_disk, run_cli, tmpfs, wait_until
+from tests.support import (
+    TierProcess,
+    eventually,
+    fill,
+    quota_disk,
+    run_cli,
+    tmpfs,
+    wait_until,
+)
 
 MiB = 1 << 20
 ALICE = "alice@example.test"
@@ -173,6 +181,32 @@ def test_a_changed_setting_resizes_or_removes_the_reserve(tmp_path: Path) -> Non
         spacereserve.remove(disk)
         assert not reserve.exists()
         spacereserve.remove(disk)  # none: nothing to do
+
+
+async def test_a_reserve_that_cannot_be_made_is_said_and_a_smaller_one_kept(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reserve larger than the disk allows (TIERMAIL_STORE_SPACE_RESERVE raised) left no
+    line in the log, and status called the store without a reserve while the one made
+    before was still there."""
+    caplog.set_level(logging.INFO, logger="services.store")
+    with tmpfs(tmp_path / "disk", "16m") as disk:
+        for before, missing in ((None, True), (MiB, False)):
+            if before:
+                assert spacereserve.make(disk, before)
+            state = spacereserve.ReserveState()
+            keeping = asyncio.create_task(spacereserve.keep(disk, 8 * MiB, state))
+            try:
+                await eventually(lambda: any("not made" in r.getMessage()
+                                             for r in caplog.records),
+                                 within=10, what="the reserve's line")
+            finally:
+                keeping.cancel()
+                await asyncio.gather(keeping, return_exceptions=True)
+            [said] = [r.getMessage() for r in caplog.records if "not made" in r.getMessage()]
+            assert said.startswith("space reserve of 8 MiB not made: it needs 32 MiB free")
+            assert said.endswith("the one of 1 MiB made before is kept") is not missing
+            assert (state.missing_since is not None) is missing
+            caplog.clear()
 
 
 def test_a_store_over_its_disk_quota_gives_up_the_reserve_too(tmp_path: Path) -> None:
