@@ -15,6 +15,7 @@ from common.health import read_heartbeats, silent_processes
 from common.redisconn import open_redis, ping_or_refuse
 from common.settings import Settings, SettingsError
 from common.topology import Topology
+from common.words import counted
 
 TIMEOUT = 5.0
 # Heartbeat values that say how much there is now, not how many so far: no rate for them.
@@ -263,16 +264,16 @@ def format_status(report: dict[str, Any]) -> str:
         if not queue["declared"]:
             lines.append(f"  {queue['queue']}: not declared yet (nothing that uses it has started)")
         else:
-            lines.append(f"  {queue['queue']}: {_count(queue['messages'], 'message')}, "
-                         f"{_count(queue['consumers'], 'consumer')}")
+            lines.append(f"  {queue['queue']}: {counted(queue['messages'], 'message')}, "
+                         f"{counted(queue['consumers'], 'consumer')}")
     redis = report["redis"]
     if not redis["reachable"]:
         lines.append(f"redis: DOWN {redis.get('error', '')}")
         return "\n".join(lines)
     d = redis["directory"]
     lines.append(f"redis: up; directory {'published' if d['published'] else 'NOT published'}: "
-                 f"{_count(d['domains'], 'domain')}, {_count(d['users'], 'user')}, "
-                 f"{_count(d['aliases'], 'alias')}")
+                 f"{counted(d['domains'], 'domain')}, {counted(d['users'], 'user')}, "
+                 f"{counted(d['aliases'], 'alias')}")
     lines.append("processes (rates over the last minute):")
     now = time.time()
     for beat in redis["processes"]:
@@ -292,11 +293,6 @@ def format_status(report: dict[str, Any]) -> str:
     if not redis["processes"]:
         lines.append("  (none reporting)")
     return "\n".join(lines)
-
-
-def _count(number: int, noun: str) -> str:
-    plural = noun + ("es" if noun.endswith("s") else "s")
-    return f"{number} {noun if number == 1 else plural}"
 
 
 def _window(recent: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:

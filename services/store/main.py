@@ -36,6 +36,7 @@ from common.redisconn import check_redis_url, open_redis
 from common.settings import Settings
 from common.tasks import pause, stop_task
 from common.tls import server_context
+from common.words import counted
 from services.store.backends import spacereserve
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import MAIL_DIR, MailDB
@@ -232,9 +233,10 @@ async def _keep_directory_published(directory: Directory, accounts: AccountDB,
             if not published or await directory.published_generation() != current:
                 snapshot = await asyncio.to_thread(accounts.snapshot)
                 await directory.publish(snapshot)
-                log.info("directory published: %d domains, %d users, %d aliases",
-                         len(snapshot.domains), len(snapshot.users), len(snapshot.aliases),
-                         extra={"event": "directory"})
+                log.info("directory published: %s, %s, %s",
+                         counted(len(snapshot.domains), "domain"),
+                         counted(len(snapshot.users), "user"),
+                         counted(len(snapshot.aliases), "alias"), extra={"event": "directory"})
                 published = True
             attempted.set()
             delay = 0.5
