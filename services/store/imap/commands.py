@@ -698,10 +698,10 @@ async def _removal_done(s: Session) -> r.Reply:
     it as how far it is in step (RFC 7162 6), so everything up to it is announced first.
     Without the code it keeps the MODSEQ of the last FETCH it saw, and its next SELECT
     (QRESYNC ...) is told again about the messages it removed itself."""
-    if not s.enabled.qresync:
-        return r.OK_DONE
-    await s.sync(allow_expunge=True)
-    return r.OK_DONE.with_code(f"HIGHESTMODSEQ {s.mailbox.highestmodseq}")
+    if s.enabled.qresync:
+        await s.sync(allow_expunge=True)
+        s.highestmodseq_in_reply = True  # Session._execute adds it after its own last sync
+    return r.OK_DONE
 
 
 async def fetch(s: Session, c: Command) -> r.Reply:

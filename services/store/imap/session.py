@@ -180,6 +180,9 @@ class Session:
         self._turn: LongTurn | None = None  # held while a long command runs (lanes.py)
         self._short: ShortTurn | None = None  # held while a short command runs
         self._farewell = r.BYE_LOGOUT  # the BYE before the connection closes
+        # Set by a command whose tagged OK carries the mailbox's HIGHESTMODSEQ: the value
+        # is taken after the command's last sync, never below one that sync announced.
+        self.highestmodseq_in_reply = False
         # What the end of the session undoes: its user+IP count, its place in `Logins`.
         self._on_end: list[Callable[[], None]] = []
 
@@ -339,6 +342,8 @@ class Session:
             reply = await spec.handler(self, command)
             if self.selected is not None:
                 await self.sync(allow_expunge=spec.expunge_ok)
+                if self.highestmodseq_in_reply and reply is not None and reply.status == "OK":
+                    reply = reply.with_code(f"HIGHESTMODSEQ {self.selected.highestmodseq}")
             return reply
         except InvalidSequence:
             return r.BAD_INVALID_SET
@@ -356,6 +361,8 @@ class Session:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a reply, logged with traceback
             return self.failure(exc, command.name)
+        finally:
+            self.highestmodseq_in_reply = False
 
     def failure(self, exc: BaseException, command: str, *, trycreate: bool = False
                 ) -> r.Reply:
