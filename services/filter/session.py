@@ -211,15 +211,19 @@ class FilterSession:
                      "message larger than the quota" if too_big else "mailbox full",
                      ",".join(too_big or lookup.over_quota or too_full), extra=extra)
             return replies.LARGER_THAN_QUOTA if too_big else replies.MAILBOX_FULL
-        reply = _recipient_reply(lookup.resolution)
-        if lookup.resolution is Resolution.LOCAL:
+        resolution = lookup.resolution
+        if resolution is Resolution.NOT_LOCAL and "@" not in address:
+            # <postmaster> with no TIERMAIL_POSTMASTER: ours to have, not a relay attempt.
+            resolution = Resolution.UNKNOWN_USER
+        reply = _recipient_reply(resolution)
+        if resolution is Resolution.LOCAL:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
             txn.recipients.append(Recipient(address, lookup.mailboxes))
             log.debug("recipient %s -> %s", one_word(address), ",".join(lookup.mailboxes),
                       extra=extra)
         else:
-            log.info("recipient %s refused: %s", one_word(address), lookup.resolution.value,
+            log.info("recipient %s refused: %s", one_word(address), resolution.value,
                      extra=extra)
         return reply
 
