@@ -220,16 +220,14 @@ class AuthThrottle:
         await self._call(pipe.execute)
 
     async def succeeded(self, ip: str, user: str | None) -> None:
-        """A login succeeded: the account's failures are forgotten (the IP's are kept) and
-        the address is known to the account from now on."""
-        key, known = self.user_key(user), self.known_key(ip, user)
-        if key is None:
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.delete(key)
+        """A login succeeded: the address is known to the account from now on. Neither the
+        account's failures nor the address's are forgotten: they expire with their window.
+        Forgetting the account's at each success gave guessers from many addresses the whole
+        limit again every time the owner's client logged in (a poll a minute: ten times the
+        guesses), and the owner needs no reset: a known address skips the account's limit."""
+        known = self.known_key(ip, user)
         if known is not None:
-            pipe.set(known, 1, px=self._known_for_ms)
-        await self._call(pipe.execute)
+            await self._call(lambda: self._redis.set(known, 1, px=self._known_for_ms))
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T | None:
         if self._redis_down and self._clock() < self._recheck_at:

@@ -51,6 +51,7 @@ OK_GREETING = Reply("OK", "tiermail IMAP ready")
 BYE_LOGOUT = Reply("BYE", "Logging out")
 BYE_MAILBOX_DELETED = Reply("BYE", "The selected mailbox was deleted by another session")
 BYE_TOO_MANY_ERRORS = Reply("BYE", "Too many protocol errors")
+BYE_TOO_MANY_FAILED_LOGINS = Reply("BYE", "Too many failed logins")
 BYE_TIMEOUT = Reply("BYE", "Autologout; idle for too long")  # RFC 3501 5.4
 BYE_LOGIN_DEADLINE = Reply("BYE", "Too long without logging in")  # settings.imap_login_deadline
 BYE_TOO_MANY_CONNECTIONS = Reply("BYE", "Too many connections, try again later", "UNAVAILABLE")

@@ -217,7 +217,7 @@ class Session:
             return After.CLOSE
         await self.send(reply.tagged(parsed.tag))
         if self._auth_failures >= MAX_AUTH_FAILURES:
-            await self.send(r.BYE_TOO_MANY_ERRORS.untagged())
+            await self.send(r.BYE_TOO_MANY_FAILED_LOGINS.untagged())
             return After.CLOSE
         return After.CONTINUE
 

@@ -87,16 +87,23 @@ async def test_exempt_networks_count_per_account_only(client: redis.asyncio.Redi
     assert not await limiter.allowed("127.0.0.1", ALICE)
 
 
-async def test_success_forgets_the_accounts_failures_not_the_addresss(
+async def test_the_owners_logins_do_not_forgive_guesses_from_elsewhere(
         client: redis.asyncio.Redis, settings: Settings) -> None:
+    """A success forgot the account's failures: guessers on many addresses got the whole
+    limit again each time the owner's client logged in. The counts now only expire."""
     limiter = throttle(client, settings, per_ip=3, per_user=2)
-    await limiter.failed(REMOTE, ALICE)
+    owner = "192.0.2.20"
+    await limiter.succeeded(owner, ALICE)
+    await limiter.failed("198.51.100.1", ALICE)
+    await limiter.succeeded(owner, ALICE)  # the owner's client polls meanwhile
+    await limiter.failed("198.51.100.2", ALICE)
+    assert not await limiter.allowed("198.51.100.3", ALICE)  # two guesses: the limit
+    assert await limiter.allowed(owner, ALICE)
     await limiter.failed(REMOTE, BOB)
-    await limiter.succeeded(REMOTE, ALICE)
-    await limiter.failed("192.0.2.9", ALICE)
-    assert await limiter.allowed("192.0.2.9", ALICE)  # one failure since the success
     await limiter.failed(REMOTE, None)
-    assert not await limiter.allowed(REMOTE, ALICE)  # the address still has 3
+    await limiter.succeeded(REMOTE, BOB)
+    await limiter.failed(REMOTE, None)
+    assert not await limiter.allowed(REMOTE, BOB)  # nor the address's: 3
 
 
 async def test_an_address_the_owner_logged_in_from_is_not_locked_with_the_account(

@@ -929,7 +929,7 @@ async def test_throttled_logins_count_as_failures_of_the_connection(
             refused = again.command(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')
             assert (refused.status, refused.code) == ("NO", b"UNAVAILABLE"), refused
         again.send(b"n1 NOOP\r\n")
-        assert again.response() + b"\r\n" == r.BYE_TOO_MANY_ERRORS.untagged()
+        assert again.response() + b"\r\n" == r.BYE_TOO_MANY_FAILED_LOGINS.untagged()
         assert again.closed()
 
     await in_thread(dialog)
