@@ -31,6 +31,10 @@ class MemoryBudget:
     def give_back(self, octets: int) -> None:
         self.held -= octets
 
+    def fits(self, octets: int) -> bool:
+        """Whether `octets` more would fit now (nothing taken)."""
+        return self.held + octets <= self.limit
+
 
 class Hold:
     """What one upload holds of a budget (none: unbounded), given back all at once."""
@@ -46,6 +50,9 @@ class Hold:
             return False
         self.octets += octets
         return True
+
+    def fits(self, octets: int) -> bool:
+        return self._budget is None or self._budget.fits(octets)
 
     def release(self) -> None:
         if self._budget is not None and self.octets:

@@ -187,8 +187,9 @@ class Settings:
     # client would not learn of new mail until it re-issues IDLE. Seconds; 0: never.
     imap_idle_keepalive: float = 120.0
     imap_max_literal: int = 50 * MIB  # APPEND and other literals larger than this: refused
-    # Literals arriving at once on all IMAP connections of the store; one more gets
-    # NO [UNAVAILABLE] (a slowly sent literal holds its memory as long as it takes).
+    # Octets of literals arrived (and not yet complete) on all IMAP connections of the store;
+    # one that does not fit gets NO [UNAVAILABLE] (a slowly sent literal holds what it sent
+    # as long as it takes; one announced and not sent holds nothing).
     imap_literal_memory: int = 1024 * MIB
     # Messages over 256 KiB being read and parsed for a FETCH at once (a part, TEXT, or a
     # structure not yet cached), on all IMAP connections; one more gets NO [UNAVAILABLE].

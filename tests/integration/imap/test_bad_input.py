@@ -166,21 +166,31 @@ async def test_literals_before_login_are_small(server: Server) -> None:
 
 async def test_literals_beyond_the_stores_memory_for_them_are_refused_for_now(
         start_imap: StartImap, settings: Settings, maildb: MailDB) -> None:
-    """Literals still arriving hold memory (TIERMAIL_IMAP_LITERAL_MEMORY for all connections):
-    one more gets NO [UNAVAILABLE] before it is sent, the uploads in progress go on, and the
-    memory comes back when a literal is complete or its connection ends mid-way."""
+    """Literals still arriving hold memory (TIERMAIL_IMAP_LITERAL_MEMORY for all connections),
+    what of them has arrived: one more that does not fit gets NO [UNAVAILABLE] before it is
+    sent, the uploads in progress go on, and the memory comes back when a literal is complete
+    or its connection ends mid-way. One announced and not sent holds nothing (it held its
+    whole size, and a few such sessions refused every other user's APPEND)."""
     server = await start_with(start_imap, settings, imap_literal_memory=64 * 1024)
     body = message("held", ("y" * 78 + "\r\n") * 500)  # about 40 KB
 
     def dialog() -> None:
+        silent = server.raw(ALICE)
+        silent.send(b"s1 APPEND INBOX {60000}\r\n")  # announced, never sent
+        assert silent.response().startswith(b"+")
         uploading = server.raw(ALICE)
         uploading.send(b"u1 APPEND INBOX {%d}\r\n" % len(body))
         assert uploading.response().startswith(b"+")
-        uploading.send(body[:1000])  # ... and the rest later
+        uploading.send(body[:-1000])  # ... and the rest later
         other = server.raw(BOB)
         refused = other.literal_command(b"APPEND INBOX", body)
+        for _ in range(100):  # the server takes the octets as it reads them
+            if refused.status == "NO":
+                break
+            time.sleep(0.05)
+            refused = other.literal_command(b"APPEND INBOX", body)
         assert refused.status == "NO" and refused.text.startswith(b"[UNAVAILABLE]")
-        uploading.send(body[1000:] + b"\r\n")
+        uploading.send(body[-1000:] + b"\r\n")
         assert uploading.reply("u1").status == "OK"
         assert other.literal_command(b"APPEND INBOX", body).status == "OK"
 
@@ -197,6 +207,7 @@ async def test_literals_beyond_the_stores_memory_for_them_are_refused_for_now(
             raise AssertionError("the abandoned literal's memory never came back")
         uploading.close()
         other.close()
+        silent.close()
 
     await in_thread(dialog)
     assert len(await maildb.list_messages(ALICE)) == 1

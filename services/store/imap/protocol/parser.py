@@ -141,6 +141,7 @@ class CommandParser:
         self._literal_total = 0
         self._tag = "*"
         self._literal_remaining: int | None = None  # reading a literal's octets
+        self._literal_charged = 0  # of them, arrived and taken from `memory`
         # Skipping refused input.
         self._refusal: Refused | None = None
         self._skip_octets = 0
@@ -222,9 +223,12 @@ class CommandParser:
     def _on_marker(self, line: bytes, marker: _Marker) -> Event | None:
         tag = self._tag
         room = self.max_literal - self._literal_total
+        # Memory is taken as the octets arrive (`_take_literal`), not for what is announced: a
+        # literal announced and never sent held its whole size, and a few sessions doing so
+        # refused every other user's APPEND (and literal LOGIN) for as long as they stayed.
         if marker.synchronizing:
             reason = (REASON_LITERAL_TOO_BIG if marker.size > room
-                      else None if self._hold.take(marker.size) else REASON_NO_MEMORY)
+                      else None if self._hold.fits(marker.size) else REASON_NO_MEMORY)
             if reason is not None:
                 # The client waits for "+" that never comes: nothing of this command follows.
                 self._reset_command()
@@ -233,7 +237,7 @@ class CommandParser:
             self._literal_remaining = marker.size
             return LiteralWanted(tag, marker.size, b"".join(self._segments))
         too_big = marker.size > min(room, self._non_sync_limit)
-        if too_big or not self._hold.take(marker.size):
+        if too_big or not self._hold.fits(marker.size):
             if too_big and marker.size > self._sanity_limit:
                 return self._close(tag, REASON_LITERAL_TOO_BIG)
             self._reset_command()
@@ -250,8 +254,17 @@ class CommandParser:
         return None
 
     def _take_literal(self) -> bool:
+        """Take the literal once all of it is here (True), charging what has arrived so far;
+        when the memory runs out on the way, its command is refused: the rest of it is
+        skipped and NO_MEMORY reported (True, with the refusal under way)."""
         size = self._literal_remaining
         assert size is not None
+        arrived = min(len(self._buf), size)
+        if arrived > self._literal_charged:
+            if not self._hold.take(arrived - self._literal_charged):
+                self._refuse_mid_literal(size)
+                return True
+            self._literal_charged = arrived
         if len(self._buf) < size:
             return False
         self._literals.append(bytes(self._buf[:size]))
@@ -259,7 +272,18 @@ class CommandParser:
         self._scanned = 0
         self._literal_total += size
         self._literal_remaining = None
+        self._literal_charged = 0
         return True
+
+    def _refuse_mid_literal(self, size: int) -> None:
+        tag = self._tag
+        self._reset_command()  # gives back what the command held
+        self._refusal = Refused(tag, REASON_NO_MEMORY, close=False)
+        self._skip_follows_literals = True
+        self._skip_octets = size  # the literal's octets, from the start of the buffer
+        self._skipped = size
+        self._skipping_line = True  # and the rest of the command's line
+        self._skip_tail = b""
 
     def _reset_command(self) -> None:
         self._hold.release()
@@ -269,6 +293,7 @@ class CommandParser:
         self._literal_total = 0
         self._tag = "*"
         self._literal_remaining = None
+        self._literal_charged = 0
 
     # -- line mode ----------------------------------------------------------------------------
 
