@@ -554,6 +554,11 @@ def _may_be_behind(folder: Path) -> bool:
     text = folder / FILE_NAME
     if not text.exists() or _file_version(text) != SCHEMA_VERSION:
         return True
+    if (folder / (FILE_NAME + "-wal")).exists():
+        # Left open by a store that stopped (or is stopping) in the middle of a write: that
+        # write is rolled back, but its WAL is newer than the mail, and by the times alone
+        # the messages it was indexing were never indexed.
+        return True
     newest_mail = max(_mtime(index), _mtime(folder / "index.sqlite-wal"))
     newest_text = max(_mtime(text), _mtime(folder / (FILE_NAME + "-wal")))
     return newest_mail > newest_text

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import quopri
 import random
 import sqlite3
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from services.store.backends import textindex
 from services.store.backends.maildb import MailDB
 from services.store.backends.textindex import (
     FILE_NAME,
@@ -383,3 +385,21 @@ async def test_a_stop_ends_the_indexing_of_a_large_body_and_the_next_start_resum
     async with listening(maildb, restarted):
         await asyncio.wait_for(restarted.wait_idle(), 120)
     assert restarted.indexed == 1
+
+
+def test_a_text_index_left_open_mid_write_is_caught_up(tmp_path: Path) -> None:
+    """A store that stopped in the middle of a write leaves that write rolled back and the
+    text index's WAL newer than the mail: by the times alone the user was up to date, and
+    the messages of that write were never indexed (a CI run under load saw it)."""
+    folder = tmp_path / "ab" / "alice@example.test"
+    folder.mkdir(parents=True)
+    (folder / "index.sqlite").write_bytes(b"")
+    text = folder / textindex.FILE_NAME
+    with contextlib.closing(sqlite3.connect(text)) as db:
+        db.execute(f"PRAGMA user_version = {textindex.SCHEMA_VERSION}")
+    later = time.time() + 10
+    os.utime(text, (later, later))
+    assert textindex._users_behind(tmp_path) == []  # up to date by the times
+    wal = folder / (textindex.FILE_NAME + "-wal")
+    wal.write_bytes(b"frames of a write that never committed")
+    assert textindex._users_behind(tmp_path) == ["alice@example.test"]
