@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import socket
 import tempfile
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import IO
 
 from common.settings import PREFIX
+
+log = logging.getLogger(__name__)
 
 
 class CannotStart(Exception):
@@ -58,17 +61,24 @@ def check_free(host: str, port: int, setting: str) -> None:
 
 
 def join_port(host: str, port: int, stack: str, setting: str,
-              lock_dir: Path | None = None) -> IO[str]:
+              lock_dir: Path | None = None) -> IO[str] | None:
     """Take part in serving host:port with the workers already on it, if they belong to the
     same `stack` (what the workers share: queues and directory, no password in it): the
     kernel spreads connections over every process on an SO_REUSEPORT port, so a worker of
     another stack there would take half of the mail into its own queues (or answer 451
     without its directory). Raises CannotStart when the port's workers are another stack's.
     Held (a shared lock) for as long as the returned file stays open; the first worker on
-    the port writes its stack into the file."""
+    the port writes its stack into the file. None (and a warning) when the file cannot be
+    opened (another user's, say): the check is skipped rather than the worker not started."""
     folder = lock_dir or Path(tempfile.gettempdir())
     name = "".join(c if c.isalnum() or c in ".-" else "_" for c in host) or "any"
-    handle = open(folder / f"tiermail-smtp-{name}-{port}.lock", "a+")  # noqa: SIM115
+    path = folder / f"tiermail-smtp-{name}-{port}.lock"
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 - held open on purpose
+    except OSError as exc:
+        log.warning("cannot check which stack serves %s (%s: %s); listening anyway",
+                    format_address(host, port), path, exc.strerror or exc)
+        return None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:  # workers are on the port: theirs is the stack in the file

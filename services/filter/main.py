@@ -159,8 +159,9 @@ async def open_worker(
             stack.push_async_callback(stop_task, asyncio.create_task(drainer.run()))
         listen_port = settings.smtp_port if port is None else port
         if listen_port:  # 0: a port of its own, chosen by the kernel
-            stack.callback(join_port(settings.bind, listen_port, settings.stack_identity,
-                                     "smtp_port").close)
+            held = join_port(settings.bind, listen_port, settings.stack_identity, "smtp_port")
+            if held is not None:
+                stack.callback(held.close)
         with binding("smtp_port", settings.bind, listen_port):
             await server.listen(settings.bind, listen_port)
         stack.push_async_callback(server.close, shutdown_grace(settings))
