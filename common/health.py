@@ -95,9 +95,11 @@ class Heartbeat:
             except Exception as error:
                 log.warning("heartbeat did not stop cleanly: %r", error)
         with contextlib.suppress(Exception):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.delete(self._key)
+            pipe.hdel(self._seen, self._field)
             async with asyncio.timeout(2.0):
-                await self._redis.delete(self._key)
-                await self._redis.hdel(self._seen, self._field)
+                await pipe.execute()
 
     async def _run(self) -> None:
         while not self._stop.is_set():
@@ -106,11 +108,13 @@ class Heartbeat:
                        "started": self._started, "at": now, **stats,
                        "recent": self._recent.record(now, stats)}
             try:
+                pipe = self._redis.pipeline(transaction=False)  # one round trip for both
+                pipe.set(self._key, json.dumps(payload), ex=TTL)
+                pipe.hset(self._seen, self._field, json.dumps(
+                    {"tier": self._tier, "host": payload["host"], "pid": payload["pid"],
+                     "started": self._started, "at": now}))
                 async with asyncio.timeout(TTL):
-                    await self._redis.set(self._key, json.dumps(payload), ex=TTL)
-                    await self._redis.hset(self._seen, self._field, json.dumps(
-                        {"tier": self._tier, "host": payload["host"], "pid": payload["pid"],
-                         "started": self._started, "at": now}))
+                    await pipe.execute()
             except Exception as exc:  # Redis down must not take a tier down.
                 log.warning("heartbeat not written: %s", exc, extra={"event": "heartbeat"})
             await pause(INTERVAL, self._stop)

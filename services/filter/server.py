@@ -418,10 +418,6 @@ class FilterSMTP(SMTP):
             # RFC 2034 section 4: no enhanced codes in the replies to HELO/EHLO.
             if not (self._helo_reply and status.startswith("250")):
                 status = replies.enhance(status)
-            if status == replies.SIZE_EXCEEDED:  # aiosmtpd's, to a MAIL with a larger SIZE
-                log.info("sender refused: its SIZE is over TIERMAIL_MAX_MESSAGE_SIZE (%d)",
-                         self.data_size_limit,
-                         extra=self.handler.log_extra(self.handler.current_queue_id))
             self._stats.count_reply(status)
             if log.isEnabledFor(logging.DEBUG):  # the context costs more than the line
                 log.debug("<< %s", status,
@@ -574,6 +570,11 @@ class FilterSMTP(SMTP):
         size = result.get("SIZE")
         if isinstance(size, str) and not (size.isascii() and size.isdigit()):
             return None
+        if isinstance(size, str) and self.data_size_limit and int(size) > self.data_size_limit:
+            # aiosmtpd refuses it next (552), saying nothing in the log; not per reply in push.
+            log.info("sender refused: its SIZE is over TIERMAIL_MAX_MESSAGE_SIZE (%d)",
+                     self.data_size_limit,
+                     extra=self.handler.log_extra(self.handler.current_queue_id))
         if result.get("BODY") == "BINARYMIME":  # aiosmtpd has the words in upper case
             # RFC 3030: only with BINARYMIME and CHUNKING advertised, which we do not offer.
             # Under its own name aiosmtpd counts it an unknown parameter: 555 (RFC 5321

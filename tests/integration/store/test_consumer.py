@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import itertools
@@ -615,9 +616,8 @@ async def test_a_broker_quiet_mid_set_up_is_given_up_on_and_reconnected(
     add_users(settings, [ALICE])
     proxy = QuietProxy(5672, after=Basic.QosOk)
     maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
-    running = Running(broker_at(settings, proxy.port), maildb)
-    task = asyncio.create_task(running.consumer.run())
-    try:
+    quiet = broker_at(settings, proxy.port)
+    async with consumer_through(quiet, maildb, proxy) as (running, _):
         # The second time is a new session: the first was given up on.
         await wait_for(lambda: proxy.fell_quiet >= 2, within=30,
                        what="the consumer to give up on the quiet broker and try again")
@@ -625,6 +625,17 @@ async def test_a_broker_quiet_mid_set_up_is_given_up_on_and_reconnected(
         await asyncio.wait_for(running.consumer.consuming.wait(), 15)
         await publish_all(settings, [make_message(ALICE)])
         await wait_for(lambda: running.consumer.stats.delivered >= 1, what="a delivery")
+
+
+@contextlib.asynccontextmanager
+async def consumer_through(settings: Settings, maildb: MailDB, proxy: TcpProxy
+                           ) -> AsyncIterator[tuple[Running, asyncio.Task[None]]]:
+    """A consumer running on `settings` (the broker behind `proxy`); stopped, its store
+    closed and the proxy cut afterwards."""
+    running = Running(settings, maildb)
+    task = asyncio.create_task(running.consumer.run())
+    try:
+        yield running, task
     finally:
         running.consumer.stop()
         await asyncio.wait_for(task, 30)
@@ -644,9 +655,8 @@ async def test_a_broker_gone_silent_ends_the_session_not_the_store(
     proxy = TcpProxy(5672)
     maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
     through = broker_at(settings, proxy.port)
-    running = Running(through.replace(amqp_url=through.amqp_url + "?heartbeat=1"), maildb)
-    task = asyncio.create_task(running.consumer.run())
-    try:
+    quick = through.replace(amqp_url=through.amqp_url + "?heartbeat=1")
+    async with consumer_through(quick, maildb, proxy) as (running, task):
         await asyncio.wait_for(running.consumer.consuming.wait(), 15)
         proxy.hang()
         await wait_for(lambda: not running.consumer.consuming.is_set(), within=30,
@@ -656,12 +666,6 @@ async def test_a_broker_gone_silent_ends_the_session_not_the_store(
         assert not task.done()
         await publish_all(settings, [make_message(ALICE)])
         await wait_for(lambda: running.consumer.stats.delivered >= 1, what="a delivery")
-    finally:
-        running.consumer.stop()
-        await asyncio.wait_for(task, 30)
-        running.accounts.close()
-        await maildb.close()
-        proxy.cut()
 
 
 async def test_junk_envelope_is_filed_into_junk(store: Running) -> None:
