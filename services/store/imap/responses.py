@@ -64,6 +64,8 @@ BYE_ACCOUNT_DELETED = Reply("BYE", "Account deleted")  # tiermail user del (logi
 # Generic completions
 OK_DONE = Reply("OK", "Completed")
 OK_STILL_HERE = Reply("OK", "Still here")  # an IDLE keepalive
+# Sent once in a command when the client has closed its sending side (Session._check_client).
+OK_STILL_WORKING = Reply("OK", "Still working on your command")
 OK_LOGOUT = Reply("OK", "LOGOUT completed")
 OK_LOGGED_IN = Reply("OK", "Logged in")
 OK_BEGIN_TLS = Reply("OK", "Begin TLS negotiation now")

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+import socket
 import ssl
 import zlib
 from typing import Any
@@ -146,6 +147,8 @@ class Connection:
         self._deflate: Any = None  # zlib objects once COMPRESS DEFLATE is active
         self._inflate: Any = None
         self.client_wait = ClientWait()
+        self._probed = False
+        self._reset = False
         self.peer_ip = peer_ip(writer)
         self.peer = peer_of(writer)
 
@@ -156,6 +159,22 @@ class Connection:
 
     def end_session(self) -> None:
         self.client_wait.end()
+
+    def client_gone(self) -> bool:
+        if self._reset or self.writer.transport.is_closing():  # TLS closes at the client's EOF
+            return True
+        # Nothing reads the socket while a command runs, so a reset from the client stays
+        # pending on it (EPIPE or ECONNRESET) until asked for. Asking clears it: remembered.
+        sock = self.writer.get_extra_info("socket")
+        self._reset = sock is not None and sock.getsockopt(socket.SOL_SOCKET,
+                                                           socket.SO_ERROR) != 0
+        return self._reset
+
+    def wants_probe(self) -> bool:
+        if self._probed or not _eof_received(self.reader):
+            return False
+        self._probed = True
+        return True
 
     def farewell(self, bye: bytes) -> None:
         """Send `bye` as the connection's last words, without waiting for the client to take
@@ -283,6 +302,12 @@ class Connection:
 
 def _now() -> float:
     return asyncio.get_running_loop().time()
+
+
+def _eof_received(reader: asyncio.StreamReader) -> bool:
+    # The client's FIN, with or without unread commands before it (at_eof() waits for those
+    # to be read first).
+    return bool(getattr(reader, "_eof", False))
 
 
 def _buffered(reader: asyncio.StreamReader) -> int:

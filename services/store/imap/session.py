@@ -152,6 +152,17 @@ class Channel(Protocol):
         first."""
         ...
 
+    def client_gone(self) -> bool:
+        """Whether the client is known to have gone (the connection closed, or reset by the
+        client after something was sent to it)."""
+        ...
+
+    def wants_probe(self) -> bool:
+        """True once, after the client has closed its sending side: whether it closed the
+        connection or only half-closed it (as scripts do, and still read) shows only when
+        something is sent to it."""
+        ...
+
 
 @dataclass
 class Enabled:
@@ -317,11 +328,22 @@ class Session:
 
     async def between_steps(self) -> None:
         """A pause in a command's work: other sessions run, and a long command lets the short
-        commands in progress finish first."""
+        commands in progress finish first. A command whose client has gone ends here: a
+        SEARCH nobody will read must not run on for a minute, holding the long lane."""
+        await self._check_client()
         if self._turn is not None:
             await self._turn.step()
         else:
             await asyncio.sleep(0)
+
+    async def _check_client(self) -> None:
+        if self.channel.client_gone():
+            raise Disconnect("lost")
+        if self.channel.wants_probe():
+            # A client that closed its socket answers what we send with a reset, which the
+            # next step's client_gone sees; one that only half-closed reads this line.
+            await self.send(r.OK_STILL_WORKING.untagged())
+            await self.outside_lane(self.channel.flush())
 
     def _is_long(self, spec: CommandSpec, command: Command) -> bool:
         if spec.cost is Cost.LONG:

@@ -7,14 +7,19 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
 from common.ids import new_queue_id
 from services.store.backends.maildb import MailDB
 from services.store.imap import lanes as lanes_module
+from services.store.imap import responses as r
+from services.store.imap import search as search_module
 from services.store.mailbox import Delivery
-from tests.integration.imap.clients import Raw, Reply, Server, in_thread, message
+from tests.integration.imap.clients import Raw, Reply, Server, in_thread, message, quote
 from tests.integration.imap.conftest import ALICE, BOB, Deliver, ImapStack
 from tests.support import eventually
 
@@ -462,3 +467,79 @@ async def test_a_session_waiting_for_its_client_holds_up_no_long_command(
     finally:
         authenticating.close()
         idling.close()
+
+
+
+@dataclass
+class AbandonedSearch:
+    client: Raw
+    total: int  # scan batches the whole SEARCH takes
+    ran: list[list[int]] = field(default_factory=list)  # the batches it scanned
+
+
+async def _abandoned_search(imap_server: ImapStack, maildb: MailDB,
+                            monkeypatch: pytest.MonkeyPatch,
+                            leave: Callable[[Raw], None], *, tls: bool = False
+                            ) -> AbandonedSearch:
+    """A SEARCH that reads every message (needles too short for the text index), queued for
+    the long lane while its client does `leave`, then let go."""
+    body = b"Subject: s\r\n\r\n" + b"some text without the needles\r\n" * 50
+    await maildb.deliver([Delivery(new_queue_id(), ALICE, body, time.time())
+                          for _ in range(320)])
+    lanes = imap_server.deps.lanes
+    server = Server.of(imap_server)
+
+    def selected() -> Raw:
+        raw = Raw.connect(server.tls_port, tls=True) if tls else Raw.connect(server.port)
+        raw.ok(f"LOGIN {quote(ALICE)} {quote(server.users[ALICE])}")
+        raw.ok("SELECT INBOX")
+        return raw
+
+    client = await in_thread(selected)
+    found = AbandonedSearch(client, total=3 * 320 // search_module.SCAN_BATCH)
+    scan_batches = search_module._scan_batches
+
+    def counted(*args: Any) -> Iterator[list[int]]:
+        for batch in scan_batches(*args):
+            found.ran.append(batch)
+            yield batch
+
+    monkeypatch.setattr(search_module, "_scan_batches", counted)
+    async with lanes.long():
+        await in_thread(lambda: client.send(b"s1 SEARCH NOT TEXT q1 NOT TEXT q2 NOT TEXT q3\r\n"))
+        await eventually(lambda: lanes.waiting == 1, within=10, what="SEARCH waiting")
+        await in_thread(lambda: leave(client))
+    return found
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_a_command_whose_client_closed_the_connection_ends_at_its_next_steps(
+        imap_server: ImapStack, maildb: MailDB, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, tls: bool) -> None:
+    """Nothing reads the socket while a command runs, so a client's close shows only when
+    something is sent to it: at its next step the command sends `* OK Still working`, the
+    closed socket answers with a reset, and a step after ends the command. Before, an
+    abandoned SEARCH ran to its end, holding the long lane (40 of them delayed other users'
+    SELECT by seconds) and a core. Over TLS the close ends the connection at once."""
+    caplog.set_level(logging.INFO, logger="services.store.imap.server")
+    search = await _abandoned_search(imap_server, maildb, monkeypatch, Raw.close, tls=tls)
+    await eventually(lambda: "connection ended: lost" in caplog.text, within=30,
+                     what="the session ended as lost")
+    assert len(search.ran) < search.total // 2, f"{len(search.ran)} of {search.total} batches"
+    assert imap_server.deps.lanes.waiting == 0
+
+
+async def test_a_command_whose_client_only_half_closed_runs_to_its_end(
+        imap_server: ImapStack, maildb: MailDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A script that sends its commands and shuts down its sending side (`nc -N`) still
+    reads: it gets the whole answer, after one `* OK Still working` line."""
+    search = await _abandoned_search(imap_server, maildb, monkeypatch,
+                                     lambda raw: raw.sock.shutdown(socket.SHUT_WR))
+    try:
+        reply = await in_thread(lambda: search.client.reply("s1"))
+    finally:
+        search.client.close()
+    assert reply.status == "OK"
+    assert reply.lines(b"SEARCH") == [b"* SEARCH " + b" ".join(b"%d" % n for n in range(1, 321))]
+    assert reply.lines(b"OK") == [r.OK_STILL_WORKING.untagged().rstrip(b"\r\n")]
+    assert len(search.ran) == search.total
