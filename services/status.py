@@ -57,6 +57,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     problems += _storage_problems(redis.get("processes", []))
     problems += _silent(redis.get("silent", []))
     problems += _failing_deliveries(redis.get("processes", []))
+    problems += _silent_brokers(redis.get("processes", []))
     return {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
 
 
@@ -164,6 +165,20 @@ def _failing_deliveries(beats: list[dict[str, Any]]) -> list[str]:
                 "(see its log); they go to the dead-letter queue after "
                 "TIERMAIL_DELIVERY_ATTEMPTS attempts")
     return problems
+
+
+def _silent_brokers(beats: list[dict[str, Any]]) -> list[str]:
+    """Stores whose broker connection is open but does not answer (services/store/
+    consumer.py `_watch_broker`): what the broker sent them waits unacknowledged, which the
+    queue depth does not count."""
+    now = time.time()
+    return [f"store {beat.get('host')}:{beat.get('pid')}: the broker has not answered its "
+            f"connection for {max(now - since, 0):.0f} s (a broker that hangs, or a path that "
+            "drops packets): messages sent to the store wait unacknowledged, uncounted in the "
+            "queue depth, until the AMQP heartbeat gives the connection up (three heartbeat "
+            "intervals; ?heartbeat= in TIERMAIL_AMQP_URL)"
+            for beat in beats if beat.get("tier") == "store"
+            and isinstance(since := beat.get("broker_silent_since"), int | float) and since > 0]
 
 
 def _storage_problems(beats: list[dict[str, Any]]) -> list[str]:

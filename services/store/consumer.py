@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 BATCH_TARGET = 16  # messages worth waiting for under load (see settings.store_batch_wait)
 CONFIRM_TIMEOUT = 30.0
+# A round trip on the broker connection this often, unanswered this long marking the broker
+# silent (ConsumerStats.broker_silent_since): a connection that hangs looks like an idle one.
+PROBE_INTERVAL, PROBE_TIMEOUT = 10.0, 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 10.0
 # A message that failed while the storage works goes back to the queue after a wait that
 # doubles with its delivery count: at once, a cause outside the message (a directory gone,
@@ -83,6 +86,7 @@ class ConsumerStats:
     connections: int = 0  # broker sessions started (reconnects show up here)
     consumer_connected: bool = False
     last_delivery_at: float = 0.0
+    broker_silent_since: float = 0.0  # the unanswered probe's time (_watch_broker); 0: answers
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +110,11 @@ class _Item:
     def queue_id(self) -> str:
         return self.envelope.queue_id if self.envelope else str(
             self.message.header.properties.message_id)
+
+
+def _probe_ended(watch: asyncio.Future[None]) -> None:
+    if not watch.cancelled() and watch.exception() is not None:
+        log.warning("broker probe failed: %s", watch.exception(), extra={"event": "amqp-silent"})
 
 
 class Consumer:
@@ -185,6 +194,7 @@ class Consumer:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 publisher = await connection.channel(publisher_confirms=True,
                                                      on_return_raises=True)
+                prober = await connection.channel()
                 # One channel, so that delivery tags stay in order across both queues (a
                 # batch's `multiple` ack covers exactly the messages before it). Each consumer
                 # gets the prefetch set before it starts (basic.qos without `global` is per
@@ -200,7 +210,13 @@ class Consumer:
             self.consuming.set()
             log.info("consuming %s and %s", self._topology.deliver_queue,
                      self._topology.large_queue, extra={"event": "amqp-connected"})
-            await self._loop(connection, channel, publisher, inbox, cancelled)
+            watch = asyncio.ensure_future(self._watch_broker(prober))
+            watch.add_done_callback(_probe_ended)
+            try:
+                await self._loop(connection, channel, publisher, inbox, cancelled)
+            finally:
+                watch.cancel()
+                self.stats.broker_silent_since = 0.0
             for tag in consumer_tags:
                 if not channel.is_closed and tag:
                     with contextlib.suppress(Exception):
@@ -251,6 +267,34 @@ class Consumer:
             closing.remove_done_callback(wake)
             closing.cancel()  # the observer ends: aiormq takes its callback off the connection
             stopping.cancel()
+
+    async def _watch_broker(self, prober: AbstractChannel) -> None:
+        """A round trip (a passive declare of the delivery queue) every PROBE_INTERVAL.
+
+        A broker that hangs, or a path that starts dropping packets, leaves the connection
+        open and quiet: the messages already sent to the store wait unacknowledged, which
+        the queue depth does not count, and the AMQP heartbeat gives the connection up only
+        after three of its intervals (3 minutes at RabbitMQ's default). Meanwhile status
+        said healthy. A probe unanswered for PROBE_TIMEOUT marks the broker silent until it
+        answers; it is never cancelled and sent again (aiormq would match a late answer to
+        the next request)."""
+        queue = self._topology.deliver_queue
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            asked = time.time()
+            probe = asyncio.ensure_future(prober.queue_declare(queue, passive=True))
+            done, _ = await asyncio.wait({probe}, timeout=PROBE_TIMEOUT)
+            if done:
+                probe.result()
+                continue
+            self.stats.broker_silent_since = asked
+            log.warning("the broker has not answered for %.0f s; messages sent to the store "
+                        "wait unacknowledged until it does or the heartbeat gives up",
+                        time.time() - asked, extra={"event": "amqp-silent"})
+            await probe
+            self.stats.broker_silent_since = 0.0
+            log.info("the broker answers again after %.0f s", time.time() - asked,
+                     extra={"event": "amqp-answers"})
 
     async def _gather(self, inbox: asyncio.Queue[DeliveredMessage | None]) -> None:
         """Let more messages join the batch before it is stored.

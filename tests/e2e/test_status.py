@@ -12,6 +12,7 @@ import aiormq
 from pamqp.commands import Basic, Connection
 
 from common.settings import Settings
+from tests.e2e.test_failure_contract import send_one, stored_message_ids
 from tests.e2e.test_inbound_spine import provision, send
 from tests.support import (
     QuietProxy,
@@ -193,3 +194,39 @@ def test_status_names_a_filter_that_was_killed(settings: Settings,
     assert code == 1
     assert f"filter {socket.gethostname()}:{killed.proc.pid} stopped reporting" in \
         " ".join(report["problems"])
+
+
+def test_status_names_a_store_whose_broker_connection_hangs(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """A broker that hangs (or a path that drops packets) leaves the store's connection open
+    and quiet: the messages sent to the store wait unacknowledged, which the queue depth
+    does not count, until the AMQP heartbeat gives the connection up (3 minutes by
+    default). Status said healthy meanwhile; the store's probe now names it, and when the
+    broker answers again, the messages arrive, each once."""
+    provision(settings)
+    proxy = TcpProxy(5672)
+    store = run_tier(broker_at(settings, proxy.port), "store")
+    store.wait_for_port(settings.pop3_port)
+    run_tier(settings, "filter").wait_for_port(settings.smtp_port)
+    wait_until(lambda: any(p["tier"] == "store" and p.get("consumer_connected")
+                           for p in status(settings)[1]["redis"]["processes"]),
+               what="the store consuming")
+    silent = f"store {socket.gethostname()}:{store.proc.pid}: the broker has not answered"
+    sent: list[str] = []
+    proxy.hang()
+    try:
+        for _ in range(3):
+            send_one(settings, sent)  # the filter reaches the broker directly
+        wait_until(lambda: any(problem.startswith(silent)
+                               for problem in status(settings)[1]["problems"]),
+                   timeout=60, interval=1.0, what="status to name the store's silent broker")
+        assert stored_message_ids(settings) == []
+    finally:
+        proxy.resume()
+    wait_until(lambda: sorted(stored_message_ids(settings)) == sorted(sent), timeout=60,
+               what="the held messages in the mailbox")
+    wait_until(lambda: status(settings)[0] == 0, timeout=60, interval=1.0,
+               what="status healthy again")
+    assert "the broker has not answered for" in store.output()
+    assert "the broker answers again after" in store.output()
+    proxy.cut()
