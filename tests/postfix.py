@@ -126,6 +126,11 @@ class PostfixRelay:
                                  check=True, capture_output=True, text=True, timeout=60).stdout
         return sum(1 for line in listing.splitlines() if line.strip())
 
+    def flush(self) -> None:
+        """`postqueue -f`: deliver everything queued now, whatever its retry time."""
+        subprocess.run([POSTQUEUE, "-c", str(self.etc), "-f"], env=self._env, check=True,
+                       capture_output=True, timeout=60)
+
     def stop(self) -> None:
         if self._started:
             result = subprocess.run([POSTFIX, "-c", str(self.etc), "stop"], env=self._env,
