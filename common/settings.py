@@ -131,6 +131,9 @@ class Settings:
     smtp_command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
     smtp_data_timeout: float = 180.0  # RFC 5321 4.5.3.2.5: 3 minutes between data blocks
     smtp_max_connections: int = 200  # per filter worker
+    # Both timeouts above while a worker has 80 % of smtp_max_connections open (Postfix's
+    # "stress"), and DATA must then bring a whole line within it; 0: no such mode.
+    smtp_stress_timeout: float = 10.0
     # Open at once from one client address (IPv6: one /64), per filter worker; 0: no limit.
     # Networks in rate_limit_exempt are not counted. Postfix's default is 50 too.
     smtp_max_connections_per_ip: int = 50

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import secrets
 import ssl
 from collections.abc import Callable, Sequence
@@ -75,6 +76,10 @@ TIMEOUT_REPLY = "421 4.4.2 Timeout exceeded, closing connection"
 # (the local rules, the unconfirmed-publish ledger's Redis write), so that a timed-out scan or
 # publish still gets its own reply instead of the session being cut with 421.
 PROCESSING_SLACK = 10.0
+# A worker with this share of its connection limit open is under stress: clients get
+# ServerLimits.stress_timeout to send their next command, line or data line (as Postfix's
+# smtpd under stress). It ends once the open connections are below STRESS_ENDS_AT.
+STRESS_AT, STRESS_ENDS_AT = 0.8, 0.6
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class ServerLimits:
     exempt: tuple[Network, ...]  # client networks the per-IP limit does not count
     command_timeout: float  # RFC 5321 4.5.3.2.7
     data_timeout: float  # RFC 5321 4.5.3.2.5
+    stress_timeout: float  # both above while the worker is under stress; 0: never
     processing_timeout: float  # end of DATA until our reply (scan + publish)
     max_errors: int = 20  # client errors before we hang up, like Postfix's hard error limit
     data_memory: int = 1024 * 1024 * 1024  # message octets held at once, all sessions
@@ -102,6 +108,7 @@ class ServerLimits:
             exempt=parse_networks(settings.rate_limit_exempt),
             command_timeout=settings.smtp_command_timeout,
             data_timeout=settings.smtp_data_timeout,
+            stress_timeout=settings.smtp_stress_timeout,
             processing_timeout=settings.scan_timeout + publish_deadline + PROCESSING_SLACK,
             max_errors=settings.smtp_max_errors,
             data_memory=settings.smtp_data_memory,
@@ -128,6 +135,10 @@ class ConnectionRegistry:
 
     def __init__(self, limits: ServerLimits, stats: WorkerStats) -> None:
         self._limit = limits.max_connections
+        self._stress_timeout = limits.stress_timeout
+        self._stress_at = max(1, math.ceil(self._limit * STRESS_AT))
+        self._stress_ends_at = math.ceil(self._limit * STRESS_ENDS_AT)
+        self.stressed = False
         self._per_client_limit = limits.max_connections_per_ip
         self._exempt = limits.exempt
         self._stats = stats
@@ -149,13 +160,31 @@ class ConnectionRegistry:
         self._empty.clear()
         self._stats.connections += 1
         self._stats.active = len(self._open)
+        if (not self.stressed and self._stress_timeout
+                and len(self._open) >= self._stress_at):
+            self._stress_begins()
         return None
+
+    def _stress_begins(self) -> None:
+        """Many connections open at once: slow clients (slowloris: a byte now and then,
+        which keeps every timer alive) must not hold them for minutes each."""
+        self.stressed = self._stats.stressed = True
+        self._stats.stress_periods += 1
+        log.warning("%d of %d connections open: clients get %g s for each command or line "
+                    "until fewer than %d are", len(self._open), self._limit,
+                    self._stress_timeout, self._stress_ends_at, extra={"event": "stress"})
+        for connection in self._open:
+            connection.stress_began()
 
     def release(self, connection: FilterSMTP) -> None:
         subject = self._open.pop(connection, None)
         if subject is not None:
             self._per_client.give_back(subject)
         self._stats.active = len(self._open)
+        if self.stressed and len(self._open) < self._stress_ends_at:
+            self.stressed = self._stats.stressed = False
+            log.info("%d of %d connections open: timeouts back to normal", len(self._open),
+                     self._limit, extra={"event": "stress"})
         if not self._open:
             self._empty.set()
 
@@ -336,8 +365,9 @@ class FilterSMTP(SMTP):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._receiving_data:
-            # aiosmtpd resets its idle timer per command only; keep a live upload alive.
+        if self._receiving_data and (not self._registry.stressed or b"\n" in data):
+            # aiosmtpd resets its idle timer per command only; keep a live upload alive
+            # (under stress only by whole lines: a byte now and then is a slowloris).
             self._reset_timeout(self._limits.data_timeout)
         super().data_received(data)
 
@@ -376,11 +406,22 @@ class FilterSMTP(SMTP):
             if task is not None:
                 task.cancel()
 
-    def _reset_timeout(self, duration: float | None = None) -> None:
+    def stress_began(self) -> None:
+        """The worker is under stress: a client we are waiting for gets the stress timeout
+        from now, if that is sooner."""
+        if not self._busy:
+            self._reset_timeout(self._limits.data_timeout if self._receiving_data else None)
+
+    def _reset_timeout(self, duration: float | None = None, *, ours: bool = False) -> None:
         """aiosmtpd's idle timer, which it cancels and arms anew after every command (and we
         for every chunk of DATA): here one timer stays armed while the new deadline is no
-        sooner than it; when it fires early it is armed again for the rest."""
-        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        sooner than it; when it fires early it is armed again for the rest. `ours`: the
+        time is for our own processing, not for the client, and stress does not shorten
+        it."""
+        duration = duration or self._timeout_duration
+        if not ours and self._registry.stressed:
+            duration = min(duration, self._limits.stress_timeout)
+        self._deadline = self.loop.time() + duration
         timer = self._timeout_handle
         if timer is not None and not timer.cancelled() and timer.when() <= self._deadline:
             return
@@ -656,7 +697,7 @@ class FilterSMTP(SMTP):
             self.envelope.content = self.envelope.original_content = received.content
             # The whole message is in: bound our own processing instead of the upload.
             self._busy = True
-            self._reset_timeout(self._limits.processing_timeout)
+            self._reset_timeout(self._limits.processing_timeout, ours=True)
             status = await self._call_handler_hook("DATA")
             status = replies.OK if status is MISSING else status
             if replies.reply_code(status) == 250:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import select
 import socket
 import struct
 import time
@@ -434,6 +435,65 @@ async def test_idle_client_after_a_message_is_cut_by_the_command_timeout(
     assert timeout_reply.startswith("421 4.4.2")
     assert idle < 10.0  # the command timeout, not the 30 s data timeout
     assert await queue_depth(directory) == 1
+
+
+async def test_under_stress_slow_clients_get_the_short_timeout_and_whole_lines_pass(
+        directory: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """With 80 % of its connections open a worker is under stress (as Postfix's smtpd): a
+    client gets smtp_stress_timeout for its next command or DATA line, timers already
+    running are shortened, and a byte now and then no longer keeps an upload alive (before,
+    every chunk re-armed the 3-minute data timer: a slowloris held a connection for as long
+    as it liked). Uploads that bring whole lines in time go through."""
+    caplog.set_level(logging.INFO, logger="services.filter.server")
+    limits = directory.replace(smtp_max_connections=6, smtp_command_timeout=60.0,
+                               smtp_data_timeout=60.0, smtp_stress_timeout=2.0)
+    pace = 0.25  # seconds between a slow client's writes; pacing, not waiting for a result
+    async with running_filter(limits) as worker:
+        port = worker.ports[0]
+        idle = await in_thread(RawClient, port)
+        assert (await in_thread(idle.reply)).startswith("220 ")
+        uploaders = [await in_thread(client_in_data, port) for _ in range(3)]
+        assert not worker.server._registry.stressed  # 4 of 6 open
+        dribbler = await in_thread(client_in_data, port)  # 5 of 6: stress
+        assert worker.server._registry.stressed
+
+        def upload(client: RawClient) -> str:
+            client.sock.sendall(b"Subject: slow lines\r\n\r\n")
+            for number in range(16):  # 4 s, twice the stress timeout
+                time.sleep(pace)
+                client.sock.sendall(b"line %d\r\n" % number)
+            return client.command(b".\r\n")
+
+        def dribble(client: RawClient) -> tuple[str, int]:
+            client.sock.sendall(b"Subject: slowloris\r\n\r\n")
+            for sent in range(240):  # a minute at most: the data timeout
+                if select.select([client.sock], [], [], pace)[0]:
+                    try:
+                        return client.reply(), sent
+                    except ConnectionResetError:  # cut while a byte was on its way
+                        return "reset", sent
+                client.sock.sendall(b"x")
+            return "still open", 240
+
+        def idle_reply() -> tuple[str, float]:
+            started = time.monotonic()
+            return idle.reply(), time.monotonic() - started
+
+        try:
+            results = await asyncio.gather(*(in_thread(upload, c) for c in uploaders),
+                                           in_thread(dribble, dribbler), in_thread(idle_reply))
+        finally:
+            for client in (idle, dribbler, *uploaders):
+                client.close()
+    *uploaded, (dribbled, bytes_sent), (idle_cut, idle_waited) = results
+    assert all(reply.startswith("250 2.0.0 Ok: queued as ") for reply in uploaded), uploaded
+    assert dribbled.startswith("421 4.4.2") or dribbled == "reset", (dribbled, bytes_sent)
+    assert bytes_sent < 40  # within 10 s (the stress timeout is 2 s), not the data timeout
+    assert idle_cut.startswith("421 4.4.2")
+    assert idle_waited < 30.0  # its 60 s timer was shortened when the stress began
+    assert await queue_depth(directory) == 3
+    assert worker.stats.stress_periods == 1
+    assert "5 of 6 connections open: clients get 2 s" in caplog.text
 
 
 async def test_a_client_that_does_not_read_its_replies_is_not_answered_into_memory(
