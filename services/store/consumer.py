@@ -83,7 +83,7 @@ class ConsumerStats:
     requeued: int = 0  # messages nacked back to the queue after a storage failure
     storage_down_since: float = 0.0  # time the storage probe started failing; 0: it works
     batches: int = 0
-    connections: int = 0  # broker sessions started (reconnects show up here)
+    broker_sessions: int = 0  # broker sessions started (reconnects show up here)
     consumer_connected: bool = False
     last_delivery_at: float = 0.0
     broker_silent_since: float = 0.0  # the unanswered probe's time (_watch_broker); 0: answers
@@ -206,7 +206,7 @@ class Consumer:
                     ok = await channel.basic_consume(queue, on_message, no_ack=False)
                     consumer_tags.append(ok.consumer_tag)
             self.stats.consumer_connected = True
-            self.stats.connections += 1
+            self.stats.broker_sessions += 1
             self.consuming.set()
             log.info("consuming %s and %s", self._topology.deliver_queue,
                      self._topology.large_queue, extra={"event": "amqp-connected"})

@@ -197,7 +197,7 @@ async def test_bad_envelopes_in_a_batch_are_dead_lettered_alone(settings: Settin
         await wait_for(lambda: store.consumer.stats.delivered == 10, what="good mail stored")
         await wait_for(lambda: _eq(store.dead(), 4), what="the bad envelopes dead-lettered")
         assert store.consumer.stats.requeued == 0
-        assert store.consumer.stats.connections == 1  # never dropped
+        assert store.consumer.stats.broker_sessions == 1  # never dropped
         seen = check_mailboxes(settings.store_dir, [ALICE])
         assert seen == {envelope.queue_id: 1 for envelope, _ in good}
     finally:
@@ -575,13 +575,13 @@ async def test_redelivery_after_lost_ack_is_not_duplicated(store: Running) -> No
 async def test_reconnects_after_broker_connection_loss(store: Running) -> None:
     await publish_all(store.settings, [make_message(ALICE)])
     await wait_for(lambda: store.consumer.stats.delivered >= 1, what="first delivery")
-    assert store.consumer.stats.connections == 1
+    assert store.consumer.stats.broker_sessions == 1
     # Close the consumer's connection from the broker side.
     vhost = store.settings.amqp_url.rsplit("/", 1)[1]
     await asyncio.to_thread(
         subprocess.run, ["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "test"],
         capture_output=True, text=True, check=True, timeout=60)
-    await wait_for(lambda: store.consumer.stats.connections >= 2 and
+    await wait_for(lambda: store.consumer.stats.broker_sessions >= 2 and
                    store.consumer.consuming.is_set(), what="reconnected")
     await publish_all(store.settings, [make_message(ALICE)])
     await wait_for(lambda: store.consumer.stats.delivered >= 2, what="delivery after reconnect")
@@ -599,7 +599,7 @@ async def test_a_consumer_the_broker_cancels_consumes_again(store: Running) -> N
         await channel.queue_delete(store.settings.topology.deliver_queue)
     finally:
         await close_connection(connection)
-    await wait_for(lambda: store.consumer.stats.connections >= 2 and
+    await wait_for(lambda: store.consumer.stats.broker_sessions >= 2 and
                    store.consumer.consuming.is_set(), what="a new session")
     await publish_all(store.settings, [make_message(ALICE)])
     await wait_for(lambda: store.consumer.stats.delivered >= 2, what="delivery after it")
