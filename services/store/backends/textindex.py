@@ -60,8 +60,9 @@ T = TypeVar("T")
 
 FILE_NAME = "text.sqlite"
 STOP_WAIT = 1.0  # seconds a stop waits for the index files to close
-SCHEMA_VERSION = 3  # 2: attachment names, attached messages' headers, HTML as text;
-#                    3: NUL read as a space (FTS5 ended the text there), no lone surrogates
+SCHEMA_VERSION = 4  # 2: attachment names, attached messages' headers, HTML as text;
+#                    3: NUL read as a space (FTS5 ended the text there), no lone surrogates;
+#                    4: message/* parts other than rfc822 (delivery-status, global) as text
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS doc (id INTEGER PRIMARY KEY, guid TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);

@@ -319,8 +319,8 @@ def _check_section(raw: bytes, root: mime.Part, att: FetchAtt,
             whole = whole[origin:origin + count]
         assert got == wire.literal_octets(whole)  # NUL sent as 0x80
     else:
-        # HEADER.FIELDS(.NOT): stored lines, in order, then the blank line; a part that
-        # does not exist reads as empty.
+        # HEADER.FIELDS(.NOT): stored lines, in order, then the blank line if the header
+        # has one; a part that does not exist reads as empty.
         fields = _fields_of(root, sect)
         if fields is None:
             assert got == b""
@@ -330,19 +330,35 @@ def _check_section(raw: bytes, root: mime.Part, att: FetchAtt,
             line = wire.literal_octets(raw[field.start:field.end])
             assert got.find(line, position) == position
             position += len(line) + (0 if line.endswith(b"\n") else 2)
-        assert got[position:] == b"\r\n"
+        assert got[position:] == blank_line_after_fields(raw, root, sect)
 
 
-def _fields_of(root: mime.Part, sect: Section) -> list[mime.HeaderField] | None:
+def _addressed(root: mime.Part, sect: Section) -> mime.Part | None:
     message = root if not sect.part else mime.find_part(root, sect.part)
     if message is None or (sect.part and message.message is None):
         return None
     if sect.part:
         assert message.message is not None
         message = message.message
+    return message
+
+
+def _fields_of(root: mime.Part, sect: Section) -> list[mime.HeaderField] | None:
+    message = _addressed(root, sect)
+    if message is None:
+        return None
     wanted = {name.lower() for name in sect.fields}
     exclude = sect.text == "HEADER.FIELDS.NOT"
     return [f for f in message.fields if (f.name.lower() in wanted) != exclude]
+
+
+def blank_line_after_fields(raw: bytes, root: mime.Part, sect: Section) -> bytes:
+    """What HEADER.FIELDS(.NOT) ends with: the blank line, unless the header section has
+    none (a message with no body and no blank line, RFC 3501 6.4.5)."""
+    message = _addressed(root, sect)
+    assert message is not None
+    lines = raw[message.start:message.body_start].splitlines(keepends=True)
+    return b"\r\n" if lines and lines[-1] in (b"\r\n", b"\n") else b""
 
 
 SEARCH_KEYS = (

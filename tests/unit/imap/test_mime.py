@@ -552,12 +552,28 @@ def test_header_fields_keep_folded_lines_as_stored_in_order() -> None:
     assert sect(raw, (), "HEADER.FIELDS", "MISSING") == b"\r\n"
 
 
+def test_header_fields_of_messages_without_a_blank_line_have_none() -> None:
+    """RFC 3501 6.4.5: "the blank line is included in all header fetches, except in the
+    case of a message which has no body and no blank line"; an attached one likewise."""
+    raw = b"From: a@example.com\r\nSubject: nobody\r\nMessage-ID: <nb@x>\r\n"
+    assert sect(raw, (), "HEADER.FIELDS", "SUBJECT") == b"Subject: nobody\r\n"
+    assert sect(raw, (), "HEADER.FIELDS.NOT", "SUBJECT") == (
+        b"From: a@example.com\r\nMessage-ID: <nb@x>\r\n")
+    assert sect(raw + b"\r\n", (), "HEADER.FIELDS", "SUBJECT") == b"Subject: nobody\r\n\r\n"
+    assert sect(b"\r\nbody", (), "HEADER.FIELDS", "SUBJECT") == b"\r\n"
+    attached = (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+                b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n--b--\r\n")
+    assert sect(attached, (1,), "HEADER.FIELDS", "SUBJECT") == b"Subject: inner\r\n"
+    assert sect(attached, (1,), "HEADER.FIELDS", "CONTENT-TYPE") == b""
+
+
 def test_header_only_message_sections() -> None:
     raw = b"Subject: x\r\nFrom: a@b"
     assert sect(raw, (), "HEADER") == raw
     assert sect(raw, (), "TEXT") == b""
     assert sect(raw, (1,)) == b""
-    assert sect(raw, (), "HEADER.FIELDS", "FROM") == b"From: a@b\r\n\r\n"
+    # RFC 3501 6.4.5: no blank line for a message with no body and no blank line.
+    assert sect(raw, (), "HEADER.FIELDS", "FROM") == b"From: a@b\r\n"
 
 
 def test_bare_lf_sections_keep_stored_bytes() -> None:
@@ -680,6 +696,20 @@ def test_decoded_text_of_alternative_decodes_qp_charset_and_strips_html() -> Non
 
 def test_decoded_text_names_attachments_without_reading_them() -> None:
     assert mime.decoded_text(ATTACHMENT, mime.parse_message(ATTACHMENT)) == "café\nreport q1.pdf"
+
+
+def test_decoded_text_reads_delivery_status_and_global_messages() -> None:
+    """A bounce's failed recipient and a message/global's text are found by SEARCH BODY;
+    both were left out (only text/* leaves and message/rfc822 were read)."""
+    raw = (b"Content-Type: multipart/report; report-type=delivery-status; boundary=g\r\n"
+           b"\r\n--g\r\nContent-Type: message/global\r\n\r\nFrom: x@example.com\r\n"
+           + "Subject: inner kiwifrüit\r\n\r\nglobal pomelo\r\n--g\r\n".encode()
+           + b"Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx\r\n"
+           b"\r\nFinal-Recipient: rfc822; lostuser@example.net\r\nAction: failed\r\n"
+           b"--g--\r\n")
+    text = mime.decoded_text(raw, mime.parse_message(raw))
+    for words in ("kiwifrüit", "global pomelo", "lostuser@example.net", "Action: failed"):
+        assert words in text
 
 
 def test_decoded_text_reads_forwarded_messages_with_their_header() -> None:

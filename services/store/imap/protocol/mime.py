@@ -801,7 +801,14 @@ def _header_lines(raw: bytes, part: Part, names: tuple[str, ...], exclude: bool)
     # Each field keeps its stored line ending; one without (a header that ends the message)
     # gets CRLF so the blank line stays a line of its own.
     text = b"".join(line if line.endswith(b"\n") else line + b"\r\n" for line in lines)
-    return text + b"\r\n"
+    # RFC 3501 6.4.5: the blank line is included, except for a message with no body and no
+    # blank line (as BODY[HEADER] has it).
+    return text + b"\r\n" if _ends_with_blank_line(raw, part.start, part.body_start) else text
+
+
+def _ends_with_blank_line(raw: bytes, start: int, end: int) -> bool:
+    header = raw[max(start, end - 4) : end]
+    return header.endswith((b"\n\n", b"\n\r\n")) or raw[start:end] in (b"\r\n", b"\n")
 
 
 _CHOSEN_LINES = frozenset({"HEADER.FIELDS", "HEADER.FIELDS.NOT"})
@@ -1040,7 +1047,9 @@ def _extended_value(value: str) -> str:
 
 def _readable(raw: bytes, root: Part) -> Iterator[str]:
     """In reading order: each text/* leaf's text, each attachment's file name, and the header
-    of each attached message (a forwarded mail's From and Subject are part of what it says)."""
+    of each attached message (a forwarded mail's From and Subject are part of what it says).
+    Other message/* parts are read as text: a bounce's message/delivery-status names the
+    failed recipient, and a message/global (RFC 6532 3.7) is an attached message in UTF-8."""
     stack = [root]
     while stack:
         node = stack.pop()
@@ -1051,7 +1060,7 @@ def _readable(raw: bytes, root: Part) -> Iterator[str]:
         elif node.message is not None:
             yield header_lines(node.message)
             stack.append(node.message)
-        elif node.maintype == "TEXT":
+        elif node.maintype in ("TEXT", "MESSAGE"):
             yield _leaf_text(raw, node)
 
 
