@@ -265,6 +265,7 @@ class FilterSMTP(SMTP):
         self._rate_limits = rate_limits
         self._admitted = False
         self._refused = False
+        self._lost = False
         self._receiving_data = False
         self._busy = False
         self._closing = False
@@ -333,6 +334,9 @@ class FilterSMTP(SMTP):
         if self._refused:
             asyncio.StreamReaderProtocol.connection_lost(self, error)
             return
+        if self._lost:
+            return
+        self._lost = True
         try:
             super().connection_lost(error)
             task = self._handler_coroutine
@@ -564,6 +568,16 @@ class FilterSMTP(SMTP):
             await self.push(replies.STARTTLS_NOT_OFFERED)
             return
         await super().smtp_STARTTLS(arg)
+        handshake_began = self._original_transport is not None
+        if handshake_began and self.session is not None and self.session.ssl is None:
+            # The handshake ended without TLS and without an error: the connection was
+            # closed under it (our timeout: a client that dribbles its ClientHello). asyncio's
+            # SSLProtocol tells its app protocol nothing then (it never told it the TLS
+            # connection was made), so the session would wait on a dead connection for
+            # good, holding its connection slot; end it as aiosmtpd ends a failed handshake.
+            log.info("connection closed during the TLS handshake",
+                     extra=self.handler.log_extra())
+            self.connection_lost(None)
 
     @syntax("HELP [command]")
     async def smtp_HELP(self, arg: str) -> None:

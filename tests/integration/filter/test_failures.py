@@ -437,6 +437,33 @@ async def test_idle_client_after_a_message_is_cut_by_the_command_timeout(
     assert await queue_depth(directory) == 1
 
 
+async def test_a_client_cut_during_the_tls_handshake_gives_its_connection_slot_back(
+        directory: Settings) -> None:
+    """A client that sends its ClientHello a byte at a time is cut by the timeout in the
+    middle of the handshake. asyncio's SSLProtocol then tells the session nothing, and the
+    session kept its connection slot for good: ten such clients (under stress, 10 s each)
+    shut a worker to everyone until it was restarted."""
+    limits = directory.replace(smtp_command_timeout=1.0, smtp_max_connections=2)
+    async with running_filter(limits) as worker:
+        def dribbled_hello() -> bool:
+            client = RawClient(worker.ports[0])
+            try:
+                client.reply()
+                client.command(b"EHLO client.remote.test\r\n")
+                assert client.command(b"STARTTLS\r\n").startswith("220 ")
+                client.sock.sendall(b"\x16")  # a ClientHello's first octet, and no more
+                return client.closed()
+            finally:
+                client.close()
+
+        for _ in range(2):  # as many as the worker has slots
+            assert await in_thread(dribbled_hello)
+        await eventually(lambda: worker.stats.active == 0, within=10,
+                         what="the connection slots given back")
+        rcpt, queued = await in_thread(one_transaction, worker.ports[0], "after the cut ones")
+    assert rcpt.startswith("250") and queued.startswith("250 2.0.0 Ok: queued as ")
+
+
 async def test_under_stress_slow_clients_get_the_short_timeout_and_whole_lines_pass(
         directory: Settings, caplog: pytest.LogCaptureFixture) -> None:
     """With 80 % of its connections open a worker is under stress (as Postfix's smtpd): a
