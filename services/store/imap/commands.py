@@ -951,11 +951,12 @@ def _read_all(file: BinaryIO) -> bytes:
 async def _send_pieces(s: Session, out: _Output, file: BinaryIO, pieces: list[f.Piece],
                        guid: str) -> None:
     try:
-        for piece in pieces:
-            if isinstance(piece, bytes):
-                await out.write(piece)
-            else:
-                await _send_octets(out, file, piece)
+        with s.inside_response():
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    await out.write(piece)
+                else:
+                    await _send_octets(out, file, piece)
     except Disconnect:
         raise
     except Exception as exc:

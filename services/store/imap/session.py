@@ -16,7 +16,7 @@ import binascii
 import contextlib
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -189,6 +189,7 @@ class Session:
         self._errors = 0
         self._auth_failures = 0
         self._turn: LongTurn | None = None  # held while a long command runs (lanes.py)
+        self._inside_response = False  # one response goes out in pieces (a large FETCH)
         self._short: ShortTurn | None = None  # held while a short command runs
         self._farewell = r.BYE_LOGOUT  # the BYE before the connection closes
         # Set by a command whose tagged OK carries the mailbox's HIGHESTMODSEQ: the value
@@ -336,10 +337,20 @@ class Session:
         else:
             await asyncio.sleep(0)
 
+    @contextlib.contextmanager
+    def inside_response(self) -> Iterator[None]:
+        """Around a response sent in pieces with steps between them (a large message's
+        literal): nothing else may go out in between."""
+        self._inside_response = True
+        try:
+            yield
+        finally:
+            self._inside_response = False
+
     async def _check_client(self) -> None:
         if self.channel.client_gone():
             raise Disconnect("lost")
-        if self.channel.wants_probe():
+        if not self._inside_response and self.channel.wants_probe():
             # A client that closed its socket answers what we send with a reset, which the
             # next step's client_gone sees; one that only half-closed reads this line.
             await self.send(r.OK_STILL_WORKING.untagged())

@@ -543,3 +543,39 @@ async def test_a_command_whose_client_only_half_closed_runs_to_its_end(
     assert reply.lines(b"SEARCH") == [b"* SEARCH " + b" ".join(b"%d" % n for n in range(1, 321))]
     assert reply.lines(b"OK") == [r.OK_STILL_WORKING.untagged().rstrip(b"\r\n")]
     assert len(search.ran) == search.total
+
+
+async def test_a_half_closed_client_gets_a_large_fetch_intact(
+        imap_server: ImapStack, maildb: MailDB) -> None:
+    """A message over 256 KiB goes out in pieces with steps between them; the line sent to
+    a client that closed its side (`* OK Still working`) must not land inside its literal
+    (it did: 36 octets of the message replaced, the rest of the stream shifted)."""
+    body = b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 3000  # 3 MB
+    await maildb.deliver([Delivery(new_queue_id(), ALICE, body, time.time())])
+    server = Server.of(imap_server)
+
+    def fetch_half_closed() -> bytes:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the FETCH waits for us
+        sock.connect(("127.0.0.1", server.port))
+        sock.settimeout(30)
+        login = f'a LOGIN {ALICE} "{server.users[ALICE]}"\r\n'.encode()
+        sock.sendall(login + b"b SELECT INBOX\r\n")
+        received = b""
+        while b"\r\nb OK" not in received:  # the FIN must come during the FETCH
+            received += sock.recv(65536)
+        sock.sendall(b"c FETCH 1 BODY.PEEK[]\r\nd LOGOUT\r\n")
+        sock.shutdown(socket.SHUT_WR)  # as `nc -N` does
+        while chunk := sock.recv(65536):
+            received += chunk
+        sock.close()
+        return received
+
+    received = await in_thread(fetch_half_closed)
+    announced = b"* 1 FETCH (BODY[] {%d}\r\n" % len(body)
+    assert announced in received, received[:500]
+    start = received.index(announced) + len(announced)
+    assert received[start:start + len(body)] == body
+    assert received[start + len(body):].startswith(b")\r\nc OK")
+    assert b"d OK" in received
+    assert received.count(r.OK_STILL_WORKING.untagged()) <= 1
