@@ -90,6 +90,22 @@ def run_cli(settings: Settings, *args: str, stdin: str = "") -> subprocess.Compl
                           timeout=60)
 
 
+def stalled_tls_handshake(port: int, command: bytes) -> bytes:
+    """Connect, read the greeting, send `command` (STARTTLS, STLS) and read its reply, then
+    send one octet of a ClientHello and no more; returns what the server sent until it
+    closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.recv(4096)
+        sock.sendall(command)
+        sock.recv(4096)
+        sock.sendall(b"\x16")  # the first octet of a TLS record
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                received += chunk
+        return received
+
+
 def port_open(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
         return True

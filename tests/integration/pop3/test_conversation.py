@@ -20,10 +20,18 @@ from services.store.backends.maildb import MailDB
 from services.store.listening import SessionEndingServer
 from services.store.mailbox import INBOX, MailStore, MessageInfo, StorageError
 from services.store.pop3 import protocol as p
+from services.store.pop3 import server as pop3_server
 from services.store.pop3.server import LINE_LIMIT
 from services.store.pop3.session import MAX_BAD_COMMANDS
 from tests.integration.pop3.conftest import ALICE, BOB, USERS, Pop3Stack, StartPop3
-from tests.support import eventually, fill, free_port, pipeline_then_read, tmpfs
+from tests.support import (
+    eventually,
+    fill,
+    free_port,
+    pipeline_then_read,
+    stalled_tls_handshake,
+    tmpfs,
+)
 from tests.unit.pop3.fakes import FakeMailStore
 
 MSG1 = (b"From: carol@example.org\r\nTo: alice@example.test\r\nSubject: one\r\n\r\n"
@@ -885,3 +893,16 @@ async def test_a_full_disk_leaves_mail_readable_and_keeps_deletions(
             ballast.unlink()
     finally:
         await maildb.close()
+
+
+async def test_a_client_stalled_in_the_stls_handshake_is_let_go(
+        pop3: Pop3Stack, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A client that sends its ClientHello a byte at a time is cut by the handshake timeout
+    and its session ends (the SMTP filter kept such sessions, and their slots, for good:
+    asyncio's TLS layer says nothing to the session when a handshake is cut)."""
+    caplog.set_level(logging.INFO, logger="services.store.pop3.server")
+    monkeypatch.setattr(pop3_server, "TLS_HANDSHAKE_TIMEOUT", 1.0)
+    await asyncio.to_thread(stalled_tls_handshake, pop3.port, b"STLS\r\n")
+    await eventually(lambda: "disconnected" in caplog.text, within=15,
+                     what="the session to end")
