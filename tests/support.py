@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -88,6 +89,19 @@ def run_cli(settings: Settings, *args: str, stdin: str = "") -> subprocess.Compl
     return subprocess.run([sys.executable, "-m", "services.cli", *args], input=stdin,
                           env=tier_env(settings), cwd=REPO, capture_output=True, text=True,
                           timeout=60)
+
+
+async def session_ends_after_a_stalled_handshake(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, server_module: Any,
+        port: int, command: bytes, ended: str) -> None:
+    """A client that sends its ClientHello a byte at a time must be cut by the handshake
+    timeout (`server_module.TLS_HANDSHAKE_TIMEOUT`, 1 s here) and its session must end (its
+    log says `ended`): the SMTP filter kept such sessions, and their slots, for good, as
+    asyncio's TLS layer tells a session nothing when its handshake is cut."""
+    caplog.set_level(logging.INFO, logger=server_module.__name__)
+    monkeypatch.setattr(server_module, "TLS_HANDSHAKE_TIMEOUT", 1.0)
+    await asyncio.to_thread(stalled_tls_handshake, port, command)
+    await eventually(lambda: ended in caplog.text, within=15, what="the session to end")
 
 
 def stalled_tls_handshake(port: int, command: bytes) -> bytes:

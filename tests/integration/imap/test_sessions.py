@@ -22,7 +22,7 @@ from services.store.imap import server as imap_server_module
 from services.store.mailbox import Delivery
 from tests.integration.imap.clients import Raw, Reply, Server, in_thread, message, quote
 from tests.integration.imap.conftest import ALICE, BOB, Deliver, ImapStack
-from tests.support import eventually, stalled_tls_handshake
+from tests.support import eventually, session_ends_after_a_stalled_handshake
 
 
 @pytest.fixture
@@ -585,11 +585,6 @@ async def test_a_half_closed_client_gets_a_large_fetch_intact(
 async def test_a_client_stalled_in_the_starttls_handshake_is_let_go(
         imap_server: ImapStack, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    """A client that sends its ClientHello a byte at a time is cut by the handshake timeout
-    and its session ends (the SMTP filter kept such sessions, and their slots, for good:
-    asyncio's TLS layer says nothing to the session when a handshake is cut)."""
-    caplog.set_level(logging.INFO, logger="services.store.imap.server")
-    monkeypatch.setattr(imap_server_module, "TLS_HANDSHAKE_TIMEOUT", 1.0)
-    await in_thread(lambda: stalled_tls_handshake(imap_server.port, b"a STARTTLS\r\n"))
-    await eventually(lambda: "connection ended: tls" in caplog.text, within=15,
-                     what="the session to end")
+    await session_ends_after_a_stalled_handshake(
+        monkeypatch, caplog, imap_server_module, imap_server.port, b"a STARTTLS\r\n",
+        ended="connection ended: tls")

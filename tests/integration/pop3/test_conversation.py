@@ -29,7 +29,7 @@ from tests.support import (
     fill,
     free_port,
     pipeline_then_read,
-    stalled_tls_handshake,
+    session_ends_after_a_stalled_handshake,
     tmpfs,
 )
 from tests.unit.pop3.fakes import FakeMailStore
@@ -898,11 +898,5 @@ async def test_a_full_disk_leaves_mail_readable_and_keeps_deletions(
 async def test_a_client_stalled_in_the_stls_handshake_is_let_go(
         pop3: Pop3Stack, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    """A client that sends its ClientHello a byte at a time is cut by the handshake timeout
-    and its session ends (the SMTP filter kept such sessions, and their slots, for good:
-    asyncio's TLS layer says nothing to the session when a handshake is cut)."""
-    caplog.set_level(logging.INFO, logger="services.store.pop3.server")
-    monkeypatch.setattr(pop3_server, "TLS_HANDSHAKE_TIMEOUT", 1.0)
-    await asyncio.to_thread(stalled_tls_handshake, pop3.port, b"STLS\r\n")
-    await eventually(lambda: "disconnected" in caplog.text, within=15,
-                     what="the session to end")
+    await session_ends_after_a_stalled_handshake(
+        monkeypatch, caplog, pop3_server, pop3.port, b"STLS\r\n", ended="disconnected")
