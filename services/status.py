@@ -58,6 +58,7 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     problems += _silent(redis.get("silent", []))
     problems += _failing_deliveries(redis.get("processes", []))
     problems += _silent_brokers(redis.get("processes", []))
+    problems += _stressed_filters(redis.get("processes", []))
     return {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
 
 
@@ -179,6 +180,19 @@ def _silent_brokers(beats: list[dict[str, Any]]) -> list[str]:
             "intervals; ?heartbeat= in TIERMAIL_AMQP_URL)"
             for beat in beats if beat.get("tier") == "store"
             and isinstance(since := beat.get("broker_silent_since"), int | float) and since > 0]
+
+
+def _stressed_filters(beats: list[dict[str, Any]]) -> list[str]:
+    """Filters with most of their connections open (services/filter/server.py, stress): many
+    slow clients, an attack, or more mail than the workers are sized for."""
+    now = time.time()
+    return [f"filter {beat.get('host')}:{beat.get('pid')} has had most of its connections "
+            f"open for {max(now - since, 0):.0f} s ({beat.get('active')} of "
+            f"{beat.get('active_limit', '?')}): clients get TIERMAIL_SMTP_STRESS_TIMEOUT per "
+            "command and line; slow clients (its log's timeouts), or too few workers "
+            "(TIERMAIL_SMTP_MAX_CONNECTIONS, more filters)?"
+            for beat in beats if beat.get("tier") == "filter"
+            and isinstance(since := beat.get("stressed_since"), int | float) and since > 0]
 
 
 def _storage_problems(beats: list[dict[str, Any]]) -> list[str]:

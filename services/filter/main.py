@@ -189,6 +189,7 @@ def _health(server: FilterServer, stats: WorkerStats, publisher: MessagePublishe
             "broker_not_confirming": publisher.stalled,
             "scanners_down": scanners.down(), "scanners_failing": scanners.failing(),
             "scan_failure": settings.scan_failure,
+            "active_limit": settings.smtp_max_connections,
             **stats.snapshot()}
 
 

@@ -30,6 +30,7 @@ import logging
 import math
 import secrets
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, AnyStr, cast
@@ -168,7 +169,8 @@ class ConnectionRegistry:
     def _stress_begins(self) -> None:
         """Many connections open at once: slow clients (slowloris: a byte now and then,
         which keeps every timer alive) must not hold them for minutes each."""
-        self.stressed = self._stats.stressed = True
+        self.stressed = True
+        self._stats.stressed_since = time.time()
         self._stats.stress_periods += 1
         log.warning("%d of %d connections open: clients get %g s for each command or line "
                     "until fewer than %d are", len(self._open), self._limit,
@@ -182,7 +184,8 @@ class ConnectionRegistry:
             self._per_client.give_back(subject)
         self._stats.active = len(self._open)
         if self.stressed and len(self._open) < self._stress_ends_at:
-            self.stressed = self._stats.stressed = False
+            self.stressed = False
+            self._stats.stressed_since = 0.0
             log.info("%d of %d connections open: timeouts back to normal", len(self._open),
                      self._limit, extra={"event": "stress"})
         if not self._open:

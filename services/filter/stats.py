@@ -13,9 +13,9 @@ class WorkerStats:
     refused_connections: turned away with 421 because `smtp_max_connections` were open;
     refused_client_connections: turned away with 421 because that client address already had
     `smtp_max_connections_per_ip` open;
-    stressed: 80 % of `smtp_max_connections` open or more, until fewer than 60 %: client
-    timeouts are `smtp_stress_timeout` (services/filter/server.py); stress_periods: how often
-    that began;
+    stressed_since: when 80 % of `smtp_max_connections` were open (0: not so), until fewer
+    than 60 % are: client timeouts are `smtp_stress_timeout` (services/filter/server.py);
+    stress_periods: how often that began;
     accepted: messages queued (250 after the broker confirm);
     rejected / tempfailed: 5xx / 4xx replies sent (any command);
     data_memory_full: messages refused with 452 4.3.1 because the worker already held
@@ -39,7 +39,7 @@ class WorkerStats:
 
     connections: int = 0
     active: int = 0
-    stressed: bool = False
+    stressed_since: float = 0.0
     stress_periods: int = 0
     refused_connections: int = 0
     refused_client_connections: int = 0

@@ -116,6 +116,27 @@ def test_a_store_that_puts_messages_back_is_a_problem() -> None:
     assert status._failing_deliveries([beat]) == []
 
 
+def test_a_filter_under_stress_is_a_problem_until_it_ends() -> None:
+    """Most of a worker's connections open (services/filter/server.py stress mode): slow
+    clients or too few workers; the log alone said so."""
+    beat = {"tier": "filter", "host": "h", "pid": 7, "active": 165, "active_limit": 200,
+            "stressed_since": time.time() - 30}
+    [problem] = status._stressed_filters([beat])
+    assert problem.startswith("filter h:7 has had most of its connections open for 30 s "
+                              "(165 of 200)")
+    beat["stressed_since"] = 0.0
+    assert status._stressed_filters([beat]) == []
+    assert "active=165/200" in format_status(report(beat))
+
+
+def test_a_store_whose_broker_does_not_answer_is_a_problem() -> None:
+    beat = {"tier": "store", "host": "h", "pid": 7, "broker_silent_since": time.time() - 25}
+    [problem] = status._silent_brokers([beat])
+    assert problem.startswith("store h:7: the broker has not answered its connection for 25 s")
+    beat["broker_silent_since"] = 0.0
+    assert status._silent_brokers([beat]) == []
+
+
 def test_a_process_that_went_without_stopping_is_named() -> None:
     went = {"tier": "filter", "host": "h", "pid": 7, "at": time.time() - 42}
     [problem] = status._silent([went])
