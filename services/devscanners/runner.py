@@ -329,17 +329,21 @@ def _launch(name: str, argv: list[str], runtime_dir: Path, address: str,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     scanner = Scanner(name, address, process, [*logs, output], list(cleanup))
     deadline = started + timeout
-    while not ready():
-        if not scanner.alive:
-            code = process.returncode
-            scanner.stop()
-            raise ScannerError(f"{name} exited with status {code} before answering on "
-                               f"{address}:\n{scanner.log_tail()}")
-        if time.monotonic() > deadline:
-            scanner.stop()
-            raise ScannerError(f"{name} did not answer on {address} within {timeout:.0f}s:\n"
-                               f"{scanner.log_tail()}")
-        time.sleep(0.05)
+    try:
+        while not ready():
+            if not scanner.alive:
+                raise ScannerError(f"{name} exited with status {process.returncode} before "
+                                   f"answering on {address}:\n{scanner.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ScannerError(f"{name} did not answer on {address} within "
+                                   f"{timeout:.0f}s:\n{scanner.log_tail()}")
+            time.sleep(0.05)
+    except BaseException:
+        # Also a stop (SIGTERM, Ctrl-C) while it starts, rspamd's first start taking
+        # seconds: in a session of its own, the scanner gets no signal of the terminal and
+        # was left running, and later stacks took it for one of theirs and never stopped it.
+        scanner.stop()
+        raise
     log.info("%s is up on %s after %.2fs (logs in %s)", name, address,
              time.monotonic() - started, runtime_dir)
     return scanner
