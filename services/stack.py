@@ -74,6 +74,14 @@ def run_stack(settings: Settings) -> int:
     # Ctrl-C, stopping the scanners already started instead of leaving them running.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     check_free(settings)
+    # Held while the stack runs: two `up`s started at once both passed the checks above,
+    # and the loser printed "tiermail is up" (its port check answered by the winner's store)
+    # before its own store found the data directory taken.
+    with listen.lock_directory(settings.data_dir, "tiermail up"):
+        return _run_stack(settings)
+
+
+def _run_stack(settings: Settings) -> int:
     if settings.spam == "rspamd" and not settings.rspamd_controller_password:
         settings = settings.replace(rspamd_controller_password=controller_password(settings))
     # Only where no certificate is configured: one configured but missing (a mistyped path,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from common.broker import close_connection, open_channel
+from common.listen import lock_directory
 from common.settings import Settings
 from tests.support import TierProcess, free_port, port_open, run_cli, wait_until
 
@@ -68,6 +70,22 @@ def test_a_second_up_is_refused_and_the_first_goes_on(settings: Settings,
             f"(pid {before['store']})"), same_data.stderr
         assert "mail store ready" not in same_data.stderr  # it swept nothing
     assert up.alive and _children(up.proc.pid) == before
+
+
+def test_an_up_that_loses_the_race_for_the_data_directory_stops_before_it_starts(
+        settings: Settings) -> None:
+    """Two `up`s started together both passed the port and store checks; the loser printed
+    "tiermail is up" (its port check answered by the winner's store) and then stopped when
+    its store found the directory taken. Now the first holds the data directory for as long
+    as it runs; here the test holds it, as the winner would."""
+    with lock_directory(settings.data_dir, "tiermail up"):
+        loser = run_cli(settings, "up")
+    assert loser.returncode == 3, loser.stderr
+    assert loser.stderr == (f"tiermail: cannot start: another tiermail up is running on "
+                            f"{settings.data_dir} (pid {os.getpid()}); one tiermail up per "
+                            "TIERMAIL_DATA_DIR\n")
+    assert "tiermail is up" not in loser.stdout
+    assert not port_open("127.0.0.1", settings.smtp_port)
 
 
 def test_a_tier_that_cannot_start_stops_up_instead_of_restarting(
