@@ -102,7 +102,10 @@ class Heartbeat:
                 await pipe.execute()
 
     async def _run(self) -> None:
+        predecessors_forgotten = False
         while not self._stop.is_set():
+            if not predecessors_forgotten:
+                predecessors_forgotten = await self._forget_replaced()
             now, stats = time.time(), self._stats()
             payload = {"tier": self._tier, "pid": os.getpid(), "host": socket.gethostname(),
                        "started": self._started, "at": now, **stats,
@@ -118,6 +121,42 @@ class Heartbeat:
             except Exception as exc:  # Redis down must not take a tier down.
                 log.warning("heartbeat not written: %s", exc, extra={"event": "heartbeat"})
             await pause(INTERVAL, self._stop)
+
+
+    async def _forget_replaced(self) -> bool:
+        """Take out of `<prefix>health-seen` the processes of this tier on this host that are
+        gone: this one replaces them (`tiermail up` or a service manager restarting a killed
+        one). status judged that by the replacement still reporting, so once the stack was
+        stopped cleanly it named the killed processes again, for an hour. True once done."""
+        try:
+            async with asyncio.timeout(TTL):
+                entries = await self._redis.hgetall(self._seen)
+                gone = [field for field, raw in entries.items()
+                        if _gone_from_here(raw, self._tier, socket.gethostname())]
+                if gone:
+                    await self._redis.hdel(self._seen, *gone)
+        except Exception as exc:  # tried again; the heartbeat's write says Redis is down
+            log.debug("replaced processes not forgotten: %s", exc, extra={"event": "heartbeat"})
+            return False
+        return True
+
+
+def _gone_from_here(raw: bytes | str, tier: str, host: str) -> bool:
+    """Whether a `health-seen` entry is a process of `tier` on this host that has ended."""
+    try:
+        entry = json.loads(raw)
+        pid = int(entry["pid"])
+    except (ValueError, TypeError, KeyError):
+        return False
+    if entry.get("tier") != tier or entry.get("host") != host or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 async def read_heartbeats(redis: Redis, prefix: str) -> list[dict[str, Any]]:

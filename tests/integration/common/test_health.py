@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import socket
 import time
 
 import pytest
@@ -50,6 +53,38 @@ async def test_a_clean_stop_takes_the_process_off(settings: Settings,
     assert await client.hlen(seen_key(settings.redis_prefix)) == 0
     assert not await silent_processes(client, settings.redis_prefix, [], time.time() + TTL + 1)
     await client.aclose()
+
+
+async def test_a_process_that_starts_forgets_the_ones_of_its_tier_here_that_are_gone(
+        settings: Settings, client: redis.asyncio.Redis) -> None:
+    """`tiermail up` restarts a killed filter; the killed one was hidden only while its
+    replacement reported, so after a clean stop of the stack status named it again for an
+    hour. A start takes the gone ones of its tier on its host out for good."""
+    here, now, prefix = socket.gethostname(), time.time(), settings.redis_prefix
+    ended = await asyncio.create_subprocess_exec("true")
+    await ended.wait()
+    alive = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        await client.hset(seen_key(prefix), mapping={
+            f"filter:{here}:{ended.pid}": seen("filter", here, ended.pid, now - 3),  # killed
+            f"filter:{here}:{alive.pid}": seen("filter", here, alive.pid, now - 3),  # cut off
+            f"store:{here}:{ended.pid}": seen("store", here, ended.pid, now - 3),  # other tier
+            f"filter:elsewhere:{ended.pid}": seen("filter", "elsewhere", ended.pid, now - 3),
+        })
+        own = f"filter:{here}:{os.getpid()}"
+        async with Heartbeat(client, prefix, "filter", dict):
+            await eventually(lambda: _has_field(client, prefix, own), what="the first write")
+            fields = {field.decode() for field in await client.hkeys(seen_key(prefix))}
+        assert fields == {own, f"filter:{here}:{alive.pid}", f"store:{here}:{ended.pid}",
+                          f"filter:elsewhere:{ended.pid}"}
+    finally:
+        alive.kill()
+        await alive.wait()
+        await client.aclose()
+
+
+async def _has_field(client: redis.asyncio.Redis, prefix: str, field: str) -> bool:
+    return bool(await client.hexists(seen_key(prefix), field))
 
 
 async def _one_seen(client: redis.asyncio.Redis, prefix: str) -> bool:
