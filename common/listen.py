@@ -67,22 +67,29 @@ def join_port(host: str, port: int, stack: str, setting: str,
     kernel spreads connections over every process on an SO_REUSEPORT port, so a worker of
     another stack there would take half of the mail into its own queues (or answer 451
     without its directory). Raises CannotStart when the port's workers are another stack's.
-    Held (a shared lock) for as long as the returned file stays open; the first worker on
-    the port writes its stack into the file. None (and a warning) when the file cannot be
-    opened (another user's, say): the check is skipped rather than the worker not started."""
+    Held (a shared lock) until `leave_port`; the first worker on the port writes its stack
+    into the file, the last removes it. None (and a warning) when the file cannot be opened
+    (another user's, say): the check is skipped rather than the worker not started."""
     folder = lock_dir or Path(tempfile.gettempdir())
     name = "".join(c if c.isalnum() or c in ".-" else "_" for c in host) or "any"
     path = folder / f"tiermail-smtp-{name}-{port}.lock"
-    try:
-        handle = open(path, "a+")  # noqa: SIM115 - held open on purpose
-    except OSError as exc:
-        log.warning("cannot check which stack serves %s (%s: %s); listening anyway",
-                    format_address(host, port), path, exc.strerror or exc)
-        return None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:  # workers are on the port: theirs is the stack in the file
-        fcntl.flock(handle, fcntl.LOCK_SH)  # after a first one's write, if one is writing
+    while True:
+        try:
+            handle = open(path, "a+")  # noqa: SIM115 - held open on purpose
+        except OSError as exc:
+            log.warning("cannot check which stack serves %s (%s: %s); listening anyway",
+                        format_address(host, port), path, exc.strerror or exc)
+            return None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            first = True
+        except BlockingIOError:  # workers are on the port
+            fcntl.flock(handle, fcntl.LOCK_SH)  # after a first one's write, if one is writing
+            first = False
+        if _still_at(handle, path):
+            break
+        handle.close()  # the last worker removed it while we opened it: open the new one
+    if not first:  # theirs is the stack in the file
         handle.seek(0)
         theirs = handle.read().strip()
         if theirs != stack:
@@ -98,6 +105,34 @@ def join_port(host: str, port: int, stack: str, setting: str,
     handle.flush()
     fcntl.flock(handle, fcntl.LOCK_SH)
     return handle
+
+
+def leave_port(handle: IO[str]) -> None:
+    """Stop taking part in serving the port `join_port` let us join; the last worker on it
+    removes the file (one per port ever used piled up in /tmp: hundreds per test run).
+    Taking the exclusive lock is no atomic change from the shared one; a worker that joins
+    meanwhile either takes it first (and nothing is removed) or finds the file it opened
+    removed and opens the new one (`_still_at`)."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass  # other workers serve the port
+    else:
+        path = Path(handle.name)
+        if _still_at(handle, path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    handle.close()
+
+
+def _still_at(handle: IO[str], path: Path) -> bool:
+    """Whether `path` still names the file `handle` has open."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def lock_directory(directory: Path, what: str) -> IO[str]:

@@ -22,7 +22,7 @@ from common.directory_cache import DirectoryCache
 from common.fdlimit import raise_open_file_limit
 from common.gcpause import freeze_startup_objects
 from common.health import Heartbeat
-from common.listen import binding, join_port
+from common.listen import binding, join_port, leave_port
 from common.ratelimit import RateLimiter, RateLimits, RedisCounter
 from common.redisconn import check_redis_url, open_redis
 from common.settings import Settings
@@ -161,7 +161,7 @@ async def open_worker(
         if listen_port:  # 0: a port of its own, chosen by the kernel
             held = join_port(settings.bind, listen_port, settings.stack_identity, "smtp_port")
             if held is not None:
-                stack.callback(held.close)
+                stack.callback(leave_port, held)
         with binding("smtp_port", settings.bind, listen_port):
             await server.listen(settings.bind, listen_port)
         stack.push_async_callback(server.close, shutdown_grace(settings))

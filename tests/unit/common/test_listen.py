@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from common.listen import CannotStart, join_port
+from common import listen
+from common.listen import CannotStart, join_port, leave_port
 
 
 def test_workers_of_one_stack_share_a_port_and_another_stack_is_refused(
@@ -18,12 +20,51 @@ def test_workers_of_one_stack_share_a_port_and_another_stack_is_refused(
     with pytest.raises(CannotStart, match=r"filters of another stack serve it \(stack A; "
                                           r"this one: stack B\)"):
         join_port("127.0.0.1", 2525, "stack B", "smtp_port", tmp_path)
-    assert join_port("127.0.0.1", 2526, "stack B", "smtp_port", tmp_path) is not None
-    first.close()
-    second.close()
+    other_port = join_port("127.0.0.1", 2526, "stack B", "smtp_port", tmp_path)
+    assert other_port is not None
+    leave_port(first)
+    leave_port(second)
     third = join_port("127.0.0.1", 2525, "stack B", "smtp_port", tmp_path)  # A has gone
     assert third is not None
-    third.close()
+    leave_port(third)
+    leave_port(other_port)
+
+
+def test_the_last_worker_to_leave_removes_the_file(tmp_path: Path) -> None:
+    """One file per port ever used piled up in /tmp (hundreds per test run)."""
+    first = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
+    second = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
+    assert first is not None and second is not None
+    leave_port(first)
+    assert [p.name for p in tmp_path.iterdir()] == ["tiermail-smtp-127.0.0.1-2525.lock"]
+    leave_port(second)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_that_opened_the_file_as_the_last_one_removed_it_opens_the_new_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race `leave_port` leaves: a joiner opened the file, then the last worker removed
+    it. The joiner must not take the removed file for the port's (a worker of another stack
+    opening the path afterwards would find no one there and serve beside it)."""
+    last = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
+    assert last is not None
+    real_flock = listen.fcntl.flock
+    left = False
+
+    def flock_after_the_last_left(handle: Any, operation: int) -> None:
+        nonlocal left
+        if not left and handle is not last:
+            left = True
+            leave_port(last)  # between the joiner's open and its lock
+        real_flock(handle, operation)
+
+    monkeypatch.setattr(listen.fcntl, "flock", flock_after_the_last_left)
+    joiner = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
+    monkeypatch.setattr(listen.fcntl, "flock", real_flock)
+    assert joiner is not None and left
+    with pytest.raises(CannotStart):  # the new file says whose the port is
+        join_port("127.0.0.1", 2525, "stack B", "smtp_port", tmp_path)
+    leave_port(joiner)
 
 
 def test_a_lock_file_that_cannot_be_opened_skips_the_check(
