@@ -174,12 +174,12 @@ def _silent_brokers(beats: list[dict[str, Any]]) -> list[str]:
     queue depth does not count."""
     now = time.time()
     return [f"store {beat.get('host')}:{beat.get('pid')}: the broker has not answered its "
-            f"connection for {max(now - since, 0):.0f} s (a broker that hangs, or a path that "
-            "drops packets): messages sent to the store wait unacknowledged, uncounted in the "
-            "queue depth, until the AMQP heartbeat gives the connection up (three heartbeat "
-            "intervals; ?heartbeat= in TIERMAIL_AMQP_URL)"
-            for beat in beats if beat.get("tier") == "store"
-            and isinstance(since := beat.get("broker_silent_since"), int | float) and since > 0]
+            f"connection for {now - beat['broker_silent_since']:.0f} s (a broker that hangs, "
+            "or a path that drops packets): messages sent to the store wait unacknowledged, "
+            "uncounted in the queue depth, until the AMQP heartbeat gives the connection up "
+            "(three heartbeat intervals; ?heartbeat= in TIERMAIL_AMQP_URL)"
+            for beat in beats
+            if beat.get("tier") == "store" and beat.get("broker_silent_since")]
 
 
 def _stressed_filters(beats: list[dict[str, Any]]) -> list[str]:
@@ -187,12 +187,11 @@ def _stressed_filters(beats: list[dict[str, Any]]) -> list[str]:
     slow clients, an attack, or more mail than the workers are sized for."""
     now = time.time()
     return [f"filter {beat.get('host')}:{beat.get('pid')} has had most of its connections "
-            f"open for {max(now - since, 0):.0f} s ({beat.get('active')} of "
+            f"open for {now - beat['stressed_since']:.0f} s ({beat.get('active')} of "
             f"{beat.get('active_limit', '?')}): clients get TIERMAIL_SMTP_STRESS_TIMEOUT per "
             "command and line; slow clients (its log's timeouts), or too few workers "
             "(TIERMAIL_SMTP_MAX_CONNECTIONS, more filters)?"
-            for beat in beats if beat.get("tier") == "filter"
-            and isinstance(since := beat.get("stressed_since"), int | float) and since > 0]
+            for beat in beats if beat.get("tier") == "filter" and beat.get("stressed_since")]
 
 
 def _storage_problems(beats: list[dict[str, Any]]) -> list[str]:
