@@ -188,6 +188,8 @@ class ConnectionRegistry:
             self._stats.stressed_since = 0.0
             log.info("%d of %d connections open: timeouts back to normal", len(self._open),
                      self._limit, extra={"event": "stress"})
+            for other in self._open:
+                other.stress_ended()
         if not self._open:
             self._empty.set()
 
@@ -277,6 +279,7 @@ class FilterSMTP(SMTP):
         self._reading_mail = False  # inside aiosmtpd's MAIL: the path is the sender's
         self._client_errors = 0
         self._deadline = 0.0  # of the idle timer (_reset_timeout), by the loop's clock
+        self._unstressed_deadline = 0.0  # what it would be without stress
 
     # Connection lifetime
 
@@ -417,7 +420,16 @@ class FilterSMTP(SMTP):
         """The worker is under stress: a client we are waiting for gets the stress timeout
         from now, if that is sooner."""
         if not self._busy:
+            unstressed = self._unstressed_deadline  # the client's own time, for stress_ended
             self._reset_timeout(self._limits.data_timeout if self._receiving_data else None)
+            self._unstressed_deadline = unstressed
+
+    def stress_ended(self) -> None:
+        """The worker is no longer under stress: a client we are waiting for gets back the
+        time that stress took from its timer (a slow client would else be cut by the
+        stress timeout although the stress had ended)."""
+        if not self._busy and self._unstressed_deadline > self._deadline:
+            self._deadline = self._unstressed_deadline  # the timer re-arms when it fires
 
     def _reset_timeout(self, duration: float | None = None, *, ours: bool = False) -> None:
         """aiosmtpd's idle timer, which it cancels and arms anew after every command (and we
@@ -426,9 +438,11 @@ class FilterSMTP(SMTP):
         time is for our own processing, not for the client, and stress does not shorten
         it."""
         duration = duration or self._timeout_duration
+        now = self.loop.time()
+        self._unstressed_deadline = now + duration
         if not ours and self._registry.stressed:
             duration = min(duration, self._limits.stress_timeout)
-        self._deadline = self.loop.time() + duration
+        self._deadline = now + duration
         timer = self._timeout_handle
         if timer is not None and not timer.cancelled() and timer.when() <= self._deadline:
             return

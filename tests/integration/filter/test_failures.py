@@ -523,6 +523,40 @@ async def test_under_stress_slow_clients_get_the_short_timeout_and_whole_lines_p
     assert "5 of 6 connections open: clients get 2 s" in caplog.text
 
 
+async def test_when_stress_ends_a_client_gets_back_the_time_stress_took(
+        directory: Settings) -> None:
+    """A timer shortened when stress began is lengthened again when it ends: a client that
+    was idle through the stress (a human at a terminal, an MTA between two messages) is cut
+    by its command timeout, not by the stress timeout of a stress that is over."""
+    limits = directory.replace(smtp_max_connections=5, smtp_command_timeout=60.0,
+                               smtp_stress_timeout=3.0)
+    async with running_filter(limits) as worker:
+        port = worker.ports[0]
+        registry = worker.server._registry
+        idle = await in_thread(RawClient, port)
+        others: list[RawClient] = []
+        try:
+            assert (await in_thread(idle.reply)).startswith("220 ")
+            for _ in range(3):  # 4 of 5 open: stress, the idle client's timer shortened
+                others.append(await in_thread(RawClient, port))
+                assert (await in_thread(others[-1].reply)).startswith("220 ")
+            assert registry.stressed
+            for client in others[:2]:  # 2 of 5 open: the stress ends
+                client.close()
+            await eventually(lambda: not registry.stressed, within=2.5,
+                             what="the stress over before the idle client's shortened timer")
+
+            def noop_after_the_stress_timeout() -> str:
+                time.sleep(4.0)  # pacing an idle client past the 3 s; not waiting for a result
+                return idle.command(b"NOOP\r\n")
+
+            reply = await in_thread(noop_after_the_stress_timeout)
+        finally:
+            for client in (idle, *others):
+                client.close()
+    assert reply.startswith("250"), reply
+
+
 async def test_a_client_that_does_not_read_its_replies_is_not_answered_into_memory(
         directory: Settings) -> None:
     # Commands keep coming while their replies are not read: once the kernel's buffers are
