@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -17,6 +18,9 @@ from typing import IO
 from common.settings import PREFIX
 
 log = logging.getLogger(__name__)
+
+PORT_LOCK_PREFIX = "tiermail-smtp-"
+ABANDONED_AFTER = 60.0  # seconds a port file must be unchanged before it counts as abandoned
 
 
 class CannotStart(Exception):
@@ -72,7 +76,8 @@ def join_port(host: str, port: int, stack: str, setting: str,
     (another user's, say): the check is skipped rather than the worker not started."""
     folder = lock_dir or Path(tempfile.gettempdir())
     name = "".join(c if c.isalnum() or c in ".-" else "_" for c in host) or "any"
-    path = folder / f"tiermail-smtp-{name}-{port}.lock"
+    path = folder / f"{PORT_LOCK_PREFIX}{name}-{port}.lock"
+    _remove_abandoned(folder, path)
     while True:
         try:
             handle = open(path, "a+")  # noqa: SIM115 - held open on purpose
@@ -107,12 +112,33 @@ def join_port(host: str, port: int, stack: str, setting: str,
     return handle
 
 
+def _remove_abandoned(folder: Path, ours: Path) -> None:
+    """Remove the port files no worker holds: those of workers that were killed (SIGKILL,
+    a crash) and so never left their port. Not a recent one: the first worker on a port
+    changes its exclusive lock to a shared one after writing the file, and that change
+    lets go of the lock for a moment (flock(2)), in which the file would look abandoned."""
+    settled = time.time() - ABANDONED_AFTER
+    for path in folder.glob(f"{PORT_LOCK_PREFIX}*.lock"):
+        try:
+            if path == ours or path.stat().st_mtime > settled:
+                continue
+            handle = open(path)  # noqa: SIM115 - closed by _leave; not created if gone
+        except OSError:
+            continue  # gone meanwhile, or another user's
+        _leave(handle)
+
+
 def leave_port(handle: IO[str]) -> None:
     """Stop taking part in serving the port `join_port` let us join; the last worker on it
     removes the file (one per port ever used piled up in /tmp: hundreds per test run).
     Taking the exclusive lock is no atomic change from the shared one; a worker that joins
     meanwhile either takes it first (and nothing is removed) or finds the file it opened
     removed and opens the new one (`_still_at`)."""
+    _leave(handle)
+
+
+def _leave(handle: IO[str]) -> None:
+    """Close `handle`, removing its file if no one else holds it."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

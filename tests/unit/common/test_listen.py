@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,26 @@ def test_the_last_worker_to_leave_removes_the_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["tiermail-smtp-127.0.0.1-2525.lock"]
     leave_port(second)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_removes_the_files_of_killed_workers_and_no_other(tmp_path: Path) -> None:
+    """A killed worker never leaves its port: its file stayed in /tmp for good."""
+    killed = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
+    just_killed = join_port("127.0.0.1", 2526, "stack A", "smtp_port", tmp_path)
+    serving = join_port("127.0.0.1", 2527, "stack A", "smtp_port", tmp_path)
+    assert killed is not None and just_killed is not None and serving is not None
+    killed.close()  # as the kernel closes a killed process's files: the lock goes, not the file
+    just_killed.close()
+    long_ago = time.time() - 2 * listen.ABANDONED_AFTER
+    for port in (2525, 2527):
+        os.utime(tmp_path / f"tiermail-smtp-127.0.0.1-{port}.lock", (long_ago, long_ago))
+    joining = join_port("127.0.0.1", 2528, "stack A", "smtp_port", tmp_path)
+    assert joining is not None
+    # 2526 is recent: a first worker changing its lock lets go of it for a moment
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"tiermail-smtp-127.0.0.1-{port}.lock" for port in (2526, 2527, 2528)]
+    leave_port(serving)
+    leave_port(joining)
 
 
 def test_a_worker_that_opened_the_file_as_the_last_one_removed_it_opens_the_new_one(
