@@ -132,7 +132,7 @@ class Heartbeat:
             async with asyncio.timeout(TTL):
                 entries = await self._redis.hgetall(self._seen)
                 gone = [field for field, raw in entries.items()
-                        if _gone_from_here(raw, self._tier, socket.gethostname())]
+                        if _gone_from_here(raw, self._tier)]
                 if gone:
                     await self._redis.hdel(self._seen, *gone)
         except Exception as exc:  # tried again; the heartbeat's write says Redis is down
@@ -141,14 +141,23 @@ class Heartbeat:
         return True
 
 
-def _gone_from_here(raw: bytes | str, tier: str, host: str) -> bool:
+def _gone_from_here(raw: bytes | str, tier: str) -> bool:
     """Whether a `health-seen` entry is a process of `tier` on this host that has ended."""
     try:
         entry = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and entry.get("tier") == tier and ended_here(entry)
+
+
+def ended_here(entry: dict[str, Any]) -> bool:
+    """Whether a heartbeat or `health-seen` entry is of a process on this host that no
+    longer runs (killed: its heartbeat lives on until its TTL)."""
+    try:
         pid = int(entry["pid"])
     except (ValueError, TypeError, KeyError):
         return False
-    if entry.get("tier") != tier or entry.get("host") != host or pid == os.getpid():
+    if entry.get("host") != socket.gethostname() or pid == os.getpid() or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -160,11 +169,15 @@ def _gone_from_here(raw: bytes | str, tier: str, host: str) -> bool:
 
 
 async def read_heartbeats(redis: Redis, prefix: str) -> list[dict[str, Any]]:
+    """The processes reporting: not one of this host that has ended, whose heartbeat has
+    not expired yet."""
     beats = []
     async for key in redis.scan_iter(match=f"{prefix}health:*", count=500):
         raw = await redis.get(key)
         if raw:
-            beats.append(json.loads(raw))
+            beat = json.loads(raw)
+            if not ended_here(beat):
+                beats.append(beat)
     return sorted(beats, key=lambda b: (b.get("tier", ""), b.get("host", ""), b.get("pid", 0)))
 
 
@@ -186,9 +199,10 @@ async def silent_processes(redis: Redis, prefix: str, beats: list[dict[str, Any]
         if now - last > SILENT_SHOWN:
             await redis.hdel(seen_key(prefix), field)
             continue
-        if (entry.get("tier"), entry.get("host"), entry.get("pid")) in reporting \
-                or now - last <= TTL:
+        if (entry.get("tier"), entry.get("host"), entry.get("pid")) in reporting:
             continue
+        if now - last <= TTL and not ended_here(entry):
+            continue  # its heartbeat may just be late
         replaced = any(b.get("tier") == entry.get("tier") and b.get("host") == entry.get("host")
                        and float(b.get("started", 0)) >= last for b in beats)
         if not replaced:

@@ -11,7 +11,14 @@ import time
 import pytest
 import redis.asyncio
 
-from common.health import SILENT_SHOWN, TTL, Heartbeat, seen_key, silent_processes
+from common.health import (
+    SILENT_SHOWN,
+    TTL,
+    Heartbeat,
+    read_heartbeats,
+    seen_key,
+    silent_processes,
+)
 from common.settings import Settings
 from tests.support import eventually
 
@@ -77,6 +84,30 @@ async def test_a_process_that_starts_forgets_the_ones_of_its_tier_here_that_are_
             fields = {field.decode() for field in await client.hkeys(seen_key(prefix))}
         assert fields == {own, f"filter:{here}:{alive.pid}", f"store:{here}:{ended.pid}",
                           f"filter:elsewhere:{ended.pid}"}
+    finally:
+        alive.kill()
+        await alive.wait()
+        await client.aclose()
+
+
+async def test_a_process_of_this_host_that_was_killed_is_named_at_once(
+        settings: Settings, client: redis.asyncio.Redis) -> None:
+    """A killed process's heartbeat lives on for its TTL (15 s), and status said it was
+    reporting; on the host status runs on, whether the process still runs can be asked."""
+    here, now, prefix = socket.gethostname(), time.time(), settings.redis_prefix
+    ended = await asyncio.create_subprocess_exec("true")
+    await ended.wait()
+    alive = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        for pid in (ended.pid, alive.pid):
+            beat = {"tier": "filter", "host": here, "pid": pid, "started": now - 100}
+            await client.set(f"{prefix}health:filter:{here}:{pid}", json.dumps(beat), ex=TTL)
+            await client.hset(seen_key(prefix), f"filter:{here}:{pid}",
+                              seen("filter", here, pid, now - 1))
+        beats = await read_heartbeats(client, prefix)
+        assert [beat["pid"] for beat in beats] == [alive.pid]
+        silent = await silent_processes(client, prefix, beats, now)
+        assert [entry["pid"] for entry in silent] == [ended.pid]
     finally:
         alive.kill()
         await alive.wait()
