@@ -35,7 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, syntax
+import aiosmtpd.smtp
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, syntax
 
 from common.budget import MemoryBudget, OpenCounts
 from common.listen import format_address
@@ -81,6 +82,11 @@ PROCESSING_SLACK = 10.0
 # ServerLimits.stress_timeout to send their next command, line or data line (as Postfix's
 # smtpd under stress). It ends once the open connections are below STRESS_ENDS_AT.
 STRESS_AT, STRESS_ENDS_AT = 0.8, 0.6
+# aiosmtpd hangs up after BOGUS_LIMIT (5) unknown commands in a connection, never forgiven and
+# whatever TIERMAIL_SMTP_MAX_ERRORS says. Their 500 replies count against that limit like every
+# other client error (FilterSMTP.push), which a queued message forgives, so aiosmtpd's own
+# count is lifted (it reads the constant when a connection starts).
+aiosmtpd.smtp.BOGUS_LIMIT = 2**62
 
 
 @dataclass(frozen=True)
@@ -277,6 +283,7 @@ class FilterSMTP(SMTP):
         self._eof_pending = False  # the client closed its side; its commands still answered
         self._helo_reply = False
         self._reading_mail = False  # inside aiosmtpd's MAIL: the path is the sender's
+        self._recipients_asked: Envelope | None = None  # the transaction a RCPT came in
         self._client_errors = 0
         self._deadline = 0.0  # of the idle timer (_reset_timeout), by the loop's clock
         self._unstressed_deadline = 0.0  # what it would be without stress
@@ -616,6 +623,27 @@ class FilterSMTP(SMTP):
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push(replies.AUTH_UNAVAILABLE)
 
+    # Not SMTP but HTTP: a request sent to the SMTP port, perhaps by a web application made to
+    # (server-side request forgery), whose body may hold SMTP commands that would then run
+    # from that application's address. The connection ends at the request line, as with
+    # Postfix's smtpd_forbidden_commands. (No @syntax: not listed by HELP.)
+
+    async def smtp_GET(self, arg: str) -> None:
+        await self._end_non_smtp("GET")
+
+    async def smtp_POST(self, arg: str) -> None:
+        await self._end_non_smtp("POST")
+
+    async def smtp_CONNECT(self, arg: str) -> None:
+        await self._end_non_smtp("CONNECT")
+
+    async def _end_non_smtp(self, command: str) -> None:
+        log.warning("non-SMTP command %s, closing", command,
+                    extra=self.handler.log_extra(self.handler.current_queue_id))
+        await self._write(replies.NON_SMTP_COMMAND)
+        if self.transport is not None:
+            self.transport.close()
+
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:
         """RFC 5321 3.5.3: a user name or a mailbox, neither verified (no address harvesting):
@@ -627,6 +655,15 @@ class FilterSMTP(SMTP):
             await self.push("501 5.5.2 Syntax: VRFY <address> (not UTF-8)")
         else:
             await self.push(replies.CANNOT_VRFY)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """aiosmtpd's RCPT, noting that the transaction had one: a DATA after recipients that
+        were all refused is 554 no valid recipients (RFC 5321 3.3, as Postfix answers; RFC
+        2920 3.1), not the 503 of a transaction that never named one."""
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            self._recipients_asked = self.envelope  # a new transaction has a new envelope
+        await super().smtp_RCPT(arg)
 
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
         """The parameters by RFC 5321's grammar (protocol/parameters.py), so that aiosmtpd
@@ -691,7 +728,10 @@ class FilterSMTP(SMTP):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
+            if self._recipients_asked is self.envelope:
+                await self.push(replies.NO_VALID_RECIPIENTS)
+            else:
+                await self.push("503 Error: need RCPT command")
             return
         if arg:
             await self.push("501 Syntax: DATA")

@@ -40,6 +40,7 @@ LARGER_THAN_QUOTA = "552 5.2.2 Message larger than the recipient's mailbox quota
 TOO_MANY_CONNECTIONS = "421 4.7.0 too many connections"
 TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+NON_SMTP_COMMAND = "421 4.7.0 Not an SMTP command, closing connection"
 BAD_RECIPIENT_SYNTAX = "501 5.1.3 Bad recipient address syntax"
 # aiosmtpd's reply to a path it cannot read, at MAIL and RCPT alike; at MAIL it becomes
 # BAD_SENDER_SYNTAX (RFC 3463 3.2: X.1.3 is the destination's syntax, X.1.7 the sender's).
@@ -106,6 +107,7 @@ AUTH_UNAVAILABLE = "502 5.5.1 AUTH not available"
 STARTTLS_NOT_OFFERED = "502 5.5.1 STARTTLS not available"  # no certificate configured
 NEED_MAIL = "503 5.5.1 Error: need MAIL command"
 NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+NO_VALID_RECIPIENTS = "554 5.5.1 Error: no valid recipients"
 NESTED_MAIL = "503 5.5.1 Error: nested MAIL command"
 
 # aiosmtpd's own texts with a fixed replacement. Anything not listed gets a code from
@@ -122,8 +124,6 @@ _REWRITES: dict[str, str] = {
     "500 Line too long (see RFC5321 4.5.3.1.6)": LINE_TOO_LONG,
     "552 Error: Too much mail data": MESSAGE_TOO_BIG,
     "552 Error: message size exceeds fixed maximum message size": SIZE_EXCEEDED,
-    # aiosmtpd hangs up after ten unknown commands; closing is a 421 (RFC 5321 3.8).
-    "502 5.5.1 Too many unrecognized commands, goodbye.": TOO_MANY_ERRORS,
     # aiosmtpd's fallback when handle_exception itself fails: never a permanent error.
     "500 Error: Cannot describe error": INTERNAL_ERROR,
 }

@@ -640,22 +640,66 @@ async def test_help_does_not_echo_octets_that_are_not_text(worker: FilterWorker)
                                        "504 5.5.4 No help for frobnicate"]
 
 
-async def test_a_client_sending_unknown_commands_is_closed_with_421(
+async def test_unknown_commands_count_against_the_error_limit_and_are_forgiven(
+        directory: Settings) -> None:
+    """Unknown commands are client errors like any other: TIERMAIL_SMTP_MAX_ERRORS of them
+    end the connection with 421 (RFC 5321 3.8), and a queued message forgives those before
+    it. aiosmtpd hung up after its own 5 per connection, whatever the setting said and
+    whatever was queued between them."""
+    limited = directory.replace(smtp_max_errors=7)
+    async with running_filter(limited) as worker:
+        def dialog() -> tuple[list[str], list[str]]:
+            client = RawClient(worker.ports[0])
+            try:
+                client.reply()
+                client.command(b"EHLO client.remote.test\r\n")
+                before = [client.command(b"FROBNICATE\r\n") for _ in range(6)]
+                before.append(client.command(f"MAIL FROM:<{SENDER}>\r\n".encode()))
+                before.append(client.command(f"RCPT TO:<{ALICE}>\r\n".encode()))
+                before.append(client.command(b"DATA\r\n"))
+                before.append(client.command(b"Subject: between\r\n\r\nbody\r\n.\r\n"))
+                after = [client.command(b"FROBNICATE\r\n") for _ in range(7)]
+                after.append(client.reply())
+                assert client.closed()
+                return before, after
+            finally:
+                client.close()
+
+        before, after = await in_thread(dialog)
+    assert all(reply.startswith("500 5.5.2 ") for reply in before[:6]), before
+    assert before[-1].startswith("250 2.0.0 Ok: queued as "), before
+    assert all(reply.startswith("500 5.5.2 ") for reply in after[:7]), after
+    assert after[7] == replies.TOO_MANY_ERRORS, after
+
+
+async def test_data_after_only_refused_recipients_is_554_no_valid_recipients(
         worker: FilterWorker) -> None:
-    """aiosmtpd hangs up after a few unknown commands; the last reply is a 421 (RFC 5321
-    3.8: the server closing the connection), not a 502."""
+    """RFC 5321 3.3 (and RFC 2920 3.1 for a pipelined group): a DATA whose transaction had
+    recipients, all refused, is 554 "no valid recipients", as Postfix answers; one whose
+    transaction never named a recipient stays 503 (a command out of sequence)."""
     def dialog() -> list[str]:
         client = RawClient(worker.ports[0])
-        client.reply()
-        answers = []
-        while not answers or answers[-1].startswith("500"):
-            answers.append(client.command(b"FROBNICATE\r\n"))
-        assert client.closed()
-        client.close()
-        return answers
+        try:
+            client.reply()
+            client.command(b"EHLO client.remote.test\r\n")
+            answers = [client.command(f"RCPT TO:<{ALICE}>\r\n".encode())]  # before MAIL
+            answers.append(client.command(f"MAIL FROM:<{SENDER}>\r\n".encode()))
+            answers.append(client.command(b"DATA\r\n"))  # no RCPT in this transaction
+            client.sock.sendall(b"RCPT TO:<nobody@example.test>\r\n"
+                                b"RCPT TO:<someone@elsewhere.test>\r\nDATA\r\n")
+            answers += [client.reply() for _ in range(3)]
+            answers.append(client.command(b"RSET\r\n"))
+            answers.append(client.command(f"MAIL FROM:<{SENDER}>\r\n".encode()))
+            answers.append(client.command(b"DATA\r\n"))  # a new transaction: none named
+            return answers
+        finally:
+            client.close()
 
     answers = await in_thread(dialog)
-    assert answers[-1] == replies.TOO_MANY_ERRORS, answers
+    assert [answer[:9] for answer in answers] == [
+        "503 5.5.1", "250 2.1.0", "503 5.5.1", "550 5.1.1", "554 5.7.1",
+        "554 5.5.1", "250 2.0.0", "250 2.1.0", "503 5.5.1"], answers
+    assert answers[5] == replies.NO_VALID_RECIPIENTS
 
 
 async def test_every_refused_message_has_a_line_with_its_queue_id(
