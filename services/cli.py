@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "add":
             sub.add_argument("--reuse-mail", action="store_true",
                              help="give the new account the mail a deleted account of the "
-                                  "same address left (without it, that mail is moved aside)")
+                                  "same address left, in its mailbox and still queued for it "
+                                  "(without it, the one is moved aside and the other goes to "
+                                  "the dead-letter queue)")
     command("del", user_del, "delete a user and end its IMAP and POP3 sessions (mail stays on "
             "disk)", user).add_argument("address")
     command("list", user_list, "list users (with their quota, where they have one)", user)
@@ -550,7 +552,8 @@ def user_add(settings: Settings, args: argparse.Namespace) -> int:
     with _earlier_mailbox_settled(settings, normalize_address(args.address),
                                   args.reuse_mail) as note:
         address = _change_after(settings, published,
-                                lambda a: a.add_user(args.address, password_hash),
+                                lambda a: a.add_user(args.address, password_hash,
+                                                    inherits=args.reuse_mail),
                                 lambda d: d.add_user(args.address))
     print(f"user {address} added{note}")
     with _accounts(settings) as accounts:

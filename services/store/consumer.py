@@ -365,14 +365,17 @@ class Consumer:
             return
 
         # A read of the WAL-mode account database never waits for a writer: no thread needed.
-        existing = self._existing(owners)
+        cutoffs = self._accounts.mail_cutoffs(owners)
         deliveries: list[Delivery] = []
         for item in items:
             assert item.envelope is not None
             for owner in _owners(item.envelope):
-                if owner in existing:
+                cutoff = cutoffs.get(owner)
+                if cutoff is not None and item.envelope.received_at >= cutoff:
                     item.deliveries.append(_delivery(item.envelope, owner, item.message.body))
                 else:
+                    # Gone, or deleted and added again since the message was accepted: the
+                    # new account (often another person) does not get the old one's mail.
                     item.missing.append(owner)
                     item.reason = "no such mailbox owner"
             item.planned = list(item.deliveries)
@@ -433,9 +436,6 @@ class Consumer:
             log.warning("storage probe failed: %s", exc, extra={"event": "storage-probe"})
             return False
         return True
-
-    def _existing(self, owners: set[str]) -> set[str]:
-        return {owner for owner in owners if self._accounts.user_exists(owner)}
 
     async def _deliver_alone(self, item: _Item) -> None:
         stored: list[Delivery] = []

@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS alias (
     target TEXT NOT NULL,
     PRIMARY KEY (source, target)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS user_deleted (
+    address TEXT PRIMARY KEY,
+    deleted_at REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 # A conservative address grammar: what we create mailboxes for. RFC 5321 allows more (quoted
@@ -230,7 +234,9 @@ class AccountDB:
 
     # Users
 
-    def add_user(self, address: str, password_hash: str) -> str:
+    def add_user(self, address: str, password_hash: str, *, inherits: bool = False) -> str:
+        """A new account. `inherits`: it takes over what an earlier account of the address
+        left, mail still queued for that one included (`user add --reuse-mail`)."""
         address = self._checked_new_address(address)
         with self._write() as db:
             exists = db.execute("SELECT 1 FROM user WHERE address = ?", (address,)).fetchone()
@@ -240,6 +246,8 @@ class AccountDB:
                 "INSERT INTO user(address, password_hash, created) VALUES (?, ?, ?)",
                 (address, password_hash, time.time()),
             )
+            if inherits:
+                db.execute("DELETE FROM user_deleted WHERE address = ?", (address,))
         return address
 
     def add_users_bulk(self, rows: Iterable[tuple[str, str]]) -> int:
@@ -270,6 +278,9 @@ class AccountDB:
             cursor = db.execute("DELETE FROM user WHERE address = ?", (address,))
             if cursor.rowcount == 0:
                 raise AccountError(f"no such user: {address}")
+            # Mail accepted until now, still queued, is this account's: not a later one's.
+            db.execute("INSERT OR REPLACE INTO user_deleted(address, deleted_at) VALUES (?, ?)",
+                       (address, time.time()))
             sources = [row[0] for row in db.execute(
                 "SELECT source FROM alias WHERE target = ? ORDER BY source", (address,))]
             db.execute("DELETE FROM alias WHERE target = ?", (address,))
@@ -306,6 +317,20 @@ class AccountDB:
             "SELECT 1 FROM user WHERE address = ?", (normalize_address(address),)
         )
         return row.fetchone() is not None
+
+    def mail_cutoffs(self, addresses: Iterable[str]) -> dict[str, float]:
+        """Of those of `addresses` (normalized) that are users: the time before which mail
+        accepted for the address was an earlier account's (deleted since, and not inherited
+        with `user add --reuse-mail`), 0.0 when there was none."""
+        wanted = list(addresses)
+        found: dict[str, float] = {}
+        for start in range(0, len(wanted), _LOOKUP_BATCH):
+            batch = wanted[start:start + _LOOKUP_BATCH]
+            marks = ",".join("?" * len(batch))
+            found.update((address, float(cutoff)) for address, cutoff in self._db.execute(
+                "SELECT u.address, COALESCE(d.deleted_at, 0) FROM user u LEFT JOIN "
+                f"user_deleted d ON d.address = u.address WHERE u.address IN ({marks})", batch))
+        return found
 
     def user_created(self, address: str) -> float | None:
         """When the account of `address` was created, None when there is none: an account

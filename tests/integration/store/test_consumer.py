@@ -231,6 +231,37 @@ async def test_unknown_owner_gets_a_dead_letter_copy(store: Running) -> None:
         await connection.close()
 
 
+async def test_mail_queued_for_a_deleted_account_is_not_the_new_accounts(
+        settings: Settings) -> None:
+    """Mail accepted for an account, still queued when the account is deleted and its
+    address given to a new one (often another person: with the store stopped, the usual
+    maintenance window), was delivered to the new account. It is the earlier account's:
+    a dead letter, as for an account deleted for good; unless the new account takes over
+    the earlier one's mail (`user add --reuse-mail`)."""
+    add_users(settings, [ALICE, BOB, CAROL])
+    for_earlier_bob, for_earlier_carol = make_message(BOB), make_message(CAROL)
+    accounts = AccountDB.for_store(settings.store_dir)
+    try:
+        for user in (BOB, CAROL):
+            accounts.delete_user(user)
+        accounts.add_user(BOB, "another-hash")
+        accounts.add_user(CAROL, "another-hash", inherits=True)
+    finally:
+        accounts.close()
+    for_new_bob = make_message(BOB)
+    await publish_all(settings, [for_earlier_bob, for_earlier_carol, for_new_bob])
+    store = await _running(settings)
+    try:
+        await wait_for(lambda: _eq(store.dead(), 1), what="the earlier bob's mail dead-lettered")
+        await wait_for(lambda: _zero(store.depth()), what="queue drained")
+        assert check_mailboxes(settings.store_dir, [BOB]) == {for_new_bob[0].queue_id: 1}
+        assert check_mailboxes(settings.store_dir, [CAROL]) == {
+            for_earlier_carol[0].queue_id: 1}
+    finally:
+        await store.stop()
+        await store.maildb.close()
+
+
 class FlakyMailDB(MailDB):
     """A real MailDB whose disk 'fails' for one particular message."""
 
