@@ -322,15 +322,9 @@ class AccountDB:
         """Of those of `addresses` (normalized) that are users: the time before which mail
         accepted for the address was an earlier account's (deleted since, and not inherited
         with `user add --reuse-mail`), 0.0 when there was none."""
-        wanted = list(addresses)
-        found: dict[str, float] = {}
-        for start in range(0, len(wanted), _LOOKUP_BATCH):
-            batch = wanted[start:start + _LOOKUP_BATCH]
-            marks = ",".join("?" * len(batch))
-            found.update((address, float(cutoff)) for address, cutoff in self._db.execute(
-                "SELECT u.address, COALESCE(d.deleted_at, 0) FROM user u LEFT JOIN "
-                f"user_deleted d ON d.address = u.address WHERE u.address IN ({marks})", batch))
-        return found
+        return self._times_by_address(
+            "SELECT u.address, COALESCE(d.deleted_at, 0) FROM user u LEFT JOIN user_deleted d "
+            "ON d.address = u.address WHERE u.address IN ({marks})", addresses)
 
     def user_created(self, address: str) -> float | None:
         """When the account of `address` was created, None when there is none: an account
@@ -340,13 +334,19 @@ class AccountDB:
 
     def users_created(self, addresses: Iterable[str]) -> dict[str, float]:
         """`user_created` of those of `addresses` (as stored: normalized) that are users."""
+        return self._times_by_address(
+            "SELECT address, created FROM user WHERE address IN ({marks})", addresses)
+
+    def _times_by_address(self, query: str, addresses: Iterable[str]) -> dict[str, float]:
+        """The (address, time) rows of `query` for `addresses`, a batch at a time: its
+        `{marks}` takes a batch's parameter marks."""
         wanted = list(addresses)
         found: dict[str, float] = {}
         for start in range(0, len(wanted), _LOOKUP_BATCH):
             batch = wanted[start:start + _LOOKUP_BATCH]
             marks = ",".join("?" * len(batch))
-            found.update((address, float(created)) for address, created in self._db.execute(
-                f"SELECT address, created FROM user WHERE address IN ({marks})", batch))
+            found.update((address, float(at)) for address, at in self._db.execute(
+                query.format(marks=marks), batch))
         return found
 
     def password_hash(self, address: str) -> str | None:
