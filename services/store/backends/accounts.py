@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import idna
+
 from common.directory import DirectorySnapshot, normalize_address, normalize_domain
 from services.store.backends.durable import free_octets
 
@@ -91,7 +93,21 @@ def valid_address(address: str) -> bool:
 
 
 def valid_domain(domain: str) -> bool:
-    return len(domain) <= 253 and _DOMAIN_RE.match(domain) is not None
+    """A host name (RFC 1123 2.1) whose top-level label is not all digits (RFC 3696 2) and
+    whose A-labels ("xn--") are IDNA (RFC 5890 2.3.2.1: one must decode to a valid U-label;
+    normalize_domain checks only names given with non-ASCII characters)."""
+    return (len(domain) <= 253 and _DOMAIN_RE.match(domain) is not None
+            and not domain.rpartition(".")[2].isdigit()
+            and all(_valid_a_label(label) for label in domain.split(".")
+                    if label.startswith("xn--")))
+
+
+def _valid_a_label(label: str) -> bool:
+    try:
+        idna.decode(label)
+    except (idna.IDNAError, UnicodeError):
+        return False
+    return True
 
 
 def effective_quota(stored: int | None, default: int) -> int | None:

@@ -1,0 +1,45 @@
+"""Which domain names `domain add` takes (services/store/backends/accounts.py valid_domain)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.store.backends.accounts import AccountDB, AccountError
+
+
+@pytest.mark.parametrize("given, stored", [
+    ("Example.ORG", "example.org"),
+    ("example.org.", "example.org"),
+    ("bücher.example", "xn--bcher-kva.example"),
+    ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+    ("mail.a1.example", "mail.a1.example"),
+    ("example.xn--p1ai", "example.xn--p1ai"),  # .рф, a top-level A-label
+])
+def test_a_valid_name_is_stored_in_its_ascii_form(tmp_path: Path, given: str,
+                                                  stored: str) -> None:
+    accounts = AccountDB(tmp_path / "accounts.sqlite")
+    try:
+        assert accounts.add_domain(given) == stored
+    finally:
+        accounts.close()
+
+
+@pytest.mark.parametrize("name", [
+    "xn--a.example",  # decodes to U+0080: no valid U-label (RFC 5890 2.3.2.1)
+    "xn--ss-test.example",  # no Punycode at all
+    "mail.xn--.example",
+    "example.123",  # an all-numeric top-level label (RFC 3696 2)
+    "192.168.0.1",
+    "-x.example",
+    "example",
+])
+def test_an_invalid_name_is_refused(tmp_path: Path, name: str) -> None:
+    accounts = AccountDB(tmp_path / "accounts.sqlite")
+    try:
+        with pytest.raises(AccountError, match="not a valid domain name"):
+            accounts.add_domain(name)
+        assert accounts.domains() == []
+    finally:
+        accounts.close()
