@@ -395,6 +395,7 @@ class FilterSMTP(SMTP):
             # now would cut a publish short and leave a delivered message unanswered (it is
             # sent again). Its commands are answered first (`_end_after_eof`).
             self._eof_pending = True
+            self.handler.client_closed = True
             return True  # keep the half-closed connection open for the replies
         if not self._refused:
             super().eof_received()  # cancels the session task

@@ -107,6 +107,9 @@ class FilterSession:
         self._unconfirmed = UnconfirmedLedger(None, "") if unconfirmed is None else unconfirmed
         self._txn: Transaction | None = None
         self.queued = 0  # messages this connection got a 250 for
+        # Set by the connection when the client closes its side: a reply from then on may
+        # never be read (a client that gave up waiting), so a 250 is no certain outcome.
+        self.client_closed = False
 
     def __dir__(self) -> list[str]:
         return hook_dir(super().__dir__)  # see services/filter/hooks.py
@@ -355,7 +358,11 @@ class FilterSession:
             if maybe_queued and (key := digest()) is not None:
                 await self._unconfirmed.remember(key, message_envelope.queue_id)
             return replies.QUEUE_UNAVAILABLE
-        if retry_of is not None:
+        if self.client_closed and (key := digest()) is not None:
+            # Whether the client reads this 250 we cannot know (it may have given up and
+            # will send again): a retry reuses the queue id, as after a lost confirm.
+            self._unconfirmed.remember_soon(key, message_envelope.queue_id)
+        elif retry_of is not None:
             self._unconfirmed.forget(retry_of, message_envelope.queue_id)
         self._stats.accepted += 1
         self.queued += 1

@@ -277,6 +277,47 @@ async def test_a_retry_after_a_lost_confirm_is_published_under_the_same_queue_id
         assert len(queue_ids[subject]) == 2 and len(set(queue_ids[subject])) == 2
 
 
+async def test_a_retry_from_a_client_that_left_before_its_250_is_not_a_second_copy(
+        directory: Settings) -> None:
+    """A client that gave up waiting for the reply to its DATA (the confirm was slow) and
+    closed the connection sends the message again later. The 250 that went out after it
+    left was never read, so that publish counts as uncertain: the retry goes out under its
+    queue id and the store delivers one copy. Before, the retry got a new queue id: two."""
+    proxy = SupportProxy(5672)
+    held = broker_at(directory, proxy.port, publish_timeout=30.0)
+    content = dated("given up")
+    try:
+        async with running_filter(held) as worker:
+            await eventually(lambda: not worker.publisher.stalled, what="the worker taking mail")
+            proxy.hold_replies()
+
+            def give_up() -> None:
+                client = RawClient(worker.ports[0])
+                try:
+                    client.reply()
+                    client.command(b"EHLO client.remote.test\r\n")
+                    client.command(f"MAIL FROM:<{SENDER}>\r\n".encode())
+                    client.command(f"RCPT TO:<{ALICE}>\r\n".encode())
+                    client.command(b"DATA\r\n")
+                    client.sock.sendall(content + b".\r\n")
+                finally:
+                    client.close()  # no reply read: the client gave up
+
+            await in_thread(give_up)
+
+            async def persisted() -> bool:
+                return await queue_depth(directory) == 1
+
+            await eventually(persisted, what="the publish persisted, its confirm held")
+            proxy.resume()
+            await eventually(lambda: worker.stats.accepted == 1, what="the late confirm")
+            assert (await in_thread(send, worker.ports[0], content)).startswith("250 ")
+    finally:
+        proxy.cut()
+    queue_ids = [queued.envelope.queue_id for queued in await drain_queue(directory)]
+    assert len(queue_ids) == 2 and len(set(queue_ids)) == 1, queue_ids
+
+
 class ExplodingRule:
     name = "exploding"
 
