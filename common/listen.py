@@ -91,7 +91,7 @@ def join_port(host: str, port: int, stack: str, setting: str,
         except BlockingIOError:  # workers are on the port
             fcntl.flock(handle, fcntl.LOCK_SH)  # after a first one's write, if one is writing
             first = False
-        if _still_at(handle, path):
+        if still_names(handle, path):
             break
         handle.close()  # the last worker removed it while we opened it: open the new one
     if not first:  # theirs is the stack in the file
@@ -133,7 +133,7 @@ def leave_port(handle: IO[str]) -> None:
     removes the file (one per port ever used piled up in /tmp: hundreds per test run).
     Taking the exclusive lock is no atomic change from the shared one; a worker that joins
     meanwhile either takes it first (and nothing is removed) or finds the file it opened
-    removed and opens the new one (`_still_at`)."""
+    removed and opens the new one (`still_names`)."""
     _leave(handle)
 
 
@@ -145,13 +145,13 @@ def _leave(handle: IO[str]) -> None:
         pass  # other workers serve the port
     else:
         path = Path(handle.name)
-        if _still_at(handle, path):
+        if still_names(handle, path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     handle.close()
 
 
-def _still_at(handle: IO[str], path: Path) -> bool:
+def still_names(handle: IO[str] | IO[bytes], path: Path) -> bool:
     """Whether `path` still names the file `handle` has open."""
     try:
         named = path.stat()

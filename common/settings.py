@@ -300,11 +300,18 @@ class Settings:
     def stack_identity(self) -> str:
         """What the workers of one stack share, without passwords: filters on one port must
         agree on it (common/listen.py join_port)."""
+        amqp = urlsplit(self.amqp_url)
+        return f"broker {amqp.hostname}:{amqp.port or 5672} {self.ledger_identity}"
+
+    @property
+    def ledger_identity(self) -> str:
+        """The queues and the Redis keys of a stack, whatever address its workers reach the
+        broker by (services/filter/inflight.py)."""
         amqp, redis = urlsplit(self.amqp_url), urlsplit(self.redis_url)
         redis_at = (f"{redis.hostname}:{redis.port or 6379}{redis.path}" if redis.hostname
                     else f"{redis.path}?{redis.query}")
-        return (f"broker {amqp.hostname}:{amqp.port or 5672} vhost {amqp.path[1:] or '/'} "
-                f"queues {self.queue_prefix}, Redis {redis_at} keys {self.redis_prefix}")
+        return (f"vhost {amqp.path[1:] or '/'} queues {self.queue_prefix}, Redis {redis_at} "
+                f"keys {self.redis_prefix}")
 
     @property
     def topology(self) -> Topology:

@@ -30,6 +30,7 @@ from common.tasks import pause, stop_task
 from common.tls import server_context
 from services.filter.backends.scanners import Scanners
 from services.filter.deferred import DeferredScanner
+from services.filter.inflight import ADOPT_INTERVAL, InFlightTable
 from services.filter.rules import Rule, default_rules
 from services.filter.rules.defaults import spam_judge
 from services.filter.server import FilterServer, ServerLimits
@@ -130,6 +131,8 @@ async def open_worker(
         # Redis is at hand only with the real directory (tests that inject one get a ledger
         # of this worker's own entries).
         unconfirmed = UnconfirmedLedger(client, settings.redis_prefix)
+        if client is not None:
+            await _track_in_flight(unconfirmed, settings, stack)
         server = FilterServer(
             limits=ServerLimits.from_settings(settings, publish_deadline(settings)),
             policy=SessionPolicy(
@@ -166,6 +169,31 @@ async def open_worker(
             await server.listen(settings.bind, listen_port)
         stack.push_async_callback(server.close, shutdown_grace(settings))
         yield FilterWorker(settings, server, stats, publisher, directory, stack, drainer)
+
+
+async def _track_in_flight(ledger: UnconfirmedLedger, settings: Settings,
+                           stack: contextlib.AsyncExitStack) -> None:
+    """Publishes in flight go into a file that a killed worker leaves behind
+    (services/filter/inflight.py); what killed workers of this stack left is adopted now and
+    every ADOPT_INTERVAL."""
+    table = InFlightTable(settings.ledger_identity, settings.smtp_max_connections)
+    try:
+        left_behind = table.open()
+    except OSError as exc:
+        log.warning("publishes in flight not tracked (%s: %s): a retry of a message this "
+                    "worker is killed in the middle of publishing may be a second copy",
+                    table.path, exc.strerror or exc)
+        return
+    stack.callback(table.close)
+    ledger.in_flight_table = table
+    await ledger.adopt_left_behind(left_behind)
+    stack.push_async_callback(stop_task, asyncio.create_task(_adopt_periodically(ledger, table)))
+
+
+async def _adopt_periodically(ledger: UnconfirmedLedger, table: InFlightTable) -> None:
+    while True:
+        await pause(ADOPT_INTERVAL)
+        await ledger.adopt_left_behind(table.adopt())
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext | None:

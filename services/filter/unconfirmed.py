@@ -30,6 +30,7 @@ the earliest added go first (an O(1) eviction, and a load stops at the bound).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -41,6 +42,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from common.directory_notices import Message, follow_channel
+from services.filter.inflight import InFlightTable
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +112,26 @@ class UnconfirmedLedger:
         self._clock = clock  # the wall clock: expiry times travel between workers
         self._entries: dict[str, tuple[str, float]] = {}  # digest -> (queue id, expires at)
         self._tasks: set[asyncio.Task[None]] = set()  # loads and background writes
+        self.in_flight_table: InFlightTable | None = None  # services/filter/inflight.py
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def in_flight(self, digest: str | None,
+                  queue_id: str) -> contextlib.AbstractContextManager[None]:
+        """Around a publish: what a worker killed meanwhile leaves for `adopt_left_behind`."""
+        if digest is None or self.in_flight_table is None:
+            return contextlib.nullcontext()
+        return self.in_flight_table.holding(digest, queue_id)
+
+    async def adopt_left_behind(self, entries: list[tuple[str, str]]) -> None:
+        """Publishes a killed worker left in flight: uncertain outcomes, remembered."""
+        for digest, queue_id in entries:
+            await self.remember(digest, queue_id)
+        if entries:
+            log.warning("%d publish(es) a killed filter worker left unanswered remembered: a "
+                        "client's retry of one reuses its queue id", len(entries),
+                        extra={"event": "inflight-adopted"})
 
     def queue_id_for(self, digest: str) -> str | None:
         """The queue id an earlier, unconfirmed attempt of this transaction was published
