@@ -50,7 +50,7 @@ class TextFormatter(logging.Formatter):
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         parts = [f"{self._stamp}.{int(record.msecs):03d}Z", record.levelname, record.name]
-        parts.append(record.getMessage())
+        parts.append(_one_line(record.getMessage()))
         parts.extend(f"{k}={_quote(v)}" for k, v in _context(record).items())
         line = " ".join(parts)
         if record.exc_info:
@@ -178,5 +178,17 @@ class _TierFilter(logging.Filter):
 
 
 def _quote(value: object) -> str:
+    """A field's value as one word: quoted (JSON's escapes) when it has white space, a
+    quote or a control character (a client's login name with a line feed or a tab made a
+    second line, or a second field, that looked like our own)."""
     text = str(value)
-    return json.dumps(text) if (" " in text or '"' in text or not text) else text
+    if text and text.isprintable() and " " not in text and '"' not in text:
+        return text
+    return json.dumps(text)
+
+
+def _one_line(text: str) -> str:
+    """The message with control characters escaped: one line, whatever a client sent."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
