@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -395,7 +396,8 @@ def _check(name: str, value: Any) -> None:
     elif name == "hostname" and not _is_ascii_host(value):
         # It goes into SMTP greetings, EHLO replies and Received headers, which RFC 6531
         # 3.7.1 keeps ASCII even for SMTPUTF8: an IDN is written as its A-labels.
-        raise bad("an ASCII host name without spaces (an IDN as xn-- A-labels)")
+        raise bad("a host name: dot-separated labels of letters, digits and hyphens (an "
+                  "IDN as xn-- A-labels)")
 
 
 def _is_scanner_address(value: str) -> bool:
@@ -423,8 +425,15 @@ def _is_decimal(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+# RFC 1123 2.1 labels; "_" too, which some machines' own names have (the default is the
+# machine's name). Anything else (a comma, a slash, "=", ":") broke the dev certificate's
+# subject (a traceback from openssl) or made a greeting no client can read as a domain.
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST_NAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+
+
 def _is_ascii_host(value: str) -> bool:
-    return value.isascii() and value.isprintable() and " " not in value and len(value) <= 253
+    return len(value) <= 253 and _HOST_NAME.fullmatch(value) is not None
 
 
 def _check_url(name: str, value: str, bad: Any) -> None:

@@ -193,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _held_mail_commands(commands, command, "deadletters", "dead-lettered", "retry",
                         "send messages back for delivery (after fixing the cause: the "
-                        "account re-created, the disk repaired); mailboxes that already "
-                        "have one get no copy")
+                        "disk repaired; for a deleted account's mail, the account added "
+                        "again with user add --reuse-mail); mailboxes that already have one "
+                        "get no copy")
     _held_mail_commands(commands, command, "quarantine", "quarantined", "release",
                         "deliver messages after all (a false positive); the scan header "
                         "stays on them")

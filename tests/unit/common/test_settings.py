@@ -116,6 +116,13 @@ def test_a_data_memory_below_the_largest_message_is_refused() -> None:
     ("TIERMAIL_HOSTNAME", " "),
     ("TIERMAIL_HOSTNAME", "mail.bücher.example"),  # RFC 6531 3.7.1: A-labels in greetings
     ("TIERMAIL_HOSTNAME", "mail example.org"),
+    # No domain for a greeting; "," and "/" broke the dev certificate's subject (traceback).
+    ("TIERMAIL_HOSTNAME", "a,b"),
+    ("TIERMAIL_HOSTNAME", "mail/x"),
+    ("TIERMAIL_HOSTNAME", "x=y"),
+    ("TIERMAIL_HOSTNAME", "-bad"),
+    ("TIERMAIL_HOSTNAME", "a:b"),
+    ("TIERMAIL_HOSTNAME", "a..b"),
     ("TIERMAIL_SMTP_PORT", "2_525"),  # int() takes both, as 2525 and 33
     ("TIERMAIL_SMTP_PORT", "\u0663\u0663"),
     ("TIERMAIL_SCAN_TIMEOUT", "3_0"),
