@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from common.tasks import pause
+from services.store.backends.durable import free_octets
 from services.store.backends.maildb import MailDB, storage_pauses, user_path
 from services.store.backends.sqlite import read_snapshot, transaction
 from services.store.daemonthread import DaemonThread
@@ -71,6 +72,16 @@ CREATE VIRTUAL TABLE IF NOT EXISTS text USING fts5(
 """
 MIN_NEEDLE = 3  # the trigram tokenizer cannot answer shorter substrings
 FIELDS = {"TEXT": "{head body}", "BODY": "body", "HEADER": "head"}
+# The index is derived data: it must never take the room deliveries need. It pauses while its
+# file system has less than LEFT_FOR_MAIL free plus room for the batch it would write; a
+# transaction indexes BATCH_OCTETS of mail at most (a batch of 50 large bodies was one
+# transaction of hundreds of MB, whose WAL, kept at that size after the checkpoint, took the
+# room freed for a full disk back), and the WAL is cut back to WAL_KEPT after each checkpoint.
+LEFT_FOR_MAIL = 64 * 1024 * 1024
+BATCH_OCTETS = 8 * 1024 * 1024
+INDEX_GROWTH = 4  # octets of index and WAL a batch may take per octet of mail (a bound)
+KEEP_FREE = LEFT_FOR_MAIL + INDEX_GROWTH * BATCH_OCTETS
+WAL_KEPT = 4 * 1024 * 1024
 GARBAGE_FLOOR = 1000  # rebuild only once at least this many forgotten rows pile up
 CACHED_USERS = 4  # indexed-GUID sets kept in memory (a 100k set is ~10 MB)
 
@@ -292,6 +303,7 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=OFF")  # derived data, rebuilt if lost
+        conn.execute(f"PRAGMA journal_size_limit={WAL_KEPT}")
         if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
             with transaction(conn):
                 for statement in ("DROP TABLE IF EXISTS text", "DROP TABLE IF EXISTS doc",
@@ -355,10 +367,12 @@ class TextIndexer:
 
     def __init__(self, maildb: MailDB, index: TextIndex, *, batch: int = 50,
                  quiet_in: Callable[[], float] = lambda: 0.0,
-                 max_yield: float = MAX_YIELD) -> None:
+                 max_yield: float = MAX_YIELD, keep_free: int | None = None) -> None:
+        """`keep_free`: octets of free space below which indexing pauses (KEEP_FREE)."""
         self._maildb = maildb
         self._index = index
         self._batch = batch
+        self._keep_free = KEEP_FREE if keep_free is None else keep_free  # octets
         self._quiet_in = quiet_in
         self._max_yield = max_yield
         self._guids: dict[str, set[str]] = {}  # user -> GUIDs to index
@@ -416,6 +430,10 @@ class TextIndexer:
         breaks the indexer must not stop it."""
         await self._yield_to_delivery()
         work = self._take()
+        if work.kind != "walk" and not await self._in_thread(self._room_to_write):
+            self._give_back(work)
+            await self._wait_for_room()
+            return
         try:
             await self._do(work)
         except asyncio.CancelledError:
@@ -427,6 +445,22 @@ class TextIndexer:
                 return
             self._give_back(work)
             await self._wait_for_storage(exc)
+
+    def _room_to_write(self) -> bool:
+        """Whether the index's file system keeps the room mail needs after a batch."""
+        return free_octets(self._index.root) >= self._keep_free
+
+    async def _wait_for_room(self) -> None:
+        log.warning("text indexing paused: the disk is nearly full, and what room is left is "
+                    "kept for mail; the search scans what is not indexed meanwhile",
+                    extra={"event": "textindex-paused"})
+        down_since = time.monotonic()
+        for wait in storage_pauses():
+            await pause(wait)
+            if await self._in_thread(self._room_to_write):
+                break
+        log.info("text indexing resumes after %.1f s", time.monotonic() - down_since,
+                 extra={"event": "textindex-resumed"})
 
     async def _storage_works(self) -> bool:
         try:
@@ -476,7 +510,9 @@ class TextIndexer:
         elif work.kind == "catch-up":
             await self._reconcile(work.user)
         else:
-            await self._in_thread(self._index_sync, work.user, list(work.guids))
+            left = await self._in_thread(self._index_sync, work.user, list(work.guids))
+            if left:  # over BATCH_OCTETS: the next step takes them
+                self._guids.setdefault(work.user, set()).update(left)
 
     async def _close(self) -> None:
         """Stop the write under way and close the files, waiting STOP_WAIT at most: a large
@@ -524,16 +560,23 @@ class TextIndexer:
         if missing:
             self._guids.setdefault(user, set()).update(missing)
 
-    def _index_sync(self, user: str, guids: list[str]) -> None:
+    def _index_sync(self, user: str, guids: list[str]) -> list[str]:
+        """Index `guids` up to BATCH_OCTETS of mail (at least one); returns the rest."""
         docs: list[tuple[str, MessageText]] = []
-        for guid in guids:
+        octets = 0
+        for position, guid in enumerate(guids):
+            if octets >= BATCH_OCTETS:
+                self.indexed += self._index.add(user, docs)
+                return guids[position:]
             try:
                 with self._maildb.open_message(user, guid) as file:
                     raw = file.read()
             except (NoSuchMessage, NoSuchUser):
                 continue  # expunged before we got to it
+            octets += len(raw)
             docs.append((guid, message_text(raw)))
         self.indexed += self._index.add(user, docs)
+        return []
 
     async def _in_thread(self, func: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
