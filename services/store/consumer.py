@@ -556,7 +556,7 @@ def _delivery(envelope: Envelope, owner: str, body: bytes) -> Delivery:
     trace = f"Return-Path: <{_header_safe(envelope.mail_from)}>\r\n" \
             f"Delivered-To: {_header_safe(owner)}\r\n"
     # A spam verdict (the filter's, or a deferred scan's) files the copy into Junk.
-    return Delivery(queue_id=envelope.queue_id, user=owner, body=trace.encode() + body,
+    return Delivery(queue_id=envelope.queue_id, user=owner, body=body, head=trace.encode(),
                     received_at=envelope.received_at, mailbox=JUNK if envelope.junk else INBOX)
 
 

@@ -1426,7 +1426,7 @@ class MailDB:
             by_user[delivery.user].append(position)
         # Only users about to get files can be left with orphans by a crash.
         with_files = [user for user, positions in by_user.items()
-                      if not all(self._is_inline(len(deliveries[p].body)) for p in positions)]
+                      if not all(self._is_inline(deliveries[p].size) for p in positions)]
         if with_files:
             self._journal(with_files)
         for user, positions in by_user.items():
@@ -1444,7 +1444,8 @@ class MailDB:
             written: list[Path] = []
             try:
                 written = self._write_messages(self.user_path(user), [
-                    (guid, d.body) for _, d, guid in todo if not self._is_inline(len(d.body))])
+                    (guid, (d.head, d.body)) for _, d, guid in todo
+                    if not self._is_inline(d.size)])
                 with transaction(conn):
                     committed = self._insert_deliveries(conn, todo, results)
             except BaseException:
@@ -1487,16 +1488,16 @@ class MailDB:
             conn.execute(
                 "INSERT INTO message (mailbox_id, uid, guid, size, internaldate, flags,"
                 " modseq, padding) VALUES (?, ?, ?, ?, ?, '', ?, ?)",
-                (box_id, uid, guid, len(delivery.body), delivery.received_at or now, modseq,
-                 line_end_padding(delivery.body)),
+                (box_id, uid, guid, delivery.size, delivery.received_at or now, modseq,
+                 delivery.padding()),
             )
             conn.execute(
                 "INSERT INTO delivered (queue_id, mailbox_id, uid, delivered_at)"
                 " VALUES (?, ?, ?, ?)", (delivery.queue_id, box_id, uid, now),
             )
-            if self._is_inline(len(delivery.body)):
-                inline.append((guid, delivery.body))
-            added += len(delivery.body)
+            if self._is_inline(delivery.size):
+                inline.append((guid, delivery.data()))
+            added += delivery.size
             committed[names[box_id]].append(guid)
             results[i] = uid
         conn.executemany("INSERT INTO body (guid, data) VALUES (?, ?)", inline)
@@ -1506,14 +1507,16 @@ class MailDB:
         _add_usage(conn, added)
         return committed
 
-    def _write_messages(self, base: Path, bodies: list[tuple[str, bytes]]) -> list[Path]:
-        """Write each (guid, body) to tmp/, fsync it and rename it into m/xx/."""
-        def write(body: bytes) -> Callable[[Path, Path], None]:
+    def _write_messages(self, base: Path,
+                        bodies: list[tuple[str, tuple[bytes, ...]]]) -> list[Path]:
+        """Write each (guid, parts of the message) to tmp/, fsync it and rename it into
+        m/xx/."""
+        def write(parts: tuple[bytes, ...]) -> Callable[[Path, Path], None]:
             def make(final: Path, tmp: Path) -> None:
-                _write_file(tmp, body)
+                _write_file(tmp, *parts)
                 os.rename(tmp, final)
             return make
-        return _place_files(base, [(guid, write(body)) for guid, body in bodies])
+        return _place_files(base, [(guid, write(parts)) for guid, parts in bodies])
 
     def _append_sync(self, events: list[ChangeEvent], user: str, mailbox: str, body: bytes,
                      flags: frozenset[str], internaldate: float,
@@ -1528,7 +1531,7 @@ class MailDB:
         written: list[Path] = []
         if not inline:
             self._journal([user])
-            written = self._write_messages(self.user_path(user), [(guid, body)])
+            written = self._write_messages(self.user_path(user), [(guid, (body,))])
         try:
             with transaction(conn):
                 box = self._box(conn, mailbox)
@@ -2335,10 +2338,11 @@ def _sync_index(user_dir: Path) -> None:
     fsync_dir(user_dir)
 
 
-def _write_file(path: Path, data: bytes) -> None:
+def _write_file(path: Path, *parts: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        _write_all(fd, data)
+        for data in parts:
+            _write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
