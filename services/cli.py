@@ -238,7 +238,12 @@ def run_store(settings: Settings, args: argparse.Namespace) -> int:
     from services.store.main import serve
 
     setup_logging(settings.log_level, settings.log_format, tier="store")
-    serve(settings)
+    try:
+        serve(settings)
+    except AccountDBUnusable as exc:
+        # Not something a restart mends: `tiermail up` stops the stack instead of starting
+        # the store again every 2 s for as long as it runs.
+        raise CannotStart(str(exc)) from None
     return 0
 
 

@@ -245,15 +245,20 @@ def test_a_data_directory_that_cannot_be_made_is_one_line(settings: Settings,
 
 def test_an_account_database_that_cannot_be_opened_is_one_line(settings: Settings) -> None:
     """A damaged accounts.sqlite (or something else at its path) was an sqlite3 traceback
-    from every account command and from the store at start."""
+    from every account command and from the store at start. For the store it is no failure
+    a restart mends: exit 3, so that `tiermail up` stops instead of restarting it every 2 s
+    for good."""
     database = settings.store_dir / "accounts.sqlite"
     database.parent.mkdir(parents=True)
     database.write_bytes(b"not an SQLite file, something else at its path\n" * 100)
-    for command in (("user", "list"), ("domain", "add", "example.org"), ("store",)):
+    why = f"the account database {database} cannot be used: file is not a database\n"
+    for command in (("user", "list"), ("domain", "add", "example.org")):
         done = tiermail(settings, *command)
         assert done.returncode == 1, (command, done.stderr)
-        assert done.stderr == (f"tiermail: the account database {database} cannot be used: "
-                               "file is not a database\n"), command
+        assert done.stderr == f"tiermail: {why}", command
+    done = tiermail(settings, "store")
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.endswith(f"tiermail: cannot start: {why}"), done.stderr
 
 
 def test_status_reports_a_store_that_cannot_write(settings: Settings,
