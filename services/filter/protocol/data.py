@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from common.budget import Hold, MemoryBudget
 
 END = b"\r\n.\r\n"
+SPLIT_AT_MOST = 1024 * 1024  # content octets whose lines are checked from a split copy
 _STUFFED = b"\r\n."  # a line that starts with a dot: the first one is stuffing (4.5.2)
 _LINE_START = b"\r\n"  # a virtual line ending before the first line: "." first ends at once
 
@@ -82,11 +83,17 @@ class DataReceiver:
             return DataResult(b"", DataError.TOO_MUCH, leftover)
         if self._no_room:
             return DataResult(b"", DataError.NO_ROOM, leftover)
-        raw = bytes(buffer[:end + len(_LINE_START)])
+        # One copy of the content at a time (the worker's memory budget counts it once): out
+        # of the buffer without the virtual CRLF, the buffer freed, unstuffed in one pass.
+        with memoryview(buffer) as view:
+            content = bytes(view[len(_LINE_START):end + len(_LINE_START)])
+        buffer.clear()
         self._buffer = bytearray()
-        if _has_line_over(raw, self._line_limit):
+        if _has_line_over(content, self._line_limit):
             return DataResult(b"", DataError.TOO_LONG, leftover)
-        return DataResult(raw.replace(b"\r\n.", b"\r\n")[len(_LINE_START):], None, leftover)
+        if content.startswith(b"."):  # the first line's stuffing dot
+            content = content[1:]
+        return DataResult(content.replace(_STUFFED, b"\r\n"), None, leftover)
 
     def release(self) -> None:
         """Give back what this message held of the worker's memory (once it is published,
@@ -122,11 +129,25 @@ class DataReceiver:
 
 
 def _has_line_over(raw: bytes, limit: int) -> bool:
-    """Whether a CRLF-terminated line of `raw` (which starts with the virtual CRLF and ends
-    with the last line's CRLF) is longer than `limit` octets, its CRLF counted and a
-    stuffing dot not (RFC 5321 4.5.3.1.6)."""
+    """Whether a CRLF-terminated line of `raw` (the content, stuffed, ending with the last
+    line's CRLF) is longer than `limit` octets, its CRLF counted and a stuffing dot not
+    (RFC 5321 4.5.3.1.6)."""
+    if len(raw) > SPLIT_AT_MOST:
+        return _has_line_over_walking(raw, limit)
     lines = raw.split(b"\r\n")
     longest = max(map(len, lines)) + 2
     if longest != limit + 1:
         return longest > limit
     return any(len(line) + 2 > limit and not line.startswith(b".") for line in lines)
+
+
+def _has_line_over_walking(raw: bytes, limit: int) -> bool:
+    """`_has_line_over` without a copy of every line (for a large message: the copies and
+    their object headers took more memory than the message itself)."""
+    start = 0
+    while (end := raw.find(b"\r\n", start)) >= 0:
+        length = end - start + 2
+        if length > limit and not (length == limit + 1 and raw.startswith(b".", start)):
+            return True
+        start = end + 2
+    return False

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from common.budget import MemoryBudget
+from services.filter.protocol import data
 from services.filter.protocol.data import DataError, DataReceiver, DataResult
 
 LINE_LIMIT = 100
@@ -225,3 +228,34 @@ def test_with_a_budget_the_answer_is_the_same_or_no_room_and_nothing_leaks(
         assert (got.content, got.error) == (unbounded.content, unbounded.error)
     receiver.release()
     assert memory.held == 0
+
+
+@given(st.lists(st.sampled_from([b"", b".", b"x", b".x" * 3, b"y" * 9, b"." + b"z" * 9,
+                                 b"w" * 10, b"a\rb", b"c\nd"]), max_size=30),
+       st.integers(min_value=2, max_value=12))
+def test_a_large_message_s_lines_are_checked_as_a_small_one_s(lines: list[bytes],
+                                                              limit: int) -> None:
+    """Over SPLIT_AT_MOST the lines are walked instead of split (no copy of each line):
+    the same answer, stuffing dots and bare CR/LF inside lines included."""
+    content = b"".join(line + b"\r\n" for line in lines)
+    assert data._has_line_over_walking(content, limit) == data._has_line_over(content, limit)
+
+
+def test_receiving_a_large_message_holds_about_two_copies_at_most() -> None:
+    """The worker's memory budget counts each octet once; the receiver held 3.6 times the
+    message at its end (its buffer, a slice of it, a copy, each line split out, the
+    unstuffed copy and that copy without its first two octets): a 25 MiB message raised the
+    worker's peak memory by 104 MB."""
+    line = b"x" * 76 + b"\r\n"
+    message = b"Subject: big\r\n\r\n" + line * (4 * 1024 * 1024 // len(line))
+    receiver = DataReceiver(None, 1000)
+    tracemalloc.start()
+    try:
+        for start in range(0, len(message), 65536):
+            assert receiver.feed(message[start:start + 65536]) is None
+        result = receiver.feed(b".\r\n")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result is not None and result.content == message
+    assert peak < 2.3 * len(message), peak / len(message)
