@@ -153,6 +153,8 @@ def start_scanners(settings: Settings, stack: contextlib.ExitStack) -> None:
                 dns_address=dns.address,
                 controller_password=settings.rspamd_controller_password or None,
                 bayes_redis_url=settings.redis_url, max_message=settings.rspamd_max_message))
+        else:
+            _stop_with_this_stack("rspamd", base / "rspamd", stack)
     elif settings.spam == "spamassassin":
         host, _, port_text = settings.spamd_address.rpartition(":")
         if "/" in settings.spamd_address or not port_text.isdigit():
@@ -161,12 +163,26 @@ def start_scanners(settings: Settings, stack: contextlib.ExitStack) -> None:
         if _needs_start("spamd", settings.spamd_address, host,
                         runner.spamd_ping(settings.spamd_address)):
             stack.enter_context(runner.start_spamd(base / "spamd", port=int(port_text)))
+        else:
+            _stop_with_this_stack("spamd", base / "spamd", stack)
     if settings.virus == "clamd":
         address = settings.clamd_address
         host = "127.0.0.1" if "/" in address else address.rpartition(":")[0]
         if _needs_start("clamd", address, host, runner.clamd_ping(address)):
             stack.enter_context(runner.start_clamd(
                 base / "clamd", address=address, stream_max=settings.clamd_stream_max))
+        else:
+            _stop_with_this_stack("clamd", base / "clamd", stack)
+
+
+def _stop_with_this_stack(name: str, runtime_dir: Path, stack: contextlib.ExitStack) -> None:
+    """The scanner that answers was started by an earlier `up` of this data directory,
+    killed before it could stop it: this one stops it when it stops."""
+    left = runner.LeftRunning.find(name, runtime_dir)
+    if left is not None:
+        log.info("%s was left running by an earlier tiermail up of this data directory; it "
+                 "stops with this one", name)
+        stack.callback(left.stop)
 
 
 def _needs_start(name: str, address: str, host: str, answering: bool) -> bool:

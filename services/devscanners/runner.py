@@ -63,6 +63,7 @@ class Scanner:
     process: subprocess.Popen[bytes]
     logs: list[Path]
     cleanup: list[Path] = field(default_factory=list)  # directories removed on stop
+    record: Path | None = None  # its process group, for a later `up` (LeftRunning)
     controller_url: str = ""  # rspamd only: the controller worker (learning, /stat)
     controller_password: str = ""  # rspamd only: generated at start unless given
 
@@ -84,6 +85,8 @@ class Scanner:
             self.process.wait(timeout=timeout)
         for path in self.cleanup:
             shutil.rmtree(path, ignore_errors=True)
+        if self.record is not None:
+            self.record.unlink(missing_ok=True)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return log_tail(self.logs, lines)
@@ -327,7 +330,9 @@ def _launch(name: str, argv: list[str], runtime_dir: Path, address: str,
     with open(output, "ab") as out:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    scanner = Scanner(name, address, process, [*logs, output], list(cleanup))
+    record = runtime_dir / f"{name}.group"
+    record.write_text(f"{process.pid} {Path(argv[0]).name}\n")
+    scanner = Scanner(name, address, process, [*logs, output], list(cleanup), record)
     deadline = started + timeout
     try:
         while not ready():
@@ -347,6 +352,50 @@ def _launch(name: str, argv: list[str], runtime_dir: Path, address: str,
     log.info("%s is up on %s after %.2fs (logs in %s)", name, address,
              time.monotonic() - started, runtime_dir)
     return scanner
+
+
+@dataclass
+class LeftRunning:
+    """A scanner an earlier `tiermail up` of the same data directory started and left
+    running when it was killed (SIGKILL: its own stop never ran). The `up` that finds it
+    answering uses it, and stops it when it stops, as the earlier one would have."""
+
+    name: str
+    group: int
+    record: Path
+
+    @classmethod
+    def find(cls, name: str, runtime_dir: Path) -> LeftRunning | None:
+        """The scanner `name` recorded in `runtime_dir`, if its process still runs the same
+        program (a process id is reused once the process has gone)."""
+        record = runtime_dir / f"{name}.group"
+        try:
+            pid_text, program = record.read_text().split()
+            group = int(pid_text)
+            argv0 = Path(f"/proc/{group}/cmdline").read_bytes().split(b"\0")[0]
+        except (OSError, ValueError):
+            return None
+        if Path(os.fsdecode(argv0)).name != program:
+            return None
+        return cls(name, group, record)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.group, sig)
+            deadline = time.monotonic() + timeout
+            while _runs(self.group) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.record.unlink(missing_ok=True)
+
+
+def _runs(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def log_tail(paths: Iterable[Path], lines: int = LOG_TAIL_LINES) -> str:
