@@ -331,7 +331,7 @@ def _launch(name: str, argv: list[str], runtime_dir: Path, address: str,
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     record = runtime_dir / f"{name}.group"
-    record.write_text(f"{process.pid} {Path(argv[0]).name}\n")
+    record.write_text(f"{process.pid} {Path(shutil.which(argv[0]) or argv[0]).resolve().name}\n")
     scanner = Scanner(name, address, process, [*logs, output], list(cleanup), record)
     deadline = started + timeout
     try:
@@ -372,12 +372,12 @@ class LeftRunning:
         try:
             pid_text, program = record.read_text().split()
             group = int(pid_text)
-            argv0 = Path(f"/proc/{group}/cmdline").read_bytes().split(b"\0")[0]
+            # The executable, not the command line: rspamd retitles itself "rspamd: main
+            # process".
+            running = Path(os.readlink(f"/proc/{group}/exe")).name
         except (OSError, ValueError):
             return None
-        if Path(os.fsdecode(argv0)).name != program:
-            return None
-        return cls(name, group, record)
+        return cls(name, group, record) if running == program else None
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
