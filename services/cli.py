@@ -241,8 +241,10 @@ def run_store(settings: Settings, args: argparse.Namespace) -> int:
     try:
         serve(settings)
     except AccountDBUnusable as exc:
-        # Not something a restart mends: `tiermail up` stops the stack instead of starting
-        # the store again every 2 s for as long as it runs.
+        if not exc.lasting:  # a full disk, say: up starts it again until there is room
+            raise
+        # A damaged file is not something a restart mends: `tiermail up` stops the stack
+        # instead of starting the store again every 2 s for as long as it runs.
         raise CannotStart(str(exc)) from None
     return 0
 

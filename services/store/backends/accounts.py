@@ -121,11 +121,19 @@ FULL_BELOW = 1 << 20  # octets free below which an unusable database is put down
 
 class AccountDBUnusable(Exception):
     """The account database cannot be opened: not an SQLite file (damaged, or something
-    else at its path), a directory there, no permission. Said in one line, with the path."""
+    else at its path), a directory there, no permission. Said in one line, with the path.
+    `lasting`: not because its file system is full or its directory not writable, which
+    an operator mends while the store waits to be started again."""
+
+    def __init__(self, message: str, *, lasting: bool) -> None:
+        super().__init__(message)
+        self.lasting = lasting
 
 
-def _unusable(path: Path, exc: sqlite3.Error) -> str:
-    return f"the account database {path} cannot be used: {exc}{_why(path.parent)}"
+def _unusable(path: Path, exc: sqlite3.Error) -> AccountDBUnusable:
+    why = _why(path.parent)
+    return AccountDBUnusable(f"the account database {path} cannot be used: {exc}{why}",
+                             lasting=not why)
 
 
 def _why(directory: Path) -> str:
@@ -149,7 +157,7 @@ class AccountDB:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=30,
                                        check_same_thread=False)
         except sqlite3.Error as exc:
-            raise AccountDBUnusable(_unusable(path, exc)) from None
+            raise _unusable(path, exc) from None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -157,7 +165,7 @@ class AccountDB:
             self._migrate()
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise AccountDBUnusable(_unusable(path, exc)) from None
+            raise _unusable(path, exc) from None
         self.written_generation = 0  # the generation this object's last write made
 
     @classmethod
