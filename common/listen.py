@@ -122,10 +122,10 @@ def _remove_abandoned(folder: Path, ours: Path) -> None:
         try:
             if path == ours or path.stat().st_mtime > settled:
                 continue
-            handle = open(path)  # noqa: SIM115 - closed by _leave; not created if gone
+            handle = open(path)  # noqa: SIM115 - closed by leave_port; not created if gone
         except OSError:
             continue  # gone meanwhile, or another user's
-        _leave(handle)
+        leave_port(handle)
 
 
 def leave_port(handle: IO[str]) -> None:
@@ -133,22 +133,23 @@ def leave_port(handle: IO[str]) -> None:
     removes the file (one per port ever used piled up in /tmp: hundreds per test run).
     Taking the exclusive lock is no atomic change from the shared one; a worker that joins
     meanwhile either takes it first (and nothing is removed) or finds the file it opened
-    removed and opens the new one (`still_names`)."""
-    _leave(handle)
+    removed and opens the new one (`still_names`). Also what a starting worker does with
+    the files of killed ones (`_remove_abandoned`)."""
+    if locked_if_unheld(handle):
+        with contextlib.suppress(FileNotFoundError):
+            Path(handle.name).unlink()
+    handle.close()
 
 
-def _leave(handle: IO[str]) -> None:
-    """Close `handle`, removing its file if no one else holds it."""
+def locked_if_unheld(handle: IO[str] | IO[bytes]) -> bool:
+    """Take an exclusive lock on `handle`'s file if no one holds one (without waiting);
+    True when taken and its path still names that file (whoever held it last has gone, and
+    no one removed it meanwhile): the caller may remove it."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        pass  # other workers serve the port
-    else:
-        path = Path(handle.name)
-        if still_names(handle, path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    handle.close()
+        return False
+    return still_names(handle, Path(handle.name))
 
 
 def still_names(handle: IO[str] | IO[bytes], path: Path) -> bool:

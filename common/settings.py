@@ -393,7 +393,7 @@ def _check(name: str, value: Any) -> None:
         raise bad(f"at most {MAX_QUEUE_PREFIX} octets (RabbitMQ names: at most 255)")
     elif name in {"hostname", "bind", "queue_prefix"} and not value.strip():
         raise bad("must not be empty")
-    elif name == "hostname" and not _is_ascii_host(value):
+    elif name == "hostname" and not _is_host_name(value):
         # It goes into SMTP greetings, EHLO replies and Received headers, which RFC 6531
         # 3.7.1 keeps ASCII even for SMTPUTF8: an IDN is written as its A-labels.
         raise bad("a host name: dot-separated labels of letters, digits and hyphens (an "
@@ -432,7 +432,7 @@ _HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOST_NAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
 
 
-def _is_ascii_host(value: str) -> bool:
+def _is_host_name(value: str) -> bool:
     return len(value) <= 253 and _HOST_NAME.fullmatch(value) is not None
 
 

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from common.listen import still_names
+from common.listen import locked_if_unheld
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +127,8 @@ class InFlightTable:
             except OSError:
                 continue  # gone meanwhile, or another user's
             with handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # its worker is alive
-                if not still_names(handle, path):
-                    continue  # another worker adopted it first
+                if not locked_if_unheld(handle):
+                    continue  # its worker is alive, or another worker adopted it first
                 entries = _entries(handle.read())
                 if path.name.startswith(self._ours):
                     adopted += entries

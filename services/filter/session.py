@@ -342,11 +342,10 @@ class FilterSession:
         extra = self.log_extra(message_envelope.queue_id)
         # Drop aiosmtpd's reference to the received content: `body` is the copy we send.
         smtp_envelope.content = smtp_envelope.original_content = None
-        tracked = digest() if self._unconfirmed.in_flight_table is not None else None
         try:
             async with asyncio.timeout(self._policy.publish_deadline):
                 with self._publishes.publishing(), \
-                        self._unconfirmed.in_flight(tracked, message_envelope.queue_id):
+                        self._unconfirmed.in_flight(digest, message_envelope.queue_id):
                     await self._publisher.publish(message_envelope, body, routing_key)
         except asyncio.CancelledError:  # the client went away, or the worker stops
             if (key := digest()) is not None:

@@ -117,12 +117,15 @@ class UnconfirmedLedger:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def in_flight(self, digest: str | None,
+    def in_flight(self, digest: Callable[[], str | None],
                   queue_id: str) -> contextlib.AbstractContextManager[None]:
-        """Around a publish: what a worker killed meanwhile leaves for `adopt_left_behind`."""
-        if digest is None or self.in_flight_table is None:
+        """Around a publish: what a worker killed meanwhile leaves for `adopt_left_behind`.
+        `digest` (the transaction's, None for a message that does not name itself) is
+        computed only when there is a table to write it to."""
+        key = digest() if self.in_flight_table is not None else None
+        if key is None or self.in_flight_table is None:
             return contextlib.nullcontext()
-        return self.in_flight_table.holding(digest, queue_id)
+        return self.in_flight_table.holding(key, queue_id)
 
     async def adopt_left_behind(self, entries: list[tuple[str, str]]) -> None:
         """Publishes a killed worker left in flight: uncertain outcomes, remembered."""

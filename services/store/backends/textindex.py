@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -430,9 +430,10 @@ class TextIndexer:
         breaks the indexer must not stop it."""
         await self._yield_to_delivery()
         work = self._take()
-        if work.kind != "walk" and not await self._in_thread(self._room_to_write):
+        if work.kind != "walk" and not await self._has_room():
             self._give_back(work)
-            await self._wait_for_room()
+            await self._paused_until(self._has_room, "the disk is nearly full, and what room "
+                                     "is left is kept for mail")
             return
         try:
             await self._do(work)
@@ -444,23 +445,15 @@ class TextIndexer:
                                                              "user": work.user or None})
                 return
             self._give_back(work)
-            await self._wait_for_storage(exc)
+            await self._paused_until(self._storage_works, "the disk cannot be written "
+                                     f"({type(exc).__name__}: {exc})")
 
     def _room_to_write(self) -> bool:
         """Whether the index's file system keeps the room mail needs after a batch."""
         return free_octets(self._index.root) >= self._keep_free
 
-    async def _wait_for_room(self) -> None:
-        log.warning("text indexing paused: the disk is nearly full, and what room is left is "
-                    "kept for mail; the search scans what is not indexed meanwhile",
-                    extra={"event": "textindex-paused"})
-        down_since = time.monotonic()
-        for wait in storage_pauses():
-            await pause(wait)
-            if await self._in_thread(self._room_to_write):
-                break
-        log.info("text indexing resumes after %.1f s", time.monotonic() - down_since,
-                 extra={"event": "textindex-resumed"})
+    async def _has_room(self) -> bool:
+        return await self._in_thread(self._room_to_write)
 
     async def _storage_works(self) -> bool:
         try:
@@ -469,14 +462,14 @@ class TextIndexer:
             return False
         return True
 
-    async def _wait_for_storage(self, failure: Exception) -> None:
-        log.warning("text indexing paused: the disk cannot be written (%s: %s); the search "
-                    "scans what is not indexed meanwhile", type(failure).__name__, failure,
-                    extra={"event": "textindex-paused"})
+    async def _paused_until(self, ready: Callable[[], Awaitable[bool]], why: str) -> None:
+        """Wait, the pause growing as storage_pauses() has it, until `ready()`."""
+        log.warning("text indexing paused: %s; the search scans what is not indexed "
+                    "meanwhile", why, extra={"event": "textindex-paused"})
         down_since = time.monotonic()
         for wait in storage_pauses():
             await pause(wait)
-            if await self._storage_works():
+            if await ready():
                 break
         log.info("text indexing resumes after %.1f s", time.monotonic() - down_since,
                  extra={"event": "textindex-resumed"})
