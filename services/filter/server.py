@@ -346,12 +346,14 @@ class FilterSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             asyncio.StreamReaderProtocol.connection_lost(self, error)
+            self._note_closed_error_seen()
             return
         if self._lost:
             return
         self._lost = True
         try:
             super().connection_lost(error)
+            self._note_closed_error_seen()
             task = self._handler_coroutine
             if task is not None:
                 task.add_done_callback(self._release_references)
@@ -364,6 +366,16 @@ class FilterSMTP(SMTP):
                 level = logging.DEBUG if self.handler.queued else logging.INFO
                 log.log(level, "connection closed, %d message(s) queued", self.handler.queued,
                         extra=self.handler.log_extra())
+
+    def _note_closed_error_seen(self) -> None:
+        """The stream protocol keeps the error that ended the connection (a reset) in a
+        future nobody awaits, and retrieves it only in its __del__. A session still in a
+        reference cycle is freed by the garbage collector, which finalizes the cycle's objects
+        in no set order: the future first logged 'Future exception was never retrieved' with
+        a traceback. The error is in our log already (the closing line)."""
+        closed: asyncio.Future[None] = self._closed  # type: ignore[attr-defined]
+        if closed.done() and not closed.cancelled():
+            closed.exception()
 
     def _release_references(self, _: object) -> None:
         """Once the connection is gone and its task has ended, nothing runs for it any more:

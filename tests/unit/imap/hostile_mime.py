@@ -357,8 +357,10 @@ def blank_line_after_fields(raw: bytes, root: mime.Part, sect: Section) -> bytes
     none (a message with no body and no blank line, RFC 3501 6.4.5)."""
     message = _addressed(root, sect)
     assert message is not None
-    lines = raw[message.start:message.body_start].splitlines(keepends=True)
-    return b"\r\n" if lines and lines[-1] in (b"\r\n", b"\n") else b""
+    # Lines end at LF only: a bare CR is inside a line (bytes.splitlines would end one there
+    # and see a blank line in "...\r\r\n").
+    lines = raw[message.start:message.body_start].split(b"\n")
+    return b"\r\n" if len(lines) >= 2 and lines[-1] == b"" and lines[-2] in (b"", b"\r") else b""
 
 
 SEARCH_KEYS = (

@@ -41,6 +41,7 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 @example(b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a\r\n--a\r\n--a--")
 @example(b"Content-Type: multipart/mixed; boundary=a\r\rSubject: x\r\r--a\rx\r--a--\r")
 @example(b"Content-Type: text\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n=\r\n--a")
+@example(b'Content-Type: multipart/mixed; boundary="a"\r\r--a\r\r\n\r--a--\r')  # no blank line
 def test_hostile_messages_get_well_formed_answers_everywhere(raw: bytes) -> None:
     exercise(raw)
 
