@@ -149,7 +149,8 @@ class Directory:
         if not local_domain:
             return Lookup(Resolution.NOT_LOCAL)
         mailboxes: dict[str, tuple[bool, int | None]] = {}
-        if not await self._expand(address, entry, mailboxes, depth=0, seen=set()):
+        await self._expand(address, entry, mailboxes)
+        if not mailboxes:
             return Lookup(Resolution.UNKNOWN_USER)
         return Lookup(Resolution.LOCAL, tuple(mailboxes),
                       tuple(mailbox for mailbox, (full, _) in mailboxes.items() if full),
@@ -181,32 +182,15 @@ class Directory:
         return [list(entry) for entry in zip(*replies, strict=True)]
 
     async def _expand(self, address: str, entry: list[object],
-                      out: dict[str, tuple[bool, int | None]], depth: int, seen: set[str]
-                      ) -> bool:
+                      out: dict[str, tuple[bool, int | None]]) -> None:
         """Add the mailboxes `address` delivers to into `out` (mailbox -> (over quota,
-        quota))."""
-        is_user, targets, catch_all, over_quota, limit = entry
-        quota = (bool(over_quota), _optional_int(limit))
-        if address in seen:
-            # An alias naming itself, or a loop back to it: as in Postfix, a user met again
-            # gets the mail instead of being expanded again (alice -> alice, bob keeps a copy).
-            if is_user:
-                out.setdefault(address, quota)
-            return bool(is_user)
-        if depth > MAX_ALIAS_DEPTH:
-            return False
-        seen.add(address)
-        if targets is None and not is_user:
-            targets = catch_all
-        if targets is None:
-            if is_user:
-                out.setdefault(address, quota)
-            return bool(is_user)
-        found = False
-        names = _split_targets(targets)  # type: ignore[arg-type]
-        for target, target_entry in zip(names, await self._entries(names), strict=True):
-            found = await self._expand(target, target_entry, out, depth + 1, seen) or found
-        return found
+        quota)), one alias level per round trip (expand_level)."""
+        seen: set[str] = set()
+        level, depth = [(address, _met(entry))], 0
+        while names := expand_level(level, depth, seen, out):
+            level = [(name, _met(found))
+                     for name, found in zip(names, await self._entries(names), strict=True)]
+            depth += 1
 
     async def is_published(self) -> bool:
         return bool(await self._redis.exists(self.key("version")))
@@ -430,26 +414,66 @@ def aliases_reaching_no_mailbox(users: Collection[str],
 def reaches_mailbox(users: Collection[str], aliases: Mapping[str, Sequence[str]],
                     address: str) -> bool:
     """Whether the filter would find a mailbox for `address` (a user, an alias, or an
-    address of a domain with a catch-all "@domain"). The rules are Directory._expand's,
-    over the account database's users and aliases instead of Redis."""
-    def reaches(address: str, depth: int, seen: set[str]) -> bool:
-        is_user = address in users
-        if address in seen:
-            return is_user
-        if depth > MAX_ALIAS_DEPTH:
-            return False
-        seen.add(address)
-        targets = aliases.get(address)
-        if targets is None and not is_user:
-            targets = aliases.get("@" + domain_of(address))
-        if targets is None:
-            return is_user
-        found = False
-        for target in targets:
-            found = reaches(target, depth + 1, seen) or found
-        return found
+    address of a domain with a catch-all "@domain"). The rules are Directory._expand's
+    (expand_level), over the account database's users and aliases instead of Redis."""
+    def met(name: str) -> Met:
+        return Met(name in users, aliases.get(name), aliases.get("@" + domain_of(name)))
 
-    return reaches(address, 0, set())
+    found: dict[str, tuple[bool, int | None]] = {}
+    seen: set[str] = set()
+    names, depth = [address], 0
+    while names and not found:
+        names = expand_level([(name, met(name)) for name in names], depth, seen, found)
+        depth += 1
+    return bool(found)
+
+
+@dataclass(frozen=True)
+class Met:
+    """What an address met while following aliases is."""
+
+    is_user: bool
+    targets: Sequence[str] | None  # its alias targets
+    catch_all: Sequence[str] | None  # its domain's catch-all's targets
+    quota: tuple[bool, int | None] = (False, None)  # over quota, quota
+
+
+def expand_level(level: Sequence[tuple[str, Met]], depth: int, seen: set[str],
+                 out: dict[str, tuple[bool, int | None]]) -> list[str]:
+    """One step of following aliases, breadth first: the mailboxes among `level` (the
+    addresses `depth` aliases away from the recipient) go into `out`; returns the addresses
+    of the next level. Breadth first, each address is expanded where it is nearest to the
+    recipient: an alias that one branch reaches deep and another directly gets all its
+    targets (depth first, the deep visit came first, lost the targets past MAX_ALIAS_DEPTH,
+    and marked the alias seen for the direct one)."""
+    following: list[str] = []
+    for address, met in level:
+        if address in seen:
+            # An alias naming itself, or a loop back to it: as in Postfix, a user met again
+            # gets the mail instead of being expanded again (alice -> alice, bob keeps a copy).
+            if met.is_user:
+                out.setdefault(address, met.quota)
+            continue
+        if depth > MAX_ALIAS_DEPTH:
+            continue
+        seen.add(address)
+        targets = met.targets
+        if targets is None and not met.is_user:
+            targets = met.catch_all
+        if targets is None:
+            if met.is_user:
+                out.setdefault(address, met.quota)
+            continue
+        following.extend(targets)
+    return following
+
+
+def _met(entry: list[object]) -> Met:
+    """A Redis entry (Directory._queue_entry's five reads) as a Met."""
+    is_user, targets, catch_all, over_quota, limit = entry
+    return Met(bool(is_user), None if targets is None else _split_targets(targets),  # type: ignore[arg-type]
+               None if catch_all is None else _split_targets(catch_all),  # type: ignore[arg-type]
+               (bool(over_quota), _optional_int(limit)))
 
 
 def _split_targets(raw: bytes | str) -> list[str]:

@@ -116,6 +116,33 @@ async def test_a_user_aliased_to_itself_and_others_keeps_a_copy(settings: Settin
     assert bob.mailboxes == ("bob@example.org",)  # a loop back to a user ends there
 
 
+async def test_an_alias_reached_deep_in_one_branch_and_near_in_another_gets_its_mail(
+        settings: Settings) -> None:
+    """`team` is reached by `all` directly and through a chain of 7: followed depth first,
+    the chain came first, its visit of `team` was too deep for alice (past MAX_ALIAS_DEPTH),
+    and the direct one was skipped as seen: `all` got 550, and `all-and-bob` a 250 with
+    no copy for alice. Each address is now followed where it is nearest."""
+    chain = {f"chain{i}@example.org": (f"chain{i + 1}@example.org",) for i in range(1, 7)}
+    chain["chain7@example.org"] = ("team@example.org",)
+    users = {"alice@example.org", "bob@example.org"}
+    aliases = {**chain, "team@example.org": ("alice@example.org",),
+               "all@example.org": ("chain1@example.org", "team@example.org"),
+               "all-and-bob@example.org": ("chain1@example.org", "team@example.org",
+                                           "bob@example.org")}
+    redis: Redis = from_url(settings.redis_url)
+    directory = Directory(redis, settings.redis_prefix)
+    await directory.publish(DirectorySnapshot(
+        domains={"example.org"}, users=users, aliases=aliases))
+    try:
+        everyone = await directory.resolve("all@example.org")
+        with_bob = await directory.resolve("all-and-bob@example.org")
+    finally:
+        await redis.aclose()
+    assert everyone.mailboxes == ("alice@example.org",)
+    assert sorted(with_bob.mailboxes) == ["alice@example.org", "bob@example.org"]
+    assert aliases_reaching_no_mailbox(users, aliases) == []
+
+
 async def test_the_aliases_found_reaching_no_mailbox_are_those_the_filter_refuses(
         settings: Settings) -> None:
     """aliases_reaching_no_mailbox (the CLI's warning) follows the same rules as resolve."""
