@@ -233,6 +233,22 @@ class Directory:
             published, generation = await pipe.execute()
         return int(generation) if published and generation is not None else None
 
+    async def reflects(self, generation: int, counts: Mapping[str, int]) -> bool:
+        """Whether Redis holds the directory of the account database at `generation`, with
+        as many domains, users and aliases as `counts` says (AccountDB.directory_counts): a
+        key lost on its own (an eviction by a shared Redis's maxmemory policy, a DEL by
+        hand) leaves the generation as it was."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.key("version"))
+            pipe.get(self.key("generation"))
+            pipe.scard(self.key("domains"))
+            pipe.scard(self.key("users"))
+            pipe.hlen(self.key("aliases"))
+            published, held, *numbers = await pipe.execute()
+        return (bool(published) and held is not None and int(held) == generation
+                and dict(zip(("domains", "users", "aliases"), numbers, strict=True))
+                == dict(counts))
+
     async def advance_generation(self, generation: int) -> None:
         """Record that the change made at `generation` is mirrored, if every change before
         it is (the directory is at `generation - 1`); otherwise leave it behind, so that

@@ -435,7 +435,8 @@ def _change_after(settings: Settings, published: int | None, db_change: Callable
         _on_directory(settings, lambda d: _mirror(settings, d, redis_change, generation))
     except Exception as exc:
         print(f"tiermail: warning: saved, but the Redis directory was not updated ({exc}); "
-              "the store republishes it when it starts or notices it missing", file=sys.stderr)
+              "until the store republishes it (within 5 s while it runs, else when it "
+              "starts) the filters answer from the directory as it was", file=sys.stderr)
     return result
 
 
@@ -475,8 +476,10 @@ async def _mirror(settings: Settings, directory: Any, redis_change: Callable[[An
                   generation: int) -> None:
     """Apply the change made at account `generation` to Redis. The directory's generation
     moves to it only from the one just before: after a change whose mirroring failed (or
-    another command's still under way) it stays behind, and the store republishes."""
-    if await directory.is_published():
+    another command's still under way) it stays behind, and the store republishes. A
+    directory found behind already (a change not mirrored while the store was stopped) or
+    missing is published whole."""
+    if await directory.published_generation() == generation - 1:
         await redis_change(directory)
         await directory.advance_generation(generation)
     else:

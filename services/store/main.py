@@ -222,15 +222,16 @@ async def _first_attempt(attempted: asyncio.Event) -> None:
 async def _keep_directory_published(directory: Directory, accounts: AccountDB,
                                     attempted: asyncio.Event) -> None:
     """Publish the directory now and whenever Redis does not reflect the account database:
-    Redis lost it (restart, flush), or a change was not mirrored (the CLI mirrors each change
+    Redis lost it (restart, flush) or part of it (a key evicted or deleted: the counts
+    differ), or a change was not mirrored (the CLI mirrors each change
     itself; this catches the ones whose mirroring failed). Retries while Redis is down.
     `attempted` is set once the first publish is done or has failed."""
     delay = 0.5
     published = False
     while True:
         try:
-            current = await asyncio.to_thread(accounts.generation)
-            if not published or await directory.published_generation() != current:
+            current, counts = await asyncio.to_thread(accounts.directory_counts)
+            if not published or not await directory.reflects(current, counts):
                 snapshot = await asyncio.to_thread(accounts.snapshot)
                 await directory.publish(snapshot)
                 log.info("directory published: %s, %s, %s",

@@ -443,6 +443,19 @@ class AccountDB:
         finally:
             self._db.execute("COMMIT")
 
+    def directory_counts(self) -> tuple[int, dict[str, int]]:
+        """The generation and how many domains, users and alias sources the directory
+        holds at it, read in one transaction (cheap: what the store checks Redis against)."""
+        self._db.execute("BEGIN")
+        try:
+            counts = self._db.execute(
+                "SELECT (SELECT COUNT(*) FROM domain), (SELECT COUNT(*) FROM user), "
+                "(SELECT COUNT(DISTINCT source) FROM alias)").fetchone()
+            return self.generation(), dict(zip(("domains", "users", "aliases"), counts,
+                                               strict=True))
+        finally:
+            self._db.execute("COMMIT")
+
     def _checked_new_address(self, address: str) -> str:
         address = normalize_address(address)
         if not valid_address(address):

@@ -1,0 +1,68 @@
+"""The store keeps the Redis directory equal to its account database (services/store/main.py,
+_keep_directory_published), with the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from common.directory import Directory, Resolution
+from common.redisconn import open_redis
+from common.settings import Settings
+from services.store import main as store_main
+from services.store.backends.accounts import AccountDB
+from tests.support import eventually
+
+CHECK = 0.05  # seconds between the store's checks, instead of 5
+
+
+@pytest.fixture
+async def upkeep(settings: Settings, monkeypatch: pytest.MonkeyPatch
+                 ) -> AsyncIterator[tuple[Directory, AccountDB]]:
+    monkeypatch.setattr(store_main, "DIRECTORY_CHECK_INTERVAL", CHECK)
+    accounts = AccountDB.for_store(settings.store_dir)
+    accounts.add_domain("example.test")
+    for user in ("alice", "bob"):
+        accounts.add_user(f"{user}@example.test", "not-a-real-hash")
+    accounts.add_alias("team@example.test", "alice@example.test", "bob@example.test")
+    client = open_redis(settings)
+    directory = Directory(client, settings.redis_prefix)
+    attempted = asyncio.Event()
+    task = asyncio.create_task(
+        store_main._keep_directory_published(directory, accounts, attempted))
+    await attempted.wait()
+    try:
+        yield directory, accounts
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
+        accounts.close()
+
+
+async def test_a_part_of_the_directory_lost_on_its_own_is_published_again(
+        upkeep: tuple[Directory, AccountDB]) -> None:
+    """A shared Redis evicting one key (maxmemory-policy allkeys-lru), or a DEL by hand, left
+    the generation as it was: the store saw nothing to do, and every user got 550 5.1.1
+    until the store restarted, while `tiermail status` said healthy."""
+    directory, _ = upkeep
+    for key in ("users", "aliases", "domains"):
+        await directory._redis.delete(directory.key(key))
+        await eventually(lambda: _resolves(directory, "team@example.test"), within=10,
+                         what=f"dir:{key} to be published again")
+        assert (await directory.resolve("alice@example.test")).resolution is Resolution.LOCAL
+
+
+async def test_a_directory_as_it_should_be_is_left_alone(
+        upkeep: tuple[Directory, AccountDB]) -> None:
+    directory, _ = upkeep
+    version = await directory._redis.get(directory.key("version"))
+    await asyncio.sleep(20 * CHECK)  # pacing: twenty of the store's checks
+    assert await directory._redis.get(directory.key("version")) == version
+
+
+async def _resolves(directory: Directory, address: str) -> bool:
+    lookup = await directory.resolve(address)
+    return lookup.resolution is Resolution.LOCAL and len(lookup.mailboxes) == 2
