@@ -262,11 +262,23 @@ class Publisher:
             ) for properties in all_properties]
             await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
         except asyncio.CancelledError:
-            raise
+            if _cancelled_from_outside():
+                raise
+            # aiormq cancels the confirms still awaited when the connection closes (the
+            # broker went away, or another session's failed publish discarded it): this
+            # message's outcome is unknown, like a lost confirm's, not a cancelled session.
+            raise PublishFailed("the broker connection closed before the confirm",
+                                maybe_queued=True) from None
         except TimeoutError as exc:
             self._start_probe()
             raise PublishFailed(f"no confirm within {self._confirm_timeout:g} s",
                                 maybe_queued=True) from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            # A nack (a queue over its length limit with reject-publish) or a return (no
+            # queue bound): the broker refused this message and keeps the channel, which
+            # the other sessions' publishes share; none of a one-part message is queued.
+            raise PublishFailed(f"refused by the broker: {_refusal(exc)}",
+                                maybe_queued=len(sends) > 1) from exc
         except Exception as exc:
             await self._discard(channel)
             raise PublishFailed(f"{type(exc).__name__}: {exc}", maybe_queued=True) from exc
@@ -386,6 +398,20 @@ class Publisher:
         # A failed publish may leave the channel in an unknown state; start afresh next time.
         if self._channel is channel:
             await self._close_connection()
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the running task itself is being cancelled (its session or the worker ends),
+    not only a future it awaited."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _refusal(exc: aiormq.exceptions.DeliveryError) -> str:
+    frame = exc.frame
+    if isinstance(frame, Basic.Return):
+        return f"returned: {frame.reply_text}"
+    return "nacked (a queue's length limit?)" if isinstance(frame, Basic.Nack) else str(exc)
 
 
 def _properties_of_parts(envelope: Envelope) -> list[Basic.Properties]:

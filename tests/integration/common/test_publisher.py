@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import time
 
 import pamqp.commands
 import pytest
 
 from common.broker import Publisher, PublishFailed
+from common.envelope import Envelope
 from common.settings import Settings
+from common.topology import LARGE_MESSAGE
 from tests.integration.store.helpers import make_message
 from tests.support import (
     PrivateBroker,
@@ -19,6 +22,7 @@ from tests.support import (
     broker_at,
     eventually,
     queue_depth,
+    rabbitmqctl,
 )
 
 
@@ -37,6 +41,54 @@ async def test_an_envelope_that_cannot_be_encoded_fails_alone(settings: Settings
     finally:
         await publisher.close()
     assert await asyncio.to_thread(queue_depth, settings) == 1
+
+
+async def test_a_message_the_broker_refuses_fails_alone(settings: Settings,
+                                                       amqp_vhost: str) -> None:
+    """A queue over its length limit (reject-publish, as docs/architecture.md suggests for
+    capping a queue) nacks a publish. The publisher closed the connection the sessions share
+    on it, aiormq cancelled every other confirm it awaited, and those sessions were dropped
+    without a reply although the broker held their messages: their senders sent again, a
+    second copy where the message has no Message-ID (found in review: 31 in 2,000)."""
+    publisher = Publisher(settings.amqp_url, settings.topology)
+    policy = f"{settings.queue_prefix}-full"
+    large_queue = settings.topology.large_queue
+    try:
+        await publisher.ensure_connected()  # declares the queues
+        await asyncio.to_thread(
+            rabbitmqctl, "set_policy", "-p", amqp_vhost, "--apply-to", "queues", policy,
+            f"^{re.escape(large_queue)}$", '{"max-length": 0, "overflow": "reject-publish"}')
+        await eventually(lambda: asyncio.to_thread(_has_policy, amqp_vhost, large_queue,
+                                                   policy), what="the policy")
+        connection = publisher._connection  # noqa: SLF001 - the one the sessions share
+        for _ in range(5):  # a quorum queue takes one message past its limit
+            try:
+                await publisher.publish(*_large_message())
+            except PublishFailed as refused:
+                assert not refused.maybe_queued
+                break
+        else:
+            pytest.fail("the broker took every large message")
+        outcomes = await asyncio.gather(
+            publisher.publish(*_large_message()),
+            *(publisher.publish(*make_message("alice@example.test")) for _ in range(40)),
+            return_exceptions=True)
+        assert isinstance(outcomes[0], PublishFailed) and not outcomes[0].maybe_queued
+        assert outcomes[1:] == [None] * 40
+        assert publisher._connection is connection  # noqa: SLF001
+    finally:
+        await publisher.close()
+        await asyncio.to_thread(rabbitmqctl, "clear_policy", "-p", amqp_vhost, policy)
+    assert await asyncio.to_thread(queue_depth, settings, settings.topology.deliver_queue) == 40
+
+
+def _large_message() -> tuple[Envelope, bytes]:
+    return make_message("alice@example.test", padding=LARGE_MESSAGE + 1000)
+
+
+def _has_policy(vhost: str, queue: str, policy: str) -> bool:
+    listed = rabbitmqctl("list_queues", "-p", vhost, "name", "policy")
+    return any(line.split() == [queue, policy] for line in listed.splitlines())
 
 
 async def test_a_stall_lasts_as_long_as_the_alarm_across_a_new_connection(
