@@ -2,7 +2,7 @@
 
 Layout: `text.sqlite` beside the user's `index.sqlite` (see maildb.py):
 
-    doc(id INTEGER PRIMARY KEY, guid TEXT UNIQUE)    which messages are indexed
+    doc(id INTEGER PRIMARY KEY AUTOINCREMENT, guid TEXT UNIQUE)   which messages are indexed
     text(head, body)                                  FTS5, contentless, trigram, rowid = doc.id
     meta(key, value)                                  "garbage": rows of forgotten messages
 
@@ -10,8 +10,10 @@ Why trigrams: IMAP SEARCH is a case-insensitive *substring* match (RFC 3501 6.4.
 match. A phrase query over the trigram tokenizer is exactly that for needles of three or more
 characters; shorter needles are answered by scanning. The table is contentless so the text is
 not stored twice; SQLite 3.40 cannot delete from such a table, so a forgotten (expunged)
-message only loses its `doc` row: its FTS postings stay as garbage, never reach a result, and
-once garbage outweighs live rows the file is deleted and rebuilt by the indexer's catch-up.
+message only loses its `doc` row: its FTS postings stay as garbage, never reach a result
+(AUTOINCREMENT: a doc id is never used again, or the postings would belong to the message that
+got it), and once garbage outweighs live rows the file is deleted and rebuilt by the indexer's
+catch-up.
 
 The index is derived data (synchronous=OFF): a lost or corrupt file is deleted and rebuilt,
 and searches stay correct meanwhile because messages not in `doc` are scanned.
@@ -61,11 +63,14 @@ T = TypeVar("T")
 
 FILE_NAME = "text.sqlite"
 STOP_WAIT = 1.0  # seconds a stop waits for the index files to close
-SCHEMA_VERSION = 4  # 2: attachment names, attached messages' headers, HTML as text;
-#                    3: NUL read as a space (FTS5 ended the text there), no lone surrogates;
-#                    4: message/* parts other than rfc822 (delivery-status, global) as text
+# Schema versions: 2: attachment names, attached messages' headers, HTML as text;
+# 3: NUL read as a space (FTS5 ended the text there), no lone surrogates;
+# 4: message/* parts other than rfc822 (delivery-status, global) as text;
+# 5: doc ids never reused (in 4 the next message after an expunge of the newest took its id,
+#    and matched the expunged message's words).
+SCHEMA_VERSION = 5
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS doc (id INTEGER PRIMARY KEY, guid TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS doc (id INTEGER PRIMARY KEY AUTOINCREMENT, guid TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS text USING fts5(
     head, body, content='', columnsize=0, detail=full, tokenize='trigram case_sensitive 0');

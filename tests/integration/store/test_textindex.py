@@ -253,6 +253,21 @@ def test_mostly_garbage_index_is_dropped(tmp_path: Path) -> None:
     index.close()
 
 
+def test_a_message_indexed_after_an_expunge_does_not_match_the_expunged_one(
+        tmp_path: Path) -> None:
+    """The doc id of the newest message, forgotten, went to the next message indexed, and
+    the forgotten message's postings (contentless FTS5 keeps them) matched it: SEARCH TEXT
+    for a word of an expunged message found the new one (found in review)."""
+    index = TextIndex(tmp_path)
+    index.path(USER).parent.mkdir(parents=True)
+    index.add(USER, [("a" * 32, MessageText("Subject: x", "hello apricot"))])
+    index.forget(USER, ["a" * 32])
+    index.add(USER, [("b" * 32, MessageText("Subject: y", "hello bananas"))])
+    assert index.lookup(USER, "apricot", "TEXT")[0] == set()
+    assert index.lookup(USER, "bananas", "TEXT")[0] == {"b" * 32}
+    index.close()
+
+
 async def run_until_idle(worker: TextIndexer, start: Callable[[], None]) -> None:
     """Run the indexer from `start` (a request) until it has nothing left to do."""
     task = asyncio.create_task(worker.run())
