@@ -483,8 +483,10 @@ class FilterSMTP(SMTP):
         super()._timeout_cb()
 
     def request_close(self) -> None:
-        """Shutdown: close now when idle, else right after the reply in progress."""
-        if self._busy:
+        """Shutdown: close now when idle, else right after the reply in progress, or after
+        the message being uploaded has its reply (cut, the upload is lost and the client,
+        still sending, reads a reset instead of a 421; the grace period bounds the wait)."""
+        if self._busy or self._receiving_data:
             self._closing = True
             return
         if self.transport is not None and not self.transport.is_closing():

@@ -656,6 +656,47 @@ async def test_shutdown_closes_idle_sessions_with_421(directory: Settings) -> No
         assert await in_thread(client.reply) == replies.SHUTTING_DOWN
 
 
+async def test_shutdown_lets_an_upload_under_way_finish(directory: Settings) -> None:
+    """A session in the middle of its DATA upload when the worker is told to stop was cut
+    with 421 at once (found in review): the upload was lost, and the client, still
+    sending, read a reset. It now gets the message's reply, then 421."""
+    started: list[FilterWorker] = []
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        async with running_filter(directory) as worker:
+            started.append(worker)
+            await stop.wait()
+
+    serving = asyncio.create_task(serve())
+    await eventually(lambda: started or serving.done(), what="the worker")
+    port = started[0].ports[0]
+    client = await in_thread(RawClient, port)
+    with contextlib.closing(client):
+        assert (await in_thread(client.reply)).startswith("220 ")
+        for command in (b"EHLO client.test\r\n", b"MAIL FROM:<sender@remote.test>\r\n",
+                        f"RCPT TO:<{ALICE}>\r\n".encode()):
+            assert (await in_thread(client.command, command)).startswith("250")
+        assert (await in_thread(client.command, b"DATA\r\n")).startswith("354")
+        await in_thread(client.sock.sendall, b"Subject: halfway\r\n\r\nfirst half\r\n")
+        stop.set()
+        await eventually(lambda: _refuses_connections(port), what="the worker to stop listening")
+        await in_thread(client.sock.sendall, b"second half\r\n.\r\n")
+        assert (await in_thread(client.reply)).startswith("250 ")
+        assert await in_thread(client.reply) == replies.SHUTTING_DOWN
+    await serving
+    [queued] = await drain_queue(directory)
+    assert queued.body.endswith(b"first half\r\nsecond half\r\n")
+
+
+def _refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 async def test_connection_closed_at_once_frees_its_slot(directory: Settings) -> None:
     async with running_filter(directory.replace(smtp_max_connections=1)) as worker:
         probe = await in_thread(RawClient, worker.ports[0])
