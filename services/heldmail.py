@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -161,12 +162,14 @@ def describe(properties: spec.Basic.Properties, body: bytes,
     headers = properties.headers or {}
     sender: str | None = None
     recipients: tuple[str, ...] = ()
+    received_at = properties.timestamp  # whole seconds; the envelope has the fraction
     try:
         envelope = envelope_from_properties(properties)
     except Exception:  # noqa: BLE001 - one held message the tools cannot read stops none
         pass
     else:
         sender, recipients = envelope.mail_from, envelope.mailboxes
+        received_at = datetime.datetime.fromtimestamp(envelope.received_at, datetime.UTC)
     missing = _text(headers.get(MAILBOXES_HEADER))
     if missing:
         recipients = tuple(missing.split(","))
@@ -176,7 +179,7 @@ def describe(properties: spec.Basic.Properties, body: bytes,
         sender=sender,
         recipients=recipients,
         size=len(body),
-        received_at=properties.timestamp,
+        received_at=received_at,
     )
 
 
@@ -232,26 +235,20 @@ def resend_properties(properties: spec.Basic.Properties,
 
 async def browse(settings: Settings, where: HeldQueue, limit: int
                  ) -> tuple[list[HeldMessage], int]:
-    """Up to `limit` held messages, oldest first, each once (see copy_key), and how many
-    there are; none is taken. The queue is read until a held message past the first `limit`
-    comes up: copies among the messages after it are counted as messages."""
-    read: list[HeldMessage] = []
-    keys: set[CopyKey] = set()
-    distinct = 0
-    beyond = 0  # the first message past `limit`, taken and so not in the queue's count
+    """Up to `limit` held messages, oldest first by when the filter received them, each once
+    (see copy_key), and how many there are; none is taken. The queue's own order is no guide:
+    the messages that a command takes and gives back (show, release, drop; a listing too) go
+    back behind the others. So every message is read, up to MAX_TAKEN; those past it are
+    counted as messages."""
     async with _opened(settings, where) as channel:
-        async for _, seen in _taken(channel, where, MAX_TAKEN):
-            key = copy_key(seen)
-            if key is None or key not in keys:
-                if distinct == limit:
-                    beyond = 1
-                    break
-                distinct += 1
-                if key is not None:
-                    keys.add(key)
-            read.append(seen)
+        read = [seen async for _, seen in _taken(channel, where, MAX_TAKEN)]
         ok = await channel.queue_declare(where.queue, passive=True)
-    return grouped(read), distinct + beyond + int(ok.message_count or 0)
+    held = sorted(grouped(read), key=_received_order)
+    return held[:limit], len(held) + int(ok.message_count or 0)
+
+
+def _received_order(held: HeldMessage) -> float:
+    return held.received_at.timestamp() if held.received_at is not None else math.inf
 
 
 async def peek(settings: Settings, where: HeldQueue, queue_id: str) -> bytes | None:

@@ -130,9 +130,8 @@ def test_a_drop_of_more_than_one_command_looks_at_says_so_and_fails(
 
 
 def test_a_listing_counts_each_message_once_up_to_its_limit(settings: Settings) -> None:
-    """Three dead letters, each in the queue twice: `list --limit 2` shows two, each with
-    its two copies, and reads no further than the third; what it did not read is counted
-    as it is (the third's taken copy and its other one)."""
+    """Three dead letters, each in the queue twice: `list --limit 2` shows the two oldest,
+    each with its two copies, and counts three."""
     queue_ids = asyncio.run(_dead_letter_large_messages(settings, 3, 0, copies=2))
     whole = json.loads(run_cli(settings, "deadletters", "list", "--json").stdout)
     assert whole["total"] == 3
@@ -143,5 +142,22 @@ def test_a_listing_counts_each_message_once_up_to_its_limit(settings: Settings) 
     *lines, count = some.stdout.splitlines()
     assert [line.split()[0] for line in lines] == queue_ids[:2]
     assert all(line.endswith("  (2 copies)") for line in lines), lines
-    assert count == ("2 of 4 dead-lettered messages (2 duplicate copies in the queue, each "
+    assert count == ("2 of 3 dead-lettered messages (2 duplicate copies in the queue, each "
                      "listed once)")
+
+
+def test_a_listing_stays_oldest_first_after_a_show_and_a_drop(settings: Settings) -> None:
+    """`show` and `drop` take messages and give back those they do not act on, which the
+    broker puts behind the rest once they have been given back before (a listing did): the
+    listing, in the queue's order, then began with a newer one, and `--limit` could hide
+    the oldest (found in review). Messages received within one second: the AMQP timestamp
+    has whole seconds, the envelope the fraction."""
+    queue_ids = asyncio.run(_dead_letter_large_messages(settings, 5, 0))
+    assert run_cli(settings, "deadletters", "list").returncode == 0
+    assert run_cli(settings, "deadletters", "show", queue_ids[2]).returncode == 0
+    assert run_cli(settings, "deadletters", "drop", queue_ids[1]).returncode == 0
+    left = [queue_ids[0], *queue_ids[2:]]
+    listed = json.loads(run_cli(settings, "deadletters", "list", "--json").stdout)
+    assert [m["queue_id"] for m in listed["messages"]] == left
+    oldest = run_cli(settings, "deadletters", "list", "--limit", "1").stdout.split()[0]
+    assert oldest == left[0]
