@@ -89,9 +89,11 @@ def connect_failure(exc: BaseException) -> str:
         return ("login refused: the user name or password in TIERMAIL_AMQP_URL "
                 "(rabbitmqctl list_users)")
     if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        # aiormq keeps only the frame's name, not the broker's reason.
         return ("the broker refused the virtual host, the path of TIERMAIL_AMQP_URL: it does "
-                "not exist or the user may not use it (rabbitmqctl list_vhosts, "
-                "list_permissions -p VHOST)")
+                "not exist, the user may not use it, or a connection limit of the vhost or "
+                "user is reached (rabbitmqctl list_vhosts, list_permissions -p VHOST, "
+                "list_vhost_limits; the broker's log names the reason)")
     if isinstance(exc, TimeoutError):
         return "no answer in time"
     if isinstance(exc, aiormq.exceptions.AMQPConnectionError) and exc.args \

@@ -35,8 +35,8 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     tiers = {beat["tier"] for beat in redis.get("processes", [])}
     problems = []
     if not broker["reachable"]:
-        problems.append(f"RabbitMQ cannot be used ({broker['error']}): filters answer 451, "
-                        "mail waits at the senders")
+        problems.append(f"RabbitMQ cannot be used ({broker['error']}): "
+                        + _while_broker_unusable(redis.get("processes", [])))
     if not redis["reachable"]:
         problems.append("Redis unreachable: filters answer 451 at RCPT")
     elif not redis["directory"]["published"]:
@@ -88,6 +88,17 @@ def _learn_problems(broker: dict[str, Any], settings: Settings) -> list[str]:
         problems.append(f"nothing consumes {waiting['queue']} ({waiting['messages']} "
                         "spam-learning job(s) waiting): start `tiermail learner`")
     return problems
+
+
+def _while_broker_unusable(beats: list[dict[str, Any]]) -> str:
+    """What the filters do while status cannot use the broker: a filter connected before (a
+    connection limit refuses only new connections) still takes mail."""
+    connected = sum(1 for beat in beats
+                    if beat.get("tier") == "filter" and beat.get("broker_connected") is True)
+    if connected:
+        return (f"{connected} filter(s) connected before still take mail; a filter that "
+                "cannot connect answers 451")
+    return "filters answer 451, mail waits at the senders"
 
 
 def _cut_off_filters(beats: list[dict[str, Any]]) -> list[str]:

@@ -137,6 +137,17 @@ def test_a_store_whose_broker_does_not_answer_is_a_problem() -> None:
     assert status._silent_brokers([beat]) == []
 
 
+def test_filters_connected_before_the_broker_refused_status_still_take_mail() -> None:
+    """A vhost connection limit refuses status's connection, not the filters' open ones:
+    status said `filters answer 451` while they queued mail (found in review)."""
+    connected = {"tier": "filter", "host": "h", "pid": 7, "broker_connected": True}
+    cut_off = {"tier": "filter", "host": "h", "pid": 8, "broker_connected": False}
+    assert status._while_broker_unusable([connected, cut_off]).startswith(
+        "1 filter(s) connected before still take mail")
+    assert status._while_broker_unusable([cut_off]) == (
+        "filters answer 451, mail waits at the senders")
+
+
 def test_a_process_that_went_without_stopping_is_named() -> None:
     went = {"tier": "filter", "host": "h", "pid": 7, "at": time.time() - 42}
     [problem] = status._silent([went])
