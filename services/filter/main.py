@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import redis.asyncio
 
 from common.broker import Publisher, TopologyMismatch
-from common.directory import Directory
+from common.directory import Directory, Resolution
 from common.directory_cache import DirectoryCache
 from common.fdlimit import raise_open_file_limit
 from common.gcpause import freeze_startup_objects
@@ -34,13 +34,19 @@ from services.filter.inflight import ADOPT_INTERVAL, InFlightTable
 from services.filter.rules import Rule, default_rules
 from services.filter.rules.defaults import spam_judge
 from services.filter.server import FilterServer, ServerLimits
-from services.filter.session import MessagePublisher, RecipientDirectory, SessionPolicy
+from services.filter.session import (
+    MessagePublisher,
+    RecipientDirectory,
+    SessionPolicy,
+    postmaster_problem,
+)
 from services.filter.stats import WorkerStats
 from services.filter.unconfirmed import UnconfirmedLedger
 
 log = logging.getLogger(__name__)
 
 AMQP_CONNECT_TIMEOUT = 5.0
+POSTMASTER_CHECK_TIMEOUT = 5.0  # seconds the start waits to check TIERMAIL_POSTMASTER
 STAY_CONNECTED_INTERVAL = 2.0  # seconds between checks that the broker connection is up
 SCANNER_RECHECK_INTERVAL = 5.0  # seconds between pings of a scanner whose last call failed
 
@@ -105,6 +111,8 @@ async def open_worker(
             cache = DirectoryCache(Directory(client, settings.redis_prefix), client)
             stack.push_async_callback(stop_task, asyncio.create_task(cache.run()))
             directory = cache
+        if client is not None and settings.postmaster:
+            await _check_postmaster(directory, settings.postmaster)
         if publisher is None:
             real = Publisher(
                 settings.amqp_url,
@@ -169,6 +177,21 @@ async def open_worker(
             await server.listen(settings.bind, listen_port)
         stack.push_async_callback(server.close, shutdown_grace(settings))
         yield FilterWorker(settings, server, stats, publisher, directory, stack, drainer)
+
+
+async def _check_postmaster(directory: RecipientDirectory, postmaster: str) -> None:
+    """Say at start that TIERMAIL_POSTMASTER is no local mailbox (postmaster mail is then
+    refused; RFC 5321 4.5.1 wants it accepted). Redis away or no directory published yet:
+    nothing to say now, RCPT says it when it happens."""
+    try:
+        async with asyncio.timeout(POSTMASTER_CHECK_TIMEOUT):
+            lookup = await directory.resolve(postmaster)
+    except Exception:  # noqa: BLE001 - a check for the operator, never a reason not to start
+        return
+    if lookup.resolution is not Resolution.LOCAL:
+        log.warning("TIERMAIL_POSTMASTER=%s is %s: postmaster mail is refused; see "
+                    "docs/operations.md, 'The postmaster'", postmaster,
+                    postmaster_problem(lookup.resolution), extra={"event": "bad-postmaster"})
 
 
 async def _track_in_flight(ledger: UnconfirmedLedger, settings: Settings,

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -41,6 +41,13 @@ from services.filter.stats import WorkerStats
 from services.filter.unconfirmed import UnconfirmedLedger, names_itself, transaction_digest
 
 log = logging.getLogger(__name__)
+
+def postmaster_problem(resolution: Resolution) -> str:
+    """What is wrong with a TIERMAIL_POSTMASTER that resolves to `resolution`."""
+    if resolution is Resolution.NOT_LOCAL:
+        return "not in a local domain"
+    return "no local mailbox (tiermail user add, or alias add)"
+
 
 class RecipientDirectory(Protocol):
     async def resolve(self, address: str) -> Lookup: ...
@@ -201,7 +208,7 @@ class FilterSession:
             async with asyncio.timeout(self._policy.lookup_timeout):
                 lookup = await self._directory.resolve(address)
                 if self._goes_to_postmaster(address, lookup):
-                    lookup = await self._directory.resolve(self._policy.postmaster)
+                    lookup = await self._postmaster_lookup(extra)
                 too_full = await self._without_room(lookup, size)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("directory unavailable: %s: %s", type(exc).__name__, exc, extra=extra)
@@ -239,6 +246,18 @@ class FilterSession:
         usages = await self._directory.usages([mailbox for mailbox, _ in lookup.limits])
         return [mailbox for (mailbox, limit), usage in zip(lookup.limits, usages, strict=True)
                 if usage + size > limit]
+
+    async def _postmaster_lookup(self, extra: Mapping[str, Any]) -> Lookup:
+        """TIERMAIL_POSTMASTER's mailboxes; one that is no local mailbox (mail to it would be
+        relayed, which the filter never does) is a missing postmaster, as when unset: 550
+        5.1.1, not 554 relay access denied for postmaster@ one of our domains."""
+        lookup = await self._directory.resolve(self._policy.postmaster)
+        if lookup.resolution is Resolution.LOCAL:
+            return lookup
+        log.warning("TIERMAIL_POSTMASTER=%s is %s: postmaster mail refused",
+                    self._policy.postmaster, postmaster_problem(lookup.resolution),
+                    extra={**extra, "event": "bad-postmaster"})
+        return Lookup(Resolution.UNKNOWN_USER)
 
     def _goes_to_postmaster(self, address: str, lookup: Lookup) -> bool:
         """A postmaster address nobody has claimed: a bare <postmaster>, or postmaster@ one

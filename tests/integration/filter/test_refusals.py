@@ -146,6 +146,27 @@ async def test_postmaster_goes_to_the_configured_address(directory: Settings) ->
             replies.UNKNOWN_USER, replies.UNKNOWN_USER, replies.RELAY_DENIED]
 
 
+async def test_a_postmaster_setting_that_is_no_local_mailbox_is_said_and_not_relayed(
+        directory: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """TIERMAIL_POSTMASTER=admin@elsewhere (not a local domain) started without a word, and
+    postmaster@ a local domain got `554 5.7.1 Relay access denied` (found in review). The
+    start says so, and postmaster mail gets 550 5.1.1 as with no postmaster set."""
+    def transaction(port: int) -> list[str]:
+        with connect(port) as client:
+            client.mail(SENDER)
+            return [reply_of(*client.rcpt(address)) for address in
+                    ("postmaster", "postmaster@example.test")]
+
+    caplog.set_level(logging.WARNING)
+    for setting, problem in (("admin@elsewhere.test", "not in a local domain"),
+                             ("nobody@example.test", "no local mailbox")):
+        caplog.clear()
+        async with running_filter(directory.replace(postmaster=setting)) as worker:
+            assert any(r.message.startswith(f"TIERMAIL_POSTMASTER={setting} is {problem}")
+                       for r in caplog.records), caplog.text
+            assert await in_thread(transaction, worker.ports[0]) == [replies.UNKNOWN_USER] * 2
+
+
 async def test_malformed_paths_are_refused_not_rewritten(worker: FilterWorker) -> None:
     """`<a b@x>` is not an address (RFC 5321 4.1.2); a lenient parser once took it as
     `"a b"@x`, a different one. Refused with 553 5.1.3, and the session goes on."""
