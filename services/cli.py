@@ -213,11 +213,13 @@ def _held_mail_commands(commands: Any, command: Callable[..., argparse.ArgumentP
     browse.add_argument("--json", action="store_true", help="machine-readable output")
     show = command("show", held_show, f"write one {held} message to standard output "
                    "(headers and body, as it would be delivered), taking nothing away", actions)
-    show.add_argument("queue_id", metavar="QUEUE_ID")
+    show.add_argument("queue_id", metavar="QUEUE_ID",
+                      help="as list shows it; - for a message without one")
     for action, handler, text in ((release, held_release, release_help),
                                   ("drop", held_drop, "delete messages for good")):
         sub = command(action, handler, text, actions)
-        sub.add_argument("queue_ids", metavar="QUEUE_ID", nargs="*")
+        sub.add_argument("queue_ids", metavar="QUEUE_ID", nargs="*",
+                         help="as list shows them; - for messages without one")
         sub.add_argument("--all", action="store_true", help=f"every {held} message")
     for sub in (browse, *actions.choices.values()):
         sub.set_defaults(held_queue=name, held_words=held)
@@ -328,7 +330,7 @@ def _copies(held: list[Any], what: str) -> str:
 def held_show(settings: Settings, args: argparse.Namespace) -> int:
     from services.heldmail import peek
 
-    found = _broker(peek(settings, _held_queue(settings, args), args.queue_id))
+    found = _broker(peek(settings, _held_queue(settings, args), _held_id(args.queue_id)))
     if found is None:
         raise CommandError(f"{args.queue_id}: not {args.held_words}")
     sys.stdout.buffer.write(found)
@@ -354,7 +356,7 @@ def _act_on_held(settings: Settings, args: argparse.Namespace, action: Callable[
 
     if args.all == bool(args.queue_ids):
         raise UsageError("name the messages by queue id, or give --all")
-    wanted = set(args.queue_ids)
+    wanted = {_held_id(queue_id) for queue_id in args.queue_ids}
     outcome = Outcome()
     try:
         acted = _broker(action(settings, _held_queue(settings, args),
@@ -370,9 +372,15 @@ def _act_on_held(settings: Settings, args: argparse.Namespace, action: Callable[
         print(f"tiermail: only the first {MAX_TAKEN} {args.held_words} messages were looked "
               f"at; {outcome.unread} more are held: run the command again", file=sys.stderr)
     for queue_id in sorted(missing):
-        print(f"tiermail: {queue_id}: not {args.held_words}"
+        print(f"tiermail: {queue_id or '-'}: not {args.held_words}"
               f"{' among those looked at' if unfinished else ''}", file=sys.stderr)
     return EXIT_FAILED if missing or unfinished else 0
+
+
+def _held_id(named: str) -> str:
+    """A queue id as named on the command line: `-`, as `list` shows it, is a message that
+    carries none (not published by a filter)."""
+    return "" if named == "-" else named
 
 
 def _report_acted(acted: list[Any], done: str, copies_done: str, when: str = "") -> None:

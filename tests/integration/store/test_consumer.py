@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiormq
+import pika
 import pytest
 from pamqp.commands import Basic
 
@@ -902,6 +903,32 @@ async def test_an_undecodable_dead_letter_is_dropped_by_queue_id(store: Running)
     left = json.loads((await asyncio.to_thread(
         run_cli, store.settings, "deadletters", "list", "--json")).stdout)
     assert [m["queue_id"] for m in left["messages"]] == ["bad2"]
+
+
+async def test_a_dead_letter_without_a_queue_id_is_named_as_listed(store: Running) -> None:
+    """A message published without a message id is listed with `-` as its queue id; `drop
+    -- -` said `-: not dead-lettered`, and only an undocumented empty argument named it
+    (found in review). aiormq gives every message an id; pika does not."""
+    def publish_without_an_id() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(store.settings.amqp_url))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_publish(store.settings.topology.inbound_exchange,
+                                  DELIVER_ROUTING_KEY, b"garbage",
+                                  pika.BasicProperties(delivery_mode=PERSISTENT))
+        finally:
+            connection.close()
+
+    await asyncio.to_thread(publish_without_an_id)
+    await wait_for(lambda: _eq(store.dead(), 1), what="dead-lettered")
+    listing = await asyncio.to_thread(run_cli, store.settings, "deadletters", "list")
+    assert listing.stdout.startswith("-  "), listing.stdout
+    shown = await asyncio.to_thread(run_cli, store.settings, "deadletters", "show", "-")
+    assert shown.returncode == 0 and shown.stdout == "garbage", shown.stderr
+    dropped = await asyncio.to_thread(run_cli, store.settings, "deadletters", "drop", "--", "-")
+    assert dropped.returncode == 0 and dropped.stdout.startswith("- dropped"), dropped.stderr
+    assert await store.dead() == 0
 
 
 async def test_a_retry_killed_midway_then_run_again_delivers_each_message_once(
