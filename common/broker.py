@@ -99,7 +99,9 @@ def connect_failure(exc: BaseException) -> str:
     if isinstance(exc, aiormq.exceptions.AMQPConnectionError) and exc.args \
             and isinstance(exc.args[0], int) and len(exc.args) > 1:
         return str(exc.args[1])  # (errno, "Connect call failed ('127.0.0.1', 5672)")
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, StopAsyncIteration):  # aiormq's frame stream ended under a reader
+        return "the broker connection closed"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class PublishFailed(Exception):

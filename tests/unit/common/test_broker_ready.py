@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from common import broker
-from common.broker import Publisher, PublishFailed
+from common.broker import Publisher, PublishFailed, connect_failure
 from common.topology import Topology
 
 
@@ -50,3 +50,11 @@ async def test_an_unreachable_broker_is_tried_once_per_interval(dial: OpenChanne
     assert dial.attempts == 2
     assert await publisher.ready() is True  # connected: no new attempt
     assert dial.attempts == 2
+
+
+def test_a_failure_without_words_still_reads_as_a_reason() -> None:
+    """The store logged `broker session ended: StopAsyncIteration: ` when the broker
+    connection closed under its consumer (found in review)."""
+    assert connect_failure(StopAsyncIteration()) == "the broker connection closed"
+    assert connect_failure(RuntimeError()) == "RuntimeError"
+    assert connect_failure(RuntimeError("gone")) == "RuntimeError: gone"
