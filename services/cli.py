@@ -487,12 +487,15 @@ async def _mirror(settings: Settings, directory: Any, redis_change: Callable[[An
     another command's still under way) it stays behind, and the store republishes. A
     directory found behind already (a change not mirrored while the store was stopped) or
     missing is published whole."""
-    if await directory.published_generation() == generation - 1:
-        await redis_change(directory)
-        await directory.advance_generation(generation)
-    else:
+    behind = await directory.published_generation() != generation - 1
+    if behind:
         with _accounts(settings) as accounts:
             await directory.publish(accounts.snapshot())
+    # Also after a whole publish: what a change keeps beside the directory (a quota's state)
+    # is not in it; the directory's part is there already, and applying it again is a no-op.
+    await redis_change(directory)
+    if not behind:
+        await directory.advance_generation(generation)
 
 
 def domain_add(settings: Settings, args: argparse.Namespace) -> int:
@@ -683,7 +686,7 @@ def parse_size(text: str) -> int | None:
     """A quota on the command line: "500M", "2G", "1048576", "0", "none" or "unlimited"
     (all three 0: unlimited, as `user list` shows it) or "default" (None). K/M/G/T are
     powers of 1024, as RFC 9208 counts STORAGE in units of 1024 octets; a trailing "B" or
-    "iB" is allowed."""
+    "iB" is allowed. Anything else is a usage error (exit 2, as argparse's own)."""
     cleaned = text.strip().upper()
     if cleaned == "DEFAULT":
         return None
@@ -699,19 +702,19 @@ def parse_size(text: str) -> int | None:
     try:
         value = decimal.Decimal(number)  # exact: a float changed octet counts past 2^53
     except decimal.InvalidOperation:
-        raise CommandError(f"not a size: {text!r} (examples: 500M, 2G, 0 for unlimited)") \
+        raise UsageError(f"not a size: {text!r} (examples: 500M, 2G, 0 for unlimited)") \
             from None
     if not value.is_finite():
-        raise CommandError(f"not a size: {text!r}")
+        raise UsageError(f"not a size: {text!r}")
     if value < 0:
-        raise CommandError(f"a quota cannot be negative: {text!r} (0 means unlimited)")
+        raise UsageError(f"a quota cannot be negative: {text!r} (0 means unlimited)")
     octets = value * _SIZE_UNITS[unit]
     if octets > MAX_QUOTA:
-        raise CommandError(f"too large a size: {text!r} (at most 8589934591G, 2^63 - 1 "
+        raise UsageError(f"too large a size: {text!r} (at most 8589934591G, 2^63 - 1 "
                            "octets)")
     if 0 < octets < 1:
         # It would round to 0, which means unlimited: the opposite of what was asked.
-        raise CommandError(f"not a size: {text!r} is less than one octet (0 means unlimited)")
+        raise UsageError(f"not a size: {text!r} is less than one octet (0 means unlimited)")
     return int(octets)
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from services.cli import CommandError, approximate_size, build_parser, format_size, parse_size
+from services.cli import (
+    CommandError,
+    UsageError,
+    approximate_size,
+    build_parser,
+    format_size,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(("text", "octets"), [
@@ -27,7 +34,8 @@ def test_parse_size(text: str, octets: int | None) -> None:
                                   # below one octet: rounded to 0, "unlimited", they were taken
                                   "0.4", "0.0001K", "1e-10G", "B"])
 def test_parse_size_refuses(text: str) -> None:
-    with pytest.raises(CommandError):
+    """As a usage error, exit 2 like argparse's own bad values (it was 1)."""
+    with pytest.raises(UsageError):
         parse_size(text)
 
 
