@@ -2,7 +2,9 @@
 
 The size check comes first: a message larger than `stream_max` (which must match clamd's
 StreamMaxLength) raises StreamTooLarge before a byte is sent, and so does clamd's own
-"INSTREAM size limit exceeded" if the two disagree. Never a silent pass.
+"INSTREAM size limit exceeded" if the two disagree, and a Heuristics.Limits.Exceeded finding
+(clamd with AlertExceedsMax stopped at one of its scan limits: an archive bomb, deep nesting).
+Never a silent pass.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from services.filter.protocol.clamd import (
     PONG,
     ClamdProtocolError,
     ClamdResult,
+    ClamdScanLimit,
     ClamdSizeLimit,
     chunks,
     parse_reply,
@@ -57,6 +60,9 @@ class ClamdClient:
             raise ScannerUnavailable(NAME, failure_reason(exc, self._timeout)) from exc
         try:
             return parse_reply(reply)
+        except ClamdScanLimit as exc:
+            raise StreamTooLarge(len(content), self._stream_max,
+                                 beyond_limits=exc.heuristic) from exc
         except ClamdSizeLimit as exc:
             raise StreamTooLarge(len(content), self._stream_max, by_scanner=True) from exc
         except ClamdProtocolError as exc:

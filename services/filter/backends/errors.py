@@ -31,8 +31,12 @@ class StreamTooLarge(Exception):
     Not a scanner failure: the outcome is the `virus_oversize` policy, never a silent pass.
     """
 
-    def __init__(self, size: int, limit: int, *, by_scanner: bool = False) -> None:
-        if by_scanner:  # clamd's own StreamMaxLength, below TIERMAIL_CLAMD_STREAM_MAX
+    def __init__(self, size: int, limit: int, *, by_scanner: bool = False,
+                 beyond_limits: str = "") -> None:
+        if beyond_limits:  # clamd's scan limits, inside the message (AlertExceedsMax)
+            super().__init__(f"clamd stopped at one of its scan limits ({beyond_limits}): "
+                             "an archive too large or nested too deep to scan whole")
+        elif by_scanner:  # clamd's own StreamMaxLength, below TIERMAIL_CLAMD_STREAM_MAX
             super().__init__(f"{size} bytes exceed clamd's StreamMaxLength (less than "
                              f"TIERMAIL_CLAMD_STREAM_MAX={limit}: set them equal)")
         else:

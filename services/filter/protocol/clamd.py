@@ -28,6 +28,19 @@ class ClamdSizeLimit(ValueError):
     """clamd refused the stream: larger than its StreamMaxLength."""
 
 
+class ClamdScanLimit(ClamdSizeLimit):
+    """clamd stopped scanning at one of its limits (MaxScanSize, MaxFileSize, MaxRecursion,
+    MaxFiles...: an archive bomb, deep nesting) and, with AlertExceedsMax, says so as a
+    finding; without it the rest went unscanned and the reply was OK."""
+
+    def __init__(self, heuristic: str) -> None:
+        super().__init__(heuristic)
+        self.heuristic = heuristic
+
+
+LIMITS_EXCEEDED = "Heuristics.Limits.Exceeded"
+
+
 @dataclass(frozen=True)
 class ClamdResult:
     signature: str | None  # None: clean
@@ -63,6 +76,8 @@ def parse_reply(data: bytes) -> ClamdResult:
         return CLEAN
     if verdict.endswith(" FOUND"):
         signature = verdict[: -len(" FOUND")].strip()
+        if signature.startswith(LIMITS_EXCEEDED):
+            raise ClamdScanLimit(signature[:200])
         if signature:
             return ClamdResult(signature)
     raise ClamdProtocolError(f"unexpected clamd reply: {text[:200]!r}")

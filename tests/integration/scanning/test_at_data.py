@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import logging
 import smtplib
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -29,7 +32,7 @@ from tests.integration.scanning.conftest import (
     send_one,
     take_all,
 )
-from tests.support import TcpProxy, free_port
+from tests.support import TcpProxy, eicar_bytes, free_port
 
 
 async def send(port: int, data: bytes) -> tuple[int, str]:
@@ -147,6 +150,42 @@ async def test_oversize_for_clamd_is_never_passed_silently(scan_settings: Settin
         assert worker.stats.scan_oversize == 1
         assert await send(worker.ports[0], ham("small")) == (250, "")
     assert len(await take_all(scan_settings, scan_settings.topology.deliver_queue)) == 1
+
+
+async def test_a_virus_past_clamds_scan_limits_is_never_passed_as_clean(
+        scan_settings: Settings) -> None:
+    """EICAR inside 25 nested zips (2 KB) is past clamd's MaxRecursion (17): clamd scanned
+    what it could, answered OK, and the message was delivered as clean (found in review).
+    With AlertExceedsMax it says Heuristics.Limits.Exceeded, which is the oversize policy."""
+    nested = eicar_bytes()
+    for level in range(25):
+        nested = _zipped(f"l{level}.zip" if level else "eicar.com", nested)
+    bomb = _with_attachment("nested", "archive.zip", nested)
+    async with open_worker(scan_settings.replace(virus_oversize="reject")) as worker:
+        assert reply_of(*await send(worker.ports[0], bomb)) == replies.SCAN_TOO_BIG_REJECT
+        assert worker.stats.scan_oversize == 1 and worker.stats.virus_clean == 0
+        shallow = _with_attachment("shallow", "archive.zip", _zipped("eicar.com",
+                                                                      eicar_bytes()))
+        code, text = await send(worker.ports[0], shallow)
+        assert code == 554 and "virus" in text, text
+    assert await depth(scan_settings, scan_settings.topology.deliver_queue) == 0
+
+
+def _zipped(name: str, data: bytes) -> bytes:
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, data)
+    return packed.getvalue()
+
+
+def _with_attachment(subject: str, name: str, data: bytes) -> bytes:
+    payload = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    body = (b"--XYZ\r\nContent-Type: text/plain\r\n\r\nAttached.\r\n"
+            b"--XYZ\r\nContent-Type: application/zip\r\n"
+            b"Content-Disposition: attachment; filename=\"" + name.encode() + b"\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + payload + b"--XYZ--\r\n")
+    return message(subject, body, b"MIME-Version: 1.0\r\n"
+                                  b"Content-Type: multipart/mixed; boundary=\"XYZ\"\r\n")
 
 
 async def test_spamassassin_backend(scan_settings: Settings, spamd: str) -> None:

@@ -127,6 +127,10 @@ def test_clamd_replies(reply: bytes, signature: str | None) -> None:
 def test_clamd_size_limit_and_errors() -> None:
     with pytest.raises(clamd.ClamdSizeLimit):
         clamd.parse_reply(b"INSTREAM size limit exceeded. ERROR\0")
+    # AlertExceedsMax: a scan limit reached inside the message is no virus, and no clean
+    with pytest.raises(clamd.ClamdScanLimit) as limit:
+        clamd.parse_reply(b"stream: Heuristics.Limits.Exceeded.MaxRecursion FOUND\0")
+    assert limit.value.heuristic == "Heuristics.Limits.Exceeded.MaxRecursion"
     for bad in (b"", b"garbage", b"stream: FOUND", b"stream: lstat() failed. ERROR",
                 b"UNKNOWN COMMAND"):
         with pytest.raises(clamd.ClamdProtocolError):
