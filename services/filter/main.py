@@ -148,6 +148,7 @@ async def open_worker(
                 max_recipients=settings.max_recipients,
                 publish_deadline=publish_deadline(settings),
                 postmaster=settings.postmaster,
+                spam_scanning=settings.spam != "off",
             ),
             directory=directory,
             publisher=publisher,

@@ -32,9 +32,13 @@ from common.topology import DELIVER_ROUTING_KEY, SCAN_ROUTING_KEY
 from services.filter.convert import peer_ip, tls_description, to_envelope
 from services.filter.hooks import hook_dir
 from services.filter.protocol import replies
-from services.filter.protocol.auth_results import claimed_by, without_claimed_results
+from services.filter.protocol.auth_results import (
+    claimed_by,
+    without_claimed_results,
+    without_fields,
+)
 from services.filter.protocol.message import ReceivedInfo, received_header
-from services.filter.protocol.scan_headers import our_authserv_id
+from services.filter.protocol.scan_headers import OUR_FIELDS, SPAM_FIELDS, our_authserv_id
 from services.filter.rules import Rule, evaluate, format_headers
 from services.filter.stall import PublishWatch
 from services.filter.stats import WorkerStats
@@ -75,6 +79,7 @@ class SessionPolicy:
     publish_deadline: float  # bound on the whole publish, connect included
     lookup_timeout: float = 10.0
     postmaster: str = ""  # where postmaster mail goes when a domain has no postmaster
+    spam_scanning: bool = False  # a spam scanner writes X-Spam-*: a sender's are removed
 
 
 @dataclass
@@ -274,7 +279,7 @@ class FilterSession:
         txn = self._transaction(envelope)
         content = envelope.original_content
         assert isinstance(content, bytes)  # decode_data=False
-        content = self._without_forged_results(content, txn)
+        content = self._without_forged_fields(content, txn)
 
         @functools.cache  # asked for the lookup, then again if the publish fails
         def digest() -> str | None:
@@ -330,15 +335,21 @@ class FilterSession:
         return await self._publish(message_envelope, head + content, envelope, digest,
                                    retry_of, routing_key, checks_ms)
 
-    def _without_forged_results(self, content: bytes, txn: Transaction) -> bytes:
+    def _without_forged_fields(self, content: bytes, txn: Transaction) -> bytes:
         """The message without Authentication-Results that claim our authserv-id or a domain
-        it is for (services/filter/protocol/auth_results.py)."""
+        it is for (services/filter/protocol/auth_results.py), and without scan result
+        fields that only we write (protocol/scan_headers.py)."""
         claimed = claimed_by(our_authserv_id(self._policy.hostname),
                              {r.address.rpartition("@")[2] for r in txn.recipients})
         cleaned, removed = without_claimed_results(content, claimed)
         if removed:
             log.info("removed %d Authentication-Results field(s) in our name (RFC 8601 "
                      "section 5)", removed, extra=self.log_extra(txn.queue_id))
+        ours = SPAM_FIELDS if self._policy.spam_scanning else OUR_FIELDS
+        cleaned, removed = without_fields(cleaned, ours, lambda _value: True)
+        if removed:
+            log.info("removed %d scan result field(s) the sender wrote", removed,
+                     extra=self.log_extra(txn.queue_id))
         return cleaned
 
     def _reuse_unconfirmed_queue_id(self, txn: Transaction, digest: str) -> bool:

@@ -27,19 +27,27 @@ _TOKEN = re.compile(r'[^\s;()"]*')  # RFC 2045 `value` as a token, loosely
 def without_claimed_results(content: bytes, claimed: Callable[[str], bool]) -> tuple[bytes, int]:
     """`content` without the Authentication-Results fields of its header section whose
     authserv-id (lower case) `claimed` says is ours, and how many were removed."""
+    return without_fields(content, _FIELD, lambda value: claimed(authserv_id_of(value)))
+
+
+def without_fields(content: bytes, field: re.Pattern[bytes], drop: Callable[[bytes], bool]
+                   ) -> tuple[bytes, int]:
+    """`content` without the fields of its header section that `field` (a pattern of the
+    name and colon at a line start) finds and `drop` says to remove, given the value
+    (continuation lines included), and how many were removed."""
     limit = _header_section_end(content)
-    match = _FIELD.search(content, 0, limit)
+    match = field.search(content, 0, limit)
     if match is None:
         return content, 0
     parts: list[bytes] = []
     start = removed = 0
     while match is not None:
         end = _field_end(content, match.end(), limit)
-        if claimed(authserv_id_of(content[match.end():end])):
+        if drop(content[match.end():end]):
             parts.append(content[start:match.start()])
             start = end
             removed += 1
-        match = _FIELD.search(content, end, limit)
+        match = field.search(content, end, limit)
     if not removed:
         return content, 0
     parts.append(content[start:])

@@ -77,6 +77,13 @@ def ham_headers(score: float, required: float) -> tuple[Header, ...]:
 
 NOT_SCANNED_HEADER = "X-Tiermail-Scan"
 
+# The scan results' fields as a sender may have written them, to be removed before ours are
+# added (a client rule or Sieve test matching `X-Spam: No` would take the sender's word):
+# ours always, the X-Spam family where the spam scanner writes its own.
+OUR_FIELDS = re.compile(rb"^X-Tiermail-(?:Scan|Virus)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+SPAM_FIELDS = re.compile(rb"^(?:X-Tiermail-(?:Scan|Virus)|X-Spam(?:-Status|-Score|-Symbols"
+                         rb"|-Flag|-Level|-Report)?)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
 
 def not_scanned_header(scanner: str) -> Header:
     return (NOT_SCANNED_HEADER, header_safe(f"not scanned ({scanner} unavailable)"))

@@ -68,6 +68,23 @@ async def test_authentication_results_in_our_name_are_removed(worker: FilterWork
     assert queued.envelope.size == len(queued.body)
 
 
+async def test_scan_fields_only_we_write_are_removed(worker: FilterWorker) -> None:
+    """A sender's `X-Tiermail-Scan: scanned clean` went through, ahead of what a client rule
+    might test (found in review). Ours are removed from every message; with no spam scanner
+    here, X-Spam-* are not ours to remove (an upstream filter's, if any)."""
+    forged = (b"X-Tiermail-Scan: scanned\r\n clean\r\nx-tiermail-virus: none\r\n"
+              b"X-Spam-Status: No, score=-100 required=5\r\n")
+    body = b"X-Tiermail-Scan: in the body stays\r\n"
+    raw = message("forged scan", body)
+    headers, _, _ = raw.partition(b"\r\n\r\n")
+    assert await in_thread(send, worker.ports[0], forged + headers + b"\r\n\r\n" + body,
+                           [ALICE]) == {}
+    [queued] = await drain_queue(worker.settings)
+    _, rest = split_received(queued.body)
+    assert rest == (b"X-Spam-Status: No, score=-100 required=5\r\n" + headers
+                    + b"\r\n\r\n" + body)
+
+
 async def test_reply_is_queued_with_the_queue_id(worker: FilterWorker) -> None:
     def transaction() -> tuple[int, bytes]:
         with connect(worker.ports[0]) as client:

@@ -188,6 +188,21 @@ def _with_attachment(subject: str, name: str, data: bytes) -> bytes:
                                   b"Content-Type: multipart/mixed; boundary=\"XYZ\"\r\n")
 
 
+async def test_a_senders_spam_verdict_is_replaced_by_ours(scan_settings: Settings) -> None:
+    """X-Spam-Status: No, score=-100 and X-Spam: No written by the sender were delivered
+    beside ours (found in review): a client rule matching `X-Spam: No` took the sender's
+    word. With a spam scanner on, the X-Spam family is ours alone."""
+    forged = (b"X-Spam-Status: No, score=-100 required=5\r\nX-Spam: No\r\n"
+              b"X-Spam-Score: -100\r\nX-Tiermail-Scan: scanned clean\r\n")
+    async with open_worker(scan_settings) as worker:
+        assert await send(worker.ports[0], forged + ham("forged verdict")) == (250, "")
+    [queued] = await take_all(scan_settings, scan_settings.topology.deliver_queue)
+    header_section = b"\n" + queued.body.partition(b"\r\n\r\n")[0].lower()
+    assert header_section.count(b"\nx-spam-status:") == 1, header_section
+    assert b"score=-100" not in header_section and b"\nx-spam:" not in header_section
+    assert b"x-spam-score:" not in header_section and b"x-tiermail-scan" not in header_section
+
+
 async def test_spamassassin_backend(scan_settings: Settings, spamd: str) -> None:
     sa = scan_settings.replace(spam="spamassassin", spamd_address=spamd, virus="off")
     async with open_worker(sa) as worker:

@@ -1,4 +1,5 @@
-"""Authentication-Results in our name removed from incoming mail (RFC 8601 section 5)."""
+"""Authentication-Results in our name (RFC 8601 section 5), and the scan result fields only we
+write, removed from incoming mail."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from services.filter.protocol.auth_results import (
     authserv_id_of,
     claimed_by,
     without_claimed_results,
+    without_fields,
 )
+from services.filter.protocol.scan_headers import OUR_FIELDS, SPAM_FIELDS
 
 OURS = claimed_by("mx.test.invalid", ["example.test", "bücher.example"])
 BODY = b"\r\nAuthentication-Results: mx.test.invalid; dmarc=pass\r\n"
@@ -82,3 +85,13 @@ def test_a_message_with_no_header_section_is_all_body() -> None:
 ])
 def test_authserv_id_of(value: bytes, identifier: str) -> None:
     assert authserv_id_of(value) == identifier
+
+
+def test_the_scan_fields_we_write_are_removed_and_no_others() -> None:
+    head = (b"X-Spam: No\r\nX-Spammer: kept\r\nx-spam-status: No,\r\n\tscore=-100\r\n"
+            b"X-Spam-Flag : NO\r\nX-Tiermail-Scan: clean\r\nSubject: X-Spam: in a value\r\n")
+    cleaned, removed = without_fields(head + BODY, SPAM_FIELDS, lambda _value: True)
+    assert (cleaned, removed) == (b"X-Spammer: kept\r\nSubject: X-Spam: in a value\r\n" + BODY,
+                                  4)
+    cleaned, removed = without_fields(head + BODY, OUR_FIELDS, lambda _value: True)
+    assert removed == 1 and b"X-Tiermail-Scan" not in cleaned and b"X-Spam: No" in cleaned
