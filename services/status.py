@@ -45,8 +45,9 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         problems.append(f"{broker['dead_letters']} message(s) in the dead-letter queue "
                         f"{settings.topology.dead_queue} (tiermail deadletters list)")
     if broker.get("quarantined"):
-        problems.append(f"{broker['quarantined']} infected message(s) in quarantine "
-                        f"{settings.topology.quarantine_queue}")
+        problems.append(f"{broker['quarantined']} message(s) in quarantine "
+                        f"{settings.topology.quarantine_queue}, infected or not scanned "
+                        "(tiermail quarantine list)")
     problems += _learn_problems(broker, settings)
     for tier in ("filter", "store"):
         if redis["reachable"] and tier not in tiers:
