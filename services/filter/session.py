@@ -225,7 +225,11 @@ class FilterSession:
             log.info("recipient %s refused: %s (%s)", one_word(address),
                      "message larger than the quota" if too_big else "mailbox full",
                      ",".join(too_big or lookup.over_quota or too_full), extra=extra)
-            return replies.LARGER_THAN_QUOTA if too_big else replies.MAILBOX_FULL
+            # 552 only when no mailbox of the recipient can ever take it: one member's small
+            # quota made a whole alias bounce the message for every member (RFC 1870 6.1
+            # ties 552 to the recipient's own limit, and an alias has none).
+            never_fits = bool(too_big) and len(lookup.mailboxes) == 1
+            return replies.LARGER_THAN_QUOTA if never_fits else replies.MAILBOX_FULL
         resolution = lookup.resolution
         if resolution is Resolution.NOT_LOCAL and "@" not in address:
             # <postmaster> with no TIERMAIL_POSTMASTER: ours to have, not a relay attempt.

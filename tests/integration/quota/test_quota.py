@@ -122,7 +122,10 @@ async def test_a_declared_size_that_does_not_fit_is_refused_at_rcpt(settings: Se
         assert await in_thread(rcpt_codes, port, room, [ALICE, BOB, TEAM]) == [250, 250, 250]
         assert await in_thread(rcpt_codes, port, room + 1, [ALICE, BOB, TEAM]) \
             == [452, 250, 452]  # the alias whole: alice is in it
-        assert await in_thread(rcpt_codes, port, 10_001, [ALICE, BOB]) == [552, 250]
+        # An alias of several mailboxes is never 552: one member's small quota bounced the
+        # message for every member (found in review); SOLO is an alias of alice alone.
+        assert await in_thread(rcpt_codes, port, 10_001, [ALICE, BOB, TEAM, SOLO]) \
+            == [552, 250, 452, 552]
         assert await in_thread(rcpt_codes, port, None, [ALICE]) == [250]  # known at DATA only
         await deliver(store.maildb, ALICE, 1)  # usage moves with no cache notice
         await eventually(lambda: _usage_published(store, ALICE, used + (used // 2)),
