@@ -95,7 +95,8 @@ def _while_broker_unusable(beats: list[dict[str, Any]]) -> str:
     """What the filters do while status cannot use the broker: a filter connected before (a
     connection limit refuses only new connections) still takes mail."""
     connected = sum(1 for beat in beats
-                    if beat.get("tier") == "filter" and beat.get("broker_connected") is True)
+                    if beat.get("tier") == "filter" and beat.get("broker_connected") is True
+                    and not beat.get("broker_not_confirming"))
     if connected:
         return (f"{connected} filter(s) connected before still take mail; a filter that "
                 "cannot connect answers 451")

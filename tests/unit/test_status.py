@@ -146,6 +146,9 @@ def test_filters_connected_before_the_broker_refused_status_still_take_mail() ->
         "1 filter(s) connected before still take mail")
     assert status._while_broker_unusable([cut_off]) == (
         "filters answer 451, mail waits at the senders")
+    stalled = {**connected, "broker_not_confirming": True}  # answers 451 at MAIL FROM
+    assert status._while_broker_unusable([stalled]) == (
+        "filters answer 451, mail waits at the senders")
 
 
 def test_a_process_that_went_without_stopping_is_named() -> None:

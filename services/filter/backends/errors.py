@@ -43,3 +43,4 @@ class StreamTooLarge(Exception):
             super().__init__(f"{size} bytes exceed the scanner's stream limit of {limit}")
         self.size = size
         self.limit = limit
+        self.beyond_limits = beyond_limits

@@ -59,6 +59,10 @@ RATE_MESSAGES_USER = "451 4.7.1 Too many messages from your account, please try 
 # completed; 4.7.1: rspamd asked to try later (soft reject, greylisting). RFC 3463 3.8.
 SCANNER_UNAVAILABLE = "451 4.7.0 Message could not be scanned now, please try again later"
 SCAN_TOO_BIG_TEMPFAIL = "451 4.7.0 Message too big to be scanned now, please try again later"
+# clamd stopped at one of its scan limits inside the message (an archive nested too deep or
+# unpacking too large): the same policy as too big (TIERMAIL_VIRUS_OVERSIZE), in its words.
+SCAN_LIMITS_TEMPFAIL = ("451 4.7.0 Message could not be scanned whole for viruses now, please "
+                        "try again later")
 SPAM_TEMPFAIL = "451 4.7.1 Message deferred, please try again later"
 
 # Our own temporary trouble (broker, directory, internal, a full mailbox) and limits the
@@ -66,7 +70,7 @@ SPAM_TEMPFAIL = "451 4.7.1 Message deferred, please try again later"
 # client answer by sending the rest later): never the client's fault, so not counted towards
 # smtp_max_errors.
 _SERVER_TROUBLE = ("451 4.3.0", "421", SCANNER_UNAVAILABLE, SCAN_TOO_BIG_TEMPFAIL,
-                   MAILBOX_FULL, LARGER_THAN_QUOTA, TOO_MANY_RECIPIENTS)
+                   SCAN_LIMITS_TEMPFAIL, MAILBOX_FULL, LARGER_THAN_QUOTA, TOO_MANY_RECIPIENTS)
 
 
 def is_client_error(reply: str) -> bool:
@@ -99,6 +103,8 @@ SPAM_REJECTED = "550 5.7.1 Message refused as spam"
 SPAM_REJECTED_TEXT = "550 5.7.1 {text}"  # rspamd's smtp_message, made one safe line
 VIRUS_FOUND = "554 5.7.1 Message refused: virus {signature} found"
 SCAN_TOO_BIG_REJECT = "552 5.3.4 Message too big to be scanned for viruses"
+SCAN_LIMITS_REJECT = ("554 5.7.1 Message refused: it cannot be scanned whole for viruses "
+                      "(archives nested too deep or too large unpacked)")
 SIZE_EXCEEDED = "552 5.3.4 Message size exceeds fixed maximum message size"
 LINE_TOO_LONG = "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)"
 COMMAND_TOO_LONG = "500 5.5.2 Command line too long"

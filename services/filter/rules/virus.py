@@ -1,7 +1,8 @@
 """Refuse infected messages (clamd INSTREAM): 554 5.7.1 naming the signature; never queued.
 
 A message larger than clamd's StreamMaxLength is handled by the `virus_oversize` policy
-(reject: 552 5.3.4, tempfail: 451 4.7.0), never passed unscanned.
+(reject: 552 5.3.4, tempfail: 451 4.7.0), never passed unscanned; so is one clamd cannot
+scan whole (a scan limit reached inside it: 554 5.7.1 or 451 4.7.0).
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ class VirusRule:
             self._stats.scan_oversize += 1
             log.warning("too big for the virus scanner (%s): %s", exc, self._oversize.value,
                         extra=extra)
-            if self._oversize is Oversize.REJECT:
-                return Verdict(replies.SCAN_TOO_BIG_REJECT)
-            return Verdict(replies.SCAN_TOO_BIG_TEMPFAIL)
+            reject = self._oversize is Oversize.REJECT
+            if exc.beyond_limits:
+                return Verdict(replies.SCAN_LIMITS_REJECT if reject
+                               else replies.SCAN_LIMITS_TEMPFAIL)
+            return Verdict(replies.SCAN_TOO_BIG_REJECT if reject
+                           else replies.SCAN_TOO_BIG_TEMPFAIL)
         except ScannerUnavailable as exc:
             return unavailable_verdict(self._failure, exc, envelope, self._stats)
         if result.signature is not None:

@@ -162,7 +162,7 @@ async def test_a_virus_past_clamds_scan_limits_is_never_passed_as_clean(
         nested = _zipped(f"l{level}.zip" if level else "eicar.com", nested)
     bomb = _with_attachment("nested", "archive.zip", nested)
     async with open_worker(scan_settings.replace(virus_oversize="reject")) as worker:
-        assert reply_of(*await send(worker.ports[0], bomb)) == replies.SCAN_TOO_BIG_REJECT
+        assert reply_of(*await send(worker.ports[0], bomb)) == replies.SCAN_LIMITS_REJECT
         assert worker.stats.scan_oversize == 1 and worker.stats.virus_clean == 0
         shallow = _with_attachment("shallow", "archive.zip", _zipped("eicar.com",
                                                                       eicar_bytes()))
