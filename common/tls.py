@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 from common.settings import Settings, SettingsError
 
+log = logging.getLogger(__name__)
+
 
 def ensure_dev_certificate(cert: Path, key: Path, hostname: str) -> bool:
-    """Create a self-signed certificate for `hostname` unless both files exist.
+    """Create a self-signed certificate for `hostname` unless both files exist and the
+    certificate is still valid for a day and names `hostname` (one made 825 days ago, or for
+    another TIERMAIL_HOSTNAME, was kept, and clients refused it with nothing in our logs).
 
     Returns True when a certificate was generated. Used by `make run` / `tiermail up` and the
     tests; production deployments bring their own certificate (TIERMAIL_TLS_CERT/KEY).
     """
-    if cert.exists() and key.exists():
+    if cert.exists() and key.exists() and _valid_for(cert, DAY) and _names(cert, hostname):
         return False
     cert.parent.mkdir(parents=True, exist_ok=True)
     key.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +43,32 @@ def ensure_dev_certificate(cert: Path, key: Path, hostname: str) -> bool:
     )
     key.chmod(0o600)
     return True
+
+
+DAY = 24 * 3600
+
+
+def _valid_for(cert: Path, seconds: int) -> bool:
+    """Whether the certificate is valid now and `seconds` from now (0: now)."""
+    checked = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-checkend",
+                              str(seconds)], capture_output=True, text=True)
+    return checked.returncode == 0 and not _not_yet_valid(cert)
+
+
+def _not_yet_valid(cert: Path) -> bool:
+    shown = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-startdate"],
+                           capture_output=True, text=True)
+    try:
+        start = ssl.cert_time_to_seconds(shown.stdout.strip().partition("=")[2])
+    except ValueError:
+        return False
+    return start > time.time()
+
+
+def _names(cert: Path, hostname: str) -> bool:
+    checked = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-checkhost",
+                              hostname], capture_output=True, text=True)
+    return checked.returncode == 0 and "does match" in checked.stdout
 
 
 def _alt_names(hostname: str) -> str:
@@ -65,4 +97,7 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
     except (ssl.SSLError, OSError) as exc:
         raise SettingsError(f"TIERMAIL_TLS_CERT={cert} / TIERMAIL_TLS_KEY={key}: "
                             f"not a usable certificate and key: {exc}") from None
+    if not _valid_for(cert, 0):
+        log.warning("the TLS certificate %s is expired or not yet valid: clients refuse it "
+                    "(renew it, then restart the tiers)", cert, extra={"event": "tls-expired"})
     return context

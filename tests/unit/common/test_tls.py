@@ -64,3 +64,43 @@ def test_a_machine_named_localhost_gets_each_name_once(tmp_path: Path) -> None:
                             "subjectAltName"], check=True, capture_output=True,
                            text=True).stdout.splitlines()[-1].strip()
     assert names == "DNS:localhost, IP Address:127.0.0.1"
+
+
+def _expired_pair(folder: Path, hostname: str) -> tuple[Path, Path]:
+    """A certificate for `hostname` valid through 2024 only (openssl ca -selfsign, the one
+    way openssl 3.0 takes dates in the past)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.txt").write_text("")
+    (folder / "serial").write_text("01\n")
+    (folder / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nserial = serial\n"
+        "new_certs_dir = .\ndefault_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(folder / "req.csr"), "-subj", f"/CN={hostname}"],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "ca", "-batch", "-config", "ca.cnf", "-keyfile", str(key),
+                    "-in", "req.csr", "-out", str(cert), "-selfsign", "-startdate",
+                    "20240101000000Z", "-enddate", "20250101000000Z"],
+                   check=True, capture_output=True, cwd=folder)
+    return cert, key
+
+
+def test_an_expired_or_misnamed_development_certificate_is_made_anew(tmp_path: Path) -> None:
+    """`tiermail up` kept a development certificate 825 days old, or one made for another
+    TIERMAIL_HOSTNAME, and clients refused it with nothing in our logs (found in review)."""
+    cert, key = _expired_pair(tmp_path / "tls", "mx.test.invalid")
+    assert ensure_dev_certificate(cert, key, "mx.test.invalid")  # expired: made anew
+    assert not ensure_dev_certificate(cert, key, "mx.test.invalid")  # valid: kept
+    assert ensure_dev_certificate(cert, key, "mail.other.test")  # another name: made anew
+    subject = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-subject"],
+                             check=True, capture_output=True, text=True).stdout
+    assert "mail.other.test" in subject
+
+
+def test_an_expired_configured_certificate_is_said_at_start(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cert, key = _expired_pair(tmp_path / "tls", "mx.test.invalid")
+    settings = Settings(data_dir=tmp_path, tls_cert=str(cert), tls_key=str(key))
+    assert server_context(settings) is not None  # served all the same: the operator decides
+    assert "is expired or not yet valid" in caplog.text
