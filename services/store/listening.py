@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import cast
 
 from common.budget import OpenCounts
 from common.ratelimit import Network, ip_subject
@@ -209,30 +208,6 @@ async def implicit_tls(writer: asyncio.StreamWriter, context: ssl.SSLContext, wi
         writer.transport.abort()
         return False
     return True
-
-
-class _HeldStreamProtocol(asyncio.StreamReaderProtocol):
-    """A stream protocol that reads nothing until start_tls takes the connection over: a
-    client of an implicit-TLS port sends its ClientHello at once, and read into the plaintext
-    buffer before the session's start_tls it never reached the TLS layer (the handshake
-    failed with an EOF, now and then, under load)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        cast(asyncio.ReadTransport, transport).pause_reading()
-        super().connection_made(transport)
-
-
-async def start_implicit_tls_server(
-        serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-        host: str, port: int, limit: int = 2**16) -> asyncio.Server:
-    """asyncio.start_server for a port whose sessions begin with `implicit_tls`."""
-    loop = asyncio.get_running_loop()
-
-    def protocol() -> asyncio.StreamReaderProtocol:
-        return _HeldStreamProtocol(asyncio.StreamReader(limit=limit, loop=loop), serve,
-                                   loop=loop)
-
-    return await loop.create_server(protocol, host, port)
 
 
 async def refuse_implicit_tls(writer: asyncio.StreamWriter, context: ssl.SSLContext | None,

@@ -58,7 +58,6 @@ from services.store.listening import (
     peer_of,
     read_timer,
     refuse_implicit_tls,
-    start_implicit_tls_server,
     write_or_lost,
 )
 
@@ -111,8 +110,8 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     try:
         with binding("imaps_port", settings.bind, settings.imaps_port):
             # No ssl= here: the session makes the handshake once it is counted.
-            server = await start_implicit_tls_server(implicit.serve, settings.bind,
-                                                     settings.imaps_port)
+            server = await asyncio.start_server(implicit.serve, settings.bind,
+                                                settings.imaps_port)
     except BaseException:
         servers[0].close()
         raise

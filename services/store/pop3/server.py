@@ -30,7 +30,6 @@ from services.store.listening import (
     peer_of,
     read_timer,
     refuse_implicit_tls,
-    start_implicit_tls_server,
     write_or_lost,
 )
 from services.store.logins import Logins
@@ -84,7 +83,7 @@ async def start_pop3_servers(
         try:
             with binding("pop3s_port", settings.bind, settings.pop3s_port):
                 # No ssl= here: the session makes the handshake once it is counted.
-                server = await start_implicit_tls_server(
+                server = await asyncio.start_server(
                     implicit.serve, settings.bind, settings.pop3s_port, limit=LINE_LIMIT)
         except BaseException:
             servers[0].close()

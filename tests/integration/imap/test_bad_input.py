@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 import tracemalloc
-from typing import Any
 
 import pytest
 import redis
@@ -894,29 +893,6 @@ async def test_imaps_connections_still_in_their_handshake_count_against_the_limi
         finally:
             for sock in silent:
                 sock.close()
-
-    await in_thread(dialog)
-
-
-async def test_an_imaps_client_hello_sent_before_the_session_starts_its_handshake_is_read(
-        start_imap: StartImap, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the handshake made by the session, a ClientHello that arrived before the session
-    called start_tls was read into the plaintext buffer and never reached TLS: the client
-    saw an EOF (the fresh-clone CI, under load). The connection reads nothing until then."""
-    original = imap_server_module.implicit_tls
-
-    async def late(*args: Any) -> bool:
-        await asyncio.sleep(0.3)  # pacing: the ClientHello is surely in by then
-        return await original(*args)
-
-    monkeypatch.setattr(imap_server_module, "implicit_tls", late)
-    server = await start_with(start_imap, settings)
-
-    def dialog() -> None:
-        client = Raw.connect(server.tls_port, tls=True)
-        assert client.greeting.startswith(b"* OK")
-        client.ok(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')
-        client.close()
 
     await in_thread(dialog)
 
