@@ -187,40 +187,6 @@ def peer_of(writer: asyncio.StreamWriter) -> str:
     return f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
 
 
-# A connection refused on an implicit-TLS port gets its refusal over TLS, so the handshake
-# comes first, but briefly: it is not counted against any limit.
-REFUSAL_HANDSHAKE_TIMEOUT = 5.0
-
-
-async def implicit_tls(writer: asyncio.StreamWriter, context: ssl.SSLContext, within: float,
-                       protocol: str) -> bool:
-    """The TLS handshake of an implicit-TLS port (IMAPS, POP3S), made by the session once
-    the connection is counted against the connection limits. Made by the server before the
-    session (asyncio's start_server with ssl=), a connection that never finished its
-    handshake held a descriptor for the whole handshake timeout uncounted: a flood of them
-    went past every limit (found in review). False, with the connection aborted, when the
-    handshake fails or times out."""
-    try:
-        await writer.start_tls(context, ssl_handshake_timeout=within)
-    except OSError as exc:  # ssl.SSLError, a reset, asyncio's handshake timeout
-        log.info("TLS handshake failed: %s", type(exc).__name__,
-                 extra={"peer": peer_of(writer), "event": f"{protocol}-tls-failed"})
-        writer.transport.abort()
-        return False
-    return True
-
-
-async def refuse_implicit_tls(writer: asyncio.StreamWriter, context: ssl.SSLContext | None,
-                              reply: bytes, protocol: str,
-                              why: str = "too many connections") -> None:
-    """`refuse_connection`, after a short handshake when the port is implicit TLS
-    (`context`), so that the client can read the refusal."""
-    if context is not None and not await implicit_tls(writer, context,
-                                                      REFUSAL_HANDSHAKE_TIMEOUT, protocol):
-        return
-    await refuse_connection(writer, reply, protocol, why)
-
-
 async def refuse_connection(writer: asyncio.StreamWriter, reply: bytes, protocol: str,
                             why: str = "too many connections") -> None:
     """Over a connection limit: `reply` instead of the greeting, and the connection

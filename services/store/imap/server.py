@@ -53,11 +53,10 @@ from services.store.listening import (
     SessionEnded,
     SessionEndingServer,
     end_connection,
-    implicit_tls,
     peer_ip,
     peer_of,
     read_timer,
-    refuse_implicit_tls,
+    refuse_connection,
     write_or_lost,
 )
 
@@ -109,9 +108,9 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
     implicit = ImapListener(settings, deps, context, sessions, clients, implicit_tls=True)
     try:
         with binding("imaps_port", settings.bind, settings.imaps_port):
-            # No ssl= here: the session makes the handshake once it is counted.
             server = await asyncio.start_server(implicit.serve, settings.bind,
-                                                settings.imaps_port)
+                                                settings.imaps_port, ssl=context,
+                                                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
     except BaseException:
         servers[0].close()
         raise
@@ -340,24 +339,18 @@ class ImapListener:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        implicit = self._context if self._implicit_tls else None
         if self.sessions.full:
-            await refuse_implicit_tls(writer, implicit, r.BYE_TOO_MANY_CONNECTIONS.untagged(),
-                                      "imap")
+            await refuse_connection(writer, r.BYE_TOO_MANY_CONNECTIONS.untagged(), "imap")
             return
         uncount = self._clients.admit(peer_ip(writer))
         if uncount is None:
-            await refuse_implicit_tls(writer, implicit,
-                                      r.BYE_TOO_MANY_FROM_ADDRESS.untagged(), "imap",
-                                      "too many connections from one address")
+            await refuse_connection(writer, r.BYE_TOO_MANY_FROM_ADDRESS.untagged(), "imap",
+                                    "too many connections from one address")
             return
+        connection = Connection(reader, writer, self._settings, self._context,
+                                self._deps.literals)
         try:
             with self.sessions.running(task):
-                if implicit is not None and not await implicit_tls(
-                        writer, implicit, TLS_HANDSHAKE_TIMEOUT, "imaps"):
-                    return
-                connection = Connection(reader, writer, self._settings, self._context,
-                                        self._deps.literals)
                 await self._serve(connection)
         finally:
             uncount()

@@ -25,11 +25,10 @@ from services.store.listening import (
     SessionEndingServer,
     client_io,
     end_connection,
-    implicit_tls,
     peer_ip,
     peer_of,
     read_timer,
-    refuse_implicit_tls,
+    refuse_connection,
     write_or_lost,
 )
 from services.store.logins import Logins
@@ -82,9 +81,10 @@ async def start_pop3_servers(
                                 throttle=throttle, logins=logins)
         try:
             with binding("pop3s_port", settings.bind, settings.pop3s_port):
-                # No ssl= here: the session makes the handshake once it is counted.
                 server = await asyncio.start_server(
-                    implicit.serve, settings.bind, settings.pop3s_port, limit=LINE_LIMIT)
+                    implicit.serve, settings.bind, settings.pop3s_port, limit=LINE_LIMIT,
+                    ssl=context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+                )
         except BaseException:
             servers[0].close()
             raise
@@ -134,22 +134,17 @@ class Pop3Listener:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        implicit = self._context if self._implicit_tls else None
         if self.sessions.full:
             # A negative greeting (RFC 3206's SYS/TEMP: try again later).
-            await refuse_implicit_tls(writer, implicit, p.ERR_TOO_MANY_CONNECTIONS.encode(),
-                                      "pop3")
+            await refuse_connection(writer, p.ERR_TOO_MANY_CONNECTIONS.encode(), "pop3")
             return
         uncount = self._clients.admit(peer_ip(writer))
         if uncount is None:
-            await refuse_implicit_tls(writer, implicit, p.ERR_TOO_MANY_FROM_ADDRESS.encode(),
-                                      "pop3", "too many connections from one address")
+            await refuse_connection(writer, p.ERR_TOO_MANY_FROM_ADDRESS.encode(), "pop3",
+                                    "too many connections from one address")
             return
         try:
             with self.sessions.running(task):
-                if implicit is not None and not await implicit_tls(
-                        writer, implicit, TLS_HANDSHAKE_TIMEOUT, "pop3s"):
-                    return
                 await self._serve(reader, writer, self._implicit_tls)
         finally:
             uncount()
