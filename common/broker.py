@@ -37,7 +37,7 @@ from yarl import URL
 
 from common.envelope import Envelope, EnvelopeError
 from common.settings import SettingsError
-from common.tasks import pause
+from common.tasks import being_cancelled, pause
 from common.topology import (
     DELIVER_ROUTING_KEY,
     ENVELOPE_HEADER_BUDGET,
@@ -266,7 +266,7 @@ class Publisher:
             ) for properties in all_properties]
             await (sends[0] if len(sends) == 1 else asyncio.gather(*sends))
         except asyncio.CancelledError:
-            if _cancelled_from_outside():
+            if being_cancelled():
                 raise
             # aiormq cancels the confirms still awaited when the connection closes (the
             # broker went away, or another session's failed publish discarded it): this
@@ -402,13 +402,6 @@ class Publisher:
         # A failed publish may leave the channel in an unknown state; start afresh next time.
         if self._channel is channel:
             await self._close_connection()
-
-
-def _cancelled_from_outside() -> bool:
-    """Whether the running task itself is being cancelled (its session or the worker ends),
-    not only a future it awaited."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 def _refusal(exc: aiormq.exceptions.DeliveryError) -> str:

@@ -197,11 +197,13 @@ class Directory:
 
     async def counts(self) -> dict[str, int]:
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.scard(self.key("domains"))
-            pipe.scard(self.key("users"))
-            pipe.hlen(self.key("aliases"))
-            domains, users, aliases = await pipe.execute()
-        return {"domains": domains, "users": users, "aliases": aliases}
+            self._queue_counts(pipe)
+            return _counted(await pipe.execute())
+
+    def _queue_counts(self, pipe: Pipeline) -> None:
+        pipe.scard(self.key("domains"))
+        pipe.scard(self.key("users"))
+        pipe.hlen(self.key("aliases"))
 
     # Writing (store tier and the tiermail CLI)
 
@@ -241,13 +243,10 @@ class Directory:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.exists(self.key("version"))
             pipe.get(self.key("generation"))
-            pipe.scard(self.key("domains"))
-            pipe.scard(self.key("users"))
-            pipe.hlen(self.key("aliases"))
+            self._queue_counts(pipe)
             published, held, *numbers = await pipe.execute()
         return (bool(published) and held is not None and int(held) == generation
-                and dict(zip(("domains", "users", "aliases"), numbers, strict=True))
-                == dict(counts))
+                and _counted(numbers) == dict(counts))
 
     async def advance_generation(self, generation: int) -> None:
         """Record that the change made at `generation` is mirrored, if every change before
@@ -490,6 +489,11 @@ def _met(entry: list[object]) -> Met:
     return Met(bool(is_user), None if targets is None else _split_targets(targets),  # type: ignore[arg-type]
                None if catch_all is None else _split_targets(catch_all),  # type: ignore[arg-type]
                (bool(over_quota), _optional_int(limit)))
+
+
+def _counted(numbers: Sequence[int]) -> dict[str, int]:
+    """Directory._queue_counts' replies by name."""
+    return dict(zip(("domains", "users", "aliases"), numbers, strict=True))
 
 
 def _split_targets(raw: bytes | str) -> list[str]:

@@ -31,6 +31,14 @@ def raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+def being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (a stop, a deadline), not merely
+    hit by a CancelledError from a future it awaited (aiormq cancels those when its
+    connection closes)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 async def pause(seconds: float, wake: asyncio.Event | None = None) -> bool:
     """Where a background loop waits between rounds: `seconds`, or until `wake` is set (True
     then). A cancellation swallowed during the round ends the task here."""

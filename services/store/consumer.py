@@ -36,7 +36,7 @@ from common.broker import TopologyMismatch, close_connection, connect_failure, o
 from common.directory import normalize_address
 from common.envelope import Envelope, EnvelopeError
 from common.settings import Settings
-from common.tasks import pause
+from common.tasks import being_cancelled, pause
 from common.topology import (
     LARGE_PREFETCH,
     MAILBOXES_HEADER,
@@ -143,7 +143,7 @@ class Consumer:
             except TopologyMismatch:
                 raise
             except asyncio.CancelledError:
-                if _being_cancelled():
+                if being_cancelled():
                     raise
                 # aiormq gives a connection up that sent no frames for three heartbeats (a
                 # broker that hangs, a path that drops packets) by cancelling what waits on
@@ -571,8 +571,3 @@ def _log_failure(exc: Exception, message: str, *args: object, extra: dict[str, s
         log.error(message, *args, exc_info=exc, extra=extra)
 
 
-def _being_cancelled() -> bool:
-    """Whether the running task itself is being cancelled (a stop), not merely hit by a
-    CancelledError from a future it awaited (aiormq cancels those on a dead connection)."""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
