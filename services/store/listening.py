@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 import ssl
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
 from common.budget import OpenCounts
@@ -175,6 +178,231 @@ def _nothing() -> None:
     pass
 
 
+@dataclass(frozen=True)
+class Refusal:
+    reply: bytes  # what the client reads instead of the greeting
+    why: str  # for the log
+
+
+@dataclass(frozen=True)
+class ConnectionGate:
+    """A listener's connection limits, and what a connection past them reads."""
+
+    sessions: ListenerSessions
+    clients: ClientConnections  # shared with the sibling listener
+    too_many: bytes
+    too_many_from_address: bytes
+    protocol: str  # "imap" or "pop3", for the log events
+
+    def enter(self, ip: str) -> Callable[[], None] | Refusal:
+        """The function that ends this connection's count (call it once, when it ends), or
+        the refusal of a connection past a limit."""
+        if self.sessions.full:
+            return Refusal(self.too_many, "too many connections")
+        uncount = self.clients.admit(ip)
+        if uncount is None:
+            return Refusal(self.too_many_from_address, "too many connections from one address")
+        return uncount
+
+
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def serve_counted(gate: ConnectionGate, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter, serve: Serve) -> None:
+    """A plain port's connection: counted against `gate`'s limits while `serve` runs, or
+    refused."""
+    entered = gate.enter(peer_ip(writer))
+    if isinstance(entered, Refusal):
+        await refuse_connection(writer, entered.reply, gate.protocol, entered.why)
+        return
+    task = asyncio.current_task()
+    assert task is not None
+    try:
+        with gate.sessions.running(task):
+            await serve(reader, writer)
+    finally:
+        entered()
+
+
+# A connection refused on an implicit-TLS port reads its refusal over TLS, so the handshake
+# comes first, but briefly, and for a bounded number of such connections at once (they hold no
+# place under the limits): past that, one is closed without a word.
+REFUSAL_HANDSHAKE_TIMEOUT = 5.0
+MAX_REFUSAL_HANDSHAKES = 64
+ACCEPT_RETRY_DELAY = 1.0  # after running out of descriptors, as asyncio's own servers wait
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class ImplicitTlsServer(asyncio.AbstractServer):
+    """The listener of an implicit-TLS port (IMAPS, POP3S), which counts a connection against
+    the connection limits from its accept, before its TLS handshake.
+
+    asyncio's start_server(ssl=) makes the handshake before any code of ours sees the
+    connection: one that never finished it held a descriptor for the whole handshake timeout
+    counted nowhere, and a flood of them went past every limit (found in review). Taking a
+    plain stream over with start_tls once counted does not work on uvloop (the store's
+    loop): its transports start reading after `connection_made` even when that paused them,
+    so a ClientHello sent at once was read as plaintext and the client saw an EOF. So this
+    server accepts the sockets itself, counts each, and hands it still unread to the loop
+    (`connect_accepted_socket`) for the handshake."""
+
+    def __init__(self, gate: ConnectionGate, context: ssl.SSLContext, serve: Serve, *,
+                 handshake_timeout: float, limit: int = 2**16) -> None:
+        self._gate = gate
+        self._context = context
+        self._serve = serve
+        self._handshake_timeout = handshake_timeout
+        self._limit = limit
+        self._sockets: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._refusing = 0
+
+    async def listen(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._sockets = await listening_sockets(host, port)
+        self._accepting = [loop.create_task(self._accept_forever(sock))
+                           for sock in self._sockets]
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._sockets)
+
+    def close(self) -> None:
+        """Stop accepting. Connections go on, as asyncio's servers leave theirs."""
+        for task in self._accepting:
+            task.cancel()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    def is_serving(self) -> bool:
+        return bool(self._sockets)
+
+    async def start_serving(self) -> None:
+        pass  # serving from `listen`
+
+    async def serve_forever(self) -> None:
+        await asyncio.gather(*self._accepting)
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+
+    async def _accept_forever(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except ConnectionAbortedError:  # reset while waiting in the accept queue
+                continue
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                log.error("cannot accept %s connections: %s; trying again in %g s",
+                          self._gate.protocol, exc.strerror, ACCEPT_RETRY_DELAY,
+                          extra={"event": f"{self._gate.protocol}-accept-failed"})
+                await asyncio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            sock.setblocking(False)
+            task = loop.create_task(self._connection(sock))
+            self._connections.add(task)
+            task.add_done_callback(self._connection_done)
+
+    def _connection_done(self, task: asyncio.Task[None]) -> None:
+        self._connections.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s connection failed", self._gate.protocol, exc_info=task.exception())
+
+    async def _connection(self, sock: socket.socket) -> None:
+        try:
+            ip = sock.getpeername()[0]
+        except OSError:  # the client has gone already
+            sock.close()
+            return
+        entered = self._gate.enter(ip)
+        if isinstance(entered, Refusal):
+            await self._refuse(sock, entered)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            with self._gate.sessions.running(task):
+                streams = await self._handshake(sock, self._handshake_timeout)
+                if streams is not None:
+                    await self._serve(*streams)
+        finally:
+            entered()
+
+    async def _refuse(self, sock: socket.socket, refusal: Refusal) -> None:
+        if self._refusing >= MAX_REFUSAL_HANDSHAKES:
+            log.warning("%s, closing %s before its TLS handshake", refusal.why,
+                        _address(sock), extra={"peer": _address(sock),
+                                               "event": f"{self._gate.protocol}-refused"})
+            sock.close()
+            return
+        self._refusing += 1
+        try:
+            streams = await self._handshake(sock, REFUSAL_HANDSHAKE_TIMEOUT)
+            if streams is not None:
+                await refuse_connection(streams[1], refusal.reply, self._gate.protocol,
+                                        refusal.why)
+        finally:
+            self._refusing -= 1
+
+    async def _handshake(self, sock: socket.socket, within: float
+                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The connection's streams once its TLS handshake is made; None (the connection
+        closed) when it fails or takes longer than `within`."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=self._limit, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        peer = _address(sock)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=self._context, ssl_handshake_timeout=within)
+        except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout
+            log.info("TLS handshake failed: %s", type(exc).__name__,
+                     extra={"peer": peer, "event": f"{self._gate.protocol}s-tls-failed"})
+            return None
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+async def listening_sockets(host: str, port: int, backlog: int = 100) -> list[socket.socket]:
+    """Non-blocking sockets listening on every address `host` names (as asyncio's
+    create_server binds them: SO_REUSEADDR, IPv6 sockets IPv6 only)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _address(sock: socket.socket) -> str:
+    try:
+        peername = sock.getpeername()
+    except OSError:
+        return "?"
+    return f"{peername[0]}:{peername[1]}"
+
+
 def peer_ip(writer: asyncio.StreamWriter) -> str:
     """The client's address without its port."""
     peername = writer.get_extra_info("peername")
@@ -206,7 +434,7 @@ class SessionEndingServer(asyncio.AbstractServer):
     section 6), so mailboxes are unlocked and nothing touches the store after it is closed.
     """
 
-    def __init__(self, server: asyncio.Server, sessions: ListenerSessions) -> None:
+    def __init__(self, server: asyncio.AbstractServer, sessions: ListenerSessions) -> None:
         self._server = server
         self._sessions = sessions
 
@@ -216,7 +444,7 @@ class SessionEndingServer(asyncio.AbstractServer):
 
     @property
     def sockets(self) -> tuple[object, ...]:
-        return tuple(self._server.sockets)
+        return tuple(getattr(self._server, "sockets", ()))
 
     def close(self) -> None:
         self._server.close()

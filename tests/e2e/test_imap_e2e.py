@@ -8,12 +8,15 @@ APPEND and, once the account is full, at RCPT (452 4.2.2) so the mail waits at t
 
 from __future__ import annotations
 
+import functools
 import poplib
 import smtplib
+import socket
 import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -132,6 +135,65 @@ def test_starttls_and_imaps_on_the_real_store(stack: Stack) -> None:
     tls.login(ALICE, PASSWORD)
     assert tls.select_folder("INBOX")[b"EXISTS"] == 0
     tls.logout()
+
+
+def test_the_real_stores_tls_ports_take_many_clients_at_once(stack: Stack) -> None:
+    """The store process runs on uvloop, where a handshake made after the connection was
+    handed to a stream lost a ClientHello sent at once (uvloop starts reading after
+    connection_made even when it paused): clients saw an EOF now and then under load.
+    Clients that connect at once and speak TLS at once all get their greeting."""
+    settings = stack.settings
+
+    def imaps() -> None:
+        client = IMAPClient("127.0.0.1", settings.imaps_port, ssl=True,
+                            ssl_context=unverified(), timeout=30)
+        client.logout()
+
+    def pop3s() -> None:
+        poplib.POP3_SSL("127.0.0.1", settings.pop3s_port, context=unverified(),
+                        timeout=30).quit()
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        done = [pool.submit(client) for client in (imaps, pop3s) for _ in range(40)]
+        for future in done:
+            future.result()
+
+
+def test_silent_tls_connections_hold_places_on_the_real_store(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """Counted from the accept on the real store too: two connections that never start their
+    handshake fill a limit of two, and the third client reads its refusal over TLS."""
+    settings = settings.replace(imap_max_connections_per_ip=2, pop3_max_connections_per_ip=2,
+                                rate_limit_exempt="")
+    store = run_tier(settings, "store")
+    # Not wait_for_port: its probe would itself hold a place until the store saw it go.
+    wait_until(lambda: "event=started" in store.output(), timeout=60, what="the store up")
+    for port in (settings.imaps_port, settings.pop3s_port):
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        try:
+            wait_until(functools.partial(_refused_over_tls, port), timeout=30, interval=0.1,
+                       what=f"a third connection to {port} refused")
+        finally:
+            for sock in silent:
+                sock.close()
+        wait_until(functools.partial(_served_over_tls, port), timeout=30, interval=0.1,
+                   what=f"the places on {port} freed")
+
+
+def _tls_greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            unverified().wrap_socket(raw) as tls:
+        return tls.recv(512)
+
+
+def _refused_over_tls(port: int) -> bool:
+    """Whether a TLS client of `port` reads a refusal (IMAP's BYE, POP3's -ERR) as its
+    greeting."""
+    return _tls_greeting(port).startswith((b"* BYE", b"-ERR"))
+
+
+def _served_over_tls(port: int) -> bool:
+    return _tls_greeting(port).startswith((b"* OK", b"+OK"))
 
 
 def test_quota_from_the_cli_on_append_and_at_rcpt(stack: Stack) -> None:

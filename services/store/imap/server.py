@@ -49,6 +49,8 @@ from services.store.imap.userlimit import UserConnections
 from services.store.listening import (
     ClientConnections,
     ClientWait,
+    ConnectionGate,
+    ImplicitTlsServer,
     ListenerSessions,
     SessionEnded,
     SessionEndingServer,
@@ -56,7 +58,7 @@ from services.store.listening import (
     peer_ip,
     peer_of,
     read_timer,
-    refuse_connection,
+    serve_counted,
     write_or_lost,
 )
 
@@ -106,11 +108,11 @@ async def start_imap_servers(settings: Settings, deps: ImapDeps) -> list[Session
         log.warning("no TLS certificate: IMAPS disabled and STARTTLS not offered")
         return servers
     implicit = ImapListener(settings, deps, context, sessions, clients, implicit_tls=True)
+    server = ImplicitTlsServer(implicit.gate, context, implicit.serve_counted,
+                               handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
     try:
         with binding("imaps_port", settings.bind, settings.imaps_port):
-            server = await asyncio.start_server(implicit.serve, settings.bind,
-                                                settings.imaps_port, ssl=context,
-                                                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            await server.listen(settings.bind, settings.imaps_port)
     except BaseException:
         servers[0].close()
         raise
@@ -324,7 +326,8 @@ class ImapListener:
         self._deps = deps
         self._context = context
         self.sessions = ListenerSessions(sessions, settings.imap_max_connections)
-        self._clients = clients  # shared with the sibling listener
+        self.gate = ConnectionGate(self.sessions, clients, r.BYE_TOO_MANY_CONNECTIONS.untagged(),
+                                   r.BYE_TOO_MANY_FROM_ADDRESS.untagged(), "imap")
         self._implicit_tls = implicit_tls
         self._config = SessionConfig(
             tls_available=context is not None,
@@ -337,23 +340,14 @@ class ImapListener:
         )
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if self.sessions.full:
-            await refuse_connection(writer, r.BYE_TOO_MANY_CONNECTIONS.untagged(), "imap")
-            return
-        uncount = self._clients.admit(peer_ip(writer))
-        if uncount is None:
-            await refuse_connection(writer, r.BYE_TOO_MANY_FROM_ADDRESS.untagged(), "imap",
-                                    "too many connections from one address")
-            return
-        connection = Connection(reader, writer, self._settings, self._context,
-                                self._deps.literals)
-        try:
-            with self.sessions.running(task):
-                await self._serve(connection)
-        finally:
-            uncount()
+        """A plain port's connection (the implicit-TLS port's come from ImplicitTlsServer)."""
+        await serve_counted(self.gate, reader, writer, self.serve_counted)
+
+    async def serve_counted(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        """A connection counted against the limits."""
+        await self._serve(Connection(reader, writer, self._settings, self._context,
+                                     self._deps.literals))
 
     async def _serve(self, connection: Connection) -> None:
         session = Session(self._deps, self._config, connection,

@@ -20,15 +20,16 @@ from common.tls import server_context
 from services.store.backends.accounts import AccountDB
 from services.store.listening import (
     ClientConnections,
+    ConnectionGate,
+    ImplicitTlsServer,
     ListenerSessions,
     SessionEnded,
     SessionEndingServer,
     client_io,
     end_connection,
-    peer_ip,
     peer_of,
     read_timer,
-    refuse_connection,
+    serve_counted,
     write_or_lost,
 )
 from services.store.logins import Logins
@@ -79,12 +80,11 @@ async def start_pop3_servers(
         implicit = Pop3Listener(settings, mailstore, accounts, locks, context,
                                 auth_failure_delay, sessions, clients, implicit_tls=True,
                                 throttle=throttle, logins=logins)
+        server = ImplicitTlsServer(implicit.gate, context, implicit.serve_counted,
+                                   handshake_timeout=TLS_HANDSHAKE_TIMEOUT, limit=LINE_LIMIT)
         try:
             with binding("pop3s_port", settings.bind, settings.pop3s_port):
-                server = await asyncio.start_server(
-                    implicit.serve, settings.bind, settings.pop3s_port, limit=LINE_LIMIT,
-                    ssl=context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
-                )
+                await server.listen(settings.bind, settings.pop3s_port)
         except BaseException:
             servers[0].close()
             raise
@@ -118,10 +118,12 @@ class Pop3Listener:
                  clients: ClientConnections, *, implicit_tls: bool,
                  throttle: AuthThrottle | None = None, logins: Logins | None = None) -> None:
         self._implicit_tls = implicit_tls
-        self._clients = clients  # shared with the sibling listener
         self._throttle = throttle
         self._logins = logins
         self.sessions = ListenerSessions(sessions, settings.pop3_max_connections)
+        # A negative greeting past a limit (RFC 3206's SYS/TEMP: try again later).
+        self.gate = ConnectionGate(self.sessions, clients, p.ERR_TOO_MANY_CONNECTIONS.encode(),
+                                   p.ERR_TOO_MANY_FROM_ADDRESS.encode(), "pop3")
         self._settings = settings
         self._mailstore = mailstore
         self._accounts = accounts
@@ -132,22 +134,13 @@ class Pop3Listener:
         self._auth_failure_delay = auth_failure_delay
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if self.sessions.full:
-            # A negative greeting (RFC 3206's SYS/TEMP: try again later).
-            await refuse_connection(writer, p.ERR_TOO_MANY_CONNECTIONS.encode(), "pop3")
-            return
-        uncount = self._clients.admit(peer_ip(writer))
-        if uncount is None:
-            await refuse_connection(writer, p.ERR_TOO_MANY_FROM_ADDRESS.encode(), "pop3",
-                                    "too many connections from one address")
-            return
-        try:
-            with self.sessions.running(task):
-                await self._serve(reader, writer, self._implicit_tls)
-        finally:
-            uncount()
+        """A plain port's connection (the implicit-TLS port's come from ImplicitTlsServer)."""
+        await serve_counted(self.gate, reader, writer, self.serve_counted)
+
+    async def serve_counted(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        """A connection counted against the limits."""
+        await self._serve(reader, writer, self._implicit_tls)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      implicit_tls: bool) -> None:

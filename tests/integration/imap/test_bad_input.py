@@ -22,6 +22,7 @@ from imapclient import IMAPClient
 
 from common.budget import Hold, MemoryBudget
 from common.settings import Settings
+from services.store import listening as listening_module
 from services.store.backends.maildb import MailDB
 from services.store.imap import commands as imap_commands
 from services.store.imap import responses as r
@@ -866,6 +867,73 @@ async def test_connections_per_client_address_are_limited(
         again.ok(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')
         for client in (second, again):
             client.close()
+
+    await in_thread(dialog)
+
+
+async def test_imaps_connections_still_in_their_handshake_count_against_the_limit(
+        start_imap: StartImap, settings: Settings) -> None:
+    """asyncio made the IMAPS handshake before the session existed: connections that never
+    sent a ClientHello were counted nowhere for the 30 s handshake timeout (found in
+    review). Counted from the accept now; one over the limit reads its BYE over TLS."""
+    server = await start_with(start_imap, settings, imap_max_connections_per_ip=2,
+                              rate_limit_exempt="")
+
+    def dialog() -> None:
+        silent = [socket.create_connection(("127.0.0.1", server.tls_port)) for _ in range(2)]
+        try:
+            refused = _greeted_over_tls(server.tls_port, b"* BYE [UNAVAILABLE]",
+                                        "a third IMAPS connection refused")
+            assert refused.closed()
+        finally:
+            for sock in silent:
+                sock.close()
+        again = _greeted_over_tls(server.tls_port, b"* OK", "the freed places given again")
+        again.ok(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')
+        again.close()
+
+    await in_thread(dialog)
+
+
+def _greeted_over_tls(port: int, greeting: bytes, what: str) -> Raw:
+    """An IMAPS client whose greeting begins with `greeting`, once the server has noticed
+    the connections that came and went before."""
+    for _ in range(100):
+        client = Raw.connect(port, tls=True)
+        if client.greeting.startswith(greeting):
+            return client
+        client.close()
+        time.sleep(0.05)  # pacing between attempts
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_refusals_past_the_limit_get_a_bounded_number_of_handshakes(
+        start_imap: StartImap, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection past a limit on the IMAPS port gets a short handshake to read its BYE,
+    which holds no place: a flood of silent ones would hold a descriptor each for the
+    handshake's 5 s. Past MAX_REFUSAL_HANDSHAKES at once one is closed before it."""
+    monkeypatch.setattr(listening_module, "MAX_REFUSAL_HANDSHAKES", 1)
+    server = await start_with(start_imap, settings, imap_max_connections_per_ip=1,
+                              rate_limit_exempt="")
+
+    def dialog() -> None:
+        admitted = socket.create_connection(("127.0.0.1", server.tls_port))
+        refusing = socket.create_connection(("127.0.0.1", server.tls_port))
+        try:
+            for _ in range(20):  # until the first two are counted
+                closed = socket.create_connection(("127.0.0.1", server.tls_port), timeout=2)
+                with closed:
+                    try:
+                        if closed.recv(1) == b"":
+                            break
+                    except TimeoutError:
+                        pass
+                time.sleep(0.05)
+            else:
+                raise AssertionError("every connection got a TLS handshake")
+        finally:
+            admitted.close()
+            refusing.close()
 
     await in_thread(dialog)
 

@@ -706,6 +706,40 @@ async def test_connections_over_the_limit_get_a_temporary_error(
     await asyncio.to_thread(second.quit)
 
 
+async def test_pop3s_connections_still_in_their_handshake_count_against_the_limits(
+        start_pop3: StartPop3, mailstore: MailStore, settings: Settings) -> None:
+    """asyncio made the POP3S handshake before the session existed: a connection that never
+    sent its ClientHello held a descriptor for the 30 s handshake timeout, counted nowhere, so
+    a flood of them went past every limit (found in review). Counted from the accept now;
+    one over the limit still reads its refusal over TLS."""
+    pop3 = await start_pop3(mailstore, settings.replace(pop3_max_connections=2))
+    silent = [await asyncio.open_connection("127.0.0.1", pop3.tls_port) for _ in range(2)]
+    try:
+        await eventually(lambda: asyncio.to_thread(_refused_over_tls, pop3.tls_port),
+                         what="a third POP3S connection refused")
+    finally:
+        for _, writer in silent:
+            writer.close()
+    await eventually(lambda: asyncio.to_thread(_served_over_tls, pop3.tls_port),
+                     what="the places freed")
+
+
+def _refused_over_tls(port: int) -> bool:
+    try:
+        poplib.POP3_SSL("127.0.0.1", port, context=unverified(), timeout=30).quit()
+    except poplib.error_proto as refused:
+        return "SYS/TEMP" in str(refused)
+    return False
+
+
+def _served_over_tls(port: int) -> bool:
+    try:
+        poplib.POP3_SSL("127.0.0.1", port, context=unverified(), timeout=30).quit()
+    except poplib.error_proto:
+        return False
+    return True
+
+
 async def test_connections_per_client_address_are_limited(
         start_pop3: StartPop3, mailstore: MailStore, settings: Settings) -> None:
     """TIERMAIL_POP3_MAX_CONNECTIONS_PER_IP: one host cannot take every place."""
