@@ -231,7 +231,13 @@ async def serve_counted(gate: ConnectionGate, reader: asyncio.StreamReader,
 REFUSAL_HANDSHAKE_TIMEOUT = 5.0
 MAX_REFUSAL_HANDSHAKES = 64
 ACCEPT_RETRY_DELAY = 1.0  # after running out of descriptors, as asyncio's own servers wait
-_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# What accept(2) reports of one pending connection (the network errors Linux passes on, which
+# its manual says to take as EAGAIN, and EPERM from a firewall rule): the next one is fine.
+_CONNECTION_ERRORS = frozenset(
+    getattr(errno, name) for name in (
+        "ENETDOWN", "EPROTO", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+        "EOPNOTSUPP", "ENETUNREACH", "EPERM", "ETIMEDOUT")
+    if hasattr(errno, name))
 
 
 class ImplicitTlsServer(asyncio.AbstractServer):
@@ -264,6 +270,8 @@ class ImplicitTlsServer(asyncio.AbstractServer):
         self._sockets = await listening_sockets(host, port)
         self._accepting = [loop.create_task(self._accept_forever(sock))
                            for sock in self._sockets]
+        for task in self._accepting:
+            task.add_done_callback(self._accepting_ended)
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -293,6 +301,8 @@ class ImplicitTlsServer(asyncio.AbstractServer):
         await asyncio.gather(*self._accepting, return_exceptions=True)
 
     async def _accept_forever(self, listener: socket.socket) -> None:
+        """Accept until closed. No error ends it: the listening socket would stay open and
+        the kernel would go on queueing connections that nobody accepts."""
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -300,10 +310,14 @@ class ImplicitTlsServer(asyncio.AbstractServer):
             except ConnectionAbortedError:  # reset while waiting in the accept queue
                 continue
             except OSError as exc:
-                if exc.errno not in _OUT_OF_RESOURCES:
-                    raise
+                if exc.errno in _CONNECTION_ERRORS:
+                    log.info("a %s connection failed before it was accepted: %s",
+                             self._gate.protocol, exc.strerror or exc,
+                             extra={"event": f"{self._gate.protocol}-accept-failed"})
+                    continue
+                # Out of descriptors (EMFILE, ENFILE) or memory, or something unforeseen.
                 log.error("cannot accept %s connections: %s; trying again in %g s",
-                          self._gate.protocol, exc.strerror, ACCEPT_RETRY_DELAY,
+                          self._gate.protocol, exc.strerror or exc, ACCEPT_RETRY_DELAY,
                           extra={"event": f"{self._gate.protocol}-accept-failed"})
                 await asyncio.sleep(ACCEPT_RETRY_DELAY)
                 continue
@@ -311,6 +325,11 @@ class ImplicitTlsServer(asyncio.AbstractServer):
             task = loop.create_task(self._connection(sock))
             self._connections.add(task)
             task.add_done_callback(self._connection_done)
+
+    def _accepting_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("%s no longer accepts connections", self._gate.protocol,
+                         exc_info=task.exception())
 
     def _connection_done(self, task: asyncio.Task[None]) -> None:
         self._connections.discard(task)

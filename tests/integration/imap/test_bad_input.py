@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import hashlib
 import imaplib
 import logging
@@ -905,6 +906,36 @@ def _greeted_over_tls(port: int, greeting: bytes, what: str) -> Raw:
         client.close()
         time.sleep(0.05)  # pacing between attempts
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_accept_errors_do_not_stop_the_imaps_port(
+        start_imap: StartImap, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """accept(2) passes on a pending connection's network error (EPROTO and others: retry,
+    says its manual) and runs out of descriptors (EMFILE: wait). The IMAPS listener accepts
+    its connections itself; one such error ended its accept loop and the port, still open,
+    took connections that nobody accepted (found in review)."""
+    loop = asyncio.get_running_loop()
+    accept = loop.sock_accept
+    failures = [OSError(errno.EPROTO, "Protocol error"),
+                OSError(errno.EMFILE, "Too many open files")]
+
+    async def failing_first(sock: socket.socket) -> tuple[socket.socket, object]:
+        if failures:
+            raise failures.pop(0)
+        return await accept(sock)
+
+    monkeypatch.setattr(loop, "sock_accept", failing_first)
+    server = await start_with(start_imap, settings)
+
+    def dialog() -> None:
+        client = Raw.connect(server.tls_port, tls=True)
+        assert client.greeting.startswith(b"* OK"), client.greeting
+        client.close()
+
+    await in_thread(dialog)
+    assert not failures
+    assert "cannot accept imap connections: Too many open files" in caplog.text
 
 
 async def test_refusals_past_the_limit_get_a_bounded_number_of_handshakes(
