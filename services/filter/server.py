@@ -89,6 +89,10 @@ STRESS_AT, STRESS_ENDS_AT = 0.8, 0.6
 aiosmtpd.smtp.BOGUS_LIMIT = 2**62
 
 
+class HungUp(ConnectionResetError):
+    """We ended the connection (421) after the reply in progress."""
+
+
 @dataclass(frozen=True)
 class ServerLimits:
     hostname: str
@@ -315,6 +319,8 @@ class FilterSMTP(SMTP):
     async def _handle_client(self) -> None:
         try:
             await self._check_rate_and_converse()
+        except HungUp:
+            pass  # logged where it was decided
         except ConnectionError as exc:
             # The client reset the connection while a reply was being sent, and the task
             # was not cancelled by connection_lost as it should have been: the Redis client
@@ -533,8 +539,18 @@ class FilterSMTP(SMTP):
             return
         log.info("too many errors, hanging up",
                  extra=self.handler.log_extra(self.handler.current_queue_id))
-        await self._write(replies.TOO_MANY_ERRORS)
-        self.transport.close()
+        await self._hang_up(replies.TOO_MANY_ERRORS)
+
+    async def _hang_up(self, reply: str) -> None:
+        """Our last words, then the end of the session: HungUp ends its task, so nothing the
+        client pipelined behind runs. Returning after the close, aiosmtpd went on with the
+        commands already read (its loop ends only once connection_lost comes): one waiting
+        for Redis then wrote its reply to the closed transport, an 'internal error' with a
+        traceback in the log (found in review)."""
+        await self._write(reply)
+        if self.transport is not None:
+            self.transport.close()
+        raise HungUp(reply)
 
     # Commands
 
@@ -655,9 +671,7 @@ class FilterSMTP(SMTP):
     async def _end_non_smtp(self, command: str) -> None:
         log.warning("non-SMTP command %s, closing", command,
                     extra=self.handler.log_extra(self.handler.current_queue_id))
-        await self._write(replies.NON_SMTP_COMMAND)
-        if self.transport is not None:
-            self.transport.close()
+        await self._hang_up(replies.NON_SMTP_COMMAND)
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:

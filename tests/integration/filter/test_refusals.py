@@ -412,6 +412,34 @@ async def test_a_client_that_never_stops_past_the_recipient_limit_is_cut_off(
         assert answers[7].startswith("421 4.7.0"), answers
 
 
+async def test_nothing_pipelined_behind_a_hang_up_runs(
+        directory: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """After our 421 the commands the client pipelined behind the last error must not run:
+    they did until connection_lost came, and one waiting for Redis then wrote its reply to the
+    closed transport, logged as an internal error with a traceback (found in review)."""
+    caplog.set_level(logging.DEBUG, logger="services.filter.server")
+    async with running_filter(directory.replace(smtp_max_errors=2)) as worker:
+        def session() -> list[str]:
+            client = RawClient(worker.ports[0])
+            try:
+                client.reply()
+                client.command(b"EHLO client.remote.test\r\n")
+                group = [f"MAIL FROM:<{SENDER}>", "RCPT TO:<nobody1@example.test>",
+                         "RCPT TO:<nobody2@example.test>", "NOOP", f"RCPT TO:<{ALICE}>"]
+                client.sock.sendall("".join(line + "\r\n" for line in group).encode())
+                return [client.reply() for _ in range(4)]
+            finally:
+                client.close()
+
+        answers = await in_thread(session)
+        assert answers[1:3] == [replies.UNKNOWN_USER] * 2, answers
+        assert answers[3].startswith("421 4.7.0"), answers
+    # The worker has stopped: whatever its sessions did is in the log.
+    pushed = [record.getMessage() for record in caplog.records
+              if record.getMessage().startswith("<< ")]
+    assert pushed[-1] == "<< " + replies.UNKNOWN_USER, pushed
+
+
 async def test_size_over_limit_at_mail_552(directory: Settings) -> None:
     async with running_filter(directory.replace(max_message_size=100_000)) as worker:
         def transaction() -> str:
