@@ -93,26 +93,36 @@ class DirectorySnapshot:
 def normalize_address(address: str) -> str:
     """The form addresses are stored and looked up in: lower case, and an internationalized
     domain in its ASCII (xn--) form, so `x@bücher.example` in an SMTPUTF8 RCPT TO finds the
-    account of `x@xn--bcher-kva.example`."""
-    address = address.strip().strip("<>").lower()
+    account of `x@xn--bcher-kva.example`. A catch-all alias source (`@domain`) gets its
+    domain as `normalize_domain` stores it: written `@example.org.`, it never matched."""
+    address = address.strip().strip("<>")
     local, at, domain = address.rpartition("@")
-    return local + at + ascii_domain(domain) if at and not domain.isascii() else address
+    if not at:
+        return address.lower()
+    if not local:
+        return "@" + normalize_domain(domain)
+    return local.lower() + "@" + _domain_case(domain)
 
 
 def normalize_domain(domain: str) -> str:
     """A domain as stored: lower case, no final dot, ASCII (xn--) form."""
-    domain = domain.strip().lower().removesuffix(".")
-    return domain if domain.isascii() else ascii_domain(domain)
+    return _domain_case(domain.strip().removesuffix(".").strip())
+
+
+def _domain_case(domain: str) -> str:
+    # An internationalized name is not lower-cased first: UTS 46 maps case as DNS names are
+    # looked up (a final capital sigma to σ, where str.lower() makes it ς: another name).
+    return domain.lower() if domain.isascii() else ascii_domain(domain)
 
 
 def ascii_domain(domain: str) -> str:
     """An internationalized domain name's A-label form (IDNA 2008 with the UTS 46 mapping,
-    as browsers and mail clients use), or the name unchanged when it is not valid IDNA
+    as browsers and mail clients use), or the name in lower case when it is not valid IDNA
     (then it matches no local domain)."""
     try:
         return idna.encode(domain, uts46=True).decode("ascii")
     except (idna.IDNAError, UnicodeError):
-        return domain
+        return domain.lower()
 
 
 def domain_of(address: str) -> str:

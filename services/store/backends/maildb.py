@@ -461,8 +461,11 @@ def retire_mailbox(store_dir: Path, user: str) -> Path | None:
     path = store_user_path(store_dir, user)
     if not path.exists():
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    retired = store_dir / "retired" / f"{path.name}.{stamp}"
+    # retired/<UTC time>/<address>: the address alone can be as long as a file name may be
+    # (254 of 255 octets), so the time cannot go into the same name.
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+    retired = store_dir / "retired" / stamp / path.name
     _makedirs_durable(retired.parent)
     path.rename(retired)
     fsync_dir(path.parent)
