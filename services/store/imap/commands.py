@@ -57,7 +57,7 @@ from services.store.imap.protocol.command import (
 )
 from services.store.imap.protocol.grammar import known_charset
 from services.store.imap.protocol.pattern import ListPattern
-from services.store.imap.protocol.sequence import contains, listed
+from services.store.imap.protocol.sequence import covered, listed
 from services.store.imap.search import (
     HEADER_BREAKS,
     MessageView,
@@ -275,8 +275,9 @@ async def _qresync(s: Session, selected: SelectedMailbox, args: Select) -> None:
     known = params.known_uids
     largest = max(selected.uidnext - 1, 1)
     known_through = _expunges_known_through(selected, params.seq_match)
-    vanished = [uid for uid in changes.expunged if uid > known_through
-                and (known is None or contains(known, uid, largest))]
+    vanished = [uid for uid in changes.expunged if uid > known_through]
+    if known is not None:
+        vanished = covered(known, vanished, largest)
     if vanished:
         await s.send(wire.untagged(b"VANISHED (EARLIER) " + format_uids(sorted(vanished))))
     positions = [selected.position_of(info.uid) for info in changes.changed
@@ -757,7 +758,7 @@ async def _vanished_earlier(s: Session, selected: SelectedMailbox, args: Fetch) 
     assert args.changedsince is not None
     changes = await s.store.changes_since(s.logged_in_user, selected.name, args.changedsince)
     largest = max(selected.uidnext - 1, 1)
-    vanished = [uid for uid in changes.expunged if contains(args.sequence, uid, largest)]
+    vanished = covered(args.sequence, changes.expunged, largest)
     if vanished:
         await s.send(wire.untagged(b"VANISHED (EARLIER) " + format_uids(sorted(vanished))))
 

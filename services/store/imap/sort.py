@@ -9,6 +9,7 @@ display names of RFC 5957 are compared the same way.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import re
 from collections.abc import Callable, Sequence
@@ -162,9 +163,23 @@ async def sort(criteria: Sequence[str], positions: list[int], messages: Sequence
         for column, name in enumerate(from_headers):
             columns[name] = {p: row[column] for p, row in zip(positions, rows, strict=True)}
     ordered = sorted(positions)
-    for name, reverse in reversed(keys):
+    for name, reverse in reversed(_deciding(keys)):
         ordered.sort(key=_key_function(name, messages, columns), reverse=reverse)
+        await asyncio.sleep(0)  # one sort of the whole result at a time: others go on between
     return ordered
+
+
+def _deciding(keys: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """The criteria that can decide an order: a key met again later (reversed or not) only
+    compares messages that the first one found equal, and finds them equal again. A
+    client's thousands of repeats were a full sort each (found in review)."""
+    seen: set[str] = set()
+    deciding = []
+    for name, reverse in keys:
+        if name not in seen:
+            seen.add(name)
+            deciding.append((name, reverse))
+    return deciding
 
 
 def parse_criteria(criteria: Sequence[str]) -> list[tuple[str, bool]]:

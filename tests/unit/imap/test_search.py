@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import pytest
 
 from services.store.backends.textindex import fold, message_text, text_contains
+from services.store.imap import search as search_module
 from services.store.imap.protocol.command import SearchKey, SequenceSet
 from services.store.imap.search import (
     SCAN_BATCH,
@@ -271,6 +272,59 @@ async def test_a_text_key_repeated_in_one_search_reads_each_message_once() -> No
     assert source.raw_reads == 2 * reads + 3  # only UIDs 3, 7 and 8, once
 
 
+async def test_a_program_of_many_keys_gives_the_loop_turns(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys decided from the message list are tested in the loop: a program of many of them
+    over a large mailbox held the store's loop, and every other session, for seconds (found
+    in review). The loop now gets a turn every YIELD_AFTER_TESTS tests."""
+    monkeypatch.setattr(search_module, "YIELD_AFTER_TESTS", 1)
+    program = key("AND", None, None, *[key("UNSEEN") for _ in range(20)])
+    async with LoopTurns() as turns:
+        found = await search(program, INFOS, FakeSource(False), recent=RECENT)
+    assert found == await search(key("UNSEEN"), INFOS, FakeSource(False), recent=RECENT)
+    assert turns.count >= 20
+
+
+class LoopTurns:
+    """`async with LoopTurns() as turns:`: how many turns another task had meanwhile."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _count(self) -> None:
+        while True:
+            self.count += 1
+            await asyncio.sleep(0)
+
+    async def __aenter__(self) -> LoopTurns:
+        self._task = asyncio.create_task(self._count())
+        await asyncio.sleep(0)
+        self.count = 0
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def test_a_set_repeated_in_one_program_is_resolved_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    resolved = 0
+    select = search_module.select_uid_positions
+
+    def counting(*args: object) -> list[int]:
+        nonlocal resolved
+        resolved += 1
+        return select(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(search_module, "select_uid_positions", counting)
+    program = key("AND", None, None, *[key("UID", seqset((2, 6))) for _ in range(30)])
+    assert await search(program, INFOS, FakeSource(False), recent=RECENT) == \
+        await search(key("UID", seqset((2, 6))), INFOS, FakeSource(False), recent=RECENT)
+    assert resolved == 2
+
+
 def test_scans_go_in_batches_of_a_few_messages_or_octets() -> None:
     infos = [MessageInfo(uid=n + 1, guid=f"{n:032x}", size=size, internaldate=0.0,
                          flags=frozenset(), modseq=1)
@@ -302,18 +356,7 @@ async def test_large_header_sections_are_parsed_while_other_tasks_go_on() -> Non
     # messages with 1 MB of fields each (all a sender needs) stalled every session for 90 s.
     fields = b"X-A: b\r\n" * 20_000
     source = MemorySource([fields + b"Subject: b\r\n\r\n", fields + b"Subject: a\r\n\r\n"])
-    ticks = 0
-
-    async def other_task() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(other_task())
-    await asyncio.sleep(0)
-    before = ticks
-    ordered = await sort(["SUBJECT"], [0, 1], source.infos, source)
-    task.cancel()
+    async with LoopTurns() as turns:
+        ordered = await sort(["SUBJECT"], [0, 1], source.infos, source)
     assert ordered == [1, 0]
-    assert ticks > before
+    assert turns.count > 0

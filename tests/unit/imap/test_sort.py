@@ -132,3 +132,16 @@ async def test_a_date_that_names_no_real_instant_sorts_by_internaldate() -> None
             return [raw[info.uid - 1] for info in infos]
 
     assert await sort(["DATE"], [0, 1], infos, Two()) == [1, 0]
+
+
+async def test_a_criterion_met_again_decides_nothing_more() -> None:
+    """A key repeated (reversed or not) only compares what its first use found equal: a
+    client's thousands of repeats were a full sort each (found in review)."""
+    infos = [MessageInfo(uid=n + 1, guid=f"{n:032x}", size=size, internaldate=float(day),
+                         flags=frozenset(), modseq=1)
+             for n, (size, day) in enumerate([(30, 2), (10, 1), (30, 1), (20, 3)])]
+    positions = list(range(len(infos)))
+    once = await sort(["SIZE", "REVERSE", "ARRIVAL"], positions, infos, Source())
+    assert once == [1, 3, 0, 2]
+    repeated = ["SIZE", "REVERSE", "ARRIVAL"] + ["REVERSE", "SIZE", "ARRIVAL"] * 500
+    assert await sort(repeated, positions, infos, Source()) == once

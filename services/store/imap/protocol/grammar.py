@@ -60,6 +60,10 @@ MAX_MODSEQ = 2**63 - 1  # RFC 7162 section 7: mod-sequence-value is a 63-bit int
 # Nesting of parenthesised SEARCH keys and NOT/OR chains: far beyond what clients send, low
 # enough that a hostile command cannot exhaust the stack.
 MAX_SEARCH_DEPTH = 64
+# Keys in one search program: each is a pass over the mailbox, so thousands of them (one line
+# holds 16,000) made one command cost seconds of the store's CPU (found in review). Far more
+# than clients send (they put the UIDs they mean in one set).
+MAX_SEARCH_KEYS = 1000
 
 # RFC 3501 section 9 character classes (atom-specials, ASTRING-CHAR, list-char).
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]')
@@ -693,7 +697,13 @@ def _search_program(c: Cursor) -> SearchKey:
     keys = [_search_key(c, 0)]
     while c.maybe(b" "):
         keys.append(_search_key(c, 0))
+    if sum(map(_count_keys, keys)) > MAX_SEARCH_KEYS:
+        raise _Syntax(f"more than {MAX_SEARCH_KEYS} search keys")
     return SearchKey("AND", children=tuple(keys))
+
+
+def _count_keys(key: SearchKey) -> int:
+    return 1 + sum(_count_keys(child) for child in key.children)
 
 
 def _search_key(c: Cursor, depth: int) -> SearchKey:
