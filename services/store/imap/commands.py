@@ -20,6 +20,7 @@ import enum
 import io
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, cast
@@ -103,9 +104,10 @@ DIRECT_READ_MAX = 64 * 1024  # a single message up to this size is read without 
 # STREAM_CHUNK: what a session holds stays near READ_BATCH_OCTETS whatever the message sizes.
 STREAM_OVER = 256 * 1024
 STREAM_CHUNK = 256 * 1024
-# LIST and LSUB let other sessions run after matching this many names against the patterns
-# (one LIST may carry thousands of patterns; an account may have thousands of mailboxes).
+# LIST and LSUB let other sessions run after this many matches of a name against a pattern
+# (one LIST may carry 100 patterns; an account may have thousands of mailboxes).
 LIST_STEP = 256
+FETCH_TURN = 0.02  # seconds of answering a FETCH batch in the loop before others get a turn
 SEEN = "\\Seen"
 DELETED = "\\Deleted"
 
@@ -383,7 +385,7 @@ async def list_(s: Session, c: Command) -> r.Reply:
     candidates = await _candidates(s, args, tree, matcher)
     lines: list[bytes] = []
     for count, name in enumerate(candidates, 1):
-        if count % LIST_STEP == 0:
+        if count % matcher.step == 0:
             await s.between_steps()  # many names and patterns: others are served meanwhile
         if not matcher.matches(name):
             continue
@@ -427,7 +429,7 @@ async def _candidates(s: Session, args: ListArgs, tree: _Tree, matcher: _Matcher
         return names
     unlisted_below: set[str] = set()
     for count, name in enumerate(tree.subscribed, 1):
-        if count % LIST_STEP == 0:
+        if count % matcher.step == 0:
             await s.between_steps()
         if not matcher.matches(name):
             unlisted_below.update(_ancestors(name))
@@ -453,7 +455,7 @@ async def _lsub(s: Session, args: ListArgs) -> r.Reply:
     matcher = _Matcher(args.reference, args.patterns)
     found: dict[str, bool] = {}  # name -> \Noselect
     for count, name in enumerate(subscribed, 1):
-        if count % LIST_STEP == 0:
+        if count % matcher.step == 0:
             await s.between_steps()
         if matcher.matches(name):
             found[name] = name not in existing
@@ -837,7 +839,13 @@ async def _fetch_batch(s: Session, out: _Output, selected: SelectedMailbox, batc
               and (request.always_read or len(known[p]) < len(names))]
     raws = await _read_bodies(s, selected, unread, request.header_only) if unread else {}
     skipped = False
+    turn_began = time.monotonic()
     for position in batch:
+        if time.monotonic() - turn_began > FETCH_TURN:
+            # Messages with many header fields take up to 0.2 s each to answer here: others
+            # go on between them (a batch of 32 held the store for 2 s: found in review).
+            await s.between_steps()
+            turn_began = time.monotonic()
         if selected.is_gone(position):
             skipped = True
         elif position in large:
@@ -1320,6 +1328,9 @@ class _Matcher:
         self._patterns = [ListPattern(reference + pattern, HIERARCHY_DELIMITER)
                           for pattern in dict.fromkeys(patterns)]
         self.has_percent = any("%" in pattern for pattern in patterns)
+        # Names matched between the loop's turns: LIST_STEP name-pattern matches (one name
+        # against 100 patterns is 100 matches of up to 1,000 characters each).
+        self.step = max(1, LIST_STEP // max(1, len(self._patterns)))
 
     def matches(self, name: str) -> bool:
         inbox = name == INBOX or name.startswith(INBOX + HIERARCHY_DELIMITER)

@@ -245,6 +245,15 @@ def _group_by_subject(roots: list[_Container], facts: dict[int, _Facts]) -> list
         if held is None or _prefer(root, held, facts):
             table[found.subject] = root
     merged: list[_Container] = []
+    # Where each container is in `merged`: asked of a list, every message without References
+    # (each a root) scanned it, and 32,768 of them took 5 s (found in review).
+    place: dict[_Container, int] = {}
+
+    def keep(container: _Container) -> None:
+        if container not in place:
+            place[container] = len(merged)
+            merged.append(container)
+
     for root in roots:
         if root.parent is not None:
             continue  # already put under another top-level container
@@ -252,15 +261,15 @@ def _group_by_subject(roots: list[_Container], facts: dict[int, _Facts]) -> list
         subject = found.subject if found is not None else b""
         held = table.get(subject) if subject else None
         if held is None or held is root:
-            if root not in merged:
-                merged.append(root)
+            keep(root)
             continue
         target = _merge(held, root, facts)
         table[subject] = target
-        if held in merged and target is not held:
-            merged[merged.index(held)] = target
-        elif target not in merged:
-            merged.append(target)
+        if held in place and target is not held:
+            merged[place[held]] = target
+            place[target] = place.pop(held)
+        else:
+            keep(target)
     return [root for root in merged if root.parent is None]
 
 
