@@ -289,6 +289,7 @@ class FilterSMTP(SMTP):
         self._reading_mail = False  # inside aiosmtpd's MAIL: the path is the sender's
         self._recipients_asked: Envelope | None = None  # the transaction a RCPT came in
         self._client_errors = 0
+        self._replies_in_turn = 0  # replies since the session last gave up the loop
         self._deadline = 0.0  # of the idle timer (_reset_timeout), by the loop's clock
         self._unstressed_deadline = 0.0  # what it would be without stress
 
@@ -532,6 +533,12 @@ class FilterSMTP(SMTP):
         transport = writer.transport
         if transport.get_write_buffer_size() or transport.is_closing():
             await writer.drain()
+        self._replies_in_turn += 1
+        if self._replies_in_turn >= REPLIES_PER_TURN:
+            # aiosmtpd reads a command already buffered without giving up the loop: 200,000
+            # pipelined NOOPs held the worker for over a second (found in review).
+            self._replies_in_turn = 0
+            await asyncio.sleep(0)
 
     async def _count_client_error(self) -> None:
         self._client_errors += 1
@@ -836,6 +843,7 @@ _DATA_ERRORS = {
     DataError.NO_ROOM: replies.NO_MEMORY_FOR_DATA,
 }
 READ_ALL = 16 * 1024 * 1024
+REPLIES_PER_TURN = 64  # replies a session writes before other sessions get a turn
 _TIMER_SLACK = 0.001  # seconds: a timer that fires this close to its deadline has reached it
 
 

@@ -37,7 +37,11 @@ from services.filter.protocol.auth_results import (
     without_claimed_results,
     without_fields,
 )
-from services.filter.protocol.message import ReceivedInfo, received_header
+from services.filter.protocol.message import (
+    ReceivedInfo,
+    header_section_too_big,
+    received_header,
+)
 from services.filter.protocol.scan_headers import OUR_FIELDS, SPAM_FIELDS, our_authserv_id
 from services.filter.rules import Rule, evaluate, format_headers
 from services.filter.stall import PublishWatch
@@ -283,6 +287,9 @@ class FilterSession:
         txn = self._transaction(envelope)
         content = envelope.original_content
         assert isinstance(content, bytes)  # decode_data=False
+        if header_section_too_big(content):
+            self.log_refused(envelope, "header section too big", replies.HEADER_TOO_BIG)
+            return replies.HEADER_TOO_BIG
         content = self._without_forged_fields(content, txn)
 
         @functools.cache  # asked for the lookup, then again if the publish fails

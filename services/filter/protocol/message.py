@@ -14,6 +14,27 @@ from email.utils import format_datetime
 SOFTWARE = "tiermail"
 
 
+# The largest header section taken (Exim's header_maxsize default). Every field the filter
+# looks at (Authentication-Results, the scan fields a sender may forge) is in it: a message
+# of 25 MB of header fields made that work hold the worker for seconds (found in review).
+MAX_HEADER_SECTION = 1024 * 1024
+# How far a header section is looked for: past the limit by a line's length (RFC 5322 2.1.1:
+# 998 octets), so that a line starting at the limit is seen whole.
+HEADER_SCAN = MAX_HEADER_SECTION + 1000
+# A line start that begins neither a header field ("name:") nor a continuation: the empty
+# line after the header section, or a body with no empty line before it.
+_NOT_A_FIELD_LINE = re.compile(rb"^(?![ \t])(?![!-9;-~]+[ \t]*:)", re.MULTILINE)
+
+
+def header_section_too_big(content: bytes) -> bool:
+    """Whether the header section of `content` is longer than MAX_HEADER_SECTION octets;
+    only that much of it is looked at."""
+    if len(content) <= MAX_HEADER_SECTION:
+        return False
+    end = _NOT_A_FIELD_LINE.search(content, 0, HEADER_SCAN)
+    return end is None or end.start() > MAX_HEADER_SECTION
+
+
 def has_bare_newline(content: bytes) -> bool:
     """True when content holds a CR or LF that is not part of a CRLF pair (RFC 5321 2.3.8).
 

@@ -12,6 +12,7 @@ import pytest
 from common.settings import Settings
 from services.filter.main import FilterWorker
 from services.filter.protocol import replies
+from services.filter.protocol.message import MAX_HEADER_SECTION
 from services.filter.protocol.parameters import MAIL_SYNTAX, RCPT_SYNTAX
 from tests.integration.filter.conftest import (
     ALICE,
@@ -438,6 +439,35 @@ async def test_nothing_pipelined_behind_a_hang_up_runs(
     pushed = [record.getMessage() for record in caplog.records
               if record.getMessage().startswith("<< ")]
     assert pushed[-1] == "<< " + replies.UNKNOWN_USER, pushed
+
+
+async def test_a_header_section_over_1_mib_is_refused_and_the_next_message_goes(
+        worker: FilterWorker) -> None:
+    """The filter reads every header field a sender may forge (Authentication-Results, scan
+    results): 25 MB of them held the worker for seconds (found in review). A header section
+    over MAX_HEADER_SECTION gets 552 5.3.4 and is not queued; the session goes on."""
+    fields = b"Authentication-Results: x\r\n" * (MAX_HEADER_SECTION // 27 + 1)
+
+    def session() -> tuple[str, str]:
+        client = RawClient(worker.ports[0])
+        try:
+            client.reply()
+            client.command(b"EHLO client.remote.test\r\n")
+            answers = []
+            for content in (fields + b"\r\nbig\r\n", b"Subject: small\r\n\r\nsmall\r\n"):
+                client.command(f"MAIL FROM:<{SENDER}>\r\n".encode())
+                client.command(f"RCPT TO:<{ALICE}>\r\n".encode())
+                client.command(b"DATA\r\n")
+                answers.append(client.command(content + b".\r\n"))
+            return answers[0], answers[1]
+        finally:
+            client.close()
+
+    refused, queued = await in_thread(session)
+    assert refused == replies.HEADER_TOO_BIG
+    assert queued.startswith("250 2.0.0 Ok: queued as "), queued
+    [message_queued] = await drain_queue(worker.settings)
+    assert message_queued.body.endswith(b"Subject: small\r\n\r\nsmall\r\n")
 
 
 async def test_size_over_limit_at_mail_552(directory: Settings) -> None:

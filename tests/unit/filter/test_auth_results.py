@@ -11,6 +11,7 @@ from services.filter.protocol.auth_results import (
     without_claimed_results,
     without_fields,
 )
+from services.filter.protocol.message import HEADER_SCAN
 from services.filter.protocol.scan_headers import OUR_FIELDS, SPAM_FIELDS
 
 OURS = claimed_by("mx.test.invalid", ["example.test", "bücher.example"])
@@ -82,6 +83,9 @@ def test_a_message_with_no_header_section_is_all_body() -> None:
     (b" (unclosed", ""),
     (b' "unclosed', "unclosed"),
     (b"", ""),
+    # 8 million folds before it: skipped in C (walked a character at a time, they held the
+    # worker for seconds: found in review)
+    (b"\r\n " * 100_000 + b"MX.test.invalid; none", "mx.test.invalid"),
 ])
 def test_authserv_id_of(value: bytes, identifier: str) -> None:
     assert authserv_id_of(value) == identifier
@@ -95,3 +99,21 @@ def test_the_scan_fields_we_write_are_removed_and_no_others() -> None:
                                   4)
     cleaned, removed = without_fields(head + BODY, OUR_FIELDS, lambda _value: True)
     assert removed == 1 and b"X-Tiermail-Scan" not in cleaned and b"X-Spam: No" in cleaned
+
+
+def test_a_field_of_many_continuation_lines_is_removed_whole() -> None:
+    folded = b"Authentication-Results: mx.test.invalid;" + b"\r\n x" * 100_000 + b"\r\n"
+    content = b"From: a@b.example\r\n" + folded + b"Subject: s\r\n\r\nbody\r\n"
+    assert without_claimed_results(content, OURS) == (
+        b"From: a@b.example\r\nSubject: s\r\n\r\nbody\r\n", 1)
+
+
+def test_without_an_empty_line_only_the_first_octets_are_searched() -> None:
+    """A message with no empty line is all header to this search, but only as far as a
+    header section may go (HEADER_SCAN): searched to the end, 25 MB of lines held the
+    worker for seconds (found in review). The filter refuses longer header sections."""
+    forged = b"Authentication-Results: mx.test.invalid; dkim=pass\r\n"
+    near = b"..\r\n" * 1000 + forged
+    far = b"..\r\n" * (HEADER_SCAN // 4) + forged
+    assert without_claimed_results(near, OURS) == (b"..\r\n" * 1000, 1)
+    assert without_claimed_results(far, OURS) == (far, 0)

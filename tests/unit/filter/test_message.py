@@ -10,8 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.filter.protocol.message import (
+    MAX_HEADER_SECTION,
     ReceivedInfo,
     has_bare_newline,
+    header_section_too_big,
     protocol_name,
     received_header,
     without_own_received,
@@ -194,3 +196,21 @@ def test_without_own_received_gives_back_what_the_client_sent(changes: dict[str,
 ])
 def test_without_own_received_leaves_other_messages_whole(message: bytes) -> None:
     assert without_own_received(message, "QID123") == message
+
+
+@pytest.mark.parametrize(("content", "too_big"), [
+    # exactly the limit, then the empty line
+    (b"X: " + b"a" * (MAX_HEADER_SECTION - 5) + b"\r\n\r\n" + b"b" * MAX_HEADER_SECTION, False),
+    (b"X: " + b"a" * (MAX_HEADER_SECTION - 4) + b"\r\n\r\nbody\r\n", True),
+    (b"X: a\r\n" * (MAX_HEADER_SECTION // 6 + 1) + b"\r\nbody\r\n", True),
+    (b"X: a\r\n" + b" folded\r\n" * (MAX_HEADER_SECTION // 9) + b"\r\n", True),
+    # a body without the empty line before it ends the header section too
+    (b"Subject: s\r\nno field here\r\n" + b"b" * (2 * MAX_HEADER_SECTION), False),
+    (b"\r\n" + b"X: a\r\n" * MAX_HEADER_SECTION, False),  # no header section at all
+    # a continuation line starting right at the limit goes on past it
+    (b"X: " + b"a" * (MAX_HEADER_SECTION - 5) + b"\r\n" + b" b\r\n\r\n" + b"c" * 9, True),
+])
+def test_a_header_section_over_the_limit_is_told(content: bytes, too_big: bool) -> None:
+    """Every header field the filter looks at is in the header section: 25 MB of fields
+    held the worker for seconds (found in review); more than 1 MiB of them gets 552."""
+    assert header_section_too_big(content) is too_big
