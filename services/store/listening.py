@@ -204,6 +204,16 @@ class ConnectionGate:
             return Refusal(self.too_many_from_address, "too many connections from one address")
         return uncount
 
+    async def hold(self, uncount: Callable[[], None], work: Awaitable[None]) -> None:
+        """`work` as a session of this listener, then the end of the count `enter` began."""
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            with self.sessions.running(task):
+                await work
+        finally:
+            uncount()
+
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -216,13 +226,7 @@ async def serve_counted(gate: ConnectionGate, reader: asyncio.StreamReader,
     if isinstance(entered, Refusal):
         await refuse_connection(writer, entered.reply, gate.protocol, entered.why)
         return
-    task = asyncio.current_task()
-    assert task is not None
-    try:
-        with gate.sessions.running(task):
-            await serve(reader, writer)
-    finally:
-        entered()
+    await gate.hold(entered, serve(reader, writer))
 
 
 # A connection refused on an implicit-TLS port reads its refusal over TLS, so the handshake
@@ -346,21 +350,18 @@ class ImplicitTlsServer(asyncio.AbstractServer):
         if isinstance(entered, Refusal):
             await self._refuse(sock, entered)
             return
-        task = asyncio.current_task()
-        assert task is not None
-        try:
-            with self._gate.sessions.running(task):
-                streams = await self._handshake(sock, self._handshake_timeout)
-                if streams is not None:
-                    await self._serve(*streams)
-        finally:
-            entered()
+        await self._gate.hold(entered, self._handshake_and_serve(sock))
+
+    async def _handshake_and_serve(self, sock: socket.socket) -> None:
+        streams = await self._handshake(sock, self._handshake_timeout)
+        if streams is not None:
+            await self._serve(*streams)
 
     async def _refuse(self, sock: socket.socket, refusal: Refusal) -> None:
         if self._refusing >= MAX_REFUSAL_HANDSHAKES:
-            log.warning("%s, closing %s before its TLS handshake", refusal.why,
-                        _address(sock), extra={"peer": _address(sock),
-                                               "event": f"{self._gate.protocol}-refused"})
+            peer = _address(sock)
+            log.warning("%s, closing %s before its TLS handshake", refusal.why, peer,
+                        extra={"peer": peer, "event": f"{self._gate.protocol}-refused"})
             sock.close()
             return
         self._refusing += 1

@@ -251,7 +251,7 @@ class _Evaluator:
             # A program of many keys over a large mailbox is millions of tests: other
             # sessions get the loop between keys (found in review: 14 s held by one SEARCH).
             self._tested = 0
-            await asyncio.sleep(0)
+            await self.view.pause()
         return matched
 
     # Keys decided from MessageInfo

@@ -9,7 +9,6 @@ display names of RFC 5957 are compared the same way.
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import re
 from collections.abc import Callable, Sequence
@@ -165,7 +164,7 @@ async def sort(criteria: Sequence[str], positions: list[int], messages: Sequence
     ordered = sorted(positions)
     for name, reverse in reversed(_deciding(keys)):
         ordered.sort(key=_key_function(name, messages, columns), reverse=reverse)
-        await asyncio.sleep(0)  # one sort of the whole result at a time: others go on between
+        await view.pause()  # one sort of the whole result at a time: others go on between
     return ordered
 
 
