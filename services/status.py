@@ -164,7 +164,8 @@ def _failing_deliveries(beats: list[dict[str, Any]]) -> list[str]:
     """Stores that put messages back on the queue in the last minute because storing them
     failed while their storage works (a damaged index, say): the messages wait, unacked,
     and go to the dead-letter queue after TIERMAIL_DELIVERY_ATTEMPTS; the queue depth does
-    not count them."""
+    not count them. And stores that renewed messages (services/store/redelivery.py): their
+    broker link keeps breaking."""
     problems = []
     for beat in beats:
         recent = beat.get("recent")
@@ -178,6 +179,14 @@ def _failing_deliveries(beats: list[dict[str, Any]]) -> list[str]:
                 f"message(s) in the last {window[0]:.0f} s and put them back on the queue "
                 "(see its log); they go to the dead-letter queue after "
                 "TIERMAIL_DELIVERY_ATTEMPTS attempts")
+        renewed = window[1].get("renewed")
+        if isinstance(renewed, int) and renewed > 0:
+            problems.append(
+                f"store {beat.get('host')}:{beat.get('pid')}: its broker connection broke "
+                f"while {renewed} message(s) were in flight, often enough to use up most of "
+                f"their delivery attempts, in the last {window[0]:.0f} s; it renewed them (a "
+                "fresh copy each, so they are not dead-lettered). See its log for the "
+                "connection errors")
     return problems
 
 

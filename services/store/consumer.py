@@ -18,6 +18,10 @@ system: `MailDB.probe` cannot write): then the messages are held, unacked, and r
 the probe succeeds again, so a full disk does not run every queued message through the
 delivery limit in a second. A redelivery of something already stored is a no-op thanks to
 the `delivered` table.
+
+Connection drops count toward the delivery limit too (RabbitMQ 3.10): a redelivered message
+whose count the store's own record of failed attempts does not explain is renewed near the
+limit instead of dead-lettered (services/store/redelivery.py).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp.commands import Basic
@@ -45,6 +51,8 @@ from common.topology import (
     envelope_from_properties,
 )
 from services.store.backends.accounts import AccountDB
+from services.store.backends.attempts import FILE_NAME as ATTEMPTS_FILE
+from services.store.backends.attempts import AttemptLog
 from services.store.backends.maildb import MailDB, storage_pauses
 from services.store.batching import ArrivalPace
 from services.store.mailbox import (
@@ -55,8 +63,16 @@ from services.store.mailbox import (
     NoSuchUser,
     OutOfSpace,
 )
+from services.store.redelivery import (
+    Returns,
+    attempt_key,
+    renewed_headers,
+    returns_of,
+    should_renew,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONNECT_TIMEOUT = 10.0
 BATCH_TARGET = 16  # messages worth waiting for under load (see settings.store_batch_wait)
@@ -81,6 +97,7 @@ class ConsumerStats:
     duplicates: int = 0  # redeliveries found already stored
     dead_lettered: int = 0  # messages rejected or copied to the dead-letter exchange
     requeued: int = 0  # messages nacked back to the queue after a storage failure
+    renewed: int = 0  # messages requeued as fresh copies, their delivery count from drops
     storage_down_since: float = 0.0  # time the storage probe started failing; 0: it works
     batches: int = 0
     broker_sessions: int = 0  # broker sessions started (reconnects show up here)
@@ -111,6 +128,15 @@ class _Item:
         return self.envelope.queue_id if self.envelope else str(
             self.message.header.properties.message_id)
 
+    @property
+    def returns(self) -> Returns:
+        return returns_of(self.message.header.properties.headers)
+
+    @property
+    def attempt_key(self) -> str:
+        assert self.envelope is not None
+        return attempt_key(self.envelope)
+
 
 def _probe_ended(watch: asyncio.Future[None]) -> None:
     if not watch.cancelled() and watch.exception() is not None:
@@ -124,6 +150,8 @@ class Consumer:
         self._topology = settings.topology
         self._maildb = maildb
         self._accounts = accounts
+        self._attempts: AttemptLog | None = None  # opened when first needed, closed by run()
+        self._queues: dict[str, str] = {}  # this session's consumer tags -> their queues
         self.stats = stats or ConsumerStats()
         self._stopping = asyncio.Event()
         self.consuming = asyncio.Event()  # set while a consumer is registered (for tests)
@@ -135,9 +163,18 @@ class Consumer:
 
     async def run(self) -> None:
         """Consume until stop(); reconnect with backoff whenever the broker goes away."""
+        try:
+            await self._consume()
+        finally:
+            if self._attempts is not None:
+                await asyncio.to_thread(self._attempts.close)
+                self._attempts = None
+
+    async def _consume(self) -> None:
         backoff = BACKOFF_MIN
         while not self._stopping.is_set():
             started = time.monotonic()
+            batches = self.stats.batches
             try:
                 await self._session()
             except TopologyMismatch:
@@ -158,7 +195,9 @@ class Consumer:
                 self.consuming.clear()
             if self._stopping.is_set():
                 break
-            if time.monotonic() - started > 30:
+            # A session that stored something worked: a link that breaks now and then is
+            # not a broker that refuses us, and its messages wait while we back off.
+            if self.stats.batches > batches or time.monotonic() - started > 30:
                 backoff = BACKOFF_MIN
             await pause(backoff, self._stopping)
             backoff = min(backoff * 2, BACKOFF_MAX)
@@ -205,6 +244,7 @@ class Consumer:
                     await channel.basic_qos(prefetch_count=prefetch)
                     ok = await channel.basic_consume(queue, on_message, no_ack=False)
                     consumer_tags.append(ok.consumer_tag)
+                    self._queues[str(ok.consumer_tag)] = queue
             self.stats.consumer_connected = True
             self.stats.broker_sessions += 1
             self.consuming.set()
@@ -225,6 +265,7 @@ class Consumer:
             for waiting in self._held.values():
                 waiting.cancel()  # the broker requeues them with the rest
             self._held.clear()
+            self._queues.clear()
             # Anything still unacked (prefetched, not yet stored) goes back to the queue.
             await close_connection(connection)
 
@@ -359,10 +400,14 @@ class Consumer:
                 await channel.basic_reject(item.tag, requeue=False)
                 self.stats.dead_lettered += 1
                 continue
-            owners.update(item_owners)
             items.append(item)
+        items = await self._renew_where_due(items, channel, publisher)
         if not items:
             return
+        for item in items:
+            assert item.envelope is not None
+            owners.update(_owners(item.envelope))
+        await self._attempts_begin(items)
 
         # A read of the WAL-mode account database never waits for a writer: no thread needed.
         cutoffs = self._accounts.mail_cutoffs(owners)
@@ -401,7 +446,80 @@ class Consumer:
             if item.ok and item.missing:
                 item.ok = await self._dead_letter_copy(publisher, item)
 
+        # Before the ack, which a broken link may lose: stored is what counts.
+        await self._attempts_finished(items)
         await self._settle(channel, items)
+
+    async def _in_attempt_log(self, action: Callable[[AttemptLog], T]) -> T | None:
+        """`action` on the attempt log, in a thread; None if the log cannot be used. A full
+        or broken disk fails it: the messages are then stored (or held, as the storage
+        fails too) without their record, never sent back to the queue for want of it."""
+        try:
+            if self._attempts is None:
+                self._attempts = await asyncio.to_thread(AttemptLog.for_store,
+                                                         self._settings.store_dir)
+            return await asyncio.to_thread(action, self._attempts)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("the attempt log (%s) failed: %s; going on without it", ATTEMPTS_FILE,
+                        exc, extra={"event": "store-error"})
+            return None
+
+    async def _attempts_begin(self, items: list[_Item]) -> None:
+        recorded = [item.attempt_key for item in items if item.returns.redelivered]
+        if recorded:
+            await self._in_attempt_log(lambda attempts: attempts.begin(recorded))
+
+    async def _attempts_finished(self, items: list[_Item]) -> None:
+        done = [item.attempt_key for item in items if item.ok and item.returns.redelivered]
+        if done:
+            await self._in_attempt_log(lambda attempts: attempts.finished(done))
+
+    async def _renew_where_due(self, items: list[_Item], channel: AbstractChannel,
+                               publisher: AbstractChannel) -> list[_Item]:
+        """`items` without those renewed (services/store/redelivery.py), which are settled."""
+        limit = self._settings.delivery_attempts
+        # Due at most when none of the returns was a failure: only those need the record.
+        near = {item.attempt_key: item for item in items
+                if should_renew(item.returns, 0, limit)}
+        if not near:
+            return items
+        unfinished = await self._in_attempt_log(lambda attempts: attempts.unfinished(near))
+        if unfinished is None:
+            return items  # no record: every return may have been a failure
+        renewed: set[int] = set()
+        for key, item in near.items():
+            if should_renew(item.returns, unfinished[key], limit) and \
+                    await self._renew(item, unfinished[key], channel, publisher):
+                renewed.add(item.tag)
+        return [item for item in items if item.tag not in renewed]
+
+    async def _renew(self, item: _Item, unfinished: int, channel: AbstractChannel,
+                     publisher: AbstractChannel) -> bool:
+        """A fresh copy of `item` queued (confirmed) and the old one acked; False (the
+        message is then stored as usual) if the copy was not confirmed."""
+        props = item.message.header.properties
+        returns = item.returns
+        queue = self._queues.get(str(item.message.consumer_tag), self._topology.deliver_queue)
+        properties = Basic.Properties(
+            delivery_mode=PERSISTENT, message_id=props.message_id,
+            content_type=props.content_type, timestamp=props.timestamp,
+            headers=renewed_headers(props.headers, returns, unfinished))
+        try:
+            await publisher.basic_publish(item.message.body, exchange="", routing_key=queue,
+                                          properties=properties, mandatory=True,
+                                          timeout=CONFIRM_TIMEOUT)
+        except Exception as exc:
+            log.warning("renewal not confirmed (%s); storing the message as it is", exc,
+                        extra={"queue_id": item.queue_id, "event": "renew"})
+            return False
+        await channel.basic_ack(item.tag)
+        self.stats.renewed += 1
+        log.warning("delivery count %d of %d, at most %d of them failed attempts, the rest "
+                    "broken broker connections: renewed, a fresh copy queued (renewal %d)",
+                    returns.count, self._settings.delivery_attempts,
+                    max(0, unfinished - returns.renewed_at) + (returns.renewals == 0),
+                    returns.renewals + 1, extra={"queue_id": item.queue_id, "event": "renew"})
+        return True
 
     async def _retry_once_storage_works(self, items: list[_Item]) -> None:
         """When the store cannot write at all, the failure is not the messages' fault: hold

@@ -116,6 +116,17 @@ def test_a_store_that_puts_messages_back_is_a_problem() -> None:
     assert status._failing_deliveries([beat]) == []
 
 
+def test_a_store_whose_link_keeps_breaking_is_a_problem() -> None:
+    """Renewals (services/store/redelivery.py) keep mail out of the dead-letter queue, but
+    a broker link that breaks with mail in flight again and again needs the operator."""
+    beat = {"tier": "store", "host": "h", "pid": 7, "started": time.time() - 600,
+            "renewed": 3, "recent": {"seconds": 60.0, "counts": {"renewed": 2}}}
+    [problem] = status._failing_deliveries([beat])
+    assert problem.startswith("store h:7: its broker connection broke while 2 message(s)")
+    beat["recent"] = {"seconds": 60.0, "counts": {"renewed": 0}}
+    assert status._failing_deliveries([beat]) == []
+
+
 def test_a_filter_under_stress_is_a_problem_until_it_ends() -> None:
     """Most of a worker's connections open (services/filter/server.py stress mode): slow
     clients or too few workers; the log alone said so."""

@@ -24,6 +24,7 @@ import pytest
 from pamqp.commands import Basic
 
 from common.broker import Publisher, close_connection, open_channel
+from common.envelope import Envelope
 from common.settings import Settings
 from common.topology import (
     DELIVER_ROUTING_KEY,
@@ -734,6 +735,172 @@ async def test_a_broker_gone_silent_ends_the_session_not_the_store(
         assert not task.done()
         await publish_all(settings, [make_message(ALICE)])
         await wait_for(lambda: running.consumer.stats.delivered >= 1, what="a delivery")
+
+
+class CutAfterStoring(MailDB):
+    """A real MailDB that breaks the store's broker link (the proxy) right after storing a
+    message marked FLAPPY, the first `cuts` times: the stored message's ack is lost."""
+
+    proxy: TcpProxy
+    cuts = 0
+
+    async def deliver_uids(self, deliveries: list[Delivery]) -> list[int | None]:
+        uids = await super().deliver_uids(deliveries)
+        if self.cuts > 0 and any(b"FLAPPY" in d.body for d in deliveries):
+            self.cuts -= 1
+            self.proxy.cut()
+            self.proxy.start()
+        return uids
+
+
+def _flappy() -> tuple[Envelope, bytes]:
+    envelope, body = make_message(ALICE)
+    return envelope, body.replace(b"hello", b"FLAPPY")
+
+
+async def _through_a_breaking_link(settings: Settings, cuts: int,
+                                   messages: list[tuple[Envelope, bytes]]) -> Running:
+    """Deliver `messages` (already queued) through a link broken `cuts` times; the
+    consumer's stats once every message is stored and the queues are settled."""
+    proxy = TcpProxy(5672)
+    maildb = CutAfterStoring.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    maildb.proxy, maildb.cuts = proxy, cuts
+    async with consumer_through(broker_at(settings, proxy.port), maildb, proxy) as (running, _):
+        queued = {envelope.queue_id for envelope, _ in messages}
+        await wait_for(lambda: maildb.cuts == 0 and
+                       set(check_mailboxes(settings.store_dir, [ALICE])) == queued,
+                       within=60, what="every message stored, through every break")
+        await wait_for(lambda: _zero(queue_counts(settings, settings.topology.deliver_queue)),
+                       what="the queue drained")
+    return running
+
+
+async def test_acks_lost_to_a_breaking_link_do_not_dead_letter_stored_mail(
+        settings: Settings) -> None:
+    """RabbitMQ 3.10 counts a message returned by a broken connection toward the delivery
+    limit. A link that broke after each store of a message, its ack lost, dead-lettered the
+    message as 'delivery failed too often', though it was in the mailbox. The store now
+    sees that its own attempts did not fail and renews the message before the limit."""
+    settings = settings.replace(delivery_attempts=3)
+    add_users(settings, [ALICE])
+    messages = [_flappy()] + [make_message(ALICE) for _ in range(10)]
+    await publish_all(settings, messages)
+    running = await _through_a_breaking_link(settings, 3 * 3, messages)
+    assert await queue_counts(settings, settings.topology.dead_queue) == 0
+    assert await queue_counts(settings, settings.topology.deliver_queue) == 0
+    seen = check_mailboxes(settings.store_dir, [ALICE])
+    assert seen == {envelope.queue_id: 1 for envelope, _ in messages}
+    assert running.consumer.stats.renewed >= 2
+
+
+async def _returned_unseen(settings: Settings, times: int) -> None:
+    """Take the next message of the delivery queue and drop the connection, `times` times:
+    the returns of a link that broke before the store saw the message."""
+    for _ in range(times):
+        await _take_one_and_drop(settings)
+
+
+async def _take_one_and_drop(settings: Settings) -> None:
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.basic_qos(prefetch_count=1)
+        got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def take(message: aiormq.abc.DeliveredMessage) -> None:
+            if not got.done():
+                got.set_result(None)
+        await channel.basic_consume(settings.topology.deliver_queue, take)
+        await asyncio.wait_for(got, 15)
+    finally:
+        await connection.close()
+
+
+async def test_returns_the_store_never_saw_do_not_dead_letter_a_message(
+        settings: Settings) -> None:
+    """The link broke each time the broker had sent the message and before the store read
+    it, up to the last delivery the limit allows; that one the store stored, and its ack
+    was lost too. It is renewed instead of dead-lettered."""
+    settings = settings.replace(delivery_attempts=3)
+    add_users(settings, [ALICE])
+    flappy = _flappy()
+    await publish_all(settings, [flappy])
+    await _returned_unseen(settings, 3)
+    running = await _through_a_breaking_link(settings, 1, [flappy])
+    assert await queue_counts(settings, settings.topology.dead_queue) == 0
+    assert check_mailboxes(settings.store_dir, [ALICE]) == {flappy[0].queue_id: 1}
+    assert running.consumer.stats.renewed == 1
+
+
+async def test_a_store_that_cannot_keep_its_attempt_log_still_delivers(
+        settings: Settings) -> None:
+    """The record of attempts is an aid: a store that cannot open or write it (here its
+    file is a directory) stores redelivered mail without it, and says so."""
+    add_users(settings, [ALICE])
+    settings.store_dir.mkdir(parents=True, exist_ok=True)
+    (settings.store_dir / "attempts.sqlite").mkdir()
+    messages = [make_message(ALICE) for _ in range(3)]
+    await publish_all(settings, messages)
+    await _returned_unseen(settings, 1)
+    store = await _running(settings)
+    try:
+        await wait_for(lambda: store.consumer.stats.delivered == 3, what="every message")
+        await wait_for(lambda: _zero(store.depth()), what="the queue drained")
+    finally:
+        await store.stop()
+        await store.maildb.close()
+    assert check_mailboxes(settings.store_dir, [ALICE]) == {e.queue_id: 1 for e, _ in messages}
+
+
+class Crash(BaseException):
+    """A store killed mid-delivery: nothing after this point runs (no nack, no record)."""
+
+
+class CrashingMailDB(MailDB):
+    async def deliver_uids(self, deliveries: list[Delivery]) -> list[int | None]:
+        if any(b"POISON" in d.body for d in deliveries):
+            raise Crash
+        return await super().deliver_uids(deliveries)
+
+
+async def test_a_message_that_kills_the_store_every_time_is_still_dead_lettered(
+        settings: Settings) -> None:
+    """Renewal must not keep a message that kills the store going round for ever: the store's
+    record of its attempts outlives it, so the returns are explained and the limit holds."""
+    settings = settings.replace(delivery_attempts=3)
+    add_users(settings, [ALICE])
+    envelope, body = make_message(ALICE)
+    await publish_all(settings, [(envelope, body.replace(b"hello", b"POISON"))])
+    crashes = 0
+    while await queue_counts(settings, settings.topology.dead_queue) == 0:
+        assert crashes <= 2 * 3 + 2, "the message that kills the store was never dead-lettered"
+        maildb = CrashingMailDB.for_store(settings.store_dir,
+                                          inline_max=settings.store_inline_max)
+        running = await _running(settings, maildb)
+        assert running.task is not None
+        dead_letter = asyncio.ensure_future(wait_for(
+            lambda: _eq(queue_counts(settings, settings.topology.dead_queue), 1),
+            within=30, what="a crash or the dead-letter"))
+        await asyncio.wait({running.task, dead_letter}, return_when=asyncio.FIRST_COMPLETED)
+        dead_letter.cancel()
+        # Dead-lettered on the return after a crash: that crash may still be finishing.
+        running.consumer.stop()
+        try:
+            await running.task
+        except Crash:
+            crashes += 1
+        finally:
+            running.accounts.close()
+            await maildb.close()
+    assert crashes == 3 + 1
+    good = make_message(ALICE)
+    await publish_all(settings, [good])
+    store = await _running(settings)
+    try:
+        await wait_for(lambda: store.consumer.stats.delivered == 1, what="the next message")
+    finally:
+        await store.stop()
+        await store.maildb.close()
 
 
 async def test_junk_envelope_is_filed_into_junk(store: Running) -> None:
