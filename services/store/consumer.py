@@ -21,7 +21,9 @@ the `delivered` table.
 
 Connection drops count toward the delivery limit too (RabbitMQ 3.10): a redelivered message
 whose count the store's own record of failed attempts does not explain is renewed near the
-limit instead of dead-lettered (services/store/redelivery.py).
+limit instead of dead-lettered (services/store/redelivery.py). A message with a failed or
+unfinished attempt on record (the store may have died on it) is stored alone, after the rest
+of its batch, so that it cannot take the others down with it again.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from services.store.mailbox import (
 from services.store.redelivery import (
     Returns,
     attempt_key,
+    failed_before,
     renewed_headers,
     returns_of,
     should_renew,
@@ -383,7 +386,6 @@ class Consumer:
                        publisher: AbstractChannel) -> None:
         self.stats.batches += 1
         items: list[_Item] = []
-        owners: set[str] = set()
         for message in batch:
             item = _Item(message)
             try:
@@ -401,9 +403,33 @@ class Consumer:
                 self.stats.dead_lettered += 1
                 continue
             items.append(item)
-        items = await self._renew_where_due(items, channel, publisher)
+        unfinished = await self._unfinished(items)
+        items = await self._renew_where_due(items, unfinished, channel, publisher)
         if not items:
             return
+        suspects = [item for item in items
+                    if failed_before(item.returns, (unfinished or {}).get(item.attempt_key, 0))]
+        if not suspects:
+            await self._store(items, channel, publisher, lowest_tags=True)
+            return
+        # A message that may have killed the store (or fails) must not take the rest down
+        # with it again, each death counted against them all: the others are stored first,
+        # then each of these alone, begun (recorded) only when its turn comes.
+        log.warning("%d message(s) of this batch failed before, or were being stored when "
+                    "the store died: storing them one at a time", len(suspects),
+                    extra={"event": "store-error"})
+        suspect_tags = {item.tag for item in suspects}
+        clean = [item for item in items if item.tag not in suspect_tags]
+        if clean:
+            await self._store(clean, channel, publisher, lowest_tags=False)
+        for item in suspects:
+            await self._store([item], channel, publisher, lowest_tags=False)
+
+    async def _store(self, items: list[_Item], channel: AbstractChannel,
+                     publisher: AbstractChannel, *, lowest_tags: bool) -> None:
+        """Store `items` and settle them. `lowest_tags`: they hold the lowest unsettled
+        delivery tags of the channel, so that one `multiple` ack can cover them."""
+        owners: set[str] = set()
         for item in items:
             assert item.envelope is not None
             owners.update(_owners(item.envelope))
@@ -448,7 +474,7 @@ class Consumer:
 
         # Before the ack, which a broken link may lose: stored is what counts.
         await self._attempts_finished(items)
-        await self._settle(channel, items)
+        await self._settle(channel, items, lowest_tags=lowest_tags)
 
     async def _in_attempt_log(self, action: Callable[[AttemptLog], T]) -> T | None:
         """`action` on the attempt log, in a thread; None if the log cannot be used. A full
@@ -474,22 +500,26 @@ class Consumer:
         if done:
             await self._in_attempt_log(lambda attempts: attempts.finished(done))
 
-    async def _renew_where_due(self, items: list[_Item], channel: AbstractChannel,
+    async def _unfinished(self, items: list[_Item]) -> dict[str, int] | None:
+        """The recorded unfinished attempts at the redelivered `items` (a first delivery
+        has none); None if the record cannot be read."""
+        redelivered = [item.attempt_key for item in items if item.returns.redelivered]
+        if not redelivered:
+            return {}
+        return await self._in_attempt_log(lambda attempts: attempts.unfinished(redelivered))
+
+    async def _renew_where_due(self, items: list[_Item], unfinished: dict[str, int] | None,
+                               channel: AbstractChannel,
                                publisher: AbstractChannel) -> list[_Item]:
         """`items` without those renewed (services/store/redelivery.py), which are settled."""
-        limit = self._settings.delivery_attempts
-        # Due at most when none of the returns was a failure: only those need the record.
-        near = {item.attempt_key: item for item in items
-                if should_renew(item.returns, 0, limit)}
-        if not near:
-            return items
-        unfinished = await self._in_attempt_log(lambda attempts: attempts.unfinished(near))
         if unfinished is None:
             return items  # no record: every return may have been a failure
+        limit = self._settings.delivery_attempts
         renewed: set[int] = set()
-        for key, item in near.items():
-            if should_renew(item.returns, unfinished[key], limit) and \
-                    await self._renew(item, unfinished[key], channel, publisher):
+        for item in items:
+            attempts = unfinished.get(item.attempt_key, 0)
+            if should_renew(item.returns, attempts, limit) and \
+                    await self._renew(item, attempts, channel, publisher):
                 renewed.add(item.tag)
         return [item for item in items if item.tag not in renewed]
 
@@ -517,7 +547,7 @@ class Consumer:
         log.warning("delivery count %d of %d, at most %d of them failed attempts, the rest "
                     "broken broker connections: renewed, a fresh copy queued (renewal %d)",
                     returns.count, self._settings.delivery_attempts,
-                    max(0, unfinished - returns.renewed_at) + (returns.renewals == 0),
+                    failed_before(returns, unfinished) + (returns.renewals == 0),
                     returns.renewals + 1, extra={"queue_id": item.queue_id, "event": "renew"})
         return True
 
@@ -615,8 +645,9 @@ class Consumer:
                     extra={"queue_id": item.queue_id, "event": "dead-letter"})
         return True
 
-    async def _settle(self, channel: AbstractChannel, items: list[_Item]) -> None:
-        if all(item.ok for item in items) and not self._held:
+    async def _settle(self, channel: AbstractChannel, items: list[_Item], *,
+                      lowest_tags: bool) -> None:
+        if lowest_tags and all(item.ok for item in items) and not self._held:
             # The batch holds the lowest unsettled tags on this channel (FIFO), and the
             # rejected ones were settled above, so one multiple ack covers exactly the batch.
             await channel.basic_ack(max(item.tag for item in items), multiple=True)

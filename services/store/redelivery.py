@@ -75,8 +75,13 @@ def should_renew(returns: Returns, unfinished: int, limit: int) -> bool:
     store) every time still goes to the dead-letter queue, after at most twice the limit."""
     if returns.count < max(1, limit - RENEW_BEFORE_LAST) or unfinished >= limit:
         return False
-    this_copys_attempts = max(0, unfinished - returns.renewed_at)
-    return returns.count - this_copys_attempts >= UNEXPLAINED_RETURNS
+    return returns.count - failed_before(returns, unfinished) >= UNEXPLAINED_RETURNS
+
+
+def failed_before(returns: Returns, unfinished: int) -> int:
+    """This copy's attempts that failed or never ended (the store died in them), of the
+    `unfinished` recorded for the message."""
+    return max(0, unfinished - returns.renewed_at)
 
 
 def renewed_headers(headers: dict[str, Any] | None, returns: Returns,
