@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
@@ -131,11 +132,11 @@ class _Item:
         return self.envelope.queue_id if self.envelope else str(
             self.message.header.properties.message_id)
 
-    @property
+    @functools.cached_property
     def returns(self) -> Returns:
         return returns_of(self.message.header.properties.headers)
 
-    @property
+    @functools.cached_property
     def attempt_key(self) -> str:
         assert self.envelope is not None
         return attempt_key(self.envelope)
@@ -407,8 +408,8 @@ class Consumer:
         items = await self._renew_where_due(items, unfinished, channel, publisher)
         if not items:
             return
-        suspects = [item for item in items
-                    if failed_before(item.returns, (unfinished or {}).get(item.attempt_key, 0))]
+        suspects = [item for item in items if item.returns.redelivered and failed_before(
+            item.returns, (unfinished or {}).get(item.attempt_key, 0))]
         if not suspects:
             await self._store(items, channel, publisher, lowest_tags=True)
             return
@@ -517,6 +518,8 @@ class Consumer:
         limit = self._settings.delivery_attempts
         renewed: set[int] = set()
         for item in items:
+            if not should_renew(item.returns, 0, limit):
+                continue  # not even were none of its returns failures (most: a first delivery)
             attempts = unfinished.get(item.attempt_key, 0)
             if should_renew(item.returns, attempts, limit) and \
                     await self._renew(item, attempts, channel, publisher):

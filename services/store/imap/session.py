@@ -454,9 +454,12 @@ class Session:
         if selected is None:
             return
         await self.take_in_changes()
-        lines = selected.updates(allow_expunge=allow_expunge, qresync=self.enabled.qresync,
-                                 condstore=self.enabled.condstore)
-        if lines:
+        pieces = selected.updates_in_steps(allow_expunge=allow_expunge,
+                                           qresync=self.enabled.qresync,
+                                           condstore=self.enabled.condstore)
+        for number, lines in enumerate(pieces):
+            if number:
+                await self.between_steps()
             await self.send(b"".join(lines))
 
     async def take_in_changes(self, *, claim_recent: bool = True) -> None:
@@ -472,7 +475,9 @@ class Session:
             return
         selected.version = version  # before the query: a change during it bumps again
         changes = await self._changes(selected)
-        new = selected.apply(changes)
+        new: list[int] = []
+        for _ in selected.apply_in_steps(changes, new):
+            await self.between_steps()
         if new and claim_recent:
             with contextlib.suppress(OutOfSpace):  # a full disk: new mail, not \Recent
                 selected.mark_recent(new, await self._recent_from(selected))

@@ -153,6 +153,37 @@ def test_a_new_keyword_is_announced_once_with_the_flags_it_joins() -> None:
     assert len(lines) == 2  # FLAGS and PERMANENTFLAGS; its own change is not echoed
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 12), st.lists(st.integers(1, 12), max_size=12),
+       st.lists(st.integers(1, 12), max_size=6), st.integers(0, 3), st.booleans())
+def test_taking_changes_in_steps_answers_as_taking_them_at_once(
+        count: int, changed: list[int], expunged: list[int], new: int,
+        condstore: bool) -> None:
+    """A session takes in and announces a large change a STEP at a time, letting other
+    sessions run in between; what it ends up announcing must not change."""
+    status = MailboxStatus("INBOX", 1, count + new + 1, 5, count + new)
+    changes = Changes(status, [info(uid, frozenset({f"$K{uid % 3}"}), 5)
+                               for uid in [*changed, *range(count + 1, count + new + 1)]],
+                      sorted(set(expunged)))
+    whole, stepped = open_view(count, own_list=False), open_view(count, own_list=False)
+    saved = selected_module.STEP
+    selected_module.STEP = 2
+    try:
+        new_whole = whole.apply(changes)
+        new_stepped: list[int] = []
+        turns = sum(1 for _ in stepped.apply_in_steps(changes, new_stepped))
+        pieces = list(stepped.updates_in_steps(allow_expunge=True, qresync=False,
+                                               condstore=condstore))
+    finally:
+        selected_module.STEP = saved
+    assert new_stepped == new_whole
+    assert turns == len(changes.expunged) // 2 + len(changes.changed) // 2
+    assert [line for piece in pieces for line in piece] == whole.updates(
+        allow_expunge=True, qresync=False, condstore=condstore)
+    fetches = [sum(b" FETCH " in line for line in piece) for piece in pieces]
+    assert all(count <= 2 for count in fetches)
+
+
 def test_keywords_take_the_spelling_the_mailbox_knows() -> None:
     # RFC 3501 9: case-insensitive; the first spelling of a new keyword wins within a command
     assert in_known_spelling(["junk", "\\Seen", "New"], {"Junk", "Other"}) == {
