@@ -155,6 +155,9 @@ class Consumer:
         self._maildb = maildb
         self._accounts = accounts
         self._attempts: AttemptLog | None = None  # opened when first needed, closed by run()
+        # Whether the log has taken every attempt so far: after a failed write it misses
+        # some, and returns it does not explain may be failures; no renewals then.
+        self._record_whole = True
         self._queues: dict[str, str] = {}  # this session's consumer tags -> their queues
         self.stats = stats or ConsumerStats()
         self._stopping = asyncio.Event()
@@ -408,8 +411,12 @@ class Consumer:
         items = await self._renew_where_due(items, unfinished, channel, publisher)
         if not items:
             return
-        suspects = [item for item in items if item.returns.redelivered and failed_before(
-            item.returns, (unfinished or {}).get(item.attempt_key, 0))]
+        # Any copy's unfinished attempt: a renewed copy of a message that was in a batch
+        # when the store died is as suspect as the message that killed it (found in review:
+        # with three such messages, renewed copies met again in one batch, and the deaths
+        # counted against them all dead-lettered two good ones).
+        suspects = [item for item in items if item.returns.redelivered
+                    and (unfinished or {}).get(item.attempt_key, 0)]
         if not suspects:
             await self._store(items, channel, publisher, lowest_tags=True)
             return
@@ -480,15 +487,17 @@ class Consumer:
     async def _in_attempt_log(self, action: Callable[[AttemptLog], T]) -> T | None:
         """`action` on the attempt log, in a thread; None if the log cannot be used. A full
         or broken disk fails it: the messages are then stored (or held, as the storage
-        fails too) without their record, never sent back to the queue for want of it."""
+        fails too) without their record, never sent back to the queue for want of it, and
+        no message is renewed (MAX_RENEWALS bounds what a later process does with the gap)."""
         try:
             if self._attempts is None:
                 self._attempts = await asyncio.to_thread(AttemptLog.for_store,
                                                          self._settings.store_dir)
             return await asyncio.to_thread(action, self._attempts)
         except (sqlite3.Error, OSError) as exc:
-            log.warning("the attempt log (%s) failed: %s; going on without it", ATTEMPTS_FILE,
-                        exc, extra={"event": "store-error"})
+            self._record_whole = False
+            log.warning("the attempt log (%s) failed: %s; going on without it, renewing "
+                        "nothing", ATTEMPTS_FILE, exc, extra={"event": "store-error"})
             return None
 
     async def _attempts_begin(self, items: list[_Item]) -> None:
@@ -513,8 +522,8 @@ class Consumer:
                                channel: AbstractChannel,
                                publisher: AbstractChannel) -> list[_Item]:
         """`items` without those renewed (services/store/redelivery.py), which are settled."""
-        if unfinished is None:
-            return items  # no record: every return may have been a failure
+        if unfinished is None or not self._record_whole:
+            return items  # no whole record: every return may have been a failure
         limit = self._settings.delivery_attempts
         renewed: set[int] = set()
         for item in items:

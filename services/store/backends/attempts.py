@@ -47,6 +47,15 @@ class AttemptLog:
         self._db.execute("PRAGMA synchronous=NORMAL")  # for every commit (see above)
         self._db.execute(_SCHEMA)
         self.forget_older_than(KEPT_FOR)
+        self._write_probe()
+
+    def _write_probe(self) -> None:
+        """Fail now, not at the first attempt, if the log can be read but not written (a
+        full disk, a read-only file): a record that misses attempts is worse than none."""
+        with self._lock, transaction(self._db):
+            self._db.execute("INSERT INTO attempt (message, unfinished, updated) "
+                             "VALUES ('', 0, 0) ON CONFLICT (message) DO NOTHING")
+            self._db.execute("DELETE FROM attempt WHERE message = ''")
 
     @classmethod
     def for_store(cls, store_dir: Path) -> AttemptLog:

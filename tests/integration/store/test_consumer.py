@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,9 @@ from common.topology import (
 )
 from services.heldmail import SETTLE_WINDOW
 from services.store import consumer as consumer_module
+from services.store import redelivery
 from services.store.backends.accounts import AccountDB
+from services.store.backends.attempts import AttemptLog
 from services.store.backends.epoch import RUNNING
 from services.store.backends.maildb import MailDB
 from services.store.consumer import Consumer
@@ -863,27 +866,30 @@ class CrashingMailDB(MailDB):
         return await super().deliver_uids(deliveries)
 
 
-async def test_a_message_that_kills_the_store_every_time_is_dead_lettered_alone(
-        settings: Settings) -> None:
-    """Renewal must not keep a message that kills the store going round for ever: the store's
-    record of its attempts outlives it, so the returns are explained and the limit holds.
-    And the mail in its batch is not dead-lettered with it: each death counted against the
-    whole batch, until the store began storing the messages it had died with one at a time."""
-    settings = settings.replace(delivery_attempts=3)
-    add_users(settings, [ALICE])
-    envelope, body = make_message(ALICE)
-    good = [make_message(ALICE) for _ in range(20)]
-    await publish_all(settings, [(envelope, body.replace(b"hello", b"POISON")), *good])
+def _killers_among(good: list[tuple[Envelope, bytes]], killers: int
+                   ) -> list[tuple[Envelope, bytes]]:
+    """`good` with `killers` messages that kill the store (CrashingMailDB) spread among it."""
+    mixed = list(good)
+    for at in range(killers):
+        envelope, body = make_message(ALICE)
+        mixed.insert(at * (len(good) // killers + 1),
+                     (envelope, body.replace(b"hello", b"POISON")))
+    return mixed
+
+
+async def _crash_until_dead_lettered(settings: Settings, killers: int, most: int) -> int:
+    """Run a CrashingMailDB store again after each death until `killers` messages are in
+    the dead-letter queue; the number of deaths."""
     crashes = 0
-    while await queue_counts(settings, settings.topology.dead_queue) == 0:
-        assert crashes <= 2 * 3 + 2, "the message that kills the store was never dead-lettered"
+    while await queue_counts(settings, settings.topology.dead_queue) < killers:
+        assert crashes <= most, "the messages that kill the store were never dead-lettered"
         maildb = CrashingMailDB.for_store(settings.store_dir,
                                           inline_max=settings.store_inline_max)
         running = await _running(settings, maildb)
         assert running.task is not None
         dead_letter = asyncio.ensure_future(wait_for(
-            lambda: _eq(queue_counts(settings, settings.topology.dead_queue), 1),
-            within=30, what="a crash or the dead-letter"))
+            lambda: _eq(queue_counts(settings, settings.topology.dead_queue), killers),
+            within=30, what="a crash or the dead-letters"))
         await asyncio.wait({running.task, dead_letter}, return_when=asyncio.FIRST_COMPLETED)
         dead_letter.cancel()
         # Dead-lettered on the return after a crash: that crash may still be finishing.
@@ -895,7 +901,57 @@ async def test_a_message_that_kills_the_store_every_time_is_dead_lettered_alone(
         finally:
             running.accounts.close()
             await maildb.close()
-    assert crashes == 3 + 1
+    return crashes
+
+
+@pytest.mark.parametrize("killers", [1, 3])
+async def test_messages_that_kill_the_store_every_time_are_dead_lettered_alone(
+        settings: Settings, killers: int) -> None:
+    """Renewal must not keep a message that kills the store going round for ever: the store's
+    record of its attempts outlives it, so the returns are explained and the limit holds.
+    And the mail in its batch is not dead-lettered with it: each death counted against the
+    whole batch, until the store began storing the messages it had died with one at a time
+    (and renewed copies of those, found in review with three such messages)."""
+    settings = settings.replace(delivery_attempts=3)
+    add_users(settings, [ALICE])
+    good = [make_message(ALICE) for _ in range(20)]
+    await publish_all(settings, _killers_among(good, killers))
+    crashes = await _crash_until_dead_lettered(settings, killers, most=killers * (2 * 3 + 2))
+    if killers == 1:
+        assert crashes == 3 + 1
+    await _stored_once_and_dead_lettered(settings, good, killers)
+
+
+@pytest.mark.parametrize("failing", [("begin", "finished", "_write_probe"), ("begin",)])
+async def test_a_store_that_cannot_write_its_attempt_log_renews_nothing(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, failing: tuple[str, ...]) -> None:
+    """Returns the record cannot explain because it missed the attempts (a full disk, a
+    read-only file) must not pass for broken links: a message that kills the store was
+    renewed at every turn and never dead-lettered (found in review, with only the record's
+    writes of attempts failing). A log that cannot be written is not opened; one whose
+    writes start failing renews nothing more in that process, and MAX_RENEWALS (here 2)
+    bounds what the next processes do with the gap."""
+    def full(*_: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    for method in failing:
+        monkeypatch.setattr(AttemptLog, method, full)
+    monkeypatch.setattr(redelivery, "MAX_RENEWALS", 2)
+    settings = settings.replace(delivery_attempts=3)
+    add_users(settings, [ALICE])
+    await publish_all(settings, _killers_among([], 1))
+    crashes = await _crash_until_dead_lettered(settings, 1, most=(2 + 1) * (3 + 1))
+    if "_write_probe" in failing:
+        assert crashes == 3 + 1
+    # Without a record nothing tells the good mail in a dying batch from the killer (no
+    # storing one at a time): only this message here.
+    await _stored_once_and_dead_lettered(settings, [make_message(ALICE)], 1, publish=True)
+
+
+async def _stored_once_and_dead_lettered(settings: Settings, good: list[tuple[Envelope, bytes]],
+                                         killers: int, publish: bool = False) -> None:
+    if publish:
+        await publish_all(settings, good)
     store = await _running(settings)
     try:
         await wait_for(lambda: len(check_mailboxes(settings.store_dir, [ALICE])) == len(good),
@@ -903,7 +959,7 @@ async def test_a_message_that_kills_the_store_every_time_is_dead_lettered_alone(
     finally:
         await store.stop()
         await store.maildb.close()
-    assert await queue_counts(settings, settings.topology.dead_queue) == 1
+    assert await queue_counts(settings, settings.topology.dead_queue) == killers
     assert check_mailboxes(settings.store_dir, [ALICE]) == {e.queue_id: 1 for e, _ in good}
 
 

@@ -14,6 +14,7 @@ from common.envelope import Envelope, Recipient
 from services.store.backends.attempts import AttemptLog
 from services.store.redelivery import (
     DELIVERY_COUNT_HEADER,
+    MAX_RENEWALS,
     RENEWALS_HEADER,
     Returns,
     attempt_key,
@@ -34,6 +35,7 @@ class Queued:
     """One message in the broker, and the store's record of it."""
 
     limit: int
+    recorded: bool = True  # False: the store cannot write its record (and dies anyway)
     count: int = 0
     renewals: int = 0
     renewed_at: int = 0
@@ -52,7 +54,7 @@ class Queued:
                 self.count, self.renewals, self.renewed_at = 0, self.renewals + 1, self.unfinished
                 self.renewed += 1
                 return
-            if returns.redelivered:
+            if returns.redelivered and self.recorded:
                 self.unfinished += 1
             if what == FAILS:
                 self.failures += 1
@@ -72,6 +74,8 @@ class Queued:
 
 
 limits = st.integers(min_value=3, max_value=12)
+# Events within what MAX_RENEWALS allows: a copy is renewed after 3 deliveries or more.
+WITHIN_RENEWALS = 3 * MAX_RENEWALS
 
 
 @given(limits)
@@ -82,7 +86,7 @@ def test_a_message_that_always_fails_is_dead_lettered_at_the_limit(limit: int) -
     assert message.deliveries == limit + 1
 
 
-@given(limits, st.lists(st.sampled_from([LOST_ACK, ACKED]), max_size=200))
+@given(limits, st.lists(st.sampled_from([LOST_ACK, ACKED]), max_size=WITHIN_RENEWALS))
 def test_a_message_the_store_sees_every_time_is_never_dead_lettered_by_broken_links(
         limit: int, events: list[str]) -> None:
     message = Queued(limit)
@@ -91,14 +95,16 @@ def test_a_message_the_store_sees_every_time_is_never_dead_lettered_by_broken_li
 
 
 @given(limits)
-def test_acks_lost_every_time_never_dead_letter(limit: int) -> None:
+def test_acks_lost_every_time_never_dead_letter_within_the_renewals(limit: int) -> None:
     message = Queued(limit)
-    message.run([LOST_ACK] * 20 * limit)
+    message.run([LOST_ACK] * WITHIN_RENEWALS)
     assert not message.dead
-    assert message.renewed >= 10
+    assert message.renewed >= WITHIN_RENEWALS // limit - 1
+    message.run([LOST_ACK] * 100 * limit)  # a link that never stops breaking: an end
+    assert message.dead and message.renewed == MAX_RENEWALS
 
 
-@given(limits, st.lists(st.sampled_from([UNSEEN, LOST_ACK, ACKED]), max_size=200))
+@given(limits, st.lists(st.sampled_from([UNSEEN, LOST_ACK, ACKED]), max_size=WITHIN_RENEWALS))
 def test_links_that_break_less_than_three_times_in_a_row_never_dead_letter(
         limit: int, events: list[str]) -> None:
     """The store renews from the delivery two before the last chance on, so it needs to see
@@ -130,6 +136,18 @@ def test_a_failure_in_every_renewed_copy_still_meets_the_limit(limit: int) -> No
     assert message.dead
     assert message.renewed >= 1
     assert message.failures <= 2 * limit + 2
+
+
+@given(limits)
+def test_a_message_that_kills_a_store_without_its_record_still_meets_an_end(
+        limit: int) -> None:
+    """A record that misses every attempt explains no return: each copy is renewed, but
+    only MAX_RENEWALS times."""
+    message = Queued(limit, recorded=False)
+    message.run([FAILS] * 10_000)
+    assert message.dead
+    assert message.renewed == MAX_RENEWALS
+    assert message.deliveries <= (MAX_RENEWALS + 1) * (limit + 1)
 
 
 def test_the_first_renewal_comes_two_deliveries_before_the_last_chance() -> None:
