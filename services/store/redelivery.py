@@ -12,7 +12,9 @@ making it, and clears the record once the message is stored
 (services/store/backends/attempts.py). A message that comes back near the limit with
 returns its record does not explain is *renewed*: a fresh copy, without the broker's count,
 is published with a confirm, then the old one acked. (Died between the two, the store leaves
-both copies queued; delivery is idempotent, so the second is a no-op.) A message that really
+both copies queued, and delivery is idempotent, so the second is a no-op; at the last
+delivery the limit allows, the old one goes to the dead-letter queue instead, where a retry
+finds it stored. Renewals start two deliveries earlier for that.) A message that really
 fails, or kills the store, keeps its record and meets the limit as before.
 """
 

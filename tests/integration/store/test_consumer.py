@@ -855,6 +855,45 @@ async def test_a_store_that_cannot_keep_its_attempt_log_still_delivers(
     assert check_mailboxes(settings.store_dir, [ALICE]) == {e.queue_id: 1 for e, _ in messages}
 
 
+async def test_a_store_killed_between_a_renewal_and_its_ack_delivers_the_message_once(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worst moment of a renewal: the fresh copy is confirmed, the old one not yet
+    acked, and the store dies. Both copies are queued then (the old one renewed again,
+    its count now at the limit); one is stored, the other found a duplicate."""
+    settings = settings.replace(delivery_attempts=3)
+    add_users(settings, [ALICE])
+    flappy = _flappy()
+    await publish_all(settings, [flappy])
+    await _returned_unseen(settings, 2)
+    publish = aiormq.Channel.basic_publish
+
+    async def dies_after_the_renewal(self: aiormq.Channel, *args: Any, **kwargs: Any) -> Any:
+        confirmed = await publish(self, *args, **kwargs)
+        if kwargs.get("exchange") == "":  # the renewal's (the tests publish to the exchange)
+            raise Crash
+        return confirmed
+
+    monkeypatch.setattr(aiormq.Channel, "basic_publish", dies_after_the_renewal)
+    dying = await _running(settings)
+    assert dying.task is not None
+    with pytest.raises(Crash):
+        await asyncio.wait_for(dying.task, 30)
+    dying.accounts.close()
+    await dying.maildb.close()
+    monkeypatch.undo()
+    store = await _running(settings)
+    try:
+        await wait_for(lambda: store.consumer.stats.delivered + store.consumer.stats.duplicates
+                       >= 2, what="both copies taken")
+        await wait_for(lambda: _zero(store.depth()), what="the queue drained")
+    finally:
+        await store.stop()
+        await store.maildb.close()
+    assert (store.consumer.stats.delivered, store.consumer.stats.renewed) == (1, 1)
+    assert await queue_counts(settings, settings.topology.dead_queue) == 0
+    assert check_mailboxes(settings.store_dir, [ALICE]) == {flappy[0].queue_id: 1}
+
+
 class Crash(BaseException):
     """A store killed mid-delivery: nothing after this point runs (no nack, no record)."""
 
