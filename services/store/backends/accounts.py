@@ -59,8 +59,10 @@ _ADDRESS_RE = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
 _DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
 
 # PRAGMA user_version. 1: user.quota nullable (before: NOT NULL DEFAULT 0, never set by anyone,
-# so every 0 there meant "not set").
-SCHEMA_VERSION = 1
+# so every 0 there meant "not set"). 2: catch-all alias sources in the form normalize_address
+# gives them (before 2026-12-06 `alias add @example.org.` stored the final dot, and the alias
+# never matched nor could be deleted by its name).
+SCHEMA_VERSION = 2
 _USER_TABLE_V1 = """
 CREATE TABLE user_v1 (
     address TEXT PRIMARY KEY,
@@ -205,11 +207,25 @@ class AccountDB:
                 for statement in _USER_TABLE_V1.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
+            if self._schema_version() < 2:
+                self._normalize_catch_alls()
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def _normalize_catch_alls(self) -> None:
+        rows = self._db.execute("SELECT source, target FROM alias WHERE source LIKE '@%'")
+        renamed = [(source, normalize_address(source), target) for source, target in rows
+                   if normalize_address(source) != source]
+        for source, normal, target in renamed:
+            self._db.execute("DELETE FROM alias WHERE source = ? AND target = ?",
+                             (source, target))
+            self._db.execute("INSERT OR IGNORE INTO alias(source, target) VALUES (?, ?)",
+                             (normal, target))
+        if renamed:  # the directory in Redis is published again
+            self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
 
     def _schema_version(self) -> int:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])

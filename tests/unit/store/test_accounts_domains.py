@@ -43,3 +43,24 @@ def test_an_invalid_name_is_refused(tmp_path: Path, name: str) -> None:
         assert accounts.domains() == []
     finally:
         accounts.close()
+
+
+def test_catch_alls_an_earlier_version_stored_as_written_are_normalized(tmp_path: Path) -> None:
+    """Before 2026-12-06 `alias add @example.org.` stored the final dot: the alias never
+    matched, and `alias del @example.org` could not find it. Opening the database now
+    stores it as it is looked up, and the directory is published again."""
+    with AccountDB(tmp_path / "accounts.sqlite") as accounts:
+        accounts.add_domain("example.org")
+        accounts.add_user("kate@example.org", "hash")
+        accounts.add_alias("@example.org", "kate@example.org")
+        accounts._db.executemany("INSERT INTO alias(source, target) VALUES (?, ?)",
+                                 [("@example.org.", "kate@example.org"),
+                                  ("@Example.ORG.", "bob@example.org")])
+        accounts._db.execute("PRAGMA user_version = 1")
+        before = accounts.generation()
+    with AccountDB(tmp_path / "accounts.sqlite") as accounts:
+        rows = set(accounts._db.execute("SELECT source, target FROM alias"))
+        assert rows == {("@example.org", "kate@example.org"), ("@example.org", "bob@example.org")}
+        assert accounts.generation() > before
+        accounts.remove_alias("@example.org")
+        assert not list(accounts._db.execute("SELECT * FROM alias"))
