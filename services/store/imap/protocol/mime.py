@@ -28,6 +28,7 @@ import pkgutil
 import quopri
 import re
 import urllib.parse
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -345,22 +346,47 @@ class _Budget:
     def __init__(self, raw: bytes) -> None:
         self.parts = 0
         self._raw = raw
-        self._delimiters: dict[bytes, list[tuple[int, int, bool]]] | None = None
+        self._delimiters: dict[bytes, _Lines] | None = None
 
     def delimiter_lines(self, start: int, end: int,
-                        boundary: bytes) -> list[tuple[int, int, bool]]:
+                        boundary: bytes) -> Iterator[tuple[int, int, bool]]:
         """Each boundary delimiter line in raw[start:end] as (line start, line end, is close
-        delimiter). RFC 2046 5.1.1: "--" boundary at the start of a line, optionally "--",
-        then only linear white space before the line break."""
+        delimiter), as they are read. RFC 2046 5.1.1: "--" boundary at the start of a line,
+        optionally "--", then only linear white space before the line break."""
         if self._delimiters is None:
             self._delimiters = _delimiter_index(self._raw)
-        lines = self._delimiters.get(boundary.rstrip(b" \t"), [])
-        found = lines[bisect.bisect_left(lines, (start,)):bisect.bisect_left(lines, (end,))]
         if start and self._raw[start - 1:start] != b"\n":  # a part that starts mid-line
             first = _delimiter_at(self._raw, start, end, boundary)
             if first is not None:
-                found.insert(0, first)
-        return [(line, min(line_end, end), close) for line, line_end, close in found]
+                yield first[0], min(first[1], end), first[2]
+        lines = self._delimiters.get(boundary.rstrip(b" \t"))
+        if lines is not None:
+            for line, line_end, close in lines.within(start, end):
+                yield line, min(line_end, end), close
+
+
+class _Lines:
+    """The lines that could delimit one boundary, in order, in flat arrays: a message of
+    millions of dash lines made a tuple of each, and freeing them alone held the
+    interpreter lock, so every session of the store, for 0.1-0.2 s."""
+
+    __slots__ = ("closes", "ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts = array("q")
+        self.ends = array("q")
+        self.closes = bytearray()
+
+    def add(self, start: int, end: int, close: bool) -> None:
+        self.starts.append(start)
+        self.ends.append(end)
+        self.closes.append(close)
+
+    def within(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        """The lines that start in [start, end)."""
+        first, stop = bisect.bisect_left(self.starts, start), bisect.bisect_left(self.starts, end)
+        for at in range(first, stop):
+            yield self.starts[at], self.ends[at], bool(self.closes[at])
 
 
 def parse_message(raw: bytes) -> Part:
@@ -451,19 +477,25 @@ def _set_type(
 _DASH_LINE = re.compile(rb"^--([^\n]*)", re.MULTILINE)
 
 
-def _delimiter_index(raw: bytes) -> dict[bytes, list[tuple[int, int, bool]]]:
+def _delimiter_index(raw: bytes) -> dict[bytes, _Lines]:
     """Every line that could be a boundary delimiter, by the boundary it would delimit, in
     order. One pass for the whole message: nested multiparts whose lines all begin with
     every level's "--boundary" cost one look per line, not one per line and level. A line
     "--ab--" is the close delimiter of "ab" and a delimiter of "ab--" (a boundary may end
     in "-")."""
-    index: dict[bytes, list[tuple[int, int, bool]]] = {}
+    index: dict[bytes, _Lines] = {}
     for match in _DASH_LINE.finditer(raw):
         rest = match.group(1).rstrip(b" \t\r")
         line_end = match.end() + 1  # after its LF (beyond the end: clipped by the caller)
-        index.setdefault(rest, []).append((match.start(), line_end, False))
+        lines = index.get(rest)
+        if lines is None:
+            lines = index[rest] = _Lines()
+        lines.add(match.start(), line_end, False)
         if rest.endswith(b"--"):
-            index.setdefault(rest[:-2], []).append((match.start(), line_end, True))
+            closing = index.get(rest[:-2])
+            if closing is None:
+                closing = index[rest[:-2]] = _Lines()
+            closing.add(match.start(), line_end, True)
     return index
 
 
