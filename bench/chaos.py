@@ -68,6 +68,7 @@ Run from the repository root (the tiers are started from this checkout's code):
     PYTHONPATH=. .venv/bin/python bench/chaos.py                       # seed 1, 180 s
     PYTHONPATH=. .venv/bin/python bench/chaos.py --seed 7 --duration 120 --max-faults 40
     PYTHONPATH=. .venv/bin/python bench/chaos.py --seed 3 --inline-max 0 --keep  # bodies as files
+    PYTHONPATH=. .venv/bin/python bench/chaos.py --seed 5 --delivery-attempts 3 --fault-every 1
     PYTHONPATH=. .venv/bin/python bench/chaos.py --seed 17 --private-broker --disk-full  # root
     PYTHONPATH=. .venv/bin/python bench/chaos.py --seed 23 --scanning --private-broker \
         --disk-full --inline-max 0    # rspamd and clamd too, behind relays the faults cut
@@ -236,13 +237,15 @@ class ChaosStack(TiermailStack):
     """benchlib's isolated stack (own vhost, Redis db and key prefix, data dir, ports), its
     tiers reaching RabbitMQ and Redis through relays, restarted at will."""
 
-    def __init__(self, root: Path, redis_db: int, inline_max: int, filters: int) -> None:
+    def __init__(self, root: Path, redis_db: int, inline_max: int, filters: int,
+                 delivery_attempts: int) -> None:
         super().__init__(root, redis_db)
         self.queue_prefix = "tiermail"  # the default; the vhost is the stack's own
         self.env.update({
             "PYTHONPATH": str(REPO),  # the tiers run this checkout's code
             "TIERMAIL_STORE_INLINE_MAX": str(inline_max),
             "TIERMAIL_PUBLISH_TIMEOUT": "5",
+            "TIERMAIL_DELIVERY_ATTEMPTS": str(delivery_attempts),
         })
         self.proxies: dict[str, TcpProxy] = {}
         self.broker: PrivateBroker | None = None
@@ -918,6 +921,7 @@ class Options:
     imap_pause: float
     imap_clients: int
     inline_max: int
+    delivery_attempts: int
     redis_db: int
     drain_timeout: float
     keep: bool
@@ -936,7 +940,7 @@ def run(opts: Options) -> int:
         f"{opts.max_faults} faults, inline max {opts.inline_max}, {opts.filters} filters")
     with temp_root("tiermail-chaos-", opts.keep) as root, contextlib.ExitStack() as disk, \
             closing_stack(ChaosStack(root, opts.redis_db, opts.inline_max,
-                                     opts.filters)) as stack:
+                                     opts.filters, opts.delivery_attempts)) as stack:
         if opts.disk_full:
             stack.disk = disk.enter_context(tmpfs(stack.data_dir, opts.disk_size))
         stack.setup(opts.private_broker)
@@ -1050,6 +1054,9 @@ def parse_args() -> Options:
                         help="IMAP clients per account, each changing its share of the mail")
     parser.add_argument("--inline-max", type=int, default=65536,
                         help="TIERMAIL_STORE_INLINE_MAX (0: every body a file)")
+    parser.add_argument("--delivery-attempts", type=int, default=10,
+                        help="TIERMAIL_DELIVERY_ATTEMPTS: low (3) to make broken store links "
+                             "reach the delivery limit, where the store renews messages")
     parser.add_argument("--redis-db", type=int, default=12)
     parser.add_argument("--drain-timeout", type=float, default=300.0)
     parser.add_argument("--keep", action="store_true", help="keep the data and logs")
