@@ -168,6 +168,12 @@ def _failing_deliveries(beats: list[dict[str, Any]]) -> list[str]:
     broker link keeps breaking."""
     problems = []
     for beat in beats:
+        if beat.get("tier") == "store" and beat.get("renewals_off_since"):
+            problems.append(
+                f"store {beat.get('host')}:{beat.get('pid')}: its attempt log (attempts.sqlite"
+                " in the store directory) failed, so it renews no message until it is "
+                "restarted: a broker link that breaks with mail in flight can send that mail "
+                "to the dead-letter queue (see its log)")
         recent = beat.get("recent")
         window = _window(recent) if isinstance(recent, dict) else None
         if window is None or beat.get("tier") != "store":

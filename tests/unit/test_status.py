@@ -125,6 +125,9 @@ def test_a_store_whose_link_keeps_breaking_is_a_problem() -> None:
     assert problem.startswith("store h:7: its broker connection broke while 2 message(s)")
     beat["recent"] = {"seconds": 60.0, "counts": {"renewed": 0}}
     assert status._failing_deliveries([beat]) == []
+    beat["renewals_off_since"] = time.time() - 5
+    [problem] = status._failing_deliveries([beat])
+    assert problem.startswith("store h:7: its attempt log (attempts.sqlite")
 
 
 def test_a_filter_under_stress_is_a_problem_until_it_ends() -> None:

@@ -3,7 +3,9 @@
 RabbitMQ 3.10's quorum queues count every return of an unacknowledged message toward
 `x-delivery-limit`: a nack, but also a store connection that broke while the message was in
 flight (before the store saw it, while it was stored, or with only its ack lost). The store
-tells them apart with this log (services/store/redelivery.py): before it stores a message
+tells them apart with this log (services/store/redelivery.py), as long as it reads the
+message at one of the last three deliveries the limit allows (of the last two at a limit
+of 3): before it stores a message
 the broker has given it before, it adds one here, and once that message is stored (or found
 already stored) it takes the entry away. An entry therefore counts the attempts that failed
 or never finished: storage errors, and a store killed mid-way, which no memory survives.
