@@ -798,27 +798,27 @@ async def test_acks_lost_to_a_breaking_link_do_not_dead_letter_stored_mail(
     assert running.consumer.stats.renewed >= 2
 
 
-async def _returned_unseen(settings: Settings, times: int) -> None:
-    """Take the next message of the delivery queue and drop the connection, `times` times:
-    the returns of a link that broke before the store saw the message."""
+async def _returned_unseen(settings: Settings, times: int, count: int = 1) -> None:
+    """Take the next `count` messages of the delivery queue and drop the connection, `times`
+    times: the returns of a link that broke before the store saw the messages."""
     for _ in range(times):
-        await _take_one_and_drop(settings)
+        connection = await aiormq.connect(settings.amqp_url)
+        try:
+            channel = await connection.channel()
+            await channel.basic_qos(prefetch_count=count)
+            taken: list[int] = []
+            got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-
-async def _take_one_and_drop(settings: Settings) -> None:
-    connection = await aiormq.connect(settings.amqp_url)
-    try:
-        channel = await connection.channel()
-        await channel.basic_qos(prefetch_count=1)
-        got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        async def take(message: aiormq.abc.DeliveredMessage) -> None:
-            if not got.done():
-                got.set_result(None)
-        await channel.basic_consume(settings.topology.deliver_queue, take)
-        await asyncio.wait_for(got, 15)
-    finally:
-        await connection.close()
+            async def take(message: aiormq.abc.DeliveredMessage,
+                           taken: list[int] = taken,
+                           got: asyncio.Future[None] = got) -> None:
+                taken.append(1)
+                if len(taken) == count and not got.done():
+                    got.set_result(None)
+            await channel.basic_consume(settings.topology.deliver_queue, take)
+            await asyncio.wait_for(got, 15)
+        finally:
+            await connection.close()
 
 
 async def test_returns_the_store_never_saw_do_not_dead_letter_a_message(
@@ -896,29 +896,6 @@ async def test_a_store_killed_between_a_renewal_and_its_ack_delivers_the_message
     assert check_mailboxes(settings.store_dir, [ALICE]) == {flappy[0].queue_id: 1}
 
 
-async def _return_all_unseen(settings: Settings, times: int, count: int) -> None:
-    """Take `count` messages at once from the delivery queue and drop the connection,
-    `times` times (as _returned_unseen, for a whole batch)."""
-    for _ in range(times):
-        connection = await aiormq.connect(settings.amqp_url)
-        try:
-            channel = await connection.channel()
-            await channel.basic_qos(prefetch_count=count)
-            taken: list[int] = []
-            got: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-            async def take(message: aiormq.abc.DeliveredMessage,
-                           taken: list[int] = taken,
-                           got: asyncio.Future[None] = got) -> None:
-                taken.append(1)
-                if len(taken) == count and not got.done():
-                    got.set_result(None)
-            await channel.basic_consume(settings.topology.deliver_queue, take)
-            await asyncio.wait_for(got, 15)
-        finally:
-            await connection.close()
-
-
 async def test_the_renewals_of_a_batch_go_out_together(
         settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """One confirm round trip per renewal: 64 needed about 100 ms of unbroken link, and a
@@ -929,7 +906,7 @@ async def test_the_renewals_of_a_batch_go_out_together(
     add_users(settings, [ALICE])
     messages = [make_message(ALICE) for _ in range(8)]
     await publish_all(settings, messages)
-    await _return_all_unseen(settings, 3, len(messages))
+    await _returned_unseen(settings, 3, count=len(messages))
     events: list[str] = []
     publish = aiormq.Channel.basic_publish
 
