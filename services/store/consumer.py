@@ -567,8 +567,11 @@ class Consumer:
             await publisher.basic_publish(item.message.body, exchange="", routing_key=queue,
                                           properties=properties, mandatory=True,
                                           timeout=CONFIRM_TIMEOUT)
-        except Exception as exc:
-            log.warning("renewal not confirmed (%s); storing the message as it is", exc,
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and being_cancelled():
+                raise
+            # (aiormq cancels the confirms it waits for when its connection closes)
+            log.warning("renewal not confirmed (%r); storing the message as it is", exc,
                         extra={"queue_id": item.queue_id, "event": "renew"})
             return False
         return True
