@@ -533,8 +533,8 @@ class Consumer:
         limit = self._settings.delivery_attempts
         due: list[tuple[_Item, int]] = []
         for item in items:
-            if not should_renew(item.returns, 0, limit):
-                continue  # not even were none of its returns failures (most: a first delivery)
+            if not item.returns.redelivered:
+                continue  # a first delivery (nearly every message): nothing to renew
             attempts = unfinished.get(item.attempt_key, 0)
             if should_renew(item.returns, attempts, limit):
                 due.append((item, attempts))

@@ -217,8 +217,8 @@ class AccountDB:
 
     def _normalize_catch_alls(self) -> None:
         rows = self._db.execute("SELECT source, target FROM alias WHERE source LIKE '@%'")
-        renamed = [(source, normalize_address(source), target) for source, target in rows
-                   if normalize_address(source) != source]
+        renamed = [(source, normal, target) for source, target in rows
+                   if (normal := normalize_address(source)) != source]
         for source, normal, target in renamed:
             self._db.execute("DELETE FROM alias WHERE source = ? AND target = ?",
                              (source, target))

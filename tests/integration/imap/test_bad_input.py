@@ -532,21 +532,30 @@ def fetching_first_message(server: Server, item: str = "BODY.PEEK[]") -> socket.
     return sock
 
 
+class _Pauses:
+    count = 0
+
+
+def _count_pauses(monkeypatch: pytest.MonkeyPatch) -> _Pauses:
+    """Counts every Session.between_steps (a turn given to the other sessions)."""
+    pauses = _Pauses()
+    between_steps = Session.between_steps
+
+    async def counted(self: Session) -> None:
+        pauses.count += 1
+        await between_steps(self)
+
+    monkeypatch.setattr(Session, "between_steps", counted)
+    return pauses
+
+
 async def test_a_fetch_gives_other_sessions_turns_between_messages(
         server: Server, deliver: Deliver, monkeypatch: pytest.MonkeyPatch) -> None:
     """A message with many header fields takes up to 0.2 s to answer in the loop: a batch of
     them held every other session for seconds (found in review). Past FETCH_TURN of such work
     (here none at all) the session pauses between messages, and still answers them all."""
     monkeypatch.setattr(imap_commands, "FETCH_TURN", 0.0)
-    pauses = 0
-    between_steps = Session.between_steps
-
-    async def counted(self: Session) -> None:
-        nonlocal pauses
-        pauses += 1
-        await between_steps(self)
-
-    monkeypatch.setattr(Session, "between_steps", counted)
+    pauses = _count_pauses(monkeypatch)
     for n in range(6):
         await deliver(ALICE, message(f"turns {n}"))
 
@@ -557,10 +566,10 @@ async def test_a_fetch_gives_other_sessions_turns_between_messages(
         client.close()
         return fetched
 
-    before = pauses
+    before = pauses.count
     fetched = await in_thread(dialog)
     assert [line.split(b" ")[1] for line in fetched] == [b"%d" % n for n in range(1, 7)]
-    assert pauses - before >= 5
+    assert pauses.count - before >= 5
 
 
 async def test_a_large_flag_change_reaches_idle_sessions_in_steps(
@@ -569,15 +578,7 @@ async def test_a_large_flag_change_reaches_idle_sessions_in_steps(
     ms of Python to take in and announce, with no turn for anyone else (found in review: 10
     IDLE sessions, 0.44 s). They now take it STEP messages at a time (here 2)."""
     monkeypatch.setattr(selected_module, "STEP", 2)
-    pauses = 0
-    between_steps = Session.between_steps
-
-    async def counted(self: Session) -> None:
-        nonlocal pauses
-        pauses += 1
-        await between_steps(self)
-
-    monkeypatch.setattr(Session, "between_steps", counted)
+    pauses = _count_pauses(monkeypatch)
     for n in range(6):
         await deliver(ALICE, message(f"steps {n}"))
 
@@ -587,12 +588,12 @@ async def test_a_large_flag_change_reaches_idle_sessions_in_steps(
         changer.ok("SELECT INBOX")
         idler.send(b"i1 IDLE\r\n")
         assert idler.response().startswith(b"+")
-        before = pauses
+        before = pauses.count
         changer.ok("STORE 1:6 +FLAGS.SILENT (\\Flagged)")
         seen = [idler.response() for _ in range(6)]
         idler.send(b"DONE\r\n")
         assert idler.reply("i1").status == "OK"
-        steps = pauses - before
+        steps = pauses.count - before
         idler.close()
         changer.close()
         return seen, steps
