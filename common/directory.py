@@ -30,24 +30,37 @@ The quota keys are maintained by the store's QuotaPublisher, not by `publish`: a
 republish leaves them alone.
 
 A full publish writes fresh keys under a temporary name and swaps them in with RENAME inside
-one MULTI, so a reader never sees a half-written directory.
+one MULTI, so a reader never sees a half-written directory. Writers never undo each other:
+- a change is made only to a published directory (WATCH on dir:version): one made to a Redis
+  that restarted empty would otherwise leave a directory of that change alone that looks
+  published, and every other recipient would get a permanent 5xx;
+- the CLI's change for account generation N is made, with dir:generation set to N, only if
+  the directory is at N-1 (else the CLI publishes it whole);
+- a publish from a snapshot older than what Redis already reflects is not swapped in (a
+  store's publish read before a CLI change, swapped in after it, undid the change).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import secrets
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import idna
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 MAX_ALIAS_DEPTH = 8
 _BATCH = 5000
+# A publish's keys not yet swapped in expire on their own: a publisher that died or timed
+# out midway left a whole copy of the directory behind, for ever.
+_TEMP_TTL = 3600
+# Tries of a WATCHed change that other writers keep overtaking, before giving up with an error.
+_WATCH_TRIES = 50
 
 
 class DirectoryUnavailable(RedisError):
@@ -135,6 +148,8 @@ class Directory:
     def __init__(self, redis: Redis, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
+        # While `change_at` collects a change's commands: they go into its transaction.
+        self._collected: list[Callable[[Pipeline], object]] | None = None
 
     def key(self, name: str) -> str:
         return f"{self._prefix}dir:{name}"
@@ -217,25 +232,64 @@ class Directory:
 
     # Writing (store tier and the tiermail CLI)
 
-    async def publish(self, snapshot: DirectorySnapshot) -> None:
-        """Replace the whole directory atomically."""
+    async def publish(self, snapshot: DirectorySnapshot,
+                      generation_now: Callable[[], Awaitable[int]] | None = None) -> bool:
+        """Replace the whole directory atomically. With `generation_now` (the account
+        database's generation as it is now), not if Redis already reflects a later change
+        of that database than `snapshot` (held above the snapshot's generation, not above
+        the database's: one above it is another database's, a restored backup's, and is
+        replaced). Whether it was swapped in."""
         tag = secrets.token_hex(6)
         temp = {name: self.key(f"tmp:{tag}:{name}") for name in ("domains", "users", "aliases")}
-        await self._fill_set(temp["domains"], snapshot.domains)
-        await self._fill_set(temp["users"], snapshot.users)
-        await self._fill_hash(
-            temp["aliases"], {k: ",".join(v) for k, v in snapshot.aliases.items()}
-        )
+        try:
+            await self._fill_set(temp["domains"], snapshot.domains)
+            await self._fill_set(temp["users"], snapshot.users)
+            await self._fill_hash(
+                temp["aliases"], {k: ",".join(v) for k, v in snapshot.aliases.items()})
+
+            async def newer_held(held: int | None) -> bool:
+                return (generation_now is not None and held is not None
+                        and snapshot.generation < held <= await generation_now())
+
+            return await self._watched(
+                lambda published, held: newer_held(held),
+                lambda pipe: self._queue_swap(pipe, temp, snapshot))
+        finally:
+            await self._redis.delete(*temp.values())  # no-op for those swapped in
+
+    def _queue_swap(self, pipe: Pipeline, temp: Mapping[str, str],
+                    snapshot: DirectorySnapshot) -> None:
+        for name, temp_key in temp.items():
+            pipe.delete(self.key(name))
+            # RENAME of a key that was never created (empty set) would fail.
+            if self._has_content(name, snapshot):
+                pipe.rename(temp_key, self.key(name))
+                pipe.persist(self.key(name))  # RENAME keeps the temporary key's TTL
+        pipe.set(self.key("version"), repr(time.time()))
+        pipe.set(self.key("generation"), snapshot.generation)
+        self._changed(pipe)
+
+    async def _watched(self, refuse: Callable[[bool, int | None], Awaitable[bool]],
+                       queue: Callable[[Pipeline], None]) -> bool:
+        """Queue a transaction with `queue` and run it, unless `refuse(published, held
+        generation)` says no, with no writer between the look and the transaction (WATCH:
+        one that came between makes it look again). Whether it ran."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            for name, temp_key in temp.items():
-                pipe.delete(self.key(name))
-                # RENAME of a key that was never created (empty set) would fail.
-                if self._has_content(name, snapshot):
-                    pipe.rename(temp_key, self.key(name))
-            pipe.set(self.key("version"), repr(time.time()))
-            pipe.set(self.key("generation"), snapshot.generation)
-            self._changed(pipe)
-            await pipe.execute()
+            for _ in range(_WATCH_TRIES):
+                try:
+                    await pipe.watch(self.key("version"), self.key("generation"))
+                    published = bool(await pipe.exists(self.key("version")))
+                    held = _optional_int(await pipe.get(self.key("generation")))
+                    if await refuse(published, held):
+                        await pipe.reset()
+                        return False
+                    pipe.multi()
+                    queue(pipe)
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+        raise RedisError(f"the directory kept changing under {_WATCH_TRIES} tries of a change")
 
     async def published_generation(self) -> int | None:
         """The account generation the directory reflects, or None when nothing is published."""
@@ -258,11 +312,33 @@ class Directory:
         return (bool(published) and held is not None and int(held) == generation
                 and _counted(numbers) == dict(counts))
 
-    async def advance_generation(self, generation: int) -> None:
-        """Record that the change made at `generation` is mirrored, if every change before
-        it is (the directory is at `generation - 1`); otherwise leave it behind, so that
-        the store sees the difference and republishes."""
-        await self._redis.eval(_ADVANCE, 1, self.key("generation"), generation - 1, generation)
+    async def change_at(self, generation: int,
+                        change: Callable[[Directory], Awaitable[object]]) -> bool:
+        """Make the directory changes `change` makes (through this object's add_/remove_/
+        set_ methods) as the account database's change at `generation`: in one transaction
+        that also sets the directory's generation to it, and only if the directory is
+        published at `generation - 1` (every change before it mirrored). False, nothing
+        of the directory written, otherwise: the caller then publishes it whole. (What
+        `change` writes beside the directory, quota state, is written as it goes, either
+        way.)"""
+        collected: list[Callable[[Pipeline], object]] = []
+        self._collected = collected
+        try:
+            await change(self)
+        finally:
+            self._collected = None
+
+        async def not_next(published: bool, held: int | None) -> bool:
+            return not published or held != generation - 1
+
+        def queue(pipe: Pipeline) -> None:
+            for command in collected:
+                command(pipe)
+            pipe.set(self.key("version"), repr(time.time()))
+            pipe.set(self.key("generation"), generation)
+            self._changed(pipe)
+
+        return await self._watched(not_next, queue)
 
     async def add_domain(self, domain: str) -> None:
         await self._change(lambda p: p.sadd(self.key("domains"), normalize_domain(domain)))
@@ -331,8 +407,10 @@ class Directory:
             pipe.delete(self.key("overquota"), self.key("limit"))
             if over:
                 pipe.rename(temp, self.key("overquota"))
+                pipe.persist(self.key("overquota"))
             if limits:
                 pipe.rename(temp_limits, self.key("limit"))
+                pipe.persist(self.key("limit"))
             for start in range(0, len(states), _BATCH):
                 chunk = dict(list(states.items())[start:start + _BATCH])
                 pipe.hset(self.key("usage"),
@@ -388,11 +466,22 @@ class Directory:
                 for m in await self._redis.smembers(self.key("overquota"))}
 
     async def _change(self, command: Callable[[Pipeline], object]) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
+        """One change, made only to a published directory: raises DirectoryUnavailable,
+        nothing written, if Redis lost it (its next publish will hold the change)."""
+        if self._collected is not None:
+            self._collected.append(command)
+            return
+
+        async def unpublished(published: bool, held: int | None) -> bool:
+            return not published
+
+        def queue(pipe: Pipeline) -> None:
             command(pipe)
             pipe.set(self.key("version"), repr(time.time()))
             self._changed(pipe)
-            await pipe.execute()
+
+        if not await self._watched(unpublished, queue):
+            raise DirectoryUnavailable("the directory is not published in Redis")
 
     def _changed(self, pipe: Pipeline) -> None:
         """The change notice, queued last in a change's MULTI: subscribers hear of it only
@@ -400,28 +489,40 @@ class Directory:
         pipe.publish(self.key(self.CHANGED), "1")
 
     async def _fill_set(self, key: str, members: Iterable[str]) -> None:
-        batch: list[str] = []
+        """Fill a temporary set, which expires unless it is swapped in (then PERSISTed)."""
+        batches: list[list[str]] = [[]]
         for member in members:
-            batch.append(member)
-            if len(batch) >= _BATCH:
-                await self._redis.sadd(key, *batch)
-                batch = []
-        if batch:
-            await self._redis.sadd(key, *batch)
+            if len(batches[-1]) >= _BATCH:
+                batches.append([])
+            batches[-1].append(member)
+        for batch in batches:
+            if batch:
+                await self._add_expiring(key, functools.partial(_sadd, key, batch))
 
     async def _fill_hash(self, key: str, mapping: Mapping[str, str]) -> None:
+        """`_fill_set` for a hash."""
         items = list(mapping.items())
         for start in range(0, len(items), _BATCH):
-            await self._redis.hset(key, mapping=dict(items[start:start + _BATCH]))
+            chunk = dict(items[start:start + _BATCH])
+            await self._add_expiring(key, functools.partial(_hset, key, chunk))
+
+    async def _add_expiring(self, key: str, add: Callable[[Pipeline], object]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            add(pipe)
+            pipe.expire(key, _TEMP_TTL)
+            await pipe.execute()
 
     @staticmethod
     def _has_content(name: str, snapshot: DirectorySnapshot) -> bool:
         return bool(getattr(snapshot, name))
 
 
-_ADVANCE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) end
-"""
+def _sadd(key: str, members: list[str], pipe: Pipeline) -> object:
+    return pipe.sadd(key, *members)
+
+
+def _hset(key: str, mapping: dict[str, str], pipe: Pipeline) -> object:
+    return pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
 
 
 def _decoded(raw: bytes | str) -> str:

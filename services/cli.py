@@ -482,20 +482,25 @@ def _published_generation(settings: Settings) -> int | None:
 
 async def _mirror(settings: Settings, directory: Any, redis_change: Callable[[Any], Any],
                   generation: int) -> None:
-    """Apply the change made at account `generation` to Redis. The directory's generation
-    moves to it only from the one just before: after a change whose mirroring failed (or
-    another command's still under way) it stays behind, and the store republishes. A
-    directory found behind already (a change not mirrored while the store was stopped) or
-    missing is published whole."""
-    behind = await directory.published_generation() != generation - 1
-    if behind:
+    """Apply the change made at account `generation` to Redis, in one transaction that also
+    moves the directory's generation to it, if the directory is at the one just before.
+    Otherwise (a change not mirrored while the store was stopped, another command's under
+    way, Redis restarted empty) it is published whole from the account database, unless
+    Redis already reflects a later change."""
+    if await directory.change_at(generation, redis_change):
+        return
+    # (What the change writes beside the directory, a quota's state, is written already.)
+    with _accounts(settings) as accounts:
+        snapshot = accounts.snapshot()
+    # Not swapped in if a later change is mirrored already: its directory holds this one.
+    await directory.publish(snapshot, generation_now=_generation_of(settings))
+
+
+def _generation_of(settings: Settings) -> Callable[[], Awaitable[int]]:
+    async def now() -> int:
         with _accounts(settings) as accounts:
-            await directory.publish(accounts.snapshot())
-    # Also after a whole publish: what a change keeps beside the directory (a quota's state)
-    # is not in it; the directory's part is there already, and applying it again is a no-op.
-    await redis_change(directory)
-    if not behind:
-        await directory.advance_generation(generation)
+            return int(accounts.generation())
+    return now
 
 
 def domain_add(settings: Settings, args: argparse.Namespace) -> int:

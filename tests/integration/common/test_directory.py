@@ -1,6 +1,7 @@
 """The Redis directory against the real Redis: resolution, aliases, atomic publish."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis, from_url
@@ -174,3 +175,125 @@ async def test_the_aliases_found_reaching_no_mailbox_are_those_the_filter_refuse
                        "loop2@example.org", "self@example.org", "dangling@example.org",
                        "@example.net"}
     assert set(aliases_reaching_no_mailbox(users, aliases)) == refused
+
+
+async def _keys(directory: Directory, pattern: str = "*") -> set[str]:
+    return {key.decode() for key in
+            await directory._redis.keys(directory.key("").removesuffix("dir:") + pattern)}
+
+
+async def _lose_everything(directory: Directory) -> None:
+    """What Redis restarting empty does to this directory (a FLUSHDB would hit other tests)."""
+    if keys := await _keys(directory):
+        await directory._redis.delete(*keys)
+
+
+class MeddledWith(Directory):
+    """A directory that `meddle` changes once, right after a writer looked at it and before
+    its transaction runs: another writer, or Redis restarting empty, at the worst moment."""
+
+    meddle: Callable[[], Awaitable[object]] | None = None
+
+    async def _watched(self, refuse: Callable[[bool, int | None], Awaitable[bool]],
+                       queue: Callable[[Any], None]) -> bool:
+        async def then_meddled(published: bool, held: int | None) -> bool:
+            answer = await refuse(published, held)
+            meddle, self.meddle = self.meddle, None
+            if meddle is not None:
+                await meddle()
+            return answer
+
+        return await super()._watched(then_meddled, queue)
+
+
+async def test_a_change_is_never_made_to_a_directory_redis_lost(directory: Directory) -> None:
+    """A change made after Redis restarted empty (or a FLUSHDB) left a directory of that
+    change alone that looked published: every other recipient got 554 or 550 until the
+    store published again (found in review, with the flush between the CLI's look at the
+    directory and its change)."""
+    await _lose_everything(directory)
+    with pytest.raises(DirectoryUnavailable):
+        await directory.add_domain("new.example")
+    assert not await directory.change_at(1, lambda d: d.add_domain("new.example"))
+    assert await _keys(directory) == set()
+
+    meddled = MeddledWith(directory._redis, directory._prefix)
+    await meddled.publish(DirectorySnapshot(domains={"example.org"}, users={"a@example.org"},
+                                            generation=4))
+    meddled.meddle = lambda: _lose_everything(directory)
+    with pytest.raises(DirectoryUnavailable):
+        await meddled.add_user("b@example.org")
+    assert await _keys(directory) == set()
+    with pytest.raises(DirectoryUnavailable):
+        await directory.resolve("a@example.org")
+
+
+async def test_a_cli_change_is_made_with_its_generation_only_after_the_one_before(
+        directory: Directory) -> None:
+    await directory.publish(DirectorySnapshot(domains={"example.org"}, users={"a@example.org"},
+                                              generation=7))
+    assert not await directory.change_at(9, lambda d: d.add_user("b@example.org"))
+    assert await directory.change_at(8, lambda d: d.add_user("b@example.org"))
+    assert await directory.published_generation() == 8
+    assert (await directory.resolve("b@example.org")).resolution is Resolution.LOCAL
+    # Made once: the change at 8 again is refused, not applied a second time.
+    assert not await directory.change_at(8, lambda d: d.remove_user("a@example.org"))
+    assert (await directory.resolve("a@example.org")).resolution is Resolution.LOCAL
+
+
+async def test_a_publish_never_undoes_a_later_change(directory: Directory) -> None:
+    """The store read the account database at generation 7, a CLI change at 8 was mirrored,
+    then the store's publish landed: it took the change back (the new user got 550 5.1.1,
+    a deleted one 250, until the store's next check; found in review)."""
+    older = DirectorySnapshot(domains={"example.org"}, users={"a@example.org"}, generation=7)
+    await directory.publish(older)
+    assert await directory.change_at(8, lambda d: d.add_user("b@example.org"))
+
+    async def database_at_8() -> int:
+        return 8
+
+    assert not await directory.publish(older, generation_now=database_at_8)
+    assert (await directory.resolve("b@example.org")).resolution is Resolution.LOCAL
+    assert await directory.published_generation() == 8
+    assert await _keys(directory, "dir:tmp:*") == set()
+
+    # The change lands between the publish's look and its swap.
+    meddled = MeddledWith(directory._redis, directory._prefix)
+    meddled.meddle = lambda: directory.change_at(9, lambda d: d.add_user("c@example.org"))
+
+    async def database_at_9() -> int:
+        return 9
+
+    newer_than_8 = DirectorySnapshot(domains={"example.org"},
+                                      users={"a@example.org", "b@example.org"}, generation=8)
+    assert not await meddled.publish(newer_than_8, generation_now=database_at_9)
+    assert (await directory.resolve("c@example.org")).resolution is Resolution.LOCAL
+
+    # Held above the account database's own generation: another database's directory (a
+    # restored backup's), which the store replaces.
+    async def restored_at_3() -> int:
+        return 3
+
+    restored = DirectorySnapshot(domains={"example.org"}, users={"a@example.org"}, generation=3)
+    assert await directory.publish(restored, generation_now=restored_at_3)
+    assert (await directory.resolve("c@example.org")).resolution is Resolution.UNKNOWN_USER
+
+
+async def test_a_publish_that_fails_midway_leaves_no_copy_behind(directory: Directory) -> None:
+    """A publish that timed out before its swap left its temporary copy of the whole
+    directory in Redis for ever, one more with each failed attempt (found in review)."""
+    failing = MeddledWith(directory._redis, directory._prefix)
+
+    async def redis_goes() -> None:
+        raise RedisError("Redis went away")
+
+    failing.meddle = redis_goes
+    with pytest.raises(RedisError):
+        await failing.publish(DirectorySnapshot(domains={"example.org"},
+                                                users={"a@example.org"}))
+    assert await _keys(directory, "dir:tmp:*") == set()
+    # And one whose process dies midway: what it filled expires.
+    await directory._fill_set(directory.key("tmp:dead:users"), ["a@example.org"])
+    assert 0 < await directory._redis.ttl(directory.key("tmp:dead:users")) <= 3600
+    await directory.publish(DirectorySnapshot(domains={"example.org"}, users={"a@example.org"}))
+    assert await directory._redis.ttl(directory.key("users")) == -1  # swapped in: kept

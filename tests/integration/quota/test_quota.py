@@ -411,6 +411,7 @@ async def test_an_account_change_recomputes_only_the_limits_it_changed(
                 # Deleted and added again at once: the CLI cleared its state in Redis, the
                 # limit is the same as before, and the new account is read all the same.
                 maildb.usage_reads.clear()
+                await parts.directory.publish(accounts.snapshot())  # changes need one
                 accounts.delete_user(CAROL)
                 await parts.directory.remove_user(CAROL)
                 accounts.add_user(CAROL, "h")
