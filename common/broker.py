@@ -213,6 +213,14 @@ async def setting_up(connection: AbstractConnection, within: float) -> AsyncIter
         raise
 
 
+def connection_blocked(connection: AbstractConnection) -> bool:
+    """Whether the broker has blocked `connection` (Connection.Blocked, sent while a
+    resource alarm holds) and not unblocked it. aiormq keeps that in a private event; an
+    aiormq without it counts every connection as blocked (waited on, never given up)."""
+    unblocked = getattr(connection, "_Connection__connection_unblocked", None)
+    return not isinstance(unblocked, asyncio.Event) or not unblocked.is_set()
+
+
 class Publisher:
     def __init__(
         self,
@@ -301,16 +309,21 @@ class Publisher:
 
     async def _probe_until_confirmed(self) -> None:
         """Publish messages routed to no queue until the broker confirms two in a row on one
-        connection. The channel is kept while it waits (a probe not confirmed in time stays
-        queued behind the others): a blocked connection is unblocked, and the probes
-        confirmed, the moment the alarm clears. Two, because RabbitMQ reads and confirms the
-        first publish of a connection opened during an alarm before it blocks it; one probe
-        on a new connection (after a broker restart, a closed channel) said "confirms again"
-        while the alarm held, and the next sender waited out the confirm timeout again."""
+        connection. A connection the broker has blocked (Connection.Blocked: a resource
+        alarm) is kept while it waits (a probe not confirmed in time stays queued behind the
+        others): it is unblocked, and the probes confirmed, the moment the alarm clears. Two,
+        because RabbitMQ reads and confirms the first publish of a connection opened during
+        an alarm before it blocks it; one probe on a new connection (after a broker restart,
+        a closed channel) said "confirms again" while the alarm held, and the next sender
+        waited out the confirm timeout again. A connection that was not blocked but
+        confirmed nothing in time is given up (a dead path, a hung broker): kept, the worker
+        refused mail until aiormq's heartbeat gave it up, three minutes later, though a new
+        connection would have worked (found in review)."""
         try:
             while True:
                 channel = None
                 try:
+                    await self._reconnect_unless_blocked()
                     channel = await self._ready_channel()
                     for _ in range(2):
                         self._probes_sent += 1
@@ -322,10 +335,11 @@ class Publisher:
                 except asyncio.CancelledError:
                     raise
                 except TimeoutError:
-                    # Still blocked: closing and reopening the connection would leave one
-                    # blocked connection behind per attempt, and a new connection's first
-                    # publish is confirmed whatever the alarm.
-                    log.debug("probe not confirmed in time; still waiting")
+                    # Blocked: closing and reopening the connection would leave one blocked
+                    # connection behind per attempt, and a new connection's first publish
+                    # is confirmed whatever the alarm. (Not blocked: the next round's
+                    # _reconnect_unless_blocked gives it up.)
+                    log.debug("probe not confirmed in time")
                 except Exception:
                     log.debug("probe not confirmed", exc_info=True)
                     if channel is not None:
@@ -335,6 +349,19 @@ class Publisher:
             if self._probe is asyncio.current_task():
                 self._probe = None
         log.info("the broker confirms again: taking mail", extra={"event": "amqp-confirming"})
+
+    async def _reconnect_unless_blocked(self) -> None:
+        """After a publish went unconfirmed: give up the connection unless the broker has
+        blocked it (then the alarm's end unblocks it)."""
+        connection = self._connection
+        if connection is None or connection_blocked(connection):
+            return
+        log.warning("the broker confirmed nothing within %g s on a connection it has not "
+                    "blocked (a dead path, a hung broker?): connecting again",
+                    self._confirm_timeout, extra={"event": "amqp-reconnect"})
+        if self._connection is connection:
+            self._connection, self._channel = None, None
+            await close_connection(connection, grace=0)
 
     async def ensure_connected(self) -> None:
         await self._ready_channel()

@@ -432,6 +432,26 @@ class AmqpFrames:
         return frames
 
 
+class FreezingProxy(TcpProxy):
+    """`freeze` makes the connections relayed so far a black hole, both ways, while new
+    ones pass: a path (a NAT entry, a firewall's state) that died under one connection."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self._frozen: set[int] = set()
+        self._relayed: set[int] = set()
+
+    def freeze(self) -> None:
+        with self._lock:
+            self._frozen |= self._relayed
+
+    def _relay(self, client: socket.socket, to_target: bool) -> Callable[[bytes], Relayed]:
+        key = id(client)
+        with self._lock:
+            self._relayed.add(key)
+        return lambda data: (b"" if key in self._frozen else data, None)
+
+
 class QuietProxy(TcpProxy):
     """In front of RabbitMQ: until `speak`, each new connection gets the broker's replies up
     to the first frame of type `after` and nothing after it (held back): a node that hangs,

@@ -17,6 +17,7 @@ from common.settings import Settings
 from common.topology import LARGE_MESSAGE
 from tests.integration.store.helpers import make_message
 from tests.support import (
+    FreezingProxy,
     PrivateBroker,
     QuietProxy,
     broker_at,
@@ -174,3 +175,29 @@ async def test_a_broker_quiet_after_the_handshake_is_given_up_on_in_time(
         await publisher.close()
         proxy.cut()
     assert await asyncio.to_thread(queue_depth, settings) == 1
+
+
+async def test_a_connection_whose_path_died_is_given_up_not_waited_on(
+        settings: Settings) -> None:
+    """The path to the broker went silent under the publisher's connection (new ones would
+    pass). The probe kept waiting on it as if a resource alarm had blocked it: the worker
+    answered 451 to every sender until aiormq's heartbeat gave the connection up, about
+    three minutes later (found in review). A connection the broker has not blocked is now
+    given up after one unconfirmed round, and the probe goes on over a new one."""
+    proxy = FreezingProxy(5672)
+    publisher = Publisher(broker_at(settings, proxy.port).amqp_url, settings.topology,
+                          confirm_timeout=1.0, retry_interval=0.2)
+    try:
+        await publisher.publish(*make_message("alice@example.test"))
+        dead = publisher._connection  # noqa: SLF001 - to see the probe give it up
+        proxy.freeze()
+        with pytest.raises(PublishFailed):
+            await publisher.publish(*make_message("alice@example.test"))
+        assert publisher.stalled
+        await eventually(lambda: not publisher.stalled, within=20,
+                         what="the probe to confirm over a new connection")
+        assert publisher._connection not in (None, dead)  # noqa: SLF001
+        await publisher.publish(*make_message("alice@example.test"))
+    finally:
+        await publisher.close()
+        proxy.cut()
