@@ -265,6 +265,11 @@ class MailStore(Protocol):
         afterwards); returns the UIDs that existed and are now gone, ascending."""
         ...
 
+    async def expunge_by_guid(self, user: str, mailbox: str, guids: list[str]) -> list[str]:
+        """`expunge` of the messages of `mailbox` with these GUIDs, whatever their UIDs are
+        now (POP3's deletions: a message IMAP moved has a new UID); the GUIDs gone."""
+        ...
+
     # IMAP (issue 4). Mailbox names use HIERARCHY_DELIMITER; "INBOX" is case-insensitive and
     # always spelled "INBOX" here.
 

@@ -703,6 +703,16 @@ class MailDB:
         return await self._change(self._expunge_sync, user, canonical_mailbox(mailbox),
                                   list(uids), uidvalidity, deleted_only)
 
+    async def expunge_by_guid(self, user: str, mailbox: str, guids: list[str]) -> list[str]:
+        """Expunge the messages of `mailbox` with these GUIDs, whatever their UIDs are now:
+        POP3 names a message by its GUID (its UIDL), and an IMAP MOVE, even into the same
+        mailbox, gives it a new UID. The GUIDs expunged."""
+        self.user_path(user)
+        if not guids:
+            return []
+        return await self._change(functools.partial(self._expunge_sync, guids=list(guids)),
+                                  user, canonical_mailbox(mailbox), [])
+
     async def create_mailbox(self, user: str, name: str, special_use: str | None = None, *,
                              max_mailboxes: int | None = None) -> None:
         """Create `name` and its missing parents (the parents without special use).
@@ -1558,14 +1568,18 @@ class MailDB:
 
     def _expunge_sync(self, events: list[ChangeEvent], user: str, mailbox: str,
                       uids: list[int], uidvalidity: int | None = None,
-                      deleted_only: bool = False) -> list[int]:
+                      deleted_only: bool = False, *,
+                      guids: list[str] | None = None) -> list[Any]:
+        """The UIDs expunged; with `guids` (in place of `uids`), the GUIDs."""
         conn = self._writer_conn(user, create=False)
         if conn is None:
             raise NoSuchMailbox(mailbox)
         with transaction(conn):
             box = self._box(conn, mailbox, uidvalidity)
-            rows = _rows_for_uids(conn, box.id, uids, f"guid, size, {_INLINE}",
-                                  where=_HAS_DELETED if deleted_only else "")
+            columns = f"guid, size, {_INLINE}"
+            rows = (_rows_for_uids(conn, box.id, uids, columns,
+                                   where=_HAS_DELETED if deleted_only else "")
+                    if guids is None else _rows_for_guids(conn, box.id, guids, columns))
             if not rows:
                 return []
             files = self._forget_bodies(conn, user, [(row[1], row[3]) for row in rows])
@@ -1582,7 +1596,7 @@ class MailDB:
         events.append(ChangeEvent(user, "expunge", mailbox))
         # The index no longer names them; if we crash here the sweep removes them.
         self._unlink_messages(user, files)
-        return found
+        return found if guids is None else [str(row[1]) for row in rows]
 
     def _store_flags_sync(self, events: list[ChangeEvent], user: str, mailbox: str,
                           uids: list[int], mode: str, flags: frozenset[str],
@@ -2172,6 +2186,20 @@ def _rows_for_uids(conn: sqlite3.Connection, box_id: int, uids: Iterable[int],
         rows.extend(conn.execute(f"{query} AND uid IN ({marks}) ORDER BY uid",
                                  (box_id, *chunk)))
     return rows
+
+
+def _rows_for_guids(conn: sqlite3.Connection, box_id: int, guids: Iterable[str],
+                    columns: str) -> list[tuple[Any, ...]]:
+    """(uid, *columns) of the messages with these GUIDs that are in the mailbox, by UID."""
+    wanted = sorted(set(guids))
+    rows: list[tuple[Any, ...]] = []
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[start:start + _IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        rows.extend(conn.execute(
+            f"SELECT uid, {columns} FROM message WHERE mailbox_id = ? AND guid IN ({marks})",
+            (box_id, *chunk)))
+    return sorted(rows)
 
 
 def _flag_change(mode: str, flags: frozenset[str]) -> Callable[[frozenset[str]],

@@ -488,16 +488,21 @@ class Session:
         # RFC 1939 section 6: the UPDATE state commits the deletions.
         self.state = State.UPDATE
         assert self.user is not None
-        uids = [self._messages[index].uid for index in sorted(self._deleted)]
+        # By GUID (the UIDL): a message IMAP moved meanwhile, even within INBOX, has a new
+        # UID, and deleting by the UIDs seen at login left it there under its UIDL while
+        # QUIT said +OK (found in review).
+        guids = [self._messages[index].guid for index in sorted(self._deleted)]
         try:
-            if uids:
-                await self._mailstore.expunge(self.user, INBOX, uids)
+            gone = await self._mailstore.expunge_by_guid(self.user, INBOX, guids) \
+                if guids else []
         except Exception as exc:  # noqa: BLE001 - mapped to a reply, logged with traceback
             return Response(self._failure(exc, "QUIT").encode(), after=After.CLOSE)
         finally:
             await self.close()
-        log.info("maildrop updated: %d message%s deleted", len(uids),
-                 "" if len(uids) == 1 else "s", extra={**self.log_context, "event": "update"})
+        # Fewer than marked: IMAP expunged the rest, or moved them out of INBOX, meanwhile.
+        log.info("maildrop updated: %d message%s deleted (%d marked)", len(gone),
+                 "" if len(gone) == 1 else "s", len(guids),
+                 extra={**self.log_context, "event": "update"})
         return Response(await self._farewell(self.user), after=After.CLOSE)
 
     async def _farewell(self, user: str) -> bytes:

@@ -399,6 +399,32 @@ async def test_dele_quit_commits(pop3: Pop3Stack) -> None:
     await asyncio.to_thread(next_session)
 
 
+async def test_quit_deletes_a_message_imap_moved_meanwhile(start_pop3: StartPop3,
+                                                           tmp_path: Path) -> None:
+    """POP3 names a message by its UIDL (the GUID); an IMAP MOVE, even into INBOX itself,
+    gives it a new UID. QUIT deleted by the UIDs seen at login, found nothing, and still said
+    +OK, leaving the message under the UIDL the client had deleted (found in review)."""
+    store = MailDB(tmp_path / "mail", inline_max=0)
+    try:
+        pop3 = await start_pop3(store)
+        for body in (MSG1, MSG2):
+            await pop3.deliver(ALICE, body)
+        first, second = await store.list_messages(ALICE, INBOX)
+        client = await asyncio.to_thread(login, pop3.port)
+        await asyncio.to_thread(client.dele, 1)
+        await store.create_mailbox(ALICE, "Kept")
+        await store.move(ALICE, INBOX, [first.uid], INBOX)  # a new UID, the same GUID
+        moved = await store.move(ALICE, INBOX, [second.uid], "Kept")  # out of INBOX
+        assert moved.dest_uids and (await store.list_messages(ALICE, INBOX))[0].uid != first.uid
+        await asyncio.to_thread(client.dele, 2)
+        assert await asyncio.to_thread(client.quit) == wire(p.OK_BYE_UPDATED.format(count=0))
+        assert await store.list_messages(ALICE, INBOX) == []
+        # The message IMAP moved out of INBOX is not POP3's to delete any more.
+        assert [m.guid for m in await store.list_messages(ALICE, "Kept")] == [second.guid]
+    finally:
+        await store.close()
+
+
 async def test_dele_rset_keeps_messages(pop3: Pop3Stack) -> None:
     await pop3.deliver(ALICE, MSG1)
 

@@ -84,5 +84,10 @@ class FakeMailStore:
                 kept.append(info)
         self._messages[user] = kept
 
+    async def expunge_by_guid(self, user: str, mailbox: str, guids: list[str]) -> list[str]:
+        gone = [info for info in self._messages.get(user, []) if info.guid in set(guids)]
+        await self.expunge(user, mailbox, [info.uid for info in gone])
+        return [info.guid for info in gone]
+
     async def close(self) -> None:
         pass
