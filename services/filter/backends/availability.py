@@ -5,10 +5,13 @@ until a later call gets an answer); the filter's heartbeat carries it, so an ope
 that mail is being refused (or accepted unscanned, or deferred) because of it.
 
 A scanner can answer its pings and fail every scan (clamd without its temporary directory,
-rspamd answering garbage): a ping then clears `down_since`, so a scan that reached the
-scanner and failed also sets `scans_failing_since`, which only a scan that passes clears.
-One that did not reach it (nothing listening, a name that does not resolve, no answer in
-time) does not: a ping finds the same, and its answer says the scanner is back.
+rspamd answering garbage, a scanner too loaded to finish a scan in time though a ping is
+cheap): a ping then clears `down_since`, so a scan that reached the scanner and failed (a
+timeout once connected included) also sets `scans_failing_since`, which only a scan that
+passes clears. One that did not reach it (nothing listening, a name that does not resolve,
+no connection in time) does not: a ping finds the same, and its answer says the scanner is
+back. (A timeout whose phase the client cannot tell counts as reached: until 2026-12-06 a
+scanner whose scans all timed out while its pings answered showed as healthy.)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from services.filter.backends.errors import ScannerUnavailable
 log = logging.getLogger(__name__)
 
 # Causes that mean the scan never reached the scanner (a ping would fail the same way).
-_UNREACHED = (ConnectionRefusedError, FileNotFoundError, socket.gaierror, TimeoutError)
+_UNREACHED = (ConnectionRefusedError, FileNotFoundError, socket.gaierror)
 
 
 class Availability:

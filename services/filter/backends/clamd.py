@@ -20,6 +20,7 @@ from services.filter.backends.errors import (
 )
 from services.filter.backends.streams import open_socket
 from services.filter.protocol.clamd import (
+    CLEAN,
     INSTREAM,
     MAX_REPLY,
     PING,
@@ -51,15 +52,17 @@ class ClamdClient:
             return await self._scan(content)
 
     async def _scan(self, content: bytes) -> ClamdResult:
+        progress = _Progress()
         try:
             async with asyncio.timeout(self._timeout):
-                reply = await self._instream(content)
+                reply = await self._instream(content, progress)
         except (OSError, TimeoutError, ClamdProtocolError) as exc:
             # ClamdProtocolError here: clamd closed without answering (it crashed or was
             # stopped mid-scan).
-            raise ScannerUnavailable(NAME, failure_reason(exc, self._timeout)) from exc
+            raise ScannerUnavailable(NAME, failure_reason(exc, self._timeout),
+                                     reached=progress.connected or None) from exc
         try:
-            return parse_reply(reply)
+            result = parse_reply(reply)
         except ClamdScanLimit as exc:
             raise StreamTooLarge(len(content), self._stream_max,
                                  beyond_limits=exc.heuristic) from exc
@@ -67,21 +70,29 @@ class ClamdClient:
             raise StreamTooLarge(len(content), self._stream_max, by_scanner=True) from exc
         except ClamdProtocolError as exc:
             raise ScannerUnavailable(NAME, str(exc)) from exc
+        if progress.cut_short and result == CLEAN:
+            # clamd said OK without having read the whole stream (found in review: a clamd
+            # that answered OK at once and closed passed a 5 MB message it never saw). To a
+            # stream it stopped reading, clamd answers with a limit or an error, not OK.
+            raise ScannerUnavailable(NAME, "clamd answered OK to a stream it did not read "
+                                     "whole", reached=True)
+        return result
 
-    async def _instream(self, content: bytes) -> bytes:
+    async def _instream(self, content: bytes, progress: _Progress) -> bytes:
         # A plain socket, not a stream: when the stream exceeds clamd's limit, clamd answers
         # and closes while we are still sending, and our send fails. A stream's transport
         # then closes at once and the answer, already received, is lost (the scan looked
         # unavailable: a 451 where the policy for too big applies); the socket keeps it.
         loop = asyncio.get_running_loop()
         sock = await open_socket(self._address)
+        progress.connected = True
         try:
             try:
                 await loop.sock_sendall(sock, INSTREAM)
                 for frame in chunks(content):
                     await loop.sock_sendall(sock, frame)
             except (BrokenPipeError, ConnectionResetError):
-                pass  # clamd stopped reading: its answer says why
+                progress.cut_short = True  # clamd stopped reading: its answer says why
             return await _receive_reply(loop, sock)
         finally:
             sock.close()
@@ -107,6 +118,15 @@ class ClamdClient:
     async def aclose(self) -> None:
         """Nothing pooled: one connection per scan (clamd forks no process per connection,
         and a unix socket connect costs microseconds)."""
+
+
+class _Progress:
+    """How far one scan got: connected (a timeout after it is the scanner's failing scan,
+    not an unreachable scanner), and whether clamd stopped reading the stream early."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.cut_short = False
 
 
 async def _receive_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:

@@ -102,6 +102,27 @@ async def test_our_client_over_tcp_and_a_unix_socket_reads_clamds_own_limit(
             assert (await client.scan(b"hello\r\n")).signature is None
 
 
+async def test_an_ok_to_a_stream_clamd_did_not_read_is_no_verdict() -> None:
+    """A clamd (or something in its place) that answered `stream: OK` at once and closed:
+    the send failed partway, and the reply was taken as the verdict, so a 5 MB message
+    nothing had read got 250 (found in review). clamd answers a stream it stops reading
+    with a size limit or an error."""
+    async def ok_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(len(b"zINSTREAM\0"))
+        writer.write(b"stream: OK\0")
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(ok_at_once, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client = ClamdClient(f"127.0.0.1:{port}", timeout=5.0, stream_max=64 * 1024 * 1024)
+        with pytest.raises(ScannerUnavailable, match="did not read whole"):
+            await client.scan(b"x" * (20 * 1024 * 1024))
+    finally:
+        server.close()
+
+
 async def test_a_clamd_that_closes_without_answering_is_unavailable() -> None:
     """Stopped or crashed mid-scan: a temporary failure (the scan failure policy), never
     an error of another kind."""

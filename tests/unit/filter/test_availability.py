@@ -37,8 +37,8 @@ def test_a_ping_clears_down_but_not_scans_that_reached_the_scanner_and_failed() 
 
 
 @pytest.mark.parametrize(("cause", "reached"), [
-    (ConnectionRefusedError(), None), (FileNotFoundError(), None), (TimeoutError(), None),
-    (OSError("anything"), False),
+    (ConnectionRefusedError(), None), (FileNotFoundError(), None),
+    (OSError("anything"), False), (TimeoutError(), False),
 ])
 def test_scans_that_never_reached_the_scanner_are_cleared_by_a_ping(
         cause: BaseException, reached: bool | None) -> None:
@@ -47,3 +47,16 @@ def test_scans_that_never_reached_the_scanner_are_cleared_by_a_ping(
     assert availability.down_since == 100.0 and availability.scans_failing_since is None
     availability.record(answered=True)
     assert availability.down_since is None
+
+
+@pytest.mark.parametrize("reached", [None, True])
+def test_scans_that_time_out_while_pings_answer_are_failing_scans(
+        reached: bool | None) -> None:
+    """A scanner too loaded (or stuck) to finish a scan in time answers its cheap pings: a
+    timed-out scan counted as never reaching it, each ping cleared the mark, and status
+    said healthy while every message got 451 (found in review). A timeout once connected,
+    or at a step the client cannot tell, is a failing scan."""
+    availability = Availability("rspamd", clock=Clock())
+    failed_scan(availability, TimeoutError(), reached)
+    availability.record(answered=True)  # a ping
+    assert (availability.down_since, availability.scans_failing_since) == (None, 100.0)
