@@ -282,22 +282,25 @@ async def test_a_message_that_breaks_a_scanner_is_dead_lettered_while_the_rest_f
     assert await depth(scan_settings, topology.scan_queue) == 0
 
 
+@pytest.mark.parametrize("queued", [12, 1])
 async def test_a_scanner_that_fails_on_every_message_dead_letters_none(
-        scan_settings: Settings) -> None:
+        scan_settings: Settings, queued: int) -> None:
     """rspamd answers pings but fails every scan (overloaded, misconfigured): that is no
     message's fault, so none is dead-lettered; the drainer backs off, and once rspamd scans
-    again every message comes out exactly once."""
+    again every message comes out exactly once. Also a message alone in the queue, which
+    collected its strikes within milliseconds (found in review)."""
     topology = scan_settings.topology
     stopped = scanners_stopped(scan_settings)
     async with open_worker(stopped, drain_scan_queue=False) as intake:
-        hams = await asyncio.to_thread(send_hams, intake.ports[0], 12)
+        hams = await asyncio.to_thread(send_hams, intake.ports[0], queued)
+    failures = 3 * SCAN_PREFETCH if queued > 1 else POISON_STRIKES + 1
     proxy = PoisonProxy(urlsplit(scan_settings.rspamd_url).port or 0, b"POST /checkv2")
     try:
         via_proxy = scan_settings.replace(rspamd_url=f"http://127.0.0.1:{proxy.port}",
                                           scan_failure="defer")
         async with open_worker(via_proxy, port=free_port()) as worker:
             stats = worker.stats
-            await eventually(lambda: proxy.cuts >= 3 * SCAN_PREFETCH, within=30,
+            await eventually(lambda: proxy.cuts >= failures, within=30,
                              what="the scans to fail again and again")
             assert stats.deferred_dead_lettered == 0 and stats.deferred_ham == 0
             assert await depth(scan_settings, topology.dead_queue) == 0
