@@ -85,6 +85,9 @@ class DeferredScanner:
         self._stats = stats
         self._prefetch = prefetch
         self._strikes = Strikes()
+        # Messages of this session taken from the broker and not yet settled: a failure
+        # while others are being scanned is evidence against the message (poison.py).
+        self._unsettled = 0
         # Set from basic.consume until every message taken has been acked or given back
         # (for tests: while it is set, messages may still leave the queue for good).
         self.consuming = asyncio.Event()
@@ -134,8 +137,10 @@ class DeferredScanner:
         inbox: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
         failed = asyncio.Event()
         workers: list[asyncio.Task[None]] = []
+        self._unsettled = 0  # what an earlier session held went back with its connection
         try:
             async def on_message(message: DeliveredMessage) -> None:
+                self._unsettled += 1
                 inbox.put_nowait(message)
 
             # aiormq waits for these answers without a deadline (see open_channel).
@@ -161,6 +166,7 @@ class DeferredScanner:
             while not inbox.empty():
                 message = inbox.get_nowait()
                 if message is not None:
+                    self._unsettled -= 1
                     await _nack(channel, message)
             for _ in workers:
                 inbox.put_nowait(None)
@@ -176,16 +182,18 @@ class DeferredScanner:
     async def _work(self, channel: AbstractChannel,
                     inbox: asyncio.Queue[DeliveredMessage | None], failed: asyncio.Event) -> None:
         while (message := await inbox.get()) is not None:
-            if failed.is_set():
-                await _nack(channel, message)
-                continue
             try:
+                if failed.is_set():
+                    await _nack(channel, message)
+                    continue
                 await self._handle(channel, message, failed)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("deferred scan failed unexpectedly; message returned to the queue")
                 await _nack(channel, message)
+            finally:
+                self._unsettled -= 1
 
     async def _handle(self, channel: AbstractChannel, message: DeliveredMessage,
                       failed: asyncio.Event) -> None:
@@ -232,7 +240,7 @@ class DeferredScanner:
                         exc.scanner, exc.reason, extra=extra)
             await self._give_back(channel, message, pause=failed)
             return
-        strikes = self._strikes.failed(envelope.queue_id)
+        strikes = self._strikes.failed(envelope.queue_id, others_pending=self._unsettled > 1)
         if strikes is None:
             log.warning("%s answers pings but fails on every message (%s): returned to the "
                         "queue, deferred scanning pauses", exc.scanner, exc.reason, extra=extra)

@@ -8,11 +8,12 @@ each such failure is a strike against the message, and a message with POISON_STR
 dead-lettered, where `tiermail deadletters` shows it and can send it back to be scanned.
 
 A failure is no strike when another message, too, failed since the last scan that came to a
-verdict, nor when no other message came to a verdict since the message's own last strike: a
-scanner that answers pings but fails on every scan (overloaded, misconfigured) is no
-message's fault, and the drainer pauses instead of dead-lettering the queue. (Until
-2026-12-06 a message alone in the queue collected its five strikes within 35 ms from a clamd
-that failed every scan, and was dead-lettered: found in review.)
+verdict: a scanner that answers pings but fails on every scan (overloaded, misconfigured) is
+no message's fault, and the drainer pauses instead of dead-lettering the queue. Nor is it
+when the message is the only one the drainer holds and no other came to a verdict since
+the message's own last strike: nothing then shows that the scanner works on other mail.
+(Until 2026-12-06 a message alone in the queue collected its five strikes within 35 ms from
+a clamd that failed every scan, and was dead-lettered: found in review.)
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ class Strikes:
         self._failing, self._several_failing = None, False
         self._struck.pop(queue_id, None)
 
-    def failed(self, queue_id: str) -> int | None:
+    def failed(self, queue_id: str, *, others_pending: bool = False) -> int | None:
         """A scanner failed on this message and answers pings: the message's strikes now,
-        or None when the scanner fails on everything (see the module's docstring)."""
+        or None when the scanner may be failing on everything (see the module's docstring).
+        `others_pending`: other messages are being scanned, or wait to be."""
         if self._failing is None:
             self._failing = queue_id
         elif self._failing != queue_id:
@@ -49,7 +51,7 @@ class Strikes:
         if self._several_failing:
             return None
         strikes, verdicts = self._struck.pop(queue_id, (0, -1))
-        if verdicts == self.verdicts:  # nothing else scanned since its last strike
+        if verdicts == self.verdicts and not others_pending:
             self._struck[queue_id] = (strikes, verdicts)
             return None
         self._struck[queue_id] = (strikes + 1, self.verdicts)

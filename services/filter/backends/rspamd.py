@@ -1,9 +1,14 @@
-"""rspamd client: POST /checkv2 on the normal worker, over a pooled keep-alive connection.
+"""rspamd client: POST /checkv2 on the normal worker, one connection per scan.
 
-httpx rather than an HTTP/1.1 client of our own: it keeps a connection pool (rspamd's normal
-worker keeps connections alive, which saves a TCP handshake per message), handles
+httpx rather than an HTTP/1.1 client of our own: it bounds the connections, handles
 Content-Length and chunked replies, and is widely used and maintained; the protocol itself
 (headers, JSON) lives in services/filter/protocol/rspamd.py.
+
+No keep-alive: nothing in rspamd's reply names the message it is for, and on a reused
+connection whatever the server sent beyond one reply was read as the next message's (found
+in review: a stray `reject` reply refused the next, clean message with 550). A TCP handshake
+to rspamd costs far less than its scan. The reply is read up to MAX_REPLY (a 200 MB reply
+held 250 MiB of a worker's memory and its loop for half a second).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from services.filter.protocol.rspamd import (
 )
 
 NAME = "rspamd"
+MAX_REPLY = 4 * 1024 * 1024  # rspamd's replies are kilobytes: symbols, a few headers
 
 
 class RspamdClient:
@@ -37,8 +43,7 @@ class RspamdClient:
         self._http = httpx.AsyncClient(
             base_url=url.rstrip("/"),
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=0),
             trust_env=False,  # never an HTTP proxy from the environment
         )
         self.availability = Availability(NAME)
@@ -51,18 +56,30 @@ class RspamdClient:
         headers = request_headers(envelope, self._hostname)
         try:
             async with asyncio.timeout(self._timeout):
-                response = await self._http.post(CHECK_PATH, content=content, headers=headers)
+                status, reply = await self._post(content, headers)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             # httpx keeps the socket's error as context, not as the cause
             raise ScannerUnavailable(NAME, _describe(exc, self._timeout), reached=False) from exc
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
             raise ScannerUnavailable(NAME, _describe(exc, self._timeout)) from exc
-        if response.status_code != 200:
-            raise ScannerUnavailable(NAME, f"HTTP {response.status_code}")
+        if status != 200:
+            raise ScannerUnavailable(NAME, f"HTTP {status}")
         try:
-            return parse_checkv2(response.content)
+            return parse_checkv2(reply)
         except RspamdProtocolError as exc:
             raise ScannerUnavailable(NAME, str(exc)) from exc
+
+    async def _post(self, content: bytes,
+                    headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+        """The reply's status and body, the body read up to MAX_REPLY."""
+        async with self._http.stream("POST", CHECK_PATH, content=content,
+                                     headers=headers) as response:
+            body = bytearray()
+            async for piece in response.aiter_bytes():
+                body += piece
+                if len(body) > MAX_REPLY:
+                    raise ScannerUnavailable(NAME, f"a reply over {MAX_REPLY} bytes")
+            return response.status_code, bytes(body)
 
     async def ping(self) -> bool:
         answered = await self._ping()

@@ -3,15 +3,25 @@ actions the filter maps to SMTP replies, quickly, without touching the network."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
 import json
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
+
+from common.envelope import Envelope, Recipient
+from common.ids import new_queue_id
 from services.devscanners.devdns import DnsStub
 from services.devscanners.runner import start_rspamd
+from services.filter.backends.errors import ScannerUnavailable
+from services.filter.backends.rspamd import MAX_REPLY, RspamdClient
 from tests.support import GTUBE, free_port
 
 ENVELOPE = {
@@ -108,3 +118,71 @@ def test_discard_and_quarantine_on_request(rspamd: str) -> None:
     for action in ("discard", "quarantine"):
         result = checkv2(rspamd, message("Hi Bob", f"X-Tiermail-Test: {action}"))
         assert result["action"] == action, result
+
+
+def _reply(action: str, score: float) -> bytes:
+    body = json.dumps({"action": action, "score": score, "required_score": 15.0,
+                       "symbols": {}}).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+async def _serve(answer: Callable[[int], bytes]) -> asyncio.Server:
+    """A hostile stand-in for rspamd: reads each request, answers `answer(n)` for the n-th
+    connection, and keeps the connection open as a keep-alive server would."""
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+                await reader.readexactly(length)
+                writer.write(answer(number))
+                await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def _envelope() -> Envelope:
+    return Envelope(queue_id=new_queue_id(), mail_from="alice@example.org",
+                    recipients=(Recipient("bob@example.net", ("bob@example.net",)),),
+                    client_ip="192.0.2.10", client_helo="mail.example.org",
+                    received_at=time.time(), size=len(HAM))
+
+
+async def test_a_stray_reply_is_never_the_next_messages_verdict() -> None:
+    """A server that sent one reply too many on a keep-alive connection: the extra one,
+    `reject`, was read as the next message's verdict, and a clean message got 550 (found in
+    review). Each scan now has a connection of its own."""
+    server = await _serve(lambda n: _reply("no action", 0.0) + _reply("reject", 99.0)
+                          if n == 1 else _reply("no action", 0.0))
+    client = RspamdClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+                          timeout=5.0)
+    try:
+        first = await client.check(_envelope(), HAM)
+        second = await client.check(_envelope(), HAM)
+        assert (first.action, second.action) == ("no action", "no action")
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_a_reply_past_the_limit_is_no_verdict() -> None:
+    """A 200 MB reply was read whole: 250 MiB of the worker's memory, its loop held half a
+    second (found in review)."""
+    huge = b"x" * (MAX_REPLY + 1)
+    server = await _serve(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(huge), huge))
+    client = RspamdClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+                          timeout=5.0)
+    try:
+        with pytest.raises(ScannerUnavailable, match="a reply over"):
+            await client.check(_envelope(), HAM)
+    finally:
+        await client.aclose()
+        server.close()

@@ -28,6 +28,11 @@ def test_a_message_failing_alone_collects_strikes_only_as_other_mail_is_scanned(
     assert seen == [2, 3] and strikes.poisoned(3)
 
 
+def test_a_message_failing_while_others_wait_to_be_scanned_collects_strikes() -> None:
+    strikes = Strikes(limit=3)
+    assert [strikes.failed("BAD", others_pending=True) for _ in range(3)] == [1, 2, 3]
+
+
 def test_a_scanner_failing_on_everything_strikes_at_most_the_first() -> None:
     strikes = Strikes(limit=2)
     first = [strikes.failed(queue_id) for queue_id in ("A", "B", "C")]
