@@ -50,7 +50,7 @@ class TextFormatter(logging.Formatter):
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         parts = [f"{self._stamp}.{int(record.msecs):03d}Z", record.levelname, record.name]
-        parts.append(_one_line(record.getMessage()))
+        parts.append(one_line(record.getMessage()))
         parts.extend(f"{k}={_quote(v)}" for k, v in _context(record).items())
         line = " ".join(parts)
         if record.exc_info:
@@ -187,8 +187,9 @@ def _quote(value: object) -> str:
     return json.dumps(text)
 
 
-def _one_line(text: str) -> str:
-    """The message with control characters escaped: one line, whatever a client sent."""
+def one_line(text: str) -> str:
+    """The text with control and format characters (bidi overrides, zero widths) escaped:
+    one line that shows what it holds, whatever a client sent."""
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)

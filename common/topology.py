@@ -95,6 +95,13 @@ class Topology:
     def quarantine_queue(self) -> str:
         return f"{self.prefix}.quarantine"
 
+    @staticmethod
+    def held_lock_queue(queue: str) -> str:
+        """An exclusive, auto-deleted queue held by the one `tiermail deadletters` or
+        `quarantine` command working on `queue` (services/heldmail.py): the broker allows
+        one connection to declare it, and deletes it with that connection."""
+        return f"{queue}.busy"
+
     @property
     def learn_queue(self) -> str:
         """Spam-learning jobs: declared by dramatiq (its own classic queue and `.DQ`/`.XQ`

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from common.directory import MAX_ALIAS_DEPTH, normalize_address, normalize_domain
 from common.listen import CannotStart, lock_directory
-from common.logs import setup_logging
+from common.logs import one_line, setup_logging
 from common.settings import MAX_QUOTA, Settings, SettingsError
 from services.store.backends.accounts import AccountDB, AccountDBUnusable
 
@@ -313,8 +313,10 @@ def held_list(settings: Settings, args: argparse.Namespace) -> int:
         when = held.received_at.strftime("%Y-%m-%d %H:%M:%S") if held.received_at else "-"
         sender = "(undecodable)" if held.sender is None else f"<{held.sender}>"
         copies = f"  ({held.copies} copies)" if held.copies > 1 else ""
-        print(f"{held.queue_id or '-'}  {when}  {held.size:>9}  {sender} -> "
-              f"{','.join(held.recipients) or '-'}  [{held.reason}]{copies}")
+        # Escaped: a sender's bidi override turned "gnp.exe" into "exe.png" on the screen,
+        # and a crafted queue id or mailbox could write escape sequences (found in review).
+        print(one_line(f"{held.queue_id or '-'}  {when}  {held.size:>9}  {sender} -> "
+                       f"{','.join(held.recipients) or '-'}  [{held.reason}]{copies}"))
     count = f"{len(shown)} of {total}" if total > len(shown) else f"{total}"
     print(f"{count} {args.held_words} message{'' if total == 1 else 's'}"
           f"{_copies(shown, 'in the queue, each listed once')}")
@@ -384,8 +386,17 @@ def _held_id(named: str) -> str:
 
 
 def _report_acted(acted: list[Any], done: str, copies_done: str, when: str = "") -> None:
+    from services.heldmail import goes_to_the_scan_queue
+
+    scanned = 0
     for held in acted:
-        print(f"{held.queue_id or '-'} {done}")
+        said = done
+        if done == "sent for delivery" and goes_to_the_scan_queue(held):
+            said, scanned = "sent back to be scanned", scanned + 1
+        print(one_line(f"{held.queue_id or '-'} {said}"))
+    if scanned:  # dead letters of the scan queue: never scanned, they are scanned first
+        done = ("sent back to be scanned" if scanned == len(acted) else
+                f"sent back ({scanned} to be scanned, the rest for delivery)")
     print(f"{len(acted)} message{'' if len(acted) == 1 else 's'} {done}{when}"
           f"{_copies(acted, copies_done)}")
 
@@ -395,12 +406,16 @@ def _broker(work: Any) -> Any:
     from aiormq.exceptions import AMQPError
 
     from common.broker import connect_failure
-    from services.heldmail import NoSuchQueue
+    from services.heldmail import LOCK_WAIT, NoSuchQueue, QueueBusy
 
     try:
         return asyncio.run(work)
     except (OSError, TimeoutError, AMQPError) as exc:
         raise CommandError(f"RabbitMQ could not be used: {connect_failure(exc)}") from None
+    except QueueBusy as exc:
+        raise CommandError(f"another deadletters or quarantine command has been working on "
+                           f"{exc} for {LOCK_WAIT:g} s and more; nothing was done: run this "
+                           "again once it has ended") from None
     except NoSuchQueue as exc:
         raise CommandError(f"no queue {exc} on the broker: no tier has run with these "
                            "settings (TIERMAIL_QUEUE_PREFIX, the vhost in "
@@ -412,6 +427,21 @@ def _broker(work: Any) -> Any:
 
 def _accounts(settings: Settings) -> AccountDB:
     return AccountDB.for_store(settings.store_dir)
+
+
+def _existing_accounts(settings: Settings) -> AccountDB:
+    """The account database for a command that only reads it: a mistyped TIERMAIL_DATA_DIR
+    made an empty one there, and `user list` printed nothing (found in review)."""
+    path = AccountDB.for_store_path(settings.store_dir)
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise CommandError(f"no account database at {path}: is TIERMAIL_DATA_DIR="
+                           f"{settings.data_dir} the store's? (the store makes it when it "
+                           "first starts, and so does the first account command)") from None
+    except OSError:
+        pass  # opening it says what is wrong, as for every account command
+    return _accounts(settings)
 
 
 def _change(settings: Settings, db_change: Callable[[Any], Any],
@@ -532,7 +562,7 @@ def domain_del(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def domain_list(settings: Settings, args: argparse.Namespace) -> int:
-    with _accounts(settings) as accounts:
+    with _existing_accounts(settings) as accounts:
         for name in accounts.domains():
             print(name)
     return 0
@@ -666,7 +696,7 @@ def user_del(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def user_list(settings: Settings, args: argparse.Namespace) -> int:
-    with _accounts(settings) as accounts:
+    with _existing_accounts(settings) as accounts:
         quotas = accounts.stored_quotas()
     for address, stored in quotas.items():
         shown = _quota_text(stored, settings.default_quota)
@@ -959,7 +989,7 @@ async def _set_alias(directory: Any, settings: Settings, source: str) -> None:
 
 
 def alias_list(settings: Settings, args: argparse.Namespace) -> int:
-    with _accounts(settings) as accounts:
+    with _existing_accounts(settings) as accounts:
         for source, targets in accounts.aliases().items():
             print(f"{source} -> {', '.join(targets)}")
     return 0

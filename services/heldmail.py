@@ -19,6 +19,13 @@ a crash in between leaves it in both queues, and the store's deduplication by qu
 recipient delivers it once (a later release of the leftover delivers nothing new). The same
 holds when the broker ignores an ack (see `_settled`).
 
+One command at a time works on a queue (it holds the queue's `.busy` lock, an exclusive
+queue of its connection; another waits up to LOCK_WAIT, then is refused): the messages one
+takes are invisible to the others until its connection closes, so a second command at the
+same time saw part of the queue, listed `0 of 97` of 200, and a drop of a message the first
+held said `not dead-lettered` and did nothing (found in review). `tiermail status` says when
+a command holds a queue, whose count then leaves out what it holds.
+
 A held message can be in its queue more than once: a process that published it there and
 was killed before acking what it came from (a filter worker quarantining, the store
 dead-lettering) publishes it again when that is redelivered. Copies are told apart as the
@@ -33,6 +40,7 @@ import asyncio
 import datetime
 import functools
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -40,7 +48,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiormq
-from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp import commands as spec
 
 from common.broker import close_connection, connect, setting_up
@@ -89,6 +97,12 @@ RESETTLE_PASSES = 3
 RESETTLE_PAUSE = 0.5  # seconds for the broker to return messages whose acks it ignored
 CONNECT_TIMEOUT = 5.0
 CONFIRM_TIMEOUT = 30.0
+LOCK_WAIT = 15.0  # seconds a command waits for another's lock on the queue before giving up
+LOCK_RETRY = 0.25
+
+
+class QueueBusy(Exception):
+    """Another deadletters or quarantine command is working on the queue."""
 
 
 class NoSuchQueue(Exception):
@@ -190,6 +204,12 @@ def _dead_letter_reason(scan_queue: str, headers: dict[str, Any], body: bytes) -
     broker = _text(headers.get("x-first-death-reason"))
     unscanned = _text(headers.get(_FIRST_DEATH_QUEUE)) == scan_queue
     return (_SCAN_REASONS if unscanned else _BROKER_REASONS).get(broker, broker or "unknown")
+
+
+def goes_to_the_scan_queue(held: HeldMessage) -> bool:
+    """Whether a release sends `held` back to the scan queue (a dead letter of it: see
+    _route_back) rather than to the store."""
+    return held.reason in _SCAN_REASONS.values()
 
 
 def _route_back(topology: Topology, message: DeliveredMessage) -> str:
@@ -407,19 +427,57 @@ async def _opened(settings: Settings, where: HeldQueue) -> AsyncIterator[Abstrac
     """A channel with publisher confirms on which the queue's messages are taken; whatever
     is not acked goes back to the queue when this ends."""
     connection = await connect(settings.amqp_url, CONNECT_TIMEOUT)
-    async with setting_up(connection, CONNECT_TIMEOUT):
-        channel = await connection.channel()
-        try:
-            # Passive: a mistyped TIERMAIL_QUEUE_PREFIX must not create a topology of its own.
-            await channel.queue_declare(where.queue, passive=True)
-            await channel.exchange_declare(settings.topology.inbound_exchange, passive=True)
-        except aiormq.ChannelNotFoundEntity:
-            raise NoSuchQueue(where.queue) from None
-        await channel.confirm_delivery()
     try:
+        async with setting_up(connection, CONNECT_TIMEOUT):
+            channel = await connection.channel()
+            try:
+                # Passive: a mistyped TIERMAIL_QUEUE_PREFIX must not create a topology of
+                # its own.
+                await channel.queue_declare(where.queue, passive=True)
+                await channel.exchange_declare(settings.topology.inbound_exchange, passive=True)
+            except aiormq.ChannelNotFoundEntity:
+                raise NoSuchQueue(where.queue) from None
+        channel = await _locked(connection, channel, where.queue)
+        async with setting_up(connection, CONNECT_TIMEOUT):
+            await channel.confirm_delivery()
         yield channel
     finally:
         await close_connection(connection)
+
+
+async def _locked(connection: AbstractConnection, channel: AbstractChannel,
+                  queue: str) -> AbstractChannel:
+    """Take the queue's lock (Topology.held_lock_queue) on `connection`, waiting up to
+    LOCK_WAIT for another command's; a channel to go on with (a refused declare closes the
+    channel it was made on)."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            # (Not setting_up: it closes the connection on the refusal this waits out.)
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await channel.queue_declare(Topology.held_lock_queue(queue), exclusive=True,
+                                            auto_delete=True,
+                                            arguments={"x-queue-type": "classic"})
+            return channel
+        except aiormq.exceptions.ChannelLockedResource:
+            if time.monotonic() >= deadline:
+                raise QueueBusy(queue) from None
+        await asyncio.sleep(LOCK_RETRY)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            channel = await connection.channel()
+
+
+async def queue_busy(connection: AbstractConnection, queue: str) -> bool:
+    """Whether a deadletters or quarantine command holds `queue` now (tiermail status)."""
+    channel = await connection.channel()
+    try:
+        await channel.queue_declare(Topology.held_lock_queue(queue), passive=True)
+    except aiormq.exceptions.ChannelLockedResource:
+        return True
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    await channel.close()
+    return False  # declared by nobody's connection now (being deleted)
 
 
 async def _taken(channel: AbstractChannel, where: HeldQueue, limit: int

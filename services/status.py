@@ -16,6 +16,7 @@ from common.redisconn import open_redis, ping_or_refuse
 from common.settings import Settings, SettingsError
 from common.topology import Topology
 from common.words import counted
+from services.heldmail import queue_busy
 
 TIMEOUT = 5.0
 # Heartbeat values that say how much there is now, not how many so far: no rate for them.
@@ -65,11 +66,19 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
 
 def _unconsumed(broker: dict[str, Any]) -> list[str]:
     """Delivery queues nobody consumes: the store is stopped, or running but cut off from
-    the broker (then it is reporting, and this is the only sign)."""
-    return [f"nothing consumes {queue['queue']} ({queue['messages']} message(s) waiting): "
-            "the store is stopped or cannot reach the broker"
-            for queue in (broker.get("deliver"), broker.get("large"))
-            if queue is not None and queue["declared"] and not queue["consumers"]]
+    the broker (then it is reporting, and this is the only sign). And mail waiting to be
+    scanned that no filter takes (a dead letter of the scan queue sent back while no
+    filter scans, or scanners down: the filters' own lines say which)."""
+    problems = [f"nothing consumes {queue['queue']} ({queue['messages']} message(s) "
+                "waiting): the store is stopped or cannot reach the broker"
+                for queue in (broker.get("deliver"), broker.get("large"))
+                if queue is not None and queue["declared"] and not queue["consumers"]]
+    scan = broker.get("scan")
+    if scan is not None and scan["declared"] and scan["messages"] and not scan["consumers"]:
+        problems.append(f"{scan['messages']} message(s) wait in {scan['queue']} to be scanned "
+                        "and no filter is scanning them: its scanners are down, or no "
+                        "filter runs with scanning on")
+    return problems
 
 
 def _learn_problems(broker: dict[str, Any], settings: Settings) -> list[str]:
@@ -279,6 +288,8 @@ async def _queue_counts(connection: AbstractConnection, topology: Topology
         counts[key] = {"queue": queue, "declared": True, "messages": ok.message_count,
                        "consumers": ok.consumer_count}
         await channel.close()
+        if key in HELD_KEYS:
+            counts[key]["held_by_a_command"] = await queue_busy(connection, queue)
     return counts
 
 
@@ -303,6 +314,9 @@ async def _redis_status(settings: Settings) -> dict[str, Any]:
             "processes": processes, "silent": silent}
 
 
+# The queues of held mail, which a deadletters or quarantine command may be working on: the
+# messages it holds are then not in the queue's count (services/heldmail.py).
+HELD_KEYS = ("dead", "quarantine")
 # The queues status looks at, by their Topology property `<key>_queue`, in display order.
 QUEUE_KEYS = ("deliver", "large", "scan", "quarantine", "dead", "learn", "learn_retry",
               "learn_dead")
@@ -321,7 +335,10 @@ def format_status(report: dict[str, Any]) -> str:
             lines.append(f"  {queue['queue']}: not declared yet (nothing that uses it has started)")
         else:
             lines.append(f"  {queue['queue']}: {counted(queue['messages'], 'message')}, "
-                         f"{counted(queue['consumers'], 'consumer')}")
+                         f"{counted(queue['consumers'], 'consumer')}"
+                         + (" (a deadletters or quarantine command is working on it: the "
+                            "messages it holds are not counted, and it may count as "
+                            "consumers)" if queue.get("held_by_a_command") else ""))
     redis = report["redis"]
     if not redis["reachable"]:
         lines.append(f"redis: DOWN {redis.get('error', '')}")

@@ -72,11 +72,21 @@ def test_delivery_queues_without_a_consumer_are_a_problem() -> None:
     queue = {"declared": True, "messages": 3, "consumers": 0}
     broker = {"deliver": {**queue, "queue": "t.deliver"},
               "large": {**queue, "queue": "t.deliver.large", "consumers": 1},
-              "scan": {**queue, "queue": "t.scan"}}  # the scan queue's consumers are filters
+              "scan": {**queue, "queue": "t.scan", "consumers": 1}}
     assert _unconsumed(broker) == [
         "nothing consumes t.deliver (3 message(s) waiting): the store is stopped or cannot "
         "reach the broker"]
     assert _unconsumed({"deliver": {"declared": False, "queue": "t.deliver"}}) == []
+
+
+def test_mail_waiting_to_be_scanned_that_no_filter_takes_is_a_problem() -> None:
+    """A dead letter of the scan queue retried while no filter scans (scanning off) sat in
+    the scan queue while status said healthy (found in review)."""
+    waiting = {"scan": {"queue": "t.scan", "declared": True, "messages": 2, "consumers": 0}}
+    assert _unconsumed(waiting) == [
+        "2 message(s) wait in t.scan to be scanned and no filter is scanning them: its "
+        "scanners are down, or no filter runs with scanning on"]
+    assert _unconsumed({"scan": {**waiting["scan"], "messages": 0}}) == []
 
 
 def test_learn_jobs_nobody_takes_are_a_problem_while_learning_is_on() -> None:

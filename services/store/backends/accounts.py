@@ -172,7 +172,11 @@ class AccountDB:
 
     @classmethod
     def for_store(cls, store_dir: Path) -> AccountDB:
-        return cls(store_dir / "accounts.sqlite")
+        return cls(cls.for_store_path(store_dir))
+
+    @staticmethod
+    def for_store_path(store_dir: Path) -> Path:
+        return store_dir / "accounts.sqlite"
 
     def close(self) -> None:
         self._db.close()

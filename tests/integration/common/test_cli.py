@@ -231,6 +231,18 @@ def test_output_into_a_closed_pipe_is_no_traceback(settings: Settings) -> None:
     assert done.stderr == "" and done.returncode == 141
 
 
+def test_listing_where_there_is_no_account_database_says_so(settings: Settings,
+                                                            tmp_path: Path) -> None:
+    """A mistyped TIERMAIL_DATA_DIR made an empty account database there, and `user list`
+    printed nothing, exit 0, as if the store had no users (found in review)."""
+    typo = settings.replace(data_dir=tmp_path / "typo-dir")
+    for what in ("user", "domain", "alias"):
+        done = tiermail(typo, what, "list")
+        assert done.returncode == 1 and done.stdout == "", (what, done)
+        assert done.stderr.startswith("tiermail: no account database at "), done.stderr
+    assert not (tmp_path / "typo-dir").exists()
+
+
 def test_a_data_directory_that_cannot_be_made_is_one_line(settings: Settings,
                                                           tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"

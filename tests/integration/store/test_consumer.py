@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import gc
 import itertools
@@ -36,9 +37,12 @@ from common.topology import (
     PERSISTENT,
     QUARANTINE_ROUTING_KEY,
     REASON_HEADER,
+    Topology,
     message_properties,
 )
+from services import heldmail
 from services.heldmail import SETTLE_WINDOW
+from services.status import collect_status, format_status
 from services.store import consumer as consumer_module
 from services.store import redelivery
 from services.store.backends.accounts import AccountDB
@@ -1162,6 +1166,62 @@ async def test_dead_letters_are_listed_then_retried_once_the_account_exists(
                    what="both copies in the new mailbox")
     assert check_mailboxes(store.settings.store_dir, [ALICE, ghost]) == {
         mixed[0].queue_id: 2, only_ghost[0].queue_id: 1}
+
+
+@contextlib.asynccontextmanager
+async def _held_by_another_command(settings: Settings, queue: str) -> AsyncIterator[None]:
+    """The lock a deadletters or quarantine command holds on `queue` while it works."""
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_declare(Topology.held_lock_queue(queue), exclusive=True,
+                                    auto_delete=True, arguments={"x-queue-type": "classic"})
+        yield
+    finally:
+        await connection.close()
+
+
+async def test_held_mail_commands_take_turns_on_a_queue(
+        store: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command takes every message of the queue unacknowledged while it works, so one at
+    the same moment saw part of it (`0 of 97` of 200) and a drop of a message the other
+    held said `not dead-lettered` and did nothing (found in review). One waits for the
+    other now, and status says the queue's count leaves out what a command holds."""
+    ghost = "ghost@example.test"
+    messages = [make_message(ghost) for _ in range(3)]
+    await publish_all(store.settings, messages)
+    await wait_for(lambda: _eq(store.dead(), 3), what="three dead letters")
+    dead_queue = store.settings.topology.dead_queue
+    async with _held_by_another_command(store.settings, dead_queue):
+        report = await collect_status(store.settings)
+        assert report["broker"]["dead"]["held_by_a_command"]
+        assert "a deadletters or quarantine command is working on it" in format_status(report)
+        # Waits its turn, then does its work: the drop below starts while the lock is held.
+        dropping = asyncio.ensure_future(asyncio.to_thread(
+            run_cli, store.settings, "deadletters", "drop", messages[0][0].queue_id))
+        monkeypatch.setattr(heldmail, "LOCK_WAIT", 0.5)
+        with pytest.raises(heldmail.QueueBusy):
+            await heldmail.browse(store.settings, heldmail.dead_letters(store.settings.topology),
+                                  10)
+    dropped = await dropping
+    assert dropped.returncode == 0, dropped.stderr
+    assert f"{messages[0][0].queue_id} dropped" in dropped.stdout
+    assert await store.dead() == 2
+    report = await collect_status(store.settings)
+    assert not report["broker"]["dead"]["held_by_a_command"]
+
+
+async def test_a_listing_shows_what_senders_wrote_escaped(store: Running) -> None:
+    """A sender's right-to-left override turned `adm<RLO>gnp.exe` into `...exe.png` on the
+    operator's screen (found in review): control and format characters are escaped."""
+    envelope, body = make_message("ghost@example.test")
+    tricky = dataclasses.replace(envelope, mail_from="adm\u202egnp.exe\u202c\u200b@example.net")
+    await publish_all(store.settings, [(tricky, body)])
+    await wait_for(lambda: _eq(store.dead(), 1), what="the dead letter")
+    listing = await asyncio.to_thread(run_cli, store.settings, "deadletters", "list")
+    assert listing.returncode == 0, listing.stderr
+    assert "<adm\\u202egnp.exe\\u202c\\u200b@example.net>" in listing.stdout, listing.stdout
+    assert "\u202e" not in listing.stdout
 
 
 async def test_a_retry_sends_a_message_that_fails_again_back_only_once(
