@@ -247,15 +247,32 @@ class Directory:
             await self._fill_hash(
                 temp["aliases"], {k: ",".join(v) for k, v in snapshot.aliases.items()})
 
-            async def newer_held(held: int | None) -> bool:
+            async def refuse(published: bool, held: int | None) -> bool:
+                await self._still_filled(temp, snapshot)
                 return (generation_now is not None and held is not None
                         and snapshot.generation < held <= await generation_now())
 
-            return await self._watched(
-                lambda published, held: newer_held(held),
-                lambda pipe: self._queue_swap(pipe, temp, snapshot))
+            return await self._watched(refuse,
+                                       lambda pipe: self._queue_swap(pipe, temp, snapshot),
+                                       watch=tuple(temp.values()))
         finally:
             await self._redis.delete(*temp.values())  # no-op for those swapped in
+
+    async def _still_filled(self, temp: Mapping[str, str], snapshot: DirectorySnapshot) -> None:
+        """Raise if the temporary keys no longer hold the snapshot (a FLUSHDB, a Redis that
+        restarted, an eviction since they were filled): swapped in, their RENAME failed in
+        the transaction while the DEL of the live keys and the new version went through, a
+        directory published without its domains (found in review: 554 for every valid
+        recipient). They are WATCHed from before this look to the swap."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.scard(temp["domains"])
+            pipe.scard(temp["users"])
+            pipe.hlen(temp["aliases"])
+            held = await pipe.execute()
+        wanted = [len(snapshot.domains), len(snapshot.users), len(snapshot.aliases)]
+        if held != wanted:
+            raise RedisError("the directory's temporary copy was lost before it was swapped "
+                             "in (Redis flushed or restarted?); nothing was changed")
 
     def _queue_swap(self, pipe: Pipeline, temp: Mapping[str, str],
                     snapshot: DirectorySnapshot) -> None:
@@ -270,14 +287,15 @@ class Directory:
         self._changed(pipe)
 
     async def _watched(self, refuse: Callable[[bool, int | None], Awaitable[bool]],
-                       queue: Callable[[Pipeline], None]) -> bool:
+                       queue: Callable[[Pipeline], None], *, watch: Sequence[str] = ()) -> bool:
         """Queue a transaction with `queue` and run it, unless `refuse(published, held
-        generation)` says no, with no writer between the look and the transaction (WATCH:
-        one that came between makes it look again). Whether it ran."""
+        generation)` says no, with no writer between the look and the transaction (WATCH on
+        the version, the generation and `watch`: one that came between makes it look
+        again). Whether it ran."""
         async with self._redis.pipeline(transaction=True) as pipe:
             for _ in range(_WATCH_TRIES):
                 try:
-                    await pipe.watch(self.key("version"), self.key("generation"))
+                    await pipe.watch(self.key("version"), self.key("generation"), *watch)
                     published = bool(await pipe.exists(self.key("version")))
                     held = _optional_int(await pipe.get(self.key("generation")))
                     if await refuse(published, held):

@@ -386,12 +386,10 @@ def _held_id(named: str) -> str:
 
 
 def _report_acted(acted: list[Any], done: str, copies_done: str, when: str = "") -> None:
-    from services.heldmail import goes_to_the_scan_queue
-
     scanned = 0
     for held in acted:
         said = done
-        if done == "sent for delivery" and goes_to_the_scan_queue(held):
+        if done == "sent for delivery" and held.to_be_scanned:
             said, scanned = "sent back to be scanned", scanned + 1
         print(one_line(f"{held.queue_id or '-'} {said}"))
     if scanned:  # dead letters of the scan queue: never scanned, they are scanned first
@@ -406,16 +404,22 @@ def _broker(work: Any) -> Any:
     from aiormq.exceptions import AMQPError
 
     from common.broker import connect_failure
-    from services.heldmail import LOCK_WAIT, NoSuchQueue, QueueBusy
+    from services.heldmail import LOCK_WAIT, LockNameTaken, NoSuchQueue, QueueBusy
 
     try:
         return asyncio.run(work)
     except (OSError, TimeoutError, AMQPError) as exc:
         raise CommandError(f"RabbitMQ could not be used: {connect_failure(exc)}") from None
     except QueueBusy as exc:
-        raise CommandError(f"another deadletters or quarantine command has been working on "
-                           f"{exc} for {LOCK_WAIT:g} s and more; nothing was done: run this "
-                           "again once it has ended") from None
+        raise CommandError(f"{exc} has been held for {LOCK_WAIT:g} s and more by another "
+                           "deadletters or quarantine command, or by one whose connection was "
+                           "lost and that the broker has not given up on yet (up to three "
+                           "heartbeat intervals); nothing was done: run this again later"
+                           ) from None
+    except LockNameTaken as exc:
+        raise CommandError(f"a queue named {exc}, which these commands use as their lock, "
+                           "is on the broker and is not theirs: nothing was done (delete it, "
+                           f"e.g. rabbitmqctl delete_queue {exc})") from None
     except NoSuchQueue as exc:
         raise CommandError(f"no queue {exc} on the broker: no tier has run with these "
                            "settings (TIERMAIL_QUEUE_PREFIX, the vhost in "

@@ -105,6 +105,10 @@ class QueueBusy(Exception):
     """Another deadletters or quarantine command is working on the queue."""
 
 
+class LockNameTaken(Exception):
+    """A queue that is not a command's lock has the lock's name (Topology.held_lock_queue)."""
+
+
 class NoSuchQueue(Exception):
     """The queue is not on the broker: no tier has run with these settings (prefix, vhost)."""
 
@@ -115,11 +119,13 @@ class HeldQueue:
 
     queue: str
     reason: Callable[[dict[str, Any], bytes], str]  # from the AMQP headers and the body
+    scan_queue: str = ""  # dead letters: what the scan queue dead-lettered was never scanned
 
 
 def dead_letters(topology: Topology) -> HeldQueue:
     return HeldQueue(topology.dead_queue, functools.partial(_dead_letter_reason,
-                                                            topology.scan_queue))
+                                                            topology.scan_queue),
+                     scan_queue=topology.scan_queue)
 
 
 def quarantine(topology: Topology) -> HeldQueue:
@@ -137,6 +143,7 @@ class HeldMessage:
     size: int
     received_at: datetime.datetime | None
     copies: int = 1  # how often it is in the queue (a crash's leftovers: see copy_key)
+    to_be_scanned: bool = False  # a release sends it back to the scan queue (_route_back)
 
     def as_dict(self) -> dict[str, Any]:
         return {"queue_id": self.queue_id, "reason": self.reason, "sender": self.sender,
@@ -171,7 +178,8 @@ def grouped(messages: Iterable[HeldMessage]) -> list[HeldMessage]:
 
 
 def describe(properties: spec.Basic.Properties, body: bytes,
-             reason: Callable[[dict[str, Any], bytes], str]) -> HeldMessage:
+             reason: Callable[[dict[str, Any], bytes], str],
+             scan_queue: str = "") -> HeldMessage:
     """The operator's view of one held message, from what the broker holds."""
     headers = properties.headers or {}
     sender: str | None = None
@@ -194,6 +202,7 @@ def describe(properties: spec.Basic.Properties, body: bytes,
         recipients=recipients,
         size=len(body),
         received_at=received_at,
+        to_be_scanned=_from_the_scan_queue(headers, scan_queue),
     )
 
 
@@ -206,10 +215,8 @@ def _dead_letter_reason(scan_queue: str, headers: dict[str, Any], body: bytes) -
     return (_SCAN_REASONS if unscanned else _BROKER_REASONS).get(broker, broker or "unknown")
 
 
-def goes_to_the_scan_queue(held: HeldMessage) -> bool:
-    """Whether a release sends `held` back to the scan queue (a dead letter of it: see
-    _route_back) rather than to the store."""
-    return held.reason in _SCAN_REASONS.values()
+def _from_the_scan_queue(headers: dict[str, Any], scan_queue: str) -> bool:
+    return bool(scan_queue) and _text(headers.get(_FIRST_DEATH_QUEUE)) == scan_queue
 
 
 def _route_back(topology: Topology, message: DeliveredMessage) -> str:
@@ -217,7 +224,7 @@ def _route_back(topology: Topology, message: DeliveredMessage) -> str:
     scanned, so back to the scan queue (scanned before any mailbox sees it, as policy
     `defer` promises); anything else to the store."""
     headers = message.header.properties.headers or {}
-    if _text(headers.get(_FIRST_DEATH_QUEUE)) == topology.scan_queue:
+    if _from_the_scan_queue(headers, topology.scan_queue):
         return SCAN_ROUTING_KEY
     return delivery_route(len(message.body))
 
@@ -260,7 +267,7 @@ async def browse(settings: Settings, where: HeldQueue, limit: int
     the messages that a command takes and gives back (show, release, drop; a listing too) go
     back behind the others. So every message is read, up to MAX_TAKEN; those past it are
     counted as messages."""
-    async with _opened(settings, where) as channel:
+    async with _locked(settings, where), _opened(settings, where) as channel:
         read = [seen async for _, seen in _taken(channel, where, MAX_TAKEN)]
         ok = await channel.queue_declare(where.queue, passive=True)
     held = sorted(grouped(read), key=_received_order)
@@ -274,7 +281,7 @@ def _received_order(held: HeldMessage) -> float:
 async def peek(settings: Settings, where: HeldQueue, queue_id: str) -> bytes | None:
     """The stored message (as the store would deliver it) of a held message, None when no
     held message has that queue id; nothing is taken away."""
-    async with _opened(settings, where) as channel:
+    async with _locked(settings, where), _opened(settings, where) as channel:
         async for message, seen in _taken(channel, where, MAX_TAKEN):
             if seen.queue_id == queue_id:
                 return bytes(message.body)
@@ -319,16 +326,18 @@ async def _settled(settings: Settings, where: HeldQueue,
     (copy_key) only the first found is sent back, in this pass or a later one."""
     release = uuid.uuid4().hex if resend else None
     sent: set[CopyKey] = set()
-    first = await _one_pass(settings, where, chosen, resend=resend, release=release, sent=sent,
-                            outcome=outcome)
-    pending = {held.queue_id for held in first if held.queue_id}
-    for _ in range(RESETTLE_PASSES):
-        if not pending:
-            break
-        await asyncio.sleep(RESETTLE_PAUSE)
-        again = await _one_pass(settings, where, functools.partial(_named, pending),
-                                resend=resend, release=release, sent=sent)
-        pending = {held.queue_id for held in again}
+    async with _locked(settings, where):  # for every pass (found in review: between two,
+        # another command took the queue, and a drop done said "nothing was done")
+        first = await _one_pass(settings, where, chosen, resend=resend, release=release,
+                                sent=sent, outcome=outcome)
+        pending = {held.queue_id for held in first if held.queue_id}
+        for _ in range(RESETTLE_PASSES):
+            if not pending:
+                break
+            await asyncio.sleep(RESETTLE_PAUSE)
+            again = await _one_pass(settings, where, functools.partial(_named, pending),
+                                    resend=resend, release=release, sent=sent)
+            pending = {held.queue_id for held in again}
     return grouped(first)
 
 
@@ -437,34 +446,57 @@ async def _opened(settings: Settings, where: HeldQueue) -> AsyncIterator[Abstrac
                 await channel.exchange_declare(settings.topology.inbound_exchange, passive=True)
             except aiormq.ChannelNotFoundEntity:
                 raise NoSuchQueue(where.queue) from None
-        channel = await _locked(connection, channel, where.queue)
-        async with setting_up(connection, CONNECT_TIMEOUT):
             await channel.confirm_delivery()
         yield channel
     finally:
         await close_connection(connection)
 
 
-async def _locked(connection: AbstractConnection, channel: AbstractChannel,
-                  queue: str) -> AbstractChannel:
-    """Take the queue's lock (Topology.held_lock_queue) on `connection`, waiting up to
-    LOCK_WAIT for another command's; a channel to go on with (a refused declare closes the
-    channel it was made on)."""
+@asynccontextmanager
+async def _locked(settings: Settings, where: HeldQueue) -> AsyncIterator[None]:
+    """The queue's lock (Topology.held_lock_queue), held by a connection of its own for as
+    long as this lasts; waits up to LOCK_WAIT for another command's."""
+    connection = await connect(settings.amqp_url, CONNECT_TIMEOUT)
+    try:
+        await _take_lock(connection, where.queue)
+        yield
+    finally:
+        await close_connection(connection)
+
+
+async def _take_lock(connection: AbstractConnection, queue: str) -> None:
+    lock = Topology.held_lock_queue(queue)
     deadline = time.monotonic() + LOCK_WAIT
     while True:
+        # (Not setting_up: it closes the connection on the refusal this waits out.)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            channel = await connection.channel()
         try:
-            # (Not setting_up: it closes the connection on the refusal this waits out.)
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await channel.queue_declare(Topology.held_lock_queue(queue), exclusive=True,
-                                            auto_delete=True,
+                await channel.queue_declare(lock, exclusive=True, auto_delete=True,
                                             arguments={"x-queue-type": "classic"})
-            return channel
+            return
         except aiormq.exceptions.ChannelLockedResource:
+            if await _lock_name_taken(connection, lock):
+                raise LockNameTaken(lock) from None
             if time.monotonic() >= deadline:
                 raise QueueBusy(queue) from None
         await asyncio.sleep(LOCK_RETRY)
+
+
+async def _lock_name_taken(connection: AbstractConnection, lock: str) -> bool:
+    """Whether a queue that is no command's lock has the lock's name: RabbitMQ refuses an
+    exclusive declare of it as it refuses another command's lock (found in review: every
+    command then waited 15 s and blamed another command), but lets it be looked at."""
+    async with asyncio.timeout(CONNECT_TIMEOUT):
+        channel = await connection.channel()
+    try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            channel = await connection.channel()
+            await channel.queue_declare(lock, passive=True)
+    except (aiormq.exceptions.ChannelLockedResource, aiormq.exceptions.ChannelNotFoundEntity):
+        return False
+    await channel.close()
+    return True
 
 
 async def queue_busy(connection: AbstractConnection, queue: str) -> bool:
@@ -487,4 +519,5 @@ async def _taken(channel: AbstractChannel, where: HeldQueue, limit: int
         message = await channel.basic_get(where.queue, no_ack=False, timeout=CONNECT_TIMEOUT)
         if isinstance(message.delivery, spec.Basic.GetEmpty):
             return
-        yield message, describe(message.header.properties, message.body, where.reason)
+        yield message, describe(message.header.properties, message.body, where.reason,
+                                where.scan_queue)

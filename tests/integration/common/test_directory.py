@@ -1,6 +1,6 @@
 """The Redis directory against the real Redis: resolution, aliases, atomic publish."""
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -195,7 +195,7 @@ class MeddledWith(Directory):
     meddle: Callable[[], Awaitable[object]] | None = None
 
     async def _watched(self, refuse: Callable[[bool, int | None], Awaitable[bool]],
-                       queue: Callable[[Any], None]) -> bool:
+                       queue: Callable[[Any], None], *, watch: Sequence[str] = ()) -> bool:
         async def then_meddled(published: bool, held: int | None) -> bool:
             answer = await refuse(published, held)
             meddle, self.meddle = self.meddle, None
@@ -203,7 +203,7 @@ class MeddledWith(Directory):
                 await meddle()
             return answer
 
-        return await super()._watched(then_meddled, queue)
+        return await super()._watched(then_meddled, queue, watch=watch)
 
 
 async def test_a_change_is_never_made_to_a_directory_redis_lost(directory: Directory) -> None:
@@ -297,3 +297,27 @@ async def test_a_publish_that_fails_midway_leaves_no_copy_behind(directory: Dire
     assert 0 < await directory._redis.ttl(directory.key("tmp:dead:users")) <= 3600
     await directory.publish(DirectorySnapshot(domains={"example.org"}, users={"a@example.org"}))
     assert await directory._redis.ttl(directory.key("users")) == -1  # swapped in: kept
+
+
+async def test_a_publish_whose_copy_was_lost_changes_nothing(directory: Directory) -> None:
+    """A FLUSHDB (or a Redis restarted empty) between the fill of a publish's temporary keys
+    and their swap: the swap's RENAMEs failed inside the transaction while the DEL of the live
+    keys and the new version went through, a directory published without its domains (554
+    for every valid recipient, found in review). The swap now happens only over the copy
+    the publish filled."""
+    before = await directory.resolve("alice@example.org")
+    meddled = MeddledWith(directory._redis, directory._prefix)
+
+    async def copy_lost() -> None:
+        if keys := await _keys(directory, "dir:tmp:*"):
+            await directory._redis.delete(*keys)
+
+    meddled.meddle = copy_lost
+    newer = DirectorySnapshot(domains={"example.org", "new.example"},
+                              users={"alice@example.org", "zed@new.example"}, generation=9)
+    with pytest.raises(RedisError, match="temporary copy was lost"):
+        await meddled.publish(newer)
+    assert await directory.resolve("alice@example.org") == before
+    assert await directory.counts() == {"domains": 2, "users": 3, "aliases": 5}
+    await directory.publish(newer)  # the next publish goes through
+    assert (await directory.resolve("zed@new.example")).resolution is Resolution.LOCAL

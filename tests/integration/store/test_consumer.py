@@ -1195,7 +1195,8 @@ async def test_held_mail_commands_take_turns_on_a_queue(
     async with _held_by_another_command(store.settings, dead_queue):
         report = await collect_status(store.settings)
         assert report["broker"]["dead"]["held_by_a_command"]
-        assert "a deadletters or quarantine command is working on it" in format_status(report)
+        assert "held by a deadletters or quarantine command" in format_status(report)
+        assert "message(s) or more in the dead-letter queue" in " ".join(report["problems"])
         # Waits its turn, then does its work: the drop below starts while the lock is held.
         dropping = asyncio.ensure_future(asyncio.to_thread(
             run_cli, store.settings, "deadletters", "drop", messages[0][0].queue_id))
@@ -1209,6 +1210,27 @@ async def test_held_mail_commands_take_turns_on_a_queue(
     assert await store.dead() == 2
     report = await collect_status(store.settings)
     assert not report["broker"]["dead"]["held_by_a_command"]
+
+
+async def test_a_queue_with_the_locks_name_is_named_not_blamed_on_a_command(
+        store: Running) -> None:
+    """A queue that is no command's lock but has its name made RabbitMQ refuse the lock,
+    and every command waited 15 s and blamed another command (found in review)."""
+    lock = Topology.held_lock_queue(store.settings.topology.dead_queue)
+    connection = await aiormq.connect(store.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_declare(lock, durable=True)
+        listing = await asyncio.to_thread(run_cli, store.settings, "deadletters", "list")
+        assert listing.returncode == 1
+        assert listing.stderr == (f"tiermail: a queue named {lock}, which these commands use "
+                                  "as their lock, is on the broker and is not theirs: nothing "
+                                  f"was done (delete it, e.g. rabbitmqctl delete_queue {lock})\n")
+        await channel.queue_delete(lock)
+    finally:
+        await connection.close()
+    assert (await asyncio.to_thread(run_cli, store.settings, "deadletters", "list")
+            ).returncode == 0
 
 
 async def test_a_listing_shows_what_senders_wrote_escaped(store: Running) -> None:
