@@ -42,7 +42,7 @@ from common.topology import (
 )
 from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
 from services.filter.backends.scanners import Scanners
-from services.filter.poison import Strikes
+from services.filter.poison import UNDECIDED, Strikes
 from services.filter.protocol.message import without_own_received
 from services.filter.protocol.scan_headers import (
     NOT_SCANNED_HEADER,
@@ -240,7 +240,13 @@ class DeferredScanner:
                         exc.scanner, exc.reason, extra=extra)
             await self._give_back(channel, message, pause=failed)
             return
-        strikes = self._strikes.failed(envelope.queue_id, others_pending=self._unsettled > 1)
+        strikes = self._strikes.failed(envelope.queue_id)
+        if strikes is UNDECIDED:
+            # Whether the scanner works on other mail: the next outcome of another message
+            # held says (none held: nothing will).
+            strikes = (await self._strikes.decided(envelope.queue_id,
+                                                   self._settings.scan_timeout)
+                       if self._unsettled > 1 else None)
         if strikes is None:
             log.warning("%s answers pings but fails on every message (%s): returned to the "
                         "queue, deferred scanning pauses", exc.scanner, exc.reason, extra=extra)

@@ -10,18 +10,33 @@ dead-lettered, where `tiermail deadletters` shows it and can send it back to be 
 A failure is no strike when another message, too, failed since the last scan that came to a
 verdict: a scanner that answers pings but fails on every scan (overloaded, misconfigured) is
 no message's fault, and the drainer pauses instead of dead-lettering the queue. Nor is it
-when the message is the only one the drainer holds and no other came to a verdict since
-the message's own last strike: nothing then shows that the scanner works on other mail.
-(Until 2026-12-06 a message alone in the queue collected its five strikes within 35 ms from
-a clamd that failed every scan, and was dead-lettered: found in review.)
+unless another message came to a verdict since the message's own last strike: a failure
+that comes before any such evidence is UNDECIDED, and the drainer waits (holding the
+message) for the next outcome of another message it holds: a verdict makes it a strike,
+another failure or none at all makes it no strike, and the drainer pauses. (Until
+2026-12-06 a message alone in the queue, or beside one still being scanned, collected its
+five strikes within milliseconds from a clamd that failed every scan, and was dead-lettered:
+found in review, twice.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import enum
 from collections import OrderedDict
 
 POISON_STRIKES = 5
 REMEMBERED = 1024  # messages with strikes kept, the oldest forgotten first
+
+
+class Undecided(enum.Enum):
+    """No evidence yet either way (see the module's docstring)."""
+
+    UNDECIDED = "undecided"
+
+
+UNDECIDED = Undecided.UNDECIDED
 
 
 class Strikes:
@@ -33,31 +48,51 @@ class Strikes:
         self._remembered = remembered
         # queue id -> (strikes, `verdicts` at the last one)
         self._struck: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._news = asyncio.Event()  # a verdict, or another message failing
 
     def scanned(self, queue_id: str) -> None:
         """A scan of this message came to a verdict."""
         self.verdicts += 1
         self._failing, self._several_failing = None, False
         self._struck.pop(queue_id, None)
+        self._news.set()
 
-    def failed(self, queue_id: str, *, others_pending: bool = False) -> int | None:
-        """A scanner failed on this message and answers pings: the message's strikes now,
-        or None when the scanner may be failing on everything (see the module's docstring).
-        `others_pending`: other messages are being scanned, or wait to be."""
+    def failed(self, queue_id: str) -> int | None | Undecided:
+        """A scanner failed on this message and answers pings: the message's strikes now;
+        None when the scanner fails on more than this message; UNDECIDED when nothing has
+        shown since its last strike that the scanner works on other mail (`decided`)."""
         if self._failing is None:
             self._failing = queue_id
         elif self._failing != queue_id:
             self._several_failing = True
+            self._news.set()
         if self._several_failing:
             return None
-        strikes, verdicts = self._struck.pop(queue_id, (0, -1))
-        if verdicts == self.verdicts and not others_pending:
-            self._struck[queue_id] = (strikes, verdicts)
+        _, verdicts = self._struck.get(queue_id, (0, -1))
+        if verdicts == self.verdicts:
+            return UNDECIDED
+        return self._strike(queue_id)
+
+    async def decided(self, queue_id: str, within: float) -> int | None:
+        """After an UNDECIDED failure: wait up to `within` seconds for another message's
+        outcome. A verdict makes the failure a strike (the message's strikes now); another
+        failure, or nothing, makes it none (None)."""
+        verdicts = self.verdicts
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while self.verdicts == verdicts and not self._several_failing:
+                    self._news.clear()
+                    await self._news.wait()
+        if self._several_failing or self.verdicts == verdicts:
             return None
-        self._struck[queue_id] = (strikes + 1, self.verdicts)
+        return self._strike(queue_id)
+
+    def _strike(self, queue_id: str) -> int:
+        strikes = self._struck.pop(queue_id, (0, -1))[0] + 1
+        self._struck[queue_id] = (strikes, self.verdicts)
         while len(self._struck) > self._remembered:
             self._struck.popitem(last=False)
-        return strikes + 1
+        return strikes
 
     def poisoned(self, strikes: int) -> bool:
         return strikes >= self.limit

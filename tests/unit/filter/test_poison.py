@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from services.filter.poison import Strikes
+import asyncio
+
+from services.filter.poison import UNDECIDED, Strikes
 
 
 def test_a_message_failing_while_others_pass_is_poisoned_at_the_limit() -> None:
@@ -15,22 +17,42 @@ def test_a_message_failing_while_others_pass_is_poisoned_at_the_limit() -> None:
     assert not strikes.poisoned(2) and strikes.poisoned(3)
 
 
-def test_a_message_failing_alone_collects_strikes_only_as_other_mail_is_scanned() -> None:
-    """Nothing else in the queue: its failures are no evidence against it (a clamd that
-    failed every scan dead-lettered a lone message within 35 ms, found in review). They
-    count once the scanner comes to verdicts on other mail in between."""
+def test_a_failure_with_nothing_scanned_since_the_last_strike_is_undecided() -> None:
+    """Nothing shows the scanner works on other mail: no evidence against the message (a
+    clamd that failed every scan dead-lettered a lone message within 35 ms, and one beside
+    a message still being scanned within 23 ms: found in review)."""
     strikes = Strikes(limit=3)
-    assert [strikes.failed("BAD") for _ in range(5)] == [1, None, None, None, None]
-    seen = []
-    for _ in range(2):
+    assert [strikes.failed("BAD") for _ in range(3)] == [1, UNDECIDED, UNDECIDED]
+    strikes.scanned("good")
+    assert strikes.failed("BAD") == 2
+
+
+def test_an_undecided_failure_is_a_strike_once_another_message_is_scanned() -> None:
+    async def scenario() -> tuple[int | None, int | None]:
+        strikes = Strikes()
+        strikes.failed("BAD")
+        assert strikes.failed("BAD") is UNDECIDED
+        waiting = asyncio.ensure_future(strikes.decided("BAD", within=10))
+        await asyncio.sleep(0)
         strikes.scanned("good")
-        seen.append(strikes.failed("BAD"))
-    assert seen == [2, 3] and strikes.poisoned(3)
+        struck = await waiting
+        assert strikes.failed("BAD") is UNDECIDED
+        return struck, await strikes.decided("BAD", within=0.01)  # nothing comes: none
+
+    assert asyncio.run(scenario()) == (2, None)
 
 
-def test_a_message_failing_while_others_wait_to_be_scanned_collects_strikes() -> None:
-    strikes = Strikes(limit=3)
-    assert [strikes.failed("BAD", others_pending=True) for _ in range(3)] == [1, 2, 3]
+def test_an_undecided_failure_is_none_when_another_message_fails_too() -> None:
+    async def scenario() -> int | None:
+        strikes = Strikes()
+        strikes.failed("A")
+        assert strikes.failed("A") is UNDECIDED
+        waiting = asyncio.ensure_future(strikes.decided("A", within=10))
+        await asyncio.sleep(0)
+        assert strikes.failed("B") is None  # the scanner fails on more than one
+        return await waiting
+
+    assert asyncio.run(scenario()) is None
 
 
 def test_a_scanner_failing_on_everything_strikes_at_most_the_first() -> None:
