@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
-from common.broker import PublishFailed, close_connection, open_channel
+from common.broker import PublishFailed, close_connection, open_channel, with_heartbeat
 from common.envelope import Envelope, EnvelopeError
 from common.settings import Settings
 from common.tasks import pause
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 SCAN_PREFETCH = 4
 CONNECT_TIMEOUT = 5.0
+CONSUMER_HEARTBEAT = 5  # seconds: a silent broker is given up after about 18
 PROBE_MIN = 0.2
 PROBE_MAX = 30.0
 _TOO_BIG = "\0too-big"  # not a signature clamd can name
@@ -132,8 +133,12 @@ class DeferredScanner:
 
     async def _session(self) -> None:
         """Consume the scan queue until a scanner fails (return) or the broker goes (raise)."""
+        # A short heartbeat: a consumer connection whose path died held the messages it
+        # had taken for the three minutes RabbitMQ's default takes to notice (found in
+        # review), while status showed a consumer and nothing wrong.
         connection, channel = await open_channel(
-            self._settings.amqp_url, self._topology, CONNECT_TIMEOUT, confirms=False)
+            with_heartbeat(self._settings.amqp_url, CONSUMER_HEARTBEAT), self._topology,
+            CONNECT_TIMEOUT, confirms=False)
         inbox: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
         failed = asyncio.Event()
         workers: list[asyncio.Task[None]] = []

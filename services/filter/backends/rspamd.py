@@ -46,6 +46,12 @@ class RspamdClient:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=0),
             trust_env=False,  # never an HTTP proxy from the environment
         )
+        # Pings on a connection of their own: behind 64 slow scans in the shared pool, a
+        # ping waited out its 5 s and marked a busy but healthy rspamd down (found in review).
+        self._pings = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=httpx.Timeout(timeout),
+                                        limits=httpx.Limits(max_connections=1,
+                                                            max_keepalive_connections=0),
+                                        trust_env=False)
         self.availability = Availability(NAME)
 
     async def check(self, envelope: Envelope, content: bytes) -> RspamdResult:
@@ -89,13 +95,14 @@ class RspamdClient:
     async def _ping(self) -> bool:
         try:
             async with asyncio.timeout(min(self._timeout, 5.0)):
-                response = await self._http.get(PING_PATH)
+                response = await self._pings.get(PING_PATH)
         except (httpx.HTTPError, OSError, TimeoutError):
             return False
         return response.status_code == 200 and response.content.strip() == b"pong"
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._pings.aclose()
 
 
 def _describe(exc: BaseException, timeout: float) -> str:

@@ -4,6 +4,7 @@ not cost the other sessions their shared connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import time
@@ -11,10 +12,17 @@ import time
 import pamqp.commands
 import pytest
 
-from common.broker import Publisher, PublishFailed
+from common.broker import (
+    Publisher,
+    PublishFailed,
+    close_connection,
+    open_channel,
+    with_heartbeat,
+)
 from common.envelope import Envelope
 from common.settings import Settings
 from common.topology import LARGE_MESSAGE
+from services.filter.deferred import CONSUMER_HEARTBEAT
 from tests.integration.store.helpers import make_message
 from tests.support import (
     FreezingProxy,
@@ -201,3 +209,29 @@ async def test_a_connection_whose_path_died_is_given_up_not_waited_on(
     finally:
         await publisher.close()
         proxy.cut()
+
+
+async def test_a_consumer_connection_with_a_short_heartbeat_notices_a_dead_path(
+        settings: Settings) -> None:
+    """The deferred scanner's consumer connection kept the messages it had taken for the
+    three minutes RabbitMQ's default heartbeat takes to notice a dead path (found in
+    review); it now asks for CONSUMER_HEARTBEAT, and the connection ends within seconds."""
+    proxy = FreezingProxy(5672)
+    url = with_heartbeat(broker_at(settings, proxy.port).amqp_url, CONSUMER_HEARTBEAT)
+    connection, _ = await open_channel(url, settings.topology, 5.0, confirms=False)
+    try:
+        proxy.freeze()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(connection.closing), 4 * CONSUMER_HEARTBEAT + 10)
+        assert connection.is_closed
+    finally:
+        await close_connection(connection, grace=0)
+        proxy.cut()
+
+
+def test_a_heartbeat_is_asked_for_only_if_the_url_asks_for_none_shorter() -> None:
+    assert with_heartbeat("amqp://u:p@h/v", 5) == "amqp://u:p@h/v?heartbeat=5"
+    assert with_heartbeat("amqp://u:p@h/v?heartbeat=60&a=1", 5) == \
+        "amqp://u:p@h/v?a=1&heartbeat=5"
+    assert with_heartbeat("amqp://u:p@h/v?heartbeat=2", 5) == "amqp://u:p@h/v?heartbeat=2"
+    assert with_heartbeat("amqp://u:p@h/v?heartbeat=0", 5) == "amqp://u:p@h/v?heartbeat=5"

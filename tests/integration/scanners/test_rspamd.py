@@ -186,3 +186,35 @@ async def test_a_reply_past_the_limit_is_no_verdict() -> None:
     finally:
         await client.aclose()
         server.close()
+
+
+async def test_a_busy_rspamd_still_answers_its_ping() -> None:
+    """Pings shared the pool of 64 scan connections: behind 64 slow scans a ping waited out
+    its 5 s, and a busy but healthy rspamd was marked down (found in review)."""
+    release = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET /ping"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\npong\n")
+            else:
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+                await reader.readexactly(length)
+                await release.wait()
+                writer.write(_reply("no action", 0.0))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    client = RspamdClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+                          timeout=30.0)
+    try:
+        scans = [asyncio.ensure_future(client.check(_envelope(), HAM)) for _ in range(64)]
+        await asyncio.sleep(0)
+        assert await client.ping()
+        release.set()
+        assert all(result.action == "no action" for result in await asyncio.gather(*scans))
+    finally:
+        await client.aclose()
+        server.close()
