@@ -78,6 +78,8 @@ async def delete(accounts: AccountDB, directory: Directory | None, user: str) ->
     """What `tiermail user del` does: the database, then the notice through Redis."""
     accounts.delete_user(user)
     if directory is not None:
+        if not await directory.is_published():  # a change needs a published directory
+            await directory.publish(accounts.snapshot())
         await directory.remove_user(user)
 
 
