@@ -107,7 +107,8 @@ async def test_messages_whose_acks_the_broker_ignored_are_settled_again(
     ignored_once = {queue[1].queue_id, queue[3].queue_id}
     passes = []
 
-    async def one_pass(settings: object, where: object, chosen: Callable[[HeldMessage], bool],
+    async def one_pass(connection: object, settings: object, where: object,
+                       chosen: Callable[[HeldMessage], bool],
                        *, resend: bool, release: str | None = None,
                        sent: set[heldmail.CopyKey] | None = None,
                        outcome: heldmail.Outcome | None = None) -> list[HeldMessage]:
@@ -124,7 +125,7 @@ async def test_messages_whose_acks_the_broker_ignored_are_settled_again(
 
     @contextlib.asynccontextmanager
     async def unlocked(settings: object, where: object) -> AsyncIterator[None]:
-        yield  # (the queue's lock needs a broker: tests/integration/store/test_consumer.py)
+        yield None  # (the lock needs a broker: tests/integration/store/test_consumer.py)
 
     monkeypatch.setattr(heldmail, "_one_pass", one_pass)
     monkeypatch.setattr(heldmail, "_locked", unlocked)
