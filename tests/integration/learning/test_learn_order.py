@@ -122,7 +122,10 @@ async def test_the_last_move_wins_whichever_job_is_retried(
     controller = HeldController(rspamd_scanner, held=held)
     stats = await run_learner(learn_settings, controller)
     assert controller.posted == posted, controller.posted
-    assert stats.get("learn_superseded", 0) == superseded and stats["learn_retries"], stats
+    # A job is given back either by the held controller (learn_retries) or, when the other
+    # job got there first under load, by waiting its turn (learn_waits): a retry either way.
+    retried = stats.get("learn_retries", 0) + stats.get("learn_waits", 0)
+    assert stats.get("learn_superseded", 0) == superseded and retried, stats
     assert await asyncio.to_thread(learned, rspamd_scanner) == before + len(posted)
 
 
