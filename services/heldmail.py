@@ -20,11 +20,12 @@ recipient delivers it once (a later release of the leftover delivers nothing new
 holds when the broker ignores an ack (see `_settled`).
 
 One command at a time works on a queue (it holds the queue's `.busy` lock, an exclusive
-queue of its connection; another waits up to LOCK_WAIT, then is refused): the messages one
-takes are invisible to the others until its connection closes, so a second command at the
-same time saw part of the queue, listed `0 of 97` of 200, and a drop of a message the first
-held said `not dead-lettered` and did nothing (found in review). `tiermail status` says when
-a command holds a queue, whose count then leaves out what it holds.
+queue of the one connection that carries its work; another waits up to LOCK_WAIT, then is
+refused): the messages one takes are invisible to the others until it ends, so a second
+command at the same time saw part of the queue, listed `0 of 97` of 200, and a drop of a
+message the first held said `not dead-lettered` and did nothing (found in review).
+`tiermail status` says when a command holds a queue, whose count then leaves out what it
+holds.
 
 A held message can be in its queue more than once: a process that published it there and
 was killed before acking what it came from (a filter worker quarantining, the store
@@ -500,28 +501,29 @@ async def _lock_name_taken(connection: AbstractConnection, lock: str) -> bool:
     """Whether a queue that is no command's lock has the lock's name: RabbitMQ refuses an
     exclusive declare of it as it refuses another command's lock (found in review: every
     command then waited 15 s and blamed another command), but lets it be looked at."""
+    return await _lock_seen(connection, lock) == "a queue"
+
+
+async def queue_busy(connection: AbstractConnection, queue: str) -> bool:
+    """Whether a deadletters or quarantine command holds `queue` now (tiermail status)."""
+    return await _lock_seen(connection, Topology.held_lock_queue(queue)) == "held"
+
+
+async def _lock_seen(connection: AbstractConnection, lock: str) -> str:
+    """What a passive declare finds under the lock's name: "held" (exclusive to another
+    connection: a command's lock), "absent", or "a queue" anyone may look at (no command's
+    lock, or one being deleted)."""
     async with asyncio.timeout(CONNECT_TIMEOUT):
         channel = await connection.channel()
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             await channel.queue_declare(lock, passive=True)
-    except (aiormq.exceptions.ChannelLockedResource, aiormq.exceptions.ChannelNotFoundEntity):
-        return False
-    await channel.close()
-    return True
-
-
-async def queue_busy(connection: AbstractConnection, queue: str) -> bool:
-    """Whether a deadletters or quarantine command holds `queue` now (tiermail status)."""
-    channel = await connection.channel()
-    try:
-        await channel.queue_declare(Topology.held_lock_queue(queue), passive=True)
     except aiormq.exceptions.ChannelLockedResource:
-        return True
+        return "held"
     except aiormq.exceptions.ChannelNotFoundEntity:
-        return False
+        return "absent"
     await channel.close()
-    return False  # declared by nobody's connection now (being deleted)
+    return "a queue"
 
 
 async def _taken(channel: AbstractChannel, where: HeldQueue, limit: int
