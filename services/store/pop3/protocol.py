@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from common.words import counted
+
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
 
@@ -76,6 +78,10 @@ class Reply:
     code: str | None = None
 
     def format(self, **values: object) -> Reply:
+        """The text with `values` filled in; a `count` also fills `{messages}` (`1 message`,
+        `2 messages`)."""
+        if isinstance(count := values.get("count"), int):
+            values.setdefault("messages", counted(count, "message"))
         return Reply(self.ok, self.text.format(**values), self.code)
 
     def encode(self) -> bytes:
@@ -98,20 +104,20 @@ OK_GREETING = ok("tiermail POP3 server ready")
 OK_CAPA = ok("capability list follows")
 OK_AUTH_LIST = ok("SASL mechanisms follow")
 OK_USER = ok("send PASS")
-OK_LOGGED_IN = ok("{user} has {count} messages ({octets} octets)")
+OK_LOGGED_IN = ok("{user} has {messages} ({octets} octets)")
 OK_STAT = ok("{count} {octets}")
-OK_LIST_ALL = ok("{count} messages ({octets} octets)")
+OK_LIST_ALL = ok("{messages} ({octets} octets)")
 OK_LIST_ONE = ok("{number} {size}")
 OK_UIDL_ALL = ok("unique-id listing follows")
 OK_UIDL_ONE = ok("{number} {uid}")
 OK_RETR = ok("{size} octets")
 OK_TOP = ok("top of message follows")
 OK_DELE = ok("message {number} deleted")
-OK_RSET = ok("maildrop has {count} messages ({octets} octets)")
+OK_RSET = ok("maildrop has {messages} ({octets} octets)")
 OK_NOOP = ok("")
 OK_STLS = ok("begin TLS negotiation")
 OK_BYE = ok("tiermail POP3 server signing off")
-OK_BYE_UPDATED = ok("tiermail POP3 server signing off ({count} messages left)")
+OK_BYE_UPDATED = ok("tiermail POP3 server signing off ({messages} left)")
 
 ERR_UNKNOWN_COMMAND = err("unknown command")
 ERR_BAD_SYNTAX = err("{reason}")

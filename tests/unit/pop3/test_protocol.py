@@ -91,6 +91,11 @@ def test_parser_never_raises(data: bytes) -> None:
         (p.ERR_STORAGE_PERM, b"-ERR [SYS/PERM] mailbox unavailable\r\n"),
         (p.OK_STAT.format(count=2, octets=320), b"+OK 2 320\r\n"),
         (p.ERR_DELETED.format(number=3), b"-ERR message 3 already deleted\r\n"),
+        (p.OK_LIST_ALL.format(count=1, octets=120), b"+OK 1 message (120 octets)\r\n"),
+        (p.OK_LIST_ALL.format(count=2, octets=320), b"+OK 2 messages (320 octets)\r\n"),
+        (p.OK_RSET.format(count=0, octets=0), b"+OK maildrop has 0 messages (0 octets)\r\n"),
+        (p.OK_BYE_UPDATED.format(count=1),
+         b"+OK tiermail POP3 server signing off (1 message left)\r\n"),
     ],
 )
 def test_reply_encoding(reply: p.Reply, wire: bytes) -> None:
