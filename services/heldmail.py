@@ -25,7 +25,10 @@ refused): the messages one takes are invisible to the others until it ends, so a
 command at the same time saw part of the queue, listed `0 of 97` of 200, and a drop of a
 message the first held said `not dead-lettered` and did nothing (found in review).
 `tiermail status` says when a command holds a queue, whose count then leaves out what it
-holds.
+holds. The lock's connection asks for a HEARTBEAT-second AMQP heartbeat, so the broker lets
+go of a command whose path to it died (its host down, a firewall's state lost) within
+seconds: with the default heartbeat the queue stayed locked, and the messages the command
+had taken held, for up to three minutes.
 
 A held message can be in its queue more than once: a process that published it there and
 was killed before acking what it came from (a filter worker quarantining, the store
@@ -52,7 +55,7 @@ import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp import commands as spec
 
-from common.broker import close_connection, connect, setting_up
+from common.broker import close_connection, connect, setting_up, with_heartbeat
 from common.settings import Settings
 from common.topology import (
     MAILBOXES_HEADER,
@@ -100,6 +103,7 @@ CONNECT_TIMEOUT = 5.0
 CONFIRM_TIMEOUT = 30.0
 LOCK_WAIT = 15.0  # seconds a command waits for another's lock on the queue before giving up
 LOCK_RETRY = 0.25
+HEARTBEAT = 5  # seconds; the broker gives up a silent command after two or three
 
 
 class QueueBusy(Exception):
@@ -469,7 +473,7 @@ async def _locked(settings: Settings,
                   where: HeldQueue) -> AsyncIterator[AbstractConnection]:
     """A connection holding the queue's lock (Topology.held_lock_queue) for as long as this
     lasts, for the command's channels; waits up to LOCK_WAIT for another command's."""
-    connection = await connect(settings.amqp_url, CONNECT_TIMEOUT)
+    connection = await connect(with_heartbeat(settings.amqp_url, HEARTBEAT), CONNECT_TIMEOUT)
     try:
         await _take_lock(connection, where.queue)
         yield connection

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import aiormq
 import pytest
 
 from common.broker import close_connection, open_channel
@@ -18,7 +19,7 @@ from common.topology import message_properties
 from services import cli, heldmail
 from services.heldmail import SETTLE_BYTES
 from tests.integration.store.helpers import make_message, queue_counts
-from tests.support import REPO, run_cli, tier_env
+from tests.support import REPO, FreezingProxy, broker_at, eventually, run_cli, tier_env
 
 MESSAGES = 24
 SIZE = 8 * 1024 * 1024  # 24 x 8 MiB: 192 MiB held in the queue
@@ -161,3 +162,37 @@ def test_a_listing_stays_oldest_first_after_a_show_and_a_drop(settings: Settings
     assert [m["queue_id"] for m in listed["messages"]] == left
     oldest = run_cli(settings, "deadletters", "list", "--limit", "1").stdout.split()[0]
     assert oldest == left[0]
+
+
+async def test_a_command_whose_path_to_the_broker_died_lets_go_of_the_queue_in_seconds(
+        settings: Settings) -> None:
+    """A command holds its queue's lock, and the messages it took, on one connection; when
+    the path to the broker died under it, the broker kept both until RabbitMQ's default
+    heartbeat noticed: up to three minutes. It asks for heldmail.HEARTBEAT now."""
+    proxy = FreezingProxy(5672)
+    where = heldmail.dead_letters(settings.topology)
+    holding = asyncio.Event()
+
+    async def a_command_that_works_for_ever() -> None:
+        async with heldmail._locked(broker_at(settings, proxy.port), where):
+            holding.set()
+            await asyncio.Event().wait()
+
+    command = asyncio.ensure_future(a_command_that_works_for_ever())
+    looker = await aiormq.connect(settings.amqp_url)
+    try:
+        async with asyncio.timeout(30):
+            await holding.wait()
+        assert await heldmail.queue_busy(looker, where.queue)
+        proxy.freeze()
+        await eventually(lambda: _free(looker, where.queue), within=4 * heldmail.HEARTBEAT + 10,
+                         what="the broker letting go of the lock of a command it lost")
+    finally:
+        command.cancel()
+        proxy.cut()
+        await asyncio.gather(command, return_exceptions=True)
+        await looker.close()
+
+
+async def _free(connection: aiormq.abc.AbstractConnection, queue: str) -> bool:
+    return not await heldmail.queue_busy(connection, queue)
