@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,25 @@ def test_rabbitmq_accepts_our_largest_message() -> None:
     assert match, "rabbitmq.conf must set max_message_size (4.x defaults to 16 MiB)"
     largest = Settings(hostname="test").max_message_size
     assert int(match.group(1)) >= largest + 1024 * 1024, "no room for the envelope"
+
+
+def test_compose_clamd_reports_what_it_cannot_scan_whole(tmp_path: Path) -> None:
+    """The official image's clamd answered OK for a message it could not scan whole (ClamAV's
+    AlertExceedsMax defaults to no): a virus in 25 nested zips was delivered as clean. The
+    clamd.conf mounted over the image's must be one clamd reads (clamconf, from Debian's
+    clamav-daemon, parses it as clamd does) and say so."""
+    clamav = all_services()["clamav"]
+    assert "./clamav/clamd.conf:/etc/clamav/clamd.conf:ro" in clamav["volumes"]
+    (tmp_path / "clamd.conf").write_bytes((COMPOSE / "clamav" / "clamd.conf").read_bytes())
+    checked = subprocess.run(["clamconf", "-c", str(tmp_path)], capture_output=True,
+                             text=True, timeout=60, check=True)
+    assert "Parse error" not in checked.stdout + checked.stderr, checked.stderr
+    values = dict(re.findall(r'^(\w+) = "(.*)"$', checked.stdout, re.MULTILINE))
+    assert values["AlertExceedsMax"] == "yes"
+    assert values["TCPSocket"] == "3310"  # the filters' TIERMAIL_CLAMD_ADDRESS, the health check
+    stream_max = Settings(hostname="test").clamd_stream_max
+    for limit in ("StreamMaxLength", "MaxScanSize", "MaxFileSize"):
+        assert int(values[limit]) >= stream_max, limit
 
 
 @pytest.mark.parametrize("options", [
