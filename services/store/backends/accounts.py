@@ -364,10 +364,14 @@ class AccountDB:
 
     def mail_cutoffs(self, addresses: Iterable[str]) -> dict[str, float]:
         """Of those of `addresses` (normalized) that are users: the time before which mail
-        accepted for the address was an earlier account's (deleted since, and not inherited
-        with `user add --reuse-mail`), 0.0 when there was none."""
+        accepted for the address was not this account's, 0.0 when any was. With an earlier
+        account (deleted since, and not inherited with `user add --reuse-mail`) that is when
+        this one was made: mail a filter accepted after the deletion but before it, from a
+        directory that still had the earlier account (found in review: a `user del` that
+        could not update Redis), was meant for the earlier one too."""
         return self._times_by_address(
-            "SELECT u.address, COALESCE(d.deleted_at, 0) FROM user u LEFT JOIN user_deleted d "
+            "SELECT u.address, CASE WHEN d.deleted_at IS NULL THEN 0 "
+            "ELSE MAX(d.deleted_at, u.created) END FROM user u LEFT JOIN user_deleted d "
             "ON d.address = u.address WHERE u.address IN ({marks})", addresses)
 
     def user_created(self, address: str) -> float | None:
