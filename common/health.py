@@ -79,6 +79,11 @@ class Heartbeat:
         self._recent = RecentCounts(self._started)
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # the next beat now: stopping, or something changed
+
+    def beat_now(self) -> None:
+        """Report now rather than at the next interval (a state status shows changed)."""
+        self._wake.set()
 
     async def __aenter__(self) -> Heartbeat:
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self._tier}")
@@ -88,6 +93,7 @@ class Heartbeat:
         # An event, not Task.cancel(): redis-py can swallow a cancellation that lands while it
         # opens a connection, and the loop would then never end.
         self._stop.set()
+        self._wake.set()
         if self._task is not None:
             try:
                 async with asyncio.timeout(TTL):
@@ -120,7 +126,8 @@ class Heartbeat:
                     await pipe.execute()
             except Exception as exc:  # Redis down must not take a tier down.
                 log.warning("heartbeat not written: %s", exc, extra={"event": "heartbeat"})
-            await pause(INTERVAL, self._stop)
+            await pause(INTERVAL, self._wake)
+            self._wake.clear()
 
 
     async def _forget_replaced(self) -> bool:

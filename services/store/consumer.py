@@ -150,8 +150,12 @@ def _probe_ended(watch: asyncio.Future[None]) -> None:
 
 class Consumer:
     def __init__(self, settings: Settings, maildb: MailDB, accounts: AccountDB,
-                 stats: ConsumerStats | None = None) -> None:
+                 stats: ConsumerStats | None = None,
+                 on_connection_change: Callable[[], None] | None = None) -> None:
+        """`on_connection_change`: called when the consumer is registered and when its
+        session ends (the store's heartbeat reports it then, not up to 5 s later)."""
         self._settings = settings
+        self._on_connection_change = on_connection_change or (lambda: None)
         self._topology = settings.topology
         self._maildb = maildb
         self._accounts = accounts
@@ -199,7 +203,9 @@ class Consumer:
                 log.warning("broker session ended: %s", connect_failure(exc),
                             extra={"event": "amqp-disconnected"})
             finally:
-                self.stats.consumer_connected = False
+                if self.stats.consumer_connected:
+                    self.stats.consumer_connected = False
+                    self._on_connection_change()
                 self.consuming.clear()
             if self._stopping.is_set():
                 break
@@ -256,6 +262,7 @@ class Consumer:
             self.stats.consumer_connected = True
             self.stats.broker_sessions += 1
             self.consuming.set()
+            self._on_connection_change()
             log.info("consuming %s and %s", self._topology.deliver_queue,
                      self._topology.large_queue, extra={"event": "amqp-connected"})
             watch = asyncio.ensure_future(self._watch_broker(prober))

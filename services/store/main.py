@@ -181,10 +181,11 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
                     "imap_fetch_held": fetch_memory.held,
                     "space_reserve_missing_since": reserve.missing_since}
 
-        await stack.enter_async_context(
+        heartbeat = await stack.enter_async_context(
             Heartbeat(redis, settings.redis_prefix, "store", health))
 
-        consumer = Consumer(settings, maildb, accounts, stats)
+        consumer = Consumer(settings, maildb, accounts, stats,
+                            on_connection_change=heartbeat.beat_now)
         consuming = asyncio.create_task(consumer.run(), name="consumer")
         freeze_startup_objects()
         log.info("store running", extra={"event": "started"})

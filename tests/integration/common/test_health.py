@@ -11,6 +11,7 @@ import time
 import pytest
 import redis.asyncio
 
+from common import health
 from common.health import (
     SILENT_SHOWN,
     TTL,
@@ -60,6 +61,27 @@ async def test_a_clean_stop_takes_the_process_off(settings: Settings,
     assert await client.hlen(seen_key(settings.redis_prefix)) == 0
     assert not await silent_processes(client, settings.redis_prefix, [], time.time() + TTL + 1)
     await client.aclose()
+
+
+async def test_a_change_is_reported_at_once_not_at_the_next_interval(
+        settings: Settings, client: redis.asyncio.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """status showed a store that had been consuming for seconds as consumer_connected=False
+    until its next heartbeat (found in review); the store calls beat_now when that changes."""
+    monkeypatch.setattr(health, "INTERVAL", 3600.0)  # no beat but the first without it
+    state = {"consumer_connected": False}
+    async with Heartbeat(client, settings.redis_prefix, "store", lambda: dict(state)) as beat:
+        await eventually(lambda: _reported(client, settings, False), what="the first beat")
+        state["consumer_connected"] = True
+        beat.beat_now()
+        await eventually(lambda: _reported(client, settings, True), within=30,
+                         what="the change reported")
+    await client.aclose()
+
+
+async def _reported(client: redis.asyncio.Redis, settings: Settings, connected: bool) -> bool:
+    beats = await read_heartbeats(client, settings.redis_prefix)
+    return [beat.get("consumer_connected") for beat in beats] == [connected]
 
 
 async def test_a_process_that_starts_forgets_the_ones_of_its_tier_here_that_are_gone(

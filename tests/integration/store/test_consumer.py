@@ -118,6 +118,29 @@ async def store(settings: Settings) -> AsyncIterator[Running]:
     await running.maildb.close()
 
 
+async def test_the_consumer_says_when_it_is_registered_and_when_its_session_ends(
+        settings: Settings) -> None:
+    """For the store's heartbeat, so that status shows the consumer when it is (found in
+    review: `consumer_connected=False` for up to 5 s after it was consuming)."""
+    maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    accounts = AccountDB.for_store(settings.store_dir)
+    seen: list[bool] = []
+    consumer = Consumer(settings, maildb, accounts, on_connection_change=lambda: seen.append(
+        consumer.stats.consumer_connected))
+    task = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(15):
+            await consumer.consuming.wait()
+        assert seen == [True]
+    finally:
+        consumer.stop()
+        async with asyncio.timeout(30):
+            await task
+        accounts.close()
+        await maildb.close()
+    assert seen == [True, False]
+
+
 async def test_delivers_each_message_exactly_once(store: Running) -> None:
     owners = [ALICE, BOB, CAROL]
     messages = [make_message(owners[i % 3]) for i in range(297)]
