@@ -430,22 +430,25 @@ def _broker(work: Any) -> Any:
 
 
 def _accounts(settings: Settings) -> AccountDB:
+    """The account database, which must exist: a mistyped TIERMAIL_DATA_DIR made an empty
+    one there, and `user list` then printed nothing, as after any command that refused or
+    only read (found in review). Only `domain add` makes one (_change_after)."""
+    if not _has_accounts(settings):
+        raise CommandError(f"no account database at {AccountDB.for_store_path(settings.store_dir)}"
+                           f": is TIERMAIL_DATA_DIR={settings.data_dir} the store's? (the "
+                           "store makes it when it first starts, and so does the first "
+                           "`tiermail domain add`)")
     return AccountDB.for_store(settings.store_dir)
 
 
-def _existing_accounts(settings: Settings) -> AccountDB:
-    """The account database for a command that only reads it: a mistyped TIERMAIL_DATA_DIR
-    made an empty one there, and `user list` printed nothing (found in review)."""
-    path = AccountDB.for_store_path(settings.store_dir)
+def _has_accounts(settings: Settings) -> bool:
     try:
-        path.stat()
+        AccountDB.for_store_path(settings.store_dir).stat()
     except FileNotFoundError:
-        raise CommandError(f"no account database at {path}: is TIERMAIL_DATA_DIR="
-                           f"{settings.data_dir} the store's? (the store makes it when it "
-                           "first starts, and so does the first account command)") from None
+        return False
     except OSError:
         pass  # opening it says what is wrong, as for every account command
-    return _accounts(settings)
+    return True
 
 
 def _change(settings: Settings, db_change: Callable[[Any], Any],
@@ -456,11 +459,19 @@ def _change(settings: Settings, db_change: Callable[[Any], Any],
 
 
 def _change_after(settings: Settings, published: int | None, db_change: Callable[[Any], Any],
-                  redis_change: Callable[[Any], Any]) -> Any:
-    """`_change`, with the directory's generation already read (`_published_generation`)."""
+                  redis_change: Callable[[Any], Any], *, makes_database: bool = False) -> Any:
+    """`_change`, with the directory's generation already read (`_published_generation`).
+    `makes_database`: the first change of a new installation may make the account database,
+    unless Redis holds a directory, which another one was published from."""
     from services.store.backends.accounts import AccountError
 
-    with _accounts(settings) as accounts:
+    if makes_database and not _has_accounts(settings) and published is not None:
+        raise CommandError(
+            f"no account database at {AccountDB.for_store_path(settings.store_dir)}, while "
+            f"the directory in Redis was published from one (at change {published}): is "
+            f"TIERMAIL_DATA_DIR={settings.data_dir} the store's? Nothing was changed.")
+    opened = AccountDB.for_store(settings.store_dir) if makes_database else _accounts(settings)
+    with opened as accounts:
         if published is not None and published > accounts.generation():
             raise CommandError(
                 f"the directory in Redis was published from another account database than "
@@ -538,16 +549,19 @@ def _generation_of(settings: Settings) -> Callable[[], Awaitable[int]]:
 
 
 def domain_add(settings: Settings, args: argparse.Namespace) -> int:
-    with _accounts(settings) as accounts:
-        existing = accounts.has_domain(args.domain)
+    existing = False
+    if _has_accounts(settings):
+        with _accounts(settings) as accounts:
+            existing = accounts.has_domain(args.domain)
     if existing:
         # As `alias add` of an alias that exists: what was asked for holds, so a script
         # that provisions a domain may run again (a user is refused: its password would be
         # dropped unsaid).
         print(f"domain {normalize_domain(args.domain)} already exists; nothing changed")
         return 0
-    name = _change(settings, lambda a: a.add_domain(args.domain),
-                   lambda d: d.add_domain(args.domain))
+    name = _change_after(settings, _published_generation(settings),
+                         lambda a: a.add_domain(args.domain),
+                         lambda d: d.add_domain(args.domain), makes_database=True)
     print(f"domain {name} added")
     if not settings.postmaster:
         # RFC 5321 4.5.1: postmaster@ every domain MUST take mail; the domain is new, so
@@ -566,7 +580,7 @@ def domain_del(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def domain_list(settings: Settings, args: argparse.Namespace) -> int:
-    with _existing_accounts(settings) as accounts:
+    with _accounts(settings) as accounts:
         for name in accounts.domains():
             print(name)
     return 0
@@ -700,7 +714,7 @@ def user_del(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def user_list(settings: Settings, args: argparse.Namespace) -> int:
-    with _existing_accounts(settings) as accounts:
+    with _accounts(settings) as accounts:
         quotas = accounts.stored_quotas()
     for address, stored in quotas.items():
         shown = _quota_text(stored, settings.default_quota)
@@ -993,7 +1007,7 @@ async def _set_alias(directory: Any, settings: Settings, source: str) -> None:
 
 
 def alias_list(settings: Settings, args: argparse.Namespace) -> int:
-    with _existing_accounts(settings) as accounts:
+    with _accounts(settings) as accounts:
         for source, targets in accounts.aliases().items():
             print(f"{source} -> {', '.join(targets)}")
     return 0

@@ -87,10 +87,13 @@ def test_a_domain_added_with_a_postmaster_configured_needs_no_hint(settings: Set
 
 
 def test_refusals_are_clear_and_change_nothing(settings: Settings) -> None:
+    no_database = tiermail(settings, "user", "add", "bob@nowhere.example", "--password-stdin",
+                           stdin="pw\n")
+    assert no_database.returncode == 1 and "no account database at" in no_database.stderr
+    tiermail(settings, "domain", "add", "example.org")
     no_domain = tiermail(settings, "user", "add", "bob@nowhere.example", "--password-stdin",
                          stdin="pw\n")
     assert no_domain.returncode == 1 and "not a local domain" in no_domain.stderr
-    tiermail(settings, "domain", "add", "example.org")
     bad = tiermail(settings, "user", "add", "../etc@example.org", "--password-stdin",
                    stdin="pw\n")
     assert bad.returncode == 1 and "not a valid" in bad.stderr
@@ -660,7 +663,24 @@ def test_a_change_to_an_account_database_the_store_does_not_use_is_refused(
     tiermail(settings, "domain", "add", "example.org")
     tiermail(settings, "user", "add", "alice@example.org", "--password-stdin", stdin="pw\n")
     elsewhere = settings.replace(data_dir=settings.data_dir.parent / "elsewhere")
-    assert tiermail(elsewhere, "domain", "add", "example.org").returncode == 1
+    # No account database there: refused, and none made (a refused or read-only command
+    # made an empty one, and `user list` there then printed nothing: found in review).
+    first = tiermail(elsewhere, "domain", "add", "example.org")
+    assert first.returncode == 1, first.stderr
+    assert "while the directory in Redis was published from one" in first.stderr
+    assert f"is TIERMAIL_DATA_DIR={elsewhere.data_dir} the store's? Nothing was changed" \
+        in first.stderr
+    for command in (("user", "add", "bob@example.org", "--password-stdin"),
+                    ("user", "passwd", "alice@example.org", "--password-stdin"),
+                    ("user", "quota", "alice@example.org"), ("user", "del", "alice@example.org"),
+                    ("alias", "del", "x@example.org"), ("domain", "del", "example.org"),
+                    ("user", "list")):
+        refused = tiermail(elsewhere, *command, stdin="pw\n")
+        assert refused.returncode == 1 and "no account database at" in refused.stderr, command
+    assert not AccountDB.for_store_path(elsewhere.store_dir).exists()
+    # An account database there that the directory was not published from.
+    with AccountDB.for_store(elsewhere.store_dir):
+        pass
     wrong = tiermail(elsewhere, "user", "add", "bob@example.org", "--password-stdin",
                      stdin="pw\n")
     assert wrong.returncode == 1, wrong.stderr
