@@ -349,9 +349,13 @@ class FilterSession:
     def _without_forged_fields(self, content: bytes, txn: Transaction) -> bytes:
         """The message without Authentication-Results that claim our authserv-id or a domain
         it is for (services/filter/protocol/auth_results.py), and without scan result
-        fields that only we write (protocol/scan_headers.py)."""
-        claimed = claimed_by(our_authserv_id(self._policy.hostname),
-                             {r.address.rpartition("@")[2] for r in txn.recipients})
+        fields that only we write (protocol/scan_headers.py). The domains it is for are those
+        of its recipients and of the mailboxes they resolve to: sent to an alias or to a bare
+        `postmaster`, a `dmarc=pass` in the name of the mailbox's own domain was kept (found
+        in review)."""
+        domains = {address.rpartition("@")[2] for r in txn.recipients
+                   for address in (r.address, *r.mailboxes)}
+        claimed = claimed_by(our_authserv_id(self._policy.hostname), domains - {""})
         cleaned, removed = without_claimed_results(content, claimed)
         if removed:
             log.info("removed %d Authentication-Results field(s) in our name (RFC 8601 "

@@ -68,6 +68,31 @@ async def test_authentication_results_in_our_name_are_removed(worker: FilterWork
     assert queued.envelope.size == len(queued.body)
 
 
+async def test_results_in_the_name_of_the_mailboxes_domain_are_removed_via_an_alias(
+        worker: FilterWorker) -> None:
+    """Sent to an alias whose mailbox is in another of our domains, a sender's `dmarc=pass`
+    in that domain's name reached the mailbox: only the RCPT addresses' domains counted
+    (found in review; so with a bare `postmaster`)."""
+    client = redis.asyncio.Redis.from_url(worker.settings.redis_url)
+    try:
+        directory = Directory(client, worker.settings.redis_prefix)
+        await directory.add_domain("other.test")
+        await directory.add_user("eve@other.test")
+        await directory.set_alias("fwd@example.test", ["eve@other.test"])
+    finally:
+        await client.aclose()
+    forged = (b"Authentication-Results: other.test; dmarc=pass\r\n"
+              b"Authentication-Results: mx.other.test; dkim=pass\r\n")
+    foreign = b"Authentication-Results: mx.remote.test; spf=pass\r\n"
+    raw = message("forged via an alias")
+    assert await in_thread(send, worker.ports[0], forged + foreign + raw,
+                           ["fwd@example.test"]) == {}
+    [queued] = await drain_queue(worker.settings)
+    assert queued.envelope.recipients == (Recipient("fwd@example.test", ("eve@other.test",)),)
+    _, rest = split_received(queued.body)
+    assert rest == foreign + raw
+
+
 async def test_scan_fields_only_we_write_are_removed(worker: FilterWorker) -> None:
     """A sender's `X-Tiermail-Scan: scanned clean` went through, ahead of what a client rule
     might test (found in review). Ours are removed from every message; with no spam scanner
