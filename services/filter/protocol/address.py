@@ -14,7 +14,7 @@ import re
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _SIMPLE_PATH = re.compile(
-    rf"\s*<({_ATEXT}+(?:\.{_ATEXT}+)*@{_LABEL}(?:\.{_LABEL})*)>(.*)", re.DOTALL
+    rf"\s*<({_ATEXT}+(?:\.{_ATEXT}+)*@{_LABEL}(?:\.{_LABEL})*)>(?:\s+(.*)|)", re.DOTALL
 )
 
 
@@ -34,7 +34,7 @@ def parse_simple_path(arg: str) -> tuple[str, str] | None:
     match = _SIMPLE_PATH.fullmatch(arg)
     if match is None:
         return None
-    return match.group(1), match.group(2).lstrip()
+    return match.group(1), match.group(2) or ""
 
 
 # Everything else, by RFC 5321 4.1.2's grammar (with RFC 6531's UTF-8 in local parts and
