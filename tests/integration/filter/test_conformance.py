@@ -180,8 +180,9 @@ async def test_a_command_line_of_512_octets_is_taken_a_longer_one_is_500(
     at_limit = b"NOOP " + b"x" * (512 - len(b"NOOP ") - 2)
     assert len(at_limit + b"\r\n") == 512
     answers = await in_thread(raw_dialog, worker.ports[0], [
-        b"EHLO client.remote.test", at_limit, b"NOOP " + b"x" * 600, b"NOOP"])
-    assert answers[1:] == [replies.OK, replies.COMMAND_TOO_LONG, replies.OK], answers
+        b"EHLO client.remote.test", at_limit, at_limit + b"x", b"NOOP " + b"x" * 600, b"NOOP"])
+    assert answers[1:] == [replies.OK, replies.COMMAND_TOO_LONG, replies.COMMAND_TOO_LONG,
+                           replies.OK], answers
 
 
 async def test_100_recipients_are_taken(directory: Settings) -> None:
