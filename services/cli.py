@@ -305,7 +305,8 @@ def _held_queue(settings: Settings, args: argparse.Namespace) -> Any:
 def held_list(settings: Settings, args: argparse.Namespace) -> int:
     from services.heldmail import browse
 
-    shown, total = _broker(browse(settings, _held_queue(settings, args), max(args.limit, 0)))
+    where = _held_queue(settings, args)
+    shown, total = _broker(settings, browse(settings, where, max(args.limit, 0)))
     if args.json:
         print(json.dumps({"total": total, "messages": [x.as_dict() for x in shown]}, indent=2))
         return 0
@@ -332,7 +333,7 @@ def _copies(held: list[Any], what: str) -> str:
 def held_show(settings: Settings, args: argparse.Namespace) -> int:
     from services.heldmail import peek
 
-    found = _broker(peek(settings, _held_queue(settings, args), _held_id(args.queue_id)))
+    found = _broker(settings, peek(settings, _held_queue(settings, args), _held_id(args.queue_id)))
     if found is None:
         raise CommandError(f"{args.queue_id}: not {args.held_words}")
     sys.stdout.buffer.write(found)
@@ -361,8 +362,9 @@ def _act_on_held(settings: Settings, args: argparse.Namespace, action: Callable[
     wanted = {_held_id(queue_id) for queue_id in args.queue_ids}
     outcome = Outcome()
     try:
-        acted = _broker(action(settings, _held_queue(settings, args),
-                               lambda held: args.all or held.queue_id in wanted, outcome))
+        acted = _broker(settings, action(settings, _held_queue(settings, args),
+                                         lambda held: args.all or held.queue_id in wanted,
+                                         outcome))
     except CommandError:
         if outcome.settled:  # the broker went away midway: say what had been done by then
             _report_acted(grouped(outcome.settled), done, copies_done, " before the failure")
@@ -399,12 +401,18 @@ def _report_acted(acted: list[Any], done: str, copies_done: str, when: str = "")
           f"{_copies(acted, copies_done)}")
 
 
-def _broker(work: Any) -> Any:
+def _broker(settings: Settings, work: Any) -> Any:
     """Run `work` against RabbitMQ; a broker that cannot be used is one line, not a trace."""
     from aiormq.exceptions import AMQPError
 
     from common.broker import connect_failure
-    from services.heldmail import LOCK_WAIT, LockNameTaken, NoSuchQueue, QueueBusy
+    from services.heldmail import (
+        LOCK_WAIT,
+        LockNameTaken,
+        NoSuchQueue,
+        QueueBusy,
+        delete_queue_command,
+    )
 
     try:
         return asyncio.run(work)
@@ -413,13 +421,13 @@ def _broker(work: Any) -> Any:
     except QueueBusy as exc:
         raise CommandError(f"{exc} has been held for {LOCK_WAIT:g} s and more by another "
                            "deadletters or quarantine command, or by one whose connection was "
-                           "lost and that the broker has not given up on yet (up to three "
-                           "heartbeat intervals); nothing was done: run this again later"
+                           "lost and that the broker has not given up on yet (within about "
+                           "15 s); nothing was done: run this again later"
                            ) from None
     except LockNameTaken as exc:
         raise CommandError(f"a queue named {exc}, which these commands use as their lock, "
-                           "is on the broker and is not theirs: nothing was done (delete it, "
-                           f"e.g. rabbitmqctl delete_queue {exc})") from None
+                           "is on the broker and is not theirs: nothing was done (delete it: "
+                           f"{delete_queue_command(settings, str(exc))})") from None
     except NoSuchQueue as exc:
         raise CommandError(f"no queue {exc} on the broker: no tier has run with these "
                            "settings (TIERMAIL_QUEUE_PREFIX, the vhost in "

@@ -44,7 +44,9 @@ import asyncio
 import datetime
 import functools
 import math
+import shlex
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -509,8 +511,21 @@ async def _lock_name_taken(connection: AbstractConnection, lock: str) -> bool:
 
 
 async def queue_busy(connection: AbstractConnection, queue: str) -> bool:
-    """Whether a deadletters or quarantine command holds `queue` now (tiermail status)."""
-    return await _lock_seen(connection, Topology.held_lock_queue(queue)) == "held"
+    """Whether a deadletters or quarantine command holds `queue` now."""
+    return await lock_state(connection, queue) == "held"
+
+
+def delete_queue_command(settings: Settings, queue: str) -> str:
+    """The rabbitmqctl command that deletes `queue` in the settings' vhost (rabbitmqctl's
+    own default is `/`: another stack's, on a shared broker)."""
+    path = urllib.parse.urlsplit(settings.amqp_url).path
+    vhost = urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
+    return f"rabbitmqctl -p {shlex.quote(vhost)} delete_queue {shlex.quote(queue)}"
+
+
+async def lock_state(connection: AbstractConnection, queue: str) -> str:
+    """What is under the name of `queue`'s lock (tiermail status): `_lock_seen`."""
+    return await _lock_seen(connection, Topology.held_lock_queue(queue))
 
 
 async def _lock_seen(connection: AbstractConnection, lock: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from common.settings import Settings
 from services import status
-from services.status import _learn_problems, _unconsumed, format_status
+from services.status import _directory_problems, _learn_problems, _unconsumed, format_status
 
 
 def report(beat: dict[str, object]) -> dict[str, object]:
@@ -180,3 +180,17 @@ def test_a_process_that_went_without_stopping_is_named() -> None:
     [problem] = status._silent([went])
     assert re.match(r"filter h:7 stopped reporting 4[23] s ago without stopping \(killed, "
                     r"or it cannot reach Redis: it then answers 451 at RCPT\)", problem)
+
+
+def test_a_lost_directory_is_blamed_on_the_store_only_when_none_runs() -> None:
+    """`start the store` was said with the store running, which republishes it itself."""
+    lost = {"reachable": True, "directory": {"published": False}}
+    [with_store] = _directory_problems(lost, {"filter", "store"})
+    assert "451" in with_store and "start the store" not in with_store
+    assert "publishes it again" in with_store
+    [without] = _directory_problems(lost, {"filter"})
+    assert without.endswith("start the store")
+    assert _directory_problems({"reachable": True, "directory": {"published": True}},
+                               set()) == []
+    assert _directory_problems({"reachable": False}, {"store"}) == [
+        "Redis unreachable: filters answer 451 at RCPT"]

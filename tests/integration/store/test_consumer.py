@@ -1257,14 +1257,23 @@ async def test_a_queue_with_the_locks_name_is_named_not_blamed_on_a_command(
         await channel.queue_declare(lock, durable=True)
         listing = await asyncio.to_thread(run_cli, store.settings, "deadletters", "list")
         assert listing.returncode == 1
+        vhost = store.settings.amqp_url.rsplit("/", 1)[1]
+        # The vhost named: rabbitmqctl's default, `/`, may be another stack's (found in review).
         assert listing.stderr == (f"tiermail: a queue named {lock}, which these commands use "
                                   "as their lock, is on the broker and is not theirs: nothing "
-                                  f"was done (delete it, e.g. rabbitmqctl delete_queue {lock})\n")
+                                  f"was done (delete it: rabbitmqctl -p {vhost} delete_queue "
+                                  f"{lock})\n")
+        # status said healthy meanwhile (found in review)
+        report = await collect_status(store.settings)
+        assert report["broker"]["dead"]["lock_name_taken"] == lock
+        assert any(f"a queue named {lock}" in problem for problem in report["problems"]), \
+            report["problems"]
         await channel.queue_delete(lock)
     finally:
         await connection.close()
     assert (await asyncio.to_thread(run_cli, store.settings, "deadletters", "list")
             ).returncode == 0
+    assert "lock_name_taken" not in (await collect_status(store.settings))["broker"]["dead"]
 
 
 async def test_a_listing_shows_what_senders_wrote_escaped(store: Running) -> None:
