@@ -9,7 +9,9 @@ Keys (all under the configured prefix):
     dir:users     SET   mailbox addresses, lower case
     dir:aliases   HASH  source address (or "@domain" catch-all) -> comma-separated targets
     dir:version   STRING  set on every change: the directory exists (its absence means Redis
-                  lost it, and lookups answer "temporarily unavailable")
+                  lost it, and lookups answer "temporarily unavailable"); `whole:<time>`
+                  when the three keys above each hold PRESENT (a directory a store or CLI
+                  of before 2026-12-07 wrote has a bare time and may lack an empty key)
     dir:generation STRING the account database's change counter the directory reflects; the
                   store republishes whenever it differs from the database's
     dir:overquota SET   mailboxes whose usage has reached their quota: the filter answers
@@ -30,7 +32,11 @@ The quota keys are maintained by the store's QuotaPublisher, not by `publish`: a
 republish leaves them alone.
 
 A full publish writes fresh keys under a temporary name and swaps them in with RENAME inside
-one MULTI, so a reader never sees a half-written directory. Writers never undo each other:
+one MULTI, so a reader never sees a half-written directory. It puts PRESENT into dir:domains,
+dir:users and dir:aliases, so that none is ever empty: a key lost on its own (evicted by a
+shared Redis's maxmemory policy, deleted by hand) is then told from an empty one, and lookups
+answer "temporarily unavailable" (451) rather than "no such user" (550) until the store
+republishes (found in review). Writers never undo each other:
 - a change is made only to a published directory (WATCH on dir:version): one made to a Redis
   that restarted empty would otherwise leave a directory of that change alone that looks
   published, and every other recipient would get a permanent 5xx;
@@ -55,6 +61,10 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 
 MAX_ALIAS_DEPTH = 8
+# In every key of a published directory: never a domain or an address (no "@", "(" in none).
+PRESENT = "(published)"
+WHOLE = "whole:"  # how the version of a directory that holds PRESENT starts
+_PARTS = ("domains", "users", "aliases")
 _BATCH = 5000
 # A publish's keys not yet swapped in expire on their own: a publisher that died or timed
 # out midway left a whole copy of the directory behind, for ever.
@@ -165,12 +175,15 @@ class Directory:
         """
         address = normalize_address(address)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.exists(self.key("version"))
+            pipe.get(self.key("version"))
+            pipe.exists(*self._part_keys())
             pipe.sismember(self.key("domains"), domain_of(address))
             self._queue_entry(pipe, address)
-            published, local_domain, *entry = await pipe.execute()
-        if not published:
+            version, parts, local_domain, *entry = await pipe.execute()
+        if version is None:
             raise DirectoryUnavailable("the directory is not published in Redis")
+        if _whole(version) and parts < len(_PARTS):
+            raise DirectoryUnavailable("part of the directory is missing in Redis")
         if not local_domain:
             return Lookup(Resolution.NOT_LOCAL)
         mailboxes: dict[str, tuple[bool, int | None]] = {}
@@ -226,9 +239,16 @@ class Directory:
             return _counted(await pipe.execute())
 
     def _queue_counts(self, pipe: Pipeline) -> None:
+        """Six replies for _counted: the sizes, then whether each holds PRESENT."""
         pipe.scard(self.key("domains"))
         pipe.scard(self.key("users"))
         pipe.hlen(self.key("aliases"))
+        pipe.sismember(self.key("domains"), PRESENT)
+        pipe.sismember(self.key("users"), PRESENT)
+        pipe.hexists(self.key("aliases"), PRESENT)
+
+    def _part_keys(self) -> list[str]:
+        return [self.key(name) for name in _PARTS]
 
     # Writing (store tier and the tiermail CLI)
 
@@ -240,21 +260,21 @@ class Directory:
         the database's: one above it is another database's, a restored backup's, and is
         replaced). Whether it was swapped in."""
         tag = secrets.token_hex(6)
-        temp = {name: self.key(f"tmp:{tag}:{name}") for name in ("domains", "users", "aliases")}
+        temp = {name: self.key(f"tmp:{tag}:{name}") for name in _PARTS}
         try:
-            await self._fill_set(temp["domains"], snapshot.domains)
-            await self._fill_set(temp["users"], snapshot.users)
-            await self._fill_hash(
-                temp["aliases"], {k: ",".join(v) for k, v in snapshot.aliases.items()})
+            await self._fill_set(temp["domains"], [PRESENT, *snapshot.domains])
+            await self._fill_set(temp["users"], [PRESENT, *snapshot.users])
+            await self._fill_hash(temp["aliases"], {
+                PRESENT: "", **{k: ",".join(v) for k, v in snapshot.aliases.items()}})
 
             async def refuse(published: bool, held: int | None) -> bool:
                 await self._still_filled(temp, snapshot)
                 return (generation_now is not None and held is not None
                         and snapshot.generation < held <= await generation_now())
 
-            return await self._watched(refuse,
-                                       lambda pipe: self._queue_swap(pipe, temp, snapshot),
-                                       watch=tuple(temp.values()))
+            return await self._watched(
+                refuse, lambda pipe, _version: self._queue_swap(pipe, temp, snapshot),
+                watch=tuple(temp.values()))
         finally:
             await self._redis.delete(*temp.values())  # no-op for those swapped in
 
@@ -269,40 +289,41 @@ class Directory:
             pipe.scard(temp["users"])
             pipe.hlen(temp["aliases"])
             held = await pipe.execute()
-        wanted = [len(snapshot.domains), len(snapshot.users), len(snapshot.aliases)]
+        wanted = [1 + len(snapshot.domains), 1 + len(snapshot.users), 1 + len(snapshot.aliases)]
         if held != wanted:
             raise RedisError("the directory's temporary copy was lost before it was swapped "
                              "in (Redis flushed or restarted?); nothing was changed")
 
     def _queue_swap(self, pipe: Pipeline, temp: Mapping[str, str],
                     snapshot: DirectorySnapshot) -> None:
-        for name, temp_key in temp.items():
+        for name, temp_key in temp.items():  # never empty: each holds PRESENT
             pipe.delete(self.key(name))
-            # RENAME of a key that was never created (empty set) would fail.
-            if self._has_content(name, snapshot):
-                pipe.rename(temp_key, self.key(name))
-                pipe.persist(self.key(name))  # RENAME keeps the temporary key's TTL
-        pipe.set(self.key("version"), repr(time.time()))
+            pipe.rename(temp_key, self.key(name))
+            pipe.persist(self.key(name))  # RENAME keeps the temporary key's TTL
+        pipe.set(self.key("version"), WHOLE + repr(time.time()))
         pipe.set(self.key("generation"), snapshot.generation)
         self._changed(pipe)
 
     async def _watched(self, refuse: Callable[[bool, int | None], Awaitable[bool]],
-                       queue: Callable[[Pipeline], None], *, watch: Sequence[str] = ()) -> bool:
-        """Queue a transaction with `queue` and run it, unless `refuse(published, held
-        generation)` says no, with no writer between the look and the transaction (WATCH on
-        the version, the generation and `watch`: one that came between makes it look
-        again). Whether it ran."""
+                       queue: Callable[[Pipeline, str], None], *,
+                       watch: Sequence[str] = ()) -> bool:
+        """Queue a transaction with `queue(pipe, version)` and run it, unless `refuse(
+        published, held generation)` says no, with no writer between the look and the
+        transaction (WATCH on the version, the generation and `watch`: one that came
+        between makes it look again). `version` is what a change writes as the version: the
+        time, marked WHOLE as the directory it changes is. Whether it ran."""
         async with self._redis.pipeline(transaction=True) as pipe:
             for _ in range(_WATCH_TRIES):
                 try:
                     await pipe.watch(self.key("version"), self.key("generation"), *watch)
-                    published = bool(await pipe.exists(self.key("version")))
+                    current = await pipe.get(self.key("version"))
                     held = _optional_int(await pipe.get(self.key("generation")))
-                    if await refuse(published, held):
+                    if await refuse(current is not None, held):
                         await pipe.reset()
                         return False
                     pipe.multi()
-                    queue(pipe)
+                    queue(pipe, (WHOLE if current is not None and _whole(current) else "")
+                          + repr(time.time()))
                     await pipe.execute()
                     return True
                 except WatchError:
@@ -319,15 +340,17 @@ class Directory:
 
     async def reflects(self, generation: int, counts: Mapping[str, int]) -> bool:
         """Whether Redis holds the directory of the account database at `generation`, with
-        as many domains, users and aliases as `counts` says (AccountDB.directory_counts): a
-        key lost on its own (an eviction by a shared Redis's maxmemory policy, a DEL by
-        hand) leaves the generation as it was."""
+        as many domains, users and aliases as `counts` says (AccountDB.directory_counts),
+        each key there (with PRESENT): a key lost on its own (an eviction by a shared Redis's
+        maxmemory policy, a DEL by hand) leaves the generation as it was. One that a store
+        of before 2026-12-07 published (no PRESENT) is published again, with it."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.exists(self.key("version"))
+            pipe.get(self.key("version"))
             pipe.get(self.key("generation"))
             self._queue_counts(pipe)
-            published, held, *numbers = await pipe.execute()
-        return (bool(published) and held is not None and int(held) == generation
+            version, held, *numbers = await pipe.execute()
+        return (version is not None and _whole(version) and held is not None
+                and int(held) == generation and all(numbers[len(_PARTS):])
                 and _counted(numbers) == dict(counts))
 
     async def change_at(self, generation: int,
@@ -349,10 +372,10 @@ class Directory:
         async def not_next(published: bool, held: int | None) -> bool:
             return not published or held != generation - 1
 
-        def queue(pipe: Pipeline) -> None:
+        def queue(pipe: Pipeline, version: str) -> None:
             for command in collected:
                 command(pipe)
-            pipe.set(self.key("version"), repr(time.time()))
+            pipe.set(self.key("version"), version)
             pipe.set(self.key("generation"), generation)
             self._changed(pipe)
 
@@ -493,9 +516,9 @@ class Directory:
         async def unpublished(published: bool, held: int | None) -> bool:
             return not published
 
-        def queue(pipe: Pipeline) -> None:
+        def queue(pipe: Pipeline, version: str) -> None:
             command(pipe)
-            pipe.set(self.key("version"), repr(time.time()))
+            pipe.set(self.key("version"), version)
             self._changed(pipe)
 
         if not await self._watched(unpublished, queue):
@@ -530,9 +553,6 @@ class Directory:
             pipe.expire(key, _TEMP_TTL)
             await pipe.execute()
 
-    @staticmethod
-    def _has_content(name: str, snapshot: DirectorySnapshot) -> bool:
-        return bool(getattr(snapshot, name))
 
 
 def _sadd(key: str, members: list[str], pipe: Pipeline) -> object:
@@ -621,8 +641,15 @@ def _met(entry: list[object]) -> Met:
 
 
 def _counted(numbers: Sequence[int]) -> dict[str, int]:
-    """Directory._queue_counts' replies by name."""
-    return dict(zip(("domains", "users", "aliases"), numbers, strict=True))
+    """Directory._queue_counts' replies by name: the sizes, PRESENT not counted."""
+    sizes, present = numbers[:len(_PARTS)], numbers[len(_PARTS):]
+    return {name: int(size) - int(bool(held))
+            for name, size, held in zip(_PARTS, sizes, present, strict=True)}
+
+
+def _whole(version: bytes | str) -> bool:
+    """Whether a directory's version says it holds PRESENT in each of its keys."""
+    return _decoded(version).startswith(WHOLE)
 
 
 def _split_targets(raw: bytes | str) -> list[str]:

@@ -26,6 +26,7 @@ import pamqp.header
 import pytest
 from argon2 import PasswordHasher
 
+from common.directory import PRESENT
 from common.settings import Settings
 from services.devscanners.ports import free_port
 from services.store.backends.accounts import AccountDB
@@ -276,6 +277,19 @@ class TierProcess:
                 return
             time.sleep(0.05)
         raise AssertionError(f"port {port} never opened:\n{self.output()}")
+
+
+def published_set(client: Any, prefix: str, name: str) -> set[bytes]:
+    """A set of the Redis directory (`users`, `domains`) without the PRESENT member every
+    publish puts in (common/directory.py)."""
+    return set(client.smembers(f"{prefix}dir:{name}")) - {PRESENT.encode()}
+
+
+def published_aliases(client: Any, prefix: str) -> dict[bytes, bytes]:
+    """The Redis directory's aliases without the PRESENT field."""
+    aliases = dict(client.hgetall(f"{prefix}dir:aliases"))
+    aliases.pop(PRESENT.encode(), None)
+    return aliases
 
 
 def broker_at(settings: Settings, port: int, **changes: Any) -> Settings:

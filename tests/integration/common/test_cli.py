@@ -33,6 +33,8 @@ from tests.support import (
     TierProcess,
     broker_at,
     free_port,
+    published_aliases,
+    published_set,
     rabbitmqctl,
     run_cli,
     tier_env,
@@ -60,8 +62,8 @@ def test_accounts_are_stored_hashed_and_mirrored(settings: Settings,
     assert verify_password(stored, "s3cret") and not verify_password(stored, "wrong")
 
     prefix = settings.redis_prefix
-    assert redis_client.smembers(prefix + "dir:users") == {b"alice@example.org"}
-    assert redis_client.hgetall(prefix + "dir:aliases") == {
+    assert published_set(redis_client, prefix, "users") == {b"alice@example.org"}
+    assert published_aliases(redis_client, prefix) == {
         b"postmaster@example.org": b"alice@example.org"}
     every_value = b"".join(redis_client.dump(k) or b"" for k in redis_client.keys(prefix + "*"))
     assert b"argon2" not in every_value
@@ -124,7 +126,7 @@ def test_passwd_and_del(settings: Settings, redis_client: redis.Redis) -> None:
     assert verify_password(accounts.password_hash("carol@example.org") or "", "two")
     accounts.close()
     assert tiermail(settings, "user", "del", "carol@example.org").returncode == 0
-    assert redis_client.smembers(settings.redis_prefix + "dir:users") == set()
+    assert published_set(redis_client, settings.redis_prefix, "users") == set()
     assert tiermail(settings, "user", "del", "carol@example.org").returncode == 1
 
 
@@ -532,7 +534,7 @@ def test_aliases_refuse_what_cannot_be_delivered_and_warn_of_surprises(
     assert unknown.returncode == 1 and "no such alias" in unknown.stderr
     wrong_target = tiermail(settings, "alias", "del", "sales@example.org", "alice@example.org")
     assert wrong_target.returncode == 1 and "does not deliver to" in wrong_target.stderr
-    assert redis_client.hgetall(settings.redis_prefix + "dir:aliases") == {
+    assert published_aliases(redis_client, settings.redis_prefix) == {
         b"sales@example.org": b"dave@example.org",
         b"alice@example.org": b"alice@example.org,dave@example.org"}
 
@@ -559,7 +561,7 @@ def test_an_alias_gets_several_targets_in_one_command_or_none(
     assert refused.returncode == 1 and "not in a local domain" in refused.stderr
     assert tiermail(settings, "alias", "list").stdout.splitlines() == [
         "team@example.org -> alice@example.org, bob@example.org"]
-    assert redis_client.hgetall(settings.redis_prefix + "dir:aliases") == {
+    assert published_aliases(redis_client, settings.redis_prefix) == {
         b"team@example.org": b"alice@example.org,bob@example.org"}
 
 
@@ -578,7 +580,7 @@ def test_a_deleted_user_is_taken_out_of_every_alias(settings: Settings,
     # A new bob (another person) must not start getting the old one's alias mail.
     assert tiermail(settings, "alias", "list").stdout.splitlines() == [
         "team@example.org -> alice@example.org"]
-    assert redis_client.hgetall(settings.redis_prefix + "dir:aliases") == {
+    assert published_aliases(redis_client, settings.redis_prefix) == {
         b"team@example.org": b"alice@example.org"}
 
 
@@ -622,7 +624,7 @@ def test_an_internationalized_domain_is_kept_in_its_ascii_form(
     assert tiermail(settings, "domain", "list").stdout.split() == ["xn--bcher-kva.example"]
     assert tiermail(settings, "user", "list").stdout.split()[0] == "jo@xn--bcher-kva.example"
     prefix = settings.redis_prefix
-    assert redis_client.hgetall(prefix + "dir:aliases") == {
+    assert published_aliases(redis_client, prefix) == {
         b"team@xn--bcher-kva.example": b"jo@xn--bcher-kva.example"}
     assert tiermail(settings, "user", "del", "jo@bücher.example").returncode == 0
     assert tiermail(settings, "domain", "del", "bücher.example").returncode == 0
@@ -649,7 +651,7 @@ def test_a_change_redis_missed_is_not_hidden_by_the_next_command(
     with AccountDB.for_store(settings.store_dir) as accounts:
         generation = accounts.generation()
     published = int(redis_client.get(prefix + "dir:generation") or 0)
-    assert redis_client.smembers(prefix + "dir:users") == {b"bob@example.org",
+    assert published_set(redis_client, prefix, "users") == {b"bob@example.org",
                                                             b"carol@example.org"}
     assert published == generation
 
@@ -688,7 +690,7 @@ def test_a_change_to_an_account_database_the_store_does_not_use_is_refused(
                                    "another account database than ")
     assert f"is TIERMAIL_DATA_DIR={elsewhere.data_dir} the store's? Nothing was changed" \
         in wrong.stderr
-    assert redis_client.smembers(settings.redis_prefix + "dir:users") == {
+    assert published_set(redis_client, settings.redis_prefix, "users") == {
         b"alice@example.org"}
     with AccountDB.for_store(elsewhere.store_dir) as accounts:
         assert accounts.domains() == [] and accounts.users() == []

@@ -8,6 +8,7 @@ from redis.asyncio import Redis, from_url
 from redis.exceptions import RedisError
 
 from common.directory import (
+    PRESENT,
     Directory,
     DirectorySnapshot,
     DirectoryUnavailable,
@@ -72,6 +73,51 @@ async def test_missing_directory_is_a_temporary_failure(settings: Settings) -> N
             await Directory(redis, settings.redis_prefix).resolve("alice@example.org")
     finally:
         await redis.aclose()
+
+
+@pytest.mark.parametrize("lost", ["domains", "users", "aliases"])
+async def test_a_part_of_the_directory_lost_is_a_temporary_failure(
+        directory: Directory, lost: str) -> None:
+    """One key of the directory lost on its own (evicted by a shared Redis's maxmemory
+    policy, deleted by hand) turned every user into 550 5.1.1 (or every domain into 554)
+    until the store's next check (found in review): each key holds PRESENT, so a lost one
+    is told from an empty one."""
+    await directory._redis.delete(directory.key(lost))
+    for address in ("alice@example.org", "nobody@example.org", "x@elsewhere.net"):
+        with pytest.raises(DirectoryUnavailable):
+            await directory.resolve(address)
+
+
+async def test_empty_parts_of_a_directory_are_no_failure(directory: Directory) -> None:
+    await directory.publish(DirectorySnapshot())
+    assert (await directory.resolve("x@example.org")).resolution is Resolution.NOT_LOCAL
+    assert await directory.counts() == {"domains": 0, "users": 0, "aliases": 0}
+    await directory.publish(DirectorySnapshot(domains={"example.org"}))
+    assert (await directory.resolve("x@example.org")).resolution is Resolution.UNKNOWN_USER
+    await directory.add_user("x@example.org")
+    await directory.remove_user("x@example.org")  # the last one: the key stays
+    assert (await directory.resolve("x@example.org")).resolution is Resolution.UNKNOWN_USER
+
+
+async def test_a_directory_an_older_store_published_is_read_as_before(
+        directory: Directory) -> None:
+    """No PRESENT, a bare time as its version (a store or CLI of before 2026-12-07): an empty
+    key is no loss there; a change keeps it so, and the store publishes it anew."""
+    redis = directory._redis
+    for name in ("domains", "users"):
+        await redis.srem(directory.key(name), PRESENT)
+    await redis.delete(directory.key("aliases"))
+    await redis.set(directory.key("version"), "1765000000.0")
+    assert (await directory.resolve("alice@example.org")).mailboxes == ("alice@example.org",)
+    assert (await directory.resolve("team@example.org")).resolution is Resolution.UNKNOWN_USER
+    await directory.add_user("dave@example.org")
+    assert not (await redis.get(directory.key("version"))).startswith(b"whole:")
+    assert not await directory.reflects(0, await directory.counts())  # published anew
+    await directory.add_domain("example.net")  # a change to a whole one keeps it whole
+    await directory.publish(DirectorySnapshot(domains={"example.org"}))
+    await directory.add_domain("example.net")
+    assert (await redis.get(directory.key("version"))).startswith(b"whole:")
+    assert await directory.counts() == {"domains": 2, "users": 0, "aliases": 0}
 
 
 async def test_unreachable_redis_raises_redis_error() -> None:
