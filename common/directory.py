@@ -250,6 +250,12 @@ class Directory:
     def _part_keys(self) -> list[str]:
         return [self.key(name) for name in _PARTS]
 
+    async def _all_present(self, redis: Redis | Pipeline) -> bool:
+        """Whether each of the directory's keys holds PRESENT."""
+        return bool(await redis.sismember(self.key("domains"), PRESENT)
+                    and await redis.sismember(self.key("users"), PRESENT)
+                    and await redis.hexists(self.key("aliases"), PRESENT))
+
     # Writing (store tier and the tiermail CLI)
 
     async def publish(self, snapshot: DirectorySnapshot,
@@ -315,10 +321,16 @@ class Directory:
         async with self._redis.pipeline(transaction=True) as pipe:
             for _ in range(_WATCH_TRIES):
                 try:
-                    await pipe.watch(self.key("version"), self.key("generation"), *watch)
+                    await pipe.watch(self.key("version"), self.key("generation"),
+                                     *self._part_keys(), *watch)
                     current = await pipe.get(self.key("version"))
                     held = _optional_int(await pipe.get(self.key("generation")))
-                    if await refuse(current is not None, held):
+                    # A change to a key lost on its own would make it again without PRESENT,
+                    # and its loss would then go unseen (found in review): such a directory
+                    # counts as not published, so the CLI publishes it whole.
+                    whole = current is not None and (not _whole(current)
+                                                     or await self._all_present(pipe))
+                    if await refuse(whole, held):
                         await pipe.reset()
                         return False
                     pipe.multi()

@@ -259,7 +259,9 @@ class FilterSMTP(SMTP):
         # transparency dot is not counted: RFC 5321 4.5.3.1.6).
         self.line_length_limit = limits.max_line_length + 1
         self._max_line_length = limits.max_line_length
-        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
+        # The class's, not self's: a lambda holding self made each connection a reference
+        # cycle, freed only by a garbage collection (found in review).
+        self.command_size_limits = collections.defaultdict(lambda: FilterSMTP.command_size_limit)
         with hooks_hidden():  # aiosmtpd's tables of our hooks: services/filter/hooks.py
             super().__init__(
                 handler,

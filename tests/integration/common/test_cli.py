@@ -18,7 +18,7 @@ import redis
 from pamqp.commands import Connection
 
 from common.broker import close_connection, open_channel
-from common.directory import Directory
+from common.directory import PRESENT, Directory
 from common.health import heartbeat_key
 from common.listen import lock_directory
 from common.passwords import verify_password
@@ -115,6 +115,23 @@ def test_refusals_are_clear_and_change_nothing(settings: Settings) -> None:
     assert tiermail(settings, "user", "list").stdout.split() == ["bob@example.org"]
     unknown = tiermail(settings, "domain", "del", "never-added.example")
     assert unknown.returncode == 1 and "no such domain" in unknown.stderr  # said "removed"
+
+
+def test_a_change_after_a_part_of_the_directory_was_lost_publishes_it_whole(
+        settings: Settings, redis_client: redis.Redis) -> None:
+    """The change made the lost key again with only the new user in it, and every other
+    user got 550 until the store republished (found in review)."""
+    tiermail(settings, "domain", "add", "example.org")
+    for user in ("alice", "bob"):
+        tiermail(settings, "user", "add", f"{user}@example.org", "--password-stdin",
+                 stdin="pw\n")
+    redis_client.delete(settings.redis_prefix + "dir:users")
+    added = tiermail(settings, "user", "add", "carol@example.org", "--password-stdin",
+                     stdin="pw\n")
+    assert added.returncode == 0 and added.stderr == "", added.stderr
+    assert published_set(redis_client, settings.redis_prefix, "users") == {
+        b"alice@example.org", b"bob@example.org", b"carol@example.org"}
+    assert redis_client.sismember(settings.redis_prefix + "dir:users", PRESENT)
 
 
 def test_passwd_and_del(settings: Settings, redis_client: redis.Redis) -> None:

@@ -779,6 +779,37 @@ async def test_uploads_beyond_the_workers_data_memory_get_452_and_go_through_lat
     assert subjects == [b"first", b"second"]
 
 
+async def test_a_closed_connection_is_freed_without_a_garbage_collection(
+        worker: FilterWorker) -> None:
+    """Each connection is freed when it ends (`_release_references`), not left for, and
+    lengthening, a collection: a lambda holding the connection in its own line-limit table
+    made every one a cycle again (found in review)."""
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            await in_thread(_ehlo_and_quit, worker.ports[0])
+        # Freed once each session's task has ended and its done-callback has run.
+        await eventually(lambda: not _sessions_in_memory(), within=15,
+                         what="every closed connection freed, with no collection")
+    finally:
+        gc.enable()
+
+
+def _sessions_in_memory() -> list[FilterSMTP]:
+    return [o for o in gc.get_objects() if isinstance(o, FilterSMTP)]
+
+
+def _ehlo_and_quit(port: int) -> None:
+    client = RawClient(port)
+    try:
+        client.reply()
+        client.command(b"EHLO client.remote.test\r\n")
+        client.command(b"QUIT\r\n")
+    finally:
+        client.close()
+
+
 async def test_connections_reset_before_the_greeting_leave_no_task_error(
         directory: Settings) -> None:
     """A client that resets the connection while its connection rate is checked in Redis
