@@ -116,15 +116,14 @@ class DirectorySnapshot:
 def normalize_address(address: str) -> str:
     """The form addresses are stored and looked up in: lower case, and an internationalized
     domain in its ASCII (xn--) form, so `x@bücher.example` in an SMTPUTF8 RCPT TO finds the
-    account of `x@xn--bcher-kva.example`. A catch-all alias source (`@domain`) gets its
-    domain as `normalize_domain` stores it: written `@example.org.`, it never matched."""
+    account of `x@xn--bcher-kva.example`. The domain is as `normalize_domain` stores it, a
+    final dot dropped: written `@example.org.`, a catch-all never matched, and a login as
+    `x@example.org.` failed (found in review)."""
     address = address.strip().strip("<>")
     local, at, domain = address.rpartition("@")
     if not at:
         return address.lower()
-    if not local:
-        return "@" + normalize_domain(domain)
-    return local.lower() + "@" + _domain_case(domain)
+    return ("" if not local else local.lower()) + "@" + normalize_domain(domain)
 
 
 def normalize_domain(domain: str) -> str:
