@@ -39,12 +39,13 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     if not broker["reachable"]:
         problems.append(f"RabbitMQ cannot be used ({broker['error']}): "
                         + _while_broker_unusable(redis.get("processes", [])))
-    problems += _directory_problems(redis, tiers)
+    problems += _eviction(redis)
+    problems += _directory_problems(redis, tiers | _consuming_tiers(broker))
     problems += _held_mail(broker, settings)
     problems += _learn_problems(broker, settings)
     for tier in ("filter", "store"):
         if redis["reachable"] and tier not in tiers:
-            problems.append(f"no {tier} process is reporting")
+            problems.append(_not_reporting(tier, broker))
     problems += _unconsumed(broker)
     problems += _cut_off_filters(redis.get("processes", []))
     problems += _scanners_down(redis.get("processes", []), settings)
@@ -54,6 +55,35 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     problems += _silent_brokers(redis.get("processes", []))
     problems += _stressed_filters(redis.get("processes", []))
     return {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
+
+
+def _consuming_tiers(broker: dict[str, Any]) -> set[str]:
+    """The tiers the broker shows running: a consumer of the delivery queue is a store."""
+    return {"store"} if (broker.get("deliver") or {}).get("consumers") else set()
+
+
+def _not_reporting(tier: str, broker: dict[str, Any]) -> str:
+    """A tier with no heartbeat in Redis; a store the broker shows consuming has lost its
+    heartbeat, not stopped (found in review: Redis evicting keys said "no store process
+    is reporting" and "start the store" while it ran)."""
+    if tier in _consuming_tiers(broker):
+        queue = broker["deliver"]
+        return (f"no store process is reporting, though {queue['queue']} has "
+                f"{counted(queue['consumers'], 'consumer')}: a store runs but its heartbeat "
+                "is not in Redis (keys evicted, or the store cannot reach Redis)")
+    return f"no {tier} process is reporting"
+
+
+def _eviction(redis: dict[str, Any]) -> list[str]:
+    """A Redis that evicts keys takes the directory, the heartbeats and the rate counters
+    with whatever else it drops (docs/operations.md, Redis: noeviction)."""
+    memory = redis.get("memory") or {}
+    if not memory.get("evicted_keys") or memory.get("policy") == "noeviction":
+        return []
+    return [f"Redis has evicted {memory['evicted_keys']} keys since it started "
+            f"(maxmemory-policy {memory['policy']}): tiermail's go with them (the directory: "
+            "451 at RCPT until the store republishes it; the heartbeats this status reads); "
+            "give it maxmemory-policy noeviction or more memory"]
 
 
 def _directory_problems(redis: dict[str, Any], tiers: set[str]) -> list[str]:
@@ -346,6 +376,7 @@ async def _redis_status(settings: Settings) -> dict[str, Any]:
         published = await directory.is_published()
         processes = await read_heartbeats(redis, settings.redis_prefix)
         silent = await silent_processes(redis, settings.redis_prefix, processes, time.time())
+        memory = await _memory(redis)
     except SettingsError:
         raise
     except Exception as exc:
@@ -353,7 +384,19 @@ async def _redis_status(settings: Settings) -> dict[str, Any]:
     finally:
         await redis.aclose()
     return {"reachable": True, "directory": {"published": published, **counts},
-            "processes": processes, "silent": silent}
+            "processes": processes, "silent": silent, "memory": memory}
+
+
+async def _memory(redis: Any) -> dict[str, Any]:
+    """Redis's eviction policy and how many keys it has evicted; {} where INFO is refused
+    (a managed Redis may rename or forbid it)."""
+    try:
+        memory = await redis.info("memory")
+        stats = await redis.info("stats")
+    except Exception:  # noqa: BLE001 - not ours to judge then
+        return {}
+    return {"policy": str(memory.get("maxmemory_policy", "")),
+            "evicted_keys": int(stats.get("evicted_keys", 0))}
 
 
 # The queues of held mail, which a deadletters or quarantine command may be working on: the

@@ -10,7 +10,15 @@ import pytest
 
 from common.settings import Settings
 from services import status
-from services.status import _directory_problems, _learn_problems, _unconsumed, format_status
+from services.status import (
+    _consuming_tiers,
+    _directory_problems,
+    _eviction,
+    _learn_problems,
+    _not_reporting,
+    _unconsumed,
+    format_status,
+)
 
 
 def report(beat: dict[str, object]) -> dict[str, object]:
@@ -194,3 +202,28 @@ def test_a_lost_directory_is_blamed_on_the_store_only_when_none_runs() -> None:
                                set()) == []
     assert _directory_problems({"reachable": False}, {"store"}) == [
         "Redis unreachable: filters answer 451 at RCPT"]
+
+
+def test_a_store_the_broker_shows_consuming_is_not_told_to_start() -> None:
+    """Redis evicting keys took the store's heartbeat: status said `no store process is
+    reporting` and `start the store` while it consumed (found in review)."""
+    broker = {"reachable": True,
+              "deliver": {"queue": "tiermail.deliver", "declared": True, "messages": 0,
+                          "consumers": 1}}
+    assert _consuming_tiers(broker) == {"store"}
+    said = _not_reporting("store", broker)
+    assert "though tiermail.deliver has 1 consumer" in said and "heartbeat" in said
+    assert _not_reporting("filter", broker) == "no filter process is reporting"
+    assert _not_reporting("store", {"reachable": False}) == "no store process is reporting"
+    lost = {"reachable": True, "directory": {"published": False}}
+    [said] = _directory_problems(lost, _consuming_tiers(broker))
+    assert "start the store" not in said
+
+
+def test_eviction_is_a_problem_only_where_redis_evicts() -> None:
+    evicting = {"memory": {"policy": "allkeys-lru", "evicted_keys": 12}}
+    [said] = _eviction(evicting)
+    assert said.startswith("Redis has evicted 12 keys") and "noeviction" in said
+    assert _eviction({"memory": {"policy": "allkeys-lru", "evicted_keys": 0}}) == []
+    assert _eviction({"memory": {"policy": "noeviction", "evicted_keys": 0}}) == []
+    assert _eviction({"memory": {}}) == [] and _eviction({"reachable": False}) == []

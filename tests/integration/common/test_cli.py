@@ -24,6 +24,7 @@ from common.listen import lock_directory
 from common.passwords import verify_password
 from common.redisconn import open_redis
 from common.settings import Settings
+from services.status import collect_status
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import store_user_path
 from tests.support import (
@@ -400,6 +401,34 @@ def test_a_password_redis_refuses_stops_every_tier_with_one_line(
                 assert process.proc.returncode == 2, (tier, process.output())
                 assert last.startswith(f"tiermail: bad setting: {said}"), (tier, last)
                 assert "wrong-password" not in process.output()
+    finally:
+        server.stop()
+
+
+def test_status_says_when_redis_evicts_keys(settings: Settings, tmp_path: Path) -> None:
+    """A Redis evicting keys took the directory and the heartbeats: status said `start the
+    store` and `no store process is reporting`, nothing about the eviction (found in
+    review)."""
+    server = PrivateRedis(tmp_path, "--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")
+    server.start()
+    try:
+        client = redis.Redis(port=server.port)
+        try:
+            filler = b"x" * 1024
+            for batch in range(40):
+                pipe = client.pipeline(transaction=False)
+                for number in range(100):
+                    pipe.set(f"junk:{batch}:{number}", filler)
+                pipe.execute()
+            evicted = int(client.info("stats")["evicted_keys"])
+        finally:
+            client.close()
+        assert evicted > 0
+        evicting = settings.replace(redis_url=f"redis://127.0.0.1:{server.port}/0")
+        report = asyncio.run(collect_status(evicting))
+        [said] = [p for p in report["problems"] if p.startswith("Redis has evicted")]
+        assert int(said.split()[3]) >= evicted  # (it may evict more meanwhile)
+        assert "allkeys-lru" in said and "noeviction" in said
     finally:
         server.stop()
 
