@@ -196,6 +196,8 @@ async def compress(s: Session, c: Command) -> r.Reply | None:
 
 async def login(s: Session, c: Command) -> r.Reply:
     args = cast(Login, c.args)
+    if not args.readable:
+        return await s.unreadable_login()
     return await s.login(args.user, args.password)
 
 

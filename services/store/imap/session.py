@@ -578,6 +578,14 @@ class Session:
             return await self._login_refused(r.NO_AUTH_FAILED)
         return await self.login(credentials.authcid, credentials.password)
 
+    async def unreadable_login(self) -> r.Reply:
+        """LOGIN with a name or password that is not UTF-8: no account's, so it fails as a
+        wrong password does, counted for the connection as a malformed PLAIN message is."""
+        if not self.plaintext_ok:
+            return r.NO_PRIVACY_REQUIRED
+        log.info("login failed: name or password not UTF-8", extra=self.log_context)
+        return await self._login_refused(r.NO_AUTH_FAILED)
+
     async def _sasl_response(self) -> bytes | r.Reply:
         """The client's response to an empty `+` challenge, decoded; BAD when it cancels
         or sends no base64."""

@@ -267,6 +267,13 @@ async def test_login_failures_then_success(server: Server) -> None:
             with pytest.raises(imaplib.IMAP4.error) as failure:
                 client.login(user, password)
             assert "AUTHENTICATIONFAILED" in str(failure.value)  # RFC 5530, no hint which part
+        # A literal may hold any octet but NUL (RFC 9051 4.3): a password that is not UTF-8
+        # is a failed login, not BAD (found in review).
+        raw = server.raw()
+        for reply in (raw.literal_command(b"LOGIN " + ALICE.encode(), b"\xff\xfe\xfd"),
+                      raw.literal_command(b"LOGIN", b"\xffx@example.test", tail=b" x")):
+            assert (reply.status, reply.code) == ("NO", b"AUTHENTICATIONFAILED"), reply
+        raw.close()
         assert client.login(ALICE, USERS[ALICE])[0] == "OK"
         raw = server.raw(ALICE)
         assert raw.command(f'LOGIN "{ALICE}" "{USERS[ALICE]}"').status == "BAD"  # already in

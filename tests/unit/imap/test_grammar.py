@@ -342,7 +342,6 @@ def test_sort_and_thread() -> None:
         (b"a LOGIN alice", "a", None),
         (b"a LOGIN alice \"pw", "a", "unterminated quoted string"),
         (b'a LOGIN alice "p\\w"', "a", None),  # only \" and \\ may be escaped
-        (b'a LOGIN alice "p\xff"', "a", "string is not UTF-8"),
         (b"a LOGIN {5}\r\n {3}\r\n", "a", "missing literal data"),
         (b"a AUTHENTICATE PLAIN ab$=", "a", None),
         (b"a AUTHENTICATE PLAIN abc", "a", "bad base64 in initial response"),
@@ -422,6 +421,14 @@ def test_syntax_errors(line: bytes, tag: str, text: str | None) -> None:
     if text is not None:
         assert result.text == text
     assert result.text and "\n" not in result.text
+
+
+def test_a_login_that_is_not_utf8_is_no_syntax_error() -> None:
+    """RFC 9051 4.3: a literal holds any octet but NUL; such a login is no account's."""
+    result = parse(b'a LOGIN alice "p\xff"')
+    assert not isinstance(result, ParseError), result
+    assert result.args == Login("alice", "", readable=False)
+    assert parse(b"a LOGIN alice pw").args == Login("alice", "pw")
 
 
 def test_a_search_program_of_the_most_keys_is_taken() -> None:

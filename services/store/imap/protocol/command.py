@@ -89,6 +89,9 @@ class Command:
 class Login:
     user: str
     password: str
+    # Both read as UTF-8: a literal may hold any octets but NUL (RFC 9051 4.3), and one
+    # that is not UTF-8 can match no account; the login fails (not BAD: found in review).
+    readable: bool = True
 
 
 @dataclass(frozen=True)

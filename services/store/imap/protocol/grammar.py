@@ -494,9 +494,13 @@ def _authenticate(c: Cursor, uid: bool) -> Authenticate:
 
 def _login(c: Cursor, uid: bool) -> Login:
     c.sp()
-    user = c.astring()
+    user = c.astring_bytes()
     c.sp()
-    return Login(user, c.astring())
+    password = c.astring_bytes()
+    try:
+        return Login(user.decode("utf-8"), password.decode("utf-8"))
+    except UnicodeDecodeError:
+        return Login(user.decode("utf-8", "replace"), "", readable=False)
 
 
 def _select(c: Cursor, uid: bool) -> Select:
