@@ -230,7 +230,14 @@ class Directory:
             depth += 1
 
     async def is_published(self) -> bool:
-        return bool(await self._redis.exists(self.key("version")))
+        """Whether lookups find a directory: one whose version marks it whole must have
+        each of its keys (status said `published`, and healthy, while a lost key made every
+        RCPT 451: found in review)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.key("version"))
+            pipe.exists(*self._part_keys())
+            version, parts = await pipe.execute()
+        return version is not None and (not _whole(version) or parts == len(_PARTS))
 
     async def counts(self) -> dict[str, int]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -325,10 +332,11 @@ class Directory:
                     current = await pipe.get(self.key("version"))
                     held = _optional_int(await pipe.get(self.key("generation")))
                     # A change to a key lost on its own would make it again without PRESENT,
-                    # and its loss would then go unseen (found in review): such a directory
-                    # counts as not published, so the CLI publishes it whole.
-                    whole = current is not None and (not _whole(current)
-                                                     or await self._all_present(pipe))
+                    # and its loss would then go unseen (found in review): such a directory,
+                    # and one an older version wrote (no PRESENT, so no telling), counts as
+                    # not published, so the CLI publishes it whole.
+                    whole = (current is not None and _whole(current)
+                             and await self._all_present(pipe))
                     if await refuse(whole, held):
                         await pipe.reset()
                         return False

@@ -133,6 +133,12 @@ def test_a_change_after_a_part_of_the_directory_was_lost_publishes_it_whole(
     assert published_set(redis_client, settings.redis_prefix, "users") == {
         b"alice@example.org", b"bob@example.org", b"carol@example.org"}
     assert redis_client.sismember(settings.redis_prefix + "dir:users", PRESENT)
+    # status: `published` and healthy with a part lost, while every RCPT got 451 (review)
+    redis_client.delete(settings.redis_prefix + "dir:domains")
+    report = asyncio.run(collect_status(settings))
+    assert not report["redis"]["directory"]["published"]
+    assert any(p.startswith("directory not published in Redis: filters answer 451")
+               for p in report["problems"]), report["problems"]
 
 
 def test_passwd_and_del(settings: Settings, redis_client: redis.Redis) -> None:
