@@ -83,7 +83,8 @@ def _eviction(redis: dict[str, Any]) -> list[str]:
     return [f"Redis has evicted {memory['evicted_keys']} keys since it started "
             f"(maxmemory-policy {memory['policy']}): tiermail's go with them (the directory: "
             "451 at RCPT until the store republishes it; the heartbeats this status reads); "
-            "give it maxmemory-policy noeviction or more memory"]
+            "give it maxmemory-policy noeviction or more memory (then `redis-cli CONFIG "
+            "RESETSTAT` clears this count)"]
 
 
 def _directory_problems(redis: dict[str, Any], tiers: set[str]) -> list[str]:
