@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -238,48 +239,111 @@ def unstuff(data: bytes) -> bytes:
 class TopExtractor:
     """Incremental TOP filter (RFC 1939 section 7): the header, the blank line after it and
     then at most `lines` lines of the body. Feed raw chunks; `done` turns True once nothing
-    more is needed, so the caller may stop reading the message."""
+    more is needed, so the caller may stop reading the message.
+
+    The header ends where IMAP's BODY[HEADER] ends (services/store/imap/protocol/mime.py):
+    after a blank line, or before the first line that is neither a field nor a continuation,
+    which is then the body's first line (found in review: a message without a blank line
+    after its header, or with no header at all, was all header to TOP, so `TOP n 0` sent
+    it whole). A header line is held back only until its first octets say which it is."""
 
     def __init__(self, lines: int) -> None:
         self._remaining = lines
         self._in_header = True
-        self._line_len = 0  # octets of the current line so far, excluding LF
-        self._line_blank = True  # current line so far is "" or "\r"
+        self._seen_field = False  # a continuation line needs a field before it
+        self._held = bytearray()  # a header line's start, until it is known to be one
+        self._kind = _LineStart.NAME  # what the current header line has shown so far
         self.done = False
 
+    def finish(self) -> bytes:
+        """At the end of the message: what is still held of its last line (one without a
+        line end), sent as a header line or as a body line, as it turns out."""
+        if self.done or not self._held:
+            return b""
+        held, self._held = bytes(self._held), bytearray()
+        if _classify(held, self._seen_field, whole=True) is _LineStart.HEADER:
+            return held
+        self.done = True
+        return held if self._remaining > 0 else b""
+
     def feed(self, chunk: bytes) -> bytes:
-        out = []
+        out = bytearray()
         pos = 0
         while pos < len(chunk) and not self.done:
             newline = chunk.find(b"\n", pos)
-            end = len(chunk) if newline == -1 else newline
-            piece = chunk[pos:end]
-            if piece:
-                self._line_len += len(piece)
-                self._line_blank = self._line_blank and self._line_len == 1 and piece == b"\r"
-            if newline == -1:
-                out.append(chunk[pos:])
-                break
-            out.append(chunk[pos : newline + 1])
-            self._end_line()
-            pos = newline + 1
-        return b"".join(out)
+            end = len(chunk) if newline == -1 else newline + 1
+            out += self._line_part(chunk[pos:end], ends_line=newline != -1)
+            pos = end
+        return bytes(out)
 
-    def _end_line(self) -> None:
-        if self._in_header:
-            if self._line_blank:
+    def _line_part(self, piece: bytes, ends_line: bool) -> bytes:
+        """What to send of `piece`, part of one line (its end when `ends_line`)."""
+        if not self._in_header:
+            if ends_line:
+                self._remaining -= 1
+                self.done = self._remaining <= 0
+            return piece
+        if self._kind is _LineStart.HEADER:
+            sent = piece
+        else:
+            self._held += piece
+            self._kind = _classify(bytes(self._held), self._seen_field, ends_line)
+            if self._kind is _LineStart.BODY:
+                self._in_header = False
+                held, self._held = bytes(self._held), bytearray()
+                if self._remaining == 0:
+                    self.done = True
+                    return b""
+                return self._line_part(held, ends_line)
+            if self._kind is _LineStart.NAME:  # not known yet: hold it
+                return b""
+            sent, self._held = bytes(self._held), bytearray()
+        if ends_line:
+            if self._kind is _LineStart.BLANK:
                 self._in_header = False
                 self.done = self._remaining == 0
-        else:
-            self._remaining -= 1
-            self.done = self._remaining <= 0
-        self._line_len = 0
-        self._line_blank = True
+            self._seen_field = True
+            self._kind = _LineStart.NAME
+        return sent
+
+
+class _LineStart(enum.Enum):
+    NAME = "maybe a field name so far"
+    HEADER = "a field or a continuation"
+    BLANK = "the blank line ending the header"
+    BODY = "the body's first line"
+
+
+_NAME_OCTETS = frozenset(range(33, 127)) - {ord(":")}
+
+
+def _classify(start: bytes, seen_field: bool, whole: bool) -> _LineStart:
+    """What a header line is from its first octets (`whole`: the line, its LF included), as
+    mime._parse_header decides: a field name of printable octets, optional blanks, a colon;
+    a blank line; a continuation after a field; anything else is body."""
+    if start in (b"\r\n", b"\n"):
+        return _LineStart.BLANK
+    if start == b"\r" and not whole:
+        return _LineStart.NAME  # may be the blank line's CR
+    if start[:1] in (b" ", b"\t"):
+        return _LineStart.HEADER if seen_field else _LineStart.BODY
+    pos = 0
+    while pos < len(start) and start[pos] in _NAME_OCTETS:
+        pos += 1
+    if pos == 0 and start[:1] not in (b"", b":"):
+        return _LineStart.BODY
+    while pos < len(start) and start[pos] in b" \t":
+        pos += 1
+    if pos < len(start):
+        return _LineStart.HEADER if start[pos] == ord(":") and start[:1] != b":" \
+            else _LineStart.BODY
+    return _LineStart.BODY if whole else _LineStart.NAME
 
 
 def top(message: bytes, lines: int) -> bytes:
     """Whole-message form of TopExtractor."""
-    return TopExtractor(lines).feed(message)
+    extractor = TopExtractor(lines)
+    return extractor.feed(message) + extractor.finish()
 
 
 def decode_sasl_response(response: str, *, initial: bool) -> bytes | None:

@@ -84,6 +84,8 @@ class MessageStream:
                 yield out
             if extractor is not None and extractor.done:
                 break
+        if extractor is not None and (rest := stuffer.feed(extractor.finish())):
+            yield rest
         yield stuffer.finish()
 
     def close(self) -> None:

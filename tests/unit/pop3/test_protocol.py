@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.store.imap.protocol import mime
 from services.store.mailbox import line_end_padding
 from services.store.pop3 import protocol as p
 
@@ -186,6 +187,17 @@ MESSAGE = b"From: a@x\r\nSubject: hi\r\n\r\nline 1\r\nline 2\r\nline 3\r\n"
         (b"Subject: x\n\nbody\nmore\n", 1, b"Subject: x\n\nbody\n"),  # bare LF
         (b"Subject: no body", 3, b"Subject: no body"),
         (b"\r\nbody only\r\nline\r\n", 1, b"\r\nbody only\r\n"),  # empty header
+        # The header ends before a line that is no field, as IMAP's BODY[HEADER] does (it
+        # was all header to TOP: found in review).
+        (b"From: a\r\nnot a field\r\nbody2\r\n", 0, b"From: a\r\n"),
+        (b"From: a\r\nnot a field\r\nbody2\r\n", 1, b"From: a\r\nnot a field\r\n"),
+        (b"just body\r\nsecond\r\n", 0, b""),
+        (b"just body\r\nsecond\r\n", 1, b"just body\r\n"),
+        (b"From: a\r\n folded\r\nX : y\r\n\r\nb\r\n", 0, b"From: a\r\n folded\r\nX : y\r\n\r\n"),
+        (b" leading blank\r\nx\r\n", 0, b""),  # no field before: no continuation
+        (b": no name\r\n", 0, b""),
+        (b"Subject: x\r\nlastline", 0, b"Subject: x\r\n"),
+        (b"Subject: x\r\nlastline", 1, b"Subject: x\r\nlastline"),
     ],
 )
 def test_top_table(message: bytes, n: int, expected: bytes) -> None:
@@ -201,8 +213,31 @@ def test_top_in_chunks_equals_whole(message: bytes, n: int, size: int) -> None:
         if extractor.done:
             break
         out.append(extractor.feed(message[pos : pos + size]))
+    out.append(extractor.finish())
     assert b"".join(out) == p.top(message, n)
     assert message.startswith(p.top(message, n))
+
+
+header_lines = st.lists(st.sampled_from([
+    b"From: a@x\r\n", b"Subject : s\n", b" folded\r\n", b"\tfolded\r\n", b"\r\n", b"\n",
+    b"no field\r\n", b"x\r\n", b": empty\r\n", b"a b: c\r\n", b"\r", b"X-\xff: 8bit\r\n",
+    b"line", b"body line\r\n"]), max_size=8).map(b"".join)
+
+
+@given(header_lines, st.integers(min_value=0, max_value=4))
+def test_top_ends_the_header_where_imap_does(message: bytes, n: int) -> None:
+    """TOP's header is IMAP's BODY[HEADER] (services/store/imap/protocol/mime.py), then at
+    most n lines of what IMAP calls the body."""
+    _, body_start = mime._parse_header(message, 0, len(message))
+    expected = message[:body_start] + b"".join(_lf_lines(message[body_start:])[:n])
+    assert p.top(message, n) == expected
+
+
+def _lf_lines(data: bytes) -> list[bytes]:
+    """Lines ending at LF (a lone CR is no line end), the last one possibly without."""
+    lines = [line + b"\n" for line in data.split(b"\n")]
+    lines[-1] = lines[-1][:-1]
+    return [line for line in lines if line]
 
 
 def _b64(raw: bytes) -> str:
