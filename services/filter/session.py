@@ -38,6 +38,7 @@ from services.filter.protocol.auth_results import (
     without_fields,
 )
 from services.filter.protocol.message import (
+    RETURN_PATH_FIELD,
     ReceivedInfo,
     header_section_too_big,
     received_header,
@@ -364,6 +365,10 @@ class FilterSession:
         cleaned, removed = without_fields(cleaned, ours, lambda _value: True)
         if removed:
             log.info("removed %d scan result field(s) the sender wrote", removed,
+                     extra=self.log_extra(txn.queue_id))
+        cleaned, removed = without_fields(cleaned, RETURN_PATH_FIELD, lambda _value: True)
+        if removed:
+            log.info("removed %d Return-Path field(s) the sender wrote", removed,
                      extra=self.log_extra(txn.queue_id))
         return cleaned
 

@@ -24,6 +24,10 @@ HEADER_SCAN = MAX_HEADER_SECTION + 1000
 # A line start that begins neither a header field ("name:") nor a continuation: the empty
 # line after the header section, or a body with no empty line before it.
 _NOT_A_FIELD_LINE = re.compile(rb"^(?![ \t])(?![!-9;-~]+[ \t]*:)", re.MULTILINE)
+# RFC 5321 4.4: the final delivery adds Return-Path (the store does), and an originating
+# system SHOULD NOT send one; one the sender wrote stood below ours (found in review).
+# Postfix drops it too (message_drop_headers).
+RETURN_PATH_FIELD = re.compile(rb"^Return-Path[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 def header_section_too_big(content: bytes) -> bool:

@@ -93,6 +93,17 @@ async def test_results_in_the_name_of_the_mailboxes_domain_are_removed_via_an_al
     assert rest == foreign + raw
 
 
+async def test_a_return_path_the_sender_wrote_is_removed(worker: FilterWorker) -> None:
+    """RFC 5321 4.4: the final delivery adds Return-Path (the store), an originating system
+    should send none; the sender's stood below ours (found in review)."""
+    raw = message("forged return path", b"Return-Path: <in the body stays>\r\n")
+    forged = b"Return-Path: <forged@evil.test>\r\nreturn-path :\r\n <x@evil.test>\r\n"
+    assert await in_thread(send, worker.ports[0], forged + raw, [ALICE]) == {}
+    [queued] = await drain_queue(worker.settings)
+    _, rest = split_received(queued.body)
+    assert rest == raw
+
+
 async def test_scan_fields_only_we_write_are_removed(worker: FilterWorker) -> None:
     """A sender's `X-Tiermail-Scan: scanned clean` went through, ahead of what a client rule
     might test (found in review). Ours are removed from every message; with no spam scanner
