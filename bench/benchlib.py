@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import math
 import os
 import poplib
 import re
@@ -288,8 +289,9 @@ class LatencyResult:
         ordered = sorted(self.samples_ms)
         if not ordered:
             return float("nan")
-        # nearest-rank percentile
-        rank = max(1, min(len(ordered), round(p / 100 * len(ordered) + 0.5)))
+        # nearest rank: the smallest sample with at least p % of them at or below it (round()
+        # rounds halves to even: p50 of 2 samples was the larger, found in review)
+        rank = max(1, min(len(ordered), math.ceil(p / 100 * len(ordered))))
         return ordered[rank - 1]
 
     @property
@@ -672,6 +674,9 @@ class TiermailStack:
         """Start one `tiermail <tier>` process and wait until it logs that it is ready."""
         number = sum(1 for name, _, _ in self.processes if name == tier) + 1
         log_path = self.logs / f"{tier}-{number}.log"
+        # Only what this start writes counts: with --tiermail-data a log of an earlier run
+        # held the marker already (found in review).
+        offset = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(_profiled(tier) or [*tiermail_command(), tier],
                                     env=self.env, cwd=self.root,
@@ -684,7 +689,9 @@ class TiermailStack:
             if proc.poll() is not None:
                 raise BenchError(f"tiermail {tier} exited {proc.returncode}; log {log_path}:\n"
                                  f"{tail(log_path)}")
-            return marker in log_path.read_text(errors="replace")
+            with log_path.open("rb") as written:
+                written.seek(offset)
+                return marker.encode() in written.read()
 
         wait_for(ready, timeout, f"tiermail {tier} to log {marker!r}", interval=0.1)
 
