@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 from common.directory import normalize_domain
 from common.rfc5322 import read_comment, read_quoted
-from services.filter.protocol.message import HEADER_SCAN
+from services.filter.protocol.message import header_section_end
 
 _FIELD = re.compile(rb"^Authentication-Results[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _TOKEN = re.compile(r'[^\s;()"]*')  # RFC 2045 `value` as a token, loosely
@@ -43,7 +43,7 @@ def without_fields(content: bytes, field: re.Pattern[bytes], drop: Callable[[byt
     """`content` without the fields of its header section that `field` (a pattern of the
     name and colon at a line start) finds and `drop` says to remove, given the value
     (continuation lines included), and how many were removed."""
-    limit = _header_section_end(content)
+    limit = header_section_end(content)
     match = field.search(content, 0, limit)
     if match is None:
         return content, 0
@@ -60,18 +60,6 @@ def without_fields(content: bytes, field: re.Pattern[bytes], drop: Callable[[byt
         return content, 0
     parts.append(content[start:])
     return b"".join(parts), removed
-
-
-def _header_section_end(content: bytes) -> int:
-    """Where the header section ends: after the line end of its last field (0 when the
-    message starts with the empty line: no header section, all body). Without an empty
-    line, the first HEADER_SCAN octets count as header: the filter refuses a message whose
-    fields go on longer (MAX_HEADER_SECTION), and searched to the end, 25 MB of lines held
-    the worker (found in review)."""
-    if content.startswith(b"\r\n"):
-        return 0
-    blank_line = content.find(b"\r\n\r\n", 0, HEADER_SCAN)
-    return min(len(content), HEADER_SCAN) if blank_line < 0 else blank_line + 2
 
 
 def claimed_by(hostname_id: str, domains: Iterable[str]) -> Callable[[str], bool]:

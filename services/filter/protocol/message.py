@@ -39,6 +39,15 @@ def header_section_too_big(content: bytes) -> bool:
     return end is None or end.start() > MAX_HEADER_SECTION
 
 
+def header_section_end(content: bytes) -> int:
+    """Where the header section ends: at the start of its first line that is neither a
+    field nor a continuation (the empty line, or a body with no empty line before it, as
+    the store's IMAP and POP3 read it); 0 when there is none. Past HEADER_SCAN octets it is
+    not looked for (the filter refuses a longer header section)."""
+    end = _NOT_A_FIELD_LINE.search(content, 0, HEADER_SCAN)
+    return min(len(content), HEADER_SCAN) if end is None else end.start()
+
+
 def has_bare_newline(content: bytes) -> bool:
     """True when content holds a CR or LF that is not part of a CRLF pair (RFC 5321 2.3.8).
 

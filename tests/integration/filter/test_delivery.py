@@ -102,6 +102,12 @@ async def test_a_return_path_the_sender_wrote_is_removed(worker: FilterWorker) -
     [queued] = await drain_queue(worker.settings)
     _, rest = split_received(queued.body)
     assert rest == raw
+    # The header ends before a line that is no field, blank line or not: one in the body
+    # stays (it was removed: found in review).
+    unblank = b"Subject: s\r\nno field here\r\nReturn-Path: <body@stays.test>\r\n"
+    assert await in_thread(send, worker.ports[0], unblank, [ALICE]) == {}
+    [queued] = await drain_queue(worker.settings)
+    assert split_received(queued.body)[1] == unblank
 
 
 async def test_scan_fields_only_we_write_are_removed(worker: FilterWorker) -> None:

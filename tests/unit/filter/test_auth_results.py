@@ -109,11 +109,22 @@ def test_a_field_of_many_continuation_lines_is_removed_whole() -> None:
 
 
 def test_without_an_empty_line_only_the_first_octets_are_searched() -> None:
-    """A message with no empty line is all header to this search, but only as far as a
+    """A header section of fields with no empty line after it is searched only as far as a
     header section may go (HEADER_SCAN): searched to the end, 25 MB of lines held the
     worker for seconds (found in review). The filter refuses longer header sections."""
     forged = b"Authentication-Results: mx.test.invalid; dkim=pass\r\n"
-    near = b"..\r\n" * 1000 + forged
-    far = b"..\r\n" * (HEADER_SCAN // 4) + forged
-    assert without_claimed_results(near, OURS) == (b"..\r\n" * 1000, 1)
+    near = b"X-F: v\r\n" * 1000 + forged
+    far = b"X-F: v\r\n" * (HEADER_SCAN // 8 + 1) + forged
+    assert without_claimed_results(near, OURS) == (b"X-F: v\r\n" * 1000, 1)
     assert without_claimed_results(far, OURS) == (far, 0)
+
+
+@pytest.mark.parametrize("content", [
+    b"From: a\r\nno field\r\nAuthentication-Results: mx.test.invalid; dkim=pass\r\n",
+    b"no header at all\r\nAuthentication-Results: mx.test.invalid; dkim=pass\r\n\r\nx\r\n",
+])
+def test_the_header_section_ends_before_a_line_that_is_no_field(content: bytes) -> None:
+    """With no empty line after the header, the body started at the first line that is no
+    field for the store (IMAP, POP3) but not for this search: a field-like line in the body
+    was removed from it (found in review, with Return-Path)."""
+    assert without_claimed_results(content, OURS) == (content, 0)
