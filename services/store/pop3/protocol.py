@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from common.words import counted
+from services.store.imap.protocol.mime import MAX_HEADER_FIELDS
 
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
@@ -238,33 +239,25 @@ def unstuff(data: bytes) -> bytes:
 
 class TopExtractor:
     """Incremental TOP filter (RFC 1939 section 7): the header, the blank line after it and
-    then at most `lines` lines of the body. Feed raw chunks; `done` turns True once nothing
-    more is needed, so the caller may stop reading the message.
+    then at most `lines` lines of the body. Feed raw chunks, then `finish()`; `done` turns
+    True once nothing more is needed, so the caller may stop reading the message.
 
-    The header ends where IMAP's BODY[HEADER] ends (services/store/imap/protocol/mime.py):
-    after a blank line, or before the first line that is neither a field nor a continuation,
-    which is then the body's first line (found in review: a message without a blank line
-    after its header, or with no header at all, was all header to TOP, so `TOP n 0` sent
-    it whole). A header line is held back only until its first octets say which it is."""
+    The header ends where IMAP's BODY[HEADER] ends (services/store/imap/protocol/mime.py,
+    `_parse_header`): after a blank line, or before the first line that is neither a field
+    nor a continuation, which is then the body's first line (found in review: a message
+    without a blank line after its header, or with no header at all, was all header to TOP,
+    so `TOP n 0` sent it whole); past MAX_HEADER_FIELDS fields, at the next blank line. A
+    header line is held back only until its first octets say which it is, and each octet is
+    looked at once (a long line that could still be a field name made it quadratic)."""
 
     def __init__(self, lines: int) -> None:
         self._remaining = lines
         self._in_header = True
-        self._seen_field = False  # a continuation line needs a field before it
-        self._held = bytearray()  # a header line's start, until it is known to be one
-        self._kind = _LineStart.NAME  # what the current header line has shown so far
+        self._fields = 0  # field lines so far (continuations not counted)
+        self._held = bytearray()  # a header line's start, until it is known what it is
+        self._line = _LineStart.UNDECIDED  # what the current header line is
+        self._phase = _Phase.START  # how far into its field name the scan is
         self.done = False
-
-    def finish(self) -> bytes:
-        """At the end of the message: what is still held of its last line (one without a
-        line end), sent as a header line or as a body line, as it turns out."""
-        if self.done or not self._held:
-            return b""
-        held, self._held = bytes(self._held), bytearray()
-        if _classify(held, self._seen_field, whole=True) is _LineStart.HEADER:
-            return held
-        self.done = True
-        return held if self._remaining > 0 else b""
 
     def feed(self, chunk: bytes) -> bytes:
         out = bytearray()
@@ -276,6 +269,15 @@ class TopExtractor:
             pos = end
         return bytes(out)
 
+    def finish(self) -> bytes:
+        """At the end of the message: what is still held of its last line (one without a
+        line end, which can then be no field: a body line)."""
+        if self.done or not self._held:
+            return b""
+        held, self._held = bytes(self._held), bytearray()
+        self.done = True
+        return held if self._remaining > 0 or self._fields > MAX_HEADER_FIELDS else b""
+
     def _line_part(self, piece: bytes, ends_line: bool) -> bytes:
         """What to send of `piece`, part of one line (its end when `ends_line`)."""
         if not self._in_header:
@@ -283,61 +285,87 @@ class TopExtractor:
                 self._remaining -= 1
                 self.done = self._remaining <= 0
             return piece
-        if self._kind is _LineStart.HEADER:
-            sent = piece
-        else:
+        if self._line is _LineStart.UNDECIDED:
+            scanned = len(self._held)
             self._held += piece
-            self._kind = _classify(bytes(self._held), self._seen_field, ends_line)
-            if self._kind is _LineStart.BODY:
+            self._line = self._scan(scanned)
+            if self._line is _LineStart.UNDECIDED:
+                return b""
+            piece, self._held = bytes(self._held), bytearray()
+            if self._line is _LineStart.BODY:
                 self._in_header = False
-                held, self._held = bytes(self._held), bytearray()
                 if self._remaining == 0:
                     self.done = True
                     return b""
-                return self._line_part(held, ends_line)
-            if self._kind is _LineStart.NAME:  # not known yet: hold it
-                return b""
-            sent, self._held = bytes(self._held), bytearray()
+                return self._line_part(piece, ends_line)
         if ends_line:
-            if self._kind is _LineStart.BLANK:
+            if self._line is _LineStart.BLANK:
                 self._in_header = False
                 self.done = self._remaining == 0
-            self._seen_field = True
-            self._kind = _LineStart.NAME
-        return sent
+            self._line, self._phase = _LineStart.UNDECIDED, _Phase.START
+        return piece
+
+    def _scan(self, pos: int) -> _LineStart:
+        """Read on in the held line from `pos`, as mime._parse_header decides: a field name
+        of printable octets, optional blanks, a colon; a continuation after a field; a blank
+        line; anything else is body."""
+        held = self._held
+        while pos < len(held):
+            octet = held[pos]
+            if self._phase is _Phase.START:
+                if self._fields > MAX_HEADER_FIELDS:  # not read on: header to a blank line
+                    return self._past_the_field_limit()
+                if octet in b" \t":
+                    return _LineStart.HEADER if self._fields else _LineStart.BODY
+                self._phase = (_Phase.CR if octet == 13 else _Phase.NAME
+                               if octet in _NAME_OCTETS else _Phase.DONE)
+                if octet == 10:
+                    return _LineStart.BLANK
+                if self._phase is _Phase.DONE:
+                    return _LineStart.BODY
+                pos += 1
+            elif self._phase is _Phase.CR:
+                return _LineStart.BLANK if octet == 10 else _LineStart.BODY
+            else:
+                run = (_NAME_RUN if self._phase is _Phase.NAME else _BLANK_RUN).match(held, pos)
+                pos = run.end() if run else pos
+                if pos == len(held):
+                    break
+                if held[pos] in b" \t":
+                    self._phase = _Phase.BLANKS
+                    continue
+                if held[pos] == ord(":"):
+                    self._fields += 1
+                    return _LineStart.HEADER
+                return _LineStart.BODY
+        return _LineStart.UNDECIDED
+
+
+    def _past_the_field_limit(self) -> _LineStart:
+        """A line after MAX_HEADER_FIELDS fields: header, unless it is the blank line."""
+        if self._held[:1] == b"\n" or self._held[:2] == b"\r\n":
+            return _LineStart.BLANK
+        return _LineStart.UNDECIDED if self._held == b"\r" else _LineStart.HEADER
 
 
 class _LineStart(enum.Enum):
-    NAME = "maybe a field name so far"
+    UNDECIDED = "not known yet"
     HEADER = "a field or a continuation"
     BLANK = "the blank line ending the header"
     BODY = "the body's first line"
 
 
+class _Phase(enum.Enum):
+    START = "nothing read"
+    CR = "a CR: a blank line if LF follows"
+    NAME = "in a field name"
+    BLANKS = "in blanks after a field name"
+    DONE = "decided"
+
+
 _NAME_OCTETS = frozenset(range(33, 127)) - {ord(":")}
-
-
-def _classify(start: bytes, seen_field: bool, whole: bool) -> _LineStart:
-    """What a header line is from its first octets (`whole`: the line, its LF included), as
-    mime._parse_header decides: a field name of printable octets, optional blanks, a colon;
-    a blank line; a continuation after a field; anything else is body."""
-    if start in (b"\r\n", b"\n"):
-        return _LineStart.BLANK
-    if start == b"\r" and not whole:
-        return _LineStart.NAME  # may be the blank line's CR
-    if start[:1] in (b" ", b"\t"):
-        return _LineStart.HEADER if seen_field else _LineStart.BODY
-    pos = 0
-    while pos < len(start) and start[pos] in _NAME_OCTETS:
-        pos += 1
-    if pos == 0 and start[:1] not in (b"", b":"):
-        return _LineStart.BODY
-    while pos < len(start) and start[pos] in b" \t":
-        pos += 1
-    if pos < len(start):
-        return _LineStart.HEADER if start[pos] == ord(":") and start[:1] != b":" \
-            else _LineStart.BODY
-    return _LineStart.BODY if whole else _LineStart.NAME
+_NAME_RUN = re.compile(rb"[!-9;-~]+")
+_BLANK_RUN = re.compile(rb"[ \t]+")
 
 
 def top(message: bytes, lines: int) -> bytes:

@@ -233,6 +233,38 @@ def test_top_ends_the_header_where_imap_does(message: bytes, n: int) -> None:
     assert p.top(message, n) == expected
 
 
+@pytest.mark.parametrize("after", [b"nonfield\r\nbody2\r\n", b"nonfield\r\n\r\nbody\r\n",
+                                   b"\r\nbody\r\n"])
+def test_top_past_imaps_field_limit_ends_the_header_where_imap_does(after: bytes) -> None:
+    """Past mime.MAX_HEADER_FIELDS fields IMAP reads no more fields and runs the header to
+    the next blank line; TOP stopped at the first line that is no field (found in review)."""
+    message = b"".join(b"X-F%d: v\r\n" % i for i in range(mime.MAX_HEADER_FIELDS + 2)) + after
+    _, body_start = mime._parse_header(message, 0, len(message))
+    for n in (0, 1):
+        assert p.top(message, n) == message[:body_start] + b"".join(
+            _lf_lines(message[body_start:])[:n])
+
+
+def test_a_long_line_that_may_be_a_field_name_is_read_once() -> None:
+    """Each chunk rescanned the whole held line: TOP of a 12 MB line took 15 s (found in
+    review). Counted, not timed: the octets the scan looks at stay near the line's size."""
+    line = b"A" * (4 * 1024 * 1024)
+    extractor = p.TopExtractor(0)
+    looked = 0
+    real_scan = extractor._scan
+
+    def counting(pos: int) -> object:
+        nonlocal looked
+        looked += len(extractor._held) - pos
+        return real_scan(pos)
+
+    extractor._scan = counting  # type: ignore[method-assign]
+    for start in range(0, len(line), 65536):
+        extractor.feed(line[start:start + 65536])
+    assert extractor.feed(b"\r\n") == b"" and extractor.done
+    assert looked <= len(line) + 2
+
+
 def _lf_lines(data: bytes) -> list[bytes]:
     """Lines ending at LF (a lone CR is no line end), the last one possibly without."""
     lines = [line + b"\n" for line in data.split(b"\n")]
