@@ -96,7 +96,7 @@ BARE_NEWLINE = "554 5.6.0 Message refused: bare CR or LF in message (RFC 5321 2.
 FOLDED_START = ("554 5.6.0 Message refused: it starts with a folded line, not a header field "
                 "(RFC 5322 2.2)")
 MESSAGE_TOO_BIG = "552 5.3.4 Message too big for system"
-HEADER_TOO_BIG = "552 5.3.4 Message header section too big (over 1 MiB)"
+HEADER_TOO_BIG = "552 5.3.4 Message header section too big (over 1 MiB or 9000 fields)"
 # RFC 5321 4.2.2 452 and RFC 3463 4.3.1 (mail system full): the worker holds as much message
 # data as it may at once; the sender retries later.
 NO_MEMORY_FOR_DATA = "452 4.3.1 Insufficient system storage, try again later"

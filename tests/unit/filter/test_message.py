@@ -10,9 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.filter.protocol.message import (
+    MAX_HEADER_FIELDS,
     MAX_HEADER_SECTION,
     ReceivedInfo,
     has_bare_newline,
+    header_section_end,
     header_section_too_big,
     protocol_name,
     received_header,
@@ -214,3 +216,36 @@ def test_a_header_section_over_the_limit_is_told(content: bytes, too_big: bool) 
     """Every header field the filter looks at is in the header section: 25 MB of fields
     held the worker for seconds (found in review); more than 1 MiB of them gets 552."""
     assert header_section_too_big(content) is too_big
+
+
+def test_a_field_whose_name_runs_past_the_search_is_a_field() -> None:
+    """A field line starting just under the limit whose colon lay past the search window
+    was taken for the body: the message passed the size check and the forged fields after
+    it stayed, which the store read as fields (found in review)."""
+    filler = b"".join(b"X-Fill-%04d: %s\r\n" % (i, b"v" * 980) for i in range(1052))
+    pad = MAX_HEADER_SECTION - 20 - len(filler) - len(b"X-Pad: \r\n")
+    head = filler + b"X-Pad: " + b"p" * pad + b"\r\n"
+    content = (head + b"X-" + b"N" * 2000 + b": v\r\n"
+               + b"Authentication-Results: mx.test.invalid; dkim=pass\r\n\r\nbody\r\n")
+    assert len(head) < MAX_HEADER_SECTION < len(head) + 2000
+    assert header_section_too_big(content)
+    assert header_section_end(content) > len(head)
+
+
+@pytest.mark.parametrize(("fields", "too_many"), [(MAX_HEADER_FIELDS, False),
+                                                   (MAX_HEADER_FIELDS + 1, True)])
+def test_more_fields_than_the_store_reads_are_refused(fields: int, too_many: bool) -> None:
+    """Past its MAX_HEADER_FIELDS the store's IMAP runs the header on to the next blank
+    line, where the filter, which removes forged fields, stopped at the first line that is
+    no field: a forged field after one reached the header (found in review)."""
+    content = b"".join(b"F%d: v\r\n" % i for i in range(fields)) + b"no field\r\n\r\nb\r\n"
+    assert header_section_too_big(content) is too_many
+    folded = b"F: v\r\n" + b" folded\r\n" * (2 * MAX_HEADER_FIELDS) + b"\r\nb\r\n"
+    assert not header_section_too_big(folded)  # continuation lines are no fields
+
+
+def test_the_filters_field_limit_leaves_room_for_what_the_store_adds() -> None:
+    from services.store.imap.protocol import mime
+
+    added_by_the_tiers = 3  # Received (the filter), Return-Path and Delivered-To (the store)
+    assert MAX_HEADER_FIELDS + added_by_the_tiers < mime.MAX_HEADER_FIELDS
