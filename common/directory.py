@@ -54,6 +54,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import idna
 from redis.asyncio import Redis
@@ -123,7 +124,7 @@ def normalize_address(address: str) -> str:
     local, at, domain = address.rpartition("@")
     if not at:
         return address.lower()
-    return ("" if not local else local.lower()) + "@" + normalize_domain(domain)
+    return local.lower() + "@" + normalize_domain(domain)
 
 
 def normalize_domain(domain: str) -> str:
@@ -181,7 +182,7 @@ class Directory:
             version, parts, local_domain, *entry = await pipe.execute()
         if version is None:
             raise DirectoryUnavailable("the directory is not published in Redis")
-        if _whole(version) and parts < len(_PARTS):
+        if _part_lost(version, parts):
             raise DirectoryUnavailable("part of the directory is missing in Redis")
         if not local_domain:
             return Lookup(Resolution.NOT_LOCAL)
@@ -237,7 +238,7 @@ class Directory:
             pipe.get(self.key("version"))
             pipe.exists(*self._part_keys())
             version, parts = await pipe.execute()
-        return version is not None and (not _whole(version) or parts == len(_PARTS))
+        return version is not None and not _part_lost(version, parts)
 
     async def counts(self) -> dict[str, int]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -249,18 +250,17 @@ class Directory:
         pipe.scard(self.key("domains"))
         pipe.scard(self.key("users"))
         pipe.hlen(self.key("aliases"))
-        pipe.sismember(self.key("domains"), PRESENT)
-        pipe.sismember(self.key("users"), PRESENT)
-        pipe.hexists(self.key("aliases"), PRESENT)
+        self._present(pipe)
+
+    def _present(self, redis: Redis | Pipeline) -> list[Any]:
+        """Whether each of the directory's keys holds PRESENT: queued on a pipeline, or
+        awaitables on one that runs its commands as they come (a WATCHed one)."""
+        return [redis.sismember(self.key("domains"), PRESENT),
+                redis.sismember(self.key("users"), PRESENT),
+                redis.hexists(self.key("aliases"), PRESENT)]
 
     def _part_keys(self) -> list[str]:
         return [self.key(name) for name in _PARTS]
-
-    async def _all_present(self, redis: Redis | Pipeline) -> bool:
-        """Whether each of the directory's keys holds PRESENT."""
-        return bool(await redis.sismember(self.key("domains"), PRESENT)
-                    and await redis.sismember(self.key("users"), PRESENT)
-                    and await redis.hexists(self.key("aliases"), PRESENT))
 
     # Writing (store tier and the tiermail CLI)
 
@@ -331,18 +331,17 @@ class Directory:
                                      *self._part_keys(), *watch)
                     current = await pipe.get(self.key("version"))
                     held = _optional_int(await pipe.get(self.key("generation")))
+                    marked = current is not None and _whole(current)
                     # A change to a key lost on its own would make it again without PRESENT,
                     # and its loss would then go unseen (found in review): such a directory,
                     # and one an older version wrote (no PRESENT, so no telling), counts as
                     # not published, so the CLI publishes it whole.
-                    whole = (current is not None and _whole(current)
-                             and await self._all_present(pipe))
+                    whole = marked and all([await done for done in self._present(pipe)])
                     if await refuse(whole, held):
                         await pipe.reset()
                         return False
                     pipe.multi()
-                    queue(pipe, (WHOLE if current is not None and _whole(current) else "")
-                          + repr(time.time()))
+                    queue(pipe, (WHOLE if marked else "") + repr(time.time()))
                     await pipe.execute()
                     return True
                 except WatchError:
@@ -573,7 +572,6 @@ class Directory:
             await pipe.execute()
 
 
-
 def _sadd(key: str, members: list[str], pipe: Pipeline) -> object:
     return pipe.sadd(key, *members)
 
@@ -669,6 +667,11 @@ def _counted(numbers: Sequence[int]) -> dict[str, int]:
 def _whole(version: bytes | str) -> bool:
     """Whether a directory's version says it holds PRESENT in each of its keys."""
     return _decoded(version).startswith(WHOLE)
+
+
+def _part_lost(version: bytes | str, parts: int) -> bool:
+    """Whether a directory marked whole lacks one of its keys (`parts`: how many exist)."""
+    return _whole(version) and parts < len(_PARTS)
 
 
 def _split_targets(raw: bytes | str) -> list[str]:

@@ -496,23 +496,14 @@ async def _take_lock(connection: AbstractConnection, queue: str) -> None:
                                             arguments={"x-queue-type": "classic"})
             return
         except aiormq.exceptions.ChannelLockedResource:
-            if await _lock_name_taken(connection, lock):
+            # RabbitMQ refuses an exclusive declare of a queue that is no command's lock
+            # but has its name as it refuses another command's lock, but lets it be looked
+            # at (found in review: every command waited 15 s and blamed another command).
+            if await _lock_seen(connection, lock) == "a queue":
                 raise LockNameTaken(lock) from None
             if time.monotonic() >= deadline:
                 raise QueueBusy(queue) from None
         await asyncio.sleep(LOCK_RETRY)
-
-
-async def _lock_name_taken(connection: AbstractConnection, lock: str) -> bool:
-    """Whether a queue that is no command's lock has the lock's name: RabbitMQ refuses an
-    exclusive declare of it as it refuses another command's lock (found in review: every
-    command then waited 15 s and blamed another command), but lets it be looked at."""
-    return await _lock_seen(connection, lock) == "a queue"
-
-
-async def queue_busy(connection: AbstractConnection, queue: str) -> bool:
-    """Whether a deadletters or quarantine command holds `queue` now."""
-    return await lock_state(connection, queue) == "held"
 
 
 def delete_queue_command(settings: Settings, queue: str) -> str:
@@ -524,7 +515,8 @@ def delete_queue_command(settings: Settings, queue: str) -> str:
 
 
 async def lock_state(connection: AbstractConnection, queue: str) -> str:
-    """What is under the name of `queue`'s lock (tiermail status): `_lock_seen`."""
+    """What is under the name of `queue`'s lock (tiermail status): `_lock_seen`; "held"
+    while a deadletters or quarantine command works on `queue`."""
     return await _lock_seen(connection, Topology.held_lock_queue(queue))
 
 

@@ -40,6 +40,7 @@ from services.filter.protocol.auth_results import (
 from services.filter.protocol.message import (
     RETURN_PATH_FIELD,
     ReceivedInfo,
+    header_section_end,
     header_section_too_big,
     received_header,
 )
@@ -288,10 +289,11 @@ class FilterSession:
         txn = self._transaction(envelope)
         content = envelope.original_content
         assert isinstance(content, bytes)  # decode_data=False
-        if header_section_too_big(content):
+        header_end = header_section_end(content)  # looked for once
+        if header_section_too_big(content, header_end):
             self.log_refused(envelope, "header section too big", replies.HEADER_TOO_BIG)
             return replies.HEADER_TOO_BIG
-        content = self._without_forged_fields(content, txn)
+        content = self._without_forged_fields(content, header_end, txn)
 
         @functools.cache  # asked for the lookup, then again if the publish fails
         def digest() -> str | None:
@@ -347,7 +349,8 @@ class FilterSession:
         return await self._publish(message_envelope, head + content, envelope, digest,
                                    retry_of, routing_key, checks_ms)
 
-    def _without_forged_fields(self, content: bytes, txn: Transaction) -> bytes:
+    def _without_forged_fields(self, content: bytes, header_end: int,
+                               txn: Transaction) -> bytes:
         """The message without Authentication-Results that claim our authserv-id or a domain
         it is for (services/filter/protocol/auth_results.py), and without scan result
         fields that only we write (protocol/scan_headers.py). The domains it is for are those
@@ -357,20 +360,21 @@ class FilterSession:
         domains = {address.rpartition("@")[2] for r in txn.recipients
                    for address in (r.address, *r.mailboxes)}
         claimed = claimed_by(our_authserv_id(self._policy.hostname), domains - {""})
-        cleaned, removed = without_claimed_results(content, claimed)
-        if removed:
-            log.info("removed %d Authentication-Results field(s) in our name (RFC 8601 "
-                     "section 5)", removed, extra=self.log_extra(txn.queue_id))
         ours = SPAM_FIELDS if self._policy.spam_scanning else OUR_FIELDS
-        cleaned, removed = without_fields(cleaned, ours, lambda _value: True)
-        if removed:
-            log.info("removed %d scan result field(s) the sender wrote", removed,
-                     extra=self.log_extra(txn.queue_id))
-        cleaned, removed = without_fields(cleaned, RETURN_PATH_FIELD, lambda _value: True)
-        if removed:
-            log.info("removed %d Return-Path field(s) the sender wrote", removed,
-                     extra=self.log_extra(txn.queue_id))
-        return cleaned
+        removals: tuple[tuple[Callable[[bytes, int], tuple[bytes, int]], str], ...] = (
+            (lambda text, end: without_claimed_results(text, claimed, end),
+             "Authentication-Results field(s) in our name (RFC 8601 section 5)"),
+            (lambda text, end: without_fields(text, ours, _every, end),
+             "scan result field(s) the sender wrote"),
+            (lambda text, end: without_fields(text, RETURN_PATH_FIELD, _every, end),
+             "Return-Path field(s) the sender wrote"))
+        for remove, what in removals:
+            cleaned, removed = remove(content, header_end)
+            if removed:
+                log.info("removed %d %s", removed, what, extra=self.log_extra(txn.queue_id))
+                header_end -= len(content) - len(cleaned)  # all removed from the header
+                content = cleaned
+        return content
 
     def _reuse_unconfirmed_queue_id(self, txn: Transaction, digest: str) -> bool:
         earlier = self._unconfirmed.queue_id_for(digest)
@@ -481,3 +485,7 @@ def declared_size(mail_options: Sequence[str]) -> int:
         if name.upper() == "SIZE" and value.isascii() and value.isdigit():
             return int(value)
     return 0
+
+
+def _every(_value: bytes) -> bool:
+    return True

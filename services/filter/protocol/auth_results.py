@@ -32,18 +32,20 @@ _REST_OF_FIELD = re.compile(rb"[^\n]*(?:\n[ \t][^\n]*)*\n?")
 _ID_WITHIN = 4096
 
 
-def without_claimed_results(content: bytes, claimed: Callable[[str], bool]) -> tuple[bytes, int]:
+def without_claimed_results(content: bytes, claimed: Callable[[str], bool],
+                            limit: int | None = None) -> tuple[bytes, int]:
     """`content` without the Authentication-Results fields of its header section whose
     authserv-id (lower case) `claimed` says is ours, and how many were removed."""
-    return without_fields(content, _FIELD, lambda value: claimed(authserv_id_of(value)))
+    return without_fields(content, _FIELD, lambda value: claimed(authserv_id_of(value)), limit)
 
 
-def without_fields(content: bytes, field: re.Pattern[bytes], drop: Callable[[bytes], bool]
-                   ) -> tuple[bytes, int]:
+def without_fields(content: bytes, field: re.Pattern[bytes], drop: Callable[[bytes], bool],
+                   limit: int | None = None) -> tuple[bytes, int]:
     """`content` without the fields of its header section that `field` (a pattern of the
     name and colon at a line start) finds and `drop` says to remove, given the value
-    (continuation lines included), and how many were removed."""
-    limit = header_section_end(content)
+    (continuation lines included), and how many were removed. `limit`: where the header
+    section ends (header_section_end), when the caller has it."""
+    limit = header_section_end(content) if limit is None else limit
     match = field.search(content, 0, limit)
     if match is None:
         return content, 0

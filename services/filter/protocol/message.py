@@ -38,12 +38,13 @@ MAX_HEADER_FIELDS = 9000
 RETURN_PATH_FIELD = re.compile(rb"^Return-Path[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
-def header_section_too_big(content: bytes) -> bool:
+def header_section_too_big(content: bytes, end: int | None = None) -> bool:
     """Whether the header section of `content` is longer than MAX_HEADER_SECTION octets
-    (only that much of it is looked at), or has more than MAX_HEADER_FIELDS fields."""
-    end = _first_line_no_field(content)
-    if end is None or end > MAX_HEADER_SECTION:
-        return len(content) > MAX_HEADER_SECTION
+    (only that much of it is looked at), or has more than MAX_HEADER_FIELDS fields. `end`:
+    header_section_end(content), when the caller has it."""
+    end = header_section_end(content) if end is None else end
+    if end > MAX_HEADER_SECTION:
+        return True
     return (content.count(b"\n", 0, end) > MAX_HEADER_FIELDS  # (lines: cheap, and enough)
             and len(_FIELD_START.findall(content, 0, end)) > MAX_HEADER_FIELDS)
 

@@ -317,18 +317,19 @@ class TopExtractor:
                     return self._past_the_field_limit()
                 if octet in b" \t":
                     return _LineStart.HEADER if self._fields else _LineStart.BODY
-                self._phase = (_Phase.CR if octet == 13 else _Phase.NAME
-                               if octet in _NAME_OCTETS else _Phase.DONE)
                 if octet == 10:
                     return _LineStart.BLANK
-                if self._phase is _Phase.DONE:
+                if octet == 13:
+                    self._phase, pos = _Phase.CR, pos + 1
+                elif _NAME_RUN.match(held, pos):
+                    self._phase = _Phase.NAME  # read there, from this octet on
+                else:
                     return _LineStart.BODY
-                pos += 1
             elif self._phase is _Phase.CR:
                 return _LineStart.BLANK if octet == 10 else _LineStart.BODY
             else:
                 run = (_NAME_RUN if self._phase is _Phase.NAME else _BLANK_RUN).match(held, pos)
-                pos = run.end() if run else pos
+                pos = run.end() if run else pos  # (to the end of what is held so far)
                 if pos == len(held):
                     break
                 if held[pos] in b" \t":
@@ -360,10 +361,8 @@ class _Phase(enum.Enum):
     CR = "a CR: a blank line if LF follows"
     NAME = "in a field name"
     BLANKS = "in blanks after a field name"
-    DONE = "decided"
 
 
-_NAME_OCTETS = frozenset(range(33, 127)) - {ord(":")}
 _NAME_RUN = re.compile(rb"[!-9;-~]+")
 _BLANK_RUN = re.compile(rb"[ \t]+")
 

@@ -183,7 +183,7 @@ async def test_a_command_whose_path_to_the_broker_died_lets_go_of_the_queue_in_s
     try:
         async with asyncio.timeout(30):
             await holding.wait()
-        assert await heldmail.queue_busy(looker, where.queue)
+        assert await heldmail.lock_state(looker, where.queue) == "held"
         proxy.freeze()
         await eventually(lambda: _free(looker, where.queue), within=4 * heldmail.HEARTBEAT + 10,
                          what="the broker letting go of the lock of a command it lost")
@@ -195,4 +195,4 @@ async def test_a_command_whose_path_to_the_broker_died_lets_go_of_the_queue_in_s
 
 
 async def _free(connection: aiormq.abc.AbstractConnection, queue: str) -> bool:
-    return not await heldmail.queue_busy(connection, queue)
+    return await heldmail.lock_state(connection, queue) != "held"
