@@ -73,10 +73,14 @@ def join_port(host: str, port: int, stack: str, setting: str,
     without its directory). Raises CannotStart when the port's workers are another stack's.
     Held (a shared lock) until `leave_port`; the first worker on the port writes its stack
     into the file, the last removes it. None (and a warning) when the file cannot be opened
-    (another user's, say): the check is skipped rather than the worker not started."""
+    (another user's, say): the check is skipped rather than the worker not started.
+
+    The file is the port's, whatever `host`: two spellings of one address (127.0.0.1 and
+    localhost), or a wildcard and an address it covers (0.0.0.0 and 127.0.0.1, where the
+    kernel gives the more specific listener every connection to its address), are one
+    listening place to the kernel."""
     folder = lock_dir or Path(tempfile.gettempdir())
-    name = "".join(c if c.isalnum() or c in ".-" else "_" for c in host) or "any"
-    path = folder / f"{PORT_LOCK_PREFIX}{name}-{port}.lock"
+    path = folder / f"{PORT_LOCK_PREFIX}{port}.lock"
     _remove_abandoned(folder, path)
     while True:
         try:
@@ -101,8 +105,10 @@ def join_port(host: str, port: int, stack: str, setting: str,
             handle.close()
             raise CannotStart(
                 f"cannot listen on {format_address(host, port)} ({PREFIX}{setting.upper()}): "
-                f"filters of another stack serve it ({theirs}; this one: {stack}), and the "
-                "kernel would share the connections between both") from None
+                f"filters of another stack serve port {port} ({theirs}; this one: {stack}), "
+                "and the kernel would share the connections between both (on one machine, "
+                f"the filters on a port are one stack's, whatever their {PREFIX}BIND)"
+            ) from None
         return handle
     handle.seek(0)  # the first: say whose the port is
     handle.truncate()

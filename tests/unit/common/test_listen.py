@@ -19,8 +19,8 @@ def test_workers_of_one_stack_share_a_port_and_another_stack_is_refused(
     first = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
     second = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
     assert first is not None and second is not None
-    with pytest.raises(CannotStart, match=r"filters of another stack serve it \(stack A; "
-                                          r"this one: stack B\)"):
+    with pytest.raises(CannotStart, match=r"filters of another stack serve port 2525 "
+                                          r"\(stack A; this one: stack B\)"):
         join_port("127.0.0.1", 2525, "stack B", "smtp_port", tmp_path)
     other_port = join_port("127.0.0.1", 2526, "stack B", "smtp_port", tmp_path)
     assert other_port is not None
@@ -32,13 +32,29 @@ def test_workers_of_one_stack_share_a_port_and_another_stack_is_refused(
     leave_port(other_port)
 
 
+@pytest.mark.parametrize("theirs", ["localhost", "0.0.0.0", "::", "::1", "192.0.2.1"])
+def test_another_stack_is_refused_the_port_under_any_address(tmp_path: Path,
+                                                              theirs: str) -> None:
+    """The check went by the bind text: another stack's filter on `localhost` or the
+    wildcard served beside ours on 127.0.0.1 (the kernel prefers the more specific
+    listener, so it took every loopback connection, or half with the same address)."""
+    ours = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
+    assert ours is not None
+    with pytest.raises(CannotStart, match="filters of another stack serve port 2525"):
+        join_port(theirs, 2525, "stack B", "smtp_port", tmp_path)
+    same_stack = join_port(theirs, 2525, "stack A", "smtp_port", tmp_path)
+    assert same_stack is not None
+    leave_port(same_stack)
+    leave_port(ours)
+
+
 def test_the_last_worker_to_leave_removes_the_file(tmp_path: Path) -> None:
     """One file per port ever used piled up in /tmp (hundreds per test run)."""
     first = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
     second = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
     assert first is not None and second is not None
     leave_port(first)
-    assert [p.name for p in tmp_path.iterdir()] == ["tiermail-smtp-127.0.0.1-2525.lock"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiermail-smtp-2525.lock"]
     leave_port(second)
     assert list(tmp_path.iterdir()) == []
 
@@ -53,12 +69,12 @@ def test_a_worker_removes_the_files_of_killed_workers_and_no_other(tmp_path: Pat
     just_killed.close()
     long_ago = time.time() - 2 * listen.ABANDONED_AFTER
     for port in (2525, 2527):
-        os.utime(tmp_path / f"tiermail-smtp-127.0.0.1-{port}.lock", (long_ago, long_ago))
+        os.utime(tmp_path / f"tiermail-smtp-{port}.lock", (long_ago, long_ago))
     joining = join_port("127.0.0.1", 2528, "stack A", "smtp_port", tmp_path)
     assert joining is not None
     # 2526 is recent: a first worker changing its lock lets go of it for a moment
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"tiermail-smtp-127.0.0.1-{port}.lock" for port in (2526, 2527, 2528)]
+        f"tiermail-smtp-{port}.lock" for port in (2526, 2527, 2528)]
     leave_port(serving)
     leave_port(joining)
 
