@@ -10,7 +10,9 @@ import getpass
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -130,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="move the dead learn jobs (out of retries, or their retry "
                          "not scheduled) back to the learn queue (once rspamd's controller "
                          "works again) and exit")
+    learner.add_argument("--wait-when-off", action="store_true",
+                         help="with spam learning off, say so and wait until stopped instead "
+                         "of exiting with an error (for a service manager or compose, which "
+                         "would restart a process that ends)")
     command("webmail", run_webmail, "run one webmail worker (not built yet)")
     command("up", run_up, "run a whole single-machine stack in the foreground")
     status = command("status", show_status, "tier health, queue depths, dead letters")
@@ -251,10 +257,15 @@ def run_store(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+LEARNING_OFF = "spam learning is off (TIERMAIL_LEARN, or TIERMAIL_SPAM is not rspamd)"
+
+
 def run_learner(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.learns_spam:
-        raise CommandError("spam learning is off (TIERMAIL_LEARN, or TIERMAIL_SPAM is not "
-                           "rspamd); nothing to run")
+        if args.wait_when_off and not args.retry_dead:
+            return _wait_until_stopped(settings, f"{LEARNING_OFF}: nothing to do; waiting "
+                                       "until stopped")
+        raise CommandError(f"{LEARNING_OFF}; nothing to run")
     import dramatiq
 
     from services.store.learning import Learning, run_worker
@@ -270,6 +281,18 @@ def run_learner(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         learning.close()
     print(f"{moved} learn job{'' if moved == 1 else 's'} moved back to {learning.queue_name}")
+    return 0
+
+
+def _wait_until_stopped(settings: Settings, why: str) -> int:
+    """Log `why` once and wait for SIGTERM or SIGINT: a process with nothing to do that a
+    service manager would otherwise restart for ever."""
+    setup_logging(settings.log_level, settings.log_format, tier="learner")
+    logging.getLogger("tiermail.learner").info(why, extra={"event": "idle"})
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    stopped.wait()
     return 0
 
 

@@ -5,6 +5,7 @@ missing from .env.example, services nobody health-checks, settings tiermail does
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import subprocess
@@ -160,6 +161,50 @@ def test_dependencies_exist_and_wait_for_health() -> None:
             assert dep in services, f"{name} depends on unknown service {dep}"
             assert spec.get("condition") == "service_healthy", f"{name} -> {dep}: not healthy"
             assert has_healthcheck(services[dep]), f"{name} waits for {dep}, which has no check"
+
+
+def test_services_wait_for_the_broker_and_redis_they_use() -> None:
+    """The docs say the tiers wait for both; the learner waited for RabbitMQ only, though
+    its start checks Redis (its learn ledger and heartbeat)."""
+    for name, service in all_services().items():
+        environment = service.get("environment", {})
+        needs = {dep for setting, dep in (("TIERMAIL_AMQP_URL", "rabbitmq"),
+                                          ("TIERMAIL_REDIS_URL", "redis"))
+                 if setting in environment}
+        assert needs <= set(depends_on(service)), f"{name} does not wait for {needs}"
+
+
+def test_the_learner_runs_as_the_stacks_spam_settings_say() -> None:
+    """LEARN=off or SPAM=off in .env did not reach the learner, which kept learning (and,
+    told, would have exited, to be restarted for ever: it waits instead)."""
+    services = all_services()
+    learner = services["learner"]
+    assert learner["command"] == ["learner", "--wait-when-off"]
+    for setting in ("TIERMAIL_LEARN", "TIERMAIL_SPAM"):
+        assert learner["environment"][setting] == services["store"]["environment"][setting]
+    assert learner["environment"]["TIERMAIL_SPAM"] == services["filter"]["environment"][
+        "TIERMAIL_SPAM"]
+
+
+# What docs/operations.md has an operator put into compose/: never to be committed, nor sent
+# to the Docker engine with the build context.
+COMPOSE_SECRETS = ["compose/.env", "compose/tls/cert.pem", "compose/tls/key.pem",
+                   "compose/rspamd/secrets/controller-password.inc"]
+
+
+@pytest.mark.parametrize("secret", COMPOSE_SECRETS)
+def test_secrets_put_into_compose_are_ignored_by_git(secret: str) -> None:
+    ignored = subprocess.run(["git", "check-ignore", "--quiet", "--no-index", secret],
+                             cwd=COMPOSE.parent, check=False)
+    assert ignored.returncode == 0, f"git would add {secret}"
+
+
+def test_secrets_put_into_compose_stay_out_of_the_build_context() -> None:
+    patterns = [line.strip() for line in (COMPOSE.parent / ".dockerignore").read_text()
+                .splitlines() if line.strip() and not line.startswith("#")]
+    for secret in COMPOSE_SECRETS:
+        assert any(fnmatch.fnmatch(secret, pattern) or secret.startswith(pattern + "/")
+                   for pattern in patterns), f"{secret} is sent to the Docker engine"
 
 
 def test_tiers_run_the_tiermail_command() -> None:
