@@ -28,6 +28,7 @@ from tests.support import (
     FreezingProxy,
     PrivateBroker,
     QuietProxy,
+    TcpProxy,
     broker_at,
     eventually,
     queue_depth,
@@ -89,6 +90,108 @@ async def test_a_message_the_broker_refuses_fails_alone(settings: Settings,
         await publisher.close()
         await asyncio.to_thread(rabbitmqctl, "clear_policy", "-p", amqp_vhost, policy)
     assert await asyncio.to_thread(queue_depth, settings, settings.topology.deliver_queue) == 40
+
+
+async def test_a_message_no_queue_takes_is_refused_not_confirmed(settings: Settings,
+                                                                 amqp_vhost: str) -> None:
+    """Published without `mandatory`, a message routed to no queue (the delivery queue
+    deleted by hand, a binding lost) is confirmed and dropped: the sender's 250 for mail
+    that is nowhere. The broker returns it instead, a refusal (451) that queued nothing."""
+    publisher = Publisher(settings.amqp_url, settings.topology)
+    try:
+        await publisher.ensure_connected()  # declares the queues
+        await asyncio.to_thread(rabbitmqctl, "delete_queue", "-p", amqp_vhost,
+                                settings.topology.deliver_queue)
+        with pytest.raises(PublishFailed, match="returned") as refused:
+            await publisher.publish(*make_message("alice@example.test"))
+        assert not refused.value.maybe_queued
+    finally:
+        await publisher.close()
+
+
+async def test_a_link_lost_before_the_confirms_may_have_queued_the_messages(
+        settings: Settings) -> None:
+    """The broker took the publishes and the connection went before their confirms came
+    back: each message may be queued, so the session remembers its queue id for a retry
+    (services/filter/unconfirmed.py) rather than give the retry a new one (a second copy).
+    Several sessions' publishes share the connection: the one reading when it closes fails
+    with the connection's error, aiormq cancels the confirms the others await."""
+    proxy = TcpProxy(5672)
+    publisher = Publisher(broker_at(settings, proxy.port).amqp_url, settings.topology,
+                          confirm_timeout=30.0)
+    try:
+        await publisher.ensure_connected()
+        proxy.hold_replies()
+        outcomes = asyncio.gather(
+            *(publisher.publish(*make_message("alice@example.test")) for _ in range(5)),
+            return_exceptions=True)
+
+        async def persisted() -> bool:
+            return await asyncio.to_thread(queue_depth, settings) == 5
+
+        await eventually(persisted, what="the publishes persisted, their confirms held")
+        proxy.cut()
+        for outcome in await outcomes:
+            assert isinstance(outcome, PublishFailed), outcome
+            assert outcome.maybe_queued, outcome
+    finally:
+        proxy.cut()
+        await publisher.close()
+
+
+async def test_publishes_cut_short_by_another_ones_failure_may_have_queued_their_messages(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish that fails in an unexpected way closes the connection the sessions share
+    (its channel's state is unknown), and aiormq cancels the confirms the other sessions'
+    publishes await. Those went out: each may be queued, like a lost confirm's."""
+    proxy = TcpProxy(5672)
+    publisher = Publisher(broker_at(settings, proxy.port).amqp_url, settings.topology,
+                          confirm_timeout=30.0)
+    try:
+        await publisher.ensure_connected()
+        proxy.hold_replies()
+        awaiting = asyncio.gather(
+            *(publisher.publish(*make_message("alice@example.test")) for _ in range(4)),
+            return_exceptions=True)
+
+        async def persisted() -> bool:
+            return await asyncio.to_thread(queue_depth, settings) == 4
+
+        await eventually(persisted, what="the publishes persisted, their confirms held")
+
+        def fails(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a failure of this publish alone")
+
+        monkeypatch.setattr(publisher._channel, "basic_publish", fails)  # noqa: SLF001
+        with pytest.raises(PublishFailed, match="a failure of this publish alone"):
+            await publisher.publish(*make_message("alice@example.test"))
+        for outcome in await awaiting:
+            assert isinstance(outcome, PublishFailed), outcome
+            assert outcome.maybe_queued, outcome
+            assert "closed before the confirm" in str(outcome)
+    finally:
+        proxy.cut()
+        await publisher.close()
+
+
+async def test_every_queue_the_topology_declares_is_a_durable_quorum_queue(
+        settings: Settings, amqp_vhost: str) -> None:
+    """Mail waits in each of them (to be delivered, scanned, released from quarantine, or
+    looked at as a dead letter): on disk before the confirm, and kept over a broker restart."""
+    publisher = Publisher(settings.amqp_url, settings.topology)
+    try:
+        await publisher.ensure_connected()  # declares the topology
+    finally:
+        await publisher.close()
+    topology = settings.topology
+    ours = {topology.deliver_queue, topology.large_queue, topology.scan_queue,
+            topology.quarantine_queue, topology.dead_queue}
+    listed = await asyncio.to_thread(rabbitmqctl, "list_queues", "-p", amqp_vhost, "name",
+                                     "type", "durable")
+    declared = {name: rest for name, *rest in (line.split() for line in listed.splitlines())
+                if name.startswith(f"{settings.queue_prefix}.")}
+    assert declared.keys() == ours
+    assert all(rest == ["quorum", "true"] for rest in declared.values()), declared
 
 
 def _large_message() -> tuple[Envelope, bytes]:

@@ -192,15 +192,21 @@ async def test_a_senders_spam_verdict_is_replaced_by_ours(scan_settings: Setting
     """X-Spam-Status: No, score=-100 and X-Spam: No written by the sender were delivered
     beside ours (found in review): a client rule matching `X-Spam: No` took the sender's
     word. With a spam scanner on, the X-Spam family is ours alone."""
-    forged = (b"X-Spam-Status: No, score=-100 required=5\r\nX-Spam: No\r\n"
-              b"X-Spam-Score: -100\r\nX-Tiermail-Scan: scanned clean\r\n")
+    forged_fields = [b"X-Spam-Status: No, score=-100 required=5", b"X-Spam: No",
+                     b"X-Spam-Score: -100", b"X-Spam-Flag: NO", b"X-Spam-Level: ",
+                     b"X-Spam-Report: all clear", b"X-Spam-Symbols: WHITELISTED",
+                     b"X-Tiermail-Scan: scanned clean", b"X-Tiermail-Virus: clean"]
+    forged = b"".join(field + b"\r\n" for field in forged_fields)
     async with open_worker(scan_settings) as worker:
         assert await send(worker.ports[0], forged + ham("forged verdict")) == (250, "")
     [queued] = await take_all(scan_settings, scan_settings.topology.deliver_queue)
     header_section = b"\n" + queued.body.partition(b"\r\n\r\n")[0].lower()
     assert header_section.count(b"\nx-spam-status:") == 1, header_section
-    assert b"score=-100" not in header_section and b"\nx-spam:" not in header_section
-    assert b"x-spam-score:" not in header_section and b"x-tiermail-scan" not in header_section
+    assert b"score=-100" not in header_section
+    for field in forged_fields:
+        name = field.partition(b":")[0].lower()
+        if name != b"x-spam-status":  # ours is there, with rspamd's score
+            assert b"\n" + name + b":" not in header_section, (name, header_section)
 
 
 async def test_spamassassin_backend(scan_settings: Settings, spamd: str) -> None:
