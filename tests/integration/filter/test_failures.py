@@ -10,7 +10,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -279,6 +279,20 @@ async def test_a_retry_after_a_lost_confirm_is_published_under_the_same_queue_id
         assert len(queue_ids[subject]) == 2 and len(set(queue_ids[subject])) == 2
 
 
+@contextlib.asynccontextmanager
+async def filter_behind_a_proxy(directory: Settings
+                                ) -> AsyncIterator[tuple[FilterWorker, SupportProxy]]:
+    """A filter taking mail through a proxy to RabbitMQ that the test can hold or cut."""
+    proxy = SupportProxy(5672)
+    try:
+        async with running_filter(broker_at(directory, proxy.port, publish_timeout=30.0)
+                                  ) as worker:
+            await eventually(lambda: not worker.publisher.stalled, what="the worker taking mail")
+            yield worker, proxy
+    finally:
+        proxy.cut()
+
+
 @pytest.mark.parametrize("leaves", ["closes", "resets"])
 async def test_a_retry_from_a_client_that_left_before_its_250_is_not_a_second_copy(
         directory: Settings, leaves: str) -> None:
@@ -288,43 +302,37 @@ async def test_a_retry_from_a_client_that_left_before_its_250_is_not_a_second_co
     queue id and the store delivers one copy. Before, the retry got a new queue id: two.
     A client that resets the connection has the session's publish cancelled while its
     confirm is awaited: that publish is as uncertain."""
-    proxy = SupportProxy(5672)
-    held = broker_at(directory, proxy.port, publish_timeout=30.0)
     content = dated("given up")
-    try:
-        async with running_filter(held) as worker:
-            await eventually(lambda: not worker.publisher.stalled, what="the worker taking mail")
-            proxy.hold_replies()
-            client = RawClient(worker.ports[0])
-            try:
-                def send_without_reading_the_end() -> None:
-                    client.reply()
-                    client.command(b"EHLO client.remote.test\r\n")
-                    client.command(f"MAIL FROM:<{SENDER}>\r\n".encode())
-                    client.command(f"RCPT TO:<{ALICE}>\r\n".encode())
-                    client.command(b"DATA\r\n")
-                    client.sock.sendall(content + b".\r\n")
+    async with filter_behind_a_proxy(directory) as (worker, proxy):
+        proxy.hold_replies()
+        client = RawClient(worker.ports[0])
+        try:
+            def send_without_reading_the_end() -> None:
+                client.reply()
+                client.command(b"EHLO client.remote.test\r\n")
+                client.command(f"MAIL FROM:<{SENDER}>\r\n".encode())
+                client.command(f"RCPT TO:<{ALICE}>\r\n".encode())
+                client.command(b"DATA\r\n")
+                client.sock.sendall(content + b".\r\n")
 
-                await in_thread(send_without_reading_the_end)
+            await in_thread(send_without_reading_the_end)
 
-                async def persisted() -> bool:
-                    return await queue_depth(directory) == 1
+            async def persisted() -> bool:
+                return await queue_depth(directory) == 1
 
-                await eventually(persisted, what="the publish persisted, its confirm held")
-                if leaves == "resets":
-                    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                           struct.pack("ii", 1, 0))
-            finally:
-                client.close()  # no reply read: the client gave up
+            await eventually(persisted, what="the publish persisted, its confirm held")
             if leaves == "resets":
-                await eventually(lambda: len(worker.server.unconfirmed) == 1,
-                                 what="the cancelled publish remembered")
-            proxy.resume()
-            if leaves == "closes":
-                await eventually(lambda: worker.stats.accepted == 1, what="the late confirm")
-            assert (await in_thread(send, worker.ports[0], content)).startswith("250 ")
-    finally:
-        proxy.cut()
+                client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+        finally:
+            client.close()  # no reply read: the client gave up
+        if leaves == "resets":
+            await eventually(lambda: len(worker.server.unconfirmed) == 1,
+                             what="the cancelled publish remembered")
+        proxy.resume()
+        if leaves == "closes":
+            await eventually(lambda: worker.stats.accepted == 1, what="the late confirm")
+        assert (await in_thread(send, worker.ports[0], content)).startswith("250 ")
     queue_ids = [queued.envelope.queue_id for queued in await drain_queue(directory)]
     assert len(queue_ids) == 2 and len(set(queue_ids)) == 1, queue_ids
 
@@ -335,19 +343,13 @@ async def test_a_publish_past_the_sessions_deadline_is_remembered_for_a_retry(
     long can leave a confirm outstanding when it runs out. The publish went out: the 451
     must leave its queue id for the retry, or the retry is a second copy."""
     monkeypatch.setattr(filter_main, "publish_deadline", lambda settings: 1.0)
-    proxy = SupportProxy(5672)
-    held = broker_at(directory, proxy.port, publish_timeout=30.0)
     content = dated("past the deadline")
-    try:
-        async with running_filter(held) as worker:
-            await eventually(lambda: not worker.publisher.stalled, what="the worker taking mail")
-            proxy.hold_replies()
-            assert await in_thread(send, worker.ports[0], content) == replies.QUEUE_UNAVAILABLE
-            assert len(worker.server.unconfirmed) == 1
-            proxy.resume()
-            assert (await in_thread(send, worker.ports[0], content)).startswith("250 ")
-    finally:
-        proxy.cut()
+    async with filter_behind_a_proxy(directory) as (worker, proxy):
+        proxy.hold_replies()
+        assert await in_thread(send, worker.ports[0], content) == replies.QUEUE_UNAVAILABLE
+        assert len(worker.server.unconfirmed) == 1
+        proxy.resume()
+        assert (await in_thread(send, worker.ports[0], content)).startswith("250 ")
     queue_ids = [queued.envelope.queue_id for queued in await drain_queue(directory)]
     assert len(queue_ids) == 2 and len(set(queue_ids)) == 1, queue_ids
 
