@@ -1,7 +1,8 @@
 """The quota usage MailDB keeps (one counter, moved in the same transaction as the rows) must
-equal the sizes of the messages that exist, after any mix of delivery (also redelivery of
-the same queue id), APPEND, COPY, MOVE, EXPUNGE, DELETE and RENAME (INBOX too), and COPY
-or APPEND refused over quota: a drift would refuse mail below the quota or let it past it.
+equal the sizes of the messages that exist, after any mix of delivery (with the trace fields
+the consumer adds above the body; also redelivery of the same queue id), APPEND, COPY,
+MOVE, EXPUNGE, DELETE and RENAME (INBOX too), and COPY or APPEND refused over quota: a
+drift would refuse mail below the quota or let it past it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def body(rng: random.Random) -> bytes:
     return b"Subject: x\r\n\r\n" + b"y" * rng.randint(0, 3000) + b"\r\n"
 
 
+def trace(rng: random.Random) -> bytes:
+    """The trace fields the consumer puts above every delivered message (Delivery.head)."""
+    return (f"Return-Path: <s{rng.randint(0, 10**rng.randint(0, 9))}@remote.test>\r\n"
+            f"Delivered-To: {ALICE}\r\n").encode()
+
+
 async def stored_octets(db: MailDB) -> int:
     total = 0
     for mailbox in await db.list_mailboxes(ALICE):
@@ -49,9 +56,11 @@ async def step(db: MailDB, rng: random.Random, queue_ids: list[str]) -> None:
     quota = rng.choice([None, None, await db.usage(ALICE) + rng.randint(0, 4000)])
     if kind == "deliver" or (kind == "redeliver" and not queue_ids):
         queue_ids.append(new_queue_id())
-        await db.deliver([Delivery(queue_ids[-1], ALICE, body(rng), time.time())])
+        await db.deliver([Delivery(queue_ids[-1], ALICE, body(rng), time.time(),
+                                   head=trace(rng))])
     elif kind == "redeliver":  # the broker redelivers: stored once
-        await db.deliver([Delivery(rng.choice(queue_ids), ALICE, body(rng), time.time())])
+        await db.deliver([Delivery(rng.choice(queue_ids), ALICE, body(rng), time.time(),
+                                   head=trace(rng))])
     elif kind == "append":
         await db.append(ALICE, dest, body(rng), frozenset(), quota=quota)
     elif kind == "copy":
@@ -74,7 +83,8 @@ async def test_usage_is_the_size_of_what_is_stored(tmp_path: Path, seed: int) ->
     rng = random.Random(seed)
     queue_ids: list[str] = []
     try:
-        await db.deliver([Delivery(new_queue_id(), ALICE, body(rng), time.time())])
+        await db.deliver([Delivery(new_queue_id(), ALICE, body(rng), time.time(),
+                                   head=trace(rng))])
         for _ in range(250):
             try:
                 await step(db, rng, queue_ids)

@@ -162,8 +162,14 @@ def test_the_first_renewal_comes_two_deliveries_before_the_last_chance() -> None
     # A renewed copy's attempts are counted from its renewal on.
     assert should_renew(Returns(18, 1, 6), 12, 20)
     assert not should_renew(Returns(18, 1, 2), 19, 20)
-    # Failed attempts up to the limit: no more renewals.
+    # Every unfinished attempt predates the renewal: this copy's returns were all broken
+    # links (it may be stored already), not failures of its own.
+    assert should_renew(Returns(8, 1, 7), 7, 10)
+    assert not should_renew(Returns(8, 1, 0), 7, 10)  # all 7 are this copy's
+    # Failed attempts up to the limit: no more renewals, however few are this copy's.
     assert not should_renew(Returns(10, 3, 0), 10, 10)
+    assert not should_renew(Returns(8, 1, 5), 10, 10)
+    assert should_renew(Returns(8, 1, 5), 9, 10)
 
 
 def test_the_fresh_copy_does_not_carry_the_brokers_count() -> None:
