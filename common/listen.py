@@ -82,6 +82,7 @@ def join_port(host: str, port: int, stack: str, setting: str,
     folder = lock_dir or Path(tempfile.gettempdir())
     path = folder / f"{PORT_LOCK_PREFIX}{port}.lock"
     _remove_abandoned(folder, path)
+    _refuse_older_workers_of_another_stack(folder, host, port, stack, setting)
     while True:
         try:
             handle = open(path, "a+")  # noqa: SIM115 - held open on purpose
@@ -103,12 +104,7 @@ def join_port(host: str, port: int, stack: str, setting: str,
         theirs = handle.read().strip()
         if theirs != stack:
             handle.close()
-            raise CannotStart(
-                f"cannot listen on {format_address(host, port)} ({PREFIX}{setting.upper()}): "
-                f"filters of another stack serve port {port} ({theirs}; this one: {stack}), "
-                "and the kernel would share the connections between both (on one machine, "
-                f"the filters on a port are one stack's, whatever their {PREFIX}BIND)"
-            ) from None
+            raise _taken(host, port, setting, theirs, stack) from None
         return handle
     handle.seek(0)  # the first: say whose the port is
     handle.truncate()
@@ -116,6 +112,31 @@ def join_port(host: str, port: int, stack: str, setting: str,
     handle.flush()
     fcntl.flock(handle, fcntl.LOCK_SH)
     return handle
+
+
+def _refuse_older_workers_of_another_stack(folder: Path, host: str, port: int, stack: str,
+                                           setting: str) -> None:
+    """Workers of tiermail before 2026-12-07 named the file after their bind text as well
+    (`tiermail-smtp-HOST-PORT.lock`): while one of them still serves the port (an upgrade
+    under way), its file is the one that says whose the port is."""
+    for older in folder.glob(f"{PORT_LOCK_PREFIX}*-{port}.lock"):
+        try:
+            with open(older) as handle:
+                if locked_if_unheld(handle):
+                    continue  # no worker holds it: abandoned, removed by the next start
+                theirs = handle.read().strip()
+        except OSError:
+            continue  # gone meanwhile, or another user's
+        if theirs and theirs != stack:
+            raise _taken(host, port, setting, theirs, stack)
+
+
+def _taken(host: str, port: int, setting: str, theirs: str, ours: str) -> CannotStart:
+    return CannotStart(
+        f"cannot listen on {format_address(host, port)} ({PREFIX}{setting.upper()}): "
+        f"filters of another stack serve port {port} ({theirs}; this one: {ours}), and the "
+        "kernel would share the connections between both (on one machine, the filters on a "
+        f"port are one stack's, whatever their {PREFIX}BIND)")
 
 
 def _remove_abandoned(folder: Path, ours: Path) -> None:

@@ -48,6 +48,27 @@ def test_another_stack_is_refused_the_port_under_any_address(tmp_path: Path,
     leave_port(ours)
 
 
+def test_an_older_worker_of_another_stack_still_on_the_port_is_seen(tmp_path: Path) -> None:
+    """Workers before 2026-12-07 named their file after the bind text too; during an
+    upgrade a new worker of another stack went past an older one still serving the port."""
+    older = open(tmp_path / "tiermail-smtp-127.0.0.1-2525.lock", "a+")  # noqa: SIM115
+    older.write("stack A\n")
+    older.flush()
+    listen.fcntl.flock(older, listen.fcntl.LOCK_SH)  # as an older worker holds it
+    with pytest.raises(CannotStart, match=r"serve port 2525 \(stack A; this one: stack B\)"):
+        join_port("localhost", 2525, "stack B", "smtp_port", tmp_path)
+    same_stack = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
+    assert same_stack is not None
+    other_port = join_port("127.0.0.1", 12525, "stack B", "smtp_port", tmp_path)
+    assert other_port is not None
+    leave_port(same_stack)
+    leave_port(other_port)
+    older.close()  # the older worker stopped (or was killed): its file holds no one
+    joined = join_port("127.0.0.1", 2525, "stack B", "smtp_port", tmp_path)
+    assert joined is not None
+    leave_port(joined)
+
+
 def test_the_last_worker_to_leave_removes_the_file(tmp_path: Path) -> None:
     """One file per port ever used piled up in /tmp (hundreds per test run)."""
     first = join_port("127.0.0.1", 2525, "stack A", "smtp_port", tmp_path)
