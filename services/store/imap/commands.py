@@ -284,8 +284,7 @@ async def _qresync(s: Session, selected: SelectedMailbox, args: Select) -> None:
         vanished = covered(known, vanished, largest)
     if vanished:
         await s.send(wire.untagged(b"VANISHED (EARLIER) " + format_uids(sorted(vanished))))
-    positions = [selected.position_of(info.uid) for info in changes.changed
-                 if info.modseq > params.modseq]
+    positions = [selected.position_of(info.uid) for info in changes.changed]
     await _send_batched(s, selected.flags_fetches([p for p in positions if p is not None],
                                                   uid=True, modseq=True))
 

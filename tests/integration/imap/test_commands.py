@@ -1238,6 +1238,12 @@ async def test_fetch_sections_and_partials(server: Server, deliver: Deliver) -> 
         assert b"Subject:" not in rest and b"Message-ID" not in rest
         assert b"From: \"Ann Example\" <ann@example.org>\r\n" in rest
         assert rest.endswith(b"\r\n\r\n")
+        # partials of the sections built on request (not a range of the stored bytes)
+        subject = b"Subject: =?UTF-8?Q?Gr=C3=BC=C3=9Fe?= nested\r\n\r\n"
+        for start, count in ((2, 5), (0, len(subject) + 10), (len(subject) - 1, 5),
+                             (len(subject), 5)):
+            got = client.fetch([uid], [f"BODY.PEEK[HEADER.FIELDS (SUBJECT)]<{start}.{count}>"])
+            assert item(got[uid], b"BODY[HEADER.FIELDS") == subject[start:start + count], start
         # no section fetched so far was allowed to set \Seen
         assert b"\\Seen" not in client.get_flags([uid])[uid]
         client.logout()

@@ -441,6 +441,14 @@ async def test_store_on_many_messages(db: MailDB) -> None:
     replaced = await db.store_flags(ALICE, INBOX, await db.uids(ALICE), "", frozenset({"$X"}))
     assert len(replaced.changed) == 299
     assert {m.flags for m in await db.list_messages(ALICE)} == {frozenset({"$X"})}
+    # The boundary, on a span and message by message: every message's MODSEQ is now the
+    # mailbox's highest, and a MODSEQ equal to UNCHANGEDSINCE is unchanged since.
+    current = (await db.status(ALICE)).highestmodseq
+    for uids, flag in ((await db.uids(ALICE), SEEN), ([1, 2], FLAGGED)):
+        boundary = await db.store_flags(ALICE, INBOX, uids, "+", frozenset({flag}),
+                                        unchangedsince=current)
+        assert boundary.modified == [] and len(boundary.changed) == len(uids)
+        current = (await db.status(ALICE)).highestmodseq
 
 
 @pytest.mark.parametrize("gaps_probed", [1000, 1], ids=["probe-each-gap", "read-the-span"])
