@@ -188,12 +188,15 @@ class AccountDB:
         self.close()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction; every one bumps the generation the directory is compared by."""
+    def _write(self, directory_change: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction; one that changes what the directory holds bumps the
+        generation the directory is compared by (a password is not in it: bumping for one
+        made the next change publish the whole directory, and the store republish it)."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
-            self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            if directory_change:
+                self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
             written = self.generation()
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -306,7 +309,7 @@ class AccountDB:
 
     def set_password(self, address: str, password_hash: str) -> None:
         address = normalize_address(address)
-        with self._write() as db:
+        with self._write(directory_change=False) as db:
             cursor = db.execute(
                 "UPDATE user SET password_hash = ? WHERE address = ?", (password_hash, address)
             )

@@ -142,15 +142,27 @@ def test_a_change_after_a_part_of_the_directory_was_lost_publishes_it_whole(
 
 
 def test_passwd_and_del(settings: Settings, redis_client: redis.Redis) -> None:
+    """A password is not in the directory: `passwd` leaves it as it is (it bumped the
+    change counter, so the next change published the whole directory, which hid a `del`
+    that left the user in Redis). The change after it goes in alone, with its notice."""
+    prefix = settings.redis_prefix
     tiermail(settings, "domain", "add", "example.org")
     tiermail(settings, "user", "add", "carol@example.org", "--password-stdin", stdin="one\n")
+    published = redis_client.mget(f"{prefix}dir:version", f"{prefix}dir:generation")
+    notices = redis_client.pubsub(ignore_subscribe_messages=True)
+    notices.subscribe(f"{prefix}dir:changed")
     assert tiermail(settings, "user", "passwd", "carol@example.org", "--password-stdin",
                     stdin="two\n").returncode == 0
     accounts = AccountDB.for_store(settings.store_dir)
     assert verify_password(accounts.password_hash("carol@example.org") or "", "two")
     accounts.close()
+    assert redis_client.mget(f"{prefix}dir:version", f"{prefix}dir:generation") == published
+    assert notices.get_message(timeout=0.5) is None
     assert tiermail(settings, "user", "del", "carol@example.org").returncode == 0
-    assert published_set(redis_client, settings.redis_prefix, "users") == set()
+    assert published_set(redis_client, prefix, "users") == set()
+    notice = notices.get_message(timeout=10)
+    assert notice is not None and notice["type"] == "message"
+    notices.close()
     assert tiermail(settings, "user", "del", "carol@example.org").returncode == 1
 
 
