@@ -46,6 +46,13 @@ def test_status_shows_tiers_queues_and_dead_letters(
     provision(settings)
     store = run_tier(settings, "store")
     store.wait_for_port(settings.pop3_port)
+
+    def only_the_filter_missing() -> bool:
+        code, report = status(settings)
+        return code == 1 and report["problems"] == ["no filter process is reporting"]
+
+    wait_until(only_the_filter_missing, timeout=30, interval=0.5,
+               what="status to miss the filter, and only it")
     run_tier(settings, "filter").wait_for_port(settings.smtp_port)
     send(settings, "sender@example.net", ["alice@example.org"],
          b"Subject: counted\r\n\r\nhello\r\n")
@@ -79,6 +86,7 @@ def test_status_shows_tiers_queues_and_dead_letters(
     store.stop()  # mail would now wait in the queues: said in so many words
     code, report = status(settings)
     assert code == 1
+    assert "no store process is reporting" in report["problems"], report["problems"]
     for queue in (settings.topology.deliver_queue, settings.topology.large_queue):
         assert any(problem.startswith(f"nothing consumes {queue} ")
                    for problem in report["problems"]), report["problems"]
