@@ -147,6 +147,19 @@ def test_a_listing_counts_each_message_once_up_to_its_limit(settings: Settings) 
                      "listed once)")
 
 
+def test_a_retry_sends_one_copy_of_a_message_held_twice(settings: Settings) -> None:
+    """A dead letter in the queue twice (a crash's leftovers) is one message: a retry
+    sends it back once and takes both copies out, or the store delivers it twice (for a
+    message without a Message-ID, twice in the mailbox)."""
+    asyncio.run(_dead_letter_large_messages(settings, 2, 0, copies=2))
+    retried = run_cli(settings, "deadletters", "retry", "--all")
+    assert retried.returncode == 0, retried.stderr
+    assert "2 messages sent for delivery" in retried.stdout, retried.stdout
+    topology = settings.topology
+    assert asyncio.run(queue_counts(settings, topology.deliver_queue)) == 2
+    assert asyncio.run(queue_counts(settings, topology.dead_queue)) == 0
+
+
 def test_a_listing_stays_oldest_first_after_a_show_and_a_drop(settings: Settings) -> None:
     """`show` and `drop` take messages and give back those they do not act on, which the
     broker puts behind the rest once they have been given back before (a listing did): the
