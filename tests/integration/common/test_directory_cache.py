@@ -103,6 +103,22 @@ async def test_nothing_is_kept_without_a_subscription(redis: Redis, directory: D
     assert (await cache.resolve("bob@example.org")).resolution is Resolution.LOCAL
 
 
+async def test_an_entry_expires_after_its_ttl_notice_or_not(redis: Redis,
+                                                             directory: Directory) -> None:
+    """What a change behind the notices' back (a hand edit, a FLUSHALL) leaves standing in
+    the cache lasts `ttl` seconds at most. The subscription is taken as confirmed (no
+    run(): its pings would read the test's clock too)."""
+    now = [1000.0]
+    cache = DirectoryCache(directory, redis, ttl=60.0, clock=lambda: now[0])
+    cache._on_message({"type": "subscribe"})  # noqa: SLF001 - as a confirmed subscription
+    assert (await cache.resolve("bob@example.org")).resolution is Resolution.UNKNOWN_USER
+    await add_user_behind_its_back(redis, directory, "bob@example.org")
+    now[0] += 59.9
+    assert (await cache.resolve("bob@example.org")).resolution is Resolution.UNKNOWN_USER
+    now[0] += 0.2
+    assert (await cache.resolve("bob@example.org")).resolution is Resolution.LOCAL
+
+
 async def test_redis_going_away_ends_the_cache_and_lookups_fail(
         settings: Settings, directory: Directory) -> None:
     proxy = TcpProxy(6379)
