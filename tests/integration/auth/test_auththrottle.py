@@ -62,6 +62,22 @@ async def test_an_account_is_locked_after_its_failures_from_any_address(
     assert await limiter.allowed("192.0.2.4", BOB)
 
 
+async def test_the_failure_window_runs_from_the_first_failure_not_the_last(
+        client: redis.asyncio.Redis, settings: Settings) -> None:
+    """A window that every failure pushed back would keep an account a guesser keeps
+    trying locked for good, and its owner's new addresses with it: the counts expire the
+    window's length after the first failure."""
+    limiter = throttle(client, settings, per_ip=100, per_user=5, window=600)
+    await limiter.failed(REMOTE, ALICE)
+    keys = [limiter.ip_key(REMOTE), limiter.user_key(ALICE)]
+    for key in keys:
+        assert key is not None and 0 < await client.pttl(key) <= 600_000
+        await client.pexpire(key, 5_000)  # as if most of the window had passed
+    await limiter.failed(REMOTE, ALICE)
+    for key in keys:
+        assert key is not None and 0 < await client.pttl(key) <= 5_000
+
+
 async def test_an_address_is_locked_after_its_failures_whatever_the_account(
         client: redis.asyncio.Redis, settings: Settings) -> None:
     limiter = throttle(client, settings, per_ip=3, per_user=100)
@@ -185,20 +201,22 @@ async def test_logins_are_allowed_while_redis_is_down(settings: Settings) -> Non
 async def test_guesses_sent_at_the_same_time_are_checked_no_more_than_the_limit(
         client: redis.asyncio.Redis, settings: Settings) -> None:
     """One account's logins take turns: 30 wrong guesses under way at once (30 connections)
-    get 3 password checks, not 30; another account does not wait for them."""
-    limiter = throttle(client, settings, per_ip=100, per_user=3)
+    get 2 password checks, not 30; another account does not wait for them."""
+    limiter = throttle(client, settings, per_ip=100, per_user=2)
     checked = 0
 
-    async def guess() -> None:
+    async def guess(spelling: str) -> None:
         nonlocal checked
-        async with limiter.one_check_at_a_time(ALICE.upper()):
-            if await limiter.allowed(REMOTE, ALICE):
+        async with limiter.one_check_at_a_time(spelling):
+            if await limiter.allowed(REMOTE, spelling):
                 checked += 1
                 await asyncio.sleep(0.01)  # the argon2 check
-                await limiter.failed(REMOTE, ALICE)
+                await limiter.failed(REMOTE, spelling)
 
-    await asyncio.gather(*(guess() for _ in range(30)))
-    assert checked == 3
+    # One account however its name is written: the turns are the account's.
+    spellings = [ALICE, ALICE.upper(), "Alice@Example.Test"]
+    await asyncio.gather(*(guess(spellings[n % 3]) for n in range(30)))
+    assert checked == 2
     async with limiter.one_check_at_a_time(BOB):
         assert await limiter.allowed(REMOTE, BOB)
     assert limiter._turns == {}  # noqa: SLF001 - nothing kept once the logins are done

@@ -132,7 +132,10 @@ async def test_message_limits_per_ip_and_per_user() -> None:
     assert await limits.message("192.0.2.1", "bob@example.test", EXTRA) is None
     assert await limits.message("192.0.2.1", None, EXTRA) is Limit.MESSAGES_PER_IP
     assert stats.rate_limited_messages == 3
-    clock.now += 3600 / 2  # half an hour: one more for alice
+    clock.now += 61  # a minute on: still spent, the budget is the hour's
+    assert await limits.message("127.0.0.1", "alice@example.test", EXTRA) is (
+        Limit.MESSAGES_PER_USER)
+    clock.now += 3600 / 2 - 61  # half an hour: one more for alice
     assert await limits.message("127.0.0.1", "alice@example.test", EXTRA) is None
 
 
