@@ -42,6 +42,9 @@ async def test_users_aliases_and_catch_all(directory: Directory) -> None:
     assert team.resolution is Resolution.LOCAL
     assert team.mailboxes == ("alice@example.org", "bob@example.org")
     assert (await directory.resolve("anything@example.com")).mailboxes == ("carol@example.com",)
+    # A user of the catch-all's domain gets its own mail: the catch-all takes the rest.
+    await directory.add_user("dave@example.com")
+    assert (await directory.resolve("dave@example.com")).mailboxes == ("dave@example.com",)
 
 
 async def test_unknown_and_foreign(directory: Directory) -> None:
