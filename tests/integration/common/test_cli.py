@@ -674,6 +674,9 @@ def test_a_change_that_leaves_an_alias_reaching_no_mailbox_warns(settings: Setti
     assert dead("loop1") in cut.stderr and dead("loop2") in cut.stderr
     selfish = tiermail(settings, "alias", "add", "self@example.org", "self@example.org")
     assert selfish.returncode == 0 and dead("self") in selfish.stderr
+    # Changed again and still reaching none: said again (it was dead before this change).
+    again = tiermail(settings, "alias", "add", "self@example.org", "loop1@example.org")
+    assert again.returncode == 0 and dead("self") in again.stderr
 
 
 def test_an_internationalized_domain_is_kept_in_its_ascii_form(
