@@ -149,20 +149,27 @@ def test_passwd_and_del(settings: Settings, redis_client: redis.Redis) -> None:
     tiermail(settings, "domain", "add", "example.org")
     tiermail(settings, "user", "add", "carol@example.org", "--password-stdin", stdin="one\n")
     published = redis_client.mget(f"{prefix}dir:version", f"{prefix}dir:generation")
-    notices = redis_client.pubsub(ignore_subscribe_messages=True)
-    notices.subscribe(f"{prefix}dir:changed")
-    assert tiermail(settings, "user", "passwd", "carol@example.org", "--password-stdin",
-                    stdin="two\n").returncode == 0
-    accounts = AccountDB.for_store(settings.store_dir)
-    assert verify_password(accounts.password_hash("carol@example.org") or "", "two")
-    accounts.close()
-    assert redis_client.mget(f"{prefix}dir:version", f"{prefix}dir:generation") == published
-    assert notices.get_message(timeout=0.5) is None
-    assert tiermail(settings, "user", "del", "carol@example.org").returncode == 0
-    assert published_set(redis_client, prefix, "users") == set()
-    notice = notices.get_message(timeout=10)
-    assert notice is not None and notice["type"] == "message"
-    notices.close()
+    with AccountDB.for_store(settings.store_dir) as accounts:
+        generation = accounts.generation()
+    notices = redis_client.pubsub()
+    try:
+        notices.subscribe(f"{prefix}dir:changed")
+        confirmed = notices.get_message(timeout=10)
+        assert confirmed is not None and confirmed["type"] == "subscribe", confirmed
+        assert tiermail(settings, "user", "passwd", "carol@example.org", "--password-stdin",
+                        stdin="two\n").returncode == 0
+        with AccountDB.for_store(settings.store_dir) as accounts:
+            assert verify_password(accounts.password_hash("carol@example.org") or "", "two")
+            assert accounts.generation() == generation
+        assert redis_client.mget(f"{prefix}dir:version", f"{prefix}dir:generation") == published
+        # The CLI published any notice before it exited: it would be here by now.
+        assert notices.get_message(timeout=0.2) is None
+        assert tiermail(settings, "user", "del", "carol@example.org").returncode == 0
+        assert published_set(redis_client, prefix, "users") == set()
+        notice = notices.get_message(timeout=10)
+        assert notice is not None and notice["type"] == "message", notice
+    finally:
+        notices.close()
     assert tiermail(settings, "user", "del", "carol@example.org").returncode == 1
 
 

@@ -155,7 +155,7 @@ def test_a_response_being_written_is_finished_before_the_bye(store: Store) -> No
 
 def test_a_changed_password_ends_no_session(store: Store) -> None:
     """`user passwd` leaves open sessions alone (as Dovecot does); the next login needs the
-    new password. A deletion afterwards shows the store has looked at both changes."""
+    new password. A deletion afterwards shows the store has looked at the accounts since."""
     alice_imap, alice_pop = store.imap(ALICE), store.pop3(ALICE)
     bob_imap = store.imap(BOB)
 

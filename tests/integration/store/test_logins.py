@@ -136,6 +136,8 @@ async def test_a_session_of_an_account_deleted_and_added_again_unseen_is_ended(
     assert await logins.end_deleted() == 1 and sessions.ended == [USERS[0]]
 
     assert await sessions.log_in(logins, USERS[0]) is not None
-    accounts.set_password(USERS[1], "moves-the-generation")
+    before = accounts.generation()
+    accounts.set_quota(USERS[1], 1_000_000)  # any change the directory follows
+    assert accounts.generation() > before
     assert await logins.end_deleted() == 0 and sessions.ended == [USERS[0]]
     assert len(logins) == 1
