@@ -21,7 +21,7 @@ from pamqp.commands import Basic
 
 from common.settings import Settings
 from common.topology import ENVELOPE_HEADER
-from services.filter.deferred import CONNECT_TIMEOUT, SCAN_PREFETCH
+from services.filter.deferred import CONNECT_TIMEOUT, SCAN_PREFETCH, TOO_BIG_HEADER
 from services.filter.main import open_worker
 from services.filter.poison import POISON_STRIKES
 from services.filter.protocol.scan_headers import VIRUS_HEADER
@@ -367,3 +367,26 @@ async def test_an_undecodable_message_on_the_scan_queue_is_logged_with_its_queue
                          what="the message to be dead-lettered")
     [line] = [r for r in caplog.records if "undecodable" in r.getMessage()]
     assert getattr(line, "queue_id", None) == "UNDECODABLE0001", caplog.text
+
+
+async def test_a_deferred_message_too_big_for_clamd_is_quarantined_not_delivered(
+        scan_settings: Settings) -> None:
+    """Taken while the scanners were down (defer), then found too big for clamd when
+    drained: it goes to the quarantine with the header that says so, never to a mailbox
+    unscanned (a mutation that delivered it passed every test)."""
+    topology = scan_settings.topology
+    data = ham("too big when drained")
+    stopped = scan_settings.replace(scan_failure="defer",
+                                    rspamd_url=f"http://{closed_address()}",
+                                    clamd_address=closed_address())
+    async with open_worker(stopped, drain_scan_queue=False) as intake:
+        assert (await asyncio.to_thread(send_one, intake.ports[0], data))[0] == 250
+    assert await depth(scan_settings, topology.scan_queue) == 1
+    small = scan_settings.replace(scan_failure="defer", clamd_stream_max=len(data) - 1)
+    async with open_worker(small, port=free_port()) as scanner:
+        stats = scanner.stats
+        await eventually(lambda: stats.deferred_ham + stats.deferred_quarantined >= 1,
+                         what="the deferred scan")
+    assert await take_all(scan_settings, topology.deliver_queue) == []
+    [held] = await take_all(scan_settings, topology.quarantine_queue)
+    assert held.header(TOO_BIG_HEADER[0]) == TOO_BIG_HEADER[1]

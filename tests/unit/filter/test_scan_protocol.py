@@ -161,6 +161,9 @@ def test_spamd_reply_parsed() -> None:
     b"", b"SPAMD/1.1 0 EX_OK\r\n", b"SPAMD/1.1 76 Bad header line\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n\r\n", b"SPAMD/1.1 0 EX_OK\r\nSpam: maybe\r\n\r\n",
     b"SPAMD/1.1 0 EX_OK\r\nContent-length: 0\r\n\r\n",
+    # an error status is an error whatever follows it (a verdict after it is not one)
+    b"SPAMD/1.1 76 Bad header line\r\nSpam: True ; 15.0 / 5.0\r\n\r\n",
+    b"SPAMD/1.1 74 EX_IOERR\r\nSpam: False ; 0.0 / 5.0\r\n\r\n",
 ])
 def test_spamd_garbage(raw: bytes) -> None:
     with pytest.raises(spamd.SpamdProtocolError):
