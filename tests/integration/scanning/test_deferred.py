@@ -106,6 +106,21 @@ async def test_defer_then_drain_exactly_once(scan_settings: Settings) -> None:
     assert await depth(scan_settings, topology.scan_queue) == 0
 
 
+async def defer_then_drain(scan_settings: Settings, data: bytes, drain: Settings) -> None:
+    """`data` taken while the scanners are down (defer), then scanned from the scan queue
+    by a worker with the settings `drain`."""
+    stopped = scan_settings.replace(scan_failure="defer",
+                                    rspamd_url=f"http://{closed_address()}",
+                                    clamd_address=closed_address())
+    async with open_worker(stopped, drain_scan_queue=False) as intake:
+        assert (await asyncio.to_thread(send_one, intake.ports[0], data))[0] == 250
+    assert await depth(scan_settings, scan_settings.topology.scan_queue) == 1
+    async with open_worker(drain, port=free_port()) as scanner:
+        stats = scanner.stats
+        await eventually(lambda: stats.deferred_ham + stats.deferred_quarantined >= 1,
+                         what="the deferred scan")
+
+
 async def test_a_message_at_the_clamd_stream_limit_is_scanned_when_deferred_too(
         scan_settings: Settings) -> None:
     """A message of exactly TIERMAIL_CLAMD_STREAM_MAX octets is scanned at DATA. Accepted
@@ -119,15 +134,7 @@ async def test_a_message_at_the_clamd_stream_limit_is_scanned_when_deferred_too(
         assert worker.stats.scan_oversize == 0  # at DATA it fits
     assert len(await take_all(scan_settings, topology.deliver_queue)) == 1
 
-    stopped = at_limit.replace(rspamd_url=f"http://{closed_address()}",
-                               clamd_address=closed_address())
-    async with open_worker(stopped, drain_scan_queue=False) as intake:
-        assert (await asyncio.to_thread(send_one, intake.ports[0], data))[0] == 250
-    assert await depth(scan_settings, topology.scan_queue) == 1
-    async with open_worker(at_limit, port=free_port()) as scanner:
-        stats = scanner.stats
-        await eventually(lambda: stats.deferred_ham + stats.deferred_quarantined >= 1,
-                         what="the deferred scan")
+    await defer_then_drain(scan_settings, data, at_limit)
     assert await take_all(scan_settings, topology.quarantine_queue) == []
     [delivered] = await take_all(scan_settings, topology.deliver_queue)
     assert (delivered.header("X-Spam-Status") or "").startswith("No, ")
@@ -376,17 +383,8 @@ async def test_a_deferred_message_too_big_for_clamd_is_quarantined_not_delivered
     unscanned (a mutation that delivered it passed every test)."""
     topology = scan_settings.topology
     data = ham("too big when drained")
-    stopped = scan_settings.replace(scan_failure="defer",
-                                    rspamd_url=f"http://{closed_address()}",
-                                    clamd_address=closed_address())
-    async with open_worker(stopped, drain_scan_queue=False) as intake:
-        assert (await asyncio.to_thread(send_one, intake.ports[0], data))[0] == 250
-    assert await depth(scan_settings, topology.scan_queue) == 1
     small = scan_settings.replace(scan_failure="defer", clamd_stream_max=len(data) - 1)
-    async with open_worker(small, port=free_port()) as scanner:
-        stats = scanner.stats
-        await eventually(lambda: stats.deferred_ham + stats.deferred_quarantined >= 1,
-                         what="the deferred scan")
+    await defer_then_drain(scan_settings, data, small)
     assert await take_all(scan_settings, topology.deliver_queue) == []
     [held] = await take_all(scan_settings, topology.quarantine_queue)
     assert held.header(TOO_BIG_HEADER[0]) == TOO_BIG_HEADER[1]
