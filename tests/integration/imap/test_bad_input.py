@@ -879,6 +879,15 @@ async def test_logindisabled_before_tls(start_imap: StartImap, settings: Setting
         assert b"AUTH=PLAIN" not in caps  # no plaintext mechanism before TLS (RFC 3501 6.2.3)
         assert raw.command(f'LOGIN "{ALICE}" "{USERS[ALICE]}"').status in ("NO", "BAD")
         assert raw.command("AUTHENTICATE PLAIN AGFsaWNlAHg=").status in ("NO", "BAD")
+        # The right password in SASL is refused too, and without a "+": a client must not
+        # be invited to send its password in the clear (a wrong one is NO either way).
+        right = base64.b64encode(f"\0{ALICE}\0{USERS[ALICE]}".encode())
+        reply = raw.command(b"AUTHENTICATE PLAIN " + right)
+        assert reply.status == "NO" and b"PRIVACYREQUIRED" in reply.code, reply
+        raw.send(b"c AUTHENTICATE PLAIN\r\n")
+        assert raw.line().startswith(b"c NO [PRIVACYREQUIRED]")
+        reply = raw.command(b'LOGIN "\xff" "x"')  # not UTF-8: still the privacy refusal
+        assert reply.status == "NO" and b"PRIVACYREQUIRED" in reply.code, reply
         raw.starttls()
         caps = raw.ok("CAPABILITY").lines(b"CAPABILITY")[0].upper().split()
         assert b"LOGINDISABLED" not in caps and b"AUTH=PLAIN" in caps
@@ -909,6 +918,34 @@ async def test_starttls_refuses_commands_pipelined_in_plaintext(
         raw.send(f'a STARTTLS\r\nb LOGIN "{ALICE}" "{USERS[ALICE]}"\r\n'.encode())
         assert raw.response() == b"* BYE Command pipelined after STARTTLS"
         assert raw.closed()
+
+    await in_thread(dialog)
+
+
+async def test_starttls_refuses_plaintext_still_unread_behind_it(
+        start_imap: StartImap, settings: Settings) -> None:
+    """STARTTLS ending exactly at a READ_CHUNK boundary: the parser holds nothing after it,
+    the injected command still waits in the connection's read buffer. Checking the parser
+    alone would let it through."""
+    server = await start_with(start_imap, settings, allow_plaintext_auth=False)
+    starttls, noop = b"a STARTTLS\r\n", b"n NOOP\r\n"
+    room = READ_CHUNK - len(starttls)
+    head = noop * (room // len(noop) - 1)
+    head += b"n" + b"x" * (room - len(head) - len(noop)) + b" NOOP\r\n"  # a longer tag
+    assert len(head + starttls) == READ_CHUNK
+    injected = f'b LOGIN "{ALICE}" "{USERS[ALICE]}"\r\n'.encode()
+
+    def dialog() -> None:
+        raw = server.raw()
+        raw.send(head + starttls + injected)
+        replies: list[bytes] = []
+        while not replies or not replies[-1].startswith((b"* BYE", b"a ")):
+            line = raw.line()
+            assert line, replies[-3:]
+            replies.append(line.rstrip(b"\r\n"))
+        assert replies[-1] == b"* BYE Command pipelined after STARTTLS", replies[-3:]
+        assert all(reply.endswith(b" OK Completed") for reply in replies[:-1]), \
+            set(replies[:-1])
 
     await in_thread(dialog)
 

@@ -2,6 +2,7 @@
 the start with a clear error; none configured and none at the default place means no TLS."""
 
 import re
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -21,6 +22,15 @@ def test_the_default_place_is_used(tmp_path: Path, tls_files: tuple[Path, Path])
     (tmp_path / "tls" / "cert.pem").write_bytes(cert.read_bytes())
     (tmp_path / "tls" / "key.pem").write_bytes(key.read_bytes())
     assert server_context(Settings(data_dir=tmp_path)) is not None
+
+
+def test_nothing_older_than_tls_1_2_is_spoken(tmp_path: Path,
+                                               tls_files: tuple[Path, Path]) -> None:
+    """Set by us, not left to the OpenSSL build's policy (Debian's refuses TLS 1.0 and 1.1
+    at its default security level; other builds do not)."""
+    cert, key = tls_files
+    context = server_context(Settings(data_dir=tmp_path, tls_cert=str(cert), tls_key=str(key)))
+    assert context is not None and context.minimum_version >= ssl.TLSVersion.TLSv1_2
 
 
 def test_a_configured_certificate_that_is_missing_stops_the_start(
