@@ -188,6 +188,21 @@ async def test_a_reply_past_the_limit_is_no_verdict() -> None:
         server.close()
 
 
+async def test_an_error_status_is_no_verdict_whatever_its_body_says() -> None:
+    """A 500 (an rspamd worker failing, a proxy in front of it) is the scanner failing,
+    even with a well-formed "no action" body: the failure policy decides, not that body."""
+    server = await _serve(lambda n: _reply("no action", 0.0).replace(
+        b"HTTP/1.1 200 OK", b"HTTP/1.1 500 Internal Server Error", 1))
+    client = RspamdClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+                          timeout=5.0)
+    try:
+        with pytest.raises(ScannerUnavailable, match="HTTP 500"):
+            await client.check(_envelope(), HAM)
+    finally:
+        await client.aclose()
+        server.close()
+
+
 async def test_a_busy_rspamd_still_answers_its_ping() -> None:
     """Pings shared the pool of 64 scan connections: behind 64 slow scans a ping waited out
     its 5 s, and a busy but healthy rspamd was marked down (found in review)."""
