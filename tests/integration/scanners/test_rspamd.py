@@ -176,27 +176,24 @@ async def test_a_reply_past_the_limit_is_no_verdict() -> None:
     """A 200 MB reply was read whole: 250 MiB of the worker's memory, its loop held half a
     second (found in review)."""
     huge = b"x" * (MAX_REPLY + 1)
-    server = await _serve(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-                          % (len(huge), huge))
-    client = RspamdClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
-                          timeout=5.0)
-    try:
-        with pytest.raises(ScannerUnavailable, match="a reply over"):
-            await client.check(_envelope(), HAM)
-    finally:
-        await client.aclose()
-        server.close()
+    await _no_verdict(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(huge), huge), "a reply over")
 
 
 async def test_an_error_status_is_no_verdict_whatever_its_body_says() -> None:
     """A 500 (an rspamd worker failing, a proxy in front of it) is the scanner failing,
     even with a well-formed "no action" body: the failure policy decides, not that body."""
-    server = await _serve(lambda n: _reply("no action", 0.0).replace(
-        b"HTTP/1.1 200 OK", b"HTTP/1.1 500 Internal Server Error", 1))
+    await _no_verdict(lambda n: _reply("no action", 0.0).replace(
+        b"HTTP/1.1 200 OK", b"HTTP/1.1 500 Internal Server Error", 1), "HTTP 500")
+
+
+async def _no_verdict(answer: Callable[[int], bytes], why: str) -> None:
+    """A scan against a stand-in answering `answer` is ScannerUnavailable matching `why`."""
+    server = await _serve(answer)
     client = RspamdClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
                           timeout=5.0)
     try:
-        with pytest.raises(ScannerUnavailable, match="HTTP 500"):
+        with pytest.raises(ScannerUnavailable, match=why):
             await client.check(_envelope(), HAM)
     finally:
         await client.aclose()
