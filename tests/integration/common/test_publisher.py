@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import re
 import time
+from collections.abc import AsyncIterator
 
 import pamqp.commands
 import pytest
@@ -109,13 +110,11 @@ async def test_a_message_no_queue_takes_is_refused_not_confirmed(settings: Setti
         await publisher.close()
 
 
-async def test_a_link_lost_before_the_confirms_may_have_queued_the_messages(
-        settings: Settings) -> None:
-    """The broker took the publishes and the connection went before their confirms came
-    back: each message may be queued, so the session remembers its queue id for a retry
-    (services/filter/unconfirmed.py) rather than give the retry a new one (a second copy).
-    Several sessions' publishes share the connection: the one reading when it closes fails
-    with the connection's error, aiormq cancels the confirms the others await."""
+@contextlib.asynccontextmanager
+async def publishes_awaiting_confirms(settings: Settings, count: int) -> AsyncIterator[
+        tuple[TcpProxy, Publisher, asyncio.Future[list[BaseException | None]]]]:
+    """`count` publishes on one connection that the broker has persisted and whose confirms
+    a proxy holds back: the proxy, the publisher, and the publishes' outcomes to come."""
     proxy = TcpProxy(5672)
     publisher = Publisher(broker_at(settings, proxy.port).amqp_url, settings.topology,
                           confirm_timeout=30.0)
@@ -123,20 +122,31 @@ async def test_a_link_lost_before_the_confirms_may_have_queued_the_messages(
         await publisher.ensure_connected()
         proxy.hold_replies()
         outcomes = asyncio.gather(
-            *(publisher.publish(*make_message("alice@example.test")) for _ in range(5)),
+            *(publisher.publish(*make_message("alice@example.test")) for _ in range(count)),
             return_exceptions=True)
 
         async def persisted() -> bool:
-            return await asyncio.to_thread(queue_depth, settings) == 5
+            return await asyncio.to_thread(queue_depth, settings) == count
 
         await eventually(persisted, what="the publishes persisted, their confirms held")
+        yield proxy, publisher, outcomes
+    finally:
+        proxy.cut()
+        await publisher.close()
+
+
+async def test_a_link_lost_before_the_confirms_may_have_queued_the_messages(
+        settings: Settings) -> None:
+    """The broker took the publishes and the connection went before their confirms came
+    back: each message may be queued, so the session remembers its queue id for a retry
+    (services/filter/unconfirmed.py) rather than give the retry a new one (a second copy).
+    Several sessions' publishes share the connection: the one reading when it closes fails
+    with the connection's error, aiormq cancels the confirms the others await."""
+    async with publishes_awaiting_confirms(settings, 5) as (proxy, _, outcomes):
         proxy.cut()
         for outcome in await outcomes:
             assert isinstance(outcome, PublishFailed), outcome
             assert outcome.maybe_queued, outcome
-    finally:
-        proxy.cut()
-        await publisher.close()
 
 
 async def test_publishes_cut_short_by_another_ones_failure_may_have_queued_their_messages(
@@ -144,20 +154,7 @@ async def test_publishes_cut_short_by_another_ones_failure_may_have_queued_their
     """A publish that fails in an unexpected way closes the connection the sessions share
     (its channel's state is unknown), and aiormq cancels the confirms the other sessions'
     publishes await. Those went out: each may be queued, like a lost confirm's."""
-    proxy = TcpProxy(5672)
-    publisher = Publisher(broker_at(settings, proxy.port).amqp_url, settings.topology,
-                          confirm_timeout=30.0)
-    try:
-        await publisher.ensure_connected()
-        proxy.hold_replies()
-        awaiting = asyncio.gather(
-            *(publisher.publish(*make_message("alice@example.test")) for _ in range(4)),
-            return_exceptions=True)
-
-        async def persisted() -> bool:
-            return await asyncio.to_thread(queue_depth, settings) == 4
-
-        await eventually(persisted, what="the publishes persisted, their confirms held")
+    async with publishes_awaiting_confirms(settings, 4) as (_, publisher, awaiting):
 
         def fails(*args: object, **kwargs: object) -> None:
             raise RuntimeError("a failure of this publish alone")
@@ -169,9 +166,6 @@ async def test_publishes_cut_short_by_another_ones_failure_may_have_queued_their
             assert isinstance(outcome, PublishFailed), outcome
             assert outcome.maybe_queued, outcome
             assert "closed before the confirm" in str(outcome)
-    finally:
-        proxy.cut()
-        await publisher.close()
 
 
 async def test_every_queue_the_topology_declares_is_a_durable_quorum_queue(

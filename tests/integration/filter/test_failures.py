@@ -180,32 +180,41 @@ def mail_reply(port: int) -> str:
         return reply_of(*client.mail(SENDER))
 
 
+@contextlib.asynccontextmanager
+async def filter_behind_a_proxy(directory: Settings
+                                ) -> AsyncIterator[tuple[FilterWorker, SupportProxy]]:
+    """A filter taking mail through a proxy to RabbitMQ that the test can hold or cut."""
+    proxy = SupportProxy(5672)
+    try:
+        async with running_filter(broker_at(directory, proxy.port, publish_timeout=30.0)
+                                  ) as worker:
+            await eventually(lambda: not worker.publisher.stalled, what="the worker taking mail")
+            yield worker, proxy
+    finally:
+        proxy.cut()
+
+
 async def test_a_broker_that_stops_confirming_gets_mail_refused_at_once(
         directory: Settings) -> None:
     """While a publish has waited more than STALLED_AFTER for its confirm (here: RabbitMQ
     behind a proxy that holds every byte, like a broker in a resource alarm), MAIL FROM gets
     451 at once instead of each sender uploading its message to wait for the same 451; when
     the broker answers again, mail is taken again."""
-    proxy = SupportProxy(5672)
-    via_proxy = broker_at(directory, proxy.port, publish_timeout=30.0)
-    try:
-        async with running_filter(via_proxy) as worker:
-            port = worker.ports[0]
-            assert (await in_thread(one_transaction, port, "before"))[1].startswith("250 ")
-            proxy.hang()
-            waiting = asyncio.create_task(in_thread(one_transaction, port, "held"))
+    async with filter_behind_a_proxy(directory) as (worker, proxy):
+        port = worker.ports[0]
+        assert (await in_thread(one_transaction, port, "before"))[1].startswith("250 ")
+        proxy.hang()
+        waiting = asyncio.create_task(in_thread(one_transaction, port, "held"))
 
-            async def refused_at_mail() -> bool:
-                return await in_thread(mail_reply, port) == replies.QUEUE_NOT_TAKING
+        async def refused_at_mail() -> bool:
+            return await in_thread(mail_reply, port) == replies.QUEUE_NOT_TAKING
 
-            await eventually(refused_at_mail, what="MAIL FROM refused while the confirm is overdue")
-            assert worker.stats.broker_stalled >= 1
-            proxy.resume()
-            _, held = await waiting  # its confirm arrives now
-            assert held.startswith("250 ")
-            assert (await in_thread(one_transaction, port, "after"))[1].startswith("250 ")
-    finally:
-        proxy.cut()
+        await eventually(refused_at_mail, what="MAIL FROM refused while the confirm is overdue")
+        assert worker.stats.broker_stalled >= 1
+        proxy.resume()
+        _, held = await waiting  # its confirm arrives now
+        assert held.startswith("250 ")
+        assert (await in_thread(one_transaction, port, "after"))[1].startswith("250 ")
     subjects = sorted(q.body.split(b"Subject: ")[1].split(b"\r\n")[0]
                       for q in await drain_queue(directory))
     assert subjects == [b"after", b"before", b"held"]
@@ -277,20 +286,6 @@ async def test_a_retry_after_a_lost_confirm_is_published_under_the_same_queue_id
     assert queue_ids[b"other"][0] not in queue_ids[b"retried"]
     for subject in (b"nameless", b"undated"):  # never matched: two queue ids
         assert len(queue_ids[subject]) == 2 and len(set(queue_ids[subject])) == 2
-
-
-@contextlib.asynccontextmanager
-async def filter_behind_a_proxy(directory: Settings
-                                ) -> AsyncIterator[tuple[FilterWorker, SupportProxy]]:
-    """A filter taking mail through a proxy to RabbitMQ that the test can hold or cut."""
-    proxy = SupportProxy(5672)
-    try:
-        async with running_filter(broker_at(directory, proxy.port, publish_timeout=30.0)
-                                  ) as worker:
-            await eventually(lambda: not worker.publisher.stalled, what="the worker taking mail")
-            yield worker, proxy
-    finally:
-        proxy.cut()
 
 
 @pytest.mark.parametrize("leaves", ["closes", "resets"])
