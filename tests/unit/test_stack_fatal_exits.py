@@ -5,24 +5,13 @@ once with the code."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from common.settings import Settings
 from services import stack
-
-
-@pytest.fixture
-def handlers_restored() -> Iterator[None]:
-    """`_run_tiers` installs its own SIGINT and SIGTERM handlers."""
-    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGINT, saved[0])
-    signal.signal(signal.SIGTERM, saved[1])
 
 
 @pytest.mark.parametrize("code", [2, 3])

@@ -3,15 +3,21 @@ grace (services/stack.py stop_grace), and killed with a line saying so once it r
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
+from common.settings import Settings
+from services import stack
 from services.stack import _stop_children
+from tests.support import wait_until
 
 IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
                   "print('ready', flush=True); time.sleep(60)"
@@ -21,8 +27,15 @@ STOPS_SLOWLY = "import signal, sys, time\n" \
                "signal.signal(signal.SIGTERM, stop)\nprint('ready', flush=True)\ntime.sleep(60)"
 
 
-def child(code: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+# Notes SIGTERM in the file named by its argument, and goes on.
+NOTES_SIGTERM = "import pathlib, signal, sys, time\n" \
+                "note = pathlib.Path(sys.argv[1])\n" \
+                "signal.signal(signal.SIGTERM, lambda *_: note.write_text('asked'))\n" \
+                "print('ready', flush=True)\ntime.sleep(60)"
+
+
+def child(code: str, *args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
     proc.stdout.close()
     return proc
@@ -60,3 +73,50 @@ def test_children_already_gone_are_not_waited_for(caplog: pytest.LogCaptureFixtu
         _stop_children({"store": gone}, {"store": 0.0}, threading.Event())
     assert gone.returncode == 0
     assert not caplog.records
+
+
+def test_a_second_ctrl_c_to_up_kills_the_tiers_still_stopping(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handlers_restored: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The signal handlers of `_run_tiers` itself: SIGTERM, then Ctrl-C once every tier has
+    been asked to stop. Tiers that ignore SIGTERM are killed at the second signal, not at
+    the end of their grace."""
+    tiers: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(tier: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        tiers[tier] = child(NOTES_SIGTERM, str(tmp_path / tier))
+        return tiers[tier]
+
+    monkeypatch.setattr(stack, "_spawn", spawn)
+    monkeypatch.setattr(stack, "_client_ports", lambda settings: [])
+    monkeypatch.setattr(stack, "stop_grace", lambda tier, settings: 600.0)
+    default_handler = signal.getsignal(signal.SIGTERM)
+    asker = threading.Thread(target=_ask_twice, args=(tmp_path, default_handler, tiers))
+    asker.start()
+    with caplog.at_level(logging.ERROR):
+        assert stack._run_tiers(Settings.from_env({"TIERMAIL_SPAM": "off"})) == 0
+    asker.join()
+    assert {tier: proc.returncode for tier, proc in tiers.items()} == {
+        tier: -signal.SIGKILL for tier in stack.TIERS}
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(
+        f"{tier} killed: asked twice to stop" for tier in stack.TIERS)
+
+
+def _ask_twice(notes: Path, default_handler: object,
+               tiers: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to this process once `_run_tiers` handles it, Ctrl-C once every tier has got
+    its SIGTERM. Tiers still running 10 s later are killed here, so that a second signal
+    that hurries nothing fails the test (no "asked twice" line) instead of waiting out
+    the grace."""
+    wait_until(lambda: signal.getsignal(signal.SIGTERM) is not default_handler,
+               what="_run_tiers's signal handlers")
+    os.kill(os.getpid(), signal.SIGTERM)
+    wait_until(lambda: all((notes / tier).exists() for tier in stack.TIERS),
+               what="every tier to get SIGTERM")
+    os.kill(os.getpid(), signal.SIGINT)
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: all(proc.poll() is not None for proc in tiers.values()),
+                   timeout=10.0)
+    for proc in tiers.values():
+        if proc.poll() is None:
+            proc.kill()

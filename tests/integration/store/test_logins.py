@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -141,3 +142,30 @@ async def test_a_session_of_an_account_deleted_and_added_again_unseen_is_ended(
     assert accounts.generation() > before
     assert await logins.end_deleted() == 0 and sessions.ended == [USERS[0]]
     assert len(logins) == 1
+
+
+async def test_a_login_looked_up_during_a_look_is_looked_at_again_without_another_change(
+        logins: Logins, accounts: AccountDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The login's own lookup read the account just before `user del`, and returned only
+    after the watcher's look, which could not yet tell whose the session was. The next look
+    ends it, though the account database has not changed since."""
+    looked, answer = threading.Event(), threading.Event()
+    user_created = logins._accounts.user_created
+
+    def held_lookup(user: str) -> float | None:
+        created = user_created(user)
+        looked.set()
+        answer.wait(timeout=30)
+        return created
+
+    monkeypatch.setattr(logins._accounts, "user_created", held_lookup)
+    sessions = Sessions()
+    login = asyncio.create_task(sessions.log_in(logins, USERS[0]))
+    await asyncio.to_thread(looked.wait, 30)
+    accounts.delete_user(USERS[0])
+    assert await logins.end_deleted() == 0  # the session's account not known yet
+    answer.set()
+    assert await login is not None, "the password check came before the deletion"
+    generation = accounts.generation()
+    assert await logins.end_deleted() == 1 and sessions.ended == [USERS[0]]
+    assert accounts.generation() == generation
