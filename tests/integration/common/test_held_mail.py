@@ -19,7 +19,7 @@ from common.topology import message_properties
 from services import cli, heldmail
 from services.heldmail import SETTLE_BYTES
 from tests.integration.store.helpers import make_message, queue_counts
-from tests.support import REPO, FreezingProxy, broker_at, eventually, run_cli, tier_env
+from tests.support import REPO, AckTrap, FreezingProxy, broker_at, eventually, run_cli, tier_env
 
 MESSAGES = 24
 SIZE = 8 * 1024 * 1024  # 24 x 8 MiB: 192 MiB held in the queue
@@ -158,6 +158,32 @@ def test_a_retry_sends_one_copy_of_a_message_held_twice(settings: Settings) -> N
     topology = settings.topology
     assert asyncio.run(queue_counts(settings, topology.deliver_queue)) == 2
     assert asyncio.run(queue_counts(settings, topology.dead_queue)) == 0
+
+
+async def test_a_drop_whose_ack_never_reaches_the_broker_is_not_reported(
+        settings: Settings) -> None:
+    """An ack has no answer: `drop` says a message is dropped only once the answer to a later
+    method on the channel shows the broker has it. With the ack lost on the way and the link
+    cut right after it, the command fails, says nothing was dropped, and the message is
+    held still."""
+    queue_ids = await _dead_letter_large_messages(settings, 2, 0)
+    trap = AckTrap(5672)
+    trap.arm(None, lambda queue_id: queue_id == queue_ids[0])
+    try:
+        dropped = await asyncio.to_thread(run_cli, broker_at(settings, trap.port),
+                                          "deadletters", "drop", queue_ids[0])
+    finally:
+        trap.cut()
+    assert trap.caught == queue_ids[0], "the command never acked the message"
+    assert dropped.returncode == 1, (dropped.stdout, dropped.stderr)
+    assert f"{queue_ids[0]} dropped" not in dropped.stdout
+    dead_queue = settings.topology.dead_queue
+    await eventually(lambda: _counted(settings, dead_queue, 2),
+                     what="both dead letters held again once the broker lost the command")
+
+
+async def _counted(settings: Settings, queue: str, count: int) -> bool:
+    return await queue_counts(settings, queue) == count
 
 
 def test_a_listing_stays_oldest_first_after_a_show_and_a_drop(settings: Settings) -> None:
