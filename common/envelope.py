@@ -145,9 +145,9 @@ class Envelope:
                 size=int(_number(raw, "size", MAX_SIZE)),
                 tls=_optional_text(raw, "tls"),
                 authenticated_user=_optional_text(raw, "authenticated_user"),
-                smtputf8=bool(raw.get("smtputf8", False)),
-                body_8bit=bool(raw.get("body_8bit", False)),
-                junk=bool(raw.get("junk", False)),
+                smtputf8=_flag(raw, "smtputf8"),
+                body_8bit=_flag(raw, "body_8bit"),
+                junk=_flag(raw, "junk"),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise EnvelopeError(f"malformed envelope: {exc!r}") from None
@@ -177,6 +177,15 @@ def _number(raw: dict[str, Any], key: str, most: float) -> float:
             or not 0 <= value <= most:
         raise EnvelopeError(f"envelope field {key} must be a number from 0 to {most:.0f}")
     return float(value) if isinstance(value, float) else value
+
+
+def _flag(raw: dict[str, Any], key: str) -> bool:
+    """A JSON true or false (absent: false). Not any value Python finds true: "false" would
+    be, and a broken publisher's `"junk": "false"` would file the message as Junk."""
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise EnvelopeError(f"envelope field {key} must be true or false")
+    return value
 
 
 def _text(raw: dict[str, Any], key: str, allow_empty: bool = False) -> str:

@@ -9,6 +9,7 @@ new default cannot quietly take the bound away.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 import redis.asyncio
@@ -88,8 +89,12 @@ def _hint(error: str) -> str:
 
 
 def _without_password(url: str) -> str:
+    """The URL fit for an error message: a password in it, before the host or as redis-py's
+    `?password=` query parameter, shown as ***."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-                          ).geturl()
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    return parts._replace(query=_QUERY_PASSWORD.sub(r"\1***", parts.query)).geturl()
+
+
+_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*")

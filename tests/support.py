@@ -944,7 +944,17 @@ class PrivateRedis:
         wait_until(lambda: port_open("127.0.0.1", self.port),
                    what=f"redis-server on port {self.port} (log: {self._log})")
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
             self._proc.terminate()
             self._proc.wait(timeout=30)

@@ -119,6 +119,22 @@ async def test_an_entry_expires_after_its_ttl_notice_or_not(redis: Redis,
     assert (await cache.resolve("bob@example.org")).resolution is Resolution.LOCAL
 
 
+async def test_random_addresses_cannot_grow_the_cache_past_its_bound(
+        redis: Redis, directory: Directory) -> None:
+    """Spam to made-up addresses: every unknown user is an entry. At `max_entries` the cache
+    starts again from empty (the entries are only a shortcut), so what it holds stays
+    bounded, and what it had kept is asked of Redis again."""
+    cache = DirectoryCache(directory, redis, max_entries=3)
+    cache._on_message({"type": "subscribe"})  # noqa: SLF001 - as a confirmed subscription
+    for n in range(3):
+        await cache.resolve(f"random{n}@example.org")
+    await add_user_behind_its_back(redis, directory, "random0@example.org")
+    assert (await cache.resolve("random0@example.org")).resolution is Resolution.UNKNOWN_USER
+    await cache.resolve("random3@example.org")  # a fourth: the three are let go
+    assert (await cache.resolve("random0@example.org")).resolution is Resolution.LOCAL
+    assert len(cache._entries) == 2  # noqa: SLF001 - random3 and random0
+
+
 async def test_redis_going_away_ends_the_cache_and_lookups_fail(
         settings: Settings, directory: Directory) -> None:
     proxy = TcpProxy(6379)

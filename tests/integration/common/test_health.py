@@ -63,6 +63,17 @@ async def test_a_clean_stop_takes_the_process_off(settings: Settings,
     await client.aclose()
 
 
+async def test_a_heartbeat_expires_when_its_process_stops_writing_it(
+        settings: Settings, client: redis.asyncio.Redis) -> None:
+    """A process killed on another host, or with its host, takes nothing out of Redis: its
+    heartbeat must go by itself, or `tiermail status` shows the tier reporting for ever."""
+    key = health.heartbeat_key(settings.redis_prefix, "filter")
+    async with Heartbeat(client, settings.redis_prefix, "filter", dict):
+        await eventually(lambda: client.exists(key), what="the heartbeat's first write")
+        assert 0 < await client.ttl(key) <= TTL
+    await client.aclose()
+
+
 async def test_a_change_is_reported_at_once_not_at_the_next_interval(
         settings: Settings, client: redis.asyncio.Redis,
         monkeypatch: pytest.MonkeyPatch) -> None:

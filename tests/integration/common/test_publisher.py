@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -186,6 +187,38 @@ async def test_every_queue_the_topology_declares_is_a_durable_quorum_queue(
                 if name.startswith(f"{settings.queue_prefix}.")}
     assert declared.keys() == ours
     assert all(rest == ["quorum", "true"] for rest in declared.values()), declared
+
+
+async def test_every_queue_mail_is_delivered_from_dead_letters_what_it_cannot_deliver(
+        settings: Settings, amqp_vhost: str) -> None:
+    """The queues the store and the deferred scanner consume from hand a message that keeps
+    coming back (a store that crashes on it, an envelope it cannot read) to the dead-letter
+    exchange after their delivery limit, and refuse publishes when full (the publisher gets a
+    nack and says 451) rather than dropping the oldest. The scan queue's limit is high: its
+    messages may go back many times during one scanner outage."""
+    publisher = Publisher(settings.amqp_url, settings.topology)
+    try:
+        await publisher.ensure_connected()
+    finally:
+        await publisher.close()
+    topology = settings.topology
+    listed = json.loads(await asyncio.to_thread(rabbitmqctl, "list_queues", "-p", amqp_vhost,
+                                                "name", "arguments", "--formatter", "json"))
+    arguments = {queue["name"]: {name: value for name, _, value in queue["arguments"]}
+                 for queue in listed}
+
+    def work_queue(limit: int) -> dict[str, object]:
+        return {"x-queue-type": "quorum", "x-delivery-limit": limit,
+                "x-dead-letter-exchange": topology.dead_exchange,
+                "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+
+    assert arguments == {
+        topology.deliver_queue: work_queue(settings.delivery_attempts),
+        topology.large_queue: work_queue(settings.delivery_attempts),
+        topology.scan_queue: work_queue(100),
+        topology.quarantine_queue: {"x-queue-type": "quorum"},
+        topology.dead_queue: {"x-queue-type": "quorum"},
+    }
 
 
 def _large_message() -> tuple[Envelope, bytes]:

@@ -3,6 +3,7 @@ it refuses on every retry is a bad setting; what passes (busy, down) is waited f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from common.redisconn import check_redis_url
+from common.redisconn import check_redis_url, open_redis
 from common.settings import Settings, SettingsError
 from tests.support import PrivateRedis, wait_until
 
@@ -34,6 +35,36 @@ async def test_the_right_password_passes_and_a_wrong_one_is_a_bad_setting(
         with pytest.raises(SettingsError, match=r"Redis refuses it") as refused:
             await check_redis_url(Settings(hostname="test", redis_url=wrong))
         assert "wrong" not in str(refused.value).partition("refuses")[0]
+
+
+async def test_a_wrong_password_in_the_query_is_not_shown(private_redis: PrivateRedis) -> None:
+    """redis-py also takes the password as a query parameter; the error hides it there too."""
+    url = f"redis://127.0.0.1:{private_redis.port}/1?socket_keepalive=1&password=wrong-one"
+    with pytest.raises(SettingsError, match=r"Redis refuses it") as refused:
+        await check_redis_url(Settings(hostname="test", redis_url=url))
+    assert str(refused.value).startswith(
+        f"TIERMAIL_REDIS_URL=redis://127.0.0.1:{private_redis.port}/1"
+        "?socket_keepalive=1&password=***: Redis refuses it")
+
+
+async def test_a_frozen_redis_costs_each_call_the_timeout(private_redis: PrivateRedis) -> None:
+    """Connected, then the server stops answering (SIGSTOP): the call fails after the
+    timeout open_redis was given instead of waiting for ever."""
+    url = f"redis://:{PASSWORD}@127.0.0.1:{private_redis.port}/1"
+    client = open_redis(Settings(hostname="test", redis_url=url), timeout=0.5)
+    # What the bound is, not only that there is one: redis-py's own default is 5 s now.
+    assert client.connection_pool.connection_kwargs["socket_timeout"] == 0.5
+    try:
+        assert await client.ping()
+        private_redis.pause()
+        try:
+            async with asyncio.timeout(10):  # the test's own bound, far above the client's
+                with pytest.raises(redis.exceptions.TimeoutError):
+                    await client.ping()
+        finally:
+            private_redis.resume()
+    finally:
+        await client.aclose()
 
 
 async def test_a_busy_redis_is_no_bad_setting(private_redis: PrivateRedis) -> None:

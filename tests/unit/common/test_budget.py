@@ -9,7 +9,7 @@ def test_a_budget_refuses_what_does_not_fit_and_takes_it_back_when_released() ->
     budget = MemoryBudget(100)
     first, second = Hold(budget), Hold(budget)
     assert first.take(60) and not second.take(50) and second.take(40)
-    assert budget.held == 100
+    assert budget.held == 100 and not budget.fits(1) and not second.take(1)
     first.release()
     assert budget.held == 40 and second.take(60)
 

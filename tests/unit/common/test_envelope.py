@@ -68,6 +68,13 @@ def _changed(**fields: object) -> bytes:
     _changed(mail_from="\ud800@example.org"),
     _changed(recipients=[{"address": "a@example.org", "mailboxes": ["\udcff@example.org"]}]),
     b"[" * 5000 + b"]" * 5000,
+    _changed(queue_id=""),  # the store's duplicate check keys on it
+    _changed(recipients=[{"address": "a@example.org", "mailboxes": [""]}]),
+    _changed(schema=2),  # a newer filter's envelope, whole: not misread by an older store
+    _changed(junk="false"),
+    _changed(smtputf8=[0]),
+    _changed(body_8bit=1),
+    _changed(tls=True),
 ])
 def test_envelopes_a_broken_publisher_could_send_raise_envelope_error(raw: bytes) -> None:
     """Each of these escaped the decoder (OverflowError, RecursionError, and the encoding

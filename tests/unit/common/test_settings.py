@@ -46,7 +46,8 @@ def test_round_trip_through_environment() -> None:
 
 
 @pytest.mark.parametrize(("bind", "allowed"), [("127.0.0.1", True), ("::1", True),
-                                               ("0.0.0.0", False), ("192.0.2.1", False)])
+                                               ("localhost", True), ("0.0.0.0", False),
+                                               ("192.0.2.1", False)])
 def test_plaintext_auth_only_on_loopback_by_default(bind: str, allowed: bool) -> None:
     assert Settings(bind=bind).plaintext_auth_allowed is allowed
     assert Settings(bind=bind, allow_plaintext_auth=True).plaintext_auth_allowed is True
@@ -81,6 +82,19 @@ def test_a_data_memory_below_the_largest_message_is_refused() -> None:
         Settings.from_env({"TIERMAIL_SMTP_DATA_MEMORY": "100000"})
     both = {"TIERMAIL_SMTP_DATA_MEMORY": "100000", "TIERMAIL_MAX_MESSAGE_SIZE": "100000"}
     assert Settings.from_env(both).smtp_data_memory == 100000
+
+
+# Sizes, counts and timeouts where 0 would not mean "off": a POP3 or IMAP session cut at
+# once, every message refused, a store that takes no message. Written out here, not read from
+# common/settings.py POSITIVE, so that a name dropped there fails this test.
+MUST_BE_ABOVE_ZERO = (
+    "SCAN_TIMEOUT", "CLAMD_STREAM_MAX", "RSPAMD_MAX_MESSAGE", "MAX_MESSAGE_SIZE",
+    "MAX_RECIPIENTS", "MAX_LINE_LENGTH", "SMTP_COMMAND_TIMEOUT", "SMTP_DATA_TIMEOUT",
+    "SMTP_MAX_CONNECTIONS", "SMTP_DATA_MEMORY", "SMTP_MAX_ERRORS", "PUBLISH_TIMEOUT",
+    "STORE_PREFETCH", "DELIVERY_ATTEMPTS", "POP3_TIMEOUT", "POP3_LOGIN_DEADLINE",
+    "POP3_MAX_CONNECTIONS", "IMAP_TIMEOUT", "IMAP_LOGIN_TIMEOUT", "IMAP_LOGIN_DEADLINE",
+    "IMAP_MAX_LITERAL", "IMAP_LITERAL_MEMORY", "IMAP_FETCH_MEMORY", "IMAP_MAX_LINE",
+    "IMAP_MAX_CONNECTIONS", "IMAP_MAX_ERRORS")
 
 
 @pytest.mark.parametrize(("name", "value"), [
@@ -155,6 +169,10 @@ def test_a_data_memory_below_the_largest_message_is_refused() -> None:
     ("TIERMAIL_DELIVERY_ATTEMPTS", str(2**31)),
     ("TIERMAIL_DEFAULT_QUOTA", str(2**63)),
     ("TIERMAIL_MAX_MESSAGE_SIZE", "9" * 30),
+    ("TIERMAIL_STORE_PREFETCH", "65536"),  # basic.qos would refuse it at every start
+    ("TIERMAIL_HOSTNAME", ".".join(["a" * 63] * 4)[:254]),  # 254 octets: no DNS name
+    ("TIERMAIL_ALLOW_PLAINTEXT_AUTH", "maybe"),
+    *((f"TIERMAIL_{name}", "0") for name in MUST_BE_ABOVE_ZERO),
 ])
 def test_values_no_tier_can_work_with_are_refused_by_name(name: str, value: str) -> None:
     """Each was taken as it was, and a tier failed later with a traceback (a scanner
@@ -168,6 +186,8 @@ def test_values_no_tier_can_work_with_are_refused_by_name(name: str, value: str)
                                      "TIERMAIL_IMAP_PORT"),
     ({"TIERMAIL_SMTP_PORT": "993", "TIERMAIL_IMAPS_PORT": "993"},
      "TIERMAIL_IMAPS_PORT=993: the same port as TIERMAIL_SMTP_PORT"),
+    ({"TIERMAIL_POP3S_PORT": "2110"}, "TIERMAIL_POP3S_PORT=2110: the same port as "
+                                      "TIERMAIL_POP3_PORT"),
 ])
 def test_two_listeners_on_one_port_are_refused_by_name(env: dict[str, str],
                                                         named: str) -> None:
@@ -195,6 +215,8 @@ def test_two_listeners_on_one_port_are_refused_by_name(env: dict[str, str],
     ("TIERMAIL_SPAMD_ADDRESS", ""),  # with TIERMAIL_SPAM=rspamd or off, not used
     ("TIERMAIL_POSTMASTER", "Alice@Example.org"), ("TIERMAIL_POSTMASTER", "pm@b\u00fccher.example"),
     ("TIERMAIL_QUEUE_PREFIX", "amqp-mail"), ("TIERMAIL_QUEUE_PREFIX", "mail.amq"),
+    ("TIERMAIL_STORE_PREFETCH", "65535"),
+    ("TIERMAIL_HOSTNAME", ".".join(["a" * 63] * 4)[:253]),
 ])
 def test_edge_values_that_mean_something_are_taken(name: str, value: str) -> None:
     Settings.from_env({name: value})
@@ -241,3 +263,11 @@ def test_choices_are_the_ones_the_tiers_know() -> None:
     assert CHOICES["spam"] == SPAM_BACKENDS and CHOICES["virus"] == VIRUS_BACKENDS
     assert set(CHOICES["scan_failure"]) == set(ScanFailure)
     assert set(CHOICES["virus_oversize"]) == set(Oversize)
+
+
+@pytest.mark.parametrize(("value", "meant"), [
+    ("yes", True), ("on", True), ("true", True), ("1", True), (" Yes ", True),
+    ("no", False), ("off", False), ("false", False), ("0", False), ("OFF", False)])
+def test_yes_and_no_are_read_as_operators_write_them(value: str, meant: bool) -> None:
+    assert Settings.from_env({"TIERMAIL_ALLOW_PLAINTEXT_AUTH": value}).allow_plaintext_auth \
+        is meant

@@ -77,8 +77,13 @@ def test_a_machine_named_localhost_gets_each_name_once(tmp_path: Path) -> None:
 
 
 def _expired_pair(folder: Path, hostname: str) -> tuple[Path, Path]:
-    """A certificate for `hostname` valid through 2024 only (openssl ca -selfsign, the one
-    way openssl 3.0 takes dates in the past)."""
+    """A certificate for `hostname` valid through 2024 only."""
+    return _dated_pair(folder, hostname, "20240101000000Z", "20250101000000Z")
+
+
+def _dated_pair(folder: Path, hostname: str, start: str, end: str) -> tuple[Path, Path]:
+    """A certificate for `hostname` valid from `start` to `end` (openssl ca -selfsign, the
+    one way openssl 3.0 takes dates other than from now on)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "index.txt").write_text("")
     (folder / "serial").write_text("01\n")
@@ -90,8 +95,8 @@ def _expired_pair(folder: Path, hostname: str) -> tuple[Path, Path]:
                     str(key), "-out", str(folder / "req.csr"), "-subj", f"/CN={hostname}"],
                    check=True, capture_output=True)
     subprocess.run(["openssl", "ca", "-batch", "-config", "ca.cnf", "-keyfile", str(key),
-                    "-in", "req.csr", "-out", str(cert), "-selfsign", "-startdate",
-                    "20240101000000Z", "-enddate", "20250101000000Z"],
+                    "-in", "req.csr", "-out", str(cert), "-selfsign", "-startdate", start,
+                    "-enddate", end],
                    check=True, capture_output=True, cwd=folder)
     return cert, key
 
@@ -106,6 +111,15 @@ def test_an_expired_or_misnamed_development_certificate_is_made_anew(tmp_path: P
     subject = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-subject"],
                              check=True, capture_output=True, text=True).stdout
     assert "mail.other.test" in subject
+
+
+def test_a_development_certificate_not_valid_yet_is_made_anew(tmp_path: Path) -> None:
+    """A clock set back (or a certificate copied from a machine whose clock ran ahead):
+    clients refuse it until its start."""
+    cert, key = _dated_pair(tmp_path / "tls", "mx.test.invalid", "20990101000000Z",
+                            "21000101000000Z")
+    assert ensure_dev_certificate(cert, key, "mx.test.invalid")
+    assert not ensure_dev_certificate(cert, key, "mx.test.invalid")
 
 
 def test_an_expired_configured_certificate_is_said_at_start(
