@@ -115,10 +115,11 @@ async def start_pop3(settings: Settings, accounts: AccountDB
     """Start POP3 + POP3S in this test's event loop; `settings`/`store` may be overridden."""
     servers: list[asyncio.AbstractServer] = []
 
-    async def start(store: MailStore, settings: Settings = settings) -> Pop3Stack:
+    async def start(store: MailStore, settings: Settings = settings,
+                    auth_failure_delay: float = TEST_AUTH_DELAY) -> Pop3Stack:
         locks = ObservedLocks()
         started = await start_pop3_servers(settings, store, accounts,
-                                           auth_failure_delay=TEST_AUTH_DELAY, locks=locks)
+                                           auth_failure_delay=auth_failure_delay, locks=locks)
         servers.extend(started)
         return Pop3Stack(settings, store, locks, started)
 

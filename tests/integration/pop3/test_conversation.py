@@ -9,7 +9,9 @@ import contextlib
 import hashlib
 import logging
 import poplib
+import socket
 import ssl
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -73,8 +75,15 @@ class Raw:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, port: int) -> Raw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def open(cls, port: int, receive_buffer: int | None = None) -> Raw:
+        """`receive_buffer`: the socket's SO_RCVBUF, fixed (the kernel's autotuning off), for
+        a test that counts on how little a client that does not read can take in."""
+        sock = socket.socket()
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
         raw = cls(reader, writer)
         assert (await raw.line()).startswith(b"+OK")
         return raw
@@ -274,6 +283,19 @@ async def test_wrong_password(pop3: Pop3Stack) -> None:
     await asyncio.to_thread(dialog)
 
 
+async def test_a_wrong_password_is_answered_only_after_the_failure_delay(
+        start_pop3: StartPop3, mailstore: MailStore) -> None:
+    """Password guessing at a sleep per failure, not at the speed of the hash check (a
+    lower bound: a sleep never ends early)."""
+    pop3 = await start_pop3(mailstore, auth_failure_delay=1.0)
+    raw = await Raw.open(pop3.port)
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    asked = time.monotonic()
+    assert await raw.send(b"PASS wrong\r\n") == p.ERR_AUTH_FAILED.encode()
+    assert time.monotonic() - asked >= 1.0
+    await raw.close()
+
+
 async def test_too_many_failed_logins_disconnect(pop3: Pop3Stack) -> None:
     raw = await Raw.open(pop3.port)
     for attempt in range(3):
@@ -304,12 +326,14 @@ async def test_top(pop3: Pop3Stack) -> None:
 
 HEADER_ONLY = b"From: erin@example.org\r\nSubject: no body\r\n"
 NO_FINAL_CRLF = b"Subject: three\r\n\r\n.dot on the last line"
+# Its last line has no line end and could still be a header field's name when the file ends.
+HEADER_WITHOUT_FINAL_CRLF = b"Subject: four\r\nX-Last"
 
 
 async def test_edge_case_replies(pop3: Pop3Stack) -> None:
     """Arguments out of range or malformed, deleted messages, commands in the wrong state,
     TOP of a message without a body and a body without a final line end (RFC 1939 5-7)."""
-    for body in (MSG2, HEADER_ONLY, NO_FINAL_CRLF):
+    for body in (MSG2, HEADER_ONLY, NO_FINAL_CRLF, HEADER_WITHOUT_FINAL_CRLF):
         await pop3.deliver(ALICE, body)
     raw = await Raw.open(pop3.port)
     for command in (b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"RSET", b"NOOP"):
@@ -317,24 +341,28 @@ async def test_edge_case_replies(pop3: Pop3Stack) -> None:
     await raw.send(f"USER {ALICE}\r\n".encode())
     assert (await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())).startswith(b"+OK")
     for command, reply in [(b"LIST 0", p.ERR_BAD_NUMBER), (b"RETR -1", p.ERR_BAD_NUMBER),
-                           (b"TOP x 1", p.ERR_BAD_NUMBER), (b"DELE 4", p.ERR_NO_SUCH_MESSAGE),
+                           (b"TOP x 1", p.ERR_BAD_NUMBER), (b"DELE 5", p.ERR_NO_SUCH_MESSAGE),
                            (b"UIDL 99999999999", p.ERR_BAD_NUMBER),
                            (b"TOP 1 -1", p.ERR_BAD_SYNTAX.format(reason="invalid line count")),
-                           (b"USER x", p.ERR_WRONG_STATE), (b"STLS", p.ERR_WRONG_STATE)]:
+                           (b"USER x", p.ERR_WRONG_STATE), (b"STLS", p.ERR_WRONG_STATE),
+                           *((extra, p.ERR_BAD_SYNTAX.format(reason="wrong number of arguments"))
+                             for extra in (b"DELE 1 2", b"STAT x", b"RETR 1 2", b"QUIT now"))]:
         assert await raw.send(command + b"\r\n") == reply.encode(), command
     for n in (0, 5):
         assert await raw.send(f"TOP 2 {n}\r\n".encode()) == p.OK_TOP.encode()
         assert await raw.multiline() == p.stuff(HEADER_ONLY)
     assert await raw.send(b"TOP 3 1\r\n") == p.OK_TOP.encode()
     assert await raw.multiline() == b"Subject: three\r\n\r\n..dot on the last line\r\n.\r\n"
+    assert await raw.send(b"TOP 4 5\r\n") == p.OK_TOP.encode()
+    assert await raw.multiline() == HEADER_WITHOUT_FINAL_CRLF + b"\r\n.\r\n"
     assert await raw.send(b"DELE 1\r\n") == p.OK_DELE.format(number=1).encode()
     for command in (b"DELE 1", b"RETR 1", b"TOP 1 0", b"LIST 1", b"UIDL 1"):
         assert await raw.send(command + b"\r\n") == p.ERR_DELETED.format(number=1).encode()
-    assert await raw.send(b"STAT\r\n") == \
-        f"+OK 2 {len(HEADER_ONLY) + len(NO_FINAL_CRLF) + 2}\r\n".encode()
+    left = len(HEADER_ONLY) + len(NO_FINAL_CRLF) + 2 + len(HEADER_WITHOUT_FINAL_CRLF) + 2
+    assert await raw.send(b"STAT\r\n") == f"+OK 3 {left}\r\n".encode()
     await raw.close()
     await pop3.wait_unlocked(ALICE)
-    assert len(await pop3.store.list_messages(ALICE, INBOX)) == 3
+    assert len(await pop3.store.list_messages(ALICE, INBOX)) == 4
 
 
 async def test_stls_on_the_implicit_tls_port_is_refused(pop3: Pop3Stack) -> None:
@@ -569,6 +597,53 @@ async def test_retr_20_mb(pop3: Pop3Stack) -> None:
     digest, count = await asyncio.to_thread(dialog)
     assert digest == hashlib.sha256(body).hexdigest()
     assert count == body.count(b"\r\n")
+
+
+class CountedFile:
+    """A stored message's file that counts what the server read of it, and sees it closed."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.read_octets = 0
+        self.closed = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self.read_octets += len(data)
+        return data
+
+    def close(self) -> None:
+        self.closed = True
+        self._file.close()
+
+
+async def test_a_client_that_stops_reading_a_retr_is_let_go(
+        start_pop3: StartPop3, mailstore: MailStore, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client gone mid-RETR without a reset (a suspended laptop, a NAT entry dropped): the
+    store reads the message only as fast as the client takes it, and lets the session go
+    after the idle timeout, its file closed and its maildrop unlocked (or the user gets
+    [IN-USE] until the store restarts)."""
+    opened: list[CountedFile] = []
+    open_message = mailstore.open_message
+
+    def counted(user: str, guid: str) -> BinaryIO:
+        opened.append(CountedFile(open_message(user, guid)))
+        return opened[-1]  # type: ignore[return-value]
+
+    monkeypatch.setattr(mailstore, "open_message", counted)
+    pop3 = await start_pop3(mailstore, settings.replace(pop3_timeout=1.5))
+    line = b"x" * 998 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * (20 * 1024 * 1024 // len(line))
+    await pop3.deliver(ALICE, body)
+    raw = await Raw.open(pop3.port, receive_buffer=64 * 1024)
+    await raw.send(f"USER {ALICE}\r\n".encode())
+    assert (await raw.send(f"PASS {USERS[ALICE]}\r\n".encode())).startswith(b"+OK")
+    raw.writer.write(b"RETR 1\r\n")  # and nothing is read from now on
+    await pop3.wait_unlocked(ALICE)
+    assert len(opened) == 1 and opened[0].closed
+    assert opened[0].read_octets < len(body) // 2, "read ahead of what the client took"
+    raw.writer.transport.abort()
 
 
 async def test_pipelined_commands_answered_in_order(pop3: Pop3Stack) -> None:
