@@ -117,9 +117,41 @@ def _without_nul(text: str) -> str:
 
 
 def fold(text: str) -> str:
-    """Case folding for scans; `lower` rather than `casefold` because it is what the FTS5
-    trigram tokenizer does (one character to one character), so scans and the index agree."""
-    return text.lower()
+    """Case folding for scans, exactly the FTS5 trigram tokenizer's, so that a scan and the
+    index find the same messages: one code point to one, by SQLite's own Unicode tables.
+    Not `str.lower()`, which differs for about 400 code points: it makes a word's last
+    capital sigma a final sigma (ς, which the index folds to σ, so `ΟΔΟΣ` did not find
+    `ΟΔΟΣΜΟΥ` until the indexer had reached the message), leaves the micro sign and Greek
+    symbol forms as they are, and lowers scripts newer than SQLite's tables."""
+    return text.translate(_fts5_folding())
+
+
+# Code points above this have no case in Unicode 15 (the last cased ones are Adlam's).
+_LAST_CASED = 0x1FFFF
+# FTS5 reads these as invalid UTF-8 and indexes U+FFFD for them.
+_READ_AS_REPLACEMENT = (0xFFFE, 0xFFFF)
+
+
+@functools.cache
+def _fts5_folding() -> dict[int, int]:
+    """What the trigram tokenizer (`case_sensitive 0`) turns each code point into, for the
+    code points it changes; asked of SQLite once per process (about 30 ms). Every code point
+    it folds is one that Python lowers or case-folds, or one of _READ_AS_REPLACEMENT
+    (checked over all of Unicode with SQLite 3.40)."""
+    cased = [code for code in range(_LAST_CASED + 1)
+             if not 0xD800 <= code <= 0xDFFF
+             and (chr(code).lower() != chr(code) or chr(code).casefold() != chr(code))]
+    db = sqlite3.connect(":memory:")
+    try:
+        db.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize='trigram case_sensitive 0')")
+        db.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
+        # One trigram a row: "q", the code point as the tokenizer reads it, "z".
+        db.executemany("INSERT INTO t(rowid, x) VALUES (?, ?)",
+                       ((code, f"q{chr(code)}z") for code in (*cased, *_READ_AS_REPLACEMENT)))
+        return {code: ord(term[1]) for code, term in db.execute("SELECT doc, term FROM v")
+                if term[1] != chr(code)}
+    finally:
+        db.close()
 
 
 def text_contains(text: MessageText, needle: str, field: str) -> bool:
