@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -37,8 +38,9 @@ def message(headers: list[tuple[str, str]], body: str | bytes) -> bytes:
 
 
 RAW = [
-    # 0: plain, Seen+Answered, keyword $Work
-    message([("From", "Alice Example <alice@example.org>"), ("To", "bob@example.net"),
+    # 0: plain, Seen+Answered, keyword $Work, two Received fields
+    message([("Received", "from a.example.org"), ("Received", "from relay.example.net"),
+             ("From", "Alice Example <alice@example.org>"), ("To", "bob@example.net"),
              ("Subject", "Quarterly report"), ("Date", "Mon, 1 Jan 2024 23:30:00 -0500"),
              ("X-Priority", "1")],
             "Numbers are up this quarter.\r\n"),
@@ -182,9 +184,13 @@ CASES: list[tuple[SearchKey, list[int]]] = [
     (key("HEADER", "1", "x-priority"), [0]),
     (key("HEADER", "", "Cc"), [1]),  # empty value: has the field
     (key("HEADER", "", "X-Missing"), []),
+    # every field of that name is looked at, not only the first (relays add one each)
+    (key("HEADER", "relay", "Received"), [0]),
     # TEXT / BODY
     (key("BODY", "quarter"), [0]),
     (key("TEXT", "quarter"), [0, 2]),  # message 2 only has it in its Subject
+    # BODY's answer is not TEXT's: TEXT still finds message 2 after BODY passed it over
+    (key("OR", None, None, key("BODY", "quarter"), key("TEXT", "quarter")), [0, 2]),
     (key("BODY", "großartig"), [2]),  # base64 UTF-8 body
     (key("BODY", "überraschung"), [2]),
     (key("BODY", "needle at the end"), [3]),
@@ -222,6 +228,30 @@ CASES: list[tuple[SearchKey, list[int]]] = [
                          ids=[f"{i}-{c[0].kind}" for i, c in enumerate(CASES)])
 async def test_search_key(program: SearchKey, expected: list[int], indexed: bool) -> None:
     assert await run(program, indexed) == expected
+
+
+@pytest.fixture(params=["America/Los_Angeles", "Pacific/Kiritimati"])
+def server_zone(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+                ) -> Iterator[str]:
+    """The server's local time zone set to one far from UTC (-8 and +14) for one test."""
+    monkeypatch.setenv("TZ", request.param)
+    time.tzset()
+    yield request.param
+    monkeypatch.undo()
+    time.tzset()  # the zone of the tests that follow is the one they started with
+
+
+async def test_internaldate_keys_use_the_utc_date_whatever_the_servers_zone(
+        server_zone: str) -> None:
+    """BEFORE, ON and SINCE compare the INTERNALDATE's date in UTC, the zone FETCH shows it
+    in: a server run in another zone must not move a message to the day before or after.
+    (Message 0 arrived on 2 Jan at 05:00 UTC, 1 Jan in Los Angeles; message 1 at 12:00 UTC,
+    3 Jan on Kiritimati.)"""
+    assert await run(key("ON", D(2024, 1, 2))) == [0, 1]
+    assert await run(key("BEFORE", D(2024, 1, 2))) == []
+    assert await run(key("SINCE", D(2024, 1, 3))) == [2, 3, 4, 5]
+    # no or a bad Date header: SENT* use the INTERNALDATE's date, in UTC too
+    assert await run(key("SENTON", D(2024, 1, 4))) == [3]
 
 
 async def test_cheap_keys_read_no_message() -> None:

@@ -32,6 +32,7 @@ from services.store.mailbox import MessageInfo
     ("[a] [b]", "[b]", False),
     ("[fwd: [a] Re: x] (fwd)", "x", True),
     ("[a] [b] [Fwd: y]", "y", True),
+    ("[Fwd: hello", "[Fwd: hello", False),  # a wrapper only with its closing "]"
 ])
 def test_base_subject(subject: str, base: str, reply: bool) -> None:
     assert base_subject(subject) == (base, reply)
@@ -145,3 +146,40 @@ async def test_a_criterion_met_again_decides_nothing_more() -> None:
     assert once == [1, 3, 0, 2]
     repeated = ["SIZE", "REVERSE", "ARRIVAL"] + ["REVERSE", "SIZE", "ARRIVAL"] * 500
     assert await sort(repeated, positions, infos, Source()) == once
+
+
+class Listed(Source):
+    """The messages of one test: `raws[n]` has UID n + 1."""
+
+    def __init__(self, raws: list[bytes]) -> None:
+        self.raws = raws
+
+    async def raw(self, info: MessageInfo) -> bytes:
+        return self.raws[info.uid - 1]
+
+    async def headers(self, infos: Sequence[MessageInfo]) -> list[bytes]:
+        return [self.raws[info.uid - 1] for info in infos]
+
+
+def arrived(*times: float) -> list[MessageInfo]:
+    return [MessageInfo(uid=i + 1, guid=f"{i:032x}", size=10, internaldate=t,
+                        flags=frozenset(), modseq=1) for i, t in enumerate(times)]
+
+
+@pytest.mark.parametrize("date", [None, "31 Feb 24 25:61 XYZ"], ids=["no-date", "bad-date"])
+async def test_a_message_without_a_usable_date_sorts_by_when_it_arrived(
+        date: str | None) -> None:
+    """RFC 5256 2.2: without a Date it can read, a message's sent date is its INTERNALDATE,
+    not the oldest possible date: mail that arrived in 2025 sorts after a 2024 one."""
+    raws = [msg("a", "a@z.test", "", "", "Mon, 01 Jan 2024 10:00:00 +0000"),
+            msg("b", "b@z.test", "", "", date)]
+    infos = arrived(1704103200.0, 1735700000.0)  # b arrived in January 2025
+    assert await sort(["DATE"], [0, 1], infos, Listed(raws)) == [0, 1]
+
+
+async def test_a_group_sorts_by_its_first_mailbox_not_its_name() -> None:
+    """RFC 5256 addr-mailbox is the first mailbox: "alpha: zed@x.test, amy@y.test;" sorts
+    as zed, after bob (the group's name "alpha" is no mailbox)."""
+    raws = [msg("a", "a@z.test", "alpha: zed@x.test, amy@y.test;", "", None),
+            msg("b", "b@z.test", "bob@x.test", "", None)]
+    assert await sort(["TO"], [0, 1], arrived(1.0, 2.0), Listed(raws)) == [1, 0]

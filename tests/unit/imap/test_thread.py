@@ -79,6 +79,46 @@ async def test_orderedsubject() -> None:
         b"* THREAD (1 (2)(4)(5))(3 6)(7)")
 
 
+# Replies written in a different order from the one they arrived in: 3 was sent (day 3)
+# before 2 (day 5).
+LATE_REPLY = [
+    msg("Party", 1, "<a@x>"),
+    msg("Re: Party", 5, "<b@x>", "<a@x>"),
+    msg("Re: Party", 3, "<c@x>", "<a@x>"),
+]
+
+
+@pytest.mark.parametrize("algorithm", ["ORDEREDSUBJECT", "REFERENCES"])
+async def test_replies_are_ordered_by_sent_date_not_by_arrival(algorithm: str) -> None:
+    """RFC 5256: siblings are sorted by sent date, so the reply sent first comes first even
+    when it reached the mailbox last."""
+    assert await threads(algorithm, LATE_REPLY) == b"* THREAD (1 (3)(2))"
+
+
+async def test_references_a_later_message_does_not_move_an_earlier_link() -> None:
+    """RFC 5256 5 step 1.B: ids already linked keep their parent. 3 says the missing <x@x>
+    is under 1; 4 says it is under 2: it stays under 1, and 4 joins it there."""
+    raws = [
+        msg("Apples", 1, "<a@x>"),
+        msg("Pears", 2, "<b@x>"),
+        msg("Re: Apples", 3, references="<a@x> <x@x> <d@x>"),
+        msg("Re: Pears", 4, references="<b@x> <x@x> <f@x>"),
+    ]
+    assert await threads("REFERENCES", raws) == b"* THREAD (1 (3)(4))(2)"
+
+
+async def test_references_a_dummy_takes_the_subject_of_its_earliest_reply() -> None:
+    """RFC 5256 5 steps 4 and 5.B: a thread under a missing message has the subject of its
+    earliest message, so a message with that subject joins it. Here 2 was sent first (day 2)
+    though 1 was linked first, and 3 shares 2's subject."""
+    raws = [
+        msg("Re: Budget", 3, "<b@x>", "<gone@x>"),
+        msg("Re: Offsite", 2, "<c@x>", "<gone@x>"),
+        msg("Offsite", 4, "<d@x>"),
+    ]
+    assert await threads("REFERENCES", raws) == b"* THREAD ((2)(1)(3))"
+
+
 async def test_references_missing_parent_is_a_dummy_holding_siblings() -> None:
     raws = [
         msg("Re: Topic", 2, "<b@x>", "<gone@x>"),
@@ -146,6 +186,15 @@ async def test_threads_thousands_deep() -> None:
         chain.append(msg("Re: deep", 1, f"<m{n}@x>", in_reply_to=f"<m{n - 1}@x>"))
     numbers = " ".join(str(n) for n in range(1, depth + 1))
     assert await threads("REFERENCES", chain) == f"* THREAD ({numbers})".encode()
+
+
+async def test_a_long_references_keeps_its_last_ids() -> None:
+    """Of a References longer than 128 ids, the first 8 and the last 120 are kept: the last
+    one is the parent, so a reply with 200 ids still goes under the message it answers
+    (their subjects differ: only References can join them)."""
+    ids = [f"<r{n}@x>" for n in range(200)]
+    raws = [msg("first", 1, ids[-1]), msg("second", 2, "<s@x>", " ".join(ids))]
+    assert await threads("REFERENCES", raws) == b"* THREAD (1 2)"
 
 
 def test_a_thread_branching_thousands_deep_is_formatted() -> None:
