@@ -168,6 +168,29 @@ async def test_message_delivered_after_indexing_is_found_before_the_indexer_runs
     assert messages[-1].guid in index.indexed(USER)
 
 
+@pytest.mark.parametrize("needle", ["ZQXV", "7j"], ids=["indexable", "under-three-characters"])
+async def test_text_far_into_a_large_body_is_found_before_the_indexer_runs(
+        maildb: MailDB, indexer: TextIndexer, needle: str) -> None:
+    """A message the index has not reached yet is read whole, not only its first 8 KiB (what
+    a header search reads): a word near the end of a large message just delivered is found
+    by TEXT and BODY. So is a needle too short for the index (always answered by reading)."""
+    await deliver(maildb, [b"Subject: small\r\n\r\nnothing to see\r\n"])
+    await indexer.wait_idle()
+    maildb.remove_listener(indexer.notify)  # the indexer hears nothing more
+
+    filler = b"filler text, line after line\r\n" * 700  # 21 KiB
+    large = b"Subject: large\r\n\r\n" + filler + b"the code is zqxv 7j\r\n"
+    await deliver(maildb, [large], start=100)
+    messages = await maildb.list_messages(USER, INBOX)
+    index = TextIndex(maildb.root)
+    assert messages[-1].guid not in index.indexed(USER)
+
+    for kind in ("TEXT", "BODY"):
+        found = await search(SearchKey(kind, needle), messages,
+                             StoreMessageSource(maildb, index, USER), recent=frozenset())
+        assert found == [len(messages) - 1], kind
+
+
 async def test_expunged_messages_are_forgotten(maildb: MailDB, indexer: TextIndexer) -> None:
     await deliver(maildb, [b"Subject: one\r\n\r\nshared words\r\n",
                            b"Subject: two\r\n\r\nshared words\r\n"])
@@ -178,6 +201,29 @@ async def test_expunged_messages_are_forgotten(maildb: MailDB, indexer: TextInde
     index = TextIndex(maildb.root)
     assert index.indexed(USER) == {messages[1].guid}
     assert index.lookup(USER, "shared words", "BODY")[0] == {messages[1].guid}
+
+
+async def test_an_index_rebuilt_after_a_large_expunge_holds_the_messages_left(
+        maildb: MailDB, indexer: TextIndexer, caplog: pytest.LogCaptureFixture) -> None:
+    """Expunging most of a large mailbox leaves an index file mostly garbage, which is
+    deleted. The messages left must then be indexed again: they were in the old file, and
+    forgotten with it, every TEXT search would read them all."""
+    caplog.set_level(logging.INFO, logger="services.store.backends.textindex")
+    await deliver(maildb, [f"Subject: old {n}\r\n\r\nold mail\r\n".encode()
+                           for n in range(GARBAGE_FLOOR + 3)])
+    await indexer.wait_idle()
+    messages = await maildb.list_messages(USER, INBOX)
+
+    await maildb.expunge(USER, INBOX, [m.uid for m in messages[:GARBAGE_FLOOR + 1]])
+    await indexer.wait_idle()
+
+    assert [r.event for r in caplog.records
+            if getattr(r, "event", "") == "textindex-rebuild"] == ["textindex-rebuild"]
+    kept = await maildb.list_messages(USER, INBOX)
+    assert len(kept) == 2
+    index = TextIndex(maildb.root)
+    assert index.indexed(USER) == {m.guid for m in kept}
+    assert index.lookup(USER, "old mail", "BODY")[0] == {m.guid for m in kept}
 
 
 async def test_catch_up_at_startup_indexes_what_was_delivered_while_down(
@@ -216,6 +262,32 @@ async def test_index_from_an_older_extraction_is_rebuilt_at_startup(
 
     worker = TextIndexer(maildb, fresh)
     await run_until_idle(worker, worker.request_all)
+    assert worker.indexed == 1
+    assert fresh.lookup(USER, "invoice-4711", "BODY")[0] == {message.guid}
+
+
+async def test_index_from_an_older_extraction_is_rebuilt_after_a_clean_stop(
+        maildb: MailDB) -> None:
+    """The usual upgrade: the store stopped cleanly (no -wal file left), and its text index,
+    written by the older version, is newer than the mail index. Only the schema version
+    tells that it must be rebuilt at startup."""
+    raw = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
+           b"see attachment\r\n--b\r\nContent-Type: application/pdf; name=invoice-4711.pdf\r\n"
+           b"\r\nAAAA\r\n--b--\r\n")
+    await deliver(maildb, [raw])
+    first = TextIndexer(maildb, TextIndex(maildb.root))
+    await run_until_idle(first, first.request_all)  # closed: no -wal file left
+    path = maildb.user_path(USER) / FILE_NAME
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION - 1}")
+    later = time.time() + 10
+    os.utime(path, (later, later))  # written after the last delivery
+    assert not path.with_name(FILE_NAME + "-wal").exists()
+
+    fresh = TextIndex(maildb.root)
+    worker = TextIndexer(maildb, fresh)
+    await run_until_idle(worker, worker.request_all)
+    [message] = await maildb.list_messages(USER, INBOX)
     assert worker.indexed == 1
     assert fresh.lookup(USER, "invoice-4711", "BODY")[0] == {message.guid}
 
@@ -321,6 +393,54 @@ async def test_a_full_disk_pauses_indexing_and_keeps_the_index_until_space_retur
             assert worker.indexed == 30
             assert events(caplog) == ["textindex-paused", "textindex-resumed"]
             assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        finally:
+            await maildb.close()
+
+
+async def test_a_full_disk_when_the_index_is_opened_keeps_the_index(
+        tmp_path: Path, inline_max: int, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """SQLite may already fail to open the index on a full (or read-only) disk. That is no
+    broken file either: the index is kept, not deleted and rebuilt from scratch, indexing
+    waits for the disk, and goes on from where it was once there is space."""
+    caplog.set_level(logging.INFO, logger="services.store.backends.textindex")
+    with tmpfs(tmp_path / "disk") as disk:
+        maildb = MailDB(disk / "mail", inline_max=inline_max)
+        try:
+            rng = random.Random(13)
+            await deliver(maildb, [make_message(i, rng) for i in range(10)])
+            first = TextIndexer(maildb, TextIndex(maildb.root), keep_free=0)  # a 16 MiB disk
+            await run_until_idle(first, first.request_all)  # closed: the next open is new
+            await deliver(maildb, [make_message(i, rng) for i in range(10, 20)], start=10)
+            path = maildb.user_path(USER) / FILE_NAME
+            ballast = fill(disk)
+            real_open = textindex._open_writer
+
+            def open_writer(at: Path) -> sqlite3.Connection:
+                if ballast.exists():
+                    raise sqlite3.OperationalError("database or disk is full")
+                return real_open(at)
+
+            monkeypatch.setattr(textindex, "_open_writer", open_writer)
+            index = TextIndex(maildb.root)
+            worker = TextIndexer(maildb, index, keep_free=0)  # the disk's own ENOSPC only
+            async with running(worker):
+                worker.request_all()
+                await eventually(lambda: events(caplog) or not path.exists(),
+                                 within=30, what="indexing paused (or the index deleted)")
+                assert path.exists()
+                assert events(caplog) == ["textindex-paused"]
+                assert len(TextIndex(maildb.root).indexed(USER)) == 10
+                ballast.unlink()
+                await worker.wait_idle()
+            messages = await maildb.list_messages(USER, INBOX)
+            assert index.indexed(USER) == {m.guid for m in messages}
+            assert worker.indexed == 10  # the first ten were not indexed again
+            assert events(caplog) == ["textindex-paused", "textindex-resumed"]
+            # Not "text index unreadable; rebuilding", nor an ERROR.
+            assert [r.getMessage() for r in caplog.records if r.name == textindex.__name__
+                    and r.levelno >= logging.WARNING
+                    and getattr(r, "event", "") != "textindex-paused"] == []
         finally:
             await maildb.close()
 

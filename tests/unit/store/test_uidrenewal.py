@@ -90,6 +90,43 @@ async def test_new_values_are_above_those_handed_out_after_the_backup(tmp_path: 
     counter.close()
 
 
+async def test_new_values_after_an_old_backup_are_above_the_clock(tmp_path: Path) -> None:
+    """A backup from over a year ago holds a counter and indexes far behind the clock, while
+    the store that ran since handed out values from the clock on (one a mailbox, past the
+    clock when many are created at once). The margin above the backup's values (194 days)
+    does not reach today: unless the new values start the margin above the clock, one may
+    be a value a client already saw, and the client keeps its stale cache."""
+    root = tmp_path / "mail"
+    db = MailDB(root, inline_max=0)
+    await db.deliver([delivery("q1")])
+    await db.close()
+    year_ago = int(time.time()) - 400 * 86400
+    conn = sqlite3.connect(user_path(root, ALICE) / "index.sqlite")
+    conn.execute("UPDATE mailbox SET uidvalidity = ? + id", (year_ago - 10,))
+    conn.commit()
+    conn.close()
+    conn = sqlite3.connect(root / UIDVALIDITY_FILE)
+    conn.execute("UPDATE counter SET value = ?", (year_ago,))
+    conn.commit()
+    conn.close()
+    backup = tmp_path / "backup"
+    shutil.copytree(root, backup)
+
+    db = MailDB(root, inline_max=0)
+    await db.deliver([delivery("q2", BOB)])  # a new account: six mailboxes from the clock on
+    await db.close()
+    handed_out = set(uidvalidities(root, BOB).values())
+
+    shutil.rmtree(root)
+    shutil.copytree(backup, root)
+    now = int(time.time())
+    list(uidrenewal.renew(root, [ALICE]))
+
+    after = uidvalidities(root, ALICE)
+    assert min(after.values()) > max(handed_out)
+    assert min(after.values()) > now + uidrenewal.RENEWAL_MARGIN
+
+
 async def test_an_index_copied_after_the_counter_is_respected(tmp_path: Path) -> None:
     """The documented backup copies the counter and the indexes one after the other: an
     index may hold values the restored counter never recorded."""
