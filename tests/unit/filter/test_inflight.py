@@ -70,3 +70,15 @@ def test_more_publishes_than_slots_go_uncovered_without_harm(tmp_path: Path) -> 
     in_flight.__enter__()
     killed(table)
     assert InFlightTable(STACK, 1, tmp_path, worker="next").open() == [(DIGEST, "AGAIN")]
+
+
+def test_publishes_whose_outcome_came_are_not_adopted_after_a_kill(tmp_path: Path) -> None:
+    """Two publishes in flight at once, both answered, then the worker is killed: nothing of
+    them is left. A confirmed message adopted as uncertain would lend its queue id to a
+    later identical submission, which the store would drop as a duplicate: a lost message."""
+    table = InFlightTable(STACK, 4, tmp_path, worker="busy")
+    table.open()
+    with table.holding(DIGEST, "FIRST"), table.holding("e" * 64, "SECOND"):
+        pass
+    killed(table)
+    assert InFlightTable(STACK, 4, tmp_path, worker="next").open() == []

@@ -1,6 +1,7 @@
 """The filter's ledger of unconfirmed publishes (services/filter/unconfirmed.py): which
 transaction counts as a retry, expiry, the bound, and entries as other workers announce
-them. Redis's side is in tests/integration/filter/test_failures.py."""
+them. Redis's side is in tests/integration/filter/test_failures.py and
+test_unconfirmed_ledger.py."""
 
 from __future__ import annotations
 
