@@ -205,7 +205,7 @@ async def test_every_queue_mail_is_delivered_from_dead_letters_what_it_cannot_de
     listed = json.loads(await asyncio.to_thread(rabbitmqctl, "list_queues", "-p", amqp_vhost,
                                                 "name", "arguments", "--formatter", "json"))
     arguments = {queue["name"]: {name: value for name, _, value in queue["arguments"]}
-                 for queue in listed}
+                 for queue in listed if queue["name"].startswith(f"{settings.queue_prefix}.")}
 
     def work_queue(limit: int) -> dict[str, object]:
         return {"x-queue-type": "quorum", "x-delivery-limit": limit,
