@@ -447,6 +447,12 @@ def test_envelope_keeps_encoded_words_encoded() -> None:
         ),
         pytest.param(b"", b"NIL", id="empty"),
         pytest.param(b"Mr. X <x@y>", b'(("Mr. X" NIL "x" "y"))', id="dot-in-phrase"),
+        # Outlook's separator: not RFC 5322, but every recipient is kept, and no group ends.
+        pytest.param(b"A <a@x>; B <b@y>", b'(("A" NIL "a" "x")("B" NIL "b" "y"))',
+                     id="semicolons"),
+        pytest.param(b"a@x; b@y;", b'((NIL NIL "a" "x")(NIL NIL "b" "y"))', id="semicolon-end"),
+        pytest.param(b"G: a@x; b@y", b'((NIL NIL "G" NIL)(NIL NIL "a" "x")(NIL NIL NIL NIL)'
+                     b'(NIL NIL "b" "y"))', id="semicolon-after-group"),
     ],
 )
 def test_envelope_addresses(to: bytes, expected: bytes) -> None:
@@ -516,6 +522,33 @@ def test_sections_of_forwarded_message(
     part: tuple[int, ...], text: str | None, expected: bytes | None
 ) -> None:
     assert sect(FORWARD, part, text) == expected
+
+
+# A message whose whole body is a message (a forward as attachment with no text, a report
+# re-wrapped): part 1 is the encapsulated message, as BODYSTRUCTURE numbers it.
+WRAPPED_INNER = b"From: b@y\r\nSubject: inner\r\n\r\ninner body\r\n"
+WRAPPED = b"From: a@x\r\nContent-Type: message/rfc822\r\n\r\n" + WRAPPED_INNER
+TWICE_WRAPPED = (b"From: a@x\r\nContent-Type: message/rfc822\r\n\r\n"
+                 b"From: b@y\r\nContent-Type: message/rfc822\r\n\r\n" + WRAPPED_INNER)
+
+
+@pytest.mark.parametrize(
+    ("raw", "part", "text", "expected"),
+    [
+        (WRAPPED, (1,), None, WRAPPED_INNER),
+        (WRAPPED, (1,), "HEADER", b"From: b@y\r\nSubject: inner\r\n\r\n"),
+        (WRAPPED, (1,), "TEXT", b"inner body\r\n"),
+        (WRAPPED, (1, 1), None, b"inner body\r\n"),
+        (WRAPPED, (2,), None, None),
+        (TWICE_WRAPPED, (1, 1), None, WRAPPED_INNER),
+        (TWICE_WRAPPED, (1, 1), "HEADER", b"From: b@y\r\nSubject: inner\r\n\r\n"),
+        (TWICE_WRAPPED, (1, 1, 1), None, b"inner body\r\n"),
+    ],
+)
+def test_sections_of_a_message_that_is_only_an_attached_message(
+    raw: bytes, part: tuple[int, ...], text: str | None, expected: bytes | None
+) -> None:
+    assert sect(raw, part, text) == expected
 
 
 def test_header_fields_of_encapsulated_message() -> None:

@@ -111,6 +111,10 @@ def test_response_text_cannot_inject_a_line() -> None:
     line = wire.tagged("a1", "NO", "bad\r\n* 1 EXISTS", "CODE\r\nX")
     assert line.count(b"\r\n") == 1 and line.endswith(b"\r\n")
     assert wire.continuation("x\ny").count(b"\n") == 1
+    # Nor a lone CR, which is no TEXT-CHAR either (RFC 3501 9) and which some clients take
+    # for a line end.
+    for line in (wire.tagged("a1", "NO", "x\ry", "C\rD"), wire.continuation("x\ry")):
+        assert b"\r" not in line[:-2] and line.endswith(b"\r\n")
 
 
 def test_mailbox_inbox_any_case_is_inbox() -> None:

@@ -706,7 +706,9 @@ def parse_addresses(value: str) -> list[Address]:
             flush()
             out.append(Address(None, None, None, None))
             in_group = False
-        elif angle == 0 and special == ",":
+        elif angle == 0 and special in (",", ";"):
+            # A ";" outside a group separates addresses as a "," does: Outlook writes lists
+            # so, and read as part of an address it lost every recipient after the first.
             flush()
         else:
             current.append(token)
