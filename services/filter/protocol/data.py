@@ -120,7 +120,9 @@ class DataReceiver:
         self.release()
         excess = len(self._buffer) - (len(END) - 1)
         if excess > 0:
-            self._count_dots(len(self._buffer))
+            # The dots of the octets dropped, and of a "\r\n." that begins among them; not
+            # one that begins in what is kept: it may be the end marker's.
+            self._count_dots(excess + len(_STUFFED) - 1)
             del self._buffer[:excess]
             self._offset += excess
             self._search_from = 0

@@ -172,7 +172,10 @@ def _helo_name(helo: str, allow_utf8: bool) -> str:
     """The HELO name, cleaned; an address literal ([192.0.2.1], [IPv6:2001:db8::1]: what a
     client without a DNS name sends, Thunderbird among them; RFC 5321 4.1.3) kept whole, as
     RFC 5321 4.4's Received syntax allows it."""
-    if helo.startswith("[") and helo.endswith("]"):
+    # Not with a scope (fe80::1%eth0): Python takes any text after the "%", and RFC 5321's
+    # IPv6 literal has none. Kept whole, `[IPv6:fe80::1%x]) by forged; date (x]` wrote its
+    # own trace fields into ours, and control characters with them.
+    if helo.startswith("[") and helo.endswith("]") and "%" not in helo:
         inner = helo[1:-1]
         is_ipv6 = inner[:5].upper() == "IPV6:"
         try:

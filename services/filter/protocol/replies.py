@@ -64,13 +64,17 @@ SCAN_TOO_BIG_TEMPFAIL = "451 4.7.0 Message too big to be scanned now, please try
 SCAN_LIMITS_TEMPFAIL = ("451 4.7.0 Message could not be scanned whole for viruses now, please "
                         "try again later")
 SPAM_TEMPFAIL = "451 4.7.1 Message deferred, please try again later"
+# RFC 5321 4.2.2 452 and RFC 3463 4.3.1 (mail system full): the worker holds as much message
+# data as it may at once; the sender retries later.
+NO_MEMORY_FOR_DATA = "452 4.3.1 Insufficient system storage, try again later"
 
-# Our own temporary trouble (broker, directory, internal, a full mailbox) and limits the
-# client could not know (a quota; the recipient limit, whose 452s RFC 5321 4.5.3.1.10 has the
-# client answer by sending the rest later): never the client's fault, so not counted towards
-# smtp_max_errors.
+# Our own temporary trouble (broker, directory, internal, the worker's memory for uploads, a
+# full mailbox) and limits the client could not know (a quota; the recipient limit, whose
+# 452s RFC 5321 4.5.3.1.10 has the client answer by sending the rest later): never the
+# client's fault, so not counted towards smtp_max_errors.
 _SERVER_TROUBLE = ("451 4.3.0", "421", SCANNER_UNAVAILABLE, SCAN_TOO_BIG_TEMPFAIL,
-                   SCAN_LIMITS_TEMPFAIL, MAILBOX_FULL, LARGER_THAN_QUOTA, TOO_MANY_RECIPIENTS)
+                   SCAN_LIMITS_TEMPFAIL, MAILBOX_FULL, LARGER_THAN_QUOTA, TOO_MANY_RECIPIENTS,
+                   NO_MEMORY_FOR_DATA)
 
 
 def is_client_error(reply: str) -> bool:
@@ -97,9 +101,6 @@ FOLDED_START = ("554 5.6.0 Message refused: it starts with a folded line, not a 
                 "(RFC 5322 2.2)")
 MESSAGE_TOO_BIG = "552 5.3.4 Message too big for system"
 HEADER_TOO_BIG = "552 5.3.4 Message header section too big (over 1 MiB or 9000 fields)"
-# RFC 5321 4.2.2 452 and RFC 3463 4.3.1 (mail system full): the worker holds as much message
-# data as it may at once; the sender retries later.
-NO_MEMORY_FOR_DATA = "452 4.3.1 Insufficient system storage, try again later"
 SPAM_REJECTED = "550 5.7.1 Message refused as spam"
 SPAM_REJECTED_TEXT = "550 5.7.1 {text}"  # rspamd's smtp_message, made one safe line
 VIRUS_FOUND = "554 5.7.1 Message refused: virus {signature} found"

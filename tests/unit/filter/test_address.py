@@ -91,6 +91,10 @@ def test_well_formed_paths_parse_as_aiosmtpd_did(arg: str) -> None:
     "<a@exa mple.org>", "<a..b@example.org>", "<.a@example.org>", "<a@-bad.example>",
     "<a@example.org", "<a@>", "<@>", "<@example.org>", "<alice>", '<"unclosed@example.org>',
     "<a@example.org>SIZE=1", "<a@[]>", "<a@ex_ample.org>",
+    '<"a"b"@example.org>',  # a bare quote inside a quoted string
+    '<"a\\\x1bb"@example.org>',  # a quoted-pair of a control character (a terminal escape)
+    "<a@example-.org>",  # a label ending in a hyphen
+    "<a@[1.2.3.4]]>",  # an address literal with a bracket inside
 ])
 def test_malformed_paths_are_refused(arg: str) -> None:
     assert parse_path(arg) is None
@@ -115,3 +119,8 @@ def test_sloppy_senders_are_taken_as_written(arg: str, address: str, rest: str) 
 ])
 def test_the_sender_leniency_stops_at_dots_and_underscores(arg: str) -> None:
     assert parse_legacy_sender(arg) is None
+
+
+def test_quoted_pairs_are_undone_so_the_mailbox_is_found() -> None:
+    """RFC 5321 4.1.2: `"\\a\\l\\i\\c\\e"@` is alice@, the same mailbox."""
+    assert parse_path('<"\\a\\l\\i\\c\\e"@example.org>') == ("alice@example.org", "")

@@ -206,6 +206,19 @@ def test_too_big_is_permanent_even_when_memory_ran_out_first() -> None:
     assert memory.held == 0
 
 
+def test_too_big_is_permanent_even_when_memory_ran_out_an_octet_at_a_time() -> None:
+    """Content of 9 octets (`.`, `.x`, two CRLFs, unstuffed) against a limit of 8, with no
+    memory at all: the end marker's own dot, counted as a stuffing dot while content was
+    dropped, made it 8, and the answer 452 (try later) instead of 552."""
+    wire = b"\r\n..\r\n..x\r\n.\r\n"
+    receiver = DataReceiver(8, LINE_LIMIT, MemoryBudget(0))
+    results = [receiver.feed(wire[i:i + 1]) for i in range(len(wire))]
+    assert results[:-1] == [None] * (len(wire) - 1)
+    assert results[-1] is not None and results[-1].error is DataError.TOO_MUCH
+    assert receive(wire, [len(wire)], size_limit=8, line_limit=LINE_LIMIT).error \
+        is DataError.TOO_MUCH
+
+
 @given(st.lists(_PIECES, max_size=40), st.lists(st.integers(1, 20), max_size=20),
        st.integers(0, 300))
 def test_with_a_budget_the_answer_is_the_same_or_no_room_and_nothing_leaks(

@@ -142,7 +142,13 @@ def test_received_utf8() -> None:
     ("[127.0.0.1]", "[127.0.0.1]"), ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),
     ("[ipv6:::1]", "[ipv6:::1]"), ("[2001:db8::1]", "?2001:db8::1?"),
     ("[IPv6:192.0.2.1]", "?IPv6:192.0.2.1?"), ("[999.0.0.1]", "?999.0.0.1?"),
-    ("[a] (b)", "?a???b?")])
+    ("[a] (b)", "?a???b?"),
+    # A scope is no part of RFC 5321's IPv6 literal, and Python takes any text after the "%":
+    # kept whole, it wrote the client's own trace fields, date and control characters in ours.
+    ("[IPv6:fe80::1%x]) by forged; Mon, 1 Jan 2001 00:00:00 +0000 (x]",
+     "?IPv6:fe80::1%x???by?forged??Mon,?1?Jan?2001?00:00:00?+0000??x?"),
+    ("[IPv6:fe80::1%x\rX-Injected: yes\x00]", "?IPv6:fe80::1%x?X-Injected:?yes??"),
+    ("[IPv6:fe80::1%eth0]", "?IPv6:fe80::1%eth0?")])
 def test_received_keeps_an_address_literal_helo(helo: str, shown: str) -> None:
     """Clients without a DNS name greet with their address in brackets (Thunderbird does):
     RFC 5321's Received syntax has room for it; anything else in brackets is cleaned."""
@@ -168,9 +174,21 @@ def test_protocol_name(esmtp: bool, tls: bool, utf8: bool, name: str) -> None:
     assert protocol_name(esmtp, tls, utf8) == name
 
 
-@given(st.text(max_size=100), st.booleans())
-def test_received_never_breaks_the_header(helo: str, utf8: bool) -> None:
-    header = received_header(info(helo=helo, smtputf8=utf8))
+@pytest.mark.parametrize(("recipient", "utf8", "shown"), [
+    # A catch-all takes any local part: a quoted one could close the "for" clause and write
+    # its own date and trace fields.
+    ('"x>; Mon, 1 Jan 2001 00:00:00 +0000 by evil"@example.test', False,
+     '?x???Mon,?1?Jan?2001?00:00:00?+0000?by?evil?@example.test'),
+    ("a\u2028b\u00a0c@bücher.test", True, "a?b?c@bücher.test"),  # separators break lines
+])
+def test_received_cleans_the_recipient_it_names(recipient: str, utf8: bool, shown: str) -> None:
+    header = received_header(info(recipients=[recipient], smtputf8=utf8)).decode()
+    assert f"\tfor <{shown}>; " in header
+
+
+@given(st.text(max_size=100), st.text(max_size=40), st.booleans())
+def test_received_never_breaks_the_header(helo: str, recipient: str, utf8: bool) -> None:
+    header = received_header(info(helo=helo, recipients=[recipient], smtputf8=utf8))
     lines = header.split(b"\r\n")
     assert lines[-1] == b""
     assert all(line.startswith(b"\t") for line in lines[1:-1])

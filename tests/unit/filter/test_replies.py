@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.filter.protocol import replies
-from services.filter.protocol.replies import enhance
+from services.filter.protocol.replies import enhance, is_client_error
 
 # (what aiosmtpd writes, what goes on the wire)
 TABLE = [
@@ -82,6 +82,15 @@ def test_every_constant_has_a_matching_enhanced_code(constant: str) -> None:
     assert ENHANCED.match(constant), constant
     assert constant[0] == constant[4]  # reply class and enhanced class agree
     assert enhance(constant) == constant
+
+
+@pytest.mark.parametrize("constant", [
+    replies.NO_MEMORY_FOR_DATA, replies.QUEUE_UNAVAILABLE, replies.MAILBOX_FULL,
+    replies.SCANNER_UNAVAILABLE])
+def test_our_own_trouble_is_temporary_and_not_the_clients_error(constant: str) -> None:
+    """A 5xx would make senders bounce good mail; counted as the client's error, a relay
+    flushing its queue during our memory crunch was cut off at smtp_max_errors."""
+    assert constant.startswith("4") and not is_client_error(constant)
 
 
 def test_queued_reply() -> None:
