@@ -10,6 +10,7 @@ import smtplib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -192,6 +193,59 @@ async def test_usage_changes_move_a_mailbox_in_and_out_of_the_set(store: Store) 
     await eventually(lambda: _over(store, set()), within=10, what="bob no longer full")
 
 
+async def test_a_mailbox_exactly_at_its_quota_is_full(store: Store) -> None:
+    """"Over quota" is usage >= limit (docs): a mailbox holding exactly its quota takes no
+    more mail, one octet of room lets mail in again."""
+    await deliver(store.maildb, BOB, 2)
+    used = await store.maildb.usage(BOB)
+    store.accounts.set_quota(BOB, used)
+    await eventually(lambda: _over(store, {BOB}), within=10, what="bob flagged full")
+    store.accounts.set_quota(BOB, used + 1)
+    await eventually(lambda: _over(store, set()), within=10, what="bob no longer full")
+
+
+async def test_a_mailbox_that_fills_after_a_failed_publish_is_still_flagged(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis failed once while the store published a delivery's usage: the mailbox must
+    still be flagged once Redis answers, with no further mail to remind the store of it
+    (otherwise the full mailbox kept taking mail)."""
+    store.accounts.set_quota(BOB, 5000)
+    await eventually(lambda: _settled(store), within=10, what="bob's quota published")
+    publish = Directory.set_quota_states
+    failures: list[str] = []
+
+    async def fails_once(self: Directory, *args: Any, **kwargs: Any) -> None:
+        if not failures:
+            failures.append("failed")
+            raise ConnectionError("Redis went away")
+        await publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(Directory, "set_quota_states", fails_once)
+    await deliver(store.maildb, BOB, 3)  # 3 x ~2 KB >= 5000
+    await eventually(lambda: _over(store, {BOB}), within=10, what="bob flagged full")
+    assert failures == ["failed"]
+
+
+async def test_a_quota_state_redis_lost_is_published_again(store: Store) -> None:
+    """Redis flushed, or restarted without persistence, while the store runs: the full
+    mailboxes must be flagged again without waiting for mail or an account change."""
+    store.accounts.set_quota(ALICE, 3000)
+    await deliver(store.maildb, ALICE, 2)  # about 4000
+    await eventually(lambda: _over(store, {ALICE}), within=10, what="alice flagged full")
+    await eventually(lambda: _settled(store), within=10, what="the quota state settled")
+    redis_ = store.directory._redis
+    await redis_.delete(*(store.directory.key(name)
+                          for name in ("overquota", "limit", "quota-generation")))
+    await eventually(lambda: _over(store, {ALICE}), within=10,
+                     what="alice flagged full again")
+    await eventually(lambda: _settled(store), within=10, what="the quota generation back")
+    assert await store.directory.quota_limits() == {ALICE: 3000}
+
+
+async def _settled(store: Store) -> bool:
+    return await store.directory.quota_generation() == store.accounts.generation()
+
+
 async def test_the_filter_takes_mail_again_once_an_expunge_makes_room(settings: Settings,
                                                                       store: Store) -> None:
     """Through the filter's directory cache: the store's flush after the expunge clears the
@@ -302,6 +356,27 @@ async def running(publisher: QuotaPublisher) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_mailbox_that_fills_under_the_default_quota_is_flagged(
+        settings: Settings) -> None:
+    """With TIERMAIL_DEFAULT_QUOTA set, an account without a quota of its own that fills
+    while the store runs is flagged then, not only at the store's next start or account
+    change: the full mailbox kept taking mail."""
+    limited = settings.replace(default_quota=5000)
+    async with store_parts(limited) as parts:
+        publisher = parts.publisher(limited, limited.default_quota)
+        parts.maildb.add_listener(publisher.on_change)
+
+        async def settled() -> bool:
+            return await parts.directory.quota_generation() == parts.accounts.generation()
+
+        async with running(publisher):
+            await eventually(settled, within=10, what="the first reconcile")
+            assert await parts.directory.over_quota() == set()
+            await deliver(parts.maildb, ALICE, 3)  # 3 x ~2 KB >= 5000
+            await eventually(lambda: _over_in(parts.directory, {ALICE}), within=10,
+                             what="alice flagged full")
 
 
 async def test_a_restarted_store_publishes_usage_its_predecessor_did_not(

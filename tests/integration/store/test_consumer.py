@@ -49,7 +49,8 @@ from services.store.backends.accounts import AccountDB
 from services.store.backends.attempts import AttemptLog
 from services.store.backends.epoch import RUNNING
 from services.store.backends.maildb import MailDB
-from services.store.consumer import Consumer
+from services.store.batching import ArrivalPace
+from services.store.consumer import BATCH_TARGET, Consumer
 from services.store.mailbox import INBOX, Delivery
 from tests.integration.store.helpers import (
     add_users,
@@ -1082,6 +1083,36 @@ async def _stored_once_and_dead_lettered(settings: Settings, good: list[tuple[En
     assert check_mailboxes(settings.store_dir, [ALICE]) == {e.queue_id: 1 for e, _ in good}
 
 
+async def test_a_message_that_keeps_failing_is_dead_lettered_at_the_limit_without_its_log(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once a write to the attempt log failed, the store can no longer tell its failed
+    attempts from broken links, and renews nothing for as long as it runs: a message that
+    fails at every delivery goes to the dead-letter queue at the delivery limit, not renewed
+    again and again (up to MAX_RENEWALS times, about eleven times the configured attempts)."""
+    def full(*_: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(AttemptLog, "begin", full)
+    monkeypatch.setattr(redelivery, "MAX_RENEWALS", 2)  # a renewing store finishes too
+    monkeypatch.setattr(consumer_module, "REQUEUE_DELAY_FIRST", 0.05)  # pacing only
+    settings = settings.replace(delivery_attempts=3)
+    add_users(settings, [ALICE])
+    maildb = FlakyMailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    store = await _running(settings, maildb)
+    try:
+        envelope, body = make_message(ALICE)
+        await publish_all(settings, [(envelope, body.replace(b"hello", b"POISON"))])
+        await wait_for(lambda: _eq(store.dead(), 1), within=30,
+                       what="the failing message dead-lettered")
+        await wait_for(lambda: _zero(store.depth()), what="queue drained")
+        assert store.consumer.stats.renewals_off_since > 0  # the log did fail
+        assert store.consumer.stats.renewed == 0
+        assert store.consumer.stats.requeued == 3 + 1  # the first delivery and 3 returns
+    finally:
+        await store.stop()
+        await maildb.close()
+
+
 async def test_junk_envelope_is_filed_into_junk(store: Running) -> None:
     spam = make_message(ALICE, BOB, junk=True)
     ham = make_message(ALICE)
@@ -1155,6 +1186,37 @@ async def test_a_backlog_is_stored_in_large_batches(settings: Settings) -> None:
         assert running.consumer.stats.batches <= 256 // 8
         seen = check_mailboxes(settings.store_dir, [ALICE, BOB])
         assert set(seen) == {envelope.queue_id for envelope, _ in messages}
+    finally:
+        await running.stop()
+        await running.maildb.close()
+
+
+class CountingPace(ArrivalPace):
+    """The consumer's ArrivalPace, counting the arrivals it is told of."""
+
+    arrivals = 0
+
+    def arrived(self) -> None:
+        self.arrivals += 1
+        super().arrived()
+
+
+async def test_every_message_received_counts_toward_the_arrival_pace(
+        settings: Settings) -> None:
+    """The store waits for a fuller batch only while messages arrive fast enough to fill one
+    (services/store/batching.py): a consumer that told its pace of no arrivals never waited,
+    and under a fast steady stream stored every small batch with a commit and an ack of its
+    own."""
+    add_users(settings, [ALICE])
+    running = Running(settings, MailDB.for_store(settings.store_dir,
+                                                 inline_max=settings.store_inline_max))
+    pace = CountingPace(BATCH_TARGET, settings.store_batch_wait)
+    running.consumer._pace = pace
+    await running.start()
+    try:
+        await publish_all(settings, [make_message(ALICE) for _ in range(5)])
+        await wait_for(lambda: running.consumer.stats.delivered >= 5, what="every message")
+        assert pace.arrivals == 5
     finally:
         await running.stop()
         await running.maildb.close()

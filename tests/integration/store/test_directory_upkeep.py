@@ -63,6 +63,31 @@ async def test_a_directory_as_it_should_be_is_left_alone(
     assert await directory._redis.get(directory.key("version")) == version
 
 
+async def test_a_target_taken_off_or_added_to_an_alias_is_published(
+        upkeep: tuple[Directory, AccountDB]) -> None:
+    """The CLI mirrors each alias change into Redis itself; when that failed, the store's
+    upkeep is what publishes it. Taking one target off an alias, or adding one, changes none
+    of the counts the upkeep compares, only the account generation: without it, a target
+    taken off kept getting the alias's mail."""
+    directory, accounts = upkeep
+    accounts.remove_alias("team@example.test", "bob@example.test")
+    await eventually(lambda: _delivers_to(directory, "team@example.test",
+                                          {"alice@example.test"}),
+                     within=10, what="bob taken off team in Redis")
+    accounts.add_alias("team@example.test", "bob@example.test")
+    await eventually(lambda: _delivers_to(directory, "team@example.test",
+                                          {"alice@example.test", "bob@example.test"}),
+                     within=10, what="bob back in team in Redis")
+
+
+async def _delivers_to(directory: Directory, address: str, mailboxes: set[str]) -> bool:
+    try:
+        lookup = await directory.resolve(address)
+    except DirectoryUnavailable:  # being published
+        return False
+    return set(lookup.mailboxes) == mailboxes and len(lookup.mailboxes) == len(mailboxes)
+
+
 async def _resolves(directory: Directory, address: str) -> bool:
     try:
         lookup = await directory.resolve(address)

@@ -64,3 +64,15 @@ def test_catch_alls_an_earlier_version_stored_as_written_are_normalized(tmp_path
         assert accounts.generation() > before
         accounts.remove_alias("@example.org")
         assert not list(accounts._db.execute("SELECT * FROM alias"))
+
+
+def test_a_domain_that_still_has_users_is_not_removed(tmp_path: Path) -> None:
+    """Removing it would leave accounts in a domain the directory no longer knows: their
+    mail refused as not local, and the accounts unreachable by `domain` commands."""
+    with AccountDB(tmp_path / "accounts.sqlite") as accounts:
+        accounts.add_domain("example.org")
+        accounts.add_user("kate@example.org", "hash")
+        with pytest.raises(AccountError, match="still has users"):
+            accounts.remove_domain("example.org")
+        assert accounts.has_domain("example.org")
+        assert accounts.users() == ["kate@example.org"]
