@@ -24,6 +24,7 @@ from services.store.backends.maildb import MailDB
 from services.store.learning import (
     APPLIED_TTL_S,
     HAM,
+    RUNNING_TTL_MS,
     SPAM,
     LearnError,
     Learning,
@@ -167,6 +168,10 @@ def test_the_ledger_lets_only_the_newest_decision_through(ledger: LearnLedger,
                                                           settings: Settings) -> None:
     keys = ledger.keys(ALICE, b"Subject: x\r\n\r\nbody\r\n")
     assert ledger.take_turn(keys, 20, "t20") is Turn.GO
+    with syncredis.Redis.from_url(settings.redis_url) as client:
+        # The in-flight mark expires by itself: a learner that dies, or Redis failing as
+        # the turn ends, must not hold the message back for good.
+        assert 0 < client.pttl(keys[1]) <= RUNNING_TTL_MS
     assert ledger.take_turn(keys, 10, "t10") is Turn.SUPERSEDED  # a newer one in flight
     assert ledger.take_turn(keys, 30, "t30") is Turn.WAIT  # an older one in flight
     assert ledger.take_turn(keys, 20, "other") is Turn.WAIT  # one at a time, even equal
@@ -230,3 +235,54 @@ def test_of_learners_racing_for_one_message_exactly_one_goes(settings: Settings)
     for ledger in ledgers:
         ledger.close()
     assert turns.count(Turn.GO) == 1, turns
+
+
+class RecordingController(RspamdController):
+    """An rspamd that learns everything at once; `posted`: the kinds it was asked to learn."""
+
+    def __init__(self) -> None:
+        super().__init__("http://127.0.0.1:1", "pw")
+        self.posted: list[str] = []
+
+    def learn(self, kind: str, message: bytes) -> tuple[LearnOutcome, str]:
+        self.posted.append(kind)
+        return LearnOutcome.LEARNED, ""
+
+
+def test_a_job_behind_an_earlier_one_for_its_message_is_retried_not_dropped(
+        settings: Settings, ledger: LearnLedger) -> None:
+    """Another learner is posting an older decision for the same message: the job waits
+    (it fails, so dramatiq retries it) and is learned on its retry, not acknowledged and
+    lost."""
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    encoded = base64.b64encode(body).decode("ascii")
+    controller = RecordingController()
+    learning = Learning(settings, controller)
+    keys = ledger.keys(ALICE, body)
+    try:
+        assert ledger.take_turn(keys, 10, "other") is Turn.GO
+        with pytest.raises(LearnError):
+            learning._learn(HAM, ALICE, "a" * 32, encoded, 20)  # noqa: SLF001 - the actor
+        assert controller.posted == []
+        assert learning.stats() == {"learn_waits": 1}
+        ledger.end_turn(keys, 10, "other", applied=True)
+        learning._learn(HAM, ALICE, "a" * 32, encoded, 20)  # noqa: SLF001 - its retry
+        assert controller.posted == [HAM]
+    finally:
+        learning.close()
+        ledger.close()
+
+
+def test_with_redis_down_the_job_is_still_learned(settings: Settings) -> None:
+    """The learner's Redis out of reach: the order of jobs cannot be checked, but the job
+    is learned anyway (and counted), since learning is best-effort."""
+    down = LearnLedger(syncredis.Redis(port=free_port(), socket_connect_timeout=1), "x:")
+    controller = RecordingController()
+    learning = Learning(settings, controller, ledger=down)
+    body = base64.b64encode(b"Subject: x\r\n\r\nbody\r\n").decode("ascii")
+    try:
+        learning._learn(SPAM, ALICE, "a" * 32, body, 20)  # noqa: SLF001 - the actor
+    finally:
+        learning.close()
+    assert controller.posted == [SPAM]
+    assert learning.stats() == {"learn_order_unchecked": 1, "spam_learned": 1}

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import http.server
 import imaplib
 import logging
 import re
 import secrets
 import signal
 import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+import dramatiq
 import httpx
+import pika.exceptions
 import pytest
 import redis.asyncio as aioredis
 from dramatiq.common import dq_name
@@ -36,7 +41,7 @@ from services.store.learning import (
     RspamdController,
     learn_queue,
 )
-from services.store.mailbox import INBOX, JUNK, TRASH, Delivery
+from services.store.mailbox import INBOX, JUNK, TRASH, ChangeEvent, Delivery
 from tests.support import (
     TcpProxy,
     TierProcess,
@@ -129,6 +134,152 @@ async def test_junk_moves_teach_spam_and_ham(learn_settings: Settings, store: St
                    and beat.get("ham_learned") == 1 for beat in beats)
 
     await eventually(learner_reports_both, within=30, what="the learner's heartbeat")
+
+
+@contextlib.contextmanager
+def recording_controller() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """An HTTP server standing in for rspamd's controller: its URL, and each request it was
+    sent ("POST /learnspam", body), answered 200."""
+    requests: list[tuple[str, bytes]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            requests.append((f"{self.command} {self.path}", body))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def test_rspamd_is_sent_the_class_of_the_move_and_the_stored_bytes(
+        learn_settings: Settings, store: Store) -> None:
+    """What rspamd's controller receives: /learnspam for a move into Junk, /learnham for
+    one out of it, with the message exactly as stored, CRLF line ends and all (the bytes
+    rspamd scanned at delivery). The learner's counters and log lines name the class the
+    job asked for, not the URL posted to: a swapped class would show only here."""
+    moved: list[str] = []
+
+    def remember(event: ChangeEvent) -> None:
+        if event.kind == "move":
+            moved.extend(event.guids)
+
+    store.maildb.add_listener(remember)
+    with recording_controller() as (url, requests):
+        learning = Learning(learn_settings, RspamdController(url, "pw"))
+        learning.declare()
+        worker = learning.worker(threads=1)
+        worker.start()
+        try:
+            uid, body = await store.deliver()
+            assert b"\r\n" in body
+            await store.maildb.move(ALICE, INBOX, [uid], JUNK)
+            await eventually(lambda: len(requests) == 1, within=60, what="the spam request")
+            [uid] = await store.maildb.uids(ALICE, JUNK)
+            await store.maildb.move(ALICE, JUNK, [uid], INBOX)
+            await eventually(lambda: len(requests) == 2, within=60, what="the ham request")
+        finally:
+            await asyncio.to_thread(worker.stop, 10_000)
+            learning.close()
+    with store.maildb.open_message(ALICE, moved[-1]) as file:
+        stored = file.read()
+    assert stored == body
+    assert requests == [("POST /learnspam", stored), ("POST /learnham", stored)]
+
+
+@contextlib.contextmanager
+def learn_queue_refusing(settings: Settings, vhost: str) -> Iterator[None]:
+    """The learn queue takes nothing: the broker nacks every publish to it (a policy, as
+    an operator's max-length would)."""
+    learning = Learning(settings)
+    try:
+        learning.declare()
+    finally:
+        learning.close()
+    policy = f"{settings.queue_prefix}-refuse-learn"
+    rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", policy,
+                f"^{re.escape(learn_queue(settings))}$",
+                '{"max-length": 0, "overflow": "reject-publish"}')
+    try:
+        wait_until(lambda: policy in rabbitmqctl("list_queues", "-p", vhost, "name", "policy"),
+                   timeout=30, what="the policy")
+        yield
+    finally:
+        rabbitmqctl("clear_policy", "-p", vhost, policy)
+
+
+async def test_a_publish_the_broker_refuses_is_not_waited_for_nor_said_queued(
+        learn_settings: Settings, store: Store, amqp_vhost: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The broker refuses the learn job (the queue is full and rejects publishes): the
+    move is not learned, and the log says so. Taking that for a broker out of reach would
+    retry it for ever and hold up every later learn in the store; and a publish not
+    confirmed would have said "learn job queued" for a job the broker dropped."""
+    caplog.set_level(logging.INFO, logger="services.store.learning")
+    with learn_queue_refusing(learn_settings, amqp_vhost):
+        first, _ = await store.deliver()
+        second, _ = await store.deliver()
+        await store.maildb.move(ALICE, INBOX, [first, second], JUNK)
+        await store.hook.close(grace=30)
+    lines = [r.getMessage() for r in caplog.records]
+    # dramatiq wraps pika's NackError: "ConnectionClosed: 0 message(s) NACKed".
+    assert [line for line in lines if line.startswith("not learned: ")
+            and "NACKed" in line], lines
+    assert "not learned: 1 more messages of the same move (the broker failed)" in lines, lines
+    assert not [line for line in lines if "learn jobs wait for the broker" in line], lines
+    assert not [line for line in lines if "learn job queued" in line], lines
+
+
+async def test_a_job_for_a_learn_queue_deleted_meanwhile_still_arrives(
+        learn_settings: Settings, store: Store, amqp_vhost: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An operator deletes the learn queue while the store runs (a cleanup, a broker reset):
+    the next job is returned to the store as unroutable, which declares the queue again and
+    publishes the job into it. Otherwise the broker drops it, and the store still says
+    "learn job queued"."""
+    caplog.set_level(logging.INFO, logger="services.store.learning")
+    queue = learn_queue(learn_settings)
+    uid, _ = await store.deliver()
+    await store.maildb.move(ALICE, INBOX, [uid], JUNK)
+    await eventually(lambda: "learn job queued" in caplog.text, within=60,
+                     what="the first job published")
+    rabbitmqctl("delete_queue", "-p", amqp_vhost, queue)
+    uid, _ = await store.deliver()
+    await store.maildb.move(ALICE, INBOX, [uid], JUNK)
+    await store.hook.close(grace=30)
+    assert caplog.text.count("learn job queued") == 2, caplog.text
+    assert await _depth_is(learn_settings, queue, 1)
+
+
+async def test_a_dead_job_the_learn_queue_refuses_stays_dead_lettered(
+        settings: Settings, amqp_vhost: str) -> None:
+    """`--retry-dead` while the broker refuses the learn queue's publishes: it fails, and
+    the job is still in the dead-letter queue, not taken off it and lost."""
+    await dead_letter(settings, "9" * 32, b"Subject: x\r\n\r\nbody\r\n")
+    learning = Learning(settings)
+    try:
+        with learn_queue_refusing(settings, amqp_vhost), \
+                pytest.raises(dramatiq.errors.ConnectionClosed) as refused:
+            await asyncio.to_thread(learning.requeue_dead)
+    finally:
+        learning.close()
+    assert isinstance(refused.value.message, pika.exceptions.NackError), refused.value
+    await eventually(lambda: _depth_is(settings, settings.topology.learn_dead_queue, 1),
+                     within=30, what="the job back in the dead-letter queue")
+    assert await _depth_is(settings, learn_queue(settings), 0)
 
 
 async def test_junk_to_trash_teaches_nothing(learn_settings: Settings, store: Store) -> None:

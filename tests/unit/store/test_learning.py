@@ -325,3 +325,73 @@ def test_a_url_heartbeat_is_kept_only_when_it_is_short_enough(
     assert broker.parameters.heartbeat == heartbeat
     assert any("not TIERMAIL_AMQP_URL's heartbeat=" in r.getMessage()
                for r in caplog.records) == warned
+
+
+class StoreWithAnUnreadableMessage(Store):
+    """g1's file cannot be read (a disk error, a permission gone wrong)."""
+
+    def open_message(self, user: str, guid: str) -> BinaryIO:
+        if guid == "g1":
+            raise OSError(5, "Input/output error")
+        return super().open_message(user, guid)
+
+
+async def test_one_unreadable_message_does_not_end_the_rest_of_the_move(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A message the store cannot read is skipped with a line of its own; the other messages
+    of the same move are still learned, and nothing blames the broker."""
+    sent: list[str] = []
+
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
+        sent.append(guid)
+
+    hook = LearningHook(StoreWithAnUnreadableMessage({"g1": b"body", "g2": b"body"}),
+                        send)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g1", "g2")))
+    await hook.close()
+    assert sent == ["g2"]
+    assert "not learned: OSError: [Errno 5] Input/output error" in caplog.text
+    assert "the broker failed" not in caplog.text
+
+
+class Answer:
+    status_code = 200
+    text = "{}"
+
+
+def test_rspamd_is_given_the_controller_timeout_for_large_messages(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """rspamd reads a whole message before it answers: with httpx's default of 5 s a large
+    one would time out at every try and never be learned."""
+    calls: list[tuple[str, dict[str, object]]] = []
+
+    def post(url: str, **kwargs: object) -> Answer:
+        calls.append((url, kwargs))
+        return Answer()
+
+    monkeypatch.setattr(learning.httpx, "post", post)
+    controller = learning.RspamdController("http://rspamd.test:11334/", "pw")
+    assert controller.learn(SPAM, b"message")[0] is LearnOutcome.LEARNED
+    [(url, kwargs)] = calls
+    assert url == "http://rspamd.test:11334/learnspam"
+    assert kwargs["timeout"] == learning.CONTROLLER_TIMEOUT
+    assert learning.RspamdController("http://x.test", "", timeout=7.0).learn(
+        HAM, b"message")[0] is LearnOutcome.LEARNED
+    assert calls[1][0] == "http://x.test/learnham" and calls[1][1]["timeout"] == 7.0
+
+
+async def test_a_move_after_the_hook_closed_schedules_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A change that arrives while the store stops (after the hook closed): nothing is
+    started on a hook whose thread is gone, and no error is logged."""
+    sent: list[str] = []
+
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
+        sent.append(guid)
+
+    hook = LearningHook(Store({"g1": b"body"}), send)  # type: ignore[arg-type]
+    await hook.close()
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g1",)))
+    assert not hook._tasks  # noqa: SLF001 - no task was started
+    assert sent == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
