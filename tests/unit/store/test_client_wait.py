@@ -25,7 +25,8 @@ async def test_an_end_while_waiting_ends_the_wait_and_keeps_what_arrives() -> No
     await asyncio.sleep(0)  # the task waits for the rest of the line
     wait.end()
     with pytest.raises(SessionEnded):
-        await task
+        async with asyncio.timeout(10):  # at once: not when the LONG wait runs out
+            await task
     reader.feed_data(b"ne\n")
     assert await reader.readuntil(b"\n") == b"half a line\n"
 

@@ -11,6 +11,7 @@ import time
 import pytest
 import uvloop
 
+from services.store import listening
 from services.store.listening import ClientUnreachable, client_io, hang_up
 from services.store.pop3.server import read_line
 
@@ -77,3 +78,31 @@ def test_the_pop3_server_reads_no_route_to_host_as_a_client_gone() -> None:
     any other error is logged as unexpected, with a traceback."""
     with pytest.raises(ClientUnreachable):
         asyncio.run(_pop3_read_after_no_route_to_host())
+
+
+class _NeverClosed:
+    """A connection whose client never takes our close (a full receive window, no reply to
+    TLS close_notify): `wait_closed` never returns."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self.transport = self
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        await asyncio.Event().wait()
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_a_close_the_client_never_takes_is_cut_after_the_close_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Or its descriptor and kernel buffers stay for good after its session ended and its
+    slot was freed; enough of them run the process out of descriptors."""
+    monkeypatch.setattr(listening, "CLOSE_TIMEOUT", 0.05)
+    writer = _NeverClosed()
+    await listening.close_connection(writer, abort=False)  # type: ignore[arg-type]
+    assert writer.aborted
