@@ -1078,6 +1078,67 @@ async def test_refusals_past_the_limit_get_a_bounded_number_of_handshakes(
     await in_thread(dialog)
 
 
+async def test_every_refusal_over_the_process_life_gets_its_bye(
+        start_imap: StartImap, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound on refusal handshakes counts those under way, not those ever made: once one
+    is over, the next IMAPS client past the limit reads its BYE too, instead of a connection
+    closed with no TLS handshake and no reason."""
+    monkeypatch.setattr(listening_module, "MAX_REFUSAL_HANDSHAKES", 1)
+    server = await start_with(start_imap, settings, imap_max_connections_per_ip=1,
+                              rate_limit_exempt="")
+
+    def dialog() -> None:
+        admitted = Raw.connect(server.tls_port, tls=True)
+        assert admitted.greeting.startswith(b"* OK"), admitted.greeting
+        try:
+            for attempt in ("first", "second"):
+                refused = _refused_over_tls(server.tls_port, f"the {attempt} refusal's BYE")
+                assert refused.closed()
+                refused.close()
+        finally:
+            admitted.close()
+
+    await in_thread(dialog)
+
+
+def _refused_over_tls(port: int, what: str) -> Raw:
+    """An IMAPS client refused with `* BYE [UNAVAILABLE]`, once the refusal before it is
+    over (meanwhile a connection may be closed before its handshake, as the bound says)."""
+    for _ in range(100):
+        try:
+            client = Raw.connect(port, tls=True)
+        except OSError:  # closed before its handshake: a refusal is still under way
+            time.sleep(0.05)  # pacing between attempts
+            continue
+        if client.greeting.startswith(b"* BYE [UNAVAILABLE]"):
+            return client
+        client.close()
+        raise AssertionError(f"greeted with {client.greeting!r} while waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_client_stalled_in_the_imaps_handshake_is_let_go(
+        start_imap: StartImap, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends one octet of its ClientHello on the IMAPS port and no more is cut
+    by the handshake timeout (1 s here, TLS_HANDSHAKE_TIMEOUT), and the place it held from
+    its address is given to the next client: otherwise a few such clients hold an address's
+    places for a minute or more."""
+    monkeypatch.setattr(imap_server_module, "TLS_HANDSHAKE_TIMEOUT", 1.0)
+    server = await start_with(start_imap, settings, imap_max_connections_per_ip=1,
+                              rate_limit_exempt="")
+
+    def dialog() -> None:
+        with socket.create_connection(("127.0.0.1", server.tls_port), timeout=15) as stalled:
+            stalled.sendall(b"\x16")  # the first octet of a TLS record
+            with contextlib.suppress(ConnectionResetError):
+                while stalled.recv(4096):  # until the server closes (a timeout: it did not)
+                    pass
+        again = _greeted_over_tls(server.tls_port, b"* OK", "the stalled client's place")
+        again.close()
+
+    await in_thread(dialog)
+
+
 async def test_sessions_per_account_and_address_are_limited(
         start_imap: StartImap, settings: Settings) -> None:
     server = await start_with(start_imap, settings, imap_max_userip_connections=2,

@@ -6,8 +6,10 @@ from __future__ import annotations
 import tracemalloc
 import zlib
 
+from common.settings import Settings
+from services.store.imap import responses as r
 from tests.integration.imap.clients import Raw, in_thread, message
-from tests.integration.imap.conftest import ALICE, USERS, Deliver, ImapStack
+from tests.integration.imap.conftest import ALICE, USERS, Deliver, ImapStack, StartImap
 
 
 def logged_in(stack: ImapStack, *, tls: bool = False) -> Raw:
@@ -37,6 +39,23 @@ async def test_commands_and_responses_travel_deflated(imap_server: ImapStack,
         assert again.status == "NO" and again.code == b"COMPRESSIONACTIVE", again
         raw.ok("NOOP")
         raw.close()
+
+    await in_thread(lambda: dialog(tls=False))
+    await in_thread(lambda: dialog(tls=True))
+
+
+async def test_the_autologout_bye_arrives_deflated(start_imap: StartImap,
+                                                  settings: Settings) -> None:
+    """The server's last words to a compressed session (here the autologout) are part of
+    the DEFLATE stream too: sent raw, the client's decompressor fails on them and the user
+    sees a broken connection instead of the reason."""
+    server = await start_imap(settings.replace(imap_timeout=1.5))
+
+    def dialog(tls: bool) -> None:
+        raw = logged_in(server, tls=tls)
+        raw.compress()
+        assert raw.response() + b"\r\n" == r.BYE_TIMEOUT.untagged()  # inflated by Raw
+        assert raw.closed()
 
     await in_thread(lambda: dialog(tls=False))
     await in_thread(lambda: dialog(tls=True))

@@ -12,9 +12,11 @@ import socket
 import threading
 import time
 
+import pytest
 from imapclient import IMAPClient
 
 from common.settings import Settings
+from services.store import listening as listening_module
 from services.store.imap import responses as r
 from services.store.listening import SessionEndingServer
 from services.store.mailbox import INBOX
@@ -151,6 +153,23 @@ async def test_a_client_sending_without_end_does_not_hold_the_shutdown(
     lines = await asyncio.to_thread(raw.rest)
     assert lines[-1] == r.BYE_SHUTDOWN.untagged(), lines[-3:]
     raw.close()
+
+
+async def test_after_logout_the_client_sees_the_close_at_once(
+        imap_server: ImapStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After LOGOUT the store half-closes the connection at once, so a client that waits
+    for the close (and sends nothing more) gets it straight away, not after the linger
+    (LINGER_SECONDS, 60 s here; the reads here give up after 10 s)."""
+    monkeypatch.setattr(listening_module, "LINGER_SECONDS", 60.0)
+
+    def dialog() -> None:
+        raw = Raw(imap_server.port)
+        lines = raw.command(b"a LOGOUT")
+        assert lines == [r.BYE_LOGOUT.untagged(), b"a OK LOGOUT completed\r\n"], lines
+        assert raw.file.readline() == b""  # a TimeoutError if the store waited
+        raw.close()
+
+    await asyncio.to_thread(dialog)
 
 
 class Raw:

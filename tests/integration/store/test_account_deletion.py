@@ -7,6 +7,7 @@ from __future__ import annotations
 import imaplib
 import poplib
 import socket
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import pytest
 from imapclient import IMAPClient
 
 from common.settings import Settings
+from services.store.backends.maildb import store_user_path
 from services.store.imap import responses as r
 from services.store.pop3 import protocol as p
 from tests.integration.store.helpers import stored_count
@@ -151,6 +153,38 @@ def test_a_response_being_written_is_finished_before_the_bye(store: Store) -> No
                 + r.OK_DONE.tagged("f1"))
     assert received[:len(response)] == response
     assert received[len(response):] == BYE_ACCOUNT_DELETED
+
+
+def mailbox_names(settings: Settings, user: str) -> set[str]:
+    """The user's mailboxes, read straight from the index file."""
+    index = store_user_path(settings.store_dir, user) / "index.sqlite"
+    conn = sqlite3.connect(f"{index.as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        return {name for (name,) in conn.execute("SELECT name FROM mailbox")}
+    finally:
+        conn.close()
+
+
+def test_a_command_pipelined_behind_the_last_response_is_not_run(store: Store) -> None:
+    """A client pipelined a CREATE behind a FETCH that is under way when its account is
+    deleted: it gets the FETCH response and then the BYE, and the CREATE is never run (no
+    reply to it, no mailbox made for an account that no longer exists)."""
+    body = message(1, padding=8 * 1024 * 1024)
+    store.append(ALICE, body)
+    client = store.imap(ALICE)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    client.send(b"f1 UID FETCH 1 (BODY.PEEK[])\r\nz CREATE x\r\n")
+
+    tiermail(store.settings, "user", "del", ALICE)
+    wait_until(lambda: "account deleted: ending its 1 session" in store.process.output(),
+               what="the store to end the session")
+
+    received = read_to_end(client)
+    response = (b"* 1 FETCH (UID 1 BODY[] {%d}\r\n" % len(body) + body + b")\r\n"
+                + r.OK_DONE.tagged("f1"))
+    assert received[:len(response)] == response
+    assert received[len(response):] == BYE_ACCOUNT_DELETED
+    assert "x" not in mailbox_names(store.settings, ALICE)
 
 
 def test_a_changed_password_ends_no_session(store: Store) -> None:
