@@ -69,11 +69,13 @@ STOP_WAIT = 1.0  # seconds a stop waits for the index files to close
 # 5: doc ids never reused (in 4 the next message after an expunge of the newest took its id,
 #    and matched the expunged message's words).
 SCHEMA_VERSION = 5
-SCHEMA = """
+# Case-insensitive trigrams; `fold` reads its folding from this same tokenizer.
+TOKENIZER = "trigram case_sensitive 0"
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS doc (id INTEGER PRIMARY KEY AUTOINCREMENT, guid TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS text USING fts5(
-    head, body, content='', columnsize=0, detail=full, tokenize='trigram case_sensitive 0');
+    head, body, content='', columnsize=0, detail=full, tokenize='{TOKENIZER}');
 """
 MIN_NEEDLE = 3  # the trigram tokenizer cannot answer shorter substrings
 FIELDS = {"TEXT": "{head body}", "BODY": "body", "HEADER": "head"}
@@ -134,7 +136,7 @@ _READ_AS_REPLACEMENT = (0xFFFE, 0xFFFF)
 
 @functools.cache
 def _fts5_folding() -> dict[int, int]:
-    """What the trigram tokenizer (`case_sensitive 0`) turns each code point into, for the
+    """What the index's tokenizer (TOKENIZER) turns each code point into, for the
     code points it changes; asked of SQLite once per process (about 30 ms). Every code point
     it folds is one that Python lowers or case-folds, or one of _READ_AS_REPLACEMENT
     (checked over all of Unicode with SQLite 3.40)."""
@@ -143,7 +145,7 @@ def _fts5_folding() -> dict[int, int]:
              and (chr(code).lower() != chr(code) or chr(code).casefold() != chr(code))]
     db = sqlite3.connect(":memory:")
     try:
-        db.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize='trigram case_sensitive 0')")
+        db.execute(f"CREATE VIRTUAL TABLE t USING fts5(x, tokenize='{TOKENIZER}')")
         db.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
         # One trigram a row: "q", the code point as the tokenizer reads it, "z".
         db.executemany("INSERT INTO t(rowid, x) VALUES (?, ?)",

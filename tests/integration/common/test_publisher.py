@@ -169,15 +169,20 @@ async def test_publishes_cut_short_by_another_ones_failure_may_have_queued_their
             assert "closed before the confirm" in str(outcome)
 
 
+async def declare_topology(settings: Settings) -> None:
+    """What a filter worker declares when it connects."""
+    publisher = Publisher(settings.amqp_url, settings.topology)
+    try:
+        await publisher.ensure_connected()
+    finally:
+        await publisher.close()
+
+
 async def test_every_queue_the_topology_declares_is_a_durable_quorum_queue(
         settings: Settings, amqp_vhost: str) -> None:
     """Mail waits in each of them (to be delivered, scanned, released from quarantine, or
     looked at as a dead letter): on disk before the confirm, and kept over a broker restart."""
-    publisher = Publisher(settings.amqp_url, settings.topology)
-    try:
-        await publisher.ensure_connected()  # declares the topology
-    finally:
-        await publisher.close()
+    await declare_topology(settings)
     topology = settings.topology
     ours = {topology.deliver_queue, topology.large_queue, topology.scan_queue,
             topology.quarantine_queue, topology.dead_queue}
@@ -196,11 +201,7 @@ async def test_every_queue_mail_is_delivered_from_dead_letters_what_it_cannot_de
     exchange after their delivery limit, and refuse publishes when full (the publisher gets a
     nack and says 451) rather than dropping the oldest. The scan queue's limit is high: its
     messages may go back many times during one scanner outage."""
-    publisher = Publisher(settings.amqp_url, settings.topology)
-    try:
-        await publisher.ensure_connected()
-    finally:
-        await publisher.close()
+    await declare_topology(settings)
     topology = settings.topology
     listed = json.loads(await asyncio.to_thread(rabbitmqctl, "list_queues", "-p", amqp_vhost,
                                                 "name", "arguments", "--formatter", "json"))

@@ -23,19 +23,6 @@ FIRST, SECOND = "a" * 64, "b" * 64  # transaction digests
 
 
 @contextlib.asynccontextmanager
-async def following(settings: Settings) -> AsyncIterator[UnconfirmedLedger]:
-    """A worker's ledger, following the others' entries as a running worker does."""
-    client = open_redis(settings)
-    ledger = UnconfirmedLedger(client, settings.redis_prefix)
-    task = asyncio.create_task(ledger.run())
-    try:
-        yield ledger
-    finally:
-        await stop_task(task)
-        await client.aclose()
-
-
-@contextlib.asynccontextmanager
 async def writer(settings: Settings) -> AsyncIterator[UnconfirmedLedger]:
     """Another worker's ledger, which only remembers and forgets."""
     client = open_redis(settings)
@@ -43,6 +30,17 @@ async def writer(settings: Settings) -> AsyncIterator[UnconfirmedLedger]:
         yield UnconfirmedLedger(client, settings.redis_prefix)
     finally:
         await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def following(settings: Settings) -> AsyncIterator[UnconfirmedLedger]:
+    """A worker's ledger, following the others' entries as a running worker does."""
+    async with writer(settings) as ledger:
+        task = asyncio.create_task(ledger.run())
+        try:
+            yield ledger
+        finally:
+            await stop_task(task)
 
 
 async def test_a_worker_that_starts_later_knows_what_the_others_remembered(

@@ -201,24 +201,29 @@ async def test_rspamd_is_sent_the_class_of_the_move_and_the_stored_bytes(
 
 
 @contextlib.contextmanager
-def learn_queue_refusing(settings: Settings, vhost: str) -> Iterator[None]:
-    """The learn queue takes nothing: the broker nacks every publish to it (a policy, as
-    an operator's max-length would)."""
-    learning = Learning(settings)
-    try:
-        learning.declare()
-    finally:
-        learning.close()
-    policy = f"{settings.queue_prefix}-refuse-learn"
+def refusing_publishes(vhost: str, queue: str, policy: str) -> Iterator[None]:
+    """`queue` takes nothing: the broker nacks every publish to it (a policy, as an
+    operator's max-length would)."""
     rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", policy,
-                f"^{re.escape(learn_queue(settings))}$",
-                '{"max-length": 0, "overflow": "reject-publish"}')
+                f"^{re.escape(queue)}$", '{"max-length": 0, "overflow": "reject-publish"}')
     try:
         wait_until(lambda: policy in rabbitmqctl("list_queues", "-p", vhost, "name", "policy"),
                    timeout=30, what="the policy")
         yield
     finally:
         rabbitmqctl("clear_policy", "-p", vhost, policy)
+
+
+@contextlib.contextmanager
+def learn_queue_refusing(settings: Settings, vhost: str) -> Iterator[None]:
+    """The learn queue, declared, refusing every publish."""
+    learning = Learning(settings)
+    try:
+        learning.declare()
+    finally:
+        learning.close()
+    with refusing_publishes(vhost, learn_queue(settings), f"{settings.queue_prefix}-refuse-learn"):
+        yield
 
 
 async def test_a_publish_the_broker_refuses_is_not_waited_for_nor_said_queued(
@@ -480,23 +485,18 @@ def test_a_job_whose_retry_the_broker_refuses_is_dead_lettered(
     guid = "7" * 32
     learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"))
     learning.declare()
-    policy = f"{settings.queue_prefix}-refuse-retries"
-    rabbitmqctl("set_policy", "-p", amqp_vhost, "--apply-to", "queues", policy,
-                f"^{re.escape(settings.topology.learn_retry_queue)}$",
-                '{"max-length": 0, "overflow": "reject-publish"}')
     caplog.set_level(logging.INFO)
     worker = learning.worker(threads=1)
-    try:
-        wait_until(lambda: policy in rabbitmqctl("list_queues", "-p", amqp_vhost, "name",
-                                                 "policy"), timeout=30, what="the policy")
-        learning.send(SPAM, ALICE, guid, b"Subject: x\r\n\r\nbody\r\n", 1)
-        worker.start()
-        wait_until(lambda: queue_depth(settings, settings.topology.learn_dead_queue) == 1,
-                   timeout=30, what="the job in the learn dead-letter queue")
-    finally:
-        worker.stop(timeout=10_000)
-        learning.close()
-        rabbitmqctl("clear_policy", "-p", amqp_vhost, policy)
+    with refusing_publishes(amqp_vhost, settings.topology.learn_retry_queue,
+                            f"{settings.queue_prefix}-refuse-retries"):
+        try:
+            learning.send(SPAM, ALICE, guid, b"Subject: x\r\n\r\nbody\r\n", 1)
+            worker.start()
+            wait_until(lambda: queue_depth(settings, settings.topology.learn_dead_queue) == 1,
+                       timeout=30, what="the job in the learn dead-letter queue")
+        finally:
+            worker.stop(timeout=10_000)
+            learning.close()
     [line] = [r for r in caplog.records if "its retry could not be scheduled" in r.getMessage()]
     assert line.levelno == logging.WARNING
     assert (line.user, line.queue_id) == (ALICE, guid)  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import smtplib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,7 +243,12 @@ async def test_a_quota_state_redis_lost_is_published_again(store: Store) -> None
 
 
 async def _settled(store: Store) -> bool:
-    return await store.directory.quota_generation() == store.accounts.generation()
+    return await _settled_in(store.directory, store.accounts)
+
+
+async def _settled_in(directory: Directory, accounts: AccountDB) -> bool:
+    """Whether the quota state published is that of the account database as it is now."""
+    return await directory.quota_generation() == accounts.generation()
 
 
 async def test_the_filter_takes_mail_again_once_an_expunge_makes_room(settings: Settings,
@@ -368,11 +373,9 @@ async def test_a_mailbox_that_fills_under_the_default_quota_is_flagged(
         publisher = parts.publisher(limited, limited.default_quota)
         parts.maildb.add_listener(publisher.on_change)
 
-        async def settled() -> bool:
-            return await parts.directory.quota_generation() == parts.accounts.generation()
-
         async with running(publisher):
-            await eventually(settled, within=10, what="the first reconcile")
+            await eventually(lambda: _settled_in(parts.directory, parts.accounts), within=10,
+                             what="the first reconcile")
             assert await parts.directory.over_quota() == set()
             await deliver(parts.maildb, ALICE, 3)  # 3 x ~2 KB >= 5000
             await eventually(lambda: _over_in(parts.directory, {ALICE}), within=10,
@@ -461,8 +464,8 @@ async def test_an_account_change_recomputes_only_the_limits_it_changed(
         publisher = QuotaPublisher(maildb, accounts, parts.client, limited.redis_prefix,
                                    limited.default_quota, check_interval=0.1)
 
-        async def settled() -> bool:
-            return await parts.directory.quota_generation() == accounts.generation()
+        def settled() -> Awaitable[bool]:
+            return _settled_in(parts.directory, accounts)
 
         try:
             async with running(publisher):

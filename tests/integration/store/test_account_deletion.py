@@ -138,21 +138,28 @@ def test_a_response_being_written_is_finished_before_the_bye(store: Store) -> No
     the whole response and its completion come first, then the BYE. (The message is larger
     than the kernel can hold for the client, 4 MiB of send buffer at most and the client's
     small receive buffer: the store is still writing when the session is ended.)"""
+    received, response = deleted_during_a_large_fetch(store)
+    assert received[:len(response)] == response
+    assert received[len(response):] == BYE_ACCOUNT_DELETED
+
+
+def deleted_during_a_large_fetch(store: Store, pipelined: bytes = b"") -> tuple[bytes, bytes]:
+    """ALICE's FETCH of an 8 MiB message, by a client that reads nothing until the account
+    is deleted (its receive buffer small, `pipelined` sent behind the FETCH): all it read
+    then, and the FETCH response with its completion that this must begin with."""
     body = message(1, padding=8 * 1024 * 1024)
     store.append(ALICE, body)
     client = store.imap(ALICE)
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    client.send(b"f1 UID FETCH 1 (BODY.PEEK[])\r\n")
+    client.send(b"f1 UID FETCH 1 (BODY.PEEK[])\r\n" + pipelined)
 
     tiermail(store.settings, "user", "del", ALICE)
     wait_until(lambda: "account deleted: ending its 1 session" in store.process.output(),
                what="the store to end the session")
 
-    received = read_to_end(client)
     response = (b"* 1 FETCH (UID 1 BODY[] {%d}\r\n" % len(body) + body + b")\r\n"
                 + r.OK_DONE.tagged("f1"))
-    assert received[:len(response)] == response
-    assert received[len(response):] == BYE_ACCOUNT_DELETED
+    return read_to_end(client), response
 
 
 def mailbox_names(settings: Settings, user: str) -> set[str]:
@@ -169,19 +176,7 @@ def test_a_command_pipelined_behind_the_last_response_is_not_run(store: Store) -
     """A client pipelined a CREATE behind a FETCH that is under way when its account is
     deleted: it gets the FETCH response and then the BYE, and the CREATE is never run (no
     reply to it, no mailbox made for an account that no longer exists)."""
-    body = message(1, padding=8 * 1024 * 1024)
-    store.append(ALICE, body)
-    client = store.imap(ALICE)
-    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    client.send(b"f1 UID FETCH 1 (BODY.PEEK[])\r\nz CREATE x\r\n")
-
-    tiermail(store.settings, "user", "del", ALICE)
-    wait_until(lambda: "account deleted: ending its 1 session" in store.process.output(),
-               what="the store to end the session")
-
-    received = read_to_end(client)
-    response = (b"* 1 FETCH (UID 1 BODY[] {%d}\r\n" % len(body) + body + b")\r\n"
-                + r.OK_DONE.tagged("f1"))
+    received, response = deleted_during_a_large_fetch(store, pipelined=b"z CREATE x\r\n")
     assert received[:len(response)] == response
     assert received[len(response):] == BYE_ACCOUNT_DELETED
     assert "x" not in mailbox_names(store.settings, ALICE)

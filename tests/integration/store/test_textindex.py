@@ -240,15 +240,19 @@ async def test_catch_up_at_startup_indexes_what_was_delivered_while_down(
     assert worker.indexed == 30
 
 
+# Found by BODY only through its attachment's name, which schema version 2 began to index.
+ATTACHED_INVOICE = (
+    b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
+    b"see attachment\r\n--b\r\nContent-Type: application/pdf; name=invoice-4711.pdf\r\n"
+    b"\r\nAAAA\r\n--b--\r\n")
+
+
 async def test_index_from_an_older_extraction_is_rebuilt_at_startup(
         maildb: MailDB, indexer: TextIndexer) -> None:
     """A text.sqlite written by an earlier version (another PRAGMA user_version) holds text
     extracted the old way: it must not answer searches, and the catch-up at startup must
     rebuild it although it is newer than the mail index."""
-    raw = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
-           b"see attachment\r\n--b\r\nContent-Type: application/pdf; name=invoice-4711.pdf\r\n"
-           b"\r\nAAAA\r\n--b--\r\n")
-    await deliver(maildb, [raw])
+    await deliver(maildb, [ATTACHED_INVOICE])
     await indexer.wait_idle()
     path = maildb.user_path(USER) / FILE_NAME
     with contextlib.closing(sqlite3.connect(path)) as conn:
@@ -271,10 +275,7 @@ async def test_index_from_an_older_extraction_is_rebuilt_after_a_clean_stop(
     """The usual upgrade: the store stopped cleanly (no -wal file left), and its text index,
     written by the older version, is newer than the mail index. Only the schema version
     tells that it must be rebuilt at startup."""
-    raw = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\n"
-           b"see attachment\r\n--b\r\nContent-Type: application/pdf; name=invoice-4711.pdf\r\n"
-           b"\r\nAAAA\r\n--b--\r\n")
-    await deliver(maildb, [raw])
+    await deliver(maildb, [ATTACHED_INVOICE])
     first = TextIndexer(maildb, TextIndex(maildb.root))
     await run_until_idle(first, first.request_all)  # closed: no -wal file left
     path = maildb.user_path(USER) / FILE_NAME
@@ -362,39 +363,49 @@ async def listening(maildb: MailDB, worker: TextIndexer) -> AsyncIterator[TextIn
         maildb.remove_listener(worker.notify)
 
 
+@contextlib.asynccontextmanager
+async def full_disk_behind_ten_indexed(tmp_path: Path, inline_max: int, seed: int,
+                                       more: int) -> AsyncIterator[tuple[MailDB, Path]]:
+    """A 16 MiB disk holding ten messages, indexed (the indexer closed: no -wal file left),
+    and `more` not yet indexed, then filled: the MailDB and the file that fills the disk."""
+    with tmpfs(tmp_path / "disk") as disk:
+        maildb = MailDB(disk / "mail", inline_max=inline_max)
+        try:
+            rng = random.Random(seed)
+            await deliver(maildb, [make_message(i, rng) for i in range(10)])
+            first = TextIndexer(maildb, TextIndex(maildb.root), keep_free=0)
+            await run_until_idle(first, first.request_all)
+            await deliver(maildb, [make_message(i, rng) for i in range(10, 10 + more)],
+                          start=10)
+            yield maildb, fill(disk)
+        finally:
+            await maildb.close()
+
+
 async def test_a_full_disk_pauses_indexing_and_keeps_the_index_until_space_returns(
         tmp_path: Path, inline_max: int, caplog: pytest.LogCaptureFixture) -> None:
     """SQLite's "database or disk is full" is no broken index file: the index is kept (it
     was deleted and rebuilt from scratch, each time), the work waits for the disk instead of
     failing with an ERROR per batch, and everything is indexed once there is space."""
     caplog.set_level(logging.INFO, logger="services.store.backends.textindex")
-    with tmpfs(tmp_path / "disk") as disk:
-        maildb = MailDB(disk / "mail", inline_max=inline_max)
-        try:
-            rng = random.Random(9)
-            await deliver(maildb, [make_message(i, rng) for i in range(10)])
-            first = TextIndexer(maildb, TextIndex(maildb.root), keep_free=0)  # a 16 MiB disk
-            await run_until_idle(first, first.request_all)  # closed: no -wal file left
-            await deliver(maildb, [make_message(i, rng) for i in range(10, 40)], start=10)
-            path = maildb.user_path(USER) / FILE_NAME
-            ballast = fill(disk)
-            index = TextIndex(maildb.root)
-            worker = TextIndexer(maildb, index, keep_free=0)  # the disk's own ENOSPC only
-            async with running(worker):
-                worker.request_all()
-                await eventually(lambda: events(caplog) == ["textindex-paused"],
-                                 within=30, what="indexing paused")
-                assert path.exists()
-                assert len(TextIndex(maildb.root).indexed(USER)) == 10
-                ballast.unlink()
-                await worker.wait_idle()
-            messages = await maildb.list_messages(USER, INBOX)
-            assert index.indexed(USER) == {m.guid for m in messages}
-            assert worker.indexed == 30
-            assert events(caplog) == ["textindex-paused", "textindex-resumed"]
-            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-        finally:
-            await maildb.close()
+    async with full_disk_behind_ten_indexed(tmp_path, inline_max, seed=9, more=30) as (
+            maildb, ballast):
+        path = maildb.user_path(USER) / FILE_NAME
+        index = TextIndex(maildb.root)
+        worker = TextIndexer(maildb, index, keep_free=0)  # the disk's own ENOSPC only
+        async with running(worker):
+            worker.request_all()
+            await eventually(lambda: events(caplog) == ["textindex-paused"],
+                             within=30, what="indexing paused")
+            assert path.exists()
+            assert len(TextIndex(maildb.root).indexed(USER)) == 10
+            ballast.unlink()
+            await worker.wait_idle()
+        messages = await maildb.list_messages(USER, INBOX)
+        assert index.indexed(USER) == {m.guid for m in messages}
+        assert worker.indexed == 30
+        assert events(caplog) == ["textindex-paused", "textindex-resumed"]
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_a_full_disk_when_the_index_is_opened_keeps_the_index(
@@ -404,45 +415,36 @@ async def test_a_full_disk_when_the_index_is_opened_keeps_the_index(
     broken file either: the index is kept, not deleted and rebuilt from scratch, indexing
     waits for the disk, and goes on from where it was once there is space."""
     caplog.set_level(logging.INFO, logger="services.store.backends.textindex")
-    with tmpfs(tmp_path / "disk") as disk:
-        maildb = MailDB(disk / "mail", inline_max=inline_max)
-        try:
-            rng = random.Random(13)
-            await deliver(maildb, [make_message(i, rng) for i in range(10)])
-            first = TextIndexer(maildb, TextIndex(maildb.root), keep_free=0)  # a 16 MiB disk
-            await run_until_idle(first, first.request_all)  # closed: the next open is new
-            await deliver(maildb, [make_message(i, rng) for i in range(10, 20)], start=10)
-            path = maildb.user_path(USER) / FILE_NAME
-            ballast = fill(disk)
-            real_open = textindex._open_writer
+    async with full_disk_behind_ten_indexed(tmp_path, inline_max, seed=13, more=10) as (
+            maildb, ballast):
+        path = maildb.user_path(USER) / FILE_NAME
+        real_open = textindex._open_writer
 
-            def open_writer(at: Path) -> sqlite3.Connection:
-                if ballast.exists():
-                    raise sqlite3.OperationalError("database or disk is full")
-                return real_open(at)
+        def open_writer(at: Path) -> sqlite3.Connection:
+            if ballast.exists():
+                raise sqlite3.OperationalError("database or disk is full")
+            return real_open(at)
 
-            monkeypatch.setattr(textindex, "_open_writer", open_writer)
-            index = TextIndex(maildb.root)
-            worker = TextIndexer(maildb, index, keep_free=0)  # the disk's own ENOSPC only
-            async with running(worker):
-                worker.request_all()
-                await eventually(lambda: events(caplog) or not path.exists(),
-                                 within=30, what="indexing paused (or the index deleted)")
-                assert path.exists()
-                assert events(caplog) == ["textindex-paused"]
-                assert len(TextIndex(maildb.root).indexed(USER)) == 10
-                ballast.unlink()
-                await worker.wait_idle()
-            messages = await maildb.list_messages(USER, INBOX)
-            assert index.indexed(USER) == {m.guid for m in messages}
-            assert worker.indexed == 10  # the first ten were not indexed again
-            assert events(caplog) == ["textindex-paused", "textindex-resumed"]
-            # Not "text index unreadable; rebuilding", nor an ERROR.
-            assert [r.getMessage() for r in caplog.records if r.name == textindex.__name__
-                    and r.levelno >= logging.WARNING
-                    and getattr(r, "event", "") != "textindex-paused"] == []
-        finally:
-            await maildb.close()
+        monkeypatch.setattr(textindex, "_open_writer", open_writer)
+        index = TextIndex(maildb.root)
+        worker = TextIndexer(maildb, index, keep_free=0)  # the disk's own ENOSPC only
+        async with running(worker):
+            worker.request_all()
+            await eventually(lambda: events(caplog) or not path.exists(),
+                             within=30, what="indexing paused (or the index deleted)")
+            assert path.exists()
+            assert events(caplog) == ["textindex-paused"]
+            assert len(TextIndex(maildb.root).indexed(USER)) == 10
+            ballast.unlink()
+            await worker.wait_idle()
+        messages = await maildb.list_messages(USER, INBOX)
+        assert index.indexed(USER) == {m.guid for m in messages}
+        assert worker.indexed == 10  # the first ten were not indexed again
+        assert events(caplog) == ["textindex-paused", "textindex-resumed"]
+        # Not "text index unreadable; rebuilding", nor an ERROR.
+        assert [r.getMessage() for r in caplog.records if r.name == textindex.__name__
+                and r.levelno >= logging.WARNING
+                and getattr(r, "event", "") != "textindex-paused"] == []
 
 
 async def test_indexing_leaves_the_room_mail_needs(

@@ -31,6 +31,14 @@ from tests.support import wait_until
 JUNK, TRASH = ["Junk"], ["Trash"]
 
 
+class GuidsSent(list[str]):
+    """A hook's `send` that records the GUID of each message it is given."""
+
+    def __call__(self, kind: str, user: str, guid: str, message: bytes,
+                 decided_us: int) -> None:
+        self.append(guid)
+
+
 @pytest.mark.parametrize(("source", "dest", "kind"), [
     ("INBOX", "Junk", SPAM),
     ("INBOX", "Junk/Phishing", SPAM),
@@ -139,12 +147,8 @@ async def test_a_message_gone_before_it_was_read_is_no_warning(
         caplog: pytest.LogCaptureFixture) -> None:
     """A client that moves mail into Junk and expunges it at once: an expected race."""
     caplog.set_level(logging.INFO, logger=learning.__name__)
-    sent: list[str] = []
-
-    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
-        sent.append(guid)
-
-    hook = LearningHook(Store({"g1": b"body"}), send)  # type: ignore[arg-type]
+    sent = GuidsSent()
+    hook = LearningHook(Store({"g1": b"body"}), sent)  # type: ignore[arg-type]
     hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("gone", "g1")))
     await hook.close()
     assert sent == ["g1"]
@@ -340,13 +344,9 @@ async def test_one_unreadable_message_does_not_end_the_rest_of_the_move(
         caplog: pytest.LogCaptureFixture) -> None:
     """A message the store cannot read is skipped with a line of its own; the other messages
     of the same move are still learned, and nothing blames the broker."""
-    sent: list[str] = []
-
-    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
-        sent.append(guid)
-
+    sent = GuidsSent()
     hook = LearningHook(StoreWithAnUnreadableMessage({"g1": b"body", "g2": b"body"}),
-                        send)  # type: ignore[arg-type]
+                        sent)  # type: ignore[arg-type]
     hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g1", "g2")))
     await hook.close()
     assert sent == ["g2"]
@@ -384,12 +384,8 @@ async def test_a_move_after_the_hook_closed_schedules_nothing(
         caplog: pytest.LogCaptureFixture) -> None:
     """A change that arrives while the store stops (after the hook closed): nothing is
     started on a hook whose thread is gone, and no error is logged."""
-    sent: list[str] = []
-
-    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
-        sent.append(guid)
-
-    hook = LearningHook(Store({"g1": b"body"}), send)  # type: ignore[arg-type]
+    sent = GuidsSent()
+    hook = LearningHook(Store({"g1": b"body"}), sent)  # type: ignore[arg-type]
     await hook.close()
     hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g1",)))
     assert not hook._tasks  # noqa: SLF001 - no task was started

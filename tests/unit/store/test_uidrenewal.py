@@ -37,6 +37,16 @@ def index_rows(root: Path, user: str, query: str) -> list[tuple[object, ...]]:
         conn.close()
 
 
+def write(database: Path, statement: str, *parameters: object) -> None:
+    """One statement, committed, in an index or the counter, as a restore or the past left it."""
+    conn = sqlite3.connect(database)
+    try:
+        with conn:
+            conn.execute(statement, parameters)
+    finally:
+        conn.close()
+
+
 def uidvalidities(root: Path, user: str) -> dict[str, int]:
     return {str(name): int(str(value)) for name, value in
             index_rows(root, user, "SELECT name, uidvalidity FROM mailbox")}
@@ -101,14 +111,9 @@ async def test_new_values_after_an_old_backup_are_above_the_clock(tmp_path: Path
     await db.deliver([delivery("q1")])
     await db.close()
     year_ago = int(time.time()) - 400 * 86400
-    conn = sqlite3.connect(user_path(root, ALICE) / "index.sqlite")
-    conn.execute("UPDATE mailbox SET uidvalidity = ? + id", (year_ago - 10,))
-    conn.commit()
-    conn.close()
-    conn = sqlite3.connect(root / UIDVALIDITY_FILE)
-    conn.execute("UPDATE counter SET value = ?", (year_ago,))
-    conn.commit()
-    conn.close()
+    write(user_path(root, ALICE) / "index.sqlite", "UPDATE mailbox SET uidvalidity = ? + id",
+          year_ago - 10)
+    write(root / UIDVALIDITY_FILE, "UPDATE counter SET value = ?", year_ago)
     backup = tmp_path / "backup"
     shutil.copytree(root, backup)
 
@@ -135,10 +140,8 @@ async def test_an_index_copied_after_the_counter_is_respected(tmp_path: Path) ->
     await db.deliver([delivery("q1"), delivery("q2", BOB)])
     await db.close()
     high = int(time.time()) + 2 * uidrenewal.RENEWAL_MARGIN
-    conn = sqlite3.connect(user_path(root, BOB) / "index.sqlite")
-    conn.execute("UPDATE mailbox SET uidvalidity = ? WHERE name = 'INBOX'", (high,))
-    conn.commit()
-    conn.close()
+    write(user_path(root, BOB) / "index.sqlite",
+          "UPDATE mailbox SET uidvalidity = ? WHERE name = 'INBOX'", high)
 
     list(uidrenewal.renew(root, [ALICE]))
 
