@@ -173,6 +173,11 @@ class BrokerUnreachable(Exception):
     itself refused."""
 
 
+class PublishRefused(dramatiq.errors.BrokerError):
+    """The broker refused the learn job (a channel error, a nack: a queue full and rejecting
+    publishes): publishing it again would not help."""
+
+
 class LearnError(dramatiq.Retry):
     """A temporary failure: the job is retried (with the actor's backoff).
 
@@ -381,9 +386,11 @@ class Learning:
         except dramatiq.errors.ConnectionClosed as exc:
             # dramatiq wraps a refused publish (a channel error) the same way: that one is
             # not retried, or one message the broker will never take would stop the rest.
+            # dramatiq names both ConnectionClosed; the log says which it was.
             if isinstance(exc.message, pika.exceptions.AMQPConnectionError):
                 raise BrokerUnreachable(str(exc)) from exc
-            raise
+            raise PublishRefused(f"the broker refused the job ({type(exc.message).__name__}: "
+                                 f"{exc.message})") from exc
 
     def declare(self) -> None:
         """Declare the learn queues from this thread before the worker starts, so its
@@ -855,6 +862,9 @@ class LearningHook:
             except BrokerUnreachable as exc:
                 log.warning("learn jobs wait for the broker, unreachable (%s); trying again "
                             "in %.0fs", exc, delay, extra=extra)
+            except PublishRefused as exc:
+                log.warning("not learned: %s", exc, extra=extra)
+                return False
             except Exception as exc:  # noqa: BLE001 - learning is best-effort; the move stands
                 log.warning("not learned: %s: %s", type(exc).__name__, exc, extra=extra)
                 return False
