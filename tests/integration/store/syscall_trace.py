@@ -19,11 +19,15 @@ a message written and fsynced under tmp/ counts as the file under m/ it becomes.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from pamqp import commands, frame, header
+
+from tests.support import REPO, require_client
 
 STRACE_SYSCALLS = ("mkdir,mkdirat,open,openat,creat,rename,renameat,renameat2,link,linkat,"
                    "unlink,unlinkat,rmdir,write,writev,pwrite64,pwritev,pwritev2,sendto,"
@@ -107,9 +111,28 @@ def _call(tid: int, name: str, start: int, end: int, text: str) -> Call:
     return Call(tid, name, start, end, args, int(result[-1]) if result else -1)
 
 
+RETURNED = b"-- the code returned --"
+
+
+def trace_python(code: str, output: Path, syscalls: str) -> tuple[list[Call], Call]:
+    """Run `code` in a new Python interpreter of this repository under `strace -f -xx -yy`
+    tracing `syscalls` (write included); its calls, and the write that says `code` returned."""
+    strace = require_client("/usr/bin/strace", "strace")
+    options = ["-f", "-qq", "-xx", "-yy", "-e", f"trace={syscalls}", "-o", str(output)]
+    script = f"{code}\nimport os\nos.write(1, {RETURNED!r})\n"
+    subprocess.run([strace, *options, "--", sys.executable, "-c", script], cwd=REPO,
+                   check=True, timeout=60, stdout=subprocess.DEVNULL)
+    with open(output, errors="replace") as lines:
+        calls = parse_strace(lines)
+    [returned] = [call for call in calls
+                  if call.name == "write" and RETURNED in b"".join(call.strings())]
+    return calls, returned
+
+
 # Files and names
 
-_WRITES = {"write", "writev", "pwrite64", "pwritev", "pwritev2"}
+# fallocate: blocks given to a file (the space reserve), durable only once it is fsynced.
+_WRITES = {"write", "writev", "pwrite64", "pwritev", "pwritev2", "fallocate"}
 _SENDS = {"write", "writev", "sendto", "sendmsg"}
 _RECEIVES = {"read", "readv", "recvfrom", "recvmsg"}
 _SYNCS = {"fsync", "fdatasync"}

@@ -20,6 +20,11 @@ from common.settings import Settings
 from services.store.backends import spacereserve
 from services.store.backends.accounts import AccountDB
 from tests.integration.store.helpers import add_users, make_message, publish_all, stored_count
+from tests.integration.store.syscall_trace import (
+    durability_violations,
+    file_system,
+    trace_python,
+)
 from tests.support import (
     TierProcess,
     eventually,
@@ -169,6 +174,23 @@ def test_what_a_killed_or_restored_store_left_is_given_up_or_replaced(
             assert spacereserve.release_if_full(disk) == 0
         assert "space reserve not given up" in caplog.text
         assert reserve.is_dir()
+
+
+def test_a_reserve_made_is_on_disk_before_make_returns(tmp_path: Path) -> None:
+    """The allocation is fsynced, and once renamed to its name, the directory is: a power
+    loss after the store made its reserve must not leave a start on a full disk without it
+    (or with a file whose blocks were never allocated)."""
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    calls, returned = trace_python(
+        "from pathlib import Path\n"
+        "from services.store.backends import spacereserve\n"
+        f"assert spacereserve.make(Path({str(store_dir)!r}), {MiB})",
+        tmp_path / "make.strace", "openat,fallocate,rename,fsync,fdatasync,write")
+    fs = file_system(calls, set(), str(store_dir))
+    reserve = str(spacereserve.reserve_path(store_dir))
+    assert any(name.path == reserve and name.made_in_trace for name in fs.names)
+    assert durability_violations(fs, returned, lambda path: path.startswith(reserve)) == []
 
 
 def test_a_changed_setting_resizes_or_removes_the_reserve(tmp_path: Path) -> None:

@@ -326,6 +326,24 @@ def test_mostly_garbage_index_is_dropped(tmp_path: Path) -> None:
     index.close()
 
 
+def test_a_small_index_mostly_garbage_is_kept(tmp_path: Path) -> None:
+    """Garbage outweighing live rows is not enough: below GARBAGE_FLOOR forgotten rows the
+    file is kept (X6: no needless rebuilds). Else a small mailbox whose messages are expunged
+    one by one would have its index deleted, and the messages left indexed again, each time."""
+    index = TextIndex(tmp_path)
+    index.path(USER).parent.mkdir(parents=True)
+    docs = [(f"{n:032x}", MessageText(f"Subject: {n}", "body")) for n in range(3)]
+    index.add(USER, docs)
+    inode = index.path(USER).stat().st_ino
+
+    assert index.forget(USER, [docs[0][0]]) is False
+    assert index.forget(USER, [docs[1][0]]) is False  # two forgotten rows, one live
+
+    assert index.path(USER).stat().st_ino == inode
+    assert index.indexed(USER) == {docs[2][0]}
+    index.close()
+
+
 def test_a_message_indexed_after_an_expunge_does_not_match_the_expunged_one(
         tmp_path: Path) -> None:
     """The doc id of the newest message, forgotten, went to the next message indexed, and

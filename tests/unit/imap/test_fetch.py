@@ -127,6 +127,31 @@ def test_partial_of_a_section() -> None:
     assert line == b"* 3 FETCH (BODY[TEXT]<2> {5}\r\n23456)\r\n"
 
 
+@pytest.mark.parametrize(
+    ("att", "expected"),
+    [
+        (body(Section((1,)), partial=(0, 10)), b"BODY[1]<0> {10}\r\n0123456789"),
+        (body(Section((1,)), partial=(4, 100)), b"BODY[1]<4> {8}\r\n456789\r\n"),
+        (body(Section(text="HEADER"), partial=(5, 20)),
+         b"BODY[HEADER]<5> {20}\r\n Terry Gray <gray@ca"),
+        (body(Section(text="TEXT"), partial=(0, 3)), b"BODY[TEXT]<0> {3}\r\n012"),
+        (body(Section(text="TEXT"), partial=(20, 3)), b"BODY[TEXT]<20> {0}\r\n"),
+        # HEADER.FIELDS(.NOT) are lines chosen from the header, built on request
+        (body(Section(text="HEADER.FIELDS", fields=("SUBJECT",)), partial=(2, 12)),
+         b"BODY[HEADER.FIELDS (SUBJECT)]<2> {12}\r\nbject: hello"),
+        (body(Section(text="HEADER.FIELDS.NOT", fields=("FROM", "TO")), partial=(9, 100)),
+         b"BODY[HEADER.FIELDS.NOT (FROM TO)]<9> {19}\r\nhello\r\n  folded\r\n\r\n"),
+        (body(Section(text="HEADER.FIELDS", fields=("SUBJECT",)), partial=(40, 5)),
+         b"BODY[HEADER.FIELDS (SUBJECT)]<40> {0}\r\n"),
+    ],
+)
+def test_a_partial_of_a_section_is_a_slice_of_that_section(att: FetchAtt,
+                                                           expected: bytes) -> None:
+    """RFC 3501 6.4.5: the origin counts from the section's first octet, not the message's,
+    and the count stops at the section's end; an origin past it gives an empty string."""
+    assert render(att) == b"* 3 FETCH (" + expected + b")\r\n"
+
+
 def test_sections_of_a_forwarded_message() -> None:
     info = info_for(FORWARD)
     atts = [

@@ -75,3 +75,10 @@ def test_calls_keep_their_start_and_end_lines() -> None:
     [call] = parse_strace(["5 fsync(3<x> <unfinished ...>", "6 close(4) = 0",
                            "5 <... fsync resumed>) = 0"])[:1]
     assert isinstance(call, Call) and (call.name, call.start, call.end) == ("fsync", 0, 2)
+
+
+def test_blocks_allocated_and_not_fsynced_before_the_reply_are_seen() -> None:
+    """fallocate (the space reserve) changes a file as a write does."""
+    allocate = f'5 fallocate(3<{hexed("/m/a")}>, 0, 0, 4096) = 0'
+    [problem] = violations(create("/m/a"), allocate, fsync("/m", fd=4), REPLY)
+    assert "/m/a" in problem and "not fsynced" in problem

@@ -207,3 +207,36 @@ async def test_an_index_without_mailboxes_yet_is_left_alone(tmp_path: Path) -> N
     renewed = list(uidrenewal.renew(root, uidrenewal.indexed_users(root)))
 
     assert [r.user for r in renewed] == [ALICE]
+
+
+class _SynchronousAtClose(sqlite3.Connection):
+    """A real connection that notes, as it closes, its database and PRAGMA synchronous."""
+
+    seen: list[tuple[str, int]] = []
+
+    def close(self) -> None:
+        [(_, _, database)] = self.execute("PRAGMA database_list").fetchall()
+        self.seen.append((Path(database).name, self.execute("PRAGMA synchronous").fetchone()[0]))
+        super().close()
+
+
+async def test_the_counter_and_the_indexes_are_written_with_synchronous_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counter's reservation must be on disk before any index holds a value from it (a
+    power loss would let a second run hand the same values out again), and each rewritten
+    index before the operator restarts the store: SQLite's synchronous=FULL (2) syncs the WAL
+    at every commit, NORMAL (1) only at checkpoints."""
+    root = tmp_path / "mail"
+    db = MailDB(root, inline_max=0)
+    await db.deliver([delivery("q1"), delivery("q2", BOB)])
+    await db.close()
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *args, **kwargs: connect(
+        *args, **kwargs, factory=_SynchronousAtClose))
+    monkeypatch.setattr(_SynchronousAtClose, "seen", [])
+
+    list(uidrenewal.renew(root, [ALICE, BOB]))
+
+    assert sorted(set(_SynchronousAtClose.seen)) == [
+        ("index.sqlite", 2), (UIDVALIDITY_FILE, 2)]
+    assert [name for name, _ in _SynchronousAtClose.seen].count("index.sqlite") == 4
