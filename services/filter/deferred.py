@@ -15,7 +15,8 @@ probes every configured scanner (rspamd GET /ping, clamd PING, spamd PING) and t
 with exponential backoff and starts consuming when all answer. A scanner failure (or a failed
 publish) in the middle of a message returns that message to the queue (nack, requeue) and
 stops consuming again, so an outage never churns through redeliveries. A scanner that
-fails on a message but answers a ping right after has failed on that message alone: it goes
+fails on a message but answers a ping right after has failed on that message alone (unless
+the scan never got to it: refused at connect, the scanner back a moment later): it goes
 back to the queue while the rest flows, and after services/filter/poison.py's
 POISON_STRIKES it is dead-lettered for the operator instead of blocking the scan queue until
 the delivery limit (100). Every filter worker with scanners configured runs one drainer:
@@ -40,6 +41,7 @@ from common.topology import (
     QUARANTINE_ROUTING_KEY,
     envelope_from_properties,
 )
+from services.filter.backends.availability import never_reached
 from services.filter.backends.errors import ScannerUnavailable, StreamTooLarge
 from services.filter.backends.scanners import Scanners
 from services.filter.poison import UNDECIDED, Strikes
@@ -240,7 +242,9 @@ class DeferredScanner:
                            envelope: Envelope, exc: ScannerUnavailable,
                            failed: asyncio.Event) -> None:
         extra = {"queue_id": envelope.queue_id}
-        if await self._scanners.unavailable():
+        # A scan that never got to the scanner cannot be the message's doing, even when a
+        # ping answers right after (the scanner back from a restart): no strike, a pause.
+        if never_reached(exc) or await self._scanners.unavailable():
             log.warning("%s unavailable during a deferred scan (%s): returned to the queue",
                         exc.scanner, exc.reason, extra=extra)
             await self._give_back(channel, message, pause=failed)
@@ -288,7 +292,8 @@ class DeferredScanner:
                 spam_task = group.create_task(judge.judge(envelope, content)) \
                     if judge is not None else None
         except* ScannerUnavailable as errors:
-            raise errors.exceptions[0] from None
+            error = errors.exceptions[0]
+            raise error from error.__cause__  # the cause says whether it got to the scanner
         signature = virus_task.result()
         if signature is _TOO_BIG:
             # Only when clamd's StreamMaxLength is below our setting (at DATA the size is

@@ -44,7 +44,7 @@ class Availability:
             yield
         except ScannerUnavailable as exc:
             self.record(answered=False)
-            if self.scans_failing_since is None and not _unreached(exc):
+            if self.scans_failing_since is None and not never_reached(exc):
                 self.scans_failing_since = self._clock()
             raise
         self.record(answered=True)
@@ -64,7 +64,7 @@ class Availability:
             self.down_since = None
 
 
-def _unreached(exc: ScannerUnavailable) -> bool:
+def never_reached(exc: ScannerUnavailable) -> bool:
     """Whether a failed scan never reached the scanner: as the client says, else a cause in
     the chain (the clients raise `from` the socket's error) is one of those."""
     if exc.reached is not None:

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import pytest
 import redis.asyncio
 
-from common.redisconn import open_redis
+from common.redisconn import REDIS_TIMEOUT, open_redis
 from common.settings import Settings
 from common.tasks import stop_task
+from services.filter import unconfirmed
 from services.filter.unconfirmed import RETRY_WINDOW, UnconfirmedLedger
 from tests.support import TcpProxy, eventually
 
@@ -23,9 +26,10 @@ FIRST, SECOND = "a" * 64, "b" * 64  # transaction digests
 
 
 @contextlib.asynccontextmanager
-async def writer(settings: Settings) -> AsyncIterator[UnconfirmedLedger]:
+async def writer(settings: Settings, socket_timeout: float = REDIS_TIMEOUT
+                 ) -> AsyncIterator[UnconfirmedLedger]:
     """Another worker's ledger, which only remembers and forgets."""
-    client = open_redis(settings)
+    client = open_redis(settings, socket_timeout)
     try:
         yield UnconfirmedLedger(client, settings.redis_prefix)
     finally:
@@ -75,10 +79,8 @@ async def test_after_redis_went_away_a_worker_learns_what_it_missed(
     """Entries announced while a worker's subscription was down are never heard: the worker
     reads them when it subscribes again."""
     proxy = TcpProxy(6379)
-    database = urlsplit(settings.redis_url).path
-    through_proxy = settings.replace(redis_url=f"redis://127.0.0.1:{proxy.port}{database}")
     try:
-        async with writer(settings) as first, following(through_proxy) as cut_off:
+        async with writer(settings) as first, following(through(proxy, settings)) as cut_off:
             await first.remember(FIRST, "QUEUEONE")
             await eventually(lambda: cut_off.queue_id_for(FIRST) == "QUEUEONE",
                              within=20, what="the entry announced")
@@ -90,3 +92,44 @@ async def test_after_redis_went_away_a_worker_learns_what_it_missed(
                              within=30, what="the missed entry loaded on subscribing again")
     finally:
         proxy.cut()
+
+
+def through(proxy: TcpProxy, settings: Settings) -> Settings:
+    """`settings` with Redis reached through `proxy`, in the same database."""
+    database = urlsplit(settings.redis_url).path
+    return settings.replace(redis_url=f"redis://127.0.0.1:{proxy.port}{database}")
+
+
+@pytest.mark.parametrize(("write_timeout", "socket_timeout"), [
+    pytest.param(0.2, REDIS_TIMEOUT, id="asyncio-timeout"),  # WRITE_TIMEOUT runs out first
+    pytest.param(30.0, 0.2, id="redis-timeout"),  # redis-py's TimeoutError comes first
+])
+async def test_a_hung_redis_leaves_the_entry_here_and_nothing_raising(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, write_timeout: float,
+        socket_timeout: float) -> None:
+    """Redis stops answering (a frozen process) while a worker remembers an unconfirmed
+    publish: the write to Redis is given up, whichever timeout comes first, and the worker
+    still knows the entry itself (its sender's retry, reaching it, reuses the queue id).
+    Nothing is raised to the SMTP session (its reply stays the 451 4.3.0 of a publish not
+    confirmed, not the internal error's) nor left unretrieved in a task, for this write
+    or one made in the background (a client gone during its publish)."""
+    monkeypatch.setattr(unconfirmed, "WRITE_TIMEOUT", write_timeout)
+    loop = asyncio.get_running_loop()
+    unhandled: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context["message"]))
+    proxy = TcpProxy(6379)
+    try:
+        async with writer(through(proxy, settings), socket_timeout) as ledger:
+            proxy.hang()
+            await ledger.remember(FIRST, "QUEUEONE")
+            ledger.remember_soon(SECOND, "QUEUETWO")
+            await eventually(lambda: not ledger._tasks, within=30,
+                             what="the background write to end")
+            assert ledger.queue_id_for(FIRST) == "QUEUEONE"
+            assert ledger.queue_id_for(SECOND) == "QUEUETWO"
+        gc.collect()  # an exception nobody retrieved is reported when its task is freed
+    finally:
+        loop.set_exception_handler(previous)
+        proxy.cut()
+    assert unhandled == []

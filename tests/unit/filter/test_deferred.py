@@ -5,6 +5,7 @@ pauses. Against the real broker and scanners: tests/integration/scanning/test_de
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import cast
 
 import pytest
@@ -17,8 +18,10 @@ from common.settings import Settings
 from common.topology import DELIVER_ROUTING_KEY, message_properties
 from services.filter import deferred
 from services.filter.backends.clamd import ClamdClient
+from services.filter.backends.errors import ScannerUnavailable
 from services.filter.backends.scanners import Scanners
-from services.filter.deferred import PROBE_MIN, DeferredScanner
+from services.filter.deferred import PROBE_MAX, PROBE_MIN, DeferredScanner
+from services.filter.poison import POISON_STRIKES
 from services.filter.protocol.clamd import ClamdResult
 from services.filter.stats import WorkerStats
 
@@ -47,12 +50,14 @@ class FakeChannel:
 
 
 class FakeClamd:
-    """A virus scanner that finds nothing, or raises `error` (a bug, not an outage)."""
+    """A virus scanner that finds nothing, or raises `error`; its pings answer unless
+    `answers` is False (down)."""
 
     name = "clamd"
 
-    def __init__(self, error: Exception | None = None) -> None:
+    def __init__(self, error: Exception | None = None, answers: bool = True) -> None:
         self.error = error
+        self.answers = answers
         self.scans = 0
 
     async def scan(self, content: bytes) -> ClamdResult:
@@ -62,7 +67,7 @@ class FakeClamd:
         return ClamdResult(None)
 
     async def ping(self) -> bool:
-        return True
+        return self.answers
 
 
 class FakePublisher:
@@ -110,6 +115,7 @@ def taken(channel: FakeChannel) -> DeliveredMessage:
 async def work_on_one(scanner: DeferredScanner, channel: FakeChannel,
                       failed: asyncio.Event) -> None:
     """One of the session's workers takes one message, then is told to stop."""
+    scanner._unsettled += 1  # taken from the broker, as the session's on_message counts it
     inbox: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
     inbox.put_nowait(taken(channel))
     inbox.put_nowait(None)
@@ -195,3 +201,105 @@ async def test_rounds_without_a_verdict_back_off_before_consuming_again(
     with pytest.raises(asyncio.CancelledError):
         await scanner.run()
     assert waited == pauses
+
+
+HANG = 30.0  # seconds: a test that waits this long has hung (nothing here waits at all)
+FAILS_AT_CLAMD = ScannerUnavailable("clamd", "clamd closed without answering", reached=True)
+
+
+def refused_at_connect() -> ScannerUnavailable:
+    """A scan that never reached clamd, raised as ClamdClient raises it: from the socket's
+    error, with nothing saying whether it got there (availability.py reads the cause)."""
+    error = ScannerUnavailable("clamd", "ConnectionRefusedError: [Errno 111] refused")
+    error.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    return error
+
+
+async def test_a_lone_message_a_scanner_fails_on_pauses_the_drain_without_waiting() -> None:
+    """A message alone in the drainer's hands that the scanner fails on (pings pass): its
+    second failure, with nothing scanned since its first strike, says nothing against it,
+    and no other message held can say anything either. The drainer pauses at once; waiting
+    for another outcome (up to scan_timeout, an hour here) would hold the message and the
+    worker for nothing."""
+    channel = FakeChannel()
+    scanner = drainer(FakeClamd(FAILS_AT_CLAMD), settings=Settings(scan_timeout=3600.0))
+    failed = asyncio.Event()
+    await work_on_one(scanner, channel, failed)
+    assert not failed.is_set()  # a first strike: back to the queue, the rest flows
+    try:
+        async with asyncio.timeout(HANG):
+            await work_on_one(scanner, channel, failed)
+    except TimeoutError:
+        pytest.fail("the drainer waited for an outcome that no message it holds can bring")
+    assert failed.is_set()
+    assert channel.settled == [("nack", TAG, True)] * 2
+
+
+async def test_probes_back_off_while_a_scanner_stays_down(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """clamd does not answer its pings: the drainer does not consume, and waits twice as
+    long before each new probe, up to PROBE_MAX (a ping every PROBE_MIN through a long
+    outage would only be noise)."""
+    scanner = drainer(FakeClamd(answers=False))
+    probes = 10
+    waited: list[float] = []
+
+    async def pause(seconds: float, wake: asyncio.Event | None = None) -> bool:
+        waited.append(seconds)
+        if len(waited) == probes:
+            raise asyncio.CancelledError  # the test is over
+        return False
+
+    async def session() -> None:
+        raise AssertionError("consuming while clamd does not answer")
+
+    monkeypatch.setattr(scanner, "_session", session)
+    monkeypatch.setattr(deferred, "pause", pause)
+    with pytest.raises(asyncio.CancelledError):
+        await scanner.run()
+    assert waited == [min(PROBE_MIN * 2 ** probe, PROBE_MAX) for probe in range(probes)]
+
+
+async def fail_rounds(scanner: DeferredScanner, channel: FakeChannel,
+                      rounds: int) -> list[bool]:
+    """`rounds` times: another message is scanned (the scanner works on other mail), then
+    the scanner fails on this one. Whether the drain paused, each time."""
+    paused = []
+    for _ in range(rounds):
+        scanner._strikes.scanned("GOOD")
+        failed = asyncio.Event()
+        await work_on_one(scanner, channel, failed)
+        paused.append(failed.is_set())
+    return paused
+
+
+@pytest.mark.parametrize("clamd", [
+    # Down: clamd went away in the middle of the scan, and the ping right after fails.
+    pytest.param(lambda: FakeClamd(FAILS_AT_CLAMD, answers=False), id="outage"),
+    # The scan never got to clamd, whose ping answers a moment later (a restart ending, a
+    # flapping address): the message's bytes were never seen, so cannot be at fault.
+    pytest.param(lambda: FakeClamd(refused_at_connect()), id="not-reached"),
+])
+async def test_failures_while_the_scanner_is_away_are_no_strikes(
+        clamd: Callable[[], FakeClamd]) -> None:
+    """A message whose scans fail because clamd is away is never dead-lettered, however
+    often it goes round while other mail gets scanned: each time it goes back to the queue
+    and the drainer pauses."""
+    channel, stats = FakeChannel(), WorkerStats()
+    scanner = drainer(clamd(), stats=stats)
+    assert await fail_rounds(scanner, channel, 2 * POISON_STRIKES) == \
+        [True] * (2 * POISON_STRIKES)
+    assert channel.settled == [("nack", TAG, True)] * (2 * POISON_STRIKES)
+    assert stats.deferred_dead_lettered == 0
+
+
+async def test_a_message_a_healthy_scanner_fails_on_is_dead_lettered_at_the_limit() -> None:
+    """The other side: clamd answers pings and scans other mail, and its scan of this
+    message got to it and failed, every time: the message's own doing. It is rejected
+    (dead-lettered) at its POISON_STRIKES-th failure, requeued before that."""
+    channel, stats = FakeChannel(), WorkerStats()
+    scanner = drainer(FakeClamd(FAILS_AT_CLAMD), stats=stats)
+    assert await fail_rounds(scanner, channel, POISON_STRIKES) == [False] * POISON_STRIKES
+    assert channel.settled == [("nack", TAG, True)] * (POISON_STRIKES - 1) + \
+        [("reject", TAG, False)]
+    assert stats.deferred_dead_lettered == 1
