@@ -29,8 +29,9 @@ from services.store.imap import commands as imap_commands
 from services.store.imap import responses as r
 from services.store.imap import selected as selected_module
 from services.store.imap import server as imap_server_module
+from services.store.imap.protocol.parser import RawCommand
 from services.store.imap.server import PRE_LOGIN_MAX_LITERAL, READ_CHUNK
-from services.store.imap.session import MAX_AUTH_FAILURES, Session
+from services.store.imap.session import MAX_AUTH_FAILURES, After, Session
 from services.store.listening import SessionEndingServer
 from tests.integration.imap.clients import (
     Raw,
@@ -572,6 +573,43 @@ async def test_a_fetch_gives_other_sessions_turns_between_messages(
     assert pauses.count - before >= 5
 
 
+async def test_a_short_command_lets_another_session_in_between_its_steps(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short command working through many items with nothing to wait for (a LIST, one step
+    per mailbox here) gives the other sessions a turn at each step: another session's command
+    that arrives at its first step runs before its last one, not behind the whole LIST."""
+    monkeypatch.setattr(imap_commands, "LIST_STEP", 1)
+
+    def sessions() -> tuple[Raw, Raw]:
+        lister = server.raw(ALICE)
+        for n in range(20):
+            lister.ok(f"CREATE box{n}")
+        return lister, server.raw()
+
+    lister, other = await in_thread(sessions)
+    events: list[str] = []
+    between_steps, handle = Session.between_steps, Session.handle
+
+    async def recorded_step(self: Session) -> None:
+        if "step" not in events:
+            other.send(b"other NOOP\r\n")  # in the socket before the LIST's first pause
+        events.append("step")
+        await between_steps(self)
+
+    async def recorded_handle(self: Session, raw: RawCommand) -> After:
+        events.append(raw.tag)
+        return await handle(self, raw)
+
+    monkeypatch.setattr(Session, "between_steps", recorded_step)
+    monkeypatch.setattr(Session, "handle", recorded_handle)
+    listed = await in_thread(lambda: lister.ok('LIST "" "*"'))
+    assert await in_thread(lambda: other.reply("other").status) == "OK"
+    assert len(listed.lines(b"LIST")) > 20
+    assert "step" in events[events.index("other"):], events
+    lister.close()
+    other.close()
+
+
 async def test_a_large_flag_change_reaches_idle_sessions_in_steps(
         server: Server, deliver: Deliver, monkeypatch: pytest.MonkeyPatch) -> None:
     """A STORE 1:* on 32,768 messages took each session that had the mailbox selected 150-200
@@ -869,6 +907,36 @@ async def test_a_flooding_client_does_not_starve_another(server: Server, deliver
     assert flood_during_polite >= 50, "the flood was not being served meanwhile"
 
 
+async def test_pipelined_noops_let_another_session_in_between_them(
+        server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    """Commands that wait for nothing (NOOPs, their input all buffered, their answers all
+    taken by the socket at once) would keep the event loop to one session: the server yields
+    between pipelined commands, so another session's command that arrived with the flood
+    runs before the flood's last NOOP, not behind all of them. The order is the server's
+    own (its DEBUG line per command), not a time."""
+    caplog.set_level(logging.DEBUG, logger=imap_server_module.__name__)
+    flood_size = 2000
+    flood = b"".join(b"f%d NOOP\r\n" % n for n in range(flood_size))
+    flooder, other = await in_thread(lambda: (Raw.connect(server.port),
+                                              Raw.connect(server.port)))
+    # Both sent while this event loop, the server's, is held here: the whole flood is in its
+    # session's buffer before the first NOOP runs, and the other command waits already. Both
+    # fit in the sockets' buffers (23 KB), so neither send blocks.
+    flooder.sock.sendall(flood)
+    other.sock.sendall(b"other NOOP\r\n")
+
+    def replies() -> None:
+        assert other.reply("other").status == "OK"
+        for n in range(flood_size):
+            assert flooder.reply(f"f{n}").status == "OK"
+
+    await in_thread(replies)
+    run = [message for message in caplog.messages if message.startswith("C: ")]
+    assert run.index("C: other NOOP") < run.index(f"C: f{flood_size - 1} NOOP")
+    flooder.close()
+    other.close()
+
+
 async def test_logindisabled_before_tls(start_imap: StartImap, settings: Settings) -> None:
     server = await start_with(start_imap, settings, allow_plaintext_auth=False)
 
@@ -1047,6 +1115,53 @@ async def test_accept_errors_do_not_stop_the_imaps_port(
     assert "cannot accept imap connections: Too many open files" in caplog.text
 
 
+@pytest.mark.parametrize(("error", "pauses"), [
+    (OSError(errno.EMFILE, "Too many open files"), True),
+    (OSError(errno.EPROTO, "Protocol error"), False),
+    (ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort"), False),
+], ids=["EMFILE", "EPROTO", "ECONNABORTED"])
+async def test_only_running_out_of_descriptors_pauses_the_imaps_accepts(
+        start_imap: StartImap, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        error: OSError, pauses: bool) -> None:
+    """Out of descriptors (EMFILE), the IMAPS listener waits ACCEPT_RETRY_DELAY before it
+    calls accept(2) again, as asyncio's own servers do: at once, it would spin on an accept
+    that fails until a descriptor is freed. A pending connection's own error (EPROTO,
+    ECONNABORTED) says nothing of the next connection: the next accept comes at once. Either
+    way the next client is served."""
+    delay = 0.0371  # no other sleep in the process is this long
+    monkeypatch.setattr(listening_module, "ACCEPT_RETRY_DELAY", delay)
+    events: list[str] = []
+    sleep = asyncio.sleep
+
+    async def recorded_sleep(seconds: float) -> None:
+        if seconds == delay:
+            events.append("pause")
+        await sleep(seconds)
+
+    loop = asyncio.get_running_loop()
+    accept = loop.sock_accept
+    failures = [error]
+
+    async def failing_first(sock: socket.socket) -> tuple[socket.socket, object]:
+        events.append("accept")
+        if failures:
+            raise failures.pop(0)
+        return await accept(sock)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
+    monkeypatch.setattr(loop, "sock_accept", failing_first)
+    server = await start_with(start_imap, settings)
+
+    def dialog() -> None:
+        client = Raw.connect(server.tls_port, tls=True)
+        assert client.greeting.startswith(b"* OK"), client.greeting
+        client.close()
+
+    await in_thread(dialog)
+    expected = ["accept", "pause", "accept"] if pauses else ["accept", "accept"]
+    assert events[:len(expected)] == expected
+
+
 async def test_refusals_past_the_limit_get_a_bounded_number_of_handshakes(
         start_imap: StartImap, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """A connection past a limit on the IMAPS port gets a short handshake to read its BYE,
@@ -1135,6 +1250,35 @@ async def test_a_client_stalled_in_the_imaps_handshake_is_let_go(
                     pass
         again = _greeted_over_tls(server.tls_port, b"* OK", "the stalled client's place")
         again.close()
+
+    await in_thread(dialog)
+
+
+async def test_a_silent_client_refused_on_the_imaps_port_is_let_go_after_the_refusal_bound(
+        start_imap: StartImap, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection past the limit that never sends its ClientHello is closed when the
+    refusal's own handshake bound (REFUSAL_HANDSHAKE_TIMEOUT, 0.5 s here) runs out, not after
+    the admitted connections' handshake timeout (10 minutes here, longer than the client's
+    30 s reads); its refusal handshake is then over, so the next client past the limit (one
+    refusal handshake at a time here) reads its BYE."""
+    monkeypatch.setattr(listening_module, "REFUSAL_HANDSHAKE_TIMEOUT", 0.5)
+    monkeypatch.setattr(listening_module, "MAX_REFUSAL_HANDSHAKES", 1)
+    monkeypatch.setattr(imap_server_module, "TLS_HANDSHAKE_TIMEOUT", 600.0)
+    server = await start_with(start_imap, settings, imap_max_connections_per_ip=1,
+                              rate_limit_exempt="")
+
+    def dialog() -> None:
+        admitted = Raw.connect(server.tls_port, tls=True)
+        assert admitted.greeting.startswith(b"* OK"), admitted.greeting
+        try:
+            with (socket.create_connection(("127.0.0.1", server.tls_port), timeout=30) as silent,
+                  contextlib.suppress(ConnectionResetError)):
+                assert silent.recv(4096) == b""  # a TimeoutError if it was kept
+            refused = _refused_over_tls(server.tls_port, "the next refusal's BYE")
+            assert refused.closed()
+            refused.close()
+        finally:
+            admitted.close()
 
     await in_thread(dialog)
 

@@ -19,6 +19,8 @@ from services.store.imap import lanes as lanes_module
 from services.store.imap import responses as r
 from services.store.imap import search as search_module
 from services.store.imap import server as imap_server_module
+from services.store.imap.server import LITERAL_CONTINUATION
+from services.store.listening import SessionEndingServer
 from services.store.mailbox import Delivery
 from tests.integration.imap.clients import Raw, Reply, Server, in_thread, message, quote
 from tests.integration.imap.conftest import ALICE, BOB, Deliver, ImapStack
@@ -580,6 +582,34 @@ async def test_a_half_closed_client_gets_a_large_fetch_intact(
     assert received[start + len(body):].startswith(b")\r\nc OK")
     assert b"d OK" in received
     assert received.count(r.OK_STILL_WORKING.untagged()) <= 1
+
+
+@pytest.mark.timeout(60)  # a read loop spinning on the end of the stream holds the event loop
+@pytest.mark.parametrize(("sent", "answered"), [
+    (b"a NOOP", b""),
+    (b"a LOGIN {5}\r\nali", LITERAL_CONTINUATION),
+], ids=["in-the-line", "in-a-literal"])
+async def test_a_client_that_closes_mid_command_ends_its_session(
+        imap_server: ImapStack, sent: bytes, answered: bytes) -> None:
+    """The end of the client's stream in the middle of a command (its line or a literal)
+    ends the session: the half command is neither run nor answered, and the store hangs up.
+    A read loop that took the end of the stream for more input would spin for good (here
+    the test's timeout mark ends it, since it holds the event loop, so no wait of the test
+    itself can); one that took it for an empty line would answer BADs, or run the half
+    command."""
+    plain = imap_server.servers[0]
+    assert isinstance(plain, SessionEndingServer)
+
+    def half_a_command_then_eof() -> bytes:
+        with socket.create_connection(("127.0.0.1", imap_server.port), timeout=30) as sock:
+            file = sock.makefile("rb")
+            assert file.readline().startswith(b"* OK")
+            sock.sendall(sent)
+            sock.shutdown(socket.SHUT_WR)
+            return file.read()  # up to the store's close
+
+    assert await in_thread(half_a_command_then_eof) == answered
+    await eventually(lambda: plain.sessions == 0, within=30, what="the session to end")
 
 
 async def test_a_client_stalled_in_the_starttls_handshake_is_let_go(

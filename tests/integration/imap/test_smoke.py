@@ -9,8 +9,10 @@ import asyncio
 import contextlib
 import imaplib
 import socket
+import ssl
 import threading
 import time
+from typing import BinaryIO
 
 import pytest
 from imapclient import IMAPClient
@@ -170,6 +172,39 @@ async def test_after_logout_the_client_sees_the_close_at_once(
         raw.close()
 
     await asyncio.to_thread(dialog)
+
+
+async def test_a_shutdown_cuts_a_connection_still_lingering_after_logout(
+        imap_server: ImapStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session that said its last words lingers for the client's close (LINGER_SECONDS, 60
+    s here); a shutdown meanwhile aborts the connection rather than closing it politely: the
+    client has had all we had to say, and the store is going away. On IMAPS (no half-close
+    there, so it lingers with TLS still open) the client sees the connection end without the
+    TLS close_notify that a polite close sends (and then waits for the client to answer)."""
+    monkeypatch.setattr(listening_module, "LINGER_SECONDS", 60.0)
+
+    def logged_out() -> tuple[ssl.SSLSocket, BinaryIO]:
+        sock = socket.create_connection(("127.0.0.1", imap_server.tls_port), timeout=30)
+        tls = client_tls_context().wrap_socket(sock, server_hostname="mx.test.invalid",
+                                               suppress_ragged_eofs=False)
+        file = tls.makefile("rb")
+        assert file.readline().startswith(b"* OK")
+        tls.sendall(b"a LOGOUT\r\n")
+        assert file.readline() == r.BYE_LOGOUT.untagged()
+        assert file.readline() == b"a OK LOGOUT completed\r\n"  # lingering from here on
+        return tls, file
+
+    tls, file = await asyncio.to_thread(logged_out)
+    try:
+        for server in imap_server.servers:
+            server.close()
+        for server in imap_server.servers:
+            await asyncio.wait_for(server.wait_closed(), 30)
+        with pytest.raises(ssl.SSLEOFError):  # b"" after a close_notify
+            await asyncio.to_thread(file.read)
+    finally:
+        file.close()
+        tls.close()
 
 
 class Raw:

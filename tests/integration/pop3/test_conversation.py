@@ -481,6 +481,27 @@ async def test_dele_then_disconnect_without_quit_keeps_messages(pop3: Pop3Stack)
     assert len(await pop3.store.list_messages(ALICE, INBOX)) == 1
 
 
+@pytest.mark.timeout(60)  # a read loop spinning on the end of the stream holds the event loop
+async def test_a_client_that_closes_mid_command_ends_its_session(pop3: Pop3Stack) -> None:
+    """The end of the client's stream in the middle of a command line ends the session: the
+    half line is not taken for a command (nor answered), and the store hangs up. A read loop
+    that took the end of the stream for the end of a line would answer it, and every empty
+    read after it, with -ERR."""
+    plain = pop3.servers[0]
+    assert isinstance(plain, SessionEndingServer)
+
+    def half_a_command_then_eof() -> bytes:
+        with socket.create_connection(("127.0.0.1", pop3.port), timeout=30) as sock:
+            file = sock.makefile("rb")
+            assert file.readline().startswith(b"+OK")
+            sock.sendall(b"STA")
+            sock.shutdown(socket.SHUT_WR)
+            return file.read()  # up to the store's close
+
+    assert await asyncio.to_thread(half_a_command_then_eof) == b""
+    await eventually(lambda: plain.sessions == 0, within=30, what="the session to end")
+
+
 async def test_second_session_refused_while_locked(pop3: Pop3Stack) -> None:
     first = await asyncio.to_thread(login, pop3.port)
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from services.store.imap import lanes
 from services.store.imap.lanes import LONG_SLICE, CommandLanes
 
 
@@ -104,3 +107,30 @@ async def test_a_short_command_waiting_outside_its_turn_is_not_in_progress() -> 
     release.set()
     await task
     assert seen == [1, 1] and commands.short_running == 0
+
+
+async def test_a_short_command_begun_during_a_long_one_finishes_before_its_next_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only the short commands in progress when a long one takes the lane: one that
+    began while the long command was running (a NOOP during a large FETCH) also finishes
+    before the long command's next step. SHORT_FIRST_WAIT is long here, so the order does
+    not depend on how quickly the short command ends."""
+    monkeypatch.setattr(lanes, "SHORT_FIRST_WAIT", 30.0)
+    commands = CommandLanes()
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def short() -> None:
+        with commands.short():
+            await release.wait()
+            order.append("short")
+
+    async with asyncio.timeout(30):  # fails the test instead of hanging it
+        async with commands.long() as turn:
+            task = asyncio.create_task(short())
+            await asyncio.sleep(0)  # the short command is in progress now
+            asyncio.get_running_loop().call_soon(release.set)
+            await turn.step()
+            order.append("long step")
+        await task
+    assert order == ["short", "long step"]
