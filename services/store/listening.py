@@ -551,8 +551,10 @@ async def _discard_input(reader: asyncio.StreamReader) -> None:
 
 
 async def close_connection(writer: asyncio.StreamWriter, abort: bool) -> None:
-    """Close a client connection (reset it when `abort`), never waiting more than
-    CLOSE_TIMEOUT for a client that does not take the close (or the TLS close_notify)."""
+    """Close a client connection, never waiting more than CLOSE_TIMEOUT for a client that
+    does not take the close (or the TLS close_notify). With `abort`, at once: what is still
+    queued is dropped, TLS sends no close_notify, and the kernel resets the connection only
+    if input is left unread."""
     if abort:
         writer.transport.abort()
     else:
