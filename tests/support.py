@@ -121,6 +121,17 @@ def stalled_tls_handshake(port: int, command: bytes) -> bytes:
         return received
 
 
+def half_a_command_then_eof(port: int, greeting: bytes, sent: bytes) -> bytes:
+    """Connect, read the greeting line (it must start with `greeting`), send `sent` (part of
+    a command) and end the stream; returns what the server sent until it closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        file = sock.makefile("rb")
+        assert file.readline().startswith(greeting)
+        sock.sendall(sent)
+        sock.shutdown(socket.SHUT_WR)
+        return file.read()
+
+
 def port_open(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
         return True

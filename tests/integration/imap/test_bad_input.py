@@ -1085,6 +1085,28 @@ def _greeted_over_tls(port: int, greeting: bytes, what: str) -> Raw:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def failing_accepts(monkeypatch: pytest.MonkeyPatch, failures: list[OSError],
+                    events: list[str]) -> None:
+    """The event loop's accept(2) raises `failures` first, one per call, then accepts;
+    each call is noted in `events` as "accept"."""
+    loop = asyncio.get_running_loop()
+    accept = loop.sock_accept
+
+    async def failing_first(sock: socket.socket) -> tuple[socket.socket, object]:
+        events.append("accept")
+        if failures:
+            raise failures.pop(0)
+        return await accept(sock)
+
+    monkeypatch.setattr(loop, "sock_accept", failing_first)
+
+
+def greeted_over_imaps(server: Server) -> None:
+    client = Raw.connect(server.tls_port, tls=True)
+    assert client.greeting.startswith(b"* OK"), client.greeting
+    client.close()
+
+
 async def test_accept_errors_do_not_stop_the_imaps_port(
         start_imap: StartImap, settings: Settings, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -1092,25 +1114,11 @@ async def test_accept_errors_do_not_stop_the_imaps_port(
     says its manual) and runs out of descriptors (EMFILE: wait). The IMAPS listener accepts
     its connections itself; one such error ended its accept loop and the port, still open,
     took connections that nobody accepted (found in review)."""
-    loop = asyncio.get_running_loop()
-    accept = loop.sock_accept
-    failures = [OSError(errno.EPROTO, "Protocol error"),
-                OSError(errno.EMFILE, "Too many open files")]
-
-    async def failing_first(sock: socket.socket) -> tuple[socket.socket, object]:
-        if failures:
-            raise failures.pop(0)
-        return await accept(sock)
-
-    monkeypatch.setattr(loop, "sock_accept", failing_first)
+    failures: list[OSError] = [OSError(errno.EPROTO, "Protocol error"),
+                               OSError(errno.EMFILE, "Too many open files")]
+    failing_accepts(monkeypatch, failures, [])
     server = await start_with(start_imap, settings)
-
-    def dialog() -> None:
-        client = Raw.connect(server.tls_port, tls=True)
-        assert client.greeting.startswith(b"* OK"), client.greeting
-        client.close()
-
-    await in_thread(dialog)
+    await in_thread(lambda: greeted_over_imaps(server))
     assert not failures
     assert "cannot accept imap connections: Too many open files" in caplog.text
 
@@ -1138,26 +1146,10 @@ async def test_only_running_out_of_descriptors_pauses_the_imaps_accepts(
             events.append("pause")
         await sleep(seconds)
 
-    loop = asyncio.get_running_loop()
-    accept = loop.sock_accept
-    failures = [error]
-
-    async def failing_first(sock: socket.socket) -> tuple[socket.socket, object]:
-        events.append("accept")
-        if failures:
-            raise failures.pop(0)
-        return await accept(sock)
-
     monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
-    monkeypatch.setattr(loop, "sock_accept", failing_first)
+    failing_accepts(monkeypatch, [error], events)
     server = await start_with(start_imap, settings)
-
-    def dialog() -> None:
-        client = Raw.connect(server.tls_port, tls=True)
-        assert client.greeting.startswith(b"* OK"), client.greeting
-        client.close()
-
-    await in_thread(dialog)
+    await in_thread(lambda: greeted_over_imaps(server))
     expected = ["accept", "pause", "accept"] if pauses else ["accept", "accept"]
     assert events[:len(expected)] == expected
 

@@ -24,7 +24,11 @@ from services.store.listening import SessionEndingServer
 from services.store.mailbox import Delivery
 from tests.integration.imap.clients import Raw, Reply, Server, in_thread, message, quote
 from tests.integration.imap.conftest import ALICE, BOB, Deliver, ImapStack
-from tests.support import eventually, session_ends_after_a_stalled_handshake
+from tests.support import (
+    eventually,
+    half_a_command_then_eof,
+    session_ends_after_a_stalled_handshake,
+)
 
 
 @pytest.fixture
@@ -600,15 +604,8 @@ async def test_a_client_that_closes_mid_command_ends_its_session(
     plain = imap_server.servers[0]
     assert isinstance(plain, SessionEndingServer)
 
-    def half_a_command_then_eof() -> bytes:
-        with socket.create_connection(("127.0.0.1", imap_server.port), timeout=30) as sock:
-            file = sock.makefile("rb")
-            assert file.readline().startswith(b"* OK")
-            sock.sendall(sent)
-            sock.shutdown(socket.SHUT_WR)
-            return file.read()  # up to the store's close
-
-    assert await in_thread(half_a_command_then_eof) == answered
+    said = await asyncio.to_thread(half_a_command_then_eof, imap_server.port, b"* OK", sent)
+    assert said == answered
     await eventually(lambda: plain.sessions == 0, within=30, what="the session to end")
 
 

@@ -30,6 +30,7 @@ from tests.support import (
     eventually,
     fill,
     free_port,
+    half_a_command_then_eof,
     pipeline_then_read,
     session_ends_after_a_stalled_handshake,
     tmpfs,
@@ -490,15 +491,7 @@ async def test_a_client_that_closes_mid_command_ends_its_session(pop3: Pop3Stack
     plain = pop3.servers[0]
     assert isinstance(plain, SessionEndingServer)
 
-    def half_a_command_then_eof() -> bytes:
-        with socket.create_connection(("127.0.0.1", pop3.port), timeout=30) as sock:
-            file = sock.makefile("rb")
-            assert file.readline().startswith(b"+OK")
-            sock.sendall(b"STA")
-            sock.shutdown(socket.SHUT_WR)
-            return file.read()  # up to the store's close
-
-    assert await asyncio.to_thread(half_a_command_then_eof) == b""
+    assert await asyncio.to_thread(half_a_command_then_eof, pop3.port, b"+OK", b"STA") == b""
     await eventually(lambda: plain.sessions == 0, within=30, what="the session to end")
 
 

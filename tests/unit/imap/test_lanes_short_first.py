@@ -11,22 +11,24 @@ from services.store.imap import lanes
 from services.store.imap.lanes import LONG_SLICE, CommandLanes
 
 
+async def short_until(commands: CommandLanes, release: asyncio.Event, order: list[str]) -> None:
+    """A short command in progress until `release` is set."""
+    with commands.short():
+        await release.wait()
+        order.append("short")
+
+
 async def test_a_long_step_waits_for_the_short_commands_in_progress() -> None:
     commands = CommandLanes()
     order: list[str] = []
     release = asyncio.Event()
-
-    async def short() -> None:
-        with commands.short():
-            await release.wait()
-            order.append("short")
 
     async def long() -> None:
         async with commands.long() as turn:
             await turn.step()
             order.append("long step")
 
-    task = asyncio.create_task(short())
+    task = asyncio.create_task(short_until(commands, release, order))
     await asyncio.sleep(0)
     waiting = asyncio.create_task(long())
     await asyncio.sleep(0.001)
@@ -120,14 +122,9 @@ async def test_a_short_command_begun_during_a_long_one_finishes_before_its_next_
     order: list[str] = []
     release = asyncio.Event()
 
-    async def short() -> None:
-        with commands.short():
-            await release.wait()
-            order.append("short")
-
     async with asyncio.timeout(30):  # fails the test instead of hanging it
         async with commands.long() as turn:
-            task = asyncio.create_task(short())
+            task = asyncio.create_task(short_until(commands, release, order))
             await asyncio.sleep(0)  # the short command is in progress now
             asyncio.get_running_loop().call_soon(release.set)
             await turn.step()
