@@ -52,7 +52,7 @@ import enum
 import functools
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,14 +250,17 @@ class Directory:
         pipe.scard(self.key("domains"))
         pipe.scard(self.key("users"))
         pipe.hlen(self.key("aliases"))
-        self._present(pipe)
+        for _ in self._present(pipe):
+            pass  # each call queues its command
 
-    def _present(self, redis: Redis | Pipeline) -> list[Any]:
+    def _present(self, redis: Redis | Pipeline) -> Iterator[Any]:
         """Whether each of the directory's keys holds PRESENT: queued on a pipeline, or
-        awaitables on one that runs its commands as they come (a WATCHed one)."""
-        return [redis.sismember(self.key("domains"), PRESENT),
-                redis.sismember(self.key("users"), PRESENT),
-                redis.hexists(self.key("aliases"), PRESENT)]
+        awaitables on one that runs its commands as they come (a WATCHed one). Made one at
+        a time as iterated: a coroutine made before a cancellation and never awaited would
+        be reported as such."""
+        yield redis.sismember(self.key("domains"), PRESENT)
+        yield redis.sismember(self.key("users"), PRESENT)
+        yield redis.hexists(self.key("aliases"), PRESENT)
 
     def _part_keys(self) -> list[str]:
         return [self.key(name) for name in _PARTS]
