@@ -656,6 +656,21 @@ class StoredBodies:
         return self.inline.keys() | self.files.keys()
 
 
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the path of each file or directory os.fsync is called on in this
+    process, in order (the store's own syncs: the journal, message files, directories, an
+    index's WAL; SQLite's own are not among them)."""
+    paths: list[str] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return paths
+
+
 def check_bodies(user_dir: Path) -> StoredBodies:
     """Every message's stored bytes, from the index and files under `user_dir` (any process
     may call this), after checking the layout's promises: the index passes integrity_check;

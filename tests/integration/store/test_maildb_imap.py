@@ -27,7 +27,7 @@ from services.store.mailbox import (
     NoSuchMailbox,
     OverQuota,
 )
-from tests.support import check_bodies
+from tests.support import check_bodies, record_fsyncs
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -418,6 +418,23 @@ async def test_store_unchangedsince(db: MailDB) -> None:
     assert zero.modified == [1, 2, 3] and zero.changed == []
 
 
+async def test_the_first_flag_change_past_the_reservation_waits_for_the_disk(
+        db: MailDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A STORE commits without waiting for the disk only with a MODSEQ at most the mailbox's
+    durable reservation; the one taking the first MODSEQ past it waits (and reserves the
+    next ones). Else a power loss could take back a MODSEQ clients saw with no reservation
+    above it, and the store would hand it out again (RFC 7162 3.1). Seen from CHECK
+    (make_durable), which syncs only what did not wait for the disk."""
+    monkeypatch.setattr(maildb, "MODSEQ_RESERVE", 1)
+    await append_n(db, 1)
+    synced = record_fsyncs(monkeypatch)
+    # Past the reservation (none yet), within the one it made, past that one.
+    for flag, waits in ((SEEN, True), (FLAGGED, False), (ANSWERED, True)):
+        synced.clear()
+        assert (await db.store_flags(ALICE, INBOX, [1], "+", frozenset({flag}))).changed
+        await db.make_durable(ALICE)
+        assert (not synced) == waits, f"STORE +{flag}, should wait: {waits}; CHECK: {synced}"
+
 
 async def test_store_on_many_messages(db: MailDB) -> None:
     """A large UID set naming every message of a span is stored by flag set, a scattered
@@ -451,19 +468,20 @@ async def test_store_on_many_messages(db: MailDB) -> None:
         current = (await db.status(ALICE)).highestmodseq
 
 
+@pytest.mark.parametrize("skipped", [{50, 51, 200}, {200}], ids=["holes", "a-one-uid-hole"])
 @pytest.mark.parametrize("gaps_probed", [1000, 1], ids=["probe-each-gap", "read-the-span"])
 async def test_store_on_a_large_set_with_gaps_leaves_the_messages_in_them(
-        db: MailDB, gaps_probed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        db: MailDB, gaps_probed: int, skipped: set[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A large UID set with holes: holes left by expunged messages do not matter, a message
     in a hole keeps its flags (checked by one probe per hole, or with many holes by reading
-    the span)."""
+    the span), also when the only hole is one UID wide."""
     monkeypatch.setattr(maildb, "_SPAN_GAPS_PROBED", gaps_probed)
     await append_n(db, 300)
     await db.expunge(ALICE, INBOX, [100, 101])
     every_left = [u for u in range(1, 301) if u not in (100, 101)]
     whole = await db.store_flags(ALICE, INBOX, every_left, "+", frozenset({"$All"}))
     assert [m.uid for m in whole.changed] == every_left
-    skipped = {50, 51, 200}
     wanted = [u for u in range(1, 301) if u not in skipped]  # 100 and 101 named, gone
     result = await db.store_flags(ALICE, INBOX, wanted, "+", frozenset({FLAGGED}))
     assert [m.uid for m in result.changed] == [u for u in every_left if u not in skipped]

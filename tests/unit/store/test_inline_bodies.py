@@ -9,7 +9,7 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from services.store.mailbox import (
     NoSuchMessage,
     StorageError,
 )
-from tests.support import check_bodies, eventually
+from tests.support import check_bodies, eventually, record_fsyncs
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -50,18 +50,15 @@ async def db(tmp_path: Path) -> AsyncIterator[MailDB]:
 
 
 @pytest.fixture
-def fsyncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], int]]:
-    """The number of os.fsync calls by the store's own code (the journal, message files,
-    directories) since the test started; SQLite's own syncs are not counted."""
-    calls: list[int] = []
-    real = os.fsync
+def synced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths the store's own code fsynced since the test started, in order."""
+    return record_fsyncs(monkeypatch)
 
-    def counting(fd: int) -> None:
-        calls.append(fd)
-        real(fd)
 
-    monkeypatch.setattr(os, "fsync", counting)
-    yield lambda: len(calls)
+@pytest.fixture
+def fsyncs(synced: list[str]) -> Callable[[], int]:
+    """The number of os.fsync calls by the store's own code since the test started."""
+    return lambda: len(synced)
 
 
 def files_under(db: MailDB, user: str = ALICE) -> list[Path]:
@@ -109,6 +106,31 @@ async def test_a_mixed_batch_journals_and_writes_files_for_the_large_ones_only(
     assert [read(db, g) for g in (small, large, at_limit, over)] == [
         SMALL, LARGE, message(3, INLINE_MAX), message(4, INLINE_MAX + 1)]
     assert await db.usage(ALICE) == sum(map(len, (SMALL, LARGE))) + 2 * INLINE_MAX + 1
+
+
+async def test_a_redelivery_found_stored_syncs_the_index_and_its_directory(
+        db: MailDB, synced: list[str]) -> None:
+    """A delivery found already stored writes nothing, so it is reported (and acked) only
+    after the index is synced: the commit that stored it may be one a killed store wrote
+    but never synced. Its WAL, and the user's directory: that store may have died while
+    creating the index or the WAL, whose names only the directory's fsync makes durable."""
+    assert await db.deliver([delivery("q1", SMALL)]) == [True]
+    synced.clear()
+    assert await db.deliver([delivery("q1", SMALL)]) == [False]
+    user_dir = db.user_path(ALICE)
+    assert synced == [str(user_dir / "index.sqlite-wal"), str(user_dir)]
+
+
+async def test_the_journal_starts_again_once_it_has_grown_large(db: MailDB) -> None:
+    """Each batch that writes files adds its users to the inflight journal; between batches
+    every earlier one has finished, so past 1 MiB the journal is emptied before the next
+    batch's users are written, instead of growing (and the sweep's reading) for good."""
+    assert await db.deliver([delivery("l1", LARGE)]) == [True]
+    journal = db.root / "inflight"
+    with journal.open("a") as earlier:  # what many batches since the last start wrote
+        earlier.write(f"{BOB}\n" * (2**20 // len(BOB)))
+    assert await db.deliver([delivery("l2", LARGE)]) == [True]
+    assert journal.read_text() == f"{ALICE}\n"
 
 
 async def test_redelivery_and_duplicates_in_a_batch_store_one_body(db: MailDB) -> None:

@@ -101,6 +101,18 @@ async def test_modseq_increases(db: MailDB) -> None:
     assert third.highestmodseq > second.highestmodseq
 
 
+async def test_the_line_end_padding_of_a_delivery_is_that_of_its_body(db: MailDB) -> None:
+    """POP3's sizes add what its stuffing adds to end the last line (`line_end_padding`). A
+    delivery's head (the trace fields the store adds, each ending with CRLF) comes before
+    its body: the body's end decides, not the head's."""
+    head = b"Delivered-To: alice@example.test\r\n"
+    bodies = [b"Subject: a\r\n\r\nno line end", b"Subject: b\r\n\r\nends in CR\r",
+              b"Subject: c\r\n\r\nends well\r\n"]
+    assert await db.deliver([Delivery(f"q{n}", ALICE, body, 1_700_000_000.0, head=head)
+                             for n, body in enumerate(bodies)]) == [True] * 3
+    assert await db.line_end_padding(ALICE) == {1: 2, 2: 1}
+
+
 async def test_uidvalidity_unique_per_mailbox(db: MailDB) -> None:
     await db.deliver([delivery("q1", ALICE), delivery("q1", BOB)])
     a, b = await db.status(ALICE), await db.status(BOB)
