@@ -59,3 +59,14 @@ async def test_a_dead_letter_of_the_scan_queue_is_retried_into_the_scan_queue(
     assert await queue_counts(settings, topology.dead_queue) == 0
     assert [await queue_counts(settings, queue) for queue in delivery_queues(settings)] == [0, 0]
     assert await queue_counts(settings, topology.scan_queue) == 1
+
+
+async def test_a_dead_letter_of_the_scan_queue_that_is_dropped_is_said_dropped(
+        settings: Settings) -> None:
+    """Only a retry sends one back to be scanned: a drop says it dropped it."""
+    queue_id = await _dead_lettered_by_the_scan_queue(settings)
+    dropped = await asyncio.to_thread(run_cli, settings, "deadletters", "drop", queue_id)
+    assert dropped.returncode == 0, dropped.stderr
+    assert dropped.stdout == f"{queue_id} dropped\n1 message dropped\n"
+    assert await queue_counts(settings, settings.topology.dead_queue) == 0
+    assert await queue_counts(settings, settings.topology.scan_queue) == 0

@@ -9,13 +9,15 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 
 import aiormq
 import pytest
+from pamqp.commands import Basic
 
 from common.broker import close_connection, open_channel
 from common.settings import Settings
-from common.topology import message_properties
+from common.topology import PERSISTENT, message_properties
 from services import cli, heldmail
 from services.heldmail import SETTLE_BYTES
 from tests.integration.store.helpers import make_message, queue_counts
@@ -25,22 +27,32 @@ MESSAGES = 24
 SIZE = 8 * 1024 * 1024  # 24 x 8 MiB: 192 MiB held in the queue
 
 
+async def _dead_letter(settings: Settings,
+                       messages: Iterable[tuple[bytes, Basic.Properties]]) -> None:
+    """Publish each (body, properties) to the dead-letter exchange, confirmed, one at a time."""
+    connection, channel = await open_channel(settings.amqp_url, settings.topology, 5.0,
+                                             confirms=True)
+    try:
+        for body, properties in messages:
+            await channel.basic_publish(body, exchange=settings.topology.dead_exchange,
+                                        routing_key="", properties=properties)
+    finally:
+        await close_connection(connection)
+
+
 async def _dead_letter_large_messages(settings: Settings, count: int = MESSAGES,
                                       size: int = SIZE, copies: int = 1) -> list[str]:
     """`count` dead letters, each `copies` times in a row (a crash's leftovers)."""
-    connection, channel = await open_channel(settings.amqp_url, settings.topology, 5.0,
-                                             confirms=True)
-    queue_ids = []
-    try:
+    queue_ids: list[str] = []
+
+    def made() -> Iterator[tuple[bytes, Basic.Properties]]:  # one body in memory at a time
         for _ in range(count):
             envelope, body = make_message("ghost@example.test", padding=size)
-            for _ in range(copies):
-                await channel.basic_publish(body, exchange=settings.topology.dead_exchange,
-                                            routing_key="",
-                                            properties=message_properties(envelope))
             queue_ids.append(envelope.queue_id)
-    finally:
-        await close_connection(connection)
+            for _ in range(copies):
+                yield body, message_properties(envelope)
+
+    await _dead_letter(settings, made())
     return queue_ids
 
 
@@ -201,6 +213,18 @@ def test_a_listing_stays_oldest_first_after_a_show_and_a_drop(settings: Settings
     assert [m["queue_id"] for m in listed["messages"]] == left
     oldest = run_cli(settings, "deadletters", "list", "--limit", "1").stdout.split()[0]
     assert oldest == left[0]
+
+
+def test_a_listing_puts_a_message_received_at_no_known_time_last(settings: Settings) -> None:
+    """An undecodable dead letter without an AMQP timestamp was received at no known time:
+    it is listed after those that were, so that `--limit` still shows the oldest first."""
+    unknown = Basic.Properties(delivery_mode=PERSISTENT, message_id="bad1")
+    asyncio.run(_dead_letter(settings, [(b"garbage", unknown)]))
+    queue_ids = asyncio.run(_dead_letter_large_messages(settings, 2, 0))
+    listed = json.loads(run_cli(settings, "deadletters", "list", "--json").stdout)
+    assert [m["queue_id"] for m in listed["messages"]] == [*queue_ids, "bad1"]
+    oldest = run_cli(settings, "deadletters", "list", "--limit", "1").stdout.split()[0]
+    assert oldest == queue_ids[0]
 
 
 async def test_a_command_whose_path_to_the_broker_died_lets_go_of_the_queue_in_seconds(

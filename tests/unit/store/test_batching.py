@@ -93,3 +93,14 @@ async def test_a_consumer_at_a_fast_pace_waits_for_a_fuller_batch() -> None:
         await more_arrive()
         await gathering
     assert inbox.qsize() >= BATCH_TARGET - 1  # it waited for them, and not the whole 30 s
+
+
+async def test_a_consumer_with_a_whole_batch_waiting_does_not_wait_for_more() -> None:
+    """BATCH_TARGET messages in hand (the first and those waiting) make a whole batch: it
+    is stored at once, not after the wait for one more."""
+    consumer, inbox = consumer_with_waiting(BATCH_TARGET - 1, window=3600.0)
+    for _ in range(BATCH_TARGET):
+        consumer._pace.arrived()
+    async with asyncio.timeout(60):  # a bound on the hour-long wait, not a measurement
+        await consumer._gather(inbox)
+    assert inbox.qsize() == BATCH_TARGET - 1

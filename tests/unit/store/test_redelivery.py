@@ -18,6 +18,7 @@ from services.store.redelivery import (
     RENEWALS_HEADER,
     Returns,
     attempt_key,
+    failed_before,
     renewed_headers,
     returns_of,
     should_renew,
@@ -170,6 +171,10 @@ def test_the_first_renewal_comes_two_deliveries_before_the_last_chance() -> None
     assert not should_renew(Returns(10, 3, 0), 10, 10)
     assert not should_renew(Returns(8, 1, 5), 10, 10)
     assert should_renew(Returns(8, 1, 5), 9, 10)
+    # A record with fewer attempts than at the renewal (rows forgotten since) holds none of
+    # this copy's: no failures, not fewer than none, so one return is not taken for three.
+    assert failed_before(Returns(1, 1, 5), 2) == 0
+    assert not should_renew(Returns(1, 1, 5), 2, 3)
 
 
 def test_the_fresh_copy_does_not_carry_the_brokers_count() -> None:
