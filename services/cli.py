@@ -426,7 +426,7 @@ def _report_acted(acted: list[Any], done: str, copies_done: str, when: str = "")
 
 def _broker(settings: Settings, work: Any) -> Any:
     """Run `work` against RabbitMQ; a broker that cannot be used is one line, not a trace."""
-    from aiormq.exceptions import AMQPError
+    from aiormq.exceptions import AMQPError, PublishError
 
     from common.broker import connect_failure
     from services.heldmail import (
@@ -439,6 +439,11 @@ def _broker(settings: Settings, work: Any) -> Any:
 
     try:
         return asyncio.run(work)
+    except PublishError as exc:  # a copy sent back, returned unroutable (mandatory)
+        raise CommandError(
+            f"RabbitMQ could not route the message sent back ({exc}): the queue it goes to "
+            "is missing or not bound to its exchange (starting the tier that consumes it "
+            "declares it again); the message is still held") from None
     except (OSError, TimeoutError, AMQPError) as exc:
         raise CommandError(f"RabbitMQ could not be used: {connect_failure(exc)}") from None
     except QueueBusy as exc:

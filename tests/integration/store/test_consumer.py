@@ -1748,7 +1748,9 @@ async def test_a_release_the_broker_cannot_route_leaves_the_message_held(
                                    DELIVER_ROUTING_KEY)
         failed = await asyncio.to_thread(run_cli, settings, "quarantine", "release", queue_id)
         assert failed.returncode == 1, (failed.stdout, failed.stderr)
-        assert "sent for delivery" not in failed.stdout and "NO_ROUTE" in failed.stderr
+        assert "sent for delivery" not in failed.stdout
+        assert failed.stderr.startswith("tiermail: RabbitMQ could not route the message sent "
+                                        "back (") and "NO_ROUTE" in failed.stderr, failed.stderr
         assert await queue_counts(settings, topology.quarantine_queue) == 1
         await channel.queue_bind(topology.deliver_queue, topology.inbound_exchange,
                                  DELIVER_ROUTING_KEY)
