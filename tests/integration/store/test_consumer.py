@@ -468,6 +468,48 @@ async def test_storage_failure_requeues_then_dead_letters(settings: Settings) ->
         await maildb.close()
 
 
+class DownMailDB(MailDB):
+    """A real MailDB whose disk fails every delivery and every probe while `down`."""
+
+    down = False
+    attempts = 0
+
+    async def deliver_uids(self, deliveries: list[Delivery]) -> list[int | None]:
+        if self.down:
+            self.attempts += 1
+            raise OSError(5, "Input/output error")
+        return await super().deliver_uids(deliveries)
+
+    async def probe(self, room_for: int = 0) -> None:
+        if self.down:
+            raise OSError(5, "Input/output error")
+        await super().probe(room_for)
+
+
+async def test_a_stop_while_the_storage_is_down_gives_the_mail_back_untried(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """Stopped while it holds mail for a failing disk, the consumer gives the mail back to
+    the queue as it is: no last attempt on the way out (a failure then would count against
+    the message), and no "storage works again" for a disk that never came back."""
+    add_users(settings, [ALICE])
+    maildb = DownMailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    maildb.down = True
+    try:
+        store = await _running(settings, maildb)
+        try:
+            await publish_all(settings, [make_message(ALICE)])
+            await wait_for(lambda: store.consumer.stats.storage_down_since > 0,
+                           what="the consumer holding the mail for the storage")
+            tried = maildb.attempts
+        finally:
+            await store.stop()
+        assert maildb.attempts == tried
+        assert "storage works again" not in caplog.text
+        assert (await store.depth(), await store.dead()) == (1, 0)
+    finally:
+        await maildb.close()
+
+
 class TimedFlakyMailDB(FlakyMailDB):
     """FlakyMailDB that notes when each attempt at the failing message came."""
 

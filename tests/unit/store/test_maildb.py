@@ -86,6 +86,16 @@ async def test_uids_never_reused_after_expunge_and_reopen(tmp_path: Path,
         await db.close()
 
 
+async def test_expunge_by_guid_says_which_guids_it_expunged(db: MailDB) -> None:
+    """POP3's UPDATE state names messages by GUID and is told, by GUID, which were gone."""
+    await db.deliver([delivery(f"q{i}") for i in range(3)])
+    first, second, third = await db.list_messages(ALICE)
+    await db.expunge(ALICE, INBOX, [second.uid])  # gone before, e.g. by an IMAP session
+    expunged = await db.expunge_by_guid(ALICE, INBOX, [third.guid, second.guid])
+    assert expunged == [third.guid]
+    assert [m.guid for m in await db.list_messages(ALICE)] == [first.guid]
+
+
 async def test_modseq_increases(db: MailDB) -> None:
     await db.deliver([delivery("q1")])
     first = await db.status(ALICE)
