@@ -120,3 +120,9 @@ def _ask_twice(notes: Path, default_handler: object,
     for proc in tiers.values():
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_tier_is_killed_once_its_grace_has_run_out_not_later() -> None:
+    assert stack._kill_reason("filter", False, 10.0, 10.0) is None
+    assert stack._kill_reason("filter", False, 10.1, 10.0) == (
+        "filter did not stop within 10s of SIGTERM; killed")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import types
+from typing import Any
 
 import pytest
 
@@ -227,3 +229,102 @@ def test_eviction_is_a_problem_only_where_redis_evicts() -> None:
     assert _eviction({"memory": {"policy": "allkeys-lru", "evicted_keys": 0}}) == []
     assert _eviction({"memory": {"policy": "noeviction", "evicted_keys": 0}}) == []
     assert _eviction({"memory": {}}) == [] and _eviction({"reachable": False}) == []
+
+
+def test_a_queue_a_command_holds_is_one_problem_not_two() -> None:
+    """A deadletters command at work holds what it took: status says so, once, instead of
+    also giving the count it can see as all there is."""
+    held = {"dead": {"queue": "t.dead", "declared": True, "messages": 3, "consumers": 1,
+                     "held_by_a_command": True}}
+    [problem] = status._held_mail(held, Settings())
+    assert problem.startswith("3 message(s) or more in the dead-letter queue")
+    [problem] = status._held_mail({"dead": {**held["dead"], "held_by_a_command": False}},
+                                  Settings())
+    assert problem.startswith("3 message(s) in the dead-letter queue")
+
+
+def test_the_large_delivery_queue_without_a_consumer_is_a_problem() -> None:
+    large = {"large": {"queue": "t.deliver.large", "declared": True, "messages": 2,
+                       "consumers": 0}}
+    assert _unconsumed(large) == [
+        "nothing consumes t.deliver.large (2 message(s) waiting): the store is stopped or "
+        "cannot reach the broker"]
+
+
+def test_learn_queues_with_nothing_in_them_are_no_problem() -> None:
+    """An empty dead learn queue, and an empty learn queue no learner takes yet, leave
+    status healthy: only jobs that wait are the operator's business."""
+    empty = {"queue": "t.learn", "declared": True, "messages": 0, "consumers": 0}
+    assert _learn_problems({"learn": empty, "learn_dead": {**empty, "queue": "t.learn.XQ"}},
+                           Settings(spam="rspamd")) == []
+    [dead] = _learn_problems({"learn_dead": {**empty, "queue": "t.learn.XQ", "messages": 1}},
+                             Settings(spam="rspamd"))
+    assert dead.startswith("1 spam-learning job(s) ran out of retries")
+
+
+def test_a_store_that_put_one_message_back_is_a_problem() -> None:
+    beat = {"tier": "store", "host": "h", "pid": 7, "requeued": 1,
+            "recent": {"seconds": 60.0, "counts": {"requeued": 1}}}
+    [problem] = status._failing_deliveries([beat])
+    assert problem.startswith("store h:7 could not store 1 message(s) in the last 60 s")
+
+
+def test_eviction_counted_before_redis_was_set_to_noeviction_is_no_problem() -> None:
+    """The count of evicted keys stays until CONFIG RESETSTAT: once the policy is fixed,
+    the advice to fix it is not given again."""
+    assert _eviction({"memory": {"policy": "noeviction", "evicted_keys": 12}}) == []
+
+
+def test_a_window_of_no_length_falls_back_to_the_rate_since_start() -> None:
+    """A heartbeat taken as its process started: no division by a window of 0 s."""
+    beat = {"tier": "filter", "host": "h", "pid": 7, "started": time.time() - 60,
+            "accepted": 60, "recent": {"seconds": 0.0, "counts": {"accepted": 0}}}
+    line = format_status(report(beat)).splitlines()[-1]
+    assert re.search(r"accepted=60 \([0-9.]+/min\)", line)
+
+
+def collected(monkeypatch: pytest.MonkeyPatch, broker: dict[str, Any],
+              redis: dict[str, Any]) -> dict[str, Any]:
+    """collect_status over what the broker and Redis are made to show (pure logic: how
+    the verdict is put together)."""
+    async def shown(result: dict[str, Any]) -> dict[str, Any]:
+        return result
+
+    monkeypatch.setattr(status, "_broker_status", lambda settings: shown(broker))
+    monkeypatch.setattr(status, "_redis_status", lambda settings: shown(redis))
+    return asyncio.run(status.collect_status(Settings()))
+
+
+def test_with_redis_unreachable_no_tier_is_said_to_be_missing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis out of reach hides the heartbeats, not the processes: status says Redis is
+    unreachable and does not add "no filter/store process is reporting"."""
+    result = collected(monkeypatch, {"reachable": True},
+                       {"reachable": False, "error": "ConnectionError: refused"})
+    assert result["problems"] == ["Redis unreachable: filters answer 451 at RCPT"]
+    assert not result["healthy"]
+
+
+def test_a_lost_directory_with_a_store_consuming_but_not_reporting_is_not_blamed_on_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heartbeat gone with the directory (Redis evicting keys): the broker still shows
+    the store consuming, so it is not told to start."""
+    broker = {"reachable": True, "deliver": {"queue": "t.deliver", "declared": True,
+                                             "messages": 0, "consumers": 1}}
+    redis = {"reachable": True, "directory": {"published": False}, "processes": [],
+             "silent": [], "memory": {}}
+    problems = collected(monkeypatch, broker, redis)["problems"]
+    assert [p for p in problems if p.startswith("directory not published")] == [
+        "directory not published in Redis: filters answer 451 at RCPT; the running store "
+        "publishes it again within about 5 s (if this stays, see its log)"]
+
+
+def test_one_problem_is_enough_to_be_unhealthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    beats = [{"tier": tier, "host": "h", "pid": 1} for tier in ("filter", "store")]
+    redis = {"reachable": True, "directory": {"published": True}, "processes": beats,
+             "silent": [], "memory": {}}
+    healthy = collected(monkeypatch, {"reachable": True}, redis)
+    assert healthy["healthy"] and healthy["problems"] == []
+    dead = {"dead": {"queue": "t.dead", "declared": True, "messages": 1, "consumers": 0}}
+    result = collected(monkeypatch, {"reachable": True, **dead}, redis)
+    assert len(result["problems"]) == 1 and not result["healthy"]

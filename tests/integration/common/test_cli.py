@@ -171,6 +171,10 @@ def test_passwd_and_del(settings: Settings, redis_client: redis.Redis) -> None:
     finally:
         notices.close()
     assert tiermail(settings, "user", "del", "carol@example.org").returncode == 1
+    unknown = tiermail(settings, "user", "passwd", "carol@example.org", "--password-stdin",
+                       stdin="three\n")
+    assert (unknown.returncode, unknown.stdout) == (1, "")
+    assert unknown.stderr == "tiermail: no such user: carol@example.org\n"
 
 
 def test_a_password_no_client_could_send_is_refused_in_one_line(settings: Settings) -> None:
@@ -197,29 +201,51 @@ def test_a_password_no_client_could_send_is_refused_in_one_line(settings: Settin
     accounts.close()
 
 
-def test_ctrl_d_at_the_password_prompt_is_one_line(settings: Settings) -> None:
-    """getpass raises EOFError on Ctrl-D: it was a traceback."""
-    tiermail(settings, "domain", "add", "example.org")
+def on_a_terminal(settings: Settings, args: list[str],
+                  answers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+    """Run `tiermail ARGS` on a terminal, as an operator types it: each (prompt, typed)
+    of `answers` in turn; its exit code and all it wrote to the terminal."""
     pid, terminal = pty.fork()
-    if pid == 0:  # the child: tiermail on a terminal, as an operator types it
+    if pid == 0:  # the child: tiermail on a terminal
         try:
             os.chdir(REPO)
-            os.execve(sys.executable, [sys.executable, "-m", "services.cli", "user", "add",
-                                       "erin@example.org"], tier_env(settings))
+            os.execve(sys.executable, [sys.executable, "-m", "services.cli", *args],
+                      tier_env(settings))
         finally:
             os._exit(127)
     said = b""
-    while b"Password: " not in said:
-        said += os.read(terminal, 1024)
-    os.write(terminal, b"\x04")
+    for prompt, typed in answers:
+        while prompt not in said:
+            said += os.read(terminal, 1024)
+        said = said.replace(prompt, b"", 1)  # the next one may be the same prompt
+        os.write(terminal, typed)
     with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
         while chunk := os.read(terminal, 1024):
             said += chunk
     _, status = os.waitpid(pid, 0)
     os.close(terminal)
-    assert os.waitstatus_to_exitcode(status) == 1
+    return os.waitstatus_to_exitcode(status), said
+
+
+def test_ctrl_d_at_the_password_prompt_is_one_line(settings: Settings) -> None:
+    """getpass raises EOFError on Ctrl-D: it was a traceback."""
+    tiermail(settings, "domain", "add", "example.org")
+    code, said = on_a_terminal(settings, ["user", "add", "erin@example.org"],
+                               [(b"Password: ", b"\x04")])
+    assert code == 1
     assert b"tiermail: no password given" in said and b"Traceback" not in said, said
     assert tiermail(settings, "user", "list").stdout == ""
+
+
+def test_a_password_typed_differently_the_second_time_is_refused(settings: Settings) -> None:
+    tiermail(settings, "domain", "add", "example.org")
+    code, said = on_a_terminal(settings, ["user", "add", "erin@example.org"],
+                               [(b"Password: ", b"one\n"), (b"Again: ", b"two\n")])
+    assert code == 1 and b"tiermail: passwords differ" in said, said
+    assert tiermail(settings, "user", "list").stdout == ""
+    code, said = on_a_terminal(settings, ["user", "add", "erin@example.org"],
+                               [(b"Password: ", b"one\n"), (b"Again: ", b"one\n")])
+    assert code == 0 and b"user erin@example.org added" in said, said
 
 
 def test_status_reports_an_unreachable_broker(settings: Settings) -> None:
@@ -615,6 +641,18 @@ def test_aliases_refuse_what_cannot_be_delivered_and_warn_of_surprises(
     assert in_domain.returncode == 1 and "still has aliases" in in_domain.stderr
 
 
+def test_a_user_added_where_an_alias_keeps_a_copy_for_it_is_not_warned(
+        settings: Settings) -> None:
+    """The alias delivers to the address itself too, as the warning advises: the user
+    gets its mail, and nothing is said."""
+    tiermail(settings, "domain", "add", "example.org")
+    tiermail(settings, "alias", "add", "sales@example.org", "sales@example.org",
+             "dave@example.org")
+    added = tiermail(settings, "user", "add", "sales@example.org", "--password-stdin",
+                     stdin="pw\n")
+    assert (added.returncode, added.stderr) == (0, "")
+
+
 def test_an_alias_gets_several_targets_in_one_command_or_none(
         settings: Settings, redis_client: redis.Redis) -> None:
     """`alias add team@ alice@ bob@` was refused with the top-level usage (`unrecognized
@@ -634,6 +672,11 @@ def test_an_alias_gets_several_targets_in_one_command_or_none(
         "team@example.org -> alice@example.org, bob@example.org"]
     assert published_aliases(redis_client, settings.redis_prefix) == {
         b"team@example.org": b"alice@example.org,bob@example.org"}
+    # A target added later joins the others; the command shows them all.
+    tiermail(settings, "user", "add", "carol@example.org", "--password-stdin", stdin="pw\n")
+    joined = tiermail(settings, "alias", "add", "team@example.org", "carol@example.org")
+    assert joined.stdout == ("alias team@example.org -> alice@example.org, bob@example.org, "
+                             "carol@example.org\n")
 
 
 def test_a_deleted_user_is_taken_out_of_every_alias(settings: Settings,
@@ -770,6 +813,26 @@ def test_a_change_to_an_account_database_the_store_does_not_use_is_refused(
         assert accounts.domains() == [] and accounts.users() == []
     assert tiermail(settings, "user", "add", "bob@example.org", "--password-stdin",
                     stdin="pw\n").returncode == 0
+
+
+def test_an_account_database_one_change_behind_the_directory_is_refused(
+        settings: Settings, redis_client: redis.Redis) -> None:
+    """One copied or restored from before the last change: a change made to it would be
+    published over that change."""
+    tiermail(settings, "domain", "add", "example.org")
+    tiermail(settings, "user", "add", "alice@example.org", "--password-stdin", stdin="pw\n")
+    published = int(redis_client.get(f"{settings.redis_prefix}dir:generation") or 0)
+    behind = settings.replace(data_dir=settings.data_dir.parent / "behind")
+    with AccountDB.for_store(behind.store_dir) as accounts:
+        accounts.add_domain("example.org")
+        assert accounts.generation() == published - 1
+    refused = tiermail(behind, "user", "add", "bob@example.org", "--password-stdin",
+                       stdin="pw\n")
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.startswith("tiermail: the directory in Redis was published from "
+                                     "another account database than ")
+    assert published_set(redis_client, settings.redis_prefix, "users") == {
+        b"alice@example.org"}
 
 
 LONGEST_DOMAIN = f"{'a' * 63}.{'b' * 63}.{'c' * 56}.test"
