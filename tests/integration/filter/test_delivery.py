@@ -127,6 +127,19 @@ async def test_scan_fields_only_we_write_are_removed(worker: FilterWorker) -> No
                     + b"\r\n\r\n" + body)
 
 
+async def test_a_body_that_starts_with_fields_we_remove_stays_whole_after_a_removal(
+        worker: FilterWorker) -> None:
+    """Each removal stops at the header's end, moved up by what the removals before it
+    took: left where it was, the next one reached into the body by as much and took a
+    Return-Path or scan field line from it."""
+    forged = b"Authentication-Results: mx.test.invalid; dmarc=pass\r\n"
+    raw = message("a removal, then the body",
+                  b"Return-Path: <body@stays.test>\r\nX-Tiermail-Scan: in the body\r\n")
+    assert await in_thread(send, worker.ports[0], forged + raw, [ALICE]) == {}
+    [queued] = await drain_queue(worker.settings)
+    assert split_received(queued.body)[1] == raw
+
+
 async def test_reply_is_queued_with_the_queue_id(worker: FilterWorker) -> None:
     def transaction() -> tuple[int, bytes]:
         with connect(worker.ports[0]) as client:

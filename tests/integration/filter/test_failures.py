@@ -181,12 +181,13 @@ def mail_reply(port: int) -> str:
 
 
 @contextlib.asynccontextmanager
-async def filter_behind_a_proxy(directory: Settings
+async def filter_behind_a_proxy(directory: Settings, publish_timeout: float = 30.0
                                 ) -> AsyncIterator[tuple[FilterWorker, SupportProxy]]:
     """A filter taking mail through a proxy to RabbitMQ that the test can hold or cut."""
     proxy = SupportProxy(5672)
     try:
-        async with running_filter(broker_at(directory, proxy.port, publish_timeout=30.0)
+        async with running_filter(broker_at(directory, proxy.port,
+                                            publish_timeout=publish_timeout)
                                   ) as worker:
             await eventually(lambda: not worker.publisher.stalled, what="the worker taking mail")
             yield worker, proxy
@@ -218,6 +219,22 @@ async def test_a_broker_that_stops_confirming_gets_mail_refused_at_once(
     subjects = sorted(q.body.split(b"Subject: ")[1].split(b"\r\n")[0]
                       for q in await drain_queue(directory))
     assert subjects == [b"after", b"before", b"held"]
+
+
+async def test_after_a_publish_went_unconfirmed_mail_is_refused_as_a_stall(
+        directory: Settings) -> None:
+    """A publish left without its confirm past TIERMAIL_PUBLISH_TIMEOUT leaves the broker
+    stalled until it confirms again (nothing of ours is waiting any more): MAIL FROM gets
+    451 at once, and the operator's counters say the broker is not confirming, not that
+    it is unreachable."""
+    async with filter_behind_a_proxy(directory, publish_timeout=1.0) as (worker, proxy):
+        port = worker.ports[0]
+        proxy.hang()
+        _, unconfirmed = await in_thread(one_transaction, port, "unconfirmed")
+        assert unconfirmed == replies.QUEUE_UNAVAILABLE
+        assert worker.publisher.stalled
+        assert await in_thread(mail_reply, port) == replies.QUEUE_NOT_TAKING
+        assert (worker.stats.broker_stalled, worker.stats.broker_unreachable) == (1, 0)
 
 
 # A cron job's alert: the same bytes every time, no Message-ID, no Date.
