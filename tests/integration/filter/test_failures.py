@@ -612,6 +612,38 @@ async def test_under_stress_slow_clients_get_the_short_timeout_and_whole_lines_p
     assert "5 of 6 connections open: clients get 2 s" in caplog.text
 
 
+class SlowRule:
+    """A check slower than the stress timeout (a scanner taking its time)."""
+
+    name = "slow"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def check(self, envelope: Envelope, content: bytes) -> Verdict:
+        await asyncio.sleep(self.seconds)  # the check's own pace, not a wait for a result
+        return Verdict()
+
+
+async def test_under_stress_our_own_processing_keeps_its_time(directory: Settings) -> None:
+    """The stress timeout is for clients: once the whole message is in, the checks and the
+    publish have the processing timeout, and a message whose checks take longer than the
+    stress timeout still gets its 250 (cut with 421, it was sent again)."""
+    limits = directory.replace(smtp_max_connections=2, smtp_stress_timeout=0.5)
+    async with running_filter(limits, rules=[SlowRule(1.5)]) as worker:
+        port = worker.ports[0]
+        idle = await in_thread(RawClient, port)
+        sender = await in_thread(client_in_data, port)
+        try:
+            assert worker.server._registry.stressed
+            reply = await in_thread(sender.command, message("slow checks") + b".\r\n")
+        finally:
+            for client in (idle, sender):
+                client.close()
+    assert reply.startswith("250 2.0.0 Ok: queued as "), reply
+    assert await queue_depth(directory) == 1
+
+
 async def test_when_stress_ends_a_client_gets_back_the_time_stress_took(
         directory: Settings) -> None:
     """A timer shortened when stress began is lengthened again when it ends: a client that
