@@ -385,8 +385,8 @@ class Learning:
                                 decided_us)
         except dramatiq.errors.ConnectionClosed as exc:
             # dramatiq wraps a refused publish (a channel error) the same way: that one is
-            # not retried, or one message the broker will never take would stop the rest.
-            # dramatiq names both ConnectionClosed; the log says which it was.
+            # not retried, or one message the broker will never take would stop the rest,
+            # and it is named for what it is in the log.
             if isinstance(exc.message, pika.exceptions.AMQPConnectionError):
                 raise BrokerUnreachable(str(exc)) from exc
             raise PublishRefused(f"the broker refused the job ({type(exc.message).__name__}: "

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -1101,10 +1102,20 @@ def failing_accepts(monkeypatch: pytest.MonkeyPatch, failures: list[OSError],
     monkeypatch.setattr(loop, "sock_accept", failing_first)
 
 
-def greeted_over_imaps(server: Server) -> None:
-    client = Raw.connect(server.tls_port, tls=True)
+@contextlib.contextmanager
+def admitted_over_imaps(port: int) -> Iterator[Raw]:
+    """An IMAPS client greeted with `* OK`, closed at the end of the block."""
+    client = Raw.connect(port, tls=True)
     assert client.greeting.startswith(b"* OK"), client.greeting
-    client.close()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def greeted_over_imaps(server: Server) -> None:
+    with admitted_over_imaps(server.tls_port):
+        pass
 
 
 async def test_accept_errors_do_not_stop_the_imaps_port(
@@ -1195,22 +1206,17 @@ async def test_every_refusal_over_the_process_life_gets_its_bye(
                               rate_limit_exempt="")
 
     def dialog() -> None:
-        admitted = Raw.connect(server.tls_port, tls=True)
-        assert admitted.greeting.startswith(b"* OK"), admitted.greeting
-        try:
+        with admitted_over_imaps(server.tls_port):
             for attempt in ("first", "second"):
-                refused = _refused_over_tls(server.tls_port, f"the {attempt} refusal's BYE")
-                assert refused.closed()
-                refused.close()
-        finally:
-            admitted.close()
+                _refused_over_tls(server.tls_port, f"the {attempt} refusal's BYE")
 
     await in_thread(dialog)
 
 
-def _refused_over_tls(port: int, what: str) -> Raw:
-    """An IMAPS client refused with `* BYE [UNAVAILABLE]`, once the refusal before it is
-    over (meanwhile a connection may be closed before its handshake, as the bound says)."""
+def _refused_over_tls(port: int, what: str) -> None:
+    """An IMAPS client refused with `* BYE [UNAVAILABLE]` and then closed by the server,
+    once the refusal before it is over (meanwhile a connection may be closed before its
+    handshake, as the bound says)."""
     for _ in range(100):
         try:
             client = Raw.connect(port, tls=True)
@@ -1218,7 +1224,9 @@ def _refused_over_tls(port: int, what: str) -> Raw:
             time.sleep(0.05)  # pacing between attempts
             continue
         if client.greeting.startswith(b"* BYE [UNAVAILABLE]"):
-            return client
+            assert client.closed()
+            client.close()
+            return
         client.close()
         raise AssertionError(f"greeted with {client.greeting!r} while waiting for {what}")
     raise AssertionError(f"timed out waiting for {what}")
@@ -1260,17 +1268,11 @@ async def test_a_silent_client_refused_on_the_imaps_port_is_let_go_after_the_ref
                               rate_limit_exempt="")
 
     def dialog() -> None:
-        admitted = Raw.connect(server.tls_port, tls=True)
-        assert admitted.greeting.startswith(b"* OK"), admitted.greeting
-        try:
+        with admitted_over_imaps(server.tls_port):
             with (socket.create_connection(("127.0.0.1", server.tls_port), timeout=30) as silent,
                   contextlib.suppress(ConnectionResetError)):
                 assert silent.recv(4096) == b""  # a TimeoutError if it was kept
-            refused = _refused_over_tls(server.tls_port, "the next refusal's BYE")
-            assert refused.closed()
-            refused.close()
-        finally:
-            admitted.close()
+            _refused_over_tls(server.tls_port, "the next refusal's BYE")
 
     await in_thread(dialog)
 

@@ -295,6 +295,21 @@ async def test_unknown_owner_gets_a_dead_letter_copy(store: Running) -> None:
         await connection.close()
 
 
+@contextlib.asynccontextmanager
+async def unbound(settings: Settings, queue: str, exchange: str,
+                  routing_key: str) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+    """`queue` unbound from `exchange` (no route for `routing_key`) inside the block, bound
+    again after it; yields a channel with publisher confirms."""
+    connection, channel = await open_channel(settings.amqp_url, settings.topology, 5.0,
+                                             confirms=True)
+    try:
+        await channel.queue_unbind(queue, exchange, routing_key)
+        yield channel
+        await channel.queue_bind(queue, exchange, routing_key)
+    finally:
+        await close_connection(connection)
+
+
 async def test_a_dead_letter_copy_the_broker_cannot_route_keeps_the_message_queued(
         store: Running) -> None:
     """The copy for an unknown owner goes to the dead-letter exchange with a confirm and as
@@ -304,18 +319,13 @@ async def test_a_dead_letter_copy_the_broker_cannot_route_keeps_the_message_queu
     settings = store.settings
     topology = settings.topology
     envelope, body = make_message("ghost@example.test")
-    connection, channel = await open_channel(settings.amqp_url, topology, 5.0, confirms=True)
-    try:
-        await channel.queue_unbind(topology.dead_queue, topology.dead_exchange, "")
+    async with unbound(settings, topology.dead_queue, topology.dead_exchange, "") as channel:
         await channel.basic_publish(body, exchange=topology.inbound_exchange,
                                     routing_key=DELIVER_ROUTING_KEY,
                                     properties=message_properties(envelope))
         await wait_for(lambda: store.consumer.stats.requeued >= 1, within=15,
                        what="the message given back for want of its dead-letter copy")
         assert store.consumer.stats.dead_lettered == 0
-        await channel.queue_bind(topology.dead_queue, topology.dead_exchange, "")
-    finally:
-        await close_connection(connection)
     await wait_for(lambda: _eq(store.dead(), 1), what="dead-lettered on a later delivery")
     await wait_for(lambda: _zero(store.depth()), what="queue drained")
     assert store.consumer.stats.dead_lettered == 1
@@ -1784,20 +1794,14 @@ async def test_a_release_the_broker_cannot_route_leaves_the_message_held(
     still held, not acked away with its copy nowhere. Once the route is back, it goes."""
     topology = settings.topology
     queue_id = await _held(settings, "quarantine", ALICE)
-    connection, channel = await open_channel(settings.amqp_url, topology, 5.0, confirms=False)
-    try:
-        await channel.queue_unbind(topology.deliver_queue, topology.inbound_exchange,
-                                   DELIVER_ROUTING_KEY)
+    async with unbound(settings, topology.deliver_queue, topology.inbound_exchange,
+                       DELIVER_ROUTING_KEY):
         failed = await asyncio.to_thread(run_cli, settings, "quarantine", "release", queue_id)
         assert failed.returncode == 1, (failed.stdout, failed.stderr)
         assert "sent for delivery" not in failed.stdout
         assert failed.stderr.startswith("tiermail: RabbitMQ could not route the message sent "
                                         "back (") and "NO_ROUTE" in failed.stderr, failed.stderr
         assert await queue_counts(settings, topology.quarantine_queue) == 1
-        await channel.queue_bind(topology.deliver_queue, topology.inbound_exchange,
-                                 DELIVER_ROUTING_KEY)
-    finally:
-        await close_connection(connection)
     released = await asyncio.to_thread(run_cli, settings, "quarantine", "release", queue_id)
     assert released.returncode == 0 and f"{queue_id} sent for delivery" in released.stdout
     assert await queue_counts(settings, topology.deliver_queue) == 1
