@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 TIERS = ("store", "filter")
 LEARNER = "learner"  # when settings.learns_spam
 RESTART_DELAY = 2.0
+PAUSE_STEP = 0.05  # seconds: how soon a stop asked during RESTART_DELAY is seen
 STORE_STOP_GRACE = 30.0  # seconds; see stop_grace
 # A tier that exits with these cannot start as configured (services/cli.py: a bad setting, a
 # port or data directory in use); restarting it would only fail again, every 2 s.
@@ -216,6 +218,9 @@ def _run_tiers(settings: Settings) -> int:
             hurry.set()
         stopping = True
 
+    def asked_to_stop() -> bool:
+        return stopping
+
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     while not stopping:
@@ -233,12 +238,27 @@ def _run_tiers(settings: Settings) -> int:
                 stopping, result = True, code
                 break
             log.error("%s exited with %s; restarting in %.0fs", tier, code, RESTART_DELAY)
-            time.sleep(RESTART_DELAY)
-            if not stopping:
+            if _paused(RESTART_DELAY, asked_to_stop):
                 children[tier] = _spawn(tier, env)
+            else:
+                log.info("not restarting %s: the stack is stopping", tier)
         time.sleep(0.2)
     _stop_children(children, {tier: stop_grace(tier, settings) for tier in children}, hurry)
     return result
+
+
+def _paused(seconds: float, stopping: Callable[[], bool]) -> bool:
+    """Wait `seconds` in short steps; False as soon as `stopping()` holds. A signal handler
+    cannot end a plain time.sleep (PEP 475 resumes it), and a tier that died as the stack
+    was asked to stop (a Ctrl-C reaches the whole process group) would hold the stop for
+    the whole pause."""
+    deadline = time.monotonic() + seconds
+    while not stopping():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(left, PAUSE_STEP))
+    return False
 
 
 def _client_ports(settings: Settings) -> list[tuple[str, int]]:

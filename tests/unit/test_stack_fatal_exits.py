@@ -5,11 +5,11 @@ once asked to stop. The tiers are stand-in processes that exit at once with a gi
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -68,19 +68,56 @@ def test_up_runs_the_spam_learner_when_spam_learning_is_on(stand_ins: StandIns) 
     assert spawned == [*stack.TIERS, stack.LEARNER]
 
 
-def test_a_tier_that_died_is_not_restarted_once_up_is_asked_to_stop(
-        stand_ins: StandIns, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C during the pause before a restart: the stack stops, and starts nothing new
+class StopDuringThePause(logging.Handler):
+    """A clock for `stack` on which sleeping moves time on at once (a real sleep of at most
+    10 ms lets the stand-ins run), and which raises SIGTERM `after` seconds into the pause
+    before a restart: the moment the tier's exit is logged starts it. Records when each of
+    stack's log lines came, on this clock."""
+
+    def __init__(self, after: float) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.after = after
+        self.exit_logged: float | None = None
+        self.signalled = False
+        self.lines: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((self.now, record.getMessage()))
+        if "restarting in" in record.getMessage():
+            self.exit_logged = self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, 0.01))
+        self.now += seconds
+        if (self.exit_logged is not None and not self.signalled
+                and self.now - self.exit_logged >= self.after):
+            self.signalled = True
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_stop_during_the_pause_before_a_restart_ends_the_pause_and_restarts_nothing(
+        stand_ins: StandIns, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM half a second into the pause before a restart: the stack stops then, not at
+    the pause's end (a Ctrl-C reaches the whole process group, so a tier can die just
+    before `up` sees the signal), says it is not restarting the tier, and starts nothing new
     (a store started then would be stopped mid-start)."""
     spawned = stand_ins({"store": [1]})
-
-    def sleep(seconds: float) -> None:
-        if seconds == stack.RESTART_DELAY:
-            signal.raise_signal(signal.SIGTERM)
-        time.sleep(seconds)
-
-    monkeypatch.setattr(stack, "RESTART_DELAY", 0.01)
-    monkeypatch.setattr(stack, "time", types.SimpleNamespace(
-        sleep=sleep, monotonic=time.monotonic))
-    assert stack._run_tiers(Settings.from_env({"TIERMAIL_SPAM": "off"})) == 0
+    clock = StopDuringThePause(after=0.5)
+    monkeypatch.setattr(stack, "RESTART_DELAY", 30.0)
+    monkeypatch.setattr(stack, "time", clock)
+    caplog.set_level(logging.INFO, logger=stack.log.name)
+    stack.log.addHandler(clock)
+    try:
+        assert stack._run_tiers(Settings.from_env({"TIERMAIL_SPAM": "off"})) == 0
+    finally:
+        stack.log.removeHandler(clock)
     assert spawned == list(stack.TIERS)
+    assert clock.exit_logged is not None
+    [stopped_at] = [at for at, line in clock.lines
+                    if line == "not restarting store: the stack is stopping"]
+    assert stopped_at - clock.exit_logged <= 0.5 + stack.PAUSE_STEP
