@@ -41,6 +41,7 @@ from common.topology import (
     message_properties,
 )
 from services import heldmail
+from services import status as status_module
 from services.heldmail import SETTLE_WINDOW
 from services.status import collect_status, format_status
 from services.store import consumer as consumer_module
@@ -1543,6 +1544,35 @@ async def test_a_queue_with_the_locks_name_is_named_not_blamed_on_a_command(
     assert (await asyncio.to_thread(run_cli, store.settings, "deadletters", "list")
             ).returncode == 0
     assert "lock_name_taken" not in (await collect_status(store.settings))["broker"]["dead"]
+
+
+async def test_a_lock_caught_while_it_is_deleted_is_not_named_as_taken(
+        store: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command's lock goes with the command's connection, and for a moment RabbitMQ can
+    show it as a plain queue. status looks again before it names a queue as taking the
+    lock's name; here the first look finds a plain queue, deleted right after."""
+    lock = Topology.held_lock_queue(store.settings.topology.dead_queue)
+    connection = await aiormq.connect(store.settings.amqp_url)
+    looks: list[str] = []
+    first_look = status_module.lock_state
+
+    async def lock_state(looker: aiormq.abc.AbstractConnection, queue: str) -> str:
+        state = await first_look(looker, queue)
+        if queue == store.settings.topology.dead_queue:
+            looks.append(state)
+            if state == "a queue":
+                await (await connection.channel()).queue_delete(lock)
+        return state
+
+    monkeypatch.setattr(status_module, "lock_state", lock_state)
+    try:
+        await (await connection.channel()).queue_declare(lock, durable=True)
+        report = await collect_status(store.settings)
+    finally:
+        await connection.close()
+    assert looks == ["a queue", "absent"]
+    assert "lock_name_taken" not in report["broker"]["dead"]
+    assert not any(lock in problem for problem in report["problems"]), report["problems"]
 
 
 async def test_a_listing_shows_what_senders_wrote_escaped(store: Running) -> None:
