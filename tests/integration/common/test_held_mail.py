@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import aiormq
 import pytest
@@ -170,6 +171,39 @@ def test_a_retry_sends_one_copy_of_a_message_held_twice(settings: Settings) -> N
     topology = settings.topology
     assert asyncio.run(queue_counts(settings, topology.deliver_queue)) == 2
     assert asyncio.run(queue_counts(settings, topology.dead_queue)) == 0
+
+
+async def test_a_retry_whose_acks_the_broker_ignored_sends_each_message_back_once(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RabbitMQ 3.x can ignore acks that reach a quorum queue just before the channel
+    closes (rabbitmq-server issue 10327): the messages return to the queue, and the retry
+    takes them again in a later pass. There they are only acked: each was sent back once,
+    in the first pass, and is delivered once. Here the first pass's acks never leave."""
+    queue_ids = await _dead_letter_large_messages(settings, 2, 0)
+    passes = 0
+    one_pass = heldmail._one_pass
+
+    async def ignored(*args: object, **kwargs: object) -> None:
+        return None
+
+    async def acks_of_the_first_pass_ignored(*args: Any, **kwargs: Any) -> Any:
+        nonlocal passes
+        passes += 1
+        if passes > 1:
+            return await one_pass(*args, **kwargs)
+        with monkeypatch.context() as first:
+            first.setattr(aiormq.Channel, "basic_ack", ignored)
+            return await one_pass(*args, **kwargs)
+
+    monkeypatch.setattr(heldmail, "_one_pass", acks_of_the_first_pass_ignored)
+    monkeypatch.setattr(heldmail, "RESETTLE_PAUSE", 0)
+    done = await heldmail.release(settings, heldmail.dead_letters(settings.topology),
+                                  lambda held: True)
+    assert sorted(held.queue_id for held in done) == sorted(queue_ids)
+    assert passes == 3  # the second took both again; the third found none
+    topology = settings.topology
+    assert await queue_counts(settings, topology.deliver_queue) == 2
+    assert await queue_counts(settings, topology.dead_queue) == 0
 
 
 async def test_a_drop_whose_ack_never_reaches_the_broker_is_not_reported(
