@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import smtplib
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +24,7 @@ from common.settings import Settings
 from common.tasks import stop_task
 from services.filter.protocol import replies
 from services.store.backends.accounts import AccountDB
-from services.store.backends.maildb import MailDB, store_user_path
+from services.store.backends.maildb import SCHEMA_VERSION, MailDB, store_user_path
 from services.store.mailbox import INBOX, Delivery
 from services.store.quota import QuotaPublisher
 from tests.integration.filter.conftest import in_thread, message, running_filter, send
@@ -193,6 +196,37 @@ async def test_usage_changes_move_a_mailbox_in_and_out_of_the_set(store: Store) 
     await eventually(lambda: _over(store, set()), within=10, what="bob no longer full")
 
 
+async def test_imap_append_copy_and_delete_move_a_mailbox_in_and_out_of_the_set(
+        store: Store) -> None:
+    """Not only delivery and expunge: a mailbox filled by an IMAP COPY or APPEND is flagged,
+    one emptied by deleting a mailbox is cleared, each without waiting for other mail."""
+    store.accounts.set_quota(BOB, 5000)
+    await eventually(lambda: _settled(store), within=10, what="bob's quota published")
+    await deliver(store.maildb, BOB, 2)  # 2 x ~2 KB < 5000
+    await store.maildb.create_mailbox(BOB, "Kept")
+    used = await store.maildb.usage(BOB)
+    await eventually(lambda: _usage_published(store, BOB, used), within=10,
+                     what="the deliveries published")  # so the COPY alone must move it
+    assert await store.directory.over_quota() == set()
+    await store.maildb.copy(BOB, INBOX, (await store.maildb.uids(BOB, INBOX))[:1], "Kept")
+    await eventually(lambda: _over(store, {BOB}), within=10, what="bob full after a COPY")
+    await store.maildb.delete_mailbox(BOB, "Kept")
+    await eventually(lambda: _over(store, set()), within=10,
+                     what="bob no longer full after a DELETE")
+    await store.maildb.append(BOB, INBOX, BODY, frozenset())
+    await eventually(lambda: _over(store, {BOB}), within=10, what="bob full after an APPEND")
+
+
+async def test_mail_to_an_unlimited_mailbox_holds_up_no_other_flag(store: Store) -> None:
+    """A change to a mailbox without a quota is published along with the others: it must
+    not fail the publication of a limited mailbox that filled at the same time."""
+    store.accounts.set_quota(BOB, 5000)
+    await eventually(lambda: _settled(store), within=10, what="bob's quota published")
+    await deliver(store.maildb, CAROL, 1)  # carol has no quota
+    await deliver(store.maildb, BOB, 3)  # 3 x ~2 KB >= 5000
+    await eventually(lambda: _over(store, {BOB}), within=10, what="bob flagged full")
+
+
 async def test_a_mailbox_exactly_at_its_quota_is_full(store: Store) -> None:
     """"Over quota" is usage >= limit (docs): a mailbox holding exactly its quota takes no
     more mail, one octet of room lets mail in again."""
@@ -211,19 +245,26 @@ async def test_a_mailbox_that_fills_after_a_failed_publish_is_still_flagged(
     (otherwise the full mailbox kept taking mail)."""
     store.accounts.set_quota(BOB, 5000)
     await eventually(lambda: _settled(store), within=10, what="bob's quota published")
-    publish = Directory.set_quota_states
+    failures = failing_once(monkeypatch, "set_quota_states")
+    await deliver(store.maildb, BOB, 3)  # 3 x ~2 KB >= 5000
+    await eventually(lambda: _over(store, {BOB}), within=10, what="bob flagged full")
+    assert failures == ["failed"]
+
+
+def failing_once(monkeypatch: pytest.MonkeyPatch, method: str) -> list[str]:
+    """Make the Directory's `method` fail once as if Redis went away; the list returned
+    notes the failure."""
+    real = getattr(Directory, method)
     failures: list[str] = []
 
     async def fails_once(self: Directory, *args: Any, **kwargs: Any) -> None:
         if not failures:
             failures.append("failed")
             raise ConnectionError("Redis went away")
-        await publish(self, *args, **kwargs)
+        await real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Directory, "set_quota_states", fails_once)
-    await deliver(store.maildb, BOB, 3)  # 3 x ~2 KB >= 5000
-    await eventually(lambda: _over(store, {BOB}), within=10, what="bob flagged full")
-    assert failures == ["failed"]
+    monkeypatch.setattr(Directory, method, fails_once)
+    return failures
 
 
 async def test_a_quota_state_redis_lost_is_published_again(store: Store) -> None:
@@ -400,6 +441,52 @@ async def test_a_restarted_store_publishes_usage_its_predecessor_did_not(
             assert await parts.directory.usage(ALICE) == await parts.maildb.usage(ALICE)
 
 
+async def test_a_restarted_store_whose_first_publish_failed_still_publishes_it(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, with Redis failing the restarted store's first reconcile: its retry must be
+    a whole reconcile again. The generation in Redis matches the accounts', so a generation
+    check alone left the mailbox flagged full for good."""
+    async with store_parts(settings) as parts:
+        parts.accounts.set_quota(ALICE, 5000)
+        await deliver(parts.maildb, ALICE, 3)
+        await parts.publisher(settings, 0).reconcile()
+        assert await parts.directory.over_quota() == {ALICE}
+        await parts.maildb.expunge(ALICE, INBOX, (await parts.maildb.uids(ALICE, INBOX))[:2])
+        failures = failing_once(monkeypatch, "replace_quota_states")
+        async with running(parts.publisher(settings, 0)):
+            await eventually(lambda: _over_in(parts.directory, set()), within=10,
+                             what="the restarted store to clear the flag")
+        assert failures == ["failed"]
+
+
+async def test_a_quota_set_while_the_store_reconciles_is_applied_after_it(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quota lowered while the store's reconcile runs (`tiermail user quota` as the store
+    starts), after it read the limits: the reconcile is published at the account generation
+    it read, so the next check applies the new quota. Published at the newer generation, the
+    change was never applied and the full mailbox kept taking mail."""
+    async with store_parts(settings) as parts:
+        parts.accounts.set_quota(ALICE, 5000)
+        await deliver(parts.maildb, ALICE, 2)  # about 4000
+        read_quotas = parts.accounts.stored_quotas
+        lowered: list[int] = []
+
+        def read_then_lowered() -> dict[str, int | None]:
+            quotas = read_quotas()
+            if not lowered:
+                parts.accounts.set_quota(ALICE, 3000)
+                lowered.append(3000)
+            return quotas
+
+        monkeypatch.setattr(parts.accounts, "stored_quotas", read_then_lowered)
+        async with running(parts.publisher(settings, 0)):
+            await eventually(lambda: _over_in(parts.directory, {ALICE}), within=10,
+                             what="the lowered quota applied")
+            await eventually(lambda: _settled_in(parts.directory, parts.accounts), within=10,
+                             what="the quota state at the latest generation")
+        assert lowered == [3000]
+
+
 async def test_a_store_restarted_with_another_default_quota_applies_it(
         settings: Settings) -> None:
     """TIERMAIL_DEFAULT_QUOTA raised (here: lifted) and the store restarted: no account
@@ -507,21 +594,58 @@ async def test_an_account_change_recomputes_only_the_limits_it_changed(
 
 
 async def test_a_damaged_index_leaves_the_other_accounts_quota_published(
-        settings: Settings) -> None:
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     """A `file is not a database` in one user's index failed the whole reconcile, retried
     for ever: nobody's quota state was published again, so a user who had deleted mail got
-    `452 Mailbox full` indefinitely. The damaged account is now left out, logged once."""
-    limited = settings.replace(default_quota=3000)
-    async with store_parts(limited) as parts:
-        parts.accounts.add_user(CAROL, "h")
-        await deliver(parts.maildb, ALICE, 2)
-        await deliver(parts.maildb, CAROL)
-        await parts.maildb.close()
-        index = store_user_path(limited.store_dir, CAROL) / "index.sqlite"
+    `452 Mailbox full` indefinitely. The damaged account is now left out (what Redis held
+    for it is kept, not replaced with an empty mailbox), logged once."""
+    def damaged(index: Path) -> None:
         for leftover in index.parent.glob("index.sqlite-*"):
             leftover.unlink()
         index.write_bytes(b"this is not a database" * 200)
-        parts.maildb = MailDB.for_store(limited.store_dir, inline_max=limited.store_inline_max)
+
+    limited = settings.replace(default_quota=3000)
+    async with store_parts(limited) as parts:
+        carol_used = await _with_carol_unreadable(parts, limited, damaged)
+        publisher = parts.publisher(limited, limited.default_quota)
+        with caplog.at_level(logging.ERROR, logger="services.store.quota"):
+            for _ in range(2):
+                await publisher.reconcile()
+                assert await parts.directory.over_quota() == {ALICE}
+        assert await parts.directory.usage(ALICE) > 3000
+        assert await parts.directory.usage(CAROL) == carol_used
+        assert [getattr(record, "user", None) for record in caplog.records
+                if getattr(record, "event", None) == "quota-index-unusable"] == [CAROL]
+
+
+async def test_an_index_newer_than_the_store_leaves_the_other_accounts_quota_published(
+        settings: Settings) -> None:
+    """An index a newer store wrote (the store downgraded since) cannot be read either; it
+    must not keep the other accounts' state unpublished."""
+    def from_a_newer_store(index: Path) -> None:
+        with contextlib.closing(sqlite3.connect(index, isolation_level=None)) as conn:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+
+    limited = settings.replace(default_quota=3000)
+    async with store_parts(limited) as parts:
+        await _with_carol_unreadable(parts, limited, from_a_newer_store)
         await parts.publisher(limited, limited.default_quota).reconcile()
         assert await parts.directory.over_quota() == {ALICE}
         assert await parts.directory.usage(ALICE) > 3000
+
+
+async def _with_carol_unreadable(parts: Parts, settings: Settings,
+                                 spoil: Callable[[Path], None]) -> int:
+    """Alice over the default quota, carol under it, both published; then carol's index,
+    with the store stopped, made unreadable by `spoil`, and the store started again. Carol's
+    usage as published."""
+    parts.accounts.add_user(CAROL, "h")
+    await deliver(parts.maildb, ALICE, 2)
+    await deliver(parts.maildb, CAROL)
+    await parts.publisher(settings, settings.default_quota).reconcile()
+    carol_used = await parts.directory.usage(CAROL)
+    assert carol_used
+    await parts.maildb.close()
+    spoil(store_user_path(settings.store_dir, CAROL) / "index.sqlite")
+    parts.maildb = MailDB.for_store(settings.store_dir, inline_max=settings.store_inline_max)
+    return carol_used
