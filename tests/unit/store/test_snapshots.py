@@ -104,3 +104,20 @@ def test_empty_mailboxes_are_evicted_too() -> None:
     assert len(cache) == 50
     assert cache.get("user999@example.test", "INBOX", 1) is not None  # the latest are kept
     assert cache.get("user0@example.test", "INBOX", 1) is None
+
+
+def test_a_mailbox_of_exactly_the_capacity_is_cached() -> None:
+    cache = MessageListCache(capacity=3)
+    cache.put("a", "INBOX", Snapshot.of(1, 1, (info(1), info(2), info(3))))
+    assert cache.get("a", "INBOX", 1) is not None
+
+
+def test_a_mailbox_cached_again_counts_only_its_latest_snapshot() -> None:
+    """Each SELECT of a changed mailbox puts a new snapshot in place of the old one: only
+    the new one's messages count against the capacity (counting both evicted every other
+    mailbox, and then failed with nothing left to evict)."""
+    cache = MessageListCache(capacity=5)
+    for modseq in range(1, 6):
+        cache.put("a", "INBOX", Snapshot.of(1, modseq, (info(1), info(2), info(3))))
+    cache.put("b", "INBOX", Snapshot.of(1, 1, (info(1), info(2))))
+    assert cache.get("a", "INBOX", 1) is not None and cache.get("b", "INBOX", 1) is not None
