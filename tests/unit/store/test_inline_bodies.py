@@ -525,6 +525,8 @@ async def test_closing_while_threads_read_is_safe(tmp_path: Path) -> None:
     reading = threading.Barrier(5)
 
     def read_until_closed() -> None:
+        with db.open_message(ALICE, found[0]) as f:  # this thread's connection is open
+            f.read()
         reading.wait()
         try:
             for _ in range(20_000):  # a bound far beyond what the close needs, not a clock
@@ -538,9 +540,106 @@ async def test_closing_while_threads_read_is_safe(tmp_path: Path) -> None:
     threads = [threading.Thread(target=read_until_closed) for _ in range(4)]
     for thread in threads:
         thread.start()
-    reading.wait()  # all four are reading now
+    reading.wait()  # all four have a connection open and are reading now
     db._bodies.close()  # what MailDB.close() ends with, here while the reads run
     for thread in threads:
         thread.join()
     await db.close()
     assert outcomes == ["closed"] * 4
+
+
+async def test_the_least_recently_read_connection_is_the_one_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-thread cache is an LRU: a user read again keeps their connection when a
+    reader of many accounts (the text indexer, spam learning) goes past the bound. Each
+    connection has the small page cache the docs state."""
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    users = [f"user{i}@example.test" for i in range(bodies.PER_THREAD + 1)]
+    opened: list[Path] = []
+    real_open = bodies._open
+
+    def counting(index: Path, schema: int) -> bodies._Reader | None:
+        opened.append(index)
+        return real_open(index, schema)
+
+    monkeypatch.setattr(bodies, "_open", counting)
+    try:
+        await db.deliver([delivery(f"q{n}", SMALL, user) for n, user in enumerate(users)])
+        found = {user: (await db.list_messages(user))[0].guid for user in users}
+
+        def reads_of(first: str) -> int:
+            """All in one thread: the first PER_THREAD users, `first` again, then one
+            more user; the connections opened by reading `first` once more."""
+            for user in [*users[:-1], first, users[-1]]:
+                with db.open_message(user, found[user]) as f:
+                    assert f.read() == SMALL
+            opened.clear()
+            with db.open_message(first, found[first]) as f:
+                f.read()
+            assert db._bodies.connection(first).execute(
+                "PRAGMA cache_size").fetchone()[0] == -bodies.CACHE_KIB
+            return len(opened)
+
+        assert await asyncio.to_thread(reads_of, users[0]) == 0
+    finally:
+        await db.close()
+
+
+async def test_reads_of_the_index_notice_it_was_replaced(tmp_path: Path) -> None:
+    """Not only bodies: listings through a reader thread's kept connection see the index that
+    replaced the one it opened (the account deleted and created again), not the old one."""
+    writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    reader = MailDB(tmp_path / "mail", inline_max=INLINE_MAX, readers=1)
+    try:
+        await writer.deliver([delivery("q1", SMALL)])
+        assert [m.guid for m in await reader.list_messages(ALICE)] == await guids(writer)
+        await writer.close()
+        shutil.rmtree(writer.user_path(ALICE))
+
+        writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+        await writer.deliver([delivery("q2", message(7, 300))])
+        assert [m.guid for m in await reader.list_messages(ALICE)] == await guids(writer)
+        assert (await reader.status(ALICE)).messages == 1
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+async def test_reads_work_again_once_a_deleted_account_is_back(tmp_path: Path) -> None:
+    """A read that found the account's index gone (a message asked for after the account
+    was deleted) drops the connection to it: once the account has mail again, it is read."""
+    writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    reader = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    try:
+        await writer.deliver([delivery("q1", SMALL)])
+        [first] = await guids(writer)
+        assert read(reader, first) == SMALL  # the reader now holds a connection
+        await writer.close()
+        shutil.rmtree(writer.user_path(ALICE))
+        with pytest.raises(NoSuchMessage):
+            read(reader, "0" * 32)
+
+        writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+        await writer.deliver([delivery("q2", message(7, 300))])
+        [second] = await guids(writer)
+        assert read(reader, second) == message(7, 300)
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+async def test_no_connection_is_handed_out_after_close(tmp_path: Path) -> None:
+    """After close, a thread that had a connection gets StorageError, not a new one that
+    nothing would ever close."""
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    await db.deliver([delivery("q1", SMALL)])
+    [guid] = await guids(db)
+    await db.close()
+    readers = bodies.BodyReaders(SCHEMA_VERSION, lambda user: db.user_path(user) / "index.sqlite")
+    assert readers.connection(ALICE) is not None
+    assert readers.body(ALICE, guid) == SMALL
+    readers.close()
+    with pytest.raises(StorageError):
+        readers.connection(ALICE)
+    with pytest.raises(StorageError):
+        readers.body(ALICE, guid)
