@@ -5,6 +5,7 @@ migrations, and the per-thread read connections of open_message."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
 import sqlite3
@@ -63,6 +64,11 @@ def fsyncs(synced: list[str]) -> Callable[[], int]:
 
 def files_under(db: MailDB, user: str = ALICE) -> list[Path]:
     return [p for p in (db.user_path(user) / "m").rglob("*")]
+
+
+def message_files(db: MailDB, user: str = ALICE) -> list[Path]:
+    """The files under m/ (not the m/xx directories)."""
+    return [path for path in files_under(db, user) if path.is_file()]
 
 
 def read(db: MailDB, guid: str) -> bytes:
@@ -174,6 +180,76 @@ async def test_a_failed_transaction_leaves_no_body(db: MailDB) -> None:
                           Delivery("q3", ALICE, SMALL, 0.0, mailbox="Nope")])
     stored = check_bodies(db.user_path(ALICE))
     assert (len(stored.inline), len(stored.files)) == (1, 0)
+
+
+async def test_the_journal_is_made_durable_before_the_first_file(
+        db: MailDB, synced: list[str]) -> None:
+    """The inflight journal is what the sweep reads after a crash to find half-written
+    batches: its directory entry is synced when the file is created, before the journal's
+    own fsync and before any message file."""
+    await db.list_messages(ALICE)  # the index exists (creating it makes directories)
+    synced.clear()
+    await db.deliver([delivery("l1", LARGE)])
+    assert synced[:2] == [str(db.root), str(db.root / "inflight")]
+
+
+async def test_a_batch_whose_file_cannot_be_written_leaves_no_file(
+        db: MailDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second large body of a batch fails to be written (EIO): the first one's file,
+    already in m/xx/, is removed with it; nothing of the batch is stored."""
+    real_write = maildb._write_file
+    writes: list[Path] = []
+
+    def second_fails(path: Path, *parts: bytes) -> None:
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError(errno.EIO, "I/O error", str(path))
+        real_write(path, *parts)
+
+    monkeypatch.setattr(maildb, "_write_file", second_fails)
+    with pytest.raises(OSError):
+        await db.deliver([delivery("l1", LARGE), delivery("l2", message(3, 5000))])
+    assert len(writes) == 2
+    assert message_files(db) == []
+    assert check_bodies(db.user_path(ALICE)).guids == set()
+
+
+async def test_a_failed_append_of_a_large_body_leaves_no_file(
+        db: MailDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """APPEND writes a large body's file before its transaction; when the transaction fails,
+    the file goes with it (docs: "A failed transaction removes the files it wrote")."""
+    await db.deliver([delivery("s", SMALL)])
+
+    def failing_usage(conn: sqlite3.Connection, octets: int) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(maildb, "_add_usage", failing_usage)
+    with pytest.raises(sqlite3.OperationalError):
+        await db.append(ALICE, INBOX, LARGE, frozenset())
+    assert message_files(db) == []
+    assert len(check_bodies(db.user_path(ALICE)).guids) == 1
+
+
+async def test_a_copy_where_links_are_refused_is_a_synced_copy_of_the_bytes(
+        db: MailDB, synced: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a file system that refuses hard links (or a file at its link limit), COPY writes
+    the bytes to a file of its own, fsynced before the index names it."""
+    await db.deliver([delivery("l", LARGE)])
+    [large] = await guids(db)
+
+    def refused(source: object, target: object) -> None:
+        raise OSError(errno.EMLINK, "Too many links")
+
+    monkeypatch.setattr(os, "link", refused)
+    synced.clear()
+    await db.copy(ALICE, INBOX, [1], ARCHIVE)
+    [copy] = await guids(db, ARCHIVE)
+    assert read(db, copy) == LARGE
+    assert db.message_path(ALICE, copy).stat().st_ino != \
+        db.message_path(ALICE, large).stat().st_ino
+    assert str(db.user_path(ALICE) / "tmp" / copy) in synced
+    assert str(db.message_path(ALICE, copy).parent) in synced
+    assert set(check_bodies(db.user_path(ALICE)).files) == {large, copy}
 
 
 # COPY, MOVE, expunge, DELETE
