@@ -129,7 +129,7 @@ class QuotaPublisher:
         states = await self._states({user: limit for user, limit in limits.items()
                                      if published.get(user) != limit})
         for user in published.keys() - limits.keys():  # lifted, or the user deleted
-            states[user] = QuotaState(await self._usage(user), False, None)
+            states[user] = QuotaState(await self._usage_if_readable(user), False, None)
         await self._directory.set_quota_states(states, generation=generation)
         if states:
             log.info("quota state updated after account changes: %d mailboxes, %d over quota",
@@ -155,8 +155,8 @@ class QuotaPublisher:
         states = {}
         for user, limit in limits.items():
             try:
-                usage = await self._usage(user)
-            except (sqlite3.Error, OSError) as exc:
+                usage = await self._maildb.usage(user)
+            except (sqlite3.Error, OSError, StorageError) as exc:
                 self._unreadable(user, exc)
                 continue
             self._unusable.discard(user)
@@ -170,8 +170,10 @@ class QuotaPublisher:
                       "other accounts' are published", user, type(exc).__name__, exc,
                       extra={"event": "quota-index-unusable", "user": user})
 
-    async def _usage(self, user: str) -> int:
+    async def _usage_if_readable(self, user: str) -> int:
+        """The usage of a user without a limit (only shown, never compared): 0 when the
+        index cannot be read."""
         try:
             return await self._maildb.usage(user)
-        except StorageError:
-            return 0  # no index yet: nothing stored
+        except (sqlite3.Error, OSError, StorageError):
+            return 0
