@@ -13,6 +13,7 @@ from typing import BinaryIO
 import dramatiq
 import pytest
 
+from common.settings import Settings
 from services.store import learning
 from services.store.learning import (
     HAM,
@@ -26,7 +27,7 @@ from services.store.learning import (
     special_roots,
 )
 from services.store.mailbox import ChangeEvent, MailboxInfo, NoSuchMessage
-from tests.support import wait_until
+from tests.support import eventually, wait_until
 
 JUNK, TRASH = ["Junk"], ["Trash"]
 
@@ -391,3 +392,165 @@ async def test_a_move_after_the_hook_closed_schedules_nothing(
     assert not hook._tasks  # noqa: SLF001 - no task was started
     assert sent == []
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class Sent(list[tuple[str, bytes]]):
+    """A hook's `send` that records each message's GUID and the bytes it was given."""
+
+    def __call__(self, kind: str, user: str, guid: str, message: bytes,
+                 decided_us: int) -> None:
+        self.append((guid, message))
+
+
+async def test_a_message_of_exactly_the_size_cap_is_learned_and_one_octet_more_is_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages of at most MAX_LEARN_SIZE octets are learned whole; a larger one is skipped
+    (not learned cut short)."""
+    monkeypatch.setattr(learning, "MAX_LEARN_SIZE", 10)
+    sent = Sent()
+    hook = LearningHook(Store({"at": b"x" * 10, "over": b"x" * 11}), sent)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("at", "over")))
+    await hook.close()
+    assert sent == [("at", b"x" * 10)]
+
+
+async def test_messages_beyond_the_pending_limit_are_not_learned_and_a_line_says_so(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """While the broker holds up the hook, at most MAX_PENDING messages wait in the store's
+    memory; those of a move beyond that are dropped with one WARNING line, and the ones that
+    fitted are still learned."""
+    monkeypatch.setattr(learning, "MAX_PENDING", 3)
+    gate = threading.Event()
+    sent = GuidsSent()
+
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
+        gate.wait(30)  # a broker slow to confirm: the first move stays pending
+        sent(kind, user, guid, message, decided_us)
+
+    hook = LearningHook(Store({g: b"body" for g in ("g1", "g2", "g3", "g4")}),
+                        send)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g1", "g2")))
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g3", "g4")))
+    await eventually(lambda: "not learned: 1 of 2 messages, 3 already waiting for the broker"
+                     in caplog.text, within=30, what="the move over the limit to be cut")
+    gate.set()
+    await hook.close()
+    assert sent == ["g1", "g2", "g3"]
+
+
+class CountedWaits(threading.Event):
+    """A stop event whose waits return at once, recording how long each would have waited;
+    it is set (the store or learner stopping) at the `stop_at`th wait."""
+
+    def __init__(self, stop_at: int) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+        self._stop_at = stop_at
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout or 0.0)
+        if len(self.waits) >= self._stop_at:
+            self.set()
+        return self.is_set()
+
+
+# docs/operations.md: 1 s doubling to 30 s.
+BROKER_WAITS = [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+async def test_learn_jobs_try_an_unreachable_broker_again_at_least_every_30s() -> None:
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
+        raise BrokerUnreachable("connection refused")
+
+    hook = LearningHook(Store({"g1": b"body"}), send)  # type: ignore[arg-type]
+    waits = hook._abandon = CountedWaits(stop_at=len(BROKER_WAITS))  # noqa: SLF001
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g1",)))
+    await asyncio.to_thread(wait_until, waits.is_set, timeout=30, what="the waits to end")
+    await hook.close()
+    assert waits.waits == BROKER_WAITS
+
+
+def test_a_learner_starting_without_a_broker_tries_again_at_least_every_30s() -> None:
+    class Unreachable:
+        def declare(self) -> None:
+            raise dramatiq.errors.ConnectionClosed(ConnectionRefusedError("refused"))
+
+    stop = CountedWaits(stop_at=len(BROKER_WAITS))
+    assert not learning._declare_once_reachable(Unreachable(), stop)  # type: ignore[arg-type]  # noqa: SLF001
+    assert stop.waits == BROKER_WAITS
+
+
+def test_the_learn_job_retries_16_times_from_1s_to_10min_and_each_try_has_2min() -> None:
+    """The actor's retry and time limit are what docs/operations.md promises (and what
+    RUNNING_TTL_MS and APPLIED_TTL_S are computed from), not dramatiq's defaults: 15 s to
+    7 days of backoff, 20 retries, 10 minutes a try."""
+    learn = learning.Learning(Settings())
+    try:
+        options = learn.actor.options
+    finally:
+        learn.close()
+    assert (options["max_retries"], options["min_backoff"], options["max_backoff"],
+            options["time_limit"]) == (16, 1_000, 600_000, 120_000)
+
+
+def test_a_learn_connection_gives_tcp_and_the_amqp_handshake_5s() -> None:
+    """docs/operations.md: 5 s for TCP and the handshake (pika's defaults, 10 s and 15 s,
+    would let one attempt on a silent broker outlast broker_attempt_limit())."""
+    broker = learning._LearnBroker("amqp://guest:guest@127.0.0.1:5672/")  # noqa: SLF001
+    assert (broker.parameters.socket_timeout, broker.parameters.stack_timeout) == (5.0, 5.0)
+
+
+class StoreWithoutSpecialUse(Store):
+    """An account whose mailboxes carry no special-use attributes."""
+
+    async def list_mailboxes(self, user: str) -> list[MailboxInfo]:
+        return [MailboxInfo("INBOX", None), MailboxInfo("Junk", None),
+                MailboxInfo("Trash", None)]
+
+
+async def test_without_special_use_the_mailboxes_named_junk_and_trash_decide() -> None:
+    """No mailbox says \\Junk or \\Trash: the standard names stand in, so a move into
+    "Junk" teaches spam, out of it ham, and Junk -> "Trash" nothing."""
+    sent: list[tuple[str, str]] = []
+
+    def send(kind: str, user: str, guid: str, message: bytes, decided_us: int) -> None:
+        sent.append((kind, guid))
+
+    hook = LearningHook(StoreWithoutSpecialUse({g: b"body" for g in ("g1", "g2", "g3")}),
+                        send)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g1",)))
+    await hook.close()
+    hook = LearningHook(StoreWithoutSpecialUse({g: b"body" for g in ("g1", "g2", "g3")}),
+                        send)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "move", "INBOX", "Junk", ("g2",)))
+    hook.on_change(ChangeEvent("a@x.test", "move", "Trash", "Junk", ("g3",)))
+    await hook.close()
+    assert sent == [("spam", "g1"), ("ham", "g2")]
+
+
+class StoreStillListing(Store):
+    """A store whose mailbox list is read only once `listed` is set."""
+
+    def __init__(self, bodies: dict[str, bytes]) -> None:
+        super().__init__(bodies)
+        self.listed = asyncio.Event()
+
+    async def list_mailboxes(self, user: str) -> list[MailboxInfo]:
+        await self.listed.wait()
+        return await super().list_mailboxes(user)
+
+
+async def test_a_move_still_being_classified_when_the_store_stops_is_given_up(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """close() cancels the work of a move whose mailbox list had not been read by the end
+    of its grace: it does not go on, once the list arrives, to hand a batch to the hook's
+    thread that is gone (an error nobody collects)."""
+    store, sent = StoreStillListing({"g1": b"body"}), GuidsSent()
+    hook = LearningHook(store, sent)  # type: ignore[arg-type]
+    hook.on_change(ChangeEvent("a@x.test", "move", "Junk", "INBOX", ("g1",)))
+    work = set(hook._tasks)  # noqa: SLF001 - the move's classification
+    await hook.close(grace=0.05)
+    store.listed.set()
+    await asyncio.wait(work, timeout=30)
+    assert [task.cancelled() for task in work] == [True]
+    assert sent == []
