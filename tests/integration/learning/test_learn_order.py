@@ -12,7 +12,7 @@ import base64
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis as syncredis
@@ -199,11 +199,31 @@ def test_the_ledger_lets_only_the_newest_decision_through(ledger: LearnLedger,
 
 
 def test_the_ledger_is_per_user_and_message(ledger: LearnLedger) -> None:
+    """One user's decision, in flight or applied, neither holds up nor supersedes another
+    user's about the same bytes, nor the same user's about other bytes."""
     body = b"Subject: x\r\n\r\nbody\r\n"
-    assert ledger.take_turn(ledger.keys(ALICE, body), 20, "a") is Turn.GO
+    alice = ledger.keys(ALICE, body)
+    assert ledger.take_turn(alice, 20, "a") is Turn.GO
     assert ledger.take_turn(ledger.keys("bob@example.test", body), 10, "b") is Turn.GO
     assert ledger.take_turn(ledger.keys(ALICE, body + b"x"), 10, "c") is Turn.GO
+    ledger.end_turn(alice, 20, "a", applied=True)
+    assert ledger.take_turn(ledger.keys("carol@example.test", body), 10, "d") is Turn.GO
+    assert ledger.take_turn(ledger.keys(ALICE, body + b"y"), 10, "e") is Turn.GO
     ledger.close()
+
+
+def test_jobs_from_an_older_store_without_decision_times_are_each_learned(
+        ledger: LearnLedger) -> None:
+    """Jobs queued before there were decision times all count as time 0: among themselves
+    none supersedes another, so each is learned in the order it runs, as before there was
+    any ordering (a spam job applied does not swallow the ham job of the move back)."""
+    keys = ledger.keys(ALICE, b"Subject: old\r\n\r\nbody\r\n")
+    try:
+        assert ledger.take_turn(keys, 0, "spam:g") is Turn.GO
+        ledger.end_turn(keys, 0, "spam:g", applied=True)
+        assert ledger.take_turn(keys, 0, "ham:g") is Turn.GO
+    finally:
+        ledger.close()
 
 
 def test_without_redis_the_learner_learns_anyway(settings: Settings) -> None:
@@ -286,3 +306,74 @@ def test_with_redis_down_the_job_is_still_learned(settings: Settings) -> None:
         learning.close()
     assert controller.posted == [SPAM]
     assert learning.stats() == {"learn_order_unchecked": 1, "spam_learned": 1}
+
+
+def test_a_job_rspamd_did_not_answer_is_not_taken_as_applied(
+        settings: Settings, ledger: LearnLedger) -> None:
+    """Only a decision rspamd answered counts as applied: a newer job that failed (to be
+    retried) leaves no record, so it supersedes no older one meanwhile, and its turn ends."""
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"))
+    keys = ledger.keys(ALICE, body)
+    try:
+        with pytest.raises(LearnError):
+            learning._learn(HAM, ALICE, "a" * 32, base64.b64encode(body).decode("ascii"),  # noqa: SLF001
+                            20)
+        assert ledger.take_turn(keys, 10, "older") is Turn.GO
+    finally:
+        learning.close()
+        ledger.close()
+
+
+@pytest.mark.parametrize(("kind", "encoded"), [
+    ("bogus", base64.b64encode(b"Subject: x\r\n\r\nbody\r\n").decode("ascii")),
+    (SPAM, "U3ViamVjdDog eA=="),  # a space: not base64, whatever a lenient decoder makes of it
+])
+def test_a_malformed_learn_job_is_dropped_without_asking_rspamd(
+        settings: Settings, kind: str, encoded: str) -> None:
+    """A job of no known class, or whose message is not base64, is logged and dropped: rspamd
+    is not asked, and the job takes no turn that could hold up or supersede real ones."""
+    controller = RecordingController()
+    learning = Learning(settings, controller)
+    try:
+        learning._learn(kind, ALICE, "a" * 32, encoded, 20)  # noqa: SLF001 - the actor
+    finally:
+        learning.close()
+    assert controller.posted == []
+    assert learning.stats() == {}
+
+
+class AskingAgainMeanwhile(RecordingController):
+    """An rspamd during whose answer to a spam job the ham job for the same message (the
+    same GUID, moved back out of Junk) is tried: `ham_waited`, whether it waited."""
+
+    def __init__(self, learning: Callable[[], Learning],
+                 ham_job: tuple[str, str, str, int]) -> None:
+        super().__init__()
+        self._learning, self._ham_job = learning, ham_job
+        self.ham_waited = False
+
+    def learn(self, kind: str, message: bytes) -> tuple[LearnOutcome, str]:
+        answer = super().learn(kind, message)
+        if kind == SPAM:
+            try:
+                self._learning()._learn(HAM, *self._ham_job)  # noqa: SLF001 - the actor
+            except LearnError:
+                self.ham_waited = True
+        return answer
+
+
+def test_an_older_stores_spam_and_ham_jobs_for_one_message_never_run_at_once(
+        settings: Settings) -> None:
+    """The two jobs of a move into Junk and back (one GUID, no decision times, from a store
+    from before them) are two jobs, not one redelivered: the ham job waits for the spam job
+    instead of taking over its turn, so rspamd is never asked both at once."""
+    body = base64.b64encode(b"Subject: old\r\n\r\nbody\r\n").decode("ascii")
+    controller = AskingAgainMeanwhile(lambda: learning, (ALICE, "g" * 32, body, 0))
+    learning = Learning(settings, controller)
+    try:
+        learning._learn(SPAM, ALICE, "g" * 32, body, 0)  # noqa: SLF001 - the actor
+    finally:
+        learning.close()
+    assert controller.posted == [SPAM]
+    assert controller.ham_waited

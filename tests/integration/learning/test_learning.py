@@ -505,11 +505,12 @@ def test_a_job_whose_retry_the_broker_refuses_is_dead_lettered(
     assert learning.stats() == {"learn_retries": 1, "learn_unscheduled": 1}
 
 
-async def dead_letter(settings: Settings, guid: str, body: bytes) -> None:
-    """A learn job that ran out of retries: sent with none allowed, to a controller that
-    is not there."""
+async def dead_letter(settings: Settings, guid: str, body: bytes,
+                      max_retries: int = 0) -> dict[str, int]:
+    """A learn job that ran out of retries: sent with `max_retries` allowed (none unless
+    told), to a controller that is not there. The learner's counts."""
     learning = Learning(settings, RspamdController(f"http://127.0.0.1:{free_port()}", "pw"),
-                        max_retries=0)
+                        max_retries=max_retries)
     learning.declare()
     learning.send("spam", ALICE, guid, body, 1)
     worker = learning.worker(threads=1)
@@ -520,6 +521,7 @@ async def dead_letter(settings: Settings, guid: str, body: bytes) -> None:
     finally:
         worker.stop(timeout=10_000)
         learning.close()
+    return learning.stats()
 
 
 async def test_learn_jobs_that_ran_out_of_retries_are_a_problem_in_status(
@@ -542,7 +544,8 @@ async def test_a_job_out_of_retries_says_so_naming_its_message(
     a user's move taught nothing found no trace of it giving up."""
     caplog.set_level(logging.INFO)
     guid = "b" * 32
-    await dead_letter(settings, guid, b"Subject: x\r\n\r\nbody\r\n")
+    stats = await dead_letter(settings, guid, b"Subject: x\r\n\r\nbody\r\n")
+    assert stats == {"learn_retries": 1, "learn_dead": 1}  # `tiermail status` counts it
     [line] = [r for r in caplog.records if "out of retries" in r.getMessage()]
     assert line.levelno == logging.WARNING
     assert (line.user, line.queue_id) == (ALICE, guid)  # type: ignore[attr-defined]
@@ -567,6 +570,31 @@ async def test_dead_learn_jobs_are_retried_once_rspamd_is_back(
     await eventually(learned_as(learner, "spam"), within=60, what="the retried job learned")
     assert f"rspamd learned {'c' * 32} as spam" in learner.output(), learner.output()
     assert await asyncio.to_thread(learned, rspamd_scanner) == before + 1
+
+
+def take_learn_job(learning: Learning) -> dramatiq.Message[object]:
+    """The next job waiting in the learn queue, taken off it."""
+    try:
+        method, _, body = learning.broker.channel.basic_get(learning.queue_name, auto_ack=True)
+    finally:
+        learning.release_connection()
+    assert method is not None, "no job in the learn queue"
+    return dramatiq.Message.decode(body)
+
+
+async def test_a_dead_job_put_back_starts_its_retries_afresh(settings: Settings) -> None:
+    """`--retry-dead` puts a job back with no retries counted: one that had used up its 16
+    would otherwise go straight back to the dead-letter queue at its first failure."""
+    guid = "a" * 32
+    await dead_letter(settings, guid, b"Subject: x\r\n\r\nbody\r\n", max_retries=1)
+    learning = Learning(settings)
+    try:
+        assert await asyncio.to_thread(learning.requeue_dead) == 1
+        job = await asyncio.to_thread(take_learn_job, learning)
+    finally:
+        learning.close()
+    assert job.args[2] == guid
+    assert "retries" not in job.options, job.options
 
 
 async def _depth_is(settings: Settings, queue: str, depth: int) -> bool:
