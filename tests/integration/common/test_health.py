@@ -21,7 +21,7 @@ from common.health import (
     silent_processes,
 )
 from common.settings import Settings
-from tests.support import eventually
+from tests.support import TcpProxy, eventually
 
 
 def seen(tier: str, host: str, pid: int, at: float) -> str:
@@ -55,10 +55,13 @@ async def test_a_process_that_went_without_stopping_is_named_until_replaced(
 
 async def test_a_clean_stop_takes_the_process_off(settings: Settings,
                                                   client: redis.asyncio.Redis) -> None:
+    """Both its heartbeat and its `health-seen` field go: a heartbeat left to expire would
+    have status on another host count the stopped process as reporting for its TTL."""
     async with Heartbeat(client, settings.redis_prefix, "filter", dict):
         await eventually(lambda: _one_seen(client, settings.redis_prefix),
                          what="the heartbeat's first write")
     assert await client.hlen(seen_key(settings.redis_prefix)) == 0
+    assert not await client.exists(health.heartbeat_key(settings.redis_prefix, "filter"))
     assert not await silent_processes(client, settings.redis_prefix, [], time.time() + TTL + 1)
     await client.aclose()
 
@@ -88,6 +91,100 @@ async def test_a_change_is_reported_at_once_not_at_the_next_interval(
         await eventually(lambda: _reported(client, settings, True), within=30,
                          what="the change reported")
     await client.aclose()
+
+
+async def test_a_stop_between_beats_does_not_wait_for_the_next_one(
+        settings: Settings, client: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stop wakes the loop that waits for the next beat: it would otherwise hold the
+    tier's stop for up to the interval, and past the heartbeat's own wait for it (its TTL)
+    end with `heartbeat did not stop cleanly`."""
+    monkeypatch.setattr(health, "INTERVAL", 3600.0)
+    async with Heartbeat(client, settings.redis_prefix, "store", dict):
+        await eventually(lambda: _one_seen(client, settings.redis_prefix), what="the first beat")
+    assert "did not stop cleanly" not in caplog.text
+    assert await client.hlen(seen_key(settings.redis_prefix)) == 0
+    await client.aclose()
+
+
+async def test_a_beat_asked_for_now_is_one_beat_then_the_interval_again(
+        settings: Settings, client: redis.asyncio.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """beat_now brings one beat forward; it does not leave the loop writing without pause."""
+    monkeypatch.setattr(health, "INTERVAL", 3600.0)
+    beats = [0]
+
+    def stats() -> dict[str, int]:
+        beats[0] += 1
+        return {}
+
+    async with Heartbeat(client, settings.redis_prefix, "store", stats) as beat:
+        await eventually(lambda: _one_seen(client, settings.redis_prefix), what="the first beat")
+        beat.beat_now()
+        await eventually(lambda: beats[0] >= 2, what="the beat asked for")
+        for _ in range(50):  # as many round trips as a loop without pause would make beats
+            await client.ping()
+        assert beats[0] == 2
+    await client.aclose()
+
+
+async def test_a_heartbeat_goes_on_through_a_redis_outage(
+        settings: Settings, client: redis.asyncio.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis away must not take a tier's heartbeat down: the beats that fail are logged,
+    and the first one after Redis is back is written."""
+    monkeypatch.setattr(health, "INTERVAL", 0.05)
+    port = int(settings.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+    proxy = TcpProxy(port)
+    database = settings.redis_url.rsplit("/", 1)[1]
+    via_proxy = redis.asyncio.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/{database}")
+    key = health.heartbeat_key(settings.redis_prefix, "store")
+    attempts = [0]
+
+    def stats() -> dict[str, int]:
+        attempts[0] += 1
+        return {}
+
+    try:
+        async with Heartbeat(via_proxy, settings.redis_prefix, "store", stats):
+            await eventually(lambda: client.exists(key), what="the first beat")
+            proxy.cut()
+            await client.delete(key)
+            tried = attempts[0]
+            await eventually(lambda: attempts[0] >= tried + 2, what="beats while Redis is away")
+            proxy.start()
+            await eventually(lambda: client.exists(key), what="a beat once Redis is back")
+    finally:
+        proxy.cut()
+        await via_proxy.aclose()
+        await client.aclose()
+
+
+async def test_a_process_of_its_tier_that_goes_after_it_started_stays_named(
+        settings: Settings, client: redis.asyncio.Redis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forgetting the processes a start replaces is done at the start only: a sibling
+    filter killed later (it shares the port; nothing restarted it) is not replaced by this
+    one, and status must go on naming it."""
+    monkeypatch.setattr(health, "INTERVAL", 3600.0)
+    here, prefix = socket.gethostname(), settings.redis_prefix
+    ended = await asyncio.create_subprocess_exec("true")
+    await ended.wait()
+    own = f"filter:{here}:{os.getpid()}"
+    sibling = f"filter:{here}:{ended.pid}"
+    async with Heartbeat(client, prefix, "filter", dict) as beat:
+        await eventually(lambda: _has_field(client, prefix, own), what="the first beat")
+        first = json.loads(await client.hget(seen_key(prefix), own))["at"]
+        await client.hset(seen_key(prefix), sibling, seen("filter", here, ended.pid, time.time()))
+        beat.beat_now()
+        await eventually(lambda: _seen_at(client, prefix, own, first), what="the next beat")
+        assert await client.hexists(seen_key(prefix), sibling)
+    await client.aclose()
+
+
+async def _seen_at(client: redis.asyncio.Redis, prefix: str, field: str, before: float) -> bool:
+    raw = await client.hget(seen_key(prefix), field)
+    return raw is not None and json.loads(raw)["at"] != before
 
 
 async def _reported(client: redis.asyncio.Redis, settings: Settings, connected: bool) -> bool:
@@ -145,6 +242,18 @@ async def test_a_process_of_this_host_that_was_killed_is_named_at_once(
         alive.kill()
         await alive.wait()
         await client.aclose()
+
+
+async def test_a_process_still_reporting_is_not_named_whatever_its_clock_says(
+        settings: Settings, client: redis.asyncio.Redis) -> None:
+    """Another host's `at` comes from its own clock: one 40 s behind status's host is still
+    reporting, and is not said to have gone without stopping."""
+    now, prefix = time.time(), settings.redis_prefix
+    await client.hset(seen_key(prefix), "filter:slow-clock:6", seen("filter", "slow-clock", 6,
+                                                                   now - 40))
+    beats = [{"tier": "filter", "host": "slow-clock", "pid": 6, "started": now - 3600}]
+    assert await silent_processes(client, prefix, beats, now) == []
+    await client.aclose()
 
 
 async def _has_field(client: redis.asyncio.Redis, prefix: str, field: str) -> bool:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from common.health import RecentCounts
+import socket
+
+import pytest
+
+from common import health
+from common.health import RecentCounts, ended_here
 
 
 def test_a_young_process_counts_from_its_start() -> None:
@@ -32,3 +37,15 @@ def test_a_counter_new_in_the_stats_counts_from_zero() -> None:
     recent.record(5.0, {"accepted": 1})
     assert recent.record(10.0, {"accepted": 2, "rejected": 4})["counts"] == {
         "accepted": 2, "rejected": 4}
+
+
+def test_a_process_of_another_user_that_runs_has_not_ended(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signal 0 to another user's process is refused (EPERM): it runs, so status must not
+    say it went without stopping. (The fake stands in for such a process: tests run as any
+    user, root included, whom the kernel never refuses.)"""
+    def refused(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(health.os, "kill", refused)
+    assert not ended_here({"pid": 4242, "host": socket.gethostname()})
