@@ -196,6 +196,28 @@ def _served_over_tls(port: int) -> bool:
     return _tls_greeting(port).startswith((b"* OK", b"+OK"))
 
 
+def test_a_mailbox_that_delivery_fills_gets_452_at_rcpt(stack: Stack) -> None:
+    """The store publishes the usage each delivery adds (its quota publisher listens to the
+    mail store): once mail has filled a mailbox, the filters refuse more at RCPT, without a
+    restart or a quota command in between."""
+    tiermail(stack.settings, "user", "quota", ALICE, "8K")
+    with smtplib.SMTP("127.0.0.1", stack.settings.smtp_port, timeout=60) as smtp:
+        smtp.ehlo("client.example.net")
+        smtp.mail("sender@example.net")  # no SIZE: nothing to refuse it by before DATA
+        assert smtp.rcpt(ALICE)[0] == 250
+        assert smtp.data(message("large") + (b"x" * 70 + b"\r\n") * 130)[0] == 250
+
+    def rcpt() -> int:
+        with smtplib.SMTP("127.0.0.1", stack.settings.smtp_port, timeout=60) as smtp:
+            smtp.ehlo("client.example.net")
+            smtp.mail("sender@example.net")
+            code = smtp.rcpt(ALICE)[0]
+            smtp.rset()
+        return code
+
+    wait_until(lambda: rcpt() == 452, timeout=30, interval=0.2, what="452 at RCPT once full")
+
+
 def test_quota_from_the_cli_on_append_and_at_rcpt(stack: Stack) -> None:
     tiermail(stack.settings, "user", "quota", ALICE, "8K")
     client = stack.imap()

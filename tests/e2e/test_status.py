@@ -94,6 +94,9 @@ def test_status_shows_tiers_queues_and_dead_letters(
 
 def test_status_shows_the_stores_open_sessions(
         settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """Each count against its own limit: the limits differ here, so that one shown against
+    the other's is seen."""
+    settings = settings.replace(imap_max_connections=700, pop3_max_connections=600)
     store = run_tier(settings, "store")
     store.wait_for_port(settings.pop3_port)
     store.wait_for_port(settings.imap_port)

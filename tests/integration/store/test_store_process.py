@@ -283,3 +283,25 @@ def test_clients_that_reset_mid_answer_end_quietly(
     assert store.proc.returncode == 0, store.output()
     assert "connection failed" not in store.output(), store.output()
     assert "Traceback" not in store.output(), store.output()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_says_bye_to_imap_sessions_and_exits_cleanly(
+        settings: Settings, run_tier: Callable[..., TierProcess], signum: int) -> None:
+    """SIGTERM (a service manager) and SIGINT (Ctrl-C) alike: the consumer stops at once
+    rather than at the end of its 20 s stop wait (an ERROR line), the listeners close and
+    then an IMAP session is told `* BYE [UNAVAILABLE]` instead of being cut off, and the
+    exit code is 0."""
+    store = run_tier(settings, "store")
+    wait_until(lambda: "store running" in store.output(), what="the start")
+    with socket.create_connection(("127.0.0.1", settings.imap_port), timeout=30) as imap:
+        reader = imap.makefile("rb")
+        assert reader.readline().startswith(b"* OK")
+        store.proc.send_signal(signum)
+        assert reader.readline() == b"* BYE [UNAVAILABLE] Server shutting down\r\n"
+        with pytest.raises(ConnectionRefusedError):  # closed before the sessions were ended
+            socket.create_connection(("127.0.0.1", settings.imap_port), timeout=30).close()
+    assert store.proc.wait(timeout=30) == 0, store.output()
+    assert "store stopped" in store.output()
+    assert [line for line in store.output().splitlines() if " ERROR " in line] == [], \
+        store.output()
