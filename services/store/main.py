@@ -22,10 +22,9 @@ import signal
 import sys
 import time
 from contextlib import AsyncExitStack
-from typing import Any, cast
+from typing import Any
 
 from common.auththrottle import AuthThrottle
-from common.broker import TopologyMismatch
 from common.budget import MemoryBudget
 from common.directory import Directory
 from common.fdlimit import raise_open_file_limit
@@ -203,11 +202,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             log.error("the batch in flight was not stored within %g s: stopping without "
                       "its ack (the broker delivers it again)", CONSUMER_STOP_WAIT,
                       extra={"event": "stopping"})
+        # A consumer that failed raised out of the await above: a TopologyMismatch is a
+        # SettingsError (exit 2, services/cli.py), anything else a traceback and exit 1.
         stopped.cancel()
-        if consuming.done() and not consuming.cancelled() and consuming.exception():
-            if isinstance(consuming.exception(), TopologyMismatch):
-                raise cast(TopologyMismatch, consuming.exception())  # a bad setting: exit 2
-            log.error("consumer crashed", exc_info=consuming.exception())
     log.info("store stopped", extra={"event": "stopped"})
 
 

@@ -31,15 +31,11 @@ async def upkeep(settings: Settings, monkeypatch: pytest.MonkeyPatch
     accounts.add_alias("team@example.test", "alice@example.test", "bob@example.test")
     client = open_redis(settings)
     directory = Directory(client, settings.redis_prefix)
-    attempted = asyncio.Event()
-    task = asyncio.create_task(
-        store_main._keep_directory_published(directory, accounts, attempted))
-    await attempted.wait()
     try:
-        yield directory, accounts
+        async with _publishing(directory, accounts) as attempted:
+            await _first_attempt(attempted)
+            yield directory, accounts
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         await client.aclose()
         accounts.close()
 
@@ -134,7 +130,7 @@ async def test_a_start_publishes_its_own_database_over_one_that_looks_the_same(
     assert other.directory_counts() == ours.directory_counts()
     for accounts in (other, ours):
         async with _publishing(directory, accounts) as attempted:
-            await attempted.wait()
+            await _first_attempt(attempted)
     assert (await directory.resolve("alice@ours.test")).resolution is Resolution.LOCAL
     assert (await directory.resolve("alice@other.test")).resolution is not Resolution.LOCAL
     for accounts in databases:
@@ -154,6 +150,12 @@ async def _publishing(directory: Directory, accounts: AccountDB
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def _first_attempt(attempted: asyncio.Event) -> None:
+    """Wait for the upkeep's first publish, tried (a store's start waits for it too)."""
+    async with asyncio.timeout(30):
+        await attempted.wait()
 
 
 async def _delivers_to(directory: Directory, address: str, mailboxes: set[str]) -> bool:
