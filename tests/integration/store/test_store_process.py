@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import poplib
 import random
 import resource
@@ -305,3 +306,46 @@ def test_a_stop_says_bye_to_imap_sessions_and_exits_cleanly(
     assert "store stopped" in store.output()
     assert [line for line in store.output().splitlines() if " ERROR " in line] == [], \
         store.output()
+
+
+# Loaded by the store process below at its start (Python imports sitecustomize from
+# PYTHONPATH): its storage never finishes a delivery, and its stop waits 1 s for one.
+_HUNG_STORAGE = '''
+import asyncio
+import sys
+
+from services.store import main
+from services.store.backends import maildb
+
+main.CONSUMER_STOP_WAIT = 1.0
+
+
+async def hung(self, deliveries):
+    print("test: storage hung", file=sys.stderr, flush=True)
+    await asyncio.Event().wait()
+
+
+maildb.MailDB.deliver_uids = hung
+'''
+
+
+def test_a_stop_while_storage_hangs_exits_without_acking_the_batch(
+        settings: Settings, run_tier: Callable[..., TierProcess], tmp_path: Path) -> None:
+    """A stop waits CONSUMER_STOP_WAIT for the batch in flight and no longer (the store's
+    stop grace in `up` and compose is counted from it): storage that never answers (a hung
+    NFS mount, a dying disk) must not hold the stop for ever. The batch is not acked, so
+    the broker has the message again for the next store."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_HUNG_STORAGE)
+    add_users(settings, USERS[:1])
+    asyncio.run(publish_all(settings, [make_message(USERS[0])]))
+    store = run_tier(settings, "store", extra_env={
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))})
+    wait_until(lambda: "test: storage hung" in store.output(), what="a delivery begun")
+    store.proc.send_signal(signal.SIGTERM)
+    assert store.proc.wait(timeout=30) == 0, store.output()
+    assert ("the batch in flight was not stored within 1 s: stopping without its ack"
+            in store.output()), store.output()
+    assert stored_count(settings.store_dir, USERS[:1]) == 0
+    wait_until(lambda: queue_depth(settings) == 1, what="the message back in the queue")
