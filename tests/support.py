@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -698,6 +699,21 @@ def check_bodies(user_dir: Path) -> StoredBodies:
     tmp = user_dir / "tmp"
     assert not tmp.is_dir() or not any(tmp.iterdir()), "tmp files left"
     return StoredBodies(inline, {guid: path.read_bytes() for guid, path in files.items()})
+
+
+@contextlib.contextmanager
+def low_open_file_limit(hard_needed: int, soft: int = 128) -> Iterator[None]:
+    """This process's soft open-file limit at `soft` for a start inside (a tier started
+    then inherits it), the hard one left as it is and asserted to be at least
+    `hard_needed`; the old soft limit restored after."""
+    old_soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard >= hard_needed, \
+        f"the test needs a hard open-file limit of {hard_needed} or more, not {hard}"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (old_soft, hard))
 
 
 @contextlib.contextmanager

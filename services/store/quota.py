@@ -47,6 +47,11 @@ RETRY_MAX = 30.0
 USAGE_KINDS = frozenset({"deliver", "append", "expunge", "copy", "move", "mailbox"})
 
 
+# What reading an account's usage can fail with when its index cannot be used (damaged,
+# written by a newer store, a migration out of space): the account is left as it was.
+UNREADABLE = (sqlite3.Error, OSError, StorageError)
+
+
 class QuotaPublisher:
     def __init__(self, maildb: MailStore, accounts: AccountDB, redis: redis.asyncio.Redis,
                  prefix: str, default_quota: int, *, debounce: float = DEBOUNCE,
@@ -156,7 +161,7 @@ class QuotaPublisher:
         for user, limit in limits.items():
             try:
                 usage = await self._maildb.usage(user)
-            except (sqlite3.Error, OSError, StorageError) as exc:
+            except UNREADABLE as exc:
                 self._unreadable(user, exc)
                 continue
             self._unusable.discard(user)
@@ -175,5 +180,5 @@ class QuotaPublisher:
         index cannot be read."""
         try:
             return await self._maildb.usage(user)
-        except (sqlite3.Error, OSError, StorageError):
+        except UNREADABLE:
             return 0

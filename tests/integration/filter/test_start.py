@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import resource
 import signal
 import socket
 from collections.abc import Callable
@@ -12,7 +11,7 @@ import pytest
 
 from common.settings import Settings
 from tests.integration.filter.conftest import ALICE, DOMAIN, running_filter
-from tests.support import TierProcess, wait_until
+from tests.support import TierProcess, low_open_file_limit, wait_until
 
 POSTMASTER_EVENTS = ("no-postmaster", "bad-postmaster")
 
@@ -70,13 +69,8 @@ def test_clients_past_a_low_open_file_limit_are_all_greeted(
     """Started with a soft open-file limit below TIERMAIL_SMTP_MAX_CONNECTIONS (Debian's
     1024 under the default 200 per worker is fine; a container's may not be), the filter
     raises it to the hard limit: every client up to its connection limit is greeted."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    assert hard >= 1024, f"the test needs a hard open-file limit of 1024 or more, not {hard}"
-    resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
-    try:
+    with low_open_file_limit(1024):
         worker = run_tier(directory, "filter")  # inherits the low soft limit
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     worker.wait_for_port(directory.smtp_port)
     clients = [socket.create_connection(("127.0.0.1", directory.smtp_port), timeout=30)
                for _ in range(directory.smtp_max_connections - 10)]

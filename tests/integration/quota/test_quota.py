@@ -423,18 +423,23 @@ async def test_a_mailbox_that_fills_under_the_default_quota_is_flagged(
                              what="alice flagged full")
 
 
+async def _full_then_emptied_unpublished(parts: Parts, settings: Settings) -> None:
+    """Alice over a 5000-octet quota, published, then two of her three messages expunged
+    by a store that stopped before its debounced publish."""
+    parts.accounts.set_quota(ALICE, 5000)
+    await deliver(parts.maildb, ALICE, 3)
+    await parts.publisher(settings, 0).reconcile()
+    assert await parts.directory.over_quota() == {ALICE}
+    await parts.maildb.expunge(ALICE, INBOX, (await parts.maildb.uids(ALICE, INBOX))[:2])
+
+
 async def test_a_restarted_store_publishes_usage_its_predecessor_did_not(
         settings: Settings) -> None:
     """A store stopped (or killed) between an expunge and its debounced publish left the
     mailbox flagged full in Redis at the same account generation: the next store compared
     generations only, so the filter kept answering 452 until the user changed something."""
     async with store_parts(settings) as parts:
-        parts.accounts.set_quota(ALICE, 5000)
-        await deliver(parts.maildb, ALICE, 3)
-        await parts.publisher(settings, 0).reconcile()
-        assert await parts.directory.over_quota() == {ALICE}
-        # The expunge the first store never published: it stopped before its flush.
-        await parts.maildb.expunge(ALICE, INBOX, (await parts.maildb.uids(ALICE, INBOX))[:2])
+        await _full_then_emptied_unpublished(parts, settings)
         async with running(parts.publisher(settings, 0)):
             await eventually(lambda: _over_in(parts.directory, set()), within=10,
                              what="the restarted store to clear the flag")
@@ -447,11 +452,7 @@ async def test_a_restarted_store_whose_first_publish_failed_still_publishes_it(
     a whole reconcile again. The generation in Redis matches the accounts', so a generation
     check alone left the mailbox flagged full for good."""
     async with store_parts(settings) as parts:
-        parts.accounts.set_quota(ALICE, 5000)
-        await deliver(parts.maildb, ALICE, 3)
-        await parts.publisher(settings, 0).reconcile()
-        assert await parts.directory.over_quota() == {ALICE}
-        await parts.maildb.expunge(ALICE, INBOX, (await parts.maildb.uids(ALICE, INBOX))[:2])
+        await _full_then_emptied_unpublished(parts, settings)
         failures = failing_once(monkeypatch, "replace_quota_states")
         async with running(parts.publisher(settings, 0)):
             await eventually(lambda: _over_in(parts.directory, set()), within=10,

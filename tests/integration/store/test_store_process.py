@@ -6,7 +6,6 @@ import asyncio
 import os
 import poplib
 import random
-import resource
 import signal
 import socket
 import struct
@@ -31,6 +30,7 @@ from tests.support import (
     TierProcess,
     dead_letter_depth,
     fill,
+    low_open_file_limit,
     queue_depth,
     tmpfs,
     wait_until,
@@ -219,13 +219,8 @@ def test_clients_past_a_low_open_file_limit_are_all_served(
     1024, below the store's own connection limits), the store raises it to the hard limit:
     300 IMAP and 200 POP3 clients at once are all greeted, and delivery goes on meanwhile."""
     add_users(settings, USERS)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    assert hard >= 2048, f"the test needs a hard open-file limit of 2048 or more, not {hard}"
-    resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
-    try:
+    with low_open_file_limit(2048):
         store = run_tier(settings, "store")  # inherits the low soft limit
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     store.wait_for_port(settings.pop3_port)
     store.wait_for_port(settings.imap_port)  # IMAP starts listening after POP3
     clients: list[socket.socket] = []

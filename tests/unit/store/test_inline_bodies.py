@@ -521,10 +521,8 @@ async def test_computing_the_paddings_holds_up_no_write_and_no_read(
 # open_message's connections
 
 
-async def test_connections_are_cached_per_thread_and_bounded(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
-    users = [f"user{i}@example.test" for i in range(bodies.PER_THREAD + 2)]
+def _opens_counted(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The index paths open_message's readers open from now on, in order."""
     opened: list[Path] = []
     real_open = bodies._open
 
@@ -533,6 +531,14 @@ async def test_connections_are_cached_per_thread_and_bounded(
         return real_open(index, schema)
 
     monkeypatch.setattr(bodies, "_open", counting)
+    return opened
+
+
+async def test_connections_are_cached_per_thread_and_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    users = [f"user{i}@example.test" for i in range(bodies.PER_THREAD + 2)]
+    opened = _opens_counted(monkeypatch)
     try:
         await db.deliver([delivery(f"q{n}", message(n, 100), user)
                           for user in users for n in range(4)])
@@ -567,20 +573,38 @@ async def test_connections_are_cached_per_thread_and_bounded(
         db.open_message(users[0], found[users[0]][0])
 
 
+async def _read_through(writer: MailDB, reader: MailDB) -> str:
+    """One message (q1, SMALL) delivered by `writer` and read by `reader`, which now holds
+    a connection to ALICE's index; its guid."""
+    await writer.deliver([delivery("q1", SMALL)])
+    [first] = await guids(writer)
+    assert read(reader, first) == SMALL
+    return first
+
+
+async def _account_deleted(writer: MailDB) -> None:
+    """ALICE's account directory removed, with `writer` closed first."""
+    await writer.close()
+    shutil.rmtree(writer.user_path(ALICE))
+
+
+async def _account_back(tmp_path: Path) -> MailDB:
+    """ALICE's account made again with one message (q2, `message(7, 300)`); its writer."""
+    writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
+    await writer.deliver([delivery("q2", message(7, 300))])
+    return writer
+
+
 async def test_a_replaced_index_is_noticed(tmp_path: Path) -> None:
     """The user's directory is removed and made again (an account deleted and recreated)
     while a reader holds a connection to the old index: the new messages are found."""
     writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
     reader = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
     try:
-        await writer.deliver([delivery("q1", SMALL)])
-        [first] = await guids(writer)
-        assert read(reader, first) == SMALL  # the reader now holds a connection
-        await writer.close()
-        shutil.rmtree(writer.user_path(ALICE))
+        first = await _read_through(writer, reader)
+        await _account_deleted(writer)
 
-        writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
-        await writer.deliver([delivery("q2", message(7, 300))])
+        writer = await _account_back(tmp_path)
         [second] = await guids(writer)
         assert read(reader, second) == message(7, 300)
         with pytest.raises(NoSuchMessage):
@@ -631,14 +655,7 @@ async def test_the_least_recently_read_connection_is_the_one_closed(
     connection has the small page cache the docs state."""
     db = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
     users = [f"user{i}@example.test" for i in range(bodies.PER_THREAD + 1)]
-    opened: list[Path] = []
-    real_open = bodies._open
-
-    def counting(index: Path, schema: int) -> bodies._Reader | None:
-        opened.append(index)
-        return real_open(index, schema)
-
-    monkeypatch.setattr(bodies, "_open", counting)
+    opened = _opens_counted(monkeypatch)
     try:
         await db.deliver([delivery(f"q{n}", SMALL, user) for n, user in enumerate(users)])
         found = {user: (await db.list_messages(user))[0].guid for user in users}
@@ -669,11 +686,9 @@ async def test_reads_of_the_index_notice_it_was_replaced(tmp_path: Path) -> None
     try:
         await writer.deliver([delivery("q1", SMALL)])
         assert [m.guid for m in await reader.list_messages(ALICE)] == await guids(writer)
-        await writer.close()
-        shutil.rmtree(writer.user_path(ALICE))
+        await _account_deleted(writer)
 
-        writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
-        await writer.deliver([delivery("q2", message(7, 300))])
+        writer = await _account_back(tmp_path)
         assert [m.guid for m in await reader.list_messages(ALICE)] == await guids(writer)
         assert (await reader.status(ALICE)).messages == 1
     finally:
@@ -687,16 +702,12 @@ async def test_reads_work_again_once_a_deleted_account_is_back(tmp_path: Path) -
     writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
     reader = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
     try:
-        await writer.deliver([delivery("q1", SMALL)])
-        [first] = await guids(writer)
-        assert read(reader, first) == SMALL  # the reader now holds a connection
-        await writer.close()
-        shutil.rmtree(writer.user_path(ALICE))
+        await _read_through(writer, reader)
+        await _account_deleted(writer)
         with pytest.raises(NoSuchMessage):
             read(reader, "0" * 32)
 
-        writer = MailDB(tmp_path / "mail", inline_max=INLINE_MAX)
-        await writer.deliver([delivery("q2", message(7, 300))])
+        writer = await _account_back(tmp_path)
         [second] = await guids(writer)
         assert read(reader, second) == message(7, 300)
     finally:
