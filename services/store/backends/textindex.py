@@ -189,18 +189,28 @@ class TextIndex:
         conn = self._writer(user)
         if conn is None or not docs:
             return 0
-        added = 0
         with transaction(conn):
-            for guid, text in docs:
-                if self._stopping:
-                    break  # stop_writing: what is done so far is kept
-                cursor = conn.execute("INSERT OR IGNORE INTO doc (guid) VALUES (?)", (guid,))
-                if cursor.rowcount:
-                    conn.execute("INSERT INTO text (rowid, head, body) VALUES (?, ?, ?)",
-                                 (cursor.lastrowid, text.header, text.body))
-                    added += 1
+            added = sum(self._add_one(conn, guid, text) for guid, text in docs)
+            self._unless_stopping()
             _bump_generation(conn)
         return added
+
+    def _add_one(self, conn: sqlite3.Connection, guid: str, text: MessageText) -> bool:
+        self._unless_stopping()
+        cursor = conn.execute("INSERT OR IGNORE INTO doc (guid) VALUES (?)", (guid,))
+        if not cursor.rowcount:
+            return False
+        conn.execute("INSERT INTO text (rowid, head, body) VALUES (?, ?, ?)",
+                     (cursor.lastrowid, text.header, text.body))
+        return True
+
+    def _unless_stopping(self) -> None:
+        """Roll the write back, as SQLite's interrupt does, also when stop_writing came while
+        no statement ran (then SQLite's interrupt does nothing): a stop that overlaps a write
+        always undoes it, no message is begun after it, and the next start's catch-up indexes
+        those messages."""
+        if self._stopping:
+            raise sqlite3.OperationalError("interrupted")
 
     def forget(self, user: str, guids: Iterable[str]) -> bool:
         """Drop messages from results (expunged). When the file is mostly garbage it is

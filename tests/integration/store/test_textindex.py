@@ -594,6 +594,41 @@ async def test_a_stop_ends_the_indexing_of_a_large_body_and_the_next_start_resum
     assert restarted.indexed == 1
 
 
+class StoppedBetweenStatements(TextIndex):
+    """The stop comes after message `at`'s statements, while no statement runs: then SQLite's
+    interrupt does nothing."""
+
+    def __init__(self, root: Path, at: int) -> None:
+        super().__init__(root)
+        self._left = at + 1
+        self.begun = 0
+
+    def _add_one(self, conn: sqlite3.Connection, guid: str, text: MessageText) -> bool:
+        self.begun += 1
+        added = super()._add_one(conn, guid, text)
+        self._left -= 1
+        if self._left == 0:
+            self.stop_writing()
+        return added
+
+
+@pytest.mark.parametrize("at", [0, 1, 2], ids=["first", "middle", "last"])
+def test_a_stop_between_statements_rolls_the_write_back(tmp_path: Path, at: int) -> None:
+    """A stop whose interrupt found no statement running let the write go on and commit: a CI
+    run saw a 3 MB body indexed by the stopped indexer after its stop. Whatever moment the
+    stop lands, the write it overlaps is undone, so the next start indexes those messages."""
+    index = StoppedBetweenStatements(tmp_path, at)
+    index.path(USER).parent.mkdir(parents=True)
+    docs = [(f"{n:032x}", MessageText(f"Subject: {n}", "body")) for n in range(3)]
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        index.add(USER, docs)
+    assert index.begun == min(at + 2, len(docs))  # the one after the stop raised at once
+    index.close()
+    assert index.path(USER).stat().st_mtime == 0  # dated back: the next start catches up
+    assert TextIndex(tmp_path).indexed(USER) == frozenset()
+    assert TextIndex(tmp_path).add(USER, docs) == 3  # nothing half-written is left
+
+
 def test_a_text_index_left_open_mid_write_is_caught_up(tmp_path: Path) -> None:
     """A store that stopped in the middle of a write leaves that write rolled back and the
     text index's WAL newer than the mail: by the times alone the user was up to date, and
