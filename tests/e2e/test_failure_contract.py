@@ -25,6 +25,7 @@ from tests.support import (
     TcpProxy,
     TierProcess,
     broker_at,
+    free_port,
     queue_depth,
     run_cli,
     wait_until,
@@ -361,32 +362,38 @@ def test_redis_away_means_451_while_mailboxes_and_delivery_go_on(
     assert sorted(stored) == sorted(sent), "a 250 message lost or one delivered twice"
 
 
+@pytest.mark.parametrize("retried_at", ["replacement", "running sibling"])
 def test_a_retry_of_a_message_its_filter_was_killed_publishing_is_one_copy(
-        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+        settings: Settings, run_tier: Callable[..., TierProcess], retried_at: str) -> None:
     """The worst moment for a filter to die: the broker has persisted the publish, the
     confirm is on its way, the client has no reply. The client sends the message again
     (RFC 5321 4.5.4.1); the filter that takes the retry must publish it under the first
     attempt's queue id (services/filter/inflight.py), so the store delivers one copy.
-    Before, the retry was a second copy."""
+    Before, the retry was a second copy. The killed worker's file is adopted by a
+    replacement at its start, and by a worker already running within ADOPT_INTERVAL."""
     provision(settings)
     proxy = TcpProxy(5672)
     store = run_tier(settings, "store")
     store.wait_for_port(settings.pop3_port)
     first = run_tier(broker_at(settings, proxy.port, publish_timeout=30.0), "filter")
     first.wait_for_port(settings.smtp_port)
+    sibling_settings = settings.replace(smtp_port=free_port())
+    if retried_at == "running sibling":
+        sibling = run_tier(sibling_settings, "filter")
+        sibling.wait_for_port(sibling_settings.smtp_port)
     content = (f"From: sender@example.net\r\nTo: {USER}\r\nSubject: retried\r\n"
                f"Date: Sun, 06 Dec 2026 12:00:00 +0000\r\n"
                f"Message-ID: <{uuid.uuid4().hex}@example.net>\r\n\r\nbody\r\n").encode()
 
-    def send() -> int:
-        with smtplib.SMTP("127.0.0.1", settings.smtp_port, timeout=60) as smtp:
+    def send(port: int) -> int:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
             return smtp.sendmail("sender@example.net", [USER], content) and 0 or 250
 
     outcome: list[BaseException] = []
 
     def first_attempt() -> None:
         try:
-            send()
+            send(settings.smtp_port)
         except BaseException as exc:  # noqa: BLE001 - what the client saw is the result
             outcome.append(exc)
 
@@ -401,8 +408,12 @@ def test_a_retry_of_a_message_its_filter_was_killed_publishing_is_one_copy(
         assert outcome and isinstance(outcome[0], smtplib.SMTPServerDisconnected), outcome
     finally:
         proxy.cut()
-    run_tier(settings, "filter").wait_for_port(settings.smtp_port)
-    assert send() == 250
+    if retried_at == "running sibling":
+        wait_until(lambda: "inflight-adopted" in sibling.output(), timeout=60,
+                   what="the killed worker's file adopted by the running worker")
+    else:
+        run_tier(sibling_settings, "filter").wait_for_port(sibling_settings.smtp_port)
+    assert send(sibling_settings.smtp_port) == 250
     wait_until(lambda: "already delivered" in store.output(), timeout=60,
                what="the retry seen by the store")
     assert len(stored_message_ids(settings)) == 1

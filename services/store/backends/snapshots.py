@@ -125,11 +125,6 @@ class MessageListCache:
                 _, evicted = self._entries.popitem(last=False)
                 self._size -= len(evicted.infos)
 
-    def forget_user(self, user: str) -> None:
-        with self._lock:
-            for key in [key for key in self._entries if key[0] == user]:
-                self._size -= len(self._entries.pop(key).infos)
-
 
 def merge(old: Snapshot, modseq: int, changed: list[MessageInfo],
           expunged: Iterable[int]) -> Snapshot:

@@ -160,6 +160,33 @@ async def test_a_heartbeat_goes_on_through_a_redis_outage(
         await client.aclose()
 
 
+async def test_a_stop_with_redis_hung_does_not_wait_for_it(
+        settings: Settings, client: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The stop's last write (taking the heartbeat off) gets no answer from a Redis that
+    stopped answering: the stop gives up on it after 2 s whatever the client's own
+    timeouts (here none: open_redis's 5 s are a setting of the caller's), and the key
+    expires after its TTL."""
+    monkeypatch.setattr(health, "INTERVAL", 3600.0)
+    port = int(settings.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+    proxy = TcpProxy(port)
+    database = settings.redis_url.rsplit("/", 1)[1]
+    via_proxy = redis.asyncio.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/{database}",
+                                             socket_timeout=None)
+    key = health.heartbeat_key(settings.redis_prefix, "store")
+    try:
+        async with asyncio.timeout(60):  # not how fast: that it ends at all
+            async with Heartbeat(via_proxy, settings.redis_prefix, "store", dict):
+                await eventually(lambda: client.exists(key), what="the first beat")
+                proxy.hang()
+        assert "did not stop cleanly" not in caplog.text  # the beat loop itself ended
+        assert await client.exists(key)  # left to expire
+    finally:
+        proxy.cut()
+        await via_proxy.aclose()
+        await client.aclose()
+
+
 async def test_a_process_of_its_tier_that_goes_after_it_started_stays_named(
         settings: Settings, client: redis.asyncio.Redis,
         monkeypatch: pytest.MonkeyPatch) -> None:
