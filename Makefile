@@ -10,15 +10,16 @@ SYSTEM  := scripts/install-system.sh
 # Benchmark options: make bench BENCH_ARGS='--quick'
 BENCH_ARGS ?=
 # The suite runs in this many pytest-xdist workers (0: one process). Most tests wait on
-# processes, brokers and timeouts: two workers on two cores halve the time.
-TEST_WORKERS ?= 2
+# processes, brokers and timeouts, so even on two cores four workers beat two (2026-12-07,
+# 2 cores: 583 s against 825 s, and 648 s with a busy loop beside them).
+TEST_WORKERS ?= 4
 
 .PHONY: install system run test lint typecheck unit bench bench-accounts bench-imap clean help
 
 help:
 	@echo "make install   venv at $(VENV), Python deps, Debian packages, RabbitMQ + Redis running"
 	@echo "make run       install, then run the whole stack in the foreground (tiermail up)"
-	@echo "make test      install, then ruff, mypy and pytest (TEST_WORKERS=2 in parallel)"
+	@echo "make test      install, then ruff, mypy and pytest (TEST_WORKERS=4 in parallel)"
 	@echo "make lint      ruff and mypy only"
 	@echo "make bench     SMTP benchmark against tiermail and a loopback Postfix (BENCH_ARGS=...)"
 	@echo "make bench-imap IMAP benchmark against tiermail and a loopback Dovecot (BENCH_ARGS=--quick)"
