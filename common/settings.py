@@ -289,12 +289,15 @@ class Settings:
 
     def _check_a_worker_holds_the_largest_message(self) -> None:
         """A message larger than what a filter worker holds of all uploads at once got
-        452 4.3.1 at every attempt, until its sender gave up and bounced it."""
-        if self.smtp_data_memory < self.max_message_size:
+        452 4.3.1 at every attempt, until its sender gave up and bounced it. What it holds
+        is the data as sent: up to a third more than the message (data_wire_octets)."""
+        needed = data_wire_octets(self.max_message_size)
+        if self.smtp_data_memory < needed:
             raise SettingsError(
-                f"{PREFIX}SMTP_DATA_MEMORY={self.smtp_data_memory}: below "
-                f"{PREFIX}MAX_MESSAGE_SIZE={self.max_message_size}, so a message that large "
-                "could never be taken (452 at every attempt); raise it, or lower "
+                f"{PREFIX}SMTP_DATA_MEMORY={self.smtp_data_memory}: below {needed}, what "
+                f"DATA of a message of {PREFIX}MAX_MESSAGE_SIZE={self.max_message_size} "
+                "octets may take as sent (dot-stuffing included), so a message that large "
+                f"could be refused at every attempt (452); raise it, or lower "
                 f"{PREFIX}MAX_MESSAGE_SIZE")
 
     @property
@@ -342,6 +345,13 @@ class Settings:
     @property
     def store_dir(self) -> Path:
         return self.data_dir / "store"
+
+
+def data_wire_octets(content_octets: int) -> int:
+    """The most octets SMTP DATA may take as sent for a message of `content_octets`: a line
+    of just "." (three octets with its CRLF) is sent stuffed as four (RFC 5321 4.5.2), and
+    the end marker's ".\r\n" follows the last line's CRLF."""
+    return content_octets + (content_octets + 2) // 3 + len(".\r\n")
 
 
 def _check(name: str, value: Any) -> None:

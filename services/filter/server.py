@@ -236,6 +236,8 @@ class FilterSMTP(SMTP):
         if parsed is None:
             return None, None
         address, rest = parsed
+        if self._reading_mail and address.lower() == "postmaster":
+            return None, None  # only a recipient may be the bare <Postmaster> (4.1.1.3)
         if not is_utf8(address):
             return None, None  # 553 5.1.7/5.1.3: permanent, not a 451 for every retry
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:

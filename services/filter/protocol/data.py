@@ -13,7 +13,9 @@ delivered and does the per-line work with C-level bytes operations instead:
   line not: RFC 1870 4) is TOO_MUCH, and from then on nothing more is kept; a line longer than
   `line_limit` octets (its CRLF included, a stuffing dot not: 4.5.3.1.6) is TOO_LONG;
 - memory: every octet kept is first taken from the worker's MemoryBudget, shared by all its
-  sessions. When it runs out, the content is dropped as for TOO_MUCH and the result is
+  sessions: the data as sent, stuffing dots and the final "." line included (at most
+  `common.settings.data_wire_octets(size_limit)`), what a pipelining client sent after it
+  not. When it runs out, the content is dropped as for TOO_MUCH and the result is
   NO_ROOM, a temporary refusal: many large uploads at once are refused, one by one, instead
   of making the worker run out of memory and drop every session. The session gives the
   octets back (`DataReceiver.release`) when the transaction is over.
@@ -65,9 +67,11 @@ class DataReceiver:
         """Add received bytes; the result once the end of data has arrived, else None."""
         buffer = self._buffer
         buffer += chunk
-        if not (self._too_much or self._no_room or self._hold.take(len(chunk))):
-            self._no_room = True
         end = buffer.find(END, self._search_from)
+        # What follows the end is the next commands', not this message's: not held.
+        data = len(chunk) if end < 0 else end + len(END) - (len(buffer) - len(chunk))
+        if not (self._too_much or self._no_room or self._hold.take(data)):
+            self._no_room = True
         if end < 0:
             self._search_from = max(0, len(buffer) - (len(END) - 1))
             # The last len(END) - 1 octets may be the start of the end marker: not counted.

@@ -102,6 +102,21 @@ async def test_a_malformed_sender_is_5_1_7_and_a_malformed_recipient_5_1_3(
                            "553 5.1.3 Error: malformed address"], answers
 
 
+async def test_a_bare_postmaster_is_a_recipient_never_a_sender(worker: FilterWorker) -> None:
+    """RFC 5321 4.1.1.2: a reverse-path is a mailbox with a domain or <>; the bare
+    <Postmaster> is in RCPT's grammar only (4.1.1.3). The sender <postmaster> was taken,
+    and the mailbox got `Return-Path: <postmaster>`, while <abuse> was refused (found in
+    review)."""
+    answers = await in_thread(raw_dialog, worker.ports[0], [
+        b"EHLO client.remote.test",
+        b"MAIL FROM:<postmaster>",
+        b"MAIL FROM:<POSTMASTER> SIZE=10",
+        b"MAIL FROM:<postmaster@remote.test>",
+    ])
+    assert answers[1:] == [replies.BAD_SENDER_SYNTAX, replies.BAD_SENDER_SYNTAX,
+                           replies.SENDER_OK], answers
+
+
 async def test_a_mail_inside_a_transaction_is_503_whatever_its_path(
         worker: FilterWorker) -> None:
     """RFC 5321 3.3 and 4.1.4: MAIL inside a transaction is a bad sequence, 503. aiosmtpd

@@ -16,7 +16,7 @@ import pytest
 
 from common.directory import Lookup
 from common.envelope import Envelope
-from common.settings import Settings
+from common.settings import Settings, data_wire_octets
 from services.filter import main as filter_main
 from services.filter.main import FilterWorker
 from services.filter.protocol import replies
@@ -821,7 +821,9 @@ async def test_uploads_beyond_the_workers_data_memory_get_452_and_go_through_lat
     more message while it is full gets 452 4.3.1 (the sender retries), the upload in progress
     is not harmed, and once it is through there is room again. Nothing is lost."""
     body = (b"x" * 78 + b"\r\n") * 500  # 40,000 octets
-    limits = directory.replace(smtp_data_memory=64 * 1024, max_message_size=64 * 1024)
+    # Room for one such message, not two (the least the settings allow for 48 KiB).
+    limits = directory.replace(smtp_data_memory=data_wire_octets(48 * 1024),
+                               max_message_size=48 * 1024)
     async with running_filter(limits) as worker:
         def open_transaction() -> RawClient:
             client = RawClient(worker.ports[0])

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.budget import MemoryBudget
+from common.settings import data_wire_octets
 from services.filter.protocol import data
 from services.filter.protocol.data import DataError, DataReceiver, DataResult
 
@@ -175,6 +176,29 @@ def test_a_message_holds_its_octets_until_released() -> None:
     assert memory.held == 0
     receiver.release()  # twice is harmless
     assert memory.held == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_the_largest_message_fits_in_what_the_settings_require(chunk: int) -> None:
+    """TIERMAIL_SMTP_DATA_MEMORY must be at least data_wire_octets(MAX_MESSAGE_SIZE): the
+    worst case, every line a stuffed ".", fits in exactly that, whatever a pipelining
+    client sends behind it; an octet less does not. A budget of just MAX_MESSAGE_SIZE,
+    which the settings allowed, refused such a message with 452 at every attempt (found in
+    review), and also a plain one with QUIT in the same packet."""
+    limit = 3 * 1000
+    content = b".\r\n" * 1000
+    behind = b"QUIT\r\n" * 100
+    wire = content.replace(b".", b"..") + b".\r\n" + behind
+    for budget, fits in ((data_wire_octets(limit), True), (data_wire_octets(limit) - 1, False)):
+        receiver = DataReceiver(limit, LINE_LIMIT, MemoryBudget(budget))
+        for position in range(0, len(wire), chunk):
+            result = receiver.feed(wire[position:position + chunk])
+            if result is not None:
+                break
+        assert result is not None
+        assert result.leftover + wire[position + chunk:] == behind
+        assert result.error is (None if fits else DataError.NO_ROOM)
+        assert result.content == (content if fits else b"")
 
 
 def test_out_of_memory_is_a_temporary_refusal_that_keeps_nothing() -> None:
