@@ -297,7 +297,7 @@ class Settings:
                 f"{PREFIX}SMTP_DATA_MEMORY={self.smtp_data_memory}: below {needed}, what "
                 f"DATA of a message of {PREFIX}MAX_MESSAGE_SIZE={self.max_message_size} "
                 "octets may take as sent (dot-stuffing included), so a message that large "
-                f"could be refused at every attempt (452); raise it, or lower "
+                "could be refused at every attempt (452); raise it, or lower "
                 f"{PREFIX}MAX_MESSAGE_SIZE")
 
     @property
