@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiormq
 import pamqp.commands
@@ -309,6 +310,13 @@ def broker_at(settings: Settings, port: int, **changes: Any) -> Settings:
     or a closed port), same vhost and credentials."""
     vhost = settings.amqp_url.rsplit("/", 1)[1]
     return settings.replace(amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/{vhost}", **changes)
+
+
+def redis_at(settings: Settings, port: int) -> Settings:
+    """These settings with Redis reached on `port` of loopback (a proxy the test can cut or
+    hang), same database."""
+    database = urlsplit(settings.redis_url).path
+    return settings.replace(redis_url=f"redis://127.0.0.1:{port}{database}")
 
 
 # The octets passed on, and None, or the seconds after which the connection is cut.

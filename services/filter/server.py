@@ -230,14 +230,12 @@ class FilterSMTP(SMTP):
             return "", ""  # aiosmtpd answers its 501 syntax reply
         if self._reading_mail and self.envelope is not None and self.envelope.mail_from:
             return arg, ""  # not read: aiosmtpd answers 503 nested MAIL, whatever the path
-        parsed = parse_simple_path(arg) or parse_path(arg)
+        parsed = parse_simple_path(arg) or parse_path(arg, sender=self._reading_mail)
         if parsed is None and self._reading_mail:
             parsed = parse_legacy_sender(arg)
         if parsed is None:
             return None, None
         address, rest = parsed
-        if self._reading_mail and address.lower() == "postmaster":
-            return None, None  # only a recipient may be the bare <Postmaster> (4.1.1.3)
         if not is_utf8(address):
             return None, None  # 553 5.1.7/5.1.3: permanent, not a 451 for every retry
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:

@@ -27,6 +27,7 @@ from tests.support import (
     broker_at,
     free_port,
     queue_depth,
+    redis_at,
     run_cli,
     wait_until,
 )
@@ -317,8 +318,7 @@ def test_redis_away_means_451_while_mailboxes_and_delivery_go_on(
         settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
     provision(settings)
     proxy = TcpProxy(6379)
-    db = settings.redis_url.rsplit("/", 1)[1]
-    through_proxy = settings.replace(redis_url=f"redis://127.0.0.1:{proxy.port}/{db}")
+    through_proxy = redis_at(settings, proxy.port)
     sent: list[str] = []
     try:
         run_tier(through_proxy, "filter").wait_for_port(settings.smtp_port)

@@ -57,12 +57,15 @@ _PATH = re.compile(
 _BARE_MAILBOX = re.compile(rf"\s*({_MAILBOX})(?:\s+(.*)|)", re.DOTALL)
 
 
-def parse_path(arg: str) -> tuple[str, str] | None:
-    """(address, parameters) of a MAIL FROM or RCPT TO argument, else None. The null path
-    gives "<>" (as aiosmtpd has it); `<postmaster>` without a domain is allowed (RFC 5321
-    4.5.1); a source route is dropped."""
+def parse_path(arg: str, *, sender: bool = False) -> tuple[str, str] | None:
+    """(address, parameters) of a MAIL FROM (`sender`) or RCPT TO argument, else None. The
+    null path gives "<>" (as aiosmtpd has it); `<postmaster>` without a domain is allowed as
+    a recipient only (RFC 5321 4.1.1.3, 4.5.1: a reverse-path has a domain, 4.1.1.2); a
+    source route is dropped."""
     match = _PATH.fullmatch(arg)
     if match is not None:
+        if sender and match.group(2):
+            return None
         address = match.group(1) or match.group(2) or "<>"
         return _unquoted(address), match.group(3) or ""
     match = _BARE_MAILBOX.fullmatch(arg)

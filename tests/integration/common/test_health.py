@@ -21,7 +21,7 @@ from common.health import (
     silent_processes,
 )
 from common.settings import Settings
-from tests.support import TcpProxy, eventually
+from tests.support import TcpProxy, eventually, redis_at
 
 
 def seen(tier: str, host: str, pid: int, at: float) -> str:
@@ -134,10 +134,8 @@ async def test_a_heartbeat_goes_on_through_a_redis_outage(
     """Redis away must not take a tier's heartbeat down: the beats that fail are logged,
     and the first one after Redis is back is written."""
     monkeypatch.setattr(health, "INTERVAL", 0.05)
-    port = int(settings.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
-    proxy = TcpProxy(port)
-    database = settings.redis_url.rsplit("/", 1)[1]
-    via_proxy = redis.asyncio.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/{database}")
+    proxy = TcpProxy(6379)
+    via_proxy = redis.asyncio.Redis.from_url(redis_at(settings, proxy.port).redis_url)
     key = health.heartbeat_key(settings.redis_prefix, "store")
     attempts = [0]
 
@@ -168,10 +166,8 @@ async def test_a_stop_with_redis_hung_does_not_wait_for_it(
     timeouts (here none: open_redis's 5 s are a setting of the caller's), and the key
     expires after its TTL."""
     monkeypatch.setattr(health, "INTERVAL", 3600.0)
-    port = int(settings.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
-    proxy = TcpProxy(port)
-    database = settings.redis_url.rsplit("/", 1)[1]
-    via_proxy = redis.asyncio.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/{database}",
+    proxy = TcpProxy(6379)
+    via_proxy = redis.asyncio.Redis.from_url(redis_at(settings, proxy.port).redis_url,
                                              socket_timeout=None)
     key = health.heartbeat_key(settings.redis_prefix, "store")
     try:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio
@@ -20,7 +19,7 @@ from common.settings import Settings
 from common.tasks import stop_task
 from services.filter import unconfirmed
 from services.filter.unconfirmed import RETRY_WINDOW, UnconfirmedLedger
-from tests.support import TcpProxy, eventually
+from tests.support import TcpProxy, eventually, redis_at
 
 FIRST, SECOND = "a" * 64, "b" * 64  # transaction digests
 
@@ -80,7 +79,7 @@ async def test_after_redis_went_away_a_worker_learns_what_it_missed(
     reads them when it subscribes again."""
     proxy = TcpProxy(6379)
     try:
-        async with writer(settings) as first, following(through(proxy, settings)) as cut_off:
+        async with writer(settings) as first, following(redis_at(settings, proxy.port)) as cut_off:
             await first.remember(FIRST, "QUEUEONE")
             await eventually(lambda: cut_off.queue_id_for(FIRST) == "QUEUEONE",
                              within=20, what="the entry announced")
@@ -92,12 +91,6 @@ async def test_after_redis_went_away_a_worker_learns_what_it_missed(
                              within=30, what="the missed entry loaded on subscribing again")
     finally:
         proxy.cut()
-
-
-def through(proxy: TcpProxy, settings: Settings) -> Settings:
-    """`settings` with Redis reached through `proxy`, in the same database."""
-    database = urlsplit(settings.redis_url).path
-    return settings.replace(redis_url=f"redis://127.0.0.1:{proxy.port}{database}")
 
 
 @pytest.mark.parametrize(("write_timeout", "socket_timeout"), [
@@ -120,7 +113,7 @@ async def test_a_hung_redis_leaves_the_entry_here_and_nothing_raising(
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context["message"]))
     proxy = TcpProxy(6379)
     try:
-        async with writer(through(proxy, settings), socket_timeout) as ledger:
+        async with writer(redis_at(settings, proxy.port), socket_timeout) as ledger:
             proxy.hang()
             await ledger.remember(FIRST, "QUEUEONE")
             ledger.remember_soon(SECOND, "QUEUETWO")
