@@ -140,7 +140,8 @@ async def test_broker_links_broken_mid_publish_leave_no_messages_in_memory(
     after 30 breaks (found in review); 8 breaks of 10 MB grew it by 160 MiB. Now the growth
     stops: the allocator keeps two or three messages' worth after the first breaks (20-34
     MiB measured over breaks 1-8, so a bound there failed 1 run in 4), and breaks 9-16 add
-    next to nothing."""
+    next to nothing, but once in a while (a CI run of 2026-12-07, 20.03 MiB) a last two
+    messages' worth. The bound, four messages, is a quarter of what the leak kept."""
     size = 10 * 1024 * 1024
     proxy = CutMidPublish(after=size // 2)
     process = run_tier(broker_at(directory, proxy.port), "filter")
@@ -160,7 +161,7 @@ async def test_broker_links_broken_mid_publish_leave_no_messages_in_memory(
         for n in range(8, 16):
             await in_thread(broken_send, n)
         grown = _rss(process.proc.pid) - before
-        assert grown < 2 * size, f"the filter grew by {grown >> 20} MiB over 8 broken links"
+        assert grown < 4 * size, f"the filter grew by {grown >> 20} MiB over 8 broken links"
         assert await in_thread(send, directory.smtp_port, message("after"), [ALICE]) == {}
     finally:
         proxy.cut()
