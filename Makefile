@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 # 2 cores: 583 s against 825 s, and 648 s with a busy loop beside them).
 TEST_WORKERS ?= 4
 
-.PHONY: install system run test lint typecheck unit bench bench-accounts bench-imap clean help
+.PHONY: install system run test lint typecheck unit bench bench-accounts bench-drain bench-imap clean help
 
 help:
 	@echo "make install   venv at $(VENV), Python deps, Debian packages, RabbitMQ + Redis running"
@@ -23,6 +23,7 @@ help:
 	@echo "make lint      ruff and mypy only"
 	@echo "make bench     SMTP benchmark against tiermail and a loopback Postfix (BENCH_ARGS=...)"
 	@echo "make bench-imap IMAP benchmark against tiermail and a loopback Dovecot (BENCH_ARGS=--quick)"
+	@echo "make bench-drain the store catching up on a backlog, beside Postfix (BENCH_ARGS=--quick)"
 	@echo "make clean     remove caches and build output (keeps $(VENV) and the mail in var/)"
 
 install: system $(STAMP)
@@ -58,6 +59,9 @@ bench-imap: install
 
 bench-accounts: install
 	$(PYTHON) bench/accounts_bench.py $(BENCH_ARGS)
+
+bench-drain: install
+	$(PYTHON) bench/drain_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build/ *.egg-info .pytest_cache .mypy_cache .ruff_cache bench/results

@@ -231,14 +231,14 @@ def _children_cpu_seconds() -> tuple[float, float]:
 
 
 def smtp_source(port: int, messages: int, sessions: int, size: int, timeout: float,
-                reuse_connections: bool = False) -> float:
+                reuse_connections: bool = False, recipient: str = USER) -> float:
     """Send `messages` with Postfix's smtp-source; return the wall time in seconds.
 
     smtp-source stops at the first reply that is not the expected 2xx/3xx, so a non-zero
     exit means the server refused or deferred something: that is reported, not hidden.
     """
     cmd = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size),
-           "-M", "client.test", "-f", SENDER, "-t", USER, "-S", "bench"]
+           "-M", "client.test", "-f", SENDER, "-t", recipient, "-S", "bench"]
     if reuse_connections:
         cmd.append("-d")
     cmd.append(f"127.0.0.1:{port}")
