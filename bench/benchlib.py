@@ -11,6 +11,7 @@ import contextlib
 import email.utils
 import math
 import os
+import platform
 import poplib
 import re
 import resource
@@ -228,6 +229,12 @@ class CpuMeter:
 def _children_cpu_seconds() -> tuple[float, float]:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime, usage.ru_stime
+
+
+def run_heading() -> str:
+    """The start of a result's first line: when, where, how many cores, which Python."""
+    return (f"Run {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node() or 'this machine'}: "
+            f"{os.cpu_count()} cores, Python {platform.python_version()}")
 
 
 def smtp_source(port: int, messages: int, sessions: int, size: int, timeout: float,

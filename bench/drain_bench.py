@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import poplib
 import sqlite3
 import subprocess
@@ -418,10 +417,9 @@ def measure(system: TiermailDrain | PostfixDrain) -> Drain:
 
 def markdown(results: list[Drain], args: argparse.Namespace) -> str:
     lines = [
-        f"Run {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node() or 'this machine'}: "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}; {args.messages} "
-        f"messages of {args.size} bytes queued while delivery was down, over {args.users} "
-        f"user(s); rates and CPU from the first message delivered to the last.",
+        f"{benchlib.run_heading()}; {args.messages} messages of {args.size} bytes queued "
+        f"while delivery was down, over {args.users} user(s); rates and CPU from the first "
+        f"message delivered to the last.",
         "",
         "| system | drained msg/s | resuming | resumed → last message | machine CPU ms/msg "
         "| store CPU ms/msg (user) | RabbitMQ CPU ms/msg |",

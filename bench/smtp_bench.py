@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sqlite3
 import subprocess
 import sys
@@ -285,9 +284,8 @@ def run_systems(root: Path, args: argparse.Namespace) -> list[Row]:
 
 def markdown(rows: list[Row], args: argparse.Namespace) -> str:
     lines = [
-        f"Run {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node() or 'this machine'}: "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}; {args.messages} messages "
-        f"of {args.size} bytes over {args.sessions} smtp-source sessions"
+        f"{benchlib.run_heading()}; {args.messages} messages of {args.size} bytes over "
+        f"{args.sessions} smtp-source sessions"
         f"{' (connections reused)' if args.reuse_connections else ''}, {args.rounds} "
         f"interleaved round(s), the median round shown (every round's rate in brackets); "
         f"latency from {args.latency_messages} messages sent one at a time.",
