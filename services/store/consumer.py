@@ -118,6 +118,7 @@ class ConsumerStats:
 class _Item:
     message: DeliveredMessage
     envelope: Envelope | None = None
+    owners: list[str] = field(default_factory=list)  # the envelope's, once decoded
     deliveries: list[Delivery] = field(default_factory=list)
     planned: list[Delivery] = field(default_factory=list)  # `deliveries` before any failed
     missing: list[str] = field(default_factory=list)  # owners to dead-letter a copy for
@@ -402,8 +403,8 @@ class Consumer:
             item = _Item(message)
             try:
                 item.envelope = envelope_from_properties(message.header.properties)
-                item_owners = _owners(item.envelope)
-                if not item_owners:
+                item.owners = _owners(item.envelope)
+                if not item.owners:
                     raise EnvelopeError("the envelope names no mailbox")
             except Exception as exc:  # noqa: BLE001 - this message's fault, whatever it is
                 # Never out of this loop: that would end the broker session and send the
@@ -445,10 +446,7 @@ class Consumer:
                      publisher: AbstractChannel, *, lowest_tags: bool) -> None:
         """Store `items` and settle them. `lowest_tags`: they hold the lowest unsettled
         delivery tags of the channel, so that one `multiple` ack can cover them."""
-        owners: set[str] = set()
-        for item in items:
-            assert item.envelope is not None
-            owners.update(_owners(item.envelope))
+        owners = {owner for item in items for owner in item.owners}
         await self._attempts_begin(items)
 
         # A read of the WAL-mode account database never waits for a writer: no thread needed.
@@ -456,7 +454,7 @@ class Consumer:
         deliveries: list[Delivery] = []
         for item in items:
             assert item.envelope is not None
-            for owner in _owners(item.envelope):
+            for owner in item.owners:
                 cutoff = cutoffs.get(owner)
                 if cutoff is not None and item.envelope.received_at >= cutoff:
                     item.deliveries.append(_delivery(item.envelope, owner, item.message.body))
