@@ -764,11 +764,11 @@ class TiermailStack:
                 raise BenchError(f"tiermail {name} exited {proc.returncode}; log {log_path}:\n"
                                  f"{tail(log_path)}")
 
-    def delivered(self) -> int:
+    def delivered(self, user: str = USER) -> int:
         """Messages in the user's mailbox, by POP3 STAT: what a client would see."""
         pop = poplib.POP3("127.0.0.1", self.pop3_port, timeout=30)
         try:
-            pop.user(USER)
+            pop.user(user)
             pop.pass_(PASSWORD)
             count, _ = pop.stat()
             return int(count)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import poplib
 import sqlite3
 import subprocess
 import sys
@@ -95,7 +94,6 @@ class Drain:
     """From the first sample that saw a new message to the first that saw them all."""
 
     system: str
-    messages: int  # delivered between those two samples
     resumed: float  # monotonic: delivery asked to start again
     ready: float  # monotonic: tiermail's store logged that it runs; Postfix reloaded, flushed
     first: Sample
@@ -103,6 +101,11 @@ class Drain:
     # tiermail: the store's CPU seconds from its start until the machine was quiet again,
     # so with the text index of the backlog built (it is built after delivery).
     store_cpu_quiet: float | None = None
+
+    @property
+    def messages(self) -> int:
+        """Delivered between the two samples."""
+        return self.last.delivered - self.first.delivered
 
     @property
     def rate(self) -> float:
@@ -244,7 +247,7 @@ def timed_drain(name: str, delivered: Callable[[], int], resume: Callable[[], No
         ready = time.monotonic()
         sampler.wait_until(target, args.timeout)
     first, last = sampler.span(baseline, target)
-    return Drain(name, last.delivered - first.delivered, resumed, ready, first, last)
+    return Drain(name, resumed, ready, first, last)
 
 
 class TiermailDrain:
@@ -326,7 +329,7 @@ class TiermailDrain:
         if self.queue_depth() != 0:
             raise BenchError("the delivery queues are not empty after the drain")
         expected = WARM_UP_MESSAGES * len(self.users) + self.args.messages
-        found = sum(pop3_count(self.stack.pop3_port, user) for user in self.users)
+        found = sum(self.stack.delivered(user) for user in self.users)
         if found != expected:
             raise BenchError(f"POP3 STAT shows {found} messages in all, expected {expected}")
         log(f"tiermail: POP3 STAT confirms {found} messages over {len(self.users)} user(s); "
@@ -409,16 +412,6 @@ class PostfixDrain:
 
     def close(self) -> None:
         self.stack.stop()
-
-
-def pop3_count(port: int, user: str) -> int:
-    pop = poplib.POP3("127.0.0.1", port, timeout=30)
-    try:
-        pop.user(user)
-        pop.pass_(PASSWORD)
-        return int(pop.stat()[0])
-    finally:
-        pop.quit()
 
 
 def measure(system: TiermailDrain | PostfixDrain) -> Drain:
