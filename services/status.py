@@ -54,7 +54,37 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
     problems += _failing_deliveries(redis.get("processes", []))
     problems += _silent_brokers(redis.get("processes", []))
     problems += _stressed_filters(redis.get("processes", []))
-    return {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
+    report = {"healthy": not problems, "problems": problems, "broker": broker, "redis": redis}
+    backlog = store_backlog(broker, redis.get("processes", []))
+    if backlog is not None:
+        report["backlog"] = backlog
+    return report
+
+
+def store_backlog(broker: dict[str, Any], beats: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The messages waiting in the store's queues and how fast the reporting stores took
+    messages off them over their heartbeats' recent window: how long a backlog (after an
+    outage, say) still has to go. None without both numbers."""
+    queues = [broker.get(key) for key in STORE_QUEUE_KEYS]
+    if not broker.get("reachable") or not any(q and q.get("declared") for q in queues):
+        return None
+    waiting = sum(q.get("messages", 0) for q in queues if q and q.get("declared"))
+    per_second, seconds = 0.0, None
+    for beat in beats:
+        window = _window(beat["recent"]) if isinstance(beat.get("recent"), dict) else None
+        if beat.get("tier") != "store" or window is None:
+            continue
+        taken = window[1].get("acked")
+        if isinstance(taken, int):  # (a store of an older version does not count it)
+            per_second += taken / window[0]
+            seconds = max(seconds or 0.0, window[0])
+    if seconds is None:
+        return None
+    backlog: dict[str, Any] = {"messages": waiting, "taken_per_second": round(per_second, 1),
+                               "over_seconds": round(seconds)}
+    if per_second > 0:
+        backlog["catch_up_seconds"] = round(waiting / per_second, 1)
+    return backlog
 
 
 def _consuming_tiers(broker: dict[str, Any]) -> set[str]:
@@ -404,6 +434,7 @@ async def _memory(redis: Any) -> dict[str, Any]:
 # messages it holds are then not in the queue's count (services/heldmail.py).
 HELD_KEYS = ("dead", "quarantine")
 # The queues status looks at, by their Topology property `<key>_queue`, in display order.
+STORE_QUEUE_KEYS = ("deliver", "large")  # what the store consumes
 QUEUE_KEYS = ("deliver", "large", "scan", "quarantine", "dead", "learn", "learn_retry",
               "learn_dead")
 
@@ -426,6 +457,9 @@ def format_status(report: dict[str, Any]) -> str:
                             "connection was lost: the messages it took are not counted, and "
                             "may count as consumers)" if queue.get("held_by_a_command")
                             else ""))
+    backlog = report.get("backlog")
+    if backlog and backlog["messages"]:
+        lines.append(_backlog_line(backlog))
     redis = report["redis"]
     if not redis["reachable"]:
         lines.append(f"redis: DOWN {redis.get('error', '')}")
@@ -455,6 +489,23 @@ def format_status(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _backlog_line(backlog: dict[str, Any]) -> str:
+    waiting = f"  backlog: {counted(backlog['messages'], 'message')} for the store"
+    over = f"over the last {backlog['over_seconds']} s"
+    if "catch_up_seconds" not in backlog:
+        return f"{waiting}, which took none {over}"
+    return (f"{waiting}, which took {backlog['taken_per_second']:g}/s {over}: "
+            f"about {_duration(backlog['catch_up_seconds'])} to catch up at that rate")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _window(recent: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
     """(seconds, counter -> growth) from a heartbeat's `recent`, None when unusable."""
     seconds, counts = recent.get("seconds"), recent.get("counts")
@@ -473,6 +524,8 @@ def _shown(key: str, value: float, uptime: float, now: float,
         return f"{key}={value}/{limit}"
     if key.endswith("_at") and isinstance(value, float):
         return f"{key.removesuffix('_at')} {max(now - value, 0):.0f}s ago"
+    if key.endswith("_seconds") and isinstance(value, float):
+        return f"{key.removesuffix('_seconds')}={value:.1f}s"
     if key.endswith("_since") and isinstance(value, float):
         return f"{key.removesuffix('_since')} for {max(now - value, 0):.0f}s"
     if isinstance(value, int) and not isinstance(value, bool) and key not in GAUGES:

@@ -105,9 +105,15 @@ class ConsumerStats:
     renewals_off_since: float = 0.0  # when a write to the attempt log failed; 0: it works
     storage_down_since: float = 0.0  # time the storage probe started failing; 0: it works
     batches: int = 0
+    # Queue messages acknowledged: stored, found stored already, or their copy dead-lettered.
+    # Its rate is how fast the store works off a backlog (tiermail status).
+    acked: int = 0
     broker_sessions: int = 0  # broker sessions started (reconnects show up here)
     consumer_connected: bool = False
     last_delivery_at: float = 0.0
+    # How long the last copy stored had waited since the filter took it in: after an
+    # outage, how far behind delivery still is.
+    delivery_lag_seconds: float = 0.0
     broker_silent_since: float = 0.0  # the unanswered probe's time (_watch_broker); 0: answers
 
     def as_dict(self) -> dict[str, Any]:
@@ -656,7 +662,8 @@ class Consumer:
                     "event": "duplicate"})
             else:
                 self.stats.delivered += 1
-                self.stats.last_delivery_at = time.time()
+                self.stats.last_delivery_at = now = time.time()
+                self.stats.delivery_lag_seconds = round(max(now - delivery.received_at, 0.0), 3)
                 log.info("delivered uid=%d", uid, extra={
                     "queue_id": delivery.queue_id, "user": delivery.user,
                     "mailbox": delivery.mailbox, "event": "delivered"})
@@ -690,10 +697,12 @@ class Consumer:
             # The batch holds the lowest unsettled tags on this channel (FIFO), and the
             # rejected ones were settled above, so one multiple ack covers exactly the batch.
             await channel.basic_ack(max(item.tag for item in items), multiple=True)
+            self.stats.acked += len(items)
             return
         for item in items:
             if item.ok:
                 await channel.basic_ack(item.tag)
+                self.stats.acked += 1
             else:
                 self._requeue_later(channel, item)
 

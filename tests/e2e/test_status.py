@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import socket
+import time
 from collections.abc import Callable
 
 import aiormq
@@ -90,6 +91,42 @@ def test_status_shows_tiers_queues_and_dead_letters(
     for queue in (settings.topology.deliver_queue, settings.topology.large_queue):
         assert any(problem.startswith(f"nothing consumes {queue} ")
                    for problem in report["problems"]), report["problems"]
+
+
+def test_status_says_how_long_mail_waited_for_a_store_that_was_down(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    """After an outage the store's heartbeat says how long the last message it stored had
+    waited, and status how fast the store takes the backlog: no estimate while no store
+    reports how fast it takes mail."""
+    provision(settings)
+    run_tier(settings, "filter").wait_for_port(settings.smtp_port)
+    total = 20
+    for n in range(total):
+        send(settings, "sender@example.net", ["alice@example.org"],
+             f"Subject: waits {n}\r\n\r\nhello\r\n".encode())
+    last_sent = time.time()
+    _, report = status(settings)
+    assert report["broker"]["deliver"]["messages"] == total
+    assert "backlog" not in report
+    time.sleep(2.0)
+    store = run_tier(settings, "store")
+    outage = time.time() - last_sent
+    store.wait_for_port(settings.pop3_port)
+
+    def all_taken() -> bool:
+        _, report = status(settings)
+        beats = {p["tier"]: p for p in report["redis"].get("processes", [])}
+        return beats.get("store", {}).get("acked") == total
+
+    wait_until(all_taken, timeout=30, interval=0.5, what="the store to report every message")
+    _, report = status(settings)
+    beats = {p["tier"]: p for p in report["redis"]["processes"]}
+    assert beats["store"]["delivery_lag_seconds"] >= outage
+    assert report["backlog"]["messages"] == 0
+    assert report["backlog"]["taken_per_second"] > 0
+    text = run_cli(settings, "status").stdout
+    assert re.search(r"delivery_lag=\d+\.\ds", text), text
+    assert "backlog:" not in text  # nothing waits any more
 
 
 def test_status_shows_the_stores_open_sessions(

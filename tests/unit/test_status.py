@@ -328,3 +328,61 @@ def test_one_problem_is_enough_to_be_unhealthy(monkeypatch: pytest.MonkeyPatch) 
     dead = {"dead": {"queue": "t.dead", "declared": True, "messages": 1, "consumers": 0}}
     result = collected(monkeypatch, {"reachable": True, **dead}, redis)
     assert len(result["problems"]) == 1 and not result["healthy"]
+
+
+def backlog_of(waiting: int, large: int = 0, acked: int | None = None,
+               seconds: float = 30.0, tier: str = "store") -> dict[str, Any] | None:
+    broker = {"reachable": True,
+              "deliver": {"queue": "t.deliver", "declared": True, "messages": waiting,
+                          "consumers": 1},
+              "large": {"queue": "t.large", "declared": True, "messages": large,
+                        "consumers": 1}}
+    counts = {} if acked is None else {"acked": acked}
+    beat = {"tier": tier, "host": "h", "pid": 7, "started": time.time() - 600,
+            "recent": {"seconds": seconds, "counts": counts}}
+    return status.store_backlog(broker, [beat])
+
+
+def backlog_line(backlog: dict[str, Any] | None) -> str:
+    assert backlog is not None
+    text = format_status({**report({"tier": "store", "host": "h", "pid": 7}),
+                          "backlog": backlog})
+    [line] = [line for line in text.splitlines() if "backlog" in line] or [""]
+    return line
+
+
+def test_a_backlog_is_shown_with_how_long_the_store_needs_at_its_recent_rate() -> None:
+    backlog = backlog_of(9_000, large=1_000, acked=3_000, seconds=30.0)
+    assert backlog == {"messages": 10_000, "taken_per_second": 100.0, "over_seconds": 30,
+                       "catch_up_seconds": 100.0}
+    assert backlog_line(backlog) == (
+        "  backlog: 10000 messages for the store, which took 100/s over the last 30 s: "
+        "about 100 s to catch up at that rate")
+    assert backlog_line(backlog_of(30_000, acked=3_000)).endswith(
+        "about 5 min to catch up at that rate")
+    assert backlog_line(backlog_of(720_000, acked=3_000)).endswith(
+        "about 2.0 h to catch up at that rate")
+
+
+def test_a_backlog_the_store_does_not_take_is_said_to_be_untaken() -> None:
+    backlog = backlog_of(50, acked=0, seconds=60.0)
+    assert backlog is not None and "catch_up_seconds" not in backlog
+    assert backlog_line(backlog) == (
+        "  backlog: 50 messages for the store, which took none over the last 60 s")
+
+
+def test_no_backlog_line_when_nothing_waits() -> None:
+    assert backlog_line(backlog_of(0, acked=500)) == ""
+
+
+def test_no_estimate_is_made_up_without_a_store_that_counts_what_it_takes() -> None:
+    assert backlog_of(100, acked=None) is None  # a store of an older version
+    assert backlog_of(100, acked=10, tier="filter") is None  # no store reporting
+    assert status.store_backlog({"reachable": False}, []) is None
+
+
+def test_the_delivery_lag_is_shown_in_seconds() -> None:
+    beat = {"tier": "store", "host": "h", "pid": 7, "started": time.time() - 60,
+            "delivered": 3, "delivery_lag_seconds": 754.25}
+    line = format_status(report(beat)).splitlines()[-1]
+    assert "delivery_lag=754.2s" in line and "_seconds" not in line

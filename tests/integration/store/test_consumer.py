@@ -1397,6 +1397,37 @@ async def test_a_backlog_is_stored_in_large_batches(settings: Settings) -> None:
         await running.maildb.close()
 
 
+async def test_a_backlog_counts_what_it_takes_and_how_long_its_mail_waited(
+        settings: Settings) -> None:
+    """What `tiermail status` reads: `acked` counts queue messages taken (stored, or a
+    dead-letter copy sent for an unknown owner), not mailbox copies, and
+    `delivery_lag_seconds` how long the last copy stored had waited since the filter took
+    it in."""
+    add_users(settings, [ALICE, BOB])
+    waited = 120.0
+    before = time.time() - waited
+
+    def old(message: tuple[Envelope, bytes]) -> tuple[Envelope, bytes]:
+        envelope, body = message
+        return dataclasses.replace(envelope, received_at=before), body
+
+    messages = [old(make_message(ALICE)) for _ in range(40)]
+    messages += [old(make_message(ALICE, BOB)) for _ in range(5)]  # two copies each
+    messages.append(old(make_message("ghost@example.test")))  # a dead-letter copy
+    await publish_all(settings, messages)
+    running = await _running(settings)
+    try:
+        await wait_for(lambda: running.consumer.stats.acked >= len(messages),
+                       what="every message acked")
+        await wait_for(lambda: _zero(running.depth()), what="queue drained")
+        stats = running.consumer.stats
+        assert (stats.acked, stats.delivered, stats.dead_lettered) == (46, 50, 1)
+        assert waited <= stats.delivery_lag_seconds < waited + 60
+    finally:
+        await running.stop()
+        await running.maildb.close()
+
+
 class CountingPace(ArrivalPace):
     """The consumer's ArrivalPace, counting the arrivals it is told of."""
 
