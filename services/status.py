@@ -11,6 +11,7 @@ from aiormq.abc import AbstractConnection
 
 from common.broker import close_connection, connect, connect_failure, setting_up
 from common.directory import Directory
+from common.health import INTERVAL as HEARTBEAT_INTERVAL
 from common.health import read_heartbeats, silent_processes
 from common.redisconn import open_redis, ping_or_refuse
 from common.settings import Settings, SettingsError
@@ -62,29 +63,36 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
 
 
 def store_backlog(broker: dict[str, Any], beats: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The messages waiting in the store's queues and how fast the reporting stores took
-    messages off them over their heartbeats' recent window: how long a backlog (after an
-    outage, say) still has to go. None without both numbers."""
-    queues = [broker.get(key) for key in STORE_QUEUE_KEYS]
-    if not broker.get("reachable") or not any(q and q.get("declared") for q in queues):
+    """The messages waiting in the store's queues and, once a store has reported for a
+    heartbeat interval, how fast it took messages off them over its heartbeat's recent
+    window: how long a backlog (after an outage, say) still has to go."""
+    queues = [q for q in (broker.get(key) for key in STORE_QUEUE_KEYS) if q and q["declared"]]
+    if not broker.get("reachable") or not queues:
         return None
-    waiting = sum(q.get("messages", 0) for q in queues if q and q.get("declared"))
-    per_second, seconds = 0.0, None
+    backlog: dict[str, Any] = {"messages": sum(q["messages"] for q in queues)}
+    rate = _store_take_rate(beats)
+    if rate is not None:
+        per_second, seconds = rate
+        backlog.update(taken_per_second=round(per_second, 1), over_seconds=round(seconds))
+        if per_second > 0:
+            backlog["catch_up_seconds"] = round(backlog["messages"] / per_second, 1)
+    return backlog
+
+
+def _store_take_rate(beats: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """(messages a second, over how many seconds) the reporting stores acked; None while no
+    store has a window of a heartbeat interval (one that just started has a window of
+    nothing) or counts them (an older version)."""
+    per_second, longest = 0.0, None
     for beat in beats:
         window = _window(beat["recent"]) if isinstance(beat.get("recent"), dict) else None
-        if beat.get("tier") != "store" or window is None:
+        if beat.get("tier") != "store" or window is None or window[0] < HEARTBEAT_INTERVAL:
             continue
         taken = window[1].get("acked")
-        if isinstance(taken, int):  # (a store of an older version does not count it)
+        if isinstance(taken, int):
             per_second += taken / window[0]
-            seconds = max(seconds or 0.0, window[0])
-    if seconds is None:
-        return None
-    backlog: dict[str, Any] = {"messages": waiting, "taken_per_second": round(per_second, 1),
-                               "over_seconds": round(seconds)}
-    if per_second > 0:
-        backlog["catch_up_seconds"] = round(waiting / per_second, 1)
-    return backlog
+            longest = max(longest or 0.0, window[0])
+    return None if longest is None else (per_second, longest)
 
 
 def _consuming_tiers(broker: dict[str, Any]) -> set[str]:
@@ -491,19 +499,23 @@ def format_status(report: dict[str, Any]) -> str:
 
 def _backlog_line(backlog: dict[str, Any]) -> str:
     waiting = f"  backlog: {counted(backlog['messages'], 'message')} for the store"
+    if "taken_per_second" not in backlog:
+        return waiting
     over = f"over the last {backlog['over_seconds']} s"
     if "catch_up_seconds" not in backlog:
         return f"{waiting}, which took none {over}"
     return (f"{waiting}, which took {backlog['taken_per_second']:g}/s {over}: "
-            f"about {_duration(backlog['catch_up_seconds'])} to catch up at that rate")
+            f"{_about(backlog['catch_up_seconds'])} to catch up at that rate")
 
 
-def _duration(seconds: float) -> str:
+def _about(seconds: float) -> str:
+    if seconds < 1:
+        return "less than a second"
     if seconds < 120:
-        return f"{seconds:.0f} s"
+        return f"about {seconds:.0f} s"
     if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
 
 
 def _window(recent: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:

@@ -375,10 +375,21 @@ def test_no_backlog_line_when_nothing_waits() -> None:
     assert backlog_line(backlog_of(0, acked=500)) == ""
 
 
-def test_no_estimate_is_made_up_without_a_store_that_counts_what_it_takes() -> None:
-    assert backlog_of(100, acked=None) is None  # a store of an older version
-    assert backlog_of(100, acked=10, tier="filter") is None  # no store reporting
+def test_no_rate_is_made_up_without_a_store_that_has_counted_for_a_while() -> None:
+    only_the_count = {"messages": 100}
+    assert backlog_of(100, acked=None) == only_the_count  # a store of an older version
+    assert backlog_of(100, acked=10, tier="filter") == only_the_count  # no store reporting
+    # A store that just started: its window reaches back to its start, a moment ago.
+    assert backlog_of(100, acked=10, seconds=0.2) == only_the_count
+    assert backlog_line(backlog_of(100, acked=10, seconds=0.2)) == (
+        "  backlog: 100 messages for the store")
     assert status.store_backlog({"reachable": False}, []) is None
+    assert status.store_backlog({"reachable": True, "deliver": {"declared": False}}, []) is None
+
+
+def test_a_backlog_gone_in_less_than_a_second_says_so() -> None:
+    assert backlog_line(backlog_of(50, acked=3_000)).endswith(
+        "less than a second to catch up at that rate")
 
 
 def test_the_delivery_lag_is_shown_in_seconds() -> None:
