@@ -71,6 +71,39 @@ def _alt_names(hostname: str) -> str:
     return ",".join([*(f"DNS:{name}" for name in names), "IP:127.0.0.1"])
 
 
+# What OpenSSL's reason for a failed server-side handshake means, for the operator reading
+# the log: the client sees only a closed connection (asyncio drops the alert OpenSSL makes).
+_HANDSHAKE_REASONS = {
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions older than 1.2",
+    "NO_SHARED_CIPHER": "the client offers no cipher this server accepts",
+    "HTTP_REQUEST": "the client sent an HTTP request, not a TLS handshake",
+    "WRONG_VERSION_NUMBER": "the client did not start with a TLS handshake "
+                            "(plain text on a TLS port?)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the certificate's issuer "
+                              "(self-signed?)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client refused the certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client refused the certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the client finds the certificate expired",
+}
+
+
+def handshake_failure(exc: BaseException) -> str:
+    """One line on why a client's TLS handshake with us failed: OpenSSL's reason, and what
+    it means where that is not plain (`UNSUPPORTED_PROTOCOL: the client offers only TLS
+    versions older than 1.2`)."""
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        meaning = _HANDSHAKE_REASONS.get(reason)
+        return f"{reason}: {meaning}" if meaning else reason
+    # asyncio and uvloop end a handshake past its timeout with ConnectionAbortedError("SSL
+    # handshake is taking longer than N seconds: aborting the connection").
+    if isinstance(exc, TimeoutError) or "taking longer than" in str(exc):
+        return "the handshake did not finish in time"
+    if isinstance(exc, ConnectionResetError):
+        return "the client reset the connection"
+    return type(exc).__name__
+
+
 def server_context(settings: Settings) -> ssl.SSLContext | None:
     """The server-side context, or None when no certificate is configured and none is at
     the default place (development: the tiers then run without TLS and say so). A

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.settings import Settings, SettingsError
-from common.tls import ensure_dev_certificate, server_context
+from common.tls import ensure_dev_certificate, handshake_failure, server_context
 
 
 def test_no_certificate_anywhere_means_no_tls(tmp_path: Path) -> None:
@@ -128,3 +128,19 @@ def test_an_expired_configured_certificate_is_said_at_start(
     settings = Settings(data_dir=tmp_path, tls_cert=str(cert), tls_key=str(key))
     assert server_context(settings) is not None  # served all the same: the operator decides
     assert "is expired or not yet valid" in caplog.text
+
+
+def test_a_failed_handshake_is_told_in_words() -> None:
+    refused = ssl.SSLError(1, "[SSL: NO_SHARED_CIPHER] no shared cipher (_ssl.c:1006)")
+    refused.reason = "NO_SHARED_CIPHER"
+    assert handshake_failure(refused) == (
+        "NO_SHARED_CIPHER: the client offers no cipher this server accepts")
+    unknown = ssl.SSLError(1, "[SSL: SOMETHING_NEW] x")
+    unknown.reason = "SOMETHING_NEW"
+    assert handshake_failure(unknown) == "SOMETHING_NEW"  # OpenSSL's own words, unexplained
+    assert handshake_failure(TimeoutError()) == "the handshake did not finish in time"
+    assert handshake_failure(ConnectionAbortedError(
+        "SSL handshake is taking longer than 30.0 seconds: aborting the connection")
+    ) == "the handshake did not finish in time"
+    assert handshake_failure(ConnectionResetError()) == "the client reset the connection"
+    assert handshake_failure(BrokenPipeError()) == "BrokenPipeError"

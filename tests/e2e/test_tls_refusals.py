@@ -1,0 +1,116 @@
+"""A client whose TLS handshake fails, on each of the five ways into a TLS session (SMTP
+STARTTLS, IMAP STARTTLS, POP3 STLS, IMAPS, POP3S), with real clients (smtplib, imaplib,
+poplib): the tier logs why, in words an operator can act on, since the client itself is
+told nothing (asyncio drops the alert OpenSSL makes)."""
+
+from __future__ import annotations
+
+import contextlib
+import imaplib
+import poplib
+import smtplib
+import socket
+import ssl
+import warnings
+from collections.abc import Callable
+
+import pytest
+
+from common.settings import Settings
+from tests.e2e.test_inbound_spine import provision
+from tests.support import TierProcess, wait_until
+
+OLD_TLS = "TLS handshake failed: UNSUPPORTED_PROTOCOL: the client offers only TLS versions " \
+          "older than 1.2"
+UNTRUSTED = "TLS handshake failed: TLSV1_ALERT_UNKNOWN_CA: the client does not trust the " \
+            "certificate's issuer (self-signed?)"
+PLAINTEXT = "TLS handshake failed: WRONG_VERSION_NUMBER: the client did not start with a " \
+            "TLS handshake (plain text on a TLS port?)"
+HTTP = "TLS handshake failed: HTTP_REQUEST: the client sent an HTTP request, not a TLS " \
+       "handshake"
+
+
+def tls_1_1_only() -> ssl.SSLContext:
+    """A client as an old device is: TLS 1.1 at most (our minimum is 1.2)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with warnings.catch_warnings():  # deprecated, and meant: the client is an old one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # else OpenSSL 3 will not send TLS 1.1
+    return context
+
+
+def verifying() -> ssl.SSLContext:
+    """A client that checks the certificate against the system's CAs: the test
+    certificate is self-signed."""
+    return ssl.create_default_context()
+
+
+def refused_everywhere(settings: Settings, context: ssl.SSLContext) -> None:
+    """Each of the five ways, each expected to fail in the handshake."""
+    attempts: list[Callable[[], object]] = [
+        lambda: _smtp_starttls(settings.smtp_port, context),
+        lambda: imaplib.IMAP4("127.0.0.1", settings.imap_port, timeout=30).starttls(
+            ssl_context=context),
+        lambda: poplib.POP3("127.0.0.1", settings.pop3_port, timeout=30).stls(context),
+        lambda: imaplib.IMAP4_SSL("127.0.0.1", settings.imaps_port, ssl_context=context,
+                                  timeout=30),
+        lambda: poplib.POP3_SSL("127.0.0.1", settings.pop3s_port, context=context,
+                                timeout=30),
+    ]
+    for attempt in attempts:
+        with pytest.raises((ssl.SSLError, ConnectionError, EOFError)):
+            attempt()
+
+
+def _smtp_starttls(port: int, context: ssl.SSLContext) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.starttls(context=context)
+
+
+def say_plainly(port: int, words: bytes) -> bytes:
+    """Send `words` unencrypted to an implicit-TLS port; what comes back before it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(words)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                received += chunk
+        return received
+
+
+def test_a_failed_handshake_is_logged_with_its_reason_by_every_tls_service(
+        settings: Settings, run_tier: Callable[..., TierProcess]) -> None:
+    provision(settings)
+    store = run_tier(settings, "store")
+    store.wait_for_port(settings.pop3s_port)
+    smtp = run_tier(settings, "filter")
+    smtp.wait_for_port(settings.smtp_port)
+    # From here on: the port probes above end their connections in the handshake too.
+    store_before, smtp_before = len(store.output()), len(smtp.output())
+
+    refused_everywhere(settings, tls_1_1_only())
+    refused_everywhere(settings, verifying())
+    for port in (settings.imaps_port, settings.pop3s_port):
+        assert say_plainly(port, b"a NOOP\r\n") == b""
+        assert say_plainly(port, b"GET / HTTP/1.0\r\n\r\n") == b""
+
+    def store_logged_all() -> bool:
+        return store.output()[store_before:].count("TLS handshake failed") >= 12
+
+    wait_until(store_logged_all, timeout=15, what="the store to log every failed handshake")
+    logged = store.output()[store_before:]
+    smtp_logged = smtp.output()[smtp_before:]
+    for event in ("imap-tls-failed", "pop3-tls-failed", "imaps-tls-failed", "pop3s-tls-failed"):
+        lines = [line for line in logged.splitlines() if f"event={event}" in line]
+        expected = [OLD_TLS, UNTRUSTED] + ([PLAINTEXT, HTTP] if event.endswith("s-tls-failed")
+                                           else [])
+        assert len(lines) == len(expected), (event, lines)
+        for line, reason in zip(lines, expected, strict=True):
+            assert reason in line, (event, line)
+    filter_lines = [line for line in smtp_logged.splitlines() if "TLS handshake" in line]
+    assert len(filter_lines) == 2, filter_lines
+    assert OLD_TLS in filter_lines[0] and UNTRUSTED in filter_lines[1], filter_lines
+    assert "Traceback" not in logged + smtp_logged
