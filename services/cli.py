@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "would restart a process that ends)")
     command("webmail", run_webmail, "run one webmail worker (not built yet)")
     command("up", run_up, "run a whole single-machine stack in the foreground")
-    status = command("status", show_status, "tier health, queue depths, dead letters")
+    status = command("status", show_status, "tier health, queue depths, backlog, dead letters")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     domain = commands.add_parser("domain", help="manage local domains").add_subparsers(
