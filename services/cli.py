@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("webmail", run_webmail, "run one webmail worker (not built yet)")
     command("up", run_up, "run a whole single-machine stack in the foreground")
     status = command("status", show_status, "tier health, queue depths, backlog, dead letters")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    output = status.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="machine-readable output")
+    output.add_argument("--prometheus", action="store_true",
+                        help="Prometheus's text format (for node_exporter's textfile collector)")
 
     domain = commands.add_parser("domain", help="manage local domains").add_subparsers(
         metavar="ACTION", required=True)
@@ -309,9 +312,13 @@ def run_up(settings: Settings, args: argparse.Namespace) -> int:
 
 def show_status(settings: Settings, args: argparse.Namespace) -> int:
     from services.status import collect_status, format_status
+    from services.status_metrics import prometheus_text
 
     report = asyncio.run(collect_status(settings))
-    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    if args.prometheus:
+        print(prometheus_text(report), end="")
+    else:
+        print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0 if report["healthy"] else EXIT_FAILED
 
 

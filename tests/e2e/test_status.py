@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import aiormq
 from pamqp.commands import Basic, Connection
+from prometheus_client.parser import text_string_to_metric_families
 
 from common.settings import Settings
 from tests.e2e.test_failure_contract import send_one, stored_message_ids
@@ -128,6 +129,17 @@ def test_status_says_how_long_mail_waited_for_a_store_that_was_down(
     text = run_cli(settings, "status").stdout
     assert re.search(r"delivery_lag=\d+\.\ds", text), text
     assert "backlog:" not in text  # nothing waits any more
+
+    scraped = run_cli(settings, "status", "--prometheus")
+    assert scraped.returncode == 0, scraped.stderr
+    samples = {(sample.name, sample.labels.get("tier")): sample.value
+               for family in text_string_to_metric_families(scraped.stdout)
+               for sample in family.samples}
+    assert samples[("tiermail_healthy", None)] == 1
+    assert samples[("tiermail_backlog_messages", None)] == 0
+    assert samples[("tiermail_process_acked_total", "store")] == total
+    assert samples[("tiermail_process_delivery_lag_seconds", "store")] >= outage
+    assert samples[("tiermail_process_accepted_total", "filter")] == total
 
 
 def test_status_shows_the_stores_open_sessions(
