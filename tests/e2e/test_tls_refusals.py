@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import json
 import poplib
 import smtplib
 import socket
@@ -18,7 +19,7 @@ import pytest
 
 from common.settings import Settings
 from tests.e2e.test_inbound_spine import provision
-from tests.support import TierProcess, wait_until
+from tests.support import TierProcess, run_cli, wait_until
 
 OLD_TLS = "TLS handshake failed: UNSUPPORTED_PROTOCOL: the client offers only TLS versions " \
           "older than 1.2"
@@ -114,3 +115,12 @@ def test_a_failed_handshake_is_logged_with_its_reason_by_every_tls_service(
     assert len(filter_lines) == 2, filter_lines
     assert OLD_TLS in filter_lines[0] and UNTRUSTED in filter_lines[1], filter_lines
     assert "Traceback" not in logged + smtp_logged
+
+    def no_session_left() -> bool:  # every failed handshake gave its connection slot back
+        result = run_cli(settings, "status", "--json")
+        beats = {beat["tier"]: beat for beat in json.loads(result.stdout)["redis"]["processes"]}
+        store_beat, filter_beat = beats.get("store", {}), beats.get("filter", {})
+        return (store_beat.get("imap_sessions"), store_beat.get("pop3_sessions"),
+                filter_beat.get("active")) == (0, 0, 0)
+
+    wait_until(no_session_left, timeout=20, interval=0.5, what="every session to be gone")
