@@ -87,7 +87,7 @@ _HANDSHAKE_REASONS = {
 }
 
 
-def handshake_failure(exc: BaseException) -> str:
+def describe_handshake_failure(exc: BaseException) -> str:
     """One line on why a client's TLS handshake with us failed: OpenSSL's reason, and what
     it means where that is not plain (`UNSUPPORTED_PROTOCOL: the client offers only TLS
     versions older than 1.2`)."""
@@ -99,8 +99,8 @@ def handshake_failure(exc: BaseException) -> str:
     # handshake is taking longer than N seconds: aborting the connection").
     if isinstance(exc, TimeoutError) or "taking longer than" in str(exc):
         return "the handshake did not finish in time"
-    if isinstance(exc, ConnectionResetError):
-        return "the client reset the connection"
+    if isinstance(exc, ConnectionResetError):  # (uvloop says so for a plain close too)
+        return "the client closed the connection during the handshake"
     return type(exc).__name__
 
 

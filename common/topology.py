@@ -46,6 +46,10 @@ ENVELOPE_HEADER_BUDGET = 64 * 1024
 # On the store's dead-letter copy for mailbox owners that no longer exist: why, and which.
 REASON_HEADER = "x-tiermail-reason"
 MAILBOXES_HEADER = "x-tiermail-mailboxes"
+# On a held message sent back for delivery (deadletters retry, quarantine release): when, in
+# milliseconds since the epoch (an integer: AMQP tables carry a Python float as a 32-bit one,
+# a minute off). The store counts its wait from then, not from its acceptance.
+RESENT_AT_HEADER = "x-tiermail-resent-at-ms"
 DELIVER_ROUTING_KEY = "deliver"
 LARGE_DELIVER_ROUTING_KEY = "deliver-large"
 LARGE_MESSAGE = 1024 * 1024  # octets; a larger message goes to the large delivery queue

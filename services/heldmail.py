@@ -62,6 +62,7 @@ from common.settings import Settings
 from common.topology import (
     MAILBOXES_HEADER,
     REASON_HEADER,
+    RESENT_AT_HEADER,
     SCAN_DELIVERY_LIMIT,
     SCAN_ROUTING_KEY,
     Topology,
@@ -74,7 +75,7 @@ from services.filter.protocol.scan_headers import NOT_SCANNED_HEADER, VIRUS_HEAD
 # not send it again when it failed again and is back already (the headers survive that).
 RELEASE_HEADER = "x-tiermail-release"
 # Headers about the message's earlier life in the queues, dropped when it is sent back.
-_HISTORY_HEADERS = frozenset({REASON_HEADER, MAILBOXES_HEADER, RELEASE_HEADER,
+_HISTORY_HEADERS = frozenset({REASON_HEADER, MAILBOXES_HEADER, RELEASE_HEADER, RESENT_AT_HEADER,
                               "x-death", "x-delivery-count",
                               "x-first-death-exchange", "x-first-death-queue",
                               "x-first-death-reason", "x-last-death-exchange",
@@ -258,8 +259,9 @@ def _text(value: object) -> str:
 def resend_properties(properties: spec.Basic.Properties,
                       release: str | None = None) -> spec.Basic.Properties:
     """The message's properties for the delivery route, without its dead-letter history,
-    marked with the release that sends it."""
+    marked with the release that sends it and when."""
     headers = {k: v for k, v in (properties.headers or {}).items() if k not in _HISTORY_HEADERS}
+    headers[RESENT_AT_HEADER] = int(time.time() * 1000)
     if release is not None:
         headers[RELEASE_HEADER] = release
     return spec.Basic.Properties(

@@ -63,36 +63,50 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
 
 
 def store_backlog(broker: dict[str, Any], beats: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The messages waiting in the store's queues and, once a store has reported for a
-    heartbeat interval, how fast it took messages off them over its heartbeat's recent
-    window: how long a backlog (after an outage, say) still has to go."""
+    """The messages waiting in the store's queues and, once the store has reported for a
+    heartbeat interval, how fast it took messages off them and how fast the filters took new
+    ones in, over their heartbeats' recent windows: how long a backlog (after an outage, say)
+    still has to go at that pace."""
     queues = [q for q in (broker.get(key) for key in STORE_QUEUE_KEYS) if q and q["declared"]]
     if not broker.get("reachable") or not queues:
         return None
     backlog: dict[str, Any] = {"messages": sum(q["messages"] for q in queues)}
-    rate = _store_take_rate(beats)
-    if rate is not None:
-        per_second, seconds = rate
-        backlog.update(taken_per_second=round(per_second, 1), over_seconds=round(seconds))
-        if per_second > 0:
-            backlog["catch_up_seconds"] = round(backlog["messages"] / per_second, 1)
+    taken = _recent_rate(beats, "store", "taken")
+    if taken is None:
+        return backlog
+    per_second, seconds = taken
+    arriving = _recent_rate(beats, "filter", "accepted")
+    arriving_per_second = 0.0 if arriving is None else arriving[0]
+    backlog.update(taken_per_second=round(per_second, 3),
+                   arriving_per_second=round(arriving_per_second, 3), over_seconds=round(seconds))
+    shrinking = per_second - arriving_per_second
+    if shrinking > 0:
+        backlog["catch_up_seconds"] = round(backlog["messages"] / shrinking, 1)
     return backlog
 
 
-def _store_take_rate(beats: list[dict[str, Any]]) -> tuple[float, float] | None:
-    """(messages a second, over how many seconds) the reporting stores acked; None while no
-    store has a window of a heartbeat interval (one that just started has a window of
-    nothing) or counts them (an older version)."""
+def _recent_rate(beats: list[dict[str, Any]], tier: str, counter: str
+                 ) -> tuple[float, float] | None:
+    """(per second, over how many seconds) `counter` grew in the recent windows of `tier`'s
+    processes together; None while none of them has a window of a heartbeat interval (one
+    that just started has a window of nothing) or counts it (an older version)."""
     per_second, longest = 0.0, None
     for beat in beats:
-        window = _window(beat["recent"]) if isinstance(beat.get("recent"), dict) else None
-        if beat.get("tier") != "store" or window is None or window[0] < HEARTBEAT_INTERVAL:
-            continue
-        taken = window[1].get("acked")
-        if isinstance(taken, int):
-            per_second += taken / window[0]
+        window = _recent_window(beat, tier)
+        grown = None if window is None else window[1].get(counter)
+        if window is not None and isinstance(grown, int):
+            per_second += grown / window[0]
             longest = max(longest or 0.0, window[0])
     return None if longest is None else (per_second, longest)
+
+
+def _recent_window(beat: dict[str, Any], tier: str) -> tuple[float, dict[str, Any]] | None:
+    """A `tier` process's recent window, if it spans at least a heartbeat interval."""
+    recent = beat.get("recent")
+    if beat.get("tier") != tier or not isinstance(recent, dict):
+        return None
+    window = _window(recent)
+    return window if window is not None and window[0] >= HEARTBEAT_INTERVAL else None
 
 
 def _consuming_tiers(broker: dict[str, Any]) -> set[str]:
@@ -501,14 +515,25 @@ def _backlog_line(backlog: dict[str, Any]) -> str:
     waiting = f"  backlog: {counted(backlog['messages'], 'message')} for the store"
     if "taken_per_second" not in backlog:
         return waiting
-    over = f"over the last {backlog['over_seconds']} s"
+    taken, arriving = backlog["taken_per_second"], backlog["arriving_per_second"]
+    pace = (f"which took {_rate_in_words(taken) if taken else 'none'} over the last "
+            f"{backlog['over_seconds']} s"
+            + (f" while {_rate_in_words(arriving)} arrived" if arriving else ""))
+    if not taken:
+        return f"{waiting}, {pace}"
     if "catch_up_seconds" not in backlog:
-        return f"{waiting}, which took none {over}"
-    return (f"{waiting}, which took {backlog['taken_per_second']:g}/s {over}: "
-            f"{_about(backlog['catch_up_seconds'])} to catch up at that rate")
+        return f"{waiting}, {pace}: it is not catching up"
+    return (f"{waiting}, {pace}: {_duration_in_words(backlog['catch_up_seconds'])} to catch "
+            f"up at that pace")
 
 
-def _about(seconds: float) -> str:
+def _rate_in_words(per_second: float) -> str:
+    if per_second >= 100:
+        return f"{per_second:.0f}/s"
+    return f"{per_second:.1f}/s" if per_second >= 1 else f"{per_second:.2g}/s"
+
+
+def _duration_in_words(seconds: float) -> str:
     if seconds < 1:
         return "less than a second"
     if seconds < 120:

@@ -70,9 +70,12 @@ def _backlog(families: _Families, backlog: dict[str, Any] | None) -> None:
         families.add("backlog_taken_per_second", "gauge",
                      "Messages a second the store took over its recent heartbeat window",
                      backlog["taken_per_second"])
+        families.add("backlog_arriving_per_second", "gauge",
+                     "Messages a second the filters accepted over their recent heartbeat windows",
+                     backlog["arriving_per_second"])
     if "catch_up_seconds" in backlog:
         families.add("backlog_catch_up_seconds", "gauge",
-                     "Seconds until the backlog is gone at the store's recent rate",
+                     "Seconds until the backlog is gone at the recent pace (taken less arriving)",
                      backlog["catch_up_seconds"])
 
 

@@ -28,7 +28,7 @@ from common.envelope import Envelope, Recipient
 from common.ids import new_queue_id
 from common.logs import one_word
 from common.ratelimit import UNLIMITED, Limit, RateLimits
-from common.tls import handshake_failure
+from common.tls import describe_handshake_failure
 from common.topology import DELIVER_ROUTING_KEY, SCAN_ROUTING_KEY
 from services.filter.convert import peer_ip, tls_description, to_envelope
 from services.filter.hooks import hook_dir
@@ -438,7 +438,8 @@ class FilterSession:
         if isinstance(error, TLSSetupException):
             # A client that gives up on the handshake after our 220 (it does not trust the
             # certificate, or speaks plaintext): its business; aiosmtpd closes the connection.
-            log.info("TLS handshake failed: %s", handshake_failure(error.__cause__ or error),
+            log.info("TLS handshake failed: %s",
+                     describe_handshake_failure(error.__cause__ or error),
                      extra=self.log_extra(self.current_queue_id))
             return replies.INTERNAL_ERROR  # not sent: the connection is closed
         log.error(

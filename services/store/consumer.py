@@ -51,6 +51,7 @@ from common.topology import (
     MAILBOXES_HEADER,
     PERSISTENT,
     REASON_HEADER,
+    RESENT_AT_HEADER,
     envelope_from_properties,
 )
 from services.store.backends.accounts import AccountDB
@@ -105,14 +106,16 @@ class ConsumerStats:
     renewals_off_since: float = 0.0  # when a write to the attempt log failed; 0: it works
     storage_down_since: float = 0.0  # time the storage probe started failing; 0: it works
     batches: int = 0
-    # Queue messages acknowledged: stored, found stored already, or their copy dead-lettered.
-    # Its rate is how fast the store works off a backlog (tiermail status).
-    acked: int = 0
+    # Messages taken off the store's queues for good: stored, found stored already, their
+    # copy dead-lettered, or rejected as undecodable (not those renewed or sent back). Its
+    # rate is how fast the store works off a backlog (tiermail status).
+    taken: int = 0
     broker_sessions: int = 0  # broker sessions started (reconnects show up here)
     consumer_connected: bool = False
     last_delivery_at: float = 0.0
-    # How long the last copy stored had waited since the filter took it in: after an
-    # outage, how far behind delivery still is.
+    # How long the last copy stored had waited since the filter took it in (or since a
+    # command sent it back from the dead letters or the quarantine): after an outage, how far
+    # behind delivery still is.
     delivery_lag_seconds: float = 0.0
     broker_silent_since: float = 0.0  # the unanswered probe's time (_watch_broker); 0: answers
 
@@ -420,6 +423,7 @@ class Consumer:
                           extra={"queue_id": item.queue_id, "event": "dead-letter"})
                 await channel.basic_reject(item.tag, requeue=False)
                 self.stats.dead_lettered += 1
+                self.stats.taken += 1
                 continue
             items.append(item)
         unfinished = await self._unfinished(items)
@@ -654,6 +658,7 @@ class Consumer:
         self._log_stored(item, uids)
 
     def _log_stored(self, item: _Item, uids: list[int | None]) -> None:
+        waiting_since = _waiting_since(item)
         for delivery, uid in zip(item.deliveries, uids, strict=True):
             if uid is None:
                 self.stats.duplicates += 1
@@ -663,7 +668,7 @@ class Consumer:
             else:
                 self.stats.delivered += 1
                 self.stats.last_delivery_at = now = time.time()
-                self.stats.delivery_lag_seconds = round(max(now - delivery.received_at, 0.0), 3)
+                self.stats.delivery_lag_seconds = round(max(now - waiting_since, 0.0), 3)
                 log.info("delivered uid=%d", uid, extra={
                     "queue_id": delivery.queue_id, "user": delivery.user,
                     "mailbox": delivery.mailbox, "event": "delivered"})
@@ -697,12 +702,12 @@ class Consumer:
             # The batch holds the lowest unsettled tags on this channel (FIFO), and the
             # rejected ones were settled above, so one multiple ack covers exactly the batch.
             await channel.basic_ack(max(item.tag for item in items), multiple=True)
-            self.stats.acked += len(items)
+            self.stats.taken += len(items)
             return
         for item in items:
             if item.ok:
                 await channel.basic_ack(item.tag)
-                self.stats.acked += 1
+                self.stats.taken += 1
             else:
                 self._requeue_later(channel, item)
 
@@ -755,6 +760,15 @@ def _delivery(envelope: Envelope, owner: str, body: bytes) -> Delivery:
     # A spam verdict (the filter's, or a deferred scan's) files the copy into Junk.
     return Delivery(queue_id=envelope.queue_id, user=owner, body=body, head=trace.encode(),
                     received_at=envelope.received_at, mailbox=JUNK if envelope.junk else INBOX)
+
+
+def _waiting_since(item: _Item) -> float:
+    """When the message began to wait for the store: its acceptance, or a later resend."""
+    assert item.envelope is not None
+    resent_at = (item.message.header.properties.headers or {}).get(RESENT_AT_HEADER)
+    if isinstance(resent_at, int) and not isinstance(resent_at, bool):
+        return max(resent_at / 1000, item.envelope.received_at)
+    return item.envelope.received_at
 
 
 def _header_safe(value: str) -> str:

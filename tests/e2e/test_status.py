@@ -118,7 +118,7 @@ def test_status_says_how_long_mail_waited_for_a_store_that_was_down(
     def all_taken() -> bool:
         _, report = status(settings)
         beats = {p["tier"]: p for p in report["redis"].get("processes", [])}
-        return beats.get("store", {}).get("acked") == total
+        return beats.get("store", {}).get("taken") == total
 
     wait_until(all_taken, timeout=30, interval=0.5, what="the store to report every message")
     _, report = status(settings)
@@ -137,7 +137,7 @@ def test_status_says_how_long_mail_waited_for_a_store_that_was_down(
                for sample in family.samples}
     assert samples[("tiermail_healthy", None)] == 1
     assert samples[("tiermail_backlog_messages", None)] == 0
-    assert samples[("tiermail_process_acked_total", "store")] == total
+    assert samples[("tiermail_process_taken_total", "store")] == total
     assert samples[("tiermail_process_delivery_lag_seconds", "store")] >= outage
     assert samples[("tiermail_process_accepted_total", "filter")] == total
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -14,6 +15,7 @@ from common.topology import (
     ENVELOPE_HEADER,
     MAILBOXES_HEADER,
     REASON_HEADER,
+    RESENT_AT_HEADER,
     Topology,
     message_properties,
 )
@@ -85,8 +87,12 @@ def test_a_resent_message_keeps_its_envelope_and_sheds_its_dead_letter_history()
     properties = dead_copy(**{REASON_HEADER: "x", MAILBOXES_HEADER: GHOST,
                               "x-death": [{"reason": "rejected"}], "x-delivery-count": 3,
                               "x-first-death-reason": "rejected", "x-custom": "kept"})
+    before = time.time()
     resent = resend_properties(properties)
-    assert properties.headers is not None
+    assert properties.headers is not None and resent.headers is not None
+    # When it was sent back: the store counts its delivery lag from then.
+    resent_at = resent.headers.pop(RESENT_AT_HEADER)
+    assert isinstance(resent_at, int) and before * 1000 - 1 <= resent_at <= time.time() * 1000
     assert resent.headers == {ENVELOPE_HEADER: properties.headers[ENVELOPE_HEADER],
                               "x-custom": "kept"}
     assert (resent.message_id, resent.delivery_mode, resent.timestamp) == (
@@ -96,7 +102,9 @@ def test_a_resent_message_keeps_its_envelope_and_sheds_its_dead_letter_history()
     assert marked.headers is not None and marked.headers[RELEASE_HEADER] == "first"
     again = resend_properties(marked, "second")
     assert again.headers is not None and again.headers[RELEASE_HEADER] == "second"
-    assert resend_properties(marked).headers == resent.headers
+    unmarked = resend_properties(marked).headers
+    assert unmarked is not None and RESENT_AT_HEADER in unmarked
+    assert {k: v for k, v in unmarked.items() if k != RESENT_AT_HEADER} == resent.headers
 
 
 async def test_messages_whose_acks_the_broker_ignored_are_settled_again(

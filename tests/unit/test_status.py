@@ -330,17 +330,23 @@ def test_one_problem_is_enough_to_be_unhealthy(monkeypatch: pytest.MonkeyPatch) 
     assert len(result["problems"]) == 1 and not result["healthy"]
 
 
-def backlog_of(waiting: int, large: int = 0, acked: int | None = None,
-               seconds: float = 30.0, tier: str = "store") -> dict[str, Any] | None:
+def backlog_of(waiting: int, large: int = 0, taken: int | None = None,
+               seconds: float = 30.0, tier: str = "store",
+               accepted: int | None = None) -> dict[str, Any] | None:
+    """store_backlog over a deliver and a large queue, one process of `tier` that took
+    `taken` in its last `seconds`, and a filter that accepted `accepted` meanwhile."""
     broker = {"reachable": True,
               "deliver": {"queue": "t.deliver", "declared": True, "messages": waiting,
                           "consumers": 1},
               "large": {"queue": "t.large", "declared": True, "messages": large,
                         "consumers": 1}}
-    counts = {} if acked is None else {"acked": acked}
-    beat = {"tier": tier, "host": "h", "pid": 7, "started": time.time() - 600,
-            "recent": {"seconds": seconds, "counts": counts}}
-    return status.store_backlog(broker, [beat])
+    counts = {} if taken is None else {"taken": taken}
+    beats: list[dict[str, Any]] = [{"tier": tier, "host": "h", "pid": 7,
+                                    "recent": {"seconds": seconds, "counts": counts}}]
+    if accepted is not None:
+        beats.append({"tier": "filter", "host": "h", "pid": 8,
+                      "recent": {"seconds": seconds, "counts": {"accepted": accepted}}})
+    return status.store_backlog(broker, beats)
 
 
 def backlog_line(backlog: dict[str, Any] | None) -> str:
@@ -352,44 +358,66 @@ def backlog_line(backlog: dict[str, Any] | None) -> str:
 
 
 def test_a_backlog_is_shown_with_how_long_the_store_needs_at_its_recent_rate() -> None:
-    backlog = backlog_of(9_000, large=1_000, acked=3_000, seconds=30.0)
-    assert backlog == {"messages": 10_000, "taken_per_second": 100.0, "over_seconds": 30,
+    backlog = backlog_of(9_000, large=1_000, taken=3_000, seconds=30.0)
+    assert backlog == {"messages": 10_000, "taken_per_second": 100.0,
+                       "arriving_per_second": 0.0, "over_seconds": 30,
                        "catch_up_seconds": 100.0}
     assert backlog_line(backlog) == (
         "  backlog: 10000 messages for the store, which took 100/s over the last 30 s: "
-        "about 100 s to catch up at that rate")
-    assert backlog_line(backlog_of(30_000, acked=3_000)).endswith(
-        "about 5 min to catch up at that rate")
-    assert backlog_line(backlog_of(720_000, acked=3_000)).endswith(
-        "about 2.0 h to catch up at that rate")
+        "about 100 s to catch up at that pace")
+    assert backlog_line(backlog_of(30_000, taken=3_000)).endswith(
+        "about 5 min to catch up at that pace")
+    assert backlog_line(backlog_of(720_000, taken=3_000)).endswith(
+        "about 2.0 h to catch up at that pace")
+    assert backlog_line(backlog_of(50, taken=3_000)).endswith(
+        "less than a second to catch up at that pace")
+
+
+def test_mail_still_arriving_slows_the_catch_up() -> None:
+    """150/s taken while 100/s arrive: the queue shrinks by 50/s, not 150/s."""
+    backlog = backlog_of(30_000, taken=9_000, accepted=6_000, seconds=60.0)
+    assert backlog is not None and backlog["catch_up_seconds"] == 600.0
+    assert backlog_line(backlog) == (
+        "  backlog: 30000 messages for the store, which took 150/s over the last 60 s while "
+        "100/s arrived: about 10 min to catch up at that pace")
+    growing = backlog_of(30_000, taken=9_000, accepted=10_800, seconds=60.0)
+    assert growing is not None and "catch_up_seconds" not in growing
+    assert backlog_line(growing) == (
+        "  backlog: 30000 messages for the store, which took 150/s over the last 60 s while "
+        "180/s arrived: it is not catching up")
 
 
 def test_a_backlog_the_store_does_not_take_is_said_to_be_untaken() -> None:
-    backlog = backlog_of(50, acked=0, seconds=60.0)
+    backlog = backlog_of(50, taken=0, seconds=60.0)
     assert backlog is not None and "catch_up_seconds" not in backlog
     assert backlog_line(backlog) == (
         "  backlog: 50 messages for the store, which took none over the last 60 s")
 
 
+def test_slow_rates_are_shown_as_they_are_and_the_estimate_agrees() -> None:
+    """One message a minute is 0.017/s, not 0/s beside an estimate of hours."""
+    backlog = backlog_of(520, taken=1, seconds=60.0)
+    assert backlog is not None and backlog["taken_per_second"] == 0.017
+    assert backlog_line(backlog) == (
+        "  backlog: 520 messages for the store, which took 0.017/s over the last 60 s: "
+        "about 8.7 h to catch up at that pace")
+    assert "which took 2.5/s" in backlog_line(backlog_of(520, taken=150, seconds=60.0))
+
+
 def test_no_backlog_line_when_nothing_waits() -> None:
-    assert backlog_line(backlog_of(0, acked=500)) == ""
+    assert backlog_line(backlog_of(0, taken=500)) == ""
 
 
 def test_no_rate_is_made_up_without_a_store_that_has_counted_for_a_while() -> None:
     only_the_count = {"messages": 100}
-    assert backlog_of(100, acked=None) == only_the_count  # a store of an older version
-    assert backlog_of(100, acked=10, tier="filter") == only_the_count  # no store reporting
+    assert backlog_of(100, taken=None) == only_the_count  # a store of an older version
+    assert backlog_of(100, taken=10, tier="filter") == only_the_count  # no store reporting
     # A store that just started: its window reaches back to its start, a moment ago.
-    assert backlog_of(100, acked=10, seconds=0.2) == only_the_count
-    assert backlog_line(backlog_of(100, acked=10, seconds=0.2)) == (
+    assert backlog_of(100, taken=10, seconds=0.2) == only_the_count
+    assert backlog_line(backlog_of(100, taken=10, seconds=0.2)) == (
         "  backlog: 100 messages for the store")
     assert status.store_backlog({"reachable": False}, []) is None
     assert status.store_backlog({"reachable": True, "deliver": {"declared": False}}, []) is None
-
-
-def test_a_backlog_gone_in_less_than_a_second_says_so() -> None:
-    assert backlog_line(backlog_of(50, acked=3_000)).endswith(
-        "less than a second to catch up at that rate")
 
 
 def test_the_delivery_lag_is_shown_in_seconds() -> None:

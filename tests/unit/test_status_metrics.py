@@ -24,7 +24,7 @@ def parsed(report: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...
 
 STORE_BEAT = {
     "tier": "store", "host": 'vm "a"', "pid": 41, "started": 1_700_000_000.5, "at": 1.0,
-    "delivered": 60, "acked": 58, "batches": 7, "consumer_connected": True,
+    "delivered": 60, "taken": 58, "batches": 7, "consumer_connected": True,
     "imap_sessions": 3, "imap_sessions_limit": 1000, "last_delivery_at": 1_700_000_100.25,
     "delivery_lag_seconds": 1.5, "storage_down_since": 0.0,
     "recent": {"seconds": 60.0, "counts": {"delivered": 6}},
@@ -38,8 +38,8 @@ def report(**changes: Any) -> dict[str, Any]:
                    "deliver": {"queue": "t.deliver", "declared": True, "messages": 5,
                                "consumers": 1},
                    "dead": {"queue": "t.deliver.dead", "declared": False}},
-        "backlog": {"messages": 5, "taken_per_second": 2.5, "over_seconds": 60,
-                    "catch_up_seconds": 2.0},
+        "backlog": {"messages": 5, "taken_per_second": 2.5, "arriving_per_second": 0.5,
+                    "over_seconds": 60, "catch_up_seconds": 2.5},
         "redis": {"reachable": True, "processes": [STORE_BEAT], "silent": [{}],
                   "directory": {"published": True, "domains": 1, "users": 2, "aliases": 3}},
     }
@@ -57,14 +57,15 @@ def test_the_report_in_prometheus_text() -> None:
     assert not [key for key in samples if ("queue", "t.deliver.dead") in key[1]]
     assert samples[("tiermail_backlog_messages", ())] == 5
     assert samples[("tiermail_backlog_taken_per_second", ())] == 2.5
-    assert samples[("tiermail_backlog_catch_up_seconds", ())] == 2.0
+    assert samples[("tiermail_backlog_arriving_per_second", ())] == 0.5
+    assert samples[("tiermail_backlog_catch_up_seconds", ())] == 2.5
     assert samples[("tiermail_redis_up", ())] == 1
     assert samples[("tiermail_directory_published", ())] == 1
     assert samples[("tiermail_directory_aliases", ())] == 3
     assert samples[("tiermail_silent_processes", ())] == 1
     assert samples[("tiermail_process_start_time_seconds", store)] == 1_700_000_000.5
     assert samples[("tiermail_process_delivered_total", store)] == 60
-    assert samples[("tiermail_process_acked_total", store)] == 58
+    assert samples[("tiermail_process_taken_total", store)] == 58
     assert samples[("tiermail_process_imap_sessions", store)] == 3
     assert samples[("tiermail_process_imap_sessions_limit", store)] == 1000
     assert samples[("tiermail_process_consumer_connected", store)] == 1

@@ -28,7 +28,7 @@ from common.budget import MemoryBudget
 from common.listen import binding, format_address
 from common.ratelimit import parse_networks
 from common.settings import Settings
-from common.tls import handshake_failure, server_context
+from common.tls import describe_handshake_failure, server_context
 from services.store.imap import responses as r
 from services.store.imap.disconnect import Disconnect
 from services.store.imap.protocol import wire
@@ -370,8 +370,9 @@ class ImapListener:
             elif exc.reason == "ended":
                 log.info("session ended: account deleted", extra=session.log_context)
                 connection.farewell(r.BYE_ACCOUNT_DELETED.untagged())
-            elif exc.reason == "tls" and exc.__cause__ is not None:
-                log.info("TLS handshake failed: %s", handshake_failure(exc.__cause__),
+            elif exc.reason == "tls":  # raised from the handshake's exception
+                log.info("TLS handshake failed: %s",
+                         describe_handshake_failure(exc.__cause__ or exc),
                          extra={**session.log_context, "event": "imap-tls-failed"})
             else:
                 log.info("connection ended: %s", exc.reason, extra=session.log_context)

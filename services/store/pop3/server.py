@@ -16,7 +16,7 @@ from common.auththrottle import AuthThrottle
 from common.listen import binding, format_address
 from common.ratelimit import parse_networks
 from common.settings import Settings
-from common.tls import handshake_failure, server_context
+from common.tls import describe_handshake_failure, server_context
 from services.store.backends.accounts import AccountDB
 from services.store.listening import (
     ClientConnections,
@@ -242,7 +242,7 @@ class Pop3Listener:
         try:
             await writer.start_tls(self._context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
-            log.info("TLS handshake failed: %s", handshake_failure(exc),
+            log.info("TLS handshake failed: %s", describe_handshake_failure(exc),
                      extra={**session.log_context, "event": "pop3-tls-failed"})
             writer.transport.abort()  # nothing more can be said on it
             return False

@@ -37,6 +37,7 @@ from common.topology import (
     PERSISTENT,
     QUARANTINE_ROUTING_KEY,
     REASON_HEADER,
+    RESENT_AT_HEADER,
     Topology,
     message_properties,
 )
@@ -552,6 +553,9 @@ async def test_a_failed_message_waits_longer_before_each_retry_and_holds_up_no_o
         await publish_all(settings, good)
         await wait_for(lambda: store.consumer.stats.delivered >= 5, what="the others stored")
         assert time.monotonic() - started < 0.5 + 0.4, "the others waited for the retry"
+        # Acked one by one while the failed message is held: each counts as taken, it not.
+        await wait_for(lambda: store.consumer.stats.taken >= 5, what="the others taken")
+        assert store.consumer.stats.taken == 5
         await wait_for(lambda: _eq(store.dead(), 1), within=30,
                        what="dead-lettered after the delivery limit")
         # Each delivery tries the batch, then the message alone: one delivery, two tries.
@@ -1399,10 +1403,11 @@ async def test_a_backlog_is_stored_in_large_batches(settings: Settings) -> None:
 
 async def test_a_backlog_counts_what_it_takes_and_how_long_its_mail_waited(
         settings: Settings) -> None:
-    """What `tiermail status` reads: `acked` counts queue messages taken (stored, or a
-    dead-letter copy sent for an unknown owner), not mailbox copies, and
-    `delivery_lag_seconds` how long the last copy stored had waited since the filter took
-    it in."""
+    """What `tiermail status` reads: `taken` counts queue messages taken for good (stored,
+    a dead-letter copy sent for an unknown owner, rejected as undecodable), not mailbox
+    copies, and `delivery_lag_seconds` how long the last copy stored had waited since the
+    filter took it in, or since a command sent it back (a released message a day old has
+    not kept anyone waiting a day)."""
     add_users(settings, [ALICE, BOB])
     waited = 120.0
     before = time.time() - waited
@@ -1415,17 +1420,53 @@ async def test_a_backlog_counts_what_it_takes_and_how_long_its_mail_waited(
     messages += [old(make_message(ALICE, BOB)) for _ in range(5)]  # two copies each
     messages.append(old(make_message("ghost@example.test")))  # a dead-letter copy
     await publish_all(settings, messages)
+    await publish_undecodable(settings)
     running = await _running(settings)
     try:
-        await wait_for(lambda: running.consumer.stats.acked >= len(messages),
-                       what="every message acked")
+        await wait_for(lambda: running.consumer.stats.taken >= len(messages) + 1,
+                       what="every message taken")
         await wait_for(lambda: _zero(running.depth()), what="queue drained")
         stats = running.consumer.stats
-        assert (stats.acked, stats.delivered, stats.dead_lettered) == (46, 50, 1)
+        assert (stats.taken, stats.delivered, stats.dead_lettered) == (47, 50, 2)
         assert waited <= stats.delivery_lag_seconds < waited + 60
+
+        resent = old(make_message(BOB))
+        await publish_resent(settings, resent, at=time.time() - 5.0)
+        await wait_for(lambda: running.consumer.stats.taken >= 48, what="the resent message")
+        assert 5.0 <= running.consumer.stats.delivery_lag_seconds < 60
     finally:
         await running.stop()
         await running.maildb.close()
+
+
+async def publish_undecodable(settings: Settings) -> None:
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.confirm_delivery()
+        await channel.basic_publish(
+            b"garbage", exchange=settings.topology.inbound_exchange,
+            routing_key=DELIVER_ROUTING_KEY,
+            properties=Basic.Properties(delivery_mode=PERSISTENT, message_id="bad",
+                                        headers={ENVELOPE_HEADER: "{not json"}))
+    finally:
+        await connection.close()
+
+
+async def publish_resent(settings: Settings, message: tuple[Envelope, bytes],
+                         at: float) -> None:
+    """`message` as `deadletters retry` or `quarantine release` sends one back, at `at`."""
+    envelope, body = message
+    properties = message_properties(envelope)
+    properties.headers = {**(properties.headers or {}), RESENT_AT_HEADER: int(at * 1000)}
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.confirm_delivery()
+        await channel.basic_publish(body, exchange=settings.topology.inbound_exchange,
+                                    routing_key=DELIVER_ROUTING_KEY, properties=properties)
+    finally:
+        await connection.close()
 
 
 class CountingPace(ArrivalPace):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.settings import Settings, SettingsError
-from common.tls import ensure_dev_certificate, handshake_failure, server_context
+from common.tls import describe_handshake_failure, ensure_dev_certificate, server_context
 
 
 def test_no_certificate_anywhere_means_no_tls(tmp_path: Path) -> None:
@@ -133,14 +133,15 @@ def test_an_expired_configured_certificate_is_said_at_start(
 def test_a_failed_handshake_is_told_in_words() -> None:
     refused = ssl.SSLError(1, "[SSL: NO_SHARED_CIPHER] no shared cipher (_ssl.c:1006)")
     refused.reason = "NO_SHARED_CIPHER"
-    assert handshake_failure(refused) == (
+    assert describe_handshake_failure(refused) == (
         "NO_SHARED_CIPHER: the client offers no cipher this server accepts")
     unknown = ssl.SSLError(1, "[SSL: SOMETHING_NEW] x")
     unknown.reason = "SOMETHING_NEW"
-    assert handshake_failure(unknown) == "SOMETHING_NEW"  # OpenSSL's own words, unexplained
-    assert handshake_failure(TimeoutError()) == "the handshake did not finish in time"
-    assert handshake_failure(ConnectionAbortedError(
+    assert describe_handshake_failure(unknown) == "SOMETHING_NEW"  # OpenSSL's words, as they are
+    assert describe_handshake_failure(TimeoutError()) == "the handshake did not finish in time"
+    assert describe_handshake_failure(ConnectionAbortedError(
         "SSL handshake is taking longer than 30.0 seconds: aborting the connection")
     ) == "the handshake did not finish in time"
-    assert handshake_failure(ConnectionResetError()) == "the client reset the connection"
-    assert handshake_failure(BrokenPipeError()) == "BrokenPipeError"
+    assert describe_handshake_failure(ConnectionResetError()) == (
+        "the client closed the connection during the handshake")
+    assert describe_handshake_failure(BrokenPipeError()) == "BrokenPipeError"
