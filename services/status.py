@@ -77,12 +77,18 @@ def store_backlog(broker: dict[str, Any], beats: list[dict[str, Any]]) -> dict[s
     per_second, seconds = taken
     arriving = _recent_rate(beats, "filter", "accepted")
     arriving_per_second = 0.0 if arriving is None else arriving[0]
-    backlog.update(taken_per_second=round(per_second, 3),
-                   arriving_per_second=round(arriving_per_second, 3), over_seconds=round(seconds))
+    # Three significant digits, so that a slow rate is not shown as 0 beside an estimate.
+    per_second, arriving_per_second = _significant(per_second), _significant(arriving_per_second)
+    backlog.update(taken_per_second=per_second, arriving_per_second=arriving_per_second,
+                   over_seconds=round(seconds))
     shrinking = per_second - arriving_per_second
     if shrinking > 0:
         backlog["catch_up_seconds"] = round(backlog["messages"] / shrinking, 1)
     return backlog
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.3g}")
 
 
 def _recent_rate(beats: list[dict[str, Any]], tier: str, counter: str
@@ -528,9 +534,8 @@ def _backlog_line(backlog: dict[str, Any]) -> str:
 
 
 def _rate_in_words(per_second: float) -> str:
-    if per_second >= 100:
-        return f"{per_second:.0f}/s"
-    return f"{per_second:.1f}/s" if per_second >= 1 else f"{per_second:.2g}/s"
+    """As store_backlog rounds it: three significant digits, no trailing `.0`."""
+    return f"{per_second:g}/s"
 
 
 def _duration_in_words(seconds: float) -> str:

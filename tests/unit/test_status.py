@@ -394,14 +394,26 @@ def test_a_backlog_the_store_does_not_take_is_said_to_be_untaken() -> None:
         "  backlog: 50 messages for the store, which took none over the last 60 s")
 
 
-def test_slow_rates_are_shown_as_they_are_and_the_estimate_agrees() -> None:
-    """One message a minute is 0.017/s, not 0/s beside an estimate of hours."""
+def test_rates_are_shown_as_the_estimate_uses_them() -> None:
+    """One message a minute is 0.0167/s, not 0/s beside an estimate of hours; a stalled
+    heartbeat's hour-long window keeps its one message too; rates that round alike are
+    not a backlog shrinking."""
     backlog = backlog_of(520, taken=1, seconds=60.0)
-    assert backlog is not None and backlog["taken_per_second"] == 0.017
+    assert backlog is not None and backlog["taken_per_second"] == 0.0167
     assert backlog_line(backlog) == (
-        "  backlog: 520 messages for the store, which took 0.017/s over the last 60 s: "
-        "about 8.7 h to catch up at that pace")
+        "  backlog: 520 messages for the store, which took 0.0167/s over the last 60 s: "
+        "about 8.6 h to catch up at that pace")
+    assert backlog_of(520, taken=1, seconds=3600.0)["taken_per_second"] > 0  # type: ignore[index]
     assert "which took 2.5/s" in backlog_line(backlog_of(520, taken=150, seconds=60.0))
+    even = backlog_line(backlog_of(520, taken=599_898, accepted=599_700, seconds=6000.0))
+    assert even.endswith("which took 100/s over the last 6000 s while 100/s arrived: "
+                         "it is not catching up"), even
+
+
+def test_a_store_that_takes_none_while_mail_arrives() -> None:
+    assert backlog_line(backlog_of(50, taken=0, accepted=600, seconds=60.0)) == (
+        "  backlog: 50 messages for the store, which took none over the last 60 s while "
+        "10/s arrived")
 
 
 def test_no_backlog_line_when_nothing_waits() -> None:
