@@ -28,7 +28,7 @@ import re
 import time
 import urllib.parse
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, cast
 
 import aiormq
@@ -260,9 +260,12 @@ class Publisher:
         self._probes_sent = 0
 
     async def publish(self, envelope: Envelope, body: bytes,
-                      routing_key: str = DELIVER_ROUTING_KEY) -> None:
+                      routing_key: str = DELIVER_ROUTING_KEY,
+                      headers: Mapping[str, Any] | None = None) -> None:
         """Publish and wait for the broker's confirm. DELIVER_ROUTING_KEY means "to the
         store": the body's size picks the delivery queue (common.topology.delivery_route).
+        `headers`: AMQP headers to carry on beside the envelope's (a message taken from a
+        queue and published again keeps RESENT_AT_HEADER).
 
         An envelope too large for one header frame goes as several messages (see
         Envelope.split); this returns when the broker has confirmed all of them.
@@ -274,6 +277,9 @@ class Publisher:
         # Before the channel: an envelope that cannot be encoded is this message's failure,
         # not a reason to drop the connection that other sessions' publishes share.
         all_properties = _properties_of_parts(envelope)
+        if headers:
+            for properties in all_properties:
+                properties.headers = {**(properties.headers or {}), **headers}
         channel = await self._ready_channel()
         try:
             # aiormq's Channel takes `wait`; its abstract interface does not declare it.

@@ -39,6 +39,7 @@ from common.tasks import pause
 from common.topology import (
     DELIVER_ROUTING_KEY,
     QUARANTINE_ROUTING_KEY,
+    RESENT_AT_HEADER,
     envelope_from_properties,
 )
 from services.filter.backends.availability import never_reached
@@ -66,6 +67,9 @@ PROBE_MIN = 0.2
 PROBE_MAX = 30.0
 _TOO_BIG = "\0too-big"  # not a signature clamd can name
 TOO_BIG_HEADER: Header = (NOT_SCANNED_HEADER, "not scanned (too big for the virus scanner)")
+# AMQP headers a scanned message keeps when it is published on: a retried dead letter's
+# resend time, from which the store counts its delivery lag.
+CARRIED_HEADERS = frozenset({RESENT_AT_HEADER})
 
 
 @dataclass(frozen=True)
@@ -223,9 +227,11 @@ class DeferredScanner:
         self._strikes.scanned(envelope.queue_id)
         head = format_headers(routed.headers)
         out = replace(envelope, junk=envelope.junk or routed.junk, size=len(head) + len(body))
+        carried = {name: value for name, value in (message.header.properties.headers or {}).items()
+                   if name in CARRIED_HEADERS}
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT + self._settings.publish_timeout):
-                await self._publisher.publish(out, head + body, routed.routing_key)
+                await self._publisher.publish(out, head + body, routed.routing_key, carried)
         except (PublishFailed, TimeoutError) as exc:
             # Like a scanner failure: stop taking messages until publishes go out again,
             # or every redelivery would be scanned anew and count toward the delivery limit.

@@ -68,7 +68,8 @@ class RecipientDirectory(Protocol):
 
 class MessagePublisher(Protocol):
     async def publish(self, envelope: Envelope, body: bytes,
-                      routing_key: str = DELIVER_ROUTING_KEY) -> None: ...
+                      routing_key: str = DELIVER_ROUTING_KEY,
+                      headers: Mapping[str, Any] | None = None) -> None: ...
 
     async def ready(self) -> bool: ...
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import smtplib
 import socket
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -19,8 +20,14 @@ from urllib.parse import urlsplit
 import pytest
 from pamqp.commands import Basic
 
+from common.envelope import Envelope, Recipient
 from common.settings import Settings
-from common.topology import ENVELOPE_HEADER
+from common.topology import (
+    ENVELOPE_HEADER,
+    RESENT_AT_HEADER,
+    envelope_from_properties,
+    message_properties,
+)
 from services.filter.deferred import CONNECT_TIMEOUT, SCAN_PREFETCH, TOO_BIG_HEADER
 from services.filter.main import open_worker
 from services.filter.poison import POISON_STRIKES
@@ -388,3 +395,31 @@ async def test_a_deferred_message_too_big_for_clamd_is_quarantined_not_delivered
     assert await take_all(scan_settings, topology.deliver_queue) == []
     [held] = await take_all(scan_settings, topology.quarantine_queue)
     assert held.header(TOO_BIG_HEADER[0]) == TOO_BIG_HEADER[1]
+
+
+async def test_a_retried_message_keeps_its_resend_time_through_the_scan(
+        scan_settings: Settings) -> None:
+    """`deadletters retry` sends a message the scan queue dead-lettered back there, marked
+    with when (RESENT_AT_HEADER); scanned, it is published again for the store, which
+    counts its delivery lag from that mark: it must survive the new publish."""
+    topology = scan_settings.topology
+    body = ham("retried")
+    envelope = Envelope(queue_id="RETRIED0000001", mail_from=SENDER,
+                        recipients=(Recipient(ALICE, (ALICE,)),), client_ip="127.0.0.1",
+                        client_helo="client.remote.test", received_at=time.time() - 86_400,
+                        size=len(body))
+    properties = message_properties(envelope)
+    resent_at = int(time.time() * 1000)
+    properties.headers = {**(properties.headers or {}), RESENT_AT_HEADER: resent_at}
+    async with open_worker(scan_settings, port=free_port()) as scanner:
+        async with amqp_channel(scan_settings) as channel:
+            await channel.basic_publish(body, routing_key=topology.scan_queue,
+                                        properties=properties)
+        await eventually(lambda: _equals(depth(scan_settings, topology.deliver_queue), 1),
+                         what="the scanned message in the delivery queue")
+        assert scanner.stats.deferred_ham == 1
+    async with amqp_channel(scan_settings) as channel:
+        got = await channel.basic_get(topology.deliver_queue, no_ack=True)
+    headers = got.header.properties.headers or {}
+    assert headers[RESENT_AT_HEADER] == resent_at
+    assert envelope_from_properties(got.header.properties).queue_id == envelope.queue_id

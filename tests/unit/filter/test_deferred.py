@@ -5,8 +5,8 @@ pauses. Against the real broker and scanners: tests/integration/scanning/test_de
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import pytest
 from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -78,7 +78,8 @@ class FakePublisher:
         self.published: list[str] = []
 
     async def publish(self, envelope: Envelope, body: bytes,
-                      routing_key: str = DELIVER_ROUTING_KEY) -> None:
+                      routing_key: str = DELIVER_ROUTING_KEY,
+                      headers: Mapping[str, Any] | None = None) -> None:
         if self.hangs:
             await asyncio.Event().wait()  # no confirm, no error: only a deadline ends it
         self.published.append(envelope.queue_id)
