@@ -25,6 +25,7 @@ LOCK_RECHECK = 0.5  # seconds before a held-mail lock that looks like a plain qu
 GAUGES = frozenset({"active", "data_held", "imap_sessions", "pop3_sessions",
                     "imap_literals_held", "imap_fetch_held"})
 LIMIT_SUFFIX = "_limit"  # a heartbeat's `<gauge>_limit`: what the gauge may reach
+BEAT_IDENTITY = frozenset({"pid", "started", "at"})  # numbers in a heartbeat that measure nothing
 
 
 async def collect_status(settings: Settings) -> dict[str, Any]:
@@ -99,10 +100,13 @@ def _recent_rate(beats: list[dict[str, Any]], tier: str, counter: str
     per_second, longest = 0.0, None
     for beat in beats:
         window = _recent_window(beat, tier)
-        grown = None if window is None else window[1].get(counter)
-        if window is not None and isinstance(grown, int):
-            per_second += grown / window[0]
-            longest = max(longest or 0.0, window[0])
+        if window is None:
+            continue
+        seconds, growth = window
+        grown = growth.get(counter)
+        if isinstance(grown, int):
+            per_second += grown / seconds
+            longest = max(longest or 0.0, seconds)
     return None if longest is None else (per_second, longest)
 
 
@@ -503,7 +507,7 @@ def format_status(report: dict[str, Any]) -> str:
         # Counters that are still 0 are left out (a filter reports some thirty); gauges and
         # flags are always shown. `--json` has everything.
         counters = {k: v for k, v in beat.items()
-                    if isinstance(v, int | float) and k not in {"pid", "started", "at"}
+                    if isinstance(v, int | float) and k not in BEAT_IDENTITY
                     and not k.endswith(LIMIT_SUFFIX)
                     and (v or k in GAUGES or isinstance(v, bool))}
         recent = beat.get("recent")
@@ -548,6 +552,13 @@ def _duration_in_words(seconds: float) -> str:
     return f"about {seconds / 3600:.1f} h"
 
 
+def is_counter(key: str, value: object) -> bool:
+    """Whether a heartbeat value counts up from the process's start (a rate means something)
+    rather than telling how much there is now, a limit, a flag or a time."""
+    return (isinstance(value, int) and not isinstance(value, bool) and key not in GAUGES
+            and not key.endswith(LIMIT_SUFFIX))
+
+
 def _window(recent: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
     """(seconds, counter -> growth) from a heartbeat's `recent`, None when unusable."""
     seconds, counts = recent.get("seconds"), recent.get("counts")
@@ -570,7 +581,7 @@ def _shown(key: str, value: float, uptime: float, now: float,
         return f"{key.removesuffix('_seconds')}={value:.1f}s"
     if key.endswith("_since") and isinstance(value, float):
         return f"{key.removesuffix('_since')} for {max(now - value, 0):.0f}s"
-    if isinstance(value, int) and not isinstance(value, bool) and key not in GAUGES:
+    if is_counter(key, value):
         growth, seconds = value, uptime
         if window is not None and isinstance(window[1].get(key), int):
             seconds, growth = window[0], window[1][key]

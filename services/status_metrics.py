@@ -12,10 +12,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from services.status import GAUGES, QUEUE_KEYS
+from services.status import BEAT_IDENTITY, QUEUE_KEYS, is_counter
 
 _NOT_IN_A_NAME = re.compile(r"[^a-zA-Z0-9_]")
-_SKIPPED = frozenset({"tier", "host", "pid", "started", "at", "recent"})
 
 
 class _Families:
@@ -26,8 +25,9 @@ class _Families:
 
     def add(self, name: str, kind: str, help_text: str, value: float,
             labels: dict[str, str] | None = None) -> None:
-        _, _, samples = self._families.setdefault(f"tiermail_{name}", (kind, help_text, []))
-        samples.append(f"tiermail_{name}{_labels(labels)} {_number(value)}")
+        name = f"tiermail_{name}"
+        _, _, samples = self._families.setdefault(name, (kind, help_text, []))
+        samples.append(f"{name}{_labels(labels)} {_number(value)}")
 
     def text(self) -> str:
         lines: list[str] = []
@@ -104,11 +104,10 @@ def _process(families: _Families, beat: dict[str, Any]) -> None:
                      "When the process started, in seconds since the epoch",
                      beat["started"], labels)
     for key, value in beat.items():
-        if key in _SKIPPED or not isinstance(value, int | float):
+        if key in BEAT_IDENTITY or not isinstance(value, int | float):
             continue
         name = _NOT_IN_A_NAME.sub("_", key)
-        if isinstance(value, int) and not isinstance(value, bool) and key not in GAUGES \
-                and not key.endswith("_limit"):
+        if is_counter(key, value):
             families.add(f"process_{name}_total", "counter", f"Heartbeat counter {key}",
                          value, labels)
         else:

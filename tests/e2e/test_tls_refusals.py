@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
-import json
 import poplib
 import smtplib
 import socket
@@ -19,7 +18,8 @@ import pytest
 
 from common.settings import Settings
 from tests.e2e.test_inbound_spine import provision
-from tests.support import TierProcess, run_cli, wait_until
+from tests.e2e.test_status import status
+from tests.support import TierProcess, wait_until
 
 OLD_TLS = "TLS handshake failed: UNSUPPORTED_PROTOCOL: the client offers only TLS versions " \
           "older than 1.2"
@@ -117,8 +117,8 @@ def test_a_failed_handshake_is_logged_with_its_reason_by_every_tls_service(
     assert "Traceback" not in logged + smtp_logged
 
     def no_session_left() -> bool:  # every failed handshake gave its connection slot back
-        result = run_cli(settings, "status", "--json")
-        beats = {beat["tier"]: beat for beat in json.loads(result.stdout)["redis"]["processes"]}
+        _, report = status(settings)
+        beats = {beat["tier"]: beat for beat in report["redis"]["processes"]}
         store_beat, filter_beat = beats.get("store", {}), beats.get("filter", {})
         return (store_beat.get("imap_sessions"), store_beat.get("pop3_sessions"),
                 filter_beat.get("active")) == (0, 0, 0)
