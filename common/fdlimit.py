@@ -22,9 +22,9 @@ FALLBACK_CEILING = 1 << 20  # Linux's default fs.nr_open, used when the hard lim
 
 
 def raise_open_file_limit(connections: int, setting_names: str, reserve: int = RESERVE) -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard one; warn when `connections` (the sum of the
-    process's connection limits, named by `setting_names`) plus `reserve` exceeds it. Returns
-    the soft limit in force."""
+    """Raise the soft RLIMIT_NOFILE to the hard one; warn when twice `connections` (the sum
+    of the process's connection limits, named by `setting_names`) plus `reserve` exceeds it.
+    Returns the soft limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = FALLBACK_CEILING if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < target:
@@ -34,9 +34,12 @@ def raise_open_file_limit(connections: int, setting_names: str, reserve: int = R
         except (ValueError, OSError) as exc:
             log.warning("open-file limit stays at %d: %s", soft, exc,
                         extra={"event": "fd-limit"})
-    needed = connections + reserve
+    # Each connection holds a second descriptor while its TLS handshake lasts (a duplicate
+    # to send a refusal's alert on, common/tls.py), and a client can stall them all there.
+    needed = 2 * connections + reserve
     if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning("open-file limit %d is below the %d this process may need (%s, plus %d): "
+        log.warning("open-file limit %d is below the %d this process may need (twice %s, "
+                    "for TLS handshakes, plus %d): "
                     "raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, docker --ulimit "
                     "nofile=) or lower those settings", soft, needed, setting_names, reserve,
                     extra={"event": "fd-limit"})

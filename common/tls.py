@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from common.settings import Settings, SettingsError
@@ -72,7 +75,7 @@ def _alt_names(hostname: str) -> str:
 
 
 # What OpenSSL's reason for a failed server-side handshake means, for the operator reading
-# the log: the client sees only a closed connection (asyncio drops the alert OpenSSL makes).
+# the log (the client is told by OpenSSL's alert, where it makes one: see refusal_alerts).
 _HANDSHAKE_REASONS = {
     "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions older than 1.2",
     "NO_SHARED_CIPHER": "the client offers no cipher this server accepts",
@@ -104,6 +107,72 @@ def describe_handshake_failure(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+_ALERT = "tiermail_tls_alert"  # the attribute of a handshake's SSLError holding the alert
+
+
+@contextlib.contextmanager
+def refusal_alerts(fileno: int) -> Iterator[None]:
+    """Around a server-side TLS handshake on the connection whose descriptor is `fileno`:
+    when our context refuses the handshake, the alert OpenSSL made for the client (`protocol
+    version`, `handshake failure`) is sent on a duplicate of the descriptor. asyncio's and
+    uvloop's TLS layers close the connection at once on a failed handshake and leave the
+    alert unsent, so a client too old for TLS 1.2 saw only an unexpected EOF. The duplicate
+    is held for the handshake only."""
+    spare = os.dup(fileno)
+    try:
+        yield
+    except Exception as exc:
+        alert = _alert_in(exc)
+        if alert:
+            with contextlib.suppress(OSError):  # the client is gone already
+                os.write(spare, alert)
+        raise
+    finally:
+        os.close(spare)
+
+
+def _alert_in(exc: BaseException) -> bytes:
+    """The alert kept on the handshake's SSLError, which may come wrapped (aiosmtpd raises
+    its TLSSetupException from it)."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            break
+        alert = getattr(seen, _ALERT, b"")
+        if alert:
+            return bytes(alert)
+        seen = seen.__cause__ or seen.__context__
+    return b""
+
+
+class _AlertKeepingSSLObject(ssl.SSLObject):
+    """A server-side TLS object whose failed handshake leaves OpenSSL's alert for the client
+    on its exception, for refusal_alerts to send."""
+
+    _outgoing: ssl.MemoryBIO
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            setattr(exc, _ALERT, self._outgoing.read())
+            raise
+
+
+class _ServerContext(ssl.SSLContext):
+    sslobject_class = _AlertKeepingSSLObject
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        tls = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        assert isinstance(tls, _AlertKeepingSSLObject)
+        tls._outgoing = outgoing
+        return tls
+
+
 def server_context(settings: Settings) -> ssl.SSLContext | None:
     """The server-side context, or None when no certificate is configured and none is at
     the default place (development: the tiers then run without TLS and say so). A
@@ -117,7 +186,9 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
     if missing:
         raise SettingsError(f"TIERMAIL_TLS_CERT / TIERMAIL_TLS_KEY: {', '.join(missing)}: "
                             f"no such file")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # As ssl.create_default_context(Purpose.CLIENT_AUTH) makes it (it loads no CA for a
+    # server that asks for no client certificate), of the class that keeps the alert.
+    context = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(str(cert), str(key))

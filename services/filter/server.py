@@ -42,6 +42,7 @@ from common.budget import MemoryBudget, OpenCounts
 from common.listen import format_address
 from common.ratelimit import UNLIMITED, Network, RateLimits, ip_subject, parse_networks
 from common.settings import Settings
+from common.tls import refusal_alerts
 from services.filter.convert import peer_ip
 from services.filter.hooks import BoundHooks, hook_dir, hooks_hidden
 from services.filter.protocol import replies
@@ -635,7 +636,9 @@ class FilterSMTP(SMTP):
         if not self.tls_context:
             await self.push(replies.STARTTLS_NOT_OFFERED)
             return
-        await super().smtp_STARTTLS(arg)
+        assert self.transport is not None
+        with refusal_alerts(self.transport.get_extra_info("socket").fileno()):
+            await super().smtp_STARTTLS(arg)
         handshake_began = self._original_transport is not None
         if handshake_began and self.session is not None and self.session.ssl is None:
             # The handshake ended without TLS and without an error: the connection was

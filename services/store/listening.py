@@ -14,7 +14,7 @@ from types import TracebackType
 
 from common.budget import OpenCounts
 from common.ratelimit import Network, ip_subject
-from common.tls import describe_handshake_failure
+from common.tls import describe_handshake_failure, refusal_alerts
 
 log = logging.getLogger(__name__)
 
@@ -383,8 +383,9 @@ class ImplicitTlsServer(asyncio.AbstractServer):
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         peer = _address(sock)
         try:
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, sock, ssl=self._context, ssl_handshake_timeout=within)
+            with refusal_alerts(sock.fileno()):
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, sock, ssl=self._context, ssl_handshake_timeout=within)
         except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout
             log.info("TLS handshake failed: %s", describe_handshake_failure(exc),
                      extra={"peer": peer, "event": f"{self._gate.protocol}s-tls-failed"})

@@ -1,7 +1,7 @@
 """A client whose TLS handshake fails, on each of the five ways into a TLS session (SMTP
 STARTTLS, IMAP STARTTLS, POP3 STLS, IMAPS, POP3S), with real clients (smtplib, imaplib,
-poplib): the tier logs why, in words an operator can act on, since the client itself is
-told nothing (asyncio drops the alert OpenSSL makes)."""
+poplib): the tier logs why, in words an operator can act on, and where OpenSSL refuses the
+client it is told why too, by OpenSSL's alert (asyncio and uvloop drop it; we send it)."""
 
 from __future__ import annotations
 
@@ -49,8 +49,10 @@ def verifying() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def refused_everywhere(settings: Settings, context: ssl.SSLContext) -> None:
-    """Each of the five ways, each expected to fail in the handshake."""
+def refused_everywhere(settings: Settings, context: ssl.SSLContext,
+                       told: str | None = None) -> None:
+    """Each of the five ways, each expected to fail in the handshake; with `told`, the
+    client's SSLError must carry that reason (the alert it got from us)."""
     attempts: list[Callable[[], object]] = [
         lambda: _smtp_starttls(settings.smtp_port, context),
         lambda: imaplib.IMAP4("127.0.0.1", settings.imap_port, timeout=30).starttls(
@@ -62,8 +64,11 @@ def refused_everywhere(settings: Settings, context: ssl.SSLContext) -> None:
                                 timeout=30),
     ]
     for attempt in attempts:
-        with pytest.raises((ssl.SSLError, ConnectionError, EOFError)):
+        with pytest.raises((ssl.SSLError, ConnectionError, EOFError)) as refusal:
             attempt()
+        if told is not None:
+            assert isinstance(refusal.value, ssl.SSLError), refusal.value
+            assert refusal.value.reason == told, refusal.value
 
 
 def _smtp_starttls(port: int, context: ssl.SSLContext) -> None:
@@ -92,7 +97,7 @@ def test_a_failed_handshake_is_logged_with_its_reason_by_every_tls_service(
     # From here on: the port probes above end their connections in the handshake too.
     store_before, smtp_before = len(store.output()), len(smtp.output())
 
-    refused_everywhere(settings, tls_1_1_only())
+    refused_everywhere(settings, tls_1_1_only(), told="TLSV1_ALERT_PROTOCOL_VERSION")
     refused_everywhere(settings, verifying())
     for port in (settings.imaps_port, settings.pop3s_port):
         assert say_plainly(port, b"a NOOP\r\n") == b""

@@ -28,7 +28,7 @@ from common.budget import MemoryBudget
 from common.listen import binding, format_address
 from common.ratelimit import parse_networks
 from common.settings import Settings
-from common.tls import describe_handshake_failure, server_context
+from common.tls import describe_handshake_failure, refusal_alerts, server_context
 from services.store.imap import responses as r
 from services.store.imap.disconnect import Disconnect
 from services.store.imap.protocol import wire
@@ -279,8 +279,9 @@ class Connection:
         # the plaintext buffer (start_tls pauses reading first).
         self.writer.write(reply)
         try:
-            await self.writer.start_tls(self._context,
-                                        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            with refusal_alerts(self.writer.transport.get_extra_info("socket").fileno()):
+                await self.writer.start_tls(self._context,
+                                            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
             raise Disconnect("tls") from exc
         return True

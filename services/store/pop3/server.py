@@ -16,7 +16,7 @@ from common.auththrottle import AuthThrottle
 from common.listen import binding, format_address
 from common.ratelimit import parse_networks
 from common.settings import Settings
-from common.tls import describe_handshake_failure, server_context
+from common.tls import describe_handshake_failure, refusal_alerts, server_context
 from services.store.backends.accounts import AccountDB
 from services.store.listening import (
     ClientConnections,
@@ -240,7 +240,8 @@ class Pop3Listener:
         writer.write(response.data)
         log.debug("S: %s", response.data.rstrip(b"\r\n").decode(), extra=session.log_context)
         try:
-            await writer.start_tls(self._context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            with refusal_alerts(writer.transport.get_extra_info("socket").fileno()):
+                await writer.start_tls(self._context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
             log.info("TLS handshake failed: %s", describe_handshake_failure(exc),
                      extra={**session.log_context, "event": "pop3-tls-failed"})

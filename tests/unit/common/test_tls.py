@@ -1,15 +1,23 @@
 """Which TLS the tiers run with: a configured certificate that is missing or unusable stops
 the start with a clear error; none configured and none at the default place means no TLS."""
 
+import os
 import re
+import socket
 import ssl
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
 
 from common.settings import Settings, SettingsError
-from common.tls import describe_handshake_failure, ensure_dev_certificate, server_context
+from common.tls import (
+    describe_handshake_failure,
+    ensure_dev_certificate,
+    refusal_alerts,
+    server_context,
+)
 
 
 def test_no_certificate_anywhere_means_no_tls(tmp_path: Path) -> None:
@@ -145,3 +153,76 @@ def test_a_failed_handshake_is_told_in_words() -> None:
     assert describe_handshake_failure(ConnectionResetError()) == (
         "the client closed the connection during the handshake")
     assert describe_handshake_failure(BrokenPipeError()) == "BrokenPipeError"
+
+
+def _old_client() -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A TLS 1.1 client over memory, its ClientHello made: (client, incoming, outgoing)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing)
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    return client, incoming, outgoing
+
+
+def _server(tmp_path: Path, tls_files: tuple[Path, Path]
+            ) -> tuple[ssl.SSLObject, ssl.MemoryBIO]:
+    cert, key = tls_files
+    context = server_context(Settings(data_dir=tmp_path, tls_cert=str(cert), tls_key=str(key)))
+    assert context is not None
+    incoming = ssl.MemoryBIO()
+    return context.wrap_bio(incoming, ssl.MemoryBIO(), server_side=True), incoming
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_refused_handshake_tells_the_client_why(
+        tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    """OpenSSL's alert reaches the connection although the handshake's exception comes
+    wrapped (as aiosmtpd raises it), and the client reads `protocol version` in it."""
+    client, client_in, client_out = _old_client()
+    server, server_in = _server(tmp_path, tls_files)
+    server_in.write(client_out.read())
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        descriptors = _open_descriptors()
+        with pytest.raises(RuntimeError), refusal_alerts(ours.fileno()):
+            try:
+                server.do_handshake()
+            except ssl.SSLError as exc:
+                assert exc.reason == "UNSUPPORTED_PROTOCOL"
+                raise RuntimeError("the handshake failed") from exc
+        assert _open_descriptors() == descriptors  # the duplicate is closed again
+        theirs.settimeout(5)
+        client_in.write(theirs.recv(4096))
+    with pytest.raises(ssl.SSLError) as told:
+        client.do_handshake()
+    assert told.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION"
+
+
+def test_a_handshake_under_way_or_failing_without_an_alert_sends_nothing(
+        tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    server, server_in = _server(tmp_path, tls_files)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        descriptors = _open_descriptors()
+        with refusal_alerts(ours.fileno()), pytest.raises(ssl.SSLWantReadError):
+            server.do_handshake()  # nothing from the client yet
+        server_in.write(b"a NOOP\r\n")  # plain text: refused, and OpenSSL makes no alert
+        with pytest.raises(ssl.SSLError, match="WRONG_VERSION_NUMBER"), \
+                refusal_alerts(ours.fileno()):
+            server.do_handshake()
+        with pytest.raises(TimeoutError), refusal_alerts(ours.fileno()):
+            raise TimeoutError  # the handshake's timeout: no alert to send
+        assert _open_descriptors() == descriptors
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(4096)
