@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import subprocess
 import time
@@ -111,14 +113,18 @@ _ALERT = "tiermail_tls_alert"  # the attribute of a handshake's SSLError holding
 
 
 @contextlib.contextmanager
-def refusal_alerts(fileno: int) -> Iterator[None]:
-    """Around a server-side TLS handshake on the connection whose descriptor is `fileno`:
-    when our context refuses the handshake, the alert OpenSSL made for the client (`protocol
-    version`, `handshake failure`) is sent on a duplicate of the descriptor. asyncio's and
-    uvloop's TLS layers close the connection at once on a failed handshake and leave the
-    alert unsent, so a client too old for TLS 1.2 saw only an unexpected EOF. The duplicate
-    is held for the handshake only."""
-    spare = os.dup(fileno)
+def refusal_alerts(connection: socket.socket | asyncio.BaseTransport) -> Iterator[None]:
+    """Around a server-side TLS handshake on `connection` (an accepted socket, or the plain
+    transport STARTTLS starts on): when our context refuses the handshake, the alert OpenSSL
+    made for the client (`protocol version`, `handshake failure`) is sent on a duplicate of
+    the connection's descriptor. asyncio's and uvloop's TLS layers close the connection at
+    once on a failed handshake and leave the alert unsent, so a client too old for TLS 1.2
+    saw only an unexpected EOF. The duplicate is held for the handshake only; without one (the
+    connection closed already, or no descriptor left) the handshake goes on as before."""
+    spare = _duplicate(connection)
+    if spare is None:
+        yield
+        return
     try:
         yield
     except Exception as exc:
@@ -129,6 +135,16 @@ def refusal_alerts(fileno: int) -> Iterator[None]:
         raise
     finally:
         os.close(spare)
+
+
+def _duplicate(connection: socket.socket | asyncio.BaseTransport) -> int | None:
+    # (uvloop's transports are not asyncio.BaseTransport subclasses: ask about the socket.)
+    sock = (connection if isinstance(connection, socket.socket)
+            else connection.get_extra_info("socket"))
+    try:
+        return os.dup(sock.fileno()) if sock is not None else None
+    except OSError:  # closed (uvloop's socket then says -1), or EMFILE
+        return None
 
 
 def _alert_in(exc: BaseException) -> bytes:

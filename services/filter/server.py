@@ -637,7 +637,7 @@ class FilterSMTP(SMTP):
             await self.push(replies.STARTTLS_NOT_OFFERED)
             return
         assert self.transport is not None
-        with refusal_alerts(self.transport.get_extra_info("socket").fileno()):
+        with refusal_alerts(self.transport):
             await super().smtp_STARTTLS(arg)
         handshake_began = self._original_transport is not None
         if handshake_began and self.session is not None and self.session.ssl is None:

@@ -383,7 +383,7 @@ class ImplicitTlsServer(asyncio.AbstractServer):
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         peer = _address(sock)
         try:
-            with refusal_alerts(sock.fileno()):
+            with refusal_alerts(sock):
                 transport, _ = await loop.connect_accepted_socket(
                     lambda: protocol, sock, ssl=self._context, ssl_handshake_timeout=within)
         except OSError as exc:  # ssl.SSLError, a reset, the handshake timeout

@@ -279,7 +279,7 @@ class Connection:
         # the plaintext buffer (start_tls pauses reading first).
         self.writer.write(reply)
         try:
-            with refusal_alerts(self.writer.transport.get_extra_info("socket").fileno()):
+            with refusal_alerts(self.writer.transport):
                 await self.writer.start_tls(self._context,
                                             ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:

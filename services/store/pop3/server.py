@@ -240,7 +240,7 @@ class Pop3Listener:
         writer.write(response.data)
         log.debug("S: %s", response.data.rstrip(b"\r\n").decode(), extra=session.log_context)
         try:
-            with refusal_alerts(writer.transport.get_extra_info("socket").fileno()):
+            with refusal_alerts(writer.transport):
                 await writer.start_tls(self._context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
             log.info("TLS handshake failed: %s", describe_handshake_failure(exc),

@@ -194,7 +194,7 @@ def test_a_refused_handshake_tells_the_client_why(
     ours, theirs = socket.socketpair()
     with ours, theirs:
         descriptors = _open_descriptors()
-        with pytest.raises(RuntimeError), refusal_alerts(ours.fileno()):
+        with pytest.raises(RuntimeError), refusal_alerts(ours):
             try:
                 server.do_handshake()
             except ssl.SSLError as exc:
@@ -214,15 +214,29 @@ def test_a_handshake_under_way_or_failing_without_an_alert_sends_nothing(
     ours, theirs = socket.socketpair()
     with ours, theirs:
         descriptors = _open_descriptors()
-        with refusal_alerts(ours.fileno()), pytest.raises(ssl.SSLWantReadError):
+        with refusal_alerts(ours), pytest.raises(ssl.SSLWantReadError):
             server.do_handshake()  # nothing from the client yet
         server_in.write(b"a NOOP\r\n")  # plain text: refused, and OpenSSL makes no alert
         with pytest.raises(ssl.SSLError, match="WRONG_VERSION_NUMBER"), \
-                refusal_alerts(ours.fileno()):
+                refusal_alerts(ours):
             server.do_handshake()
-        with pytest.raises(TimeoutError), refusal_alerts(ours.fileno()):
+        with pytest.raises(TimeoutError), refusal_alerts(ours):
             raise TimeoutError  # the handshake's timeout: no alert to send
         assert _open_descriptors() == descriptors
         theirs.setblocking(False)
         with pytest.raises(BlockingIOError):
             theirs.recv(4096)
+
+
+def test_a_connection_closed_before_its_handshake_goes_without_the_alert(
+        tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    """No descriptor to duplicate (uvloop's socket of a closed transport says -1): the
+    handshake's own error comes through, not one about the duplicate."""
+    client, _, client_out = _old_client()
+    server, server_in = _server(tmp_path, tls_files)
+    server_in.write(client_out.read())
+    ours, theirs = socket.socketpair()
+    ours.close()
+    theirs.close()
+    with pytest.raises(ssl.SSLError, match="UNSUPPORTED_PROTOCOL"), refusal_alerts(ours):
+        server.do_handshake()
