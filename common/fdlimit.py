@@ -1,13 +1,13 @@
 """The open-file limit, raised at start to what the process is allowed.
 
-Every client connection is a file descriptor, and so is every mailbox index the store has
-open (three with SQLite's WAL). A login shell or service on Debian starts with a soft limit
-of 1024 (the hard limit is far higher: 524288 by default under systemd), which is
-below the store's default of 1000 IMAP plus 1000 POP3 connections: past it, accept() fails
-with EMFILE (the client is dropped without a greeting) and so does opening a mailbox, for
-IMAP and for delivery alike. Each tier therefore raises its soft limit to the hard limit when
-it starts, as Dovecot and nginx do, and says so in the log when its connection limits still
-do not fit in it.
+Every client connection is a file descriptor (two while its TLS handshake lasts: see
+common/tls.py), and so is every mailbox index the store has open (three with SQLite's WAL).
+A login shell or service on Debian starts with a soft limit of 1024 (the hard limit is far
+higher: 524288 by default under systemd), which is below the store's default of 1000 IMAP
+plus 1000 POP3 connections: past it, accept() fails with EMFILE (the client is dropped
+without a greeting) and so does opening a mailbox, for IMAP and for delivery alike. Each
+tier therefore raises its soft limit to the hard limit when it starts, as Dovecot and nginx
+do, and says so in the log when its connection limits still do not fit in it.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,7 +174,9 @@ class _AlertKeepingSSLObject(ssl.SSLObject):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise
         except ssl.SSLError as exc:
-            setattr(exc, _ALERT, self._outgoing.read())
+            outgoing = getattr(self, "_outgoing", None)  # None: not made by our wrap_bio
+            if outgoing is not None:
+                setattr(exc, _ALERT, outgoing.read())
             raise
 
 
@@ -189,6 +192,17 @@ class _ServerContext(ssl.SSLContext):
         return tls
 
 
+def _default_server_context() -> ssl.SSLContext:
+    """What ssl.create_default_context(Purpose.CLIENT_AUTH) makes (it loads no CA for a
+    server that asks for no client certificate; SSLKEYLOGFILE, a debugging aid, is honoured
+    as there), of the class that keeps a refused handshake's alert."""
+    context = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    keylog = os.environ.get("SSLKEYLOGFILE")
+    if keylog and not sys.flags.ignore_environment:
+        context.keylog_filename = keylog
+    return context
+
+
 def server_context(settings: Settings) -> ssl.SSLContext | None:
     """The server-side context, or None when no certificate is configured and none is at
     the default place (development: the tiers then run without TLS and say so). A
@@ -202,9 +216,7 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
     if missing:
         raise SettingsError(f"TIERMAIL_TLS_CERT / TIERMAIL_TLS_KEY: {', '.join(missing)}: "
                             f"no such file")
-    # As ssl.create_default_context(Purpose.CLIENT_AUTH) makes it (it loads no CA for a
-    # server that asks for no client certificate), of the class that keeps the alert.
-    context = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    context = _default_server_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(str(cert), str(key))

@@ -27,6 +27,8 @@ UNTRUSTED = "TLS handshake failed: TLSV1_ALERT_UNKNOWN_CA: the client does not t
             "certificate's issuer (self-signed?)"
 PLAINTEXT = "TLS handshake failed: WRONG_VERSION_NUMBER: the client did not start with a " \
             "TLS handshake (plain text on a TLS port?)"
+NO_CIPHER = "TLS handshake failed: NO_SHARED_CIPHER: the client offers no cipher this server " \
+            "accepts"
 HTTP = "TLS handshake failed: HTTP_REQUEST: the client sent an HTTP request, not a TLS " \
        "handshake"
 
@@ -40,6 +42,16 @@ def tls_1_1_only() -> ssl.SSLContext:
         warnings.simplefilter("ignore", DeprecationWarning)
         context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1
     context.set_ciphers("DEFAULT:@SECLEVEL=0")  # else OpenSSL 3 will not send TLS 1.1
+    return context
+
+
+def no_cipher_in_common() -> ssl.SSLContext:
+    """A TLS 1.2 client that offers one suite without forward secrecy, which we do not take."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("AES128-SHA256")
     return context
 
 
@@ -98,27 +110,29 @@ def test_a_failed_handshake_is_logged_with_its_reason_by_every_tls_service(
     store_before, smtp_before = len(store.output()), len(smtp.output())
 
     refused_everywhere(settings, tls_1_1_only(), told="TLSV1_ALERT_PROTOCOL_VERSION")
+    refused_everywhere(settings, no_cipher_in_common(), told="SSLV3_ALERT_HANDSHAKE_FAILURE")
     refused_everywhere(settings, verifying())
     for port in (settings.imaps_port, settings.pop3s_port):
         assert say_plainly(port, b"a NOOP\r\n") == b""
         assert say_plainly(port, b"GET / HTTP/1.0\r\n\r\n") == b""
 
     def store_logged_all() -> bool:
-        return store.output()[store_before:].count("TLS handshake failed") >= 12
+        return store.output()[store_before:].count("TLS handshake failed") >= 16
 
     wait_until(store_logged_all, timeout=15, what="the store to log every failed handshake")
     logged = store.output()[store_before:]
     smtp_logged = smtp.output()[smtp_before:]
     for event in ("imap-tls-failed", "pop3-tls-failed", "imaps-tls-failed", "pop3s-tls-failed"):
         lines = [line for line in logged.splitlines() if f"event={event}" in line]
-        expected = [OLD_TLS, UNTRUSTED] + ([PLAINTEXT, HTTP] if event.endswith("s-tls-failed")
-                                           else [])
+        implicit = event.endswith("s-tls-failed")
+        expected = [OLD_TLS, NO_CIPHER, UNTRUSTED] + ([PLAINTEXT, HTTP] if implicit else [])
         assert len(lines) == len(expected), (event, lines)
         for line, reason in zip(lines, expected, strict=True):
             assert reason in line, (event, line)
     filter_lines = [line for line in smtp_logged.splitlines() if "TLS handshake" in line]
-    assert len(filter_lines) == 2, filter_lines
-    assert OLD_TLS in filter_lines[0] and UNTRUSTED in filter_lines[1], filter_lines
+    assert len(filter_lines) == 3, filter_lines
+    for line, reason in zip(filter_lines, [OLD_TLS, NO_CIPHER, UNTRUSTED], strict=True):
+        assert reason in line, line
     assert "Traceback" not in logged + smtp_logged
 
     def no_session_left() -> bool:  # every failed handshake gave its connection slot back

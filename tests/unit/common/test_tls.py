@@ -1,6 +1,7 @@
 """Which TLS the tiers run with: a configured certificate that is missing or unusable stops
 the start with a clear error; none configured and none at the default place means no TLS."""
 
+import asyncio
 import os
 import re
 import socket
@@ -240,3 +241,31 @@ def test_a_connection_closed_before_its_handshake_goes_without_the_alert(
     theirs.close()
     with pytest.raises(ssl.SSLError, match="UNSUPPORTED_PROTOCOL"), refusal_alerts(ours):
         server.do_handshake()
+
+
+def test_a_handshake_cancelled_gives_its_duplicate_back() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        descriptors = _open_descriptors()
+        with pytest.raises(asyncio.CancelledError), refusal_alerts(ours):
+            raise asyncio.CancelledError  # a BaseException: a session ended by shutdown
+        assert _open_descriptors() == descriptors
+
+
+def test_the_server_context_is_the_standard_one(
+        tmp_path: Path, tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ours is a subclass made by hand; what it negotiates is what the ssl module's default
+    server context would, but for our minimum version."""
+    keylog = tmp_path / "keys.log"
+    monkeypatch.setenv("SSLKEYLOGFILE", str(keylog))
+    cert, key = tls_files
+    ours = server_context(Settings(data_dir=tmp_path, tls_cert=str(cert), tls_key=str(key)))
+    standard = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    assert ours is not None
+    for setting in ("options", "verify_mode", "verify_flags", "maximum_version",
+                    "num_tickets", "security_level", "check_hostname", "post_handshake_auth",
+                    "keylog_filename", "protocol"):
+        assert getattr(ours, setting) == getattr(standard, setting), setting
+    assert ours.get_ciphers() == standard.get_ciphers()
+    assert ours.get_ca_certs() == standard.get_ca_certs() == []
+    assert ours.minimum_version == ssl.TLSVersion.TLSv1_2
