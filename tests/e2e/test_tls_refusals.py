@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import os
 import poplib
 import smtplib
 import socket
@@ -108,6 +109,7 @@ def test_a_failed_handshake_is_logged_with_its_reason_by_every_tls_service(
     smtp.wait_for_port(settings.smtp_port)
     # From here on: the port probes above end their connections in the handshake too.
     store_before, smtp_before = len(store.output()), len(smtp.output())
+    descriptors_before = {tier: open_descriptors(tier) for tier in (store, smtp)}
 
     refused_everywhere(settings, tls_1_1_only(), told="TLSV1_ALERT_PROTOCOL_VERSION")
     refused_everywhere(settings, no_cipher_in_common(), told="SSLV3_ALERT_HANDSHAKE_FAILURE")
@@ -143,3 +145,14 @@ def test_a_failed_handshake_is_logged_with_its_reason_by_every_tls_service(
                 filter_beat.get("active")) == (0, 0, 0)
 
     wait_until(no_session_left, timeout=20, interval=0.5, what="every session to be gone")
+
+    def descriptors_given_back() -> bool:  # each handshake's duplicate closed (a pooled
+        # connection opened meanwhile may add one or two; a leak adds one per refusal)
+        return all(open_descriptors(tier) - before < 3
+                   for tier, before in descriptors_before.items())
+
+    wait_until(descriptors_given_back, timeout=10, what="the tiers' descriptors to be closed")
+
+
+def open_descriptors(tier: TierProcess) -> int:
+    return len(os.listdir(f"/proc/{tier.proc.pid}/fd"))
