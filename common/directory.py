@@ -15,15 +15,17 @@ Keys (all under the configured prefix):
     dir:generation STRING the account database's change counter the directory reflects; the
                   store republishes whenever it differs from the database's
     dir:overquota SET   mailboxes whose usage has reached their quota: the filter answers
-                  452 4.2.2 at RCPT for them (RFC 3463 3.3: mailbox full, temporary)
+                  452 4.2.2 at RCPT for them (RFC 3463 3.3: mailbox full, temporary);
+                  PRESENT too, after a reconcile
     dir:usage     HASH  mailbox -> octets stored, as the store last computed them (for the
                   CLI, which sets quotas without opening mailboxes, and for the filter's
-                  check of a declared SIZE against the room left)
+                  check of a declared SIZE against the room left); PRESENT too
     dir:limit     HASH  mailbox -> its quota in octets, for mailboxes that have one: the
                   filter refuses a declared SIZE that does not fit (552 5.2.2 over the whole
-                  quota, 452 4.2.2 over the room left)
+                  quota, 452 4.2.2 over the room left); PRESENT too, after a reconcile
     dir:quota-generation STRING the account generation the quota state was last fully
-                  reconciled at (services/store/quota.py); its absence means Redis lost it
+                  reconciled at (services/store/quota.py); its absence, or PRESENT missing
+                  from dir:overquota, dir:limit or dir:usage, means Redis lost quota state
     dir:changed   pub/sub CHANNEL: every change above (in the same MULTI) publishes a notice
                   here; filter workers forget their cached lookups on each one
                   (common/directory_cache.py)
@@ -463,16 +465,17 @@ class Directory:
                   if state.limit is not None}
         temp = self.key(f"tmp:{secrets.token_hex(6)}:overquota")
         temp_limits = self.key(f"tmp:{secrets.token_hex(6)}:limit")
-        await self._fill_set(temp, over)
-        await self._fill_hash(temp_limits, limits)
+        # PRESENT in these and in dir:usage, as in the directory's keys: one of them lost on
+        # its own (evicted, deleted by hand) is then told from an empty one, and reconciled
+        # (quota_generation).
+        await self._fill_set(temp, [PRESENT, *over])
+        await self._fill_hash(temp_limits, {PRESENT: PRESENT, **limits})
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.key("overquota"), self.key("limit"))
-            if over:
-                pipe.rename(temp, self.key("overquota"))
-                pipe.persist(self.key("overquota"))
-            if limits:
-                pipe.rename(temp_limits, self.key("limit"))
-                pipe.persist(self.key("limit"))
+            for part, filled in (("overquota", temp), ("limit", temp_limits)):
+                pipe.rename(filled, self.key(part))
+                pipe.persist(self.key(part))
+            pipe.hset(self.key("usage"), PRESENT, PRESENT)
             for start in range(0, len(states), _BATCH):
                 chunk = dict(list(states.items())[start:start + _BATCH])
                 pipe.hset(self.key("usage"),
@@ -504,14 +507,23 @@ class Directory:
                 + any(not s.over for s in states.values()))
 
     async def quota_generation(self) -> int | None:
-        """The account generation of the last full quota reconcile; None if Redis lost it."""
-        value = await self._redis.get(self.key("quota-generation"))
-        return None if value is None else int(value)
+        """The account generation of the last full quota reconcile; None if Redis lost it,
+        or lost the over-quota set, the quotas or the usage on their own (each holds PRESENT
+        after a reconcile; a change written into a lost one makes it again without)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.key("quota-generation"))
+            pipe.sismember(self.key("overquota"), PRESENT)
+            pipe.hexists(self.key("limit"), PRESENT)
+            pipe.hexists(self.key("usage"), PRESENT)
+            value, *kept = await pipe.execute()
+        return None if value is None or not all(kept) else int(value)
 
     async def quota_limits(self) -> dict[str, int]:
         """Every mailbox's quota as published (mailboxes without one are absent)."""
-        return {_decoded(mailbox): int(limit)
-                for mailbox, limit in (await self._redis.hgetall(self.key("limit"))).items()}
+        published = await self._redis.hgetall(self.key("limit"))
+        return {mailbox: int(limit) for mailbox, limit in
+                ((_decoded(mailbox), limit) for mailbox, limit in published.items())
+                if mailbox != PRESENT}
 
     async def usages(self, mailboxes: Sequence[str]) -> list[int]:
         """Each mailbox's usage as the store last published it (0 if never)."""
@@ -525,7 +537,7 @@ class Directory:
 
     async def over_quota(self) -> set[str]:
         return {m.decode() if isinstance(m, bytes) else str(m)
-                for m in await self._redis.smembers(self.key("overquota"))}
+                for m in await self._redis.smembers(self.key("overquota"))} - {PRESENT}
 
     async def _change(self, command: Callable[[Pipeline], object]) -> None:
         """One change, made only to a published directory: raises DirectoryUnavailable,

@@ -283,6 +283,34 @@ async def test_a_quota_state_redis_lost_is_published_again(store: Store) -> None
     assert await store.directory.quota_limits() == {ALICE: 3000}
 
 
+@pytest.mark.parametrize("lost", ["overquota", "limit", "usage"])
+async def test_a_quota_key_lost_on_its_own_is_published_again(store: Store, lost: str) -> None:
+    """One key evicted by a shared Redis's maxmemory policy, or deleted by hand, while the
+    quota generation stays: the store notices (the key held PRESENT) and reconciles, also
+    when a flush wrote into the lost key meanwhile and so made it again."""
+    store.accounts.set_quota(ALICE, 3000)
+    store.accounts.set_quota(BOB, 50_000)
+    await deliver(store.maildb, ALICE, 2)  # about 4000: full
+    await eventually(lambda: _over(store, {ALICE}), within=10, what="alice flagged full")
+    await eventually(lambda: _settled(store), within=10, what="the quota state settled")
+    await store.directory._redis.delete(store.directory.key(lost))
+    await deliver(store.maildb, BOB, 1)  # a flush of bob's usage into the lost key
+    await eventually(lambda: _over(store, {ALICE}), within=10,
+                     what="alice flagged full again")
+    await eventually(lambda: _limits_are(store, {ALICE: 3000, BOB: 50_000}), within=10,
+                     what="the quotas published again")
+    await eventually(lambda: _usage_known(store, ALICE), within=10,
+                     what="alice's usage published again")
+
+
+async def _usage_known(store: Store, user: str) -> bool:
+    return (await store.directory.usages([user]))[0] > 3000
+
+
+async def _limits_are(store: Store, expected: dict[str, int]) -> bool:
+    return await store.directory.quota_limits() == expected
+
+
 async def _settled(store: Store) -> bool:
     return await _settled_in(store.directory, store.accounts)
 
