@@ -19,13 +19,15 @@ Keys (all under the configured prefix):
                   PRESENT too, after a reconcile
     dir:usage     HASH  mailbox -> octets stored, as the store last computed them (for the
                   CLI, which sets quotas without opening mailboxes, and for the filter's
-                  check of a declared SIZE against the room left); PRESENT too
+                  check of a declared SIZE against the room left); PRESENT too, after a
+                  reconcile
     dir:limit     HASH  mailbox -> its quota in octets, for mailboxes that have one: the
                   filter refuses a declared SIZE that does not fit (552 5.2.2 over the whole
                   quota, 452 4.2.2 over the room left); PRESENT too, after a reconcile
     dir:quota-generation STRING the account generation the quota state was last fully
                   reconciled at (services/store/quota.py); its absence, or PRESENT missing
                   from dir:overquota, dir:limit or dir:usage, means Redis lost quota state
+                  (or no store reconciled yet)
     dir:changed   pub/sub CHANNEL: every change above (in the same MULTI) publishes a notice
                   here; filter workers forget their cached lookups on each one
                   (common/directory_cache.py)
@@ -458,8 +460,8 @@ class Directory:
     async def replace_quota_states(self, states: Mapping[str, QuotaState],
                                    generation: int) -> None:
         """The full quota state at an account generation: the over-quota set becomes exactly
-        the mailboxes flagged in `states`; usage entries are updated (others are kept: they
-        are only a hint for the CLI)."""
+        the mailboxes flagged in `states` (and PRESENT); usage entries are updated (others are
+        kept: they are only a hint for the CLI)."""
         over = [mailbox for mailbox, state in states.items() if state.over]
         limits = {mailbox: str(state.limit) for mailbox, state in states.items()
                   if state.limit is not None}
@@ -507,16 +509,26 @@ class Directory:
                 + any(not s.over for s in states.values()))
 
     async def quota_generation(self) -> int | None:
-        """The account generation of the last full quota reconcile; None if Redis lost it,
-        or lost the over-quota set, the quotas or the usage on their own (each holds PRESENT
-        after a reconcile; a change written into a lost one makes it again without)."""
+        """The account generation of the last full quota reconcile; None if there was none
+        or Redis lost part of its result (quota_state says which)."""
+        generation, lost = await self.quota_state()
+        return None if lost else generation
+
+    async def quota_state(self) -> tuple[int | None, list[str]]:
+        """The account generation of the last full quota reconcile, and the quota keys that
+        Redis lost since (or that no reconcile wrote yet): dir:quota-generation missing, or
+        dir:overquota, dir:limit or dir:usage without PRESENT (each holds it after a
+        reconcile; a change written into a lost one makes it again without)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(self.key("quota-generation"))
             pipe.sismember(self.key("overquota"), PRESENT)
             pipe.hexists(self.key("limit"), PRESENT)
             pipe.hexists(self.key("usage"), PRESENT)
             value, *kept = await pipe.execute()
-        return None if value is None or not all(kept) else int(value)
+        lost = [self.key(part) for part, there in zip(
+            ("quota-generation", "overquota", "limit", "usage"), [value is not None, *kept],
+            strict=True) if not there]
+        return (None if value is None else int(value)), lost
 
     async def quota_limits(self) -> dict[str, int]:
         """Every mailbox's quota as published (mailboxes without one are absent)."""

@@ -120,8 +120,12 @@ class QuotaPublisher:
 
     async def _reconcile_if_stale(self) -> None:
         current = await asyncio.to_thread(self._accounts.generation)
-        published = await self._directory.quota_generation()
-        if published is None:
+        published, lost = await self._directory.quota_state()
+        if lost:
+            # An eviction (maxmemory-policy: tiermail status says so) or a DEL: every limited
+            # account's usage is read again, so a Redis that keeps evicting costs that often.
+            log.warning("quota state lost in Redis (%s): reconciling every account",
+                        ", ".join(lost), extra={"event": "quota-lost"})
             await self.reconcile()
         elif published != current:
             await self._apply_limit_changes(current)
