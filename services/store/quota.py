@@ -9,7 +9,9 @@ directory entry (common/directory.py: dir:overquota, dir:usage).
   (DEBOUNCE: one burst of deliveries or an IMAP session's flurry is one recomputation), off
   the command's path.
 - A full reconcile (every user that has a limit) runs at start (always: the previous store
-  may have stopped before publishing its last changes) and when Redis lost the state.
+  may have stopped before publishing its last changes) and when Redis lost the state, at
+  most as often as keeps it to RECONCILE_SHARE of the time (a Redis short of memory under
+  an evicting policy could lose a key again after each one).
 - When the account database's generation differs from the one Redis's quota state is at
   (every account change bumps it: a quota set with `tiermail user quota`, a user added or
   deleted, a password), only the users whose limit differs from the one Redis holds are
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Iterable
 
 import redis.asyncio
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 DEBOUNCE = 0.5  # seconds between the first change and the recomputation
 CHECK_INTERVAL = 5.0  # seconds between checks of the account generation and Redis's state
 RETRY_MAX = 30.0
+# The most of its time the store spends on reconciles that a loss in Redis asked for: after
+# one that took T seconds the next waits until T / RECONCILE_SHARE have passed since it began
+# (some 23 s each at 100,000 limited accounts: one every four minutes at most).
+RECONCILE_SHARE = 0.1
 USAGE_KINDS = frozenset({"deliver", "append", "expunge", "copy", "move", "mailbox"})
 
 
@@ -55,13 +62,16 @@ UNREADABLE = (sqlite3.Error, OSError, StorageError)
 class QuotaPublisher:
     def __init__(self, maildb: MailStore, accounts: AccountDB, redis: redis.asyncio.Redis,
                  prefix: str, default_quota: int, *, debounce: float = DEBOUNCE,
-                 check_interval: float = CHECK_INTERVAL) -> None:
+                 check_interval: float = CHECK_INTERVAL,
+                 reconcile_share: float = RECONCILE_SHARE) -> None:
         self._maildb = maildb
         self._accounts = accounts
         self._directory = Directory(redis, prefix)
         self._default = default_quota
         self._debounce = debounce
         self._check_interval = check_interval
+        self._reconcile_share = reconcile_share
+        self._last_reconcile = (0.0, 0.0)  # (monotonic start, seconds it took)
         self._dirty: set[str] = set()
         self._changed = asyncio.Event()
         self._unusable: set[str] = set()  # users whose index could not be read, logged
@@ -95,9 +105,11 @@ class QuotaPublisher:
 
     async def reconcile(self) -> None:
         """Recompute every user that has a limit and replace the over-quota set."""
+        started = time.monotonic()
         generation = await asyncio.to_thread(self._accounts.generation)
         states = await self._states(await self._current_limits())
         await self._directory.replace_quota_states(states, generation)
+        self._last_reconcile = (started, time.monotonic() - started)
         log.info("quota state reconciled: %d limited mailboxes, %d over quota",
                  len(states), sum(state.over for state in states.values()),
                  extra={"event": "quota"})
@@ -123,12 +135,17 @@ class QuotaPublisher:
         published, lost = await self._directory.quota_state()
         if lost:
             # An eviction (maxmemory-policy: tiermail status says so) or a DEL: every limited
-            # account's usage is read again, so a Redis that keeps evicting costs that often.
-            log.warning("quota state lost in Redis (%s): reconciling every account",
-                        ", ".join(lost), extra={"event": "quota-lost"})
-            await self.reconcile()
+            # account's usage is read again, at most RECONCILE_SHARE of the time.
+            if self._reconcile_due():
+                log.warning("quota state lost in Redis (%s): reconciling every account",
+                            ", ".join(lost), extra={"event": "quota-lost"})
+                await self.reconcile()
         elif published != current:
             await self._apply_limit_changes(current)
+
+    def _reconcile_due(self) -> bool:
+        started, took = self._last_reconcile
+        return time.monotonic() - started >= took / self._reconcile_share
 
     async def _apply_limit_changes(self, generation: int) -> None:
         """Bring Redis's limits to the account database's at `generation`, reading the usage

@@ -26,7 +26,7 @@ from services.filter.protocol import replies
 from services.store.backends.accounts import AccountDB
 from services.store.backends.maildb import SCHEMA_VERSION, MailDB, store_user_path
 from services.store.mailbox import INBOX, Delivery
-from services.store.quota import QuotaPublisher
+from services.store.quota import RECONCILE_SHARE, QuotaPublisher
 from tests.integration.filter.conftest import in_thread, message, running_filter, send
 from tests.support import eventually, run_cli
 
@@ -456,9 +456,11 @@ class Parts:
     client: redis.asyncio.Redis
     directory: Directory
 
-    def publisher(self, settings: Settings, default_quota: int) -> QuotaPublisher:
+    def publisher(self, settings: Settings, default_quota: int,
+                  reconcile_share: float = RECONCILE_SHARE) -> QuotaPublisher:
         return QuotaPublisher(self.maildb, self.accounts, self.client, settings.redis_prefix,
-                              default_quota, check_interval=0.1)
+                              default_quota, check_interval=0.1,
+                              reconcile_share=reconcile_share)
 
 
 @contextlib.asynccontextmanager
@@ -486,6 +488,30 @@ async def running(publisher: QuotaPublisher) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize("share", [RECONCILE_SHARE, 1e-9])
+async def test_reconciles_for_a_loss_take_at_most_their_share_of_the_time(
+        settings: Settings, share: float) -> None:
+    """A Redis that keeps losing a quota key (an evicting policy, too little memory) must not
+    keep the store reconciling every account: after the start's reconcile, one asked for by a
+    loss waits until that one's time is at most `share` of the time since it began. With the
+    default share and a quick reconcile, that is at once; with a share of 1e-9 the few
+    milliseconds it took mean weeks of rest, and the loss stays."""
+    async with store_parts(settings) as parts:
+        parts.accounts.set_quota(ALICE, 3000)
+        await deliver(parts.maildb, ALICE, 2)  # about 4000: full
+        async with running(parts.publisher(settings, 0, reconcile_share=share)):
+            await eventually(lambda: _over_in(parts.directory, {ALICE}), within=10,
+                             what="alice flagged full at the start")
+            await parts.client.delete(parts.directory.key("overquota"))
+            if share == RECONCILE_SHARE:
+                await eventually(lambda: _over_in(parts.directory, {ALICE}), within=10,
+                                 what="alice flagged full again")
+            else:
+                await asyncio.sleep(1.0)  # ten checks
+                assert await parts.directory.quota_state() == (
+                    parts.accounts.generation(), [parts.directory.key("overquota")])
 
 
 async def test_a_mailbox_that_fills_under_the_default_quota_is_flagged(
