@@ -524,18 +524,18 @@ class Directory:
             pipe.sismember(self.key("overquota"), PRESENT)
             pipe.hexists(self.key("limit"), PRESENT)
             pipe.hexists(self.key("usage"), PRESENT)
-            value, *kept = await pipe.execute()
-        lost = [self.key(part) for part, there in zip(
-            ("quota-generation", "overquota", "limit", "usage"), [value is not None, *kept],
-            strict=True) if not there]
-        return (None if value is None else int(value)), lost
+            value, *marked = await pipe.execute()
+        kept = {"quota-generation": value is not None, "overquota": marked[0],
+                "limit": marked[1], "usage": marked[2]}
+        return (None if value is None else int(value)), [
+            self.key(part) for part, there in kept.items() if not there]
 
     async def quota_limits(self) -> dict[str, int]:
         """Every mailbox's quota as published (mailboxes without one are absent)."""
-        published = await self._redis.hgetall(self.key("limit"))
-        return {mailbox: int(limit) for mailbox, limit in
-                ((_decoded(mailbox), limit) for mailbox, limit in published.items())
-                if mailbox != PRESENT}
+        published = {_decoded(mailbox): limit for mailbox, limit
+                     in (await self._redis.hgetall(self.key("limit"))).items()}
+        published.pop(PRESENT, None)
+        return {mailbox: int(limit) for mailbox, limit in published.items()}
 
     async def usages(self, mailboxes: Sequence[str]) -> list[int]:
         """Each mailbox's usage as the store last published it (0 if never)."""
@@ -548,8 +548,7 @@ class Directory:
         return None if value is None else int(value)
 
     async def over_quota(self) -> set[str]:
-        return {m.decode() if isinstance(m, bytes) else str(m)
-                for m in await self._redis.smembers(self.key("overquota"))} - {PRESENT}
+        return {_decoded(m) for m in await self._redis.smembers(self.key("overquota"))} - {PRESENT}
 
     async def _change(self, command: Callable[[Pipeline], object]) -> None:
         """One change, made only to a published directory: raises DirectoryUnavailable,

@@ -11,10 +11,12 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -611,6 +613,18 @@ class AckTrap(TcpProxy):
 # SpamAssassin's and rspamd's built-in spam test string: rspamd answers "reject" (score 15),
 # SpamAssassin scores it 1000.
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+def tls_1_1_only() -> ssl.SSLContext:
+    """A client as an old device is: TLS 1.1 at most (our minimum is 1.2)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with warnings.catch_warnings():  # deprecated, and meant: the client is an old one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # else OpenSSL 3 will not send TLS 1.1
+    return context
 
 
 def eicar_bytes() -> bytes:

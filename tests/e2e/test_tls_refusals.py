@@ -12,7 +12,6 @@ import poplib
 import smtplib
 import socket
 import ssl
-import warnings
 from collections.abc import Callable
 
 import pytest
@@ -20,7 +19,7 @@ import pytest
 from common.settings import Settings
 from tests.e2e.test_inbound_spine import provision
 from tests.e2e.test_status import status
-from tests.support import TierProcess, wait_until
+from tests.support import TierProcess, tls_1_1_only, wait_until
 
 OLD_TLS = "TLS handshake failed: UNSUPPORTED_PROTOCOL: the client offers only TLS versions " \
           "older than 1.2"
@@ -32,18 +31,6 @@ NO_CIPHER = "TLS handshake failed: NO_SHARED_CIPHER: the client offers no cipher
             "accepts"
 HTTP = "TLS handshake failed: HTTP_REQUEST: the client sent an HTTP request, not a TLS " \
        "handshake"
-
-
-def tls_1_1_only() -> ssl.SSLContext:
-    """A client as an old device is: TLS 1.1 at most (our minimum is 1.2)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with warnings.catch_warnings():  # deprecated, and meant: the client is an old one
-        warnings.simplefilter("ignore", DeprecationWarning)
-        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1
-    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # else OpenSSL 3 will not send TLS 1.1
-    return context
 
 
 def no_cipher_in_common() -> ssl.SSLContext:

@@ -270,10 +270,7 @@ def failing_once(monkeypatch: pytest.MonkeyPatch, method: str) -> list[str]:
 async def test_a_quota_state_redis_lost_is_published_again(store: Store) -> None:
     """Redis flushed, or restarted without persistence, while the store runs: the full
     mailboxes must be flagged again without waiting for mail or an account change."""
-    store.accounts.set_quota(ALICE, 3000)
-    await deliver(store.maildb, ALICE, 2)  # about 4000
-    await eventually(lambda: _over(store, {ALICE}), within=10, what="alice flagged full")
-    await eventually(lambda: _settled(store), within=10, what="the quota state settled")
+    await _alice_full_and_settled(store)
     redis_ = store.directory._redis
     await redis_.delete(*(store.directory.key(name)
                           for name in ("overquota", "limit", "quota-generation")))
@@ -290,12 +287,9 @@ async def test_a_quota_key_lost_on_its_own_is_published_again(
     quota generation stays: the store notices (the key held PRESENT), says which, and
     reconciles, also when a flush wrote into the lost key meanwhile and so made it again
     (bob's usage, carol's limit and her flag: SADD makes a lost over-quota set anew)."""
-    store.accounts.set_quota(ALICE, 3000)
     store.accounts.set_quota(BOB, 50_000)
     store.accounts.set_quota(CAROL, 1000)
-    await deliver(store.maildb, ALICE, 2)  # about 4000: full
-    await eventually(lambda: _over(store, {ALICE}), within=10, what="alice flagged full")
-    await eventually(lambda: _settled(store), within=10, what="the quota state settled")
+    await _alice_full_and_settled(store)
     with caplog.at_level(logging.WARNING, logger="services.store.quota"):
         await store.directory._redis.delete(store.directory.key(lost))
         await deliver(store.maildb, BOB, 1)
@@ -357,6 +351,13 @@ async def test_a_settled_quota_state_is_not_reconciled_again(
     await asyncio.sleep(1.5)
     assert reconciles == []
     assert await store.directory.quota_state() == (store.accounts.generation(), [])
+
+
+async def _alice_full_and_settled(store: Store) -> None:
+    store.accounts.set_quota(ALICE, 3000)
+    await deliver(store.maildb, ALICE, 2)  # about 4000: full
+    await eventually(lambda: _over(store, {ALICE}), within=10, what="alice flagged full")
+    await eventually(lambda: _settled(store), within=10, what="the quota state settled")
 
 
 async def _limits_are(store: Store, expected: dict[str, int]) -> bool:

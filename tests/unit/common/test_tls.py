@@ -7,7 +7,6 @@ import re
 import socket
 import ssl
 import subprocess
-import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from common.tls import (
     refusal_alerts,
     server_context,
 )
+from tests.support import tls_1_1_only
 
 
 def test_no_certificate_anywhere_means_no_tls(tmp_path: Path) -> None:
@@ -158,15 +158,8 @@ def test_a_failed_handshake_is_told_in_words() -> None:
 
 def _old_client() -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
     """A TLS 1.1 client over memory, its ClientHello made: (client, incoming, outgoing)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1
-    context.set_ciphers("DEFAULT:@SECLEVEL=0")
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = context.wrap_bio(incoming, outgoing)
+    client = tls_1_1_only().wrap_bio(incoming, outgoing)
     with pytest.raises(ssl.SSLWantReadError):
         client.do_handshake()
     return client, incoming, outgoing
